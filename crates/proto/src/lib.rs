@@ -1,0 +1,371 @@
+//! Wire types spoken between the host (CLI or server) and `ringfence-agent`, the PID 1 of every
+//! sandbox.
+//!
+//! The agent is inside the trust boundary's hostile side: everything it sends is parsed as
+//! untrusted input. Frames are therefore length-prefixed and size-capped before they are decoded,
+//! so a compromised agent cannot make the host allocate without bound.
+//!
+//! Encoding: `[u32 big-endian length][postcard body]`. Postcard is compact and cheap to decode;
+//! the server translates to E2B's Connect JSON at its edge, so nothing here is exposed to SDKs.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+mod setup;
+pub use setup::*;
+
+/// Largest frame either side accepts. File contents travel in chunks well below this.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Size of one chunk of file or process output carried in a single frame.
+pub const CHUNK: usize = 1 << 20;
+
+/// Errors from framing and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("agent channel I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Encodes `msg` into a length-prefixed frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut buf = vec![0u8; 4];
+    let body = postcard::to_extend(msg, Vec::new())?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let len = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    Ok(buf)
+}
+
+/// Decodes one frame body (without the length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ProtoError> {
+    Ok(postcard::from_bytes(body)?)
+}
+
+/// Parses a length prefix, refusing oversized frames before any allocation happens.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Blocking write of one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtoError> {
+    w.write_all(&encode(msg)?)?;
+    Ok(())
+}
+
+/// Blocking read of one frame. Returns `Ok(None)` on a clean end of stream.
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Option<T>, ProtoError> {
+    let mut prefix = [0u8; 4];
+    match r.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(decode(&body)?))
+}
+
+/// Who a process or file operation runs as inside the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SandboxUser {
+    /// uid/gid 1000, home `/home/user` (E2B's default user).
+    #[default]
+    User,
+    /// uid 0 inside the sandbox's user namespace only: maps to an unprivileged host id and holds
+    /// no capabilities.
+    Root,
+}
+
+impl SandboxUser {
+    pub fn uid(self) -> u32 {
+        match self {
+            SandboxUser::User => 1000,
+            SandboxUser::Root => 0,
+        }
+    }
+    pub fn home(self) -> &'static str {
+        match self {
+            SandboxUser::User => "/home/user",
+            SandboxUser::Root => "/root",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            SandboxUser::User => "user",
+            SandboxUser::Root => "root",
+        }
+    }
+    /// Parses the names E2B uses (`user`, `root`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "user" => Some(SandboxUser::User),
+            "root" => Some(SandboxUser::Root),
+            _ => None,
+        }
+    }
+}
+
+/// Where a spawned process's standard streams go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdioMode {
+    /// Share the agent's own fds 0/1/2. Used by `ringfence run`, where the host hands the agent
+    /// pipes whose other ends it reads directly: the output never crosses the control channel.
+    Inherit,
+    /// Separate pipes, relayed as [`Event::Stdout`]/[`Event::Stderr`].
+    Pipe { stdin: bool },
+    /// A pseudo-terminal of the given size; output arrives as [`Event::Pty`].
+    Pty { cols: u16, rows: u16 },
+}
+
+/// A process to start inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnSpec {
+    pub cmd: String,
+    pub args: Vec<String>,
+    /// Added to the clean base environment (`PATH`, `HOME`, `LANG`); nothing else is inherited.
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: SandboxUser,
+    pub stdio: StdioMode,
+    /// Caller's label (E2B's `tag`), used to find the process again.
+    pub tag: Option<String>,
+}
+
+/// Requests from host to agent. Each carries an id that its [`Response`] repeats; streaming
+/// requests (spawn, watch) also emit [`Event`]s tagged with that id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Ping,
+    Spawn(SpawnSpec),
+    /// Re-subscribe to a running process's output and exit (E2B's `Connect`).
+    Attach { pid: u32 },
+    WriteStdin { pid: u32, data: Vec<u8> },
+    CloseStdin { pid: u32 },
+    Signal { pid: u32, signal: i32 },
+    ResizePty { pid: u32, cols: u16, rows: u16 },
+    ListProcesses,
+    /// Reads up to [`CHUNK`] bytes at `offset`; the host loops for larger files.
+    ReadFile { path: String, user: SandboxUser, offset: u64 },
+    /// Writes `data` at `offset` (0 truncates first); parents are created, owned by `user`.
+    WriteFile { path: String, user: SandboxUser, offset: u64, data: Vec<u8> },
+    Stat { path: String, user: SandboxUser },
+    ListDir { path: String, user: SandboxUser, depth: u32 },
+    MakeDir { path: String, user: SandboxUser },
+    Remove { path: String, user: SandboxUser },
+    Rename { from: String, to: String, user: SandboxUser },
+    Watch { path: String, user: SandboxUser, recursive: bool },
+    Unwatch { watch: u64 },
+    /// Resource use of the whole sandbox as the agent sees it.
+    Stats,
+}
+
+/// A request with its correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// Error kinds, stable so the server can map them to E2B/Connect codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    InvalidArgument,
+    NotADirectory,
+    IsADirectory,
+    NoSpace,
+    Internal,
+}
+
+/// An error the agent reports for one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// The kind of a filesystem entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileType {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+/// What `stat`/`list` report about an entry (enough for E2B's `EntryInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryInfo {
+    pub name: String,
+    pub path: String,
+    pub kind: FileType,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    pub symlink_target: Option<String>,
+}
+
+/// A process the agent is tracking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub spec: SpawnSpec,
+}
+
+/// CPU and memory use, as reported by `wait4` for one process or summed for the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub user_cpu_us: u64,
+    pub sys_cpu_us: u64,
+    pub max_rss_kib: u64,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Shell convention: the code itself, or 128+N for signal N.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Successful results, one variant per request kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Pong,
+    Spawned { pid: u32 },
+    Done,
+    Processes(Vec<ProcessInfo>),
+    /// File bytes from `offset`; `eof` when nothing follows.
+    Data { data: Vec<u8>, eof: bool },
+    Entry(EntryInfo),
+    Entries(Vec<EntryInfo>),
+    Watching { watch: u64 },
+    Stats { usage: Usage, processes: u32 },
+}
+
+/// Filesystem change kinds (E2B's event types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsEventKind {
+    Create,
+    Write,
+    Remove,
+    Rename,
+    Chmod,
+}
+
+/// Messages from agent to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The agent finished setting up the sandbox and is serving requests.
+    Ready(Ready),
+    /// Setup failed; the agent exits after sending this.
+    SetupFailed { step: String, message: String },
+    Response { id: u64, result: Result<Reply, AgentError> },
+    Stdout { id: u64, data: Vec<u8> },
+    Stderr { id: u64, data: Vec<u8> },
+    Pty { id: u64, data: Vec<u8> },
+    Exited { id: u64, pid: u32, status: ExitStatus, usage: Usage },
+    Fs { watch: u64, name: String, kind: FsEventKind },
+    /// A diagnostic line from the agent (it owns no terminal to print to).
+    Log { level: LogLevel, message: String },
+}
+
+/// Severity of an agent log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+/// What the agent reports once the sandbox is set up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// Landlock ABI version enforced, or `None` where the kernel lacks Landlock.
+    pub landlock_abi: Option<u32>,
+    /// Pid (inside the sandbox) of the initial process, when one was requested.
+    pub initial_pid: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let env = Envelope {
+            id: 7,
+            request: Request::WriteFile {
+                path: "/home/user/a".into(),
+                user: SandboxUser::User,
+                offset: 0,
+                data: b"hello".to_vec(),
+            },
+        };
+        let bytes = encode(&env).unwrap();
+        let back: Envelope = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let prefix = u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes();
+        assert!(matches!(frame_len(prefix), Err(ProtoError::TooLarge(_))));
+        let mut bytes = prefix.to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let r: Result<Option<Envelope>, _> = read_frame(&mut &bytes[..]);
+        assert!(matches!(r, Err(ProtoError::TooLarge(_))));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut bytes = 3u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let r: Result<Option<Envelope>, _> = read_frame(&mut &bytes[..]);
+        assert!(matches!(r, Err(ProtoError::Decode(_))));
+    }
+
+    #[test]
+    fn clean_eof_is_none() {
+        let r: Option<Envelope> = read_frame(&mut &[][..]).unwrap();
+        assert!(r.is_none());
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+}

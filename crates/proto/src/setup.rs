@@ -1,0 +1,63 @@
+//! The boot message: everything the agent needs to turn a fresh set of namespaces into a sandbox.
+//!
+//! The host computes all of it ahead (paths, limits, the compiled seccomp program) so the agent
+//! does no policy work of its own: it only applies what it is given, in a fixed order.
+
+use serde::{Deserialize, Serialize};
+
+use crate::SpawnSpec;
+
+/// One classic-BPF instruction (`struct sock_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BpfInsn {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// A host directory exposed read-only at the same path, under a per-sandbox writable overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostLayer {
+    pub path: String,
+}
+
+/// Soft and hard resource limits applied to PID 1 and inherited by everything in the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimits {
+    pub nofile: u64,
+    pub nproc: u64,
+    pub core: u64,
+}
+
+/// The full sandbox setup the host sends as the first frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetupSpec {
+    /// Sandbox id; also the hostname.
+    pub sandbox_id: String,
+    /// Host directory on which the private staging tmpfs is mounted (inside the sandbox's own
+    /// mount namespace, so one directory serves every sandbox).
+    pub stage_dir: String,
+    /// The template's read-only skeleton root (lower layer of `/`).
+    pub rootfs: String,
+    /// Host directories overlaid read-only at the same path (e.g. `/usr`).
+    pub host_layers: Vec<HostLayer>,
+    /// Size of the writable layer (the disk quota) in bytes.
+    pub disk_bytes: u64,
+    /// Inode cap of the writable layer.
+    pub disk_inodes: u64,
+    /// Paths (inside the sandbox) where Landlock allows writes.
+    pub writable: Vec<String>,
+    /// Fail if Landlock exists on this kernel but cannot be enforced.
+    pub require_landlock: bool,
+    pub rlimits: Rlimits,
+    /// The default-profile filter, whose denials are sent to the host as user notifications.
+    pub seccomp_notify: Vec<BpfInsn>,
+    /// A second filter answering `clone3` with ENOSYS so libc falls back to `clone`, whose
+    /// flags the first filter can inspect.
+    pub seccomp_errno: Vec<BpfInsn>,
+    /// A process to start as soon as setup completes (the `ringfence run` fast path).
+    pub initial: Option<SpawnSpec>,
+    /// Exit once the initial process has exited (one-shot sandboxes).
+    pub exit_with_initial: bool,
+}

@@ -1,0 +1,549 @@
+//! Raw system calls for Ringfence.
+//!
+//! This is the only crate in the workspace that may use `unsafe`. Each block states the invariant
+//! it relies on in a `// SAFETY:` comment. Everything else calls these wrappers, or `nix` where
+//! `nix` already offers a safe binding.
+//!
+//! Two functions here run code in a freshly forked child of a possibly multi-threaded parent
+//! ([`spawn_in_namespaces`] and the `pre_exec` hook of [`harden_command`]). Between fork and
+//! exec such a child may only make async-signal-safe calls: no allocation, no locks. Both keep to
+//! raw syscalls on values prepared before the fork.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// A failed system call, named so the message alone identifies it.
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {source}")]
+pub struct SysError {
+    pub call: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SysError {
+    fn last(call: &'static str) -> Self {
+        SysError { call, source: io::Error::last_os_error() }
+    }
+    /// The raw errno, when there is one.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SysError>;
+
+fn check(call: &'static str, ret: libc::c_long) -> Result<libc::c_long> {
+    if ret < 0 { Err(SysError::last(call)) } else { Ok(ret) }
+}
+
+/// Namespace flags for a sandbox: every namespace Linux offers except time.
+pub const SANDBOX_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC;
+
+/// How to start the first process of a sandbox.
+#[derive(Debug)]
+pub struct NsSpawn<'a> {
+    /// `CLONE_NEW*` flags.
+    pub flags: libc::c_int,
+    /// Program to exec once the parent says go.
+    pub exe: &'a CStr,
+    /// argv for the program (the terminating null is added here).
+    pub argv: &'a [CString],
+    /// Becomes fd 3 in the child: the control channel. The child first blocks reading one byte
+    /// from it, so the parent can write uid/gid maps and join cgroups before anything runs.
+    pub control: RawFd,
+    /// The parent's end of the control channel, closed in the child so that the parent's death
+    /// is seen as end-of-file.
+    pub parent_end: RawFd,
+    /// Become fds 0, 1 and 2 in the child.
+    pub stdio: [RawFd; 3],
+    /// Deliver SIGKILL to the child if the parent thread dies.
+    pub die_with_parent: bool,
+}
+
+/// Forks a child into new namespaces; the child waits for one byte on `control`, then execs
+/// `exe` with an empty environment and only fds 0–3 open. Returns the child's host pid.
+pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
+    // Everything the child touches is prepared here, before the fork.
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let sources = [spec.stdio[0], spec.stdio[1], spec.stdio[2], spec.control];
+
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a
+    // copy of the address space and resumes here with return value 0. The child path below
+    // only makes raw syscalls on data prepared above, then execs or exits, so it never touches
+    // locks or allocator state that another parent thread may have held at the fork.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (spec.flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(SysError::last("clone"));
+    }
+    if pid > 0 {
+        return i32::try_from(pid).map_err(|_| SysError {
+            call: "clone",
+            source: io::Error::other("pid out of range"),
+        });
+    }
+    // Child.
+    // SAFETY: async-signal-safe syscalls only, on fds and pointers prepared before the fork;
+    // every failure ends in _exit, which never returns into Rust code of the parent's image.
+    unsafe {
+        libc::close(spec.parent_end);
+        if spec.die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            libc::_exit(120);
+        }
+        // Move the sources out of the 0..=3 range first so the dup2s below cannot clobber each
+        // other whatever numbers the parent happened to use.
+        let mut high = [0; 4];
+        for (i, fd) in sources.iter().enumerate() {
+            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+            if high[i] < 0 {
+                libc::_exit(121);
+            }
+        }
+        for (target, fd) in high.iter().enumerate() {
+            if libc::dup2(*fd, target as libc::c_int) < 0 {
+                libc::_exit(122);
+            }
+        }
+        let mut go = 0u8;
+        loop {
+            let n = libc::read(3, (&raw mut go).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            // The parent went away or gave up before releasing us.
+            libc::_exit(123);
+        }
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        libc::execve(spec.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        libc::_exit(124);
+    }
+}
+
+/// What `wait4` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Reaped {
+    pub pid: i32,
+    /// Raw wait status.
+    pub status: i32,
+    pub user_us: u64,
+    pub sys_us: u64,
+    pub max_rss_kib: u64,
+}
+
+impl Reaped {
+    /// `Ok(code)` for a normal exit, `Err(signal)` when killed by a signal.
+    pub fn outcome(&self) -> std::result::Result<i32, i32> {
+        if libc::WIFSIGNALED(self.status) {
+            Err(libc::WTERMSIG(self.status))
+        } else {
+            Ok(libc::WEXITSTATUS(self.status))
+        }
+    }
+}
+
+/// `wait4(pid, WNOHANG?)` with resource usage. `Ok(None)` when nothing is ready (or no child
+/// exists, with `nohang`).
+pub fn wait4(pid: i32, nohang: bool) -> Result<Option<Reaped>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; zeroed is a valid value for it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = if nohang { libc::WNOHANG } else { 0 } | libc::__WALL;
+    loop {
+        // SAFETY: status and ru are valid, writable and live for the call.
+        let ret = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+        if ret > 0 {
+            let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+            return Ok(Some(Reaped {
+                pid: ret,
+                status,
+                user_us: us(ru.ru_utime),
+                sys_us: us(ru.ru_stime),
+                max_rss_kib: ru.ru_maxrss as u64,
+            }));
+        }
+        if ret == 0 {
+            return Ok(None);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) if nohang => return Ok(None),
+            _ => return Err(SysError { call: "wait4", source: err }),
+        }
+    }
+}
+
+/// Closes every descriptor from `first` upwards.
+pub fn close_fds_from(first: u32) -> Result<()> {
+    // SAFETY: close_range takes plain integers and only closes descriptors.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+    check("close_range", ret).map(drop)
+}
+
+/// Highest capability number the running kernel knows.
+pub fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Drops from the bounding set every capability not in `keep` (a bit mask).
+pub fn drop_bounding_caps(keep: u64, last: u32) -> Result<()> {
+    for cap in 0..=last {
+        if keep & (1u64 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP takes an integer capability number.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            // EINVAL: the kernel does not know this capability; nothing to drop.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(SysError { call: "prctl(PR_CAPBSET_DROP)", source: err });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_V3: u32 = 0x2008_0522;
+
+/// Reads the effective, permitted and inheritable sets of the calling thread as 64-bit masks.
+pub fn current_caps() -> Result<(u64, u64, u64)> {
+    let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array are what capget expects for version 3.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    check("capget", ret)?;
+    let join = |lo: u32, hi: u32| (u64::from(hi) << 32) | u64::from(lo);
+    Ok((
+        join(data[0].effective, data[1].effective),
+        join(data[0].permitted, data[1].permitted),
+        join(data[0].inheritable, data[1].inheritable),
+    ))
+}
+
+/// Limits the calling thread's permitted and effective sets to `keep` and clears inheritable
+/// and ambient sets.
+pub fn restrict_caps(keep: u64) -> Result<()> {
+    let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let lo = keep as u32;
+    let hi = (keep >> 32) as u32;
+    let data = [
+        CapData { effective: lo, permitted: lo, inheritable: 0 },
+        CapData { effective: hi, permitted: hi, inheritable: 0 },
+    ];
+    // SAFETY: header and a two-element data array are what capset expects for version 3.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
+    check("capset", ret)?;
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    let ret =
+        unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()).map(drop)
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> Result<()> {
+    // SAFETY: socket takes integers; the result is checked and owned immediately.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(SysError::last("socket"));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all zeroes is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq naming an interface; SIOCGIFFLAGS fills ifru_flags.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    check("ioctl(SIOCGIFFLAGS)", ret.into())?;
+    // SAFETY: the flags member was just written by the kernel.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS reads ifru_flags.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    check("ioctl(SIOCSIFFLAGS)", ret.into()).map(drop)
+}
+
+/// One classic-BPF instruction, laid out as the kernel's `struct sock_filter`.
+pub type SockFilter = libc::sock_filter;
+
+/// Installs a seccomp filter on the calling thread. With `listener`, the kernel returns a user
+/// notification descriptor for the filter's `SECCOMP_RET_USER_NOTIF` results.
+pub fn install_seccomp(prog: &[SockFilter], listener: bool) -> Result<Option<OwnedFd>> {
+    let len = u16::try_from(prog.len()).map_err(|_| SysError {
+        call: "seccomp",
+        source: io::Error::other("filter longer than 65535 instructions"),
+    })?;
+    let fprog = libc::sock_fprog { len, filter: prog.as_ptr().cast_mut() };
+    let flags = if listener { libc::SECCOMP_FILTER_FLAG_NEW_LISTENER } else { 0 };
+    // SAFETY: fprog points at `len` valid instructions that outlive the call; the kernel copies
+    // the program before returning.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    let ret = check("seccomp(SECCOMP_SET_MODE_FILTER)", ret)?;
+    if listener {
+        let fd = RawFd::try_from(ret).map_err(|_| SysError {
+            call: "seccomp",
+            source: io::Error::other("listener fd out of range"),
+        })?;
+        // SAFETY: with NEW_LISTENER the kernel returns a fresh descriptor owned by us.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+    } else {
+        Ok(None)
+    }
+}
+
+/// One syscall that a filter sent to user space.
+#[derive(Debug, Clone, Copy)]
+pub struct Notification {
+    pub id: u64,
+    /// Host pid of the calling thread.
+    pub pid: u32,
+    pub nr: i32,
+    pub args: [u64; 6],
+}
+
+/// Outcome of waiting on a notification descriptor.
+#[derive(Debug)]
+pub enum NotifWait {
+    Notification(Notification),
+    /// Nothing arrived within the timeout.
+    Timeout,
+    /// Every process using the filter is gone.
+    Closed,
+}
+
+/// Waits up to `timeout_ms` for the next notification on a seccomp listener.
+pub fn seccomp_notif_recv(fd: &OwnedFd, timeout_ms: i32) -> Result<NotifWait> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: pfd is one valid pollfd.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINTR) {
+            return Ok(NotifWait::Timeout);
+        }
+        return Err(SysError { call: "poll", source: err });
+    }
+    if ret == 0 {
+        return Ok(NotifWait::Timeout);
+    }
+    if pfd.revents & libc::POLLIN == 0 {
+        return Ok(NotifWait::Closed);
+    }
+    // SAFETY: seccomp_notif is plain old data and must be zeroed before the ioctl.
+    let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: notif is a valid, writable seccomp_notif of the size the ioctl encodes.
+    let ret =
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut notif) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            // The caller died or was interrupted between poll and recv.
+            Some(libc::ENOENT) | Some(libc::EINTR) => Ok(NotifWait::Timeout),
+            _ => Err(SysError { call: "ioctl(SECCOMP_IOCTL_NOTIF_RECV)", source: err }),
+        };
+    }
+    Ok(NotifWait::Notification(Notification {
+        id: notif.id,
+        pid: notif.pid,
+        nr: notif.data.nr,
+        args: notif.data.args,
+    }))
+}
+
+/// Answers a notification: the syscall fails with `errno` in the caller.
+pub fn seccomp_notif_deny(fd: &OwnedFd, id: u64, errno: i32) -> Result<()> {
+    let resp = libc::seccomp_notif_resp { id, val: 0, error: -errno, flags: 0 };
+    // SAFETY: resp is a valid seccomp_notif_resp that outlives the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND as _, &resp) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        // ENOENT: the caller is already gone (killed while blocked); nothing to answer.
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(SysError { call: "ioctl(SECCOMP_IOCTL_NOTIF_SEND)", source: err });
+    }
+    Ok(())
+}
+
+/// The identity and session a sandboxed process starts with.
+#[derive(Debug, Clone)]
+pub struct Hardening {
+    pub uid: u32,
+    pub gid: u32,
+    /// Directory to enter after the identity switch, so it is checked with the user's rights.
+    pub cwd: Option<CString>,
+    /// Make fd 0 (a pty slave) the controlling terminal of the new session.
+    pub controlling_tty: bool,
+}
+
+/// Arranges for `cmd`'s child to drop to `h` before exec: a new session, supplementary groups
+/// reset, gid and uid switched, every capability gone (bounding, permitted, effective,
+/// inheritable, ambient), and no descriptor beyond stdio left open.
+pub fn harden_command(cmd: &mut Command, h: Hardening) {
+    let last = last_cap();
+    let hook = move || -> io::Result<()> {
+        let fail = |_: ()| io::Error::last_os_error();
+        // SAFETY (whole closure): runs in the forked child before exec; only raw syscalls on
+        // values captured by move, no allocation.
+        unsafe {
+            if libc::setsid() < 0 {
+                return Err(fail(()));
+            }
+            if h.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(fail(()));
+            }
+            for cap in 0..=last {
+                // EINVAL for unknown caps is harmless; anything else is checked by capget below.
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+            let gid = h.gid;
+            if libc::setgroups(1, &gid) < 0 {
+                return Err(fail(()));
+            }
+            if libc::setresgid(gid, gid, gid) < 0 || libc::setresuid(h.uid, h.uid, h.uid) < 0 {
+                return Err(fail(()));
+            }
+            let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+            let data = [CapData::default(); 2];
+            if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
+                return Err(fail(()));
+            }
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 {
+                return Err(fail(()));
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(fail(()));
+            }
+            if let Some(dir) = &h.cwd
+                && libc::chdir(dir.as_ptr()) < 0
+            {
+                return Err(fail(()));
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (see its comment).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Opens a pseudo-terminal pair of the given size. Returns (master, slave).
+pub fn open_pty(cols: u16, rows: u16) -> Result<(OwnedFd, OwnedFd)> {
+    let mut master = -1;
+    let mut slave = -1;
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: master/slave are writable ints; name and termios may be null; ws is valid.
+    let ret = unsafe {
+        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &ws)
+    };
+    check("openpty", ret.into())?;
+    // SAFETY: openpty returned two fresh descriptors that we now own.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&m, &s] {
+        // SAFETY: F_SETFD on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((m, s))
+}
+
+/// Sets the window size of a terminal.
+pub fn set_winsize(fd: &OwnedFd, cols: u16, rows: u16) -> Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: ws is a valid winsize that outlives the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    check("ioctl(TIOCSWINSZ)", ret.into()).map(drop)
+}
+
+/// Sends `sig` to `pid` (a host pid, or a pid in the caller's namespace).
+pub fn kill(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: kill takes plain integers.
+    let ret = unsafe { libc::kill(pid, sig) };
+    check("kill", ret.into()).map(drop)
+}
+
+/// Host effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and takes no arguments.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_fds_from_high_number_is_harmless() {
+        close_fds_from(100_000).unwrap();
+    }
+
+    #[test]
+    fn wait4_without_children_is_none() {
+        assert!(wait4(-1, true).unwrap().is_none());
+    }
+
+    #[test]
+    fn reaped_outcome_decodes_status() {
+        let r = Reaped { pid: 1, status: 3 << 8, user_us: 0, sys_us: 0, max_rss_kib: 0 };
+        assert_eq!(r.outcome(), Ok(3));
+        let r = Reaped { status: 9, ..r };
+        assert_eq!(r.outcome(), Err(9));
+    }
+
+    #[test]
+    fn current_caps_reads() {
+        let (e, p, _) = current_caps().unwrap();
+        assert_eq!(e & !p, 0, "effective must be a subset of permitted");
+    }
+}
