@@ -1,1 +1,128 @@
-fn main(){}
+//! `ringfence-agent`: PID 1 of every sandbox.
+//!
+//! Started by the host in fresh namespaces with the control channel on fd 3, it
+//! 1. reads its [`SetupSpec`], builds the sandbox (`ringfence_jail::inside`), and hands the
+//!    seccomp listener to the host;
+//! 2. then either runs one command and exits with it (`ringfence run`), or serves requests
+//!    (processes, PTYs, files, watches) until the host closes the channel.
+//!
+//! As PID 1 it reaps every orphan in the sandbox. It never writes to fds 0–2 (they belong to
+//! the command in one-shot mode); diagnostics go to the host as `Event::Log`.
+
+#![forbid(unsafe_code)]
+
+mod fs;
+mod serve;
+mod spawn;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use ringfence_jail::launch::{MARK_ERROR, MARK_LISTENER, MARK_NO_LISTENER};
+use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_frame};
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() != Some("--init") {
+        eprintln!("ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand");
+        return ExitCode::from(2);
+    }
+    let Some(control) = control_channel() else {
+        eprintln!("ringfence-agent: no control channel on fd 3");
+        return ExitCode::from(2);
+    };
+    match run(control) {
+        Ok(code) => code,
+        Err(()) => ExitCode::from(1),
+    }
+}
+
+/// fd 3, set up by the host before exec.
+fn control_channel() -> Option<UnixStream> {
+    ringfence_sys::take_control_fd().map(UnixStream::from)
+}
+
+fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
+    let bytes = encode(event).map_err(drop)?;
+    control.write_all(&bytes).map_err(drop)
+}
+
+fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
+    let spec: SetupSpec = match read_frame(&mut control) {
+        Ok(Some(s)) => s,
+        _ => return Err(()),
+    };
+    let outcome = match ringfence_jail::inside::setup(&spec) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);
+            let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
+            return Err(());
+        }
+    };
+    let listener: Option<OwnedFd> = outcome.listener;
+    let (mark, fd) = match &listener {
+        Some(l) => (MARK_LISTENER, Some(l.as_raw_fd())),
+        None => (MARK_NO_LISTENER, None),
+    };
+    ringfence_sys::send_with_fd(control.as_raw_fd(), &[mark], fd).map_err(drop)?;
+    // The host supervises the filter; nothing in here may keep the listener.
+    drop(listener);
+    if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {
+        let _ = send(
+            &mut control,
+            &Event::Log {
+                level: ringfence_proto::LogLevel::Warn,
+                message: "Landlock is not available on this kernel; running without it".into(),
+            },
+        );
+    }
+
+    let mut initial_pid = None;
+    let mut initial_error = None;
+    if let Some(init) = &spec.initial {
+        match spawn::spawn_inherit(init) {
+            Ok(pid) => initial_pid = Some(pid),
+            Err(e) => initial_error = Some(e),
+        }
+    }
+    send(&mut control, &Event::Ready(Ready { landlock_abi: outcome.landlock_abi, initial_pid }))?;
+    if let Some(err) = initial_error {
+        send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
+        if spec.exit_with_initial {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if spec.exit_with_initial {
+        if let Some(pid) = initial_pid {
+            return one_shot(&mut control, pid);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    serve::serve(control, initial_pid).map(|()| ExitCode::SUCCESS)
+}
+
+/// Reaps everything until the initial process exits, reports it, and exits, which ends the
+/// pid namespace and so every process left in it.
+fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
+    loop {
+        match ringfence_sys::wait4(-1, false) {
+            Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {
+                let status = match r.outcome() {
+                    Ok(code) => ExitStatus::Code(code),
+                    Err(sig) => ExitStatus::Signal(sig),
+                };
+                let usage = Usage {
+                    user_cpu_us: r.user_us,
+                    sys_cpu_us: r.sys_us,
+                    max_rss_kib: r.max_rss_kib,
+                };
+                send(control, &Event::Exited { id: 0, pid, status, usage })?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(_) => continue,
+            Err(_) => return Err(()),
+        }
+    }
+}

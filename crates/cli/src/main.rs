@@ -1,1 +1,77 @@
-fn main(){}
+//! The `ringfence` command line.
+
+#![forbid(unsafe_code)]
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ringfence: self-hosted sandboxes for AI agents' code.
+#[derive(Debug, Parser)]
+#[command(name = "ringfence", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::RunArgs),
+    /// Kill processes left in cgroup slots nobody holds and remove those slots.
+    Gc {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Options shared by the commands that touch host state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Directory for persistent state (templates).
+    #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
+    pub data_dir: PathBuf,
+    /// Directory for volatile state (cgroup slot locks, mount staging).
+    #[arg(long, env = "RINGFENCE_RUN_DIR", default_value = "/run/ringfence")]
+    pub run_dir: PathBuf,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Gc { common } => gc(&common),
+    }
+}
+
+fn gc(common: &Common) -> ExitCode {
+    let result = (|| -> anyhow::Result<usize> {
+        let layout = ringfence_jail::cgroup::Layout::detect()?;
+        let pool = ringfence_jail::cgroup::Pool::new(
+            layout,
+            "ringfence",
+            run::POOL_PREFIX,
+            common.run_dir.join("cgroups"),
+        );
+        Ok(pool.collect_garbage()?)
+    })();
+    match result {
+        Ok(n) => {
+            println!("killed {n} leftover process(es); removed idle cgroup slots");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ringfence: gc failed: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

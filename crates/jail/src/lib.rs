@@ -1,1 +1,78 @@
+//! The `jail` isolation tier: a sandbox made of Linux namespaces, a private overlay root with a
+//! disk quota, cgroup limits, a seccomp-bpf allowlist and a Landlock ruleset.
+//!
+//! The tier is split by where the code runs:
+//! - host side ([`launch`], [`cgroup`], [`template`], [`seccomp`], [`preflight`]) prepares
+//!   everything that can be prepared ahead, forks the sandbox's first process into new
+//!   namespaces and supervises it;
+//! - sandbox side ([`inside`]) runs as the first act of `ringfence-agent`, PID 1 of the new
+//!   namespaces, and turns them into the sandbox before the agent serves anything.
+//!
+//! No `unsafe` here: raw syscalls live in `ringfence-sys`.
 
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod inside;
+pub mod launch;
+pub mod limits;
+pub mod monitor;
+pub mod preflight;
+pub mod seccomp;
+mod syscall_names;
+pub mod template;
+
+use std::path::PathBuf;
+
+pub use launch::{JailError, Sandbox, SandboxSpec};
+
+/// Host-wide settings of the jail tier.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    /// Persistent state: templates.
+    pub data_dir: PathBuf,
+    /// Volatile state (a tmpfs on most hosts): cgroup slot locks, the staging mount point.
+    pub run_dir: PathBuf,
+    /// First host uid/gid of the range that sandbox ids 0..65536 map to. Never 0.
+    pub uid_base: u32,
+    /// The `ringfence-agent` executable.
+    pub agent_path: PathBuf,
+    /// Name of the cgroup subtree Ringfence owns in every hierarchy.
+    pub cgroup_name: String,
+}
+
+/// Width of the id range mapped into every sandbox.
+pub const ID_RANGE: u32 = 65536;
+
+impl JailConfig {
+    /// Defaults for a root-run host: `/var/lib/ringfence`, `/run/ringfence`, ids from 100000000.
+    pub fn with_agent(agent_path: PathBuf) -> Self {
+        JailConfig {
+            data_dir: PathBuf::from("/var/lib/ringfence"),
+            run_dir: PathBuf::from("/run/ringfence"),
+            uid_base: 100_000_000,
+            agent_path,
+            cgroup_name: "ringfence".into(),
+        }
+    }
+}
+
+/// Generates a sandbox id: 20 lowercase alphanumerics, the shape E2B uses.
+pub fn new_sandbox_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..20).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_hostname_safe_and_distinct() {
+        let a = super::new_sandbox_id();
+        let b = super::new_sandbox_id();
+        assert_eq!(a.len(), 20);
+        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_ne!(a, b);
+    }
+}

@@ -69,8 +69,9 @@ pub struct NsSpawn<'a> {
     pub die_with_parent: bool,
 }
 
-/// Forks a child into new namespaces; the child waits for one byte on `control`, then execs
-/// `exe` with an empty environment and only fds 0–3 open. Returns the child's host pid.
+/// Forks a child into new namespaces; the child waits for one byte on `control`, becomes root
+/// of its user namespace (uid/gid 0, no supplementary groups), then execs `exe` with an empty
+/// environment and only fds 0–3 open. Returns the child's host pid.
 pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
     // Everything the child touches is prepared here, before the fork.
     let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
@@ -134,6 +135,17 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
             }
             // The parent went away or gave up before releasing us.
             libc::_exit(123);
+        }
+        // Our credentials are still the host's (now unmapped) ids. Switch to the namespace's
+        // root, which the parent has mapped to an unprivileged host id, so exec keeps our
+        // capabilities inside the namespace; and drop every host supplementary group.
+        // Raw syscalls, not libc's wrappers: glibc would try to broadcast the change to the
+        // parent's other threads, which do not exist in this child.
+        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
+            || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0
+        {
+            libc::_exit(125);
         }
         libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         libc::execve(spec.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
@@ -446,11 +458,14 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
                 // EINVAL for unknown caps is harmless; anything else is checked by capget below.
                 libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
             }
+            // Raw syscalls: glibc's wrappers would signal threads that only exist in the parent.
             let gid = h.gid;
-            if libc::setgroups(1, &gid) < 0 {
+            if libc::syscall(libc::SYS_setgroups, 1usize, &gid as *const libc::gid_t) < 0 {
                 return Err(fail(()));
             }
-            if libc::setresgid(gid, gid, gid) < 0 || libc::setresuid(h.uid, h.uid, h.uid) < 0 {
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0
+                || libc::syscall(libc::SYS_setresuid, h.uid, h.uid, h.uid) < 0
+            {
                 return Err(fail(()));
             }
             let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
@@ -469,7 +484,10 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
             {
                 return Err(fail(()));
             }
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            // Mark, don't close: std's own error-report pipe must survive until exec, and it is
+            // already close-on-exec like everything this marks.
+            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
         }
         Ok(())
     };
@@ -511,6 +529,100 @@ pub fn kill(pid: i32, sig: i32) -> Result<()> {
     // SAFETY: kill takes plain integers.
     let ret = unsafe { libc::kill(pid, sig) };
     check("kill", ret.into()).map(drop)
+}
+
+/// The Landlock ABI version the kernel offers, or `None` where Landlock is absent or disabled.
+pub fn landlock_abi() -> Option<u32> {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with the VERSION flag the kernel reads no attribute (null, size 0) and returns the
+    // ABI version or an error.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(ret).ok().filter(|v| *v > 0)
+}
+
+/// Receives up to `buf.len()` bytes from a unix stream socket together with any descriptors
+/// passed alongside them (SCM_RIGHTS). Received descriptors are close-on-exec.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    loop {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(|e| SysError { call: "recvmsg", source: e.into() })? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for fd in raw {
+                            // SAFETY: SCM_RIGHTS installed `fd` in this process just now; no
+                            // other owner exists.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                return Ok((msg.bytes, fds));
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(SysError { call: "recvmsg", source: e.into() }),
+        }
+    }
+}
+
+/// Sends `data` on a unix stream socket, passing `fd` alongside when given.
+pub fn send_with_fd(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let cmsgs: Vec<ControlMessage<'_>> =
+        if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
+    let iov = [io::IoSlice::new(data)];
+    loop {
+        match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::empty(), None) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(_) => {
+                return Err(SysError { call: "sendmsg", source: io::Error::other("short send") });
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(SysError { call: "sendmsg", source: e.into() }),
+        }
+    }
+}
+
+/// The descriptor on which a sandbox agent finds its control channel.
+pub const CONTROL_FD: RawFd = 3;
+
+/// Takes ownership of the inherited control channel (fd 3). Returns `None` if fd 3 is not an
+/// open socket, or if it was already taken: ownership can be claimed once per process.
+pub fn take_control_fd() -> Option<OwnedFd> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: stat is plain old data; zeroed is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes into `st`.
+    if unsafe { libc::fstat(CONTROL_FD, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    // SAFETY: fd 3 is open (checked above), was placed there by our parent for us, and the
+    // atomic flag guarantees no second OwnedFd is ever made from it in this process.
+    let fd = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // SAFETY: F_SETFD on a descriptor we own; keeps it out of every process we start.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(fd)
+}
+
+/// Registers an owned descriptor with the tokio reactor.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of `fd`, so the descriptor stays open exactly as long
+    // as it is registered and is closed only after deregistration, on drop.
+    unsafe { tokio::io::unix::AsyncFd::register(fd).map_err(|e| e.into()) }
 }
 
 /// Host effective uid.

@@ -1,0 +1,993 @@
+//! Filesystem operations the host asks the agent to perform inside the sandbox.
+//!
+//! The agent is uid 0 of the sandbox's user namespace, so the kernel does not stop it from
+//! touching files the sandbox user could not; what these functions add on top of the raw calls is
+//! path resolution the way E2B clients expect it, ownership of whatever they create, and stable
+//! [`ErrorKind`]s the server can translate into Connect codes.
+//!
+//! Everything here is synchronous and short; the request loop calls it directly.
+
+use std::collections::HashMap;
+use std::fs::{self, DirBuilder, File, Metadata, OpenOptions, Permissions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use ringfence_proto::{
+    AgentError, CHUNK, EntryInfo, ErrorKind, FileType, FsEventKind, SandboxUser,
+};
+
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+/// Name reported for events on the watched directory itself (what `filepath.Rel(root, root)`
+/// gives E2B's envd).
+const ROOT_EVENT_NAME: &str = ".";
+
+fn error(kind: ErrorKind, message: String) -> AgentError {
+    AgentError { kind, message }
+}
+
+/// Turns an I/O failure on `path` into the error the host sees.
+fn map_io(err: io::Error, path: &Path) -> AgentError {
+    let p = path.display();
+    let (kind, message) = match err.raw_os_error() {
+        Some(libc::ENOENT) => (ErrorKind::NotFound, format!("no such file or directory: {p}")),
+        Some(libc::EEXIST) => (ErrorKind::AlreadyExists, format!("already exists: {p}")),
+        // Renaming a directory over a non-empty one: a conflict with what is there, not a bug.
+        Some(libc::ENOTEMPTY) => (ErrorKind::AlreadyExists, format!("directory not empty: {p}")),
+        Some(libc::EACCES | libc::EPERM) => {
+            (ErrorKind::PermissionDenied, format!("permission denied: {p}"))
+        }
+        Some(libc::EROFS) => (ErrorKind::PermissionDenied, format!("read-only file system: {p}")),
+        Some(libc::ENOTDIR) => (ErrorKind::NotADirectory, format!("not a directory: {p}")),
+        Some(libc::EISDIR) => (ErrorKind::IsADirectory, format!("is a directory: {p}")),
+        Some(libc::ENOSPC) => (ErrorKind::NoSpace, format!("no space left on device: {p}")),
+        Some(libc::EDQUOT) => (ErrorKind::NoSpace, format!("disk quota exceeded: {p}")),
+        Some(libc::EINVAL) => (ErrorKind::InvalidArgument, format!("invalid argument: {p}")),
+        Some(libc::ENAMETOOLONG) => {
+            (ErrorKind::InvalidArgument, format!("file name too long: {p}"))
+        }
+        Some(libc::ELOOP) => {
+            (ErrorKind::InvalidArgument, format!("too many levels of symbolic links: {p}"))
+        }
+        Some(libc::EXDEV) => {
+            (ErrorKind::InvalidArgument, format!("crosses a filesystem boundary: {p}"))
+        }
+        Some(libc::EFBIG) => (ErrorKind::InvalidArgument, format!("file too large: {p}")),
+        Some(_) => (ErrorKind::Internal, format!("{p}: {err}")),
+        // No errno: std refused before any syscall (e.g. a NUL byte in the path).
+        None => match err.kind() {
+            io::ErrorKind::NotFound => {
+                (ErrorKind::NotFound, format!("no such file or directory: {p}"))
+            }
+            io::ErrorKind::AlreadyExists => {
+                (ErrorKind::AlreadyExists, format!("already exists: {p}"))
+            }
+            io::ErrorKind::PermissionDenied => {
+                (ErrorKind::PermissionDenied, format!("permission denied: {p}"))
+            }
+            io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => {
+                (ErrorKind::InvalidArgument, format!("{p}: {err}"))
+            }
+            _ => (ErrorKind::Internal, format!("{p}: {err}")),
+        },
+    };
+    error(kind, message)
+}
+
+/// Resolves a path as sent by a client into an absolute, lexically normalised one.
+///
+/// Normalisation is lexical on purpose: the kernel resolves symlinks when the path is used, and
+/// the sandbox's mount namespace is what confines it, not this function.
+pub fn resolve(path: &str, user: SandboxUser) -> Result<PathBuf, AgentError> {
+    if path.is_empty() {
+        return Err(error(ErrorKind::InvalidArgument, "empty path".into()));
+    }
+    if path.contains('\0') {
+        return Err(error(
+            ErrorKind::InvalidArgument,
+            format!("path contains a NUL byte: {path:?}"),
+        ));
+    }
+    let home = Path::new(user.home());
+    let joined = if path == "~" {
+        home.to_path_buf()
+    } else if let Some(rest) = path.strip_prefix("~/") {
+        home.join(rest)
+    } else {
+        // `~name` is not expanded: there is one user per sandbox, so it is a plain file name.
+        home.join(path)
+    };
+    Ok(normalize(&joined))
+}
+
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            // `pop` on `/` is a no-op, which is what keeps `..` from climbing above the root.
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+        }
+    }
+    out
+}
+
+fn file_type(md: &Metadata) -> FileType {
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        FileType::Symlink
+    } else if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_file() {
+        FileType::File
+    } else {
+        FileType::Other
+    }
+}
+
+/// Builds the wire description of `path` from metadata already fetched.
+///
+/// `mode` carries the permission bits (with setuid/setgid/sticky) only; the type is in `kind`.
+fn entry(path: &Path, md: &Metadata) -> EntryInfo {
+    let name =
+        path.file_name().map_or_else(|| "/".to_owned(), |n| n.to_string_lossy().into_owned());
+    let symlink_target = if md.file_type().is_symlink() {
+        fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    EntryInfo {
+        name,
+        path: path.to_string_lossy().into_owned(),
+        kind: file_type(md),
+        size: md.size(),
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: (md.mtime(), u32::try_from(md.mtime_nsec()).unwrap_or(0)),
+        symlink_target,
+    }
+}
+
+/// Describes `path` itself, not what it points to when it is a symlink.
+pub fn stat(path: &Path) -> Result<EntryInfo, AgentError> {
+    let md = fs::symlink_metadata(path).map_err(|e| map_io(e, path))?;
+    Ok(entry(path, &md))
+}
+
+/// Lists `path` down to `depth` levels (0 and 1 both mean direct children), sorted by path.
+///
+/// `path` itself may be a symlink to a directory, as a user would expect from `ls`; symlinks met
+/// below it are reported but never descended into, so a link cycle cannot make the walk loop.
+pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
+    let md = fs::metadata(path).map_err(|e| map_io(e, path))?;
+    if !md.is_dir() {
+        return Err(error(
+            ErrorKind::NotADirectory,
+            format!("not a directory: {}", path.display()),
+        ));
+    }
+    let max_depth = depth.max(1);
+    let mut out = Vec::new();
+    // An explicit stack rather than recursion: `depth` is client-controlled.
+    let mut pending = vec![(path.to_path_buf(), 1u32)];
+    while let Some((dir, level)) = pending.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A subdirectory removed since we saw it is not the caller's error.
+            Err(e) if level > 1 && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(map_io(e, &dir)),
+        };
+        for dirent in entries {
+            let dirent = dirent.map_err(|e| map_io(e, &dir))?;
+            let child = dirent.path();
+            let md = match fs::symlink_metadata(&child) {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(map_io(e, &child)),
+            };
+            if md.file_type().is_dir() && level < max_depth {
+                pending.push((child.clone(), level + 1));
+            }
+            out.push(entry(&child, &md));
+        }
+    }
+    // Component-wise order keeps each directory's contents right after it.
+    out.sort_by(|a, b| Path::new(&a.path).cmp(Path::new(&b.path)));
+    Ok(out)
+}
+
+/// Flags for opening client-named paths: never block on a FIFO with no peer, and never let a
+/// terminal device become the agent's controlling terminal.
+const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY;
+
+fn require_regular(md: &Metadata, path: &Path) -> Result<(), AgentError> {
+    if md.is_dir() {
+        Err(error(ErrorKind::IsADirectory, format!("is a directory: {}", path.display())))
+    } else if !md.is_file() {
+        Err(error(ErrorKind::InvalidArgument, format!("not a regular file: {}", path.display())))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads up to [`CHUNK`] bytes of `path` at `offset`; the flag is true when nothing follows.
+pub fn read_chunk(path: &Path, offset: u64) -> Result<(Vec<u8>, bool), AgentError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(OPEN_FLAGS)
+        .open(path)
+        .map_err(|e| map_io(e, path))?;
+    let md = file.metadata().map_err(|e| map_io(e, path))?;
+    require_regular(&md, path)?;
+    // One byte past the chunk tells whether more follows without trusting `st_size`, which is 0
+    // for /proc files and stale for files still being written.
+    let mut buf = vec![0u8; CHUNK + 1];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let at = offset.checked_add(filled as u64).ok_or_else(|| {
+            error(ErrorKind::InvalidArgument, format!("offset out of range: {}", path.display()))
+        })?;
+        match file.read_at(&mut buf[filled..], at) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(map_io(e, path)),
+        }
+    }
+    let eof = filled <= CHUNK;
+    buf.truncate(filled.min(CHUNK));
+    Ok((buf, eof))
+}
+
+/// Opens a directory we just created without following a symlink swapped in since, so that the
+/// chown/chmod land on it and nowhere else.
+fn own_dir(dir: &Path, user: SandboxUser) -> Result<(), AgentError> {
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| map_io(e, dir))?;
+    own(&handle, dir, DIR_MODE, user)
+}
+
+fn own(file: &File, path: &Path, mode: u32, user: SandboxUser) -> Result<(), AgentError> {
+    let id = user.uid();
+    std::os::unix::fs::fchown(file, Some(id), Some(id)).map_err(|e| map_io(e, path))?;
+    // Explicit because the agent's umask is not the client's business.
+    file.set_permissions(Permissions::from_mode(mode)).map_err(|e| map_io(e, path))
+}
+
+/// `mkdir -p` that hands every directory it creates (and only those) to `user`.
+fn create_dirs(dir: &Path, user: SandboxUser) -> Result<(), AgentError> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        // Following symlinks: a symlinked directory is a fine parent.
+        match fs::metadata(cur) {
+            Ok(md) if md.is_dir() => break,
+            Ok(_) => {
+                return Err(error(
+                    ErrorKind::NotADirectory,
+                    format!("not a directory: {}", cur.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(cur);
+                match cur.parent() {
+                    Some(parent) => cur = parent,
+                    None => break,
+                }
+            }
+            Err(e) => return Err(map_io(e, cur)),
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match DirBuilder::new().mode(DIR_MODE).create(d) {
+            Ok(()) => own_dir(d, user)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Either a concurrent mkdir (fine, and not ours to chown) or a dangling symlink.
+                if !fs::metadata(d).is_ok_and(|md| md.is_dir()) {
+                    return Err(error(
+                        ErrorKind::NotADirectory,
+                        format!("not a directory: {}", d.display()),
+                    ));
+                }
+            }
+            Err(e) => return Err(map_io(e, d)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset` and describes the file afterwards.
+///
+/// Offset 0 creates (with missing parents) or truncates. A later offset requires the file to
+/// exist: a file that vanished in the middle of an upload is reported, not silently recreated
+/// with a hole where the first chunks were.
+pub fn write_chunk(
+    path: &Path,
+    offset: u64,
+    data: &[u8],
+    user: SandboxUser,
+) -> Result<EntryInfo, AgentError> {
+    let (file, created) = if offset == 0 {
+        if let Some(parent) = path.parent() {
+            create_dirs(parent, user)?;
+        }
+        // O_EXCL tells us whether the file is new (and so ours to chown) without a racy stat.
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(OPEN_FLAGS)
+            .open(path)
+        {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (open_existing(path)?, false),
+            Err(e) => return Err(map_io(e, path)),
+        }
+    } else {
+        (open_existing(path)?, false)
+    };
+    let md = file.metadata().map_err(|e| map_io(e, path))?;
+    require_regular(&md, path)?;
+    if created {
+        own(&file, path, FILE_MODE, user)?;
+    } else if offset == 0 {
+        // Truncating only now, after the type check, so a device or FIFO is never truncated.
+        file.set_len(0).map_err(|e| map_io(e, path))?;
+    }
+    file.write_all_at(data, offset).map_err(|e| map_io(e, path))?;
+    let md = file.metadata().map_err(|e| map_io(e, path))?;
+    Ok(entry(path, &md))
+}
+
+fn open_existing(path: &Path) -> Result<File, AgentError> {
+    OpenOptions::new().write(true).custom_flags(OPEN_FLAGS).open(path).map_err(|e| map_io(e, path))
+}
+
+/// Creates `path` and any missing parents, all owned by `user`.
+pub fn make_dir(path: &Path, user: SandboxUser) -> Result<EntryInfo, AgentError> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => {
+            return Err(error(
+                ErrorKind::AlreadyExists,
+                format!("already exists: {}", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(map_io(e, path)),
+    }
+    create_dirs(path, user)?;
+    stat(path)
+}
+
+/// Removes a file, a symlink (never its target) or a whole directory tree.
+pub fn remove(path: &Path) -> Result<(), AgentError> {
+    if path.parent().is_none() {
+        // Would empty the sandbox's whole filesystem: never what an API caller meant.
+        return Err(error(
+            ErrorKind::InvalidArgument,
+            format!("refusing to remove {}", path.display()),
+        ));
+    }
+    let md = fs::symlink_metadata(path).map_err(|e| map_io(e, path))?;
+    // `remove_dir_all` does not follow symlinks inside the tree.
+    let result =
+        if md.file_type().is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    result.map_err(|e| map_io(e, path))
+}
+
+/// Moves `from` to `to`, creating `to`'s missing parents (owned by `user`).
+///
+/// Moves across filesystems fail with `InvalidArgument`, as `rename(2)` does.
+pub fn rename(from: &Path, to: &Path, user: SandboxUser) -> Result<EntryInfo, AgentError> {
+    // Checked first so that a failed rename leaves no new directories behind.
+    fs::symlink_metadata(from).map_err(|e| map_io(e, from))?;
+    if let Some(parent) = to.parent() {
+        create_dirs(parent, user)?;
+    }
+    // `from` is known to exist, so whatever fails now is about the destination.
+    fs::rename(from, to).map_err(|e| map_io(e, to))?;
+    stat(to)
+}
+
+/// What every watched directory reports. `IN_CLOSE_WRITE` is left out on purpose: it would
+/// duplicate the `IN_MODIFY` that every write already produced.
+fn watch_mask() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_ONLYDIR
+}
+
+fn map_errno(errno: Errno, path: &Path) -> AgentError {
+    match errno {
+        // ENOSPC/EMFILE from inotify mean exhausted inotify limits, not a full disk.
+        Errno::ENOSPC => error(
+            ErrorKind::Internal,
+            format!("inotify watch limit reached watching {}", path.display()),
+        ),
+        Errno::EMFILE => error(
+            ErrorKind::Internal,
+            format!("inotify instance limit reached watching {}", path.display()),
+        ),
+        other => map_io(io::Error::from(other), path),
+    }
+}
+
+/// Reports changes below one directory, relative to it.
+///
+/// The descriptor is non-blocking: register it with `tokio::io::unix::AsyncFd` and call
+/// [`Watcher::read_events`] when it is readable.
+#[derive(Debug)]
+pub struct Watcher {
+    inotify: Inotify,
+    root: PathBuf,
+    root_wd: WatchDescriptor,
+    recursive: bool,
+    /// Each watched directory, relative to `root` (the root itself is the empty path).
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+}
+
+impl Watcher {
+    /// Starts watching `path`; with `recursive`, every directory below it is watched as well,
+    /// including those created later.
+    pub fn new(path: &Path, recursive: bool) -> Result<Watcher, AgentError> {
+        let md = fs::metadata(path).map_err(|e| map_io(e, path))?;
+        if !md.is_dir() {
+            return Err(error(
+                ErrorKind::NotADirectory,
+                format!("not a directory: {}", path.display()),
+            ));
+        }
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| map_errno(e, path))?;
+        // The root may be a symlink to a directory; everything below is watched without following.
+        let root_wd = inotify.add_watch(path, watch_mask()).map_err(|e| map_errno(e, path))?;
+        let mut watcher = Watcher {
+            inotify,
+            root: path.to_path_buf(),
+            root_wd,
+            recursive,
+            dirs: HashMap::from([(root_wd, PathBuf::new())]),
+        };
+        if recursive {
+            watcher.watch_children(Path::new(""), None)?;
+        }
+        Ok(watcher)
+    }
+
+    /// The inotify descriptor, for readiness polling.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// Watches every directory below `rel` (which is already watched).
+    ///
+    /// With `created`, everything found is also reported as created: those entries appeared in
+    /// a directory before its watch existed, so inotify never saw them.
+    fn watch_children(
+        &mut self,
+        rel: &Path,
+        mut created: Option<&mut Vec<(String, FsEventKind)>>,
+    ) -> Result<(), AgentError> {
+        let mut pending = vec![rel.to_path_buf()];
+        while let Some(dir_rel) = pending.pop() {
+            let dir = self.root.join(&dir_rel);
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // Gone or replaced since it was seen; its removal event is queued already.
+                Err(e) if is_vanished(&e) => continue,
+                Err(e) => return Err(map_io(e, &dir)),
+            };
+            for dirent in entries {
+                let Ok(dirent) = dirent else { continue };
+                let child_rel = dir_rel.join(dirent.file_name());
+                if let Some(out) = created.as_deref_mut() {
+                    push_event(out, &child_rel, FsEventKind::Create);
+                }
+                // `DirEntry::file_type` does not follow symlinks: linked directories stay unwatched.
+                if !dirent.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let child = self.root.join(&child_rel);
+                // Watch before listing, so nothing created in between is missed.
+                match self.inotify.add_watch(&child, watch_mask() | AddWatchFlags::IN_DONT_FOLLOW) {
+                    Ok(wd) => {
+                        self.dirs.insert(wd, child_rel.clone());
+                        pending.push(child_rel);
+                    }
+                    Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+                    Err(e) => return Err(map_errno(e, &child)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the watches on `rel` and everything below it.
+    fn forget(&mut self, rel: &Path) {
+        let gone: Vec<WatchDescriptor> =
+            self.dirs.iter().filter(|(_, p)| p.starts_with(rel)).map(|(wd, _)| *wd).collect();
+        for wd in gone {
+            self.dirs.remove(&wd);
+            // Fails only if the kernel already dropped it, which is the outcome wanted.
+            let _ = self.inotify.rm_watch(wd);
+        }
+    }
+
+    /// Drains the kernel's queue, returning `(path relative to the root, kind)` pairs; the root
+    /// itself is named `"."`.
+    ///
+    /// Returns only once the queue is empty, so an `AsyncFd` caller may clear readiness after.
+    pub fn read_events(&mut self) -> Result<Vec<(String, FsEventKind)>, AgentError> {
+        let mut out = Vec::new();
+        loop {
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(map_errno(e, &self.root)),
+            };
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                let mask = ev.mask;
+                if mask.contains(AddWatchFlags::IN_IGNORED) {
+                    self.dirs.remove(&ev.wd);
+                    continue;
+                }
+                // Unknown descriptors belong to watches already forgotten (moved-away trees);
+                // an overflow (wd -1) has no path to report and the events are lost regardless.
+                let Some(dir_rel) = self.dirs.get(&ev.wd) else { continue };
+                let rel = match &ev.name {
+                    Some(name) => dir_rel.join(name),
+                    // A subdirectory's own events duplicate what its parent's watch reports.
+                    None if ev.wd == self.root_wd => PathBuf::new(),
+                    None => continue,
+                };
+                let kind = if mask.contains(AddWatchFlags::IN_CREATE) {
+                    FsEventKind::Create
+                } else if mask.contains(AddWatchFlags::IN_MODIFY) {
+                    FsEventKind::Write
+                } else if mask.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_DELETE_SELF)
+                {
+                    FsEventKind::Remove
+                } else if mask.intersects(AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO)
+                {
+                    FsEventKind::Rename
+                } else if mask.contains(AddWatchFlags::IN_ATTRIB) {
+                    FsEventKind::Chmod
+                } else {
+                    continue;
+                };
+                push_event(&mut out, &rel, kind);
+
+                if !self.recursive || ev.name.is_none() || !mask.contains(AddWatchFlags::IN_ISDIR) {
+                    continue;
+                }
+                if mask.contains(AddWatchFlags::IN_MOVED_FROM) {
+                    // The watches follow the inodes, so their recorded paths are stale now; a
+                    // matching IN_MOVED_TO re-adds them under the new name.
+                    self.forget(&rel);
+                } else if mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
+                    let dir = self.root.join(&rel);
+                    match self.inotify.add_watch(&dir, watch_mask() | AddWatchFlags::IN_DONT_FOLLOW)
+                    {
+                        Ok(wd) => {
+                            self.dirs.insert(wd, rel.clone());
+                            // A moved-in tree was not created; only a new one needs backfilling.
+                            let created =
+                                mask.contains(AddWatchFlags::IN_CREATE).then_some(&mut out);
+                            self.watch_children(&rel, created)?;
+                        }
+                        Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+                        Err(e) => return Err(map_errno(e, &dir)),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_vanished(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+fn push_event(out: &mut Vec<(String, FsEventKind)>, rel: &Path, kind: FsEventKind) {
+    let name = if rel.as_os_str().is_empty() {
+        ROOT_EVENT_NAME.to_owned()
+    } else {
+        rel.to_string_lossy().into_owned()
+    };
+    // A large write arrives as several IN_MODIFYs; one is enough for the client.
+    if out.last().is_some_and(|(n, k)| *n == name && *k == kind) {
+        return;
+    }
+    out.push((name, kind));
+}
+
+impl AsFd for Watcher {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+}
+
+impl AsRawFd for Watcher {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inotify.as_fd().as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("ringfence-fs-{}-{tag}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.0.join(rel)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    // These tests chown to uid 1000, so, like the agent itself, they need to run as root.
+    const USER: SandboxUser = SandboxUser::User;
+
+    fn kind_of<T: std::fmt::Debug>(r: Result<T, AgentError>) -> ErrorKind {
+        r.unwrap_err().kind
+    }
+
+    #[test]
+    fn resolve_rules() {
+        let r = |p: &str| resolve(p, USER).unwrap();
+        assert_eq!(r("x"), Path::new("/home/user/x"));
+        assert_eq!(r("a/./b/"), Path::new("/home/user/a/b"));
+        assert_eq!(r("~"), Path::new("/home/user"));
+        assert_eq!(r("~/"), Path::new("/home/user"));
+        assert_eq!(r("~/a/../b"), Path::new("/home/user/b"));
+        assert_eq!(r("~x"), Path::new("/home/user/~x"));
+        assert_eq!(r("/etc/../var//log/."), Path::new("/var/log"));
+        assert_eq!(r("/../../etc"), Path::new("/etc"));
+        assert_eq!(r("../../../.."), Path::new("/"));
+        assert_eq!(r("/"), Path::new("/"));
+        assert_eq!(resolve("~", SandboxUser::Root).unwrap(), Path::new("/root"));
+        assert_eq!(resolve("x", SandboxUser::Root).unwrap(), Path::new("/root/x"));
+        assert_eq!(kind_of(resolve("", USER)), ErrorKind::InvalidArgument);
+        assert_eq!(kind_of(resolve("a\0b", USER)), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn round_trip_across_chunk_boundary() {
+        let s = Scratch::new("chunks");
+        let path = s.path("big.bin");
+        let data: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| (i % 251) as u8).collect();
+        write_chunk(&path, 0, &data[..CHUNK], USER).unwrap();
+        let info = write_chunk(&path, CHUNK as u64, &data[CHUNK..], USER).unwrap();
+        assert_eq!(info.size, data.len() as u64);
+        assert_eq!(info.kind, FileType::File);
+
+        let (first, eof) = read_chunk(&path, 0).unwrap();
+        assert_eq!(first.len(), CHUNK);
+        assert!(!eof);
+        let (second, eof) = read_chunk(&path, CHUNK as u64).unwrap();
+        assert_eq!(second.len(), CHUNK / 2);
+        assert!(eof);
+        assert_eq!([first, second].concat(), data);
+
+        let (past, eof) = read_chunk(&path, 10 * CHUNK as u64).unwrap();
+        assert!(past.is_empty() && eof);
+    }
+
+    #[test]
+    fn exact_chunk_is_eof_in_one_read() {
+        let s = Scratch::new("exact");
+        let path = s.path("f");
+        write_chunk(&path, 0, &vec![7u8; CHUNK], USER).unwrap();
+        let (data, eof) = read_chunk(&path, 0).unwrap();
+        assert_eq!(data.len(), CHUNK);
+        assert!(eof);
+    }
+
+    #[test]
+    fn offset_zero_truncates_and_later_offsets_need_the_file() {
+        let s = Scratch::new("trunc");
+        let path = s.path("f");
+        write_chunk(&path, 0, b"hello world", USER).unwrap();
+        let info = write_chunk(&path, 0, b"bye", USER).unwrap();
+        assert_eq!(info.size, 3);
+        assert_eq!(read_chunk(&path, 0).unwrap(), (b"bye".to_vec(), true));
+        let info = write_chunk(&path, 3, b"!", USER).unwrap();
+        assert_eq!(info.size, 4);
+
+        let err = write_chunk(&s.path("missing"), 5, b"x", USER).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert!(!s.path("missing").exists());
+    }
+
+    #[test]
+    fn write_creates_parents_owned_by_user() {
+        let s = Scratch::new("parents");
+        let path = s.path("a/b/c.txt");
+        let info = write_chunk(&path, 0, b"x", USER).unwrap();
+        assert_eq!((info.uid, info.gid, info.mode), (1000, 1000, 0o644));
+        assert_eq!(info.name, "c.txt");
+        assert_eq!(info.path, path.to_string_lossy());
+        for dir in ["a", "a/b"] {
+            let md = fs::metadata(s.path(dir)).unwrap();
+            assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (1000, 1000, 0o755), "{dir}");
+        }
+        // Only what was created changes hands.
+        assert_eq!(fs::metadata(&s.0).unwrap().uid(), 0);
+
+        let info = write_chunk(&s.path("r/f"), 0, b"x", SandboxUser::Root).unwrap();
+        assert_eq!((info.uid, info.gid), (0, 0));
+
+        // Rewriting an existing file keeps its owner.
+        fs::write(s.path("mine"), b"x").unwrap();
+        let info = write_chunk(&s.path("mine"), 0, b"y", USER).unwrap();
+        assert_eq!(info.uid, 0);
+    }
+
+    #[test]
+    fn write_error_kinds() {
+        let s = Scratch::new("werr");
+        fs::create_dir(s.path("d")).unwrap();
+        assert_eq!(kind_of(write_chunk(&s.path("d"), 0, b"x", USER)), ErrorKind::IsADirectory);
+        fs::write(s.path("file"), b"x").unwrap();
+        let err = write_chunk(&s.path("file/below"), 0, b"x", USER).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotADirectory);
+        assert!(err.message.contains("file"), "{}", err.message);
+    }
+
+    #[test]
+    fn read_error_kinds() {
+        let s = Scratch::new("rerr");
+        let err = read_chunk(&s.path("nope"), 0).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert_eq!(err.message, format!("no such file or directory: {}", s.path("nope").display()));
+        assert_eq!(kind_of(read_chunk(&s.0, 0)), ErrorKind::IsADirectory);
+        assert_eq!(kind_of(stat(&s.path("nope"))), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn fifo_is_refused_without_blocking() {
+        let s = Scratch::new("fifo");
+        let path = s.path("pipe");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(kind_of(read_chunk(&path, 0)), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn list_depths() {
+        let s = Scratch::new("list");
+        fs::write(s.path("a.txt"), b"a").unwrap();
+        fs::create_dir_all(s.path("d/e")).unwrap();
+        fs::write(s.path("d/b.txt"), b"b").unwrap();
+        fs::write(s.path("d/e/c.txt"), b"c").unwrap();
+        fs::create_dir(s.path("d-z")).unwrap();
+        symlink(s.path("d"), s.path("link")).unwrap();
+
+        let names = |depth| -> Vec<String> {
+            list_dir(&s.0, depth)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.path.strip_prefix(&*s.0.to_string_lossy()).unwrap().to_owned())
+                .collect()
+        };
+        let one = ["/a.txt", "/d", "/d-z", "/link"];
+        assert_eq!(names(0), one);
+        assert_eq!(names(1), one);
+        assert_eq!(names(2), ["/a.txt", "/d", "/d/b.txt", "/d/e", "/d-z", "/link"]);
+        assert_eq!(names(9), ["/a.txt", "/d", "/d/b.txt", "/d/e", "/d/e/c.txt", "/d-z", "/link"]);
+
+        let entries = list_dir(&s.0, 1).unwrap();
+        let link = entries.iter().find(|e| e.name == "link").unwrap();
+        assert_eq!(link.kind, FileType::Symlink);
+        let d = entries.iter().find(|e| e.name == "d").unwrap();
+        assert_eq!(d.kind, FileType::Directory);
+
+        // A symlinked directory can itself be listed.
+        assert_eq!(list_dir(&s.path("link"), 1).unwrap().len(), 2);
+
+        assert_eq!(kind_of(list_dir(&s.path("a.txt"), 1)), ErrorKind::NotADirectory);
+        assert_eq!(kind_of(list_dir(&s.path("missing"), 1)), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn stat_symlink_is_not_followed() {
+        let s = Scratch::new("stat");
+        fs::write(s.path("target"), b"12345").unwrap();
+        symlink("target", s.path("ln")).unwrap();
+        let info = stat(&s.path("ln")).unwrap();
+        assert_eq!(info.kind, FileType::Symlink);
+        assert_eq!(info.name, "ln");
+        assert_eq!(info.symlink_target.as_deref(), Some("target"));
+        let target = stat(&s.path("target")).unwrap();
+        assert_eq!((target.kind, target.size, target.symlink_target), (FileType::File, 5, None));
+        assert!(target.mtime.0 > 0);
+        assert_eq!(stat(Path::new("/")).unwrap().name, "/");
+    }
+
+    #[test]
+    fn remove_files_links_and_trees() {
+        let s = Scratch::new("remove");
+        fs::create_dir_all(s.path("tree/a/b")).unwrap();
+        fs::write(s.path("tree/a/b/f"), b"x").unwrap();
+        fs::write(s.path("keep"), b"x").unwrap();
+        symlink(s.path("keep"), s.path("tree/a/ln")).unwrap();
+        symlink(s.path("keep"), s.path("ln")).unwrap();
+
+        remove(&s.path("ln")).unwrap();
+        assert!(s.path("keep").exists());
+        remove(&s.path("tree")).unwrap();
+        assert!(!s.path("tree").exists());
+        assert!(s.path("keep").exists());
+        remove(&s.path("keep")).unwrap();
+        assert!(!s.path("keep").exists());
+        assert_eq!(kind_of(remove(&s.path("keep"))), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn rename_creates_destination_parents() {
+        let s = Scratch::new("rename");
+        fs::write(s.path("src"), b"abc").unwrap();
+        let info = rename(&s.path("src"), &s.path("x/y/dst"), USER).unwrap();
+        assert_eq!((info.name.as_str(), info.size), ("dst", 3));
+        assert!(!s.path("src").exists());
+        assert_eq!(fs::read(s.path("x/y/dst")).unwrap(), b"abc");
+        assert_eq!(fs::metadata(s.path("x/y")).unwrap().uid(), 1000);
+
+        let err = rename(&s.path("src"), &s.path("z/dst"), USER).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert!(!s.path("z").exists(), "a failed rename must not create parents");
+    }
+
+    #[test]
+    fn make_dir_rules() {
+        let s = Scratch::new("mkdir");
+        let info = make_dir(&s.path("p/q"), USER).unwrap();
+        assert_eq!((info.kind, info.uid, info.mode), (FileType::Directory, 1000, 0o755));
+        assert_eq!(fs::metadata(s.path("p")).unwrap().uid(), 1000);
+        assert_eq!(kind_of(make_dir(&s.path("p/q"), USER)), ErrorKind::AlreadyExists);
+        fs::write(s.path("f"), b"").unwrap();
+        assert_eq!(kind_of(make_dir(&s.path("f"), USER)), ErrorKind::AlreadyExists);
+        assert_eq!(kind_of(make_dir(&s.path("f/sub"), USER)), ErrorKind::NotADirectory);
+    }
+
+    #[test]
+    fn map_io_kinds() {
+        let p = Path::new("/x");
+        let k = |errno| map_io(io::Error::from_raw_os_error(errno), p).kind;
+        assert_eq!(k(libc::ENOENT), ErrorKind::NotFound);
+        assert_eq!(k(libc::EEXIST), ErrorKind::AlreadyExists);
+        assert_eq!(k(libc::EACCES), ErrorKind::PermissionDenied);
+        assert_eq!(k(libc::EPERM), ErrorKind::PermissionDenied);
+        assert_eq!(k(libc::ENOTDIR), ErrorKind::NotADirectory);
+        assert_eq!(k(libc::EISDIR), ErrorKind::IsADirectory);
+        assert_eq!(k(libc::ENOSPC), ErrorKind::NoSpace);
+        assert_eq!(k(libc::EDQUOT), ErrorKind::NoSpace);
+        assert_eq!(k(libc::EINVAL), ErrorKind::InvalidArgument);
+        assert_eq!(k(libc::EIO), ErrorKind::Internal);
+        let e = map_io(io::Error::from_raw_os_error(libc::ENOSPC), p);
+        assert_eq!(e.message, "no space left on device: /x");
+    }
+
+    /// Polls until every wanted event has arrived, returning all that did.
+    fn wait_for(w: &mut Watcher, want: &[(&str, FsEventKind)]) -> Vec<(String, FsEventKind)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        loop {
+            got.extend(w.read_events().unwrap());
+            let done = want.iter().all(|(n, k)| got.iter().any(|(gn, gk)| gn == n && gk == k));
+            if done {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "wanted {want:?}, got {got:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn watcher_recursive_sees_file_in_subdir() {
+        let s = Scratch::new("watch");
+        fs::create_dir(s.path("sub")).unwrap();
+        let mut w = Watcher::new(&s.0, true).unwrap();
+        assert!(w.read_events().unwrap().is_empty());
+        let f = s.path("sub/f");
+        write_chunk(&f, 0, b"hello", USER).unwrap();
+        wait_for(&mut w, &[("sub/f", FsEventKind::Create), ("sub/f", FsEventKind::Write)]);
+        fs::set_permissions(&f, Permissions::from_mode(0o600)).unwrap();
+        wait_for(&mut w, &[("sub/f", FsEventKind::Chmod)]);
+        remove(&f).unwrap();
+        wait_for(&mut w, &[("sub/f", FsEventKind::Remove)]);
+    }
+
+    #[test]
+    fn watcher_follows_new_and_moved_directories() {
+        let s = Scratch::new("watchnew");
+        let mut w = Watcher::new(&s.0, true).unwrap();
+        // Created before the watcher learns of `a`: reported from the backfill.
+        write_chunk(&s.path("a/b/f"), 0, b"x", USER).unwrap();
+        wait_for(
+            &mut w,
+            &[
+                ("a", FsEventKind::Create),
+                ("a/b", FsEventKind::Create),
+                ("a/b/f", FsEventKind::Create),
+            ],
+        );
+        write_chunk(&s.path("a/b/g"), 0, b"x", USER).unwrap();
+        wait_for(&mut w, &[("a/b/g", FsEventKind::Create), ("a/b/g", FsEventKind::Write)]);
+
+        rename(&s.path("a"), &s.path("m"), USER).unwrap();
+        wait_for(&mut w, &[("a", FsEventKind::Rename), ("m", FsEventKind::Rename)]);
+        write_chunk(&s.path("m/b/h"), 0, b"x", USER).unwrap();
+        let got = wait_for(&mut w, &[("m/b/h", FsEventKind::Create)]);
+        assert!(!got.iter().any(|(n, _)| n.starts_with("a/")), "{got:?}");
+
+        // A subdirectory's removal is reported once, by its parent.
+        remove(&s.path("m/b")).unwrap();
+        let got = wait_for(&mut w, &[("m/b", FsEventKind::Remove)]);
+        assert_eq!(got.iter().filter(|e| e.0 == "m/b").count(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn watcher_non_recursive_ignores_subdirs() {
+        let s = Scratch::new("watchflat");
+        fs::create_dir(s.path("sub")).unwrap();
+        let mut w = Watcher::new(&s.0, false).unwrap();
+        write_chunk(&s.path("sub/f"), 0, b"x", USER).unwrap();
+        write_chunk(&s.path("top"), 0, b"x", USER).unwrap();
+        let got = wait_for(&mut w, &[("top", FsEventKind::Create)]);
+        assert!(!got.iter().any(|(n, _)| n.starts_with("sub/")), "{got:?}");
+        fs::remove_dir_all(&s.0).unwrap();
+        wait_for(&mut w, &[(".", FsEventKind::Remove)]);
+    }
+
+    #[test]
+    fn watcher_errors() {
+        let s = Scratch::new("watcherr");
+        fs::write(s.path("f"), b"").unwrap();
+        assert_eq!(kind_of(Watcher::new(&s.path("f"), true)), ErrorKind::NotADirectory);
+        assert_eq!(kind_of(Watcher::new(&s.path("missing"), false)), ErrorKind::NotFound);
+        let w = Watcher::new(&s.0, false).unwrap();
+        assert_eq!(w.fd().as_raw_fd(), w.as_raw_fd());
+    }
+}

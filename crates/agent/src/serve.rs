@@ -1,0 +1,486 @@
+//! The agent's request loop: many processes, PTYs and watches at once over one channel.
+//!
+//! A single-threaded tokio runtime keeps the idle agent small. Output of every process is
+//! forwarded as it is produced, tagged with the id of each request subscribed to it (the
+//! `Spawn` that started it and any later `Attach`). A process's `Exited` event follows all of
+//! its output, unless a surviving descendant keeps the output pipes open: then it follows the
+//! exit after a short grace period.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Stdio;
+use std::rc::Rc;
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use ringfence_proto::{
+    AgentError, Envelope, ErrorKind, Event, ExitStatus, ProcessInfo, Reply, Request,
+    SpawnSpec, StdioMode, Usage, encode, frame_len,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::task::{JoinHandle, spawn_local};
+
+use crate::{fs, spawn};
+
+/// How long an exited process's output may stay open (held by a descendant) before its exit is
+/// reported anyway.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+enum Input {
+    Pipe(pipe::Sender),
+    Pty(Rc<AsyncFd<OwnedFd>>),
+}
+
+struct Proc {
+    spec: SpawnSpec,
+    subscribers: Vec<u64>,
+    input: Option<Input>,
+    pty: Option<Rc<AsyncFd<OwnedFd>>>,
+    exit: Option<(ExitStatus, Usage)>,
+    open_outputs: usize,
+}
+
+#[derive(Clone)]
+struct State {
+    procs: Rc<RefCell<HashMap<u32, Proc>>>,
+    watches: Rc<RefCell<HashMap<u64, JoinHandle<()>>>>,
+    next_watch: Rc<RefCell<u64>>,
+    out: UnboundedSender<Event>,
+}
+
+fn agent_err(kind: ErrorKind, message: impl Into<String>) -> AgentError {
+    AgentError { kind, message: message.into() }
+}
+
+fn no_process(pid: u32) -> AgentError {
+    agent_err(ErrorKind::NotFound, format!("process {pid} not found"))
+}
+
+/// Serves requests until the host closes the channel.
+pub fn serve(control: StdUnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
+    control.set_nonblocking(true).map_err(drop)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(drop)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let stream = UnixStream::from_std(control).map_err(drop)?;
+        run(stream, initial_pid).await
+    })
+}
+
+async fn run(stream: UnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = unbounded_channel::<Event>();
+    let writer = spawn_local(async move {
+        while let Some(ev) = rx.recv().await {
+            let Ok(bytes) = encode(&ev) else { continue };
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let state = State {
+        procs: Rc::default(),
+        watches: Rc::default(),
+        next_watch: Rc::new(RefCell::new(1)),
+        out: tx,
+    };
+    if let Some(pid) = initial_pid {
+        // Its output goes to the agent's own stdio; only its exit is reported.
+        state.procs.borrow_mut().insert(
+            pid,
+            Proc {
+                spec: SpawnSpec {
+                    cmd: String::new(),
+                    args: vec![],
+                    env: Default::default(),
+                    cwd: None,
+                    user: Default::default(),
+                    stdio: StdioMode::Inherit,
+                    tag: None,
+                },
+                subscribers: vec![0],
+                input: None,
+                pty: None,
+                exit: None,
+                open_outputs: 0,
+            },
+        );
+    }
+    spawn_local(reaper(state.clone()));
+    loop {
+        let mut prefix = [0u8; 4];
+        if rd.read_exact(&mut prefix).await.is_err() {
+            break;
+        }
+        let Ok(len) = frame_len(prefix) else { break };
+        let mut body = vec![0u8; len];
+        if rd.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let Ok(env) = ringfence_proto::decode::<Envelope>(&body) else { break };
+        let id = env.id;
+        let result = handle(&state, id, env.request).await;
+        let _ = state.out.send(Event::Response { id, result });
+    }
+    drop(state);
+    writer.abort();
+    Ok(())
+}
+
+async fn reaper(state: State) {
+    let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
+        return;
+    };
+    loop {
+        while let Ok(Some(r)) = ringfence_sys::wait4(-1, true) {
+            let Ok(pid) = u32::try_from(r.pid) else { continue };
+            let status = match r.outcome() {
+                Ok(c) => ExitStatus::Code(c),
+                Err(s) => ExitStatus::Signal(s),
+            };
+            let usage =
+                Usage { user_cpu_us: r.user_us, sys_cpu_us: r.sys_us, max_rss_kib: r.max_rss_kib };
+            let known = {
+                let mut procs = state.procs.borrow_mut();
+                match procs.get_mut(&pid) {
+                    Some(p) => {
+                        p.exit = Some((status, usage));
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if known {
+                finish_if_done(&state, pid);
+                let st = state.clone();
+                spawn_local(async move {
+                    tokio::time::sleep(OUTPUT_GRACE).await;
+                    finish(&st, pid);
+                });
+            }
+        }
+        if sig.recv().await.is_none() {
+            return;
+        }
+    }
+}
+
+fn finish_if_done(state: &State, pid: u32) {
+    let done = state
+        .procs
+        .borrow()
+        .get(&pid)
+        .is_some_and(|p| p.exit.is_some() && p.open_outputs == 0);
+    if done {
+        finish(state, pid);
+    }
+}
+
+fn finish(state: &State, pid: u32) {
+    let Some(p) = state.procs.borrow_mut().remove(&pid) else { return };
+    if let Some((status, usage)) = p.exit {
+        for id in p.subscribers {
+            let _ = state.out.send(Event::Exited { id, pid, status, usage });
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+    Pty,
+}
+
+fn forward(state: &State, pid: u32, stream: Stream, data: &[u8]) {
+    let procs = state.procs.borrow();
+    let Some(p) = procs.get(&pid) else { return };
+    for &id in &p.subscribers {
+        let data = data.to_vec();
+        let ev = match stream {
+            Stream::Stdout => Event::Stdout { id, data },
+            Stream::Stderr => Event::Stderr { id, data },
+            Stream::Pty => Event::Pty { id, data },
+        };
+        let _ = state.out.send(ev);
+    }
+}
+
+fn output_closed(state: &State, pid: u32) {
+    if let Some(p) = state.procs.borrow_mut().get_mut(&pid) {
+        p.open_outputs = p.open_outputs.saturating_sub(1);
+    }
+    finish_if_done(state, pid);
+}
+
+async fn pump_pipe(state: State, pid: u32, stream: Stream, mut rx: pipe::Receiver) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => forward(&state, pid, stream, &buf[..n]),
+        }
+    }
+    output_closed(&state, pid);
+}
+
+async fn pump_pty(state: State, pid: u32, master: Rc<AsyncFd<OwnedFd>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(mut guard) = master.readable().await else { break };
+        match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(Into::into)) {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => forward(&state, pid, Stream::Pty, &buf[..n]),
+            // EIO: every slave end is closed, the terminal session is over.
+            Ok(Err(_)) => break,
+            Err(_would_block) => continue,
+        }
+    }
+    output_closed(&state, pid);
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), AgentError> {
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
+    Ok(())
+}
+
+fn internal(e: impl std::fmt::Display) -> AgentError {
+    agent_err(ErrorKind::Internal, e.to_string())
+}
+
+fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
+    let pty_mode = matches!(spec.stdio, StdioMode::Pty { .. });
+    let mut cmd = spawn::command(&spec, pty_mode)?;
+    let mut master = None;
+    match spec.stdio {
+        StdioMode::Inherit => {
+            cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        }
+        StdioMode::Pipe { stdin } => {
+            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        StdioMode::Pty { cols, rows } => {
+            let (m, s) = ringfence_sys::open_pty(cols, rows).map_err(internal)?;
+            let s2 = s.try_clone().map_err(internal)?;
+            let s3 = s.try_clone().map_err(internal)?;
+            cmd.stdin(Stdio::from(s)).stdout(Stdio::from(s2)).stderr(Stdio::from(s3));
+            set_nonblocking(&m)?;
+            master = Some(Rc::new(ringfence_sys::async_fd(m).map_err(internal)?));
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| spawn::spawn_error(&spec, &e))?;
+    // The parent's copies of the PTY slave were moved into `cmd`; drop it so only the child
+    // holds the slave and the master sees EIO when the session ends.
+    drop(cmd);
+    let pid = child.id();
+    let mut proc = Proc {
+        spec,
+        subscribers: vec![id],
+        input: None,
+        pty: master.clone(),
+        exit: None,
+        open_outputs: 0,
+    };
+    let mut pumps: Vec<(Stream, pipe::Receiver)> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push((Stream::Stdout, pipe::Receiver::from_owned_fd(OwnedFd::from(out)).map_err(internal)?));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push((Stream::Stderr, pipe::Receiver::from_owned_fd(OwnedFd::from(err)).map_err(internal)?));
+    }
+    if let Some(inp) = child.stdin.take() {
+        proc.input = Some(Input::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?));
+    }
+    if let Some(m) = &master {
+        proc.input = Some(Input::Pty(m.clone()));
+        proc.open_outputs = 1;
+    }
+    proc.open_outputs += pumps.len();
+    state.procs.borrow_mut().insert(pid, proc);
+    for (stream, rx) in pumps {
+        spawn_local(pump_pipe(state.clone(), pid, stream, rx));
+    }
+    if let Some(m) = master {
+        spawn_local(pump_pty(state.clone(), pid, m));
+    }
+    Ok(pid)
+}
+
+async fn write_input(state: &State, pid: u32, data: Vec<u8>) -> Result<(), AgentError> {
+    // Take the writer out so no RefCell borrow is held across the await.
+    let input = {
+        let mut procs = state.procs.borrow_mut();
+        let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
+        p.input.take().ok_or_else(|| agent_err(ErrorKind::InvalidArgument, format!("stdin of process {pid} is closed")))?
+    };
+    let result = match &input {
+        Input::Pipe(tx) => {
+            let mut off = 0;
+            let mut res = Ok(());
+            while off < data.len() {
+                if let Err(e) = tx.writable().await {
+                    res = Err(internal(e));
+                    break;
+                }
+                match tx.try_write(&data[off..]) {
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        res = Err(internal(e));
+                        break;
+                    }
+                }
+            }
+            res
+        }
+        Input::Pty(m) => {
+            let mut off = 0;
+            let mut res = Ok(());
+            while off < data.len() {
+                let Ok(mut guard) = m.writable().await else {
+                    res = Err(agent_err(ErrorKind::Internal, "terminal closed"));
+                    break;
+                };
+                match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), &data[off..]).map_err(Into::into)) {
+                    Ok(Ok(n)) => off += n,
+                    Ok(Err(e)) => {
+                        res = Err(internal(e));
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            res
+        }
+    };
+    if let Some(p) = state.procs.borrow_mut().get_mut(&pid) {
+        p.input = Some(input);
+    }
+    result
+}
+
+async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentError> {
+    match req {
+        Request::Ping => Ok(Reply::Pong),
+        Request::Spawn(spec) => start(state, id, spec).map(|pid| Reply::Spawned { pid }),
+        Request::Attach { pid } => {
+            let mut procs = state.procs.borrow_mut();
+            let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
+            p.subscribers.push(id);
+            Ok(Reply::Spawned { pid })
+        }
+        Request::WriteStdin { pid, data } => write_input(state, pid, data).await.map(|()| Reply::Done),
+        Request::CloseStdin { pid } => {
+            let mut procs = state.procs.borrow_mut();
+            let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
+            if let Some(Input::Pipe(_)) = p.input {
+                p.input = None;
+            }
+            Ok(Reply::Done)
+        }
+        Request::Signal { pid, signal } => {
+            if !state.procs.borrow().contains_key(&pid) {
+                return Err(no_process(pid));
+            }
+            let pid_i = i32::try_from(pid).map_err(|_| no_process(pid))?;
+            // Each process leads its own session and group: signal the whole group so a
+            // shell's children go with it, then the process itself in case it left the group.
+            let _ = ringfence_sys::kill(-pid_i, signal);
+            ringfence_sys::kill(pid_i, signal)
+                .or_else(|e| if e.errno() == Some(libc::ESRCH) { Ok(()) } else { Err(e) })
+                .map_err(|e| agent_err(ErrorKind::InvalidArgument, e.to_string()))?;
+            Ok(Reply::Done)
+        }
+        Request::ResizePty { pid, cols, rows } => {
+            let procs = state.procs.borrow();
+            let p = procs.get(&pid).ok_or_else(|| no_process(pid))?;
+            let m = p.pty.as_ref().ok_or_else(|| {
+                agent_err(ErrorKind::InvalidArgument, format!("process {pid} has no terminal"))
+            })?;
+            ringfence_sys::set_winsize(m.get_ref(), cols, rows).map_err(internal)?;
+            Ok(Reply::Done)
+        }
+        Request::ListProcesses => {
+            let procs = state.procs.borrow();
+            let mut list: Vec<ProcessInfo> = procs
+                .iter()
+                .filter(|(_, p)| p.exit.is_none() && !p.spec.cmd.is_empty())
+                .map(|(pid, p)| ProcessInfo { pid: *pid, spec: p.spec.clone() })
+                .collect();
+            list.sort_by_key(|p| p.pid);
+            Ok(Reply::Processes(list))
+        }
+        Request::ReadFile { path, user, offset } => {
+            let p = fs::resolve(&path, user)?;
+            let (data, eof) = fs::read_chunk(&p, offset)?;
+            Ok(Reply::Data { data, eof })
+        }
+        Request::WriteFile { path, user, offset, data } => {
+            let p = fs::resolve(&path, user)?;
+            fs::write_chunk(&p, offset, &data, user).map(Reply::Entry)
+        }
+        Request::Stat { path, user } => fs::stat(&fs::resolve(&path, user)?).map(Reply::Entry),
+        Request::ListDir { path, user, depth } => {
+            fs::list_dir(&fs::resolve(&path, user)?, depth).map(Reply::Entries)
+        }
+        Request::MakeDir { path, user } => fs::make_dir(&fs::resolve(&path, user)?, user).map(Reply::Entry),
+        Request::Remove { path, user } => fs::remove(&fs::resolve(&path, user)?).map(|()| Reply::Done),
+        Request::Rename { from, to, user } => {
+            fs::rename(&fs::resolve(&from, user)?, &fs::resolve(&to, user)?, user).map(Reply::Entry)
+        }
+        Request::Watch { path, user, recursive } => {
+            let p = fs::resolve(&path, user)?;
+            let watcher = fs::Watcher::new(&p, recursive)?;
+            // Readiness is polled on a duplicate of the inotify descriptor; the watcher keeps
+            // the original and its bookkeeping.
+            let dup = watcher.fd().try_clone_to_owned().map_err(internal)?;
+            let afd = ringfence_sys::async_fd(dup).map_err(internal)?;
+            let watch = {
+                let mut n = state.next_watch.borrow_mut();
+                let w = *n;
+                *n += 1;
+                w
+            };
+            let out = state.out.clone();
+            let task = spawn_local(async move {
+                let mut watcher = watcher;
+                loop {
+                    let Ok(mut guard) = afd.readable().await else { break };
+                    let events = watcher.read_events();
+                    guard.clear_ready();
+                    match events {
+                        Ok(evs) => {
+                            for (name, kind) in evs {
+                                let _ = out.send(Event::Fs { watch, name, kind });
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+            state.watches.borrow_mut().insert(watch, task);
+            Ok(Reply::Watching { watch })
+        }
+        Request::Unwatch { watch } => match state.watches.borrow_mut().remove(&watch) {
+            Some(task) => {
+                task.abort();
+                Ok(Reply::Done)
+            }
+            None => Err(agent_err(ErrorKind::NotFound, format!("watch {watch} not found"))),
+        },
+        Request::Stats => {
+            let n = u32::try_from(state.procs.borrow().len()).unwrap_or(u32::MAX);
+            Ok(Reply::Stats { usage: Usage::default(), processes: n })
+        }
+    }
+}

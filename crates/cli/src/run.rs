@@ -1,0 +1,416 @@
+//! `ringfence run`: one command in a fresh sandbox, streamed, with its exit code.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::launch::{DEFAULT_WRITABLE, JailError, Sandbox, SandboxSpec};
+use ringfence_jail::limits::{self, Limits};
+use ringfence_jail::monitor::{SecurityEvent, Supervisor};
+use ringfence_jail::{JailConfig, preflight, seccomp, template};
+use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
+use serde::Serialize;
+
+use crate::Common;
+
+/// Cgroup slots used by one-shot runs (the server keeps its own).
+pub const POOL_PREFIX: &str = "run";
+
+/// Exit codes with a meaning of their own; everything else is the command's.
+pub mod code {
+    pub const OOM: u8 = 121;
+    pub const OUTPUT_LIMIT: u8 = 122;
+    pub const TIMEOUT: u8 = 124;
+    pub const SETUP: u8 = 125;
+    pub const NOT_EXECUTABLE: u8 = 126;
+    pub const NOT_FOUND: u8 = 127;
+}
+
+const AFTER_HELP: &str = "\
+Exit status:
+  the command's own exit status, or 128+N if it was killed by signal N, except:
+  121  out of memory: the sandbox hit --memory and a process was OOM-killed
+  122  output limit: stdout or stderr exceeded --max-output; output was cut and the sandbox killed
+  124  timeout: the command ran past --timeout; the whole sandbox was killed
+  125  sandbox setup failure (missing root or kernel feature, bad template, ...)
+  126  the command was found but could not be executed
+  127  the command was not found
+Each of 121-127 comes with one line on stderr starting with \"ringfence:\".
+
+Environment: the command sees only PATH, HOME and LANG plus what --env passes.
+Denied system calls fail with EPERM and are listed in one line on stderr at exit (see --quiet).";
+
+/// Run a command in a fresh sandbox and remove the sandbox afterwards.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct RunArgs {
+    /// Memory limit for everything in the sandbox (e.g. 256M, 2G).
+    #[arg(long, default_value = "512M", value_parser = limits::parse_size)]
+    memory: u64,
+    /// Maximum number of processes and threads.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
+    pids: u64,
+    /// CPU quota in cores (e.g. 0.5, 2).
+    #[arg(long, default_value = "1", value_parser = limits::parse_cpus)]
+    cpus: u64,
+    /// Size of the sandbox's writable disk; writes beyond it fail with ENOSPC.
+    #[arg(long, default_value = "1G", value_parser = limits::parse_size)]
+    disk: u64,
+    /// Wall-clock limit (e.g. 5s, 500ms, 2m); the whole sandbox is killed when it passes.
+    #[arg(long, default_value = "300s", value_parser = limits::parse_duration)]
+    timeout: Duration,
+    /// Cap on each of stdout and stderr; past it output is cut and the sandbox killed.
+    #[arg(long, default_value = "64M", value_parser = limits::parse_size)]
+    max_output: u64,
+    /// Open-file limit per process.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=20000))]
+    nofile: u64,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (default: the user's home).
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// Who runs the command: `user` (uid 1000) or `root` (root of the sandbox's user namespace
+    /// only, with no capabilities).
+    #[arg(long, default_value = "user", value_parser = parse_user)]
+    user: SandboxUser,
+    /// Template for the root filesystem.
+    #[arg(long, default_value = "host")]
+    template: String,
+    /// Don't print the denied-syscall summary.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Write a JSON report (exit, limits hit, security events, resource use) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Disable the seccomp filter (benchmarking of layer costs only).
+    #[arg(long, hide = true)]
+    no_seccomp: bool,
+    /// Disable Landlock (benchmarking of layer costs only).
+    #[arg(long, hide = true)]
+    no_landlock: bool,
+    /// Disable cgroup limits (benchmarking of layer costs only).
+    #[arg(long, hide = true)]
+    no_cgroup: bool,
+    #[command(flatten)]
+    common: Common,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("invalid --env {s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() || k.contains('\0') || v.contains('\0') {
+        return Err(format!("invalid --env {s:?}: empty name or NUL byte"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_user(s: &str) -> Result<SandboxUser, String> {
+    SandboxUser::parse(s).ok_or_else(|| format!("invalid --user {s:?}: expected user or root"))
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    sandbox_id: String,
+    exit_code: u8,
+    exit_status: Option<ExitStatus>,
+    timed_out: bool,
+    oom_killed: bool,
+    output_truncated: BTreeMap<&'static str, bool>,
+    security_events: Vec<SecurityEvent>,
+    usage: Option<Usage>,
+    memory_peak_bytes: Option<u64>,
+    landlock_abi: Option<u32>,
+    cgroup: Option<&'static str>,
+    setup_ms: f64,
+    total_ms: f64,
+    error: Option<String>,
+}
+
+fn agent_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("ringfence-agent")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence/ringfence-agent"))
+}
+
+/// Copies a sandbox's output stream to ours, cutting it at `cap` bytes.
+fn relay_output(
+    from: OwnedFd,
+    mut to: impl Write + Send + 'static,
+    cap: u64,
+    over: Arc<AtomicBool>,
+    agent: Arc<AtomicI32>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("relay".into()).spawn(move || {
+        let mut src = File::from(from);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        let mut sink_ok = true;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let allowed = cap.saturating_sub(total).min(n as u64) as usize;
+            total += n as u64;
+            if sink_ok && allowed > 0 {
+                sink_ok = to.write_all(&buf[..allowed]).and_then(|()| to.flush()).is_ok();
+            }
+            if total > cap {
+                over.store(true, Ordering::SeqCst);
+                let pid = agent.load(Ordering::SeqCst);
+                if pid > 0 {
+                    let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+                }
+                break;
+            }
+        }
+    })
+}
+
+/// Decides how the command's stdin reaches it. Pipes, `/dev/null` and read-only regular files
+/// are passed straight in; anything else (a terminal, a socket) is relayed through a pipe, so
+/// no host terminal is ever reachable from inside.
+fn stdin_source() -> io::Result<(OwnedFd, Option<JoinHandle<()>>)> {
+    let stdin = io::stdin();
+    let fd = stdin.as_fd();
+    let meta = File::from(fd.try_clone_to_owned()?).metadata();
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(-1);
+    let read_only = flags >= 0 && (flags & libc::O_ACCMODE) == libc::O_RDONLY;
+    let direct = match &meta {
+        Ok(m) => {
+            let ft = m.file_type();
+            ft.is_fifo() || (ft.is_file() && read_only) || is_dev_null(m)
+        }
+        // No stdin at all (closed fd 0): give the command /dev/null.
+        Err(_) => return Ok((File::open("/dev/null")?.into(), None)),
+    };
+    if direct {
+        return Ok((fd.try_clone_to_owned()?, None));
+    }
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let mut src = File::from(fd.try_clone_to_owned()?);
+    let handle = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut dst = File::from(tx);
+        let _ = io::copy(&mut src, &mut dst);
+    })?;
+    Ok((rx, Some(handle)))
+}
+
+fn is_dev_null(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    m.file_type().is_char_device() && m.rdev() == nix::sys::stat::makedev(1, 3)
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ringfence: {msg}");
+    ExitCode::from(code)
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    match execute(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(code::SETUP, format_args!("sandbox setup failed: {e:#}")),
+    }
+}
+
+fn execute(args: RunArgs) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let agent = agent_path();
+    let notify = !args.no_seccomp;
+    preflight::check(&agent, notify)?;
+    let mut cfg = JailConfig::with_agent(agent);
+    cfg.data_dir = args.common.data_dir.clone();
+    cfg.run_dir = args.common.run_dir.clone();
+    let tmpl = template::resolve(&args.template, &cfg.data_dir, cfg.uid_base)?;
+    let compiled = if notify { Some(seccomp::default_profile(true)?) } else { None };
+    let pool = if args.no_cgroup {
+        None
+    } else {
+        let layout = Layout::detect()?;
+        Some(Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups")))
+    };
+    let limits = Limits {
+        memory: Some(args.memory),
+        pids: Some(args.pids),
+        cpu_millis: Some(args.cpus),
+        disk: args.disk,
+        nofile: args.nofile,
+    };
+    let (out_rx, out_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let (err_rx, err_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let (stdin_fd, _stdin_relay) = stdin_source().context("stdin")?;
+    let (cmd, rest) = args.cmd.split_first().context("no command given")?;
+    let id = ringfence_jail::new_sandbox_id();
+    let spec = SandboxSpec {
+        id: id.clone(),
+        template: tmpl,
+        limits,
+        seccomp: compiled,
+        landlock: !args.no_landlock,
+        writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+        initial: Some(SpawnSpec {
+            cmd: cmd.clone(),
+            args: rest.to_vec(),
+            env: args.env.iter().cloned().collect(),
+            cwd: args.workdir.clone(),
+            user: args.user,
+            stdio: StdioMode::Inherit,
+            tag: None,
+        }),
+        exit_with_initial: true,
+        stdio: [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
+        die_with_parent: true,
+        setup_timeout: Duration::from_secs(30),
+    };
+    let agent_pid = Arc::new(AtomicI32::new(0));
+    let stdout_over = Arc::new(AtomicBool::new(false));
+    let stderr_over = Arc::new(AtomicBool::new(false));
+    let relays = [
+        relay_output(out_rx, io::stdout(), args.max_output, stdout_over.clone(), agent_pid.clone())?,
+        relay_output(err_rx, io::stderr(), args.max_output, stderr_over.clone(), agent_pid.clone())?,
+    ];
+    let deadline = started + args.timeout;
+    let start_result = Sandbox::start(&cfg, pool.as_ref(), spec);
+    // Only the sandbox may hold the write ends now, so the relays see EOF when it is gone.
+    drop((out_tx, err_tx, stdin_fd));
+    let mut sandbox = match start_result {
+        Ok(s) => s,
+        Err(e) => {
+            for r in relays {
+                let _ = r.join();
+            }
+            return Err(setup_error(e));
+        }
+    };
+    let setup_ms = started.elapsed().as_secs_f64() * 1e3;
+    agent_pid.store(sandbox.pid, Ordering::SeqCst);
+    let supervisor = match sandbox.take_listener() {
+        Some(l) => Some(Supervisor::start(l, id.clone()).context("start seccomp supervisor")?),
+        None => None,
+    };
+
+    let mut exit: Option<(ExitStatus, Usage)> = None;
+    let mut spawn_error = None;
+    let mut timed_out = false;
+    let mut control = sandbox.control_clone()?;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = true;
+            break;
+        }
+        control.set_read_timeout(Some(deadline - now))?;
+        match ringfence_proto::read_frame::<_, Event>(&mut control) {
+            Ok(Some(Event::Exited { status, usage, .. })) => {
+                exit = Some((status, usage));
+                break;
+            }
+            Ok(Some(Event::Response { result: Err(e), .. })) => {
+                spawn_error = Some(e);
+                break;
+            }
+            Ok(Some(Event::Log { message, .. })) => tracing::warn!(sandbox_id = %id, "{message}"),
+            Ok(Some(_)) => {}
+            // The agent is gone (killed by the output relay, or crashed).
+            Ok(None) => break,
+            Err(ringfence_proto::ProtoError::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                timed_out = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    sandbox.kill();
+    let _ = sandbox.wait();
+    for r in relays {
+        let _ = r.join();
+    }
+    let oom = sandbox.oom_kills() > 0;
+    let memory_peak = sandbox.memory_peak();
+    let events = supervisor.map(Supervisor::finish).unwrap_or_default();
+    let landlock_abi = sandbox.ready.landlock_abi;
+    drop(sandbox);
+
+    let over_out = stdout_over.load(Ordering::SeqCst);
+    let over_err = stderr_over.load(Ordering::SeqCst);
+    let killed_by_sigkill = matches!(exit, Some((ExitStatus::Signal(9), _)) | None);
+    let (code, message): (u8, Option<String>) = if let Some(e) = &spawn_error {
+        match e.kind {
+            ErrorKind::NotFound => (code::NOT_FOUND, Some(e.message.clone())),
+            ErrorKind::PermissionDenied => (code::NOT_EXECUTABLE, Some(e.message.clone())),
+            _ => (code::SETUP, Some(format!("cannot start the command: {}", e.message))),
+        }
+    } else if timed_out {
+        (code::TIMEOUT, Some(format!("timed out after {:?}; the sandbox was killed", args.timeout)))
+    } else if over_out || over_err {
+        let which = if over_out { "stdout" } else { "stderr" };
+        (
+            code::OUTPUT_LIMIT,
+            Some(format!(
+                "{which} exceeded the output limit of {} bytes; output was cut and the sandbox killed",
+                args.max_output
+            )),
+        )
+    } else if oom && killed_by_sigkill {
+        (code::OOM, Some(format!("out of memory: the sandbox hit its {} byte memory limit", args.memory)))
+    } else if let Some((status, _)) = exit {
+        (u8::try_from(status.shell_code().clamp(0, 255)).unwrap_or(255), None)
+    } else {
+        (code::SETUP, Some("the sandbox agent exited unexpectedly".into()))
+    };
+    if let Some(m) = &message {
+        eprintln!("ringfence: {m}");
+    }
+    if !events.is_empty() && !args.quiet {
+        let total: u64 = events.iter().map(|e| e.count).sum();
+        let list: Vec<String> = events.iter().map(|e| format!("{} ({})", e.syscall, e.count)).collect();
+        eprintln!("ringfence: blocked {total} system call(s): {}", list.join(", "));
+    }
+    if let Some(path) = &args.report {
+        let report = Report {
+            sandbox_id: id,
+            exit_code: code,
+            exit_status: exit.map(|(s, _)| s),
+            timed_out,
+            oom_killed: oom,
+            output_truncated: BTreeMap::from([("stdout", over_out), ("stderr", over_err)]),
+            security_events: events,
+            usage: exit.map(|(_, u)| u),
+            memory_peak_bytes: memory_peak,
+            landlock_abi,
+            cgroup: pool.as_ref().map(|p| p.layout().version()),
+            setup_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            error: message,
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("write report {}", path.display()))?;
+    }
+    Ok(code)
+}
+
+fn setup_error(e: JailError) -> anyhow::Error {
+    anyhow::Error::new(e)
+}

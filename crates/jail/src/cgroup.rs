@@ -1,0 +1,418 @@
+//! Cgroup limits for sandboxes, on cgroup v2 or v1, detected at run time.
+//!
+//! Creating and removing cgroup directories costs milliseconds with a long tail on v1 hosts, so
+//! sandboxes do not get fresh directories. They lease *slots*: directories created once, reused
+//! forever, each guarded by an exclusive `flock` on a lock file under the run directory. A lock
+//! dies with its holder, so a slot whose owner was SIGKILLed becomes claimable again; the next
+//! claimant first kills whatever the dead owner left inside (the orphan sweep).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::limits::Limits;
+
+/// Errors from cgroup management; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no usable cgroup hierarchy: neither cgroup v2 with controllers at /sys/fs/cgroup nor \
+         cgroup v1 memory, pids and cpu controllers under /sys/fs/cgroup were found; mount them \
+         (e.g. boot with systemd or mount -t cgroup2 none /sys/fs/cgroup)"
+    )]
+    NotFound,
+    #[error("cgroup v2 controller {0:?} is not available at /sys/fs/cgroup: enable it in cgroup.subtree_control")]
+    MissingController(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("all {0} cgroup slots are in use")]
+    Exhausted(u32),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Where the controllers live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Unified hierarchy with memory, pids and cpu enabled.
+    V2 { root: PathBuf },
+    /// Separate v1 hierarchies.
+    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf },
+}
+
+impl Layout {
+    /// Detects the cgroup layout of this host under `/sys/fs/cgroup`.
+    pub fn detect() -> Result<Layout, CgroupError> {
+        Self::detect_at(Path::new("/sys/fs/cgroup"))
+    }
+
+    fn detect_at(base: &Path) -> Result<Layout, CgroupError> {
+        let controllers = base.join("cgroup.controllers");
+        if let Ok(list) = fs::read_to_string(&controllers) {
+            for want in ["memory", "pids", "cpu"] {
+                if !list.split_whitespace().any(|c| c == want) {
+                    return Err(CgroupError::MissingController(want.into()));
+                }
+            }
+            return Ok(Layout::V2 { root: base.to_path_buf() });
+        }
+        let memory = base.join("memory");
+        let pids = base.join("pids");
+        // Debian and most distributions co-mount cpu with cpuacct; either name works.
+        let cpu = [base.join("cpu"), base.join("cpu,cpuacct")]
+            .into_iter()
+            .find(|p| p.join("cpu.cfs_quota_us").exists());
+        match cpu {
+            Some(cpu)
+                if memory.join("memory.limit_in_bytes").exists()
+                    && pids.join("cgroup.procs").exists() =>
+            {
+                Ok(Layout::V1 { memory, pids, cpu })
+            }
+            _ => Err(CgroupError::NotFound),
+        }
+    }
+
+    /// "v1" or "v2", for logs and reports.
+    pub fn version(&self) -> &'static str {
+        match self {
+            Layout::V2 { .. } => "v2",
+            Layout::V1 { .. } => "v1",
+        }
+    }
+}
+
+/// A family of reusable cgroup slots (`<name>/<prefix>-<n>` in every hierarchy).
+#[derive(Debug, Clone)]
+pub struct Pool {
+    layout: Layout,
+    name: String,
+    prefix: String,
+    lock_dir: PathBuf,
+}
+
+/// Slots are numbered below this bound.
+pub const MAX_SLOTS: u32 = 16384;
+
+impl Pool {
+    /// A pool named `prefix` under the `name` subtree of every hierarchy; slot locks live in
+    /// `lock_dir`.
+    pub fn new(layout: Layout, name: &str, prefix: &str, lock_dir: PathBuf) -> Self {
+        Pool { layout, name: name.into(), prefix: prefix.into(), lock_dir }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn slot_dirs(&self, slot: u32) -> Vec<PathBuf> {
+        let leaf = format!("{}/{}-{slot}", self.name, self.prefix);
+        match &self.layout {
+            Layout::V2 { root } => vec![root.join(leaf)],
+            Layout::V1 { memory, pids, cpu } => {
+                vec![memory.join(&leaf), pids.join(&leaf), cpu.join(&leaf)]
+            }
+        }
+    }
+
+    fn ensure_parent(&self) -> Result<(), CgroupError> {
+        match &self.layout {
+            Layout::V2 { root } => {
+                let parent = root.join(&self.name);
+                if !parent.exists() {
+                    fs::create_dir_all(&parent).map_err(io_err("mkdir", &parent))?;
+                }
+                // Children can only use controllers their parent delegates.
+                for dir in [root.as_path(), parent.as_path()] {
+                    let ctl = dir.join("cgroup.subtree_control");
+                    let current = fs::read_to_string(&ctl).unwrap_or_default();
+                    if !["memory", "pids", "cpu"]
+                        .iter()
+                        .all(|c| current.split_whitespace().any(|x| x == *c))
+                    {
+                        write_file(&ctl, "+memory +pids +cpu")?;
+                    }
+                }
+                Ok(())
+            }
+            Layout::V1 { .. } => Ok(()),
+        }
+    }
+
+    /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
+    pub fn claim(&self, limits: &Limits) -> Result<Lease, CgroupError> {
+        fs::create_dir_all(&self.lock_dir).map_err(io_err("mkdir", &self.lock_dir))?;
+        for slot in 0..MAX_SLOTS {
+            let path = self.lock_dir.join(format!("{}-{slot}.lock", self.prefix));
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_err("open", &path))?;
+            let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+                continue;
+            };
+            let dirs = self.slot_dirs(slot);
+            if !dirs[0].exists() {
+                self.ensure_parent()?;
+                for d in &dirs {
+                    fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
+                }
+            }
+            let lease = Lease { slot, dirs, layout: self.layout.clone(), _lock: lock, oom_base: 0 };
+            // Whatever is still inside belongs to an owner that died without cleaning up.
+            lease.kill_all()?;
+            let mut lease = lease;
+            lease.apply(limits)?;
+            lease.oom_base = lease.oom_kills_total();
+            return Ok(lease);
+        }
+        Err(CgroupError::Exhausted(MAX_SLOTS))
+    }
+
+    /// Kills the contents of every slot nobody holds, and removes those slots' directories.
+    /// Returns how many processes were killed.
+    pub fn collect_garbage(&self) -> Result<usize, CgroupError> {
+        let mut killed = 0;
+        let Ok(entries) = fs::read_dir(&self.lock_dir) else { return Ok(0) };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(slot) = name
+                .strip_prefix(&format!("{}-", self.prefix))
+                .and_then(|s| s.strip_suffix(".lock"))
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(file) = File::options().write(true).open(entry.path()) else { continue };
+            let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+            let lease =
+                Lease { slot, dirs: self.slot_dirs(slot), layout: self.layout.clone(), _lock: lock, oom_base: 0 };
+            killed += lease.procs().len();
+            lease.kill_all()?;
+            for d in &lease.dirs {
+                if d.exists() {
+                    fs::remove_dir(d).map_err(io_err("rmdir", d))?;
+                }
+            }
+        }
+        Ok(killed)
+    }
+}
+
+/// A slot held by one sandbox. Dropping it kills anything still inside and frees the slot.
+#[derive(Debug)]
+pub struct Lease {
+    slot: u32,
+    /// One directory per hierarchy; the first is the memory controller's.
+    dirs: Vec<PathBuf>,
+    layout: Layout,
+    _lock: Flock<File>,
+    oom_base: u64,
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    let mut f = OpenOptions::new().write(true).open(path).map_err(io_err("open", path))?;
+    f.write_all(value.as_bytes()).map_err(io_err("write", path))
+}
+
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then(|| it.next()?.parse().ok()).flatten()
+    })
+}
+
+impl Lease {
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The directories of this slot, one per hierarchy.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    fn apply(&self, l: &Limits) -> Result<(), CgroupError> {
+        match &self.layout {
+            Layout::V2 { .. } => {
+                let d = &self.dirs[0];
+                let mem = l.memory.map_or("max".to_string(), |m| m.to_string());
+                write_file(&d.join("memory.max"), &mem)?;
+                let swap = d.join("memory.swap.max");
+                if swap.exists() {
+                    write_file(&swap, "0")?;
+                }
+                write_file(&d.join("pids.max"), &l.pids.map_or("max".into(), |p| p.to_string()))?;
+                let cpu = l.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", m * 100));
+                write_file(&d.join("cpu.max"), &cpu)?;
+            }
+            Layout::V1 { .. } => {
+                let (mem, pids, cpu) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
+                let limit = l.memory.map_or("-1".to_string(), |m| m.to_string());
+                // memsw must stay >= the memory limit at every step: open it up first.
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                let has_memsw = memsw.exists();
+                if has_memsw {
+                    write_file(&memsw, "-1")?;
+                }
+                write_file(&mem.join("memory.limit_in_bytes"), &limit)?;
+                if has_memsw {
+                    write_file(&memsw, &limit)?;
+                }
+                // Reset the high-water mark so each sandbox reports its own peak.
+                let _ = write_file(&mem.join("memory.max_usage_in_bytes"), "0");
+                write_file(&pids.join("pids.max"), &l.pids.map_or("max".into(), |p| p.to_string()))?;
+                write_file(&cpu.join("cpu.cfs_period_us"), "100000")?;
+                let quota = l.cpu_millis.map_or("-1".to_string(), |m| (m * 100).to_string());
+                write_file(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` (a host pid) into the slot in every hierarchy.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            write_file(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Host pids currently in the slot.
+    pub fn procs(&self) -> Vec<i32> {
+        fs::read_to_string(self.dirs[0].join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// SIGKILLs every process in the slot until it is empty.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        if let Layout::V2 { .. } = self.layout {
+            let kill = self.dirs[0].join("cgroup.kill");
+            if kill.exists() && !self.procs().is_empty() {
+                write_file(&kill, "1")?;
+            }
+        }
+        // New processes may appear while we kill (a fork in flight); repeat until stable.
+        for round in 0..200 {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return Ok(());
+            }
+            for pid in procs {
+                let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(if round < 10 { 1 } else { 10 }));
+        }
+        let d = &self.dirs[0];
+        Err(CgroupError::Io {
+            op: "kill",
+            path: d.clone(),
+            source: io::Error::other("processes survived repeated SIGKILL"),
+        })
+    }
+
+    fn oom_kills_total(&self) -> u64 {
+        match &self.layout {
+            Layout::V2 { .. } => read_key(&self.dirs[0].join("memory.events"), "oom_kill"),
+            // memory.failcnt stays 0 on some v1 kernels even after an OOM kill; oom_control's
+            // counter is reliable.
+            Layout::V1 { .. } => read_key(&self.dirs[0].join("memory.oom_control"), "oom_kill"),
+        }
+        .unwrap_or(0)
+    }
+
+    /// OOM kills inside this sandbox since the slot was claimed.
+    pub fn oom_kills(&self) -> u64 {
+        self.oom_kills_total().saturating_sub(self.oom_base)
+    }
+
+    /// Peak memory use (bytes) since the slot was claimed, where the kernel reports it.
+    pub fn memory_peak(&self) -> Option<u64> {
+        let file = match &self.layout {
+            Layout::V2 { .. } => "memory.peak",
+            Layout::V1 { .. } => "memory.max_usage_in_bytes",
+        };
+        fs::read_to_string(self.dirs[0].join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// Memory in use now (bytes).
+    pub fn memory_current(&self) -> Option<u64> {
+        let file = match &self.layout {
+            Layout::V2 { .. } => "memory.current",
+            Layout::V1 { .. } => "memory.usage_in_bytes",
+        };
+        fs::read_to_string(self.dirs[0].join(file)).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill_all() {
+            tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v2_and_missing_controllers() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        assert_eq!(
+            Layout::detect_at(dir.path()).unwrap(),
+            Layout::V2 { root: dir.path().to_path_buf() }
+        );
+        fs::write(dir.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
+        assert!(matches!(Layout::detect_at(dir.path()), Err(CgroupError::MissingController(_))));
+    }
+
+    #[test]
+    fn detects_v1() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sub, file) in [
+            ("memory", "memory.limit_in_bytes"),
+            ("pids", "cgroup.procs"),
+            ("cpu,cpuacct", "cpu.cfs_quota_us"),
+        ] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+            fs::write(dir.path().join(sub).join(file), "").unwrap();
+        }
+        let l = Layout::detect_at(dir.path()).unwrap();
+        assert_eq!(l.version(), "v1");
+    }
+
+    #[test]
+    fn nothing_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(Layout::detect_at(dir.path()), Err(CgroupError::NotFound)));
+    }
+
+    #[test]
+    fn read_key_parses_flat_keyed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("memory.oom_control");
+        fs::write(&p, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap();
+        assert_eq!(read_key(&p, "oom_kill"), Some(3));
+        assert_eq!(read_key(&p, "missing"), None);
+    }
+}

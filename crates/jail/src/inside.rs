@@ -1,0 +1,361 @@
+//! Sandbox-side setup, run by `ringfence-agent` as PID 1 of fresh namespaces before it serves
+//! anything. The order matters and is fixed:
+//!
+//! 1. cgroup namespace (the host already moved us into our cgroup, so its root is that cgroup);
+//! 2. mounts: private propagation, a size-capped tmpfs holding every writable layer, the
+//!    overlay root and host layers, `/proc` with sensitive files masked, a minimal `/dev`;
+//! 3. `pivot_root` into the overlay and detach the host's root;
+//! 4. hostname, loopback, rlimits;
+//! 5. capabilities reduced to what the agent needs, `no_new_privs`, Landlock;
+//! 6. seccomp last, so every earlier step could still use the calls it denies.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    ABI, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
+};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use ringfence_proto::{BpfInsn, SetupSpec};
+
+/// A setup step that failed, with the step's name for the host's one-line report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{step}: {message}")]
+pub struct InsideError {
+    pub step: String,
+    pub message: String,
+}
+
+fn fail<E: std::fmt::Display>(step: impl Into<String>) -> impl FnOnce(E) -> InsideError {
+    let step = step.into();
+    move |e| InsideError { step, message: e.to_string() }
+}
+
+/// Capabilities PID 1 keeps (inside its user namespace only): enough to run file operations
+/// for any sandbox user and to start processes as them. Processes it starts keep none.
+pub const AGENT_CAPS: u64 = (1 << 0) // CAP_CHOWN
+    | (1 << 1) // CAP_DAC_OVERRIDE
+    | (1 << 2) // CAP_DAC_READ_SEARCH
+    | (1 << 3) // CAP_FOWNER
+    | (1 << 4) // CAP_FSETID
+    | (1 << 5) // CAP_KILL
+    | (1 << 6) // CAP_SETGID
+    | (1 << 7) // CAP_SETUID
+    | (1 << 8); // CAP_SETPCAP
+
+/// Files under `/proc` that reveal or control the host kernel, hidden behind `/dev/null`.
+const MASKED_FILES: &[&str] = &[
+    "kcore",
+    "kallsyms",
+    "kmsg",
+    "sysrq-trigger",
+    "timer_list",
+    "sched_debug",
+    "keys",
+    "key-users",
+    "latency_stats",
+    "config.gz",
+    "vmallocinfo",
+    "pagetypeinfo",
+    "modules",
+];
+/// Directories under `/proc` hidden behind an empty read-only tmpfs.
+const MASKED_DIRS: &[&str] = &["acpi", "scsi", "driver", "fs/nfsd", "tty/driver"];
+/// Directories under `/proc` made read-only.
+const READONLY_DIRS: &[&str] = &["sys", "irq", "bus", "sysvipc"];
+/// Device nodes bound from the host into the sandbox's `/dev`.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// What setup leaves for the agent.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Landlock ABI enforced, `None` where the kernel has no Landlock.
+    pub landlock_abi: Option<u32>,
+    /// User-notification descriptor of the seccomp filter, to hand to the host.
+    pub listener: Option<OwnedFd>,
+}
+
+/// Turns the current (fresh) namespaces into the sandbox described by `spec`.
+pub fn setup(spec: &SetupSpec) -> Result<Outcome, InsideError> {
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("unshare(CLONE_NEWCGROUP)"))?;
+    let merged = build_root(spec)?;
+    enter_root(&merged)?;
+    nix::unistd::sethostname(&spec.sandbox_id).map_err(fail("sethostname"))?;
+    ringfence_sys::loopback_up().map_err(fail("bring up loopback"))?;
+    set_rlimits(spec)?;
+    lock_down(spec)
+}
+
+fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> InsideError {
+    let step = format!("mount {what} on {}", target.display());
+    move |e| InsideError { step, message: e.to_string() }
+}
+
+fn mkdir_p(p: &Path, mode: u32) -> Result<(), InsideError> {
+    fs::create_dir_all(p).map_err(fail(format!("mkdir {}", p.display())))?;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .map_err(fail(format!("chmod {}", p.display())))
+}
+
+fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(mount_err("private propagation", Path::new("/")))?;
+    let stage = Path::new(&spec.stage_dir);
+    // One tmpfs holds every writable layer: its size is the disk quota, and it vanishes with
+    // the mount namespace, so no host directory is ever left behind.
+    let opts = format!("size={},nr_inodes={},mode=0755", spec.disk_bytes, spec.disk_inodes);
+    mount(Some("tmpfs"), stage, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+        .map_err(mount_err("tmpfs", stage))?;
+    let merged = stage.join("merged");
+    mkdir_p(&merged, 0o755)?;
+    let upper = stage.join("root/upper");
+    let work = stage.join("root/work");
+    mkdir_p(&upper, 0o755)?;
+    mkdir_p(&work, 0o755)?;
+    // Per-sandbox identity files live in the upper layer, so the template stays shared.
+    mkdir_p(&upper.join("etc"), 0o755)?;
+    let write = |rel: &str, text: String| {
+        let p = upper.join(rel);
+        fs::write(&p, text).map_err(fail(format!("write {}", p.display())))
+    };
+    write("etc/hostname", format!("{}\n", spec.sandbox_id))?;
+    write(
+        "etc/hosts",
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n", spec.sandbox_id),
+    )?;
+    overlay(&spec.rootfs, &upper, &work, &merged)?;
+    for (i, layer) in spec.host_layers.iter().enumerate() {
+        let up = stage.join(format!("layer{i}/upper"));
+        let wk = stage.join(format!("layer{i}/work"));
+        mkdir_p(&up, 0o755)?;
+        mkdir_p(&wk, 0o755)?;
+        let target = merged.join(layer.path.trim_start_matches('/'));
+        overlay(&layer.path, &up, &wk, &target)?;
+    }
+    mount_proc(&merged)?;
+    mount_dev(&merged, spec)?;
+    Ok(merged)
+}
+
+fn overlay(lower: &str, upper: &Path, work: &Path, target: &Path) -> Result<(), InsideError> {
+    // userxattr: overlay metadata goes in user.* xattrs, the only kind a user namespace may set.
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},userxattr",
+        upper.display(),
+        work.display()
+    );
+    mount(Some("overlay"), target, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+        .map_err(mount_err("overlay", target))
+}
+
+fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), InsideError> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(mount_err(&format!("bind {}", src.display()), dst))?;
+    if readonly {
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
+            .map_err(mount_err("read-only remount", dst))?;
+    }
+    Ok(())
+}
+
+fn mount_proc(root: &Path) -> Result<(), InsideError> {
+    let proc_dir = root.join("proc");
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(mount_err("proc", &proc_dir))?;
+    for f in MASKED_FILES {
+        let p = proc_dir.join(f);
+        if p.exists() {
+            bind(Path::new("/dev/null"), &p, false)?;
+        }
+    }
+    for d in MASKED_DIRS {
+        let p = proc_dir.join(d);
+        if p.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+            .map_err(mount_err("mask tmpfs", &p))?;
+        }
+    }
+    for d in READONLY_DIRS {
+        let p = proc_dir.join(d);
+        if p.is_dir() {
+            bind(&p, &p, true)?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_dev(root: &Path, spec: &SetupSpec) -> Result<(), InsideError> {
+    let dev = root.join("dev");
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k,nr_inodes=64"),
+    )
+    .map_err(mount_err("tmpfs", &dev))?;
+    for name in DEVICES {
+        let node = dev.join(name);
+        fs::write(&node, b"").map_err(fail(format!("create {}", node.display())))?;
+        bind(&Path::new("/dev").join(name), &node, false)?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts, 0o755)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .map_err(mount_err("devpts", &pts))?;
+    let shm = dev.join("shm");
+    mkdir_p(&shm, 0o1777)?;
+    let shm_size = spec.disk_bytes.min(256 << 20);
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("mode=1777,size={shm_size}").as_str()),
+    )
+    .map_err(mount_err("tmpfs", &shm))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(link);
+        symlink(target, &p).map_err(fail(format!("symlink {}", p.display())))?;
+    }
+    // Read-only from here on: nothing inside may add device nodes or files to /dev.
+    mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k,nr_inodes=64"),
+    )
+    .map_err(mount_err("read-only remount", &dev))
+}
+
+fn enter_root(merged: &Path) -> Result<(), InsideError> {
+    nix::unistd::chdir(merged).map_err(fail("chdir to new root"))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
+    // removes the old root (and with it every host mount) from this namespace.
+    nix::unistd::pivot_root(".", ".").map_err(fail("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach old root"))?;
+    nix::unistd::chdir("/").map_err(fail("chdir /"))
+}
+
+fn set_rlimits(spec: &SetupSpec) -> Result<(), InsideError> {
+    let r = &spec.rlimits;
+    for (res, want, name) in [
+        (Resource::RLIMIT_NOFILE, r.nofile, "RLIMIT_NOFILE"),
+        (Resource::RLIMIT_NPROC, r.nproc, "RLIMIT_NPROC"),
+        (Resource::RLIMIT_CORE, r.core, "RLIMIT_CORE"),
+    ] {
+        // Only lower: raising past the hard limit needs CAP_SYS_RESOURCE in the initial
+        // namespace, which no sandbox has.
+        let (_, hard) = getrlimit(res).map_err(fail(format!("getrlimit {name}")))?;
+        let v = want.min(hard);
+        setrlimit(res, v, v).map_err(fail(format!("setrlimit {name}")))?;
+    }
+    Ok(())
+}
+
+fn to_sock_filter(prog: &[BpfInsn]) -> Vec<ringfence_sys::SockFilter> {
+    prog.iter()
+        .map(|i| ringfence_sys::SockFilter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+        .collect()
+}
+
+fn lock_down(spec: &SetupSpec) -> Result<Outcome, InsideError> {
+    ringfence_sys::drop_bounding_caps(AGENT_CAPS, ringfence_sys::last_cap())
+        .map_err(fail("drop bounding capabilities"))?;
+    ringfence_sys::restrict_caps(AGENT_CAPS).map_err(fail("restrict capabilities"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(fail("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    let landlock_abi = apply_landlock(spec)?;
+    let mut listener = None;
+    if !spec.seccomp_errno.is_empty() {
+        ringfence_sys::install_seccomp(&to_sock_filter(&spec.seccomp_errno), false)
+            .map_err(fail("install seccomp (clone3)"))?;
+    }
+    if !spec.seccomp_notify.is_empty() {
+        listener = ringfence_sys::install_seccomp(&to_sock_filter(&spec.seccomp_notify), true)
+            .map_err(fail("install seccomp"))?;
+    }
+    Ok(Outcome { landlock_abi, listener })
+}
+
+/// Applies the Landlock ruleset. Returns the ABI enforced, or `None` where the kernel lacks
+/// Landlock (the caller logs that once). Fails closed when Landlock exists but cannot be
+/// enforced.
+pub fn apply_landlock(spec: &SetupSpec) -> Result<Option<u32>, InsideError> {
+    let Some(version) = ringfence_sys::landlock_abi() else {
+        if spec.require_landlock {
+            return Err(InsideError {
+                step: "landlock".into(),
+                message: "Landlock is required but this kernel does not offer it".into(),
+            });
+        }
+        return Ok(None);
+    };
+    if spec.writable.is_empty() && !spec.require_landlock {
+        return Ok(None);
+    }
+    let abi = ABI::from(i32::try_from(version.min(6)).unwrap_or(6));
+    let step = "landlock";
+    let write = AccessFs::from_write(abi);
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(write)
+        .map_err(fail(step))?;
+    if version >= 6 {
+        ruleset = ruleset
+            .scope(Scope::Signal | Scope::AbstractUnixSocket)
+            .map_err(fail(step))?;
+    }
+    let mut created = ruleset.create().map_err(fail(step))?;
+    for path in &spec.writable {
+        let Ok(meta) = fs::metadata(path) else { continue };
+        let access = if meta.is_dir() { write } else { write & AccessFs::from_file(abi) };
+        let fd = PathFd::new(path).map_err(fail(format!("landlock: open {path}")))?;
+        created = created
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(fail(format!("landlock: rule for {path}")))?;
+    }
+    let status = created.restrict_self().map_err(fail(step))?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(InsideError {
+            step: step.into(),
+            message: format!("ruleset only {:?} on ABI {version}", status.ruleset),
+        });
+    }
+    Ok(Some(version))
+}

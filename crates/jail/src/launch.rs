@@ -1,0 +1,312 @@
+//! Host side of starting a sandbox: fork into new namespaces, map ids, join the cgroup slot,
+//! hand the agent its setup, and wait for it to report ready.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use ringfence_proto::{
+    Event, HostLayer, ProtoError, Ready, Rlimits, SetupSpec, SpawnSpec, read_frame,
+};
+use ringfence_sys::SysError;
+
+use crate::cgroup::{CgroupError, Lease, Pool};
+use crate::limits::Limits;
+use crate::preflight::Missing;
+use crate::seccomp::{Compiled, SeccompError};
+use crate::template::{Template, TemplateError};
+use crate::{ID_RANGE, JailConfig};
+
+/// Everything that can go wrong starting or running a jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Missing(#[from] Missing),
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("agent channel: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("sandbox setup failed at {step}: {message}")]
+    Setup { step: String, message: String },
+    #[error("the sandbox agent exited during setup (wait status {0:#x})")]
+    AgentDied(i32),
+    #[error("the sandbox agent sent an unexpected message during setup: {0}")]
+    Protocol(String),
+    #[error("sandbox setup did not finish within {0:?}")]
+    SetupTimeout(Duration),
+}
+
+fn io_op(op: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
+    let op = op.into();
+    move |source| JailError::Io { op, source }
+}
+
+/// What to build. The defaults give a `jail` sandbox with every layer on.
+#[derive(Debug)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub template: Template,
+    pub limits: Limits,
+    /// `None` turns seccomp off (for layer-cost measurement only).
+    pub seccomp: Option<Compiled>,
+    pub landlock: bool,
+    /// Paths inside the sandbox where Landlock allows writes.
+    pub writable: Vec<String>,
+    pub initial: Option<SpawnSpec>,
+    pub exit_with_initial: bool,
+    /// Become the agent's fds 0, 1, 2 (and so the initial process's, with inherited stdio).
+    pub stdio: [RawFd; 3],
+    /// Kill the sandbox if the calling thread dies (one-shot CLI runs).
+    pub die_with_parent: bool,
+    /// Give up if the agent is not ready within this time.
+    pub setup_timeout: Duration,
+}
+
+/// Paths inside the sandbox that Landlock lets processes write beneath.
+pub const DEFAULT_WRITABLE: &[&str] = &[
+    "/home", "/tmp", "/var", "/root", "/run", "/opt", "/srv", "/mnt", "/dev/shm", "/dev/pts",
+    "/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/random", "/dev/urandom",
+];
+
+/// A running sandbox. Dropping it kills everything inside and frees its cgroup slot.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    /// Host pid of the agent (PID 1 inside).
+    pub pid: i32,
+    pub ready: Ready,
+    control: UnixStream,
+    listener: Option<OwnedFd>,
+    lease: Option<Lease>,
+    reaped: bool,
+    started: std::time::Instant,
+}
+
+/// Marker bytes the agent sends, with or without a descriptor, before any frame.
+pub const MARK_LISTENER: u8 = b'F';
+pub const MARK_NO_LISTENER: u8 = b'N';
+pub const MARK_ERROR: u8 = b'E';
+
+impl Sandbox {
+    /// Starts a sandbox and waits until its agent is ready.
+    pub fn start(
+        cfg: &JailConfig,
+        pool: Option<&Pool>,
+        spec: SandboxSpec,
+    ) -> Result<Sandbox, JailError> {
+        let lease = pool.map(|p| p.claim(&spec.limits)).transpose()?;
+        std::fs::create_dir_all(cfg.run_dir.join("stage")).map_err(io_op("create stage dir"))?;
+        let (parent_end, child_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| JailError::Io { op: "socketpair".into(), source: e.into() })?;
+        let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
+            .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
+        let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
+        let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
+            flags: ringfence_sys::SANDBOX_NAMESPACES,
+            exe: &exe,
+            argv: &argv,
+            control: child_end.as_raw_fd(),
+            parent_end: parent_end.as_raw_fd(),
+            stdio: spec.stdio,
+            die_with_parent: spec.die_with_parent,
+        })?;
+        drop(child_end);
+        let mut sandbox = Sandbox {
+            id: spec.id.clone(),
+            pid,
+            ready: Ready { landlock_abi: None, initial_pid: None },
+            control: UnixStream::from(parent_end),
+            listener: None,
+            lease,
+            reaped: false,
+            started: std::time::Instant::now(),
+        };
+        // On any error below, dropping `sandbox` kills the child and frees the slot.
+        sandbox.configure(cfg, spec)?;
+        Ok(sandbox)
+    }
+
+    fn configure(&mut self, cfg: &JailConfig, spec: SandboxSpec) -> Result<(), JailError> {
+        let map = format!("0 {} {ID_RANGE}\n", cfg.uid_base);
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{}/{file}", self.pid), &map)
+                .map_err(io_op(format!("write {file}")))?;
+        }
+        if let Some(lease) = &self.lease {
+            lease.add(self.pid)?;
+        }
+        let setup = SetupSpec {
+            sandbox_id: spec.id,
+            stage_dir: cfg.run_dir.join("stage").to_string_lossy().into_owned(),
+            rootfs: spec.template.rootfs.to_string_lossy().into_owned(),
+            host_layers: spec
+                .template
+                .meta
+                .host_layers
+                .iter()
+                .map(|p| HostLayer { path: p.clone() })
+                .collect(),
+            disk_bytes: spec.limits.disk,
+            disk_inodes: (spec.limits.disk / 8192).max(16384),
+            writable: if spec.landlock { spec.writable } else { Vec::new() },
+            require_landlock: false,
+            rlimits: Rlimits {
+                nofile: spec.limits.nofile,
+                nproc: spec.limits.pids.unwrap_or(65536).max(64),
+                core: 0,
+            },
+            seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
+            seccomp_errno: spec.seccomp.as_ref().map(|c| c.clone3.clone()).unwrap_or_default(),
+            initial: spec.initial,
+            exit_with_initial: spec.exit_with_initial,
+        };
+        let mut msg = vec![1u8];
+        msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
+        self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
+        self.control
+            .set_read_timeout(Some(spec.setup_timeout))
+            .map_err(io_op("set timeout"))?;
+        let (mark, fd) = self.recv_marker(spec.setup_timeout)?;
+        self.listener = fd;
+        let event: Option<Event> = read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
+        self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
+        match (mark, event) {
+            (MARK_LISTENER | MARK_NO_LISTENER, Some(Event::Ready(r))) => {
+                self.ready = r;
+                Ok(())
+            }
+            (_, Some(Event::SetupFailed { step, message })) => Err(JailError::Setup { step, message }),
+            (_, None) => Err(self.died()),
+            (_, Some(other)) => Err(JailError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    fn timeout_or(&mut self, e: ProtoError, limit: Duration) -> JailError {
+        match &e {
+            ProtoError::Io(io)
+                if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                    && self.started.elapsed() >= limit =>
+            {
+                JailError::SetupTimeout(limit)
+            }
+            _ => e.into(),
+        }
+    }
+
+    fn died(&mut self) -> JailError {
+        match ringfence_sys::wait4(self.pid, false) {
+            Ok(Some(r)) => {
+                self.reaped = true;
+                JailError::AgentDied(r.status)
+            }
+            _ => JailError::Protocol("agent closed its channel".into()),
+        }
+    }
+
+    /// Receives the agent's one-byte marker and, with it, the seccomp listener descriptor.
+    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Option<OwnedFd>), JailError> {
+        let mut byte = [0u8; 1];
+        let (n, mut fds) = match ringfence_sys::recv_with_fds(self.control.as_raw_fd(), &mut byte) {
+            Ok(r) => r,
+            Err(e) if e.errno() == Some(libc::EAGAIN) && self.started.elapsed() >= limit => {
+                return Err(JailError::SetupTimeout(limit));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(self.died());
+        }
+        match byte[0] {
+            MARK_LISTENER if fds.len() == 1 => Ok((MARK_LISTENER, fds.pop())),
+            MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte[0], None)),
+            b => Err(JailError::Protocol(format!("marker {b:#x} with {} descriptors", fds.len()))),
+        }
+    }
+
+    /// The control channel to the agent.
+    pub fn control(&self) -> &UnixStream {
+        &self.control
+    }
+
+    /// A second handle to the control channel (for a reader thread).
+    pub fn control_clone(&self) -> Result<UnixStream, JailError> {
+        self.control.try_clone().map_err(io_op("clone control channel"))
+    }
+
+    /// Takes the seccomp user-notification descriptor (the supervisor owns it from then on).
+    pub fn take_listener(&mut self) -> Option<OwnedFd> {
+        self.listener.take()
+    }
+
+    /// SIGKILLs the agent; the kernel then kills everything else in its pid namespace.
+    pub fn kill(&self) {
+        if !self.reaped {
+            let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
+        }
+    }
+
+    /// Waits for the agent to exit and reaps it.
+    pub fn wait(&mut self) -> Result<Option<ringfence_sys::Reaped>, JailError> {
+        if self.reaped {
+            return Ok(None);
+        }
+        let r = ringfence_sys::wait4(self.pid, false)?;
+        self.reaped = true;
+        Ok(r)
+    }
+
+    /// OOM kills inside the sandbox so far.
+    pub fn oom_kills(&self) -> u64 {
+        self.lease.as_ref().map_or(0, Lease::oom_kills)
+    }
+
+    /// Peak memory of the sandbox (bytes), where cgroups are on.
+    pub fn memory_peak(&self) -> Option<u64> {
+        self.lease.as_ref().and_then(Lease::memory_peak)
+    }
+
+    /// Reads one event from the agent (blocking).
+    pub fn next_event(&mut self) -> Result<Option<Event>, JailError> {
+        Ok(read_frame(&mut self.control)?)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill();
+        if !self.reaped {
+            let _ = ringfence_sys::wait4(self.pid, false);
+            self.reaped = true;
+        }
+        // The lease drops after this, killing anything that escaped the pid namespace's
+        // teardown (nothing should) and freeing the slot.
+    }
+}
+
+/// Reads everything left on a reader; used by tests and diagnostics.
+pub fn drain(mut r: impl Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v);
+    v
+}
