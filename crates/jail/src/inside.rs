@@ -128,14 +128,20 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
         "etc/hosts",
         format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n", spec.sandbox_id),
     )?;
-    overlay(&spec.rootfs, &upper, &work, &merged)?;
+    // Overlay options show up in the sandbox's mountinfo. Mounting with paths relative to the
+    // stage (and the template bound in under a neutral name) keeps host paths out of it.
+    let lower = stage.join("template");
+    mkdir_p(&lower, 0o755)?;
+    bind(Path::new(&spec.rootfs), &lower, false)?;
+    nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
+    overlay("template", Path::new("root/upper"), Path::new("root/work"), &merged)?;
     for (i, layer) in spec.host_layers.iter().enumerate() {
-        let up = stage.join(format!("layer{i}/upper"));
-        let wk = stage.join(format!("layer{i}/work"));
-        mkdir_p(&up, 0o755)?;
-        mkdir_p(&wk, 0o755)?;
+        let up = format!("layer{i}/upper");
+        let wk = format!("layer{i}/work");
+        mkdir_p(&stage.join(&up), 0o755)?;
+        mkdir_p(&stage.join(&wk), 0o755)?;
         let target = merged.join(layer.path.trim_start_matches('/'));
-        overlay(&layer.path, &up, &wk, &target)?;
+        overlay(&layer.path, Path::new(&up), Path::new(&wk), &target)?;
     }
     mount_proc(&merged)?;
     mount_dev(&merged, spec)?;

@@ -1,4 +1,5 @@
-//! `ringfence-agent`: PID 1 of every sandbox.
+//! The sandbox agent, PID 1 of every sandbox. The `ringfence-agent` executable (a binary of the
+//! `ringfence` package, so the CLI's tests can locate it) only calls [`main`].
 //!
 //! Started by the host in fresh namespaces with the control channel on fd 3, it
 //! 1. reads its [`SetupSpec`], builds the sandbox (`ringfence_jail::inside`), and hands the
@@ -23,7 +24,8 @@ use std::process::ExitCode;
 use ringfence_jail::launch::{MARK_ERROR, MARK_LISTENER, MARK_NO_LISTENER};
 use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_frame};
 
-fn main() -> ExitCode {
+/// Entry point of the `ringfence-agent` executable.
+pub fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() != Some("--init") {
         eprintln!("ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand");
         return ExitCode::from(2);

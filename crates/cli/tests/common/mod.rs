@@ -1,0 +1,128 @@
+//! Shared helpers for tests that drive the real binaries. They need root (namespaces, cgroups,
+//! mounts); without it each test prints why it skipped and returns.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+pub fn is_root() -> bool {
+    ringfence_sys::euid() == 0
+}
+
+/// Returns false (after saying so) when the test cannot run here.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
+    false
+}
+
+pub fn ringfence() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ringfence"));
+    c.env("RINGFENCE_AGENT", env!("CARGO_BIN_EXE_ringfence-agent"));
+    c.stdin(Stdio::null());
+    c
+}
+
+pub fn agent_path() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ringfence-agent"))
+}
+
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub report: serde_json::Value,
+}
+
+fn finish(out: Output, report: &Path) -> Out {
+    let report = std::fs::read(report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        report,
+    }
+}
+
+/// `ringfence run OPTS --report R -- CMD...`
+pub fn run(opts: &[&str], cmd: &[&str]) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = ringfence()
+        .arg("run")
+        .args(opts)
+        .arg("--report")
+        .arg(&report)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .unwrap();
+    finish(out, &report)
+}
+
+pub fn sh(opts: &[&str], script: &str) -> Out {
+    run(opts, &["/bin/sh", "-c", script])
+}
+
+/// Python preamble giving `sc(nr, *args) -> (ret, errno)` for raw syscalls.
+pub const PY_SYSCALL: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def sc(nr, *a):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(x) for x in a])
+    return r, ctypes.get_errno()
+"#;
+
+pub fn py(opts: &[&str], code: &str) -> Out {
+    let full = format!("{PY_SYSCALL}\n{code}");
+    run(opts, &["/usr/bin/python3", "-c", &full])
+}
+
+/// Names of the syscalls the report lists as denied.
+pub fn denied(out: &Out) -> Vec<String> {
+    out.report["security_events"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["syscall"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Host pids whose command line (arguments joined by spaces) is exactly `cmdline`.
+pub fn host_pids_running(cmdline: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).trim_end_matches('\0').replace('\0', " ") == cmdline
+            })
+        })
+        .collect()
+}
+
+/// Host pids whose command line contains `needle`.
+pub fn host_pids_matching(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}

@@ -1,0 +1,616 @@
+//! `ringfence run` end to end: the user-facing contract, then one test per isolation property
+//! that attempts the violation and asserts it fails.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+macro_rules! root_only {
+    () => {
+        if !require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract from the README.
+
+#[test]
+fn python_prints_and_exit_code_propagates() {
+    root_only!();
+    let o = run(&[], &["python3", "-c", "print(6*7)"]);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "42\n"), "{o:?}");
+    let o = sh(&["--memory", "256M", "--pids", "64", "--timeout", "5s", "--disk", "512M"], "exit 3");
+    assert_eq!(o.code, 3, "{o:?}");
+}
+
+#[test]
+fn env_and_workdir() {
+    root_only!();
+    let o = sh(&["--env", "FOO=bar", "--workdir", "/tmp"], "echo $FOO; pwd");
+    assert_eq!(o.stdout, "bar\n/tmp\n", "{o:?}");
+}
+
+#[test]
+fn stdin_is_passed_through() {
+    root_only!();
+    let mut child = ringfence()
+        .args(["run", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hi\nthere\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\nthere\n");
+    assert!(out.status.success());
+}
+
+#[test]
+fn signals_become_128_plus_n() {
+    root_only!();
+    assert_eq!(sh(&[], "kill -9 $$").code, 137);
+    assert_eq!(sh(&[], "kill -TERM $$").code, 143);
+}
+
+#[test]
+fn documented_failures_have_codes_and_one_line_messages() {
+    root_only!();
+    let o = run(&[], &["no-such-command"]);
+    assert_eq!(o.code, 127, "{o:?}");
+    assert!(o.stderr.contains("ringfence: command not found: no-such-command"), "{o:?}");
+    let o = run(&[], &["/etc/passwd"]);
+    assert_eq!(o.code, 126, "{o:?}");
+    let o = sh(&["--workdir", "/nonexistent"], "true");
+    assert_eq!(o.code, 125, "{o:?}");
+    assert!(o.stderr.contains("working directory does not exist"), "{o:?}");
+}
+
+#[test]
+fn bad_values_are_rejected_before_anything_is_created() {
+    // No root needed: parsing happens first.
+    for (flag, value) in [
+        ("--memory", "lots"),
+        ("--disk", "0"),
+        ("--timeout", "soon"),
+        ("--cpus", "many"),
+        ("--pids", "-1"),
+        ("--env", "NOEQUALS"),
+        ("--user", "admin"),
+    ] {
+        let out = ringfence().args(["run", flag, value, "--", "true"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(value), "{flag} {value}: the message names the bad value: {err}");
+    }
+}
+
+#[test]
+fn help_documents_every_option_and_exit_code() {
+    let out = ringfence().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--memory", "--pids", "--cpus", "--disk", "--timeout", "--max-output", "--env",
+        "--workdir", "--user", "--report", "121", "122", "124", "125", "126", "127",
+    ] {
+        assert!(help.contains(needle), "help lacks {needle}");
+    }
+}
+
+#[test]
+fn refuses_to_run_without_root() {
+    if !is_root() {
+        let o = run(&[], &["true"]);
+        assert_eq!(o.code, 125);
+        assert!(o.stderr.contains("must run as root"));
+        return;
+    }
+    // As root, drop to nobody to check the message.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_ringfence"))
+        .args(["run", "--", "true"])
+        .env("RINGFENCE_AGENT", agent_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Namespaces.
+
+#[test]
+fn user_namespace_maps_root_to_an_unprivileged_range() {
+    root_only!();
+    let o = sh(&[], "id -u; cat /proc/self/uid_map /proc/self/gid_map; stat -c %u /usr/bin/env");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0], "1000", "{o:?}");
+    for map in &lines[1..3] {
+        let f: Vec<&str> = map.split_whitespace().collect();
+        assert_eq!(f[0], "0");
+        assert_ne!(f[1], "0", "sandbox root must never be host root: {map}");
+        assert!(f[1].parse::<u64>().unwrap() >= 65536);
+    }
+    // Host root's files belong to nobody in here: host uid 0 is not mapped.
+    assert_eq!(lines[3], "65534", "{o:?}");
+}
+
+#[test]
+fn root_in_the_sandbox_cannot_use_host_root_powers() {
+    root_only!();
+    // Owner bits on /proc/sys would let a host-root-mapped uid 0 write sysctls; here it fails.
+    let o = sh(&["--user", "root"], "echo 1 > /proc/sys/kernel/sysrq && echo WROTE; cat /proc/self/status | grep -E '^Cap(Eff|Prm|Bnd)'");
+    assert!(!o.stdout.contains("WROTE"), "{o:?}");
+    for line in o.stdout.lines() {
+        assert!(line.ends_with("0000000000000000"), "capabilities must be empty: {line}");
+    }
+}
+
+#[test]
+fn pid_namespace_hides_the_host_and_agent_is_pid1() {
+    root_only!();
+    let me = std::process::id();
+    let o = sh(
+        &[],
+        &format!(
+            "cat /proc/1/comm; ls /proc | grep -c '^[0-9]'; kill -0 {me} 2>/dev/null && echo REACHED; \
+             ls /proc/{me} >/dev/null 2>&1 && echo SEEN; echo $$"
+        ),
+    );
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0], "ringfence-agent", "{o:?}");
+    assert!(lines[1].parse::<u32>().unwrap() <= 4, "only the sandbox's own processes: {o:?}");
+    assert!(!o.stdout.contains("REACHED") && !o.stdout.contains("SEEN"), "{o:?}");
+}
+
+#[test]
+fn agent_is_not_inspectable_by_user_code() {
+    root_only!();
+    let o = sh(&[], "readlink /proc/1/exe || echo DENIED; cat /proc/1/environ | wc -c");
+    assert!(o.stdout.contains("DENIED"), "{o:?}");
+    assert!(o.stdout.trim_end().ends_with('0'), "PID 1's environment must be empty: {o:?}");
+}
+
+#[test]
+fn mount_namespace_has_no_host_mounts_and_old_root_is_gone() {
+    root_only!();
+    let o = sh(&[], "cat /proc/self/mountinfo; ls /run; ls -d /work /old_root /run/ringfence 2>&1");
+    let host_dir = env!("CARGO_MANIFEST_DIR");
+    assert!(!o.stdout.contains(host_dir), "{o:?}");
+    assert!(!o.stdout.contains("ringfence/stage"), "staging paths must not leak: {o:?}");
+    assert!(!o.stdout.contains("/var/lib/ringfence"), "{o:?}");
+    assert!(o.stdout.contains("No such file"), "{o:?}");
+}
+
+#[test]
+fn network_is_loopback_only() {
+    root_only!();
+    // A server on the host's loopback must be unreachable from the sandbox's own loopback.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let o = py(
+        &[],
+        &format!(
+            "import socket\n\
+             print(open('/proc/net/dev').read().count(':'))\n\
+             print(len(open('/proc/net/route').read().strip().splitlines()))\n\
+             s = socket.socket()\n\
+             try:\n    s.connect(('127.0.0.1', {port})); print('CONNECTED')\n\
+             except OSError as e: print('refused', e.errno)\n"
+        ),
+    );
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0], "1", "only lo: {o:?}");
+    assert_eq!(lines[1], "1", "no routes beyond the header: {o:?}");
+    assert_eq!(lines[2], "refused 111", "{o:?}");
+    drop(listener);
+}
+
+#[test]
+fn uts_ipc_and_cgroup_namespaces() {
+    root_only!();
+    // A SysV shared memory segment on the host must not be visible inside.
+    let host_seg = host_shm_segment().expect("ipcmk creates a host segment");
+    let o = py(
+        &[],
+        "import socket\nprint(socket.gethostname())\n\
+         print(len(open('/proc/sysvipc/shm').read().splitlines()))\n\
+         print(open('/proc/self/cgroup').read())",
+    );
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(lines[0].len(), 20, "hostname is the sandbox id: {o:?}");
+    assert_ne!(lines[0], host.trim());
+    assert_eq!(o.report["sandbox_id"], lines[0]);
+    assert_eq!(lines[1], "1", "only the header line: {o:?}");
+    for l in &lines[2..] {
+        if let Some(path) = l.rsplit(':').next() {
+            assert!(!path.contains("ringfence"), "cgroup paths must not reveal the host layout: {l}");
+        }
+    }
+    drop(host_seg);
+}
+
+/// Creates a SysV shm segment on the host through `ipcmk` and removes it on drop.
+fn host_shm_segment() -> Option<ShmGuard> {
+    let out = std::process::Command::new("ipcmk").args(["-M", "4096"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text.split(':').nth(1)?.trim().to_string();
+    Some(ShmGuard(id))
+}
+
+struct ShmGuard(String);
+impl Drop for ShmGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ipcrm").args(["-m", &self.0]).status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Filesystem.
+
+#[test]
+fn root_is_writable_per_sandbox_and_template_stays_pristine() {
+    root_only!();
+    let o = sh(&[], "echo data > /home/user/f && cat /home/user/f && echo x > /tmp/t && ls /tmp");
+    assert_eq!(o.stdout, "data\nt\n", "{o:?}");
+    let o = sh(&[], "ls -A /home/user /tmp");
+    assert!(!o.stdout.contains(" f") && !o.stdout.contains("\nt\n"), "a new sandbox starts clean: {o:?}");
+    let tmpl = std::path::Path::new("/var/lib/ringfence/templates/host/rootfs");
+    assert!(!tmpl.join("home/user/f").exists());
+    assert!(!tmpl.join("tmp/t").exists());
+}
+
+#[test]
+fn template_and_host_usr_cannot_be_modified() {
+    root_only!();
+    let o = sh(
+        &["--user", "root"],
+        "echo x > /usr/bin/env 2>/dev/null && echo W1; rm -f /usr/bin/env 2>/dev/null && echo W2; \
+         echo x >> /etc/passwd 2>/dev/null && echo W3; mkdir /newtop 2>/dev/null && echo W4; \
+         ls /usr/bin/env",
+    );
+    for w in ["W1", "W2", "W3", "W4"] {
+        assert!(!o.stdout.contains(w), "{w} succeeded: {o:?}");
+    }
+    assert!(std::path::Path::new("/usr/bin/env").exists());
+}
+
+#[test]
+fn disk_quota_gives_enospc() {
+    root_only!();
+    let o = sh(
+        &["--disk", "16M"],
+        "dd if=/dev/zero of=/home/user/big bs=1M count=64 2>&1 | grep -o 'No space left on device' | head -1",
+    );
+    assert_eq!(o.stdout.trim(), "No space left on device", "{o:?}");
+}
+
+#[test]
+fn dev_is_minimal_and_read_only() {
+    root_only!();
+    let o = sh(&["--user", "root"], "ls /dev; echo ok > /dev/null && echo NULL_OK; head -c4 /dev/urandom | wc -c; touch /dev/evil 2>/dev/null && echo CREATED; mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD");
+    let names: Vec<&str> = o.stdout.lines().take_while(|l| !l.contains("NULL_OK")).collect();
+    let mut want = vec![
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty",
+        "urandom", "zero",
+    ];
+    want.sort();
+    assert_eq!(names, want, "{o:?}");
+    assert!(o.stdout.contains("NULL_OK") && o.stdout.contains("\n4\n"), "{o:?}");
+    assert!(!o.stdout.contains("CREATED") && !o.stdout.contains("MKNOD"), "{o:?}");
+}
+
+#[test]
+fn proc_sensitive_files_are_masked_and_sys_is_empty() {
+    root_only!();
+    let o = sh(
+        &["--user", "root"],
+        "for f in kcore kallsyms keys timer_list; do cat /proc/$f 2>/dev/null | wc -c; done; \
+         echo b > /proc/sysrq-trigger 2>/dev/null && echo SYSRQ; \
+         echo evil > /proc/sys/kernel/hostname 2>/dev/null && echo SYSCTL; \
+         ls -A /sys | wc -l; touch /sys/x 2>/dev/null && echo SYSW",
+    );
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(&lines[..4], ["0", "0", "0", "0"], "masked files read empty: {o:?}");
+    assert!(!o.stdout.contains("SYSRQ") && !o.stdout.contains("SYSCTL") && !o.stdout.contains("SYSW"), "{o:?}");
+    assert_eq!(lines[4], "0", "/sys is empty: {o:?}");
+}
+
+#[test]
+fn etc_has_no_host_secrets() {
+    root_only!();
+    let o = sh(&["--user", "root"], "ls -A /etc; cat /etc/hostname");
+    for secret in ["shadow", "gshadow", "sudoers", "ssh", "machine-id"] {
+        assert!(!o.stdout.lines().any(|l| l == secret), "{secret} leaked: {o:?}");
+    }
+    assert_eq!(o.stdout.lines().last().unwrap().len(), 20);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Cgroups.
+
+#[test]
+fn memory_limit_oom_kills_and_is_reported() {
+    root_only!();
+    let o = py(&["--memory", "64M"], "x = bytearray(256 << 20)\nprint('survived')");
+    assert_eq!(o.code, 121, "{o:?}");
+    assert!(!o.stdout.contains("survived"));
+    assert!(o.stderr.contains("out of memory"), "{o:?}");
+    assert_eq!(o.report["oom_killed"], true);
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb() {
+    root_only!();
+    let o = py(
+        &["--pids", "32"],
+        "import time\nn = 0\n\
+         for i in range(200):\n    try:\n        pid = os.fork()\n    except OSError as e:\n        print('EAGAIN' if e.errno == 11 else e); break\n\
+         \n    if pid == 0:\n        time.sleep(5); os._exit(0)\n    n += 1\n\
+         print('forked', n)",
+    );
+    assert!(o.stdout.contains("EAGAIN"), "{o:?}");
+    let n: u32 = o.stdout.lines().last().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    assert!(n < 32, "{o:?}");
+}
+
+#[test]
+fn cpu_quota_throttles() {
+    root_only!();
+    let o = py(&["--cpus", "0.2"], "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass");
+    assert_eq!(o.code, 0, "{o:?}");
+    let cpu_us = o.report["usage"]["user_cpu_us"].as_u64().unwrap() + o.report["usage"]["sys_cpu_us"].as_u64().unwrap();
+    assert!(cpu_us < 500_000, "a 1 s busy loop at 0.2 CPU must use well under 1 s of CPU, used {cpu_us} us");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Seccomp.
+
+#[test]
+fn denied_syscalls_fail_with_eperm_and_are_reported() {
+    root_only!();
+    // name, syscall number, arguments
+    let probes: &[(&str, i64, &str)] = &[
+        ("mount", 165, "0, 0, 0, 0, 0"),
+        ("unshare", 272, "0x10000000"),
+        ("setns", 308, "0, 0"),
+        ("bpf", 321, "0, 0, 0"),
+        ("perf_event_open", 298, "0, 0, -1, -1, 0"),
+        ("keyctl", 250, "0, 0"),
+        ("add_key", 248, "0, 0, 0, 0, 0"),
+        ("request_key", 249, "0, 0, 0, 0"),
+        ("kexec_load", 246, "0, 0, 0, 0"),
+        ("init_module", 175, "0, 0, 0"),
+        ("finit_module", 313, "0, 0, 0"),
+        ("delete_module", 176, "0, 0"),
+        ("open_by_handle_at", 304, "0, 0, 0"),
+        ("userfaultfd", 323, "0"),
+        ("io_uring_setup", 425, "1, 0"),
+        ("personality", 135, "0x0400000"),
+        ("ptrace", 101, "16, 1, 0, 0"),
+        ("pivot_root", 155, "0, 0"),
+        ("chroot", 161, "0"),
+    ];
+    let mut code = String::new();
+    for (name, nr, args) in probes {
+        code.push_str(&format!("r, e = sc({nr}, {args}); print('{name}', r, e)\n"));
+    }
+    code.push_str("print('alive')\n");
+    let o = py(&[], &code);
+    assert!(o.stdout.contains("alive"), "the process lives on: {o:?}");
+    for (name, _, _) in probes {
+        let line = o.stdout.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        assert_eq!(line, format!("{name} -1 1"), "{name} must fail with EPERM");
+    }
+    let reported = denied(&o);
+    for (name, _, _) in probes {
+        assert!(reported.iter().any(|r| r == name), "{name} missing from security events: {reported:?}");
+    }
+    assert!(o.stderr.contains("blocked"), "summary line: {o:?}");
+}
+
+#[test]
+fn namespace_creation_through_clone_is_denied_and_clone3_falls_back() {
+    root_only!();
+    let o = py(
+        &[],
+        "r, e = sc(56, 0x10000000 | 17, 0, 0, 0, 0)\n\
+         if r == 0: os._exit(0)\n\
+         print('clone_newuser', r, e)\n\
+         r, e = sc(435, 0, 0)\nprint('clone3', r, e)\n\
+         import threading; t = threading.Thread(target=lambda: None); t.start(); t.join(); print('threads ok')\n\
+         pid = os.fork()\n\
+         if pid == 0: os._exit(7)\n\
+         print('fork', os.waitpid(pid, 0)[1] >> 8)",
+    );
+    assert!(o.stdout.contains("clone_newuser -1 1"), "{o:?}");
+    assert!(o.stdout.contains("clone3 -1 38"), "clone3 answers ENOSYS: {o:?}");
+    assert!(o.stdout.contains("threads ok") && o.stdout.contains("fork 7"), "{o:?}");
+    let d = denied(&o);
+    assert!(d.contains(&"clone".to_string()), "{d:?}");
+    assert!(!d.contains(&"clone3".to_string()), "clone3 is not an escape attempt: {d:?}");
+}
+
+#[test]
+fn tiocsti_is_denied_even_with_high_bits_set() {
+    root_only!();
+    let o = py(
+        &[],
+        "import fcntl, termios\nm, s = os.openpty()\n\
+         try:\n    fcntl.ioctl(s, termios.TIOCSTI, b'x'); print('INJECTED')\n\
+         except OSError as e: print('tiocsti', e.errno)\n\
+         libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p]\n\
+         ctypes.set_errno(0)\n\
+         r = libc.ioctl(s, 0x100005412, b'y'); print('tiocsti_high', r, ctypes.get_errno())\n\
+         print('winsize ok', len(fcntl.ioctl(s, termios.TIOCGWINSZ, b'\\0'*8)))",
+    );
+    assert!(o.stdout.contains("tiocsti 1"), "{o:?}");
+    assert!(o.stdout.contains("tiocsti_high -1 1"), "{o:?}");
+    assert!(o.stdout.contains("winsize ok 8"), "other ioctls still work: {o:?}");
+    assert!(!o.stdout.contains("INJECTED"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Landlock.
+
+#[test]
+fn landlock_confines_writes_to_writable_paths() {
+    root_only!();
+    // As sandbox root, DAC alone would allow creating files at the top of the overlay root;
+    // Landlock must refuse.
+    let o = sh(
+        &["--user", "root"],
+        "touch /top 2>&1; touch /etc/new 2>&1; touch /tmp/ok /root/ok /var/tmp/ok && echo ALLOWED",
+    );
+    assert!(o.stdout.contains("touch: cannot touch '/top': Permission denied"), "{o:?}");
+    assert!(o.stdout.contains("touch: cannot touch '/etc/new': Permission denied"), "{o:?}");
+    assert!(o.stdout.contains("ALLOWED"), "{o:?}");
+    let abi = o.report["landlock_abi"].as_u64();
+    assert!(abi.is_some_and(|v| v >= 1), "landlock enforced: {:?}", o.report);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Privileges, rlimits, environment, descriptors.
+
+#[test]
+fn no_new_privs_and_no_capabilities_for_user_processes() {
+    root_only!();
+    for user in ["user", "root"] {
+        let o = sh(&["--user", user], "grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb))' /proc/self/status");
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        assert_eq!(lines.len(), 6, "{o:?}");
+        for l in lines {
+            if l.starts_with("NoNewPrivs") {
+                assert!(l.ends_with('1'), "{l}");
+            } else {
+                assert!(l.ends_with("0000000000000000"), "{user}: {l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn setuid_binaries_do_not_elevate() {
+    root_only!();
+    let o = sh(&[], "/usr/bin/su -c id root </dev/null 2>&1; id -u");
+    assert!(o.stdout.lines().last() == Some("1000"), "{o:?}");
+    assert!(!o.stdout.contains("uid=0"), "{o:?}");
+}
+
+#[test]
+fn rlimits_are_set() {
+    root_only!();
+    let o = sh(&["--nofile", "512", "--pids", "100"], "grep -E '^Max (core file size|open files|processes)' /proc/self/limits");
+    let limit = |name: &str| -> Vec<String> {
+        let line = o.stdout.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..].split_whitespace().take(2).map(str::to_string).collect()
+    };
+    assert_eq!(limit("Max core file size"), ["0", "0"], "{o:?}");
+    assert_eq!(limit("Max open files"), ["512", "512"], "{o:?}");
+    assert_eq!(limit("Max processes"), ["100", "100"], "{o:?}");
+}
+
+#[test]
+fn environment_is_clean() {
+    root_only!();
+    let out = ringfence()
+        .args(["run", "--env", "A=1", "--", "/usr/bin/env"])
+        .env("HOST_SECRET", "hunter2")
+        .output()
+        .unwrap();
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('=').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["A", "HOME", "LANG", "PATH"]);
+}
+
+#[test]
+fn only_stdio_is_inherited() {
+    root_only!();
+    let o = py(&[], "print(sorted(int(f) for f in os.listdir('/proc/self/fd')))");
+    // 0-2 plus the descriptor listdir itself holds.
+    assert_eq!(o.stdout.trim(), "[0, 1, 2, 3]", "{o:?}");
+    let o = sh(&[], "ls /proc/self/fd | wc -l");
+    assert_eq!(o.stdout.trim(), "4", "{o:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Limits.
+
+#[test]
+fn timeout_kills_the_whole_sandbox() {
+    root_only!();
+    let t = Instant::now();
+    let o = sh(&["--timeout", "1s"], "sleep 4711 & sleep 4712");
+    assert_eq!(o.code, 124, "{o:?}");
+    assert!(o.stderr.contains("timed out"), "{o:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(host_pids_running("sleep 4711").is_empty(), "background processes must die too");
+    assert!(host_pids_running("sleep 4712").is_empty());
+}
+
+#[test]
+fn output_is_capped_and_truncation_reported() {
+    root_only!();
+    let o = sh(&["--max-output", "1K"], "head -c 100000 /dev/zero | tr '\\0' a");
+    assert_eq!(o.code, 122, "{o:?}");
+    assert_eq!(o.stdout.len(), 1024);
+    assert!(o.stderr.contains("output limit"), "{o:?}");
+    assert_eq!(o.report["output_truncated"]["stdout"], true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cleanup.
+
+fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+}
+
+#[test]
+fn nothing_is_left_behind_after_sigkill_of_the_cli() {
+    root_only!();
+    let mounts = mount_count();
+    let running = || host_pids_running("sleep 4821").len() + host_pids_running("sleep 4822").len();
+    let mut child = ringfence()
+        .args(["run", "--", "/bin/sh", "-c", "sleep 4821 & sleep 4822"])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while running() < 2 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(running(), 2, "sandbox started");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let t = Instant::now();
+    while running() > 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(running(), 0, "processes survived the CLI's death");
+    assert_eq!(mount_count(), mounts, "no mount leaked into the host namespace");
+    // The cgroup slot is free again: a new run claims and uses it.
+    assert_eq!(sh(&[], "true").code, 0);
+}
+
+#[test]
+fn sandboxes_run_concurrently() {
+    root_only!();
+    let handles: Vec<_> = (0..4)
+        .map(|i| std::thread::spawn(move || sh(&[], &format!("sleep 0.3; echo {i}"))))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let o = h.join().unwrap();
+        assert_eq!(o.stdout.trim(), i.to_string(), "{o:?}");
+    }
+}
