@@ -27,7 +27,9 @@ use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_f
 /// Entry point of the `ringfence-agent` executable.
 pub fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() != Some("--init") {
-        eprintln!("ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand");
+        eprintln!(
+            "ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand"
+        );
         return ExitCode::from(2);
     }
     let Some(control) = control_channel() else {
@@ -51,11 +53,13 @@ fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
 }
 
 fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
+    let mut phases = Vec::new();
+    ringfence_jail::phase(&mut phases, "agent_exec");
     let spec: SetupSpec = match read_frame(&mut control) {
         Ok(Some(s)) => s,
         _ => return Err(()),
     };
-    let outcome = match ringfence_jail::inside::setup(&spec) {
+    let outcome = match ringfence_jail::inside::setup(&spec, &mut phases) {
         Ok(o) => o,
         Err(e) => {
             let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);
@@ -85,11 +89,17 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     let mut initial_error = None;
     if let Some(init) = &spec.initial {
         match spawn::spawn_inherit(init) {
-            Ok(pid) => initial_pid = Some(pid),
+            Ok(pid) => {
+                initial_pid = Some(pid);
+                ringfence_jail::phase(&mut phases, "spawned");
+            }
             Err(e) => initial_error = Some(e),
         }
     }
-    send(&mut control, &Event::Ready(Ready { landlock_abi: outcome.landlock_abi, initial_pid }))?;
+    send(
+        &mut control,
+        &Event::Ready(Ready { phases, landlock_abi: outcome.landlock_abi, initial_pid }),
+    )?;
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
         if spec.exit_with_initial {

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use ringfence_proto::{
-    AgentError, Envelope, ErrorKind, Event, ExitStatus, ProcessInfo, Reply, Request,
-    SpawnSpec, StdioMode, Usage, encode, frame_len,
+    AgentError, Envelope, ErrorKind, Event, ExitStatus, ProcessInfo, Reply, Request, SpawnSpec,
+    StdioMode, Usage, encode, frame_len,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -172,11 +172,8 @@ async fn reaper(state: State) {
 }
 
 fn finish_if_done(state: &State, pid: u32) {
-    let done = state
-        .procs
-        .borrow()
-        .get(&pid)
-        .is_some_and(|p| p.exit.is_some() && p.open_outputs == 0);
+    let done =
+        state.procs.borrow().get(&pid).is_some_and(|p| p.exit.is_some() && p.open_outputs == 0);
     if done {
         finish(state, pid);
     }
@@ -246,9 +243,11 @@ async fn pump_pty(state: State, pid: u32, master: Rc<AsyncFd<OwnedFd>>) {
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), AgentError> {
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
+    let flags =
+        fcntl(fd, FcntlArg::F_GETFL).map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
+    fcntl(fd, FcntlArg::F_SETFL(flags))
+        .map_err(|e| agent_err(ErrorKind::Internal, e.to_string()))?;
     Ok(())
 }
 
@@ -293,13 +292,20 @@ fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
     };
     let mut pumps: Vec<(Stream, pipe::Receiver)> = Vec::new();
     if let Some(out) = child.stdout.take() {
-        pumps.push((Stream::Stdout, pipe::Receiver::from_owned_fd(OwnedFd::from(out)).map_err(internal)?));
+        pumps.push((
+            Stream::Stdout,
+            pipe::Receiver::from_owned_fd(OwnedFd::from(out)).map_err(internal)?,
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        pumps.push((Stream::Stderr, pipe::Receiver::from_owned_fd(OwnedFd::from(err)).map_err(internal)?));
+        pumps.push((
+            Stream::Stderr,
+            pipe::Receiver::from_owned_fd(OwnedFd::from(err)).map_err(internal)?,
+        ));
     }
     if let Some(inp) = child.stdin.take() {
-        proc.input = Some(Input::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?));
+        proc.input =
+            Some(Input::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?));
     }
     if let Some(m) = &master {
         proc.input = Some(Input::Pty(m.clone()));
@@ -321,7 +327,9 @@ async fn write_input(state: &State, pid: u32, data: Vec<u8>) -> Result<(), Agent
     let input = {
         let mut procs = state.procs.borrow_mut();
         let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
-        p.input.take().ok_or_else(|| agent_err(ErrorKind::InvalidArgument, format!("stdin of process {pid} is closed")))?
+        p.input.take().ok_or_else(|| {
+            agent_err(ErrorKind::InvalidArgument, format!("stdin of process {pid} is closed"))
+        })?
     };
     let result = match &input {
         Input::Pipe(tx) => {
@@ -351,7 +359,9 @@ async fn write_input(state: &State, pid: u32, data: Vec<u8>) -> Result<(), Agent
                     res = Err(agent_err(ErrorKind::Internal, "terminal closed"));
                     break;
                 };
-                match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), &data[off..]).map_err(Into::into)) {
+                match guard
+                    .try_io(|fd| nix::unistd::write(fd.get_ref(), &data[off..]).map_err(Into::into))
+                {
                     Ok(Ok(n)) => off += n,
                     Ok(Err(e)) => {
                         res = Err(internal(e));
@@ -379,7 +389,9 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
             p.subscribers.push(id);
             Ok(Reply::Spawned { pid })
         }
-        Request::WriteStdin { pid, data } => write_input(state, pid, data).await.map(|()| Reply::Done),
+        Request::WriteStdin { pid, data } => {
+            write_input(state, pid, data).await.map(|()| Reply::Done)
+        }
         Request::CloseStdin { pid } => {
             let mut procs = state.procs.borrow_mut();
             let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
@@ -433,8 +445,12 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
         Request::ListDir { path, user, depth } => {
             fs::list_dir(&fs::resolve(&path, user)?, depth).map(Reply::Entries)
         }
-        Request::MakeDir { path, user } => fs::make_dir(&fs::resolve(&path, user)?, user).map(Reply::Entry),
-        Request::Remove { path, user } => fs::remove(&fs::resolve(&path, user)?).map(|()| Reply::Done),
+        Request::MakeDir { path, user } => {
+            fs::make_dir(&fs::resolve(&path, user)?, user).map(Reply::Entry)
+        }
+        Request::Remove { path, user } => {
+            fs::remove(&fs::resolve(&path, user)?).map(|()| Reply::Done)
+        }
         Request::Rename { from, to, user } => {
             fs::rename(&fs::resolve(&from, user)?, &fs::resolve(&to, user)?, user).map(Reply::Entry)
         }

@@ -41,7 +41,8 @@ pub struct Common {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {

@@ -111,7 +111,8 @@ pub struct RunArgs {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("invalid --env {s:?}: expected KEY=VALUE"))?;
+    let (k, v) =
+        s.split_once('=').ok_or_else(|| format!("invalid --env {s:?}: expected KEY=VALUE"))?;
     if k.is_empty() || k.contains('\0') || v.contains('\0') {
         return Err(format!("invalid --env {s:?}: empty name or NUL byte"));
     }
@@ -137,6 +138,8 @@ struct Report {
     cgroup: Option<&'static str>,
     setup_ms: f64,
     total_ms: f64,
+    /// Milliseconds from the CLI's start to the end of each start-up step.
+    phases_ms: Vec<(String, f64)>,
     error: Option<String>,
 }
 
@@ -235,6 +238,7 @@ pub fn main(args: RunArgs) -> ExitCode {
 
 fn execute(args: RunArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
+    let t0 = ringfence_jail::monotonic_ns();
     let agent = agent_path();
     let notify = !args.no_seccomp;
     preflight::check(&agent, notify)?;
@@ -286,8 +290,20 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
     let stdout_over = Arc::new(AtomicBool::new(false));
     let stderr_over = Arc::new(AtomicBool::new(false));
     let relays = [
-        relay_output(out_rx, io::stdout(), args.max_output, stdout_over.clone(), agent_pid.clone())?,
-        relay_output(err_rx, io::stderr(), args.max_output, stderr_over.clone(), agent_pid.clone())?,
+        relay_output(
+            out_rx,
+            io::stdout(),
+            args.max_output,
+            stdout_over.clone(),
+            agent_pid.clone(),
+        )?,
+        relay_output(
+            err_rx,
+            io::stderr(),
+            args.max_output,
+            stderr_over.clone(),
+            agent_pid.clone(),
+        )?,
     ];
     let deadline = started + args.timeout;
     let start_result = Sandbox::start(&cfg, pool.as_ref(), spec);
@@ -347,6 +363,8 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
     for r in relays {
         let _ = r.join();
     }
+    let mut phases = sandbox.phases();
+    ringfence_jail::phase(&mut phases, "exited");
     let oom = sandbox.oom_kills() > 0;
     let memory_peak = sandbox.memory_peak();
     let events = supervisor.map(Supervisor::finish).unwrap_or_default();
@@ -374,7 +392,10 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
             )),
         )
     } else if oom && killed_by_sigkill {
-        (code::OOM, Some(format!("out of memory: the sandbox hit its {} byte memory limit", args.memory)))
+        (
+            code::OOM,
+            Some(format!("out of memory: the sandbox hit its {} byte memory limit", args.memory)),
+        )
     } else if let Some((status, _)) = exit {
         (u8::try_from(status.shell_code().clamp(0, 255)).unwrap_or(255), None)
     } else {
@@ -385,7 +406,8 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
     }
     if !events.is_empty() && !args.quiet {
         let total: u64 = events.iter().map(|e| e.count).sum();
-        let list: Vec<String> = events.iter().map(|e| format!("{} ({})", e.syscall, e.count)).collect();
+        let list: Vec<String> =
+            events.iter().map(|e| format!("{} ({})", e.syscall, e.count)).collect();
         eprintln!("ringfence: blocked {total} system call(s): {}", list.join(", "));
     }
     if let Some(path) = &args.report {
@@ -403,6 +425,10 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
             cgroup: pool.as_ref().map(|p| p.layout().version()),
             setup_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
+            phases_ms: phases
+                .into_iter()
+                .map(|p| (p.name, p.at_ns.saturating_sub(t0) as f64 / 1e6))
+                .collect(),
             error: message,
         };
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

@@ -1,6 +1,8 @@
 //! `ringfence run` end to end: the user-facing contract, then one test per isolation property
 //! that attempts the violation and asserts it fails.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -23,7 +25,8 @@ fn python_prints_and_exit_code_propagates() {
     root_only!();
     let o = run(&[], &["python3", "-c", "print(6*7)"]);
     assert_eq!((o.code, o.stdout.as_str()), (0, "42\n"), "{o:?}");
-    let o = sh(&["--memory", "256M", "--pids", "64", "--timeout", "5s", "--disk", "512M"], "exit 3");
+    let o =
+        sh(&["--memory", "256M", "--pids", "64", "--timeout", "5s", "--disk", "512M"], "exit 3");
     assert_eq!(o.code, 3, "{o:?}");
 }
 
@@ -94,8 +97,22 @@ fn help_documents_every_option_and_exit_code() {
     let out = ringfence().args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for needle in [
-        "--memory", "--pids", "--cpus", "--disk", "--timeout", "--max-output", "--env",
-        "--workdir", "--user", "--report", "121", "122", "124", "125", "126", "127",
+        "--memory",
+        "--pids",
+        "--cpus",
+        "--disk",
+        "--timeout",
+        "--max-output",
+        "--env",
+        "--workdir",
+        "--user",
+        "--report",
+        "121",
+        "122",
+        "124",
+        "125",
+        "126",
+        "127",
     ] {
         assert!(help.contains(needle), "help lacks {needle}");
     }
@@ -146,7 +163,10 @@ fn user_namespace_maps_root_to_an_unprivileged_range() {
 fn root_in_the_sandbox_cannot_use_host_root_powers() {
     root_only!();
     // Owner bits on /proc/sys would let a host-root-mapped uid 0 write sysctls; here it fails.
-    let o = sh(&["--user", "root"], "echo 1 > /proc/sys/kernel/sysrq && echo WROTE; cat /proc/self/status | grep -E '^Cap(Eff|Prm|Bnd)'");
+    let o = sh(
+        &["--user", "root"],
+        "echo 1 > /proc/sys/kernel/sysrq && echo WROTE; cat /proc/self/status | grep -E '^Cap(Eff|Prm|Bnd)'",
+    );
     assert!(!o.stdout.contains("WROTE"), "{o:?}");
     for line in o.stdout.lines() {
         assert!(line.ends_with("0000000000000000"), "capabilities must be empty: {line}");
@@ -232,7 +252,10 @@ fn uts_ipc_and_cgroup_namespaces() {
     assert_eq!(lines[1], "1", "only the header line: {o:?}");
     for l in &lines[2..] {
         if let Some(path) = l.rsplit(':').next() {
-            assert!(!path.contains("ringfence"), "cgroup paths must not reveal the host layout: {l}");
+            assert!(
+                !path.contains("ringfence"),
+                "cgroup paths must not reveal the host layout: {l}"
+            );
         }
     }
     drop(host_seg);
@@ -262,7 +285,10 @@ fn root_is_writable_per_sandbox_and_template_stays_pristine() {
     let o = sh(&[], "echo data > /home/user/f && cat /home/user/f && echo x > /tmp/t && ls /tmp");
     assert_eq!(o.stdout, "data\nt\n", "{o:?}");
     let o = sh(&[], "ls -A /home/user /tmp");
-    assert!(!o.stdout.contains(" f") && !o.stdout.contains("\nt\n"), "a new sandbox starts clean: {o:?}");
+    assert!(
+        !o.stdout.contains(" f") && !o.stdout.contains("\nt\n"),
+        "a new sandbox starts clean: {o:?}"
+    );
     let tmpl = std::path::Path::new("/var/lib/ringfence/templates/host/rootfs");
     assert!(!tmpl.join("home/user/f").exists());
     assert!(!tmpl.join("tmp/t").exists());
@@ -296,7 +322,10 @@ fn disk_quota_gives_enospc() {
 #[test]
 fn dev_is_minimal_and_read_only() {
     root_only!();
-    let o = sh(&["--user", "root"], "ls /dev; echo ok > /dev/null && echo NULL_OK; head -c4 /dev/urandom | wc -c; touch /dev/evil 2>/dev/null && echo CREATED; mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD");
+    let o = sh(
+        &["--user", "root"],
+        "ls /dev; echo ok > /dev/null && echo NULL_OK; head -c4 /dev/urandom | wc -c; touch /dev/evil 2>/dev/null && echo CREATED; mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD",
+    );
     let names: Vec<&str> = o.stdout.lines().take_while(|l| !l.contains("NULL_OK")).collect();
     let mut want = vec![
         "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty",
@@ -320,7 +349,10 @@ fn proc_sensitive_files_are_masked_and_sys_is_empty() {
     );
     let lines: Vec<&str> = o.stdout.lines().collect();
     assert_eq!(&lines[..4], ["0", "0", "0", "0"], "masked files read empty: {o:?}");
-    assert!(!o.stdout.contains("SYSRQ") && !o.stdout.contains("SYSCTL") && !o.stdout.contains("SYSW"), "{o:?}");
+    assert!(
+        !o.stdout.contains("SYSRQ") && !o.stdout.contains("SYSCTL") && !o.stdout.contains("SYSW"),
+        "{o:?}"
+    );
     assert_eq!(lines[4], "0", "/sys is empty: {o:?}");
 }
 
@@ -358,17 +390,23 @@ fn pids_limit_stops_a_fork_bomb() {
          print('forked', n)",
     );
     assert!(o.stdout.contains("EAGAIN"), "{o:?}");
-    let n: u32 = o.stdout.lines().last().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    let n: u32 =
+        o.stdout.lines().last().unwrap().split_whitespace().last().unwrap().parse().unwrap();
     assert!(n < 32, "{o:?}");
 }
 
 #[test]
 fn cpu_quota_throttles() {
     root_only!();
-    let o = py(&["--cpus", "0.2"], "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass");
+    let o =
+        py(&["--cpus", "0.2"], "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass");
     assert_eq!(o.code, 0, "{o:?}");
-    let cpu_us = o.report["usage"]["user_cpu_us"].as_u64().unwrap() + o.report["usage"]["sys_cpu_us"].as_u64().unwrap();
-    assert!(cpu_us < 500_000, "a 1 s busy loop at 0.2 CPU must use well under 1 s of CPU, used {cpu_us} us");
+    let cpu_us = o.report["usage"]["user_cpu_us"].as_u64().unwrap()
+        + o.report["usage"]["sys_cpu_us"].as_u64().unwrap();
+    assert!(
+        cpu_us < 500_000,
+        "a 1 s busy loop at 0.2 CPU must use well under 1 s of CPU, used {cpu_us} us"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,7 +450,10 @@ fn denied_syscalls_fail_with_eperm_and_are_reported() {
     }
     let reported = denied(&o);
     for (name, _, _) in probes {
-        assert!(reported.iter().any(|r| r == name), "{name} missing from security events: {reported:?}");
+        assert!(
+            reported.iter().any(|r| r == name),
+            "{name} missing from security events: {reported:?}"
+        );
     }
     assert!(o.stderr.contains("blocked"), "summary line: {o:?}");
 }
@@ -484,7 +525,10 @@ fn landlock_confines_writes_to_writable_paths() {
 fn no_new_privs_and_no_capabilities_for_user_processes() {
     root_only!();
     for user in ["user", "root"] {
-        let o = sh(&["--user", user], "grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb))' /proc/self/status");
+        let o = sh(
+            &["--user", user],
+            "grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb))' /proc/self/status",
+        );
         let lines: Vec<&str> = o.stdout.lines().collect();
         assert_eq!(lines.len(), 6, "{o:?}");
         for l in lines {
@@ -508,7 +552,10 @@ fn setuid_binaries_do_not_elevate() {
 #[test]
 fn rlimits_are_set() {
     root_only!();
-    let o = sh(&["--nofile", "512", "--pids", "100"], "grep -E '^Max (core file size|open files|processes)' /proc/self/limits");
+    let o = sh(
+        &["--nofile", "512", "--pids", "100"],
+        "grep -E '^Max (core file size|open files|processes)' /proc/self/limits",
+    );
     let limit = |name: &str| -> Vec<String> {
         let line = o.stdout.lines().find(|l| l.starts_with(name)).unwrap();
         line[name.len()..].split_whitespace().take(2).map(str::to_string).collect()

@@ -25,7 +25,9 @@ pub enum CgroupError {
          (e.g. boot with systemd or mount -t cgroup2 none /sys/fs/cgroup)"
     )]
     NotFound,
-    #[error("cgroup v2 controller {0:?} is not available at /sys/fs/cgroup: enable it in cgroup.subtree_control")]
+    #[error(
+        "cgroup v2 controller {0:?} is not available at /sys/fs/cgroup: enable it in cgroup.subtree_control"
+    )]
     MissingController(String),
     #[error("{op} {path}: {source}")]
     Io {
@@ -198,8 +200,13 @@ impl Pool {
             };
             let Ok(file) = File::options().write(true).open(entry.path()) else { continue };
             let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
-            let lease =
-                Lease { slot, dirs: self.slot_dirs(slot), layout: self.layout.clone(), _lock: lock, oom_base: 0 };
+            let lease = Lease {
+                slot,
+                dirs: self.slot_dirs(slot),
+                layout: self.layout.clone(),
+                _lock: lock,
+                oom_base: 0,
+            };
             killed += lease.procs().len();
             lease.kill_all()?;
             for d in &lease.dirs {
@@ -257,7 +264,8 @@ impl Lease {
                     write_file(&swap, "0")?;
                 }
                 write_file(&d.join("pids.max"), &l.pids.map_or("max".into(), |p| p.to_string()))?;
-                let cpu = l.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", m * 100));
+                let cpu =
+                    l.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", m * 100));
                 write_file(&d.join("cpu.max"), &cpu)?;
             }
             Layout::V1 { .. } => {
@@ -275,7 +283,10 @@ impl Lease {
                 }
                 // Reset the high-water mark so each sandbox reports its own peak.
                 let _ = write_file(&mem.join("memory.max_usage_in_bytes"), "0");
-                write_file(&pids.join("pids.max"), &l.pids.map_or("max".into(), |p| p.to_string()))?;
+                write_file(
+                    &pids.join("pids.max"),
+                    &l.pids.map_or("max".into(), |p| p.to_string()),
+                )?;
                 write_file(&cpu.join("cpu.cfs_period_us"), "100000")?;
                 let quota = l.cpu_millis.map_or("-1".to_string(), |m| (m * 100).to_string());
                 write_file(&cpu.join("cpu.cfs_quota_us"), &quota)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use ringfence_proto::{
-    Event, HostLayer, ProtoError, Ready, Rlimits, SetupSpec, SpawnSpec, read_frame,
+    Event, HostLayer, Phase, ProtoError, Ready, Rlimits, SetupSpec, SpawnSpec, read_frame,
 };
 use ringfence_sys::SysError;
 
@@ -80,8 +80,22 @@ pub struct SandboxSpec {
 
 /// Paths inside the sandbox that Landlock lets processes write beneath.
 pub const DEFAULT_WRITABLE: &[&str] = &[
-    "/home", "/tmp", "/var", "/root", "/run", "/opt", "/srv", "/mnt", "/dev/shm", "/dev/pts",
-    "/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/random", "/dev/urandom",
+    "/home",
+    "/tmp",
+    "/var",
+    "/root",
+    "/run",
+    "/opt",
+    "/srv",
+    "/mnt",
+    "/dev/shm",
+    "/dev/pts",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/random",
+    "/dev/urandom",
 ];
 
 /// A running sandbox. Dropping it kills everything inside and frees its cgroup slot.
@@ -96,6 +110,8 @@ pub struct Sandbox {
     lease: Option<Lease>,
     reaped: bool,
     started: std::time::Instant,
+    /// Host-side start-up phases, then the agent's (see [`Sandbox::phases`]).
+    phases: Vec<Phase>,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -110,15 +126,14 @@ impl Sandbox {
         pool: Option<&Pool>,
         spec: SandboxSpec,
     ) -> Result<Sandbox, JailError> {
+        let mut phases = Vec::new();
+        crate::phase(&mut phases, "start");
         let lease = pool.map(|p| p.claim(&spec.limits)).transpose()?;
+        crate::phase(&mut phases, "cgroup_claimed");
         std::fs::create_dir_all(cfg.run_dir.join("stage")).map_err(io_op("create stage dir"))?;
-        let (parent_end, child_end) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| JailError::Io { op: "socketpair".into(), source: e.into() })?;
+        let (parent_end, child_end) =
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| JailError::Io { op: "socketpair".into(), source: e.into() })?;
         let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
             .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
         let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
@@ -132,15 +147,17 @@ impl Sandbox {
             die_with_parent: spec.die_with_parent,
         })?;
         drop(child_end);
+        crate::phase(&mut phases, "cloned");
         let mut sandbox = Sandbox {
             id: spec.id.clone(),
             pid,
-            ready: Ready { landlock_abi: None, initial_pid: None },
+            ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             control: UnixStream::from(parent_end),
             listener: None,
             lease,
             reaped: false,
             started: std::time::Instant::now(),
+            phases,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -153,9 +170,11 @@ impl Sandbox {
             std::fs::write(format!("/proc/{}/{file}", self.pid), &map)
                 .map_err(io_op(format!("write {file}")))?;
         }
+        crate::phase(&mut self.phases, "id_maps");
         if let Some(lease) = &self.lease {
             lease.add(self.pid)?;
         }
+        crate::phase(&mut self.phases, "cgroup_attached");
         let setup = SetupSpec {
             sandbox_id: spec.id,
             stage_dir: cfg.run_dir.join("stage").to_string_lossy().into_owned(),
@@ -184,19 +203,21 @@ impl Sandbox {
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
-        self.control
-            .set_read_timeout(Some(spec.setup_timeout))
-            .map_err(io_op("set timeout"))?;
+        self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
         let (mark, fd) = self.recv_marker(spec.setup_timeout)?;
         self.listener = fd;
-        let event: Option<Event> = read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
+        let event: Option<Event> =
+            read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
         self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
         match (mark, event) {
             (MARK_LISTENER | MARK_NO_LISTENER, Some(Event::Ready(r))) => {
                 self.ready = r;
+                crate::phase(&mut self.phases, "ready");
                 Ok(())
             }
-            (_, Some(Event::SetupFailed { step, message })) => Err(JailError::Setup { step, message }),
+            (_, Some(Event::SetupFailed { step, message })) => {
+                Err(JailError::Setup { step, message })
+            }
             (_, None) => Err(self.died()),
             (_, Some(other)) => Err(JailError::Protocol(format!("{other:?}"))),
         }
@@ -242,6 +263,13 @@ impl Sandbox {
             MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte[0], None)),
             b => Err(JailError::Protocol(format!("marker {b:#x} with {} descriptors", fds.len()))),
         }
+    }
+
+    /// Start-up phases of this sandbox, host's and agent's merged in time order.
+    pub fn phases(&self) -> Vec<Phase> {
+        let mut all: Vec<Phase> = self.phases.iter().chain(&self.ready.phases).cloned().collect();
+        all.sort_by_key(|p| p.at_ns);
+        all
     }
 
     /// The control channel to the agent.

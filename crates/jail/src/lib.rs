@@ -57,6 +57,19 @@ impl JailConfig {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds; the same clock in every process, so host and agent phases
+/// line up.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Records a phase named `name` now.
+pub fn phase(phases: &mut Vec<ringfence_proto::Phase>, name: &str) {
+    phases.push(ringfence_proto::Phase { name: name.into(), at_ns: monotonic_ns() });
+}
+
 /// Generates a sandbox id: 20 lowercase alphanumerics, the shape E2B uses.
 pub fn new_sandbox_id() -> String {
     use rand::Rng;

@@ -39,7 +39,11 @@ pub fn parse_size(s: &str) -> Result<u64, ParseError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || ParseError(format!("invalid size {s:?}: expected a number with an optional unit K, M, G or T (e.g. 256M)"));
+    let bad = || {
+        ParseError(format!(
+            "invalid size {s:?}: expected a number with an optional unit K, M, G or T (e.g. 256M)"
+        ))
+    };
     if num.is_empty() {
         return Err(bad());
     }
@@ -85,7 +89,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
 pub fn parse_cpus(s: &str) -> Result<u64, ParseError> {
     let bad = || ParseError(format!("invalid CPU count {s:?}: expected a number such as 1 or 0.5"));
     let n: f64 = s.trim().parse().map_err(|_| bad())?;
-    if !n.is_finite() || n < 0.01 || n > 4096.0 {
+    if !n.is_finite() || !(0.01..=4096.0).contains(&n) {
         return Err(ParseError(format!("CPU count {s:?} must be between 0.01 and 4096")));
     }
     Ok((n * 1000.0).round() as u64)

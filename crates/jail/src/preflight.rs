@@ -27,7 +27,9 @@ pub enum Missing {
          upgrade the kernel"
     )]
     SeccompNotify,
-    #[error("the sandbox agent was not found at {0}; build it (cargo build --release) or set RINGFENCE_AGENT")]
+    #[error(
+        "the sandbox agent was not found at {0}; build it (cargo build --release) or set RINGFENCE_AGENT"
+    )]
     Agent(String),
 }
 
@@ -46,7 +48,8 @@ pub fn check(agent: &Path, notify: bool) -> Result<(), Missing> {
         return Err(Missing::Overlay);
     }
     if notify {
-        let actions = fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+        let actions =
+            fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
         if !actions.split_whitespace().any(|a| a == "user_notif") {
             return Err(Missing::SeccompNotify);
         }

@@ -86,7 +86,8 @@ mod tests {
         let plain = default_profile(false).unwrap();
         let notified = default_profile(true).unwrap();
         assert_eq!(plain.sandbox.len(), notified.sandbox.len());
-        let rets = |p: &[BpfInsn], k: u32| p.iter().filter(|i| i.code == BPF_RET_K && i.k == k).count();
+        let rets =
+            |p: &[BpfInsn], k: u32| p.iter().filter(|i| i.code == BPF_RET_K && i.k == k).count();
         assert!(rets(&plain.sandbox, SECCOMP_RET_ERRNO | EPERM) > 0);
         assert_eq!(rets(&notified.sandbox, SECCOMP_RET_ERRNO | EPERM), 0);
         assert!(rets(&notified.sandbox, SECCOMP_RET_USER_NOTIF) > 0);
@@ -97,16 +98,61 @@ mod tests {
     fn dangerous_calls_are_not_allowlisted() {
         let allowed = allowed_names();
         for name in [
-            "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "bpf",
-            "perf_event_open", "keyctl", "add_key", "request_key", "kexec_load",
-            "kexec_file_load", "init_module", "finit_module", "delete_module",
-            "open_by_handle_at", "name_to_handle_at", "userfaultfd", "io_uring_setup",
-            "io_uring_enter", "io_uring_register", "ptrace", "process_vm_readv",
-            "process_vm_writev", "kcmp", "pidfd_getfd", "fsopen", "fsmount", "fsconfig",
-            "fspick", "open_tree", "move_mount", "mount_setattr", "clone3", "syslog", "reboot",
-            "swapon", "swapoff", "settimeofday", "clock_settime", "adjtimex", "iopl", "ioperm",
-            "modify_ldt", "quotactl", "fanotify_init", "move_pages", "migrate_pages", "acct",
-            "lookup_dcookie", "uselib", "vhangup", "sethostname", "setdomainname",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "unshare",
+            "setns",
+            "bpf",
+            "perf_event_open",
+            "keyctl",
+            "add_key",
+            "request_key",
+            "kexec_load",
+            "kexec_file_load",
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "open_by_handle_at",
+            "name_to_handle_at",
+            "userfaultfd",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "kcmp",
+            "pidfd_getfd",
+            "fsopen",
+            "fsmount",
+            "fsconfig",
+            "fspick",
+            "open_tree",
+            "move_mount",
+            "mount_setattr",
+            "clone3",
+            "syslog",
+            "reboot",
+            "swapon",
+            "swapoff",
+            "settimeofday",
+            "clock_settime",
+            "adjtimex",
+            "iopl",
+            "ioperm",
+            "modify_ldt",
+            "quotactl",
+            "fanotify_init",
+            "move_pages",
+            "migrate_pages",
+            "acct",
+            "lookup_dcookie",
+            "uselib",
+            "vhangup",
+            "sethostname",
+            "setdomainname",
         ] {
             assert!(!allowed.iter().any(|a| a == name), "{name} must not be allowlisted");
         }
@@ -116,7 +162,12 @@ mod tests {
     fn conditional_rules_are_present() {
         let v: serde_json::Value = serde_json::from_str(DEFAULT_PROFILE).unwrap();
         let rule = |name: &str| {
-            v["sandbox"]["filter"].as_array().unwrap().iter().find(|r| r["syscall"] == name).cloned()
+            v["sandbox"]["filter"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["syscall"] == name)
+                .cloned()
         };
         assert!(rule("clone").unwrap()["args"].is_array());
         assert!(rule("ioctl").unwrap()["args"].is_array());
@@ -137,5 +188,16 @@ mod tests {
         assert_eq!(syscall_name(165), "mount");
         assert_eq!(syscall_name(101), "ptrace");
         assert_eq!(syscall_name(9999), "syscall_9999");
+    }
+}
+#[cfg(test)]
+mod timing {
+    #[test]
+    fn compile_time() {
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            super::default_profile(true).unwrap();
+        }
+        eprintln!("compile: {:?} each", t.elapsed() / 20);
     }
 }

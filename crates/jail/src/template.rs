@@ -1,7 +1,7 @@
 //! Templates: the read-only lower layers of a sandbox's root.
 //!
-//! The built-in template, `host`, reuses the host's own `/usr` (read-only, under a per-sandbox
-//! overlay) and a small skeleton root built once into the data directory: the top-level
+//! The built-in template, `host`, reuses the host's own `/usr` (bound read-only) under a small
+//! skeleton root (the lower layer of each sandbox's writable overlay `/`) built once into the data directory: the top-level
 //! directories, merged-`/usr` symlinks and a minimal `/etc` copied from an allowlist, so
 //! Python, sh and coreutils work with no download and no host secret (shadow files, keys, the
 //! machine id) ever enters a sandbox.
@@ -66,7 +66,7 @@ const USR_MERGE: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 pub struct Meta {
     pub format: u32,
     pub uid_base: u32,
-    /// Host directories overlaid read-only at the same path.
+    /// Host directories bound read-only at the same path.
     pub host_layers: Vec<String>,
 }
 
@@ -95,8 +95,8 @@ pub fn ensure_host(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateE
     fs::create_dir_all(&dir).map_err(err("mkdir", &dir))?;
     let lock_path = dir.join(".lock");
     let lock_file = fs::File::create(&lock_path).map_err(err("create", &lock_path))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| TemplateError::Io {
+    let _lock =
+        Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
             name: name.into(),
             op: "flock",
             path: lock_path.clone(),
@@ -203,7 +203,8 @@ fn build_host(staging: &Path, uid_base: u32) -> Result<Meta, BuildError> {
     chown(&home, uid_base + 1000, uid_base + 1000)?;
     let meta = Meta { format: FORMAT, uid_base, host_layers };
     let meta_path = staging.join("meta.json");
-    let text = serde_json::to_vec_pretty(&meta).map_err(|e| ("encode", meta_path.clone(), e.into()))?;
+    let text =
+        serde_json::to_vec_pretty(&meta).map_err(|e| ("encode", meta_path.clone(), e.into()))?;
     fs::write(&meta_path, text).map_err(at("write", &meta_path))?;
     Ok(meta)
 }

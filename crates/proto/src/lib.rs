@@ -69,7 +69,9 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Pro
 }
 
 /// Blocking read of one frame. Returns `Ok(None)` on a clean end of stream.
-pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Option<T>, ProtoError> {
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Option<T>, ProtoError> {
     let mut prefix = [0u8; 4];
     match r.read_exact(&mut prefix) {
         Ok(()) => {}
@@ -155,23 +157,69 @@ pub enum Request {
     Ping,
     Spawn(SpawnSpec),
     /// Re-subscribe to a running process's output and exit (E2B's `Connect`).
-    Attach { pid: u32 },
-    WriteStdin { pid: u32, data: Vec<u8> },
-    CloseStdin { pid: u32 },
-    Signal { pid: u32, signal: i32 },
-    ResizePty { pid: u32, cols: u16, rows: u16 },
+    Attach {
+        pid: u32,
+    },
+    WriteStdin {
+        pid: u32,
+        data: Vec<u8>,
+    },
+    CloseStdin {
+        pid: u32,
+    },
+    Signal {
+        pid: u32,
+        signal: i32,
+    },
+    ResizePty {
+        pid: u32,
+        cols: u16,
+        rows: u16,
+    },
     ListProcesses,
     /// Reads up to [`CHUNK`] bytes at `offset`; the host loops for larger files.
-    ReadFile { path: String, user: SandboxUser, offset: u64 },
+    ReadFile {
+        path: String,
+        user: SandboxUser,
+        offset: u64,
+    },
     /// Writes `data` at `offset` (0 truncates first); parents are created, owned by `user`.
-    WriteFile { path: String, user: SandboxUser, offset: u64, data: Vec<u8> },
-    Stat { path: String, user: SandboxUser },
-    ListDir { path: String, user: SandboxUser, depth: u32 },
-    MakeDir { path: String, user: SandboxUser },
-    Remove { path: String, user: SandboxUser },
-    Rename { from: String, to: String, user: SandboxUser },
-    Watch { path: String, user: SandboxUser, recursive: bool },
-    Unwatch { watch: u64 },
+    WriteFile {
+        path: String,
+        user: SandboxUser,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Stat {
+        path: String,
+        user: SandboxUser,
+    },
+    ListDir {
+        path: String,
+        user: SandboxUser,
+        depth: u32,
+    },
+    MakeDir {
+        path: String,
+        user: SandboxUser,
+    },
+    Remove {
+        path: String,
+        user: SandboxUser,
+    },
+    Rename {
+        from: String,
+        to: String,
+        user: SandboxUser,
+    },
+    Watch {
+        path: String,
+        user: SandboxUser,
+        recursive: bool,
+    },
+    Unwatch {
+        watch: u64,
+    },
     /// Resource use of the whole sandbox as the agent sees it.
     Stats,
 }
@@ -264,15 +312,25 @@ impl ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     Pong,
-    Spawned { pid: u32 },
+    Spawned {
+        pid: u32,
+    },
     Done,
     Processes(Vec<ProcessInfo>),
     /// File bytes from `offset`; `eof` when nothing follows.
-    Data { data: Vec<u8>, eof: bool },
+    Data {
+        data: Vec<u8>,
+        eof: bool,
+    },
     Entry(EntryInfo),
     Entries(Vec<EntryInfo>),
-    Watching { watch: u64 },
-    Stats { usage: Usage, processes: u32 },
+    Watching {
+        watch: u64,
+    },
+    Stats {
+        usage: Usage,
+        processes: u32,
+    },
 }
 
 /// Filesystem change kinds (E2B's event types).
@@ -291,15 +349,42 @@ pub enum Event {
     /// The agent finished setting up the sandbox and is serving requests.
     Ready(Ready),
     /// Setup failed; the agent exits after sending this.
-    SetupFailed { step: String, message: String },
-    Response { id: u64, result: Result<Reply, AgentError> },
-    Stdout { id: u64, data: Vec<u8> },
-    Stderr { id: u64, data: Vec<u8> },
-    Pty { id: u64, data: Vec<u8> },
-    Exited { id: u64, pid: u32, status: ExitStatus, usage: Usage },
-    Fs { watch: u64, name: String, kind: FsEventKind },
+    SetupFailed {
+        step: String,
+        message: String,
+    },
+    Response {
+        id: u64,
+        result: Result<Reply, AgentError>,
+    },
+    Stdout {
+        id: u64,
+        data: Vec<u8>,
+    },
+    Stderr {
+        id: u64,
+        data: Vec<u8>,
+    },
+    Pty {
+        id: u64,
+        data: Vec<u8>,
+    },
+    Exited {
+        id: u64,
+        pid: u32,
+        status: ExitStatus,
+        usage: Usage,
+    },
+    Fs {
+        watch: u64,
+        name: String,
+        kind: FsEventKind,
+    },
     /// A diagnostic line from the agent (it owns no terminal to print to).
-    Log { level: LogLevel, message: String },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
 }
 
 /// Severity of an agent log line.
@@ -310,9 +395,19 @@ pub enum LogLevel {
     Error,
 }
 
+/// A named point in time (CLOCK_MONOTONIC, nanoseconds: comparable across processes), used to
+/// attribute sandbox start-up cost to its steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub at_ns: u64,
+}
+
 /// What the agent reports once the sandbox is set up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
+    /// When each setup step inside the sandbox finished.
+    pub phases: Vec<Phase>,
     /// Landlock ABI version enforced, or `None` where the kernel lacks Landlock.
     pub landlock_abi: Option<u32>,
     /// Pid (inside the sandbox) of the initial process, when one was requested.

@@ -16,7 +16,7 @@ pub struct BpfInsn {
     pub k: u32,
 }
 
-/// A host directory exposed read-only at the same path, under a per-sandbox writable overlay.
+/// A host directory exposed read-only at the same path inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLayer {
     pub path: String,
@@ -40,7 +40,7 @@ pub struct SetupSpec {
     pub stage_dir: String,
     /// The template's read-only skeleton root (lower layer of `/`).
     pub rootfs: String,
-    /// Host directories overlaid read-only at the same path (e.g. `/usr`).
+    /// Host directories bound read-only at the same path (e.g. `/usr`).
     pub host_layers: Vec<HostLayer>,
     /// Size of the writable layer (the disk quota) in bytes.
     pub disk_bytes: u64,

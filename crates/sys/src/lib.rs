@@ -97,10 +97,8 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
         return Err(SysError::last("clone"));
     }
     if pid > 0 {
-        return i32::try_from(pid).map_err(|_| SysError {
-            call: "clone",
-            source: io::Error::other("pid out of range"),
-        });
+        return i32::try_from(pid)
+            .map_err(|_| SysError { call: "clone", source: io::Error::other("pid out of range") });
     }
     // Child.
     // SAFETY: async-signal-safe syscalls only, on fds and pointers prepared before the fork;
@@ -286,8 +284,7 @@ pub fn restrict_caps(keep: u64) -> Result<()> {
     let ret = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
     check("capset", ret)?;
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
-    let ret =
-        unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    let ret = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
     check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()).map(drop)
 }
 
@@ -445,8 +442,8 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
     let last = last_cap();
     let hook = move || -> io::Result<()> {
         let fail = |_: ()| io::Error::last_os_error();
-        // SAFETY (whole closure): runs in the forked child before exec; only raw syscalls on
-        // values captured by move, no allocation.
+        // SAFETY: runs in the forked child before exec; only raw syscalls on values captured
+        // by move (plain integers and a CString built before the fork), no allocation.
         unsafe {
             if libc::setsid() < 0 {
                 return Err(fail(()));
@@ -607,7 +604,9 @@ pub fn take_control_fd() -> Option<OwnedFd> {
     // SAFETY: stat is plain old data; zeroed is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat only writes into `st`.
-    if unsafe { libc::fstat(CONTROL_FD, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+    if unsafe { libc::fstat(CONTROL_FD, &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+    {
         return None;
     }
     // SAFETY: fd 3 is open (checked above), was placed there by our parent for us, and the

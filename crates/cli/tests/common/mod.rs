@@ -1,7 +1,7 @@
 //! Shared helpers for tests that drive the real binaries. They need root (namespaces, cgroups,
 //! mounts); without it each test prints why it skipped and returns.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

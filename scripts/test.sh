@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, lints, then the whole test suite. Run as root: the tests
+# create namespaces, cgroups and mounts (without root they print SKIPPED and pass nothing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
