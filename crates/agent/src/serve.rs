@@ -37,10 +37,22 @@ enum Input {
     Pty(Rc<AsyncFd<OwnedFd>>),
 }
 
+/// A process's input, owned by its writer task (see [`stdin_writer`]). Writes are queued with
+/// the id of their request and carried out in order; each is answered once it is written.
+///
+/// Fix: writes used to be awaited inside the request loop, so a process that does not read its
+/// stdin (or a PTY whose program is busy) stalled every other request, `Signal` included, until
+/// it read or died. Now only the writer task waits.
+struct Stdin {
+    queue: UnboundedSender<(u64, Vec<u8>)>,
+    /// `CloseStdin` closes pipes only; a terminal stays open as long as its process.
+    pipe: bool,
+}
+
 struct Proc {
     spec: SpawnSpec,
     subscribers: Vec<u64>,
-    input: Option<Input>,
+    input: Option<Stdin>,
     pty: Option<Rc<AsyncFd<OwnedFd>>>,
     exit: Option<(ExitStatus, Usage)>,
     open_outputs: usize,
@@ -125,7 +137,14 @@ async fn run(stream: UnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
         }
         let Ok(env) = ringfence_proto::decode::<Envelope>(&body) else { break };
         let id = env.id;
-        let result = handle(&state, id, env.request).await;
+        let result = match env.request {
+            // Answered by the process's writer task once the data is written.
+            Request::WriteStdin { pid, data } => match queue_input(&state, id, pid, data) {
+                Ok(()) => continue,
+                Err(e) => Err(e),
+            },
+            request => handle(&state, id, request).await,
+        };
         let _ = state.out.send(Event::Response { id, result });
     }
     drop(state);
@@ -304,11 +323,11 @@ fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
         ));
     }
     if let Some(inp) = child.stdin.take() {
-        proc.input =
-            Some(Input::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?));
+        let tx = pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?;
+        proc.input = Some(stdin_writer(state, Input::Pipe(tx)));
     }
     if let Some(m) = &master {
-        proc.input = Some(Input::Pty(m.clone()));
+        proc.input = Some(stdin_writer(state, Input::Pty(m.clone())));
         proc.open_outputs = 1;
     }
     proc.open_outputs += pumps.len();
@@ -322,16 +341,34 @@ fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
     Ok(pid)
 }
 
-async fn write_input(state: &State, pid: u32, data: Vec<u8>) -> Result<(), AgentError> {
-    // Take the writer out so no RefCell borrow is held across the await.
-    let input = {
-        let mut procs = state.procs.borrow_mut();
-        let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
-        p.input.take().ok_or_else(|| {
-            agent_err(ErrorKind::InvalidArgument, format!("stdin of process {pid} is closed"))
-        })?
-    };
-    let result = match &input {
+/// Starts the task that owns `input` and performs the writes queued on the returned [`Stdin`].
+/// It ends, dropping `input` (EOF on a pipe), once the queue's sender is gone (`CloseStdin`, or
+/// the process finished) and every queued write has been answered.
+fn stdin_writer(state: &State, input: Input) -> Stdin {
+    let (queue, mut rx) = unbounded_channel::<(u64, Vec<u8>)>();
+    let pipe = matches!(input, Input::Pipe(_));
+    let out = state.out.clone();
+    spawn_local(async move {
+        while let Some((id, data)) = rx.recv().await {
+            let result = write_input(&input, &data).await.map(|()| Reply::Done);
+            let _ = out.send(Event::Response { id, result });
+        }
+    });
+    Stdin { queue, pipe }
+}
+
+/// Queues a `WriteStdin`; its response is sent by the writer task.
+fn queue_input(state: &State, id: u64, pid: u32, data: Vec<u8>) -> Result<(), AgentError> {
+    let procs = state.procs.borrow();
+    let p = procs.get(&pid).ok_or_else(|| no_process(pid))?;
+    let closed =
+        || agent_err(ErrorKind::InvalidArgument, format!("stdin of process {pid} is closed"));
+    let stdin = p.input.as_ref().ok_or_else(closed)?;
+    stdin.queue.send((id, data)).map_err(|_| closed())
+}
+
+async fn write_input(input: &Input, data: &[u8]) -> Result<(), AgentError> {
+    match input {
         Input::Pipe(tx) => {
             let mut off = 0;
             let mut res = Ok(());
@@ -372,11 +409,7 @@ async fn write_input(state: &State, pid: u32, data: Vec<u8>) -> Result<(), Agent
             }
             res
         }
-    };
-    if let Some(p) = state.procs.borrow_mut().get_mut(&pid) {
-        p.input = Some(input);
     }
-    result
 }
 
 async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentError> {
@@ -389,13 +422,12 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
             p.subscribers.push(id);
             Ok(Reply::Spawned { pid })
         }
-        Request::WriteStdin { pid, data } => {
-            write_input(state, pid, data).await.map(|()| Reply::Done)
-        }
+        // Queued by the request loop (`queue_input`), never handled here.
+        Request::WriteStdin { .. } => Err(internal("stdin writes are queued by the request loop")),
         Request::CloseStdin { pid } => {
             let mut procs = state.procs.borrow_mut();
             let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
-            if let Some(Input::Pipe(_)) = p.input {
+            if p.input.as_ref().is_some_and(|s| s.pipe) {
                 p.input = None;
             }
             Ok(Reply::Done)

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bpf;
 pub mod cgroup;
 pub mod inside;
 pub mod launch;

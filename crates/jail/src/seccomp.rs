@@ -1,8 +1,9 @@
-//! The seccomp-bpf profile: compiled from `profiles/seccomp/default.json` once per host
-//! process, shipped to the agent as BPF, and installed as the last step of sandbox setup.
+//! The seccomp-bpf profile: compiled from `profiles/seccomp/default.json` (by [`crate::bpf`]) once
+//! per host process, shipped to the agent as BPF, and installed as the last step of sandbox setup.
 
 use ringfence_proto::BpfInsn;
-use seccompiler::{BpfMap, TargetArch};
+
+use crate::bpf::{self, BpfError};
 
 /// The default profile, as data (see `profiles/seccomp/README.md`).
 pub const DEFAULT_PROFILE: &str = include_str!("../../../profiles/seccomp/default.json");
@@ -16,9 +17,7 @@ const EPERM: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error("seccomp profile does not compile: {0}")]
-    Compile(#[from] seccompiler::Error),
-    #[error("seccomp profile lacks the {0:?} filter")]
-    MissingFilter(&'static str),
+    Compile(#[from] BpfError),
 }
 
 /// Both filters of a profile, ready to install.
@@ -34,16 +33,8 @@ pub struct Compiled {
 /// `sandbox` filter becomes `SECCOMP_RET_USER_NOTIF`, so the host sees each denial and answers
 /// EPERM itself.
 pub fn compile(profile: &str, notify: bool) -> Result<Compiled, SeccompError> {
-    let mut map: BpfMap = seccompiler::compile_from_json(profile.as_bytes(), TargetArch::x86_64)?;
-    let mut take = |name: &'static str| {
-        map.remove(name).ok_or(SeccompError::MissingFilter(name)).map(|prog| {
-            prog.into_iter()
-                .map(|i| BpfInsn { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
-                .collect::<Vec<_>>()
-        })
-    };
-    let mut sandbox = take("sandbox")?;
-    let clone3 = take("clone3")?;
+    let mut sandbox = bpf::compile(profile, "sandbox", syscall_nr)?;
+    let clone3 = bpf::compile(profile, "clone3", syscall_nr)?;
     if notify {
         for insn in &mut sandbox {
             if insn.code == BPF_RET_K && insn.k == (SECCOMP_RET_ERRNO | EPERM) {
@@ -52,6 +43,11 @@ pub fn compile(profile: &str, notify: bool) -> Result<Compiled, SeccompError> {
         }
     }
     Ok(Compiled { sandbox, clone3 })
+}
+
+/// The x86_64 number of a syscall name.
+pub fn syscall_nr(name: &str) -> Option<i32> {
+    crate::syscall_names::X86_64.iter().find(|(_, n)| *n == name).map(|(nr, _)| *nr)
 }
 
 /// Compiles the built-in default profile.
@@ -188,16 +184,5 @@ mod tests {
         assert_eq!(syscall_name(165), "mount");
         assert_eq!(syscall_name(101), "ptrace");
         assert_eq!(syscall_name(9999), "syscall_9999");
-    }
-}
-#[cfg(test)]
-mod timing {
-    #[test]
-    fn compile_time() {
-        let t = std::time::Instant::now();
-        for _ in 0..20 {
-            super::default_profile(true).unwrap();
-        }
-        eprintln!("compile: {:?} each", t.elapsed() / 20);
     }
 }
