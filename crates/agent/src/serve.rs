@@ -396,12 +396,21 @@ async fn write_input(input: &Input, data: &[u8]) -> Result<(), AgentError> {
                     res = Err(agent_err(ErrorKind::Internal, "terminal closed"));
                     break;
                 };
+                // Once every slave descriptor is closed the master reports HUP, which tokio
+                // keeps as "write closed" readiness for good, while a full input queue still
+                // answers EAGAIN: `writable()` then returned at once forever and this loop spun
+                // without yielding, wedging the agent. Nobody can read the data any more.
+                let hung_up = guard.ready().is_write_closed();
                 match guard
                     .try_io(|fd| nix::unistd::write(fd.get_ref(), &data[off..]).map_err(Into::into))
                 {
                     Ok(Ok(n)) => off += n,
                     Ok(Err(e)) => {
                         res = Err(internal(e));
+                        break;
+                    }
+                    Err(_) if hung_up => {
+                        res = Err(agent_err(ErrorKind::Internal, "terminal closed"));
                         break;
                     }
                     Err(_) => continue,

@@ -40,16 +40,17 @@ pub struct Common {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {
+    let t0 = ringfence_jail::monotonic_ns();
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => run::main(args, t0),
         Command::Gc { common } => gc(&common),
     }
 }

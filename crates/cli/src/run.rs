@@ -138,7 +138,7 @@ struct Report {
     cgroup: Option<&'static str>,
     setup_ms: f64,
     total_ms: f64,
-    /// Milliseconds from the CLI's start to the end of each start-up step.
+    /// Milliseconds from the CLI's `main` to the end of each step.
     phases_ms: Vec<(String, f64)>,
     error: Option<String>,
 }
@@ -229,16 +229,18 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-pub fn main(args: RunArgs) -> ExitCode {
-    match execute(args) {
+/// Runs `ringfence run`; `t0` is when the process entered `main` (CLOCK_MONOTONIC ns).
+pub fn main(args: RunArgs, t0: u64) -> ExitCode {
+    match execute(args, t0) {
         Ok(code) => ExitCode::from(code),
         Err(e) => fail(code::SETUP, format_args!("sandbox setup failed: {e:#}")),
     }
 }
 
-fn execute(args: RunArgs) -> anyhow::Result<u8> {
+fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let started = Instant::now();
-    let t0 = ringfence_jail::monotonic_ns();
+    let mut cli_phases = Vec::new();
+    ringfence_jail::phase(&mut cli_phases, "args_parsed");
     let agent = agent_path();
     let notify = !args.no_seccomp;
     preflight::check(&agent, notify)?;
@@ -363,7 +365,8 @@ fn execute(args: RunArgs) -> anyhow::Result<u8> {
     for r in relays {
         let _ = r.join();
     }
-    let mut phases = sandbox.phases();
+    let mut phases = cli_phases;
+    phases.extend(sandbox.phases());
     ringfence_jail::phase(&mut phases, "exited");
     let oom = sandbox.oom_kills() > 0;
     let memory_peak = sandbox.memory_peak();

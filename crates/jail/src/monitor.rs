@@ -81,7 +81,7 @@ fn run(listener: OwnedFd, sandbox_id: &str, tally: &Mutex<Tally>, stop: &AtomicB
                 // Answer first: the caller is blocked until we do.
                 let _ = ringfence_sys::seccomp_notif_deny(&listener, n.id, libc::EPERM);
                 let name = crate::seccomp::syscall_name(n.nr);
-                tracing::warn!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");
+                tracing::debug!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");
                 if let Ok(mut t) = tally.lock() {
                     t.by_nr
                         .entry(n.nr)
