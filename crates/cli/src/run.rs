@@ -55,7 +55,7 @@ Denied system calls fail with EPERM and are listed in one line on stderr at exit
 #[command(after_help = AFTER_HELP)]
 pub struct RunArgs {
     /// Memory limit for everything in the sandbox (e.g. 256M, 2G).
-    #[arg(long, default_value = "512M", value_parser = limits::parse_size)]
+    #[arg(long, default_value = "512M", value_parser = at_least("--memory", 16 << 20))]
     memory: u64,
     /// Maximum number of processes and threads.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
@@ -64,7 +64,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "1", value_parser = limits::parse_cpus)]
     cpus: u64,
     /// Size of the sandbox's writable disk; writes beyond it fail with ENOSPC.
-    #[arg(long, default_value = "1G", value_parser = limits::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = at_least("--disk", 1 << 20))]
     disk: u64,
     /// Wall-clock limit (e.g. 5s, 500ms, 2m); the whole sandbox is killed when it passes.
     #[arg(long, default_value = "300s", value_parser = limits::parse_duration)]
@@ -108,6 +108,17 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     cmd: Vec<String>,
+}
+
+/// A size parser with a floor: below it the sandbox could not even be set up.
+fn at_least(flag: &'static str, min: u64) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s| {
+        let v = limits::parse_size(s).map_err(|e| e.to_string())?;
+        if v < min {
+            return Err(format!("{flag} {s:?} is below the minimum of {} MiB", min >> 20));
+        }
+        Ok(v)
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -79,6 +79,8 @@ fn bad_values_are_rejected_before_anything_is_created() {
     for (flag, value) in [
         ("--memory", "lots"),
         ("--disk", "0"),
+        ("--disk", "1K"),
+        ("--memory", "1M"),
         ("--timeout", "soon"),
         ("--cpus", "many"),
         ("--pids", "-1"),
@@ -648,6 +650,25 @@ fn nothing_is_left_behind_after_sigkill_of_the_cli() {
     assert_eq!(mount_count(), mounts, "no mount leaked into the host namespace");
     // The cgroup slot is free again: a new run claims and uses it.
     assert_eq!(sh(&[], "true").code, 0);
+}
+
+#[test]
+fn a_failed_setup_leaves_nothing_behind() {
+    root_only!();
+    let mounts = mount_count();
+    // An "agent" that exits at once: the sandbox dies half-created.
+    let out = ringfence()
+        .args(["run", "--", "true"])
+        .env("RINGFENCE_AGENT", "/bin/false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("ringfence: sandbox setup failed:"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(mount_count(), mounts);
+    // The slot it used is clean and reusable.
+    assert_eq!(sh(&[], "echo ok").stdout, "ok\n");
 }
 
 #[test]

@@ -42,7 +42,7 @@ pub enum JailError {
     },
     #[error("agent channel: {0}")]
     Proto(#[from] ProtoError),
-    #[error("sandbox setup failed at {step}: {message}")]
+    #[error("{step}: {message}")]
     Setup { step: String, message: String },
     #[error("the sandbox agent exited during setup (wait status {0:#x})")]
     AgentDied(i32),
