@@ -143,7 +143,9 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     // stage (and the template bound in under a neutral name) keeps host paths out of it.
     let lower = stage.join("template");
     mkdir_p(&lower, 0o755)?;
-    bind(Path::new(&spec.rootfs), &lower, false)?;
+    // Read-only even here: the overlay only ever reads its lower layer, and the template is
+    // shared by every sandbox.
+    bind_readonly(Path::new(&spec.rootfs), &lower)?;
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
     overlay("template", Path::new("root/upper"), Path::new("root/work"), &merged)?;
     // Host layers are bound read-only rather than overlaid: their files belong to host ids that

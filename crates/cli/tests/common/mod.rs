@@ -110,19 +110,3 @@ pub fn host_pids_running(cmdline: &str) -> Vec<i32> {
         })
         .collect()
 }
-
-/// Host pids whose command line contains `needle`.
-pub fn host_pids_matching(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
