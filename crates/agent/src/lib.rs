@@ -67,6 +67,7 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
             return Err(());
         }
     };
+    spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
     let (mark, fd) = match &listener {
         Some(l) => (MARK_LISTENER, Some(l.as_raw_fd())),

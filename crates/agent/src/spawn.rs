@@ -1,14 +1,24 @@
 //! Starting user processes: a clean environment, the caller's identity, no capabilities.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use ringfence_proto::{AgentError, ErrorKind, SpawnSpec};
 
 /// The `PATH` every sandbox process starts with.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The sandbox-wide environment from setup, fixed for the agent's lifetime.
+static SANDBOX_ENV: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+
+/// Records the sandbox-wide environment (once, during setup).
+pub fn set_sandbox_env(env: BTreeMap<String, String>) {
+    let _ = SANDBOX_ENV.set(env);
+}
 
 fn err(kind: ErrorKind, message: String) -> AgentError {
     AgentError { kind, message }
@@ -35,12 +45,11 @@ pub fn command(spec: &SpawnSpec, controlling_tty: bool) -> Result<Command, Agent
     let cwd_c = CString::new(cwd.as_os_str().as_bytes())
         .map_err(|_| err(ErrorKind::InvalidArgument, "working directory contains NUL".into()))?;
     let mut cmd = Command::new(&spec.cmd);
-    cmd.args(&spec.args)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", home)
-        .env("LANG", "C.UTF-8")
-        .envs(&spec.env);
+    cmd.args(&spec.args).env_clear().env("PATH", PATH).env("HOME", home).env("LANG", "C.UTF-8");
+    if let Some(env) = SANDBOX_ENV.get() {
+        cmd.envs(env);
+    }
+    cmd.envs(&spec.env);
     let uid = spec.user.uid();
     ringfence_sys::harden_command(
         &mut cmd,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Serve(serve::ServeArgs),
+    /// Manage API keys for `ringfence serve`.
+    Keys {
+        #[command(subcommand)]
+        command: serve::KeysCommand,
+    },
     /// Kill processes left in cgroup slots nobody holds and remove those slots.
     Gc {
         #[command(flatten)]
@@ -38,19 +45,25 @@ pub struct Common {
     pub run_dir: PathBuf,
 }
 
-fn init_logging() {
+fn init_logging(serving: bool, json: bool) {
+    let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 fn main() -> ExitCode {
     let t0 = ringfence_jail::monotonic_ns();
-    init_logging();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve(a) => init_logging(true, a.json_logs()),
+        _ => init_logging(false, false),
+    }
     match cli.command {
         Command::Run(args) => run::main(args, t0),
+        Command::Serve(args) => serve::main(args),
+        Command::Keys { command } => serve::keys(command),
         Command::Gc { common } => gc(&common),
     }
 }

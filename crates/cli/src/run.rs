@@ -154,7 +154,8 @@ struct Report {
     error: Option<String>,
 }
 
-fn agent_path() -> PathBuf {
+/// The agent executable: `$RINGFENCE_AGENT`, else `ringfence-agent` beside this binary.
+pub fn agent_path() -> PathBuf {
     if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
         return PathBuf::from(p);
     }
@@ -285,6 +286,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         seccomp: compiled,
         landlock: !args.no_landlock,
         writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+        env: BTreeMap::new(),
         initial: Some(SpawnSpec {
             cmd: cmd.clone(),
             args: rest.to_vec(),

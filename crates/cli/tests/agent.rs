@@ -315,6 +315,7 @@ fn start() -> Harness {
         seccomp: Some(seccomp::default_profile(true).expect("seccomp profile")),
         landlock: true,
         writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+        env: Default::default(),
         initial: None,
         exit_with_initial: false,
         stdio: [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],

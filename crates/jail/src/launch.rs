@@ -68,6 +68,8 @@ pub struct SandboxSpec {
     pub landlock: bool,
     /// Paths inside the sandbox where Landlock allows writes.
     pub writable: Vec<String>,
+    /// Environment for every process in the sandbox (see [`SetupSpec::env`]).
+    pub env: std::collections::BTreeMap<String, String>,
     pub initial: Option<SpawnSpec>,
     pub exit_with_initial: bool,
     /// Become the agent's fds 0, 1, 2 (and so the initial process's, with inherited stdio).
@@ -197,6 +199,7 @@ impl Sandbox {
             },
             seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
             seccomp_errno: spec.seccomp.as_ref().map(|c| c.clone3.clone()).unwrap_or_default(),
+            env: spec.env,
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,
         };

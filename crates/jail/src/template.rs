@@ -28,6 +28,11 @@ pub enum TemplateError {
     },
     #[error("unknown template {0:?} (available: host)")]
     Unknown(String),
+    #[error(
+        "template directory {0} is not reachable from inside sandboxes: every directory above it \
+         must be searchable by other users (chmod o+x), or choose another --data-dir"
+    )]
+    NotSearchable(PathBuf),
 }
 
 /// Bump when the skeleton's contents change, so old builds are replaced.
@@ -82,6 +87,26 @@ pub struct Template {
 /// missing or stale. Concurrent callers serialise on a lock; readers of a finished template
 /// never see a half-built one (it is built aside and renamed into place).
 pub fn ensure_host(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
+    let t = ensure_host_built(data_dir, uid_base)?;
+    check_searchable(&t.rootfs)?;
+    Ok(t)
+}
+
+/// Sandboxes mount the template as their own (unprivileged) root, so every ancestor must let
+/// "other" users through.
+fn check_searchable(rootfs: &Path) -> Result<(), TemplateError> {
+    use std::os::unix::fs::MetadataExt;
+    for dir in rootfs.ancestors().skip(1) {
+        if let Ok(m) = fs::metadata(dir)
+            && m.mode() & 0o001 == 0
+        {
+            return Err(TemplateError::NotSearchable(dir.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+fn ensure_host_built(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
     let name = "host";
     let dir = data_dir.join("templates");
     let target = dir.join(name);
@@ -291,6 +316,17 @@ mod tests {
         ensure_host(dir.path(), 100_000_000).unwrap();
         let t = ensure_host(dir.path(), 200_000_000).unwrap();
         assert_eq!(fs::metadata(&t.rootfs).unwrap().uid(), 200_000_000);
+    }
+
+    #[test]
+    fn an_unsearchable_data_dir_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let e = ensure_host(dir.path(), 100_000_000).unwrap_err();
+        assert!(matches!(e, TemplateError::NotSearchable(_)), "{e}");
+        assert!(e.to_string().contains("chmod o+x"));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_host(dir.path(), 100_000_000).unwrap();
     }
 
     #[test]

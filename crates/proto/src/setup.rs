@@ -3,6 +3,8 @@
 //! The host computes all of it ahead (paths, limits, the compiled seccomp program) so the agent
 //! does no policy work of its own: it only applies what it is given, in a fixed order.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::SpawnSpec;
@@ -56,6 +58,9 @@ pub struct SetupSpec {
     /// A second filter answering `clone3` with ENOSYS so libc falls back to `clone`, whose
     /// flags the first filter can inspect.
     pub seccomp_errno: Vec<BpfInsn>,
+    /// Environment every process in the sandbox starts with, on top of `PATH`, `HOME` and
+    /// `LANG`; a process's own variables override it (E2B's sandbox-level `envVars`).
+    pub env: BTreeMap<String, String>,
     /// A process to start as soon as setup completes (the `ringfence run` fast path).
     pub initial: Option<SpawnSpec>,
     /// Exit once the initial process has exited (one-shot sandboxes).

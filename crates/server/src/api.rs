@@ -1,0 +1,414 @@
+//! HTTP surface: E2B's control plane (authenticated by API key) and, on the same listener,
+//! sandbox traffic routed by the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers (or, failing
+//! those, by the `X-Access-Token` alone) to the sandbox's envd.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager, ManagerError};
+use crate::store::{KeyInfo, ListQuery, SandboxRecord, SandboxState};
+
+/// Shared state of every handler.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub manager: Arc<Manager>,
+}
+
+/// An API error in E2B's shape: `{"code": <http status>, "message": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError(status, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"code": self.0.as_u16(), "message": self.1}))).into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            ManagerError::NotFound(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("{m} not found"))
+            }
+            ManagerError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+            }
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/sandboxes", post(create).get(list))
+        .route("/v2/sandboxes", post(create).get(list))
+        .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/kill", delete(kill))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
+        .with_state(app)
+}
+
+/// Sends sandbox traffic to the sandbox's envd; everything else continues to the control plane.
+async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let token = header("x-access-token");
+    let live = match header("e2b-sandbox-id") {
+        Some(id) => match app.manager.get(&id) {
+            Some(l) => l,
+            None => return not_running(&id),
+        },
+        None => match token.as_deref().and_then(|t| app.manager.by_token(t)) {
+            Some(l) => l,
+            None => return next.run(req).await,
+        },
+    };
+    let Some(record) = live.snapshot() else { return not_running("") };
+    let port = header("e2b-sandbox-port").and_then(|p| p.parse::<u16>().ok()).unwrap_or(49983);
+    // Health is public, as in envd; everything else needs the sandbox's token.
+    if req.uri().path() != "/health" && token.as_deref() != Some(record.access_token.as_str()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
+            .into_response();
+    }
+    match port {
+        49983 => crate::envd::handle(live.client.clone(), live.envd.clone(), req).await,
+        other => (
+            StatusCode::BAD_GATEWAY,
+            Json(json!({
+                "sandboxId": record.id,
+                "message": format!("The sandbox is running but port is not open ({other})"),
+                "code": 502
+            })),
+        )
+            .into_response(),
+    }
+}
+
+fn not_running(id: &str) -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        Json(json!({"sandboxId": id, "message": "The sandbox was not found", "code": 502})),
+    )
+        .into_response()
+}
+
+/// Authenticates the control-plane caller by `X-API-Key`.
+async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-Key header"))?
+        .to_string();
+    let store = app.manager.store().clone();
+    tokio::task::spawn_blocking(move || store.verify_key(&key))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
+}
+
+/// The caller's own live sandbox, or 404 (never revealing another tenant's).
+fn owned(app: &App, key: &KeyInfo, id: &str) -> Result<Arc<Live>, ApiError> {
+    app.manager
+        .get(id)
+        .filter(|l| l.record.lock().is_ok_and(|r| r.key_id == key.id))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found")))
+}
+
+fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateBody {
+    #[serde(rename = "templateID")]
+    template_id: Option<String>,
+    timeout: Option<i64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
+    let cfg = app.manager.config();
+    match secs {
+        None => Ok(cfg.default_timeout),
+        Some(s) if s <= 0 => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("timeout must be a positive number of seconds, got {s}"),
+        )),
+        Some(s) => {
+            let d = Duration::from_secs(s as u64);
+            if d > cfg.max_timeout {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("timeout {s} s exceeds the maximum of {} s", cfg.max_timeout.as_secs()),
+                ));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn sandbox_json(r: &SandboxRecord) -> Value {
+    json!({
+        "templateID": r.template,
+        "sandboxID": r.id,
+        "clientID": "ringfence",
+        "alias": r.alias,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": r.access_token,
+        "trafficAccessToken": null,
+        "domain": null,
+    })
+}
+
+fn rfc3339(ms: i64) -> String {
+    crate::time::rfc3339_ms(ms)
+}
+
+fn listed_json(r: &SandboxRecord) -> Value {
+    json!({
+        "templateID": r.template,
+        "sandboxID": r.id,
+        "clientID": "ringfence",
+        "alias": r.alias,
+        "startedAt": rfc3339(r.created_at),
+        "endAt": rfc3339(r.end_at),
+        "cpuCount": r.cpu_count,
+        "memoryMB": r.memory_mb,
+        "diskSizeMB": r.disk_mb,
+        "state": match r.state { SandboxState::Paused => "paused", _ => "running" },
+        "envdVersion": ENVD_VERSION,
+        "metadata": r.metadata,
+    })
+}
+
+async fn create(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: CreateBody = parse_body(&body)?;
+    let params = CreateParams {
+        template: b.template_id.unwrap_or_else(|| "base".into()),
+        timeout: timeout_from(&app, b.timeout)?,
+        metadata: b.metadata.unwrap_or_default(),
+        env: b.env_vars.unwrap_or_default(),
+    };
+    let live = app.manager.create(&key.id, params).await?;
+    let r = live
+        .snapshot()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
+    Ok((StatusCode::CREATED, Json(sandbox_json(&r))).into_response())
+}
+
+async fn detail(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let live = owned(&app, &key, &id)?;
+    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    let mut v = listed_json(&r);
+    v["envdAccessToken"] = json!(r.access_token);
+    Ok(Json(v))
+}
+
+async fn kill(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    owned(&app, &key, &id)?;
+    app.manager.kill(&id, "killed by API").await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TimeoutBody {
+    timeout: Option<i64>,
+}
+
+async fn set_timeout(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    owned(&app, &key, &id)?;
+    let b: TimeoutBody = parse_body(&body)?;
+    let secs =
+        b.timeout.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?;
+    app.manager.set_timeout(&id, timeout_from(&app, Some(secs))?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connect(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let live = owned(&app, &key, &id)?;
+    let b: TimeoutBody = parse_body(&body)?;
+    if let Some(secs) = b.timeout {
+        // Connecting never shortens a sandbox's life.
+        let want = crate::manager::now_ms() + timeout_from(&app, Some(secs))?.as_millis() as i64;
+        if live.record.lock().is_ok_and(|r| r.end_at < want) {
+            app.manager.set_timeout(&id, Duration::from_secs(secs as u64))?;
+        }
+    }
+    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    Ok(Json(sandbox_json(&r)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListParams {
+    metadata: Option<String>,
+    state: Option<String>,
+    limit: Option<u32>,
+    next_token: Option<String>,
+}
+
+/// Parses E2B's metadata filter: `k1=v1&k2=v2`, URL-encoded as one query value.
+fn parse_metadata_filter(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid metadata filter {pair:?}: expected key=value"),
+            )
+        })?;
+        out.insert(url_decode(k), url_decode(v));
+    }
+    Ok(out)
+}
+
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn list(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let mut query = ListQuery::default();
+    if let Some(m) = &q.metadata {
+        query.metadata = parse_metadata_filter(m)?;
+    }
+    if let Some(states) = &q.state {
+        let mut v = Vec::new();
+        for s in states.split(',') {
+            v.push(match s {
+                "running" => SandboxState::Running,
+                "paused" => SandboxState::Paused,
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown state {other:?}"),
+                    ));
+                }
+            });
+        }
+        query.state = Some(v);
+    } else {
+        query.state = Some(vec![SandboxState::Running, SandboxState::Paused]);
+    }
+    if let Some(l) = q.limit {
+        if l == 0 || l > 1000 {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000"));
+        }
+        query.limit = l;
+    }
+    query.next_token = q.next_token.filter(|t| !t.is_empty());
+    let store = app.manager.store().clone();
+    let key_id = key.id.clone();
+    let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let body: Vec<Value> = rows.iter().map(listed_json).collect();
+    let mut resp = Json(body).into_response();
+    if let Some(t) = next
+        && let Ok(v) = HeaderValue::from_str(&t)
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filter_parses_and_decodes() {
+        let m = parse_metadata_filter("user=alice&env=dev%20box").unwrap();
+        assert_eq!(m.get("env").map(String::as_str), Some("dev box"));
+        let m = parse_metadata_filter("a=b&c=d").unwrap();
+        assert_eq!(m.len(), 2);
+        assert!(parse_metadata_filter("novalue").is_err());
+    }
+
+    #[test]
+    fn url_decoding_is_lenient() {
+        assert_eq!(url_decode("a%2Fb+c%"), "a/b c%");
+        assert_eq!(url_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,87 @@
+//! `ringfence serve`: E2B's REST control plane and envd sandbox API, one listener, over the
+//! jail tier.
+//!
+//! Request flow: `api` authenticates (API key for the control plane, per-sandbox access token
+//! for sandbox traffic) and routes; `manager` owns sandbox lifecycles (jail handles, TTLs);
+//! `envd` translates E2B's Connect JSON and `/files` calls into the agent protocol, which
+//! `agent_client` multiplexes over each sandbox's control channel; `store` keeps keys,
+//! sandboxes and lifecycle events in SQLite.
+
+#![forbid(unsafe_code)]
+
+pub mod agent_client;
+pub mod api;
+pub mod envd;
+pub mod manager;
+pub mod store;
+mod time;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::manager::{Manager, ManagerConfig};
+use crate::store::{SandboxState, Store};
+
+/// Everything `ringfence serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub manager: ManagerConfig,
+}
+
+/// Fatal server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("state database: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Manager(#[from] manager::ManagerError),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Path of the state database inside the data directory.
+pub fn db_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("ringfence.db")
+}
+
+/// Runs the server until SIGINT or SIGTERM; then kills every sandbox it started.
+pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let store = Arc::new(Store::open(&db_path(&cfg.manager.data_dir))?);
+    // Sandboxes of a previous server process ended with it (their agents exit when the
+    // control channel closes); record that rather than report them as running.
+    for rec in store.live_sandboxes()? {
+        store.set_state(&rec.id, SandboxState::Killed)?;
+        let _ =
+            store.record_event(&rec.id, "lost", &serde_json::json!({"reason": "server restarted"}));
+    }
+    let manager = Arc::new(Manager::new(cfg.manager.clone(), store)?);
+    tokio::spawn(manager.clone().reap_loop());
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: cfg.listen, source })?;
+    tracing::info!(listen = %cfg.listen, "ringfence serve: ready");
+    let app = api::router(api::App { manager: manager.clone() });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    manager.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

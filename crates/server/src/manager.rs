@@ -1,0 +1,283 @@
+//! Sandbox lifecycle for the server: create through the jail tier, look up, time out, kill.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::launch::{DEFAULT_WRITABLE, Sandbox, SandboxSpec};
+use ringfence_jail::limits::Limits;
+use ringfence_jail::monitor::Supervisor;
+use ringfence_jail::seccomp::Compiled;
+use ringfence_jail::template::Template;
+use ringfence_jail::{JailConfig, preflight, seccomp, template};
+
+use crate::agent_client::AgentClient;
+use crate::envd::EnvdState;
+use crate::store::{SandboxRecord, SandboxState, Store};
+
+/// Cgroup slots used by server sandboxes (the CLI's one-shot runs use their own).
+pub const POOL_PREFIX: &str = "srv";
+
+/// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
+pub const ENVD_VERSION: &str = "0.5.7";
+
+/// Templates a client may ask for; all map to the host template for now.
+pub const TEMPLATES: &[&str] = &["base", "code-interpreter-v1", "host"];
+
+/// Server settings that shape sandboxes.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub agent_path: PathBuf,
+    pub limits: Limits,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+}
+
+/// Errors the API turns into HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("sandbox {0:?} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A sandbox the server is running.
+#[derive(Debug)]
+pub struct Live {
+    pub record: Mutex<SandboxRecord>,
+    pub client: Arc<AgentClient>,
+    pub envd: Arc<EnvdState>,
+    jail: Mutex<Option<Sandbox>>,
+    supervisor: Mutex<Option<Supervisor>>,
+}
+
+impl Live {
+    pub fn snapshot(&self) -> Option<SandboxRecord> {
+        self.record.lock().ok().map(|r| r.clone())
+    }
+}
+
+/// What a create request asks for, validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct CreateParams {
+    pub template: String,
+    pub timeout: Duration,
+    pub metadata: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Owns every live sandbox.
+#[derive(Debug)]
+pub struct Manager {
+    cfg: ManagerConfig,
+    jail: JailConfig,
+    pool: Pool,
+    seccomp: Compiled,
+    template: Template,
+    store: Arc<Store>,
+    live: RwLock<HashMap<String, Arc<Live>>>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn internal(e: impl std::fmt::Display) -> ManagerError {
+    ManagerError::Internal(e.to_string())
+}
+
+impl Manager {
+    /// Checks the host and prepares everything sandboxes share.
+    pub fn new(cfg: ManagerConfig, store: Arc<Store>) -> Result<Manager, ManagerError> {
+        preflight::check(&cfg.agent_path, true).map_err(internal)?;
+        let mut jail = JailConfig::with_agent(cfg.agent_path.clone());
+        jail.data_dir = cfg.data_dir.clone();
+        jail.run_dir = cfg.run_dir.clone();
+        let template = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
+        let seccomp = seccomp::default_profile(true).map_err(internal)?;
+        let layout = Layout::detect().map_err(internal)?;
+        let pool = Pool::new(layout, &jail.cgroup_name, POOL_PREFIX, jail.run_dir.join("cgroups"));
+        Ok(Manager { cfg, jail, pool, seccomp, template, store, live: RwLock::default() })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Starts a sandbox for `key_id`. On any failure nothing is left: the jail handle kills
+    /// what it started, and no record is written.
+    pub async fn create(
+        self: &Arc<Self>,
+        key_id: &str,
+        p: CreateParams,
+    ) -> Result<Arc<Live>, ManagerError> {
+        if !TEMPLATES.contains(&p.template.as_str()) {
+            return Err(ManagerError::NotFound(format!("template {}", p.template)));
+        }
+        let id = ringfence_jail::new_sandbox_id();
+        let spec = SandboxSpec {
+            id: id.clone(),
+            template: self.template.clone(),
+            limits: self.cfg.limits,
+            seccomp: Some(self.seccomp.clone()),
+            landlock: true,
+            writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+            env: p.env.clone(),
+            initial: None,
+            exit_with_initial: false,
+            stdio: [-1, -1, -1],
+            // The agent ends when the server's end of its channel closes; a death signal tied
+            // to a (pooled, short-lived) blocking thread would kill it at random.
+            die_with_parent: false,
+            setup_timeout: Duration::from_secs(30),
+        };
+        let me = self.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let devnull = std::fs::File::open("/dev/null").map_err(internal)?;
+            use std::os::fd::AsRawFd;
+            let fd = devnull.as_raw_fd();
+            let spec = SandboxSpec { stdio: [fd, fd, fd], ..spec };
+            let mut sb = Sandbox::start(&me.jail, Some(&me.pool), spec).map_err(internal)?;
+            let control = sb.control_clone().map_err(internal)?;
+            let listener = sb.take_listener();
+            Ok::<_, ManagerError>((sb, control, listener))
+        })
+        .await
+        .map_err(internal)??;
+        let (sb, control, listener) = started;
+        let supervisor = match listener {
+            Some(l) => Some(Supervisor::start(l, id.clone()).map_err(internal)?),
+            None => None,
+        };
+        let client = AgentClient::new(control).map_err(internal)?;
+        let now = now_ms();
+        let limits = self.cfg.limits;
+        let record = SandboxRecord {
+            id: id.clone(),
+            key_id: key_id.to_string(),
+            template: p.template.clone(),
+            alias: Some(p.template.clone()),
+            access_token: new_token(),
+            created_at: now,
+            end_at: now + p.timeout.as_millis() as i64,
+            cpu_count: limits.cpu_millis.map_or(1, |m| (m / 1000).max(1) as u32),
+            memory_mb: limits.memory.map_or(0, |m| (m >> 20) as u32),
+            disk_mb: (limits.disk >> 20) as u32,
+            metadata: p.metadata,
+            env: p.env,
+            state: SandboxState::Running,
+            agent_pid: Some(sb.pid),
+            cgroup_slot: None,
+        };
+        self.store.insert_sandbox(&record).map_err(internal)?;
+        let _ =
+            self.store.record_event(&id, "created", &serde_json::json!({"template": p.template}));
+        let live = Arc::new(Live {
+            record: Mutex::new(record),
+            client,
+            envd: Arc::new(EnvdState::new()),
+            jail: Mutex::new(Some(sb)),
+            supervisor: Mutex::new(supervisor),
+        });
+        self.live.write().map_err(internal)?.insert(id, live.clone());
+        Ok(live)
+    }
+
+    /// A live sandbox by id, whoever owns it (callers check the owner).
+    pub fn get(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.read().ok()?.get(id).cloned()
+    }
+
+    /// Finds the sandbox whose envd access token is `token`.
+    pub fn by_token(&self, token: &str) -> Option<Arc<Live>> {
+        let live = self.live.read().ok()?;
+        live.values().find(|l| l.record.lock().is_ok_and(|r| r.access_token == token)).cloned()
+    }
+
+    /// Kills a sandbox and forgets it. Returns false if it was not live.
+    pub async fn kill(&self, id: &str, reason: &str) -> bool {
+        let Some(live) = self.live.write().ok().and_then(|mut m| m.remove(id)) else {
+            return false;
+        };
+        let jail = live.jail.lock().ok().and_then(|mut j| j.take());
+        let sup = live.supervisor.lock().ok().and_then(|mut s| s.take());
+        // Killing and reaping block briefly; keep them off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(jail);
+            drop(sup);
+        })
+        .await;
+        let _ = self.store.set_state(id, SandboxState::Killed);
+        let _ = self.store.record_event(id, "killed", &serde_json::json!({"reason": reason}));
+        true
+    }
+
+    /// Sets a sandbox's time to live, counted from now.
+    pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), ManagerError> {
+        let live = self.get(id).ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let end = now_ms() + timeout.as_millis() as i64;
+        if let Ok(mut r) = live.record.lock() {
+            r.end_at = end;
+        }
+        self.store.set_end_at(id, end).map_err(internal)
+    }
+
+    /// Live sandboxes of one key.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.live.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Kills sandboxes whose time is up or whose agent is gone. Runs forever.
+    pub async fn reap_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = now_ms();
+            let due: Vec<(String, &'static str)> = self
+                .live
+                .read()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(id, l)| {
+                            if l.client.is_closed() {
+                                Some((id.clone(), "agent exited"))
+                            } else if l.record.lock().is_ok_and(|r| r.end_at <= now) {
+                                Some((id.clone(), "timeout"))
+                            } else {
+                                None
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (id, why) in due {
+                tracing::info!(sandbox_id = %id, reason = why, "killing sandbox");
+                self.kill(&id, why).await;
+            }
+        }
+    }
+
+    /// Kills every live sandbox (server shutdown).
+    pub async fn shutdown(&self) {
+        for id in self.live_ids() {
+            self.kill(&id, "server shutdown").await;
+        }
+    }
+}
+
+/// A per-sandbox secret for envd traffic: 32 hex characters.
+pub fn new_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}

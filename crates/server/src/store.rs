@@ -1,0 +1,952 @@
+//! Embedded state store: API keys, sandbox records and their lifecycle events, in one SQLite
+//! file.
+//!
+//! The server promises that a key or sandbox survives a `kill -9` once it has been
+//! acknowledged to the client, so the database runs in WAL mode with `synchronous=FULL`: every
+//! commit is fsynced before the call returns. Each method is one short statement or
+//! transaction under the connection mutex, so callers may run it from `spawn_blocking` or
+//! briefly inline without starving other requests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The schema this build writes and understands.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
+const KEY_PREFIX: &str = "e2b_";
+/// 20 random bytes = 160 bits of entropy, rendered as 40 hex characters.
+const KEY_RANDOM_BYTES: usize = 20;
+const MAX_NAME_LEN: usize = 64;
+
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+pub const MAX_LIST_LIMIT: u32 = 1000;
+
+/// How long a writer waits on a lock held by another connection (e.g. an operator poking at
+/// the file with the sqlite3 CLI) before the call fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA_V1: &str = "
+CREATE TABLE api_keys (
+    id         TEXT PRIMARY KEY NOT NULL,
+    name       TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+-- No foreign key to api_keys: revoking a key must not be blocked by, or silently delete,
+-- sandboxes that are still running under it.
+CREATE TABLE sandboxes (
+    id           TEXT PRIMARY KEY NOT NULL,
+    key_id       TEXT NOT NULL,
+    template     TEXT NOT NULL,
+    alias        TEXT,
+    access_token TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    end_at       INTEGER NOT NULL,
+    cpu_count    INTEGER NOT NULL,
+    memory_mb    INTEGER NOT NULL,
+    disk_mb      INTEGER NOT NULL,
+    metadata     TEXT NOT NULL,
+    env          TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('running', 'paused', 'killed')),
+    agent_pid    INTEGER,
+    cgroup_slot  INTEGER
+);
+-- Serves list_sandboxes: equality on key_id, then the (created_at, id) cursor order.
+CREATE INDEX sandboxes_by_key ON sandboxes (key_id, created_at, id);
+CREATE INDEX sandboxes_by_state ON sandboxes (state);
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes (id) ON DELETE CASCADE,
+    ts         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+CREATE INDEX events_by_sandbox ON events (sandbox_id, seq);
+";
+
+const SANDBOX_COLUMNS: &str = "id, key_id, template, alias, access_token, created_at, end_at, \
+     cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("json error: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("i/o error preparing database directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("invalid pagination token")]
+    InvalidToken,
+    #[error("invalid limit {0}: must be between 1 and {MAX_LIST_LIMIT}")]
+    InvalidLimit(u32),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("database schema version {0} is newer than this build supports ({SCHEMA_VERSION})")]
+    UnsupportedSchema(i64),
+}
+
+/// API key id (16 lowercase hex chars). An alias rather than a newtype because it is stored
+/// in `SandboxRecord::key_id` and flows through JSON as a plain string.
+pub type KeyId = String;
+
+/// Everything about an API key except the secret, which is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub id: KeyId,
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+    Killed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Killed => "killed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        match s {
+            "running" => Some(SandboxState::Running),
+            "paused" => Some(SandboxState::Paused),
+            "killed" => Some(SandboxState::Killed),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ToSql for SandboxState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for SandboxState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        SandboxState::parse(s)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown sandbox state {s:?}").into()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub key_id: String,
+    pub template: String,
+    pub alias: Option<String>,
+    pub access_token: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub end_at: i64,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    pub metadata: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub state: SandboxState,
+    pub agent_pid: Option<i32>,
+    pub cgroup_slot: Option<u32>,
+}
+
+/// Filters and cursor for [`Store::list_sandboxes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Every pair must be present in the sandbox's metadata with exactly this value.
+    pub metadata: BTreeMap<String, String>,
+    /// `None` or an empty list means any state: an API client sending `?state=` with nothing
+    /// after it meant "unfiltered", not "match nothing".
+    pub state: Option<Vec<SandboxState>>,
+    /// 1..=1000.
+    pub limit: u32,
+    /// Opaque token from a previous page's response.
+    pub next_token: Option<String>,
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        ListQuery {
+            metadata: BTreeMap::new(),
+            state: None,
+            limit: DEFAULT_LIST_LIMIT,
+            next_token: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        Store::init(Connection::open(path)?)
+    }
+
+    /// A private, non-persistent database, for tests.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+        // journal_mode reports the mode actually in effect; a filesystem without shared-memory
+        // support keeps the old one. That still works (rollback journal), just slower, so warn
+        // rather than refuse to start. In-memory databases always answer "memory".
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+            tracing::warn!(journal_mode = %mode, "sqlite refused WAL journal mode");
+        }
+        // FULL: in WAL mode NORMAL may lose the last commits on power loss or kill -9 of the
+        // host, which would break "acknowledged means durable" for keys and sandboxes.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        migrate(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied write: every multi-step
+        // write runs in a rusqlite Transaction, which rolls back on drop. So the connection is
+        // still consistent and refusing all further use would only turn one bug into an outage.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    // ---- API keys ----------------------------------------------------------------------
+
+    /// Creates a key and returns its id and the plaintext, which is shown to the caller once
+    /// and never stored (only its SHA-256 is).
+    pub fn create_key(&self, name: &str) -> Result<(KeyId, String), StoreError> {
+        validate_name(name)?;
+        let mut rng = rand::rng();
+        let mut secret = [0u8; KEY_RANDOM_BYTES];
+        rng.fill(&mut secret);
+        let mut id_bytes = [0u8; 8];
+        rng.fill(&mut id_bytes);
+        let plaintext = format!("{KEY_PREFIX}{}", hex::encode(secret));
+        let id = hex::encode(id_bytes);
+        self.conn().execute(
+            "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, name, hash_key(&plaintext), unix_secs()],
+        )?;
+        Ok((id, plaintext))
+    }
+
+    /// Looks the key up by its hash. A timing side channel would only reveal hash prefixes of
+    /// stored keys, which does not help forge a plaintext, so no constant-time compare.
+    pub fn verify_key(&self, plaintext: &str) -> Result<Option<KeyInfo>, StoreError> {
+        let info = self
+            .conn()
+            .query_row(
+                "SELECT id, name, created_at FROM api_keys WHERE key_hash = ?1",
+                [hash_key(plaintext)],
+                key_from_row,
+            )
+            .optional()?;
+        Ok(info)
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, name, created_at FROM api_keys ORDER BY created_at, id")?;
+        let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    /// Deletes the key so it no longer verifies. Sandboxes created with it are left alone:
+    /// whether to kill them is the caller's policy, not the store's.
+    pub fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
+        let n = self.conn().execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("api key {id}")));
+        }
+        Ok(())
+    }
+
+    // ---- Sandboxes ---------------------------------------------------------------------
+
+    pub fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let metadata = serde_json::to_string(&rec.metadata)?;
+        let env = serde_json::to_string(&rec.env)?;
+        self.conn().execute(
+            &format!(
+                "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ),
+            params![
+                rec.id,
+                rec.key_id,
+                rec.template,
+                rec.alias,
+                rec.access_token,
+                rec.created_at,
+                rec.end_at,
+                rec.cpu_count,
+                rec.memory_mb,
+                rec.disk_mb,
+                metadata,
+                env,
+                rec.state,
+                rec.agent_pid,
+                rec.cgroup_slot,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        let rec = self
+            .conn()
+            .query_row(
+                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
+                [id],
+                sandbox_from_row,
+            )
+            .optional()?;
+        Ok(rec)
+    }
+
+    pub fn set_end_at(&self, id: &str, end_at_ms: i64) -> Result<(), StoreError> {
+        self.update_sandbox(id, "end_at = ?2", &end_at_ms)
+    }
+
+    pub fn set_state(&self, id: &str, state: SandboxState) -> Result<(), StoreError> {
+        self.update_sandbox(id, "state = ?2", &state)
+    }
+
+    /// Records (or, with `None`, clears) the agent process and cgroup slot backing a sandbox,
+    /// so a restarted server can re-attach to it.
+    pub fn set_agent(
+        &self,
+        id: &str,
+        pid: Option<i32>,
+        slot: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3 WHERE id = ?1",
+            params![id, pid, slot],
+        )?;
+        not_found_if_zero(n, id)
+    }
+
+    /// Removes the sandbox and, via ON DELETE CASCADE, its events.
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        let n = self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        not_found_if_zero(n, id)
+    }
+
+    /// Every sandbox not yet killed, across all keys, oldest first: what the server must
+    /// re-attach to (or clean up) at start.
+    pub fn live_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state != ?1 ORDER BY created_at, id"
+        ))?;
+        let recs = stmt
+            .query_map([SandboxState::Killed], sandbox_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(recs)
+    }
+
+    /// One page of `key_id`'s sandboxes, ordered by (created_at, id). Returns the page and,
+    /// when at least one more matching sandbox exists, the token for the next page.
+    ///
+    /// Metadata is stored as JSON, so its filter runs here rather than in SQL. Rows are
+    /// streamed in cursor order and counted only after filtering, so pages stay full and the
+    /// "is there more" answer stays exact even when most rows are filtered out.
+    pub fn list_sandboxes(
+        &self,
+        key_id: &str,
+        query: &ListQuery,
+    ) -> Result<(Vec<SandboxRecord>, Option<String>), StoreError> {
+        if !(1..=MAX_LIST_LIMIT).contains(&query.limit) {
+            return Err(StoreError::InvalidLimit(query.limit));
+        }
+        let limit = query.limit as usize;
+        let cursor = query.next_token.as_deref().map(decode_token).transpose()?;
+
+        // key_id is always bound: it is the tenant boundary, never optional.
+        let mut sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE key_id = ?");
+        let mut args: Vec<Value> = vec![Value::Text(key_id.to_owned())];
+        if let Some((created_at, id)) = cursor {
+            sql.push_str(" AND (created_at, id) > (?, ?)");
+            args.push(Value::Integer(created_at));
+            args.push(Value::Text(id));
+        }
+        if let Some(states) = query.state.as_ref().filter(|s| !s.is_empty()) {
+            let marks = vec!["?"; states.len()].join(", ");
+            sql.push_str(&format!(" AND state IN ({marks})"));
+            args.extend(states.iter().map(|s| Value::Text(s.as_str().to_owned())));
+        }
+        sql.push_str(" ORDER BY created_at, id");
+
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        let mut page = Vec::new();
+        let mut more = false;
+        while let Some(row) = rows.next()? {
+            let rec = sandbox_from_row(row)?;
+            if !query.metadata.iter().all(|(k, v)| rec.metadata.get(k) == Some(v)) {
+                continue;
+            }
+            if page.len() == limit {
+                // One match beyond the page proves a next page exists; stop reading.
+                more = true;
+                break;
+            }
+            page.push(rec);
+        }
+        let token = match page.last() {
+            Some(last) if more => Some(encode_token(last.created_at, &last.id)),
+            _ => None,
+        };
+        Ok((page, token))
+    }
+
+    fn update_sandbox(&self, id: &str, set: &str, value: &dyn ToSql) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute(&format!("UPDATE sandboxes SET {set} WHERE id = ?1"), params![id, value])?;
+        not_found_if_zero(n, id)
+    }
+
+    // ---- Events ------------------------------------------------------------------------
+
+    /// Appends a lifecycle event. Fails with `NotFound` if the sandbox row does not exist,
+    /// since an event that can never be listed or cleaned up is only a leak.
+    pub fn record_event(
+        &self,
+        sandbox_id: &str,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let detail = serde_json::to_string(detail)?;
+        let res = self.conn().execute(
+            "INSERT INTO events (sandbox_id, ts, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![sandbox_id, unix_millis(), kind, detail],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+            {
+                Err(StoreError::NotFound(format!("sandbox {sandbox_id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The sandbox's events as (unix ms, kind, detail), oldest first; empty if none or if the
+    /// sandbox is unknown.
+    pub fn events_for(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Vec<(i64, String, serde_json::Value)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT ts, kind, detail FROM events WHERE sandbox_id = ?1 ORDER BY seq")?;
+        let raw = stmt
+            .query_map([sandbox_id], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        raw.into_iter()
+            .map(|(ts, kind, detail)| Ok((ts, kind, serde_json::from_str(&detail)?)))
+            .collect()
+    }
+}
+
+/// Brings the schema up to `SCHEMA_VERSION` in one immediate transaction, so two servers
+/// started on the same file cannot both run the same migration.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 =
+        tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        // Refuse rather than guess: an older build writing a newer schema could corrupt it.
+        return Err(StoreError::UnsupportedSchema(current));
+    }
+    if current < 1 {
+        tx.execute_batch(SCHEMA_V1)?;
+    }
+    if current < SCHEMA_VERSION {
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn validate_name(name: &str) -> Result<(), StoreError> {
+    let ok_len = (1..=MAX_NAME_LEN).contains(&name.len());
+    let ok_chars =
+        name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(format!(
+            "{name:?}: must be 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+        )))
+    }
+}
+
+fn hash_key(plaintext: &str) -> String {
+    hex::encode(Sha256::digest(plaintext.as_bytes()))
+}
+
+fn encode_token(created_at: i64, id: &str) -> String {
+    hex::encode(format!("{created_at}:{id}"))
+}
+
+fn decode_token(token: &str) -> Result<(i64, String), StoreError> {
+    let bytes = hex::decode(token).map_err(|_| StoreError::InvalidToken)?;
+    let text = String::from_utf8(bytes).map_err(|_| StoreError::InvalidToken)?;
+    // split_once on the first ':' because created_at never contains one, while ids might.
+    let (created_at, id) = text.split_once(':').ok_or(StoreError::InvalidToken)?;
+    let created_at = created_at.parse::<i64>().map_err(|_| StoreError::InvalidToken)?;
+    if id.is_empty() {
+        return Err(StoreError::InvalidToken);
+    }
+    Ok((created_at, id.to_owned()))
+}
+
+fn not_found_if_zero(changed: usize, id: &str) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!("sandbox {id}")));
+    }
+    Ok(())
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo { id: row.get(0)?, name: row.get(1)?, created_at: row.get(2)? })
+}
+
+fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
+    Ok(SandboxRecord {
+        id: row.get(0)?,
+        key_id: row.get(1)?,
+        template: row.get(2)?,
+        alias: row.get(3)?,
+        access_token: row.get(4)?,
+        created_at: row.get(5)?,
+        end_at: row.get(6)?,
+        cpu_count: row.get(7)?,
+        memory_mb: row.get(8)?,
+        disk_mb: row.get(9)?,
+        metadata: json_column(row, 10)?,
+        env: json_column(row, 11)?,
+        state: row.get(12)?,
+        agent_pid: row.get(13)?,
+        cgroup_slot: row.get(14)?,
+    })
+}
+
+/// Decodes a JSON map column. A decode failure means the file was edited or corrupted, and is
+/// reported as a column conversion error naming the column.
+fn json_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<BTreeMap<String, String>> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn since_epoch() -> Duration {
+    // A clock before 1970 is a broken host; 0 keeps the store usable rather than failing
+    // every write.
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+fn unix_secs() -> i64 {
+    i64::try_from(since_epoch().as_secs()).unwrap_or(i64::MAX)
+}
+
+fn unix_millis() -> i64 {
+    i64::try_from(since_epoch().as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::HashSet;
+
+    fn sandbox(id: &str, key_id: &str, created_at: i64) -> SandboxRecord {
+        SandboxRecord {
+            id: id.to_owned(),
+            key_id: key_id.to_owned(),
+            template: "base".to_owned(),
+            alias: None,
+            access_token: format!("tok-{id}"),
+            created_at,
+            end_at: created_at + 300_000,
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_mb: 1024,
+            metadata: BTreeMap::new(),
+            env: BTreeMap::new(),
+            state: SandboxState::Running,
+            agent_pid: None,
+            cgroup_slot: None,
+        }
+    }
+
+    #[test]
+    fn key_format_and_only_hash_stored() {
+        let store = Store::open_in_memory().unwrap();
+        let (id, key) = store.create_key("ci-runner.1").unwrap();
+        assert_eq!(key.len(), 44);
+        assert!(key.starts_with("e2b_"));
+        assert!(key[4..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+
+        let conn = store.conn();
+        let (stored_hash, name): (String, String) = conn
+            .query_row("SELECT key_hash, name FROM api_keys WHERE id = ?1", [&id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(stored_hash, hash_key(&key));
+        assert_eq!(name, "ci-runner.1");
+        // The plaintext (or its random part) must appear in no column of any row.
+        let leaked: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM api_keys WHERE id LIKE ?1 OR name LIKE ?1 \
+                 OR key_hash LIKE ?1",
+                [format!("%{}%", &key[4..])],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(leaked, 0);
+    }
+
+    #[test]
+    fn verify_good_and_bad_keys_and_revoke() {
+        let store = Store::open_in_memory().unwrap();
+        let (id, key) = store.create_key("alice").unwrap();
+        let (_, other) = store.create_key("bob").unwrap();
+        assert_ne!(key, other);
+
+        let info = store.verify_key(&key).unwrap().unwrap();
+        assert_eq!(info.id, id);
+        assert_eq!(info.name, "alice");
+        assert!(
+            store.verify_key("e2b_0000000000000000000000000000000000000000").unwrap().is_none()
+        );
+        assert!(store.verify_key("").unwrap().is_none());
+
+        let names: Vec<String> = store.list_keys().unwrap().into_iter().map(|k| k.name).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&"alice".to_owned()) && names.contains(&"bob".to_owned()));
+
+        store.revoke_key(&id).unwrap();
+        assert!(store.verify_key(&key).unwrap().is_none());
+        assert!(store.verify_key(&other).unwrap().is_some());
+        assert!(matches!(store.revoke_key(&id), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn invalid_key_names_rejected() {
+        let store = Store::open_in_memory().unwrap();
+        let long = "a".repeat(65);
+        for bad in ["", "has space", "slash/", "ünïcode", "semi;colon", long.as_str()] {
+            match store.create_key(bad) {
+                Err(StoreError::InvalidName(msg)) => assert!(msg.contains("1 to 64")),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+        store.create_key(&"a".repeat(64)).unwrap();
+        store.create_key("A-z_0.9").unwrap();
+        assert_eq!(store.list_keys().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn sandbox_round_trip_and_updates() {
+        let store = Store::open_in_memory().unwrap();
+        let mut rec = sandbox("sbx1", "k1", 1_000);
+        rec.alias = Some("my-template".to_owned());
+        rec.metadata.insert("team".to_owned(), "infra".to_owned());
+        rec.metadata.insert("weird \"key\"".to_owned(), "ü\n".to_owned());
+        rec.env.insert("PATH".to_owned(), "/usr/bin".to_owned());
+        rec.agent_pid = Some(4242);
+        rec.cgroup_slot = Some(7);
+        store.insert_sandbox(&rec).unwrap();
+        assert_eq!(store.get_sandbox("sbx1").unwrap(), Some(rec.clone()));
+        assert_eq!(store.get_sandbox("nope").unwrap(), None);
+        assert!(store.insert_sandbox(&rec).is_err(), "duplicate id must fail");
+
+        store.set_end_at("sbx1", 99_999).unwrap();
+        store.set_agent("sbx1", None, Some(3)).unwrap();
+        let got = store.get_sandbox("sbx1").unwrap().unwrap();
+        assert_eq!(got.end_at, 99_999);
+        assert_eq!(got.agent_pid, None);
+        assert_eq!(got.cgroup_slot, Some(3));
+
+        assert!(matches!(store.set_end_at("nope", 1), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.set_state("nope", SandboxState::Paused),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(store.set_agent("nope", None, None), Err(StoreError::NotFound(_))));
+
+        store.delete_sandbox("sbx1").unwrap();
+        assert_eq!(store.get_sandbox("sbx1").unwrap(), None);
+        assert!(matches!(store.delete_sandbox("sbx1"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn list_is_isolated_per_key() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_sandbox(&sandbox("a1", "ka", 1)).unwrap();
+        store.insert_sandbox(&sandbox("a2", "ka", 2)).unwrap();
+        store.insert_sandbox(&sandbox("b1", "kb", 3)).unwrap();
+
+        let (a, tok) = store.list_sandboxes("ka", &ListQuery::default()).unwrap();
+        assert_eq!(a.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a1", "a2"]);
+        assert!(tok.is_none());
+        let (b, _) = store.list_sandboxes("kb", &ListQuery::default()).unwrap();
+        assert_eq!(b.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["b1"]);
+        let (none, _) = store.list_sandboxes("kc", &ListQuery::default()).unwrap();
+        assert!(none.is_empty());
+
+        // A cursor pointing into another key's range still only yields the caller's rows.
+        let q = ListQuery { next_token: Some(encode_token(0, "a")), ..ListQuery::default() };
+        let (b, _) = store.list_sandboxes("kb", &q).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].key_id, "kb");
+    }
+
+    #[test]
+    fn metadata_and_state_filters() {
+        let store = Store::open_in_memory().unwrap();
+        for (i, team) in ["infra", "web", "infra", "infra"].iter().enumerate() {
+            let mut rec = sandbox(&format!("s{i}"), "k", i as i64);
+            rec.metadata.insert("team".to_owned(), (*team).to_owned());
+            rec.metadata.insert("n".to_owned(), i.to_string());
+            store.insert_sandbox(&rec).unwrap();
+        }
+        store.set_state("s3", SandboxState::Paused).unwrap();
+
+        let ids = |q: &ListQuery| -> Vec<String> {
+            store.list_sandboxes("k", q).unwrap().0.into_iter().map(|r| r.id).collect()
+        };
+        let mut q = ListQuery::default();
+        q.metadata.insert("team".to_owned(), "infra".to_owned());
+        assert_eq!(ids(&q), ["s0", "s2", "s3"]);
+        q.metadata.insert("n".to_owned(), "2".to_owned());
+        assert_eq!(ids(&q), ["s2"]);
+        q.metadata.insert("missing".to_owned(), "x".to_owned());
+        assert!(ids(&q).is_empty());
+
+        let mut q = ListQuery { state: Some(vec![SandboxState::Paused]), ..Default::default() };
+        assert_eq!(ids(&q), ["s3"]);
+        q.state = Some(vec![SandboxState::Running, SandboxState::Paused]);
+        assert_eq!(ids(&q).len(), 4);
+        q.state = Some(vec![]);
+        assert_eq!(ids(&q).len(), 4);
+
+        // Filtered pagination: pages stay full and the last one carries no token.
+        let mut q = ListQuery { limit: 2, ..Default::default() };
+        q.metadata.insert("team".to_owned(), "infra".to_owned());
+        let (p1, t1) = store.list_sandboxes("k", &q).unwrap();
+        assert_eq!(p1.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s0", "s2"]);
+        q.next_token = t1;
+        let (p2, t2) = store.list_sandboxes("k", &q).unwrap();
+        assert_eq!(p2.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s3"]);
+        assert!(t2.is_none());
+    }
+
+    #[test]
+    fn pagination_three_pages() {
+        let store = Store::open_in_memory().unwrap();
+        // Two rows share created_at so the id tiebreak is exercised.
+        for (id, ts) in [("e", 30), ("a", 10), ("c", 20), ("b", 20), ("d", 25)] {
+            store.insert_sandbox(&sandbox(id, "k", ts)).unwrap();
+        }
+        store.insert_sandbox(&sandbox("other", "k2", 15)).unwrap();
+
+        let mut q = ListQuery { limit: 2, ..Default::default() };
+        let mut pages = Vec::new();
+        loop {
+            let (page, token) = store.list_sandboxes("k", &q).unwrap();
+            pages.push(page.into_iter().map(|r| r.id).collect::<Vec<_>>());
+            match token {
+                Some(t) => q.next_token = Some(t),
+                None => break,
+            }
+            assert!(pages.len() <= 3, "too many pages");
+        }
+        assert_eq!(pages, vec![vec!["a", "b"], vec!["c", "d"], vec!["e"]]);
+        let all: Vec<&String> = pages.iter().flatten().collect();
+        assert_eq!(all.iter().collect::<HashSet<_>>().len(), 5, "duplicates across pages");
+
+        // 5 rows, limit 4: the token is issued only because a fifth row exists.
+        let q = ListQuery { limit: 4, ..Default::default() };
+        let (p, t) = store.list_sandboxes("k", &q).unwrap();
+        assert_eq!(p.len(), 4);
+        let (p, t) = store.list_sandboxes("k", &ListQuery { next_token: t, ..q }).unwrap();
+        assert_eq!(p.len(), 1);
+        assert!(t.is_none());
+    }
+
+    #[test]
+    fn bad_tokens_and_limits_rejected() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_sandbox(&sandbox("a", "k", 1)).unwrap();
+        let bad = [
+            "zz".to_owned(),
+            "abc".to_owned(),
+            hex::encode("no-colon"),
+            hex::encode("notanumber:id"),
+            hex::encode("12:"),
+            hex::encode([0xff, 0xfe, b':', b'a']),
+        ];
+        for token in bad {
+            let q = ListQuery { next_token: Some(token.clone()), ..Default::default() };
+            assert!(
+                matches!(store.list_sandboxes("k", &q), Err(StoreError::InvalidToken)),
+                "{token:?} accepted"
+            );
+        }
+        for limit in [0, 1001] {
+            let q = ListQuery { limit, ..Default::default() };
+            assert!(matches!(store.list_sandboxes("k", &q), Err(StoreError::InvalidLimit(_))));
+        }
+        let q = ListQuery { limit: 1000, ..Default::default() };
+        assert_eq!(store.list_sandboxes("k", &q).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn set_state_and_live_sandboxes() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_sandbox(&sandbox("a", "k1", 1)).unwrap();
+        store.insert_sandbox(&sandbox("b", "k2", 2)).unwrap();
+        store.insert_sandbox(&sandbox("c", "k1", 3)).unwrap();
+        store.set_state("b", SandboxState::Paused).unwrap();
+        store.set_state("c", SandboxState::Killed).unwrap();
+        assert_eq!(store.get_sandbox("c").unwrap().unwrap().state, SandboxState::Killed);
+
+        let live = store.live_sandboxes().unwrap();
+        let ids: Vec<(&str, SandboxState)> =
+            live.iter().map(|r| (r.id.as_str(), r.state)).collect();
+        assert_eq!(ids, [("a", SandboxState::Running), ("b", SandboxState::Paused)]);
+
+        // State is stored as readable text, not an integer.
+        let raw: String = store
+            .conn()
+            .query_row("SELECT state FROM sandboxes WHERE id = 'b'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(raw, "paused");
+        assert_eq!(serde_json::to_value(SandboxState::Paused).unwrap(), json!("paused"));
+    }
+
+    #[test]
+    fn events_append_in_order_and_cascade() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_sandbox(&sandbox("a", "k", 1)).unwrap();
+        store.insert_sandbox(&sandbox("b", "k", 2)).unwrap();
+        store.record_event("a", "created", &json!({"template": "base"})).unwrap();
+        store.record_event("b", "created", &json!(null)).unwrap();
+        store.record_event("a", "paused", &json!({"reason": "timeout", "n": [1, 2]})).unwrap();
+
+        let ev = store.events_for("a").unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].1, "created");
+        assert_eq!(ev[0].2, json!({"template": "base"}));
+        assert_eq!(ev[1].1, "paused");
+        assert_eq!(ev[1].2, json!({"reason": "timeout", "n": [1, 2]}));
+        assert!(ev[0].0 <= ev[1].0 && ev[0].0 > 1_600_000_000_000, "timestamps are unix ms");
+        assert!(store.events_for("nope").unwrap().is_empty());
+
+        assert!(matches!(
+            store.record_event("nope", "x", &json!({})),
+            Err(StoreError::NotFound(_))
+        ));
+        store.delete_sandbox("a").unwrap();
+        assert!(store.events_for("a").unwrap().is_empty());
+        assert_eq!(store.events_for("b").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn on_disk_persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        // A parent directory that does not exist yet: open must create it.
+        let path = dir.path().join("state").join("ringfence.db");
+        let mut rec = sandbox("persist", "k", 5);
+        rec.metadata.insert("x".to_owned(), "y".to_owned());
+        let (id, key) = {
+            let store = Store::open(&path).unwrap();
+            let mode: String =
+                store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+            assert_eq!(mode, "wal");
+            let sync: i64 = store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let created = store.create_key("disk").unwrap();
+            store.insert_sandbox(&rec).unwrap();
+            store.record_event("persist", "created", &json!({"ok": true})).unwrap();
+            created
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.verify_key(&key).unwrap().map(|k| k.id), Some(id));
+        assert_eq!(store.get_sandbox("persist").unwrap(), Some(rec));
+        assert_eq!(store.events_for("persist").unwrap().len(), 1);
+        let version: i64 =
+            store.conn().query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn newer_schema_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(Store::open(&path).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
+        }
+        assert!(matches!(Store::open(&path), Err(StoreError::UnsupportedSchema(99))));
+    }
+}

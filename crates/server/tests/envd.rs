@@ -1,0 +1,875 @@
+//! envd end to end: hand-built HTTP requests through `envd::handle` into a real serve-mode
+//! sandbox, checked at the wire level the SDKs see (Connect envelopes, status codes, JSON
+//! shapes).
+//!
+//! Needs root (namespaces, cgroups, mounts) and the agent binary: `RINGFENCE_AGENT`, or
+//! `target/<profile>/ringfence-agent` (`cargo build -p ringfence --bin ringfence-agent`).
+//! Without either, each test prints SKIPPED and returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::Response;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use futures_util::StreamExt;
+use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::launch::{DEFAULT_WRITABLE, Sandbox, SandboxSpec};
+use ringfence_jail::limits::Limits;
+use ringfence_jail::monitor::Supervisor;
+use ringfence_jail::{JailConfig, preflight, seccomp, template};
+use ringfence_server::agent_client::AgentClient;
+use ringfence_server::envd::{self, EnvdState};
+use serde_json::{Value, json};
+
+/// Cgroup slots of these tests, apart from the CLI's and its tests'.
+const POOL_PREFIX: &str = "envdtest";
+/// Longest any single wait may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn agent_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
+        return Some(PathBuf::from(p));
+    }
+    // target/<profile>/deps/envd-<hash> → target/<profile>/ringfence-agent
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.parent()?.join("ringfence-agent");
+    candidate.exists().then_some(candidate)
+}
+
+/// A serve-mode sandbox, its agent client and envd state. Fields drop in order.
+struct Env {
+    client: Arc<AgentClient>,
+    state: Arc<EnvdState>,
+    _sandbox: Sandbox,
+    _supervisor: Option<Supervisor>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn start(test: &str) -> Option<Env> {
+    if ringfence_sys::euid() != 0 {
+        eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
+        return None;
+    }
+    let Some(agent) = agent_binary() else {
+        eprintln!("SKIPPED {test}: no agent binary (set RINGFENCE_AGENT)");
+        return None;
+    };
+    preflight::check(&agent, true).expect("preflight");
+    let mut cfg = JailConfig::with_agent(agent);
+    cfg.data_dir = PathBuf::from("/var/lib/ringfence");
+    cfg.run_dir = PathBuf::from("/run/ringfence");
+    let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
+    let layout = Layout::detect().expect("cgroup layout");
+    let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
+    let null_in = File::open("/dev/null").unwrap();
+    let null_out = OpenOptions::new().write(true).open("/dev/null").unwrap();
+    let id = ringfence_jail::new_sandbox_id();
+    let spec = SandboxSpec {
+        id: id.clone(),
+        template: tmpl,
+        limits: Limits::default(),
+        seccomp: Some(seccomp::default_profile(true).expect("seccomp profile")),
+        landlock: true,
+        writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+        env: Default::default(),
+        initial: None,
+        exit_with_initial: false,
+        stdio: [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
+        die_with_parent: true,
+        setup_timeout: Duration::from_secs(30),
+    };
+    let mut sandbox = Sandbox::start(&cfg, Some(&pool), spec).expect("start sandbox");
+    let supervisor =
+        sandbox.take_listener().map(|l| Supervisor::start(l, id).expect("seccomp supervisor"));
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let control = sandbox.control_clone().expect("control channel");
+    let client = rt.block_on(async { AgentClient::new(control) }).expect("agent client");
+    Some(Env {
+        client,
+        state: Arc::new(EnvdState::new()),
+        _sandbox: sandbox,
+        _supervisor: supervisor,
+        rt,
+    })
+}
+
+macro_rules! env_or_skip {
+    () => {
+        match start(module_path!()) {
+            Some(env) => env,
+            None => return,
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire helpers.
+
+fn envelope(flags: u8, msg: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).unwrap();
+    let mut out = vec![flags];
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Splits a complete body into (flags, JSON) frames.
+fn split_frames(bytes: &[u8]) -> Vec<(u8, Value)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        assert!(rest.len() >= 5, "truncated envelope prefix");
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let json = serde_json::from_slice(&rest[5..5 + len]).unwrap();
+        out.push((rest[0], json));
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+fn request(method: &str, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Request {
+    let mut b = axum::http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Body::from(body)).unwrap()
+}
+
+/// Reads a streaming body frame by frame.
+struct FrameStream {
+    body: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+}
+
+impl FrameStream {
+    fn new(resp: Response) -> Self {
+        FrameStream { body: resp.into_body().into_data_stream(), buf: Vec::new() }
+    }
+
+    async fn next(&mut self) -> Option<(u8, Value)> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() >= 5 + len {
+                    let flags = self.buf[0];
+                    let json = serde_json::from_slice(&self.buf[5..5 + len]).unwrap();
+                    self.buf.drain(..5 + len);
+                    return Some((flags, json));
+                }
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.next()).await.expect("stream stalled");
+            match chunk {
+                Some(Ok(b)) => self.buf.extend_from_slice(&b),
+                Some(Err(e)) => panic!("stream failed: {e}"),
+                None => {
+                    assert!(self.buf.is_empty(), "stream ended inside a frame");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Everything until the end-of-stream frame, which is returned last.
+    async fn rest(&mut self) -> Vec<(u8, Value)> {
+        let mut out = Vec::new();
+        while let Some(f) = self.next().await {
+            let end = f.0 & 2 != 0;
+            out.push(f);
+            if end {
+                break;
+            }
+        }
+        assert!(self.next().await.is_none(), "frames after the end of stream");
+        out
+    }
+}
+
+/// What a process stream carried.
+#[derive(Debug, Default)]
+struct Output {
+    pid: Option<u64>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    pty: Vec<u8>,
+    end: Option<Value>,
+    trailer: Option<Value>,
+}
+
+fn collect(frames: &[(u8, Value)]) -> Output {
+    let mut out = Output::default();
+    for (i, (flags, msg)) in frames.iter().enumerate() {
+        if flags & 2 != 0 {
+            assert_eq!(i, frames.len() - 1, "end of stream must come last");
+            out.trailer = Some(msg.clone());
+            continue;
+        }
+        let ev = &msg["event"];
+        if let Some(start) = ev.get("start") {
+            assert_eq!(i, 0, "start must be the first event");
+            out.pid = start["pid"].as_u64();
+        } else if let Some(data) = ev.get("data") {
+            let take = |k: &str| data.get(k).map(|v| STANDARD.decode(v.as_str().unwrap()).unwrap());
+            if let Some(b) = take("stdout") {
+                out.stdout.extend(b);
+            }
+            if let Some(b) = take("stderr") {
+                out.stderr.extend(b);
+            }
+            if let Some(b) = take("pty") {
+                out.pty.extend(b);
+            }
+        } else if let Some(end) = ev.get("end") {
+            out.end = Some(end.clone());
+        } else {
+            assert!(ev.get("keepalive").is_some(), "unknown event {msg}");
+        }
+    }
+    out
+}
+
+impl Env {
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    async fn send(&self, req: Request) -> Response {
+        envd::handle(self.client.clone(), self.state.clone(), req).await
+    }
+
+    /// A unary Connect call: (status, JSON body).
+    async fn unary(&self, method: &str, msg: Value) -> (StatusCode, Value) {
+        let req = request(
+            "POST",
+            &format!("/{method}"),
+            &[("content-type", "application/json"), ("connect-protocol-version", "1")],
+            serde_json::to_vec(&msg).unwrap(),
+        );
+        let resp = self.send(req).await;
+        let status = resp.status();
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    async fn ok(&self, method: &str, msg: Value) -> Value {
+        let (status, v) = self.unary(method, msg).await;
+        assert_eq!(status, StatusCode::OK, "{method}: {v}");
+        v
+    }
+
+    /// A server-streaming call; checks the exact content type.
+    async fn stream(&self, method: &str, msg: Value, headers: &[(&str, &str)]) -> FrameStream {
+        let mut h =
+            vec![("content-type", "application/connect+json"), ("connect-protocol-version", "1")];
+        h.extend_from_slice(headers);
+        let req = request("POST", &format!("/{method}"), &h, envelope(0, &msg));
+        let resp = self.send(req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "application/connect+json");
+        FrameStream::new(resp)
+    }
+
+    async fn run(&self, msg: Value) -> Output {
+        collect(&self.stream("process.Process/Start", msg, &[]).await.rest().await)
+    }
+
+    async fn sh(&self, script: &str) -> Output {
+        self.run(json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}, "stdin": false}))
+            .await
+    }
+
+    async fn pids(&self) -> Vec<u64> {
+        let v = self.ok("process.Process/List", json!({})).await;
+        v["processes"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect()
+    }
+
+    /// Polls (bounded) until `pred` holds for the process list.
+    async fn until_pids(&self, what: &str, pred: impl Fn(&[u64]) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if pred(&self.pids().await) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn get_file(&self, query: &str, headers: &[(&str, &str)]) -> Response {
+        self.send(request("GET", &format!("/files?{query}"), headers, Vec::new())).await
+    }
+
+    async fn post_file(&self, query: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Response {
+        self.send(request("POST", &format!("/files?{query}"), headers, body)).await
+    }
+}
+
+async fn json_body(resp: Response) -> Value {
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn raw_body(resp: Response) -> Vec<u8> {
+    axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+    out
+}
+
+fn multipart(boundary: &str, parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn health_and_unknown_routes() {
+    let env = env_or_skip!();
+    env.block(async {
+        let r = env.send(request("GET", "/health", &[], Vec::new())).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let r = env.send(request("POST", "/process.Process/Nope", &[], Vec::new())).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(json_body(r).await["code"], "unimplemented");
+        let r = env.send(request("GET", "/nope", &[], Vec::new())).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    });
+}
+
+#[test]
+fn commands_run_like_the_capture() {
+    let env = env_or_skip!();
+    env.block(async {
+        // The SDK's `commands.run('echo hi')`.
+        let out = env
+            .run(json!({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo hi"]}, "stdin": false}))
+            .await;
+        assert!(out.pid.is_some_and(|p| p > 0));
+        assert_eq!(out.stdout, b"hi\n");
+        assert_eq!(out.end, Some(json!({"exited": true, "status": "exit status 0"})));
+        assert_eq!(out.trailer, Some(json!({})));
+
+        let out = env.sh("echo oops >&2; exit 3").await;
+        assert_eq!(out.stderr, b"oops\n");
+        let end = out.end.unwrap();
+        assert_eq!(end["exitCode"], 3);
+        assert_eq!(end["status"], "exit status 3");
+
+        // Environment, working directory and user.
+        let out = env
+            .run(json!({
+                "process": {"cmd": "/bin/sh", "args": ["-c", "echo $FOO; pwd; id -u"], "envs": {"FOO": "bar"}, "cwd": "/tmp"},
+                "stdin": false
+            }))
+            .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "bar\n/tmp\n1000\n");
+
+        // A bare JSON body is accepted too.
+        let req = request(
+            "POST",
+            "/process.Process/Start",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&json!({"process": {"cmd": "/bin/echo", "args": ["x"]}})).unwrap(),
+        );
+        let out = collect(&FrameStream::new(env.send(req).await).rest().await);
+        assert_eq!(out.stdout, b"x\n");
+
+        // Root by Basic auth.
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sh", "args": ["-c", "id -u"]}, "stdin": false}),
+                &[("authorization", "Basic cm9vdDo=")],
+            )
+            .await;
+        assert_eq!(collect(&s.rest().await).stdout, b"0\n");
+
+        // Spawn failures end the stream with an error, status 200.
+        let frames = env
+            .stream("process.Process/Start", json!({"process": {"cmd": "/no/such/cmd"}}), &[])
+            .await
+            .rest()
+            .await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].0, 2);
+        assert_eq!(frames[0].1["error"]["code"], "not_found");
+        let frames = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/true"}}),
+                &[("authorization", "Basic Ym9iOg==")],
+            )
+            .await
+            .rest()
+            .await;
+        assert_eq!(frames[0].1["error"]["code"], "unauthenticated");
+    });
+}
+
+#[test]
+fn stdin_signals_tags_and_reconnects() {
+    let env = env_or_skip!();
+    env.block(async {
+        // stdin defaults to open; SendInput, then CloseStdin ends `cat`.
+        let mut s = env
+            .stream("process.Process/Start", json!({"process": {"cmd": "/bin/cat"}}), &[])
+            .await;
+        let (_, start) = s.next().await.unwrap();
+        let pid = start["event"]["start"]["pid"].as_u64().unwrap();
+        let sel = json!({"pid": pid});
+        env.ok("process.Process/SendInput", json!({"process": sel, "input": {"stdin": "aGkK"}}))
+            .await;
+        let (_, data) = s.next().await.unwrap();
+        assert_eq!(data["event"]["data"]["stdout"], "aGkK");
+        env.ok("process.Process/CloseStdin", json!({"process": sel})).await;
+        let out = collect(&s.rest().await);
+        assert_eq!(out.end.unwrap()["exited"], true);
+
+        // A tagged process shows in List, is found by tag, and SIGKILL ends it.
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "tag": "sleeper", "stdin": false}),
+                &[],
+            )
+            .await;
+        let (_, start) = s.next().await.unwrap();
+        let pid = start["event"]["start"]["pid"].as_u64().unwrap();
+        let list = env.ok("process.Process/List", json!({})).await;
+        let mine = list["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .cloned()
+            .unwrap();
+        assert_eq!(mine["tag"], "sleeper");
+        assert_eq!(mine["config"]["cmd"], "/bin/sleep");
+        assert_eq!(mine["config"]["args"], json!(["30"]));
+        env.ok(
+            "process.Process/SendSignal",
+            json!({"process": {"tag": "sleeper"}, "signal": "SIGNAL_SIGKILL"}),
+        )
+        .await;
+        let end = collect(&s.rest().await).end.unwrap();
+        assert_eq!(end, json!({"exitCode": -1, "exited": false, "status": "signal: killed", "error": "signal: killed"}));
+        // Gone: the SDK's kill() returns False on not_found.
+        let (status, v) = env
+            .unary(
+                "process.Process/SendSignal",
+                json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(v["code"], "not_found");
+
+        // A process outlives its stream; Connect reattaches and sees the end.
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sh", "args": ["-c", "read x; echo got $x"]}}),
+                &[],
+            )
+            .await;
+        let (_, start) = s.next().await.unwrap();
+        let pid = start["event"]["start"]["pid"].as_u64().unwrap();
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(env.pids().await.contains(&pid), "the process died with its stream");
+        let mut c = env.stream("process.Process/Connect", json!({"process": {"pid": pid}}), &[]).await;
+        let (_, first) = c.next().await.unwrap();
+        assert_eq!(first["event"]["start"]["pid"], pid);
+        env.ok("process.Process/SendInput", json!({"process": {"pid": pid}, "input": {"stdin": "eW8K"}}))
+            .await;
+        let out = collect(&c.rest().await);
+        assert_eq!(out.stdout, b"got yo\n");
+        assert_eq!(out.end.unwrap()["exited"], true);
+
+        // Connect to nothing.
+        let frames = env
+            .stream("process.Process/Connect", json!({"process": {"pid": 999_999}}), &[])
+            .await
+            .rest()
+            .await;
+        assert_eq!(frames[0].1["error"]["code"], "not_found");
+
+        // StreamInput: client streaming, then a single `{}` and the end of stream.
+        let mut s = env
+            .stream("process.Process/Start", json!({"process": {"cmd": "/bin/cat"}, "tag": "c2"}), &[])
+            .await;
+        s.next().await.unwrap();
+        let mut body = envelope(0, &json!({"start": {"process": {"tag": "c2"}}}));
+        body.extend(envelope(0, &json!({"keepalive": {}})));
+        body.extend(envelope(0, &json!({"data": {"input": {"stdin": "YWI="}}})));
+        body.extend(envelope(0, &json!({"data": {"input": {"stdin": "Ywo="}}})));
+        let req = request(
+            "POST",
+            "/process.Process/StreamInput",
+            &[("content-type", "application/connect+json")],
+            body,
+        );
+        let resp = env.send(req).await;
+        assert_eq!(resp.headers()["content-type"], "application/connect+json");
+        assert_eq!(split_frames(&raw_body(resp).await), vec![(0, json!({})), (2, json!({}))]);
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let (_, data) = s.next().await.unwrap();
+            got.extend(STANDARD.decode(data["event"]["data"]["stdout"].as_str().unwrap()).unwrap());
+        }
+        assert_eq!(got, b"abc\n");
+        env.ok("process.Process/SendSignal", json!({"process": {"tag": "c2"}, "signal": "SIGNAL_SIGTERM"}))
+            .await;
+        assert_eq!(collect(&s.rest().await).end.unwrap()["status"], "signal: terminated");
+    });
+}
+
+#[test]
+fn pty_sessions() {
+    let env = env_or_skip!();
+    env.block(async {
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({
+                    "process": {"cmd": "/bin/sh", "args": ["-c", "stty size; read x; echo got $x; stty size"], "envs": {"TERM": "xterm"}},
+                    "pty": {"size": {"cols": 100, "rows": 30}},
+                    "stdin": false
+                }),
+                &[],
+            )
+            .await;
+        let (_, start) = s.next().await.unwrap();
+        let pid = start["event"]["start"]["pid"].as_u64().unwrap();
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("30 100") {
+            let (_, f) = s.next().await.unwrap();
+            let pty = f["event"]["data"]["pty"].as_str().expect("pty data");
+            seen.extend(STANDARD.decode(pty).unwrap());
+        }
+        env.ok(
+            "process.Process/Update",
+            json!({"process": {"pid": pid}, "pty": {"size": {"cols": 120, "rows": 40}}}),
+        )
+        .await;
+        env.ok("process.Process/SendInput", json!({"process": {"pid": pid}, "input": {"pty": "aGkK"}}))
+            .await;
+        let out = collect(&s.rest().await);
+        let text = String::from_utf8_lossy(&out.pty);
+        assert!(text.contains("got hi"), "{text:?}");
+        assert!(text.contains("40 120"), "{text:?}");
+        assert_eq!(out.end.unwrap()["exited"], true);
+    });
+}
+
+#[test]
+fn deadlines_and_keepalives() {
+    let env = env_or_skip!();
+    env.block(async {
+        // Start's Connect-Timeout-Ms kills the command, as envd does.
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "stdin": false}),
+                &[("connect-timeout-ms", "1500"), ("keepalive-ping-interval", "1")],
+            )
+            .await;
+        let frames = s.rest().await;
+        let pid = frames[0].1["event"]["start"]["pid"].as_u64().unwrap();
+        assert!(
+            frames.iter().any(|(_, f)| f["event"].get("keepalive").is_some()),
+            "no keepalive in {frames:?}"
+        );
+        let (flags, last) = frames.last().unwrap();
+        assert_eq!(*flags, 2);
+        assert_eq!(last["error"]["code"], "deadline_exceeded");
+        env.until_pids("the timed-out command to die", |p| !p.contains(&pid)).await;
+
+        // Even when the client went away first.
+        let mut s = env
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "stdin": false}),
+                &[("connect-timeout-ms", "1000")],
+            )
+            .await;
+        let (_, start) = s.next().await.unwrap();
+        let pid = start["event"]["start"]["pid"].as_u64().unwrap();
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(env.pids().await.contains(&pid));
+        env.until_pids("the abandoned command to die", |p| !p.contains(&pid)).await;
+    });
+}
+
+#[test]
+fn files_upload_and_download() {
+    let env = env_or_skip!();
+    env.block(async {
+        // The SDK's multipart write with `path`.
+        let body = multipart("XyZ", &[("file", "/tmp/a", b"x")]);
+        let r = env
+            .post_file(
+                "path=/tmp/a",
+                &[("content-type", "multipart/form-data; boundary=XyZ")],
+                body,
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(json_body(r).await, json!([{"name": "a", "type": "file", "path": "/tmp/a"}]));
+        let r = env.get_file("path=/tmp/a", &[("accept-encoding", "identity")]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-disposition"], "inline; filename=\"a\"");
+        assert_eq!(raw_body(r).await, b"x");
+
+        // Several files, targets from the file names; relative ones land in the home.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let body = multipart("b0", &[("file", "d/one.txt", b"1"), ("file", "/tmp/big.bin", &big)]);
+        let r = env
+            .post_file(
+                "username=user",
+                &[("content-type", "multipart/form-data; boundary=b0")],
+                body,
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            json_body(r).await,
+            json!([
+                {"name": "one.txt", "type": "file", "path": "/home/user/d/one.txt"},
+                {"name": "big.bin", "type": "file", "path": "/tmp/big.bin"}
+            ])
+        );
+        let r = env.get_file("path=d/one.txt", &[]).await;
+        assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(raw_body(r).await, b"1");
+
+        // Large downloads stream, with and without gzip.
+        let r = env.get_file("path=/tmp/big.bin", &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers().get("content-encoding").is_none());
+        assert_eq!(raw_body(r).await, big);
+        let r = env.get_file("path=/tmp/big.bin", &[("accept-encoding", "gzip, deflate")]).await;
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        assert_eq!(gunzip(&raw_body(r).await), big);
+
+        // Octet-stream, gzip-encoded, into a new directory; then an empty file.
+        let r = env
+            .post_file(
+                "path=/tmp/new/dir/z.txt",
+                &[("content-type", "application/octet-stream"), ("content-encoding", "gzip")],
+                gzip(&big),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(json_body(r).await[0]["path"], "/tmp/new/dir/z.txt");
+        let r = env.get_file("path=/tmp/new/dir/z.txt", &[]).await;
+        assert_eq!(raw_body(r).await, big);
+        let r = env
+            .post_file("path=/tmp/a", &[("content-type", "application/octet-stream")], Vec::new())
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(raw_body(env.get_file("path=/tmp/a", &[]).await).await, b"");
+
+        // Ownership follows the user.
+        let r = env
+            .post_file(
+                "path=/tmp/rootfile&username=root",
+                &[("content-type", "application/octet-stream")],
+                b"r".to_vec(),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v = env.ok("filesystem.Filesystem/Stat", json!({"path": "/tmp/rootfile"})).await;
+        assert_eq!(v["entry"]["owner"], "root");
+
+        // Errors: missing file, directory, unknown user, missing path, bad content type.
+        let r = env.get_file("path=/tmp/nope", &[]).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(json_body(r).await["code"], 404);
+        assert_eq!(env.get_file("path=/tmp", &[]).await.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            env.get_file("path=/tmp/a&username=bob", &[]).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(env.get_file("", &[]).await.status(), StatusCode::BAD_REQUEST);
+        let r =
+            env.post_file("", &[("content-type", "application/octet-stream")], b"x".to_vec()).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r =
+            env.post_file("path=/tmp/q", &[("content-type", "text/plain")], b"x".to_vec()).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = env
+            .post_file("path=/tmp", &[("content-type", "application/octet-stream")], b"x".to_vec())
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    });
+}
+
+#[test]
+fn filesystem_rpcs() {
+    let env = env_or_skip!();
+    env.block(async {
+        let v = env.ok("filesystem.Filesystem/MakeDir", json!({"path": "test_dir"})).await;
+        let e = &v["entry"];
+        assert_eq!(e["name"], "test_dir");
+        assert_eq!(e["type"], "FILE_TYPE_DIRECTORY");
+        assert_eq!(e["path"], "/home/user/test_dir");
+        assert_eq!(e["mode"], 0o755);
+        assert_eq!(e["permissions"], "drwxr-xr-x");
+        assert_eq!(e["owner"], "user");
+        assert_eq!(e["group"], "user");
+        assert!(e["modifiedTime"].as_str().unwrap().ends_with('Z'));
+        let (status, v) =
+            env.unary("filesystem.Filesystem/MakeDir", json!({"path": "test_dir"})).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(v["code"], "already_exists");
+
+        let body = multipart("b", &[("file", "test_dir/test.txt", b"test")]);
+        let r =
+            env.post_file("", &[("content-type", "multipart/form-data; boundary=b")], body).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v = env.ok("filesystem.Filesystem/Stat", json!({"path": "test_dir/test.txt"})).await;
+        let e = &v["entry"];
+        assert_eq!(e["type"], "FILE_TYPE_FILE");
+        assert_eq!(e["size"], "4");
+        assert_eq!(e["mode"], 0o644);
+        assert_eq!(e["permissions"], "-rw-r--r--");
+
+        // Symlinks report their target, as envd does (the SDK's test_file_symlink).
+        let out = env.sh("cd ~/test_dir && ln -s test.txt link && ln -s nowhere dangling").await;
+        assert_eq!(out.end.unwrap()["exited"], true);
+        let v = env.ok("filesystem.Filesystem/Stat", json!({"path": "test_dir/link"})).await;
+        let e = &v["entry"];
+        assert_eq!(e["type"], "FILE_TYPE_FILE");
+        assert_eq!(e["symlinkTarget"], "/home/user/test_dir/test.txt");
+        assert_eq!(e["permissions"], "Lrwxrwxrwx");
+        assert_eq!(e["mode"], 0o644);
+
+        let v = env.ok("filesystem.Filesystem/ListDir", json!({"path": "test_dir"})).await;
+        let names: Vec<&str> =
+            v["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["dangling", "link", "test.txt"]);
+        assert_eq!(v["entries"][0]["type"], "FILE_TYPE_UNSPECIFIED");
+        let v = env.ok("filesystem.Filesystem/ListDir", json!({"path": "", "depth": 2})).await;
+        assert!(
+            v["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["path"] == "/home/user/test_dir/test.txt")
+        );
+
+        let v = env
+            .ok(
+                "filesystem.Filesystem/Move",
+                json!({"source": "test_dir/test.txt", "destination": "moved/t.txt"}),
+            )
+            .await;
+        assert_eq!(v["entry"]["path"], "/home/user/moved/t.txt");
+        env.ok("filesystem.Filesystem/Remove", json!({"path": "moved"})).await;
+        let (status, v) = env.unary("filesystem.Filesystem/Stat", json!({"path": "moved"})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(v["code"], "not_found");
+        // As envd's os.RemoveAll: nothing to remove is no error.
+        env.ok("filesystem.Filesystem/Remove", json!({"path": "moved"})).await;
+        let (status, _) = env.unary("filesystem.Filesystem/Remove", json!({"path": ""})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) =
+            env.unary("filesystem.Filesystem/ListDir", json!({"path": "/etc/passwd"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    });
+}
+
+#[test]
+fn watches() {
+    let env = env_or_skip!();
+    env.block(async {
+        env.ok("filesystem.Filesystem/MakeDir", json!({"path": "/tmp/w"})).await;
+
+        // Polling watcher.
+        let v = env
+            .ok(
+                "filesystem.Filesystem/CreateWatcher",
+                json!({"path": "/tmp/w", "includeEntry": true}),
+            )
+            .await;
+        let id = v["watcherId"].as_str().unwrap().to_owned();
+        env.sh("echo hi > /tmp/w/f").await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut events = Vec::new();
+        while !events.iter().any(|e: &Value| e["type"] == "EVENT_TYPE_WRITE") {
+            assert!(tokio::time::Instant::now() < deadline, "no events: {events:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let v =
+                env.ok("filesystem.Filesystem/GetWatcherEvents", json!({"watcherId": id})).await;
+            events.extend(v["events"].as_array().unwrap().iter().cloned());
+        }
+        let create = events.iter().find(|e| e["type"] == "EVENT_TYPE_CREATE").unwrap();
+        assert_eq!(create["name"], "f");
+        assert_eq!(create["entry"]["path"], "/tmp/w/f");
+        env.ok("filesystem.Filesystem/RemoveWatcher", json!({"watcherId": id})).await;
+        let (status, _) =
+            env.unary("filesystem.Filesystem/GetWatcherEvents", json!({"watcherId": id})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // Streaming watcher.
+        let mut s = env
+            .stream(
+                "filesystem.Filesystem/WatchDir",
+                json!({"path": "/tmp/w", "recursive": true}),
+                &[("keepalive-ping-interval", "50")],
+            )
+            .await;
+        assert_eq!(s.next().await.unwrap(), (0, json!({"start": {}})));
+        env.sh("mkdir /tmp/w/sub && rm /tmp/w/f").await;
+        let mut seen = Vec::new();
+        while !seen.iter().any(|e: &Value| e["type"] == "EVENT_TYPE_REMOVE") {
+            let (_, f) = s.next().await.unwrap();
+            seen.push(f["filesystem"].clone());
+        }
+        assert!(seen.iter().any(|e| e["name"] == "sub" && e["type"] == "EVENT_TYPE_CREATE"));
+        assert!(seen.iter().any(|e| e["name"] == "f" && e.get("entry").is_none()));
+
+        // Not a directory.
+        let frames = env
+            .stream("filesystem.Filesystem/WatchDir", json!({"path": "/etc/passwd"}), &[])
+            .await
+            .rest()
+            .await;
+        assert_eq!(frames[0].1["error"]["code"], "invalid_argument");
+    });
+}

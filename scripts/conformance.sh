@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs tests/e2b/conformance.py (the unmodified `e2b` SDK from PyPI, in a venv) against a
+# fresh `ringfence serve` on a free loopback port. Needs root and a release or debug build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/debug/ringfence}
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade e2b
+data=$(mktemp -d)
+chmod 755 "$data"   # sandboxes mount the template from here as an unprivileged user
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+key=$("$BIN" keys create --name conformance --data-dir "$data" | tail -n 1)
+"$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" > "$data/serve.log" 2>&1 &
+server=$!
+cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$data"; }
+trap cleanup EXIT
+for _ in $(seq 100); do
+  curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key"
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+if ! "$VENV/bin/python" tests/e2b/conformance.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi

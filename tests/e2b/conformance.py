@@ -1,0 +1,125 @@
+"""Drives the unmodified `e2b` Python SDK against `ringfence serve`.
+
+Run by scripts/conformance.sh, which starts a server, creates a key and exports
+E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY. Each check prints one line; any failure raises.
+"""
+
+import sys
+import threading
+import time
+
+from e2b import Sandbox
+from e2b import CommandExitException, PtySize
+
+checks = 0
+
+
+def check(name, cond, detail=""):
+    global checks
+    checks += 1
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok   {name}")
+
+
+def main():
+    a = Sandbox.create(timeout=120, metadata={"suite": "conformance", "which": "a"}, envs={"FOO": "bar"})
+    b = Sandbox.create(timeout=120, metadata={"suite": "conformance", "which": "b"})
+    try:
+        # Commands: foreground, env, exit code.
+        r = a.commands.run("echo hi")
+        check("run foreground", r.stdout == "hi\n" and r.exit_code == 0, repr(r))
+        check("sandbox env vars", a.commands.run("echo $FOO").stdout == "bar\n")
+        check("runs as user", a.commands.run("whoami").stdout.strip() == "user")
+        try:
+            a.commands.run("echo err >&2; exit 3")
+            check("exit code raises", False, "no exception")
+        except CommandExitException as e:
+            check("exit code raises", e.exit_code == 3 and "err" in e.stderr, repr(e))
+
+        # Streaming callbacks fire as output is produced.
+        seen = []
+        a.commands.run("for i in 1 2 3; do echo $i; sleep 0.1; done", on_stdout=lambda s: seen.append(s))
+        check("on_stdout streaming", "".join(seen).split() == ["1", "2", "3"], repr(seen))
+
+        # Background, list, kill.
+        h = a.commands.run("sleep 30", background=True)
+        pids = [p.pid for p in a.commands.list()]
+        check("background listed", h.pid in pids, repr(pids))
+        check("kill background", a.commands.kill(h.pid) is True)
+        check("kill unknown pid", a.commands.kill(999999) is False)
+
+        # Stdin.
+        h = a.commands.run("cat", background=True, stdin=True)
+        a.commands.send_stdin(h.pid, "hello stdin\n")
+        a.commands.close_stdin(h.pid)
+        r = h.wait()
+        check("stdin", r.stdout == "hello stdin\n", repr(r.stdout))
+
+        # Reattach with connect.
+        h = a.commands.run("sleep 1; echo late", background=True)
+        h2 = a.commands.connect(h.pid)
+        check("commands.connect", h2.wait().stdout == "late\n")
+
+        # PTY.
+        out = []
+        p = a.pty.create(PtySize(rows=24, cols=80))
+        a.pty.send_stdin(p.pid, b"stty size; echo pty-$((40+2)); exit\n")
+        try:
+            p.wait(on_pty=lambda d: out.append(bytes(d)))
+        except CommandExitException:
+            pass
+        text = b"".join(out).decode(errors="replace")
+        check("pty session", "pty-42" in text and "24 80" in text, repr(text[-200:]))
+
+        # Files.
+        a.files.write("/home/user/a.txt", "x")
+        check("files write/read", a.files.read("/home/user/a.txt") == "x")
+        names = [e.name for e in a.files.list("/home/user")]
+        check("files list", "a.txt" in names, repr(names))
+        check("files exists", a.files.exists("/home/user/a.txt") and not a.files.exists("/home/user/nope"))
+        check("files make_dir", a.files.make_dir("/home/user/d") is True)
+        a.files.rename("/home/user/a.txt", "/home/user/d/b.txt")
+        check("files rename", a.files.exists("/home/user/d/b.txt") and not a.files.exists("/home/user/a.txt"))
+        a.files.remove("/home/user/d/b.txt")
+        check("files remove", not a.files.exists("/home/user/d/b.txt"))
+        big = bytes(range(256)) * 12000
+        a.files.write("/tmp/big.bin", big)
+        check("files binary 3 MB", a.files.read("/tmp/big.bin", format="bytes") == big)
+
+        # Watch.
+        w = a.files.watch_dir("/home/user/d")
+        a.files.write("/home/user/d/w.txt", "w")
+        time.sleep(0.5)
+        evs = w.get_new_events()
+        w.stop()
+        check("files watch", any(e.name.endswith("w.txt") for e in evs), repr(evs))
+
+        # Isolation between the two sandboxes.
+        check("sandboxes are separate", not b.files.exists("/home/user/d"))
+        check("second sandbox runs", b.commands.run("echo b").stdout == "b\n")
+
+        # Lifecycle: timeout, info, list, connect.
+        a.set_timeout(90)
+        info = a.get_info()
+        check("get_info", info.sandbox_id == a.sandbox_id and info.metadata.get("which") == "a", repr(info))
+        listed = Sandbox.list().next_items()
+        ids = {s.sandbox_id for s in listed}
+        check("list", {a.sandbox_id, b.sandbox_id} <= ids, repr(ids))
+        c = Sandbox.connect(a.sandbox_id)
+        check("connect", c.commands.run("cat /home/user/d/w.txt").stdout == "w")
+        check("is_running", a.is_running())
+    finally:
+        a.kill()
+        b.kill()
+    check("killed", not a.is_running())
+    check("kill again is false", Sandbox.kill(a.sandbox_id) is False)
+    print(f"{checks} passed, 0 failed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # one line with the reason, then the traceback
+        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
