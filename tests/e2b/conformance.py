@@ -4,12 +4,19 @@ Run by scripts/conformance.sh, which starts a server, creates a key and exports
 E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY. Each check prints one line; any failure raises.
 """
 
+import json
+import os
 import sys
-import threading
 import time
+import urllib.error
+import urllib.request
 
 from e2b import Sandbox
-from e2b import CommandExitException, PtySize
+from e2b import CommandExitException, NotEnoughSpaceException, PtySize
+
+API = os.environ["E2B_API_URL"]
+KEY = os.environ["E2B_API_KEY"]
+OTHER_KEY = os.environ.get("E2B_API_KEY_2")
 
 checks = 0
 
@@ -20,6 +27,72 @@ def check(name, cond, detail=""):
     if not cond:
         raise AssertionError(f"{name}: {detail}")
     print(f"ok   {name}")
+
+
+def http(method, path, body=None, key=KEY, headers=None, raw=None):
+    """One raw API call; returns (status, parsed JSON or None)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(API + path, data=data, method=method)
+    if key:
+        req.add_header("X-API-Key", key)
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read()
+            return r.status, (json.loads(text) if text.strip() else None)
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, text
+
+
+def bad_input():
+    """Every bad request gets the right status and a message; nothing leaks across tenants."""
+    st, body = http("POST", "/v2/sandboxes", raw=b"{not json")
+    check("malformed JSON is 400", st == 400 and "JSON" in body["message"], (st, body))
+    st, body = http("POST", "/v2/sandboxes", {"templateID": "no-such-template"})
+    check("unknown template is 404", st == 404 and "no-such-template" in body["message"], (st, body))
+    st, body = http("POST", "/v2/sandboxes", {"templateID": "base", "timeout": -5})
+    check("negative timeout is 400", st == 400 and "timeout" in body["message"], (st, body))
+    st, body = http("GET", "/v2/sandboxes", key=None)
+    check("missing API key is 401", st == 401, (st, body))
+    st, body = http("GET", "/v2/sandboxes", key="e2b_" + "0" * 40)
+    check("wrong API key is 401", st == 401, (st, body))
+    st, body = http("POST", "/sandboxes/nonexistent/timeout", {"timeout": 10})
+    check("unknown sandbox is 404", st == 404, (st, body))
+
+    s = Sandbox.create(timeout=60)
+    try:
+        if OTHER_KEY:
+            st, _ = http("GET", f"/sandboxes/{s.sandbox_id}", key=OTHER_KEY)
+            check("other tenant cannot see it", st == 404)
+            st, _ = http("DELETE", f"/sandboxes/{s.sandbox_id}", key=OTHER_KEY)
+            check("other tenant cannot kill it", st == 404 and s.is_running())
+            st, listed = http("GET", "/v2/sandboxes", key=OTHER_KEY)
+            check("other tenant's list excludes it", st == 200 and all(x["sandboxID"] != s.sandbox_id for x in listed))
+        st, _ = http(
+            "POST",
+            "/process.Process/List",
+            {},
+            key=None,
+            headers={"E2b-Sandbox-Id": s.sandbox_id, "E2b-Sandbox-Port": "49983", "X-Access-Token": "wrong"},
+        )
+        check("wrong access token is 401", st == 401, st)
+        # Paths resolve inside the sandbox: climbing out lands on the sandbox's own root.
+        text = s.files.read("/home/user/../../../../etc/passwd")
+        check("path traversal stays inside", "user:x:1000:1000" in text, text[:80])
+        try:
+            s.files.write("/home/user/huge.bin", b"\0" * (80 << 20))
+            check("upload beyond the disk quota is refused", False, "no error")
+        except NotEnoughSpaceException:
+            check("upload beyond the disk quota is refused", True)
+        check("sandbox still serves after a failed upload", s.commands.run("echo ok").stdout == "ok\n")
+    finally:
+        s.kill()
 
 
 def main():
@@ -119,6 +192,7 @@ def main():
 
 if __name__ == "__main__":
     try:
+        bad_input()
         main()
     except Exception as e:  # one line with the reason, then the traceback
         print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// proxies in between are happier with the shorter one).
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(50);
 const MAX_KEEPALIVE_SECS: u64 = 3600;
-/// Events a polling watcher keeps for a client that stopped polling; later ones are dropped.
+/// Events a polling watcher keeps for a client that stopped polling; older ones are dropped.
 const MAX_WATCHER_EVENTS: usize = 65_536;
 /// Longest `SendSignal` waits for a SIGKILLed process to be reaped.
 const REAP_WAIT: Duration = Duration::from_millis(500);
@@ -61,12 +61,19 @@ const FLAG_END_STREAM: u8 = 0x02;
 // ---------------------------------------------------------------------------------------------
 // State.
 
-/// A `CreateWatcher` watch: its events are collected until `GetWatcherEvents` drains them.
+/// Agent events waiting for a `GetWatcherEvents`.
+type PendingEvents = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>;
+
+/// A `CreateWatcher` watch: its events wait in the agent client's channel until
+/// `GetWatcherEvents` drains them (a janitor keeps the backlog bounded).
 #[derive(Debug)]
 struct PollWatcher {
     watch: u64,
-    events: Arc<Mutex<Vec<Value>>>,
-    task: JoinHandle<()>,
+    /// The watched directory, resolved; set when entries are to be included.
+    root: Option<String>,
+    user: SandboxUser,
+    events: PendingEvents,
+    janitor: JoinHandle<()>,
 }
 
 /// Per-sandbox envd state: the polling watchers of `CreateWatcher`/`GetWatcherEvents`.
@@ -85,7 +92,7 @@ impl Drop for EnvdState {
     fn drop(&mut self) {
         if let Ok(watchers) = self.watchers.get_mut() {
             for (_, w) in watchers.drain() {
-                w.task.abort();
+                w.janitor.abort();
             }
         }
     }
@@ -1569,13 +1576,25 @@ async fn unary_call(
         UnaryRpc::CreateWatcher => create_watcher(client, state, user, &msg).await,
         UnaryRpc::GetWatcherEvents => {
             let id = str_field(&msg, "watcherId")?.unwrap_or_default();
-            let watchers = state
-                .watchers
-                .lock()
-                .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
-            let w = watchers.get(&id).ok_or_else(|| watcher_not_found(&id))?;
-            let events = w.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
-            Ok(json!({"events": events}))
+            let (root, user, events) = {
+                let watchers = state
+                    .watchers
+                    .lock()
+                    .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
+                let w = watchers.get(&id).ok_or_else(|| watcher_not_found(&id))?;
+                (w.root.clone(), w.user, w.events.clone())
+            };
+            // The agent's frames arrive in order: once it has answered this ping, every event
+            // it reported before (those of writes the client saw complete) is in the channel.
+            client.call(AgentRequest::Ping).await?;
+            let mut rx = events.lock().await;
+            let mut out = Vec::new();
+            while let Ok(ev) = rx.try_recv() {
+                if let Event::Fs { name, kind, .. } = ev {
+                    out.push(fs_event(client, root.as_deref(), user, name, kind).await);
+                }
+            }
+            Ok(json!({"events": out}))
         }
         UnaryRpc::RemoveWatcher => {
             let id = str_field(&msg, "watcherId")?.unwrap_or_default();
@@ -1585,7 +1604,7 @@ async fn unary_call(
                 .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?
                 .remove(&id);
             let w = removed.ok_or_else(|| watcher_not_found(&id))?;
-            w.task.abort();
+            w.janitor.abort();
             if let Err(e) = client.call(AgentRequest::Unwatch { watch: w.watch }).await {
                 tracing::debug!(watch = w.watch, error = %e, "removing a watcher");
             }
@@ -1619,33 +1638,28 @@ async fn create_watcher(
     msg: &Value,
 ) -> Result<Value, RpcError> {
     let (watch, root, events) = start_watch(client, user, parse_watch(msg)?).await?;
-    let buffer = Arc::new(Mutex::new(Vec::new()));
-    let task = tokio::spawn(collect_events(client.clone(), root, user, events, buffer.clone()));
+    let events = Arc::new(tokio::sync::Mutex::new(events));
+    let janitor = tokio::spawn(trim_backlog(events.clone()));
     let id = watch.to_string();
     let mut watchers = state
         .watchers
         .lock()
         .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
-    watchers.insert(id.clone(), PollWatcher { watch, events: buffer, task });
+    watchers.insert(id.clone(), PollWatcher { watch, root, user, events, janitor });
     Ok(json!({"watcherId": id}))
 }
 
-/// Buffers a polling watcher's events until `GetWatcherEvents` takes them.
-async fn collect_events(
-    client: Arc<AgentClient>,
-    root: Option<String>,
-    user: SandboxUser,
-    mut events: mpsc::UnboundedReceiver<Event>,
-    buffer: Arc<Mutex<Vec<Value>>>,
-) {
-    while let Some(ev) = events.recv().await {
-        let Event::Fs { name, kind, .. } = ev else { continue };
-        let ev = fs_event(&client, root.as_deref(), user, name, kind).await;
-        if let Ok(mut buf) = buffer.lock()
-            && buf.len() < MAX_WATCHER_EVENTS
-        {
-            buf.push(ev);
+/// Keeps a polling watcher whose client stopped polling from growing without bound: past
+/// [`MAX_WATCHER_EVENTS`], the oldest events are dropped.
+async fn trim_backlog(events: PendingEvents) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut rx = events.lock().await;
+        if rx.is_closed() && rx.is_empty() {
+            return;
         }
+        while rx.len() > MAX_WATCHER_EVENTS && rx.try_recv().is_ok() {}
     }
 }
 

@@ -68,6 +68,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .map_err(|source| ServeError::Listen { addr: cfg.listen, source })?;
     tracing::info!(listen = %cfg.listen, "ringfence serve: ready");
     let app = api::router(api::App { manager: manager.clone() });
+    // Streams send many small frames (a start event, then output): without TCP_NODELAY,
+    // Nagle's algorithm meets the client's delayed ACK and holds the second frame ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     manager.shutdown().await;
     Ok(())

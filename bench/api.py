@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""API bench: create -> run `echo` -> kill through `ringfence serve`'s HTTP API.
+
+Starts a release server on a free loopback port with a fresh data dir, then, with raw HTTP/1.1
+(keep-alive, stdlib only, so the client adds as little as possible):
+  1. POST /v2/sandboxes                          (create)
+  2. POST /process.Process/Start `echo hi`       (Connect streaming; stop the clock at the
+                                                  first stdout data event)
+  3. DELETE /sandboxes/{id}                      (kill)
+sequentially (N rounds) and with 8 concurrent clients, and reports median/p95 of
+create-to-first-output and of the whole cycle, plus throughput.
+
+    python3 bench/api.py [--rounds 40] [--concurrency 8] [--bin target/.../release/ringfence]
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Client:
+    def __init__(self, port, key):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.key = key
+
+    def create(self):
+        self.conn.request("POST", "/v2/sandboxes", body=json.dumps({"templateID": "base"}),
+                          headers={"X-API-Key": self.key, "Content-Type": "application/json"})
+        r = self.conn.getresponse()
+        body = json.loads(r.read())
+        if r.status != 201:
+            raise RuntimeError(f"create: {r.status} {body}")
+        return body["sandboxID"], body["envdAccessToken"]
+
+    def first_output(self, sid, token):
+        msg = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo hi"]}, "stdin": False}).encode()
+        env = b"\0" + struct.pack(">I", len(msg)) + msg
+        self.conn.request("POST", "/process.Process/Start", body=env, headers={
+            "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+            "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983", "X-Access-Token": token})
+        r = self.conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"start: {r.status} {r.read()[:200]}")
+        t_first = None
+        out = b""
+        while True:
+            head = r.read(5)
+            if len(head) < 5:
+                break
+            flags, n = head[0], struct.unpack(">I", head[1:])[0]
+            data = json.loads(r.read(n))
+            if flags & 2:
+                break
+            ev = data.get("event", {})
+            if "data" in ev and t_first is None:
+                t_first = time.perf_counter()
+                out += base64.b64decode(ev["data"].get("stdout", ""))
+        r.read()  # the chunked terminator, so the connection can be reused
+        if out != b"hi\n":
+            raise RuntimeError(f"unexpected output {out!r}")
+        return t_first
+
+    def kill(self, sid):
+        self.conn.request("DELETE", f"/sandboxes/{sid}", headers={"X-API-Key": self.key})
+        r = self.conn.getresponse()
+        r.read()
+        if r.status != 204:
+            raise RuntimeError(f"kill: {r.status}")
+
+
+def cycle(c):
+    t0 = time.perf_counter()
+    sid, token = c.create()
+    t_created = time.perf_counter()
+    t_first = c.first_output(sid, token)
+    c.kill(sid)
+    t_end = time.perf_counter()
+    return {"create": (t_created - t0) * 1e3, "first_output": (t_first - t0) * 1e3, "cycle": (t_end - t0) * 1e3}
+
+
+def summarize(label, results, wall):
+    print(f"\n{label}: {len(results)} cycles in {wall:.2f} s = {len(results) / wall:.1f} sandboxes/s")
+    print(f"  {'metric':<34} {'median ms':>10} {'p95 ms':>10}")
+    for k, name in [("create", "create (POST /v2/sandboxes)"), ("first_output", "create -> first output of echo"),
+                    ("cycle", "create -> echo -> kill")]:
+        xs = [r[k] for r in results]
+        print(f"  {name:<34} {statistics.median(xs):>10.2f} {pct(xs, 95):>10.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
+    a = ap.parse_args()
+    data = tempfile.mkdtemp()
+    os.chmod(data, 0o755)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    key = subprocess.run([a.bin, "keys", "create", "--name", "bench", "--data-dir", data],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    log = open(os.path.join(data, "serve.log"), "w")
+    srv = subprocess.Popen([a.bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+                            "--pids", "256"], stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn"))
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; nproc {os.cpu_count()}; "
+              f"loadavg {os.getloadavg()[0]:.2f}")
+        c = Client(port, key)
+        for _ in range(3):
+            cycle(c)  # warm-up
+        t = time.perf_counter()
+        seq = [cycle(c) for _ in range(a.rounds)]
+        summarize("sequential, 1 client", seq, time.perf_counter() - t)
+
+        results, errors = [], []
+        lock = threading.Lock()
+
+        def worker(n):
+            cl = Client(port, key)
+            for _ in range(n):
+                try:
+                    r = cycle(cl)
+                    with lock:
+                        results.append(r)
+                except Exception as e:  # counted and shown, never hidden
+                    with lock:
+                        errors.append(str(e))
+
+        per = max(1, a.rounds // a.concurrency)
+        threads = [threading.Thread(target=worker, args=(per,)) for _ in range(a.concurrency)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        summarize(f"{a.concurrency} concurrent clients", results, time.perf_counter() - t)
+        if errors:
+            print(f"  {len(errors)} errors, first: {errors[0]}")
+            sys.exit(1)
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
