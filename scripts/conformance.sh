@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs tests/e2b/conformance.py (the unmodified `e2b` SDK from PyPI, in a venv) against a
+# Runs tests/e2b/conformance.py (the unmodified `e2b` SDK from PyPI, in a venv) and, when
+# `node` is present, tests/e2b/js/conformance.mjs (the `e2b` SDK from npm) against a
 # fresh `ringfence serve` on a free loopback port. Needs root and a release or debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,18 @@ export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 if ! "$VENV/bin/python" tests/e2b/conformance.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
+fi
+# The same scenario with the unmodified `e2b` JS SDK from npm (tests/e2b/js), when Node is here.
+if command -v node >/dev/null 2>&1; then
+  if [ -f tests/e2b/js/package-lock.json ]; then
+    (cd tests/e2b/js && npm ci --silent --no-audit --no-fund)
+  else
+    (cd tests/e2b/js && npm install --silent --no-audit --no-fund)
+  fi
+  if ! node tests/e2b/js/conformance.mjs; then
+    echo "--- server log ---"; tail -n 50 "$data/serve.log"
+    exit 1
+  fi
+else
+  echo "node not found: skipping the JS SDK suite (tests/e2b/js)"
 fi

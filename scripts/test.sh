@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The unmodified e2b SDKs (from PyPI and npm) against a live `ringfence serve`.
+scripts/conformance.sh
