@@ -16,17 +16,29 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 key=$("$BIN" keys create --name conformance --data-dir "$data" | tail -n 1)
 key2=$("$BIN" keys create --name other-tenant --data-dir "$data" | tail -n 1)
 # A small disk quota so the suite can check that an upload beyond it is refused.
-"$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M > "$data/serve.log" 2>&1 &
-server=$!
+start_server() {
+  "$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M >> "$data/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "server did not come up"; tail -n 20 "$data/serve.log"; return 1
+}
 cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
-for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+start_server
 export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" E2B_API_KEY_2="$key2"
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 if ! "$VENV/bin/python" tests/e2b/conformance.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
+# Sandboxes survive a kill -9 of the server.
+read -r sid pid < <("$VENV/bin/python" tests/e2b/restart.py before)
+kill -9 "$server"; wait "$server" 2>/dev/null || true
+start_server
+if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid"; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi

@@ -113,7 +113,7 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    serve::serve(control, initial_pid).map(|()| ExitCode::SUCCESS)
+    serve::serve(control, initial_pid, outcome.reconnect).map(|()| ExitCode::SUCCESS)
 }
 
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the

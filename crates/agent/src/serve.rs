@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,8 +21,8 @@ use ringfence_proto::{
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::net::unix::pipe;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::task::{JoinHandle, spawn_local};
 
@@ -74,28 +74,37 @@ fn no_process(pid: u32) -> AgentError {
     agent_err(ErrorKind::NotFound, format!("process {pid} not found"))
 }
 
-/// Serves requests until the host closes the channel.
-pub fn serve(control: StdUnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
+/// Serves requests until the host closes the channel. With `reconnect`, a closed channel is not
+/// the end: processes keep running, output produced while nobody is connected is dropped (as
+/// envd does), and the next host connection picks up where the last one left off.
+pub fn serve(
+    control: StdUnixStream,
+    initial_pid: Option<u32>,
+    reconnect: Option<StdUnixListener>,
+) -> Result<(), ()> {
     control.set_nonblocking(true).map_err(drop)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(drop)?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let stream = UnixStream::from_std(control).map_err(drop)?;
-        run(stream, initial_pid).await
+        let listener = match reconnect {
+            Some(l) => {
+                l.set_nonblocking(true).map_err(drop)?;
+                Some(UnixListener::from_std(l).map_err(drop)?)
+            }
+            None => None,
+        };
+        run(stream, initial_pid, listener).await
     })
 }
 
-async fn run(stream: UnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
-    let (mut rd, mut wr) = stream.into_split();
+async fn run(
+    stream: UnixStream,
+    initial_pid: Option<u32>,
+    listener: Option<UnixListener>,
+) -> Result<(), ()> {
+    // One event queue for the agent's whole life; each connection drains it while it lasts.
     let (tx, mut rx) = unbounded_channel::<Event>();
-    let writer = spawn_local(async move {
-        while let Some(ev) = rx.recv().await {
-            let Ok(bytes) = encode(&ev) else { continue };
-            if wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-    });
     let state = State {
         procs: Rc::default(),
         watches: Rc::default(),
@@ -125,6 +134,56 @@ async fn run(stream: UnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
         );
     }
     spawn_local(reaper(state.clone()));
+    let mut stream = stream;
+    loop {
+        let (rd, wr) = stream.into_split();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let writer = spawn_local(write_events(rx, wr, stop_rx));
+        serve_connection(&state, rd).await;
+        let _ = stop_tx.send(());
+        let Ok(back) = writer.await else { return Err(()) };
+        rx = back;
+        let Some(l) = &listener else { break };
+        // Disconnected: wait for the host to come back, discarding output meanwhile so that a
+        // chatty process cannot grow the queue without bound.
+        stream = loop {
+            tokio::select! {
+                conn = l.accept() => match conn {
+                    Ok((s, _)) => break s,
+                    Err(_) => return Err(()),
+                },
+                ev = rx.recv() => if ev.is_none() { return Err(()) },
+            }
+        };
+    }
+    Ok(())
+}
+
+/// Writes queued events to the current connection until told to stop or the write fails;
+/// hands the queue back for the next connection.
+async fn write_events(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    loop {
+        tokio::select! {
+            _ = &mut stop => return rx,
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return rx };
+                let Ok(bytes) = encode(&ev) else { continue };
+                if wr.write_all(&bytes).await.is_err() {
+                    // Wait for the reader to notice the broken connection and stop us.
+                    let _ = (&mut stop).await;
+                    return rx;
+                }
+            }
+        }
+    }
+}
+
+/// Handles requests from one connection until it closes or sends a malformed frame.
+async fn serve_connection(state: &State, mut rd: tokio::net::unix::OwnedReadHalf) {
     loop {
         let mut prefix = [0u8; 4];
         if rd.read_exact(&mut prefix).await.is_err() {
@@ -139,17 +198,14 @@ async fn run(stream: UnixStream, initial_pid: Option<u32>) -> Result<(), ()> {
         let id = env.id;
         let result = match env.request {
             // Answered by the process's writer task once the data is written.
-            Request::WriteStdin { pid, data } => match queue_input(&state, id, pid, data) {
+            Request::WriteStdin { pid, data } => match queue_input(state, id, pid, data) {
                 Ok(()) => continue,
                 Err(e) => Err(e),
             },
-            request => handle(&state, id, request).await,
+            request => handle(state, id, request).await,
         };
         let _ = state.out.send(Event::Response { id, result });
     }
-    drop(state);
-    writer.abort();
-    Ok(())
 }
 
 async fn reaper(state: State) {

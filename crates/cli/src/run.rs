@@ -299,6 +299,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         exit_with_initial: true,
         stdio: [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         die_with_parent: true,
+        reconnectable: false,
         setup_timeout: Duration::from_secs(30),
     };
     let agent_pid = Arc::new(AtomicI32::new(0));

@@ -184,6 +184,30 @@ impl Pool {
         Err(CgroupError::Exhausted(MAX_SLOTS))
     }
 
+    /// Takes the lock of a specific slot without touching its processes or limits, to
+    /// reattach to a sandbox an earlier process started there. Fails if someone holds it.
+    pub fn adopt(&self, slot: u32) -> Result<Lease, CgroupError> {
+        let path = self.lock_dir.join(format!("{}-{slot}.lock", self.prefix));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            CgroupError::Io { op: "flock", path: path.clone(), source: e.into() }
+        })?;
+        let mut lease = Lease {
+            slot,
+            dirs: self.slot_dirs(slot),
+            layout: self.layout.clone(),
+            _lock: lock,
+            oom_base: 0,
+        };
+        lease.oom_base = lease.oom_kills_total();
+        Ok(lease)
+    }
+
     /// Kills the contents of every slot nobody holds, and removes those slots' directories.
     /// Returns how many processes were killed.
     pub fn collect_garbage(&self) -> Result<usize, CgroupError> {

@@ -80,6 +80,8 @@ pub struct Outcome {
     pub landlock_abi: Option<u32>,
     /// User-notification descriptor of the seccomp filter, to hand to the host.
     pub listener: Option<OwnedFd>,
+    /// Where the host can reconnect (see `SetupSpec::listen`).
+    pub reconnect: Option<std::os::unix::net::UnixListener>,
 }
 
 /// Turns the current (fresh) namespaces into the sandbox described by `spec`.
@@ -87,13 +89,28 @@ pub fn setup(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("unshare(CLONE_NEWCGROUP)"))?;
     let merged = build_root(spec)?;
     phase(phases, "mounts");
+    // Bound while the host's filesystem is still visible: after pivot_root nothing in the
+    // sandbox can reach this path, but the descriptor keeps listening.
+    let reconnect = match &spec.listen {
+        Some(path) => {
+            let _ = fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(fail(format!("listen on {path}")))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                .map_err(fail(format!("chmod {path}")))?;
+            Some(l)
+        }
+        None => None,
+    };
     enter_root(&merged)?;
     phase(phases, "pivot_root");
     nix::unistd::sethostname(&spec.sandbox_id).map_err(fail("sethostname"))?;
     ringfence_sys::loopback_up().map_err(fail("bring up loopback"))?;
     set_rlimits(spec)?;
     phase(phases, "hostname_loopback_rlimits");
-    lock_down(spec, phases)
+    let mut outcome = lock_down(spec, phases)?;
+    outcome.reconnect = reconnect;
+    Ok(outcome)
 }
 
 fn mount_err(what: &str, target: &Path) -> impl FnOnce(nix::Error) -> InsideError {
@@ -349,7 +366,7 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
             .map_err(fail("install seccomp"))?;
     }
     phase(phases, "seccomp");
-    Ok(Outcome { landlock_abi, listener })
+    Ok(Outcome { landlock_abi, listener, reconnect: None })
 }
 
 /// Applies the Landlock ruleset. Returns the ABI enforced, or `None` where the kernel lacks

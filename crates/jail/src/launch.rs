@@ -76,6 +76,9 @@ pub struct SandboxSpec {
     pub stdio: [RawFd; 3],
     /// Kill the sandbox if the calling thread dies (one-shot CLI runs).
     pub die_with_parent: bool,
+    /// Let a new host process reconnect to the agent after this one's channel closes (the
+    /// server, so sandboxes survive its restart). See [`Sandbox::adopt`].
+    pub reconnectable: bool,
     /// Give up if the agent is not ready within this time.
     pub setup_timeout: Duration,
 }
@@ -114,6 +117,10 @@ pub struct Sandbox {
     started: std::time::Instant,
     /// Host-side start-up phases, then the agent's (see [`Sandbox::phases`]).
     phases: Vec<Phase>,
+    /// Directory of the agent's reconnect socket, removed with the sandbox.
+    socket_dir: Option<std::path::PathBuf>,
+    /// Started by another host process: not our child, so it cannot be waited for.
+    adopted: bool,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -160,6 +167,8 @@ impl Sandbox {
             reaped: false,
             started: std::time::Instant::now(),
             phases,
+            socket_dir: None,
+            adopted: false,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -177,7 +186,28 @@ impl Sandbox {
             lease.add(self.pid)?;
         }
         crate::phase(&mut self.phases, "cgroup_attached");
+        let listen = if spec.reconnectable {
+            let dir = agent_socket_dir(cfg, &spec.id);
+            std::fs::create_dir_all(&dir).map_err(io_op(format!("create {}", dir.display())))?;
+            // Only the sandbox's root (which binds the socket) and host root may enter.
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(cfg.uid_base)),
+                Some(nix::unistd::Gid::from_raw(cfg.uid_base)),
+            )
+            .map_err(|e| JailError::Io {
+                op: format!("chown {}", dir.display()),
+                source: e.into(),
+            })?;
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io_op(format!("chmod {}", dir.display())))?;
+            self.socket_dir = Some(dir.clone());
+            Some(dir.join("agent.sock").to_string_lossy().into_owned())
+        } else {
+            None
+        };
         let setup = SetupSpec {
+            listen,
             sandbox_id: spec.id,
             stage_dir: cfg.run_dir.join("stage").to_string_lossy().into_owned(),
             rootfs: spec.template.rootfs.to_string_lossy().into_owned(),
@@ -268,6 +298,39 @@ impl Sandbox {
         }
     }
 
+    /// Reattaches to a sandbox started (with `reconnectable`) by an earlier host process:
+    /// verifies that `pid` is still the agent in the slot `lease` holds, and connects to its
+    /// reconnect socket. The seccomp listener of the old process is gone: denied calls now fail
+    /// with ENOSYS instead of EPERM and are no longer attributed.
+    pub fn adopt(cfg: &JailConfig, id: &str, pid: i32, lease: Lease) -> Result<Sandbox, JailError> {
+        if !lease.procs().contains(&pid) {
+            return Err(JailError::Protocol(format!(
+                "agent {pid} is no longer in its cgroup slot"
+            )));
+        }
+        let dir = agent_socket_dir(cfg, id);
+        let control = UnixStream::connect(dir.join("agent.sock"))
+            .map_err(io_op(format!("connect to {}", dir.join("agent.sock").display())))?;
+        Ok(Sandbox {
+            id: id.to_string(),
+            pid,
+            ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
+            control,
+            listener: None,
+            lease: Some(lease),
+            reaped: false,
+            started: std::time::Instant::now(),
+            phases: Vec::new(),
+            socket_dir: Some(dir),
+            adopted: true,
+        })
+    }
+
+    /// The cgroup slot this sandbox holds.
+    pub fn slot(&self) -> Option<u32> {
+        self.lease.as_ref().map(Lease::slot)
+    }
+
     /// Start-up phases of this sandbox, host's and agent's merged in time order.
     pub fn phases(&self) -> Vec<Phase> {
         let mut all: Vec<Phase> = self.phases.iter().chain(&self.ready.phases).cloned().collect();
@@ -292,14 +355,22 @@ impl Sandbox {
 
     /// SIGKILLs the agent; the kernel then kills everything else in its pid namespace.
     pub fn kill(&self) {
-        if !self.reaped {
-            let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
+        if self.reaped {
+            return;
         }
+        if self.adopted {
+            // Not our child: make sure the pid still is the agent before signalling it.
+            if let Some(lease) = &self.lease {
+                let _ = lease.kill_all();
+            }
+            return;
+        }
+        let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
     }
 
     /// Waits for the agent to exit and reaps it.
     pub fn wait(&mut self) -> Result<Option<ringfence_sys::Reaped>, JailError> {
-        if self.reaped {
+        if self.reaped || self.adopted {
             return Ok(None);
         }
         let r = ringfence_sys::wait4(self.pid, false)?;
@@ -326,13 +397,21 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill();
-        if !self.reaped {
+        if !self.reaped && !self.adopted {
             let _ = ringfence_sys::wait4(self.pid, false);
             self.reaped = true;
+        }
+        if let Some(dir) = &self.socket_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
         // The lease drops after this, killing anything that escaped the pid namespace's
         // teardown (nothing should) and freeing the slot.
     }
+}
+
+/// Where a reconnectable sandbox's agent listens.
+pub fn agent_socket_dir(cfg: &JailConfig, id: &str) -> std::path::PathBuf {
+    cfg.run_dir.join("agents").join(id)
 }
 
 /// Reads everything left on a reader; used by tests and diagnostics.

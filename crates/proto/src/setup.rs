@@ -61,6 +61,11 @@ pub struct SetupSpec {
     /// Environment every process in the sandbox starts with, on top of `PATH`, `HOME` and
     /// `LANG`; a process's own variables override it (E2B's sandbox-level `envVars`).
     pub env: BTreeMap<String, String>,
+    /// Host path where the agent listens for the host to reconnect after its channel closed
+    /// (a server restart). Bound before `pivot_root`, so it lives in the host's mount
+    /// namespace, out of reach of anything inside the sandbox. `None`: the agent exits when
+    /// its channel closes.
+    pub listen: Option<String>,
     /// A process to start as soon as setup completes (the `ringfence run` fast path).
     pub initial: Option<SpawnSpec>,
     /// Exit once the initial process has exited (one-shot sandboxes).

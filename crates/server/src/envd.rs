@@ -1584,9 +1584,11 @@ async fn unary_call(
                 let w = watchers.get(&id).ok_or_else(|| watcher_not_found(&id))?;
                 (w.root.clone(), w.user, w.events.clone())
             };
-            // The agent's frames arrive in order: once it has answered this ping, every event
-            // it reported before (those of writes the client saw complete) is in the channel.
-            client.call(AgentRequest::Ping).await?;
+            // Events of writes the client saw complete must be in this answer, as with envd.
+            // The agent's frames arrive in order, but it may answer a ping in the same turn in
+            // which its watch task was woken and not yet run; after a second ping, that task
+            // has run and whatever it sent precedes the pong.
+            sync_agent(client).await?;
             let mut rx = events.lock().await;
             let mut out = Vec::new();
             while let Ok(ev) = rx.try_recv() {
@@ -1611,6 +1613,17 @@ async fn unary_call(
             Ok(json!({}))
         }
     }
+}
+
+/// Two round trips to the agent: see `GetWatcherEvents`.
+async fn sync_agent(client: &AgentClient) -> Result<(), RpcError> {
+    for _ in 0..2 {
+        match client.call(AgentRequest::Ping).await? {
+            Reply::Pong => {}
+            other => return Err(RpcError::unexpected(&other)),
+        }
+    }
+    Ok(())
 }
 
 /// Waits (briefly) until a killed process has been reaped, so that what the caller does next

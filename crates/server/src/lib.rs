@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::manager::{Manager, ManagerConfig};
-use crate::store::{SandboxState, Store};
+use crate::store::Store;
 
 /// Everything `ringfence serve` needs.
 #[derive(Debug, Clone)]
@@ -51,17 +51,16 @@ pub fn db_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("ringfence.db")
 }
 
-/// Runs the server until SIGINT or SIGTERM; then kills every sandbox it started.
+/// Runs the server until SIGINT or SIGTERM; then kills every sandbox it runs. After a crash
+/// instead (or `kill -9`), the next start reattaches to the sandboxes still alive.
 pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let store = Arc::new(Store::open(&db_path(&cfg.manager.data_dir))?);
-    // Sandboxes of a previous server process ended with it (their agents exit when the
-    // control channel closes); record that rather than report them as running.
-    for rec in store.live_sandboxes()? {
-        store.set_state(&rec.id, SandboxState::Killed)?;
-        let _ =
-            store.record_event(&rec.id, "lost", &serde_json::json!({"reason": "server restarted"}));
-    }
     let manager = Arc::new(Manager::new(cfg.manager.clone(), store)?);
+    // Sandboxes outlive a crashed or killed server: take them back before serving.
+    let (back, lost) = manager.recover().await?;
+    if back + lost > 0 {
+        tracing::info!(reattached = back, lost, "recovered sandboxes of the previous server");
+    }
     tokio::spawn(manager.clone().reap_loop());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

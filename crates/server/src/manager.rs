@@ -140,6 +140,7 @@ impl Manager {
             // The agent ends when the server's end of its channel closes; a death signal tied
             // to a (pooled, short-lived) blocking thread would kill it at random.
             die_with_parent: false,
+            reconnectable: true,
             setup_timeout: Duration::from_secs(30),
         };
         let me = self.clone();
@@ -178,7 +179,7 @@ impl Manager {
             env: p.env,
             state: SandboxState::Running,
             agent_pid: Some(sb.pid),
-            cgroup_slot: None,
+            cgroup_slot: sb.slot(),
         };
         self.store.insert_sandbox(&record).map_err(internal)?;
         let _ =
@@ -192,6 +193,83 @@ impl Manager {
         });
         self.live.write().map_err(internal)?.insert(id, live.clone());
         Ok(live)
+    }
+
+    /// Reattaches to the sandboxes an earlier server process left running (after a restart,
+    /// including `kill -9`), and records the ones that did not survive as killed, sweeping
+    /// whatever is left of them. Returns (reattached, lost).
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), ManagerError> {
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.live_sandboxes())
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let (mut back, mut lost) = (0, 0);
+        for rec in records {
+            let me = self.clone();
+            let r = rec.clone();
+            // Adopting takes locks and may kill leftovers: keep it off the async workers.
+            let adopted = tokio::task::spawn_blocking(move || {
+                let (pid, slot) = (r.agent_pid?, r.cgroup_slot?);
+                let lease = me.pool.adopt(slot).ok()?;
+                Sandbox::adopt(&me.jail, &r.id, pid, lease).ok()
+            })
+            .await
+            .map_err(internal)?;
+            let attached = match adopted {
+                Some(sb) => self.attach(rec.clone(), sb).await,
+                None => false,
+            };
+            if attached {
+                back += 1;
+                let _ = self.store.record_event(&rec.id, "reattached", &serde_json::json!({}));
+            } else {
+                lost += 1;
+                if let Some(slot) = rec.cgroup_slot
+                    && let Ok(lease) = self.pool.adopt(slot)
+                {
+                    let _ = lease.kill_all();
+                }
+                let _ = std::fs::remove_dir_all(ringfence_jail::launch::agent_socket_dir(
+                    &self.jail, &rec.id,
+                ));
+                let _ = self.store.set_state(&rec.id, SandboxState::Killed);
+                let _ = self.store.record_event(
+                    &rec.id,
+                    "lost",
+                    &serde_json::json!({"reason": "agent gone after server restart"}),
+                );
+            }
+        }
+        Ok((back, lost))
+    }
+
+    /// Wraps an adopted jail handle; true once its agent answered.
+    async fn attach(&self, rec: SandboxRecord, sb: Sandbox) -> bool {
+        let Ok(control) = sb.control_clone() else { return false };
+        let Ok(client) = AgentClient::new(control) else { return false };
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.call(ringfence_proto::Request::Ping),
+        );
+        if !matches!(ping.await, Ok(Ok(ringfence_proto::Reply::Pong))) {
+            return false;
+        }
+        let id = rec.id.clone();
+        let live = Arc::new(Live {
+            record: Mutex::new(rec),
+            client,
+            envd: Arc::new(EnvdState::new()),
+            jail: Mutex::new(Some(sb)),
+            supervisor: Mutex::new(None),
+        });
+        match self.live.write() {
+            Ok(mut m) => {
+                m.insert(id, live);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// A live sandbox by id, whoever owns it (callers check the owner).
@@ -267,7 +345,7 @@ impl Manager {
         }
     }
 
-    /// Kills every live sandbox (server shutdown).
+    /// Kills every live sandbox (orderly server shutdown; a crash leaves them to `recover`).
     pub async fn shutdown(&self) {
         for id in self.live_ids() {
             self.kill(&id, "server shutdown").await;

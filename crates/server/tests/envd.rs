@@ -86,6 +86,7 @@ fn start(test: &str) -> Option<Env> {
         exit_with_initial: false,
         stdio: [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
         die_with_parent: true,
+        reconnectable: false,
         setup_timeout: Duration::from_secs(30),
     };
     let mut sandbox = Sandbox::start(&cfg, Some(&pool), spec).expect("start sandbox");

@@ -1,0 +1,189 @@
+// Drives the unmodified `e2b` JS SDK (npm) against `ringfence serve`; the JS twin of
+// tests/e2b/conformance.py.
+//
+// Run by scripts/conformance.sh, which starts a server, creates keys and exports
+// E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY (and E2B_API_KEY_2 for a second tenant).
+// The SDK reads all three itself (ConnectionConfig: E2B_API_URL -> apiUrl, E2B_SANDBOX_URL ->
+// sandboxUrl, E2B_API_KEY -> apiKey); they are passed explicitly too so that a future SDK that
+// stops reading one of them fails loudly here rather than silently talking to e2b.app.
+// Each check prints one line; the first failure prints `FAILED: ...` on stderr and exits 1.
+
+import { Sandbox, CommandExitError, NotEnoughSpaceError, NotFoundError } from 'e2b'
+
+function env(name) {
+  const v = process.env[name]
+  if (!v) {
+    console.error(`FAILED: ${name} is not set (run scripts/conformance.sh)`)
+    process.exit(2)
+  }
+  return v
+}
+
+const conn = {
+  apiUrl: env('E2B_API_URL'),
+  sandboxUrl: env('E2B_SANDBOX_URL'),
+  apiKey: env('E2B_API_KEY'),
+}
+const OTHER_KEY = process.env.E2B_API_KEY_2
+
+let checks = 0
+
+class CheckFailed extends Error {}
+
+function check(name, cond, detail = '') {
+  checks += 1
+  if (!cond) throw new CheckFailed(`${name}: ${typeof detail === 'string' ? detail : JSON.stringify(detail)}`)
+  console.log(`ok   ${name}`)
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+
+/** Runs `fn`, expecting it to throw an instance of `cls`; returns the error (or null). */
+async function expectThrow(fn, cls) {
+  try {
+    await fn()
+  } catch (e) {
+    if (e instanceof cls) return e
+    throw e
+  }
+  return null
+}
+
+/** The SDK-level parts of conformance.py's bad_input: errors map to the right SDK classes. */
+async function badInput() {
+  const s = await Sandbox.create({ ...conn, timeoutMs: 60_000 })
+  try {
+    if (OTHER_KEY) {
+      const other = { ...conn, apiKey: OTHER_KEY }
+      const e = await expectThrow(() => Sandbox.getInfo(s.sandboxId, other), NotFoundError)
+      check('other tenant cannot see it', e !== null, 'getInfo did not throw NotFoundError')
+      check('other tenant cannot kill it', (await Sandbox.kill(s.sandboxId, other)) === false && (await s.isRunning()))
+      const listed = await Sandbox.list(other).nextItems()
+      check("other tenant's list excludes it", listed.every((x) => x.sandboxId !== s.sandboxId), listed.map((x) => x.sandboxId))
+    }
+    // Paths resolve inside the sandbox: climbing out lands on the sandbox's own root.
+    const text = await s.files.read('/home/user/../../../../etc/passwd')
+    check('path traversal stays inside', text.includes('user:x:1000:1000'), text.slice(0, 80))
+    const e = await expectThrow(() => s.files.write('/home/user/huge.bin', new Uint8Array(80 << 20).buffer), NotEnoughSpaceError)
+    check('upload beyond the disk quota is refused', e !== null, 'no NotEnoughSpaceError')
+    check('sandbox still serves after a failed upload', (await s.commands.run('echo ok')).stdout === 'ok\n')
+  } finally {
+    await s.kill()
+  }
+}
+
+async function main() {
+  const a = await Sandbox.create({
+    ...conn,
+    timeoutMs: 120_000,
+    metadata: { suite: 'conformance-js', which: 'a' },
+    envs: { FOO: 'bar' },
+  })
+  const b = await Sandbox.create({ ...conn, timeoutMs: 120_000, metadata: { suite: 'conformance-js', which: 'b' } })
+  try {
+    // Commands: foreground, env, exit code.
+    let r = await a.commands.run('echo hi')
+    check('run foreground', r.stdout === 'hi\n' && r.exitCode === 0, r)
+    check('sandbox env vars', (await a.commands.run('echo $FOO')).stdout === 'bar\n')
+    check('runs as user', (await a.commands.run('whoami')).stdout.trim() === 'user')
+    const ee = await expectThrow(() => a.commands.run('echo err >&2; exit 3'), CommandExitError)
+    check('exit code raises', ee !== null && ee.exitCode === 3 && ee.stderr.includes('err'), ee ? { exitCode: ee.exitCode, stderr: ee.stderr } : 'no exception')
+
+    // Streaming callbacks fire as output is produced.
+    const seen = []
+    await a.commands.run('for i in 1 2 3; do echo $i; sleep 0.1; done', { onStdout: (s) => seen.push(s) })
+    check('onStdout streaming', JSON.stringify(seen.join('').split(/\s+/).filter(Boolean)) === '["1","2","3"]', seen)
+
+    // Background, list, kill.
+    let h = await a.commands.run('sleep 30', { background: true })
+    const pids = (await a.commands.list()).map((p) => p.pid)
+    check('background listed', pids.includes(h.pid), pids)
+    check('kill background', (await a.commands.kill(h.pid)) === true)
+    check('kill unknown pid', (await a.commands.kill(999999)) === false)
+
+    // Stdin.
+    h = await a.commands.run('cat', { background: true, stdin: true })
+    await a.commands.sendStdin(h.pid, 'hello stdin\n')
+    await a.commands.closeStdin(h.pid)
+    r = await h.wait()
+    check('stdin', r.stdout === 'hello stdin\n', r.stdout)
+
+    // Reattach with connect.
+    h = await a.commands.run('sleep 1; echo late', { background: true })
+    const h2 = await a.commands.connect(h.pid)
+    check('commands.connect', (await h2.wait()).stdout === 'late\n')
+
+    // PTY.
+    const out = []
+    const p = await a.pty.create({ rows: 24, cols: 80, onData: (d) => out.push(Buffer.from(d)) })
+    await a.pty.sendInput(p.pid, new TextEncoder().encode('stty size; echo pty-$((40+2)); exit\n'))
+    await expectThrow(() => p.wait(), CommandExitError) // a nonzero exit is fine here
+    const text = Buffer.concat(out).toString('utf8')
+    check('pty session', text.includes('pty-42') && text.includes('24 80'), text.slice(-200))
+
+    // Files.
+    await a.files.write('/home/user/a.txt', 'x')
+    check('files write/read', (await a.files.read('/home/user/a.txt')) === 'x')
+    const names = (await a.files.list('/home/user')).map((e) => e.name)
+    check('files list', names.includes('a.txt'), names)
+    check('files exists', (await a.files.exists('/home/user/a.txt')) && !(await a.files.exists('/home/user/nope')))
+    check('files makeDir', (await a.files.makeDir('/home/user/d')) === true)
+    await a.files.rename('/home/user/a.txt', '/home/user/d/b.txt')
+    check('files rename', (await a.files.exists('/home/user/d/b.txt')) && !(await a.files.exists('/home/user/a.txt')))
+    await a.files.remove('/home/user/d/b.txt')
+    check('files remove', !(await a.files.exists('/home/user/d/b.txt')))
+    const big = new Uint8Array(256 * 12000)
+    for (let i = 0; i < big.length; i++) big[i] = i & 0xff
+    await a.files.write('/tmp/big.bin', big.buffer)
+    const got = await a.files.read('/tmp/big.bin', { format: 'bytes' })
+    check('files binary 3 MB', Buffer.from(got).equals(Buffer.from(big)), `got ${got.length} bytes`)
+    // JS-only upload paths (not in conformance.py): the SDK switches from multipart to a raw
+    // application/octet-stream body for gzip and for ReadableStream data (envd >= 0.5.7).
+    await a.files.write('/tmp/big.gz.bin', big.buffer, { gzip: true })
+    const gz = await a.files.read('/tmp/big.gz.bin', { format: 'bytes' })
+    check('files write gzip (octet-stream)', Buffer.from(gz).equals(Buffer.from(big)), `got ${gz.length} bytes`)
+    const enc = new TextEncoder()
+    await a.files.write('/tmp/s.txt', new ReadableStream({
+      start(c) { c.enqueue(enc.encode('stream-')); c.enqueue(enc.encode('data')); c.close() },
+    }))
+    check('files write stream', (await a.files.read('/tmp/s.txt')) === 'stream-data')
+
+    // Watch: the JS SDK streams events to a callback.
+    const evs = []
+    const w = await a.files.watchDir('/home/user/d', (e) => evs.push(e))
+    await a.files.write('/home/user/d/w.txt', 'w')
+    for (let i = 0; i < 20 && !evs.some((e) => e.name.endsWith('w.txt')); i++) await sleep(100)
+    await w.stop()
+    check('files watch', evs.some((e) => e.name.endsWith('w.txt')), evs)
+
+    // Isolation between the two sandboxes.
+    check('sandboxes are separate', !(await b.files.exists('/home/user/d')))
+    check('second sandbox runs', (await b.commands.run('echo b')).stdout === 'b\n')
+
+    // Lifecycle: timeout, info, list, connect.
+    await a.setTimeout(90_000)
+    const info = await a.getInfo()
+    check('getInfo', info.sandboxId === a.sandboxId && info.metadata?.which === 'a', info)
+    const ids = new Set((await Sandbox.list(conn).nextItems()).map((s) => s.sandboxId))
+    check('list', ids.has(a.sandboxId) && ids.has(b.sandboxId), [...ids])
+    const c = await Sandbox.connect(a.sandboxId, conn)
+    check('connect', (await c.commands.run('cat /home/user/d/w.txt')).stdout === 'w')
+    check('isRunning', await a.isRunning())
+  } finally {
+    await a.kill()
+    await b.kill()
+  }
+  check('killed', !(await a.isRunning()))
+  check('kill again is false', (await Sandbox.kill(a.sandboxId, conn)) === false)
+  console.log(`${checks} passed, 0 failed`)
+}
+
+try {
+  await badInput()
+  await main()
+} catch (e) {
+  // One line with the reason, then (for anything but a failed check) the stack.
+  console.error(`FAILED: ${e instanceof CheckFailed ? 'AssertionError' : e?.name}: ${e?.message ?? e}`)
+  if (!(e instanceof CheckFailed)) console.error(e?.stack ?? e)
+  process.exit(1)
+}
