@@ -37,7 +37,7 @@ enum Command {
 /// Options shared by the commands that touch host state.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
-    /// Directory for persistent state (templates).
+    /// Directory for persistent state: templates and, for `serve`, the state database.
     #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
     pub data_dir: PathBuf,
     /// Directory for volatile state (cgroup slot locks, mount staging).

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,15 +77,40 @@ struct PollWatcher {
     janitor: JoinHandle<()>,
 }
 
-/// Per-sandbox envd state: the polling watchers of `CreateWatcher`/`GetWatcherEvents`.
+/// Per-sandbox envd state: the polling watchers of `CreateWatcher`/`GetWatcherEvents`, and
+/// how many `WatchDir` streams are open.
 #[derive(Debug, Default)]
 pub struct EnvdState {
     watchers: Mutex<HashMap<String, PollWatcher>>,
+    streams: AtomicUsize,
 }
 
 impl EnvdState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether any watch is open in this sandbox.
+    fn watching(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) > 0
+            || self.watchers.lock().map(|w| !w.is_empty()).unwrap_or(false)
+    }
+}
+
+/// Counts an open `WatchDir` stream for as long as it lives.
+#[derive(Debug)]
+struct OpenStream(Arc<EnvdState>);
+
+impl OpenStream {
+    fn new(state: Arc<EnvdState>) -> Self {
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(state)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -344,11 +370,15 @@ pub async fn handle(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Reques
     match route(req.method(), req.uri().path()) {
         Route::Health => StatusCode::NO_CONTENT.into_response(),
         Route::FilesGet => download(client, req).await,
-        Route::FilesPost => upload(client, req).await,
+        Route::FilesPost => {
+            let resp = upload(client.clone(), req).await;
+            settle(&client, &state).await;
+            resp
+        }
         Route::Start => start_process(client, req).await,
         Route::Connect => connect_process(client, req).await,
         Route::StreamInput => stream_input(client, req).await,
-        Route::WatchDir => watch_dir(client, req).await,
+        Route::WatchDir => watch_dir(client, state, req).await,
         Route::Unary(rpc) => unary(client, state, rpc, req).await,
         Route::UnknownRpc => {
             // As a Connect server's mux answers an unknown procedure: 404, code unimplemented.
@@ -1362,10 +1392,11 @@ struct WatchStream {
     events: mpsc::UnboundedReceiver<Event>,
     out: mpsc::UnboundedSender<Bytes>,
     opts: StreamOpts,
+    _open: OpenStream,
 }
 
 async fn pump_watch(s: WatchStream) {
-    let WatchStream { client, watch, root, user, mut events, out, opts } = s;
+    let WatchStream { client, watch, root, user, mut events, out, opts, _open } = s;
     let send = |msg: &Value| out.send(envelope(0, msg)).is_ok();
     let mut open = send(&json!({"start": {}}));
     let mut keepalive_at = Instant::now() + opts.keepalive;
@@ -1452,7 +1483,7 @@ async fn watch_request(
 }
 
 /// `filesystem.Filesystem/WatchDir`.
-async fn watch_dir(client: Arc<AgentClient>, req: Request) -> Response {
+async fn watch_dir(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let opts = stream_opts(&parts.headers);
     let (user, watch, root, events) = match watch_request(&client, &parts.headers, body).await {
@@ -1460,7 +1491,8 @@ async fn watch_dir(client: Arc<AgentClient>, req: Request) -> Response {
         Err(e) => return stream_error(e),
     };
     let (out, rx) = mpsc::unbounded_channel();
-    tokio::spawn(pump_watch(WatchStream { client, watch, root, user, events, out, opts }));
+    let _open = OpenStream::new(state);
+    tokio::spawn(pump_watch(WatchStream { client, watch, root, user, events, out, opts, _open }));
     stream_response(channel_body(rx))
 }
 
@@ -1474,7 +1506,11 @@ async fn unary(
     req: Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    match unary_call(&client, &state, rpc, &parts.headers, body).await {
+    let result = unary_call(&client, &state, rpc, &parts.headers, body).await;
+    if matches!(rpc, UnaryRpc::MakeDir | UnaryRpc::Move | UnaryRpc::Remove) {
+        settle(&client, &state).await;
+    }
+    match result {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => e.into_response(),
     }
@@ -1612,6 +1648,18 @@ async fn unary_call(
             }
             Ok(json!({}))
         }
+    }
+}
+
+/// After a change made through envd, lets the sandbox's watches catch up before answering, as
+/// envd's own watcher does in the time a reply takes to cross the network: a recursive watch
+/// must have added the directory just made before the client writes into it, and a poll right
+/// after a write must see its events.
+async fn settle(client: &AgentClient, state: &EnvdState) {
+    if state.watching()
+        && let Err(e) = sync_agent(client).await
+    {
+        tracing::debug!(error = ?e, "letting watches settle");
     }
 }
 

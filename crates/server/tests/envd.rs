@@ -488,6 +488,8 @@ fn stdin_signals_tags_and_reconnects() {
         .await;
         let end = collect(&s.rest().await).end.unwrap();
         assert_eq!(end, json!({"exitCode": -1, "exited": false, "status": "signal: killed", "error": "signal: killed"}));
+        // Reaped by the time SendSignal answers.
+        assert!(!env.pids().await.contains(&pid));
         // Gone: the SDK's kill() returns False on not_found.
         let (status, v) = env
             .unary(
@@ -846,6 +848,38 @@ fn watches() {
         let (status, _) =
             env.unary("filesystem.Filesystem/GetWatcherEvents", json!({"watcherId": id})).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // Changes made through envd are visible to a poll right after them, even in a
+        // directory made just before (a recursive watch must have picked it up).
+        for i in 0..20 {
+            let dir = format!("/tmp/r{i}");
+            env.ok("filesystem.Filesystem/MakeDir", json!({"path": dir})).await;
+            let v = env
+                .ok("filesystem.Filesystem/CreateWatcher", json!({"path": dir, "recursive": true}))
+                .await;
+            let id = v["watcherId"].clone();
+            env.ok("filesystem.Filesystem/MakeDir", json!({"path": format!("{dir}/sub")})).await;
+            let r = env
+                .post_file(
+                    &format!("path={dir}/sub/f"),
+                    &[("content-type", "application/octet-stream")],
+                    b"x".to_vec(),
+                )
+                .await;
+            assert_eq!(r.status(), StatusCode::OK);
+            let v =
+                env.ok("filesystem.Filesystem/GetWatcherEvents", json!({"watcherId": id})).await;
+            let events = v["events"].as_array().unwrap();
+            assert!(
+                events.iter().any(|e| e["name"] == "sub" && e["type"] == "EVENT_TYPE_CREATE"),
+                "{events:?}"
+            );
+            assert!(
+                events.iter().any(|e| e["name"] == "sub/f" && e["type"] == "EVENT_TYPE_WRITE"),
+                "{events:?}"
+            );
+            env.ok("filesystem.Filesystem/RemoveWatcher", json!({"watcherId": id})).await;
+        }
 
         // Streaming watcher.
         let mut s = env
