@@ -152,20 +152,27 @@ impl Pool {
         }
     }
 
+    fn lock_path(&self, slot: u32) -> PathBuf {
+        self.lock_dir.join(format!("{}-{slot}.lock", self.prefix))
+    }
+
+    /// Takes a slot's lock without waiting; `None` if another process holds it.
+    fn try_lock(&self, slot: u32) -> Result<Option<Flock<File>>, CgroupError> {
+        let path = self.lock_path(slot);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+    }
+
     /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
     pub fn claim(&self, limits: &Limits) -> Result<Lease, CgroupError> {
         fs::create_dir_all(&self.lock_dir).map_err(io_err("mkdir", &self.lock_dir))?;
         for slot in 0..MAX_SLOTS {
-            let path = self.lock_dir.join(format!("{}-{slot}.lock", self.prefix));
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(io_err("open", &path))?;
-            let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
-                continue;
-            };
+            let Some(lock) = self.try_lock(slot)? else { continue };
             let dirs = self.slot_dirs(slot);
             if !dirs[0].exists() {
                 self.ensure_parent()?;
@@ -187,15 +194,10 @@ impl Pool {
     /// Takes the lock of a specific slot without touching its processes or limits, to
     /// reattach to a sandbox an earlier process started there. Fails if someone holds it.
     pub fn adopt(&self, slot: u32) -> Result<Lease, CgroupError> {
-        let path = self.lock_dir.join(format!("{}-{slot}.lock", self.prefix));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            CgroupError::Io { op: "flock", path: path.clone(), source: e.into() }
+        let lock = self.try_lock(slot)?.ok_or_else(|| CgroupError::Io {
+            op: "flock",
+            path: self.lock_path(slot),
+            source: std::io::Error::other("slot is held by another process"),
         })?;
         let mut lease = Lease {
             slot,
