@@ -58,10 +58,17 @@ struct Proc {
     open_outputs: usize,
 }
 
+/// An active watch: the task that forwards its events, and the watcher itself, shared so that
+/// requests can flush what is pending first (see [`flush_watches`]).
+struct Watch {
+    task: JoinHandle<()>,
+    watcher: Rc<RefCell<fs::Watcher>>,
+}
+
 #[derive(Clone)]
 struct State {
     procs: Rc<RefCell<HashMap<u32, Proc>>>,
-    watches: Rc<RefCell<HashMap<u64, JoinHandle<()>>>>,
+    watches: Rc<RefCell<HashMap<u64, Watch>>>,
     next_watch: Rc<RefCell<u64>>,
     out: UnboundedSender<Event>,
 }
@@ -182,6 +189,18 @@ async fn write_events(
     }
 }
 
+/// Sends the events every watch has pending right now. Called before each request is handled,
+/// so a change that happened before a request is always reported before that request's reply
+/// (the watch tasks alone would report it whenever the scheduler gets to them).
+fn flush_watches(state: &State) {
+    for (id, w) in state.watches.borrow().iter() {
+        let Ok(events) = w.watcher.borrow_mut().read_events() else { continue };
+        for (name, kind) in events {
+            let _ = state.out.send(Event::Fs { watch: *id, name, kind });
+        }
+    }
+}
+
 /// Handles requests from one connection until it closes or sends a malformed frame.
 async fn serve_connection(state: &State, mut rd: tokio::net::unix::OwnedReadHalf) {
     loop {
@@ -196,6 +215,7 @@ async fn serve_connection(state: &State, mut rd: tokio::net::unix::OwnedReadHalf
         }
         let Ok(env) = ringfence_proto::decode::<Envelope>(&body) else { break };
         let id = env.id;
+        flush_watches(state);
         let result = match env.request {
             // Answered by the process's writer task once the data is written.
             Request::WriteStdin { pid, data } => match queue_input(state, id, pid, data) {
@@ -564,12 +584,13 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
                 *n += 1;
                 w
             };
+            let watcher = Rc::new(RefCell::new(watcher));
+            let shared = watcher.clone();
             let out = state.out.clone();
             let task = spawn_local(async move {
-                let mut watcher = watcher;
                 loop {
                     let Ok(mut guard) = afd.readable().await else { break };
-                    let events = watcher.read_events();
+                    let events = shared.borrow_mut().read_events();
                     guard.clear_ready();
                     match events {
                         Ok(evs) => {
@@ -581,12 +602,12 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
                     }
                 }
             });
-            state.watches.borrow_mut().insert(watch, task);
+            state.watches.borrow_mut().insert(watch, Watch { task, watcher });
             Ok(Reply::Watching { watch })
         }
         Request::Unwatch { watch } => match state.watches.borrow_mut().remove(&watch) {
-            Some(task) => {
-                task.abort();
+            Some(w) => {
+                w.task.abort();
                 Ok(Reply::Done)
             }
             None => Err(agent_err(ErrorKind::NotFound, format!("watch {watch} not found"))),

@@ -1606,10 +1606,9 @@ async fn unary_call(
                 let w = watchers.get(&id).ok_or_else(|| watcher_not_found(&id))?;
                 (w.root.clone(), w.user, w.events.clone())
             };
-            // Events of writes the client saw complete must be in this answer, as with envd.
-            // The agent's frames arrive in order, but it may answer a ping in the same turn in
-            // which its watch task was woken and not yet run; after a second ping, that task
-            // has run and whatever it sent precedes the pong.
+            // Events of writes the client saw complete must be in this answer, as with envd:
+            // the agent flushes its watches before answering the ping, and its frames arrive
+            // in order, so those events precede the pong.
             sync_agent(client).await?;
             let mut rx = events.lock().await;
             let mut out = Vec::new();
@@ -1649,15 +1648,13 @@ async fn settle(client: &AgentClient, state: &EnvdState) {
     }
 }
 
-/// Two round trips to the agent: see `GetWatcherEvents`.
+/// One round trip to the agent: it flushes every watch's pending events before answering any
+/// request, so once the reply is in, the events of every earlier change are too.
 async fn sync_agent(client: &AgentClient) -> Result<(), RpcError> {
-    for _ in 0..2 {
-        match client.call(AgentRequest::Ping).await? {
-            Reply::Pong => {}
-            other => return Err(RpcError::unexpected(&other)),
-        }
+    match client.call(AgentRequest::Ping).await? {
+        Reply::Pong => Ok(()),
+        other => Err(RpcError::unexpected(&other)),
     }
-    Ok(())
 }
 
 /// Waits (briefly) until a killed process has been reaped, so that what the caller does next
