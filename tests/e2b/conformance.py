@@ -168,6 +168,31 @@ def main():
         w.stop()
         check("files watch", any(e.name.endswith("w.txt") for e in evs), repr(evs))
 
+        # Signed URLs (download_url/upload_url): no headers, the signature names the sandbox.
+        url = a.download_url("/home/user/d/w.txt")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            check("signed download url", r.read() == b"w")
+        up = a.upload_url("/home/user/up.txt")
+        boundary = "rfboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"up.txt\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\nuploaded\r\n--{boundary}--\r\n").encode()
+        req = urllib.request.Request(up, data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            check("signed upload url", r.status == 200 and a.files.read("/home/user/up.txt") == "uploaded")
+        expired = a.download_url("/home/user/d/w.txt", use_signature_expiration=-120)
+        try:
+            urllib.request.urlopen(expired, timeout=10)
+            check("expired signature refused", False, "no error")
+        except urllib.error.HTTPError as e:
+            check("expired signature refused", e.code == 401 and json.loads(e.read())["message"] == "signature is already expired")
+        forged = url.replace("signature=v1_", "signature=v1_x")
+        try:
+            urllib.request.urlopen(forged, timeout=10)
+            check("forged signature refused", False, "no error")
+        except urllib.error.HTTPError as e:
+            check("forged signature refused", e.code == 401)
+
         # Isolation between the two sandboxes.
         check("sandboxes are separate", not b.files.exists("/home/user/d"))
         check("second sandbox runs", b.commands.run("echo b").stdout == "b\n")

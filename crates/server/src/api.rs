@@ -77,6 +77,7 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     let headers = req.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let token = header("x-access-token");
+    let signed = signed_file_url(&req);
     let live = match header("e2b-sandbox-id") {
         Some(id) => match app.manager.get(&id) {
             Some(l) => l,
@@ -84,13 +85,35 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         },
         None => match token.as_deref().and_then(|t| app.manager.by_token(t)) {
             Some(l) => l,
-            None => return next.run(req).await,
+            None => match &signed {
+                // A signed download/upload URL carries no sandbox id: the signature names it.
+                Some(sig) => match app.manager.find(|r| sig.matches(&r.access_token)) {
+                    Some(l) => l,
+                    None => {
+                        return ApiError::new(StatusCode::UNAUTHORIZED, "invalid signature")
+                            .into_response();
+                    }
+                },
+                None => return next.run(req).await,
+            },
         },
     };
     let Some(record) = live.snapshot() else { return not_running("") };
     let port = header("e2b-sandbox-port").and_then(|p| p.parse::<u16>().ok()).unwrap_or(49983);
-    // Health is public, as in envd; everything else needs the sandbox's token.
-    if req.uri().path() != "/health" && token.as_deref() != Some(record.access_token.as_str()) {
+    // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
+    // a URL signed with it.
+    let authorized = match (&signed, token.as_deref()) {
+        (_, Some(t)) if t == record.access_token => true,
+        (Some(sig), _) if sig.matches(&record.access_token) => {
+            if sig.expired() {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
+                    .into_response();
+            }
+            true
+        }
+        _ => req.uri().path() == "/health",
+    };
+    if !authorized {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
             .into_response();
     }
@@ -106,6 +129,68 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         )
             .into_response(),
     }
+}
+
+/// The signature of a `download_url()`/`upload_url()` link: `v1_` + unpadded base64 of
+/// sha256("{path}:{read|write}:{user}:{envdAccessToken}[:{expiration}]").
+#[derive(Debug)]
+struct SignedUrl {
+    path: String,
+    operation: &'static str,
+    user: String,
+    signature: String,
+    expiration: Option<i64>,
+}
+
+impl SignedUrl {
+    fn matches(&self, token: &str) -> bool {
+        use base64::Engine;
+        use sha2::Digest;
+        let raw = match self.expiration {
+            Some(exp) => format!("{}:{}:{}:{token}:{exp}", self.path, self.operation, self.user),
+            None => format!("{}:{}:{}:{token}", self.path, self.operation, self.user),
+        };
+        let digest = sha2::Sha256::digest(raw.as_bytes());
+        let want =
+            format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest));
+        // Constant time: the comparison must not reveal how much of a guess was right.
+        want.len() == self.signature.len()
+            && want.bytes().zip(self.signature.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    fn expired(&self) -> bool {
+        self.expiration.is_some_and(|e| e < crate::manager::now_ms() / 1000)
+    }
+}
+
+fn signed_file_url(req: &Request) -> Option<SignedUrl> {
+    if !req.uri().path().ends_with("/files") {
+        return None;
+    }
+    let operation = match *req.method() {
+        axum::http::Method::GET => "read",
+        axum::http::Method::POST => "write",
+        _ => return None,
+    };
+    let mut url = SignedUrl {
+        path: String::new(),
+        operation,
+        user: String::new(),
+        signature: String::new(),
+        expiration: None,
+    };
+    for pair in req.uri().query()?.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = url_decode(v);
+        match k {
+            "path" => url.path = v,
+            "username" => url.user = v,
+            "signature" => url.signature = v,
+            "signature_expiration" => url.expiration = v.parse().ok(),
+            _ => {}
+        }
+    }
+    url.signature.starts_with("v1_").then_some(url)
 }
 
 fn not_running(id: &str) -> Response {

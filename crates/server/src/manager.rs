@@ -277,6 +277,12 @@ impl Manager {
         self.live.read().ok()?.get(id).cloned()
     }
 
+    /// The first live sandbox whose record satisfies `pred`.
+    pub fn find(&self, pred: impl Fn(&SandboxRecord) -> bool) -> Option<Arc<Live>> {
+        let live = self.live.read().ok()?;
+        live.values().find(|l| l.record.lock().is_ok_and(|r| pred(&r))).cloned()
+    }
+
     /// Finds the sandbox whose envd access token is `token`.
     pub fn by_token(&self, token: &str) -> Option<Arc<Live>> {
         let live = self.live.read().ok()?;
