@@ -353,6 +353,9 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
         .map_err(fail("drop bounding capabilities"))?;
     ringfence_sys::restrict_caps(AGENT_CAPS).map_err(fail("restrict capabilities"))?;
     nix::sys::prctl::set_no_new_privs().map_err(fail("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    // Not dumpable: nothing in the sandbox, not even its (capability-less) root, may ptrace
+    // PID 1 or read its memory, fds or environment through /proc.
+    nix::sys::prctl::set_dumpable(false).map_err(fail("prctl(PR_SET_DUMPABLE)"))?;
     phase(phases, "capabilities_nnp");
     let landlock_abi = apply_landlock(spec)?;
     phase(phases, "landlock");
