@@ -58,6 +58,8 @@ def bad_input():
     check("unknown template is 404", st == 404 and "no-such-template" in body["message"], (st, body))
     st, body = http("POST", "/v2/sandboxes", {"templateID": "base", "timeout": -5})
     check("negative timeout is 400", st == 400 and "timeout" in body["message"], (st, body))
+    st, body = http("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True})
+    check("unsupported autoPause is refused, not ignored", st == 400 and "pause" in body["message"], (st, body))
     st, body = http("GET", "/v2/sandboxes", key=None)
     check("missing API key is 401", st == 401, (st, body))
     st, body = http("GET", "/v2/sandboxes", key="e2b_" + "0" * 40)
@@ -91,6 +93,12 @@ def bad_input():
         except NotEnoughSpaceException:
             check("upload beyond the disk quota is refused", True)
         check("sandbox still serves after a failed upload", s.commands.run("echo ok").stdout == "ok\n")
+        s.set_timeout(0)  # as in E2B: ends the sandbox now
+        for _ in range(50):
+            if not s.is_running():
+                break
+            time.sleep(0.1)
+        check("set_timeout(0) ends the sandbox", not s.is_running())
     finally:
         s.kill()
 

@@ -242,15 +242,38 @@ struct CreateBody {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     env_vars: Option<BTreeMap<String, String>>,
+    /// Pause on timeout is not implemented yet; asking for it must not silently lose state.
+    auto_pause: Option<bool>,
+    lifecycle: Option<Value>,
+}
+
+/// Refuses lifecycle options we cannot honour yet, instead of killing a sandbox whose caller
+/// expected it to be paused with its state kept.
+fn refuse_pause(b: &CreateBody) -> Result<(), ApiError> {
+    let pause_on_timeout = b
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")))
+        .is_some_and(|v| {
+            v.as_str() == Some("pause") || v.get("action").and_then(Value::as_str) == Some("pause")
+        });
+    if b.auto_pause == Some(true) || pause_on_timeout {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "pausing sandboxes (autoPause, onTimeout: pause) is not supported by this server yet",
+        ));
+    }
+    Ok(())
 }
 
 fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
     let cfg = app.manager.config();
     match secs {
         None => Ok(cfg.default_timeout),
-        Some(s) if s <= 0 => Err(ApiError::new(
+        // 0 is valid, as in E2B's API: the sandbox ends at once.
+        Some(s) if s < 0 => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("timeout must be a positive number of seconds, got {s}"),
+            format!("timeout must be zero or a positive number of seconds, got {s}"),
         )),
         Some(s) => {
             let d = Duration::from_secs(s as u64);
@@ -306,6 +329,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
+    refuse_pause(&b)?;
     let params = CreateParams {
         template: b.template_id.unwrap_or_else(|| "base".into()),
         timeout: timeout_from(&app, b.timeout)?,
@@ -390,6 +414,8 @@ struct ListParams {
     state: Option<String>,
     limit: Option<u32>,
     next_token: Option<String>,
+    order: Option<String>,
+    template: Option<String>,
 }
 
 /// Parses E2B's metadata filter: `k1=v1&k2=v2`, URL-encoded as one query value.
@@ -462,6 +488,17 @@ async fn list(
         query.limit = l;
     }
     query.next_token = q.next_token.filter(|t| !t.is_empty());
+    query.newest_first = match q.order.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown order {other:?}: expected asc or desc"),
+            ));
+        }
+    };
+    query.template = q.template.filter(|t| !t.is_empty());
     let store = app.manager.store().clone();
     let key_id = key.id.clone();
     let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))

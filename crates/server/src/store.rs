@@ -190,6 +190,10 @@ pub struct ListQuery {
     pub limit: u32,
     /// Opaque token from a previous page's response.
     pub next_token: Option<String>,
+    /// Newest first (E2B's default order) instead of oldest first.
+    pub newest_first: bool,
+    /// Only sandboxes of this template.
+    pub template: Option<String>,
 }
 
 impl Default for ListQuery {
@@ -199,6 +203,8 @@ impl Default for ListQuery {
             state: None,
             limit: DEFAULT_LIST_LIMIT,
             next_token: None,
+            newest_first: false,
+            template: None,
         }
     }
 }
@@ -405,7 +411,11 @@ impl Store {
         let mut sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE key_id = ?");
         let mut args: Vec<Value> = vec![Value::Text(key_id.to_owned())];
         if let Some((created_at, id)) = cursor {
-            sql.push_str(" AND (created_at, id) > (?, ?)");
+            sql.push_str(if query.newest_first {
+                " AND (created_at, id) < (?, ?)"
+            } else {
+                " AND (created_at, id) > (?, ?)"
+            });
             args.push(Value::Integer(created_at));
             args.push(Value::Text(id));
         }
@@ -414,7 +424,15 @@ impl Store {
             sql.push_str(&format!(" AND state IN ({marks})"));
             args.extend(states.iter().map(|s| Value::Text(s.as_str().to_owned())));
         }
-        sql.push_str(" ORDER BY created_at, id");
+        if let Some(t) = &query.template {
+            sql.push_str(" AND template = ?");
+            args.push(Value::Text(t.clone()));
+        }
+        sql.push_str(if query.newest_first {
+            " ORDER BY created_at DESC, id DESC"
+        } else {
+            " ORDER BY created_at, id"
+        });
 
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
@@ -603,12 +621,42 @@ fn unix_millis() -> i64 {
 }
 
 #[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    #[test]
+    fn newest_first_pages_and_template_filter() {
+        let store = Store::open_in_memory().unwrap();
+        for i in 0..5i64 {
+            let mut r = tests::sandbox(&format!("sb{i}"), "k", 1000 + i);
+            r.template = if i % 2 == 0 { "base".into() } else { "code-interpreter-v1".into() };
+            store.insert_sandbox(&r).unwrap();
+        }
+        let mut q = ListQuery { limit: 2, newest_first: true, ..ListQuery::default() };
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = store.list_sandboxes("k", &q).unwrap();
+            seen.extend(page.into_iter().map(|r| r.id));
+            match next {
+                Some(t) => q.next_token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["sb4", "sb3", "sb2", "sb1", "sb0"]);
+        let q = ListQuery { template: Some("base".into()), ..ListQuery::default() };
+        let ids: Vec<String> =
+            store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["sb0", "sb2", "sb4"]);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
     use std::collections::HashSet;
 
-    fn sandbox(id: &str, key_id: &str, created_at: i64) -> SandboxRecord {
+    pub(super) fn sandbox(id: &str, key_id: &str, created_at: i64) -> SandboxRecord {
         SandboxRecord {
             id: id.to_owned(),
             key_id: key_id.to_owned(),
