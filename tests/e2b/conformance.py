@@ -168,6 +168,13 @@ def main():
         a.files.write("/tmp/big.bin", big)
         check("files binary 3 MB", a.files.read("/tmp/big.bin", format="bytes") == big)
 
+        # File metadata (user.e2b.* xattrs).
+        info = a.files.write("/home/user/m.txt", "m", metadata={"author": "rf"})
+        check("files metadata on write", info.metadata == {"author": "rf"}, repr(info))
+        check("files metadata on stat", a.files.get_info("/home/user/m.txt").metadata == {"author": "rf"})
+        a.files.write("/home/user/m.txt", "m2")
+        check("files overwrite clears metadata", a.files.get_info("/home/user/m.txt").metadata is None)
+
         # Watch.
         w = a.files.watch_dir("/home/user/d")
         a.files.write("/home/user/d/w.txt", "w")

@@ -7,6 +7,7 @@
 //!
 //! Everything here is synchronous and short; the request loop calls it directly.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, Metadata, OpenOptions, Permissions};
 use std::io;
@@ -154,7 +155,43 @@ fn entry(path: &Path, md: &Metadata) -> EntryInfo {
         gid: md.gid(),
         mtime: (md.mtime(), u32::try_from(md.mtime_nsec()).unwrap_or(0)),
         symlink_target,
+        metadata: read_metadata(path),
     }
+}
+
+/// The namespace E2B keeps file metadata in.
+const METADATA_PREFIX: &str = "user.e2b.";
+
+fn read_metadata(path: &Path) -> BTreeMap<String, String> {
+    ringfence_sys::xattrs_with_prefix(path, METADATA_PREFIX)
+        .map(|v| {
+            v.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Replaces the file's metadata with `metadata` (clearing stale keys) and returns its entry.
+pub fn set_metadata(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<EntryInfo, AgentError> {
+    let io = |e: ringfence_sys::SysError| map_io(e.source, path);
+    for (key, _) in ringfence_sys::xattrs_with_prefix(path, METADATA_PREFIX).map_err(io)? {
+        if !metadata.contains_key(&key) {
+            ringfence_sys::set_xattr(path, &format!("{METADATA_PREFIX}{key}"), None).map_err(io)?;
+        }
+    }
+    for (key, value) in metadata {
+        if key.is_empty() || key.contains('\0') {
+            return Err(AgentError {
+                kind: ErrorKind::InvalidArgument,
+                message: format!("invalid metadata key {key:?}"),
+            });
+        }
+        ringfence_sys::set_xattr(path, &format!("{METADATA_PREFIX}{key}"), Some(value.as_bytes()))
+            .map_err(io)?;
+    }
+    stat(path)
 }
 
 /// Describes `path` itself, not what it points to when it is a symlink.

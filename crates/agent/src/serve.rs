@@ -558,6 +558,9 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
             let p = fs::resolve(&path, user)?;
             fs::write_chunk(&p, offset, &data, user).map(Reply::Entry)
         }
+        Request::SetMetadata { path, user, metadata } => {
+            fs::set_metadata(&fs::resolve(&path, user)?, &metadata).map(Reply::Entry)
+        }
         Request::Stat { path, user } => fs::stat(&fs::resolve(&path, user)?).map(Reply::Entry),
         Request::ListDir { path, user, depth } => {
             fs::list_dir(&fs::resolve(&path, user)?, depth).map(Reply::Entries)

@@ -190,6 +190,12 @@ pub enum Request {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Replaces a file's user metadata (an empty map clears it).
+    SetMetadata {
+        path: String,
+        user: SandboxUser,
+        metadata: BTreeMap<String, String>,
+    },
     Stat {
         path: String,
         user: SandboxUser,
@@ -274,6 +280,8 @@ pub struct EntryInfo {
     /// Seconds and nanoseconds since the epoch.
     pub mtime: (i64, u32),
     pub symlink_target: Option<String>,
+    /// User metadata (E2B's file metadata): the `user.e2b.*` extended attributes.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A process the agent is tracking.

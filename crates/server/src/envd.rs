@@ -1068,6 +1068,9 @@ fn entry_json(e: &EntryInfo, link: Option<&LinkTarget>) -> Value {
     if let Some(t) = target {
         v.insert("symlinkTarget".into(), json!(t));
     }
+    if !e.metadata.is_empty() {
+        v.insert("metadata".into(), json!(e.metadata));
+    }
     Value::Object(v)
 }
 
@@ -2032,9 +2035,44 @@ where
 }
 
 fn upload_ok(entries: &[EntryInfo]) -> Response {
-    let list: Vec<Value> =
-        entries.iter().map(|e| json!({"name": e.name, "type": "file", "path": e.path})).collect();
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = json!({"name": e.name, "type": "file", "path": e.path});
+            if !e.metadata.is_empty() {
+                v["metadata"] = json!(e.metadata);
+            }
+            v
+        })
+        .collect();
     json_response(StatusCode::OK, &Value::Array(list))
+}
+
+/// File metadata sent as `X-Metadata-<key>: <value>` headers (envd 0.6.2).
+fn upload_metadata(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let key = name.as_str().strip_prefix("x-metadata-")?;
+            Some((key.to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Replaces a just-written file's metadata: an upload without metadata clears stale keys.
+async fn set_metadata(
+    client: &AgentClient,
+    user: SandboxUser,
+    path: &str,
+    metadata: &BTreeMap<String, String>,
+) -> Result<EntryInfo, FileError> {
+    let request =
+        AgentRequest::SetMetadata { path: path.to_owned(), user, metadata: metadata.clone() };
+    match client.call(request).await {
+        Ok(Reply::Entry(e)) => Ok(e),
+        Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
+        Err(e) => Err(files_error(e)),
+    }
 }
 
 /// `POST /files`: a raw (`application/octet-stream`, optionally gzip) or multipart upload.
@@ -2053,6 +2091,7 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         Err(m) => return http_error(StatusCode::BAD_REQUEST, m),
     };
     let media = media_type(req.headers());
+    let metadata = upload_metadata(req.headers());
     if media == "application/octet-stream" {
         let Some(path) = path else {
             return http_error(
@@ -2066,6 +2105,10 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         } else {
             write_stream(&client, &path, user, stream).await
         };
+        let written = match written {
+            Ok(e) => set_metadata(&client, user, &e.path, &metadata).await,
+            Err(e) => Err(e),
+        };
         return match written {
             Ok(e) => upload_ok(&[e]),
             Err(e) => e.into_response(),
@@ -2075,7 +2118,7 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         let req = if gzip { req.map(|b| Body::from_stream(gunzip(body_stream(b)))) } else { req };
         // axum caps extracted multipart bodies at 2 MB unless told otherwise; uploads are
         // streamed chunk by chunk, so no cap is needed.
-        let handler = move |req: Request| upload_multipart(client, user, path, req);
+        let handler = move |req: Request| upload_multipart(client, user, path, metadata, req);
         return Handler::call(handler.layer(DefaultBodyLimit::disable()), req, ()).await;
     }
     let ct = header_str(req.headers(), "content-type").unwrap_or("");
@@ -2093,6 +2136,7 @@ async fn upload_multipart(
     client: Arc<AgentClient>,
     user: SandboxUser,
     path: Option<String>,
+    metadata: BTreeMap<String, String>,
     req: Request,
 ) -> Response {
     let mut form = match Multipart::from_request(req, &()).await {
@@ -2135,7 +2179,11 @@ async fn upload_multipart(
                 Err(e) => Some((Err(e.to_string()), f)),
             }
         });
-        match write_stream(&client, &target, user, chunks).await {
+        let result = match write_stream(&client, &target, user, chunks).await {
+            Ok(e) => set_metadata(&client, user, &e.path, &metadata).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(e) => written.push(e),
             Err(e) => return e.into_response(),
         }
@@ -2382,6 +2430,7 @@ mod tests {
             gid: 1000,
             mtime: (1_700_000_000, 0),
             symlink_target: None,
+            metadata: Default::default(),
         }
     }
 

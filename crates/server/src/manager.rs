@@ -21,7 +21,7 @@ use crate::store::{SandboxRecord, SandboxState, Store};
 pub const POOL_PREFIX: &str = "srv";
 
 /// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
-pub const ENVD_VERSION: &str = "0.5.7";
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// Templates a client may ask for; all map to the host template for now.
 pub const TEMPLATES: &[&str] = &["base", "code-interpreter-v1", "host"];

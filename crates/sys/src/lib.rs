@@ -624,6 +624,59 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     unsafe { tokio::io::unix::AsyncFd::register(fd).map_err(|e| e.into()) }
 }
 
+/// Extended attributes of `path` (not following a final symlink) whose names start with
+/// `prefix`, with the prefix stripped. Attributes that vanish or are unreadable are skipped.
+pub fn xattrs_with_prefix(path: &std::path::Path, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| SysError { call: "llistxattr", source: io::Error::other(e) })?;
+    let mut names = vec![0u8; 4096];
+    // SAFETY: c is a valid C string; names is writable for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        // No xattr support on this filesystem means no metadata.
+        if err.raw_os_error() == Some(libc::ENOTSUP) {
+            return Ok(Vec::new());
+        }
+        return Err(SysError { call: "llistxattr", source: err });
+    }
+    let mut out = Vec::new();
+    for name in names[..n as usize].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Some(short) = name.strip_prefix(prefix.as_bytes()) else { continue };
+        let Ok(cname) = CString::new(name) else { continue };
+        let mut value = vec![0u8; 4096];
+        // SAFETY: both strings are valid; value is writable for its length.
+        let len = unsafe {
+            libc::lgetxattr(c.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len())
+        };
+        if len < 0 {
+            continue;
+        }
+        value.truncate(len as usize);
+        out.push((String::from_utf8_lossy(short).into_owned(), value));
+    }
+    Ok(out)
+}
+
+/// Sets (`Some`) or removes (`None`) one extended attribute of `path`.
+pub fn set_xattr(path: &std::path::Path, name: &str, value: Option<&[u8]>) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| SysError { call: "lsetxattr", source: io::Error::other(e) })?;
+    let cname = CString::new(name)
+        .map_err(|e| SysError { call: "lsetxattr", source: io::Error::other(e) })?;
+    let ret = match value {
+        // SAFETY: valid C strings; value points at `len` readable bytes.
+        Some(v) => unsafe {
+            libc::lsetxattr(c.as_ptr(), cname.as_ptr(), v.as_ptr().cast(), v.len(), 0)
+        },
+        // SAFETY: valid C strings.
+        None => unsafe { libc::lremovexattr(c.as_ptr(), cname.as_ptr()) },
+    };
+    check(if value.is_some() { "lsetxattr" } else { "lremovexattr" }, ret.into()).map(drop)
+}
+
 /// Host effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and takes no arguments.
