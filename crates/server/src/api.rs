@@ -103,7 +103,7 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
     // a URL signed with it.
     let authorized = match (&signed, token.as_deref()) {
-        (_, Some(t)) if t == record.access_token => true,
+        (_, Some(t)) if crate::manager::ct_eq(t, &record.access_token) => true,
         (Some(sig), _) if sig.matches(&record.access_token) => {
             if sig.expired() {
                 return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
@@ -153,9 +153,7 @@ impl SignedUrl {
         let digest = sha2::Sha256::digest(raw.as_bytes());
         let want =
             format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest));
-        // Constant time: the comparison must not reveal how much of a guess was right.
-        want.len() == self.signature.len()
-            && want.bytes().zip(self.signature.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        crate::manager::ct_eq(&want, &self.signature)
     }
 
     fn expired(&self) -> bool {

@@ -286,7 +286,9 @@ impl Manager {
     /// Finds the sandbox whose envd access token is `token`.
     pub fn by_token(&self, token: &str) -> Option<Arc<Live>> {
         let live = self.live.read().ok()?;
-        live.values().find(|l| l.record.lock().is_ok_and(|r| r.access_token == token)).cloned()
+        live.values()
+            .find(|l| l.record.lock().is_ok_and(|r| ct_eq(&r.access_token, token)))
+            .cloned()
     }
 
     /// Kills a sandbox and forgets it. Returns false if it was not live.
@@ -359,9 +361,26 @@ impl Manager {
     }
 }
 
+/// Compares secrets in time that does not depend on where they differ, so response timing
+/// cannot be used to guess a token byte by byte.
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A per-sandbox secret for envd traffic: 32 hex characters.
 pub fn new_token() -> String {
     use rand::Rng;
     let bytes: [u8; 16] = rand::rng().random();
     hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ct_eq_compares_whole_strings() {
+        assert!(super::ct_eq("abc", "abc"));
+        assert!(!super::ct_eq("abc", "abd"));
+        assert!(!super::ct_eq("abc", "ab"));
+        assert_eq!(super::new_token().len(), 32);
+    }
 }
