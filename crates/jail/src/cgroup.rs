@@ -274,11 +274,6 @@ impl Lease {
         self.slot
     }
 
-    /// The directories of this slot, one per hierarchy.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
     fn apply(&self, l: &Limits) -> Result<(), CgroupError> {
         match &self.layout {
             Layout::V2 { .. } => {
@@ -385,15 +380,6 @@ impl Lease {
         let file = match &self.layout {
             Layout::V2 { .. } => "memory.peak",
             Layout::V1 { .. } => "memory.max_usage_in_bytes",
-        };
-        fs::read_to_string(self.dirs[0].join(file)).ok()?.trim().parse().ok()
-    }
-
-    /// Memory in use now (bytes).
-    pub fn memory_current(&self) -> Option<u64> {
-        let file = match &self.layout {
-            Layout::V2 { .. } => "memory.current",
-            Layout::V1 { .. } => "memory.usage_in_bytes",
         };
         fs::read_to_string(self.dirs[0].join(file)).ok()?.trim().parse().ok()
     }

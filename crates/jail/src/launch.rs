@@ -2,7 +2,7 @@
 //! hand the agent its setup, and wait for it to report ready.
 
 use std::ffi::CString;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -387,11 +387,6 @@ impl Sandbox {
     pub fn memory_peak(&self) -> Option<u64> {
         self.lease.as_ref().and_then(Lease::memory_peak)
     }
-
-    /// Reads one event from the agent (blocking).
-    pub fn next_event(&mut self) -> Result<Option<Event>, JailError> {
-        Ok(read_frame(&mut self.control)?)
-    }
 }
 
 impl Drop for Sandbox {
@@ -412,11 +407,4 @@ impl Drop for Sandbox {
 /// Where a reconnectable sandbox's agent listens.
 pub fn agent_socket_dir(cfg: &JailConfig, id: &str) -> std::path::PathBuf {
     cfg.run_dir.join("agents").join(id)
-}
-
-/// Reads everything left on a reader; used by tests and diagnostics.
-pub fn drain(mut r: impl Read) -> Vec<u8> {
-    let mut v = Vec::new();
-    let _ = r.read_to_end(&mut v);
-    v
 }
