@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{DEFAULT_WRITABLE, JailError, Sandbox, SandboxSpec};
+use ringfence_jail::launch::{JailError, Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
@@ -280,13 +280,8 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let (cmd, rest) = args.cmd.split_first().context("no command given")?;
     let id = ringfence_jail::new_sandbox_id();
     let spec = SandboxSpec {
-        id: id.clone(),
-        template: tmpl,
         limits,
-        seccomp: compiled,
         landlock: !args.no_landlock,
-        writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
-        env: BTreeMap::new(),
         initial: Some(SpawnSpec {
             cmd: cmd.clone(),
             args: rest.to_vec(),
@@ -297,10 +292,13 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             tag: None,
         }),
         exit_with_initial: true,
-        stdio: [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         die_with_parent: true,
-        reconnectable: false,
-        setup_timeout: Duration::from_secs(30),
+        ..SandboxSpec::new(
+            id.clone(),
+            tmpl,
+            compiled,
+            [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
+        )
     };
     let agent_pid = Arc::new(AtomicI32::new(0));
     let stdout_over = Arc::new(AtomicBool::new(false));

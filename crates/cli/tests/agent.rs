@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{DEFAULT_WRITABLE, Sandbox, SandboxSpec};
-use ringfence_jail::limits::Limits;
+use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_proto::{
@@ -309,19 +308,13 @@ fn start() -> Harness {
     let null_out = OpenOptions::new().write(true).open("/dev/null").expect("open /dev/null");
     let id = ringfence_jail::new_sandbox_id();
     let spec = SandboxSpec {
-        id: id.clone(),
-        template: tmpl,
-        limits: Limits::default(),
-        seccomp: Some(seccomp::default_profile(true).expect("seccomp profile")),
-        landlock: true,
-        writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
-        env: Default::default(),
-        initial: None,
-        exit_with_initial: false,
-        stdio: [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
         die_with_parent: true,
-        reconnectable: false,
-        setup_timeout: Duration::from_secs(30),
+        ..SandboxSpec::new(
+            id.clone(),
+            tmpl,
+            Some(seccomp::default_profile(true).expect("seccomp profile")),
+            [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
+        )
     };
     let mut sandbox = Sandbox::start(&cfg, Some(&pool), spec).expect("start sandbox");
     assert_eq!(sandbox.ready.initial_pid, None, "serve mode starts no initial process");

@@ -83,6 +83,33 @@ pub struct SandboxSpec {
     pub setup_timeout: Duration,
 }
 
+impl SandboxSpec {
+    /// A sandbox with every layer on: default limits and writable paths, no initial process,
+    /// serving requests until its channel closes. Callers adjust fields from there.
+    pub fn new(
+        id: String,
+        template: Template,
+        seccomp: Option<Compiled>,
+        stdio: [RawFd; 3],
+    ) -> Self {
+        SandboxSpec {
+            id,
+            template,
+            limits: Limits::default(),
+            seccomp,
+            landlock: true,
+            writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+            env: Default::default(),
+            initial: None,
+            exit_with_initial: false,
+            stdio,
+            die_with_parent: false,
+            reconnectable: false,
+            setup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Paths inside the sandbox that Landlock lets processes write beneath.
 pub const DEFAULT_WRITABLE: &[&str] = &[
     "/home",

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{DEFAULT_WRITABLE, Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::Limits;
 use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::seccomp::Compiled;
@@ -127,21 +127,18 @@ impl Manager {
         }
         let id = ringfence_jail::new_sandbox_id();
         let spec = SandboxSpec {
-            id: id.clone(),
-            template: self.template.clone(),
             limits: self.cfg.limits,
-            seccomp: Some(self.seccomp.clone()),
-            landlock: true,
-            writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
             env: p.env.clone(),
-            initial: None,
-            exit_with_initial: false,
-            stdio: [-1, -1, -1],
-            // The agent ends when the server's end of its channel closes; a death signal tied
-            // to a (pooled, short-lived) blocking thread would kill it at random.
-            die_with_parent: false,
+            // The agent ends when the server's end of its channel closes, unless the server
+            // died: then it waits for the next server to reconnect. A death signal tied to a
+            // (pooled, short-lived) blocking thread would kill it at random, so none is set.
             reconnectable: true,
-            setup_timeout: Duration::from_secs(30),
+            ..SandboxSpec::new(
+                id.clone(),
+                self.template.clone(),
+                Some(self.seccomp.clone()),
+                [-1; 3],
+            )
         };
         let me = self.clone();
         let started = tokio::task::spawn_blocking(move || {
