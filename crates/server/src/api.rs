@@ -414,6 +414,7 @@ struct ListParams {
     next_token: Option<String>,
     order: Option<String>,
     template: Option<String>,
+    started_after: Option<String>,
 }
 
 /// Parses E2B's metadata filter: `k1=v1&k2=v2`, URL-encoded as one query value.
@@ -497,6 +498,14 @@ async fn list(
         }
     };
     query.template = q.template.filter(|t| !t.is_empty());
+    if let Some(t) = q.started_after.filter(|t| !t.is_empty()) {
+        query.started_after_ms = Some(crate::time::parse_rfc3339_ms(&t).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("startedAfter {t:?} is not an RFC 3339 time"),
+            )
+        })?);
+    }
     let store = app.manager.store().clone();
     let key_id = key.id.clone();
     let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))

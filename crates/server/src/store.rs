@@ -194,6 +194,8 @@ pub struct ListQuery {
     pub newest_first: bool,
     /// Only sandboxes of this template.
     pub template: Option<String>,
+    /// Only sandboxes created after this instant (Unix milliseconds).
+    pub started_after_ms: Option<i64>,
 }
 
 impl Default for ListQuery {
@@ -205,6 +207,7 @@ impl Default for ListQuery {
             next_token: None,
             newest_first: false,
             template: None,
+            started_after_ms: None,
         }
     }
 }
@@ -428,6 +431,10 @@ impl Store {
             sql.push_str(" AND template = ?");
             args.push(Value::Text(t.clone()));
         }
+        if let Some(after) = query.started_after_ms {
+            sql.push_str(" AND created_at > ?");
+            args.push(Value::Integer(after));
+        }
         sql.push_str(if query.newest_first {
             " ORDER BY created_at DESC, id DESC"
         } else {
@@ -647,6 +654,10 @@ mod order_tests {
         let ids: Vec<String> =
             store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["sb0", "sb2", "sb4"]);
+        let q = ListQuery { started_after_ms: Some(1002), ..ListQuery::default() };
+        let ids: Vec<String> =
+            store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["sb3", "sb4"]);
     }
 }
 
