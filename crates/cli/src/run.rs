@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{JailError, Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
@@ -329,7 +329,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             for r in relays {
                 let _ = r.join();
             }
-            return Err(setup_error(e));
+            return Err(e.into());
         }
     };
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -450,8 +450,4 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             .with_context(|| format!("write report {}", path.display()))?;
     }
     Ok(code)
-}
-
-fn setup_error(e: JailError) -> anyhow::Error {
-    anyhow::Error::new(e)
 }

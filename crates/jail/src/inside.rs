@@ -162,7 +162,7 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     mkdir_p(&lower, 0o755)?;
     // Read-only even here: the overlay only ever reads its lower layer, and the template is
     // shared by every sandbox.
-    bind_readonly(Path::new(&spec.rootfs), &lower)?;
+    bind(Path::new(&spec.rootfs), &lower, Bind::ReadOnly)?;
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
     overlay("template", Path::new("root/upper"), Path::new("root/work"), &merged)?;
     // Host layers are bound read-only rather than overlaid: their files belong to host ids that
@@ -170,7 +170,7 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     // a plain bind keeps path lookups (Python's imports do hundreds) at native speed.
     for layer in &spec.host_layers {
         let target = merged.join(layer.path.trim_start_matches('/'));
-        bind_readonly(Path::new(&layer.path), &target)?;
+        bind(Path::new(&layer.path), &target, Bind::ReadOnly)?;
     }
     mount_proc(&merged)?;
     mount_dev(&merged, spec)?;
@@ -194,30 +194,31 @@ fn overlay(lower: &str, upper: &Path, work: &Path, target: &Path) -> Result<(), 
     .map_err(mount_err("overlay", target))
 }
 
-fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), InsideError> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(mount_err(&format!("bind {}", src.display()), dst))?;
-    if readonly {
-        let flags = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC;
-        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
-            .map_err(mount_err("read-only remount", dst))?;
-    }
-    Ok(())
+/// How a bind mount is restricted after it is made.
+#[derive(Debug, Clone, Copy)]
+enum Bind {
+    /// As the source is (masks over /proc files, device nodes).
+    AsIs,
+    /// Read-only, no setuid, no device nodes (the template and host layers: programs run
+    /// from them).
+    ReadOnly,
+    /// Read-only and not executable either (/proc subtrees).
+    ReadOnlyNoExec,
 }
 
-fn bind_readonly(src: &Path, dst: &Path) -> Result<(), InsideError> {
+fn bind(src: &Path, dst: &Path, how: Bind) -> Result<(), InsideError> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .map_err(mount_err(&format!("bind {}", src.display()), dst))?;
-    let flags = MsFlags::MS_BIND
+    let base = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY
         | MsFlags::MS_NOSUID
         | MsFlags::MS_NODEV;
+    let flags = match how {
+        Bind::AsIs => return Ok(()),
+        Bind::ReadOnly => base,
+        Bind::ReadOnlyNoExec => base | MsFlags::MS_NOEXEC,
+    };
     mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
         .map_err(mount_err("read-only remount", dst))
 }
@@ -235,7 +236,7 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
     for f in MASKED_FILES {
         let p = proc_dir.join(f);
         if p.exists() {
-            bind(Path::new("/dev/null"), &p, false)?;
+            bind(Path::new("/dev/null"), &p, Bind::AsIs)?;
         }
     }
     for d in MASKED_DIRS {
@@ -254,7 +255,7 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
     for d in READONLY_DIRS {
         let p = proc_dir.join(d);
         if p.is_dir() {
-            bind(&p, &p, true)?;
+            bind(&p, &p, Bind::ReadOnlyNoExec)?;
         }
     }
     Ok(())
@@ -273,7 +274,7 @@ fn mount_dev(root: &Path, spec: &SetupSpec) -> Result<(), InsideError> {
     for name in DEVICES {
         let node = dev.join(name);
         fs::write(&node, b"").map_err(fail(format!("create {}", node.display())))?;
-        bind(&Path::new("/dev").join(name), &node, false)?;
+        bind(&Path::new("/dev").join(name), &node, Bind::AsIs)?;
     }
     let pts = dev.join("pts");
     mkdir_p(&pts, 0o755)?;
