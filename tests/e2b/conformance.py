@@ -112,6 +112,10 @@ def main():
         check("run foreground", r.stdout == "hi\n" and r.exit_code == 0, repr(r))
         check("sandbox env vars", a.commands.run("echo $FOO").stdout == "bar\n")
         check("runs as user", a.commands.run("whoami").stdout.strip() == "user")
+        # The agent's reconnect socket lives in the host's mount namespace: nothing inside,
+        # not even the sandbox's root, can find or reach it.
+        r = a.commands.run("ls /run/ringfence 2>&1; find / -xdev -name agent.sock 2>/dev/null | wc -l", user="root")
+        check("reconnect socket unreachable", "No such file" in r.stdout and r.stdout.strip().endswith("0"), repr(r.stdout))
         try:
             a.commands.run("echo err >&2; exit 3")
             check("exit code raises", False, "no exception")
