@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q --upgrade e2b
+"$VENV/bin/pip" install -q --upgrade e2b e2b-code-interpreter
 data=$(mktemp -d)
 chmod 755 "$data"   # sandboxes mount the template from here as an unprivileged user
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -31,6 +31,11 @@ start_server
 export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" E2B_API_KEY_2="$key2"
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 if ! "$VENV/bin/python" tests/e2b/conformance.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
+# The code interpreter with the unmodified `e2b-code-interpreter` SDK.
+if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi

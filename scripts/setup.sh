@@ -4,12 +4,17 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in python3 python3-venv util-linux procps curl; do
+# nodejs runs JavaScript kernels inside sandboxes (and npm the JS SDK suite).
+for pkg in python3 python3-venv util-linux procps curl nodejs; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
+command -v npm >/dev/null || need+=(npm)
 if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
+"$(dirname "$0")/interp-env.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "setup: ok"

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Longest lifetime a client may ask for.
     #[arg(long, default_value = "24h", value_parser = limits::parse_duration)]
     max_timeout: Duration,
+    /// The code interpreter's Python environment (built by scripts/interp-env.sh). Without it
+    /// the server runs, but the code-interpreter-v1 template is unavailable.
+    #[arg(long, default_value = ringfence_jail::template::DEFAULT_INTERP_ENV)]
+    interp_env: std::path::PathBuf,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -90,6 +94,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             },
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
+            interp_env: args.interp_env.clone(),
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -130,6 +130,11 @@ pub const DEFAULT_WRITABLE: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// The resource limits every process in a sandbox starts under.
+pub fn rlimits_for(limits: &Limits) -> Rlimits {
+    Rlimits { nofile: limits.nofile, nproc: limits.pids.unwrap_or(65536).max(64), core: 0 }
+}
+
 /// A running sandbox. Dropping it kills everything inside and frees its cgroup slot.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -249,11 +254,7 @@ impl Sandbox {
             disk_inodes: (spec.limits.disk / 8192).max(16384),
             writable: if spec.landlock { spec.writable } else { Vec::new() },
             require_landlock: false,
-            rlimits: Rlimits {
-                nofile: spec.limits.nofile,
-                nproc: spec.limits.pids.unwrap_or(65536).max(64),
-                core: 0,
-            },
+            rlimits: rlimits_for(&spec.limits),
             seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
             seccomp_errno: spec.seccomp.as_ref().map(|c| c.clone3.clone()).unwrap_or_default(),
             env: spec.env,
@@ -373,6 +374,27 @@ impl Sandbox {
     /// A second handle to the control channel (for a reader thread).
     pub fn control_clone(&self) -> Result<UnixStream, JailError> {
         self.control.try_clone().map_err(io_op("clone control channel"))
+    }
+
+    /// Puts `pid` (a process entering from outside, see [`crate::zygote`]) into this sandbox's
+    /// cgroup slot, so its limits and its kill apply to it.
+    pub fn add_process(&self, pid: i32) -> Result<(), JailError> {
+        match &self.lease {
+            Some(lease) => Ok(lease.add(pid)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the agent's pid still names this sandbox's agent. For our own child the pid
+    /// cannot be reused before we reap it; an adopted agent is checked against the cgroup.
+    pub fn agent_is_current(&self) -> bool {
+        if self.reaped {
+            return false;
+        }
+        if !self.adopted {
+            return true;
+        }
+        self.lease.as_ref().is_some_and(|l| l.procs().contains(&self.pid))
     }
 
     /// Takes the seccomp user-notification descriptor (the supervisor owns it from then on).

@@ -22,6 +22,7 @@ pub mod preflight;
 pub mod seccomp;
 mod syscall_names;
 pub mod template;
+pub mod zygote;
 
 use std::path::PathBuf;
 

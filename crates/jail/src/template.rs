@@ -29,6 +29,11 @@ pub enum TemplateError {
     #[error("unknown template {0:?} (available: host)")]
     Unknown(String),
     #[error(
+        "template {name:?} needs {path} (the interpreter environment), which is missing: run \
+         scripts/setup.sh (or scripts/interp-env.sh) on this host"
+    )]
+    MissingLayer { name: String, path: String },
+    #[error(
         "template directory {0} is not reachable from inside sandboxes: every directory above it \
          must be searchable by other users (chmod o+x), or choose another --data-dir"
     )]
@@ -87,7 +92,28 @@ pub struct Template {
 /// missing or stale. Concurrent callers serialise on a lock; readers of a finished template
 /// never see a half-built one (it is built aside and renamed into place).
 pub fn ensure_host(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
-    let t = ensure_host_built(data_dir, uid_base)?;
+    ensure_layered(data_dir, uid_base, "host", &[])
+}
+
+/// The template for the code interpreter: `host` plus the interpreter environment (a Python
+/// venv with the data libraries, built by `scripts/interp-env.sh`), bound read-only at the
+/// same path inside so the fork server's imports resolve identically in every sandbox.
+pub const INTERP_TEMPLATE: &str = "code-interpreter-v1";
+
+/// Loads (building if needed) a template named `name`: the host skeleton plus `extra` host
+/// directories bound read-only at the same paths.
+pub fn ensure_layered(
+    data_dir: &Path,
+    uid_base: u32,
+    name: &str,
+    extra: &[String],
+) -> Result<Template, TemplateError> {
+    for layer in extra {
+        if !Path::new(layer).is_dir() {
+            return Err(TemplateError::MissingLayer { name: name.into(), path: layer.into() });
+        }
+    }
+    let t = ensure_built(data_dir, uid_base, name, extra)?;
     check_searchable(&t.rootfs)?;
     Ok(t)
 }
@@ -106,15 +132,19 @@ fn check_searchable(rootfs: &Path) -> Result<(), TemplateError> {
     Ok(())
 }
 
-fn ensure_host_built(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
-    let name = "host";
+fn ensure_built(
+    data_dir: &Path,
+    uid_base: u32,
+    name: &str,
+    extra: &[String],
+) -> Result<Template, TemplateError> {
     let dir = data_dir.join("templates");
     let target = dir.join(name);
     let err = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| TemplateError::Io { name: name.into(), op, path, source }
     };
-    if let Some(t) = load(&target, name, uid_base) {
+    if let Some(t) = load(&target, name, uid_base, extra) {
         return Ok(t);
     }
     fs::create_dir_all(&dir).map_err(err("mkdir", &dir))?;
@@ -128,14 +158,14 @@ fn ensure_host_built(data_dir: &Path, uid_base: u32) -> Result<Template, Templat
             source: e.into(),
         })?;
     // Someone else may have built it while we waited.
-    if let Some(t) = load(&target, name, uid_base) {
+    if let Some(t) = load(&target, name, uid_base, extra) {
         return Ok(t);
     }
     let staging = dir.join(format!(".{name}.building"));
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(err("remove", &staging))?;
     }
-    let meta = build_host(&staging, uid_base).map_err(|(op, path, source)| TemplateError::Io {
+    let meta = build_host(&staging, uid_base, extra).map_err(|(op, path, source)| TemplateError::Io {
         name: name.into(),
         op,
         path,
@@ -151,9 +181,10 @@ fn ensure_host_built(data_dir: &Path, uid_base: u32) -> Result<Template, Templat
     Ok(Template { name: name.into(), rootfs: target.join("rootfs"), meta })
 }
 
-fn load(target: &Path, name: &str, uid_base: u32) -> Option<Template> {
+fn load(target: &Path, name: &str, uid_base: u32, extra: &[String]) -> Option<Template> {
     let meta: Meta = serde_json::from_slice(&fs::read(target.join("meta.json")).ok()?).ok()?;
-    (meta.format == FORMAT && meta.uid_base == uid_base).then(|| Template {
+    let layers_match = meta.host_layers.ends_with(extra);
+    (meta.format == FORMAT && meta.uid_base == uid_base && layers_match).then(|| Template {
         name: name.into(),
         rootfs: target.join("rootfs"),
         meta,
@@ -166,7 +197,7 @@ fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildEr
     move |e| (op, path.to_path_buf(), e)
 }
 
-fn build_host(staging: &Path, uid_base: u32) -> Result<Meta, BuildError> {
+fn build_host(staging: &Path, uid_base: u32, extra: &[String]) -> Result<Meta, BuildError> {
     let root = staging.join("rootfs");
     fs::create_dir_all(&root).map_err(at("mkdir", &root))?;
     let mut host_layers = vec!["/usr".to_string()];
@@ -197,6 +228,11 @@ fn build_host(staging: &Path, uid_base: u32) -> Result<Meta, BuildError> {
             }
             _ => {}
         }
+    }
+    for layer in extra {
+        // The mount point for a read-only bind of the host directory.
+        mkdir(layer.trim_start_matches('/'), 0o755)?;
+        host_layers.push(layer.clone());
     }
     let etc = root.join("etc");
     for name in ETC_ALLOWLIST {
@@ -277,10 +313,14 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Where `scripts/interp-env.sh` builds the interpreter environment by default.
+pub const DEFAULT_INTERP_ENV: &str = "/opt/ringfence/python";
+
 /// Resolves a template by name.
 pub fn resolve(name: &str, data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
     match name {
         "host" | "base" => ensure_host(data_dir, uid_base),
+        INTERP_TEMPLATE => ensure_layered(data_dir, uid_base, name, &[DEFAULT_INTERP_ENV.into()]),
         other => Err(TemplateError::Unknown(other.into())),
     }
 }

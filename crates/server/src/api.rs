@@ -72,6 +72,9 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
+/// The code interpreter's port (E2B's Jupyter server).
+const JUPYTER_PORT: u16 = 49999;
+
 /// Sends sandbox traffic to the sandbox's envd; everything else continues to the control plane.
 async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Response {
     let headers = req.headers();
@@ -102,7 +105,10 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     let port = header("e2b-sandbox-port").and_then(|p| p.parse::<u16>().ok()).unwrap_or(49983);
     // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
     // a URL signed with it.
-    let authorized = match (&signed, token.as_deref()) {
+    // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
+    // (docs/e2b-compat.md §5.3); create returns the same secret under that name.
+    let traffic = if port == JUPYTER_PORT { header("e2b-traffic-access-token") } else { None };
+    let authorized = match (&signed, token.as_deref().or(traffic.as_deref())) {
         (_, Some(t)) if crate::manager::ct_eq(t, &record.access_token) => true,
         (Some(sig), _) if sig.matches(&record.access_token) => {
             if sig.expired() {
@@ -119,6 +125,9 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     }
     match port {
         49983 => crate::envd::handle(live.client.clone(), live.envd.clone(), req).await,
+        JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
+            crate::interp::handle(app.manager.interp().clone(), live, req).await
+        }
         other => (
             StatusCode::BAD_GATEWAY,
             Json(json!({
@@ -294,7 +303,7 @@ fn sandbox_json(r: &SandboxRecord) -> Value {
         "alias": r.alias,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": r.access_token,
-        "trafficAccessToken": null,
+        "trafficAccessToken": r.access_token,
         "domain": null,
     })
 }

@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod api;
 pub mod envd;
+pub mod interp;
 pub mod manager;
 pub mod store;
 mod time;
@@ -62,6 +63,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         tracing::info!(reattached = back, lost, "recovered sandboxes of the previous server");
     }
     tokio::spawn(manager.clone().reap_loop());
+    // The fork server imports the data libraries once (seconds): start it beside the listener.
+    let rt = manager.interp().clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = rt.warm() {
+            tracing::warn!("code interpreter unavailable until its environment is built: {e}");
+        }
+    });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Listen { addr: cfg.listen, source })?;

@@ -23,8 +23,9 @@ pub const POOL_PREFIX: &str = "srv";
 /// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
 pub const ENVD_VERSION: &str = "0.6.4";
 
-/// Templates a client may ask for; all map to the host template for now.
-pub const TEMPLATES: &[&str] = &["base", "code-interpreter-v1", "host"];
+/// Templates a client may ask for. `base` and `host` are the host template; the code
+/// interpreter's adds the interpreter environment and starts a Python kernel with each sandbox.
+pub const TEMPLATES: &[&str] = &["base", template::INTERP_TEMPLATE, "host"];
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct ManagerConfig {
     pub limits: Limits,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
+    /// The interpreter environment (`scripts/interp-env.sh`), bound into code-interpreter
+    /// sandboxes and used by the fork server.
+    pub interp_env: PathBuf,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -54,11 +58,19 @@ pub struct Live {
     pub record: Mutex<SandboxRecord>,
     pub client: Arc<AgentClient>,
     pub envd: Arc<EnvdState>,
+    /// Code-interpreter contexts (port 49999).
+    pub interp: crate::interp::Contexts,
     jail: Mutex<Option<Sandbox>>,
     supervisor: Mutex<Option<Supervisor>>,
 }
 
 impl Live {
+    /// Runs `f` on the jail handle, if the sandbox still has one.
+    pub fn with_jail<R>(&self, f: impl FnOnce(&Sandbox) -> R) -> Option<R> {
+        let guard = self.jail.lock().ok()?;
+        guard.as_ref().map(f)
+    }
+
     pub fn snapshot(&self) -> Option<SandboxRecord> {
         self.record.lock().ok().map(|r| r.clone())
     }
@@ -80,7 +92,8 @@ pub struct Manager {
     jail: JailConfig,
     pool: Pool,
     seccomp: Compiled,
-    template: Template,
+    templates: Mutex<HashMap<String, Template>>,
+    interp: Arc<crate::interp::Runtime>,
     store: Arc<Store>,
     live: RwLock<HashMap<String, Arc<Live>>>,
 }
@@ -100,11 +113,50 @@ impl Manager {
         let mut jail = JailConfig::with_agent(cfg.agent_path.clone());
         jail.data_dir = cfg.data_dir.clone();
         jail.run_dir = cfg.run_dir.clone();
-        let template = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
+        let host = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
         let seccomp = seccomp::default_profile(true).map_err(internal)?;
         let layout = Layout::detect().map_err(internal)?;
         let pool = Pool::new(layout, &jail.cgroup_name, POOL_PREFIX, jail.run_dir.join("cgroups"));
-        Ok(Manager { cfg, jail, pool, seccomp, template, store, live: RwLock::default() })
+        let interp = crate::interp::Runtime::new(
+            &jail.run_dir,
+            &cfg.interp_env,
+            cfg.limits,
+            seccomp.clone(),
+        )
+        .map_err(internal)?;
+        let templates = Mutex::new(HashMap::from([("host".to_string(), host)]));
+        Ok(Manager {
+            cfg,
+            jail,
+            pool,
+            seccomp,
+            templates,
+            interp: Arc::new(interp),
+            store,
+            live: RwLock::default(),
+        })
+    }
+
+    /// The fork server and kernels' shared settings.
+    pub fn interp(&self) -> &Arc<crate::interp::Runtime> {
+        &self.interp
+    }
+
+    /// The built template behind a template name, building it on first use.
+    fn template(&self, name: &str) -> Result<Template, ManagerError> {
+        let key = if name == template::INTERP_TEMPLATE { name } else { "host" };
+        if let Some(t) = self.templates.lock().map_err(internal)?.get(key) {
+            return Ok(t.clone());
+        }
+        let t = template::ensure_layered(
+            &self.jail.data_dir,
+            self.jail.uid_base,
+            key,
+            &[self.cfg.interp_env.to_string_lossy().into_owned()],
+        )
+        .map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+        self.templates.lock().map_err(internal)?.insert(key.to_string(), t.clone());
+        Ok(t)
     }
 
     pub fn config(&self) -> &ManagerConfig {
@@ -125,6 +177,11 @@ impl Manager {
         if !TEMPLATES.contains(&p.template.as_str()) {
             return Err(ManagerError::NotFound(format!("template {}", p.template)));
         }
+        let me = self.clone();
+        let name = p.template.clone();
+        let template = tokio::task::spawn_blocking(move || me.template(&name))
+            .await
+            .map_err(internal)??;
         let id = ringfence_jail::new_sandbox_id();
         let spec = SandboxSpec {
             limits: self.cfg.limits,
@@ -135,7 +192,7 @@ impl Manager {
             reconnectable: true,
             ..SandboxSpec::new(
                 id.clone(),
-                self.template.clone(),
+                template,
                 Some(self.seccomp.clone()),
                 [-1; 3],
             )
@@ -185,10 +242,14 @@ impl Manager {
             record: Mutex::new(record),
             client,
             envd: Arc::new(EnvdState::new()),
+            interp: Default::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(supervisor),
         });
         self.live.write().map_err(internal)?.insert(id, live.clone());
+        if p.template == template::INTERP_TEMPLATE {
+            crate::interp::prestart(self.interp.clone(), live.clone());
+        }
         Ok(live)
     }
 
@@ -257,6 +318,7 @@ impl Manager {
             record: Mutex::new(rec),
             client,
             envd: Arc::new(EnvdState::new()),
+            interp: Default::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(None),
         });

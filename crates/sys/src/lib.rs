@@ -528,6 +528,47 @@ pub fn kill(pid: i32, sig: i32) -> Result<()> {
     check("kill", ret.into()).map(drop)
 }
 
+/// Accepts one connection on a listening socket; the new descriptor is close-on-exec.
+pub fn accept(listener: &OwnedFd) -> Result<OwnedFd> {
+    // SAFETY: accept4 on a descriptor we borrow, without an address buffer.
+    let ret = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    let fd = check("accept4", ret.into())?;
+    // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A descriptor for process `pid` that stays bound to that very process: signals sent through
+/// it can never reach a later process that reuses the number.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = check("pidfd_open", ret)?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to the process behind `pidfd`. ESRCH once it has exited.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32) -> Result<()> {
+    // SAFETY: a valid descriptor we own, a signal number, no siginfo (null), no flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    check("pidfd_send_signal", ret).map(drop)
+}
+
 /// The Landlock ABI version the kernel offers, or `None` where Landlock is absent or disabled.
 pub fn landlock_abi() -> Option<u32> {
     const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
@@ -573,8 +614,13 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>
 
 /// Sends `data` on a unix stream socket, passing `fd` alongside when given.
 pub fn send_with_fd(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> Result<()> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let fds: Vec<RawFd> = fd.into_iter().collect();
+    send_with_fds(sock, data, &fds)
+}
+
+/// Sends `data` on a unix socket in one `sendmsg`, passing `fds` alongside (SCM_RIGHTS).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let cmsgs: Vec<ControlMessage<'_>> =
         if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
     let iov = [io::IoSlice::new(data)];

@@ -1,0 +1,733 @@
+//! The code interpreter: E2B's port 49999 (`/execute`, `/contexts`), served by kernels running
+//! inside the sandbox.
+//!
+//! A context is one kernel process: Python (IPython) and bash kernels are forked into the
+//! sandbox by the fork server ([`ringfence_jail::zygote`]), which has already imported the data
+//! libraries, so a new sandbox's first cell pays no import; JavaScript kernels are Node processes
+//! the agent starts. Every kernel speaks JSON lines (`interp/PROTOCOL.md`); this module turns
+//! them into E2B's NDJSON stream. Kernels run user code, so each line they send is parsed as
+//! hostile input: size-capped, checked against the running execution, and reduced to the
+//! message types and fields E2B defines.
+//!
+//! Cancellation: an execution whose client goes away (the SDK's `timeout` closes its dedicated
+//! connection) is interrupted; a kernel that does not stop within [`INTERRUPT_GRACE`] is killed
+//! and its context starts afresh on next use.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ringfence_jail::limits::Limits;
+use ringfence_jail::monitor::Supervisor;
+use ringfence_jail::seccomp::Compiled;
+use ringfence_jail::zygote::{EntryPlan, Zygote, ZygoteConfig, ZygoteError};
+use ringfence_proto::{Event, Reply, Request as AgentRequest, SandboxUser, SpawnSpec, StdioMode};
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::agent_client::AgentClient;
+use crate::manager::Live;
+
+/// Kernel sources, written for the fork server at start-up and passed inline to Node.
+const KERNEL_PY: &str = include_str!("../../../interp/python/ringfence_kernel.py");
+const ZYGOTE_PY: &str = include_str!("../../../interp/python/ringfence_zygote.py");
+const KERNEL_JS: &str = include_str!("../../../interp/js/ringfence_kernel.js");
+
+/// Longest line a kernel may send (a large PNG is a few MiB of base64).
+const MAX_LINE: usize = 64 << 20;
+/// Largest `/execute` or `/contexts` request body.
+const MAX_BODY: usize = 16 << 20;
+/// How long an interrupted cell may take to stop before its kernel is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+/// How long a new kernel may take to report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A line to the client at least this often while a cell runs: proxies keep the stream open,
+/// and a client that went away is noticed (its write fails) even when the cell is silent.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long the fork server may take to import everything on start.
+const ZYGOTE_READY: Duration = Duration::from_secs(120);
+
+/// Languages with kernels here, after E2B's normalisation.
+fn normalize(lang: &str) -> Option<&'static str> {
+    match lang.to_ascii_lowercase().as_str() {
+        "python" | "python3" | "py" => Some("python"),
+        "javascript" | "js" | "node" => Some("javascript"),
+        "bash" | "sh" => Some("bash"),
+        _ => None,
+    }
+}
+
+/// The fork server and what every kernel entry needs, shared by all sandboxes.
+#[derive(Debug)]
+pub struct Runtime {
+    cfg: Option<ZygoteConfig>,
+    zygote: Mutex<Option<Zygote>>,
+    limits: Limits,
+    seccomp: Compiled,
+}
+
+impl Runtime {
+    /// Prepares the fork server for the interpreter environment `env_dir` (absent: no Python
+    /// or bash kernels; the code-interpreter template then cannot be created either).
+    pub fn new(
+        run_dir: &std::path::Path,
+        env_dir: &std::path::Path,
+        limits: Limits,
+        seccomp: Compiled,
+    ) -> std::io::Result<Runtime> {
+        let python = env_dir.join("bin/python3");
+        let cfg = if python.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = ringfence_jail::zygote::script_dir(run_dir);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::write(dir.join("ringfence_kernel.py"), KERNEL_PY)?;
+            std::fs::write(dir.join("ringfence_zygote.py"), ZYGOTE_PY)?;
+            Some(ZygoteConfig { python, socket_path: dir.join("zygote.sock"), script_dir: dir })
+        } else {
+            None
+        };
+        Ok(Runtime { cfg, zygote: Mutex::new(None), limits, seccomp })
+    }
+
+    /// Starts the fork server now (blocking: it imports everything) so the first kernel does
+    /// not wait for it.
+    pub fn warm(&self) -> Result<(), String> {
+        self.with_zygote(|_| Ok(())).map_err(|e| e.to_string())
+    }
+
+    fn with_zygote<R>(
+        &self,
+        f: impl FnOnce(&Zygote) -> Result<R, ZygoteError>,
+    ) -> Result<R, ZygoteError> {
+        let Some(cfg) = &self.cfg else {
+            return Err(ZygoteError::Entry {
+                step: "interpreter".into(),
+                message: "no interpreter environment on this host (run scripts/setup.sh)".into(),
+            });
+        };
+        let mut guard = self.zygote.lock().map_err(|_| ZygoteError::Gone)?;
+        if !guard.as_mut().is_some_and(Zygote::alive) {
+            *guard = None;
+            let z = Zygote::start(cfg, ZYGOTE_READY)?;
+            tracing::info!("interpreter fork server ready");
+            *guard = Some(z);
+        }
+        let z = guard.as_ref().ok_or(ZygoteError::Gone)?;
+        f(z)
+    }
+}
+
+/// Kernel → server, parsed.
+type Lines = mpsc::Receiver<Value>;
+
+/// How a kernel is stopped for good.
+#[derive(Debug)]
+enum Killer {
+    Pidfd(OwnedFd),
+    Agent { client: Arc<AgentClient>, pid: u32 },
+}
+
+impl Killer {
+    async fn kill(&self) {
+        match self {
+            Killer::Pidfd(fd) => {
+                let _ = ringfence_sys::pidfd_send_signal(fd, libc::SIGKILL);
+            }
+            Killer::Agent { client, pid } => {
+                let _ = client.call(AgentRequest::Signal { pid: *pid, signal: libc::SIGKILL }).await;
+            }
+        }
+    }
+}
+
+/// A running kernel.
+#[derive(Debug)]
+struct Kernel {
+    input: mpsc::UnboundedSender<Vec<u8>>,
+    output: Lines,
+    killer: Killer,
+    _supervisor: Option<Supervisor>,
+}
+
+impl Kernel {
+    fn send(&self, v: &Value) -> bool {
+        let mut line = v.to_string().into_bytes();
+        line.push(b'\n');
+        self.input.send(line).is_ok()
+    }
+}
+
+/// One interpreter context.
+#[derive(Debug)]
+struct Context {
+    id: String,
+    language: &'static str,
+    cwd: String,
+    /// Held for the whole of an execution: one cell at a time per context.
+    kernel: Arc<tokio::sync::Mutex<Option<Kernel>>>,
+}
+
+impl Context {
+    fn json(&self) -> Value {
+        json!({"id": self.id, "language": self.language, "cwd": self.cwd})
+    }
+}
+
+/// A sandbox's contexts.
+#[derive(Debug, Default)]
+pub struct Contexts {
+    by_id: Mutex<HashMap<String, Arc<Context>>>,
+    /// The context used when a request names only a language.
+    defaults: Mutex<HashMap<&'static str, Arc<Context>>>,
+}
+
+const DEFAULT_CWD: &str = "/home/user";
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"code": status.as_u16(), "message": msg.into()}))).into_response()
+}
+
+/// Handles one request to port 49999 of `live`. Auth and routing happened before.
+pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let method = req.method().clone();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (&method, parts.as_slice()) {
+        (&Method::GET, ["health"]) => (StatusCode::OK, axum::Json("OK")).into_response(),
+        (&Method::POST, ["execute"]) => match body_json(req).await {
+            Ok(v) => execute(rt, live, v).await,
+            Err(r) => r,
+        },
+        (&Method::POST, ["contexts"]) => match body_json(req).await {
+            Ok(v) => create_context(rt, live, v).await,
+            Err(r) => r,
+        },
+        (&Method::GET, ["contexts"]) => {
+            let list: Vec<Value> = live
+                .interp
+                .by_id
+                .lock()
+                .map(|m| {
+                    let mut v: Vec<_> = m.values().cloned().collect();
+                    v.sort_by(|a, b| a.id.cmp(&b.id));
+                    v.iter().map(|c| c.json()).collect()
+                })
+                .unwrap_or_default();
+            axum::Json(Value::Array(list)).into_response()
+        }
+        (&Method::DELETE, ["contexts", id]) => {
+            let Some(ctx) = live.interp.by_id.lock().ok().and_then(|mut m| m.remove(*id)) else {
+                return error(StatusCode::NOT_FOUND, format!("context {id} not found"));
+            };
+            stop_kernel(&ctx).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        (&Method::POST, ["contexts", id, "restart"]) => {
+            let Some(ctx) = find(&live, id) else {
+                return error(StatusCode::NOT_FOUND, format!("context {id} not found"));
+            };
+            stop_kernel(&ctx).await;
+            match start_kernel(&rt, &live, &ctx).await {
+                Ok(k) => {
+                    *ctx.kernel.lock().await = Some(k);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {method} {path}")),
+    }
+}
+
+fn find(live: &Live, id: &str) -> Option<Arc<Context>> {
+    if let Some(c) = live.interp.by_id.lock().ok()?.get(id) {
+        return Some(c.clone());
+    }
+    live.interp.defaults.lock().ok()?.values().find(|c| c.id == id).cloned()
+}
+
+async fn body_json(req: Request) -> Result<Value, Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body is not JSON: {e}")))
+}
+
+fn opt_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, Response> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(error(StatusCode::BAD_REQUEST, format!("{key} must be a string"))),
+    }
+}
+
+fn new_context_id() -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
+}
+
+async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
+    let (lang, cwd) = match (opt_str(&body, "language"), opt_str(&body, "cwd")) {
+        (Ok(l), Ok(c)) => (l.unwrap_or("python"), c.unwrap_or(DEFAULT_CWD)),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let Some(language) = normalize(lang) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("language {lang:?} is not supported here (python, javascript, bash)"),
+        );
+    };
+    if !cwd.starts_with('/') {
+        return error(StatusCode::BAD_REQUEST, format!("cwd {cwd:?} must be an absolute path"));
+    }
+    let ctx = Arc::new(Context {
+        id: new_context_id(),
+        language,
+        cwd: cwd.to_string(),
+        kernel: Arc::default(),
+    });
+    match start_kernel(&rt, &live, &ctx).await {
+        Ok(k) => *ctx.kernel.lock().await = Some(k),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+    if let Ok(mut m) = live.interp.by_id.lock() {
+        m.insert(ctx.id.clone(), ctx.clone());
+    }
+    axum::Json(ctx.json()).into_response()
+}
+
+/// The default context of `language`, made on first use.
+fn default_context(live: &Live, language: &'static str) -> Option<Arc<Context>> {
+    let mut d = live.interp.defaults.lock().ok()?;
+    Some(
+        d.entry(language)
+            .or_insert_with(|| {
+                Arc::new(Context {
+                    id: format!("default-{language}"),
+                    language,
+                    cwd: DEFAULT_CWD.into(),
+                    kernel: Arc::default(),
+                })
+            })
+            .clone(),
+    )
+}
+
+/// Starts the default Python kernel of a new sandbox in the background, so its first cell
+/// finds it ready.
+pub fn prestart(rt: Arc<Runtime>, live: Arc<Live>) {
+    tokio::spawn(async move {
+        let Some(ctx) = default_context(&live, "python") else { return };
+        let mut guard = ctx.kernel.clone().lock_owned().await;
+        if guard.is_none() {
+            match start_kernel(&rt, &live, &ctx).await {
+                Ok(k) => *guard = Some(k),
+                Err(e) => tracing::warn!(sandbox = %sandbox_id(&live), "prestart kernel: {e}"),
+            }
+        }
+    });
+}
+
+fn sandbox_id(live: &Live) -> String {
+    live.snapshot().map(|r| r.id).unwrap_or_default()
+}
+
+async fn stop_kernel(ctx: &Context) {
+    if let Some(k) = ctx.kernel.lock().await.take() {
+        k.killer.kill().await;
+    }
+}
+
+/// The environment a kernel starts from: the base every sandbox process gets plus the
+/// sandbox's own variables.
+fn kernel_env(live: &Live) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_string(), ringfence_agent_path().to_string()),
+        ("HOME".to_string(), DEFAULT_CWD.to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+    ]);
+    if let Some(r) = live.snapshot() {
+        env.extend(r.env);
+    }
+    env
+}
+
+fn ringfence_agent_path() -> &'static str {
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+}
+
+async fn start_kernel(rt: &Arc<Runtime>, live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
+    let kernel = match ctx.language {
+        "javascript" => start_agent_kernel(live, ctx).await?,
+        lang => start_injected_kernel(rt, live, ctx, lang).await?,
+    };
+    Ok(kernel)
+}
+
+async fn start_injected_kernel(
+    rt: &Arc<Runtime>,
+    live: &Arc<Live>,
+    ctx: &Context,
+    lang: &str,
+) -> Result<Kernel, String> {
+    let plan = EntryPlan::new(lang, &ctx.cwd, kernel_env(live), &rt.limits, Some(&rt.seccomp));
+    let (rt2, live2) = (rt.clone(), live.clone());
+    let injected = tokio::task::spawn_blocking(move || {
+        rt2.with_zygote(|z| {
+            live2
+                .with_jail(|sb| z.inject(sb, &plan, START_TIMEOUT))
+                .unwrap_or(Err(ZygoteError::SandboxGone))
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let supervisor = match injected.listener {
+        Some(l) => Supervisor::start(l, sandbox_id(live)).ok(),
+        None => None,
+    };
+    injected.channel.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::UnixStream::from_std(injected.channel).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = stream.into_split();
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (out_tx, out_rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Some(line) = in_rx.recv().await {
+            if wr.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut split = LineSplitter::default();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !split.feed(&buf[..n], &out_tx).await {
+                break;
+            }
+        }
+    });
+    let mut kernel = Kernel {
+        input: in_tx,
+        output: out_rx,
+        killer: Killer::Pidfd(injected.pidfd),
+        _supervisor: supervisor,
+    };
+    wait_ready(&mut kernel).await?;
+    Ok(kernel)
+}
+
+async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
+    let spec = SpawnSpec {
+        cmd: "/usr/bin/node".into(),
+        args: vec!["-e".into(), KERNEL_JS.into()],
+        env: kernel_env(live),
+        cwd: Some(ctx.cwd.clone()),
+        user: SandboxUser::User,
+        stdio: StdioMode::Pipe { stdin: true },
+        tag: Some(format!("ringfence-kernel-{}", ctx.id)),
+    };
+    let (reply, mut events) = live
+        .client
+        .stream(AgentRequest::Spawn(spec))
+        .await
+        .map_err(|e| format!("start node: {e}"))?;
+    let pid = match reply {
+        Reply::Spawned { pid } => pid,
+        other => return Err(format!("start node: {other:?}")),
+    };
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (out_tx, out_rx) = mpsc::channel(256);
+    let client = live.client.clone();
+    tokio::spawn(async move {
+        while let Some(data) = in_rx.recv().await {
+            if client.call(AgentRequest::WriteStdin { pid, data }).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut split = LineSplitter::default();
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Stdout { data, .. } => {
+                    if !split.feed(&data, &out_tx).await {
+                        break;
+                    }
+                }
+                Event::Exited { .. } => break,
+                _ => {}
+            }
+        }
+    });
+    let mut kernel = Kernel {
+        input: in_tx,
+        output: out_rx,
+        killer: Killer::Agent { client: live.client.clone(), pid },
+        _supervisor: None,
+    };
+    if let Err(e) = wait_ready(&mut kernel).await {
+        kernel.killer.kill().await;
+        return Err(e);
+    }
+    Ok(kernel)
+}
+
+async fn wait_ready(k: &mut Kernel) -> Result<(), String> {
+    match tokio::time::timeout(START_TIMEOUT, k.output.recv()).await {
+        Ok(Some(v)) if v.get("type").and_then(Value::as_str) == Some("ready") => Ok(()),
+        Ok(Some(v)) => {
+            k.killer.kill().await;
+            Err(format!("kernel did not start: {v}"))
+        }
+        Ok(None) => Err("kernel exited during start-up".into()),
+        Err(_) => {
+            k.killer.kill().await;
+            Err("kernel did not become ready in time".into())
+        }
+    }
+}
+
+/// Splits a kernel's byte stream into JSON objects, dropping what is not one.
+#[derive(Default)]
+struct LineSplitter {
+    buf: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// False once the kernel broke the protocol (a line too long) or nobody listens.
+    async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
+        self.buf.extend_from_slice(data);
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(v @ Value::Object(_)) => {
+                    if out.send(v).await.is_err() {
+                        return false;
+                    }
+                }
+                _ => tracing::debug!("kernel sent a line that is not a JSON object"),
+            }
+        }
+        self.buf.len() <= MAX_LINE
+    }
+}
+
+static EXEC_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Fields each message type may carry to the client; everything else a kernel adds is dropped.
+fn sanitize(mut v: Map<String, Value>) -> Option<Value> {
+    let kind = v.get("type")?.as_str()?.to_string();
+    let keep: &[&str] = match kind.as_str() {
+        "number_of_executions" => &["execution_count"],
+        "stdout" | "stderr" => &["text", "timestamp"],
+        "error" => &["name", "value", "traceback"],
+        "result" => &[
+            "text",
+            "html",
+            "markdown",
+            "svg",
+            "png",
+            "jpeg",
+            "pdf",
+            "latex",
+            "json",
+            "javascript",
+            "data",
+            "chart",
+            "extra",
+            "is_main_result",
+        ],
+        "end_of_execution" => &[],
+        _ => return None,
+    };
+    v.retain(|k, _| k == "type" || keep.contains(&k.as_str()));
+    if kind == "error" {
+        for f in ["name", "value", "traceback"] {
+            if !v.get(f).is_some_and(Value::is_string) {
+                v.insert(f.into(), Value::String(String::new()));
+            }
+        }
+    }
+    if matches!(kind.as_str(), "stdout" | "stderr") && !v.get("text").is_some_and(Value::is_string)
+    {
+        return None;
+    }
+    Some(Value::Object(v))
+}
+
+async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
+    let code = match body.get("code") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return error(StatusCode::BAD_REQUEST, "code must be a string"),
+    };
+    let (context_id, language) = match (opt_str(&body, "context_id"), opt_str(&body, "language")) {
+        (Ok(c), Ok(l)) => (c.map(str::to_string), l.map(str::to_string)),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let env_vars = match body.get("env_vars") {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::Object(m)) if m.values().all(Value::is_string) => Value::Object(m.clone()),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "env_vars must map names to strings"),
+    };
+    let ctx = match (context_id, language) {
+        (Some(_), Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "provide either context_id or language, not both",
+            );
+        }
+        (Some(id), None) => match find(&live, &id) {
+            Some(c) => c,
+            None => return error(StatusCode::NOT_FOUND, format!("context {id} not found")),
+        },
+        (None, lang) => {
+            let lang = lang.unwrap_or_else(|| "python".into());
+            let Some(language) = normalize(&lang) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("language {lang:?} is not supported here (python, javascript, bash)"),
+                );
+            };
+            match default_context(&live, language) {
+                Some(c) => c,
+                None => return error(StatusCode::INTERNAL_SERVER_ERROR, "state poisoned"),
+            }
+        }
+    };
+    let mut guard = ctx.kernel.clone().lock_owned().await;
+    if guard.is_none() {
+        match start_kernel(&rt, &live, &ctx).await {
+            Ok(k) => *guard = Some(k),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    }
+    let id = format!("e{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));
+    let sent = guard.as_ref().is_some_and(|k| {
+        k.send(&json!({"op": "execute", "id": id, "code": code, "env_vars": env_vars}))
+    });
+    if !sent {
+        *guard = None;
+        return error(StatusCode::BAD_GATEWAY, "the kernel is gone; retry to start a new one");
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let outcome = pump(&mut guard, &id, &tx).await;
+        match outcome {
+            Pumped::Done => {}
+            Pumped::KernelDied => {
+                *guard = None;
+                let _ = tx.send(Ok(line(&json!({"type": "error", "name": "KernelDied",
+                    "value": "the kernel exited during this execution; the context starts afresh \
+                              (its state is lost) on next use", "traceback": ""})))).await;
+                let _ = tx.send(Ok(line(&json!({"type": "end_of_execution"})))).await;
+            }
+            Pumped::ClientGone => {
+                // Interrupt, then give the cell a moment to stop before killing the kernel.
+                if let Some(k) = guard.as_mut() {
+                    k.send(&json!({"op": "interrupt", "id": id}));
+                    let stopped = tokio::time::timeout(INTERRUPT_GRACE, drain(k, &id)).await;
+                    if !matches!(stopped, Ok(true)) {
+                        k.killer.kill().await;
+                        *guard = None;
+                    }
+                }
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+enum Pumped {
+    Done,
+    KernelDied,
+    ClientGone,
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = v.to_string().into_bytes();
+    s.push(b'\n');
+    Bytes::from(s)
+}
+
+/// Forwards the execution's messages to the client until its end.
+async fn pump(
+    guard: &mut Option<Kernel>,
+    id: &str,
+    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+) -> Pumped {
+    let Some(k) = guard.as_mut() else { return Pumped::KernelDied };
+    loop {
+        let msg = match tokio::time::timeout(KEEPALIVE, k.output.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Pumped::KernelDied,
+            Err(_) => {
+                if tx.send(Ok(line(&json!({"type": "keepalive"})))).await.is_err() {
+                    return Pumped::ClientGone;
+                }
+                continue;
+            }
+        };
+        let Value::Object(mut m) = msg else { continue };
+        // Lines of an earlier, abandoned execution are not this one's.
+        if m.remove("id").and_then(|v| v.as_str().map(str::to_string)).as_deref() != Some(id) {
+            continue;
+        }
+        let end = m.get("type").and_then(Value::as_str) == Some("end_of_execution");
+        if let Some(clean) = sanitize(m)
+            && tx.send(Ok(line(&clean))).await.is_err()
+        {
+            return Pumped::ClientGone;
+        }
+        if end {
+            return Pumped::Done;
+        }
+    }
+}
+
+/// Reads until execution `id` ends; false if the kernel died first.
+async fn drain(k: &mut Kernel, id: &str) -> bool {
+    while let Some(m) = k.output.recv().await {
+        if m.get("id").and_then(Value::as_str) == Some(id)
+            && m.get("type").and_then(Value::as_str) == Some("end_of_execution")
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Where the interpreter environment lives unless `serve` is told otherwise.
+pub fn default_env_dir() -> PathBuf {
+    PathBuf::from(ringfence_jail::template::DEFAULT_INTERP_ENV)
+}

@@ -1,0 +1,204 @@
+"""Drives the unmodified `e2b-code-interpreter` Python SDK (latest from PyPI) against
+`ringfence serve`: values, streaming, rich results, errors, contexts, JavaScript, bash,
+cancellation, and that the kernel really runs inside the sandbox with the sandbox's limits.
+
+Run by scripts/conformance.sh with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY set. Each check
+prints one line; any failure raises.
+"""
+
+import base64
+import time
+
+from e2b import TimeoutException
+from e2b_code_interpreter import Sandbox
+
+checks = 0
+
+
+def check(name, cond, detail=""):
+    global checks
+    checks += 1
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok   {name}")
+
+
+def values_and_state(s):
+    s.run_code("x = 41")
+    r = s.run_code("x + 1")
+    check("state kept between cells; last expression is the result", r.text == "42", r)
+    r = s.run_code("'abc'")
+    check("a string result loses one level of quotes", r.text == "abc", r.text)
+    r = s.run_code("y = 1")
+    check("an assignment has no result", r.text is None and r.results == [], r)
+    c1 = s.run_code("1").execution_count
+    c2 = s.run_code("2").execution_count
+    check("execution count increments", c2 == c1 + 1, (c1, c2))
+
+
+def streaming(s):
+    seen = []
+    start = time.monotonic()
+    r = s.run_code(
+        "import sys, time\nprint('first', flush=True)\ntime.sleep(1.5)\n"
+        "print('second')\nprint('oops', file=sys.stderr)",
+        on_stdout=lambda m: seen.append((time.monotonic() - start, m.line if hasattr(m, "line") else str(m))),
+    )
+    total = time.monotonic() - start
+    check("stdout collected", "".join(r.logs.stdout) == "first\nsecond\n", r.logs)
+    check("stderr collected", "".join(r.logs.stderr) == "oops\n", r.logs)
+    check(
+        "on_stdout fires as output is produced",
+        len(seen) >= 2 and seen[0][0] < total - 1.0,
+        (seen, total),
+    )
+    r = s.run_code("import subprocess; subprocess.run(['echo', 'from a child'])")
+    check("a subprocess's output is captured", "from a child" in "".join(r.logs.stdout), r.logs)
+
+
+def rich(s):
+    r = s.run_code(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
+    )
+    png = r.results[0].png if r.results else None
+    check(
+        "matplotlib figure comes back as a PNG",
+        png is not None and base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n",
+        r,
+    )
+    r = s.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2]})")
+    html = r.results[0].html if r.results else None
+    check("a DataFrame comes back as HTML", html is not None and "<table" in html, r)
+    check("and as text", r.text is not None and "a" in r.text, r.text)
+    r = s.run_code("from IPython.display import display, HTML\ndisplay(HTML('<b>hi</b>'))\n7")
+    check(
+        "display() gives a non-main result",
+        len(r.results) == 2 and r.results[0].html == "<b>hi</b>" and not r.results[0].is_main_result,
+        r.results,
+    )
+    check("the last expression is the main result", r.results[1].is_main_result and r.text == "7", r)
+    r = s.run_code(
+        "class M:\n    def _repr_markdown_(self): return '**m**'\n"
+        "    def _repr_svg_(self): return '<svg></svg>'\n    def _repr_latex_(self): return '$x$'\n"
+        "    def _repr_json_(self): return {'k': 1}\nM()"
+    )
+    res = r.results[0] if r.results else None
+    check(
+        "markdown, SVG, LaTeX and JSON representations",
+        res is not None and res.markdown == "**m**" and res.svg == "<svg></svg>"
+        and res.latex == "$x$" and res.json == {"k": 1},
+        res,
+    )
+
+
+def errors(s):
+    r = s.run_code("1/0")
+    e = r.error
+    check(
+        "an error carries name, value and traceback",
+        e is not None and e.name == "ZeroDivisionError" and "division by zero" in e.value
+        and "1/0" in e.traceback,
+        e,
+    )
+    r = s.run_code("x")
+    check("the context survives an error", r.text == "41", r)
+    r = s.run_code("import os; os.environ.get('CELL_VAR')", envs={"CELL_VAR": "v1"})
+    check("per-cell env vars apply", r.text == "v1", r)
+    r = s.run_code("import os; os.environ.get('CELL_VAR')")
+    check("and are gone after the cell", r.text is None or r.text == "None", r.text)
+
+
+def contexts(s):
+    ctx = s.create_code_context(language="python")
+    r = s.run_code("x", context=ctx)
+    check("a new context has fresh state", r.error is not None and r.error.name == "NameError", r)
+    s.run_code("z = 5", context=ctx)
+    check("its own state persists", s.run_code("z", context=ctx).text == "5")
+    ids = [c.id for c in s.list_code_contexts()]
+    check("contexts are listed", ctx.id in ids, ids)
+    s.restart_code_context(ctx)
+    r = s.run_code("z", context=ctx)
+    check("restart clears a context's state", r.error is not None and r.error.name == "NameError", r)
+    s.remove_code_context(ctx)
+    check("a removed context is gone", ctx.id not in [c.id for c in s.list_code_contexts()])
+    ctx2 = s.create_code_context(cwd="/tmp")
+    r = s.run_code("import os; os.getcwd()", context=ctx2)
+    check("a context starts in its cwd", r.text == "/tmp", r.text)
+
+
+def other_languages(s):
+    r = s.run_code("console.log(1+1)", language="javascript")
+    check("javascript: console.log streams stdout", "".join(r.logs.stdout) == "2\n", r.logs)
+    s.run_code("const a = 20", language="javascript")
+    r = s.run_code("a * 2 + 2", language="javascript")
+    check("javascript: state and value", r.text == "42", r)
+    r = s.run_code("null.x", language="javascript")
+    check("javascript: errors", r.error is not None and r.error.name == "TypeError", r.error)
+    ctx = s.create_code_context(language="bash")
+    s.run_code("export GREETING=hello; cd /tmp", context=ctx)
+    r = s.run_code("echo $GREETING from $(pwd)", context=ctx)
+    check("bash: variables and cwd persist", "".join(r.logs.stdout) == "hello from /tmp\n", r.logs)
+
+
+def cancellation(s):
+    s.run_code("kept = 'yes'")
+    start = time.monotonic()
+    try:
+        s.run_code("import time\nwhile True: time.sleep(0.1)", timeout=2)
+        check("a timed-out cell raises", False, "no exception")
+    except TimeoutException:
+        check("a timed-out cell raises TimeoutException", time.monotonic() - start < 10)
+    time.sleep(0.5)
+    r = s.run_code("kept")
+    check("the context stays usable with its state after a timeout", r.text == "yes", r)
+    check("the sandbox is still running", s.is_running())
+
+
+def inside_the_sandbox(s):
+    r = s.run_code("open('/home/user/from_kernel.txt', 'w').write('k'); import os; os.getuid()")
+    check("the kernel runs as the sandbox's user", r.text == "1000", r)
+    check(
+        "and sees the sandbox's filesystem",
+        s.files.read("/home/user/from_kernel.txt") == "k",
+    )
+    r = s.run_code(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "rc = libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)\n(rc, ctypes.get_errno())"
+    )
+    check("mount is refused inside the kernel", r.text == "(-1, 1)", r)
+    r = s.run_code("open('/usr/evil', 'w')")
+    check("the read-only system is not writable", r.error is not None, r)
+    r = s.run_code("open('/proc/1/environ').read()")
+    check("the agent's /proc entries are closed", r.error is not None, r)
+    r = s.run_code(
+        "import re\n[l.split()[1] for l in open('/proc/self/status') "
+        "if re.match(r'(CapEff|NoNewPrivs|Seccomp):', l)]"
+    )
+    check("no capabilities, no_new_privs, seccomp on", r.text == "['0000000000000000', '1', '2']", r)
+    r = s.run_code("import socket; socket.gethostname()")
+    other = s.commands.run("hostname").stdout.strip()
+    check("same hostname as the sandbox's shell", r.text == other, (r.text, other))
+
+
+def main():
+    t0 = time.monotonic()
+    s = Sandbox.create()
+    try:
+        r = s.run_code("import pandas as pd; pd.__version__")
+        check("first pandas cell in a new sandbox", r.text is not None and r.error is None, r)
+        print(f"     create -> first pandas result: {(time.monotonic() - t0) * 1000:.0f} ms")
+        values_and_state(s)
+        streaming(s)
+        rich(s)
+        errors(s)
+        contexts(s)
+        other_languages(s)
+        cancellation(s)
+        inside_the_sandbox(s)
+    finally:
+        s.kill()
+    print(f"code interpreter conformance: {checks} checks passed")
+
+
+if __name__ == "__main__":
+    main()
