@@ -32,20 +32,25 @@
 // it has read both markers, so everything the cell printed comes first.
 //
 // Interrupt (`{"op":"interrupt"}`; SIGINT sent to the supervisor does the same):
-//   1. SIGINT to the worker's process group, like Ctrl-C in a terminal (also stops
-//      subprocesses the cell waits for, e.g. execSync('sleep 100')).
-//      - A cell's synchronous part runs under vm's breakOnSigint: `while(true){}` stops.
-//      - A cell waiting on a promise (`await new Promise(() => {})`) is ended by the
-//        worker's SIGINT handler; the promise itself stays pending.
-//   2. If the cell is still running and the worker's event loop has stopped turning (a loop in
-//      a timer callback or after an await), the watchdog thread terminates the running
-//      JavaScript through the inspector (Runtime.terminateExecution); the worker runs with
-//      --no-force-async-hooks-checks so that Node survives this.
-//   In all three cases the cell ends with error `Interrupted` and every variable is kept.
+//   1. The supervisor sends SIGINT to the worker's process group, like Ctrl-C in a terminal:
+//      subprocesses the cell waits for (execSync('sleep 100')) get it too. When the worker's
+//      event loop is free (the cell awaits something, `await new Promise(() => {})`), its
+//      SIGINT handler ends the cell at once; the awaited promise itself stays pending.
+//   2. The supervisor also tells the worker's watchdog thread. While the cell has not ended,
+//      the watchdog checks a heartbeat that the main thread's event loop bumps every 25 ms;
+//      when it stands still for 150 ms, the main thread is stuck in JavaScript
+//      (`while(true){}`, at the top of the cell, after an await or in a timer callback) and the
+//      watchdog terminates that JavaScript through the inspector (Runtime.terminateExecution,
+//      the DevTools "stop" button). The pending SIGINT handler then ends the cell. The worker
+//      runs with --no-force-async-hooks-checks so that Node survives a terminated callback.
+//   In both cases the cell ends with error `Interrupted` and all state is kept. (vm's
+//   breakOnSigint is not used: a SIGINT that lands as a cell's synchronous part ends can stay
+//   pending in Node's SIGINT watchdog thread and break the next cell.)
 //   3. If the cell still has not ended after RINGFENCE_INTERRUPT_KILL_MS (default 3000 ms),
 //      the supervisor kills the worker's process group and starts a fresh worker: the cell
 //      ends with error `Interrupted` saying that the state was lost; the context stays usable.
-//      The server's own grace period should be longer than this.
+//      This happens when user code has turned async_hooks on (AsyncLocalStorage, ...): Node
+//      then aborts on the terminated callback. The server's grace period should be longer.
 // If the worker dies (process.exit() in a cell, out of memory, ...) the running cell ends with
 // error `KernelDied` and a fresh worker (empty state) takes over. If the supervisor dies, the
 // watchdog sees fd 4 close and kills the worker's process group.
@@ -282,6 +287,7 @@ function ringfenceKernel(role) {
           lastData: Date.now(),
           markerTimer: null,
           killTimer: null,
+          interrupted: false,
           killed: false,
         };
         toWorker(worker, {
@@ -299,6 +305,7 @@ function ringfenceKernel(role) {
       if (cell && cell.id === id) {
         const c = cell;
         if (c.outcome || c.killed) return;
+        c.interrupted = true;
         signalGroup(c.worker, 'SIGINT');
         try {
           c.worker.wd.write('interrupt ' + c.seq + '\n');
@@ -499,6 +506,9 @@ function ringfenceKernel(role) {
       clearTimeout(c.markerTimer);
       clearTimeout(c.killTimer);
       cell = null;
+      // An interrupted cell reports the interrupt even if its code went on to a normal end
+      // (a catch around a subprocess that got the SIGINT, say).
+      if (c.interrupted && !c.outcome.error) c.outcome.error = interruptedError();
       if (c.outcome.result) send(Object.assign({ type: 'result', id: c.id }, c.outcome.result));
       if (c.outcome.error) send(Object.assign({ type: 'error', id: c.id }, c.outcome.error));
       send({ type: 'end_of_execution', id: c.id });
@@ -533,8 +543,8 @@ function ringfenceKernel(role) {
         if (c) {
           if (!c.outcome) {
             c.outcome = {
-              error: c.killed
-                ? interruptedError('the cell did not stop, so the JavaScript context was restarted and its state is lost')
+              error: c.interrupted
+                ? interruptedError('the JavaScript process did not survive the interrupt; a fresh one was started, its state is lost')
                 : diedError(code, signal),
             };
           }
@@ -582,7 +592,6 @@ function ringfenceKernel(role) {
 
   function runWorker() {
     const net = require('net');
-    const vm = require('vm');
     const inspector = require('inspector');
     const { Worker } = require('worker_threads');
 
@@ -599,6 +608,7 @@ function ringfenceKernel(role) {
     const GROUP = 'ringfence-cell';
     const SLOT = Symbol.for('ringfence.kernel.slot');
     const MAX_RESULT_TEXT = 1024 * 1024;
+    const HEARTBEAT_MS = 25; // see watchdogMain
 
     // `child_process.fork()` in user code reuses process.execArgv; ours would not help it.
     process.execArgv.length = 0;
@@ -630,10 +640,9 @@ function ringfenceKernel(role) {
 
     const session = new inspector.Session();
     session.connect();
-
-    // The synchronous part of a cell runs inside this script so that breakOnSigint covers it.
-    const trampolineContext = vm.createContext({ go: null });
-    const trampoline = new vm.Script('go()', { filename: 'ringfence-trampoline' });
+    // A session still connected at exit makes Node print "Waiting for the debugger to
+    // disconnect..." into the cell's stderr.
+    process.on('exit', () => session.disconnect());
 
     let current = null; // { seq, marker, name, code, savedEnv, finished }
     let pendingEnv = null; // set_env received during a cell
@@ -644,14 +653,26 @@ function ringfenceKernel(role) {
     process.on('uncaughtException', (err) => background('Uncaught', err));
     process.on('unhandledRejection', (reason) => background('Unhandled promise rejection:', reason));
 
+    // Each control line is handled in its own macrotask: if an interrupt terminates the
+    // JavaScript running in one, the lines after it are still handled.
     const ctl = new net.Socket({ fd: 3, readable: true, writable: true });
-    ctl.on('data', lineSplitter(onControl, MAX_LINE_BYTES));
+    const pendingLines = [];
+    ctl.on('data', lineSplitter((line) => {
+      pendingLines.push(line);
+      if (pendingLines.length === 1) setImmediate(nextControlLine);
+    }, MAX_LINE_BYTES));
     ctl.on('end', () => process.exit(0));
     ctl.on('error', () => process.exit(0));
     ctlSend({ t: 'ready', pid: process.pid });
 
     function ctlSend(msg) {
       ctl.write(jsonStringify(msg) + '\n');
+    }
+
+    function nextControlLine() {
+      const line = pendingLines.shift();
+      if (pendingLines.length) setImmediate(nextControlLine);
+      if (line !== undefined) onControl(line);
     }
 
     function onControl(line) {
@@ -695,21 +716,14 @@ function ringfenceKernel(role) {
         finished: false,
       };
       Atomics.store(shared, 0, seq);
-      heartbeat = setInterval(() => Atomics.add(shared, 1, 1), 50);
+      heartbeat = setInterval(() => Atomics.add(shared, 1, 1), HEARTBEAT_MS);
       const params = {
         expression: rewriteImports(current.code) + '\n//# sourceURL=' + current.name,
         replMode: true,
         objectGroup: GROUP,
       };
-      trampolineContext.go = () => session.post('Runtime.evaluate', params, (err, res) => onEvaluated(seq, err, res));
-      try {
-        trampoline.runInContext(trampolineContext, { breakOnSigint: true });
-      } catch (e) {
-        if (e && e.code === 'ERR_SCRIPT_EXECUTION_INTERRUPTED') finishCell(seq, { error: interruptedError() });
-        else finishCell(seq, { error: formatThrown(e, null, null) });
-      } finally {
-        trampolineContext.go = null;
-      }
+      // Runs the cell's synchronous part now; the callback comes once its promise settles.
+      session.post('Runtime.evaluate', params, (err, res) => onEvaluated(seq, err, res));
     }
 
     function onEvaluated(seq, err, res) {
@@ -720,7 +734,10 @@ function ringfenceKernel(role) {
       }
       let outcome;
       try {
-        if (err) {
+        if (err && /terminated/i.test(String(err.message))) {
+          // the watchdog stopped the cell's synchronous part (see watchdogMain)
+          outcome = { error: interruptedError() };
+        } else if (err) {
           outcome = { error: { name: 'KernelError', value: String(err.message), traceback: String(err.stack) } };
         } else if (res.exceptionDetails) {
           const d = res.exceptionDetails;
@@ -874,11 +891,16 @@ function ringfenceKernel(role) {
         }
         // A syntax error of the cell itself has no frame in the cell; point at the source.
         if (name === 'SyntaxError' && cell && details && !/\n\s+at /.test(stack) && typeof details.lineNumber === 'number') {
-          const line = cell.code.split('\n')[details.lineNumber];
-          if (line !== undefined) {
-            const col = Math.max(0, Math.min(details.columnNumber || 0, line.length));
-            stack = cell.name + ':' + (details.lineNumber + 1) + '\n' + line + '\n' + ' '.repeat(col) + '^\n\n' + stack;
+          const lines = cell.code.split('\n');
+          let row = details.lineNumber;
+          let col = details.columnNumber || 0;
+          if (row >= lines.length) {
+            // past the end of the cell (unexpected end of input): point after its last line
+            row = lines.length - 1;
+            col = lines[row].length;
           }
+          col = Math.max(0, Math.min(col, lines[row].length));
+          stack = cell.name + ':' + (row + 1) + '\n' + lines[row] + '\n' + ' '.repeat(col) + '^\n\n' + stack;
         }
         return { name, value: message, traceback: stack || name + ': ' + message };
       }
@@ -889,7 +911,7 @@ function ringfenceKernel(role) {
     // Drop the kernel's own frames (the inspector call and everything below it).
     function cleanStack(stack) {
       const lines = stack.split('\n');
-      const cut = lines.findIndex((l, i) => i > 0 && /^\s+at .*(node:inspector|\[stdin\]|ringfence-trampoline)/.test(l));
+      const cut = lines.findIndex((l, i) => i > 0 && /^\s+at .*(node:inspector|\[stdin\])/.test(l));
       return (cut > 0 ? lines.slice(0, cut) : lines).join('\n');
     }
 
@@ -1101,16 +1123,7 @@ function ringfenceKernel(role) {
     'use strict';
     const { workerData } = require('worker_threads');
     const net = require('net');
-    const inspector = require('inspector');
     const shared = new Int32Array(workerData.shared);
-
-    let session = null;
-    try {
-      session = new inspector.Session();
-      session.connectToMainThread();
-    } catch (_) {
-      session = null; // no inspector in this Node build: a stuck loop is left to the kill
-    }
 
     const die = () => {
       try {
@@ -1138,20 +1151,40 @@ function ringfenceKernel(role) {
     // The supervisor has just sent SIGINT. If the cell keeps running while the main thread's
     // heartbeat stands still, the main thread is stuck in JavaScript that the SIGINT handler
     // cannot reach: terminate it; the pending SIGINT handler then ends the cell.
+    // The inspector is loaded and connected only meanwhile: otherwise Node prints "Waiting for
+    // the debugger to disconnect..." into the cell's stderr when user code calls process.exit().
+    let session = null;
+    let watching = 0;
     function watch(seq) {
+      if (watching === seq) return;
+      watching = seq;
       let beat = Atomics.load(shared, 1);
       let tries = 0;
       const tick = () => {
-        if (Atomics.load(shared, 0) !== seq || !session) return;
+        if (watching !== seq) return;
+        if (Atomics.load(shared, 0) !== seq) {
+          watching = 0;
+          if (session) session.disconnect();
+          session = null;
+          return;
+        }
         const now = Atomics.load(shared, 1);
-        if (now === beat && tries < 20) {
+        if (now === beat && tries < 40) {
           tries++;
-          session.post('Runtime.terminateExecution', () => {});
+          try {
+            if (!session) {
+              session = new (require('inspector').Session)();
+              session.connectToMainThread();
+            }
+            session.post('Runtime.terminateExecution', () => {});
+          } catch (_) {
+            session = null; // no inspector in this Node build: left to the supervisor's kill
+          }
         }
         beat = now;
-        setTimeout(tick, 250);
+        setTimeout(tick, 150);
       };
-      setTimeout(tick, 250);
+      setTimeout(tick, 150);
     }
   }
 }

@@ -260,18 +260,46 @@ def _result(bundle, is_main):
     return msg
 
 
+class _OutputLock:
+    """The output lock. While the main thread holds it, SIGINT must not raise: a
+    KeyboardInterrupt between two writes of one line would leave half a line on the channel.
+    The Python kernel's SIGINT handler sees `critical` and sets `deferred` instead, which the
+    main thread raises as it releases the lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._main = threading.get_ident()
+        self.critical = False
+        self.deferred = False
+
+    def __enter__(self):
+        if threading.get_ident() == self._main:
+            self.critical = True
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+        if threading.get_ident() == self._main:
+            self.critical = False
+            if self.deferred:
+                self.deferred = False
+                raise KeyboardInterrupt
+
+    def acquire(self, timeout):
+        return self._lock.acquire(timeout=timeout)
+
+
 class _Output:
     """The channel's writing side, and the capture of everything the user's code writes.
 
-    All writes to the channel happen with `_lock` held, one whole line at a time. Stream output
+    All writes to the channel happen with `lock` held, one whole line at a time. Stream output
     is tagged with the running execution's id; output arriving between executions (from
     background threads or processes) belongs to none and is dropped.
     """
 
     def __init__(self, chan_fd):
         self._chan = chan_fd
-        self._lock = threading.Lock()
-        self._main = threading.get_ident()
+        self.lock = _OutputLock()
         self._exec_id = None
         self.error_sent = False
         # Queued stream output: [stream, time of first write, [texts]], consecutive writes to
@@ -279,9 +307,6 @@ class _Output:
         self._queue = []
         self._queued_chars = 0
         self._deadline = None  # monotonic time the queue is due to be sent
-        # SIGINT is deferred while the main thread holds the lock (see _held).
-        self._critical = False
-        self.deferred_interrupt = False
         self._forked = False
 
         self._null = os.open(os.devnull, os.O_RDWR)
@@ -311,43 +336,20 @@ class _Output:
     def start(self):
         threading.Thread(target=self._pump, name="ringfence-output", daemon=True).start()
 
-    @contextlib.contextmanager
-    def _held(self):
-        """The lock. In the main thread, also no KeyboardInterrupt until it is released: one
-        raised between two writes of a line would leave half a line on the channel. The
-        kernel's SIGINT handler sets `deferred_interrupt` instead, raised here on release."""
-        if threading.get_ident() != self._main:
-            with self._lock:
-                yield
-            return
-        self._critical = True
-        try:
-            with self._lock:
-                yield
-        finally:
-            self._critical = False
-        if self.deferred_interrupt:
-            self.deferred_interrupt = False
-            raise KeyboardInterrupt
-
-    @property
-    def critical(self):
-        return self._critical
-
     # Called by the main thread only, between executions or at their edges.
 
     def send_ready(self, language):
-        with self._held():
+        with self.lock:
             self._write_locked({"type": "ready", "language": language, "pid": os.getpid()})
 
     def begin(self, exec_id):
-        with self._held():
+        with self.lock:
             self._exec_id = exec_id
             self.error_sent = False
-            self.deferred_interrupt = False
+            self.lock.deferred = False
 
     def end(self):
-        with self._held():
+        with self.lock:
             self._drain_locked()
             self._send_queue_locked()
             self._write_locked({"type": "end_of_execution", "id": self._exec_id})
@@ -357,7 +359,7 @@ class _Output:
 
     def send(self, msg):
         """Sends a message of the running execution, after all output written before it."""
-        with self._held():
+        with self.lock:
             if self._exec_id is None:
                 return
             self._drain_locked()
@@ -373,7 +375,7 @@ class _Output:
             return
         if not text or self._exec_id is None:
             return
-        with self._held():
+        with self.lock:
             self._drain_locked()
             idle = self._deadline is None
             self._queue_locked(stream, text)
@@ -386,7 +388,7 @@ class _Output:
     def exit_now(self, status):
         """os._exit for user code: output written before it is sent, and never half a line.
         The lock is kept so that the pump cannot start another line."""
-        if not self._forked and self._lock.acquire(timeout=1):
+        if not self._forked and self.lock.acquire(timeout=1):
             with contextlib.suppress(OSError):
                 self._drain_locked()
                 self._send_queue_locked()
@@ -399,11 +401,11 @@ class _Output:
         for fd in (*self._pipes, self._wake_r):
             poller.register(fd, select.POLLIN)
         while True:
-            with self._lock:
+            with self.lock:
                 deadline = self._deadline
             timeout = None if deadline is None else max(0, (deadline - time.monotonic()) * 1000)
             ready = poller.poll(None if timeout is None else math.ceil(timeout))
-            with self._lock:
+            with self.lock:
                 for fd, events in ready:
                     if events & select.POLLNVAL:
                         _real_exit(1)  # user code closed this process's own descriptors
@@ -741,8 +743,8 @@ class _PythonKernel(_Kernel):
     def _on_sigint(self, signum, frame):
         if not self._in_user_code:
             return
-        if self.out.critical:
-            self.out.deferred_interrupt = True
+        if self.out.lock.critical:
+            self.out.lock.deferred = True
             return
         raise KeyboardInterrupt
 

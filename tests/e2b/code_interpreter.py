@@ -7,7 +7,9 @@ prints one line; any failure raises.
 """
 
 import base64
+import os
 import time
+import urllib.parse
 
 from e2b import TimeoutException
 from e2b_code_interpreter import Sandbox
@@ -178,6 +180,52 @@ def inside_the_sandbox(s):
     r = s.run_code("import socket; socket.gethostname()")
     other = s.commands.run("hostname").stdout.strip()
     check("same hostname as the sandbox's shell", r.text == other, (r.text, other))
+    # What the fork server had open must not follow its children into the sandbox.
+    r = s.run_code(
+        "import os\nfds = []\nfor n in os.listdir('/proc/self/fd'):\n"
+        "    try: fds.append(os.readlink(f'/proc/self/fd/{n}'))\n"
+        "    except FileNotFoundError: pass  # listdir's own descriptor, closed by now\n"
+        "sorted(fds)",
+        context=s.create_code_context(),  # fresh: nothing the user ran has opened files yet
+    )
+    fds = eval(r.text) if r.text else None
+    check(
+        "no descriptor of the fork server or the host leaks in",
+        fds is not None and all(
+            t.startswith(("pipe:", "socket:", "/dev/null", "anon_inode:", "/proc/")) for t in fds
+        ) and len(fds) < 16,
+        fds,
+    )
+    port = urllib.parse.urlparse(os.environ["E2B_API_URL"]).port
+    r = s.run_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+    check(
+        "the server on the host's loopback is unreachable",
+        r.error is not None and r.error.name in ("ConnectionRefusedError", "TimeoutError", "OSError"),
+        r.error,
+    )
+    r = s.run_code("import os, signal\nos.kill(1, signal.SIGKILL)")
+    check("the agent (pid 1) cannot be killed", r.error is not None and r.error.name == "PermissionError", r.error)
+    r = s.run_code(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "[libc.unshare(0x10000000), ctypes.get_errno(), libc.setns(0, 0), ctypes.get_errno()]"
+    )
+    check("unshare and setns are refused", r.text == "[-1, 1, -1, 1]", r.text)
+    r = s.run_code("import os\nos.setuid(0)")
+    check("no way back to root", r.error is not None and r.error.name == "PermissionError", r.error)
+    check("the sandbox is still running after all that", s.is_running())
+
+
+def memory_hog(s):
+    s.run_code("before = 1")
+    r = s.run_code("hog = []\nwhile True: hog.append(b'x' * (64 << 20))")
+    check(
+        "a cell beyond the sandbox's memory limit kills only its kernel (cgroup OOM)",
+        r.error is not None and r.error.name == "KernelDied",
+        r.error,
+    )
+    r = s.run_code("1 + 1")
+    check("the context works again afterwards", r.text == "2", r)
+    check("the sandbox survived", s.is_running() and s.commands.run("echo alive").stdout == "alive\n")
 
 
 def main():
@@ -195,6 +243,7 @@ def main():
         other_languages(s)
         cancellation(s)
         inside_the_sandbox(s)
+        memory_hog(s)
     finally:
         s.kill()
     print(f"code interpreter conformance: {checks} checks passed")

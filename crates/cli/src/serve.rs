@@ -94,7 +94,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             },
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
-            interp_env: args.interp_env.clone(),
+            interp_env: args.interp_env,
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

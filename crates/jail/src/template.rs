@@ -165,12 +165,8 @@ fn ensure_built(
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(err("remove", &staging))?;
     }
-    let meta = build_host(&staging, uid_base, extra).map_err(|(op, path, source)| TemplateError::Io {
-        name: name.into(),
-        op,
-        path,
-        source,
-    })?;
+    let meta = build_host(&staging, uid_base, extra)
+        .map_err(|(op, path, source)| TemplateError::Io { name: name.into(), op, path, source })?;
     if target.exists() {
         let old = dir.join(format!(".{name}.old"));
         let _ = fs::remove_dir_all(&old);

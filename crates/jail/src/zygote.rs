@@ -159,8 +159,7 @@ impl EntryPlan {
 fn landlock_policy() -> Option<LandlockPolicy> {
     let version = ringfence_sys::landlock_abi()?;
     let abi = ABI::from(i32::try_from(version.min(6)).unwrap_or(6));
-    let scopes =
-        if version >= 6 { (Scope::Signal | Scope::AbstractUnixSocket).bits() } else { 0 };
+    let scopes = if version >= 6 { (Scope::Signal | Scope::AbstractUnixSocket).bits() } else { 0 };
     Some(LandlockPolicy {
         write: AccessFs::from_write(abi).bits(),
         file: AccessFs::from_file(abi).bits(),
@@ -314,10 +313,8 @@ fn set_blocking(fd: &OwnedFd, timeout: Duration) -> Result<(), ZygoteError> {
     let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(nix_op("fcntl"))?;
     let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
     fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(nix_op("fcntl"))?;
-    let tv = nix::sys::time::TimeVal::new(
-        timeout.as_secs() as i64,
-        i64::from(timeout.subsec_micros()),
-    );
+    let tv =
+        nix::sys::time::TimeVal::new(timeout.as_secs() as i64, i64::from(timeout.subsec_micros()));
     socket::setsockopt(fd, socket::sockopt::ReceiveTimeout, &tv).map_err(nix_op("timeout"))
 }
 
@@ -339,16 +336,12 @@ struct Step {
 
 impl Entry {
     /// Drives the entry; returns the kernel's listener, pid and pidfd.
-    fn run(
-        &mut self,
-        target: &Sandbox,
-    ) -> Result<(Option<OwnedFd>, i32, OwnedFd), ZygoteError> {
+    fn run(&mut self, target: &Sandbox) -> Result<(Option<OwnedFd>, i32, OwnedFd), ZygoteError> {
         let first = self.expect("forked")?;
         self.first = Some(pidfd(first)?);
-        target.add_process(first).map_err(|e| ZygoteError::Entry {
-            step: "cgroup".into(),
-            message: e.to_string(),
-        })?;
+        target
+            .add_process(first)
+            .map_err(|e| ZygoteError::Entry { step: "cgroup".into(), message: e.to_string() })?;
         self.chan.write_all(b"go\n").map_err(io_op("write"))?;
         let kernel = self.expect("child")?;
         self.kernel = Some(pidfd(kernel)?);
@@ -398,7 +391,10 @@ impl Entry {
             }
             line.push(b[0]);
             if line.len() > 4096 {
-                return Err(ZygoteError::Entry { step: "read".into(), message: "line too long".into() });
+                return Err(ZygoteError::Entry {
+                    step: "read".into(),
+                    message: "line too long".into(),
+                });
             }
         }
         Ok((String::from_utf8_lossy(&line).into_owned(), fds))
@@ -435,7 +431,9 @@ fn failure(line: &str) -> ZygoteError {
             step: s.step.unwrap_or_default(),
             message: s.message.unwrap_or_default(),
         },
-        _ => ZygoteError::Entry { step: "protocol".into(), message: format!("unexpected {line:?}") },
+        _ => {
+            ZygoteError::Entry { step: "protocol".into(), message: format!("unexpected {line:?}") }
+        }
     }
 }
 

@@ -144,7 +144,8 @@ impl Killer {
                 let _ = ringfence_sys::pidfd_send_signal(fd, libc::SIGKILL);
             }
             Killer::Agent { client, pid } => {
-                let _ = client.call(AgentRequest::Signal { pid: *pid, signal: libc::SIGKILL }).await;
+                let _ =
+                    client.call(AgentRequest::Signal { pid: *pid, signal: libc::SIGKILL }).await;
             }
         }
     }
@@ -197,6 +198,19 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"code": status.as_u16(), "message": msg.into()}))).into_response()
 }
 
+/// A request refused before anything ran, in E2B's error shape.
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Refused {
+    Refused(StatusCode::BAD_REQUEST, msg.into())
+}
+
 /// Handles one request to port 49999 of `live`. Auth and routing happened before.
 pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -206,11 +220,11 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
         (&Method::GET, ["health"]) => (StatusCode::OK, axum::Json("OK")).into_response(),
         (&Method::POST, ["execute"]) => match body_json(req).await {
             Ok(v) => execute(rt, live, v).await,
-            Err(r) => r,
+            Err(r) => r.into_response(),
         },
         (&Method::POST, ["contexts"]) => match body_json(req).await {
             Ok(v) => create_context(rt, live, v).await,
-            Err(r) => r,
+            Err(r) => r.into_response(),
         },
         (&Method::GET, ["contexts"]) => {
             let list: Vec<Value> = live
@@ -256,22 +270,21 @@ fn find(live: &Live, id: &str) -> Option<Arc<Context>> {
     live.interp.defaults.lock().ok()?.values().find(|c| c.id == id).cloned()
 }
 
-async fn body_json(req: Request) -> Result<Value, Response> {
+async fn body_json(req: Request) -> Result<Value, Refused> {
     let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
         .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+        .map_err(|e| bad(format!("request body: {e}")))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body is not JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("request body is not JSON: {e}")))
 }
 
-fn opt_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, Response> {
+fn opt_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, Refused> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(error(StatusCode::BAD_REQUEST, format!("{key} must be a string"))),
+        Some(_) => Err(bad(format!("{key} must be a string"))),
     }
 }
 
@@ -284,7 +297,7 @@ fn new_context_id() -> String {
 async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     let (lang, cwd) = match (opt_str(&body, "language"), opt_str(&body, "cwd")) {
         (Ok(l), Ok(c)) => (l.unwrap_or("python"), c.unwrap_or(DEFAULT_CWD)),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     let Some(language) = normalize(lang) else {
         return error(
@@ -371,7 +384,11 @@ fn ringfence_agent_path() -> &'static str {
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 }
 
-async fn start_kernel(rt: &Arc<Runtime>, live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
+async fn start_kernel(
+    rt: &Arc<Runtime>,
+    live: &Arc<Live>,
+    ctx: &Context,
+) -> Result<Kernel, String> {
     let kernel = match ctx.language {
         "javascript" => start_agent_kernel(live, ctx).await?,
         lang => start_injected_kernel(rt, live, ctx, lang).await?,
@@ -469,11 +486,7 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         let mut split = LineSplitter::default();
         while let Some(ev) = events.recv().await {
             match ev {
-                Event::Stdout { data, .. } => {
-                    if !split.feed(&data, &out_tx).await {
-                        break;
-                    }
-                }
+                Event::Stdout { data, .. } if !split.feed(&data, &out_tx).await => break,
                 Event::Exited { .. } => break,
                 _ => {}
             }
@@ -582,7 +595,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     };
     let (context_id, language) = match (opt_str(&body, "context_id"), opt_str(&body, "language")) {
         (Ok(c), Ok(l)) => (c.map(str::to_string), l.map(str::to_string)),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     let env_vars = match body.get("env_vars") {
         None | Some(Value::Null) => Value::Null,
@@ -636,9 +649,11 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             Pumped::Done => {}
             Pumped::KernelDied => {
                 *guard = None;
-                let _ = tx.send(Ok(line(&json!({"type": "error", "name": "KernelDied",
+                let _ = tx
+                    .send(Ok(line(&json!({"type": "error", "name": "KernelDied",
                     "value": "the kernel exited during this execution; the context starts afresh \
-                              (its state is lost) on next use", "traceback": ""})))).await;
+                              (its state is lost) on next use", "traceback": ""}))))
+                    .await;
                 let _ = tx.send(Ok(line(&json!({"type": "end_of_execution"})))).await;
             }
             Pumped::ClientGone => {

@@ -179,9 +179,8 @@ impl Manager {
         }
         let me = self.clone();
         let name = p.template.clone();
-        let template = tokio::task::spawn_blocking(move || me.template(&name))
-            .await
-            .map_err(internal)??;
+        let template =
+            tokio::task::spawn_blocking(move || me.template(&name)).await.map_err(internal)??;
         let id = ringfence_jail::new_sandbox_id();
         let spec = SandboxSpec {
             limits: self.cfg.limits,
@@ -190,12 +189,7 @@ impl Manager {
             // died: then it waits for the next server to reconnect. A death signal tied to a
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.
             reconnectable: true,
-            ..SandboxSpec::new(
-                id.clone(),
-                template,
-                Some(self.seccomp.clone()),
-                [-1; 3],
-            )
+            ..SandboxSpec::new(id.clone(), template, Some(self.seccomp.clone()), [-1; 3])
         };
         let me = self.clone();
         let started = tokio::task::spawn_blocking(move || {

@@ -622,7 +622,7 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> Result<()> {
 pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let cmsgs: Vec<ControlMessage<'_>> =
-        if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
+        if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(fds)] };
     let iov = [io::IoSlice::new(data)];
     loop {
         match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::empty(), None) {
