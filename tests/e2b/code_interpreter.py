@@ -8,6 +8,8 @@ prints one line; any failure raises.
 
 import base64
 import os
+import signal
+import subprocess
 import time
 import urllib.parse
 
@@ -228,6 +230,29 @@ def memory_hog(s):
     check("the sandbox survived", s.is_running() and s.commands.run("echo alive").stdout == "alive\n")
 
 
+def zygote_pids():
+    """Host processes started from the fork server's script: the server itself and, since
+    kernels are its forks, every kernel (the suite runs as root on the server's host)."""
+    out = subprocess.run(["pgrep", "-f", "ringfence_zygote.py"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def fork_server_restarts():
+    before = zygote_pids()
+    s = Sandbox.create()
+    try:
+        s.run_code("1")
+        for pid in zygote_pids():
+            if pid in before:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        ctx = s.create_code_context()
+        r = s.run_code("import numpy; int(numpy.arange(4).sum())", context=ctx)
+        check("a killed fork server is restarted on next use", r.text == "6", r)
+    finally:
+        s.kill()
+
+
 def main():
     t0 = time.monotonic()
     s = Sandbox.create()
@@ -246,6 +271,11 @@ def main():
         memory_hog(s)
     finally:
         s.kill()
+    fork_server_restarts()
+    deadline = time.monotonic() + 5
+    while len(zygote_pids()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    check("no kernel outlives its sandbox", len(zygote_pids()) == 1, zygote_pids())
     print(f"code interpreter conformance: {checks} checks passed")
 
 

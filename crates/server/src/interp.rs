@@ -529,9 +529,12 @@ struct LineSplitter {
 impl LineSplitter {
     /// False once the kernel broke the protocol (a line too long) or nobody listens.
     async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
+        // Only the new bytes can hold the next newline: no rescans of a long partial line.
+        let mut from = self.buf.len();
         self.buf.extend_from_slice(data);
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+        while let Some(pos) = self.buf[from..].iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=from + pos).collect();
+            from = 0;
             match serde_json::from_slice::<Value>(&line) {
                 Ok(v @ Value::Object(_)) => {
                     if out.send(v).await.is_err() {
@@ -745,4 +748,56 @@ fn tokio_stream_from(
 /// Where the interpreter environment lives unless `serve` is told otherwise.
 pub fn default_env_dir() -> PathBuf {
     PathBuf::from(ringfence_jail::template::DEFAULT_INTERP_ENV)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_keeps_only_e2b_fields() {
+        let m = |v: Value| v.as_object().cloned().unwrap();
+        let out = sanitize(m(json!({"type": "stdout", "text": "hi", "timestamp": "t", "x": 1})));
+        assert_eq!(out, Some(json!({"type": "stdout", "text": "hi", "timestamp": "t"})));
+        // Unknown types (including the kernel's own `ready`) never reach the client.
+        assert_eq!(sanitize(m(json!({"type": "ready", "pid": 3}))), None);
+        assert_eq!(sanitize(m(json!({"type": 5}))), None);
+        // An error always has its three fields, as the SDK requires.
+        let e = sanitize(m(json!({"type": "error", "name": "E", "traceback": 7}))).unwrap();
+        assert_eq!(e, json!({"type": "error", "name": "E", "value": "", "traceback": ""}));
+        // Output without text is dropped rather than crashing the SDK's parser.
+        assert_eq!(sanitize(m(json!({"type": "stderr"}))), None);
+    }
+
+    #[tokio::test]
+    async fn splitter_parses_lines_across_chunks_and_drops_garbage() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut s = LineSplitter::default();
+        assert!(s.feed(b"{\"type\":\"std", &tx).await);
+        assert!(s.feed(b"out\"}\nnot json\n[1]\n{\"a\":1}\n", &tx).await);
+        drop(tx);
+        assert_eq!(rx.recv().await, Some(json!({"type": "stdout"})));
+        assert_eq!(rx.recv().await, Some(json!({"a": 1})));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn splitter_refuses_an_endless_line() {
+        let (tx, _rx) = mpsc::channel(16);
+        let mut s = LineSplitter::default();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut ok = true;
+        for _ in 0..=(MAX_LINE >> 20) {
+            ok = s.feed(&chunk, &tx).await;
+        }
+        assert!(!ok, "a kernel that never ends its line is cut off");
+    }
+
+    #[test]
+    fn languages_normalise_like_e2b() {
+        assert_eq!(normalize("JS"), Some("javascript"));
+        assert_eq!(normalize("python3"), Some("python"));
+        assert_eq!(normalize("bash"), Some("bash"));
+        assert_eq!(normalize("r"), None);
+    }
 }
