@@ -49,8 +49,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
 pub enum Layout {
     /// Unified hierarchy with memory, pids and cpu enabled.
     V2 { root: PathBuf },
-    /// Separate v1 hierarchies.
-    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf },
+    /// Separate v1 hierarchies. `cpuacct` (CPU time used) is where a host mounts it apart from
+    /// `cpu`; when the two are co-mounted it is `None` and `cpu` carries the accounting files.
+    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf, cpuacct: Option<PathBuf> },
 }
 
 impl Layout {
@@ -80,7 +81,12 @@ impl Layout {
                 if memory.join("memory.limit_in_bytes").exists()
                     && pids.join("cgroup.procs").exists() =>
             {
-                Ok(Layout::V1 { memory, pids, cpu })
+                // CPU time is only accounted where cpuacct is; without it sandboxes still run,
+                // their CPU use is just not reported.
+                let cpuacct = (!cpu.join("cpuacct.usage").exists())
+                    .then(|| base.join("cpuacct"))
+                    .filter(|p| p.join("cpuacct.usage").exists());
+                Ok(Layout::V1 { memory, pids, cpu, cpuacct })
             }
             _ => Err(CgroupError::NotFound),
         }
@@ -122,8 +128,10 @@ impl Pool {
         let leaf = format!("{}/{}-{slot}", self.name, self.prefix);
         match &self.layout {
             Layout::V2 { root } => vec![root.join(leaf)],
-            Layout::V1 { memory, pids, cpu } => {
-                vec![memory.join(&leaf), pids.join(&leaf), cpu.join(&leaf)]
+            Layout::V1 { memory, pids, cpu, cpuacct } => {
+                let mut dirs = vec![memory.join(&leaf), pids.join(&leaf), cpu.join(&leaf)];
+                dirs.extend(cpuacct.iter().map(|c| c.join(&leaf)));
+                dirs
             }
         }
     }
@@ -174,18 +182,20 @@ impl Pool {
         for slot in 0..MAX_SLOTS {
             let Some(lock) = self.try_lock(slot)? else { continue };
             let dirs = self.slot_dirs(slot);
-            if !dirs[0].exists() {
+            // Every hierarchy, not just the first: a slot made by an older build may lack the
+            // cpuacct directory.
+            if dirs.iter().any(|d| !d.exists()) {
                 self.ensure_parent()?;
                 for d in &dirs {
                     fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
                 }
             }
-            let lease = Lease { slot, dirs, layout: self.layout.clone(), _lock: lock, oom_base: 0 };
+            let lease = Lease::new(slot, dirs, self.layout.clone(), lock);
             // Whatever is still inside belongs to an owner that died without cleaning up.
             lease.kill_all()?;
             let mut lease = lease;
             lease.apply(limits)?;
-            lease.oom_base = lease.oom_kills_total();
+            lease.set_baselines();
             return Ok(lease);
         }
         Err(CgroupError::Exhausted(MAX_SLOTS))
@@ -199,14 +209,8 @@ impl Pool {
             path: self.lock_path(slot),
             source: std::io::Error::other("slot is held by another process"),
         })?;
-        let mut lease = Lease {
-            slot,
-            dirs: self.slot_dirs(slot),
-            layout: self.layout.clone(),
-            _lock: lock,
-            oom_base: 0,
-        };
-        lease.oom_base = lease.oom_kills_total();
+        let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
+        lease.set_baselines();
         Ok(lease)
     }
 
@@ -226,13 +230,7 @@ impl Pool {
             };
             let Ok(file) = File::options().write(true).open(entry.path()) else { continue };
             let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
-            let lease = Lease {
-                slot,
-                dirs: self.slot_dirs(slot),
-                layout: self.layout.clone(),
-                _lock: lock,
-                oom_base: 0,
-            };
+            let lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
             killed += lease.procs().len();
             lease.kill_all()?;
             for d in &lease.dirs {
@@ -253,7 +251,30 @@ pub struct Lease {
     dirs: Vec<PathBuf>,
     layout: Layout,
     _lock: Flock<File>,
+    /// Counters as they stood when this lease began: slots are reused, and their counters
+    /// keep counting across owners.
     oom_base: u64,
+    pids_base: u64,
+    cpu_base: u64,
+}
+
+/// What a sandbox's cgroup says about its resource use, since its slot was claimed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Memory charged now (bytes), page cache included, as the limit counts it.
+    pub memory_bytes: u64,
+    /// Of that, page cache (bytes).
+    pub memory_cache_bytes: u64,
+    /// The memory limit (bytes); `None` when unlimited.
+    pub memory_limit: Option<u64>,
+    /// CPU time used (nanoseconds); `None` where the host does not account it.
+    pub cpu_ns: Option<u64>,
+    /// Processes killed for going over the memory limit.
+    pub oom_kills: u64,
+    /// Forks refused because the pids limit was reached.
+    pub pids_max_hits: u64,
+    /// Processes and threads now.
+    pub pids_current: u64,
 }
 
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -269,7 +290,24 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
     })
 }
 
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// v1 reports "no limit" as the largest page-aligned i64; v2 as the word "max".
+const V1_UNLIMITED: u64 = 1 << 62;
+
 impl Lease {
+    fn new(slot: u32, dirs: Vec<PathBuf>, layout: Layout, lock: Flock<File>) -> Lease {
+        Lease { slot, dirs, layout, _lock: lock, oom_base: 0, pids_base: 0, cpu_base: 0 }
+    }
+
+    fn set_baselines(&mut self) {
+        self.oom_base = self.oom_kills_total();
+        self.pids_base = self.pids_max_total();
+        self.cpu_base = self.cpu_ns_total().unwrap_or(0);
+    }
+
     pub fn slot(&self) -> u32 {
         self.slot
     }
@@ -375,6 +413,60 @@ impl Lease {
         self.oom_kills_total().saturating_sub(self.oom_base)
     }
 
+    /// The pids controller's directory (the same as memory's on v2).
+    fn pids_dir(&self) -> &Path {
+        match &self.layout {
+            Layout::V2 { .. } => &self.dirs[0],
+            Layout::V1 { .. } => &self.dirs[1],
+        }
+    }
+
+    fn pids_max_total(&self) -> u64 {
+        read_key(&self.pids_dir().join("pids.events"), "max").unwrap_or(0)
+    }
+
+    /// Total CPU time of the slot in nanoseconds: v2's `cpu.stat usage_usec`, v1's
+    /// `cpuacct.usage` (in the cpu directory when co-mounted, else in cpuacct's own).
+    fn cpu_ns_total(&self) -> Option<u64> {
+        match &self.layout {
+            Layout::V2 { .. } => {
+                read_key(&self.dirs[0].join("cpu.stat"), "usage_usec").map(|us| us * 1000)
+            }
+            Layout::V1 { cpuacct: Some(_), .. } => read_u64(&self.dirs[3].join("cpuacct.usage")),
+            Layout::V1 { cpuacct: None, .. } => read_u64(&self.dirs[2].join("cpuacct.usage")),
+        }
+    }
+
+    /// Memory, CPU and limit events of the slot since it was claimed (counters are relative
+    /// to the claim; gauges are as they are now).
+    pub fn usage(&self) -> Usage {
+        let mem = &self.dirs[0];
+        let (memory_bytes, memory_limit, cache) = match &self.layout {
+            Layout::V2 { .. } => {
+                let limit = fs::read_to_string(mem.join("memory.max")).ok();
+                (
+                    read_u64(&mem.join("memory.current")),
+                    limit.and_then(|l| l.trim().parse().ok()),
+                    read_key(&mem.join("memory.stat"), "file"),
+                )
+            }
+            Layout::V1 { .. } => (
+                read_u64(&mem.join("memory.usage_in_bytes")),
+                read_u64(&mem.join("memory.limit_in_bytes")).filter(|l| *l < V1_UNLIMITED),
+                read_key(&mem.join("memory.stat"), "cache"),
+            ),
+        };
+        Usage {
+            memory_bytes: memory_bytes.unwrap_or(0),
+            memory_cache_bytes: cache.unwrap_or(0),
+            memory_limit,
+            cpu_ns: self.cpu_ns_total().map(|t| t.saturating_sub(self.cpu_base)),
+            oom_kills: self.oom_kills(),
+            pids_max_hits: self.pids_max_total().saturating_sub(self.pids_base),
+            pids_current: read_u64(&self.pids_dir().join("pids.current")).unwrap_or(0),
+        }
+    }
+
     /// Peak memory use (bytes) since the slot was claimed, where the kernel reports it.
     pub fn memory_peak(&self) -> Option<u64> {
         let file = match &self.layout {
@@ -422,6 +514,12 @@ mod tests {
         }
         let l = Layout::detect_at(dir.path()).unwrap();
         assert_eq!(l.version(), "v1");
+        // Co-mounted cpu,cpuacct would carry cpuacct.usage itself; here there is none at all.
+        assert!(matches!(l, Layout::V1 { cpuacct: None, .. }));
+        fs::create_dir_all(dir.path().join("cpuacct")).unwrap();
+        fs::write(dir.path().join("cpuacct/cpuacct.usage"), "0").unwrap();
+        let l = Layout::detect_at(dir.path()).unwrap();
+        assert!(matches!(l, Layout::V1 { cpuacct: Some(p), .. } if p.ends_with("cpuacct")));
     }
 
     #[test]

@@ -436,6 +436,25 @@ impl Sandbox {
     pub fn memory_peak(&self) -> Option<u64> {
         self.lease.as_ref().and_then(Lease::memory_peak)
     }
+
+    /// Resource use from the sandbox's cgroup slot, where cgroups are on.
+    pub fn usage(&self) -> Option<crate::cgroup::Usage> {
+        self.lease.as_ref().map(Lease::usage)
+    }
+
+    /// (used, total) bytes of the sandbox's writable layer. Its root is an overlay whose
+    /// `statfs` reports the upper layer's filesystem, the tmpfs sized to the disk quota, so
+    /// the agent's root as seen through `/proc` answers without entering the sandbox.
+    pub fn disk_usage(&self) -> Option<(u64, u64)> {
+        if self.reaped {
+            return None;
+        }
+        let st = nix::sys::statvfs::statvfs(format!("/proc/{}/root", self.pid).as_str()).ok()?;
+        let frag = st.fragment_size().max(1);
+        let total = st.blocks().saturating_mul(frag);
+        let free = st.blocks_free().saturating_mul(frag);
+        Some((total.saturating_sub(free), total))
+    }
 }
 
 impl Drop for Sandbox {

@@ -1,6 +1,8 @@
 //! Observes denied syscalls. The sandbox's filter sends every call outside the allowlist to
 //! user space; a supervisor thread on the host records which process tried what and answers
-//! EPERM, so the process lives on and the host has an attributed security event.
+//! EPERM, so the process lives on and the host has an attributed security event. An optional
+//! [`DenialSink`] hears of each denial as it happens (the server turns them into metrics and
+//! audit records), not only in the tally at the end.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -22,6 +24,22 @@ pub struct SecurityEvent {
     pub first_pid: u32,
 }
 
+/// One denied call, as the supervisor saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Denial<'a> {
+    pub sandbox_id: &'a str,
+    /// Host pid of the caller.
+    pub pid: u32,
+    pub syscall: &'a str,
+    pub nr: i32,
+    /// Denials of this syscall by this supervisor so far, this one included.
+    pub count: u64,
+}
+
+/// Called on the supervisor thread for every denial, while the caller still waits for its
+/// EPERM: it must only record and hand off, never block.
+pub type DenialSink = Arc<dyn Fn(&Denial<'_>) + Send + Sync>;
+
 #[derive(Debug, Default)]
 struct Tally {
     by_nr: BTreeMap<i32, SecurityEvent>,
@@ -38,12 +56,21 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts supervising `listener` (a seccomp user-notification descriptor).
     pub fn start(listener: OwnedFd, sandbox_id: String) -> std::io::Result<Supervisor> {
+        Supervisor::start_with(listener, sandbox_id, None)
+    }
+
+    /// Like [`Supervisor::start`], and tells `sink` of each denial as it happens.
+    pub fn start_with(
+        listener: OwnedFd,
+        sandbox_id: String,
+        sink: Option<DenialSink>,
+    ) -> std::io::Result<Supervisor> {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (t, s) = (tally.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("seccomp-supervisor".into())
-            .spawn(move || run(listener, &sandbox_id, &t, &s))?;
+            .spawn(move || run(listener, &sandbox_id, &t, &s, sink.as_ref()))?;
         Ok(Supervisor { tally, stop, thread: Some(thread) })
     }
 
@@ -72,28 +99,41 @@ impl Drop for Supervisor {
     }
 }
 
-fn run(listener: OwnedFd, sandbox_id: &str, tally: &Mutex<Tally>, stop: &AtomicBool) {
+fn run(
+    listener: OwnedFd,
+    sandbox_id: &str,
+    tally: &Mutex<Tally>,
+    stop: &AtomicBool,
+    sink: Option<&DenialSink>,
+) {
     loop {
         // A short poll so a stop request is noticed even while the sandbox stays quiet; while
         // the sandbox lives, notifications are answered as soon as they arrive.
         match ringfence_sys::seccomp_notif_recv(&listener, 50) {
             Ok(NotifWait::Notification(n)) => {
-                // Answer first: the caller is blocked until we do.
-                let _ = ringfence_sys::seccomp_notif_deny(&listener, n.id, libc::EPERM);
                 let name = crate::seccomp::syscall_name(n.nr);
                 tracing::debug!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");
-                if let Ok(mut t) = tally.lock() {
-                    t.by_nr
-                        .entry(n.nr)
-                        .or_insert_with(|| SecurityEvent {
+                let count = match tally.lock() {
+                    Ok(mut t) => {
+                        let e = t.by_nr.entry(n.nr).or_insert_with(|| SecurityEvent {
                             kind: "denied_syscall",
-                            syscall: name,
+                            syscall: name.clone(),
                             nr: n.nr,
                             count: 0,
                             first_pid: n.pid,
-                        })
-                        .count += 1;
+                        });
+                        e.count += 1;
+                        e.count
+                    }
+                    Err(_) => 0,
+                };
+                // Recorded before the answer (the caller is blocked until then, for the few
+                // microseconds this takes): the event exists before the process can see its
+                // EPERM, exit, and have its exit reported without it.
+                if let Some(sink) = sink {
+                    sink(&Denial { sandbox_id, pid: n.pid, syscall: &name, nr: n.nr, count });
                 }
+                let _ = ringfence_sys::seccomp_notif_deny(&listener, n.id, libc::EPERM);
             }
             Ok(NotifWait::Timeout) => {
                 if stop.load(Ordering::SeqCst) {
