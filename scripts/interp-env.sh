@@ -7,7 +7,8 @@
 # A venv cannot be built elsewhere and renamed into place (its scripts and pyvenv.cfg embed its
 # absolute path), so it is built in place under a lock, and a stamp holding the lock's hash is
 # written last: an environment without a matching stamp is half-built or stale and is removed
-# before rebuilding. With a matching stamp the script does nothing.
+# before rebuilding (stop kernels and the fork server first). With a matching stamp the script
+# does nothing.
 set -euo pipefail
 umask 022
 cd "$(dirname "$0")/.."

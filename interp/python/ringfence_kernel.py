@@ -91,6 +91,8 @@ _preloaded = False
 # os._exit as it was: the Python kernel replaces it for user code (see _Output.exit_now), and the
 # kernel's own exits must not wait on output.
 _real_exit = os._exit
+# The kernel's own stderr, for its own failures (see _fatal_on_error).
+_diag_fd = 2
 
 
 def preload():
@@ -106,7 +108,7 @@ def preload():
     saved = {name: os.environ.get(name) for name in _THREAD_POOL_VARS}
     os.environ.update(dict.fromkeys(_THREAD_POOL_VARS, "1"))
     try:
-        import numpy  # noqa: F401  (OpenBLAS reads the variables when it loads)
+        import numpy  # OpenBLAS reads the variables when it loads
     finally:
         # Loaded pools keep their size; user code and its subprocesses see the environment
         # they were given.
@@ -119,20 +121,18 @@ def preload():
     import pandas
 
     _seed_matplotlib_cache()
-    import matplotlib
-
-    matplotlib.use(_INLINE_BACKEND)
-    import matplotlib.pyplot  # noqa: F401
-    import matplotlib_inline.backend_inline  # noqa: F401
+    import matplotlib.pyplot
     from IPython.core.pylabtools import print_figure
     from matplotlib.figure import Figure
 
+    matplotlib.pyplot.switch_backend(_INLINE_BACKEND)  # imports it; there are no figures yet
     # One render through the path inline figures take loads the fonts and the rest of what a
     # first plot would otherwise pay for. An object-oriented Figure, not pyplot, so that no
     # figure is left registered for a kernel to show.
     fig = Figure(figsize=(1, 1))
-    fig.add_subplot().plot([0, 1], [0, 1], label="x")
-    fig.axes[0].legend()
+    axes = fig.add_subplot()
+    axes.plot(numpy.arange(3), numpy.arange(3) ** 2, label="x")
+    axes.legend()
     print_figure(fig, "png", bbox_inches="tight")
     pandas.DataFrame({"a": [1.5], "b": ["x"]})._repr_html_()
     _preloaded = True
@@ -190,13 +190,37 @@ def main(argv=None):
 
 
 def _serve(in_fd, out_fd, lang):
+    global _diag_fd
     kernels = {"python": _PythonKernel, "bash": _BashKernel}
     if lang not in kernels:
         raise ValueError(f"unknown kernel language {lang!r}")
-    out = _Output(out_fd)
-    sys.stdout = _TextStream(out, "stdout", 1)
-    sys.stderr = _TextStream(out, "stderr", 2)
-    kernels[lang](out, in_fd).serve_forever()
+    _diag_fd = os.dup(2)
+    with _fatal_on_error():
+        out = _Output(out_fd, {in_fd, out_fd})
+        sys.stdout = _TextStream(out, "stdout", 1)
+        sys.stderr = _TextStream(out, "stderr", 2)
+        kernels[lang](out, in_fd).serve_forever()
+
+
+@contextlib.contextmanager
+def _fatal_on_error():
+    """For the kernel's own code (never user code): a failure is a bug, and a kernel that lost
+    its main loop or a thread would hang. It is reported on the kernel's original fd 2 (what
+    the server gave it; the user's fd 2 is a capture pipe by then) and the kernel exits."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.write(_diag_fd, traceback.format_exc().encode("utf-8", "replace"))
+        _real_exit(1)
+
+
+def _thread(target, name):
+    def run():
+        with _fatal_on_error():
+            target()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
 
 
 def _timestamp(t):
@@ -297,8 +321,11 @@ class _Output:
     background threads or processes) belongs to none and is dropped.
     """
 
-    def __init__(self, chan_fd):
+    def __init__(self, chan_fd, chan_fds):
+        """`chan_fd` is where messages go; `chan_fds` are all of the channel's descriptors,
+        closed in processes that user code forks."""
         self._chan = chan_fd
+        self._chan_fds = chan_fds
         self.lock = _OutputLock()
         self._exec_id = None
         self.error_sent = False
@@ -334,7 +361,7 @@ class _Output:
             os.dup2(private, user_fd)
 
     def start(self):
-        threading.Thread(target=self._pump, name="ringfence-output", daemon=True).start()
+        _thread(self._pump, "ringfence-output")
 
     # Called by the main thread only, between executions or at their edges.
 
@@ -492,7 +519,7 @@ class _Output:
         kernel's threads do not exist in it, and a kernel that dies must read as EOF to the
         server even while its children live on."""
         self._forked = True
-        for fd in {self._chan, *self._pipes, self._wake_r, self._wake_w}:
+        for fd in (*self._chan_fds, *self._pipes, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -582,7 +609,7 @@ class _Kernel:
     def serve_forever(self):
         self.out.start()
         self.out.send_ready(self.language)
-        threading.Thread(target=self._read_requests, name="ringfence-requests", daemon=True).start()
+        _thread(self._read_requests, "ringfence-requests")
         while True:
             req = self._requests.get()
             if req["op"] == "execute":
@@ -710,7 +737,7 @@ def _make_shell(out):
         def enable_gui(self, gui=None):
             # Figures are shown inline; there is no display for a GUI event loop.
             if gui not in (None, "inline"):
-                raise RuntimeError(f"no GUI event loop ({gui}) in a sandbox: use %matplotlib inline")
+                raise RuntimeError(f"no GUI event loop ({gui}) in a sandbox: use inline figures")
 
         def _showtraceback(self, etype, evalue, stb):
             try:
@@ -734,8 +761,8 @@ class _PythonKernel(_Kernel):
         super().__init__(out, in_fd)
         preload()
         self.shell = _make_shell(out)
-        # Raised only while user code runs (set and cleared by the main thread itself), so an
-        # interrupt arriving as a cell ends cannot break the kernel's own code.
+        # SIGINT raises KeyboardInterrupt only while this is set, by the main thread itself
+        # around user code: an interrupt that arrives as a cell ends cannot break the kernel.
         self._in_user_code = False
         signal.signal(signal.SIGINT, self._on_sigint)
         os._exit = out.exit_now

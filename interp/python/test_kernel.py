@@ -13,14 +13,14 @@ import queue
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL = os.path.join(HERE, "ringfence_kernel.py")
-PYTHON = os.path.join(os.environ.get("RINGFENCE_INTERP_ENV", "/opt/ringfence/python"), "bin", "python3")
+ENV_DIR = os.environ.get("RINGFENCE_INTERP_ENV", "/opt/ringfence/python")
+PYTHON = os.path.join(ENV_DIR, "bin", "python3")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -283,7 +283,9 @@ class PythonKernelTest(unittest.TestCase):
         self.assertEqual(of_type(self.k.run("f(len(data))"), "result")[0]["text"], "4")
 
     def test_shell_escape_and_magics(self):
-        msgs = self.k.run("!echo hi; echo oops >&2\n%env RF_MAGIC=1\nimport os; os.environ['RF_MAGIC']")
+        msgs = self.k.run(
+            "!echo hi; echo oops >&2\n%env RF_MAGIC=1\nimport os; os.environ['RF_MAGIC']"
+        )
         self.assertEqual(stream(msgs), "hi\nenv: RF_MAGIC=1\n")
         self.assertEqual(stream(msgs, "stderr"), "oops\n")
         self.assertEqual(of_type(msgs, "result")[0]["text"], "1")
@@ -305,6 +307,30 @@ class PythonKernelTest(unittest.TestCase):
         self.assertEqual(msgs[0]["name"], "KeyboardInterrupt")
         self.assertEqual(msgs[1], {"type": "end_of_execution", "id": exec_id})
         self.assertEqual(of_type(self.k.run("kept + 1"), "result")[0]["text"], "42")
+
+    def test_interrupt_a_print_loop(self):
+        exec_id = self.k.start("while True:\n    print('x' * 100)")
+        self.assertEqual(self.k.recv()["type"], "number_of_executions")
+        self.assertEqual(self.k.recv()["type"], "stdout")
+        self.k.send({"op": "interrupt", "id": exec_id})
+        msgs = []
+        while not msgs or msgs[-1]["type"] != "end_of_execution":
+            msgs.append(self.k.recv(5))
+        self.assertEqual([m["type"] for m in msgs[-2:]], ["error", "end_of_execution"])
+        self.assertEqual(msgs[-2]["name"], "KeyboardInterrupt")
+        self.assertEqual(set(stream(msgs)), {"x", "\n"})
+
+    def test_output_between_executions_is_dropped(self):
+        self.k.run(
+            "import threading, time\n"
+            "def chatter():\n"
+            "    for _ in range(30):\n"
+            "        print('bg'); time.sleep(0.01)\n"
+            "threading.Thread(target=chatter).start()"
+        )
+        time.sleep(0.5)
+        self.assertTrue(self.k.lines.empty())
+        self.assertEqual(stream(self.k.run("print('own')")), "own\n")
 
     def test_interrupt_a_shell_command(self):
         exec_id = self.k.start("!sleep 30")
@@ -339,7 +365,9 @@ class PythonKernelTest(unittest.TestCase):
 
     def test_set_env_replaces_the_environment(self):
         self.k.send({"op": "set_env", "env": {"RF_C": "c", "PATH": os.environ["PATH"]}})
-        msgs = self.k.run("import os\nprint(os.environ.get('RF_C'), 'HOME' in os.environ)\n!echo $RF_C")
+        msgs = self.k.run(
+            "import os\nprint(os.environ.get('RF_C'), 'HOME' in os.environ)\n!echo $RF_C"
+        )
         self.assertEqual(stream(msgs), "c False\nc\n")
 
     def test_system_exit_is_an_error(self):
