@@ -6,5 +6,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The code interpreter's kernels on their own (scripts/setup.sh built the environment).
+/opt/ringfence/python/bin/python3 -m unittest interp/python/test_kernel.py
+node --test interp/js/test-kernel.mjs
 # The unmodified e2b SDKs (from PyPI and npm) against a live `ringfence serve`.
 scripts/conformance.sh
