@@ -27,6 +27,7 @@ enum Command {
         #[command(subcommand)]
         command: serve::KeysCommand,
     },
+    Audit(serve::AuditArgs),
     /// Kill processes left in cgroup slots nobody holds and remove those slots.
     Gc {
         #[command(flatten)]
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args, t0),
         Command::Serve(args) => serve::main(args),
         Command::Keys { command } => serve::keys(command),
+        Command::Audit(args) => serve::audit(args),
         Command::Gc { common } => gc(&common),
     }
 }

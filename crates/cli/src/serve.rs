@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ringfence_jail::limits::{self, Limits};
 use ringfence_server::manager::ManagerConfig;
-use ringfence_server::store::Store;
+use ringfence_server::observe::{MetricsAuth, ObserveConfig, Thresholds};
+use ringfence_server::store::{AuditQuery, Store};
 
 const AFTER_HELP: &str = "\
 Clients: point the unmodified E2B SDKs at this server with
@@ -15,7 +16,11 @@ Clients: point the unmodified E2B SDKs at this server with
   NO_PROXY=127.0.0.1,localhost
 One address serves the control plane and all sandbox traffic (routed by the E2b-Sandbox-Id header).
 
-Logging: RINGFENCE_LOG=info|debug|... (tracing env-filter syntax); --log-format json for JSON lines.";
+Logging: RINGFENCE_LOG=info|debug|... (tracing env-filter syntax); --log-format json for JSON lines.
+
+Observability: GET /metrics (Prometheus text format; --metrics-auth key wants an API key in
+X-API-Key or Authorization: Bearer), GET /audit and `ringfence audit` (the audit trail, also
+appended to DATA_DIR/audit.jsonl). Alerts are warnings in the log and alert.* audit records.";
 
 /// Serve E2B's API: create sandboxes, run commands, move files.
 #[derive(Debug, clap::Args)]
@@ -51,6 +56,43 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Who may read GET /metrics: anyone reaching the listener, or API-key holders.
+    #[arg(long, value_enum, default_value = "key")]
+    metrics_auth: MetricsAuthArg,
+    /// Alert when a sandbox takes longer than this to start.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration_ms)]
+    alert_startup: Duration,
+    /// Alert when an execution (command or code cell) runs longer than this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+    alert_execution: Duration,
+    /// Alert when a sandbox's memory goes above this percentage of its limit.
+    #[arg(long, default_value_t = 90.0)]
+    alert_memory_pct: f64,
+    /// Alert when a sandbox's CPU use goes above this percentage of its quota.
+    #[arg(long, default_value_t = 95.0)]
+    alert_cpu_pct: f64,
+    /// Alert when blocked actions of one kind in one sandbox reach this count.
+    #[arg(long, default_value_t = 1)]
+    alert_escape_attempts: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MetricsAuthArg {
+    None,
+    Key,
+}
+
+/// A duration with a unit (`500ms`, `30s`, `2m`), or plain seconds.
+fn parse_duration_ms(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    limits::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -96,6 +138,20 @@ pub fn main(args: ServeArgs) -> ExitCode {
             max_timeout: args.max_timeout,
             interp_env: args.interp_env,
         },
+        observe: ObserveConfig {
+            metrics_auth: match args.metrics_auth {
+                MetricsAuthArg::None => MetricsAuth::None,
+                MetricsAuthArg::Key => MetricsAuth::Key,
+            },
+            thresholds: Thresholds {
+                startup: args.alert_startup,
+                execution: args.alert_execution,
+                memory_pct: args.alert_memory_pct,
+                cpu_pct: args.alert_cpu_pct,
+                escape_attempts: args.alert_escape_attempts,
+            },
+            ..ObserveConfig::default()
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -128,6 +184,100 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Print the audit trail as JSON lines, oldest first (reads the database directly, so it works
+/// with the server stopped; an operator sees every tenant's records).
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Directory holding the server's state.
+    #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
+    data_dir: PathBuf,
+    /// Only records of this sandbox.
+    #[arg(long)]
+    sandbox: Option<String>,
+    /// Only records of this API key id (`user_id`).
+    #[arg(long)]
+    key: Option<String>,
+    /// Only this action (`exec.command`), or a prefix ending in `*` (`alert.*`).
+    #[arg(long)]
+    action: Option<String>,
+    /// From this time on (RFC 3339 or Unix seconds).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time (RFC 3339 or Unix seconds).
+    #[arg(long)]
+    until: Option<String>,
+    /// At most this many records (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: u64,
+    /// Only records after this cursor (a record's `id`).
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+pub fn audit(args: AuditArgs) -> ExitCode {
+    let bound = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
+        match v {
+            None => Ok(None),
+            Some(v) => ringfence_server::api::parse_time_bound(v)
+                .map(Some)
+                .ok_or_else(|| format!("--{name} {v:?} is neither RFC 3339 nor Unix seconds")),
+        }
+    };
+    let (since, until) = match (bound("since", &args.since), bound("until", &args.until)) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("ringfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = ringfence_server::db_path(&args.data_dir);
+    if !path.exists() {
+        eprintln!("ringfence: no state database at {}", path.display());
+        return ExitCode::from(1);
+    }
+    let store = match Store::open(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringfence: cannot open {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut q = AuditQuery {
+        key_id: args.key,
+        sandbox_id: args.sandbox,
+        action: args.action,
+        since_ms: since,
+        until_ms: until,
+        after: args.cursor,
+        limit: 1000,
+    };
+    let mut left = if args.limit == 0 { u64::MAX } else { args.limit };
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    loop {
+        q.limit = left.min(1000) as u32;
+        let (page, next) = match store.query_audit(&q) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("ringfence: reading the audit trail: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        for r in &page {
+            let line = serde_json::to_string(r).unwrap_or_default();
+            if writeln!(out, "{line}").is_err() {
+                // A closed pipe (`| head`) is the reader's choice, not an error.
+                return ExitCode::SUCCESS;
+            }
+        }
+        left -= page.len() as u64;
+        match next {
+            Some(c) if left > 0 => q.after = Some(c),
+            _ => return ExitCode::SUCCESS,
         }
     }
 }

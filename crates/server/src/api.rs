@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager, ManagerError};
-use crate::store::{KeyInfo, ListQuery, SandboxRecord, SandboxState};
+use crate::observe::MetricsAuth;
+use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -67,9 +69,36 @@ pub fn router(app: App) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/kill", delete(kill))
+        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
+        .route("/sandboxes/metrics", get(batch_metrics))
+        .route("/metrics", get(prometheus))
+        .route("/audit", get(audit))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
+        .layer(middleware::from_fn_with_state(app.clone(), track))
         .with_state(app)
+}
+
+/// Times every request into the API latency histogram, labelled by route template (never the
+/// raw path) and status.
+async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    let port = req
+        .headers()
+        .get("e2b-sandbox-port")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|p| p.parse::<u16>().ok());
+    let route = crate::metrics::route_label(matched.as_deref(), req.uri().path(), port);
+    let method = req.method().as_str().to_string();
+    let resp = next.run(req).await;
+    app.manager
+        .observer()
+        .metrics
+        .api
+        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// The code interpreter's port (E2B's Jupyter server).
@@ -123,10 +152,14 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
             .into_response();
     }
+    // Everything logged while serving this request names the sandbox.
+    let span = tracing::info_span!("sandbox", sandbox_id = %record.id);
     match port {
-        49983 => crate::envd::handle(live.client.clone(), live.envd.clone(), req).await,
+        49983 => {
+            crate::envd::handle(live.client.clone(), live.envd.clone(), req).instrument(span).await
+        }
         JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
-            crate::interp::handle(app.manager.interp().clone(), live, req).await
+            crate::interp::handle(app.manager.interp().clone(), live, req).instrument(span).await
         }
         other => (
             StatusCode::BAD_GATEWAY,
@@ -208,11 +241,18 @@ fn not_running(id: &str) -> Response {
         .into_response()
 }
 
-/// Authenticates the control-plane caller by `X-API-Key`.
+/// Authenticates the control-plane caller by its API key, in `X-API-Key` (what the SDKs send)
+/// or `Authorization: Bearer` (what scrapers such as Prometheus send).
 async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
+        .or(bearer)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-Key header"))?
         .to_string();
     let store = app.manager.store().clone();
@@ -391,6 +431,9 @@ async fn set_timeout(
     let secs =
         b.timeout.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?;
     app.manager.set_timeout(&id, timeout_from(&app, Some(secs))?)?;
+    if let Some(live) = app.manager.get(&id) {
+        live.obs.record_action("sandbox.timeout", json!({"timeout_s": secs})).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -411,6 +454,7 @@ async fn connect(
         }
     }
     let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    live.obs.record_action("sandbox.connect", json!({"timeout_s": b.timeout})).await;
     Ok(Json(sandbox_json(&r)))
 }
 
@@ -531,9 +575,159 @@ async fn list(
     Ok(resp)
 }
 
+/// `GET /metrics`: the Prometheus exposition.
+async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let obs = app.manager.observer();
+    if obs.config().metrics_auth == MetricsAuth::Key {
+        caller(&app, &headers).await?;
+    }
+    let (starting, running) = app.manager.counts();
+    obs.metrics.sandboxes.with_label_values(&["starting"]).set(starting);
+    obs.metrics.sandboxes.with_label_values(&["running"]).set(running);
+    obs.metrics.sandboxes.with_label_values(&["paused"]).set(0);
+    let text = obs
+        .metrics
+        .render()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MetricsRange {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds): E2B's `get_metrics()`.
+async fn sandbox_metrics(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<MetricsRange>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let live = owned(&app, &key, &id)?;
+    let (start, end) = (q.start.map(|s| s * 1000), q.end.map(|e| e * 1000 + 999));
+    let samples = tokio::task::spawn_blocking(move || live.obs.samples(start, end))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(Value::Array(samples.iter().map(|s| s.json()).collect())))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BatchMetrics {
+    sandbox_ids: Option<String>,
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each of the caller's
+/// sandboxes named (others' and unknown ids are left out, as ids must not be probed).
+async fn batch_metrics(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<BatchMetrics>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let ids: Vec<String> = q
+        .sandbox_ids
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.len() > 100 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "at most 100 sandbox_ids"));
+    }
+    let lives: Vec<Arc<Live>> = ids.iter().filter_map(|id| owned(&app, &key, id).ok()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut m = serde_json::Map::new();
+        for l in lives {
+            if let Some(s) = l.obs.sample() {
+                m.insert(l.obs.id.clone(), s.json());
+            }
+        }
+        m
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({"sandboxes": out})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AuditParams {
+    sandbox: Option<String>,
+    key: Option<String>,
+    action: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// A time bound of `/audit` and `ringfence audit`: RFC 3339, or Unix seconds (fractions
+/// allowed). Returns Unix milliseconds.
+pub fn parse_time_bound(s: &str) -> Option<i64> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs.is_finite().then_some((secs * 1000.0).round() as i64);
+    }
+    crate::time::parse_rfc3339_ms(s)
+}
+
+/// `GET /audit`: the caller's own audit records, oldest first, a page at a time.
+async fn audit(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(p): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let bound = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+        match v.filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => parse_time_bound(&v).map(Some).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{name} {v:?} is neither RFC 3339 nor Unix seconds"),
+                )
+            }),
+        }
+    };
+    // The tenant boundary: a `key` filter can only narrow to the caller's own key.
+    if p.key.as_deref().is_some_and(|k| !k.is_empty() && k != key.id) {
+        return Ok(Json(json!({"records": [], "next_cursor": null})).into_response());
+    }
+    let q = AuditQuery {
+        key_id: Some(key.id.clone()),
+        sandbox_id: p.sandbox.filter(|s| !s.is_empty()),
+        action: p.action.filter(|s| !s.is_empty()),
+        since_ms: bound("since", p.since)?,
+        until_ms: bound("until", p.until)?,
+        after: p.cursor.filter(|s| !s.is_empty()),
+        limit: p.limit.unwrap_or(crate::store::DEFAULT_AUDIT_LIMIT),
+    };
+    let store = app.manager.store().clone();
+    let (records, next) = tokio::task::spawn_blocking(move || store.query_audit(&q))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut resp = Json(json!({"records": records, "next_cursor": next})).into_response();
+    if let Some(c) = next
+        && let Ok(v) = HeaderValue::from_str(&c)
+    {
+        resp.headers_mut().insert("x-next-cursor", v);
+    }
+    Ok(resp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_bounds_take_rfc3339_or_unix_seconds() {
+        assert_eq!(parse_time_bound("1700000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_time_bound("1700000000.5"), Some(1_700_000_000_500));
+        assert_eq!(parse_time_bound("2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
+        assert_eq!(parse_time_bound("yesterday"), None);
+    }
 
     #[test]
     fn metadata_filter_parses_and_decodes() {

@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::agent_client::{AgentClient, ClientError};
+use crate::observe::{Execution, Outcome, SandboxObs};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
 const CONNECT_JSON: &str = "application/connect+json";
@@ -83,11 +84,25 @@ struct PollWatcher {
 pub struct EnvdState {
     watchers: Mutex<HashMap<String, PollWatcher>>,
     streams: AtomicUsize,
+    /// Where executions and file changes are reported (none in tests of envd alone).
+    obs: Option<Arc<SandboxObs>>,
 }
 
 impl EnvdState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// State whose executions and file changes are audited.
+    pub fn observed(obs: Arc<SandboxObs>) -> Self {
+        EnvdState { watchers: Mutex::default(), streams: AtomicUsize::new(0), obs: Some(obs) }
+    }
+
+    /// Records a file change through the API before it is acknowledged.
+    async fn audit(&self, action: &str, detail: Value) {
+        if let Some(obs) = &self.obs {
+            obs.record_action(action, detail).await;
+        }
     }
 
     /// Whether any watch is open in this sandbox.
@@ -373,9 +388,12 @@ pub async fn handle(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Reques
         Route::FilesPost => {
             let resp = upload(client.clone(), req).await;
             settle(&client, &state).await;
+            if state.obs.is_some() && resp.status().is_success() {
+                return audit_upload(&state, resp).await;
+            }
             resp
         }
-        Route::Start => start_process(client, req).await,
+        Route::Start => start_process(client, state, req).await,
         Route::Connect => connect_process(client, req).await,
         Route::StreamInput => stream_input(client, req).await,
         Route::WatchDir => watch_dir(client, state, req).await,
@@ -1172,17 +1190,38 @@ struct ProcessStream {
     opts: StreamOpts,
     /// `Start`: the request's deadline ends the process too (envd runs it under that context).
     kill_at_deadline: bool,
+    /// `Start`, audited: recorded when the process ends, before the client hears of it.
+    exec: Option<Execution>,
+}
+
+/// The audit trail's view of how a process ended: the shell's exit code convention (128+N
+/// for signal N) and the process's own resource use.
+fn exec_outcome(status: ExitStatus, usage: &ringfence_proto::Usage) -> Outcome {
+    let mut out = Outcome::default();
+    match status {
+        ExitStatus::Code(c) => out.exit_code = Some(c),
+        ExitStatus::Signal(sig) => {
+            out.exit_code = Some(128 + sig);
+            out.detail.insert("signal".into(), json!(signal_name(sig)));
+        }
+    }
+    out.usage = Some(crate::store::ResourceUsage {
+        memory_mb: usage.max_rss_kib / 1024,
+        cpu_ms: (usage.user_cpu_us + usage.sys_cpu_us) / 1000,
+    });
+    out
 }
 
 async fn pump_process(s: ProcessStream) {
-    let ProcessStream { client, pid, mut events, out, opts, kill_at_deadline } = s;
+    let ProcessStream { client, pid, mut events, out, opts, kill_at_deadline, mut exec } = s;
     let send = |msg: &Value| out.send(envelope(0, msg)).is_ok();
     let mut open = send(&start_event(pid));
-    // Past its client, a stream lives on only to enforce the deadline.
+    // Past its client, a stream lives on to enforce the deadline and to see the end of an
+    // audited execution.
     let watch_deadline = kill_at_deadline && opts.deadline.is_some();
     let mut keepalive_at = Instant::now() + opts.keepalive;
     loop {
-        if !open && !watch_deadline {
+        if !open && !watch_deadline && exec.is_none() {
             return;
         }
         tokio::select! {
@@ -1199,7 +1238,10 @@ async fn pump_process(s: ProcessStream) {
                     open = open && send(&data_event("pty", &data));
                     keepalive_at = Instant::now() + opts.keepalive;
                 }
-                Some(Event::Exited { status, .. }) => {
+                Some(Event::Exited { status, usage, .. }) => {
+                    if let Some(x) = exec.take() {
+                        x.finish(exec_outcome(status, &usage)).await;
+                    }
                     if open && send(&end_event(status)) {
                         let _ = out.send(end_stream(None));
                     }
@@ -1207,6 +1249,11 @@ async fn pump_process(s: ProcessStream) {
                 }
                 Some(_) => {}
                 None => {
+                    if let Some(x) = exec.take() {
+                        let mut o = Outcome::default();
+                        o.detail.insert("ended".into(), json!("the sandbox ended first"));
+                        x.finish(o).await;
+                    }
                     let err = RpcError::new(Code::Unavailable, "the sandbox agent is gone");
                     let _ = out.send(end_stream(Some(&err)));
                     return;
@@ -1221,6 +1268,11 @@ async fn pump_process(s: ProcessStream) {
                     let signal = AgentRequest::Signal { pid, signal: libc::SIGKILL };
                     if let Err(e) = client.call(signal).await {
                         tracing::debug!(pid, error = %e, "killing a process past its deadline");
+                    }
+                    if let Some(x) = exec.take() {
+                        let mut o = Outcome::default();
+                        o.detail.insert("killed".into(), json!("ran past its request timeout"));
+                        x.finish(o).await;
                     }
                     "the command ran past its timeout and was killed"
                 } else {
@@ -1240,9 +1292,11 @@ fn spawn_process_stream(
     events: mpsc::UnboundedReceiver<Event>,
     opts: StreamOpts,
     kill_at_deadline: bool,
+    exec: Option<Execution>,
 ) -> Response {
     let (out, rx) = mpsc::unbounded_channel();
-    tokio::spawn(pump_process(ProcessStream { client, pid, events, out, opts, kill_at_deadline }));
+    let s = ProcessStream { client, pid, events, out, opts, kill_at_deadline, exec };
+    tokio::spawn(pump_process(s));
     stream_response(channel_body(rx))
 }
 
@@ -1252,17 +1306,28 @@ async fn start_spec(headers: &HeaderMap, body: Body) -> Result<SpawnSpec, RpcErr
     parse_start(&msg, user)
 }
 
+/// The command line of a spawn as the audit trail hashes it: the command and its arguments
+/// joined by single spaces.
+pub fn command_line(spec: &SpawnSpec) -> String {
+    std::iter::once(spec.cmd.as_str())
+        .chain(spec.args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `process.Process/Start`.
-async fn start_process(client: Arc<AgentClient>, req: Request) -> Response {
+async fn start_process(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let opts = stream_opts(&parts.headers);
     let spec = match start_spec(&parts.headers, body).await {
         Ok(spec) => spec,
         Err(e) => return stream_error(e),
     };
+    let line = command_line(&spec);
+    let exec = state.obs.as_ref().map(|o| o.execution("command", &line));
     match client.stream(AgentRequest::Spawn(spec)).await {
         Ok((Reply::Spawned { pid }, events)) => {
-            spawn_process_stream(client, pid, events, opts, true)
+            spawn_process_stream(client, pid, events, opts, true, exec)
         }
         Ok((other, _)) => stream_error(RpcError::unexpected(&other)),
         Err(e) => stream_error(e.into()),
@@ -1289,7 +1354,7 @@ async fn connect_process(client: Arc<AgentClient>, req: Request) -> Response {
     };
     match client.stream(AgentRequest::Attach { pid }).await {
         Ok((Reply::Spawned { pid }, events)) => {
-            spawn_process_stream(client, pid, events, opts, false)
+            spawn_process_stream(client, pid, events, opts, false, None)
         }
         Ok((other, _)) => stream_error(RpcError::unexpected(&other)),
         Err(e) => stream_error(e.into()),
@@ -1495,9 +1560,31 @@ async fn unary(
     req: Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let result = unary_call(&client, &state, rpc, &parts.headers, body).await;
-    if matches!(rpc, UnaryRpc::MakeDir | UnaryRpc::Move | UnaryRpc::Remove) {
+    let msg = match rpc_user(&parts.headers) {
+        Ok(_) => read_unary_message(&parts.headers, body).await,
+        Err(e) => Err(e),
+    };
+    let result = match &msg {
+        Ok(m) => unary_call(&client, &state, rpc, &parts.headers, m).await,
+        Err(e) => Err(e.clone()),
+    };
+    let change = match rpc {
+        UnaryRpc::MakeDir => Some("file.mkdir"),
+        UnaryRpc::Move => Some("file.move"),
+        UnaryRpc::Remove => Some("file.remove"),
+        _ => None,
+    };
+    if let Some(action) = change {
         settle(&client, &state).await;
+        if let (Ok(_), Ok(m)) = (&result, &msg) {
+            let mut detail = Map::new();
+            for f in ["path", "source", "destination"] {
+                if let Some(v) = field(m, f) {
+                    detail.insert(f.into(), v.clone());
+                }
+            }
+            state.audit(action, Value::Object(detail)).await;
+        }
     }
     match result {
         Ok(v) => json_response(StatusCode::OK, &v),
@@ -1510,10 +1597,9 @@ async fn unary_call(
     state: &EnvdState,
     rpc: UnaryRpc,
     headers: &HeaderMap,
-    body: Body,
+    msg: &Value,
 ) -> Result<Value, RpcError> {
     let user = rpc_user(headers)?;
-    let msg = read_unary_message(headers, body).await?;
     let done = |reply: Reply| match reply {
         Reply::Done => Ok(json!({})),
         other => Err(RpcError::unexpected(&other)),
@@ -1526,17 +1612,17 @@ async fn unary_call(
             other => Err(RpcError::unexpected(&other)),
         },
         UnaryRpc::SendInput => {
-            let pid = resolve_pid(client, parse_selector(&msg)?).await?;
-            write_input(client, pid, parse_input(&msg)?).await?;
+            let pid = resolve_pid(client, parse_selector(msg)?).await?;
+            write_input(client, pid, parse_input(msg)?).await?;
             Ok(json!({}))
         }
         UnaryRpc::CloseStdin => {
-            let pid = resolve_pid(client, parse_selector(&msg)?).await?;
+            let pid = resolve_pid(client, parse_selector(msg)?).await?;
             done(client.call(AgentRequest::CloseStdin { pid }).await?)
         }
         UnaryRpc::SendSignal => {
-            let sel = parse_selector(&msg)?;
-            let signal = parse_signal(&msg)?;
+            let sel = parse_selector(msg)?;
+            let signal = parse_signal(msg)?;
             let pid = resolve_pid(client, sel).await?;
             let reply = done(client.call(AgentRequest::Signal { pid, signal }).await?)?;
             if signal == libc::SIGKILL {
@@ -1545,8 +1631,8 @@ async fn unary_call(
             Ok(reply)
         }
         UnaryRpc::Update => {
-            let pid = resolve_pid(client, parse_selector(&msg)?).await?;
-            let Some(pty) = field(&msg, "pty") else { return Ok(json!({})) };
+            let pid = resolve_pid(client, parse_selector(msg)?).await?;
+            let Some(pty) = field(msg, "pty") else { return Ok(json!({})) };
             let size =
                 field(pty, "size").ok_or_else(|| RpcError::invalid("pty.size is required"))?;
             let dim = |name: &str| -> Result<u16, RpcError> {
@@ -1558,15 +1644,15 @@ async fn unary_call(
             done(client.call(AgentRequest::ResizePty { pid, cols, rows }).await?)
         }
         UnaryRpc::Stat => {
-            let path = fs_path(str_field(&msg, "path")?);
+            let path = fs_path(str_field(msg, "path")?);
             match client.call(AgentRequest::Stat { path, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
                 other => Err(RpcError::unexpected(&other)),
             }
         }
         UnaryRpc::ListDir => {
-            let path = fs_path(str_field(&msg, "path")?);
-            let depth = u32_field(&msg, "depth")?.filter(|d| *d > 0).unwrap_or(1);
+            let path = fs_path(str_field(msg, "path")?);
+            let depth = u32_field(msg, "depth")?.filter(|d| *d > 0).unwrap_or(1);
             match client.call(AgentRequest::ListDir { path, user, depth }).await? {
                 Reply::Entries(list) => {
                     Ok(json!({"entries": describe_all(client, user, &list).await}))
@@ -1575,15 +1661,15 @@ async fn unary_call(
             }
         }
         UnaryRpc::MakeDir => {
-            let path = fs_path(str_field(&msg, "path")?);
+            let path = fs_path(str_field(msg, "path")?);
             match client.call(AgentRequest::MakeDir { path, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
                 other => Err(RpcError::unexpected(&other)),
             }
         }
         UnaryRpc::Move => {
-            let from = required_path(&msg, "source")?;
-            let to = required_path(&msg, "destination")?;
+            let from = required_path(msg, "source")?;
+            let to = required_path(msg, "destination")?;
             match client.call(AgentRequest::Rename { from, to, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
                 other => Err(RpcError::unexpected(&other)),
@@ -1591,16 +1677,16 @@ async fn unary_call(
         }
         UnaryRpc::Remove => {
             // No empty-path-means-home here: that would remove the home directory.
-            let path = required_path(&msg, "path")?;
+            let path = required_path(msg, "path")?;
             // envd's `os.RemoveAll`: removing what is not there succeeds.
             match client.call(AgentRequest::Remove { path, user }).await {
                 Err(ClientError::Agent(e)) if e.kind == ErrorKind::NotFound => Ok(json!({})),
                 result => done(result?),
             }
         }
-        UnaryRpc::CreateWatcher => create_watcher(client, state, user, &msg).await,
+        UnaryRpc::CreateWatcher => create_watcher(client, state, user, msg).await,
         UnaryRpc::GetWatcherEvents => {
-            let id = str_field(&msg, "watcherId")?.unwrap_or_default();
+            let id = str_field(msg, "watcherId")?.unwrap_or_default();
             let (root, user, events) = {
                 let watchers = state
                     .watchers
@@ -1623,7 +1709,7 @@ async fn unary_call(
             Ok(json!({"events": out}))
         }
         UnaryRpc::RemoveWatcher => {
-            let id = str_field(&msg, "watcherId")?.unwrap_or_default();
+            let id = str_field(msg, "watcherId")?.unwrap_or_default();
             let removed = state
                 .watchers
                 .lock()
@@ -2073,6 +2159,25 @@ async fn set_metadata(
         Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
         Err(e) => Err(files_error(e)),
     }
+}
+
+/// Records a successful upload (the paths written, from the response) before it is
+/// acknowledged.
+async fn audit_upload(state: &EnvdState, resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    // The answer is a short list of entries.
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return http_error(StatusCode::INTERNAL_SERVER_ERROR, "upload answer too large");
+    };
+    let paths: Vec<Value> = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.get("path").cloned())
+        .collect();
+    state.audit("file.write", json!({"paths": paths})).await;
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// `POST /files`: a raw (`application/octet-stream`, optionally gzip) or multipart upload.

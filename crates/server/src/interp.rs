@@ -350,7 +350,7 @@ pub fn prestart(rt: Arc<Runtime>, live: Arc<Live>) {
         if guard.is_none() {
             match start_kernel(&rt, &live, &ctx).await {
                 Ok(k) => *guard = Some(k),
-                Err(e) => tracing::warn!(sandbox = %sandbox_id(&live), "prestart kernel: {e}"),
+                Err(e) => tracing::warn!(sandbox_id = %sandbox_id(&live), "prestart kernel: {e}"),
             }
         }
     });
@@ -415,7 +415,7 @@ async fn start_injected_kernel(
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let supervisor = match injected.listener {
-        Some(l) => Supervisor::start(l, sandbox_id(live)).ok(),
+        Some(l) => Supervisor::start_with(l, sandbox_id(live), Some(live.obs.denial_sink())).ok(),
         None => None,
     };
     injected.channel.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -672,7 +672,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     });
-    let stream = tokio_stream_from(rx);
+    let stream = crate::observe::cell(&live, &code, tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")

@@ -14,6 +14,8 @@ pub mod api;
 pub mod envd;
 pub mod interp;
 pub mod manager;
+pub mod metrics;
+pub mod observe;
 pub mod store;
 mod time;
 
@@ -28,6 +30,7 @@ use crate::store::Store;
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub manager: ManagerConfig,
+    pub observe: observe::ObserveConfig,
 }
 
 /// Fatal server errors.
@@ -37,6 +40,8 @@ pub enum ServeError {
     Store(#[from] store::StoreError),
     #[error("{0}")]
     Manager(#[from] manager::ManagerError),
+    #[error("{0}")]
+    Observe(#[from] observe::ObserveError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -56,13 +61,17 @@ pub fn db_path(data_dir: &std::path::Path) -> std::path::PathBuf {
 /// instead (or `kill -9`), the next start reattaches to the sandboxes still alive.
 pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let store = Arc::new(Store::open(&db_path(&cfg.manager.data_dir))?);
-    let manager = Arc::new(Manager::new(cfg.manager.clone(), store)?);
+    let observer =
+        observe::Observer::new(cfg.observe.clone(), store.clone(), &cfg.manager.data_dir)?;
+    tokio::spawn(observer.clone().write_loop());
+    let manager = Arc::new(Manager::new(cfg.manager.clone(), store, observer.clone())?);
     // Sandboxes outlive a crashed or killed server: take them back before serving.
     let (back, lost) = manager.recover().await?;
     if back + lost > 0 {
         tracing::info!(reattached = back, lost, "recovered sandboxes of the previous server");
     }
     tokio::spawn(manager.clone().reap_loop());
+    tokio::spawn(manager.clone().sample_loop());
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {
@@ -84,6 +93,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     manager.shutdown().await;
+    observer.flush().await;
     Ok(())
 }
 

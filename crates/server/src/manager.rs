@@ -15,6 +15,7 @@ use ringfence_jail::{JailConfig, preflight, seccomp, template};
 
 use crate::agent_client::AgentClient;
 use crate::envd::EnvdState;
+use crate::observe::{Observer, SandboxObs};
 use crate::store::{SandboxRecord, SandboxState, Store};
 
 /// Cgroup slots used by server sandboxes (the CLI's one-shot runs use their own).
@@ -60,6 +61,8 @@ pub struct Live {
     pub envd: Arc<EnvdState>,
     /// Code-interpreter contexts (port 49999).
     pub interp: crate::interp::Contexts,
+    /// Metrics, security events and audit records of this sandbox.
+    pub obs: Arc<SandboxObs>,
     jail: Mutex<Option<Sandbox>>,
     supervisor: Mutex<Option<Supervisor>>,
 }
@@ -95,7 +98,10 @@ pub struct Manager {
     templates: Mutex<HashMap<String, Template>>,
     interp: Arc<crate::interp::Runtime>,
     store: Arc<Store>,
+    observer: Arc<Observer>,
     live: RwLock<HashMap<String, Arc<Live>>>,
+    /// Creates in flight.
+    starting: std::sync::atomic::AtomicI64,
 }
 
 pub fn now_ms() -> i64 {
@@ -108,7 +114,11 @@ fn internal(e: impl std::fmt::Display) -> ManagerError {
 
 impl Manager {
     /// Checks the host and prepares everything sandboxes share.
-    pub fn new(cfg: ManagerConfig, store: Arc<Store>) -> Result<Manager, ManagerError> {
+    pub fn new(
+        cfg: ManagerConfig,
+        store: Arc<Store>,
+        observer: Arc<Observer>,
+    ) -> Result<Manager, ManagerError> {
         preflight::check(&cfg.agent_path, true).map_err(internal)?;
         let mut jail = JailConfig::with_agent(cfg.agent_path.clone());
         jail.data_dir = cfg.data_dir.clone();
@@ -133,8 +143,20 @@ impl Manager {
             templates,
             interp: Arc::new(interp),
             store,
+            observer,
             live: RwLock::default(),
+            starting: Default::default(),
         })
+    }
+
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+
+    /// (starting, running) sandboxes now.
+    pub fn counts(&self) -> (i64, i64) {
+        let running = self.live.read().map(|m| m.len() as i64).unwrap_or(0);
+        (self.starting.load(std::sync::atomic::Ordering::Relaxed), running)
     }
 
     /// The fork server and kernels' shared settings.
@@ -177,6 +199,19 @@ impl Manager {
         if !TEMPLATES.contains(&p.template.as_str()) {
             return Err(ManagerError::NotFound(format!("template {}", p.template)));
         }
+        let begun = std::time::Instant::now();
+        self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = self.start(key_id, p, begun).await;
+        self.starting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    async fn start(
+        self: &Arc<Self>,
+        key_id: &str,
+        p: CreateParams,
+        begun: std::time::Instant,
+    ) -> Result<Arc<Live>, ManagerError> {
         let me = self.clone();
         let name = p.template.clone();
         let template =
@@ -205,13 +240,16 @@ impl Manager {
         .await
         .map_err(internal)??;
         let (sb, control, listener) = started;
+        let limits = self.cfg.limits;
+        let obs = self.observer.sandbox(&id, key_id, limits.cpu_millis.unwrap_or(1000));
         let supervisor = match listener {
-            Some(l) => Some(Supervisor::start(l, id.clone()).map_err(internal)?),
+            Some(l) => Some(
+                Supervisor::start_with(l, id.clone(), Some(obs.denial_sink())).map_err(internal)?,
+            ),
             None => None,
         };
         let client = AgentClient::new(control).map_err(internal)?;
         let now = now_ms();
-        let limits = self.cfg.limits;
         let record = SandboxRecord {
             id: id.clone(),
             key_id: key_id.to_string(),
@@ -229,17 +267,41 @@ impl Manager {
             agent_pid: Some(sb.pid),
             cgroup_slot: sb.slot(),
         };
-        self.store.insert_sandbox(&record).map_err(internal)?;
-        let _ =
-            self.store.record_event(&id, "created", &serde_json::json!({"template": p.template}));
+        let took = begun.elapsed();
         let live = Arc::new(Live {
-            record: Mutex::new(record),
+            record: Mutex::new(record.clone()),
             client,
-            envd: Arc::new(EnvdState::new()),
+            envd: Arc::new(EnvdState::observed(obs.clone())),
             interp: Default::default(),
+            obs: obs.clone(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(supervisor),
         });
+        obs.attach(&live);
+        let mut audit = obs.action("sandbox.create");
+        audit.duration_ms = Some(took.as_millis() as u64);
+        audit.detail.insert("template".into(), serde_json::json!(p.template));
+        audit.detail.insert("timeout_s".into(), serde_json::json!(p.timeout.as_secs()));
+        audit.detail.insert("tier".into(), serde_json::json!("jail"));
+        audit.detail.insert("pool".into(), serde_json::json!("miss"));
+        // The sandbox row, its event and the audit record commit together, before the
+        // client hears of the sandbox.
+        let store = self.store.clone();
+        let detail = serde_json::json!({"template": p.template});
+        let stored = tokio::task::spawn_blocking(move || {
+            store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map(|()| audit)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        self.observer.committed(std::slice::from_ref(&stored));
+        self.observer.started(&obs, &p.template, took);
+        tracing::info!(
+            sandbox_id = %id,
+            template = %p.template,
+            startup_ms = took.as_millis() as u64,
+            "sandbox created"
+        );
         self.live.write().map_err(internal)?.insert(id, live.clone());
         if p.template == template::INTERP_TEMPLATE {
             crate::interp::prestart(self.interp.clone(), live.clone());
@@ -308,14 +370,18 @@ impl Manager {
             return false;
         }
         let id = rec.id.clone();
+        let obs =
+            self.observer.sandbox(&id, &rec.key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
         let live = Arc::new(Live {
             record: Mutex::new(rec),
             client,
-            envd: Arc::new(EnvdState::new()),
+            envd: Arc::new(EnvdState::observed(obs.clone())),
             interp: Default::default(),
+            obs: obs.clone(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(None),
         });
+        obs.attach(&live);
         match self.live.write() {
             Ok(mut m) => {
                 m.insert(id, live);
@@ -349,16 +415,39 @@ impl Manager {
         let Some(live) = self.live.write().ok().and_then(|mut m| m.remove(id)) else {
             return false;
         };
-        let jail = live.jail.lock().ok().and_then(|mut j| j.take());
-        let sup = live.supervisor.lock().ok().and_then(|mut s| s.take());
-        // Killing and reaping block briefly; keep them off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
+        let begun = std::time::Instant::now();
+        // Killing and reaping block briefly; keep them off the async workers. The sandbox's
+        // last resource readings and events are taken before it goes.
+        let l = live.clone();
+        let audit = tokio::task::spawn_blocking(move || {
+            let rec = l.obs.final_record("sandbox.kill");
+            let jail = l.jail.lock().ok().and_then(|mut j| j.take());
+            let sup = l.supervisor.lock().ok().and_then(|mut s| s.take());
             drop(jail);
             drop(sup);
+            rec
         })
         .await;
-        let _ = self.store.set_state(id, SandboxState::Killed);
-        let _ = self.store.record_event(id, "killed", &serde_json::json!({"reason": reason}));
+        let detail = serde_json::json!({"reason": reason});
+        let mut audit = audit.ok();
+        if let Some(rec) = audit.as_mut() {
+            rec.duration_ms = Some(begun.elapsed().as_millis() as u64);
+            rec.detail.insert("reason".into(), serde_json::json!(reason));
+        }
+        let store = self.store.clone();
+        let key = id.to_string();
+        let stored = tokio::task::spawn_blocking(move || {
+            let res = store.kill_sandbox_audited(&key, &detail, audit.as_mut());
+            (res, audit)
+        })
+        .await;
+        match stored {
+            Ok((Ok(()), Some(rec))) => self.observer.committed(std::slice::from_ref(&rec)),
+            Ok((Err(e), _)) => tracing::error!(sandbox_id = %id, error = %e, "recording a kill"),
+            _ => {}
+        }
+        live.obs.ended();
+        tracing::info!(sandbox_id = %id, reason, "sandbox killed");
         true
     }
 
@@ -403,6 +492,24 @@ impl Manager {
                 tracing::info!(sandbox_id = %id, reason = why, "killing sandbox");
                 self.kill(&id, why).await;
             }
+        }
+    }
+
+    /// Samples every live sandbox's resource use (metrics, alerts, OOM and pids-limit events).
+    /// Runs forever.
+    pub async fn sample_loop(self: Arc<Self>) {
+        let every = self.observer.config().sample_every;
+        loop {
+            tokio::time::sleep(every).await;
+            let lives: Vec<Arc<Live>> =
+                self.live.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            // Reading cgroup files blocks, briefly, per sandbox.
+            let _ = tokio::task::spawn_blocking(move || {
+                for l in lives {
+                    l.obs.sample();
+                }
+            })
+            .await;
         }
     }
 

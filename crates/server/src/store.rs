@@ -1,5 +1,5 @@
-//! Embedded state store: API keys, sandbox records and their lifecycle events, in one SQLite
-//! file.
+//! Embedded state store: API keys, sandbox records and their lifecycle events, and the audit
+//! trail, in one SQLite file.
 //!
 //! The server promises that a key or sandbox survives a `kill -9` once it has been
 //! acknowledged to the client, so the database runs in WAL mode with `synchronous=FULL`: every
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -72,6 +72,24 @@ CREATE TABLE events (
     detail     TEXT NOT NULL
 );
 CREATE INDEX events_by_sandbox ON events (sandbox_id, seq);
+";
+
+/// The audit trail. Records outlive their sandboxes (no foreign key): they are what remains
+/// to answer "who ran what" after a sandbox is gone. The full record is JSON; the columns
+/// filtered on are duplicated out of it, each index ending in `seq`, the cursor order.
+const SCHEMA_V2: &str = "
+CREATE TABLE audit (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts         INTEGER NOT NULL,
+    sandbox_id TEXT,
+    key_id     TEXT,
+    action     TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX audit_by_key ON audit (key_id, seq);
+CREATE INDEX audit_by_sandbox ON audit (sandbox_id, seq);
+CREATE INDEX audit_by_action ON audit (action, seq);
+CREATE INDEX audit_by_ts ON audit (ts, seq);
 ";
 
 const SANDBOX_COLUMNS: &str = "id, key_id, template, alias, access_token, created_at, end_at, \
@@ -198,6 +216,117 @@ pub struct ListQuery {
     pub started_after_ms: Option<i64>,
 }
 
+/// Resource use attributed to an audited action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub memory_mb: u64,
+    pub cpu_ms: u64,
+}
+
+/// A blocked action inside a sandbox (a denied syscall, an OOM kill, a refused fork).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityEvent {
+    /// `seccomp`, `oom` or `pids`.
+    pub kind: String,
+    /// The syscall's name (`none` for an OOM kill; `fork` for the pids limit).
+    pub syscall: String,
+    /// Pid inside the sandbox, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Pid on the host, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pid: Option<u32>,
+    /// The process's command name, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// How many times, in this record.
+    pub count: u64,
+    /// When (RFC 3339); the first occurrence when `count` > 1.
+    pub timestamp: String,
+}
+
+/// One entry of the audit trail: an API action, an execution inside a sandbox, a security
+/// event or an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the trail, assigned when stored; cursors count in it.
+    #[serde(default)]
+    pub id: i64,
+    /// RFC 3339, UTC, milliseconds.
+    pub timestamp: String,
+    /// The same instant as Unix milliseconds (what filters compare).
+    #[serde(skip)]
+    pub ts_ms: i64,
+    pub sandbox_id: Option<String>,
+    /// The API key the sandbox belongs to (its tenant).
+    pub user_id: Option<String>,
+    /// `sandbox.create`, `exec.command`, `security.seccomp`, `alert.memory`, ...
+    pub action: String,
+    /// sha256 (hex) of the command line or code cell, for executions.
+    pub code_hash: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub resource_usage: Option<ResourceUsage>,
+    pub security_events: Vec<SecurityEvent>,
+    /// Whatever else describes the action (a command line, a reason, a threshold).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AuditRecord {
+    /// A record of `action` at `ts_ms` (Unix milliseconds), every other field empty.
+    pub fn new(action: impl Into<String>, ts_ms: i64) -> AuditRecord {
+        AuditRecord {
+            id: 0,
+            timestamp: crate::time::rfc3339_ms(ts_ms),
+            ts_ms,
+            sandbox_id: None,
+            user_id: None,
+            action: action.into(),
+            code_hash: None,
+            duration_ms: None,
+            exit_code: None,
+            resource_usage: None,
+            security_events: Vec::new(),
+            detail: serde_json::Map::new(),
+        }
+    }
+}
+
+pub const DEFAULT_AUDIT_LIMIT: u32 = 100;
+
+/// Filters and cursor for [`Store::query_audit`]. Every filter is optional here; the API
+/// always sets `key_id` (a tenant sees only its own records), the operator's CLI may not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub key_id: Option<String>,
+    pub sandbox_id: Option<String>,
+    /// An exact action, or a prefix when it ends in `*` (`alert.*`).
+    pub action: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: Option<i64>,
+    /// Only records after this cursor (a previous page's `next_cursor`).
+    pub after: Option<String>,
+    /// 1..=1000.
+    pub limit: u32,
+}
+
+impl Default for AuditQuery {
+    fn default() -> Self {
+        AuditQuery {
+            key_id: None,
+            sandbox_id: None,
+            action: None,
+            since_ms: None,
+            until_ms: None,
+            after: None,
+            limit: DEFAULT_AUDIT_LIMIT,
+        }
+    }
+}
+
 impl Default for ListQuery {
     fn default() -> Self {
         ListQuery {
@@ -311,32 +440,7 @@ impl Store {
     // ---- Sandboxes ---------------------------------------------------------------------
 
     pub fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
-        let metadata = serde_json::to_string(&rec.metadata)?;
-        let env = serde_json::to_string(&rec.env)?;
-        self.conn().execute(
-            &format!(
-                "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-            ),
-            params![
-                rec.id,
-                rec.key_id,
-                rec.template,
-                rec.alias,
-                rec.access_token,
-                rec.created_at,
-                rec.end_at,
-                rec.cpu_count,
-                rec.memory_mb,
-                rec.disk_mb,
-                metadata,
-                env,
-                rec.state,
-                rec.agent_pid,
-                rec.cgroup_slot,
-            ],
-        )?;
-        Ok(())
+        insert_sandbox_on(&self.conn(), rec)
     }
 
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
@@ -482,20 +586,135 @@ impl Store {
         kind: &str,
         detail: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        let detail = serde_json::to_string(detail)?;
-        let res = self.conn().execute(
-            "INSERT INTO events (sandbox_id, ts, kind, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![sandbox_id, unix_millis(), kind, detail],
-        );
-        match res {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
-            {
-                Err(StoreError::NotFound(format!("sandbox {sandbox_id}")))
-            }
-            Err(e) => Err(e.into()),
+        insert_event_on(&self.conn(), sandbox_id, kind, detail)
+    }
+
+    // ---- Audit trail --------------------------------------------------------------------
+
+    /// Stores an audit record (fsynced before this returns) and sets its `id`.
+    pub fn insert_audit(&self, rec: &mut AuditRecord) -> Result<(), StoreError> {
+        insert_audit_on(&self.conn(), rec)
+    }
+
+    /// Stores several records in one transaction (one fsync for a batch).
+    pub fn insert_audits(&self, recs: &mut [AuditRecord]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for rec in recs.iter_mut() {
+            insert_audit_on(&tx, rec)?;
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores a new sandbox, its `created` event and, when given, the audit record of its
+    /// creation in one transaction: one fsync, and never one without the others.
+    pub fn insert_sandbox_audited(
+        &self,
+        sb: &SandboxRecord,
+        detail: &serde_json::Value,
+        audit: Option<&mut AuditRecord>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_sandbox_on(&tx, sb)?;
+        insert_event_on(&tx, &sb.id, "created", detail)?;
+        if let Some(rec) = audit {
+            insert_audit_on(&tx, rec)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a sandbox killed, records why, and stores the audit record of it, in one
+    /// transaction.
+    pub fn kill_sandbox_audited(
+        &self,
+        id: &str,
+        detail: &serde_json::Value,
+        audit: Option<&mut AuditRecord>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE sandboxes SET state = ?2 WHERE id = ?1",
+            params![id, SandboxState::Killed],
+        )?;
+        if n > 0 {
+            insert_event_on(&tx, id, "killed", detail)?;
+        }
+        if let Some(rec) = audit {
+            insert_audit_on(&tx, rec)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One page of audit records in trail order (oldest first), and the cursor of the next
+    /// page when more match.
+    pub fn query_audit(
+        &self,
+        q: &AuditQuery,
+    ) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+        if !(1..=MAX_LIST_LIMIT).contains(&q.limit) {
+            return Err(StoreError::InvalidLimit(q.limit));
+        }
+        let mut sql = String::from("SELECT seq, ts, record FROM audit WHERE 1 = 1");
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(after) = &q.after {
+            let seq: i64 = after.parse().map_err(|_| StoreError::InvalidToken)?;
+            sql.push_str(" AND seq > ?");
+            args.push(Value::Integer(seq));
+        }
+        if let Some(k) = &q.key_id {
+            sql.push_str(" AND key_id = ?");
+            args.push(Value::Text(k.clone()));
+        }
+        if let Some(sb) = &q.sandbox_id {
+            sql.push_str(" AND sandbox_id = ?");
+            args.push(Value::Text(sb.clone()));
+        }
+        match q.action.as_deref().map(|a| (a, a.strip_suffix('*'))) {
+            Some((_, Some(prefix))) => {
+                // A range instead of LIKE: no wildcard characters to escape, and the index
+                // on action serves it.
+                sql.push_str(" AND action >= ? AND action < ?");
+                args.push(Value::Text(prefix.to_owned()));
+                args.push(Value::Text(format!("{prefix}\u{10FFFF}")));
+            }
+            Some((exact, None)) => {
+                sql.push_str(" AND action = ?");
+                args.push(Value::Text(exact.to_owned()));
+            }
+            None => {}
+        }
+        if let Some(t) = q.since_ms {
+            sql.push_str(" AND ts >= ?");
+            args.push(Value::Integer(t));
+        }
+        if let Some(t) = q.until_ms {
+            sql.push_str(" AND ts < ?");
+            args.push(Value::Integer(t));
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        args.push(Value::Integer(i64::from(q.limit) + 1));
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = rows.len() > q.limit as usize;
+        let mut page = Vec::with_capacity(rows.len().min(q.limit as usize));
+        for (seq, ts, text) in rows.into_iter().take(q.limit as usize) {
+            let mut rec: AuditRecord = serde_json::from_str(&text)?;
+            rec.id = seq;
+            rec.ts_ms = ts;
+            page.push(rec);
+        }
+        let next = if more { page.last().map(|r| r.id.to_string()) } else { None };
+        Ok((page, next))
     }
 
     /// The sandbox's events as (unix ms, kind, detail), oldest first; empty if none or if the
@@ -532,12 +751,89 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if current < 1 {
         tx.execute_batch(SCHEMA_V1)?;
     }
+    if current < 2 {
+        tx.execute_batch(SCHEMA_V2)?;
+    }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
     }
     tx.commit()?;
     Ok(())
+}
+
+fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), StoreError> {
+    let metadata = serde_json::to_string(&rec.metadata)?;
+    let env = serde_json::to_string(&rec.env)?;
+    conn.execute(
+        &format!(
+            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ),
+        params![
+            rec.id,
+            rec.key_id,
+            rec.template,
+            rec.alias,
+            rec.access_token,
+            rec.created_at,
+            rec.end_at,
+            rec.cpu_count,
+            rec.memory_mb,
+            rec.disk_mb,
+            metadata,
+            env,
+            rec.state,
+            rec.agent_pid,
+            rec.cgroup_slot,
+        ],
+    )?;
+    Ok(())
+}
+
+fn insert_event_on(
+    conn: &Connection,
+    sandbox_id: &str,
+    kind: &str,
+    detail: &serde_json::Value,
+) -> Result<(), StoreError> {
+    let detail = serde_json::to_string(detail)?;
+    let res = conn.execute(
+        "INSERT INTO events (sandbox_id, ts, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![sandbox_id, unix_millis(), kind, detail],
+    );
+    match res {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+        {
+            Err(StoreError::NotFound(format!("sandbox {sandbox_id}")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn insert_audit_on(conn: &Connection, rec: &mut AuditRecord) -> Result<(), StoreError> {
+    let text = serde_json::to_string(&AuditRow(rec))?;
+    conn.execute(
+        "INSERT INTO audit (ts, sandbox_id, key_id, action, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![rec.ts_ms, rec.sandbox_id, rec.user_id, rec.action, text],
+    )?;
+    rec.id = conn.last_insert_rowid();
+    Ok(())
+}
+
+/// A record as stored: everything but the id, which is the row's own `seq`.
+struct AuditRow<'a>(&'a AuditRecord);
+
+impl Serialize for AuditRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut v = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
+        if let Some(m) = v.as_object_mut() {
+            m.remove("id");
+        }
+        v.serialize(s)
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
