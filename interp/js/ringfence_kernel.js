@@ -46,17 +46,27 @@
 //   In both cases the cell ends with error `Interrupted` and all state is kept. (vm's
 //   breakOnSigint is not used: a SIGINT that lands as a cell's synchronous part ends can stay
 //   pending in Node's SIGINT watchdog thread and break the next cell.)
-//   3. If the cell still has not ended after RINGFENCE_INTERRUPT_KILL_MS (default 3000 ms),
+//   3. If the cell still has not ended after RINGFENCE_INTERRUPT_KILL_MS (default 2000 ms),
 //      the supervisor kills the worker's process group and starts a fresh worker: the cell
 //      ends with error `Interrupted` saying that the state was lost; the context stays usable.
 //      This happens when user code has turned async_hooks on (AsyncLocalStorage, ...): Node
-//      then aborts on the terminated callback. The server's grace period should be longer.
+//      then aborts on the terminated callback. The server's grace period must be longer
+//      (INTERRUPT_GRACE, 3 s, in crates/server/src/interp.rs).
 // If the worker dies (process.exit() in a cell, out of memory, ...) the running cell ends with
 // error `KernelDied` and a fresh worker (empty state) takes over. If the supervisor dies, the
 // watchdog sees fd 4 close and kills the worker's process group.
 //
-// Output that a cell's leftovers (timers, background processes) write while no cell runs is
-// dropped, as E2B does; written while a later cell runs, it is shown in that cell.
+// Limits and known gaps:
+// - Output that a cell's leftovers (timers, background processes) write while no cell runs is
+//   dropped, as E2B does; written while a later cell runs, it is shown in that cell.
+// - stdout and stderr are two sockets: each keeps its order, their interleaving is approximate.
+// - An interrupted cell's pending promises and timers are not cancelled; what they print later
+//   follows the rule above.
+// - The worker's fds 3 and 4 are inherited by subprocesses (Node cannot mark them
+//   close-on-exec). They only lead to the supervisor, which validates what it reads.
+// - A result's text is cut at 1 MiB; stdout/stderr are sent in pieces of at most 64 Ki chars.
+// - Only the stdio transport; there is no socket/zygote mode for JavaScript.
+// - Cost per context: two Node processes (about 45 + 55 MB RSS, 15 threads).
 
 function ringfenceKernel(role) {
   'use strict';
@@ -131,7 +141,7 @@ function ringfenceKernel(role) {
     const { StringDecoder } = require('string_decoder');
     const crypto = require('crypto');
 
-    const KILL_AFTER_MS = positiveInt(process.env.RINGFENCE_INTERRUPT_KILL_MS, 3000);
+    const KILL_AFTER_MS = positiveInt(process.env.RINGFENCE_INTERRUPT_KILL_MS, 2000);
     // After the worker reported the end of a cell, how long to wait for its end markers
     // while nothing arrives on the output sockets (they never come if the cell closed them).
     const MARKER_WAIT_MS = 1000;
@@ -364,6 +374,7 @@ function ringfenceKernel(role) {
         }
       });
       proc.on('exit', (code, signal) => onWorkerExit(w, code, signal));
+      if (!w.pid) return; // the 'error' event follows
       proc.stdin.on('error', () => {});
       proc.stdin.end("'use strict';\n(" + ringfenceKernel.toString() + ")('worker');\n");
       w.ctl.on('data', lineSplitter((line) => onWorkerLine(w, line), MAX_LINE_BYTES, () => warn('worker line too long, dropped')));
@@ -464,6 +475,10 @@ function ringfenceKernel(role) {
         from = 0;
         if (cell && cell.worker === w && Number(m[1]) === cell.seq) {
           cell.seen[st.name] = true;
+          // What follows the marker in this read was written before the next cell started
+          // (maybeFinish may start it right now): it belongs to no cell.
+          const next = text.indexOf(markerHead);
+          text = next < 0 ? '' : text.slice(next);
           maybeFinish();
         }
       }
@@ -632,10 +647,10 @@ function ringfenceKernel(role) {
         stdout: true,
         stderr: true,
       });
-      wd.on('error', () => {}); // without it only the last resort of an interrupt (kill) is left
+      wd.on('error', () => {}); // a failed watchdog must not take the worker down
       wd.unref();
     } catch (_) {
-      // same
+      // without a watchdog, a cell stuck in JavaScript is left to the supervisor's kill
     }
 
     const session = new inspector.Session();
@@ -661,12 +676,28 @@ function ringfenceKernel(role) {
       pendingLines.push(line);
       if (pendingLines.length === 1) setImmediate(nextControlLine);
     }, MAX_LINE_BYTES));
-    ctl.on('end', () => process.exit(0));
-    ctl.on('error', () => process.exit(0));
+    // The supervisor is gone: so is everything of this context, subprocesses included.
+    const die = () => {
+      try {
+        process.kill(-process.pid, 'SIGKILL');
+      } finally {
+        process.kill(process.pid, 'SIGKILL');
+      }
+    };
+    ctl.on('end', die);
+    ctl.on('error', die);
     ctlSend({ t: 'ready', pid: process.pid });
 
     function ctlSend(msg) {
-      ctl.write(jsonStringify(msg) + '\n');
+      let line;
+      try {
+        line = jsonStringify(msg);
+      } catch (e) {
+        // not JSON (a BigInt in a display bundle, say): report that instead
+        const value = 'the result cannot be sent: ' + e.message;
+        line = jsonStringify(Object.assign({}, msg, { result: undefined, error: { name: 'KernelError', value, traceback: 'KernelError: ' + value } }));
+      }
+      ctl.write(line + '\n');
     }
 
     function nextControlLine() {
@@ -682,6 +713,7 @@ function ringfenceKernel(role) {
       } catch (_) {
         return;
       }
+      if (!isPlainObject(msg)) return;
       if (msg.op === 'exec') runCell(msg);
       else if (msg.op === 'set_env') {
         if (current) pendingEnv = msg.env;
@@ -866,7 +898,6 @@ function ringfenceKernel(role) {
               r[field] = v;
             }
           }
-          if (r.extra) r.extra = jsonParse(jsonStringify(r.extra)); // keep only JSON
         }
       } catch (e) {
         background('Jupyter.display failed:', e);
@@ -1055,7 +1086,20 @@ function ringfenceKernel(role) {
           let j = i;
           while (j < n && /\s/.test(src[j])) j++;
           if (src[j] === '(') {
-            replace(start, i, '__ringfence_import');
+            // import(...), unless it is a method named `import`: `import(a) { ... }`
+            let depth = 0;
+            let k = j;
+            for (; k < n; k++) {
+              const d = src[k];
+              if (d === '(') depth++;
+              else if (d === ')' && --depth === 0) break;
+              else if (d === '"' || d === "'" || d === '`') {
+                for (k++; k < n && src[k] !== d; k++) if (src[k] === '\\') k++;
+              }
+            }
+            k++;
+            while (k < n && /\s/.test(src[k])) k++;
+            if (src[k] !== '{') replace(start, i, '__ringfence_import');
           } else if (stack.length === 0 && (prev === '' || prev === ';' || prev === '}' || newline)) {
             STATIC.lastIndex = start;
             BARE.lastIndex = start;
@@ -1128,7 +1172,7 @@ function ringfenceKernel(role) {
     const die = () => {
       try {
         process.kill(-process.pid, 'SIGKILL');
-      } catch (_) {
+      } finally {
         process.kill(process.pid, 'SIGKILL');
       }
     };

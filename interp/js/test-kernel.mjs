@@ -3,8 +3,10 @@
 // Every test starts a kernel, once as `node ringfence_kernel.js` and once as
 // `node -e "<its source>"`, speaks interp/PROTOCOL.md to it and checks the exact messages.
 // Every line the kernel writes must be a JSON object (checked when the kernel is closed).
+// The name is test-kernel.mjs rather than test_kernel.mjs because `node --test <dir>` on Node 18
+// and 20 only picks up test.*, test-*, *.test.*, *-test.* and *_test.* files.
 
-import { describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -15,6 +17,12 @@ const SOURCE = readFileSync(KERNEL, 'utf8');
 const TIMESTAMP = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/;
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Kernels of failed tests are killed at the end, or the test process would wait for them.
+const started = new Set();
+after(() => {
+  for (const k of started) k.proc.kill('SIGKILL');
+});
 
 function alive(pid) {
   try {
@@ -37,6 +45,8 @@ class Kernel {
   constructor(mode, env = process.env) {
     const args = mode === 'eval' ? ['-e', SOURCE] : [KERNEL];
     this.proc = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'], env });
+    started.add(this);
+    this.proc.on('exit', () => started.delete(this));
     this.messages = []; // { msg, at } in arrival order
     this.cursor = 0;
     this.badLines = [];
@@ -273,7 +283,7 @@ for (const mode of ['file', 'eval']) {
       // while a cell runs, they show on its stderr
       const msgs = await k.run("setTimeout(() => { throw new Error('inside') }, 10); await new Promise(r => setTimeout(r, 200)); 'alive'");
       assert.deepEqual(without(msgs, 'stderr'), [count(3), result('alive'), end]);
-      assert.match(streamText(msgs, 'stderr'), /^Uncaught Error: inside\n    at Timeout\._onTimeout \(<cell-3>:1:27\)/);
+      assert.match(streamText(msgs, 'stderr'), /^Uncaught Error: inside\n    at Timeout\._onTimeout \(<cell-3>:1:26\)/);
       await k.close();
     });
 
@@ -302,6 +312,13 @@ for (const mode of ['file', 'eval']) {
       assert.ok(performance.now() - t < 1000, 'interrupt took too long');
       checkError(msgs[0], 'Interrupted');
       assert.deepEqual(await k.run('mark'), [count(2), result('1'), end]);
+      // SIGINT to the kernel's process does the same
+      const second = k.execute('await new Promise(() => {})');
+      await k.take();
+      await sleep(100);
+      k.proc.kill('SIGINT');
+      checkError((await k.collect(second.id)).msgs[0], 'Interrupted');
+      assert.deepEqual(await k.run('mark + 1'), [count(4), result('2'), end]);
       await k.close();
     });
 
@@ -325,6 +342,21 @@ for (const mode of ['file', 'eval']) {
       k.send({ op: 'interrupt', id: 'exec-1' });
       k.send({ op: 'interrupt', id: 'nobody' });
       assert.deepEqual(await k.run("await new Promise(r => setTimeout(r, 300)); 'ok'"), [count(4), result('ok'), end]);
+      await k.close();
+    });
+
+    test('a cell that ignores the interrupt: the context is restarted, empty', async () => {
+      const k = await Kernel.start(mode, { ...process.env, RINGFENCE_INTERRUPT_KILL_MS: '1000' });
+      const { id } = k.execute(`x = 1; require('child_process').execSync('trap "" INT; sleep 30')`);
+      await k.take();
+      await sleep(200);
+      const t = performance.now();
+      k.send({ op: 'interrupt', id });
+      const { msgs } = await k.collect(id);
+      const took = performance.now() - t;
+      assert.ok(took > 900 && took < 3000, 'took ' + took + ' ms');
+      checkError(msgs[0], 'Interrupted', 'Execution interrupted (the JavaScript process did not survive the interrupt; a fresh one was started, its state is lost)');
+      assert.deepEqual(await k.run('[typeof x, process.env.RINGFENCE_INTERRUPT_KILL_MS]'), [count(2), result("[ 'undefined', undefined ]"), end]);
       await k.close();
     });
 
@@ -354,6 +386,9 @@ for (const mode of ['file', 'eval']) {
         await k.run("({ [Symbol.for('Jupyter.display')]() { return { 'text/plain': 'X', 'text/html': '<b>x</b>', 'application/json': { a: 1 }, 'application/x-custom': 'c' }; } })"),
         [count(1), { type: 'result', text: 'X', html: '<b>x</b>', json: { a: 1 }, extra: { 'application/x-custom': 'c' }, is_main_result: true }, end],
       );
+      const msgs = await k.run("({ [Symbol.for('Jupyter.display')]() { return { 'application/json': { n: 1n } }; } })");
+      checkError(msgs[1], 'KernelError', 'the result cannot be sent: Do not know how to serialize a BigInt');
+      assert.deepEqual(await k.run('1'), [count(3), result('1'), end]);
       await k.close();
     });
 
