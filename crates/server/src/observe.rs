@@ -511,12 +511,12 @@ impl SandboxObs {
                 _ => 0.0,
             };
             if let Some(ns) = usage.cpu_ns {
-                if let Some((prev, _)) = st.last_cpu {
-                    obs.metrics
-                        .cpu_seconds
-                        .with_label_values(&[&self.id])
-                        .inc_by(ns.saturating_sub(prev) as f64 / 1e9);
-                }
+                // The first sample counts everything since the slot was claimed.
+                let prev = st.last_cpu.map_or(0, |(p, _)| p);
+                obs.metrics
+                    .cpu_seconds
+                    .with_label_values(&[&self.id])
+                    .inc_by(ns.saturating_sub(prev) as f64 / 1e9);
                 st.last_cpu = Some((ns, now));
             }
             let mem_total = usage.memory_limit.unwrap_or_else(host_memory);
