@@ -1293,6 +1293,121 @@ mod tests {
         assert_eq!(rows, 1);
     }
 
+    fn audit(action: &str, sandbox: &str, key: &str, ts: i64) -> AuditRecord {
+        let mut r = AuditRecord::new(action, ts);
+        r.sandbox_id = Some(sandbox.into());
+        r.user_id = Some(key.into());
+        r
+    }
+
+    #[test]
+    fn audit_records_filter_and_page() {
+        let store = Store::open_in_memory().unwrap();
+        let mut recs = vec![
+            audit("sandbox.create", "a", "k1", 1000),
+            audit("exec.command", "a", "k1", 2000),
+            audit("alert.memory", "a", "k1", 3000),
+            audit("sandbox.create", "b", "k2", 4000),
+            audit("alert.cpu", "a", "k1", 5000),
+        ];
+        recs[1].code_hash = Some("ab".into());
+        recs[1].security_events.push(SecurityEvent {
+            kind: "seccomp".into(),
+            syscall: "mount".into(),
+            pid: Some(2),
+            host_pid: Some(99),
+            comm: Some("python3".into()),
+            count: 1,
+            timestamp: "t".into(),
+        });
+        store.insert_audits(&mut recs[..2]).unwrap();
+        for r in &mut recs[2..] {
+            store.insert_audit(r).unwrap();
+        }
+        assert_eq!(recs.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        let q = |f: &dyn Fn(&mut AuditQuery)| {
+            let mut q = AuditQuery::default();
+            f(&mut q);
+            store.query_audit(&q).unwrap()
+        };
+        let (all, next) = q(&|_| {});
+        assert_eq!(all, recs, "records round-trip whole");
+        assert_eq!(next, None);
+        assert_eq!(q(&|q| q.key_id = Some("k1".into())).0.len(), 4);
+        assert_eq!(q(&|q| q.sandbox_id = Some("b".into())).0.len(), 1);
+        assert_eq!(q(&|q| q.action = Some("alert.*".into())).0.len(), 2);
+        assert_eq!(q(&|q| q.action = Some("alert.".into())).0.len(), 0, "exact unless *");
+        assert_eq!(q(&|q| q.action = Some("sandbox.create".into())).0.len(), 2);
+        let (w, _) = q(&|q| {
+            q.since_ms = Some(2000);
+            q.until_ms = Some(4000);
+        });
+        assert_eq!(
+            w.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [2, 3],
+            "since inclusive, until not"
+        );
+        // Pages of two: 1-2, 3-4, 5.
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = q(&|q| {
+                q.limit = 2;
+                q.after = after.clone();
+            });
+            seen.extend(page.iter().map(|r| r.id));
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        let bad = AuditQuery { after: Some("x".into()), ..AuditQuery::default() };
+        assert!(matches!(store.query_audit(&bad), Err(StoreError::InvalidToken)));
+        let bad = AuditQuery { limit: 0, ..AuditQuery::default() };
+        assert!(matches!(store.query_audit(&bad), Err(StoreError::InvalidLimit(0))));
+    }
+
+    #[test]
+    fn create_and_kill_commit_with_their_audit_records() {
+        let store = Store::open_in_memory().unwrap();
+        let mut rec = audit("sandbox.create", "s", "k", 10);
+        store.insert_sandbox_audited(&sandbox("s", "k", 1), &json!({}), Some(&mut rec)).unwrap();
+        let mut kill = audit("sandbox.kill", "s", "k", 20);
+        store.kill_sandbox_audited("s", &json!({"reason": "x"}), Some(&mut kill)).unwrap();
+        assert_eq!(store.get_sandbox("s").unwrap().unwrap().state, SandboxState::Killed);
+        let kinds: Vec<String> = store.events_for("s").unwrap().into_iter().map(|e| e.1).collect();
+        assert_eq!(kinds, ["created", "killed"]);
+        assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0, vec![rec.clone(), kill]);
+        // A duplicate sandbox fails as a whole: no second audit record.
+        let mut again = audit("sandbox.create", "s", "k", 30);
+        assert!(
+            store
+                .insert_sandbox_audited(&sandbox("s", "k", 1), &json!({}), Some(&mut again))
+                .is_err()
+        );
+        assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0.len(), 2);
+    }
+
+    #[test]
+    fn version_one_database_gains_the_audit_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let mut r = audit("sandbox.create", "s", "k", 1);
+        store.insert_audit(&mut r).unwrap();
+        assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0, vec![r]);
+    }
+
     #[test]
     fn newer_schema_refused() {
         let dir = tempfile::tempdir().unwrap();
