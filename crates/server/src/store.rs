@@ -1378,7 +1378,7 @@ mod tests {
         assert_eq!(store.get_sandbox("s").unwrap().unwrap().state, SandboxState::Killed);
         let kinds: Vec<String> = store.events_for("s").unwrap().into_iter().map(|e| e.1).collect();
         assert_eq!(kinds, ["created", "killed"]);
-        assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0, vec![rec.clone(), kill]);
+        assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0, vec![rec, kill]);
         // A duplicate sandbox fails as a whole: no second audit record.
         let mut again = audit("sandbox.create", "s", "k", 30);
         assert!(
