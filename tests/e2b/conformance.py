@@ -226,6 +226,11 @@ def main():
         c = Sandbox.connect(a.sandbox_id)
         check("connect", c.commands.run("cat /home/user/d/w.txt").stdout == "w")
         check("is_running", a.is_running())
+        # Real resource use from the sandbox's cgroup and writable layer (issue 6).
+        metrics = a.get_metrics()
+        m = metrics[-1] if metrics else None
+        check("get_metrics", m is not None and m.cpu_count >= 1 and 0 < m.mem_used <= m.mem_total
+              and 0 < m.disk_used <= m.disk_total and m.cpu_used_pct >= 0, repr(metrics))
     finally:
         a.kill()
         b.kill()
