@@ -1,0 +1,274 @@
+//! The egress path end to end, on a plain network namespace standing in for a sandbox (the
+//! server's tests repeat the essentials inside real sandboxes through the E2B API).
+//!
+//! Needs root (namespaces, veth, TUN) and `ip`, `curl`; without them each test prints
+//! SKIPPED and returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fakenet;
+
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fakenet::{Internet, Netns};
+use ringfence_net::policy::{SandboxPolicy, parse_rules};
+use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
+
+fn can_run(test: &str) -> bool {
+    let ok = ringfence_sys::euid() == 0
+        && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
+        && Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success())
+        && std::path::Path::new("/dev/net/tun").exists();
+    if !ok {
+        eprintln!("SKIPPED {test}: needs root, ip, curl and /dev/net/tun");
+    }
+    ok
+}
+
+struct Env {
+    net: Internet,
+    sbx: Netns,
+    handle: Option<SandboxNet>,
+    events: Arc<Mutex<Vec<EgressEvent>>>,
+    rt: tokio::runtime::Runtime,
+    cert: std::path::PathBuf,
+    _dir: std::path::PathBuf,
+}
+
+impl Env {
+    fn new(policy: SandboxPolicy, rate: Option<u64>) -> Env {
+        let net = Internet::start(None);
+        let sbx = Netns::new("sbx");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = NetConfig {
+            dns_upstreams: vec![(fakenet::DNS, 53).into()],
+            egress_netns: Some(net.edge.path()),
+            ..NetConfig::default()
+        };
+        let events: Arc<Mutex<Vec<EgressEvent>>> = Arc::default();
+        let sink_events = events.clone();
+        let handle = {
+            let _g = rt.enter();
+            let egress = Egress::new(cfg).unwrap();
+            egress
+                .attach(
+                    &sbx.path(),
+                    policy,
+                    rate,
+                    Arc::new(move |e| sink_events.lock().unwrap().push(e)),
+                )
+                .unwrap()
+        };
+        let dir =
+            std::env::temp_dir().join(format!("rf-egress-{}-{}", std::process::id(), sbx.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("ca.pem");
+        std::fs::write(&cert, &net.cert_pem).unwrap();
+        Env { net, sbx, handle: Some(handle), events, rt, cert, _dir: dir }
+    }
+
+    fn handle(&self) -> &SandboxNet {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// Runs a command inside the stand-in sandbox.
+    fn sh(&self, script: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.sbx.name, "sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+
+    fn curl(&self, args: &str) -> (i32, String) {
+        let o = self.sh(&format!("curl -sS -m 5 --cacert {} {args}", self.cert.display()));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        (o.status.code().unwrap_or(-1), text)
+    }
+
+    fn events(&self) -> Vec<EgressEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits for an event matching `pred` (events of closed connections come after the
+    /// client sees the close).
+    fn event(&self, pred: impl Fn(&EgressEvent) -> bool) -> EgressEvent {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = self.events().into_iter().find(&pred) {
+                return e;
+            }
+            assert!(Instant::now() < until, "no such event among {:#?}", self.events());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        drop(self.handle.take());
+        let _ = std::fs::remove_dir_all(&self._dir);
+        // Give the stack a turn to close its device before the runtime goes.
+        self.rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+    }
+}
+
+fn allowlist(allow: &[&str]) -> SandboxPolicy {
+    SandboxPolicy {
+        allow_internet_access: true,
+        allow_out: parse_rules(allow).unwrap(),
+        deny_out: parse_rules(&["0.0.0.0/0"]).unwrap(),
+    }
+}
+
+#[test]
+fn domain_allowlist_holds() {
+    if !can_run("domain_allowlist_holds") {
+        return;
+    }
+    let env = Env::new(allowlist(&["www.allowed.test"]), None);
+    if std::env::var_os("RF_DEBUG").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&env.sh("ip addr; ip route; cat /etc/resolv.conf; getent hosts www.allowed.test; curl -v -m 3 http://203.0.113.10/ 2>&1").stdout));
+        eprintln!("{:#?}", env.events());
+    }
+    // Allowed, over HTTP and HTTPS.
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("hello from 203.0.113.10:80 host=www.allowed.test"), "{out}");
+    let (rc, out) = env.curl("https://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("hello from 203.0.113.10:443"), "{out}");
+    let e = env.event(|e| e.port == 443 && e.outcome == Some("closed"));
+    assert!(e.allowed && e.name.as_deref() == Some("www.allowed.test") && e.bytes_in > 0, "{e:?}");
+
+    // Another domain: the resolver refuses to look it up.
+    let (rc, out) = env.curl("http://other.test/");
+    assert_eq!(rc, 6, "{out}");
+    env.event(|e| e.protocol == "dns" && !e.allowed && e.reason.contains("other.test"));
+
+    // A raw IP, even the allowed name's own address: the client named no host.
+    for ip in ["203.0.113.20", "203.0.113.10"] {
+        let (_, out) = env.curl(&format!("http://{ip}/"));
+        assert!(out.contains("denied:") && out.contains("not in allowOut"), "{out}");
+    }
+    let (rc, out) = env.curl("https://203.0.113.10/");
+    assert_ne!(rc, 0, "{out}");
+
+    // The allowed name at an address our resolver never gave for it (a hosts-file trick).
+    let (_, out) = env.curl("--resolve www.allowed.test:80:203.0.113.20 http://www.allowed.test/");
+    assert!(out.contains("never returned 203.0.113.20"), "{out}");
+    let (rc, _) = env.curl("--resolve www.allowed.test:443:203.0.113.20 https://www.allowed.test/");
+    assert_ne!(rc, 0);
+    assert_eq!(env.net.hits("203.0.113.20:80"), 0, "nothing reached other.test");
+
+    // Blocked ranges are refused at the SYN, though the edge can reach them.
+    for (ip, what) in [
+        ("169.254.169.254", "metadata"),
+        ("10.66.0.5", "private"),
+        ("192.0.2.1", "this host"),
+        ("100.96.0.1", "this host"),
+    ] {
+        let (rc, out) = env.curl(&format!("http://{ip}/"));
+        assert_eq!(rc, 7, "{ip}: {out}");
+        env.event(|e| e.address == ip && !e.allowed && e.reason.contains(what));
+    }
+    assert!(fakenet::reachable_from_edge(&env.net.edge, fakenet::METADATA));
+    assert!(fakenet::reachable_from_edge(&env.net.edge, fakenet::PRIVATE));
+    assert_eq!(env.net.hits("169.254.169.254:80"), 1, "only the edge's own probe");
+
+    // Every connection attempt above is on record.
+    let tcp: Vec<_> = env.events().into_iter().filter(|e| e.protocol == "tcp").collect();
+    assert!(tcp.len() >= 11, "{tcp:#?}");
+}
+
+#[test]
+fn rebinding_and_blocked_answers() {
+    if !can_run("rebinding_and_blocked_answers") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    // Internet access: other domains work, blocked ranges still do not.
+    let (rc, out) = env.curl("http://other.test/");
+    assert_eq!(rc, 0, "{out}");
+    let (rc, _) = env.curl("http://metadata.test/");
+    assert_ne!(rc, 0);
+    env.event(|e| e.protocol == "dns" && !e.allowed && e.address == "169.254.169.254");
+    // rebind.test answers a public address first, then a private one.
+    let (rc, out) = env.curl("http://rebind.test/");
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = env.curl("http://rebind.test/");
+    assert_eq!(rc, 6, "the rebound answer is removed: {out}");
+    let e = env.event(|e| e.protocol == "dns" && e.address == "10.66.0.5");
+    assert!(e.reason.contains("rebind.test") && e.reason.contains("private"), "{e:?}");
+    assert_eq!(env.net.hits("10.66.0.5:80"), 0);
+    // UDP other than DNS goes nowhere, and says so once.
+    env.sh("bash -c 'for i in 1 2 3; do echo x > /dev/udp/203.0.113.10/443; done' 2>/dev/null; sleep 0.2");
+    let udp: Vec<_> = env.events().into_iter().filter(|e| e.protocol == "udp").collect();
+    assert_eq!(udp.len(), 1, "{udp:?}");
+}
+
+#[test]
+fn live_policy_change_cuts_connections() {
+    if !can_run("live_policy_change_cuts_connections") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    let sbx = env.sbx.name.clone();
+    let child = std::thread::spawn(move || {
+        Command::new("ip")
+            .args(["netns", "exec", &sbx, "curl", "-sS", "-m", "20", "http://other.test/stream"])
+            .output()
+            .unwrap()
+    });
+    let until = Instant::now() + Duration::from_secs(5);
+    while env.handle().connections().is_empty() {
+        assert!(Instant::now() < until, "the stream never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let began = Instant::now();
+    let cut = env.handle().set_policy(allowlist(&["www.allowed.test"]));
+    assert_eq!(cut, 1);
+    let out = child.join().unwrap();
+    assert!(began.elapsed() < Duration::from_secs(3), "the cut took {:?}", began.elapsed());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tick 1"));
+    let e = env.event(|e| e.outcome == Some("cut"));
+    assert!(!e.allowed && e.reason.contains("policy changed") && e.bytes_in > 0, "{e:?}");
+    // The new policy holds for new connections too.
+    let (rc, _) = env.curl("http://other.test/");
+    assert_eq!(rc, 6);
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0);
+    let until = Instant::now() + Duration::from_secs(5);
+    while !env.handle().connections().is_empty() {
+        assert!(Instant::now() < until, "connections left open: {:?}", env.handle().connections());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn egress_rate_limit() {
+    if !can_run("egress_rate_limit") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), Some(1_000_000));
+    let file = env._dir.join("upload");
+    std::fs::write(&file, vec![b'u'; 3_000_000]).unwrap();
+    let began = Instant::now();
+    let (rc, out) =
+        env.curl(&format!("-m 20 --data-binary @{} http://other.test/up", file.display()));
+    let took = began.elapsed();
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("uploaded=3000000"), "{out}");
+    // 3 MB at 1 MB/s: about three seconds (the first tenth of a second may burst).
+    assert!(took >= Duration::from_millis(2500), "took {took:?}");
+    let e = env.event(|e| e.port == 80 && e.outcome.is_some());
+    assert!(e.bytes_out >= 3_000_000, "{e:?}");
+}

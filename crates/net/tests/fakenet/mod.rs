@@ -1,0 +1,384 @@
+//! A fake internet in network namespaces the test creates, and nothing outside them:
+//!
+//! ```text
+//!  server's egress namespace "edge"        namespace "inet"
+//!  e0 192.0.2.1/24  ───── veth ─────  i0 192.0.2.2/24
+//!  default via 192.0.2.2                  on lo: 203.0.113.10  www.allowed.test (HTTP 80, HTTPS 443)
+//!                                                203.0.113.20  other.test       (HTTP 80)
+//!                                                203.0.113.30  pypi.fake.test   (a package index)
+//!                                                198.51.100.53 DNS (UDP 53)
+//!                                                169.254.169.254 "metadata" (HTTP 80)
+//!                                                10.66.0.5     a "private" host (HTTP 80)
+//! ```
+//!
+//! The edge namespace routes everything to inet, so every address above is reachable from
+//! it: when a sandbox cannot reach one, policy refused it, not routing. Documentation ranges
+//! (RFC 5737) and `.test` names (RFC 2606) are never routed on the real internet.
+//! Shared by the net crate's tests and the server's (`#[path]`).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+pub const WWW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const OTHER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+pub const PYPI: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+pub const DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 5);
+pub const EDGE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+/// Runs `ip ARGS`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name =
+            format!("rft-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a thread inside this namespace (sockets made there stay in it).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> T {
+        ringfence_net::netns::in_netns(&self.path(), f).expect("in namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// What the fake internet saw and serves.
+pub struct Internet {
+    pub edge: Netns,
+    pub inet: Netns,
+    /// PEM of the HTTPS server's self-signed certificate (for www.allowed.test).
+    pub cert_pem: String,
+    /// Requests each HTTP server answered, by "addr:port".
+    pub hits: Arc<Mutex<HashMap<String, u64>>>,
+    /// A-queries the DNS server answered for rebind.test.
+    pub rebinds: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The zone the fake DNS serves. `rebind.test` answers a public address, then a private one,
+/// alternately: a rebinding attack.
+fn lookup(name: &str, rebinds: &AtomicU64) -> Option<Ipv4Addr> {
+    match name {
+        "www.allowed.test" | "allowed.test" => Some(WWW),
+        "other.test" | "sub.other.test" => Some(OTHER),
+        "pypi.fake.test" => Some(PYPI),
+        "private.test" => Some(PRIVATE),
+        "metadata.test" => Some(METADATA),
+        "rebind.test" => {
+            let n = rebinds.fetch_add(1, Ordering::SeqCst);
+            Some(if n.is_multiple_of(2) { WWW } else { PRIVATE })
+        }
+        _ => None,
+    }
+}
+
+impl Internet {
+    /// Builds the namespaces and starts every server. `wheel` is served as the only
+    /// distribution of `tinypkg` by the package index.
+    pub fn start(wheel: Option<(String, Vec<u8>)>) -> Internet {
+        let edge = Netns::new("edge");
+        let inet = Netns::new("inet");
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let (e0, i0) = (
+            format!("rfe{}x{n}", std::process::id() % 100000),
+            format!("rfi{}x{n}", std::process::id() % 100000),
+        );
+        ip(&["link", "add", &e0, "type", "veth", "peer", "name", &i0]);
+        ip(&["link", "set", &e0, "netns", &edge.name]);
+        ip(&["link", "set", &i0, "netns", &inet.name]);
+        ip(&["-n", &edge.name, "addr", "add", "192.0.2.1/24", "dev", &e0]);
+        ip(&["-n", &edge.name, "link", "set", &e0, "up"]);
+        ip(&["-n", &edge.name, "route", "add", "default", "via", "192.0.2.2"]);
+        ip(&["-n", &inet.name, "addr", "add", "192.0.2.2/24", "dev", &i0]);
+        ip(&["-n", &inet.name, "link", "set", &i0, "up"]);
+        for a in [WWW, OTHER, PYPI, DNS, METADATA, PRIVATE] {
+            ip(&["-n", &inet.name, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let rebinds = Arc::new(AtomicU64::new(0));
+
+        // DNS
+        let udp = inet.run(|| UdpSocket::bind((DNS, 53)));
+        udp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let (r, st) = (rebinds.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !st.load(Ordering::SeqCst) {
+                let Ok((n, from)) = udp.recv_from(&mut buf) else { continue };
+                let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+                let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+                m.metadata.message_type = MessageType::Response;
+                m.metadata.recursion_available = true;
+                m.queries = q.queries.clone();
+                if let Some(question) = q.queries.first() {
+                    let name = question.name().to_ascii().trim_end_matches('.').to_string();
+                    let found = if question.query_type() == RecordType::A {
+                        lookup(&name, &r)
+                    } else {
+                        None
+                    };
+                    match found {
+                        Some(a) => {
+                            let owner = Name::from_str(&format!("{name}.")).unwrap();
+                            m.answers.push(Record::from_rdata(owner, 1, RData::A(A(a))));
+                        }
+                        None if lookup(&name, &AtomicU64::new(0)).is_none() => {
+                            m.metadata.response_code = ResponseCode::NXDomain;
+                        }
+                        None => {}
+                    }
+                }
+                let _ = udp.send_to(&m.to_vec().unwrap(), from);
+            }
+        });
+
+        // HTTP on every web address.
+        for a in [WWW, OTHER, PYPI, METADATA, PRIVATE] {
+            let l = inet.run(move || TcpListener::bind((a, 80)));
+            let (h, st, wheel) = (hits.clone(), stop.clone(), wheel.clone());
+            std::thread::spawn(move || serve_http(l, h, st, wheel, None));
+        }
+
+        // HTTPS for www.allowed.test.
+        let ck = rcgen::generate_simple_self_signed(vec!["www.allowed.test".to_string()]).unwrap();
+        let cert_pem = ck.cert.pem();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+        let tls = Arc::new(cfg);
+        let l = inet.run(|| TcpListener::bind((WWW, 443)));
+        let (h, st) = (hits.clone(), stop.clone());
+        std::thread::spawn(move || serve_http(l, h, st, None, Some(tls)));
+
+        Internet { edge, inet, cert_pem, hits, rebinds, stop }
+    }
+
+    pub fn hits(&self, key: &str) -> u64 {
+        self.hits.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
+fn serve_http(
+    l: TcpListener,
+    hits: Arc<Mutex<HashMap<String, u64>>>,
+    stop: Arc<AtomicBool>,
+    wheel: Option<(String, Vec<u8>)>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    l.set_nonblocking(true).unwrap();
+    let local = l.local_addr().unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        let s = match l.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        let (hits, wheel, tls, stop) = (hits.clone(), wheel.clone(), tls.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let _ = match tls {
+                Some(cfg) => {
+                    let conn = rustls::ServerConnection::new(cfg).unwrap();
+                    let mut t = rustls::StreamOwned::new(conn, s);
+                    one_request(&mut t, local, &hits, &wheel, &stop)
+                }
+                None => {
+                    let mut s = s;
+                    one_request(&mut s, local, &hits, &wheel, &stop)
+                }
+            };
+        });
+    }
+}
+
+/// Answers requests on one connection (keep-alive) until the client closes.
+fn one_request<S: Read + Write>(
+    s: &mut S,
+    local: SocketAddr,
+    hits: &Mutex<HashMap<String, u64>>,
+    wheel: &Option<(String, Vec<u8>)>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut r = BufReader::new(&mut *s);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("/").to_string();
+        let mut host = String::new();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            if h.trim().is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+            match k.trim().to_ascii_lowercase().as_str() {
+                "host" => host = v.trim().to_string(),
+                "content-length" => len = v.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        // Uploads: count and discard the body.
+        let mut left = len;
+        let mut sink = vec![0u8; 65536];
+        while left > 0 {
+            let n = r.read(&mut sink[..left.min(65536)])?;
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+        *hits.lock().unwrap().entry(local.to_string()).or_default() += 1;
+        let w = r.get_mut();
+        if path == "/stream" {
+            // One line a tenth of a second, forever: a connection to cut.
+            w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")?;
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                w.write_all(format!("tick {i}\n").as_bytes())?;
+                w.flush()?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let (ctype, body): (&str, Vec<u8>) = if let Some(n) = path.strip_prefix("/blob/") {
+            ("application/octet-stream", vec![b'x'; n.parse().unwrap_or(0)])
+        } else if path.starts_with("/simple/tinypkg") {
+            let (file, _) =
+                wheel.as_ref().map(|(f, b)| (f.as_str(), b.len())).unwrap_or(("none", 0));
+            ("text/html", format!("<!DOCTYPE html><html><body><a href=\"/packages/{file}\">{file}</a></body></html>\n").into_bytes())
+        } else if let (Some(f), Some((file, bytes))) =
+            (path.strip_prefix("/packages/"), wheel.as_ref())
+        {
+            if f == file {
+                ("application/octet-stream", bytes.clone())
+            } else {
+                ("text/plain", b"no such file\n".to_vec())
+            }
+        } else {
+            (
+                "text/plain",
+                format!(
+                    "hello from {local} host={host} method={method} path={path} uploaded={len}\n"
+                )
+                .into_bytes(),
+            )
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        w.write_all(head.as_bytes())?;
+        w.write_all(&body)?;
+        w.flush()?;
+    }
+}
+
+/// Connects from the edge namespace (where the server dials from) to `a:80` and reads the
+/// greeting: proof that a destination is reachable, so a refusal is the policy's doing.
+pub fn reachable_from_edge(edge: &Netns, a: Ipv4Addr) -> bool {
+    edge.run(move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::new(IpAddr::V4(a), 80),
+            Duration::from_secs(2),
+        )?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let _ = s.read_to_string(&mut out);
+        Ok(out.contains("hello from"))
+    })
+}
+
+/// Builds a tiny wheel for `tinypkg` 0.1 with Python's zipfile; returns (file name, bytes).
+pub fn build_wheel(dir: &std::path::Path) -> (String, Vec<u8>) {
+    let file = "tinypkg-0.1-py3-none-any.whl".to_string();
+    let path = dir.join(&file);
+    let script = r#"
+import sys, zipfile, hashlib, base64
+out = sys.argv[1]
+files = {
+  "tinypkg/__init__.py": b"ANSWER = 42\n",
+  "tinypkg-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n",
+  "tinypkg-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: ringfence-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+for name, data in files.items():
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record.append(f"{name},sha256={digest},{len(data)}")
+record.append("tinypkg-0.1.dist-info/RECORD,,")
+files["tinypkg-0.1.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+with zipfile.ZipFile(out, "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+"#;
+    let st = Command::new("python3").arg("-c").arg(script).arg(&path).status().expect("python3");
+    assert!(st.success(), "building the wheel");
+    (file, std::fs::read(&path).unwrap())
+}
