@@ -102,6 +102,8 @@ pub fn jsonl_path(data_dir: &Path) -> std::path::PathBuf {
 const MAX_CODE_IN_RECORD: usize = 4096;
 /// Security events a sandbox remembers for attributing them to executions.
 const RECENT_EVENTS: usize = 1024;
+/// Repeats of one denial closer together than this share one remembered entry.
+const MERGE_WINDOW_MS: i64 = 1000;
 /// Samples kept for `GET /sandboxes/{id}/metrics` (one per [`HISTORY_EVERY`] samples).
 const HISTORY: usize = 720;
 const HISTORY_EVERY: u64 = 5;
@@ -350,7 +352,7 @@ impl Sample {
 
 #[derive(Debug, Default)]
 struct ObsState {
-    /// Security events with their time (Unix ms), newest last.
+    /// Security events with the time (Unix ms) of their latest occurrence, newest last.
     recent: VecDeque<(i64, SecurityEvent)>,
     /// Blocked actions so far by (kind, syscall).
     escapes: BTreeMap<(String, String), u64>,
@@ -431,10 +433,27 @@ impl SandboxObs {
             .inc_by(ev.count);
         let (before, after) = {
             let mut st = self.state();
-            if st.recent.len() == RECENT_EVENTS {
-                st.recent.pop_front();
+            // The same denial again from the same process within a moment (a loop of denied
+            // calls) adds to the last entry, so a flood neither evicts older events nor lists
+            // thousands of copies. Cgroup events arrive already counted per sample.
+            match st.recent.back_mut() {
+                Some((last_at, last))
+                    if ev.kind == "seccomp"
+                        && last.kind == ev.kind
+                        && last.syscall == ev.syscall
+                        && last.host_pid == ev.host_pid
+                        && now - *last_at < MERGE_WINDOW_MS =>
+                {
+                    last.count += ev.count;
+                    *last_at = now;
+                }
+                _ => {
+                    if st.recent.len() == RECENT_EVENTS {
+                        st.recent.pop_front();
+                    }
+                    st.recent.push_back((now, ev.clone()));
+                }
             }
-            st.recent.push_back((now, ev.clone()));
             let n = st.escapes.entry((ev.kind.clone(), ev.syscall.clone())).or_insert(0);
             let before = *n;
             *n += ev.count;
@@ -683,8 +702,13 @@ impl SandboxObs {
         let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         self.state().running.insert(id, (started, kind, false));
-        let cpu_ns =
-            self.live().and_then(|l| l.with_jail(|sb| sb.usage()).flatten()).and_then(|u| u.cpu_ns);
+        // A command reports its own CPU time when it ends; a cell runs in a long-lived kernel,
+        // so its share is the sandbox's CPU time over the cell.
+        let cpu_ns = if kind == "cell" {
+            self.live().and_then(|l| l.with_jail(|sb| sb.usage()).flatten()).and_then(|u| u.cpu_ns)
+        } else {
+            None
+        };
         Execution {
             sb: self.clone(),
             id,
