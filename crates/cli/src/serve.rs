@@ -53,6 +53,8 @@ pub struct ServeArgs {
     /// the server runs, but the code-interpreter-v1 template is unavailable.
     #[arg(long, default_value = ringfence_jail::template::DEFAULT_INTERP_ENV)]
     interp_env: std::path::PathBuf,
+    #[command(flatten)]
+    net: NetArgs,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -114,6 +116,74 @@ pub enum KeysCommand {
     },
 }
 
+/// Sandbox networking: the ceiling no create request can widen, DNS, inbound routing.
+#[derive(Debug, clap::Args)]
+struct NetArgs {
+    /// The sandboxes' DNS upstream (IP or IP:PORT; repeatable). Default: the nameservers of
+    /// the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_parser = ringfence_net::dns::parse_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    /// Open sandboxes' upstream connections from this network namespace (a /run/netns/NAME
+    /// or /proc/PID/ns/net path) instead of the server's.
+    #[arg(long)]
+    egress_netns: Option<PathBuf>,
+    /// Only these destinations, at most, for every sandbox (repeatable): a domain,
+    /// `*.domain`, an IP or CIDR block, each optionally `:PORT`. Default: the internet (every
+    /// address outside the blocked ranges).
+    #[arg(long = "egress-allow")]
+    egress_allow: Vec<String>,
+    /// Never these destinations (repeatable; same forms as --egress-allow).
+    #[arg(long = "egress-deny")]
+    egress_deny: Vec<String>,
+    /// Exempt this CIDR block from the built-in blocked ranges (private, loopback, link-local,
+    /// metadata, CGNAT, this host's addresses; repeatable).
+    #[arg(long = "egress-exempt")]
+    egress_exempt: Vec<String>,
+    /// Egress bytes per second of one sandbox: the default and the most a sandbox may ask
+    /// for (`network.egressBytesPerSecond`), like 10M. Default: unlimited.
+    #[arg(long, value_parser = limits::parse_size)]
+    egress_rate: Option<u64>,
+    /// The `domain` create returns: the SDK's get_host(port) is `<port>-<id>.<domain>`, which
+    /// this server routes by its Host header. Default: `localhost:<listen port>` (browsers and
+    /// curl resolve *.localhost to the loopback address).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Sandbox ports answer without the sandbox's access token unless the creator says
+    /// otherwise (`network.allowPublicTraffic`). Default: the token is required.
+    #[arg(long)]
+    public_ports: bool,
+}
+
+impl NetArgs {
+    fn config(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<ringfence_server::network::NetworkConfig, String> {
+        let ceiling = ringfence_server::network::ceiling(
+            &self.egress_allow,
+            &self.egress_deny,
+            &self.egress_exempt,
+        )?;
+        let dns = if self.dns_upstream.is_empty() {
+            ringfence_net::dns::system_upstreams(std::path::Path::new("/etc/resolv.conf"))
+        } else {
+            self.dns_upstream.clone()
+        };
+        Ok(ringfence_server::network::NetworkConfig {
+            egress: ringfence_net::NetConfig {
+                ceiling,
+                dns_upstreams: dns,
+                egress_netns: self.egress_netns.clone(),
+                egress_rate: self.egress_rate,
+            },
+            domain: Some(
+                self.domain.clone().unwrap_or_else(|| format!("localhost:{}", listen.port())),
+            ),
+            public_default: self.public_ports,
+        })
+    }
+}
+
 impl ServeArgs {
     pub fn json_logs(&self) -> bool {
         matches!(self.log_format, LogFormat::Json)
@@ -121,6 +191,13 @@ impl ServeArgs {
 }
 
 pub fn main(args: ServeArgs) -> ExitCode {
+    let network = match args.net.config(args.listen) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("ringfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = ringfence_server::ServeConfig {
         listen: args.listen,
         manager: ManagerConfig {
@@ -137,6 +214,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             interp_env: args.interp_env,
+            network,
         },
         observe: ObserveConfig {
             metrics_auth: match args.metrics_auth {

@@ -41,7 +41,7 @@ pub enum TemplateError {
 }
 
 /// Bump when the skeleton's contents change, so old builds are replaced.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Entries of the host's `/etc` that a sandbox gets, copied (symlinks kept as symlinks).
 /// Everything else, notably `shadow`, `gshadow`, `sudoers`, `ssh/` and `machine-id`, stays out.
@@ -252,8 +252,10 @@ fn build_host(staging: &Path, uid_base: u32, extra: &[String]) -> Result<Meta, B
         "root:x:0:\ntty:x:5:user\nusers:x:100:user\nuser:x:1000:\nnogroup:x:65534:\n",
     )?;
     write("etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n")?;
-    // No network yet: an empty resolver configuration fails lookups fast instead of timing out.
-    write("etc/resolv.conf", "")?;
+    // The server's sandboxes resolve through their gateway (ringfence_net::tun::GATEWAY_IP,
+    // which answers every DNS query). Without a network (`ringfence run`) the address has no
+    // route, so lookups fail at once instead of timing out.
+    write("etc/resolv.conf", "nameserver 100.96.0.1\noptions timeout:2 attempts:2\n")?;
     // Owned by the sandbox's root (and `user` for its home) so copy-up works inside.
     chown_tree(&root, uid_base, uid_base)?;
     let home = root.join("home/user");

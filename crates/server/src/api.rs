@@ -12,7 +12,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -73,6 +73,7 @@ pub fn router(app: App) -> Router {
         .route("/sandboxes/metrics", get(batch_metrics))
         .route("/metrics", get(prometheus))
         .route("/audit", get(audit))
+        .route("/sandboxes/{id}/network", put(update_network).get(get_network))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
         .layer(middleware::from_fn_with_state(app.clone(), track))
@@ -110,7 +111,13 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let token = header("x-access-token");
     let signed = signed_file_url(&req);
-    let live = match header("e2b-sandbox-id") {
+    // `get_host(port)` URLs (`<port>-<id>.<domain>`) name the sandbox and port in the Host.
+    let by_host = match header("e2b-sandbox-id") {
+        None => header("host").and_then(|h| crate::network::parse_host(&h)),
+        Some(_) => None,
+    };
+    let live = match header("e2b-sandbox-id").or_else(|| by_host.as_ref().map(|(_, id)| id.clone()))
+    {
         Some(id) => match app.manager.get(&id) {
             Some(l) => l,
             None => return not_running(&id),
@@ -131,12 +138,18 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         },
     };
     let Some(record) = live.snapshot() else { return not_running("") };
-    let port = header("e2b-sandbox-port").and_then(|p| p.parse::<u16>().ok()).unwrap_or(49983);
+    let port = header("e2b-sandbox-port")
+        .and_then(|p| p.parse::<u16>().ok())
+        .or(by_host.as_ref().map(|(p, _)| *p))
+        .unwrap_or(49983);
     // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
     // a URL signed with it.
     // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
     // (docs/e2b-compat.md §5.3); create returns the same secret under that name.
-    let traffic = if port == JUPYTER_PORT { header("e2b-traffic-access-token") } else { None };
+    // Other ports (a sandbox's own services) take it too, or nothing when the sandbox was made
+    // public (`network.allowPublicTraffic`).
+    let traffic = if port != 49983 { header("e2b-traffic-access-token") } else { None };
+    let public = port != 49983 && port != JUPYTER_PORT && app.manager.network().is_public(&live);
     let authorized = match (&signed, token.as_deref().or(traffic.as_deref())) {
         (_, Some(t)) if crate::manager::ct_eq(t, &record.access_token) => true,
         (Some(sig), _) if sig.matches(&record.access_token) => {
@@ -146,7 +159,7 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
             }
             true
         }
-        _ => req.uri().path() == "/health",
+        _ => public || req.uri().path() == "/health",
     };
     if !authorized {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
@@ -161,15 +174,7 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
             crate::interp::handle(app.manager.interp().clone(), live, req).instrument(span).await
         }
-        other => (
-            StatusCode::BAD_GATEWAY,
-            Json(json!({
-                "sandboxId": record.id,
-                "message": format!("The sandbox is running but port is not open ({other})"),
-                "code": 502
-            })),
-        )
-            .into_response(),
+        other => crate::network::inbound(live, other, req).instrument(span).await,
     }
 }
 
@@ -289,6 +294,10 @@ struct CreateBody {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     env_vars: Option<BTreeMap<String, String>>,
+    /// E2B's snake_case field (the other fields are camelCase).
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
+    allow_internet_access: Option<bool>,
+    network: Option<Value>,
     /// Pause on timeout is not implemented yet; asking for it must not silently lose state.
     auto_pause: Option<bool>,
     lifecycle: Option<Value>,
@@ -382,12 +391,16 @@ async fn create(
         timeout: timeout_from(&app, b.timeout)?,
         metadata: b.metadata.unwrap_or_default(),
         env: b.env_vars.unwrap_or_default(),
+        network: crate::network::parse(b.allow_internet_access, b.network.as_ref())?,
     };
+    app.manager.network().validate(&params.network)?;
     let live = app.manager.create(&key.id, params).await?;
     let r = live
         .snapshot()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
-    Ok((StatusCode::CREATED, Json(sandbox_json(&r))).into_response())
+    let mut v = sandbox_json(&r);
+    v["domain"] = json!(app.manager.network().domain());
+    Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 async fn detail(
@@ -400,6 +413,10 @@ async fn detail(
     let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
     let mut v = listed_json(&r);
     v["envdAccessToken"] = json!(r.access_token);
+    v["domain"] = json!(app.manager.network().domain());
+    let net = app.manager.network().describe(&live);
+    v["allowInternetAccess"] = net["allowInternetAccess"].clone();
+    v["network"] = net;
     Ok(Json(v))
 }
 
@@ -455,7 +472,49 @@ async fn connect(
     }
     let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
     live.obs.record_action("sandbox.connect", json!({"timeout_s": b.timeout})).await;
-    Ok(Json(sandbox_json(&r)))
+    let mut v = sandbox_json(&r);
+    v["domain"] = json!(app.manager.network().domain());
+    Ok(Json(v))
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress policy (E2B's `update_network`);
+/// connections the new policy forbids are cut.
+async fn update_network(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let live = owned(&app, &key, &id)?;
+    let b: Value = parse_body(&body)?;
+    let params = crate::network::parse(None, Some(&b))?;
+    let detail = crate::network::Network::persisted(&params);
+    let cut = app.manager.network().update(&live, params)?;
+    let mut rec = live.obs.action("network.update");
+    if let Value::Object(m) = detail.clone() {
+        rec.detail = m;
+    }
+    rec.detail.insert("connections_cut".into(), json!(cut));
+    app.manager.observer().record(rec).await;
+    // The saved settings follow, so a restarted server restores these.
+    let store = app.manager.store().clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        store.record_event(&id, "network", &json!({"network": detail}))
+    })
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /sandboxes/{id}/network`: the policy in force and the connections open now.
+async fn get_network(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let live = owned(&app, &key, &id)?;
+    Ok(Json(app.manager.network().describe(&live)))
 }
 
 #[derive(Debug, Default, Deserialize)]

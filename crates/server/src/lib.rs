@@ -15,6 +15,7 @@ pub mod envd;
 pub mod interp;
 pub mod manager;
 pub mod metrics;
+pub mod network;
 pub mod observe;
 pub mod store;
 mod time;

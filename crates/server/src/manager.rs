@@ -40,6 +40,8 @@ pub struct ManagerConfig {
     /// The interpreter environment (`scripts/interp-env.sh`), bound into code-interpreter
     /// sandboxes and used by the fork server.
     pub interp_env: PathBuf,
+    /// Egress policy ceiling, DNS upstream, inbound routing (`crate::network`).
+    pub network: crate::network::NetworkConfig,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -63,6 +65,8 @@ pub struct Live {
     pub interp: crate::interp::Contexts,
     /// Metrics, security events and audit records of this sandbox.
     pub obs: Arc<SandboxObs>,
+    /// The sandbox's network (egress policy, connections); empty once torn down.
+    pub net: crate::network::NetSlot,
     jail: Mutex<Option<Sandbox>>,
     supervisor: Mutex<Option<Supervisor>>,
 }
@@ -86,6 +90,7 @@ pub struct CreateParams {
     pub timeout: Duration,
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
+    pub network: crate::network::NetParams,
 }
 
 /// Owns every live sandbox.
@@ -99,6 +104,7 @@ pub struct Manager {
     interp: Arc<crate::interp::Runtime>,
     store: Arc<Store>,
     observer: Arc<Observer>,
+    net: crate::network::Network,
     live: RwLock<HashMap<String, Arc<Live>>>,
     /// Creates in flight.
     starting: std::sync::atomic::AtomicI64,
@@ -135,6 +141,9 @@ impl Manager {
         )
         .map_err(internal)?;
         let templates = Mutex::new(HashMap::from([("host".to_string(), host)]));
+        let net =
+            crate::network::Network::new(cfg.network.clone(), store.clone(), observer.clone())
+                .map_err(internal)?;
         Ok(Manager {
             cfg,
             jail,
@@ -144,6 +153,7 @@ impl Manager {
             interp: Arc::new(interp),
             store,
             observer,
+            net,
             live: RwLock::default(),
             starting: Default::default(),
         })
@@ -151,6 +161,10 @@ impl Manager {
 
     pub fn observer(&self) -> &Arc<Observer> {
         &self.observer
+    }
+
+    pub fn network(&self) -> &crate::network::Network {
+        &self.net
     }
 
     /// (starting, running) sandboxes now.
@@ -274,10 +288,14 @@ impl Manager {
             envd: Arc::new(EnvdState::observed(obs.clone())),
             interp: Default::default(),
             obs: obs.clone(),
+            net: Mutex::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(supervisor),
         });
         obs.attach(&live);
+        // Before anything is recorded: a sandbox whose network cannot be set up is dropped
+        // (and with it killed) here.
+        self.net.attach(&live, p.network.clone())?;
         let mut audit = obs.action("sandbox.create");
         audit.duration_ms = Some(took.as_millis() as u64);
         audit.detail.insert("template".into(), serde_json::json!(p.template));
@@ -287,7 +305,10 @@ impl Manager {
         // The sandbox row, its event and the audit record commit together, before the
         // client hears of the sandbox.
         let store = self.store.clone();
-        let detail = serde_json::json!({"template": p.template});
+        let detail = serde_json::json!({
+            "template": p.template,
+            "network": crate::network::Network::persisted(&p.network),
+        });
         let stored = tokio::task::spawn_blocking(move || {
             store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map(|()| audit)
         })
@@ -378,10 +399,23 @@ impl Manager {
             envd: Arc::new(EnvdState::observed(obs.clone())),
             interp: Default::default(),
             obs: obs.clone(),
+            net: Mutex::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(None),
         });
         obs.attach(&live);
+        // The previous server's network device died with it: make a new one, same settings.
+        let saved = self.store.events_for(&id).ok().and_then(|ev| {
+            ev.into_iter().rev().find(|(_, _, d)| d.get("network").is_some()).map(|(_, _, d)| d)
+        });
+        let params = saved
+            .as_ref()
+            .and_then(|d| d.get("network"))
+            .and_then(|n| crate::network::parse(None, Some(n)).ok())
+            .unwrap_or_else(crate::network::NetParams::recovered_default);
+        if let Err(e) = self.net.attach(&live, params) {
+            tracing::warn!(sandbox_id = %id, error = %e, "could not restore the sandbox's network");
+        }
         match self.live.write() {
             Ok(mut m) => {
                 m.insert(id, live);
@@ -421,6 +455,7 @@ impl Manager {
         let l = live.clone();
         let audit = tokio::task::spawn_blocking(move || {
             let rec = l.obs.final_record("sandbox.kill");
+            crate::network::teardown(&l);
             let jail = l.jail.lock().ok().and_then(|mut j| j.take());
             let sup = l.supervisor.lock().ok().and_then(|mut s| s.take());
             drop(jail);

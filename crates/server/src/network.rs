@@ -1,0 +1,454 @@
+//! Sandbox networking in the server: E2B's network fields, the live policy API, egress
+//! decisions into the audit trail, and inbound HTTP to a sandbox's own ports.
+//!
+//! The plumbing (TUN device, userspace TCP/IP, policy, resolver, proxy) is `ringfence-net`;
+//! this module maps E2B's JSON onto it and keeps one [`NetState`] per live sandbox.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ringfence_net::policy::{Ceiling, Rule, SandboxPolicy, parse_rules};
+use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::manager::Live;
+use crate::observe::Observer;
+use crate::store::{AuditRecord, Store};
+
+/// The operator's network settings.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    pub egress: NetConfig,
+    /// The `domain` create returns: the SDK's `get_host(port)` is `<port>-<id>.<domain>`, and
+    /// requests for such a host are routed here by their `Host` header.
+    pub domain: Option<String>,
+    /// Whether a sandbox's ports answer without its access token when its creator did not say
+    /// (`network.allowPublicTraffic`).
+    pub public_default: bool,
+}
+
+/// What a create (or update) asks for, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetParams {
+    pub policy: SandboxPolicy,
+    /// Egress bytes per second (our extension, `network.egressBytesPerSecond`); `None`: the
+    /// server's default.
+    pub rate: Option<u64>,
+    pub public: Option<bool>,
+    pub mask_request_host: Option<String>,
+    /// E2B's `dnsServers`: accepted and reported; the sandbox's resolver (ours) answers every
+    /// DNS query whatever server it names.
+    pub dns_servers: Option<Vec<String>>,
+}
+
+impl NetParams {
+    /// A sandbox whose saved settings cannot be read back gets no egress at all.
+    pub fn recovered_default() -> NetParams {
+        NetParams {
+            policy: SandboxPolicy { allow_internet_access: false, ..SandboxPolicy::default() },
+            rate: None,
+            public: None,
+            mask_request_host: None,
+            dns_servers: None,
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> crate::manager::ManagerError {
+    crate::manager::ManagerError::BadRequest(msg.into())
+}
+
+fn strings(
+    v: Option<&Value>,
+    field: &str,
+) -> Result<Option<Vec<String>>, crate::manager::ManagerError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("network.{field} must list strings")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(bad(format!("network.{field} must be a list of strings"))),
+    }
+}
+
+fn rules(v: Option<&Value>, field: &str) -> Result<Vec<Rule>, crate::manager::ManagerError> {
+    let items = strings(v, field)?.unwrap_or_default();
+    parse_rules(&items).map_err(|e| bad(format!("network.{field}: {e}")))
+}
+
+/// Parses E2B's `allow_internet_access` and `network` object (create), or an update body
+/// (`PUT /sandboxes/{id}/network`, whose fields sit at the top level).
+pub fn parse(
+    internet: Option<bool>,
+    network: Option<&Value>,
+) -> Result<NetParams, crate::manager::ManagerError> {
+    let empty = json!({});
+    let n = match network {
+        None | Some(Value::Null) => &empty,
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => return Err(bad("network must be an object")),
+    };
+    let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
+    for (camel, snake, what) in [
+        ("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy"),
+        ("rules", "rules", "per-host request transforms"),
+        ("httpsPorts", "https_ports", "HTTPS to sandbox ports"),
+    ] {
+        let set = match get(camel, snake) {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(m)) => !m.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            return Err(bad(format!("network.{camel} ({what}) is not supported by this server")));
+        }
+    }
+    let internet = internet
+        .or_else(|| get("allowInternetAccess", "allow_internet_access").and_then(Value::as_bool))
+        .unwrap_or(true);
+    let rate = match get("egressBytesPerSecond", "egress_bytes_per_second") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64().ok_or_else(|| bad("network.egressBytesPerSecond must be a whole number"))?,
+        ),
+    };
+    let public = match get("allowPublicTraffic", "allow_public_traffic") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_bool().ok_or_else(|| bad("network.allowPublicTraffic must be true or false"))?,
+        ),
+    };
+    let mask = match get("maskRequestHost", "mask_request_host") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_str().ok_or_else(|| bad("network.maskRequestHost must be a string"))?.to_string(),
+        ),
+    };
+    let dns_servers = strings(get("dnsServers", "dns_servers"), "dnsServers")?;
+    Ok(NetParams {
+        policy: SandboxPolicy {
+            allow_internet_access: internet,
+            allow_out: rules(get("allowOut", "allow_out"), "allowOut")?,
+            deny_out: rules(get("denyOut", "deny_out"), "denyOut")?,
+        },
+        rate,
+        public,
+        mask_request_host: mask,
+        dns_servers,
+    })
+}
+
+/// One sandbox's network as the server holds it.
+#[derive(Debug)]
+pub struct NetState {
+    pub net: SandboxNet,
+    pub params: NetParams,
+}
+
+/// The per-sandbox slot in [`Live`]; empty before attach and after teardown.
+pub type NetSlot = Mutex<Option<NetState>>;
+
+/// Server-wide networking.
+#[derive(Debug)]
+pub struct Network {
+    cfg: NetworkConfig,
+    egress: Arc<Egress>,
+    audit: mpsc::UnboundedSender<AuditRecord>,
+}
+
+/// Most records one write stores (one transaction, one fsync).
+const AUDIT_BATCH: usize = 512;
+
+impl Network {
+    pub fn new(
+        cfg: NetworkConfig,
+        store: Arc<Store>,
+        observer: Arc<Observer>,
+    ) -> Result<Network, ringfence_net::NetError> {
+        let egress = Egress::new(cfg.egress.clone())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(rx, store, observer));
+        Ok(Network { cfg, egress, audit: tx })
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.cfg
+    }
+
+    /// The `domain` to return from create and connect.
+    pub fn domain(&self) -> Option<&str> {
+        self.cfg.domain.as_deref()
+    }
+
+    /// Checks what a create asks for against the ceiling, before anything is started.
+    pub fn validate(&self, params: &NetParams) -> Result<(), crate::manager::ManagerError> {
+        self.egress.rate_for(params.rate).map(drop).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Gives a started sandbox its network. Fails (and the caller kills the sandbox) if the
+    /// device cannot be made or the rate is above the ceiling.
+    pub fn attach(
+        &self,
+        live: &Live,
+        params: NetParams,
+    ) -> Result<(), crate::manager::ManagerError> {
+        let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
+        let (id, key, pid) = {
+            let r = live.record.lock().map_err(|_| bad("record lock"))?;
+            (r.id.clone(), r.key_id.clone(), r.agent_pid)
+        };
+        let pid = pid.ok_or_else(|| {
+            crate::manager::ManagerError::Internal("sandbox has no agent pid".into())
+        })?;
+        let tx = self.audit.clone();
+        let sink = Arc::new(move |e: EgressEvent| {
+            let mut rec = AuditRecord::new("network.egress", e.ts_ms);
+            rec.sandbox_id = Some(id.clone());
+            rec.user_id = Some(key.clone());
+            rec.duration_ms = e.duration_ms;
+            if let Ok(Value::Object(m)) = serde_json::to_value(&e) {
+                rec.detail = m;
+                rec.detail.remove("ts_ms");
+                rec.detail.remove("duration_ms");
+            }
+            let _ = tx.send(rec);
+        });
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let net = self
+            .egress
+            .attach(&ns, params.policy.clone(), rate, sink)
+            .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))?;
+        if let Ok(mut slot) = live.net.lock() {
+            *slot = Some(NetState { net, params });
+        }
+        Ok(())
+    }
+
+    /// Replaces a sandbox's egress settings (E2B's replace semantics: omitted fields reset).
+    /// Returns how many open connections the new policy cut.
+    pub fn update(
+        &self,
+        live: &Live,
+        mut params: NetParams,
+    ) -> Result<usize, crate::manager::ManagerError> {
+        let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
+        let mut slot = live.net.lock().map_err(|_| bad("network lock"))?;
+        let state = slot.as_mut().ok_or_else(|| bad("this sandbox has no network"))?;
+        state.net.set_rate(rate);
+        let cut = state.net.set_policy(params.policy.clone());
+        // Inbound settings are not part of the update body: they stay.
+        params.public = state.params.public;
+        params.mask_request_host = state.params.mask_request_host.clone();
+        state.params = params;
+        Ok(cut)
+    }
+
+    /// Whether a sandbox's ports answer without its token.
+    pub fn is_public(&self, live: &Live) -> bool {
+        live.net
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().and_then(|s| s.params.public))
+            .unwrap_or(self.cfg.public_default)
+    }
+
+    /// The sandbox's network settings and open connections, as JSON (E2B's names).
+    pub fn describe(&self, live: &Live) -> Value {
+        let Ok(slot) = live.net.lock() else { return Value::Null };
+        let Some(s) = slot.as_ref() else { return Value::Null };
+        let p = &s.net.policy();
+        json!({
+            "allowInternetAccess": p.allow_internet_access,
+            "allowOut": p.allow_out,
+            "denyOut": p.deny_out,
+            "dnsServers": s.params.dns_servers,
+            "allowPublicTraffic": s.params.public.unwrap_or(self.cfg.public_default),
+            "maskRequestHost": s.params.mask_request_host,
+            "egressBytesPerSecond": s.net.rate(),
+            "connections": s.net.connections(),
+        })
+    }
+
+    /// The settings to persist with the sandbox (restored after a server restart).
+    pub fn persisted(params: &NetParams) -> Value {
+        json!({
+            "allowInternetAccess": params.policy.allow_internet_access,
+            "allowOut": params.policy.allow_out,
+            "denyOut": params.policy.deny_out,
+            "egressBytesPerSecond": params.rate,
+            "allowPublicTraffic": params.public,
+            "maskRequestHost": params.mask_request_host,
+            "dnsServers": params.dns_servers,
+        })
+    }
+}
+
+/// Stores egress records in batches: a sandbox opening connections in a loop costs one
+/// transaction per batch, not one fsync per connection.
+async fn write_loop(
+    mut rx: mpsc::UnboundedReceiver<AuditRecord>,
+    store: Arc<Store>,
+    observer: Arc<Observer>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < AUDIT_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let (store, observer) = (store.clone(), observer.clone());
+        let _ = tokio::task::spawn_blocking(move || match store.insert_audits(&mut batch) {
+            Ok(()) => observer.committed(&batch),
+            Err(e) => tracing::error!(records = batch.len(), error = %e, "egress records lost"),
+        })
+        .await;
+    }
+}
+
+/// Tears a sandbox's network down (its connections are reset, its device removed).
+pub fn teardown(live: &Live) {
+    if let Ok(mut slot) = live.net.lock() {
+        slot.take();
+    }
+}
+
+/// `<port>-<sandbox id>.<anything>` → (port, id): the host the SDK's `get_host(port)` builds.
+pub fn parse_host(host: &str) -> Option<(u16, String)> {
+    let first = host.split('.').next()?;
+    let (port, id) = first.split_once('-')?;
+    let port = port.parse::<u16>().ok()?;
+    let ok = !id.is_empty() && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    (ok && host.contains('.')).then(|| (port, id.to_string()))
+}
+
+/// Headers that address us, not the sandbox's service.
+const OURS: &[&str] =
+    &["e2b-sandbox-id", "e2b-sandbox-port", "x-access-token", "e2b-traffic-access-token"];
+
+fn port_closed(id: &str, port: u16, why: &str) -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        axum::Json(json!({
+            "sandboxId": id,
+            "message": format!("The sandbox is running but port is not open ({port}: {why})"),
+            "code": 502
+        })),
+    )
+        .into_response()
+}
+
+/// Relays one HTTP request (and, on `101 Switching Protocols`, the upgraded connection) to
+/// `127.0.0.1:port` inside the sandbox.
+pub async fn inbound(live: Arc<Live>, port: u16, mut req: Request) -> Response {
+    let (id, pid) = match live.record.lock() {
+        Ok(r) => (r.id.clone(), r.agent_pid),
+        Err(_) => return port_closed("", port, "gone"),
+    };
+    let Some(pid) = pid else { return port_closed(&id, port, "no agent") };
+    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let stream = match ringfence_net::netns::connect_inside(&ns, port, Duration::from_secs(5)).await
+    {
+        Ok(s) => s,
+        Err(e) => return port_closed(&id, port, &e.to_string()),
+    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => return port_closed(&id, port, &e.to_string()),
+        };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    for h in OURS {
+        req.headers_mut().remove(*h);
+    }
+    let mask = live
+        .net
+        .lock()
+        .ok()
+        .and_then(|s| s.as_ref().and_then(|s| s.params.mask_request_host.clone()));
+    if let Some(m) = mask
+        && let Ok(v) = HeaderValue::from_str(&m.replace("${PORT}", &port.to_string()))
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let client_upgrade =
+        req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => return port_closed(&id, port, &e.to_string()),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let server = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(s)) = (client.await, server.await) {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut s = hyper_util::rt::TokioIo::new(s);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+            }
+        });
+    }
+    resp.map(Body::new)
+}
+
+/// The ceiling from serve flags.
+pub fn ceiling(allow: &[String], deny: &[String], exempt: &[String]) -> Result<Ceiling, String> {
+    let allow =
+        if allow.is_empty() { None } else { Some(parse_rules(allow).map_err(|e| e.to_string())?) };
+    let deny = parse_rules(deny).map_err(|e| e.to_string())?;
+    let exempt = exempt
+        .iter()
+        .map(|c| c.parse().map_err(|e| format!("--egress-exempt {c:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Ceiling { allow, deny, exempt })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e2b_fields_parse() {
+        let p = parse(
+            None,
+            Some(&json!({"allowOut": ["www.allowed.test", "*.x.test:443"], "denyOut": ["0.0.0.0/0"], "allowPublicTraffic": false, "maskRequestHost": "${PORT}-x.test"})),
+        )
+        .unwrap();
+        assert!(p.policy.allow_internet_access);
+        assert_eq!(p.policy.allow_out.len(), 2);
+        assert_eq!(p.public, Some(false));
+        let p = parse(Some(false), None).unwrap();
+        assert!(p.policy.is_none());
+        let p = parse(None, Some(&json!({"allow_internet_access": false}))).unwrap();
+        assert!(!p.policy.allow_internet_access);
+        assert!(parse(None, Some(&json!({"allowOut": ["*"]}))).is_err());
+        assert!(parse(None, Some(&json!({"egressProxy": {"address": "p:1080"}}))).is_err());
+        assert!(parse(None, Some(&json!({"rules": {}}))).is_ok());
+        assert!(parse(None, Some(&json!({"egressBytesPerSecond": -1}))).is_err());
+    }
+
+    #[test]
+    fn hosts_route() {
+        assert_eq!(parse_host("8000-abc123.localhost:3000"), Some((8000, "abc123".into())));
+        assert_eq!(parse_host("localhost:3000"), None);
+        assert_eq!(parse_host("8000-ABC.x"), None);
+        assert_eq!(parse_host("99999-a.x"), None);
+    }
+}

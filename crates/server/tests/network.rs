@@ -1,0 +1,460 @@
+//! Sandbox networking through the E2B API, end to end: a real `ringfence serve` whose egress
+//! leaves from a test namespace wired to a fake internet (see `fakenet`), real sandboxes
+//! created with E2B's network fields, commands run in them through envd, and the decisions
+//! read back from the audit trail. Also inbound HTTP to a sandbox port (header and Host
+//! routing, token and public access).
+//!
+//! Needs root, `ip`, `curl`, `python3` with pip, and the binaries (`cargo build -p
+//! ringfence`). Without them each test prints SKIPPED.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../net/tests/fakenet/mod.rs"]
+mod fakenet;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+fn binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?;
+    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
+    (bin.exists() && agent.exists()).then_some(bin)
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    key: String,
+    data: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(test: &str, args: &[String]) -> Option<Server> {
+        let tools = ["ip", "curl"].iter().all(|t| Command::new(t).arg("-V").output().is_ok());
+        if ringfence_sys::euid() != 0 || !tools {
+            eprintln!("SKIPPED {test}: needs root, ip and curl");
+            return None;
+        }
+        let Some(bin) = binary() else {
+            eprintln!("SKIPPED {test}: no ringfence binary (cargo build -p ringfence)");
+            return None;
+        };
+        let data = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let out = Command::new(&bin)
+            .args(["keys", "create", "--name", "net", "--data-dir"])
+            .arg(data.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(data.path().join("serve.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("serve")
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--interp-env",
+                "/nonexistent",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let s = Server { child, port, key, data };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not come up: {}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(s)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn api(&self, method: &str, path: &str, body: Value) -> Resp {
+        let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+        http(
+            self.port,
+            method,
+            path,
+            &[("X-API-Key", &self.key), ("Content-Type", "application/json")],
+            &body,
+        )
+    }
+
+    fn create(&self, body: Value) -> Sandbox {
+        let r = self.api("POST", "/v2/sandboxes", body);
+        assert_eq!(r.status, 201, "create: {} {}", r.text(), self.log());
+        let v = r.json();
+        Sandbox {
+            id: v["sandboxID"].as_str().unwrap().to_string(),
+            token: v["envdAccessToken"].as_str().unwrap().to_string(),
+            domain: v["domain"].as_str().map(str::to_string),
+        }
+    }
+
+    /// Runs `bash -c script` in the sandbox; (stdout + stderr, exit code).
+    fn run(&self, sb: &Sandbox, script: &str) -> (String, i64) {
+        let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
+        let body = serde_json::to_vec(&msg).unwrap();
+        let mut env = vec![0u8];
+        env.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        env.extend_from_slice(&body);
+        let r = http(
+            self.port,
+            "POST",
+            "/process.Process/Start",
+            &[
+                ("Content-Type", "application/connect+json"),
+                ("E2b-Sandbox-Id", &sb.id),
+                ("E2b-Sandbox-Port", "49983"),
+                ("X-Access-Token", &sb.token),
+            ],
+            &env,
+        );
+        assert_eq!(r.status, 200, "start: {}", r.text());
+        let (mut out, mut code) = (String::new(), -1);
+        let mut rest = &r.body[..];
+        while rest.len() >= 5 {
+            let n = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let v: Value = serde_json::from_slice(&rest[5..5 + n]).unwrap();
+            for k in ["stdout", "stderr"] {
+                if let Some(d) = v["event"]["data"][k].as_str() {
+                    out.push_str(&String::from_utf8_lossy(
+                        &base64::engine::general_purpose::STANDARD.decode(d).unwrap(),
+                    ));
+                }
+            }
+            if !v["event"]["end"].is_null() {
+                code = v["event"]["end"]["exitCode"].as_i64().unwrap_or(0);
+            }
+            rest = &rest[5 + n..];
+        }
+        (out, code)
+    }
+
+    /// This sandbox's egress records from the audit trail, once `pred` holds (or time is up).
+    fn egress(&self, sb: &Sandbox, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let path = format!("/audit?sandbox={}&action=network.egress&limit=1000", sb.id);
+            let r = http(self.port, "GET", &path, &[("X-API-Key", &self.key)], b"");
+            assert_eq!(r.status, 200, "{}", r.text());
+            let recs = r.json()["records"].as_array().unwrap().clone();
+            if pred(&recs) || Instant::now() > deadline {
+                return recs;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = ringfence_sys::kill(self.child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Sandbox {
+    id: String,
+    token: String,
+    domain: Option<String>,
+}
+
+struct Resp {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`, a `Host` header given or 127.0.0.1); chunked
+/// bodies decoded.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str("Host: 127.0.0.1\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut rest = &raw[split + 4..];
+    let body = if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
+        let mut out = Vec::new();
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .unwrap();
+            rest = &rest[eol + 2..];
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..n]);
+            rest = &rest[n + 2..];
+        }
+        out
+    } else {
+        rest.to_vec()
+    };
+    Resp { status, headers, body }
+}
+
+fn net_args(net: &fakenet::Internet) -> Vec<String> {
+    vec![
+        "--egress-netns".into(),
+        net.edge.path().display().to_string(),
+        "--dns-upstream".into(),
+        fakenet::DNS.to_string(),
+    ]
+}
+
+#[test]
+fn sandbox_egress_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let wheel = if Command::new("python3").arg("-V").output().is_ok() {
+        Some(fakenet::build_wheel(dir.path()))
+    } else {
+        None
+    };
+    let net = fakenet::Internet::start(wheel);
+    let Some(srv) = Server::start("sandbox_egress_through_the_api", &net_args(&net)) else {
+        return;
+    };
+    let sb = srv.create(json!({
+        "templateID": "base",
+        "network": {"allowOut": ["www.allowed.test", "pypi.fake.test"], "denyOut": ["0.0.0.0/0"]}
+    }));
+    let cert = net.cert_pem.clone();
+    let (out, code) = srv.run(&sb, &format!("cat > /tmp/ca.pem <<'EOF'\n{cert}EOF\ncurl -sS -m 5 http://www.allowed.test/ && curl -sS -m 5 --cacert /tmp/ca.pem https://www.allowed.test/"));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("hello from 203.0.113.10:80") && out.contains("hello from 203.0.113.10:443"),
+        "{out}"
+    );
+
+    // Refused: another domain, raw addresses, private ranges, the metadata host.
+    let (out, code) = srv.run(&sb, "curl -sS -m 5 http://other.test/");
+    assert_eq!(code, 6, "{out}");
+    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
+    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    for ip in ["169.254.169.254", "10.66.0.5", "192.0.2.1"] {
+        let (out, code) = srv.run(&sb, &format!("curl -sS -m 5 http://{ip}/"));
+        assert_eq!(code, 7, "{ip}: {out}");
+    }
+    assert!(fakenet::reachable_from_edge(&net.edge, fakenet::METADATA), "the metadata host is up");
+
+    // pip install from the package index in the fake internet.
+    if Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let (out, code) = srv.run(
+            &sb,
+            "python3 -m pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/pkgs \
+             --index-url http://pypi.fake.test/simple --trusted-host pypi.fake.test tinypkg 2>&1 \
+             && PYTHONPATH=/tmp/pkgs python3 -c 'import tinypkg; print(\"answer\", tinypkg.ANSWER)'",
+        );
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("answer 42"), "{out}");
+    } else {
+        eprintln!(
+            "pip part SKIPPED: no python3 -m pip on this host (scripts/setup.sh installs it)"
+        );
+    }
+
+    // A live change: a long download is cut when its host leaves the allowlist.
+    let (out, _) = srv.run(&sb, "(curl -sSN -m 30 http://www.allowed.test/stream > /tmp/s 2>/tmp/e; echo $? > /tmp/rc) & sleep 0.7; wc -l < /tmp/s");
+    assert!(out.trim().parse::<u32>().unwrap_or(0) > 0, "stream running: {out}");
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"allowOut": ["other.test"], "denyOut": ["0.0.0.0/0"]}),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (out, _) = srv.run(
+        &sb,
+        "for i in $(seq 50); do [ -s /tmp/rc ] && break; sleep 0.1; done; cat /tmp/rc /tmp/e",
+    );
+    assert!(
+        out.starts_with("56") || out.starts_with("18"),
+        "curl ended with a cut connection: {out}"
+    );
+    let (out, code) = srv.run(&sb, "curl -sS -m 5 http://other.test/");
+    assert_eq!(code, 0, "{out}");
+    let (_, code) = srv.run(&sb, "curl -sS -m 5 http://www.allowed.test/");
+    assert_ne!(code, 0);
+    let v = srv.api("GET", &format!("/sandboxes/{}/network", sb.id), Value::Null).json();
+    assert_eq!(v["allowOut"], json!(["other.test"]));
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null).json();
+    assert_eq!(d["network"]["denyOut"], json!(["0.0.0.0/0"]));
+
+    // Every decision is in the audit trail, with a reason.
+    let recs = srv.egress(&sb, |r| r.iter().any(|x| x["detail"]["outcome"] == "cut"));
+    let find = |pred: &dyn Fn(&Value) -> bool| recs.iter().find(|r| pred(&r["detail"])).cloned();
+    let allowed =
+        find(&|d| d["allowed"] == true && d["port"] == 443 && d["name"] == "www.allowed.test")
+            .expect("https allowed");
+    assert!(allowed["detail"]["bytes_in"].as_u64().unwrap() > 0);
+    find(&|d| d["allowed"] == false && d["protocol"] == "dns" && d["name"] == "other.test")
+        .expect("lookup refused");
+    find(&|d| {
+        d["address"] == "169.254.169.254" && d["reason"].as_str().unwrap().contains("metadata")
+    })
+    .expect("metadata");
+    find(&|d| d["address"] == "10.66.0.5" && d["reason"].as_str().unwrap().contains("private"))
+        .expect("private");
+    let cut = find(&|d| d["outcome"] == "cut").expect("cut");
+    assert!(cut["detail"]["reason"].as_str().unwrap().contains("policy changed"), "{cut}");
+    for r in &recs {
+        let reason = r["detail"]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("allowed: ") || reason.starts_with("denied: "), "{r}");
+    }
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204);
+}
+
+#[test]
+fn network_fields_and_ceiling() {
+    let net = fakenet::Internet::start(None);
+    let mut args = net_args(&net);
+    args.extend([
+        "--egress-rate".into(),
+        "1M".into(),
+        "--egress-deny".into(),
+        "*.other.test".into(),
+    ]);
+    let Some(srv) = Server::start("network_fields_and_ceiling", &args) else { return };
+    // A request can only narrow: a rate above the ceiling is refused before anything starts.
+    let r = srv.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base", "network": {"egressBytesPerSecond": 5_000_000}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = srv.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base", "network": {"allowOut": ["*"]}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // allow_internet_access: false is no egress at all (E2B's snake_case field).
+    let sb = srv.create(json!({"templateID": "base", "allow_internet_access": false}));
+    let (out, _) =
+        srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/; getent hosts other.test; echo rc=$?");
+    assert!(out.contains("(7)") && out.contains("rc=2"), "{out}");
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null).json();
+    assert_eq!(d["allowInternetAccess"], json!(false));
+    // The operator's deny rule holds even when the sandbox allows it.
+    let sb2 =
+        srv.create(json!({"templateID": "base", "network": {"allowOut": ["sub.other.test"]}}));
+    let (out, code) = srv.run(&sb2, "curl -sS -m 5 http://sub.other.test/");
+    assert_ne!(code, 0, "{out}");
+    let (out, code) = srv.run(&sb2, "curl -sS -m 5 http://www.allowed.test/");
+    assert_eq!(code, 0, "{out}");
+    let recs = srv.egress(&sb2, |r| {
+        r.iter().any(|x| x["detail"]["reason"].as_str().unwrap_or("").contains("deny rule"))
+    });
+    assert!(
+        recs.iter().any(|x| x["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("server's deny rule *.other.test")),
+        "{recs:#?}"
+    );
+}
+
+#[test]
+fn inbound_ports() {
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start("inbound_ports", &net_args(&net)) else { return };
+    let sb = srv.create(json!({"templateID": "base"}));
+    assert_eq!(sb.domain.as_deref(), Some(format!("localhost:{}", srv.port).as_str()));
+    let (out, _) = srv.run(&sb, "cd /tmp && echo preview > index.html && (python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &) ; for i in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done; echo up");
+    assert!(out.contains("up"));
+    let get = |headers: &[(&str, &str)]| http(srv.port, "GET", "/index.html", headers, b"");
+    // Header routing, behind the access token.
+    let r = get(&[("E2b-Sandbox-Id", &sb.id), ("E2b-Sandbox-Port", "8000")]);
+    assert_eq!(r.status, 401);
+    let r = get(&[
+        ("E2b-Sandbox-Id", &sb.id),
+        ("E2b-Sandbox-Port", "8000"),
+        ("X-Access-Token", &sb.token),
+    ]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview"));
+    // get_host(8000) = "8000-<id>.<domain>": routed by Host.
+    let host = format!("8000-{}.{}", sb.id, sb.domain.clone().unwrap());
+    let r = get(&[("Host", &host), ("E2B-Traffic-Access-Token", &sb.token)]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview"));
+    let r = get(&[("Host", &host)]);
+    assert_eq!(r.status, 401);
+    // Nothing listening.
+    let r = get(&[("Host", &format!("8001-{}.x", sb.id)), ("X-Access-Token", &sb.token)]);
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("port is not open"), "{}", r.text());
+    // A public sandbox: its ports answer anyone, envd still wants the token.
+    let pb = srv.create(json!({"templateID": "base", "network": {"allowPublicTraffic": true, "maskRequestHost": "app-${PORT}.example"}}));
+    srv.run(&pb, "cd /tmp && (python3 -c \"import http.server as h\nclass H(h.BaseHTTPRequestHandler):\n def do_GET(s):\n  s.send_response(200); s.end_headers(); s.wfile.write(s.headers['host'].encode())\nh.HTTPServer(('127.0.0.1', 8080), H).serve_forever()\" >/dev/null 2>&1 &); for i in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.1; done");
+    let r = get(&[("Host", &format!("8080-{}.localhost", pb.id))]);
+    assert_eq!((r.status, r.text()), (200, "app-8080.example".to_string()));
+    let r = http(
+        srv.port,
+        "POST",
+        "/process.Process/List",
+        &[("E2b-Sandbox-Id", &pb.id), ("Content-Type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(r.status, 401);
+    let _ = r.headers;
+}
