@@ -51,7 +51,15 @@ pub enum Layout {
     V2 { root: PathBuf },
     /// Separate v1 hierarchies. `cpuacct` (CPU time used) is where a host mounts it apart from
     /// `cpu`; when the two are co-mounted it is `None` and `cpu` carries the accounting files.
-    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf, cpuacct: Option<PathBuf> },
+    /// `freezer` (pause/resume) is optional: without it sandboxes cannot be paused with their
+    /// memory kept.
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: PathBuf,
+        cpuacct: Option<PathBuf>,
+        freezer: Option<PathBuf>,
+    },
 }
 
 impl Layout {
@@ -86,7 +94,9 @@ impl Layout {
                 let cpuacct = (!cpu.join("cpuacct.usage").exists())
                     .then(|| base.join("cpuacct"))
                     .filter(|p| p.join("cpuacct.usage").exists());
-                Ok(Layout::V1 { memory, pids, cpu, cpuacct })
+                let freezer =
+                    Some(base.join("freezer")).filter(|p| p.join("cgroup.procs").exists());
+                Ok(Layout::V1 { memory, pids, cpu, cpuacct, freezer })
             }
             _ => Err(CgroupError::NotFound),
         }
@@ -128,9 +138,11 @@ impl Pool {
         let leaf = format!("{}/{}-{slot}", self.name, self.prefix);
         match &self.layout {
             Layout::V2 { root } => vec![root.join(leaf)],
-            Layout::V1 { memory, pids, cpu, cpuacct } => {
+            Layout::V1 { memory, pids, cpu, cpuacct, freezer } => {
                 let mut dirs = vec![memory.join(&leaf), pids.join(&leaf), cpu.join(&leaf)];
                 dirs.extend(cpuacct.iter().map(|c| c.join(&leaf)));
+                // Last, so the positions of the others do not depend on it.
+                dirs.extend(freezer.iter().map(|f| f.join(&leaf)));
                 dirs
             }
         }
@@ -371,6 +383,66 @@ impl Lease {
             .collect()
     }
 
+    /// The file that freezes and thaws the slot, and the words it takes.
+    fn freezer(&self) -> Option<(PathBuf, &'static str, &'static str)> {
+        match &self.layout {
+            Layout::V2 { .. } => Some((self.dirs[0].join("cgroup.freeze"), "1", "0")),
+            Layout::V1 { freezer: Some(_), .. } => {
+                self.dirs.last().map(|d| (d.join("freezer.state"), "FROZEN", "THAWED"))
+            }
+            Layout::V1 { freezer: None, .. } => None,
+        }
+    }
+
+    /// Stops every process in the slot; returns once the kernel reports them all frozen.
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        let Some((file, frozen, _)) = self.freezer() else {
+            return Err(CgroupError::Io {
+                op: "freeze",
+                path: self.dirs[0].clone(),
+                source: io::Error::other("no freezer controller on this host"),
+            });
+        };
+        write_file(&file, frozen)?;
+        // v1 reports FREEZING until every task has stopped; v2 sets `frozen 1` in cgroup.events.
+        for _ in 0..2000 {
+            let done = match &self.layout {
+                Layout::V2 { .. } => {
+                    read_key(&self.dirs[0].join("cgroup.events"), "frozen") == Some(1)
+                }
+                Layout::V1 { .. } => fs::read_to_string(&file).is_ok_and(|s| s.trim() == "FROZEN"),
+            };
+            if done {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let _ = self.thaw();
+        Err(CgroupError::Io {
+            op: "freeze",
+            path: file,
+            source: io::Error::other("tasks did not freeze within 2 s"),
+        })
+    }
+
+    /// Lets a frozen slot run again (a no-op if it is not frozen).
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        match self.freezer() {
+            Some((file, _, thawed)) if file.exists() => write_file(&file, thawed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the slot is frozen (or freezing).
+    pub fn is_frozen(&self) -> bool {
+        match self.freezer() {
+            Some((file, _, thawed)) => {
+                fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty() && s.trim() != thawed)
+            }
+            None => false,
+        }
+    }
+
     /// SIGKILLs every process in the slot until it is empty.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         if let Layout::V2 { .. } = self.layout {
@@ -379,14 +451,23 @@ impl Lease {
                 write_file(&kill, "1")?;
             }
         }
+        // Frozen tasks take their SIGKILL only once thawed (v1): send, then thaw.
+        let thaw_after = self.is_frozen();
         // New processes may appear while we kill (a fork in flight); repeat until stable.
         for round in 0..200 {
             let procs = self.procs();
             if procs.is_empty() {
+                // A slot left frozen would freeze its next sandbox at birth.
+                if thaw_after {
+                    self.thaw()?;
+                }
                 return Ok(());
             }
             for pid in procs {
                 let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+            }
+            if thaw_after {
+                let _ = self.thaw();
             }
             thread::sleep(Duration::from_millis(if round < 10 { 1 } else { 10 }));
         }

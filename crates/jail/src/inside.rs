@@ -163,8 +163,23 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     // Read-only even here: the overlay only ever reads its lower layer, and the template is
     // shared by every sandbox.
     bind(Path::new(&spec.rootfs), &lower, Bind::ReadOnly)?;
+    // Snapshot layers above the template, under neutral names too.
+    let mut lowers = Vec::with_capacity(spec.layers.len() + 1);
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let name = format!("layer{i}");
+        let dir = stage.join(&name);
+        mkdir_p(&dir, 0o755)?;
+        bind(Path::new(layer), &dir, Bind::ReadOnly)?;
+        lowers.push(name);
+    }
+    lowers.push("template".into());
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
-    overlay("template", Path::new("root/upper"), Path::new("root/work"), &merged)?;
+    overlay(&lowers.join(":"), Path::new("root/upper"), Path::new("root/work"), &merged)?;
+    // The host reaches the upper layer through this descriptor (snapshots); after pivot_root
+    // no path inside the sandbox leads to it.
+    let root = fs::File::open(stage.join("root")).map_err(fail("open stage"))?;
+    ringfence_sys::keep_fd_at(root.into(), ringfence_proto::STAGE_FD)
+        .map_err(fail("keep stage"))?;
     // Host layers are bound read-only rather than overlaid: their files belong to host ids that
     // are unmapped here, so no sandbox user could modify them through an overlay anyway, and
     // a plain bind keeps path lookups (Python's imports do hundreds) at native speed.

@@ -68,6 +68,8 @@ pub struct SandboxSpec {
     pub landlock: bool,
     /// Paths inside the sandbox where Landlock allows writes.
     pub writable: Vec<String>,
+    /// Read-only layers above the template, topmost first (see [`crate::layer`]).
+    pub layers: Vec<std::path::PathBuf>,
     /// Environment for every process in the sandbox (see [`SetupSpec::env`]).
     pub env: std::collections::BTreeMap<String, String>,
     pub initial: Option<SpawnSpec>,
@@ -99,6 +101,7 @@ impl SandboxSpec {
             seccomp,
             landlock: true,
             writable: DEFAULT_WRITABLE.iter().map(|s| (*s).to_string()).collect(),
+            layers: Vec::new(),
             env: Default::default(),
             initial: None,
             exit_with_initial: false,
@@ -250,6 +253,7 @@ impl Sandbox {
                 .iter()
                 .map(|p| HostLayer { path: p.clone() })
                 .collect(),
+            layers: spec.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
             writable: if spec.landlock { spec.writable } else { Vec::new() },
@@ -374,6 +378,34 @@ impl Sandbox {
     /// A second handle to the control channel (for a reader thread).
     pub fn control_clone(&self) -> Result<UnixStream, JailError> {
         self.control.try_clone().map_err(io_op("clone control channel"))
+    }
+
+    /// The sandbox's writable layer as the host sees it (through the agent's stage descriptor).
+    pub fn upper_dir(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!(
+            "/proc/{}/fd/{}/upper",
+            self.pid,
+            ringfence_proto::STAGE_FD
+        ))
+    }
+
+    /// Stops every process in the sandbox (cgroup freezer) until [`Sandbox::thaw`].
+    pub fn freeze(&self) -> Result<(), JailError> {
+        match &self.lease {
+            Some(lease) => Ok(lease.freeze()?),
+            None => Err(JailError::Setup {
+                step: "freeze".into(),
+                message: "the sandbox has no cgroup".into(),
+            }),
+        }
+    }
+
+    /// Lets a frozen sandbox run again.
+    pub fn thaw(&self) -> Result<(), JailError> {
+        match &self.lease {
+            Some(lease) => Ok(lease.thaw()?),
+            None => Ok(()),
+        }
     }
 
     /// Puts `pid` (a process entering from outside, see [`crate::zygote`]) into this sandbox's

@@ -16,6 +16,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod inside;
 pub mod launch;
+pub mod layer;
 pub mod limits;
 pub mod monitor;
 pub mod preflight;

@@ -32,6 +32,11 @@ pub struct Rlimits {
     pub core: u64,
 }
 
+/// The descriptor number at which the agent keeps its stage directory (the writable layer's
+/// parent) open, so the host can reach the sandbox's upper layer through
+/// `/proc/<agent>/fd/STAGE_FD/upper` for snapshots, while nothing inside can name it.
+pub const STAGE_FD: i32 = 1000;
+
 /// The full sandbox setup the host sends as the first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupSpec {
@@ -44,6 +49,9 @@ pub struct SetupSpec {
     pub rootfs: String,
     /// Host directories bound read-only at the same path (e.g. `/usr`).
     pub host_layers: Vec<HostLayer>,
+    /// Read-only lower layers stacked above the template, topmost first (host directories:
+    /// snapshots, forks and filesystem-only pauses). Each holds a former sandbox's upper layer.
+    pub layers: Vec<String>,
     /// Size of the writable layer (the disk quota) in bytes.
     pub disk_bytes: u64,
     /// Inode cap of the writable layer.

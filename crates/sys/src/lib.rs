@@ -528,6 +528,15 @@ pub fn kill(pid: i32, sig: i32) -> Result<()> {
     check("kill", ret.into()).map(drop)
 }
 
+/// Moves `fd` to descriptor number `target` (close-on-exec) and keeps it open for the rest of
+/// the process's life.
+pub fn keep_fd_at(fd: OwnedFd, target: RawFd) -> Result<()> {
+    // SAFETY: dup3 onto a number this process reserves for the purpose (callers use a fixed
+    // constant no other code opens); the original is closed when `fd` drops.
+    let ret = unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) };
+    check("dup3", ret.into()).map(drop)
+}
+
 /// Accepts one connection on a listening socket; the new descriptor is close-on-exec.
 pub fn accept(listener: &OwnedFd) -> Result<OwnedFd> {
     // SAFETY: accept4 on a descriptor we borrow, without an address buffer.

@@ -1,0 +1,167 @@
+//! Layers: a sandbox's writable (upper) layer saved as a read-only host directory.
+//!
+//! Snapshots, forks and filesystem-only pauses all work the same way: copy the sandbox's
+//! upper layer (a tmpfs inside its mount namespace, reached through the agent's stage
+//! descriptor, see [`crate::Sandbox::upper_dir`]) into `<data-dir>/layers/<id>`, then start
+//! sandboxes with that directory as an extra read-only lower layer above the template. Every
+//! sandbox made from a layer shares it; each gets its own fresh upper.
+//!
+//! The copy keeps what overlayfs needs to read the directory as a layer again: whiteouts
+//! (character devices 0:0), `user.overlay.*` extended attributes (opaque directories; the
+//! sandbox's overlay uses `userxattr`), symlinks, modes and the sandbox's owners. It is written
+//! beside its final name and renamed into place, so a half-copied layer is never used.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, lchown, symlink};
+use std::path::{Path, PathBuf};
+
+/// Errors copying a layer; each names the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {0}: a file type that cannot be saved")]
+    Unsupported(PathBuf),
+}
+
+fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayerError + 'a {
+    move |source| LayerError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// What a saved layer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Copies the upper layer at `upper` to `dest` (which must not exist). The caller freezes the
+/// sandbox first if it wants a consistent copy.
+pub fn save(upper: &Path, dest: &Path) -> Result<LayerStats, LayerError> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{name}.partial"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(at("remove", &tmp))?;
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(at("mkdir", parent))?;
+    }
+    let mut stats = LayerStats::default();
+    let copied = copy(upper, &tmp, &mut stats);
+    if let Err(e) = copied {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&tmp, dest) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(at("rename", dest)(e));
+    }
+    Ok(stats)
+}
+
+fn copy(src: &Path, dst: &Path, stats: &mut LayerStats) -> Result<(), LayerError> {
+    let m = fs::symlink_metadata(src).map_err(at("stat", src))?;
+    let ft = m.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        let target = fs::read_link(src).map_err(at("readlink", src))?;
+        symlink(&target, dst).map_err(at("symlink", dst))?;
+    } else if ft.is_dir() {
+        fs::create_dir(dst).map_err(at("mkdir", dst))?;
+        for entry in fs::read_dir(src).map_err(at("readdir", src))? {
+            let entry = entry.map_err(at("readdir", src))?;
+            copy(&entry.path(), &dst.join(entry.file_name()), stats)?;
+        }
+    } else if ft.is_file() {
+        fs::copy(src, dst).map_err(at("copy", src))?;
+        stats.bytes += m.len();
+    } else if ft.is_char_device() && m.rdev() == 0 {
+        // An overlay whiteout: the file was deleted in the sandbox.
+        use nix::sys::stat::{Mode, SFlag, mknod};
+        mknod(dst, SFlag::S_IFCHR, Mode::from_bits_truncate(0o000), 0)
+            .map_err(|e| at("mknod", dst)(e.into()))?;
+    } else if ft.is_fifo() {
+        use nix::sys::stat::{Mode, SFlag, mknod};
+        mknod(dst, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)
+            .map_err(|e| at("mknod", dst)(e.into()))?;
+    } else if ft.is_socket() {
+        // A socket file is meaningless without its listener; leave it out.
+        return Ok(());
+    } else {
+        return Err(LayerError::Unsupported(src.to_path_buf()));
+    }
+    stats.files += 1;
+    for (name, value) in ringfence_sys::xattrs_with_prefix(src, "user.").unwrap_or_default() {
+        let full = format!("user.{name}");
+        ringfence_sys::set_xattr(dst, &full, Some(&value))
+            .map_err(|e| at("setxattr", dst)(e.source))?;
+    }
+    lchown(dst, Some(m.uid()), Some(m.gid())).map_err(at("chown", dst))?;
+    if !ft.is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
+            .map_err(at("chmod", dst))?;
+    }
+    Ok(())
+}
+
+/// Disk space a layer uses (allocated blocks), for reports.
+pub fn disk_usage(dir: &Path) -> u64 {
+    fn walk(p: &Path, total: &mut u64) {
+        let Ok(m) = fs::symlink_metadata(p) else { return };
+        *total += m.blocks() * 512;
+        if m.is_dir()
+            && let Ok(rd) = fs::read_dir(p)
+        {
+            for e in rd.flatten() {
+                walk(&e.path(), total);
+            }
+        }
+    }
+    let mut total = 0;
+    walk(dir, &mut total);
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_layer_keeps_whiteouts_xattrs_links_and_modes() {
+        if ringfence_sys::euid() != 0 {
+            eprintln!("SKIPPED: needs root (mknod, chown)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let up = t.path().join("upper");
+        fs::create_dir_all(up.join("d/e")).unwrap();
+        fs::write(up.join("d/f.txt"), b"hello").unwrap();
+        fs::set_permissions(up.join("d/f.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+        symlink("f.txt", up.join("d/link")).unwrap();
+        use nix::sys::stat::{Mode, SFlag, mknod};
+        mknod(&up.join("gone"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
+        ringfence_sys::set_xattr(&up.join("d/e"), "user.overlay.opaque", Some(b"y")).unwrap();
+        lchown(up.join("d/f.txt"), Some(100_001_000), Some(100_001_000)).unwrap();
+        let dest = t.path().join("layers/l1");
+        let stats = save(&up, &dest).unwrap();
+        assert_eq!(stats.bytes, 5);
+        assert_eq!(fs::read(dest.join("d/f.txt")).unwrap(), b"hello");
+        let m = fs::metadata(dest.join("d/f.txt")).unwrap();
+        assert_eq!((m.mode() & 0o777, m.uid()), (0o640, 100_001_000));
+        assert_eq!(fs::read_link(dest.join("d/link")).unwrap(), Path::new("f.txt"));
+        let w = fs::symlink_metadata(dest.join("gone")).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(w.file_type().is_char_device() && w.rdev() == 0);
+        let x = ringfence_sys::xattrs_with_prefix(&dest.join("d/e"), "user.overlay.").unwrap();
+        assert_eq!(x, vec![("opaque".to_string(), b"y".to_vec())]);
+        assert!(!t.path().join("layers/.l1.partial").exists());
+        // A destination that exists is refused rather than merged into.
+        assert!(save(&up, &dest).is_err());
+    }
+}
