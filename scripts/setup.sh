@@ -5,7 +5,9 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
 # nodejs runs JavaScript kernels inside sandboxes (and npm the JS SDK suite).
-for pkg in python3 python3-venv util-linux procps curl nodejs; do
+# python3-pip: the network tests pip-install from a package index inside a sandbox; iproute2:
+# the network tests build their fake internet with `ip`.
+for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.

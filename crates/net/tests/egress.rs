@@ -272,3 +272,80 @@ fn egress_rate_limit() {
     let e = env.event(|e| e.port == 80 && e.outcome.is_some());
     assert!(e.bytes_out >= 3_000_000, "{e:?}");
 }
+
+/// Throughput and connection latency through the egress path, against the same commands in a
+/// namespace with a plain veth route to the same servers. Numbers go to docs/PERFORMANCE.md:
+/// `cargo test --release -p ringfence-net --test egress -- --ignored --nocapture egress_overhead`
+#[test]
+#[ignore]
+fn egress_overhead() {
+    if !can_run("egress_overhead") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    // The baseline: a namespace wired straight to the fake internet.
+    let direct = Netns::new("direct");
+    let (a, b) = (
+        format!("rfd{}", std::process::id() % 100000),
+        format!("rfD{}", std::process::id() % 100000),
+    );
+    fakenet::ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    fakenet::ip(&["link", "set", &a, "netns", &direct.name]);
+    fakenet::ip(&["link", "set", &b, "netns", &env.net.inet.name]);
+    fakenet::ip(&["-n", &direct.name, "addr", "add", "192.0.3.1/24", "dev", &a]);
+    fakenet::ip(&["-n", &direct.name, "link", "set", &a, "up"]);
+    fakenet::ip(&["-n", &direct.name, "route", "add", "default", "via", "192.0.3.2"]);
+    fakenet::ip(&["-n", &env.net.inet.name, "addr", "add", "192.0.3.2/24", "dev", &b]);
+    fakenet::ip(&["-n", &env.net.inet.name, "link", "set", &b, "up"]);
+    let upload = env._dir.join("upload");
+    std::fs::write(&upload, vec![b'u'; 512 << 20]).unwrap();
+    let latency = r#"
+import socket, time, sys
+n = 500
+t0 = time.perf_counter(); conn = 0.0; req = 0.0
+for i in range(n):
+    a = time.perf_counter()
+    s = socket.create_connection(("203.0.113.20", 80))
+    b = time.perf_counter()
+    s.sendall(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    s.recv(4096)
+    c = time.perf_counter()
+    s.close()
+    conn += b - a; req += c - b
+print(f"connect_us={conn / n * 1e6:.0f} first_response_us={req / n * 1e6:.0f}")
+"#;
+    let script = format!(
+        "curl -sS -o /dev/null -w 'download_MBps=%{{speed_download}}\\n' http://203.0.113.20/blob/{}; \
+         curl -sS -o /dev/null -w 'upload_MBps=%{{speed_upload}}\\n' --data-binary @{} http://203.0.113.20/up; \
+         python3 -c '{}'",
+        2u64 << 30,
+        upload.display(),
+        latency.replace('\'', "\"")
+    );
+    for (label, ns) in [("direct veth", &direct.name), ("ringfence egress", &env.sbx.name)] {
+        for round in 0..3 {
+            let o = Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c", &script])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).replace('\n', " ");
+            let mb = |key: &str| -> String {
+                text.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| format!("{:.0} MB/s", v / 1e6))
+                    .unwrap_or_else(|| "?".into())
+            };
+            let lat: Vec<&str> = text.split_whitespace().filter(|w| w.contains("_us=")).collect();
+            println!(
+                "{label} #{round}: download {} upload {} {}",
+                mb("download_MBps="),
+                mb("upload_MBps="),
+                lat.join(" ")
+            );
+            if !o.status.success() {
+                println!("  stderr: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}

@@ -223,17 +223,11 @@ fn serve_http(
     wheel: Option<(String, Vec<u8>)>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    l.set_nonblocking(true).unwrap();
     let local = l.local_addr().unwrap();
+    // Blocking accept (no polling delay in latency numbers); the thread ends with the process.
     while !stop.load(Ordering::SeqCst) {
-        let s = match l.accept() {
-            Ok((s, _)) => s,
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-        };
-        s.set_nonblocking(false).unwrap();
+        let Ok((s, _)) = l.accept() else { continue };
+        let _ = s.set_nodelay(true);
         let (hits, wheel, tls, stop) = (hits.clone(), wheel.clone(), tls.clone(), stop.clone());
         std::thread::spawn(move || {
             let _ = match tls {
@@ -307,9 +301,21 @@ fn one_request<S: Read + Write>(
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let (ctype, body): (&str, Vec<u8>) = if let Some(n) = path.strip_prefix("/blob/") {
-            ("application/octet-stream", vec![b'x'; n.parse().unwrap_or(0)])
-        } else if path.starts_with("/simple/tinypkg") {
+        if let Some(n) = path.strip_prefix("/blob/") {
+            // Streamed in chunks: benchmarks ask for gigabytes.
+            let n: usize = n.parse().unwrap_or(0);
+            w.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n").as_bytes())?;
+            let chunk = vec![b'x'; 256 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                w.write_all(&chunk[..k])?;
+                left -= k;
+            }
+            w.flush()?;
+            continue;
+        }
+        let (ctype, body): (&str, Vec<u8>) = if path.starts_with("/simple/tinypkg") {
             let (file, _) =
                 wheel.as_ref().map(|(f, b)| (f.as_str(), b.len())).unwrap_or(("none", 0));
             ("text/html", format!("<!DOCTYPE html><html><body><a href=\"/packages/{file}\">{file}</a></body></html>\n").into_bytes())
