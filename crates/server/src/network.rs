@@ -270,16 +270,21 @@ impl Network {
         let Ok(slot) = live.net.lock() else { return Value::Null };
         let Some(s) = slot.as_ref() else { return Value::Null };
         let p = &s.net.policy();
-        json!({
+        let mut v = json!({
             "allowInternetAccess": p.allow_internet_access,
             "allowOut": p.allow_out,
             "denyOut": p.deny_out,
-            "dnsServers": s.params.dns_servers,
+            "dnsServers": s.params.dns_servers.clone().unwrap_or_default(),
             "allowPublicTraffic": s.params.public.unwrap_or(self.cfg.public_default),
             "maskRequestHost": s.params.mask_request_host,
             "egressBytesPerSecond": s.net.rate(),
             "connections": s.net.connections(),
-        })
+        });
+        // The SDK reads present fields as lists and strings: absent, never null.
+        if let Value::Object(m) = &mut v {
+            m.retain(|_, x| !x.is_null());
+        }
+        v
     }
 
     /// The settings to persist with the sandbox (restored after a server restart).
