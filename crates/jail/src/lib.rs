@@ -29,6 +29,9 @@ use std::path::PathBuf;
 
 pub use launch::{JailError, Sandbox, SandboxSpec};
 
+/// Where sandboxes' sockets, stages and slot locks live unless configured otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/ringfence";
+
 /// Host-wide settings of the jail tier.
 #[derive(Debug, Clone)]
 pub struct JailConfig {
@@ -52,7 +55,7 @@ impl JailConfig {
     pub fn with_agent(agent_path: PathBuf) -> Self {
         JailConfig {
             data_dir: PathBuf::from("/var/lib/ringfence"),
-            run_dir: PathBuf::from("/run/ringfence"),
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             uid_base: 100_000_000,
             agent_path,
             cgroup_name: "ringfence".into(),

@@ -144,7 +144,14 @@ async fn read_frame(rd: &mut OwnedReadHalf) -> Result<Event, ClientError> {
 }
 
 async fn read_loop(mut rd: OwnedReadHalf, routes: Arc<Mutex<RoutesHandle>>) {
-    while let Ok(event) = read_frame(&mut rd).await {
+    loop {
+        let event = match read_frame(&mut rd).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(error = %e, "agent channel closed");
+                break;
+            }
+        };
         let Ok(mut guard) = routes.lock() else { break };
         let r = &mut guard.0;
         match event {

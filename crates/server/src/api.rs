@@ -50,6 +50,7 @@ impl From<ManagerError> for ApiError {
             ManagerError::NotFound(m) => {
                 ApiError::new(StatusCode::NOT_FOUND, format!("{m} not found"))
             }
+            ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             ManagerError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
@@ -74,6 +75,12 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(prometheus))
         .route("/audit", get(audit))
         .route("/sandboxes/{id}/network", put(update_network).get(get_network))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/snapshots", get(list_snapshots))
+        .route("/templates/{id}", delete(delete_snapshot))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
         .layer(middleware::from_fn_with_state(app.clone(), track))
@@ -118,7 +125,7 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
     };
     let live = match header("e2b-sandbox-id").or_else(|| by_host.as_ref().map(|(_, id)| id.clone()))
     {
-        Some(id) => match app.manager.get(&id) {
+        Some(id) => match app.manager.auto_resume(&id).await {
             Some(l) => l,
             None => return not_running(&id),
         },
@@ -298,28 +305,49 @@ struct CreateBody {
     #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
     allow_internet_access: Option<bool>,
     network: Option<Value>,
-    /// Pause on timeout is not implemented yet; asking for it must not silently lose state.
     auto_pause: Option<bool>,
     lifecycle: Option<Value>,
+    auto_resume: Option<Value>,
+    /// Our extension: pause or kill after this many seconds without activity.
+    idle_timeout: Option<i64>,
+    on_idle: Option<String>,
 }
 
-/// Refuses lifecycle options we cannot honour yet, instead of killing a sandbox whose caller
-/// expected it to be paused with its state kept.
-fn refuse_pause(b: &CreateBody) -> Result<(), ApiError> {
-    let pause_on_timeout = b
-        .lifecycle
-        .as_ref()
-        .and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")))
-        .is_some_and(|v| {
+/// E2B's lifecycle fields (`autoPause`, `lifecycle.onTimeout`, `autoResume`) and ours
+/// (`idleTimeout` seconds with `onIdle`: `pause` or `kill`).
+fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
+    let lc = b.lifecycle.as_ref();
+    let on_timeout = lc.and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")));
+    let pause_on_timeout = b.auto_pause == Some(true)
+        || on_timeout.is_some_and(|v| {
             v.as_str() == Some("pause") || v.get("action").and_then(Value::as_str) == Some("pause")
         });
-    if b.auto_pause == Some(true) || pause_on_timeout {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "pausing sandboxes (autoPause, onTimeout: pause) is not supported by this server yet",
-        ));
+    let auto_resume = match b.auto_resume.as_ref().or(lc.and_then(|l| l.get("autoResume"))) {
+        Some(Value::Bool(v)) => *v,
+        Some(v) => v.get("enabled").and_then(Value::as_bool).unwrap_or(false),
+        None => false,
+    };
+    let idle = b.idle_timeout.unwrap_or(0);
+    if idle < 0 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "idleTimeout must be >= 0 seconds"));
     }
-    Ok(())
+    let idle_action_pause = match b.on_idle.as_deref() {
+        None | Some("kill") => false,
+        Some("pause") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("onIdle must be \"pause\" or \"kill\", got {other:?}"),
+            ));
+        }
+    };
+    Ok(crate::store::Lifecycle {
+        pause_on_timeout,
+        auto_resume,
+        idle_timeout_ms: idle as u64 * 1000,
+        idle_action_pause,
+        ..Default::default()
+    })
 }
 
 fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
@@ -385,13 +413,15 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
-    refuse_pause(&b)?;
+    let lifecycle = lifecycle_from(&b)?;
     let params = CreateParams {
         template: b.template_id.unwrap_or_else(|| "base".into()),
         timeout: timeout_from(&app, b.timeout)?,
         metadata: b.metadata.unwrap_or_default(),
         env: b.env_vars.unwrap_or_default(),
         network: crate::network::parse(b.allow_internet_access, b.network.as_ref())?,
+        lifecycle,
+        reuse: None,
     };
     app.manager.network().validate(&params.network)?;
     let live = app.manager.create(&key.id, params).await?;
@@ -409,7 +439,22 @@ async fn detail(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
-    let live = owned(&app, &key, &id)?;
+    let live =
+        match owned(&app, &key, &id) {
+            Ok(l) => l,
+            Err(e) => {
+                // Paused with only its files kept: described from its record.
+                let Some(r) = app.manager.store().get_sandbox(&id).ok().flatten().filter(|r| {
+                    r.key_id == key.id && r.state == crate::store::SandboxState::Paused
+                }) else {
+                    return Err(e);
+                };
+                let mut v = listed_json(&r);
+                v["envdAccessToken"] = json!(r.access_token);
+                v["domain"] = json!(app.manager.network().domain());
+                return Ok(Json(v));
+            }
+        };
     let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
     let mut v = listed_json(&r);
     v["envdAccessToken"] = json!(r.access_token);
@@ -426,9 +471,153 @@ async fn kill(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let key = caller(&app, &headers).await?;
-    owned(&app, &key, &id)?;
+    if owned(&app, &key, &id).is_err() {
+        // Paused with only its files kept: nothing runs, but it still exists.
+        return match app.manager.kill_paused(&key.id, &id).await? {
+            true => Ok(StatusCode::NO_CONTENT),
+            false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found"))),
+        };
+    }
     app.manager.kill(&id, "killed by API").await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PauseBody {
+    /// Keep processes in memory (default) or only the files.
+    memory: Option<bool>,
+}
+
+async fn pause(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: PauseBody = parse_body(&body)?;
+    match app.manager.pause(&key.id, &id, b.memory.unwrap_or(true)).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => {
+            Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {id} is already paused")))
+        }
+    }
+}
+
+async fn resume(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: TimeoutBody = parse_body(&body)?;
+    let timeout = timeout_from(&app, b.timeout)?;
+    let (live, was_paused) = app.manager.resume(&key.id, &id, timeout).await?;
+    if !was_paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already running"),
+        ));
+    }
+    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    let mut v = sandbox_json(&r);
+    v["domain"] = json!(app.manager.network().domain());
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SnapshotBody {
+    name: Option<String>,
+}
+
+fn snapshot_json(s: &crate::store::SnapshotRecord) -> Value {
+    json!({"snapshotID": s.id, "names": [s.name]})
+}
+
+async fn create_snapshot(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: SnapshotBody = parse_body(&body)?;
+    let snap = app.manager.snapshot(&key.id, &id, b.name).await?;
+    Ok((StatusCode::CREATED, Json(snapshot_json(&snap))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotQuery {
+    #[serde(rename = "sandboxID")]
+    sandbox_id: Option<String>,
+    name: Option<String>,
+}
+
+async fn list_snapshots(
+    State(app): State<App>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<SnapshotQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let list = app.manager.list_snapshots(&key.id, q.sandbox_id.as_deref())?;
+    let out: Vec<Value> = list
+        .iter()
+        .filter(|s| q.name.as_ref().is_none_or(|n| &s.name == n))
+        .map(snapshot_json)
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+async fn delete_snapshot(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    match app.manager.delete_snapshot(&key.id, &id).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("snapshot {id:?} not found"))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ForkBody {
+    timeout: Option<i64>,
+    count: Option<i64>,
+}
+
+async fn fork(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: ForkBody = parse_body(&body)?;
+    let count = b.count.unwrap_or(1);
+    if !(1..=20).contains(&count) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "count must be between 1 and 20"));
+    }
+    let timeout = timeout_from(&app, b.timeout)?;
+    let results = app.manager.fork(&key.id, &id, count as u32, timeout).await?;
+    let domain = app.manager.network().domain();
+    let out: Vec<Value> = results
+        .into_iter()
+        .map(|r| match r.map(|l| l.snapshot()) {
+            Ok(Some(rec)) => {
+                let mut v = sandbox_json(&rec);
+                v["domain"] = json!(domain);
+                json!({"sandbox": v})
+            }
+            Ok(None) => json!({"error": {"code": 500, "message": "fork vanished"}}),
+            Err(e) => {
+                let ApiError(status, message) = ApiError::from(e);
+                json!({"error": {"code": status.as_u16(), "message": message}})
+            }
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(Value::Array(out))).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -461,8 +650,18 @@ async fn connect(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
-    let live = owned(&app, &key, &id)?;
     let b: TimeoutBody = parse_body(&body)?;
+    // Connecting to a paused sandbox resumes it (E2B's behaviour).
+    let paused = app
+        .manager
+        .get(&id)
+        .and_then(|l| l.snapshot())
+        .is_none_or(|r| r.state == crate::store::SandboxState::Paused);
+    if paused {
+        let timeout = timeout_from(&app, b.timeout)?;
+        app.manager.resume(&key.id, &id, timeout).await?;
+    }
+    let live = owned(&app, &key, &id)?;
     if let Some(secs) = b.timeout {
         // Connecting never shortens a sandbox's life.
         let want = crate::manager::now_ms() + timeout_from(&app, Some(secs))?.as_millis() as i64;

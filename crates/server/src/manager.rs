@@ -16,7 +16,10 @@ use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use crate::agent_client::AgentClient;
 use crate::envd::EnvdState;
 use crate::observe::{Observer, SandboxObs};
-use crate::store::{SandboxRecord, SandboxState, Store};
+use crate::store::{Lifecycle, SandboxRecord, SandboxState, Store};
+
+#[path = "lifecycle.rs"]
+mod lifecycle;
 
 /// Cgroup slots used by server sandboxes (the CLI's one-shot runs use their own).
 pub const POOL_PREFIX: &str = "srv";
@@ -51,6 +54,9 @@ pub enum ManagerError {
     BadRequest(String),
     #[error("sandbox {0:?} not found")]
     NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -67,11 +73,33 @@ pub struct Live {
     pub obs: Arc<SandboxObs>,
     /// The sandbox's network (egress policy, connections); empty once torn down.
     pub net: crate::network::NetSlot,
+    /// When the sandbox was last used, for idle timeouts.
+    pub activity: Activity,
     jail: Mutex<Option<Sandbox>>,
     supervisor: Mutex<Option<Supervisor>>,
 }
 
+/// Signs of use the idle timeout looks at.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Unix ms of the last API request for the sandbox (or of its start).
+    pub last_ms: std::sync::atomic::AtomicI64,
+    /// cgroup CPU time at the last idle check, and when that was.
+    pub cpu_ns: std::sync::atomic::AtomicU64,
+    pub cpu_checked_ms: std::sync::atomic::AtomicI64,
+}
+
 impl Live {
+    /// Marks the sandbox as used now.
+    pub fn touch(&self) {
+        self.activity.last_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes the jail handle out (dropping it kills the sandbox).
+    pub fn take_jail(&self) -> Option<Sandbox> {
+        self.jail.lock().ok().and_then(|mut j| j.take())
+    }
+
     /// Runs `f` on the jail handle, if the sandbox still has one.
     pub fn with_jail<R>(&self, f: impl FnOnce(&Sandbox) -> R) -> Option<R> {
         let guard = self.jail.lock().ok()?;
@@ -91,6 +119,19 @@ pub struct CreateParams {
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub network: crate::network::NetParams,
+    /// Pause-on-timeout, auto-resume, idle timeout; `layers` is filled from the template when
+    /// it names a snapshot.
+    pub lifecycle: Lifecycle,
+    /// Restarting a sandbox that already exists (resume after a filesystem-only pause).
+    pub reuse: Option<Reuse>,
+}
+
+/// The identity a restarted sandbox keeps.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub id: String,
+    pub access_token: String,
+    pub created_at: i64,
 }
 
 /// Owns every live sandbox.
@@ -108,6 +149,10 @@ pub struct Manager {
     live: RwLock<HashMap<String, Arc<Live>>>,
     /// Creates in flight.
     starting: std::sync::atomic::AtomicI64,
+    /// Snapshot id → the template its layers sit on (filled as snapshots are used).
+    snapshot_bases: Mutex<HashMap<String, String>>,
+    /// Serialises pause/resume/snapshot/fork per server (each is short; correctness first).
+    lifecycle_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn now_ms() -> i64 {
@@ -132,7 +177,12 @@ impl Manager {
         let host = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
         let seccomp = seccomp::default_profile(true).map_err(internal)?;
         let layout = Layout::detect().map_err(internal)?;
-        let pool = Pool::new(layout, &jail.cgroup_name, POOL_PREFIX, jail.run_dir.join("cgroups"));
+        let pool = Pool::new(
+            layout,
+            &jail.cgroup_name,
+            &pool_prefix(&jail.run_dir),
+            jail.run_dir.join("cgroups"),
+        );
         let interp = crate::interp::Runtime::new(
             &jail.run_dir,
             &cfg.interp_env,
@@ -156,6 +206,8 @@ impl Manager {
             net,
             live: RwLock::default(),
             starting: Default::default(),
+            snapshot_bases: Mutex::default(),
+            lifecycle_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -210,8 +262,16 @@ impl Manager {
         key_id: &str,
         p: CreateParams,
     ) -> Result<Arc<Live>, ManagerError> {
+        let mut p = p;
         if !TEMPLATES.contains(&p.template.as_str()) {
-            return Err(ManagerError::NotFound(format!("template {}", p.template)));
+            // A snapshot of this tenant's, used as a template.
+            let snap = self.store.get_snapshot(key_id, &p.template).map_err(internal)?;
+            let Some(snap) = snap else {
+                return Err(ManagerError::NotFound(format!("template {}", p.template)));
+            };
+            p.template = snap.id.clone();
+            p.lifecycle.layers = snap.layers.clone();
+            self.snapshot_bases.lock().map_err(internal)?.insert(snap.id, snap.template);
         }
         let begun = std::time::Instant::now();
         self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -227,13 +287,14 @@ impl Manager {
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
         let me = self.clone();
-        let name = p.template.clone();
+        let name = self.base_template(&p.template);
         let template =
             tokio::task::spawn_blocking(move || me.template(&name)).await.map_err(internal)??;
-        let id = ringfence_jail::new_sandbox_id();
+        let id = p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
         let spec = SandboxSpec {
             limits: self.cfg.limits,
             env: p.env.clone(),
+            layers: p.lifecycle.layers.iter().map(|l| self.layer_dir(l)).collect(),
             // The agent ends when the server's end of its channel closes, unless the server
             // died: then it waits for the next server to reconnect. A death signal tied to a
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.
@@ -269,8 +330,8 @@ impl Manager {
             key_id: key_id.to_string(),
             template: p.template.clone(),
             alias: Some(p.template.clone()),
-            access_token: new_token(),
-            created_at: now,
+            access_token: p.reuse.as_ref().map_or_else(new_token, |r| r.access_token.clone()),
+            created_at: p.reuse.as_ref().map_or(now, |r| r.created_at),
             end_at: now + p.timeout.as_millis() as i64,
             cpu_count: limits.cpu_millis.map_or(1, |m| (m / 1000).max(1) as u32),
             memory_mb: limits.memory.map_or(0, |m| (m >> 20) as u32),
@@ -280,6 +341,7 @@ impl Manager {
             state: SandboxState::Running,
             agent_pid: Some(sb.pid),
             cgroup_slot: sb.slot(),
+            lifecycle: p.lifecycle.clone(),
         };
         let took = begun.elapsed();
         let live = Arc::new(Live {
@@ -289,9 +351,11 @@ impl Manager {
             interp: Default::default(),
             obs: obs.clone(),
             net: Mutex::default(),
+            activity: Activity::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(supervisor),
         });
+        live.touch();
         obs.attach(&live);
         // Before anything is recorded: a sandbox whose network cannot be set up is dropped
         // (and with it killed) here.
@@ -302,20 +366,21 @@ impl Manager {
         audit.detail.insert("timeout_s".into(), serde_json::json!(p.timeout.as_secs()));
         audit.detail.insert("tier".into(), serde_json::json!("jail"));
         audit.detail.insert("pool".into(), serde_json::json!("miss"));
-        // The sandbox row, its event and the audit record commit together, before the
-        // client hears of the sandbox.
-        let store = self.store.clone();
+        // The sandbox row, its event and the audit record commit together (one fsync, inline
+        // like the store's other short writes: a hop to the blocking pool costs more than the
+        // write under load), before the client hears of the sandbox.
         let detail = serde_json::json!({
             "template": p.template,
             "network": crate::network::Network::persisted(&p.network),
         });
-        let stored = tokio::task::spawn_blocking(move || {
-            store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map(|()| audit)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        self.observer.committed(std::slice::from_ref(&stored));
+        if p.reuse.is_some() {
+            self.store.restarted(&record).map_err(internal)?;
+        } else {
+            self.store
+                .insert_sandbox_audited(&record, &detail, Some(&mut audit))
+                .map_err(internal)?;
+        }
+        self.observer.committed(std::slice::from_ref(&audit));
         self.observer.started(&obs, &p.template, took);
         tracing::info!(
             sandbox_id = %id,
@@ -324,7 +389,7 @@ impl Manager {
             "sandbox created"
         );
         self.live.write().map_err(internal)?.insert(id, live.clone());
-        if p.template == template::INTERP_TEMPLATE {
+        if self.base_template(&p.template) == template::INTERP_TEMPLATE {
             crate::interp::prestart(self.interp.clone(), live.clone());
         }
         Ok(live)
@@ -341,6 +406,10 @@ impl Manager {
             .map_err(internal)?;
         let (mut back, mut lost) = (0, 0);
         for rec in records {
+            // Paused with only its files kept: nothing runs, nothing to reattach.
+            if rec.state == SandboxState::Paused && rec.lifecycle.paused_with_memory != Some(true) {
+                continue;
+            }
             let me = self.clone();
             let r = rec.clone();
             // Adopting takes locks and may kill leftovers: keep it off the async workers.
@@ -383,12 +452,16 @@ impl Manager {
     async fn attach(&self, rec: SandboxRecord, sb: Sandbox) -> bool {
         let Ok(control) = sb.control_clone() else { return false };
         let Ok(client) = AgentClient::new(control) else { return false };
-        let ping = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.call(ringfence_proto::Request::Ping),
-        );
-        if !matches!(ping.await, Ok(Ok(ringfence_proto::Reply::Pong))) {
-            return false;
+        // A frozen (paused) agent cannot answer until resumed; its cgroup slot vouches for it.
+        if rec.state != SandboxState::Paused {
+            let ping = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.call(ringfence_proto::Request::Ping),
+            )
+            .await;
+            if !matches!(ping, Ok(Ok(ringfence_proto::Reply::Pong))) {
+                return false;
+            }
         }
         let id = rec.id.clone();
         let obs =
@@ -400,9 +473,11 @@ impl Manager {
             interp: Default::default(),
             obs: obs.clone(),
             net: Mutex::default(),
+            activity: Activity::default(),
             jail: Mutex::new(Some(sb)),
             supervisor: Mutex::new(None),
         });
+        live.touch();
         obs.attach(&live);
         // The previous server's network device died with it: make a new one, same settings.
         let saved = self.store.events_for(&id).ok().and_then(|ev| {
@@ -450,36 +525,29 @@ impl Manager {
             return false;
         };
         let begun = std::time::Instant::now();
-        // Killing and reaping block briefly; keep them off the async workers. The sandbox's
-        // last resource readings and events are taken before it goes.
-        let l = live.clone();
-        let audit = tokio::task::spawn_blocking(move || {
-            let rec = l.obs.final_record("sandbox.kill");
+        // Killing, reaping and the record block briefly: one trip to the blocking pool for all
+        // of them. The sandbox's last resource readings and events are taken before it goes.
+        let (l, store, observer) = (live.clone(), self.store.clone(), self.observer.clone());
+        let (key, why) = (id.to_string(), reason.to_string());
+        let stored = tokio::task::spawn_blocking(move || {
+            let mut rec = l.obs.final_record("sandbox.kill");
             crate::network::teardown(&l);
             let jail = l.jail.lock().ok().and_then(|mut j| j.take());
             let sup = l.supervisor.lock().ok().and_then(|mut s| s.take());
             drop(jail);
             drop(sup);
-            rec
-        })
-        .await;
-        let detail = serde_json::json!({"reason": reason});
-        let mut audit = audit.ok();
-        if let Some(rec) = audit.as_mut() {
             rec.duration_ms = Some(begun.elapsed().as_millis() as u64);
-            rec.detail.insert("reason".into(), serde_json::json!(reason));
-        }
-        let store = self.store.clone();
-        let key = id.to_string();
-        let stored = tokio::task::spawn_blocking(move || {
-            let res = store.kill_sandbox_audited(&key, &detail, audit.as_mut());
-            (res, audit)
+            rec.detail.insert("reason".into(), serde_json::json!(why));
+            let detail = serde_json::json!({"reason": why});
+            let res = store.kill_sandbox_audited(&key, &detail, Some(&mut rec));
+            if res.is_ok() {
+                observer.committed(std::slice::from_ref(&rec));
+            }
+            res
         })
         .await;
-        match stored {
-            Ok((Ok(()), Some(rec))) => self.observer.committed(std::slice::from_ref(&rec)),
-            Ok((Err(e), _)) => tracing::error!(sandbox_id = %id, error = %e, "recording a kill"),
-            _ => {}
+        if let Ok(Err(e)) = stored {
+            tracing::error!(sandbox_id = %id, error = %e, "recording a kill");
         }
         live.obs.ended();
         tracing::info!(sandbox_id = %id, reason, "sandbox killed");
@@ -512,10 +580,15 @@ impl Manager {
                 .map(|m| {
                     m.iter()
                         .filter_map(|(id, l)| {
-                            if l.client.is_closed() {
+                            let rec = l.snapshot()?;
+                            if rec.state == SandboxState::Paused {
+                                None
+                            } else if l.client.is_closed() {
                                 Some((id.clone(), "agent exited"))
-                            } else if l.record.lock().is_ok_and(|r| r.end_at <= now) {
+                            } else if rec.end_at <= now {
                                 Some((id.clone(), "timeout"))
+                            } else if self.idle_expired(l, &rec, now) {
+                                Some((id.clone(), "idle"))
                             } else {
                                 None
                             }
@@ -524,6 +597,9 @@ impl Manager {
                 })
                 .unwrap_or_default();
             for (id, why) in due {
+                if self.pause_instead(&id, why).await {
+                    continue;
+                }
                 tracing::info!(sandbox_id = %id, reason = why, "killing sandbox");
                 self.kill(&id, why).await;
             }
@@ -554,6 +630,21 @@ impl Manager {
             self.kill(&id, "server shutdown").await;
         }
     }
+}
+
+/// The cgroup slot prefix of a server: slot directories are host-wide while their locks live
+/// in the run directory, so two servers with different run directories must not share slot
+/// names (each would sweep the other's sandboxes as a dead owner's leftovers).
+pub fn pool_prefix(run_dir: &std::path::Path) -> String {
+    if run_dir == std::path::Path::new(ringfence_jail::DEFAULT_RUN_DIR) {
+        return POOL_PREFIX.to_string();
+    }
+    // FNV-1a: stable across builds, unlike the std hasher.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in run_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{POOL_PREFIX}{h:08x}")
 }
 
 /// Compares secrets in time that does not depend on where they differ, so response timing

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -92,8 +92,22 @@ CREATE INDEX audit_by_action ON audit (action, seq);
 CREATE INDEX audit_by_ts ON audit (ts, seq);
 ";
 
+const SCHEMA_V3: &str = "
+ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE snapshots (
+    id         TEXT PRIMARY KEY NOT NULL,
+    name       TEXT NOT NULL,
+    key_id     TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    template   TEXT NOT NULL,
+    layers     TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (key_id, name)
+);
+";
+
 const SANDBOX_COLUMNS: &str = "id, key_id, template, alias, access_token, created_at, end_at, \
-     cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot";
+     cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot, lifecycle";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -194,6 +208,39 @@ pub struct SandboxRecord {
     pub state: SandboxState,
     pub agent_pid: Option<i32>,
     pub cgroup_slot: Option<u32>,
+    /// Pause/resume state and the layers the sandbox's filesystem is built from.
+    pub lifecycle: Lifecycle,
+}
+
+/// What a sandbox carries across pauses, restarts and forks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Lifecycle {
+    /// Saved layer ids (under `<data-dir>/layers`), topmost first, stacked above the template.
+    pub layers: Vec<String>,
+    /// While paused: whether its processes are frozen in memory (`true`) or only its files
+    /// were kept (`false`).
+    pub paused_with_memory: Option<bool>,
+    /// Pause instead of kill when the timeout passes (E2B `autoPause` / `onTimeout: pause`).
+    pub pause_on_timeout: bool,
+    /// Resume a paused sandbox when traffic arrives for it (E2B `autoResume`).
+    pub auto_resume: bool,
+    /// Pause or kill after this long without activity (our extension; 0 = never).
+    pub idle_timeout_ms: u64,
+    pub idle_action_pause: bool,
+}
+
+/// A named snapshot: a sandbox's filesystem as layers, usable as a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub name: String,
+    pub key_id: String,
+    pub sandbox_id: String,
+    /// The template the layers sit on.
+    pub template: String,
+    pub layers: Vec<String>,
+    pub created_at: i64,
 }
 
 /// Filters and cursor for [`Store::list_sandboxes`].
@@ -461,6 +508,116 @@ impl Store {
 
     pub fn set_state(&self, id: &str, state: SandboxState) -> Result<(), StoreError> {
         self.update_sandbox(id, "state = ?2", &state)
+    }
+
+    /// Records a sandbox started again under its old id (resume after a filesystem-only pause).
+    pub fn restarted(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3, state = ?4, end_at = ?5, \
+             lifecycle = ?6 WHERE id = ?1",
+            params![
+                rec.id,
+                rec.agent_pid,
+                rec.cgroup_slot,
+                SandboxState::Running,
+                rec.end_at,
+                serde_json::to_string(&rec.lifecycle)?
+            ],
+        )?;
+        not_found_if_zero(n, &rec.id)?;
+        self.record_event(&rec.id, "resumed", &serde_json::json!({"memory": false}))
+    }
+
+    pub fn set_lifecycle(&self, id: &str, lifecycle: &Lifecycle) -> Result<(), StoreError> {
+        self.update_sandbox(id, "lifecycle = ?2", &serde_json::to_string(lifecycle)?)
+    }
+
+    // ---- Snapshots ---------------------------------------------------------------------
+
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO snapshots (id, name, key_id, sandbox_id, template, layers, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                s.id,
+                s.name,
+                s.key_id,
+                s.sandbox_id,
+                s.template,
+                serde_json::to_string(&s.layers)?,
+                s.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A tenant's snapshot by id or name.
+    pub fn get_snapshot(
+        &self,
+        key_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        let rows = self
+            .snapshots_where("key_id = ?1 AND (id = ?2 OR name = ?2)", &[&key_id, &id_or_name])?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// A tenant's snapshots, newest first, optionally only those taken from `sandbox_id`.
+    pub fn list_snapshots(
+        &self,
+        key_id: &str,
+        sandbox_id: Option<&str>,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        match sandbox_id {
+            Some(sid) => self.snapshots_where("key_id = ?1 AND sandbox_id = ?2", &[&key_id, &sid]),
+            None => self.snapshots_where("key_id = ?1", &[&key_id]),
+        }
+    }
+
+    /// Every snapshot (all tenants), for layer reference counting.
+    pub fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        self.snapshots_where("1 = 1", &[])
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM snapshots WHERE id = ?1", [id])? > 0)
+    }
+
+    fn snapshots_where(
+        &self,
+        cond: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, name, key_id, sandbox_id, template, layers, created_at FROM snapshots \
+             WHERE {cond} ORDER BY created_at DESC, id"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, key_id, sandbox_id, template, layers, created_at) = row?;
+            out.push(SnapshotRecord {
+                id,
+                name,
+                key_id,
+                sandbox_id,
+                template,
+                layers: serde_json::from_str(&layers)?,
+                created_at,
+            });
+        }
+        Ok(out)
     }
 
     /// Records (or, with `None`, clears) the agent process and cgroup slot backing a sandbox,
@@ -754,6 +911,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if current < 2 {
         tx.execute_batch(SCHEMA_V2)?;
     }
+    if current < 3 {
+        tx.execute_batch(SCHEMA_V3)?;
+    }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
@@ -768,7 +928,7 @@ fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), Store
     conn.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         params![
             rec.id,
@@ -786,6 +946,7 @@ fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), Store
             rec.state,
             rec.agent_pid,
             rec.cgroup_slot,
+            serde_json::to_string(&rec.lifecycle)?,
         ],
     )?;
     Ok(())
@@ -897,6 +1058,12 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         state: row.get(12)?,
         agent_pid: row.get(13)?,
         cgroup_slot: row.get(14)?,
+        lifecycle: {
+            let text: String = row.get(15)?;
+            serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, e.into())
+            })?
+        },
     })
 }
 
@@ -980,6 +1147,7 @@ mod tests {
             state: SandboxState::Running,
             agent_pid: None,
             cgroup_slot: None,
+            lifecycle: Lifecycle::default(),
         }
     }
 

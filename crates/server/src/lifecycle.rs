@@ -1,0 +1,461 @@
+//! Pause/resume, snapshots, forks and idle timeouts (a child module of `manager`).
+//!
+//! - **Pause with memory** freezes the sandbox's cgroup: its processes stop where they are,
+//!   use no CPU and keep their memory; resume thaws them. The sandbox stays attached (and
+//!   survives a server restart: recovery does not expect a frozen agent to answer).
+//! - **Pause without memory** saves the sandbox's upper layer as a read-only layer on disk
+//!   (frozen first, so the copy is consistent), then ends the sandbox: nothing is left running
+//!   and no memory is held. Resume starts a new sandbox under the same id and access token
+//!   whose filesystem is that layer (plus its earlier ones) under a fresh upper: the same files.
+//! - **Snapshots** save the upper layer the same way without stopping the sandbox for longer
+//!   than the copy; a snapshot is a template: sandboxes created from it share its layers.
+//! - **Forks** are a snapshot taken once and N sandboxes started from it.
+//! - **Idle timeout** (our extension) pauses or kills a sandbox after a period with no API
+//!   traffic, no CPU use and no running user processes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ringfence_proto::{Reply, Request};
+
+use super::{CreateParams, Live, Manager, ManagerError, Reuse, internal, now_ms};
+use crate::store::{SandboxRecord, SandboxState, SnapshotRecord};
+
+/// CPU below this share of one core over the idle window counts as no CPU use.
+const IDLE_CPU_SHARE: f64 = 0.01;
+
+impl Manager {
+    /// The built-in template under a template name (a snapshot's base, or the name itself).
+    pub(super) fn base_template(&self, name: &str) -> String {
+        if super::TEMPLATES.contains(&name) {
+            return name.to_string();
+        }
+        self.snapshot_bases
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .or_else(|| {
+                self.store
+                    .all_snapshots()
+                    .ok()?
+                    .into_iter()
+                    .find(|s| s.id == name)
+                    .map(|s| s.template)
+            })
+            .unwrap_or_else(|| "base".into())
+    }
+
+    /// Where layer `id` lives on the host.
+    pub(super) fn layer_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("layers").join(id)
+    }
+
+    /// Saves `live`'s upper layer as a new layer (freezing the sandbox for the copy). Returns
+    /// the layer id and the full layer list (new one first).
+    async fn save_upper(&self, live: &Arc<Live>) -> Result<(String, Vec<String>), ManagerError> {
+        let layer = format!("l{}", ringfence_jail::new_sandbox_id());
+        let dest = self.layer_dir(&layer);
+        let l = live.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let paused = l.snapshot().is_some_and(|r| r.state == SandboxState::Paused);
+            l.with_jail(|sb| {
+                // Frozen for the copy, so no file changes halfway; a host without a freezer
+                // copies a running sandbox.
+                let froze = !paused && sb.freeze().is_ok();
+                let r = ringfence_jail::layer::save(&sb.upper_dir(), &dest);
+                if froze {
+                    let _ = sb.thaw();
+                }
+                r
+            })
+        })
+        .await
+        .map_err(internal)?;
+        match saved {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(internal(e)),
+            None => return Err(ManagerError::NotFound("sandbox is gone".into())),
+        }
+        let mut layers = vec![layer.clone()];
+        layers.extend(live.snapshot().map(|r| r.lifecycle.layers).unwrap_or_default());
+        Ok((layer, layers))
+    }
+
+    /// Pauses a running sandbox. `memory`: keep its processes frozen in memory; otherwise keep
+    /// only its files. Returns false if it was already paused.
+    pub async fn pause(&self, key_id: &str, id: &str, memory: bool) -> Result<bool, ManagerError> {
+        let _serial = self.lifecycle_lock.lock().await;
+        let Some(live) = self.get(id).filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
+        else {
+            return match self.store.get_sandbox(id).map_err(internal)? {
+                Some(r) if r.key_id == key_id && r.state == SandboxState::Paused => Ok(false),
+                _ => Err(ManagerError::NotFound(id.into())),
+            };
+        };
+        let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        if rec.state == SandboxState::Paused {
+            return Ok(false);
+        }
+        if memory {
+            let l = live.clone();
+            tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.freeze()))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?
+                .map_err(internal)?;
+            let mut lc = rec.lifecycle.clone();
+            lc.paused_with_memory = Some(true);
+            self.set_paused(&live, lc, "paused", true)?;
+            return Ok(true);
+        }
+        let (_, layers) = self.save_upper(&live).await?;
+        let mut lc = rec.lifecycle.clone();
+        lc.layers = layers;
+        lc.paused_with_memory = Some(false);
+        self.set_paused(&live, lc, "paused", false)?;
+        // Nothing of it keeps running: the jail handle's drop kills the agent and frees the slot.
+        if let Some(l) = self.live.write().ok().and_then(|mut m| m.remove(id)) {
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::network::teardown(&l);
+                drop(l.take_jail());
+                l.obs.ended();
+            })
+            .await;
+        }
+        self.store.set_agent(id, None, None).map_err(internal)?;
+        Ok(true)
+    }
+
+    fn set_paused(
+        &self,
+        live: &Live,
+        lc: crate::store::Lifecycle,
+        event: &str,
+        memory: bool,
+    ) -> Result<(), ManagerError> {
+        if let Ok(mut r) = live.record.lock() {
+            r.state = SandboxState::Paused;
+            r.lifecycle = lc.clone();
+        }
+        self.store.set_lifecycle(&live_id(live), &lc).map_err(internal)?;
+        self.store.set_state(&live_id(live), SandboxState::Paused).map_err(internal)?;
+        let _ =
+            self.store.record_event(&live_id(live), event, &serde_json::json!({"memory": memory}));
+        tracing::info!(sandbox_id = %live_id(live), memory, "sandbox paused");
+        Ok(())
+    }
+
+    /// Resumes a paused sandbox (thawed, or restarted from its saved files) and gives it
+    /// `timeout` to live. Returns the sandbox and whether it was paused.
+    pub async fn resume(
+        self: &Arc<Self>,
+        key_id: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(Arc<Live>, bool), ManagerError> {
+        let _serial = self.lifecycle_lock.lock().await;
+        if let Some(live) = self.get(id) {
+            let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            if rec.key_id != key_id {
+                return Err(ManagerError::NotFound(id.into()));
+            }
+            if rec.state != SandboxState::Paused {
+                return Ok((live, false));
+            }
+            let l = live.clone();
+            tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.thaw()))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?
+                .map_err(internal)?;
+            let end = now_ms() + timeout.as_millis() as i64;
+            let mut lc = rec.lifecycle.clone();
+            lc.paused_with_memory = None;
+            if let Ok(mut r) = live.record.lock() {
+                r.state = SandboxState::Running;
+                r.end_at = end;
+                r.lifecycle = lc.clone();
+            }
+            live.touch();
+            self.store.set_state(id, SandboxState::Running).map_err(internal)?;
+            self.store.set_end_at(id, end).map_err(internal)?;
+            self.store.set_lifecycle(id, &lc).map_err(internal)?;
+            let _ = self.store.record_event(id, "resumed", &serde_json::json!({"memory": true}));
+            return Ok((live, true));
+        }
+        let rec = self.store.get_sandbox(id).map_err(internal)?;
+        let Some(rec) = rec.filter(|r| r.key_id == key_id && r.state == SandboxState::Paused)
+        else {
+            return Err(ManagerError::NotFound(id.into()));
+        };
+        let mut lc = rec.lifecycle.clone();
+        lc.paused_with_memory = None;
+        let params = CreateParams {
+            template: rec.template.clone(),
+            timeout,
+            metadata: rec.metadata.clone(),
+            env: rec.env.clone(),
+            network: crate::network::NetParams::recovered_default(),
+            lifecycle: lc,
+            reuse: Some(Reuse {
+                id: rec.id.clone(),
+                access_token: rec.access_token.clone(),
+                created_at: rec.created_at,
+            }),
+        };
+        let live = self.start(key_id, params, std::time::Instant::now()).await?;
+        Ok((live, true))
+    }
+
+    /// Saves a running sandbox's files as a named snapshot (usable as a template).
+    pub async fn snapshot(
+        &self,
+        key_id: &str,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<SnapshotRecord, ManagerError> {
+        let _serial = self.lifecycle_lock.lock().await;
+        let live = self
+            .get(id)
+            .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
+            .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        if let Some(n) = &name {
+            if n.is_empty() || n.len() > 128 || super::TEMPLATES.contains(&n.as_str()) {
+                return Err(ManagerError::BadRequest(format!(
+                    "snapshot name {n:?} must be 1-128 characters and not a built-in template"
+                )));
+            }
+            if self.store.get_snapshot(key_id, n).map_err(internal)?.is_some() {
+                return Err(ManagerError::BadRequest(format!("a snapshot named {n:?} exists")));
+            }
+        }
+        let (layer, layers) = self.save_upper(&live).await?;
+        let snap = SnapshotRecord {
+            id: format!("snap-{layer}"),
+            name: name.unwrap_or_else(|| format!("snap-{layer}")),
+            key_id: key_id.into(),
+            sandbox_id: id.into(),
+            template: self.base_template(&rec.template),
+            layers,
+            created_at: now_ms(),
+        };
+        if let Err(e) = self.store.insert_snapshot(&snap) {
+            let _ = std::fs::remove_dir_all(self.layer_dir(&layer));
+            return Err(internal(e));
+        }
+        let _ = self.store.record_event(id, "snapshot", &serde_json::json!({"snapshot": snap.id}));
+        Ok(snap)
+    }
+
+    pub fn list_snapshots(
+        &self,
+        key_id: &str,
+        sandbox_id: Option<&str>,
+    ) -> Result<Vec<SnapshotRecord>, ManagerError> {
+        self.store.list_snapshots(key_id, sandbox_id).map_err(internal)
+    }
+
+    /// Deletes a snapshot; refused while a sandbox (running or paused) or another snapshot
+    /// still uses its files. Returns false if there is no such snapshot.
+    pub async fn delete_snapshot(&self, key_id: &str, id: &str) -> Result<bool, ManagerError> {
+        let _serial = self.lifecycle_lock.lock().await;
+        let Some(snap) = self.store.get_snapshot(key_id, id).map_err(internal)? else {
+            return Ok(false);
+        };
+        let own = snap.layers.first().cloned().unwrap_or_default();
+        let users: Vec<String> = self
+            .store
+            .live_sandboxes()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|r| r.template == snap.id || r.lifecycle.layers.contains(&own))
+            .map(|r| r.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(ManagerError::Conflict(format!(
+                "snapshot {} is in use by sandbox(es) {}: kill them first",
+                snap.id,
+                users.join(", ")
+            )));
+        }
+        let others = self.store.all_snapshots().map_err(internal)?;
+        if let Some(o) = others.iter().find(|o| o.id != snap.id && o.layers.contains(&own)) {
+            return Err(ManagerError::Conflict(format!(
+                "snapshot {} is the base of snapshot {}: delete that first",
+                snap.id, o.id
+            )));
+        }
+        self.store.delete_snapshot(&snap.id).map_err(internal)?;
+        self.collect_layers().await;
+        Ok(true)
+    }
+
+    /// Removes layer directories nothing refers to any more.
+    pub(super) async fn collect_layers(&self) {
+        let Ok(sandboxes) = self.store.live_sandboxes() else { return };
+        let Ok(snaps) = self.store.all_snapshots() else { return };
+        let mut used: std::collections::HashSet<String> = Default::default();
+        for r in &sandboxes {
+            used.extend(r.lifecycle.layers.iter().cloned());
+        }
+        for s in &snaps {
+            used.extend(s.layers.iter().cloned());
+        }
+        let dir = self.cfg.data_dir.join("layers");
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(rd) = std::fs::read_dir(&dir) else { return };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && !used.contains(&name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Makes `count` running sandboxes from `id`'s current files (one saved layer, shared).
+    pub async fn fork(
+        self: &Arc<Self>,
+        key_id: &str,
+        id: &str,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Arc<Live>, ManagerError>>, ManagerError> {
+        let (rec, layers) = {
+            let _serial = self.lifecycle_lock.lock().await;
+            let live = self
+                .get(id)
+                .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
+                .ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            if rec.state == SandboxState::Paused {
+                return Err(ManagerError::Conflict(format!(
+                    "sandbox {id} is paused: resume it first"
+                )));
+            }
+            let (_, layers) = self.save_upper(&live).await?;
+            (rec, layers)
+        };
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut lc = crate::store::Lifecycle { layers: layers.clone(), ..Default::default() };
+            lc.auto_resume = rec.lifecycle.auto_resume;
+            let params = CreateParams {
+                template: rec.template.clone(),
+                timeout,
+                metadata: rec.metadata.clone(),
+                env: rec.env.clone(),
+                network: crate::network::NetParams::recovered_default(),
+                lifecycle: lc,
+                reuse: None,
+            };
+            out.push(self.start(key_id, params, std::time::Instant::now()).await);
+        }
+        // A fork whose every child failed leaves a layer nobody uses.
+        self.collect_layers().await;
+        Ok(out)
+    }
+
+    /// The live sandbox `id` for sandbox traffic: a paused one is resumed first when its
+    /// lifecycle asks for it (E2B `autoResume`), otherwise it is not reachable. Counts as use.
+    pub async fn auto_resume(self: &Arc<Self>, id: &str) -> Option<Arc<Live>> {
+        let rec = match self.get(id) {
+            Some(l) => {
+                let rec = l.snapshot()?;
+                if rec.state != SandboxState::Paused {
+                    l.touch();
+                    return Some(l);
+                }
+                rec
+            }
+            None => self.store.get_sandbox(id).ok().flatten()?,
+        };
+        if rec.state != SandboxState::Paused || !rec.lifecycle.auto_resume {
+            return None;
+        }
+        let timeout = Duration::from_millis(self.cfg.default_timeout.as_millis() as u64);
+        let (live, _) = self.resume(&rec.key_id, id, timeout).await.ok()?;
+        Some(live)
+    }
+
+    /// Ends a paused sandbox that is not running (files only). False if there is none.
+    pub async fn kill_paused(&self, key_id: &str, id: &str) -> Result<bool, ManagerError> {
+        let _serial = self.lifecycle_lock.lock().await;
+        match self.store.get_sandbox(id).map_err(internal)? {
+            Some(r) if r.key_id == key_id && r.state == SandboxState::Paused => {
+                self.store.set_state(id, SandboxState::Killed).map_err(internal)?;
+                let _ =
+                    self.store.record_event(id, "killed", &serde_json::json!({"reason": "api"}));
+                drop(_serial);
+                self.collect_layers().await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether `live` has been idle (no API traffic, no CPU use) for its idle timeout; the
+    /// reaper then confirms there are no user processes before acting.
+    pub(super) fn idle_expired(&self, live: &Live, rec: &SandboxRecord, now: i64) -> bool {
+        let window = rec.lifecycle.idle_timeout_ms;
+        if window == 0 {
+            return false;
+        }
+        let cpu = live.with_jail(|sb| sb.usage().and_then(|u| u.cpu_ns)).flatten().unwrap_or(0);
+        let a = &live.activity;
+        let prev_cpu = a.cpu_ns.swap(cpu, Ordering::Relaxed);
+        let busy_ns = cpu.saturating_sub(prev_cpu);
+        let since = a.cpu_checked_ms.swap(now, Ordering::Relaxed);
+        let elapsed_ns = (now - since).max(1) as f64 * 1e6;
+        if since == 0 || busy_ns as f64 / elapsed_ns > IDLE_CPU_SHARE {
+            live.touch();
+            return false;
+        }
+        now - a.last_ms.load(Ordering::Relaxed) >= window as i64
+    }
+
+    /// For a sandbox that should end (`why`): pause it instead when its lifecycle says so.
+    /// True if it was paused (or is no longer there to act on).
+    pub(super) async fn pause_instead(&self, id: &str, why: &str) -> bool {
+        let Some(live) = self.get(id) else { return true };
+        let Some(rec) = live.snapshot() else { return true };
+        if why == "idle" && self.has_user_processes(&live).await {
+            live.touch();
+            return true;
+        }
+        let pause = match why {
+            "timeout" => rec.lifecycle.pause_on_timeout,
+            "idle" => rec.lifecycle.idle_action_pause,
+            _ => false,
+        };
+        if !pause {
+            return false;
+        }
+        match self.pause(&rec.key_id, id, true).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "pause on {why} failed; killing");
+                false
+            }
+        }
+    }
+
+    async fn has_user_processes(&self, live: &Live) -> bool {
+        let call = live.client.call(Request::ListProcesses);
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(Reply::Processes(list))) => list.iter().any(|p| {
+                !p.spec.tag.as_deref().is_some_and(|t| t.starts_with("ringfence-kernel-"))
+            }),
+            // Unsure: treat as busy rather than pause a sandbox in the middle of something.
+            _ => true,
+        }
+    }
+}
+
+fn live_id(live: &Live) -> String {
+    live.snapshot().map(|r| r.id).unwrap_or_default()
+}

@@ -1,0 +1,175 @@
+"""Pause/resume, snapshots and forks through the unmodified `e2b` SDK (issue 5), including the
+20-cycle pause/resume contract: each cycle writes a file, checks every earlier file and a
+long-lived process, pauses (alternating memory and filesystem-only) and resumes.
+
+Run by scripts/conformance.sh with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY set. The
+`before`/`after` modes check that a paused sandbox survives a server restart.
+"""
+
+import sys
+import time
+
+from e2b import Sandbox
+from e2b.exceptions import SandboxException
+
+checks = 0
+
+
+def check(name, cond, detail=""):
+    global checks
+    checks += 1
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok   {name}")
+
+
+def frozen_process_keeps_running_state(s):
+    """A background counter: after a memory pause it continues from where it was."""
+    s.commands.run("sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done'",
+                   background=True)
+    time.sleep(0.5)
+
+
+def contract(s):
+    frozen_process_keeps_running_state(s)
+    pid = s.commands.run("pgrep -f 'while true' | head -n1").stdout.strip()
+    check("a long-lived process is running", pid.isdigit(), pid)
+    for cycle in range(20):
+        s.files.write(f"/home/user/cycle-{cycle}.txt", f"data {cycle}")
+        memory = cycle % 2 == 0
+        before = int(s.files.read("/tmp/counter").strip() or 0)
+        s.pause(mode="full" if memory else "filesystem")
+        state = s.get_info().state
+        assert getattr(state, "value", state) == "paused", state
+        if memory:
+            time.sleep(0.3)
+        s.connect()
+        for c in range(cycle + 1):
+            got = s.files.read(f"/home/user/cycle-{c}.txt")
+            assert got == f"data {c}", (cycle, c, got)
+        if memory:
+            # The same process, resumed: its counter was frozen and now moves on.
+            still = s.commands.run(f"kill -0 {pid} && echo alive").stdout.strip()
+            assert still == "alive", (cycle, still)
+            after = int(s.files.read("/tmp/counter").strip() or 0)
+            assert after >= before, (cycle, before, after)
+        else:
+            # A filesystem-only pause ends processes: start the counter again.
+            frozen_process_keeps_running_state(s)
+            pid = s.commands.run("pgrep -f 'while true' | head -n1").stdout.strip()
+    check("20 pause/resume cycles keep every file, and the process across memory pauses", True)
+
+
+def snapshots():
+    s = Sandbox.create()
+    try:
+        s.files.write("/home/user/base.txt", "from the snapshot")
+        s.files.write("/home/user/gone.txt", "deleted later")
+        snap = s.create_snapshot(name=f"snap-test-{int(time.time() * 1000)}")
+        check("a snapshot is created", bool(snap.snapshot_id), snap)
+        listed = [x.snapshot_id for x in s.list_snapshots().next_items()]
+        check("snapshots are listed", snap.snapshot_id in listed, listed)
+        t = Sandbox.create(template=snap.snapshot_id)
+        try:
+            check("a sandbox made from the snapshot has its files",
+                  t.files.read("/home/user/base.txt") == "from the snapshot")
+            # A deletion in a sandbox made from a snapshot is kept by the next snapshot (a
+            # whiteout over the lower layer's file).
+            t.files.remove("/home/user/gone.txt")
+            snap2 = t.create_snapshot()
+            u = Sandbox.create(template=snap2.snapshot_id)
+            try:
+                check("layers stack: a deleted file stays deleted in a snapshot of a snapshot",
+                      not u.files.exists("/home/user/gone.txt")
+                      and u.files.read("/home/user/base.txt") == "from the snapshot")
+            finally:
+                u.kill()
+            try:
+                Sandbox.delete_snapshot(snap.snapshot_id)
+                check("a snapshot under another snapshot cannot be deleted", False, "deleted")
+            except SandboxException as e:
+                check("a snapshot under another snapshot cannot be deleted", "delete that first" in str(e) or "in use" in str(e), e)
+            t.files.write("/home/user/base.txt", "changed in the copy")
+            check("the snapshot's layer is shared read-only: the source is unchanged",
+                  s.files.read("/home/user/base.txt") == "from the snapshot")
+            try:
+                Sandbox.delete_snapshot(snap.snapshot_id)
+                check("deleting a snapshot in use is refused", False, "deleted")
+            except SandboxException as e:
+                check("deleting a snapshot in use is refused with a clear error", "in use" in str(e), e)
+        finally:
+            t.kill()
+        check("the dependent snapshot is deleted", Sandbox.delete_snapshot(snap2.snapshot_id) is True)
+        check("an unused snapshot is deleted", Sandbox.delete_snapshot(snap.snapshot_id) is True)
+        check("deleting it again says not found", Sandbox.delete_snapshot(snap.snapshot_id) is False)
+    finally:
+        s.kill()
+
+
+def forks():
+    s = Sandbox.create()
+    try:
+        s.files.write("/home/user/parent.txt", "p")
+        kids = s.fork(count=3)
+        check("fork(count=3) makes three sandboxes", len(kids) == 3 and all(isinstance(k, Sandbox) for k in kids), kids)
+        try:
+            ids = {k.sandbox_id for k in kids} | {s.sandbox_id}
+            check("each fork is its own sandbox", len(ids) == 4, ids)
+            check("forks have the parent's files", all(k.files.read("/home/user/parent.txt") == "p" for k in kids))
+            kids[0].files.write("/home/user/parent.txt", "changed")
+            check("copy-on-write: a fork's change stays its own",
+                  kids[1].files.read("/home/user/parent.txt") == "p" and s.files.read("/home/user/parent.txt") == "p")
+        finally:
+            for k in kids:
+                k.kill()
+    finally:
+        s.kill()
+
+
+def before_restart():
+    a = Sandbox.create(timeout=600)
+    a.files.write("/home/user/keep.txt", "frozen")
+    a.commands.run("sleep 3600", background=True)
+    a.pause()
+    b = Sandbox.create(timeout=600)
+    b.files.write("/home/user/keep.txt", "files only")
+    b.pause(mode="filesystem")
+    print(a.sandbox_id, b.sandbox_id)
+
+
+def after_restart(a_id, b_id):
+    a = Sandbox.connect(a_id)
+    check("a memory-paused sandbox survives a server restart",
+          a.files.read("/home/user/keep.txt") == "frozen"
+          and "sleep 3600" in a.commands.run("ps -eo args").stdout)
+    b = Sandbox.connect(b_id)
+    check("a filesystem-paused sandbox survives a server restart",
+          b.files.read("/home/user/keep.txt") == "files only")
+    a.kill()
+    b.kill()
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "before":
+        before_restart()
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "after":
+        after_restart(sys.argv[2], sys.argv[3])
+        return
+    s = Sandbox.create(timeout=600)
+    try:
+        s.files.write("/home/user/x.txt", "1")
+        check("pause returns true", s.pause() is True)
+        check("pausing again is a no-op", Sandbox.pause(s.sandbox_id) is False)
+        s.connect()
+        check("connect resumes a paused sandbox", s.files.read("/home/user/x.txt") == "1")
+        contract(s)
+    finally:
+        s.kill()
+    snapshots()
+    forks()
+    print(f"lifecycle conformance: {checks} checks passed")
+
+
+if __name__ == "__main__":
+    main()
