@@ -822,12 +822,12 @@ impl Execution {
     }
 
     /// Records the execution's end; returns once the record is stored.
+    ///
+    /// Inline, not on the blocking pool: a few cgroup reads and one commit, like the store's
+    /// other short writes, cost less than the two thread hops would under load.
     pub async fn finish(mut self, out: Outcome) {
-        let sb = self.sb.clone();
-        let rec = tokio::task::spawn_blocking(move || self.build(out)).await;
-        if let Ok(rec) = rec {
-            sb.observer.record(rec).await;
-        }
+        let mut rec = self.build(out);
+        self.sb.observer.store_now(&mut rec);
     }
 }
 

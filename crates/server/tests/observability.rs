@@ -178,6 +178,9 @@ impl Server {
             }
             if !v["event"]["end"].is_null() {
                 end = v["event"]["end"].clone();
+            } else if rest[0] & 2 != 0 && end.is_null() {
+                // The end-of-stream frame: an error here means the process never ended.
+                end = v.clone();
             }
             rest = &rest[5 + n..];
         }
@@ -739,8 +742,8 @@ del block
 time.sleep(2)
 print('done')
 \"";
-    let (out, _) = srv.run(&sb, script);
-    assert_eq!(out, "done\n");
+    let (out, end) = srv.run(&sb, script);
+    assert_eq!(out, "done\n", "{end}");
     let recs = srv.audit_until("action=alert.*", |r| {
         !of_action(r, "alert.memory").is_empty() && !of_action(r, "alert.cpu").is_empty()
     });
