@@ -500,6 +500,10 @@ async fn write_input(input: &Input, data: &[u8]) -> Result<(), AgentError> {
 async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentError> {
     match req {
         Request::Ping => Ok(Reply::Pong),
+        Request::SetEnv { env } => {
+            crate::spawn::set_sandbox_env(env);
+            Ok(Reply::Done)
+        }
         Request::Spawn(spec) => start(state, id, spec).map(|pid| Reply::Spawned { pid }),
         Request::Attach { pid } => {
             let mut procs = state.procs.borrow_mut();

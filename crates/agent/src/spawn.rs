@@ -5,19 +5,22 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
 use ringfence_proto::{AgentError, ErrorKind, SpawnSpec};
 
 /// The `PATH` every sandbox process starts with.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The sandbox-wide environment from setup, fixed for the agent's lifetime.
-static SANDBOX_ENV: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+/// The sandbox-wide environment: from setup, replaced when a pooled sandbox is handed to its
+/// owner ([`ringfence_proto::Request::SetEnv`]).
+static SANDBOX_ENV: std::sync::RwLock<BTreeMap<String, String>> =
+    std::sync::RwLock::new(BTreeMap::new());
 
-/// Records the sandbox-wide environment (once, during setup).
+/// Sets the sandbox-wide environment for processes started from now on.
 pub fn set_sandbox_env(env: BTreeMap<String, String>) {
-    let _ = SANDBOX_ENV.set(env);
+    if let Ok(mut g) = SANDBOX_ENV.write() {
+        *g = env;
+    }
 }
 
 fn err(kind: ErrorKind, message: String) -> AgentError {
@@ -46,8 +49,8 @@ pub fn command(spec: &SpawnSpec, controlling_tty: bool) -> Result<Command, Agent
         .map_err(|_| err(ErrorKind::InvalidArgument, "working directory contains NUL".into()))?;
     let mut cmd = Command::new(&spec.cmd);
     cmd.args(&spec.args).env_clear().env("PATH", PATH).env("HOME", home).env("LANG", "C.UTF-8");
-    if let Some(env) = SANDBOX_ENV.get() {
-        cmd.envs(env);
+    if let Ok(env) = SANDBOX_ENV.read() {
+        cmd.envs(env.iter());
     }
     cmd.envs(&spec.env);
     let uid = spec.user.uid();

@@ -53,6 +53,14 @@ pub struct ServeArgs {
     /// the server runs, but the code-interpreter-v1 template is unavailable.
     #[arg(long, default_value = ringfence_jail::template::DEFAULT_INTERP_ENV)]
     interp_env: std::path::PathBuf,
+    /// Keep this many sandboxes of a template started ahead of demand, e.g.
+    /// `--pool base=4 --pool code-interpreter-v1=2` (repeatable). A create that finds one
+    /// only assigns it.
+    #[arg(long = "pool", value_name = "TEMPLATE=N", value_parser = parse_pool)]
+    pools: Vec<(String, usize)>,
+    /// Memory the pooled sandboxes may hold in all; the pool stops filling beyond it.
+    #[arg(long, default_value = "2G", value_parser = limits::parse_size)]
+    pool_memory: u64,
     #[command(flatten)]
     net: NetArgs,
     /// Log format on stderr.
@@ -214,6 +222,8 @@ pub fn main(args: ServeArgs) -> ExitCode {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             interp_env: args.interp_env,
+            pool_sizes: args.pools.iter().cloned().collect(),
+            pool_memory: args.pool_memory,
             network,
         },
         observe: ObserveConfig {
@@ -358,4 +368,20 @@ pub fn audit(args: AuditArgs) -> ExitCode {
             _ => return ExitCode::SUCCESS,
         }
     }
+}
+
+/// `TEMPLATE=N` for `--pool`.
+fn parse_pool(s: &str) -> Result<(String, usize), String> {
+    let (t, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected TEMPLATE=N"))?;
+    let n: usize = n.parse().map_err(|_| format!("{s:?}: N must be a whole number"))?;
+    if !ringfence_server::manager::TEMPLATES.contains(&t) {
+        return Err(format!(
+            "{t:?} is not a built-in template ({})",
+            ringfence_server::manager::TEMPLATES.join(", ")
+        ));
+    }
+    if n > 256 {
+        return Err(format!("{s:?}: at most 256 pooled sandboxes per template"));
+    }
+    Ok((t.to_string(), n))
 }

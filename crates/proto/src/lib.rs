@@ -155,6 +155,11 @@ pub struct SpawnSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     Ping,
+    /// Replaces the sandbox-wide environment for processes started from now on (a pooled
+    /// sandbox handed to its owner).
+    SetEnv {
+        env: BTreeMap<String, String>,
+    },
     Spawn(SpawnSpec),
     /// Re-subscribe to a running process's output and exit (E2B's `Connect`).
     Attach {

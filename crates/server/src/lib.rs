@@ -72,6 +72,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         tracing::info!(reattached = back, lost, "recovered sandboxes of the previous server");
     }
     tokio::spawn(manager.clone().reap_loop());
+    tokio::spawn(manager.clone().pool_loop());
     tokio::spawn(manager.clone().sample_loop());
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();

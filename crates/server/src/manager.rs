@@ -45,6 +45,9 @@ pub struct ManagerConfig {
     pub interp_env: PathBuf,
     /// Egress policy ceiling, DNS upstream, inbound routing (`crate::network`).
     pub network: crate::network::NetworkConfig,
+    /// Warm pool: pre-started sandboxes per template, and the memory they may hold in all.
+    pub pool_sizes: BTreeMap<String, usize>,
+    pub pool_memory: u64,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -153,6 +156,20 @@ pub struct Manager {
     snapshot_bases: Mutex<HashMap<String, String>>,
     /// Serialises pause/resume/snapshot/fork per server (each is short; correctness first).
     lifecycle_lock: tokio::sync::Mutex<()>,
+    /// Pre-started sandboxes nobody owns yet, by template.
+    warm: Mutex<HashMap<String, std::collections::VecDeque<Warm>>>,
+    pub pool_hits: std::sync::atomic::AtomicU64,
+    pub pool_misses: std::sync::atomic::AtomicU64,
+}
+
+/// A pooled sandbox: its jail is up and its agent ready; identity, owner, env, metadata and
+/// timeout are applied when a create claims it.
+#[derive(Debug)]
+struct Warm {
+    id: String,
+    sb: Sandbox,
+    control: std::os::unix::net::UnixStream,
+    listener: Option<std::os::fd::OwnedFd>,
 }
 
 pub fn now_ms() -> i64 {
@@ -208,6 +225,9 @@ impl Manager {
             starting: Default::default(),
             snapshot_bases: Mutex::default(),
             lifecycle_lock: tokio::sync::Mutex::new(()),
+            warm: Mutex::default(),
+            pool_hits: Default::default(),
+            pool_misses: Default::default(),
         })
     }
 
@@ -286,15 +306,43 @@ impl Manager {
         p: CreateParams,
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
+        let pooled = if p.reuse.is_none() && p.lifecycle.layers.is_empty() {
+            self.take_warm(&p.template)
+        } else {
+            None
+        };
+        let pool_label = if pooled.is_some() { "hit" } else { "miss" };
+        let (id, started) = match pooled {
+            Some(w) => (w.id, (w.sb, w.control, w.listener)),
+            None => {
+                let id =
+                    p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
+                let layers = p.lifecycle.layers.clone();
+                let started =
+                    self.clone().spawn_jail(&p.template, id.clone(), p.env.clone(), layers).await?;
+                (id, started)
+            }
+        };
+        self.finish_start(key_id, p, begun, id, started, pool_label).await
+    }
+
+    /// Starts a jail for template `template` (blocking work on the blocking pool).
+    async fn spawn_jail(
+        self: Arc<Self>,
+        template_name: &str,
+        id: String,
+        env: BTreeMap<String, String>,
+        layers: Vec<String>,
+    ) -> Result<(Sandbox, std::os::unix::net::UnixStream, Option<std::os::fd::OwnedFd>), ManagerError>
+    {
         let me = self.clone();
-        let name = self.base_template(&p.template);
+        let name = self.base_template(template_name);
         let template =
             tokio::task::spawn_blocking(move || me.template(&name)).await.map_err(internal)??;
-        let id = p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
         let spec = SandboxSpec {
             limits: self.cfg.limits,
-            env: p.env.clone(),
-            layers: p.lifecycle.layers.iter().map(|l| self.layer_dir(l)).collect(),
+            env,
+            layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
             // The agent ends when the server's end of its channel closes, unless the server
             // died: then it waits for the next server to reconnect. A death signal tied to a
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.
@@ -314,6 +362,19 @@ impl Manager {
         })
         .await
         .map_err(internal)??;
+        Ok(started)
+    }
+
+    /// Everything after the jail is up: identity, supervision, network, the record.
+    async fn finish_start(
+        self: &Arc<Self>,
+        key_id: &str,
+        p: CreateParams,
+        begun: std::time::Instant,
+        id: String,
+        started: (Sandbox, std::os::unix::net::UnixStream, Option<std::os::fd::OwnedFd>),
+        pool_label: &'static str,
+    ) -> Result<Arc<Live>, ManagerError> {
         let (sb, control, listener) = started;
         let limits = self.cfg.limits;
         let obs = self.observer.sandbox(&id, key_id, limits.cpu_millis.unwrap_or(1000));
@@ -324,6 +385,14 @@ impl Manager {
             None => None,
         };
         let client = AgentClient::new(control).map_err(internal)?;
+        if pool_label == "hit" && !p.env.is_empty() {
+            // A pooled sandbox started with no env: set it before the client hears of the
+            // sandbox, so every process it starts sees it.
+            client
+                .call(ringfence_proto::Request::SetEnv { env: p.env.clone() })
+                .await
+                .map_err(internal)?;
+        }
         let now = now_ms();
         let record = SandboxRecord {
             id: id.clone(),
@@ -365,7 +434,7 @@ impl Manager {
         audit.detail.insert("template".into(), serde_json::json!(p.template));
         audit.detail.insert("timeout_s".into(), serde_json::json!(p.timeout.as_secs()));
         audit.detail.insert("tier".into(), serde_json::json!("jail"));
-        audit.detail.insert("pool".into(), serde_json::json!("miss"));
+        audit.detail.insert("pool".into(), serde_json::json!(pool_label));
         // The sandbox row, its event and the audit record commit together (one fsync, inline
         // like the store's other short writes: a hop to the blocking pool costs more than the
         // write under load), before the client hears of the sandbox.
@@ -381,7 +450,7 @@ impl Manager {
                 .map_err(internal)?;
         }
         self.observer.committed(std::slice::from_ref(&audit));
-        self.observer.started(&obs, &p.template, took);
+        self.observer.started(&obs, &p.template, took, pool_label);
         tracing::info!(
             sandbox_id = %id,
             template = %p.template,
@@ -444,6 +513,14 @@ impl Manager {
                     &serde_json::json!({"reason": "agent gone after server restart"}),
                 );
             }
+        }
+        // Whatever an earlier server left in slots nobody holds now (its pooled sandboxes,
+        // which were never recorded) is swept.
+        let pool = self.pool.clone();
+        if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || pool.collect_garbage()).await
+            && n > 0
+        {
+            tracing::info!(processes = n, "swept unrecorded sandboxes of an earlier server");
         }
         Ok((back, lost))
     }
@@ -624,8 +701,85 @@ impl Manager {
         }
     }
 
+    /// A pooled sandbox of `template`, if one is waiting.
+    fn take_warm(&self, template: &str) -> Option<Warm> {
+        if !self.cfg.pool_sizes.contains_key(template) {
+            return None;
+        }
+        let w = self.warm.lock().ok()?.get_mut(template)?.pop_front();
+        let counter = if w.is_some() { &self.pool_hits } else { &self.pool_misses };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        w
+    }
+
+    /// Pooled sandboxes waiting, by template.
+    pub fn pool_sizes(&self) -> BTreeMap<String, usize> {
+        self.warm
+            .lock()
+            .map(|m| m.iter().map(|(t, q)| (t.clone(), q.len())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Keeps every configured pool full, within the memory budget. Runs forever.
+    pub async fn pool_loop(self: Arc<Self>) {
+        if self.cfg.pool_sizes.is_empty() {
+            return;
+        }
+        loop {
+            let mut started = false;
+            for (template, &want) in &self.cfg.pool_sizes {
+                let have = match self.warm.lock() {
+                    Ok(m) => m.get(template).map_or(0, |q| q.len()),
+                    Err(_) => return,
+                };
+                if have >= want || !self.pool_has_memory() {
+                    continue;
+                }
+                let id = ringfence_jail::new_sandbox_id();
+                match self
+                    .clone()
+                    .spawn_jail(template, id.clone(), BTreeMap::new(), Vec::new())
+                    .await
+                {
+                    Ok((sb, control, listener)) => {
+                        if let Ok(mut m) = self.warm.lock() {
+                            m.entry(template.clone()).or_default().push_back(Warm {
+                                id,
+                                sb,
+                                control,
+                                listener,
+                            });
+                        }
+                        started = true;
+                    }
+                    Err(e) => tracing::warn!(template, error = %e, "filling the warm pool"),
+                }
+            }
+            for (t, n) in self.pool_sizes() {
+                self.observer.pool_size(&t, n);
+            }
+            if !started {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Whether the pooled sandboxes together hold less memory than the budget.
+    fn pool_has_memory(&self) -> bool {
+        let Ok(m) = self.warm.lock() else { return false };
+        let used: u64 = m
+            .values()
+            .flat_map(|q| q.iter())
+            .map(|w| w.sb.usage().map_or(0, |u| u.memory_bytes))
+            .sum();
+        used < self.cfg.pool_memory
+    }
+
     /// Kills every live sandbox (orderly server shutdown; a crash leaves them to `recover`).
     pub async fn shutdown(&self) {
+        if let Ok(mut m) = self.warm.lock() {
+            m.clear();
+        }
         for id in self.live_ids() {
             self.kill(&id, "server shutdown").await;
         }

@@ -286,10 +286,15 @@ impl Observer {
     }
 
     /// A sandbox finished starting.
-    pub fn started(&self, sb: &SandboxObs, template: &str, took: Duration) {
+    /// Records how many pre-started sandboxes wait in `template`'s pool.
+    pub fn pool_size(&self, template: &str, n: usize) {
+        self.metrics.pool_size.with_label_values(&[template]).set(n as i64);
+    }
+
+    pub fn started(&self, sb: &SandboxObs, template: &str, took: Duration, pool: &str) {
         self.metrics
             .startup
-            .with_label_values(&["jail", template, "miss"])
+            .with_label_values(&["jail", template, pool])
             .observe(took.as_secs_f64());
         let limit = self.cfg.thresholds.startup;
         if took > limit {
