@@ -39,11 +39,18 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
-# Sandboxes survive a kill -9 of the server.
+# Pause/resume (the 20-cycle contract), snapshots and forks.
+if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
+# Sandboxes, running or paused, survive a kill -9 of the server.
 read -r sid pid < <("$VENV/bin/python" tests/e2b/restart.py before)
+read -r paused_mem paused_fs < <("$VENV/bin/python" tests/e2b/lifecycle.py before)
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 start_server
-if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid"; then
+if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid" \
+   || ! "$VENV/bin/python" tests/e2b/lifecycle.py after "$paused_mem" "$paused_fs"; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi

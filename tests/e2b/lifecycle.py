@@ -126,6 +126,37 @@ def forks():
         s.kill()
 
 
+def api(method, path, body=None):
+    import json
+    import os
+    import urllib.request
+    req = urllib.request.Request(os.environ["E2B_API_URL"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"X-API-Key": os.environ["E2B_API_KEY"],
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read()
+        return json.loads(text) if text.strip() else None
+
+
+def idle_timeout():
+    """Our extension: pause after N seconds with no API traffic, no CPU use and no user
+    processes -- not merely no API calls."""
+    idle = api("POST", "/sandboxes", {"templateID": "base", "timeout": 300, "idleTimeout": 2, "onIdle": "pause"})
+    busy = api("POST", "/sandboxes", {"templateID": "base", "timeout": 300, "idleTimeout": 2, "onIdle": "pause"})
+    try:
+        b = Sandbox.connect(busy["sandboxID"])
+        b.commands.run("sleep 60", background=True)
+        time.sleep(4.5)
+        check("an idle sandbox is paused after its idle timeout",
+              api("GET", f"/sandboxes/{idle['sandboxID']}")["state"] == "paused")
+        check("one with a running process is not, though nobody called the API",
+              api("GET", f"/sandboxes/{busy['sandboxID']}")["state"] == "running")
+    finally:
+        for x in (idle, busy):
+            api("DELETE", f"/sandboxes/{x['sandboxID']}")
+
+
 def before_restart():
     a = Sandbox.create(timeout=600)
     a.files.write("/home/user/keep.txt", "frozen")
@@ -168,6 +199,7 @@ def main():
         s.kill()
     snapshots()
     forks()
+    idle_timeout()
     print(f"lifecycle conformance: {checks} checks passed")
 
 

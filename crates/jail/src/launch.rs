@@ -447,6 +447,10 @@ impl Sandbox {
             return;
         }
         let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
+        // A paused (frozen) sandbox takes its SIGKILL only once thawed.
+        if let Some(lease) = &self.lease {
+            let _ = lease.thaw();
+        }
     }
 
     /// Waits for the agent to exit and reaps it.
@@ -472,6 +476,16 @@ impl Sandbox {
     /// Resource use from the sandbox's cgroup slot, where cgroups are on.
     pub fn usage(&self) -> Option<crate::cgroup::Usage> {
         self.lease.as_ref().map(Lease::usage)
+    }
+
+    /// See [`Lease::limit_events`]; (0, 0) without cgroups.
+    pub fn limit_events(&self) -> (u64, u64) {
+        self.lease.as_ref().map_or((0, 0), Lease::limit_events)
+    }
+
+    /// See [`Lease::memory_cpu`].
+    pub fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
+        self.lease.as_ref().map(Lease::memory_cpu)
     }
 
     /// (used, total) bytes of the sandbox's writable layer. Its root is an overlay whose
