@@ -17,7 +17,8 @@ key=$("$BIN" keys create --name conformance --data-dir "$data" | tail -n 1)
 key2=$("$BIN" keys create --name other-tenant --data-dir "$data" | tail -n 1)
 # A small disk quota so the suite can check that an upload beyond it is refused.
 start_server() {
-  "$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M >> "$data/serve.log" 2>&1 &
+  # shellcheck disable=SC2086 # SERVE_EXTRA is a list of flags
+  "$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M ${SERVE_EXTRA:-} >> "$data/serve.log" 2>&1 &
   server=$!
   for _ in $(seq 100); do
     curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
@@ -54,6 +55,15 @@ if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid" \
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# Under memory pressure (a floor above this host's memory), paused sandboxes let go of theirs.
+kill "$server"; wait "$server" 2>/dev/null || true
+SERVE_EXTRA="--pause-pressure-floor 64T" start_server
+if ! "$VENV/bin/python" tests/e2b/lifecycle.py pressure; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
+kill "$server"; wait "$server" 2>/dev/null || true
+start_server
 # The same scenario with the unmodified `e2b` JS SDK from npm (tests/e2b/js), when Node is here.
 if command -v node >/dev/null 2>&1; then
   if [ -f tests/e2b/js/package-lock.json ]; then

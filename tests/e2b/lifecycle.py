@@ -157,6 +157,41 @@ def idle_timeout():
             api("DELETE", f"/sandboxes/{x['sandboxID']}")
 
 
+def demotion():
+    """A sandbox paused in memory can be told to let go of it; the server does the same by
+    itself under memory pressure (`pressure` mode, run against a server whose floor is above
+    the host's memory)."""
+    s = Sandbox.create(timeout=300)
+    try:
+        s.files.write("/home/user/d.txt", "kept")
+        s.commands.run("sleep 3600", background=True)
+        s.pause()
+        check("pause(mode=filesystem) on a sandbox paused in memory releases it",
+              s.pause(mode="filesystem") is True)
+        s.connect()
+        check("its files are kept", s.files.read("/home/user/d.txt") == "kept")
+        check("its processes are not", "sleep 3600" not in s.commands.run("ps -eo args").stdout)
+    finally:
+        s.kill()
+
+
+def pressure():
+    s = Sandbox.create(timeout=300)
+    try:
+        s.files.write("/home/user/p.txt", "kept")
+        s.commands.run("sleep 3600", background=True)
+        s.pause()
+        time.sleep(2)  # the reaper runs every 500 ms
+        s.connect()
+        check("under memory pressure a paused sandbox keeps its files",
+              s.files.read("/home/user/p.txt") == "kept")
+        check("and its memory is released (its processes ended)",
+              "sleep 3600" not in s.commands.run("ps -eo args").stdout)
+    finally:
+        s.kill()
+    print(f"pressure conformance: {checks} checks passed")
+
+
 def before_restart():
     a = Sandbox.create(timeout=600)
     a.files.write("/home/user/keep.txt", "frozen")
@@ -184,6 +219,9 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "before":
         before_restart()
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "pressure":
+        pressure()
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "after":
         after_restart(sys.argv[2], sys.argv[3])
         return
@@ -200,6 +238,7 @@ def main():
     snapshots()
     forks()
     idle_timeout()
+    demotion()
     print(f"lifecycle conformance: {checks} checks passed")
 
 

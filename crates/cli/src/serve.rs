@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Memory the pooled sandboxes may hold in all; the pool stops filling beyond it.
     #[arg(long, default_value = "2G", value_parser = limits::parse_size)]
     pool_memory: u64,
+    /// When the host's available memory falls below this, sandboxes paused with their memory
+    /// are turned into filesystem-only pauses (oldest first) to free it. 0 turns it off.
+    #[arg(long, default_value = "512M", value_parser = limits::parse_size)]
+    pause_pressure_floor: u64,
     #[command(flatten)]
     net: NetArgs,
     /// Log format on stderr.
@@ -224,6 +228,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             interp_env: args.interp_env,
             pool_sizes: args.pools.iter().cloned().collect(),
             pool_memory: args.pool_memory,
+            pressure_floor: args.pause_pressure_floor,
             network,
         },
         observe: ObserveConfig {

@@ -95,7 +95,9 @@ impl Manager {
             };
         };
         let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
-        if rec.state == SandboxState::Paused {
+        // A sandbox frozen in memory may still be asked to let go of it (files kept).
+        let demote = rec.state == SandboxState::Paused && !memory;
+        if rec.state == SandboxState::Paused && !demote {
             return Ok(false);
         }
         if memory {
@@ -126,6 +128,27 @@ impl Manager {
         }
         self.store.set_agent(id, None, None).map_err(internal)?;
         Ok(true)
+    }
+
+    /// Under memory pressure (MemAvailable below the configured floor), turns the oldest
+    /// sandbox paused in memory into a filesystem-only pause: its memory is released, its
+    /// files are kept, its processes end. One per call.
+    pub(super) async fn relieve_pressure(&self) {
+        let floor = self.cfg.pressure_floor;
+        if floor == 0 || mem_available().is_none_or(|a| a >= floor) {
+            return;
+        }
+        let oldest = self.live.read().ok().and_then(|m| {
+            m.values()
+                .filter_map(|l| l.snapshot())
+                .filter(|r| r.lifecycle.paused_with_memory == Some(true))
+                .min_by_key(|r| r.end_at)
+        });
+        let Some(rec) = oldest else { return };
+        tracing::warn!(sandbox_id = %rec.id, "memory pressure: keeping only the files of a paused sandbox");
+        if let Err(e) = self.pause(&rec.key_id, &rec.id, false).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %e, "releasing a paused sandbox's memory");
+        }
     }
 
     fn set_paused(
@@ -454,6 +477,14 @@ impl Manager {
             _ => true,
         }
     }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn live_id(live: &Live) -> String {

@@ -48,6 +48,9 @@ pub struct ManagerConfig {
     /// Warm pool: pre-started sandboxes per template, and the memory they may hold in all.
     pub pool_sizes: BTreeMap<String, usize>,
     pub pool_memory: u64,
+    /// Below this much available host memory, sandboxes paused in memory are demoted to
+    /// filesystem-only pauses, oldest first (0: never).
+    pub pressure_floor: u64,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -673,6 +676,7 @@ impl Manager {
                         .collect()
                 })
                 .unwrap_or_default();
+            self.relieve_pressure().await;
             for (id, why) in due {
                 if self.pause_instead(&id, why).await {
                     continue;
