@@ -157,6 +157,18 @@ def idle_timeout():
             api("DELETE", f"/sandboxes/{x['sandboxID']}")
 
 
+def auto_pause():
+    """E2B's autoPause: at its timeout the sandbox is paused, not killed; connecting resumes it."""
+    made = api("POST", "/sandboxes", {"templateID": "base", "timeout": 2, "autoPause": True})
+    s = Sandbox.connect(made["sandboxID"])
+    s.files.write("/home/user/ap.txt", "still here")
+    time.sleep(3.5)
+    check("autoPause: the timeout pauses the sandbox", api("GET", f"/sandboxes/{s.sandbox_id}")["state"] == "paused")
+    s = Sandbox.connect(s.sandbox_id, timeout=60)
+    check("and connect resumes it with its files", s.files.read("/home/user/ap.txt") == "still here")
+    s.kill()
+
+
 def demotion():
     """A sandbox paused in memory can be told to let go of it; the server does the same by
     itself under memory pressure (`pressure` mode, run against a server whose floor is above
@@ -238,6 +250,7 @@ def main():
     snapshots()
     forks()
     idle_timeout()
+    auto_pause()
     demotion()
     print(f"lifecycle conformance: {checks} checks passed")
 
