@@ -518,6 +518,23 @@ impl Lease {
         }
     }
 
+    /// OOM kills and forks refused at the pids limit since the claim: two files, for callers
+    /// that only need to notice new events.
+    pub fn limit_events(&self) -> (u64, u64) {
+        (self.oom_kills(), self.pids_max_total().saturating_sub(self.pids_base))
+    }
+
+    /// Memory charged now (bytes) and CPU time since the claim (ns, where accounted): two
+    /// files, for per-action resource figures.
+    pub fn memory_cpu(&self) -> (u64, Option<u64>) {
+        let file = match &self.layout {
+            Layout::V2 { .. } => "memory.current",
+            Layout::V1 { .. } => "memory.usage_in_bytes",
+        };
+        let mem = read_u64(&self.dirs[0].join(file)).unwrap_or(0);
+        (mem, self.cpu_ns_total().map(|t| t.saturating_sub(self.cpu_base)))
+    }
+
     /// Memory, CPU and limit events of the slot since it was claimed (counters are relative
     /// to the claim; gauges are as they are now).
     pub fn usage(&self) -> Usage {

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use futures_util::{Stream, StreamExt};
-use ringfence_jail::cgroup::Usage;
 use ringfence_jail::monitor::{Denial, DenialSink};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -480,15 +479,15 @@ impl SandboxObs {
         }
     }
 
-    /// Reads the cgroup and turns new OOM kills and refused forks into security events.
-    fn poll_cgroup(&self) -> Option<Usage> {
-        let usage = self.live()?.with_jail(|sb| sb.usage()).flatten()?;
+    /// Turns OOM kills and refused forks counted since the claim into security events for
+    /// those not seen yet.
+    fn note_limit_events(&self, oom_total: u64, pids_total: u64) {
         let (oom, pids) = {
             let mut st = self.state();
-            let oom = usage.oom_kills.saturating_sub(st.seen_oom);
-            let pids = usage.pids_max_hits.saturating_sub(st.seen_pids);
-            st.seen_oom = st.seen_oom.max(usage.oom_kills);
-            st.seen_pids = st.seen_pids.max(usage.pids_max_hits);
+            let oom = oom_total.saturating_sub(st.seen_oom);
+            let pids = pids_total.saturating_sub(st.seen_pids);
+            st.seen_oom = st.seen_oom.max(oom_total);
+            st.seen_pids = st.seen_pids.max(pids_total);
             (oom, pids)
         };
         let event = |kind: &str, syscall: &str, count: u64| SecurityEvent {
@@ -506,14 +505,26 @@ impl SandboxObs {
         if pids > 0 {
             self.security(event("pids", "fork", pids));
         }
-        Some(usage)
+    }
+
+    /// Reads just the cgroup's limit-event counters (two files) and notes new events.
+    fn poll_limit_events(&self) {
+        if let Some((oom, pids)) = self.live().and_then(|l| l.with_jail(|sb| sb.limit_events())) {
+            self.note_limit_events(oom, pids);
+        }
+    }
+
+    /// Memory charged now and CPU time so far (two files).
+    fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
+        self.live()?.with_jail(|sb| sb.memory_cpu()).flatten()
     }
 
     /// Samples the sandbox now: gauges, history, edge-triggered memory and CPU alerts,
     /// executions running past their threshold. Blocking (reads cgroup files).
     pub fn sample(&self) -> Option<Sample> {
         let live = self.live()?;
-        let usage = self.poll_cgroup()?;
+        let usage = live.with_jail(|sb| sb.usage()).flatten()?;
+        self.note_limit_events(usage.oom_kills, usage.pids_max_hits);
         let disk = live.with_jail(|sb| sb.disk_usage()).flatten();
         let rec = live.snapshot()?;
         let now = Instant::now();
@@ -629,11 +640,8 @@ impl SandboxObs {
 
     /// Resource use of the sandbox as a whole now: memory charged and CPU time so far.
     fn usage_now(&self) -> Option<ResourceUsage> {
-        let u = self.live()?.with_jail(|sb| sb.usage()).flatten()?;
-        Some(ResourceUsage {
-            memory_mb: u.memory_bytes >> 20,
-            cpu_ms: u.cpu_ns.unwrap_or(0) / 1_000_000,
-        })
+        let (mem, cpu_ns) = self.memory_cpu()?;
+        Some(ResourceUsage { memory_mb: mem >> 20, cpu_ms: cpu_ns.unwrap_or(0) / 1_000_000 })
     }
 
     /// A record of an action on this sandbox, with its owner and current resource use.
@@ -657,7 +665,7 @@ impl SandboxObs {
     /// The record of the sandbox's end (blocking: reads the cgroup one last time): its resource
     /// use and every security event of its life.
     pub fn final_record(&self, action: &str) -> AuditRecord {
-        self.poll_cgroup();
+        self.poll_limit_events();
         let mut rec = self.action(action);
         rec.security_events = self.security_summary();
         rec
@@ -709,11 +717,7 @@ impl SandboxObs {
         self.state().running.insert(id, (started, kind, false));
         // A command reports its own CPU time when it ends; a cell runs in a long-lived kernel,
         // so its share is the sandbox's CPU time over the cell.
-        let cpu_ns = if kind == "cell" {
-            self.live().and_then(|l| l.with_jail(|sb| sb.usage()).flatten()).and_then(|u| u.cpu_ns)
-        } else {
-            None
-        };
+        let cpu_ns = if kind == "cell" { self.memory_cpu().and_then(|(_, c)| c) } else { None };
         Execution {
             sb: self.clone(),
             id,
@@ -792,7 +796,7 @@ impl Execution {
         obs.metrics.execution.with_label_values(&[self.kind]).observe(took.as_secs_f64());
         // A last look at the cgroup, so an OOM kill or a refused fork that ended this
         // execution is among its events.
-        let usage = sb.poll_cgroup();
+        sb.poll_limit_events();
         let alerted = sb.state().running.remove(&self.id).is_some_and(|r| r.2);
         let limit = obs.cfg.thresholds.execution;
         if !alerted && took > limit {
@@ -808,9 +812,9 @@ impl Execution {
         rec.duration_ms = Some(took.as_millis() as u64);
         rec.exit_code = out.exit_code;
         rec.resource_usage = out.usage.or_else(|| {
-            usage.map(|u| ResourceUsage {
-                memory_mb: u.memory_bytes >> 20,
-                cpu_ms: match (u.cpu_ns, self.cpu_ns) {
+            sb.memory_cpu().map(|(mem, cpu)| ResourceUsage {
+                memory_mb: mem >> 20,
+                cpu_ms: match (cpu, self.cpu_ns) {
                     (Some(now), Some(then)) => now.saturating_sub(then) / 1_000_000,
                     _ => 0,
                 },
