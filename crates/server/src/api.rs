@@ -306,6 +306,7 @@ struct CreateBody {
     allow_internet_access: Option<bool>,
     network: Option<Value>,
     auto_pause: Option<bool>,
+    auto_pause_memory: Option<bool>,
     lifecycle: Option<Value>,
     auto_resume: Option<Value>,
     /// Our extension: pause or kill after this many seconds without activity.
@@ -343,6 +344,7 @@ fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
     };
     Ok(crate::store::Lifecycle {
         pause_on_timeout,
+        timeout_pause_files_only: b.auto_pause_memory == Some(false),
         auto_resume,
         idle_timeout_ms: idle as u64 * 1000,
         idle_action_pause,

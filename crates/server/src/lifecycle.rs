@@ -458,7 +458,8 @@ impl Manager {
         if !pause {
             return false;
         }
-        match self.pause(&rec.key_id, id, true).await {
+        let memory = !(why == "timeout" && rec.lifecycle.timeout_pause_files_only);
+        match self.pause(&rec.key_id, id, memory).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(sandbox_id = %id, error = %e, "pause on {why} failed; killing");

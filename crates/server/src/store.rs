@@ -3,7 +3,8 @@
 //!
 //! The server promises that a key or sandbox survives a `kill -9` once it has been
 //! acknowledged to the client, so the database runs in WAL mode with `synchronous=FULL`: every
-//! commit is fsynced before the call returns. Each method is one short statement or
+//! commit is fsynced before the call returns (standalone audit records are the one exception,
+//! see [`Store::insert_audits`]). Each method is one short statement or
 //! transaction under the connection mutex, so callers may run it from `spawn_blocking` or
 //! briefly inline without starving other requests.
 
@@ -223,6 +224,8 @@ pub struct Lifecycle {
     pub paused_with_memory: Option<bool>,
     /// Pause instead of kill when the timeout passes (E2B `autoPause` / `onTimeout: pause`).
     pub pause_on_timeout: bool,
+    /// That pause keeps only the files (E2B `autoPauseMemory: false`).
+    pub timeout_pause_files_only: bool,
     /// Resume a paused sandbox when traffic arrives for it (E2B `autoResume`).
     pub auto_resume: bool,
     /// Pause or kill after this long without activity (our extension; 0 = never).
@@ -750,18 +753,32 @@ impl Store {
 
     /// Stores an audit record (fsynced before this returns) and sets its `id`.
     pub fn insert_audit(&self, rec: &mut AuditRecord) -> Result<(), StoreError> {
-        insert_audit_on(&self.conn(), rec)
+        self.insert_audits(std::slice::from_mut(rec))
     }
 
-    /// Stores several records in one transaction (one fsync for a batch).
+    /// Stores several records in one transaction.
+    ///
+    /// Committed with `synchronous=NORMAL`: when this returns, the records are in the WAL
+    /// through the kernel, so a crash or `kill -9` of the server cannot lose them (that is the
+    /// promise made for the audit trail); a power loss can, until the next fsync (the next
+    /// sandbox create or kill, or a checkpoint). An fsync per command would be most of the
+    /// audit trail's cost on the create → exec → kill path. The records written with a sandbox
+    /// row ([`Store::insert_sandbox_audited`], [`Store::kill_sandbox_audited`]) get that
+    /// row's full durability.
     pub fn insert_audits(&self, recs: &mut [AuditRecord]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for rec in recs.iter_mut() {
-            insert_audit_on(&tx, rec)?;
-        }
-        tx.commit()?;
-        Ok(())
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let written = (|| {
+            let tx = conn.transaction()?;
+            for rec in recs.iter_mut() {
+                insert_audit_on(&tx, rec)?;
+            }
+            tx.commit()?;
+            Ok::<_, StoreError>(())
+        })();
+        // Back to FULL whatever happened: every other write relies on it.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        written
     }
 
     /// Stores a new sandbox, its `created` event and, when given, the audit record of its
@@ -1534,6 +1551,15 @@ mod tests {
         assert!(matches!(store.query_audit(&bad), Err(StoreError::InvalidToken)));
         let bad = AuditQuery { limit: 0, ..AuditQuery::default() };
         assert!(matches!(store.query_audit(&bad), Err(StoreError::InvalidLimit(0))));
+    }
+
+    #[test]
+    fn audit_writes_leave_the_connection_fully_synchronous() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store.insert_audit(&mut audit("exec.command", "s", "k", 1)).unwrap();
+        let sync: i64 = store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL again");
     }
 
     #[test]
