@@ -49,17 +49,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
 pub enum Layout {
     /// Unified hierarchy with memory, pids and cpu enabled.
     V2 { root: PathBuf },
-    /// Separate v1 hierarchies. `cpuacct` (CPU time used) is where a host mounts it apart from
-    /// `cpu`; when the two are co-mounted it is `None` and `cpu` carries the accounting files.
-    /// `freezer` (pause/resume) is optional: without it sandboxes cannot be paused with their
+    /// Separate v1 hierarchies. CPU time is read from `cpuacct.usage` where cpuacct is
+    /// co-mounted with cpu (the usual `cpu,cpuacct`), else summed from procfs (see
+    /// [`Lease::usage`]). `freezer` (pause/resume) is optional: without it sandboxes cannot be paused with their
     /// memory kept.
-    V1 {
-        memory: PathBuf,
-        pids: PathBuf,
-        cpu: PathBuf,
-        cpuacct: Option<PathBuf>,
-        freezer: Option<PathBuf>,
-    },
+    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf, freezer: Option<PathBuf> },
 }
 
 impl Layout {
@@ -89,14 +83,9 @@ impl Layout {
                 if memory.join("memory.limit_in_bytes").exists()
                     && pids.join("cgroup.procs").exists() =>
             {
-                // CPU time is only accounted where cpuacct is; without it sandboxes still run,
-                // their CPU use is just not reported.
-                let cpuacct = (!cpu.join("cpuacct.usage").exists())
-                    .then(|| base.join("cpuacct"))
-                    .filter(|p| p.join("cpuacct.usage").exists());
                 let freezer =
                     Some(base.join("freezer")).filter(|p| p.join("cgroup.procs").exists());
-                Ok(Layout::V1 { memory, pids, cpu, cpuacct, freezer })
+                Ok(Layout::V1 { memory, pids, cpu, freezer })
             }
             _ => Err(CgroupError::NotFound),
         }
@@ -138,9 +127,8 @@ impl Pool {
         let leaf = format!("{}/{}-{slot}", self.name, self.prefix);
         match &self.layout {
             Layout::V2 { root } => vec![root.join(leaf)],
-            Layout::V1 { memory, pids, cpu, cpuacct, freezer } => {
+            Layout::V1 { memory, pids, cpu, freezer } => {
                 let mut dirs = vec![memory.join(&leaf), pids.join(&leaf), cpu.join(&leaf)];
-                dirs.extend(cpuacct.iter().map(|c| c.join(&leaf)));
                 // Last, so the positions of the others do not depend on it.
                 dirs.extend(freezer.iter().map(|f| f.join(&leaf)));
                 dirs
@@ -194,8 +182,8 @@ impl Pool {
         for slot in 0..MAX_SLOTS {
             let Some(lock) = self.try_lock(slot)? else { continue };
             let dirs = self.slot_dirs(slot);
-            // Every hierarchy, not just the first: a slot made by an older build may lack the
-            // cpuacct directory.
+            // Every hierarchy, not just the first: a slot made by an older build may lack one
+            // added since (the freezer's).
             if dirs.iter().any(|d| !d.exists()) {
                 self.ensure_parent()?;
                 for d in &dirs {
@@ -268,6 +256,9 @@ pub struct Lease {
     oom_base: u64,
     pids_base: u64,
     cpu_base: u64,
+    /// v1 without co-mounted cpuacct: the CPU total summed from procfs, kept monotonic (an
+    /// exited process's time is invisible until its parent reaps it).
+    cpu_procfs: std::sync::atomic::AtomicU64,
 }
 
 /// What a sandbox's cgroup says about its resource use, since its slot was claimed.
@@ -302,6 +293,30 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
     })
 }
 
+/// utime + stime + cutime + cstime of a process, in nanoseconds.
+fn proc_cpu_ns(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) .. cstime (17) are at 11..=14 here.
+    let ticks: u64 = fields
+        .get(11..=14)?
+        .iter()
+        .filter_map(|f| f.parse::<i64>().ok())
+        .map(|t| t.max(0) as u64)
+        .sum();
+    Some(ticks * (1_000_000_000 / clock_ticks()))
+}
+
+/// The kernel's USER_HZ, what procfs times count in.
+fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .map_or(100, |t| t as u64)
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -311,7 +326,16 @@ const V1_UNLIMITED: u64 = 1 << 62;
 
 impl Lease {
     fn new(slot: u32, dirs: Vec<PathBuf>, layout: Layout, lock: Flock<File>) -> Lease {
-        Lease { slot, dirs, layout, _lock: lock, oom_base: 0, pids_base: 0, cpu_base: 0 }
+        Lease {
+            slot,
+            dirs,
+            layout,
+            _lock: lock,
+            oom_base: 0,
+            pids_base: 0,
+            cpu_base: 0,
+            cpu_procfs: Default::default(),
+        }
     }
 
     fn set_baselines(&mut self) {
@@ -507,14 +531,22 @@ impl Lease {
     }
 
     /// Total CPU time of the slot in nanoseconds: v2's `cpu.stat usage_usec`, v1's
-    /// `cpuacct.usage` (in the cpu directory when co-mounted, else in cpuacct's own).
+    /// `cpuacct.usage` where cpuacct is co-mounted with cpu. Elsewhere (v1 with cpuacct mounted
+    /// apart, as on this project's CI hosts) attaching every sandbox to one more hierarchy
+    /// would cost each start a migration and each context switch a charge, so the time is
+    /// summed from procfs instead: every process in the slot, its own time and that of the
+    /// children it reaped. That misses only processes reaped from outside the slot (entries
+    /// of the interpreter's fork server, once they exit).
     fn cpu_ns_total(&self) -> Option<u64> {
         match &self.layout {
             Layout::V2 { .. } => {
                 read_key(&self.dirs[0].join("cpu.stat"), "usage_usec").map(|us| us * 1000)
             }
-            Layout::V1 { cpuacct: Some(_), .. } => read_u64(&self.dirs[3].join("cpuacct.usage")),
-            Layout::V1 { cpuacct: None, .. } => read_u64(&self.dirs[2].join("cpuacct.usage")),
+            Layout::V1 { .. } => read_u64(&self.dirs[2].join("cpuacct.usage")).or_else(|| {
+                let sum = self.procs().into_iter().filter_map(proc_cpu_ns).sum::<u64>();
+                let seen = self.cpu_procfs.fetch_max(sum, std::sync::atomic::Ordering::Relaxed);
+                Some(seen.max(sum))
+            }),
         }
     }
 
@@ -612,12 +644,21 @@ mod tests {
         }
         let l = Layout::detect_at(dir.path()).unwrap();
         assert_eq!(l.version(), "v1");
-        // Co-mounted cpu,cpuacct would carry cpuacct.usage itself; here there is none at all.
-        assert!(matches!(l, Layout::V1 { cpuacct: None, .. }));
-        fs::create_dir_all(dir.path().join("cpuacct")).unwrap();
-        fs::write(dir.path().join("cpuacct/cpuacct.usage"), "0").unwrap();
-        let l = Layout::detect_at(dir.path()).unwrap();
-        assert!(matches!(l, Layout::V1 { cpuacct: Some(p), .. } if p.ends_with("cpuacct")));
+    }
+
+    #[test]
+    fn procfs_cpu_time_of_a_process() {
+        // This test process has run for a while: its time is there and grows.
+        let me = std::process::id() as i32;
+        let before = proc_cpu_ns(me).unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        assert!(proc_cpu_ns(me).unwrap() >= before);
+        assert_eq!(proc_cpu_ns(i32::MAX), None);
     }
 
     #[test]

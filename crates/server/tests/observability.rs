@@ -770,6 +770,10 @@ print('done')
     assert_eq!(warns.iter().filter(|w| w["fields"]["alert"] == "memory").count(), 1);
     assert!(warns.iter().all(|w| w["fields"]["sandbox_id"] == sb.id.as_str()), "{warns:?}");
     srv.kill(&sb);
+    // The sandbox's CPU time over its life covers the 3 s spin (procfs or cgroup accounting).
+    let kill = srv.audit(&format!("sandbox={}&action=sandbox.kill", sb.id));
+    let cpu_ms = kill[0]["resource_usage"]["cpu_ms"].as_u64().unwrap();
+    assert!((2500..20_000).contains(&cpu_ms), "{}", kill[0]);
 }
 
 #[test]
