@@ -220,7 +220,7 @@ impl Manager {
             timeout,
             metadata: rec.metadata.clone(),
             env: rec.env.clone(),
-            network: crate::network::NetParams::recovered_default(),
+            network: self.saved_network(&rec.id),
             lifecycle: lc,
             reuse: Some(Reuse {
                 id: rec.id.clone(),
@@ -372,7 +372,7 @@ impl Manager {
                 timeout,
                 metadata: rec.metadata.clone(),
                 env: rec.env.clone(),
-                network: crate::network::NetParams::recovered_default(),
+                network: self.saved_network(&rec.id),
                 lifecycle: lc,
                 reuse: None,
             };
@@ -403,6 +403,17 @@ impl Manager {
         let timeout = Duration::from_millis(self.cfg.default_timeout.as_millis() as u64);
         let (live, _) = self.resume(&rec.key_id, id, timeout).await.ok()?;
         Some(live)
+    }
+
+    /// The network settings `id` was created with (kept in its creation event), so a resumed
+    /// sandbox or a fork gets the same egress policy; the server's default if none was saved.
+    fn saved_network(&self, id: &str) -> crate::network::NetParams {
+        self.store
+            .events_for(id)
+            .ok()
+            .and_then(|ev| ev.into_iter().rev().find_map(|(_, _, d)| d.get("network").cloned()))
+            .and_then(|n| crate::network::parse(None, Some(&n)).ok())
+            .unwrap_or_else(crate::network::NetParams::recovered_default)
     }
 
     /// Ends a paused sandbox that is not running (files only). False if there is none.
