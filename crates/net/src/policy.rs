@@ -7,9 +7,13 @@
 //!    reserved, the host's own addresses) unless explicitly exempted, the operator's deny
 //!    rules, and, when set, the operator's allowlist;
 //! 2. the sandbox's own **policy** (E2B's `allow_internet_access`, `network.allowOut`,
-//!    `network.denyOut`), with E2B's precedence: an `allowOut` match allows, otherwise a
-//!    `denyOut` match denies, otherwise internet access decides. That precedence is what makes
-//!    E2B's documented allowlist idiom work (`allowOut: [host], denyOut: [0.0.0.0/0]`).
+//!    `network.denyOut`): when both an `allowOut` and a `denyOut` rule match, the more
+//!    specific one decides (an exact name over a `*.` wildcard over an address block, longer
+//!    suffixes and prefixes over shorter, a rule with a port over one without) and **deny wins
+//!    a tie**; with no match, internet access decides. E2B's documented allowlist idiom
+//!    (`allowOut: [host], denyOut: [0.0.0.0/0]`) works because a name beats the whole address
+//!    space, and `allowOut: [0.0.0.0/0], denyOut: [evil.test]` denies `evil.test` (under E2B's
+//!    "allow always wins" it would not).
 //!
 //! A request can therefore only narrow what the operator allows: its allows are evaluated
 //! only after the ceiling has let the destination through.
@@ -128,6 +132,16 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// How narrowly the rule picks its targets, for settling an allow/deny conflict.
+    pub fn specificity(&self) -> u32 {
+        let base = match &self.target {
+            Target::Domain(d) => 2000 + d.len() as u32,
+            Target::Below(d) => 1000 + d.len() as u32,
+            Target::Net(c) => u32::from(c.prefix),
+        };
+        base * 2 + u32::from(self.port.is_some())
+    }
+
     /// The rule matches the whole address space on every port (E2B's `ALL_TRAFFIC`).
     pub fn is_everything(&self) -> bool {
         self.port.is_none() && matches!(self.target, Target::Net(c) if c.is_everything())
@@ -425,6 +439,11 @@ impl Ceiling {
     }
 }
 
+/// The most specific of `rules` that matches `dest`.
+fn most_specific<'a>(dest: &Dest, rules: &'a [Rule], names: &[String]) -> Option<&'a Rule> {
+    rules.iter().filter(|r| dest.matches(r, names)).max_by_key(|r| r.specificity())
+}
+
 /// Judges a connection. `own` are the host's (and the sandbox gateway's) addresses.
 pub fn decide(ceiling: &Ceiling, own: &[IpAddr], policy: &SandboxPolicy, dest: &Dest) -> Verdict {
     let what = dest.describe();
@@ -441,8 +460,16 @@ pub fn decide(ceiling: &Ceiling, own: &[IpAddr], policy: &SandboxPolicy, dest: &
     {
         return Verdict::deny(format!("{what} is not in the server's allowlist"));
     }
-    if let Some(r) = policy.allow_out.iter().find(|r| dest.matches(r, dest.allow_names())) {
-        return Verdict::allow(format!("{what} matches allowOut {r}"));
+    let allow = most_specific(dest, &policy.allow_out, dest.allow_names());
+    let deny = most_specific(dest, &policy.deny_out, dest.deny_names());
+    match (allow, deny) {
+        (Some(a), Some(d)) if d.specificity() >= a.specificity() => {
+            return Verdict::deny(format!(
+                "{what} matches denyOut {d}, which is at least as specific as allowOut {a}"
+            ));
+        }
+        (Some(a), _) => return Verdict::allow(format!("{what} matches allowOut {a}")),
+        _ => {}
     }
     // A claimed name that an allow rule names, at an address the resolver never gave for it:
     // say so, it is the one case where the rule looks like it should have matched.
@@ -484,11 +511,25 @@ pub fn decide_lookup(ceiling: &Ceiling, policy: &SandboxPolicy, name: &str) -> V
             "lookup of {name}: the name is not in the server's allowlist"
         ));
     }
-    if let Some(r) = policy.allow_out.iter().find(|r| r.matches_name(name, None)) {
-        return Verdict::allow(format!("lookup of {name} matches allowOut {r}"));
-    }
-    if let Some(r) = policy.deny_out.iter().find(|r| r.matches_name(name, None)) {
-        return Verdict::deny(format!("lookup of {name} matches denyOut {r}"));
+    let allow = policy
+        .allow_out
+        .iter()
+        .filter(|r| r.matches_name(name, None))
+        .max_by_key(|r| r.specificity());
+    let deny = policy
+        .deny_out
+        .iter()
+        .filter(|r| r.matches_name(name, None))
+        .max_by_key(|r| r.specificity());
+    match (allow, deny) {
+        (Some(a), Some(d)) if d.specificity() >= a.specificity() => {
+            return Verdict::deny(format!(
+                "lookup of {name} matches denyOut {d} (over allowOut {a})"
+            ));
+        }
+        (Some(a), _) => return Verdict::allow(format!("lookup of {name} matches allowOut {a}")),
+        (None, Some(d)) => return Verdict::deny(format!("lookup of {name} matches denyOut {d}")),
+        (None, None) => {}
     }
     if policy.allowlist_only() {
         return Verdict::deny(format!("lookup of {name}: the name is not in allowOut"));
@@ -567,6 +608,40 @@ mod tests {
         let exempt = Ceiling { exempt: vec!["10.1.0.0/16".parse().unwrap()], ..Ceiling::default() };
         assert!(exempt.blocked(ip("10.1.2.3"), &[]).is_none());
         assert!(exempt.blocked(ip("10.2.0.1"), &[]).is_some());
+    }
+
+    #[test]
+    fn the_more_specific_rule_decides_and_deny_wins_ties() {
+        let c = Ceiling::default();
+        let at = |naming| Dest { ip: ip("203.0.113.10"), port: 443, naming };
+        // Allow everything but one name: the name is more specific than the whole space.
+        let p = SandboxPolicy {
+            allow_internet_access: true,
+            allow_out: rules(&["0.0.0.0/0"]),
+            deny_out: rules(&["evil.test"]),
+        };
+        let v = decide(&c, &[], &p, &at(claimed("evil.test", true)));
+        assert!(!v.allowed && v.reason.contains("denyOut evil.test"), "{}", v.reason);
+        assert!(decide(&c, &[], &p, &at(claimed("good.test", true))).allowed);
+        assert!(!decide_lookup(&c, &p, "evil.test").allowed);
+        // The same rule on both sides: deny takes precedence.
+        let p = SandboxPolicy {
+            allow_internet_access: true,
+            allow_out: rules(&["*.corp.test"]),
+            deny_out: rules(&["*.corp.test"]),
+        };
+        let v = decide(&c, &[], &p, &at(claimed("a.corp.test", true)));
+        assert!(!v.allowed && v.reason.contains("at least as specific"), "{}", v.reason);
+        assert!(!decide_lookup(&c, &p, "a.corp.test").allowed);
+        // A narrower deny inside a broader allow.
+        let p = SandboxPolicy {
+            allow_internet_access: false,
+            allow_out: rules(&["203.0.113.0/24"]),
+            deny_out: rules(&["203.0.113.10/32"]),
+        };
+        assert!(!decide(&c, &[], &p, &at(Naming::Unnamed)).allowed);
+        let other = Dest { ip: ip("203.0.113.11"), port: 443, naming: Naming::Unnamed };
+        assert!(decide(&c, &[], &p, &other).allowed);
     }
 
     #[test]
