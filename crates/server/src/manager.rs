@@ -439,8 +439,7 @@ impl Manager {
         audit.detail.insert("tier".into(), serde_json::json!("jail"));
         audit.detail.insert("pool".into(), serde_json::json!(pool_label));
         // The sandbox row, its event and the audit record commit together (one fsync, inline
-        // like the store's other short writes: a hop to the blocking pool costs more than the
-        // write under load), before the client hears of the sandbox.
+        // like the store's other short writes), before the client hears of the sandbox.
         let detail = serde_json::json!({
             "template": p.template,
             "network": crate::network::Network::persisted(&p.network),

@@ -830,13 +830,15 @@ impl Execution {
         rec
     }
 
-    /// Records the execution's end; returns once the record is stored.
-    ///
-    /// Inline, not on the blocking pool: a few cgroup reads and one commit, like the store's
-    /// other short writes, cost less than the two thread hops would under load.
+    /// Records the execution's end; returns once the record is stored. One trip to the
+    /// blocking pool for the cgroup reads and the commit together: inline, a commit waiting
+    /// for the store's lock would stall an async worker and everything queued on it.
     pub async fn finish(mut self, out: Outcome) {
-        let mut rec = self.build(out);
-        self.sb.observer.store_now(&mut rec);
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut rec = self.build(out);
+            self.sb.observer.store_now(&mut rec);
+        })
+        .await;
     }
 }
 
