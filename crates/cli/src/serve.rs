@@ -281,8 +281,10 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
     }
 }
 
-/// Print the audit trail as JSON lines, oldest first (reads the database directly, so it works
-/// with the server stopped; an operator sees every tenant's records).
+/// Print the audit trail as JSON lines, oldest first.
+///
+/// Reads the database directly, so it works with the server stopped; an operator sees every
+/// tenant's records (GET /audit shows a tenant only its own).
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
     /// Directory holding the server's state.
