@@ -215,19 +215,12 @@ impl Manager {
         };
         let mut lc = rec.lifecycle.clone();
         lc.paused_with_memory = None;
-        let params = CreateParams {
-            template: rec.template.clone(),
-            timeout,
-            metadata: rec.metadata.clone(),
-            env: rec.env.clone(),
-            network: self.saved_network(&rec.id),
-            lifecycle: lc,
-            reuse: Some(Reuse {
-                id: rec.id.clone(),
-                access_token: rec.access_token.clone(),
-                created_at: rec.created_at,
-            }),
+        let reuse = Reuse {
+            id: rec.id.clone(),
+            access_token: rec.access_token.clone(),
+            created_at: rec.created_at,
         };
+        let params = self.params_like(&rec, timeout, lc, Some(reuse));
         let live = self.start(key_id, params, std::time::Instant::now()).await?;
         Ok((live, true))
     }
@@ -367,15 +360,7 @@ impl Manager {
         for _ in 0..count {
             let mut lc = crate::store::Lifecycle { layers: layers.clone(), ..Default::default() };
             lc.auto_resume = rec.lifecycle.auto_resume;
-            let params = CreateParams {
-                template: rec.template.clone(),
-                timeout,
-                metadata: rec.metadata.clone(),
-                env: rec.env.clone(),
-                network: self.saved_network(&rec.id),
-                lifecycle: lc,
-                reuse: None,
-            };
+            let params = self.params_like(&rec, timeout, lc, None);
             out.push(self.start(key_id, params, std::time::Instant::now()).await);
         }
         // A fork whose every child failed leaves a layer nobody uses.
@@ -403,6 +388,25 @@ impl Manager {
         let timeout = Duration::from_millis(self.cfg.default_timeout.as_millis() as u64);
         let (live, _) = self.resume(&rec.key_id, id, timeout).await.ok()?;
         Some(live)
+    }
+
+    /// What it takes to start a sandbox like `rec` (its template, metadata, env and network).
+    fn params_like(
+        &self,
+        rec: &SandboxRecord,
+        timeout: Duration,
+        lifecycle: crate::store::Lifecycle,
+        reuse: Option<Reuse>,
+    ) -> CreateParams {
+        CreateParams {
+            template: rec.template.clone(),
+            timeout,
+            metadata: rec.metadata.clone(),
+            env: rec.env.clone(),
+            network: self.saved_network(&rec.id),
+            lifecycle,
+            reuse,
+        }
     }
 
     /// The network settings `id` was created with (kept in its creation event), so a resumed
