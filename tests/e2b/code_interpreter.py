@@ -13,18 +13,10 @@ import subprocess
 import time
 import urllib.parse
 
+import checks
+from checks import check
 from e2b import TimeoutException
 from e2b_code_interpreter import Sandbox
-
-checks = 0
-
-
-def check(name, cond, detail=""):
-    global checks
-    checks += 1
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"ok   {name}")
 
 
 def values_and_state(s):
@@ -276,7 +268,7 @@ def main():
     while len(zygote_pids()) > 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     check("no kernel outlives its sandbox", len(zygote_pids()) == 1, zygote_pids())
-    print(f"code interpreter conformance: {checks} checks passed")
+    print(f"code interpreter conformance: {checks.passed} checks passed")
 
 
 if __name__ == "__main__":

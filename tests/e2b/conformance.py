@@ -11,22 +11,14 @@ import time
 import urllib.error
 import urllib.request
 
+import checks
+from checks import check
 from e2b import Sandbox
 from e2b import CommandExitException, NotEnoughSpaceException, PtySize
 
 API = os.environ["E2B_API_URL"]
 KEY = os.environ["E2B_API_KEY"]
 OTHER_KEY = os.environ.get("E2B_API_KEY_2")
-
-checks = 0
-
-
-def check(name, cond, detail=""):
-    global checks
-    checks += 1
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"ok   {name}")
 
 
 def http(method, path, body=None, key=KEY, headers=None, raw=None):
@@ -236,7 +228,7 @@ def main():
         b.kill()
     check("killed", not a.is_running())
     check("kill again is false", Sandbox.kill(a.sandbox_id) is False)
-    print(f"{checks} passed, 0 failed")
+    print(f"{checks.passed} passed, 0 failed")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,10 @@ Run by scripts/conformance.sh with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY s
 import sys
 import time
 
+import checks
+from checks import check
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
-
-checks = 0
-
-
-def check(name, cond, detail=""):
-    global checks
-    checks += 1
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"ok   {name}")
 
 
 def frozen_process_keeps_running_state(s):
@@ -201,7 +193,7 @@ def pressure():
               "sleep 3600" not in s.commands.run("ps -eo args").stdout)
     finally:
         s.kill()
-    print(f"pressure conformance: {checks} checks passed")
+    print(f"pressure conformance: {checks.passed} checks passed")
 
 
 def before_restart():
@@ -252,7 +244,7 @@ def main():
     idle_timeout()
     auto_pause()
     demotion()
-    print(f"lifecycle conformance: {checks} checks passed")
+    print(f"lifecycle conformance: {checks.passed} checks passed")
 
 
 if __name__ == "__main__":
