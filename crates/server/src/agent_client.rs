@@ -79,7 +79,9 @@ impl AgentClient {
             routes: routes.clone(),
             next_id: AtomicU64::new(1),
         });
-        tokio::spawn(read_loop(rd, routes));
+        // The reader logs for the sandbox (the agent's own messages): it carries the span the
+        // client was made in, which names the sandbox.
+        tokio::spawn(tracing::Instrument::in_current_span(read_loop(rd, routes)));
         Ok(client)
     }
 

@@ -387,7 +387,10 @@ impl Manager {
             ),
             None => None,
         };
-        let client = AgentClient::new(control).map_err(internal)?;
+        let client = {
+            let _span = tracing::info_span!("sandbox", sandbox_id = %id).entered();
+            AgentClient::new(control).map_err(internal)?
+        };
         if pool_label == "hit" && !p.env.is_empty() {
             // A pooled sandbox started with no env: set it before the client hears of the
             // sandbox, so every process it starts sees it.
@@ -530,7 +533,8 @@ impl Manager {
     /// Wraps an adopted jail handle; true once its agent answered.
     async fn attach(&self, rec: SandboxRecord, sb: Sandbox) -> bool {
         let Ok(control) = sb.control_clone() else { return false };
-        let Ok(client) = AgentClient::new(control) else { return false };
+        let span = tracing::info_span!("sandbox", sandbox_id = %rec.id);
+        let Ok(client) = span.in_scope(|| AgentClient::new(control)) else { return false };
         // A frozen (paused) agent cannot answer until resumed; its cgroup slot vouches for it.
         if rec.state != SandboxState::Paused {
             let ping = tokio::time::timeout(
