@@ -38,6 +38,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::agent_client::{AgentClient, ClientError};
 use crate::observe::{Execution, Outcome, SandboxObs};
@@ -1296,7 +1297,8 @@ fn spawn_process_stream(
 ) -> Response {
     let (out, rx) = mpsc::unbounded_channel();
     let s = ProcessStream { client, pid, events, out, opts, kill_at_deadline, exec };
-    tokio::spawn(pump_process(s));
+    // Spawned streams keep the request's span, so their log lines name the sandbox.
+    tokio::spawn(pump_process(s).in_current_span());
     stream_response(channel_body(rx))
 }
 
@@ -1546,7 +1548,8 @@ async fn watch_dir(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request
     };
     let (out, rx) = mpsc::unbounded_channel();
     let _open = OpenStream::new(state);
-    tokio::spawn(pump_watch(WatchStream { client, watch, root, user, events, out, opts, _open }));
+    let s = WatchStream { client, watch, root, user, events, out, opts, _open };
+    tokio::spawn(pump_watch(s).in_current_span());
     stream_response(channel_body(rx))
 }
 
@@ -1772,7 +1775,7 @@ async fn create_watcher(
 ) -> Result<Value, RpcError> {
     let (watch, root, events) = start_watch(client, user, parse_watch(msg)?).await?;
     let events = Arc::new(tokio::sync::Mutex::new(events));
-    let janitor = tokio::spawn(trim_backlog(events.clone()));
+    let janitor = tokio::spawn(trim_backlog(events.clone()).in_current_span());
     let id = watch.to_string();
     let mut watchers = state
         .watchers
@@ -1940,7 +1943,8 @@ async fn download(client: Arc<AgentClient>, req: Request) -> Response {
         }
     } else {
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(send_file(FileSender { client, path, user, first: data, gzip, tx }));
+        let s = FileSender { client, path, user, first: data, gzip, tx };
+        tokio::spawn(send_file(s).in_current_span());
         Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }))
