@@ -841,10 +841,17 @@ async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Respon
     if obs.config().metrics_auth == MetricsAuth::Key {
         caller(&app, &headers).await?;
     }
-    let (starting, running) = app.manager.counts();
+    let (starting, _) = app.manager.counts();
+    let store = app.manager.store().clone();
+    let by_state = tokio::task::spawn_blocking(move || store.count_by_state())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     obs.metrics.sandboxes.with_label_values(&["starting"]).set(starting);
-    obs.metrics.sandboxes.with_label_values(&["running"]).set(running);
-    obs.metrics.sandboxes.with_label_values(&["paused"]).set(0);
+    for state in [SandboxState::Running, SandboxState::Paused] {
+        let n = by_state.get(&state).copied().unwrap_or(0);
+        obs.metrics.sandboxes.with_label_values(&[state.as_str()]).set(n);
+    }
     let text = obs
         .metrics
         .render()

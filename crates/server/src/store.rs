@@ -825,6 +825,21 @@ impl Store {
         Ok(())
     }
 
+    /// How many sandboxes are in each state other than killed (for the `ringfence_sandboxes`
+    /// gauge: paused sandboxes whose files alone are kept exist only here).
+    pub fn count_by_state(
+        &self,
+    ) -> Result<std::collections::HashMap<SandboxState, i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM sandboxes WHERE state != 'killed' GROUP BY state",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, SandboxState>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
+        Ok(rows)
+    }
+
     /// One page of audit records in trail order (oldest first), and the cursor of the next
     /// page when more match.
     pub fn query_audit(
@@ -1553,6 +1568,22 @@ mod tests {
         store.insert_audit(&mut audit("exec.command", "s", "k", 1)).unwrap();
         let sync: i64 = store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2, "synchronous=FULL again");
+    }
+
+    #[test]
+    fn counts_sandboxes_by_state() {
+        let store = Store::open_in_memory().unwrap();
+        for (id, state) in
+            [("a", SandboxState::Running), ("b", SandboxState::Paused), ("c", SandboxState::Killed)]
+        {
+            let mut r = sandbox(id, "k", 1);
+            r.state = state;
+            store.insert_sandbox(&r).unwrap();
+        }
+        let n = store.count_by_state().unwrap();
+        assert_eq!(n.get(&SandboxState::Running), Some(&1));
+        assert_eq!(n.get(&SandboxState::Paused), Some(&1));
+        assert_eq!(n.get(&SandboxState::Killed), None);
     }
 
     #[test]
