@@ -41,7 +41,7 @@ pub enum TemplateError {
 }
 
 /// Bump when the skeleton's contents change, so old builds are replaced.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// Entries of the host's `/etc` that a sandbox gets, copied (symlinks kept as symlinks).
 /// Everything else, notably `shadow`, `gshadow`, `sudoers`, `ssh/` and `machine-id`, stays out.
@@ -67,6 +67,28 @@ const ETC_ALLOWLIST: &[&str] = &[
     "ssl",
     "timezone",
 ];
+
+/// The template's `/etc/profile` (see `build_host`).
+const PROFILE: &str = r#"# /etc/profile: sandbox-wide profile for sh-compatible login shells (Ringfence template).
+if [ "${EUID:-$(id -u)}" -eq 0 ]; then
+  PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+else
+  PATH="/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+fi
+export PATH
+
+if [ "${PS1-}" ]; then
+  if [ "${BASH-}" ] && [ "$BASH" != "/bin/sh" ]; then
+    if [ -f /etc/bash.bashrc ]; then
+      . /etc/bash.bashrc
+    fi
+  elif [ "${EUID:-$(id -u)}" -eq 0 ]; then
+    PS1='# '
+  else
+    PS1='$ '
+  fi
+fi
+"#;
 
 /// Top-level host paths that may be merged-`/usr` symlinks or real directories.
 const USR_MERGE: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -252,6 +274,11 @@ fn build_host(staging: &Path, uid_base: u32, extra: &[String]) -> Result<Meta, B
         "root:x:0:\ntty:x:5:user\nusers:x:100:user\nuser:x:1000:\nnogroup:x:65534:\n",
     )?;
     write("etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n")?;
+    // E2B runs every command as `bash -l -c ...`, so /etc/profile runs before each one. The
+    // host's Debian profile forks `id -u` to choose PATH; bash knows its uid already (EUID),
+    // which saves a fork and exec (~2 ms) on every command. Same result otherwise; no
+    // /etc/profile.d (nothing in the template puts files there).
+    write("etc/profile", PROFILE)?;
     // The server's sandboxes resolve through their gateway (ringfence_net::tun::GATEWAY_IP,
     // which answers every DNS query). Without a network (`ringfence run`) the address has no
     // route, so lookups fail at once instead of timing out.
