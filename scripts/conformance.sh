@@ -55,9 +55,10 @@ if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid" \
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
-# Under memory pressure (a floor above this host's memory), paused sandboxes let go of theirs.
+# A warm pool, and memory pressure (a floor above this host's memory: paused sandboxes let go
+# of theirs), on a second server.
 kill "$server"; wait "$server" 2>/dev/null || true
-SERVE_EXTRA="--pause-pressure-floor 64T" start_server
+SERVE_EXTRA="--pause-pressure-floor 64T --pool base=2" start_server
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py pressure; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1

@@ -179,6 +179,26 @@ def demotion():
         s.kill()
 
 
+def warm_pool():
+    """Run against a server started with `--pool base=2`: a create is a pool hit, and the
+    caller's env, metadata and timeout are applied to the pre-started sandbox."""
+    import urllib.request
+    time.sleep(1.5)  # the pool fills in the background
+    s = Sandbox.create(envs={"POOLED": "yes"}, metadata={"who": "pool-test"}, timeout=120)
+    try:
+        check("a pooled sandbox gets the caller's env", s.commands.run("echo $POOLED").stdout == "yes\n")
+        check("and metadata", s.get_info().metadata.get("who") == "pool-test")
+        import os
+        req = urllib.request.Request(os.environ["E2B_API_URL"] + "/metrics",
+                                     headers={"X-API-Key": os.environ["E2B_API_KEY"]})
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+        hits = [l for l in text.splitlines()
+                if l.startswith("ringfence_sandbox_startup_seconds_count") and 'pool="hit"' in l]
+        check("the create was counted as a pool hit", hits and float(hits[0].split()[-1]) >= 1, hits)
+    finally:
+        s.kill()
+
+
 def pressure():
     s = Sandbox.create(timeout=300)
     try:
@@ -224,6 +244,7 @@ def main():
         before_restart()
         return
     if len(sys.argv) > 1 and sys.argv[1] == "pressure":
+        warm_pool()
         pressure()
         return
     if len(sys.argv) > 1 and sys.argv[1] == "after":
