@@ -371,15 +371,13 @@ impl Manager {
     /// The live sandbox `id` for sandbox traffic: a paused one is resumed first when its
     /// lifecycle asks for it (E2B `autoResume`), otherwise it is not reachable. Counts as use.
     pub async fn auto_resume(self: &Arc<Self>, id: &str) -> Option<Arc<Live>> {
+        // Every sandbox request passes here: only a paused sandbox costs more than a lookup.
         let rec = match self.get(id) {
-            Some(l) => {
-                let rec = l.snapshot()?;
-                if rec.state != SandboxState::Paused {
-                    l.touch();
-                    return Some(l);
-                }
-                rec
+            Some(l) if l.state()? != SandboxState::Paused => {
+                l.touch();
+                return Some(l);
             }
+            Some(l) => l.snapshot()?,
             None => self.store.get_sandbox(id).ok().flatten()?,
         };
         if rec.state != SandboxState::Paused || !rec.lifecycle.auto_resume {
@@ -411,7 +409,7 @@ impl Manager {
 
     /// The network settings `id` was created with (kept in its creation event), so a resumed
     /// sandbox or a fork gets the same egress policy; the server's default if none was saved.
-    fn saved_network(&self, id: &str) -> crate::network::NetParams {
+    pub(super) fn saved_network(&self, id: &str) -> crate::network::NetParams {
         self.store
             .events_for(id)
             .ok()
@@ -438,8 +436,7 @@ impl Manager {
 
     /// Whether `live` has been idle (no API traffic, no CPU use) for its idle timeout; the
     /// reaper then confirms there are no user processes before acting.
-    pub(super) fn idle_expired(&self, live: &Live, rec: &SandboxRecord, now: i64) -> bool {
-        let window = rec.lifecycle.idle_timeout_ms;
+    pub(super) fn idle_expired(&self, live: &Live, window: u64, now: i64) -> bool {
         if window == 0 {
             return false;
         }

@@ -96,6 +96,35 @@ pub struct Activity {
 }
 
 impl Live {
+    /// Wraps a started (or re-attached) jail, counted as used now and linked to its observer.
+    fn new(
+        record: SandboxRecord,
+        client: Arc<AgentClient>,
+        obs: Arc<SandboxObs>,
+        sb: Sandbox,
+        supervisor: Option<Supervisor>,
+    ) -> Arc<Live> {
+        let live = Arc::new(Live {
+            record: Mutex::new(record),
+            client,
+            envd: Arc::new(EnvdState::observed(obs.clone())),
+            interp: Default::default(),
+            obs: obs.clone(),
+            net: Mutex::default(),
+            activity: Activity::default(),
+            jail: Mutex::new(Some(sb)),
+            supervisor: Mutex::new(supervisor),
+        });
+        live.touch();
+        obs.attach(&live);
+        live
+    }
+
+    /// The sandbox's state, without copying its record.
+    pub fn state(&self) -> Option<SandboxState> {
+        self.record.lock().ok().map(|r| r.state)
+    }
+
     /// Marks the sandbox as used now.
     pub fn touch(&self) {
         self.activity.last_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -419,19 +448,7 @@ impl Manager {
             lifecycle: p.lifecycle.clone(),
         };
         let took = begun.elapsed();
-        let live = Arc::new(Live {
-            record: Mutex::new(record.clone()),
-            client,
-            envd: Arc::new(EnvdState::observed(obs.clone())),
-            interp: Default::default(),
-            obs: obs.clone(),
-            net: Mutex::default(),
-            activity: Activity::default(),
-            jail: Mutex::new(Some(sb)),
-            supervisor: Mutex::new(supervisor),
-        });
-        live.touch();
-        obs.attach(&live);
+        let live = Live::new(record.clone(), client, obs.clone(), sb, supervisor);
         // Before anything is recorded: a sandbox whose network cannot be set up is dropped
         // (and with it killed) here.
         self.net.attach(&live, p.network.clone())?;
@@ -549,28 +566,9 @@ impl Manager {
         let id = rec.id.clone();
         let obs =
             self.observer.sandbox(&id, &rec.key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
-        let live = Arc::new(Live {
-            record: Mutex::new(rec),
-            client,
-            envd: Arc::new(EnvdState::observed(obs.clone())),
-            interp: Default::default(),
-            obs: obs.clone(),
-            net: Mutex::default(),
-            activity: Activity::default(),
-            jail: Mutex::new(Some(sb)),
-            supervisor: Mutex::new(None),
-        });
-        live.touch();
-        obs.attach(&live);
+        let live = Live::new(rec, client, obs, sb, None);
         // The previous server's network device died with it: make a new one, same settings.
-        let saved = self.store.events_for(&id).ok().and_then(|ev| {
-            ev.into_iter().rev().find(|(_, _, d)| d.get("network").is_some()).map(|(_, _, d)| d)
-        });
-        let params = saved
-            .as_ref()
-            .and_then(|d| d.get("network"))
-            .and_then(|n| crate::network::parse(None, Some(n)).ok())
-            .unwrap_or_else(crate::network::NetParams::recovered_default);
+        let params = self.saved_network(&id);
         if let Err(e) = self.net.attach(&live, params) {
             tracing::warn!(sandbox_id = %id, error = %e, "could not restore the sandbox's network");
         }
@@ -657,28 +655,31 @@ impl Manager {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let now = now_ms();
-            let due: Vec<(String, &'static str)> = self
-                .live
-                .read()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(id, l)| {
-                            let rec = l.snapshot()?;
-                            if rec.state == SandboxState::Paused {
-                                None
-                            } else if l.client.is_closed() {
-                                Some((id.clone(), "agent exited"))
-                            } else if rec.end_at <= now {
-                                Some((id.clone(), "timeout"))
-                            } else if self.idle_expired(l, &rec, now) {
-                                Some((id.clone(), "idle"))
-                            } else {
-                                None
-                            }
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let due: Vec<(String, &'static str)> =
+                self.live
+                    .read()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(id, l)| {
+                                let (state, end_at, idle_ms) =
+                                    l.record.lock().ok().map(|r| {
+                                        (r.state, r.end_at, r.lifecycle.idle_timeout_ms)
+                                    })?;
+                                if state == SandboxState::Paused {
+                                    None
+                                } else if l.client.is_closed() {
+                                    Some((id.clone(), "agent exited"))
+                                } else if end_at <= now {
+                                    Some((id.clone(), "timeout"))
+                                } else if self.idle_expired(l, idle_ms, now) {
+                                    Some((id.clone(), "idle"))
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
             self.relieve_pressure().await;
             for (id, why) in due {
                 if self.pause_instead(&id, why).await {
