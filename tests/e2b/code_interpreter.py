@@ -204,6 +204,18 @@ def inside_the_sandbox(s):
         "[libc.unshare(0x10000000), ctypes.get_errno(), libc.setns(0, 0), ctypes.get_errno()]"
     )
     check("unshare and setns are refused", r.text == "[-1, 1, -1, 1]", r.text)
+    # Landlock, tried on its own: a process of the same uid in the same pid namespace, which
+    # the sandbox's own shell may signal, is outside the kernel's Landlock domain (signal
+    # scope), so the kernel may not.
+    h = s.commands.run("sleep 300", background=True)
+    same_domain = s.commands.run(f"kill -0 {h.pid} && echo allowed").stdout.strip()
+    r = s.run_code(f"import os\nos.kill({h.pid}, 0)")
+    check(
+        "Landlock's signal scope holds for the kernel (the shell may signal the process)",
+        same_domain == "allowed" and r.error is not None and r.error.name == "PermissionError",
+        (same_domain, r.error),
+    )
+    h.kill()
     r = s.run_code("import os\nos.setuid(0)")
     check("no way back to root", r.error is not None and r.error.name == "PermissionError", r.error)
     check("the sandbox is still running after all that", s.is_running())
