@@ -760,7 +760,11 @@ impl Manager {
                         }
                         started = true;
                     }
-                    Err(e) => tracing::warn!(template, error = %e, "filling the warm pool"),
+                    Err(e) => {
+                        tracing::warn!(template, error = %e, "filling the warm pool");
+                        // A failure that persists (a missing template) must not flood the log.
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                 }
             }
             for (t, n) in self.pool_sizes() {
