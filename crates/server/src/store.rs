@@ -1880,7 +1880,7 @@ mod tests {
         assert_eq!(counts(&store), n(&[("l1", 1)]));
         lc.layers = vec!["l2".into(), "l1".into()];
         store.pause_sandbox("a", Some("l2"), &lc, false).unwrap();
-        rec.lifecycle = lc.clone();
+        rec.lifecycle = lc;
         store.restarted(&rec).unwrap();
         assert_eq!(counts(&store), n(&[("l1", 1), ("l2", 1)]));
         assert!(drain(&store).is_empty());
