@@ -446,7 +446,30 @@ fn layers_go_with_their_last_user_and_not_before() {
     assert!(s.recorded().is_empty());
 }
 
-/// Finding 9: `kill -9` of the server while a snapshot copies the (frozen) sandbox's files.
+/// Sends `POST path` with `body` and ignores the outcome: the server dies under it.
+fn fire_and_forget(
+    port: u16,
+    key: String,
+    path: String,
+    body: Value,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return };
+        let body = body.to_string();
+        let _ = c.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: {key}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let _ = c.read_to_end(&mut Vec::new());
+    })
+}
+
+/// Finding 9: `kill -9` of the server while a snapshot (and, the same way, a fork or a
+/// filesystem pause) copies the frozen sandbox's files.
 #[test]
 fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
     let Some(mut s) =
@@ -454,13 +477,19 @@ fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
     else {
         return;
     };
-    // A layer that must survive the recovery: a snapshot's.
+    // A layer that must survive every recovery: a snapshot's.
     let x = s.create("base");
     assert!(s.run(&x, "echo kept > /home/user/x.txt").1);
     let snap = s.snapshot(&x);
     s.kill(&x);
     let referenced = s.consistent("before the crash");
     assert_eq!(referenced.len(), 1);
+    // A sandbox paused in memory on purpose: it must stay paused (frozen) across the restarts.
+    let m = s.create("base");
+    let r = s.api("POST", &format!("/sandboxes/{}/pause", m.id), json!({}));
+    assert_eq!(r.status, 204, "pause in memory: {}", r.text());
+    let m_slot = s.store().get_sandbox(&m.id).unwrap().unwrap().cgroup_slot.unwrap();
+    assert!(is_frozen(m_slot));
 
     // A sandbox whose files take a while to copy: many small files and a large one.
     let v = s.create("base");
@@ -470,57 +499,59 @@ fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
          && head -c 200M /dev/zero > /home/user/big && echo state > /home/user/state.txt",
     );
     assert!(ok, "filling the sandbox");
-    let slot = s.store().get_sandbox(&v.id).unwrap().unwrap().cgroup_slot.expect("a cgroup slot");
-    assert!(!is_frozen(slot), "frozen before the snapshot");
 
-    // The snapshot request, in the background: its connection dies with the server.
-    let (port, key, id) = (s.port, s.key.clone(), v.id.clone());
-    let req = std::thread::spawn(move || {
-        let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return };
-        let _ = c.write_all(
-            format!(
-                "POST /sandboxes/{id}/snapshots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-                 X-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
-            )
-            .as_bytes(),
-        );
-        let _ = c.read_to_end(&mut Vec::new());
-    });
-    // SIGKILL while the copy is under way (its `.partial` directory exists).
     let partial = |s: &Server| s.layer_dirs().into_iter().find(|n| n.ends_with(".partial"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while partial(&s).is_none() {
-        assert!(Instant::now() < deadline, "the snapshot never started copying");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    s.kill9();
-    let _ = req.join();
-    // The crash hit where it should: mid-copy, sandbox frozen.
-    let left = partial(&s).expect("the .partial copy is still there after the crash");
-    assert!(is_frozen(slot), "the sandbox was not frozen at the crash");
-    // A complete layer nothing records (a save whose commit the crash prevented).
-    let orphan = s.layers_dir().join("lorphan");
-    std::fs::create_dir_all(orphan.join("home/user")).unwrap();
-    std::fs::write(orphan.join("home/user/o.txt"), b"o").unwrap();
+    for (op, path, body) in [
+        ("snapshot", format!("/sandboxes/{}/snapshots", v.id), json!({})),
+        ("fork", format!("/sandboxes/{}/fork", v.id), json!({"count": 1})),
+        ("filesystem pause", format!("/sandboxes/{}/pause", v.id), json!({"memory": false})),
+    ] {
+        let slot = s.store().get_sandbox(&v.id).unwrap().unwrap().cgroup_slot.expect("a slot");
+        assert!(!is_frozen(slot), "{op}: frozen before it began");
+        let req = fire_and_forget(s.port, s.key.clone(), path, body);
+        // SIGKILL while the copy is under way (its `.partial` directory exists).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while partial(&s).is_none() {
+            assert!(Instant::now() < deadline, "{op}: the copy never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        s.kill9();
+        let _ = req.join();
+        // The crash hit where it should: mid-copy, the sandbox frozen.
+        let left = partial(&s).expect("the .partial copy is still there after the crash");
+        assert!(is_frozen(slot), "{op}: the sandbox was not frozen at the crash");
+        // A complete layer nothing records (a save whose commit the crash prevented).
+        let orphan = s.layers_dir().join("lorphan");
+        std::fs::create_dir_all(orphan.join("home/user")).unwrap();
+        std::fs::write(orphan.join("home/user/o.txt"), b"o").unwrap();
 
-    s.spawn();
-    // The sandbox is back, running, thawed, its files intact.
-    assert!(!is_frozen(slot), "the sandbox is still frozen after the restart");
-    let (out, ok) = s.run(&v, "cat /home/user/state.txt; ls /home/user/many | wc -l");
-    assert!(ok, "the sandbox does not answer after the restart: {out}\n{}", s.log());
-    assert_eq!(out, "state\n20000\n");
-    assert_eq!(s.state(&v), Some(SandboxState::Running));
-    let events = s.store().events_for(&v.id).unwrap();
-    let back = events.iter().find(|e| e.1 == "reattached").expect("a reattached event");
-    assert_eq!(back.2["thawed"], json!(true), "{events:?}");
-    // The partial copy and the orphan are gone; the snapshot's layer is not.
-    let dirs = s.consistent("after the restart");
-    assert!(!dirs.contains(&left), "{left} survived the restart");
-    assert!(!orphan.exists(), "an unrecorded layer survived the restart");
-    assert_eq!(dirs, referenced, "a referenced layer was touched");
+        s.spawn();
+        // The sandbox is back, running, thawed, its files intact: the operation never
+        // happened (its client got no answer).
+        assert!(!is_frozen(slot), "{op}: the sandbox is still frozen after the restart");
+        let (out, ok) = s.run(&v, "cat /home/user/state.txt; ls /home/user/many | wc -l");
+        assert!(ok, "{op}: the sandbox does not answer after the restart: {out}\n{}", s.log());
+        assert_eq!(out, "state\n20000\n", "{op}");
+        assert_eq!(s.state(&v), Some(SandboxState::Running), "{op}");
+        let events = s.store().events_for(&v.id).unwrap();
+        let back = events.iter().rev().find(|e| e.1 == "reattached").expect("reattached");
+        assert_eq!(back.2["thawed"], json!(true), "{op}: {events:?}");
+        // The partial copy and the orphan are gone; the snapshot's layer is not.
+        let dirs = s.consistent(op);
+        assert!(!dirs.contains(&left), "{op}: {left} survived the restart");
+        assert!(!orphan.exists(), "{op}: an unrecorded layer survived the restart");
+        assert_eq!(dirs, referenced, "{op}: a referenced layer was touched");
+        // The sandbox paused in memory is still paused, and still frozen.
+        assert_eq!(s.state(&m), Some(SandboxState::Paused), "{op}");
+        assert!(is_frozen(m_slot), "{op}: the restart thawed a sandbox paused in memory");
+    }
     let y = s.create(&snap);
     assert_eq!(s.run(&y, "cat /home/user/x.txt").0, "kept\n");
     s.kill(&y);
+    let r = s.api("POST", &format!("/sandboxes/{}/resume", m.id), json!({}));
+    assert_eq!(r.status, 201, "resume after the restarts: {}", r.text());
+    assert!(s.run(&m, "true").1, "the sandbox paused in memory does not run after resume");
+    s.kill(&m);
 
     // And a snapshot of the recovered sandbox now works.
     let r = s.api("POST", &format!("/sandboxes/{}/snapshots", v.id), json!({}));
