@@ -421,24 +421,28 @@ fn layers_go_with_their_last_user_and_not_before() {
     assert_eq!(r.status, 204, "delete: {}", r.text());
     assert!(s.layer_dirs().is_empty(), "a deleted snapshot's layers ({snap_layer} …) stayed");
 
-    // A fork: its layer lives as long as its last child, whatever the parent does.
+    // A fork of a resumed sandbox: its layers (the fork's and the parent's pause's below it)
+    // live as long as the last child, whatever the parent does.
     let e = s.create("base");
     assert!(s.run(&e, "echo e > /home/user/e.txt").1);
+    s.pause_files(&e);
+    s.resume(&e, None);
+    assert!(s.run(&e, "echo f > /home/user/f.txt").1);
     let r = s.api("POST", &format!("/sandboxes/{}/fork", e.id), json!({"count": 2}));
     assert_eq!(r.status, 201, "fork: {}", r.text());
     let kids: Vec<Sandbox> =
         r.json().as_array().unwrap().iter().map(|k| Sandbox::from(&k["sandbox"])).collect();
     assert_eq!(kids.len(), 2);
     let forked = s.consistent("fork");
-    assert_eq!(forked.len(), 1);
-    assert_eq!(s.run(&kids[0], "cat /home/user/e.txt").0, "e\n");
+    assert_eq!(forked.len(), 2);
+    assert_eq!(s.run(&kids[0], "cat /home/user/e.txt /home/user/f.txt").0, "e\nf\n");
     s.kill(&e);
-    assert_eq!(s.consistent("fork's parent killed"), forked);
+    assert_eq!(s.consistent("fork's resumed parent killed"), forked);
     s.kill(&kids[0]);
     assert_eq!(s.consistent("first child killed"), forked);
     // The last child paused with its files: the pause's layer sits on the fork's.
     s.pause_files(&kids[1]);
-    assert_eq!(s.consistent("last child paused").len(), 2);
+    assert_eq!(s.consistent("last child paused").len(), 3);
     s.resume(&kids[1], None);
     assert_eq!(s.run(&kids[1], "cat /home/user/e.txt").0, "e\n");
     s.kill(&kids[1]);
