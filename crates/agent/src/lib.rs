@@ -36,6 +36,9 @@ pub fn main() -> ExitCode {
         eprintln!("ringfence-agent: no control channel on fd 3");
         return ExitCode::from(2);
     };
+    // The claim on this sandbox's owner uid: held open until this process exits, and kept out
+    // of every process it starts.
+    ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
     match run(control) {
         Ok(code) => code,
         Err(()) => ExitCode::from(1),

@@ -28,6 +28,8 @@ pub enum JailError {
     Missing(#[from] Missing),
     #[error("cgroups: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error("sandbox owner uid: {0}")]
+    Owner(#[from] crate::owner::OwnerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -181,6 +183,7 @@ impl Sandbox {
         let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
             .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
         let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
+        let owner = crate::owner::claim(&cfg.owner_dir, cfg.uid_base)?;
         let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
             flags: ringfence_sys::SANDBOX_NAMESPACES,
             exe: &exe,
@@ -189,8 +192,12 @@ impl Sandbox {
             parent_end: parent_end.as_raw_fd(),
             stdio: spec.stdio,
             die_with_parent: spec.die_with_parent,
+            owner: Some(owner.uid()),
+            keep: Some((owner.fd(), ringfence_proto::OWNER_LOCK_FD)),
         })?;
         drop(child_end);
+        // The agent holds the claim from here on, for as long as it lives.
+        drop(owner);
         crate::phase(&mut phases, "cloned");
         let mut sandbox = Sandbox {
             id: spec.id.clone(),
@@ -356,6 +363,15 @@ impl Sandbox {
             socket_dir: Some(dir),
             adopted: true,
         })
+    }
+
+    /// The host uid owning this sandbox's user namespace, which the kernel charges with the
+    /// sandbox's per-user counts (see [`crate::owner`]). `None` once the agent is gone.
+    pub fn owner_uid(&self) -> Option<u32> {
+        if !self.agent_is_current() {
+            return None;
+        }
+        ringfence_sys::userns_owner(self.pid).ok()
     }
 
     /// The cgroup slot this sandbox holds.
