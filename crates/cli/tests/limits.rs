@@ -31,6 +31,7 @@ const EMFILE: i64 = 24;
 const ENOSPC: i64 = 28;
 const ENOSYS: i64 = 38;
 const EPERM: i64 = 1;
+const ETOOMANYREFS: i64 = 109;
 
 /// A sandbox (`ringfence run`) whose program took what it could and now holds it until its
 /// stdin closes, which dropping this does.
@@ -354,6 +355,43 @@ print("ok")
 "#;
     assert_eq!(in_other_sandbox(&[], use_one), "ok\n", "another sandbox lost its ptys");
     assert_eq!(on_host(use_one), "ok\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Descriptors in flight over unix sockets (`unix_inflight`, counted per host uid: every
+// sandbox's root is the same one).
+
+#[test]
+fn descriptors_in_flight_held_by_one_sandbox_do_not_stop_sandboxes_from_starting() {
+    root_only!();
+    let a = hold(
+        &["--user", "root"],
+        r#"
+import socket, array
+s, peer = socket.socketpair()
+s.setblocking(False)
+fds = array.array("i", [os.open("/dev/null", os.O_RDONLY) for _ in range(200)])
+n, err = 0, 0
+while n < 100000:
+    try:
+        s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    except OSError as e:
+        err = e.errno
+        break
+    n += len(fds)
+print("held", n, err, flush=True)
+sys.stdin.read()
+"#,
+    );
+    let [n, err] = a.numbers()[..] else { panic!("{}", a.report) };
+    assert_eq!(err, ETOOMANYREFS, "the sandbox must hit the in-flight limit: {}", a.report);
+    assert!(n >= 4096, "{}", a.report);
+    // Every new sandbox's agent hands its seccomp listener to the host as that same uid.
+    // It must still start, and its listener must work: a denied call is reported.
+    let o = py(&[], "r, e = sc(165, 0, 0, 0, 0, 0)\nprint(r, e)");
+    assert_eq!(o.code, 0, "a sandbox could not start: {o:?}");
+    assert_eq!(o.stdout, format!("-1 {EPERM}\n"), "{o:?}");
+    assert_eq!(denied(&o), ["mount"], "the seccomp listener did not reach the host: {o:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
