@@ -220,9 +220,18 @@ def _harden(plan, chan):
     if errno_prog:
         _seccomp(errno_prog, False)
     listener = _seccomp(notify_prog, True) if notify_prog else None
-    # The server supervises denials through the listener, as it does for the agent's.
+    # The server supervises denials through the listener, as it does for the agent's. It takes
+    # the descriptor itself (pidfd_getfd): a descriptor sent over a socket would count against
+    # this uid's in-flight limit, which every sandbox's user shares, so one sandbox holding many
+    # in flight could keep kernels from starting anywhere. It asks for a send only where it may
+    # not take it.
     if listener is not None:
-        socket.send_fds(chan, [b"L"], [listener])
+        chan.sendall(b"P" + listener.to_bytes(4, "little", signed=True))
+        ack = chan.recv(1)
+        if ack == b"S":
+            socket.send_fds(chan, [b"L"], [listener])
+        elif ack != b"K":
+            raise EntryFailed("listener", f"unexpected answer {ack!r}")
         os.close(listener)
     else:
         chan.sendall(b"N")

@@ -21,7 +21,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use ringfence_jail::launch::{MARK_ERROR, MARK_LISTENER, MARK_NO_LISTENER};
+use ringfence_jail::launch::{
+    ACK_SEND, ACK_TAKEN, MARK_ERROR, MARK_LISTENER, MARK_NO_LISTENER, MARK_PULL,
+};
 use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_frame};
 
 /// Entry point of the `ringfence-agent` executable.
@@ -36,6 +38,9 @@ pub fn main() -> ExitCode {
         eprintln!("ringfence-agent: no control channel on fd 3");
         return ExitCode::from(2);
     };
+    // The claim on this sandbox's owner uid: held open until this process exits, and kept out
+    // of every process it starts.
+    ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
     match run(control) {
         Ok(code) => code,
         Err(()) => ExitCode::from(1),
@@ -50,6 +55,29 @@ fn control_channel() -> Option<UnixStream> {
 fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
     let bytes = encode(event).map_err(drop)?;
     control.write_all(&bytes).map_err(drop)
+}
+
+/// Gives the host the seccomp listener. The host takes it with `pidfd_getfd`, so that no
+/// descriptor is sent from this sandbox's uid (see [`MARK_PULL`]); only where that is refused
+/// does it come over the channel.
+fn hand_over_listener(control: &mut UnixStream, listener: Option<&OwnedFd>) -> Result<(), ()> {
+    let Some(l) = listener else {
+        return ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
+            .map_err(drop);
+    };
+    let mut msg = vec![MARK_PULL];
+    msg.extend_from_slice(&l.as_raw_fd().to_le_bytes());
+    control.write_all(&msg).map_err(drop)?;
+    let mut ack = [0u8; 1];
+    std::io::Read::read_exact(control, &mut ack).map_err(drop)?;
+    match ack[0] {
+        ACK_TAKEN => Ok(()),
+        ACK_SEND => {
+            ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_LISTENER], Some(l.as_raw_fd()))
+                .map_err(drop)
+        }
+        _ => Err(()),
+    }
 }
 
 fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
@@ -69,11 +97,7 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     };
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
-    let (mark, fd) = match &listener {
-        Some(l) => (MARK_LISTENER, Some(l.as_raw_fd())),
-        None => (MARK_NO_LISTENER, None),
-    };
-    ringfence_sys::send_with_fd(control.as_raw_fd(), &[mark], fd).map_err(drop)?;
+    hand_over_listener(&mut control, listener.as_ref())?;
     // The host supervises the filter; nothing in here may keep the listener.
     drop(listener);
     if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {

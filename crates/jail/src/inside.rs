@@ -70,6 +70,34 @@ const MASKED_FILES: &[&str] = &[
 const MASKED_DIRS: &[&str] = &["acpi", "scsi", "driver", "fs/nfsd", "tty/driver"];
 /// Directories under `/proc` made read-only.
 const READONLY_DIRS: &[&str] = &["sys", "irq", "bus", "sysvipc"];
+/// Per-user limits of the sandbox's own user namespace, written to `/proc/sys/user/*` while
+/// PID 1 still holds CAP_SYS_RESOURCE there. They bound each user *inside* the sandbox; the
+/// kernel also charges every count to the namespace's owner against the host's limits, which
+/// bounds the sandbox as a whole (see `owner.rs`). Creating namespaces is left to the host
+/// alone (seccomp denies it too), and fanotify (also denied by seccomp) gets no groups.
+const USER_NS_LIMITS: &[(&str, u64)] = &[
+    ("max_user_namespaces", 0),
+    ("max_mnt_namespaces", 0),
+    ("max_pid_namespaces", 0),
+    ("max_net_namespaces", 0),
+    ("max_uts_namespaces", 0),
+    ("max_ipc_namespaces", 0),
+    ("max_cgroup_namespaces", 0),
+    ("max_time_namespaces", 0),
+    // The kernel's own default per user, so programs meet the limits they would on any host.
+    ("max_inotify_instances", 128),
+    // Each watch pins an inode (memory charged to the sandbox's cgroup); 64Ki is enough to
+    // watch a large source tree recursively.
+    ("max_inotify_watches", 65536),
+    ("max_fanotify_groups", 0),
+    ("max_fanotify_marks", 0),
+];
+
+/// Pseudo-terminals one sandbox may hold at once. All devpts instances but the host's first
+/// share one pool (`kernel.pty.max` minus `kernel.pty.reserve`, 3072 by default): without a
+/// per-instance cap one sandbox could take every pty on the host.
+pub const PTY_MAX: u32 = 64;
+
 /// Device nodes bound from the host into the sandbox's `/dev`.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -248,6 +276,17 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
         None::<&str>,
     )
     .map_err(mount_err("proc", &proc_dir))?;
+    // Before /proc/sys turns read-only below. The files show the limits of the reader's user
+    // namespace, whichever proc mount they are read through: these are the sandbox's.
+    let user_sys = proc_dir.join("sys/user");
+    for (name, value) in USER_NS_LIMITS {
+        let p = user_sys.join(name);
+        // Absent on kernels without the feature (time namespaces, fanotify): nothing to bound.
+        if p.exists() {
+            fs::write(&p, value.to_string())
+                .map_err(fail(format!("write /proc/sys/user/{name}")))?;
+        }
+    }
     for f in MASKED_FILES {
         let p = proc_dir.join(f);
         if p.exists() {
@@ -298,7 +337,7 @@ fn mount_dev(root: &Path, spec: &SetupSpec) -> Result<(), InsideError> {
         &pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Some(format!("newinstance,ptmxmode=0666,mode=0620,gid=5,max={PTY_MAX}").as_str()),
     )
     .map_err(mount_err("devpts", &pts))?;
     let shm = dev.join("shm");

@@ -2,7 +2,7 @@
 //! hand the agent its setup, and wait for it to report ready.
 
 use std::ffi::CString;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -28,6 +28,8 @@ pub enum JailError {
     Missing(#[from] Missing),
     #[error("cgroups: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error("sandbox owner uid: {0}")]
+    Owner(#[from] crate::owner::OwnerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -162,6 +164,21 @@ pub struct Sandbox {
 pub const MARK_LISTENER: u8 = b'F';
 pub const MARK_NO_LISTENER: u8 = b'N';
 pub const MARK_ERROR: u8 = b'E';
+/// The agent has a seccomp listener at the descriptor number in the 4 bytes (little endian)
+/// that follow, for the host to take with `pidfd_getfd`; it closes its copy on [`ACK_TAKEN`],
+/// or sends it with [`MARK_LISTENER`] on [`ACK_SEND`].
+///
+/// Descriptors passed over unix sockets count against their sender's uid until received
+/// (`unix_inflight`, checked against the sender's RLIMIT_NOFILE), and every sandbox's root is
+/// the same host uid: one sandbox holding a few thousand descriptors in flight would make every
+/// later agent's `SCM_RIGHTS` send fail, and with it every sandbox start on the host. Taking
+/// the descriptor from the host side involves no send from a sandbox uid.
+pub const MARK_PULL: u8 = b'P';
+/// Host to agent, after [`MARK_PULL`]: the host has its copy.
+pub const ACK_TAKEN: u8 = b'K';
+/// Host to agent, after [`MARK_PULL`]: `pidfd_getfd` is refused here (Yama's ptrace_scope 3,
+/// an LSM): send it instead.
+pub const ACK_SEND: u8 = b'S';
 
 impl Sandbox {
     /// Starts a sandbox and waits until its agent is ready.
@@ -181,6 +198,7 @@ impl Sandbox {
         let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
             .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
         let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
+        let owner = crate::owner::claim(&cfg.owner_dir, cfg.uid_base)?;
         let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
             flags: ringfence_sys::SANDBOX_NAMESPACES,
             exe: &exe,
@@ -189,8 +207,12 @@ impl Sandbox {
             parent_end: parent_end.as_raw_fd(),
             stdio: spec.stdio,
             die_with_parent: spec.die_with_parent,
+            owner: Some(owner.uid()),
+            keep: Some((owner.fd(), ringfence_proto::OWNER_LOCK_FD)),
         })?;
         drop(child_end);
+        // The agent holds the claim from here on, for as long as it lives.
+        drop(owner);
         crate::phase(&mut phases, "cloned");
         let mut sandbox = Sandbox {
             id: spec.id.clone(),
@@ -310,10 +332,10 @@ impl Sandbox {
         }
     }
 
-    /// Receives the agent's one-byte marker and, with it, the seccomp listener descriptor.
-    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Option<OwnedFd>), JailError> {
+    /// Receives one marker byte and any descriptors sent with it.
+    fn recv_marker_byte(&mut self, limit: Duration) -> Result<(u8, Vec<OwnedFd>), JailError> {
         let mut byte = [0u8; 1];
-        let (n, mut fds) = match ringfence_sys::recv_with_fds(self.control.as_raw_fd(), &mut byte) {
+        let (n, fds) = match ringfence_sys::recv_with_fds(self.control.as_raw_fd(), &mut byte) {
             Ok(r) => r,
             Err(e) if e.errno() == Some(libc::EAGAIN) && self.started.elapsed() >= limit => {
                 return Err(JailError::SetupTimeout(limit));
@@ -323,9 +345,39 @@ impl Sandbox {
         if n == 0 {
             return Err(self.died());
         }
-        match byte[0] {
+        Ok((byte[0], fds))
+    }
+
+    /// Receives the agent's marker and, with it, the seccomp listener descriptor.
+    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Option<OwnedFd>), JailError> {
+        let (byte, mut fds) = self.recv_marker_byte(limit)?;
+        match byte {
             MARK_LISTENER if fds.len() == 1 => Ok((MARK_LISTENER, fds.pop())),
-            MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte[0], None)),
+            MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte, None)),
+            MARK_PULL if fds.is_empty() => {
+                let mut num = [0u8; 4];
+                self.control.read_exact(&mut num).map_err(io_op("read listener number"))?;
+                let taken = ringfence_sys::pidfd_open(self.pid)
+                    .and_then(|p| ringfence_sys::pidfd_getfd(&p, i32::from_le_bytes(num)));
+                match taken {
+                    Ok(fd) => {
+                        self.control.write_all(&[ACK_TAKEN]).map_err(io_op("ack listener"))?;
+                        Ok((MARK_LISTENER, Some(fd)))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "taking the listener failed; asking for it");
+                        self.control.write_all(&[ACK_SEND]).map_err(io_op("ask for listener"))?;
+                        match self.recv_marker_byte(limit)? {
+                            (MARK_LISTENER, mut fds) if fds.len() == 1 => {
+                                Ok((MARK_LISTENER, fds.pop()))
+                            }
+                            (b, _) => Err(JailError::Protocol(format!(
+                                "marker {b:#x} instead of the listener"
+                            ))),
+                        }
+                    }
+                }
+            }
             b => Err(JailError::Protocol(format!("marker {b:#x} with {} descriptors", fds.len()))),
         }
     }
@@ -356,6 +408,15 @@ impl Sandbox {
             socket_dir: Some(dir),
             adopted: true,
         })
+    }
+
+    /// The host uid owning this sandbox's user namespace, which the kernel charges with the
+    /// sandbox's per-user counts (see [`crate::owner`]). `None` once the agent is gone.
+    pub fn owner_uid(&self) -> Option<u32> {
+        if !self.agent_is_current() {
+            return None;
+        }
+        ringfence_sys::userns_owner(self.pid).ok()
     }
 
     /// The cgroup slot this sandbox holds.

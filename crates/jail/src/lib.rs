@@ -19,6 +19,7 @@ pub mod launch;
 pub mod layer;
 pub mod limits;
 pub mod monitor;
+pub mod owner;
 pub mod preflight;
 pub mod seccomp;
 mod syscall_names;
@@ -31,6 +32,9 @@ pub use launch::{JailError, Sandbox, SandboxSpec};
 
 /// Where sandboxes' sockets, stages and slot locks live unless configured otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/ringfence";
+
+/// Where owner-uid claims live, whatever the run directory (see [`JailConfig::owner_dir`]).
+pub const DEFAULT_OWNER_DIR: &str = "/run/ringfence/owners";
 
 /// Host-wide settings of the jail tier.
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ pub struct JailConfig {
     pub agent_path: PathBuf,
     /// Name of the cgroup subtree Ringfence owns in every hierarchy.
     pub cgroup_name: String,
+    /// Claim files of sandbox owner uids (see [`owner`]). Host-wide on purpose, unlike
+    /// `run_dir`: every process starting sandboxes on a host must draw from one set of claims.
+    pub owner_dir: PathBuf,
 }
 
 /// Width of the id range mapped into every sandbox.
@@ -59,6 +66,7 @@ impl JailConfig {
             uid_base: 100_000_000,
             agent_path,
             cgroup_name: "ringfence".into(),
+            owner_dir: PathBuf::from(DEFAULT_OWNER_DIR),
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum SeccompError {
 pub struct Compiled {
     /// The allowlist; denials go to user space (or return EPERM when `notify` was false).
     pub sandbox: Vec<BpfInsn>,
-    /// `clone3` → ENOSYS.
+    /// `clone3` and `io_setup` → ENOSYS (see `profiles/seccomp/README.md`).
     pub clone3: Vec<BpfInsn>,
 }
 
@@ -152,6 +152,21 @@ mod tests {
         ] {
             assert!(!allowed.iter().any(|a| a == name), "{name} must not be allowlisted");
         }
+    }
+
+    #[test]
+    fn io_setup_is_answered_enosys_not_allowed() {
+        // aio-max-nr is a single host-wide pool; a sandbox must not be able to drain it.
+        assert!(!allowed_names().iter().any(|a| a == "io_setup"));
+        let v: serde_json::Value = serde_json::from_str(DEFAULT_PROFILE).unwrap();
+        let enosys: Vec<&str> = v["clone3"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["syscall"].as_str().unwrap())
+            .collect();
+        assert_eq!(enosys, ["clone3", "io_setup"]);
+        assert_eq!(v["clone3"]["filter_action"]["errno"], 38);
     }
 
     #[test]

@@ -350,6 +350,9 @@ impl Entry {
         let listener = match byte.first() {
             Some(b'L') if fds.len() == 1 => fds.pop(),
             Some(b'N') => None,
+            // The kernel names its listener's descriptor and we take it: see
+            // `crate::launch::MARK_PULL` for why nothing is sent from the sandbox's uid.
+            Some(b'P') if fds.is_empty() => Some(self.take_listener()?),
             Some(b'{') => {
                 let (rest, _) = self.read_line()?;
                 return Err(failure(&format!("{{{rest}")));
@@ -365,6 +368,37 @@ impl Entry {
         self.first = None;
         let pidfd = self.kernel.take().ok_or(ZygoteError::SandboxGone)?;
         Ok((listener, kernel, pidfd))
+    }
+
+    /// Takes the kernel's listener, whose descriptor number follows, with `pidfd_getfd`; where
+    /// that is refused, asks the kernel to send it.
+    fn take_listener(&mut self) -> Result<OwnedFd, ZygoteError> {
+        let mut num = Vec::with_capacity(4);
+        while num.len() < 4 {
+            let (b, _) = self.read_bytes(4 - num.len())?;
+            num.extend(b);
+        }
+        let fd = i32::from_le_bytes([num[0], num[1], num[2], num[3]]);
+        let kernel = self.kernel.as_ref().ok_or(ZygoteError::SandboxGone)?;
+        match ringfence_sys::pidfd_getfd(kernel, fd) {
+            Ok(listener) => {
+                self.chan.write_all(b"K").map_err(io_op("write"))?;
+                Ok(listener)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "taking the kernel's listener failed; asking for it");
+                self.chan.write_all(b"S").map_err(io_op("write"))?;
+                match self.read_bytes(1)? {
+                    (b, mut fds) if b.first() == Some(&b'L') && fds.len() == 1 => {
+                        fds.pop().ok_or(ZygoteError::SandboxGone)
+                    }
+                    _ => Err(ZygoteError::Entry {
+                        step: "listener".into(),
+                        message: "unexpected reply".into(),
+                    }),
+                }
+            }
+        }
     }
 
     /// Reads one step line; an `entry_failed` line becomes the error it reports.

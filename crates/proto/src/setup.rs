@@ -37,6 +37,11 @@ pub struct Rlimits {
 /// `/proc/<agent>/fd/STAGE_FD/upper` for snapshots, while nothing inside can name it.
 pub const STAGE_FD: i32 = 1000;
 
+/// The descriptor number at which the agent starts with the claim on its sandbox's owner uid
+/// (a locked file, see `ringfence_jail::owner`) and keeps it, close-on-exec, until it exits:
+/// the claim lives exactly as long as the sandbox.
+pub const OWNER_LOCK_FD: i32 = 1001;
+
 /// The full sandbox setup the host sends as the first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupSpec {

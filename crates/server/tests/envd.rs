@@ -901,3 +901,33 @@ fn watches() {
         assert_eq!(frames[0].1["error"]["code"], "invalid_argument");
     });
 }
+
+/// `CreateWatcher` until the kernel refuses: one sandbox's watchers count against its own
+/// owner's inotify budget, so another sandbox and host root still get theirs (they used to
+/// share root's 128 instances).
+#[test]
+fn watchers_exhausted_in_one_sandbox_leave_others_and_the_host_theirs() {
+    let a = env_or_skip!();
+    let b = env_or_skip!();
+    let (made, refusal) = a.block(async {
+        for made in 0..300 {
+            let (status, v) =
+                a.unary("filesystem.Filesystem/CreateWatcher", json!({"path": "/tmp"})).await;
+            if status != StatusCode::OK {
+                return (made, v);
+            }
+        }
+        panic!("300 watchers and no limit");
+    });
+    assert!(made <= 128, "{made} watchers in one sandbox");
+    let message = refusal["message"].as_str().unwrap_or_default();
+    assert!(message.contains("inotify instance limit"), "{refusal}");
+    assert!(!message.contains("/run") && !message.contains("/proc"), "{refusal}");
+    // A still serves everything else.
+    assert_eq!(a.block(a.sh("echo alive")).stdout, b"alive\n");
+    b.block(async {
+        b.ok("filesystem.Filesystem/CreateWatcher", json!({"path": "/tmp"})).await;
+    });
+    let host = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_CLOEXEC);
+    assert!(host.is_ok(), "host root lost inotify: {host:?}");
+}

@@ -67,17 +67,112 @@ pub struct NsSpawn<'a> {
     pub stdio: [RawFd; 3],
     /// Deliver SIGKILL to the child if the parent thread dies.
     pub die_with_parent: bool,
+    /// Host uid that owns the new user namespace, or `None` for the caller's euid.
+    ///
+    /// The kernel charges every per-user count of the namespace's processes (inotify instances
+    /// and watches, namespaces, message-queue bytes, pending signals, ...) to its owner as well,
+    /// at the level of the parent namespace. A distinct owner per sandbox therefore gives each
+    /// sandbox its own host-level budget instead of one shared with host root. The calling
+    /// thread's euid is switched to this uid around the `clone` only; see [`spawn_in_namespaces`].
+    pub owner: Option<u32>,
+    /// `(source, target)`: `source` also stays open in the child, at descriptor `target` (above
+    /// 3), across the exec. The first process holds it for the sandbox's lifetime.
+    pub keep: Option<(RawFd, RawFd)>,
+}
+
+/// The credentials of the calling thread that [`spawn_in_namespaces`] changes around `clone`
+/// and puts back.
+struct ThreadCreds {
+    euid: libc::uid_t,
+    caps: [CapData; 2],
+    /// `PR_GET_DUMPABLE`: the kernel resets the process's dumpable flag on an euid change.
+    dumpable: libc::c_int,
+    /// `PR_GET_PDEATHSIG`: the kernel clears the thread's parent-death signal on an euid change.
+    pdeathsig: libc::c_int,
+}
+
+/// Makes `owner` the calling thread's effective uid, keeping its effective capabilities.
+///
+/// Only this thread changes: raw syscalls, because glibc's wrappers broadcast credential
+/// changes to every thread of the process. The real and saved uids stay as they were (root),
+/// so the switch back is always permitted. The effective capabilities the kernel clears on the
+/// switch are raised again, so the namespace is created by a privileged caller exactly as
+/// before (LSMs that restrict unprivileged user namespaces, such as AppArmor's
+/// `restrict_unprivileged_userns`, look at them) and only its owner differs.
+fn become_owner(owner: libc::uid_t) -> Result<ThreadCreds> {
+    let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let mut caps = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array are what capget expects for version 3.
+    check("capget", unsafe { libc::syscall(libc::SYS_capget, &mut hdr, caps.as_mut_ptr()) })?;
+    // SAFETY: these prctl options take no pointers and only read thread or process state.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    let mut pdeathsig: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which is valid.
+    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeathsig as *mut libc::c_int) };
+    let saved = ThreadCreds { euid: euid(), caps, dumpable, pdeathsig };
+    // SAFETY: setresuid takes integers; -1 leaves the real and saved uids unchanged.
+    let ret = unsafe { libc::syscall(libc::SYS_setresuid, u32::MAX, owner, u32::MAX) };
+    check("setresuid(owner)", ret)?;
+    let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+    // SAFETY: as for capget; the sets are the thread's own, so capset accepts them.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, saved.caps.as_ptr()) };
+    if ret < 0 {
+        let err = SysError::last("capset(owner)");
+        restore_creds(&saved);
+        return Err(err);
+    }
+    Ok(saved)
+}
+
+/// Undoes [`become_owner`]. A thread left with another euid would run the rest of the host
+/// process's work with the wrong identity, so failing here aborts the process.
+fn restore_creds(saved: &ThreadCreds) {
+    let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+    // SAFETY: integers only for setresuid; capset reads the two-element array saved by capget.
+    let ok = unsafe {
+        libc::syscall(libc::SYS_setresuid, u32::MAX, saved.euid, u32::MAX) == 0
+            && libc::syscall(libc::SYS_capset, &mut hdr, saved.caps.as_ptr()) == 0
+    };
+    if !ok {
+        std::process::abort();
+    }
+    // SAFETY: these prctl options take integers. Dumpability is per process: a concurrent
+    // spawn may have read it while cleared, in which case the process stays non-dumpable,
+    // which only costs it core dumps.
+    unsafe {
+        if saved.dumpable >= 0 {
+            libc::prctl(libc::PR_SET_DUMPABLE, saved.dumpable as libc::c_ulong, 0, 0, 0);
+        }
+        if saved.pdeathsig != 0 {
+            libc::prctl(libc::PR_SET_PDEATHSIG, saved.pdeathsig as libc::c_ulong, 0, 0, 0);
+        }
+    }
 }
 
 /// Forks a child into new namespaces; the child waits for one byte on `control`, becomes root
 /// of its user namespace (uid/gid 0, no supplementary groups), then execs `exe` with an empty
-/// environment and only fds 0–3 open. Returns the child's host pid.
+/// environment and only fds 0–3 (and `keep`'s target) open. Returns the child's host pid.
+///
+/// With `owner`, the calling thread (only it) runs the `clone` with that euid, so the new user
+/// namespace belongs to `owner`; the thread's credentials are put back before this returns.
 pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
     // Everything the child touches is prepared here, before the fork.
     let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let sources = [spec.stdio[0], spec.stdio[1], spec.stdio[2], spec.control];
+    let (keep_src, keep_target) = match spec.keep {
+        Some((src, target)) if target > 3 && src >= 0 => (src, target),
+        Some(_) => {
+            return Err(SysError {
+                call: "clone",
+                source: io::Error::new(io::ErrorKind::InvalidInput, "kept fd must be above 3"),
+            });
+        }
+        None => (-1, -1),
+    };
+    let sources = [spec.stdio[0], spec.stdio[1], spec.stdio[2], spec.control, keep_src];
+    let n_sources = if keep_src >= 0 { 5 } else { 4 };
+    let saved = spec.owner.map(become_owner).transpose()?;
 
     // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a
     // copy of the address space and resumes here with return value 0. The child path below
@@ -93,10 +188,15 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
             0usize,
         )
     };
-    if pid < 0 {
-        return Err(SysError::last("clone"));
-    }
-    if pid > 0 {
+    if pid != 0 {
+        // The parent (or a failed clone): errno first, before the restore can change it.
+        let failed = (pid < 0).then(|| SysError::last("clone"));
+        if let Some(saved) = &saved {
+            restore_creds(saved);
+        }
+        if let Some(err) = failed {
+            return Err(err);
+        }
         return i32::try_from(pid)
             .map_err(|_| SysError { call: "clone", source: io::Error::other("pid out of range") });
     }
@@ -105,22 +205,27 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
     // every failure ends in _exit, which never returns into Rust code of the parent's image.
     unsafe {
         libc::close(spec.parent_end);
-        if spec.die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            libc::_exit(120);
-        }
         // Move the sources out of the 0..=3 range first so the dup2s below cannot clobber each
         // other whatever numbers the parent happened to use.
-        let mut high = [0; 4];
-        for (i, fd) in sources.iter().enumerate() {
+        let mut high = [0; 5];
+        for (i, fd) in sources.iter().take(n_sources).enumerate() {
             high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
             if high[i] < 0 {
                 libc::_exit(121);
             }
         }
-        for (target, fd) in high.iter().enumerate() {
+        for (target, fd) in high.iter().take(4).enumerate() {
             if libc::dup2(*fd, target as libc::c_int) < 0 {
                 libc::_exit(122);
             }
+        }
+        // Last, so that a high copy that happened to sit at `keep_target` has already been
+        // moved; and its close-on-exec flag cleared explicitly, since dup2 onto itself keeps it.
+        if keep_src >= 0
+            && (libc::dup2(high[4], keep_target) < 0
+                || libc::fcntl(keep_target, libc::F_SETFD, 0) < 0)
+        {
+            libc::_exit(122);
         }
         let mut go = 0u8;
         loop {
@@ -145,7 +250,24 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
         {
             libc::_exit(125);
         }
-        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        // Only now: the kernel clears the parent-death signal whenever the euid changes, so
+        // set before the switch above it would be gone. The parent may have died before this
+        // point; its end of the control channel then reads as hung up.
+        if spec.die_with_parent {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                libc::_exit(120);
+            }
+            let mut pfd = libc::pollfd { fd: 3, events: libc::POLLRDHUP, revents: 0 };
+            if libc::poll(&mut pfd, 1, 0) != 0 {
+                libc::_exit(126);
+            }
+        }
+        if keep_src >= 0 {
+            libc::syscall(libc::SYS_close_range, 4u32, (keep_target - 1) as u32, 0u32);
+            libc::syscall(libc::SYS_close_range, (keep_target + 1) as u32, u32::MAX, 0u32);
+        } else {
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        }
         libc::execve(spec.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
         libc::_exit(124);
     }
@@ -563,6 +685,17 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// A duplicate of descriptor `fd` of the process behind `pidfd` (close-on-exec), taken without
+/// the process's help. Needs ptrace access to it (host root has it over every sandbox).
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: a valid descriptor we own, a descriptor number and no flags; the kernel returns a
+    // new descriptor or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0u32) };
+    let new = check("pidfd_getfd", ret)?;
+    // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new as RawFd) })
+}
+
 /// Sends `sig` to the process behind `pidfd`. ESRCH once it has exited.
 pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32) -> Result<()> {
     // SAFETY: a valid descriptor we own, a signal number, no siginfo (null), no flags.
@@ -670,6 +803,26 @@ pub fn take_control_fd() -> Option<OwnedFd> {
     // SAFETY: F_SETFD on a descriptor we own; keeps it out of every process we start.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Some(fd)
+}
+
+/// Marks an inherited descriptor close-on-exec, so that it stays in this process only.
+/// Returns false when `fd` is not open.
+pub fn keep_inherited_fd(fd: RawFd) -> bool {
+    // SAFETY: F_SETFD only changes the flags of a descriptor number; a closed number gives EBADF.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0 }
+}
+
+/// The host uid that owns the user namespace of process `pid` (`NS_GET_OWNER_UID`).
+pub fn userns_owner(pid: i32) -> Result<u32> {
+    // _IO(0xb7, 0x4) from linux/nsfs.h, which the libc crate does not declare.
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+        .map_err(|source| SysError { call: "open(/proc/<pid>/ns/user)", source })?;
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is valid.
+    let ret = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_OWNER_UID as _, &mut uid) };
+    check("ioctl(NS_GET_OWNER_UID)", ret.into())?;
+    Ok(uid)
 }
 
 /// Registers an owned descriptor with the tokio reactor.
