@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::files_query::{FileQuery, parse_file_query};
 use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager, ManagerError};
 use crate::observe::MetricsAuth;
 use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
@@ -112,29 +113,83 @@ async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
 /// The code interpreter's port (E2B's Jupyter server).
 const JUPYTER_PORT: u16 = 49999;
 
+/// envd's port.
+const ENVD_PORT: u16 = 49983;
+
+/// Why a sandbox request may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The sandbox's token, or a URL signed with it: full use, counts as activity and may
+    /// resume an `autoResume` sandbox.
+    Token,
+    /// A port of a sandbox made public (`allowPublicTraffic`): its creator asked for its
+    /// services to be reachable by anyone, so this traffic is treated like the owner's.
+    Public,
+    /// envd's own health check, which E2B leaves unauthenticated: it answers whether a running
+    /// sandbox is there and nothing more (never resumes, never counts as activity).
+    Health,
+}
+
 /// Sends sandbox traffic to the sandbox's envd; everything else continues to the control plane.
-async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Response {
+///
+/// Order matters: the target is identified, then the request is authorised against the
+/// sandbox's record (read without effect), and only then may anything happen to the sandbox
+/// (resume, activity). An unknown id and a wrong or missing token get the same answer.
+async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let token = header("x-access-token");
-    let signed = signed_file_url(&req);
+    let id_header = header("e2b-sandbox-id");
     // `get_host(port)` URLs (`<port>-<id>.<domain>`) name the sandbox and port in the Host.
-    let by_host = match header("e2b-sandbox-id") {
+    let by_host = match &id_header {
         None => header("host").and_then(|h| crate::network::parse_host(&h)),
         Some(_) => None,
     };
-    let live = match header("e2b-sandbox-id").or_else(|| by_host.as_ref().map(|(_, id)| id.clone()))
-    {
-        Some(id) => match app.manager.auto_resume(&id).await {
-            Some(l) => l,
-            None => return not_running(&id),
+    let port = match header("e2b-sandbox-port") {
+        Some(p) => match p.trim().parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "E2b-Sandbox-Port must be a port number",
+                )
+                .into_response();
+            }
         },
-        None => match token.as_deref().and_then(|t| app.manager.by_token(t)) {
-            Some(l) => l,
+        None => by_host.as_ref().map_or(ENVD_PORT, |(p, _)| *p),
+    };
+    // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
+    // (docs/e2b-compat.md §5.3); create returns the same secret under that name. Other ports
+    // (a sandbox's own services) take it too.
+    let traffic = if port != ENVD_PORT { header("e2b-traffic-access-token") } else { None };
+    let presented = token.clone().or(traffic);
+    let files = port == ENVD_PORT && crate::envd::is_files(req.method(), req.uri().path());
+    // envd's `/files` query, parsed once: the signature is checked over this value and envd
+    // serves exactly this value (it is passed on in the request's extensions).
+    let file_query = if files {
+        match parse_file_query(req.uri().query().unwrap_or("")) {
+            Ok(q) => Some(q),
+            Err(e) => return ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        }
+    } else {
+        None
+    };
+    let signed = file_query.as_ref().and_then(|q| SignedUrl::from_query(q, req.method()));
+    let health = port == ENVD_PORT && is_bare_health(&req);
+    let id = match id_header.or_else(|| by_host.as_ref().map(|(_, id)| id.clone())) {
+        Some(id) => id,
+        None => match presented.as_deref().and_then(|t| app.manager.by_token(t)) {
+            Some(l) => match l.snapshot() {
+                Some(r) => r.id,
+                None => return not_running(""),
+            },
             None => match &signed {
                 // A signed download/upload URL carries no sandbox id: the signature names it.
                 Some(sig) => match app.manager.find(|r| sig.matches(&r.access_token)) {
-                    Some(l) => l,
+                    Some(l) => match l.snapshot() {
+                        Some(r) => r.id,
+                        None => return not_running(""),
+                    },
                     None => {
                         return ApiError::new(StatusCode::UNAUTHORIZED, "invalid signature")
                             .into_response();
@@ -144,38 +199,50 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
             },
         },
     };
-    let Some(record) = live.snapshot() else { return not_running("") };
-    let port = header("e2b-sandbox-port")
-        .and_then(|p| p.parse::<u16>().ok())
-        .or(by_host.as_ref().map(|(p, _)| *p))
-        .unwrap_or(49983);
-    // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
-    // a URL signed with it.
-    // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
-    // (docs/e2b-compat.md §5.3); create returns the same secret under that name.
-    // Other ports (a sandbox's own services) take it too, or nothing when the sandbox was made
-    // public (`network.allowPublicTraffic`).
-    let traffic = if port != 49983 { header("e2b-traffic-access-token") } else { None };
-    let public = port != 49983 && port != JUPYTER_PORT && app.manager.network().is_public(&live);
-    let authorized = match (&signed, token.as_deref().or(traffic.as_deref())) {
-        (_, Some(t)) if crate::manager::ct_eq(t, &record.access_token) => true,
-        (Some(sig), _) if sig.matches(&record.access_token) => {
-            if sig.expired() {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
-                    .into_response();
+    let record = app.manager.peek(&id);
+    let access = match &record {
+        Some(r) => match (&signed, presented.as_deref()) {
+            (_, Some(t)) if crate::manager::ct_eq(t, &r.access_token) => Some(Access::Token),
+            (Some(sig), _) if sig.matches(&r.access_token) => {
+                if sig.expired() {
+                    return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
+                        .into_response();
+                }
+                Some(Access::Token)
             }
-            true
-        }
-        _ => public || req.uri().path() == "/health",
+            _ if port != ENVD_PORT && port != JUPYTER_PORT && app.manager.is_public(&id) => {
+                Some(Access::Public)
+            }
+            _ if health => Some(Access::Health),
+            _ => None,
+        },
+        // Nothing to authorise against; the health check reads as "not running", as it would
+        // for a sandbox that ended.
+        None if health => return not_running(&id),
+        None => None,
     };
-    if !authorized {
+    let Some(access) = access else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
             .into_response();
+    };
+    let live = match access {
+        Access::Health => match app.manager.get(&id) {
+            Some(l) if l.state() == Some(SandboxState::Running) => l,
+            _ => return not_running(&id),
+        },
+        Access::Token | Access::Public => match app.manager.auto_resume(&id).await {
+            Some(l) => l,
+            None => return not_running(&id),
+        },
+    };
+    let Some(record) = live.snapshot() else { return not_running(&id) };
+    if let Some(q) = file_query {
+        req.extensions_mut().insert(q);
     }
     // Everything logged while serving this request names the sandbox.
     let span = tracing::info_span!("sandbox", sandbox_id = %record.id);
     match port {
-        49983 => {
+        ENVD_PORT => {
             crate::envd::handle(live.client.clone(), live.envd.clone(), req).instrument(span).await
         }
         JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
@@ -183,6 +250,20 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         }
         other => crate::network::inbound(live, other, req).instrument(span).await,
     }
+}
+
+/// Whether `req` is envd's plain health check: `GET /health` with no query, no body and no
+/// upgrade. Only that is answered without the sandbox's token; a `HEAD`, a `POST`, a body or
+/// a WebSocket upgrade on the same path needs the token like everything else.
+fn is_bare_health(req: &Request) -> bool {
+    let h = req.headers();
+    let no_body = h.get(axum::http::header::TRANSFER_ENCODING).is_none()
+        && h.get(axum::http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0");
+    req.method() == axum::http::Method::GET
+        && crate::envd::is_health(req.method(), req.uri().path())
+        && req.uri().query().is_none()
+        && no_body
+        && h.get(axum::http::header::UPGRADE).is_none()
 }
 
 /// The signature of a `download_url()`/`upload_url()` link: `v1_` + unpadded base64 of
@@ -197,6 +278,24 @@ struct SignedUrl {
 }
 
 impl SignedUrl {
+    /// The signature a parsed `/files` query carries, over exactly the path and user that
+    /// query names (and envd will use).
+    fn from_query(q: &FileQuery, method: &axum::http::Method) -> Option<SignedUrl> {
+        let operation = match *method {
+            axum::http::Method::GET => "read",
+            axum::http::Method::POST => "write",
+            _ => return None,
+        };
+        let signature = q.signature.clone().filter(|s| s.starts_with("v1_"))?;
+        Some(SignedUrl {
+            path: q.path.clone().unwrap_or_default(),
+            operation,
+            user: q.username.clone().unwrap_or_default(),
+            signature,
+            expiration: q.signature_expiration,
+        })
+    }
+
     fn matches(&self, token: &str) -> bool {
         use base64::Engine;
         use sha2::Digest;
@@ -213,36 +312,6 @@ impl SignedUrl {
     fn expired(&self) -> bool {
         self.expiration.is_some_and(|e| e < crate::manager::now_ms() / 1000)
     }
-}
-
-fn signed_file_url(req: &Request) -> Option<SignedUrl> {
-    if !req.uri().path().ends_with("/files") {
-        return None;
-    }
-    let operation = match *req.method() {
-        axum::http::Method::GET => "read",
-        axum::http::Method::POST => "write",
-        _ => return None,
-    };
-    let mut url = SignedUrl {
-        path: String::new(),
-        operation,
-        user: String::new(),
-        signature: String::new(),
-        expiration: None,
-    };
-    for pair in req.uri().query()?.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = url_decode(v);
-        match k {
-            "path" => url.path = v,
-            "username" => url.user = v,
-            "signature" => url.signature = v,
-            "signature_expiration" => url.expiration = v.parse().ok(),
-            _ => {}
-        }
-    }
-    url.signature.starts_with("v1_").then_some(url)
 }
 
 fn not_running(id: &str) -> Response {

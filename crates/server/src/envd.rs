@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request};
 use axum::handler::Handler;
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agent_client::{AgentClient, ClientError};
+use crate::files_query::{FileQuery, parse_file_query};
 use crate::observe::{Execution, Outcome, SandboxObs};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
@@ -341,6 +342,17 @@ enum Route {
 }
 
 /// Routes by the last path segments, so a path prefix in `E2B_SANDBOX_URL` still works.
+/// Whether envd would serve this request as `/files` (download or upload): the API layer
+/// parses and authorises the query of exactly these.
+pub(crate) fn is_files(method: &Method, path: &str) -> bool {
+    matches!(route(method, path), Route::FilesGet | Route::FilesPost)
+}
+
+/// Whether envd would answer this request as its health check.
+pub(crate) fn is_health(method: &Method, path: &str) -> bool {
+    route(method, path) == Route::Health
+}
+
 fn route(method: &Method, path: &str) -> Route {
     let mut segments = path.trim_end_matches('/').rsplit('/');
     let last = segments.next().unwrap_or("");
@@ -453,8 +465,8 @@ fn rpc_user(headers: &HeaderMap) -> Result<SandboxUser, RpcError> {
 }
 
 /// The user of a `/files` call: `?username=`, else the default user.
-fn files_user(query: &HashMap<String, String>) -> Result<SandboxUser, FileError> {
-    match query.get("username").map(String::as_str) {
+fn files_user(query: &FileQuery) -> Result<SandboxUser, FileError> {
+    match query.username.as_deref() {
         None | Some("") => Ok(SandboxUser::default()),
         Some(name) => SandboxUser::parse(name).ok_or_else(|| {
             FileError::new(
@@ -465,10 +477,15 @@ fn files_user(query: &HashMap<String, String>) -> Result<SandboxUser, FileError>
     }
 }
 
-fn query(req: &Request) -> Result<HashMap<String, String>, FileError> {
-    Query::<HashMap<String, String>>::try_from_uri(req.uri())
-        .map(|q| q.0)
-        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))
+/// The `/files` query: the value the API layer parsed and checked any signature over (in the
+/// request's extensions), so what is served is exactly what was authorised. Only when envd
+/// is driven without the API layer (its tests) is the URI read, by the same parser.
+fn query(req: &Request) -> Result<FileQuery, FileError> {
+    if let Some(q) = req.extensions().get::<FileQuery>() {
+        return Ok(q.clone());
+    }
+    parse_file_query(req.uri().query().unwrap_or(""))
+        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 /// proto3 JSON `bytes`: standard or URL-safe base64, padded or not.
@@ -1908,7 +1925,7 @@ async fn download(client: Arc<AgentClient>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let Some(path) = q.get("path").filter(|p| !p.is_empty()).cloned() else {
+    let Some(path) = q.path.filter(|p| !p.is_empty()) else {
         return http_error(StatusCode::BAD_REQUEST, "path query parameter is required");
     };
     let headers = req.headers();
@@ -2194,7 +2211,7 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let path = q.get("path").filter(|p| !p.is_empty()).cloned();
+    let path = q.path.filter(|p| !p.is_empty());
     let gzip = match upload_gzip(req.headers()) {
         Ok(g) => g,
         Err(m) => return http_error(StatusCode::BAD_REQUEST, m),
@@ -2635,13 +2652,11 @@ mod tests {
             Code::Unauthenticated
         );
         assert!(rpc_user(&headers(&[("authorization", "Bearer x")])).is_err());
-        let q = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-        };
-        assert_eq!(files_user(&q(&[])).unwrap(), SandboxUser::User);
-        assert_eq!(files_user(&q(&[("username", "root")])).unwrap(), SandboxUser::Root);
+        let q = |raw: &str| crate::files_query::parse_file_query(raw).unwrap();
+        assert_eq!(files_user(&q("")).unwrap(), SandboxUser::User);
+        assert_eq!(files_user(&q("username=root")).unwrap(), SandboxUser::Root);
         assert_eq!(
-            files_user(&q(&[("username", "bob")])).unwrap_err().status,
+            files_user(&q("username=bob")).unwrap_err().status,
             StatusCode::UNAUTHORIZED
         );
     }

@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod api;
 pub mod envd;
+pub mod files_query;
 pub mod interp;
 pub mod manager;
 pub mod metrics;

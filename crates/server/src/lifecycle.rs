@@ -368,8 +368,29 @@ impl Manager {
         Ok(out)
     }
 
+    /// The record of sandbox `id` (live, paused, or ended), read without any effect on it: no
+    /// resume, no activity. Sandbox traffic is authenticated against this before anything
+    /// else happens, so a request without the sandbox's token cannot wake it, keep it from
+    /// idling, or learn more than an unknown id would tell.
+    pub fn peek(&self, id: &str) -> Option<SandboxRecord> {
+        match self.get(id) {
+            Some(l) => l.snapshot(),
+            None => self.store.get_sandbox(id).ok().flatten(),
+        }
+    }
+
+    /// Whether sandbox `id`'s own ports answer without its token (`allowPublicTraffic`),
+    /// whether or not it is running now.
+    pub fn is_public(&self, id: &str) -> bool {
+        match self.get(id) {
+            Some(l) => self.net.is_public(&l),
+            None => self.saved_network(id).public.unwrap_or(self.cfg.network.public_default),
+        }
+    }
+
     /// The live sandbox `id` for sandbox traffic: a paused one is resumed first when its
     /// lifecycle asks for it (E2B `autoResume`), otherwise it is not reachable. Counts as use.
+    /// Only for traffic already authorised for this sandbox (see [`Manager::peek`]).
     pub async fn auto_resume(self: &Arc<Self>, id: &str) -> Option<Arc<Live>> {
         // Every sandbox request passes here: only a paused sandbox costs more than a lookup.
         let rec = match self.get(id) {
