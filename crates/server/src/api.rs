@@ -52,6 +52,7 @@ impl From<ManagerError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, format!("{m} not found"))
             }
             ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             ManagerError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
@@ -907,9 +908,19 @@ async fn list(
 /// `GET /metrics`: the Prometheus exposition.
 async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     let obs = app.manager.observer();
-    if obs.config().metrics_auth == MetricsAuth::Key {
-        caller(&app, &headers).await?;
-    }
+    let full = match obs.config().metrics_auth {
+        MetricsAuth::None => true,
+        MetricsAuth::Key => caller(&app, &headers).await?.operator,
+        MetricsAuth::Operator => {
+            if !caller(&app, &headers).await?.operator {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "GET /metrics needs an operator key (ringfence keys create --operator)",
+                ));
+            }
+            true
+        }
+    };
     let (starting, _) = app.manager.counts();
     let store = app.manager.store().clone();
     let by_state = tokio::task::spawn_blocking(move || store.count_by_state())
@@ -921,9 +932,8 @@ async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Respon
         let n = by_state.get(&state).copied().unwrap_or(0);
         obs.metrics.sandboxes.with_label_values(&[state.as_str()]).set(n);
     }
-    let text = obs
-        .metrics
-        .render()
+    // A tenant's key: no series that names a sandbox (every tenant's ids and usage).
+    let text = if full { obs.metrics.render() } else { obs.metrics.render_shared() }
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

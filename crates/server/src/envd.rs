@@ -2655,10 +2655,7 @@ mod tests {
         let q = |raw: &str| crate::files_query::parse_file_query(raw).unwrap();
         assert_eq!(files_user(&q("")).unwrap(), SandboxUser::User);
         assert_eq!(files_user(&q("username=root")).unwrap(), SandboxUser::Root);
-        assert_eq!(
-            files_user(&q("username=bob")).unwrap_err().status,
-            StatusCode::UNAUTHORIZED
-        );
+        assert_eq!(files_user(&q("username=bob")).unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
 
     #[test]

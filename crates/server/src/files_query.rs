@@ -203,7 +203,8 @@ mod tests {
         }
         assert!(refused("path=/a%00b").contains("NUL"));
         assert!(refused("username=ro%00ot").contains("NUL"));
-        for raw in ["signature_expiration=soon", "signature_expiration=", "signature_expiration=1e9"]
+        for raw in
+            ["signature_expiration=soon", "signature_expiration=", "signature_expiration=1e9"]
         {
             assert!(refused(raw).contains("Unix seconds"), "{raw}");
         }

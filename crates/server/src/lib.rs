@@ -18,6 +18,7 @@ pub mod manager;
 pub mod metrics;
 pub mod network;
 pub mod observe;
+pub mod quota;
 pub mod store;
 mod time;
 

@@ -187,6 +187,8 @@ impl Manager {
             if rec.state != SandboxState::Paused {
                 return Ok((live, false));
             }
+            // Already counted while paused: refused only if the key is above its quota.
+            self.admit(key_id, 0, false)?;
             let l = live.clone();
             tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.thaw()))
                 .await
@@ -213,6 +215,7 @@ impl Manager {
         else {
             return Err(ManagerError::NotFound(id.into()));
         };
+        self.admit(key_id, 0, false)?;
         let mut lc = rec.lifecycle.clone();
         lc.paused_with_memory = None;
         let reuse = Reuse {
@@ -238,6 +241,10 @@ impl Manager {
             .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
             .ok_or_else(|| ManagerError::NotFound(id.into()))?;
         let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        // Snapshots are made one at a time (the lifecycle lock): count, then save.
+        let limits = self.quota_for(key_id)?;
+        let have = self.store.count_snapshots_of(key_id).map_err(internal)?;
+        crate::quota::Quotas::admit_snapshot(&limits, have)?;
         if let Some(n) = &name {
             if n.is_empty() || n.len() > 128 || super::TEMPLATES.contains(&n.as_str()) {
                 return Err(ManagerError::BadRequest(format!(
@@ -341,7 +348,7 @@ impl Manager {
         count: u32,
         timeout: Duration,
     ) -> Result<Vec<Result<Arc<Live>, ManagerError>>, ManagerError> {
-        let (rec, layers) = {
+        let (rec, layers, _admitted) = {
             let _serial = self.lifecycle_lock.lock().await;
             let live = self
                 .get(id)
@@ -353,8 +360,10 @@ impl Manager {
                     "sandbox {id} is paused: resume it first"
                 )));
             }
+            // Every child is a new sandbox: all of them fit, or none is made.
+            let admitted = self.admit(key_id, u64::from(count), true)?;
             let (_, layers) = self.save_upper(&live).await?;
-            (rec, layers)
+            (rec, layers, admitted)
         };
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {

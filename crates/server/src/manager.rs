@@ -51,6 +51,8 @@ pub struct ManagerConfig {
     /// Below this much available host memory, sandboxes paused in memory are demoted to
     /// filesystem-only pauses, oldest first (0: never).
     pub pressure_floor: u64,
+    /// Per-key quotas by default (a key's own settings override them).
+    pub quotas: crate::quota::QuotaConfig,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -63,6 +65,9 @@ pub enum ManagerError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// A per-key quota or the create rate refused it (429).
+    #[error("{0}")]
+    Quota(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -192,6 +197,8 @@ pub struct Manager {
     warm: Mutex<HashMap<String, std::collections::VecDeque<Warm>>>,
     pub pool_hits: std::sync::atomic::AtomicU64,
     pub pool_misses: std::sync::atomic::AtomicU64,
+    /// Per-key sandbox counts in flight and create-rate buckets.
+    quotas: crate::quota::Quotas,
 }
 
 /// A pooled sandbox: its jail is up and its agent ready; identity, owner, env, metadata and
@@ -210,6 +217,12 @@ pub fn now_ms() -> i64 {
 
 fn internal(e: impl std::fmt::Display) -> ManagerError {
     ManagerError::Internal(e.to_string())
+}
+
+impl From<crate::quota::QuotaError> for ManagerError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        ManagerError::Quota(e.0)
+    }
 }
 
 impl Manager {
@@ -260,6 +273,7 @@ impl Manager {
             warm: Mutex::default(),
             pool_hits: Default::default(),
             pool_misses: Default::default(),
+            quotas: Default::default(),
         })
     }
 
@@ -303,6 +317,27 @@ impl Manager {
         &self.cfg
     }
 
+    /// The quotas in force for `key_id`: its own settings over the server's defaults.
+    fn quota_for(&self, key_id: &str) -> Result<crate::quota::QuotaConfig, ManagerError> {
+        let own = self.store.get_key(key_id).map_err(internal)?.map(|k| k.limits);
+        Ok(self.cfg.quotas.for_key(&own.unwrap_or_default()))
+    }
+
+    /// Admits `n` more sandboxes of `key_id` (0: a resume), charging the create rate when
+    /// `rate` (see `crate::quota`).
+    pub(crate) fn admit(
+        &self,
+        key_id: &str,
+        n: u64,
+        rate: bool,
+    ) -> Result<crate::quota::Admission, ManagerError> {
+        let limits = self.quota_for(key_id)?;
+        let admitted = self.quotas.admit(key_id, &limits, n, rate, || {
+            self.store.count_sandboxes_of(key_id).map_err(internal)
+        })?;
+        Ok(admitted?)
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -325,6 +360,9 @@ impl Manager {
             p.lifecycle.layers = snap.layers.clone();
             self.snapshot_bases.lock().map_err(internal)?.insert(snap.id, snap.template);
         }
+        // Held until the record is written (or the start failed): until then this create
+        // counts against the key's quota here rather than in the store.
+        let _admitted = self.admit(key_id, 1, true)?;
         let begun = std::time::Instant::now();
         self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.start(key_id, p, begun).await;
