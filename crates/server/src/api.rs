@@ -53,11 +53,25 @@ impl From<ManagerError> for ApiError {
             }
             ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
-            ManagerError::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
-            }
+            ManagerError::Internal(m) => internal(m),
         }
+    }
+}
+
+/// A 500 that names no host detail (see `crate::fault`).
+fn internal(detail: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::fault::internal_message(&detail))
+}
+
+/// A store failure of a read the client shaped: its own mistakes (a bad page token or limit)
+/// are 400 with their text, anything else is internal.
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    use crate::store::StoreError;
+    match e {
+        StoreError::InvalidToken | StoreError::InvalidLimit(_) | StoreError::InvalidName(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        other => internal(other),
     }
 }
 
@@ -340,8 +354,8 @@ async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let store = app.manager.store().clone();
     tokio::task::spawn_blocking(move || store.verify_key(&key))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(internal)?
+        .map_err(internal)?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
 }
 
@@ -386,7 +400,10 @@ struct CreateBody {
 
 /// E2B's lifecycle fields (`autoPause`, `lifecycle.onTimeout`, `autoResume`) and ours
 /// (`idleTimeout` seconds with `onIdle`: `pause` or `kill`).
-fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
+fn lifecycle_from(
+    b: &CreateBody,
+    max_timeout: Duration,
+) -> Result<crate::store::Lifecycle, ApiError> {
     let lc = b.lifecycle.as_ref();
     let on_timeout = lc.and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")));
     let pause_on_timeout = b.auto_pause == Some(true)
@@ -398,9 +415,15 @@ fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
         Some(v) => v.get("enabled").and_then(Value::as_bool).unwrap_or(false),
         None => false,
     };
+    // Bounded like `timeout`: an idle period longer than a sandbox may live means nothing,
+    // and anything near 2^61 s would wrap when turned into milliseconds.
     let idle = b.idle_timeout.unwrap_or(0);
-    if idle < 0 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "idleTimeout must be >= 0 seconds"));
+    let max_idle = max_timeout.as_secs();
+    if u64::try_from(idle).map_or(true, |i| i > max_idle) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("idleTimeout must be between 0 and {max_idle} seconds, got {idle}"),
+        ));
     }
     let idle_action_pause = match b.on_idle.as_deref() {
         None | Some("kill") => false,
@@ -416,7 +439,7 @@ fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
         pause_on_timeout,
         timeout_pause_files_only: b.auto_pause_memory == Some(false),
         auto_resume,
-        idle_timeout_ms: idle as u64 * 1000,
+        idle_timeout_ms: (idle as u64).saturating_mul(1000),
         idle_action_pause,
         ..Default::default()
     })
@@ -485,7 +508,11 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
-    let lifecycle = lifecycle_from(&b)?;
+    let lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    if let Some(env) = &b.env_vars {
+        crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
     let params = CreateParams {
         template: b.template_id.unwrap_or_else(|| "base".into()),
         timeout: timeout_from(&app, b.timeout)?,
@@ -736,7 +763,7 @@ async fn connect(
     let live = owned(&app, &key, &id)?;
     if let Some(secs) = b.timeout {
         // Connecting never shortens a sandbox's life.
-        let want = crate::manager::now_ms() + timeout_from(&app, Some(secs))?.as_millis() as i64;
+        let want = crate::manager::deadline_after(timeout_from(&app, Some(secs))?);
         if live.record.lock().is_ok_and(|r| r.end_at < want) {
             app.manager.set_timeout(&id, Duration::from_secs(secs as u64))?;
         }
@@ -893,8 +920,8 @@ async fn list(
     let key_id = key.id.clone();
     let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(store_error)?;
     let body: Vec<Value> = rows.iter().map(listed_json).collect();
     let mut resp = Json(body).into_response();
     if let Some(t) = next
@@ -925,16 +952,16 @@ async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Respon
     let store = app.manager.store().clone();
     let by_state = tokio::task::spawn_blocking(move || store.count_by_state())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(internal)?;
     obs.metrics.sandboxes.with_label_values(&["starting"]).set(starting);
     for state in [SandboxState::Running, SandboxState::Paused] {
         let n = by_state.get(&state).copied().unwrap_or(0);
         obs.metrics.sandboxes.with_label_values(&[state.as_str()]).set(n);
     }
     // A tenant's key: no series that names a sandbox (every tenant's ids and usage).
-    let text = if full { obs.metrics.render() } else { obs.metrics.render_shared() }
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let text =
+        if full { obs.metrics.render() } else { obs.metrics.render_shared() }.map_err(internal)?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
@@ -953,10 +980,15 @@ async fn sandbox_metrics(
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
-    let (start, end) = (q.start.map(|s| s * 1000), q.end.map(|e| e * 1000 + 999));
+    let bound = |field: &str, v: Option<i64>| {
+        v.map(|s| crate::validate::unix_secs_ms(field, s))
+            .transpose()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
+    };
+    let (start, end) = (bound("start", q.start)?, bound("end", q.end)?.map(|e| e + 999));
     let samples = tokio::task::spawn_blocking(move || live.obs.samples(start, end))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?;
     Ok(Json(Value::Array(samples.iter().map(|s| s.json()).collect())))
 }
 
@@ -994,7 +1026,7 @@ async fn batch_metrics(
         m
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .map_err(internal)?;
     Ok(Json(json!({"sandboxes": out})))
 }
 
@@ -1011,11 +1043,14 @@ struct AuditParams {
 
 /// A time bound of `/audit` and `ringfence audit`: RFC 3339, or Unix seconds (fractions
 /// allowed). Returns Unix milliseconds.
+/// Out of range (before 1970, after 9999, not finite): None, like a value that does not parse.
 pub fn parse_time_bound(s: &str) -> Option<i64> {
+    let max_ms = crate::validate::MAX_UNIX_SECS * 1000;
     if let Ok(secs) = s.parse::<f64>() {
-        return secs.is_finite().then_some((secs * 1000.0).round() as i64);
+        let ms = secs * 1000.0;
+        return (ms.is_finite() && (0.0..=max_ms as f64).contains(&ms)).then(|| ms.round() as i64);
     }
-    crate::time::parse_rfc3339_ms(s)
+    crate::time::parse_rfc3339_ms(s).filter(|ms| (0..=max_ms).contains(ms))
 }
 
 /// `GET /audit`: the caller's own audit records, oldest first, a page at a time.
@@ -1031,7 +1066,9 @@ async fn audit(
             Some(v) => parse_time_bound(&v).map(Some).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    format!("{name} {v:?} is neither RFC 3339 nor Unix seconds"),
+                    format!(
+                        "{name} {v:?} is not a time from 1970 to 9999 in RFC 3339 or Unix seconds"
+                    ),
                 )
             }),
         }
@@ -1052,8 +1089,8 @@ async fn audit(
     let store = app.manager.store().clone();
     let (records, next) = tokio::task::spawn_blocking(move || store.query_audit(&q))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(store_error)?;
     let mut resp = Json(json!({"records": records, "next_cursor": next})).into_response();
     if let Some(c) = next
         && let Ok(v) = HeaderValue::from_str(&c)
@@ -1073,6 +1110,9 @@ mod tests {
         assert_eq!(parse_time_bound("1700000000.5"), Some(1_700_000_000_500));
         assert_eq!(parse_time_bound("2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
         assert_eq!(parse_time_bound("yesterday"), None);
+        for absurd in ["-1", "1e300", "inf", "NaN", "9223372036854775807", "0001-01-01T00:00:00Z"] {
+            assert_eq!(parse_time_bound(absurd), None, "{absurd}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod api;
 pub mod envd;
+pub mod fault;
 pub mod files_query;
 pub mod interp;
 pub mod manager;
@@ -21,6 +22,7 @@ pub mod observe;
 pub mod quota;
 pub mod store;
 mod time;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -195,7 +195,7 @@ impl Manager {
                 .map_err(internal)?
                 .ok_or_else(|| ManagerError::NotFound(id.into()))?
                 .map_err(internal)?;
-            let end = now_ms() + timeout.as_millis() as i64;
+            let end = super::deadline_after(timeout);
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = None;
             if let Ok(mut r) = live.record.lock() {

@@ -215,6 +215,16 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// `d` in milliseconds, saturating (a configured maximum may be absurdly large).
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Unix ms `timeout` from now, saturating rather than wrapping into the past.
+pub fn deadline_after(timeout: Duration) -> i64 {
+    now_ms().saturating_add(millis(timeout))
+}
+
 fn internal(e: impl std::fmt::Display) -> ManagerError {
     ManagerError::Internal(e.to_string())
 }
@@ -308,7 +318,12 @@ impl Manager {
             key,
             &[self.cfg.interp_env.to_string_lossy().into_owned()],
         )
-        .map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+        .map_err(|e| {
+            // The detail names host paths (the data directory, the interpreter environment):
+            // the operator reads it in the log, the client learns only what is missing.
+            tracing::warn!(template = key, error = %e, "template unavailable");
+            ManagerError::BadRequest(format!("template {name:?} is not available on this server"))
+        })?;
         self.templates.lock().map_err(internal)?.insert(key.to_string(), t.clone());
         Ok(t)
     }
@@ -474,7 +489,7 @@ impl Manager {
             alias: Some(p.template.clone()),
             access_token: p.reuse.as_ref().map_or_else(new_token, |r| r.access_token.clone()),
             created_at: p.reuse.as_ref().map_or(now, |r| r.created_at),
-            end_at: now + p.timeout.as_millis() as i64,
+            end_at: now.saturating_add(millis(p.timeout)),
             cpu_count: limits.cpu_millis.map_or(1, |m| (m / 1000).max(1) as u32),
             memory_mb: limits.memory.map_or(0, |m| (m >> 20) as u32),
             disk_mb: (limits.disk >> 20) as u32,
@@ -676,7 +691,7 @@ impl Manager {
     /// Sets a sandbox's time to live, counted from now.
     pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), ManagerError> {
         let live = self.get(id).ok_or_else(|| ManagerError::NotFound(id.into()))?;
-        let end = now_ms() + timeout.as_millis() as i64;
+        let end = deadline_after(timeout);
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }
