@@ -506,6 +506,18 @@ impl Store {
         Ok((id, plaintext))
     }
 
+    /// Replaces a key's own quotas (in force from its next request).
+    pub fn set_key_limits(&self, id: &str, limits: &KeyLimits) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE api_keys SET limits = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(limits)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("api key {id}")));
+        }
+        Ok(())
+    }
+
     /// A key by its id (for its quotas), or None if it was revoked.
     pub fn get_key(&self, id: &str) -> Result<Option<KeyInfo>, StoreError> {
         let info = self
@@ -1323,6 +1335,42 @@ mod tests {
         assert!(store.verify_key(&key).unwrap().is_none());
         assert!(store.verify_key(&other).unwrap().is_some());
         assert!(matches!(store.revoke_key(&id), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn operator_flag_and_limits_are_stored_with_the_key() {
+        let store = Store::open_in_memory().unwrap();
+        let (plain_id, plain) = store.create_key("tenant").unwrap();
+        let own =
+            KeyLimits { max_sandboxes: Some(3), create_rate: Some(0.5), ..Default::default() };
+        let (_, ops) = store.create_key_with("ops", true, &own).unwrap();
+        let t = store.verify_key(&plain).unwrap().unwrap();
+        assert!(!t.operator);
+        assert_eq!(t.limits, KeyLimits::default());
+        let o = store.verify_key(&ops).unwrap().unwrap();
+        assert!(o.operator);
+        assert_eq!(o.limits, own);
+        let lowered = KeyLimits { max_sandboxes: Some(1), ..Default::default() };
+        store.set_key_limits(&plain_id, &lowered).unwrap();
+        assert_eq!(store.get_key(&plain_id).unwrap().unwrap().limits, lowered);
+        assert!(matches!(store.set_key_limits("nope", &lowered), Err(StoreError::NotFound(_))));
+        assert!(store.get_key("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn counts_a_keys_sandboxes_and_snapshots() {
+        let store = Store::open_in_memory().unwrap();
+        for (id, state) in
+            [("a", SandboxState::Running), ("b", SandboxState::Paused), ("c", SandboxState::Killed)]
+        {
+            let mut r = sandbox(id, "k1", 1);
+            r.state = state;
+            store.insert_sandbox(&r).unwrap();
+        }
+        store.insert_sandbox(&sandbox("d", "k2", 1)).unwrap();
+        assert_eq!(store.count_sandboxes_of("k1").unwrap(), 2);
+        assert_eq!(store.count_sandboxes_of("k2").unwrap(), 1);
+        assert_eq!(store.count_snapshots_of("k1").unwrap(), 0);
     }
 
     #[test]
