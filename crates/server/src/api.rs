@@ -160,18 +160,13 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
         None => header("host").and_then(|h| crate::network::parse_host(&h)),
         Some(_) => None,
     };
-    let port = match header("e2b-sandbox-port") {
-        Some(p) => match p.trim().parse::<u16>() {
-            Ok(p) => p,
-            Err(_) => {
-                return ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "E2b-Sandbox-Port must be a port number",
-                )
-                .into_response();
-            }
-        },
-        None => by_host.as_ref().map_or(ENVD_PORT, |(p, _)| *p),
+    let port_header = header("e2b-sandbox-port").map(|p| p.trim().parse::<u16>());
+    // Refused once the request turns out to be sandbox traffic (below); the control plane
+    // ignores the header.
+    let bad_port = matches!(port_header, Some(Err(_)));
+    let port = match port_header {
+        Some(Ok(p)) => p,
+        _ => by_host.as_ref().map_or(ENVD_PORT, |(p, _)| *p),
     };
     // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
     // (docs/e2b-compat.md §5.3); create returns the same secret under that name. Other ports
@@ -214,6 +209,10 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
             },
         },
     };
+    if bad_port {
+        return ApiError::new(StatusCode::BAD_REQUEST, "E2b-Sandbox-Port must be a port number")
+            .into_response();
+    }
     let record = app.manager.peek(&id);
     let access = match &record {
         Some(r) => match (&signed, presented.as_deref()) {

@@ -332,11 +332,7 @@ fn enc(s: &str) -> String {
 fn signed_query(path: &str, op: &str, user: &str, token: &str) -> String {
     let exp = ringfence_server::manager::now_ms() / 1000 + 600;
     let sig = sign(path, op, user, token, exp);
-    format!(
-        "path={}&username={user}&signature={}&signature_expiration={exp}",
-        enc(path),
-        enc(&sig)
-    )
+    format!("path={}&username={user}&signature={}&signature_expiration={exp}", enc(path), enc(&sig))
 }
 
 macro_rules! server_or_skip {
@@ -521,6 +517,14 @@ fn health_needs_no_token_only_as_envds_bare_get() {
         let r = srv.request(method, path, &headers, body);
         assert_eq!(r.status, 401, "{method} {path} {headers:?}: {}", r.text());
     }
+    // A port that is no port is refused, not read as envd's.
+    let r = srv.request(
+        "GET",
+        "/health",
+        &[("E2b-Sandbox-Id", &sb.id), ("E2b-Sandbox-Port", "http")],
+        b"",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
     // With the token, all of it is the owner's to use.
     let mut owned = envd.to_vec();
     owned.push(("X-Access-Token", &sb.token));
