@@ -291,8 +291,7 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u
     let mut rest = &raw[split + 4..];
     let body = if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
         let mut out = Vec::new();
-        loop {
-            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
             let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
                 .unwrap();
             rest = &rest[eol + 2..];
