@@ -8,8 +8,14 @@
 //!
 //! The copy keeps what overlayfs needs to read the directory as a layer again: whiteouts
 //! (character devices 0:0), `user.overlay.*` extended attributes (opaque directories; the
-//! sandbox's overlay uses `userxattr`), symlinks, modes and the sandbox's owners. It is written
-//! beside its final name and renamed into place, so a half-copied layer is never used.
+//! sandbox's overlay uses `userxattr`), symlinks, modes and the sandbox's owners.
+//!
+//! Crash safety: a layer is written as `.<id>.partial` beside its final name, synced to disk
+//! (`syncfs`), renamed into place and the rename synced (the parent directory), so a directory
+//! under its final name is always complete. The caller records the layer (the server: in its
+//! database, with the layer's first user) only after [`save`] returns; whatever a crash leaves
+//! before that (a `.partial`, or a complete layer nothing records) is garbage to remove at the
+//! next start ([`is_partial`]).
 
 use std::fs;
 use std::io;
@@ -58,11 +64,33 @@ pub fn save(upper: &Path, dest: &Path) -> Result<LayerStats, LayerError> {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    // The files' data and metadata reach the disk before the name says the layer is complete:
+    // one syncfs for the whole tree instead of an fsync per file.
+    if let Err(e) = sync_filesystem(&tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     if let Err(e) = fs::rename(&tmp, dest) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(at("rename", dest)(e));
     }
+    // And the rename itself, before the caller records the layer as saved.
+    if let Some(parent) = dest.parent() {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(at("fsync", parent))?;
+    }
     Ok(stats)
+}
+
+/// Whether a directory entry under the layers directory is a layer being written (or left
+/// half-written by a crash): `.<id>.partial`.
+pub fn is_partial(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".partial")
+}
+
+/// Flushes the filesystem holding `path` to disk.
+fn sync_filesystem(path: &Path) -> Result<(), LayerError> {
+    let dir = fs::File::open(path).map_err(at("open", path))?;
+    nix::unistd::syncfs(&dir).map_err(|e| at("syncfs", path)(e.into()))
 }
 
 fn copy(src: &Path, dst: &Path, stats: &mut LayerStats) -> Result<(), LayerError> {
@@ -161,6 +189,7 @@ mod tests {
         let x = ringfence_sys::xattrs_with_prefix(&dest.join("d/e"), "user.overlay.").unwrap();
         assert_eq!(x, vec![("opaque".to_string(), b"y".to_vec())]);
         assert!(!t.path().join("layers/.l1.partial").exists());
+        assert!(is_partial(".l1.partial") && !is_partial("l1") && !is_partial("l1.partial"));
         // A destination that exists is refused rather than merged into.
         assert!(save(&up, &dest).is_err());
     }

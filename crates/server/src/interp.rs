@@ -521,38 +521,62 @@ async fn wait_ready(k: &mut Kernel) -> Result<(), String> {
     }
 }
 
-/// Splits a kernel's byte stream into JSON objects, dropping what is not one.
-#[derive(Default)]
-struct LineSplitter {
+/// Splits a kernel's byte stream into JSON objects, dropping what is not one. The kernel runs
+/// inside the sandbox, so its output is hostile input: the split is linear in the bytes fed
+/// (one scan, one shift of the leftover per chunk) and a line may not outgrow `MAX_LINE`.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
     buf: Vec<u8>,
 }
 
+/// A kernel sent more than `MAX_LINE` bytes without ending its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("kernel line longer than {MAX_LINE} bytes")]
+pub struct LineTooLong;
+
 impl LineSplitter {
-    /// False once the kernel broke the protocol (a line too long) or nobody listens.
-    async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
+    /// The JSON objects completed by `data`, in order; lines that are not one are dropped.
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Value>, LineTooLong> {
         // Only the new bytes can hold the next newline: no rescans of a long partial line.
         let mut from = self.buf.len();
         self.buf.extend_from_slice(data);
+        let mut start = 0;
+        let mut out = Vec::new();
         while let Some(pos) = self.buf[from..].iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=from + pos).collect();
-            from = 0;
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(v @ Value::Object(_)) => {
-                    if out.send(v).await.is_err() {
-                        return false;
-                    }
-                }
+            let end = from + pos;
+            match serde_json::from_slice::<Value>(&self.buf[start..end]) {
+                Ok(v @ Value::Object(_)) => out.push(v),
                 _ => tracing::debug!("kernel sent a line that is not a JSON object"),
             }
+            start = end + 1;
+            from = start;
         }
-        self.buf.len() <= MAX_LINE
+        // One shift per chunk, however many lines it held (draining line by line was
+        // quadratic in the number of short lines in a chunk).
+        self.buf.drain(..start);
+        if self.buf.len() > MAX_LINE {
+            self.buf = Vec::new();
+            return Err(LineTooLong);
+        }
+        Ok(out)
+    }
+
+    /// False once the kernel broke the protocol (a line too long) or nobody listens.
+    async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
+        let Ok(values) = self.push(data) else { return false };
+        for v in values {
+            if out.send(v).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 
 static EXEC_SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// Fields each message type may carry to the client; everything else a kernel adds is dropped.
-fn sanitize(mut v: Map<String, Value>) -> Option<Value> {
+pub fn sanitize(mut v: Map<String, Value>) -> Option<Value> {
     let kind = v.get("type")?.as_str()?.to_string();
     let keep: &[&str] = match kind.as_str() {
         "number_of_executions" => &["execution_count"],

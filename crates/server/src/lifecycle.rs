@@ -12,6 +12,12 @@
 //! - **Forks** are a snapshot taken once and N sandboxes started from it.
 //! - **Idle timeout** (our extension) pauses or kills a sandbox after a period with no API
 //!   traffic, no CPU use and no running user processes.
+//!
+//! Saved layers are reference-counted in the store (see `store::SCHEMA_V4`): the sandboxes not
+//! yet killed whose lifecycle lists a layer, the snapshots that list it, and a fork in flight
+//! hold it. Each operation here commits its new layer together with its first reference and
+//! its state change; the directory goes when the last reference does ([`Manager::collect_layers`]
+//! after the commit, or [`Manager::sweep_layers`] at the next start if the server died first).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,7 +59,8 @@ impl Manager {
     }
 
     /// Saves `live`'s upper layer as a new layer (freezing the sandbox for the copy). Returns
-    /// the layer id and the full layer list (new one first).
+    /// the layer id and the full layer list (new one first). The layer is on disk but not yet
+    /// recorded: the caller commits it with its first reference, or removes it.
     async fn save_upper(&self, live: &Arc<Live>) -> Result<(String, Vec<String>), ManagerError> {
         let layer = format!("l{}", ringfence_jail::new_sandbox_id());
         let dest = self.layer_dir(&layer);
@@ -109,14 +116,19 @@ impl Manager {
                 .map_err(internal)?;
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = Some(true);
-            self.set_paused(&live, lc, "paused", true)?;
+            // Frozen but not recorded if this fails or the server dies here: recovery thaws a
+            // sandbox its record says is running.
+            self.set_paused(&live, lc, None)?;
             return Ok(true);
         }
-        let (_, layers) = self.save_upper(&live).await?;
+        let (layer, layers) = self.save_upper(&live).await?;
         let mut lc = rec.lifecycle.clone();
         lc.layers = layers;
         lc.paused_with_memory = Some(false);
-        self.set_paused(&live, lc, "paused", false)?;
+        if let Err(e) = self.set_paused(&live, lc, Some(&layer)) {
+            self.remove_layer_dir(&layer).await;
+            return Err(e);
+        }
         // Nothing of it keeps running: the jail handle's drop kills the agent and frees the slot.
         if let Some(l) = self.live.write().ok().and_then(|mut m| m.remove(id)) {
             let _ = tokio::task::spawn_blocking(move || {
@@ -151,22 +163,23 @@ impl Manager {
         }
     }
 
+    /// Records `live` as paused with lifecycle `lc`: in memory, or (with `layer`, just saved)
+    /// files only. The store commits first (layer, references, state and event together), so
+    /// the record in memory never claims a pause the database does not hold.
     fn set_paused(
         &self,
         live: &Live,
         lc: crate::store::Lifecycle,
-        event: &str,
-        memory: bool,
+        layer: Option<&str>,
     ) -> Result<(), ManagerError> {
+        let id = live_id(live);
+        let memory = layer.is_none();
+        self.store.pause_sandbox(&id, layer, &lc, memory).map_err(internal)?;
         if let Ok(mut r) = live.record.lock() {
             r.state = SandboxState::Paused;
-            r.lifecycle = lc.clone();
+            r.lifecycle = lc;
         }
-        self.store.set_lifecycle(&live_id(live), &lc).map_err(internal)?;
-        self.store.set_state(&live_id(live), SandboxState::Paused).map_err(internal)?;
-        let _ =
-            self.store.record_event(&live_id(live), event, &serde_json::json!({"memory": memory}));
-        tracing::info!(sandbox_id = %live_id(live), memory, "sandbox paused");
+        tracing::info!(sandbox_id = %id, memory, "sandbox paused");
         Ok(())
     }
 
@@ -265,8 +278,8 @@ impl Manager {
             layers,
             created_at: now_ms(),
         };
-        if let Err(e) = self.store.insert_snapshot(&snap) {
-            let _ = std::fs::remove_dir_all(self.layer_dir(&layer));
+        if let Err(e) = self.store.insert_snapshot_with_layer(&snap, &layer) {
+            self.remove_layer_dir(&layer).await;
             return Err(internal(e));
         }
         let _ = self.store.record_event(id, "snapshot", &serde_json::json!({"snapshot": snap.id}));
@@ -316,28 +329,60 @@ impl Manager {
         Ok(true)
     }
 
-    /// Removes layer directories nothing refers to any more.
+    /// Removes the directories of layers whose last reference went (the store queued them
+    /// when it committed that).
     pub(super) async fn collect_layers(&self) {
-        let Ok(sandboxes) = self.store.live_sandboxes() else { return };
-        let Ok(snaps) = self.store.all_snapshots() else { return };
-        let mut used: std::collections::HashSet<String> = Default::default();
-        for r in &sandboxes {
-            used.extend(r.lifecycle.layers.iter().cloned());
-        }
-        for s in &snaps {
-            used.extend(s.layers.iter().cloned());
-        }
-        let dir = self.cfg.data_dir.join("layers");
-        let _ = tokio::task::spawn_blocking(move || {
-            let Ok(rd) = std::fs::read_dir(&dir) else { return };
-            for e in rd.flatten() {
+        let (store, root) = (self.store.clone(), self.layers_root());
+        let _ = tokio::task::spawn_blocking(move || remove_dropped_layers(&store, &root)).await;
+    }
+
+    /// A layer saved but never recorded (its commit failed): nothing refers to it.
+    async fn remove_layer_dir(&self, layer: &str) {
+        let dir = self.layer_dir(layer);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+
+    /// Where every layer lives.
+    pub(super) fn layers_root(&self) -> PathBuf {
+        self.cfg.data_dir.join("layers")
+    }
+
+    /// At start, before serving: whatever an earlier server process left behind goes. The
+    /// references of its operations in flight (a fork's), then the layers queued for removal,
+    /// every `.partial` (a save the crash interrupted) and every layer directory the store does
+    /// not know (saved, but the crash came before its commit). Layers still referenced stay.
+    /// Returns how many directories were removed.
+    pub(super) async fn sweep_layers(&self) -> Result<usize, ManagerError> {
+        let (store, root) = (self.store.clone(), self.layers_root());
+        tokio::task::spawn_blocking(move || {
+            store.reset_pending_layers().map_err(internal)?;
+            let mut removed = remove_dropped_layers(&store, &root);
+            let known = store.layers().map_err(internal)?;
+            let Ok(entries) = std::fs::read_dir(&root) else { return Ok(removed) };
+            for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && !used.contains(&name) {
-                    let _ = std::fs::remove_dir_all(e.path());
+                let partial = ringfence_jail::layer::is_partial(&name);
+                if !partial && known.contains_key(&name) {
+                    continue;
+                }
+                let path = e.path();
+                let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match gone {
+                    Ok(()) => {
+                        removed += 1;
+                        tracing::info!(layer = %name, partial, "removed a layer nothing refers to");
+                    }
+                    Err(err) => tracing::warn!(layer = %name, error = %err, "removing a layer"),
                 }
             }
+            Ok(removed)
         })
-        .await;
+        .await
+        .map_err(internal)?
     }
 
     /// Makes `count` running sandboxes from `id`'s current files (one saved layer, shared).
@@ -348,7 +393,7 @@ impl Manager {
         count: u32,
         timeout: Duration,
     ) -> Result<Vec<Result<Arc<Live>, ManagerError>>, ManagerError> {
-        let (rec, layers, _admitted) = {
+        let (rec, layer, layers, _admitted) = {
             let _serial = self.lifecycle_lock.lock().await;
             let live = self
                 .get(id)
@@ -362,8 +407,13 @@ impl Manager {
             }
             // Every child is a new sandbox: all of them fit, or none is made.
             let admitted = self.admit(key_id, u64::from(count), true)?;
-            let (_, layers) = self.save_upper(&live).await?;
-            (rec, layers, admitted)
+            let (layer, layers) = self.save_upper(&live).await?;
+            // The fork holds its layer until the children do (each by its own record).
+            if let Err(e) = self.store.insert_pending_layer(&layer, &fork_owner(&layer)) {
+                self.remove_layer_dir(&layer).await;
+                return Err(internal(e));
+            }
+            (rec, layer, layers, admitted)
         };
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -372,7 +422,10 @@ impl Manager {
             let params = self.params_like(&rec, timeout, lc, None);
             out.push(self.start(key_id, params, std::time::Instant::now()).await);
         }
-        // A fork whose every child failed leaves a layer nobody uses.
+        // A fork whose every child failed leaves a layer nobody uses: released, it goes.
+        if let Err(e) = self.store.release_pending(&fork_owner(&layer)) {
+            tracing::warn!(layer, error = %e, "releasing a fork's layer");
+        }
         self.collect_layers().await;
         Ok(out)
     }
@@ -520,6 +573,37 @@ impl Manager {
             _ => true,
         }
     }
+}
+
+/// The name a fork's hold on its layer goes by while its children start.
+fn fork_owner(layer: &str) -> String {
+    format!("fork-{layer}")
+}
+
+/// Removes the directories of the layers the store dropped, then forgets them; one that cannot
+/// be removed stays queued (retried at the next collection or start). Returns how many went.
+pub(super) fn remove_dropped_layers(store: &crate::store::Store, root: &std::path::Path) -> usize {
+    let Ok(ids) = store.dropped_layers() else { return 0 };
+    if ids.is_empty() {
+        // The common case (every kill asks): no write, no fsync.
+        return 0;
+    }
+    let mut gone = Vec::with_capacity(ids.len());
+    for id in ids {
+        // Ids are ours (`l<sandbox id>`), but a path is built from them: one component only.
+        let plain = !id.is_empty() && !id.starts_with('.') && !id.contains('/');
+        let removed = if plain { std::fs::remove_dir_all(root.join(&id)) } else { Ok(()) };
+        match removed {
+            Ok(()) => gone.push(id),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone.push(id),
+            Err(e) => tracing::warn!(layer = %id, error = %e, "removing a dropped layer"),
+        }
+    }
+    let n = gone.len();
+    if let Err(e) = store.forget_dropped(&gone) {
+        tracing::warn!(error = %e, "forgetting dropped layers");
+    }
+    n
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.

@@ -541,7 +541,12 @@ impl Manager {
 
     /// Reattaches to the sandboxes an earlier server process left running (after a restart,
     /// including `kill -9`), and records the ones that did not survive as killed, sweeping
-    /// whatever is left of them. Returns (reattached, lost).
+    /// whatever is left of them. Then removes the layers nothing refers to (see
+    /// [`Manager::sweep_layers`]). Returns (reattached, lost).
+    ///
+    /// A sandbox is put back in the state its record holds: the previous server may have died
+    /// with it frozen for a snapshot, a fork or a pause it never committed, so a sandbox
+    /// recorded as running is thawed (and one recorded as paused in memory stays frozen).
     pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), ManagerError> {
         let store = self.store.clone();
         let records = tokio::task::spawn_blocking(move || store.live_sandboxes())
@@ -550,8 +555,13 @@ impl Manager {
             .map_err(internal)?;
         let (mut back, mut lost) = (0, 0);
         for rec in records {
-            // Paused with only its files kept: nothing runs, nothing to reattach.
+            // Paused with only its files kept: nothing runs, nothing to reattach. A server that
+            // died between committing such a pause and ending the sandbox left its agent: end it.
             if rec.state == SandboxState::Paused && rec.lifecycle.paused_with_memory != Some(true) {
+                if rec.agent_pid.is_some() || rec.cgroup_slot.is_some() {
+                    self.end_leftover(&rec).await;
+                    let _ = self.store.set_agent(&rec.id, None, None);
+                }
                 continue;
             }
             let me = self.clone();
@@ -560,27 +570,45 @@ impl Manager {
             let adopted = tokio::task::spawn_blocking(move || {
                 let (pid, slot) = (r.agent_pid?, r.cgroup_slot?);
                 let lease = me.pool.adopt(slot).ok()?;
-                Sandbox::adopt(&me.jail, &r.id, pid, lease).ok()
+                let thawed = match r.state {
+                    SandboxState::Paused => {
+                        if !lease.is_frozen()
+                            && let Err(e) = lease.freeze()
+                        {
+                            tracing::warn!(sandbox_id = %r.id, error = %e, "re-freezing a sandbox paused in memory");
+                        }
+                        false
+                    }
+                    _ if lease.is_frozen() => match lease.thaw() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(sandbox_id = %r.id, error = %e, "thawing a sandbox left frozen");
+                            false
+                        }
+                    },
+                    _ => false,
+                };
+                Sandbox::adopt(&me.jail, &r.id, pid, lease).ok().map(|sb| (sb, thawed))
             })
             .await
             .map_err(internal)?;
-            let attached = match adopted {
-                Some(sb) => self.attach(rec.clone(), sb).await,
-                None => false,
+            let (attached, thawed) = match adopted {
+                Some((sb, thawed)) => (self.attach(rec.clone(), sb).await, thawed),
+                None => (false, false),
             };
             if attached {
                 back += 1;
-                let _ = self.store.record_event(&rec.id, "reattached", &serde_json::json!({}));
+                if thawed {
+                    tracing::warn!(sandbox_id = %rec.id, "thawed a sandbox the previous server left frozen (an interrupted snapshot, fork or pause)");
+                }
+                let _ = self.store.record_event(
+                    &rec.id,
+                    "reattached",
+                    &serde_json::json!({"thawed": thawed}),
+                );
             } else {
                 lost += 1;
-                if let Some(slot) = rec.cgroup_slot
-                    && let Ok(lease) = self.pool.adopt(slot)
-                {
-                    let _ = lease.kill_all();
-                }
-                let _ = std::fs::remove_dir_all(ringfence_jail::launch::agent_socket_dir(
-                    &self.jail, &rec.id,
-                ));
+                self.end_leftover(&rec).await;
                 let _ = self.store.set_state(&rec.id, SandboxState::Killed);
                 let _ = self.store.record_event(
                     &rec.id,
@@ -597,7 +625,28 @@ impl Manager {
         {
             tracing::info!(processes = n, "swept unrecorded sandboxes of an earlier server");
         }
+        let removed = self.sweep_layers().await?;
+        if removed > 0 {
+            tracing::info!(layers = removed, "removed layers an earlier server left behind");
+        }
         Ok((back, lost))
+    }
+
+    /// Kills what is left of a recorded sandbox that will not be served (its cgroup slot's
+    /// processes, its reconnect socket's directory).
+    async fn end_leftover(&self, rec: &SandboxRecord) {
+        let (pool, slot) = (self.pool.clone(), rec.cgroup_slot);
+        let socket_dir = ringfence_jail::launch::agent_socket_dir(&self.jail, &rec.id);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(slot) = slot
+                && let Ok(lease) = pool.adopt(slot)
+            {
+                // Dropping the lease kills the rest and thaws the slot.
+                let _ = lease.kill_all();
+            }
+            let _ = std::fs::remove_dir_all(socket_dir);
+        })
+        .await;
     }
 
     /// Wraps an adopted jail handle; true once its agent answered.
@@ -662,6 +711,7 @@ impl Manager {
         // Killing, reaping and the record block briefly: one trip to the blocking pool for all
         // of them. The sandbox's last resource readings and events are taken before it goes.
         let (l, store, observer) = (live.clone(), self.store.clone(), self.observer.clone());
+        let layers = self.layers_root();
         let (key, why) = (id.to_string(), reason.to_string());
         let stored = tokio::task::spawn_blocking(move || {
             let mut rec = l.obs.final_record("sandbox.kill");
@@ -676,6 +726,9 @@ impl Manager {
             let res = store.kill_sandbox_audited(&key, &detail, Some(&mut rec));
             if res.is_ok() {
                 observer.committed(std::slice::from_ref(&rec));
+                // The kill dropped the sandbox's layer references in the same commit: the
+                // layers it alone held (a resumed pause's, a fork's last child's) go now.
+                lifecycle::remove_dropped_layers(&store, &layers);
             }
             res
         })

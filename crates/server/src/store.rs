@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -107,9 +107,98 @@ CREATE TABLE snapshots (
 );
 ";
 
+/// Saved layers and who uses them. A layer directory under `<data-dir>/layers` is kept exactly
+/// while its row in `layers` exists, and that row exists exactly while something references it
+/// in `layer_refs`: a sandbox not yet killed (running, paused, a fork's child: its lifecycle's
+/// layers), a snapshot (its layers), or an operation in flight (`pending`: a fork between saving
+/// its layer and starting its children; such references do not outlive the server process).
+///
+/// The references follow the rows that imply them through triggers, so every write of a
+/// sandbox's state or lifecycle, or of a snapshot, moves them in the same transaction: no code
+/// path can forget one. When the last reference goes, the layer's row goes with it and its id
+/// lands in `layer_trash`; the server removes the directory after the commit and then forgets
+/// the id. A crash between the two leaves an id in the trash and a directory no row names: both
+/// go at the next start (see `Manager::sweep_layers`).
+///
+/// A new layer is written as `.<id>.partial`, synced, renamed to `<id>` and only then given its
+/// row, in the same transaction as its first reference: a directory without a row is either
+/// being written right now or left by a crash.
+const SCHEMA_V4: &str = "
+CREATE TABLE layers (
+    id         TEXT PRIMARY KEY NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE layer_refs (
+    layer TEXT NOT NULL REFERENCES layers (id),
+    kind  TEXT NOT NULL CHECK (kind IN ('sandbox', 'snapshot', 'pending')),
+    owner TEXT NOT NULL,
+    PRIMARY KEY (layer, kind, owner)
+);
+CREATE INDEX layer_refs_by_owner ON layer_refs (kind, owner);
+CREATE TABLE layer_trash (id TEXT PRIMARY KEY NOT NULL);
+
+-- What earlier versions referenced (layers of sandboxes not killed, and of snapshots).
+INSERT INTO layers (id, created_at)
+    SELECT DISTINCT j.value, 0 FROM sandboxes s, json_each(s.lifecycle, '$.layers') j
+    WHERE s.state != 'killed'
+    UNION
+    SELECT DISTINCT j.value, 0 FROM snapshots s, json_each(s.layers) j;
+INSERT INTO layer_refs (layer, kind, owner)
+    SELECT DISTINCT j.value, 'sandbox', s.id FROM sandboxes s, json_each(s.lifecycle, '$.layers') j
+    WHERE s.state != 'killed';
+INSERT INTO layer_refs (layer, kind, owner)
+    SELECT DISTINCT j.value, 'snapshot', s.id FROM snapshots s, json_each(s.layers) j;
+
+-- A sandbox references its lifecycle's layers until it is killed. Inserting a reference to a
+-- layer without a row fails (foreign key): a sandbox cannot be recorded on a layer that is
+-- gone or was never committed.
+CREATE TRIGGER sandbox_layers_insert AFTER INSERT ON sandboxes WHEN NEW.state != 'killed'
+BEGIN
+    INSERT INTO layer_refs (layer, kind, owner)
+        SELECT DISTINCT value, 'sandbox', NEW.id FROM json_each(NEW.lifecycle, '$.layers');
+END;
+-- Only the difference moves: dropping every reference and adding them back would free a
+-- layer this sandbox alone holds halfway through the update.
+CREATE TRIGGER sandbox_layers_update AFTER UPDATE OF state, lifecycle ON sandboxes
+BEGIN
+    DELETE FROM layer_refs WHERE kind = 'sandbox' AND owner = NEW.id
+        AND (NEW.state = 'killed'
+             OR layer NOT IN (SELECT value FROM json_each(NEW.lifecycle, '$.layers')));
+    INSERT INTO layer_refs (layer, kind, owner)
+        SELECT DISTINCT value, 'sandbox', NEW.id FROM json_each(NEW.lifecycle, '$.layers')
+        WHERE NEW.state != 'killed' AND NOT EXISTS (
+            SELECT 1 FROM layer_refs r WHERE r.layer = value AND r.kind = 'sandbox'
+                AND r.owner = NEW.id);
+END;
+CREATE TRIGGER sandbox_layers_delete AFTER DELETE ON sandboxes
+BEGIN
+    DELETE FROM layer_refs WHERE kind = 'sandbox' AND owner = OLD.id;
+END;
+CREATE TRIGGER snapshot_layers_insert AFTER INSERT ON snapshots
+BEGIN
+    INSERT INTO layer_refs (layer, kind, owner)
+        SELECT DISTINCT value, 'snapshot', NEW.id FROM json_each(NEW.layers);
+END;
+CREATE TRIGGER snapshot_layers_delete AFTER DELETE ON snapshots
+BEGIN
+    DELETE FROM layer_refs WHERE kind = 'snapshot' AND owner = OLD.id;
+END;
+-- The last reference gone: the layer goes, and its directory is queued for removal.
+CREATE TRIGGER layer_unreferenced AFTER DELETE ON layer_refs
+    WHEN NOT EXISTS (SELECT 1 FROM layer_refs WHERE layer = OLD.layer)
+BEGIN
+    DELETE FROM layers WHERE id = OLD.layer;
+END;
+CREATE TRIGGER layer_dropped AFTER DELETE ON layers
+BEGIN
+    INSERT INTO layer_trash (id) SELECT OLD.id
+        WHERE NOT EXISTS (SELECT 1 FROM layer_trash WHERE id = OLD.id);
+END;
+";
+
 /// Operator keys (they read every series of `/metrics`) and per-key quotas (JSON
 /// [`KeyLimits`]; a field left out takes the server's default).
-const SCHEMA_V4: &str = "
+const SCHEMA_V5: &str = "
 ALTER TABLE api_keys ADD COLUMN operator INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
 ";
@@ -614,20 +703,7 @@ impl Store {
     // ---- Snapshots ---------------------------------------------------------------------
 
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO snapshots (id, name, key_id, sandbox_id, template, layers, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                s.id,
-                s.name,
-                s.key_id,
-                s.sandbox_id,
-                s.template,
-                serde_json::to_string(&s.layers)?,
-                s.created_at
-            ],
-        )?;
-        Ok(())
+        insert_snapshot_on(&self.conn(), s)
     }
 
     /// A tenant's snapshot by id or name.
@@ -697,6 +773,124 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    // ---- Layers (see SCHEMA_V4) ----------------------------------------------------------
+
+    /// Records a sandbox as paused: its lifecycle (with `layer` on top when only its files
+    /// were kept: that layer's row is created here), its state and the event, in one
+    /// transaction. A crash before the commit leaves the sandbox as it was and the layer's
+    /// directory without a row (removed at the next start).
+    pub fn pause_sandbox(
+        &self,
+        id: &str,
+        layer: Option<&str>,
+        lifecycle: &Lifecycle,
+        memory: bool,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some(layer) = layer {
+            insert_layer_on(&tx, layer)?;
+        }
+        let n = tx.execute(
+            "UPDATE sandboxes SET lifecycle = ?2, state = ?3 WHERE id = ?1",
+            params![id, serde_json::to_string(lifecycle)?, SandboxState::Paused],
+        )?;
+        not_found_if_zero(n, id)?;
+        insert_event_on(&tx, id, "paused", &serde_json::json!({ "memory": memory }))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores a snapshot together with the row of `layer`, the layer it just saved.
+    pub fn insert_snapshot_with_layer(
+        &self,
+        s: &SnapshotRecord,
+        layer: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_layer_on(&tx, layer)?;
+        insert_snapshot_on(&tx, s)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits `layer` held by an operation in flight named `owner` (a fork, until its
+    /// children hold it), until [`Store::release_pending`].
+    pub fn insert_pending_layer(&self, layer: &str, owner: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_layer_on(&tx, layer)?;
+        tx.execute(
+            "INSERT INTO layer_refs (layer, kind, owner) VALUES (?1, 'pending', ?2)",
+            params![layer, owner],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops the references of the operation `owner`; layers nothing else holds are dropped.
+    pub fn release_pending(&self, owner: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM layer_refs WHERE kind = 'pending' AND owner = ?1", [owner])?;
+        Ok(())
+    }
+
+    /// At start: the operations of an earlier server process died with it, so their
+    /// references go (and with them layers nothing else holds).
+    pub fn reset_pending_layers(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM layer_refs WHERE kind = 'pending'", [])?;
+        // None should exist (a row is only ever written with its first reference); a hand-edited
+        // database is not worth keeping a layer for.
+        tx.execute("DELETE FROM layers WHERE id NOT IN (SELECT layer FROM layer_refs)", [])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Layers whose last reference went and whose directories may still be on disk.
+    pub fn dropped_layers(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id FROM layer_trash ORDER BY id")?;
+        let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Forgets dropped layers once their directories are gone.
+    pub fn forget_dropped(&self, ids: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for id in ids {
+            tx.execute("DELETE FROM layer_trash WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every committed layer and how many references hold it.
+    pub fn layers(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT l.id, (SELECT COUNT(*) FROM layer_refs r WHERE r.layer = l.id) FROM layers l",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        Ok(rows)
+    }
+
+    /// What holds `layer`: (`sandbox` | `snapshot` | `pending`, id), sorted.
+    pub fn layer_users(&self, layer: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT kind, owner FROM layer_refs WHERE layer = ?1 ORDER BY kind, owner")?;
+        let rows = stmt
+            .query_map([layer], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     /// Records (or, with `None`, clears) the agent process and cgroup slot backing a sandbox,
@@ -1045,11 +1239,40 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if current < 4 {
         tx.execute_batch(SCHEMA_V4)?;
     }
+    if current < 5 {
+        tx.execute_batch(SCHEMA_V5)?;
+    }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
     }
     tx.commit()?;
+    Ok(())
+}
+
+fn insert_snapshot_on(conn: &Connection, s: &SnapshotRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO snapshots (id, name, key_id, sandbox_id, template, layers, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            s.id,
+            s.name,
+            s.key_id,
+            s.sandbox_id,
+            s.template,
+            serde_json::to_string(&s.layers)?,
+            s.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// The row of a layer just saved (its directory renamed into place, synced).
+fn insert_layer_on(conn: &Connection, layer: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO layers (id, created_at) VALUES (?1, ?2)",
+        params![layer, unix_millis()],
+    )?;
     Ok(())
 }
 
@@ -1747,6 +1970,152 @@ mod tests {
                 .is_err()
         );
         assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0.len(), 2);
+    }
+
+    fn on_layers(id: &str, layers: &[&str]) -> SandboxRecord {
+        let mut r = sandbox(id, "k", 1);
+        r.lifecycle.layers = layers.iter().map(|l| l.to_string()).collect();
+        r
+    }
+
+    fn snap(id: &str, layers: &[&str]) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            name: id.into(),
+            key_id: "k".into(),
+            sandbox_id: "a".into(),
+            template: "base".into(),
+            layers: layers.iter().map(|l| l.to_string()).collect(),
+            created_at: 1,
+        }
+    }
+
+    fn counts(store: &Store) -> Vec<(String, i64)> {
+        store.layers().unwrap().into_iter().collect()
+    }
+
+    fn n(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+        pairs.iter().map(|(l, c)| (l.to_string(), *c)).collect()
+    }
+
+    /// Drains the removal queue the way the manager does, returning what was in it.
+    fn drain(store: &Store) -> Vec<String> {
+        let ids = store.dropped_layers().unwrap();
+        store.forget_dropped(&ids).unwrap();
+        ids
+    }
+
+    #[test]
+    fn layer_references_follow_pause_resume_snapshots_forks_and_kills() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_sandbox(&sandbox("a", "k", 1)).unwrap();
+        // A filesystem pause commits its layer with the sandbox's reference.
+        let mut lc = Lifecycle { layers: vec!["l1".into()], ..Default::default() };
+        store.pause_sandbox("a", Some("l1"), &lc, false).unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 1)]));
+        assert_eq!(store.layer_users("l1").unwrap(), [("sandbox".into(), "a".into())]);
+        assert_eq!(store.events_for("a").unwrap().last().unwrap().1, "paused");
+        // Resumed (the same layers), then paused again on top: the lower layer is not freed
+        // halfway through the update.
+        let mut rec = on_layers("a", &["l1"]);
+        store.restarted(&rec).unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 1)]));
+        lc.layers = vec!["l2".into(), "l1".into()];
+        store.pause_sandbox("a", Some("l2"), &lc, false).unwrap();
+        rec.lifecycle = lc;
+        store.restarted(&rec).unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 1), ("l2", 1)]));
+        assert!(drain(&store).is_empty());
+
+        // A snapshot of it, and a sandbox made from the snapshot.
+        store.insert_snapshot_with_layer(&snap("s1", &["l3", "l2", "l1"]), "l3").unwrap();
+        store.insert_sandbox(&on_layers("b", &["l3", "l2", "l1"])).unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 3), ("l2", 3), ("l3", 2)]));
+
+        // A fork: held by the operation until its children hold it.
+        store.insert_pending_layer("l4", "fork-l4").unwrap();
+        store.insert_sandbox(&on_layers("c1", &["l4", "l2", "l1"])).unwrap();
+        store.insert_sandbox(&on_layers("c2", &["l4", "l2", "l1"])).unwrap();
+        store.release_pending("fork-l4").unwrap();
+        assert_eq!(counts(&store)[3], ("l4".into(), 2));
+        assert!(drain(&store).is_empty());
+
+        // The resumed sandbox killed (API kill or timeout): its layers stay, still used.
+        store.kill_sandbox_audited("a", &json!({}), None).unwrap();
+        assert!(drain(&store).is_empty());
+        assert_eq!(counts(&store), n(&[("l1", 4), ("l2", 4), ("l3", 2), ("l4", 2)]));
+        // The snapshot deleted: the sandbox made from it still holds its layer.
+        assert!(store.delete_snapshot("s1").unwrap());
+        assert!(drain(&store).is_empty());
+        assert_eq!(store.layer_users("l3").unwrap(), [("sandbox".into(), "b".into())]);
+        store.kill_sandbox_audited("b", &json!({}), None).unwrap();
+        assert_eq!(drain(&store), ["l3"]);
+        // The fork's children end one by one (a kill of a paused one sets the state alone).
+        store.kill_sandbox_audited("c1", &json!({}), None).unwrap();
+        assert!(drain(&store).is_empty());
+        store.set_state("c2", SandboxState::Killed).unwrap();
+        assert_eq!(drain(&store), ["l1", "l2", "l4"]);
+        assert!(counts(&store).is_empty());
+        // Killing again, or forgetting again, changes nothing.
+        store.set_state("c2", SandboxState::Killed).unwrap();
+        assert!(drain(&store).is_empty());
+    }
+
+    #[test]
+    fn a_layer_cannot_be_used_unless_committed_and_commits_are_whole() {
+        let store = Store::open_in_memory().unwrap();
+        // A sandbox on a layer that was never committed (or is gone) is refused, whole.
+        assert!(store.insert_sandbox(&on_layers("a", &["nope"])).is_err());
+        assert_eq!(store.get_sandbox("a").unwrap(), None);
+        assert!(store.insert_snapshot(&snap("s", &["nope"])).is_err());
+        assert!(store.list_snapshots("k", None).unwrap().is_empty());
+        // A pause of a sandbox that does not exist leaves no layer row behind.
+        let lc = Lifecycle { layers: vec!["l1".into()], ..Default::default() };
+        assert!(store.pause_sandbox("ghost", Some("l1"), &lc, false).is_err());
+        assert!(counts(&store).is_empty());
+        // A snapshot whose name is taken: neither the snapshot nor its layer.
+        store.insert_sandbox(&sandbox("a", "k", 1)).unwrap();
+        store.insert_snapshot_with_layer(&snap("s1", &["l1"]), "l1").unwrap();
+        let mut dup = snap("s2", &["l2"]);
+        dup.name = "s1".into();
+        assert!(store.insert_snapshot_with_layer(&dup, "l2").is_err());
+        assert_eq!(counts(&store), n(&[("l1", 1)]));
+        // A fork's hold does not survive the process: at start it goes, and its layer with it.
+        store.insert_pending_layer("l9", "fork-l9").unwrap();
+        store.reset_pending_layers().unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 1)]));
+        assert_eq!(drain(&store), ["l9"]);
+        // A sandbox row deleted outright takes its references with it.
+        store.insert_sandbox(&on_layers("b", &["l1"])).unwrap();
+        store.delete_sandbox("b").unwrap();
+        assert_eq!(counts(&store), n(&[("l1", 1)]));
+    }
+
+    #[test]
+    fn version_three_database_gains_layer_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            conn.execute_batch(SCHEMA_V3).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (3);",
+            )
+            .unwrap();
+            let store = Store { conn: Mutex::new(conn) };
+            store.insert_sandbox(&on_layers("live", &["l1", "l0"])).unwrap();
+            let mut dead = on_layers("dead", &["l7"]);
+            dead.state = SandboxState::Killed;
+            store.insert_sandbox(&dead).unwrap();
+            store.insert_snapshot(&snap("s", &["l2", "l0"])).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(counts(&store), n(&[("l0", 2), ("l1", 1), ("l2", 1)]));
+        store.set_state("live", SandboxState::Killed).unwrap();
+        assert_eq!(drain(&store), ["l1"]);
     }
 
     #[test]

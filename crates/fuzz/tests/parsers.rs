@@ -1,0 +1,171 @@
+//! Fuzz targets: one per parser that takes input from a client (HTTP API, envd) or from
+//! inside a sandbox (the agent's frames, the interpreter kernels' lines, the sandbox's DNS
+//! queries and first bytes of its connections). See `src/lib.rs` for how inputs are made and
+//! `docs/SECURITY.md` for the recorded runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Cursor;
+use std::net::{IpAddr, Ipv4Addr};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use proptest::prelude::*;
+use ringfence_fuzz::{bytes, fuzz, text};
+use ringfence_proto::{Event, ExitStatus, FsEventKind, Reply, Usage};
+use serde_json::{Value, json};
+
+/// Frames as the agent writes them: every kind of event, one after another.
+fn agent_frames() -> Vec<Vec<u8>> {
+    let events = [
+        Event::Stdout { id: 7, data: b"hello\n".to_vec() },
+        Event::Stderr { id: 7, data: vec![0xff; 40] },
+        Event::Exited { id: 7, pid: 9, status: ExitStatus::Code(3), usage: Usage::default() },
+        Event::Response { id: 8, result: Ok(Reply::Data { data: vec![1, 2, 3], eof: true }) },
+        Event::Fs { watch: 1, name: "a/b.txt".into(), kind: FsEventKind::Write },
+    ];
+    let mut all = Vec::new();
+    let mut seeds = Vec::new();
+    for e in &events {
+        let mut one = Vec::new();
+        ringfence_proto::write_frame(&mut one, e).unwrap();
+        all.extend_from_slice(&one);
+        seeds.push(one);
+    }
+    seeds.push(all);
+    seeds
+}
+
+#[test]
+fn agent_event_frames() {
+    // The host side of the agent's channel: whatever a compromised agent writes is decoded
+    // frame by frame, each bounded by MAX_FRAME before anything is allocated for it.
+    fuzz("agent_event_frames", bytes(agent_frames(), 512), |input| {
+        let mut rd = Cursor::new(input);
+        while let Ok(Some(_)) = ringfence_proto::read_frame::<_, Event>(&mut rd) {}
+        let _ = ringfence_proto::decode::<Event>(rd.get_ref());
+    });
+}
+
+#[test]
+fn agent_frame_length_prefix() {
+    fuzz("agent_frame_length_prefix", any::<[u8; 4]>(), |prefix| {
+        if let Ok(n) = ringfence_proto::frame_len(prefix) {
+            assert!(n <= ringfence_proto::MAX_FRAME);
+        }
+    });
+}
+
+#[test]
+fn kernel_output_lines() {
+    // An interpreter kernel runs inside the sandbox: its output stream is split into JSON
+    // lines and each message reduced to the fields the client may see.
+    let seeds = [
+        "{\"type\":\"stdout\",\"text\":\"hi\"}\n{\"type\":\"result\",\"text\":\"2\",\"png\":\"x\"}\n",
+        "{\"type\":\"error\",\"name\":\"E\",\"traceback\":7}\n{\"type\":\"end_of_execution\"}\n",
+        "{\"type\":\"number_of_executions\",\"execution_count\":3}\nnot json\n[1]\n",
+    ];
+    let strategy = (text(&seeds, 2048), 1usize..64);
+    fuzz("kernel_output_lines", strategy, |(input, chunk)| {
+        let mut split = ringfence_server::interp::LineSplitter::default();
+        for part in input.as_bytes().chunks(chunk) {
+            let Ok(values) = split.push(part) else { break };
+            for v in values {
+                let Value::Object(map) = v else { panic!("splitter passed a non-object") };
+                if let Some(out) = ringfence_server::interp::sanitize(map) {
+                    assert!(out.get("type").is_some_and(Value::is_string));
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn kernel_line_many_short_lines_is_linear() {
+    // A chunk of tens of thousands of empty lines once cost a shift of the whole buffer per
+    // line; now it is one pass.
+    let mut split = ringfence_server::interp::LineSplitter::default();
+    let chunk = vec![b'\n'; 1 << 20];
+    let started = std::time::Instant::now();
+    for _ in 0..16 {
+        assert!(split.push(&chunk).unwrap().is_empty());
+    }
+    // Quadratic behaviour took minutes here; linear takes milliseconds. A generous bound so a
+    // loaded CI machine cannot fail it, while the old code could never pass it.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+fn dns_seeds() -> Vec<Vec<u8>> {
+    let mut q = Message::query();
+    q.metadata.id = 0x1234;
+    q.metadata.recursion_desired = true;
+    q.add_query(hickory_proto::op::Query::query(
+        "pypi.org.".parse().unwrap(),
+        hickory_proto::rr::RecordType::A,
+    ));
+    let query = q.to_vec().unwrap();
+    let mut answer = ringfence_net::dns::reply(&q, ResponseCode::NoError);
+    answer.add_answer(hickory_proto::rr::Record::from_rdata(
+        "pypi.org.".parse().unwrap(),
+        60,
+        hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(10, 1, 2, 3))),
+    ));
+    vec![query, answer.to_vec().unwrap()]
+}
+
+#[test]
+fn dns_messages() {
+    // The sandbox's resolver takes queries from code inside and answers from upstream: parse,
+    // name normalisation, the answer filter and re-encoding.
+    fuzz("dns_messages", bytes(dns_seeds(), 512), |input| {
+        let Ok(mut m) = Message::from_vec(&input) else { return };
+        if m.metadata.message_type == MessageType::Query
+            && let Some(q) = m.queries.first()
+        {
+            let _ = ringfence_net::policy::normalize_name(&q.name().to_ascii());
+            let _ = ringfence_net::dns::reply(&m, ResponseCode::Refused).to_vec();
+        }
+        let blocked = |ip: IpAddr| ip.is_loopback().then(|| "loopback".to_string());
+        let _ = ringfence_net::dns::filter_answer(&mut m, blocked);
+        let _ = m.to_vec();
+    });
+}
+
+#[test]
+fn first_bytes_of_a_connection() {
+    // Egress is judged on the first bytes a sandbox sends (TLS SNI, HTTP Host).
+    let hello = b"GET / HTTP/1.1\r\nHost: pypi.org:443\r\nUser-Agent: x\r\n\r\n".to_vec();
+    let mut tls = vec![0x16, 0x03, 0x01, 0x00, 0x31, 0x01, 0x00, 0x00, 0x2d, 0x03, 0x03];
+    tls.extend_from_slice(&[0u8; 32]);
+    tls.extend_from_slice(&[0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    tls.extend_from_slice(&[0x00, 0x0f, 0x00, 0x00, 0x00, 0x0b, 0x00, 0x09, 0x00, 0x00, 0x06]);
+    tls.extend_from_slice(b"pypi.o");
+    fuzz("first_bytes_of_a_connection", bytes(vec![hello, tls], 1024), |input| {
+        let _ = ringfence_net::sniff::sniff(&input);
+    });
+}
+
+#[test]
+fn host_header_routing() {
+    let seeds = ["49983-abcdef0123.sandbox.local", "8080-x.e2b.app:3000", "-.", "1-"];
+    fuzz("host_header_routing", text(&seeds, 256), |host| {
+        if let Some((_, id)) = ringfence_server::network::parse_host(&host) {
+            assert!(!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+    });
+}
+
+#[test]
+fn network_policy_json() {
+    // The `network` object of a create body and the body of `PUT /sandboxes/{id}/network`.
+    let seeds = [
+        json!({"allowOut": ["pypi.org", "*.github.com", "10.0.0.0/8:443"], "denyOut": ["0.0.0.0/0"]}),
+        json!({"allowPublicTraffic": false, "maskRequestHost": "${PORT}.x", "allowOut": []}),
+    ];
+    let seeds: Vec<String> = seeds.iter().map(Value::to_string).collect();
+    let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
+    fuzz("network_policy_json", (text(&seeds, 1024), any::<Option<bool>>()), |(body, internet)| {
+        if let Ok(v) = serde_json::from_str::<Value>(&body) {
+            let _ = ringfence_server::network::parse(internet, Some(&v));
+        }
+    });
+}
