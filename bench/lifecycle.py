@@ -40,7 +40,8 @@ class Server:
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
         s.close()
-        self.key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", self.data],
+        self.key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", self.data,
+                          "--max-sandboxes", "0", "--create-rate", "0"],
                                   check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         log = open(os.path.join(self.data, "serve.log"), "w")
         self.proc = subprocess.Popen(

@@ -37,7 +37,8 @@ def start(binary):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", data],
+    key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", data,
+                          "--max-sandboxes", "0", "--create-rate", "0"],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     log = open(os.path.join(data, "serve.log"), "w")
     srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--pids", "256"],

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage API keys for `ringfence serve`.
     Keys {
         #[command(subcommand)]
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) => run::main(args, t0),
-        Command::Serve(args) => serve::main(args),
+        Command::Serve(args) => serve::main(*args),
         Command::Keys { command } => serve::keys(command),
         Command::Audit(args) => serve::audit(args),
         Command::Gc { common } => gc(&common),

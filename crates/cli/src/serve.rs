@@ -8,7 +8,8 @@ use std::time::Duration;
 use ringfence_jail::limits::{self, Limits};
 use ringfence_server::manager::ManagerConfig;
 use ringfence_server::observe::{MetricsAuth, ObserveConfig, Thresholds};
-use ringfence_server::store::{AuditQuery, Store};
+use ringfence_server::quota::QuotaConfig;
+use ringfence_server::store::{AuditQuery, KeyLimits, Store};
 
 const AFTER_HELP: &str = "\
 Clients: point the unmodified E2B SDKs at this server with
@@ -19,8 +20,15 @@ One address serves the control plane and all sandbox traffic (routed by the E2b-
 Logging: RINGFENCE_LOG=info|debug|... (tracing env-filter syntax); --log-format json for JSON lines.
 
 Observability: GET /metrics (Prometheus text format; --metrics-auth key wants an API key in
-X-API-Key or Authorization: Bearer), GET /audit and `ringfence audit` (the audit trail, also
-appended to DATA_DIR/audit.jsonl). Alerts are warnings in the log and alert.* audit records.";
+X-API-Key or Authorization: Bearer, and only an operator key from `ringfence keys create
+--operator` sees the per-sandbox series), GET /audit and `ringfence audit` (the audit trail,
+also appended to DATA_DIR/audit.jsonl). Alerts are warnings in the log and alert.* audit
+records.
+
+Quotas: each API key may hold --max-sandboxes-per-key sandboxes (running or paused) and
+--max-snapshots-per-key snapshots, and start sandboxes at --create-rate-per-key per second
+(bursts of --create-burst-per-key); `ringfence keys create --max-sandboxes N ...` sets a key's
+own. Refusals are 429 with a message naming the limit. 0 means no limit.";
 
 /// Serve E2B's API: create sandboxes, run commands, move files.
 #[derive(Debug, clap::Args)]
@@ -70,9 +78,23 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Who may read GET /metrics: anyone reaching the listener, or API-key holders.
+    /// Who may read GET /metrics: anyone reaching the listener (every series: only where
+    /// tenants cannot reach it); API-key holders (tenants get the series that name no
+    /// sandbox, operator keys all of them); or operator keys only.
     #[arg(long, value_enum, default_value = "key")]
     metrics_auth: MetricsAuthArg,
+    /// Sandboxes one API key may hold at once, running or paused (0: no limit).
+    #[arg(long, default_value_t = QuotaConfig::default().max_sandboxes)]
+    max_sandboxes_per_key: u32,
+    /// Snapshots one API key may keep (0: no limit).
+    #[arg(long, default_value_t = QuotaConfig::default().max_snapshots)]
+    max_snapshots_per_key: u32,
+    /// Sandboxes one API key may start per second, sustained (0: no limit).
+    #[arg(long, default_value_t = QuotaConfig::default().create_rate, value_parser = parse_rate)]
+    create_rate_per_key: f64,
+    /// Sandboxes one API key may start at once before the rate applies.
+    #[arg(long, default_value_t = QuotaConfig::default().create_burst)]
+    create_burst_per_key: u32,
     /// Alert when a sandbox takes longer than this to start.
     #[arg(long, default_value = "500ms", value_parser = parse_duration_ms)]
     alert_startup: Duration,
@@ -94,6 +116,15 @@ pub struct ServeArgs {
 enum MetricsAuthArg {
     None,
     Key,
+    Operator,
+}
+
+/// A rate in sandboxes per second: a finite number, 0 or more.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{s:?}: expected a number of sandboxes per second, 0 or more")),
+    }
 }
 
 /// A duration with a unit (`500ms`, `30s`, `2m`), or plain seconds.
@@ -125,6 +156,24 @@ pub enum KeysCommand {
         /// Directory holding the server's state.
         #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
         data_dir: PathBuf,
+        /// An operator's key: it reads every series of GET /metrics, every tenant's sandboxes
+        /// included. Give it to the metrics scraper, not to a tenant.
+        #[arg(long)]
+        operator: bool,
+        /// Sandboxes this key may hold at once, running or paused (0: no limit). Default:
+        /// the server's --max-sandboxes-per-key.
+        #[arg(long)]
+        max_sandboxes: Option<u32>,
+        /// Snapshots this key may keep (0: no limit). Default: --max-snapshots-per-key.
+        #[arg(long)]
+        max_snapshots: Option<u32>,
+        /// Sandboxes this key may start per second (0: no limit). Default:
+        /// --create-rate-per-key.
+        #[arg(long, value_parser = parse_rate)]
+        create_rate: Option<f64>,
+        /// Sandboxes this key may start at once. Default: --create-burst-per-key.
+        #[arg(long)]
+        create_burst: Option<u32>,
     },
 }
 
@@ -230,11 +279,18 @@ pub fn main(args: ServeArgs) -> ExitCode {
             pool_memory: args.pool_memory,
             pressure_floor: args.pause_pressure_floor,
             network,
+            quotas: QuotaConfig {
+                max_sandboxes: args.max_sandboxes_per_key,
+                max_snapshots: args.max_snapshots_per_key,
+                create_rate: args.create_rate_per_key,
+                create_burst: args.create_burst_per_key,
+            },
         },
         observe: ObserveConfig {
             metrics_auth: match args.metrics_auth {
                 MetricsAuthArg::None => MetricsAuth::None,
                 MetricsAuthArg::Key => MetricsAuth::Key,
+                MetricsAuthArg::Operator => MetricsAuth::Operator,
             },
             thresholds: Thresholds {
                 startup: args.alert_startup,
@@ -264,9 +320,18 @@ pub fn main(args: ServeArgs) -> ExitCode {
 
 pub fn keys(cmd: KeysCommand) -> ExitCode {
     match cmd {
-        KeysCommand::Create { name, data_dir } => {
+        KeysCommand::Create {
+            name,
+            data_dir,
+            operator,
+            max_sandboxes,
+            max_snapshots,
+            create_rate,
+            create_burst,
+        } => {
+            let limits = KeyLimits { max_sandboxes, max_snapshots, create_rate, create_burst };
             let result = Store::open(&ringfence_server::db_path(&data_dir))
-                .and_then(|s| s.create_key(&name));
+                .and_then(|s| s.create_key_with(&name, operator, &limits));
             match result {
                 Ok((_, key)) => {
                     println!("{key}");

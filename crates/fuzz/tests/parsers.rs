@@ -169,3 +169,59 @@ fn network_policy_json() {
         }
     });
 }
+
+/// Percent-encodes every byte that is not unreserved (the round trip below re-encodes with it).
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn files_query() {
+    // The query of envd's `/files`, over which signed URLs are checked: one reading only.
+    // Whatever it accepts it reads canonically: the fields, re-encoded and parsed again, give
+    // the same fields, so no spelling can mean two things.
+    let seeds = [
+        "path=%2Fhome%2Fuser%2Fa+b.txt&username=user&signature=v1_abc&signature_expiration=17",
+        "path=/a&pa%74h=/root/secret&user%6eame=root",
+        "path=/a;username=root&signature=v1_%2B%2F",
+        "=x&&path&Path=%zz%00",
+    ];
+    fuzz("files_query", text(&seeds, 512), |raw| {
+        let Ok(q) = ringfence_server::files_query::parse_file_query(&raw) else { return };
+        let mut parts = Vec::new();
+        for (name, value) in [
+            ("path", q.path.clone()),
+            ("username", q.username.clone()),
+            ("signature", q.signature.clone()),
+            ("signature_expiration", q.signature_expiration.map(|e| e.to_string())),
+        ] {
+            if let Some(v) = value {
+                assert!(!v.contains('\0'), "NUL let through in {name}: {raw:?}");
+                parts.push(format!("{name}={}", urlencode(&v)));
+            }
+        }
+        let again = ringfence_server::files_query::parse_file_query(&parts.join("&"));
+        assert_eq!(again.as_ref(), Ok(&q), "{raw:?} is not read canonically");
+    });
+}
+
+#[test]
+fn time_bounds_and_env_names() {
+    // `/audit?since=` and friends, and environment maps from create, envd and the interpreter.
+    let seeds = ["1700000000.5", "2023-11-14T22:13:20Z", "1e300", "-0", "A=B", "PATH"];
+    fuzz("time_bounds_and_env_names", (text(&seeds, 64), text(&seeds, 64)), |(t, name)| {
+        if let Some(ms) = ringfence_server::api::parse_time_bound(&t) {
+            assert!((0..=ringfence_server::validate::MAX_UNIX_SECS * 1000).contains(&ms), "{t}");
+        }
+        if ringfence_server::validate::check_env("envs", [(name.as_str(), "v")]).is_ok() {
+            assert!(!name.is_empty() && !name.contains('=') && !name.contains('\0'), "{name:?}");
+        }
+    });
+}

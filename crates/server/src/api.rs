@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::files_query::{FileQuery, parse_file_query};
 use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager, ManagerError};
 use crate::observe::MetricsAuth;
 use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
@@ -51,11 +52,26 @@ impl From<ManagerError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, format!("{m} not found"))
             }
             ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
-            ManagerError::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
-            }
+            ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
+            ManagerError::Internal(m) => internal(m),
         }
+    }
+}
+
+/// A 500 that names no host detail (see `crate::fault`).
+fn internal(detail: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::fault::internal_message(&detail))
+}
+
+/// A store failure of a read the client shaped: its own mistakes (a bad page token or limit)
+/// are 400 with their text, anything else is internal.
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    use crate::store::StoreError;
+    match e {
+        StoreError::InvalidToken | StoreError::InvalidLimit(_) | StoreError::InvalidName(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        other => internal(other),
     }
 }
 
@@ -112,29 +128,78 @@ async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
 /// The code interpreter's port (E2B's Jupyter server).
 const JUPYTER_PORT: u16 = 49999;
 
+/// envd's port.
+const ENVD_PORT: u16 = 49983;
+
+/// Why a sandbox request may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The sandbox's token, or a URL signed with it: full use, counts as activity and may
+    /// resume an `autoResume` sandbox.
+    Token,
+    /// A port of a sandbox made public (`allowPublicTraffic`): its creator asked for its
+    /// services to be reachable by anyone, so this traffic is treated like the owner's.
+    Public,
+    /// envd's own health check, which E2B leaves unauthenticated: it answers whether a running
+    /// sandbox is there and nothing more (never resumes, never counts as activity).
+    Health,
+}
+
 /// Sends sandbox traffic to the sandbox's envd; everything else continues to the control plane.
-async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Response {
+///
+/// Order matters: the target is identified, then the request is authorised against the
+/// sandbox's record (read without effect), and only then may anything happen to the sandbox
+/// (resume, activity). An unknown id and a wrong or missing token get the same answer.
+async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let token = header("x-access-token");
-    let signed = signed_file_url(&req);
+    let id_header = header("e2b-sandbox-id");
     // `get_host(port)` URLs (`<port>-<id>.<domain>`) name the sandbox and port in the Host.
-    let by_host = match header("e2b-sandbox-id") {
+    let by_host = match &id_header {
         None => header("host").and_then(|h| crate::network::parse_host(&h)),
         Some(_) => None,
     };
-    let live = match header("e2b-sandbox-id").or_else(|| by_host.as_ref().map(|(_, id)| id.clone()))
-    {
-        Some(id) => match app.manager.auto_resume(&id).await {
-            Some(l) => l,
-            None => return not_running(&id),
-        },
-        None => match token.as_deref().and_then(|t| app.manager.by_token(t)) {
-            Some(l) => l,
+    let port_header = header("e2b-sandbox-port").map(|p| p.trim().parse::<u16>());
+    // Refused once the request turns out to be sandbox traffic (below); the control plane
+    // ignores the header.
+    let bad_port = matches!(port_header, Some(Err(_)));
+    let port = match port_header {
+        Some(Ok(p)) => p,
+        _ => by_host.as_ref().map_or(ENVD_PORT, |(p, _)| *p),
+    };
+    // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
+    // (docs/e2b-compat.md §5.3); create returns the same secret under that name. Other ports
+    // (a sandbox's own services) take it too.
+    let traffic = if port != ENVD_PORT { header("e2b-traffic-access-token") } else { None };
+    let presented = token.clone().or(traffic);
+    let files = port == ENVD_PORT && crate::envd::is_files(req.method(), req.uri().path());
+    // envd's `/files` query, parsed once: the signature is checked over this value and envd
+    // serves exactly this value (it is passed on in the request's extensions).
+    let file_query = if files {
+        match parse_file_query(req.uri().query().unwrap_or("")) {
+            Ok(q) => Some(q),
+            Err(e) => return ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        }
+    } else {
+        None
+    };
+    let signed = file_query.as_ref().and_then(|q| SignedUrl::from_query(q, req.method()));
+    let health = port == ENVD_PORT && is_bare_health(&req);
+    let id = match id_header.or_else(|| by_host.as_ref().map(|(_, id)| id.clone())) {
+        Some(id) => id,
+        None => match presented.as_deref().and_then(|t| app.manager.by_token(t)) {
+            Some(l) => match l.snapshot() {
+                Some(r) => r.id,
+                None => return not_running(""),
+            },
             None => match &signed {
                 // A signed download/upload URL carries no sandbox id: the signature names it.
                 Some(sig) => match app.manager.find(|r| sig.matches(&r.access_token)) {
-                    Some(l) => l,
+                    Some(l) => match l.snapshot() {
+                        Some(r) => r.id,
+                        None => return not_running(""),
+                    },
                     None => {
                         return ApiError::new(StatusCode::UNAUTHORIZED, "invalid signature")
                             .into_response();
@@ -144,38 +209,54 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
             },
         },
     };
-    let Some(record) = live.snapshot() else { return not_running("") };
-    let port = header("e2b-sandbox-port")
-        .and_then(|p| p.parse::<u16>().ok())
-        .or(by_host.as_ref().map(|(p, _)| *p))
-        .unwrap_or(49983);
-    // Health is public, as in envd; everything else needs the sandbox's token or, for /files,
-    // a URL signed with it.
-    // The code interpreter SDK sends only `E2B-Traffic-Access-Token` on its context calls
-    // (docs/e2b-compat.md §5.3); create returns the same secret under that name.
-    // Other ports (a sandbox's own services) take it too, or nothing when the sandbox was made
-    // public (`network.allowPublicTraffic`).
-    let traffic = if port != 49983 { header("e2b-traffic-access-token") } else { None };
-    let public = port != 49983 && port != JUPYTER_PORT && app.manager.network().is_public(&live);
-    let authorized = match (&signed, token.as_deref().or(traffic.as_deref())) {
-        (_, Some(t)) if crate::manager::ct_eq(t, &record.access_token) => true,
-        (Some(sig), _) if sig.matches(&record.access_token) => {
-            if sig.expired() {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
-                    .into_response();
+    if bad_port {
+        return ApiError::new(StatusCode::BAD_REQUEST, "E2b-Sandbox-Port must be a port number")
+            .into_response();
+    }
+    let record = app.manager.peek(&id);
+    let access = match &record {
+        Some(r) => match (&signed, presented.as_deref()) {
+            (_, Some(t)) if crate::manager::ct_eq(t, &r.access_token) => Some(Access::Token),
+            (Some(sig), _) if sig.matches(&r.access_token) => {
+                if sig.expired() {
+                    return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
+                        .into_response();
+                }
+                Some(Access::Token)
             }
-            true
-        }
-        _ => public || req.uri().path() == "/health",
+            _ if port != ENVD_PORT && port != JUPYTER_PORT && app.manager.is_public(&id) => {
+                Some(Access::Public)
+            }
+            _ if health => Some(Access::Health),
+            _ => None,
+        },
+        // Nothing to authorise against; the health check reads as "not running", as it would
+        // for a sandbox that ended.
+        None if health => return not_running(&id),
+        None => None,
     };
-    if !authorized {
+    let Some(access) = access else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
             .into_response();
+    };
+    let live = match access {
+        Access::Health => match app.manager.get(&id) {
+            Some(l) if l.state() == Some(SandboxState::Running) => l,
+            _ => return not_running(&id),
+        },
+        Access::Token | Access::Public => match app.manager.auto_resume(&id).await {
+            Some(l) => l,
+            None => return not_running(&id),
+        },
+    };
+    let Some(record) = live.snapshot() else { return not_running(&id) };
+    if let Some(q) = file_query {
+        req.extensions_mut().insert(q);
     }
     // Everything logged while serving this request names the sandbox.
     let span = tracing::info_span!("sandbox", sandbox_id = %record.id);
     match port {
-        49983 => {
+        ENVD_PORT => {
             crate::envd::handle(live.client.clone(), live.envd.clone(), req).instrument(span).await
         }
         JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
@@ -183,6 +264,20 @@ async fn sandbox_traffic(State(app): State<App>, req: Request, next: Next) -> Re
         }
         other => crate::network::inbound(live, other, req).instrument(span).await,
     }
+}
+
+/// Whether `req` is envd's plain health check: `GET /health` with no query, no body and no
+/// upgrade. Only that is answered without the sandbox's token; a `HEAD`, a `POST`, a body or
+/// a WebSocket upgrade on the same path needs the token like everything else.
+fn is_bare_health(req: &Request) -> bool {
+    let h = req.headers();
+    let no_body = h.get(axum::http::header::TRANSFER_ENCODING).is_none()
+        && h.get(axum::http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0");
+    req.method() == axum::http::Method::GET
+        && crate::envd::is_health(req.method(), req.uri().path())
+        && req.uri().query().is_none()
+        && no_body
+        && h.get(axum::http::header::UPGRADE).is_none()
 }
 
 /// The signature of a `download_url()`/`upload_url()` link: `v1_` + unpadded base64 of
@@ -197,6 +292,24 @@ struct SignedUrl {
 }
 
 impl SignedUrl {
+    /// The signature a parsed `/files` query carries, over exactly the path and user that
+    /// query names (and envd will use).
+    fn from_query(q: &FileQuery, method: &axum::http::Method) -> Option<SignedUrl> {
+        let operation = match *method {
+            axum::http::Method::GET => "read",
+            axum::http::Method::POST => "write",
+            _ => return None,
+        };
+        let signature = q.signature.clone().filter(|s| s.starts_with("v1_"))?;
+        Some(SignedUrl {
+            path: q.path.clone().unwrap_or_default(),
+            operation,
+            user: q.username.clone().unwrap_or_default(),
+            signature,
+            expiration: q.signature_expiration,
+        })
+    }
+
     fn matches(&self, token: &str) -> bool {
         use base64::Engine;
         use sha2::Digest;
@@ -213,36 +326,6 @@ impl SignedUrl {
     fn expired(&self) -> bool {
         self.expiration.is_some_and(|e| e < crate::manager::now_ms() / 1000)
     }
-}
-
-fn signed_file_url(req: &Request) -> Option<SignedUrl> {
-    if !req.uri().path().ends_with("/files") {
-        return None;
-    }
-    let operation = match *req.method() {
-        axum::http::Method::GET => "read",
-        axum::http::Method::POST => "write",
-        _ => return None,
-    };
-    let mut url = SignedUrl {
-        path: String::new(),
-        operation,
-        user: String::new(),
-        signature: String::new(),
-        expiration: None,
-    };
-    for pair in req.uri().query()?.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = url_decode(v);
-        match k {
-            "path" => url.path = v,
-            "username" => url.user = v,
-            "signature" => url.signature = v,
-            "signature_expiration" => url.expiration = v.parse().ok(),
-            _ => {}
-        }
-    }
-    url.signature.starts_with("v1_").then_some(url)
 }
 
 fn not_running(id: &str) -> Response {
@@ -270,8 +353,8 @@ async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let store = app.manager.store().clone();
     tokio::task::spawn_blocking(move || store.verify_key(&key))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(internal)?
+        .map_err(internal)?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
 }
 
@@ -316,7 +399,10 @@ struct CreateBody {
 
 /// E2B's lifecycle fields (`autoPause`, `lifecycle.onTimeout`, `autoResume`) and ours
 /// (`idleTimeout` seconds with `onIdle`: `pause` or `kill`).
-fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
+fn lifecycle_from(
+    b: &CreateBody,
+    max_timeout: Duration,
+) -> Result<crate::store::Lifecycle, ApiError> {
     let lc = b.lifecycle.as_ref();
     let on_timeout = lc.and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")));
     let pause_on_timeout = b.auto_pause == Some(true)
@@ -328,9 +414,15 @@ fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
         Some(v) => v.get("enabled").and_then(Value::as_bool).unwrap_or(false),
         None => false,
     };
+    // Bounded like `timeout`: an idle period longer than a sandbox may live means nothing,
+    // and anything near 2^61 s would wrap when turned into milliseconds.
     let idle = b.idle_timeout.unwrap_or(0);
-    if idle < 0 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "idleTimeout must be >= 0 seconds"));
+    let max_idle = max_timeout.as_secs();
+    if u64::try_from(idle).map_or(true, |i| i > max_idle) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("idleTimeout must be between 0 and {max_idle} seconds, got {idle}"),
+        ));
     }
     let idle_action_pause = match b.on_idle.as_deref() {
         None | Some("kill") => false,
@@ -346,7 +438,7 @@ fn lifecycle_from(b: &CreateBody) -> Result<crate::store::Lifecycle, ApiError> {
         pause_on_timeout,
         timeout_pause_files_only: b.auto_pause_memory == Some(false),
         auto_resume,
-        idle_timeout_ms: idle as u64 * 1000,
+        idle_timeout_ms: (idle as u64).saturating_mul(1000),
         idle_action_pause,
         ..Default::default()
     })
@@ -415,7 +507,11 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
-    let lifecycle = lifecycle_from(&b)?;
+    let lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    if let Some(env) = &b.env_vars {
+        crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
     let params = CreateParams {
         template: b.template_id.unwrap_or_else(|| "base".into()),
         timeout: timeout_from(&app, b.timeout)?,
@@ -666,7 +762,7 @@ async fn connect(
     let live = owned(&app, &key, &id)?;
     if let Some(secs) = b.timeout {
         // Connecting never shortens a sandbox's life.
-        let want = crate::manager::now_ms() + timeout_from(&app, Some(secs))?.as_millis() as i64;
+        let want = crate::manager::deadline_after(timeout_from(&app, Some(secs))?);
         if live.record.lock().is_ok_and(|r| r.end_at < want) {
             app.manager.set_timeout(&id, Duration::from_secs(secs as u64))?;
         }
@@ -823,8 +919,8 @@ async fn list(
     let key_id = key.id.clone();
     let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(store_error)?;
     let body: Vec<Value> = rows.iter().map(listed_json).collect();
     let mut resp = Json(body).into_response();
     if let Some(t) = next
@@ -838,24 +934,33 @@ async fn list(
 /// `GET /metrics`: the Prometheus exposition.
 async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     let obs = app.manager.observer();
-    if obs.config().metrics_auth == MetricsAuth::Key {
-        caller(&app, &headers).await?;
-    }
+    let full = match obs.config().metrics_auth {
+        MetricsAuth::None => true,
+        MetricsAuth::Key => caller(&app, &headers).await?.operator,
+        MetricsAuth::Operator => {
+            if !caller(&app, &headers).await?.operator {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "GET /metrics needs an operator key (ringfence keys create --operator)",
+                ));
+            }
+            true
+        }
+    };
     let (starting, _) = app.manager.counts();
     let store = app.manager.store().clone();
     let by_state = tokio::task::spawn_blocking(move || store.count_by_state())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(internal)?;
     obs.metrics.sandboxes.with_label_values(&["starting"]).set(starting);
     for state in [SandboxState::Running, SandboxState::Paused] {
         let n = by_state.get(&state).copied().unwrap_or(0);
         obs.metrics.sandboxes.with_label_values(&[state.as_str()]).set(n);
     }
-    let text = obs
-        .metrics
-        .render()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // A tenant's key: no series that names a sandbox (every tenant's ids and usage).
+    let text =
+        if full { obs.metrics.render() } else { obs.metrics.render_shared() }.map_err(internal)?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
@@ -874,10 +979,15 @@ async fn sandbox_metrics(
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
-    let (start, end) = (q.start.map(|s| s * 1000), q.end.map(|e| e * 1000 + 999));
+    let bound = |field: &str, v: Option<i64>| {
+        v.map(|s| crate::validate::unix_secs_ms(field, s))
+            .transpose()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
+    };
+    let (start, end) = (bound("start", q.start)?, bound("end", q.end)?.map(|e| e + 999));
     let samples = tokio::task::spawn_blocking(move || live.obs.samples(start, end))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(internal)?;
     Ok(Json(Value::Array(samples.iter().map(|s| s.json()).collect())))
 }
 
@@ -915,7 +1025,7 @@ async fn batch_metrics(
         m
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .map_err(internal)?;
     Ok(Json(json!({"sandboxes": out})))
 }
 
@@ -932,11 +1042,14 @@ struct AuditParams {
 
 /// A time bound of `/audit` and `ringfence audit`: RFC 3339, or Unix seconds (fractions
 /// allowed). Returns Unix milliseconds.
+/// Out of range (before 1970, after 9999, not finite): None, like a value that does not parse.
 pub fn parse_time_bound(s: &str) -> Option<i64> {
+    let max_ms = crate::validate::MAX_UNIX_SECS * 1000;
     if let Ok(secs) = s.parse::<f64>() {
-        return secs.is_finite().then_some((secs * 1000.0).round() as i64);
+        let ms = secs * 1000.0;
+        return (ms.is_finite() && (0.0..=max_ms as f64).contains(&ms)).then(|| ms.round() as i64);
     }
-    crate::time::parse_rfc3339_ms(s)
+    crate::time::parse_rfc3339_ms(s).filter(|ms| (0..=max_ms).contains(ms))
 }
 
 /// `GET /audit`: the caller's own audit records, oldest first, a page at a time.
@@ -952,7 +1065,9 @@ async fn audit(
             Some(v) => parse_time_bound(&v).map(Some).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    format!("{name} {v:?} is neither RFC 3339 nor Unix seconds"),
+                    format!(
+                        "{name} {v:?} is not a time from 1970 to 9999 in RFC 3339 or Unix seconds"
+                    ),
                 )
             }),
         }
@@ -973,8 +1088,8 @@ async fn audit(
     let store = app.manager.store().clone();
     let (records, next) = tokio::task::spawn_blocking(move || store.query_audit(&q))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(internal)?
+        .map_err(store_error)?;
     let mut resp = Json(json!({"records": records, "next_cursor": next})).into_response();
     if let Some(c) = next
         && let Ok(v) = HeaderValue::from_str(&c)
@@ -994,6 +1109,9 @@ mod tests {
         assert_eq!(parse_time_bound("1700000000.5"), Some(1_700_000_000_500));
         assert_eq!(parse_time_bound("2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
         assert_eq!(parse_time_bound("yesterday"), None);
+        for absurd in ["-1", "1e300", "inf", "NaN", "9223372036854775807", "0001-01-01T00:00:00Z"] {
+            assert_eq!(parse_time_bound(absurd), None, "{absurd}");
+        }
     }
 
     #[test]

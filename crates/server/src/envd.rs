@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request};
 use axum::handler::Handler;
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
@@ -41,6 +41,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agent_client::{AgentClient, ClientError};
+use crate::fault::internal_message;
+use crate::files_query::{FileQuery, parse_file_query};
 use crate::observe::{Execution, Outcome, SandboxObs};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
@@ -222,7 +224,7 @@ impl RpcError {
     }
 
     fn unexpected(reply: &Reply) -> Self {
-        Self::new(Code::Internal, format!("unexpected agent reply: {reply:?}"))
+        Self::new(Code::Internal, internal_message(&format!("unexpected agent reply: {reply:?}")))
     }
 
     fn to_json(&self) -> Value {
@@ -341,6 +343,17 @@ enum Route {
 }
 
 /// Routes by the last path segments, so a path prefix in `E2B_SANDBOX_URL` still works.
+/// Whether envd would serve this request as `/files` (download or upload): the API layer
+/// parses and authorises the query of exactly these.
+pub(crate) fn is_files(method: &Method, path: &str) -> bool {
+    matches!(route(method, path), Route::FilesGet | Route::FilesPost)
+}
+
+/// Whether envd would answer this request as its health check.
+pub(crate) fn is_health(method: &Method, path: &str) -> bool {
+    route(method, path) == Route::Health
+}
+
 fn route(method: &Method, path: &str) -> Route {
     let mut segments = path.trim_end_matches('/').rsplit('/');
     let last = segments.next().unwrap_or("");
@@ -453,8 +466,8 @@ fn rpc_user(headers: &HeaderMap) -> Result<SandboxUser, RpcError> {
 }
 
 /// The user of a `/files` call: `?username=`, else the default user.
-fn files_user(query: &HashMap<String, String>) -> Result<SandboxUser, FileError> {
-    match query.get("username").map(String::as_str) {
+fn files_user(query: &FileQuery) -> Result<SandboxUser, FileError> {
+    match query.username.as_deref() {
         None | Some("") => Ok(SandboxUser::default()),
         Some(name) => SandboxUser::parse(name).ok_or_else(|| {
             FileError::new(
@@ -465,10 +478,15 @@ fn files_user(query: &HashMap<String, String>) -> Result<SandboxUser, FileError>
     }
 }
 
-fn query(req: &Request) -> Result<HashMap<String, String>, FileError> {
-    Query::<HashMap<String, String>>::try_from_uri(req.uri())
-        .map(|q| q.0)
-        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, format!("invalid query: {e}")))
+/// The `/files` query: the value the API layer parsed and checked any signature over (in the
+/// request's extensions), so what is served is exactly what was authorised. Only when envd
+/// is driven without the API layer (its tests) is the URI read, by the same parser.
+fn query(req: &Request) -> Result<FileQuery, FileError> {
+    if let Some(q) = req.extensions().get::<FileQuery>() {
+        return Ok(q.clone());
+    }
+    parse_file_query(req.uri().query().unwrap_or(""))
+        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 /// proto3 JSON `bytes`: standard or URL-safe base64, padded or not.
@@ -674,16 +692,39 @@ struct StreamOpts {
     deadline: Option<Instant>,
 }
 
-fn stream_opts(headers: &HeaderMap) -> StreamOpts {
-    let keepalive = header_str(headers, "keepalive-ping-interval")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map_or(DEFAULT_KEEPALIVE, |s| Duration::from_secs(s.min(MAX_KEEPALIVE_SECS)));
-    let deadline = header_str(headers, "connect-timeout-ms")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
-    StreamOpts { keepalive, deadline }
+/// The stream settings in the request's headers. A value that is not a plain number, or is
+/// out of range, is refused (naming the header) rather than read as "none": a client that
+/// asked for a limit must not silently get none, and no value may overflow a deadline.
+fn stream_opts(headers: &HeaderMap) -> Result<StreamOpts, RpcError> {
+    let keepalive = match header_str(headers, "keepalive-ping-interval").map(str::trim) {
+        None => DEFAULT_KEEPALIVE,
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => DEFAULT_KEEPALIVE,
+            Ok(s) if s <= MAX_KEEPALIVE_SECS => Duration::from_secs(s),
+            _ => {
+                return Err(RpcError::invalid(format!(
+                    "Keepalive-Ping-Interval must be whole seconds from 0 to \
+                     {MAX_KEEPALIVE_SECS}, got {:?}",
+                    v.chars().take(32).collect::<String>()
+                )));
+            }
+        },
+    };
+    // The Connect protocol's own bound: at most 10 digits of milliseconds (about 115 days).
+    let deadline = match header_str(headers, "connect-timeout-ms").map(str::trim) {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => None,
+            Ok(ms) if v.len() <= 10 => Instant::now().checked_add(Duration::from_millis(ms)),
+            _ => {
+                return Err(RpcError::invalid(format!(
+                    "Connect-Timeout-Ms must be whole milliseconds of at most 10 digits, got {:?}",
+                    v.chars().take(32).collect::<String>()
+                )));
+            }
+        },
+    };
+    Ok(StreamOpts { keepalive, deadline })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -719,6 +760,8 @@ fn parse_start(msg: &Value, user: SandboxUser) -> Result<SpawnSpec, RpcError> {
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(RpcError::invalid("process.envs must be an object")),
     };
+    crate::validate::check_env("process.envs", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(RpcError::invalid)?;
     let cwd = str_field(process, "cwd")?.filter(|c| !c.is_empty());
     let tag = str_field(msg, "tag")?;
     let stdio = match field(msg, "pty") {
@@ -1320,7 +1363,10 @@ pub fn command_line(spec: &SpawnSpec) -> String {
 /// `process.Process/Start`.
 async fn start_process(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let opts = stream_opts(&parts.headers);
+    let opts = match stream_opts(&parts.headers) {
+        Ok(o) => o,
+        Err(e) => return stream_error(e),
+    };
     let spec = match start_spec(&parts.headers, body).await {
         Ok(spec) => spec,
         Err(e) => return stream_error(e),
@@ -1349,7 +1395,10 @@ async fn connect_pid(
 /// `process.Process/Connect`.
 async fn connect_process(client: Arc<AgentClient>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let opts = stream_opts(&parts.headers);
+    let opts = match stream_opts(&parts.headers) {
+        Ok(o) => o,
+        Err(e) => return stream_error(e),
+    };
     let pid = match connect_pid(&client, &parts.headers, body).await {
         Ok(pid) => pid,
         Err(e) => return stream_error(e),
@@ -1541,7 +1590,10 @@ async fn watch_request(
 /// `filesystem.Filesystem/WatchDir`.
 async fn watch_dir(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let opts = stream_opts(&parts.headers);
+    let opts = match stream_opts(&parts.headers) {
+        Ok(o) => o,
+        Err(e) => return stream_error(e),
+    };
     let (user, watch, root, events) = match watch_request(&client, &parts.headers, body).await {
         Ok(w) => w,
         Err(e) => return stream_error(e),
@@ -1908,7 +1960,7 @@ async fn download(client: Arc<AgentClient>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let Some(path) = q.get("path").filter(|p| !p.is_empty()).cloned() else {
+    let Some(path) = q.path.filter(|p| !p.is_empty()) else {
         return http_error(StatusCode::BAD_REQUEST, "path query parameter is required");
     };
     let headers = req.headers();
@@ -1927,7 +1979,10 @@ async fn download(client: Arc<AgentClient>, req: Request) -> Response {
         match client.call(AgentRequest::ReadFile { path: path.clone(), user, offset: 0 }).await {
             Ok(Reply::Data { data, eof }) => (data, eof),
             Ok(other) => {
-                return http_error(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"));
+                return http_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    internal_message(&format!("{other:?}")),
+                );
             }
             Err(e) => return files_error(e).into_response(),
         };
@@ -1936,7 +1991,9 @@ async fn download(client: Arc<AgentClient>, req: Request) -> Response {
         if gzip {
             match gzip_all(&data) {
                 Ok(z) => Body::from(z),
-                Err(e) => return http_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => {
+                    return http_error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e));
+                }
             }
         } else {
             Body::from(data)
@@ -2086,7 +2143,10 @@ async fn write_chunk(
     let request = AgentRequest::WriteFile { path: path.to_owned(), user, offset, data };
     match client.call(request).await {
         Ok(Reply::Entry(e)) => Ok(e),
-        Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
+        Ok(other) => Err(FileError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            internal_message(&format!("{other:?}")),
+        )),
         Err(e) => Err(files_error(e)),
     }
 }
@@ -2160,7 +2220,10 @@ async fn set_metadata(
         AgentRequest::SetMetadata { path: path.to_owned(), user, metadata: metadata.clone() };
     match client.call(request).await {
         Ok(Reply::Entry(e)) => Ok(e),
-        Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
+        Ok(other) => Err(FileError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            internal_message(&format!("{other:?}")),
+        )),
         Err(e) => Err(files_error(e)),
     }
 }
@@ -2194,7 +2257,7 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let path = q.get("path").filter(|p| !p.is_empty()).cloned();
+    let path = q.path.filter(|p| !p.is_empty());
     let gzip = match upload_gzip(req.headers()) {
         Ok(g) => g,
         Err(m) => return http_error(StatusCode::BAD_REQUEST, m),
@@ -2635,35 +2698,50 @@ mod tests {
             Code::Unauthenticated
         );
         assert!(rpc_user(&headers(&[("authorization", "Bearer x")])).is_err());
-        let q = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-        };
-        assert_eq!(files_user(&q(&[])).unwrap(), SandboxUser::User);
-        assert_eq!(files_user(&q(&[("username", "root")])).unwrap(), SandboxUser::Root);
-        assert_eq!(
-            files_user(&q(&[("username", "bob")])).unwrap_err().status,
-            StatusCode::UNAUTHORIZED
-        );
+        let q = |raw: &str| crate::files_query::parse_file_query(raw).unwrap();
+        assert_eq!(files_user(&q("")).unwrap(), SandboxUser::User);
+        assert_eq!(files_user(&q("username=root")).unwrap(), SandboxUser::Root);
+        assert_eq!(files_user(&q("username=bob")).unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
 
     #[test]
     fn stream_options_come_from_headers() {
-        let o = stream_opts(&HeaderMap::new());
+        let o = stream_opts(&HeaderMap::new()).unwrap();
         assert_eq!(o.keepalive, DEFAULT_KEEPALIVE);
         assert_eq!(o.deadline, None);
         let o = stream_opts(&headers(&[
             ("keepalive-ping-interval", "7"),
             ("connect-timeout-ms", "60000"),
-        ]));
+        ]))
+        .unwrap();
         assert_eq!(o.keepalive, Duration::from_secs(7));
         assert!(o.deadline.is_some());
         let o =
-            stream_opts(&headers(&[("keepalive-ping-interval", "0"), ("connect-timeout-ms", "0")]));
+            stream_opts(&headers(&[("keepalive-ping-interval", "0"), ("connect-timeout-ms", "0")]))
+                .unwrap();
         assert_eq!(o.keepalive, DEFAULT_KEEPALIVE);
         assert_eq!(o.deadline, None);
-        // Absurd timeouts neither panic nor expire.
-        let o = stream_opts(&headers(&[("connect-timeout-ms", "18446744073709551615")]));
-        assert!(o.deadline.is_none_or(|d| d > Instant::now() + Duration::from_secs(86_400)));
+        let o = stream_opts(&headers(&[("connect-timeout-ms", "9999999999")])).unwrap();
+        assert!(o.deadline.is_some_and(|d| d > Instant::now() + Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn absurd_stream_options_are_refused_naming_the_header() {
+        for (name, value) in [
+            ("connect-timeout-ms", "18446744073709551615"),
+            ("connect-timeout-ms", "99999999999"),
+            ("connect-timeout-ms", "-1"),
+            ("connect-timeout-ms", "1.5"),
+            ("connect-timeout-ms", "soon"),
+            ("keepalive-ping-interval", "-5"),
+            ("keepalive-ping-interval", "3601"),
+            ("keepalive-ping-interval", "18446744073709551616"),
+            ("keepalive-ping-interval", "x"),
+        ] {
+            let e = stream_opts(&headers(&[(name, value)])).unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{name}: {value}");
+            assert!(e.message.to_ascii_lowercase().starts_with(name), "{e:?}");
+        }
     }
 
     #[test]

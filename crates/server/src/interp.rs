@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::agent_client::AgentClient;
+use crate::fault::internal_message;
 use crate::manager::Live;
 
 /// Kernel sources, written for the fork server at start-up and passed inline to Node.
@@ -256,7 +257,7 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
                     *ctx.kernel.lock().await = Some(k);
                     StatusCode::NO_CONTENT.into_response()
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
             }
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {method} {path}")),
@@ -316,7 +317,7 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     });
     match start_kernel(&rt, &live, &ctx).await {
         Ok(k) => *ctx.kernel.lock().await = Some(k),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
     }
     if let Ok(mut m) = live.interp.by_id.lock() {
         m.insert(ctx.id.clone(), ctx.clone());
@@ -626,7 +627,13 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     };
     let env_vars = match body.get("env_vars") {
         None | Some(Value::Null) => Value::Null,
-        Some(Value::Object(m)) if m.values().all(Value::is_string) => Value::Object(m.clone()),
+        Some(Value::Object(m)) if m.values().all(Value::is_string) => {
+            let pairs = m.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")));
+            if let Err(e) = crate::validate::check_env("env_vars", pairs) {
+                return error(StatusCode::BAD_REQUEST, e);
+            }
+            Value::Object(m.clone())
+        }
         Some(_) => return error(StatusCode::BAD_REQUEST, "env_vars must map names to strings"),
     };
     let ctx = match (context_id, language) {
@@ -658,7 +665,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     if guard.is_none() {
         match start_kernel(&rt, &live, &ctx).await {
             Ok(k) => *guard = Some(k),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
         }
     }
     let id = format!("e{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));

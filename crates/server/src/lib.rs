@@ -12,13 +12,17 @@
 pub mod agent_client;
 pub mod api;
 pub mod envd;
+pub mod fault;
+pub mod files_query;
 pub mod interp;
 pub mod manager;
 pub mod metrics;
 pub mod network;
 pub mod observe;
+pub mod quota;
 pub mod store;
 mod time;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -200,13 +200,15 @@ impl Manager {
             if rec.state != SandboxState::Paused {
                 return Ok((live, false));
             }
+            // Already counted while paused: refused only if the key is above its quota.
+            self.admit(key_id, 0, false)?;
             let l = live.clone();
             tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.thaw()))
                 .await
                 .map_err(internal)?
                 .ok_or_else(|| ManagerError::NotFound(id.into()))?
                 .map_err(internal)?;
-            let end = now_ms() + timeout.as_millis() as i64;
+            let end = super::deadline_after(timeout);
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = None;
             if let Ok(mut r) = live.record.lock() {
@@ -226,6 +228,7 @@ impl Manager {
         else {
             return Err(ManagerError::NotFound(id.into()));
         };
+        self.admit(key_id, 0, false)?;
         let mut lc = rec.lifecycle.clone();
         lc.paused_with_memory = None;
         let reuse = Reuse {
@@ -251,6 +254,10 @@ impl Manager {
             .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
             .ok_or_else(|| ManagerError::NotFound(id.into()))?;
         let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        // Snapshots are made one at a time (the lifecycle lock): count, then save.
+        let limits = self.quota_for(key_id)?;
+        let have = self.store.count_snapshots_of(key_id).map_err(internal)?;
+        crate::quota::Quotas::admit_snapshot(&limits, have)?;
         if let Some(n) = &name {
             if n.is_empty() || n.len() > 128 || super::TEMPLATES.contains(&n.as_str()) {
                 return Err(ManagerError::BadRequest(format!(
@@ -386,7 +393,7 @@ impl Manager {
         count: u32,
         timeout: Duration,
     ) -> Result<Vec<Result<Arc<Live>, ManagerError>>, ManagerError> {
-        let (rec, layer, layers) = {
+        let (rec, layer, layers, _admitted) = {
             let _serial = self.lifecycle_lock.lock().await;
             let live = self
                 .get(id)
@@ -398,13 +405,15 @@ impl Manager {
                     "sandbox {id} is paused: resume it first"
                 )));
             }
+            // Every child is a new sandbox: all of them fit, or none is made.
+            let admitted = self.admit(key_id, u64::from(count), true)?;
             let (layer, layers) = self.save_upper(&live).await?;
             // The fork holds its layer until the children do (each by its own record).
             if let Err(e) = self.store.insert_pending_layer(&layer, &fork_owner(&layer)) {
                 self.remove_layer_dir(&layer).await;
                 return Err(internal(e));
             }
-            (rec, layer, layers)
+            (rec, layer, layers, admitted)
         };
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -421,8 +430,29 @@ impl Manager {
         Ok(out)
     }
 
+    /// The record of sandbox `id` (live, paused, or ended), read without any effect on it: no
+    /// resume, no activity. Sandbox traffic is authenticated against this before anything
+    /// else happens, so a request without the sandbox's token cannot wake it, keep it from
+    /// idling, or learn more than an unknown id would tell.
+    pub fn peek(&self, id: &str) -> Option<SandboxRecord> {
+        match self.get(id) {
+            Some(l) => l.snapshot(),
+            None => self.store.get_sandbox(id).ok().flatten(),
+        }
+    }
+
+    /// Whether sandbox `id`'s own ports answer without its token (`allowPublicTraffic`),
+    /// whether or not it is running now.
+    pub fn is_public(&self, id: &str) -> bool {
+        match self.get(id) {
+            Some(l) => self.net.is_public(&l),
+            None => self.saved_network(id).public.unwrap_or(self.cfg.network.public_default),
+        }
+    }
+
     /// The live sandbox `id` for sandbox traffic: a paused one is resumed first when its
     /// lifecycle asks for it (E2B `autoResume`), otherwise it is not reachable. Counts as use.
+    /// Only for traffic already authorised for this sandbox (see [`Manager::peek`]).
     pub async fn auto_resume(self: &Arc<Self>, id: &str) -> Option<Arc<Live>> {
         // Every sandbox request passes here: only a paused sandbox costs more than a lookup.
         let rec = match self.get(id) {

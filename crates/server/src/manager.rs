@@ -51,6 +51,8 @@ pub struct ManagerConfig {
     /// Below this much available host memory, sandboxes paused in memory are demoted to
     /// filesystem-only pauses, oldest first (0: never).
     pub pressure_floor: u64,
+    /// Per-key quotas by default (a key's own settings override them).
+    pub quotas: crate::quota::QuotaConfig,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -63,6 +65,9 @@ pub enum ManagerError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// A per-key quota or the create rate refused it (429).
+    #[error("{0}")]
+    Quota(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -192,6 +197,8 @@ pub struct Manager {
     warm: Mutex<HashMap<String, std::collections::VecDeque<Warm>>>,
     pub pool_hits: std::sync::atomic::AtomicU64,
     pub pool_misses: std::sync::atomic::AtomicU64,
+    /// Per-key sandbox counts in flight and create-rate buckets.
+    quotas: crate::quota::Quotas,
 }
 
 /// A pooled sandbox: its jail is up and its agent ready; identity, owner, env, metadata and
@@ -208,8 +215,24 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// `d` in milliseconds, saturating (a configured maximum may be absurdly large).
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Unix ms `timeout` from now, saturating rather than wrapping into the past.
+pub fn deadline_after(timeout: Duration) -> i64 {
+    now_ms().saturating_add(millis(timeout))
+}
+
 fn internal(e: impl std::fmt::Display) -> ManagerError {
     ManagerError::Internal(e.to_string())
+}
+
+impl From<crate::quota::QuotaError> for ManagerError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        ManagerError::Quota(e.0)
+    }
 }
 
 impl Manager {
@@ -260,6 +283,7 @@ impl Manager {
             warm: Mutex::default(),
             pool_hits: Default::default(),
             pool_misses: Default::default(),
+            quotas: Default::default(),
         })
     }
 
@@ -294,13 +318,39 @@ impl Manager {
             key,
             &[self.cfg.interp_env.to_string_lossy().into_owned()],
         )
-        .map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+        .map_err(|e| {
+            // The detail names host paths (the data directory, the interpreter environment):
+            // the operator reads it in the log, the client learns only what is missing.
+            tracing::warn!(template = key, error = %e, "template unavailable");
+            ManagerError::BadRequest(format!("template {name:?} is not available on this server"))
+        })?;
         self.templates.lock().map_err(internal)?.insert(key.to_string(), t.clone());
         Ok(t)
     }
 
     pub fn config(&self) -> &ManagerConfig {
         &self.cfg
+    }
+
+    /// The quotas in force for `key_id`: its own settings over the server's defaults.
+    fn quota_for(&self, key_id: &str) -> Result<crate::quota::QuotaConfig, ManagerError> {
+        let own = self.store.get_key(key_id).map_err(internal)?.map(|k| k.limits);
+        Ok(self.cfg.quotas.for_key(&own.unwrap_or_default()))
+    }
+
+    /// Admits `n` more sandboxes of `key_id` (0: a resume), charging the create rate when
+    /// `rate` (see `crate::quota`).
+    pub(crate) fn admit(
+        &self,
+        key_id: &str,
+        n: u64,
+        rate: bool,
+    ) -> Result<crate::quota::Admission, ManagerError> {
+        let limits = self.quota_for(key_id)?;
+        let admitted = self.quotas.admit(key_id, &limits, n, rate, || {
+            self.store.count_sandboxes_of(key_id).map_err(internal)
+        })?;
+        Ok(admitted?)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -325,6 +375,9 @@ impl Manager {
             p.lifecycle.layers = snap.layers.clone();
             self.snapshot_bases.lock().map_err(internal)?.insert(snap.id, snap.template);
         }
+        // Held until the record is written (or the start failed): until then this create
+        // counts against the key's quota here rather than in the store.
+        let _admitted = self.admit(key_id, 1, true)?;
         let begun = std::time::Instant::now();
         self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.start(key_id, p, begun).await;
@@ -436,7 +489,7 @@ impl Manager {
             alias: Some(p.template.clone()),
             access_token: p.reuse.as_ref().map_or_else(new_token, |r| r.access_token.clone()),
             created_at: p.reuse.as_ref().map_or(now, |r| r.created_at),
-            end_at: now + p.timeout.as_millis() as i64,
+            end_at: now.saturating_add(millis(p.timeout)),
             cpu_count: limits.cpu_millis.map_or(1, |m| (m / 1000).max(1) as u32),
             memory_mb: limits.memory.map_or(0, |m| (m >> 20) as u32),
             disk_mb: (limits.disk >> 20) as u32,
@@ -691,7 +744,7 @@ impl Manager {
     /// Sets a sandbox's time to live, counted from now.
     pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), ManagerError> {
         let live = self.get(id).ok_or_else(|| ManagerError::NotFound(id.into()))?;
-        let end = now_ms() + timeout.as_millis() as i64;
+        let end = deadline_after(timeout);
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }

@@ -152,6 +152,20 @@ impl Metrics {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// The exposition text without any series that names a sandbox: what a tenant's key may
+    /// read (server-wide counts and latencies, no other tenant's sandbox ids or usage).
+    pub fn render_shared(&self) -> Result<String, MetricsError> {
+        let mut families = self.registry.gather();
+        for f in &mut families {
+            f.mut_metric().retain(|m| m.get_label().iter().all(|l| l.name() != "sandbox"));
+        }
+        // The text encoder refuses a family with no series left.
+        families.retain(|f| !f.get_metric().is_empty());
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
     /// Forgets a sandbox's gauges (it has ended).
     pub fn forget_gauges(&self, sandbox: &str) {
         for g in [&self.memory, &self.memory_limit, &self.cpu_percent, &self.disk_used] {
@@ -254,6 +268,11 @@ mod tests {
         assert!(text.contains(
             "ringfence_escape_attempts_total{kind=\"seccomp\",sandbox=\"sb1\",syscall=\"mount\"} 1"
         ));
+        // A tenant's view names no sandbox but keeps the shared series.
+        let shared = m.render_shared().unwrap();
+        assert!(!shared.contains("sb1"), "{shared}");
+        assert!(!shared.contains("sandbox="), "{shared}");
+        assert!(shared.contains("ringfence_sandbox_startup_seconds_count"), "{shared}");
         m.forget_gauges("sb1");
         m.forget_escapes("sb1", &[("mount".into(), "seccomp".into())]);
         let text = m.render().unwrap();

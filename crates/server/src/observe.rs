@@ -34,13 +34,19 @@ use crate::manager::{Live, now_ms};
 use crate::metrics::Metrics;
 use crate::store::{AuditRecord, ResourceUsage, SecurityEvent, Store};
 
-/// Who may read `/metrics`.
+/// Who may read `/metrics`. Per-sandbox series name every tenant's sandboxes and their usage,
+/// so only an operator's key (`ringfence keys create --operator`) reads them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsAuth {
-    /// Anyone who can reach the listener.
+    /// Anyone who can reach the listener, every series: only for a listener tenants cannot
+    /// reach (or a server with one tenant).
     None,
-    /// An API key, in `X-API-Key` or `Authorization: Bearer`.
+    /// An API key, in `X-API-Key` or `Authorization: Bearer`: an operator key reads every
+    /// series, a tenant's key only those that name no sandbox (server-wide counts and
+    /// latencies). Tenants see their own sandboxes through `/sandboxes/{id}/metrics`.
     Key,
+    /// An operator key only; a tenant's key is refused.
+    Operator,
 }
 
 /// When an alert fires.

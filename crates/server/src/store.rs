@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -196,6 +196,15 @@ BEGIN
 END;
 ";
 
+/// Operator keys (they read every series of `/metrics`) and per-key quotas (JSON
+/// [`KeyLimits`]; a field left out takes the server's default).
+const SCHEMA_V5: &str = "
+ALTER TABLE api_keys ADD COLUMN operator INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+";
+
+const KEY_COLUMNS: &str = "id, name, created_at, operator, limits";
+
 const SANDBOX_COLUMNS: &str = "id, key_id, template, alias, access_token, created_at, end_at, \
      cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot, lifecycle";
 
@@ -224,12 +233,35 @@ pub enum StoreError {
 pub type KeyId = String;
 
 /// Everything about an API key except the secret, which is never stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyInfo {
     pub id: KeyId,
     pub name: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// An operator's key: it may read every series of `/metrics`, other tenants' included.
+    #[serde(default)]
+    pub operator: bool,
+    /// This key's own quotas, where they differ from the server's defaults.
+    #[serde(default)]
+    pub limits: KeyLimits,
+}
+
+/// Per-key quotas stored with the key; `None` takes the server's default, 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyLimits {
+    /// Sandboxes that exist at once (running or paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sandboxes: Option<u32>,
+    /// Snapshots kept at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshots: Option<u32>,
+    /// Sandboxes started per second, sustained (creates and fork children).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_rate: Option<f64>,
+    /// Sandboxes that may be started at once before the rate applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -530,6 +562,16 @@ impl Store {
     /// Creates a key and returns its id and the plaintext, which is shown to the caller once
     /// and never stored (only its SHA-256 is).
     pub fn create_key(&self, name: &str) -> Result<(KeyId, String), StoreError> {
+        self.create_key_with(name, false, &KeyLimits::default())
+    }
+
+    /// [`Store::create_key`] for an operator's key, or with quotas of its own.
+    pub fn create_key_with(
+        &self,
+        name: &str,
+        operator: bool,
+        limits: &KeyLimits,
+    ) -> Result<(KeyId, String), StoreError> {
         validate_name(name)?;
         let mut rng = rand::rng();
         let mut secret = [0u8; KEY_RANDOM_BYTES];
@@ -539,10 +581,43 @@ impl Store {
         let plaintext = format!("{KEY_PREFIX}{}", hex::encode(secret));
         let id = hex::encode(id_bytes);
         self.conn().execute(
-            "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, name, hash_key(&plaintext), unix_secs()],
+            "INSERT INTO api_keys (id, name, key_hash, created_at, operator, limits) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                name,
+                hash_key(&plaintext),
+                unix_secs(),
+                operator,
+                serde_json::to_string(limits)?
+            ],
         )?;
         Ok((id, plaintext))
+    }
+
+    /// Replaces a key's own quotas (in force from its next request).
+    pub fn set_key_limits(&self, id: &str, limits: &KeyLimits) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE api_keys SET limits = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(limits)?],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("api key {id}")));
+        }
+        Ok(())
+    }
+
+    /// A key by its id (for its quotas), or None if it was revoked.
+    pub fn get_key(&self, id: &str) -> Result<Option<KeyInfo>, StoreError> {
+        let info = self
+            .conn()
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                [id],
+                key_from_row,
+            )
+            .optional()?;
+        Ok(info)
     }
 
     /// Looks the key up by its hash. A timing side channel would only reveal hash prefixes of
@@ -551,7 +626,7 @@ impl Store {
         let info = self
             .conn()
             .query_row(
-                "SELECT id, name, created_at FROM api_keys WHERE key_hash = ?1",
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?1"),
                 [hash_key(plaintext)],
                 key_from_row,
             )
@@ -562,7 +637,7 @@ impl Store {
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT id, name, created_at FROM api_keys ORDER BY created_at, id")?;
+            conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"))?;
         let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(keys)
     }
@@ -1019,6 +1094,26 @@ impl Store {
         Ok(())
     }
 
+    /// How many sandboxes of `key_id` exist (running or paused): what its sandbox quota counts.
+    pub fn count_sandboxes_of(&self, key_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .prepare_cached(
+                "SELECT COUNT(*) FROM sandboxes WHERE key_id = ?1 AND state != 'killed'",
+            )?
+            .query_row([key_id], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// How many snapshots `key_id` keeps.
+    pub fn count_snapshots_of(&self, key_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .prepare_cached("SELECT COUNT(*) FROM snapshots WHERE key_id = ?1")?
+            .query_row([key_id], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
     /// How many sandboxes are in each state other than killed (for the `ringfence_sandboxes`
     /// gauge: paused sandboxes whose files alone are kept exist only here).
     pub fn count_by_state(
@@ -1143,6 +1238,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if current < 4 {
         tx.execute_batch(SCHEMA_V4)?;
+    }
+    if current < 5 {
+        tx.execute_batch(SCHEMA_V5)?;
     }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
@@ -1286,7 +1384,15 @@ fn not_found_if_zero(changed: usize, id: &str) -> Result<(), StoreError> {
 }
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
-    Ok(KeyInfo { id: row.get(0)?, name: row.get(1)?, created_at: row.get(2)? })
+    let limits: String = row.get(4)?;
+    Ok(KeyInfo {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        created_at: row.get(2)?,
+        operator: row.get(3)?,
+        // A limits column this build cannot read leaves the server's defaults in force.
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
+    })
 }
 
 fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
@@ -1452,6 +1558,42 @@ mod tests {
         assert!(store.verify_key(&key).unwrap().is_none());
         assert!(store.verify_key(&other).unwrap().is_some());
         assert!(matches!(store.revoke_key(&id), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn operator_flag_and_limits_are_stored_with_the_key() {
+        let store = Store::open_in_memory().unwrap();
+        let (plain_id, plain) = store.create_key("tenant").unwrap();
+        let own =
+            KeyLimits { max_sandboxes: Some(3), create_rate: Some(0.5), ..Default::default() };
+        let (_, ops) = store.create_key_with("ops", true, &own).unwrap();
+        let t = store.verify_key(&plain).unwrap().unwrap();
+        assert!(!t.operator);
+        assert_eq!(t.limits, KeyLimits::default());
+        let o = store.verify_key(&ops).unwrap().unwrap();
+        assert!(o.operator);
+        assert_eq!(o.limits, own);
+        let lowered = KeyLimits { max_sandboxes: Some(1), ..Default::default() };
+        store.set_key_limits(&plain_id, &lowered).unwrap();
+        assert_eq!(store.get_key(&plain_id).unwrap().unwrap().limits, lowered);
+        assert!(matches!(store.set_key_limits("nope", &lowered), Err(StoreError::NotFound(_))));
+        assert!(store.get_key("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn counts_a_keys_sandboxes_and_snapshots() {
+        let store = Store::open_in_memory().unwrap();
+        for (id, state) in
+            [("a", SandboxState::Running), ("b", SandboxState::Paused), ("c", SandboxState::Killed)]
+        {
+            let mut r = sandbox(id, "k1", 1);
+            r.state = state;
+            store.insert_sandbox(&r).unwrap();
+        }
+        store.insert_sandbox(&sandbox("d", "k2", 1)).unwrap();
+        assert_eq!(store.count_sandboxes_of("k1").unwrap(), 2);
+        assert_eq!(store.count_sandboxes_of("k2").unwrap(), 1);
+        assert_eq!(store.count_snapshots_of("k1").unwrap(), 0);
     }
 
     #[test]

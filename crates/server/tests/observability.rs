@@ -43,6 +43,8 @@ struct Server {
     key: String,
     key_id: String,
     other_key: String,
+    /// An operator's key: the only kind that reads `/metrics` series naming sandboxes.
+    operator_key: String,
 }
 
 impl Server {
@@ -59,16 +61,18 @@ impl Server {
         // Sandboxes mount the template from here as an unprivileged user.
         std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let key = |name: &str| {
+        let key = |name: &str, extra: &[&str]| {
             let out = Command::new(&bin)
                 .args(["keys", "create", "--name", name, "--data-dir"])
                 .arg(data.path())
+                .args(extra)
                 .output()
                 .unwrap();
             assert!(out.status.success(), "keys create: {out:?}");
             String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
         };
-        let (k1, k2) = (key("tenant-a"), key("tenant-b"));
+        let (k1, k2) = (key("tenant-a", &[]), key("tenant-b", &[]));
+        let ops = key("scraper", &["--operator"]);
         let mut s = Server {
             bin,
             child: None,
@@ -77,6 +81,7 @@ impl Server {
             key: k1,
             key_id: String::new(),
             other_key: k2,
+            operator_key: ops,
         };
         s.spawn(args);
         s.key_id = s.key_id_of(&s.key.clone());
@@ -192,12 +197,13 @@ impl Server {
         assert_eq!(r.status, 204, "kill: {}", r.text());
     }
 
-    /// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
+    /// Scrapes `/metrics` (as the operator's scraper) and parses it with a Prometheus
+    /// text-format parser.
     fn scrape(&self) -> prometheus_parse::Scrape {
         let r = self.request(
             "GET",
             "/metrics",
-            &[("Authorization", &format!("Bearer {}", self.key))],
+            &[("Authorization", &format!("Bearer {}", self.operator_key))],
             b"",
         );
         assert_eq!(r.status, 200, "scrape: {}", r.text());
