@@ -69,13 +69,15 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     };
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
-    let (mark, fd) = match &listener {
-        Some(l) => (MARK_LISTENER, Some(l.as_raw_fd())),
-        None => (MARK_NO_LISTENER, None),
-    };
-    ringfence_sys::send_with_fd(control.as_raw_fd(), &[mark], fd).map_err(drop)?;
-    // The host supervises the filter; nothing in here may keep the listener.
+    let stage: Option<OwnedFd> = outcome.stage;
+    let mark = if listener.is_some() { MARK_LISTENER } else { MARK_NO_LISTENER };
+    let fds: Vec<_> = listener.iter().chain(stage.iter()).map(AsRawFd::as_raw_fd).collect();
+    ringfence_sys::send_with_fds(control.as_raw_fd(), &[mark], &fds).map_err(drop)?;
+    // The host supervises the filter; nothing in here may keep the listener. The stage (a
+    // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
+    // the sandbox's root through /proc/1/fd.
     drop(listener);
+    drop(stage);
     if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {
         let _ = send(
             &mut control,

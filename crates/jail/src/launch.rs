@@ -15,6 +15,7 @@ use ringfence_proto::{
 use ringfence_sys::SysError;
 
 use crate::cgroup::{CgroupError, Lease, Pool};
+use crate::disk::{Disk, DiskBackend, DiskError};
 use crate::limits::Limits;
 use crate::preflight::Missing;
 use crate::seccomp::{Compiled, SeccompError};
@@ -28,6 +29,8 @@ pub enum JailError {
     Missing(#[from] Missing),
     #[error("cgroups: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -133,6 +136,14 @@ pub const DEFAULT_WRITABLE: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// Size of a sandbox's `/dev/shm`. It is a tmpfs, so memory charged to the sandbox: at most
+/// half its memory limit (filling it then fails with ENOSPC while processes still have room,
+/// rather than ending in the OOM killer) and at most 256 MiB.
+pub fn shm_bytes(limits: &Limits) -> u64 {
+    let cap = 256 << 20;
+    limits.memory.map_or(cap, |m| (m / 2).min(cap)).max(1 << 20)
+}
+
 /// The resource limits every process in a sandbox starts under.
 pub fn rlimits_for(limits: &Limits) -> Rlimits {
     Rlimits { nofile: limits.nofile, nproc: limits.pids.unwrap_or(65536).max(64), core: 0 }
@@ -156,6 +167,10 @@ pub struct Sandbox {
     socket_dir: Option<std::path::PathBuf>,
     /// Started by another host process: not our child, so it cannot be waited for.
     adopted: bool,
+    /// The tmpfs upper layer's parent, handed over by the agent (no disk of its own).
+    stage: Option<OwnedFd>,
+    /// The sandbox's own disk. Last, so it is removed after the lease has killed everything.
+    disk: Option<Disk>,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -174,6 +189,14 @@ impl Sandbox {
         crate::phase(&mut phases, "start");
         let lease = pool.map(|p| p.claim(&spec.limits)).transpose()?;
         crate::phase(&mut phases, "cgroup_claimed");
+        let disk = match &cfg.disk {
+            // The sandbox's root maps to uid_base: it owns its disk, no other uid may enter.
+            DiskBackend::Image(disks) => {
+                Some(disks.claim(&spec.id, spec.limits.disk, cfg.uid_base)?)
+            }
+            DiskBackend::Tmpfs => None,
+        };
+        crate::phase(&mut phases, "disk_claimed");
         std::fs::create_dir_all(cfg.run_dir.join("stage")).map_err(io_op("create stage dir"))?;
         let (parent_end, child_end) =
             socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
@@ -204,6 +227,8 @@ impl Sandbox {
             phases,
             socket_dir: None,
             adopted: false,
+            stage: None,
+            disk,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -254,8 +279,10 @@ impl Sandbox {
                 .map(|p| HostLayer { path: p.clone() })
                 .collect(),
             layers: spec.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+            disk_dir: self.disk.as_ref().map(|d| d.root().to_string_lossy().into_owned()),
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
+            shm_bytes: shm_bytes(&spec.limits),
             writable: if spec.landlock { spec.writable } else { Vec::new() },
             require_landlock: false,
             rlimits: rlimits_for(&spec.limits),
@@ -269,8 +296,18 @@ impl Sandbox {
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
-        let (mark, fd) = self.recv_marker(spec.setup_timeout)?;
-        self.listener = fd;
+        let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
+        // Without a disk of its own, the agent hands over its stage (the tmpfs upper layer's
+        // parent) after the listener, and keeps no copy.
+        if self.disk.is_none() && mark != MARK_ERROR {
+            self.stage = fds.pop();
+        }
+        if mark == MARK_LISTENER {
+            self.listener = fds.pop();
+        }
+        if !fds.is_empty() {
+            return Err(JailError::Protocol(format!("marker {mark:#x} with extra descriptors")));
+        }
         let event: Option<Event> =
             read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
         self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
@@ -310,10 +347,11 @@ impl Sandbox {
         }
     }
 
-    /// Receives the agent's one-byte marker and, with it, the seccomp listener descriptor.
-    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Option<OwnedFd>), JailError> {
+    /// Receives the agent's one-byte marker and, with it, the seccomp listener descriptor
+    /// (marker `F`) and the stage descriptor (tmpfs upper layer), in that order.
+    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Vec<OwnedFd>), JailError> {
         let mut byte = [0u8; 1];
-        let (n, mut fds) = match ringfence_sys::recv_with_fds(self.control.as_raw_fd(), &mut byte) {
+        let (n, fds) = match ringfence_sys::recv_with_fds(self.control.as_raw_fd(), &mut byte) {
             Ok(r) => r,
             Err(e) if e.errno() == Some(libc::EAGAIN) && self.started.elapsed() >= limit => {
                 return Err(JailError::SetupTimeout(limit));
@@ -323,9 +361,11 @@ impl Sandbox {
         if n == 0 {
             return Err(self.died());
         }
+        let stage = usize::from(self.disk.is_none());
         match byte[0] {
-            MARK_LISTENER if fds.len() == 1 => Ok((MARK_LISTENER, fds.pop())),
-            MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte[0], None)),
+            MARK_LISTENER if fds.len() == 1 + stage => Ok((MARK_LISTENER, fds)),
+            MARK_NO_LISTENER if fds.len() == stage => Ok((MARK_NO_LISTENER, fds)),
+            MARK_ERROR if fds.is_empty() => Ok((MARK_ERROR, fds)),
             b => Err(JailError::Protocol(format!("marker {b:#x} with {} descriptors", fds.len()))),
         }
     }
@@ -343,6 +383,11 @@ impl Sandbox {
         let dir = agent_socket_dir(cfg, id);
         let control = UnixStream::connect(dir.join("agent.sock"))
             .map_err(io_op(format!("connect to {}", dir.join("agent.sock").display())))?;
+        // Its disk, if it was started with one: locked again, so no sweep takes it.
+        let disk = match &cfg.disk {
+            DiskBackend::Image(disks) => disks.adopt(id)?,
+            DiskBackend::Tmpfs => None,
+        };
         Ok(Sandbox {
             id: id.to_string(),
             pid,
@@ -355,6 +400,8 @@ impl Sandbox {
             phases: Vec::new(),
             socket_dir: Some(dir),
             adopted: true,
+            stage: None,
+            disk,
         })
     }
 
@@ -380,13 +427,20 @@ impl Sandbox {
         self.control.try_clone().map_err(io_op("clone control channel"))
     }
 
-    /// The sandbox's writable layer as the host sees it (through the agent's stage descriptor).
-    pub fn upper_dir(&self) -> std::path::PathBuf {
-        std::path::PathBuf::from(format!(
-            "/proc/{}/fd/{}/upper",
-            self.pid,
-            ringfence_proto::STAGE_FD
-        ))
+    /// The sandbox's writable layer as the host sees it: on its disk, or (tmpfs) through the
+    /// stage descriptor the agent handed over. `None` for a tmpfs sandbox this process adopted:
+    /// the descriptor stayed with the process that started it.
+    pub fn upper_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(d) = &self.disk {
+            return Some(d.upper());
+        }
+        let fd = self.stage.as_ref()?.as_raw_fd();
+        Some(std::path::PathBuf::from(format!("/proc/self/fd/{fd}/upper")))
+    }
+
+    /// Where this sandbox's writable layer lives: "image" or "tmpfs".
+    pub fn disk_backend(&self) -> &'static str {
+        if self.disk.is_some() { "image" } else { "tmpfs" }
     }
 
     /// Stops every process in the sandbox (cgroup freezer) until [`Sandbox::thaw`].
@@ -488,12 +542,15 @@ impl Sandbox {
         self.lease.as_ref().map(Lease::memory_cpu)
     }
 
-    /// (used, total) bytes of the sandbox's writable layer. Its root is an overlay whose
-    /// `statfs` reports the upper layer's filesystem, the tmpfs sized to the disk quota, so
-    /// the agent's root as seen through `/proc` answers without entering the sandbox.
+    /// (used, total) bytes of the sandbox's writable layer: its disk's, or (tmpfs) the
+    /// agent's root's, an overlay whose `statfs` reports the upper layer's tmpfs, sized to the
+    /// quota, as seen through `/proc` without entering the sandbox.
     pub fn disk_usage(&self) -> Option<(u64, u64)> {
         if self.reaped {
             return None;
+        }
+        if let Some(d) = &self.disk {
+            return d.usage();
         }
         let st = nix::sys::statvfs::statvfs(format!("/proc/{}/root", self.pid).as_str()).ok()?;
         let frag = st.fragment_size().max(1);

@@ -14,6 +14,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod disk;
 pub mod inside;
 pub mod launch;
 pub mod layer;
@@ -45,6 +46,8 @@ pub struct JailConfig {
     pub agent_path: PathBuf,
     /// Name of the cgroup subtree Ringfence owns in every hierarchy.
     pub cgroup_name: String,
+    /// Where sandboxes' writable layers live (see [`disk`]).
+    pub disk: disk::DiskBackend,
 }
 
 /// Width of the id range mapped into every sandbox.
@@ -59,6 +62,8 @@ impl JailConfig {
             uid_base: 100_000_000,
             agent_path,
             cgroup_name: "ringfence".into(),
+            // Callers that can (the CLI, the server) choose images after probing the host.
+            disk: disk::DiskBackend::Tmpfs,
         }
     }
 }
