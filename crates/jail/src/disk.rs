@@ -182,10 +182,14 @@ impl Disk {
         self.root.join("upper")
     }
 
-    /// Drops the lock and leaves the disk in place (what a process that dies leaves).
+    /// Leaves the disk in place and closes the lock's descriptor without unlocking: what a
+    /// process that dies leaves behind.
     #[cfg(test)]
     fn forget(mut self) {
         self.keep = true;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&*self._lock);
+        std::mem::forget(self);
+        let _ = nix::unistd::close(raw);
     }
 
     /// (used, total) bytes of the filesystem: what `df` inside the sandbox shows.
@@ -549,7 +553,15 @@ fn mount_image(
     root: &Path,
     owner: u32,
 ) -> Result<(), DiskError> {
-    let file = File::from(image.try_clone_to_owned().map_err(io_at("dup image of", root))?);
+    // A new open of the image, not a duplicate: the loop device keeps what it is given for as
+    // long as it is attached, and a lock lives as long as its open file description. Given
+    // ours, the lock would outlive its owner and no sweep could ever take the disk.
+    let reopen = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&reopen)
+        .map_err(io_at("reopen image for", root))?;
     let (dev, dev_path) = ringfence_sys::loop_attach(&file)?;
     drop(file);
     fs::create_dir(root).map_err(io_at("mkdir", root))?;

@@ -105,9 +105,7 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
     // every failure ends in _exit, which never returns into Rust code of the parent's image.
     unsafe {
         libc::close(spec.parent_end);
-        if spec.die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            libc::_exit(120);
-        }
+        let parent = libc::getppid();
         // Move the sources out of the 0..=3 range first so the dup2s below cannot clobber each
         // other whatever numbers the parent happened to use.
         let mut high = [0; 4];
@@ -144,6 +142,15 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
             || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0
         {
             libc::_exit(125);
+        }
+        // Only now: changing credentials clears the parent-death signal, so set before the
+        // setresuid above it would be gone by exec (a SIGKILLed `ringfence run` would leave its
+        // sandbox running). A parent that died before this point is caught by its pid.
+        if spec.die_with_parent
+            && (libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                || libc::getppid() != parent)
+        {
+            libc::_exit(120);
         }
         libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         libc::execve(spec.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
