@@ -373,7 +373,7 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
     // A run killed with SIGKILL: its sandbox dies with it (PDEATHSIG), its disk stays behind.
     let before = ids_with_images(disks);
-    let mut child = ringfence().args(["run", "--", "sleep", "60"]).spawn().unwrap();
+    let mut child = ringfence().args(["run", "--", "sleep", "60.25"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let id = loop {
         if let Some(id) = ids_with_images(disks).difference(&before).next() {
@@ -385,6 +385,12 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();
+    // Its sandbox went with it (the agent's parent-death signal).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_pids_running("sleep 60.25").is_empty() {
+        assert!(Instant::now() < deadline, "the killed run's sandbox is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!gone(&id), "the killed run's disk should still be there for gc to find");
     let out = ringfence().arg("gc").output().unwrap();
     assert!(out.status.success(), "{out:?}");
