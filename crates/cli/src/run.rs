@@ -345,6 +345,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
+    // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
+    // mount namespace, so nothing is left there if this process is SIGKILLed.
+    sandbox.detach_disk()?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     agent_pid.store(sandbox.pid, Ordering::SeqCst);
     let supervisor = match sandbox.take_listener() {

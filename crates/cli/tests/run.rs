@@ -351,9 +351,9 @@ fn a_disk_bigger_than_memory_fills_with_enospc_not_an_oom_kill() {
     assert!((480 << 10..=512 << 10).contains(&total_kib), "{o:?}");
 }
 
-/// A run's disk is gone when the run is: no image, mount point, mount or loop device left.
-/// One whose CLI was SIGKILLed is left for `ringfence gc`, which removes it and nothing that
-/// someone still holds.
+/// A run's disk is gone when the run is: no image, mount point or mount left. One whose CLI was
+/// SIGKILLed leaves no mount either (the filesystem lived only in its sandbox's namespace), only
+/// its image, which `ringfence gc` removes, and nothing that someone still holds.
 #[test]
 fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     root_only!();
@@ -372,16 +372,23 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     assert_eq!(o.stdout, "x\n");
     assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
     // A run killed with SIGKILL: its sandbox dies with it (PDEATHSIG), its disk stays behind.
-    let before = ids_with_images(disks);
+    // Its id is its hostname, read through its agent (the CLI's child).
     let mut child = ringfence().args(["run", "--", "sleep", "60.25"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let id = loop {
-        if let Some(id) = ids_with_images(disks).difference(&before).next() {
-            break id.clone();
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap_or_default();
+        let name = children
+            .split_whitespace()
+            .find_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).ok());
+        if let Some(n) = name.map(|n| n.trim().to_string()).filter(|n| n.len() == 20) {
+            break n;
         }
-        assert!(Instant::now() < deadline, "no disk appeared for the run");
+        assert!(Instant::now() < deadline, "the run's sandbox did not come up");
         std::thread::sleep(Duration::from_millis(20));
     };
+    assert!(disks.join(format!("{id}.img")).exists(), "{id}");
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -391,21 +398,12 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
         assert!(Instant::now() < deadline, "the killed run's sandbox is still running");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!gone(&id), "the killed run's disk should still be there for gc to find");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&format!("/disks/{id} ")), "the killed run left a mount");
+    assert!(!gone(&id), "the killed run's image should still be there for gc to find");
     let out = ringfence().arg("gc").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(gone(&id), "gc left the killed run's disk: {out:?}");
-}
-
-/// Sandbox ids whose disk image exists now.
-fn ids_with_images(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".img").map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -709,8 +707,12 @@ fn output_is_capped_and_truncation_reported() {
 // ---------------------------------------------------------------------------------------------
 // Cleanup.
 
+/// Mounts in the host's namespace, less sandbox disks: those of runs in other tests come and
+/// go (each is in the host's namespace from its claim until the agent has bound it); what is
+/// left of a run's disk is checked in `a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs`.
 fn mount_count() -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines().filter(|l| !l.contains("/disks/")).count()
 }
 
 #[test]

@@ -166,6 +166,8 @@ pub struct Disk {
     image: PathBuf,
     /// The image, open and exclusively locked: the lock says someone owns this disk.
     _lock: Flock<File>,
+    /// After [`Disk::detach`]: the filesystem's root, open (the host's only way to it).
+    held: Option<File>,
     /// Tests only: let go of the lock and leave everything in place, as a dying owner does.
     #[cfg(test)]
     keep: bool,
@@ -179,7 +181,27 @@ impl Disk {
 
     /// The sandbox's upper layer, as the host reaches it.
     pub fn upper(&self) -> PathBuf {
-        self.root.join("upper")
+        match &self.held {
+            Some(f) => {
+                PathBuf::from(format!("/proc/self/fd/{}/upper", std::os::fd::AsRawFd::as_raw_fd(f)))
+            }
+            None => self.root.join("upper"),
+        }
+    }
+
+    /// Takes the disk out of the host's mount namespace once the sandbox has bound it into its
+    /// own: for sandboxes whose disk no other host process will look for (one-shot runs). The
+    /// filesystem then lives in the sandbox's namespace and this handle only, so it goes with
+    /// the sandbox even if this process is SIGKILLed (only the image file is left, for a
+    /// sweep), and it adds no mount for other sandboxes' namespaces to copy.
+    pub fn detach(&mut self) -> Result<(), DiskError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        let root = File::open(&self.root).map_err(io_at("open", &self.root))?;
+        umount2(&self.root, MntFlags::MNT_DETACH).map_err(nix_at("unmount", &self.root))?;
+        self.held = Some(root);
+        fs::remove_dir(&self.root).map_err(io_at("rmdir", &self.root))
     }
 
     /// Leaves the disk in place and closes the lock's descriptor without unlocking: what a
@@ -194,7 +216,10 @@ impl Disk {
 
     /// (used, total) bytes of the filesystem: what `df` inside the sandbox shows.
     pub fn usage(&self) -> Option<(u64, u64)> {
-        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        let st = match &self.held {
+            Some(f) => nix::sys::statvfs::fstatvfs(f).ok()?,
+            None => nix::sys::statvfs::statvfs(&self.root).ok()?,
+        };
         let frag = st.fragment_size().max(1);
         let total = st.blocks().saturating_mul(frag);
         let free = st.blocks_free().saturating_mul(frag);
@@ -209,6 +234,7 @@ impl Disk {
             root,
             image,
             _lock: lock,
+            held: None,
             #[cfg(test)]
             keep: false,
         }
@@ -220,6 +246,16 @@ impl Drop for Disk {
         #[cfg(test)]
         if self.keep {
             return;
+        }
+        // Detached: the filesystem goes when this last handle closes (the sandbox is gone by
+        // now); first dropping what it would otherwise write out, as for a mounted one.
+        if let Some(f) = self.held.take()
+            && f.metadata()
+                .ok()
+                .and_then(|m| pending_blocks(m.dev()))
+                .is_none_or(|b| b > SHUTDOWN_ABOVE_BLOCKS)
+        {
+            let _ = ringfence_sys::fs_shutdown(&f);
         }
         if let Err(e) = remove(&self.root, &self.image) {
             tracing::warn!(sandbox_id = %self.id, error = %e, "removing the sandbox's disk");
@@ -239,7 +275,8 @@ fn remove_with(root: &Path, image: &Path, always_shut_down: bool) -> Result<(), 
         // unmount of a disk full of dirty pages takes milliseconds instead of seconds. Only
         // when there is much to drop: the kernel logs every shutdown on the console, which
         // costs more (0.5 ms on a serial console) than unmounting a disk with little dirty.
-        if (always_shut_down || pending_blocks(root).is_none_or(|b| b > SHUTDOWN_ABOVE_BLOCKS))
+        let pending = fs::metadata(root).ok().and_then(|m| pending_blocks(m.dev()));
+        if (always_shut_down || pending.is_none_or(|b| b > SHUTDOWN_ABOVE_BLOCKS))
             && let Ok(d) = File::open(root)
         {
             let _ = ringfence_sys::fs_shutdown(&d);
@@ -264,10 +301,9 @@ fn remove_with(root: &Path, image: &Path, always_shut_down: bool) -> Result<(), 
 /// Dirty data (4 KiB blocks) above which a disk is shut down rather than unmounted with it.
 const SHUTDOWN_ABOVE_BLOCKS: u64 = 1024;
 
-/// Blocks the ext4 filesystem at `root` has written to but not yet allocated (delayed
+/// Blocks the ext4 filesystem on device `dev` has written to but not yet allocated (delayed
 /// allocation: most of what a sandbox wrote and the kernel has not written back yet).
-fn pending_blocks(root: &Path) -> Option<u64> {
-    let dev = fs::metadata(root).ok()?.dev();
+fn pending_blocks(dev: u64) -> Option<u64> {
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let link = fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
     let name = link.file_name()?.to_str()?.to_string();
@@ -775,5 +811,28 @@ mod tests {
                 median(rm)
             );
         }
+    }
+
+    #[test]
+    fn a_detached_disk_leaves_no_mount_and_still_works_through_its_handle() {
+        let Some((t, p)) = pool("detach") else { return };
+        let mut d = p.claim("det", 16 << 20, 100_000_000).unwrap();
+        d.detach().unwrap();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains("/disks/det"), "{mounts}");
+        assert!(!p.dir().join("det").exists());
+        // Still the sandbox's disk: written, measured, and full at its quota.
+        fs::write(d.upper().join("f"), b"x").unwrap();
+        assert!(d.usage().unwrap().1 <= 16 << 20);
+        assert!(fill(&d.upper(), "big", 64).is_err());
+        drop(d);
+        assert!(!p.image_path("det").exists());
+        for _ in 0..100 {
+            if loop_devices_of(t.path()) == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(loop_devices_of(t.path()), 0);
     }
 }

@@ -438,6 +438,15 @@ impl Sandbox {
         Some(std::path::PathBuf::from(format!("/proc/self/fd/{fd}/upper")))
     }
 
+    /// Takes the sandbox's disk out of the host's mount namespace (see [`Disk::detach`]): for
+    /// one-shot sandboxes, whose upper layer the host never reads.
+    pub fn detach_disk(&mut self) -> Result<(), JailError> {
+        match &mut self.disk {
+            Some(d) => Ok(d.detach()?),
+            None => Ok(()),
+        }
+    }
+
     /// Where this sandbox's writable layer lives: "image" or "tmpfs".
     pub fn disk_backend(&self) -> &'static str {
         if self.disk.is_some() { "image" } else { "tmpfs" }
