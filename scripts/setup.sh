@@ -7,7 +7,8 @@ need=()
 # nodejs runs JavaScript kernels inside sandboxes (and npm the JS SDK suite).
 # python3-pip: the network tests pip-install from a package index inside a sandbox; iproute2:
 # the network tests build their fake internet with `ip`.
-for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs; do
+# e2fsprogs: mkfs.ext4 formats the template image of sandbox disks (crates/jail/src/disk.rs).
+for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.

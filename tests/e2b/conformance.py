@@ -85,6 +85,19 @@ def bad_input():
         except NotEnoughSpaceException:
             check("upload beyond the disk quota is refused", True)
         check("sandbox still serves after a failed upload", s.commands.run("echo ok").stdout == "ok\n")
+        # The disk is a filesystem of the quota's size, apart from memory (issue 12).
+        df = s.commands.run("df -k / | tail -1").stdout.split()
+        check("df inside shows the disk quota", 48 << 10 <= int(df[1]) <= 64 << 10, repr(df))
+        # The files API cannot reach the agent's descriptors or /proc magic links (issue 12).
+        s.commands.run("ln -s /proc/1/fd /tmp/fds")
+        for p in ["/proc/1/fd/0", "/proc/1/environ", "/proc/1/root/etc/hostname", "/tmp/fds/0",
+                  "/proc/1/fd/1000/upper/etc/hostname"]:
+            try:
+                s.files.read(p)
+                check(f"files API refuses {p}", False, "it was read")
+            except Exception as e:  # noqa: BLE001 - any refusal; the SDK maps 403 and 404
+                check(f"files API refuses {p}", "magic link" in str(e) or "no such file" in str(e)
+                      or "permission" in str(e).lower(), repr(e))
         s.set_timeout(0)  # as in E2B: ends the sandbox now
         for _ in range(50):
             if not s.is_running():

@@ -6,17 +6,27 @@
 //! [`ErrorKind`]s the server can translate into Connect codes.
 //!
 //! Everything here is synchronous and short; the request loop calls it directly.
+//!
+//! The agent is PID 1 and the sandbox's root, so a path a client names could lead it where the
+//! client itself may not go: through a `/proc` magic link (`/proc/<pid>/fd/N`, `root`, `cwd`,
+//! `exe`, `map_files`) to whatever a descriptor points at, or into the agent's own `/proc/1`
+//! (its memory, its descriptors). Every client path is therefore resolved by the kernel with
+//! `openat2(RESOLVE_NO_MAGICLINKS)` into a descriptor ([`Pinned`]), the agent's own `/proc`
+//! entries are refused, and the operation then goes through that descriptor, so a symlink
+//! swapped in after the check cannot redirect it.
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, Metadata, OpenOptions, Permissions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::stat::Mode;
 use ringfence_proto::{
     AgentError, CHUNK, EntryInfo, ErrorKind, FileType, FsEventKind, SandboxUser,
 };
@@ -121,6 +131,114 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// A client path the kernel resolved once, with `/proc` magic links refused: `access` names the
+/// same file through the descriptor kept here (`/proc/self/fd/N`, a link only the agent's own
+/// descriptors are behind), so calls made on `access` land where the check did.
+#[derive(Debug)]
+struct Pinned {
+    fd: OwnedFd,
+    access: PathBuf,
+}
+
+impl Pinned {
+    fn new(fd: OwnedFd, name: Option<&std::ffi::OsStr>) -> Pinned {
+        let mut access = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if let Some(n) = name {
+            access.push(n);
+        }
+        Pinned { fd, access }
+    }
+}
+
+fn no_magic(flags: OFlag) -> OpenHow {
+    OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS)
+}
+
+fn magic_refused(path: &Path) -> AgentError {
+    error(
+        ErrorKind::PermissionDenied,
+        format!("permission denied: {} leads through a /proc magic link", path.display()),
+    )
+}
+
+/// `ELOOP` from a magic-link-refusing lookup is either a symlink loop or the refusal; a plain
+/// lookup (`O_PATH`: a name lookup, nothing is opened) of the same path tells them apart.
+fn loop_or_magic(path: &Path, flags: OFlag) -> AgentError {
+    let mut p = path;
+    loop {
+        let plain =
+            OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC | (flags & OFlag::O_NOFOLLOW));
+        let strict = openat2(AT_FDCWD, p, no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW)));
+        if openat2(AT_FDCWD, p, plain).is_ok() && matches!(strict, Err(Errno::ELOOP)) {
+            return magic_refused(path);
+        }
+        match p.parent() {
+            Some(q) if q != p => p = q,
+            _ => break,
+        }
+    }
+    map_io(io::Error::from_raw_os_error(libc::ELOOP), path)
+}
+
+/// Whether `fd` is the agent's own `/proc` entry (`/proc/1/...`, which `/proc/self` and
+/// `/proc/thread-self` lead to as well): its memory, descriptors and maps are not a client's.
+fn is_agent_proc(fd: &OwnedFd) -> bool {
+    let on_proc = nix::sys::statfs::fstatfs(fd)
+        .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC);
+    if !on_proc {
+        return false;
+    }
+    // The agent is PID 1 of the sandbox's pid namespace, so its entries are under /proc/1.
+    fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|p| {
+        let p = p.to_string_lossy();
+        p == "/proc/1" || p.starts_with("/proc/1/")
+    })
+}
+
+/// Opens `path` (following an ordinary final symlink unless `O_NOFOLLOW`) with magic links and
+/// the agent's own `/proc` entries refused.
+fn open_checked(path: &Path, flags: OFlag, mode: u32) -> Result<OwnedFd, AgentError> {
+    let how = no_magic(flags).mode(Mode::from_bits_truncate(mode));
+    let fd = match openat2(AT_FDCWD, path, how) {
+        Ok(fd) => fd,
+        Err(Errno::ELOOP) => return Err(loop_or_magic(path, flags)),
+        Err(e) => return Err(map_io(e.into(), path)),
+    };
+    if is_agent_proc(&fd) {
+        return Err(magic_refused(path));
+    }
+    Ok(fd)
+}
+
+/// `path` itself, for calls that follow a final symlink (listing, watching).
+fn pin_target(path: &Path) -> Result<Pinned, AgentError> {
+    Ok(Pinned::new(open_checked(path, OFlag::O_PATH, 0)?, None))
+}
+
+/// `path`'s parent, pinned, plus its last name: for calls that act on the name itself and do
+/// not follow it (stat, mkdir, remove, rename, metadata).
+fn pin_entry(path: &Path) -> Result<Pinned, AgentError> {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let dir = open_checked(parent, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
+            let pinned = Pinned::new(dir, Some(name));
+            // The name itself may be the agent's /proc/1 (`/proc/1`, `/proc/self`).
+            if let Ok(fd) = openat2(
+                pinned.fd.as_fd(),
+                name,
+                OpenHow::new()
+                    .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                    .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS),
+            ) && is_agent_proc(&fd)
+            {
+                return Err(magic_refused(path));
+            }
+            Ok(pinned)
+        }
+        _ => pin_target(path),
+    }
+}
+
 fn file_type(md: &Metadata) -> FileType {
     let ft = md.file_type();
     if ft.is_symlink() {
@@ -137,11 +255,11 @@ fn file_type(md: &Metadata) -> FileType {
 /// Builds the wire description of `path` from metadata already fetched.
 ///
 /// `mode` carries the permission bits (with setuid/setgid/sticky) only; the type is in `kind`.
-fn entry(path: &Path, md: &Metadata) -> EntryInfo {
+fn entry(path: &Path, access: &Path, md: &Metadata) -> EntryInfo {
     let name =
         path.file_name().map_or_else(|| "/".to_owned(), |n| n.to_string_lossy().into_owned());
     let symlink_target = if md.file_type().is_symlink() {
-        fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned())
+        fs::read_link(access).ok().map(|t| t.to_string_lossy().into_owned())
     } else {
         None
     };
@@ -155,7 +273,7 @@ fn entry(path: &Path, md: &Metadata) -> EntryInfo {
         gid: md.gid(),
         mtime: (md.mtime(), u32::try_from(md.mtime_nsec()).unwrap_or(0)),
         symlink_target,
-        metadata: read_metadata(path),
+        metadata: read_metadata(access),
     }
 }
 
@@ -176,9 +294,11 @@ pub fn set_metadata(
     metadata: &BTreeMap<String, String>,
 ) -> Result<EntryInfo, AgentError> {
     let io = |e: ringfence_sys::SysError| map_io(e.source, path);
-    for (key, _) in ringfence_sys::xattrs_with_prefix(path, METADATA_PREFIX).map_err(io)? {
+    let pinned = pin_entry(path)?;
+    let at = pinned.access.as_path();
+    for (key, _) in ringfence_sys::xattrs_with_prefix(at, METADATA_PREFIX).map_err(io)? {
         if !metadata.contains_key(&key) {
-            ringfence_sys::set_xattr(path, &format!("{METADATA_PREFIX}{key}"), None).map_err(io)?;
+            ringfence_sys::set_xattr(at, &format!("{METADATA_PREFIX}{key}"), None).map_err(io)?;
         }
     }
     for (key, value) in metadata {
@@ -188,7 +308,7 @@ pub fn set_metadata(
                 message: format!("invalid metadata key {key:?}"),
             });
         }
-        ringfence_sys::set_xattr(path, &format!("{METADATA_PREFIX}{key}"), Some(value.as_bytes()))
+        ringfence_sys::set_xattr(at, &format!("{METADATA_PREFIX}{key}"), Some(value.as_bytes()))
             .map_err(io)?;
     }
     stat(path)
@@ -196,8 +316,9 @@ pub fn set_metadata(
 
 /// Describes `path` itself, not what it points to when it is a symlink.
 pub fn stat(path: &Path) -> Result<EntryInfo, AgentError> {
-    let md = fs::symlink_metadata(path).map_err(|e| map_io(e, path))?;
-    Ok(entry(path, &md))
+    let pinned = pin_entry(path)?;
+    let md = fs::symlink_metadata(&pinned.access).map_err(|e| map_io(e, path))?;
+    Ok(entry(path, &pinned.access, &md))
 }
 
 /// Lists `path` down to `depth` levels (0 and 1 both mean direct children), sorted by path.
@@ -205,7 +326,8 @@ pub fn stat(path: &Path) -> Result<EntryInfo, AgentError> {
 /// `path` itself may be a symlink to a directory, as a user would expect from `ls`; symlinks met
 /// below it are reported but never descended into, so a link cycle cannot make the walk loop.
 pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
-    let md = fs::metadata(path).map_err(|e| map_io(e, path))?;
+    let root = pin_target(path)?;
+    let md = fs::metadata(&root.access).map_err(|e| map_io(e, path))?;
     if !md.is_dir() {
         return Err(error(
             ErrorKind::NotADirectory,
@@ -214,10 +336,12 @@ pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
     }
     let max_depth = depth.max(1);
     let mut out = Vec::new();
-    // An explicit stack rather than recursion: `depth` is client-controlled.
-    let mut pending = vec![(path.to_path_buf(), 1u32)];
-    while let Some((dir, level)) = pending.pop() {
-        let entries = match fs::read_dir(&dir) {
+    // An explicit stack rather than recursion: `depth` is client-controlled. Each directory is
+    // opened from its parent's descriptor, never by path, and never through a symlink, so a
+    // directory swapped for a link mid-walk cannot take the walk elsewhere.
+    let mut pending = vec![(path.to_path_buf(), std::rc::Rc::new(root), 1u32)];
+    while let Some((dir, pinned, level)) = pending.pop() {
+        let entries = match fs::read_dir(&pinned.access) {
             Ok(entries) => entries,
             // A subdirectory removed since we saw it is not the caller's error.
             Err(e) if level > 1 && e.kind() == io::ErrorKind::NotFound => continue,
@@ -225,16 +349,33 @@ pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
         };
         for dirent in entries {
             let dirent = dirent.map_err(|e| map_io(e, &dir))?;
-            let child = dirent.path();
-            let md = match fs::symlink_metadata(&child) {
+            let child = dir.join(dirent.file_name());
+            let access = pinned.access.join(dirent.file_name());
+            let md = match fs::symlink_metadata(&access) {
                 Ok(md) => md,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(map_io(e, &child)),
             };
             if md.file_type().is_dir() && level < max_depth {
-                pending.push((child.clone(), level + 1));
+                let sub = openat2(
+                    pinned.fd.as_fd(),
+                    &*dirent.file_name(),
+                    no_magic(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW).resolve(
+                        ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_SYMLINKS,
+                    ),
+                );
+                // Gone or replaced since: skipped. The agent's own /proc/1 is not descended.
+                if let Ok(fd) = sub
+                    && !is_agent_proc(&fd)
+                {
+                    pending.push((
+                        child.clone(),
+                        std::rc::Rc::new(Pinned::new(fd, None)),
+                        level + 1,
+                    ));
+                }
             }
-            out.push(entry(&child, &md));
+            out.push(entry(&child, &access, &md));
         }
     }
     // Component-wise order keeps each directory's contents right after it.
@@ -245,6 +386,10 @@ pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
 /// Flags for opening client-named paths: never block on a FIFO with no peer, and never let a
 /// terminal device become the agent's controlling terminal.
 const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY;
+
+fn open_flags() -> OFlag {
+    OFlag::from_bits_truncate(OPEN_FLAGS)
+}
 
 fn require_regular(md: &Metadata, path: &Path) -> Result<(), AgentError> {
     if md.is_dir() {
@@ -258,11 +403,7 @@ fn require_regular(md: &Metadata, path: &Path) -> Result<(), AgentError> {
 
 /// Reads up to [`CHUNK`] bytes of `path` at `offset`; the flag is true when nothing follows.
 pub fn read_chunk(path: &Path, offset: u64) -> Result<(Vec<u8>, bool), AgentError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(OPEN_FLAGS)
-        .open(path)
-        .map_err(|e| map_io(e, path))?;
+    let file = File::from(open_checked(path, OFlag::O_RDONLY | open_flags(), 0)?);
     let md = file.metadata().map_err(|e| map_io(e, path))?;
     require_regular(&md, path)?;
     // One byte past the chunk tells whether more follows without trusting `st_size`, which is 0
@@ -287,13 +428,19 @@ pub fn read_chunk(path: &Path, offset: u64) -> Result<(Vec<u8>, bool), AgentErro
 
 /// Opens a directory we just created without following a symlink swapped in since, so that the
 /// chown/chmod land on it and nowhere else.
-fn own_dir(dir: &Path, user: SandboxUser) -> Result<(), AgentError> {
+fn own_dir(dir: &Path, access: &Path, user: SandboxUser) -> Result<(), AgentError> {
     let handle = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(dir)
+        .open(access)
         .map_err(|e| map_io(e, dir))?;
     own(&handle, dir, DIR_MODE, user)
+}
+
+/// `metadata` (following a final symlink) of a client path, resolved as [`pin_target`] does.
+fn checked_metadata(path: &Path) -> Result<Metadata, AgentError> {
+    let pinned = pin_target(path)?;
+    fs::metadata(&pinned.access).map_err(|e| map_io(e, path))
 }
 
 fn own(file: &File, path: &Path, mode: u32, user: SandboxUser) -> Result<(), AgentError> {
@@ -309,7 +456,7 @@ fn create_dirs(dir: &Path, user: SandboxUser) -> Result<(), AgentError> {
     let mut cur = dir;
     loop {
         // Following symlinks: a symlinked directory is a fine parent.
-        match fs::metadata(cur) {
+        match checked_metadata(cur) {
             Ok(md) if md.is_dir() => break,
             Ok(_) => {
                 return Err(error(
@@ -317,22 +464,23 @@ fn create_dirs(dir: &Path, user: SandboxUser) -> Result<(), AgentError> {
                     format!("not a directory: {}", cur.display()),
                 ));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e) if e.kind == ErrorKind::NotFound => {
                 missing.push(cur);
                 match cur.parent() {
                     Some(parent) => cur = parent,
                     None => break,
                 }
             }
-            Err(e) => return Err(map_io(e, cur)),
+            Err(e) => return Err(e),
         }
     }
     for d in missing.into_iter().rev() {
-        match DirBuilder::new().mode(DIR_MODE).create(d) {
-            Ok(()) => own_dir(d, user)?,
+        let pinned = pin_entry(d)?;
+        match DirBuilder::new().mode(DIR_MODE).create(&pinned.access) {
+            Ok(()) => own_dir(d, &pinned.access, user)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Either a concurrent mkdir (fine, and not ours to chown) or a dangling symlink.
-                if !fs::metadata(d).is_ok_and(|md| md.is_dir()) {
+                if !checked_metadata(d).is_ok_and(|md| md.is_dir()) {
                     return Err(error(
                         ErrorKind::NotADirectory,
                         format!("not a directory: {}", d.display()),
@@ -361,16 +509,11 @@ pub fn write_chunk(
             create_dirs(parent, user)?;
         }
         // O_EXCL tells us whether the file is new (and so ours to chown) without a racy stat.
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .custom_flags(OPEN_FLAGS)
-            .open(path)
-        {
-            Ok(file) => (file, true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (open_existing(path)?, false),
-            Err(e) => return Err(map_io(e, path)),
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | open_flags();
+        match open_checked(path, flags, FILE_MODE) {
+            Ok(fd) => (File::from(fd), true),
+            Err(e) if e.kind == ErrorKind::AlreadyExists => (open_existing(path)?, false),
+            Err(e) => return Err(e),
         }
     } else {
         (open_existing(path)?, false)
@@ -385,24 +528,28 @@ pub fn write_chunk(
     }
     file.write_all_at(data, offset).map_err(|e| map_io(e, path))?;
     let md = file.metadata().map_err(|e| map_io(e, path))?;
-    Ok(entry(path, &md))
+    let access = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    Ok(entry(path, &access, &md))
 }
 
 fn open_existing(path: &Path) -> Result<File, AgentError> {
-    OpenOptions::new().write(true).custom_flags(OPEN_FLAGS).open(path).map_err(|e| map_io(e, path))
+    open_checked(path, OFlag::O_WRONLY | open_flags(), 0).map(File::from)
 }
 
 /// Creates `path` and any missing parents, all owned by `user`.
 pub fn make_dir(path: &Path, user: SandboxUser) -> Result<EntryInfo, AgentError> {
-    match fs::symlink_metadata(path) {
-        Ok(_) => {
-            return Err(error(
-                ErrorKind::AlreadyExists,
-                format!("already exists: {}", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(map_io(e, path)),
+    let exists = match pin_entry(path) {
+        Ok(pinned) => match fs::symlink_metadata(&pinned.access) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(map_io(e, path)),
+        },
+        // A missing parent: created below.
+        Err(e) if e.kind == ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if exists {
+        return Err(error(ErrorKind::AlreadyExists, format!("already exists: {}", path.display())));
     }
     create_dirs(path, user)?;
     stat(path)
@@ -417,10 +564,11 @@ pub fn remove(path: &Path) -> Result<(), AgentError> {
             format!("refusing to remove {}", path.display()),
         ));
     }
-    let md = fs::symlink_metadata(path).map_err(|e| map_io(e, path))?;
+    let pinned = pin_entry(path)?;
+    let at = &pinned.access;
+    let md = fs::symlink_metadata(at).map_err(|e| map_io(e, path))?;
     // `remove_dir_all` does not follow symlinks inside the tree.
-    let result =
-        if md.file_type().is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    let result = if md.file_type().is_dir() { fs::remove_dir_all(at) } else { fs::remove_file(at) };
     result.map_err(|e| map_io(e, path))
 }
 
@@ -429,12 +577,14 @@ pub fn remove(path: &Path) -> Result<(), AgentError> {
 /// Moves across filesystems fail with `InvalidArgument`, as `rename(2)` does.
 pub fn rename(from: &Path, to: &Path, user: SandboxUser) -> Result<EntryInfo, AgentError> {
     // Checked first so that a failed rename leaves no new directories behind.
-    fs::symlink_metadata(from).map_err(|e| map_io(e, from))?;
+    let src = pin_entry(from)?;
+    fs::symlink_metadata(&src.access).map_err(|e| map_io(e, from))?;
     if let Some(parent) = to.parent() {
         create_dirs(parent, user)?;
     }
+    let dst = pin_entry(to)?;
     // `from` is known to exist, so whatever fails now is about the destination.
-    fs::rename(from, to).map_err(|e| map_io(e, to))?;
+    fs::rename(&src.access, &dst.access).map_err(|e| map_io(e, to))?;
     stat(to)
 }
 
@@ -473,6 +623,8 @@ fn map_errno(errno: Errno, path: &Path) -> AgentError {
 #[derive(Debug)]
 pub struct Watcher {
     inotify: Inotify,
+    /// The client's path: messages, and directories created later (a watch yields only names
+    /// and event kinds, so those are added by path).
     root: PathBuf,
     root_wd: WatchDescriptor,
     recursive: bool,
@@ -484,7 +636,8 @@ impl Watcher {
     /// Starts watching `path`; with `recursive`, every directory below it is watched as well,
     /// including those created later.
     pub fn new(path: &Path, recursive: bool) -> Result<Watcher, AgentError> {
-        let md = fs::metadata(path).map_err(|e| map_io(e, path))?;
+        let pinned = pin_target(path)?;
+        let md = fs::metadata(&pinned.access).map_err(|e| map_io(e, path))?;
         if !md.is_dir() {
             return Err(error(
                 ErrorKind::NotADirectory,
@@ -494,7 +647,8 @@ impl Watcher {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| map_errno(e, path))?;
         // The root may be a symlink to a directory; everything below is watched without following.
-        let root_wd = inotify.add_watch(path, watch_mask()).map_err(|e| map_errno(e, path))?;
+        let root_wd =
+            inotify.add_watch(&pinned.access, watch_mask()).map_err(|e| map_errno(e, path))?;
         let mut watcher = Watcher {
             inotify,
             root: path.to_path_buf(),
@@ -503,7 +657,9 @@ impl Watcher {
             dirs: HashMap::from([(root_wd, PathBuf::new())]),
         };
         if recursive {
-            watcher.watch_children(Path::new(""), None)?;
+            // The tree as it is now, through the pinned root. The pin is dropped afterwards:
+            // holding the directory open would hold back its IN_DELETE_SELF.
+            watcher.watch_children(&pinned.access, Path::new(""), None)?;
         }
         Ok(watcher)
     }
@@ -519,13 +675,14 @@ impl Watcher {
     /// a directory before its watch existed, so inotify never saw them.
     fn watch_children(
         &mut self,
+        base: &Path,
         rel: &Path,
         mut created: Option<&mut Vec<(String, FsEventKind)>>,
     ) -> Result<(), AgentError> {
         let mut pending = vec![rel.to_path_buf()];
         while let Some(dir_rel) = pending.pop() {
             let dir = self.root.join(&dir_rel);
-            let entries = match fs::read_dir(&dir) {
+            let entries = match fs::read_dir(base.join(&dir_rel)) {
                 Ok(entries) => entries,
                 // Gone or replaced since it was seen; its removal event is queued already.
                 Err(e) if is_vanished(&e) => continue,
@@ -543,7 +700,8 @@ impl Watcher {
                 }
                 let child = self.root.join(&child_rel);
                 // Watch before listing, so nothing created in between is missed.
-                match self.inotify.add_watch(&child, watch_mask() | AddWatchFlags::IN_DONT_FOLLOW) {
+                let at = base.join(&child_rel);
+                match self.inotify.add_watch(&at, watch_mask() | AddWatchFlags::IN_DONT_FOLLOW) {
                     Ok(wd) => {
                         self.dirs.insert(wd, child_rel.clone());
                         pending.push(child_rel);
@@ -631,7 +789,8 @@ impl Watcher {
                             // A moved-in tree was not created; only a new one needs backfilling.
                             let created =
                                 mask.contains(AddWatchFlags::IN_CREATE).then_some(&mut out);
-                            self.watch_children(&rel, created)?;
+                            let base = self.root.clone();
+                            self.watch_children(&base, &rel, created)?;
                         }
                         Err(Errno::ENOENT | Errno::ENOTDIR) => {}
                         Err(e) => return Err(map_errno(e, &dir)),
@@ -1016,6 +1175,73 @@ mod tests {
         assert!(!got.iter().any(|(n, _)| n.starts_with("sub/")), "{got:?}");
         fs::remove_dir_all(&s.0).unwrap();
         wait_for(&mut w, &[(".", FsEventKind::Remove)]);
+    }
+
+    /// Every operation, on a path that reaches a directory only through a /proc magic link:
+    /// refused as permission denied, naming the client's path, with nothing done.
+    #[test]
+    fn magic_links_are_refused_by_every_operation() {
+        let s = Scratch::new("magic");
+        let outside = Scratch::new("magic-outside");
+        fs::write(outside.path("secret"), b"s").unwrap();
+        // A descriptor of ours to a directory: /proc/self/fd/N is a magic link to it, the way
+        // /proc/1/fd/N led to the agent's stage.
+        let dir = File::open(&outside.0).unwrap();
+        let fd_link = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        symlink(&fd_link, s.path("ln")).unwrap();
+        let via = |rel: &str| PathBuf::from(format!("{fd_link}/{rel}"));
+        let ln = |rel: &str| s.path(&format!("ln/{rel}"));
+        let refused = |what: &str, r: Result<(), AgentError>| {
+            let e = r.expect_err(what);
+            assert_eq!(e.kind, ErrorKind::PermissionDenied, "{what}: {e:?}");
+            assert!(e.message.contains("magic link"), "{what}: {e:?}");
+        };
+        for p in [via("secret"), ln("secret"), PathBuf::from("/proc/self/root/etc/hostname")] {
+            refused("read", read_chunk(&p, 0).map(drop));
+            refused("stat", stat(&p).map(drop));
+            refused("write", write_chunk(&p, 0, b"x", USER).map(drop));
+            refused("metadata", set_metadata(&p, &BTreeMap::new()).map(drop));
+            refused("remove", remove(&p));
+            refused("rename from", rename(&p, &s.path("moved"), USER).map(drop));
+            refused("rename to", rename(&s.path("ln"), &p, USER).map(drop));
+        }
+        for p in [PathBuf::from(&fd_link), s.path("ln"), PathBuf::from("/proc/self/cwd")] {
+            refused("list", list_dir(&p, 1).map(drop));
+            refused("watch", Watcher::new(&p, true).map(drop));
+        }
+        refused("mkdir", make_dir(&via("newdir"), USER).map(drop));
+        refused("mkdir -p", make_dir(&ln("a/b"), USER).map(drop));
+        refused("write new", write_chunk(&via("new"), 0, b"x", USER).map(drop));
+        assert_eq!(fs::read(outside.path("secret")).unwrap(), b"s");
+        let left: Vec<_> =
+            fs::read_dir(&outside.0).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("secret")]);
+        // The link itself may still be described (it is a name in the client's directory), and
+        // listing its directory shows it without following it.
+        assert_eq!(stat(&s.path("ln")).unwrap().kind, FileType::Symlink);
+        assert_eq!(list_dir(&s.0, 3).unwrap().len(), 1);
+        // A real symlink loop is still reported as one.
+        symlink("loop", s.path("loop")).unwrap();
+        assert_eq!(kind_of(read_chunk(&s.path("loop"), 0)), ErrorKind::InvalidArgument);
+    }
+
+    /// The agent is PID 1: its /proc entries (memory, descriptors, environment) are refused
+    /// whichever way they are named, while the rest of /proc stays readable.
+    #[test]
+    fn the_agents_own_proc_entries_are_refused() {
+        for p in ["/proc/1/mem", "/proc/1/environ", "/proc/1/fd", "/proc/1/task/1/maps"] {
+            let p = Path::new(p);
+            let e = read_chunk(p, 0).map(drop).and(list_dir(p, 1).map(drop)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::PermissionDenied, "{p:?}: {e:?}");
+        }
+        assert_eq!(kind_of(stat(Path::new("/proc/1/fd/0"))), ErrorKind::PermissionDenied);
+        assert_eq!(kind_of(stat(Path::new("/proc/1"))), ErrorKind::PermissionDenied);
+        assert_eq!(kind_of(list_dir(Path::new("/proc/1/"), 1)), ErrorKind::PermissionDenied);
+        assert!(read_chunk(Path::new("/proc/meminfo"), 0).unwrap().0.starts_with(b"MemTotal"));
+        // Listing /proc shows PID 1's entry but does not descend into it.
+        let all = list_dir(Path::new("/proc"), 2).unwrap();
+        assert!(all.iter().any(|e| e.path == "/proc/1"));
+        assert!(!all.iter().any(|e| e.path.starts_with("/proc/1/")));
     }
 
     #[test]

@@ -57,24 +57,31 @@ fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
     control.write_all(&bytes).map_err(drop)
 }
 
-/// Gives the host the seccomp listener. The host takes it with `pidfd_getfd`, so that no
-/// descriptor is sent from this sandbox's uid (see [`MARK_PULL`]); only where that is refused
-/// does it come over the channel.
-fn hand_over_listener(control: &mut UnixStream, listener: Option<&OwnedFd>) -> Result<(), ()> {
-    let Some(l) = listener else {
+/// Gives the host the seccomp listener and, with a tmpfs disk, the stage directory. The host
+/// takes them with `pidfd_getfd`, so that no descriptor is sent from this sandbox's uid (see
+/// [`MARK_PULL`]); only where that is refused do they come over the channel.
+fn hand_over(
+    control: &mut UnixStream,
+    listener: Option<&OwnedFd>,
+    stage: Option<&OwnedFd>,
+) -> Result<(), ()> {
+    if listener.is_none() && stage.is_none() {
         return ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
             .map_err(drop);
-    };
+    }
     let mut msg = vec![MARK_PULL];
-    msg.extend_from_slice(&l.as_raw_fd().to_le_bytes());
+    for fd in [listener, stage] {
+        msg.extend_from_slice(&fd.map_or(-1, AsRawFd::as_raw_fd).to_le_bytes());
+    }
     control.write_all(&msg).map_err(drop)?;
     let mut ack = [0u8; 1];
     std::io::Read::read_exact(control, &mut ack).map_err(drop)?;
     match ack[0] {
         ACK_TAKEN => Ok(()),
         ACK_SEND => {
-            ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_LISTENER], Some(l.as_raw_fd()))
-                .map_err(drop)
+            let mark = if listener.is_some() { MARK_LISTENER } else { MARK_NO_LISTENER };
+            let fds: Vec<_> = listener.iter().chain(stage.iter()).map(|f| f.as_raw_fd()).collect();
+            ringfence_sys::send_with_fds(control.as_raw_fd(), &[mark], &fds).map_err(drop)
         }
         _ => Err(()),
     }
@@ -97,9 +104,13 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     };
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
-    hand_over_listener(&mut control, listener.as_ref())?;
-    // The host supervises the filter; nothing in here may keep the listener.
+    let stage: Option<OwnedFd> = outcome.stage;
+    hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+    // The host supervises the filter; nothing in here may keep the listener. The stage (a
+    // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
+    // the sandbox's root through /proc/1/fd.
     drop(listener);
+    drop(stage);
     if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {
         let _ = send(
             &mut control,

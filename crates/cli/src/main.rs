@@ -28,7 +28,8 @@ enum Command {
         command: serve::KeysCommand,
     },
     Audit(serve::AuditArgs),
-    /// Kill processes left in cgroup slots nobody holds and remove those slots.
+    /// Kill processes left in cgroup slots nobody holds and remove those slots, and remove the
+    /// disks of sandboxes whose owner is gone.
     Gc {
         #[command(flatten)]
         common: Common,
@@ -71,7 +72,7 @@ fn main() -> ExitCode {
 }
 
 fn gc(common: &Common) -> ExitCode {
-    let result = (|| -> anyhow::Result<usize> {
+    let result = (|| -> anyhow::Result<(usize, usize)> {
         let layout = ringfence_jail::cgroup::Layout::detect()?;
         let pool = ringfence_jail::cgroup::Pool::new(
             layout,
@@ -79,11 +80,17 @@ fn gc(common: &Common) -> ExitCode {
             run::POOL_PREFIX,
             common.run_dir.join("cgroups"),
         );
-        Ok(pool.collect_garbage()?)
+        let killed = pool.collect_garbage()?;
+        // Disks of sandboxes whose owner died (a SIGKILLed run, a server that did not come
+        // back); disks someone holds are locked and left alone.
+        let disks = ringfence_jail::disk::DiskPool::new(&common.data_dir).sweep()?;
+        Ok((killed, disks))
     })();
     match result {
-        Ok(n) => {
-            println!("killed {n} leftover process(es); removed idle cgroup slots");
+        Ok((n, disks)) => {
+            println!(
+                "killed {n} leftover process(es); removed idle cgroup slots and {disks} orphaned disk(s)"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::disk::DiskChoice;
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
@@ -66,6 +67,11 @@ pub struct RunArgs {
     /// Size of the sandbox's writable disk; writes beyond it fail with ENOSPC.
     #[arg(long, default_value = "1G", value_parser = at_least("--disk", 1 << 20))]
     disk: u64,
+    /// Where the writable layer lives: `image` (a filesystem image of the --disk size, on
+    /// disk: ENOSPC at the quota, apart from --memory), `tmpfs` (memory: counts against
+    /// --memory), or `auto` (image where the host can, else tmpfs with a warning).
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DiskChoice))]
+    disk_backend: DiskChoice,
     /// Wall-clock limit (e.g. 5s, 500ms, 2m); the whole sandbox is killed when it passes.
     #[arg(long, default_value = "300s", value_parser = limits::parse_duration)]
     timeout: Duration,
@@ -147,6 +153,8 @@ struct Report {
     memory_peak_bytes: Option<u64>,
     landlock_abi: Option<u32>,
     cgroup: Option<&'static str>,
+    /// Where the writable layer lived: "image" (its own filesystem) or "tmpfs" (memory).
+    disk_backend: &'static str,
     setup_ms: f64,
     total_ms: f64,
     /// Milliseconds from the CLI's `main` to the end of each step.
@@ -259,6 +267,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let mut cfg = JailConfig::with_agent(agent);
     cfg.data_dir = args.common.data_dir.clone();
     cfg.run_dir = args.common.run_dir.clone();
+    let (disk, why_tmpfs) = args.disk_backend.resolve(&cfg.data_dir, false)?;
+    if let (Some(why), DiskChoice::Auto) = (&why_tmpfs, args.disk_backend) {
+        tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
+    }
+    cfg.disk = disk;
     let tmpl = template::resolve(&args.template, &cfg.data_dir, cfg.uid_base)?;
     let compiled = if notify { Some(seccomp::default_profile(true)?) } else { None };
     let pool = if args.no_cgroup {
@@ -332,6 +345,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
+    // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
+    // mount namespace, so nothing is left there if this process is SIGKILLed.
+    sandbox.detach_disk()?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     agent_pid.store(sandbox.pid, Ordering::SeqCst);
     let supervisor = match sandbox.take_listener() {
@@ -384,6 +400,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let memory_peak = sandbox.memory_peak();
     let events = supervisor.map(Supervisor::finish).unwrap_or_default();
     let landlock_abi = sandbox.ready.landlock_abi;
+    let disk_backend = sandbox.disk_backend();
     drop(sandbox);
 
     let over_out = stdout_over.load(Ordering::SeqCst);
@@ -438,6 +455,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             memory_peak_bytes: memory_peak,
             landlock_abi,
             cgroup: pool.as_ref().map(|p| p.layout().version()),
+            disk_backend,
             setup_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             phases_ms: phases

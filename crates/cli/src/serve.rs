@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// Default disk (writable layer) per sandbox.
     #[arg(long, default_value = "1G", value_parser = limits::parse_size)]
     disk: u64,
+    /// Where sandboxes' writable layers live: `image` (one filesystem image per sandbox, of
+    /// the --disk size, on disk: ENOSPC at the quota, apart from --memory), `tmpfs` (memory:
+    /// counts against --memory), or `auto` (image if a probe at start succeeds, else tmpfs
+    /// with a warning).
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(ringfence_jail::disk::DiskChoice))]
+    disk_backend: ringfence_jail::disk::DiskChoice,
     /// Default process/thread limit per sandbox.
     #[arg(long, default_value_t = 512)]
     pids: u64,
@@ -278,6 +284,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             pool_sizes: args.pools.iter().cloned().collect(),
             pool_memory: args.pool_memory,
             pressure_floor: args.pause_pressure_floor,
+            disk: args.disk_backend,
             network,
             quotas: QuotaConfig {
                 max_sandboxes: args.max_sandboxes_per_key,

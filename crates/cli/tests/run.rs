@@ -86,6 +86,7 @@ fn bad_values_are_rejected_before_anything_is_created() {
         ("--pids", "-1"),
         ("--env", "NOEQUALS"),
         ("--user", "admin"),
+        ("--disk-backend", "nvme"),
     ] {
         let out = ringfence().args(["run", flag, value, "--", "true"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -103,6 +104,7 @@ fn help_documents_every_option_and_exit_code() {
         "--pids",
         "--cpus",
         "--disk",
+        "--disk-backend",
         "--timeout",
         "--max-output",
         "--env",
@@ -324,6 +326,84 @@ fn disk_quota_gives_enospc() {
         "dd if=/dev/zero of=/home/user/big bs=1M count=64 2>&1 | grep -o 'No space left on device' | head -1",
     );
     assert_eq!(o.stdout.trim(), "No space left on device", "{o:?}");
+}
+
+/// Issue 12, finding 11: the disk is disk, apart from memory. With a quota four times the
+/// memory limit, filling it ends in ENOSPC, not the OOM killer, and the sandbox goes on; `df`
+/// shows the quota. (With a tmpfs disk the same run was OOM-killed: exit 121.)
+#[test]
+fn a_disk_bigger_than_memory_fills_with_enospc_not_an_oom_kill() {
+    root_only!();
+    let o = sh(
+        &["--disk", "512M", "--memory", "128M"],
+        "dd if=/dev/zero of=/home/user/big bs=1M count=700 2>&1 | grep -o 'No space left on device' | head -1; \
+         df -k / | tail -1; echo alive",
+    );
+    if o.report["disk_backend"] != "image" {
+        eprintln!("SKIPPED: this host cannot make disk images ({})", o.stderr.trim());
+        return;
+    }
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.report["oom_killed"], false, "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!((lines[0], lines[2]), ("No space left on device", "alive"), "{o:?}");
+    let total_kib: u64 = lines[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((480 << 10..=512 << 10).contains(&total_kib), "{o:?}");
+}
+
+/// A run's disk is gone when the run is: no image, mount point or mount left. One whose CLI was
+/// SIGKILLed leaves no mount either (the filesystem lived only in its sandbox's namespace), only
+/// its image, which `ringfence gc` removes, and nothing that someone still holds.
+#[test]
+fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
+    root_only!();
+    let disks = std::path::Path::new("/var/lib/ringfence/disks");
+    let gone = |id: &str| {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        !disks.join(id).exists()
+            && !disks.join(format!("{id}.img")).exists()
+            && !mounts.contains(&format!("/disks/{id} "))
+    };
+    let o = sh(&[], "echo x > /tmp/f; cat /tmp/f");
+    if o.report["disk_backend"] != "image" {
+        eprintln!("SKIPPED: this host cannot make disk images ({})", o.stderr.trim());
+        return;
+    }
+    assert_eq!(o.stdout, "x\n");
+    assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
+    // A run killed with SIGKILL: its sandbox dies with it (PDEATHSIG), its disk stays behind.
+    // Its id is its hostname, read through its agent (the CLI's child).
+    let mut child = ringfence().args(["run", "--", "sleep", "60.25"]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap_or_default();
+        let name = children
+            .split_whitespace()
+            .find_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).ok());
+        if let Some(n) = name.map(|n| n.trim().to_string()).filter(|n| n.len() == 20) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the run's sandbox did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(disks.join(format!("{id}.img")).exists(), "{id}");
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its sandbox went with it (the agent's parent-death signal).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_pids_running("sleep 60.25").is_empty() {
+        assert!(Instant::now() < deadline, "the killed run's sandbox is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&format!("/disks/{id} ")), "the killed run left a mount");
+    assert!(!gone(&id), "the killed run's image should still be there for gc to find");
+    let out = ringfence().arg("gc").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(gone(&id), "gc left the killed run's disk: {out:?}");
 }
 
 #[test]
@@ -627,8 +707,12 @@ fn output_is_capped_and_truncation_reported() {
 // ---------------------------------------------------------------------------------------------
 // Cleanup.
 
+/// Mounts in the host's namespace, less sandbox disks: those of runs in other tests come and
+/// go (each is in the host's namespace from its claim until the agent has bound it); what is
+/// left of a run's disk is checked in `a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs`.
 fn mount_count() -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines().filter(|l| !l.contains("/disks/")).count()
 }
 
 #[test]

@@ -110,12 +110,14 @@ pub struct Outcome {
     pub listener: Option<OwnedFd>,
     /// Where the host can reconnect (see `SetupSpec::listen`).
     pub reconnect: Option<std::os::unix::net::UnixListener>,
+    /// The tmpfs writable layer's parent, to hand to the host (no `SetupSpec::disk_dir`).
+    pub stage: Option<OwnedFd>,
 }
 
 /// Turns the current (fresh) namespaces into the sandbox described by `spec`.
 pub fn setup(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, InsideError> {
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("unshare(CLONE_NEWCGROUP)"))?;
-    let merged = build_root(spec)?;
+    let (merged, stage) = build_root(spec)?;
     phase(phases, "mounts");
     // Bound while the host's filesystem is still visible: after pivot_root nothing in the
     // sandbox can reach this path, but the descriptor keeps listening.
@@ -138,6 +140,7 @@ pub fn setup(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     phase(phases, "hostname_loopback_rlimits");
     let mut outcome = lock_down(spec, phases)?;
     outcome.reconnect = reconnect;
+    outcome.stage = stage;
     Ok(outcome)
 }
 
@@ -152,13 +155,17 @@ fn mkdir_p(p: &Path, mode: u32) -> Result<(), InsideError> {
         .map_err(fail(format!("chmod {}", p.display())))
 }
 
-fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
+fn build_root(spec: &SetupSpec) -> Result<(PathBuf, Option<OwnedFd>), InsideError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(mount_err("private propagation", Path::new("/")))?;
     let stage = Path::new(&spec.stage_dir);
-    // One tmpfs holds every writable layer: its size is the disk quota, and it vanishes with
-    // the mount namespace, so no host directory is ever left behind.
-    let opts = format!("size={},nr_inodes={},mode=0755", spec.disk_bytes, spec.disk_inodes);
+    // The stage is a tmpfs private to this namespace, so one host directory serves every
+    // sandbox and nothing is left behind. With a disk of its own it holds only mount points;
+    // without, it also holds the writable layer, and its size is the disk quota.
+    let opts = match &spec.disk_dir {
+        Some(_) => format!("size=64k,nr_inodes={},mode=0755", 64 + spec.layers.len()),
+        None => format!("size={},nr_inodes={},mode=0755", spec.disk_bytes, spec.disk_inodes),
+    };
     mount(
         Some("tmpfs"),
         stage,
@@ -171,8 +178,19 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     mkdir_p(&merged, 0o755)?;
     let upper = stage.join("root/upper");
     let work = stage.join("root/work");
-    mkdir_p(&upper, 0o755)?;
-    mkdir_p(&work, 0o755)?;
+    match &spec.disk_dir {
+        Some(disk) => {
+            // The host made the disk (with upper/ and work/, owned by this sandbox's root);
+            // bound under a neutral name, so no host path shows in the overlay's options.
+            let root = stage.join("root");
+            mkdir_p(&root, 0o700)?;
+            bind(Path::new(disk), &root, Bind::AsIs)?;
+        }
+        None => {
+            mkdir_p(&upper, 0o755)?;
+            mkdir_p(&work, 0o755)?;
+        }
+    }
     // Per-sandbox identity files live in the upper layer, so the template stays shared.
     mkdir_p(&upper.join("etc"), 0o755)?;
     let write = |rel: &str, text: String| {
@@ -203,11 +221,16 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     lowers.push("template".into());
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
     overlay(&lowers.join(":"), Path::new("root/upper"), Path::new("root/work"), &merged)?;
-    // The host reaches the upper layer through this descriptor (snapshots); after pivot_root
-    // no path inside the sandbox leads to it.
-    let root = fs::File::open(stage.join("root")).map_err(fail("open stage"))?;
-    ringfence_sys::keep_fd_at(root.into(), ringfence_proto::STAGE_FD)
-        .map_err(fail("keep stage"))?;
+    // A tmpfs upper exists only in this namespace: the host reaches it (snapshots, pauses)
+    // through this descriptor, which the agent hands over and closes, so that after
+    // pivot_root nothing in the sandbox, the agent included, holds a way there. A disk of
+    // its own the host reaches at its host path.
+    let stage_fd = match &spec.disk_dir {
+        Some(_) => None,
+        None => {
+            Some(OwnedFd::from(fs::File::open(stage.join("root")).map_err(fail("open stage"))?))
+        }
+    };
     // Host layers are bound read-only rather than overlaid: their files belong to host ids that
     // are unmapped here, so no sandbox user could modify them through an overlay anyway, and
     // a plain bind keeps path lookups (Python's imports do hundreds) at native speed.
@@ -217,13 +240,16 @@ fn build_root(spec: &SetupSpec) -> Result<PathBuf, InsideError> {
     }
     mount_proc(&merged)?;
     mount_dev(&merged, spec)?;
-    Ok(merged)
+    Ok((merged, stage_fd))
 }
 
 fn overlay(lower: &str, upper: &Path, work: &Path, target: &Path) -> Result<(), InsideError> {
     // userxattr: overlay metadata goes in user.* xattrs, the only kind a user namespace may set.
+    // volatile: no syncs through to the upper layer (fsync, syncfs, and the sync at unmount,
+    // which on a disk image cost a millisecond per sandbox end): a sandbox's writable layer
+    // lives as long as the sandbox, and the host reads it from the page cache.
     let opts = format!(
-        "lowerdir={lower},upperdir={},workdir={},userxattr",
+        "lowerdir={lower},upperdir={},workdir={},userxattr,volatile",
         upper.display(),
         work.display()
     );
@@ -342,7 +368,7 @@ fn mount_dev(root: &Path, spec: &SetupSpec) -> Result<(), InsideError> {
     .map_err(mount_err("devpts", &pts))?;
     let shm = dev.join("shm");
     mkdir_p(&shm, 0o1777)?;
-    let shm_size = spec.disk_bytes.min(256 << 20);
+    let shm_size = spec.shm_bytes;
     mount(
         Some("tmpfs"),
         &shm,
@@ -424,7 +450,7 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
             .map_err(fail("install seccomp"))?;
     }
     phase(phases, "seccomp");
-    Ok(Outcome { landlock_abi, listener, reconnect: None })
+    Ok(Outcome { landlock_abi, listener, reconnect: None, stage: None })
 }
 
 /// Applies the Landlock ruleset. Returns the ABI enforced, or `None` where the kernel lacks

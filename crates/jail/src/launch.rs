@@ -15,6 +15,7 @@ use ringfence_proto::{
 use ringfence_sys::SysError;
 
 use crate::cgroup::{CgroupError, Lease, Pool};
+use crate::disk::{Disk, DiskBackend, DiskError};
 use crate::limits::Limits;
 use crate::preflight::Missing;
 use crate::seccomp::{Compiled, SeccompError};
@@ -30,6 +31,8 @@ pub enum JailError {
     Cgroup(#[from] CgroupError),
     #[error("sandbox owner uid: {0}")]
     Owner(#[from] crate::owner::OwnerError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -135,6 +138,14 @@ pub const DEFAULT_WRITABLE: &[&str] = &[
     "/dev/urandom",
 ];
 
+/// Size of a sandbox's `/dev/shm`. It is a tmpfs, so memory charged to the sandbox: at most
+/// half its memory limit (filling it then fails with ENOSPC while processes still have room,
+/// rather than ending in the OOM killer) and at most 256 MiB.
+pub fn shm_bytes(limits: &Limits) -> u64 {
+    let cap = 256 << 20;
+    limits.memory.map_or(cap, |m| (m / 2).min(cap)).max(1 << 20)
+}
+
 /// The resource limits every process in a sandbox starts under.
 pub fn rlimits_for(limits: &Limits) -> Rlimits {
     Rlimits { nofile: limits.nofile, nproc: limits.pids.unwrap_or(65536).max(64), core: 0 }
@@ -158,15 +169,20 @@ pub struct Sandbox {
     socket_dir: Option<std::path::PathBuf>,
     /// Started by another host process: not our child, so it cannot be waited for.
     adopted: bool,
+    /// The tmpfs upper layer's parent, handed over by the agent (no disk of its own).
+    stage: Option<OwnedFd>,
+    /// The sandbox's own disk. Last, so it is removed after the lease has killed everything.
+    disk: Option<Disk>,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
 pub const MARK_LISTENER: u8 = b'F';
 pub const MARK_NO_LISTENER: u8 = b'N';
 pub const MARK_ERROR: u8 = b'E';
-/// The agent has a seccomp listener at the descriptor number in the 4 bytes (little endian)
-/// that follow, for the host to take with `pidfd_getfd`; it closes its copy on [`ACK_TAKEN`],
-/// or sends it with [`MARK_LISTENER`] on [`ACK_SEND`].
+/// The agent has descriptors for the host: the numbers of its seccomp listener and of its
+/// stage directory (a tmpfs disk's) follow as two 4-byte little-endian integers, -1 for none,
+/// for the host to take with `pidfd_getfd`; it closes its copies on [`ACK_TAKEN`], or sends
+/// them (marker [`MARK_LISTENER`] or [`MARK_NO_LISTENER`]) on [`ACK_SEND`].
 ///
 /// Descriptors passed over unix sockets count against their sender's uid until received
 /// (`unix_inflight`, checked against the sender's RLIMIT_NOFILE), and every sandbox's root is
@@ -191,6 +207,14 @@ impl Sandbox {
         crate::phase(&mut phases, "start");
         let lease = pool.map(|p| p.claim(&spec.limits)).transpose()?;
         crate::phase(&mut phases, "cgroup_claimed");
+        let disk = match &cfg.disk {
+            // The sandbox's root maps to uid_base: it owns its disk, no other uid may enter.
+            DiskBackend::Image(disks) => {
+                Some(disks.claim(&spec.id, spec.limits.disk, cfg.uid_base)?)
+            }
+            DiskBackend::Tmpfs => None,
+        };
+        crate::phase(&mut phases, "disk_claimed");
         std::fs::create_dir_all(cfg.run_dir.join("stage")).map_err(io_op("create stage dir"))?;
         let (parent_end, child_end) =
             socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
@@ -226,6 +250,8 @@ impl Sandbox {
             phases,
             socket_dir: None,
             adopted: false,
+            stage: None,
+            disk,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -276,8 +302,10 @@ impl Sandbox {
                 .map(|p| HostLayer { path: p.clone() })
                 .collect(),
             layers: spec.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+            disk_dir: self.disk.as_ref().map(|d| d.root().to_string_lossy().into_owned()),
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
+            shm_bytes: shm_bytes(&spec.limits),
             writable: if spec.landlock { spec.writable } else { Vec::new() },
             require_landlock: false,
             rlimits: rlimits_for(&spec.limits),
@@ -291,8 +319,18 @@ impl Sandbox {
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
-        let (mark, fd) = self.recv_marker(spec.setup_timeout)?;
-        self.listener = fd;
+        let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
+        // Without a disk of its own, the agent hands over its stage (the tmpfs upper layer's
+        // parent) after the listener, and keeps no copy.
+        if self.disk.is_none() && mark != MARK_ERROR {
+            self.stage = fds.pop();
+        }
+        if mark == MARK_LISTENER {
+            self.listener = fds.pop();
+        }
+        if !fds.is_empty() {
+            return Err(JailError::Protocol(format!("marker {mark:#x} with extra descriptors")));
+        }
         let event: Option<Event> =
             read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
         self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
@@ -348,36 +386,50 @@ impl Sandbox {
         Ok((byte[0], fds))
     }
 
-    /// Receives the agent's marker and, with it, the seccomp listener descriptor.
-    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Option<OwnedFd>), JailError> {
-        let (byte, mut fds) = self.recv_marker_byte(limit)?;
-        match byte {
-            MARK_LISTENER if fds.len() == 1 => Ok((MARK_LISTENER, fds.pop())),
-            MARK_NO_LISTENER | MARK_ERROR if fds.is_empty() => Ok((byte, None)),
-            MARK_PULL if fds.is_empty() => {
-                let mut num = [0u8; 4];
-                self.control.read_exact(&mut num).map_err(io_op("read listener number"))?;
-                let taken = ringfence_sys::pidfd_open(self.pid)
-                    .and_then(|p| ringfence_sys::pidfd_getfd(&p, i32::from_le_bytes(num)));
-                match taken {
-                    Ok(fd) => {
-                        self.control.write_all(&[ACK_TAKEN]).map_err(io_op("ack listener"))?;
-                        Ok((MARK_LISTENER, Some(fd)))
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "taking the listener failed; asking for it");
-                        self.control.write_all(&[ACK_SEND]).map_err(io_op("ask for listener"))?;
-                        match self.recv_marker_byte(limit)? {
-                            (MARK_LISTENER, mut fds) if fds.len() == 1 => {
-                                Ok((MARK_LISTENER, fds.pop()))
-                            }
-                            (b, _) => Err(JailError::Protocol(format!(
-                                "marker {b:#x} instead of the listener"
-                            ))),
-                        }
-                    }
-                }
+    /// Receives the agent's marker and, with it, the seccomp listener (marker `F`) and, for a
+    /// tmpfs disk, the stage directory, in that order: taken with `pidfd_getfd` when the agent
+    /// offers them ([`MARK_PULL`]), sent by it only where that is refused.
+    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Vec<OwnedFd>), JailError> {
+        let stage = usize::from(self.disk.is_none());
+        let (byte, fds) = self.recv_marker_byte(limit)?;
+        if byte != MARK_PULL || !fds.is_empty() {
+            return Self::check_sent(byte, fds, stage);
+        }
+        let mut nums = [0u8; 8];
+        self.control.read_exact(&mut nums).map_err(io_op("read descriptor numbers"))?;
+        let listener = i32::from_le_bytes([nums[0], nums[1], nums[2], nums[3]]);
+        let stage_fd = i32::from_le_bytes([nums[4], nums[5], nums[6], nums[7]]);
+        if usize::from(stage_fd >= 0) != stage {
+            return Err(JailError::Protocol("stage descriptor offered or missing".into()));
+        }
+        let wanted: Vec<i32> = [listener, stage_fd].into_iter().filter(|n| *n >= 0).collect();
+        let taken: Result<Vec<OwnedFd>, _> = ringfence_sys::pidfd_open(self.pid)
+            .and_then(|p| wanted.iter().map(|n| ringfence_sys::pidfd_getfd(&p, *n)).collect());
+        match taken {
+            Ok(fds) => {
+                self.control.write_all(&[ACK_TAKEN]).map_err(io_op("ack descriptors"))?;
+                Ok((if listener >= 0 { MARK_LISTENER } else { MARK_NO_LISTENER }, fds))
             }
+            Err(e) => {
+                tracing::debug!(error = %e, "taking the agent's descriptors failed; asking for them");
+                self.control.write_all(&[ACK_SEND]).map_err(io_op("ask for descriptors"))?;
+                let (byte, fds) = self.recv_marker_byte(limit)?;
+                Self::check_sent(byte, fds, stage)
+            }
+        }
+    }
+
+    /// Checks a marker and the descriptors sent with it: the listener (marker `F`) and the
+    /// stage (`stage` of them) or, with an error, none.
+    fn check_sent(
+        byte: u8,
+        fds: Vec<OwnedFd>,
+        stage: usize,
+    ) -> Result<(u8, Vec<OwnedFd>), JailError> {
+        match byte {
+            MARK_LISTENER if fds.len() == 1 + stage => Ok((MARK_LISTENER, fds)),
+            MARK_NO_LISTENER if fds.len() == stage => Ok((MARK_NO_LISTENER, fds)),
+            MARK_ERROR if fds.is_empty() => Ok((MARK_ERROR, fds)),
             b => Err(JailError::Protocol(format!("marker {b:#x} with {} descriptors", fds.len()))),
         }
     }
@@ -395,6 +447,11 @@ impl Sandbox {
         let dir = agent_socket_dir(cfg, id);
         let control = UnixStream::connect(dir.join("agent.sock"))
             .map_err(io_op(format!("connect to {}", dir.join("agent.sock").display())))?;
+        // Its disk, if it was started with one: locked again, so no sweep takes it.
+        let disk = match &cfg.disk {
+            DiskBackend::Image(disks) => disks.adopt(id)?,
+            DiskBackend::Tmpfs => None,
+        };
         Ok(Sandbox {
             id: id.to_string(),
             pid,
@@ -407,6 +464,8 @@ impl Sandbox {
             phases: Vec::new(),
             socket_dir: Some(dir),
             adopted: true,
+            stage: None,
+            disk,
         })
     }
 
@@ -441,13 +500,29 @@ impl Sandbox {
         self.control.try_clone().map_err(io_op("clone control channel"))
     }
 
-    /// The sandbox's writable layer as the host sees it (through the agent's stage descriptor).
-    pub fn upper_dir(&self) -> std::path::PathBuf {
-        std::path::PathBuf::from(format!(
-            "/proc/{}/fd/{}/upper",
-            self.pid,
-            ringfence_proto::STAGE_FD
-        ))
+    /// The sandbox's writable layer as the host sees it: on its disk, or (tmpfs) through the
+    /// stage descriptor the agent handed over. `None` for a tmpfs sandbox this process adopted:
+    /// the descriptor stayed with the process that started it.
+    pub fn upper_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(d) = &self.disk {
+            return Some(d.upper());
+        }
+        let fd = self.stage.as_ref()?.as_raw_fd();
+        Some(std::path::PathBuf::from(format!("/proc/self/fd/{fd}/upper")))
+    }
+
+    /// Takes the sandbox's disk out of the host's mount namespace (see [`Disk::detach`]): for
+    /// one-shot sandboxes, whose upper layer the host never reads.
+    pub fn detach_disk(&mut self) -> Result<(), JailError> {
+        match &mut self.disk {
+            Some(d) => Ok(d.detach()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Where this sandbox's writable layer lives: "image" or "tmpfs".
+    pub fn disk_backend(&self) -> &'static str {
+        if self.disk.is_some() { "image" } else { "tmpfs" }
     }
 
     /// Stops every process in the sandbox (cgroup freezer) until [`Sandbox::thaw`].
@@ -549,12 +624,15 @@ impl Sandbox {
         self.lease.as_ref().map(Lease::memory_cpu)
     }
 
-    /// (used, total) bytes of the sandbox's writable layer. Its root is an overlay whose
-    /// `statfs` reports the upper layer's filesystem, the tmpfs sized to the disk quota, so
-    /// the agent's root as seen through `/proc` answers without entering the sandbox.
+    /// (used, total) bytes of the sandbox's writable layer: its disk's, or (tmpfs) the
+    /// agent's root's, an overlay whose `statfs` reports the upper layer's tmpfs, sized to the
+    /// quota, as seen through `/proc` without entering the sandbox.
     pub fn disk_usage(&self) -> Option<(u64, u64)> {
         if self.reaped {
             return None;
+        }
+        if let Some(d) = &self.disk {
+            return d.usage();
         }
         let st = nix::sys::statvfs::statvfs(format!("/proc/{}/root", self.pid).as_str()).ok()?;
         let frag = st.fragment_size().max(1);

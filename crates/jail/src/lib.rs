@@ -14,6 +14,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod disk;
 pub mod inside;
 pub mod launch;
 pub mod layer;
@@ -52,6 +53,8 @@ pub struct JailConfig {
     /// Claim files of sandbox owner uids (see [`owner`]). Host-wide on purpose, unlike
     /// `run_dir`: every process starting sandboxes on a host must draw from one set of claims.
     pub owner_dir: PathBuf,
+    /// Where sandboxes' writable layers live (see [`disk`]).
+    pub disk: disk::DiskBackend,
 }
 
 /// Width of the id range mapped into every sandbox.
@@ -67,6 +70,8 @@ impl JailConfig {
             agent_path,
             cgroup_name: "ringfence".into(),
             owner_dir: PathBuf::from(DEFAULT_OWNER_DIR),
+            // Callers that can (the CLI, the server) choose images after probing the host.
+            disk: disk::DiskBackend::Tmpfs,
         }
     }
 }

@@ -32,11 +32,6 @@ pub struct Rlimits {
     pub core: u64,
 }
 
-/// The descriptor number at which the agent keeps its stage directory (the writable layer's
-/// parent) open, so the host can reach the sandbox's upper layer through
-/// `/proc/<agent>/fd/STAGE_FD/upper` for snapshots, while nothing inside can name it.
-pub const STAGE_FD: i32 = 1000;
-
 /// The descriptor number at which the agent starts with the claim on its sandbox's owner uid
 /// (a locked file, see `ringfence_jail::owner`) and keeps it, close-on-exec, until it exits:
 /// the claim lives exactly as long as the sandbox.
@@ -57,10 +52,16 @@ pub struct SetupSpec {
     /// Read-only lower layers stacked above the template, topmost first (host directories:
     /// snapshots, forks and filesystem-only pauses). Each holds a former sandbox's upper layer.
     pub layers: Vec<String>,
-    /// Size of the writable layer (the disk quota) in bytes.
+    /// Host directory holding the sandbox's own disk (`upper/` and `work/` on a filesystem of
+    /// the quota's size, see `ringfence_jail::disk`). `None`: the writable layer is a tmpfs of
+    /// `disk_bytes` on the stage, charged to the sandbox's memory.
+    pub disk_dir: Option<String>,
+    /// Size of the writable layer (the disk quota) in bytes (the tmpfs's, without `disk_dir`).
     pub disk_bytes: u64,
-    /// Inode cap of the writable layer.
+    /// Inode cap of the writable layer (the tmpfs's, without `disk_dir`).
     pub disk_inodes: u64,
+    /// Size of `/dev/shm`, a tmpfs: memory, charged to the sandbox's memory limit.
+    pub shm_bytes: u64,
     /// Paths (inside the sandbox) where Landlock allows writes.
     pub writable: Vec<String>,
     /// Fail if Landlock exists on this kernel but cannot be enforced.

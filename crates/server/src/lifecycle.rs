@@ -71,7 +71,16 @@ impl Manager {
                 // Frozen for the copy, so no file changes halfway; a host without a freezer
                 // copies a running sandbox.
                 let froze = !paused && sb.freeze().is_ok();
-                let r = ringfence_jail::layer::save(&sb.upper_dir(), &dest);
+                let Some(upper) = sb.upper_dir() else {
+                    if froze {
+                        let _ = sb.thaw();
+                    }
+                    return Err(internal(
+                        "this sandbox's files cannot be saved: its writable layer is a tmpfs \
+                         started by an earlier server process (run the server with disk images)",
+                    ));
+                };
+                let r = ringfence_jail::layer::save(&upper, &dest).map_err(internal);
                 if froze {
                     let _ = sb.thaw();
                 }
@@ -82,7 +91,7 @@ impl Manager {
         .map_err(internal)?;
         match saved {
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(internal(e)),
+            Some(Err(e)) => return Err(e),
             None => return Err(ManagerError::NotFound("sandbox is gone".into())),
         }
         let mut layers = vec![layer.clone()];

@@ -53,6 +53,8 @@ pub struct ManagerConfig {
     pub pressure_floor: u64,
     /// Per-key quotas by default (a key's own settings override them).
     pub quotas: crate::quota::QuotaConfig,
+    /// Where sandboxes' writable layers live (settled once, at start).
+    pub disk: ringfence_jail::disk::DiskChoice,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -246,6 +248,20 @@ impl Manager {
         let mut jail = JailConfig::with_agent(cfg.agent_path.clone());
         jail.data_dir = cfg.data_dir.clone();
         jail.run_dir = cfg.run_dir.clone();
+        let (disk, why_tmpfs) = cfg.disk.resolve(&jail.data_dir, true).map_err(internal)?;
+        match &why_tmpfs {
+            Some(why) => tracing::warn!(
+                disk_backend = disk.name(),
+                reason = %why,
+                "{}",
+                ringfence_jail::disk::TMPFS_WARNING
+            ),
+            None => tracing::info!(
+                disk_backend = disk.name(),
+                "sandbox disks are filesystem images: ENOSPC at the quota, apart from memory"
+            ),
+        }
+        jail.disk = disk;
         let host = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
         let seccomp = seccomp::default_profile(true).map_err(internal)?;
         let layout = Layout::detect().map_err(internal)?;
@@ -351,6 +367,11 @@ impl Manager {
             self.store.count_sandboxes_of(key_id).map_err(internal)
         })?;
         Ok(admitted?)
+    }
+
+    /// Where sandboxes' writable layers live: "image" or "tmpfs".
+    pub fn disk_backend(&self) -> &'static str {
+        self.jail.disk.name()
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -615,6 +636,16 @@ impl Manager {
                     "lost",
                     &serde_json::json!({"reason": "agent gone after server restart"}),
                 );
+            }
+        }
+        // Disks whose sandbox did not come back (lost above, pooled by the earlier server, or
+        // a one-shot run that was killed): the re-attached ones are locked by now.
+        if let ringfence_jail::disk::DiskBackend::Image(disks) = &self.jail.disk {
+            let disks = disks.clone();
+            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || disks.sweep()).await
+                && n > 0
+            {
+                tracing::info!(disks = n, "removed disks of sandboxes that are gone");
             }
         }
         // Whatever an earlier server left in slots nobody holds now (its pooled sandboxes,

@@ -49,12 +49,25 @@ fn agent_binary() -> Option<PathBuf> {
 struct Env {
     client: Arc<AgentClient>,
     state: Arc<EnvdState>,
-    _sandbox: Sandbox,
+    sandbox: Sandbox,
     _supervisor: Option<Supervisor>,
     rt: tokio::runtime::Runtime,
 }
 
+/// How a test's sandbox differs from the default (tmpfs disk, default limits).
+#[derive(Debug, Default, Clone, Copy)]
+struct Opts {
+    /// Its disk is a filesystem image (`ringfence_jail::disk`) rather than a tmpfs.
+    image: bool,
+    memory: Option<u64>,
+    disk: Option<u64>,
+}
+
 fn start(test: &str) -> Option<Env> {
+    start_with(test, Opts::default())
+}
+
+fn start_with(test: &str, opts: Opts) -> Option<Env> {
     if ringfence_sys::euid() != 0 {
         eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
         return None;
@@ -67,14 +80,27 @@ fn start(test: &str) -> Option<Env> {
     let mut cfg = JailConfig::with_agent(agent);
     cfg.data_dir = PathBuf::from("/var/lib/ringfence");
     cfg.run_dir = PathBuf::from("/run/ringfence");
+    if opts.image {
+        match ringfence_jail::disk::DiskChoice::Image.resolve(&cfg.data_dir, true) {
+            Ok((backend, _)) => cfg.disk = backend,
+            Err(e) => {
+                eprintln!("SKIPPED {test}: this host cannot make disk images: {e}");
+                return None;
+            }
+        }
+    }
     let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
     let layout = Layout::detect().expect("cgroup layout");
     let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
     let null_in = File::open("/dev/null").unwrap();
     let null_out = OpenOptions::new().write(true).open("/dev/null").unwrap();
     let id = ringfence_jail::new_sandbox_id();
+    let mut limits = ringfence_jail::limits::Limits::default();
+    limits.memory = opts.memory.or(limits.memory);
+    limits.disk = opts.disk.unwrap_or(limits.disk);
     let spec = SandboxSpec {
         die_with_parent: true,
+        limits,
         ..SandboxSpec::new(
             id.clone(),
             tmpl,
@@ -89,18 +115,18 @@ fn start(test: &str) -> Option<Env> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let control = sandbox.control_clone().expect("control channel");
     let client = rt.block_on(async { AgentClient::new(control) }).expect("agent client");
-    Some(Env {
-        client,
-        state: Arc::new(EnvdState::new()),
-        _sandbox: sandbox,
-        _supervisor: supervisor,
-        rt,
-    })
+    Some(Env { client, state: Arc::new(EnvdState::new()), sandbox, _supervisor: supervisor, rt })
 }
 
 macro_rules! env_or_skip {
     () => {
         match start(module_path!()) {
+            Some(env) => env,
+            None => return,
+        }
+    };
+    ($opts:expr) => {
+        match start_with(module_path!(), $opts) {
             Some(env) => env,
             None => return,
         }
@@ -930,4 +956,182 @@ fn watchers_exhausted_in_one_sandbox_leave_others_and_the_host_theirs() {
     });
     let host = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_CLOEXEC);
     assert!(host.is_ok(), "host root lost inotify: {host:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disks (issue 12, findings 11 and 13).
+
+const OCTETS: (&str, &str) = ("content-type", "application/octet-stream");
+
+/// A sandbox's disk is disk, not memory: with a quota four times its memory limit, an upload
+/// beyond the quota answers 507, `dd` inside gets ENOSPC, nothing is OOM-killed, and the
+/// sandbox, its PID 1 included, goes on (with a tmpfs disk, the same test gets 502: the upload
+/// got PID 1 OOM-killed).
+#[test]
+fn a_full_disk_is_enospc_and_507_not_an_oom_kill() {
+    let env = env_or_skip!(Opts { image: true, memory: Some(32 << 20), disk: Some(128 << 20) });
+    env.block(async {
+        let r = env.post_file("path=/tmp/big.bin", &[OCTETS], vec![0x5a; 160 << 20]).await;
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let v = json_body(r).await;
+        assert_eq!(v["code"], 507, "{v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains("no space left on device: /tmp/big.bin"), "{msg}");
+        assert!(!msg.contains("/var/lib") && !msg.contains("/run/"), "host path in {msg}");
+        // PID 1 survived and serves; the disk fills from inside too, with ENOSPC.
+        let o = env
+            .sh("rm /tmp/big.bin; dd if=/dev/zero of=/home/user/f bs=1M count=200 2>&1 | \
+                 grep -o 'No space left on device'; df -k / | tail -1; rm /home/user/f; echo alive")
+            .await;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(out.starts_with("No space left on device\n") && out.ends_with("alive\n"), "{o:?}");
+        // What df inside shows is the quota.
+        let total_kib: u64 =
+            out.lines().nth(1).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!((100 << 10..=128 << 10).contains(&total_kib), "{out}");
+        assert_eq!(env.sandbox.oom_kills(), 0, "an OOM kill while filling the disk");
+        let (used, total) = env.sandbox.disk_usage().unwrap();
+        assert!(total <= 128 << 20 && used < 16 << 20, "{used} of {total}");
+        // Space freed is space again.
+        let r = env.post_file("path=/tmp/ok", &[OCTETS], vec![1; 64 << 20]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    });
+}
+
+/// Two sandboxes' quotas are their own: one full disk does not take space from another.
+#[test]
+fn two_sandboxes_disks_are_independent() {
+    let opts = Opts { image: true, memory: None, disk: Some(64 << 20) };
+    let a = env_or_skip!(opts);
+    let b = env_or_skip!(Opts { disk: Some(128 << 20), ..opts });
+    a.block(async {
+        let r = a.post_file("path=/tmp/fill", &[OCTETS], vec![0; 100 << 20]).await;
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    });
+    b.block(async {
+        // More than A's whole quota still fits in B, while A is full.
+        let r = b.post_file("path=/tmp/fill", &[OCTETS], vec![0; 100 << 20]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    });
+    assert_ne!(a.sandbox.upper_dir(), b.sandbox.upper_dir());
+}
+
+/// The agent keeps no descriptor that leads out of the sandbox's root: every directory it holds
+/// open, from the host's view, is none (the tmpfs upper layer's parent, which it used to keep at
+/// fd 1000, is the host's now). The host still reaches the upper layer, in either backend.
+#[test]
+fn the_agent_holds_no_directory_and_the_host_reaches_the_upper_layer() {
+    for image in [false, true] {
+        let env = env_or_skip!(Opts { image, ..Opts::default() });
+        let pid = env.sandbox.pid;
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let is_dir = std::fs::metadata(fd.path()).is_ok_and(|m| m.is_dir());
+            assert!(
+                !is_dir,
+                "image={image}: agent fd {:?} is the directory {target:?}",
+                fd.file_name()
+            );
+        }
+        let upper = env.sandbox.upper_dir().expect("upper layer reachable from the host");
+        let host_name = std::fs::read_to_string(upper.join("etc/hostname")).unwrap();
+        assert_eq!(host_name.trim(), env.sandbox.id, "image={image}");
+        assert_eq!(env.sandbox.disk_backend(), if image { "image" } else { "tmpfs" });
+    }
+}
+
+/// Finding 13: the files API runs as the agent, so it must not follow a path to what only the
+/// agent can reach: its descriptors (/proc/1/fd/N, where the upper layer used to be), its memory
+/// and environment, or any /proc magic link (a process's root, cwd, fd), however named.
+#[test]
+fn the_files_api_refuses_the_agents_proc_and_magic_links() {
+    for image in [false, true] {
+        let env = env_or_skip!(Opts { image, ..Opts::default() });
+        env.block(async {
+            let o = env
+                .sh("ln -s /proc/1/fd /tmp/fds; ln -s /proc/self/root /tmp/root; \
+                            sleep 60 >/dev/null 2>&1 & echo $!")
+                .await;
+            let user_pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            assert!(!user_pid.is_empty(), "{o:?}");
+            let mut paths: Vec<String> = [
+                "/proc/1/fd/1000/upper/etc/hostname",
+                "/proc/1/fd/1000/work",
+                "/proc/1/fd/0",
+                "/proc/1/fd/3",
+                "/proc/self/fd/3",
+                "/proc/thread-self/fd/0",
+                "/proc/1/root/etc/hostname",
+                "/proc/1/cwd/etc/hostname",
+                "/proc/1/mem",
+                "/proc/1/environ",
+                "/proc/1/maps",
+                "/tmp/fds/0",
+                "/tmp/root/etc/hostname",
+                "/tmp/../proc/1/fd/../fd/1000/upper/etc/hosts",
+            ]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect();
+            // Through a user process's magic links (a stat of the link itself is only a
+            // description of it, as `ls -l` gives the user, and is left out).
+            let user_links: Vec<String> = ["root/etc/hostname", "cwd/x", "fd/0/x", "exe/x"]
+                .iter()
+                .map(|m| format!("/proc/{user_pid}/{m}"))
+                .collect();
+            paths.extend(user_links);
+            for p in &paths {
+                let q = format!("path={p}&username=root");
+                let r = env.get_file(&q, &[]).await;
+                let status = r.status();
+                let body = raw_body(r).await;
+                assert!(
+                    matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND),
+                    "image={image} GET {p}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                );
+                let r = env.post_file(&q, &[OCTETS], b"x".to_vec()).await;
+                assert!(
+                    matches!(r.status(), StatusCode::FORBIDDEN | StatusCode::NOT_FOUND),
+                    "image={image} POST {p}: {}",
+                    r.status()
+                );
+                for (method, msg) in [
+                    ("filesystem.Filesystem/Stat", json!({"path": p})),
+                    ("filesystem.Filesystem/ListDir", json!({"path": p, "depth": 1})),
+                    ("filesystem.Filesystem/MakeDir", json!({"path": format!("{p}/d")})),
+                    ("filesystem.Filesystem/Move", json!({"source": p, "destination": "/tmp/m"})),
+                ] {
+                    let (status, v) = env.unary(method, msg).await;
+                    assert_ne!(status, StatusCode::OK, "image={image} {method} {p}: {v}");
+                    assert!(
+                        ["permission_denied", "not_found", "invalid_argument"]
+                            .contains(&v["code"].as_str().unwrap_or("")),
+                        "image={image} {method} {p}: {v}"
+                    );
+                }
+            }
+            // Paths that exist are refused as such, not reported missing (a remove of what is
+            // missing succeeds, as envd's does, so it is tried here only).
+            for p in ["/proc/1/fd/0", "/proc/1/mem", "/proc/1/root/etc/hostname", "/tmp/fds/0"] {
+                let r = env.get_file(&format!("path={p}"), &[]).await;
+                assert_eq!(r.status(), StatusCode::FORBIDDEN, "image={image} {p}");
+                for method in ["filesystem.Filesystem/Stat", "filesystem.Filesystem/Remove"] {
+                    let (_, v) = env.unary(method, json!({"path": p})).await;
+                    assert_eq!(v["code"], "permission_denied", "image={image} {method} {p}: {v}");
+                }
+            }
+            let r = env.get_file(&format!("path=/proc/{user_pid}/root/etc/hostname"), &[]).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "image={image}");
+            // The same files by their own names are fine.
+            let r = env.get_file("path=/etc/hostname", &[]).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            let r = env.get_file(&format!("path=/proc/{user_pid}/status"), &[]).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            // Nothing was written through any of them.
+            let upper = env.sandbox.upper_dir().unwrap();
+            assert!(!upper.join("d").exists() && !upper.join("m").exists());
+            assert!(!std::path::Path::new(&format!("{}/tmp/m", upper.display())).exists());
+        });
+    }
 }
