@@ -479,7 +479,7 @@ impl DiskPool {
     /// beside its name and renamed, so a half-made template is never used).
     fn template(&self, bytes: u64) -> Result<PathBuf, DiskError> {
         let dir = self.dir.join(".templates");
-        let path = dir.join(format!("ext4-{bytes}.img"));
+        let path = dir.join(format!("ext4-i8192-{bytes}.img"));
         if path.exists() {
             return Ok(path);
         }
@@ -584,12 +584,14 @@ fn mkfs_program() -> PathBuf {
 fn mkfs(image: &Path) -> Result<(), DiskError> {
     // No journal: the filesystem lives as long as its sandbox, and a host crash takes the
     // sandbox with it. No reserved blocks: the quota is the sandbox's to use. 256-byte inodes
-    // hold the overlay's xattrs inline. The image is a fresh sparse file, so its inode tables
+    // hold the overlay's xattrs inline; one per 8 KiB, as many as the tmpfs disk allowed
+    // (a tree of small files, node_modules say, runs out of inodes long before blocks). The
+    // ratio is part of the template image's name, so images formatted otherwise are not reused. The image is a fresh sparse file, so its inode tables
     // read as zeroes already: nothing needs initialising at mount (older e2fsprogs lack that
     // option: then the tables are left uninitialised and the mount skips the zeroing thread).
     let run = |ext: &str| {
         Command::new(mkfs_program())
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-i", "16384", "-m", "0"])
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-i", "8192", "-m", "0"])
             .args(["-O", "^has_journal,^resize_inode", "-E", ext, "-L", "ringfence"])
             .arg(image)
             .output()
