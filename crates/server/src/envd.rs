@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +41,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agent_client::{AgentClient, ClientError};
+use crate::codec::{
+    EnvelopeError, EnvelopeReader, InflateError, InflateLimits, gunzip_bounded, gunzip_stream,
+};
 use crate::observe::{Execution, Outcome, SandboxObs};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
@@ -537,25 +540,23 @@ fn parse_json(data: &[u8]) -> Result<Value, RpcError> {
     Ok(v)
 }
 
-/// Decompresses a gzip body, refusing to grow past [`MAX_MESSAGE`].
-fn gunzip_all(data: &[u8]) -> Result<Vec<u8>, RpcError> {
-    let mut out = Vec::new();
-    let limit = u64::try_from(MAX_MESSAGE).unwrap_or(u64::MAX) + 1;
-    flate2::read::GzDecoder::new(data)
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|e| RpcError::invalid(format!("malformed gzip message: {e}")))?;
-    if out.len() > MAX_MESSAGE {
-        return Err(RpcError::new(Code::ResourceExhausted, "message too large"));
-    }
-    Ok(out)
+/// Decompresses a gzip message, refusing to grow past [`MAX_MESSAGE`] (it stops inflating
+/// there: a small bomb never expands in full).
+fn gunzip_all(data: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+    gunzip_bounded(Bytes::from(data), MAX_MESSAGE).map_err(|e| match e {
+        InflateError::TooLarge { .. } => RpcError::new(
+            Code::ResourceExhausted,
+            format!("message too large: it inflates past the {MAX_MESSAGE}-byte limit"),
+        ),
+        other => RpcError::invalid(format!("malformed gzip message: {other}")),
+    })
 }
 
 /// Applies a content encoding (`Content-Encoding` or `Connect-Content-Encoding`).
 fn decode_encoding(encoding: Option<&str>, data: Vec<u8>) -> Result<Vec<u8>, RpcError> {
     match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
         None | Some("" | "identity") => Ok(data),
-        Some("gzip") => gunzip_all(&data),
+        Some("gzip") => gunzip_all(data),
         Some(other) => {
             Err(RpcError::new(Code::Unimplemented, format!("unsupported encoding {other:?}")))
         }
@@ -575,41 +576,14 @@ async fn read_unary_message(headers: &HeaderMap, body: Body) -> Result<Value, Rp
     parse_json(&raw)
 }
 
-/// Incremental parser of Connect envelopes: `[flags:u8][len:u32 BE][len bytes]`.
-#[derive(Debug, Default)]
-struct EnvelopeReader {
-    buf: Vec<u8>,
+/// A Connect envelope reader with this server's message limit.
+fn envelope_reader() -> EnvelopeReader {
+    EnvelopeReader::new(MAX_MESSAGE)
 }
 
-impl EnvelopeReader {
-    fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete frame, if one has arrived.
-    fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, RpcError> {
-        if self.buf.len() < 5 {
-            return Ok(None);
-        }
-        let flags = self.buf[0];
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len > MAX_MESSAGE {
-            return Err(RpcError::new(
-                Code::ResourceExhausted,
-                format!("message of {len} bytes exceeds the {MAX_MESSAGE}-byte limit"),
-            ));
-        }
-        if self.buf.len() - 5 < len {
-            return Ok(None);
-        }
-        let data = self.buf[5..5 + len].to_vec();
-        self.buf.drain(..5 + len);
-        Ok(Some((flags, data)))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+impl From<EnvelopeError> for RpcError {
+    fn from(e: EnvelopeError) -> Self {
+        RpcError::new(Code::ResourceExhausted, e.to_string())
     }
 }
 
@@ -647,7 +621,7 @@ fn single_message(headers: &HeaderMap, raw: &[u8]) -> Result<Value, RpcError> {
         let raw = decode_encoding(header_str(headers, "content-encoding"), raw.to_vec())?;
         return parse_json(&raw);
     }
-    let mut reader = EnvelopeReader::default();
+    let mut reader = envelope_reader();
     reader.push(raw);
     while let Some((flags, data)) = reader.next_frame()? {
         if flags & FLAG_END_STREAM != 0 {
@@ -1402,7 +1376,7 @@ async fn stream_input_messages(
         return stream_input_message(client, &msg, &mut pid).await;
     }
     let mut data = body.into_data_stream();
-    let mut reader = EnvelopeReader::default();
+    let mut reader = envelope_reader();
     while let Some(chunk) = data.next().await {
         let chunk = chunk.map_err(|e| RpcError::invalid(format!("reading the request: {e}")))?;
         reader.push(&chunk);
@@ -2025,37 +1999,55 @@ fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, String>> + Send +
     body.into_data_stream().map(|r| r.map_err(|e| e.to_string()))
 }
 
-/// Decompresses a gzip stream as it arrives.
-fn gunzip<S>(stream: S) -> impl Stream<Item = Result<Bytes, String>> + Send + 'static
-where
-    S: Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
-{
-    let decoder = Some(flate2::write::GzDecoder::new(Vec::new()));
-    futures_util::stream::unfold((stream, decoder), |(mut stream, mut decoder)| async move {
-        loop {
-            let d = decoder.as_mut()?;
-            match stream.next().await {
-                Some(Ok(chunk)) => {
-                    if let Err(e) = d.write_all(&chunk) {
-                        return Some((Err(format!("malformed gzip body: {e}")), (stream, None)));
-                    }
-                    let out = std::mem::take(d.get_mut());
-                    if !out.is_empty() {
-                        return Some((Ok(Bytes::from(out)), (stream, decoder)));
-                    }
-                }
-                Some(Err(e)) => return Some((Err(e), (stream, None))),
-                None => {
-                    let d = decoder.take()?;
-                    return match d.finish() {
-                        Ok(rest) if rest.is_empty() => None,
-                        Ok(rest) => Some((Ok(Bytes::from(rest)), (stream, None))),
-                        Err(e) => Some((Err(format!("malformed gzip body: {e}")), (stream, None))),
-                    };
-                }
-            }
+/// Output a gzip upload may produce per byte of input, past [`GZIP_RATIO_GRACE`]. Text and code
+/// compress 3-20:1; only runs of nearly identical bytes approach deflate's ~1032:1 ceiling.
+const GZIP_MAX_RATIO: u64 = 256;
+/// Inflated bytes a gzip upload may produce whatever its ratio (a file of zeros this size goes
+/// through).
+const GZIP_RATIO_GRACE: u64 = 64 << 20;
+
+/// The limits of a gzip upload, given the most it may inflate to.
+fn upload_inflate_limits(max_output: u64) -> InflateLimits {
+    InflateLimits { max_output, max_ratio: Some(GZIP_MAX_RATIO), ratio_grace: GZIP_RATIO_GRACE }
+}
+
+/// The `/files` answer to a gzip body that could not be inflated.
+fn inflate_error(e: InflateError) -> FileError {
+    match e {
+        InflateError::Malformed(m) => FileError::new(
+            StatusCode::BAD_REQUEST,
+            format!("error decompressing request body: {m}"),
+        ),
+        e @ InflateError::Ratio { .. } => {
+            FileError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
-    })
+        InflateError::TooLarge { limit } => FileError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "the gzip body inflates past {limit} bytes, more than the sandbox has free; \
+                 refused without inflating the rest"
+            ),
+        ),
+        InflateError::Input(m) => {
+            FileError::new(StatusCode::BAD_REQUEST, format!("error reading the upload: {m}"))
+        }
+    }
+}
+
+/// A raw upload body, inflated when it is gzip, with the `/files` error of each failure.
+fn upload_body(
+    body: Body,
+    gzip: Option<InflateLimits>,
+) -> std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, FileError>> + Send>> {
+    let stream = body_stream(body);
+    match gzip {
+        Some(limits) => Box::pin(gunzip_stream(stream, limits).map(|r| r.map_err(inflate_error))),
+        None => Box::pin(stream.map(|r| {
+            r.map_err(|e| {
+                FileError::new(StatusCode::BAD_REQUEST, format!("error reading the upload: {e}"))
+            })
+        })),
+    }
 }
 
 /// `Content-Encoding` of an upload: gzip or nothing.
@@ -2093,6 +2085,9 @@ async fn write_chunk(
 
 /// Writes a streamed upload in [`CHUNK`]-sized requests (offset 0 first, which creates or
 /// truncates, so an empty upload still leaves an empty file).
+///
+/// Incoming chunks are cut into batches without copying what follows the cut (a 64 MiB chunk
+/// used to be re-split with `split_off`, copying its tail once per megabyte).
 async fn write_stream<S>(
     client: &AgentClient,
     path: &str,
@@ -2100,27 +2095,27 @@ async fn write_stream<S>(
     stream: S,
 ) -> Result<EntryInfo, FileError>
 where
-    S: Stream<Item = Result<Bytes, String>>,
+    S: Stream<Item = Result<Bytes, FileError>>,
 {
     let mut stream = std::pin::pin!(stream);
-    let mut buf: Vec<u8> = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
     let mut offset = 0u64;
     let mut last = None;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            FileError::new(StatusCode::BAD_REQUEST, format!("error reading the upload: {e}"))
-        })?;
-        buf.extend_from_slice(&chunk);
-        while buf.len() >= CHUNK {
-            let rest = buf.split_off(CHUNK);
-            let piece = std::mem::replace(&mut buf, rest);
-            last = Some(write_chunk(client, path, user, offset, piece).await?);
-            offset += CHUNK as u64;
+        let mut chunk = chunk?;
+        while !chunk.is_empty() {
+            let take = (CHUNK - batch.len()).min(chunk.len());
+            batch.extend_from_slice(&chunk.split_to(take));
+            if batch.len() == CHUNK {
+                let piece = std::mem::take(&mut batch);
+                last = Some(write_chunk(client, path, user, offset, piece).await?);
+                offset += CHUNK as u64;
+            }
         }
     }
     match last {
-        Some(entry) if buf.is_empty() => Ok(entry),
-        _ => write_chunk(client, path, user, offset, buf).await,
+        Some(entry) if batch.is_empty() => Ok(entry),
+        _ => write_chunk(client, path, user, offset, batch).await,
     }
 }
 
@@ -2208,12 +2203,9 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
                 "path query parameter is required for raw body upload",
             );
         };
-        let stream = body_stream(req.into_body());
-        let written = if gzip {
-            write_stream(&client, &path, user, gunzip(stream)).await
-        } else {
-            write_stream(&client, &path, user, stream).await
-        };
+        let limits = gzip.then(|| upload_inflate_limits(u64::MAX));
+        let written =
+            write_stream(&client, &path, user, upload_body(req.into_body(), limits)).await;
         let written = match written {
             Ok(e) => set_metadata(&client, user, &e.path, &metadata).await,
             Err(e) => Err(e),
@@ -2224,10 +2216,28 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         };
     }
     if media.starts_with("multipart/") {
-        let req = if gzip { req.map(|b| Body::from_stream(gunzip(body_stream(b)))) } else { req };
+        // The form parser only sees a failing body; why it failed (a bomb, malformed gzip)
+        // is kept here so the answer can say so with the right status.
+        let failure: InflateFailure = Arc::default();
+        let req = if gzip {
+            let slot = failure.clone();
+            req.map(move |b| {
+                let limits = upload_inflate_limits(u64::MAX);
+                Body::from_stream(gunzip_stream(body_stream(b), limits).map(move |r| {
+                    r.inspect_err(|e| {
+                        if let Ok(mut s) = slot.lock() {
+                            s.get_or_insert_with(|| inflate_error(e.clone()));
+                        }
+                    })
+                }))
+            })
+        } else {
+            req
+        };
         // axum caps extracted multipart bodies at 2 MB unless told otherwise; uploads are
         // streamed chunk by chunk, so no cap is needed.
-        let handler = move |req: Request| upload_multipart(client, user, path, metadata, req);
+        let handler =
+            move |req: Request| upload_multipart(client, user, path, metadata, failure, req);
         return Handler::call(handler.layer(DefaultBodyLimit::disable()), req, ()).await;
     }
     let ct = header_str(req.headers(), "content-type").unwrap_or("");
@@ -2239,6 +2249,18 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
     )
 }
 
+/// Why a gzip-encoded multipart body stopped, when it was the inflation that failed.
+type InflateFailure = Arc<Mutex<Option<FileError>>>;
+
+/// The error of a form that failed to parse: the inflation's own when that is the cause.
+fn form_error(failure: &InflateFailure, context: &str, e: impl std::fmt::Display) -> FileError {
+    failure
+        .lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .unwrap_or_else(|| FileError::new(StatusCode::BAD_REQUEST, format!("{context}: {e}")))
+}
+
 /// Each part named `file` goes to `path` when given, else to the part's file name (the SDK
 /// sends the full target path there).
 async fn upload_multipart(
@@ -2246,6 +2268,7 @@ async fn upload_multipart(
     user: SandboxUser,
     path: Option<String>,
     metadata: BTreeMap<String, String>,
+    failure: InflateFailure,
     req: Request,
 ) -> Response {
     let mut form = match Multipart::from_request(req, &()).await {
@@ -2258,9 +2281,7 @@ async fn upload_multipart(
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => {
-                return http_error(StatusCode::BAD_REQUEST, format!("error reading form: {e}"));
-            }
+            Err(e) => return form_error(&failure, "error reading form", e).into_response(),
         };
         if field.name() != Some("file") {
             continue;
@@ -2281,11 +2302,14 @@ async fn upload_multipart(
                 ),
             );
         }
-        let chunks = futures_util::stream::unfold(field, |mut f| async move {
-            match f.chunk().await {
-                Ok(Some(b)) => Some((Ok(b), f)),
-                Ok(None) => None,
-                Err(e) => Some((Err(e.to_string()), f)),
+        let chunks = futures_util::stream::unfold(field, |mut f| {
+            let failure = failure.clone();
+            async move {
+                match f.chunk().await {
+                    Ok(Some(b)) => Some((Ok(b), f)),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(form_error(&failure, "error reading the upload", e)), f)),
+                }
             }
         });
         let result = match write_stream(&client, &target, user, chunks).await {
@@ -2317,7 +2341,7 @@ mod tests {
     }
 
     fn frames(bytes: &[u8]) -> Vec<(u8, Value)> {
-        let mut r = EnvelopeReader::default();
+        let mut r = envelope_reader();
         r.push(bytes);
         let mut out = Vec::new();
         while let Some((flags, data)) = r.next_frame().unwrap() {
@@ -2344,7 +2368,7 @@ mod tests {
     #[test]
     fn envelope_reader_is_incremental_and_bounded() {
         let e = envelope(0, &json!({"a": 1}));
-        let mut r = EnvelopeReader::default();
+        let mut r = envelope_reader();
         r.push(&e[..3]);
         assert_eq!(r.next_frame().unwrap(), None);
         r.push(&e[3..8]);
@@ -2352,9 +2376,9 @@ mod tests {
         r.push(&e[8..]);
         assert_eq!(r.next_frame().unwrap(), Some((0, br#"{"a":1}"#.to_vec())));
         assert!(r.is_empty());
-        let mut big = EnvelopeReader::default();
+        let mut big = envelope_reader();
         big.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(big.next_frame().unwrap_err().code, Code::ResourceExhausted);
+        assert_eq!(RpcError::from(big.next_frame().unwrap_err()).code, Code::ResourceExhausted);
     }
 
     #[test]
@@ -2712,20 +2736,59 @@ mod tests {
     }
 
     #[test]
-    fn gunzip_streams_across_chunk_boundaries() {
-        let data: Vec<u8> = (0..200_000u32).flat_map(u32::to_le_bytes).collect();
-        let z = gzip_all(&data).unwrap();
-        let chunks: Vec<Result<Bytes, String>> =
-            z.chunks(777).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    fn gzip_uploads_inflate_in_bounded_pieces_and_name_their_failures() {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let out: Vec<Result<Bytes, String>> =
-            rt.block_on(gunzip(futures_util::stream::iter(chunks)).collect());
+        let collect = |body: Vec<u8>, limits: InflateLimits| -> Vec<Result<Bytes, FileError>> {
+            rt.block_on(upload_body(Body::from(body), Some(limits)).collect())
+        };
+        let data: Vec<u8> = (0..200_000u32).flat_map(u32::to_le_bytes).collect();
+        let out = collect(gzip_all(&data).unwrap(), upload_inflate_limits(u64::MAX));
+        assert!(
+            out.iter().all(|r| r.as_ref().is_ok_and(|b| b.len() <= crate::codec::INFLATE_CHUNK))
+        );
         let joined: Vec<u8> = out.into_iter().flat_map(|r| r.unwrap().to_vec()).collect();
         assert_eq!(joined, data);
-        let bad: Vec<Result<Bytes, String>> = vec![Ok(Bytes::from_static(b"not gzip at all"))];
-        let out: Vec<Result<Bytes, String>> =
-            rt.block_on(gunzip(futures_util::stream::iter(bad)).collect());
-        assert!(out.iter().any(Result::is_err));
+        // Malformed: 400.
+        let out = collect(b"not gzip at all".to_vec(), upload_inflate_limits(u64::MAX));
+        let err = out.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("decompressing"), "{}", err.message);
+        // Past what the sandbox has free: 507, before inflating the rest.
+        // Compressed hard, as an attacker would (the fast level stops near 230:1 on zeros).
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::best());
+        enc.write_all(&vec![0u8; 8 << 20]).unwrap();
+        let zeros = enc.finish().unwrap();
+        let out = collect(zeros.clone(), upload_inflate_limits(1 << 20));
+        let err = out.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.status, StatusCode::INSUFFICIENT_STORAGE);
+        let inflated: usize = out.iter().filter_map(|r| r.as_ref().ok()).map(Bytes::len).sum();
+        assert!(inflated <= 1 << 20, "{inflated} bytes passed before the refusal");
+        // Expanding like a bomb past the grace: 413, naming it.
+        let limits = InflateLimits {
+            max_output: u64::MAX,
+            max_ratio: Some(GZIP_MAX_RATIO),
+            ratio_grace: 1 << 20,
+        };
+        let out = collect(zeros, limits);
+        let err = out.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(err.message.contains("decompression bomb"), "{}", err.message);
+    }
+
+    #[test]
+    fn compressed_envelopes_stop_inflating_at_the_message_limit() {
+        // 17 members of 1 MiB of zeros each: 17 MiB inflated from a few kilobytes.
+        let member = gzip_all(&vec![0u8; 1 << 20]).unwrap();
+        let z = member.repeat((MAX_MESSAGE >> 20) + 1);
+        let mut frame = vec![FLAG_COMPRESSED];
+        frame.extend_from_slice(&u32::try_from(z.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&z);
+        let hz = headers(&[("content-type", CONNECT_JSON), ("connect-content-encoding", "gzip")]);
+        let err = single_message(&hz, &frame).unwrap_err();
+        assert_eq!(err.code, Code::ResourceExhausted);
+        assert!(err.message.contains("inflates past"), "{}", err.message);
+        // A unary body with Content-Encoding: gzip takes the same path.
+        assert_eq!(decode_encoding(Some("gzip"), z).unwrap_err().code, Code::ResourceExhausted);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod codec;
 pub mod envd;
 pub mod interp;
 pub mod manager;
