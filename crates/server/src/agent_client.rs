@@ -5,13 +5,22 @@
 //! the events tagged with that id until the process exits or the caller goes away.
 //! The agent is untrusted: frames are size-checked before decoding, and a malformed frame
 //! closes the channel rather than panicking.
+//!
+//! Streams are flow-controlled (see [`ringfence_proto::STREAM_WINDOW`]): an [`EventStream`]
+//! acknowledges what its consumer took, so the agent sends a stream no more than a window ahead
+//! of its consumer. The reader task never waits for a consumer (one slow stream must not stall
+//! the sandbox's others); it counts what each stream has queued instead, and drops what an agent
+//! sends past the window, which only a misbehaving one does.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ringfence_proto::{AgentError, Envelope, Event, ProtoError, Reply, Request, encode, frame_len};
+use ringfence_proto::{
+    AgentError, Envelope, Event, ProtoError, Reply, Request, STREAM_SLACK, STREAM_WINDOW, encode,
+    flow_cost, frame_len,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -32,9 +41,34 @@ pub enum ClientError {
 
 type ReplySender = oneshot::Sender<Result<Reply, AgentError>>;
 
+/// Where a stream's events go, and how many bytes of them (by [`flow_cost`]) wait there.
+struct Route {
+    tx: mpsc::UnboundedSender<Event>,
+    queued: Arc<AtomicU64>,
+    /// Set once an over-window event was dropped, so that it is logged once.
+    overrun: bool,
+}
+
+impl Route {
+    /// Queues `event` unless the agent overran the window; false once the consumer is gone.
+    fn deliver(&mut self, event: Event) -> bool {
+        let cost = flow_cost(&event);
+        let queued = self.queued.load(Ordering::Acquire);
+        if cost > 0 && queued.saturating_add(cost) > STREAM_WINDOW + STREAM_SLACK {
+            if !self.overrun {
+                self.overrun = true;
+                tracing::warn!(queued, cost, "agent sent past its flow-control window; dropped");
+            }
+            return !self.tx.is_closed();
+        }
+        self.queued.fetch_add(cost, Ordering::AcqRel);
+        self.tx.send(event).is_ok()
+    }
+}
+
 struct Pending {
     reply: Option<ReplySender>,
-    events: Option<mpsc::UnboundedSender<Event>>,
+    events: Option<Route>,
     /// A watch: once the reply names the watch id, its events are routed by that id.
     watch: bool,
 }
@@ -42,7 +76,7 @@ struct Pending {
 #[derive(Default)]
 struct Routes {
     pending: HashMap<u64, Pending>,
-    watches: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    watches: HashMap<u64, Route>,
     closed: bool,
 }
 
@@ -118,21 +152,139 @@ impl AgentClient {
     /// Sends a streaming request (spawn, attach, watch) and returns its reply together with
     /// the events that follow it.
     pub async fn stream(
-        &self,
+        self: &Arc<Self>,
         request: Request,
-    ) -> Result<(Reply, mpsc::UnboundedReceiver<Event>), ClientError> {
+    ) -> Result<(Reply, EventStream), ClientError> {
         let (tx, rx) = oneshot::channel();
         let (etx, erx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicU64::new(0));
         let watch = matches!(request, Request::Watch { .. });
-        let id = self.register(Pending { reply: Some(tx), events: Some(etx), watch })?;
+        let route = Route { tx: etx, queued: queued.clone(), overrun: false };
+        let id = self.register(Pending { reply: Some(tx), events: Some(route), watch })?;
         self.send(id, request).await?;
         let reply = rx.await.map_err(|_| ClientError::Closed)??;
-        Ok((reply, erx))
+        let flow = match reply {
+            Reply::Watching { watch } => Flow::Watch(watch),
+            _ => Flow::Output(id),
+        };
+        let events =
+            EventStream { rx: erx, queued, flow, client: self.clone(), unacked: 0, done: false };
+        Ok((reply, events))
+    }
+
+    /// Sends a request the agent does not answer (flow control).
+    async fn send_one_way(&self, request: Request) -> Result<(), ClientError> {
+        debug_assert!(request.is_one_way());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode(&Envelope { id, request })?;
+        self.writer.lock().await.write_all(&bytes).await?;
+        Ok(())
     }
 
     /// Whether the channel has closed (the agent exited or misbehaved).
     pub fn is_closed(&self) -> bool {
         self.routes.lock().map(|r| r.0.closed).unwrap_or(true)
+    }
+}
+
+/// Which flow a stream's acknowledgements credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// A process's output to the `Spawn` or `Attach` with this request id.
+    Output(u64),
+    Watch(u64),
+}
+
+/// The events of a streaming request. Taking events acknowledges them to the agent, which then
+/// sends more; a stream nobody takes from stops its process's output at the pipe.
+///
+/// Dropping an output stream detaches it, so the process no longer waits for it.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::UnboundedReceiver<Event>,
+    queued: Arc<AtomicU64>,
+    flow: Flow,
+    client: Arc<AgentClient>,
+    /// Bytes taken but not yet acknowledged: acknowledged in batches of a quarter window.
+    unacked: u64,
+    /// The process exited (or the stream was detached): nothing to detach on drop.
+    done: bool,
+}
+
+impl EventStream {
+    /// The next event; `None` once the stream ended (the process exited and its `Exited` was
+    /// taken, or the agent is gone).
+    pub async fn recv(&mut self) -> Option<Event> {
+        let ev = self.rx.recv().await?;
+        self.took(&ev).await;
+        Some(ev)
+    }
+
+    /// Every event queued right now, without waiting.
+    pub async fn drain(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Ok(ev) = self.rx.try_recv() {
+            out.push(ev);
+        }
+        for ev in &out {
+            self.took(ev).await;
+        }
+        out
+    }
+
+    /// Bytes queued for this stream, not yet taken.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    async fn took(&mut self, ev: &Event) {
+        if matches!(ev, Event::Exited { .. }) {
+            self.done = true;
+        }
+        let cost = flow_cost(ev);
+        if cost == 0 {
+            return;
+        }
+        self.queued.fetch_sub(cost.min(self.queued()), Ordering::AcqRel);
+        self.unacked += cost;
+        if self.unacked < STREAM_WINDOW / 4 {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.unacked);
+        let request = match self.flow {
+            Flow::Output(id) => Request::Credit { id, bytes },
+            Flow::Watch(watch) => Request::WatchCredit { watch, bytes },
+        };
+        if let Err(e) = self.client.send_one_way(request).await {
+            tracing::debug!(error = %e, "acknowledging stream events");
+        }
+    }
+
+    /// Stops receiving a process's output: the process no longer waits for this stream, which
+    /// still gets the `Exited`. What was queued is dropped.
+    pub async fn detach(&mut self) {
+        let Flow::Output(id) = self.flow else { return };
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Err(e) = self.client.send_one_way(Request::Detach { id }).await {
+            tracing::debug!(error = %e, "detaching a stream");
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let Flow::Output(id) = self.flow else { return };
+        if self.done {
+            return;
+        }
+        let client = self.client.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = client.send_one_way(Request::Detach { id }).await;
+            });
+        }
     }
 }
 
@@ -175,8 +327,8 @@ async fn read_loop(mut rd: OwnedReadHalf, routes: Arc<Mutex<RoutesHandle>>) {
                 }
             }
             Event::Stdout { id, .. } | Event::Stderr { id, .. } | Event::Pty { id, .. } => {
-                let gone = match r.pending.get(&id).and_then(|p| p.events.as_ref()) {
-                    Some(tx) => tx.send(event).is_err(),
+                let gone = match r.pending.get_mut(&id).and_then(|p| p.events.as_mut()) {
+                    Some(route) => !route.deliver(event),
                     None => false,
                 };
                 if gone {
@@ -185,14 +337,14 @@ async fn read_loop(mut rd: OwnedReadHalf, routes: Arc<Mutex<RoutesHandle>>) {
             }
             Event::Exited { id, .. } => {
                 if let Some(p) = r.pending.remove(&id)
-                    && let Some(tx) = p.events
+                    && let Some(mut route) = p.events
                 {
-                    let _ = tx.send(event);
+                    route.deliver(event);
                 }
             }
             Event::Fs { watch, .. } => {
-                let gone = match r.watches.get(&watch) {
-                    Some(tx) => tx.send(event).is_err(),
+                let gone = match r.watches.get_mut(&watch) {
+                    Some(route) => !route.deliver(event),
                     None => false,
                 };
                 if gone {

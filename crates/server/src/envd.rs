@@ -13,7 +13,7 @@
 //! - entries describe symlinks the way envd does: the type and mode of what the link finally
 //!   points to, the permissions string of the link itself, and the resolved target path.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,30 +21,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request};
-use axum::handler::Handler;
+use axum::extract::{Query, Request};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use flate2::Compression;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use ringfence_proto::{
     CHUNK, EntryInfo, ErrorKind, Event, ExitStatus, FileType, FsEventKind, ProcessInfo, ProtoError,
     Reply, Request as AgentRequest, SandboxUser, SpawnSpec, StdioMode,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::agent_client::{AgentClient, ClientError};
-use crate::codec::{
-    EnvelopeError, EnvelopeReader, InflateError, InflateLimits, gunzip_bounded, gunzip_stream,
-};
+use crate::agent_client::{AgentClient, ClientError, EventStream};
+use crate::codec::{EnvelopeError, EnvelopeReader, InflateError, gunzip_bounded};
 use crate::observe::{Execution, Outcome, SandboxObs};
+use crate::upload::{AgentSink, receive_upload};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
 const CONNECT_JSON: &str = "application/connect+json";
@@ -55,8 +52,10 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// proxies in between are happier with the shorter one).
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(50);
 const MAX_KEEPALIVE_SECS: u64 = 3600;
-/// Events a polling watcher keeps for a client that stopped polling; older ones are dropped.
-const MAX_WATCHER_EVENTS: usize = 65_536;
+/// Envelopes a streaming response holds that its client has not taken yet. Past them the
+/// stream stops taking events, which stops the agent at its flow-control window, which stops
+/// the process at its pipe: a client that does not read holds its process back, not memory.
+const BODY_FRAMES: usize = 4;
 /// Longest `SendSignal` waits for a SIGKILLed process to be reaped.
 const REAP_WAIT: Duration = Duration::from_millis(500);
 /// Links followed to describe a symlink (Linux's own limit).
@@ -68,10 +67,11 @@ const FLAG_END_STREAM: u8 = 0x02;
 // State.
 
 /// Agent events waiting for a `GetWatcherEvents`.
-type PendingEvents = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>;
+type PendingEvents = Arc<tokio::sync::Mutex<EventStream>>;
 
-/// A `CreateWatcher` watch: its events wait in the agent client's channel until
-/// `GetWatcherEvents` drains them (a janitor keeps the backlog bounded).
+/// A `CreateWatcher` watch: its events wait in the agent client's stream until
+/// `GetWatcherEvents` drains them. The stream's flow-control window bounds that backlog: past
+/// it the watch stops reading the kernel's queue, which drops what overflows.
 #[derive(Debug)]
 struct PollWatcher {
     watch: u64,
@@ -79,7 +79,6 @@ struct PollWatcher {
     root: Option<String>,
     user: SandboxUser,
     events: PendingEvents,
-    janitor: JoinHandle<()>,
 }
 
 /// Per-sandbox envd state: the polling watchers of `CreateWatcher`/`GetWatcherEvents`, and
@@ -103,7 +102,7 @@ impl EnvdState {
     }
 
     /// Records a file change through the API before it is acknowledged.
-    async fn audit(&self, action: &str, detail: Value) {
+    pub(crate) async fn audit(&self, action: &str, detail: Value) {
         if let Some(obs) = &self.obs {
             obs.record_action(action, detail).await;
         }
@@ -130,16 +129,6 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for EnvdState {
-    fn drop(&mut self) {
-        if let Ok(watchers) = self.watchers.get_mut() {
-            for (_, w) in watchers.drain() {
-                w.janitor.abort();
-            }
-        }
     }
 }
 
@@ -266,14 +255,22 @@ fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// A `/files` failure: an HTTP status with envd's JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileError {
+pub struct FileError {
     status: StatusCode,
     message: String,
 }
 
 impl FileError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         FileError { status, message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -284,7 +281,7 @@ impl IntoResponse for FileError {
 }
 
 /// The `/files` status for an agent failure.
-fn files_error(e: ClientError) -> FileError {
+pub(crate) fn files_error(e: ClientError) -> FileError {
     match e {
         ClientError::Agent(a) => {
             let status = match a.kind {
@@ -389,14 +386,7 @@ pub async fn handle(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Reques
     match route(req.method(), req.uri().path()) {
         Route::Health => StatusCode::NO_CONTENT.into_response(),
         Route::FilesGet => download(client, req).await,
-        Route::FilesPost => {
-            let resp = upload(client.clone(), req).await;
-            settle(&client, &state).await;
-            if state.obs.is_some() && resp.status().is_success() {
-                return audit_upload(&state, resp).await;
-            }
-            resp
-        }
+        Route::FilesPost => upload(client, state, req).await,
         Route::Start => start_process(client, state, req).await,
         Route::Connect => connect_process(client, req).await,
         Route::StreamInput => stream_input(client, req).await,
@@ -1143,7 +1133,7 @@ fn stream_error(err: RpcError) -> Response {
     stream_response(Body::from(end_stream(Some(&err))))
 }
 
-fn channel_body(rx: mpsc::UnboundedReceiver<Bytes>) -> Body {
+fn channel_body(rx: mpsc::Receiver<Bytes>) -> Body {
     Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
     }))
@@ -1160,8 +1150,8 @@ fn never() -> Instant {
 struct ProcessStream {
     client: Arc<AgentClient>,
     pid: u32,
-    events: mpsc::UnboundedReceiver<Event>,
-    out: mpsc::UnboundedSender<Bytes>,
+    events: EventStream,
+    out: mpsc::Sender<Bytes>,
     opts: StreamOpts,
     /// `Start`: the request's deadline ends the process too (envd runs it under that context).
     kill_at_deadline: bool,
@@ -1187,10 +1177,23 @@ fn exec_outcome(status: ExitStatus, usage: &ringfence_proto::Usage) -> Outcome {
     out
 }
 
+/// The data event of an output chunk; `None` for other events.
+fn output_frame(ev: &Event) -> Option<Bytes> {
+    let (stream, data) = match ev {
+        Event::Stdout { data, .. } => ("stdout", data),
+        Event::Stderr { data, .. } => ("stderr", data),
+        Event::Pty { data, .. } => ("pty", data),
+        _ => return None,
+    };
+    Some(envelope(0, &data_event(stream, data)))
+}
+
 async fn pump_process(s: ProcessStream) {
     let ProcessStream { client, pid, mut events, out, opts, kill_at_deadline, mut exec } = s;
-    let send = |msg: &Value| out.send(envelope(0, msg)).is_ok();
-    let mut open = send(&start_event(pid));
+    // The one envelope waiting for room in the body. Events are taken only once it is sent, so
+    // a client that does not read stops its process's output instead of filling memory.
+    let mut next = Some(envelope(0, &start_event(pid)));
+    let mut open = true;
     // Past its client, a stream lives on to enforce the deadline and to see the end of an
     // audited execution.
     let watch_deadline = kill_at_deadline && opts.deadline.is_some();
@@ -1200,29 +1203,36 @@ async fn pump_process(s: ProcessStream) {
             return;
         }
         tokio::select! {
-            ev = events.recv() => match ev {
-                Some(Event::Stdout { data, .. }) => {
-                    open = open && send(&data_event("stdout", &data));
+            permit = out.reserve(), if open && next.is_some() => match permit {
+                Ok(permit) => {
+                    if let Some(frame) = next.take() {
+                        permit.send(frame);
+                    }
                     keepalive_at = Instant::now() + opts.keepalive;
                 }
-                Some(Event::Stderr { data, .. }) => {
-                    open = open && send(&data_event("stderr", &data));
-                    keepalive_at = Instant::now() + opts.keepalive;
+                Err(_) => {
+                    open = false;
+                    next = None;
+                    events.detach().await;
                 }
-                Some(Event::Pty { data, .. }) => {
-                    open = open && send(&data_event("pty", &data));
-                    keepalive_at = Instant::now() + opts.keepalive;
-                }
+            },
+            ev = events.recv(), if next.is_none() => match ev {
                 Some(Event::Exited { status, usage, .. }) => {
                     if let Some(x) = exec.take() {
                         x.finish(exec_outcome(status, &usage)).await;
                     }
-                    if open && send(&end_event(status)) {
-                        let _ = out.send(end_stream(None));
+                    if open && out.send(envelope(0, &end_event(status))).await.is_ok() {
+                        let _ = out.send(end_stream(None)).await;
                     }
                     return;
                 }
-                Some(_) => {}
+                Some(ev) => {
+                    // Once the client is gone, output (what was in flight when it left) is
+                    // dropped.
+                    if open {
+                        next = output_frame(&ev);
+                    }
+                }
                 None => {
                     if let Some(x) = exec.take() {
                         let mut o = Outcome::default();
@@ -1230,12 +1240,12 @@ async fn pump_process(s: ProcessStream) {
                         x.finish(o).await;
                     }
                     let err = RpcError::new(Code::Unavailable, "the sandbox agent is gone");
-                    let _ = out.send(end_stream(Some(&err)));
+                    let _ = out.send(end_stream(Some(&err))).await;
                     return;
                 }
             },
-            () = tokio::time::sleep_until(keepalive_at), if open => {
-                open = send(&keepalive_event());
+            () = tokio::time::sleep_until(keepalive_at), if open && next.is_none() => {
+                next = Some(envelope(0, &keepalive_event()));
                 keepalive_at = Instant::now() + opts.keepalive;
             }
             () = tokio::time::sleep_until(opts.deadline.unwrap_or_else(never)), if opts.deadline.is_some() => {
@@ -1253,10 +1263,14 @@ async fn pump_process(s: ProcessStream) {
                 } else {
                     "the stream ran past its timeout"
                 };
-                let _ = out.send(end_stream(Some(&RpcError::new(Code::DeadlineExceeded, message))));
+                let _ = out.send(end_stream(Some(&RpcError::new(Code::DeadlineExceeded, message)))).await;
                 return;
             }
-            () = out.closed(), if open => open = false,
+            () = out.closed(), if open => {
+                open = false;
+                next = None;
+                events.detach().await;
+            }
         }
     }
 }
@@ -1264,12 +1278,12 @@ async fn pump_process(s: ProcessStream) {
 fn spawn_process_stream(
     client: Arc<AgentClient>,
     pid: u32,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: EventStream,
     opts: StreamOpts,
     kill_at_deadline: bool,
     exec: Option<Execution>,
 ) -> Response {
-    let (out, rx) = mpsc::unbounded_channel();
+    let (out, rx) = mpsc::channel(BODY_FRAMES);
     let s = ProcessStream { client, pid, events, out, opts, kill_at_deadline, exec };
     // Spawned streams keep the request's span, so their log lines name the sandbox.
     tokio::spawn(pump_process(s).in_current_span());
@@ -1419,42 +1433,50 @@ struct WatchStream {
     /// The watched directory, resolved; set when entries are to be included.
     root: Option<String>,
     user: SandboxUser,
-    events: mpsc::UnboundedReceiver<Event>,
-    out: mpsc::UnboundedSender<Bytes>,
+    events: EventStream,
+    out: mpsc::Sender<Bytes>,
     opts: StreamOpts,
     _open: OpenStream,
 }
 
 async fn pump_watch(s: WatchStream) {
     let WatchStream { client, watch, root, user, mut events, out, opts, _open } = s;
-    let send = |msg: &Value| out.send(envelope(0, msg)).is_ok();
-    let mut open = send(&json!({"start": {}}));
+    // As for processes: an event is taken only once the previous envelope is in the body.
+    let mut next = Some(envelope(0, &json!({"start": {}})));
     let mut keepalive_at = Instant::now() + opts.keepalive;
-    while open {
+    loop {
         tokio::select! {
-            ev = events.recv() => match ev {
+            permit = out.reserve(), if next.is_some() => match permit {
+                Ok(permit) => {
+                    if let Some(frame) = next.take() {
+                        permit.send(frame);
+                    }
+                    keepalive_at = Instant::now() + opts.keepalive;
+                }
+                Err(_) => break,
+            },
+            ev = events.recv(), if next.is_none() => match ev {
                 Some(Event::Fs { name, kind, .. }) => {
                     let ev = fs_event(&client, root.as_deref(), user, name, kind).await;
-                    open = send(&json!({"filesystem": ev}));
-                    keepalive_at = Instant::now() + opts.keepalive;
+                    next = Some(envelope(0, &json!({"filesystem": ev})));
                 }
                 Some(_) => {}
                 None => {
                     let err = RpcError::new(Code::Unavailable, "the sandbox agent is gone");
-                    let _ = out.send(end_stream(Some(&err)));
+                    let _ = out.send(end_stream(Some(&err))).await;
                     return;
                 }
             },
-            () = tokio::time::sleep_until(keepalive_at) => {
-                open = send(&json!({"keepalive": {}}));
+            () = tokio::time::sleep_until(keepalive_at), if next.is_none() => {
+                next = Some(envelope(0, &json!({"keepalive": {}})));
                 keepalive_at = Instant::now() + opts.keepalive;
             }
             () = tokio::time::sleep_until(opts.deadline.unwrap_or_else(never)), if opts.deadline.is_some() => {
                 let err = RpcError::new(Code::DeadlineExceeded, "the watch ran past its timeout");
-                let _ = out.send(end_stream(Some(&err)));
-                open = false;
+                let _ = out.send(end_stream(Some(&err))).await;
+                break;
             }
-            () = out.closed() => open = false,
+            () = out.closed() => break,
         }
     }
     if let Err(e) = client.call(AgentRequest::Unwatch { watch }).await {
@@ -1481,10 +1503,10 @@ fn parse_watch(msg: &Value) -> Result<WatchParams, RpcError> {
 /// Starts an agent watch; returns its id, the resolved root (when entries are wanted) and its
 /// events.
 async fn start_watch(
-    client: &AgentClient,
+    client: &Arc<AgentClient>,
     user: SandboxUser,
     p: WatchParams,
-) -> Result<(u64, Option<String>, mpsc::UnboundedReceiver<Event>), RpcError> {
+) -> Result<(u64, Option<String>, EventStream), RpcError> {
     let request = AgentRequest::Watch { path: p.path.clone(), user, recursive: p.recursive };
     let (watch, events) = match client.stream(request).await? {
         (Reply::Watching { watch }, events) => (watch, events),
@@ -1502,10 +1524,10 @@ async fn start_watch(
 }
 
 async fn watch_request(
-    client: &AgentClient,
+    client: &Arc<AgentClient>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(SandboxUser, u64, Option<String>, mpsc::UnboundedReceiver<Event>), RpcError> {
+) -> Result<(SandboxUser, u64, Option<String>, EventStream), RpcError> {
     let user = rpc_user(headers)?;
     let msg = read_stream_request(headers, body).await?;
     let (watch, root, events) = start_watch(client, user, parse_watch(&msg)?).await?;
@@ -1520,7 +1542,7 @@ async fn watch_dir(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request
         Ok(w) => w,
         Err(e) => return stream_error(e),
     };
-    let (out, rx) = mpsc::unbounded_channel();
+    let (out, rx) = mpsc::channel(BODY_FRAMES);
     let _open = OpenStream::new(state);
     let s = WatchStream { client, watch, root, user, events, out, opts, _open };
     tokio::spawn(pump_watch(s).in_current_span());
@@ -1676,9 +1698,9 @@ async fn unary_call(
             // the agent flushes its watches before answering the ping, and its frames arrive
             // in order, so those events precede the pong.
             sync_agent(client).await?;
-            let mut rx = events.lock().await;
+            let taken = events.lock().await.drain().await;
             let mut out = Vec::new();
-            while let Ok(ev) = rx.try_recv() {
+            for ev in taken {
                 if let Event::Fs { name, kind, .. } = ev {
                     out.push(fs_event(client, root.as_deref(), user, name, kind).await);
                 }
@@ -1693,7 +1715,6 @@ async fn unary_call(
                 .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?
                 .remove(&id);
             let w = removed.ok_or_else(|| watcher_not_found(&id))?;
-            w.janitor.abort();
             if let Err(e) = client.call(AgentRequest::Unwatch { watch: w.watch }).await {
                 tracing::debug!(watch = w.watch, error = %e, "removing a watcher");
             }
@@ -1749,28 +1770,13 @@ async fn create_watcher(
 ) -> Result<Value, RpcError> {
     let (watch, root, events) = start_watch(client, user, parse_watch(msg)?).await?;
     let events = Arc::new(tokio::sync::Mutex::new(events));
-    let janitor = tokio::spawn(trim_backlog(events.clone()).in_current_span());
     let id = watch.to_string();
     let mut watchers = state
         .watchers
         .lock()
         .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
-    watchers.insert(id.clone(), PollWatcher { watch, root, user, events, janitor });
+    watchers.insert(id.clone(), PollWatcher { watch, root, user, events });
     Ok(json!({"watcherId": id}))
-}
-
-/// Keeps a polling watcher whose client stopped polling from growing without bound: past
-/// [`MAX_WATCHER_EVENTS`], the oldest events are dropped.
-async fn trim_backlog(events: PendingEvents) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let mut rx = events.lock().await;
-        if rx.is_closed() && rx.is_empty() {
-            return;
-        }
-        while rx.len() > MAX_WATCHER_EVENTS && rx.try_recv().is_ok() {}
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1994,131 +2000,6 @@ async fn send_file(s: FileSender) {
     }
 }
 
-/// A request body as a stream of chunks.
-fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static {
-    body.into_data_stream().map(|r| r.map_err(|e| e.to_string()))
-}
-
-/// Output a gzip upload may produce per byte of input, past [`GZIP_RATIO_GRACE`]. Text and code
-/// compress 3-20:1; only runs of nearly identical bytes approach deflate's ~1032:1 ceiling.
-const GZIP_MAX_RATIO: u64 = 256;
-/// Inflated bytes a gzip upload may produce whatever its ratio (a file of zeros this size goes
-/// through).
-const GZIP_RATIO_GRACE: u64 = 64 << 20;
-
-/// The limits of a gzip upload, given the most it may inflate to.
-fn upload_inflate_limits(max_output: u64) -> InflateLimits {
-    InflateLimits { max_output, max_ratio: Some(GZIP_MAX_RATIO), ratio_grace: GZIP_RATIO_GRACE }
-}
-
-/// The `/files` answer to a gzip body that could not be inflated.
-fn inflate_error(e: InflateError) -> FileError {
-    match e {
-        InflateError::Malformed(m) => FileError::new(
-            StatusCode::BAD_REQUEST,
-            format!("error decompressing request body: {m}"),
-        ),
-        e @ InflateError::Ratio { .. } => {
-            FileError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-        }
-        InflateError::TooLarge { limit } => FileError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!(
-                "the gzip body inflates past {limit} bytes, more than the sandbox has free; \
-                 refused without inflating the rest"
-            ),
-        ),
-        InflateError::Input(m) => {
-            FileError::new(StatusCode::BAD_REQUEST, format!("error reading the upload: {m}"))
-        }
-    }
-}
-
-/// A raw upload body, inflated when it is gzip, with the `/files` error of each failure.
-fn upload_body(
-    body: Body,
-    gzip: Option<InflateLimits>,
-) -> std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, FileError>> + Send>> {
-    let stream = body_stream(body);
-    match gzip {
-        Some(limits) => Box::pin(gunzip_stream(stream, limits).map(|r| r.map_err(inflate_error))),
-        None => Box::pin(stream.map(|r| {
-            r.map_err(|e| {
-                FileError::new(StatusCode::BAD_REQUEST, format!("error reading the upload: {e}"))
-            })
-        })),
-    }
-}
-
-/// `Content-Encoding` of an upload: gzip or nothing.
-fn upload_gzip(headers: &HeaderMap) -> Result<bool, String> {
-    match header_str(headers, "content-encoding").map(|e| e.trim().to_ascii_lowercase()) {
-        None => Ok(false),
-        Some(e) if e.is_empty() || e == "identity" => Ok(false),
-        Some(e) if e == "gzip" => Ok(true),
-        Some(e) => Err(format!("unsupported Content-Encoding: {e}, supported: [gzip]")),
-    }
-}
-
-fn media_type(headers: &HeaderMap) -> String {
-    header_str(headers, "content-type")
-        .and_then(|ct| ct.split(';').next())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-}
-
-async fn write_chunk(
-    client: &AgentClient,
-    path: &str,
-    user: SandboxUser,
-    offset: u64,
-    data: Vec<u8>,
-) -> Result<EntryInfo, FileError> {
-    let request = AgentRequest::WriteFile { path: path.to_owned(), user, offset, data };
-    match client.call(request).await {
-        Ok(Reply::Entry(e)) => Ok(e),
-        Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
-        Err(e) => Err(files_error(e)),
-    }
-}
-
-/// Writes a streamed upload in [`CHUNK`]-sized requests (offset 0 first, which creates or
-/// truncates, so an empty upload still leaves an empty file).
-///
-/// Incoming chunks are cut into batches without copying what follows the cut (a 64 MiB chunk
-/// used to be re-split with `split_off`, copying its tail once per megabyte).
-async fn write_stream<S>(
-    client: &AgentClient,
-    path: &str,
-    user: SandboxUser,
-    stream: S,
-) -> Result<EntryInfo, FileError>
-where
-    S: Stream<Item = Result<Bytes, FileError>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut batch: Vec<u8> = Vec::new();
-    let mut offset = 0u64;
-    let mut last = None;
-    while let Some(chunk) = stream.next().await {
-        let mut chunk = chunk?;
-        while !chunk.is_empty() {
-            let take = (CHUNK - batch.len()).min(chunk.len());
-            batch.extend_from_slice(&chunk.split_to(take));
-            if batch.len() == CHUNK {
-                let piece = std::mem::take(&mut batch);
-                last = Some(write_chunk(client, path, user, offset, piece).await?);
-                offset += CHUNK as u64;
-            }
-        }
-    }
-    match last {
-        Some(entry) if batch.is_empty() => Ok(entry),
-        _ => write_chunk(client, path, user, offset, batch).await,
-    }
-}
-
 fn upload_ok(entries: &[EntryInfo]) -> Response {
     let list: Vec<Value> = entries
         .iter()
@@ -2133,54 +2014,10 @@ fn upload_ok(entries: &[EntryInfo]) -> Response {
     json_response(StatusCode::OK, &Value::Array(list))
 }
 
-/// File metadata sent as `X-Metadata-<key>: <value>` headers (envd 0.6.2).
-fn upload_metadata(headers: &HeaderMap) -> BTreeMap<String, String> {
-    headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let key = name.as_str().strip_prefix("x-metadata-")?;
-            Some((key.to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect()
-}
-
-/// Replaces a just-written file's metadata: an upload without metadata clears stale keys.
-async fn set_metadata(
-    client: &AgentClient,
-    user: SandboxUser,
-    path: &str,
-    metadata: &BTreeMap<String, String>,
-) -> Result<EntryInfo, FileError> {
-    let request =
-        AgentRequest::SetMetadata { path: path.to_owned(), user, metadata: metadata.clone() };
-    match client.call(request).await {
-        Ok(Reply::Entry(e)) => Ok(e),
-        Ok(other) => Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}"))),
-        Err(e) => Err(files_error(e)),
-    }
-}
-
-/// Records a successful upload (the paths written, from the response) before it is
-/// acknowledged.
-async fn audit_upload(state: &EnvdState, resp: Response) -> Response {
-    let (parts, body) = resp.into_parts();
-    // The answer is a short list of entries.
-    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return http_error(StatusCode::INTERNAL_SERVER_ERROR, "upload answer too large");
-    };
-    let paths: Vec<Value> = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| e.get("path").cloned())
-        .collect();
-    state.audit("file.write", json!({"paths": paths})).await;
-    Response::from_parts(parts, Body::from(bytes))
-}
-
 /// `POST /files`: a raw (`application/octet-stream`, optionally gzip) or multipart upload.
-async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
+/// Each file replaces its target only once complete (see [`crate::upload`]); the upload is
+/// audited before it is answered, and in the background when the client leaves mid-way.
+async fn upload(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Request) -> Response {
     let q = match query(&req) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
@@ -2190,138 +2027,15 @@ async fn upload(client: Arc<AgentClient>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let path = q.get("path").filter(|p| !p.is_empty()).cloned();
-    let gzip = match upload_gzip(req.headers()) {
-        Ok(g) => g,
-        Err(m) => return http_error(StatusCode::BAD_REQUEST, m),
-    };
-    let media = media_type(req.headers());
-    let metadata = upload_metadata(req.headers());
-    if media == "application/octet-stream" {
-        let Some(path) = path else {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                "path query parameter is required for raw body upload",
-            );
-        };
-        let limits = gzip.then(|| upload_inflate_limits(u64::MAX));
-        let written =
-            write_stream(&client, &path, user, upload_body(req.into_body(), limits)).await;
-        let written = match written {
-            Ok(e) => set_metadata(&client, user, &e.path, &metadata).await,
-            Err(e) => Err(e),
-        };
-        return match written {
-            Ok(e) => upload_ok(&[e]),
-            Err(e) => e.into_response(),
-        };
+    let (parts, body) = req.into_parts();
+    let mut sink = AgentSink::new(client.clone(), state.clone(), user);
+    let result = receive_upload(&mut sink, &parts.headers, path, body).await;
+    settle(&client, &state).await;
+    sink.finish(&result).await;
+    match result {
+        Ok(entries) => upload_ok(&entries),
+        Err(e) => e.into_response(),
     }
-    if media.starts_with("multipart/") {
-        // The form parser only sees a failing body; why it failed (a bomb, malformed gzip)
-        // is kept here so the answer can say so with the right status.
-        let failure: InflateFailure = Arc::default();
-        let req = if gzip {
-            let slot = failure.clone();
-            req.map(move |b| {
-                let limits = upload_inflate_limits(u64::MAX);
-                Body::from_stream(gunzip_stream(body_stream(b), limits).map(move |r| {
-                    r.inspect_err(|e| {
-                        if let Ok(mut s) = slot.lock() {
-                            s.get_or_insert_with(|| inflate_error(e.clone()));
-                        }
-                    })
-                }))
-            })
-        } else {
-            req
-        };
-        // axum caps extracted multipart bodies at 2 MB unless told otherwise; uploads are
-        // streamed chunk by chunk, so no cap is needed.
-        let handler =
-            move |req: Request| upload_multipart(client, user, path, metadata, failure, req);
-        return Handler::call(handler.layer(DefaultBodyLimit::disable()), req, ()).await;
-    }
-    let ct = header_str(req.headers(), "content-type").unwrap_or("");
-    http_error(
-        StatusCode::BAD_REQUEST,
-        format!(
-            "unsupported content type: {ct:?}, expected multipart/form-data or application/octet-stream"
-        ),
-    )
-}
-
-/// Why a gzip-encoded multipart body stopped, when it was the inflation that failed.
-type InflateFailure = Arc<Mutex<Option<FileError>>>;
-
-/// The error of a form that failed to parse: the inflation's own when that is the cause.
-fn form_error(failure: &InflateFailure, context: &str, e: impl std::fmt::Display) -> FileError {
-    failure
-        .lock()
-        .ok()
-        .and_then(|mut s| s.take())
-        .unwrap_or_else(|| FileError::new(StatusCode::BAD_REQUEST, format!("{context}: {e}")))
-}
-
-/// Each part named `file` goes to `path` when given, else to the part's file name (the SDK
-/// sends the full target path there).
-async fn upload_multipart(
-    client: Arc<AgentClient>,
-    user: SandboxUser,
-    path: Option<String>,
-    metadata: BTreeMap<String, String>,
-    failure: InflateFailure,
-    req: Request,
-) -> Response {
-    let mut form = match Multipart::from_request(req, &()).await {
-        Ok(m) => m,
-        Err(e) => return http_error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    let mut written = Vec::new();
-    let mut targets = HashSet::new();
-    loop {
-        let field = match form.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return form_error(&failure, "error reading form", e).into_response(),
-        };
-        if field.name() != Some("file") {
-            continue;
-        }
-        let target =
-            path.clone().or_else(|| field.file_name().map(str::to_owned)).filter(|t| !t.is_empty());
-        let Some(target) = target else {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                "a file part needs a file name, or the path query parameter",
-            );
-        };
-        if !targets.insert(target.clone()) {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "you cannot upload multiple files to the same path '{target}' in one upload request"
-                ),
-            );
-        }
-        let chunks = futures_util::stream::unfold(field, |mut f| {
-            let failure = failure.clone();
-            async move {
-                match f.chunk().await {
-                    Ok(Some(b)) => Some((Ok(b), f)),
-                    Ok(None) => None,
-                    Err(e) => Some((Err(form_error(&failure, "error reading the upload", e)), f)),
-                }
-            }
-        });
-        let result = match write_stream(&client, &target, user, chunks).await {
-            Ok(e) => set_metadata(&client, user, &e.path, &metadata).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(e) => written.push(e),
-            Err(e) => return e.into_response(),
-        }
-    }
-    upload_ok(&written)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2721,8 +2435,6 @@ mod tests {
         assert_eq!(g("*"), Ok(false));
         assert_eq!(g("identity;q=0, *"), Ok(true));
         assert!(g("identity;q=0, br").is_err());
-        assert_eq!(upload_gzip(&headers(&[("content-encoding", "GZIP")])), Ok(true));
-        assert!(upload_gzip(&headers(&[("content-encoding", "br")])).is_err());
     }
 
     #[test]
@@ -2733,46 +2445,6 @@ mod tests {
         assert_eq!(mime_for("a"), "application/octet-stream");
         assert_eq!(content_disposition("a b.txt"), "inline; filename=\"a b.txt\"");
         assert_eq!(content_disposition("é\"x"), "inline; filename*=UTF-8''%C3%A9%22x");
-    }
-
-    #[test]
-    fn gzip_uploads_inflate_in_bounded_pieces_and_name_their_failures() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let collect = |body: Vec<u8>, limits: InflateLimits| -> Vec<Result<Bytes, FileError>> {
-            rt.block_on(upload_body(Body::from(body), Some(limits)).collect())
-        };
-        let data: Vec<u8> = (0..200_000u32).flat_map(u32::to_le_bytes).collect();
-        let out = collect(gzip_all(&data).unwrap(), upload_inflate_limits(u64::MAX));
-        assert!(
-            out.iter().all(|r| r.as_ref().is_ok_and(|b| b.len() <= crate::codec::INFLATE_CHUNK))
-        );
-        let joined: Vec<u8> = out.into_iter().flat_map(|r| r.unwrap().to_vec()).collect();
-        assert_eq!(joined, data);
-        // Malformed: 400.
-        let out = collect(b"not gzip at all".to_vec(), upload_inflate_limits(u64::MAX));
-        let err = out.last().unwrap().as_ref().unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert!(err.message.contains("decompressing"), "{}", err.message);
-        // Past what the sandbox has free: 507, before inflating the rest.
-        // Compressed hard, as an attacker would (the fast level stops near 230:1 on zeros).
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::best());
-        enc.write_all(&vec![0u8; 8 << 20]).unwrap();
-        let zeros = enc.finish().unwrap();
-        let out = collect(zeros.clone(), upload_inflate_limits(1 << 20));
-        let err = out.last().unwrap().as_ref().unwrap_err();
-        assert_eq!(err.status, StatusCode::INSUFFICIENT_STORAGE);
-        let inflated: usize = out.iter().filter_map(|r| r.as_ref().ok()).map(Bytes::len).sum();
-        assert!(inflated <= 1 << 20, "{inflated} bytes passed before the refusal");
-        // Expanding like a bomb past the grace: 413, naming it.
-        let limits = InflateLimits {
-            max_output: u64::MAX,
-            max_ratio: Some(GZIP_MAX_RATIO),
-            ratio_grace: 1 << 20,
-        };
-        let out = collect(zeros, limits);
-        let err = out.last().unwrap().as_ref().unwrap_err();
-        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(err.message.contains("decompression bomb"), "{}", err.message);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::agent_client::AgentClient;
+use crate::bounded;
 use crate::manager::Live;
 
 /// Kernel sources, written for the fork server at start-up and passed inline to Node.
@@ -55,6 +56,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// How long the fork server may take to import everything on start.
 const ZYGOTE_READY: Duration = Duration::from_secs(120);
+/// Bytes of parsed kernel lines held for a kernel before its reader stops reading (and the
+/// kernel blocks writing): lines are up to [`MAX_LINE`] each, so a count bound was not one.
+const KERNEL_BACKLOG: u32 = 8 << 20;
+/// Bytes of a cell's output held for a client that does not read its response.
+const CELL_BACKLOG: u32 = 4 << 20;
+/// Messages to a kernel not yet written to it. A kernel that leaves this many unread is stuck:
+/// sending then fails, and the context starts afresh on next use.
+const KERNEL_INPUT: usize = 16;
 
 /// Languages with kernels here, after E2B's normalisation.
 fn normalize(lang: &str) -> Option<&'static str> {
@@ -128,7 +137,7 @@ impl Runtime {
 }
 
 /// Kernel → server, parsed.
-type Lines = mpsc::Receiver<Value>;
+type Lines = bounded::Receiver<Value>;
 
 /// How a kernel is stopped for good.
 #[derive(Debug)]
@@ -154,7 +163,7 @@ impl Killer {
 /// A running kernel.
 #[derive(Debug)]
 struct Kernel {
-    input: mpsc::UnboundedSender<Vec<u8>>,
+    input: mpsc::Sender<Vec<u8>>,
     output: Lines,
     killer: Killer,
     _supervisor: Option<Supervisor>,
@@ -164,7 +173,7 @@ impl Kernel {
     fn send(&self, v: &Value) -> bool {
         let mut line = v.to_string().into_bytes();
         line.push(b'\n');
-        self.input.send(line).is_ok()
+        self.input.try_send(line).is_ok()
     }
 }
 
@@ -421,8 +430,8 @@ async fn start_injected_kernel(
     injected.channel.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = tokio::net::UnixStream::from_std(injected.channel).map_err(|e| e.to_string())?;
     let (mut rd, mut wr) = stream.into_split();
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (out_tx, out_rx) = mpsc::channel(256);
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
+    let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
     tokio::spawn(async move {
         while let Some(line) = in_rx.recv().await {
             if wr.write_all(&line).await.is_err() {
@@ -472,8 +481,8 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         Reply::Spawned { pid } => pid,
         other => return Err(format!("start node: {other:?}")),
     };
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (out_tx, out_rx) = mpsc::channel(256);
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
+    let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
     let client = live.client.clone();
     tokio::spawn(async move {
         while let Some(data) = in_rx.recv().await {
@@ -528,7 +537,7 @@ struct LineSplitter {
 
 impl LineSplitter {
     /// False once the kernel broke the protocol (a line too long) or nobody listens.
-    async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
+    async fn feed(&mut self, data: &[u8], out: &bounded::Sender<Value>) -> bool {
         // Only the new bytes can hold the next newline: no rescans of a long partial line.
         let mut from = self.buf.len();
         self.buf.extend_from_slice(data);
@@ -537,7 +546,7 @@ impl LineSplitter {
             from = 0;
             match serde_json::from_slice::<Value>(&line) {
                 Ok(v @ Value::Object(_)) => {
-                    if out.send(v).await.is_err() {
+                    if out.send(v, line.len()).await.is_err() {
                         return false;
                     }
                 }
@@ -645,19 +654,21 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         *guard = None;
         return error(StatusCode::BAD_GATEWAY, "the kernel is gone; retry to start a new one");
     }
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, rx) = bounded::channel::<Result<Bytes, Infallible>>(CELL_BACKLOG);
     tokio::spawn(async move {
         let outcome = pump(&mut guard, &id, &tx).await;
         match outcome {
             Pumped::Done => {}
             Pumped::KernelDied => {
                 *guard = None;
-                let _ = tx
-                    .send(Ok(line(&json!({"type": "error", "name": "KernelDied",
+                send_line(
+                    &tx,
+                    &json!({"type": "error", "name": "KernelDied",
                     "value": "the kernel exited during this execution; the context starts afresh \
-                              (its state is lost) on next use", "traceback": ""}))))
-                    .await;
-                let _ = tx.send(Ok(line(&json!({"type": "end_of_execution"})))).await;
+                              (its state is lost) on next use", "traceback": ""}),
+                )
+                .await;
+                send_line(&tx, &json!({"type": "end_of_execution"})).await;
             }
             Pumped::ClientGone => {
                 // Interrupt, then give the cell a moment to stop before killing the kernel.
@@ -692,19 +703,25 @@ fn line(v: &Value) -> Bytes {
     Bytes::from(s)
 }
 
+/// The response body's side of a cell: NDJSON lines, bounded in bytes.
+type CellSender = bounded::Sender<Result<Bytes, Infallible>>;
+
+/// Sends one line to the client; false once it is gone.
+async fn send_line(tx: &CellSender, v: &Value) -> bool {
+    let l = line(v);
+    let n = l.len();
+    tx.send(Ok(l), n).await.is_ok()
+}
+
 /// Forwards the execution's messages to the client until its end.
-async fn pump(
-    guard: &mut Option<Kernel>,
-    id: &str,
-    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
-) -> Pumped {
+async fn pump(guard: &mut Option<Kernel>, id: &str, tx: &CellSender) -> Pumped {
     let Some(k) = guard.as_mut() else { return Pumped::KernelDied };
     loop {
         let msg = match tokio::time::timeout(KEEPALIVE, k.output.recv()).await {
             Ok(Some(m)) => m,
             Ok(None) => return Pumped::KernelDied,
             Err(_) => {
-                if tx.send(Ok(line(&json!({"type": "keepalive"})))).await.is_err() {
+                if !send_line(tx, &json!({"type": "keepalive"})).await {
                     return Pumped::ClientGone;
                 }
                 continue;
@@ -717,7 +734,7 @@ async fn pump(
         }
         let end = m.get("type").and_then(Value::as_str) == Some("end_of_execution");
         if let Some(clean) = sanitize(m)
-            && tx.send(Ok(line(&clean))).await.is_err()
+            && !send_line(tx, &clean).await
         {
             return Pumped::ClientGone;
         }
@@ -740,7 +757,7 @@ async fn drain(k: &mut Kernel, id: &str) -> bool {
 }
 
 fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+    mut rx: bounded::Receiver<Result<Bytes, Infallible>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
@@ -771,7 +788,7 @@ mod tests {
 
     #[tokio::test]
     async fn splitter_parses_lines_across_chunks_and_drops_garbage() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = bounded::channel(1 << 20);
         let mut s = LineSplitter::default();
         assert!(s.feed(b"{\"type\":\"std", &tx).await);
         assert!(s.feed(b"out\"}\nnot json\n[1]\n{\"a\":1}\n", &tx).await);
@@ -783,7 +800,7 @@ mod tests {
 
     #[tokio::test]
     async fn splitter_refuses_an_endless_line() {
-        let (tx, _rx) = mpsc::channel(16);
+        let (tx, _rx) = bounded::channel(1 << 20);
         let mut s = LineSplitter::default();
         let chunk = vec![b'x'; 1 << 20];
         let mut ok = true;

@@ -11,6 +11,7 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod bounded;
 pub mod codec;
 pub mod envd;
 pub mod interp;
@@ -20,6 +21,7 @@ pub mod network;
 pub mod observe;
 pub mod store;
 mod time;
+pub mod upload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
