@@ -1038,7 +1038,7 @@ fn uploads_replace_their_target_whole_or_not_at_all() {
     };
     assert_eq!(read_all(c, "/tmp/up/t"), b"new content");
     // The replaced file's owner and mode are kept; the metadata is the upload's.
-    assert_eq!((e.uid, e.mode, e.size, e.metadata.clone()), (0, 0o600, 11, meta));
+    assert_eq!((e.uid, e.mode, e.size, e.metadata), (0, 0o600, 11, meta));
     assert_eq!(listing(c, "/tmp/up"), ["t"]);
     // Committed once: the handle is gone.
     let e = c.err(Request::UploadCommit { upload: up, metadata: Default::default() });

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
@@ -224,7 +225,7 @@ pub async fn receive_upload<S: UploadSink>(
     } else {
         Box::pin(body.into_data_stream().map(|r| r.map_err(|e| InflateError::Input(e.to_string()))))
     };
-    let mut form = multer::Multipart::new(stream, boundary);
+    let mut form = multer::Multipart::new(Paced { inner: stream, yielded: false }, boundary);
     let mut written = Vec::new();
     let mut targets = HashSet::new();
     loop {
@@ -257,6 +258,31 @@ pub async fn receive_upload<S: UploadSink>(
         written.push(write_file(sink, chunks, free, &metadata).await?);
     }
     Ok(written)
+}
+
+/// Hands the form parser one chunk per poll. The parser reads its input until it would block,
+/// buffering all of it: with a body that is always ready (a fast client, or the inflation of a
+/// gzip form, which never waits) it read ahead of the writes without bound. Yielding after each
+/// chunk (and waking at once) keeps its buffer to about one chunk.
+struct Paced<S> {
+    inner: S,
+    yielded: bool,
+}
+
+impl<S: Stream + Unpin> Stream for Paced<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if std::mem::take(&mut self.yielded) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let item = Pin::new(&mut self.inner).poll_next(cx);
+        if matches!(item, Poll::Ready(Some(_))) {
+            self.yielded = true;
+        }
+        item
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
