@@ -258,11 +258,22 @@ fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
 pub struct FileError {
     status: StatusCode,
     message: String,
+    /// The request body broke off: the client went away (or its connection did).
+    client_gone: bool,
 }
 
 impl FileError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        FileError { status, message: message.into() }
+        FileError { status, message: message.into(), client_gone: false }
+    }
+
+    /// A request body that broke off before its end.
+    pub fn client_gone(message: impl Into<String>) -> Self {
+        FileError { status: StatusCode::BAD_REQUEST, message: message.into(), client_gone: true }
+    }
+
+    pub fn is_client_gone(&self) -> bool {
+        self.client_gone
     }
 
     pub fn status(&self) -> StatusCode {

@@ -106,7 +106,7 @@ pub fn inflate_error(e: &InflateError) -> FileError {
                  refused without inflating the rest"
             ),
         ),
-        InflateError::Input(m) => bad_request(format!("error reading the upload: {m}")),
+        InflateError::Input(m) => FileError::client_gone(format!("error reading the upload: {m}")),
     }
 }
 
@@ -117,9 +117,9 @@ pub fn upload_body(body: Body, gzip: Option<InflateLimits>) -> UploadStream {
         Some(limits) => {
             Box::pin(gunzip_stream(stream, limits).map(|r| r.map_err(|e| inflate_error(&e))))
         }
-        None => Box::pin(
-            stream.map(|r| r.map_err(|e| bad_request(format!("error reading the upload: {e}")))),
-        ),
+        None => Box::pin(stream.map(|r| {
+            r.map_err(|e| FileError::client_gone(format!("error reading the upload: {e}")))
+        })),
     }
 }
 
@@ -342,6 +342,7 @@ impl AgentSink {
         }
         let detail = match result {
             Ok(_) => self.detail("written", None),
+            Err(e) if e.is_client_gone() => self.detail("aborted", Some(e.message())),
             Err(e) => self.detail("failed", Some(e.message())),
         };
         self.state.audit("file.write", detail).await;
@@ -435,5 +436,239 @@ impl Drop for AgentSink {
                 state.audit("file.write", detail).await;
             });
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An in-memory sink.
+
+/// A sink that keeps files in memory, for tests and fuzzing of [`receive_upload`].
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    /// Space each file may take, as `begin` reports it.
+    pub free: u64,
+    /// Committed files, in order.
+    pub files: Vec<(String, Vec<u8>, BTreeMap<String, String>)>,
+    /// Files begun and then aborted, with the bytes they had.
+    pub aborted: Vec<(String, usize)>,
+    current: Option<(String, Vec<u8>)>,
+}
+
+impl MemorySink {
+    pub fn new(free: u64) -> MemorySink {
+        MemorySink { free, ..MemorySink::default() }
+    }
+
+    fn entry(path: &str, size: usize) -> EntryInfo {
+        EntryInfo {
+            name: path.rsplit('/').next().unwrap_or(path).to_owned(),
+            path: path.to_owned(),
+            kind: ringfence_proto::FileType::File,
+            size: size as u64,
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            mtime: (0, 0),
+            symlink_target: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+impl UploadSink for MemorySink {
+    async fn begin(&mut self, path: &str) -> Result<u64, FileError> {
+        if self.current.is_some() {
+            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "begun twice"));
+        }
+        self.current = Some((path.to_owned(), Vec::new()));
+        Ok(self.free)
+    }
+
+    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), FileError> {
+        let Some((_, buf)) = self.current.as_mut() else {
+            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+        };
+        if offset != buf.len() as u64 {
+            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "pieces out of order"));
+        }
+        buf.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn commit(
+        &mut self,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<EntryInfo, FileError> {
+        let Some((path, data)) = self.current.take() else {
+            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+        };
+        let entry = MemorySink::entry(&path, data.len());
+        self.files.push((path, data, metadata.clone()));
+        Ok(entry)
+    }
+
+    async fn abort(&mut self) {
+        if let Some((path, data)) = self.current.take() {
+            self.aborted.push((path, data.len()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::Write;
+
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn gzip(data: &[u8], level: flate2::Compression) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn form(boundary: &str, parts: &[(&str, &str, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, filename, data) in parts {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                     filename=\"{filename}\"\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        body
+    }
+
+    fn run(
+        sink: &mut MemorySink,
+        h: &[(&'static str, &str)],
+        path: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Vec<EntryInfo>, FileError> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(receive_upload(sink, &headers(h), path.map(str::to_owned), Body::from(body)))
+    }
+
+    const RAW: (&str, &str) = ("content-type", "application/octet-stream");
+
+    #[test]
+    fn raw_uploads_arrive_whole_in_ordered_pieces_with_metadata() {
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sink = MemorySink::new(u64::MAX);
+        let h = [RAW, ("x-metadata-k", "v")];
+        let out = run(&mut sink, &h, Some("/t"), data.clone()).unwrap();
+        assert_eq!(out[0].path, "/t");
+        assert_eq!(sink.files.len(), 1);
+        assert_eq!(sink.files[0].1, data);
+        assert_eq!(sink.files[0].2.get("k").map(String::as_str), Some("v"));
+        // gzip-encoded, and empty.
+        let mut sink = MemorySink::new(u64::MAX);
+        let z = gzip(&data, flate2::Compression::default());
+        run(&mut sink, &[RAW, ("content-encoding", "gzip")], Some("/z"), z).unwrap();
+        assert_eq!(sink.files[0].1, data);
+        let mut sink = MemorySink::new(u64::MAX);
+        run(&mut sink, &[RAW], Some("/e"), Vec::new()).unwrap();
+        assert_eq!(sink.files[0].1, b"");
+    }
+
+    #[test]
+    fn failures_abort_the_file_and_say_why() {
+        // Past the space free: 507, the file aborted, not committed.
+        let mut sink = MemorySink::new(1000);
+        let err = run(&mut sink, &[RAW], Some("/big"), vec![1; 5000]).unwrap_err();
+        assert_eq!(err.status(), StatusCode::INSUFFICIENT_STORAGE, "{}", err.message());
+        assert!(sink.files.is_empty());
+        assert_eq!(sink.aborted.len(), 1);
+        // A gzip body inflating past it: 507 too.
+        let mut sink = MemorySink::new(1 << 20);
+        let z = gzip(&vec![0; 4 << 20], flate2::Compression::best());
+        let err = run(&mut sink, &[RAW, ("content-encoding", "gzip")], Some("/z"), z).unwrap_err();
+        assert_eq!(err.status(), StatusCode::INSUFFICIENT_STORAGE, "{}", err.message());
+        assert!(sink.files.is_empty() && sink.aborted.len() == 1);
+        // Malformed gzip: 400.
+        let mut sink = MemorySink::new(u64::MAX);
+        let err =
+            run(&mut sink, &[RAW, ("content-encoding", "gzip")], Some("/m"), b"nope".to_vec())
+                .unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert!(!err.is_client_gone(), "a malformed body is the client's error, not its absence");
+        // Refused before any file is begun.
+        for (h, path) in [
+            (vec![RAW], None),
+            (vec![("content-type", "text/plain")], Some("/x")),
+            (vec![RAW, ("content-encoding", "br")], Some("/x")),
+            (vec![("content-type", "multipart/form-data")], None),
+        ] {
+            let mut sink = MemorySink::new(u64::MAX);
+            let err = run(&mut sink, &h, path, b"x".to_vec()).unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{h:?}: {}", err.message());
+            assert!(sink.files.is_empty() && sink.aborted.is_empty());
+        }
+    }
+
+    #[test]
+    fn forms_write_each_file_in_order_and_stop_at_the_first_failure() {
+        let ct = ("content-type", "multipart/form-data; boundary=B");
+        let body =
+            form("B", &[("file", "/a", b"1"), ("other", "x", b"ignored"), ("file", "/b", b"22")]);
+        let mut sink = MemorySink::new(u64::MAX);
+        let out = run(&mut sink, &[ct], None, body).unwrap();
+        assert_eq!(out.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["/a", "/b"]);
+        assert_eq!(sink.files[1].1, b"22");
+        // Two parts to one target: refused at the second, the first stays written.
+        let body = form("B", &[("file", "/a", b"1"), ("file", "/a", b"2")]);
+        let mut sink = MemorySink::new(u64::MAX);
+        let err = run(&mut sink, &[ct], None, body).unwrap_err();
+        assert!(err.message().contains("same path"), "{}", err.message());
+        assert_eq!(sink.files.len(), 1);
+        // A form cut off inside its second file: the first written, the second aborted.
+        let mut body = form("B", &[("file", "/a", b"1"), ("file", "/b", &[7; 3000])]);
+        body.truncate(body.len() - 1000);
+        let mut sink = MemorySink::new(u64::MAX);
+        let err = run(&mut sink, &[ct], None, body).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{}", err.message());
+        assert_eq!(sink.files.len(), 1);
+        assert_eq!(sink.aborted.len(), 1);
+        // A gzip-encoded form whose content is a bomb: 413, naming it.
+        let bomb_form = form("B", &[("file", "/z", &vec![0; 80 << 20])]);
+        let z = gzip(&bomb_form, flate2::Compression::best());
+        let mut sink = MemorySink::new(u64::MAX);
+        let err = run(&mut sink, &[ct, ("content-encoding", "gzip")], None, z).unwrap_err();
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE, "{}", err.message());
+        assert!(err.message().contains("decompression bomb"));
+        assert!(sink.files.is_empty());
+    }
+
+    #[test]
+    fn a_body_that_breaks_off_is_the_client_gone() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from(vec![1u8; 3 << 20])),
+            Err(std::io::Error::other("connection reset")),
+        ];
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let mut sink = MemorySink::new(u64::MAX);
+        let h = headers(&[RAW]);
+        let err = rt.block_on(receive_upload(&mut sink, &h, Some("/t".into()), body)).unwrap_err();
+        assert!(err.is_client_gone(), "{}", err.message());
+        assert!(sink.files.is_empty());
+        // What had arrived was written to the temporary file, then dropped with it.
+        assert_eq!(sink.aborted, [("/t".to_string(), 3 << 20)]);
     }
 }
