@@ -83,7 +83,14 @@ struct Routes {
 /// A connection to one agent. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct AgentClient {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Frames for the writer task. Writing there, not in the caller, means a caller that is
+    /// dropped (its client went away mid-upload) can never leave half a frame on the channel,
+    /// which would desynchronise it for every other request of the sandbox.
+    ///
+    /// Unbounded but bounded by construction: each request frame has a caller waiting for its
+    /// reply, and one-way frames are acknowledgements of at least a quarter window consumed,
+    /// of which a stream can owe no more than four before the agent stops sending to it.
+    frames: mpsc::UnboundedSender<Vec<u8>>,
     routes: Arc<Mutex<RoutesHandle>>,
     next_id: AtomicU64,
 }
@@ -108,11 +115,10 @@ impl AgentClient {
         let stream = UnixStream::from_std(stream)?;
         let (rd, wr) = stream.into_split();
         let routes = Arc::new(Mutex::new(RoutesHandle(Routes::default())));
-        let client = Arc::new(AgentClient {
-            writer: tokio::sync::Mutex::new(wr),
-            routes: routes.clone(),
-            next_id: AtomicU64::new(1),
-        });
+        let (frames, queue) = mpsc::unbounded_channel();
+        let client =
+            Arc::new(AgentClient { frames, routes: routes.clone(), next_id: AtomicU64::new(1) });
+        tokio::spawn(write_loop(wr, queue));
         // The reader logs for the sandbox (the agent's own messages): it carries the span the
         // client was made in, which names the sandbox.
         tokio::spawn(tracing::Instrument::in_current_span(read_loop(rd, routes)));
@@ -129,10 +135,10 @@ impl AgentClient {
         Ok(id)
     }
 
-    async fn send(&self, id: u64, request: Request) -> Result<(), ClientError> {
-        let bytes = encode(&Envelope { id, request })?;
-        let mut w = self.writer.lock().await;
-        if let Err(e) = w.write_all(&bytes).await {
+    fn send(&self, id: u64, request: Request) -> Result<(), ClientError> {
+        let queued = encode(&Envelope { id, request })
+            .and_then(|bytes| self.frames.send(bytes).map_err(|_| closed_channel()));
+        if let Err(e) = queued {
             if let Ok(mut r) = self.routes.lock() {
                 r.0.pending.remove(&id);
             }
@@ -145,7 +151,7 @@ impl AgentClient {
     pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending { reply: Some(tx), events: None, watch: false })?;
-        self.send(id, request).await?;
+        self.send(id, request)?;
         Ok(rx.await.map_err(|_| ClientError::Closed)??)
     }
 
@@ -161,7 +167,7 @@ impl AgentClient {
         let watch = matches!(request, Request::Watch { .. });
         let route = Route { tx: etx, queued: queued.clone(), overrun: false };
         let id = self.register(Pending { reply: Some(tx), events: Some(route), watch })?;
-        self.send(id, request).await?;
+        self.send(id, request)?;
         let reply = rx.await.map_err(|_| ClientError::Closed)??;
         let flow = match reply {
             Reply::Watching { watch } => Flow::Watch(watch),
@@ -172,13 +178,13 @@ impl AgentClient {
         Ok((reply, events))
     }
 
-    /// Sends a request the agent does not answer (flow control).
-    async fn send_one_way(&self, request: Request) -> Result<(), ClientError> {
+    /// Sends a request the agent does not answer (flow control). Never waits, so taking an
+    /// event stays cancel-safe.
+    fn send_one_way(&self, request: Request) -> Result<(), ClientError> {
         debug_assert!(request.is_one_way());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = encode(&Envelope { id, request })?;
-        self.writer.lock().await.write_all(&bytes).await?;
-        Ok(())
+        self.frames.send(bytes).map_err(|_| ClientError::Closed)
     }
 
     /// Whether the channel has closed (the agent exited or misbehaved).
@@ -214,20 +220,20 @@ pub struct EventStream {
 impl EventStream {
     /// The next event; `None` once the stream ended (the process exited and its `Exited` was
     /// taken, or the agent is gone).
+    ///
+    /// Cancel-safe (for `select!`): once an event is taken it is returned, nothing after it waits.
     pub async fn recv(&mut self) -> Option<Event> {
         let ev = self.rx.recv().await?;
-        self.took(&ev).await;
+        self.took(&ev);
         Some(ev)
     }
 
     /// Every event queued right now, without waiting.
-    pub async fn drain(&mut self) -> Vec<Event> {
+    pub fn drain(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
         while let Ok(ev) = self.rx.try_recv() {
+            self.took(&ev);
             out.push(ev);
-        }
-        for ev in &out {
-            self.took(ev).await;
         }
         out
     }
@@ -237,7 +243,7 @@ impl EventStream {
         self.queued.load(Ordering::Acquire)
     }
 
-    async fn took(&mut self, ev: &Event) {
+    fn took(&mut self, ev: &Event) {
         if matches!(ev, Event::Exited { .. }) {
             self.done = true;
         }
@@ -255,19 +261,19 @@ impl EventStream {
             Flow::Output(id) => Request::Credit { id, bytes },
             Flow::Watch(watch) => Request::WatchCredit { watch, bytes },
         };
-        if let Err(e) = self.client.send_one_way(request).await {
+        if let Err(e) = self.client.send_one_way(request) {
             tracing::debug!(error = %e, "acknowledging stream events");
         }
     }
 
     /// Stops receiving a process's output: the process no longer waits for this stream, which
     /// still gets the `Exited`. What was queued is dropped.
-    pub async fn detach(&mut self) {
+    pub fn detach(&mut self) {
         let Flow::Output(id) = self.flow else { return };
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        if let Err(e) = self.client.send_one_way(Request::Detach { id }).await {
+        if let Err(e) = self.client.send_one_way(Request::Detach { id }) {
             tracing::debug!(error = %e, "detaching a stream");
         }
     }
@@ -275,15 +281,20 @@ impl EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
-        let Flow::Output(id) = self.flow else { return };
-        if self.done {
-            return;
-        }
-        let client = self.client.clone();
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                let _ = client.send_one_way(Request::Detach { id }).await;
-            });
+        self.detach();
+    }
+}
+
+fn closed_channel() -> ProtoError {
+    ProtoError::Io(std::io::ErrorKind::BrokenPipe.into())
+}
+
+/// Writes queued frames whole, in order, until the channel fails or the client is dropped.
+async fn write_loop(mut wr: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = wr.write_all(&frame).await {
+            tracing::debug!(error = %e, "agent channel write failed");
+            break;
         }
     }
 }
@@ -362,5 +373,129 @@ async fn read_loop(mut rd: OwnedReadHalf, routes: Arc<Mutex<RoutesHandle>>) {
         guard.0.closed = true;
         guard.0.pending.clear();
         guard.0.watches.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use ringfence_proto::{Envelope, Event, Reply, Request, SandboxUser, encode, read_frame};
+
+    use super::*;
+
+    /// A fake agent: the other end of the channel, read and written by hand.
+    fn pair() -> (Arc<AgentClient>, StdUnixStream) {
+        let (ours, theirs) = StdUnixStream::pair().unwrap();
+        (AgentClient::new(ours).unwrap(), theirs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_dropped_mid_write_leaves_no_partial_frame() {
+        let (client, agent) = pair();
+        // A 4 MB request cannot fit the socket buffer: its write is in progress when the
+        // caller goes away (a client aborting an upload drops its handler like this).
+        let big = Request::UploadWrite { upload: 1, offset: 0, data: vec![7; 3 << 20] };
+        let call = client.call(big);
+        let _ = tokio::time::timeout(Duration::from_millis(100), call).await;
+        let ping = tokio::spawn({
+            let client = client.clone();
+            async move { client.call(Request::Ping).await }
+        });
+        // The agent reads whole frames: the abandoned one, then the ping (a partial frame
+        // would swallow the ping and leave the read waiting for bytes that never come).
+        let mut rd = agent.try_clone().unwrap();
+        rd.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let frames = tokio::task::spawn_blocking(move || {
+            let a: Envelope = read_frame(&mut rd).unwrap().unwrap();
+            let b: Envelope = read_frame(&mut rd).unwrap().unwrap();
+            (a, b)
+        })
+        .await
+        .unwrap();
+        assert!(matches!(frames.0.request, Request::UploadWrite { .. }));
+        assert_eq!(frames.1.request, Request::Ping);
+        let reply = Event::Response { id: frames.1.id, result: Ok(Reply::Pong) };
+        std::io::Write::write_all(&mut (&agent), &encode(&reply).unwrap()).unwrap();
+        assert_eq!(ping.await.unwrap().unwrap(), Reply::Pong);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_acknowledge_what_they_took_and_drop_what_overruns_the_window() {
+        let (client, agent) = pair();
+        let spawn = tokio::spawn({
+            let client = client.clone();
+            async move {
+                let spec = ringfence_proto::SpawnSpec {
+                    cmd: "x".into(),
+                    args: vec![],
+                    env: Default::default(),
+                    cwd: None,
+                    user: SandboxUser::User,
+                    stdio: ringfence_proto::StdioMode::Pipe { stdin: false },
+                    tag: None,
+                };
+                client.stream(Request::Spawn(spec)).await
+            }
+        });
+        let mut rd = agent.try_clone().unwrap();
+        let req: Envelope =
+            tokio::task::spawn_blocking(move || read_frame(&mut rd).unwrap().unwrap())
+                .await
+                .unwrap();
+        let id = req.id;
+        let send =
+            |ev: &Event| std::io::Write::write_all(&mut (&agent), &encode(ev).unwrap()).unwrap();
+        send(&Event::Response { id, result: Ok(Reply::Spawned { pid: 5 }) });
+        let (_, mut events) = spawn.await.unwrap().unwrap();
+        // An agent that ignores the window: what passes window + slack is dropped here. Sent
+        // before anything is taken, from another thread (the writes block on a full socket).
+        let chunk = vec![1u8; 64 << 10];
+        let n = ((STREAM_WINDOW + STREAM_SLACK) as usize / chunk.len()) + 8;
+        let mut wr = agent.try_clone().unwrap();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..n {
+                let ev = Event::Stdout { id, data: chunk.clone() };
+                std::io::Write::write_all(&mut wr, &encode(&ev).unwrap()).unwrap();
+            }
+            let exited = Event::Exited {
+                id,
+                pid: 5,
+                status: ringfence_proto::ExitStatus::Code(0),
+                usage: Default::default(),
+            };
+            std::io::Write::write_all(&mut wr, &encode(&exited).unwrap()).unwrap();
+        })
+        .await
+        .unwrap();
+        let mut got = 0;
+        while let Some(ev) = events.recv().await {
+            if let Event::Stdout { data, .. } = ev {
+                got += data.len();
+            }
+        }
+        assert!(got as u64 <= STREAM_WINDOW + STREAM_SLACK, "{got} bytes queued past the window");
+        assert_eq!(events.queued(), 0);
+        // What was taken was acknowledged, in batches.
+        let mut rd = agent.try_clone().unwrap();
+        rd.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let credited = tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            while let Ok(Some(Envelope { request: Request::Credit { id: i, bytes }, .. })) =
+                read_frame::<_, Envelope>(&mut rd)
+            {
+                assert_eq!(i, id);
+                total += bytes;
+                if total >= got as u64 - STREAM_WINDOW / 4 {
+                    break;
+                }
+            }
+            total
+        })
+        .await
+        .unwrap();
+        assert!(credited + STREAM_WINDOW / 4 >= got as u64, "credited {credited} of {got}");
     }
 }

@@ -1224,7 +1224,7 @@ async fn pump_process(s: ProcessStream) {
                 Err(_) => {
                     open = false;
                     next = None;
-                    events.detach().await;
+                    events.detach();
                 }
             },
             ev = events.recv(), if next.is_none() => match ev {
@@ -1280,7 +1280,7 @@ async fn pump_process(s: ProcessStream) {
             () = out.closed(), if open => {
                 open = false;
                 next = None;
-                events.detach().await;
+                events.detach();
             }
         }
     }
@@ -1709,7 +1709,7 @@ async fn unary_call(
             // the agent flushes its watches before answering the ping, and its frames arrive
             // in order, so those events precede the pong.
             sync_agent(client).await?;
-            let taken = events.lock().await.drain().await;
+            let taken = events.lock().await.drain();
             let mut out = Vec::new();
             for ev in taken {
                 if let Event::Fs { name, kind, .. } = ev {
