@@ -504,6 +504,17 @@ fn is_upload_temp(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|n| n.contains(UPLOAD_MARKER))
 }
 
+/// Whether an event names an unnamed temporary file: the kernel reports changes to an
+/// `O_TMPFILE` file in its directory's watch as `#<inode>`. Only a name of that shape with no
+/// such entry in the directory counts, so a client's own file called `#16` is still reported
+/// (unless it is gone by the time its events are read).
+fn is_unnamed_temp(name: &std::ffi::OsStr, dir: &Path) -> bool {
+    let Some(digits) = name.to_str().and_then(|n| n.strip_prefix('#')) else { return false };
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && fs::symlink_metadata(dir.join(name)).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+}
+
 /// Follows symlinks at `path` itself (its parents are resolved by the kernel), returning the
 /// path that an `open` with `O_CREAT` would write and what is there now.
 fn final_target(path: &Path) -> Result<(PathBuf, Option<Metadata>), AgentError> {
@@ -914,6 +925,11 @@ impl Watcher {
                 let Some(dir_rel) = self.dirs.get(&ev.wd) else { continue };
                 // An upload's temporary names are not the client's business; the rename that
                 // commits one is reported as the write it stands for.
+                if let Some(name) = &ev.name
+                    && is_unnamed_temp(name, &self.root.join(dir_rel))
+                {
+                    continue;
+                }
                 if let Some(name) = &ev.name
                     && is_upload_temp(name)
                 {

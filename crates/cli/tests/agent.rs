@@ -1104,3 +1104,52 @@ fn uploads_in_progress_are_bounded() {
     let u = begin(c, "/tmp/many/x", USER);
     c.ok(Request::UploadAbort { upload: u });
 }
+
+/// Every `Fs` event of `watch` until a ping answers (the agent flushes watches first).
+fn fs_events(c: &mut Client, watch: u64) -> Vec<(String, FsEventKind)> {
+    c.sync();
+    let mut out = Vec::new();
+    while let Some(Event::Fs { name, kind, .. }) = c.try_take(
+        Duration::from_millis(200),
+        |e| matches!(e, Event::Fs { watch: w, .. } if *w == watch),
+    ) {
+        out.push((name, kind));
+    }
+    out
+}
+
+#[test]
+fn a_watch_sees_an_upload_as_a_write_and_never_its_temporary_name() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    c.ok(Request::MakeDir { path: "/tmp/wu".into(), user: USER });
+    let Reply::Watching { watch } =
+        c.ok(Request::Watch { path: "/tmp/wu".into(), user: USER, recursive: false })
+    else {
+        panic!("Watch answers Watching")
+    };
+    let upload = |c: &mut Client, data: &[u8]| {
+        let up = begin(c, "/tmp/wu/f", USER);
+        if !data.is_empty() {
+            c.ok(Request::UploadWrite { upload: up, offset: 0, data: data.to_vec() });
+        }
+        c.ok(Request::UploadCommit { upload: up, metadata: Default::default() });
+    };
+    // A new file: created, given its owner, written, as an in-place write reports it.
+    upload(c, b"one");
+    let f = |k: FsEventKind| ("f".to_string(), k);
+    assert_eq!(
+        fs_events(c, watch),
+        [f(FsEventKind::Create), f(FsEventKind::Chmod), f(FsEventKind::Write)]
+    );
+    // Replacing it: a write.
+    upload(c, b"two");
+    assert_eq!(fs_events(c, watch), [f(FsEventKind::Write)]);
+    // An aborted upload: nothing at all.
+    let up = begin(c, "/tmp/wu/g", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: b"x".to_vec() });
+    c.ok(Request::UploadAbort { upload: up });
+    assert_eq!(fs_events(c, watch), []);
+    c.ok(Request::Unwatch { watch });
+}
