@@ -5,9 +5,17 @@
 //! `Spawn` that started it and any later `Attach`). A process's `Exited` event follows all of
 //! its output, unless a surviving descendant keeps the output pipes open: then it follows the
 //! exit after a short grace period.
+//!
+//! Flow control: each subscription may have [`STREAM_WINDOW`] bytes of output in flight; the
+//! host acknowledges what its client consumed with `Credit`. A process's pipes are read only
+//! while every subscriber has credit, so output nobody consumes stays in the pipe and the
+//! process blocks writing it (envd's fan-out blocks on its slowest subscriber the same way). A
+//! subscriber whose client went away is detached and holds nothing back; with no subscriber
+//! left, output is read and dropped. Watches are credited the same way: an unread watch stops
+//! reading its inotify queue, where the kernel drops what overflows.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::process::Stdio;
@@ -16,13 +24,14 @@ use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use ringfence_proto::{
-    AgentError, Envelope, ErrorKind, Event, ExitStatus, ProcessInfo, Reply, Request, SpawnSpec,
-    StdioMode, Usage, encode, frame_len,
+    AgentError, Envelope, ErrorKind, Event, ExitStatus, FsEventKind, OUTPUT_READ, ProcessInfo,
+    Reply, Request, STREAM_WINDOW, SpawnSpec, StdioMode, Usage, encode, flow_cost, frame_len,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::task::{JoinHandle, spawn_local};
 
@@ -49,20 +58,89 @@ struct Stdin {
     pipe: bool,
 }
 
+/// A request subscribed to a process's output.
+struct Sub {
+    id: u64,
+    /// Bytes it may still be sent before the host acknowledges more (may dip below zero by the
+    /// last read).
+    credit: i64,
+    /// Its client went away: no more output, only the exit.
+    detached: bool,
+}
+
+impl Sub {
+    fn new(id: u64) -> Sub {
+        Sub { id, credit: window(), detached: false }
+    }
+}
+
+fn window() -> i64 {
+    i64::try_from(STREAM_WINDOW).unwrap_or(i64::MAX)
+}
+
 struct Proc {
     spec: SpawnSpec,
-    subscribers: Vec<u64>,
+    subscribers: Vec<Sub>,
     input: Option<Stdin>,
     pty: Option<Rc<AsyncFd<OwnedFd>>>,
     exit: Option<(ExitStatus, Usage)>,
     open_outputs: usize,
+    /// Woken when a subscriber gets credit or detaches.
+    flow: Rc<Notify>,
+    /// Output readers waiting for credit: output is pending, so the exit must wait for it.
+    stalled: usize,
 }
 
-/// An active watch: the task that forwards its events, and the watcher itself, shared so that
-/// requests can flush what is pending first (see [`flush_watches`]).
+impl Proc {
+    fn new(spec: SpawnSpec, id: u64) -> Proc {
+        Proc {
+            spec,
+            subscribers: vec![Sub::new(id)],
+            input: None,
+            pty: None,
+            exit: None,
+            open_outputs: 0,
+            flow: Rc::default(),
+            stalled: 0,
+        }
+    }
+
+    /// Whether output may be read: every subscriber still reading has credit.
+    fn may_read(&self) -> bool {
+        self.subscribers.iter().all(|s| s.detached || s.credit > 0)
+    }
+}
+
+/// An active watch: the task that forwards its events, the watcher itself, shared so that
+/// requests can flush what is pending first (see [`flush_watches`]), and its flow control.
 struct Watch {
     task: JoinHandle<()>,
     watcher: Rc<RefCell<fs::Watcher>>,
+    flow: WatchFlow,
+}
+
+/// A watch's events read from the kernel but not yet sent, and the credit to send them.
+#[derive(Clone)]
+struct WatchFlow {
+    id: u64,
+    pending: Rc<RefCell<VecDeque<(String, FsEventKind)>>>,
+    credit: Rc<Cell<i64>>,
+    notify: Rc<Notify>,
+}
+
+impl WatchFlow {
+    /// Sends pending events while credit lasts; true when none are left.
+    fn send(&self, out: &UnboundedSender<Event>) -> bool {
+        let mut pending = self.pending.borrow_mut();
+        while self.credit.get() > 0 {
+            let Some((name, kind)) = pending.pop_front() else { break };
+            let ev = Event::Fs { watch: self.id, name, kind };
+            let cost = i64::try_from(flow_cost(&ev)).unwrap_or(i64::MAX);
+            self.credit.set(self.credit.get().saturating_sub(cost));
+            let _ = out.send(ev);
+        }
+        pending.is_empty()
+    }
 }
 
 #[derive(Clone)]
@@ -70,6 +148,9 @@ struct State {
     procs: Rc<RefCell<HashMap<u32, Proc>>>,
     watches: Rc<RefCell<HashMap<u64, Watch>>>,
     next_watch: Rc<RefCell<u64>>,
+    /// Uploads in progress, by handle. They belong to the connection that began them.
+    uploads: Rc<RefCell<HashMap<u64, fs::Upload>>>,
+    next_upload: Rc<Cell<u64>>,
     out: UnboundedSender<Event>,
 }
 
@@ -116,29 +197,22 @@ async fn run(
         procs: Rc::default(),
         watches: Rc::default(),
         next_watch: Rc::new(RefCell::new(1)),
+        uploads: Rc::default(),
+        next_upload: Rc::new(Cell::new(1)),
         out: tx,
     };
     if let Some(pid) = initial_pid {
         // Its output goes to the agent's own stdio; only its exit is reported.
-        state.procs.borrow_mut().insert(
-            pid,
-            Proc {
-                spec: SpawnSpec {
-                    cmd: String::new(),
-                    args: vec![],
-                    env: Default::default(),
-                    cwd: None,
-                    user: Default::default(),
-                    stdio: StdioMode::Inherit,
-                    tag: None,
-                },
-                subscribers: vec![0],
-                input: None,
-                pty: None,
-                exit: None,
-                open_outputs: 0,
-            },
-        );
+        let spec = SpawnSpec {
+            cmd: String::new(),
+            args: vec![],
+            env: Default::default(),
+            cwd: None,
+            user: Default::default(),
+            stdio: StdioMode::Inherit,
+            tag: None,
+        };
+        state.procs.borrow_mut().insert(pid, Proc::new(spec, 0));
     }
     spawn_local(reaper(state.clone()));
     let mut stream = stream;
@@ -147,6 +221,7 @@ async fn run(
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let writer = spawn_local(write_events(rx, wr, stop_rx));
         serve_connection(&state, rd).await;
+        end_connection(&state);
         let _ = stop_tx.send(());
         let Ok(back) = writer.await else { return Err(()) };
         rx = back;
@@ -164,6 +239,21 @@ async fn run(
         };
     }
     Ok(())
+}
+
+/// Drops what belonged to the connection that ended: its subscriptions (which would otherwise
+/// hold their processes back, waiting for credit nobody will send), watches and uploads (whose
+/// temporary files go with them). Request ids start over on the next connection, so nothing of
+/// this one may outlive it. The initial process's own subscription (id 0) stays.
+fn end_connection(state: &State) {
+    for p in state.procs.borrow_mut().values_mut() {
+        p.subscribers.retain(|s| s.id == 0);
+        p.flow.notify_waiters();
+    }
+    for (_, w) in state.watches.borrow_mut().drain() {
+        w.task.abort();
+    }
+    state.uploads.borrow_mut().clear();
 }
 
 /// Writes queued events to the current connection until told to stop or the write fails;
@@ -192,12 +282,17 @@ async fn write_events(
 /// Sends the events every watch has pending right now. Called before each request is handled,
 /// so a change that happened before a request is always reported before that request's reply
 /// (the watch tasks alone would report it whenever the scheduler gets to them).
+///
+/// A watch without credit is left alone: its client is not reading, and what it has not read
+/// stays in the kernel's queue.
 fn flush_watches(state: &State) {
-    for (id, w) in state.watches.borrow().iter() {
-        let Ok(events) = w.watcher.borrow_mut().read_events() else { continue };
-        for (name, kind) in events {
-            let _ = state.out.send(Event::Fs { watch: *id, name, kind });
+    for w in state.watches.borrow().values() {
+        if !w.flow.send(&state.out) || w.flow.credit.get() <= 0 {
+            continue;
         }
+        let Ok(events) = w.watcher.borrow_mut().read_events() else { continue };
+        w.flow.pending.borrow_mut().extend(events);
+        w.flow.send(&state.out);
     }
 }
 
@@ -215,6 +310,10 @@ async fn serve_connection(state: &State, mut rd: tokio::net::unix::OwnedReadHalf
         }
         let Ok(env) = ringfence_proto::decode::<Envelope>(&body) else { break };
         let id = env.id;
+        if env.request.is_one_way() {
+            flow_control(state, env.request);
+            continue;
+        }
         flush_watches(state);
         let result = match env.request {
             // Answered by the process's writer task once the data is written.
@@ -225,6 +324,39 @@ async fn serve_connection(state: &State, mut rd: tokio::net::unix::OwnedReadHalf
             request => handle(state, id, request).await,
         };
         let _ = state.out.send(Event::Response { id, result });
+    }
+}
+
+/// Applies a one-way flow-control request. Unknown ids are ignored: the process or watch may
+/// have ended while the request was on its way.
+fn flow_control(state: &State, request: Request) {
+    match request {
+        Request::Credit { id, bytes } => {
+            let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+            for p in state.procs.borrow_mut().values_mut() {
+                if let Some(s) = p.subscribers.iter_mut().find(|s| s.id == id) {
+                    // Never more than a window: a host cannot make output pile up here either.
+                    s.credit = s.credit.saturating_add(bytes).min(window());
+                    p.flow.notify_waiters();
+                }
+            }
+        }
+        Request::Detach { id } => {
+            for p in state.procs.borrow_mut().values_mut() {
+                if let Some(s) = p.subscribers.iter_mut().find(|s| s.id == id) {
+                    s.detached = true;
+                    p.flow.notify_waiters();
+                }
+            }
+        }
+        Request::WatchCredit { watch, bytes } => {
+            if let Some(w) = state.watches.borrow().get(&watch) {
+                let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+                w.flow.credit.set(w.flow.credit.get().saturating_add(bytes).min(window()));
+                w.flow.notify.notify_waiters();
+            }
+        }
+        _ => {}
     }
 }
 
@@ -255,7 +387,18 @@ async fn reaper(state: State) {
                 finish_if_done(&state, pid);
                 let st = state.clone();
                 spawn_local(async move {
-                    tokio::time::sleep(OUTPUT_GRACE).await;
+                    // Output still open after the grace is held by a descendant, unless its
+                    // reader is waiting for credit: then the output is pending, not held, and
+                    // the exit must come after it.
+                    loop {
+                        tokio::time::sleep(OUTPUT_GRACE).await;
+                        match st.procs.borrow().get(&pid).map(|p| p.stalled > 0) {
+                            Some(true) => continue,
+                            Some(false) => {}
+                            None => return,
+                        }
+                        break;
+                    }
                     finish(&st, pid);
                 });
             }
@@ -277,8 +420,8 @@ fn finish_if_done(state: &State, pid: u32) {
 fn finish(state: &State, pid: u32) {
     let Some(p) = state.procs.borrow_mut().remove(&pid) else { return };
     if let Some((status, usage)) = p.exit {
-        for id in p.subscribers {
-            let _ = state.out.send(Event::Exited { id, pid, status, usage });
+        for s in p.subscribers {
+            let _ = state.out.send(Event::Exited { id: s.id, pid, status, usage });
         }
     }
 }
@@ -291,16 +434,46 @@ enum Stream {
 }
 
 fn forward(state: &State, pid: u32, stream: Stream, data: &[u8]) {
-    let procs = state.procs.borrow();
-    let Some(p) = procs.get(&pid) else { return };
-    for &id in &p.subscribers {
-        let data = data.to_vec();
+    let mut procs = state.procs.borrow_mut();
+    let Some(p) = procs.get_mut(&pid) else { return };
+    let cost = i64::try_from(data.len()).unwrap_or(i64::MAX);
+    for s in p.subscribers.iter_mut().filter(|s| !s.detached) {
+        s.credit = s.credit.saturating_sub(cost);
+        let (id, data) = (s.id, data.to_vec());
         let ev = match stream {
             Stream::Stdout => Event::Stdout { id, data },
             Stream::Stderr => Event::Stderr { id, data },
             Stream::Pty => Event::Pty { id, data },
         };
         let _ = state.out.send(ev);
+    }
+}
+
+/// Waits until the process's output may be read (see [`Proc::may_read`]); at once when the
+/// process is no longer tracked (its output is then read and dropped).
+async fn wait_for_credit(state: &State, pid: u32) {
+    let Some(flow) = state.procs.borrow().get(&pid).map(|p| p.flow.clone()) else { return };
+    let mut stalled = false;
+    loop {
+        let notified = flow.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a credit arriving in between is not missed.
+        notified.as_mut().enable();
+        {
+            let mut procs = state.procs.borrow_mut();
+            let Some(p) = procs.get_mut(&pid) else { return };
+            if p.may_read() {
+                if stalled {
+                    p.stalled = p.stalled.saturating_sub(1);
+                }
+                return;
+            }
+            if !stalled {
+                p.stalled += 1;
+                stalled = true;
+            }
+        }
+        notified.await;
     }
 }
 
@@ -312,8 +485,9 @@ fn output_closed(state: &State, pid: u32) {
 }
 
 async fn pump_pipe(state: State, pid: u32, stream: Stream, mut rx: pipe::Receiver) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; OUTPUT_READ];
     loop {
+        wait_for_credit(&state, pid).await;
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => forward(&state, pid, stream, &buf[..n]),
@@ -323,8 +497,9 @@ async fn pump_pipe(state: State, pid: u32, stream: Stream, mut rx: pipe::Receive
 }
 
 async fn pump_pty(state: State, pid: u32, master: Rc<AsyncFd<OwnedFd>>) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; OUTPUT_READ];
     loop {
+        wait_for_credit(&state, pid).await;
         let Ok(mut guard) = master.readable().await else { break };
         match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(Into::into)) {
             Ok(Ok(0)) => break,
@@ -377,14 +552,8 @@ fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
     // holds the slave and the master sees EIO when the session ends.
     drop(cmd);
     let pid = child.id();
-    let mut proc = Proc {
-        spec,
-        subscribers: vec![id],
-        input: None,
-        pty: master.clone(),
-        exit: None,
-        open_outputs: 0,
-    };
+    let mut proc = Proc::new(spec, id);
+    proc.pty = master.clone();
     let mut pumps: Vec<(Stream, pipe::Receiver)> = Vec::new();
     if let Some(out) = child.stdout.take() {
         pumps.push((
@@ -508,7 +677,7 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
         Request::Attach { pid } => {
             let mut procs = state.procs.borrow_mut();
             let p = procs.get_mut(&pid).ok_or_else(|| no_process(pid))?;
-            p.subscribers.push(id);
+            p.subscribers.push(Sub::new(id));
             Ok(Reply::Spawned { pid })
         }
         // Queued by the request loop (`queue_input`), never handled here.
@@ -592,24 +761,15 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
                 w
             };
             let watcher = Rc::new(RefCell::new(watcher));
-            let shared = watcher.clone();
-            let out = state.out.clone();
-            let task = spawn_local(async move {
-                loop {
-                    let Ok(mut guard) = afd.readable().await else { break };
-                    let events = shared.borrow_mut().read_events();
-                    guard.clear_ready();
-                    match events {
-                        Ok(evs) => {
-                            for (name, kind) in evs {
-                                let _ = out.send(Event::Fs { watch, name, kind });
-                            }
-                        }
-                        Err(_) => break,
-                    }
-                }
-            });
-            state.watches.borrow_mut().insert(watch, Watch { task, watcher });
+            let flow = WatchFlow {
+                id: watch,
+                pending: Rc::default(),
+                credit: Rc::new(Cell::new(window())),
+                notify: Rc::default(),
+            };
+            let task =
+                spawn_local(watch_events(watcher.clone(), afd, flow.clone(), state.out.clone()));
+            state.watches.borrow_mut().insert(watch, Watch { task, watcher, flow });
             Ok(Reply::Watching { watch })
         }
         Request::Unwatch { watch } => match state.watches.borrow_mut().remove(&watch) {
@@ -622,6 +782,71 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
         Request::Stats => {
             let n = u32::try_from(state.procs.borrow().len()).unwrap_or(u32::MAX);
             Ok(Reply::Stats { usage: Usage::default(), processes: n })
+        }
+        Request::UploadBegin { path, user } => {
+            if state.uploads.borrow().len() >= fs::MAX_UPLOADS {
+                return Err(agent_err(
+                    ErrorKind::NoSpace,
+                    format!("too many uploads in progress (at most {})", fs::MAX_UPLOADS),
+                ));
+            }
+            let target = fs::resolve(&path, user)?;
+            let (upload, free) = fs::Upload::begin(&target, user)?;
+            let handle = state.next_upload.get();
+            state.next_upload.set(handle + 1);
+            state.uploads.borrow_mut().insert(handle, upload);
+            let path = target.to_string_lossy().into_owned();
+            Ok(Reply::Upload { upload: handle, path, free })
+        }
+        Request::UploadWrite { upload, offset, data } => {
+            let mut uploads = state.uploads.borrow_mut();
+            let u = uploads.get_mut(&upload).ok_or_else(|| no_upload(upload))?;
+            u.write(offset, &data).map(|()| Reply::Done)
+        }
+        Request::UploadCommit { upload, metadata } => {
+            let u = state.uploads.borrow_mut().remove(&upload).ok_or_else(|| no_upload(upload))?;
+            u.commit(&metadata).map(Reply::Entry)
+        }
+        Request::UploadAbort { upload } => {
+            state.uploads.borrow_mut().remove(&upload).ok_or_else(|| no_upload(upload))?;
+            Ok(Reply::Done)
+        }
+        // Answered by `flow_control`, never here.
+        Request::Credit { .. } | Request::Detach { .. } | Request::WatchCredit { .. } => {
+            Err(internal("flow control is handled by the request loop"))
+        }
+    }
+}
+
+fn no_upload(upload: u64) -> AgentError {
+    agent_err(ErrorKind::NotFound, format!("upload {upload} not found"))
+}
+
+/// Forwards a watch's events as credit allows: reads the kernel's queue only when everything
+/// read before was sent, so an unread watch leaves its events in the kernel (which drops what
+/// overflows its queue, as with envd's watcher).
+async fn watch_events(
+    watcher: Rc<RefCell<fs::Watcher>>,
+    afd: AsyncFd<OwnedFd>,
+    flow: WatchFlow,
+    out: UnboundedSender<Event>,
+) {
+    loop {
+        loop {
+            let notified = flow.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if flow.send(&out) && flow.credit.get() > 0 {
+                break;
+            }
+            notified.await;
+        }
+        let Ok(mut guard) = afd.readable().await else { break };
+        let events = watcher.borrow_mut().read_events();
+        guard.clear_ready();
+        match events {
+            Ok(evs) => flow.pending.borrow_mut().extend(evs),
+            Err(_) => break,
         }
     }
 }

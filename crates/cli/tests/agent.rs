@@ -25,7 +25,8 @@ use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_proto::{
     AgentError, CHUNK, Envelope, ErrorKind, Event, ExitStatus, FileType, FsEventKind, ProtoError,
-    Reply, Request, SandboxUser, SpawnSpec, StdioMode, Usage, encode, read_frame,
+    Reply, Request, STREAM_SLACK, STREAM_WINDOW, SandboxUser, SpawnSpec, StdioMode, Usage, encode,
+    flow_cost, read_frame,
 };
 
 macro_rules! root_only {
@@ -198,6 +199,14 @@ impl Client {
         }
     }
 
+    /// Acknowledges `ev` of subscription `id` as consumed, as the server does.
+    fn credit(&mut self, id: u64, ev: &Event) {
+        let bytes = flow_cost(ev);
+        if bytes > 0 {
+            self.send(Request::Credit { id, bytes });
+        }
+    }
+
     /// Spawns `spec`, returning (request id, pid).
     fn spawn(&mut self, spec: SpawnSpec) -> (u64, u32) {
         let what = format!("{spec:?}");
@@ -222,6 +231,8 @@ impl Client {
                         if *i == id
                 )
             });
+            // Consumed: the agent may send that much more (flow control).
+            self.credit(id, &ev);
             match ev {
                 Event::Stdout { data, .. } => out.stdout.extend(data),
                 Event::Stderr { data, .. } => out.stderr.extend(data),
@@ -249,7 +260,12 @@ impl Client {
                 left,
                 |e| matches!(e, Event::Pty { id: i, .. } | Event::Exited { id: i, .. } if *i == id),
             ) {
-                Some(Event::Pty { data, .. }) => got.extend(data),
+                Some(ev @ Event::Pty { .. }) => {
+                    self.credit(id, &ev);
+                    if let Event::Pty { data, .. } = ev {
+                        got.extend(data);
+                    }
+                }
                 Some(ev) => {
                     panic!("process exited before printing {needles:?}: {ev:?}; saw {text:?}")
                 }
@@ -269,7 +285,12 @@ impl Client {
             match self.take(&format!("stdout {needle:?} of request {id}"), |e| {
                 matches!(e, Event::Stdout { id: i, .. } | Event::Exited { id: i, .. } if *i == id)
             }) {
-                Event::Stdout { data, .. } => got.extend(data),
+                ev @ Event::Stdout { .. } => {
+                    self.credit(id, &ev);
+                    if let Event::Stdout { data, .. } = ev {
+                        got.extend(data);
+                    }
+                }
                 ev => panic!("process exited before printing {needle:?}: {ev:?}; saw {text:?}"),
             }
         }
@@ -850,4 +871,285 @@ fn queued_stdin_writes_keep_their_order_and_close_comes_last() {
         assert_eq!(c.response(w), Ok(Reply::Done));
     }
     assert_eq!(c.response(close), Ok(Reply::Done));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow control (issue 12, finding 3) and atomic uploads (finding 7).
+
+/// Stdout bytes of subscription `id` that arrive within `window` without any credit.
+fn stdout_without_credit(c: &mut Client, id: u64, window: Duration) -> usize {
+    let mut got = 0;
+    let deadline = Instant::now() + window;
+    while let Some(ev) = c.try_take(
+        deadline.saturating_duration_since(Instant::now()),
+        |e| matches!(e, Event::Stdout { id: i, .. } | Event::Exited { id: i, .. } if *i == id),
+    ) {
+        match ev {
+            Event::Stdout { data, .. } => got += data.len(),
+            ev => panic!("the process finished although nobody read its output: {ev:?}"),
+        }
+    }
+    got
+}
+
+fn running(c: &mut Client, pid: u32) -> bool {
+    match c.ok(Request::ListProcesses) {
+        Reply::Processes(list) => list.iter().any(|p| p.pid == pid),
+        other => panic!("ListProcesses answered {other:?}"),
+    }
+}
+
+#[test]
+fn unread_output_stops_at_the_window_and_resumes_with_credit() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    let total = 8_000_000usize;
+    let (id, pid) = c.spawn(sh(&format!("head -c {total} /dev/zero; echo end >&2")));
+    // Nobody acknowledges: the agent stops at the window, the process blocks on its pipe.
+    let got = stdout_without_credit(c, id, Duration::from_millis(1500));
+    let cap = (STREAM_WINDOW + STREAM_SLACK) as usize;
+    assert!(got <= cap, "{got} bytes sent without credit (window {STREAM_WINDOW})");
+    assert!(got > 0, "the window lets output through before any credit");
+    assert!(running(c, pid), "the writer waits on its full pipe");
+    // One stalled stream does not stall the sandbox's others.
+    let (other, _) = c.spawn(sh("echo other"));
+    assert_eq!(c.wait_for_exit(other).stdout(), "other\n");
+    // Credit what was taken; from then on every byte arrives, then the exit.
+    c.send(Request::Credit { id, bytes: got as u64 });
+    let out = c.wait_for_exit(id);
+    assert_eq!(out.stdout.len() + got, total);
+    assert!(out.stdout.iter().all(|b| *b == 0));
+    assert_eq!(out.stderr(), "end\n");
+    assert_eq!(out.status(), ExitStatus::Code(0));
+}
+
+#[test]
+fn a_slow_attach_holds_the_process_and_detaching_frees_it() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    let (id, pid) = c.spawn(sh("head -c 4000000 /dev/zero; sleep 0.2; echo done"));
+    // A second subscriber that never reads holds the output back for both, as envd's
+    // blocking fan-out does.
+    let attach = c.send(Request::Attach { pid });
+    assert_eq!(c.response(attach), Ok(Reply::Spawned { pid }));
+    let got = stdout_without_credit(c, attach, Duration::from_millis(1000));
+    assert!(got <= (STREAM_WINDOW + STREAM_SLACK) as usize, "{got} bytes without credit");
+    assert!(running(c, pid));
+    // Once it detaches (its client went away), it holds nothing back; the process runs to
+    // its end and the detached subscriber still hears of the exit.
+    c.send(Request::Detach { id: attach });
+    let out = c.wait_for_exit(id);
+    assert!(out.stdout.ends_with(b"done\n"), "{} bytes", out.stdout.len());
+    assert_eq!(out.status(), ExitStatus::Code(0));
+    let exited = c.take(
+        "exit of the detached subscriber",
+        |e| matches!(e, Event::Exited { id: i, .. } if *i == attach),
+    );
+    assert!(matches!(exited, Event::Exited { status: ExitStatus::Code(0), .. }));
+    // Nothing more arrived for it past what was in flight when it detached.
+    let late: usize = c
+        .buffered_for(attach)
+        .iter()
+        .map(|e| match e {
+            Event::Stdout { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(got + late <= (STREAM_WINDOW + STREAM_SLACK) as usize, "{late} bytes after detach");
+}
+
+#[test]
+fn unread_watch_events_stay_in_the_kernel() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    c.ok(Request::MakeDir { path: "/tmp/wf".into(), user: USER });
+    let Reply::Watching { watch } =
+        c.ok(Request::Watch { path: "/tmp/wf".into(), user: USER, recursive: false })
+    else {
+        panic!("Watch answers Watching")
+    };
+    let (id, _) = c.spawn(sh("cd /tmp/wf && for i in $(seq 20000); do : > f$i; done; echo made"));
+    assert_eq!(c.wait_for_exit(id).stdout(), "made\n");
+    c.sync();
+    let mut cost = 0;
+    while let Some(ev) = c.try_take(Duration::from_millis(300), |e| matches!(e, Event::Fs { .. })) {
+        cost += flow_cost(&ev);
+    }
+    assert!(cost > 0, "events flow before any credit");
+    assert!(cost <= STREAM_WINDOW + STREAM_SLACK, "{cost} bytes of events without credit");
+    // Credit brings more.
+    c.send(Request::WatchCredit { watch, bytes: STREAM_WINDOW });
+    let more = c.try_take(Duration::from_secs(2), |e| matches!(e, Event::Fs { .. }));
+    assert!(more.is_some(), "credit lets the watch go on");
+    c.ok(Request::Unwatch { watch });
+}
+
+fn listing(c: &mut Client, dir: &str) -> Vec<String> {
+    match c.ok(Request::ListDir { path: dir.into(), user: USER, depth: 1 }) {
+        Reply::Entries(list) => list.into_iter().map(|e| e.name).collect(),
+        other => panic!("ListDir answered {other:?}"),
+    }
+}
+
+fn read_all(c: &mut Client, path: &str) -> Vec<u8> {
+    match c.ok(Request::ReadFile { path: path.into(), user: USER, offset: 0 }) {
+        Reply::Data { data, .. } => data,
+        other => panic!("ReadFile answered {other:?}"),
+    }
+}
+
+fn begin(c: &mut Client, path: &str, user: SandboxUser) -> u64 {
+    match c.ok(Request::UploadBegin { path: path.into(), user }) {
+        Reply::Upload { upload, free, path: p } => {
+            assert!(free > 0, "free space is reported");
+            assert!(p.starts_with('/'), "the target comes back resolved: {p}");
+            upload
+        }
+        other => panic!("UploadBegin answered {other:?}"),
+    }
+}
+
+#[test]
+fn uploads_replace_their_target_whole_or_not_at_all() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    // An existing file, owned by root with its own mode.
+    let mut as_root = sh("mkdir -p /tmp/up && printf old > /tmp/up/t && chmod 600 /tmp/up/t");
+    as_root.user = SandboxUser::Root;
+    let (id, _) = c.spawn(as_root);
+    assert_eq!(c.wait_for_exit(id).status(), ExitStatus::Code(0));
+
+    // Mid-upload the target is untouched and nothing else is visible in its directory.
+    let up = begin(c, "/tmp/up/t", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: b"new ".to_vec() });
+    assert_eq!(read_all(c, "/tmp/up/t"), b"old");
+    assert_eq!(listing(c, "/tmp/up"), ["t"]);
+    // A piece out of order is refused, not written at the wrong place.
+    let e = c.err(Request::UploadWrite { upload: up, offset: 99, data: b"x".to_vec() });
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    c.ok(Request::UploadWrite { upload: up, offset: 4, data: b"content".to_vec() });
+    let meta = std::collections::BTreeMap::from([("k".to_string(), "v".to_string())]);
+    let Reply::Entry(e) = c.ok(Request::UploadCommit { upload: up, metadata: meta.clone() }) else {
+        panic!("UploadCommit answers Entry")
+    };
+    assert_eq!(read_all(c, "/tmp/up/t"), b"new content");
+    // The replaced file's owner and mode are kept; the metadata is the upload's.
+    assert_eq!((e.uid, e.mode, e.size, e.metadata), (0, 0o600, 11, meta));
+    assert_eq!(listing(c, "/tmp/up"), ["t"]);
+    // Committed once: the handle is gone.
+    let e = c.err(Request::UploadCommit { upload: up, metadata: Default::default() });
+    assert_eq!(e.kind, ErrorKind::NotFound);
+
+    // An aborted upload leaves an existing target as it was and creates no new one.
+    let up = begin(c, "/tmp/up/t", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: vec![b'z'; 3 << 20] });
+    c.ok(Request::UploadAbort { upload: up });
+    assert_eq!(read_all(c, "/tmp/up/t"), b"new content");
+    let up = begin(c, "/tmp/up/fresh/n", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: b"partial".to_vec() });
+    c.ok(Request::UploadAbort { upload: up });
+    assert_eq!(listing(c, "/tmp/up/fresh"), Vec::<String>::new());
+    assert_eq!(listing(c, "/tmp/up"), ["fresh", "t"]);
+
+    // A new file belongs to the uploading user, 0644; an empty one is still created.
+    let up = begin(c, "/tmp/up/fresh/n", USER);
+    let Reply::Entry(e) = c.ok(Request::UploadCommit { upload: up, metadata: Default::default() })
+    else {
+        panic!()
+    };
+    assert_eq!((e.uid, e.gid, e.mode, e.size), (1000, 1000, 0o644, 0));
+
+    // A symlink at the target is followed, as a write through it would be.
+    let mut link = sh("ln -s /tmp/up/t /tmp/up/link");
+    link.user = SandboxUser::Root;
+    let (id, _) = c.spawn(link);
+    assert_eq!(c.wait_for_exit(id).status(), ExitStatus::Code(0));
+    let up = begin(c, "/tmp/up/link", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: b"via link".to_vec() });
+    c.ok(Request::UploadCommit { upload: up, metadata: Default::default() });
+    assert_eq!(read_all(c, "/tmp/up/t"), b"via link");
+    let Reply::Entry(l) = c.ok(Request::Stat { path: "/tmp/up/link".into(), user: USER }) else {
+        panic!()
+    };
+    assert_eq!(l.kind, FileType::Symlink, "the link itself stays a link");
+
+    // What cannot be replaced by a file is refused up front.
+    let e = c.err(Request::UploadBegin { path: "/tmp/up".into(), user: USER });
+    assert_eq!(e.kind, ErrorKind::IsADirectory);
+    let e = c.err(Request::UploadBegin { path: "/dev/null".into(), user: USER });
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    let e = c.err(Request::UploadWrite { upload: 9999, offset: 0, data: vec![] });
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(listing(c, "/tmp/up"), ["fresh", "link", "t"]);
+}
+
+#[test]
+fn uploads_in_progress_are_bounded() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    let uploads: Vec<u64> = (0..64).map(|i| begin(c, &format!("/tmp/many/{i}"), USER)).collect();
+    let e = c.err(Request::UploadBegin { path: "/tmp/many/x".into(), user: USER });
+    assert_eq!(e.kind, ErrorKind::NoSpace, "{e}");
+    assert!(e.message.contains("too many uploads"), "{e}");
+    for u in uploads {
+        c.ok(Request::UploadAbort { upload: u });
+    }
+    assert_eq!(listing(c, "/tmp/many"), Vec::<String>::new());
+    // Room again.
+    let u = begin(c, "/tmp/many/x", USER);
+    c.ok(Request::UploadAbort { upload: u });
+}
+
+/// Every `Fs` event of `watch` until a ping answers (the agent flushes watches first).
+fn fs_events(c: &mut Client, watch: u64) -> Vec<(String, FsEventKind)> {
+    c.sync();
+    let mut out = Vec::new();
+    while let Some(Event::Fs { name, kind, .. }) = c.try_take(
+        Duration::from_millis(200),
+        |e| matches!(e, Event::Fs { watch: w, .. } if *w == watch),
+    ) {
+        out.push((name, kind));
+    }
+    out
+}
+
+#[test]
+fn a_watch_sees_an_upload_as_a_write_and_never_its_temporary_name() {
+    root_only!();
+    let mut h = start();
+    let c = &mut h.client;
+    c.ok(Request::MakeDir { path: "/tmp/wu".into(), user: USER });
+    let Reply::Watching { watch } =
+        c.ok(Request::Watch { path: "/tmp/wu".into(), user: USER, recursive: false })
+    else {
+        panic!("Watch answers Watching")
+    };
+    let upload = |c: &mut Client, data: &[u8]| {
+        let up = begin(c, "/tmp/wu/f", USER);
+        if !data.is_empty() {
+            c.ok(Request::UploadWrite { upload: up, offset: 0, data: data.to_vec() });
+        }
+        c.ok(Request::UploadCommit { upload: up, metadata: Default::default() });
+    };
+    // A new file: created, given its owner, written, as an in-place write reports it.
+    upload(c, b"one");
+    let f = |k: FsEventKind| ("f".to_string(), k);
+    assert_eq!(
+        fs_events(c, watch),
+        [f(FsEventKind::Create), f(FsEventKind::Chmod), f(FsEventKind::Write)]
+    );
+    // Replacing it: a write.
+    upload(c, b"two");
+    assert_eq!(fs_events(c, watch), [f(FsEventKind::Write)]);
+    // An aborted upload: nothing at all.
+    let up = begin(c, "/tmp/wu/g", USER);
+    c.ok(Request::UploadWrite { upload: up, offset: 0, data: b"x".to_vec() });
+    c.ok(Request::UploadAbort { upload: up });
+    assert_eq!(fs_events(c, watch), []);
+    c.ok(Request::Unwatch { watch });
 }

@@ -24,6 +24,35 @@ pub const MAX_FRAME: usize = 4 << 20;
 /// Size of one chunk of file or process output carried in a single frame.
 pub const CHUNK: usize = 1 << 20;
 
+/// Flow control of streamed events (a process's output, a watch's changes): what the agent may
+/// send on one subscription beyond what the host has acknowledged with [`Request::Credit`] or
+/// [`Request::WatchCredit`], counted with [`flow_cost`]. Without it, output nobody reads piled
+/// up in the host without bound; with it, the agent stops reading the process's pipe and the
+/// process blocks on a full pipe, as it would writing to a slow terminal.
+pub const STREAM_WINDOW: u64 = 256 << 10;
+
+/// Most bytes of process output the agent reads (and so sends in one event) at a time.
+pub const OUTPUT_READ: usize = 64 << 10;
+
+/// How far past [`STREAM_WINDOW`] an agent may go: it checks the credit before each read, and a
+/// process's stdout and stderr are read separately, so the last reads may overshoot. A host
+/// drops events beyond window + slack: only a misbehaving agent sends them.
+pub const STREAM_SLACK: u64 = 4 * OUTPUT_READ as u64;
+
+/// What a watch event costs against the window besides the bytes of its name.
+pub const FS_EVENT_COST: u64 = 64;
+
+/// What `event` costs against its subscription's window (0: not flow-controlled).
+pub fn flow_cost(event: &Event) -> u64 {
+    match event {
+        Event::Stdout { data, .. } | Event::Stderr { data, .. } | Event::Pty { data, .. } => {
+            data.len() as u64
+        }
+        Event::Fs { name, .. } => name.len() as u64 + FS_EVENT_COST,
+        _ => 0,
+    }
+}
+
 /// Errors from framing and decoding.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -37,14 +66,15 @@ pub enum ProtoError {
 
 /// Encodes `msg` into a length-prefixed frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
-    let mut buf = vec![0u8; 4];
-    let body = postcard::to_extend(msg, Vec::new())?;
-    if body.len() > MAX_FRAME {
-        return Err(ProtoError::TooLarge(body.len()));
+    // Serialized after a placeholder prefix, into one buffer: a megabyte of file data is not
+    // copied a second time to put its length in front.
+    let mut buf = postcard::to_extend(msg, vec![0u8; 4])?;
+    let body = buf.len() - 4;
+    if body > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body));
     }
-    let len = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
+    let len = u32::try_from(body).map_err(|_| ProtoError::TooLarge(body))?;
     buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
     Ok(buf)
 }
 
@@ -233,6 +263,56 @@ pub enum Request {
     },
     /// Resource use of the whole sandbox as the agent sees it.
     Stats,
+    /// One-way (no response): the host consumed `bytes` of the output of subscription `id` (the
+    /// id of the `Spawn` or `Attach` that subscribed). See [`STREAM_WINDOW`].
+    Credit {
+        id: u64,
+        bytes: u64,
+    },
+    /// One-way (no response): nobody reads the output of subscription `id` any more; it stops
+    /// holding the process back and gets no more output, only the process's `Exited`.
+    Detach {
+        id: u64,
+    },
+    /// One-way (no response): the host consumed `bytes` of the events of `watch`.
+    WatchCredit {
+        watch: u64,
+        bytes: u64,
+    },
+    /// Starts replacing the file at `path` (parents created, owned by `user`): the content goes
+    /// to an unnamed temporary file in the target's directory, which only
+    /// [`Request::UploadCommit`] puts in place. Until then the target is untouched, and an
+    /// upload that is aborted, or whose host connection ends, leaves nothing behind.
+    UploadBegin {
+        path: String,
+        user: SandboxUser,
+    },
+    /// Appends to an upload; `offset` is where the host believes the data goes (the bytes
+    /// written so far), checked so that a lost or repeated piece is an error, not a corrupt file.
+    UploadWrite {
+        upload: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Gives the file its owner, mode and `metadata`, then atomically replaces the target.
+    UploadCommit {
+        upload: u64,
+        metadata: BTreeMap<String, String>,
+    },
+    /// Drops an upload and its temporary file.
+    UploadAbort {
+        upload: u64,
+    },
+}
+
+impl Request {
+    /// Requests the agent does not answer: flow control, sent often and needing no reply.
+    pub fn is_one_way(&self) -> bool {
+        matches!(
+            self,
+            Request::Credit { .. } | Request::Detach { .. } | Request::WatchCredit { .. }
+        )
+    }
 }
 
 /// A request with its correlation id.
@@ -343,6 +423,13 @@ pub enum Reply {
     Stats {
         usage: Usage,
         processes: u32,
+    },
+    /// An upload begun: its handle, the target (resolved) and the bytes free on its
+    /// filesystem.
+    Upload {
+        upload: u64,
+        path: String,
+        free: u64,
     },
 }
 

@@ -35,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::agent_client::AgentClient;
+use crate::bounded;
 use crate::fault::internal_message;
 use crate::manager::Live;
 
@@ -56,6 +57,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// How long the fork server may take to import everything on start.
 const ZYGOTE_READY: Duration = Duration::from_secs(120);
+/// Bytes of parsed kernel lines held for a kernel before its reader stops reading (and the
+/// kernel blocks writing): lines are up to [`MAX_LINE`] each, so a count bound was not one.
+const KERNEL_BACKLOG: u32 = 8 << 20;
+/// Bytes of a cell's output held for a client that does not read its response.
+const CELL_BACKLOG: u32 = 4 << 20;
+/// Messages to a kernel not yet written to it. A kernel that leaves this many unread is stuck:
+/// sending then fails, and the context starts afresh on next use.
+const KERNEL_INPUT: usize = 16;
 
 /// Languages with kernels here, after E2B's normalisation.
 fn normalize(lang: &str) -> Option<&'static str> {
@@ -129,7 +138,7 @@ impl Runtime {
 }
 
 /// Kernel → server, parsed.
-type Lines = mpsc::Receiver<Value>;
+type Lines = bounded::Receiver<Value>;
 
 /// How a kernel is stopped for good.
 #[derive(Debug)]
@@ -155,7 +164,7 @@ impl Killer {
 /// A running kernel.
 #[derive(Debug)]
 struct Kernel {
-    input: mpsc::UnboundedSender<Vec<u8>>,
+    input: mpsc::Sender<Vec<u8>>,
     output: Lines,
     killer: Killer,
     _supervisor: Option<Supervisor>,
@@ -165,7 +174,7 @@ impl Kernel {
     fn send(&self, v: &Value) -> bool {
         let mut line = v.to_string().into_bytes();
         line.push(b'\n');
-        self.input.send(line).is_ok()
+        self.input.try_send(line).is_ok()
     }
 }
 
@@ -422,8 +431,8 @@ async fn start_injected_kernel(
     injected.channel.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = tokio::net::UnixStream::from_std(injected.channel).map_err(|e| e.to_string())?;
     let (mut rd, mut wr) = stream.into_split();
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (out_tx, out_rx) = mpsc::channel(256);
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
+    let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
     tokio::spawn(async move {
         while let Some(line) = in_rx.recv().await {
             if wr.write_all(&line).await.is_err() {
@@ -473,8 +482,8 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         Reply::Spawned { pid } => pid,
         other => return Err(format!("start node: {other:?}")),
     };
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (out_tx, out_rx) = mpsc::channel(256);
+    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
+    let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
     let client = live.client.clone();
     tokio::spawn(async move {
         while let Some(data) = in_rx.recv().await {
@@ -537,6 +546,12 @@ pub struct LineTooLong;
 impl LineSplitter {
     /// The JSON objects completed by `data`, in order; lines that are not one are dropped.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<Value>, LineTooLong> {
+        Ok(self.push_sized(data)?.into_iter().map(|(v, _)| v).collect())
+    }
+
+    /// As [`Self::push`], each object with the length of its line (what it weighs in the
+    /// byte-bounded channel to the client).
+    fn push_sized(&mut self, data: &[u8]) -> Result<Vec<(Value, usize)>, LineTooLong> {
         // Only the new bytes can hold the next newline: no rescans of a long partial line.
         let mut from = self.buf.len();
         self.buf.extend_from_slice(data);
@@ -545,7 +560,7 @@ impl LineSplitter {
         while let Some(pos) = self.buf[from..].iter().position(|b| *b == b'\n') {
             let end = from + pos;
             match serde_json::from_slice::<Value>(&self.buf[start..end]) {
-                Ok(v @ Value::Object(_)) => out.push(v),
+                Ok(v @ Value::Object(_)) => out.push((v, end + 1 - start)),
                 _ => tracing::debug!("kernel sent a line that is not a JSON object"),
             }
             start = end + 1;
@@ -562,10 +577,10 @@ impl LineSplitter {
     }
 
     /// False once the kernel broke the protocol (a line too long) or nobody listens.
-    async fn feed(&mut self, data: &[u8], out: &mpsc::Sender<Value>) -> bool {
-        let Ok(values) = self.push(data) else { return false };
-        for v in values {
-            if out.send(v).await.is_err() {
+    async fn feed(&mut self, data: &[u8], out: &bounded::Sender<Value>) -> bool {
+        let Ok(values) = self.push_sized(data) else { return false };
+        for (v, len) in values {
+            if out.send(v, len).await.is_err() {
                 return false;
             }
         }
@@ -676,19 +691,21 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         *guard = None;
         return error(StatusCode::BAD_GATEWAY, "the kernel is gone; retry to start a new one");
     }
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, rx) = bounded::channel::<Result<Bytes, Infallible>>(CELL_BACKLOG);
     tokio::spawn(async move {
         let outcome = pump(&mut guard, &id, &tx).await;
         match outcome {
             Pumped::Done => {}
             Pumped::KernelDied => {
                 *guard = None;
-                let _ = tx
-                    .send(Ok(line(&json!({"type": "error", "name": "KernelDied",
+                send_line(
+                    &tx,
+                    &json!({"type": "error", "name": "KernelDied",
                     "value": "the kernel exited during this execution; the context starts afresh \
-                              (its state is lost) on next use", "traceback": ""}))))
-                    .await;
-                let _ = tx.send(Ok(line(&json!({"type": "end_of_execution"})))).await;
+                              (its state is lost) on next use", "traceback": ""}),
+                )
+                .await;
+                send_line(&tx, &json!({"type": "end_of_execution"})).await;
             }
             Pumped::ClientGone => {
                 // Interrupt, then give the cell a moment to stop before killing the kernel.
@@ -723,19 +740,25 @@ fn line(v: &Value) -> Bytes {
     Bytes::from(s)
 }
 
+/// The response body's side of a cell: NDJSON lines, bounded in bytes.
+type CellSender = bounded::Sender<Result<Bytes, Infallible>>;
+
+/// Sends one line to the client; false once it is gone.
+async fn send_line(tx: &CellSender, v: &Value) -> bool {
+    let l = line(v);
+    let n = l.len();
+    tx.send(Ok(l), n).await.is_ok()
+}
+
 /// Forwards the execution's messages to the client until its end.
-async fn pump(
-    guard: &mut Option<Kernel>,
-    id: &str,
-    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
-) -> Pumped {
+async fn pump(guard: &mut Option<Kernel>, id: &str, tx: &CellSender) -> Pumped {
     let Some(k) = guard.as_mut() else { return Pumped::KernelDied };
     loop {
         let msg = match tokio::time::timeout(KEEPALIVE, k.output.recv()).await {
             Ok(Some(m)) => m,
             Ok(None) => return Pumped::KernelDied,
             Err(_) => {
-                if tx.send(Ok(line(&json!({"type": "keepalive"})))).await.is_err() {
+                if !send_line(tx, &json!({"type": "keepalive"})).await {
                     return Pumped::ClientGone;
                 }
                 continue;
@@ -748,7 +771,7 @@ async fn pump(
         }
         let end = m.get("type").and_then(Value::as_str) == Some("end_of_execution");
         if let Some(clean) = sanitize(m)
-            && tx.send(Ok(line(&clean))).await.is_err()
+            && !send_line(tx, &clean).await
         {
             return Pumped::ClientGone;
         }
@@ -771,7 +794,7 @@ async fn drain(k: &mut Kernel, id: &str) -> bool {
 }
 
 fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+    mut rx: bounded::Receiver<Result<Bytes, Infallible>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
@@ -802,7 +825,7 @@ mod tests {
 
     #[tokio::test]
     async fn splitter_parses_lines_across_chunks_and_drops_garbage() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = bounded::channel(1 << 20);
         let mut s = LineSplitter::default();
         assert!(s.feed(b"{\"type\":\"std", &tx).await);
         assert!(s.feed(b"out\"}\nnot json\n[1]\n{\"a\":1}\n", &tx).await);
@@ -814,7 +837,7 @@ mod tests {
 
     #[tokio::test]
     async fn splitter_refuses_an_endless_line() {
-        let (tx, _rx) = mpsc::channel(16);
+        let (tx, _rx) = bounded::channel(1 << 20);
         let mut s = LineSplitter::default();
         let chunk = vec![b'x'; 1 << 20];
         let mut ok = true;

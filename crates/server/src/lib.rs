@@ -11,6 +11,8 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod bounded;
+pub mod codec;
 pub mod envd;
 pub mod fault;
 pub mod files_query;
@@ -22,6 +24,7 @@ pub mod observe;
 pub mod quota;
 pub mod store;
 mod time;
+pub mod upload;
 pub mod validate;
 
 use std::net::SocketAddr;

@@ -897,6 +897,14 @@ fn watches() {
                 events.iter().any(|e| e["name"] == "sub/f" && e["type"] == "EVENT_TYPE_WRITE"),
                 "{events:?}"
             );
+            // The upload's temporary file (unnamed, or hidden) never shows.
+            assert!(
+                events.iter().all(|e| {
+                    let n = e["name"].as_str().unwrap();
+                    !n.contains('#') && !n.contains("ringfence")
+                }),
+                "{events:?}"
+            );
             env.ok("filesystem.Filesystem/RemoveWatcher", json!({"watcherId": id})).await;
         }
 

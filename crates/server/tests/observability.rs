@@ -578,7 +578,7 @@ fn prometheus_scrape_parses_and_needs_a_key() {
     // The filesystem's size as `df` inside shows it: the quota less the disk's own metadata
     // (an image disk's inode tables take about 3 %), never more than the quota.
     let total = last["diskTotal"].as_u64().unwrap();
-    assert!(total <= 1 << 30 && total >= (1u64 << 30) / 100 * 95, "{last}");
+    assert!(((1u64 << 30) / 100 * 95..=1 << 30).contains(&total), "{last}");
     assert!(last["diskUsed"].as_u64().unwrap() >= 20_000_000, "{last}");
     assert!(last["memUsed"].as_u64().unwrap() > 0);
     for k in ["timestamp", "timestampUnix", "cpuUsedPct", "memCache"] {
@@ -866,4 +866,151 @@ fn interpreter_cells_are_audited() {
         Some(1.0)
     );
     srv.kill(&sb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uploads cut short (issue 12, finding 7).
+
+/// Starts a request that claims `len` body bytes and sends only `sent` of them; the caller
+/// drops the connection (a client going away) or keeps it while the server dies.
+fn start_partial(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    len: usize,
+    sent: &[u8],
+) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(sent).unwrap();
+    s.flush().unwrap();
+    // Long enough for the server to have written what it got into the sandbox.
+    std::thread::sleep(Duration::from_millis(1500));
+    s
+}
+
+fn form_part(boundary: &str, name: &str, data: &[u8]) -> Vec<u8> {
+    let mut p = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    p.extend_from_slice(data);
+    p.extend_from_slice(b"\r\n");
+    p
+}
+
+fn sandbox_headers(sb: &Sandbox, content_type: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("E2b-Sandbox-Id", sb.id.clone()),
+        ("E2b-Sandbox-Port", "49983".to_string()),
+        ("X-Access-Token", sb.token.clone()),
+        ("Content-Type", content_type.to_string()),
+    ]
+}
+
+fn h<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn uploads_cut_short_leave_targets_as_they_were_and_are_audited() {
+    let mut srv = server_or_skip!(&[]);
+    let sb = srv.create("base");
+    let raw = sandbox_headers(&sb, "application/octet-stream");
+    let read = |srv: &Server, path: &str| {
+        let r = srv.request(
+            "GET",
+            &format!("/files?path={path}"),
+            &h(&sandbox_headers(&sb, "text/plain")),
+            b"",
+        );
+        (r.status, r.body)
+    };
+    let r = srv.request("POST", "/files?path=/home/user/keep.txt", &h(&raw), b"old");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A raw upload over an existing file, cut off after 3 of its 8 MB.
+    let big = vec![b'n'; 8 << 20];
+    drop(start_partial(
+        srv.port,
+        "/files?path=/home/user/keep.txt",
+        &h(&raw),
+        big.len(),
+        &big[..3 << 20],
+    ));
+    // One to a new file, cut off too.
+    drop(start_partial(
+        srv.port,
+        "/files?path=/home/user/new/fresh.bin",
+        &h(&raw),
+        big.len(),
+        &big[..3 << 20],
+    ));
+    // A form of three files: the first whole, the second cut off in its data.
+    let form = sandbox_headers(&sb, "multipart/form-data; boundary=XX");
+    let mut body = form_part("XX", "/home/user/a.txt", b"first");
+    body.extend(form_part("XX", "/home/user/b.bin", &big));
+    body.extend(form_part("XX", "/home/user/c.txt", b"third"));
+    body.extend_from_slice(b"--XX--\r\n");
+    let cut = body.len() - (4 << 20);
+    drop(start_partial(srv.port, "/files", &h(&form), body.len(), &body[..cut]));
+
+    let recs = srv.audit_until("action=file.write", |r| {
+        r.iter().filter(|x| x["detail"]["outcome"] == "aborted").count() >= 3
+    });
+    let aborted: Vec<&Value> =
+        recs.iter().filter(|x| x["detail"]["outcome"] == "aborted").collect();
+    assert_eq!(aborted.len(), 3, "{recs:?}");
+    let file = |rec: &Value, i: usize| rec["detail"]["files"][i].clone();
+    // Each names the file, its bytes received, and that it was discarded.
+    for (rec, path) in aborted[..2].iter().zip(["/home/user/keep.txt", "/home/user/new/fresh.bin"])
+    {
+        let f = file(rec, 0);
+        assert_eq!(
+            (f["path"].as_str(), f["outcome"].as_str()),
+            (Some(path), Some("aborted")),
+            "{rec}"
+        );
+        assert!(f["bytes"].as_u64().unwrap() >= 1 << 20, "{rec}");
+        assert_eq!(rec["detail"]["paths"], json!([]), "nothing was written: {rec}");
+    }
+    let multi = aborted[2];
+    assert_eq!(file(multi, 0)["path"], "/home/user/a.txt");
+    assert_eq!(file(multi, 0)["outcome"], "written");
+    assert_eq!(file(multi, 1)["path"], "/home/user/b.bin");
+    assert_eq!(file(multi, 1)["outcome"], "aborted");
+    assert_eq!(multi["detail"]["paths"], json!(["/home/user/a.txt"]));
+
+    // The targets: as they were, absent, or (the form's first file) whole.
+    assert_eq!(read(&srv, "/home/user/keep.txt"), (200, b"old".to_vec()));
+    assert_eq!(read(&srv, "/home/user/new/fresh.bin").0, 404);
+    assert_eq!(read(&srv, "/home/user/a.txt"), (200, b"first".to_vec()));
+    assert_eq!(read(&srv, "/home/user/b.bin").0, 404);
+    assert_eq!(read(&srv, "/home/user/c.txt").0, 404);
+    // And nothing else, hidden or not.
+    let (ls, _) = srv.run(&sb, "ls -A /home/user /home/user/new");
+    assert_eq!(ls, "/home/user:\na.txt\nkeep.txt\nnew\n\n/home/user/new:\n", "{ls}");
+
+    // The server dies mid-upload: the agent drops the upload with the connection.
+    let conn = start_partial(
+        srv.port,
+        "/files?path=/home/user/keep.txt",
+        &h(&raw),
+        big.len(),
+        &big[..3 << 20],
+    );
+    let mut child = srv.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(conn);
+    srv.spawn(&[]);
+    assert_eq!(read(&srv, "/home/user/keep.txt"), (200, b"old".to_vec()));
+    let (ls, _) = srv.run(&sb, "ls -A /home/user");
+    assert_eq!(ls, "a.txt\nkeep.txt\nnew\n", "{ls}");
 }

@@ -1134,6 +1134,83 @@ pub fn fs_shutdown(dir: &std::fs::File) -> Result<()> {
     check("ioctl(FS_IOC_SHUTDOWN)", ret.into()).map(drop)
 }
 
+/// A global allocator that counts the bytes allocated now and at most, for tests that check a
+/// bound on memory (`#[global_allocator] static A: CountingAlloc = CountingAlloc;`). It adds two
+/// atomic operations per allocation to the system allocator.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingAlloc;
+
+static ALLOC_CURRENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALLOC_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl CountingAlloc {
+    /// Bytes allocated and not yet freed, by the whole process.
+    pub fn current() -> usize {
+        ALLOC_CURRENT.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes allocated at once since the last [`CountingAlloc::reset_peak`].
+    pub fn peak() -> usize {
+        ALLOC_PEAK.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak measurement from what is allocated now.
+    pub fn reset_peak() {
+        ALLOC_PEAK.store(Self::current(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn added(size: usize) {
+        use std::sync::atomic::Ordering;
+        let now = ALLOC_CURRENT.fetch_add(size, Ordering::Relaxed) + size;
+        ALLOC_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn removed(size: usize) {
+        ALLOC_CURRENT.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged,
+// so the system allocator's guarantees are the ones callers get; the counting only touches
+// atomics and never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::added(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by this allocator (so by `System`) with `layout`, as the
+        // caller guarantees.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        Self::removed(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`, and `new_size` is valid for it, as the
+        // caller guarantees.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            Self::removed(layout.size());
+            Self::added(new_size);
+        }
+        p
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
