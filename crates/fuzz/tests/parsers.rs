@@ -225,3 +225,182 @@ fn time_bounds_and_env_names() {
         }
     });
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Connect envelopes (`[flags][u32 length][message]`) as the SDKs send them, one plain and
+/// one compressed, back to back.
+fn envelope_seeds() -> Vec<Vec<u8>> {
+    let frame = |flags: u8, body: &[u8]| {
+        let mut f = vec![flags];
+        f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    };
+    let msg = br#"{"process":{"cmd":"/bin/bash","args":["-l","-c","echo hi"],"envs":{"A":"b"}}}"#;
+    let plain = frame(0, msg);
+    let packed = frame(1, &gzip(msg));
+    let end = frame(2, b"{}");
+    vec![[plain.clone(), packed.clone(), end].concat(), plain, packed]
+}
+
+#[test]
+fn connect_envelopes() {
+    // Connect streaming request bodies: split into envelopes in arbitrary chunks, compressed
+    // ones inflated under the message limit, each message parsed as JSON.
+    const LIMIT: usize = 1 << 20;
+    fuzz("connect_envelopes", (bytes(envelope_seeds(), 1024), 1usize..200), |(input, chunk)| {
+        let mut rd = ringfence_server::codec::EnvelopeReader::new(LIMIT);
+        'feed: for part in input.chunks(chunk) {
+            rd.push(part);
+            loop {
+                match rd.next_frame() {
+                    Ok(Some((flags, body))) => {
+                        assert!(body.len() <= LIMIT);
+                        let body = if flags & 1 != 0 {
+                            match ringfence_server::codec::gunzip_bounded(body.into(), LIMIT) {
+                                Ok(b) => b,
+                                Err(_) => continue,
+                            }
+                        } else {
+                            body
+                        };
+                        assert!(body.len() <= LIMIT);
+                        let _ = serde_json::from_slice::<Value>(&body);
+                    }
+                    Ok(None) => break,
+                    Err(_) => break 'feed,
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn gzip_inflation() {
+    // Every gzip path (uploads, compressed envelopes) goes through the Inflater: whatever
+    // the input, it never yields more than its cap nor more than a step at a time.
+    use ringfence_server::codec::{INFLATE_CHUNK, InflateLimits, Inflated, Inflater};
+    let zeros = gzip(&vec![0u8; 4 << 20]);
+    let text = gzip(b"hello hello hello hello\n");
+    let two = [text.clone(), gzip(b"second member")].concat();
+    let seeds = vec![zeros, text, two];
+    fuzz("gzip_inflation", (bytes(seeds, 4096), 1usize..512), |(input, chunk)| {
+        let limits =
+            InflateLimits { max_output: 1 << 20, max_ratio: Some(256), ratio_grace: 1 << 16 };
+        let mut inf = Inflater::new(limits);
+        let mut out = 0u64;
+        let mut parts = input.chunks(chunk);
+        loop {
+            match inf.step() {
+                Ok(Inflated::Data(d)) => {
+                    assert!(d.len() <= INFLATE_CHUNK);
+                    out += d.len() as u64;
+                    assert!(out <= limits.max_output, "inflated past the cap");
+                }
+                Ok(Inflated::NeedInput) => match parts.next() {
+                    Some(p) => inf.push(bytes::Bytes::copy_from_slice(p)),
+                    None => inf.end_input(),
+                },
+                Ok(Inflated::Done) | Err(_) => break,
+            }
+        }
+    });
+}
+
+#[test]
+fn upload_bodies() {
+    // `POST /files`: multipart forms (and raw bodies, gzip or not) into a sink that keeps the
+    // files in memory, with the target's free space as the cap.
+    use axum::http::{HeaderMap, HeaderValue};
+    use ringfence_server::upload::{MemorySink, receive_upload};
+    let form = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/home/user/a.txt\"\r\n\
+Content-Type: application/octet-stream\r\n\r\nhello\r\n--XyZ\r\nContent-Disposition: form-data; \
+name=\"file\"; filename=\"b\"\r\n\r\nworld\r\n--XyZ--\r\n"
+        .to_vec();
+    let seeds = vec![form.clone(), gzip(&form), gzip(&vec![0u8; 1 << 20])];
+    let kinds = prop_oneof![
+        Just(("multipart/form-data; boundary=XyZ", false)),
+        Just(("multipart/form-data; boundary=XyZ", true)),
+        Just(("application/octet-stream", false)),
+        Just(("application/octet-stream", true)),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    fuzz("upload_bodies", (bytes(seeds, 2048), kinds), |(body, (ctype, gz))| {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static(ctype));
+        if gz {
+            headers.insert("content-encoding", HeaderValue::from_static("gzip"));
+        }
+        let mut sink = MemorySink::new(64 << 10);
+        let path = Some("/home/user/up.bin".to_string());
+        let _ = rt.block_on(receive_upload(&mut sink, &headers, path, body.into()));
+        for (_, data, _) in &sink.files {
+            assert!(data.len() as u64 <= 64 << 10, "a file outgrew the free space");
+        }
+    });
+}
+
+#[test]
+fn upload_headers() {
+    // `Content-Encoding` and `X-Metadata-*` of an upload, from arbitrary header bytes.
+    use axum::http::{HeaderMap, HeaderName, HeaderValue};
+    let seeds = ["gzip", " GZIP ", "identity", "br, gzip", "x-metadata-owner", "\u{0}"];
+    fuzz("upload_headers", (text(&seeds, 64), text(&seeds, 64)), |(name, value)| {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+            headers.insert("content-encoding", v.clone());
+            if let Ok(n) = HeaderName::from_bytes(format!("x-metadata-{name}").as_bytes()) {
+                headers.insert(n, v);
+            }
+        }
+        let _ = ringfence_server::upload::upload_gzip(&headers);
+        let _ = ringfence_server::upload::upload_metadata(&headers);
+    });
+}
+
+#[test]
+fn envd_request_headers_and_start() {
+    // What envd reads before anything reaches the agent: Basic auth, Connect-Timeout-Ms,
+    // Keepalive-Ping-Interval, Accept-Encoding, and the process Start message.
+    use axum::http::{HeaderMap, HeaderValue};
+    let header_seeds = [
+        "Basic dXNlcjo=",
+        "Basic cm9vdDo=",
+        "Basic !!!",
+        "10000",
+        "99999999999",
+        "gzip;q=0, identity",
+        "*;q=0",
+    ];
+    let start_seeds = [
+        r#"{"process":{"cmd":"/bin/bash","args":["-l","-c","ls"],"envs":{"A":"1"},"cwd":"/tmp"},"pty":{"size":{"rows":24,"cols":80}},"stdin":true}"#,
+        r#"{"process":{"cmd":"x","envs":{"=":"\u0000"}},"tag":"t"}"#,
+    ];
+    let strategy = (
+        text(&header_seeds, 64),
+        text(&header_seeds, 32),
+        text(&header_seeds, 32),
+        text(&start_seeds, 512),
+    );
+    fuzz("envd_request_headers_and_start", strategy, |(auth, timeout, enc, start)| {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", &auth),
+            ("connect-timeout-ms", &timeout),
+            ("keepalive-ping-interval", &timeout),
+            ("accept-encoding", &enc),
+        ] {
+            if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+                headers.insert(name, v);
+            }
+        }
+        let start = serde_json::from_str::<Value>(&start).unwrap_or(Value::Null);
+        let _ = ringfence_server::envd::check_request(&headers, &start);
+    });
+}

@@ -470,6 +470,18 @@ mod tests {
         })
         .await
         .unwrap();
+        // The writes can finish while the socket still holds the tail: let the reader take it
+        // all before anything is consumed (taking frees room, which only credit should).
+        let mut settled = u64::MAX;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = events.queued();
+            if now == settled {
+                break;
+            }
+            settled = now;
+        }
+        assert!(settled <= STREAM_WINDOW + STREAM_SLACK, "{settled} bytes queued past the window");
         let mut got = 0;
         while let Some(ev) = events.recv().await {
             if let Event::Stdout { data, .. } = ev {

@@ -447,6 +447,18 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The user of an RPC: `Authorization: Basic base64("<user>:")`, else the default user.
+/// Everything envd reads from a request before anything reaches the agent: the user (Basic
+/// auth), Connect's timeout and keepalive headers, `Accept-Encoding`, and a process `Start`
+/// message. One entry point for the fuzz harness (`crates/fuzz`); `Err` carries the message a
+/// client would get.
+pub fn check_request(headers: &HeaderMap, start: &Value) -> Result<(), String> {
+    let user = rpc_user(headers).map_err(|e| e.message)?;
+    stream_opts(headers).map_err(|e| e.message)?;
+    accept_gzip(headers)?;
+    parse_start(start, user).map_err(|e| e.message)?;
+    Ok(())
+}
+
 fn rpc_user(headers: &HeaderMap) -> Result<SandboxUser, RpcError> {
     let Some(value) = header_str(headers, "authorization") else {
         return Ok(SandboxUser::default());
