@@ -166,11 +166,60 @@ pub type NetSlot = Mutex<Option<NetState>>;
 pub struct Network {
     cfg: NetworkConfig,
     egress: Arc<Egress>,
-    audit: mpsc::UnboundedSender<AuditRecord>,
+    audit: mpsc::Sender<AuditRecord>,
 }
 
 /// Most records one write stores (one transaction, one fsync).
 const AUDIT_BATCH: usize = 512;
+
+/// Egress records waiting for the store, all sandboxes together. A sandbox can make decisions
+/// (a refused SYN each) faster than any store commits them; past this many, each sandbox counts
+/// what it could not queue and records the count as soon as there is room, so memory stays
+/// bounded and the trail still says how many decisions it does not list one by one.
+const AUDIT_QUEUE: usize = 64 * AUDIT_BATCH;
+
+/// One sandbox's way into the egress audit queue.
+#[derive(Debug)]
+pub struct EgressAudit {
+    tx: mpsc::Sender<AuditRecord>,
+    sandbox_id: String,
+    key_id: String,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl EgressAudit {
+    pub fn new(tx: mpsc::Sender<AuditRecord>, sandbox_id: String, key_id: String) -> EgressAudit {
+        EgressAudit { tx, sandbox_id, key_id, dropped: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Queues `rec` without waiting (the network stack calls this synchronously); when the
+    /// queue is full the record is counted instead, and the count goes ahead of the next
+    /// record that fits as one `network.egress.dropped` record.
+    pub fn offer(&self, mut rec: AuditRecord) {
+        use std::sync::atomic::Ordering;
+        rec.sandbox_id = Some(self.sandbox_id.clone());
+        rec.user_id = Some(self.key_id.clone());
+        let dropped = self.dropped.swap(0, Ordering::AcqRel);
+        if dropped > 0 {
+            let mut summary = AuditRecord::new("network.egress.dropped", rec.ts_ms);
+            summary.sandbox_id = rec.sandbox_id.clone();
+            summary.user_id = rec.user_id.clone();
+            summary.detail.insert("records".into(), Value::from(dropped));
+            if self.tx.try_send(summary).is_err() {
+                self.dropped.fetch_add(dropped + 1, Ordering::AcqRel);
+                return;
+            }
+        }
+        if self.tx.try_send(rec).is_err() {
+            self.dropped.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Records counted but not yet reported.
+    pub fn pending_drops(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
 
 impl Network {
     pub fn new(
@@ -179,7 +228,7 @@ impl Network {
         observer: Arc<Observer>,
     ) -> Result<Network, ringfence_net::NetError> {
         let egress = Egress::new(cfg.egress.clone())?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
         tokio::spawn(write_loop(rx, store, observer));
         Ok(Network { cfg, egress, audit: tx })
     }
@@ -213,18 +262,16 @@ impl Network {
         let pid = pid.ok_or_else(|| {
             crate::manager::ManagerError::Internal("sandbox has no agent pid".into())
         })?;
-        let tx = self.audit.clone();
+        let audit = EgressAudit::new(self.audit.clone(), id, key);
         let sink = Arc::new(move |e: EgressEvent| {
             let mut rec = AuditRecord::new("network.egress", e.ts_ms);
-            rec.sandbox_id = Some(id.clone());
-            rec.user_id = Some(key.clone());
             rec.duration_ms = e.duration_ms;
             if let Ok(Value::Object(m)) = serde_json::to_value(&e) {
                 rec.detail = m;
                 rec.detail.remove("ts_ms");
                 rec.detail.remove("duration_ms");
             }
-            let _ = tx.send(rec);
+            audit.offer(rec);
         });
         let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let net = self
@@ -304,7 +351,7 @@ impl Network {
 /// Stores egress records in batches: a sandbox opening connections in a loop costs one
 /// transaction per batch, not one fsync per connection.
 async fn write_loop(
-    mut rx: mpsc::UnboundedReceiver<AuditRecord>,
+    mut rx: mpsc::Receiver<AuditRecord>,
     store: Arc<Store>,
     observer: Arc<Observer>,
 ) {
@@ -428,6 +475,32 @@ pub fn ceiling(allow: &[String], deny: &[String], exempt: &[String]) -> Result<C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_records_past_the_queue_are_counted_not_buffered() {
+        // A sandbox deciding faster than the store commits: the queue holds what it holds,
+        // the rest is counted, and the count is recorded once there is room again.
+        let (tx, mut rx) = mpsc::channel(2);
+        let audit = EgressAudit::new(tx, "sb".into(), "key".into());
+        for i in 0..1000 {
+            audit.offer(AuditRecord::new("network.egress", i));
+        }
+        assert_eq!(audit.pending_drops(), 998);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(
+            (first.action.as_str(), first.sandbox_id.as_deref()),
+            ("network.egress", Some("sb"))
+        );
+        rx.try_recv().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing beyond the queue's capacity was kept");
+        audit.offer(AuditRecord::new("network.egress", 1000));
+        let summary = rx.try_recv().unwrap();
+        assert_eq!(summary.action, "network.egress.dropped");
+        assert_eq!(summary.detail["records"], json!(998));
+        assert_eq!(summary.user_id.as_deref(), Some("key"));
+        assert_eq!(rx.try_recv().unwrap().ts_ms, 1000);
+        assert_eq!(audit.pending_drops(), 0);
+    }
 
     #[test]
     fn e2b_fields_parse() {
