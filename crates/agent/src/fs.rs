@@ -929,11 +929,11 @@ fn map_errno(errno: Errno, path: &Path) -> AgentError {
     match errno {
         // ENOSPC/EMFILE from inotify mean exhausted inotify limits, not a full disk.
         Errno::ENOSPC => error(
-            ErrorKind::Internal,
+            ErrorKind::LimitReached,
             format!("inotify watch limit reached watching {}", path.display()),
         ),
         Errno::EMFILE => error(
-            ErrorKind::Internal,
+            ErrorKind::LimitReached,
             format!("inotify instance limit reached watching {}", path.display()),
         ),
         other => map_io(io::Error::from(other), path),

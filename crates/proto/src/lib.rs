@@ -333,6 +333,9 @@ pub enum ErrorKind {
     IsADirectory,
     NoSpace,
     Internal,
+    /// A per-sandbox kernel limit other than space (inotify instances or watches): the
+    /// sandbox's own, reached by what runs in it. Last, so older peers still decode the rest.
+    LimitReached,
 }
 
 /// An error the agent reports for one request.

@@ -194,7 +194,7 @@ fn code_for_kind(kind: ErrorKind) -> Code {
         ErrorKind::InvalidArgument | ErrorKind::NotADirectory | ErrorKind::IsADirectory => {
             Code::InvalidArgument
         }
-        ErrorKind::NoSpace => Code::ResourceExhausted,
+        ErrorKind::NoSpace | ErrorKind::LimitReached => Code::ResourceExhausted,
         ErrorKind::Internal => Code::Internal,
     }
 }
@@ -305,6 +305,7 @@ pub(crate) fn files_error(e: ClientError) -> FileError {
                 ErrorKind::AlreadyExists => StatusCode::CONFLICT,
                 ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
                 ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+                ErrorKind::LimitReached => StatusCode::TOO_MANY_REQUESTS,
                 ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             };
             FileError::new(status, a.message)
@@ -2421,6 +2422,7 @@ mod tests {
         assert_eq!(agent(ErrorKind::IsADirectory).code, Code::InvalidArgument);
         assert_eq!(agent(ErrorKind::NoSpace).code, Code::ResourceExhausted);
         assert_eq!(agent(ErrorKind::Internal).code, Code::Internal);
+        assert_eq!(agent(ErrorKind::LimitReached).code, Code::ResourceExhausted);
         assert_eq!(RpcError::from(ClientError::Closed).code, Code::Unavailable);
         assert_eq!(Code::NotFound.http_status(), StatusCode::NOT_FOUND);
         assert_eq!(Code::AlreadyExists.http_status(), StatusCode::CONFLICT);

@@ -956,6 +956,7 @@ fn watchers_exhausted_in_one_sandbox_leave_others_and_the_host_theirs() {
     assert!(made <= 128, "{made} watchers in one sandbox");
     let message = refusal["message"].as_str().unwrap_or_default();
     assert!(message.contains("inotify instance limit"), "{refusal}");
+    assert_eq!(refusal["code"], "resource_exhausted", "{refusal}");
     assert!(!message.contains("/run") && !message.contains("/proc"), "{refusal}");
     // A still serves everything else.
     assert_eq!(a.block(a.sh("echo alive")).stdout, b"alive\n");
