@@ -595,10 +595,55 @@ fn decode_encoding(encoding: Option<&str>, data: Vec<u8>) -> Result<Vec<u8>, Rpc
     }
 }
 
+/// Request bytes every envd request together may hold while reading its body (a Connect
+/// message is read whole before it is parsed, up to `MAX_MESSAGE` each). Without it the
+/// server's memory would grow with the number of clients sending at once; past it a request
+/// is refused (`resource_exhausted`, to retry) instead.
+const BUFFERED_BUDGET_KIB: usize = 256 << 10;
+static BUFFERED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUFFERED_BUDGET_KIB);
+
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, RpcError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| RpcError::invalid(format!("reading the request body: {e}")))
+    read_body_within(&BUFFERED, body, limit).await
+}
+
+/// Reads `body` whole (at most `limit` bytes), holding a permit of `budget` per KiB read until
+/// the bytes are handed over.
+async fn read_body_within(
+    budget: &tokio::sync::Semaphore,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, RpcError> {
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
+    let mut held_kib = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| RpcError::invalid(format!("reading the request body: {e}")))?;
+        let len = buf.len() + chunk.len();
+        if len > limit {
+            return Err(RpcError::invalid(format!(
+                "reading the request body: longer than the {limit}-byte limit"
+            )));
+        }
+        let want = len.div_ceil(1024);
+        if want > held_kib {
+            let more = u32::try_from(want - held_kib).unwrap_or(u32::MAX);
+            let permit = budget.try_acquire_many(more).map_err(|_| {
+                RpcError::new(
+                    Code::ResourceExhausted,
+                    "the server is reading too many request bodies at once; retry",
+                )
+            })?;
+            match held.as_mut() {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+            held_kib = want;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// A unary request message.
@@ -2126,6 +2171,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn request_bodies_share_a_bounded_buffer() {
+        // 64 KiB of budget: a body that would take more is refused while it is held, and a
+        // body over its own limit is refused whatever the budget.
+        let budget = tokio::sync::Semaphore::new(64);
+        let hog = budget.try_acquire_many(60).unwrap();
+        let e = read_body_within(&budget, Body::from(vec![1u8; 8 << 10]), MAX_MESSAGE).await;
+        assert_eq!(e.unwrap_err().code, Code::ResourceExhausted);
+        assert_eq!(budget.available_permits(), 4, "a refused read keeps nothing");
+        drop(hog);
+        let ok = read_body_within(&budget, Body::from(vec![1u8; 8 << 10]), MAX_MESSAGE).await;
+        assert_eq!(ok.unwrap().len(), 8 << 10);
+        assert_eq!(budget.available_permits(), 64, "the budget returns with the bytes");
+        let e = read_body_within(&budget, Body::from(vec![1u8; 2048]), 1024).await;
+        assert_eq!(e.unwrap_err().code, Code::InvalidArgument);
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
