@@ -253,22 +253,7 @@ print("ok" if r >= 0 else f"errno {{e}}")
     // the test runs without it.
     assert_eq!(in_other_sandbox(&[], &use_one("rf-ll")), "errno 13\n", "Landlock lets mq_open by");
     let no_landlock = ["--no-landlock"];
-    let a = hold(
-        &no_landlock,
-        &format!(
-            r#"{MQ_OPEN}
-n, err = 0, 0
-while n < 256:
-    r, e = mq_open(f"rf-fill-{{n}}")
-    if r < 0:
-        err = e
-        break
-    n += 1
-print("held", n, err, flush=True)
-sys.stdin.read()
-"#
-        ),
-    );
+    let a = hold(&no_landlock, &until_refused(MQ_OPEN, r#"mq_open(f"rf-fill-{n}")"#, 256));
     let [n, err] = a.numbers()[..] else { panic!("{}", a.report) };
     assert_eq!(err, EMFILE, "the sandbox must hit RLIMIT_MSGQUEUE: {}", a.report);
     assert!(n >= 1, "{}", a.report);
@@ -279,6 +264,24 @@ sys.stdin.read()
     );
     let name = format!("ringfence-limits-test-{}", std::process::id());
     assert_eq!(on_host(&use_one(&name)), "ok\n", "host root lost message queues");
+}
+
+/// A script that, after `setup`, calls `call` (a `(result, errno)` pair) until it fails or
+/// `max` times, prints `held N ERRNO` and holds what it got until its stdin closes.
+fn until_refused(setup: &str, call: &str, max: u32) -> String {
+    format!(
+        r#"{setup}
+n, err = 0, 0
+while n < {max}:
+    r, e = {call}
+    if r < 0:
+        err = e
+        break
+    n += 1
+print("held", n, err, flush=True)
+sys.stdin.read()
+"#
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,22 +300,7 @@ def queue():
 #[test]
 fn pending_signals_exhausted_in_one_sandbox_leave_others_and_the_host_theirs() {
     root_only!();
-    let a = hold(
-        &[],
-        &format!(
-            r#"{SIGQUEUE}
-n, err = 0, 0
-while n < 4000000:
-    r, e = queue()
-    if r < 0:
-        err = e
-        break
-    n += 1
-print("held", n, err, flush=True)
-sys.stdin.read()
-"#
-        ),
-    );
+    let a = hold(&[], &until_refused(SIGQUEUE, "queue()", 4000000));
     let [_, err] = a.numbers()[..] else { panic!("{}", a.report) };
     assert_eq!(err, EAGAIN, "the sandbox must hit RLIMIT_SIGPENDING: {}", a.report);
     let use_some = format!(

@@ -5,10 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// Percent-encoding as the SDKs do it (the round trip below re-encodes with it), shared with
+// the server tests.
+#[path = "../../server/tests/support/percent.rs"]
+mod percent;
+
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
+use percent::encode as urlencode;
 use proptest::prelude::*;
 use ringfence_fuzz::{bytes, fuzz, text};
 use ringfence_proto::{Event, ExitStatus, FsEventKind, Reply, Usage};
@@ -168,18 +174,6 @@ fn network_policy_json() {
             let _ = ringfence_server::network::parse(internet, Some(&v));
         }
     });
-}
-
-/// Percent-encodes every byte that is not unreserved (the round trip below re-encodes with it).
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[test]

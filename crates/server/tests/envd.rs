@@ -8,42 +8,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::{File, OpenOptions};
+mod support;
+
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use futures_util::StreamExt;
-use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::Sandbox;
 use ringfence_jail::monitor::Supervisor;
-use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_server::agent_client::AgentClient;
 use ringfence_server::envd::{self, EnvdState};
 use serde_json::{Value, json};
+use support::jail::{FrameStream, envelope, request};
 
 /// Cgroup slots of these tests, apart from the CLI's and its tests'.
 const POOL_PREFIX: &str = "envdtest";
 /// Longest any single wait may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(20);
-
-fn agent_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/envd-<hash> → target/<profile>/ringfence-agent
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("ringfence-agent");
-    candidate.exists().then_some(candidate)
-}
 
 /// A serve-mode sandbox, its agent client and envd state. Fields drop in order.
 struct Env {
@@ -68,18 +54,7 @@ fn start(test: &str) -> Option<Env> {
 }
 
 fn start_with(test: &str, opts: Opts) -> Option<Env> {
-    if ringfence_sys::euid() != 0 {
-        eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
-        return None;
-    }
-    let Some(agent) = agent_binary() else {
-        eprintln!("SKIPPED {test}: no agent binary (set RINGFENCE_AGENT)");
-        return None;
-    };
-    preflight::check(&agent, true).expect("preflight");
-    let mut cfg = JailConfig::with_agent(agent);
-    cfg.data_dir = PathBuf::from("/var/lib/ringfence");
-    cfg.run_dir = PathBuf::from("/run/ringfence");
+    let mut cfg = support::jail::config_or_skip(test)?;
     if opts.image {
         match ringfence_jail::disk::DiskChoice::Image.resolve(&cfg.data_dir, true) {
             Ok((backend, _)) => cfg.disk = backend,
@@ -89,32 +64,12 @@ fn start_with(test: &str, opts: Opts) -> Option<Env> {
             }
         }
     }
-    let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
-    let layout = Layout::detect().expect("cgroup layout");
-    let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
-    let null_in = File::open("/dev/null").unwrap();
-    let null_out = OpenOptions::new().write(true).open("/dev/null").unwrap();
-    let id = ringfence_jail::new_sandbox_id();
     let mut limits = ringfence_jail::limits::Limits::default();
     limits.memory = opts.memory.or(limits.memory);
     limits.disk = opts.disk.unwrap_or(limits.disk);
-    let spec = SandboxSpec {
-        die_with_parent: true,
-        limits,
-        ..SandboxSpec::new(
-            id.clone(),
-            tmpl,
-            Some(seccomp::default_profile(true).expect("seccomp profile")),
-            [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
-        )
-    };
-    let mut sandbox = Sandbox::start(&cfg, Some(&pool), spec).expect("start sandbox");
-    let supervisor =
-        sandbox.take_listener().map(|l| Supervisor::start(l, id).expect("seccomp supervisor"));
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let control = sandbox.control_clone().expect("control channel");
-    let client = rt.block_on(async { AgentClient::new(control) }).expect("agent client");
+    let (sandbox, supervisor) = support::jail::launch(&cfg, POOL_PREFIX, limits);
+    let rt = support::jail::runtime();
+    let client = support::jail::client(&rt, &sandbox);
     Some(Env { client, state: Arc::new(EnvdState::new()), sandbox, _supervisor: supervisor, rt })
 }
 
@@ -136,14 +91,6 @@ macro_rules! env_or_skip {
 // ---------------------------------------------------------------------------------------------
 // Wire helpers.
 
-fn envelope(flags: u8, msg: &Value) -> Vec<u8> {
-    let body = serde_json::to_vec(msg).unwrap();
-    let mut out = vec![flags];
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
 /// Splits a complete body into (flags, JSON) frames.
 fn split_frames(bytes: &[u8]) -> Vec<(u8, Value)> {
     let mut out = Vec::new();
@@ -156,64 +103,6 @@ fn split_frames(bytes: &[u8]) -> Vec<(u8, Value)> {
         rest = &rest[5 + len..];
     }
     out
-}
-
-fn request(method: &str, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Request {
-    let mut b = axum::http::Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Body::from(body)).unwrap()
-}
-
-/// Reads a streaming body frame by frame.
-struct FrameStream {
-    body: axum::body::BodyDataStream,
-    buf: Vec<u8>,
-}
-
-impl FrameStream {
-    fn new(resp: Response) -> Self {
-        FrameStream { body: resp.into_body().into_data_stream(), buf: Vec::new() }
-    }
-
-    async fn next(&mut self) -> Option<(u8, Value)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    let flags = self.buf[0];
-                    let json = serde_json::from_slice(&self.buf[5..5 + len]).unwrap();
-                    self.buf.drain(..5 + len);
-                    return Some((flags, json));
-                }
-            }
-            let chunk = tokio::time::timeout(WAIT, self.body.next()).await.expect("stream stalled");
-            match chunk {
-                Some(Ok(b)) => self.buf.extend_from_slice(&b),
-                Some(Err(e)) => panic!("stream failed: {e}"),
-                None => {
-                    assert!(self.buf.is_empty(), "stream ended inside a frame");
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Everything until the end-of-stream frame, which is returned last.
-    async fn rest(&mut self) -> Vec<(u8, Value)> {
-        let mut out = Vec::new();
-        while let Some(f) = self.next().await {
-            let end = f.0 & 2 != 0;
-            out.push(f);
-            if end {
-                break;
-            }
-        }
-        assert!(self.next().await.is_none(), "frames after the end of stream");
-        out
-    }
 }
 
 /// What a process stream carried.
@@ -298,7 +187,7 @@ impl Env {
         let resp = self.send(req).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["content-type"], "application/connect+json");
-        FrameStream::new(resp)
+        FrameStream::new(resp, WAIT)
     }
 
     async fn run(&self, msg: Value) -> Output {
@@ -425,7 +314,7 @@ fn commands_run_like_the_capture() {
             &[("content-type", "application/json")],
             serde_json::to_vec(&json!({"process": {"cmd": "/bin/echo", "args": ["x"]}})).unwrap(),
         );
-        let out = collect(&FrameStream::new(env.send(req).await).rest().await);
+        let out = collect(&FrameStream::new(env.send(req).await, WAIT).rest().await);
         assert_eq!(out.stdout, b"x\n");
 
         // Root by Basic auth.

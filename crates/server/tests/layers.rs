@@ -13,101 +13,29 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use ringfence_server::store::{SandboxState, Store};
 use serde_json::{Value, json};
-
-fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/layers-<hash> → target/<profile>/ringfence
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
-    (bin.exists() && agent.exists()).then_some(bin)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running `ringfence serve` with its own data directory and an API key.
-struct Server {
-    bin: PathBuf,
-    child: Option<Child>,
-    port: u16,
-    data: tempfile::TempDir,
-    key: String,
-}
+use support::serve::{Sandbox, Server, b64_text, frames};
 
 impl Server {
     fn start(test: &str) -> Option<Server> {
-        if ringfence_sys::euid() != 0 {
-            eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
+        if !support::root_or_skip(test) {
             return None;
         }
-        let Some(bin) = binary() else {
-            eprintln!("SKIPPED {test}: no ringfence binary (cargo build -p ringfence)");
-            return None;
-        };
-        let data = tempfile::tempdir().unwrap();
-        // Sandboxes mount the template from here as an unprivileged user.
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let out = Command::new(&bin)
-            .args(["keys", "create", "--name", "layers", "--data-dir"])
-            .arg(data.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "keys create: {out:?}");
-        let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string();
-        let mut s = Server { bin, child: None, port: free_port(), data, key };
-        s.spawn();
+        let bin = support::serve::binary_or_skip(test, "cargo build -p ringfence")?;
+        let mut s = Server::new(bin);
+        s.key = s.new_key("layers", &[]);
+        s.up_within = Duration::from_secs(30);
+        s.spawn(&[]);
         Some(s)
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.data.path().join("serve.log"))
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
-            .arg(self.data.path())
-            .args(["--interp-env", "/nonexistent"])
-            .env("RINGFENCE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not come up: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: the server gets no chance to clean up (its sandboxes keep running).
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
     }
 
     fn layers_dir(&self) -> PathBuf {
@@ -150,17 +78,6 @@ impl Server {
         dirs
     }
 
-    fn api(&self, method: &str, path: &str, body: Value) -> Resp {
-        let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
-        http(
-            self.port,
-            method,
-            path,
-            &[("X-API-Key", &self.key), ("Content-Type", "application/json")],
-            &body,
-        )
-    }
-
     fn create(&self, template: &str) -> Sandbox {
         let r = self.api("POST", "/v2/sandboxes", json!({"templateID": template}));
         assert_eq!(r.status, 201, "create: {}", r.text());
@@ -171,40 +88,20 @@ impl Server {
     /// whether the process ended with exit code 0.
     fn run(&self, sb: &Sandbox, script: &str) -> (String, bool) {
         let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
-        let body = serde_json::to_vec(&msg).unwrap();
-        let mut env = vec![0u8];
-        env.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        env.extend_from_slice(&body);
-        let r = http(
-            self.port,
-            "POST",
-            "/process.Process/Start",
-            &[
-                ("Content-Type", "application/connect+json"),
-                ("E2b-Sandbox-Id", &sb.id),
-                ("E2b-Sandbox-Port", "49983"),
-                ("X-Access-Token", &sb.token),
-            ],
-            &env,
-        );
+        let r = self.process_start(&sb.id, &sb.token, &msg, &[]);
         if r.status != 200 {
             return (r.text(), false);
         }
         let (mut stdout, mut ok) = (String::new(), false);
-        let mut rest = &r.body[..];
-        while rest.len() >= 5 {
-            let n = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let v: Value = serde_json::from_slice(&rest[5..5 + n]).unwrap();
+        for (_, v) in frames(&r.body) {
             if let Some(d) = v["event"]["data"]["stdout"].as_str() {
-                let bytes = base64::engine::general_purpose::STANDARD.decode(d).unwrap();
-                stdout.push_str(&String::from_utf8_lossy(&bytes));
+                stdout.push_str(&b64_text(d));
             }
             let end = &v["event"]["end"];
             if !end.is_null() {
                 ok = end["exited"].as_bool() == Some(true)
                     && end["exitCode"].as_i64().unwrap_or(0) == 0;
             }
-            rest = &rest[5 + n..];
         }
         (stdout, ok)
     }
@@ -234,96 +131,6 @@ impl Server {
     fn state(&self, sb: &Sandbox) -> Option<SandboxState> {
         self.store().get_sandbox(&sb.id).unwrap().map(|r| r.state)
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: an orderly shutdown kills the server's sandboxes.
-            let _ = ringfence_sys::kill(c.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Sandbox {
-    id: String,
-    token: String,
-}
-
-impl Sandbox {
-    fn from(v: &Value) -> Sandbox {
-        Sandbox {
-            id: v["sandboxID"].as_str().unwrap().to_string(),
-            token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        }
-    }
-}
-
-struct Resp {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`), chunked bodies decoded.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked"
-        })
-    });
-    let mut rest = &raw[split + 4..];
-    let body = if chunked {
-        let mut out = Vec::new();
-        loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
-                .unwrap();
-            rest = &rest[eol + 2..];
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[..n]);
-            rest = &rest[n + 2..];
-        }
-        out
-    } else {
-        rest.to_vec()
-    };
-    Resp { status, body }
 }
 
 /// Waits for `cond`, failing the test with `what` after `limit`.
@@ -532,7 +339,7 @@ fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
         std::fs::create_dir_all(orphan.join("home/user")).unwrap();
         std::fs::write(orphan.join("home/user/o.txt"), b"o").unwrap();
 
-        s.spawn();
+        s.spawn(&[]);
         // The sandbox is back, running, thawed, its files intact: the operation never
         // happened (its client got no answer).
         assert!(!is_frozen(slot), "{op}: the sandbox is still frozen after the restart");

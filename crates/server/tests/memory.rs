@@ -8,10 +8,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::{File, OpenOptions};
+mod support;
+
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,15 +20,13 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use futures_util::StreamExt;
-use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::Sandbox;
 use ringfence_jail::monitor::Supervisor;
-use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_server::agent_client::AgentClient;
 use ringfence_server::envd::{self, EnvdState};
 use ringfence_sys::CountingAlloc;
 use serde_json::{Value, json};
+use support::jail::{FrameStream, envelope, request};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -40,15 +37,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const POOL_PREFIX: &str = "memtest";
 const WAIT: Duration = Duration::from_secs(30);
 const MIB: usize = 1 << 20;
-
-fn agent_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("ringfence-agent");
-    candidate.exists().then_some(candidate)
-}
 
 /// A serve-mode sandbox with its agent client and envd state.
 struct Box_ {
@@ -66,42 +54,13 @@ struct Env {
 
 fn start(test: &str, sandboxes: usize) -> Option<Env> {
     let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if ringfence_sys::euid() != 0 {
-        eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
-        return None;
-    }
-    let Some(agent) = agent_binary() else {
-        eprintln!("SKIPPED {test}: no agent binary (set RINGFENCE_AGENT)");
-        return None;
-    };
-    preflight::check(&agent, true).expect("preflight");
-    let mut cfg = JailConfig::with_agent(agent);
-    cfg.data_dir = PathBuf::from("/var/lib/ringfence");
-    cfg.run_dir = PathBuf::from("/run/ringfence");
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cfg = support::jail::config_or_skip(test)?;
+    let rt = support::jail::runtime();
     let mut boxes = Vec::new();
     for _ in 0..sandboxes {
-        let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
-        let layout = Layout::detect().expect("cgroup layout");
-        let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
-        let null_in = File::open("/dev/null").unwrap();
-        let null_out = OpenOptions::new().write(true).open("/dev/null").unwrap();
-        let id = ringfence_jail::new_sandbox_id();
-        let spec = SandboxSpec {
-            die_with_parent: true,
-            ..SandboxSpec::new(
-                id.clone(),
-                tmpl,
-                Some(seccomp::default_profile(true).expect("seccomp profile")),
-                [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
-            )
-        };
-        let mut sandbox = Sandbox::start(&cfg, Some(&pool), spec).expect("start sandbox");
-        let supervisor =
-            sandbox.take_listener().map(|l| Supervisor::start(l, id).expect("seccomp supervisor"));
-        let control = sandbox.control_clone().expect("control channel");
-        let client = rt.block_on(async { AgentClient::new(control) }).expect("agent client");
+        let (sandbox, supervisor) =
+            support::jail::launch(&cfg, POOL_PREFIX, ringfence_jail::limits::Limits::default());
+        let client = support::jail::client(&rt, &sandbox);
         boxes.push(Box_ {
             client,
             state: Arc::new(EnvdState::new()),
@@ -121,55 +80,6 @@ macro_rules! env_or_skip {
     };
 }
 
-fn envelope(msg: &Value) -> Vec<u8> {
-    let body = serde_json::to_vec(msg).unwrap();
-    let mut out = vec![0];
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
-fn request(method: &str, uri: &str, headers: &[(&str, &str)], body: Body) -> Request {
-    let mut b = axum::http::Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(body).unwrap()
-}
-
-/// Reads a streaming body frame by frame, keeping nothing but the partial frame.
-struct FrameStream {
-    body: axum::body::BodyDataStream,
-    buf: Vec<u8>,
-}
-
-impl FrameStream {
-    fn new(resp: Response) -> Self {
-        FrameStream { body: resp.into_body().into_data_stream(), buf: Vec::new() }
-    }
-
-    async fn next(&mut self) -> Option<(u8, Value)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    let flags = self.buf[0];
-                    let json = serde_json::from_slice(&self.buf[5..5 + len]).unwrap();
-                    self.buf.drain(..5 + len);
-                    return Some((flags, json));
-                }
-            }
-            let chunk = tokio::time::timeout(WAIT, self.body.next()).await.expect("stream stalled");
-            match chunk {
-                Some(Ok(b)) => self.buf.extend_from_slice(&b),
-                Some(Err(e)) => panic!("stream failed: {e}"),
-                None => return None,
-            }
-        }
-    }
-}
-
 impl Env {
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
@@ -182,7 +92,7 @@ impl Env {
 
     async fn stream(&self, sb: usize, method: &str, msg: Value) -> Response {
         let h = [("content-type", "application/connect+json"), ("connect-protocol-version", "1")];
-        let req = request("POST", &format!("/{method}"), &h, Body::from(envelope(&msg)));
+        let req = request("POST", &format!("/{method}"), &h, Body::from(envelope(0, &msg)));
         let resp = self.send(sb, req).await;
         assert_eq!(resp.status(), StatusCode::OK);
         resp
@@ -190,7 +100,7 @@ impl Env {
 
     async fn start_sh(&self, sb: usize, script: &str) -> FrameStream {
         let msg = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}, "stdin": false});
-        FrameStream::new(self.stream(sb, "process.Process/Start", msg).await)
+        FrameStream::cut_ok(self.stream(sb, "process.Process/Start", msg).await, WAIT)
     }
 
     /// Runs `script` to its end; its stdout and exit code.
@@ -347,7 +257,7 @@ fn connect_after_the_first_client_left_streams_the_rest() {
         // The process is not held back by the departed client, and a later Connect gets what
         // follows and the end, as with envd.
         let msg = json!({"process": {"pid": pid}});
-        let mut c = FrameStream::new(env.stream(0, "process.Process/Connect", msg).await);
+        let mut c = FrameStream::cut_ok(env.stream(0, "process.Process/Connect", msg).await, WAIT);
         let mut tail = Vec::new();
         let mut code = None;
         while let Some((_, f)) = c.next().await {
@@ -457,14 +367,10 @@ fn the_bomb_builder_builds_a_valid_stream() {
     assert!(out.iter().all(|b| *b == 0));
 }
 
+/// A whole form of one file part.
 fn multipart_of(boundary: &str, name: &str, data: &[u8]) -> Vec<u8> {
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(data);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut body = support::form_part(boundary, name, data);
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     body
 }
 

@@ -12,31 +12,19 @@
 #[path = "../../net/tests/fakenet/mod.rs"]
 mod fakenet;
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::{Value, json};
+use support::serve::{Http, Resp, Server, b64_text, frames};
 
-fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
-    (bin.exists() && agent.exists()).then_some(bin)
-}
+/// Answers may take a while: the sandbox's service fetches from the fake internet.
+const HTTP: Http = Http { read_timeout: Duration::from_secs(120), lenient: false };
 
-struct Server {
-    child: Child,
-    port: u16,
-    key: String,
-    data: tempfile::TempDir,
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    HTTP.send(port, method, path, headers, body)
 }
 
 impl Server {
@@ -46,59 +34,14 @@ impl Server {
             eprintln!("SKIPPED {test}: needs root, ip and curl");
             return None;
         }
-        let Some(bin) = binary() else {
-            eprintln!("SKIPPED {test}: no ringfence binary (cargo build -p ringfence)");
-            return None;
-        };
-        let data = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let out = Command::new(&bin)
-            .args(["keys", "create", "--name", "net", "--data-dir"])
-            .arg(data.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log = std::fs::File::create(data.path().join("serve.log")).unwrap();
-        let child = Command::new(&bin)
-            .arg("serve")
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--interp-env",
-                "/nonexistent",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let s = Server { child, port, key, data };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not come up: {}", s.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let bin = support::serve::binary_or_skip(test, "cargo build -p ringfence")?;
+        let mut s = Server::new(bin);
+        s.key = s.new_key("net", &[]);
+        s.log_level = None;
+        s.up_within = Duration::from_secs(30);
+        s.http = HTTP;
+        s.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
         Some(s)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn api(&self, method: &str, path: &str, body: Value) -> Resp {
-        let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
-        http(
-            self.port,
-            method,
-            path,
-            &[("X-API-Key", &self.key), ("Content-Type", "application/json")],
-            &body,
-        )
     }
 
     fn create(&self, body: Value) -> Sandbox {
@@ -115,39 +58,18 @@ impl Server {
     /// Runs `bash -c script` in the sandbox; (stdout + stderr, exit code).
     fn run(&self, sb: &Sandbox, script: &str) -> (String, i64) {
         let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
-        let body = serde_json::to_vec(&msg).unwrap();
-        let mut env = vec![0u8];
-        env.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        env.extend_from_slice(&body);
-        let r = http(
-            self.port,
-            "POST",
-            "/process.Process/Start",
-            &[
-                ("Content-Type", "application/connect+json"),
-                ("E2b-Sandbox-Id", &sb.id),
-                ("E2b-Sandbox-Port", "49983"),
-                ("X-Access-Token", &sb.token),
-            ],
-            &env,
-        );
+        let r = self.process_start(&sb.id, &sb.token, &msg, &[]);
         assert_eq!(r.status, 200, "start: {}", r.text());
         let (mut out, mut code) = (String::new(), -1);
-        let mut rest = &r.body[..];
-        while rest.len() >= 5 {
-            let n = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let v: Value = serde_json::from_slice(&rest[5..5 + n]).unwrap();
+        for (_, v) in frames(&r.body) {
             for k in ["stdout", "stderr"] {
                 if let Some(d) = v["event"]["data"][k].as_str() {
-                    out.push_str(&String::from_utf8_lossy(
-                        &base64::engine::general_purpose::STANDARD.decode(d).unwrap(),
-                    ));
+                    out.push_str(&b64_text(d));
                 }
             }
             if !v["event"]["end"].is_null() {
                 code = v["event"]["end"]["exitCode"].as_i64().unwrap_or(0);
             }
-            rest = &rest[5 + n..];
         }
         (out, code)
     }
@@ -168,86 +90,10 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = ringfence_sys::kill(self.child.id() as i32, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Sandbox {
     id: String,
     token: String,
     domain: Option<String>,
-}
-
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-/// One HTTP/1.1 request (`Connection: close`, a `Host` header given or 127.0.0.1); chunked
-/// bodies decoded.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req.push_str("Host: 127.0.0.1\r\n");
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut rest = &raw[split + 4..];
-    let body = if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
-        let mut out = Vec::new();
-        loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
-                .unwrap();
-            rest = &rest[eol + 2..];
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[..n]);
-            rest = &rest[n + 2..];
-        }
-        out
-    } else {
-        rest.to_vec()
-    };
-    Resp { status, headers, body }
 }
 
 fn net_args(net: &fakenet::Internet) -> Vec<String> {

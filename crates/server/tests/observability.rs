@@ -9,114 +9,62 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::{Value, json};
+use support::form_part;
+use support::serve::{Sandbox, b64_text, frames};
 
-fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/observability-<hash> → target/<profile>/ringfence
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
-    (bin.exists() && agent.exists()).then_some(bin)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running `ringfence serve` with its own data directory and two tenants' keys.
+/// A running `ringfence serve` (JSON logs) with its own data directory and two tenants' keys.
 struct Server {
-    bin: PathBuf,
-    child: Option<Child>,
-    port: u16,
-    data: tempfile::TempDir,
-    key: String,
+    serve: support::serve::Server,
     key_id: String,
     other_key: String,
     /// An operator's key: the only kind that reads `/metrics` series naming sandboxes.
     operator_key: String,
 }
 
+impl std::ops::Deref for Server {
+    type Target = support::serve::Server;
+    fn deref(&self) -> &Self::Target {
+        &self.serve
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.serve
+    }
+}
+
 impl Server {
     fn start(test: &str, args: &[&str]) -> Option<Server> {
-        if ringfence_sys::euid() != 0 {
-            eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
+        if !support::root_or_skip(test) {
             return None;
         }
-        let Some(bin) = binary() else {
-            eprintln!("SKIPPED {test}: no ringfence binary (cargo build -p ringfence)");
-            return None;
-        };
-        let data = tempfile::tempdir().unwrap();
-        // Sandboxes mount the template from here as an unprivileged user.
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let key = |name: &str, extra: &[&str]| {
-            let out = Command::new(&bin)
-                .args(["keys", "create", "--name", name, "--data-dir"])
-                .arg(data.path())
-                .args(extra)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "keys create: {out:?}");
-            String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
-        };
-        let (k1, k2) = (key("tenant-a", &[]), key("tenant-b", &[]));
-        let ops = key("scraper", &["--operator"]);
-        let mut s = Server {
-            bin,
-            child: None,
-            port: free_port(),
-            data,
-            key: k1,
-            key_id: String::new(),
-            other_key: k2,
-            operator_key: ops,
-        };
+        let bin = support::serve::binary_or_skip(test, "cargo build -p ringfence")?;
+        let mut serve = support::serve::Server::new(bin);
+        serve.key = serve.new_key("tenant-a", &[]);
+        let other_key = serve.new_key("tenant-b", &[]);
+        let operator_key = serve.new_key("scraper", &["--operator"]);
+        let mut s = Server { serve, key_id: String::new(), other_key, operator_key };
         s.spawn(args);
         s.key_id = s.key_id_of(&s.key.clone());
         Some(s)
     }
 
+    /// Only the test that asks for it gets the code interpreter (and its fork server).
     fn spawn(&mut self, args: &[&str]) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.data.path().join("serve.log"))
-            .unwrap();
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
-            .arg(self.data.path())
-            .args(["--log-format", "json"])
-            .args(args)
-            .env("RINGFENCE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        // Only the test that asks for it gets the code interpreter (and its fork server).
-        if !args.contains(&"--interp-env") {
-            cmd.args(["--interp-env", "/nonexistent"]);
-        }
-        self.child = Some(cmd.spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not come up: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
+        let args: Vec<&str> =
+            ["--log-format", "json"].into_iter().chain(args.iter().copied()).collect();
+        self.serve.spawn(&args);
     }
 
     /// The id of an API key, as the audit trail's `user_id` names it.
@@ -127,67 +75,30 @@ impl Server {
         info.id
     }
 
-    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        http(self.port, method, path, headers, body)
-    }
-
-    fn api(&self, method: &str, path: &str, body: Value) -> Resp {
-        let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
-        self.request(
-            method,
-            path,
-            &[("X-API-Key", &self.key), ("Content-Type", "application/json")],
-            &body,
-        )
-    }
-
     fn create(&self, template: &str) -> Sandbox {
         let r = self.api("POST", "/v2/sandboxes", json!({"templateID": template}));
         assert_eq!(r.status, 201, "create: {}", r.text());
-        let v = r.json();
-        Sandbox {
-            id: v["sandboxID"].as_str().unwrap().to_string(),
-            token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        }
+        Sandbox::from(&r.json())
     }
 
     /// Runs `bash -c script` through envd's `process.Process/Start`; returns stdout and the end
     /// event.
     fn run(&self, sb: &Sandbox, script: &str) -> (String, Value) {
         let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
-        let body = serde_json::to_vec(&msg).unwrap();
-        let mut env = vec![0u8];
-        env.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        env.extend_from_slice(&body);
-        let r = self.request(
-            "POST",
-            "/process.Process/Start",
-            &[
-                ("Content-Type", "application/connect+json"),
-                ("E2b-Sandbox-Id", &sb.id),
-                ("E2b-Sandbox-Port", "49983"),
-                ("X-Access-Token", &sb.token),
-            ],
-            &env,
-        );
+        let r = self.process_start(&sb.id, &sb.token, &msg, &[]);
         assert_eq!(r.status, 200, "start: {}", r.text());
         let mut stdout = String::new();
         let mut end = Value::Null;
-        let mut rest = &r.body[..];
-        while rest.len() >= 5 {
-            let n = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let v: Value = serde_json::from_slice(&rest[5..5 + n]).unwrap();
+        for (flags, v) in frames(&r.body) {
             if let Some(d) = v["event"]["data"]["stdout"].as_str() {
-                let bytes = base64::engine::general_purpose::STANDARD.decode(d).unwrap();
-                stdout.push_str(&String::from_utf8_lossy(&bytes));
+                stdout.push_str(&b64_text(d));
             }
             if !v["event"]["end"].is_null() {
                 end = v["event"]["end"].clone();
-            } else if rest[0] & 2 != 0 && end.is_null() {
+            } else if flags & 2 != 0 && end.is_null() {
                 // The end-of-stream frame: an error here means the process never ended.
                 end = v.clone();
             }
-            rest = &rest[5 + n..];
         }
         (stdout, end)
     }
@@ -242,87 +153,6 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: an orderly shutdown kills the server's sandboxes.
-            let _ = ringfence_sys::kill(c.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Sandbox {
-    id: String,
-    token: String,
-}
-
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`), chunked bodies decoded.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut rest = &raw[split + 4..];
-    let body = if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
-        let mut out = Vec::new();
-        loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
-                .unwrap();
-            rest = &rest[eol + 2..];
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[..n]);
-            rest = &rest[n + 2..];
-        }
-        out
-    } else {
-        rest.to_vec()
-    };
-    Resp { status, headers, body }
 }
 
 /// The value of the sample of `name` whose labels include all of `labels`.
@@ -892,17 +722,6 @@ fn start_partial(
     // Long enough for the server to have written what it got into the sandbox.
     std::thread::sleep(Duration::from_millis(1500));
     s
-}
-
-fn form_part(boundary: &str, name: &str, data: &[u8]) -> Vec<u8> {
-    let mut p = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    p.extend_from_slice(data);
-    p.extend_from_slice(b"\r\n");
-    p
 }
 
 fn sandbox_headers(sb: &Sandbox, content_type: &str) -> Vec<(&'static str, String)> {

@@ -15,134 +15,47 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-
-fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/security_api-<hash> → target/<profile>/ringfence
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
-    (bin.exists() && agent.exists()).then_some(bin)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use support::percent::encode as enc;
+use support::serve::{Resp, Sandbox, b64_text, frames};
 
 /// A running `ringfence serve` with its own data directory and two tenants' keys.
 struct Server {
-    bin: PathBuf,
-    child: Option<Child>,
-    port: u16,
-    data: tempfile::TempDir,
-    key: String,
+    serve: support::serve::Server,
     other_key: String,
+}
+
+impl std::ops::Deref for Server {
+    type Target = support::serve::Server;
+    fn deref(&self) -> &Self::Target {
+        &self.serve
+    }
 }
 
 impl Server {
     fn start(test: &str, args: &[&str]) -> Option<Server> {
-        if ringfence_sys::euid() != 0 {
-            eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
+        if !support::root_or_skip(test) {
             return None;
         }
-        let Some(bin) = binary() else {
-            eprintln!("SKIPPED {test}: no ringfence binary (cargo build --workspace)");
-            return None;
-        };
-        let data = tempfile::tempdir().unwrap();
-        // Sandboxes mount the template from here as an unprivileged user.
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let mut s = Server {
-            bin,
-            child: None,
-            port: free_port(),
-            data,
-            key: String::new(),
-            other_key: String::new(),
-        };
-        s.key = s.new_key("tenant-a", &[]);
-        s.other_key = s.new_key("tenant-b", &[]);
-        s.spawn(args);
-        Some(s)
-    }
-
-    /// `ringfence keys create --name NAME EXTRA...`; returns the key.
-    fn new_key(&self, name: &str, extra: &[&str]) -> String {
-        let out = Command::new(&self.bin)
-            .args(["keys", "create", "--name", name, "--data-dir"])
-            .arg(self.data.path())
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "keys create: {out:?}");
-        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
-    }
-
-    fn spawn(&mut self, args: &[&str]) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.data.path().join("serve.log"))
-            .unwrap();
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
-            .arg(self.data.path())
-            .args(["--interp-env", "/nonexistent"])
-            .args(args)
-            .env("RINGFENCE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.child = Some(cmd.spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not come up: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        http(self.port, method, path, headers, body)
-    }
-
-    fn api_as(&self, key: &str, method: &str, path: &str, body: Value) -> Resp {
-        let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
-        self.request(
-            method,
-            path,
-            &[("X-API-Key", key), ("Content-Type", "application/json")],
-            &body,
-        )
-    }
-
-    fn api(&self, method: &str, path: &str, body: Value) -> Resp {
-        self.api_as(&self.key, method, path, body)
+        let bin = support::serve::binary_or_skip(test, "cargo build --workspace")?;
+        let mut serve = support::serve::Server::new(bin);
+        // Some of these requests are cut off by the server.
+        serve.http.lenient = true;
+        serve.key = serve.new_key("tenant-a", &[]);
+        let other_key = serve.new_key("tenant-b", &[]);
+        serve.spawn(args);
+        Some(Server { serve, other_key })
     }
 
     fn create_with(&self, body: Value) -> Sandbox {
         let r = self.api("POST", "/v2/sandboxes", body);
         assert_eq!(r.status, 201, "create: {}", r.text());
-        let v = r.json();
-        Sandbox {
-            id: v["sandboxID"].as_str().unwrap().to_string(),
-            token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        }
+        Sandbox::from(&r.json())
     }
 
     fn create(&self) -> Sandbox {
@@ -172,39 +85,24 @@ impl Server {
         msg: &Value,
         extra: &[(&str, &str)],
     ) -> Result<String, Resp> {
-        let body = serde_json::to_vec(msg).unwrap();
-        let mut env = vec![0u8];
-        env.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        env.extend_from_slice(&body);
         let auth = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
         );
-        let mut headers = vec![
-            ("Content-Type", "application/connect+json"),
-            ("E2b-Sandbox-Id", sb.id.as_str()),
-            ("E2b-Sandbox-Port", "49983"),
-            ("X-Access-Token", sb.token.as_str()),
-            ("Authorization", auth.as_str()),
-        ];
+        let mut headers = vec![("Authorization", auth.as_str())];
         headers.extend_from_slice(extra);
-        let r = self.request("POST", "/process.Process/Start", &headers, &env);
+        let r = self.process_start(&sb.id, &sb.token, msg, &headers);
         if r.status != 200 {
             return Err(r);
         }
         let mut stdout = String::new();
-        let mut rest = &r.body[..];
-        while rest.len() >= 5 {
-            let n = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let v: Value = serde_json::from_slice(&rest[5..5 + n]).unwrap();
-            if rest[0] & 2 != 0 && v.get("error").is_some() {
+        for (flags, v) in frames(&r.body) {
+            if flags & 2 != 0 && v.get("error").is_some() {
                 return Err(r);
             }
             if let Some(d) = v["event"]["data"]["stdout"].as_str() {
-                let bytes = base64::engine::general_purpose::STANDARD.decode(d).unwrap();
-                stdout.push_str(&String::from_utf8_lossy(&bytes));
+                stdout.push_str(&b64_text(d));
             }
-            rest = &rest[5 + n..];
         }
         Ok(stdout)
     }
@@ -224,107 +122,11 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: an orderly shutdown kills the server's sandboxes.
-            let _ = ringfence_sys::kill(c.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Sandbox {
-    id: String,
-    token: String,
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`), chunked bodies decoded.
-/// `Host: 127.0.0.1` unless the caller sends its own.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req.push_str("Host: 127.0.0.1\r\n");
-    }
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut rest = &raw[split + 4..];
-    let body = if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
-        let mut out = Vec::new();
-        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
-                .unwrap();
-            rest = &rest[eol + 2..];
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[..n]);
-            rest = &rest[n + 2..];
-        }
-        out
-    } else {
-        rest.to_vec()
-    };
-    Resp { status, body }
-}
-
 /// E2B's `download_url()`/`upload_url()` signature (`e2b/sandbox/signature.py`).
 fn sign(path: &str, op: &str, user: &str, token: &str, exp: i64) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("{path}:{op}:{user}:{token}:{exp}").as_bytes());
     format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
-}
-
-/// Percent-encodes everything but unreserved characters (what the SDKs' URL builders do).
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A signed `/files` query for `path` as `user`.
