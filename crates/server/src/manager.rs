@@ -541,9 +541,17 @@ impl Manager {
         if p.reuse.is_some() {
             self.store.restarted(&record).map_err(internal)?;
         } else {
-            self.store
-                .insert_sandbox_audited(&record, &detail, Some(&mut audit))
-                .map_err(internal)?;
+            self.store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map_err(|e| {
+                match e {
+                    // Its snapshot was deleted while it started: nothing of it is recorded, and
+                    // dropping `live` below ends the sandbox.
+                    crate::store::StoreError::LayerGone => ManagerError::Conflict(format!(
+                        "template {:?} was deleted while the sandbox started",
+                        p.template
+                    )),
+                    other => internal(other),
+                }
+            })?;
         }
         self.observer.committed(std::slice::from_ref(&audit));
         self.observer.started(&obs, &p.template, took, pool_label);

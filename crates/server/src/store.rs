@@ -224,6 +224,9 @@ pub enum StoreError {
     InvalidLimit(u32),
     #[error("not found: {0}")]
     NotFound(String),
+    /// A layer the new row refers to is gone (its snapshot was deleted while it started).
+    #[error("a layer of the sandbox's template was deleted")]
+    LayerGone,
     #[error("database schema version {0} is newer than this build supports ({SCHEMA_VERSION})")]
     UnsupportedSchema(i64),
 }
@@ -1279,7 +1282,7 @@ fn insert_layer_on(conn: &Connection, layer: &str) -> Result<(), StoreError> {
 fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), StoreError> {
     let metadata = serde_json::to_string(&rec.metadata)?;
     let env = serde_json::to_string(&rec.env)?;
-    conn.execute(
+    let res = conn.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
@@ -1302,8 +1305,18 @@ fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), Store
             rec.cgroup_slot,
             serde_json::to_string(&rec.lifecycle)?,
         ],
-    )?;
-    Ok(())
+    );
+    match res {
+        Ok(_) => Ok(()),
+        // The layer references (a trigger) name a layer with no row: a snapshot the sandbox
+        // starts from was deleted meanwhile.
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+        {
+            Err(StoreError::LayerGone)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn insert_event_on(
@@ -2065,7 +2078,10 @@ mod tests {
     fn a_layer_cannot_be_used_unless_committed_and_commits_are_whole() {
         let store = Store::open_in_memory().unwrap();
         // A sandbox on a layer that was never committed (or is gone) is refused, whole.
-        assert!(store.insert_sandbox(&on_layers("a", &["nope"])).is_err());
+        assert!(matches!(
+            store.insert_sandbox(&on_layers("a", &["nope"])),
+            Err(StoreError::LayerGone)
+        ));
         assert_eq!(store.get_sandbox("a").unwrap(), None);
         assert!(store.insert_snapshot(&snap("s", &["nope"])).is_err());
         assert!(store.list_snapshots("k", None).unwrap().is_empty());
