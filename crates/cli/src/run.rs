@@ -23,6 +23,7 @@ use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, Stdi
 use serde::Serialize;
 
 use crate::Common;
+use ringfence_server::tier::TierKind;
 
 /// Cgroup slots used by one-shot runs (the server keeps its own).
 pub const POOL_PREFIX: &str = "run";
@@ -94,6 +95,10 @@ pub struct RunArgs {
     /// Template for the root filesystem.
     #[arg(long, default_value = "host")]
     template: String,
+    /// Isolation tier: jail (namespaces, cgroups, seccomp, Landlock on the host kernel),
+    /// gvisor, microvm or wasm. A tier this host cannot run is refused, naming why.
+    #[arg(long, default_value = "jail", value_parser = parse_tier)]
+    tier: TierKind,
     /// Don't print the denied-syscall summary.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -125,6 +130,10 @@ fn at_least(flag: &'static str, min: u64) -> impl Fn(&str) -> Result<u64, String
         }
         Ok(v)
     }
+}
+
+fn parse_tier(s: &str) -> Result<TierKind, String> {
+    TierKind::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -261,6 +270,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let started = Instant::now();
     let mut cli_phases = Vec::new();
     ringfence_jail::phase(&mut cli_phases, "args_parsed");
+    // One-shot runs start the jail directly (below); any other tier is refused until this
+    // command runs through the tier seam (`ringfence_server::tier`) as the server does.
+    if let Some(reason) = ringfence_server::tier::unavailable_reason(args.tier) {
+        anyhow::bail!("tier {} is not available on this host: {reason}", args.tier);
+    }
     let agent = agent_path();
     let notify = !args.no_seccomp;
     preflight::check(&agent, notify)?;

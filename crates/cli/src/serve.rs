@@ -180,6 +180,10 @@ pub enum KeysCommand {
         /// Sandboxes this key may start at once. Default: --create-burst-per-key.
         #[arg(long)]
         create_burst: Option<u32>,
+        /// The isolation tiers this key may use, comma-separated (jail,gvisor,microvm,wasm).
+        /// Default: every tier the server runs.
+        #[arg(long, value_parser = parse_tiers)]
+        tiers: Option<Vec<String>>,
     },
 }
 
@@ -325,6 +329,11 @@ pub fn main(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// `--tiers jail,gvisor`: known tier names only (an unknown one is a typo, not a wish).
+fn parse_tiers(s: &str) -> Result<Vec<String>, String> {
+    ringfence_server::tier::parse_list(s).map_err(|e| e.to_string())
+}
+
 pub fn keys(cmd: KeysCommand) -> ExitCode {
     match cmd {
         KeysCommand::Create {
@@ -335,10 +344,11 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             max_snapshots,
             create_rate,
             create_burst,
+            tiers,
         } => {
             let limits = KeyLimits { max_sandboxes, max_snapshots, create_rate, create_burst };
             let result = Store::open(&ringfence_server::db_path(&data_dir))
-                .and_then(|s| s.create_key_with(&name, operator, &limits));
+                .and_then(|s| s.create_key_for(&name, operator, &limits, tiers.as_deref()));
             match result {
                 Ok((_, key)) => {
                     println!("{key}");

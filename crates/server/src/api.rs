@@ -48,13 +48,30 @@ impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
         match e {
             ManagerError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-            ManagerError::NotFound(m) => {
-                ApiError::new(StatusCode::NOT_FOUND, format!("{m} not found"))
-            }
+            ManagerError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m.to_string()),
             ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
+            ManagerError::Tier(e) => tier_error(e),
+            ManagerError::Store(e) => internal(e),
             ManagerError::Internal(m) => internal(m),
         }
+    }
+}
+
+/// A tier's refusal is the client's to fix (400; 403 for a tier its key may not use; 409 for
+/// an operation this sandbox's tier cannot do); its failures are internal.
+fn tier_error(e: crate::tier::TierError) -> ApiError {
+    use crate::tier::TierError;
+    match e {
+        TierError::Unknown(_)
+        | TierError::Unavailable { .. }
+        | TierError::Conflicting { .. }
+        | TierError::TemplateUnavailable(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        TierError::NotAllowed { .. } => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+        TierError::Unsupported { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        other => internal(other),
     }
 }
 
@@ -82,6 +99,7 @@ pub fn router(app: App) -> Router {
         .route("/sandboxes", post(create).get(list))
         .route("/v2/sandboxes", post(create).get(list))
         .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/tiers", get(tiers))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
@@ -262,7 +280,14 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
         JUPYTER_PORT if record.template == ringfence_jail::template::INTERP_TEMPLATE => {
             crate::interp::handle(app.manager.interp().clone(), live, req).instrument(span).await
         }
-        other => crate::network::inbound(live, other, req).instrument(span).await,
+        other => {
+            let target = (
+                record.id.as_str(),
+                live.with_instance(|i| i.net()),
+                crate::network::host_mask(&live.net),
+            );
+            crate::network::inbound(target, other, req).instrument(span).await
+        }
     }
 }
 
@@ -512,10 +537,15 @@ async fn create(
         crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     }
+    let metadata = b.metadata.unwrap_or_default();
+    let requested = b.template_id.unwrap_or_else(|| "base".into());
+    let (template, tier) = crate::tier::requested(&requested, &metadata)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let params = CreateParams {
-        template: b.template_id.unwrap_or_else(|| "base".into()),
+        template,
+        tier,
         timeout: timeout_from(&app, b.timeout)?,
-        metadata: b.metadata.unwrap_or_default(),
+        metadata,
         env: b.env_vars.unwrap_or_default(),
         network: crate::network::parse(b.allow_internet_access, b.network.as_ref())?,
         lifecycle,
@@ -550,6 +580,7 @@ async fn detail(
                 let mut v = listed_json(&r);
                 v["envdAccessToken"] = json!(r.access_token);
                 v["domain"] = json!(app.manager.network().domain());
+                add_tier(&app, &mut v, &r);
                 return Ok(Json(v));
             }
         };
@@ -557,10 +588,41 @@ async fn detail(
     let mut v = listed_json(&r);
     v["envdAccessToken"] = json!(r.access_token);
     v["domain"] = json!(app.manager.network().domain());
+    add_tier(&app, &mut v, &r);
     let net = app.manager.network().describe(&live);
     v["allowInternetAccess"] = net["allowInternetAccess"].clone();
     v["network"] = net;
     Ok(Json(v))
+}
+
+/// Our extension beside E2B's fields: `tier` and what it guarantees (`tierCapabilities`,
+/// null for a tier this server no longer runs).
+fn add_tier(app: &App, v: &mut Value, r: &SandboxRecord) {
+    v["tier"] = json!(r.tier);
+    let caps = crate::tier::TierKind::parse(&r.tier)
+        .ok()
+        .and_then(|k| app.manager.tiers().get(k).ok())
+        .map(|t| t.capabilities());
+    v["tierCapabilities"] = json!(caps);
+}
+
+/// `GET /tiers` (our extension): every tier Ringfence knows, whether this host runs it (and
+/// why not), what it guarantees, its measured start cost, and which the caller's key may use.
+async fn tiers(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let list: Vec<Value> = app
+        .manager
+        .tiers()
+        .info()
+        .into_iter()
+        .map(|t| {
+            let allowed = crate::tier::permitted(key.tiers.as_deref(), t.tier).is_ok();
+            let mut v = json!(t);
+            v["allowedForKey"] = json!(allowed);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "tiers": list })))
 }
 
 async fn kill(

@@ -417,7 +417,13 @@ async fn start_injected_kernel(
     let injected = tokio::task::spawn_blocking(move || {
         rt2.with_zygote(|z| {
             live2
-                .with_jail(|sb| z.inject(sb, &plan, START_TIMEOUT))
+                .with_instance(|i| match i.injectable() {
+                    Some(sb) => z.inject(sb, &plan, START_TIMEOUT),
+                    None => Err(ZygoteError::Entry {
+                        step: "enter".into(),
+                        message: "this sandbox's tier has no namespaces to enter".into(),
+                    }),
+                })
                 .unwrap_or(Err(ZygoteError::SandboxGone))
         })
     })

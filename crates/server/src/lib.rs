@@ -23,6 +23,7 @@ pub mod network;
 pub mod observe;
 pub mod quota;
 pub mod store;
+pub mod tier;
 mod time;
 pub mod upload;
 pub mod validate;

@@ -67,32 +67,13 @@ impl Manager {
         let l = live.clone();
         let saved = tokio::task::spawn_blocking(move || {
             let paused = l.snapshot().is_some_and(|r| r.state == SandboxState::Paused);
-            l.with_jail(|sb| {
-                // Frozen for the copy, so no file changes halfway; a host without a freezer
-                // copies a running sandbox.
-                let froze = !paused && sb.freeze().is_ok();
-                let Some(upper) = sb.upper_dir() else {
-                    if froze {
-                        let _ = sb.thaw();
-                    }
-                    return Err(internal(
-                        "this sandbox's files cannot be saved: its writable layer is a tmpfs \
-                         started by an earlier server process (run the server with disk images)",
-                    ));
-                };
-                let r = ringfence_jail::layer::save(&upper, &dest).map_err(internal);
-                if froze {
-                    let _ = sb.thaw();
-                }
-                r
-            })
+            l.with_instance(|i| i.save_fs(&dest, paused))
         })
         .await
         .map_err(internal)?;
         match saved {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e),
-            None => return Err(ManagerError::NotFound("sandbox is gone".into())),
+            Some(r) => r?,
+            None => return Err(ManagerError::no_sandbox(&live_id(live))),
         }
         let mut layers = vec![layer.clone()];
         layers.extend(live.snapshot().map(|r| r.lifecycle.layers).unwrap_or_default());
@@ -105,12 +86,12 @@ impl Manager {
         let _serial = self.lifecycle_lock.lock().await;
         let Some(live) = self.get(id).filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
         else {
-            return match self.store.get_sandbox(id).map_err(internal)? {
+            return match self.store.get_sandbox(id)? {
                 Some(r) if r.key_id == key_id && r.state == SandboxState::Paused => Ok(false),
-                _ => Err(ManagerError::NotFound(id.into())),
+                _ => Err(ManagerError::no_sandbox(id)),
             };
         };
-        let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let rec = live.snapshot().ok_or_else(|| ManagerError::no_sandbox(id))?;
         // A sandbox frozen in memory may still be asked to let go of it (files kept).
         let demote = rec.state == SandboxState::Paused && !memory;
         if rec.state == SandboxState::Paused && !demote {
@@ -118,11 +99,10 @@ impl Manager {
         }
         if memory {
             let l = live.clone();
-            tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.freeze()))
+            tokio::task::spawn_blocking(move || l.with_instance(|i| i.freeze()))
                 .await
                 .map_err(internal)?
-                .ok_or_else(|| ManagerError::NotFound(id.into()))?
-                .map_err(internal)?;
+                .ok_or_else(|| ManagerError::no_sandbox(id))??;
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = Some(true);
             // Frozen but not recorded if this fails or the server dies here: recovery thaws a
@@ -138,16 +118,16 @@ impl Manager {
             self.remove_layer_dir(&layer).await;
             return Err(e);
         }
-        // Nothing of it keeps running: the jail handle's drop kills the agent and frees the slot.
+        // Nothing of it keeps running: the instance's drop ends the sandbox and frees its slot.
         if let Some(l) = self.live.write().ok().and_then(|mut m| m.remove(id)) {
             let _ = tokio::task::spawn_blocking(move || {
                 crate::network::teardown(&l);
-                drop(l.take_jail());
+                drop(l.take_instance());
                 l.obs.ended();
             })
             .await;
         }
-        self.store.set_agent(id, None, None).map_err(internal)?;
+        self.store.set_agent(id, None, None)?;
         Ok(true)
     }
 
@@ -183,7 +163,7 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let id = live_id(live);
         let memory = layer.is_none();
-        self.store.pause_sandbox(&id, layer, &lc, memory).map_err(internal)?;
+        self.store.pause_sandbox(&id, layer, &lc, memory)?;
         if let Ok(mut r) = live.record.lock() {
             r.state = SandboxState::Paused;
             r.lifecycle = lc;
@@ -202,9 +182,9 @@ impl Manager {
     ) -> Result<(Arc<Live>, bool), ManagerError> {
         let _serial = self.lifecycle_lock.lock().await;
         if let Some(live) = self.get(id) {
-            let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            let rec = live.snapshot().ok_or_else(|| ManagerError::no_sandbox(id))?;
             if rec.key_id != key_id {
-                return Err(ManagerError::NotFound(id.into()));
+                return Err(ManagerError::no_sandbox(id));
             }
             if rec.state != SandboxState::Paused {
                 return Ok((live, false));
@@ -212,11 +192,10 @@ impl Manager {
             // Already counted while paused: refused only if the key is above its quota.
             self.admit(key_id, 0, false)?;
             let l = live.clone();
-            tokio::task::spawn_blocking(move || l.with_jail(|sb| sb.thaw()))
+            tokio::task::spawn_blocking(move || l.with_instance(|i| i.thaw()))
                 .await
                 .map_err(internal)?
-                .ok_or_else(|| ManagerError::NotFound(id.into()))?
-                .map_err(internal)?;
+                .ok_or_else(|| ManagerError::no_sandbox(id))??;
             let end = super::deadline_after(timeout);
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = None;
@@ -226,16 +205,16 @@ impl Manager {
                 r.lifecycle = lc.clone();
             }
             live.touch();
-            self.store.set_state(id, SandboxState::Running).map_err(internal)?;
-            self.store.set_end_at(id, end).map_err(internal)?;
-            self.store.set_lifecycle(id, &lc).map_err(internal)?;
+            self.store.set_state(id, SandboxState::Running)?;
+            self.store.set_end_at(id, end)?;
+            self.store.set_lifecycle(id, &lc)?;
             let _ = self.store.record_event(id, "resumed", &serde_json::json!({"memory": true}));
             return Ok((live, true));
         }
-        let rec = self.store.get_sandbox(id).map_err(internal)?;
+        let rec = self.store.get_sandbox(id)?;
         let Some(rec) = rec.filter(|r| r.key_id == key_id && r.state == SandboxState::Paused)
         else {
-            return Err(ManagerError::NotFound(id.into()));
+            return Err(ManagerError::no_sandbox(id));
         };
         self.admit(key_id, 0, false)?;
         let mut lc = rec.lifecycle.clone();
@@ -261,11 +240,11 @@ impl Manager {
         let live = self
             .get(id)
             .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
-            .ok_or_else(|| ManagerError::NotFound(id.into()))?;
-        let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+            .ok_or_else(|| ManagerError::no_sandbox(id))?;
+        let rec = live.snapshot().ok_or_else(|| ManagerError::no_sandbox(id))?;
         // Snapshots are made one at a time (the lifecycle lock): count, then save.
         let limits = self.quota_for(key_id)?;
-        let have = self.store.count_snapshots_of(key_id).map_err(internal)?;
+        let have = self.store.count_snapshots_of(key_id)?;
         crate::quota::Quotas::admit_snapshot(&limits, have)?;
         if let Some(n) = &name {
             if n.is_empty() || n.len() > 128 || super::TEMPLATES.contains(&n.as_str()) {
@@ -273,7 +252,7 @@ impl Manager {
                     "snapshot name {n:?} must be 1-128 characters and not a built-in template"
                 )));
             }
-            if self.store.get_snapshot(key_id, n).map_err(internal)?.is_some() {
+            if self.store.get_snapshot(key_id, n)?.is_some() {
                 return Err(ManagerError::BadRequest(format!("a snapshot named {n:?} exists")));
             }
         }
@@ -289,7 +268,7 @@ impl Manager {
         };
         if let Err(e) = self.store.insert_snapshot_with_layer(&snap, &layer) {
             self.remove_layer_dir(&layer).await;
-            return Err(internal(e));
+            return Err(e.into());
         }
         let _ = self.store.record_event(id, "snapshot", &serde_json::json!({"snapshot": snap.id}));
         Ok(snap)
@@ -300,14 +279,14 @@ impl Manager {
         key_id: &str,
         sandbox_id: Option<&str>,
     ) -> Result<Vec<SnapshotRecord>, ManagerError> {
-        self.store.list_snapshots(key_id, sandbox_id).map_err(internal)
+        Ok(self.store.list_snapshots(key_id, sandbox_id)?)
     }
 
     /// Deletes a snapshot; refused while a sandbox (running or paused) or another snapshot
     /// still uses its files. Returns false if there is no such snapshot.
     pub async fn delete_snapshot(&self, key_id: &str, id: &str) -> Result<bool, ManagerError> {
         let _serial = self.lifecycle_lock.lock().await;
-        let Some(snap) = self.store.get_snapshot(key_id, id).map_err(internal)? else {
+        let Some(snap) = self.store.get_snapshot(key_id, id)? else {
             return Ok(false);
         };
         let own = snap.layers.first().cloned().unwrap_or_default();
@@ -326,14 +305,14 @@ impl Manager {
                 users.join(", ")
             )));
         }
-        let others = self.store.all_snapshots().map_err(internal)?;
+        let others = self.store.all_snapshots()?;
         if let Some(o) = others.iter().find(|o| o.id != snap.id && o.layers.contains(&own)) {
             return Err(ManagerError::Conflict(format!(
                 "snapshot {} is the base of snapshot {}: delete that first",
                 snap.id, o.id
             )));
         }
-        self.store.delete_snapshot(&snap.id).map_err(internal)?;
+        self.store.delete_snapshot(&snap.id)?;
         self.collect_layers().await;
         Ok(true)
     }
@@ -407,8 +386,8 @@ impl Manager {
             let live = self
                 .get(id)
                 .filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
-                .ok_or_else(|| ManagerError::NotFound(id.into()))?;
-            let rec = live.snapshot().ok_or_else(|| ManagerError::NotFound(id.into()))?;
+                .ok_or_else(|| ManagerError::no_sandbox(id))?;
+            let rec = live.snapshot().ok_or_else(|| ManagerError::no_sandbox(id))?;
             if rec.state == SandboxState::Paused {
                 return Err(ManagerError::Conflict(format!(
                     "sandbox {id} is paused: resume it first"
@@ -420,7 +399,7 @@ impl Manager {
             // The fork holds its layer until the children do (each by its own record).
             if let Err(e) = self.store.insert_pending_layer(&layer, &fork_owner(&layer)) {
                 self.remove_layer_dir(&layer).await;
-                return Err(internal(e));
+                return Err(e.into());
             }
             (rec, layer, layers, admitted)
         };
@@ -490,6 +469,8 @@ impl Manager {
     ) -> CreateParams {
         CreateParams {
             template: rec.template.clone(),
+            // Resumed and forked sandboxes stay in the tier their files were written under.
+            tier: crate::tier::TierKind::parse(&rec.tier).ok(),
             timeout,
             metadata: rec.metadata.clone(),
             env: rec.env.clone(),
@@ -513,9 +494,9 @@ impl Manager {
     /// Ends a paused sandbox that is not running (files only). False if there is none.
     pub async fn kill_paused(&self, key_id: &str, id: &str) -> Result<bool, ManagerError> {
         let _serial = self.lifecycle_lock.lock().await;
-        match self.store.get_sandbox(id).map_err(internal)? {
+        match self.store.get_sandbox(id)? {
             Some(r) if r.key_id == key_id && r.state == SandboxState::Paused => {
-                self.store.set_state(id, SandboxState::Killed).map_err(internal)?;
+                self.store.set_state(id, SandboxState::Killed)?;
                 let _ =
                     self.store.record_event(id, "killed", &serde_json::json!({"reason": "api"}));
                 drop(_serial);
@@ -532,7 +513,7 @@ impl Manager {
         if window == 0 {
             return false;
         }
-        let cpu = live.with_jail(|sb| sb.usage().and_then(|u| u.cpu_ns)).flatten().unwrap_or(0);
+        let cpu = live.with_instance(|i| i.usage().and_then(|u| u.cpu_ns)).flatten().unwrap_or(0);
         let a = &live.activity;
         let prev_cpu = a.cpu_ns.swap(cpu, Ordering::Relaxed);
         let busy_ns = cpu.saturating_sub(prev_cpu);

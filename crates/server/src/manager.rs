@@ -1,22 +1,19 @@
-//! Sandbox lifecycle for the server: create through the jail tier, look up, time out, kill.
+//! Sandbox lifecycle for the server: create through an isolation tier (`crate::tier`), look
+//! up, time out, kill.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::Limits;
-use ringfence_jail::monitor::Supervisor;
-use ringfence_jail::seccomp::Compiled;
-use ringfence_jail::template::Template;
-use ringfence_jail::{JailConfig, preflight, seccomp, template};
+use ringfence_jail::template;
 
 use crate::agent_client::AgentClient;
 use crate::envd::EnvdState;
 use crate::observe::{Observer, SandboxObs};
 use crate::store::{Lifecycle, SandboxRecord, SandboxState, Store};
+use crate::tier::{AnyInstance, Saved, StartSpec, TierError, TierKind, Tiers};
 
 #[path = "lifecycle.rs"]
 mod lifecycle;
@@ -57,21 +54,44 @@ pub struct ManagerConfig {
     pub disk: ringfence_jail::disk::DiskChoice,
 }
 
-/// Errors the API turns into HTTP statuses.
+/// What a request named that is not there (404), each with its own message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Missing {
+    #[error("sandbox {0:?} not found")]
+    Sandbox(String),
+    #[error("template {0:?} not found")]
+    Template(String),
+}
+
+/// Errors the API turns into HTTP statuses (see `api::ApiError`'s `From`).
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("sandbox {0:?} not found")]
-    NotFound(String),
+    #[error("{0}")]
+    NotFound(#[from] Missing),
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
     /// A per-key quota or the create rate refused it (429).
     #[error("{0}")]
     Quota(String),
+    /// The tier refused (unknown or unavailable here: 400; not allowed for the key: 403;
+    /// unsupported for this sandbox: 409) or failed (500).
+    #[error("{0}")]
+    Tier(#[from] TierError),
+    /// The state database failed (500).
+    #[error("state database: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Internal(String),
+}
+
+impl ManagerError {
+    /// Sandbox `id` is not (or no longer) there.
+    pub fn no_sandbox(id: &str) -> ManagerError {
+        ManagerError::NotFound(Missing::Sandbox(id.to_string()))
+    }
 }
 
 /// A sandbox the server is running.
@@ -88,8 +108,10 @@ pub struct Live {
     pub net: crate::network::NetSlot,
     /// When the sandbox was last used, for idle timeouts.
     pub activity: Activity,
-    jail: Mutex<Option<Sandbox>>,
-    supervisor: Mutex<Option<Supervisor>>,
+    /// The isolation tier it runs in.
+    pub tier: TierKind,
+    /// The tier's live instance; taken (and with that ended) when the sandbox goes.
+    instance: Mutex<Option<AnyInstance>>,
 }
 
 /// Signs of use the idle timeout looks at.
@@ -103,15 +125,16 @@ pub struct Activity {
 }
 
 impl Live {
-    /// Wraps a started (or re-attached) jail, counted as used now and linked to its observer.
+    /// Wraps a started (or re-attached) instance, counted as used now and linked to its
+    /// observer.
     fn new(
         record: SandboxRecord,
         client: Arc<AgentClient>,
         obs: Arc<SandboxObs>,
-        sb: Sandbox,
-        supervisor: Option<Supervisor>,
+        instance: AnyInstance,
     ) -> Arc<Live> {
         let live = Arc::new(Live {
+            tier: instance.kind(),
             record: Mutex::new(record),
             client,
             envd: Arc::new(EnvdState::observed(obs.clone())),
@@ -119,8 +142,7 @@ impl Live {
             obs: obs.clone(),
             net: Mutex::default(),
             activity: Activity::default(),
-            jail: Mutex::new(Some(sb)),
-            supervisor: Mutex::new(supervisor),
+            instance: Mutex::new(Some(instance)),
         });
         live.touch();
         obs.attach(&live);
@@ -137,14 +159,14 @@ impl Live {
         self.activity.last_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Takes the jail handle out (dropping it kills the sandbox).
-    pub fn take_jail(&self) -> Option<Sandbox> {
-        self.jail.lock().ok().and_then(|mut j| j.take())
+    /// Takes the tier's instance out (dropping it ends the sandbox).
+    pub fn take_instance(&self) -> Option<AnyInstance> {
+        self.instance.lock().ok().and_then(|mut j| j.take())
     }
 
-    /// Runs `f` on the jail handle, if the sandbox still has one.
-    pub fn with_jail<R>(&self, f: impl FnOnce(&Sandbox) -> R) -> Option<R> {
-        let guard = self.jail.lock().ok()?;
+    /// Runs `f` on the tier's instance, if the sandbox still has one.
+    pub fn with_instance<R>(&self, f: impl FnOnce(&AnyInstance) -> R) -> Option<R> {
+        let guard = self.instance.lock().ok()?;
         guard.as_ref().map(f)
     }
 
@@ -156,7 +178,11 @@ impl Live {
 /// What a create request asks for, validated by the API layer.
 #[derive(Debug, Clone)]
 pub struct CreateParams {
+    /// The template name without any `@tier` suffix (see `crate::tier::requested`).
     pub template: String,
+    /// The tier to run it in; `None`: the template's default (a snapshot's is the tier of
+    /// the sandbox it was taken from; a built-in template's is the server's default).
+    pub tier: Option<TierKind>,
     pub timeout: Duration,
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
@@ -180,10 +206,8 @@ pub struct Reuse {
 #[derive(Debug)]
 pub struct Manager {
     cfg: ManagerConfig,
-    jail: JailConfig,
-    pool: Pool,
-    seccomp: Compiled,
-    templates: Mutex<HashMap<String, Template>>,
+    /// The isolation tiers this server runs.
+    tiers: Tiers,
     interp: Arc<crate::interp::Runtime>,
     store: Arc<Store>,
     observer: Arc<Observer>,
@@ -203,15 +227,16 @@ pub struct Manager {
     quotas: crate::quota::Quotas,
 }
 
-/// A pooled sandbox: its jail is up and its agent ready; identity, owner, env, metadata and
-/// timeout are applied when a create claims it.
+/// A pooled sandbox of the default tier: its instance is up and its agent ready; identity,
+/// owner, env, metadata and timeout are applied when a create claims it.
 #[derive(Debug)]
 struct Warm {
     id: String,
-    sb: Sandbox,
-    control: std::os::unix::net::UnixStream,
-    listener: Option<std::os::fd::OwnedFd>,
+    started: Started,
 }
+
+/// A started instance and its agent's channel.
+type Started = (AnyInstance, std::os::unix::net::UnixStream);
 
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -244,50 +269,27 @@ impl Manager {
         store: Arc<Store>,
         observer: Arc<Observer>,
     ) -> Result<Manager, ManagerError> {
-        preflight::check(&cfg.agent_path, true).map_err(internal)?;
-        let mut jail = JailConfig::with_agent(cfg.agent_path.clone());
-        jail.data_dir = cfg.data_dir.clone();
-        jail.run_dir = cfg.run_dir.clone();
-        let (disk, why_tmpfs) = cfg.disk.resolve(&jail.data_dir, true).map_err(internal)?;
-        match &why_tmpfs {
-            Some(why) => tracing::warn!(
-                disk_backend = disk.name(),
-                reason = %why,
-                "{}",
-                ringfence_jail::disk::TMPFS_WARNING
-            ),
-            None => tracing::info!(
-                disk_backend = disk.name(),
-                "sandbox disks are filesystem images: ENOSPC at the quota, apart from memory"
-            ),
-        }
-        jail.disk = disk;
-        let host = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
-        let seccomp = seccomp::default_profile(true).map_err(internal)?;
-        let layout = Layout::detect().map_err(internal)?;
-        let pool = Pool::new(
-            layout,
-            &jail.cgroup_name,
-            &pool_prefix(&jail.run_dir),
-            jail.run_dir.join("cgroups"),
-        );
+        let jail = crate::tier::JailTier::new(crate::tier::jail::JailSettings {
+            agent_path: cfg.agent_path.clone(),
+            data_dir: cfg.data_dir.clone(),
+            run_dir: cfg.run_dir.clone(),
+            disk: cfg.disk,
+            interp_env: cfg.interp_env.clone(),
+            pool_prefix: pool_prefix(&cfg.run_dir),
+        })?;
         let interp = crate::interp::Runtime::new(
-            &jail.run_dir,
+            &cfg.run_dir,
             &cfg.interp_env,
             cfg.limits,
-            seccomp.clone(),
+            jail.seccomp().clone(),
         )
         .map_err(internal)?;
-        let templates = Mutex::new(HashMap::from([("host".to_string(), host)]));
         let net =
             crate::network::Network::new(cfg.network.clone(), store.clone(), observer.clone())
                 .map_err(internal)?;
         Ok(Manager {
             cfg,
-            jail,
-            pool,
-            seccomp,
-            templates,
+            tiers: Tiers::new(jail),
             interp: Arc::new(interp),
             store,
             observer,
@@ -322,26 +324,9 @@ impl Manager {
         &self.interp
     }
 
-    /// The built template behind a template name, building it on first use.
-    fn template(&self, name: &str) -> Result<Template, ManagerError> {
-        let key = if name == template::INTERP_TEMPLATE { name } else { "host" };
-        if let Some(t) = self.templates.lock().map_err(internal)?.get(key) {
-            return Ok(t.clone());
-        }
-        let t = template::ensure_layered(
-            &self.jail.data_dir,
-            self.jail.uid_base,
-            key,
-            &[self.cfg.interp_env.to_string_lossy().into_owned()],
-        )
-        .map_err(|e| {
-            // The detail names host paths (the data directory, the interpreter environment):
-            // the operator reads it in the log, the client learns only what is missing.
-            tracing::warn!(template = key, error = %e, "template unavailable");
-            ManagerError::BadRequest(format!("template {name:?} is not available on this server"))
-        })?;
-        self.templates.lock().map_err(internal)?.insert(key.to_string(), t.clone());
-        Ok(t)
+    /// The tiers this server runs, and why it does not run the others.
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
     }
 
     pub fn config(&self) -> &ManagerConfig {
@@ -350,7 +335,7 @@ impl Manager {
 
     /// The quotas in force for `key_id`: its own settings over the server's defaults.
     fn quota_for(&self, key_id: &str) -> Result<crate::quota::QuotaConfig, ManagerError> {
-        let own = self.store.get_key(key_id).map_err(internal)?.map(|k| k.limits);
+        let own = self.store.get_key(key_id)?.map(|k| k.limits);
         Ok(self.cfg.quotas.for_key(&own.unwrap_or_default()))
     }
 
@@ -371,7 +356,7 @@ impl Manager {
 
     /// Where sandboxes' writable layers live: "image" or "tmpfs".
     pub fn disk_backend(&self) -> &'static str {
-        self.jail.disk.name()
+        self.tiers.jail().disk_backend()
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -386,16 +371,32 @@ impl Manager {
         p: CreateParams,
     ) -> Result<Arc<Live>, ManagerError> {
         let mut p = p;
+        let mut default_tier = self.tiers.default_kind();
         if !TEMPLATES.contains(&p.template.as_str()) {
             // A snapshot of this tenant's, used as a template.
-            let snap = self.store.get_snapshot(key_id, &p.template).map_err(internal)?;
+            let snap = self.store.get_snapshot(key_id, &p.template)?;
             let Some(snap) = snap else {
-                return Err(ManagerError::NotFound(format!("template {}", p.template)));
+                return Err(Missing::Template(p.template).into());
             };
             p.template = snap.id.clone();
             p.lifecycle.layers = snap.layers.clone();
+            // Its files were written under that tier: it starts there unless told otherwise.
+            if let Some(k) = self
+                .store
+                .get_sandbox(&snap.sandbox_id)?
+                .and_then(|r| TierKind::parse(&r.tier).ok())
+            {
+                default_tier = k;
+            }
             self.snapshot_bases.lock().map_err(internal)?.insert(snap.id, snap.template);
         }
+        let tier = p.tier.unwrap_or(default_tier);
+        p.tier = Some(tier);
+        // Refused before anything is counted or started: a tier the key may not use (403),
+        // then one this host cannot run (400).
+        let allowed = self.store.get_key(key_id)?.and_then(|k| k.tiers);
+        crate::tier::permitted(allowed.as_deref(), tier)?;
+        self.tiers.get(tier)?;
         // Held until the record is written (or the start failed): until then this create
         // counts against the key's quota here rather than in the store.
         let _admitted = self.admit(key_id, 1, true)?;
@@ -412,84 +413,71 @@ impl Manager {
         p: CreateParams,
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
-        let pooled = if p.reuse.is_none() && p.lifecycle.layers.is_empty() {
-            self.take_warm(&p.template)
-        } else {
-            None
-        };
+        let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
+        // The pool holds sandboxes of the default tier only.
+        let poolable =
+            p.reuse.is_none() && p.lifecycle.layers.is_empty() && tier == self.tiers.default_kind();
+        let pooled = if poolable { self.take_warm(&p.template) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
         let (id, started) = match pooled {
-            Some(w) => (w.id, (w.sb, w.control, w.listener)),
+            Some(w) => (w.id, w.started),
             None => {
                 let id =
                     p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
                 let layers = p.lifecycle.layers.clone();
-                let started =
-                    self.clone().spawn_jail(&p.template, id.clone(), p.env.clone(), layers).await?;
+                let started = self
+                    .clone()
+                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers)
+                    .await?;
                 (id, started)
             }
         };
         self.finish_start(key_id, p, begun, id, started, pool_label).await
     }
 
-    /// Starts a jail for template `template` (blocking work on the blocking pool).
-    async fn spawn_jail(
+    /// Starts an instance of `tier` for template `template_name` (blocking work on the
+    /// blocking pool).
+    async fn spawn(
         self: Arc<Self>,
+        tier: TierKind,
         template_name: &str,
         id: String,
         env: BTreeMap<String, String>,
         layers: Vec<String>,
-    ) -> Result<(Sandbox, std::os::unix::net::UnixStream, Option<std::os::fd::OwnedFd>), ManagerError>
-    {
-        let me = self.clone();
-        let name = self.base_template(template_name);
-        let template =
-            tokio::task::spawn_blocking(move || me.template(&name)).await.map_err(internal)??;
-        let spec = SandboxSpec {
+    ) -> Result<Started, ManagerError> {
+        let spec = StartSpec {
+            id,
+            template: self.base_template(template_name),
             limits: self.cfg.limits,
             env,
             layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
-            // The agent ends when the server's end of its channel closes, unless the server
-            // died: then it waits for the next server to reconnect. A death signal tied to a
-            // (pooled, short-lived) blocking thread would kill it at random, so none is set.
-            reconnectable: true,
-            ..SandboxSpec::new(id.clone(), template, Some(self.seccomp.clone()), [-1; 3])
         };
         let me = self.clone();
-        let started = tokio::task::spawn_blocking(move || {
-            let devnull = std::fs::File::open("/dev/null").map_err(internal)?;
-            use std::os::fd::AsRawFd;
-            let fd = devnull.as_raw_fd();
-            let spec = SandboxSpec { stdio: [fd, fd, fd], ..spec };
-            let mut sb = Sandbox::start(&me.jail, Some(&me.pool), spec).map_err(internal)?;
-            let control = sb.control_clone().map_err(internal)?;
-            let listener = sb.take_listener();
-            Ok::<_, ManagerError>((sb, control, listener))
+        tokio::task::spawn_blocking(move || {
+            let instance = me.tiers.get(tier)?.start(spec)?;
+            let control = instance.control()?;
+            Ok::<_, ManagerError>((instance, control))
         })
         .await
-        .map_err(internal)??;
-        Ok(started)
+        .map_err(internal)?
     }
 
-    /// Everything after the jail is up: identity, supervision, network, the record.
+    /// Everything after the instance is up: identity, supervision, network, the record.
     async fn finish_start(
         self: &Arc<Self>,
         key_id: &str,
         p: CreateParams,
         begun: std::time::Instant,
         id: String,
-        started: (Sandbox, std::os::unix::net::UnixStream, Option<std::os::fd::OwnedFd>),
+        started: Started,
         pool_label: &'static str,
     ) -> Result<Arc<Live>, ManagerError> {
-        let (sb, control, listener) = started;
+        let (mut instance, control) = started;
+        let tier = instance.kind();
         let limits = self.cfg.limits;
         let obs = self.observer.sandbox(&id, key_id, limits.cpu_millis.unwrap_or(1000));
-        let supervisor = match listener {
-            Some(l) => Some(
-                Supervisor::start_with(l, id.clone(), Some(obs.denial_sink())).map_err(internal)?,
-            ),
-            None => None,
-        };
+        instance.supervise(&id, obs.denial_sink());
+        let saved = instance.saved();
         let client = {
             let _span = tracing::info_span!("sandbox", sandbox_id = %id).entered();
             AgentClient::new(control).map_err(internal)?
@@ -517,20 +505,22 @@ impl Manager {
             metadata: p.metadata,
             env: p.env,
             state: SandboxState::Running,
-            agent_pid: Some(sb.pid),
-            cgroup_slot: sb.slot(),
+            agent_pid: saved.pid,
+            cgroup_slot: saved.slot,
             lifecycle: p.lifecycle.clone(),
+            tier: tier.as_str().to_string(),
         };
         let took = begun.elapsed();
-        let live = Live::new(record.clone(), client, obs.clone(), sb, supervisor);
+        let live = Live::new(record.clone(), client, obs.clone(), instance);
         // Before anything is recorded: a sandbox whose network cannot be set up is dropped
         // (and with it killed) here.
-        self.net.attach(&live, p.network.clone())?;
+        let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
+        self.net.attach(&live.net, (&id, key_id), at, p.network.clone())?;
         let mut audit = obs.action("sandbox.create");
         audit.duration_ms = Some(took.as_millis() as u64);
         audit.detail.insert("template".into(), serde_json::json!(p.template));
         audit.detail.insert("timeout_s".into(), serde_json::json!(p.timeout.as_secs()));
-        audit.detail.insert("tier".into(), serde_json::json!("jail"));
+        audit.detail.insert("tier".into(), serde_json::json!(tier.as_str()));
         audit.detail.insert("pool".into(), serde_json::json!(pool_label));
         // The sandbox row, its event and the audit record commit together (one fsync, inline
         // like the store's other short writes), before the client hears of the sandbox.
@@ -539,7 +529,7 @@ impl Manager {
             "network": crate::network::Network::persisted(&p.network),
         });
         if p.reuse.is_some() {
-            self.store.restarted(&record).map_err(internal)?;
+            self.store.restarted(&record)?;
         } else {
             self.store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map_err(|e| {
                 match e {
@@ -549,12 +539,15 @@ impl Manager {
                         "template {:?} was deleted while the sandbox started",
                         p.template
                     )),
-                    other => internal(other),
+                    other => other.into(),
                 }
             })?;
         }
         self.observer.committed(std::slice::from_ref(&audit));
-        self.observer.started(&obs, &p.template, took, pool_label);
+        self.observer.started(&obs, tier.as_str(), &p.template, took, pool_label);
+        if pool_label == "miss" {
+            self.tiers.record_start(tier, took);
+        }
         tracing::info!(
             sandbox_id = %id,
             template = %p.template,
@@ -587,7 +580,7 @@ impl Manager {
             // Paused with only its files kept: nothing runs, nothing to reattach. A server that
             // died between committing such a pause and ending the sandbox left its agent: end it.
             if rec.state == SandboxState::Paused && rec.lifecycle.paused_with_memory != Some(true) {
-                if rec.agent_pid.is_some() || rec.cgroup_slot.is_some() {
+                if saved_of(&rec).is_some() {
                     self.end_leftover(&rec).await;
                     let _ = self.store.set_agent(&rec.id, None, None);
                 }
@@ -597,32 +590,20 @@ impl Manager {
             let r = rec.clone();
             // Adopting takes locks and may kill leftovers: keep it off the async workers.
             let adopted = tokio::task::spawn_blocking(move || {
-                let (pid, slot) = (r.agent_pid?, r.cgroup_slot?);
-                let lease = me.pool.adopt(slot).ok()?;
-                let thawed = match r.state {
-                    SandboxState::Paused => {
-                        if !lease.is_frozen()
-                            && let Err(e) = lease.freeze()
-                        {
-                            tracing::warn!(sandbox_id = %r.id, error = %e, "re-freezing a sandbox paused in memory");
-                        }
-                        false
+                let tier = me.tiers.get(TierKind::parse(&r.tier).ok()?).ok()?;
+                let paused = r.state == SandboxState::Paused;
+                match tier.adopt(&r.id, &saved_of(&r), paused) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(sandbox_id = %r.id, tier = %r.tier, error = %e, "re-attaching");
+                        None
                     }
-                    _ if lease.is_frozen() => match lease.thaw() {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::warn!(sandbox_id = %r.id, error = %e, "thawing a sandbox left frozen");
-                            false
-                        }
-                    },
-                    _ => false,
-                };
-                Sandbox::adopt(&me.jail, &r.id, pid, lease).ok().map(|sb| (sb, thawed))
+                }
             })
             .await
             .map_err(internal)?;
             let (attached, thawed) = match adopted {
-                Some((sb, thawed)) => (self.attach(rec.clone(), sb).await, thawed),
+                Some(a) => (self.attach(rec.clone(), a.instance).await, a.thawed),
                 None => (false, false),
             };
             if attached {
@@ -646,24 +627,13 @@ impl Manager {
                 );
             }
         }
-        // Disks whose sandbox did not come back (lost above, pooled by the earlier server, or
-        // a one-shot run that was killed): the re-attached ones are locked by now.
-        if let ringfence_jail::disk::DiskBackend::Image(disks) = &self.jail.disk {
-            let disks = disks.clone();
-            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || disks.sweep()).await
-                && n > 0
-            {
-                tracing::info!(disks = n, "removed disks of sandboxes that are gone");
-            }
-        }
-        // Whatever an earlier server left in slots nobody holds now (its pooled sandboxes,
-        // which were never recorded) is swept.
-        let pool = self.pool.clone();
-        if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || pool.collect_garbage()).await
-            && n > 0
-        {
-            tracing::info!(processes = n, "swept unrecorded sandboxes of an earlier server");
-        }
+        // What an earlier server left that no re-attached sandbox holds (disks, the cgroup
+        // slots of its pooled sandboxes, which were never recorded): each tier sweeps its own.
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            me.tiers.available().map(crate::tier::AnyTier::sweep).sum::<usize>()
+        })
+        .await;
         let removed = self.sweep_layers().await?;
         if removed > 0 {
             tracing::info!(layers = removed, "removed layers an earlier server left behind");
@@ -671,26 +641,25 @@ impl Manager {
         Ok((back, lost))
     }
 
-    /// Kills what is left of a recorded sandbox that will not be served (its cgroup slot's
-    /// processes, its reconnect socket's directory).
-    async fn end_leftover(&self, rec: &SandboxRecord) {
-        let (pool, slot) = (self.pool.clone(), rec.cgroup_slot);
-        let socket_dir = ringfence_jail::launch::agent_socket_dir(&self.jail, &rec.id);
+    /// Kills what is left of a recorded sandbox that will not be served (for the jail: its
+    /// cgroup slot's processes, its reconnect socket's directory).
+    async fn end_leftover(self: &Arc<Self>, rec: &SandboxRecord) {
+        let Ok(kind) = TierKind::parse(&rec.tier) else {
+            tracing::warn!(sandbox_id = %rec.id, tier = %rec.tier, "a sandbox of a tier this build does not know: left alone");
+            return;
+        };
+        let (me, id, saved) = (self.clone(), rec.id.clone(), saved_of(rec));
         let _ = tokio::task::spawn_blocking(move || {
-            if let Some(slot) = slot
-                && let Ok(lease) = pool.adopt(slot)
-            {
-                // Dropping the lease kills the rest and thaws the slot.
-                let _ = lease.kill_all();
+            if let Ok(tier) = me.tiers.get(kind) {
+                tier.end_leftover(&id, &saved);
             }
-            let _ = std::fs::remove_dir_all(socket_dir);
         })
         .await;
     }
 
-    /// Wraps an adopted jail handle; true once its agent answered.
-    async fn attach(&self, rec: SandboxRecord, sb: Sandbox) -> bool {
-        let Ok(control) = sb.control_clone() else { return false };
+    /// Wraps an adopted instance; true once its agent answered.
+    async fn attach(&self, rec: SandboxRecord, instance: AnyInstance) -> bool {
+        let Ok(control) = instance.control() else { return false };
         let span = tracing::info_span!("sandbox", sandbox_id = %rec.id);
         let Ok(client) = span.in_scope(|| AgentClient::new(control)) else { return false };
         // A frozen (paused) agent cannot answer until resumed; its cgroup slot vouches for it.
@@ -704,13 +673,13 @@ impl Manager {
                 return false;
             }
         }
-        let id = rec.id.clone();
-        let obs =
-            self.observer.sandbox(&id, &rec.key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
-        let live = Live::new(rec, client, obs, sb, None);
+        let (id, key_id) = (rec.id.clone(), rec.key_id.clone());
+        let obs = self.observer.sandbox(&id, &key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
+        let live = Live::new(rec, client, obs, instance);
         // The previous server's network device died with it: make a new one, same settings.
         let params = self.saved_network(&id);
-        if let Err(e) = self.net.attach(&live, params) {
+        let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
+        if let Err(e) = self.net.attach(&live.net, (&id, &key_id), at, params) {
             tracing::warn!(sandbox_id = %id, error = %e, "could not restore the sandbox's network");
         }
         match self.live.write() {
@@ -755,10 +724,7 @@ impl Manager {
         let stored = tokio::task::spawn_blocking(move || {
             let mut rec = l.obs.final_record("sandbox.kill");
             crate::network::teardown(&l);
-            let jail = l.jail.lock().ok().and_then(|mut j| j.take());
-            let sup = l.supervisor.lock().ok().and_then(|mut s| s.take());
-            drop(jail);
-            drop(sup);
+            drop(l.take_instance());
             rec.duration_ms = Some(begun.elapsed().as_millis() as u64);
             rec.detail.insert("reason".into(), serde_json::json!(why));
             let detail = serde_json::json!({"reason": why});
@@ -782,12 +748,12 @@ impl Manager {
 
     /// Sets a sandbox's time to live, counted from now.
     pub fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), ManagerError> {
-        let live = self.get(id).ok_or_else(|| ManagerError::NotFound(id.into()))?;
+        let live = self.get(id).ok_or_else(|| ManagerError::no_sandbox(id))?;
         let end = deadline_after(timeout);
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }
-        self.store.set_end_at(id, end).map_err(internal)
+        Ok(self.store.set_end_at(id, end)?)
     }
 
     /// Live sandboxes of one key.
@@ -889,19 +855,16 @@ impl Manager {
                     continue;
                 }
                 let id = ringfence_jail::new_sandbox_id();
+                let tier = self.tiers.default_kind();
                 match self
                     .clone()
-                    .spawn_jail(template, id.clone(), BTreeMap::new(), Vec::new())
+                    .spawn(tier, template, id.clone(), BTreeMap::new(), Vec::new())
                     .await
                 {
-                    Ok((sb, control, listener)) => {
+                    Ok(instance) => {
                         if let Ok(mut m) = self.warm.lock() {
-                            m.entry(template.clone()).or_default().push_back(Warm {
-                                id,
-                                sb,
-                                control,
-                                listener,
-                            });
+                            let w = Warm { id, started: instance };
+                            m.entry(template.clone()).or_default().push_back(w);
                         }
                         started = true;
                     }
@@ -927,7 +890,7 @@ impl Manager {
         let used: u64 = m
             .values()
             .flat_map(|q| q.iter())
-            .map(|w| w.sb.usage().map_or(0, |u| u.memory_bytes))
+            .map(|w| w.started.0.usage().map_or(0, |u| u.memory_bytes))
             .sum();
         used < self.cfg.pool_memory
     }
@@ -941,6 +904,11 @@ impl Manager {
             self.kill(&id, "server shutdown").await;
         }
     }
+}
+
+/// What a sandbox's record keeps for its tier to re-attach to it.
+fn saved_of(rec: &SandboxRecord) -> Saved {
+    Saved { pid: rec.agent_pid, slot: rec.cgroup_slot }
 }
 
 /// The cgroup slot prefix of a server: slot directories are host-wide while their locks live

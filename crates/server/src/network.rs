@@ -4,7 +4,6 @@
 //! The plumbing (TUN device, userspace TCP/IP, policy, resolver, proxy) is `ringfence-net`;
 //! this module maps E2B's JSON onto it and keeps one [`NetState`] per live sandbox.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -247,22 +246,23 @@ impl Network {
         self.egress.rate_for(params.rate).map(drop).map_err(|e| bad(e.to_string()))
     }
 
-    /// Gives a started sandbox its network. Fails (and the caller kills the sandbox) if the
-    /// device cannot be made or the rate is above the ceiling.
+    /// Gives started sandbox `id` of `key` its network where its tier attaches it (`at`),
+    /// and keeps it in `slot`. Fails (and the caller kills the sandbox) if the device cannot
+    /// be made or the rate is above the ceiling.
     pub fn attach(
         &self,
-        live: &Live,
+        slot: &NetSlot,
+        (id, key): (&str, &str),
+        at: crate::tier::NetAttach,
         params: NetParams,
     ) -> Result<(), crate::manager::ManagerError> {
         let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
-        let (id, key, pid) = {
-            let r = live.record.lock().map_err(|_| bad("record lock"))?;
-            (r.id.clone(), r.key_id.clone(), r.agent_pid)
+        let crate::tier::NetAttach::Netns(ns) = at else {
+            return Err(crate::manager::ManagerError::Internal(format!(
+                "sandbox {id} has no network namespace to attach to"
+            )));
         };
-        let pid = pid.ok_or_else(|| {
-            crate::manager::ManagerError::Internal("sandbox has no agent pid".into())
-        })?;
-        let audit = EgressAudit::new(self.audit.clone(), id, key);
+        let audit = EgressAudit::new(self.audit.clone(), id.to_string(), key.to_string());
         let sink = Arc::new(move |e: EgressEvent| {
             let mut rec = AuditRecord::new("network.egress", e.ts_ms);
             rec.duration_ms = e.duration_ms;
@@ -273,12 +273,11 @@ impl Network {
             }
             audit.offer(rec);
         });
-        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let net = self
             .egress
             .attach(&ns, params.policy.clone(), rate, sink)
             .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))?;
-        if let Ok(mut slot) = live.net.lock() {
+        if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }
         Ok(())
@@ -404,24 +403,31 @@ fn port_closed(id: &str, port: u16, why: &str) -> Response {
         .into_response()
 }
 
+/// The Host header a sandbox asked inbound requests to carry (`maskRequestHost`).
+pub fn host_mask(slot: &NetSlot) -> Option<String> {
+    slot.lock().ok().and_then(|s| s.as_ref().and_then(|s| s.params.mask_request_host.clone()))
+}
+
 /// Relays one HTTP request (and, on `101 Switching Protocols`, the upgraded connection) to
-/// `127.0.0.1:port` inside the sandbox.
-pub async fn inbound(live: Arc<Live>, port: u16, mut req: Request) -> Response {
-    let (id, pid) = match live.record.lock() {
-        Ok(r) => (r.id.clone(), r.agent_pid),
-        Err(_) => return port_closed("", port, "gone"),
+/// `127.0.0.1:port` inside sandbox `id`, whose network its tier attached at `at`, with the
+/// Host header `mask` if the sandbox set one.
+pub async fn inbound(
+    (id, at, mask): (&str, Option<crate::tier::NetAttach>, Option<String>),
+    port: u16,
+    mut req: Request,
+) -> Response {
+    let Some(crate::tier::NetAttach::Netns(ns)) = at else {
+        return port_closed(id, port, "no agent");
     };
-    let Some(pid) = pid else { return port_closed(&id, port, "no agent") };
-    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
     let stream = match ringfence_net::netns::connect_inside(&ns, port, Duration::from_secs(5)).await
     {
         Ok(s) => s,
-        Err(e) => return port_closed(&id, port, &e.to_string()),
+        Err(e) => return port_closed(id, port, &e.to_string()),
     };
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
             Ok(x) => x,
-            Err(e) => return port_closed(&id, port, &e.to_string()),
+            Err(e) => return port_closed(id, port, &e.to_string()),
         };
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
@@ -429,11 +435,6 @@ pub async fn inbound(live: Arc<Live>, port: u16, mut req: Request) -> Response {
     for h in OURS {
         req.headers_mut().remove(*h);
     }
-    let mask = live
-        .net
-        .lock()
-        .ok()
-        .and_then(|s| s.as_ref().and_then(|s| s.params.mask_request_host.clone()));
     if let Some(m) = mask
         && let Ok(v) = HeaderValue::from_str(&m.replace("${PORT}", &port.to_string()))
     {
@@ -443,7 +444,7 @@ pub async fn inbound(live: Arc<Live>, port: u16, mut req: Request) -> Response {
         req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
     let mut resp = match sender.send_request(req).await {
         Ok(r) => r,
-        Err(e) => return port_closed(&id, port, &e.to_string()),
+        Err(e) => return port_closed(id, port, &e.to_string()),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade

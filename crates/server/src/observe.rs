@@ -296,11 +296,8 @@ impl Observer {
         self.metrics.pool_size.with_label_values(&[template]).set(n as i64);
     }
 
-    pub fn started(&self, sb: &SandboxObs, template: &str, took: Duration, pool: &str) {
-        self.metrics
-            .startup
-            .with_label_values(&["jail", template, pool])
-            .observe(took.as_secs_f64());
+    pub fn started(&self, sb: &SandboxObs, tier: &str, template: &str, took: Duration, pool: &str) {
+        self.metrics.startup.with_label_values(&[tier, template, pool]).observe(took.as_secs_f64());
         let limit = self.cfg.thresholds.startup;
         if took > limit {
             let mut extra = Map::new();
@@ -515,23 +512,23 @@ impl SandboxObs {
 
     /// Reads just the cgroup's limit-event counters (two files) and notes new events.
     fn poll_limit_events(&self) {
-        if let Some((oom, pids)) = self.live().and_then(|l| l.with_jail(|sb| sb.limit_events())) {
+        if let Some((oom, pids)) = self.live().and_then(|l| l.with_instance(|i| i.limit_events())) {
             self.note_limit_events(oom, pids);
         }
     }
 
     /// Memory charged now and CPU time so far (two files).
     fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
-        self.live()?.with_jail(|sb| sb.memory_cpu()).flatten()
+        self.live()?.with_instance(|i| i.memory_cpu()).flatten()
     }
 
     /// Samples the sandbox now: gauges, history, edge-triggered memory and CPU alerts,
     /// executions running past their threshold. Blocking (reads cgroup files).
     pub fn sample(&self) -> Option<Sample> {
         let live = self.live()?;
-        let usage = live.with_jail(|sb| sb.usage()).flatten()?;
+        let usage = live.with_instance(|i| i.usage()).flatten()?;
         self.note_limit_events(usage.oom_kills, usage.pids_max_hits);
-        let disk = live.with_jail(|sb| sb.disk_usage()).flatten();
+        let disk = live.with_instance(|i| i.disk_usage()).flatten();
         let rec = live.snapshot()?;
         let now = Instant::now();
         let obs = &self.observer;

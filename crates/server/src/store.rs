@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -203,10 +203,19 @@ ALTER TABLE api_keys ADD COLUMN operator INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
 ";
 
-const KEY_COLUMNS: &str = "id, name, created_at, operator, limits";
+/// Isolation tiers (`crate::tier`): the tier each sandbox runs in (every sandbox before this
+/// version ran in the jail), and the tiers each key may use (JSON list; NULL: every tier the
+/// server runs). `agent_pid` and `cgroup_slot` stay: what they mean is the tier's business
+/// (`tier::Saved`).
+const SCHEMA_V6: &str = "
+ALTER TABLE sandboxes ADD COLUMN tier TEXT NOT NULL DEFAULT 'jail';
+ALTER TABLE api_keys ADD COLUMN tiers TEXT;
+";
+
+const KEY_COLUMNS: &str = "id, name, created_at, operator, limits, tiers";
 
 const SANDBOX_COLUMNS: &str = "id, key_id, template, alias, access_token, created_at, end_at, \
-     cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot, lifecycle";
+     cpu_count, memory_mb, disk_mb, metadata, env, state, agent_pid, cgroup_slot, lifecycle, tier";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -248,6 +257,9 @@ pub struct KeyInfo {
     /// This key's own quotas, where they differ from the server's defaults.
     #[serde(default)]
     pub limits: KeyLimits,
+    /// The isolation tiers this key may use (`None`: every tier the server runs).
+    #[serde(default)]
+    pub tiers: Option<Vec<String>>,
 }
 
 /// Per-key quotas stored with the key; `None` takes the server's default, 0 means no limit.
@@ -335,6 +347,8 @@ pub struct SandboxRecord {
     pub cgroup_slot: Option<u32>,
     /// Pause/resume state and the layers the sandbox's filesystem is built from.
     pub lifecycle: Lifecycle,
+    /// The isolation tier it runs in (`crate::tier::TierKind::as_str`).
+    pub tier: String,
 }
 
 /// What a sandbox carries across pauses, restarts and forks.
@@ -575,6 +589,18 @@ impl Store {
         operator: bool,
         limits: &KeyLimits,
     ) -> Result<(KeyId, String), StoreError> {
+        self.create_key_for(name, operator, limits, None)
+    }
+
+    /// [`Store::create_key_with`], limited to the isolation tiers `tiers` (`None`: every
+    /// tier). The names are the caller's to check (`crate::tier::parse_list`).
+    pub fn create_key_for(
+        &self,
+        name: &str,
+        operator: bool,
+        limits: &KeyLimits,
+        tiers: Option<&[String]>,
+    ) -> Result<(KeyId, String), StoreError> {
         validate_name(name)?;
         let mut rng = rand::rng();
         let mut secret = [0u8; KEY_RANDOM_BYTES];
@@ -584,15 +610,16 @@ impl Store {
         let plaintext = format!("{KEY_PREFIX}{}", hex::encode(secret));
         let id = hex::encode(id_bytes);
         self.conn().execute(
-            "INSERT INTO api_keys (id, name, key_hash, created_at, operator, limits) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO api_keys (id, name, key_hash, created_at, operator, limits, tiers) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 id,
                 name,
                 hash_key(&plaintext),
                 unix_secs(),
                 operator,
-                serde_json::to_string(limits)?
+                serde_json::to_string(limits)?,
+                tiers.map(serde_json::to_string).transpose()?
             ],
         )?;
         Ok((id, plaintext))
@@ -1245,6 +1272,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if current < 5 {
         tx.execute_batch(SCHEMA_V5)?;
     }
+    if current < 6 {
+        tx.execute_batch(SCHEMA_V6)?;
+    }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
@@ -1285,7 +1315,7 @@ fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), Store
     let res = conn.execute(
         &format!(
             "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ),
         params![
             rec.id,
@@ -1304,6 +1334,7 @@ fn insert_sandbox_on(conn: &Connection, rec: &SandboxRecord) -> Result<(), Store
             rec.agent_pid,
             rec.cgroup_slot,
             serde_json::to_string(&rec.lifecycle)?,
+            rec.tier,
         ],
     );
     match res {
@@ -1405,6 +1436,12 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
         operator: row.get(3)?,
         // A limits column this build cannot read leaves the server's defaults in force.
         limits: serde_json::from_str(&limits).unwrap_or_default(),
+        // A tiers column that cannot be read allows nothing rather than everything: it was
+        // written to restrict.
+        tiers: {
+            let text: Option<String> = row.get(5)?;
+            text.map(|t| serde_json::from_str(&t).unwrap_or_default())
+        },
     })
 }
 
@@ -1431,6 +1468,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
                 rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, e.into())
             })?
         },
+        tier: row.get(16)?,
     })
 }
 
@@ -1514,6 +1552,7 @@ mod tests {
             state: SandboxState::Running,
             agent_pid: None,
             cgroup_slot: None,
+            tier: "jail".into(),
             lifecycle: Lifecycle::default(),
         }
     }
@@ -2121,12 +2160,16 @@ mod tests {
                  INSERT INTO schema_version (version) VALUES (3);",
             )
             .unwrap();
+            // Rows are written with this build's insert, which names the tier column (v6):
+            // it is there only while they are written.
+            conn.execute_batch("ALTER TABLE sandboxes ADD COLUMN tier TEXT").unwrap();
             let store = Store { conn: Mutex::new(conn) };
             store.insert_sandbox(&on_layers("live", &["l1", "l0"])).unwrap();
             let mut dead = on_layers("dead", &["l7"]);
             dead.state = SandboxState::Killed;
             store.insert_sandbox(&dead).unwrap();
             store.insert_snapshot(&snap("s", &["l2", "l0"])).unwrap();
+            store.conn().execute_batch("ALTER TABLE sandboxes DROP COLUMN tier").unwrap();
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(counts(&store), n(&[("l0", 2), ("l1", 1), ("l2", 1)]));
@@ -2151,6 +2194,42 @@ mod tests {
         let mut r = audit("sandbox.create", "s", "k", 1);
         store.insert_audit(&mut r).unwrap();
         assert_eq!(store.query_audit(&AuditQuery::default()).unwrap().0, vec![r]);
+    }
+
+    #[test]
+    fn version_five_database_gains_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let key = {
+            let conn = Connection::open(&path).unwrap();
+            for v in [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5] {
+                conn.execute_batch(v).unwrap();
+            }
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (5);
+                 INSERT INTO api_keys (id, name, key_hash, created_at) VALUES ('k', 'old', 'h', 1);
+                 INSERT INTO sandboxes (id, key_id, template, access_token, created_at, end_at, \
+                   cpu_count, memory_mb, disk_mb, metadata, env, state, lifecycle) \
+                   VALUES ('s', 'k', 'base', 't', 1, 2, 1, 0, 0, '{}', '{}', 'running', '{}');",
+            )
+            .unwrap();
+            "k"
+        };
+        let store = Store::open(&path).unwrap();
+        // Every sandbox before tiers ran in the jail; every old key may use every tier.
+        assert_eq!(store.get_sandbox("s").unwrap().unwrap().tier, "jail");
+        assert_eq!(store.get_key(key).unwrap().unwrap().tiers, None);
+        // New rows keep what they are given.
+        let mut rec = sandbox("g", "k", 3);
+        rec.tier = "gvisor".into();
+        store.insert_sandbox(&rec).unwrap();
+        assert_eq!(store.get_sandbox("g").unwrap().unwrap().tier, "gvisor");
+        let only = vec!["jail".to_string()];
+        let (id, plain) =
+            store.create_key_for("tiered", false, &KeyLimits::default(), Some(&only)).unwrap();
+        assert_eq!(store.get_key(&id).unwrap().unwrap().tiers, Some(only.clone()));
+        assert_eq!(store.verify_key(&plain).unwrap().unwrap().tiers, Some(only));
     }
 
     #[test]

@@ -1,0 +1,315 @@
+//! The jail tier: namespaces, cgroups, seccomp and Landlock around the agent, on the host
+//! kernel (`ringfence_jail`). Owns what every jail sandbox of this server shares: the jail
+//! settings, the cgroup slot pool, the compiled seccomp profile and the built templates.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::monitor::{DenialSink, Supervisor};
+use ringfence_jail::seccomp::Compiled;
+use ringfence_jail::template::Template;
+use ringfence_jail::{JailConfig, preflight, seccomp, template};
+
+use super::{
+    Adopted, Capabilities, Instance, NetAttach, Saved, StartSpec, Tier, TierError, TierKind, Usage,
+};
+
+/// Host settings the jail tier is built from.
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    pub agent_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub disk: ringfence_jail::disk::DiskChoice,
+    /// Bound into code-interpreter templates.
+    pub interp_env: PathBuf,
+    /// The cgroup slot prefix (see `manager::pool_prefix`).
+    pub pool_prefix: String,
+}
+
+/// The jail tier of one server.
+#[derive(Debug)]
+pub struct JailTier {
+    cfg: JailConfig,
+    pool: Pool,
+    seccomp: Compiled,
+    interp_env: PathBuf,
+    /// Built templates by key ("host", the interpreter's), built on first use.
+    templates: Mutex<HashMap<String, Template>>,
+}
+
+fn setup(step: &str) -> impl FnOnce(&dyn std::fmt::Display) -> TierError + '_ {
+    move |e| TierError::Setup(format!("{step}: {e}"))
+}
+
+impl JailTier {
+    /// Checks the host and prepares everything jail sandboxes share.
+    pub fn new(s: JailSettings) -> Result<JailTier, TierError> {
+        preflight::check(&s.agent_path, true).map_err(|e| setup("host check")(&e))?;
+        let mut cfg = JailConfig::with_agent(s.agent_path.clone());
+        cfg.data_dir = s.data_dir;
+        cfg.run_dir = s.run_dir;
+        let (disk, why_tmpfs) =
+            s.disk.resolve(&cfg.data_dir, true).map_err(|e| setup("sandbox disks")(&e))?;
+        match &why_tmpfs {
+            Some(why) => tracing::warn!(
+                disk_backend = disk.name(),
+                reason = %why,
+                "{}",
+                ringfence_jail::disk::TMPFS_WARNING
+            ),
+            None => tracing::info!(
+                disk_backend = disk.name(),
+                "sandbox disks are filesystem images: ENOSPC at the quota, apart from memory"
+            ),
+        }
+        cfg.disk = disk;
+        let host = template::ensure_host(&cfg.data_dir, cfg.uid_base)
+            .map_err(|e| setup("host template")(&e))?;
+        let seccomp = seccomp::default_profile(true).map_err(|e| setup("seccomp profile")(&e))?;
+        let layout = Layout::detect()?;
+        let pool = Pool::new(layout, &cfg.cgroup_name, &s.pool_prefix, cfg.run_dir.join("cgroups"));
+        Ok(JailTier {
+            cfg,
+            pool,
+            seccomp,
+            interp_env: s.interp_env,
+            templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
+        })
+    }
+
+    /// The seccomp profile every jail process gets (the interpreter's kernels too).
+    pub fn seccomp(&self) -> &Compiled {
+        &self.seccomp
+    }
+
+    /// Where sandboxes' writable layers live: "image" or "tmpfs".
+    pub fn disk_backend(&self) -> &'static str {
+        self.cfg.disk.name()
+    }
+
+    /// The built template behind a built-in template name, building it on first use.
+    fn template(&self, name: &str) -> Result<Template, TierError> {
+        let key = if name == template::INTERP_TEMPLATE { name } else { "host" };
+        let poisoned = || TierError::Setup("template cache lock poisoned".into());
+        if let Some(t) = self.templates.lock().map_err(|_| poisoned())?.get(key) {
+            return Ok(t.clone());
+        }
+        let t = template::ensure_layered(
+            &self.cfg.data_dir,
+            self.cfg.uid_base,
+            key,
+            &[self.interp_env.to_string_lossy().into_owned()],
+        )
+        .map_err(|e| {
+            // The detail names host paths (the data directory, the interpreter environment):
+            // the operator reads it in the log, the client learns only what is missing.
+            tracing::warn!(template = key, error = %e, "template unavailable");
+            TierError::TemplateUnavailable(name.to_string())
+        })?;
+        self.templates.lock().map_err(|_| poisoned())?.insert(key.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+impl Tier for JailTier {
+    type Instance = JailInstance;
+
+    fn kind(&self) -> TierKind {
+        TierKind::Jail
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            isolation: TierKind::Jail.isolation(),
+            syscall_filter: "seccomp-bpf allowlist (denials reported), Landlock",
+            kernel: "host",
+            pause_in_memory: self.pool.layout().version() != "none",
+            // CRIU failed on this host (docs/SECURITY.md): files only.
+            memory_snapshot: false,
+            fs_snapshot: true,
+            fork: true,
+            reattach: true,
+            kernel_injection: true,
+            network: "netns-tun",
+            network_policy: true,
+            agent_channel: "unix-socket",
+        }
+    }
+
+    fn start(&self, spec: StartSpec) -> Result<JailInstance, TierError> {
+        let template = self.template(&spec.template)?;
+        let devnull = std::fs::File::open("/dev/null")
+            .map_err(|source| TierError::Io { step: "open /dev/null", source })?;
+        use std::os::fd::AsRawFd;
+        let fd = devnull.as_raw_fd();
+        let spec = SandboxSpec {
+            limits: spec.limits,
+            env: spec.env,
+            layers: spec.layers,
+            // The agent ends when the server's end of its channel closes, unless the server
+            // died: then it waits for the next server to reconnect. A death signal tied to a
+            // (pooled, short-lived) blocking thread would kill it at random, so none is set.
+            reconnectable: true,
+            ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
+        };
+        let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
+        let listener = sb.take_listener();
+        Ok(JailInstance { sb, listener, supervisor: None })
+    }
+
+    fn adopt(
+        &self,
+        id: &str,
+        saved: &Saved,
+        paused: bool,
+    ) -> Result<Adopted<JailInstance>, TierError> {
+        let (Some(pid), Some(slot)) = (saved.pid, saved.slot) else {
+            return Err(TierError::Setup("no agent pid or cgroup slot was recorded".into()));
+        };
+        let lease = self.pool.adopt(slot)?;
+        let thawed = if paused {
+            if !lease.is_frozen()
+                && let Err(e) = lease.freeze()
+            {
+                tracing::warn!(sandbox_id = %id, error = %e, "re-freezing a sandbox paused in memory");
+            }
+            false
+        } else if lease.is_frozen() {
+            match lease.thaw() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %id, error = %e, "thawing a sandbox left frozen");
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        let sb = Sandbox::adopt(&self.cfg, id, pid, lease)?;
+        Ok(Adopted { instance: JailInstance { sb, listener: None, supervisor: None }, thawed })
+    }
+
+    fn end_leftover(&self, id: &str, saved: &Saved) {
+        if let Some(slot) = saved.slot
+            && let Ok(lease) = self.pool.adopt(slot)
+        {
+            // Dropping the lease kills the rest and thaws the slot.
+            let _ = lease.kill_all();
+        }
+        let _ = std::fs::remove_dir_all(ringfence_jail::launch::agent_socket_dir(&self.cfg, id));
+    }
+
+    fn sweep(&self) -> usize {
+        let mut n = 0;
+        // Disks whose sandbox did not come back (lost, pooled by the earlier server, or a
+        // one-shot run that was killed): the re-attached ones are locked by now.
+        if let ringfence_jail::disk::DiskBackend::Image(disks) = &self.cfg.disk
+            && let Ok(d) = disks.sweep()
+            && d > 0
+        {
+            tracing::info!(disks = d, "removed disks of sandboxes that are gone");
+            n += d;
+        }
+        // Whatever an earlier server left in slots nobody holds now (its pooled sandboxes,
+        // which were never recorded) is swept.
+        if let Ok(p) = self.pool.collect_garbage()
+            && p > 0
+        {
+            tracing::info!(processes = p, "swept unrecorded sandboxes of an earlier server");
+            n += p;
+        }
+        n
+    }
+}
+
+/// A live jail sandbox: the jail handle and, once it has an owner, the supervisor of its
+/// seccomp listener. Fields drop in order: the sandbox (killed and reaped) before the
+/// supervisor, whose listener then has nothing left to report.
+#[derive(Debug)]
+pub struct JailInstance {
+    sb: Sandbox,
+    /// The seccomp user-notification descriptor, until [`Instance::supervise`] hands it over.
+    listener: Option<std::os::fd::OwnedFd>,
+    supervisor: Option<Supervisor>,
+}
+
+impl JailInstance {
+    /// The jail handle (the interpreter's fork server enters it).
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sb
+    }
+}
+
+impl Instance for JailInstance {
+    fn saved(&self) -> Saved {
+        Saved { pid: Some(self.sb.pid), slot: self.sb.slot() }
+    }
+
+    fn control(&self) -> Result<std::os::unix::net::UnixStream, TierError> {
+        Ok(self.sb.control_clone()?)
+    }
+
+    fn supervise(&mut self, id: &str, sink: DenialSink) {
+        let Some(l) = self.listener.take() else { return };
+        match Supervisor::start_with(l, id.to_string(), Some(sink)) {
+            Ok(s) => self.supervisor = Some(s),
+            // The filter still denies; only the reports are lost.
+            Err(e) => tracing::warn!(sandbox_id = %id, error = %e, "seccomp supervisor"),
+        }
+    }
+
+    fn net(&self) -> NetAttach {
+        if !self.sb.agent_is_current() {
+            return NetAttach::None;
+        }
+        NetAttach::Netns(PathBuf::from(format!("/proc/{}/ns/net", self.sb.pid)))
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.sb.usage()
+    }
+
+    fn limit_events(&self) -> (u64, u64) {
+        self.sb.limit_events()
+    }
+
+    fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
+        self.sb.memory_cpu()
+    }
+
+    fn disk_usage(&self) -> Option<(u64, u64)> {
+        self.sb.disk_usage()
+    }
+
+    fn freeze(&self) -> Result<(), TierError> {
+        Ok(self.sb.freeze()?)
+    }
+
+    fn thaw(&self) -> Result<(), TierError> {
+        Ok(self.sb.thaw()?)
+    }
+
+    fn save_fs(&self, dest: &Path, paused: bool) -> Result<(), TierError> {
+        // Frozen for the copy, so no file changes halfway; a host without a freezer copies a
+        // running sandbox.
+        let froze = !paused && self.sb.freeze().is_ok();
+        let saved = match self.sb.upper_dir() {
+            Some(upper) => {
+                ringfence_jail::layer::save(&upper, dest).map(drop).map_err(TierError::from)
+            }
+            None => Err(TierError::Unsupported {
+                tier: TierKind::Jail,
+                what: "save this sandbox's files: its writable layer is a tmpfs started by an \
+                       earlier server process (run the server with disk images)",
+            }),
+        };
+        if froze {
+            let _ = self.sb.thaw();
+        }
+        saved
+    }
+}
