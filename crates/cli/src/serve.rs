@@ -183,7 +183,7 @@ pub enum KeysCommand {
         /// The isolation tiers this key may use, comma-separated (jail,gvisor,microvm,wasm).
         /// Default: every tier the server runs.
         #[arg(long, value_parser = parse_tiers)]
-        tiers: Option<Vec<String>>,
+        tiers: Option<TierList>,
     },
 }
 
@@ -329,9 +329,14 @@ pub fn main(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// `--tiers jail,gvisor`: known tier names only (an unknown one is a typo, not a wish).
-fn parse_tiers(s: &str) -> Result<Vec<String>, String> {
-    ringfence_server::tier::parse_list(s).map_err(|e| e.to_string())
+/// `--tiers jail,gvisor`: one value holding a list (clap would take a bare `Vec` for a
+/// repeatable flag).
+#[derive(Debug, Clone)]
+pub struct TierList(Vec<String>);
+
+/// Known tier names only (an unknown one is a typo, not a wish).
+fn parse_tiers(s: &str) -> Result<TierList, String> {
+    ringfence_server::tier::parse_list(s).map(TierList).map_err(|e| e.to_string())
 }
 
 pub fn keys(cmd: KeysCommand) -> ExitCode {
@@ -347,8 +352,9 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             tiers,
         } => {
             let limits = KeyLimits { max_sandboxes, max_snapshots, create_rate, create_burst };
-            let result = Store::open(&ringfence_server::db_path(&data_dir))
-                .and_then(|s| s.create_key_for(&name, operator, &limits, tiers.as_deref()));
+            let result = Store::open(&ringfence_server::db_path(&data_dir)).and_then(|s| {
+                s.create_key_for(&name, operator, &limits, tiers.as_ref().map(|t| t.0.as_slice()))
+            });
             match result {
                 Ok((_, key)) => {
                     println!("{key}");

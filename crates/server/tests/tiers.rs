@@ -1,0 +1,194 @@
+//! Choosing an isolation tier through the API, end to end: a real `ringfence serve` on a
+//! loopback port, driven over raw HTTP with keys made by `ringfence keys create --tiers`.
+//!
+//! - `GET /tiers` lists every tier with whether this host runs it (and why not), its
+//!   guarantees, its measured start cost and whether the caller's key may use it;
+//! - a create picks its tier by template name (`base@jail`) or metadata (`ringfence.tier`),
+//!   and `GET /sandboxes/{id}` reports it with its guarantees, across a server restart too;
+//! - unknown and unavailable tiers are refused with 400, a tier the key may not use with 403,
+//!   each naming the tier, and the server keeps serving;
+//! - the typed not-found errors read as one sentence ("template \"x\" not found").
+//!
+//! Needs root and the binaries (`cargo build --workspace`): `RINGFENCE_BIN`, or
+//! `target/<profile>/ringfence` beside this test. Without either, each test prints SKIPPED.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use support::serve::{Resp, Sandbox, b64_text, frames};
+
+fn server(test: &str) -> Option<support::serve::Server> {
+    if !support::root_or_skip(test) {
+        return None;
+    }
+    let bin = support::serve::binary_or_skip(test, "cargo build --workspace")?;
+    let mut s = support::serve::Server::new(bin);
+    s.key = s.new_key("any-tier", &[]);
+    Some(s)
+}
+
+/// `echo` through envd in `sb`; its stdout.
+fn echo(s: &support::serve::Server, sb: &Sandbox, word: &str) -> String {
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("user:"));
+    let msg = json!({"process": {"cmd": "/bin/echo", "args": [word]}, "stdin": false});
+    let r = s.process_start(&sb.id, &sb.token, &msg, &[("Authorization", auth.as_str())]);
+    assert_eq!(r.status, 200, "process start: {}", r.text());
+    frames(&r.body)
+        .iter()
+        .filter_map(|(_, v)| v["event"]["data"]["stdout"].as_str().map(b64_text))
+        .collect()
+}
+
+fn create(s: &support::serve::Server, key: &str, body: Value) -> Resp {
+    s.api_as(key, "POST", "/v2/sandboxes", body)
+}
+
+fn tiers(s: &support::serve::Server, key: &str) -> Vec<Value> {
+    let r = s.api_as(key, "GET", "/tiers", Value::Null);
+    assert_eq!(r.status, 200, "GET /tiers: {}", r.text());
+    r.json()["tiers"].as_array().unwrap().clone()
+}
+
+fn message(r: &Resp) -> String {
+    r.json()["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn tiers_are_listed_chosen_reported_and_refused() {
+    let Some(mut s) = server("tiers_are_listed_chosen_reported_and_refused") else { return };
+    let jail_only = s.new_key("jail-only", &["--tiers", "jail"]);
+    let gvisor_only = s.new_key("gvisor-only", &["--tiers", "gvisor"]);
+    s.spawn(&[]);
+
+    // Every tier is listed; only the jail runs here, and the others say why not.
+    let list = tiers(&s, &s.key);
+    let names: Vec<&str> = list.iter().map(|t| t["tier"].as_str().unwrap()).collect();
+    assert_eq!(names, ["jail", "gvisor", "microvm", "wasm"]);
+    let jail = &list[0];
+    assert_eq!(jail["available"], json!(true));
+    assert_eq!(jail["default"], json!(true));
+    assert_eq!(jail["allowedForKey"], json!(true));
+    assert_eq!(jail["capabilities"]["kernel"], json!("host"));
+    assert_eq!(jail["capabilities"]["fsSnapshot"], json!(true));
+    assert_eq!(jail["capabilities"]["memorySnapshot"], json!(false));
+    assert_eq!(jail["capabilities"]["networkPolicy"], json!(true));
+    assert_eq!(jail["startSamples"], json!(0), "nothing started yet: {jail}");
+    assert_eq!(jail["startCostMs"], Value::Null, "no start cost before a start: {jail}");
+    for t in &list[1..] {
+        assert_eq!(t["available"], json!(false), "{t}");
+        assert!(t["reason"].as_str().unwrap().contains("not built"), "{t}");
+        assert!(t.get("capabilities").is_none(), "no promises for a tier not here: {t}");
+        assert!(!t["isolation"].as_str().unwrap().is_empty(), "{t}");
+    }
+
+    // The default tier, then the same chosen both ways an unmodified SDK can say it.
+    let plain = create(&s, &s.key, json!({"templateID": "base"}));
+    assert_eq!(plain.status, 201, "{}", plain.text());
+    let by_name = create(&s, &s.key, json!({"templateID": "base@jail"}));
+    assert_eq!(by_name.status, 201, "{}", by_name.text());
+    assert_eq!(by_name.json()["templateID"], json!("base"), "the suffix is not a template");
+    let by_meta =
+        create(&s, &s.key, json!({"templateID": "base", "metadata": {"ringfence.tier": "jail"}}));
+    assert_eq!(by_meta.status, 201, "{}", by_meta.text());
+    for r in [&plain, &by_name, &by_meta] {
+        let sb = Sandbox::from(&r.json());
+        let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+        assert_eq!(d.status, 200, "{}", d.text());
+        assert_eq!(d.json()["tier"], json!("jail"), "{}", d.text());
+        assert_eq!(d.json()["tierCapabilities"]["agentChannel"], json!("unix-socket"));
+        assert_eq!(echo(&s, &sb, "hi"), "hi\n");
+    }
+    // Cold starts are measured (the three above missed any pool: none is configured).
+    let jail = &tiers(&s, &s.key)[0];
+    assert_eq!(jail["startSamples"], json!(3), "{jail}");
+    assert!(jail["startCostMs"].as_f64().unwrap() > 0.0, "{jail}");
+
+    // Refusals, each naming the tier: unknown and unavailable are 400, not allowed is 403.
+    let refused = [
+        (&s.key, json!({"templateID": "base@gvisor"}), 400, vec!["gvisor", "not available"]),
+        (
+            &s.key,
+            json!({"templateID": "base", "metadata": {"ringfence.tier": "microvm"}}),
+            400,
+            vec!["microvm", "not available"],
+        ),
+        (&s.key, json!({"templateID": "base@vm"}), 400, vec!["unknown tier \"vm\""]),
+        (
+            &s.key,
+            json!({"templateID": "base", "metadata": {"ringfence.tier": "Jail"}}),
+            400,
+            vec!["unknown tier \"Jail\""],
+        ),
+        (
+            &s.key,
+            json!({"templateID": "base@jail", "metadata": {"ringfence.tier": "gvisor"}}),
+            400,
+            vec!["jail", "gvisor", "name one"],
+        ),
+        (
+            &jail_only,
+            json!({"templateID": "base", "metadata": {"ringfence.tier": "gvisor"}}),
+            403,
+            vec!["gvisor", "allowed: jail"],
+        ),
+        (&gvisor_only, json!({"templateID": "base"}), 403, vec!["tier jail", "allowed: gvisor"]),
+    ];
+    for (key, body, status, words) in refused {
+        let r = create(&s, key, body.clone());
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        let m = message(&r);
+        for w in words {
+            assert!(m.contains(w), "{body}: {m:?} lacks {w:?}");
+        }
+    }
+    // The keys see what they may use.
+    let g = tiers(&s, &gvisor_only);
+    assert_eq!(g[0]["allowedForKey"], json!(false));
+    assert_eq!(g[1]["allowedForKey"], json!(true));
+    // Nothing of the refused creates was recorded or left running.
+    let listed = s.api("GET", "/v2/sandboxes", Value::Null).json();
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+
+    // Typed not-found errors read as one sentence.
+    let r = create(&s, &s.key, json!({"templateID": "nosuch"}));
+    assert_eq!((r.status, message(&r)), (404, "template \"nosuch\" not found".to_string()));
+    let r = s.api("POST", "/sandboxes/nosuch/pause", json!({}));
+    assert_eq!((r.status, message(&r)), (404, "sandbox \"nosuch\" not found".to_string()));
+
+    // A server restart re-attaches through the tier and keeps reporting it.
+    let sb = Sandbox::from(&plain.json());
+    s.kill9();
+    s.spawn(&[]);
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.status, 200, "after restart: {}\n{}", d.text(), s.log());
+    assert_eq!(d.json()["tier"], json!("jail"));
+    assert_eq!(echo(&s, &sb, "back"), "back\n");
+}
+
+#[test]
+fn operators_name_only_known_tiers() {
+    let Some(s) = server("operators_name_only_known_tiers") else { return };
+    let out = std::process::Command::new(&s.bin)
+        .args(["keys", "create", "--name", "typo", "--tiers", "jail,gvsor", "--data-dir"])
+        .arg(s.data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown tier \"gvsor\""), "{err}");
+    // `ringfence run` refuses a tier this host cannot run, naming why, before starting
+    // anything (exit 125: setup failure).
+    let out = std::process::Command::new(&s.bin)
+        .args(["run", "--tier", "gvisor", "--data-dir"])
+        .arg(s.data.path())
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("tier gvisor is not available on this host"), "{err}");
+    assert!(err.contains("not built"), "{err}");
+}
