@@ -53,6 +53,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             ManagerError::Tier(e) => tier_error(e),
             ManagerError::Store(e) => internal(e),
+            ManagerError::Agent(e) => internal(e),
+            ManagerError::Network(e) => internal(e),
+            ManagerError::Task(e) => internal(e),
             ManagerError::Internal(m) => internal(m),
         }
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use ringfence_proto::{Reply, Request};
 
-use super::{CreateParams, Live, Manager, ManagerError, Reuse, internal, now_ms};
+use super::{CreateParams, Live, Manager, ManagerError, Reuse, now_ms};
 use crate::store::{SandboxRecord, SandboxState, SnapshotRecord};
 
 /// CPU below this share of one core over the idle window counts as no CPU use.
@@ -69,8 +69,7 @@ impl Manager {
             let paused = l.snapshot().is_some_and(|r| r.state == SandboxState::Paused);
             l.with_instance(|i| i.save_fs(&dest, paused))
         })
-        .await
-        .map_err(internal)?;
+        .await?;
         match saved {
             Some(r) => r?,
             None => return Err(ManagerError::no_sandbox(&live_id(live))),
@@ -100,8 +99,7 @@ impl Manager {
         if memory {
             let l = live.clone();
             tokio::task::spawn_blocking(move || l.with_instance(|i| i.freeze()))
-                .await
-                .map_err(internal)?
+                .await?
                 .ok_or_else(|| ManagerError::no_sandbox(id))??;
             let mut lc = rec.lifecycle.clone();
             lc.paused_with_memory = Some(true);
@@ -193,8 +191,7 @@ impl Manager {
             self.admit(key_id, 0, false)?;
             let l = live.clone();
             tokio::task::spawn_blocking(move || l.with_instance(|i| i.thaw()))
-                .await
-                .map_err(internal)?
+                .await?
                 .ok_or_else(|| ManagerError::no_sandbox(id))??;
             let end = super::deadline_after(timeout);
             let mut lc = rec.lifecycle.clone();
@@ -292,8 +289,7 @@ impl Manager {
         let own = snap.layers.first().cloned().unwrap_or_default();
         let users: Vec<String> = self
             .store
-            .live_sandboxes()
-            .map_err(internal)?
+            .live_sandboxes()?
             .into_iter()
             .filter(|r| r.template == snap.id || r.lifecycle.layers.contains(&own))
             .map(|r| r.id)
@@ -343,9 +339,9 @@ impl Manager {
     pub(super) async fn sweep_layers(&self) -> Result<usize, ManagerError> {
         let (store, root) = (self.store.clone(), self.layers_root());
         tokio::task::spawn_blocking(move || {
-            store.reset_pending_layers().map_err(internal)?;
+            store.reset_pending_layers()?;
             let mut removed = remove_dropped_layers(&store, &root);
-            let known = store.layers().map_err(internal)?;
+            let known = store.layers()?;
             let Ok(entries) = std::fs::read_dir(&root) else { return Ok(removed) };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -369,8 +365,7 @@ impl Manager {
             }
             Ok(removed)
         })
-        .await
-        .map_err(internal)?
+        .await?
     }
 
     /// Makes `count` running sandboxes from `id`'s current files (one saved layer, shared).

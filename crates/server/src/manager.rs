@@ -83,6 +83,16 @@ pub enum ManagerError {
     /// The state database failed (500).
     #[error("state database: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The sandbox's agent did not answer as it should (500).
+    #[error("agent: {0}")]
+    Agent(#[from] crate::agent_client::ClientError),
+    /// The sandbox's network could not be attached (500).
+    #[error("network: {0}")]
+    Network(#[from] ringfence_net::NetError),
+    /// Work handed to the blocking pool panicked or was cancelled (500).
+    #[error("blocking task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Anything else inside the server (500): a poisoned lock, a host setup step.
     #[error("{0}")]
     Internal(String),
 }
@@ -349,7 +359,7 @@ impl Manager {
     ) -> Result<crate::quota::Admission, ManagerError> {
         let limits = self.quota_for(key_id)?;
         let admitted = self.quotas.admit(key_id, &limits, n, rate, || {
-            self.store.count_sandboxes_of(key_id).map_err(internal)
+            self.store.count_sandboxes_of(key_id).map_err(ManagerError::from)
         })?;
         Ok(admitted?)
     }
@@ -458,8 +468,7 @@ impl Manager {
             let control = instance.control()?;
             Ok::<_, ManagerError>((instance, control))
         })
-        .await
-        .map_err(internal)?
+        .await?
     }
 
     /// Everything after the instance is up: identity, supervision, network, the record.
@@ -480,15 +489,12 @@ impl Manager {
         let saved = instance.saved();
         let client = {
             let _span = tracing::info_span!("sandbox", sandbox_id = %id).entered();
-            AgentClient::new(control).map_err(internal)?
+            AgentClient::new(control)?
         };
         if pool_label == "hit" && !p.env.is_empty() {
             // A pooled sandbox started with no env: set it before the client hears of the
             // sandbox, so every process it starts sees it.
-            client
-                .call(ringfence_proto::Request::SetEnv { env: p.env.clone() })
-                .await
-                .map_err(internal)?;
+            client.call(ringfence_proto::Request::SetEnv { env: p.env.clone() }).await?;
         }
         let now = now_ms();
         let record = SandboxRecord {
@@ -571,10 +577,7 @@ impl Manager {
     /// recorded as running is thawed (and one recorded as paused in memory stays frozen).
     pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), ManagerError> {
         let store = self.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.live_sandboxes())
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let records = tokio::task::spawn_blocking(move || store.live_sandboxes()).await??;
         let (mut back, mut lost) = (0, 0);
         for rec in records {
             // Paused with only its files kept: nothing runs, nothing to reattach. A server that
@@ -600,8 +603,7 @@ impl Manager {
                     }
                 }
             })
-            .await
-            .map_err(internal)?;
+            .await?;
             let (attached, thawed) = match adopted {
                 Some(a) => (self.attach(rec.clone(), a.instance).await, a.thawed),
                 None => (false, false),

@@ -273,10 +273,7 @@ impl Network {
             }
             audit.offer(rec);
         });
-        let net = self
-            .egress
-            .attach(&ns, params.policy.clone(), rate, sink)
-            .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))?;
+        let net = self.egress.attach(&ns, params.policy.clone(), rate, sink)?;
         if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Two builds, one interleaved run: a bench script run alternately against binary A and B.
+
+    python3 bench/ab.py --a OLD/ringfence --b NEW/ringfence [--reps 5] -- bench/api.py --rounds 40
+
+Each repetition runs the script once with `--bin A`, once with `--bin B`, in an order that
+alternates (A B, B A, A B, ...) so that neither build always runs first, on a warmer or a
+busier host. Every "name ... median ... p95" line the script prints (the formats of
+bench/api.py and bench/lifecycle.py) and every "= N sandboxes/s" throughput is collected per
+section; the table shows, per metric, the median over the repetitions of each build's value
+and B's change against A.
+
+Python 3.11 standard library only. Each script starts its own server with a fresh data dir.
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+
+API_LINE = re.compile(r"^\s{2}(\S.*?)\s{2,}([\d.]+)\s+([\d.]+)\s*$")
+LIFE_LINE = re.compile(r"^\s{2}(\S.*?)\s+median\s+([\d.]+)\s+(\S+)\s+p95\s+([\d.]+)")
+THROUGHPUT = re.compile(r"=\s*([\d.]+)\s+sandboxes/s")
+
+
+def parse(out):
+    """{(section, metric): value} from one run's stdout."""
+    found = {}
+    section = ""
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            section = line.split(":")[0].strip()
+            t = THROUGHPUT.search(line)
+            if t:
+                found[(section, "throughput (sandboxes/s)")] = float(t.group(1))
+            continue
+        m = LIFE_LINE.match(line)
+        if m:
+            found[(section, f"{m.group(1)} median ({m.group(3)})")] = float(m.group(2))
+            found[(section, f"{m.group(1)} p95 ({m.group(3)})")] = float(m.group(4))
+            continue
+        m = API_LINE.match(line)
+        if m and m.group(1) != "metric":
+            found[(section, f"{m.group(1)} median (ms)")] = float(m.group(2))
+            found[(section, f"{m.group(1)} p95 (ms)")] = float(m.group(3))
+    return found
+
+
+def run(script, binary):
+    cmd = [sys.executable] + script[:1] + ["--bin", binary] + script[1:]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return parse(p.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a", required=True, help="the baseline binary")
+    ap.add_argument("--b", required=True, help="the binary compared with it")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
+    a = ap.parse_args()
+    script = [s for s in a.script if s != "--"]
+    results = {"A": [], "B": []}
+    for rep in range(a.reps):
+        order = ["A", "B"] if rep % 2 == 0 else ["B", "A"]
+        for which in order:
+            results[which].append(run(script, a.a if which == "A" else a.b))
+        print(f"rep {rep + 1}/{a.reps} done ({' '.join(order)})", file=sys.stderr)
+    keys = [k for k in results["A"][0] if all(k in r for r in results["A"] + results["B"])]
+    print(f"{' '.join(script)}: {a.reps} reps each, interleaved; A = {a.a}, B = {a.b}")
+    print(f"{'section':<30} {'metric':<52} {'A':>10} {'B':>10} {'B vs A':>8}")
+    for k in keys:
+        va = statistics.median(r[k] for r in results["A"])
+        vb = statistics.median(r[k] for r in results["B"])
+        change = (vb - va) / va * 100 if va else 0.0
+        print(f"{k[0][:30]:<30} {k[1][:52]:<52} {va:>10.2f} {vb:>10.2f} {change:>+7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
