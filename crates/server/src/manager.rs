@@ -561,7 +561,10 @@ impl Manager {
             "sandbox created"
         );
         self.live.write().map_err(internal)?.insert(id, live.clone());
-        if self.base_template(&p.template) == template::INTERP_TEMPLATE {
+        // The default Python kernel comes from the fork server, which enters the sandbox's
+        // namespaces: only a tier that has them gets one ahead of its first request.
+        let injectable = self.tiers.get(tier).is_ok_and(|t| t.capabilities().kernel_injection);
+        if injectable && self.base_template(&p.template) == template::INTERP_TEMPLATE {
             crate::interp::prestart(self.interp.clone(), live.clone());
         }
         Ok(live)
