@@ -22,6 +22,8 @@ import sys
 API_LINE = re.compile(r"^\s{2}(\S.*?)\s{2,}([\d.]+)\s+([\d.]+)\s*$")
 LIFE_LINE = re.compile(r"^\s{2}(\S.*?)\s+median\s+([\d.]+)\s+(\S+)\s+p95\s+([\d.]+)")
 THROUGHPUT = re.compile(r"=\s*([\d.]+)\s+sandboxes/s")
+# "  fork(count=10): 117 ms in all; ...": one figure, no spread.
+SINGLE_MS = re.compile(r"^\s{2}(\S[^:]*):\s+([\d.]+)\s+ms\b")
 
 
 def parse(out):
@@ -39,6 +41,10 @@ def parse(out):
         if m:
             found[(section, f"{m.group(1)} median ({m.group(3)})")] = float(m.group(2))
             found[(section, f"{m.group(1)} p95 ({m.group(3)})")] = float(m.group(4))
+            continue
+        m = SINGLE_MS.match(line)
+        if m:
+            found[(section, f"{m.group(1)} (ms)")] = float(m.group(2))
             continue
         m = API_LINE.match(line)
         if m and m.group(1) != "metric":

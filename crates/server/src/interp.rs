@@ -726,7 +726,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     });
-    let stream = crate::observe::cell(&live, &code, tokio_stream_from(rx));
+    let stream = crate::observe::cell(&live.obs, &code, tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")

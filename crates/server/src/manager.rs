@@ -124,6 +124,28 @@ pub struct Live {
     instance: Mutex<Option<AnyInstance>>,
 }
 
+impl crate::observe::UsageSource for Live {
+    fn usage(&self) -> Option<crate::tier::Usage> {
+        self.with_instance(|i| i.usage()).flatten()
+    }
+
+    fn limit_events(&self) -> Option<(u64, u64)> {
+        self.with_instance(|i| i.limit_events())
+    }
+
+    fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
+        self.with_instance(|i| i.memory_cpu()).flatten()
+    }
+
+    fn disk_usage(&self) -> Option<(u64, u64)> {
+        self.with_instance(|i| i.disk_usage()).flatten()
+    }
+
+    fn sizes(&self) -> Option<(u32, u32)> {
+        self.record.lock().ok().map(|r| (r.cpu_count, r.disk_mb))
+    }
+}
+
 /// Signs of use the idle timeout looks at.
 #[derive(Debug, Default)]
 pub struct Activity {
@@ -155,7 +177,8 @@ impl Live {
             instance: Mutex::new(Some(instance)),
         });
         live.touch();
-        obs.attach(&live);
+        let source: Arc<dyn crate::observe::UsageSource> = live.clone();
+        obs.attach(Arc::downgrade(&source));
         live
     }
 

@@ -30,7 +30,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::manager::{Live, now_ms};
+use crate::manager::now_ms;
 use crate::metrics::Metrics;
 use crate::store::{AuditRecord, ResourceUsage, SecurityEvent, Store};
 
@@ -182,7 +182,7 @@ impl Observer {
             key_id: key_id.to_string(),
             observer: self.clone(),
             cpus: (cpu_millis as f64 / 1000.0).max(0.001),
-            live: OnceLock::new(),
+            source: OnceLock::new(),
             state: Mutex::default(),
             next_exec: AtomicU64::new(1),
         })
@@ -377,6 +377,19 @@ struct ObsState {
     running: HashMap<u64, (Instant, &'static str, bool)>,
 }
 
+/// What observation reads of a live sandbox: its tier instance's figures and the sizes it
+/// was given. A narrow view, so this module needs nothing else of `manager::Live`.
+pub trait UsageSource: Send + Sync + std::fmt::Debug {
+    fn usage(&self) -> Option<crate::tier::Usage>;
+    /// (OOM kills, refused forks) so far.
+    fn limit_events(&self) -> Option<(u64, u64)>;
+    fn memory_cpu(&self) -> Option<(u64, Option<u64>)>;
+    /// (used, total) bytes of the writable layer.
+    fn disk_usage(&self) -> Option<(u64, u64)>;
+    /// (CPU count, disk MiB) the sandbox was given.
+    fn sizes(&self) -> Option<(u32, u32)>;
+}
+
 /// Observation state of one sandbox.
 #[derive(Debug)]
 pub struct SandboxObs {
@@ -385,23 +398,24 @@ pub struct SandboxObs {
     observer: Arc<Observer>,
     /// The CPU quota in cores, what 100 % means.
     cpus: f64,
-    live: OnceLock<Weak<Live>>,
+    /// Where the sandbox's resource figures come from (its tier's instance, through `Live`).
+    source: OnceLock<Weak<dyn UsageSource>>,
     state: Mutex<ObsState>,
     next_exec: AtomicU64,
 }
 
 impl SandboxObs {
-    /// Links the sandbox whose cgroup this reads.
-    pub fn attach(&self, live: &Arc<Live>) {
-        let _ = self.live.set(Arc::downgrade(live));
+    /// Links the sandbox whose figures this reads.
+    pub fn attach(&self, source: Weak<dyn UsageSource>) {
+        let _ = self.source.set(source);
     }
 
     pub fn observer(&self) -> &Arc<Observer> {
         &self.observer
     }
 
-    fn live(&self) -> Option<Arc<Live>> {
-        self.live.get()?.upgrade()
+    fn source(&self) -> Option<Arc<dyn UsageSource>> {
+        self.source.get()?.upgrade()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ObsState> {
@@ -512,24 +526,24 @@ impl SandboxObs {
 
     /// Reads just the cgroup's limit-event counters (two files) and notes new events.
     fn poll_limit_events(&self) {
-        if let Some((oom, pids)) = self.live().and_then(|l| l.with_instance(|i| i.limit_events())) {
+        if let Some((oom, pids)) = self.source().and_then(|s| s.limit_events()) {
             self.note_limit_events(oom, pids);
         }
     }
 
     /// Memory charged now and CPU time so far (two files).
     fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
-        self.live()?.with_instance(|i| i.memory_cpu()).flatten()
+        self.source()?.memory_cpu()
     }
 
     /// Samples the sandbox now: gauges, history, edge-triggered memory and CPU alerts,
     /// executions running past their threshold. Blocking (reads cgroup files).
     pub fn sample(&self) -> Option<Sample> {
-        let live = self.live()?;
-        let usage = live.with_instance(|i| i.usage()).flatten()?;
+        let source = self.source()?;
+        let usage = source.usage()?;
         self.note_limit_events(usage.oom_kills, usage.pids_max_hits);
-        let disk = live.with_instance(|i| i.disk_usage()).flatten();
-        let rec = live.snapshot()?;
+        let disk = source.disk_usage();
+        let (cpu_count, disk_mb) = source.sizes()?;
         let now = Instant::now();
         let obs = &self.observer;
         let t = obs.cfg.thresholds;
@@ -585,10 +599,10 @@ impl SandboxObs {
                     ));
                 }
             }
-            let (disk_used, disk_total) = disk.unwrap_or((0, u64::from(rec.disk_mb) << 20));
+            let (disk_used, disk_total) = disk.unwrap_or((0, u64::from(disk_mb) << 20));
             let sample = Sample {
                 ts_ms: now_ms(),
-                cpu_count: rec.cpu_count,
+                cpu_count,
                 cpu_used_pct: cpu_pct,
                 mem_used: usage.memory_bytes,
                 mem_total,
@@ -863,14 +877,14 @@ impl Drop for Execution {
 /// The interpreter's hook: watches a cell's NDJSON response stream and records the cell when
 /// its `end_of_execution` passes, before the client receives it.
 pub fn cell<S>(
-    live: &Live,
+    obs: &Arc<SandboxObs>,
     code: &str,
     stream: S,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 {
-    let exec = Arc::new(Mutex::new(Some(live.obs.execution("cell", code))));
+    let exec = Arc::new(Mutex::new(Some(obs.execution("cell", code))));
     let error: Arc<Mutex<Option<String>>> = Arc::default();
     stream.then(move |item| {
         let (exec, error) = (exec.clone(), error.clone());
