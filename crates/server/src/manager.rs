@@ -262,7 +262,7 @@ impl Manager {
             ),
         }
         jail.disk = disk;
-        let host = template::ensure_host(&jail.data_dir, jail.uid_base).map_err(internal)?;
+        let host = template::ensure_host(&jail.data_dir).map_err(internal)?;
         let seccomp = seccomp::default_profile(true).map_err(internal)?;
         let layout = Layout::detect().map_err(internal)?;
         let pool = Pool::new(
@@ -330,7 +330,6 @@ impl Manager {
         }
         let t = template::ensure_layered(
             &self.jail.data_dir,
-            self.jail.uid_base,
             key,
             &[self.cfg.interp_env.to_string_lossy().into_owned()],
         )
