@@ -294,6 +294,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             pool_memory: args.pool_memory,
             pressure_floor: args.pause_pressure_floor,
             disk: args.disk_backend,
+            keeper_exe: std::env::current_exe().ok(),
             network,
             quotas: QuotaConfig {
                 max_sandboxes: args.max_sandboxes_per_key,

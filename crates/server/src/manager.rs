@@ -55,6 +55,10 @@ pub struct ManagerConfig {
     pub quotas: crate::quota::QuotaConfig,
     /// Where sandboxes' writable layers live (settled once, at start).
     pub disk: ringfence_jail::disk::DiskChoice,
+    /// The `ringfence` binary, run as `ringfence keeper` to hold sandboxes' seccomp listeners
+    /// across restarts (see `ringfence_jail::keeper`). `None`: no keeper; a re-attached
+    /// sandbox then goes unsupervised (its denied calls fail with ENOSYS, unrecorded).
+    pub keeper_exe: Option<PathBuf>,
 }
 
 /// Errors the API turns into HTTP statuses.
@@ -201,6 +205,7 @@ pub struct Manager {
     pub pool_misses: std::sync::atomic::AtomicU64,
     /// Per-key sandbox counts in flight and create-rate buckets.
     quotas: crate::quota::Quotas,
+    keeper: Option<ringfence_jail::keeper::Keeper>,
 }
 
 /// A pooled sandbox: its jail is up and its agent ready; identity, owner, env, metadata and
@@ -279,6 +284,13 @@ impl Manager {
         )
         .map_err(internal)?;
         let templates = Mutex::new(HashMap::from([("host".to_string(), host)]));
+        let keeper = cfg.keeper_exe.as_ref().and_then(|exe| {
+            ringfence_jail::keeper::Keeper::connect_or_spawn(&jail.run_dir, exe)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "no listener keeper: sandboxes re-attached after a restart will go unsupervised")
+                })
+                .ok()
+        });
         let net =
             crate::network::Network::new(cfg.network.clone(), store.clone(), observer.clone())
                 .map_err(internal)?;
@@ -297,6 +309,7 @@ impl Manager {
             snapshot_bases: Mutex::default(),
             lifecycle_lock: tokio::sync::Mutex::new(()),
             warm: Mutex::default(),
+            keeper,
             pool_hits: Default::default(),
             pool_misses: Default::default(),
             quotas: Default::default(),
@@ -484,9 +497,13 @@ impl Manager {
         let limits = self.cfg.limits;
         let obs = self.observer.sandbox(&id, key_id, limits.cpu_millis.unwrap_or(1000));
         let supervisor = match listener {
-            Some(l) => Some(
-                Supervisor::start_with(l, id.clone(), Some(obs.denial_sink())).map_err(internal)?,
-            ),
+            Some(l) => {
+                self.park_listener(&id, sb.pid, &l);
+                Some(
+                    Supervisor::start_with(l, id.clone(), Some(obs.denial_sink()))
+                        .map_err(internal)?,
+                )
+            }
             None => None,
         };
         let client = {
@@ -706,7 +723,25 @@ impl Manager {
         let id = rec.id.clone();
         let obs =
             self.observer.sandbox(&id, &rec.key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
-        let live = Live::new(rec, client, obs, sb, None);
+        // Supervision resumes with the listener the keeper held through the restart.
+        let listener = match &self.keeper {
+            Some(k) => {
+                let (k, sid) = (k.clone(), id.clone());
+                tokio::task::spawn_blocking(move || k.get(&sid)).await.ok().and_then(|r| {
+                    r.map_err(|e| tracing::warn!(sandbox_id = %id, error = %e, "keeper")).ok()
+                })
+            }
+            None => None,
+        }
+        .flatten();
+        let supervisor = match listener {
+            Some(l) => Supervisor::start_with(l, id.clone(), Some(obs.denial_sink())).ok(),
+            None => {
+                tracing::warn!(sandbox_id = %id, "re-attached without its seccomp listener: its denied calls go unrecorded");
+                None
+            }
+        };
+        let live = Live::new(rec, client, obs, sb, supervisor);
         // The previous server's network device died with it: make a new one, same settings.
         let params = self.saved_network(&id);
         if let Err(e) = self.net.attach(&live, params) {
@@ -719,6 +754,19 @@ impl Manager {
             }
             Err(_) => false,
         }
+    }
+
+    /// Parks a copy of a new sandbox's seccomp listener with the keeper, off the request's
+    /// path, so a restarted server can supervise the sandbox again.
+    fn park_listener(&self, id: &str, pid: i32, listener: &std::os::fd::OwnedFd) {
+        let Some(k) = self.keeper.clone() else { return };
+        let Ok(copy) = listener.try_clone() else { return };
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = k.put(&id, pid, &copy) {
+                tracing::warn!(sandbox_id = %id, error = %e, "parking the seccomp listener");
+            }
+        });
     }
 
     /// A live sandbox by id, whoever owns it (callers check the owner).
