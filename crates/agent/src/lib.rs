@@ -87,6 +87,31 @@ fn hand_over(
     }
 }
 
+/// Receives the `count` lower-layer mounts the host sends after the setup frame, one per
+/// one-byte message.
+fn receive_lowers(control: &UnixStream, count: u32) -> Result<Vec<OwnedFd>, String> {
+    // A template and its snapshot chain; far more is a confused host, not a real sandbox.
+    const MAX_LOWERS: u32 = 500;
+    if count > MAX_LOWERS {
+        return Err(format!("{count} lower layers is more than {MAX_LOWERS}"));
+    }
+    let mut lowers = Vec::with_capacity(count as usize);
+    while lowers.len() < count as usize {
+        let mut mark = [0u8; 1];
+        let (n, mut fds) = ringfence_sys::recv_with_fds(control.as_raw_fd(), &mut mark)
+            .map_err(|e| e.to_string())?;
+        if n != 1 || mark[0] != ringfence_proto::LOWER_MARK || fds.len() != 1 {
+            return Err(format!(
+                "expected a lower layer ({} of {count}), got {n} bytes and {} descriptors",
+                lowers.len() + 1,
+                fds.len()
+            ));
+        }
+        lowers.extend(fds.pop());
+    }
+    Ok(lowers)
+}
+
 fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     let mut phases = Vec::new();
     ringfence_jail::phase(&mut phases, "agent_exec");
@@ -94,7 +119,16 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
         Ok(Some(s)) => s,
         _ => return Err(()),
     };
-    let outcome = match ringfence_jail::inside::setup(&spec, &mut phases) {
+    let lowers = match receive_lowers(&control, spec.lowers + u32::from(spec.own_disk)) {
+        Ok(l) => l,
+        Err(message) => {
+            let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);
+            let _ =
+                send(&mut control, &Event::SetupFailed { step: "receive lowers".into(), message });
+            return Err(());
+        }
+    };
+    let outcome = match ringfence_jail::inside::setup(&spec, lowers, &mut phases) {
         Ok(o) => o,
         Err(e) => {
             let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);

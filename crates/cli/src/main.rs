@@ -34,6 +34,12 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Holds sandboxes' seccomp listeners across server restarts (started by `serve`).
+    #[command(hide = true)]
+    Keeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 /// Options shared by the commands that touch host state.
@@ -68,6 +74,13 @@ fn main() -> ExitCode {
         Command::Keys { command } => serve::keys(command),
         Command::Audit(args) => serve::audit(args),
         Command::Gc { common } => gc(&common),
+        Command::Keeper { socket } => match ringfence_jail::keeper::serve(&socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringfence keeper: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

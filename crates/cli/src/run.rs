@@ -286,7 +286,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
     }
     cfg.disk = disk;
-    let tmpl = template::resolve(&args.template, &cfg.data_dir, cfg.uid_base)?;
+    let tmpl = template::resolve(&args.template, &cfg.data_dir)?;
     let compiled = if notify { Some(seccomp::default_profile(true)?) } else { None };
     let pool = if args.no_cgroup {
         None

@@ -214,6 +214,11 @@ struct NetArgs {
     /// for (`network.egressBytesPerSecond`), like 10M. Default: unlimited.
     #[arg(long, value_parser = limits::parse_size)]
     egress_rate: Option<u64>,
+    /// Host memory one sandbox's network connections may hold in this server (buffers of its
+    /// userspace TCP stack and relay, which no cgroup of the sandbox pays for), like 32M: new
+    /// connections get smaller windows as it fills and are refused past it.
+    #[arg(long, value_parser = limits::parse_size, default_value = "64M")]
+    net_buffers_per_sandbox: u64,
     /// The `domain` create returns: the SDK's get_host(port) is `<port>-<id>.<domain>`, which
     /// this server routes by its Host header. Default: `localhost:<listen port>` (browsers and
     /// curl resolve *.localhost to the loopback address).
@@ -246,6 +251,10 @@ impl NetArgs {
                 dns_upstreams: dns,
                 egress_netns: self.egress_netns.clone(),
                 egress_rate: self.egress_rate,
+                buffer_budget: Some(
+                    usize::try_from(self.net_buffers_per_sandbox)
+                        .map_err(|_| "--net-buffers-per-sandbox is too large".to_string())?,
+                ),
             },
             domain: Some(
                 self.domain.clone().unwrap_or_else(|| format!("localhost:{}", listen.port())),
@@ -289,6 +298,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
             pool_memory: args.pool_memory,
             pressure_floor: args.pause_pressure_floor,
             disk: args.disk_backend,
+            keeper_exe: std::env::current_exe().ok(),
             network,
             quotas: QuotaConfig {
                 max_sandboxes: args.max_sandboxes_per_key,

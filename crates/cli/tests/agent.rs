@@ -317,12 +317,16 @@ struct Harness {
 }
 
 fn start() -> Harness {
+    start_with_layers(Vec::new())
+}
+
+fn start_with_layers(layers: Vec<PathBuf>) -> Harness {
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_ringfence-agent"));
     preflight::check(&agent, true).expect("preflight");
     let mut cfg = JailConfig::with_agent(agent);
     cfg.data_dir = PathBuf::from("/var/lib/ringfence");
     cfg.run_dir = PathBuf::from("/run/ringfence");
-    let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
+    let tmpl = template::resolve("host", &cfg.data_dir).expect("host template");
     let layout = Layout::detect().expect("cgroup layout");
     let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
     let null_in = File::open("/dev/null").expect("open /dev/null");
@@ -330,6 +334,7 @@ fn start() -> Harness {
     let id = ringfence_jail::new_sandbox_id();
     let spec = SandboxSpec {
         die_with_parent: true,
+        layers,
         ..SandboxSpec::new(
             id.clone(),
             tmpl,
@@ -444,6 +449,45 @@ fn two_processes_stream_separately_tagged_output() {
     // Exited came after all output: nothing more arrives for either request.
     c.sync();
     assert!(c.buffered_for(slow).is_empty() && c.buffered_for(fast).is_empty(), "{:?}", c.queue);
+}
+
+/// A layer saved from one sandbox (ids in its own host range) and stacked under another (in
+/// a different range) shows the same owners inside: layers are stored with canonical ids and
+/// mounted through each sandbox's own mapping.
+#[test]
+fn a_saved_layer_keeps_its_owners_in_a_sandbox_of_another_id_range() {
+    root_only!();
+    let mut a = start();
+    let mut as_root = sh("touch /tmp/by-root && mkdir /tmp/dir-by-root");
+    as_root.user = SandboxUser::Root;
+    let id = a.client.spawn(as_root).0;
+    assert_eq!(a.client.wait_for_exit(id).status(), ExitStatus::Code(0));
+    let id = a.client.spawn(sh("echo hi > /home/user/by-user && chmod 640 /home/user/by-user")).0;
+    assert_eq!(a.client.wait_for_exit(id).status(), ExitStatus::Code(0));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("layer");
+    let upper = a.sandbox.upper_dir().expect("upper layer");
+    ringfence_jail::layer::save(&upper, &dest, a.sandbox.id_base()).expect("save layer");
+    // On the host: canonical ids, not sandbox a's.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(dest.join("home/user/by-user")).unwrap().uid(), 1000);
+    assert_eq!(std::fs::metadata(dest.join("tmp/by-root")).unwrap().uid(), 0);
+    // `a` still lives, so `b` gets another identity slot.
+    let mut b = start_with_layers(vec![dest]);
+    assert_ne!(a.sandbox.id_base(), b.sandbox.id_base());
+    let id = b
+        .client
+        .spawn(sh("stat -c '%u:%g %a %n' /home/user/by-user /tmp/by-root /tmp/dir-by-root; cat /home/user/by-user"))
+        .0;
+    let out = b.client.wait_for_exit(id);
+    assert_eq!(
+        out.stdout(),
+        "1000:1000 640 /home/user/by-user\n0:0 644 /tmp/by-root\n0:0 755 /tmp/dir-by-root\nhi\n",
+        "{out:?}"
+    );
+    // And the user of `b` may change its own file (copy-up through the mapping works).
+    let id = b.client.spawn(sh("echo more >> /home/user/by-user && cat /home/user/by-user")).0;
+    assert_eq!(b.client.wait_for_exit(id).stdout(), "hi\nmore\n");
 }
 
 #[test]

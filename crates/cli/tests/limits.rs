@@ -382,6 +382,106 @@ sys.stdin.read()
     assert_eq!(denied(&o), ["mount"], "the seccomp listener did not reach the host: {o:?}");
 }
 
+/// Passes one descriptor over a fresh socket pair and prints the errno (0: it went through).
+const PASS_ONE_FD: &str = r#"
+import socket, array
+s, peer = socket.socketpair()
+try:
+    s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0]))])
+    print(0)
+except OSError as e:
+    print(e.errno)
+"#;
+
+/// Fills the in-flight limit of its user (as many descriptors as the kernel lets it send
+/// without anyone receiving them) and holds them.
+const IN_FLIGHT_FILL: &str = r#"
+import socket, array, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+s, peer = socket.socketpair()
+s.setblocking(False)
+fds = array.array("i", [os.open("/dev/null", os.O_RDONLY) for _ in range(200)])
+n, err = 0, 0
+while n < 100000:
+    try:
+        s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    except OSError as e:
+        err = e.errno
+        break
+    n += len(fds)
+print("held", n, err, flush=True)
+sys.stdin.read()
+"#;
+
+/// The in-flight count is kept per host uid (the kernel's `user_struct`). With one id range
+/// per sandbox, a sandbox's user holding all it may in flight leaves the same user of every
+/// other sandbox (and the host) able to pass descriptors: Python's multiprocessing and
+/// browsers do it all the time.
+fn in_flight_exhaustion_stays_in_its_sandbox(user: &str) {
+    let a = hold(&["--user", user], IN_FLIGHT_FILL);
+    let [n, err] = a.numbers()[..] else { panic!("{}", a.report) };
+    assert_eq!(err, ETOOMANYREFS, "the sandbox must hit the in-flight limit: {}", a.report);
+    assert!(n >= 1024, "{}", a.report);
+    assert_eq!(
+        in_other_sandbox(&["--user", user], PASS_ONE_FD),
+        "0\n",
+        "{user} in another sandbox could not pass a descriptor"
+    );
+    assert_eq!(on_host(PASS_ONE_FD), "0\n");
+}
+
+#[test]
+fn descriptors_in_flight_held_by_a_sandbox_user_leave_other_sandboxes_theirs() {
+    root_only!();
+    in_flight_exhaustion_stays_in_its_sandbox("user");
+}
+
+#[test]
+fn descriptors_in_flight_held_by_a_sandbox_root_leave_other_sandboxes_theirs() {
+    root_only!();
+    in_flight_exhaustion_stays_in_its_sandbox("root");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipe buffers (`pipe-user-pages-soft`: past it, a user's new pipes get a single page).
+
+#[test]
+fn pipe_buffers_taken_by_one_sandbox_leave_other_sandboxes_full_pipes() {
+    root_only!();
+    let soft: i64 = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if soft == 0 {
+        eprintln!("SKIPPED: fs.pipe-user-pages-soft is 0 (no per-user pipe limit on this host)");
+        return;
+    }
+    let fill = format!(
+        r#"
+import resource, fcntl
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+pipes = []
+# Each default pipe charges 16 pages; past the soft limit new pipes get one page.
+for _ in range({soft} // 16 + 64):
+    r, w = os.pipe()
+    pipes.append((r, w))
+print("held", len(pipes), fcntl.fcntl(pipes[-1][1], 1032), flush=True)
+sys.stdin.read()
+"#
+    );
+    let a = hold(&["--user", "user"], &fill);
+    let [n, last] = a.numbers()[..] else { panic!("{}", a.report) };
+    assert!(last < 65536, "the filling sandbox should be past its soft limit ({n} pipes): {last}");
+    let size = "import fcntl\nr, w = os.pipe()\nprint(fcntl.fcntl(w, 1032))";
+    assert_eq!(
+        in_other_sandbox(&["--user", "user"], size),
+        "65536\n",
+        "another sandbox's new pipes shrank"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Native AIO (fs.aio-max-nr: one host-wide pool with no per-user share).
 
@@ -464,7 +564,7 @@ mod owners {
     }
 
     fn start(cfg: &JailConfig, die_with_parent: bool) -> Sandbox {
-        let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("template");
+        let tmpl = template::resolve("host", &cfg.data_dir).expect("template");
         let layout = Layout::detect().expect("cgroup layout");
         let pool = Pool::new(layout, &cfg.cgroup_name, "limitstest", cfg.run_dir.join("cgroups"));
         let null_in = File::open("/dev/null").unwrap();
@@ -502,12 +602,29 @@ mod owners {
         let range = owner::owner_range(cfg.uid_base).unwrap();
         let sandboxes: Vec<Sandbox> = (0..3).map(|_| start(&cfg, false)).collect();
         let owners: Vec<u32> = sandboxes.iter().map(|s| s.owner_uid().expect("owner")).collect();
+        // Each sandbox maps its ids onto a host range of its own, as the kernel sees it.
+        let bases: Vec<u32> = sandboxes
+            .iter()
+            .map(|s| {
+                let map = std::fs::read_to_string(format!("/proc/{}/uid_map", s.pid)).unwrap();
+                let f: Vec<u32> = map.split_whitespace().map(|w| w.parse().unwrap()).collect();
+                assert_eq!((f[0], f[2]), (0, ID_RANGE), "{map}");
+                assert_eq!(f[1], s.id_base());
+                let gid = std::fs::read_to_string(format!("/proc/{}/gid_map", s.pid)).unwrap();
+                assert_eq!(gid, map);
+                f[1]
+            })
+            .collect();
+        for (i, base) in bases.iter().enumerate() {
+            for other in &bases[..i] {
+                assert!(base.abs_diff(*other) >= ID_RANGE, "ranges overlap: {bases:?}");
+            }
+        }
         for (i, uid) in owners.iter().enumerate() {
             assert!(range.contains(uid), "owner {uid} outside {range:?}");
-            assert!(
-                !(cfg.uid_base..cfg.uid_base + ID_RANGE).contains(uid),
-                "owner {uid} is a sandbox id"
-            );
+            for base in &bases {
+                assert!(!(*base..base + ID_RANGE).contains(uid), "owner {uid} is a sandbox id");
+            }
             assert!(!owners[..i].contains(uid), "owners repeat: {owners:?}");
             // Held by the agent alone: this process dropped its copy after the start.
             assert!(claim_is_held(&cfg, *uid), "claim of {uid} not held");

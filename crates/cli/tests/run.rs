@@ -163,6 +163,36 @@ fn user_namespace_maps_root_to_an_unprivileged_range() {
     assert_eq!(lines[3], "65534", "{o:?}");
 }
 
+/// The template is stored once, with canonical owners, and shown to each sandbox through its
+/// own id mapping: its root owns `/` as it would on a real system. Whatever that root does to
+/// those files lands in its own writable layer; the host's copy, shared by every sandbox,
+/// never changes, and no path inside leads to it.
+#[test]
+fn sandbox_root_owns_the_template_as_seen_inside_but_cannot_change_the_hosts_copy() {
+    root_only!();
+    let host = std::path::Path::new("/var/lib/ringfence/templates/host/rootfs");
+    let o = sh(
+        &["--user", "root"],
+        "stat -c '%u %g' / /etc/passwd /home/user; chmod 700 /etc; stat -c %a /etc; \
+         grep -o 'lowerdir=[^,]*' /proc/self/mountinfo",
+    );
+    assert_eq!(o.code, 0, "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[..3], ["0 0", "0 0", "1000 1000"], "{o:?}");
+    assert_eq!(lines[3], "700", "root changed its own /etc, as owner: {o:?}");
+    // Lower layers are mounted under neutral names: no host path inside.
+    assert_eq!(lines[4], "lowerdir=template", "{o:?}");
+    let o = sh(&[], "echo PWNED > /home/user/planted && cat /home/user/planted");
+    assert_eq!(o.stdout, "PWNED\n", "{o:?}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(host.join("etc")).unwrap().mode() & 0o777, 0o755);
+    assert!(!host.join("home/user/planted").exists(), "a sandbox wrote the host's template");
+    assert_eq!(std::fs::metadata(host.join("home/user")).unwrap().uid(), 1000);
+    // And no host user can walk into the templates to edit them.
+    let dir = std::fs::metadata("/var/lib/ringfence/templates").unwrap();
+    assert_eq!(dir.mode() & 0o077, 0, "templates are open to host users");
+}
+
 #[test]
 fn root_in_the_sandbox_cannot_use_host_root_powers() {
     root_only!();

@@ -110,14 +110,20 @@ pub struct Outcome {
     pub listener: Option<OwnedFd>,
     /// Where the host can reconnect (see `SetupSpec::listen`).
     pub reconnect: Option<std::os::unix::net::UnixListener>,
-    /// The tmpfs writable layer's parent, to hand to the host (no `SetupSpec::disk_dir`).
+    /// The tmpfs writable layer's parent, to hand to the host (no `SetupSpec::own_disk`).
     pub stage: Option<OwnedFd>,
 }
 
 /// Turns the current (fresh) namespaces into the sandbox described by `spec`.
-pub fn setup(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, InsideError> {
+/// `trees` are the detached mounts the host sent: the read-only lower layers, then the disk
+/// (see [`SetupSpec::lowers`]).
+pub fn setup(
+    spec: &SetupSpec,
+    trees: Vec<OwnedFd>,
+    phases: &mut Vec<Phase>,
+) -> Result<Outcome, InsideError> {
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("unshare(CLONE_NEWCGROUP)"))?;
-    let (merged, stage) = build_root(spec)?;
+    let (merged, stage) = build_root(spec, trees)?;
     phase(phases, "mounts");
     // Bound while the host's filesystem is still visible: after pivot_root nothing in the
     // sandbox can reach this path, but the descriptor keeps listening.
@@ -155,15 +161,26 @@ fn mkdir_p(p: &Path, mode: u32) -> Result<(), InsideError> {
         .map_err(fail(format!("chmod {}", p.display())))
 }
 
-fn build_root(spec: &SetupSpec) -> Result<(PathBuf, Option<OwnedFd>), InsideError> {
+fn build_root(
+    spec: &SetupSpec,
+    mut lowers: Vec<OwnedFd>,
+) -> Result<(PathBuf, Option<OwnedFd>), InsideError> {
+    let expected = spec.lowers as usize + usize::from(spec.own_disk);
+    if spec.lowers == 0 || lowers.len() != expected {
+        return Err(InsideError {
+            step: "receive lower layers".into(),
+            message: format!("expected {expected} mounts, got {}", lowers.len()),
+        });
+    }
+    let disk = if spec.own_disk { lowers.pop() } else { None };
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(mount_err("private propagation", Path::new("/")))?;
     let stage = Path::new(&spec.stage_dir);
     // The stage is a tmpfs private to this namespace, so one host directory serves every
     // sandbox and nothing is left behind. With a disk of its own it holds only mount points;
     // without, it also holds the writable layer, and its size is the disk quota.
-    let opts = match &spec.disk_dir {
-        Some(_) => format!("size=64k,nr_inodes={},mode=0755", 64 + spec.layers.len()),
+    let opts = match &disk {
+        Some(_) => format!("size=64k,nr_inodes={},mode=0755", 64 + lowers.len()),
         None => format!("size={},nr_inodes={},mode=0755", spec.disk_bytes, spec.disk_inodes),
     };
     mount(
@@ -178,13 +195,17 @@ fn build_root(spec: &SetupSpec) -> Result<(PathBuf, Option<OwnedFd>), InsideErro
     mkdir_p(&merged, 0o755)?;
     let upper = stage.join("root/upper");
     let work = stage.join("root/work");
-    match &spec.disk_dir {
+    match &disk {
         Some(disk) => {
-            // The host made the disk (with upper/ and work/, owned by this sandbox's root);
-            // bound under a neutral name, so no host path shows in the overlay's options.
+            // The host made the disk (with upper/ and work/, owned by this sandbox's root) and
+            // sent it as a detached mount: attached under a neutral name, so no host path
+            // shows in the overlay's options and none needs to be reachable from here.
             let root = stage.join("root");
             mkdir_p(&root, 0o700)?;
-            bind(Path::new(disk), &root, Bind::AsIs)?;
+            ringfence_sys::move_mount_fd(disk, &root).map_err(|e| InsideError {
+                step: "attach the disk".into(),
+                message: e.to_string(),
+            })?;
         }
         None => {
             mkdir_p(&upper, 0o755)?;
@@ -203,29 +224,29 @@ fn build_root(spec: &SetupSpec) -> Result<(PathBuf, Option<OwnedFd>), InsideErro
         format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n", spec.sandbox_id),
     )?;
     // Overlay options show up in the sandbox's mountinfo. Mounting with paths relative to the
-    // stage (and the template bound in under a neutral name) keeps host paths out of it.
-    let lower = stage.join("template");
-    mkdir_p(&lower, 0o755)?;
-    // Read-only even here: the overlay only ever reads its lower layer, and the template is
-    // shared by every sandbox.
-    bind(Path::new(&spec.rootfs), &lower, Bind::ReadOnly)?;
-    // Snapshot layers above the template, under neutral names too.
-    let mut lowers = Vec::with_capacity(spec.layers.len() + 1);
-    for (i, layer) in spec.layers.iter().enumerate() {
-        let name = format!("layer{i}");
+    // stage, under neutral names, keeps host paths out of it. Each lower layer arrives as a
+    // detached, read-only mount made by the host through this sandbox's own id mapping (files
+    // stored with canonical ids 0..65535 read as this sandbox's ids): attaching it here needs
+    // no path to the host's template or layer directories, which stay closed to sandbox ids.
+    let count = lowers.len();
+    let mut names = Vec::with_capacity(count);
+    for (i, tree) in lowers.into_iter().enumerate() {
+        let name = if i + 1 == count { "template".to_string() } else { format!("layer{i}") };
         let dir = stage.join(&name);
         mkdir_p(&dir, 0o755)?;
-        bind(Path::new(layer), &dir, Bind::ReadOnly)?;
-        lowers.push(name);
+        ringfence_sys::move_mount_fd(&tree, &dir).map_err(|e| InsideError {
+            step: format!("attach lower layer {name}"),
+            message: e.to_string(),
+        })?;
+        names.push(name);
     }
-    lowers.push("template".into());
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
-    overlay(&lowers.join(":"), Path::new("root/upper"), Path::new("root/work"), &merged)?;
+    overlay(&names.join(":"), Path::new("root/upper"), Path::new("root/work"), &merged)?;
     // A tmpfs upper exists only in this namespace: the host reaches it (snapshots, pauses)
     // through this descriptor, which the agent hands over and closes, so that after
     // pivot_root nothing in the sandbox, the agent included, holds a way there. A disk of
     // its own the host reaches at its host path.
-    let stage_fd = match &spec.disk_dir {
+    let stage_fd = match &disk {
         Some(_) => None,
         None => {
             Some(OwnedFd::from(fs::File::open(stage.join("root")).map_err(fail("open stage"))?))

@@ -173,6 +173,8 @@ pub struct Sandbox {
     stage: Option<OwnedFd>,
     /// The sandbox's own disk. Last, so it is removed after the lease has killed everything.
     disk: Option<Disk>,
+    /// The host id the sandbox's root maps to (see [`crate::owner`]).
+    id_base: u32,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -207,11 +209,12 @@ impl Sandbox {
         crate::phase(&mut phases, "start");
         let lease = pool.map(|p| p.claim(&spec.limits)).transpose()?;
         crate::phase(&mut phases, "cgroup_claimed");
+        let owner = crate::owner::claim(&cfg.owner_dir, cfg.uid_base)?;
+        let id_base = owner.id_base();
         let disk = match &cfg.disk {
-            // The sandbox's root maps to uid_base: it owns its disk, no other uid may enter.
-            DiskBackend::Image(disks) => {
-                Some(disks.claim(&spec.id, spec.limits.disk, cfg.uid_base)?)
-            }
+            // The sandbox's root maps to its slot's id base: it owns its disk, no other uid may
+            // enter.
+            DiskBackend::Image(disks) => Some(disks.claim(&spec.id, spec.limits.disk, id_base)?),
             DiskBackend::Tmpfs => None,
         };
         crate::phase(&mut phases, "disk_claimed");
@@ -222,7 +225,6 @@ impl Sandbox {
         let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
             .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
         let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
-        let owner = crate::owner::claim(&cfg.owner_dir, cfg.uid_base)?;
         let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
             flags: ringfence_sys::SANDBOX_NAMESPACES,
             exe: &exe,
@@ -252,6 +254,7 @@ impl Sandbox {
             adopted: false,
             stage: None,
             disk,
+            id_base,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -259,7 +262,7 @@ impl Sandbox {
     }
 
     fn configure(&mut self, cfg: &JailConfig, spec: SandboxSpec) -> Result<(), JailError> {
-        let map = format!("0 {} {ID_RANGE}\n", cfg.uid_base);
+        let map = format!("0 {} {ID_RANGE}\n", self.id_base);
         for file in ["uid_map", "gid_map"] {
             std::fs::write(format!("/proc/{}/{file}", self.pid), &map)
                 .map_err(io_op(format!("write {file}")))?;
@@ -275,8 +278,8 @@ impl Sandbox {
             // Only the sandbox's root (which binds the socket) and host root may enter.
             nix::unistd::chown(
                 &dir,
-                Some(nix::unistd::Uid::from_raw(cfg.uid_base)),
-                Some(nix::unistd::Gid::from_raw(cfg.uid_base)),
+                Some(nix::unistd::Uid::from_raw(self.id_base)),
+                Some(nix::unistd::Gid::from_raw(self.id_base)),
             )
             .map_err(|e| JailError::Io {
                 op: format!("chown {}", dir.display()),
@@ -293,7 +296,8 @@ impl Sandbox {
             listen,
             sandbox_id: spec.id,
             stage_dir: cfg.run_dir.join("stage").to_string_lossy().into_owned(),
-            rootfs: spec.template.rootfs.to_string_lossy().into_owned(),
+            lowers: u32::try_from(spec.layers.len() + 1)
+                .map_err(|_| JailError::Protocol(format!("{} lower layers", spec.layers.len())))?,
             host_layers: spec
                 .template
                 .meta
@@ -301,8 +305,7 @@ impl Sandbox {
                 .iter()
                 .map(|p| HostLayer { path: p.clone() })
                 .collect(),
-            layers: spec.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
-            disk_dir: self.disk.as_ref().map(|d| d.root().to_string_lossy().into_owned()),
+            own_disk: self.disk.is_some(),
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
             shm_bytes: shm_bytes(&spec.limits),
@@ -318,6 +321,8 @@ impl Sandbox {
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
+        self.send_trees(&spec.template.rootfs, &spec.layers)?;
+        crate::phase(&mut self.phases, "lowers_sent");
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
         let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
         // Without a disk of its own, the agent hands over its stage (the tmpfs upper layer's
@@ -445,6 +450,7 @@ impl Sandbox {
             )));
         }
         let dir = agent_socket_dir(cfg, id);
+        let id_base = read_id_base(pid)?;
         let control = UnixStream::connect(dir.join("agent.sock"))
             .map_err(io_op(format!("connect to {}", dir.join("agent.sock").display())))?;
         // Its disk, if it was started with one: locked again, so no sweep takes it.
@@ -466,7 +472,65 @@ impl Sandbox {
             adopted: true,
             stage: None,
             disk,
+            id_base,
         })
+    }
+
+    /// Sends the agent its lower layers (topmost first, the template last) as detached,
+    /// read-only mounts shown through this sandbox's id mapping: files stored with canonical
+    /// ids (`0..ID_RANGE`, see [`crate::owner`]) read as this sandbox's own ids, and no path
+    /// to the host's template or layer directories is needed inside. Then its disk, if it has
+    /// one, as a plain detached mount (its files already carry the sandbox's host ids).
+    fn send_trees(
+        &mut self,
+        template: &std::path::Path,
+        layers: &[std::path::PathBuf],
+    ) -> Result<(), JailError> {
+        let userns: OwnedFd = std::fs::File::open(format!("/proc/{}/ns/user", self.pid))
+            .map_err(io_op("open the sandbox's user namespace"))?
+            .into();
+        for dir in layers.iter().map(|p| p.as_path()).chain([template]) {
+            let tree = ringfence_sys::idmapped_tree(dir, &userns).map_err(|e| {
+                // EINVAL: the filesystem cannot do idmapped mounts (overlayfs, NFS, FUSE; tmpfs
+                // before Linux 6.3); say what to do rather than only what failed.
+                let hint = if e.errno() == Some(libc::EINVAL) {
+                    " (the data directory's filesystem cannot do idmapped mounts: put \
+                     --data-dir on ext4, xfs, btrfs or, on Linux 6.3 and later, tmpfs)"
+                } else {
+                    ""
+                };
+                JailError::Io {
+                    op: format!(
+                        "mount layer {} through the sandbox's id mapping{hint}",
+                        layer_name(dir)
+                    ),
+                    source: e.source,
+                }
+            })?;
+            self.send_tree(&tree)?;
+        }
+        if let Some(disk) = &self.disk {
+            let tree = ringfence_sys::detached_tree(disk.root()).map_err(|e| JailError::Io {
+                op: "clone the disk's mount".into(),
+                source: e.source,
+            })?;
+            self.send_tree(&tree)?;
+        }
+        Ok(())
+    }
+
+    fn send_tree(&self, tree: &OwnedFd) -> Result<(), JailError> {
+        ringfence_sys::send_with_fd(
+            self.control.as_raw_fd(),
+            &[ringfence_proto::LOWER_MARK],
+            Some(tree.as_raw_fd()),
+        )
+        .map_err(|e| JailError::Io { op: "send a mount to the agent".into(), source: e.source })
+    }
+
+    /// The first host id of this sandbox's range: what its root maps to.
+    pub fn id_base(&self) -> u32 {
+        self.id_base
     }
 
     /// The host uid owning this sandbox's user namespace, which the kernel charges with the
@@ -660,4 +724,25 @@ impl Drop for Sandbox {
 /// Where a reconnectable sandbox's agent listens.
 pub fn agent_socket_dir(cfg: &JailConfig, id: &str) -> std::path::PathBuf {
     cfg.run_dir.join("agents").join(id)
+}
+
+/// A layer directory's last component, for messages that must not show host paths.
+fn layer_name(dir: &std::path::Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The host id that uid 0 of process `pid`'s user namespace maps to (a sandbox's id base).
+fn read_id_base(pid: i32) -> Result<u32, JailError> {
+    let path = format!("/proc/{pid}/uid_map");
+    let text = std::fs::read_to_string(&path).map_err(io_op(format!("read {path}")))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(str::parse::<u32>);
+            match (f.next(), f.next()) {
+                (Some(Ok(0)), Some(Ok(base))) => Some(base),
+                _ => None,
+            }
+        })
+        .next()
+        .ok_or_else(|| JailError::Protocol(format!("process {pid} maps no root: {text:?}")))
 }

@@ -8,7 +8,10 @@
 //!
 //! The copy keeps what overlayfs needs to read the directory as a layer again: whiteouts
 //! (character devices 0:0), `user.overlay.*` extended attributes (opaque directories; the
-//! sandbox's overlay uses `userxattr`), symlinks, modes and the sandbox's owners.
+//! sandbox's overlay uses `userxattr`), symlinks, modes and owners. Owners are stored with
+//! canonical ids (as seen inside: the sandbox's root is 0, its `user` 1000), shifted back from
+//! the sandbox's own host range, so any later sandbox can mount the layer through its own
+//! mapping (see [`crate::owner`]).
 //!
 //! Crash safety: a layer is written as `.<id>.partial` beside its final name, synced to disk
 //! (`syncfs`), renamed into place and the rename synced (the parent directory), so a directory
@@ -47,9 +50,10 @@ pub struct LayerStats {
     pub bytes: u64,
 }
 
-/// Copies the upper layer at `upper` to `dest` (which must not exist). The caller freezes the
-/// sandbox first if it wants a consistent copy.
-pub fn save(upper: &Path, dest: &Path) -> Result<LayerStats, LayerError> {
+/// Copies the upper layer at `upper` of a sandbox whose ids start at host id `id_base` to
+/// `dest` (which must not exist), with canonical owners. The caller freezes the sandbox first
+/// if it wants a consistent copy.
+pub fn save(upper: &Path, dest: &Path, id_base: u32) -> Result<LayerStats, LayerError> {
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{name}.partial"));
     if tmp.exists() {
@@ -59,7 +63,7 @@ pub fn save(upper: &Path, dest: &Path) -> Result<LayerStats, LayerError> {
         fs::create_dir_all(parent).map_err(at("mkdir", parent))?;
     }
     let mut stats = LayerStats::default();
-    let copied = copy(upper, &tmp, &mut stats);
+    let copied = copy(upper, &tmp, &mut stats, id_base);
     if let Err(e) = copied {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
@@ -93,7 +97,20 @@ fn sync_filesystem(path: &Path) -> Result<(), LayerError> {
     nix::unistd::syncfs(&dir).map_err(|e| at("syncfs", path)(e.into()))
 }
 
-fn copy(src: &Path, dst: &Path, stats: &mut LayerStats) -> Result<(), LayerError> {
+/// The canonical id of host id `id` in a sandbox whose range starts at `id_base`. Nothing in a
+/// sandbox can create a file owned by an id outside its range; should one appear anyway, it
+/// becomes `nobody`, never an id of the host's.
+fn canonical(id: u32, id_base: u32) -> u32 {
+    match id.checked_sub(id_base) {
+        Some(c) if c < crate::ID_RANGE => c,
+        _ => NOBODY,
+    }
+}
+
+/// `nobody`/`nogroup` inside every sandbox.
+const NOBODY: u32 = 65534;
+
+fn copy(src: &Path, dst: &Path, stats: &mut LayerStats, id_base: u32) -> Result<(), LayerError> {
     let m = fs::symlink_metadata(src).map_err(at("stat", src))?;
     let ft = m.file_type();
     use std::os::unix::fs::FileTypeExt;
@@ -104,7 +121,7 @@ fn copy(src: &Path, dst: &Path, stats: &mut LayerStats) -> Result<(), LayerError
         fs::create_dir(dst).map_err(at("mkdir", dst))?;
         for entry in fs::read_dir(src).map_err(at("readdir", src))? {
             let entry = entry.map_err(at("readdir", src))?;
-            copy(&entry.path(), &dst.join(entry.file_name()), stats)?;
+            copy(&entry.path(), &dst.join(entry.file_name()), stats, id_base)?;
         }
     } else if ft.is_file() {
         fs::copy(src, dst).map_err(at("copy", src))?;
@@ -130,12 +147,46 @@ fn copy(src: &Path, dst: &Path, stats: &mut LayerStats) -> Result<(), LayerError
         ringfence_sys::set_xattr(dst, &full, Some(&value))
             .map_err(|e| at("setxattr", dst)(e.source))?;
     }
-    lchown(dst, Some(m.uid()), Some(m.gid())).map_err(at("chown", dst))?;
+    let (uid, gid) = (canonical(m.uid(), id_base), canonical(m.gid(), id_base));
+    lchown(dst, Some(uid), Some(gid)).map_err(at("chown", dst))?;
     if !ft.is_symlink() {
         fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
             .map_err(at("chmod", dst))?;
     }
     Ok(())
+}
+
+/// Brings a layer saved before layers had canonical owners (with the ids of the one range
+/// every sandbox shared, `legacy_base..legacy_base + ID_RANGE`) to canonical owners, in place.
+/// Returns whether anything changed. Idempotent and safe to interrupt: only ids in the legacy
+/// range are shifted (canonical ids are below it), and the layer's root, which tells a legacy
+/// layer apart, is shifted last.
+pub fn canonicalize(dir: &Path, legacy_base: u32) -> Result<bool, LayerError> {
+    let legacy = |id: u32| id.checked_sub(legacy_base).filter(|c| *c < crate::ID_RANGE);
+    let root = fs::symlink_metadata(dir).map_err(at("stat", dir))?;
+    if legacy(root.uid()).is_none() && legacy(root.gid()).is_none() {
+        return Ok(false);
+    }
+    fn walk(p: &Path, shift: &dyn Fn(u32) -> Option<u32>) -> Result<(), LayerError> {
+        let m = fs::symlink_metadata(p).map_err(at("stat", p))?;
+        if m.is_dir() {
+            for e in fs::read_dir(p).map_err(at("readdir", p))? {
+                walk(&e.map_err(at("readdir", p))?.path(), shift)?;
+            }
+        }
+        let (uid, gid) = (shift(m.uid()), shift(m.gid()));
+        if uid.is_some() || gid.is_some() {
+            let mode = m.mode() & 0o7777;
+            lchown(p, uid.or(Some(m.uid())), gid.or(Some(m.gid()))).map_err(at("chown", p))?;
+            // chown clears set-id bits; what the sandbox set stays set.
+            if !m.file_type().is_symlink() && mode & 0o6000 != 0 {
+                fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(at("chmod", p))?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, &legacy)?;
+    Ok(true)
 }
 
 /// Disk space a layer uses (allocated blocks), for reports.
@@ -175,13 +226,20 @@ mod tests {
         use nix::sys::stat::{Mode, SFlag, mknod};
         mknod(&up.join("gone"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
         ringfence_sys::set_xattr(&up.join("d/e"), "user.overlay.opaque", Some(b"y")).unwrap();
-        lchown(up.join("d/f.txt"), Some(100_001_000), Some(100_001_000)).unwrap();
+        // A sandbox in slot 3: its user (1000 inside) is host id base + 1000.
+        let base = 100_000_000 + 3 * crate::ID_RANGE;
+        lchown(up.join("d/f.txt"), Some(base + 1000), Some(base + 1000)).unwrap();
+        lchown(up.join("d/e"), Some(base), Some(base)).unwrap();
+        // An id outside the sandbox's range (it cannot make one) is stored as nobody.
+        lchown(up.join("d/link"), Some(7), Some(7)).unwrap();
         let dest = t.path().join("layers/l1");
-        let stats = save(&up, &dest).unwrap();
+        let stats = save(&up, &dest, base).unwrap();
         assert_eq!(stats.bytes, 5);
         assert_eq!(fs::read(dest.join("d/f.txt")).unwrap(), b"hello");
         let m = fs::metadata(dest.join("d/f.txt")).unwrap();
-        assert_eq!((m.mode() & 0o777, m.uid()), (0o640, 100_001_000));
+        assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o640, 1000, 1000));
+        assert_eq!(fs::metadata(dest.join("d/e")).unwrap().uid(), 0);
+        assert_eq!(fs::symlink_metadata(dest.join("d/link")).unwrap().uid(), NOBODY);
         assert_eq!(fs::read_link(dest.join("d/link")).unwrap(), Path::new("f.txt"));
         let w = fs::symlink_metadata(dest.join("gone")).unwrap();
         use std::os::unix::fs::FileTypeExt;
@@ -191,6 +249,38 @@ mod tests {
         assert!(!t.path().join("layers/.l1.partial").exists());
         assert!(is_partial(".l1.partial") && !is_partial("l1") && !is_partial("l1.partial"));
         // A destination that exists is refused rather than merged into.
-        assert!(save(&up, &dest).is_err());
+        assert!(save(&up, &dest, base).is_err());
+    }
+
+    #[test]
+    fn a_legacy_layer_is_shifted_to_canonical_ids_once() {
+        if ringfence_sys::euid() != 0 {
+            eprintln!("SKIPPED: needs root (chown)");
+            return;
+        }
+        let legacy = 100_000_000;
+        let t = tempfile::tempdir().unwrap();
+        let l = t.path().join("l");
+        fs::create_dir_all(l.join("home/user")).unwrap();
+        fs::write(l.join("home/user/x"), b"x").unwrap();
+        fs::set_permissions(l.join("home/user/x"), fs::Permissions::from_mode(0o4755)).unwrap();
+        lchown(&l, Some(legacy), Some(legacy)).unwrap();
+        lchown(l.join("home"), Some(legacy), Some(legacy)).unwrap();
+        lchown(l.join("home/user"), Some(legacy + 1000), Some(legacy + 1000)).unwrap();
+        lchown(l.join("home/user/x"), Some(legacy + 1000), Some(legacy + 1000)).unwrap();
+        fs::set_permissions(l.join("home/user/x"), fs::Permissions::from_mode(0o4755)).unwrap();
+        assert!(canonicalize(&l, legacy).unwrap());
+        let ids = |p: &str| {
+            let m = fs::symlink_metadata(l.join(p)).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(ids(""), (0, 0));
+        assert_eq!(ids("home"), (0, 0));
+        assert_eq!(ids("home/user/x"), (1000, 1000));
+        let mode = fs::metadata(l.join("home/user/x")).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o4755, "the set-id bit survives the chown");
+        // A canonical layer is left alone.
+        assert!(!canonicalize(&l, legacy).unwrap());
+        assert_eq!(ids("home/user"), (1000, 1000));
     }
 }

@@ -16,6 +16,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod disk;
 pub mod inside;
+pub mod keeper;
 pub mod launch;
 pub mod layer;
 pub mod limits;

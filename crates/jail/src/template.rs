@@ -33,15 +33,10 @@ pub enum TemplateError {
          scripts/setup.sh (or scripts/interp-env.sh) on this host"
     )]
     MissingLayer { name: String, path: String },
-    #[error(
-        "template directory {0} is not reachable from inside sandboxes: every directory above it \
-         must be searchable by other users (chmod o+x), or choose another --data-dir"
-    )]
-    NotSearchable(PathBuf),
 }
 
 /// Bump when the skeleton's contents change, so old builds are replaced.
-const FORMAT: u32 = 4;
+const FORMAT: u32 = 5;
 
 /// Entries of the host's `/etc` that a sandbox gets, copied (symlinks kept as symlinks).
 /// Everything else, notably `shadow`, `gshadow`, `sudoers`, `ssh/` and `machine-id`, stays out.
@@ -97,7 +92,6 @@ const USR_MERGE: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub format: u32,
-    pub uid_base: u32,
     /// Host directories bound read-only at the same path.
     pub host_layers: Vec<String>,
 }
@@ -113,8 +107,8 @@ pub struct Template {
 /// Loads the `host` template from `data_dir/templates/host`, building it first if it is
 /// missing or stale. Concurrent callers serialise on a lock; readers of a finished template
 /// never see a half-built one (it is built aside and renamed into place).
-pub fn ensure_host(data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
-    ensure_layered(data_dir, uid_base, "host", &[])
+pub fn ensure_host(data_dir: &Path) -> Result<Template, TemplateError> {
+    ensure_layered(data_dir, "host", &[])
 }
 
 /// The template for the code interpreter: `host` plus the interpreter environment (a Python
@@ -126,7 +120,6 @@ pub const INTERP_TEMPLATE: &str = "code-interpreter-v1";
 /// directories bound read-only at the same paths.
 pub fn ensure_layered(
     data_dir: &Path,
-    uid_base: u32,
     name: &str,
     extra: &[String],
 ) -> Result<Template, TemplateError> {
@@ -135,41 +128,24 @@ pub fn ensure_layered(
             return Err(TemplateError::MissingLayer { name: name.into(), path: layer.into() });
         }
     }
-    let t = ensure_built(data_dir, uid_base, name, extra)?;
-    check_searchable(&t.rootfs)?;
-    Ok(t)
+    ensure_built(data_dir, name, extra)
 }
 
-/// Sandboxes mount the template as their own (unprivileged) root, so every ancestor must let
-/// "other" users through.
-fn check_searchable(rootfs: &Path) -> Result<(), TemplateError> {
-    use std::os::unix::fs::MetadataExt;
-    for dir in rootfs.ancestors().skip(1) {
-        if let Ok(m) = fs::metadata(dir)
-            && m.mode() & 0o001 == 0
-        {
-            return Err(TemplateError::NotSearchable(dir.to_path_buf()));
-        }
-    }
-    Ok(())
-}
-
-fn ensure_built(
-    data_dir: &Path,
-    uid_base: u32,
-    name: &str,
-    extra: &[String],
-) -> Result<Template, TemplateError> {
+fn ensure_built(data_dir: &Path, name: &str, extra: &[String]) -> Result<Template, TemplateError> {
     let dir = data_dir.join("templates");
     let target = dir.join(name);
     let err = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| TemplateError::Io { name: name.into(), op, path, source }
     };
-    if let Some(t) = load(&target, name, uid_base, extra) {
+    if let Some(t) = load(&target, name, extra) {
         return Ok(t);
     }
     fs::create_dir_all(&dir).map_err(err("mkdir", &dir))?;
+    // Templates hold canonical ids (host root's, and 1000 for the home directory) and are
+    // reached only by the host, which mounts them into sandboxes through each one's id
+    // mapping: no host user may walk in, whatever uid it has.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(err("chmod", &dir))?;
     let lock_path = dir.join(".lock");
     let lock_file = fs::File::create(&lock_path).map_err(err("create", &lock_path))?;
     let _lock =
@@ -180,15 +156,19 @@ fn ensure_built(
             source: e.into(),
         })?;
     // Someone else may have built it while we waited.
-    if let Some(t) = load(&target, name, uid_base, extra) {
+    if let Some(t) = load(&target, name, extra) {
         return Ok(t);
     }
     let staging = dir.join(format!(".{name}.building"));
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(err("remove", &staging))?;
     }
-    let meta = build_host(&staging, uid_base, extra)
-        .map_err(|(op, path, source)| TemplateError::Io { name: name.into(), op, path, source })?;
+    let meta = build_host(&staging, extra).map_err(|(op, path, source)| TemplateError::Io {
+        name: name.into(),
+        op,
+        path,
+        source,
+    })?;
     if target.exists() {
         let old = dir.join(format!(".{name}.old"));
         let _ = fs::remove_dir_all(&old);
@@ -199,10 +179,10 @@ fn ensure_built(
     Ok(Template { name: name.into(), rootfs: target.join("rootfs"), meta })
 }
 
-fn load(target: &Path, name: &str, uid_base: u32, extra: &[String]) -> Option<Template> {
+fn load(target: &Path, name: &str, extra: &[String]) -> Option<Template> {
     let meta: Meta = serde_json::from_slice(&fs::read(target.join("meta.json")).ok()?).ok()?;
     let layers_match = meta.host_layers.ends_with(extra);
-    (meta.format == FORMAT && meta.uid_base == uid_base && layers_match).then(|| Template {
+    (meta.format == FORMAT && layers_match).then(|| Template {
         name: name.into(),
         rootfs: target.join("rootfs"),
         meta,
@@ -215,7 +195,7 @@ fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildEr
     move |e| (op, path.to_path_buf(), e)
 }
 
-fn build_host(staging: &Path, uid_base: u32, extra: &[String]) -> Result<Meta, BuildError> {
+fn build_host(staging: &Path, extra: &[String]) -> Result<Meta, BuildError> {
     let root = staging.join("rootfs");
     fs::create_dir_all(&root).map_err(at("mkdir", &root))?;
     let mut host_layers = vec!["/usr".to_string()];
@@ -283,11 +263,12 @@ fn build_host(staging: &Path, uid_base: u32, extra: &[String]) -> Result<Meta, B
     // which answers every DNS query). Without a network (`ringfence run`) the address has no
     // route, so lookups fail at once instead of timing out.
     write("etc/resolv.conf", "nameserver 100.96.0.1\noptions timeout:2 attempts:2\n")?;
-    // Owned by the sandbox's root (and `user` for its home) so copy-up works inside.
-    chown_tree(&root, uid_base, uid_base)?;
+    // Canonical owners: root's, and `user`'s (1000) for its home. Each sandbox sees them as
+    // its own root and user through its id mapping, so copy-up works inside.
+    chown_tree(&root, 0, 0)?;
     let home = root.join("home/user");
-    chown(&home, uid_base + 1000, uid_base + 1000)?;
-    let meta = Meta { format: FORMAT, uid_base, host_layers };
+    chown(&home, 1000, 1000)?;
+    let meta = Meta { format: FORMAT, host_layers };
     let meta_path = staging.join("meta.json");
     let text =
         serde_json::to_vec_pretty(&meta).map_err(|e| ("encode", meta_path.clone(), e.into()))?;
@@ -342,10 +323,10 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), BuildError> {
 pub const DEFAULT_INTERP_ENV: &str = "/opt/ringfence/python";
 
 /// Resolves a template by name.
-pub fn resolve(name: &str, data_dir: &Path, uid_base: u32) -> Result<Template, TemplateError> {
+pub fn resolve(name: &str, data_dir: &Path) -> Result<Template, TemplateError> {
     match name {
-        "host" | "base" => ensure_host(data_dir, uid_base),
-        INTERP_TEMPLATE => ensure_layered(data_dir, uid_base, name, &[DEFAULT_INTERP_ENV.into()]),
+        "host" | "base" => ensure_host(data_dir),
+        INTERP_TEMPLATE => ensure_layered(data_dir, name, &[DEFAULT_INTERP_ENV.into()]),
         other => Err(TemplateError::Unknown(other.into())),
     }
 }
@@ -357,47 +338,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_template_has_no_secrets_and_is_owned_by_sandbox_root() {
+    fn host_template_has_no_secrets_and_canonical_owners() {
         let dir = tempfile::tempdir().unwrap();
-        let t = ensure_host(dir.path(), 100_000_000).unwrap();
+        let t = ensure_host(dir.path()).unwrap();
         let etc = t.rootfs.join("etc");
         for secret in ["shadow", "gshadow", "sudoers", "ssh", "machine-id", "hostname"] {
             assert!(!etc.join(secret).exists(), "{secret} must not be in the template");
         }
         let passwd = fs::read_to_string(etc.join("passwd")).unwrap();
         assert!(passwd.contains("user:x:1000:1000"));
-        assert_eq!(fs::metadata(&t.rootfs).unwrap().uid(), 100_000_000);
-        assert_eq!(fs::metadata(t.rootfs.join("home/user")).unwrap().uid(), 100_001_000);
+        assert_eq!(fs::metadata(&t.rootfs).unwrap().uid(), 0);
+        assert_eq!(fs::metadata(t.rootfs.join("home/user")).unwrap().uid(), 1000);
+        // Closed to every host user: a host account with uid 1000 must not edit every
+        // sandbox's home directory.
+        let templates = dir.path().join("templates");
+        assert_eq!(fs::metadata(&templates).unwrap().mode() & 0o777, 0o700);
         assert_eq!(fs::metadata(t.rootfs.join("tmp")).unwrap().mode() & 0o7777, 0o1777);
         assert!(t.meta.host_layers.contains(&"/usr".to_string()));
         // A second call reuses the build.
-        let again = ensure_host(dir.path(), 100_000_000).unwrap();
+        let again = ensure_host(dir.path()).unwrap();
         assert_eq!(again.rootfs, t.rootfs);
     }
 
     #[test]
-    fn a_changed_uid_base_rebuilds() {
+    fn a_template_of_an_older_format_is_rebuilt_with_canonical_owners() {
         let dir = tempfile::tempdir().unwrap();
-        ensure_host(dir.path(), 100_000_000).unwrap();
-        let t = ensure_host(dir.path(), 200_000_000).unwrap();
-        assert_eq!(fs::metadata(&t.rootfs).unwrap().uid(), 200_000_000);
-    }
-
-    #[test]
-    fn an_unsearchable_data_dir_is_refused_with_advice() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
-        let e = ensure_host(dir.path(), 100_000_000).unwrap_err();
-        assert!(matches!(e, TemplateError::NotSearchable(_)), "{e}");
-        assert!(e.to_string().contains("chmod o+x"));
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_host(dir.path(), 100_000_000).unwrap();
+        let t = ensure_host(dir.path()).unwrap();
+        // What format 4 left: owners in the one range every sandbox used to share.
+        let meta = t.rootfs.parent().unwrap().join("meta.json");
+        fs::write(&meta, br#"{"format":4,"uid_base":100000000,"host_layers":["/usr"]}"#).unwrap();
+        std::os::unix::fs::chown(&t.rootfs, Some(100_000_000), Some(100_000_000)).unwrap();
+        let t = ensure_host(dir.path()).unwrap();
+        assert_eq!(fs::metadata(&t.rootfs).unwrap().uid(), 0);
     }
 
     #[test]
     fn unknown_template_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let e = resolve("nope", dir.path(), 1).unwrap_err();
+        let e = resolve("nope", dir.path()).unwrap_err();
         assert!(e.to_string().contains("\"nope\""));
     }
 }

@@ -51,6 +51,10 @@ pub struct NetConfig {
     pub egress_netns: Option<PathBuf>,
     /// Default, and most, egress bytes per second of one sandbox; `None`: unlimited.
     pub egress_rate: Option<u64>,
+    /// Most host memory one sandbox's TCP connections may hold in this process (buffers of
+    /// the userspace stack and of the relay, which no cgroup of the sandbox's is charged
+    /// for); `None`: [`stack::DEFAULT_BUFFER_BUDGET`].
+    pub buffer_budget: Option<usize>,
 }
 
 /// Errors setting up sandbox networking.
@@ -156,7 +160,13 @@ impl Egress {
         sink: EventSink,
     ) -> Result<SandboxNet, NetError> {
         let fd = tun::create(netns).map_err(NetError::Device)?;
-        let stack = Stack::new();
+        let stack = Stack::new(stack::Budget {
+            bytes: self.cfg.buffer_budget.unwrap_or(stack::DEFAULT_BUFFER_BUDGET),
+            // The stack's receive and send buffers, and the relay's two copy buffers.
+            buffers: 4,
+            // The sniffed head of the stream, held until it is forwarded.
+            overhead: sniff::MAX_SNIFF,
+        });
         let shared = Arc::new(Shared {
             egress: self.clone(),
             stack: stack.clone(),
@@ -168,6 +178,7 @@ impl Egress {
             sink,
             budget: Mutex::new(EventBudget::new()),
             udp_seen: Mutex::default(),
+            exhausted_at: Mutex::default(),
         });
         let handler: Arc<dyn Handler> = shared.clone();
         tokio::spawn(async move {
@@ -227,6 +238,11 @@ impl SandboxNet {
 
     pub fn set_rate(&self, rate: Option<u64>) {
         self.shared.limiter.set(rate);
+    }
+
+    /// Bytes of the sandbox's connection-buffer budget its open connections hold.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.stack.buffered_bytes()
     }
 
     pub fn connections(&self) -> Vec<OpenConn> {
@@ -294,6 +310,9 @@ struct Shared {
     budget: Mutex<EventBudget>,
     /// Dropped UDP destinations recently recorded (one record per destination per minute).
     udp_seen: Mutex<HashMap<SocketAddrV4, Instant>>,
+    /// When a connection was last refused for want of buffer memory (recorded at most once a
+    /// second).
+    exhausted_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -596,15 +615,18 @@ async fn relay(
     out: &AtomicU64,
     inb: &AtomicU64,
 ) -> io::Result<()> {
+    // Copy buffers no bigger than the connection's own: they count against the same budget.
+    let size = s.buffer_size().min(COPY_BUF);
     let (mut sr, mut sw) = tokio::io::split(s);
     let (mut ur, mut uw) = up.into_split();
-    let outbound = async {
+    let outbound = async move {
         limiter.take(head.len()).await;
         uw.write_all(&head).await?;
         out.fetch_add(head.len() as u64, Ordering::Relaxed);
-        pump(&mut sr, &mut uw, Some(limiter), out).await
+        drop(head);
+        pump(&mut sr, &mut uw, Some(limiter), out, size).await
     };
-    let inbound = pump(&mut ur, &mut sw, None, inb);
+    let inbound = pump(&mut ur, &mut sw, None, inb, size);
     tokio::try_join!(outbound, inbound).map(drop)
 }
 
@@ -614,12 +636,13 @@ async fn pump<R, W>(
     w: &mut W,
     limiter: Option<&Limiter>,
     count: &AtomicU64,
+    size: usize,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = vec![0u8; size];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -701,6 +724,32 @@ impl Handler for Shared {
                 stack.send_udp(&a, src, dst);
             }
         });
+    }
+
+    fn buffers_exhausted(&self, dst: SocketAddrV4, open: usize) {
+        // One record a second at most: a sandbox hammering its limit must not flood the trail.
+        let fresh = self.exhausted_at.lock().is_ok_and(|mut at| {
+            let fresh = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if fresh {
+                *at = Some(Instant::now());
+            }
+            fresh
+        });
+        if fresh {
+            let v = Verdict {
+                allowed: false,
+                reason: format!(
+                    "refused: the sandbox's {open} open connections hold all the buffer memory \
+                     they may; close some"
+                ),
+            };
+            let name = self
+                .pins
+                .lock()
+                .ok()
+                .and_then(|p| p.names(IpAddr::V4(*dst.ip())).into_iter().next());
+            self.record(self.event("tcp", &v, name.as_deref(), IpAddr::V4(*dst.ip()), dst.port()));
+        }
     }
 
     fn udp_dropped(&self, dst: SocketAddrV4) {

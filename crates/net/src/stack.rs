@@ -32,12 +32,58 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-/// Receive and send buffer of each TCP connection. The window the sandbox sees is the
+/// Largest receive and send buffer of one TCP connection. The window the sandbox sees is the
 /// receive buffer; both bound the host memory a connection can pin.
-const TCP_RX: usize = 256 * 1024;
-const TCP_TX: usize = 256 * 1024;
+pub const MAX_BUF: usize = 256 * 1024;
+/// Smallest: below this a connection is refused rather than made uselessly slow.
+pub const MIN_BUF: usize = 8 * 1024;
 /// Connections one sandbox may hold open (and half-open) at once.
 pub const MAX_CONNS: usize = 512;
+/// Default of the host memory one sandbox's connections may hold in this process (see
+/// [`Budget`]).
+pub const DEFAULT_BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The host memory one sandbox's TCP connections may hold in this process: the stack's
+/// buffers and the relay's, none of which the kernel charges to the sandbox's cgroup. Each
+/// connection is sized from what is left when it opens: the first get full windows
+/// ([`MAX_BUF`]), later ones smaller, down to [`MIN_BUF`]; past that, new connections are
+/// reset until others close. A connection costs `per_buffer * buffers + overhead` (see
+/// [`Budget::cost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub bytes: usize,
+    /// Buffers of one buffer size a connection holds (the stack's two, plus the relay's).
+    pub buffers: usize,
+    /// Fixed bytes per connection besides them.
+    pub overhead: usize,
+}
+
+impl Budget {
+    /// The buffer size for a new connection when `open` connections hold `used` bytes, or
+    /// `None` if the budget cannot hold one more.
+    pub fn size_for(&self, used: usize, open: usize) -> Option<usize> {
+        let left = self.bytes.saturating_sub(used);
+        // Room kept for every connection that may still come, at the smallest size, so a
+        // burst of full windows cannot starve the rest of the connection limit.
+        let reserve = MAX_CONNS.saturating_sub(open + 1) * self.cost(MIN_BUF);
+        // An eighth of what is free beyond that: full windows while the budget is ample,
+        // shrinking geometrically as it fills.
+        let free = left.saturating_sub(reserve).saturating_sub(self.overhead);
+        let size = (free / 8 / self.buffers.max(1) / 1024 * 1024).clamp(MIN_BUF, MAX_BUF);
+        (self.cost(size) <= left).then_some(size)
+    }
+
+    /// What a connection with buffers of `size` costs.
+    pub fn cost(&self, size: usize) -> usize {
+        size * self.buffers + self.overhead
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget { bytes: DEFAULT_BUFFER_BUDGET, buffers: 2, overhead: 0 }
+    }
+}
 /// Packets read from the device before the stack runs once.
 const BATCH: usize = 64;
 /// A connection we closed whose peer never finishes closing is reset after this.
@@ -61,6 +107,9 @@ pub trait Handler: Send + Sync + 'static {
     );
     /// UDP to something other than port 53 was dropped.
     fn udp_dropped(&self, dst: SocketAddrV4);
+    /// A new connection to `dst` was reset: the sandbox's connections hold all the memory
+    /// they may (`open` of them).
+    fn buffers_exhausted(&self, dst: SocketAddrV4, open: usize);
 }
 
 /// Packets between the TUN descriptor and smoltcp.
@@ -129,6 +178,22 @@ struct Inner {
     slots: HashMap<SocketHandle, Slot>,
     tuples: HashMap<Tuple, SocketHandle>,
     closed: bool,
+    budget: Budget,
+    /// Bytes the open connections cost, and each one's buffer size.
+    used: usize,
+    sizes: HashMap<SocketHandle, usize>,
+}
+
+impl Inner {
+    /// Forgets connection `h` and gives its memory back to the budget.
+    fn forget(&mut self, h: SocketHandle) {
+        self.slots.remove(&h);
+        self.tuples.retain(|_, v| *v != h);
+        self.sockets.remove(h);
+        if let Some(size) = self.sizes.remove(&h) {
+            self.used = self.used.saturating_sub(self.budget.cost(size));
+        }
+    }
 }
 
 /// One sandbox's stack. Dropping the last reference closes the TUN descriptor.
@@ -150,7 +215,7 @@ fn v4(ep: IpEndpoint) -> SocketAddrV4 {
 }
 
 impl Stack {
-    pub fn new() -> Arc<Stack> {
+    pub fn new(budget: Budget) -> Arc<Stack> {
         let mut dev = Queue::default();
         let cfg = Config::new(HardwareAddress::Ip);
         let epoch = StdInstant::now();
@@ -179,6 +244,9 @@ impl Stack {
                 slots: HashMap::new(),
                 tuples: HashMap::new(),
                 closed: false,
+                budget,
+                used: 0,
+                sizes: HashMap::new(),
             }),
             wake: Notify::new(),
             epoch,
@@ -278,8 +346,7 @@ impl Stack {
                 // must not linger and catch someone else's.
                 let s = inner.sockets.get_mut::<tcp::Socket>(h);
                 if s.state() == tcp::State::Listen {
-                    inner.sockets.remove(h);
-                    inner.slots.remove(&h);
+                    inner.forget(h);
                 } else {
                     inner.tuples.insert(tuple, h);
                 }
@@ -306,9 +373,7 @@ impl Stack {
             }
         }
         for h in gone {
-            inner.slots.remove(&h);
-            inner.tuples.retain(|_, v| *v != h);
-            inner.sockets.remove(h);
+            inner.forget(h);
         }
         let mut queries = Vec::new();
         let dns = inner.sockets.get_mut::<udp::Socket>(inner.dns);
@@ -358,9 +423,13 @@ impl Stack {
                 if handler.refuse_early(dst_v4).is_some() {
                     return None;
                 }
+                let Some(size) = inner.budget.size_for(inner.used, inner.slots.len()) else {
+                    handler.buffers_exhausted(dst_v4, inner.slots.len());
+                    return None;
+                };
                 let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0u8; TCP_RX]),
-                    tcp::SocketBuffer::new(vec![0u8; TCP_TX]),
+                    tcp::SocketBuffer::new(vec![0u8; size]),
+                    tcp::SocketBuffer::new(vec![0u8; size]),
                 );
                 s.set_nagle_enabled(false);
                 s.set_ack_delay(None);
@@ -374,6 +443,8 @@ impl Stack {
                 .ok()?;
                 let h = inner.sockets.add(s);
                 inner.slots.insert(h, Slot::Pending);
+                inner.sizes.insert(h, size);
+                inner.used += inner.budget.cost(size);
                 Some((h, (remote, local)))
             }
             IpProtocol::Udp => {
@@ -403,6 +474,16 @@ impl Stack {
     pub fn connections(&self) -> usize {
         self.inner.lock().map(|g| g.slots.len()).unwrap_or(0)
     }
+
+    /// Bytes of the buffer budget the open connections hold (for tests and diagnostics).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.lock().map(|g| g.used).unwrap_or(0)
+    }
+
+    /// The buffer size connection `h` was given.
+    fn buffer_size(&self, h: SocketHandle) -> usize {
+        self.inner.lock().ok().and_then(|g| g.sizes.get(&h).copied()).unwrap_or(MIN_BUF)
+    }
 }
 
 struct Step {
@@ -431,6 +512,11 @@ impl std::fmt::Debug for SmolStream {
 }
 
 impl SmolStream {
+    /// The size of this connection's buffers: the relay sizes its own to match.
+    pub fn buffer_size(&self) -> usize {
+        self.stack.buffer_size(self.handle)
+    }
+
     fn new(stack: Arc<Stack>, handle: SocketHandle) -> SmolStream {
         SmolStream { stack, handle, shut: false }
     }
@@ -537,4 +623,46 @@ impl Drop for SmolStream {
 /// An address as a socket address (for handlers that want std types).
 pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens connections until the budget refuses one, as the stack does.
+    fn fill(b: &Budget) -> (Vec<usize>, usize) {
+        let (mut sizes, mut used) = (Vec::new(), 0);
+        while let Some(size) = b.size_for(used, sizes.len()) {
+            used += b.cost(size);
+            sizes.push(size);
+            assert!(sizes.len() < 100_000, "the budget never fills");
+        }
+        (sizes, used)
+    }
+
+    #[test]
+    fn connections_shrink_as_the_budget_fills_and_never_exceed_it() {
+        let b = Budget { bytes: DEFAULT_BUFFER_BUDGET, buffers: 4, overhead: 16 * 1024 };
+        let (sizes, used) = fill(&b);
+        assert!(used <= b.bytes, "{used} > {}", b.bytes);
+        assert_eq!(sizes[0], MAX_BUF, "the first connections get full windows");
+        assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "sizes never grow: {sizes:?}");
+        assert_eq!(*sizes.last().unwrap(), MIN_BUF);
+        // The default holds every connection a sandbox may open, at the smallest size at
+        // worst; what it refuses is past the connection limit anyway.
+        assert!(sizes.len() >= MAX_CONNS, "only {} connections fit", sizes.len());
+        assert!(sizes.iter().filter(|s| **s == MAX_BUF).count() >= 4, "{sizes:?}");
+        // What is left cannot hold one more at the smallest size.
+        assert!(b.bytes - used < b.cost(MIN_BUF));
+    }
+
+    #[test]
+    fn a_small_budget_refuses_rather_than_overcommits() {
+        let b = Budget { bytes: 100 * 1024, buffers: 4, overhead: 16 * 1024 };
+        let (sizes, used) = fill(&b);
+        assert_eq!(sizes, vec![MIN_BUF, MIN_BUF], "{sizes:?}");
+        assert!(used <= b.bytes);
+        let none = Budget { bytes: 1024, ..b };
+        assert_eq!(none.size_for(0, 0), None);
+    }
 }

@@ -349,3 +349,165 @@ print(f"connect_us={conn / n * 1e6:.0f} first_response_us={req / n * 1e6:.0f}")
         }
     }
 }
+
+/// Resident memory of this process (the stacks and relays run here), in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// In the sandbox: as many connections as it can to a server that sends without end, none of
+/// them read (a tiny receive buffer, so the data piles up on our side), held until stdin
+/// closes. Reports how many connected.
+const HOARD: &str = r#"
+import socket, sys
+held, refused = [], 0
+for _ in range(CONNS):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.connect(("203.0.113.20", 9000))
+        held.append(s)
+    except OSError:
+        refused += 1
+print("held", len(held), refused, flush=True)
+sys.stdin.read()
+"#;
+
+/// Host memory for a sandbox's connections is bounded per sandbox: twenty sandboxes opening
+/// connections as fast as they can to a server that floods them, reading nothing, leave this
+/// process no more than twenty budgets larger, and a quiet sandbox's request is not slowed.
+#[test]
+fn connection_buffers_are_bounded_per_sandbox_under_a_flood() {
+    if !can_run("connection_buffers_are_bounded_per_sandbox_under_a_flood") {
+        return;
+    }
+    const SANDBOXES: usize = 20;
+    const CONNS: usize = 64;
+    const BUDGET: usize = 2 * 1024 * 1024;
+    let net = Internet::start(None);
+    // The flood: every connection gets a megabyte, written until the sandbox's window closes.
+    let listener = net.inet.run(|| std::net::TcpListener::bind((fakenet::OTHER, 9000)));
+    let blob = Arc::new(vec![b'f'; 1 << 20]);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let blob = blob.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = conn.write_all(&blob);
+                // Hold the connection open until the peer goes.
+                let _ = std::io::Read::read(&mut conn, &mut [0u8; 1]);
+            });
+        }
+    });
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cfg = NetConfig {
+        dns_upstreams: vec![(fakenet::DNS, 53).into()],
+        egress_netns: Some(net.edge.path()),
+        buffer_budget: Some(BUDGET),
+        ..NetConfig::default()
+    };
+    let events: Arc<Mutex<Vec<EgressEvent>>> = Arc::default();
+    let egress = {
+        let _g = rt.enter();
+        Egress::new(cfg).unwrap()
+    };
+    let attach = |ns: &Netns| {
+        let _g = rt.enter();
+        let sink = events.clone();
+        egress
+            .attach(
+                &ns.path(),
+                SandboxPolicy::default(),
+                None,
+                Arc::new(move |e| sink.lock().unwrap().push(e)),
+            )
+            .unwrap()
+    };
+    let quiet = Netns::new("quiet");
+    let _quiet_net = attach(&quiet);
+    let fetch = |ns: &Netns| {
+        let began = Instant::now();
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "http://203.0.113.20/",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        began.elapsed()
+    };
+    let calm = (0..5).map(|_| fetch(&quiet)).min().unwrap();
+    let before = rss();
+
+    let sandboxes: Vec<(Netns, SandboxNet)> = (0..SANDBOXES)
+        .map(|i| {
+            let ns = Netns::new(&format!("hoard{i}"));
+            let h = attach(&ns);
+            (ns, h)
+        })
+        .collect();
+    let script = HOARD.replace("CONNS", &CONNS.to_string());
+    let mut hoarders: Vec<std::process::Child> = sandboxes
+        .iter()
+        .map(|(ns, _)| {
+            Command::new("ip")
+                .args(["netns", "exec", &ns.name, "python3", "-c", &script])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut held = 0;
+    for child in &mut hoarders {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let f: Vec<usize> = line.split_whitespace().skip(1).map(|w| w.parse().unwrap()).collect();
+        assert_eq!(f.len(), 2, "{line}");
+        held += f[0];
+    }
+    // Let the flood fill every window and buffer it can.
+    std::thread::sleep(Duration::from_secs(2));
+    let during = fetch(&quiet);
+    let grown = rss().saturating_sub(before);
+    let buffered: usize = sandboxes.iter().map(|(_, h)| h.buffered_bytes()).sum();
+    drop(hoarders);
+
+    assert!(held > SANDBOXES, "the sandboxes opened only {held} connections");
+    assert!(buffered <= SANDBOXES * BUDGET, "{buffered} bytes buffered");
+    // Twenty budgets, and room for the per-connection bookkeeping and the runtime's own.
+    let bound = SANDBOXES * BUDGET + 24 * 1024 * 1024;
+    assert!(grown <= bound, "this process grew by {grown} bytes (bound {bound})");
+    assert!(
+        during < calm * 5 + Duration::from_millis(200),
+        "a quiet sandbox's request took {during:?} under the flood (calm: {calm:?})"
+    );
+    // What the budget turned away is on the record.
+    let refusals =
+        events.lock().unwrap().iter().filter(|e| e.reason.contains("buffer memory")).count();
+    assert!(refusals > 0, "no refusal was recorded");
+    eprintln!(
+        "held {held} connections; grew {grown} B; buffered {buffered} B; quiet request {during:?} (calm {calm:?})"
+    );
+}

@@ -37,6 +37,9 @@ pub struct Rlimits {
 /// the claim lives exactly as long as the sandbox.
 pub const OWNER_LOCK_FD: i32 = 1001;
 
+/// The byte that carries each lower layer's descriptor after the [`SetupSpec`] frame.
+pub const LOWER_MARK: u8 = b'L';
+
 /// The full sandbox setup the host sends as the first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetupSpec {
@@ -45,20 +48,22 @@ pub struct SetupSpec {
     /// Host directory on which the private staging tmpfs is mounted (inside the sandbox's own
     /// mount namespace, so one directory serves every sandbox).
     pub stage_dir: String,
-    /// The template's read-only skeleton root (lower layer of `/`).
-    pub rootfs: String,
+    /// How many read-only lower layers of `/` the host sends right after this frame, one
+    /// descriptor per message (`SCM_RIGHTS` on a one-byte [`LOWER_MARK`]): detached mount trees
+    /// whose owners are already shifted into this sandbox's id range (idmapped mounts), topmost
+    /// first, the template's root last; then the disk, with `own_disk`. Host paths never reach
+    /// the sandbox.
+    pub lowers: u32,
     /// Host directories bound read-only at the same path (e.g. `/usr`).
     pub host_layers: Vec<HostLayer>,
-    /// Read-only lower layers stacked above the template, topmost first (host directories:
-    /// snapshots, forks and filesystem-only pauses). Each holds a former sandbox's upper layer.
-    pub layers: Vec<String>,
-    /// Host directory holding the sandbox's own disk (`upper/` and `work/` on a filesystem of
-    /// the quota's size, see `ringfence_jail::disk`). `None`: the writable layer is a tmpfs of
-    /// `disk_bytes` on the stage, charged to the sandbox's memory.
-    pub disk_dir: Option<String>,
-    /// Size of the writable layer (the disk quota) in bytes (the tmpfs's, without `disk_dir`).
+    /// Whether the sandbox has a disk of its own (`upper/` and `work/` on a filesystem of the
+    /// quota's size, see `ringfence_jail::disk`), sent as one more detached mount after the
+    /// lower layers. Without, the writable layer is a tmpfs of `disk_bytes` on the stage,
+    /// charged to the sandbox's memory.
+    pub own_disk: bool,
+    /// Size of the writable layer (the disk quota) in bytes (the tmpfs's, without `own_disk`).
     pub disk_bytes: u64,
-    /// Inode cap of the writable layer (the tmpfs's, without `disk_dir`).
+    /// Inode cap of the writable layer (the tmpfs's, without `own_disk`).
     pub disk_inodes: u64,
     /// Size of `/dev/shm`, a tmpfs: memory, charged to the sandbox's memory limit.
     pub shm_bytes: u64,

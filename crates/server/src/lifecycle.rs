@@ -338,8 +338,15 @@ impl Manager {
     /// Returns how many directories were removed.
     pub(super) async fn sweep_layers(&self) -> Result<usize, ManagerError> {
         let (store, root) = (self.store.clone(), self.layers_root());
+        let uid_base = self.tiers().jail().legacy_uid_base();
         tokio::task::spawn_blocking(move || {
             store.reset_pending_layers()?;
+            // Layers hold canonical ids and are reached only by the host (see
+            // ringfence_jail::owner): no host user may walk in.
+            if std::fs::create_dir_all(&root).is_ok() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
+            }
             let mut removed = remove_dropped_layers(&store, &root);
             let known = store.layers()?;
             let Ok(entries) = std::fs::read_dir(&root) else { return Ok(removed) };
@@ -347,6 +354,13 @@ impl Manager {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let partial = ringfence_jail::layer::is_partial(&name);
                 if !partial && known.contains_key(&name) {
+                    // Saved by a version whose sandboxes all shared one id range: stored with
+                    // those host ids, which no sandbox maps any more. Shifted once, in place.
+                    match ringfence_jail::layer::canonicalize(&e.path(), uid_base) {
+                        Ok(true) => tracing::info!(layer = %name, "layer moved to canonical ids"),
+                        Ok(false) => {}
+                        Err(err) => tracing::warn!(layer = %name, error = %err, "canonical ids"),
+                    }
                     continue;
                 }
                 let path = e.path();

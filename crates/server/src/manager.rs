@@ -52,6 +52,10 @@ pub struct ManagerConfig {
     pub quotas: crate::quota::QuotaConfig,
     /// Where sandboxes' writable layers live (settled once, at start).
     pub disk: ringfence_jail::disk::DiskChoice,
+    /// The `ringfence` binary, run as `ringfence keeper` to hold sandboxes' seccomp listeners
+    /// across restarts (see `ringfence_jail::keeper`). `None`: no keeper; a re-attached
+    /// sandbox then goes unsupervised (its denied calls fail with ENOSYS, unrecorded).
+    pub keeper_exe: Option<PathBuf>,
 }
 
 /// What a request named that is not there (404), each with its own message.
@@ -309,6 +313,7 @@ impl Manager {
             disk: cfg.disk,
             interp_env: cfg.interp_env.clone(),
             pool_prefix: pool_prefix(&cfg.run_dir),
+            keeper_exe: cfg.keeper_exe.clone(),
         })?;
         let interp = crate::interp::Runtime::new(
             &cfg.run_dir,
@@ -703,6 +708,10 @@ impl Manager {
         }
         let (id, key_id) = (rec.id.clone(), rec.key_id.clone());
         let obs = self.observer.sandbox(&id, &key_id, self.cfg.limits.cpu_millis.unwrap_or(1000));
+        // Supervision resumes where the tier kept what it needs through the restart (the
+        // jail's keeper holds the seccomp listener).
+        let mut instance = instance;
+        instance.supervise(&id, obs.denial_sink());
         let live = Live::new(rec, client, obs, instance);
         // The previous server's network device died with it: make a new one, same settings.
         let params = self.saved_network(&id);

@@ -319,6 +319,43 @@ fn hostile_code_leaves_exact_metrics_events_and_records() {
     );
 }
 
+/// A sandbox that outlives a `kill -9` of its server is supervised again once a new server
+/// re-attaches it: its denied calls still fail with EPERM (not ENOSYS, as with no listener)
+/// and are counted and audited exactly as before the restart.
+#[test]
+fn denials_after_a_server_restart_are_recorded_like_before() {
+    let mut srv = server_or_skip!(&[]);
+    let sb = srv.create("base");
+    let (out, _) = srv.run(&sb, MOUNT);
+    assert_eq!(out.trim(), "-1 1", "before: mount fails with EPERM");
+    // Let the keeper get its copy (parked off the create's path).
+    std::thread::sleep(Duration::from_millis(300));
+    srv.kill9();
+    srv.spawn(&[]);
+    let (out, _) = srv.run(&sb, MOUNT);
+    assert_eq!(out.trim(), "-1 1", "after the restart: EPERM, not ENOSYS (38): {}", srv.log());
+    let (out, _) = srv.run(&sb, PTRACE);
+    assert_eq!(out.trim(), "-1 1");
+    let m = srv.scrape();
+    let escapes = |syscall: &str| {
+        value(
+            &m,
+            "ringfence_escape_attempts_total",
+            &[("sandbox", &sb.id), ("syscall", syscall), ("kind", "seccomp")],
+        )
+    };
+    // Counters start again with the new server; what it saw is exact.
+    assert_eq!(escapes("mount"), Some(1.0), "the denial after the restart was counted");
+    assert_eq!(escapes("ptrace"), Some(1.0));
+    let recs = srv.audit_until(&format!("sandbox={}", sb.id), |r| {
+        of_action(r, "security.seccomp").len() >= 3
+    });
+    let sec = of_action(&recs, "security.seccomp");
+    let calls: Vec<_> = sec.iter().map(|r| r["security_events"][0]["syscall"].clone()).collect();
+    assert_eq!(calls, [json!("mount"), json!("mount"), json!("ptrace")], "{recs:?}");
+    assert_eq!(sec[2]["security_events"][0]["comm"], "python3", "attributed after the restart");
+}
+
 fn escapes_after(m: &prometheus_parse::Scrape, sb: &str, syscall: &str) -> Option<f64> {
     value(m, "ringfence_escape_attempts_total", &[("sandbox", sb), ("syscall", syscall)])
 }

@@ -1134,6 +1134,101 @@ pub fn fs_shutdown(dir: &std::fs::File) -> Result<()> {
     check("ioctl(FS_IOC_SHUTDOWN)", ret.into()).map(drop)
 }
 
+/// `OPEN_TREE_CLONE` (linux/mount.h): a detached copy of the mount tree, not the original.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `MOVE_MOUNT_F_EMPTY_PATH` (linux/mount.h): the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+/// `MOUNT_ATTR_*` (linux/mount.h).
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `struct mount_attr` (linux/mount.h, first version: 32 bytes).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Makes a detached, read-only (nosuid, nodev) copy of the mount tree at `path` in which file
+/// owners are shown through the id mapping of the user namespace `userns`: an id `n` stored on
+/// disk reads as whatever `userns` maps `n` to, and is written back the other way. The copy
+/// belongs to no mount namespace until [`move_mount_fd`] attaches it, which a process with
+/// privilege over its own mount namespace may do (a sandbox's first process, before any user
+/// code runs). The caller needs `CAP_SYS_ADMIN` over the filesystem (host root), and the
+/// filesystem must support idmapped mounts (ext4, xfs, btrfs, tmpfs since 6.3, ...).
+pub fn idmapped_tree(path: &std::path::Path, userns: &OwnedFd) -> Result<OwnedFd> {
+    let tree = detached_tree(path)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of a valid, initialised
+    // struct that outlives the call; the path is the empty C string.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check("mount_setattr(MOUNT_ATTR_IDMAP)", ret)?;
+    Ok(tree)
+}
+
+/// Makes a detached copy of the mount tree at `path`, attached nowhere until
+/// [`move_mount_fd`]; the caller needs privilege over the mount's namespace (host root).
+pub fn detached_tree(path: &std::path::Path) -> Result<OwnedFd> {
+    let cpath = cstring(path)?;
+    // SAFETY: open_tree reads the NUL-terminated path; the flags ask for a new descriptor.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            cpath.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    let fd = check("open_tree(OPEN_TREE_CLONE)", ret)?;
+    let fd = RawFd::try_from(fd)
+        .map_err(|_| SysError { call: "open_tree", source: io::Error::other("bad fd") })?;
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Attaches the detached mount tree `tree` (from [`idmapped_tree`]) at `target` in the
+/// caller's mount namespace.
+pub fn move_mount_fd(tree: &OwnedFd, target: &std::path::Path) -> Result<()> {
+    let ctarget = cstring(target)?;
+    // SAFETY: move_mount reads the two NUL-terminated paths (the first empty: the source is
+    // the descriptor), both valid for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            ctarget.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check("move_mount", ret).map(drop)
+}
+
+fn cstring(path: &std::path::Path) -> Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| SysError { call: "path", source: io::Error::other(e) })
+}
+
 /// A global allocator that counts the bytes allocated now and at most, for tests that check a
 /// bound on memory (`#[global_allocator] static A: CountingAlloc = CountingAlloc;`). It adds two
 /// atomic operations per allocation to the system allocator.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::keeper::Keeper;
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::monitor::{DenialSink, Supervisor};
 use ringfence_jail::seccomp::Compiled;
@@ -28,6 +29,9 @@ pub struct JailSettings {
     pub interp_env: PathBuf,
     /// The cgroup slot prefix (see `manager::pool_prefix`).
     pub pool_prefix: String,
+    /// The `ringfence` binary, run as `ringfence keeper` to hold sandboxes' seccomp listeners
+    /// across restarts (`ringfence_jail::keeper`); `None`: none.
+    pub keeper_exe: Option<PathBuf>,
 }
 
 /// The jail tier of one server.
@@ -39,6 +43,8 @@ pub struct JailTier {
     interp_env: PathBuf,
     /// Built templates by key ("host", the interpreter's), built on first use.
     templates: Mutex<HashMap<String, Template>>,
+    /// Holds each sandbox's seccomp listener through a server restart.
+    keeper: Option<Keeper>,
 }
 
 fn setup(step: &str) -> impl FnOnce(&dyn std::fmt::Display) -> TierError + '_ {
@@ -67,17 +73,24 @@ impl JailTier {
             ),
         }
         cfg.disk = disk;
-        let host = template::ensure_host(&cfg.data_dir, cfg.uid_base)
-            .map_err(|e| setup("host template")(&e))?;
+        let host = template::ensure_host(&cfg.data_dir).map_err(|e| setup("host template")(&e))?;
         let seccomp = seccomp::default_profile(true).map_err(|e| setup("seccomp profile")(&e))?;
         let layout = Layout::detect()?;
         let pool = Pool::new(layout, &cfg.cgroup_name, &s.pool_prefix, cfg.run_dir.join("cgroups"));
+        let keeper = s.keeper_exe.as_ref().and_then(|exe| {
+            Keeper::connect_or_spawn(&cfg.run_dir, exe)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "no listener keeper: sandboxes re-attached after a restart will go unsupervised")
+                })
+                .ok()
+        });
         Ok(JailTier {
             cfg,
             pool,
             seccomp,
             interp_env: s.interp_env,
             templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
+            keeper,
         })
     }
 
@@ -91,6 +104,12 @@ impl JailTier {
         self.cfg.disk.name()
     }
 
+    /// The one host id range every sandbox shared before per-sandbox ranges: layers saved
+    /// then carry it and are shifted to canonical ids once (`layer::canonicalize`).
+    pub fn legacy_uid_base(&self) -> u32 {
+        self.cfg.uid_base
+    }
+
     /// The built template behind a built-in template name, building it on first use.
     fn template(&self, name: &str) -> Result<Template, TierError> {
         let key = if name == template::INTERP_TEMPLATE { name } else { "host" };
@@ -100,7 +119,6 @@ impl JailTier {
         }
         let t = template::ensure_layered(
             &self.cfg.data_dir,
-            self.cfg.uid_base,
             key,
             &[self.interp_env.to_string_lossy().into_owned()],
         )
@@ -158,7 +176,7 @@ impl Tier for JailTier {
         };
         let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
         let listener = sb.take_listener();
-        Ok(JailInstance { sb, listener, supervisor: None })
+        Ok(JailInstance { sb, listener, supervisor: None, keeper: self.keeper.clone() })
     }
 
     fn adopt(
@@ -190,7 +208,20 @@ impl Tier for JailTier {
             false
         };
         let sb = Sandbox::adopt(&self.cfg, id, pid, lease)?;
-        Ok(Adopted { instance: JailInstance { sb, listener: None, supervisor: None }, thawed })
+        // Supervision resumes with the listener the keeper held through the restart.
+        let listener = match &self.keeper {
+            Some(k) => k.get(id).unwrap_or_else(|e| {
+                tracing::warn!(sandbox_id = %id, error = %e, "keeper");
+                None
+            }),
+            None => None,
+        };
+        if listener.is_none() {
+            tracing::warn!(sandbox_id = %id, "re-attached without its seccomp listener: its denied calls go unrecorded");
+        }
+        // Already parked: the keeper has it.
+        let instance = JailInstance { sb, listener, supervisor: None, keeper: None };
+        Ok(Adopted { instance, thawed })
     }
 
     fn end_leftover(&self, id: &str, saved: &Saved) {
@@ -235,6 +266,8 @@ pub struct JailInstance {
     /// The seccomp user-notification descriptor, until [`Instance::supervise`] hands it over.
     listener: Option<std::os::fd::OwnedFd>,
     supervisor: Option<Supervisor>,
+    /// Where [`Instance::supervise`] parks a copy of the listener (a fresh sandbox's only).
+    keeper: Option<Keeper>,
 }
 
 impl JailInstance {
@@ -255,6 +288,9 @@ impl Instance for JailInstance {
 
     fn supervise(&mut self, id: &str, sink: DenialSink) {
         let Some(l) = self.listener.take() else { return };
+        if let Some(k) = self.keeper.take() {
+            park_listener(k, id, self.sb.pid, &l);
+        }
         match Supervisor::start_with(l, id.to_string(), Some(sink)) {
             Ok(s) => self.supervisor = Some(s),
             // The filter still denies; only the reports are lost.
@@ -298,9 +334,9 @@ impl Instance for JailInstance {
         // running sandbox.
         let froze = !paused && self.sb.freeze().is_ok();
         let saved = match self.sb.upper_dir() {
-            Some(upper) => {
-                ringfence_jail::layer::save(&upper, dest).map(drop).map_err(TierError::from)
-            }
+            Some(upper) => ringfence_jail::layer::save(&upper, dest, self.sb.id_base())
+                .map(drop)
+                .map_err(TierError::from),
             None => Err(TierError::Unsupported {
                 tier: TierKind::Jail,
                 what: "save this sandbox's files: its writable layer is a tmpfs started by an \
@@ -311,5 +347,22 @@ impl Instance for JailInstance {
             let _ = self.sb.thaw();
         }
         saved
+    }
+}
+
+/// Parks a copy of a new sandbox's seccomp listener with the keeper, off the request's path
+/// (on the blocking pool when there is a runtime), so a restarted server can supervise the
+/// sandbox again.
+fn park_listener(k: Keeper, id: &str, pid: i32, listener: &std::os::fd::OwnedFd) {
+    let Ok(copy) = listener.try_clone() else { return };
+    let id = id.to_string();
+    let park = move || {
+        if let Err(e) = k.put(&id, pid, &copy) {
+            tracing::warn!(sandbox_id = %id, error = %e, "parking the seccomp listener");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(park)),
+        Err(_) => park(),
     }
 }

@@ -59,7 +59,7 @@ pub fn launch(
     pool_prefix: &str,
     limits: Limits,
 ) -> (Sandbox, Option<Supervisor>) {
-    let tmpl = template::resolve("host", &cfg.data_dir, cfg.uid_base).expect("host template");
+    let tmpl = template::resolve("host", &cfg.data_dir).expect("host template");
     let layout = Layout::detect().expect("cgroup layout");
     let pool = Pool::new(layout, &cfg.cgroup_name, pool_prefix, cfg.run_dir.join("cgroups"));
     let null_in = File::open("/dev/null").unwrap();
