@@ -327,7 +327,7 @@ impl Manager {
                 .map_err(internal)?;
         Ok(Manager {
             cfg,
-            tiers: Tiers::new(jail),
+            tiers: Tiers::new(jail, Vec::new()),
             interp: Arc::new(interp),
             store,
             observer,
@@ -374,7 +374,12 @@ impl Manager {
     /// The quotas in force for `key_id`: its own settings over the server's defaults.
     fn quota_for(&self, key_id: &str) -> Result<crate::quota::QuotaConfig, ManagerError> {
         let own = self.store.get_key(key_id)?.map(|k| k.limits);
-        Ok(self.cfg.quotas.for_key(&own.unwrap_or_default()))
+        Ok(self.quota_of(own))
+    }
+
+    /// The quotas in force for a key with its own settings `own`.
+    fn quota_of(&self, own: Option<crate::store::KeyLimits>) -> crate::quota::QuotaConfig {
+        self.cfg.quotas.for_key(&own.unwrap_or_default())
     }
 
     /// Admits `n` more sandboxes of `key_id` (0: a resume), charging the create rate when
@@ -386,7 +391,18 @@ impl Manager {
         rate: bool,
     ) -> Result<crate::quota::Admission, ManagerError> {
         let limits = self.quota_for(key_id)?;
-        let admitted = self.quotas.admit(key_id, &limits, n, rate, || {
+        self.admit_under(key_id, &limits, n, rate)
+    }
+
+    /// [`Manager::admit`] under quotas already read.
+    fn admit_under(
+        &self,
+        key_id: &str,
+        limits: &crate::quota::QuotaConfig,
+        n: u64,
+        rate: bool,
+    ) -> Result<crate::quota::Admission, ManagerError> {
+        let admitted = self.quotas.admit(key_id, limits, n, rate, || {
             self.store.count_sandboxes_of(key_id).map_err(ManagerError::from)
         })?;
         Ok(admitted?)
@@ -432,12 +448,14 @@ impl Manager {
         p.tier = Some(tier);
         // Refused before anything is counted or started: a tier the key may not use (403),
         // then one this host cannot run (400).
-        let allowed = self.store.get_key(key_id)?.and_then(|k| k.tiers);
-        crate::tier::permitted(allowed.as_deref(), tier)?;
+        // One read of the key for both its tiers and its quotas.
+        let key = self.store.get_key(key_id)?;
+        crate::tier::permitted(key.as_ref().and_then(|k| k.tiers.as_deref()), tier)?;
         self.tiers.get(tier)?;
         // Held until the record is written (or the start failed): until then this create
         // counts against the key's quota here rather than in the store.
-        let _admitted = self.admit(key_id, 1, true)?;
+        let limits = self.quota_of(key.map(|k| k.limits));
+        let _admitted = self.admit_under(key_id, &limits, 1, true)?;
         let begun = std::time::Instant::now();
         self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.start(key_id, p, begun).await;

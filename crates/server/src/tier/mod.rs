@@ -414,8 +414,10 @@ const START_SAMPLES: usize = 64;
 /// The tiers this server runs, and why it does not run the others.
 #[derive(Debug)]
 pub struct Tiers {
-    jail: AnyTier,
-    /// The tiers this build does not run, with the reason (probed once, at start).
+    /// The tiers this server runs, the jail first (always there: the server does not start
+    /// without it).
+    runs: Vec<AnyTier>,
+    /// The tiers it does not run, with the reason (probed once, at start).
     missing: Vec<(TierKind, String)>,
     default: TierKind,
     starts: StartCosts,
@@ -460,25 +462,23 @@ impl StartCosts {
 }
 
 impl Tiers {
-    /// The jail (always: the server does not start without it) and the probe results of the
-    /// tiers this build does not have yet.
-    pub fn new(jail: JailTier) -> Tiers {
+    /// The jail, the `others` set up on this host (each checked by its own constructor), and
+    /// the probe results of the rest.
+    pub fn new(jail: JailTier, others: Vec<AnyTier>) -> Tiers {
+        let mut runs = vec![AnyTier::Jail(jail)];
+        runs.extend(others.into_iter().filter(|t| t.kind() != TierKind::Jail));
         let missing = TierKind::ALL
             .into_iter()
-            .filter_map(|k| unavailable_reason(k).map(|r| (k, r)))
+            .filter(|k| !runs.iter().any(|t| t.kind() == *k))
+            .map(|k| (k, unavailable_reason(k).unwrap_or_else(|| "not set up".into())))
             .collect();
-        Tiers {
-            jail: AnyTier::Jail(jail),
-            missing,
-            default: TierKind::Jail,
-            starts: StartCosts::default(),
-        }
+        Tiers { runs, missing, default: TierKind::Jail, starts: StartCosts::default() }
     }
 
     /// The tier `kind`, or why this host cannot run it.
     pub fn get(&self, kind: TierKind) -> Result<&AnyTier, TierError> {
-        if kind == TierKind::Jail {
-            return Ok(&self.jail);
+        if let Some(t) = self.runs.iter().find(|t| t.kind() == kind) {
+            return Ok(t);
         }
         let reason = self
             .missing
@@ -490,12 +490,13 @@ impl Tiers {
 
     /// Every tier this server runs.
     pub fn available(&self) -> impl Iterator<Item = &AnyTier> {
-        std::iter::once(&self.jail)
+        self.runs.iter()
     }
 
     /// The jail tier: the interpreter's fork server and the disk settings are its.
     pub fn jail(&self) -> &JailTier {
-        match &self.jail {
+        // `new` puts the jail first, and nothing removes a tier.
+        match &self.runs[0] {
             AnyTier::Jail(t) => t,
         }
     }
