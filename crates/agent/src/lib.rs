@@ -28,7 +28,19 @@ use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_f
 
 /// Entry point of the `ringfence-agent` executable.
 pub fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() != Some("--init") {
+    let args: Vec<String> = std::env::args().collect();
+    // A host process parked in a cgroup slot, which starts that slot's sandboxes
+    // (`ringfence_jail::spawner`); it runs no sandbox code itself.
+    if let [_, flag, socket_flag, socket] = &args[..]
+        && flag == "--spawner"
+        && socket_flag == "--socket"
+    {
+        return match ringfence_jail::spawner::serve(std::path::Path::new(socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
+    }
+    if args.get(1).map(String::as_str) != Some("--init") {
         eprintln!(
             "ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand"
         );
@@ -188,6 +200,27 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the
 /// pid namespace and so every process left in it.
 fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
+    // The host that ran us is gone (killed, say): so is the reason to run. A sandbox started
+    // by a spawner has no parent-death signal to take it down; end-of-file on the channel
+    // stands in for it. Watched without reading, so the host's messages stay in place.
+    let watched = control.try_clone().map_err(drop)?;
+    std::thread::spawn(move || {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
+        // reports whatever was asked for.
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        loop {
+            let mut fds = [PollFd::new(watched.as_fd(), PollFlags::empty())];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => {
+                    std::process::exit(1)
+                }
+                Ok(_) | Err(nix::Error::EINTR) => continue,
+                Err(_) => return,
+            }
+        }
+    });
     loop {
         match ringfence_sys::wait4(-1, false) {
             Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {

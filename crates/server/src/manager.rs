@@ -275,7 +275,8 @@ impl Manager {
             &jail.cgroup_name,
             &pool_prefix(&jail.run_dir),
             jail.run_dir.join("cgroups"),
-        );
+        )
+        .with_spawners(jail.agent_path.clone());
         let interp = crate::interp::Runtime::new(
             &jail.run_dir,
             &cfg.interp_env,

@@ -616,6 +616,28 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
     }
 }
 
+/// Arranges for `cmd`'s child to start a session of its own and inherit no descriptor beyond
+/// stdio: for host helpers that outlive their starter (the keeper, spawners), which must not
+/// keep its pipes and sockets open (a reader of those would never see end-of-file).
+pub fn detach_command(cmd: &mut Command) {
+    let hook = || -> io::Result<()> {
+        // SAFETY: runs in the forked child before exec; raw syscalls on integers only.
+        unsafe {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Mark, don't close: std's own error-report pipe must survive until exec.
+            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (see its comment).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
 /// Opens a pseudo-terminal pair of the given size. Returns (master, slave).
 pub fn open_pty(cols: u16, rows: u16) -> Result<(OwnedFd, OwnedFd)> {
     let mut master = -1;
@@ -731,7 +753,7 @@ pub fn landlock_abi() -> Option<u32> {
 /// passed alongside them (SCM_RIGHTS). Received descriptors are close-on-exec.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     loop {
         let mut iov = [io::IoSliceMut::new(buf)];
         match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
