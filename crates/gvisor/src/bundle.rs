@@ -164,7 +164,12 @@ mod tests {
 
     #[test]
     fn carries_limits_ids_and_only_the_agents_capabilities() {
-        let limits = Limits { memory: Some(64 << 20), pids: Some(32), cpu_millis: Some(500), ..Limits::default() };
+        let limits = Limits {
+            memory: Some(64 << 20),
+            pids: Some(32),
+            cpu_millis: Some(500),
+            ..Limits::default()
+        };
         let layers = vec!["/usr".to_string()];
         let c = config(&spec(&limits, &Network::None, &layers));
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);

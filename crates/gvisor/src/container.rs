@@ -211,8 +211,8 @@ impl Container {
     /// the channel becomes the runsc process's fd 3 and, through `--pass-fd`, the agent's.
     fn run(&mut self, spec: &StartSpec, agent_end: &UnixStream) -> Result<(), GvisorError> {
         let log_path = self.dir.join("runsc.log");
-        let log = fs::File::create(&log_path)
-            .map_err(io_op(format!("create {}", log_path.display())))?;
+        let log =
+            fs::File::create(&log_path).map_err(io_op(format!("create {}", log_path.display())))?;
         let mut cmd = runsc_cmd(&self.runsc, &self.runsc_root);
         let network = match spec.network {
             Network::None => "--network=none",
@@ -377,7 +377,10 @@ impl Container {
 
     /// Saves the writable layer to `dest` (see `ringfence_jail::layer::save`), pausing the
     /// sandbox around the copy so it is consistent, unless it is paused already.
-    pub fn save_layer(&self, dest: &Path) -> Result<ringfence_jail::layer::LayerStats, GvisorError> {
+    pub fn save_layer(
+        &self,
+        dest: &Path,
+    ) -> Result<ringfence_jail::layer::LayerStats, GvisorError> {
         let upper = self.upper_dir().ok_or_else(|| GvisorError::Gone(self.id.clone()))?;
         let was_paused = self.status()? == "paused";
         if !was_paused {

@@ -51,7 +51,9 @@ pub struct Runsc {
 pub enum Probe {
     Available(Runsc),
     /// Why the tier cannot run here, worded for the operator (what to install or fix).
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
 }
 
 /// Finds runsc (`$RINGFENCE_RUNSC`, then [`DEFAULT_RUNSC`], then `runsc` on `PATH`), reads its
@@ -82,7 +84,9 @@ pub fn probe_at(path: &Path, scratch: &Path) -> Probe {
     let mut failures = Vec::new();
     for platform in [Platform::Systrap, Platform::Ptrace] {
         match try_platform(path, platform, scratch) {
-            Ok(()) => return Probe::Available(Runsc { path: path.to_path_buf(), version, platform }),
+            Ok(()) => {
+                return Probe::Available(Runsc { path: path.to_path_buf(), version, platform });
+            }
             Err(e) => failures.push(format!("{}: {e}", platform.as_str())),
         }
     }

@@ -592,7 +592,10 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
             if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
                 return Err(fail(()));
             }
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 {
+            // EINVAL: a kernel without ambient capabilities (gVisor's), so none to clear.
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
                 return Err(fail(()));
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
@@ -604,7 +607,9 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
                 return Err(fail(()));
             }
             // Mark, don't close: std's own error-report pipe must survive until exec, and it is
-            // already close-on-exec like everything this marks.
+            // already close-on-exec like everything this marks. gVisor refuses the flag
+            // (EINVAL); there, as everywhere, every descriptor the agent opens is already
+            // close-on-exec (std opens with O_CLOEXEC), so this is a second line only.
             const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
         }
