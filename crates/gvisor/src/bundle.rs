@@ -64,6 +64,16 @@ fn capability_names() -> Vec<&'static str> {
     AGENT_CAP_NAMES.iter().filter(|(bit, _)| caps & (1 << bit) != 0).map(|(_, n)| *n).collect()
 }
 
+/// The host cgroup's task limit for a sandbox allowed `pids` tasks inside. The sandbox's own
+/// processes are bounded inside gVisor, by `RLIMIT_NPROC` per sandbox user (gVisor enforces it;
+/// its cgroups are its own). On the host, every sandbox task costs gVisor a stub thread or
+/// more, plus the sentry's and gofer's own threads: a host limit of `pids` itself would make
+/// the sentry fail to create a thread, which ends the whole sandbox, not the one fork. So the
+/// host limit is a backstop above what `pids` tasks need.
+pub fn host_tasks(pids: u64) -> u64 {
+    pids.saturating_mul(4).saturating_add(256)
+}
+
 /// Builds `config.json`.
 pub fn config(spec: &BundleSpec<'_>) -> Value {
     let caps = capability_names();
@@ -102,14 +112,16 @@ pub fn config(spec: &BundleSpec<'_>) -> Value {
         resources.insert("memory".into(), json!({"limit": m, "swap": m}));
     }
     if let Some(p) = spec.limits.pids {
-        resources.insert("pids".into(), json!({"limit": p}));
+        resources.insert("pids".into(), json!({"limit": host_tasks(p)}));
     }
     if let Some(c) = spec.limits.cpu_millis {
         resources.insert("cpu".into(), json!({"quota": c * 100, "period": 100_000}));
     }
+    let nproc = ringfence_jail::launch::rlimits_for(spec.limits).nproc;
     let rlimits = json!([
         {"type": "RLIMIT_NOFILE", "hard": spec.limits.nofile, "soft": spec.limits.nofile},
         {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+        {"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc},
     ]);
     let mut annotations = BTreeMap::new();
     annotations.insert("dev.ringfence.tier", "gvisor");
@@ -173,7 +185,13 @@ mod tests {
         let layers = vec!["/usr".to_string()];
         let c = config(&spec(&limits, &Network::None, &layers));
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
-        assert_eq!(c["linux"]["resources"]["pids"]["limit"], 32);
+        assert_eq!(c["linux"]["resources"]["pids"]["limit"], host_tasks(32));
+        let nproc = c["process"]["rlimits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == "RLIMIT_NPROC");
+        assert_eq!(nproc.expect("RLIMIT_NPROC")["hard"], 64, "at least 64, as in the jail");
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 50_000);
         assert_eq!(c["linux"]["uidMappings"][0]["hostID"], 100_000_000);
         assert_eq!(c["hostname"], "sbx1");

@@ -264,3 +264,274 @@ fn the_agent_serves_commands_under_gvisors_kernel() {
         "keptuser\n"
     );
 }
+
+#[test]
+fn host_files_stay_out_of_reach() {
+    let env = setup!();
+    let secret = format!("/tmp/rf-gvisor-secret-{}", std::process::id());
+    std::fs::write(&secret, "host secret").unwrap();
+    let c = start(env, "files");
+    let mut client = Client::new(&c);
+    let script = format!(
+        "cat /etc/shadow; ls -A /root; cat {secret}; cat /proc/1/root{secret}; \
+         cat /proc/self/root/../../..{secret}; echo x > /usr/rf-escape; echo end"
+    );
+    let out = client.sh_as(SandboxUser::Root, &script);
+    let _ = std::fs::remove_file(&secret);
+    assert!(!out.stdout.contains("host secret"), "{out:?}");
+    assert!(!out.stdout.contains("root:"), "{out:?}");
+    assert_eq!(out.stdout.trim(), "end", "/root is the template's empty one: {out:?}");
+    assert!(out.stderr.contains("/etc/shadow: No such file"), "{out:?}");
+    // /usr belongs to host ids, unmapped here: not writable by the sandbox's root.
+    assert!(out.stderr.contains("cannot create /usr/rf-escape"), "{out:?}");
+    assert!(!Path::new("/usr/rf-escape").exists());
+    // The agent's file operations see the sandbox's root too.
+    let id =
+        client.send(Request::ReadFile { path: secret.clone(), user: SandboxUser::Root, offset: 0 });
+    assert!(client.response(id).is_err(), "the host's {secret} is readable through the agent");
+    // The agent's own descriptors (its channel to the host) are not reachable by path.
+    let id = client.send(Request::ReadFile {
+        path: "/proc/1/fd/3".into(),
+        user: SandboxUser::Root,
+        offset: 0,
+    });
+    assert!(client.response(id).is_err());
+}
+
+#[test]
+fn host_loopback_is_unreachable_without_a_network() {
+    let env = setup!();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let c = start(env, "net");
+    let mut client = Client::new(&c);
+    let out = client.sh(&format!(
+        "python3 -c 'import socket; s=socket.socket(); s.settimeout(3); \
+         print(\"refused\" if s.connect_ex((\"127.0.0.1\", {port})) else \"connected\")'; \
+         python3 -c 'import socket; s=socket.socket(); s.settimeout(3); \
+         print(\"outside\", s.connect_ex((\"10.0.0.1\", 80)))'; \
+         cat /proc/net/dev"
+    ));
+    let text = ok(&out);
+    assert!(text.contains("refused"), "{text}");
+    assert!(!text.contains("outside 0"), "an outside address answered: {text}");
+    let ifaces: Vec<&str> =
+        text.lines().skip(4).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(ifaces, ["lo"], "{text}");
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's listener got a connection from the sandbox"
+    );
+}
+
+#[test]
+fn mounts_ptrace_and_host_processes_are_out_of_reach() {
+    let env = setup!();
+    let c = start(env, "priv");
+    let mut client = Client::new(&c);
+    let out = client.sh_as(
+        SandboxUser::Root,
+        "mount -t tmpfs none /mnt && echo MOUNTED; \
+         python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); \
+         r=l.ptrace(16, 1, 0, 0); print(\"ptrace\", r, ctypes.get_errno())'; \
+         python3 -c 'import os; print(\"unshare\", os.system(\"unshare -U true 2>/dev/null\"))'; \
+         cat /proc/[0-9]*/cmdline | tr \"\\0\" \" \"; echo",
+    );
+    let text = &out.stdout;
+    assert!(!text.lines().any(|l| l == "MOUNTED"), "{out:?}");
+    assert!(
+        text.contains("ptrace -1 1"),
+        "PTRACE_ATTACH to the agent must fail with EPERM: {out:?}"
+    );
+    // Only the sandbox's own processes exist in its pid namespace: no runsc, no test runner.
+    assert!(text.contains(bundle_agent_name()), "{out:?}");
+    for host in ["runsc", "cargo", "gvisor-"] {
+        assert!(!text.contains(host), "host process {host} visible: {out:?}");
+    }
+}
+
+fn bundle_agent_name() -> &'static str {
+    ringfence_gvisor::bundle::AGENT_IN_SANDBOX
+}
+
+#[test]
+fn a_fork_bomb_is_contained_by_the_pids_limit() {
+    let env = setup!();
+    let c = start_with(env, "forks", |s| s.limits.pids = Some(64));
+    let mut client = Client::new(&c);
+    let out = client.sh("python3 -c '
+import os, time
+n = 0
+err = None
+try:
+    for _ in range(5000):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    err = e.errno
+print(\"forked\", n, \"errno\", err, flush=True)
+os.killpg(0, 9)
+'");
+    eprintln!("{out:?}");
+    let line = out.stdout.lines().find(|l| l.starts_with("forked")).expect("a report line");
+    let n: u32 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(n < 5000, "5000 processes were forked under a limit of 64: {line}");
+    assert!(line.ends_with("errno 11"), "fork failed with EAGAIN: {line}");
+    // The sandbox is still usable afterwards.
+    assert_eq!(ok(&client.sh("echo alive")), "alive\n");
+    let peak = Path::new("/sys/fs/cgroup/pids")
+        .join(c.cgroup_path().trim_start_matches('/'))
+        .join("pids.peak");
+    eprintln!("host tasks peak: {:?}", std::fs::read_to_string(peak));
+}
+
+#[test]
+fn a_memory_bomb_is_contained() {
+    let env = setup!();
+    let c = start_with(env, "mem", |s| s.limits.memory = Some(128 << 20));
+    let mut client = Client::new(&c);
+    let out = client.sh("python3 -c '
+chunks = []
+try:
+    for i in range(64):
+        chunks.append(bytearray(16 << 20))
+    print(\"allocated 1 GiB\")
+except MemoryError:
+    print(\"MemoryError at\", len(chunks) * 16, \"MiB\")
+' 2>&1; echo rc=$?");
+    eprintln!("{out:?}");
+    assert!(!out.stdout.contains("allocated 1 GiB"), "1 GiB allocated under 128 MiB: {out:?}");
+    // The sandbox is still usable afterwards.
+    assert_eq!(ok(&client.sh("echo alive")), "alive\n");
+    let peak = c.usage().memory_peak_bytes.expect("the cgroup's peak");
+    eprintln!("memory peak {peak}");
+    assert!(peak <= (128 << 20) + (4 << 20), "peak {peak} over the limit");
+}
+
+#[test]
+fn disk_fill_stops_at_the_quota() {
+    let env = setup!();
+    let c = start_with(env, "disk", |s| s.limits.disk = 32 << 20);
+    let mut client = Client::new(&c);
+    let out =
+        client.sh("dd if=/dev/zero of=/home/user/fill bs=1M count=100 2>&1; ls -l /home/user/fill");
+    eprintln!("{out:?}");
+    assert!(out.stdout.contains("No space left on device"), "{out:?}");
+    let (used, total) = c.usage().disk.expect("disk usage");
+    assert!(total <= 33 << 20, "disk total {total}");
+    assert!(used >= 30 << 20, "the fill reached the writable layer: {used}");
+    // The host's own filesystems are untouched: the fill went to the sandbox's tmpfs.
+    assert_eq!(ok(&client.sh("rm /home/user/fill && echo freed")), "freed\n");
+}
+
+#[test]
+fn delete_leaves_nothing_behind() {
+    let env = setup!();
+    let mut c = start(env, "cleanup");
+    let id = c.id.clone();
+    let dir = env.cfg.sandbox_dir(&id);
+    let cgroup = c.cgroup_path().to_string();
+    let mut client = Client::new(&c);
+    // A process of its own, so there is something to kill.
+    client.send(Request::Spawn(SpawnSpec {
+        cmd: "/bin/sleep".into(),
+        args: vec!["600".into()],
+        env: Default::default(),
+        cwd: None,
+        user: SandboxUser::User,
+        stdio: StdioMode::Pipe { stdin: false },
+        tag: None,
+    }));
+    assert!(!host_processes_with(&id).is_empty(), "runsc runs the sandbox");
+    assert!(!host_mounts_with(&id).is_empty(), "its root is mounted");
+    c.delete().unwrap();
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert_eq!(host_mounts_with(&id), Vec::<String>::new());
+    // runsc's sandbox and gofer exit asynchronously after delete's kill; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_processes_with(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_processes_with(&id), Vec::<String>::new());
+    for controller in ["memory", "pids", "cpu", ""] {
+        let p = Path::new("/sys/fs/cgroup").join(controller).join(cgroup.trim_start_matches('/'));
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    assert!(!env.cfg.runsc_root().join(format!("{id}_sandbox:{id}.state")).exists());
+    // The channel is closed: the agent is gone (what it sent before is still readable).
+    client.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let end = std::io::Read::read_to_end(&mut (&client.stream), &mut rest);
+    assert!(end.is_ok(), "the agent's channel is still open: {end:?}");
+    // Deleting again is harmless.
+    c.delete().unwrap();
+}
+
+#[test]
+fn pause_stops_the_sandbox_and_resume_continues_it() {
+    let env = setup!();
+    let c = start(env, "pause");
+    let mut client = Client::new(&c);
+    c.pause().unwrap();
+    assert_eq!(c.status().unwrap(), "paused");
+    let id = client.send(Request::Ping);
+    // Nothing inside runs while paused, the agent included.
+    client.stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 1];
+    let got = std::io::Read::read(&mut (&client.stream), &mut buf);
+    assert!(got.is_err(), "the paused agent answered: {got:?}");
+    c.resume().unwrap();
+    assert_eq!(c.status().unwrap(), "running");
+    // The reply to the ping sent while paused, minus the byte maybe not read above.
+    let _ = id;
+    let out = client.sh("echo resumed");
+    assert!(out.stdout.contains("resumed"), "{out:?}");
+}
+
+#[test]
+fn a_saved_layer_starts_another_sandbox_with_the_files() {
+    let env = setup!();
+    let c = start(env, "layer");
+    let mut client = Client::new(&c);
+    ok(&client.sh("echo saved > /home/user/kept"));
+    ok(&client.sh_as(SandboxUser::Root, "rm /etc/os-release && mkdir -p /opt/app"));
+    let dest = env._data.path().join("layers").join(&c.id);
+    let stats = c.save_layer(&dest).unwrap();
+    assert!(stats.files >= 2, "{stats:?}");
+    // The sandbox runs on after the save.
+    assert_eq!(ok(&client.sh("echo still")), "still\n");
+    let d = start_with(env, "fromlayer", |s| s.layers = vec![dest.clone()]);
+    let mut client2 = Client::new(&d);
+    let out = client2
+        .sh("cat /home/user/kept; test -e /etc/os-release || echo deleted; test -d /opt/app && echo dir");
+    assert_eq!(ok(&out), "saved\ndeleted\ndir\n", "{out:?}");
+    // Its writes go to its own upper layer, not the shared one.
+    ok(&client2.sh("echo changed > /home/user/kept"));
+    assert_eq!(std::fs::read_to_string(dest.join("home/user/kept")).unwrap(), "saved\n");
+}
+
+#[test]
+fn bad_specs_fail_clearly_and_leave_nothing() {
+    let env = setup!();
+    let mut spec = StartSpec::new("../escape".into(), env.template.clone(), UID_BASE);
+    let err = Container::start(&env.cfg, spec.clone()).unwrap_err().to_string();
+    assert!(err.contains("sandbox id"), "{err}");
+    spec.id = unique_id("badlayer");
+    spec.layers = vec![PathBuf::from("/nonexistent/layer")];
+    let err = Container::start(&env.cfg, spec.clone()).unwrap_err().to_string();
+    assert!(err.contains("overlay"), "{err}");
+    assert!(!env.cfg.sandbox_dir(&spec.id).exists());
+    assert_eq!(host_mounts_with(&spec.id), Vec::<String>::new());
+    // A network namespace that does not exist: runsc itself refuses, and says so.
+    spec.id = unique_id("badnet");
+    spec.layers.clear();
+    spec.network = Network::Netns(PathBuf::from("/nonexistent/netns"));
+    let err = Container::start(&env.cfg, spec.clone()).unwrap_err().to_string();
+    assert!(err.contains("runsc"), "{err}");
+    assert!(!env.cfg.sandbox_dir(&spec.id).exists());
+    assert_eq!(host_mounts_with(&spec.id), Vec::<String>::new());
+    assert_eq!(host_processes_with(&spec.id), Vec::<String>::new());
+}
