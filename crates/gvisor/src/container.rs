@@ -200,16 +200,37 @@ impl Container {
             .map_err(|e| GvisorError::Invalid(format!("config.json: {e}")))?;
         fs::write(&config_path, text).map_err(io_op(format!("write {}", config_path.display())))?;
         ringfence_jail::phase(&mut c.phases, "bundle");
-        c.run(&spec, &agent_end)?;
+        let mut runsc = c.run(&spec, &agent_end)?;
+        // runsc holds the agent's end now; with ours closed, the channel ends when they do.
         drop(agent_end);
         ringfence_jail::phase(&mut c.phases, "runsc_spawned");
-        c.handshake(spec)?;
+        // The handshake does not wait for `runsc run --detach` to return: the agent is often
+        // ready before runsc has finished its own bookkeeping. If runsc fails instead, it exits
+        // and closes the channel, and its status and log say why.
+        let shook = c.handshake(spec);
+        let status = runsc.wait().map_err(io_op("wait for runsc run"))?;
+        ringfence_jail::phase(&mut c.phases, "runsc_returned");
+        if !status.success() {
+            let log = fs::read_to_string(c.dir.join("runsc.log")).unwrap_or_default();
+            return Err(GvisorError::Runsc {
+                command: "run".into(),
+                status: status.to_string(),
+                message: last_line(&log),
+            });
+        }
+        shook?;
         Ok(c)
     }
 
     /// Starts `runsc run --detach`, which returns once the container runs. The agent's end of
     /// the channel becomes the runsc process's fd 3 and, through `--pass-fd`, the agent's.
-    fn run(&mut self, spec: &StartSpec, agent_end: &UnixStream) -> Result<(), GvisorError> {
+    /// `runsc run --detach` exits as soon as the container is started; the sandbox's processes
+    /// are not its children and are reaped by init.
+    fn run(
+        &mut self,
+        spec: &StartSpec,
+        agent_end: &UnixStream,
+    ) -> Result<std::process::Child, GvisorError> {
         let log_path = self.dir.join("runsc.log");
         let log =
             fs::File::create(&log_path).map_err(io_op(format!("create {}", log_path.display())))?;
@@ -230,19 +251,7 @@ impl Container {
             .stdout(Stdio::null())
             .stderr(log);
         ringfence_sys::pass_fd(&mut cmd, agent_end.as_raw_fd(), CONTROL_FD);
-        let mut child = cmd.spawn().map_err(io_op(format!("run {}", self.runsc.path.display())))?;
-        // `runsc run --detach` exits as soon as the container is started; the sandbox's
-        // processes are not its children and are reaped by init.
-        let status = child.wait().map_err(io_op("wait for runsc run"))?;
-        if !status.success() {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(GvisorError::Runsc {
-                command: "run".into(),
-                status: status.to_string(),
-                message: last_line(&log),
-            });
-        }
-        Ok(())
+        cmd.spawn().map_err(io_op(format!("run {}", self.runsc.path.display())))
     }
 
     /// Sends the agent its setup and waits for it to report ready.

@@ -535,3 +535,116 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
     assert_eq!(host_mounts_with(&spec.id), Vec::<String>::new());
     assert_eq!(host_processes_with(&spec.id), Vec::<String>::new());
 }
+
+/// Start cost, printed (run with `--ignored --nocapture`): bare `runsc run` of the same bundle
+/// (the same root, mounts and limits, `/bin/echo` as init) against our start (bundle, root,
+/// runsc, agent handshake) to the first output of a command run through the agent.
+#[test]
+#[ignore = "a measurement, not a check: run it by name"]
+fn measure_start_cost() {
+    let env = setup!();
+    let runs = 10;
+    let mut bare = Vec::new();
+    let mut ours = Vec::new();
+    let mut idle_memory = Vec::new();
+    let mut started = Vec::new();
+    for i in 0..runs {
+        // Bare: the bundle our start writes, with /bin/echo as the container's init.
+        let id = unique_id("bare");
+        let dir = env.cfg.sandbox_dir(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Limits::default();
+        let mut root = ringfence_gvisor::rootfs::Rootfs::mount(
+            &dir,
+            &ringfence_gvisor::rootfs::RootfsSpec {
+                template: &env.template.rootfs,
+                layers: &[],
+                disk_bytes: limits.disk,
+                disk_inodes: 131072,
+                uid_base: UID_BASE,
+                hostname: &id,
+            },
+        )
+        .unwrap();
+        let cgroup = format!("{}/{id}", env.cfg.cgroup_parent);
+        let mut config = ringfence_gvisor::bundle::config(&ringfence_gvisor::bundle::BundleSpec {
+            hostname: &id,
+            rootfs: root.merged(),
+            host_layers: &env.template.meta.host_layers,
+            agent_path: &env.cfg.agent_path,
+            uid_base: UID_BASE,
+            limits: &limits,
+            cgroup_path: &cgroup,
+            network: &Network::None,
+            shm_bytes: 64 << 20,
+        });
+        config["process"]["args"] = serde_json::json!(["/bin/echo", "first"]);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let t = Instant::now();
+        let mut child = std::process::Command::new(&env.cfg.runsc.path)
+            .arg(format!("--root={}", env.cfg.runsc_root().display()))
+            .arg(format!("--platform={}", env.cfg.runsc.platform.as_str()))
+            .args(["--network=none", "--overlay2=none", "run", "--bundle"])
+            .arg(&dir)
+            .arg(&id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut byte).unwrap();
+        bare.push(t.elapsed());
+        child.wait().unwrap();
+        let _ = std::process::Command::new(&env.cfg.runsc.path)
+            .arg(format!("--root={}", env.cfg.runsc_root().display()))
+            .args(["delete", "--force", &id])
+            .output();
+        root.unmount().unwrap();
+        drop(root);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Ours: start, then a command through the agent to its first output.
+        let t = Instant::now();
+        let c = start(env, "ours");
+        started.push(t.elapsed());
+        let mut client = Client::new(&c);
+        let id = client.send(Request::Spawn(SpawnSpec {
+            cmd: "/bin/echo".into(),
+            args: vec!["first".into()],
+            env: Default::default(),
+            cwd: None,
+            user: SandboxUser::User,
+            stdio: StdioMode::Pipe { stdin: false },
+            tag: None,
+        }));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match client.read_event(deadline).unwrap() {
+                Event::Stdout { id: got, .. } if got == id => break,
+                _ => {}
+            }
+        }
+        ours.push(t.elapsed());
+        if i == 0 {
+            eprintln!("host phases of one start: {:?}", phase_deltas(c.phases()));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        idle_memory.push(c.usage().memory_bytes.unwrap_or(0));
+    }
+    let ms = |v: &mut Vec<Duration>| {
+        v.sort();
+        let all: Vec<String> = v.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
+        format!("median {:.1} ms (runs: {})", v[v.len() / 2].as_secs_f64() * 1e3, all.join(" "))
+    };
+    idle_memory.sort();
+    eprintln!("platform {:?}, runsc {}", env.cfg.runsc.platform, env.cfg.runsc.version);
+    eprintln!("bare runsc run (create -> first output): {}", ms(&mut bare));
+    eprintln!("ours (create -> first output via agent): {}", ms(&mut ours));
+    eprintln!("ours (create -> agent ready): {}", ms(&mut started));
+    eprintln!("idle sandbox memory (cgroup): median {} MiB", idle_memory[runs / 2] >> 20);
+}
+
+fn phase_deltas(phases: &[ringfence_proto::Phase]) -> Vec<(String, f64)> {
+    let first = phases.first().map_or(0, |p| p.at_ns);
+    phases.iter().map(|p| (p.name.clone(), (p.at_ns - first) as f64 / 1e6)).collect()
+}
