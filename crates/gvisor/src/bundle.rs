@@ -38,6 +38,12 @@ pub enum Network {
     /// runsc `--network=sandbox` in this pre-made network namespace (e.g. `/proc/<pid>/ns/net`
     /// of the jail's per-sandbox netns holder, with its TUN): gVisor's netstack sends through
     /// the namespace's interfaces, so every connection still passes the host-side policy.
+    ///
+    /// Not usable with runsc 0.0~20240729 on kernels 6.x: that runsc takes any namespace in
+    /// which `/proc/sys/net/core/rmem_default` exists for the root namespace and refuses to
+    /// start ("cannot run with network enabled in root network namespace"), and newer kernels
+    /// show that file in every namespace (measured here on 6.18). Later gVisor releases test
+    /// another file. Until then the start fails with runsc's message, and nothing is left.
     Netns(PathBuf),
 }
 

@@ -431,6 +431,43 @@ impl Container {
     }
 }
 
+/// Removes every sandbox under `cfg.state_dir` whose id is not in `keep`: what a host process
+/// that died without dropping its containers left (runsc's sandbox, gofer and state, the
+/// cgroup, the root's mounts, the directory). Call at start-up, before starting sandboxes.
+/// Returns the ids removed.
+pub fn sweep(cfg: &GvisorConfig, keep: &[&str]) -> Result<Vec<String>, GvisorError> {
+    let dir = cfg.state_dir.join("sandboxes");
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_op(format!("list {}", dir.display()))(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_op(format!("list {}", dir.display())))?;
+        let id = entry.file_name().to_string_lossy().into_owned();
+        if keep.contains(&id.as_str()) || check_id(&id).is_err() {
+            continue;
+        }
+        // A container value for it, whose delete does the work.
+        let mut c = Container {
+            id: id.clone(),
+            ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
+            control: UnixStream::pair().map_err(io_op("socketpair"))?.0,
+            runsc: cfg.runsc.clone(),
+            runsc_root: cfg.runsc_root(),
+            dir: entry.path(),
+            rootfs: Some(Rootfs::adopt(&entry.path())),
+            cgroup_path: format!("{}/{}", cfg.cgroup_parent.trim_end_matches('/'), id),
+            phases: Vec::new(),
+            deleted: false,
+        };
+        c.delete()?;
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         if let Err(e) = self.delete() {

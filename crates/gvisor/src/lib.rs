@@ -24,7 +24,7 @@ pub mod rootfs;
 use std::path::PathBuf;
 
 pub use bundle::Network;
-pub use container::{Container, StartSpec, Usage};
+pub use container::{Container, StartSpec, Usage, sweep};
 pub use probe::{Platform, Probe, Runsc, probe};
 
 /// Everything that can go wrong starting or running a gVisor sandbox.

@@ -125,6 +125,11 @@ impl Rootfs {
         Ok(root)
     }
 
+    /// The root a dead host process mounted under `dir`, to unmount (see `sweep`).
+    pub(crate) fn adopt(dir: &Path) -> Rootfs {
+        Rootfs { disk: dir.join("disk"), merged: dir.join("rootfs"), mounted: true }
+    }
+
     /// The merged root, runsc's `root.path`.
     pub fn merged(&self) -> &Path {
         &self.merged

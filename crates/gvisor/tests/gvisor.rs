@@ -471,6 +471,38 @@ fn delete_leaves_nothing_behind() {
 }
 
 #[test]
+fn sweep_removes_what_a_dead_host_process_left() {
+    let env = setup!();
+    // A state directory of its own: the sweep must not see the other tests' sandboxes.
+    let mut cfg = env.cfg.clone();
+    cfg.state_dir = env.cfg.state_dir.join(format!("sweep-{}", std::process::id()));
+    let start_here = |tag: &str| {
+        let spec = StartSpec::new(unique_id(tag), env.template.clone(), UID_BASE);
+        Container::start(&cfg, spec).unwrap()
+    };
+    let c = start_here("orphan");
+    let id = c.id.clone();
+    let kept = start_here("kept");
+    // As if the host process died: nothing of the container's own cleanup runs.
+    std::mem::forget(c);
+    let removed = ringfence_gvisor::sweep(&cfg, &[kept.id.as_str()]).unwrap();
+    assert_eq!(removed, [id.clone()]);
+    assert!(!cfg.sandbox_dir(&id).exists());
+    assert_eq!(host_mounts_with(&id), Vec::<String>::new());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_processes_with(&id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_processes_with(&id), Vec::<String>::new());
+    // The one it was told to keep still serves.
+    let mut client = Client::new(&kept);
+    assert_eq!(ok(&client.sh("echo kept")), "kept\n");
+    drop(kept);
+    assert_eq!(ringfence_gvisor::sweep(&cfg, &[]).unwrap(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+#[test]
 fn pause_stops_the_sandbox_and_resume_continues_it() {
     let env = setup!();
     let c = start(env, "pause");
