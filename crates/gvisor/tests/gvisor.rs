@@ -170,10 +170,8 @@ impl Client {
         let mut out = Output::default();
         loop {
             match self.read_event(deadline).expect("agent closed its channel") {
-                Event::Response { id: got, result } if got == id => {
-                    if let Err(e) = result {
-                        panic!("spawn failed: {}", e.message);
-                    }
+                Event::Response { id: got, result: Err(e) } if got == id => {
+                    panic!("spawn failed: {}", e.message);
                 }
                 Event::Stdout { id: got, data } if got == id => {
                     out.stdout.push_str(&String::from_utf8_lossy(&data));
@@ -486,7 +484,7 @@ fn sweep_removes_what_a_dead_host_process_left() {
     // As if the host process died: nothing of the container's own cleanup runs.
     std::mem::forget(c);
     let removed = ringfence_gvisor::sweep(&cfg, &[kept.id.as_str()]).unwrap();
-    assert_eq!(removed, [id.clone()]);
+    assert_eq!(removed, std::slice::from_ref(&id));
     assert!(!cfg.sandbox_dir(&id).exists());
     assert_eq!(host_mounts_with(&id), Vec::<String>::new());
     let deadline = Instant::now() + Duration::from_secs(5);
