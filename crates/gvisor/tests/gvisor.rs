@@ -678,3 +678,42 @@ fn phase_deltas(phases: &[ringfence_proto::Phase]) -> Vec<(String, f64)> {
     let first = phases.first().map_or(0, |p| p.at_ns);
     phases.iter().map(|p| (p.name.clone(), (p.at_ns - first) as f64 / 1e6)).collect()
 }
+
+#[test]
+fn ptys_and_watches_work_as_in_the_jail() {
+    let env = setup!();
+    let c = start(env, "ptywatch");
+    let mut client = Client::new(&c);
+    let watch = client.send(Request::Watch {
+        path: "/home/user".into(),
+        user: SandboxUser::User,
+        recursive: false,
+    });
+    let Ok(Reply::Watching { watch }) = client.response(watch) else { panic!("watch refused") };
+    let id = client.send(Request::Spawn(SpawnSpec {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), "tty; stty size; echo made > /home/user/seen".into()],
+        env: Default::default(),
+        cwd: None,
+        user: SandboxUser::User,
+        stdio: StdioMode::Pty { cols: 91, rows: 23 },
+        tag: None,
+    }));
+    let deadline = Instant::now() + WAIT;
+    let mut pty = String::new();
+    let mut seen = false;
+    let mut exited = false;
+    while !(exited && seen) {
+        match client.read_event(deadline).expect("agent closed its channel") {
+            Event::Pty { id: got, data } if got == id => {
+                pty.push_str(&String::from_utf8_lossy(&data));
+                client.send(Request::Credit { id, bytes: data.len() as u64 });
+            }
+            Event::Exited { id: got, .. } if got == id => exited = true,
+            Event::Fs { watch: w, name, .. } if w == watch && name == "seen" => seen = true,
+            _ => {}
+        }
+    }
+    assert!(pty.contains("/dev/pts/"), "{pty:?}");
+    assert!(pty.contains("23 91"), "{pty:?}");
+}
