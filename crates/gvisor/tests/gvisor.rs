@@ -717,3 +717,62 @@ fn ptys_and_watches_work_as_in_the_jail() {
     assert!(pty.contains("/dev/pts/"), "{pty:?}");
     assert!(pty.contains("23 91"), "{pty:?}");
 }
+
+#[test]
+fn file_operations_and_uploads_work_as_in_the_jail() {
+    let env = setup!();
+    let c = start(env, "fileops");
+    let mut client = Client::new(&c);
+    let user = SandboxUser::User;
+    let mut req = |client: &mut Client, r: Request| {
+        let id = client.send(r);
+        client.response(id)
+    };
+    req(&mut client, Request::MakeDir { path: "/home/user/d/e".into(), user }).unwrap();
+    req(
+        &mut client,
+        Request::WriteFile {
+            path: "/home/user/d/e/f".into(),
+            user,
+            offset: 0,
+            data: b"12345".to_vec(),
+        },
+    )
+    .unwrap();
+    req(
+        &mut client,
+        Request::Rename { from: "/home/user/d/e/f".into(), to: "/home/user/d/g".into(), user },
+    )
+    .unwrap();
+    let Ok(Reply::Entries(list)) =
+        req(&mut client, Request::ListDir { path: "/home/user/d".into(), user, depth: 2 })
+    else {
+        panic!("list failed")
+    };
+    let mut names: Vec<String> = list.iter().map(|e| e.path.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["/home/user/d/e", "/home/user/d/g"]);
+    let Ok(Reply::Entry(st)) =
+        req(&mut client, Request::Stat { path: "/home/user/d/g".into(), user })
+    else {
+        panic!("stat failed")
+    };
+    assert_eq!(st.size, 5);
+    // A symlink the user planted towards the agent's descriptors is refused, not followed.
+    ok(&client.sh("ln -s /proc/1/fd /home/user/fds; ln -s /dev/fd/3 /home/user/chan"));
+    for p in ["/home/user/fds/3", "/home/user/chan"] {
+        let err = req(&mut client, Request::ReadFile { path: p.into(), user, offset: 0 });
+        assert!(err.is_err(), "{p}: {err:?}");
+    }
+    // Uploads: an unnamed temporary file, committed whole.
+    let Ok(Reply::Upload { upload, .. }) =
+        req(&mut client, Request::UploadBegin { path: "/home/user/up.bin".into(), user })
+    else {
+        panic!("upload refused")
+    };
+    req(&mut client, Request::UploadWrite { upload, offset: 0, data: vec![7u8; 3000] }).unwrap();
+    req(&mut client, Request::UploadCommit { upload, metadata: Default::default() }).unwrap();
+    assert_eq!(ok(&client.sh("stat -c '%s %U' /home/user/up.bin")), "3000 user\n");
+    req(&mut client, Request::Remove { path: "/home/user/d".into(), user }).unwrap();
+    assert_eq!(ok(&client.sh("ls /home/user/d 2>&1 || echo gone")).lines().last(), Some("gone"));
+}
