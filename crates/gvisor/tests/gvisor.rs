@@ -667,6 +667,25 @@ fn measure_start_cost() {
         format!("median {:.1} ms (runs: {})", v[v.len() / 2].as_secs_f64() * 1e3, all.join(" "))
     };
     idle_memory.sort();
+    // gVisor's syscall cost where it shows: a Python start with imports (hundreds of stats and
+    // opens), inside against the host.
+    let script =
+        "/usr/bin/python3 -c 'import asyncio, json, http.client, decimal, email.parser, sqlite3'";
+    let c = start(env, "imports");
+    let mut client = Client::new(&c);
+    let mut inside = Vec::new();
+    let mut host = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        ok(&client.sh(script));
+        inside.push(t.elapsed());
+        let t = Instant::now();
+        let st = std::process::Command::new("/bin/sh").args(["-c", script]).status().unwrap();
+        assert!(st.success());
+        host.push(t.elapsed());
+    }
+    eprintln!("python imports inside gVisor: {}", ms(&mut inside));
+    eprintln!("python imports on the host: {}", ms(&mut host));
     eprintln!("platform {:?}, runsc {}", env.cfg.runsc.platform, env.cfg.runsc.version);
     eprintln!("bare runsc run (create -> first output): {}", ms(&mut bare));
     eprintln!("ours (create -> first output via agent): {}", ms(&mut ours));
