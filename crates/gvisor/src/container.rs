@@ -208,9 +208,17 @@ impl Container {
         // ready before runsc has finished its own bookkeeping. If runsc fails instead, it exits
         // and closes the channel, and its status and log say why.
         let shook = c.handshake(spec);
+        if shook.is_err() {
+            // A runsc that hangs (a timed-out setup) must not hang us too; what it started is
+            // removed by `delete` when `c` drops.
+            let _ = runsc.kill();
+        }
         let status = runsc.wait().map_err(io_op("wait for runsc run"))?;
         ringfence_jail::phase(&mut c.phases, "runsc_returned");
-        if !status.success() {
+        // runsc's own failure explains more than the agent's closed channel; a runsc we killed
+        // above leaves the handshake's error.
+        let runsc_failed = status.code().is_some_and(|code| code != 0);
+        if runsc_failed || (!status.success() && shook.is_ok()) {
             let log = fs::read_to_string(c.dir.join("runsc.log")).unwrap_or_default();
             return Err(GvisorError::Runsc {
                 command: "run".into(),

@@ -743,7 +743,7 @@ fn file_operations_and_uploads_work_as_in_the_jail() {
     let c = start(env, "fileops");
     let mut client = Client::new(&c);
     let user = SandboxUser::User;
-    let mut req = |client: &mut Client, r: Request| {
+    let req = |client: &mut Client, r: Request| {
         let id = client.send(r);
         client.response(id)
     };
