@@ -178,3 +178,24 @@ fn run_with_timeout(cmd: &mut Command) -> Result<(), String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_wrong_binary_is_unavailable_with_a_reason() {
+        let scratch = std::env::temp_dir();
+        match probe_at(Path::new("/nonexistent/runsc"), &scratch) {
+            Probe::Unavailable { reason } => assert!(reason.contains("cannot run"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        match probe_at(Path::new("/bin/true"), &scratch) {
+            Probe::Unavailable { reason } => {
+                assert!(reason.contains("not a working runsc"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+}
