@@ -197,5 +197,4 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
-
 }
