@@ -23,6 +23,9 @@ use crate::{GvisorConfig, GvisorError, Runsc};
 /// process, which passes it on): where the agent looks for it, as in the jail.
 const CONTROL_FD: i32 = ringfence_sys::CONTROL_FD;
 
+/// How long a start whose handshake failed waits for `runsc run` to exit by itself.
+const RUNSC_EXIT_GRACE: Duration = Duration::from_secs(2);
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StartSpec {
@@ -208,12 +211,26 @@ impl Container {
         // ready before runsc has finished its own bookkeeping. If runsc fails instead, it exits
         // and closes the channel, and its status and log say why.
         let shook = c.handshake(spec);
-        if shook.is_err() {
-            // A runsc that hangs (a timed-out setup) must not hang us too; what it started is
-            // removed by `delete` when `c` drops.
-            let _ = runsc.kill();
-        }
-        let status = runsc.wait().map_err(io_op("wait for runsc run"))?;
+        let status = if shook.is_ok() {
+            runsc.wait().map_err(io_op("wait for runsc run"))?
+        } else {
+            // A failing runsc closes the channel as it exits: give it a moment to do so, for
+            // its status and log. One that hangs (a timed-out setup) must not hang us too;
+            // what it started is removed by `delete` when `c` drops.
+            let deadline = Instant::now() + RUNSC_EXIT_GRACE;
+            loop {
+                match runsc.try_wait().map_err(io_op("wait for runsc run"))? {
+                    Some(status) => break status,
+                    None if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    None => {
+                        let _ = runsc.kill();
+                        break runsc.wait().map_err(io_op("wait for runsc run"))?;
+                    }
+                }
+            }
+        };
         ringfence_jail::phase(&mut c.phases, "runsc_returned");
         // runsc's own failure explains more than the agent's closed channel; a runsc we killed
         // above leaves the handshake's error.

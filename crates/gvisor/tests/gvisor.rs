@@ -23,12 +23,14 @@ use ringfence_proto::{
 
 const UID_BASE: u32 = 100_000_000;
 const WAIT: Duration = Duration::from_secs(20);
+/// The tests' templates and saved layers.
+const DATA_DIR: &str = "/var/tmp/ringfence-gvisor-test";
 
 /// What every test shares: the probed runsc, a template and a state directory.
 struct Env {
     cfg: GvisorConfig,
     template: Template,
-    _data: tempfile::TempDir,
+    data: PathBuf,
 }
 
 fn agent_path() -> Option<PathBuf> {
@@ -52,15 +54,18 @@ fn env() -> Result<&'static Env, String> {
             Probe::Available(r) => r,
             Probe::Unavailable { reason } => return Err(reason),
         };
-        // Searchable by the sandbox's ids: not a 0700 temporary directory.
-        let data = tempfile::Builder::new().prefix("rf-gvisor-").tempdir_in("/var/tmp").unwrap();
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let template = template::ensure_host(data.path(), UID_BASE).map_err(|e| e.to_string())?;
+        // One data directory for every run (statics are never dropped, so a temporary one
+        // would be left behind each time); the template in it is built once. Searchable by
+        // the sandbox's ids, unlike a 0700 temporary directory.
+        let data = PathBuf::from(DATA_DIR);
+        std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let template = template::ensure_host(&data, UID_BASE).map_err(|e| e.to_string())?;
         let mut cfg = GvisorConfig::new(runsc, agent);
         cfg.state_dir = state;
         cfg.cgroup_parent = "/ringfence-gvisor-test".into();
-        Ok(Env { cfg, template, _data: data })
+        Ok(Env { cfg, template, data })
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -528,7 +533,7 @@ fn a_saved_layer_starts_another_sandbox_with_the_files() {
     let mut client = Client::new(&c);
     ok(&client.sh("echo saved > /home/user/kept"));
     ok(&client.sh_as(SandboxUser::Root, "rm /etc/os-release && mkdir -p /opt/app"));
-    let dest = env._data.path().join("layers").join(&c.id);
+    let dest = env.data.join("layers").join(&c.id);
     let stats = c.save_layer(&dest).unwrap();
     assert!(stats.files >= 2, "{stats:?}");
     // The sandbox runs on after the save.
@@ -541,6 +546,8 @@ fn a_saved_layer_starts_another_sandbox_with_the_files() {
     // Its writes go to its own upper layer, not the shared one.
     ok(&client2.sh("echo changed > /home/user/kept"));
     assert_eq!(std::fs::read_to_string(dest.join("home/user/kept")).unwrap(), "saved\n");
+    drop(d);
+    std::fs::remove_dir_all(&dest).unwrap();
 }
 
 #[test]
