@@ -17,6 +17,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# gVisor's runsc with the systrap platform, for the `gvisor` tier (Debian 13's static binary).
+"$(dirname "$0")/install-runsc.sh"
 # The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
 "$(dirname "$0")/interp-env.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }

@@ -11,7 +11,8 @@
 //! client itself may not go: through a `/proc` magic link (`/proc/<pid>/fd/N`, `root`, `cwd`,
 //! `exe`, `map_files`) to whatever a descriptor points at, or into the agent's own `/proc/1`
 //! (its memory, its descriptors). Every client path is therefore resolved by the kernel with
-//! `openat2(RESOLVE_NO_MAGICLINKS)` into a descriptor ([`Pinned`]), the agent's own `/proc`
+//! `openat2(RESOLVE_NO_MAGICLINKS)` (or, where the kernel lacks it, the same rules applied by
+//! [`resolve`]) into a descriptor ([`Pinned`]), the agent's own `/proc`
 //! entries are refused, and the operation then goes through that descriptor, so a symlink
 //! swapped in after the check cannot redirect it.
 
@@ -24,7 +25,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, Per
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+use nix::fcntl::{AT_FDCWD, OFlag, ResolveFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::stat::Mode;
 use ringfence_proto::{
@@ -150,8 +151,12 @@ impl Pinned {
     }
 }
 
-fn no_magic(flags: OFlag) -> OpenHow {
-    OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS)
+fn no_magic(flags: OFlag) -> How {
+    How {
+        flags: flags | OFlag::O_CLOEXEC,
+        mode: Mode::empty(),
+        resolve: ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    }
 }
 
 fn magic_refused(path: &Path) -> AgentError {
@@ -166,10 +171,12 @@ fn magic_refused(path: &Path) -> AgentError {
 fn loop_or_magic(path: &Path, flags: OFlag) -> AgentError {
     let mut p = path;
     loop {
-        let plain =
-            OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC | (flags & OFlag::O_NOFOLLOW));
-        let strict = openat2(AT_FDCWD, p, no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW)));
-        if openat2(AT_FDCWD, p, plain).is_ok() && matches!(strict, Err(Errno::ELOOP)) {
+        let plain = How {
+            resolve: ResolveFlag::empty(),
+            ..no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW))
+        };
+        let strict = open_how(AT_FDCWD, p, no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW)));
+        if open_how(AT_FDCWD, p, plain).is_ok() && matches!(strict, Err(Errno::ELOOP)) {
             return magic_refused(path);
         }
         match p.parent() {
@@ -198,8 +205,8 @@ fn is_agent_proc(fd: &OwnedFd) -> bool {
 /// Opens `path` (following an ordinary final symlink unless `O_NOFOLLOW`) with magic links and
 /// the agent's own `/proc` entries refused.
 fn open_checked(path: &Path, flags: OFlag, mode: u32) -> Result<OwnedFd, AgentError> {
-    let how = no_magic(flags).mode(Mode::from_bits_truncate(mode));
-    let fd = match openat2(AT_FDCWD, path, how) {
+    let how = How { mode: Mode::from_bits_truncate(mode), ..no_magic(flags) };
+    let fd = match open_how(AT_FDCWD, path, how) {
         Ok(fd) => fd,
         Err(Errno::ELOOP) => return Err(loop_or_magic(path, flags)),
         Err(e) => return Err(map_io(e.into(), path)),
@@ -223,12 +230,10 @@ fn pin_entry(path: &Path) -> Result<Pinned, AgentError> {
             let dir = open_checked(parent, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
             let pinned = Pinned::new(dir, Some(name));
             // The name itself may be the agent's /proc/1 (`/proc/1`, `/proc/self`).
-            if let Ok(fd) = openat2(
+            if let Ok(fd) = open_how(
                 pinned.fd.as_fd(),
-                name,
-                OpenHow::new()
-                    .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-                    .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS),
+                Path::new(name),
+                no_magic(OFlag::O_PATH | OFlag::O_NOFOLLOW),
             ) && is_agent_proc(&fd)
             {
                 return Err(magic_refused(path));
@@ -357,12 +362,14 @@ pub fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, AgentError> {
                 Err(e) => return Err(map_io(e, &child)),
             };
             if md.file_type().is_dir() && level < max_depth {
-                let sub = openat2(
+                let sub = open_how(
                     pinned.fd.as_fd(),
-                    &*dirent.file_name(),
-                    no_magic(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW).resolve(
-                        ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_SYMLINKS,
-                    ),
+                    Path::new(&dirent.file_name()),
+                    How {
+                        resolve: ResolveFlag::RESOLVE_NO_MAGICLINKS
+                            | ResolveFlag::RESOLVE_NO_SYMLINKS,
+                        ..no_magic(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW)
+                    },
                 );
                 // Gone or replaced since: skipped. The agent's own /proc/1 is not descended.
                 if let Ok(fd) = sub
@@ -536,7 +543,10 @@ fn open_existing(path: &Path) -> Result<File, AgentError> {
     open_checked(path, OFlag::O_WRONLY | open_flags(), 0).map(File::from)
 }
 
+mod resolve;
 mod upload;
+
+use resolve::{How, open as open_how};
 use upload::{CommitKind, is_unnamed_temp, is_upload_temp};
 pub use upload::{MAX_UPLOADS, Upload};
 

@@ -28,12 +28,30 @@ use ringfence_proto::{Event, ExitStatus, Ready, SetupSpec, Usage, encode, read_f
 
 /// Entry point of the `ringfence-agent` executable.
 pub fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() != Some("--init") {
-        eprintln!(
-            "ringfence-agent is started by ringfence inside a new sandbox; it is not run by hand"
-        );
-        return ExitCode::from(2);
+    let args: Vec<String> = std::env::args().collect();
+    // A host process parked in a cgroup slot, which starts that slot's sandboxes
+    // (`ringfence_jail::spawner`); it runs no sandbox code itself.
+    if let [_, flag, socket_flag, socket] = &args[..]
+        && flag == "--spawner"
+        && socket_flag == "--socket"
+    {
+        return match ringfence_jail::spawner::serve(std::path::Path::new(socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
     }
+    let tier = match args.iter().skip(1).map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["--init"] => Tier::Jail,
+        ["--init", "--tier", "jail"] => Tier::Jail,
+        ["--init", "--tier", "gvisor"] => Tier::Gvisor,
+        _ => {
+            eprintln!(
+                "ringfence-agent is started by ringfence inside a new sandbox; it is not run by \
+                 hand (usage: ringfence-agent --init [--tier jail|gvisor])"
+            );
+            return ExitCode::from(2);
+        }
+    };
     let Some(control) = control_channel() else {
         eprintln!("ringfence-agent: no control channel on fd 3");
         return ExitCode::from(2);
@@ -41,10 +59,22 @@ pub fn main() -> ExitCode {
     // The claim on this sandbox's owner uid: held open until this process exits, and kept out
     // of every process it starts.
     ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
-    match run(control) {
+    match run(control, tier) {
         Ok(code) => code,
         Err(()) => ExitCode::from(1),
     }
+}
+
+/// Which isolation tier started this agent, and so how much of the sandbox it builds itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    /// Fresh namespaces: the agent builds the sandbox (`ringfence_jail::inside`).
+    Jail,
+    /// The init of a gVisor container: runsc already built the root, mounts, hostname, limits,
+    /// capabilities and `no_new_privs` from the OCI bundle, and its user-space kernel is the
+    /// boundary. Seccomp user notification and Landlock do not exist there, so the agent only
+    /// hardens itself and serves (see [`gvisor_setup`]).
+    Gvisor,
 }
 
 /// fd 3, set up by the host before exec.
@@ -112,13 +142,16 @@ fn receive_lowers(control: &UnixStream, count: u32) -> Result<Vec<OwnedFd>, Stri
     Ok(lowers)
 }
 
-fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
+fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     let mut phases = Vec::new();
     ringfence_jail::phase(&mut phases, "agent_exec");
     let spec: SetupSpec = match read_frame(&mut control) {
         Ok(Some(s)) => s,
         _ => return Err(()),
     };
+    if tier == Tier::Gvisor {
+        return gvisor_run(control, &spec, phases);
+    }
     let lowers = match receive_lowers(&control, spec.lowers + u32::from(spec.own_disk)) {
         Ok(l) => l,
         Err(message) => {
@@ -185,9 +218,83 @@ fn run(mut control: UnixStream) -> Result<ExitCode, ()> {
     serve::serve(control, initial_pid, outcome.reconnect).map(|()| ExitCode::SUCCESS)
 }
 
+/// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
+fn gvisor_setup() -> Result<(), ringfence_jail::inside::InsideError> {
+    // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
+    // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| ringfence_jail::inside::InsideError {
+        step: "prctl(PR_SET_DUMPABLE)".into(),
+        message: e.to_string(),
+    })
+}
+
+/// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the
+/// channel is a host socket that runsc imports into the sandbox (`--pass-fd`), over which
+/// gVisor does not carry descriptors, and there is no seccomp listener or stage to hand over.
+fn gvisor_run(
+    mut control: UnixStream,
+    spec: &SetupSpec,
+    mut phases: Vec<ringfence_proto::Phase>,
+) -> Result<ExitCode, ()> {
+    if let Err(e) = gvisor_setup() {
+        let _ = control.write_all(&[MARK_ERROR]);
+        let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
+        return Err(());
+    }
+    ringfence_jail::phase(&mut phases, "gvisor_setup");
+    spawn::set_sandbox_env(spec.env.clone());
+    control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
+    let mut initial_pid = None;
+    let mut initial_error = None;
+    if let Some(init) = &spec.initial {
+        match spawn::spawn_inherit(init) {
+            Ok(pid) => {
+                initial_pid = Some(pid);
+                ringfence_jail::phase(&mut phases, "spawned");
+            }
+            Err(e) => initial_error = Some(e),
+        }
+    }
+    send(&mut control, &Event::Ready(Ready { phases, landlock_abi: None, initial_pid }))?;
+    if let Some(err) = initial_error {
+        send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
+        if spec.exit_with_initial {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if spec.exit_with_initial {
+        if let Some(pid) = initial_pid {
+            return one_shot(&mut control, pid);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    serve::serve(control, initial_pid, None).map(|()| ExitCode::SUCCESS)
+}
+
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the
 /// pid namespace and so every process left in it.
 fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
+    // The host that ran us is gone (killed, say): so is the reason to run. A sandbox started
+    // by a spawner has no parent-death signal to take it down; end-of-file on the channel
+    // stands in for it. Watched without reading, so the host's messages stay in place.
+    let watched = control.try_clone().map_err(drop)?;
+    std::thread::spawn(move || {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
+        // reports whatever was asked for.
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        loop {
+            let mut fds = [PollFd::new(watched.as_fd(), PollFlags::empty())];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => {
+                    std::process::exit(1)
+                }
+                Ok(_) | Err(nix::Error::EINTR) => continue,
+                Err(_) => return,
+            }
+        }
+    });
     loop {
         match ringfence_sys::wait4(-1, false) {
             Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {

@@ -292,7 +292,10 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         None
     } else {
         let layout = Layout::detect()?;
-        Some(Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups")))
+        Some(
+            Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"))
+                .with_spawners(cfg.agent_path.clone()),
+        )
     };
     let limits = Limits {
         memory: Some(args.memory),

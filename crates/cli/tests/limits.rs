@@ -40,22 +40,26 @@ struct Holder {
     stdin: Option<ChildStdin>,
     /// The program's one-line report of what it took.
     report: String,
+    /// A comment unique to this holder's program, to find it among the host's processes.
+    marker: String,
 }
 
 impl Holder {
-    /// Host pid of the sandbox's agent: the `ringfence run` process's child.
-    fn agent_pid(&self) -> i32 {
-        let cli = self.child.id() as i32;
+    /// Host pid of the holding program, inside the sandbox (found by its marker: the sandbox's
+    /// agent is not the `ringfence run` process's child when a spawner started it).
+    fn sandbox_pid(&self) -> i32 {
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .find(|pid| {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1));
-                ppid == Some(cli.to_string().as_str())
+                // The program itself, not the `ringfence run` whose arguments carry it too.
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    c.starts_with(b"/usr/bin/python3\0")
+                        && String::from_utf8_lossy(&c).contains(&self.marker)
+                })
             })
-            .expect("the sandbox's agent")
+            .expect("the holding program")
     }
 
     /// The numbers of the report: "held N ERRNO" gives [N, ERRNO].
@@ -82,7 +86,13 @@ impl Drop for Holder {
 /// Starts a sandbox running `code` (after [`PY_SYSCALL`]); it must print one line and then
 /// read stdin to its end.
 fn hold(opts: &[&str], code: &str) -> Holder {
-    let full = format!("{PY_SYSCALL}\n{code}");
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let marker = format!(
+        "# holder {} {}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let full = format!("{PY_SYSCALL}\n{code}\n{marker}\n");
     let mut child = ringfence()
         .arg("run")
         .args(opts)
@@ -102,7 +112,7 @@ fn hold(opts: &[&str], code: &str) -> Holder {
     });
     let report = rx.recv_timeout(WAIT).expect("the holding sandbox reported").trim().to_string();
     assert!(report.starts_with("held "), "unexpected report {report:?}");
-    Holder { child, stdin, report }
+    Holder { child, stdin, report, marker }
 }
 
 /// Runs `code` (after [`PY_SYSCALL`]) in host python as this test's user (root), in the host's
@@ -173,7 +183,7 @@ assert libc.setns(fd, 0x10000000) == 0, f"setns: errno {{ctypes.get_errno()}}"
 r = libc.inotify_init1(0)
 print(r, ctypes.get_errno())
 "#,
-        a.agent_pid()
+        a.sandbox_pid()
     ));
     assert_eq!(entered.trim(), format!("-1 {EMFILE}"), "entering process charged elsewhere");
 }

@@ -401,17 +401,19 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     }
     assert_eq!(o.stdout, "x\n");
     assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
-    // A run killed with SIGKILL: its sandbox dies with it (PDEATHSIG), its disk stays behind.
-    // Its id is its hostname, read through its agent (the CLI's child).
+    // A run killed with SIGKILL: its sandbox dies with it (its agent reads end-of-file on its
+    // control channel), its disk stays behind. Its id is its hostname, read through the
+    // sandbox's command.
     let mut child = ringfence().args(["run", "--", "sleep", "60.25"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let id = loop {
-        let children =
-            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
-                .unwrap_or_default();
-        let name = children
-            .split_whitespace()
-            .find_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).ok());
+        let sleeper = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (cmd == b"sleep\x0060.25\x00").then_some(pid)
+        });
+        let name = sleeper
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).ok());
         if let Some(n) = name.map(|n| n.trim().to_string()).filter(|n| n.len() == 20) {
             break n;
         }
@@ -422,7 +424,7 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();
-    // Its sandbox went with it (the agent's parent-death signal).
+    // Its sandbox went with it (the agent read end-of-file on its control channel).
     let deadline = Instant::now() + Duration::from_secs(5);
     while !host_pids_running("sleep 60.25").is_empty() {
         assert!(Instant::now() < deadline, "the killed run's sandbox is still running");
@@ -800,4 +802,69 @@ fn sandboxes_run_concurrently() {
         let o = h.join().unwrap();
         assert_eq!(o.stdout.trim(), i.to_string(), "{o:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spawners: sandboxes born in their cgroup slot.
+
+fn ppid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn memory_cgroup(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("memory"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A run's sandbox is started by the spawner parked in its cgroup slot (so it is born in the
+/// slot and never moved), and nothing made inside a sandbox, root included, can pass for that
+/// spawner: cleanup, which spares the spawner, spares nothing of the sandbox's.
+#[test]
+fn sandboxes_are_born_in_their_slot_by_a_spawner_no_sandbox_process_can_pass_for() {
+    root_only!();
+    let mut child = ringfence()
+        .args(["run", "--user", "root", "--", "/bin/sh", "-c", "sleep 7431.5"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sleeper = loop {
+        if let Some(p) = host_pids_running("sleep 7431.5").first() {
+            break *p;
+        }
+        assert!(Instant::now() < deadline, "the run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let shell = ppid(sleeper);
+    let agent = ppid(shell);
+    let spawner = ppid(agent);
+    let cmdline = String::from_utf8(std::fs::read(format!("/proc/{spawner}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert!(cmdline.contains("--spawner --socket"), "the agent's parent: {cmdline}");
+    assert_eq!(memory_cgroup(spawner), memory_cgroup(agent), "born in the spawner's slot");
+    assert!(memory_cgroup(agent).contains("ringfence/run-"), "{}", memory_cgroup(agent));
+    use ringfence_jail::spawner::is_spawner;
+    assert!(is_spawner(spawner));
+    for (what, pid) in [("agent", agent), ("root's shell", shell), ("root's command", sleeper)] {
+        assert!(!is_spawner(pid), "the sandbox's {what} passes for a spawner");
+    }
+    // Its socket is host root's alone.
+    let socket = cmdline.split_whitespace().last().unwrap().to_string();
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&socket).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600), "{socket}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_pids_running("sleep 7431.5").is_empty() {
+        assert!(Instant::now() < deadline, "the killed run's sandbox is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The spawner stays parked for the slot's next sandbox.
+    assert!(std::path::Path::new(&format!("/proc/{spawner}")).exists(), "the spawner went");
 }

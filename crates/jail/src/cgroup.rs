@@ -107,6 +107,8 @@ pub struct Pool {
     name: String,
     prefix: String,
     lock_dir: PathBuf,
+    /// The agent's executable, to park a spawner in each slot (see [`crate::spawner`]).
+    spawner_exe: Option<PathBuf>,
 }
 
 /// Slots are numbered below this bound.
@@ -116,7 +118,50 @@ impl Pool {
     /// A pool named `prefix` under the `name` subtree of every hierarchy; slot locks live in
     /// `lock_dir`.
     pub fn new(layout: Layout, name: &str, prefix: &str, lock_dir: PathBuf) -> Self {
-        Pool { layout, name: name.into(), prefix: prefix.into(), lock_dir }
+        Pool { layout, name: name.into(), prefix: prefix.into(), lock_dir, spawner_exe: None }
+    }
+
+    /// Parks a spawner (`exe --spawner`) in each slot this pool leases, so sandboxes are born
+    /// in their cgroups instead of being moved there (see [`crate::spawner`]).
+    pub fn with_spawners(mut self, exe: PathBuf) -> Self {
+        self.spawner_exe = Some(exe);
+        self
+    }
+
+    /// Where the spawner of `slot` for the current agent executable listens.
+    fn spawner_socket(&self, slot: u32) -> Option<(PathBuf, &PathBuf)> {
+        let exe = self.spawner_exe.as_ref()?;
+        let tag = crate::spawner::binary_tag(exe).ok()?;
+        Some((self.lock_dir.join(format!("{}-{slot}.{tag}.spawner", self.prefix)), exe))
+    }
+
+    /// The spawner of `slot`: the one already parked there, or a new one. Spawners of other
+    /// builds of the agent go: each would hold one of the slot's pids.
+    fn spawner(&self, lease: &Lease) -> Option<crate::spawner::Spawner> {
+        use crate::spawner::Spawner;
+        let (socket, exe) = self.spawner_socket(lease.slot)?;
+        let mine = format!("{}-{}.", self.prefix, lease.slot);
+        if let Ok(entries) = fs::read_dir(&self.lock_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&mine) && name.ends_with(".spawner") && e.path() != socket {
+                    crate::spawner::stop(&e.path());
+                }
+            }
+        }
+        if let Some(s) = Spawner::existing(&socket) {
+            return Some(s);
+        }
+        let park =
+            |pid| lease.add(pid).map_err(|e| crate::spawner::SpawnerError::Refused(e.to_string()));
+        match Spawner::start(&socket, exe, park) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Not a failure of the sandbox: it is moved into the slot instead (slower).
+                tracing::info!(slot = lease.slot, error = %e, "no spawner: this slot's sandboxes are moved into it");
+                None
+            }
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -195,6 +240,7 @@ impl Pool {
             lease.kill_all()?;
             let mut lease = lease;
             lease.apply(limits)?;
+            lease.spawner = self.spawner(&lease);
             lease.set_baselines();
             return Ok(lease);
         }
@@ -210,6 +256,9 @@ impl Pool {
             source: std::io::Error::other("slot is held by another process"),
         })?;
         let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
+        lease.spawner = self
+            .spawner_socket(slot)
+            .and_then(|(socket, _)| crate::spawner::Spawner::existing(&socket));
         lease.set_baselines();
         Ok(lease)
     }
@@ -233,6 +282,14 @@ impl Pool {
             let lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
             killed += lease.procs().len();
             lease.kill_all()?;
+            // And its spawner: nothing holds the slot, whose directories go now.
+            for pid in lease.all_procs() {
+                let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+            }
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while !lease.all_procs().is_empty() && std::time::Instant::now() < until {
+                thread::sleep(Duration::from_millis(5));
+            }
             for d in &lease.dirs {
                 if d.exists() {
                     fs::remove_dir(d).map_err(io_err("rmdir", d))?;
@@ -251,6 +308,8 @@ pub struct Lease {
     dirs: Vec<PathBuf>,
     layout: Layout,
     _lock: Flock<File>,
+    /// The slot's spawner, if one is parked there (see [`crate::spawner`]).
+    spawner: Option<crate::spawner::Spawner>,
     /// Counters as they stood when this lease began: slots are reused, and their counters
     /// keep counting across owners.
     oom_base: u64,
@@ -331,6 +390,7 @@ impl Lease {
             dirs,
             layout,
             _lock: lock,
+            spawner: None,
             oom_base: 0,
             pids_base: 0,
             cpu_base: 0,
@@ -348,6 +408,11 @@ impl Lease {
         self.slot
     }
 
+    /// The slot's spawner, which starts sandboxes inside the slot.
+    pub fn spawner(&self) -> Option<&crate::spawner::Spawner> {
+        self.spawner.as_ref()
+    }
+
     fn apply(&self, l: &Limits) -> Result<(), CgroupError> {
         match &self.layout {
             Layout::V2 { .. } => {
@@ -358,7 +423,11 @@ impl Lease {
                 if swap.exists() {
                     write_file(&swap, "0")?;
                 }
-                write_file(&d.join("pids.max"), &l.pids.map_or("max".into(), |p| p.to_string()))?;
+                // One more than the sandbox's own: room for the slot's spawner.
+                write_file(
+                    &d.join("pids.max"),
+                    &l.pids.map_or("max".into(), |p| (p + 1).to_string()),
+                )?;
                 let cpu =
                     l.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", m * 100));
                 write_file(&d.join("cpu.max"), &cpu)?;
@@ -378,9 +447,10 @@ impl Lease {
                 }
                 // Reset the high-water mark so each sandbox reports its own peak.
                 let _ = write_file(&mem.join("memory.max_usage_in_bytes"), "0");
+                // One more than the sandbox's own: room for the slot's spawner.
                 write_file(
                     &pids.join("pids.max"),
-                    &l.pids.map_or("max".into(), |p| p.to_string()),
+                    &l.pids.map_or("max".into(), |p| (p + 1).to_string()),
                 )?;
                 write_file(&cpu.join("cpu.cfs_period_us"), "100000")?;
                 let quota = l.cpu_millis.map_or("-1".to_string(), |m| (m * 100).to_string());
@@ -398,8 +468,13 @@ impl Lease {
         Ok(())
     }
 
-    /// Host pids currently in the slot.
+    /// Host pids of the sandbox's processes in the slot (its spawner is not one of them).
     pub fn procs(&self) -> Vec<i32> {
+        self.all_procs().into_iter().filter(|p| !crate::spawner::is_spawner(*p)).collect()
+    }
+
+    /// Every host pid in the slot, its spawner's included.
+    fn all_procs(&self) -> Vec<i32> {
         fs::read_to_string(self.dirs[0].join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
@@ -593,7 +668,9 @@ impl Lease {
             cpu_ns: self.cpu_ns_total().map(|t| t.saturating_sub(self.cpu_base)),
             oom_kills: self.oom_kills(),
             pids_max_hits: self.pids_max_total().saturating_sub(self.pids_base),
-            pids_current: read_u64(&self.pids_dir().join("pids.current")).unwrap_or(0),
+            pids_current: read_u64(&self.pids_dir().join("pids.current"))
+                .unwrap_or(0)
+                .saturating_sub(u64::from(self.spawner.is_some())),
         }
     }
 

@@ -89,7 +89,7 @@ impl Keeper {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        ringfence_sys::detach_command(&mut cmd);
         let mut child =
             cmd.spawn().map_err(|source| KeeperError::Io { op: "start", path: exe, source })?;
         // Reap it if it exits at once (another keeper won the socket); otherwise it is

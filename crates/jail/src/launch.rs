@@ -175,6 +175,9 @@ pub struct Sandbox {
     disk: Option<Disk>,
     /// The host id the sandbox's root maps to (see [`crate::owner`]).
     id_base: u32,
+    /// Set when the slot's spawner started the agent: it is not our child, so it is watched
+    /// and signalled through this instead of `wait4` and its pid.
+    pidfd: Option<OwnedFd>,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -225,17 +228,43 @@ impl Sandbox {
         let exe = CString::new(cfg.agent_path.as_os_str().as_bytes())
             .map_err(|e| JailError::Io { op: "agent path".into(), source: io::Error::other(e) })?;
         let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
-        let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
-            flags: ringfence_sys::SANDBOX_NAMESPACES,
-            exe: &exe,
-            argv: &argv,
-            control: child_end.as_raw_fd(),
-            parent_end: parent_end.as_raw_fd(),
-            stdio: spec.stdio,
-            die_with_parent: spec.die_with_parent,
-            owner: Some(owner.uid()),
-            keep: Some((owner.fd(), ringfence_proto::OWNER_LOCK_FD)),
-        })?;
+        // Born in its cgroup slot by the slot's spawner where there is one; the host's own
+        // clone (then moved into the slot) otherwise, or if the spawner fails.
+        let spawned = match lease.as_ref().and_then(Lease::spawner) {
+            Some(spawner) if spec.stdio.iter().all(|fd| *fd >= 0) => {
+                let req = crate::spawner::SpawnRequest {
+                    flags: ringfence_sys::SANDBOX_NAMESPACES,
+                    owner: Some(owner.uid()),
+                    keep_target: Some(ringfence_proto::OWNER_LOCK_FD),
+                };
+                let [i, o, e] = spec.stdio;
+                match spawner.spawn(&req, &[child_end.as_raw_fd(), i, o, e, owner.fd()]) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::info!(error = %e, "spawner failed; starting the sandbox directly");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (pid, pidfd) = match spawned {
+            Some((pid, pidfd)) => (pid, Some(pidfd)),
+            None => {
+                let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
+                    flags: ringfence_sys::SANDBOX_NAMESPACES,
+                    exe: &exe,
+                    argv: &argv,
+                    control: child_end.as_raw_fd(),
+                    parent_end: parent_end.as_raw_fd(),
+                    stdio: spec.stdio,
+                    die_with_parent: spec.die_with_parent,
+                    owner: Some(owner.uid()),
+                    keep: Some((owner.fd(), ringfence_proto::OWNER_LOCK_FD)),
+                })?;
+                (pid, None)
+            }
+        };
         drop(child_end);
         // The agent holds the claim from here on, for as long as it lives.
         drop(owner);
@@ -255,6 +284,7 @@ impl Sandbox {
             stage: None,
             disk,
             id_base,
+            pidfd,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -268,7 +298,8 @@ impl Sandbox {
                 .map_err(io_op(format!("write {file}")))?;
         }
         crate::phase(&mut self.phases, "id_maps");
-        if let Some(lease) = &self.lease {
+        // A spawner's child was born in the slot.
+        if let (Some(lease), None) = (&self.lease, &self.pidfd) {
             lease.add(self.pid)?;
         }
         crate::phase(&mut self.phases, "cgroup_attached");
@@ -366,6 +397,10 @@ impl Sandbox {
     }
 
     fn died(&mut self) -> JailError {
+        if self.pidfd.is_some() {
+            self.wait_pidfd();
+            return JailError::Protocol("the agent exited during setup".into());
+        }
         match ringfence_sys::wait4(self.pid, false) {
             Ok(Some(r)) => {
                 self.reaped = true;
@@ -473,6 +508,7 @@ impl Sandbox {
             stage: None,
             disk,
             id_base,
+            pidfd: None,
         })
     }
 
@@ -623,6 +659,9 @@ impl Sandbox {
         if self.reaped {
             return false;
         }
+        if let Some(fd) = &self.pidfd {
+            return !exited(fd);
+        }
         if !self.adopted {
             return true;
         }
@@ -646,7 +685,14 @@ impl Sandbox {
             }
             return;
         }
-        let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
+        match &self.pidfd {
+            Some(fd) => {
+                let _ = ringfence_sys::pidfd_send_signal(fd, libc::SIGKILL);
+            }
+            None => {
+                let _ = ringfence_sys::kill(self.pid, libc::SIGKILL);
+            }
+        }
         // A paused (frozen) sandbox takes its SIGKILL only once thawed.
         if let Some(lease) = &self.lease {
             let _ = lease.thaw();
@@ -658,9 +704,30 @@ impl Sandbox {
         if self.reaped || self.adopted {
             return Ok(None);
         }
+        if self.pidfd.is_some() {
+            // Its parent, the spawner, reaps it; we learn only that it ended.
+            self.wait_pidfd();
+            return Ok(None);
+        }
         let r = ringfence_sys::wait4(self.pid, false)?;
         self.reaped = true;
         Ok(r)
+    }
+
+    /// Blocks until the agent a spawner started has exited.
+    fn wait_pidfd(&mut self) {
+        if let Some(fd) = &self.pidfd {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            loop {
+                let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(fd), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(n) if n > 0 => break,
+                    Err(nix::Error::EINTR) | Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+            self.reaped = true;
+        }
     }
 
     /// OOM kills inside the sandbox so far.
@@ -710,7 +777,11 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill();
         if !self.reaped && !self.adopted {
-            let _ = ringfence_sys::wait4(self.pid, false);
+            if self.pidfd.is_some() {
+                self.wait_pidfd();
+            } else {
+                let _ = ringfence_sys::wait4(self.pid, false);
+            }
             self.reaped = true;
         }
         if let Some(dir) = &self.socket_dir {
@@ -745,4 +816,11 @@ fn read_id_base(pid: i32) -> Result<u32, JailError> {
         })
         .next()
         .ok_or_else(|| JailError::Protocol(format!("process {pid} maps no root: {text:?}")))
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(pidfd), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }

@@ -24,6 +24,7 @@ pub mod monitor;
 pub mod owner;
 pub mod preflight;
 pub mod seccomp;
+pub mod spawner;
 mod syscall_names;
 pub mod template;
 pub mod zygote;

@@ -4,10 +4,10 @@
 //! it relies on in a `// SAFETY:` comment. Everything else calls these wrappers, or `nix` where
 //! `nix` already offers a safe binding.
 //!
-//! Two functions here run code in a freshly forked child of a possibly multi-threaded parent
-//! ([`spawn_in_namespaces`] and the `pre_exec` hook of [`harden_command`]). Between fork and
-//! exec such a child may only make async-signal-safe calls: no allocation, no locks. Both keep to
-//! raw syscalls on values prepared before the fork.
+//! Three functions here run code in a freshly forked child of a possibly multi-threaded parent
+//! ([`spawn_in_namespaces`] and the `pre_exec` hooks of [`harden_command`] and [`pass_fd`]).
+//! Between fork and exec such a child may only make async-signal-safe calls: no allocation, no
+//! locks. All keep to raw syscalls on values prepared before the fork.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -592,7 +592,10 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
             if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
                 return Err(fail(()));
             }
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 {
+            // EINVAL: a kernel without ambient capabilities (gVisor's), so none to clear.
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
                 return Err(fail(()));
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
@@ -604,9 +607,59 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
                 return Err(fail(()));
             }
             // Mark, don't close: std's own error-report pipe must survive until exec, and it is
-            // already close-on-exec like everything this marks.
+            // already close-on-exec like everything this marks. gVisor refuses the flag
+            // (EINVAL); there, as everywhere, every descriptor the agent opens is already
+            // close-on-exec (std opens with O_CLOEXEC), so this is a second line only.
             const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (see its comment).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Arranges for `cmd`'s child to start a session of its own and inherit no descriptor beyond
+/// stdio: for host helpers that outlive their starter (the keeper, spawners), which must not
+/// keep its pipes and sockets open (a reader of those would never see end-of-file).
+pub fn detach_command(cmd: &mut Command) {
+    let hook = || -> io::Result<()> {
+        // SAFETY: runs in the forked child before exec; raw syscalls on integers only.
+        unsafe {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Mark, don't close: std's own error-report pipe must survive until exec.
+            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        }
+        Ok(())
+    };
+    // SAFETY: the hook above is async-signal-safe (see its comment).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Arranges for `fd` to be descriptor `target` in `cmd`'s child, inherited across its exec,
+/// while the caller's own copy stays close-on-exec: no other child the caller starts at the
+/// same time (the server spawns from many threads) can inherit it. The caller keeps `fd` open
+/// until `cmd` has been spawned.
+pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: runs in the forked child before exec; dup2/fcntl on plain integers captured
+        // by move, no allocation. dup2 to another number leaves the copy without
+        // close-on-exec; onto the same number it is a no-op, so the flag is cleared instead.
+        unsafe {
+            if fd == target {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         Ok(())
     };
@@ -731,7 +784,7 @@ pub fn landlock_abi() -> Option<u32> {
 /// passed alongside them (SCM_RIGHTS). Received descriptors are close-on-exec.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     loop {
         let mut iov = [io::IoSliceMut::new(buf)];
         match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
