@@ -562,13 +562,24 @@ fn not_built(tier: &str, probe: Option<String>) -> String {
     }
 }
 
-/// Whether a `runsc` is on the PATH (a fact for the operator; the tier is not built yet).
+/// Whether a `runsc` is where the gvisor runner (`ringfence_gvisor::probe`) looks for one:
+/// `$RINGFENCE_RUNSC`, its default install path, then the PATH. Only a file lookup: the
+/// runner's own probe starts a throwaway sandbox, which the server pays for once it runs the
+/// tier, not to explain why it does not.
 fn probe_runsc() -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    let found = std::env::split_paths(&path).map(|d| d.join("runsc")).find(|p| p.is_file());
+    use ringfence_gvisor::probe::{DEFAULT_RUNSC, RUNSC_ENV};
+    let named = std::env::var_os(RUNSC_ENV).map(PathBuf::from);
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("runsc")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let found = named
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from(DEFAULT_RUNSC)))
+        .chain(on_path)
+        .find(|p| p.is_file());
     Some(match found {
         Some(p) => format!("runsc found at {}", p.display()),
-        None => "no runsc on the PATH".into(),
+        None => format!("no runsc (install it with scripts/install-runsc.sh, or set {RUNSC_ENV})"),
     })
 }
 
