@@ -108,6 +108,33 @@ def bad_input():
         s.kill()
 
 
+def tiers():
+    """Choosing a tier through the unmodified SDK: a template name `NAME@TIER` or the metadata
+    key `ringfence.tier` (docs/COMPATIBILITY.md, "Isolation tiers")."""
+    for label, kwargs in [("template base@jail", {"template": "base@jail"}),
+                          ("metadata ringfence.tier=jail", {"metadata": {"ringfence.tier": "jail"}})]:
+        s = Sandbox.create(timeout=60, **kwargs)
+        try:
+            st, body = http("GET", f"/sandboxes/{s.sandbox_id}")
+            check(f"tier by {label}", st == 200 and body.get("tier") == "jail"
+                  and s.commands.run("echo t").stdout == "t\n", (st, body.get("tier")))
+        finally:
+            s.kill()
+    for label, kwargs, want in [
+            ("an unknown tier is refused", {"template": "base@nosuch"}, "unknown tier"),
+            ("a tier this host cannot run is refused", {"metadata": {"ringfence.tier": "wasm"}},
+             "not available")]:
+        try:
+            s = Sandbox.create(timeout=60, **kwargs)
+            s.kill()
+            check(label, False, "it was created")
+        except Exception as e:  # the SDK's own exception for a 400
+            check(label, want in str(e), repr(e))
+    st, body = http("GET", "/tiers")
+    names = [t["tier"] for t in body.get("tiers", [])] if st == 200 else []
+    check("GET /tiers lists every tier", names == ["jail", "gvisor", "microvm", "wasm"], (st, names))
+
+
 def main():
     a = Sandbox.create(timeout=120, metadata={"suite": "conformance", "which": "a"}, envs={"FOO": "bar"})
     b = Sandbox.create(timeout=120, metadata={"suite": "conformance", "which": "b"})
@@ -247,6 +274,7 @@ def main():
 if __name__ == "__main__":
     try:
         bad_input()
+        tiers()
         main()
     except Exception as e:  # one line with the reason, then the traceback
         print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
