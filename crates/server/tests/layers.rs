@@ -25,6 +25,15 @@ use ringfence_server::store::{SandboxState, Store};
 use serde_json::{Value, json};
 use support::serve::{Sandbox, Server, b64_text, frames};
 
+/// The tests of this file, one at a time. Every test server shares the host's run directory,
+/// and with it the cgroup slots: while one test's server is down between a `kill -9` and its
+/// restart, the other's next create may claim (and sweep) the slot of a sandbox the restarted
+/// server is about to re-attach, which then fails as "slot is held by another process".
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Server {
     fn start(test: &str) -> Option<Server> {
         if !support::root_or_skip(test) {
@@ -172,6 +181,7 @@ fn is_frozen(slot: u32) -> bool {
 /// Finding 10: a layer goes with its last user, and only then.
 #[test]
 fn layers_go_with_their_last_user_and_not_before() {
+    let _serial = one_at_a_time();
     let Some(s) = Server::start("layers_go_with_their_last_user_and_not_before") else { return };
 
     // A sandbox paused with its files only, resumed, then killed: its layer goes at the kill.
@@ -286,6 +296,7 @@ fn fire_and_forget(
 /// filesystem pause) copies the frozen sandbox's files.
 #[test]
 fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
+    let _serial = one_at_a_time();
     let Some(mut s) =
         Server::start("a_server_killed_during_a_snapshot_gives_the_sandbox_back_running")
     else {
