@@ -386,39 +386,45 @@ impl Store {
         let mut blob = Hashing::new(counted);
         let mut buffered = BufReader::with_capacity(256 << 10, &mut blob);
         let comp = sniff(&mut buffered).map_err(|e| layer_err(format!("read: {e}")))?;
-        let (stats, actual_diff) = match comp {
+        let unpacked = match comp {
             Compression::Gzip => {
                 let mut d = Hashing::new(flate2::read::MultiGzDecoder::new(&mut buffered));
-                let stats = unpack(&mut d, partial, name, limits, budget)?;
-                let (digest, _, _) = d.finish().map_err(|e| layer_err(format!("gzip: {e}")))?;
-                (stats, digest)
+                unpack(&mut d, partial, name, limits, budget).and_then(|stats| {
+                    let (digest, _, _) = d.finish().map_err(|e| layer_err(format!("gzip: {e}")))?;
+                    Ok((stats, digest))
+                })
             }
             Compression::None => {
                 let mut d = Hashing::new(&mut buffered);
-                let stats = unpack(&mut d, partial, name, limits, budget)?;
-                let (digest, _, _) = d.finish().map_err(|e| layer_err(format!("read: {e}")))?;
-                (stats, digest)
+                unpack(&mut d, partial, name, limits, budget).and_then(|stats| {
+                    let (digest, _, _) = d.finish().map_err(|e| layer_err(format!("read: {e}")))?;
+                    Ok((stats, digest))
+                })
             }
-            Compression::Zstd => {
-                return Err(layer_err(format!(
-                    "zstd-compressed layers (media type {:?}) are not supported; re-export the \
-                     image with gzip layers",
-                    if layer.media_type.is_empty() { "unknown" } else { &layer.media_type }
-                )));
-            }
+            Compression::Zstd => Err(layer_err(format!(
+                "zstd-compressed layers (media type {:?}) are not supported; re-export the \
+                 image with gzip layers",
+                if layer.media_type.is_empty() { "unknown" } else { &layer.media_type }
+            ))),
         };
         drop(buffered);
-        let (blob_digest, read, _) = blob.finish().map_err(|e| layer_err(format!("read: {e}")))?;
-        if let Some(expected) = &layer.blob
-            && &blob_digest != expected
-        {
-            return Err(ImageError::Digest {
-                what: "layer",
-                name: name.into(),
-                expected: expected.to_string(),
-                actual: blob_digest.to_string(),
-            });
-        }
+        // The blob's digest is checked even when unpacking failed: a corrupt or substituted
+        // blob is reported as what it is, not as whatever its bytes broke. (Reading the rest
+        // stays within the blob's declared size.)
+        let digest = match (&layer.blob, blob.finish()) {
+            (Some(expected), Ok((actual, _, _))) if &actual != expected => {
+                return Err(ImageError::Digest {
+                    what: "layer",
+                    name: name.into(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+            (_, Ok((_, read, _))) => Ok(read),
+            (_, Err(e)) => Err(layer_err(format!("read: {e}"))),
+        };
+        let (stats, actual_diff) = unpacked?;
+        let read = digest?;
         if let Some(want) = layer.size.filter(|s| *s != read) {
             return Err(layer_err(format!("blob is {read} bytes, its descriptor says {want}")));
         }

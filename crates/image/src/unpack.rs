@@ -441,7 +441,7 @@ fn open_parent(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> Result<OwnedF
         };
         cur = match next {
             Ok(fd) => fd,
-            Err(Errno::LOOP) => {
+            Err(Errno::LOOP) | Err(Errno::NOTDIR) if is_symlink(&cur, name) => {
                 return refuse(format!(
                     "its parent {:?} is a symlink in this layer (never followed: it could lead \
                      out of the image's root)",
@@ -458,6 +458,11 @@ fn open_parent(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> Result<OwnedF
         };
     }
     Ok(cur)
+}
+
+fn is_symlink(dir: &OwnedFd, name: &OsStr) -> bool {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
 }
 
 /// Makes room for a new non-directory entry `name` in `dir`: a later entry replaces an earlier
