@@ -180,13 +180,41 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes template `name`, and the layers no other template uses.
+    /// Removes template `name`, and the layers no other template uses. Refused while a
+    /// sandbox runs from an image template (see [`Store::in_use`]).
     pub fn remove(&self, name: &str) -> Result<Removed, ImageError> {
         let _lock = self.lock()?;
         let record = self.get(name)?;
+        let Some(_idle) = self.idle()? else {
+            return Err(ImageError::Format(format!(
+                "template {:?} cannot be removed while a sandbox runs from an image template; \
+                 try again when it has exited",
+                record.name
+            )));
+        };
         let path = self.record_path(&record.name);
         fs::remove_file(&path).map_err(at("remove", &path))?;
         self.collect(&record)
+    }
+
+    /// A shared claim on the store's layers, held by whoever runs a sandbox from them: while
+    /// any is held, no layer is deleted (their directories are the sandbox's lower layers).
+    pub fn in_use(&self) -> Result<InUse, ImageError> {
+        let path = self.root.join(".inuse");
+        let f = fs::File::create(&path).map_err(at("create", &path))?;
+        f.lock_shared().map_err(at("lock", &path))?;
+        Ok(InUse { _held: f })
+    }
+
+    /// The exclusive side of [`Store::in_use`], if no sandbox holds it.
+    fn idle(&self) -> Result<Option<InUse>, ImageError> {
+        let path = self.root.join(".inuse");
+        let f = fs::File::create(&path).map_err(at("create", &path))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(InUse { _held: f })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(at("lock", &path)(e)),
+        }
     }
 
     /// Removes the layers of `old` that no template references any more.
@@ -331,7 +359,11 @@ impl Store {
         let text = serde_json::to_vec_pretty(&record)
             .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
         write_atomic(&self.record_path(&name), &text)?;
-        if let Some(old) = old {
+        // The replaced template's own layers go, unless a sandbox runs from the store now (then
+        // they stay until a later `rm`).
+        if let Some(old) = old
+            && let Some(_idle) = self.idle()?
+        {
             self.collect(&old)?;
         }
         Ok(record)
@@ -495,6 +527,12 @@ impl Store {
         let has_user_1000 = crate::passwd::has_uid(&layers, 1000);
         Ok(Runnable { record, layers, skeleton: self.skeleton()?, has_user_1000 })
     }
+}
+
+/// A held claim on the store's layers ([`Store::in_use`]); released on drop.
+#[derive(Debug)]
+pub struct InUse {
+    _held: fs::File,
 }
 
 /// Counts compressed bytes for the progress display.
