@@ -316,11 +316,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }),
         exit_with_initial: true,
         die_with_parent: true,
-        layers: resolved.layers.clone(),
-        env: resolved.env.clone(),
+        layers: resolved.layers,
+        env: resolved.env,
         ..SandboxSpec::new(
             id.clone(),
-            resolved.template.clone(),
+            resolved.template,
             compiled,
             [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         )

@@ -1,5 +1,7 @@
 //! Importing images built here, well-formed and hostile. Needs root (owners, whiteouts).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;
@@ -109,7 +111,7 @@ fn docker_archive_unpacks_with_whiteouts_opaque_dirs_and_canonical_owners() {
     // A second image sharing the base layer reuses it (same inode: not unpacked again).
     let archive2 = tmp.path().join("img2.tar");
     let third = Tar::default().file("three", b"3", 0o644).finish();
-    docker_archive(&archive2, &[base.clone(), third], &[], "/");
+    docker_archive(&archive2, &[base, third], &[], "/");
     let before = fs::metadata(bottom.join("bin/hello")).unwrap().ino();
     import(&store, &archive2, Some("other:v2"), &Limits::default(), &mut Quiet).unwrap();
     assert_eq!(fs::metadata(bottom.join("bin/hello")).unwrap().ino(), before);

@@ -1,6 +1,6 @@
 //! Builders for test images: raw tar entries (any path bytes, including hostile ones the
 //! `tar` crate's own builder refuses), gzip, docker-archives and OCI layouts.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::Path;
