@@ -15,6 +15,9 @@ use common::{Tar, gzip, sha};
 use ringfence_image::registry::{PullOptions, pull};
 use ringfence_image::{ImageError, Limits, Quiet, Store};
 
+/// Manifests by tag or digest: (media type, bytes).
+type Manifests = HashMap<String, (String, Vec<u8>)>;
+
 struct Fake {
     addr: String,
     /// Request paths seen, in order.
@@ -23,11 +26,7 @@ struct Fake {
 
 /// Serves `blobs` (by digest) and `manifests` (by tag or digest, with media types) to clients
 /// holding the token `good-token`; everyone else gets a 401 challenge pointing at `/token`.
-fn serve(
-    manifests: HashMap<String, (String, Vec<u8>)>,
-    blobs: HashMap<String, Vec<u8>>,
-    lie_about: Option<String>,
-) -> Fake {
+fn serve(manifests: Manifests, blobs: HashMap<String, Vec<u8>>, lie_about: Option<String>) -> Fake {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -44,7 +43,7 @@ fn serve(
 fn handle(
     mut conn: TcpStream,
     addr: &str,
-    manifests: &HashMap<String, (String, Vec<u8>)>,
+    manifests: &Manifests,
     blobs: &HashMap<String, Vec<u8>>,
     lie_about: Option<&str>,
     seen: &Mutex<Vec<String>>,
@@ -108,9 +107,7 @@ fn handle(
 }
 
 /// An image: a multi-platform index (arm64 first, then amd64) → manifest → config + one layer.
-fn image(
-    tamper_layer: bool,
-) -> (HashMap<String, (String, Vec<u8>)>, HashMap<String, Vec<u8>>, Vec<u8>) {
+fn image(tamper_layer: bool) -> (Manifests, HashMap<String, Vec<u8>>, Vec<u8>) {
     let layer = Tar::default().dir("etc").file("etc/hostname", b"pulled\n", 0o644).finish();
     let gz = gzip(&layer);
     let config = serde_json::to_vec(&serde_json::json!({
