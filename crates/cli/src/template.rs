@@ -285,8 +285,7 @@ pub struct Resolved {
 /// store's skeleton layer.
 pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
     let builtin = ringfence_image::store::RESERVED.contains(&name);
-    let store = Store::open(data_dir)?;
-    if builtin || !store.contains(name) {
+    if builtin {
         let template = template::resolve(name, data_dir)?;
         return Ok(Resolved {
             template,
@@ -297,6 +296,14 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
             user_note: None,
             _in_use: None,
         });
+    }
+    let store = Store::open(data_dir)?;
+    if !store.contains(name) {
+        anyhow::bail!(
+            "unknown template {name:?}: not a built-in one ({}) and no image template of that \
+             name (see `ringfence template ls`)",
+            ringfence_image::store::RESERVED.join(", ")
+        );
     }
     let in_use = store.in_use()?;
     let run = store.runnable(name)?;

@@ -231,3 +231,60 @@ pub fn sniff<R: Read>(reader: &mut BufReader<R>) -> io::Result<Compression> {
         Compression::None
     })
 }
+
+/// A zstd stream of any number of frames (skippable ones skipped), decoded as it is read.
+/// The decoder's window is capped (ruzstd's default), which bounds its memory whatever the
+/// stream claims.
+pub struct Zstd<R> {
+    src: R,
+    frame: ruzstd::decoding::FrameDecoder,
+    active: bool,
+}
+
+impl<R> std::fmt::Debug for Zstd<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zstd").field("active", &self.active).finish()
+    }
+}
+
+impl<R: BufRead> Zstd<R> {
+    pub fn new(src: R) -> Self {
+        Zstd { src, frame: ruzstd::decoding::FrameDecoder::new(), active: false }
+    }
+}
+
+impl<R: BufRead> Read for Zstd<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        loop {
+            if !self.active {
+                if self.src.fill_buf()?.is_empty() {
+                    return Ok(0);
+                }
+                match self.frame.init(&mut self.src) {
+                    Ok(()) => self.active = true,
+                    Err(FrameDecoderError::ReadFrameHeaderError(
+                        ReadFrameHeaderError::SkipFrame { length, .. },
+                    )) => {
+                        io::copy(&mut (&mut self.src).take(u64::from(length)), &mut io::sink())?;
+                    }
+                    Err(e) => return Err(io::Error::other(format!("zstd: {e}"))),
+                }
+                continue;
+            }
+            if self.frame.can_collect() > 0 {
+                return self.frame.read(buf);
+            }
+            if self.frame.is_finished() {
+                self.active = false;
+                continue;
+            }
+            self.frame
+                .decode_blocks(
+                    &mut self.src,
+                    ruzstd::decoding::BlockDecodingStrategy::UptoBytes(1 << 20),
+                )
+                .map_err(|e| io::Error::other(format!("zstd: {e}")))?;
+        }
+    }
+}

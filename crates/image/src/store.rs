@@ -433,11 +433,13 @@ impl Store {
                     Ok((stats, digest))
                 })
             }
-            Compression::Zstd => Err(layer_err(format!(
-                "zstd-compressed layers (media type {:?}) are not supported; re-export the \
-                 image with gzip layers",
-                if layer.media_type.is_empty() { "unknown" } else { &layer.media_type }
-            ))),
+            Compression::Zstd => {
+                let mut d = Hashing::new(crate::oci::Zstd::new(&mut buffered));
+                unpack(&mut d, partial, name, limits, budget).and_then(|stats| {
+                    let (digest, _, _) = d.finish().map_err(|e| layer_err(format!("zstd: {e}")))?;
+                    Ok((stats, digest))
+                })
+            }
         };
         drop(buffered);
         // The blob's digest is checked even when unpacking failed: a corrupt or substituted

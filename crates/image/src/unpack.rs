@@ -186,11 +186,20 @@ fn sys(op: &str) -> impl FnOnce(Errno) -> Refusal + '_ {
     move |e| Refusal::Entry(format!("{op}: {}", io::Error::from(e)))
 }
 
+/// Deepest path an entry may have. Nothing deeper is reachable by path inside a sandbox
+/// (`PATH_MAX` is 4096 bytes), and it bounds the depth of the tree a layer can build, so
+/// removing a refused layer never recurses without end.
+const MAX_DEPTH: usize = 512;
+const MAX_PATH: usize = 4096;
+
 /// Splits a tar path into components: `.` and empty ones dropped, absolute paths and `..`
 /// refused.
 fn components(raw: &[u8], what: &str) -> Result<Vec<Vec<u8>>, Refusal> {
     if raw.first() == Some(&b'/') {
         return refuse(format!("{what} is absolute (it would leave the image's root)"));
+    }
+    if raw.len() > MAX_PATH {
+        return refuse(format!("{what} is longer than {MAX_PATH} bytes"));
     }
     let mut out = Vec::new();
     for c in raw.split(|b| *b == b'/') {
@@ -201,6 +210,9 @@ fn components(raw: &[u8], what: &str) -> Result<Vec<Vec<u8>>, Refusal> {
             }
             c => out.push(c.to_vec()),
         }
+    }
+    if out.len() > MAX_DEPTH {
+        return refuse(format!("{what} is deeper than {MAX_DEPTH} directories"));
     }
     Ok(out)
 }
@@ -498,5 +510,23 @@ impl<R: Read> Read for Capped<R> {
         self.left -= n64;
         self.used.set(self.used.get() + n64);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_split_and_escapes_refused() {
+        let ok = |p: &str| components(p.as_bytes(), "path").ok();
+        assert_eq!(ok("./a//b/./c"), Some(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]));
+        assert_eq!(ok("./"), Some(vec![]));
+        assert!(ok("/etc").is_none());
+        assert!(ok("a/../b").is_none());
+        assert!(ok("..").is_none());
+        assert!(ok(&"d/".repeat(MAX_DEPTH + 1)).is_none(), "too deep");
+        assert!(ok(&"d/".repeat(MAX_DEPTH)).is_some());
+        assert!(ok(&"x".repeat(MAX_PATH + 1)).is_none(), "too long");
     }
 }

@@ -434,3 +434,29 @@ fn bad_names_and_builtin_names_are_refused() {
         assert!(matches!(e, ImageError::Name { .. }), "{bad}: {e}");
     }
 }
+
+#[test]
+fn zstd_layers_with_several_frames_unpack() {
+    if !root() {
+        return;
+    }
+    // Two frames with a skippable frame between them (as zstd:chunked writes), one layer.
+    let layer = base_layer();
+    let (a, b) = layer.split_at(4096);
+    let z = |part: &[u8]| {
+        ruzstd::encoding::compress_to_vec(part, ruzstd::encoding::CompressionLevel::Fastest)
+    };
+    let mut blob = z(a);
+    blob.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+    blob.extend_from_slice(&5u32.to_le_bytes());
+    blob.extend_from_slice(b"skip!");
+    blob.extend_from_slice(&z(b));
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("data")).unwrap();
+    let layout = tmp.path().join("layout");
+    oci_layout_raw(&layout, &blob, &sha(&layer));
+    let rec = import(&store, &layout, Some("zstd"), &Limits::default(), &mut Quiet).unwrap();
+    let run = store.runnable(&rec.name).unwrap();
+    assert_eq!(fs::read(run.layers[0].join("opq/a")).unwrap(), b"a");
+    assert!(run.layers[0].join("bin/hello").is_file());
+}
