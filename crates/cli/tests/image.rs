@@ -39,7 +39,7 @@ fn busybox_layer(no_user: bool) -> Vec<u8> {
     let bb = std::fs::read(BUSYBOX).unwrap();
     let mut t = Tar::default();
     t.dir("bin").entry(E { path: b"bin/busybox", data: &bb, mode: 0o755, ..E::default() });
-    for tool in ["sh", "ls", "cat", "echo", "id", "pwd", "env", "touch", "rm"] {
+    for tool in ["sh", "ls", "cat", "echo", "id", "pwd", "env", "touch", "rm", "sleep"] {
         t.symlink(&format!("bin/{tool}"), "busybox");
     }
     let passwd: &[u8] = if no_user {
@@ -220,6 +220,42 @@ fn import_errors_are_clear_and_leave_nothing() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("built-in"), "{}", text(&o));
     let o = data.cmd(&["template", "ls"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1, "{}", text(&o));
+}
+
+#[test]
+fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
+    if !ready("rm_is_refused_while_a_sandbox_runs_from_an_image") {
+        return;
+    }
+    let data = Data::new();
+    let archive = data._tmp.path().join("bb.tar");
+    docker_archive(&archive, &[busybox_layer(false)], &["PATH=/bin"], "/");
+    assert!(
+        data.cmd(&["template", "import", archive.to_str().unwrap(), "--name", "bb"])
+            .status
+            .success()
+    );
+    let mut child = ringfence()
+        .args(["run", "--disk-backend", "tmpfs", "--template", "bb", "--data-dir"])
+        .arg(&data.dir)
+        .args(["--", "sh", "-c", "echo up; sleep 30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "up\n");
+    let o = data.cmd(&["template", "rm", "bb"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("while a sandbox runs"), "{}", text(&o));
+    let _ = child.kill();
+    let _ = child.wait();
+    let o = data.cmd(&["template", "rm", "bb"]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 /// A registry on loopback for the test's lifetime.
