@@ -321,6 +321,11 @@ impl Store {
                     rec
                 }
                 None => {
+                    // A layer without its record beside it was left by a crash between the two
+                    // writes; no template names it (records are written last): unpack afresh.
+                    if dir.is_dir() {
+                        fs::remove_dir_all(&dir).map_err(at("remove", &dir))?;
+                    }
                     progress.layer_start(i + 1, total, diff, layer.size, false);
                     let stats =
                         self.fetch_layer(blobs, layer, &diff_id, limits, &mut budget, progress)?;
@@ -387,8 +392,14 @@ impl Store {
         fs::create_dir(&partial).map_err(at("mkdir", &partial))?;
         let result = self.fill(blobs, layer, diff_id, &name, &partial, limits, budget, progress);
         let done = result.and_then(|stats| {
+            // The files' data reaches the disk before the name says the layer is complete
+            // (one syncfs for the tree rather than an fsync per file), and the rename before
+            // the template's record names the layer.
+            let root = fs::File::open(&partial).map_err(at("open", &partial))?;
+            rustix::fs::syncfs(&root).map_err(|e| at("syncfs", &partial)(e.into()))?;
             let dir = self.layer_dir(diff_id);
             fs::rename(&partial, &dir).map_err(at("rename", &partial))?;
+            sync_parent(&dir)?;
             Ok(stats)
         });
         if done.is_err() {
@@ -558,7 +569,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, bytes).map_err(at("write", &tmp))?;
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(at("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(at("rename", &tmp))
+    fs::rename(&tmp, path).map_err(at("rename", &tmp))?;
+    sync_parent(path)
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_parent(path: &Path) -> Result<(), ImageError> {
+    match path.parent() {
+        Some(dir) => fs::File::open(dir).and_then(|d| d.sync_all()).map_err(at("fsync", dir)),
+        None => Ok(()),
+    }
 }
 
 /// `name` or `name:tag` → `name:tag` (tag `latest` by default), validated: lower-case
