@@ -460,3 +460,27 @@ fn zstd_layers_with_several_frames_unpack() {
     assert_eq!(fs::read(run.layers[0].join("opq/a")).unwrap(), b"a");
     assert!(run.layers[0].join("bin/hello").is_file());
 }
+
+#[test]
+fn a_layer_left_without_its_record_by_a_crash_is_unpacked_again() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("data")).unwrap();
+    let archive = tmp.path().join("img.tar");
+    let layer = base_layer();
+    docker_archive(&archive, std::slice::from_ref(&layer), &[], "/");
+    import(&store, &archive, Some("a"), &Limits::default(), &mut Quiet).unwrap();
+    // What a crash after the layer's rename and before its record leaves: the directory alone,
+    // here also missing a file (as unsynced data could be).
+    let dir = store.runnable("a").unwrap().layers[0].clone();
+    fs::remove_file(dir.with_extension("json")).unwrap();
+    fs::remove_file(dir.join("etc/passwd")).unwrap();
+    fs::remove_file(store.root().join("templates/a:latest.json")).unwrap();
+    // A crash mid-unpack leaves a `.partial`, swept by the next import.
+    fs::create_dir(store.root().join("layers/.sha256-dead.partial")).unwrap();
+    import(&store, &archive, Some("a"), &Limits::default(), &mut Quiet).unwrap();
+    assert!(dir.join("etc/passwd").is_file(), "unpacked afresh, not trusted as it was");
+    assert!(!store.root().join("layers/.sha256-dead.partial").exists());
+}
