@@ -20,6 +20,9 @@
 //!   per-file cap and the free space before anything is written, the whole uncompressed stream
 //!   against the per-layer and per-image caps as it is read (bounding decompression bombs),
 //!   and the number of entries against its own cap;
+//! - exhaust memory: the tar reader holds PAX records and GNU long names in memory, so what it
+//!   reads between two entries (outside file data, which is streamed to disk) is capped at
+//!   1 MiB;
 //! - own files as a host id: ids above 65535 (outside every sandbox's range) become `nobody`
 //!   (65534), counted in a note. Set-id bits are kept: they act only inside the sandbox's user
 //!   namespace, and the jail mounts lower layers `nosuid` anyway.
@@ -99,12 +102,21 @@ pub fn unpack(
     budget: &mut u64,
 ) -> Result<LayerStats, ImageError> {
     let cap = limits.layer_bytes.min(*budget);
-    let over = Rc::new(Cell::new(false));
-    let used = Rc::new(Cell::new(0u64));
-    let capped = Capped { inner: reader, left: cap, over: over.clone(), used: used.clone() };
-    let result = unpack_stream(capped, dest, layer, limits);
-    *budget = budget.saturating_sub(used.get());
-    if over.get() {
+    let meter = Rc::new(Meter::default());
+    let capped = Capped { inner: reader, left: cap, meter: meter.clone() };
+    let result = unpack_stream(capped, dest, layer, limits, &meter);
+    *budget = budget.saturating_sub(meter.used.get());
+    if meter.over_header.get() {
+        return Err(ImageError::Layer {
+            layer: layer.into(),
+            reason: format!(
+                "a tar header with its extensions (PAX records, GNU long names) or a skipped \
+                 entry's data larger than {MAX_HEADER_BYTES} bytes (the tar reader would hold \
+                 it in memory)"
+            ),
+        });
+    }
+    if meter.over.get() {
         let which = if cap < limits.layer_bytes { "the image's" } else { "the per-layer" };
         return Err(ImageError::Layer {
             layer: layer.into(),
@@ -115,15 +127,21 @@ pub fn unpack(
         });
     }
     let mut stats = result?;
-    stats.stream_bytes = used.get();
+    stats.stream_bytes = meter.used.get();
     Ok(stats)
 }
+
+/// The most the tar reader may read between two entries it hands over: headers, PAX records
+/// and GNU long names, which it collects in memory, and the data of entries it skips. Real
+/// layers need a few KiB.
+const MAX_HEADER_BYTES: u64 = 1 << 20;
 
 fn unpack_stream(
     reader: impl Read,
     dest: &Path,
     layer: &str,
     limits: &Limits,
+    meter: &Meter,
 ) -> Result<LayerStats, ImageError> {
     let root: OwnedFd = File::open(dest).map_err(at("open", dest))?.into();
     rustix::fs::fchmod(&root, Mode::from_raw_mode(0o755))
@@ -135,7 +153,10 @@ fn unpack_stream(
     {
         let entries = archive.entries().map_err(|e| layer_err(format!("not a tar stream: {e}")))?;
         let mut count = 0u64;
+        meter.headers.set(true);
         for entry in entries {
+            // From here until the next entry, only file data is read outside the header cap.
+            meter.since_entry.set(0);
             let mut entry = entry.map_err(|e| layer_err(format!("bad tar stream: {e}")))?;
             count += 1;
             if count > limits.entries {
@@ -151,7 +172,7 @@ fn unpack_stream(
                 entry: name.clone(),
                 reason,
             };
-            match one_entry(&root, &raw, &mut entry, limits, &mut stats, &mut remapped) {
+            match one_entry(&root, &raw, &mut entry, limits, meter, &mut stats, &mut remapped) {
                 Ok(()) => {}
                 Err(Refusal::Entry(reason)) => return Err(entry_err(reason)),
                 Err(Refusal::Stream(e)) => {
@@ -160,7 +181,9 @@ fn unpack_stream(
             }
         }
     }
-    // Whatever follows the end-of-archive blocks still belongs to the layer's digest.
+    // Whatever follows the end-of-archive blocks still belongs to the layer's digest; it is
+    // streamed to nothing, within the layer cap only.
+    meter.headers.set(false);
     io::copy(&mut archive.into_inner(), &mut io::sink())
         .map_err(|e| layer_err(format!("reading past the end of the archive: {e}")))?;
     if remapped > 0 {
@@ -222,6 +245,7 @@ fn one_entry<R: Read>(
     raw: &[u8],
     entry: &mut tar::Entry<'_, R>,
     limits: &Limits,
+    meter: &Meter,
     stats: &mut LayerStats,
     remapped: &mut u64,
 ) -> Result<(), Refusal> {
@@ -332,8 +356,10 @@ fn one_entry<R: Read>(
             )
             .map_err(sys("create"))?;
             let mut file = File::from(fd);
-            let written =
-                io::copy(&mut entry.by_ref().take(declared), &mut file).map_err(Refusal::Stream)?;
+            let written = {
+                let _body = Body::enter(meter);
+                io::copy(&mut entry.by_ref().take(declared), &mut file).map_err(Refusal::Stream)?
+            };
             stats.bytes += written;
             rustix::fs::fchown(&file, Some(uid_of(uid)), Some(gid_of(gid)))
                 .map_err(sys("chown"))?;
@@ -491,24 +517,73 @@ fn clear(dir: &OwnedFd, name: &[u8]) -> Result<(), Refusal> {
     }
 }
 
-/// A reader that fails once more than `left` bytes come through, recording that it did.
+/// What the capped reader has seen, shared with the unpacker.
+#[derive(Debug, Default)]
+struct Meter {
+    /// Bytes read in all.
+    used: Cell<u64>,
+    /// The layer cap was passed.
+    over: Cell<bool>,
+    /// Whether reads outside file data count against [`MAX_HEADER_BYTES`].
+    headers: Cell<bool>,
+    /// Reading a file's data now.
+    in_body: Cell<bool>,
+    /// Bytes read outside file data since the last entry was handed over.
+    since_entry: Cell<u64>,
+    over_header: Cell<bool>,
+}
+
+/// Marks a file's data being read, for as long as it lives.
+struct Body<'m>(&'m Meter);
+
+impl<'m> Body<'m> {
+    fn enter(meter: &'m Meter) -> Self {
+        meter.in_body.set(true);
+        Body(meter)
+    }
+}
+
+impl Drop for Body<'_> {
+    fn drop(&mut self) {
+        self.0.in_body.set(false);
+    }
+}
+
+/// A reader that fails once more than `left` bytes come through, or more than
+/// [`MAX_HEADER_BYTES`] between two entries outside file data, recording which.
 struct Capped<R> {
     inner: R,
     left: u64,
-    over: Rc<Cell<bool>>,
-    used: Rc<Cell<u64>>,
+    meter: Rc<Meter>,
 }
 
 impl<R: Read> Read for Capped<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let m = &self.meter;
+        // Outside file data, read no further than the header cap allows, so the tar reader
+        // never holds more than that in memory.
+        let counted = m.headers.get() && !m.in_body.get();
+        let room = if counted {
+            let left = MAX_HEADER_BYTES.saturating_sub(m.since_entry.get());
+            if left == 0 {
+                m.over_header.set(true);
+                return Err(io::Error::other("tar header limit reached"));
+            }
+            usize::try_from(left).unwrap_or(usize::MAX).min(buf.len())
+        } else {
+            buf.len()
+        };
+        let n = self.inner.read(&mut buf[..room])?;
         let n64 = n as u64;
         if n64 > self.left {
-            self.over.set(true);
+            m.over.set(true);
             return Err(io::Error::other("size limit reached"));
         }
         self.left -= n64;
-        self.used.set(self.used.get() + n64);
+        m.used.set(m.used.get() + n64);
+        if counted {
+            m.since_entry.set(m.since_entry.get() + n64);
+        }
         Ok(n)
     }
 }

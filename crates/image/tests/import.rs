@@ -484,3 +484,20 @@ fn a_layer_left_without_its_record_by_a_crash_is_unpacked_again() {
     assert!(dir.join("etc/passwd").is_file(), "unpacked afresh, not trusted as it was");
     assert!(!store.root().join("layers/.sha256-dead.partial").exists());
 }
+
+#[test]
+fn huge_pax_header_and_long_name_are_refused_without_holding_them() {
+    if !root() {
+        return;
+    }
+    // The tar reader collects PAX records and GNU long names in memory: 8 MiB of either is
+    // refused after the first MiB, before it is held.
+    for kind in [tar::EntryType::XHeader, tar::EntryType::GNULongName] {
+        let big = vec![b'a'; 8 << 20];
+        let mut t = Tar::default();
+        t.entry(E { path: b"././@x", kind, data: &big, ..E::default() });
+        t.file("after", b"x", 0o644);
+        let (err, _t, _s) = refused(t.finish(), Limits::default());
+        assert!(err.contains("tar header") && err.contains("1048576"), "{kind:?}: {err}");
+    }
+}
