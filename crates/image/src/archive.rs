@@ -272,8 +272,17 @@ impl TarBlobs {
         let mut files = HashMap::new();
         let mut links = HashMap::new();
         {
-            let mut archive = tar::Archive::new(&file);
-            for entry in archive.entries_with_seek().map_err(bad)? {
+            // Indexing reads only headers (bodies are skipped by seeking), and the tar reader
+            // holds PAX records and long names in memory: both are bounded here.
+            let headers = HeaderReader { file: &file, left: MAX_INDEX_READ };
+            let mut archive = tar::Archive::new(headers);
+            for (n, entry) in archive.entries_with_seek().map_err(bad)?.enumerate() {
+                if n >= MAX_ARCHIVE_ENTRIES {
+                    return Err(ImageError::Format(format!(
+                        "{}: more than {MAX_ARCHIVE_ENTRIES} files in the image archive",
+                        path.display()
+                    )));
+                }
                 let entry = entry.map_err(bad)?;
                 let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
                 let Some(name) = normalize(&name) else { continue };
@@ -312,6 +321,37 @@ impl TarBlobs {
             name = self.links.get(&name)?.clone();
         }
         None
+    }
+}
+
+/// Most files an image archive may hold (blobs, manifests, configs).
+const MAX_ARCHIVE_ENTRIES: usize = 100_000;
+/// Most header bytes (headers, PAX records, long names) read while indexing an archive.
+const MAX_INDEX_READ: u64 = 64 << 20;
+
+/// The archive file as the indexer reads it: seeks pass through, reads are capped.
+struct HeaderReader<'f> {
+    file: &'f File,
+    left: u64,
+}
+
+impl Read for HeaderReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::other(format!(
+                "more than {MAX_INDEX_READ} bytes of tar headers (PAX records, long names)"
+            )));
+        }
+        let room = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+        let n = self.file.read(&mut buf[..room])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for HeaderReader<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
     }
 }
 

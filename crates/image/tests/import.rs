@@ -501,3 +501,24 @@ fn huge_pax_header_and_long_name_are_refused_without_holding_them() {
         assert!(err.contains("tar header") && err.contains("1048576"), "{kind:?}: {err}");
     }
 }
+
+#[test]
+fn image_archive_with_huge_headers_is_refused() {
+    // The archive itself (not a layer): 70 MiB of PAX records before its manifest. Indexing
+    // reads headers only, at most 64 MiB of them.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let big = vec![b'a'; 70 << 20];
+    let mut t = Tar::default();
+    t.entry(E {
+        path: b"././@PaxHeader",
+        kind: tar::EntryType::XHeader,
+        data: &big,
+        ..E::default()
+    });
+    t.file("manifest.json", b"[]", 0o644);
+    let archive = tmp.path().join("huge.tar");
+    fs::write(&archive, t.finish()).unwrap();
+    let err = import(&store, &archive, Some("x"), &Limits::default(), &mut Quiet).unwrap_err();
+    assert!(err.to_string().contains("tar headers"), "{err}");
+}
