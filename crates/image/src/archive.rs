@@ -249,7 +249,20 @@ impl Blobs for DirBlobs {
 
     fn open(&mut self, path: &str) -> Result<(Box<dyn Read + '_>, Option<u64>), ImageError> {
         let p = self.path(path)?;
-        let f = File::open(&p).map_err(at("open", &p))?;
+        // Beneath the image directory and through no symlink: a path named in the image's
+        // own JSON never reaches another host file.
+        let root = File::open(&self.root).map_err(at("open", &self.root))?;
+        let rel = p.strip_prefix(&self.root).unwrap_or(&p);
+        let how = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS;
+        let fd = rustix::fs::openat2(
+            &root,
+            rel,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            how,
+        )
+        .map_err(|e| at("open (no symlinks, inside the image directory)", &p)(e.into()))?;
+        let f = File::from(fd);
         let size = f.metadata().map_err(at("stat", &p))?.len();
         Ok((Box::new(f), Some(size)))
     }

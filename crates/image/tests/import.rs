@@ -522,3 +522,25 @@ fn image_archive_with_huge_headers_is_refused() {
     let err = import(&store, &archive, Some("x"), &Limits::default(), &mut Quiet).unwrap_err();
     assert!(err.to_string().contains("tar headers"), "{err}");
 }
+
+#[test]
+fn image_directory_symlinks_are_not_followed() {
+    if !root() {
+        return;
+    }
+    // An OCI layout directory whose blob is a symlink to a host file: refused, not read.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("data")).unwrap();
+    let layout = tmp.path().join("layout");
+    oci_layout(&layout, &[base_layer()], None);
+    let blob = fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::read(p).unwrap().starts_with(&[0x1f, 0x8b]))
+        .unwrap();
+    let host = tmp.path().join("host-file");
+    fs::rename(&blob, &host).unwrap();
+    std::os::unix::fs::symlink(&host, &blob).unwrap();
+    let err = import(&store, &layout, Some("x"), &Limits::default(), &mut Quiet).unwrap_err();
+    assert!(err.to_string().contains("no symlinks"), "{err}");
+}
