@@ -48,7 +48,8 @@ Exit status:
   127  the command was not found
 Each of 121-127 comes with one line on stderr starting with \"ringfence:\".
 
-Environment: the command sees only PATH, HOME and LANG plus what --env passes.
+Environment: the command sees only PATH, HOME and LANG plus an image template's Env and what
+--env passes (--env wins).
 Denied system calls fail with EPERM and are listed in one line on stderr at exit (see --quiet).";
 
 /// Run a command in a fresh sandbox and remove the sandbox afterwards.
