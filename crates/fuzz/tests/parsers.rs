@@ -398,3 +398,92 @@ fn envd_request_headers_and_start() {
         let _ = ringfence_server::envd::check_request(&headers, &start);
     });
 }
+
+/// A tar entry with any path and link bytes (the `tar` crate's builder refuses hostile ones).
+fn tar_entry(out: &mut Vec<u8>, path: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    let g = h.as_gnu_mut().unwrap();
+    g.name[..path.len()].copy_from_slice(path);
+    g.linkname[..link.len()].copy_from_slice(link);
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o4755);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// Layers mixing everything the unpacker handles, escapes included.
+fn layer_seeds() -> Vec<Vec<u8>> {
+    use tar::EntryType as T;
+    let mut well = Vec::new();
+    tar_entry(&mut well, b"./", T::Directory, b"", b"");
+    tar_entry(&mut well, b"etc/passwd", T::Regular, b"", b"root:x:0:0::/root:/bin/sh\n");
+    tar_entry(&mut well, b"etc/pw2", T::Link, b"etc/passwd", b"");
+    tar_entry(&mut well, b"bin/sh", T::Symlink, b"/bin/busybox", b"");
+    tar_entry(&mut well, b"etc/.wh.gone", T::Regular, b"", b"");
+    tar_entry(&mut well, b"opq/.wh..wh..opq", T::Regular, b"", b"");
+    tar_entry(&mut well, b"fifo", T::Fifo, b"", b"");
+    let mut evil = Vec::new();
+    tar_entry(&mut evil, b"up", T::Symlink, b"../outside", b"");
+    tar_entry(&mut evil, b"up/x", T::Regular, b"", b"escaped");
+    tar_entry(&mut evil, b"../outside/y", T::Regular, b"", b"escaped");
+    tar_entry(&mut evil, b"l", T::Link, b"../outside/z", b"");
+    tar_entry(&mut evil, b"dev/mem", T::Char, b"", b"");
+    let mut seeds = vec![well.clone(), evil.clone()];
+    for s in [&mut well, &mut evil] {
+        s.extend_from_slice(&[0u8; 1024]);
+    }
+    seeds.push(well);
+    seeds.push(evil);
+    seeds
+}
+
+#[test]
+fn image_layer_tars() {
+    // A hostile layer is unpacked beside a sentinel directory: whatever the bytes, nothing
+    // lands outside the layer, no device node but a whiteout (0:0) exists, and no file passes
+    // the per-file cap. Errors are fine; panics and escapes are not.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let limits = ringfence_image::Limits {
+        file_bytes: 64 << 10,
+        layer_bytes: 1 << 20,
+        image_bytes: 1 << 20,
+        entries: 200,
+        min_free: 0,
+    };
+    fn walk(p: &std::path::Path, f: &mut dyn FnMut(&std::path::Path, &std::fs::Metadata)) {
+        let Ok(m) = std::fs::symlink_metadata(p) else { return };
+        f(p, &m);
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).unwrap().flatten() {
+                walk(&e.path(), f);
+            }
+        }
+    }
+    fuzz("image_layer_tars", bytes(layer_seeds(), 4096), |input| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (layer, outside) = (tmp.path().join("layer"), tmp.path().join("outside"));
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let mut budget = limits.image_bytes;
+        let _ = ringfence_image::unpack::unpack(
+            &input[..],
+            &layer,
+            "sha256:fuzz",
+            &limits,
+            &mut budget,
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "escaped into the sibling");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "escaped into the parent");
+        walk(&layer, &mut |p, m| {
+            let ft = m.file_type();
+            assert!(!ft.is_block_device(), "{p:?}");
+            assert!(!ft.is_char_device() || m.rdev() == 0, "{p:?}");
+            assert!(!ft.is_file() || m.len() <= limits.file_bytes, "{p:?}");
+        });
+    });
+}
