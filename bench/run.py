@@ -76,6 +76,7 @@ LAYER_SETS: list[tuple[str, list[str]]] = [
     ("no-seccomp", ["--no-seccomp"]),
     ("no-landlock", ["--no-landlock"]),
     ("no-cgroup", ["--no-cgroup"]),
+    ("no-spawner", ["--no-spawner"]),
     ("no-overlay", ["--no-overlay"]),
 ]
 
@@ -426,7 +427,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="OUT", help="write raw samples and the summary here")
     ap.add_argument("--only", metavar="NAME,...",
                     help="runners to use: bare,ringfence,bwrap,nsjail "
-                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-overlay)")
+                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-spawner,no-overlay)")
     ap.add_argument("--layers", action="store_true",
                     help="instead: /bin/true under `ringfence run` with each layer switched off")
     args = ap.parse_args()

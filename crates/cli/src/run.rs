@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// Disable cgroup limits (benchmarking of layer costs only).
     #[arg(long, hide = true)]
     no_cgroup: bool,
+    /// Move the sandbox into its cgroup slot instead of having the slot's spawner start it
+    /// there (benchmarking of what spawners save only).
+    #[arg(long, hide = true)]
+    no_spawner: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -289,10 +293,8 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         None
     } else {
         let layout = Layout::detect()?;
-        Some(
-            Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"))
-                .with_spawners(cfg.agent_path.clone()),
-        )
+        let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
+        Some(if args.no_spawner { pool } else { pool.with_spawners(cfg.agent_path.clone()) })
     };
     let limits = Limits {
         memory: Some(args.memory),
