@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the performance specification (docs/SPECIFICATION.md) on this machine.
 
-    python3 bench/spec.py [--ringfence PATH] [--runs N] [--spec docs/SPECIFICATION.md]
+    python3 bench/spec.py [--ringfence PATH] [--runs N] [--pause MS] [--spec docs/SPECIFICATION.md]
 
 Runs bench/run.py with ringfence and bubblewrap side by side, interleaved, and compares each
 workload's ratio ringfence / bwrap against the bound the specification's `spec` block sets.
@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--ringfence", metavar="PATH",
                     default=str(REPO_ROOT / "target/x86_64-unknown-linux-gnu/release/ringfence"))
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--pause", metavar="MS", type=int, default=100,
+                    help="rest between runs, as a host that runs a command now and then")
     ap.add_argument("--spec", type=Path, default=REPO_ROOT / "docs/SPECIFICATION.md")
     args = ap.parse_args()
     spec = load_spec(args.spec)
@@ -57,7 +59,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, str(BENCH_DIR / "run.py"), "--runs", str(args.runs),
-               "--warmup", "3", "--only", "ringfence,bwrap", "--ringfence", args.ringfence,
+               "--warmup", "3", "--pause", str(args.pause), "--only", "ringfence,bwrap",
+               "--ringfence", args.ringfence,
                "--json", str(out)]
         r = subprocess.run(cmd)
         if r.returncode != 0 or not out.exists():
