@@ -74,7 +74,8 @@ pub struct BuildArgs {
 }
 
 fn parse_arg(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("--build-arg {s:?}: expected KEY=VALUE"))?;
+    let (k, v) =
+        s.split_once('=').ok_or_else(|| format!("--build-arg {s:?}: expected KEY=VALUE"))?;
     if k.is_empty() || s.contains('\0') {
         return Err(format!("--build-arg {s:?}: empty name or NUL byte"));
     }
@@ -94,7 +95,9 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
     };
     let mut dockerfile = Vec::new();
     File::open(&file)
-        .and_then(|f| f.take(ringfence_image::dockerfile::MAX_BYTES as u64 + 1).read_to_end(&mut dockerfile))
+        .and_then(|f| {
+            f.take(ringfence_image::dockerfile::MAX_BYTES as u64 + 1).read_to_end(&mut dockerfile)
+        })
         .with_context(|| format!("read the Dockerfile {}", file.display()))?;
     if !context.is_dir() {
         anyhow::bail!("the build context {} is not a directory", context.display());
@@ -104,7 +107,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
     let opts = BuildOptions {
         name: args.name.clone(),
         dockerfile,
-        dockerfile_path: file.clone(),
+        dockerfile_path: file,
         context,
         build_args: args.build_args.iter().cloned().collect(),
         no_cache: args.no_cache,
@@ -155,8 +158,13 @@ impl JailRunner {
         }
         cfg.disk = disk;
         let layout = Layout::detect()?;
-        let pool = Pool::new(layout, &cfg.cgroup_name, crate::run::POOL_PREFIX, cfg.run_dir.join("cgroups"))
-            .with_spawners(cfg.agent_path.clone());
+        let pool = Pool::new(
+            layout,
+            &cfg.cgroup_name,
+            crate::run::POOL_PREFIX,
+            cfg.run_dir.join("cgroups"),
+        )
+        .with_spawners(cfg.agent_path.clone());
         let seccomp = ringfence_jail::seccomp::default_profile(true)?;
         Ok(JailRunner {
             cfg,
@@ -210,7 +218,7 @@ impl JailRunner {
         let devnull: OwnedFd = File::open("/dev/null").context("open /dev/null")?.into();
         let id = ringfence_jail::new_sandbox_id();
         let spec = SandboxSpec {
-            limits: self.limits.clone(),
+            limits: self.limits,
             // The build writes the image's own directories (/usr, /etc, ...): everything in
             // the sandbox's root filesystem is writable, which changes only this sandbox's
             // upper layer. The namespaces, seccomp and cgroup limits are those of any sandbox.
@@ -276,32 +284,36 @@ impl JailRunner {
             None => None,
         };
         let mut control = sandbox.control_clone()?;
-        let ctl_thread = std::thread::Builder::new().name("build-control".into()).spawn(move || {
-            loop {
-                match ringfence_proto::read_frame::<_, Event>(&mut control) {
-                    Ok(Some(Event::Exited { status, .. })) => {
-                        let _ = tx.send(Msg::Exited(status));
-                        break;
-                    }
-                    Ok(Some(Event::Response { result: Err(e), .. })) => {
-                        let _ = tx.send(Msg::SpawnFailed(e.message));
-                        break;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => {
-                        let _ = tx.send(Msg::Gone);
-                        break;
+        let ctl_thread =
+            std::thread::Builder::new().name("build-control".into()).spawn(move || {
+                loop {
+                    match ringfence_proto::read_frame::<_, Event>(&mut control) {
+                        Ok(Some(Event::Exited { status, .. })) => {
+                            let _ = tx.send(Msg::Exited(status));
+                            break;
+                        }
+                        Ok(Some(Event::Response { result: Err(e), .. })) => {
+                            let _ = tx.send(Msg::SpawnFailed(e.message));
+                            break;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => {
+                            let _ = tx.send(Msg::Gone);
+                            break;
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         let deadline = started + self.timeout;
         let mut end: Option<Result<ExitStatus, String>> = None;
         let mut outputs_done = false;
         loop {
             let now = Instant::now();
             if end.is_none() && now >= deadline {
-                end = Some(Err(format!("timed out after {:?} (--step-timeout); the sandbox was killed", self.timeout)));
+                end = Some(Err(format!(
+                    "timed out after {:?} (--step-timeout); the sandbox was killed",
+                    self.timeout
+                )));
                 sandbox.kill();
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
@@ -313,7 +325,9 @@ impl JailRunner {
                     end.get_or_insert(Err(format!("cannot start the command: {m}")));
                 }
                 Ok(Msg::Gone) => {
-                    end.get_or_insert(Err("the sandbox ended without the command's exit status".into()));
+                    end.get_or_insert(Err(
+                        "the sandbox ended without the command's exit status".into()
+                    ));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => progress.output(&[]),
                 Err(mpsc::RecvTimeoutError::Disconnected) => outputs_done = true,
@@ -333,16 +347,21 @@ impl JailRunner {
         let oom = sandbox.oom_kills() > 0;
         let outcome = match end {
             Some(Ok(ExitStatus::Code(0))) => {
-                let upper = sandbox.upper_dir().context("the sandbox's writable layer is not reachable")?;
+                let upper =
+                    sandbox.upper_dir().context("the sandbox's writable layer is not reachable")?;
                 let stats = ringfence_jail::layer::save(&upper, save_to, sandbox.id_base())
                     .context("save the step's layer")?;
                 let dropped = scrub_identity(save_to, &sandbox.id);
-                RunOutcome::Saved { entries: stats.files.saturating_sub(dropped), bytes: stats.bytes }
+                RunOutcome::Saved {
+                    entries: stats.files.saturating_sub(dropped),
+                    bytes: stats.bytes,
+                }
             }
             Some(Ok(ExitStatus::Code(c))) => RunOutcome::Failed(format!("exit code {c}")),
-            Some(Ok(ExitStatus::Signal(s))) if oom => {
-                RunOutcome::Failed(format!("killed by signal {s}: out of memory (--memory {})", self.limits.memory.unwrap_or(0)))
-            }
+            Some(Ok(ExitStatus::Signal(s))) if oom => RunOutcome::Failed(format!(
+                "killed by signal {s}: out of memory (--memory {})",
+                self.limits.memory.unwrap_or(0)
+            )),
             Some(Ok(ExitStatus::Signal(s))) => RunOutcome::Failed(format!("killed by signal {s}")),
             Some(Err(why)) => RunOutcome::Failed(why),
             None => RunOutcome::Failed("the sandbox ended unexpectedly".into()),
@@ -372,9 +391,9 @@ fn scrub_identity(layer: &Path, sandbox_id: &str) -> u64 {
             dropped += 1;
         }
     }
-    let bare = std::fs::symlink_metadata(&etc).is_ok_and(|m| {
-        m.is_dir() && m.uid() == 0 && m.gid() == 0 && m.mode() & 0o7777 == 0o755
-    }) && ringfence_sys::xattrs_with_prefix(&etc, "user.").unwrap_or_default().is_empty();
+    let bare = std::fs::symlink_metadata(&etc)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.gid() == 0 && m.mode() & 0o7777 == 0o755)
+        && ringfence_sys::xattrs_with_prefix(&etc, "user.").unwrap_or_default().is_empty();
     if bare && std::fs::remove_dir(&etc).is_ok() {
         dropped += 1;
     }
@@ -418,7 +437,8 @@ impl Display {
     fn draw(&mut self) {
         let Some((n, total, text, t)) = &self.current else { return };
         let width = terminal_width();
-        let mut lines = vec![fit(&format!("[{n}/{total}] {text}  {:.1}s", t.elapsed().as_secs_f64()), width)];
+        let mut lines =
+            vec![fit(&format!("[{n}/{total}] {text}  {:.1}s", t.elapsed().as_secs_f64()), width)];
         let skip = self.tail.len().saturating_sub(TAIL_LIVE);
         for l in self.tail.iter().skip(skip) {
             lines.push(format!("\x1b[2m  | {}\x1b[0m", fit(l, width.saturating_sub(4))));

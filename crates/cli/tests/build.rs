@@ -105,7 +105,14 @@ impl Env {
 
     fn run(&self, template: &str, script: &str) -> Out {
         run(
-            &["--data-dir", self.data.to_str().unwrap(), "--disk-backend", "tmpfs", "--template", template],
+            &[
+                "--data-dir",
+                self.data.to_str().unwrap(),
+                "--disk-backend",
+                "tmpfs",
+                "--template",
+                template,
+            ],
             &["sh", "-c", script],
         )
     }
@@ -216,7 +223,11 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     assert!(r.iter().all(|l| l.ends_with("CACHED")), "{r:?}");
     assert_eq!(e.layers(), layers_before);
     assert_eq!(std::fs::read(e.data.join("images/templates/app:v1.json")).unwrap(), record_before);
-    println!("cold build {:.0} ms; cached rebuild {:.0} ms", cold.as_secs_f64() * 1e3, warm.as_secs_f64() * 1e3);
+    println!(
+        "cold build {:.0} ms; cached rebuild {:.0} ms",
+        cold.as_secs_f64() * 1e3,
+        warm.as_secs_f64() * 1e3
+    );
     assert!(warm.as_secs_f64() < 1.0, "cached rebuild took {warm:?}");
 
     // One COPY'd file changes: that step and the ones after it run again, the earlier ones
@@ -257,7 +268,10 @@ fn a_failing_step_shows_its_output_and_exit_code_and_registers_nothing() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("about to fail") && err.contains("oops"), "{err}");
-    assert!(err.contains("[3/4]") && err.contains("exit code 3") && err.contains("line 3"), "{err}");
+    assert!(
+        err.contains("[3/4]") && err.contains("exit code 3") && err.contains("line 3"),
+        "{err}"
+    );
     assert!(!err.contains("never"), "{err}");
     assert!(!e.cmd(&["template", "ls"]).stdout.windows(6).any(|w| w == b"broken"));
     let o = e.cmd(&["template", "inspect", "broken"]);
@@ -321,12 +335,20 @@ fn hostile_inputs_are_refused_with_clear_errors() {
         let o = e.build("evil", &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{line}: {}", text(&o));
-        assert!(err.contains(want) && err.contains("line 2"), "{line}: want {want:?}\n{}", text(&o));
+        assert!(
+            err.contains(want) && err.contains("line 2"),
+            "{line}: want {want:?}\n{}",
+            text(&o)
+        );
     }
     // Nothing from outside reached a layer, no template was registered.
     let o = e.cmd(&["template", "ls"]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("evil"), "{}", text(&o));
-    let found = Command::new("grep").args(["-r", "-l", "host secret"]).arg(e.data.join("images")).output().unwrap();
+    let found = Command::new("grep")
+        .args(["-r", "-l", "host secret"])
+        .arg(e.data.join("images"))
+        .output()
+        .unwrap();
     assert!(found.stdout.is_empty(), "{}", text(&found));
     // A symlink inside a copied directory is copied as a link, never followed.
     e.write("Dockerfile", "FROM bb\nCOPY dir /dir\n");

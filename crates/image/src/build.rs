@@ -187,7 +187,7 @@ pub fn build(
     for n in &file.notes {
         progress.note(n);
     }
-    let ctx = Context::open(&opts.context).map_err(|m| ImageError::Format(m))?;
+    let ctx = Context::open(&opts.context).map_err(ImageError::Format)?;
     let in_use = store.in_use()?;
     let scratch = store.build_scratch()?;
     let skeleton = store.skeleton()?;

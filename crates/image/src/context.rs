@@ -625,9 +625,9 @@ pub fn copy(
             match entry {
                 Entry::Dir { mode } => {
                     h.update(format!("d {mode:o}\0"));
-                    let mut full = parent.clone();
+                    let mut full = parent;
                     if !name.is_empty() {
-                        full.push(name.clone());
+                        full.push(name);
                     }
                     let full = layer.lowers.resolve(&format!("/{}", full.join("/")))?;
                     let existed = layer.lowers.lookup(&full).is_some();
