@@ -167,6 +167,8 @@ fn populate(e: &Env) {
     e.write("conf/ignored.txt", "not copied\n");
     e.write("data.txt", "one\ntwo\n");
     e.write("scripts/run.sh", "echo run\n");
+    e.write("scripts/secret.key", "not for the image\n");
+    e.write(".dockerignore", "# keys stay out\n**/*.key\n");
 }
 
 #[test]
@@ -192,11 +194,11 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     let out = e.run(
         "app:v1",
         "pwd; id -u; echo \"$MODE\"; cat /etc/motd; ls /etc/app; stat -c '%u:%g %a' data.txt; \
-         cat whoami.txt lines.txt scripts/run.sh; test -d /opt/tool && echo tool",
+         cat whoami.txt lines.txt; ls scripts; test -d /opt/tool && echo tool",
     );
     assert_eq!(
         out.stdout,
-        "/srv/app\n1000\nbuilt here\nhi from RUN\na.conf\nb.conf\n1000:50 640\n1000\n2\necho run\ntool\n",
+        "/srv/app\n1000\nbuilt here\nhi from RUN\na.conf\nb.conf\n1000:50 640\n1000\n2\nrun.sh\ntool\n",
         "{out:?}"
     );
     // The start command and labels are the template's config.

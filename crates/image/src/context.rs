@@ -46,6 +46,66 @@ pub struct Source {
 pub struct Context {
     root: OwnedFd,
     path: PathBuf,
+    ignore: Ignore,
+}
+
+/// The context's `.dockerignore`: patterns (`*`, `?` within a component, `**` across
+/// components) with `!` exceptions, the last matching line deciding; a pattern that matches a
+/// directory excludes everything beneath it.
+#[derive(Debug, Default)]
+pub struct Ignore {
+    rules: Vec<(bool, Vec<String>)>,
+}
+
+impl Ignore {
+    pub fn parse(text: &str) -> Ignore {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let l = line.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let (keep, pat) = match l.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, l),
+            };
+            let c = comps(pat);
+            if !c.is_empty() {
+                rules.push((keep, c));
+            }
+        }
+        Ignore { rules }
+    }
+
+    /// Whether `rel` (relative to the context) is excluded.
+    pub fn excluded(&self, rel: &str) -> bool {
+        let path = comps(rel);
+        let mut out = false;
+        for (keep, pat) in &self.rules {
+            let hit = (1..=path.len()).any(|n| pattern_match(pat, &path[..n]));
+            if hit {
+                out = !keep;
+            }
+        }
+        out
+    }
+
+    fn has_exceptions(&self) -> bool {
+        self.rules.iter().any(|(keep, _)| *keep)
+    }
+}
+
+fn pattern_match(pat: &[String], path: &[String]) -> bool {
+    match pat.split_first() {
+        None => path.is_empty(),
+        Some((p, rest)) if p == "**" => {
+            (0..=path.len()).any(|skip| pattern_match(rest, &path[skip..]))
+        }
+        Some((p, rest)) => match path.split_first() {
+            Some((c, more)) => glob_match(p, c) && pattern_match(rest, more),
+            None => false,
+        },
+    }
 }
 
 fn open_beneath(dir: impl AsFd, rel: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
@@ -61,7 +121,23 @@ impl Context {
             Mode::empty(),
         )
         .map_err(|e| format!("build context {}: {e}", path.display()))?;
-        Ok(Context { root, path: path.to_path_buf() })
+        let ignore = match open_beneath(&root, ".dockerignore", OFlags::RDONLY) {
+            Ok(fd) => {
+                let mut text = String::new();
+                File::from(fd)
+                    .take(1 << 20)
+                    .read_to_string(&mut text)
+                    .map_err(|e| format!("read .dockerignore: {e}"))?;
+                Ignore::parse(&text)
+            }
+            Err(_) => Ignore::default(),
+        };
+        Ok(Context { root, path: path.to_path_buf(), ignore })
+    }
+
+    /// Whether the context has a `.dockerignore` with any pattern.
+    pub fn ignores_anything(&self) -> bool {
+        !self.ignore.rules.is_empty()
     }
 
     pub fn path(&self) -> &Path {
@@ -110,7 +186,11 @@ impl Context {
                     for e in entries {
                         let e = e.map_err(|e| format!("{src:?}: read {base:?}: {e}"))?;
                         let name = String::from_utf8_lossy(e.file_name().to_bytes()).into_owned();
-                        if name != "." && name != ".." && glob_match(part, &name) {
+                        if name != "."
+                            && name != ".."
+                            && glob_match(part, &name)
+                            && !self.ignore.excluded(&join(base, &name))
+                        {
                             names.push(name);
                         }
                     }
@@ -127,6 +207,9 @@ impl Context {
         }
         let mut out = Vec::new();
         for rel in found {
+            if !rel.is_empty() && self.ignore.excluded(&rel) {
+                return Err(format!("{rel:?} is excluded by the context's .dockerignore"));
+            }
             let st = rustix::fs::statat(
                 &self.root,
                 if rel.is_empty() { "." } else { rel.as_str() },
@@ -214,7 +297,7 @@ impl Context {
         let fd =
             open_beneath(&self.root, rel, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK)
                 .map_err(|e| format!("open {rel:?} in the context: {e}"))?;
-        walk_fd(fd, "", f)
+        walk_fd(fd, "", rel, &self.ignore, f)
     }
 }
 
@@ -235,9 +318,12 @@ pub enum Entry {
     },
 }
 
+/// `prefix`: where `rel` starts in the context (for `.dockerignore`).
 fn walk_fd(
     fd: OwnedFd,
     rel: &str,
+    prefix: &str,
+    ignore: &Ignore,
     f: &mut dyn FnMut(&str, Entry) -> Result<(), CopyError>,
 ) -> Result<(), CopyError> {
     let st = rustix::fs::fstat(&fd).map_err(|e| format!("stat {rel:?}: {e}"))?;
@@ -252,7 +338,11 @@ fn walk_fd(
             },
         ),
         FileType::Directory => {
-            f(rel, Entry::Dir { mode })?;
+            // An excluded directory reached only for an exception beneath it (`!dir/keep`)
+            // is not copied itself; the copy creates it as a parent if anything is kept.
+            if rel.is_empty() || !ignore.excluded(&join(prefix, rel)) {
+                f(rel, Entry::Dir { mode })?;
+            }
             let mut names: Vec<Vec<u8>> = Vec::new();
             for e in rustix::fs::Dir::read_from(&fd).map_err(|e| format!("read {rel:?}: {e}"))? {
                 let e = e.map_err(|e| format!("read {rel:?}: {e}"))?;
@@ -264,10 +354,16 @@ fn walk_fd(
             names.sort();
             for name in names {
                 let child_rel = join(rel, &String::from_utf8_lossy(&name));
+                let in_ctx = join(prefix, &child_rel);
+                let skipped = ignore.excluded(&in_ctx);
                 let cst =
                     rustix::fs::statat(&fd, OsStr::from_bytes(&name), AtFlags::SYMLINK_NOFOLLOW)
                         .map_err(|e| format!("stat {child_rel:?}: {e}"))?;
-                match FileType::from_raw_mode(cst.st_mode) {
+                let kind = FileType::from_raw_mode(cst.st_mode);
+                if skipped && !(kind == FileType::Directory && ignore.has_exceptions()) {
+                    continue;
+                }
+                match kind {
                     FileType::Symlink => {
                         let t = rustix::fs::readlinkat(&fd, OsStr::from_bytes(&name), Vec::new())
                             .map_err(|e| format!("readlink {child_rel:?}: {e}"))?;
@@ -284,7 +380,7 @@ fn walk_fd(
                             Mode::empty(),
                         )
                         .map_err(|e| format!("open {child_rel:?}: {e}"))?;
-                        walk_fd(child, &child_rel, f)?;
+                        walk_fd(child, &child_rel, prefix, ignore, f)?;
                     }
                     other => {
                         return Err(format!(
@@ -813,6 +909,16 @@ pub fn read_image_file(lowers: &Layered, layer_dirs: &[PathBuf], path: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dockerignore_patterns_exclude_with_exceptions() {
+        let i = Ignore::parse("# comment\n.git\n*.log\n**/tmp\nbuild/*\n!build/keep.txt\n");
+        assert!(i.excluded(".git") && i.excluded(".git/config"));
+        assert!(i.excluded("a.log") && !i.excluded("dir/a.log"));
+        assert!(i.excluded("tmp/x") && i.excluded("a/b/tmp") && i.excluded("a/b/tmp/c"));
+        assert!(i.excluded("build/out.o") && !i.excluded("build/keep.txt"));
+        assert!(!i.excluded("src/main.rs") && !i.excluded("build"));
+    }
 
     #[test]
     fn globs_match_within_a_component() {
