@@ -11,11 +11,11 @@ mod common;
 mod img;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Instant;
 
 use common::*;
-use img::{E, Tar, docker_archive};
+use img::{E, Tar, docker_archive, oci_layout};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -367,4 +367,102 @@ fn hostile_inputs_are_refused_with_clear_errors() {
 fn nix_mkfifo(p: &Path) {
     let o = Command::new("mkfifo").arg(p).output().unwrap();
     assert!(o.status.success());
+}
+
+/// A registry on loopback (Debian's `docker-registry`) for the test's lifetime.
+struct Registry {
+    child: Child,
+    _dir: tempfile::TempDir,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> Result<Registry, String> {
+    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or(
+            "docker-registry missing (apt-get install docker-registry; scripts/setup.sh does)",
+        )?;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start {bin}: {e}"))?;
+    let reg = Registry { child, _dir: dir, addr };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&reg.addr).is_err() {
+        if Instant::now() > deadline {
+            return Err("docker-registry did not listen within 10 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(reg)
+}
+
+#[test]
+fn from_a_registry_reference_pulls_the_base() {
+    if !ready("from_a_registry_reference_pulls_the_base") {
+        return;
+    }
+    let Some(skopeo) = ["/usr/bin/skopeo"].into_iter().find(|p| Path::new(p).exists()) else {
+        println!(
+            "SKIPPED from_a_registry_reference_pulls_the_base: skopeo missing (apt-get install skopeo; scripts/setup.sh does)"
+        );
+        return;
+    };
+    let reg = match start_registry() {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIPPED from_a_registry_reference_pulls_the_base: {why}");
+            return;
+        }
+    };
+    let e = Env::new();
+    let layout = e.tmp.path().join("layout");
+    oci_layout(&layout, &[busybox_layer()], None);
+    let o = Command::new(skopeo)
+        .args(["copy", "--dest-tls-verify=false", "--insecure-policy"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker://{}/test/base:v1", reg.addr))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo push: {}", text(&o));
+    e.write(
+        "Dockerfile",
+        &format!("FROM {}/test/base:v1\nRUN echo pulled > /from-registry\n", reg.addr),
+    );
+    let o = e.build("fromreg", &["--insecure-registry", &reg.addr]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pulling it"), "{}", text(&o));
+    assert_eq!(e.run("fromreg", "cat /from-registry").stdout, "pulled\n");
+    // Registered under its default name, prefixed where that is a built-in template's.
+    let ls = String::from_utf8_lossy(&e.cmd(&["template", "ls"]).stdout).into_owned();
+    assert!(ls.contains("from-base:v1"), "{ls}");
+    // The base is now a template here (as `docker pull` leaves it): the next build finds it
+    // without the registry.
+    drop(reg);
+    let o = e.build("fromreg", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(results(&o).iter().all(|l| l.ends_with("CACHED")), "{}", text(&o));
 }

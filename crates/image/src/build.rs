@@ -327,13 +327,46 @@ fn from(
     let record = if crate::store::normalize_name(image).is_ok() && store.contains(image) {
         store.get(image)?
     } else {
-        progress.note(&format!("{image} is not a template here: pulling it from its registry"));
-        crate::registry::pull(store, image, None, &opts.pull, &opts.limits, &mut crate::Quiet)
-            .map_err(|e| {
-                ImageError::Format(format!(
-                    "FROM {image}: not a template here, and pulling it failed: {e}"
-                ))
-            })?
+        // A registry reference: its local copy if an earlier build (or `template pull`)
+        // fetched it, else pulled now and registered under its default name, as `docker
+        // pull` leaves it (`from-NAME` where that name is a built-in one).
+        let r = crate::registry::Reference::parse(image).map_err(|e| {
+            ImageError::Format(format!(
+                "FROM {image}: not a template here, nor a registry reference: {e}"
+            ))
+        })?;
+        let mut local = r.template_name();
+        if crate::store::normalize_name(&local).is_err() {
+            local = format!("from-{local}");
+        }
+        let origin = format!("pull {}/{}@", r.registry, r.repository);
+        match store.get(&local) {
+            Ok(rec) if rec.source.starts_with(&origin) => rec,
+            Ok(rec) => {
+                return Err(ImageError::Format(format!(
+                    "FROM {image}: it would be pulled as template {:?}, which exists here from                      another source ({}); build FROM {:?} by name, or remove it first",
+                    rec.name, rec.source, rec.name
+                )));
+            }
+            Err(_) => {
+                progress.note(&format!(
+                    "{image} is not a template here: pulling it from its registry as {local}"
+                ));
+                crate::registry::pull(
+                    store,
+                    image,
+                    Some(&local),
+                    &opts.pull,
+                    &opts.limits,
+                    &mut crate::Quiet,
+                )
+                .map_err(|e| {
+                    ImageError::Format(format!(
+                        "FROM {image}: not a template here, and pulling it failed: {e}"
+                    ))
+                })?
+            }
+        }
     };
     let run = store.runnable(&record.name)?;
     let ids: Vec<&str> = record.layers.iter().map(|l| l.diff_id.as_str()).collect();
