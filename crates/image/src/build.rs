@@ -250,6 +250,20 @@ pub fn build(
         }
         progress.step_done(n, total, how, t.elapsed());
     }
+    let declared: std::collections::BTreeSet<&str> = file
+        .steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            Op::Arg(list) => Some(list.iter().map(|(k, _)| k.as_str())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    for k in opts.build_args.keys() {
+        if !declared.contains(k.as_str()) {
+            progress.note(&format!("--build-arg {k}: the Dockerfile declares no ARG {k}; unused"));
+        }
+    }
     let Some(mut s) = st else {
         return Err(ImageError::Dockerfile { line: 0, message: "no FROM instruction".into() });
     };
