@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod build;
 mod run;
 mod serve;
 mod template;
@@ -29,7 +30,7 @@ enum Command {
         command: serve::KeysCommand,
     },
     Audit(serve::AuditArgs),
-    /// Image templates: import and pull OCI images, list, inspect, remove.
+    /// Image templates: build from a Dockerfile, import and pull OCI images, list, inspect, remove.
     Template {
         #[command(subcommand)]
         command: template::TemplateCommand,

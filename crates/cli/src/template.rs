@@ -17,6 +17,7 @@ use crate::Common;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TemplateCommand {
+    Build(Box<crate::build::BuildArgs>),
     /// Import an image: a `docker save` archive or an OCI image layout (a tar or a directory).
     Import {
         /// The archive or layout directory.
@@ -76,7 +77,7 @@ pub struct Caps {
 }
 
 impl Caps {
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         Limits {
             file_bytes: self.max_file_size,
             layer_bytes: self.max_size,
@@ -98,6 +99,7 @@ pub fn main(cmd: TemplateCommand) -> ExitCode {
 
 fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
     match cmd {
+        TemplateCommand::Build(args) => crate::build::build(*args)?,
         TemplateCommand::Import { path, name, caps, common } => {
             let store = Store::open(&common.data_dir)?;
             let t = Instant::now();
@@ -171,7 +173,7 @@ fn summary(what: &str, rec: &Record, took: Duration) {
     );
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -487,3 +487,47 @@ fn image_layer_tars() {
         });
     });
 }
+
+#[test]
+fn dockerfiles() {
+    // `ringfence template build`'s parser and the substitution it applies when a step runs:
+    // any bytes either parse or are refused with a line number inside the file; nothing
+    // panics, and substitution of every raw string a step holds terminates.
+    let seeds: &[&str] = &[
+        "# syntax=docker/dockerfile:1\nARG B=bb\nFROM $B\nRUN echo a && \\\n  echo b\n",
+        "FROM scratch\nCOPY --chown=user:staff --chmod=0640 [\"a b\", \"/dst/\"]\nENV A=1 B=\"x y\"\n",
+        "FROM x\nENV K v w\nLABEL a=\"${K:-d}\" b=${K:+alt}\nWORKDIR ${A}/x\nUSER user:1000\n",
+        "FROM x\nCMD [\"sh\", \"-c\", \"echo\"]\nENTRYPOINT echo\nSHELL [\"/bin/sh\", \"-c\"]\n",
+        "FROM x\nRUN <<EOF\nhi\nEOF\n",
+    ];
+    fuzz("dockerfiles", text(seeds, 512), |input| {
+        let lines = input.lines().count();
+        match ringfence_image::dockerfile::parse(input.as_bytes()) {
+            Ok(d) => {
+                let vars = std::collections::BTreeMap::from([("A".to_string(), "1".to_string())]);
+                for s in &d.steps {
+                    assert!(s.line >= 1 && s.line <= lines.max(1), "{s:?}");
+                    use ringfence_image::dockerfile::{Op, pairs, word, words};
+                    match &s.op {
+                        Op::Env(r) | Op::Label(r) => {
+                            let _ = pairs(r, &vars, true);
+                        }
+                        Op::Workdir(r) | Op::User(r) | Op::From { image: r } => {
+                            let _ = word(r, &vars);
+                        }
+                        Op::Copy(c) => {
+                            for a in &c.args {
+                                let _ = words(a, &vars);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(ringfence_image::ImageError::Dockerfile { line, .. }) => {
+                assert!(line <= lines.max(1), "line {line} of {lines}");
+            }
+            Err(e) => panic!("not a Dockerfile error: {e}"),
+        }
+    });
+}

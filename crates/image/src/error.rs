@@ -30,6 +30,12 @@ pub enum ImageError {
     NotFound(String),
     #[error("invalid template name {name:?}: {reason}")]
     Name { name: String, reason: String },
+    /// A Dockerfile refused while parsing (line 0: the file as a whole).
+    #[error("Dockerfile{}: {message}", if *line > 0 { format!(" line {line}") } else { String::new() })]
+    Dockerfile { line: usize, message: String },
+    /// A build step that failed or was refused; `step` is `[n/m] INSTRUCTION` (line N).
+    #[error("{step}: {reason}")]
+    Build { step: String, reason: String },
     #[error("registry {registry}: {reason}")]
     Registry { registry: String, reason: String },
 }

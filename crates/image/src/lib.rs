@@ -9,6 +9,9 @@
 //!   `<data-dir>/images`.
 
 pub mod archive;
+pub mod build;
+pub mod context;
+pub mod dockerfile;
 pub mod error;
 pub mod oci;
 mod passwd;

@@ -53,10 +53,15 @@ pub struct Record {
 /// One layer of a template, and what it holds (also kept beside the layer, for reuse).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
+    /// The layer's address: an OCI layer's diff_id, or for a layer a build made, the sha256
+    /// of its build cache key (see [`crate::build`]).
     pub diff_id: String,
     pub entries: u64,
     pub bytes: u64,
     pub stream_bytes: u64,
+    /// For a layer a build made: the instruction that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 /// What an import reports as it goes (a terminal display, or nothing).
@@ -139,7 +144,7 @@ impl Store {
         self.root.join("templates").join(format!("{name}.json"))
     }
 
-    fn lock(&self) -> Result<nix_free_lock::Lock, ImageError> {
+    pub(crate) fn lock(&self) -> Result<nix_free_lock::Lock, ImageError> {
         nix_free_lock::Lock::take(&self.root.join(".lock"))
     }
 
@@ -338,6 +343,7 @@ impl Store {
                         entries: stats.entries,
                         bytes: stats.bytes,
                         stream_bytes: stats.stream_bytes,
+                        created_by: None,
                     };
                     write_atomic(&sidecar, &serde_json::to_vec_pretty(&rec).unwrap_or_default())?;
                     rec
@@ -484,6 +490,107 @@ impl Store {
         Ok(stats)
     }
 
+    /// A layer already in the store under `id` (its directory and its record beside it).
+    pub fn known_layer(&self, id: &Digest) -> Option<LayerRecord> {
+        let dir = self.layer_dir(id);
+        fs::read(dir.with_extension("json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|_| dir.is_dir())
+    }
+
+    /// A scratch directory for one build, beside the layers (same filesystem, so finished
+    /// layers are renamed into place), locked while the build lives; scratch directories whose
+    /// build is gone (a crash) are removed first.
+    pub fn build_scratch(&self) -> Result<Scratch, ImageError> {
+        let base = self.root.join("build");
+        fs::create_dir_all(&base).map_err(at("mkdir", &base))?;
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o700))
+            .map_err(at("chmod", &base))?;
+        if let Ok(rd) = fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "lock") {
+                    continue;
+                }
+                let lock = p.with_extension("lock");
+                let idle =
+                    fs::File::open(&lock).is_ok_and(|f| f.try_lock().is_ok()) || !lock.exists();
+                if idle {
+                    let _ = fs::remove_dir_all(&p);
+                    let _ = fs::remove_file(&lock);
+                }
+            }
+        }
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        );
+        let dir = base.join(&name);
+        let lock_path = dir.with_extension("lock");
+        let lock = fs::File::create(&lock_path).map_err(at("create", &lock_path))?;
+        lock.lock().map_err(at("lock", &lock_path))?;
+        fs::create_dir(&dir).map_err(at("mkdir", &dir))?;
+        Ok(Scratch { dir, lock_path, _lock: lock })
+    }
+
+    /// Moves a complete layer directory `tmp` (written by a build) into the store as layer
+    /// `id`, with its record. If another build stored the same layer meanwhile, that one stays
+    /// and `tmp` is removed. The layer's data reaches the disk before its name does.
+    pub fn commit_layer(
+        &self,
+        tmp: &Path,
+        id: &Digest,
+        mut rec: LayerRecord,
+    ) -> Result<LayerRecord, ImageError> {
+        rec.diff_id = id.to_string();
+        let root = fs::File::open(tmp).map_err(at("open", tmp))?;
+        rustix::fs::syncfs(&root).map_err(|e| at("syncfs", tmp)(e.into()))?;
+        let _lock = self.lock()?;
+        if let Some(existing) = self.known_layer(id) {
+            let _ = fs::remove_dir_all(tmp);
+            return Ok(existing);
+        }
+        let dir = self.layer_dir(id);
+        if dir.exists() {
+            // A directory without its record: left by a crash between the two writes.
+            fs::remove_dir_all(&dir).map_err(at("remove", &dir))?;
+        }
+        fs::rename(tmp, &dir).map_err(at("rename", tmp))?;
+        sync_parent(&dir)?;
+        let text = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| ImageError::Format(format!("encode the layer record: {e}")))?;
+        write_atomic(&dir.with_extension("json"), &text)?;
+        Ok(rec)
+    }
+
+    /// Registers `record` (whose layers are all in the store), replacing a template of the same
+    /// name; the replaced template's layers no other template uses are removed (unless a
+    /// sandbox runs from the store now).
+    pub fn register(&self, record: &Record) -> Result<(), ImageError> {
+        let name = normalize_name(&record.name)?;
+        let _lock = self.lock()?;
+        for l in &record.layers {
+            if self.known_layer(&Digest::parse(&l.diff_id)?).is_none() {
+                return Err(ImageError::Format(format!(
+                    "template {name:?}: layer {} is missing from the store",
+                    l.diff_id
+                )));
+            }
+        }
+        let old = self.get(&name).ok();
+        let text = serde_json::to_vec_pretty(record)
+            .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
+        write_atomic(&self.record_path(&name), &text)?;
+        if let Some(old) = old
+            && let Some(_idle) = self.idle()?
+        {
+            self.collect(&old)?;
+        }
+        Ok(())
+    }
+
     /// The bottom layer of every image template: the mount points the jail mounts over
     /// (`/proc`, `/dev`, `/sys`), `/tmp`, and the homes of the sandbox's two users (`/root`,
     /// `/home/user` owned by 1000). It sits below the image, so the image's own directories
@@ -539,6 +646,21 @@ impl Store {
         }
         let has_user_1000 = crate::passwd::has_uid(&layers, 1000);
         Ok(Runnable { record, layers, skeleton: self.skeleton()?, has_user_1000 })
+    }
+}
+
+/// A build's scratch directory ([`Store::build_scratch`]), removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    pub dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: fs::File,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_file(&self.lock_path);
     }
 }
 
@@ -611,7 +733,7 @@ pub fn normalize_name(name: &str) -> Result<String, ImageError> {
 }
 
 /// An exclusive `flock` on a file, released on drop (std's own file locks).
-mod nix_free_lock {
+pub(crate) mod nix_free_lock {
     use std::fs::File;
     use std::path::Path;
 
