@@ -76,6 +76,7 @@ LAYER_SETS: list[tuple[str, list[str]]] = [
     ("no-seccomp", ["--no-seccomp"]),
     ("no-landlock", ["--no-landlock"]),
     ("no-cgroup", ["--no-cgroup"]),
+    ("no-spawner", ["--no-spawner"]),
     ("no-overlay", ["--no-overlay"]),
 ]
 
@@ -286,7 +287,7 @@ def preflight(runners: list[Runner], workloads: list[tuple[str, list[str]]], lay
 
 
 def measure(runners: list[Runner], workloads: list[tuple[str, list[str]]], runs: int,
-            warmup: int, samples_out: list[dict]) -> None:
+            warmup: int, samples_out: list[dict], pause_s: float = 0.0) -> None:
     total = warmup + runs
     show_progress = sys.stderr.isatty()
     gc_was_enabled = gc.isenabled()
@@ -308,6 +309,11 @@ def measure(runners: list[Runner], workloads: list[tuple[str, list[str]]], runs:
                     if not r.active:
                         continue
                     argv = r.argv(cmd)
+                    if pause_s:
+                        # A host at rest between runs, as one who runs a command now and then
+                        # has it: back-to-back runs keep kernel state warm (an RCU grace period
+                        # a cgroup move waits for is shared by moves close together).
+                        time.sleep(pause_s)
                     rc: int | None = None
                     what = f"timed out after {RUN_TIMEOUT_S} s"
                     try:
@@ -416,6 +422,8 @@ def main() -> int:
         epilog="Pass flags for ringfence with an equals sign, e.g. --ringfence-args='--foo --bar'.")
     ap.add_argument("--runs", type=int, default=20, help="timed rounds (default 20)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
+    ap.add_argument("--pause", metavar="MS", type=int, default=0,
+                    help="sleep this long before every run (default 0: back to back)")
     ap.add_argument("--ringfence", metavar="PATH",
                     help=f"ringfence binary (default {DEFAULT_RINGFENCE.relative_to(REPO_ROOT)} "
                          "under the repo root)")
@@ -426,7 +434,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="OUT", help="write raw samples and the summary here")
     ap.add_argument("--only", metavar="NAME,...",
                     help="runners to use: bare,ringfence,bwrap,nsjail "
-                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-overlay)")
+                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-spawner,no-overlay)")
     ap.add_argument("--layers", action="store_true",
                     help="instead: /bin/true under `ringfence run` with each layer switched off")
     args = ap.parse_args()
@@ -507,7 +515,7 @@ def main() -> int:
     log(f"Measuring {', '.join(r.name for r in active)} ...")
     samples: list[dict] = []
     t_start = time.monotonic()
-    measure(runners, workloads, args.runs, args.warmup, samples)
+    measure(runners, workloads, args.runs, args.warmup, samples, args.pause / 1000)
     elapsed = time.monotonic() - t_start
     load_end = list(os.getloadavg())
     mi["loadavg_end"] = load_end

@@ -8,7 +8,10 @@ need=()
 # python3-pip: the network tests pip-install from a package index inside a sandbox; iproute2:
 # the network tests build their fake internet with `ip`.
 # e2fsprogs: mkfs.ext4 formats the template image of sandbox disks (crates/jail/src/disk.rs).
-for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs; do
+# busybox-static, docker-registry, skopeo: the image tests build a busybox image, push it to a
+# registry on loopback and pull it back (crates/cli/tests/image.rs).
+for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
+  busybox-static docker-registry skopeo; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
@@ -19,6 +22,11 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # gVisor's runsc with the systrap platform, for the `gvisor` tier (Debian 13's static binary).
 "$(dirname "$0")/install-runsc.sh"
+# The tests start their own registry on a free loopback port; the package's service (on :5000,
+# all interfaces, where systemd runs it) is not needed.
+if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
 # The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
 "$(dirname "$0")/interp-env.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }

@@ -2,8 +2,10 @@
 
 #![forbid(unsafe_code)]
 
+mod build;
 mod run;
 mod serve;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,11 @@ enum Command {
         command: serve::KeysCommand,
     },
     Audit(serve::AuditArgs),
+    /// Image templates: build from a Dockerfile, import and pull OCI images, list, inspect, remove.
+    Template {
+        #[command(subcommand)]
+        command: template::TemplateCommand,
+    },
     /// Kill processes left in cgroup slots nobody holds and remove those slots, and remove the
     /// disks of sandboxes whose owner is gone.
     Gc {
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::main(*args),
         Command::Keys { command } => serve::keys(command),
         Command::Audit(args) => serve::audit(args),
+        Command::Template { command } => template::main(command),
         Command::Gc { common } => gc(&common),
         Command::Keeper { socket } => match ringfence_jail::keeper::serve(&socket) {
             Ok(()) => ExitCode::SUCCESS,

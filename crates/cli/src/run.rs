@@ -18,7 +18,7 @@ use ringfence_jail::disk::DiskChoice;
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
-use ringfence_jail::{JailConfig, preflight, seccomp, template};
+use ringfence_jail::{JailConfig, preflight, seccomp};
 use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
 use serde::Serialize;
 
@@ -49,7 +49,8 @@ Exit status:
   127  the command was not found
 Each of 121-127 comes with one line on stderr starting with \"ringfence:\".
 
-Environment: the command sees only PATH, HOME and LANG plus what --env passes.
+Environment: the command sees only PATH, HOME and LANG plus an image template's Env and what
+--env passes (--env wins).
 Denied system calls fail with EPERM and are listed in one line on stderr at exit (see --quiet).";
 
 /// Run a command in a fresh sandbox and remove the sandbox afterwards.
@@ -89,10 +90,12 @@ pub struct RunArgs {
     #[arg(long, short = 'w')]
     workdir: Option<String>,
     /// Who runs the command: `user` (uid 1000) or `root` (root of the sandbox's user namespace
-    /// only, with no capabilities).
-    #[arg(long, default_value = "user", value_parser = parse_user)]
-    user: SandboxUser,
-    /// Template for the root filesystem.
+    /// only, with no capabilities). Default: `user`, or `root` for an image template whose
+    /// /etc/passwd has no uid 1000.
+    #[arg(long, value_parser = parse_user)]
+    user: Option<SandboxUser>,
+    /// Template for the root filesystem: `host` (the host's /usr, read-only), or an image
+    /// template (`ringfence template import|pull`), whose Env and WorkingDir are defaults.
     #[arg(long, default_value = "host")]
     template: String,
     /// Isolation tier: jail (namespaces, cgroups, seccomp, Landlock on the host kernel),
@@ -114,6 +117,10 @@ pub struct RunArgs {
     /// Disable cgroup limits (benchmarking of layer costs only).
     #[arg(long, hide = true)]
     no_cgroup: bool,
+    /// Move the sandbox into its cgroup slot instead of having the slot's spawner start it
+    /// there (benchmarking of what spawners save only).
+    #[arg(long, hide = true)]
+    no_spawner: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -286,16 +293,22 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
     }
     cfg.disk = disk;
-    let tmpl = template::resolve(&args.template, &cfg.data_dir)?;
+    let resolved = crate::template::resolve(&args.template, &cfg.data_dir)?;
+    let user = match (args.user, &resolved.user_note) {
+        (Some(u), _) => u,
+        (None, Some(note)) => {
+            eprintln!("ringfence: {note}");
+            resolved.user
+        }
+        (None, None) => resolved.user,
+    };
     let compiled = if notify { Some(seccomp::default_profile(true)?) } else { None };
     let pool = if args.no_cgroup {
         None
     } else {
         let layout = Layout::detect()?;
-        Some(
-            Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"))
-                .with_spawners(cfg.agent_path.clone()),
-        )
+        let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
+        Some(if args.no_spawner { pool } else { pool.with_spawners(cfg.agent_path.clone()) })
     };
     let limits = Limits {
         memory: Some(args.memory),
@@ -316,16 +329,18 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             cmd: cmd.clone(),
             args: rest.to_vec(),
             env: args.env.iter().cloned().collect(),
-            cwd: args.workdir.clone(),
-            user: args.user,
+            cwd: args.workdir.clone().or_else(|| resolved.workdir.clone()),
+            user,
             stdio: StdioMode::Inherit,
             tag: None,
         }),
         exit_with_initial: true,
         die_with_parent: true,
+        layers: resolved.layers,
+        env: resolved.env,
         ..SandboxSpec::new(
             id.clone(),
-            tmpl,
+            resolved.template,
             compiled,
             [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         )

@@ -398,3 +398,136 @@ fn envd_request_headers_and_start() {
         let _ = ringfence_server::envd::check_request(&headers, &start);
     });
 }
+
+/// A tar entry with any path and link bytes (the `tar` crate's builder refuses hostile ones).
+fn tar_entry(out: &mut Vec<u8>, path: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    let g = h.as_gnu_mut().unwrap();
+    g.name[..path.len()].copy_from_slice(path);
+    g.linkname[..link.len()].copy_from_slice(link);
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o4755);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// Layers mixing everything the unpacker handles, escapes included.
+fn layer_seeds() -> Vec<Vec<u8>> {
+    use tar::EntryType as T;
+    let mut well = Vec::new();
+    tar_entry(&mut well, b"./", T::Directory, b"", b"");
+    tar_entry(&mut well, b"etc/passwd", T::Regular, b"", b"root:x:0:0::/root:/bin/sh\n");
+    tar_entry(&mut well, b"etc/pw2", T::Link, b"etc/passwd", b"");
+    tar_entry(&mut well, b"bin/sh", T::Symlink, b"/bin/busybox", b"");
+    tar_entry(&mut well, b"etc/.wh.gone", T::Regular, b"", b"");
+    tar_entry(&mut well, b"opq/.wh..wh..opq", T::Regular, b"", b"");
+    tar_entry(&mut well, b"fifo", T::Fifo, b"", b"");
+    let mut evil = Vec::new();
+    tar_entry(&mut evil, b"up", T::Symlink, b"../outside", b"");
+    tar_entry(&mut evil, b"up/x", T::Regular, b"", b"escaped");
+    tar_entry(&mut evil, b"../outside/y", T::Regular, b"", b"escaped");
+    tar_entry(&mut evil, b"l", T::Link, b"../outside/z", b"");
+    tar_entry(&mut evil, b"dev/mem", T::Char, b"", b"");
+    let mut seeds = vec![well.clone(), evil.clone()];
+    for s in [&mut well, &mut evil] {
+        s.extend_from_slice(&[0u8; 1024]);
+    }
+    seeds.push(well);
+    seeds.push(evil);
+    seeds
+}
+
+#[test]
+fn image_layer_tars() {
+    // A hostile layer is unpacked beside a sentinel directory: whatever the bytes, nothing
+    // lands outside the layer, no device node but a whiteout (0:0) exists, and no file passes
+    // the per-file cap. Errors are fine; panics and escapes are not.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let limits = ringfence_image::Limits {
+        file_bytes: 64 << 10,
+        layer_bytes: 1 << 20,
+        image_bytes: 1 << 20,
+        entries: 200,
+        min_free: 0,
+    };
+    fn walk(p: &std::path::Path, f: &mut dyn FnMut(&std::path::Path, &std::fs::Metadata)) {
+        let Ok(m) = std::fs::symlink_metadata(p) else { return };
+        f(p, &m);
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).unwrap().flatten() {
+                walk(&e.path(), f);
+            }
+        }
+    }
+    fuzz("image_layer_tars", bytes(layer_seeds(), 4096), |input| {
+        let tmp = tempfile::tempdir().unwrap();
+        let (layer, outside) = (tmp.path().join("layer"), tmp.path().join("outside"));
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let mut budget = limits.image_bytes;
+        let _ = ringfence_image::unpack::unpack(
+            &input[..],
+            &layer,
+            "sha256:fuzz",
+            &limits,
+            &mut budget,
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "escaped into the sibling");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "escaped into the parent");
+        walk(&layer, &mut |p, m| {
+            let ft = m.file_type();
+            assert!(!ft.is_block_device(), "{p:?}");
+            assert!(!ft.is_char_device() || m.rdev() == 0, "{p:?}");
+            assert!(!ft.is_file() || m.len() <= limits.file_bytes, "{p:?}");
+        });
+    });
+}
+
+#[test]
+fn dockerfiles() {
+    // `ringfence template build`'s parser and the substitution it applies when a step runs:
+    // any bytes either parse or are refused with a line number inside the file; nothing
+    // panics, and substitution of every raw string a step holds terminates.
+    let seeds: &[&str] = &[
+        "# syntax=docker/dockerfile:1\nARG B=bb\nFROM $B\nRUN echo a && \\\n  echo b\n",
+        "FROM scratch\nCOPY --chown=user:staff --chmod=0640 [\"a b\", \"/dst/\"]\nENV A=1 B=\"x y\"\n",
+        "FROM x\nENV K v w\nLABEL a=\"${K:-d}\" b=${K:+alt}\nWORKDIR ${A}/x\nUSER user:1000\n",
+        "FROM x\nCMD [\"sh\", \"-c\", \"echo\"]\nENTRYPOINT echo\nSHELL [\"/bin/sh\", \"-c\"]\n",
+        "FROM x\nRUN <<EOF\nhi\nEOF\n",
+    ];
+    fuzz("dockerfiles", text(seeds, 512), |input| {
+        let lines = input.lines().count();
+        match ringfence_image::dockerfile::parse(input.as_bytes()) {
+            Ok(d) => {
+                let vars = std::collections::BTreeMap::from([("A".to_string(), "1".to_string())]);
+                for s in &d.steps {
+                    assert!(s.line >= 1 && s.line <= lines.max(1), "{s:?}");
+                    use ringfence_image::dockerfile::{Op, pairs, word, words};
+                    match &s.op {
+                        Op::Env(r) | Op::Label(r) => {
+                            let _ = pairs(r, &vars, true);
+                        }
+                        Op::Workdir(r) | Op::User(r) | Op::From { image: r } => {
+                            let _ = word(r, &vars);
+                        }
+                        Op::Copy(c) => {
+                            for a in &c.args {
+                                let _ = words(a, &vars);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(ringfence_image::ImageError::Dockerfile { line, .. }) => {
+                assert!(line <= lines.max(1), "line {line} of {lines}");
+            }
+            Err(e) => panic!("not a Dockerfile error: {e}"),
+        }
+    });
+}

@@ -1,0 +1,564 @@
+//! `ringfence template build`: a Dockerfile to an image template. The steps, their cache and
+//! the layers are `ringfence_image::build`'s; this file runs RUN steps in jail sandboxes
+//! ([`JailRunner`]) and shows the progress ([`Display`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ringfence_image::Store;
+use ringfence_image::build::{
+    BuildOptions, BuildProgress, RunAs, RunOutcome, RunRequest, Runner, StepResult,
+};
+use ringfence_jail::JailConfig;
+use ringfence_jail::cgroup::{Layout, Pool};
+use ringfence_jail::disk::DiskChoice;
+use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::limits::{self, Limits};
+use ringfence_jail::template::{Meta, Template};
+use ringfence_proto::{Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode};
+
+use crate::Common;
+use crate::template::Caps;
+
+/// Build an image template from a Dockerfile.
+///
+/// RUN steps run in jail sandboxes as the sandbox's root (or `user`, uid 1000, after USER),
+/// with no network (loopback only) for now. Each step that changes files is a layer cached by
+/// a content hash: an unchanged Dockerfile rebuilds from the cache.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The Dockerfile (default: DIR/Dockerfile of --context).
+    #[arg(long = "file", short = 'f')]
+    file: Option<PathBuf>,
+    /// The build context: the directory COPY and ADD read from (default: the Dockerfile's
+    /// directory).
+    #[arg(long)]
+    context: Option<PathBuf>,
+    /// Template name (NAME or NAME:TAG; the tag defaults to `latest`).
+    #[arg(long, short = 't')]
+    name: String,
+    /// A value for an ARG (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
+    build_args: Vec<(String, String)>,
+    /// Run every step, ignoring cached layers.
+    #[arg(long)]
+    no_cache: bool,
+    /// Wall-clock limit of one RUN step.
+    #[arg(long, default_value = "10m", value_parser = limits::parse_duration)]
+    step_timeout: Duration,
+    /// Writable disk of a RUN step's sandbox (what one step may add).
+    #[arg(long, default_value = "8G", value_parser = limits::parse_size)]
+    disk: u64,
+    /// Where RUN's writable layer lives: `image`, `tmpfs` or `auto` (see `ringfence run`).
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DiskChoice))]
+    disk_backend: DiskChoice,
+    /// Memory limit of a RUN step's sandbox.
+    #[arg(long, default_value = "2G", value_parser = limits::parse_size)]
+    memory: u64,
+    /// CPU quota of a RUN step's sandbox, in cores.
+    #[arg(long, default_value = "2", value_parser = limits::parse_cpus)]
+    cpus: u64,
+    /// Talk plain HTTP to this registry when FROM pulls (HOST:PORT; repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure: Vec<String>,
+    #[command(flatten)]
+    caps: Caps,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn parse_arg(s: &str) -> Result<(String, String), String> {
+    let (k, v) =
+        s.split_once('=').ok_or_else(|| format!("--build-arg {s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() || s.contains('\0') {
+        return Err(format!("--build-arg {s:?}: empty name or NUL byte"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (file, context) = match (&args.file, &args.context) {
+        (Some(f), Some(c)) => (f.clone(), c.clone()),
+        (Some(f), None) => {
+            let dir = f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            (f.clone(), dir.to_path_buf())
+        }
+        (None, Some(c)) => (c.join("Dockerfile"), c.clone()),
+        (None, None) => (PathBuf::from("Dockerfile"), PathBuf::from(".")),
+    };
+    let mut dockerfile = Vec::new();
+    File::open(&file)
+        .and_then(|f| {
+            f.take(ringfence_image::dockerfile::MAX_BYTES as u64 + 1).read_to_end(&mut dockerfile)
+        })
+        .with_context(|| format!("read the Dockerfile {}", file.display()))?;
+    if !context.is_dir() {
+        anyhow::bail!("the build context {} is not a directory", context.display());
+    }
+    let store = Store::open(&args.common.data_dir)?;
+    let mut runner = JailRunner::new(&args)?;
+    let opts = BuildOptions {
+        name: args.name.clone(),
+        dockerfile,
+        dockerfile_path: file,
+        context,
+        build_args: args.build_args.iter().cloned().collect(),
+        no_cache: args.no_cache,
+        pull: ringfence_image::registry::PullOptions { insecure: args.insecure.clone() },
+        limits: args.caps.limits(),
+    };
+    let mut display = Display::new();
+    match ringfence_image::build::build(&store, &opts, &mut runner, &mut display) {
+        Ok(b) => {
+            display.finish();
+            println!(
+                "built {} ({} layers, {}): {} cached, {} built, in {:.2}s",
+                b.record.name,
+                b.record.layers.len(),
+                crate::template::human(b.record.size),
+                b.cached,
+                b.built,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            display.failed();
+            Err(e.into())
+        }
+    }
+}
+
+/// Runs RUN steps in one-shot jail sandboxes.
+struct JailRunner {
+    cfg: JailConfig,
+    pool: Option<Pool>,
+    seccomp: ringfence_jail::seccomp::Compiled,
+    limits: Limits,
+    timeout: Duration,
+}
+
+impl JailRunner {
+    fn new(args: &BuildArgs) -> anyhow::Result<JailRunner> {
+        let agent = crate::run::agent_path();
+        ringfence_jail::preflight::check(&agent, false)?;
+        let mut cfg = JailConfig::with_agent(agent);
+        cfg.data_dir = args.common.data_dir.clone();
+        cfg.run_dir = args.common.run_dir.clone();
+        let (disk, why_tmpfs) = args.disk_backend.resolve(&cfg.data_dir, false)?;
+        if let (Some(why), DiskChoice::Auto) = (&why_tmpfs, args.disk_backend) {
+            tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
+        }
+        cfg.disk = disk;
+        let layout = Layout::detect()?;
+        let pool = Pool::new(
+            layout,
+            &cfg.cgroup_name,
+            crate::run::POOL_PREFIX,
+            cfg.run_dir.join("cgroups"),
+        )
+        .with_spawners(cfg.agent_path.clone());
+        let seccomp = ringfence_jail::seccomp::default_profile(true)?;
+        Ok(JailRunner {
+            cfg,
+            pool: Some(pool),
+            seccomp,
+            limits: Limits {
+                memory: Some(args.memory),
+                pids: Some(4096),
+                cpu_millis: Some(args.cpus),
+                disk: args.disk,
+                nofile: 4096,
+            },
+            timeout: args.step_timeout,
+        })
+    }
+}
+
+enum Msg {
+    Out(Vec<u8>),
+    Exited(ExitStatus),
+    SpawnFailed(String),
+    Gone,
+}
+
+impl Runner for JailRunner {
+    fn run(
+        &mut self,
+        req: &RunRequest<'_>,
+        save_to: &Path,
+        progress: &mut dyn BuildProgress,
+    ) -> Result<RunOutcome, String> {
+        self.run_inner(req, save_to, progress).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl JailRunner {
+    fn run_inner(
+        &mut self,
+        req: &RunRequest<'_>,
+        save_to: &Path,
+        progress: &mut dyn BuildProgress,
+    ) -> anyhow::Result<RunOutcome> {
+        let (cmd, rest) = req.argv.split_first().context("an empty command")?;
+        let template = Template {
+            name: "build".into(),
+            rootfs: req.skeleton.to_path_buf(),
+            meta: Meta { format: 0, host_layers: Vec::new() },
+        };
+        // One pipe for stdout and stderr: the display shows them interleaved as written.
+        let (out_rx, out_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+        let devnull: OwnedFd = File::open("/dev/null").context("open /dev/null")?.into();
+        let id = ringfence_jail::new_sandbox_id();
+        let spec = SandboxSpec {
+            limits: self.limits,
+            // The build writes the image's own directories (/usr, /etc, ...): everything in
+            // the sandbox's root filesystem is writable, which changes only this sandbox's
+            // upper layer. The namespaces, seccomp and cgroup limits are those of any sandbox.
+            writable: vec!["/".into()],
+            initial: Some(SpawnSpec {
+                cmd: cmd.clone(),
+                args: rest.to_vec(),
+                env: req.env.clone(),
+                cwd: Some(req.workdir.clone()),
+                user: match req.user {
+                    RunAs::Root => SandboxUser::Root,
+                    RunAs::User => SandboxUser::User,
+                },
+                stdio: StdioMode::Inherit,
+                tag: None,
+            }),
+            exit_with_initial: true,
+            die_with_parent: true,
+            layers: req.lowers.to_vec(),
+            env: BTreeMap::new(),
+            ..SandboxSpec::new(
+                id,
+                template,
+                Some(self.seccomp.clone()),
+                [devnull.as_raw_fd(), out_tx.as_raw_fd(), out_tx.as_raw_fd()],
+            )
+        };
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let out_thread = {
+            let tx = tx.clone();
+            std::thread::Builder::new().name("build-output".into()).spawn(move || {
+                let mut src = File::from(out_rx);
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match src.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send(Msg::Out(buf[..n].to_vec())).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })?
+        };
+        let started = Instant::now();
+        let result = Sandbox::start(&self.cfg, self.pool.as_ref(), spec);
+        drop((out_tx, devnull));
+        let mut sandbox = match result {
+            Ok(s) => s,
+            Err(e) => {
+                drop(tx);
+                let _ = out_thread.join();
+                return Err(anyhow::Error::from(e).context("start the build sandbox"));
+            }
+        };
+        // Denied system calls get EPERM from the supervisor, as in `ringfence run`.
+        let _supervisor = match sandbox.take_listener() {
+            Some(l) => Some(
+                ringfence_jail::monitor::Supervisor::start(l, sandbox.id.clone())
+                    .context("start the seccomp supervisor")?,
+            ),
+            None => None,
+        };
+        let mut control = sandbox.control_clone()?;
+        let ctl_thread =
+            std::thread::Builder::new().name("build-control".into()).spawn(move || {
+                loop {
+                    match ringfence_proto::read_frame::<_, Event>(&mut control) {
+                        Ok(Some(Event::Exited { status, .. })) => {
+                            let _ = tx.send(Msg::Exited(status));
+                            break;
+                        }
+                        Ok(Some(Event::Response { result: Err(e), .. })) => {
+                            let _ = tx.send(Msg::SpawnFailed(e.message));
+                            break;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => {
+                            let _ = tx.send(Msg::Gone);
+                            break;
+                        }
+                    }
+                }
+            })?;
+        let deadline = started + self.timeout;
+        let mut end: Option<Result<ExitStatus, String>> = None;
+        let mut outputs_done = false;
+        loop {
+            let now = Instant::now();
+            if end.is_none() && now >= deadline {
+                end = Some(Err(format!(
+                    "timed out after {:?} (--step-timeout); the sandbox was killed",
+                    self.timeout
+                )));
+                sandbox.kill();
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Msg::Out(b)) => progress.output(&b),
+                Ok(Msg::Exited(s)) => {
+                    end.get_or_insert(Ok(s));
+                }
+                Ok(Msg::SpawnFailed(m)) => {
+                    end.get_or_insert(Err(format!("cannot start the command: {m}")));
+                }
+                Ok(Msg::Gone) => {
+                    end.get_or_insert(Err(
+                        "the sandbox ended without the command's exit status".into()
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => progress.output(&[]),
+                Err(mpsc::RecvTimeoutError::Disconnected) => outputs_done = true,
+            }
+            if end.is_some() && outputs_done {
+                break;
+            }
+            if end.is_some() {
+                // Everything the command wrote is in the pipe once the sandbox is gone: end it
+                // (its agent exits with the command anyway) and drain.
+                sandbox.kill();
+            }
+        }
+        let _ = sandbox.wait();
+        let _ = out_thread.join();
+        let _ = ctl_thread.join();
+        let oom = sandbox.oom_kills() > 0;
+        let outcome = match end {
+            Some(Ok(ExitStatus::Code(0))) => {
+                let upper =
+                    sandbox.upper_dir().context("the sandbox's writable layer is not reachable")?;
+                let stats = ringfence_jail::layer::save(&upper, save_to, sandbox.id_base())
+                    .context("save the step's layer")?;
+                let dropped = scrub_identity(save_to, &sandbox.id);
+                RunOutcome::Saved {
+                    entries: stats.files.saturating_sub(dropped),
+                    bytes: stats.bytes,
+                }
+            }
+            Some(Ok(ExitStatus::Code(c))) => RunOutcome::Failed(format!("exit code {c}")),
+            Some(Ok(ExitStatus::Signal(s))) if oom => RunOutcome::Failed(format!(
+                "killed by signal {s}: out of memory (--memory {})",
+                self.limits.memory.unwrap_or(0)
+            )),
+            Some(Ok(ExitStatus::Signal(s))) => RunOutcome::Failed(format!("killed by signal {s}")),
+            Some(Err(why)) => RunOutcome::Failed(why),
+            None => RunOutcome::Failed("the sandbox ended unexpectedly".into()),
+        };
+        drop(sandbox);
+        Ok(outcome)
+    }
+}
+
+/// Removes from a saved RUN layer the identity files the agent writes into every sandbox's
+/// upper layer (`/etc/hostname`, `/etc/hosts` naming the build sandbox), unless the step
+/// changed them, and `/etc` itself if nothing else of it is left. Every sandbox started from
+/// the template writes its own. Returns how many entries went.
+fn scrub_identity(layer: &Path, sandbox_id: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let etc = layer.join("etc");
+    let mut dropped = 0;
+    let ours = [
+        ("hostname", format!("{sandbox_id}\n")),
+        ("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{sandbox_id}\n")),
+    ];
+    for (name, text) in ours {
+        let p = etc.join(name);
+        let unchanged = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file())
+            && std::fs::read(&p).is_ok_and(|b| b == text.as_bytes());
+        if unchanged && std::fs::remove_file(&p).is_ok() {
+            dropped += 1;
+        }
+    }
+    let bare = std::fs::symlink_metadata(&etc)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.gid() == 0 && m.mode() & 0o7777 == 0o755)
+        && ringfence_sys::xattrs_with_prefix(&etc, "user.").unwrap_or_default().is_empty();
+    if bare && std::fs::remove_dir(&etc).is_ok() {
+        dropped += 1;
+    }
+    dropped
+}
+
+/// Progress on stderr. On a terminal: the running step's line with its elapsed time and the
+/// last lines of its output, redrawn in place; finished steps stay as one line each. Otherwise
+/// plain lines: each step, each output line (`  | ...`), each result.
+struct Display {
+    tty: bool,
+    current: Option<(usize, usize, String, Instant)>,
+    tail: VecDeque<String>,
+    partial: Vec<u8>,
+    drawn: usize,
+    last_draw: Option<Instant>,
+}
+
+const TAIL_LIVE: usize = 6;
+const TAIL_KEPT: usize = 30;
+
+impl Display {
+    fn new() -> Display {
+        Display {
+            tty: std::io::stderr().is_terminal(),
+            current: None,
+            tail: VecDeque::new(),
+            partial: Vec::new(),
+            drawn: 0,
+            last_draw: None,
+        }
+    }
+
+    fn erase(&mut self) {
+        if self.tty && self.drawn > 0 {
+            eprint!("\x1b[{}A\r\x1b[J", self.drawn);
+            self.drawn = 0;
+        }
+    }
+
+    fn draw(&mut self) {
+        let Some((n, total, text, t)) = &self.current else { return };
+        let width = terminal_width();
+        let mut lines =
+            vec![fit(&format!("[{n}/{total}] {text}  {:.1}s", t.elapsed().as_secs_f64()), width)];
+        let skip = self.tail.len().saturating_sub(TAIL_LIVE);
+        for l in self.tail.iter().skip(skip) {
+            lines.push(format!("\x1b[2m  | {}\x1b[0m", fit(l, width.saturating_sub(4))));
+        }
+        self.erase();
+        let mut err = std::io::stderr().lock();
+        for l in &lines {
+            let _ = writeln!(err, "{l}");
+        }
+        let _ = err.flush();
+        self.drawn = lines.len();
+        self.last_draw = Some(Instant::now());
+    }
+
+    fn push_line(&mut self, line: String) {
+        if !self.tty {
+            eprintln!("  | {line}");
+        }
+        self.tail.push_back(line);
+        while self.tail.len() > TAIL_KEPT {
+            self.tail.pop_front();
+        }
+    }
+
+    fn finish(&mut self) {
+        self.erase();
+    }
+
+    /// After a failed build: the failing step's last output lines stay on the screen.
+    fn failed(&mut self) {
+        if !self.partial.is_empty() {
+            let l = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+            self.push_line(l);
+        }
+        if self.tty {
+            self.erase();
+            if let Some((n, total, text, t)) = &self.current {
+                eprintln!("[{n}/{total}] {text}  FAILED after {:.1}s", t.elapsed().as_secs_f64());
+            }
+            for l in &self.tail {
+                eprintln!("  | {l}");
+            }
+        } else if let Some((n, total, _, t)) = &self.current {
+            eprintln!("[{n}/{total}] FAILED after {:.1}s", t.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100).max(20)
+}
+
+fn fit(s: &str, width: usize) -> String {
+    let clean: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if clean.chars().count() > width {
+        format!("{}…", clean.chars().take(width.saturating_sub(1)).collect::<String>())
+    } else {
+        clean
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl BuildProgress for Display {
+    fn step(&mut self, n: usize, total: usize, text: &str) {
+        let text = one_line(text);
+        self.tail.clear();
+        self.partial.clear();
+        if !self.tty {
+            eprintln!("[{n}/{total}] {text}");
+        }
+        self.current = Some((n, total, text, Instant::now()));
+        if self.tty {
+            self.draw();
+        }
+    }
+
+    fn output(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if !text.trim().is_empty() {
+                self.push_line(text);
+            }
+        }
+        if self.partial.len() > 4096 {
+            let l = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+            self.push_line(l);
+        }
+        if self.tty && self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            self.draw();
+        }
+    }
+
+    fn step_done(&mut self, n: usize, total: usize, how: StepResult, took: Duration) {
+        if !self.partial.is_empty() {
+            let l = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
+            self.push_line(l);
+        }
+        let text = self.current.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+        let result = match how {
+            StepResult::Cached => "CACHED".to_string(),
+            StepResult::Built => format!("DONE {:.2}s", took.as_secs_f64()),
+            StepResult::Config => String::new(),
+        };
+        if self.tty {
+            self.erase();
+            let line = fit(&format!("[{n}/{total}] {text}"), terminal_width().saturating_sub(16));
+            eprintln!("{line}  {result}");
+        } else if how != StepResult::Config {
+            eprintln!("[{n}/{total}] {result}");
+        }
+        self.current = None;
+    }
+
+    fn note(&mut self, note: &str) {
+        self.erase();
+        eprintln!("note: {note}");
+    }
+}

@@ -1,0 +1,354 @@
+//! `ringfence template`: import, pull, list, inspect and remove image templates, and the
+//! glue that turns one into a jail [`Template`] for `ringfence run --template`.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ringfence_image::{LayerStats, Limits, Progress, Record, Store};
+use ringfence_jail::limits;
+use ringfence_jail::template::{self, Meta, Template};
+use ringfence_proto::SandboxUser;
+
+use crate::Common;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TemplateCommand {
+    Build(Box<crate::build::BuildArgs>),
+    /// Import an image: a `docker save` archive or an OCI image layout (a tar or a directory).
+    Import {
+        /// The archive or layout directory.
+        path: PathBuf,
+        /// Template name (NAME or NAME:TAG; the tag defaults to `latest`). Default: the name
+        /// the archive carries.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        caps: Caps,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Pull an image from an OCI registry (Docker Registry HTTP API v2), linux/amd64.
+    Pull {
+        /// Reference: [REGISTRY/]REPOSITORY[:TAG|@DIGEST] (Docker Hub by default).
+        reference: String,
+        /// Template name (NAME or NAME:TAG). Default: the repository's last part and tag.
+        #[arg(long)]
+        name: Option<String>,
+        /// Talk plain HTTP to this registry (HOST:PORT; repeatable). For local test registries.
+        #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+        insecure: Vec<String>,
+        #[command(flatten)]
+        caps: Caps,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List image templates: name, layers, size.
+    Ls {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show a template's record (layers, config, digests) as JSON.
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a template and the layers no other template uses.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Caps on what an image may unpack to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Caps {
+    /// Largest total uncompressed size of the image (all layers).
+    #[arg(long, default_value = "10G", value_parser = limits::parse_size)]
+    max_size: u64,
+    /// Largest single file in the image.
+    #[arg(long, default_value = "4G", value_parser = limits::parse_size)]
+    max_file_size: u64,
+}
+
+impl Caps {
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            file_bytes: self.max_file_size,
+            layer_bytes: self.max_size,
+            image_bytes: self.max_size,
+            ..Limits::default()
+        }
+    }
+}
+
+pub fn main(cmd: TemplateCommand) -> ExitCode {
+    match run(cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringfence: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
+    match cmd {
+        TemplateCommand::Build(args) => crate::build::build(*args)?,
+        TemplateCommand::Import { path, name, caps, common } => {
+            let store = Store::open(&common.data_dir)?;
+            let t = Instant::now();
+            let mut progress = Display::new();
+            let rec = ringfence_image::import(
+                &store,
+                &path,
+                name.as_deref(),
+                &caps.limits(),
+                &mut progress,
+            )
+            .with_context(|| format!("import {}", path.display()))?;
+            progress.clear();
+            summary("imported", &rec, t.elapsed());
+        }
+        TemplateCommand::Pull { reference, name, insecure, caps, common } => {
+            let store = Store::open(&common.data_dir)?;
+            let t = Instant::now();
+            let mut progress = Display::new();
+            let opts = ringfence_image::registry::PullOptions { insecure };
+            let rec = ringfence_image::registry::pull(
+                &store,
+                &reference,
+                name.as_deref(),
+                &opts,
+                &caps.limits(),
+                &mut progress,
+            )
+            .with_context(|| format!("pull {reference}"))?;
+            progress.clear();
+            summary("pulled", &rec, t.elapsed());
+        }
+        TemplateCommand::Ls { common } => {
+            let store = Store::open(&common.data_dir)?;
+            let list = store.list()?;
+            println!("{:<40} {:>6} {:>10}  SOURCE", "NAME", "LAYERS", "SIZE");
+            for r in list {
+                println!(
+                    "{:<40} {:>6} {:>10}  {}",
+                    r.name,
+                    r.layers.len(),
+                    human(r.size),
+                    r.source
+                );
+            }
+        }
+        TemplateCommand::Inspect { name, common } => {
+            let store = Store::open(&common.data_dir)?;
+            let rec = store.get(&name)?;
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+        }
+        TemplateCommand::Rm { name, common } => {
+            let store = Store::open(&common.data_dir)?;
+            let removed = store.remove(&name)?;
+            println!(
+                "removed {name}: {} layer(s) deleted, {} kept (used by other templates)",
+                removed.layers_removed, removed.layers_kept
+            );
+        }
+    }
+    Ok(())
+}
+
+fn summary(what: &str, rec: &Record, took: Duration) {
+    println!(
+        "{what} {} ({} layers, {}) in {:.2}s",
+        rec.name,
+        rec.layers.len(),
+        human(rec.size),
+        took.as_secs_f64()
+    );
+}
+
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Progress on stderr: one line rewritten in place on a terminal, plain lines otherwise.
+struct Display {
+    tty: bool,
+    line: String,
+    last: Option<Instant>,
+    size: Option<u64>,
+}
+
+impl Display {
+    fn new() -> Self {
+        Display {
+            tty: std::io::stderr().is_terminal(),
+            line: String::new(),
+            last: None,
+            size: None,
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.tty && !self.line.is_empty() {
+            eprint!("\r\x1b[K");
+            self.line.clear();
+        }
+    }
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+impl Progress for Display {
+    fn layer_start(
+        &mut self,
+        n: usize,
+        total: usize,
+        diff_id: &str,
+        size: Option<u64>,
+        reused: bool,
+    ) {
+        self.size = size;
+        self.last = None;
+        let text = if reused {
+            format!("layer {n}/{total} {}: already present", short(diff_id))
+        } else {
+            let of = size.map(|s| format!(" ({})", human(s))).unwrap_or_default();
+            format!("layer {n}/{total} {}{of}: unpacking", short(diff_id))
+        };
+        if self.tty {
+            self.clear();
+            eprint!("{text}");
+            self.line = text;
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    fn bytes(&mut self, read: u64) {
+        if !self.tty || self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let of = self.size.map(|s| format!(" / {}", human(s))).unwrap_or_default();
+        eprint!("\r\x1b[K{} {}{of}", self.line, human(read));
+        let _ = std::io::stderr().flush();
+    }
+
+    fn layer_done(&mut self, n: usize, total: usize, stats: &LayerStats) {
+        let text = format!("layer {n}/{total}: {} entries, {}", stats.entries, human(stats.bytes));
+        if self.tty {
+            self.clear();
+            eprintln!("{text}");
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    fn note(&mut self, note: &str) {
+        self.clear();
+        eprintln!("note: {note}");
+    }
+}
+
+/// A template to run: the jail's [`Template`], the lower layers above it, and what the image
+/// asks for (environment, working directory, user).
+#[derive(Debug)]
+pub struct Resolved {
+    pub template: Template,
+    pub layers: Vec<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    /// Who runs commands unless `--user` says otherwise, and why, if not the usual `user`.
+    pub user: SandboxUser,
+    pub user_note: Option<String>,
+    /// Held while a sandbox runs from an image, so `template rm` cannot pull its layers away.
+    pub _in_use: Option<ringfence_image::store::InUse>,
+}
+
+/// Resolves `name`: a built-in template (`host`, `base`, the code interpreter's) or an image
+/// template from the store. Images run on their own layers only (no host `/usr`), over the
+/// store's skeleton layer.
+pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
+    let builtin = ringfence_image::store::RESERVED.contains(&name);
+    if builtin {
+        let template = template::resolve(name, data_dir)?;
+        return Ok(Resolved {
+            template,
+            layers: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: SandboxUser::User,
+            user_note: None,
+            _in_use: None,
+        });
+    }
+    let store = Store::open(data_dir)?;
+    if !store.contains(name) {
+        anyhow::bail!(
+            "unknown template {name:?}: not a built-in one ({}) and no image template of that \
+             name (see `ringfence template ls`)",
+            ringfence_image::store::RESERVED.join(", ")
+        );
+    }
+    let in_use = store.in_use()?;
+    let run = store.runnable(name)?;
+    let config = &run.record.config;
+    let env: BTreeMap<String, String> = config
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect();
+    let workdir = config.working_dir.clone().filter(|w| !w.is_empty());
+    let image_user = config.user.clone().unwrap_or_default();
+    let image_wants_root = matches!(image_user.as_str(), "" | "root" | "0" | "0:0" | "root:root");
+    let (user, user_note) = if run.has_user_1000 {
+        (SandboxUser::User, None)
+    } else {
+        let why = if image_wants_root {
+            String::new()
+        } else {
+            format!(" (the image asks for user {image_user:?}; the jail runs `user` or `root`)")
+        };
+        (
+            SandboxUser::Root,
+            Some(format!(
+                "template {}: its /etc/passwd has no user with uid 1000, so commands run as the \
+                 sandbox's root{why}; pass --user to choose",
+                run.record.name
+            )),
+        )
+    };
+    let template = Template {
+        name: run.record.name.clone(),
+        rootfs: run.skeleton.clone(),
+        meta: Meta { format: 0, host_layers: Vec::new() },
+    };
+    Ok(Resolved {
+        template,
+        layers: run.layers,
+        env,
+        workdir,
+        user,
+        user_note,
+        _in_use: Some(in_use),
+    })
+}
