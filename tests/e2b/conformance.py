@@ -16,6 +16,18 @@ from checks import check
 from e2b import Sandbox
 from e2b import CommandExitException, NotEnoughSpaceException, PtySize
 
+# RINGFENCE_TIER=gvisor runs the suite against that tier (template "base@gvisor" wherever a
+# test names none; the SDK itself is unmodified).
+_TIER = os.environ.get("RINGFENCE_TIER")
+if _TIER:
+    _sdk_create = Sandbox.create
+
+    def _create_on_tier(*args, **kwargs):
+        kwargs.setdefault("template", f"base@{_TIER}")
+        return _sdk_create(*args, **kwargs)
+
+    Sandbox.create = _create_on_tier
+
 API = os.environ["E2B_API_URL"]
 KEY = os.environ["E2B_API_KEY"]
 OTHER_KEY = os.environ.get("E2B_API_KEY_2")

@@ -100,7 +100,7 @@ pub fn probe_at(path: &Path, scratch: &Path) -> Probe {
     }
 }
 
-fn find_runsc() -> Option<PathBuf> {
+pub fn find_runsc() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(RUNSC_ENV) {
         return Some(PathBuf::from(p));
     }

@@ -315,6 +315,16 @@ impl Manager {
             pool_prefix: pool_prefix(&cfg.run_dir),
             keeper_exe: cfg.keeper_exe.clone(),
         })?;
+        // The gvisor tier, where runsc is installed (it probes on its first start).
+        let others: Vec<crate::tier::AnyTier> =
+            crate::tier::GvisorTier::new(crate::tier::gvisor::GvisorSettings {
+                agent_path: cfg.agent_path.clone(),
+                data_dir: cfg.data_dir.clone(),
+                run_dir: cfg.run_dir.clone(),
+            })
+            .map(crate::tier::AnyTier::Gvisor)
+            .into_iter()
+            .collect();
         let interp = crate::interp::Runtime::new(
             &cfg.run_dir,
             &cfg.interp_env,
@@ -327,7 +337,7 @@ impl Manager {
                 .map_err(internal)?;
         Ok(Manager {
             cfg,
-            tiers: Tiers::new(jail, Vec::new()),
+            tiers: Tiers::new(jail, others),
             interp: Arc::new(interp),
             store,
             observer,

@@ -16,6 +16,7 @@
 //! network layer is [`NetAttach`]; what it gives the interpreter's fork server (kernel
 //! injection, a jail-only shortcut) is guarded by [`Capabilities::kernel_injection`].
 
+pub mod gvisor;
 pub mod jail;
 
 use std::collections::VecDeque;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use gvisor::{GvisorInstance, GvisorTier};
 pub use jail::{JailInstance, JailTier};
 
 /// Resource use of an instance. The cgroup's figures are the one form every planned tier can
@@ -262,14 +264,20 @@ pub trait Instance: Send + std::fmt::Debug {
 
 /// Every tier this build has, for static dispatch.
 #[derive(Debug)]
+// One value per tier and one per live sandbox: a few hundred bytes of difference between
+// variants costs nothing worth a box (and an indirection on every dispatch).
+#[allow(clippy::large_enum_variant)]
 pub enum AnyTier {
     Jail(JailTier),
+    Gvisor(GvisorTier),
 }
 
 /// A live instance of any tier.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum AnyInstance {
     Jail(JailInstance),
+    Gvisor(GvisorInstance),
 }
 
 /// Forwards a method of [`Instance`] to the variant's implementation.
@@ -277,6 +285,7 @@ macro_rules! each_instance {
     ($self:ident, $i:ident => $e:expr) => {
         match $self {
             AnyInstance::Jail($i) => $e,
+            AnyInstance::Gvisor($i) => $e,
         }
     };
 }
@@ -285,18 +294,21 @@ impl AnyTier {
     pub fn kind(&self) -> TierKind {
         match self {
             AnyTier::Jail(t) => t.kind(),
+            AnyTier::Gvisor(t) => t.kind(),
         }
     }
 
     pub fn capabilities(&self) -> Capabilities {
         match self {
             AnyTier::Jail(t) => t.capabilities(),
+            AnyTier::Gvisor(t) => t.capabilities(),
         }
     }
 
     pub fn start(&self, spec: StartSpec) -> Result<AnyInstance, TierError> {
         match self {
             AnyTier::Jail(t) => t.start(spec).map(AnyInstance::Jail),
+            AnyTier::Gvisor(t) => t.start(spec).map(AnyInstance::Gvisor),
         }
     }
 
@@ -310,18 +322,23 @@ impl AnyTier {
             AnyTier::Jail(t) => t
                 .adopt(id, saved, paused)
                 .map(|a| Adopted { instance: AnyInstance::Jail(a.instance), thawed: a.thawed }),
+            AnyTier::Gvisor(t) => t
+                .adopt(id, saved, paused)
+                .map(|a| Adopted { instance: AnyInstance::Gvisor(a.instance), thawed: a.thawed }),
         }
     }
 
     pub fn end_leftover(&self, id: &str, saved: &Saved) {
         match self {
             AnyTier::Jail(t) => t.end_leftover(id, saved),
+            AnyTier::Gvisor(t) => t.end_leftover(id, saved),
         }
     }
 
     pub fn sweep(&self) -> usize {
         match self {
             AnyTier::Jail(t) => t.sweep(),
+            AnyTier::Gvisor(t) => t.sweep(),
         }
     }
 }
@@ -330,6 +347,7 @@ impl AnyInstance {
     pub fn kind(&self) -> TierKind {
         match self {
             AnyInstance::Jail(_) => TierKind::Jail,
+            AnyInstance::Gvisor(_) => TierKind::Gvisor,
         }
     }
 
@@ -382,6 +400,7 @@ impl AnyInstance {
     pub fn injectable(&self) -> Option<&ringfence_jail::launch::Sandbox> {
         match self {
             AnyInstance::Jail(i) => Some(i.sandbox()),
+            AnyInstance::Gvisor(_) => None,
         }
     }
 }
@@ -498,6 +517,8 @@ impl Tiers {
         // `new` puts the jail first, and nothing removes a tier.
         match &self.runs[0] {
             AnyTier::Jail(t) => t,
+            // `new` never puts another tier first.
+            AnyTier::Gvisor(_) => unreachable_jail(),
         }
     }
 
@@ -533,6 +554,14 @@ impl Tiers {
             })
             .collect()
     }
+}
+
+/// `Tiers::jail` on a registry whose first tier is not the jail: `Tiers::new` makes that
+/// impossible, so this is a bug; the process cannot go on without its jail tier.
+#[cold]
+fn unreachable_jail() -> ! {
+    tracing::error!("tier registry without its jail tier first");
+    std::process::abort()
 }
 
 fn refusal_reason(e: TierError) -> String {

@@ -1,0 +1,221 @@
+//! The gvisor tier: the same agent as the container's init under gVisor's `runsc` (systrap),
+//! so every system call of the sandbox is served by gVisor's user-space kernel, not the host's
+//! (`ringfence_gvisor`). What this module adds is the seam's side: the tier's capabilities,
+//! the runsc probe (once, on the first start: it boots a throwaway sandbox, which a server that
+//! never runs a gvisor sandbox should not pay for), and the mapping of its figures.
+//!
+//! What it does not do yet, and says so in its capabilities: network (runsc here cannot join a
+//! namespace we make, so sandboxes get `--network=none`), re-attach after a server restart
+//! (the agent ends with its channel), seccomp denial reports (gVisor has no user notification),
+//! kernel injection for the code interpreter.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ringfence_gvisor::{Container, GvisorConfig, Probe};
+use ringfence_jail::template::{self, Template};
+
+use super::{
+    Adopted, Capabilities, Instance, NetAttach, Saved, StartSpec, Tier, TierError, TierKind, Usage,
+};
+
+/// Host settings the gvisor tier is built from.
+#[derive(Debug, Clone)]
+pub struct GvisorSettings {
+    pub agent_path: PathBuf,
+    pub data_dir: PathBuf,
+    /// runsc's state and each sandbox's bundle go under `<run_dir>/gvisor`.
+    pub run_dir: PathBuf,
+}
+
+/// The gvisor tier of one server.
+#[derive(Debug)]
+pub struct GvisorTier {
+    settings: GvisorSettings,
+    /// The probe's outcome, taken on the first start.
+    cfg: OnceLock<Result<GvisorConfig, String>>,
+    template: Mutex<Option<Template>>,
+}
+
+impl GvisorTier {
+    /// The tier, if a runsc binary is installed (a file check; the probe that runs it comes
+    /// with the first start). `None`: the registry reports why it is unavailable.
+    pub fn new(settings: GvisorSettings) -> Option<GvisorTier> {
+        ringfence_gvisor::probe::find_runsc()?;
+        Some(GvisorTier { settings, cfg: OnceLock::new(), template: Mutex::new(None) })
+    }
+
+    fn config(&self) -> Result<&GvisorConfig, TierError> {
+        let probed = self.cfg.get_or_init(|| {
+            let scratch = self.settings.run_dir.join("gvisor-probe");
+            match ringfence_gvisor::probe(&scratch) {
+                Probe::Available(runsc) => {
+                    tracing::info!(platform = runsc.platform.as_str(), version = %runsc.version, "gvisor tier ready");
+                    let mut cfg = GvisorConfig::new(runsc, self.settings.agent_path.clone());
+                    cfg.state_dir = self.settings.run_dir.join("gvisor");
+                    Ok(cfg)
+                }
+                Probe::Unavailable { reason } => Err(reason),
+            }
+        });
+        probed.as_ref().map_err(|reason| TierError::Unavailable {
+            tier: TierKind::Gvisor,
+            reason: reason.clone(),
+        })
+    }
+
+    /// The host template (the only one this tier runs yet), built on first use.
+    fn template(&self, name: &str) -> Result<Template, TierError> {
+        if !matches!(name, "base" | "host") {
+            return Err(TierError::TemplateUnavailable(format!("{name} (on the gvisor tier)")));
+        }
+        let mut cached =
+            self.template.lock().map_err(|_| TierError::Setup("template lock poisoned".into()))?;
+        if let Some(t) = cached.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = template::ensure_host(&self.settings.data_dir)
+            .map_err(|e| TierError::Setup(format!("host template: {e}")))?;
+        *cached = Some(t.clone());
+        Ok(t)
+    }
+}
+
+fn gvisor_err(e: ringfence_gvisor::GvisorError) -> TierError {
+    TierError::Setup(format!("gvisor: {e}"))
+}
+
+impl Tier for GvisorTier {
+    type Instance = GvisorInstance;
+
+    fn kind(&self) -> TierKind {
+        TierKind::Gvisor
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            isolation: TierKind::Gvisor.isolation(),
+            syscall_filter: "gVisor's sentry serves every system call; runsc's own seccomp \
+                             filter confines the sentry on the host (denials are not reported)",
+            kernel: "gvisor",
+            pause_in_memory: true,
+            memory_snapshot: false,
+            fs_snapshot: true,
+            fork: true,
+            reattach: false,
+            kernel_injection: false,
+            network: "none",
+            network_policy: false,
+            agent_channel: "unix-socket",
+        }
+    }
+
+    fn start(&self, spec: StartSpec) -> Result<GvisorInstance, TierError> {
+        let cfg = self.config()?;
+        let template = self.template(&spec.template)?;
+        // Canonical ids: the container's ids are the files' own (see ringfence_gvisor's docs).
+        let mut g = ringfence_gvisor::StartSpec::new(spec.id, template, 0);
+        g.layers = spec.layers;
+        g.limits = spec.limits;
+        g.env = spec.env;
+        let memory_limit = spec.limits.memory;
+        let container = Container::start(cfg, g).map_err(gvisor_err)?;
+        Ok(GvisorInstance { container, memory_limit })
+    }
+
+    fn adopt(
+        &self,
+        _id: &str,
+        _saved: &Saved,
+        _paused: bool,
+    ) -> Result<Adopted<GvisorInstance>, TierError> {
+        Err(TierError::Unsupported {
+            tier: TierKind::Gvisor,
+            what: "re-attach after a server restart (its agent ends with its channel)",
+        })
+    }
+
+    fn end_leftover(&self, _id: &str, _saved: &Saved) {
+        // Nothing survives to be re-attached: `sweep` removes every leftover at once.
+    }
+
+    fn sweep(&self) -> usize {
+        // Only a server that left sandboxes behind pays for the probe here.
+        let dir = self.settings.run_dir.join("gvisor").join("sandboxes");
+        if std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()) {
+            return 0;
+        }
+        let Ok(cfg) = self.config() else { return 0 };
+        match ringfence_gvisor::sweep(cfg, &[]) {
+            Ok(gone) => gone.len(),
+            Err(e) => {
+                tracing::warn!(error = %e, "sweeping gvisor sandboxes an earlier server left");
+                0
+            }
+        }
+    }
+}
+
+/// One gvisor sandbox. Dropping it deletes the container and everything it held.
+#[derive(Debug)]
+pub struct GvisorInstance {
+    container: Container,
+    memory_limit: Option<u64>,
+}
+
+impl Instance for GvisorInstance {
+    fn saved(&self) -> Saved {
+        Saved::default()
+    }
+
+    fn control(&self) -> Result<std::os::unix::net::UnixStream, TierError> {
+        self.container.control_clone().map_err(gvisor_err)
+    }
+
+    fn supervise(&mut self, _id: &str, _sink: ringfence_jail::monitor::DenialSink) {
+        // gVisor has no seccomp user notification: nothing to report denials through.
+    }
+
+    fn net(&self) -> NetAttach {
+        NetAttach::None
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        let u = self.container.usage();
+        Some(Usage {
+            memory_bytes: u.memory_bytes.unwrap_or(0),
+            memory_cache_bytes: 0,
+            memory_limit: self.memory_limit,
+            cpu_ns: u.cpu_usec.map(|us| us.saturating_mul(1000)),
+            oom_kills: 0,
+            pids_max_hits: 0,
+            pids_current: u.host_tasks.unwrap_or(0),
+        })
+    }
+
+    fn limit_events(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
+    fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
+        let u = self.container.usage();
+        Some((u.memory_bytes.unwrap_or(0), u.cpu_usec.map(|us| us.saturating_mul(1000))))
+    }
+
+    fn disk_usage(&self) -> Option<(u64, u64)> {
+        self.container.usage().disk
+    }
+
+    fn freeze(&self) -> Result<(), TierError> {
+        self.container.pause().map_err(gvisor_err)
+    }
+
+    fn thaw(&self) -> Result<(), TierError> {
+        self.container.resume().map_err(gvisor_err)
+    }
+
+    fn save_fs(&self, dest: &Path, _paused: bool) -> Result<(), TierError> {
+        // Pauses around the copy itself unless paused already.
+        self.container.save_layer(dest).map(drop).map_err(gvisor_err)
+    }
+}
