@@ -188,6 +188,18 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         );
     }
 
+    start_and_serve(control, &spec, phases, outcome.landlock_abi, outcome.reconnect)
+}
+
+/// What every tier's agent does once its sandbox is built: start the initial process if there
+/// is one, report ready, then either see the one-shot process through or serve requests.
+fn start_and_serve(
+    mut control: UnixStream,
+    spec: &SetupSpec,
+    mut phases: Vec<ringfence_proto::Phase>,
+    landlock_abi: Option<u32>,
+    reconnect: Option<std::os::unix::net::UnixListener>,
+) -> Result<ExitCode, ()> {
     let mut initial_pid = None;
     let mut initial_error = None;
     if let Some(init) = &spec.initial {
@@ -199,10 +211,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
             Err(e) => initial_error = Some(e),
         }
     }
-    send(
-        &mut control,
-        &Event::Ready(Ready { phases, landlock_abi: outcome.landlock_abi, initial_pid }),
-    )?;
+    send(&mut control, &Event::Ready(Ready { phases, landlock_abi, initial_pid }))?;
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
         if spec.exit_with_initial {
@@ -215,7 +224,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    serve::serve(control, initial_pid, outcome.reconnect).map(|()| ExitCode::SUCCESS)
+    serve::serve(control, initial_pid, reconnect).map(|()| ExitCode::SUCCESS)
 }
 
 /// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
@@ -244,31 +253,7 @@ fn gvisor_run(
     ringfence_jail::phase(&mut phases, "gvisor_setup");
     spawn::set_sandbox_env(spec.env.clone());
     control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
-    let mut initial_pid = None;
-    let mut initial_error = None;
-    if let Some(init) = &spec.initial {
-        match spawn::spawn_inherit(init) {
-            Ok(pid) => {
-                initial_pid = Some(pid);
-                ringfence_jail::phase(&mut phases, "spawned");
-            }
-            Err(e) => initial_error = Some(e),
-        }
-    }
-    send(&mut control, &Event::Ready(Ready { phases, landlock_abi: None, initial_pid }))?;
-    if let Some(err) = initial_error {
-        send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
-        if spec.exit_with_initial {
-            return Ok(ExitCode::SUCCESS);
-        }
-    }
-    if spec.exit_with_initial {
-        if let Some(pid) = initial_pid {
-            return one_shot(&mut control, pid);
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    serve::serve(control, initial_pid, None).map(|()| ExitCode::SUCCESS)
+    start_and_serve(control, spec, phases, None, None)
 }
 
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the
