@@ -726,7 +726,8 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     });
-    let stream = crate::observe::cell(&live.obs, &code, tokio_stream_from(rx));
+    let lang = ringfence_risk::Language::from_name(ctx.language);
+    let stream = crate::observe::cell(&live.obs, &code, lang, tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub pool_size: IntGaugeVec,
     /// `alert`.
     pub alerts: IntCounterVec,
+    /// `rule`, `severity`: layer 4's static signals (`ringfence_risk`).
+    pub risk_signals: IntCounterVec,
 }
 
 /// Errors building the registry (only a programming error: a bad name or a duplicate).
@@ -139,6 +141,12 @@ impl Metrics {
                 "ringfence_alerts_total",
                 "Alerts raised (threshold crossings), by alert.",
                 &["alert"],
+            )?,
+            risk_signals: counter(
+                "ringfence_risk_signals_total",
+                "Static risk signals in submitted commands and cells, by rule and severity \
+                 (a signal for operators, never a security boundary).",
+                &["rule", "severity"],
             )?,
             registry,
         };

@@ -727,8 +727,22 @@ impl SandboxObs {
         self.state().recent.iter().filter(|(t, _)| *t >= since_ms).map(|(_, e)| e.clone()).collect()
     }
 
-    /// Starts tracking an execution.
-    pub fn execution(self: &Arc<Self>, kind: &'static str, code: &str) -> Execution {
+    /// Starts tracking an execution of `code`, written in `lang` where known (layer 4's
+    /// static analysis runs beside the execution, on the blocking pool, so it adds nothing to
+    /// the execution's own time; its signals join the execution's record).
+    pub fn execution(
+        self: &Arc<Self>,
+        kind: &'static str,
+        code: &str,
+        lang: Option<ringfence_risk::Language>,
+    ) -> Execution {
+        let risk: Arc<std::sync::OnceLock<ringfence_risk::Report>> = Arc::default();
+        if let (Some(lang), Ok(rt)) = (lang, tokio::runtime::Handle::try_current()) {
+            let (slot, code) = (risk.clone(), code.to_string());
+            rt.spawn_blocking(move || {
+                let _ = slot.set(ringfence_risk::analyze(lang, &code));
+            });
+        }
         let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         self.state().running.insert(id, (started, kind, false));
@@ -745,6 +759,7 @@ impl SandboxObs {
             started_ms: now_ms(),
             cpu_ns,
             done: false,
+            risk,
         }
     }
 }
@@ -802,6 +817,8 @@ pub struct Execution {
     started_ms: i64,
     cpu_ns: Option<u64>,
     done: bool,
+    /// Layer 4's report, filled in beside the execution (empty until then).
+    risk: Arc<std::sync::OnceLock<ringfence_risk::Report>>,
 }
 
 impl Execution {
@@ -844,6 +861,25 @@ impl Execution {
             rec.detail.insert("truncated".into(), json!(true));
         }
         rec.detail.extend(out.detail);
+        // An analysis still running when the execution ends (a long script that finished at
+        // once) is not waited for: the record says it is missing rather than arrive late.
+        match self.risk.get() {
+            Some(report) if !report.signals.is_empty() => {
+                for s in &report.signals {
+                    let severity = serde_json::to_value(s.severity)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    obs.metrics.risk_signals.with_label_values(&[s.rule, &severity]).inc();
+                }
+                rec.detail.insert("risk".into(), json!(report));
+            }
+            Some(_) => {}
+            None if Arc::strong_count(&self.risk) > 1 => {
+                rec.detail.insert("risk".into(), json!({"pending": true}));
+            }
+            None => {}
+        }
         rec
     }
 
@@ -879,12 +915,13 @@ impl Drop for Execution {
 pub fn cell<S>(
     obs: &Arc<SandboxObs>,
     code: &str,
+    lang: Option<ringfence_risk::Language>,
     stream: S,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 {
-    let exec = Arc::new(Mutex::new(Some(obs.execution("cell", code))));
+    let exec = Arc::new(Mutex::new(Some(obs.execution("cell", code, lang))));
     let error: Arc<Mutex<Option<String>>> = Arc::default();
     stream.then(move |item| {
         let (exec, error) = (exec.clone(), error.clone());

@@ -356,6 +356,38 @@ fn denials_after_a_server_restart_are_recorded_like_before() {
     assert_eq!(sec[2]["security_events"][0]["comm"], "python3", "attributed after the restart");
 }
 
+/// Layer 4: a command that decodes a payload into a shell carries the static signal in its
+/// audit record and in the metrics; a plain one carries none; and one written to hide says
+/// nothing to the analysis yet is still stopped by the sandbox (the signal is never the
+/// boundary).
+#[test]
+fn risk_signals_join_the_record_and_hidden_code_is_still_contained() {
+    let srv = server_or_skip!(&[]);
+    let sb = srv.create("base");
+    let (out, _) = srv.run(&sb, "echo ZWNobyBkZWNvZGVk | base64 -d | sh");
+    assert_eq!(out, "decoded\n", "the payload ran");
+    srv.run(&sb, "echo plain");
+    // Hidden: the tool's name is assembled at run time; the mount still fails (EPERM).
+    let (out, _) = srv.run(&sb, "a=mou; b=nt; $a$b -t tmpfs none /mnt 2>&1; echo rc=$?");
+    assert!(out.contains("rc=") && !out.contains("rc=0"), "{out}");
+    let recs = srv.audit_until(&format!("sandbox={}&action=exec.command", sb.id), |r| r.len() >= 3);
+    let risk = |i: usize| recs[i]["detail"].get("risk").cloned();
+    let decoded = risk(0).expect("a risk report on the decoding command");
+    assert_eq!(decoded["signals"][0]["rule"], "sh.decode-to-shell", "{decoded}");
+    assert_eq!(decoded["signals"][0]["severity"], "high");
+    assert_eq!(risk(1), None, "a plain command has no signal: {}", recs[1]);
+    assert_eq!(risk(2), None, "the hidden one says nothing to the analysis: {}", recs[2]);
+    let m = srv.scrape();
+    assert_eq!(
+        value(
+            &m,
+            "ringfence_risk_signals_total",
+            &[("rule", "sh.decode-to-shell"), ("severity", "high")]
+        ),
+        Some(1.0)
+    );
+}
+
 fn escapes_after(m: &prometheus_parse::Scrape, sb: &str, syscall: &str) -> Option<f64> {
     value(m, "ringfence_escape_attempts_total", &[("sandbox", sb), ("syscall", syscall)])
 }

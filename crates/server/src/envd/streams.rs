@@ -201,7 +201,10 @@ pub(super) async fn start_process(
         Err(e) => return stream_error(e),
     };
     let line = command_line(&spec);
-    let exec = state.obs.as_ref().map(|o| o.execution("command", &line));
+    let exec = state
+        .obs
+        .as_ref()
+        .map(|o| o.execution("command", &line, Some(ringfence_risk::Language::Shell)));
     match client.stream(AgentRequest::Spawn(spec)).await {
         Ok((Reply::Spawned { pid }, events)) => {
             spawn_process_stream(client, pid, events, opts, true, exec)
