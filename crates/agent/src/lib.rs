@@ -169,8 +169,8 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
             return Err(());
         }
     };
-spawn::set_allow_setuid(spec.allow_setuid);
-        spawn::set_sandbox_env(spec.env.clone());
+    spawn::set_allow_setuid(spec.allow_setuid);
+    spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
     let stage: Option<OwnedFd> = outcome.stage;
     hand_over(&mut control, listener.as_ref(), stage.as_ref())?;

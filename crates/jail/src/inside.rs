@@ -289,13 +289,10 @@ fn overlay(
     );
     // Setuid bits count only where the template asks (`sudo`): the exec of a setuid binary
     // is judged by the mount it runs from, which is this one.
-    let flags = if allow_setuid {
-        MsFlags::MS_NODEV
-    } else {
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV
-    };
+    let flags =
+        if allow_setuid { MsFlags::MS_NODEV } else { MsFlags::MS_NOSUID | MsFlags::MS_NODEV };
     mount(Some("overlay"), target, Some("overlay"), flags, Some(opts.as_str()))
-    .map_err(mount_err("overlay", target))
+        .map_err(mount_err("overlay", target))
 }
 
 /// How a bind mount is restricted after it is made.
