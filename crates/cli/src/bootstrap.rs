@@ -117,7 +117,7 @@ pub fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
         .arg(&args.suite)
         .arg(&rootfs)
         .arg(&mirror);
-    stream(cmd, &mut display).inspect_err(|_| display.failed())?;
+    stream(cmd, "debootstrap", &mut display).inspect_err(|_| display.failed())?;
     display.step_done(1, total, StepResult::Built, t.elapsed());
 
     // 2. Packages, the user and sudo, inside the new root.
@@ -130,13 +130,14 @@ mount -t proc proc "$1/proc"
 mount --rbind /dev "$1/dev"
 root=$1; shift
 exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 HOME=/root /bin/sh -c "$0" "$@"
+  DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 HOME=/root /bin/sh -c "$0" bootstrap "$@"
 "#;
     let mut cmd = Command::new(&unshare);
     cmd.args(["--mount", "--propagation", "private", "--fork", "--kill-child", "--"])
         .args(["/bin/sh", "-c", outer, SETUP_SCRIPT, root])
         .args(&packages);
-    stream(cmd, &mut display).inspect_err(|_| display.failed())?;
+    stream(cmd, "installing packages in the new root", &mut display)
+        .inspect_err(|_| display.failed())?;
     display.step_done(2, total, StepResult::Built, t.elapsed());
 
     // 3. Host-specific files out, the layer and the template in.
@@ -218,12 +219,12 @@ exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbi
 
 /// Runs `cmd` with stdout and stderr merged into the progress display; fails with its exit
 /// status and (through the display) its last lines of output.
-fn stream(mut cmd: Command, display: &mut Display) -> anyhow::Result<()> {
+fn stream(mut cmd: Command, what: &str, display: &mut Display) -> anyhow::Result<()> {
     let (rx, tx) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the output")?;
     cmd.stdin(Stdio::null()).stdout(tx.try_clone().context("dup")?).stderr(tx);
-    let what = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd.spawn().with_context(|| format!("run {what}"))?;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd.spawn().with_context(|| format!("{what}: run {program}"))?;
     // The command holds the pipe's write end: dropped, so the read below ends with the child.
     drop(cmd);
     let mut out = fs::File::from(rx);
@@ -238,13 +239,9 @@ fn stream(mut cmd: Command, display: &mut Display) -> anyhow::Result<()> {
     }
     let status = child.wait().context("wait")?;
     if !status.success() {
-        bail!("{} failed ({status})", display_step_name(&what));
+        bail!("{what} failed ({status}); its last lines of output are above");
     }
     Ok(())
-}
-
-fn display_step_name(program: &str) -> &str {
-    Path::new(program).file_name().and_then(|n| n.to_str()).unwrap_or(program)
 }
 
 /// Removes what belongs to the host rather than the template, and what the jail provides
