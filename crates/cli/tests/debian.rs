@@ -322,3 +322,61 @@ fn bootstrap_refuses_bad_input_and_leaves_nothing() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(d), "no mount left under the data dir");
 }
+
+#[test]
+fn ctrl_c_during_bootstrap_leaves_nothing_registered_or_mounted() {
+    let test = "ctrl_c_during_bootstrap_leaves_nothing_registered_or_mounted";
+    // Needs the archive (debootstrap must be under way when the signal comes).
+    if base(test).is_none() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    // A process group of its own, as a terminal's foreground job: ctrl-c reaches all of it.
+    let mut child = ringfence()
+        .args(["template", "bootstrap", "--data-dir", &d])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Wait until debootstrap has started writing the new root.
+    let build = dir.path().join("images/build");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let started = std::fs::read_dir(&build)
+            .map(|r| r.flatten().any(|e| e.path().join("rootfs/debootstrap").exists()))
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "interrupted: {status:?}");
+    // Every process of the group is gone (debootstrap included).
+    let t = Instant::now();
+    while nix::sys::signal::killpg(pgid, None).is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(10), "processes of the bootstrap linger");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&d), "no mount left under the data dir");
+    let count = |sub: &str| std::fs::read_dir(dir.path().join(sub)).map_or(0, |r| r.count());
+    assert_eq!(count("images/templates"), 0, "nothing registered");
+    assert_eq!(count("images/layers"), 0, "no layer");
+    // The partial tree goes with the next bootstrap (or build), whose scratch sweep finds its
+    // lock free; here one that fails at once.
+    let out = ringfence()
+        .args(["template", "bootstrap", "--data-dir", &d, "--mirror", "http://127.0.0.1:9/debian"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let left: Vec<_> = std::fs::read_dir(&build)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the interrupted scratch tree was swept: {left:?}");
+}
