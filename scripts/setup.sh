@@ -10,8 +10,10 @@ need=()
 # e2fsprogs: mkfs.ext4 formats the template image of sandbox disks (crates/jail/src/disk.rs).
 # busybox-static, docker-registry, skopeo: the image tests build a busybox image, push it to a
 # registry on loopback and pull it back (crates/cli/tests/image.rs).
+# debootstrap: `ringfence template bootstrap` builds the Debian base from the archive
+# (crates/cli/tests/debian.rs).
 for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
-  busybox-static docker-registry skopeo; do
+  busybox-static docker-registry skopeo debootstrap; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.

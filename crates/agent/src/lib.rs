@@ -169,6 +169,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
             return Err(());
         }
     };
+    spawn::set_allow_setuid(spec.allow_setuid);
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
     let stage: Option<OwnedFd> = outcome.stage;

@@ -1,4 +1,5 @@
-//! Starting user processes: a clean environment, the caller's identity, no capabilities.
+//! Starting user processes: a clean environment, the caller's identity, no capabilities (and,
+//! unless the template allows setuid, no way to gain any).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -15,6 +16,15 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// owner ([`ringfence_proto::Request::SetEnv`]).
 static SANDBOX_ENV: std::sync::RwLock<BTreeMap<String, String>> =
     std::sync::RwLock::new(BTreeMap::new());
+
+/// Whether the template lets setuid binaries raise privileges (see
+/// [`ringfence_proto::SetupSpec::allow_setuid`]); set once at setup.
+static ALLOW_SETUID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets processes started from now on gain the sandbox's root through setuid binaries.
+pub fn set_allow_setuid(allow: bool) {
+    ALLOW_SETUID.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Sets the sandbox-wide environment for processes started from now on.
 pub fn set_sandbox_env(env: BTreeMap<String, String>) {
@@ -56,7 +66,13 @@ pub fn command(spec: &SpawnSpec, controlling_tty: bool) -> Result<Command, Agent
     let uid = spec.user.uid();
     ringfence_sys::harden_command(
         &mut cmd,
-        ringfence_sys::Hardening { uid, gid: uid, cwd: Some(cwd_c), controlling_tty },
+        ringfence_sys::Hardening {
+            uid,
+            gid: uid,
+            cwd: Some(cwd_c),
+            controlling_tty,
+            allow_setuid: ALLOW_SETUID.load(std::sync::atomic::Ordering::Relaxed),
+        },
     );
     Ok(cmd)
 }

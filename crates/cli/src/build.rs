@@ -403,7 +403,7 @@ fn scrub_identity(layer: &Path, sandbox_id: &str) -> u64 {
 /// Progress on stderr. On a terminal: the running step's line with its elapsed time and the
 /// last lines of its output, redrawn in place; finished steps stay as one line each. Otherwise
 /// plain lines: each step, each output line (`  | ...`), each result.
-struct Display {
+pub(crate) struct Display {
     tty: bool,
     current: Option<(usize, usize, String, Instant)>,
     tail: VecDeque<String>,
@@ -416,7 +416,7 @@ const TAIL_LIVE: usize = 6;
 const TAIL_KEPT: usize = 30;
 
 impl Display {
-    fn new() -> Display {
+    pub(crate) fn new() -> Display {
         Display {
             tty: std::io::stderr().is_terminal(),
             current: None,
@@ -463,12 +463,12 @@ impl Display {
         }
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.erase();
     }
 
     /// After a failed build: the failing step's last output lines stay on the screen.
-    fn failed(&mut self) {
+    pub(crate) fn failed(&mut self) {
         if !self.partial.is_empty() {
             let l = String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned();
             self.push_line(l);

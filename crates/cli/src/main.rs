@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bootstrap;
 mod build;
 mod run;
 mod serve;

@@ -338,6 +338,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         die_with_parent: true,
         layers: resolved.layers,
         env: resolved.env,
+        allow_setuid: resolved.allow_setuid,
         ..SandboxSpec::new(
             id.clone(),
             resolved.template,

@@ -18,6 +18,9 @@ use crate::Common;
 #[derive(Debug, clap::Subcommand)]
 pub enum TemplateCommand {
     Build(Box<crate::build::BuildArgs>),
+    /// Make a Debian base from Debian's archive (debootstrap): user `user` (uid 1000) with
+    /// passwordless sudo to the sandbox's own root, python3, node, git, curl.
+    Bootstrap(Box<crate::bootstrap::BootstrapArgs>),
     /// Import an image: a `docker save` archive or an OCI image layout (a tar or a directory).
     Import {
         /// The archive or layout directory.
@@ -100,6 +103,7 @@ pub fn main(cmd: TemplateCommand) -> ExitCode {
 fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
     match cmd {
         TemplateCommand::Build(args) => crate::build::build(*args)?,
+        TemplateCommand::Bootstrap(args) => crate::bootstrap::bootstrap(*args)?,
         TemplateCommand::Import { path, name, caps, common } => {
             let store = Store::open(&common.data_dir)?;
             let t = Instant::now();
@@ -278,6 +282,9 @@ pub struct Resolved {
     /// Who runs commands unless `--user` says otherwise, and why, if not the usual `user`.
     pub user: SandboxUser,
     pub user_note: Option<String>,
+    /// Setuid binaries (`sudo`) may raise processes to the sandbox's own root (the template's
+    /// record asks for it; see [`ringfence_image::Record::allow_setuid`]).
+    pub allow_setuid: bool,
     /// Held while a sandbox runs from an image, so `template rm` cannot pull its layers away.
     pub _in_use: Option<ringfence_image::store::InUse>,
 }
@@ -296,6 +303,7 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
             workdir: None,
             user: SandboxUser::User,
             user_note: None,
+            allow_setuid: false,
             _in_use: None,
         });
     }
@@ -349,6 +357,7 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
         workdir,
         user,
         user_note,
+        allow_setuid: run.record.allow_setuid,
         _in_use: Some(in_use),
     })
 }

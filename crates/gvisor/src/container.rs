@@ -304,6 +304,8 @@ impl Container {
             listen: None,
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,
+            // Setuid templates are the jail's alone for now (see docs/SECURITY.md).
+            allow_setuid: false,
         };
         let started = Instant::now();
         let limit = spec.setup_timeout;

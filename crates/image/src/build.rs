@@ -284,6 +284,9 @@ pub fn build(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        // A build's own RUN steps could add setuid binaries; it asks for none of the base's
+        // trust (see docs/SECURITY.md).
+        allow_setuid: false,
     };
     drop(scratch);
     // Released before registering, so replacing an older build can collect its layers.

@@ -48,6 +48,11 @@ pub struct Record {
     pub imported_unix: u64,
     /// Bytes of file content over all layers.
     pub size: u64,
+    /// Setuid binaries in the template may raise a process to the sandbox's own root (`sudo`
+    /// in the Debian base `ringfence template bootstrap` makes). Off for every imported,
+    /// pulled or built image: their setuid bits stay inert (see docs/SECURITY.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_setuid: bool,
 }
 
 /// One layer of a template, and what it holds (also kept beside the layer, for reuse).
@@ -365,6 +370,7 @@ impl Store {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            allow_setuid: false,
         };
         let old = self.get(&name).ok();
         let text = serde_json::to_vec_pretty(&record)

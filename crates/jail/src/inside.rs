@@ -6,7 +6,8 @@
 //!    overlay root and host layers, `/proc` with sensitive files masked, a minimal `/dev`;
 //! 3. `pivot_root` into the overlay and detach the host's root;
 //! 4. hostname, loopback, rlimits;
-//! 5. capabilities reduced to what the agent needs, `no_new_privs`, Landlock;
+//! 5. capabilities reduced to what the agent needs, `no_new_privs` (unless the template allows
+//!    setuid: then CAP_SYS_ADMIN until step 6 instead), Landlock;
 //! 6. seccomp last, so every earlier step could still use the calls it denies.
 
 use std::fs;
@@ -241,7 +242,13 @@ fn build_root(
         names.push(name);
     }
     nix::unistd::chdir(stage).map_err(fail("chdir to stage"))?;
-    overlay(&names.join(":"), Path::new("root/upper"), Path::new("root/work"), &merged)?;
+    overlay(
+        &names.join(":"),
+        Path::new("root/upper"),
+        Path::new("root/work"),
+        &merged,
+        spec.allow_setuid,
+    )?;
     // A tmpfs upper exists only in this namespace: the host reaches it (snapshots, pauses)
     // through this descriptor, which the agent hands over and closes, so that after
     // pivot_root nothing in the sandbox, the agent included, holds a way there. A disk of
@@ -264,7 +271,13 @@ fn build_root(
     Ok((merged, stage_fd))
 }
 
-fn overlay(lower: &str, upper: &Path, work: &Path, target: &Path) -> Result<(), InsideError> {
+fn overlay(
+    lower: &str,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    allow_setuid: bool,
+) -> Result<(), InsideError> {
     // userxattr: overlay metadata goes in user.* xattrs, the only kind a user namespace may set.
     // volatile: no syncs through to the upper layer (fsync, syncfs, and the sync at unmount,
     // which on a disk image cost a millisecond per sandbox end): a sandbox's writable layer
@@ -274,14 +287,12 @@ fn overlay(lower: &str, upper: &Path, work: &Path, target: &Path) -> Result<(), 
         upper.display(),
         work.display()
     );
-    mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .map_err(mount_err("overlay", target))
+    // Setuid bits count only where the template asks (`sudo`): the exec of a setuid binary
+    // is judged by the mount it runs from, which is this one.
+    let flags =
+        if allow_setuid { MsFlags::MS_NODEV } else { MsFlags::MS_NOSUID | MsFlags::MS_NODEV };
+    mount(Some("overlay"), target, Some("overlay"), flags, Some(opts.as_str()))
+        .map_err(mount_err("overlay", target))
 }
 
 /// How a bind mount is restricted after it is made.
@@ -450,11 +461,27 @@ fn to_sock_filter(prog: &[BpfInsn]) -> Vec<ringfence_sys::SockFilter> {
         .collect()
 }
 
+/// CAP_SYS_ADMIN: held (in the sandbox's user namespace) until seccomp and Landlock are in
+/// place when `no_new_privs` is not set (setuid templates): both need one or the other.
+const CAP_SYS_ADMIN: u64 = 1 << 21;
+
 fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, InsideError> {
+    // The bounding set is what every later exec can reach, a setuid-root one included (for
+    // setuid templates that is the whole of what `sudo` grants): the agent's own set, without
+    // CAP_SYS_ADMIN even while the agent still holds it below.
     ringfence_sys::drop_bounding_caps(AGENT_CAPS, ringfence_sys::last_cap())
         .map_err(fail("drop bounding capabilities"))?;
-    ringfence_sys::restrict_caps(AGENT_CAPS).map_err(fail("restrict capabilities"))?;
-    nix::sys::prctl::set_no_new_privs().map_err(fail("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    if spec.allow_setuid {
+        // no_new_privs is inherited and cannot be cleared, so setting it here would make every
+        // setuid binary inert. Landlock and seccomp accept CAP_SYS_ADMIN in place of it; the
+        // filters they install are inherited across every exec, setuid ones included, and no
+        // process can remove them.
+        ringfence_sys::restrict_caps(AGENT_CAPS | CAP_SYS_ADMIN)
+            .map_err(fail("restrict capabilities"))?;
+    } else {
+        ringfence_sys::restrict_caps(AGENT_CAPS).map_err(fail("restrict capabilities"))?;
+        nix::sys::prctl::set_no_new_privs().map_err(fail("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    }
     // Not dumpable: nothing in the sandbox, not even its (capability-less) root, may ptrace
     // PID 1 or read its memory, fds or environment through /proc.
     nix::sys::prctl::set_dumpable(false).map_err(fail("prctl(PR_SET_DUMPABLE)"))?;
@@ -469,6 +496,10 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     if !spec.seccomp_notify.is_empty() {
         listener = ringfence_sys::install_seccomp(&to_sock_filter(&spec.seccomp_notify), true)
             .map_err(fail("install seccomp"))?;
+    }
+    if spec.allow_setuid {
+        // Installed; CAP_SYS_ADMIN goes before anything in the sandbox runs.
+        ringfence_sys::restrict_caps(AGENT_CAPS).map_err(fail("drop CAP_SYS_ADMIN"))?;
     }
     phase(phases, "seccomp");
     Ok(Outcome { landlock_abi, listener, reconnect: None, stage: None })
@@ -509,7 +540,9 @@ pub fn apply_landlock(spec: &SetupSpec) -> Result<Option<u32>, InsideError> {
             .add_rule(PathBeneath::new(fd, access))
             .map_err(fail(format!("landlock: rule for {path}")))?;
     }
-    let status = created.restrict_self().map_err(fail(step))?;
+    // The crate sets no_new_privs by default; a setuid template must not have it (the agent
+    // holds CAP_SYS_ADMIN instead, see `lock_down`).
+    let status = created.no_new_privs(!spec.allow_setuid).restrict_self().map_err(fail(step))?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(InsideError {
             step: step.into(),

@@ -88,6 +88,10 @@ pub struct SandboxSpec {
     pub reconnectable: bool,
     /// Give up if the agent is not ready within this time.
     pub setup_timeout: Duration,
+    /// Let setuid binaries raise processes to the sandbox's own root (templates that ship
+    /// `sudo`, see [`SetupSpec::allow_setuid`]); also lets Landlock allow writes beneath
+    /// [`SETUID_WRITABLE`], where a package manager run as that root installs.
+    pub allow_setuid: bool,
 }
 
 impl SandboxSpec {
@@ -114,9 +118,16 @@ impl SandboxSpec {
             die_with_parent: false,
             reconnectable: false,
             setup_timeout: Duration::from_secs(30),
+            allow_setuid: false,
         }
     }
 }
+
+/// More paths Landlock lets processes write beneath in sandboxes whose template allows setuid
+/// (`sudo`): `apt-get install` as the sandbox's root writes to `/usr` and `/etc`. The writes
+/// land in the sandbox's own writable layer (the template's layers are read-only mounts);
+/// `/proc`, `/sys` and `/dev` stay out of reach as before.
+pub const SETUID_WRITABLE: &[&str] = &["/etc", "/usr"];
 
 /// Paths inside the sandbox that Landlock lets processes write beneath.
 pub const DEFAULT_WRITABLE: &[&str] = &[
@@ -340,7 +351,15 @@ impl Sandbox {
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
             shm_bytes: shm_bytes(&spec.limits),
-            writable: if spec.landlock { spec.writable } else { Vec::new() },
+            writable: match (spec.landlock, spec.allow_setuid) {
+                (false, _) => Vec::new(),
+                (true, false) => spec.writable,
+                (true, true) => {
+                    let mut w = spec.writable;
+                    w.extend(SETUID_WRITABLE.iter().map(|s| (*s).to_string()));
+                    w
+                }
+            },
             require_landlock: false,
             rlimits: rlimits_for(&spec.limits),
             seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
@@ -348,11 +367,12 @@ impl Sandbox {
             env: spec.env,
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,
+            allow_setuid: spec.allow_setuid,
         };
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
-        self.send_trees(&spec.template.rootfs, &spec.layers)?;
+        self.send_trees(&spec.template.rootfs, &spec.layers, spec.allow_setuid)?;
         crate::phase(&mut self.phases, "lowers_sent");
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
         let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
@@ -521,12 +541,13 @@ impl Sandbox {
         &mut self,
         template: &std::path::Path,
         layers: &[std::path::PathBuf],
+        allow_setuid: bool,
     ) -> Result<(), JailError> {
         let userns: OwnedFd = std::fs::File::open(format!("/proc/{}/ns/user", self.pid))
             .map_err(io_op("open the sandbox's user namespace"))?
             .into();
         for dir in layers.iter().map(|p| p.as_path()).chain([template]) {
-            let tree = ringfence_sys::idmapped_tree(dir, &userns).map_err(|e| {
+            let tree = ringfence_sys::idmapped_tree(dir, &userns, allow_setuid).map_err(|e| {
                 // EINVAL: the filesystem cannot do idmapped mounts (overlayfs, NFS, FUSE; tmpfs
                 // before Linux 6.3); say what to do rather than only what failed.
                 let hint = if e.errno() == Some(libc::EINVAL) {

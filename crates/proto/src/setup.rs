@@ -89,4 +89,11 @@ pub struct SetupSpec {
     pub initial: Option<SpawnSpec>,
     /// Exit once the initial process has exited (one-shot sandboxes).
     pub exit_with_initial: bool,
+    /// Let setuid binaries raise a process to the sandbox's own root (templates that ship
+    /// `sudo`): the root and the lower layers are mounted without `nosuid`, and neither the
+    /// agent nor the processes it starts set `no_new_privs`. The root so reached holds only
+    /// the agent's capabilities, inside the sandbox's user namespace; seccomp and Landlock
+    /// stay on. Off unless the template asks (see docs/SECURITY.md).
+    #[serde(default)]
+    pub allow_setuid: bool,
 }

@@ -555,11 +555,16 @@ pub struct Hardening {
     pub cwd: Option<CString>,
     /// Make fd 0 (a pty slave) the controlling terminal of the new session.
     pub controlling_tty: bool,
+    /// Let the process gain privileges through setuid binaries (templates with `sudo`): keep
+    /// the bounding set the caller has (the agent's own, already reduced) and do not set
+    /// `no_new_privs`. The process itself still starts with no capabilities.
+    pub allow_setuid: bool,
 }
 
 /// Arranges for `cmd`'s child to drop to `h` before exec: a new session, supplementary groups
 /// reset, gid and uid switched, every capability gone (bounding, permitted, effective,
-/// inheritable, ambient), and no descriptor beyond stdio left open.
+/// inheritable, ambient), `no_new_privs` set, and no descriptor beyond stdio left open. With
+/// [`Hardening::allow_setuid`] the bounding set stays the caller's and `no_new_privs` unset.
 pub fn harden_command(cmd: &mut Command, h: Hardening) {
     let last = last_cap();
     let hook = move || -> io::Result<()> {
@@ -573,9 +578,14 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
             if h.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(fail(()));
             }
-            for cap in 0..=last {
-                // EINVAL for unknown caps is harmless; anything else is checked by capget below.
-                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            // With setuid allowed, the bounding set is what a setuid-root exec grants: the
+            // caller's (the agent's reduced set), never more, since it can only shrink.
+            if !h.allow_setuid {
+                for cap in 0..=last {
+                    // EINVAL for unknown caps is harmless; anything else is checked by capget
+                    // below.
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                }
             }
             // Raw syscalls: glibc's wrappers would signal threads that only exist in the parent.
             let gid = h.gid;
@@ -598,7 +608,7 @@ pub fn harden_command(cmd: &mut Command, h: Hardening) {
             {
                 return Err(fail(()));
             }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            if !h.allow_setuid && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(fail(()));
             }
             if let Some(dir) = &h.cwd
@@ -1213,11 +1223,21 @@ struct MountAttr {
 /// privilege over its own mount namespace may do (a sandbox's first process, before any user
 /// code runs). The caller needs `CAP_SYS_ADMIN` over the filesystem (host root), and the
 /// filesystem must support idmapped mounts (ext4, xfs, btrfs, tmpfs since 6.3, ...).
-pub fn idmapped_tree(path: &std::path::Path, userns: &OwnedFd) -> Result<OwnedFd> {
+///
+/// With `allow_suid` the copy honours setuid bits (`MOUNT_ATTR_NOSUID` cleared): for templates
+/// whose setuid binaries (`sudo`) may raise a process to the sandbox's own root. The owners
+/// those bits name are still shown through `userns`, so they can only ever name sandbox ids.
+pub fn idmapped_tree(
+    path: &std::path::Path,
+    userns: &OwnedFd,
+    allow_suid: bool,
+) -> Result<OwnedFd> {
     let tree = detached_tree(path)?;
+    let (suid_set, suid_clr) =
+        if allow_suid { (0, MOUNT_ATTR_NOSUID) } else { (MOUNT_ATTR_NOSUID, 0) };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        attr_clr: 0,
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | suid_set,
+        attr_clr: suid_clr,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
