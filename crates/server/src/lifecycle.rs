@@ -35,7 +35,8 @@ const IDLE_CPU_SHARE: f64 = 0.01;
 impl Manager {
     /// The built-in template under a template name (a snapshot's base, or the name itself).
     pub(super) fn base_template(&self, name: &str) -> String {
-        if super::TEMPLATES.contains(&name) {
+        // Built-in and image templates are their own base.
+        if super::TEMPLATES.contains(&name) || self.tiers.jail().has_image(name) {
             return name.to_string();
         }
         self.snapshot_bases

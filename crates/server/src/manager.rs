@@ -436,7 +436,16 @@ impl Manager {
     ) -> Result<Arc<Live>, ManagerError> {
         let mut p = p;
         let mut default_tier = self.tiers.default_kind();
-        if !TEMPLATES.contains(&p.template.as_str()) {
+        let image = !TEMPLATES.contains(&p.template.as_str())
+            && self.store.get_snapshot(key_id, &p.template)?.is_none()
+            && self.tiers.jail().has_image(&p.template);
+        if image && p.tier.is_some_and(|t| t != TierKind::Jail) {
+            return Err(ManagerError::BadRequest(format!(
+                "template {:?} is an image template, which only the jail tier runs yet",
+                p.template
+            )));
+        }
+        if !image && !TEMPLATES.contains(&p.template.as_str()) {
             // A snapshot of this tenant's, used as a template.
             let snap = self.store.get_snapshot(key_id, &p.template)?;
             let Some(snap) = snap else {

@@ -224,3 +224,47 @@ fn operators_name_only_known_tiers() {
     assert!(err.contains("tier gvisor is not available on this host"), "{err}");
     assert!(err.contains("not built"), "{err}");
 }
+
+/// An image template (here built from a Dockerfile with `ringfence template build`: busybox
+/// alone, no host `/usr`) is a template the API starts like a built-in one, on the jail, with
+/// its image's files only; other tiers refuse it with 400 and the reason.
+#[test]
+fn image_templates_start_through_the_api() {
+    let Some(mut s) = server("image_templates_start_through_the_api") else { return };
+    if !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!(
+            "SKIPPED image_templates_start_through_the_api: no /bin/busybox (busybox-static)"
+        );
+        return;
+    }
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nENV GREETING=from-the-image\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(&s.bin)
+        .args(["template", "build", "--name", "bbx", "-f"])
+        .arg(ctx.path().join("Dockerfile"))
+        .arg("--context")
+        .arg(ctx.path())
+        .arg("--data-dir")
+        .arg(s.data.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "template build: {}", String::from_utf8_lossy(&out.stderr));
+    s.spawn(&[]);
+    let r = create(&s, &s.key, json!({"templateID": "bbx"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let sb = Sandbox::from(&r.json());
+    // The image's files, not the host's: busybox is there, the host's /usr is not.
+    assert_eq!(run(&s, &sb, "/bin/busybox", &["echo", "inside"]), "inside\n");
+    let usr = run(&s, &sb, "/bin/busybox", &["sh", "-c", "ls /usr/bin | head -1; echo $GREETING"]);
+    assert_eq!(usr.trim_start(), "from-the-image\n", "no host /usr, the image's Env: {usr:?}");
+    let r = create(&s, &s.key, json!({"templateID": "bbx@gvisor"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(message(&r).contains("image template"), "{}", r.text());
+    let r = create(&s, &s.key, json!({"templateID": "no-such-image"}));
+    assert_eq!(r.status, 404, "{}", r.text());
+}

@@ -34,6 +34,15 @@ pub struct JailSettings {
     pub keeper_exe: Option<PathBuf>,
 }
 
+/// What an image template brings to a start.
+struct ImageStart {
+    template: Template,
+    layers: Vec<PathBuf>,
+    env: std::collections::BTreeMap<String, String>,
+    allow_setuid: bool,
+    in_use: ringfence_image::store::InUse,
+}
+
 /// The jail tier of one server.
 #[derive(Debug)]
 pub struct JailTier {
@@ -111,6 +120,44 @@ impl JailTier {
         self.cfg.uid_base
     }
 
+    /// Whether `name` is an image template in this server's image store.
+    pub fn has_image(&self, name: &str) -> bool {
+        ringfence_image::store::Store::open(&self.cfg.data_dir).is_ok_and(|s| s.contains(name))
+    }
+
+    /// An image template from the store, ready to start: the store's skeleton as the root,
+    /// the image's layers above it (no host `/usr`).
+    fn image(&self, name: &str) -> Result<ImageStart, TierError> {
+        let fail = |e: ringfence_image::ImageError| TierError::Setup(format!("image {name}: {e}"));
+        let store = ringfence_image::store::Store::open(&self.cfg.data_dir).map_err(fail)?;
+        if !store.contains(name) {
+            return Err(TierError::TemplateUnavailable(name.to_string()));
+        }
+        let in_use = store.in_use().map_err(fail)?;
+        let run = store.runnable(name).map_err(fail)?;
+        let env = run
+            .record
+            .config
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter(|(k, _)| !k.is_empty())
+            .collect();
+        let template = Template {
+            name: run.record.name.clone(),
+            rootfs: run.skeleton.clone(),
+            meta: ringfence_jail::template::Meta { format: 0, host_layers: Vec::new() },
+        };
+        Ok(ImageStart {
+            template,
+            layers: run.layers,
+            env,
+            allow_setuid: run.record.allow_setuid,
+            in_use,
+        })
+    }
+
     /// The built template behind a built-in template name, building it on first use.
     fn template(&self, name: &str) -> Result<Template, TierError> {
         let key = if name == template::INTERP_TEMPLATE { name } else { "host" };
@@ -160,7 +207,23 @@ impl Tier for JailTier {
     }
 
     fn start(&self, spec: StartSpec) -> Result<JailInstance, TierError> {
-        let template = self.template(&spec.template)?;
+        // An image template (imported, pulled, built or bootstrapped into the image store):
+        // its layers under any snapshot's, its Env under the create's, setuid as it asks.
+        let mut spec = spec;
+        let mut allow_setuid = false;
+        let mut image_in_use = None;
+        let template = if ringfence_image::store::RESERVED.contains(&spec.template.as_str()) {
+            self.template(&spec.template)?
+        } else {
+            let image = self.image(&spec.template)?;
+            spec.layers.extend(image.layers);
+            for (k, v) in image.env {
+                spec.env.entry(k).or_insert(v);
+            }
+            allow_setuid = image.allow_setuid;
+            image_in_use = Some(image.in_use);
+            image.template
+        };
         let devnull = std::fs::File::open("/dev/null")
             .map_err(|source| TierError::Io { step: "open /dev/null", source })?;
         use std::os::fd::AsRawFd;
@@ -173,11 +236,18 @@ impl Tier for JailTier {
             // died: then it waits for the next server to reconnect. A death signal tied to a
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.
             reconnectable: true,
+            allow_setuid,
             ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
         };
         let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
         let listener = sb.take_listener();
-        Ok(JailInstance { sb, listener, supervisor: None, keeper: self.keeper.clone() })
+        Ok(JailInstance {
+            sb,
+            listener,
+            supervisor: None,
+            keeper: self.keeper.clone(),
+            _image: image_in_use,
+        })
     }
 
     fn adopt(
@@ -221,7 +291,7 @@ impl Tier for JailTier {
             tracing::warn!(sandbox_id = %id, "re-attached without its seccomp listener: its denied calls go unrecorded");
         }
         // Already parked: the keeper has it.
-        let instance = JailInstance { sb, listener, supervisor: None, keeper: None };
+        let instance = JailInstance { sb, listener, supervisor: None, keeper: None, _image: None };
         Ok(Adopted { instance, thawed })
     }
 
@@ -269,6 +339,9 @@ pub struct JailInstance {
     supervisor: Option<Supervisor>,
     /// Where [`Instance::supervise`] parks a copy of the listener (a fresh sandbox's only).
     keeper: Option<Keeper>,
+    /// Held while the sandbox runs from an image template, so `template rm` cannot take its
+    /// layers away underneath it.
+    _image: Option<ringfence_image::store::InUse>,
 }
 
 impl JailInstance {
