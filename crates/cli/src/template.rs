@@ -318,13 +318,7 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
     let in_use = store.in_use()?;
     let run = store.runnable(name)?;
     let config = &run.record.config;
-    let env: BTreeMap<String, String> = config
-        .env
-        .iter()
-        .flatten()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .filter(|(k, _)| !k.is_empty())
-        .collect();
+    let env: BTreeMap<String, String> = run.env();
     let workdir = config.working_dir.clone().filter(|w| !w.is_empty());
     let image_user = config.user.clone().unwrap_or_default();
     let image_wants_root = matches!(image_user.as_str(), "" | "root" | "0" | "0:0" | "root:root");

@@ -117,6 +117,21 @@ pub struct Runnable {
     pub has_user_1000: bool,
 }
 
+impl Runnable {
+    /// The image's `Env` as a map (`K=V` entries; malformed and nameless ones dropped): the
+    /// defaults a sandbox from this image starts with.
+    pub fn env(&self) -> std::collections::BTreeMap<String, String> {
+        self.record
+            .config
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter(|(k, _)| !k.is_empty())
+            .collect()
+    }
+}
+
 /// The image store of one data directory.
 #[derive(Debug, Clone)]
 pub struct Store {

@@ -135,15 +135,7 @@ impl JailTier {
         }
         let in_use = store.in_use().map_err(fail)?;
         let run = store.runnable(name).map_err(fail)?;
-        let env = run
-            .record
-            .config
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .filter(|(k, _)| !k.is_empty())
-            .collect();
+        let env = run.env();
         let template = Template {
             name: run.record.name.clone(),
             rootfs: run.skeleton.clone(),
