@@ -593,8 +593,14 @@ async fn detail(
     v["domain"] = json!(app.manager.network().domain());
     add_tier(&app, &mut v, &r);
     let net = app.manager.network().describe(&live);
-    v["allowInternetAccess"] = net["allowInternetAccess"].clone();
-    v["network"] = net;
+    if net.is_null() {
+        // No network attached (a tier without one yet): the SDK parses a present `network` as
+        // an object, so it is left out, and the sandbox truthfully has no internet access.
+        v["allowInternetAccess"] = json!(false);
+    } else {
+        v["allowInternetAccess"] = net["allowInternetAccess"].clone();
+        v["network"] = net;
+    }
     Ok(Json(v))
 }
 
