@@ -40,6 +40,17 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh).
+if [ -x /usr/local/lib/ringfence/runsc ] || command -v runsc >/dev/null; then
+  for suite in conformance code_interpreter; do
+    if ! RINGFENCE_TIER=gvisor "$VENV/bin/python" "tests/e2b/$suite.py"; then
+      echo "--- server log ---"; tail -n 50 "$data/serve.log"
+      exit 1
+    fi
+  done
+else
+  echo "SKIPPED the gvisor tier's SDK suites: runsc is not installed (scripts/install-runsc.sh)"
+fi
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

@@ -232,10 +232,25 @@ fn start_and_serve(
 fn gvisor_setup() -> Result<(), ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
-    nix::sys::prctl::set_dumpable(false).map_err(|e| ringfence_jail::inside::InsideError {
-        step: "prctl(PR_SET_DUMPABLE)".into(),
-        message: e.to_string(),
-    })
+    let fail = |step: &str| {
+        let step = step.to_string();
+        move |e: nix::Error| ringfence_jail::inside::InsideError { step, message: e.to_string() }
+    };
+    nix::sys::prctl::set_dumpable(false).map_err(fail("prctl(PR_SET_DUMPABLE)"))?;
+    // gVisor's /proc, unlike Linux's, lets any process in the sandbox open another's
+    // descriptors that are host files: runsc's stdio (the host's /dev/null and the runsc log)
+    // must not be ours to lend. The sentry's own /dev/null takes their place; what the agent
+    // would have said on them goes over the control channel.
+    let null =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| {
+            ringfence_jail::inside::InsideError {
+                step: "open /dev/null".into(),
+                message: e.to_string(),
+            }
+        })?;
+    nix::unistd::dup2_stdin(&null).map_err(fail("dup2 stdin"))?;
+    nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
+    nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))
 }
 
 /// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the

@@ -266,7 +266,7 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
                     *ctx.kernel.lock().await = Some(k);
                     StatusCode::NO_CONTENT.into_response()
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+                Err(e) => kernel_start_failed(&live, &e),
             }
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {method} {path}")),
@@ -326,7 +326,7 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     });
     match start_kernel(&rt, &live, &ctx).await {
         Ok(k) => *ctx.kernel.lock().await = Some(k),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+        Err(e) => return kernel_start_failed(&live, &e),
     }
     if let Ok(mut m) = live.interp.by_id.lock() {
         m.insert(ctx.id.clone(), ctx.clone());
@@ -394,14 +394,40 @@ fn ringfence_agent_path() -> &'static str {
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 }
 
+/// The answer to a kernel that did not start: the sandbox having ended under it (its agent
+/// gone: killed, or, on the gvisor tier, ended whole by its memory limit) is the client's to
+/// know, not an internal error.
+fn kernel_start_failed(live: &Live, e: &str) -> Response {
+    if live.client.is_closed() {
+        return error(StatusCode::BAD_GATEWAY, "the sandbox has ended: its agent is gone");
+    }
+    error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e))
+}
+
 async fn start_kernel(
     rt: &Arc<Runtime>,
     live: &Arc<Live>,
     ctx: &Context,
 ) -> Result<Kernel, String> {
+    let injectable = live.with_instance(|i| i.injectable().is_some()).unwrap_or(false);
     let kernel = match ctx.language {
-        "javascript" => start_agent_kernel(live, ctx).await?,
-        lang => start_injected_kernel(rt, live, ctx, lang).await?,
+        "javascript" => {
+            let args = vec!["-e".into(), KERNEL_JS.into()];
+            start_agent_kernel(live, ctx, "/usr/bin/node".into(), args).await?
+        }
+        lang if injectable => start_injected_kernel(rt, live, ctx, lang).await?,
+        // A tier without namespaces the fork server can enter (gVisor): the kernel runs as an
+        // ordinary process the agent starts, paying the imports the fork server would have
+        // done once. The environment is bound at the same path inside, so its python is ours.
+        lang => {
+            let python = rt
+                .cfg
+                .as_ref()
+                .map(|c| c.python.to_string_lossy().into_owned())
+                .ok_or("no interpreter environment on this host (run scripts/setup.sh)")?;
+            let args = vec!["-c".into(), KERNEL_PY.into(), "--lang".into(), lang.into()];
+            start_agent_kernel(live, ctx, python, args).await?
+        }
     };
     Ok(kernel)
 }
@@ -469,24 +495,28 @@ async fn start_injected_kernel(
     Ok(kernel)
 }
 
-async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
+/// Starts a kernel that speaks on its stdin and stdout as a process the agent spawns.
+async fn start_agent_kernel(
+    live: &Arc<Live>,
+    ctx: &Context,
+    cmd: String,
+    args: Vec<String>,
+) -> Result<Kernel, String> {
+    let what = format!("start {cmd}");
     let spec = SpawnSpec {
-        cmd: "/usr/bin/node".into(),
-        args: vec!["-e".into(), KERNEL_JS.into()],
+        cmd,
+        args,
         env: kernel_env(live),
         cwd: Some(ctx.cwd.clone()),
         user: SandboxUser::User,
         stdio: StdioMode::Pipe { stdin: true },
         tag: Some(format!("ringfence-kernel-{}", ctx.id)),
     };
-    let (reply, mut events) = live
-        .client
-        .stream(AgentRequest::Spawn(spec))
-        .await
-        .map_err(|e| format!("start node: {e}"))?;
+    let (reply, mut events) =
+        live.client.stream(AgentRequest::Spawn(spec)).await.map_err(|e| format!("{what}: {e}"))?;
     let pid = match reply {
         Reply::Spawned { pid } => pid,
-        other => return Err(format!("start node: {other:?}")),
+        other => return Err(format!("{what}: {other:?}")),
     };
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
     let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
@@ -686,7 +716,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     if guard.is_none() {
         match start_kernel(&rt, &live, &ctx).await {
             Ok(k) => *guard = Some(k),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+            Err(e) => return kernel_start_failed(&live, &e),
         }
     }
     let id = format!("e{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));

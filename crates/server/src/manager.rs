@@ -321,6 +321,7 @@ impl Manager {
                 agent_path: cfg.agent_path.clone(),
                 data_dir: cfg.data_dir.clone(),
                 run_dir: cfg.run_dir.clone(),
+                interp_env: cfg.interp_env.clone(),
             })
             .map(crate::tier::AnyTier::Gvisor)
             .into_iter()

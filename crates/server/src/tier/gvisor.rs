@@ -9,6 +9,7 @@
 //! (the agent ends with its channel), seccomp denial reports (gVisor has no user notification),
 //! kernel injection for the code interpreter.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -26,6 +27,8 @@ pub struct GvisorSettings {
     pub data_dir: PathBuf,
     /// runsc's state and each sandbox's bundle go under `<run_dir>/gvisor`.
     pub run_dir: PathBuf,
+    /// Bound into code-interpreter templates (as in the jail).
+    pub interp_env: PathBuf,
 }
 
 /// The gvisor tier of one server.
@@ -34,7 +37,7 @@ pub struct GvisorTier {
     settings: GvisorSettings,
     /// The probe's outcome, taken on the first start.
     cfg: OnceLock<Result<GvisorConfig, String>>,
-    template: Mutex<Option<Template>>,
+    templates: Mutex<HashMap<String, Template>>,
 }
 
 impl GvisorTier {
@@ -42,7 +45,7 @@ impl GvisorTier {
     /// with the first start). `None`: the registry reports why it is unavailable.
     pub fn new(settings: GvisorSettings) -> Option<GvisorTier> {
         ringfence_gvisor::probe::find_runsc()?;
-        Some(GvisorTier { settings, cfg: OnceLock::new(), template: Mutex::new(None) })
+        Some(GvisorTier { settings, cfg: OnceLock::new(), templates: Mutex::new(HashMap::new()) })
     }
 
     fn config(&self) -> Result<&GvisorConfig, TierError> {
@@ -65,18 +68,37 @@ impl GvisorTier {
     }
 
     /// The host template (the only one this tier runs yet), built on first use.
+    /// The built template behind a built-in name: `base`/`host`, or the code interpreter's
+    /// (the host skeleton plus the interpreter environment bound read-only, as in the jail).
     fn template(&self, name: &str) -> Result<Template, TierError> {
-        if !matches!(name, "base" | "host") {
-            return Err(TierError::TemplateUnavailable(format!("{name} (on the gvisor tier)")));
-        }
+        let key = match name {
+            "base" | "host" => "host",
+            template::INTERP_TEMPLATE => template::INTERP_TEMPLATE,
+            _ => {
+                return Err(TierError::TemplateUnavailable(format!("{name} (on the gvisor tier)")));
+            }
+        };
         let mut cached =
-            self.template.lock().map_err(|_| TierError::Setup("template lock poisoned".into()))?;
-        if let Some(t) = cached.as_ref() {
+            self.templates.lock().map_err(|_| TierError::Setup("template lock poisoned".into()))?;
+        if let Some(t) = cached.get(key) {
             return Ok(t.clone());
         }
-        let t = template::ensure_host(&self.settings.data_dir)
-            .map_err(|e| TierError::Setup(format!("host template: {e}")))?;
-        *cached = Some(t.clone());
+        let t = if key == "host" {
+            template::ensure_host(&self.settings.data_dir)
+        } else {
+            template::ensure_layered(
+                &self.settings.data_dir,
+                key,
+                &[self.settings.interp_env.to_string_lossy().into_owned()],
+            )
+        }
+        .map_err(|e| {
+            // The detail names host paths: the operator reads it in the log, the client
+            // learns only what is missing.
+            tracing::warn!(template = key, error = %e, "template unavailable");
+            TierError::TemplateUnavailable(name.to_string())
+        })?;
+        cached.insert(key.to_string(), t.clone());
         Ok(t)
     }
 }
