@@ -490,10 +490,8 @@ impl Manager {
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
         let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
-        // The pool holds sandboxes of the default tier only.
-        let poolable =
-            p.reuse.is_none() && p.lifecycle.layers.is_empty() && tier == self.tiers.default_kind();
-        let pooled = if poolable { self.take_warm(&p.template) } else { None };
+        let poolable = p.reuse.is_none() && p.lifecycle.layers.is_empty();
+        let pooled = if poolable { self.take_warm(&self.pool_key(&p.template, tier)) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
         let (id, started) = match pooled {
             Some(w) => (w.id, w.started),
@@ -895,7 +893,17 @@ impl Manager {
         }
     }
 
-    /// A pooled sandbox of `template`, if one is waiting.
+    /// The pool a sandbox of `template` on `tier` comes from: the template's name on the
+    /// default tier (`--pool base=4`), `NAME@TIER` on another (`--pool base@gvisor=2`).
+    fn pool_key(&self, template: &str, tier: TierKind) -> String {
+        if tier == self.tiers.default_kind() {
+            template.to_string()
+        } else {
+            format!("{template}@{tier}")
+        }
+    }
+
+    /// A pooled sandbox of pool `template`, if one is waiting.
     fn take_warm(&self, template: &str) -> Option<Warm> {
         if !self.cfg.pool_sizes.contains_key(template) {
             return None;
@@ -930,11 +938,14 @@ impl Manager {
                     continue;
                 }
                 let id = ringfence_jail::new_sandbox_id();
-                let tier = self.tiers.default_kind();
-                match self
-                    .clone()
-                    .spawn(tier, template, id.clone(), BTreeMap::new(), Vec::new())
-                    .await
+                let (name, tier) = match crate::tier::requested(template, &BTreeMap::new()) {
+                    Ok((name, tier)) => (name, tier.unwrap_or_else(|| self.tiers.default_kind())),
+                    Err(e) => {
+                        tracing::warn!(template, error = %e, "a pool names no known tier");
+                        continue;
+                    }
+                };
+                match self.clone().spawn(tier, &name, id.clone(), BTreeMap::new(), Vec::new()).await
                 {
                     Ok(instance) => {
                         if let Ok(mut m) = self.warm.lock() {
