@@ -40,14 +40,21 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
-# The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh).
+# The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh),
+# on a server whose sandboxes get 1 GiB: gVisor's own memory (its sentry, and the file cache
+# of the kernels' libraries) is charged to the sandbox's cgroup, and a gVisor sandbox at its
+# limit ends whole (docs/ARCHITECTURE.md), so the interpreter's several kernels need room.
 if [ -x /usr/local/lib/ringfence/runsc ] || command -v runsc >/dev/null; then
+  kill "$server"; wait "$server" 2>/dev/null || true
+  SERVE_EXTRA="--memory 1G" start_server
   for suite in conformance code_interpreter; do
     if ! RINGFENCE_TIER=gvisor "$VENV/bin/python" "tests/e2b/$suite.py"; then
       echo "--- server log ---"; tail -n 50 "$data/serve.log"
       exit 1
     fi
   done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  start_server
 else
   echo "SKIPPED the gvisor tier's SDK suites: runsc is not installed (scripts/install-runsc.sh)"
 fi

@@ -193,7 +193,18 @@ def inside_the_sandbox(s):
             "        except OSError: continue\n"
             "        opened.add(os.readlink('/proc/1/fd/' + n))\nsorted(opened)"
         )
-        check("the agent's descriptors lend nothing", r.text in ("[]", "['/dev/null']"), r)
+        # /dev/net/tun reopened is a fresh, unattached TUN (attaching needs CAP_NET_ADMIN,
+        # which only the agent had): what opening the device node gives anyone.
+        opened = set(eval(r.text)) if r.text else None
+        check("the agent's descriptors lend nothing",
+              opened is not None and opened <= {"/dev/null", "/dev/net/tun"}, r)
+        r = s.run_code(
+            "import fcntl, os, struct\nfd = os.open('/proc/1/fd/' + next(n for n in os.listdir('/proc/1/fd') "
+            "if os.readlink('/proc/1/fd/' + n) == '/dev/net/tun'), os.O_RDWR)\n"
+            "fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'eth0', 0x1001))"
+        )
+        check("the agent's TUN cannot be taken over", r.error is not None
+              and r.error.name in ("PermissionError", "OSError"), r.error)
     else:
         r = s.run_code("open('/proc/1/environ').read()")
         check("the agent's /proc entries are closed", r.error is not None, r)

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod fs;
+mod gvisor_net;
 mod serve;
 mod spawn;
 
@@ -229,7 +230,7 @@ fn start_and_serve(
 }
 
 /// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
-fn gvisor_setup() -> Result<(), ringfence_jail::inside::InsideError> {
+fn gvisor_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
     let fail = |step: &str| {
@@ -250,7 +251,27 @@ fn gvisor_setup() -> Result<(), ringfence_jail::inside::InsideError> {
         })?;
     nix::unistd::dup2_stdin(&null).map_err(fail("dup2 stdin"))?;
     nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
-    nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))
+    nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))?;
+    if let Some(relay) = &spec.packet_relay {
+        let inside = |step: &str, message: String| ringfence_jail::inside::InsideError {
+            step: step.to_string(),
+            message,
+        };
+        let fd = match ringfence_sys::take_relay_fd() {
+            Some(fd) if relay.fd == ringfence_sys::RELAY_FD => fd,
+            _ => return Err(inside("network", format!("no packet relay on fd {}", relay.fd))),
+        };
+        gvisor_net::start(relay, fd)
+            .map_err(|e| inside(&format!("network: {}", e.step), e.message))?;
+        // CAP_NET_ADMIN was given for the device alone: gone from every set now, so nothing
+        // started later (a root command, a setuid binary) can reach it.
+        let caps = ringfence_jail::inside::AGENT_CAPS;
+        ringfence_sys::drop_bounding_caps(caps, ringfence_sys::last_cap())
+            .map_err(|e| inside("drop bounding capabilities", e.to_string()))?;
+        ringfence_sys::restrict_caps(caps)
+            .map_err(|e| inside("restrict capabilities", e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the
@@ -261,7 +282,7 @@ fn gvisor_run(
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
 ) -> Result<ExitCode, ()> {
-    if let Err(e) = gvisor_setup() {
+    if let Err(e) = gvisor_setup(spec) {
         let _ = control.write_all(&[MARK_ERROR]);
         let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
         return Err(());

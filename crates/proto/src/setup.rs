@@ -96,4 +96,20 @@ pub struct SetupSpec {
     /// stay on. Off unless the template asks (see docs/SECURITY.md).
     #[serde(default)]
     pub allow_setuid: bool,
+    /// gVisor only: the agent makes the sandbox's network device itself (a TUN inside gVisor's
+    /// own network stack) and relays its packets over this inherited descriptor to the host's
+    /// userspace stack, where the egress policy decides (see docs/ARCHITECTURE.md).
+    #[serde(default)]
+    pub packet_relay: Option<PacketRelay>,
+}
+
+/// The network device the agent makes inside gVisor and where its packets go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketRelay {
+    /// The inherited `SOCK_SEQPACKET` descriptor: one IPv4 packet per message.
+    pub fd: i32,
+    /// The device's name, address (on a `/0` prefix: every destination is on it) and MTU.
+    pub iface: String,
+    pub address: [u8; 4],
+    pub mtu: u32,
 }

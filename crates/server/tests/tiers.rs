@@ -89,7 +89,8 @@ fn tiers_are_listed_chosen_reported_and_refused() {
         assert_eq!(caps["kernel"], json!("gvisor"), "{}", list[1]);
         assert_eq!(caps["reattach"], json!(false));
         assert_eq!(caps["kernelInjection"], json!(false));
-        assert_eq!(caps["network"], json!("none"));
+        assert_eq!(caps["network"], json!("relayed-tun"));
+        assert_eq!(caps["networkPolicy"], json!(true));
     } else {
         eprintln!("no runsc on this host: the gvisor tier is checked unavailable only");
     }
@@ -275,7 +276,9 @@ fn pools_hold_sandboxes_of_another_tier() {
     let Some(mut s) = server(name) else { return };
     s.spawn(&["--pool", "base@gvisor=1"]);
     if tiers(&s, &s.key)[1]["available"] != json!(true) {
-        println!("SKIPPED {name}: the gvisor tier is not available here (scripts/install-runsc.sh)");
+        println!(
+            "SKIPPED {name}: the gvisor tier is not available here (scripts/install-runsc.sh)"
+        );
         return;
     }
     // The pool fills in the background; its size is a metric.

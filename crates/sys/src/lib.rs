@@ -407,7 +407,11 @@ pub fn restrict_caps(keep: u64) -> Result<()> {
     check("capset", ret)?;
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
     let ret = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
-    check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()).map(drop)
+    match check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()) {
+        // A kernel without ambient capabilities (gVisor's sentry) has none to clear.
+        Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 /// Brings the loopback interface of the current network namespace up.
@@ -863,6 +867,33 @@ pub fn take_control_fd() -> Option<OwnedFd> {
     // SAFETY: fd 3 is open (checked above), was placed there by our parent for us, and the
     // atomic flag guarantees no second OwnedFd is ever made from it in this process.
     let fd = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // SAFETY: F_SETFD on a descriptor we own; keeps it out of every process we start.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(fd)
+}
+
+/// The descriptor a gVisor sandbox's agent is handed its packet relay on (after the control
+/// channel).
+pub const RELAY_FD: RawFd = CONTROL_FD + 1;
+
+/// Takes ownership of the inherited packet relay (fd 4, a `SOCK_SEQPACKET` socket), marking
+/// it close-on-exec. `None` if fd 4 is not an open socket, or if it was already taken.
+pub fn take_relay_fd() -> Option<OwnedFd> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: stat is plain old data; zeroed is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes into `st`.
+    if unsafe { libc::fstat(RELAY_FD, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+    {
+        return None;
+    }
+    // SAFETY: fd 4 is open (checked above), was placed there by runsc for us, and the atomic
+    // flag guarantees no second OwnedFd is ever made from it in this process.
+    let fd = unsafe { OwnedFd::from_raw_fd(RELAY_FD) };
     // SAFETY: F_SETFD on a descriptor we own; keeps it out of every process we start.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Some(fd)

@@ -126,8 +126,8 @@ impl Tier for GvisorTier {
             fork: true,
             reattach: false,
             kernel_injection: false,
-            network: "none",
-            network_policy: false,
+            network: "relayed-tun",
+            network_policy: true,
             agent_channel: "unix-socket",
         }
     }
@@ -137,12 +137,20 @@ impl Tier for GvisorTier {
         let template = self.template(&spec.template)?;
         // Canonical ids: the container's ids are the files' own (see ringfence_gvisor's docs).
         let mut g = ringfence_gvisor::StartSpec::new(spec.id, template, 0);
+        // The device the agent makes inside gVisor, as the jail's TUN is made (same name,
+        // address and MTU, so the stack and the resolver config serve both alike).
+        g.network = ringfence_gvisor::Network::Relay(ringfence_gvisor::RelaySpec {
+            iface: ringfence_net::tun::IFACE.to_string(),
+            address: ringfence_net::tun::SANDBOX_IP,
+            mtu: ringfence_net::tun::MTU,
+        });
         g.layers = spec.layers;
         g.limits = spec.limits;
         g.env = spec.env;
         let memory_limit = spec.limits.memory;
         let container = Container::start(cfg, g).map_err(gvisor_err)?;
-        Ok(GvisorInstance { container, memory_limit })
+        let relay = container.relay().transpose().map_err(gvisor_err)?.map(std::sync::Arc::new);
+        Ok(GvisorInstance { container, memory_limit, relay })
     }
 
     fn adopt(
@@ -183,6 +191,8 @@ impl Tier for GvisorTier {
 pub struct GvisorInstance {
     container: Container,
     memory_limit: Option<u64>,
+    /// The host's end of the packet relay, for the network layer.
+    relay: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Instance for GvisorInstance {
@@ -199,7 +209,10 @@ impl Instance for GvisorInstance {
     }
 
     fn net(&self) -> NetAttach {
-        NetAttach::None
+        match &self.relay {
+            Some(fd) => NetAttach::Relay(fd.clone()),
+            None => NetAttach::None,
+        }
     }
 
     fn usage(&self) -> Option<Usage> {
