@@ -18,6 +18,7 @@ pub mod fault;
 pub mod files_query;
 pub mod interp;
 pub mod manager;
+pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod observe;
