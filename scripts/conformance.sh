@@ -40,6 +40,12 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# MCP (/mcp and `ringfence mcp` on stdio) with the PyPI `mcp` client (tests/mcp).
+"$VENV/bin/pip" install -q --upgrade mcp
+if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

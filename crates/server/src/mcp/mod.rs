@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use crate::api::App;
 
 /// Protocol revisions this server speaks, newest first.
-pub const PROTOCOL_VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
+pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 
 /// Largest JSON-RPC message accepted (a `write_file` carries the file inline).
 const MAX_MESSAGE: usize = 32 << 20;
