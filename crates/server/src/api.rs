@@ -107,7 +107,7 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
 /// E2B's) and the dashboard.
 pub fn router(app: App) -> Router {
     let e2b = e2b_router(app.clone());
-    e2b.clone().merge(crate::mcp::routes(app, e2b))
+    e2b.clone().merge(crate::mcp::routes(app.clone(), e2b)).merge(crate::ui::routes(app))
 }
 
 fn e2b_router(app: App) -> Router {

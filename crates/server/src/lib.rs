@@ -26,6 +26,7 @@ pub mod quota;
 pub mod store;
 pub mod tier;
 mod time;
+pub mod ui;
 pub mod upload;
 pub mod validate;
 
