@@ -41,8 +41,11 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   exit 1
 fi
 # MCP (/mcp and `ringfence mcp` on stdio) with the PyPI `mcp` client (tests/mcp).
-"$VENV/bin/pip" install -q --upgrade mcp
-if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.py; then
+# The dashboard (/ui) in Debian's headless Chromium with Playwright (tests/ui; SKIPPED
+# without chromium), screenshots into docs/.
+"$VENV/bin/pip" install -q "mcp>=2.3,<3" "playwright>=1.65,<1.66"
+if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.py \
+   || ! "$VENV/bin/python" tests/ui/dashboard.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi

@@ -251,8 +251,8 @@ function sandboxesPage() {
         el('td', {}, sb.templateID),
         el('td', { class: 'num' }, fmtDuration(now - Date.parse(sb.startedAt))),
         el('td', { class: 'num' }, sb.state === 'running' ? fmtDuration(Date.parse(sb.endAt) - now) : '—'),
-        el('td', { title: last ? `${last.cpuUsedPct}%` : '' }, sparkline(cpu, 'cpu', 100), ' ', last ? `${last.cpuUsedPct.toFixed(0)}%` : ''),
-        el('td', { title: last ? fmtBytes(last.memUsed) : '' }, sparkline(mem, 'mem'), ' ', last ? fmtBytes(last.memUsed) : ''),
+        el('td', { class: 'spark-cell', title: last ? `${last.cpuUsedPct}%` : '' }, sparkline(cpu, 'cpu', 100), ' ', last ? `${last.cpuUsedPct.toFixed(0)}%` : ''),
+        el('td', { class: 'spark-cell', title: last ? fmtBytes(last.memUsed) : '' }, sparkline(mem, 'mem'), ' ', last ? fmtBytes(last.memUsed) : ''),
         el('td', {}, metadataTags(sb.metadata)),
       );
     }));
@@ -434,7 +434,7 @@ function auditTable(records) {
       exitCell(r.exit_code),
       el('td', { class: 'num' }, r.duration_ms === null || r.duration_ms === undefined ? '' : `${r.duration_ms} ms`),
       el('td', {}, (r.security_events || []).map((ev) => el('span', { class: 'tag bad' }, securityText(ev))),
-        Object.keys(r.detail || {}).length ? el('pre', {}, JSON.stringify(r.detail)) : null))))));
+        Object.keys(r.detail || {}).length ? el('pre', {}, JSON.stringify(r.detail)) : null)))));
 }
 
 function auditPage() {
