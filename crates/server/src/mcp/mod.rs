@@ -32,8 +32,8 @@ const MAX_MESSAGE: usize = 32 << 20;
 
 /// JSON-RPC error codes.
 const PARSE_ERROR: i64 = -32700;
-const INVALID_REQUEST: i64 = -32600;
-const METHOD_NOT_FOUND: i64 = -32601;
+pub(crate) const INVALID_REQUEST: i64 = -32600;
+pub(crate) const METHOD_NOT_FOUND: i64 = -32601;
 pub(crate) const INVALID_PARAMS: i64 = -32602;
 /// Ours (the implementation-defined range): the API key is missing or wrong.
 const UNAUTHORIZED: i64 = -32001;
@@ -165,3 +165,6 @@ fn initialize(params: &Value) -> Value {
             kill_sandbox when done. Everything runs isolated and is audited.",
     })
 }
+
+#[cfg(test)]
+mod tests;
