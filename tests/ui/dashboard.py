@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import sys
+import urllib.error
 import urllib.request
 
 URL = os.environ["E2B_API_URL"]
@@ -84,6 +85,16 @@ def main():
         _, raw = api("POST", "/sandboxes", {"templateID": "base", "timeout": 300, "metadata": XSS_META})
         sb = json.loads(raw)
         sid = sb["sandboxID"]
+        # Sandbox traffic is routed by its headers first: the sandbox's own /ui and /mcp paths
+        # reach the sandbox (here its envd, which has no such endpoint), not ours.
+        for path in ("/ui/", "/mcp"):
+            try:
+                api("GET", path, headers={"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983",
+                                          "X-Access-Token": sb["envdAccessToken"]})
+                raise AssertionError(f"{path} with sandbox headers answered 2xx")
+            except urllib.error.HTTPError as e:
+                body = e.read().decode()
+                assert e.code == 404 and "no such endpoint" in body, (path, e.code, body)
         row = f"tr[data-sandbox='{sid}']"
         page.wait_for_selector(row)
         assert run(sb, XSS_CMD) == 0

@@ -105,9 +105,21 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
 
 /// Builds the router: E2B's API, and beside it `/mcp` (which sends its tool calls through
 /// E2B's) and the dashboard.
+///
+/// Sandbox traffic is told apart by its headers before any route matches (the layers wrap
+/// the whole router), so a sandbox's own `/mcp` or `/ui` paths still reach the sandbox.
 pub fn router(app: App) -> Router {
     let e2b = e2b_router(app.clone());
-    e2b.clone().merge(crate::mcp::routes(app.clone(), e2b)).merge(crate::ui::routes(app))
+    let own = e2b
+        .clone()
+        .merge(crate::mcp::routes(app.clone(), layered(e2b, &app)))
+        .merge(crate::ui::routes(app.clone()));
+    layered(own, &app)
+}
+
+fn layered(r: Router, app: &App) -> Router {
+    r.layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
+        .layer(middleware::from_fn_with_state(app.clone(), track))
 }
 
 fn e2b_router(app: App) -> Router {
@@ -133,8 +145,6 @@ fn e2b_router(app: App) -> Router {
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
-        .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
-        .layer(middleware::from_fn_with_state(app.clone(), track))
         .with_state(app)
 }
 
