@@ -82,7 +82,8 @@ def main():
         page.wait_for_selector("#nav")
         assert page.is_visible("#view")
 
-        _, raw = api("POST", "/sandboxes", {"templateID": "base", "timeout": 300, "metadata": XSS_META})
+        _, raw = api("POST", "/sandboxes", {"templateID": "base", "timeout": 300, "metadata": XSS_META,
+                                            "network": {"denyOut": ["192.0.2.0/24"]}})
         sb = json.loads(raw)
         sid = sb["sandboxID"]
         # Sandbox traffic is routed by its headers first: the sandbox's own /ui and /mcp paths
@@ -99,6 +100,8 @@ def main():
         page.wait_for_selector(row)
         assert run(sb, XSS_CMD) == 0
         assert run(sb, MOUNT_CMD) not in (0, None), "the mount succeeded"
+        # A connection the policy denies (TEST-NET-1: decided inside, never leaves the host).
+        assert run(sb, "timeout 5 bash -c 'echo > /dev/tcp/192.0.2.1/80'") != 0
         run(sb, "python3 -c 'sum(range(30_000_000))' 2>/dev/null || seq 1 2000000 | tail -n 1")
         page.wait_for_selector(f"{row} svg.spark polyline", state="attached")
         page.screenshot(path=os.path.join(SHOTS, "dashboard-sandboxes.png"))
@@ -114,6 +117,7 @@ def main():
         assert any("mount" in t for t in tags), f"no denied mount shown: {tags}"
         assert "security" in (mount_row.get_attribute("class") or "")
         page.wait_for_selector("tr.security:has-text('security.')")
+        page.wait_for_selector("tr.egress-denied:has-text('192.0.2.1')")
         # The command with its payload, shown literally; the metadata too; nothing ran.
         page.wait_for_selector("tr.exec pre:has-text('onerror=alert(\"cmd\")')")
         meta = page.inner_text("#metadata")

@@ -305,7 +305,7 @@ function sandboxPage(id) {
     el('h2', {}, 'Security events'),
     table(['Time', 'Event', 'Detail'], security),
     el('h2', {}, 'Egress decisions'),
-    table(['Time', 'Decision', 'Detail'], egress),
+    table(['Time', 'Decision', 'Destination and reason'], egress),
     el('h2', {}, 'Alerts'),
     table(['Time', 'Alert', 'Value', 'Threshold'], alerts),
     el('h2', {}, 'Files'), files,
@@ -391,8 +391,17 @@ function sandboxPage(id) {
     security.replaceChildren(...newest.filter((r) => r.action.startsWith('security.')).map((r) => el('tr', { class: 'security' },
       el('td', {}, fmtTime(r.timestamp)), el('td', {}, r.action),
       el('td', {}, (r.security_events || []).map((ev) => el('span', { class: 'tag bad' }, securityText(ev))), el('pre', {}, JSON.stringify(r.detail))))));
-    egress.replaceChildren(...newest.filter((r) => r.action.startsWith('network.')).map((r) => el('tr', { class: /denied|dropped|blocked/.test(r.action + JSON.stringify(r.detail)) ? 'egress-denied' : '' },
-      el('td', {}, fmtTime(r.timestamp)), el('td', {}, r.action), el('td', {}, el('pre', {}, JSON.stringify(r.detail))))));
+    egress.replaceChildren(...newest.filter((r) => r.action.startsWith('network.')).map((r) => {
+      const d = r.detail || {};
+      const denied = d.allowed === false || r.action === 'network.egress.dropped';
+      const decision = r.action === 'network.egress' ? (d.allowed ? 'allowed' : 'denied') : r.action;
+      const dest = d.address ? `${d.protocol || ''} ${d.name ? d.name + ' ' : ''}${d.address}:${d.port}` : '';
+      const bytes = d.bytes_out !== undefined ? ` · ${fmtBytes(d.bytes_out)} out, ${fmtBytes(d.bytes_in)} in` : '';
+      return el('tr', { class: denied ? 'egress-denied' : '' },
+        el('td', {}, fmtTime(r.timestamp)), el('td', {}, decision),
+        el('td', {}, el('span', { class: 'mono' }, dest), ' ', el('span', { class: 'muted' }, (d.reason || '') + bytes),
+          r.action === 'network.egress' ? null : el('pre', {}, JSON.stringify(d))));
+    }));
     alerts.replaceChildren(...newest.filter((r) => r.action.startsWith('alert.')).map((r) => el('tr', { class: 'alert' },
       el('td', {}, fmtTime(r.timestamp)), el('td', {}, r.action), el('td', { class: 'num' }, String(r.detail.value ?? '')), el('td', { class: 'num' }, String(r.detail.threshold ?? '')))));
   });
