@@ -70,7 +70,10 @@ def main():
         page.on("console", lambda m: csp.append(m.text) if "Content Security Policy" in m.text else None)
 
         # A wrong key is refused, and nothing of the app is shown.
-        page.goto(URL + "/ui/")
+        resp = page.goto(URL + "/ui/")
+        policy = resp.headers.get("content-security-policy", "")
+        assert "default-src 'self'" in policy and "unsafe" not in policy, policy
+        assert "frame-ancestors 'none'" in policy, policy
         page.fill("#key", "rf_not_a_key")
         page.click("#signin-form button")
         page.wait_for_selector("#signin-error:has-text('refused')")
