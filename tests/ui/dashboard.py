@@ -104,7 +104,9 @@ def main():
         assert run(sb, XSS_CMD) == 0
         assert run(sb, MOUNT_CMD) not in (0, None), "the mount succeeded"
         # A connection the policy denies (TEST-NET-1: decided inside, never leaves the host).
-        assert run(sb, "timeout 5 bash -c 'echo > /dev/tcp/192.0.2.1/80'") != 0
+        # Its exit code is not the evidence (the stack may accept the handshake before it
+        # decides, so a write can succeed); the denied decision in the audit trail is.
+        run(sb, "timeout 5 bash -c 'echo > /dev/tcp/192.0.2.1/80'")
         run(sb, "python3 -c 'sum(range(30_000_000))' 2>/dev/null || seq 1 2000000 | tail -n 1")
         page.wait_for_selector(f"{row} svg.spark polyline", state="attached")
         page.screenshot(path=os.path.join(SHOTS, "dashboard-sandboxes.png"))
