@@ -89,6 +89,8 @@ async fn bad_arguments_are_tool_errors_naming_the_problem() {
         ("create_sandbox", json!({"allow_out": [1]}), "must be an array of strings"),
         ("create_sandbox", json!({"metadata": {"a": 1}}), "must be an object of string values"),
         ("list_files", json!({"sandbox_id": "a", "path": "/", "depth": 3}), "unknown argument"),
+        ("kill_sandbox", json!({"sandbox_id": "../metrics?x"}), "is not a sandbox id"),
+        ("read_file", json!({"sandbox_id": "", "path": "/"}), "is not a sandbox id"),
     ] {
         let r = call(name, args.clone()).await;
         assert_eq!(r["result"]["isError"], true, "{name} {args}: {r}");

@@ -202,6 +202,14 @@ fn str_arg<'a>(args: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     args.get(k).and_then(Value::as_str)
 }
 
+/// A sandbox id goes into a request path: only the characters ids are made of.
+fn check_id(id: &str) -> Result<(), ToolError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("sandbox_id {id:?} is not a sandbox id").into());
+    }
+    Ok(())
+}
+
 /// A response from the router.
 struct Resp {
     status: StatusCode,
@@ -257,10 +265,7 @@ impl Ctx {
 
     /// The caller's sandbox `id` (its detail): "not found" for another key's.
     async fn sandbox(&self, id: &str) -> Result<Value, ToolError> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!("sandbox_id {id:?} is not a sandbox id").into());
-        }
+        check_id(id)?;
         let r = self.api(Method::GET, &format!("/sandboxes/{id}"), None).await?;
         if r.status != StatusCode::OK {
             return Err(r.error(&format!("sandbox {id}")));
@@ -351,6 +356,7 @@ async fn list_sandboxes(ctx: &Ctx) -> ToolResult {
 
 async fn kill(ctx: &Ctx, args: &Map<String, Value>) -> ToolResult {
     let id = str_arg(args, "sandbox_id").unwrap_or_default();
+    check_id(id)?;
     let r = ctx.api(Method::DELETE, &format!("/sandboxes/{id}"), None).await?;
     if r.status != StatusCode::NO_CONTENT {
         return Err(r.error(&format!("kill_sandbox {id}")));
