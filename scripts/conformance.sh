@@ -58,6 +58,15 @@ if [ -x /usr/local/lib/ringfence/runsc ] || command -v runsc >/dev/null; then
 else
   echo "SKIPPED the gvisor tier's SDK suites: runsc is not installed (scripts/install-runsc.sh)"
 fi
+# MCP (/mcp and `ringfence mcp` on stdio) with the PyPI `mcp` client (tests/mcp).
+# The dashboard (/ui) in Debian's headless Chromium with Playwright (tests/ui; SKIPPED
+# without chromium), screenshots into docs/.
+"$VENV/bin/pip" install -q "mcp>=2.3,<3" "playwright>=1.65,<1.66"
+if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.py \
+   || ! "$VENV/bin/python" tests/ui/dashboard.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

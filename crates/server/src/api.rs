@@ -36,6 +36,14 @@ impl ApiError {
     fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         ApiError(status, msg.into())
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    pub fn message(&self) -> &str {
+        &self.1
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -95,8 +103,26 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     }
 }
 
-/// Builds the router.
+/// Builds the router: E2B's API, and beside it `/mcp` (which sends its tool calls through
+/// E2B's) and the dashboard.
+///
+/// Sandbox traffic is told apart by its headers before any route matches (the layers wrap
+/// the whole router), so a sandbox's own `/mcp` or `/ui` paths still reach the sandbox.
 pub fn router(app: App) -> Router {
+    let e2b = e2b_router(app.clone());
+    let own = e2b
+        .clone()
+        .merge(crate::mcp::routes(app.clone(), layered(e2b, &app)))
+        .merge(crate::ui::routes(app.clone()));
+    layered(own, &app)
+}
+
+fn layered(r: Router, app: &App) -> Router {
+    r.layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
+        .layer(middleware::from_fn_with_state(app.clone(), track))
+}
+
+fn e2b_router(app: App) -> Router {
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/sandboxes", post(create).get(list))
@@ -119,8 +145,6 @@ pub fn router(app: App) -> Router {
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
-        .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
-        .layer(middleware::from_fn_with_state(app.clone(), track))
         .with_state(app)
 }
 
@@ -366,7 +390,7 @@ fn not_running(id: &str) -> Response {
 
 /// Authenticates the control-plane caller by its API key, in `X-API-Key` (what the SDKs send)
 /// or `Authorization: Bearer` (what scrapers such as Prometheus send).
-async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

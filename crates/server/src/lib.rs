@@ -18,6 +18,7 @@ pub mod fault;
 pub mod files_query;
 pub mod interp;
 pub mod manager;
+pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod observe;
@@ -25,6 +26,7 @@ pub mod quota;
 pub mod store;
 pub mod tier;
 mod time;
+pub mod ui;
 pub mod upload;
 pub mod validate;
 
