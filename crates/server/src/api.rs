@@ -30,10 +30,10 @@ pub struct App {
 
 /// An API error in E2B's shape: `{"code": <http status>, "message": "..."}`.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl ApiError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         ApiError(status, msg.into())
     }
 }
@@ -79,13 +79,13 @@ fn tier_error(e: crate::tier::TierError) -> ApiError {
 }
 
 /// A 500 that names no host detail (see `crate::fault`).
-fn internal(detail: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(detail: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::fault::internal_message(&detail))
 }
 
 /// A store failure of a read the client shaped: its own mistakes (a bad page token or limit)
 /// are 400 with their text, anything else is internal.
-fn store_error(e: crate::store::StoreError) -> ApiError {
+pub(crate) fn store_error(e: crate::store::StoreError) -> ApiError {
     use crate::store::StoreError;
     match e {
         StoreError::InvalidToken | StoreError::InvalidLimit(_) | StoreError::InvalidName(_) => {
@@ -118,6 +118,20 @@ pub fn router(app: App) -> Router {
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
+        // Lifecycle events and webhooks (crate::events).
+        .route("/events/sandboxes", get(crate::events::team_events))
+        .route("/events/sandboxes/{id}", get(crate::events::sandbox_events))
+        .route(
+            "/events/webhooks",
+            post(crate::events::create_webhook).get(crate::events::list_webhooks),
+        )
+        .route(
+            "/events/webhooks/{id}",
+            get(crate::events::get_webhook)
+                .patch(crate::events::update_webhook)
+                .delete(crate::events::delete_webhook),
+        )
+        .route("/events/webhooks/{id}/deliveries", get(crate::events::deliveries))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
         .layer(middleware::from_fn_with_state(app.clone(), track))
@@ -366,7 +380,7 @@ fn not_running(id: &str) -> Response {
 
 /// Authenticates the control-plane caller by its API key, in `X-API-Key` (what the SDKs send)
 /// or `Authorization: Bearer` (what scrapers such as Prometheus send).
-async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -394,7 +408,9 @@ fn owned(app: &App, key: &KeyInfo, id: &str) -> Result<Arc<Live>, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found")))
 }
 
-fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de> + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

@@ -14,6 +14,7 @@ pub mod api;
 pub mod bounded;
 pub mod codec;
 pub mod envd;
+pub mod events;
 pub mod fault;
 pub mod files_query;
 pub mod interp;
@@ -82,6 +83,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(manager.clone().reap_loop());
     tokio::spawn(manager.clone().pool_loop());
     tokio::spawn(manager.clone().sample_loop());
+    tokio::spawn(events::delivery_loop(manager.store().clone()));
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {

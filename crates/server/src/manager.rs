@@ -237,6 +237,8 @@ pub struct Reuse {
     pub id: String,
     pub access_token: String,
     pub created_at: i64,
+    /// Why it starts again (`api`, `traffic`), for its `resumed` event.
+    pub cause: &'static str,
 }
 
 /// Owns every live sandbox.
@@ -599,8 +601,8 @@ impl Manager {
             "template": p.template,
             "network": crate::network::Network::persisted(&p.network),
         });
-        if p.reuse.is_some() {
-            self.store.restarted(&record)?;
+        if let Some(r) = &p.reuse {
+            self.store.restarted_because(&record, r.cause)?;
         } else {
             self.store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map_err(|e| {
                 match e {
@@ -827,7 +829,10 @@ impl Manager {
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }
-        Ok(self.store.set_end_at(id, end)?)
+        self.store.set_end_at(id, end)?;
+        // Published as `sandbox.lifecycle.updated` (crate::events).
+        let _ = self.store.record_event(id, "timeout", &serde_json::json!({"end_at": end}));
+        Ok(())
     }
 
     /// Live sandboxes of one key.

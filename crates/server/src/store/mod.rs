@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -37,6 +37,7 @@ pub const MAX_LIST_LIMIT: u32 = 1000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 mod audit;
+mod events;
 mod keys;
 mod layers;
 mod sandboxes;
@@ -44,6 +45,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
+pub use events::{Attempt, Delivery, DueDelivery, LifecycleEvent, Webhook};
 use schema::migrate;
 
 const KEY_COLUMNS: &str = "id, name, created_at, operator, limits, tiers";
