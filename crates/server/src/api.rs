@@ -132,6 +132,26 @@ pub fn router(app: App) -> Router {
                 .delete(crate::events::delete_webhook),
         )
         .route("/events/webhooks/{id}/deliveries", get(crate::events::deliveries))
+        .route("/sandboxes/{id}/refreshes", post(crate::extras::refresh))
+        .route("/sandboxes/{id}/logs", get(crate::extras::logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(crate::extras::logs_v2))
+        // Volumes and their content API (crate::volumes).
+        .route("/volumes", post(crate::volumes::create).get(crate::volumes::list))
+        .route("/volumes/{id}", get(crate::volumes::get).delete(crate::volumes::destroy))
+        .route(
+            "/volumecontent/{id}/dir",
+            get(crate::volumes::list_dir).post(crate::volumes::make_dir),
+        )
+        .route(
+            "/volumecontent/{id}/path",
+            get(crate::volumes::stat)
+                .patch(crate::volumes::update_meta)
+                .delete(crate::volumes::remove),
+        )
+        .route(
+            "/volumecontent/{id}/file",
+            get(crate::volumes::read_file).put(crate::volumes::write_file),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
         .layer(middleware::from_fn_with_state(app.clone(), track))
@@ -439,6 +459,7 @@ struct CreateBody {
     /// Our extension: pause or kill after this many seconds without activity.
     idle_timeout: Option<i64>,
     on_idle: Option<String>,
+    volume_mounts: Option<Value>,
 }
 
 /// E2B's lifecycle fields (`autoPause`, `lifecycle.onTimeout`, `autoResume`) and ours
@@ -510,7 +531,7 @@ fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
     }
 }
 
-fn sandbox_json(r: &SandboxRecord) -> Value {
+pub(crate) fn sandbox_json(r: &SandboxRecord) -> Value {
     json!({
         "templateID": r.template,
         "sandboxID": r.id,
@@ -551,10 +572,24 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
+    // Mounting volumes into sandboxes is not built yet: refused rather than ignored, so no
+    // caller believes its files are shared (docs/COMPATIBILITY.md).
+    if b.volume_mounts.as_ref().is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "volumeMounts is not supported yet: use the volume content API (Volume.write_file, \
+             read_file, ...) instead",
+        ));
+    }
     let lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
     if let Some(env) = &b.env_vars {
         crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
+    // A retried create (same Idempotency-Key) gets the first one's sandbox (crate::extras).
+    let (idem, earlier) = crate::extras::Idempotent::begin(&app, &key.id, &headers).await?;
+    if let Some(sid) = earlier {
+        return crate::extras::replay(&app, &key.id, &sid);
     }
     let metadata = b.metadata.unwrap_or_default();
     let requested = b.template_id.unwrap_or_else(|| "base".into());
@@ -575,6 +610,7 @@ async fn create(
     let r = live
         .snapshot()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
+    idem.record(&app, &r.id).await?;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
     Ok((StatusCode::CREATED, Json(v)).into_response())

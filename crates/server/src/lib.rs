@@ -15,6 +15,7 @@ pub mod bounded;
 pub mod codec;
 pub mod envd;
 pub mod events;
+pub mod extras;
 pub mod fault;
 pub mod files_query;
 pub mod interp;
@@ -28,6 +29,7 @@ pub mod tier;
 mod time;
 pub mod upload;
 pub mod validate;
+pub mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +86,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(manager.clone().pool_loop());
     tokio::spawn(manager.clone().sample_loop());
     tokio::spawn(events::delivery_loop(manager.store().clone()));
+    volumes::sweep(&cfg.manager.data_dir, manager.store());
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {

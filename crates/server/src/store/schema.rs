@@ -273,6 +273,27 @@ END;
 "
 );
 
+/// Volumes (`crate::volumes`) and create's `Idempotency-Key`. A volume's name is unique per key, and the bearer token of the content API
+/// (kept like a sandbox's access token: `GET /volumes/{id}` returns it again).
+pub(super) const SCHEMA_V8: &str = "
+CREATE TABLE volumes (
+    id         TEXT PRIMARY KEY NOT NULL,
+    key_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    token      TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    UNIQUE (key_id, name)
+);
+-- Creates under an Idempotency-Key: the sandbox the first one made (crate::extras).
+CREATE TABLE idempotency (
+    key_id     TEXT NOT NULL,
+    idem_key   TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+";
+
 /// Brings the schema up to `SCHEMA_VERSION` in one immediate transaction, so two servers
 /// started on the same file cannot both run the same migration.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -304,6 +325,9 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if current < 7 {
         tx.execute_batch(SCHEMA_V7)?;
+    }
+    if current < 8 {
+        tx.execute_batch(SCHEMA_V8)?;
     }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;
