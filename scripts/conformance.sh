@@ -47,6 +47,11 @@ if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The rest of E2B 2.63's sandbox routes (idempotent create, refreshes, logs, pause/snapshot modes).
+if ! "$VENV/bin/python" tests/e2b/extras.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # Sandboxes, running or paused, survive a kill -9 of the server.
 read -r sid pid < <("$VENV/bin/python" tests/e2b/restart.py before)
 read -r paused_mem paused_fs < <("$VENV/bin/python" tests/e2b/lifecycle.py before)

@@ -698,9 +698,12 @@ async fn kill(
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PauseBody {
     /// Keep processes in memory (default) or only the files.
     memory: Option<bool>,
+    /// E2B's `pause(strict=True)`: refuse (503) while the agent does not answer.
+    require_healthy_guest: Option<bool>,
 }
 
 async fn pause(
@@ -711,6 +714,15 @@ async fn pause(
 ) -> Result<StatusCode, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: PauseBody = parse_body(&body)?;
+    if b.require_healthy_guest == Some(true)
+        && let Ok(live) = owned(&app, &key, &id)
+        && !crate::extras::guest_answers(&live).await
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("sandbox {id}'s agent does not answer: not paused (strict)"),
+        ));
+    }
     match app.manager.pause(&key.id, &id, b.memory.unwrap_or(true)).await? {
         true => Ok(StatusCode::NO_CONTENT),
         false => {
@@ -744,6 +756,8 @@ async fn resume(
 #[derive(Debug, Default, Deserialize)]
 struct SnapshotBody {
     name: Option<String>,
+    /// E2B's `mode="full"` (`true`): snapshots here keep the files only.
+    memory: Option<bool>,
 }
 
 fn snapshot_json(s: &crate::store::SnapshotRecord) -> Value {
@@ -758,6 +772,13 @@ async fn create_snapshot(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: SnapshotBody = parse_body(&body)?;
+    if b.memory == Some(true) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "snapshots keep the files only: mode=\"full\" (memory) is not supported; use \
+             mode=\"filesystem\" or pause() to keep memory",
+        ));
+    }
     let snap = app.manager.snapshot(&key.id, &id, b.name).await?;
     Ok((StatusCode::CREATED, Json(snapshot_json(&snap))).into_response())
 }
@@ -838,6 +859,8 @@ async fn fork(
 #[derive(Debug, Default, Deserialize)]
 struct TimeoutBody {
     timeout: Option<i64>,
+    /// Connect's `memory` (E2B `on_resume`): `false` restarts from the files.
+    memory: Option<bool>,
 }
 
 async fn set_timeout(
@@ -866,6 +889,17 @@ async fn connect(
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: TimeoutBody = parse_body(&body)?;
+    // `on_resume="reboot"` (`memory: false`): a sandbox paused in memory lets go of it first,
+    // so it starts again from its files.
+    if b.memory == Some(false)
+        && app
+            .manager
+            .get(&id)
+            .and_then(|l| l.snapshot())
+            .is_some_and(|r| r.key_id == key.id && r.lifecycle.paused_with_memory == Some(true))
+    {
+        app.manager.pause(&key.id, &id, false).await?;
+    }
     // Connecting to a paused sandbox resumes it (E2B's behaviour).
     let paused = app
         .manager

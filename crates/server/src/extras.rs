@@ -185,6 +185,15 @@ pub async fn logs_v2(
     Ok(Json(json!({"logs": out})))
 }
 
+/// Whether the sandbox's agent answers within 2 s (E2B's `requireHealthyGuest`).
+pub async fn guest_answers(live: &crate::manager::Live) -> bool {
+    let call = live.client.call(ringfence_proto::Request::ListProcesses);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), call).await,
+        Ok(Ok(ringfence_proto::Reply::Processes(_)))
+    )
+}
+
 // ---- Idempotency-Key on create ---------------------------------------------------------
 
 /// How long a create's `Idempotency-Key` names its sandbox.
