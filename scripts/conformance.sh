@@ -94,6 +94,11 @@ if command -v node >/dev/null 2>&1; then
     echo "--- server log ---"; tail -n 50 "$data/serve.log"
     exit 1
   fi
+  # E2B's CLI (@e2b/cli from npm) through its environment variables.
+  if ! VENV="$PWD/$VENV" tests/e2b/cli/cli.sh; then
+    echo "--- server log ---"; tail -n 50 "$data/serve.log"
+    exit 1
+  fi
 else
-  echo "node not found: skipping the JS SDK suite (tests/e2b/js)"
+  echo "node not found: skipping the JS SDK suite (tests/e2b/js) and the CLI suite (tests/e2b/cli): SKIPPED"
 fi

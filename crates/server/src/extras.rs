@@ -129,9 +129,17 @@ pub async fn logs_v1(
     let recs = records(&app, &headers, &id, q.start).await?;
     let limit = q.limit.unwrap_or(1000).min(1000) as usize;
     let entries: Vec<Value> = recs.iter().take(limit).map(entry).collect();
+    // A v1 `line` is a JSON object in text, as E2B's envd logs are: E2B's CLI
+    // (`e2b sandbox logs`) parses it and reads `level` and `logger`.
     let lines: Vec<Value> = entries
         .iter()
-        .map(|e| json!({"timestamp": e["timestamp"], "line": e["message"]}))
+        .map(|e| {
+            let mut obj = e["fields"].as_object().cloned().unwrap_or_default();
+            obj.insert("level".into(), e["level"].clone());
+            obj.insert("logger".into(), json!("ringfence.audit"));
+            obj.insert("message".into(), e["message"].clone());
+            json!({"timestamp": e["timestamp"], "line": Value::Object(obj).to_string()})
+        })
         .collect();
     Ok(Json(json!({"logs": lines, "logEntries": entries})))
 }
