@@ -95,7 +95,7 @@ if command -v node >/dev/null 2>&1; then
     exit 1
   fi
   # E2B's CLI (@e2b/cli from npm) through its environment variables.
-  if ! VENV="$PWD/$VENV" tests/e2b/cli/cli.sh; then
+  if ! VENV="$(cd "$VENV" && pwd)" tests/e2b/cli/cli.sh; then
     echo "--- server log ---"; tail -n 50 "$data/serve.log"
     exit 1
   fi

@@ -313,3 +313,116 @@ impl Store {
         Ok(rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::sandbox;
+    use super::*;
+
+    fn hook(id: &str, key: &str, events: &[&str], enabled: bool) -> Webhook {
+        Webhook {
+            id: id.into(),
+            key_id: key.into(),
+            name: id.into(),
+            url: "http://127.0.0.1:9/".into(),
+            enabled,
+            events: events.iter().map(|s| s.to_string()).collect(),
+            secret: "s".into(),
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn state_changes_publish_events_and_queue_deliveries_for_subscribers_only() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .insert_webhook(&hook(
+                "all",
+                "k",
+                &["sandbox.lifecycle.created", "sandbox.lifecycle.killed"],
+                true,
+            ))
+            .unwrap();
+        store.insert_webhook(&hook("kills", "k", &["sandbox.lifecycle.killed"], true)).unwrap();
+        store.insert_webhook(&hook("off", "k", &["sandbox.lifecycle.created"], false)).unwrap();
+        store.insert_webhook(&hook("other", "k2", &["sandbox.lifecycle.created"], true)).unwrap();
+        let mut rec = sandbox("sb", "k", 1000);
+        rec.metadata.insert("m".into(), "v".into());
+        store.insert_sandbox_audited(&rec, &serde_json::json!({}), None).unwrap();
+        store.kill_sandbox_audited("sb", &serde_json::json!({"reason": "timeout"}), None).unwrap();
+        // Kinds that are not lifecycle events publish nothing.
+        store.record_event("sb", "reattached", &serde_json::json!({})).unwrap();
+
+        let evs = store.lifecycle_events("k", Some("sb"), 0, 100, true).unwrap();
+        let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["sandbox.lifecycle.created", "sandbox.lifecycle.killed"]);
+        assert_eq!(evs[0].metadata.get("m").map(String::as_str), Some("v"));
+        assert_eq!(evs[1].detail["reason"], "timeout");
+        assert_ne!(evs[0].id, evs[1].id);
+        assert!(store.lifecycle_events("k2", Some("sb"), 0, 100, true).unwrap().is_empty());
+        // Newest first, paged.
+        let page = store.lifecycle_events("k", None, 1, 1, false).unwrap();
+        assert_eq!(page[0].kind, "sandbox.lifecycle.created");
+
+        let due = store.due_deliveries(i64::MAX, 100).unwrap();
+        let mut got: Vec<(String, String)> =
+            due.iter().map(|d| (d.webhook.id.clone(), d.event.kind.clone())).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("all".to_string(), "sandbox.lifecycle.created".to_string()),
+                ("all".to_string(), "sandbox.lifecycle.killed".to_string()),
+                ("kills".to_string(), "sandbox.lifecycle.killed".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn attempts_retry_then_settle_and_a_deleted_hook_takes_its_deliveries() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_webhook(&hook("h", "k", &["sandbox.lifecycle.created"], true)).unwrap();
+        store
+            .insert_sandbox_audited(&sandbox("sb", "k", 1000), &serde_json::json!({}), None)
+            .unwrap();
+        let d = store.due_deliveries(i64::MAX, 10).unwrap().remove(0);
+        let later = unix_millis() + 60_000;
+        let failed =
+            Attempt::Failed { status: Some(500), error: "boom".into(), next_at: Some(later) };
+        store.record_attempt(&d.delivery.id, &failed).unwrap();
+        assert!(store.due_deliveries(unix_millis(), 10).unwrap().is_empty(), "backing off");
+        // A restart makes it due at once.
+        assert_eq!(store.retry_pending_now(unix_millis()).unwrap(), 1);
+        assert_eq!(store.due_deliveries(unix_millis() + 1, 10).unwrap().len(), 1);
+        store.record_attempt(&d.delivery.id, &Attempt::Delivered(204)).unwrap();
+        assert!(store.due_deliveries(i64::MAX, 10).unwrap().is_empty());
+        let log = store.deliveries("k", "h", 10).unwrap();
+        assert_eq!(
+            (log[0].state.as_str(), log[0].attempts, log[0].last_status),
+            ("delivered", 2, Some(204))
+        );
+        assert!(store.deliveries("k2", "h", 10).unwrap().is_empty(), "another key's log is empty");
+        assert!(!store.delete_webhook("k2", "h").unwrap());
+        assert!(store.delete_webhook("k", "h").unwrap());
+        assert!(store.deliveries("k", "h", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn giving_up_marks_failed_and_idempotency_keys_expire() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_webhook(&hook("h", "k", &["sandbox.lifecycle.created"], true)).unwrap();
+        store
+            .insert_sandbox_audited(&sandbox("sb", "k", 1000), &serde_json::json!({}), None)
+            .unwrap();
+        let d = store.due_deliveries(i64::MAX, 10).unwrap().remove(0);
+        let gave_up = Attempt::Failed { status: None, error: "refused".into(), next_at: None };
+        store.record_attempt(&d.delivery.id, &gave_up).unwrap();
+        assert!(store.due_deliveries(i64::MAX, 10).unwrap().is_empty());
+        assert_eq!(store.deliveries("k", "h", 10).unwrap()[0].state, "failed");
+
+        store.record_idempotent("k", "retry-1", "sb", 5_000).unwrap();
+        assert_eq!(store.idempotent_sandbox("k", "retry-1", 4_000).unwrap().as_deref(), Some("sb"));
+        assert_eq!(store.idempotent_sandbox("k", "retry-1", 6_000).unwrap(), None, "expired");
+        assert_eq!(store.idempotent_sandbox("k2", "retry-1", 0).unwrap(), None, "per key");
+    }
+}

@@ -130,3 +130,39 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(id: &str, key: &str, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            id: id.into(),
+            key_id: key.into(),
+            name: name.into(),
+            token: format!("tok-{id}"),
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_per_key_and_volumes_are_per_key() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_volume(&vol("v1", "k", "data")).unwrap();
+        assert!(matches!(
+            store.insert_volume(&vol("v2", "k", "data")),
+            Err(StoreError::InvalidName(_))
+        ));
+        store.insert_volume(&vol("v3", "k2", "data")).unwrap();
+        assert!(matches!(
+            store.insert_volume(&vol("v4", "k", "no/slash")),
+            Err(StoreError::InvalidName(_))
+        ));
+        assert_eq!(store.list_volumes("k").unwrap().len(), 1);
+        assert!(store.get_volume("k2", "v1").unwrap().is_none());
+        assert_eq!(store.volume_by_id("v1").unwrap().unwrap().token, "tok-v1");
+        assert!(!store.delete_volume("k2", "v1").unwrap());
+        assert!(store.delete_volume("k", "v1").unwrap());
+        assert_eq!(store.volume_ids().unwrap(), ["v3"]);
+    }
+}
