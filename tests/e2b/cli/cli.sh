@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-../../../.venv}
+major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$major" -lt 20 ]; then
+  echo "SKIPPED tests/e2b/cli: @e2b/cli 2.19.0 needs Node >= 20.18.1, this host has $(node -v)"
+  exit 0
+fi
 if [ -f package-lock.json ]; then npm ci --silent --no-audit --no-fund; else npm install --silent --no-audit --no-fund; fi
 e2b=node_modules/.bin/e2b
 passed=0
