@@ -59,12 +59,12 @@ read -r paused_mem paused_fs < <("$VENV/bin/python" tests/e2b/lifecycle.py befor
 hook_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 events_line=$("$VENV/bin/python" tests/e2b/events.py before "$hook_port" | tee /dev/stderr | tail -n 1)
 # Volumes: content written before the kill is read back after it.
-volume_id=$("$VENV/bin/python" tests/e2b/volumes.py before | tee /dev/stderr | tail -n 1)
+read -r volume_id volume_sandbox < <("$VENV/bin/python" tests/e2b/volumes.py before | tee /dev/stderr | tail -n 1)
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 start_server
 read -r hook_id event_ids <<< "$events_line"
 if ! "$VENV/bin/python" tests/e2b/events.py after "$hook_port" "$hook_id" "$event_ids" \
-   || ! "$VENV/bin/python" tests/e2b/volumes.py after "$volume_id"; then
+   || ! "$VENV/bin/python" tests/e2b/volumes.py after "$volume_id" "$volume_sandbox"; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi

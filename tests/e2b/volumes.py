@@ -64,17 +64,46 @@ def before():
     big = raises(lambda: vol.write_file("/big.bin", b"\0" * (65 << 20)))
     check("volumes: a write beyond the quota is refused and leaves nothing",
           big is not None and not vol.exists("/big.bin"), big)
-    err = raises(lambda: Sandbox.create(volume_mounts={"/data": vol}), SandboxException)
-    check("volumes: volume_mounts is refused with a clear error (not built yet)",
-          err is not None and "volumeMounts" in str(err), err)
+    for bad in ["relative", "/proc/x", "/a/../b"]:
+        err = raises(lambda: Sandbox.create(volume_mounts={bad: vol}), SandboxException)
+        check(f"volumes: mount path {bad!r} is refused naming it", err is not None and bad in str(err), err)
+    # One volume in two sandboxes at once, at different paths.
+    a = Sandbox.create(timeout=300, volume_mounts={"/data": vol})
+    b = Sandbox.create(timeout=300, volume_mounts={"/mnt/shared": vol})
+    check("volumes: a sandbox sees what the content API wrote",
+          a.files.read("/data/notes/a.txt") == "replaced")
+    a.commands.run("echo from-a > /data/from-a.txt")
+    check("volumes: another sandbox sees what the first wrote, at once",
+          b.commands.run("cat /mnt/shared/from-a.txt").stdout == "from-a\n")
+    check("volumes: the content API sees it too", vol.read_file("/from-a.txt") == "from-a\n")
+    st = vol.get_info("/from-a.txt")
+    check("volumes: written by the sandbox's user, stored as uid 1000", st.uid == 1000, st)
+    full = b.commands.run("dd if=/dev/zero of=/mnt/shared/fill bs=1M count=80 2>&1; echo rc=$?")
+    check("volumes: a sandbox cannot write past the volume's quota (ENOSPC)",
+          "No space left" in full.stdout, full.stdout[-200:])
+    b.commands.run("rm -f /mnt/shared/fill")
+    ran = b.commands.run("printf '#!/bin/sh\\necho ran\\n' > /mnt/shared/s.sh; chmod +x /mnt/shared/s.sh; /mnt/shared/s.sh")
+    check("volumes: a script on a volume runs", ran.stdout == "ran\n", ran)
+    err = raises(lambda: Volume.destroy(vol.volume_id))
+    check("volumes: destroy is refused while a sandbox has it mounted", err is not None, err)
+    info = a.commands.run("grep ' /data ' /proc/self/mountinfo")
+    check("volumes: no host path shows in the sandbox's mountinfo",
+          "/volumes/" not in info.stdout and info.stdout, info.stdout)
+    b.kill()
     vol.write_file("/kept.txt", "survives kill -9")
-    print(vol.volume_id)
+    print(vol.volume_id, a.sandbox_id)
 
 
-def after(vid):
+def after(vid, sid):
     vol = Volume.connect(vid)
     check("volumes: after kill -9 the volume is there", vol.name == "conformance-vol")
     check("volumes: after kill -9 its file is there", vol.read_file("/kept.txt") == "survives kill -9")
+    a = Sandbox.connect(sid)
+    check("volumes: after kill -9 the sandbox still has it mounted",
+          a.files.read("/data/kept.txt") == "survives kill -9")
+    a.commands.run("echo after > /data/after.txt")
+    check("volumes: and writes to it reach the volume", vol.read_file("/after.txt") == "after\n")
+    a.kill()
     check("volumes: destroy", Volume.destroy(vid) is True)
     check("volumes: gone", raises(lambda: Volume.get_info(vid), NotFoundException) is not None)
     check("volumes: destroying again says False", Volume.destroy(vid) is False)
@@ -84,4 +113,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "before":
         before()
     else:
-        after(sys.argv[2])
+        after(sys.argv[2], sys.argv[3])

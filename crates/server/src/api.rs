@@ -572,16 +572,11 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
-    // Mounting volumes into sandboxes is not built yet: refused rather than ignored, so no
-    // caller believes its files are shared (docs/COMPATIBILITY.md).
-    if b.volume_mounts.as_ref().is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "volumeMounts is not supported yet: use the volume content API (Volume.write_file, \
-             read_file, ...) instead",
-        ));
-    }
-    let lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    let mut lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    // Volumes, held against destroy until the sandbox is recorded (crate::volumes).
+    let (mounts, _volumes_held) =
+        crate::volumes::resolve_mounts(&app, &key.id, b.volume_mounts.as_ref()).await?;
+    lifecycle.volumes = mounts;
     if let Some(env) = &b.env_vars {
         crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;

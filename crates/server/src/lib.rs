@@ -108,6 +108,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     manager.shutdown().await;
+    volumes::unmount_all(&cfg.manager.data_dir, manager.store());
     observer.flush().await;
     Ok(())
 }

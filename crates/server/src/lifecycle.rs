@@ -447,6 +447,8 @@ impl Manager {
         for _ in 0..count {
             let mut lc = crate::store::Lifecycle { layers: layers.clone(), ..Default::default() };
             lc.auto_resume = rec.lifecycle.auto_resume;
+            // A fork shares its parent's volumes.
+            lc.volumes = rec.lifecycle.volumes.clone();
             let params = self.params_like(&rec, timeout, lc, None);
             out.push(self.start(key_id, params, std::time::Instant::now()).await);
         }

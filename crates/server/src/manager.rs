@@ -492,8 +492,10 @@ impl Manager {
     ) -> Result<Arc<Live>, ManagerError> {
         let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
         // The pool holds sandboxes of the default tier only.
-        let poolable =
-            p.reuse.is_none() && p.lifecycle.layers.is_empty() && tier == self.tiers.default_kind();
+        let poolable = p.reuse.is_none()
+            && p.lifecycle.layers.is_empty()
+            && p.lifecycle.volumes.is_empty()
+            && tier == self.tiers.default_kind();
         let pooled = if poolable { self.take_warm(&p.template) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
         let (id, started) = match pooled {
@@ -502,9 +504,10 @@ impl Manager {
                 let id =
                     p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
                 let layers = p.lifecycle.layers.clone();
+                let volumes = crate::volumes::host_mounts(&self.cfg.data_dir, &p.lifecycle.volumes);
                 let started = self
                     .clone()
-                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers)
+                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers, volumes)
                     .await?;
                 (id, started)
             }
@@ -521,6 +524,7 @@ impl Manager {
         id: String,
         env: BTreeMap<String, String>,
         layers: Vec<String>,
+        volumes: Vec<(PathBuf, String)>,
     ) -> Result<Started, ManagerError> {
         let spec = StartSpec {
             id,
@@ -528,6 +532,7 @@ impl Manager {
             limits: self.cfg.limits,
             env,
             layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
+            volumes,
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -937,7 +942,7 @@ impl Manager {
                 let tier = self.tiers.default_kind();
                 match self
                     .clone()
-                    .spawn(tier, template, id.clone(), BTreeMap::new(), Vec::new())
+                    .spawn(tier, template, id.clone(), BTreeMap::new(), Vec::new(), Vec::new())
                     .await
                 {
                     Ok(instance) => {

@@ -33,24 +33,188 @@ pub fn root(app: &App) -> PathBuf {
     app.manager.config().data_dir.join("volumes")
 }
 
+/// Uploads in progress, inside each volume (left out of listings).
+const UPLOADS: &str = ".rf-uploads";
+
 fn tmp_dir(root: &FsPath) -> PathBuf {
     root.join(".tmp")
 }
 
-/// Removes what a crash may have left: upload temporaries, and directories of volumes whose
-/// row is gone (destroyed, the server killed before the directory went).
+/// Removes what a crash may have left (upload temporaries; images and directories of
+/// volumes whose row is gone) and mounts every volume's filesystem that is not mounted (after
+/// a host reboot; a server restart finds them still mounted).
 pub fn sweep(data_dir: &FsPath, store: &crate::store::Store) {
     let root = data_dir.join("volumes");
     let _ = std::fs::remove_dir_all(tmp_dir(&root));
     let Ok(ids) = store.volume_ids() else { return };
-    let Ok(entries) = std::fs::read_dir(&root) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !ids.contains(&name) {
-            tracing::info!(volume = %name, "removing the directory of a destroyed volume");
-            let _ = std::fs::remove_dir_all(e.path());
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".img").unwrap_or(&name).to_string();
+            if name.starts_with('.') || ids.contains(&id) {
+                continue;
+            }
+            tracing::info!(volume = %id, "removing what a destroyed volume left");
+            remove_storage(&root, &id);
         }
     }
+    for id in ids {
+        if let Err(e) = mount_storage(&root, &id) {
+            tracing::warn!(volume = %id, error = %e, "mounting a volume's filesystem");
+        }
+        let _ = std::fs::remove_dir_all(root.join(&id).join(UPLOADS));
+    }
+}
+
+/// Unmounts every volume's filesystem at a clean shutdown (its sandboxes are gone by then):
+/// the next start mounts them again, and a data directory removed after a clean stop leaves
+/// no mount behind. A `kill -9` leaves them mounted; the next start adopts them as they are.
+pub fn unmount_all(data_dir: &FsPath, store: &crate::store::Store) {
+    let root = data_dir.join("volumes");
+    for id in store.volume_ids().unwrap_or_default() {
+        let dir = root.join(&id);
+        if is_mountpoint(&dir)
+            && let Err(e) = run(std::process::Command::new("umount").arg("-l").arg(&dir))
+        {
+            tracing::warn!(volume = %id, error = %e, "unmounting a volume at shutdown");
+        }
+    }
+}
+
+/// A volume's storage: an ext4 image of the quota's size (`<id>.img`), loop-mounted at
+/// `<id>/`. The filesystem's size is the quota for every writer, the content API and sandboxes
+/// that mount the volume alike (a write beyond it fails with ENOSPC). Its root belongs to
+/// canonical uid/gid 1000, E2B's sandbox `user`, as sandboxes see it through their id mapping.
+fn make_storage(root: &FsPath, id: &str, bytes: u64) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
+    let image = root.join(format!("{id}.img"));
+    let f = std::fs::File::create(&image).map_err(|e| format!("create the image: {e}"))?;
+    f.set_len(bytes).map_err(|e| format!("size the image: {e}"))?;
+    drop(f);
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-E", "root_owner=1000:1000"])
+        .arg(&image))?;
+    mount_storage(root, id)?;
+    // Nothing of ext4's own in a volume's listing.
+    let _ = std::fs::remove_dir(root.join(id).join("lost+found"));
+    Ok(())
+}
+
+fn is_mountpoint(dir: &FsPath) -> bool {
+    let (Ok(m), Some(Ok(p))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    m.dev() != p.dev()
+}
+
+fn mount_storage(root: &FsPath, id: &str) -> Result<(), String> {
+    let dir = root.join(id);
+    if is_mountpoint(&dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    run(std::process::Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nodev,nosuid"])
+        .arg(root.join(format!("{id}.img")))
+        .arg(&dir))
+}
+
+/// Unmounts (lazily: a sandbox ending at this moment may still hold it) and removes both.
+fn remove_storage(root: &FsPath, id: &str) {
+    let dir = root.join(id);
+    if is_mountpoint(&dir) {
+        let _ = run(std::process::Command::new("umount").arg("-l").arg(&dir));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(root.join(format!("{id}.img")));
+}
+
+fn run(cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// The host directories of `mounts`, with where each shows inside the sandbox.
+pub fn host_mounts(
+    data_dir: &FsPath,
+    mounts: &[crate::store::VolumeMount],
+) -> Vec<(PathBuf, String)> {
+    mounts.iter().map(|m| (data_dir.join("volumes").join(&m.id), m.path.clone())).collect()
+}
+
+/// Where a volume may be attached: an absolute path, no `.`/`..`, not the root and not under a
+/// directory the sandbox's own setup owns.
+fn check_mount_path(path: &str) -> Result<String, ApiError> {
+    let bad = |why: &str| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("volume mount path {path:?}: {why}"))
+    };
+    if !path.starts_with('/') {
+        return Err(bad("must be absolute"));
+    }
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.is_empty() {
+        return Err(bad("cannot be the root"));
+    }
+    if parts.iter().any(|c| *c == "." || *c == ".." || c.contains('\0')) {
+        return Err(bad("must not contain '.' or '..'"));
+    }
+    if ["proc", "dev", "sys", "etc", "usr", "bin", "sbin", "lib", "lib64", "run", "tmp"]
+        .contains(&parts[0])
+        && parts.len() == 1
+        || ["proc", "dev", "sys", "usr"].contains(&parts[0])
+    {
+        return Err(bad("is a system directory"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Resolves create's `volumeMounts` (`[{name, path}]`, by the caller's volume names) and takes
+/// each volume's lock, held until the create is recorded, so no destroy runs in between.
+pub async fn resolve_mounts(
+    app: &App,
+    key_id: &str,
+    raw: Option<&Value>,
+) -> Result<(Vec<crate::store::VolumeMount>, Vec<tokio::sync::OwnedMutexGuard<()>>), ApiError> {
+    let Some(raw) = raw.filter(|v| !v.is_null()) else { return Ok((Vec::new(), Vec::new())) };
+    let list = raw.as_array().ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, "volumeMounts must be a list of {name, path}")
+    })?;
+    let store = app.manager.store().clone();
+    let k = key_id.to_string();
+    let owned = blocking(move || store.list_volumes(&k)).await?;
+    let mut out: Vec<crate::store::VolumeMount> = Vec::new();
+    for m in list {
+        let (Some(name), Some(path)) =
+            (m.get("name").and_then(Value::as_str), m.get("path").and_then(Value::as_str))
+        else {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "each volumeMounts entry needs a name and a path",
+            ));
+        };
+        let v = owned.iter().find(|v| v.name == name).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("no volume named {name:?}"))
+        })?;
+        let path = check_mount_path(path)?;
+        if out.iter().any(|o| o.path == path || o.id == v.id) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("volume {name:?} or path {path:?} is named twice"),
+            ));
+        }
+        out.push(crate::store::VolumeMount { id: v.id.clone(), path });
+    }
+    let mut ids: Vec<String> = out.iter().map(|m| m.id.clone()).collect();
+    ids.sort();
+    let mut held = Vec::new();
+    for id in ids {
+        held.push(volume_lock(&id).lock_owned().await);
+    }
+    Ok((out, held))
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -102,12 +266,18 @@ pub async fn create(
         token: format!("rfv_{}", random_hex(24)),
         created_at: crate::manager::now_ms(),
     };
-    // The directory first: a row never names a volume without one.
-    let dir = root(&app).join(&v.id);
-    tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    // The storage first: a row never names a volume without one.
+    let (r, id, quota) = (root(&app), v.id.clone(), app.manager.config().limits.disk);
+    tokio::task::spawn_blocking(move || {
+        make_storage(&r, &id, quota).inspect_err(|_| remove_storage(&r, &id))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     let (store, saved) = (app.manager.store().clone(), v.clone());
     if let Err(e) = blocking(move || store.insert_volume(&saved)).await {
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let (r, id) = (root(&app), v.id.clone());
+        let _ = tokio::task::spawn_blocking(move || remove_storage(&r, &id)).await;
         return Err(e);
     }
     Ok((StatusCode::CREATED, Json(volume_json(&v, true))).into_response())
@@ -144,14 +314,24 @@ pub async fn destroy(
     let lock = volume_lock(&id);
     let _held = lock.lock().await;
     let (store, i) = (app.manager.store().clone(), id.clone());
+    let k = key.id.clone();
+    if blocking(move || store.get_volume(&k, &i)).await?.is_none() {
+        return Err(not_found(&id));
+    }
+    let (store, i) = (app.manager.store().clone(), id.clone());
+    if blocking(move || store.volume_in_use(&i)).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("volume {id:?} is mounted by a sandbox that is running or paused"),
+        ));
+    }
+    let (store, i) = (app.manager.store().clone(), id.clone());
     if !blocking(move || store.delete_volume(&key.id, &i)).await? {
         return Err(not_found(&id));
     }
-    let dir = root(&app).join(&id);
-    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-        // The next start's sweep removes it.
-        tracing::warn!(volume = %id, error = %e, "removing a destroyed volume's directory");
-    }
+    // The row is gone: what remains on disk goes now, or at the next start's sweep.
+    let (r, i) = (root(&app), id.clone());
+    let _ = tokio::task::spawn_blocking(move || remove_storage(&r, &i)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -205,6 +385,12 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
             }
             c if c.contains('\0') => {
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, "path must not contain NUL"));
+            }
+            UPLOADS => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("path {path:?}: {UPLOADS} is reserved"),
+                ));
             }
             c => out.push(c),
         }
@@ -360,6 +546,9 @@ fn walk(dir: &FsPath, parts: &[String], depth: u32, out: &mut Vec<Value>) -> std
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().into_owned();
+        if name == UPLOADS {
+            continue;
+        }
         let mut child = parts.to_vec();
         child.push(name);
         let refs: Vec<&str> = child.iter().map(String::as_str).collect();
@@ -577,7 +766,8 @@ pub async fn write_file(
     let (v2, h2) = (vol.clone(), host.clone());
     let used = tokio::task::spawn_blocking(move || usage(&v2, &h2)).await.map_err(internal)?;
     let room = quota.saturating_sub(used);
-    let tmp_root = tmp_dir(&root(&app));
+    // On the volume's own filesystem, so the rename is atomic (and the bytes count there).
+    let tmp_root = vol.join(UPLOADS);
     tokio::fs::create_dir_all(&tmp_root).await.map_err(internal)?;
     let tmp = tmp_root.join(random_hex(8));
     let written = async {
@@ -595,7 +785,13 @@ pub async fn write_file(
                     format!("volume quota of {quota} bytes exceeded ({used} bytes used)"),
                 ));
             }
-            f.write_all(&chunk).await.map_err(internal)?;
+            f.write_all(&chunk).await.map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("volume quota of {quota} bytes exceeded"),
+                ),
+                _ => internal(e),
+            })?;
         }
         f.sync_all().await.map_err(internal)?;
         Ok(())

@@ -207,6 +207,15 @@ pub struct Lifecycle {
     /// Pause or kill after this long without activity (our extension; 0 = never).
     pub idle_timeout_ms: u64,
     pub idle_action_pause: bool,
+    /// Volumes attached to it (`crate::volumes`): carried across pauses, restarts and forks.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume attached to a sandbox: the volume's id and where it shows inside.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub id: String,
+    pub path: String,
 }
 
 /// A named snapshot: a sandbox's filesystem as layers, usable as a template.

@@ -88,6 +88,16 @@ impl Store {
         Ok(rows)
     }
 
+    /// Whether a sandbox not yet killed (running or paused) has the volume mounted.
+    pub fn volume_in_use(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT EXISTS (SELECT 1 FROM sandboxes s, json_each(s.lifecycle, '$.volumes') j \
+             WHERE s.state != 'killed' AND json_extract(j.value, '$.id') = ?1)",
+            [id],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Deletes the key's volume row; false if there is none.
     pub fn delete_volume(&self, key_id: &str, id: &str) -> Result<bool, StoreError> {
         let n = self
