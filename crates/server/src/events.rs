@@ -41,6 +41,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(250);
 /// Deliveries sent at once.
 const BATCH: u32 = 32;
+/// How long events (and their deliveries) are kept.
+const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Why a lifecycle event happened, from what the server recorded with it.
 fn cause(e: &LifecycleEvent) -> &'static str {
@@ -460,10 +462,16 @@ pub async fn delivery_loop(store: Arc<Store>) {
     {
         tracing::info!(pending = n, "webhook deliveries left by the previous server: retrying");
     }
+    let mut last_prune = 0;
     loop {
         tokio::time::sleep(POLL).await;
-        let s = store.clone();
         let now = crate::manager::now_ms();
+        if now - last_prune > 3_600_000 {
+            last_prune = now;
+            let (s, before) = (store.clone(), now - RETENTION.as_millis() as i64);
+            let _ = tokio::task::spawn_blocking(move || s.prune_events(before)).await;
+        }
+        let s = store.clone();
         let due = match tokio::task::spawn_blocking(move || s.due_deliveries(now, BATCH)).await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {

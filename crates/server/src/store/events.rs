@@ -289,6 +289,21 @@ impl Store {
         )?)
     }
 
+    /// Forgets events older than `before_ms` and their deliveries (settled or not): the feed
+    /// and the delivery log keep a bounded window. Returns how many events went.
+    pub fn prune_events(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM webhook_deliveries WHERE event_seq IN \
+             (SELECT seq FROM lifecycle_events WHERE ts < ?1)",
+            [before_ms],
+        )?;
+        let n = tx.execute("DELETE FROM lifecycle_events WHERE ts < ?1", [before_ms])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// The delivery log of one of the key's webhooks, newest first.
     pub fn deliveries(
         &self,
@@ -405,6 +420,19 @@ mod tests {
         assert!(!store.delete_webhook("k2", "h").unwrap());
         assert!(store.delete_webhook("k", "h").unwrap());
         assert!(store.deliveries("k", "h", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn old_events_and_their_deliveries_are_pruned() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_webhook(&hook("h", "k", &["sandbox.lifecycle.created"], true)).unwrap();
+        store
+            .insert_sandbox_audited(&sandbox("sb", "k", 1000), &serde_json::json!({}), None)
+            .unwrap();
+        assert_eq!(store.prune_events(0).unwrap(), 0, "nothing that old");
+        assert_eq!(store.prune_events(i64::MAX).unwrap(), 1);
+        assert!(store.lifecycle_events("k", None, 0, 10, true).unwrap().is_empty());
+        assert!(store.due_deliveries(i64::MAX, 10).unwrap().is_empty());
     }
 
     #[test]
