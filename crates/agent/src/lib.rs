@@ -153,7 +153,10 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     if tier == Tier::Gvisor {
         return gvisor_run(control, &spec, phases);
     }
-    let lowers = match receive_lowers(&control, spec.lowers + u32::from(spec.own_disk)) {
+    let lowers = match receive_lowers(
+        &control,
+        spec.lowers + u32::from(spec.own_disk) + spec.volumes.len() as u32,
+    ) {
         Ok(l) => l,
         Err(message) => {
             let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);

@@ -335,6 +335,7 @@ impl Container {
             stage_dir: String::new(),
             lowers: 0,
             host_layers: Vec::new(),
+            volumes: Vec::new(),
             own_disk: false,
             disk_bytes: spec.limits.disk,
             disk_inodes: 0,

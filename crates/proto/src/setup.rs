@@ -56,6 +56,10 @@ pub struct SetupSpec {
     pub lowers: u32,
     /// Host directories bound read-only at the same path (e.g. `/usr`).
     pub host_layers: Vec<HostLayer>,
+    /// Volumes: where each is attached inside the sandbox. Their mounts (writable, through the
+    /// sandbox's id mapping) follow the lower layers and the disk, in this order.
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Whether the sandbox has a disk of its own (`upper/` and `work/` on a filesystem of the
     /// quota's size, see `ringfence_jail::disk`), sent as one more detached mount after the
     /// lower layers. Without, the writable layer is a tmpfs of `disk_bytes` on the stage,

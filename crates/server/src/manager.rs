@@ -237,6 +237,8 @@ pub struct Reuse {
     pub id: String,
     pub access_token: String,
     pub created_at: i64,
+    /// Why it starts again (`api`, `traffic`), for its `resumed` event.
+    pub cause: &'static str,
 }
 
 /// Owns every live sandbox.
@@ -490,7 +492,9 @@ impl Manager {
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
         let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
-        let poolable = p.reuse.is_none() && p.lifecycle.layers.is_empty();
+        let poolable = p.reuse.is_none()
+            && p.lifecycle.layers.is_empty()
+            && p.lifecycle.volumes.is_empty();
         let pooled =
             if poolable { self.take_warm(&self.pool_key(&p.template, tier)) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
@@ -500,9 +504,10 @@ impl Manager {
                 let id =
                     p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
                 let layers = p.lifecycle.layers.clone();
+                let volumes = crate::volumes::host_mounts(&self.cfg.data_dir, &p.lifecycle.volumes);
                 let started = self
                     .clone()
-                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers)
+                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers, volumes)
                     .await?;
                 (id, started)
             }
@@ -519,6 +524,7 @@ impl Manager {
         id: String,
         env: BTreeMap<String, String>,
         layers: Vec<String>,
+        volumes: Vec<(PathBuf, String)>,
     ) -> Result<Started, ManagerError> {
         let spec = StartSpec {
             id,
@@ -526,6 +532,7 @@ impl Manager {
             limits: self.cfg.limits,
             env,
             layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
+            volumes,
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -599,8 +606,8 @@ impl Manager {
             "template": p.template,
             "network": crate::network::Network::persisted(&p.network),
         });
-        if p.reuse.is_some() {
-            self.store.restarted(&record)?;
+        if let Some(r) = &p.reuse {
+            self.store.restarted_because(&record, r.cause)?;
         } else {
             self.store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map_err(|e| {
                 match e {
@@ -827,7 +834,10 @@ impl Manager {
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }
-        Ok(self.store.set_end_at(id, end)?)
+        self.store.set_end_at(id, end)?;
+        // Published as `sandbox.lifecycle.updated` (crate::events).
+        let _ = self.store.record_event(id, "timeout", &serde_json::json!({"end_at": end}));
+        Ok(())
     }
 
     /// Live sandboxes of one key.
@@ -946,7 +956,10 @@ impl Manager {
                         continue;
                     }
                 };
-                match self.clone().spawn(tier, &name, id.clone(), BTreeMap::new(), Vec::new()).await
+                match self
+                    .clone()
+                    .spawn(tier, &name, id.clone(), BTreeMap::new(), Vec::new(), Vec::new())
+                    .await
                 {
                     Ok(instance) => {
                         if let Ok(mut m) = self.warm.lock() {

@@ -1288,6 +1288,33 @@ pub fn idmapped_tree(
     Ok(tree)
 }
 
+/// [`idmapped_tree`] for a directory the sandbox may write (a volume): the same mapping
+/// (canonical ids 0..N read and are written as the sandbox's own), never setuid or device
+/// files, and writable.
+pub fn idmapped_writable_tree(path: &std::path::Path, userns: &OwnedFd) -> Result<OwnedFd> {
+    let tree = detached_tree(path)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of a valid, initialised
+    // struct that outlives the call; the path is the empty C string.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check("mount_setattr(MOUNT_ATTR_IDMAP, writable)", ret)?;
+    Ok(tree)
+}
+
 /// Makes a detached copy of the mount tree at `path`, attached nowhere until
 /// [`move_mount_fd`]; the caller needs privilege over the mount's namespace (host root).
 pub fn detached_tree(path: &std::path::Path) -> Result<OwnedFd> {

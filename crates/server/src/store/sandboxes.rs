@@ -31,6 +31,11 @@ impl Store {
 
     /// Records a sandbox started again under its old id (resume after a filesystem-only pause).
     pub fn restarted(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        self.restarted_because(rec, "api")
+    }
+
+    /// [`Store::restarted`], recording why it resumed (`api` or `traffic`) in the event.
+    pub fn restarted_because(&self, rec: &SandboxRecord, cause: &str) -> Result<(), StoreError> {
         let n = self.conn().execute(
             "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3, state = ?4, end_at = ?5, \
              lifecycle = ?6 WHERE id = ?1",
@@ -44,7 +49,7 @@ impl Store {
             ],
         )?;
         not_found_if_zero(n, &rec.id)?;
-        self.record_event(&rec.id, "resumed", &serde_json::json!({"memory": false}))
+        self.record_event(&rec.id, "resumed", &serde_json::json!({"memory": false, "cause": cause}))
     }
 
     pub fn set_lifecycle(&self, id: &str, lifecycle: &Lifecycle) -> Result<(), StoreError> {

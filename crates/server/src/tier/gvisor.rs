@@ -133,6 +133,9 @@ impl Tier for GvisorTier {
     }
 
     fn start(&self, spec: StartSpec) -> Result<GvisorInstance, TierError> {
+        if !spec.volumes.is_empty() {
+            return Err(TierError::Unsupported { tier: TierKind::Gvisor, what: "volume mounts" });
+        }
         let cfg = self.config()?;
         let template = self.template(&spec.template)?;
         // Canonical ids: the container's ids are the files' own (see ringfence_gvisor's docs).

@@ -164,6 +164,8 @@ pub struct StartSpec {
     pub env: std::collections::BTreeMap<String, String>,
     /// Saved read-only layers, newest first, on top of the template.
     pub layers: Vec<PathBuf>,
+    /// Volumes: host directory and where it shows inside (the jail tier's alone for now).
+    pub volumes: Vec<(PathBuf, String)>,
 }
 
 /// A re-attached instance and whether it had to be thawed (a previous server died with it
