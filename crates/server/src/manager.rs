@@ -492,9 +492,8 @@ impl Manager {
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
         let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
-        let poolable = p.reuse.is_none()
-            && p.lifecycle.layers.is_empty()
-            && p.lifecycle.volumes.is_empty();
+        let poolable =
+            p.reuse.is_none() && p.lifecycle.layers.is_empty() && p.lifecycle.volumes.is_empty();
         let pooled =
             if poolable { self.take_warm(&self.pool_key(&p.template, tier)) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
