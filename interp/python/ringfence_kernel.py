@@ -47,6 +47,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Type
 from traitlets.config import Config
 
+import ringfence_charts
+
 # Thread pools of the numerical libraries, limited while numpy loads them: the fork server forks
 # kernels after preload(), and threads do not survive a fork (a pool's state would be broken in
 # every kernel).
@@ -751,6 +753,7 @@ def _make_shell(out):
     config.InteractiveShell.colors = "nocolor"  # tracebacks are read as text, not on a tty
     shell = Shell.instance(config=config)
     shell.enable_matplotlib("inline")
+    ringfence_charts.install(shell)
     return shell
 
 
