@@ -31,5 +31,7 @@ if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>
 fi
 # The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
 "$(dirname "$0")/interp-env.sh"
+# The TypeScript compiler that `typescript` interpreter contexts compile their cells with.
+"$(dirname "$0")/interp-ts.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "setup: ok"
