@@ -213,6 +213,66 @@ class PythonKernelTest(unittest.TestCase):
         (fig,) = of_type(msgs, "result")
         self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
 
+    def chart(self, code):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.figure()\n" + code + "\nplt.show()")
+        (fig,) = of_type(msgs, "result")
+        self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
+        return fig["chart"]
+
+    def test_line_chart(self):
+        c = self.chart("plt.plot([1, 2], [3, 5], label='l')\nplt.title('t')\nplt.ylabel('m [kg]')")
+        self.assertEqual((c["type"], c["title"], c["y_label"], c["y_unit"]), ("line", "t", "m [kg]", "kg"))
+        self.assertEqual(c["elements"], [{"label": "l", "points": [[1, 3], [2, 5]]}])
+        self.assertEqual((c["x_scale"], c["y_scale"]), ("linear", "linear"))
+        self.assertEqual(len(c["x_ticks"]), len(c["x_tick_labels"]))
+
+    def test_scales(self):
+        c = self.chart("plt.scatter(['a', 'b'], [1, 100])\nplt.yscale('log')")
+        self.assertEqual((c["type"], c["x_scale"], c["y_scale"]), ("scatter", "categorical", "log"))
+        self.assertEqual(c["elements"][0]["points"], [["a", 1], ["b", 100]])
+        c = self.chart("import datetime as d\nplt.plot([d.date(2024, 5, 1), d.date(2024, 5, 2)], [1, 2])")
+        self.assertEqual(c["x_scale"], "datetime")
+        self.assertTrue(c["elements"][0]["points"][0][0].startswith("2024-05-01T00:00:00"))
+
+    def test_bar_pie_box_super_unknown(self):
+        c = self.chart("plt.barh(['x', 'y'], [4, 6], label='g')")
+        self.assertEqual(c["elements"], [
+            {"label": "x", "group": "g", "value": 4}, {"label": "y", "group": "g", "value": 6}])
+        c = self.chart("plt.pie([1, 1, 2], labels=['a', 'b', 'c'])")
+        self.assertEqual([(e["label"], e["angle"]) for e in c["elements"]],
+                         [("a", 90.0), ("b", 90.0), ("c", 180.0)])
+        c = self.chart("plt.boxplot([1, 2, 3, 4, 5])")
+        self.assertEqual(c["type"], "box_and_whisker")
+        self.assertEqual({k: c["elements"][0][k] for k in ("min", "median", "max", "outliers")},
+                         {"min": 1, "median": 3, "max": 5, "outliers": []})
+        c = self.chart("plt.subplot(121).plot([1])\nplt.subplot(122).bar(['a'], [1])")
+        self.assertEqual([e["type"] for e in c["elements"]], ["line", "bar"])
+        self.assertEqual(c["type"], "superchart")
+        self.assertEqual(self.chart("plt.imshow([[1]])"), {"type": "unknown", "title": None, "elements": []})
+
+    def test_a_figure_the_extractor_cannot_read_still_gives_its_png(self):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.plot([1])\n"
+                          "plt.gca().get_lines()[0].get_xydata = None\nplt.show()")
+        (fig,) = of_type(msgs, "result")
+        self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
+        self.assertNotIn("chart", fig)
+        self.assertEqual(of_type(msgs, "error"), [])
+
+    def test_dataframe_data_and_pil_images(self):
+        (r,) = of_type(self.k.run("import pandas as pd\npd.DataFrame({1: [1.5, float('nan')]})"), "result")
+        self.assertEqual(r["data"], {"1": [1.5, None]})
+        (r,) = of_type(self.k.run("from PIL import Image\nImage.new('L', (2, 2)).show()"), "result")
+        self.assertTrue(base64.b64decode(r["png"]).startswith(PNG_MAGIC))
+        self.assertIs(r["is_main_result"], False)
+        (r,) = of_type(self.k.run("from PIL import Image\nImage.new('L', (2, 2))"), "result")
+        self.assertTrue(base64.b64decode(r["png"]).startswith(PNG_MAGIC))
+        self.assertIs(r["is_main_result"], True)
+
+    def test_saved_figure_still_open_is_shown(self):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.savefig('/dev/null', format='png')")
+        (fig,) = of_type(msgs, "result")
+        self.assertEqual(fig["chart"]["type"], "line")
+
     def test_dataframe_gives_html_and_text(self):
         msgs = self.k.run("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})")
         (res,) = of_type(msgs, "result")
