@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -533,6 +534,116 @@ class BashKernelTest(unittest.TestCase):
         (err,) = of_type(msgs, "error")
         self.assertEqual((err["name"], err["value"]), ("BashExited", "bash exited with status 4"))
         self.assertEqual(stream(self.k.run("echo again")), "again\n")
+
+
+class _DriverKernelTests:
+    """What the `java` and `r` kernels share; each language supplies its cells."""
+
+    lang = ""
+    program = ""
+    cells = {}
+
+    def setUp(self):
+        if shutil.which(self.program) is None:
+            self.skipTest(f"SKIPPED: no {self.program} on this host (scripts/setup.sh installs it)")
+        self.k = Kernel(self, self.lang)
+
+    def test_state_result_and_streams(self):
+        c = self.cells
+        self.assertEqual(of_type(self.k.run(c["define"]), "result"), [])
+        msgs = self.k.run(c["print_and_value"])
+        self.assertEqual(stream(msgs), "out\n")
+        self.assertEqual(stream(msgs, "stderr"), "err\n")
+        (res,) = of_type(msgs, "result")
+        self.assertEqual((res["text"], res["is_main_result"]), (c["value"], True))
+        # Output comes before the result, in the order written.
+        self.assertEqual(msgs[-2]["type"], "result")
+
+    def test_errors_keep_the_session(self):
+        c = self.cells
+        self.k.run(c["define"])
+        (err,) = of_type(self.k.run(c["throw"]), "error")
+        self.assertEqual((err["name"], err["value"]), c["thrown"])
+        self.assertIn(c["trace_has"], err["traceback"])
+        (err,) = of_type(self.k.run(c["syntax"]), "error")
+        self.assertEqual(err["name"], c["syntax_name"])
+        (res,) = of_type(self.k.run(c["use"]), "result")
+        self.assertEqual(res["text"], c["use_value"])
+
+    def test_env_vars_apply_to_one_cell(self):
+        c = self.cells
+        (res,) = of_type(self.k.run(c["getenv"], {"RF_CELL": "v1"}), "result")
+        self.assertEqual(res["text"], c["getenv_set"])
+        (res,) = of_type(self.k.run(c["getenv"]), "result")
+        self.assertEqual(res["text"], c["getenv_unset"])
+
+    def test_interrupt_keeps_state(self):
+        c = self.cells
+        self.k.run(c["define"])
+        exec_id = self.k.start(c["loop"])
+        self.assertEqual(self.k.recv(30)["type"], "number_of_executions")
+        time.sleep(1)
+        self.k.send({"op": "interrupt", "id": exec_id})
+        msgs = []
+        while not msgs or msgs[-1]["type"] != "end_of_execution":
+            msgs.append(self.k.recv(10))
+        self.assertEqual(of_type(msgs, "error")[0]["name"], "KeyboardInterrupt")
+        (res,) = of_type(self.k.run(c["use"]), "result")
+        self.assertEqual(res["text"], c["use_value"])
+
+    def test_a_dead_driver_is_replaced(self):
+        (err,) = of_type(self.k.run(self.cells["exit"]), "error")
+        self.assertEqual(err["name"], "KernelDied")
+        (res,) = of_type(self.k.run(self.cells["fresh"]), "result")
+        self.assertEqual(res["text"], self.cells["fresh_value"])
+
+
+class JavaKernelTest(_DriverKernelTests, unittest.TestCase):
+    lang = "java"
+    program = "java"
+    cells = {
+        "define": "int x = 41;",
+        "print_and_value": 'System.out.println("out"); System.err.println("err");\nx + 1',
+        "value": "42",
+        "throw": 'void f() { throw new IllegalStateException("bad"); }\nf();',
+        "thrown": ("java.lang.IllegalStateException", "bad"),
+        "trace_has": "at .f(",
+        "syntax": "x.foo()",
+        "syntax_name": "CompilationError",
+        "use": "x",
+        "use_value": "41",
+        "getenv": 'String.valueOf(System.getenv("RF_CELL"))',
+        "getenv_set": "v1",
+        "getenv_unset": "null",
+        "loop": "while (true) { x = x; }",
+        "exit": "System.exit(3);",
+        "fresh": "1 + 1",
+        "fresh_value": "2",
+    }
+
+
+class RKernelTest(_DriverKernelTests, unittest.TestCase):
+    lang = "r"
+    program = "R"
+    cells = {
+        "define": "x <- 41",
+        "print_and_value": 'cat("out\\n"); message("err")\nx + 1',
+        "value": "[1] 42",
+        "throw": 'f <- function() stop("bad")\ng <- function() f()\ng()',
+        "thrown": ("simpleError", "bad"),
+        "trace_has": "1. g()\n2. f()",
+        "syntax": "x +",
+        "syntax_name": "SyntaxError",
+        "use": "x",
+        "use_value": "[1] 41",
+        "getenv": 'Sys.getenv("RF_CELL", "unset")',
+        "getenv_set": '[1] "v1"',
+        "getenv_unset": '[1] "unset"',
+        "loop": "repeat { x <- x }",
+        "exit": "quit(status = 3)",
+        "fresh": "1 + 1",
+        "fresh_value": "[1] 2",
+    }
 
 
 class TransportTest(unittest.TestCase):

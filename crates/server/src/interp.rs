@@ -41,8 +41,15 @@ use crate::manager::Live;
 
 /// Kernel sources, written for the fork server at start-up and passed inline to Node.
 const KERNEL_PY: &str = include_str!("../../../interp/python/ringfence_kernel.py");
+const CHARTS_PY: &str = include_str!("../../../interp/python/ringfence_charts.py");
+const JSHELL_JAVA: &str = include_str!("../../../interp/java/RingfenceJShell.java");
+const KERNEL_R: &str = include_str!("../../../interp/r/ringfence_kernel.R");
 const ZYGOTE_PY: &str = include_str!("../../../interp/python/ringfence_zygote.py");
 const KERNEL_JS: &str = include_str!("../../../interp/js/ringfence_kernel.js");
+
+/// Where scripts/interp-ts.sh installs the TypeScript compiler; the JavaScript kernel loads it
+/// from the same path inside sandboxes (a template layer, see tier/jail.rs).
+pub const TS_DIR: &str = "/opt/ringfence/typescript";
 
 /// Longest line a kernel may send (a large PNG is a few MiB of base64).
 const MAX_LINE: usize = 64 << 20;
@@ -71,6 +78,11 @@ fn normalize(lang: &str) -> Option<&'static str> {
     match lang.to_ascii_lowercase().as_str() {
         "python" | "python3" | "py" => Some("python"),
         "javascript" | "js" | "node" => Some("javascript"),
+        // Compiled per cell into a JavaScript kernel (interp/js/ringfence_kernel.js).
+        "typescript" | "ts" => Some("typescript"),
+        // Driven by the Python kernel (interp/python/ringfence_kernel.py, _DriverKernel).
+        "java" => Some("java"),
+        "r" => Some("r"),
         "bash" | "sh" => Some("bash"),
         _ => None,
     }
@@ -102,6 +114,9 @@ impl Runtime {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
             std::fs::write(dir.join("ringfence_kernel.py"), KERNEL_PY)?;
             std::fs::write(dir.join("ringfence_zygote.py"), ZYGOTE_PY)?;
+            std::fs::write(dir.join("ringfence_charts.py"), CHARTS_PY)?;
+            std::fs::write(dir.join("RingfenceJShell.java"), JSHELL_JAVA)?;
+            std::fs::write(dir.join("ringfence_kernel.R"), KERNEL_R)?;
             Some(ZygoteConfig { python, socket_path: dir.join("zygote.sock"), script_dir: dir })
         } else {
             None
@@ -184,6 +199,8 @@ struct Context {
     id: String,
     language: &'static str,
     cwd: String,
+    /// Who the kernel runs as: see [`user_for`].
+    user: SandboxUser,
     /// Held for the whole of an execution: one cell at a time per context.
     kernel: Arc<tokio::sync::Mutex<Option<Kernel>>>,
 }
@@ -203,6 +220,21 @@ pub struct Contexts {
 }
 
 const DEFAULT_CWD: &str = "/home/user";
+
+/// The languages whose default contexts a fresh sandbox lists, as E2B's server creates them
+/// at boot. Their kernels still start on first use (Python's is prestarted).
+const LISTED_DEFAULTS: &[&str] = &["python", "javascript"];
+
+/// Who a context's kernel runs as. The sandbox's `user` (uid 1000) unless the context lives
+/// under `/root`, which only the sandbox's root can enter: E2B's interpreter runs as root, and
+/// a client that asks for `cwd="/root"` expects a working context there. The sandbox's root is
+/// uid 0 of the sandbox's user namespace only (an unprivileged host uid), and its kernel is
+/// entered exactly like `user`'s: no capabilities (bounding set empty, so an exec as root
+/// gains none), no_new_privs, the same seccomp filter and Landlock domain. It is what
+/// `commands.run(user="root")` already gives the same caller (docs/SECURITY.md).
+fn user_for(cwd: &str) -> SandboxUser {
+    if cwd == "/root" || cwd.starts_with("/root/") { SandboxUser::Root } else { SandboxUser::User }
+}
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"code": status.as_u16(), "message": msg.into()}))).into_response()
@@ -237,17 +269,21 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
             Err(r) => r.into_response(),
         },
         (&Method::GET, ["contexts"]) => {
-            let list: Vec<Value> = live
+            for lang in LISTED_DEFAULTS {
+                default_context(&live, lang);
+            }
+            let mut list: Vec<Arc<Context>> = live
                 .interp
-                .by_id
+                .defaults
                 .lock()
-                .map(|m| {
-                    let mut v: Vec<_> = m.values().cloned().collect();
-                    v.sort_by(|a, b| a.id.cmp(&b.id));
-                    v.iter().map(|c| c.json()).collect()
-                })
+                .map(|m| m.values().cloned().collect())
                 .unwrap_or_default();
-            axum::Json(Value::Array(list)).into_response()
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            let mut created: Vec<Arc<Context>> =
+                live.interp.by_id.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            created.sort_by(|a, b| a.id.cmp(&b.id));
+            list.extend(created);
+            axum::Json(Value::Array(list.iter().map(|c| c.json()).collect())).into_response()
         }
         (&Method::DELETE, ["contexts", id]) => {
             let Some(ctx) = live.interp.by_id.lock().ok().and_then(|mut m| m.remove(*id)) else {
@@ -312,7 +348,9 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     let Some(language) = normalize(lang) else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("language {lang:?} is not supported here (python, javascript, bash)"),
+            format!(
+                "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+            ),
         );
     };
     if !cwd.starts_with('/') {
@@ -322,6 +360,7 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
         id: new_context_id(),
         language,
         cwd: cwd.to_string(),
+        user: user_for(cwd),
         kernel: Arc::default(),
     });
     match start_kernel(&rt, &live, &ctx).await {
@@ -344,6 +383,7 @@ fn default_context(live: &Live, language: &'static str) -> Option<Arc<Context>> 
                     id: format!("default-{language}"),
                     language,
                     cwd: DEFAULT_CWD.into(),
+                    user: SandboxUser::User,
                     kernel: Arc::default(),
                 })
             })
@@ -378,10 +418,10 @@ async fn stop_kernel(ctx: &Context) {
 
 /// The environment a kernel starts from: the base every sandbox process gets plus the
 /// sandbox's own variables.
-fn kernel_env(live: &Live) -> BTreeMap<String, String> {
+fn kernel_env(live: &Live, user: SandboxUser) -> BTreeMap<String, String> {
     let mut env = BTreeMap::from([
         ("PATH".to_string(), ringfence_agent_path().to_string()),
-        ("HOME".to_string(), DEFAULT_CWD.to_string()),
+        ("HOME".to_string(), user.home().to_string()),
         ("LANG".to_string(), "C.UTF-8".to_string()),
     ]);
     if let Some(r) = live.snapshot() {
@@ -400,7 +440,7 @@ async fn start_kernel(
     ctx: &Context,
 ) -> Result<Kernel, String> {
     let kernel = match ctx.language {
-        "javascript" => start_agent_kernel(live, ctx).await?,
+        "javascript" | "typescript" => start_agent_kernel(live, ctx).await?,
         lang => start_injected_kernel(rt, live, ctx, lang).await?,
     };
     Ok(kernel)
@@ -412,7 +452,10 @@ async fn start_injected_kernel(
     ctx: &Context,
     lang: &str,
 ) -> Result<Kernel, String> {
-    let plan = EntryPlan::new(lang, &ctx.cwd, kernel_env(live), &rt.limits, Some(&rt.seccomp));
+    let mut plan =
+        EntryPlan::new(lang, &ctx.cwd, kernel_env(live, ctx.user), &rt.limits, Some(&rt.seccomp));
+    plan.uid = ctx.user.uid();
+    plan.gid = ctx.user.uid();
     let (rt2, live2) = (rt.clone(), live.clone());
     let injected = tokio::task::spawn_blocking(move || {
         rt2.with_zygote(|z| {
@@ -472,10 +515,14 @@ async fn start_injected_kernel(
 async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
     let spec = SpawnSpec {
         cmd: "/usr/bin/node".into(),
-        args: vec!["-e".into(), KERNEL_JS.into()],
-        env: kernel_env(live),
+        args: if ctx.language == "typescript" {
+            vec!["-e".into(), KERNEL_JS.into(), "--".into(), "--typescript".into()]
+        } else {
+            vec!["-e".into(), KERNEL_JS.into()]
+        },
+        env: kernel_env(live, ctx.user),
         cwd: Some(ctx.cwd.clone()),
-        user: SandboxUser::User,
+        user: ctx.user,
         stdio: StdioMode::Pipe { stdin: true },
         tag: Some(format!("ringfence-kernel-{}", ctx.id)),
     };
@@ -673,7 +720,9 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             let Some(language) = normalize(&lang) else {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("language {lang:?} is not supported here (python, javascript, bash)"),
+                    format!(
+                        "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+                    ),
                 );
             };
             match default_context(&live, language) {
@@ -859,6 +908,8 @@ mod tests {
         assert_eq!(normalize("JS"), Some("javascript"));
         assert_eq!(normalize("python3"), Some("python"));
         assert_eq!(normalize("bash"), Some("bash"));
-        assert_eq!(normalize("r"), None);
+        assert_eq!(normalize("ts"), Some("typescript"));
+        assert_eq!(normalize("R"), Some("r"));
+        assert_eq!(normalize("kotlin"), None);
     }
 }
