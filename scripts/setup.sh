@@ -12,8 +12,10 @@ need=()
 # registry on loopback and pull it back (crates/cli/tests/image.rs).
 # debootstrap: `ringfence template bootstrap` builds the Debian base from the archive
 # (crates/cli/tests/debian.rs).
+# r-base-core and default-jdk-headless: the code interpreter's `r` and `java` kernels (R itself,
+# JShell's jdk.jshell API).
 for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
-  busybox-static docker-registry skopeo debootstrap; do
+  busybox-static docker-registry skopeo debootstrap r-base-core default-jdk-headless; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
