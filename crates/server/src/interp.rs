@@ -904,6 +904,15 @@ mod tests {
     }
 
     #[test]
+    fn only_contexts_under_root_run_as_the_sandboxs_root() {
+        assert_eq!(user_for("/root"), SandboxUser::Root);
+        assert_eq!(user_for("/root/project"), SandboxUser::Root);
+        assert_eq!(user_for("/home/user"), SandboxUser::User);
+        assert_eq!(user_for("/rootfs"), SandboxUser::User);
+        assert_eq!(user_for("/tmp/root"), SandboxUser::User);
+    }
+
+    #[test]
     fn languages_normalise_like_e2b() {
         assert_eq!(normalize("JS"), Some("javascript"));
         assert_eq!(normalize("python3"), Some("python"));
