@@ -360,6 +360,13 @@ def contexts(s):
     check("restart clears a context's state", r.error is not None and r.error.name == "NameError", r)
     s.remove_code_context(ctx)
     check("a removed context is gone", ctx.id not in [c.id for c in s.list_code_contexts()])
+    for lang in ("python", "javascript"):
+        try:
+            s.create_code_context(cwd="/no/such/dir", language=lang)
+            check(f"{lang}: a context in a missing cwd is refused", False, "created")
+        except Exception as e:  # noqa: BLE001 - the SDK raises its generic SandboxException
+            check(f"{lang}: a context in a missing cwd is refused with 400 naming it",
+                  "400" in str(e) and "/no/such/dir" in str(e), e)
     ctx2 = s.create_code_context(cwd="/tmp")
     r = s.run_code("import os; os.getcwd()", context=ctx2)
     check("a context starts in its cwd", r.text == "/tmp", r.text)

@@ -365,6 +365,7 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     });
     match start_kernel(&rt, &live, &ctx).await {
         Ok(k) => *ctx.kernel.lock().await = Some(k),
+        Err(e) if e.starts_with(BAD_CWD) => return error(StatusCode::BAD_REQUEST, e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
     }
     if let Ok(mut m) = live.interp.by_id.lock() {
@@ -508,7 +509,7 @@ async fn start_injected_kernel(
         killer: Killer::Pidfd(injected.pidfd),
         _supervisor: supervisor,
     };
-    wait_ready(&mut kernel).await?;
+    wait_ready(&mut kernel, &ctx.cwd).await?;
     Ok(kernel)
 }
 
@@ -526,11 +527,15 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         stdio: StdioMode::Pipe { stdin: true },
         tag: Some(format!("ringfence-kernel-{}", ctx.id)),
     };
-    let (reply, mut events) = live
-        .client
-        .stream(AgentRequest::Spawn(spec))
-        .await
-        .map_err(|e| format!("start node: {e}"))?;
+    let (reply, mut events) = live.client.stream(AgentRequest::Spawn(spec)).await.map_err(|e| {
+        let e = e.to_string();
+        // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
+        if e.contains("working directory does not exist") {
+            format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
+        } else {
+            format!("start node: {e}")
+        }
+    })?;
     let pid = match reply {
         Reply::Spawned { pid } => pid,
         other => return Err(format!("start node: {other:?}")),
@@ -561,16 +566,29 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         killer: Killer::Agent { client: live.client.clone(), pid },
         _supervisor: None,
     };
-    if let Err(e) = wait_ready(&mut kernel).await {
+    if let Err(e) = wait_ready(&mut kernel, &ctx.cwd).await {
         kernel.killer.kill().await;
         return Err(e);
     }
     Ok(kernel)
 }
 
-async fn wait_ready(k: &mut Kernel) -> Result<(), String> {
+/// Starts the error of a kernel that could not enter its context's `cwd`: the client's
+/// mistake (400), not the server's.
+const BAD_CWD: &str = "cannot start a kernel in cwd ";
+
+async fn wait_ready(k: &mut Kernel, cwd: &str) -> Result<(), String> {
     match tokio::time::timeout(START_TIMEOUT, k.output.recv()).await {
         Ok(Some(v)) if v.get("type").and_then(Value::as_str) == Some("ready") => Ok(()),
+        Ok(Some(v))
+            if v.get("type").and_then(Value::as_str) == Some("entry_failed")
+                && v.get("step").and_then(Value::as_str) == Some("cwd") =>
+        {
+            k.killer.kill().await;
+            let why: String =
+                v.get("message").and_then(Value::as_str).unwrap_or("").chars().take(200).collect();
+            Err(format!("{BAD_CWD}{cwd:?}: {why}"))
+        }
         Ok(Some(v)) => {
             k.killer.kill().await;
             Err(format!("kernel did not start: {v}"))
