@@ -142,11 +142,14 @@ function ringfenceKernel(role) {
     const crypto = require('crypto');
 
     const KILL_AFTER_MS = positiveInt(process.env.RINGFENCE_INTERRUPT_KILL_MS, 2000);
-    // `node ringfence_kernel.js --typescript` (or `node -e <source> -- --typescript`): cells are
-    // TypeScript, compiled to JavaScript by the worker (see transpileCell) with the compiler at
-    // RINGFENCE_INTERP_TS (scripts/interp-ts.sh installs it there).
-    const LANGUAGE = process.argv.slice(1).includes('--typescript') ? 'typescript' : 'javascript';
-    const TS_PATH = (process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/typescript') + '/node_modules/typescript';
+    // `node ringfence_kernel.js --typescript [DIR]` (or `node -e <source> -- --typescript [DIR]`):
+    // cells are TypeScript, compiled to JavaScript by the worker (see transpileCell) with the
+    // compiler in DIR (the server passes where scripts/interp-ts.sh installed it), else in
+    // RINGFENCE_INTERP_TS, else in the default interpreter environment's.
+    const tsFlag = process.argv.indexOf('--typescript', 1);
+    const LANGUAGE = tsFlag > 0 ? 'typescript' : 'javascript';
+    const TS_DIR = (tsFlag > 0 && process.argv[tsFlag + 1]) || process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/python/share/ringfence/typescript';
+    const TS_PATH = TS_DIR + '/node_modules/typescript';
     // After the worker reported the end of a cell, how long to wait for its end markers
     // while nothing arrives on the output sockets (they never come if the cell closed them).
     const MARKER_WAIT_MS = 1000;

@@ -432,7 +432,7 @@ for (const mode of ['file', 'eval']) {
 
 // TypeScript contexts: the same kernel started with --typescript compiles each cell with the
 // compiler scripts/interp-ts.sh installs.
-const TS_DIR = (process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/typescript') + '/node_modules/typescript';
+const TS_DIR = (process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/python/share/ringfence/typescript') + '/node_modules/typescript';
 describe('kernel started with --typescript', { skip: !existsSync(TS_DIR) && 'SKIPPED: no TypeScript compiler at ' + TS_DIR + ' (scripts/interp-ts.sh)' }, () => {
   test('typed cells run, keep state and stream output', async () => {
     const k = await Kernel.start('ts');

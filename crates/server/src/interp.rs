@@ -47,9 +47,10 @@ const KERNEL_R: &str = include_str!("../../../interp/r/ringfence_kernel.R");
 const ZYGOTE_PY: &str = include_str!("../../../interp/python/ringfence_zygote.py");
 const KERNEL_JS: &str = include_str!("../../../interp/js/ringfence_kernel.js");
 
-/// Where scripts/interp-ts.sh installs the TypeScript compiler; the JavaScript kernel loads it
-/// from the same path inside sandboxes (a template layer, see tier/jail.rs).
-pub const TS_DIR: &str = "/opt/ringfence/typescript";
+/// Where scripts/interp-ts.sh installs the TypeScript compiler, inside the interpreter
+/// environment: sandboxes see it at the same path through that environment's template layer
+/// (a layer of its own cost ≈ 40 ms per create, measured).
+const TS_SUBDIR: &str = "share/ringfence/typescript";
 
 /// Longest line a kernel may send (a large PNG is a few MiB of base64).
 const MAX_LINE: usize = 64 << 20;
@@ -95,6 +96,8 @@ pub struct Runtime {
     zygote: Mutex<Option<Zygote>>,
     limits: Limits,
     seccomp: Compiled,
+    /// The TypeScript compiler's directory (see [`TS_SUBDIR`]).
+    ts_dir: String,
 }
 
 impl Runtime {
@@ -121,7 +124,8 @@ impl Runtime {
         } else {
             None
         };
-        Ok(Runtime { cfg, zygote: Mutex::new(None), limits, seccomp })
+        let ts_dir = env_dir.join(TS_SUBDIR).to_string_lossy().into_owned();
+        Ok(Runtime { cfg, zygote: Mutex::new(None), limits, seccomp, ts_dir })
     }
 
     /// Starts the fork server now (blocking: it imports everything) so the first kernel does
@@ -441,7 +445,7 @@ async fn start_kernel(
     ctx: &Context,
 ) -> Result<Kernel, String> {
     let kernel = match ctx.language {
-        "javascript" | "typescript" => start_agent_kernel(live, ctx).await?,
+        "javascript" | "typescript" => start_agent_kernel(rt, live, ctx).await?,
         lang => start_injected_kernel(rt, live, ctx, lang).await?,
     };
     Ok(kernel)
@@ -513,11 +517,21 @@ async fn start_injected_kernel(
     Ok(kernel)
 }
 
-async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
+async fn start_agent_kernel(
+    rt: &Runtime,
+    live: &Arc<Live>,
+    ctx: &Context,
+) -> Result<Kernel, String> {
     let spec = SpawnSpec {
         cmd: "/usr/bin/node".into(),
         args: if ctx.language == "typescript" {
-            vec!["-e".into(), KERNEL_JS.into(), "--".into(), "--typescript".into()]
+            vec![
+                "-e".into(),
+                KERNEL_JS.into(),
+                "--".into(),
+                "--typescript".into(),
+                rt.ts_dir.clone(),
+            ]
         } else {
             vec!["-e".into(), KERNEL_JS.into()]
         },

@@ -157,12 +157,12 @@ impl JailTier {
         if let Some(t) = self.templates.lock().map_err(|_| poisoned())?.get(key) {
             return Ok(t.clone());
         }
-        let mut layers = vec![self.interp_env.to_string_lossy().into_owned()];
-        // The TypeScript compiler of `typescript` interpreter contexts, where setup installed it.
-        if std::path::Path::new(crate::interp::TS_DIR).is_dir() {
-            layers.push(crate::interp::TS_DIR.to_string());
-        }
-        let t = template::ensure_layered(&self.cfg.data_dir, key, &layers).map_err(|e| {
+        let t = template::ensure_layered(
+            &self.cfg.data_dir,
+            key,
+            &[self.interp_env.to_string_lossy().into_owned()],
+        )
+        .map_err(|e| {
             // The detail names host paths (the data directory, the interpreter environment):
             // the operator reads it in the log, the client learns only what is missing.
             tracing::warn!(template = key, error = %e, "template unavailable");
