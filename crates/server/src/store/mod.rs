@@ -661,9 +661,10 @@ mod order_tests {
         let ids: Vec<String> =
             store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["sb0", "sb2", "sb4"]);
+        // Inclusive: a sandbox's own start time lists it.
         let q = ListQuery { started_after_ms: Some(1002), ..ListQuery::default() };
         let ids: Vec<String> =
             store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, ["sb3", "sb4"]);
+        assert_eq!(ids, ["sb2", "sb3", "sb4"]);
     }
 }

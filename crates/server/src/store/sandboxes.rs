@@ -128,8 +128,10 @@ impl Store {
             sql.push_str(" AND template = ?");
             args.push(Value::Text(t.clone()));
         }
+        // Inclusive: a client that passes back a sandbox's own `startedAt` (millisecond
+        // precision, as we print it) expects that sandbox in the list.
         if let Some(after) = query.started_after_ms {
-            sql.push_str(" AND created_at > ?");
+            sql.push_str(" AND created_at >= ?");
             args.push(Value::Integer(after));
         }
         sql.push_str(if query.newest_first {
