@@ -626,7 +626,8 @@ const NOT_ON_TIER: &str = "not on this sandbox's tier: ";
 
 /// The Python kernel as one `python3 -c` program, for a kernel the agent starts (no fork
 /// server, so no script directory inside the sandbox): its chart module is registered from
-/// source before the kernel's own `import ringfence_charts`.
+/// source before the kernel's own `import ringfence_charts`, and `__file__` names no file
+/// (the java and r drivers it would look for beside itself are not served on such a tier).
 fn stdio_kernel_source() -> String {
     use base64::Engine as _;
     let charts = base64::engine::general_purpose::STANDARD.encode(CHARTS_PY);
@@ -637,6 +638,7 @@ fn stdio_kernel_source() -> String {
          _m.__dict__)\n\
          _s.modules['ringfence_charts'] = _m\n\
          del _b, _s, _t, _m\n\
+         __file__ = '/nonexistent/ringfence_kernel.py'\n\
          {KERNEL_PY}"
     )
 }
