@@ -78,6 +78,26 @@ class Client:
             raise RuntimeError(f"unexpected output {out!r}")
         return t_first
 
+    def run(self, sid, token, cmd):
+        """Runs `sh -c cmd` in the sandbox through envd; returns its stdout (bytes)."""
+        msg = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}, "stdin": False}).encode()
+        self.conn.request("POST", "/process.Process/Start", body=b"\0" + struct.pack(">I", len(msg)) + msg,
+                          headers={"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+                                   "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983", "X-Access-Token": token})
+        r = self.conn.getresponse()
+        out = b""
+        while True:
+            head = r.read(5)
+            if len(head) < 5:
+                break
+            n = struct.unpack(">I", head[1:])[0]
+            data = json.loads(r.read(n))
+            if head[0] & 2:
+                break
+            out += base64.b64decode(data.get("event", {}).get("data", {}).get("stdout", "") or "")
+        r.read()  # the chunked terminator, so the connection can be reused
+        return out
+
     def kill(self, sid):
         self.conn.request("DELETE", f"/sandboxes/{sid}", headers={"X-API-Key": self.key})
         r = self.conn.getresponse()

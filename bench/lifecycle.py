@@ -67,25 +67,7 @@ class Server:
 
     def run(self, sid, token, cmd):
         """Runs `cmd` through envd; returns its stdout."""
-        import base64
-        import struct
-        msg = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}, "stdin": False}).encode()
-        self.c.conn.request("POST", "/process.Process/Start", body=b"\0" + struct.pack(">I", len(msg)) + msg,
-                            headers={"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
-                                     "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983", "X-Access-Token": token})
-        r = self.c.conn.getresponse()
-        out = b""
-        while True:
-            head = r.read(5)
-            if len(head) < 5:
-                break
-            n = struct.unpack(">I", head[1:])[0]
-            data = json.loads(r.read(n))
-            if head[0] & 2:
-                break
-            out += base64.b64decode(data.get("event", {}).get("data", {}).get("stdout", ""))
-        r.read()
-        return out
+        return self.c.run(sid, token, cmd)
 
     def stop(self):
         self.proc.terminate()

@@ -99,29 +99,6 @@ def first_output(c, template):
     return (t_first - t0) * 1e3
 
 
-def run_inside(c, sid, token, cmd):
-    """Runs `cmd` through envd; returns its stdout."""
-    import base64
-    import struct
-    msg = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}, "stdin": False}).encode()
-    c.conn.request("POST", "/process.Process/Start", body=b"\0" + struct.pack(">I", len(msg)) + msg,
-                   headers={"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
-                            "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983", "X-Access-Token": token})
-    r = c.conn.getresponse()
-    out = b""
-    while True:
-        head = r.read(5)
-        if len(head) < 5:
-            break
-        n = struct.unpack(">I", head[1:])[0]
-        data = json.loads(r.read(n))
-        if head[0] & 2:
-            break
-        out += base64.b64decode(data.get("event", {}).get("data", {}).get("stdout", "") or "")
-    r.read()
-    return out.decode()
-
-
 def bare_runsc(template_root, state):
     """`runsc run` of a bundle of the host skeleton with /usr bound, /bin/echo as init."""
     bundle = tempfile.mkdtemp()
@@ -191,7 +168,7 @@ def main():
                 sid, token = ca.create_on(t)
                 live.append(sid)
                 cmd = f"python3 -c 'import time; t=time.perf_counter(); {IMPORTS}; print((time.perf_counter()-t)*1e3)'"
-                res[f"{tier} imports"].append(float(run_inside(ca, sid, token, cmd).strip()))
+                res[f"{tier} imports"].append(float(ca.run(sid, token, cmd).decode().strip()))
                 time.sleep(1.5)  # let the sandbox settle before its memory is read
                 m = ca.metrics(sid)
                 if m.get("memUsed"):
