@@ -250,13 +250,19 @@ def make_runners(args: argparse.Namespace) -> list[Runner]:
         nsjail_missing = f"{NSJAIL_PATH} not found (run `sudo bench/setup.sh`)"
     elif not os.access(NSJAIL_PATH, os.X_OK):
         nsjail_missing = f"{NSJAIL_PATH} is not executable (run `sudo bench/setup.sh`)"
-    return [
+    runners = [
         Runner("bare", []),
         Runner("ringfence", [str(rf), "run", *rf_extra, "--"], missing=rf_missing()),
         Runner("bwrap", [bwrap or "bwrap", *BWRAP_ARGS],
                missing=None if bwrap else "bwrap not on PATH (run `sudo bench/setup.sh`)"),
         Runner("nsjail", [str(NSJAIL_PATH), *NSJAIL_ARGS], missing=nsjail_missing),
     ]
+    if args.baseline:
+        # Another build of ringfence (the commit before a change), interleaved with this one.
+        base = Path(args.baseline).resolve()
+        runners.insert(2, Runner("ringfence-base", [str(base), "run", *rf_extra, "--"],
+                                 missing=None if base.exists() else f"{base} not found"))
+    return runners
 
 
 def preflight(runners: list[Runner], workloads: list[tuple[str, list[str]]], layers: bool) -> None:
@@ -427,6 +433,9 @@ def main() -> int:
     ap.add_argument("--ringfence", metavar="PATH",
                     help=f"ringfence binary (default {DEFAULT_RINGFENCE.relative_to(REPO_ROOT)} "
                          "under the repo root)")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another ringfence build, run as `ringfence-base` in the same rounds "
+                         "(old against new in one run)")
     ap.add_argument("--ringfence-args", metavar="ARGS", default="",
                     help="extra flags for `ringfence run`, one shell-quoted string, put before `--`")
     ap.add_argument("--timeout", metavar="SEC", type=int, default=RUN_TIMEOUT_S,

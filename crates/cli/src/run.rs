@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::disk::DiskChoice;
+use ringfence_jail::disk::{DiskBackend, DiskChoice};
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
@@ -171,6 +171,8 @@ struct Report {
     cgroup: Option<&'static str>,
     /// Where the writable layer lived: "image" (its own filesystem) or "tmpfs" (memory).
     disk_backend: &'static str,
+    /// The disk was made ahead, by the run before this one (see `DiskPool::with_spares`).
+    disk_made_ahead: bool,
     setup_ms: f64,
     total_ms: f64,
     /// Milliseconds from the CLI's `main` to the end of each step.
@@ -292,7 +294,12 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     if let (Some(why), DiskChoice::Auto) = (&why_tmpfs, args.disk_backend) {
         tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
     }
-    cfg.disk = disk;
+    // One disk of this size is kept made ahead for the next run (made below while this one
+    // runs): the claim then skips the image copy, the loop device and the mount.
+    cfg.disk = match disk {
+        DiskBackend::Image(p) => DiskBackend::Image(p.with_spares(1)),
+        other => other,
+    };
     let resolved = crate::template::resolve(&args.template, &cfg.data_dir)?;
     let user = match (args.user, &resolved.user_note) {
         (Some(u), _) => u,
@@ -378,6 +385,17 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
+    let spare = match &cfg.disk {
+        DiskBackend::Image(p) => {
+            let (p, bytes) = (p.clone(), args.disk);
+            Some(std::thread::spawn(move || {
+                if let Err(e) = p.replenish(bytes) {
+                    tracing::debug!(error = %e, "making a disk ahead for the next run");
+                }
+            }))
+        }
+        DiskBackend::Tmpfs => None,
+    };
     // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
     // mount namespace, so nothing is left there if this process is SIGKILLed.
     sandbox.detach_disk()?;
@@ -434,7 +452,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let events = supervisor.map(Supervisor::finish).unwrap_or_default();
     let landlock_abi = sandbox.ready.landlock_abi;
     let disk_backend = sandbox.disk_backend();
+    let disk_made_ahead = sandbox.disk_made_ahead();
     drop(sandbox);
+    if let Some(t) = spare {
+        let _ = t.join();
+    }
 
     let over_out = stdout_over.load(Ordering::SeqCst);
     let over_err = stderr_over.load(Ordering::SeqCst);
@@ -489,6 +511,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             landlock_abi,
             cgroup: pool.as_ref().map(|p| p.layout().version()),
             disk_backend,
+            disk_made_ahead,
             setup_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             phases_ms: phases

@@ -439,6 +439,36 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
 }
 
 #[test]
+fn a_disk_made_ahead_never_carries_another_runs_files() {
+    root_only!();
+    // A disk size no other test uses, so the spares this test sees are the ones its own runs
+    // made (each run makes the next run's disk while it runs).
+    let opts = ["--disk", "301M"];
+    let mut took_spare = 0;
+    for i in 0..4 {
+        let o = sh(
+            &opts,
+            &format!(
+                "ls -A /tmp /root /home/user 2>/dev/null | grep -c marker; \
+                 echo {i} > /tmp/marker-{i}; echo {i} > /root/marker-{i}; df -k / | tail -1"
+            ),
+        );
+        if o.report["disk_backend"] != "image" {
+            eprintln!("SKIPPED: this host cannot make disk images ({})", o.stderr.trim());
+            return;
+        }
+        assert_eq!(o.stdout.lines().next(), Some("0"), "run {i} sees files of a run before: {o:?}");
+        // Its quota is its own size, spare or not.
+        let size_kb: u64 =
+            o.stdout.lines().nth(1).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(size_kb <= 301 * 1024 && size_kb > 250 * 1024, "{o:?}");
+        took_spare += usize::from(o.report["disk_made_ahead"] == true);
+    }
+    // The first may find none (nothing ran at this size before); the others take theirs.
+    assert!(took_spare >= 3, "only {took_spare} of 4 runs took a disk made ahead");
+}
+
+#[test]
 fn dev_is_minimal_and_read_only() {
     root_only!();
     let o = sh(

@@ -151,6 +151,8 @@ impl DiskChoice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPool {
     dir: PathBuf,
+    /// How many made-ahead disks of a size to keep (see [`DiskPool::replenish`]); 0: none.
+    spares: usize,
 }
 
 /// ext4 block size: also the loop device's logical block size, so direct I/O lines up.
@@ -168,6 +170,8 @@ pub struct Disk {
     _lock: Flock<File>,
     /// After [`Disk::detach`]: the filesystem's root, open (the host's only way to it).
     held: Option<File>,
+    /// Taken from the disks made ahead ([`DiskPool::with_spares`]).
+    made_ahead: bool,
     /// Tests only: let go of the lock and leave everything in place, as a dying owner does.
     #[cfg(test)]
     keep: bool,
@@ -214,6 +218,11 @@ impl Disk {
         let _ = nix::unistd::close(raw);
     }
 
+    /// Whether this disk was made ahead of its claim (a spare), for reports.
+    pub fn made_ahead(&self) -> bool {
+        self.made_ahead
+    }
+
     /// (used, total) bytes of the filesystem: what `df` inside the sandbox shows.
     pub fn usage(&self) -> Option<(u64, u64)> {
         let st = match &self.held {
@@ -235,6 +244,7 @@ impl Disk {
             image,
             _lock: lock,
             held: None,
+            made_ahead: false,
             #[cfg(test)]
             keep: false,
         }
@@ -333,7 +343,18 @@ fn lock_exclusive(file: File) -> Option<Flock<File>> {
 impl DiskPool {
     /// The pool under `data_dir` (nothing is created until the first disk).
     pub fn new(data_dir: &Path) -> DiskPool {
-        DiskPool { dir: data_dir.join("disks") }
+        DiskPool { dir: data_dir.join("disks"), spares: 0 }
+    }
+
+    /// The same pool, keeping `n` disks of each size a claim asked for made ahead: a claim then
+    /// takes one (an `flock` and three `chown`s) instead of copying an image, attaching a loop
+    /// device and mounting it (about 2 ms of a one-shot run's start), and the caller makes
+    /// the next one with [`DiskPool::replenish`] while its sandbox runs. Only for disks that
+    /// are detached before anyone could adopt them ([`Disk::detach`]): a spare's mount point
+    /// is not named after its sandbox.
+    pub fn with_spares(mut self, n: usize) -> DiskPool {
+        self.spares = n;
+        self
     }
 
     /// The pool's directory.
@@ -390,12 +411,17 @@ impl DiskPool {
         check_id(id)?;
         self.ensure_dirs()?;
         let bytes = bytes.max(MIN_IMAGE_BYTES).div_ceil(BLOCK) * BLOCK;
-        let template = self.template(bytes)?;
         let image = self.image_path(id);
         let root = self.dir.join(id);
         if image.exists() || root.exists() {
             self.remove_if_orphan(id)?;
         }
+        if self.spares > 0
+            && let Some(disk) = self.take_spare(id, bytes, owner)?
+        {
+            return Ok(disk);
+        }
+        let template = self.template(bytes)?;
         let lock = self.create_image(&template, &image, bytes)?;
         match mount_image(lock.as_fd(), &root, owner) {
             Ok(()) => Ok(Disk::new(id, root, image, lock)),
@@ -472,7 +498,7 @@ impl DiskPool {
                 removed += 1;
             }
         }
-        Ok(removed)
+        Ok(removed + self.sweep_spares())
     }
 
     /// The formatted template image for disks of `bytes` (made once, under a lock, written
@@ -517,29 +543,218 @@ impl DiskPool {
         image: &Path,
         bytes: u64,
     ) -> Result<Flock<File>, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(&self.dir)
-            .map_err(io_at("create image in", &self.dir))?;
-        let lock =
-            lock_exclusive(file).ok_or_else(|| DiskError::InUse(image.display().to_string()))?;
-        let src = File::open(template).map_err(io_at("open", template))?;
-        copy_sparse(&src, &lock, bytes).map_err(io_at("copy template to", image))?;
-        // Linking an O_TMPFILE into place goes through its /proc/self/fd name.
-        let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*lock));
-        nix::unistd::linkat(
-            nix::fcntl::AT_FDCWD,
-            fd_path.as_str(),
-            nix::fcntl::AT_FDCWD,
-            image,
-            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-        )
-        .map_err(nix_at("link", image))?;
+        let lock = new_image(&self.dir, template, bytes)?;
+        link_image(&lock, image)?;
         Ok(lock)
     }
+
+    fn spare_dir(&self) -> PathBuf {
+        self.dir.join(".spare")
+    }
+
+    /// Where the spare whose image is inode `ino` is mounted (for as long as it lives: a mount
+    /// point cannot be renamed, so a claimed spare keeps it until it is detached).
+    fn spare_root(&self, ino: u64) -> PathBuf {
+        self.spare_dir().join(format!("m{ino}"))
+    }
+
+    /// Spares of `bytes` ready to be claimed: `(inode, image path)`, by their names
+    /// `<bytes>-<inode>.img`.
+    fn spares_of(&self, bytes: u64) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.spare_dir()) else { return Vec::new() };
+        let prefix = format!("{bytes}-");
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ino = name.strip_prefix(&prefix)?.strip_suffix(".img")?.parse().ok()?;
+                Some((ino, e.path()))
+            })
+            .collect()
+    }
+
+    /// Takes a made-ahead disk of `bytes` for sandbox `id`, if one is ready: its image is
+    /// renamed to the sandbox's (under its lock, so exactly one claimant can) and its root,
+    /// `upper/` and `work/` given to `owner`.
+    fn take_spare(&self, id: &str, bytes: u64, owner: u32) -> Result<Option<Disk>, DiskError> {
+        let image = self.image_path(id);
+        for (ino, path) in self.spares_of(bytes) {
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
+            let Some(lock) = lock_exclusive(file) else { continue };
+            // Another claimant that held the lock before us has renamed it away: not ours.
+            if fs::rename(&path, &image).is_err() {
+                continue;
+            }
+            let root = self.spare_root(ino);
+            let same = lock.metadata().is_ok_and(|m| m.ino() == ino);
+            if !same || !is_mountpoint(&root) {
+                // Not what its name says (or its filesystem went with a reboot): discard it.
+                let _ = remove(&root, &image);
+                continue;
+            }
+            return match own_root(&root, owner, false) {
+                Ok(()) => {
+                    let mut disk = Disk::new(id, root, image, lock);
+                    disk.made_ahead = true;
+                    Ok(Some(disk))
+                }
+                Err(e) => {
+                    let _ = remove(&root, &image);
+                    Err(e)
+                }
+            };
+        }
+        Ok(None)
+    }
+
+    /// Makes spare disks of `bytes` until as many as [`DiskPool::with_spares`] asked for are
+    /// ready; returns how many it made. A spare is made whole before it is seen: a locked,
+    /// unnamed image, copied, attached and mounted (owned by root until claimed), then linked
+    /// under its name and unlocked.
+    pub fn replenish(&self, bytes: u64) -> Result<usize, DiskError> {
+        let bytes = bytes.max(MIN_IMAGE_BYTES).div_ceil(BLOCK) * BLOCK;
+        self.discard_spares_not_of(bytes);
+        let ready = self.spares_of(bytes).len();
+        if ready >= self.spares {
+            return Ok(0);
+        }
+        self.ensure_dirs()?;
+        let dir = self.spare_dir();
+        match fs::create_dir(&dir) {
+            Ok(()) => fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_at("chmod", &dir))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_at("mkdir", &dir)(e)),
+        }
+        let template = self.template(bytes)?;
+        let mut made = 0;
+        for _ in ready..self.spares {
+            let lock = new_image(&dir, &template, bytes)?;
+            let ino = lock.metadata().map_err(io_at("stat new image in", &dir))?.ino();
+            let root = self.spare_root(ino);
+            mount_image(lock.as_fd(), &root, 0)?;
+            let name = dir.join(format!("{bytes}-{ino}.img"));
+            if let Err(e) = link_image(&lock, &name) {
+                let _ = remove(&root, &name);
+                return Err(e);
+            }
+            made += 1;
+        }
+        Ok(made)
+    }
+
+    /// Removes the spares of other sizes nobody is claiming: spares are kept for the size in
+    /// use, so a host where runs change `--disk` holds at most one size's worth.
+    fn discard_spares_not_of(&self, bytes: u64) {
+        let Ok(entries) = fs::read_dir(self.spare_dir()) else { return };
+        let keep = format!("{bytes}-");
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(ino) = name
+                .strip_suffix(".img")
+                .filter(|n| !n.starts_with(&keep))
+                .and_then(|n| n.rsplit_once('-'))
+                .and_then(|(_, i)| i.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let path = e.path();
+            let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
+            if let Some(_lock) = lock_exclusive(f) {
+                let _ = remove(&self.spare_root(ino), &path);
+            }
+        }
+    }
+
+    /// Removes spares that cannot be used (their filesystem gone) and the mount points of
+    /// claimed spares whose owner is gone; spares ready to be claimed, and claimed ones whose
+    /// owner lives, are left. Returns how many it removed.
+    fn sweep_spares(&self) -> usize {
+        let dir = self.spare_dir();
+        let Ok(entries) = fs::read_dir(&dir) else { return 0 };
+        let (mut images, mut roots) = (Vec::new(), Vec::new());
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ino) = name.strip_prefix('m').and_then(|n| n.parse::<u64>().ok()) {
+                roots.push(ino);
+            } else if let Some(ino) = name
+                .strip_suffix(".img")
+                .and_then(|n| n.rsplit_once('-'))
+                .and_then(|(_, i)| i.parse::<u64>().ok())
+            {
+                images.push((ino, e.path()));
+            }
+        }
+        let mut removed = 0;
+        for (ino, path) in &images {
+            let root = self.spare_root(*ino);
+            let Ok(f) = OpenOptions::new().read(true).write(true).open(path) else { continue };
+            // Locked: a claim is taking it right now.
+            let Some(_lock) = lock_exclusive(f) else { continue };
+            if !is_mountpoint(&root) && remove(&root, path).is_ok() {
+                removed += 1;
+            }
+        }
+        // A mount point without a spare image belongs to a claimed spare: its image now has the
+        // sandbox's name (same inode), locked while its owner lives.
+        let claimed: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
+                    .filter_map(|e| Some((e.metadata().ok()?.ino(), e.path())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ino in roots {
+            if images.iter().any(|(i, _)| *i == ino) {
+                continue;
+            }
+            let live = claimed.iter().any(|(i, path)| {
+                *i == ino
+                    && OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(path)
+                        .ok()
+                        .is_some_and(|f| lock_exclusive(f).is_none())
+            });
+            // Its image (if any) is removed by the sweep of sandbox disks.
+            if !live && remove(&self.spare_root(ino), &dir.join(".none")).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// A new unnamed image in `dir` (an `O_TMPFILE`, so a crash leaves nothing), locked, holding
+/// a sparse copy of `template`.
+fn new_image(dir: &Path, template: &Path, bytes: u64) -> Result<Flock<File>, DiskError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .map_err(io_at("create image in", dir))?;
+    let lock = lock_exclusive(file).ok_or_else(|| DiskError::InUse(dir.display().to_string()))?;
+    let src = File::open(template).map_err(io_at("open", template))?;
+    copy_sparse(&src, &lock, bytes).map_err(io_at("copy template to image in", dir))?;
+    Ok(lock)
+}
+
+/// Gives the unnamed image `lock` holds the name `image`.
+fn link_image(lock: &Flock<File>, image: &Path) -> Result<(), DiskError> {
+    // Linking an O_TMPFILE into place goes through its /proc/self/fd name.
+    let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&**lock));
+    nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        fd_path.as_str(),
+        nix::fcntl::AT_FDCWD,
+        image,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )
+    .map_err(nix_at("link", image))
 }
 
 /// Copies the data extents of `src` into `dst` (which becomes `len` long); holes stay holes.
@@ -637,12 +852,18 @@ fn mount_image(
     );
     drop(dev);
     mounted.map_err(nix_at("mount ext4 image on", root))?;
+    own_root(root, owner, true)
+}
+
+/// Gives the mounted disk at `root` (with its `upper/` and `work/`, made first if `create`) to
+/// `owner`, no one else allowed in.
+fn own_root(root: &Path, owner: u32, create: bool) -> Result<(), DiskError> {
     let id = Some(nix::unistd::Uid::from_raw(owner));
     let gid = Some(nix::unistd::Gid::from_raw(owner));
     for (dir, mode) in
         [(root.to_path_buf(), 0o700), (root.join("upper"), 0o755), (root.join("work"), 0o755)]
     {
-        if dir != root {
+        if create && dir != root {
             fs::create_dir(&dir).map_err(io_at("mkdir", &dir))?;
         }
         nix::unistd::chown(&dir, id, gid).map_err(nix_at("chown", &dir))?;
@@ -813,6 +1034,83 @@ mod tests {
                 median(rm)
             );
         }
+    }
+
+    #[test]
+    fn a_spare_is_claimed_once_whole_empty_and_owned_by_its_claimant() {
+        let Some((t, p)) = pool("spares") else { return };
+        let p = p.with_spares(1);
+        assert_eq!(p.replenish(16 << 20).unwrap(), 1);
+        assert_eq!(p.replenish(16 << 20).unwrap(), 0, "one is kept, not more");
+        let mut a = p.claim("a", 16 << 20, 100_000_000).unwrap();
+        assert!(a.root().starts_with(p.spare_dir()), "{}", a.root().display());
+        assert!(p.image_path("a").exists());
+        let m = fs::metadata(a.root()).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (100_000_000, 0o700));
+        assert_eq!(fs::metadata(a.upper()).unwrap().uid(), 100_000_000);
+        assert_eq!(fs::read_dir(a.upper()).unwrap().count(), 0);
+        // None left: the next claim makes its disk the ordinary way.
+        let b = p.claim("b", 16 << 20, 100_000_001).unwrap();
+        assert_eq!(b.root(), p.dir().join("b"));
+        // A spare of another size is not handed out for this one.
+        assert_eq!(p.replenish(32 << 20).unwrap(), 1);
+        let c = p.claim("c", 16 << 20, 100_000_002).unwrap();
+        assert_eq!(c.root(), p.dir().join("c"));
+        // The quota is the spare's size, and what `a` writes is gone with it.
+        assert!(fill(&a.upper(), "big", 64).is_err());
+        a.detach().unwrap();
+        drop(a);
+        assert_eq!(p.replenish(16 << 20).unwrap(), 1);
+        // Spares are kept for the size in use only: the 32 MiB one is gone.
+        assert!(p.spares_of(32 << 20).is_empty());
+        let d = p.claim("d", 16 << 20, 100_000_003).unwrap();
+        assert!(d.root().starts_with(p.spare_dir()));
+        assert_eq!(fs::read_dir(d.upper()).unwrap().count(), 0, "a fresh filesystem");
+        assert!(d.usage().unwrap().0 < 1 << 20);
+        drop((b, c, d));
+        // A ready spare (and its loop device) is kept by a sweep.
+        assert_eq!(p.replenish(16 << 20).unwrap(), 1);
+        assert_eq!(p.sweep().unwrap(), 0);
+        assert_eq!(p.spares_of(16 << 20).len(), 1);
+        assert_eq!(loop_devices_of(t.path()), 1);
+        // Taken and dropped, it leaves nothing mounted behind for the temporary directory.
+        drop(p.claim("e", 16 << 20, 100_000_000).unwrap());
+        for _ in 0..100 {
+            if loop_devices_of(t.path()) == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(loop_devices_of(t.path()), 0);
+    }
+
+    #[test]
+    fn a_sweep_removes_a_claimed_spare_whose_owner_died() {
+        let Some((t, p)) = pool("spare-sweep") else { return };
+        let p = p.with_spares(1);
+        p.replenish(16 << 20).unwrap();
+        let dead = p.claim("dead", 16 << 20, 100_000_000).unwrap();
+        let root = dead.root().to_path_buf();
+        p.replenish(16 << 20).unwrap();
+        let live = p.claim("live", 16 << 20, 100_000_000).unwrap();
+        dead.forget();
+        p.replenish(16 << 20).unwrap();
+        // The dead one's image and mount point go; the live claim and the free spare stay.
+        assert_eq!(p.sweep().unwrap(), 2);
+        assert!(!root.exists() && !p.image_path("dead").exists());
+        assert!(is_mountpoint(live.root()));
+        assert_eq!(p.spares_of(16 << 20).len(), 1);
+        drop(live);
+        let spare = p.claim("next", 16 << 20, 100_000_000).unwrap();
+        assert!(spare.root().starts_with(p.spare_dir()));
+        drop(spare);
+        for _ in 0..100 {
+            if loop_devices_of(t.path()) == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(loop_devices_of(t.path()), 0);
     }
 
     #[test]

@@ -659,6 +659,12 @@ impl Sandbox {
         }
     }
 
+    /// Whether the sandbox's disk was made ahead of its start
+    /// ([`crate::disk::DiskPool::with_spares`]).
+    pub fn disk_made_ahead(&self) -> bool {
+        self.disk.as_ref().is_some_and(Disk::made_ahead)
+    }
+
     /// Where this sandbox's writable layer lives: "image" or "tmpfs".
     pub fn disk_backend(&self) -> &'static str {
         if self.disk.is_some() { "image" } else { "tmpfs" }
