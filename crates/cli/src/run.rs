@@ -121,6 +121,10 @@ pub struct RunArgs {
     /// there (benchmarking of what spawners save only).
     #[arg(long, hide = true)]
     no_spawner: bool,
+    /// Make this run's disk on the start path instead of taking one made ahead (benchmarking
+    /// of what disks made ahead save only).
+    #[arg(long, hide = true)]
+    no_disk_ahead: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -297,7 +301,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     // One disk of this size is kept made ahead for the next run (made below while this one
     // runs): the claim then skips the image copy, the loop device and the mount.
     cfg.disk = match disk {
-        DiskBackend::Image(p) => DiskBackend::Image(p.with_spares(1)),
+        DiskBackend::Image(p) if !args.no_disk_ahead => DiskBackend::Image(p.with_spares(1)),
         other => other,
     };
     let resolved = crate::template::resolve(&args.template, &cfg.data_dir)?;
@@ -386,7 +390,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
     };
     let spare = match &cfg.disk {
-        DiskBackend::Image(p) => {
+        DiskBackend::Image(p) if !args.no_disk_ahead => {
             let (p, bytes) = (p.clone(), args.disk);
             Some(std::thread::spawn(move || {
                 if let Err(e) = p.replenish(bytes) {
@@ -394,7 +398,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
                 }
             }))
         }
-        DiskBackend::Tmpfs => None,
+        _ => None,
     };
     // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
     // mount namespace, so nothing is left there if this process is SIGKILLed.

@@ -612,6 +612,9 @@ impl DiskPool {
     /// unnamed image, copied, attached and mounted (owned by root until claimed), then linked
     /// under its name and unlocked.
     pub fn replenish(&self, bytes: u64) -> Result<usize, DiskError> {
+        if self.spares == 0 {
+            return Ok(0);
+        }
         let bytes = bytes.max(MIN_IMAGE_BYTES).div_ceil(BLOCK) * BLOCK;
         self.discard_spares_not_of(bytes);
         let ready = self.spares_of(bytes).len();
