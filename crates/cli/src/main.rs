@@ -40,7 +40,7 @@ enum Command {
         command: template::TemplateCommand,
     },
     /// Kill processes left in cgroup slots nobody holds and remove those slots, and remove the
-    /// disks of sandboxes whose owner is gone.
+    /// disks of sandboxes whose owner is gone and the disks `run` made ahead.
     Gc {
         #[command(flatten)]
         common: Common,
@@ -109,13 +109,14 @@ fn gc(common: &Common) -> ExitCode {
         let killed = pool.collect_garbage()?;
         // Disks of sandboxes whose owner died (a SIGKILLed run, a server that did not come
         // back); disks someone holds are locked and left alone.
-        let disks = ringfence_jail::disk::DiskPool::new(&common.data_dir).sweep()?;
+        let pool = ringfence_jail::disk::DiskPool::new(&common.data_dir);
+        let disks = pool.sweep()? + pool.discard_spares();
         Ok((killed, disks))
     })();
     match result {
         Ok((n, disks)) => {
             println!(
-                "killed {n} leftover process(es); removed idle cgroup slots and {disks} orphaned disk(s)"
+                "killed {n} leftover process(es); removed idle cgroup slots and {disks} orphaned or spare disk(s)"
             );
             ExitCode::SUCCESS
         }

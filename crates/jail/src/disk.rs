@@ -444,6 +444,13 @@ impl DiskPool {
             Err(e) => return Err(io_at("open", &image)(e)),
         };
         let lock = lock_exclusive(file).ok_or_else(|| DiskError::InUse(id.to_string()))?;
+        // A disk that was made ahead is still mounted where it was made (by its image's inode).
+        let root = match lock.metadata() {
+            Ok(m) if !is_mountpoint(&root) && is_mountpoint(&self.spare_root(m.ino())) => {
+                self.spare_root(m.ino())
+            }
+            _ => root,
+        };
         if !is_mountpoint(&root) {
             // The filesystem is gone (host reboot): what is left is an orphan image.
             let _ = remove(&root, &image);
@@ -649,13 +656,25 @@ impl DiskPool {
     /// Removes the spares of other sizes nobody is claiming: spares are kept for the size in
     /// use, so a host where runs change `--disk` holds at most one size's worth.
     fn discard_spares_not_of(&self, bytes: u64) {
-        let Ok(entries) = fs::read_dir(self.spare_dir()) else { return };
-        let keep = format!("{bytes}-");
+        self.discard_free_spares(Some(bytes));
+    }
+
+    /// Removes every spare nobody is claiming (a server shutting down, `ringfence gc`): a
+    /// spare is a mounted filesystem and a loop device, which would otherwise keep the data
+    /// directory from being removed. Returns how many it removed.
+    pub fn discard_spares(&self) -> usize {
+        self.discard_free_spares(None)
+    }
+
+    fn discard_free_spares(&self, keep: Option<u64>) -> usize {
+        let Ok(entries) = fs::read_dir(self.spare_dir()) else { return 0 };
+        let keep = keep.map(|b| format!("{b}-"));
+        let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(ino) = name
                 .strip_suffix(".img")
-                .filter(|n| !n.starts_with(&keep))
+                .filter(|n| keep.as_ref().is_none_or(|k| !n.starts_with(k.as_str())))
                 .and_then(|n| n.rsplit_once('-'))
                 .and_then(|(_, i)| i.parse::<u64>().ok())
             else {
@@ -663,10 +682,13 @@ impl DiskPool {
             };
             let path = e.path();
             let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
-            if let Some(_lock) = lock_exclusive(f) {
-                let _ = remove(&self.spare_root(ino), &path);
+            if let Some(_lock) = lock_exclusive(f)
+                && remove(&self.spare_root(ino), &path).is_ok()
+            {
+                removed += 1;
             }
         }
+        removed
     }
 
     /// Removes spares that cannot be used (their filesystem gone) and the mount points of
@@ -1076,8 +1098,13 @@ mod tests {
         assert_eq!(p.sweep().unwrap(), 0);
         assert_eq!(p.spares_of(16 << 20).len(), 1);
         assert_eq!(loop_devices_of(t.path()), 1);
-        // Taken and dropped, it leaves nothing mounted behind for the temporary directory.
-        drop(p.claim("e", 16 << 20, 100_000_000).unwrap());
+        // Discarded (a server shutting down), it leaves nothing mounted behind.
+        let taken = p.claim("e", 16 << 20, 100_000_000).unwrap();
+        assert_eq!(p.replenish(16 << 20).unwrap(), 1);
+        assert_eq!(p.discard_spares(), 1);
+        assert!(p.spares_of(16 << 20).is_empty());
+        assert!(is_mountpoint(taken.root()), "a claimed spare is not discarded");
+        drop(taken);
         for _ in 0..100 {
             if loop_devices_of(t.path()) == 0 {
                 break;
@@ -1085,6 +1112,27 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert_eq!(loop_devices_of(t.path()), 0);
+    }
+
+    #[test]
+    fn a_claimed_spare_is_adopted_where_it_was_made() {
+        let Some((_t, p)) = pool("spare-adopt") else { return };
+        let p = p.with_spares(1);
+        p.replenish(16 << 20).unwrap();
+        let d = p.claim("kept", 16 << 20, 100_000_000).unwrap();
+        assert!(d.made_ahead());
+        fs::write(d.upper().join("f"), b"data").unwrap();
+        let root = d.root().to_path_buf();
+        // Its owner dies (a server killed with -9); the next server takes it back.
+        d.forget();
+        let again = p.adopt("kept").unwrap().unwrap();
+        assert_eq!(again.root(), root);
+        assert_eq!(fs::read(again.upper().join("f")).unwrap(), b"data");
+        // Held again: a sweep leaves it.
+        assert_eq!(p.sweep().unwrap(), 0);
+        assert!(is_mountpoint(&root));
+        drop(again);
+        assert!(!root.exists() && !p.image_path("kept").exists());
     }
 
     #[test]

@@ -1002,6 +1002,8 @@ impl Manager {
         for id in self.live_ids() {
             self.kill(&id, "server shutdown").await;
         }
+        // A few milliseconds of blocking work, once, as the server ends.
+        self.tiers.jail().discard_spare_disks();
     }
 }
 

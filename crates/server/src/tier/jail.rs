@@ -54,7 +54,14 @@ pub struct JailTier {
     templates: Mutex<HashMap<String, Template>>,
     /// Holds each sandbox's seccomp listener through a server restart.
     keeper: Option<Keeper>,
+    /// A thread is making disks ahead (at most one at a time).
+    replenishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Disks kept made ahead for the size in use: a create takes one instead of copying an image,
+/// attaching a loop device and mounting it (see `ringfence_jail::disk::DiskPool::with_spares`);
+/// two, so a burst of creates finds one while the next is being made.
+const DISKS_AHEAD: usize = 2;
 
 fn setup(step: &str) -> impl FnOnce(&dyn std::fmt::Display) -> TierError + '_ {
     move |e| TierError::Setup(format!("{step}: {e}"))
@@ -81,7 +88,12 @@ impl JailTier {
                 "sandbox disks are filesystem images: ENOSPC at the quota, apart from memory"
             ),
         }
-        cfg.disk = disk;
+        cfg.disk = match disk {
+            ringfence_jail::disk::DiskBackend::Image(p) => {
+                ringfence_jail::disk::DiskBackend::Image(p.with_spares(DISKS_AHEAD))
+            }
+            other => other,
+        };
         let host = template::ensure_host(&cfg.data_dir).map_err(|e| setup("host template")(&e))?;
         let seccomp = seccomp::default_profile(true).map_err(|e| setup("seccomp profile")(&e))?;
         let layout = Layout::detect()?;
@@ -101,7 +113,45 @@ impl JailTier {
             interp_env: s.interp_env,
             templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
             keeper,
+            replenishing: Default::default(),
         })
+    }
+
+    /// Stops making disks ahead and removes the ready ones (an orderly shutdown): each is a
+    /// mounted filesystem and a loop device that would outlive the server for nothing.
+    pub fn discard_spare_disks(&self) {
+        use std::sync::atomic::Ordering;
+        let ringfence_jail::disk::DiskBackend::Image(disks) = &self.cfg.disk else { return };
+        // Take the flag for good, after a thread making one has finished (it takes ~2 ms).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.replenishing.swap(true, Ordering::AcqRel) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let n = disks.discard_spares();
+        tracing::debug!(disks = n, "removed the disks made ahead");
+    }
+
+    /// Makes disks of `bytes` ahead for the next creates, on a thread of its own (off the
+    /// create's path), unless one is at it already.
+    fn replenish_disks(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let ringfence_jail::disk::DiskBackend::Image(disks) = &self.cfg.disk else { return };
+        if self.replenishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (disks, busy) = (disks.clone(), self.replenishing.clone());
+        let spawned = std::thread::Builder::new().name("disks-ahead".into()).spawn(move || {
+            if let Err(e) = disks.replenish(bytes) {
+                tracing::warn!(error = %e, "making sandbox disks ahead");
+            }
+            busy.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.replenishing.store(false, Ordering::Release);
+        }
     }
 
     /// The seccomp profile every jail process gets (the interpreter's kernels too).
@@ -232,7 +282,9 @@ impl Tier for JailTier {
             allow_setuid,
             ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
         };
+        let disk_bytes = spec.limits.disk;
         let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
+        self.replenish_disks(disk_bytes);
         let listener = sb.take_listener();
         Ok(JailInstance {
             sb,
