@@ -9,6 +9,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -109,6 +110,20 @@ pub struct Pool {
     lock_dir: PathBuf,
     /// The agent's executable, to park a spawner in each slot (see [`crate::spawner`]).
     spawner_exe: Option<PathBuf>,
+    /// Where this process's next claim looks first (shared by clones and by its leases).
+    hint: Arc<Mutex<SlotHint>>,
+}
+
+/// Which slots this process should try first: a hint only (every claim still takes the slot's
+/// `flock`, which is what makes it ours), so that a claim with hundreds of slots held does not
+/// try each of their locks in turn (a server at 500 live sandboxes paid ~500 opens and failed
+/// `flock`s per create).
+#[derive(Debug, Default)]
+struct SlotHint {
+    /// Slots this process's leases let go of, lowest first: their spawners are already parked.
+    released: std::collections::BTreeSet<u32>,
+    /// One past the highest slot this process has claimed: where the walk for a new slot starts.
+    next: u32,
 }
 
 /// Slots are numbered below this bound.
@@ -118,7 +133,14 @@ impl Pool {
     /// A pool named `prefix` under the `name` subtree of every hierarchy; slot locks live in
     /// `lock_dir`.
     pub fn new(layout: Layout, name: &str, prefix: &str, lock_dir: PathBuf) -> Self {
-        Pool { layout, name: name.into(), prefix: prefix.into(), lock_dir, spawner_exe: None }
+        Pool {
+            layout,
+            name: name.into(),
+            prefix: prefix.into(),
+            lock_dir,
+            spawner_exe: None,
+            hint: Arc::default(),
+        }
     }
 
     /// Parks a spawner (`exe --spawner`) in each slot this pool leases, so sandboxes are born
@@ -224,8 +246,32 @@ impl Pool {
     /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
     pub fn claim(&self, limits: &Limits) -> Result<Lease, CgroupError> {
         fs::create_dir_all(&self.lock_dir).map_err(io_err("mkdir", &self.lock_dir))?;
-        for slot in 0..MAX_SLOTS {
-            let Some(lock) = self.try_lock(slot)? else { continue };
+        // Slots this process let go of first (lowest first), then upwards from the highest it
+        // has held, then the rest: the first whose lock is free.
+        let (released, next) = match self.hint.lock() {
+            Ok(mut h) => (std::mem::take(&mut h.released), h.next),
+            Err(_) => (Default::default(), 0),
+        };
+        let mut candidates = released.iter().copied().chain(next..MAX_SLOTS).chain(0..next);
+        let mut tried_released = 0;
+        let found = loop {
+            let Some(slot) = candidates.next() else { break None };
+            if tried_released < released.len() {
+                tried_released += 1;
+            }
+            if let Some(lock) = self.try_lock(slot)? {
+                break Some((slot, lock));
+            }
+        };
+        // Released slots not tried this time stay hints for the next claim.
+        if let Ok(mut h) = self.hint.lock() {
+            h.released.extend(released.iter().copied().skip(tried_released));
+            if let Some((slot, _)) = &found {
+                h.released.remove(slot);
+                h.next = h.next.max(slot + 1);
+            }
+        }
+        if let Some((slot, lock)) = found {
             let dirs = self.slot_dirs(slot);
             // Every hierarchy, not just the first: a slot made by an older build may lack one
             // added since (the freezer's).
@@ -235,10 +281,10 @@ impl Pool {
                     fs::create_dir_all(d).map_err(io_err("mkdir", d))?;
                 }
             }
-            let lease = Lease::new(slot, dirs, self.layout.clone(), lock);
+            let mut lease = Lease::new(slot, dirs, self.layout.clone(), lock);
+            lease.hint = Some(self.hint.clone());
             // Whatever is still inside belongs to an owner that died without cleaning up.
             lease.kill_all()?;
-            let mut lease = lease;
             lease.apply(limits)?;
             lease.spawner = self.spawner(&lease);
             lease.set_baselines();
@@ -307,7 +353,10 @@ pub struct Lease {
     /// One directory per hierarchy; the first is the memory controller's.
     dirs: Vec<PathBuf>,
     layout: Layout,
-    _lock: Flock<File>,
+    /// The slot's lock; `None` only while the lease is being dropped.
+    lock: Option<Flock<File>>,
+    /// Told of the slot when this lease lets go of it (see [`SlotHint`]).
+    hint: Option<Arc<Mutex<SlotHint>>>,
     /// The slot's spawner, if one is parked there (see [`crate::spawner`]).
     spawner: Option<crate::spawner::Spawner>,
     /// Counters as they stood when this lease began: slots are reused, and their counters
@@ -389,7 +438,8 @@ impl Lease {
             slot,
             dirs,
             layout,
-            _lock: lock,
+            lock: Some(lock),
+            hint: None,
             spawner: None,
             oom_base: 0,
             pids_base: 0,
@@ -689,12 +739,51 @@ impl Drop for Lease {
         if let Err(e) = self.kill_all() {
             tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
         }
+        // Unlocked before it is offered, so a claim that takes the hint finds the lock free.
+        drop(self.lock.take());
+        if let Some(h) = &self.hint
+            && let Ok(mut h) = h.lock()
+        {
+            h.released.insert(self.slot);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_takes_a_released_slot_first_then_goes_on_from_the_highest() {
+        if ringfence_sys::euid() != 0 {
+            eprintln!("SKIPPED: needs root (cgroups)");
+            return;
+        }
+        let Ok(layout) = Layout::detect() else {
+            eprintln!("SKIPPED: no usable cgroup hierarchy");
+            return;
+        };
+        let locks = tempfile::tempdir().unwrap();
+        let prefix = format!("hint{}", std::process::id());
+        let pool = Pool::new(layout, "ringfence", &prefix, locks.path().to_path_buf());
+        let limits = Limits::default();
+        let a = pool.claim(&limits).unwrap();
+        let b = pool.claim(&limits).unwrap();
+        let c = pool.claim(&limits).unwrap();
+        assert_eq!((a.slot(), b.slot(), c.slot()), (0, 1, 2));
+        // Another process holds slot 3 (a lock taken outside this pool's hint).
+        let other = pool.try_lock(3).unwrap().unwrap();
+        drop(b);
+        assert_eq!(pool.claim(&limits).unwrap().slot(), 1, "the released slot, first");
+        // That lease is gone again at once: 1 is free, and is again the first choice.
+        let again = pool.claim(&limits).unwrap();
+        assert_eq!(again.slot(), 1);
+        // No hint left: on from the highest claimed, past the one held elsewhere.
+        assert_eq!(pool.claim(&limits).unwrap().slot(), 4);
+        drop(other);
+        drop((a, c, again));
+        pool.collect_garbage().unwrap();
+    }
 
     #[test]
     fn detects_v2_and_missing_controllers() {
