@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod api;
 pub mod bounded;
+pub mod builder;
 pub mod codec;
 pub mod envd;
 pub mod events;
