@@ -147,7 +147,10 @@ fn e2b_router(app: App) -> Router {
         .route("/templates", get(crate::templates::list))
         .route("/v3/templates", post(crate::templates::request))
         .route("/templates/{id}/files/{hash}", get(crate::templates::upload_link))
-        .route("/template-uploads/{token}", put(crate::templates::upload).post(crate::templates::upload))
+        .route(
+            "/template-uploads/{token}",
+            put(crate::templates::upload).post(crate::templates::upload),
+        )
         .route("/v2/templates/{id}/builds/{build}", post(crate::templates::start))
         .route("/templates/{id}/builds/{build}/status", get(crate::templates::status))
         .route("/templates/aliases/{alias}", get(crate::templates::alias))

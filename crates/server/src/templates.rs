@@ -354,7 +354,9 @@ fn build_of(
 /// Whether `key` has a build of `template` requested or the template itself.
 fn may_upload(app: &App, key: &KeyInfo, template: &str) -> bool {
     app.manager.templates.inner.lock().is_ok_and(|i| {
-        i.builds.values().any(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
+        i.builds
+            .values()
+            .any(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
     })
 }
 
@@ -364,7 +366,7 @@ pub async fn upload_link(
     State(app): State<App>,
     headers: HeaderMap,
     Path((template, hash)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     if !may_upload(&app, &key, &template) {
         return Err(not_found(&template));
@@ -397,10 +399,11 @@ pub async fn upload_link(
         .and_then(|v| v.to_str().ok())
         .filter(|p| *p == "https")
         .unwrap_or("http");
-    Ok(Json(json!({
+    let link = json!({
         "present": present,
         "url": format!("{scheme}://{host}/template-uploads/{token}"),
-    })))
+    });
+    Ok((StatusCode::CREATED, Json(link)).into_response())
 }
 
 /// `PUT /template-uploads/{token}`: the archive of one COPY step's files, stored under its
@@ -458,7 +461,11 @@ pub async fn upload(
 /// The FROM of a build: the template named by `fromTemplate` (one this key may use), or the
 /// image of `fromImage` (a template here of that name, else pulled from its registry by the
 /// builder). Returns it and its USER.
-fn resolve_from(store: &Store, spec: &BuildSpec, key: &KeyInfo) -> Result<(String, String), ApiError> {
+fn resolve_from(
+    store: &Store,
+    spec: &BuildSpec,
+    key: &KeyInfo,
+) -> Result<(String, String), ApiError> {
     if spec.from_image_registry.is_some() {
         return Err(bad(
             "fromImageRegistry (private registry credentials) is not supported: pull the image \
@@ -502,8 +509,8 @@ pub async fn start(
             format!("build {build_id:?} was started already"),
         ));
     }
-    let spec: BuildSpec = serde_json::from_slice(&body)
-        .map_err(|e| bad(format!("invalid build request: {e}")))?;
+    let spec: BuildSpec =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid build request: {e}")))?;
     if spec.start_cmd.is_some() != spec.ready_cmd.is_some() && spec.start_cmd.is_some() {
         return Err(bad("startCmd needs a readyCmd (set_start_cmd(start, ready))"));
     }
@@ -567,10 +574,11 @@ pub async fn start(
         json!({"template": template, "build_id": build_id, "steps": spec.steps.len()}),
     )
     .await;
-    let start = spec.start_cmd.clone().zip(spec.ready_cmd.clone()).map(|(s, r)| StartCmd {
-        start: s,
-        ready: r,
-    });
+    let start = spec
+        .start_cmd
+        .clone()
+        .zip(spec.ready_cmd.clone())
+        .map(|(s, r)| StartCmd { start: s, ready: r });
     tokio::spawn(run_build(app, key, state, build_id, work, translated, start));
     Ok(StatusCode::ACCEPTED)
 }
@@ -609,10 +617,8 @@ impl Sink {
 
 impl BuildProgress for Sink {
     fn step(&mut self, n: usize, total: usize, text: &str) {
-        self.step = self
-            .lines
-            .get(n.wrapping_sub(1))
-            .and_then(|l| sdk::step_name(&self.translated, *l));
+        self.step =
+            self.lines.get(n.wrapping_sub(1)).and_then(|l| sdk::step_name(&self.translated, *l));
         self.tail.clear();
         self.partial.clear();
         let one: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -711,7 +717,8 @@ async fn run_build(
             start,
             owner: Some(owner),
         };
-        let mut runner = crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT);
+        let mut runner =
+            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT);
         match ringfence_image::build::build(&store, &opts, &mut runner, &mut sink) {
             Ok(b) => {
                 // The extra tags: the same record under each name.
@@ -937,7 +944,7 @@ pub async fn assign_tags(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: AssignBody = parse_body(&body)?;
     let target = b.target.ok_or_else(|| bad("target (name:tag) is required"))?;
@@ -971,7 +978,8 @@ pub async fn assign_tags(
     })
     .await?;
     audit(&app, &key, "template.tags.assign", json!({"template": name, "tags": new})).await;
-    Ok(Json(json!({"tags": new, "buildID": build_id_of(&rec)})))
+    let v = json!({"tags": new, "buildID": build_id_of(&rec)});
+    Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1135,8 +1143,7 @@ async fn run_start(
         }
         let mut out = Vec::new();
         let mut code = None;
-        while let Some(ev) = tokio::time::timeout_at(deadline, check.recv()).await.ok().flatten()
-        {
+        while let Some(ev) = tokio::time::timeout_at(deadline, check.recv()).await.ok().flatten() {
             match ev {
                 Event::Stdout { data, .. } | Event::Stderr { data, .. } => keep(&mut out, &data),
                 Event::Exited { status, .. } => {
