@@ -502,7 +502,8 @@ mod tests {
     #[test]
     fn hostile_uploads_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>, &str)> = vec![
+        type Add = Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>;
+        let cases: Vec<(&str, Add, &str)> = vec![
             (
                 "dotdot",
                 Box::new(|b| {

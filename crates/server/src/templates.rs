@@ -387,7 +387,7 @@ pub async fn upload_link(
         i.uploads.insert(
             token.clone(),
             UploadLink {
-                owner: key.id.clone(),
+                owner: key.id,
                 template: template.clone(),
                 hash: hash.clone(),
                 expires_ms: now + UPLOAD_LINK_TTL_MS,
@@ -486,7 +486,7 @@ fn resolve_from(
     let local = ringfence_image::normalize_name(&from).ok().and_then(|n| store.get(&n).ok());
     match local {
         Some(r) if r.owner.as_ref().is_some_and(|o| *o != key.id) => Err(not_found(&from)),
-        Some(r) => Ok((r.name.clone(), r.config.user.clone().unwrap_or_default())),
+        Some(r) => Ok((r.name, r.config.user.unwrap_or_default())),
         None if spec.from_template.is_some() => Err(not_found(&from)),
         // A registry reference: the builder pulls it (or finds its earlier pull).
         None => Ok((from, String::new())),
