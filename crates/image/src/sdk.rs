@@ -93,6 +93,17 @@ fn quoted(s: &str) -> String {
     out
 }
 
+/// A USER value as the jail runs it. E2B's two sandbox users are `root` and `user`, and they
+/// are the only ones a jail sandbox has (0 and 1000): they are given as ids, so an image
+/// without an `/etc/passwd` (busybox, distroless) still builds, as it does on E2B.
+fn user_id(u: &str) -> String {
+    match u {
+        "root" => "0".into(),
+        "user" => "1000:1000".into(),
+        other => other.to_string(),
+    }
+}
+
 /// A relative path inside the uploaded files: no `..`, not absolute, not empty.
 fn inside(src: &str) -> bool {
     let p = Path::new(src);
@@ -108,7 +119,7 @@ pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Transl
     let mut lines: Vec<(String, String)> = Vec::new();
     lines.push((format!("FROM {from}"), "base".into()));
     let mut no_cache = spec.force == Some(true);
-    let mut user = if base_user.is_empty() { "root".to_string() } else { base_user.to_string() };
+    let mut user = if base_user.is_empty() { "0".to_string() } else { user_id(base_user) };
     let mut copies = Vec::new();
     let single_line = |what: &str, v: &str, n: usize| {
         if v.contains(['\n', '\r', '\0']) {
@@ -133,7 +144,7 @@ pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Transl
                 let as_user = a.get(1).filter(|u| !u.is_empty());
                 if let Some(u) = as_user {
                     single_line("RUN user", u, n)?;
-                    lines.push((format!("USER {}", quoted(u)), name.clone()));
+                    lines.push((format!("USER {}", quoted(&user_id(u))), name.clone()));
                 }
                 lines.push((format!("RUN [\"/bin/sh\", \"-c\", {}]", json(cmd)), name.clone()));
                 if as_user.is_some() {
@@ -209,8 +220,8 @@ pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Transl
                 let u = a.first().filter(|u| !u.is_empty());
                 let u = u.ok_or(format!("step {n} (USER): no user"))?;
                 single_line("USER", u, n)?;
-                lines.push((format!("USER {}", quoted(u)), name));
-                user = u.clone();
+                user = user_id(u);
+                lines.push((format!("USER {}", quoted(&user)), name));
             }
             other => {
                 return Err(format!(
@@ -408,9 +419,9 @@ mod tests {
         }));
         let t = translate(&s, "bb", "").unwrap();
         let want = format!(
-            "FROM bb\nUSER \"root\"\nRUN [\"/bin/sh\", \"-c\", \"echo \\\"$HOME\\\"\\necho two\"]\n\
-             USER \"root\"\nCOPY --chown=user --chmod=0644 [\"{h}/app/x.txt\", \"/opt/\"]\n\
-             ENV A=\"1 \\$B \\\"q\\\"\" C=\"\"\nWORKDIR \"/opt\"\nUSER \"user\"\n"
+            "FROM bb\nUSER \"0\"\nRUN [\"/bin/sh\", \"-c\", \"echo \\\"$HOME\\\"\\necho two\"]\n\
+             USER \"0\"\nCOPY --chown=user --chmod=0644 [\"{h}/app/x.txt\", \"/opt/\"]\n\
+             ENV A=\"1 \\$B \\\"q\\\"\" C=\"\"\nWORKDIR \"/opt\"\nUSER \"1000:1000\"\n"
         );
         assert_eq!(t.dockerfile, want);
         assert_eq!(t.step_of_line, ["base", "1", "1", "1", "2", "3", "4", "5"]);
