@@ -63,6 +63,10 @@ def main():
             .set_envs({"GREETING": "hi there", "QUOTED": 'a "b" $c'})
             .set_workdir("/opt/app")
             .run_cmd("pwd > /opt/made/workdir && echo \"$GREETING\" > /opt/made/env")
+            .set_user("user")
+            .run_cmd("id -u > /home/user/uid")
+            .run_cmd("id -u > /opt/made/uid-root", user="root")
+            .set_user("root")
         )
 
     logs = []
@@ -96,6 +100,22 @@ def main():
     check("templates: logs_offset skips the logs read", len(later.log_entries) == 0
           and len(st.log_entries) > 0, (len(st.log_entries), len(later.log_entries)))
 
+    # Two builds of one template at once: run one after the other, both end ready.
+    slow = Template(file_context_path=ctx).from_template(BASE).skip_cache().run_cmd("sleep 1")
+    a = Template.build_in_background(slow, f"{NAME}-twice:a")
+    b = Template.build_in_background(slow, f"{NAME}-twice:b")
+    t0 = time.time()
+    ends = {}
+    while len(ends) < 2 and time.time() - t0 < 60:
+        for k, bi in (("a", a), ("b", b)):
+            s = Template.get_build_status(bi, logs_offset=0)
+            if s.status.value in ("ready", "error") and k not in ends:
+                ends[k] = (s.status.value, time.time() - t0)
+        time.sleep(0.1)
+    check("templates: concurrent builds of one template both end ready, one after the other",
+          [v[0] for v in ends.values()] == ["ready", "ready"]
+          and abs(ends["a"][1] - ends["b"][1]) >= 0.9, ends)
+
     # A failing step: error with the step's output; nothing registered under its name.
     failing = Template(file_context_path=ctx).from_template(BASE).run_cmd(
         "echo about to fail; echo oops >&2; exit 3")
@@ -123,10 +143,12 @@ def main():
     sb = Sandbox.create(NAME)
     try:
         out = sb.commands.run("cat /opt/app/hello.txt /opt/app/sub/deep.txt /opt/made/by-run "
-                              "/opt/made/workdir /opt/made/env; echo \"$QUOTED\"")
-        check("templates: a sandbox sees the copied files, RUN's results and the env",
-              out.stdout == "hello from the context\ndeep\nbuilt\n/opt/app\nhi there\na \"b\" $c\n",
-              repr(out.stdout))
+                              "/opt/made/workdir /opt/made/env /home/user/uid /opt/made/uid-root; "
+                              "echo \"$QUOTED\"")
+        check("templates: a sandbox sees the copied files, RUN's results (as set_user's user and "
+              "as run_cmd's) and the env",
+              out.stdout == "hello from the context\ndeep\nbuilt\n/opt/app\nhi there\n1000\n0\n"
+              "a \"b\" $c\n", repr(out.stdout))
         v1 = Sandbox.create(f"{NAME}:v1")
         v1.kill()
         check("templates: a tag starts a sandbox too", True)
@@ -185,7 +207,7 @@ def main():
         return delete_templates_template_id.sync_detailed(template_id=name, client=get_api_client(cfg))
 
     check("templates: another key cannot delete it", delete(NAME, OTHER_KEY).status_code == 404)
-    for n in (f"{NAME}-srv", f"{NAME}-file", f"{NAME}-dead", NAME):
+    for n in (f"{NAME}-srv", f"{NAME}-file", f"{NAME}-dead", f"{NAME}-twice", NAME):
         r = delete(n)
         check(f"templates: delete {n}", r.status_code == 204, r.status_code)
     check("templates: deleted templates do not exist", not Template.exists(NAME))
