@@ -518,38 +518,38 @@ pub async fn start(
         return Err(bad("readyCmd without a startCmd is not supported (set_start_cmd)"));
     }
     let data_dir = app.manager.config().data_dir.clone();
-    let work = data_dir.join("template-builds").join(&build_id);
     let uploads = uploads_dir(&app, &key.id, &template);
+    // The build context: each upload unpacked once, after its hash checked out, under
+    // `ctx/<hash>` (the hash covers the step's source and destination, so one directory
+    // serves every build that names it; a rebuild does not unpack again).
+    let context = uploads.join("ctx");
     let key2 = key.clone();
     let spec2 = spec.clone();
-    let w2 = work.clone();
+    let ctx = context.clone();
     let translated = blocking(move || {
         let store = Store::open(&data_dir).map_err(internal)?;
         let (from, user) = resolve_from(&store, &spec2, &key2)?;
         let t = sdk::translate(&spec2, &from, &user).map_err(bad)?;
-        let ctx = w2.join("context");
-        let _ = std::fs::remove_dir_all(&w2);
         std::fs::create_dir_all(&ctx).map_err(internal)?;
-        let r = (|| {
-            for (hash, src, dest) in &t.copies {
-                let up = uploads.join(hash);
-                if !up.is_file() {
-                    return Err(bad(format!(
-                        "COPY {src} {dest}: its files (hash {hash}) were not uploaded"
-                    )));
-                }
-                let into = ctx.join(hash);
-                if into.exists() {
-                    continue;
-                }
-                sdk::unpack_upload(&up, &into, src, dest, hash)
-                    .map_err(|e| bad(format!("COPY {src} {dest}: {e}")))?;
+        for (hash, src, dest) in &t.copies {
+            let up = uploads.join(hash);
+            if !up.is_file() {
+                return Err(bad(format!(
+                    "COPY {src} {dest}: its files (hash {hash}) were not uploaded"
+                )));
             }
-            Ok(())
-        })();
-        if let Err(e) = r {
-            let _ = std::fs::remove_dir_all(&w2);
-            return Err(e);
+            let into = ctx.join(hash);
+            if into.is_dir() {
+                continue;
+            }
+            // Unpacked beside its place and renamed in whole: a concurrent start of another
+            // build of the same files never sees half of them.
+            let tmp = ctx.join(format!(".{hash}.{}", crate::manager::new_token()));
+            sdk::unpack_upload(&up, &tmp, src, dest, hash)
+                .map_err(|e| bad(format!("COPY {src} {dest}: {e}")))?;
+            if std::fs::rename(&tmp, &into).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
         }
         Ok(t)
     })
@@ -557,7 +557,6 @@ pub async fn start(
     {
         let mut s = state.lock().map_err(internal)?;
         if s.status != Status::Waiting {
-            let _ = std::fs::remove_dir_all(&work);
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("build {build_id:?} was started already"),
@@ -579,7 +578,7 @@ pub async fn start(
         .clone()
         .zip(spec.ready_cmd.clone())
         .map(|(s, r)| StartCmd { start: s, ready: r });
-    tokio::spawn(run_build(app, key, state, build_id, work, translated, start));
+    tokio::spawn(run_build(app, key, state, build_id, context, translated, start));
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -661,7 +660,7 @@ async fn run_build(
     key: KeyInfo,
     state: Arc<Mutex<BuildState>>,
     build_id: String,
-    work: PathBuf,
+    context: PathBuf,
     translated: Translated,
     start: Option<StartCmd>,
 ) {
@@ -688,7 +687,6 @@ async fn run_build(
     let st = state.clone();
     let owner = key.id.clone();
     let name = format!("{template}:{tag}");
-    let w2 = work.clone();
     let bid = build_id.clone();
     let tpl = template.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -708,7 +706,7 @@ async fn run_build(
             name: name.clone(),
             dockerfile: translated.dockerfile.clone().into_bytes(),
             dockerfile_path: PathBuf::from("template.json"),
-            context: w2.join("context"),
+            context,
             build_args: Default::default(),
             no_cache: translated.no_cache,
             pull: Default::default(),
@@ -741,7 +739,6 @@ async fn run_build(
     })
     .await
     .unwrap_or_else(|e| Err((format!("the build task failed: {e}"), None, Vec::new())));
-    let _ = tokio::fs::remove_dir_all(&work).await;
     let took = began.elapsed();
     let mut detail = json!({
         "template": template,
@@ -1174,8 +1171,23 @@ async fn run_start(
     ))
 }
 
-/// Removes what builds a crash interrupted left (their contexts) and expired uploads' partial
-/// files.
+/// Removes what a crash left: partial uploads (`.*.part`) and half-unpacked contexts
+/// (`ctx/.<hash>.*`).
 pub fn sweep(data_dir: &FsPath) {
-    let _ = std::fs::remove_dir_all(data_dir.join("template-builds"));
+    let root = data_dir.join("template-uploads");
+    let Ok(owners) = std::fs::read_dir(&root) else { return };
+    for owner in owners.flatten() {
+        let Ok(templates) = std::fs::read_dir(owner.path()) else { continue };
+        for t in templates.flatten() {
+            for dir in [t.path(), t.path().join("ctx")] {
+                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with('.') {
+                        let p = e.path();
+                        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                    }
+                }
+            }
+        }
+    }
 }
