@@ -52,6 +52,8 @@ const MAX_LOGS: usize = 20_000;
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a sandbox's ready check may take to pass after its start command started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Builds whose states (status, logs) are kept; see [`Inner::forget_old`].
+const MAX_BUILDS: usize = 1000;
 /// How long an upload link stays valid.
 const UPLOAD_LINK_TTL_MS: i64 = 3600 * 1000;
 
@@ -68,6 +70,26 @@ struct Inner {
     locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Upload token → what it may upload.
     uploads: HashMap<String, UploadLink>,
+}
+
+impl Inner {
+    /// Keeps at most [`MAX_BUILDS`] builds' states: the oldest finished ones go first (their
+    /// status then reads 404; the templates stay).
+    fn forget_old(&mut self) {
+        if self.builds.len() < MAX_BUILDS {
+            return;
+        }
+        let mut finished: Vec<(u64, String)> = self
+            .builds
+            .iter()
+            .filter_map(|(id, b)| b.lock().ok().filter(|b| b.done()).map(|b| (b.seq, id.clone())))
+            .collect();
+        finished.sort();
+        let excess = self.builds.len() + 1 - MAX_BUILDS;
+        for (_, id) in finished.into_iter().take(excess) {
+            self.builds.remove(&id);
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +143,8 @@ impl LogEntry {
 
 #[derive(Debug)]
 struct BuildState {
+    /// Order of requests, for forgetting the oldest.
+    seq: u64,
     owner: String,
     /// The template's id: its name without the tag.
     template: String,
@@ -134,6 +158,10 @@ struct BuildState {
 }
 
 impl BuildState {
+    fn done(&self) -> bool {
+        matches!(self.status, Status::Ready | Status::Error)
+    }
+
     fn log(&mut self, level: &'static str, message: String, step: Option<String>) {
         if self.logs.len() >= MAX_LOGS {
             self.dropped += 1;
@@ -296,7 +324,9 @@ pub async fn request(
         }
     }
     let build_id = uuid();
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let state = BuildState {
+        seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         owner: key.id.clone(),
         template: template.clone(),
         tag: tag.clone(),
@@ -306,7 +336,20 @@ pub async fn request(
         dropped: 0,
         reason: None,
     };
-    if let Ok(mut i) = app.manager.templates.inner.lock() {
+    {
+        let mut i = app.manager.templates.inner.lock().map_err(internal)?;
+        // A name another key is building now is taken too (the store knows it only once that
+        // build registers): checked and claimed under one lock.
+        let theirs = i.builds.values().any(|b| {
+            b.lock().is_ok_and(|b| b.template == template && b.owner != key.id && !b.done())
+        });
+        if theirs {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template name {template:?} is taken; choose another name"),
+            ));
+        }
+        i.forget_old();
         i.builds.insert(build_id.clone(), Arc::new(Mutex::new(state)));
     }
     audit(

@@ -202,7 +202,9 @@ fn build_api_refuses_bad_input_and_builds_good_input() {
         .collect::<Vec<_>>();
     assert!(left.is_empty(), "a refused upload left {left:?}");
 
-    // Another tenant sees none of it.
+    // Another tenant sees none of it, and cannot take the name while the build is open.
+    let r = s.api_as(&other, "POST", "/v3/templates", json!({"name": "mine"}));
+    assert_eq!(r.status, 409, "a name another key is building: {}", r.text());
     let r = s.api_as(&other, "GET", &format!("/templates/mine/builds/{build}/status"), Value::Null);
     assert_eq!(r.status, 404, "{}", r.text());
     let r = s.api_as(&other, "POST", &format!("/v2/templates/mine/builds/{build}"), json!({}));
@@ -256,5 +258,8 @@ fn build_api_refuses_bad_input_and_builds_good_input() {
     assert_eq!(r.status, 204, "{}", r.text());
     let r = s.api("GET", "/templates/aliases/mine", Value::Null);
     assert_eq!(r.status, 404, "{}", r.text());
+    // Deleted and no build open: the name is free again.
+    let r = s.api_as(&other, "POST", "/v3/templates", json!({"name": "mine"}));
+    assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(s.api("GET", "/health", Value::Null).status, 200);
 }
