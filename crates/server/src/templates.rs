@@ -73,8 +73,9 @@ struct Inner {
 }
 
 impl Inner {
-    /// Keeps at most [`MAX_BUILDS`] builds' states: the oldest finished ones go first (their
-    /// status then reads 404; the templates stay).
+    /// Keeps at most [`MAX_BUILDS`] builds' states: the oldest of those not running go first
+    /// (finished ones, and requests whose steps never came); their status then reads 404, the
+    /// templates stay. Running builds are never forgotten.
     fn forget_old(&mut self) {
         if self.builds.len() < MAX_BUILDS {
             return;
@@ -82,7 +83,9 @@ impl Inner {
         let mut finished: Vec<(u64, String)> = self
             .builds
             .iter()
-            .filter_map(|(id, b)| b.lock().ok().filter(|b| b.done()).map(|b| (b.seq, id.clone())))
+            .filter_map(|(id, b)| {
+                b.lock().ok().filter(|b| b.status != Status::Building).map(|b| (b.seq, id.clone()))
+            })
             .collect();
         finished.sort();
         let excess = self.builds.len() + 1 - MAX_BUILDS;
