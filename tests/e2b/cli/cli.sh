@@ -47,7 +47,7 @@ if $e2b template list 2>&1 | grep -q rf-busybox; then
   echo "from the cli" > "$proj/hello.txt"
   printf '%s\n' 'FROM rf-busybox' 'COPY hello.txt /opt/hello.txt' 'RUN echo ran > /opt/ran' \
     'WORKDIR /opt' > "$proj/e2b.Dockerfile"
-  check "template create builds a Dockerfile" "$(cd "$proj" && $e2b template create cli-made 2>&1)" \
+  check "template create builds a Dockerfile" "$($e2b template create cli-made --path "$proj" 2>&1)" \
     "Sandbox.create(\"cli-made\")"
   check "template list shows it" "$($e2b template list 2>&1)" "cli-made"
   got=$("$VENV/bin/python" -c "
