@@ -1067,12 +1067,14 @@ pub async fn remove_tags(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A store refusal to remove while a sandbox runs from an image template is the client's to
+/// retry (409); anything else is internal.
 fn in_use(e: ImageError) -> ApiError {
     match e {
-        ImageError::Format(m) if m.contains("in use") || m.contains("running") => {
+        ImageError::Format(m) if m.contains("while a sandbox runs") => {
             ApiError::new(StatusCode::CONFLICT, m)
         }
-        other => ApiError::new(StatusCode::CONFLICT, other.to_string()),
+        other => internal(other),
     }
 }
 
