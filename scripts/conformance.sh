@@ -37,6 +37,23 @@ if ! "$VENV/bin/python" tests/e2b/conformance.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# Template builds with the SDK's `Template` (tests/e2b/templates.py) on a busybox base the CLI
+# builds here from Debian's static busybox (busybox-static, scripts/setup.sh); SKIPPED without.
+if [ -x /bin/busybox ]; then
+  bbctx=$(mktemp -d)
+  cp /bin/busybox "$bbctx/busybox"
+  # The SDK's commands run `/bin/bash -l -c`: busybox's sh answers for it.
+  printf '#!/bin/sh\nexec /bin/sh "$@"\n' > "$bbctx/bash"
+  printf '%s\n' 'FROM scratch' 'COPY busybox /bin/busybox' \
+    'RUN ["/bin/busybox", "--install", "-s", "/bin"]' 'COPY --chmod=755 bash /bin/bash' \
+    'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' > "$bbctx/Dockerfile"
+  "$BIN" template build --name rf-busybox -f "$bbctx/Dockerfile" --data-dir "$data" >/dev/null
+  rm -rf "$bbctx"
+fi
+if ! "$VENV/bin/python" tests/e2b/templates.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # The code interpreter with the unmodified `e2b-code-interpreter` SDK.
 if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

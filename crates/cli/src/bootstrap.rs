@@ -184,6 +184,8 @@ exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbi
             .unwrap_or(0),
         size: bytes,
         allow_setuid: true,
+        start: None,
+        owner: None,
     };
     // From here to the record, ctrl-c waits: the layer and the record that names it arrive
     // together, or neither does.

@@ -115,6 +115,12 @@ pub struct BuildOptions {
     /// For a FROM that is a registry reference not in the store.
     pub pull: crate::registry::PullOptions,
     pub limits: Limits,
+    /// The record's `source` (default: `build <dockerfile_path>`).
+    pub source: Option<String>,
+    /// Kept on the record: what a sandbox from it starts (E2B's `set_start_cmd`).
+    pub start: Option<crate::store::StartCmd>,
+    /// Kept on the record: the tenant that built it through the API.
+    pub owner: Option<String>,
 }
 
 /// What a build made.
@@ -203,7 +209,8 @@ pub fn build(
     for (i, step) in file.steps.iter().enumerate() {
         let n = i + 1;
         let label = format!("[{n}/{total}] {} (line {})", short(&step.text), step.line);
-        let fail = |reason: String| ImageError::Build { step: label.clone(), reason };
+        let fail =
+            |reason: String| ImageError::Build { step: label.clone(), line: step.line, reason };
         progress.step(n, total, &step.text);
         let t = Instant::now();
         let how = match (&step.op, st.as_mut()) {
@@ -273,7 +280,10 @@ pub fn build(
     let config_text = serde_json::to_vec(&s.config).unwrap_or_default();
     let record = Record {
         name: name.clone(),
-        source: format!("build {}", opts.dockerfile_path.display()),
+        source: opts
+            .source
+            .clone()
+            .unwrap_or_else(|| format!("build {}", opts.dockerfile_path.display())),
         manifest_digest: None,
         config_digest: Digest::of(&config_text).to_string(),
         size: s.layers.iter().map(|l| l.bytes).sum(),
@@ -287,13 +297,19 @@ pub fn build(
         // A build's own RUN steps could add setuid binaries; it asks for none of the base's
         // trust (see docs/SECURITY.md).
         allow_setuid: false,
+        start: opts.start.clone(),
+        owner: opts.owner.clone(),
     };
     drop(scratch);
     // Released before registering, so replacing an older build can collect its layers.
     drop(in_use);
     // Unchanged: nothing to write (a rebuild changes nothing, not even the record's time).
     let same = store.get(&name).is_ok_and(|old| {
-        old.layers == record.layers && old.config == record.config && old.source == record.source
+        old.layers == record.layers
+            && old.config == record.config
+            && old.source == record.source
+            && old.start == record.start
+            && old.owner == record.owner
     });
     if same {
         let old = store.get(&name)?;

@@ -33,9 +33,10 @@ pub enum ImageError {
     /// A Dockerfile refused while parsing (line 0: the file as a whole).
     #[error("Dockerfile{}: {message}", if *line > 0 { format!(" line {line}") } else { String::new() })]
     Dockerfile { line: usize, message: String },
-    /// A build step that failed or was refused; `step` is `[n/m] INSTRUCTION` (line N).
+    /// A build step that failed or was refused; `step` is `[n/m] INSTRUCTION` (line N), and
+    /// `line` that line of the Dockerfile.
     #[error("{step}: {reason}")]
-    Build { step: String, reason: String },
+    Build { step: String, line: usize, reason: String },
     #[error("registry {registry}: {reason}")]
     Registry { registry: String, reason: String },
 }

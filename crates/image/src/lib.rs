@@ -16,11 +16,14 @@ pub mod error;
 pub mod oci;
 mod passwd;
 pub mod registry;
+pub mod sdk;
 pub mod store;
 pub mod unpack;
 
 pub use error::ImageError;
-pub use store::{LayerRecord, Progress, Quiet, Record, Removed, Runnable, Store, normalize_name};
+pub use store::{
+    LayerRecord, Progress, Quiet, Record, Removed, Runnable, StartCmd, Store, normalize_name,
+};
 pub use unpack::{LayerStats, Limits};
 
 use std::path::Path;

@@ -53,6 +53,22 @@ pub struct Record {
     /// pulled or built image: their setuid bits stay inert (see docs/SECURITY.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_setuid: bool,
+    /// The start command and ready check of a template built with E2B's Template SDK
+    /// (`set_start_cmd`): a sandbox from it runs the one and answers create once the other
+    /// exits 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartCmd>,
+    /// The API key that built it through the API (its tenant); `None`: the operator's, which
+    /// every key may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A template's start command and the shell command that says it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartCmd {
+    pub start: String,
+    pub ready: String,
 }
 
 /// One layer of a template, and what it holds (also kept beside the layer, for reuse).
@@ -386,6 +402,8 @@ impl Store {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             allow_setuid: false,
+            start: None,
+            owner: None,
         };
         let old = self.get(&name).ok();
         let text = serde_json::to_vec_pretty(&record)

@@ -144,6 +144,21 @@ fn e2b_router(app: App) -> Router {
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
+        .route("/templates", get(crate::templates::list))
+        .route("/v3/templates", post(crate::templates::request))
+        .route("/templates/{id}/files/{hash}", get(crate::templates::upload_link))
+        .route(
+            "/template-uploads/{token}",
+            put(crate::templates::upload).post(crate::templates::upload),
+        )
+        .route("/v2/templates/{id}/builds/{build}", post(crate::templates::start))
+        .route("/templates/{id}/builds/{build}/status", get(crate::templates::status))
+        .route("/templates/aliases/{alias}", get(crate::templates::alias))
+        .route(
+            "/templates/tags",
+            post(crate::templates::assign_tags).delete(crate::templates::remove_tags),
+        )
+        .route("/templates/{id}/tags", get(crate::templates::get_tags))
         // Lifecycle events and webhooks (crate::events).
         .route("/events/sandboxes", get(crate::events::team_events))
         .route("/events/sandboxes/{id}", get(crate::events::sandbox_events))
@@ -625,10 +640,23 @@ async fn create(
         reuse: None,
     };
     app.manager.network().validate(&params.network)?;
+    // Another tenant's template is as absent as one that does not exist.
+    let image = crate::templates::check_use(&app, &key, &params.template).await?;
     let live = app.manager.create(&key.id, params).await?;
     let r = live
         .snapshot()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
+    // A template with a start command (E2B's `set_start_cmd`): create answers once its ready
+    // check passes; a sandbox whose check never passes is ended, not handed out.
+    if let Some(rec) = &image
+        && let Err(why) = crate::templates::start_command(&live, rec).await
+    {
+        app.manager.kill(&r.id, "the template's ready check failed").await;
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("template {:?}: {why}", rec.name),
+        ));
+    }
     idem.record(&app, &r.id).await?;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
@@ -838,7 +866,9 @@ async fn delete_snapshot(
     let key = caller(&app, &headers).await?;
     match app.manager.delete_snapshot(&key.id, &id).await? {
         true => Ok(StatusCode::NO_CONTENT),
-        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("snapshot {id:?} not found"))),
+        // Not a snapshot: a template this key built through the API (crate::templates).
+        false if crate::templates::delete(&app, &key, &id).await? => Ok(StatusCode::NO_CONTENT),
+        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("template {id:?} not found"))),
     }
 }
 

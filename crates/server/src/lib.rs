@@ -12,6 +12,7 @@
 pub mod agent_client;
 pub mod api;
 pub mod bounded;
+pub mod builder;
 pub mod codec;
 pub mod envd;
 pub mod events;
@@ -26,6 +27,7 @@ pub mod network;
 pub mod observe;
 pub mod quota;
 pub mod store;
+pub mod templates;
 pub mod tier;
 mod time;
 pub mod ui;
@@ -89,6 +91,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(manager.clone().sample_loop());
     tokio::spawn(events::delivery_loop(manager.store().clone()));
     volumes::sweep(&cfg.manager.data_dir, manager.store());
+    templates::sweep(&cfg.manager.data_dir);
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {

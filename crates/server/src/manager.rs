@@ -264,6 +264,8 @@ pub struct Manager {
     pub pool_misses: std::sync::atomic::AtomicU64,
     /// Per-key sandbox counts in flight and create-rate buckets.
     quotas: crate::quota::Quotas,
+    /// Template builds through the API (`crate::templates`).
+    pub templates: crate::templates::Builds,
 }
 
 /// A pooled sandbox of the default tier: its instance is up and its agent ready; identity,
@@ -353,6 +355,7 @@ impl Manager {
             pool_hits: Default::default(),
             pool_misses: Default::default(),
             quotas: Default::default(),
+            templates: Default::default(),
         })
     }
 
@@ -424,6 +427,15 @@ impl Manager {
     /// Where sandboxes' writable layers live: "image" or "tmpfs".
     pub fn disk_backend(&self) -> &'static str {
         self.tiers.jail().disk_backend()
+    }
+
+    /// What a template build's jail runner needs: the jail tier's configuration, cgroup pool
+    /// and seccomp profile, so build sandboxes are confined like every other.
+    pub fn build_parts(
+        &self,
+    ) -> (ringfence_jail::JailConfig, ringfence_jail::cgroup::Pool, ringfence_jail::seccomp::Compiled)
+    {
+        self.tiers.jail().build_parts()
     }
 
     pub fn store(&self) -> &Arc<Store> {

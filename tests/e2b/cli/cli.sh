@@ -39,4 +39,27 @@ check "killed: no longer listed" "$($e2b sandbox list 2>&1 | grep -c "$sid" || t
 # `auth info` reads ~/.e2b/config.json, which only `e2b auth login` (E2B's dashboard, in a
 # browser) writes: with an API key alone it says so, as it does against E2B.
 check "auth info without a login says so" "$($e2b auth info 2>&1)" "Not logged in"
+# `template create` (the Dockerfile parsed by the CLI into the Template SDK's steps, built
+# through the build API), `template list`, `template delete`, on the busybox base
+# scripts/conformance.sh builds (rf-busybox).
+if $e2b template list 2>&1 | grep -q rf-busybox; then
+  proj=$(mktemp -d)
+  echo "from the cli" > "$proj/hello.txt"
+  printf '%s\n' 'FROM rf-busybox' 'COPY hello.txt /opt/hello.txt' 'RUN echo ran > /opt/ran' \
+    'WORKDIR /opt' > "$proj/e2b.Dockerfile"
+  check "template create builds a Dockerfile" "$($e2b template create cli-made --path "$proj" 2>&1)" \
+    "Sandbox.create(\"cli-made\")"
+  check "template list shows it" "$($e2b template list 2>&1)" "cli-made"
+  got=$("$VENV/bin/python" -c "
+from e2b import Sandbox
+s = Sandbox.create('cli-made')
+print(s.commands.run('cat /opt/hello.txt /opt/ran').stdout)
+s.kill()")
+  check "a sandbox from it has the files" "$got" "from the cli"
+  $e2b template delete cli-made -y >/dev/null 2>&1
+  check "template delete removes it" "$($e2b template list 2>&1 | grep -c cli-made || true)" "0"
+  rm -rf "$proj"
+else
+  echo "SKIPPED cli: template create (no rf-busybox base: busybox-static missing)"
+fi
 echo "$passed passed, 0 failed"

@@ -170,6 +170,12 @@ impl JailTier {
         self.cfg.uid_base
     }
 
+    /// The configuration, cgroup pool and seccomp profile a template build's RUN sandboxes
+    /// share with every jail sandbox.
+    pub fn build_parts(&self) -> (JailConfig, Pool, Compiled) {
+        (self.cfg.clone(), self.pool.clone(), self.seccomp.clone())
+    }
+
     /// Whether `name` is an image template in this server's image store.
     pub fn has_image(&self, name: &str) -> bool {
         ringfence_image::store::Store::open(&self.cfg.data_dir).is_ok_and(|s| s.contains(name))

@@ -1,0 +1,1241 @@
+//! Template builds through the API, in the shapes E2B's Template SDK (`e2b` 2.63's `Template`)
+//! sends: request a build (`POST /v3/templates`), upload the files of each COPY step (`GET
+//! /templates/{id}/files/{hash}` hands out a link on this server; the SDK PUTs a tar there),
+//! start it (`POST /v2/templates/{id}/builds/{buildID}` with the steps), poll it (`GET
+//! /templates/{id}/builds/{buildID}/status?logsOffset=`); aliases, tags, list and delete.
+//!
+//! - A template here is an image template of the store (`ringfence_image`), named after the
+//!   SDK's name (`name:tag`, the tag `latest` by default); its template id is the name. One
+//!   built through the API belongs to the key that built it (`Record::owner`): other keys
+//!   cannot see, use, tag, rebuild or delete it. Templates the operator made on the command
+//!   line (no owner) every key may use, none may change.
+//! - The steps become a Dockerfile (`ringfence_image::sdk`) that the same builder as `ringfence
+//!   template build` runs, with the same per-step layer cache, RUN steps in one-shot jail
+//!   sandboxes ([`crate::builder::JailRunner`]), **with no network**.
+//! - Bad input is refused when the build is started (400 naming the step): an unknown step,
+//!   a COPY whose files were not uploaded or do not hash to what the SDK computed, a path
+//!   leaving the upload. Everything else is the build's: it runs in the background (a tokio
+//!   task, the blocking work on the blocking pool), one build of a template at a time, and
+//!   ends `ready` or `error` with the failing step and its output. A failed build registers
+//!   nothing (the builder writes the record last).
+//! - Builds' states live in memory: a server restart forgets builds in flight (their
+//!   sandboxes die with the server) and their logs; built templates stay.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use ringfence_image::build::{BuildOptions, BuildProgress, StepResult};
+use ringfence_image::sdk::{self, BuildSpec, Translated};
+use ringfence_image::{ImageError, Record, StartCmd, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::api::{ApiError, App, caller, internal, parse_body};
+use crate::manager::now_ms;
+use crate::store::{AuditRecord, KeyInfo};
+
+/// Most bytes of one uploaded archive.
+const MAX_UPLOAD: u64 = 2 << 30;
+/// Log entries a status call returns at most (as E2B's API does).
+const LOGS_PAGE: usize = 100;
+/// Log entries kept per build; older ones are dropped, with a note.
+const MAX_LOGS: usize = 20_000;
+/// How long one RUN step may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a sandbox's ready check may take to pass after its start command started.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Builds whose states (status, logs) are kept; see [`Inner::forget_old`].
+const MAX_BUILDS: usize = 1000;
+/// How long an upload link stays valid.
+const UPLOAD_LINK_TTL_MS: i64 = 3600 * 1000;
+
+/// Builds in flight and done (since the server started), and upload links.
+#[derive(Debug, Default)]
+pub struct Builds {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    builds: HashMap<String, Arc<Mutex<BuildState>>>,
+    /// Template name → the lock that serialises its builds.
+    locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Upload token → what it may upload.
+    uploads: HashMap<String, UploadLink>,
+}
+
+impl Inner {
+    /// Keeps at most [`MAX_BUILDS`] builds' states: the oldest of those not running go first
+    /// (finished ones, and requests whose steps never came); their status then reads 404, the
+    /// templates stay. Running builds are never forgotten.
+    fn forget_old(&mut self) {
+        if self.builds.len() < MAX_BUILDS {
+            return;
+        }
+        let mut finished: Vec<(u64, String)> = self
+            .builds
+            .iter()
+            .filter_map(|(id, b)| {
+                b.lock().ok().filter(|b| b.status != Status::Building).map(|b| (b.seq, id.clone()))
+            })
+            .collect();
+        finished.sort();
+        let excess = self.builds.len() + 1 - MAX_BUILDS;
+        for (_, id) in finished.into_iter().take(excess) {
+            self.builds.remove(&id);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UploadLink {
+    owner: String,
+    template: String,
+    hash: String,
+    expires_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Waiting,
+    Building,
+    Ready,
+    Error,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Waiting => "waiting",
+            Status::Building => "building",
+            Status::Ready => "ready",
+            Status::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LogEntry {
+    ts_ms: i64,
+    level: &'static str,
+    message: String,
+    step: Option<String>,
+}
+
+impl LogEntry {
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "timestamp": crate::time::rfc3339_ms(self.ts_ms),
+            "level": self.level,
+            "message": self.message,
+        });
+        if let Some(s) = &self.step {
+            v["step"] = json!(s);
+        }
+        v
+    }
+}
+
+#[derive(Debug)]
+struct BuildState {
+    /// Order of requests, for forgetting the oldest.
+    seq: u64,
+    owner: String,
+    /// The template's id: its name without the tag.
+    template: String,
+    tag: String,
+    /// More tags to give the result.
+    tags: Vec<String>,
+    status: Status,
+    logs: Vec<LogEntry>,
+    dropped: usize,
+    reason: Option<(String, Option<String>, Vec<LogEntry>)>,
+}
+
+impl BuildState {
+    fn done(&self) -> bool {
+        matches!(self.status, Status::Ready | Status::Error)
+    }
+
+    fn log(&mut self, level: &'static str, message: String, step: Option<String>) {
+        if self.logs.len() >= MAX_LOGS {
+            self.dropped += 1;
+            return;
+        }
+        self.logs.push(LogEntry { ts_ms: now_ms(), level, message, step });
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("template {what:?} not found"))
+}
+
+fn uuid() -> String {
+    use rand::Rng;
+    let b: [u8; 16] = rand::rng().random();
+    let h = hex::encode(b);
+    format!("{}-{}-4{}-a{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..])
+}
+
+fn store_of(app: &App) -> Result<Store, ApiError> {
+    Store::open(&app.manager.config().data_dir).map_err(internal)
+}
+
+fn uploads_dir(app: &App, owner: &str, template: &str) -> PathBuf {
+    // The key id and template name are both file-name safe (hex; the name's own rules).
+    app.manager.config().data_dir.join("template-uploads").join(owner).join(template)
+}
+
+/// `name` or `name:tag` → (name, tag), validated by the store's rules.
+fn split_name(name: &str) -> Result<(String, String), ApiError> {
+    let full = ringfence_image::normalize_name(name).map_err(|e| bad(e.to_string()))?;
+    let (n, t) = full.split_once(':').unwrap_or((&full, "latest"));
+    Ok((n.to_string(), t.to_string()))
+}
+
+/// The build id a record answers to: the one the API gave its build, or one derived from the
+/// record (templates made on the command line) so that it is stable.
+fn build_id_of(r: &Record) -> String {
+    if let Some(id) = r.source.strip_prefix("sdk build ") {
+        return id.to_string();
+    }
+    use sha2::Digest as _;
+    let h = hex::encode(sha2::Sha256::digest(format!("{}\0{}", r.name, r.config_digest)));
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Every tag of template `name` in the store: (tag, record).
+fn tags_of(store: &Store, name: &str) -> Result<Vec<(String, Record)>, ApiError> {
+    let all = store.list().map_err(internal)?;
+    Ok(all
+        .into_iter()
+        .filter_map(|r| {
+            let (n, t) = r.name.split_once(':')?;
+            (n == name).then(|| (t.to_string(), r.clone()))
+        })
+        .collect())
+}
+
+/// Who template `name` belongs to, as `key` sees it.
+enum Owner {
+    Nobody,
+    Caller,
+    Operator,
+    Other,
+}
+
+fn owner_of(tags: &[(String, Record)], key: &KeyInfo) -> Owner {
+    match tags.first() {
+        None => Owner::Nobody,
+        Some((_, r)) => match &r.owner {
+            None => Owner::Operator,
+            Some(o) if *o == key.id => Owner::Caller,
+            Some(_) => Owner::Other,
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+async fn audit(app: &App, key: &KeyInfo, action: &str, detail: Value) {
+    let mut rec = AuditRecord::new(action, now_ms());
+    rec.user_id = Some(key.id.clone());
+    if let Value::Object(m) = detail {
+        rec.detail = m;
+    }
+    app.manager.observer().record(rec).await;
+}
+
+/// Whether `key` may start sandboxes from template `name`: 404 for another tenant's image
+/// template (never revealing it), as for one that does not exist. Returns its record, if it
+/// is an image template.
+pub async fn check_use(app: &App, key: &KeyInfo, name: &str) -> Result<Option<Record>, ApiError> {
+    if ringfence_image::normalize_name(name).is_err() {
+        return Ok(None);
+    }
+    let store = store_of(app)?;
+    let n = name.to_string();
+    let rec = blocking(move || Ok(store.get(&n).ok())).await?;
+    match rec {
+        Some(r) if r.owner.as_ref().is_some_and(|o| *o != key.id) => Err(not_found(name)),
+        other => Ok(other),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestBody {
+    name: Option<String>,
+    alias: Option<String>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(rename = "cpuCount")]
+    _cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB")]
+    _memory_mb: Option<u32>,
+}
+
+/// `POST /v3/templates`: a build id for template `name[:tag]`, waiting for its steps.
+pub async fn request(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: RequestBody = parse_body(&body)?;
+    let name = b.name.or(b.alias).ok_or_else(|| bad("name is required"))?;
+    let (template, tag) = split_name(&name)?;
+    let mut tags = Vec::new();
+    for t in b.tags.unwrap_or_default() {
+        let (_, t) = split_name(&format!("{template}:{t}"))?;
+        if t != tag && !tags.contains(&t) {
+            tags.push(t);
+        }
+    }
+    let store = store_of(&app)?;
+    let t2 = template.clone();
+    let existing = blocking(move || tags_of(&store, &t2)).await?;
+    match owner_of(&existing, &key) {
+        Owner::Nobody | Owner::Caller => {}
+        Owner::Operator => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template {template:?} is the operator's; choose another name"),
+            ));
+        }
+        Owner::Other => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template name {template:?} is taken; choose another name"),
+            ));
+        }
+    }
+    let build_id = uuid();
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let state = BuildState {
+        seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        owner: key.id.clone(),
+        template: template.clone(),
+        tag: tag.clone(),
+        tags: tags.clone(),
+        status: Status::Waiting,
+        logs: Vec::new(),
+        dropped: 0,
+        reason: None,
+    };
+    {
+        let mut i = app.manager.templates.inner.lock().map_err(internal)?;
+        // A name another key is building now is taken too (the store knows it only once that
+        // build registers): checked and claimed under one lock.
+        let theirs = i.builds.values().any(|b| {
+            b.lock().is_ok_and(|b| b.template == template && b.owner != key.id && !b.done())
+        });
+        if theirs {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("template name {template:?} is taken; choose another name"),
+            ));
+        }
+        i.forget_old();
+        i.builds.insert(build_id.clone(), Arc::new(Mutex::new(state)));
+    }
+    audit(
+        &app,
+        &key,
+        "template.build.request",
+        json!({"template": template, "tag": tag, "build_id": build_id}),
+    )
+    .await;
+    let mut all_tags = vec![tag];
+    all_tags.extend(tags);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "templateID": template,
+            "buildID": build_id,
+            "public": false,
+            "names": [template],
+            "aliases": [template],
+            "tags": all_tags,
+        })),
+    )
+        .into_response())
+}
+
+fn build_of(
+    app: &App,
+    key: &KeyInfo,
+    template: &str,
+    build_id: &str,
+) -> Result<Arc<Mutex<BuildState>>, ApiError> {
+    let i = app.manager.templates.inner.lock().map_err(internal)?;
+    i.builds
+        .get(build_id)
+        .filter(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("build {build_id:?} of template {template:?} not found"),
+            )
+        })
+}
+
+/// Whether `key` has a build of `template` requested or the template itself.
+fn may_upload(app: &App, key: &KeyInfo, template: &str) -> bool {
+    app.manager.templates.inner.lock().is_ok_and(|i| {
+        i.builds
+            .values()
+            .any(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
+    })
+}
+
+/// `GET /templates/{id}/files/{hash}`: whether the files of a COPY step are here, and if not
+/// where to PUT them (a link on this server, good for an hour).
+pub async fn upload_link(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((template, hash)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    if !may_upload(&app, &key, &template) {
+        return Err(not_found(&template));
+    }
+    if !sdk::valid_hash(&hash) {
+        return Err(bad(format!("files hash {hash:?} is not a sha256 (64 hex digits)")));
+    }
+    let present = uploads_dir(&app, &key.id, &template).join(&hash).is_file();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| bad("no Host header: cannot say where to upload"))?;
+    let token = crate::manager::new_token();
+    if let Ok(mut i) = app.manager.templates.inner.lock() {
+        let now = now_ms();
+        i.uploads.retain(|_, u| u.expires_ms > now);
+        i.uploads.insert(
+            token.clone(),
+            UploadLink {
+                owner: key.id,
+                template: template.clone(),
+                hash: hash.clone(),
+                expires_ms: now + UPLOAD_LINK_TTL_MS,
+            },
+        );
+    }
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    let link = json!({
+        "present": present,
+        "url": format!("{scheme}://{host}/template-uploads/{token}"),
+    });
+    Ok((StatusCode::CREATED, Json(link)).into_response())
+}
+
+/// `PUT /template-uploads/{token}`: the archive of one COPY step's files, stored under its
+/// files hash. Checked against the hash when a build uses it (the hash covers the step's
+/// destination, which the upload does not name).
+pub async fn upload(
+    State(app): State<App>,
+    Path(token): Path<String>,
+    body: axum::body::Body,
+) -> Result<StatusCode, ApiError> {
+    let link = {
+        let i = app.manager.templates.inner.lock().map_err(internal)?;
+        i.uploads.get(&token).filter(|u| u.expires_ms > now_ms()).cloned()
+    };
+    let link = link.ok_or_else(|| {
+        ApiError::new(StatusCode::FORBIDDEN, "unknown or expired upload link; ask for a new one")
+    })?;
+    let dir = uploads_dir(&app, &link.owner, &link.template);
+    tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    let tmp = dir.join(format!(".{}.part", crate::manager::new_token()));
+    let mut file = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    let result: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| bad(format!("the upload broke off: {e}")))?;
+            total += chunk.len() as u64;
+            if total > MAX_UPLOAD {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("an upload is at most {MAX_UPLOAD} bytes"),
+                ));
+            }
+            file.write_all(&chunk).await.map_err(internal)?;
+        }
+        file.flush().await.map_err(internal)?;
+        Ok(())
+    }
+    .await;
+    drop(file);
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&tmp, dir.join(&link.hash)).await.map_err(internal)?;
+    let mut rec = AuditRecord::new("template.upload", now_ms());
+    rec.user_id = Some(link.owner.clone());
+    rec.detail.insert("template".into(), json!(link.template));
+    rec.detail.insert("files_hash".into(), json!(link.hash));
+    rec.detail.insert("bytes".into(), json!(total));
+    app.manager.observer().record(rec).await;
+    Ok(StatusCode::OK)
+}
+
+/// The FROM of a build: the template named by `fromTemplate` (one this key may use), or the
+/// image of `fromImage` (a template here of that name, else pulled from its registry by the
+/// builder). Returns it and its USER.
+fn resolve_from(
+    store: &Store,
+    spec: &BuildSpec,
+    key: &KeyInfo,
+) -> Result<(String, String), ApiError> {
+    if spec.from_image_registry.is_some() {
+        return Err(bad(
+            "fromImageRegistry (private registry credentials) is not supported: pull the image \
+             with `ringfence template pull` and build from_template it",
+        ));
+    }
+    let from = match (&spec.from_template, &spec.from_image) {
+        (Some(t), _) => t.clone(),
+        (None, Some(i)) => i.clone(),
+        (None, None) => return Err(bad("neither fromTemplate nor fromImage is set")),
+    };
+    if ringfence_image::store::RESERVED.contains(&from.as_str()) {
+        return Err(bad(format!(
+            "{from:?} is a built-in template that runs on the host's /usr and cannot be a build \
+             base; build from an image template (`ringfence template ls`)"
+        )));
+    }
+    let local = ringfence_image::normalize_name(&from).ok().and_then(|n| store.get(&n).ok());
+    match local {
+        Some(r) if r.owner.as_ref().is_some_and(|o| *o != key.id) => Err(not_found(&from)),
+        Some(r) => Ok((r.name, r.config.user.unwrap_or_default())),
+        None if spec.from_template.is_some() => Err(not_found(&from)),
+        // A registry reference: the builder pulls it (or finds its earlier pull).
+        None => Ok((from, String::new())),
+    }
+}
+
+/// `POST /v2/templates/{id}/builds/{buildID}`: the steps; checks them and the uploads, then
+/// builds in the background.
+pub async fn start(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((template, build_id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let state = build_of(&app, &key, &template, &build_id)?;
+    if state.lock().map_err(internal)?.status != Status::Waiting {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("build {build_id:?} was started already"),
+        ));
+    }
+    let spec: BuildSpec =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid build request: {e}")))?;
+    if spec.start_cmd.is_some() != spec.ready_cmd.is_some() && spec.start_cmd.is_some() {
+        return Err(bad("startCmd needs a readyCmd (set_start_cmd(start, ready))"));
+    }
+    if spec.start_cmd.is_none() && spec.ready_cmd.is_some() {
+        return Err(bad("readyCmd without a startCmd is not supported (set_start_cmd)"));
+    }
+    let data_dir = app.manager.config().data_dir.clone();
+    let uploads = uploads_dir(&app, &key.id, &template);
+    // The build context: each upload unpacked once, after its hash checked out, under
+    // `ctx/<hash>` (the hash covers the step's source and destination, so one directory
+    // serves every build that names it; a rebuild does not unpack again).
+    let context = uploads.join("ctx");
+    let key2 = key.clone();
+    let spec2 = spec.clone();
+    let ctx = context.clone();
+    let translated = blocking(move || {
+        let store = Store::open(&data_dir).map_err(internal)?;
+        let (from, user) = resolve_from(&store, &spec2, &key2)?;
+        let t = sdk::translate(&spec2, &from, &user).map_err(bad)?;
+        std::fs::create_dir_all(&ctx).map_err(internal)?;
+        for (hash, src, dest) in &t.copies {
+            let up = uploads.join(hash);
+            if !up.is_file() {
+                return Err(bad(format!(
+                    "COPY {src} {dest}: its files (hash {hash}) were not uploaded"
+                )));
+            }
+            let into = ctx.join(hash);
+            if into.is_dir() {
+                continue;
+            }
+            // Unpacked beside its place and renamed in whole: a concurrent start of another
+            // build of the same files never sees half of them.
+            let tmp = ctx.join(format!(".{hash}.{}", crate::manager::new_token()));
+            sdk::unpack_upload(&up, &tmp, src, dest, hash)
+                .map_err(|e| bad(format!("COPY {src} {dest}: {e}")))?;
+            if std::fs::rename(&tmp, &into).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
+        Ok(t)
+    })
+    .await?;
+    {
+        let mut s = state.lock().map_err(internal)?;
+        if s.status != Status::Waiting {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("build {build_id:?} was started already"),
+            ));
+        }
+        s.status = Status::Building;
+        let tag = s.tag.clone();
+        s.log("info", format!("Build {build_id} of {template}:{tag} queued"), None);
+    }
+    audit(
+        &app,
+        &key,
+        "template.build.start",
+        json!({"template": template, "build_id": build_id, "steps": spec.steps.len()}),
+    )
+    .await;
+    let start = spec
+        .start_cmd
+        .clone()
+        .zip(spec.ready_cmd.clone())
+        .map(|(s, r)| StartCmd { start: s, ready: r });
+    tokio::spawn(run_build(app, key, state, build_id, context, translated, start));
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// The log sink of one build: steps, their output line by line, results.
+struct Sink {
+    state: Arc<Mutex<BuildState>>,
+    translated: Translated,
+    /// Dockerfile line of each builder step (1-based step → line), from the parsed file.
+    lines: Vec<usize>,
+    step: Option<String>,
+    partial: Vec<u8>,
+    /// The running step's last output lines, for the error's reason.
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Sink {
+    fn push(&mut self, level: &'static str, msg: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.log(level, msg, self.step.clone());
+        }
+    }
+
+    fn flush_line(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line).trim_end().to_string();
+        if text.is_empty() {
+            return;
+        }
+        self.tail.push_back(text.clone());
+        while self.tail.len() > 20 {
+            self.tail.pop_front();
+        }
+        self.push("info", text);
+    }
+}
+
+impl BuildProgress for Sink {
+    fn step(&mut self, n: usize, total: usize, text: &str) {
+        self.step =
+            self.lines.get(n.wrapping_sub(1)).and_then(|l| sdk::step_name(&self.translated, *l));
+        self.tail.clear();
+        self.partial.clear();
+        let one: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        self.push("info", format!("[{n}/{total}] {one}"));
+    }
+
+    fn output(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.flush_line(&line[..line.len() - 1]);
+        }
+        if self.partial.len() > 4096 {
+            let l = std::mem::take(&mut self.partial);
+            self.flush_line(&l);
+        }
+    }
+
+    fn step_done(&mut self, n: usize, total: usize, how: StepResult, took: Duration) {
+        if !self.partial.is_empty() {
+            let l = std::mem::take(&mut self.partial);
+            self.flush_line(&l);
+        }
+        match how {
+            StepResult::Cached => self.push("info", format!("[{n}/{total}] CACHED")),
+            StepResult::Built => {
+                self.push("info", format!("[{n}/{total}] DONE {:.2}s", took.as_secs_f64()))
+            }
+            StepResult::Config => {}
+        }
+    }
+
+    fn note(&mut self, note: &str) {
+        self.push("warn", note.to_string());
+    }
+}
+
+async fn run_build(
+    app: App,
+    key: KeyInfo,
+    state: Arc<Mutex<BuildState>>,
+    build_id: String,
+    context: PathBuf,
+    translated: Translated,
+    start: Option<StartCmd>,
+) {
+    let (template, tag, tags) = match state.lock() {
+        Ok(s) => (s.template.clone(), s.tag.clone(), s.tags.clone()),
+        Err(_) => return,
+    };
+    let lock = match app.manager.templates.inner.lock() {
+        Ok(mut i) => i.locks.entry(template.clone()).or_default().clone(),
+        Err(_) => return,
+    };
+    let waited = std::time::Instant::now();
+    let _one_at_a_time = lock.lock().await;
+    if waited.elapsed() > Duration::from_millis(50)
+        && let Ok(mut s) = state.lock()
+    {
+        s.log("info", "Another build of this template finished; starting".into(), None);
+    }
+    let began = std::time::Instant::now();
+    let (cfg, pool, seccomp) = app.manager.build_parts();
+    let mut limits = app.manager.config().limits;
+    limits.pids = Some(4096);
+    let data_dir = app.manager.config().data_dir.clone();
+    let st = state.clone();
+    let owner = key.id.clone();
+    let name = format!("{template}:{tag}");
+    let bid = build_id.clone();
+    let tpl = template.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&data_dir).map_err(|e| (e.to_string(), None, Vec::new()))?;
+        let parsed = ringfence_image::dockerfile::parse(translated.dockerfile.as_bytes())
+            .map_err(|e| (e.to_string(), None, Vec::new()))?;
+        let lines = parsed.steps.iter().map(|s| s.line).collect();
+        let mut sink = Sink {
+            state: st,
+            translated: translated.clone(),
+            lines,
+            step: None,
+            partial: Vec::new(),
+            tail: Default::default(),
+        };
+        let opts = BuildOptions {
+            name: name.clone(),
+            dockerfile: translated.dockerfile.clone().into_bytes(),
+            dockerfile_path: PathBuf::from("template.json"),
+            context,
+            build_args: Default::default(),
+            no_cache: translated.no_cache,
+            pull: Default::default(),
+            limits: Default::default(),
+            source: Some(format!("sdk build {bid}")),
+            start,
+            owner: Some(owner),
+        };
+        let mut runner =
+            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT);
+        match ringfence_image::build::build(&store, &opts, &mut runner, &mut sink) {
+            Ok(b) => {
+                // The extra tags: the same record under each name.
+                for t in &tags {
+                    let mut r = b.record.clone();
+                    r.name = format!("{tpl}:{t}");
+                    store.register(&r).map_err(|e| (e.to_string(), None, Vec::new()))?;
+                }
+                Ok((b.cached, b.built))
+            }
+            Err(e) => {
+                let step = match &e {
+                    ImageError::Build { line, .. } => sdk::step_name(&translated, *line),
+                    _ => None,
+                };
+                let tail: Vec<String> = sink.tail.iter().cloned().collect();
+                Err((e.to_string(), step, tail))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err((format!("the build task failed: {e}"), None, Vec::new())));
+    let took = began.elapsed();
+    let mut detail = json!({
+        "template": template,
+        "tag": tag,
+        "build_id": build_id,
+        "duration_ms": took.as_millis() as u64,
+    });
+    if let Ok(mut s) = state.lock() {
+        match &result {
+            Ok((cached, built)) => {
+                s.log(
+                    "info",
+                    format!(
+                        "Build finished: {cached} steps cached, {built} built, in {:.2}s",
+                        took.as_secs_f64()
+                    ),
+                    None,
+                );
+                s.status = Status::Ready;
+                detail["status"] = json!("ready");
+            }
+            Err((msg, step, tail)) => {
+                let mut message = msg.clone();
+                if !tail.is_empty() {
+                    message.push_str("\noutput:\n");
+                    message.push_str(&tail.join("\n"));
+                }
+                s.log("error", msg.clone(), step.clone());
+                let entries = tail
+                    .iter()
+                    .map(|t| LogEntry {
+                        ts_ms: now_ms(),
+                        level: "error",
+                        message: t.clone(),
+                        step: step.clone(),
+                    })
+                    .collect();
+                s.reason = Some((message, step.clone(), entries));
+                s.status = Status::Error;
+                detail["status"] = json!("error");
+                detail["reason"] = json!(msg);
+            }
+        }
+    }
+    let mut rec = AuditRecord::new("template.build", now_ms());
+    rec.user_id = Some(key.id.clone());
+    rec.duration_ms = Some(took.as_millis() as u64);
+    if let Value::Object(m) = detail {
+        rec.detail = m;
+    }
+    app.manager.observer().record(rec).await;
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatusQuery {
+    #[serde(rename = "logsOffset")]
+    logs_offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /templates/{id}/builds/{buildID}/status?logsOffset=`.
+pub async fn status(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((template, build_id)): Path<(String, String)>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let state = build_of(&app, &key, &template, &build_id)?;
+    let s = state.lock().map_err(internal)?;
+    let from = q.logs_offset.unwrap_or(0);
+    let limit = q.limit.unwrap_or(LOGS_PAGE).clamp(1, LOGS_PAGE);
+    let entries: Vec<Value> = s.logs.iter().skip(from).take(limit).map(LogEntry::json).collect();
+    let mut v = json!({
+        "templateID": s.template,
+        "buildID": build_id,
+        "status": s.status.as_str(),
+        "logEntries": entries,
+        "logs": [],
+    });
+    if let Some((message, step, entries)) = &s.reason {
+        let mut r = json!({
+            "message": message,
+            "logEntries": entries.iter().map(LogEntry::json).collect::<Vec<_>>(),
+        });
+        if let Some(step) = step {
+            r["step"] = json!(step);
+        }
+        v["reason"] = r;
+    }
+    Ok(Json(v))
+}
+
+fn template_json(name: &str, tags: &[(String, Record)], app: &App, public: bool) -> Value {
+    let latest = tags.iter().find(|(t, _)| t == "latest").or(tags.first());
+    let (created, updated) = tags.iter().fold((i64::MAX, 0i64), |(c, u), (_, r)| {
+        let t = (r.imported_unix as i64).saturating_mul(1000);
+        (c.min(t), u.max(t))
+    });
+    let limits = app.manager.config().limits;
+    json!({
+        "templateID": name,
+        "buildID": latest.map(|(_, r)| build_id_of(r)).unwrap_or_default(),
+        "cpuCount": limits.cpu_millis.map_or(1, |m| (m / 1000).max(1)),
+        "memoryMB": limits.memory.map_or(0, |m| m >> 20),
+        "diskSizeMB": limits.disk >> 20,
+        "public": public,
+        "aliases": [name],
+        "names": [name],
+        "createdAt": crate::time::rfc3339_ms(if created == i64::MAX { 0 } else { created }),
+        "updatedAt": crate::time::rfc3339_ms(updated),
+        "createdBy": null,
+        "lastSpawnedAt": null,
+        "spawnCount": 0,
+        "buildCount": tags.len(),
+        "envdVersion": crate::manager::ENVD_VERSION,
+        "buildStatus": "ready",
+    })
+}
+
+/// `GET /templates`: this key's templates and the operator's (public).
+pub async fn list(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let store = store_of(&app)?;
+    let all = blocking(move || store.list().map_err(internal)).await?;
+    let mut by_name: std::collections::BTreeMap<String, Vec<(String, Record)>> = Default::default();
+    for r in all {
+        if r.owner.as_ref().is_some_and(|o| *o != key.id) {
+            continue;
+        }
+        if let Some((n, t)) = r.name.split_once(':') {
+            by_name.entry(n.to_string()).or_default().push((t.to_string(), r.clone()));
+        }
+    }
+    let out: Vec<Value> = by_name
+        .iter()
+        .map(|(n, tags)| template_json(n, tags, &app, tags[0].1.owner.is_none()))
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+/// `GET /templates/aliases/{alias}`: 200 for this key's template (or the operator's), 403 for
+/// another tenant's (as E2B answers for a name taken by another team), 404 for none.
+pub async fn alias(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(alias): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let Ok((name, _)) = split_name(&alias) else { return Err(not_found(&alias)) };
+    let store = store_of(&app)?;
+    let n2 = name.clone();
+    let tags = blocking(move || tags_of(&store, &n2)).await?;
+    match owner_of(&tags, &key) {
+        Owner::Nobody => Err(not_found(&alias)),
+        Owner::Other => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("template {alias:?} belongs to another tenant"),
+        )),
+        Owner::Caller => Ok(Json(json!({"templateID": name, "public": false}))),
+        Owner::Operator => Ok(Json(json!({"templateID": name, "public": true}))),
+    }
+}
+
+/// `GET /templates/{id}/tags`.
+pub async fn get_tags(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let (name, _) = split_name(&id).map_err(|_| not_found(&id))?;
+    let store = store_of(&app)?;
+    let tags = blocking(move || tags_of(&store, &name)).await?;
+    if matches!(owner_of(&tags, &key), Owner::Nobody | Owner::Other) {
+        return Err(not_found(&id));
+    }
+    Ok(Json(Value::Array(
+        tags.iter()
+            .map(|(t, r)| {
+                json!({
+                    "tag": t,
+                    "buildID": build_id_of(r),
+                    "createdAt": crate::time::rfc3339_ms((r.imported_unix as i64).saturating_mul(1000)),
+                })
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AssignBody {
+    target: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// `POST /templates/tags`: gives the build `target` (`name:tag`) more tags.
+pub async fn assign_tags(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: AssignBody = parse_body(&body)?;
+    let target = b.target.ok_or_else(|| bad("target (name:tag) is required"))?;
+    if b.tags.is_empty() {
+        return Err(bad("tags is empty"));
+    }
+    let (name, tag) = split_name(&target)?;
+    let mut new = Vec::new();
+    for t in &b.tags {
+        new.push(split_name(&format!("{name}:{t}"))?.1);
+    }
+    let store = store_of(&app)?;
+    let k2 = key.clone();
+    let (n2, new2) = (name.clone(), new.clone());
+    let rec = blocking(move || {
+        let tags = tags_of(&store, &n2)?;
+        if !matches!(owner_of(&tags, &k2), Owner::Caller) {
+            return Err(not_found(&n2));
+        }
+        let rec = tags
+            .into_iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, r)| r)
+            .ok_or_else(|| not_found(&format!("{n2}:{tag}")))?;
+        for t in &new2 {
+            let mut r = rec.clone();
+            r.name = format!("{n2}:{t}");
+            store.register(&r).map_err(internal)?;
+        }
+        Ok(rec)
+    })
+    .await?;
+    audit(&app, &key, "template.tags.assign", json!({"template": name, "tags": new})).await;
+    let v = json!({"tags": new, "buildID": build_id_of(&rec)});
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RemoveTagsBody {
+    name: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// `DELETE /templates/tags`: removes tags (the builds only they name go with them).
+pub async fn remove_tags(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let b: RemoveTagsBody = parse_body(&body)?;
+    let name = b.name.ok_or_else(|| bad("name is required"))?;
+    let (name, _) = split_name(&name)?;
+    if b.tags.is_empty() {
+        return Err(bad("tags is empty"));
+    }
+    let store = store_of(&app)?;
+    let (k2, n2, t2) = (key.clone(), name.clone(), b.tags.clone());
+    blocking(move || {
+        let tags = tags_of(&store, &n2)?;
+        if !matches!(owner_of(&tags, &k2), Owner::Caller) {
+            return Err(not_found(&n2));
+        }
+        for t in &t2 {
+            if !tags.iter().any(|(have, _)| have == t) {
+                return Err(not_found(&format!("{n2}:{t}")));
+            }
+        }
+        for t in &t2 {
+            store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
+        }
+        Ok(())
+    })
+    .await?;
+    audit(&app, &key, "template.tags.remove", json!({"template": name, "tags": b.tags})).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A store refusal to remove while a sandbox runs from an image template is the client's to
+/// retry (409); anything else is internal.
+fn in_use(e: ImageError) -> ApiError {
+    match e {
+        ImageError::Format(m) if m.contains("while a sandbox runs") => {
+            ApiError::new(StatusCode::CONFLICT, m)
+        }
+        other => internal(other),
+    }
+}
+
+/// `DELETE /templates/{id}` for an image template of this key's: every tag of it. Returns
+/// `Ok(false)` when `id` names none (the caller then tries snapshots).
+pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError> {
+    let Ok((name, _)) = split_name(id) else { return Ok(false) };
+    let store = store_of(app)?;
+    let (k2, n2) = (key.clone(), name.clone());
+    let removed = blocking(move || {
+        let tags = tags_of(&store, &n2)?;
+        match owner_of(&tags, &k2) {
+            Owner::Caller => {}
+            Owner::Operator => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("template {n2:?} is the operator's (`ringfence template rm`)"),
+                ));
+            }
+            Owner::Nobody | Owner::Other => return Ok(false),
+        }
+        for (t, _) in &tags {
+            store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
+        }
+        Ok(true)
+    })
+    .await?;
+    if removed {
+        let dir = uploads_dir(app, &key.id, &name);
+        let _ = tokio::fs::remove_dir_all(dir).await;
+        audit(app, key, "template.delete", json!({"template": name})).await;
+    }
+    Ok(removed)
+}
+
+/// Runs template `rec`'s start command in the new sandbox `live` and waits until its ready
+/// check exits 0, for at most [`READY_TIMEOUT`]. A template without one: nothing to do.
+pub async fn start_command(live: &Arc<crate::manager::Live>, rec: &Record) -> Result<(), String> {
+    let Some(sc) = rec.start.clone() else { return Ok(()) };
+    run_start(live, rec, &sc, READY_TIMEOUT).await
+}
+
+async fn run_start(
+    live: &Arc<crate::manager::Live>,
+    rec: &Record,
+    sc: &StartCmd,
+    timeout: Duration,
+) -> Result<(), String> {
+    use ringfence_proto::{Event, ExitStatus, Reply, Request, SandboxUser, SpawnSpec, StdioMode};
+    let user = match rec.config.user.as_deref() {
+        Some("root" | "0" | "0:0") => SandboxUser::Root,
+        _ => SandboxUser::User,
+    };
+    let cwd = rec.config.working_dir.clone().filter(|w| w.starts_with('/'));
+    let spec = |cmd: &str, tag: Option<String>| SpawnSpec {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), cmd.to_string()],
+        env: Default::default(),
+        cwd: cwd.clone(),
+        user,
+        stdio: StdioMode::Pipe { stdin: false },
+        tag,
+    };
+    let (reply, mut started) = live
+        .client
+        .stream(Request::Spawn(spec(&sc.start, Some("start-cmd".into()))))
+        .await
+        .map_err(|e| format!("the start command could not start: {e}"))?;
+    if !matches!(reply, Reply::Spawned { .. }) {
+        return Err(format!("the start command could not start: {reply:?}"));
+    }
+    let mut start_out: Vec<u8> = Vec::new();
+    let keep = |buf: &mut Vec<u8>, data: &[u8]| {
+        buf.extend_from_slice(data);
+        if buf.len() > 4096 {
+            let cut = buf.len() - 4096;
+            buf.drain(..cut);
+        }
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let last_ready: String;
+    loop {
+        for ev in started.drain() {
+            match ev {
+                Event::Stdout { data, .. } | Event::Stderr { data, .. } => {
+                    keep(&mut start_out, &data)
+                }
+                Event::Exited { status, .. } => {
+                    let how = match status {
+                        ExitStatus::Code(c) => format!("exit code {c}"),
+                        ExitStatus::Signal(s) => format!("signal {s}"),
+                    };
+                    return Err(format!(
+                        "the start command {:?} ended ({how}) before the ready check {:?} \
+                         passed; its output: {}",
+                        sc.start,
+                        sc.ready,
+                        String::from_utf8_lossy(&start_out).trim()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let (reply, mut check) = live
+            .client
+            .stream(Request::Spawn(spec(&sc.ready, None)))
+            .await
+            .map_err(|e| format!("the ready check could not start: {e}"))?;
+        if !matches!(reply, Reply::Spawned { .. }) {
+            return Err(format!("the ready check could not start: {reply:?}"));
+        }
+        let mut out = Vec::new();
+        let mut code = None;
+        while let Some(ev) = tokio::time::timeout_at(deadline, check.recv()).await.ok().flatten() {
+            match ev {
+                Event::Stdout { data, .. } | Event::Stderr { data, .. } => keep(&mut out, &data),
+                Event::Exited { status, .. } => {
+                    code = Some(status);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if code == Some(ExitStatus::Code(0)) {
+            // The start command runs on; nobody reads its output any more.
+            started.detach();
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            last_ready = String::from_utf8_lossy(&out).trim().to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "the ready check {:?} did not pass within {}s of the start command {:?}; its last \
+         output: {last_ready:?}; the start command's: {:?}",
+        sc.ready,
+        timeout.as_secs(),
+        sc.start,
+        String::from_utf8_lossy(&start_out).trim()
+    ))
+}
+
+/// Removes what a crash left: partial uploads (`.*.part`) and half-unpacked contexts
+/// (`ctx/.<hash>.*`).
+pub fn sweep(data_dir: &FsPath) {
+    let root = data_dir.join("template-uploads");
+    let Ok(owners) = std::fs::read_dir(&root) else { return };
+    for owner in owners.flatten() {
+        let Ok(templates) = std::fs::read_dir(owner.path()) else { continue };
+        for t in templates.flatten() {
+            for dir in [t.path(), t.path().join("ctx")] {
+                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with('.') {
+                        let p = e.path();
+                        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The template build API (E2B's Template SDK wire) against a real `ringfence serve`, over raw
+//! HTTP: bad input is refused with 4xx naming the problem (an unknown template or build, a bad
+//! name, a bad step, files not uploaded, an upload that does not hash to what the step says,
+//! a COPY source leaving the context, a build-in template as base, another tenant's build),
+//! nothing is left behind, and the server keeps serving; a COPY-only build whose upload hashes
+//! right becomes a template (no RUN step, so no build sandbox is needed). The SDK itself
+//! drives the rest in tests/e2b/templates.py.
+//!
+//! Needs root and the binaries (`cargo build --workspace`); without them each test prints
+//! SKIPPED.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use support::serve::{Resp, Server};
+
+fn server(test: &str) -> Option<Server> {
+    if !support::root_or_skip(test) {
+        return None;
+    }
+    let bin = support::serve::binary_or_skip(test, "cargo build --workspace")?;
+    let mut s = Server::new(bin);
+    s.key = s.new_key("builder", &[]);
+    Some(s)
+}
+
+fn message(r: &Resp) -> String {
+    r.json()["message"].as_str().unwrap_or_default().to_string()
+}
+
+/// A tar of `dir/a.txt` (mode 0644) made by the system's tar, as the SDK's upload is a tar of
+/// the files relative to the context; and the SDK's files hash of `COPY a.txt DEST`.
+fn upload_of(dir: &std::path::Path, content: &[u8], dest: &str) -> (Vec<u8>, String) {
+    let f = dir.join("a.txt");
+    std::fs::write(&f, content).unwrap();
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new("tar").arg("-cf").arg("-").arg("-C").arg(dir).arg("a.txt").output();
+    let out = out.unwrap();
+    assert!(out.status.success());
+    let mut h = sha2::Sha256::new();
+    h.update(format!("COPY a.txt {dest}"));
+    h.update("a.txt");
+    h.update((0o100644u32).to_string());
+    h.update(content.len().to_string());
+    h.update(content);
+    (out.stdout, hex::encode(h.finalize()))
+}
+
+/// A build id for template `name` (`POST /v3/templates`).
+fn request(s: &Server, key: &str, name: &str) -> String {
+    let r = s.api_as(key, "POST", "/v3/templates", json!({"name": name}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["templateID"], json!(name.split(':').next().unwrap()));
+    r.json()["buildID"].as_str().unwrap().to_string()
+}
+
+/// PUTs `body` to the upload link for `hash` of template `name`.
+fn put_upload(s: &Server, name: &str, hash: &str, body: &[u8]) {
+    let r = s.api("GET", &format!("/templates/{name}/files/{hash}"), Value::Null);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["present"], json!(false));
+    let url = r.json()["url"].as_str().unwrap().to_string();
+    let path = &url[url.find("/template-uploads/").unwrap()..];
+    let r = s.request("PUT", path, &[], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Every path under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+fn status(s: &Server, name: &str, build: &str) -> Value {
+    let r = s.api("GET", &format!("/templates/{name}/builds/{build}/status"), Value::Null);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn build_api_refuses_bad_input_and_builds_good_input() {
+    let Some(mut s) = server("build_api_refuses_bad_input_and_builds_good_input") else { return };
+    let other = s.new_key("other-tenant", &[]);
+    // An operator's base: a Dockerfile with COPY only (no RUN: no sandbox needed).
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("base.txt"), "base\n").unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY base.txt /base.txt\n")
+        .unwrap();
+    let out = Command::new(&s.bin)
+        .args(["template", "build", "--name", "opbase", "-f"])
+        .arg(ctx.path().join("Dockerfile"))
+        .arg("--data-dir")
+        .arg(s.data.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.spawn(&[]);
+    let uuid = "0b5e3c1e-0000-4000-a000-000000000000";
+    let hash = "ab".repeat(32);
+
+    // Unknown templates and builds: 404 naming them.
+    for (method, path) in [
+        ("GET", format!("/templates/nope/builds/{uuid}/status")),
+        ("POST", format!("/v2/templates/nope/builds/{uuid}")),
+        ("GET", format!("/templates/nope/files/{hash}")),
+        ("DELETE", "/templates/nope".to_string()),
+        ("GET", "/templates/aliases/nope".to_string()),
+        ("GET", "/templates/nope/tags".to_string()),
+    ] {
+        let body = if method == "POST" { json!({"fromTemplate": "opbase"}) } else { Value::Null };
+        let r = s.api(method, &path, body);
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+        assert!(message(&r).contains("not found"), "{method} {path}: {}", r.text());
+    }
+    // Bad names.
+    let r = s.api("POST", "/v3/templates", json!({"name": "Bad Name!"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(message(&r).contains("invalid template name"), "{}", r.text());
+    let r = s.api("POST", "/v3/templates", json!({}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(message(&r).contains("name is required"), "{}", r.text());
+    let r = s.api("POST", "/v3/templates", json!({"name": "opbase"}));
+    assert_eq!(r.status, 409, "the operator's name: {}", r.text());
+
+    // Bad steps and bases, each refused when the build starts, naming the problem.
+    let bad: Vec<(Value, u16, &str)> = vec![
+        (json!({"fromTemplate": "no-such-base", "steps": []}), 404, "not found"),
+        (json!({"fromTemplate": "base", "steps": []}), 400, "built-in template"),
+        (json!({"steps": []}), 400, "neither fromTemplate nor fromImage"),
+        (
+            json!({"fromTemplate": "opbase", "steps": [{"type": "FROB", "args": []}]}),
+            400,
+            "unknown step type \"FROB\"",
+        ),
+        (json!({"fromTemplate": "opbase", "steps": [{"type": "RUN"}]}), 400, "no command"),
+        (json!({"fromTemplate": "opbase", "steps": "not a list"}), 400, "invalid build request"),
+        (
+            json!({"fromTemplate": "opbase",
+                "steps": [{"type": "COPY", "args": ["a.txt", "/a"], "filesHash": hash}]}),
+            400,
+            "were not uploaded",
+        ),
+        (
+            json!({"fromTemplate": "opbase",
+                "steps": [{"type": "COPY", "args": ["../../etc/passwd", "/x"], "filesHash": hash}]}),
+            400,
+            "leaves the build context",
+        ),
+        (
+            json!({"fromTemplate": "opbase",
+                "steps": [{"type": "COPY", "args": ["/etc/passwd", "/x"], "filesHash": hash}]}),
+            400,
+            "leaves the build context",
+        ),
+        (json!({"fromTemplate": "opbase", "startCmd": "x"}), 400, "needs a readyCmd"),
+        (
+            json!({"fromTemplate": "opbase", "fromImageRegistry": {"type": "registry"}}),
+            400,
+            "not supported",
+        ),
+    ];
+    let build = request(&s, &s.key, "mine");
+    for (body, code, want) in bad {
+        let r = s.api("POST", &format!("/v2/templates/mine/builds/{build}"), body.clone());
+        assert_eq!(r.status, code, "{body}: {}", r.text());
+        assert!(message(&r).contains(want), "{body}: wanted {want:?}: {}", r.text());
+        // Refused before anything started: the build still waits for its steps.
+        assert_eq!(status(&s, "mine", &build)["status"], json!("waiting"));
+    }
+    let r = s.api("GET", &format!("/templates/mine/files/{}", "xyz"), Value::Null);
+    assert_eq!(r.status, 400, "a bad hash: {}", r.text());
+    let r = s.request("PUT", "/template-uploads/not-a-token", &[], b"x");
+    assert_eq!(r.status, 403, "an unknown upload link: {}", r.text());
+
+    // An upload that is not what the step's hash says: refused, naming both hashes.
+    let (tar, good) = upload_of(ctx.path(), b"hello\n", "/opt/a.txt");
+    put_upload(&s, "mine", &good, &tar);
+    let (_, other_hash) = upload_of(ctx.path(), b"hello\n", "/elsewhere.txt");
+    let (tar2, _) = upload_of(ctx.path(), b"something else\n", "/opt/a.txt");
+    put_upload(&s, "mine", &other_hash, &tar2);
+    let mismatch = json!({"fromTemplate": "opbase",
+        "steps": [{"type": "COPY", "args": ["a.txt", "/elsewhere.txt"], "filesHash": other_hash}]});
+    let r = s.api("POST", &format!("/v2/templates/mine/builds/{build}"), mismatch);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(message(&r).contains("do not match their hash"), "{}", r.text());
+    // Nothing of the refused upload was unpacked into a build context (nor half of it).
+    let left = walk(&s.data.path().join("template-uploads"))
+        .into_iter()
+        .filter(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().contains(&other_hash))
+        .collect::<Vec<_>>();
+    assert!(left.is_empty(), "a refused upload left {left:?}");
+
+    // Another tenant sees none of it, and cannot take the name while the build is open.
+    let r = s.api_as(&other, "POST", "/v3/templates", json!({"name": "mine"}));
+    assert_eq!(r.status, 409, "a name another key is building: {}", r.text());
+    let r = s.api_as(&other, "GET", &format!("/templates/mine/builds/{build}/status"), Value::Null);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = s.api_as(&other, "POST", &format!("/v2/templates/mine/builds/{build}"), json!({}));
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    // The right upload builds: COPY only, then ENV and WORKDIR.
+    let good_steps = json!({"fromTemplate": "opbase", "steps": [
+        {"type": "COPY", "args": ["a.txt", "/opt/a.txt"], "filesHash": good},
+        {"type": "ENV", "args": ["K", "v"]},
+        {"type": "WORKDIR", "args": ["/opt"]},
+    ]});
+    let r = s.api("POST", &format!("/v2/templates/mine/builds/{build}"), good_steps.clone());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = s.api("POST", &format!("/v2/templates/mine/builds/{build}"), good_steps);
+    assert_eq!(r.status, 409, "started twice: {}", r.text());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let st = loop {
+        let st = status(&s, "mine", &build);
+        if st["status"] != json!("building") {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "build never ended: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st["status"], json!("ready"), "{st}");
+    let logs = st["logEntries"].as_array().unwrap();
+    assert!(logs.iter().any(|l| l["message"].as_str().unwrap().contains("COPY")), "{st}");
+    let later = s.api(
+        "GET",
+        &format!("/templates/mine/builds/{build}/status?logsOffset=1000"),
+        Value::Null,
+    );
+    assert_eq!(later.json()["logEntries"], json!([]));
+    let r = s.api("GET", "/templates/aliases/mine", Value::Null);
+    assert_eq!((r.status, r.json()["public"].clone()), (200, json!(false)), "{}", r.text());
+    let r = s.api_as(&other, "GET", "/templates/aliases/mine", Value::Null);
+    assert_eq!(r.status, 403, "another tenant's name: {}", r.text());
+    let listed = |key: &str| {
+        let r = s.api_as(key, "GET", "/templates", Value::Null);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().as_array().unwrap().iter().map(|t| t["templateID"].clone()).collect::<Vec<_>>()
+    };
+    assert!(listed(&s.key).contains(&json!("mine")));
+    assert!(!listed(&other).contains(&json!("mine")), "listed to another tenant");
+    assert!(listed(&other).contains(&json!("opbase")), "the operator's template is everyone's");
+    let r = s.api_as(&other, "DELETE", "/templates/mine", Value::Null);
+    assert_eq!(r.status, 404, "another tenant deleting: {}", r.text());
+    let r = s.api("DELETE", "/templates/opbase", Value::Null);
+    assert_eq!(r.status, 403, "the operator's template: {}", r.text());
+    let r = s.api("DELETE", "/templates/mine", Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = s.api("GET", "/templates/aliases/mine", Value::Null);
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Deleted and no build open: the name is free again.
+    let r = s.api_as(&other, "POST", "/v3/templates", json!({"name": "mine"}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(s.api("GET", "/health", Value::Null).status, 200);
+}
