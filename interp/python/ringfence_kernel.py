@@ -1310,8 +1310,9 @@ pub unsafe extern "C" fn rf_run(
 # The host: keeps the variables (raw pointers to boxed values) and runs cells. Requests on
 # fd 0 and replies on the fd named by argv[1], one JSON object per line.
 _RUST_HOST = r"""
-import ctypes, json, os, signal, sys
+import ctypes, json, os, signal, sys, time
 out_fd = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
 store, libs, buf = {}, [], b""
 def send(obj):
     os.write(out_fd, (json.dumps(obj) + "\n").encode())
@@ -1334,41 +1335,52 @@ while True:
             os.environ.pop(k, None)
         send({"ok": True})
         continue
-    # op run: the copy that takes over if this process does not come back from the cell.
+    # op run: the cell runs in a forked child; this process waits with the variables of
+    # before the cell. The child, if the cell succeeds, becomes the host and this process
+    # exits; otherwise (a panic, exit, crash, or the SIGKILL of an interrupt) this process
+    # goes on as the host and says how the child ended.
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os.close(w)
-        while os.read(r, 1):
-            pass
         os.close(r)
-        send({"resumed": os.getpid()})
+        lib = ctypes.CDLL(req["path"])
+        libs.append(lib)  # never unloaded: kept values may point into its code (vtables)
+        ins, outs = req["inputs"], req["outputs"]
+        arr_in = (ctypes.c_void_p * max(len(ins), 1))(*[store.pop(n) for n in ins])
+        arr_out = (ctypes.c_void_p * max(len(outs), 1))()
+        rep = ctypes.c_void_p()
+        lib.rf_run.restype = ctypes.c_int
+        lib.rf_run.argtypes = [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                               ctypes.c_void_p, ctypes.c_void_p]
+        lib.rf_free.argtypes = [ctypes.c_void_p]
+        status = lib.rf_run(len(ins), arr_in, len(outs), arr_out, ctypes.byref(rep))
+        text = ctypes.string_at(rep.value).decode("utf-8", "replace") if rep.value else ""
+        lib.rf_free(rep)
+        if status != 0:
+            send({"status": status, "report": text})
+            os._exit(0)
+        for i, name in enumerate(outs):
+            if arr_out[i]:
+                store[name] = arr_out[i]
+        os.write(w, b"k")
+        os.close(w)
+        # Orphaned, this process is adopted by the kernel (a subreaper): from then on it dies
+        # with the kernel, as the first host does.
+        while os.getppid() == parent:
+            time.sleep(0.0002)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        send({"status": 0, "report": text, "host": os.getpid()})
         continue
-    os.close(r)
-    send({"backup": pid})
-    lib = ctypes.CDLL(req["path"])
-    libs.append(lib)  # never unloaded: kept values may point into its code (vtables)
-    ins, outs = req["inputs"], req["outputs"]
-    arr_in = (ctypes.c_void_p * max(len(ins), 1))(*[store.pop(n) for n in ins])
-    arr_out = (ctypes.c_void_p * max(len(outs), 1))()
-    rep = ctypes.c_void_p()
-    lib.rf_run.restype = ctypes.c_int
-    lib.rf_run.argtypes = [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                           ctypes.c_void_p]
-    lib.rf_free.argtypes = [ctypes.c_void_p]
-    status = lib.rf_run(len(ins), arr_in, len(outs), arr_out, ctypes.byref(rep))
-    text = ctypes.string_at(rep.value).decode("utf-8", "replace") if rep.value else ""
-    lib.rf_free(rep)
-    if status != 0:
-        send({"status": status, "report": text})
-        os._exit(0)  # the copy, with the variables of before the cell, takes over
-    for i, name in enumerate(outs):
-        if arr_out[i]:
-            store[name] = arr_out[i]
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
     os.close(w)
-    send({"status": 0, "report": text})
+    send({"running": pid})
+    done = os.read(r, 1)
+    os.close(r)
+    if done == b"k":
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    send({"resumed": os.getpid(), "signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else 0,
+          "exit": os.WEXITSTATUS(st) if os.WIFEXITED(st) else -1})
 """
 
 _RUST_ITEM = re.compile(
@@ -1501,7 +1513,12 @@ class _RustKernel(_Kernel):
         self._vars = {}  # name -> type as written in source
         self._cells = 0
         self._compiling = None
+        self._running_pid = None
         self._host = None
+        # Hosts that outlive their parent (see _RUST_HOST) are adopted by this process.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
         self._host_pid = None
         self._start_host()
 
@@ -1544,10 +1561,13 @@ class _RustKernel(_Kernel):
         with contextlib.suppress(OSError):
             self._host.stdin.close()
         os.close(self._ctl)
-        for pid in {self._host_pid, self._host.pid}:
+        for pid in {self._host_pid, self._host.pid, self._running_pid}:
             with contextlib.suppress(ProcessLookupError, TypeError):
                 os.kill(pid, signal.SIGKILL)
         self._host.wait()
+        if self._host_pid != self._host.pid:
+            self._reap(self._host_pid)
+        self._running_pid = None
         self._start_host()
 
     # Cells.
@@ -1725,23 +1745,26 @@ class _RustKernel(_Kernel):
 
     def _run_cell(self, path, inputs, outputs, origin, cell_items):
         if not self._host_send({"op": "run", "path": path, "inputs": inputs, "outputs": outputs}):
-            self._host_died(None)
+            self._host_died()
             return
         msg = self._host_reply()
-        if not msg or "backup" not in msg:
-            self._host_died(None)
+        if not msg or "running" not in msg:
+            self._host_died()
             return
-        backup = msg["backup"]
+        with self._state:
+            self._running_pid = msg["running"]
         msg = self._host_reply()
         # Definitions compiled: later cells have them, whatever the cell did at run time.
         for src, _line, key in cell_items:
             if key is not None:
                 self._items = [(k, s) for k, s in self._items if k != key]
             self._items.append((key, src))
-        if msg and msg.get("status") == 0:
-            self._host.poll()
-            report = msg.get("report", "")
-            value, _, kept = report.partition("\x1e")
+        if msg and msg.get("status") == 0 and msg.get("host"):
+            with self._state:
+                self._running_pid = None
+            self._reap(self._host_pid)
+            self._host_pid = msg["host"]
+            value, _, kept = msg.get("report", "").partition("\x1e")
             for name in inputs:
                 self._vars.pop(name, None)
             for entry in kept.split("\x1d"):
@@ -1754,30 +1777,39 @@ class _RustKernel(_Kernel):
             if value.startswith("R"):
                 self.out.send(_result({"text/plain": value[1:]}, True))
             return
-        if msg and msg.get("status") is not None:
-            # A panic: the host exits and its copy (variables as before the cell) takes over.
-            line, _, rest = msg.get("report", "").partition("\t")
+        panic = msg if msg and msg.get("status") is not None else None
+        resumed = msg if msg and "resumed" in msg else self._host_reply()
+        with self._state:
+            self._running_pid = None
+        if not resumed or resumed.get("resumed") != self._host_pid:
+            self._host_died()
+            return
+        if panic:
+            line, _, rest = panic.get("report", "").partition("\t")
             col, _, text = rest.partition("\t")
             with contextlib.suppress(ValueError, IndexError):
                 line = origin[int(line) - 1] or "?"
-            resumed = self._host_reply()
             self.out.send(_error("Panic", text, f"thread panicked at cell:{line}:{col}:\n{text}"))
-        else:
-            resumed = msg if msg and "resumed" in msg else self._host_reply()
-            if not self.is_interrupted():
-                self.out.send(_error(
-                    "ProcessExited",
-                    "the cell ended its process (exit, abort or a crash)",
-                    "the variables are as they were before this cell",
-                ))
-        if resumed and resumed.get("resumed") == backup:
-            self._host_pid = backup
-            with contextlib.suppress(ChildProcessError):
-                self._host.poll()
-        else:
-            self._host_died(None)
+        elif not self.is_interrupted():
+            sig, code = resumed.get("signal"), resumed.get("exit")
+            if sig == signal.SIGKILL:
+                how = "was killed (SIGKILL: the sandbox's memory limit, most likely)"
+            elif sig:
+                how = f"was killed by signal {sig}"
+            else:
+                how = f"exited with status {code}"
+            self.out.send(_error("ProcessExited", f"the cell's process {how}",
+                                 "the variables are as they were before this cell"))
 
-    def _host_died(self, _unused):
+    def _reap(self, pid):
+        """Waits for a host process that has exited (the kernel is its parent or subreaper)."""
+        if pid == self._host.pid:
+            self._host.wait()
+        else:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def _host_died(self):
         self.out.send(_error("KernelDied", "the Rust host process is gone",
                              "a fresh one was started: variables were reset, definitions kept"))
         self._restart_host()
@@ -1786,10 +1818,11 @@ class _RustKernel(_Kernel):
         if self._compiling is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._compiling.pid, signal.SIGKILL)
-        else:
-            # Native code cannot be interrupted: the host goes, its copy takes over.
-            with contextlib.suppress(ProcessLookupError, TypeError):
-                os.kill(self._host_pid, signal.SIGKILL)
+        elif self._running_pid is not None:
+            # Native code cannot be interrupted: the cell's process goes, and the host it was
+            # forked from, with the variables of before the cell, goes on.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._running_pid, signal.SIGKILL)
 
     def set_env(self, env):
         os.environ.clear()
@@ -1799,7 +1832,7 @@ class _RustKernel(_Kernel):
         self._host_env(dict(os.environ), [])
 
     def shutdown(self):
-        for pid in {self._host_pid, self._host.pid}:
+        for pid in {self._host_pid, self._host.pid, self._running_pid}:
             with contextlib.suppress(ProcessLookupError, TypeError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
