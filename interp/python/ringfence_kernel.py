@@ -1511,6 +1511,8 @@ class _RustKernel(_Kernel):
         self._dir = tempfile.mkdtemp(prefix=".ringfence-rust-")
         self._items = []  # (key or None, source)
         self._vars = {}  # name -> type as written in source
+        self._deps = {}  # crate name -> its Cargo.toml requirement
+        self._externs = []  # rustc arguments for the built dependencies
         self._cells = 0
         self._compiling = None
         self._running_pid = None
@@ -1613,7 +1615,8 @@ class _RustKernel(_Kernel):
         with open(src_path, "w", encoding="utf-8") as f:
             f.write(source)
         argv = [self._rustc, "--edition", "2021", "--crate-type", "cdylib", "--crate-name",
-                "rf_cell", "-C", "debuginfo=0", "--error-format", "json", "-o", path, src_path]
+                "rf_cell", "-C", "debuginfo=0", "--error-format", "json", "-o", path, src_path,
+                *self._externs]
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(self._rustc) + ":" + env.get("PATH", "/usr/bin:/bin")
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -1643,6 +1646,21 @@ class _RustKernel(_Kernel):
         bad = [n for n in env_vars if not isinstance(n, str) or not n or "=" in n or "\0" in n]
         if bad or not all(isinstance(v, str) and "\0" not in v for v in env_vars.values()):
             self.out.send(_error("ValueError", f"invalid environment variables: {bad}", ""))
+            return
+        deps = {}
+        lines = code.split("\n")
+        for k, ln in enumerate(lines):
+            m = re.match(r"\s*:dep\s+([A-Za-z0-9_-]+)\s*(?:=\s*(.+?))?\s*$", ln)
+            if m:
+                deps[m.group(1)] = m.group(2) or '"*"'
+                lines[k] = ""  # keeps the cell's line numbers
+            elif re.match(r"\s*:dep\b", ln):
+                self.out.send(_error("DependencyError", f"cannot read {ln.strip()!r}",
+                                     'expected `:dep name`, `:dep name = "1"` or '
+                                     '`:dep name = { version = "1", features = [...] }`'))
+                return
+        code = "\n".join(lines)
+        if deps and not self._add_deps(deps):
             return
         cell_items, stmts, lets, result = [], [], [], None
         chunks = _rust_chunks(code)
@@ -1710,6 +1728,70 @@ class _RustKernel(_Kernel):
             if env_vars:
                 self._host_env({n: v for n, v in saved.items() if v is not None},
                                [n for n, v in saved.items() if v is None])
+
+    def _add_deps(self, deps):
+        """Builds the context's dependencies with cargo, fetched through the sandbox's network
+        (its egress policy decides whether crates.io is reachable); False after reporting an
+        error, the context's dependencies then unchanged."""
+        wanted = {**self._deps, **deps}
+        if wanted == self._deps:
+            return True
+        project = os.path.join(self._dir, "deps")
+        os.makedirs(project, exist_ok=True)
+        with open(os.path.join(project, "lib.rs"), "w", encoding="utf-8") as f:
+            f.write("")
+        toml = ['[package]\nname = "rf_deps"\nversion = "0.0.0"\nedition = "2021"\n',
+                '[lib]\npath = "lib.rs"\n', "[dependencies]"]
+        toml += [f"{name} = {req}" for name, req in wanted.items()]
+        with open(os.path.join(project, "Cargo.toml"), "w", encoding="utf-8") as f:
+            f.write("\n".join(toml) + "\n")
+        bin_dir = os.path.dirname(self._rustc)
+        cargo = os.path.join(bin_dir, "cargo")
+        env = dict(os.environ)
+        env.update(RUSTC=self._rustc, PATH=bin_dir + ":" + env.get("PATH", "/usr/bin:/bin"),
+                   CARGO_TARGET_DIR=os.path.join(project, "target"), CARGO_TERM_COLOR="never")
+        proc = subprocess.Popen(
+            [cargo, "build", "--quiet", "--message-format=json", "--manifest-path",
+             os.path.join(project, "Cargo.toml")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+            cwd=project, start_new_session=True,
+        )
+        with self._state:
+            self._compiling = proc
+        out, err = proc.communicate()
+        with self._state:
+            self._compiling = None
+        if self.is_interrupted():
+            return False
+        names = {n.replace("-", "_") for n in wanted}
+        externs = []
+        for ln in out.decode("utf-8", "replace").splitlines():
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                msg = json.loads(ln)
+                target = msg.get("target") or {}
+                name = (target.get("name") or "").replace("-", "_")
+                if msg.get("reason") != "compiler-artifact" or name not in names:
+                    continue
+                for fn in msg.get("filenames") or []:
+                    if fn.endswith((".rlib", ".so")) and ("lib" in target.get("kind", [])
+                                                          or "proc-macro" in target.get("kind", [])
+                                                          or "rlib" in target.get("kind", [])):
+                        externs += ["--extern", f"{name}={fn}"]
+                        break
+        if proc.returncode != 0:
+            text = err.decode("utf-8", "replace")
+            why = ""
+            if proc.returncode == -signal.SIGKILL:
+                why = " (killed: the sandbox's memory limit, most likely)"
+            elif "failed to" in text and ("download" in text or "index" in text or "resolve" in text):
+                why = " (crates.io unreachable from this sandbox? its network policy decides)"
+            self.out.send(_error("DependencyError",
+                                 f"cargo could not build {', '.join(deps)}{why}", text[-6000:]))
+            return False
+        deps_dir = os.path.join(project, "target", "debug", "deps")
+        self._externs = ["-L", f"dependency={deps_dir}", *externs]
+        self._deps = wanted
+        return True
 
     def _host_env(self, set_, unset):
         if self._host_send({"op": "env", "set": set_, "unset": unset}):
