@@ -1389,6 +1389,7 @@ _RUST_ITEM = re.compile(
     r"(fn|struct|enum|union|trait|impl|type|const|static|mod|use|extern\s+crate|macro_rules!)\b"
     r"\s*(?:mut\s+)?([A-Za-z_][A-Za-z0-9_]*)?"
 )
+_RUST_LEAD = re.compile(r"(?:\s+|//(?![/!])[^\n]*|/\*(?![*!])(?:[^*]|\*(?!/))*\*/)*")
 _RUST_LET = re.compile(r"^let\b(.*?)(?::[^=]*)?=", re.S)
 _RUST_BLOCK_STMT = re.compile(r"^(?:for|while|loop|if|match|unsafe)\b|^\{|^'[a-z_]+\s*:")
 _RUST_KEYWORDS = frozenset(
@@ -1425,9 +1426,10 @@ def _rust_chunks(code):
     def close(end, semi):
         nonlocal start
         text = code[start:end]
-        if text.strip():
-            lead = len(text) - len(text.lstrip())
-            chunks.append((text.strip(), start + lead, semi))
+        # Leading comments (not doc comments, which belong to the item) are not the chunk's.
+        lead = _RUST_LEAD.match(text).end()
+        if text[lead:].strip():
+            chunks.append((text[lead:].strip(), start + lead, semi))
         start = end
 
     while i < n:
@@ -1584,9 +1586,11 @@ class _RustKernel(_Kernel):
                 origin.append(None if cell_line is None else cell_line + k)
 
         emit(_RUST_PRELUDE)
-        for _, src in self._items:
-            emit(src)
-        for src, line in cell_items:
+        replaced = {key for _, _, key in cell_items if key is not None}
+        for key, src in self._items:
+            if key not in replaced:
+                emit(src)
+        for src, line, _ in cell_items:
             emit(src, line)
         emit("fn rf_body(rf_in: &[*mut std::ffi::c_void], rf_out: &mut [*mut std::ffi::c_void], "
              "rf_rep: &mut String) {\nuse __rf::{ViaDebug as _, NoDebug as _};")
@@ -1687,12 +1691,11 @@ class _RustKernel(_Kernel):
         idents = _rust_idents(code)
         inputs = [n for n in self._vars if n in idents]
         outputs = list(dict.fromkeys(inputs + lets))
-        items = [(src, line) for src, line, _ in cell_items]
         self._cells += 1
         path = os.path.join(self._dir, f"cell{self._cells}.so")
         for _attempt in range(8):
             source, origin, save_from, restore = self._generate(
-                items, stmts, result, inputs, outputs
+                cell_items, stmts, result, inputs, outputs
             )
             status, diags, raw = self._compile(source, path)
             if self.is_interrupted():
@@ -1818,7 +1821,7 @@ class _RustKernel(_Kernel):
         for d in diags:
             text = d.get("rendered") or d.get("message", "")
             text = re.sub(r"\S*cell\d+\.rs:(\d+):(\d+)", cell_loc, text)
-            text = re.sub(r"(?m)^(\s*)(\d+)( \|)", gutter, text)
+            text = re.sub(r"(?m)^(\s*)(\d+)( [|+~-])", gutter, text)
             rendered.append(text.rstrip("\n"))
         first = diags[0] if diags else {}
         code = (first.get("code") or {}).get("code")

@@ -646,6 +646,58 @@ class RKernelTest(_DriverKernelTests, unittest.TestCase):
     }
 
 
+RUSTC = os.path.join(ENV_DIR, "share", "ringfence", "rust", "bin", "rustc")
+
+
+@unittest.skipUnless(os.access(RUSTC, os.X_OK) or shutil.which("rustc"),
+                     "no Rust toolchain (scripts/interp-rust.sh installs it)")
+class RustKernelTest(unittest.TestCase):
+    """The rust kernel's own bookkeeping: what the SDK suite (tests/e2b/code_interpreter.py)
+    cannot see from outside."""
+
+    def result(self, msgs):
+        return [m.get("text") for m in of_type(msgs, "result")]
+
+    def test_cell_splitting_ignores_strings_comments_and_chars(self):
+        k = Kernel(self, "rust")
+        msgs = k.run("/* a; } */ let s = \"x;}\"; // ;\nlet c = '}';\nlet r = r#\"\";\"#;\n"
+                     "if s.len() > 1 { c } else { 'n' }")
+        self.assertEqual(self.result(msgs), ["}"], msgs)
+        self.assertEqual(self.result(k.run("(s.len(), r.len())")), ["(3, 2)"])
+
+    def test_shadowing_moves_and_redefinitions(self):
+        k = Kernel(self, "rust")
+        k.run("let v = vec![1, 2];\nfn f() -> i32 { 1 }")
+        # `v` moved into `w`: only `w` is kept (the kernel retries without handing `v` back).
+        self.assertEqual(self.result(k.run("let w = v;\nw.len()")), ["2"])
+        msgs = k.run("v")
+        self.assertEqual(of_type(msgs, "error")[0]["name"], "CompileError", msgs)
+        k.run("let w = String::from(\"now a string\");\nfn f() -> i32 { 2 }")
+        self.assertEqual(self.result(k.run("(w, f())")), ['("now a string", 2)'])
+
+    def test_a_value_whose_type_cannot_be_written_is_not_kept_and_says_so(self):
+        k = Kernel(self, "rust")
+        msgs = k.run("let add = |a: i32| a + 1;\nadd(1)")
+        self.assertEqual(self.result(msgs), ["2"])
+        self.assertIn("`add`", stream(msgs, "stderr"))
+        self.assertIn("not kept", stream(msgs, "stderr"))
+
+    def test_a_bad_dep_line_is_a_clear_error(self):
+        k = Kernel(self, "rust")
+        msgs = k.run(":dep !!")
+        err = of_type(msgs, "error")[0]
+        self.assertEqual(err["name"], "DependencyError")
+        self.assertIn(":dep !!", err["value"])
+
+    def test_exit_keeps_the_variables_of_before_the_cell(self):
+        k = Kernel(self, "rust")
+        k.run("let mut n = 1;")
+        msgs = k.run("n += 1;\nstd::process::exit(3)")
+        err = of_type(msgs, "error")[0]
+        self.assertEqual((err["name"], err["value"]), ("ProcessExited", "the cell's process exited with status 3"))
+        self.assertEqual(self.result(k.run("n")), ["1"])
+
+
 class TransportTest(unittest.TestCase):
     def test_serve_fd_over_a_socketpair(self):
         ours, theirs = socket.socketpair()
