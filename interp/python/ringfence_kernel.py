@@ -1385,7 +1385,7 @@ while True:
 
 _RUST_ITEM = re.compile(
     r"^(?:#\[[^\]]*\]\s*|///[^\n]*\n\s*|//![^\n]*\n\s*)*(?:pub(?:\([^)]*\))?\s+)?"
-    r"(?:(?:unsafe|async|extern\s+\"[^\"]*\"|default)\s+)*"
+    r"(?:(?:unsafe|async|const(?=\s+(?:fn|unsafe|async|extern)\b)|extern\s+\"[^\"]*\"|default)\s+)*"
     r"(fn|struct|enum|union|trait|impl|type|const|static|mod|use|extern\s+crate|macro_rules!)\b"
     r"\s*(?:mut\s+)?([A-Za-z_][A-Za-z0-9_]*)?"
 )
@@ -1673,10 +1673,13 @@ class _RustKernel(_Kernel):
             m = _RUST_ITEM.match(text)
             if m and not text.startswith("const {") and not text.startswith("unsafe {"):
                 key = None
-                if m.group(1) not in ("impl",) and m.group(2):
-                    key = (m.group(1), m.group(2))
+                if m.group(1) == "impl":
+                    # The same impl header run again replaces its earlier block.
+                    key = ("impl", " ".join(text.split("{", 1)[0].split()))
                 elif m.group(1) == "use":
                     key = ("use", text)
+                elif m.group(2):
+                    key = (m.group(1), m.group(2))
                 cell_items.append((text, line, key))
                 continue
             lm = _RUST_LET.match(text)

@@ -674,6 +674,10 @@ class RustKernelTest(unittest.TestCase):
         self.assertEqual(of_type(msgs, "error")[0]["name"], "CompileError", msgs)
         k.run("let w = String::from(\"now a string\");\nfn f() -> i32 { 2 }")
         self.assertEqual(self.result(k.run("(w, f())")), ['("now a string", 2)'])
+        # A cell run twice (struct, impl, const fn) replaces its definitions, no duplicates.
+        cell = "struct P;\nimpl P { const fn n(&self) -> i32 { 3 } }\nconst fn g() -> i32 { 4 }\nP.n() + g()"
+        self.assertEqual(self.result(k.run(cell)), ["7"])
+        self.assertEqual(self.result(k.run(cell)), ["7"])
 
     def test_a_value_whose_type_cannot_be_written_is_not_kept_and_says_so(self):
         k = Kernel(self, "rust")
