@@ -655,6 +655,16 @@ class RustKernelTest(unittest.TestCase):
     """The rust kernel's own bookkeeping: what the SDK suite (tests/e2b/code_interpreter.py)
     cannot see from outside."""
 
+    def setUp(self):
+        # Kernels killed at the end of a test leave their compile directory: keep them here.
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="rf-rust-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        old = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = tmp
+        self.addCleanup(lambda: os.environ.pop("TMPDIR") if old is None else os.environ.update(TMPDIR=old))
+
     def result(self, msgs):
         return [m.get("text") for m in of_type(msgs, "result")]
 
