@@ -1344,6 +1344,10 @@ while True:
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        # The cell dies with the host that waits for it (a killed kernel takes its host).
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
         lib = ctypes.CDLL(req["path"])
         libs.append(lib)  # never unloaded: kept values may point into its code (vtables)
         ins, outs = req["inputs"], req["outputs"]
@@ -1363,6 +1367,7 @@ while True:
         for i, name in enumerate(outs):
             if arr_out[i]:
                 store[name] = arr_out[i]
+        libc.prctl(1, 0)  # the host is about to exit on purpose
         os.write(w, b"k")
         os.close(w)
         # Orphaned, this process is adopted by the kernel (a subreaper): from then on it dies

@@ -7,6 +7,7 @@ scripts/interp-env.sh):
 """
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -702,6 +703,43 @@ class RustKernelTest(unittest.TestCase):
         err = of_type(msgs, "error")[0]
         self.assertEqual(err["name"], "DependencyError")
         self.assertIn(":dep !!", err["value"])
+
+    def test_a_killed_kernel_takes_its_host_and_a_running_cell_with_it(self):
+        def descendants(pid):
+            kids, found = {}, []
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    with contextlib.suppress(OSError):
+                        with open(f"/proc/{d}/stat") as f:
+                            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                        kids.setdefault(ppid, []).append(int(d))
+            todo = [pid]
+            while todo:
+                for k in kids.get(todo.pop(), []):
+                    found.append(k)
+                    todo.append(k)
+            return found
+
+        k = Kernel(self, "rust")
+        k.run("let x = 1;")  # the host is now a fork adopted by the kernel
+        k.start("loop { std::hint::black_box(x); }")
+        time.sleep(1.5)
+        procs = descendants(k.proc.pid)
+        self.assertGreaterEqual(len(procs), 2, "a host and the cell's process")
+        k.proc.kill()
+        k.proc.wait()
+        def alive(pid):  # a zombie has ended (whoever adopted it reaps it)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(map(alive, procs)):
+            time.sleep(0.05)
+        left = [p for p in procs if alive(p)]
+        self.assertEqual(left, [], "processes outlived their kernel")
 
     def test_exit_keeps_the_variables_of_before_the_cell(self):
         k = Kernel(self, "rust")
