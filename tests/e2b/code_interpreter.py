@@ -301,12 +301,21 @@ _RUST_BIN = os.path.join(os.environ.get("RINGFENCE_INTERP_ENV", "/opt/ringfence/
                          "share/ringfence/rust/bin/rustc")
 
 
-def rust_language(s):
+def rust_language():
     """rust contexts: definitions and variables across cells, compile errors, panics, streaming,
-    env vars, interrupts, the memory limit, run inside the sandbox."""
+    env vars, interrupts, the memory limit, run inside the sandbox. A sandbox of their own: the
+    memory-limit check must not disturb the other kernels of the shared one."""
     if not os.access(_RUST_BIN, os.X_OK):
         print(f"SKIPPED rust: no toolchain at {_RUST_BIN} (scripts/interp-rust.sh installs it)")
         return
+    s = Sandbox.create()
+    try:
+        _rust_checks(s)
+    finally:
+        s.kill()
+
+
+def _rust_checks(s):
     if _TIER == "gvisor":
         try:
             s.create_code_context(language="rust")
@@ -755,17 +764,17 @@ def main():
         typescript(s)
         default_and_root_contexts(s)
         driver_languages(s)
-        rust_language(s)
         cancellation(s)
         inside_the_sandbox(s)
         memory_hog(s)
     finally:
         s.kill()
+    rust_language()
+    rust_dependencies()
     if _TIER == "gvisor":
         print("SKIPPED fork server checks: the gvisor tier's kernels are started by the agent")
         print(f"code interpreter conformance ({_TIER}): {checks.passed} checks passed")
         return
-    rust_dependencies()
     fork_server_restarts()
     fresh_sandbox()
     deadline = time.monotonic() + 5
