@@ -1348,6 +1348,8 @@ while True:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)
+        # Sent by the child itself: its other replies can only come after this one.
+        send({"running": os.getpid()})
         lib = ctypes.CDLL(req["path"])
         libs.append(lib)  # never unloaded: kept values may point into its code (vtables)
         ins, outs = req["inputs"], req["outputs"]
@@ -1378,7 +1380,6 @@ while True:
         send({"status": 0, "report": text, "host": os.getpid()})
         continue
     os.close(w)
-    send({"running": pid})
     done = os.read(r, 1)
     os.close(r)
     if done == b"k":
@@ -1840,13 +1841,21 @@ class _RustKernel(_Kernel):
         if not self._host_send({"op": "run", "path": path, "inputs": inputs, "outputs": outputs}):
             self._host_died()
             return
-        msg = self._host_reply()
-        if not msg or "running" not in msg:
-            self._host_died()
-            return
-        with self._state:
-            self._running_pid = msg["running"]
-        msg = self._host_reply()
+        # Replies: `running` (the cell's process), then either `status` 0 with `host` (it
+        # is the host now), or `resumed` (the host goes on), after a `status` if it panicked.
+        panic = None
+        while True:
+            msg = self._host_reply()
+            if msg and "running" in msg:
+                with self._state:
+                    self._running_pid = msg["running"]
+                    if self._interrupted:  # it came before this process was known
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self._running_pid, signal.SIGKILL)
+            elif msg and msg.get("status") not in (None, 0):
+                panic = msg
+            else:
+                break
         # Definitions compiled: later cells have them, whatever the cell did at run time.
         for src, _line, key in cell_items:
             if key is not None:
@@ -1870,8 +1879,7 @@ class _RustKernel(_Kernel):
             if value.startswith("R"):
                 self.out.send(_result({"text/plain": value[1:]}, True))
             return
-        panic = msg if msg and msg.get("status") is not None else None
-        resumed = msg if msg and "resumed" in msg else self._host_reply()
+        resumed = msg if msg and "resumed" in msg else None
         with self._state:
             self._running_pid = None
         if not resumed or resumed.get("resumed") != self._host_pid:
