@@ -1396,6 +1396,8 @@ _RUST_ITEM = re.compile(
     r"\s*(?:mut\s+)?([A-Za-z_][A-Za-z0-9_]*)?"
 )
 _RUST_LEAD = re.compile(r"(?:\s+|//(?![/!])[^\n]*|/\*(?![*!])(?:[^*]|\*(?!/))*\*/)*")
+_RUST_RAW = re.compile(r'b?r(#*)"')
+_RUST_CHAR = re.compile(r"'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'])'", re.S)
 _RUST_LET = re.compile(r"^let\b(.*?)(?::[^=]*)?=", re.S)
 _RUST_BLOCK_STMT = re.compile(r"^(?:for|while|loop|if|match|unsafe)\b|^\{|^'[a-z_]+\s*:")
 _RUST_KEYWORDS = frozenset(
@@ -1454,7 +1456,7 @@ def _rust_chunks(code):
                 else:
                     i += 1
             continue
-        m = re.compile(r'b?r(#*)"').match(code, i)
+        m = _RUST_RAW.match(code, i)
         if m and (i == 0 or not (code[i - 1].isalnum() or code[i - 1] == "_")):
             end = code.find('"' + m.group(1), m.end())
             i = n if end < 0 else end + 1 + len(m.group(1))
@@ -1466,7 +1468,7 @@ def _rust_chunks(code):
             i += 1
             continue
         if c == "'":
-            m = re.compile(r"'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'])'", re.S).match(code, i)
+            m = _RUST_CHAR.match(code, i)
             i = m.end() if m else i + 1  # else a lifetime or label
             continue
         if c in "([{":
@@ -1515,7 +1517,9 @@ class _RustKernel(_Kernel):
         if not os.access(self._rustc, os.X_OK):
             self._rustc = shutil.which("rustc")
         if not self._rustc:
-            raise RuntimeError("no Rust toolchain in the sandbox (scripts/interp-rust.sh installs it)")
+            raise RuntimeError(
+                "no Rust toolchain in the sandbox (scripts/interp-rust.sh installs it)"
+            )
         self._dir = tempfile.mkdtemp(prefix=".ringfence-rust-")
         self._items = []  # (key or None, source)
         self._vars = {}  # name -> type as written in source
@@ -1641,7 +1645,7 @@ class _RustKernel(_Kernel):
         for ln in err.decode("utf-8", "replace").splitlines():
             with contextlib.suppress(ValueError):
                 d = json.loads(ln)
-                if isinstance(d, dict) and d.get("level") in ("error", "error: internal compiler error"):
+                if isinstance(d, dict) and d.get("level", "").startswith("error"):
                     diags.append(d)
         return proc.returncode, diags, err.decode("utf-8", "replace")
 
@@ -1691,9 +1695,12 @@ class _RustKernel(_Kernel):
             lm = _RUST_LET.match(text)
             if lm:
                 lets += [n for n in _rust_idents(lm.group(1)) if n[0].islower() or n[0] == "_"]
-            if k == len(chunks) - 1 and not semi and not lm and not _RUST_BLOCK_STMT.match(text):
-                result = (text, line)
-            elif k == len(chunks) - 1 and not semi and _RUST_BLOCK_STMT.match(text) and text.startswith(("if", "match", "{")):
+            # The last chunk without `;` is the cell's value, unless it is a `let` or a
+            # loop (whose value is `()`); an `if`, `match` or block may have one.
+            block = _RUST_BLOCK_STMT.match(text)
+            if k == len(chunks) - 1 and not semi and not lm and (
+                not block or text.startswith(("if", "match", "{"))
+            ):
                 result = (text, line)
             else:
                 stmts.append((text, line))
@@ -1795,7 +1802,7 @@ class _RustKernel(_Kernel):
             why = ""
             if proc.returncode == -signal.SIGKILL:
                 why = " (killed: the sandbox's memory limit, most likely)"
-            elif "failed to" in text and ("download" in text or "index" in text or "resolve" in text):
+            elif "failed to" in text and re.search(r"download|index|resolve", text):
                 why = " (crates.io unreachable from this sandbox? its network policy decides)"
             self.out.send(_error("DependencyError",
                                  f"cargo could not build {', '.join(deps)}{why}", text[-6000:]))
@@ -1818,7 +1825,9 @@ class _RustKernel(_Kernel):
         if status < 0 and not diags:
             sig = -status
             why = " (the sandbox's memory limit, most likely)" if sig == signal.SIGKILL else ""
-            self.out.send(_error("CompileError", f"rustc was killed by signal {sig}{why}", raw[-4000:]))
+            self.out.send(
+                _error("CompileError", f"rustc was killed by signal {sig}{why}", raw[-4000:])
+            )
             return
         def gutter(m):
             ln = int(m.group(2))
@@ -1834,7 +1843,9 @@ class _RustKernel(_Kernel):
             rendered.append(text.rstrip("\n"))
         first = diags[0] if diags else {}
         code = (first.get("code") or {}).get("code")
-        value = f"error[{code}]: {first.get('message', '')}" if code else first.get("message", raw[-2000:])
+        value = first.get("message", raw[-2000:])
+        if code:
+            value = f"error[{code}]: {value}"
         self.out.send(_error("CompileError", value, "\n".join(rendered) or raw[-4000:]))
 
     def _run_cell(self, path, inputs, outputs, origin, cell_items):
