@@ -1629,7 +1629,8 @@ class _RustKernel(_Kernel):
         with open(src_path, "w", encoding="utf-8") as f:
             f.write(source)
         argv = [self._rustc, "--edition", "2021", "--crate-type", "cdylib", "--crate-name",
-                "rf_cell", "-C", "debuginfo=0", "--error-format", "json", "-o", path, src_path,
+                "rf_cell", "-C", "debuginfo=0", "-C", "strip=symbols", "--error-format", "json",
+                "-o", path, src_path,
                 *self._externs]
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(self._rustc) + ":" + env.get("PATH", "/usr/bin:/bin")
@@ -1641,6 +1642,8 @@ class _RustKernel(_Kernel):
         _, err = proc.communicate()
         with self._state:
             self._compiling = None
+        with contextlib.suppress(OSError):
+            os.unlink(src_path)
         diags = []
         for ln in err.decode("utf-8", "replace").splitlines():
             with contextlib.suppress(ValueError):
@@ -1744,6 +1747,10 @@ class _RustKernel(_Kernel):
         try:
             self._run_cell(path, inputs, outputs, origin, cell_items)
         finally:
+            # Loaded by now where it is needed (a mapping outlives the name); the kernel's
+            # directory would otherwise grow by a library per cell.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             if env_vars:
                 self._host_env({n: v for n, v in saved.items() if v is not None},
                                [n for n, v in saved.items() if v is None])

@@ -741,6 +741,15 @@ class RustKernelTest(unittest.TestCase):
         left = [p for p in procs if alive(p)]
         self.assertEqual(left, [], "processes outlived their kernel")
 
+    def test_compiled_cells_do_not_pile_up_in_the_kernels_directory(self):
+        k = Kernel(self, "rust")
+        for n in range(3):
+            self.assertEqual(self.result(k.run(f"let v{n} = {n};\nv{n} + 1")), [str(n + 1)])
+        k.run('let y: i32 = "a";')  # a compile error too
+        left = [f for d in os.listdir(os.environ["TMPDIR"]) if d.startswith(".ringfence-rust-")
+                for f in os.listdir(os.path.join(os.environ["TMPDIR"], d))]
+        self.assertEqual(left, [])
+
     def test_exit_keeps_the_variables_of_before_the_cell(self):
         k = Kernel(self, "rust")
         k.run("let mut n = 1;")
