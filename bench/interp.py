@@ -13,7 +13,7 @@ HTTP/1.1 keep-alive (stdlib only, so the client adds as little as possible):
   3. for contrast, the same cold: a fresh `python3` importing pandas in a sandbox via
      `commands.run`-style process start (what paying the import per sandbox would cost).
 
-  4. per language (`--languages python,javascript,typescript,bash,java,r`): in a new sandbox,
+  4. per language (`--languages python,javascript,typescript,bash,java,r,rust`): in a new sandbox,
      the first trivial cell of that language (its default context's kernel start included),
      then the round trip of the same trivial cell in the now-warm kernel.
 
@@ -116,6 +116,7 @@ TRIVIAL = {
     "bash": ("echo 2", None),
     "java": ("1+1", "2"),
     "r": ("1+1", "[1] 2"),
+    "rust": ("1+1", "2"),
 }
 
 
@@ -149,7 +150,7 @@ def main():
     ap.add_argument("--creates", type=int, default=30)
     ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
     ap.add_argument("--languages", default="",
-                    help="comma-separated: python,javascript,typescript,bash,java,r")
+                    help="comma-separated: python,javascript,typescript,bash,java,r,rust")
     ap.add_argument("--lang-rounds", type=int, default=5)
     ap.add_argument("--only-languages", action="store_true",
                     help="skip the round-trip / create / cold measurements")

@@ -42,5 +42,8 @@ venv="$(dirname "$0")/../.venv"
 "$venv/bin/pip" install -q "mcp>=2.3,<3" "playwright>=1.65,<1.66"
 # The TypeScript compiler that `typescript` interpreter contexts compile their cells with.
 "$(dirname "$0")/interp-ts.sh"
+# The Rust toolchain that `rust` interpreter contexts compile their cells with (a hard-linked
+# copy of this host's, inside the interpreter environment).
+"$(dirname "$0")/interp-rust.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "setup: ok"

@@ -182,7 +182,7 @@ def serve_fd(fd, lang="python"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Ringfence code-interpreter kernel (stdio)")
-    parser.add_argument("--lang", choices=("python", "bash", "java", "r"), default="python")
+    parser.add_argument("--lang", choices=("python", "bash", "java", "r", "rust"), default="python")
     args = parser.parse_args(argv)
     if args.lang == "python":
         preload()
@@ -198,6 +198,7 @@ def _serve(in_fd, out_fd, lang):
         "bash": _BashKernel,
         "java": lambda out, in_fd: _DriverKernel(out, in_fd, "java"),
         "r": lambda out, in_fd: _DriverKernel(out, in_fd, "r"),
+        "rust": _RustKernel,
     }
     if lang not in kernels:
         raise ValueError(f"unknown kernel language {lang!r}")
@@ -1219,6 +1220,740 @@ class _DriverKernel(_Kernel):
     def shutdown(self):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._dir)
+        _real_exit(0)
+
+
+# The `rust` kernel: a design of our own, lighter than evcxr (no rust-analyzer to build). Each
+# cell is compiled by rustc into a cdylib and loaded into one long-lived host process that keeps
+# the context's variables; the kernel (this process) keeps the context's definitions.
+#
+# - Definitions (fn, struct, enum, impl, trait, use, const, static, mod, type, macro_rules) are
+#   hoisted to the crate root and compiled again into every later cell (a later definition of
+#   the same name replaces the earlier one): compiled from the same source by the same rustc,
+#   a type has the same layout in every cell, so a value made by one cell is read by the next.
+# - Variables live in the host as boxed values. A cell receives, moved in, only the variables
+#   its code names, and hands back those still alive at its end plus the ones its top-level
+#   `let`s bound; their types come from `std::any::type_name` and are written into the next
+#   cell's source. A value whose type cannot be written there (a closure, a borrow other than
+#   `&str`) lives for its cell only.
+# - The host forks a copy of itself before each cell. If the cell panics, exits, crashes or is
+#   interrupted (SIGKILL: native code cannot be stopped otherwise), the copy takes over with
+#   the variables as they were before the cell; otherwise it is discarded.
+_RUST_PRELUDE = r"""#![allow(warnings)]
+extern crate alloc;
+#[doc(hidden)]
+mod __rf {
+    use std::ffi::{c_char, c_void, CString};
+    pub struct Show<'a, T>(pub &'a T);
+    pub trait ViaDebug { fn rf_show(&self) -> Option<String>; }
+    impl<T: core::fmt::Debug> ViaDebug for &Show<'_, T> {
+        fn rf_show(&self) -> Option<String> { Some(format!("{:?}", self.0)) }
+    }
+    pub trait NoDebug { fn rf_show(&self) -> Option<String>; }
+    impl<T> NoDebug for Show<'_, T> { fn rf_show(&self) -> Option<String> { None } }
+    pub fn tn<T: ?Sized>(_: &T) -> &'static str { core::any::type_name::<T>() }
+    pub unsafe fn take<T>(p: *mut c_void) -> T { *Box::from_raw(p as *mut T) }
+    pub fn keep<T>(rep: &mut String, out: &mut [*mut c_void], i: usize, name: &str, v: T) {
+        let t = core::any::type_name::<T>();
+        if t.contains("{{") || t.replace("&str", "").contains('&') {
+            rep.push_str(&format!("{}\x1f-{}\x1d", name, t));
+            return;
+        }
+        out[i] = Box::into_raw(Box::new(v)) as *mut c_void;
+        rep.push_str(&format!("{}\x1f{}\x1d", name, t));
+    }
+    pub static PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    pub fn to_c(s: String) -> *mut c_char {
+        CString::new(s.replace('\0', "\\0")).unwrap_or_default().into_raw()
+    }
+    pub fn on_panic(info: &std::panic::PanicHookInfo) {
+        let p = info.payload();
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "Box<dyn Any>".to_string());
+        let loc = info.location().map(|l| format!("{}\t{}", l.line(), l.column()))
+            .unwrap_or_else(|| "0\t0".to_string());
+        if let Ok(mut g) = PANIC.lock() { *g = Some(format!("{}\t{}", loc, msg)); }
+    }
+}
+#[no_mangle]
+pub extern "C" fn rf_free(p: *mut std::ffi::c_char) {
+    if !p.is_null() { unsafe { drop(std::ffi::CString::from_raw(p)); } }
+}
+#[no_mangle]
+pub unsafe extern "C" fn rf_run(
+    n_in: usize, inp: *const *mut std::ffi::c_void,
+    n_out: usize, out: *mut *mut std::ffi::c_void,
+    report: *mut *mut std::ffi::c_char,
+) -> i32 {
+    use std::io::Write;
+    std::panic::set_hook(Box::new(__rf::on_panic));
+    let rf_in = std::slice::from_raw_parts(inp, n_in);
+    let rf_out = std::slice::from_raw_parts_mut(out, n_out);
+    let mut rep = String::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rf_body(rf_in, rf_out, &mut rep)));
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    match r {
+        Ok(()) => { *report = __rf::to_c(rep); 0 }
+        Err(_) => {
+            let m = __rf::PANIC.lock().ok().and_then(|mut g| g.take()).unwrap_or_default();
+            *report = __rf::to_c(m);
+            1
+        }
+    }
+}
+"""
+
+# The host: keeps the variables (raw pointers to boxed values) and runs cells. Requests on
+# fd 0 and replies on the fd named by argv[1], one JSON object per line.
+_RUST_HOST = r"""
+import ctypes, json, os, signal, sys, time
+out_fd = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+store, libs, buf = {}, [], b""
+def send(obj):
+    os.write(out_fd, (json.dumps(obj) + "\n").encode())
+def readline():
+    global buf
+    while b"\n" not in buf:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            os._exit(0)
+        buf += chunk
+    line, _, buf = buf.partition(b"\n")
+    return json.loads(line)
+send({"ready": os.getpid()})
+while True:
+    req = readline()
+    if req["op"] == "env":
+        for k, v in req["set"].items():
+            os.environ[k] = v
+        for k in req["unset"]:
+            os.environ.pop(k, None)
+        send({"ok": True})
+        continue
+    # op run: the cell runs in a forked child; this process waits with the variables of
+    # before the cell. The child, if the cell succeeds, becomes the host and this process
+    # exits; otherwise (a panic, exit, crash, or the SIGKILL of an interrupt) this process
+    # goes on as the host and says how the child ended.
+    r, w = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        # The cell dies with the host that waits for it (a killed kernel takes its host).
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+        # Sent by the child itself: its other replies can only come after this one.
+        send({"running": os.getpid()})
+        lib = ctypes.CDLL(req["path"])
+        libs.append(lib)  # never unloaded: kept values may point into its code (vtables)
+        ins, outs = req["inputs"], req["outputs"]
+        arr_in = (ctypes.c_void_p * max(len(ins), 1))(*[store.pop(n) for n in ins])
+        arr_out = (ctypes.c_void_p * max(len(outs), 1))()
+        rep = ctypes.c_void_p()
+        lib.rf_run.restype = ctypes.c_int
+        lib.rf_run.argtypes = [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                               ctypes.c_void_p, ctypes.c_void_p]
+        lib.rf_free.argtypes = [ctypes.c_void_p]
+        status = lib.rf_run(len(ins), arr_in, len(outs), arr_out, ctypes.byref(rep))
+        text = ctypes.string_at(rep.value).decode("utf-8", "replace") if rep.value else ""
+        lib.rf_free(rep)
+        if status != 0:
+            send({"status": status, "report": text})
+            os._exit(0)
+        for i, name in enumerate(outs):
+            if arr_out[i]:
+                store[name] = arr_out[i]
+        libc.prctl(1, 0)  # the host is about to exit on purpose
+        os.write(w, b"k")
+        os.close(w)
+        # Orphaned, this process is adopted by the kernel (a subreaper): from then on it dies
+        # with the kernel, as the first host does.
+        while os.getppid() == parent:
+            time.sleep(0.0002)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        send({"status": 0, "report": text, "host": os.getpid()})
+        continue
+    os.close(w)
+    done = os.read(r, 1)
+    os.close(r)
+    if done == b"k":
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    send({"resumed": os.getpid(), "signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else 0,
+          "exit": os.WEXITSTATUS(st) if os.WIFEXITED(st) else -1})
+"""
+
+_RUST_ITEM = re.compile(
+    r"^(?:#\[[^\]]*\]\s*|///[^\n]*\n\s*|//![^\n]*\n\s*)*(?:pub(?:\([^)]*\))?\s+)?"
+    r"(?:(?:unsafe|async|const(?=\s+(?:fn|unsafe|async|extern)\b)|extern\s+\"[^\"]*\"|default)\s+)*"
+    r"(fn|struct|enum|union|trait|impl|type|const|static|mod|use|extern\s+crate|macro_rules!)\b"
+    r"\s*(?:mut\s+)?([A-Za-z_][A-Za-z0-9_]*)?"
+)
+_RUST_LEAD = re.compile(r"(?:\s+|//(?![/!])[^\n]*|/\*(?![*!])(?:[^*]|\*(?!/))*\*/)*")
+_RUST_RAW = re.compile(r'b?r(#*)"')
+_RUST_CHAR = re.compile(r"'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'])'", re.S)
+_RUST_LET = re.compile(r"^let\b(.*?)(?::[^=]*)?=", re.S)
+_RUST_BLOCK_STMT = re.compile(r"^(?:for|while|loop|if|match|unsafe)\b|^\{|^'[a-z_]+\s*:")
+_RUST_KEYWORDS = frozenset(
+    "as break const continue crate else enum extern false fn for if impl in let loop match mod "
+    "move mut pub ref return self Self static struct super trait true type unsafe use where while "
+    "async await dyn box".split()
+)
+# type_name paths that are private modules, and their public names.
+_RUST_TYPE_PATHS = (
+    ("std::collections::hash::map::HashMap", "std::collections::HashMap"),
+    ("std::collections::hash::set::HashSet", "std::collections::HashSet"),
+    ("alloc::collections::btree::map::BTreeMap", "std::collections::BTreeMap"),
+    ("alloc::collections::btree::set::BTreeSet", "std::collections::BTreeSet"),
+    ("alloc::collections::vec_deque::VecDeque", "std::collections::VecDeque"),
+    ("alloc::collections::binary_heap::BinaryHeap", "std::collections::BinaryHeap"),
+    ("alloc::collections::linked_list::LinkedList", "std::collections::LinkedList"),
+    ("std::hash::random::RandomState", "std::hash::RandomState"),
+    ("std::sync::poison::mutex::Mutex", "std::sync::Mutex"),
+    ("std::sync::poison::rwlock::RwLock", "std::sync::RwLock"),
+    ("std::sync::mutex::Mutex", "std::sync::Mutex"),
+    ("std::sync::rwlock::RwLock", "std::sync::RwLock"),
+    ("core::cell::once::OnceCell", "std::cell::OnceCell"),
+    ("core::ops::function::", "core::ops::"),
+    ("core::ops::range::", "core::ops::"),
+)
+
+
+def _rust_chunks(code):
+    """Splits a cell into top-level chunks (text, start offset, ended by ';'), skipping strings,
+    chars, comments and brackets. A chunk ends at a top-level ';', or at a top-level '}' that
+    closes an item or a block statement (unless `else` or a method call follows)."""
+    chunks, i, n, depth, start = [], 0, len(code), 0, 0
+
+    def close(end, semi):
+        nonlocal start
+        text = code[start:end]
+        # Leading comments (not doc comments, which belong to the item) are not the chunk's.
+        lead = _RUST_LEAD.match(text).end()
+        if text[lead:].strip():
+            chunks.append((text[lead:].strip(), start + lead, semi))
+        start = end
+
+    while i < n:
+        c = code[i]
+        if code.startswith("//", i):
+            j = code.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if code.startswith("/*", i):
+            level, i = 1, i + 2
+            while i < n and level:
+                if code.startswith("/*", i):
+                    level, i = level + 1, i + 2
+                elif code.startswith("*/", i):
+                    level, i = level - 1, i + 2
+                else:
+                    i += 1
+            continue
+        m = _RUST_RAW.match(code, i)
+        if m and (i == 0 or not (code[i - 1].isalnum() or code[i - 1] == "_")):
+            end = code.find('"' + m.group(1), m.end())
+            i = n if end < 0 else end + 1 + len(m.group(1))
+            continue
+        if c == '"':
+            i += 1
+            while i < n and code[i] != '"':
+                i += 2 if code[i] == "\\" else 1
+            i += 1
+            continue
+        if c == "'":
+            m = _RUST_CHAR.match(code, i)
+            i = m.end() if m else i + 1  # else a lifetime or label
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if c == "}" and depth == 0:
+                text = code[start : i + 1].strip()
+                rest = code[i + 1 :].lstrip()
+                if (_RUST_ITEM.match(text) or _RUST_BLOCK_STMT.match(text)) and not re.match(
+                    r"else\b|[.?;]|as\b", rest
+                ) and not _RUST_LET.match(text):
+                    close(i + 1, False)
+        elif c == ";" and depth == 0:
+            close(i + 1, True)
+        i += 1
+    close(n, False)
+    return chunks
+
+
+def _rust_idents(text):
+    return set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", text)) - _RUST_KEYWORDS
+
+
+def _rust_type(t):
+    for private, public in _RUST_TYPE_PATHS:
+        t = t.replace(private, public)
+    t = re.sub(r"\brf_cell::", "crate::", t)
+    return re.sub(r"&str\b", "&'static str", t)
+
+
+class _RustKernel(_Kernel):
+    """Rust cells, compiled by rustc and run in a host process that keeps the variables (see
+    the comment above _RUST_PRELUDE). Compile errors are `CompileError` (rustc's messages,
+    line numbers of the cell), panics `Panic`."""
+
+    language = "rust"
+
+    def __init__(self, out, in_fd):
+        super().__init__(out, in_fd)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        import tempfile
+
+        bin_dir = os.path.join(sys.prefix, "share", "ringfence", "rust", "bin")
+        self._rustc = os.path.join(bin_dir, "rustc")
+        if not os.access(self._rustc, os.X_OK):
+            self._rustc = shutil.which("rustc")
+        if not self._rustc:
+            raise RuntimeError(
+                "no Rust toolchain in the sandbox (scripts/interp-rust.sh installs it)"
+            )
+        self._dir = tempfile.mkdtemp(prefix=".ringfence-rust-")
+        self._items = []  # (key or None, source)
+        self._vars = {}  # name -> type as written in source
+        self._deps = {}  # crate name -> its Cargo.toml requirement
+        self._externs = []  # rustc arguments for the built dependencies
+        self._cells = 0
+        self._compiling = None
+        self._running_pid = None
+        self._host = None
+        # Hosts that outlive their parent (see _RUST_HOST) are adopted by this process.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+        self._host_pid = None
+        self._start_host()
+
+    # The host process.
+
+    def _start_host(self):
+        ctl_r, ctl_w = os.pipe()
+        argv = [sys.executable, "-c", _RUST_HOST, str(ctl_w)]
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        self._host = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(ctl_w,),
+                                      start_new_session=True)
+        os.close(ctl_w)
+        self._ctl, self._ctl_buf = ctl_r, b""
+        self._vars = {}
+        msg = self._host_reply()
+        if not msg or "ready" not in msg:
+            raise RuntimeError("the Rust host process did not start")
+        self._host_pid = msg["ready"]
+
+    def _host_send(self, obj):
+        try:
+            self._host.stdin.write((json.dumps(obj) + "\n").encode())
+            self._host.stdin.flush()
+            return True
+        except OSError:
+            return False
+
+    def _host_reply(self):
+        while b"\n" not in self._ctl_buf:
+            chunk = os.read(self._ctl, _READ_BYTES)
+            if not chunk:
+                return None
+            self._ctl_buf += chunk
+        line, _, self._ctl_buf = self._ctl_buf.partition(b"\n")
+        return json.loads(line)
+
+    def _restart_host(self):
+        with contextlib.suppress(OSError):
+            self._host.stdin.close()
+        os.close(self._ctl)
+        for pid in {self._host_pid, self._host.pid, self._running_pid}:
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(pid, signal.SIGKILL)
+        self._host.wait()
+        if self._host_pid != self._host.pid:
+            self._reap(self._host_pid)
+        self._running_pid = None
+        self._start_host()
+
+    # Cells.
+
+    def _generate(self, cell_items, stmts, result, inputs, outputs):
+        """The crate's source and, per generated line, the cell's line (or None)."""
+        lines, origin = [], []
+
+        def emit(text, cell_line=None):
+            for k, ln in enumerate(text.split("\n")):
+                lines.append(ln)
+                origin.append(None if cell_line is None else cell_line + k)
+
+        emit(_RUST_PRELUDE)
+        replaced = {key for _, _, key in cell_items if key is not None}
+        for key, src in self._items:
+            if key not in replaced:
+                emit(src)
+        for src, line, _ in cell_items:
+            emit(src, line)
+        emit("fn rf_body(rf_in: &[*mut std::ffi::c_void], rf_out: &mut [*mut std::ffi::c_void], "
+             "rf_rep: &mut String) {\nuse __rf::{ViaDebug as _, NoDebug as _};")
+        restore = {}
+        for i, name in enumerate(inputs):
+            t = self._vars[name]
+            restore[len(lines) + 1] = name
+            emit(f"let mut {name}: {t} = unsafe {{ __rf::take::<{t}>(rf_in[{i}]) }};")
+        for src, line in stmts:
+            emit(src, line)
+        if result is not None:
+            src, line = result
+            emit("let rf_value = &(", None)
+            emit(src, line)
+            emit(");\nif __rf::tn(rf_value) != \"()\" { if let Some(s) = (&&__rf::Show(rf_value))"
+                 ".rf_show() { rf_rep.push('R'); rf_rep.push_str(&s); } }")
+        emit("rf_rep.push('\\x1e');")
+        save_from = len(lines)
+        for i, name in enumerate(outputs):
+            emit(f"__rf::keep(rf_rep, rf_out, {i}, {json.dumps(name)}, {name});")
+        emit("}")
+        return "\n".join(lines) + "\n", origin, save_from, restore
+
+    def _compile(self, source, path):
+        src_path = path[: -len(".so")] + ".rs"
+        with open(src_path, "w", encoding="utf-8") as f:
+            f.write(source)
+        argv = [self._rustc, "--edition", "2021", "--crate-type", "cdylib", "--crate-name",
+                "rf_cell", "-C", "debuginfo=0", "-C", "strip=symbols", "--error-format", "json",
+                "-o", path, src_path,
+                *self._externs]
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(self._rustc) + ":" + env.get("PATH", "/usr/bin:/bin")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=env, cwd=self._dir,
+                                start_new_session=True)
+        with self._state:
+            self._compiling = proc
+        _, err = proc.communicate()
+        with self._state:
+            self._compiling = None
+        with contextlib.suppress(OSError):
+            os.unlink(src_path)
+        diags = []
+        for ln in err.decode("utf-8", "replace").splitlines():
+            with contextlib.suppress(ValueError):
+                d = json.loads(ln)
+                if isinstance(d, dict) and d.get("level", "").startswith("error"):
+                    diags.append(d)
+        return proc.returncode, diags, err.decode("utf-8", "replace")
+
+    @staticmethod
+    def _primary_line(d):
+        for sp in d.get("spans") or []:
+            if sp.get("is_primary"):
+                return sp.get("line_start")
+        return None
+
+    def run(self, code, env_vars):
+        bad = [n for n in env_vars if not isinstance(n, str) or not n or "=" in n or "\0" in n]
+        if bad or not all(isinstance(v, str) and "\0" not in v for v in env_vars.values()):
+            self.out.send(_error("ValueError", f"invalid environment variables: {bad}", ""))
+            return
+        deps = {}
+        lines = code.split("\n")
+        for k, ln in enumerate(lines):
+            m = re.match(r"\s*:dep\s+([A-Za-z0-9_-]+)\s*(?:=\s*(.+?))?\s*$", ln)
+            if m:
+                deps[m.group(1)] = m.group(2) or '"*"'
+                lines[k] = ""  # keeps the cell's line numbers
+            elif re.match(r"\s*:dep\b", ln):
+                self.out.send(_error("DependencyError", f"cannot read {ln.strip()!r}",
+                                     'expected `:dep name`, `:dep name = "1"` or '
+                                     '`:dep name = { version = "1", features = [...] }`'))
+                return
+        code = "\n".join(lines)
+        if deps and not self._add_deps(deps):
+            return
+        cell_items, stmts, lets, result = [], [], [], None
+        chunks = _rust_chunks(code)
+        for k, (text, offset, semi) in enumerate(chunks):
+            line = code.count("\n", 0, offset) + 1
+            m = _RUST_ITEM.match(text)
+            if m and not text.startswith("const {") and not text.startswith("unsafe {"):
+                key = None
+                if m.group(1) == "impl":
+                    # The same impl header run again replaces its earlier block.
+                    key = ("impl", " ".join(text.split("{", 1)[0].split()))
+                elif m.group(1) == "use":
+                    key = ("use", text)
+                elif m.group(2):
+                    key = (m.group(1), m.group(2))
+                cell_items.append((text, line, key))
+                continue
+            lm = _RUST_LET.match(text)
+            if lm:
+                lets += [n for n in _rust_idents(lm.group(1)) if n[0].islower() or n[0] == "_"]
+            # The last chunk without `;` is the cell's value, unless it is a `let` or a
+            # loop (whose value is `()`); an `if`, `match` or block may have one.
+            block = _RUST_BLOCK_STMT.match(text)
+            if k == len(chunks) - 1 and not semi and not lm and (
+                not block or text.startswith(("if", "match", "{"))
+            ):
+                result = (text, line)
+            else:
+                stmts.append((text, line))
+        idents = _rust_idents(code)
+        inputs = [n for n in self._vars if n in idents]
+        outputs = list(dict.fromkeys(inputs + lets))
+        self._cells += 1
+        path = os.path.join(self._dir, f"cell{self._cells}.so")
+        for _attempt in range(8):
+            source, origin, save_from, restore = self._generate(
+                cell_items, stmts, result, inputs, outputs
+            )
+            status, diags, raw = self._compile(source, path)
+            if self.is_interrupted():
+                return
+            if status == 0:
+                break
+            # A variable moved away by the cell (`let y = x;`) is not handed back.
+            moved = set()
+            for d in diags:
+                ln = self._primary_line(d)
+                mm = re.search(r"moved value: `([A-Za-z_][A-Za-z0-9_]*)`", d.get("message", ""))
+                if mm and ln is not None and ln > save_from and mm.group(1) in outputs:
+                    moved.add(mm.group(1))
+            # A kept variable whose type rustc will not take written out (a private module in
+            # its path) cannot be used again: it is dropped from the context, with a note.
+            unusable = {restore[ln] for ln in map(self._primary_line, diags) if ln in restore}
+            for name in sorted(unusable):
+                self.out.write("stderr", f"note: `{name}` ({self._vars.pop(name)}) can no longer "
+                               "be used: rustc does not accept its type written out\n")
+            if not moved and not unusable:
+                break
+            inputs = [n for n in inputs if n not in unusable]
+            outputs = [n for n in outputs if n not in moved]
+        if status != 0:
+            self._compile_error(status, diags, raw, origin)
+            return
+        if env_vars:
+            saved = {n: os.environ.get(n) for n in env_vars}
+            self._host_env(env_vars, [])
+        try:
+            self._run_cell(path, inputs, outputs, origin, cell_items)
+        finally:
+            # Loaded by now where it is needed (a mapping outlives the name); the kernel's
+            # directory would otherwise grow by a library per cell.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if env_vars:
+                self._host_env({n: v for n, v in saved.items() if v is not None},
+                               [n for n, v in saved.items() if v is None])
+
+    def _add_deps(self, deps):
+        """Builds the context's dependencies with cargo, fetched through the sandbox's network
+        (its egress policy decides whether crates.io is reachable); False after reporting an
+        error, the context's dependencies then unchanged."""
+        wanted = {**self._deps, **deps}
+        if wanted == self._deps:
+            return True
+        project = os.path.join(self._dir, "deps")
+        os.makedirs(project, exist_ok=True)
+        with open(os.path.join(project, "lib.rs"), "w", encoding="utf-8") as f:
+            f.write("")
+        toml = ['[package]\nname = "rf_deps"\nversion = "0.0.0"\nedition = "2021"\n',
+                '[lib]\npath = "lib.rs"\n', "[dependencies]"]
+        toml += [f"{name} = {req}" for name, req in wanted.items()]
+        with open(os.path.join(project, "Cargo.toml"), "w", encoding="utf-8") as f:
+            f.write("\n".join(toml) + "\n")
+        bin_dir = os.path.dirname(self._rustc)
+        cargo = os.path.join(bin_dir, "cargo")
+        env = dict(os.environ)
+        env.update(RUSTC=self._rustc, PATH=bin_dir + ":" + env.get("PATH", "/usr/bin:/bin"),
+                   CARGO_TARGET_DIR=os.path.join(project, "target"), CARGO_TERM_COLOR="never")
+        proc = subprocess.Popen(
+            [cargo, "build", "--quiet", "--message-format=json", "--manifest-path",
+             os.path.join(project, "Cargo.toml")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+            cwd=project, start_new_session=True,
+        )
+        with self._state:
+            self._compiling = proc
+        out, err = proc.communicate()
+        with self._state:
+            self._compiling = None
+        if self.is_interrupted():
+            return False
+        names = {n.replace("-", "_") for n in wanted}
+        externs = []
+        for ln in out.decode("utf-8", "replace").splitlines():
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                msg = json.loads(ln)
+                target = msg.get("target") or {}
+                name = (target.get("name") or "").replace("-", "_")
+                if msg.get("reason") != "compiler-artifact" or name not in names:
+                    continue
+                for fn in msg.get("filenames") or []:
+                    if fn.endswith((".rlib", ".so")) and ("lib" in target.get("kind", [])
+                                                          or "proc-macro" in target.get("kind", [])
+                                                          or "rlib" in target.get("kind", [])):
+                        externs += ["--extern", f"{name}={fn}"]
+                        break
+        if proc.returncode != 0:
+            text = err.decode("utf-8", "replace")
+            why = ""
+            if proc.returncode == -signal.SIGKILL:
+                why = " (killed: the sandbox's memory limit, most likely)"
+            elif "failed to" in text and re.search(r"download|index|resolve", text):
+                why = " (crates.io unreachable from this sandbox? its network policy decides)"
+            self.out.send(_error("DependencyError",
+                                 f"cargo could not build {', '.join(deps)}{why}", text[-6000:]))
+            return False
+        deps_dir = os.path.join(project, "target", "debug", "deps")
+        self._externs = ["-L", f"dependency={deps_dir}", *externs]
+        self._deps = wanted
+        return True
+
+    def _host_env(self, set_, unset):
+        if self._host_send({"op": "env", "set": set_, "unset": unset}):
+            self._host_reply()
+
+    def _compile_error(self, status, diags, raw, origin):
+        def cell_loc(m):
+            ln = int(m.group(1))
+            o = origin[ln - 1] if 0 < ln <= len(origin) else None
+            return f"cell:{o}:{m.group(2)}" if o else f"cell:?:{m.group(2)}"
+
+        if status < 0 and not diags:
+            sig = -status
+            why = " (the sandbox's memory limit, most likely)" if sig == signal.SIGKILL else ""
+            self.out.send(
+                _error("CompileError", f"rustc was killed by signal {sig}{why}", raw[-4000:])
+            )
+            return
+        def gutter(m):
+            ln = int(m.group(2))
+            o = origin[ln - 1] if 0 < ln <= len(origin) else None
+            return f"{m.group(1)}{str(o or '?').rjust(len(m.group(2)))}{m.group(3)}"
+
+        diags = [d for d in diags if not d.get("message", "").startswith("aborting due to")]
+        rendered = []
+        for d in diags:
+            text = d.get("rendered") or d.get("message", "")
+            text = re.sub(r"\S*cell\d+\.rs:(\d+):(\d+)", cell_loc, text)
+            text = re.sub(r"(?m)^(\s*)(\d+)( [|+~-])", gutter, text)
+            rendered.append(text.rstrip("\n"))
+        first = diags[0] if diags else {}
+        code = (first.get("code") or {}).get("code")
+        value = first.get("message", raw[-2000:])
+        if code:
+            value = f"error[{code}]: {value}"
+        self.out.send(_error("CompileError", value, "\n".join(rendered) or raw[-4000:]))
+
+    def _run_cell(self, path, inputs, outputs, origin, cell_items):
+        if not self._host_send({"op": "run", "path": path, "inputs": inputs, "outputs": outputs}):
+            self._host_died()
+            return
+        # Replies: `running` (the cell's process), then either `status` 0 with `host` (it
+        # is the host now), or `resumed` (the host goes on), after a `status` if it panicked.
+        panic = None
+        while True:
+            msg = self._host_reply()
+            if msg and "running" in msg:
+                with self._state:
+                    self._running_pid = msg["running"]
+                    if self._interrupted:  # it came before this process was known
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self._running_pid, signal.SIGKILL)
+            elif msg and msg.get("status") not in (None, 0):
+                panic = msg
+            else:
+                break
+        # Definitions compiled: later cells have them, whatever the cell did at run time.
+        for src, _line, key in cell_items:
+            if key is not None:
+                self._items = [(k, s) for k, s in self._items if k != key]
+            self._items.append((key, src))
+        if msg and msg.get("status") == 0 and msg.get("host"):
+            with self._state:
+                self._running_pid = None
+            self._reap(self._host_pid)
+            self._host_pid = msg["host"]
+            value, _, kept = msg.get("report", "").partition("\x1e")
+            for name in inputs:
+                self._vars.pop(name, None)
+            for entry in kept.split("\x1d"):
+                name, _, t = entry.partition("\x1f")
+                if name and not t.startswith("-"):
+                    self._vars[name] = _rust_type(t)
+                elif name and name not in inputs:
+                    self.out.write("stderr", f"note: `{name}` ({t[1:]}) is not kept for later "
+                                   "cells: its type cannot be written in Rust source\n")
+            if value.startswith("R"):
+                self.out.send(_result({"text/plain": value[1:]}, True))
+            return
+        resumed = msg if msg and "resumed" in msg else None
+        with self._state:
+            self._running_pid = None
+        if not resumed or resumed.get("resumed") != self._host_pid:
+            self._host_died()
+            return
+        if panic:
+            line, _, rest = panic.get("report", "").partition("\t")
+            col, _, text = rest.partition("\t")
+            with contextlib.suppress(ValueError, IndexError):
+                line = origin[int(line) - 1] or "?"
+            self.out.send(_error("Panic", text, f"thread panicked at cell:{line}:{col}:\n{text}"))
+        elif not self.is_interrupted():
+            sig, code = resumed.get("signal"), resumed.get("exit")
+            if sig == signal.SIGKILL:
+                how = "was killed (SIGKILL: the sandbox's memory limit, most likely)"
+            elif sig:
+                how = f"was killed by signal {sig}"
+            else:
+                how = f"exited with status {code}"
+            self.out.send(_error("ProcessExited", f"the cell's process {how}",
+                                 "the variables are as they were before this cell"))
+
+    def _reap(self, pid):
+        """Waits for a host process that has exited (the kernel is its parent or subreaper)."""
+        if pid == self._host.pid:
+            self._host.wait()
+        else:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def _host_died(self):
+        self.out.send(_error("KernelDied", "the Rust host process is gone",
+                             "a fresh one was started: variables were reset, definitions kept"))
+        self._restart_host()
+
+    def interrupt(self):
+        if self._compiling is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._compiling.pid, signal.SIGKILL)
+        elif self._running_pid is not None:
+            # Native code cannot be interrupted: the cell's process goes, and the host it was
+            # forked from, with the variables of before the cell, goes on.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._running_pid, signal.SIGKILL)
+
+    def set_env(self, env):
+        os.environ.clear()
+        for name, value in env.items():
+            with contextlib.suppress(TypeError, ValueError):
+                os.environ[name] = value
+        self._host_env(dict(os.environ), [])
+
+    def shutdown(self):
+        for pid in {self._host_pid, self._host.pid, self._running_pid}:
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)
         _real_exit(0)

@@ -7,6 +7,7 @@ scripts/interp-env.sh):
 """
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -644,6 +645,118 @@ class RKernelTest(_DriverKernelTests, unittest.TestCase):
         "fresh": "1 + 1",
         "fresh_value": "[1] 2",
     }
+
+
+RUSTC = os.path.join(ENV_DIR, "share", "ringfence", "rust", "bin", "rustc")
+
+
+@unittest.skipUnless(os.access(RUSTC, os.X_OK) or shutil.which("rustc"),
+                     "no Rust toolchain (scripts/interp-rust.sh installs it)")
+class RustKernelTest(unittest.TestCase):
+    """The rust kernel's own bookkeeping: what the SDK suite (tests/e2b/code_interpreter.py)
+    cannot see from outside."""
+
+    def setUp(self):
+        # Kernels killed at the end of a test leave their compile directory: keep them here.
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="rf-rust-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        old = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = tmp
+        self.addCleanup(lambda: os.environ.pop("TMPDIR") if old is None else os.environ.update(TMPDIR=old))
+
+    def result(self, msgs):
+        return [m.get("text") for m in of_type(msgs, "result")]
+
+    def test_cell_splitting_ignores_strings_comments_and_chars(self):
+        k = Kernel(self, "rust")
+        msgs = k.run("/* a; } */ let s = \"x;}\"; // ;\nlet c = '}';\nlet r = r#\"\";\"#;\n"
+                     "if s.len() > 1 { c } else { 'n' }")
+        self.assertEqual(self.result(msgs), ["}"], msgs)
+        self.assertEqual(self.result(k.run("(s.len(), r.len())")), ["(3, 2)"])
+
+    def test_shadowing_moves_and_redefinitions(self):
+        k = Kernel(self, "rust")
+        k.run("let v = vec![1, 2];\nfn f() -> i32 { 1 }")
+        # `v` moved into `w`: only `w` is kept (the kernel retries without handing `v` back).
+        self.assertEqual(self.result(k.run("let w = v;\nw.len()")), ["2"])
+        msgs = k.run("v")
+        self.assertEqual(of_type(msgs, "error")[0]["name"], "CompileError", msgs)
+        k.run("let w = String::from(\"now a string\");\nfn f() -> i32 { 2 }")
+        self.assertEqual(self.result(k.run("(w, f())")), ['("now a string", 2)'])
+        # A cell run twice (struct, impl, const fn) replaces its definitions, no duplicates.
+        cell = "struct P;\nimpl P { const fn n(&self) -> i32 { 3 } }\nconst fn g() -> i32 { 4 }\nP.n() + g()"
+        self.assertEqual(self.result(k.run(cell)), ["7"])
+        self.assertEqual(self.result(k.run(cell)), ["7"])
+
+    def test_a_value_whose_type_cannot_be_written_is_not_kept_and_says_so(self):
+        k = Kernel(self, "rust")
+        msgs = k.run("let add = |a: i32| a + 1;\nadd(1)")
+        self.assertEqual(self.result(msgs), ["2"])
+        self.assertIn("`add`", stream(msgs, "stderr"))
+        self.assertIn("not kept", stream(msgs, "stderr"))
+
+    def test_a_bad_dep_line_is_a_clear_error(self):
+        k = Kernel(self, "rust")
+        msgs = k.run(":dep !!")
+        err = of_type(msgs, "error")[0]
+        self.assertEqual(err["name"], "DependencyError")
+        self.assertIn(":dep !!", err["value"])
+
+    def test_a_killed_kernel_takes_its_host_and_a_running_cell_with_it(self):
+        def descendants(pid):
+            kids, found = {}, []
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    with contextlib.suppress(OSError):
+                        with open(f"/proc/{d}/stat") as f:
+                            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                        kids.setdefault(ppid, []).append(int(d))
+            todo = [pid]
+            while todo:
+                for k in kids.get(todo.pop(), []):
+                    found.append(k)
+                    todo.append(k)
+            return found
+
+        k = Kernel(self, "rust")
+        k.run("let x = 1;")  # the host is now a fork adopted by the kernel
+        k.start("loop { std::hint::black_box(x); }")
+        time.sleep(1.5)
+        procs = descendants(k.proc.pid)
+        self.assertGreaterEqual(len(procs), 2, "a host and the cell's process")
+        k.proc.kill()
+        k.proc.wait()
+        def alive(pid):  # a zombie has ended (whoever adopted it reaps it)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(map(alive, procs)):
+            time.sleep(0.05)
+        left = [p for p in procs if alive(p)]
+        self.assertEqual(left, [], "processes outlived their kernel")
+
+    def test_compiled_cells_do_not_pile_up_in_the_kernels_directory(self):
+        k = Kernel(self, "rust")
+        for n in range(3):
+            self.assertEqual(self.result(k.run(f"let v{n} = {n};\nv{n} + 1")), [str(n + 1)])
+        k.run('let y: i32 = "a";')  # a compile error too
+        left = [f for d in os.listdir(os.environ["TMPDIR"]) if d.startswith(".ringfence-rust-")
+                for f in os.listdir(os.path.join(os.environ["TMPDIR"], d))]
+        self.assertEqual(left, [])
+
+    def test_exit_keeps_the_variables_of_before_the_cell(self):
+        k = Kernel(self, "rust")
+        k.run("let mut n = 1;")
+        msgs = k.run("n += 1;\nstd::process::exit(3)")
+        err = of_type(msgs, "error")[0]
+        self.assertEqual((err["name"], err["value"]), ("ProcessExited", "the cell's process exited with status 3"))
+        self.assertEqual(self.result(k.run("n")), ["1"])
 
 
 class TransportTest(unittest.TestCase):

@@ -296,6 +296,146 @@ def driver_languages(s):
         r = s.run_code(c["getenv"].replace("CELL_VAR", "HOME"), context=ctx)
         check(f"{lang}: runs inside the sandbox as its user", "/home/user" in (r.text or ""), r)
 
+# Where scripts/interp-rust.sh puts the toolchain that rust contexts compile with.
+_RUST_BIN = os.path.join(os.environ.get("RINGFENCE_INTERP_ENV", "/opt/ringfence/python"),
+                         "share/ringfence/rust/bin/rustc")
+
+
+def rust_language():
+    """rust contexts: definitions and variables across cells, compile errors, panics, streaming,
+    env vars, interrupts, the memory limit, run inside the sandbox. A sandbox of their own: the
+    memory-limit check must not disturb the other kernels of the shared one."""
+    if not os.access(_RUST_BIN, os.X_OK):
+        print(f"SKIPPED rust: no toolchain at {_RUST_BIN} (scripts/interp-rust.sh installs it)")
+        return
+    s = Sandbox.create()
+    try:
+        _rust_checks(s)
+    finally:
+        s.kill()
+
+
+def _rust_checks(s):
+    if _TIER == "gvisor":
+        try:
+            s.create_code_context(language="rust")
+            check("rust: refused on gvisor, naming the tier", False, "created")
+        except Exception as e:
+            check("rust: refused on gvisor, naming the tier", "tier" in str(e), repr(e))
+        return
+    ctx = s.create_code_context(language="rust")
+    check("rust: a context", ctx.language == "rust", ctx)
+    r = s.run_code("let x = 41;", context=ctx)
+    check("rust: a let has no result", r.error is None and r.results == [], r)
+    r = s.run_code(
+        "fn double(a: i32) -> i32 { a * 2 }\n#[derive(Debug, Clone)]\nstruct P { v: i32 }\n"
+        "let p = P { v: x };\nlet mut names: Vec<String> = vec![\"a\".into()];",
+        context=ctx,
+    )
+    check("rust: definitions and variables in one cell", r.error is None, r)
+    r = s.run_code('names.push("b".to_string());\nprintln!("out");\ndouble(p.v) - 40', context=ctx)
+    check("rust: state between cells (fn, struct, variables), stdout, the last value",
+          "".join(r.logs.stdout) == "out\n" and r.text == "42" and r.error is None, r)
+    r = s.run_code("(names.len(), p.clone())", context=ctx)
+    check("rust: a mutated variable keeps its change; Debug of a struct as the result",
+          r.text == "(2, P { v: 41 })", r)
+    r = s.run_code('let y: i32 = "a";', context=ctx)
+    check("rust: a compile error is CompileError with rustc's code and the cell's line",
+          r.error is not None and r.error.name == "CompileError" and "E0308" in r.error.value
+          and "cell:1:" in r.error.traceback, r.error)
+    r = s.run_code('let v: Vec<i32> = Vec::new();\nlet i = x as usize;\nv[i]', context=ctx)
+    check("rust: a panic is Panic with its message and the cell's line",
+          r.error is not None and r.error.name == "Panic" and "index out of bounds" in r.error.value
+          and "cell:3:" in r.error.traceback, r.error)
+    r = s.run_code("x", context=ctx)
+    check("rust: a panic leaves the variables as before the cell", r.text == "41", r)
+    seen = []
+    start = time.monotonic()
+    r = s.run_code(
+        'println!("first");\nstd::thread::sleep(std::time::Duration::from_millis(1500));\n'
+        'println!("second");\neprintln!("oops");',
+        context=ctx,
+        on_stdout=lambda m: seen.append(time.monotonic() - start),
+    )
+    total = time.monotonic() - start
+    check("rust: stdout and stderr collected",
+          "".join(r.logs.stdout) == "first\nsecond\n" and "".join(r.logs.stderr) == "oops\n", r.logs)
+    check("rust: on_stdout fires as output is produced", len(seen) >= 2 and seen[0] < total - 1.0,
+          (seen, total))
+    getenv = 'std::env::var("CELL_VAR").unwrap_or_else(|_| "unset".to_string())'
+    r = s.run_code(getenv, context=ctx, envs={"CELL_VAR": "v1"})
+    check("rust: per-cell env vars apply", r.text == "v1", r)
+    r = s.run_code(getenv, context=ctx)
+    check("rust: and are gone after the cell", r.text == "unset", r)
+    start = time.monotonic()
+    try:
+        s.run_code("loop { std::hint::black_box(x); }", context=ctx, timeout=3)
+        check("rust: a timed-out cell raises", False, "no exception")
+    except TimeoutException:
+        check("rust: a timed-out cell raises TimeoutException", time.monotonic() - start < 10)
+    time.sleep(1)
+    r = s.run_code("x + 1", context=ctx)
+    check("rust: interrupted, the context keeps its state", r.text == "42", r)
+    r = s.run_code("let big = vec![1u8; 2 << 30];\nbig.len()", context=ctx)
+    check("rust: a cell past the sandbox's memory limit gets a clear error",
+          r.error is not None and "memory limit" in r.error.value, r.error)
+    # The toolchain is shared with the host (hard links to its rustup toolchain): a sandbox
+    # that could write it would poison every later compile, the host's included.
+    r = s.run_code(
+        f'std::fs::OpenOptions::new().append(true).open("{_RUST_BIN}").map(|_| ())'
+        '.map_err(|e| e.kind())',
+        context=ctx,
+    )
+    check("rust: the toolchain cannot be written from a cell", (r.text or "").startswith("Err("), r)
+    r = s.run_code('(std::env::var("HOME").unwrap(), x)', context=ctx)
+    check("rust: runs inside the sandbox as its user, state kept after the memory error",
+          r.text == '("/home/user", 41)', r)
+
+
+def _crates_io_reachable():
+    import socket
+
+    try:
+        socket.create_connection(("index.crates.io", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def rust_dependencies():
+    """`:dep` fetches a crate with cargo through the sandbox's egress policy: allowed when the
+    policy lets crates.io through, refused when the sandbox has no internet."""
+    if not os.access(_RUST_BIN, os.X_OK):
+        print(f"SKIPPED rust :dep: no toolchain at {_RUST_BIN}")
+        return
+    if _TIER == "gvisor":
+        print("SKIPPED rust :dep: rust contexts are refused on gvisor")
+        return
+    if not _crates_io_reachable():
+        print("SKIPPED rust :dep: index.crates.io:443 is not reachable from this host")
+        return
+    crates_io = ["crates.io", "index.crates.io", "static.crates.io"]
+    s = Sandbox.create(network={"allow_out": crates_io, "deny_out": ["0.0.0.0/0"]})
+    try:
+        ctx = s.create_code_context(language="rust")
+        r = s.run_code(':dep itoa = "1"\nlet mut buf = itoa::Buffer::new();\n'
+                       'buf.format(42).to_string()', context=ctx, timeout=180)
+        check("rust: :dep fetches a crate from crates.io through an allowlist policy",
+              r.text == "42" and r.error is None, r)
+        r = s.run_code("buf.format(-7).len()", context=ctx)
+        check("rust: a dependency's value is kept between cells", r.text == "2", r)
+    finally:
+        s.kill()
+    s = Sandbox.create(allow_internet_access=False)
+    try:
+        ctx = s.create_code_context(language="rust")
+        r = s.run_code(':dep itoa = "1"\n1', context=ctx, timeout=180)
+        check("rust: without internet, :dep is a DependencyError naming the crate",
+              r.error is not None and r.error.name == "DependencyError" and "itoa" in r.error.value,
+              r.error)
+    finally:
+        s.kill()
+
 
 def default_and_root_contexts(s):
     langs = {c.language for c in s.list_code_contexts() if c.id.startswith("default")}
@@ -629,6 +769,8 @@ def main():
         memory_hog(s)
     finally:
         s.kill()
+    rust_language()
+    rust_dependencies()
     if _TIER == "gvisor":
         print("SKIPPED fork server checks: the gvisor tier's kernels are started by the agent")
         print(f"code interpreter conformance ({_TIER}): {checks.passed} checks passed")

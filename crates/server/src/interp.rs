@@ -84,6 +84,8 @@ fn normalize(lang: &str) -> Option<&'static str> {
         // Driven by the Python kernel (interp/python/ringfence_kernel.py, _DriverKernel).
         "java" => Some("java"),
         "r" => Some("r"),
+        // Compiled per cell by rustc, driven by the Python kernel (_RustKernel).
+        "rust" | "rs" => Some("rust"),
         "bash" | "sh" => Some("bash"),
         _ => None,
     }
@@ -353,7 +355,7 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
         return error(
             StatusCode::BAD_REQUEST,
             format!(
-                "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+                "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r, rust)"
             ),
         );
     };
@@ -469,6 +471,14 @@ async fn start_kernel(
         // A tier without namespaces the fork server can enter (gVisor): the kernel runs as an
         // ordinary process the agent starts, paying the imports the fork server would have
         // done once. The environment is bound at the same path inside, so its python is ours.
+        // Not yet run under gVisor (rustc's memory inside the sentry, the host process's
+        // forked copies): refused with the reason rather than served unchecked.
+        "rust" => {
+            return Err(format!(
+                "{NOT_ON_TIER}the rust kernel runs on the jail tier only for now (python, \
+                 bash, javascript and typescript run here)"
+            ));
+        }
         lang @ ("java" | "r") => {
             return Err(format!(
                 "{NOT_ON_TIER}the {lang} kernel: its driver is started by the jail's fork \
@@ -805,7 +815,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
                 return error(
                     StatusCode::BAD_REQUEST,
                     format!(
-                        "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+                        "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r, rust)"
                     ),
                 );
             };
@@ -1003,6 +1013,7 @@ mod tests {
         assert_eq!(normalize("bash"), Some("bash"));
         assert_eq!(normalize("ts"), Some("typescript"));
         assert_eq!(normalize("R"), Some("r"));
+        assert_eq!(normalize("Rust"), Some("rust"));
         assert_eq!(normalize("kotlin"), None);
     }
 }
