@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod network;
 pub mod observe;
 pub mod quota;
+pub mod secrets;
 pub mod store;
 pub mod tier;
 mod time;

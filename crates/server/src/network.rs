@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use ringfence_net::intercept::{HostRule, Interception, RequestRules};
 use ringfence_net::policy::{Ceiling, Rule, SandboxPolicy, parse_rules};
 use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
 use serde_json::{Value, json};
@@ -30,6 +31,9 @@ pub struct NetworkConfig {
     /// Whether a sandbox's ports answer without its access token when its creator did not say
     /// (`network.allowPublicTraffic`).
     pub public_default: bool,
+    /// The file with the key secrets are sealed with (`crate::secrets::Vault`); `None`:
+    /// `<data-dir>/secrets.key`, made on first start.
+    pub secrets_key: Option<std::path::PathBuf>,
 }
 
 /// What a create (or update) asks for, validated.
@@ -44,6 +48,8 @@ pub struct NetParams {
     /// E2B's `dnsServers`: accepted and reported; the sandbox's resolver (ours) answers every
     /// DNS query whatever server it names.
     pub dns_servers: Option<Vec<String>>,
+    /// E2B's `rules`: per-host header transforms, applied on the TLS-terminating path.
+    pub rules: RequestRules,
 }
 
 impl NetParams {
@@ -55,6 +61,7 @@ impl NetParams {
             public: None,
             mask_request_host: None,
             dns_servers: None,
+            rules: RequestRules::default(),
         }
     }
 }
@@ -87,6 +94,63 @@ fn rules(v: Option<&Value>, field: &str) -> Result<Vec<Rule>, crate::manager::Ma
     parse_rules(&items).map_err(|e| bad(format!("network.{field}: {e}")))
 }
 
+/// E2B's `rules`: `{host: [{"transform": {"headers": {name: value}}}, ...]}`. The rules of one
+/// host apply in order (a later one's header replaces an earlier one's of the same name).
+fn request_rules(v: Option<&Value>) -> Result<RequestRules, crate::manager::ManagerError> {
+    let map = match v {
+        None | Some(Value::Null) => return Ok(RequestRules::default()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("network.rules must be an object of host -> list of rules")),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (host, list) in map {
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad(format!("network.rules[{host:?}] must be a list of rules")))?;
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for rule in list {
+            let t = match rule.get("transform") {
+                None | Some(Value::Null) => continue,
+                Some(t @ Value::Object(_)) => t,
+                Some(_) => {
+                    return Err(bad(format!(
+                        "network.rules[{host:?}]: transform must be an object"
+                    )));
+                }
+            };
+            if let Some(extra) = t.as_object().and_then(|o| o.keys().find(|k| *k != "headers")) {
+                return Err(bad(format!(
+                    "network.rules[{host:?}]: transform.{extra} is not supported (headers only)"
+                )));
+            }
+            let Some(h) = t.get("headers").filter(|h| !h.is_null()) else { continue };
+            let h = h.as_object().ok_or_else(|| {
+                bad(format!("network.rules[{host:?}]: transform.headers must be an object"))
+            })?;
+            for (k, v) in h {
+                let v = v.as_str().ok_or_else(|| {
+                    bad(format!("network.rules[{host:?}]: header {k:?} must be a string"))
+                })?;
+                headers.retain(|(n, _)| !n.eq_ignore_ascii_case(k));
+                headers.push((k.clone(), v.to_string()));
+            }
+        }
+        out.push(HostRule { host: host.to_ascii_lowercase(), headers });
+    }
+    RequestRules::new(out).map_err(|e| bad(e.to_string()))
+}
+
+/// E2B's shape of `rules`, for info and persistence.
+fn rules_json(r: &RequestRules) -> Value {
+    let mut m = serde_json::Map::new();
+    for rule in r.rules() {
+        let headers: serde_json::Map<String, Value> =
+            rule.headers.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+        m.insert(rule.host.clone(), json!([{"transform": {"headers": headers}}]));
+    }
+    Value::Object(m)
+}
+
 /// Parses E2B's `allow_internet_access` and `network` object (create), or an update body
 /// (`PUT /sandboxes/{id}/network`, whose fields sit at the top level).
 pub fn parse(
@@ -102,7 +166,6 @@ pub fn parse(
     let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
     for (camel, snake, what) in [
         ("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy"),
-        ("rules", "rules", "per-host request transforms"),
         ("httpsPorts", "https_ports", "HTTPS to sandbox ports"),
     ] {
         let set = match get(camel, snake) {
@@ -147,6 +210,7 @@ pub fn parse(
         public,
         mask_request_host: mask,
         dns_servers,
+        rules: request_rules(get("rules", "rules"))?,
     })
 }
 
@@ -166,6 +230,8 @@ pub struct Network {
     cfg: NetworkConfig,
     egress: Arc<Egress>,
     audit: mpsc::Sender<AuditRecord>,
+    store: Arc<Store>,
+    vault: Arc<crate::secrets::Vault>,
 }
 
 /// Most records one write stores (one transaction, one fsync).
@@ -225,11 +291,38 @@ impl Network {
         cfg: NetworkConfig,
         store: Arc<Store>,
         observer: Arc<Observer>,
-    ) -> Result<Network, ringfence_net::NetError> {
-        let egress = Egress::new(cfg.egress.clone())?;
+        default_key: &std::path::Path,
+    ) -> Result<Network, String> {
+        let egress = Egress::new(cfg.egress.clone()).map_err(|e| e.to_string())?;
+        let key = cfg.secrets_key.clone().unwrap_or_else(|| default_key.to_path_buf());
+        let vault =
+            Arc::new(crate::secrets::Vault::open_or_create(&key).map_err(|e| e.to_string())?);
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
-        tokio::spawn(write_loop(rx, store, observer));
-        Ok(Network { cfg, egress, audit: tx })
+        tokio::spawn(write_loop(rx, store.clone(), observer));
+        Ok(Network { cfg, egress, audit: tx, store, vault })
+    }
+
+    pub fn vault(&self) -> &Arc<crate::secrets::Vault> {
+        &self.vault
+    }
+
+    fn interception(&self, key: &str, rules: &RequestRules) -> Option<Interception> {
+        (!rules.is_empty()).then(|| Interception {
+            rules: rules.clone(),
+            lookup: crate::secrets::lookup(self.store.clone(), self.vault.clone(), key.to_string()),
+        })
+    }
+
+    /// The sandbox's egress CA (PEM), for its trust store; `None` if it has no network.
+    pub fn ca_pem(&self, live: &Live) -> Result<Option<String>, crate::manager::ManagerError> {
+        let id = live.record.lock().map(|r| r.id.clone()).unwrap_or_default();
+        let slot = live.net.lock().map_err(|_| bad("network lock"))?;
+        let Some(state) = slot.as_ref() else { return Ok(None) };
+        state
+            .net
+            .ca_pem(&format!("sandbox {id}"))
+            .map(Some)
+            .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))
     }
 
     pub fn config(&self) -> &NetworkConfig {
@@ -286,6 +379,7 @@ impl Network {
             }
             crate::tier::NetAttach::None => return Ok(()),
         };
+        net.set_interception(self.interception(key, &params.rules));
         if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }
@@ -300,10 +394,12 @@ impl Network {
         mut params: NetParams,
     ) -> Result<usize, crate::manager::ManagerError> {
         let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
+        let key = live.record.lock().map(|r| r.key_id.clone()).unwrap_or_default();
         let mut slot = live.net.lock().map_err(|_| bad("network lock"))?;
         let state = slot.as_mut().ok_or_else(|| bad("this sandbox has no network"))?;
         state.net.set_rate(rate);
         let cut = state.net.set_policy(params.policy.clone());
+        state.net.set_interception(self.interception(&key, &params.rules));
         // Inbound settings are not part of the update body: they stay.
         params.public = state.params.public;
         params.mask_request_host = state.params.mask_request_host.clone();
@@ -333,6 +429,7 @@ impl Network {
             "allowPublicTraffic": s.params.public.unwrap_or(self.cfg.public_default),
             "maskRequestHost": s.params.mask_request_host,
             "egressBytesPerSecond": s.net.rate(),
+            "rules": rules_json(&s.params.rules),
             "connections": s.net.connections(),
         });
         // The SDK reads present fields as lists and strings: absent, never null.
@@ -352,8 +449,71 @@ impl Network {
             "allowPublicTraffic": params.public,
             "maskRequestHost": params.mask_request_host,
             "dnsServers": params.dns_servers,
+            "rules": rules_json(&params.rules),
         })
     }
+}
+
+/// Where a sandbox finds its egress CA: alone (for Node's `NODE_EXTRA_CA_CERTS`, which adds to
+/// Node's own list) and appended to its own copy of the system bundle (OpenSSL's default file,
+/// which `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE` and `CURL_CA_BUNDLE` also name, so Python's
+/// `requests`, which otherwise reads certifi's list, trusts it too).
+pub const EGRESS_CA_FILE: &str = "/usr/local/share/ca-certificates/ringfence-egress.crt";
+pub const SANDBOX_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The environment a sandbox with request rules gets, so its TLS clients trust its CA.
+pub fn egress_ca_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("SSL_CERT_FILE", SANDBOX_CA_BUNDLE),
+        ("REQUESTS_CA_BUNDLE", SANDBOX_CA_BUNDLE),
+        ("CURL_CA_BUNDLE", SANDBOX_CA_BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", EGRESS_CA_FILE),
+    ]
+}
+
+/// Puts the sandbox's egress CA into its own trust store (its copy of the bundle, in its
+/// upper layer: the template and the host are untouched). Idempotent: a bundle that lists it
+/// already is left as it is.
+pub async fn install_egress_ca(
+    client: &crate::agent_client::AgentClient,
+    pem: &str,
+) -> Result<(), crate::manager::ManagerError> {
+    use ringfence_proto::{Reply, Request, SandboxUser};
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        crate::manager::ManagerError::Internal(format!("installing the egress CA: {what}: {e}"))
+    };
+    let bundle = match client
+        .call(Request::ReadFile {
+            path: SANDBOX_CA_BUNDLE.into(),
+            user: SandboxUser::Root,
+            offset: 0,
+        })
+        .await
+    {
+        Ok(Reply::Data { data, .. }) => data,
+        // A template without a bundle: the CA alone is the bundle.
+        _ => Vec::new(),
+    };
+    if bundle.windows(pem.len()).any(|w| w == pem.as_bytes()) {
+        return Ok(());
+    }
+    let mut all = bundle;
+    if !all.is_empty() && !all.ends_with(b"\n") {
+        all.push(b'\n');
+    }
+    all.extend_from_slice(pem.as_bytes());
+    for (path, data) in [(EGRESS_CA_FILE, pem.as_bytes().to_vec()), (SANDBOX_CA_BUNDLE, all)] {
+        client
+            .call(Request::WriteFile {
+                path: path.into(),
+                user: SandboxUser::Root,
+                offset: 0,
+                data,
+            })
+            .await
+            .map_err(|e| fail(path, &e))?;
+    }
+    Ok(())
 }
 
 /// Stores egress records in batches: a sandbox opening connections in a loop costs one
@@ -533,6 +693,33 @@ mod tests {
         assert!(parse(None, Some(&json!({"allowOut": ["*"]}))).is_err());
         assert!(parse(None, Some(&json!({"egressProxy": {"address": "p:1080"}}))).is_err());
         assert!(parse(None, Some(&json!({"rules": {}}))).is_ok());
+        let p = parse(
+            None,
+            Some(&json!({"rules": {"API.example.com": [
+                {"transform": {"headers": {"Authorization": "a", "x-b": "1"}}},
+                {"transform": {"headers": {"authorization": "Bearer ${e2b.secrets.k}"}}},
+                {}
+            ]}})),
+        )
+        .unwrap();
+        let r = p.rules.matching("api.example.com").unwrap();
+        assert_eq!(
+            r.headers,
+            vec![
+                ("x-b".to_string(), "1".to_string()),
+                ("authorization".to_string(), "Bearer ${e2b.secrets.k}".to_string())
+            ]
+        );
+        assert_eq!(parse(None, Some(&Network::persisted(&p))).unwrap().rules, p.rules);
+        for bad in [
+            json!({"rules": {"*": [{"transform": {"headers": {"a": "b"}}}]}}),
+            json!({"rules": {"a.test": [{"transform": {"body": "x"}}]}}),
+            json!({"rules": {"a.test": [{"transform": {"headers": {"Host": "evil.test"}}}]}}),
+            json!({"rules": {"a.test": {"transform": {}}}}),
+        ] {
+            let e = parse(None, Some(&bad)).unwrap_err().to_string();
+            assert!(e.contains("network.rules"), "{e}");
+        }
         assert!(parse(None, Some(&json!({"egressBytesPerSecond": -1}))).is_err());
     }
 
