@@ -455,11 +455,14 @@ impl Network {
 }
 
 /// Where a sandbox finds its egress CA: alone (for Node's `NODE_EXTRA_CA_CERTS`, which adds to
-/// Node's own list) and appended to its own copy of the system bundle (OpenSSL's default file,
-/// which `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE` and `CURL_CA_BUNDLE` also name, so Python's
-/// `requests`, which otherwise reads certifi's list, trusts it too).
-pub const EGRESS_CA_FILE: &str = "/usr/local/share/ca-certificates/ringfence-egress.crt";
-pub const SANDBOX_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Node's own list) and in a bundle with the system's CAs (for OpenSSL's `SSL_CERT_FILE`,
+/// Python `requests`' `REQUESTS_CA_BUNDLE` and curl's `CURL_CA_BUNDLE`). Under `/var`, in the
+/// sandbox's own layer: Landlock keeps even the sandbox's root out of `/etc` (unless its
+/// template allows setuid), and the template's bundle is shared by every sandbox.
+pub const EGRESS_CA_FILE: &str = "/var/lib/ringfence/egress-ca.pem";
+pub const SANDBOX_CA_BUNDLE: &str = "/var/lib/ringfence/ca-bundle.pem";
+/// The template's system bundle, which the sandbox's bundle starts from.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The environment a sandbox with request rules gets, so its TLS clients trust its CA.
 pub fn egress_ca_env() -> [(&'static str, &'static str); 4] {
@@ -472,48 +475,54 @@ pub fn egress_ca_env() -> [(&'static str, &'static str); 4] {
 }
 
 /// Puts the sandbox's egress CA into its own trust store (its copy of the bundle, in its
-/// upper layer: the template and the host are untouched). Idempotent: a bundle that lists it
+/// upper layer: the template and the host are untouched), as the sandbox's root user, the
+/// way an image's own `update-ca-certificates` would. Idempotent: a bundle that lists it
 /// already is left as it is.
 pub async fn install_egress_ca(
-    client: &crate::agent_client::AgentClient,
+    client: &Arc<crate::agent_client::AgentClient>,
     pem: &str,
 ) -> Result<(), crate::manager::ManagerError> {
-    use ringfence_proto::{Reply, Request, SandboxUser};
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        crate::manager::ManagerError::Internal(format!("installing the egress CA: {what}: {e}"))
+    use ringfence_proto::{Event, ExitStatus, Reply, Request, SandboxUser, SpawnSpec, StdioMode};
+    let fail = |e: &dyn std::fmt::Display| {
+        crate::manager::ManagerError::Internal(format!("installing the egress CA: {e}"))
     };
-    let bundle = match client
-        .call(Request::ReadFile {
-            path: SANDBOX_CA_BUNDLE.into(),
-            user: SandboxUser::Root,
-            offset: 0,
-        })
-        .await
-    {
-        Ok(Reply::Data { data, .. }) => data,
-        // A template without a bundle: the CA alone is the bundle.
-        _ => Vec::new(),
+    let script = format!(
+        "umask 022; mkdir -p /var/lib/ringfence && printf '%s' \"$RF_CA\" > {EGRESS_CA_FILE}.new \
+         && {{ cat {SYSTEM_CA_BUNDLE} 2>/dev/null; cat {EGRESS_CA_FILE}.new; }} > {SANDBOX_CA_BUNDLE}.new \
+         && mv {EGRESS_CA_FILE}.new {EGRESS_CA_FILE} && mv {SANDBOX_CA_BUNDLE}.new {SANDBOX_CA_BUNDLE} \
+         || {{ id; ls -ld /var/lib /var/lib/ringfence; exit 1; }}"
+    );
+    let spec = SpawnSpec {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        env: [("RF_CA".to_string(), pem.to_string())].into_iter().collect(),
+        cwd: Some("/".into()),
+        user: SandboxUser::Root,
+        stdio: StdioMode::Pipe { stdin: false },
+        tag: Some("ringfence-egress-ca".into()),
     };
-    if bundle.windows(pem.len()).any(|w| w == pem.as_bytes()) {
-        return Ok(());
+    let (reply, mut events) = client.stream(Request::Spawn(spec)).await.map_err(|e| fail(&e))?;
+    if !matches!(reply, Reply::Spawned { .. }) {
+        return Err(fail(&format!("{reply:?}")));
     }
-    let mut all = bundle;
-    if !all.is_empty() && !all.ends_with(b"\n") {
-        all.push(b'\n');
+    let mut said = Vec::new();
+    let wait = async {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Stdout { data, .. } | Event::Stderr { data, .. } => {
+                    said.extend_from_slice(&data[..data.len().min(4096)]);
+                }
+                Event::Exited { status, .. } => return Some(status),
+                _ => {}
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(Duration::from_secs(20), wait).await {
+        Ok(Some(ExitStatus::Code(0))) => Ok(()),
+        Ok(other) => Err(fail(&format!("{other:?}: {}", String::from_utf8_lossy(&said).trim()))),
+        Err(_) => Err(fail(&"timed out")),
     }
-    all.extend_from_slice(pem.as_bytes());
-    for (path, data) in [(EGRESS_CA_FILE, pem.as_bytes().to_vec()), (SANDBOX_CA_BUNDLE, all)] {
-        client
-            .call(Request::WriteFile {
-                path: path.into(),
-                user: SandboxUser::Root,
-                offset: 0,
-                data,
-            })
-            .await
-            .map_err(|e| fail(path, &e))?;
-    }
-    Ok(())
 }
 
 /// Stores egress records in batches: a sandbox opening connections in a loop costs one
