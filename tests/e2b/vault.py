@@ -1,3 +1,4 @@
+# Named vault.py, not secrets.py: that would shadow the standard library module the SDK imports.
 """Secrets through the unmodified SDK: `Secret.create/get_info/list/exists/update/destroy`
 (values write-only, per API key), and `network.rules` naming them on `Sandbox.create` and
 `update_network`: the sandbox gets its egress CA in its trust store and only ever sees the
