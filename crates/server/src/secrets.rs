@@ -304,10 +304,11 @@ pub async fn list(
     let more = page.len() > limit;
     page.truncate(limit);
     let mut resp = Json(Value::Array(page.iter().map(secret_json).collect())).into_response();
-    if more && let Some(last) = page.last() {
-        if let Ok(v) = HeaderValue::from_str(&last.id) {
-            resp.headers_mut().insert("x-next-token", v);
-        }
+    if more
+        && let Some(last) = page.last()
+        && let Ok(v) = HeaderValue::from_str(&last.id)
+    {
+        resp.headers_mut().insert("x-next-token", v);
     }
     Ok(resp)
 }

@@ -95,7 +95,7 @@ pub struct Internet {
     /// other.test on 443).
     pub cert_pem: String,
     /// Every request head an HTTP(S) server received, with the "addr:port" it came to.
-    pub seen: Arc<Mutex<Vec<(String, String)>>>,
+    pub seen: Seen,
     /// Requests each HTTP server answered, by "addr:port".
     pub hits: Arc<Mutex<HashMap<String, u64>>>,
     /// A-queries the DNS server answered for rebind.test.
@@ -260,8 +260,10 @@ fn serve_http(
 }
 
 /// Request heads seen by every fake server of this process (tests filter by address).
-static SEEN: std::sync::LazyLock<Arc<Mutex<Vec<(String, String)>>>> =
-    std::sync::LazyLock::new(Arc::default);
+static SEEN: std::sync::LazyLock<Seen> = std::sync::LazyLock::new(Arc::default);
+
+/// ("addr:port", request head) of every request answered.
+pub type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 /// Answers requests on one connection (keep-alive) until the client closes.
 fn one_request<S: Read + Write>(
