@@ -642,3 +642,68 @@ fn missing_secret_refuses_the_request() {
     assert!(out.contains("does not exist"), "{out}");
     assert_eq!(env.net.hits("203.0.113.10:443"), 0);
 }
+
+/// TLS termination (a request rule on the host) against pass-through, in one run: download
+/// MB/s of a 256 MiB body and connect → first response byte over 200 fresh HTTPS connections.
+/// `cargo test -p ringfence-net --test egress tls_termination_overhead -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn tls_termination_overhead() {
+    if !can_run("tls_termination_overhead") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    let ca = env.handle().ca_pem("bench").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let latency = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{}")
+n = 200; total = 0.0
+for i in range(n):
+    a = time.perf_counter()
+    s = ctx.wrap_socket(socket.create_connection(("www.allowed.test", 443)), server_hostname="www.allowed.test")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: www.allowed.test\r\nConnection: close\r\n\r\n")
+    s.recv(1)
+    total += time.perf_counter() - a
+    s.close()
+print(f"first_byte_us={{total / n * 1e6:.0f}}")
+"#,
+        bundle.display()
+    );
+    let script = format!(
+        "curl -sS -o /dev/null --cacert {} -w 'download_MBps=%{{speed_download}}\\n' https://www.allowed.test/blob/{}; python3 -c '{}'",
+        bundle.display(),
+        256u64 << 20,
+        latency.replace('\'', "\"")
+    );
+    for round in 0..2 {
+        for (label, rules) in [("pass-through", false), ("terminated", true)] {
+            env.handle().set_interception(rules.then(|| {
+                Interception {
+                    rules: RequestRules::new(vec![HostRule {
+                        host: "www.allowed.test".into(),
+                        headers: vec![("Authorization".into(), "Bearer ${e2b.secrets.t}".into())],
+                    }])
+                    .unwrap(),
+                    lookup: Arc::new(|_| Some("bench-secret-value".into())),
+                }
+            }));
+            let o = env.sh(&script);
+            let text = String::from_utf8_lossy(&o.stdout).replace('\n', " ");
+            let mb = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("download_MBps="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| format!("{:.0} MB/s", v / 1e6))
+                .unwrap_or_else(|| "?".into());
+            let fb =
+                text.split_whitespace().find(|w| w.starts_with("first_byte_us=")).unwrap_or("?");
+            println!("{label} #{round}: download {mb} {fb}");
+            if !o.status.success() {
+                println!("  stderr: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}
