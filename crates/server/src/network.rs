@@ -135,6 +135,9 @@ fn request_rules(v: Option<&Value>) -> Result<RequestRules, crate::manager::Mana
                 headers.push((k.clone(), v.to_string()));
             }
         }
+        // JSON objects have no order here (serde_json sorts keys): sorted, so a rule set reads
+        // back from its saved form as it was.
+        headers.sort_by_key(|(k, _)| k.to_ascii_lowercase());
         out.push(HostRule { host: host.to_ascii_lowercase(), headers });
     }
     RequestRules::new(out).map_err(|e| bad(e.to_string()))
@@ -715,8 +718,8 @@ mod tests {
         assert_eq!(
             r.headers,
             vec![
-                ("x-b".to_string(), "1".to_string()),
-                ("authorization".to_string(), "Bearer ${e2b.secrets.k}".to_string())
+                ("authorization".to_string(), "Bearer ${e2b.secrets.k}".to_string()),
+                ("x-b".to_string(), "1".to_string())
             ]
         );
         assert_eq!(parse(None, Some(&Network::persisted(&p))).unwrap().rules, p.rules);
