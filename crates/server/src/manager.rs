@@ -798,9 +798,16 @@ impl Manager {
         let live = Live::new(rec, client, obs, instance);
         // The previous server's network device died with it: make a new one, same settings.
         let params = self.saved_network(&id);
+        let rules = !params.rules.is_empty();
         let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
         if let Err(e) = self.net.attach(&live.net, (&id, &key_id), at, params) {
             tracing::warn!(sandbox_id = %id, error = %e, "could not restore the sandbox's network");
+        } else if rules {
+            // The previous server's egress CA died with it (its key was only in memory): the
+            // sandbox's trust store gets this server's instead.
+            if let Err(e) = self.trust_egress_ca(&live).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "could not renew the egress CA");
+            }
         }
         match self.live.write() {
             Ok(mut m) => {
