@@ -244,6 +244,17 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// An audit record of a change to secret `s` by `key`: its id, name and version, never the
+/// value.
+async fn audit(app: &App, action: &str, key: &str, s: &SecretRecord) {
+    let mut rec = crate::store::AuditRecord::new(action, crate::manager::now_ms());
+    rec.user_id = Some(key.to_string());
+    rec.detail.insert("secret_id".into(), json!(s.id));
+    rec.detail.insert("name".into(), json!(s.name));
+    rec.detail.insert("version".into(), json!(s.version));
+    app.manager.observer().record(rec).await;
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct NewSecret {
     name: Option<String>,
@@ -279,6 +290,7 @@ pub async fn create(
     rec.sealed = vault.seal(&rec, value.as_bytes()).map_err(internal)?;
     let (store, saved) = (app.manager.store().clone(), rec.clone());
     blocking(move || store.insert_secret(&saved)).await?;
+    audit(&app, "secret.create", &rec.key_id, &rec).await;
     Ok((StatusCode::CREATED, Json(secret_json(&rec))).into_response())
 }
 
@@ -363,6 +375,7 @@ pub async fn update(
             format!("secret {which:?} changed or was deleted meanwhile; retry"),
         ));
     }
+    audit(&app, "secret.update", &s.key_id, &s).await;
     Ok(Json(secret_json(&s)))
 }
 
@@ -374,8 +387,13 @@ pub async fn destroy(
     Path(which): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let key = caller(&app, &headers).await?;
-    let (store, w) = (app.manager.store().clone(), which.clone());
-    if blocking(move || store.delete_secret(&key.id, &w)).await? {
+    let (store, w, k) = (app.manager.store().clone(), which.clone(), key.id.clone());
+    let Some(found) = blocking(move || store.get_secret(&k, &w)).await? else {
+        return Err(not_found(&which));
+    };
+    let (store, id, k) = (app.manager.store().clone(), found.id.clone(), key.id.clone());
+    if blocking(move || store.delete_secret(&k, &id)).await? {
+        audit(&app, "secret.destroy", &key.id, &found).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_found(&which))

@@ -511,4 +511,11 @@ print("hits:", hits)
     let (out, _) = srv.run(&sb, "curl -sS -m 10 https://www.allowed.test/headers");
     assert!(out.contains("does not exist"), "{out}");
     assert!(!srv.log().contains(VALUE), "the server's log has the value");
+    let r = http(srv.port, "GET", "/audit?limit=1000", &[("X-API-Key", &srv.key)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(!text.contains(VALUE), "an audit record has the value");
+    for action in ["secret.create", "secret.destroy"] {
+        assert!(text.contains(action), "no {action} record: {text}");
+    }
 }
