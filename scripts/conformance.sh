@@ -92,6 +92,12 @@ if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   exit 1
 fi
 # The rest of E2B 2.63's sandbox routes (idempotent create, refreshes, logs, pause/snapshot modes).
+# Secrets and network.rules through the SDK (the wire-level hostile cases are Rust tests:
+# crates/net/tests/egress.rs, crates/server/tests/network.rs).
+if ! "$VENV/bin/python" tests/e2b/vault.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 if ! "$VENV/bin/python" tests/e2b/extras.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1

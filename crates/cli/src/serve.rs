@@ -228,6 +228,15 @@ struct NetArgs {
     /// otherwise (`network.allowPublicTraffic`). Default: the token is required.
     #[arg(long)]
     public_ports: bool,
+    /// The key secrets are sealed with at rest: a file holding 64 hex digits, mode 0600.
+    /// Default: <data-dir>/secrets.key, made on first start.
+    #[arg(long, env = "RINGFENCE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// Also trust this PEM bundle when the egress proxy terminates TLS (hosts with request
+    /// rules) and verifies the real server, besides the system's CAs: a private CA, or a
+    /// test's stand-in for the internet.
+    #[arg(long, env = "RINGFENCE_EGRESS_EXTRA_CA")]
+    egress_extra_ca: Option<PathBuf>,
 }
 
 impl NetArgs {
@@ -251,6 +260,7 @@ impl NetArgs {
                 dns_upstreams: dns,
                 egress_netns: self.egress_netns.clone(),
                 egress_rate: self.egress_rate,
+                upstream_extra_ca: self.egress_extra_ca.clone(),
                 buffer_budget: Some(
                     usize::try_from(self.net_buffers_per_sandbox)
                         .map_err(|_| "--net-buffers-per-sandbox is too large".to_string())?,
@@ -260,6 +270,7 @@ impl NetArgs {
                 self.domain.clone().unwrap_or_else(|| format!("localhost:{}", listen.port())),
             ),
             public_default: self.public_ports,
+            secrets_key: self.secrets_key_file.clone(),
         })
     }
 }

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod intercept;
 pub mod netns;
 pub mod policy;
 pub mod sniff;
@@ -26,7 +27,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -36,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::dns::{Pins, Upstream};
+use crate::intercept::{HostRule, Interception, Redactor, SandboxCa, SecretLookup};
 use crate::netns::Dialer;
 use crate::policy::{Ceiling, Dest, Naming, SandboxPolicy, Verdict};
 use crate::sniff::Sniffed;
@@ -55,6 +57,10 @@ pub struct NetConfig {
     /// the userspace stack and of the relay, which no cgroup of the sandbox's is charged
     /// for); `None`: [`stack::DEFAULT_BUFFER_BUDGET`].
     pub buffer_budget: Option<usize>,
+    /// A PEM bundle trusted for upstream TLS besides the system's CAs, when the proxy
+    /// terminates TLS (request rules). For tests that stand in for the internet, and for an
+    /// operator's private CA.
+    pub upstream_extra_ca: Option<PathBuf>,
 }
 
 /// Errors setting up sandbox networking.
@@ -70,6 +76,8 @@ pub enum NetError {
     Device(#[source] io::Error),
     #[error("egress rate {asked} B/s exceeds this server's maximum of {max} B/s")]
     RateAboveCeiling { asked: u64, max: u64 },
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
 }
 
 /// One egress decision, for the audit trail.
@@ -99,6 +107,13 @@ pub struct EgressEvent {
     /// Decisions not recorded before this one because the sandbox made too many too fast.
     #[serde(skip_serializing_if = "is_zero")]
     pub suppressed: u64,
+    /// The request rule (its host key) under which the proxy terminated TLS and rewrote the
+    /// request; absent for a connection relayed untouched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Names (never values) of the secrets substituted into the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -118,6 +133,9 @@ pub struct Egress {
     cfg: NetConfig,
     dialer: Arc<Dialer>,
     upstream: Upstream,
+    /// The upstream TLS client of terminated connections, made on first use (reading the
+    /// system's CAs takes a while, and most servers never terminate anything).
+    upstream_tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
 impl Egress {
@@ -131,7 +149,19 @@ impl Egress {
         };
         let dialer = Arc::new(dialer);
         let upstream = Upstream::new(cfg.dns_upstreams.clone(), dialer.clone());
-        Ok(Arc::new(Egress { cfg, dialer, upstream }))
+        Ok(Arc::new(Egress { cfg, dialer, upstream, upstream_tls: OnceLock::new() }))
+    }
+
+    fn upstream_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.upstream_tls
+            .get_or_init(|| {
+                let extra = match &self.cfg.upstream_extra_ca {
+                    Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+                    None => None,
+                };
+                intercept::upstream_config(extra.as_deref()).map_err(|e| e.to_string())
+            })
+            .clone()
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -193,6 +223,8 @@ impl Egress {
             budget: Mutex::new(EventBudget::new()),
             udp_seen: Mutex::default(),
             exhausted_at: Mutex::default(),
+            interception: RwLock::new(None),
+            ca: OnceLock::new(),
         });
         let handler: Arc<dyn Handler> = shared.clone();
         tokio::spawn(async move {
@@ -252,6 +284,25 @@ impl SandboxNet {
 
     pub fn set_rate(&self, rate: Option<u64>) {
         self.shared.limiter.set(rate);
+    }
+
+    /// Sets (or, with `None`, clears) the request rules and the secrets they may name. New
+    /// connections to a host with a rule are terminated and rewritten; open ones go on as
+    /// they began.
+    pub fn set_interception(&self, i: Option<Interception>) {
+        if let Ok(mut cur) = self.shared.interception.write() {
+            *cur = i.filter(|i| !i.rules.is_empty());
+        }
+    }
+
+    pub fn interception(&self) -> Option<Interception> {
+        self.shared.interception()
+    }
+
+    /// This sandbox's CA certificate (PEM), made on first call: what its trust store must
+    /// list for terminated connections to verify.
+    pub fn ca_pem(&self, label: &str) -> Result<String, NetError> {
+        Ok(self.shared.ca(label)?.pem().to_string())
     }
 
     /// Bytes of the sandbox's connection-buffer budget its open connections hold.
@@ -327,6 +378,10 @@ struct Shared {
     /// When a connection was last refused for want of buffer memory (recorded at most once a
     /// second).
     exhausted_at: Mutex<Option<Instant>>,
+    /// Request rules and secrets; `None`: every connection is relayed untouched.
+    interception: RwLock<Option<Interception>>,
+    /// The sandbox's CA (only in this process's memory), made when first needed.
+    ca: OnceLock<Arc<SandboxCa>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -339,6 +394,9 @@ impl std::fmt::Debug for Shared {
 const SNIFF_WAIT: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const COPY_BUF: usize = 64 * 1024;
+/// How long a terminated connection's response may pause before the bytes held back for the
+/// secret mask are sent (see [`intercept::Redactor`]).
+const REDACT_IDLE_FLUSH: Duration = Duration::from_millis(20);
 
 impl Shared {
     fn policy(&self) -> SandboxPolicy {
@@ -402,7 +460,21 @@ impl Shared {
             duration_ms: None,
             outcome: None,
             suppressed: 0,
+            rule: None,
+            secrets: Vec::new(),
         }
+    }
+
+    fn interception(&self) -> Option<Interception> {
+        self.interception.read().ok().and_then(|i| i.clone())
+    }
+
+    fn ca(&self, label: &str) -> Result<Arc<SandboxCa>, NetError> {
+        if let Some(ca) = self.ca.get() {
+            return Ok(ca.clone());
+        }
+        let ca = Arc::new(SandboxCa::new(label)?);
+        Ok(self.ca.get_or_init(|| ca).clone())
     }
 
     /// Does any rule name a domain? Then a connection's name can change its fate, and we wait
@@ -415,6 +487,8 @@ impl Shared {
             .chain(&p.allow_out)
             .chain(&p.deny_out)
             .any(|r| r.is_domain())
+            // Request rules pick connections by their TLS server name.
+            || self.interception().is_some()
     }
 
     /// Answers one DNS query (wire format); `None` drops it.
@@ -572,6 +646,17 @@ impl Shared {
             self.record(ev);
             return;
         }
+        // A TLS connection to a name with a request rule, at an address our resolver gave for
+        // that name, is terminated and rewritten; anything else is relayed untouched.
+        let terminate = match (&sniffed, &dest.naming) {
+            (Sniffed::Tls(Some(_)), Naming::Claimed { name, pinned: true }) => self
+                .interception()
+                .and_then(|i| i.rules.matching(name).cloned().map(|r| (name.clone(), r, i.lookup))),
+            _ => None,
+        };
+        if let Some((name, rule, lookup)) = terminate {
+            return self.terminated(s, head, dest, ev, began, (name, rule, lookup)).await;
+        }
         let up = match self.egress.dialer.connect(SocketAddr::new(ip, port), CONNECT_TIMEOUT).await
         {
             Ok(u) => u,
@@ -617,6 +702,223 @@ impl Shared {
         ev.bytes_in = bytes_in.load(Ordering::Relaxed);
         ev.duration_ms = Some(began.elapsed().as_millis() as u64);
         self.record(ev);
+    }
+}
+
+impl Shared {
+    /// Registers an open connection; the guard removes it.
+    fn open(
+        &self,
+        dest: Dest,
+        since_ms: i64,
+    ) -> (ConnGuard<'_>, watch::Receiver<Option<String>>, Arc<AtomicU64>, Arc<AtomicU64>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (cut_tx, cut_rx) = watch::channel(None::<String>);
+        let bytes_out = Arc::new(AtomicU64::new(0));
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(
+                id,
+                Conn {
+                    dest,
+                    cut: cut_tx,
+                    bytes_out: bytes_out.clone(),
+                    bytes_in: bytes_in.clone(),
+                    since_ms,
+                },
+            );
+        }
+        (ConnGuard { shared: self, id }, cut_rx, bytes_out, bytes_in)
+    }
+
+    /// A connection under a request rule: TLS terminated with the sandbox's CA, one request
+    /// read and rewritten (see [`intercept`]), sent on over verified TLS to the pinned
+    /// address, the response masked on its way back.
+    async fn terminated(
+        &self,
+        s: SmolStream,
+        head: Vec<u8>,
+        dest: Dest,
+        mut ev: EgressEvent,
+        began: Instant,
+        (name, rule, lookup): (String, HostRule, SecretLookup),
+    ) {
+        let (ip, port) = (dest.ip, dest.port);
+        ev.rule = Some(rule.host.clone());
+        let allowed = ev.reason.clone();
+        let (guard, mut cut_rx, bytes_out, bytes_in) = self.open(dest, ev.ts_ms);
+        let mut report = intercept::Report::default();
+        let work = self.rewrite(
+            s,
+            head,
+            (ip, port),
+            (&name, &rule, &lookup),
+            (&bytes_out, &bytes_in),
+            &mut report,
+        );
+        let outcome = tokio::select! {
+            r = work => match r {
+                Ok(()) => "closed",
+                Err(e) => {
+                    report.refused.get_or_insert_with(|| e.to_string());
+                    "aborted"
+                }
+            },
+            _ = cut_rx.wait_for(|c| c.is_some()) => "cut",
+        };
+        drop(guard);
+        let mut reason = format!("{allowed}; TLS terminated under the rule for {}", rule.host);
+        if !report.set.is_empty() {
+            reason.push_str(&format!(", set {}", report.set.join(", ")));
+        }
+        if !report.secrets.is_empty() {
+            reason.push_str(&format!("; secrets substituted: {}", report.secrets.join(", ")));
+        }
+        if report.masked > 0 {
+            reason.push_str(&format!(
+                "; {} echo(es) of a secret masked in the response",
+                report.masked
+            ));
+        }
+        if let Some(why) = &report.refused {
+            ev.allowed = false;
+            reason = format!("denied: {why} (rule for {})", rule.host);
+        }
+        if outcome == "cut" {
+            let why = cut_rx.borrow().clone().unwrap_or_default();
+            ev.allowed = false;
+            reason = format!("{why}; was {}", reason.trim_start_matches("allowed: "));
+        }
+        ev.reason = reason;
+        ev.secrets = report.secrets;
+        ev.outcome = Some(outcome);
+        ev.bytes_out = bytes_out.load(Ordering::Relaxed);
+        ev.bytes_in = bytes_in.load(Ordering::Relaxed);
+        ev.duration_ms = Some(began.elapsed().as_millis() as u64);
+        self.record(ev);
+    }
+
+    async fn rewrite(
+        &self,
+        s: SmolStream,
+        head: Vec<u8>,
+        (ip, port): (IpAddr, u16),
+        (name, rule, lookup): (&str, &HostRule, &SecretLookup),
+        (out, inb): (&AtomicU64, &AtomicU64),
+        report: &mut intercept::Report,
+    ) -> io::Result<()> {
+        let size = s.buffer_size().min(COPY_BUF);
+        let ca = self.ca("a sandbox").map_err(io::Error::other)?;
+        let cfg = ca.server_config(name).map_err(io::Error::other)?;
+        let accept = intercept::TlsAcceptor::from(cfg).accept(intercept::Rewind::new(head, s));
+        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, accept)
+            .await
+            .map_err(|_| io::Error::other("the sandbox's TLS handshake timed out"))?
+            .map_err(|e| io::Error::other(format!("the sandbox's TLS handshake: {e}")))?;
+        let req = match intercept::rewrite_request(&mut client, name, rule, lookup).await {
+            Ok(r) => r,
+            Err((status, why)) => {
+                intercept::answer(&mut client, status, &why).await;
+                report.refused = Some(why);
+                return Ok(());
+            }
+        };
+        report.set = req.set.clone();
+        let upstream = async {
+            let tls = self.egress.upstream_tls().map_err(io::Error::other)?;
+            let tcp =
+                self.egress.dialer.connect(SocketAddr::new(ip, port), CONNECT_TIMEOUT).await?;
+            let sn = intercept::server_name(name).map_err(io::Error::other)?;
+            tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                intercept::TlsConnector::from(tls).connect(sn, tcp),
+            )
+            .await
+            .map_err(|_| io::Error::other("upstream TLS handshake timed out"))?
+        };
+        let mut up = match upstream.await {
+            Ok(u) => u,
+            Err(e) => {
+                let why = format!("upstream {name} ({ip}:{port}): {e}");
+                intercept::answer(&mut client, "502 Bad Gateway", &why).await;
+                report.refused = Some(why);
+                return Ok(());
+            }
+        };
+        report.secrets = req.secrets.clone();
+        let first = [req.head, req.rest].concat();
+        self.limiter.take(first.len()).await;
+        up.write_all(&first).await?;
+        out.fetch_add(first.len() as u64, Ordering::Relaxed);
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut ur, mut uw) = tokio::io::split(up);
+        let masked = AtomicU64::new(0);
+        let outbound = pump(&mut cr, &mut uw, Some(&self.limiter), out, size);
+        let inbound = async {
+            let mut redactor = Redactor::new(req.values);
+            let mut buf = vec![0u8; size];
+            loop {
+                // Bytes held back to catch a split value go out once the server pauses: a
+                // server that keeps the connection open despite `Connection: close` must not
+                // leave the end of its answer stuck here.
+                let read = ur.read(&mut buf);
+                let n = if redactor.holding() {
+                    match tokio::time::timeout(REDACT_IDLE_FLUSH, read).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let held = redactor.finish();
+                            masked.store(redactor.masked, Ordering::Relaxed);
+                            cw.write_all(&held).await?;
+                            cw.flush().await?;
+                            inb.fetch_add(held.len() as u64, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                } else {
+                    read.await
+                };
+                let n = match n {
+                    Ok(n) => n,
+                    // A server that closes without TLS's close_notify (common after
+                    // `Connection: close`) has still sent its whole answer.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                    Err(e) => return Err(e),
+                };
+                let chunk = if n == 0 { redactor.finish() } else { redactor.feed(&buf[..n]) };
+                masked.store(redactor.masked, Ordering::Relaxed);
+                cw.write_all(&chunk).await?;
+                inb.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                if n == 0 {
+                    return cw.shutdown().await;
+                }
+            }
+        };
+        tokio::pin!(outbound);
+        tokio::pin!(inbound);
+        // The answer ends the exchange (one request per connection); the sandbox's side may
+        // stay open waiting for it.
+        let r = tokio::select! {
+            r = &mut inbound => r,
+            o = &mut outbound => match o {
+                Ok(()) => inbound.await,
+                Err(e) => Err(e),
+            },
+        };
+        report.masked = masked.load(Ordering::Relaxed);
+        r
+    }
+}
+
+struct ConnGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.conns.lock() {
+            c.remove(&self.id);
+        }
     }
 }
 

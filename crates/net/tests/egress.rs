@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fakenet::{Internet, Netns};
+use ringfence_net::intercept::{HostRule, Interception, RequestRules};
 use ringfence_net::policy::{SandboxPolicy, parse_rules};
 use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
 
@@ -46,9 +47,16 @@ impl Env {
             .enable_all()
             .build()
             .unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("rf-egress-{}-{}", std::process::id(), sbx.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("ca.pem");
+        std::fs::write(&cert, &net.cert_pem).unwrap();
         let cfg = NetConfig {
             dns_upstreams: vec![(fakenet::DNS, 53).into()],
             egress_netns: Some(net.edge.path()),
+            // The fake internet's CA stands in for the system's, for terminated connections.
+            upstream_extra_ca: Some(cert.clone()),
             ..NetConfig::default()
         };
         let events: Arc<Mutex<Vec<EgressEvent>>> = Arc::default();
@@ -65,11 +73,6 @@ impl Env {
                 )
                 .unwrap()
         };
-        let dir =
-            std::env::temp_dir().join(format!("rf-egress-{}-{}", std::process::id(), sbx.name));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cert = dir.join("ca.pem");
-        std::fs::write(&cert, &net.cert_pem).unwrap();
         Env { net, sbx, handle: Some(handle), events, rt, cert, _dir: dir }
     }
 
@@ -510,4 +513,197 @@ fn connection_buffers_are_bounded_per_sandbox_under_a_flood() {
     eprintln!(
         "held {held} connections; grew {grown} B; buffered {buffered} B; quiet request {during:?} (calm {calm:?})"
     );
+}
+
+/// What the fake internet's servers received (request heads), as one text.
+fn seen_at(env: &Env, addr: &str) -> String {
+    env.net
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(a, _)| a == addr)
+        .map(|(_, h)| h.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Secrets named by a request rule reach that rule's host and nothing else; the sandbox
+/// never reads the value back, whatever it tries.
+#[test]
+fn secrets_reach_only_their_hosts() {
+    if !can_run("secrets_reach_only_their_hosts") {
+        return;
+    }
+    const VALUE: &str = "sk-live-9f8e7d6c5b4a";
+    let env = Env::new(SandboxPolicy::default(), None);
+    let rules = RequestRules::new(vec![HostRule {
+        host: "www.allowed.test".into(),
+        headers: vec![("Authorization".into(), "Bearer ${e2b.secrets.tok}".into())],
+    }])
+    .unwrap();
+    env.handle().set_interception(Some(Interception {
+        rules,
+        lookup: Arc::new(|name| (name == "tok").then(|| VALUE.to_string())),
+    }));
+    // The sandbox's trust: its own CA (for terminated hosts) plus the fake internet's CA
+    // (standing in for the public roots, for everything passed through).
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let curl = |args: &str| {
+        let o = env.sh(&format!("curl -sS -m 5 --cacert {} {args}", bundle.display()));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(!text.contains(VALUE), "the value reached the sandbox: {text}");
+        (o.status.code().unwrap_or(-1), text)
+    };
+    let www = "203.0.113.10:443";
+    let other = "203.0.113.20:443";
+
+    // In scope: the rule's header goes out with the value; the echo comes back masked.
+    let (rc, out) = curl("https://www.allowed.test/headers");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains(&"*".repeat(VALUE.len())), "{out}");
+    assert!(seen_at(&env, www).contains(&format!("Authorization: Bearer {VALUE}")));
+    let e = env.event(|e| e.rule.is_some() && e.outcome == Some("closed"));
+    assert!(e.allowed && e.secrets == ["tok"], "{e:?}");
+    assert!(e.reason.contains("rule for www.allowed.test") && !e.reason.contains(VALUE), "{e:?}");
+
+    // The sandbox's own placeholder: substituted for the in-scope host ...
+    let (rc, out) = curl("-H 'X-Key: ${e2b.secrets.tok}' https://www.allowed.test/headers");
+    assert_eq!(rc, 0, "{out}");
+    assert!(seen_at(&env, www).contains(&format!("X-Key: {VALUE}")));
+    // ... and sent as written to a host outside the scope.
+    let (rc, out) = curl("-H 'X-Key: ${e2b.secrets.tok}' https://other.test/headers");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("X-Key: ${e2b.secrets.tok}"), "{out}");
+
+    // A redirect to another host: the client's second request is a new connection, outside
+    // the scope.
+    let (rc, out) =
+        curl("-L -H 'X-Key: ${e2b.secrets.tok}' https://www.allowed.test/redirect/other.test");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("X-Key: ${e2b.secrets.tok}"), "{out}");
+
+    // TLS to the in-scope name, HTTP for another: refused before anything goes upstream.
+    let before = seen_at(&env, www).len();
+    let (_, out) = curl("-H 'Host: other.test' https://www.allowed.test/headers");
+    assert!(out.contains("differs from the TLS server name"), "{out}");
+    let (_, out) = curl("--request-target https://other.test/headers https://www.allowed.test/");
+    assert!(out.contains("not forwarded"), "{out}");
+    assert_eq!(seen_at(&env, www).len(), before, "nothing went upstream");
+    env.event(|e| !e.allowed && e.reason.contains("differs from the TLS server name"));
+
+    // The in-scope name at an address our resolver never gave for it (a hosts-file or
+    // rebinding trick): not terminated, so no value; the other host's certificate fails.
+    let (rc, _) =
+        curl("--resolve www.allowed.test:443:203.0.113.20 https://www.allowed.test/headers");
+    assert_ne!(rc, 0);
+    env.event(|e| e.address == "203.0.113.20" && e.port == 443 && e.rule.is_none());
+
+    // Every server saw the value only where the rule put it.
+    for (addr, heads) in env.net.seen.lock().unwrap().iter() {
+        if heads.contains(VALUE) {
+            assert_eq!(addr, www, "the value reached {addr}: {heads}");
+        }
+    }
+    assert!(!seen_at(&env, other).contains(VALUE));
+
+    // No rule: TLS passes through untouched (the fake internet's own certificate verifies).
+    env.handle().set_interception(None);
+    let o = env.sh(&format!(
+        "curl -sS -m 5 --cacert {} https://www.allowed.test/headers",
+        env.cert.display()
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Authorization"));
+}
+
+/// A rule naming a secret that does not exist: the request is refused, not sent without it.
+#[test]
+fn missing_secret_refuses_the_request() {
+    if !can_run("missing_secret_refuses_the_request") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    let rules = RequestRules::new(vec![HostRule {
+        host: "*.allowed.test".into(),
+        headers: vec![("Authorization".into(), "${e2b.secrets.gone}".into())],
+    }])
+    .unwrap();
+    env.handle().set_interception(Some(Interception { rules, lookup: Arc::new(|_| None) }));
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let path = env._dir.join("sbx-ca.pem");
+    std::fs::write(&path, ca).unwrap();
+    let o = env
+        .sh(&format!("curl -sS -m 5 --cacert {} https://www.allowed.test/headers", path.display()));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("does not exist"), "{out}");
+    assert_eq!(env.net.hits("203.0.113.10:443"), 0);
+}
+
+/// TLS termination (a request rule on the host) against pass-through, in one run: download
+/// MB/s of a 256 MiB body and connect → first response byte over 200 fresh HTTPS connections.
+/// `cargo test -p ringfence-net --test egress tls_termination_overhead -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn tls_termination_overhead() {
+    if !can_run("tls_termination_overhead") {
+        return;
+    }
+    let env = Env::new(SandboxPolicy::default(), None);
+    let ca = env.handle().ca_pem("bench").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let latency = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{}")
+n = 200; total = 0.0
+for i in range(n):
+    a = time.perf_counter()
+    s = ctx.wrap_socket(socket.create_connection(("www.allowed.test", 443)), server_hostname="www.allowed.test")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: www.allowed.test\r\nConnection: close\r\n\r\n")
+    s.recv(1)
+    total += time.perf_counter() - a
+    s.close()
+print(f"first_byte_us={{total / n * 1e6:.0f}}")
+"#,
+        bundle.display()
+    );
+    let script = format!(
+        "curl -sS -o /dev/null --cacert {} -w 'download_MBps=%{{speed_download}}\\n' https://www.allowed.test/blob/{}; python3 -c '{}'",
+        bundle.display(),
+        256u64 << 20,
+        latency.replace('\'', "\"")
+    );
+    for round in 0..2 {
+        for (label, rules) in [("pass-through", false), ("terminated", true)] {
+            env.handle().set_interception(rules.then(|| {
+                Interception {
+                    rules: RequestRules::new(vec![HostRule {
+                        host: "www.allowed.test".into(),
+                        headers: vec![("Authorization".into(), "Bearer ${e2b.secrets.t}".into())],
+                    }])
+                    .unwrap(),
+                    lookup: Arc::new(|_| Some("bench-secret-value".into())),
+                }
+            }));
+            let o = env.sh(&script);
+            let text = String::from_utf8_lossy(&o.stdout).replace('\n', " ");
+            let mb = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("download_MBps="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| format!("{:.0} MB/s", v / 1e6))
+                .unwrap_or_else(|| "?".into());
+            let fb =
+                text.split_whitespace().find(|w| w.starts_with("first_byte_us=")).unwrap_or("?");
+            println!("{label} #{round}: download {mb} {fb}");
+            if !o.status.success() {
+                println!("  stderr: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
 }

@@ -177,6 +177,12 @@ fn e2b_router(app: App) -> Router {
         .route("/sandboxes/{id}/logs", get(crate::extras::logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(crate::extras::logs_v2))
         // Volumes and their content API (crate::volumes).
+        // Secrets (crate::secrets): values write-only.
+        .route("/secrets", post(crate::secrets::create).get(crate::secrets::list))
+        .route(
+            "/secrets/{id}",
+            get(crate::secrets::get).post(crate::secrets::update).delete(crate::secrets::destroy),
+        )
         .route("/volumes", post(crate::volumes::create).get(crate::volumes::list))
         .route("/volumes/{id}", get(crate::volumes::get).delete(crate::volumes::destroy))
         .route(
@@ -993,7 +999,11 @@ async fn update_network(
     let b: Value = parse_body(&body)?;
     let params = crate::network::parse(None, Some(&b))?;
     let detail = crate::network::Network::persisted(&params);
+    let rules = !params.rules.is_empty();
     let cut = app.manager.network().update(&live, params)?;
+    if rules {
+        app.manager.trust_egress_ca(&live).await?;
+    }
     let mut rec = live.obs.action("network.update");
     if let Value::Object(m) = detail.clone() {
         rec.detail = m;

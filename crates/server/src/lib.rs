@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod network;
 pub mod observe;
 pub mod quota;
+pub mod secrets;
 pub mod store;
 pub mod templates;
 pub mod tier;

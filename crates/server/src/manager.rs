@@ -337,9 +337,13 @@ impl Manager {
             jail.seccomp().clone(),
         )
         .map_err(internal)?;
-        let net =
-            crate::network::Network::new(cfg.network.clone(), store.clone(), observer.clone())
-                .map_err(internal)?;
+        let net = crate::network::Network::new(
+            cfg.network.clone(),
+            store.clone(),
+            observer.clone(),
+            &crate::secrets::default_key_path(&cfg.data_dir),
+        )
+        .map_err(internal)?;
         Ok(Manager {
             cfg,
             tiers: Tiers::new(jail, others),
@@ -442,6 +446,33 @@ impl Manager {
         &self.store
     }
 
+    /// Makes sandbox `live` trust its egress CA: the CA in its trust store, and the variables
+    /// that point TLS clients there in the environment of processes it starts from now on.
+    pub async fn trust_egress_ca(&self, live: &Live) -> Result<(), ManagerError> {
+        let Some(pem) = self.net.ca_pem(live)? else { return Ok(()) };
+        crate::network::install_egress_ca(&live.client, &pem).await?;
+        let env = {
+            let Ok(mut r) = live.record.lock() else { return Ok(()) };
+            let missing = crate::network::egress_ca_env()
+                .iter()
+                .any(|(k, v)| r.env.get(*k).map(String::as_str) != Some(*v));
+            if !missing {
+                return Ok(());
+            }
+            for (k, v) in crate::network::egress_ca_env() {
+                r.env.insert(k.to_string(), v.to_string());
+            }
+            r.env.clone()
+        };
+        live.client.call(ringfence_proto::Request::SetEnv { env }).await?;
+        Ok(())
+    }
+
+    /// The key secrets are sealed with.
+    pub fn vault(&self) -> Option<Arc<crate::secrets::Vault>> {
+        Some(self.net.vault().clone())
+    }
+
     /// Starts a sandbox for `key_id`. On any failure nothing is left: the jail handle kills
     /// what it started, and no record is written.
     pub async fn create(
@@ -450,6 +481,12 @@ impl Manager {
         p: CreateParams,
     ) -> Result<Arc<Live>, ManagerError> {
         let mut p = p;
+        if !p.network.rules.is_empty() {
+            // Its TLS clients must trust its egress CA (installed once it is up).
+            for (k, v) in crate::network::egress_ca_env() {
+                p.env.entry(k.to_string()).or_insert_with(|| v.to_string());
+            }
+        }
         let mut default_tier = self.tiers.default_kind();
         let image = !TEMPLATES.contains(&p.template.as_str())
             && self.store.get_snapshot(key_id, &p.template)?.is_none()
@@ -605,6 +642,9 @@ impl Manager {
         // (and with it killed) here.
         let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
         self.net.attach(&live.net, (&id, key_id), at, p.network.clone())?;
+        if !p.network.rules.is_empty() {
+            self.trust_egress_ca(&live).await?;
+        }
         let mut audit = obs.action("sandbox.create");
         audit.duration_ms = Some(took.as_millis() as u64);
         audit.detail.insert("template".into(), serde_json::json!(p.template));
@@ -770,9 +810,16 @@ impl Manager {
         let live = Live::new(rec, client, obs, instance);
         // The previous server's network device died with it: make a new one, same settings.
         let params = self.saved_network(&id);
+        let rules = !params.rules.is_empty();
         let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
         if let Err(e) = self.net.attach(&live.net, (&id, &key_id), at, params) {
             tracing::warn!(sandbox_id = %id, error = %e, "could not restore the sandbox's network");
+        } else if rules {
+            // The previous server's egress CA died with it (its key was only in memory): the
+            // sandbox's trust store gets this server's instead.
+            if let Err(e) = self.trust_egress_ca(&live).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "could not renew the egress CA");
+            }
         }
         match self.live.write() {
             Ok(mut m) => {

@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use ringfence_net::intercept::{HostRule, Interception, RequestRules};
 use ringfence_net::policy::{Ceiling, Rule, SandboxPolicy, parse_rules};
 use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
 use serde_json::{Value, json};
@@ -30,6 +31,9 @@ pub struct NetworkConfig {
     /// Whether a sandbox's ports answer without its access token when its creator did not say
     /// (`network.allowPublicTraffic`).
     pub public_default: bool,
+    /// The file with the key secrets are sealed with (`crate::secrets::Vault`); `None`:
+    /// `<data-dir>/secrets.key`, made on first start.
+    pub secrets_key: Option<std::path::PathBuf>,
 }
 
 /// What a create (or update) asks for, validated.
@@ -44,6 +48,8 @@ pub struct NetParams {
     /// E2B's `dnsServers`: accepted and reported; the sandbox's resolver (ours) answers every
     /// DNS query whatever server it names.
     pub dns_servers: Option<Vec<String>>,
+    /// E2B's `rules`: per-host header transforms, applied on the TLS-terminating path.
+    pub rules: RequestRules,
 }
 
 impl NetParams {
@@ -55,6 +61,7 @@ impl NetParams {
             public: None,
             mask_request_host: None,
             dns_servers: None,
+            rules: RequestRules::default(),
         }
     }
 }
@@ -87,6 +94,66 @@ fn rules(v: Option<&Value>, field: &str) -> Result<Vec<Rule>, crate::manager::Ma
     parse_rules(&items).map_err(|e| bad(format!("network.{field}: {e}")))
 }
 
+/// E2B's `rules`: `{host: [{"transform": {"headers": {name: value}}}, ...]}`. The rules of one
+/// host apply in order (a later one's header replaces an earlier one's of the same name).
+fn request_rules(v: Option<&Value>) -> Result<RequestRules, crate::manager::ManagerError> {
+    let map = match v {
+        None | Some(Value::Null) => return Ok(RequestRules::default()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("network.rules must be an object of host -> list of rules")),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (host, list) in map {
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad(format!("network.rules[{host:?}] must be a list of rules")))?;
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for rule in list {
+            let t = match rule.get("transform") {
+                None | Some(Value::Null) => continue,
+                Some(t @ Value::Object(_)) => t,
+                Some(_) => {
+                    return Err(bad(format!(
+                        "network.rules[{host:?}]: transform must be an object"
+                    )));
+                }
+            };
+            if let Some(extra) = t.as_object().and_then(|o| o.keys().find(|k| *k != "headers")) {
+                return Err(bad(format!(
+                    "network.rules[{host:?}]: transform.{extra} is not supported (headers only)"
+                )));
+            }
+            let Some(h) = t.get("headers").filter(|h| !h.is_null()) else { continue };
+            let h = h.as_object().ok_or_else(|| {
+                bad(format!("network.rules[{host:?}]: transform.headers must be an object"))
+            })?;
+            for (k, v) in h {
+                let v = v.as_str().ok_or_else(|| {
+                    bad(format!("network.rules[{host:?}]: header {k:?} must be a string"))
+                })?;
+                headers.retain(|(n, _)| !n.eq_ignore_ascii_case(k));
+                headers.push((k.clone(), v.to_string()));
+            }
+        }
+        // JSON objects have no order here (serde_json sorts keys): sorted, so a rule set reads
+        // back from its saved form as it was.
+        headers.sort_by_key(|(k, _)| k.to_ascii_lowercase());
+        out.push(HostRule { host: host.to_ascii_lowercase(), headers });
+    }
+    RequestRules::new(out).map_err(|e| bad(e.to_string()))
+}
+
+/// E2B's shape of `rules`, for info and persistence.
+fn rules_json(r: &RequestRules) -> Value {
+    let mut m = serde_json::Map::new();
+    for rule in r.rules() {
+        let headers: serde_json::Map<String, Value> =
+            rule.headers.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+        m.insert(rule.host.clone(), json!([{"transform": {"headers": headers}}]));
+    }
+    Value::Object(m)
+}
+
 /// Parses E2B's `allow_internet_access` and `network` object (create), or an update body
 /// (`PUT /sandboxes/{id}/network`, whose fields sit at the top level).
 pub fn parse(
@@ -102,7 +169,6 @@ pub fn parse(
     let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
     for (camel, snake, what) in [
         ("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy"),
-        ("rules", "rules", "per-host request transforms"),
         ("httpsPorts", "https_ports", "HTTPS to sandbox ports"),
     ] {
         let set = match get(camel, snake) {
@@ -147,6 +213,7 @@ pub fn parse(
         public,
         mask_request_host: mask,
         dns_servers,
+        rules: request_rules(get("rules", "rules"))?,
     })
 }
 
@@ -166,6 +233,8 @@ pub struct Network {
     cfg: NetworkConfig,
     egress: Arc<Egress>,
     audit: mpsc::Sender<AuditRecord>,
+    store: Arc<Store>,
+    vault: Arc<crate::secrets::Vault>,
 }
 
 /// Most records one write stores (one transaction, one fsync).
@@ -225,11 +294,38 @@ impl Network {
         cfg: NetworkConfig,
         store: Arc<Store>,
         observer: Arc<Observer>,
-    ) -> Result<Network, ringfence_net::NetError> {
-        let egress = Egress::new(cfg.egress.clone())?;
+        default_key: &std::path::Path,
+    ) -> Result<Network, String> {
+        let egress = Egress::new(cfg.egress.clone()).map_err(|e| e.to_string())?;
+        let key = cfg.secrets_key.clone().unwrap_or_else(|| default_key.to_path_buf());
+        let vault =
+            Arc::new(crate::secrets::Vault::open_or_create(&key).map_err(|e| e.to_string())?);
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
-        tokio::spawn(write_loop(rx, store, observer));
-        Ok(Network { cfg, egress, audit: tx })
+        tokio::spawn(write_loop(rx, store.clone(), observer));
+        Ok(Network { cfg, egress, audit: tx, store, vault })
+    }
+
+    pub fn vault(&self) -> &Arc<crate::secrets::Vault> {
+        &self.vault
+    }
+
+    fn interception(&self, key: &str, rules: &RequestRules) -> Option<Interception> {
+        (!rules.is_empty()).then(|| Interception {
+            rules: rules.clone(),
+            lookup: crate::secrets::lookup(self.store.clone(), self.vault.clone(), key.to_string()),
+        })
+    }
+
+    /// The sandbox's egress CA (PEM), for its trust store; `None` if it has no network.
+    pub fn ca_pem(&self, live: &Live) -> Result<Option<String>, crate::manager::ManagerError> {
+        let id = live.record.lock().map(|r| r.id.clone()).unwrap_or_default();
+        let slot = live.net.lock().map_err(|_| bad("network lock"))?;
+        let Some(state) = slot.as_ref() else { return Ok(None) };
+        state
+            .net
+            .ca_pem(&format!("sandbox {id}"))
+            .map(Some)
+            .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))
     }
 
     pub fn config(&self) -> &NetworkConfig {
@@ -286,6 +382,7 @@ impl Network {
             }
             crate::tier::NetAttach::None => return Ok(()),
         };
+        net.set_interception(self.interception(key, &params.rules));
         if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }
@@ -300,10 +397,12 @@ impl Network {
         mut params: NetParams,
     ) -> Result<usize, crate::manager::ManagerError> {
         let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
+        let key = live.record.lock().map(|r| r.key_id.clone()).unwrap_or_default();
         let mut slot = live.net.lock().map_err(|_| bad("network lock"))?;
         let state = slot.as_mut().ok_or_else(|| bad("this sandbox has no network"))?;
         state.net.set_rate(rate);
         let cut = state.net.set_policy(params.policy.clone());
+        state.net.set_interception(self.interception(&key, &params.rules));
         // Inbound settings are not part of the update body: they stay.
         params.public = state.params.public;
         params.mask_request_host = state.params.mask_request_host.clone();
@@ -333,6 +432,7 @@ impl Network {
             "allowPublicTraffic": s.params.public.unwrap_or(self.cfg.public_default),
             "maskRequestHost": s.params.mask_request_host,
             "egressBytesPerSecond": s.net.rate(),
+            "rules": rules_json(&s.params.rules),
             "connections": s.net.connections(),
         });
         // The SDK reads present fields as lists and strings: absent, never null.
@@ -352,7 +452,79 @@ impl Network {
             "allowPublicTraffic": params.public,
             "maskRequestHost": params.mask_request_host,
             "dnsServers": params.dns_servers,
+            "rules": rules_json(&params.rules),
         })
+    }
+}
+
+/// Where a sandbox finds its egress CA: alone (for Node's `NODE_EXTRA_CA_CERTS`, which adds to
+/// Node's own list) and in a bundle with the system's CAs (for OpenSSL's `SSL_CERT_FILE`,
+/// Python `requests`' `REQUESTS_CA_BUNDLE` and curl's `CURL_CA_BUNDLE`). Under `/var`, in the
+/// sandbox's own layer: Landlock keeps even the sandbox's root out of `/etc` (unless its
+/// template allows setuid), and the template's bundle is shared by every sandbox.
+pub const EGRESS_CA_FILE: &str = "/var/lib/ringfence/egress-ca.pem";
+pub const SANDBOX_CA_BUNDLE: &str = "/var/lib/ringfence/ca-bundle.pem";
+/// The template's system bundle, which the sandbox's bundle starts from.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The environment a sandbox with request rules gets, so its TLS clients trust its CA.
+pub fn egress_ca_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("SSL_CERT_FILE", SANDBOX_CA_BUNDLE),
+        ("REQUESTS_CA_BUNDLE", SANDBOX_CA_BUNDLE),
+        ("CURL_CA_BUNDLE", SANDBOX_CA_BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", EGRESS_CA_FILE),
+    ]
+}
+
+/// Puts the sandbox's egress CA into its own trust store (its copy of the bundle, in its
+/// upper layer: the template and the host are untouched), as the sandbox's root user, the
+/// way an image's own `update-ca-certificates` would. Idempotent: a bundle that lists it
+/// already is left as it is.
+pub async fn install_egress_ca(
+    client: &Arc<crate::agent_client::AgentClient>,
+    pem: &str,
+) -> Result<(), crate::manager::ManagerError> {
+    use ringfence_proto::{Event, ExitStatus, Reply, Request, SandboxUser, SpawnSpec, StdioMode};
+    let fail = |e: &dyn std::fmt::Display| {
+        crate::manager::ManagerError::Internal(format!("installing the egress CA: {e}"))
+    };
+    let script = format!(
+        "umask 022; mkdir -p /var/lib/ringfence && printf '%s' \"$RF_CA\" > {EGRESS_CA_FILE}.new \
+         && {{ cat {SYSTEM_CA_BUNDLE} 2>/dev/null; cat {EGRESS_CA_FILE}.new; }} > {SANDBOX_CA_BUNDLE}.new \
+         && mv {EGRESS_CA_FILE}.new {EGRESS_CA_FILE} && mv {SANDBOX_CA_BUNDLE}.new {SANDBOX_CA_BUNDLE} \
+         || {{ id; ls -ld /var/lib /var/lib/ringfence; exit 1; }}"
+    );
+    let spec = SpawnSpec {
+        cmd: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        env: [("RF_CA".to_string(), pem.to_string())].into_iter().collect(),
+        cwd: Some("/".into()),
+        user: SandboxUser::Root,
+        stdio: StdioMode::Pipe { stdin: false },
+        tag: Some("ringfence-egress-ca".into()),
+    };
+    let (reply, mut events) = client.stream(Request::Spawn(spec)).await.map_err(|e| fail(&e))?;
+    if !matches!(reply, Reply::Spawned { .. }) {
+        return Err(fail(&format!("{reply:?}")));
+    }
+    let mut said = Vec::new();
+    let wait = async {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Stdout { data, .. } | Event::Stderr { data, .. } => {
+                    said.extend_from_slice(&data[..data.len().min(4096)]);
+                }
+                Event::Exited { status, .. } => return Some(status),
+                _ => {}
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(Duration::from_secs(20), wait).await {
+        Ok(Some(ExitStatus::Code(0))) => Ok(()),
+        Ok(other) => Err(fail(&format!("{other:?}: {}", String::from_utf8_lossy(&said).trim()))),
+        Err(_) => Err(fail(&"timed out")),
     }
 }
 
@@ -533,6 +705,33 @@ mod tests {
         assert!(parse(None, Some(&json!({"allowOut": ["*"]}))).is_err());
         assert!(parse(None, Some(&json!({"egressProxy": {"address": "p:1080"}}))).is_err());
         assert!(parse(None, Some(&json!({"rules": {}}))).is_ok());
+        let p = parse(
+            None,
+            Some(&json!({"rules": {"API.example.com": [
+                {"transform": {"headers": {"Authorization": "a", "x-b": "1"}}},
+                {"transform": {"headers": {"authorization": "Bearer ${e2b.secrets.k}"}}},
+                {}
+            ]}})),
+        )
+        .unwrap();
+        let r = p.rules.matching("api.example.com").unwrap();
+        assert_eq!(
+            r.headers,
+            vec![
+                ("authorization".to_string(), "Bearer ${e2b.secrets.k}".to_string()),
+                ("x-b".to_string(), "1".to_string())
+            ]
+        );
+        assert_eq!(parse(None, Some(&Network::persisted(&p))).unwrap().rules, p.rules);
+        for bad in [
+            json!({"rules": {"*": [{"transform": {"headers": {"a": "b"}}}]}}),
+            json!({"rules": {"a.test": [{"transform": {"body": "x"}}]}}),
+            json!({"rules": {"a.test": [{"transform": {"headers": {"Host": "evil.test"}}}]}}),
+            json!({"rules": {"a.test": {"transform": {}}}}),
+        ] {
+            let e = parse(None, Some(&bad)).unwrap_err().to_string();
+            assert!(e.contains("network.rules"), "{e}");
+        }
         assert!(parse(None, Some(&json!({"egressBytesPerSecond": -1}))).is_err());
     }
 

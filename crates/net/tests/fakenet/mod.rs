@@ -91,8 +91,11 @@ impl Drop for Netns {
 pub struct Internet {
     pub edge: Netns,
     pub inet: Netns,
-    /// PEM of the HTTPS server's self-signed certificate (for www.allowed.test).
+    /// PEM of the CA that issued the HTTPS servers' certificates (www.allowed.test on 443,
+    /// other.test on 443).
     pub cert_pem: String,
+    /// Every request head an HTTP(S) server received, with the "addr:port" it came to.
+    pub seen: Seen,
     /// Requests each HTTP server answered, by "addr:port".
     pub hits: Arc<Mutex<HashMap<String, u64>>>,
     /// A-queries the DNS server answered for rebind.test.
@@ -191,24 +194,35 @@ impl Internet {
             std::thread::spawn(move || serve_http(l, h, st, wheel, None));
         }
 
-        // HTTPS for www.allowed.test.
-        let ck = rcgen::generate_simple_self_signed(vec!["www.allowed.test".to_string()]).unwrap();
-        let cert_pem = ck.cert.pem();
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![ck.cert.der().clone()], key)
-            .unwrap();
-        let tls = Arc::new(cfg);
-        let l = inet.run(|| TcpListener::bind((WWW, 443)));
-        let (h, st) = (hits.clone(), stop.clone());
-        std::thread::spawn(move || serve_http(l, h, st, None, Some(tls)));
+        // HTTPS for www.allowed.test and other.test, certificates from one test CA.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "fake internet CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let cert_pem = ca_cert.pem();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        for (addr, name) in [(WWW, "www.allowed.test"), (OTHER, "other.test")] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let leaf = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let pkey = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let cfg = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], pkey)
+                .unwrap();
+            let tls = Arc::new(cfg);
+            let l = inet.run(move || TcpListener::bind((addr, 443)));
+            let (h, st) = (hits.clone(), stop.clone());
+            std::thread::spawn(move || serve_http(l, h, st, None, Some(tls)));
+        }
 
-        Internet { edge, inet, cert_pem, hits, rebinds, stop }
+        Internet { edge, inet, cert_pem, seen: SEEN.clone(), hits, rebinds, stop }
     }
 
     pub fn hits(&self, key: &str) -> u64 {
@@ -245,6 +259,12 @@ fn serve_http(
     }
 }
 
+/// Request heads seen by every fake server of this process (tests filter by address).
+static SEEN: std::sync::LazyLock<Seen> = std::sync::LazyLock::new(Arc::default);
+
+/// ("addr:port", request head) of every request answered.
+pub type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
 /// Answers requests on one connection (keep-alive) until the client closes.
 fn one_request<S: Read + Write>(
     s: &mut S,
@@ -264,9 +284,11 @@ fn one_request<S: Read + Write>(
         let path = parts.next().unwrap_or("/").to_string();
         let mut host = String::new();
         let mut len = 0usize;
+        let mut head = line.clone();
         loop {
             let mut h = String::new();
             r.read_line(&mut h)?;
+            head.push_str(&h);
             if h.trim().is_empty() {
                 break;
             }
@@ -288,7 +310,28 @@ fn one_request<S: Read + Write>(
             left -= n;
         }
         *hits.lock().unwrap().entry(local.to_string()).or_default() += 1;
+        SEEN.lock().unwrap().push((local.to_string(), head.clone()));
         let w = r.get_mut();
+        if path == "/headers" {
+            // An echo: the request head, as received, in the body.
+            w.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{head}",
+                    head.len()
+                )
+                .as_bytes(),
+            )?;
+            w.flush()?;
+            continue;
+        }
+        if let Some(to) = path.strip_prefix("/redirect/") {
+            w.write_all(
+                format!("HTTP/1.1 302 Found\r\nlocation: https://{to}/headers\r\ncontent-length: 0\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            w.flush()?;
+            continue;
+        }
         if path == "/stream" {
             // One line a tenth of a second, forever: a connection to cut.
             w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")?;

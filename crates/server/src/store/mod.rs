@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -42,12 +42,14 @@ mod keys;
 mod layers;
 mod sandboxes;
 mod schema;
+mod secrets;
 #[cfg(test)]
 mod tests;
 mod volumes;
 
 pub use events::{Attempt, Delivery, DueDelivery, LifecycleEvent, Webhook};
 use schema::migrate;
+pub use secrets::SecretRecord;
 pub use volumes::VolumeRecord;
 
 const KEY_COLUMNS: &str = "id, name, created_at, operator, limits, tiers";

@@ -294,6 +294,23 @@ CREATE TABLE idempotency (
 );
 ";
 
+/// Secrets (`crate::secrets`): a value is stored only sealed (AEAD, with a key kept outside
+/// this database; see `crate::secrets::Vault`), bound to its id, version and key. A name is
+/// unique per key.
+pub(super) const SCHEMA_V9: &str = "
+CREATE TABLE secrets (
+    id         TEXT PRIMARY KEY NOT NULL,
+    key_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    metadata   TEXT NOT NULL,
+    sealed     BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (key_id, name)
+);
+";
+
 /// Brings the schema up to `SCHEMA_VERSION` in one immediate transaction, so two servers
 /// started on the same file cannot both run the same migration.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -328,6 +345,9 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if current < 8 {
         tx.execute_batch(SCHEMA_V8)?;
+    }
+    if current < 9 {
+        tx.execute_batch(SCHEMA_V9)?;
     }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;

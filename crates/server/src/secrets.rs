@@ -1,0 +1,459 @@
+//! Secrets, in E2B's shapes: `/secrets` (create, list, get, update, destroy; API key), values
+//! write-only, and the lookup the egress proxy uses to put a value into a request for a host
+//! whose rule names it (`ringfence_net::intercept`).
+//!
+//! A value is kept sealed with ChaCha20-Poly1305 under a 256-bit key that lives in a file
+//! outside the database (`--secrets-key-file`, default `<data-dir>/secrets.key`, made 0600 on
+//! first start); the sealed bytes are bound to the secret's id, version and API key, so a row
+//! copied to another key or rolled back to another version does not open. No response, log or
+//! audit record carries a value.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, App, caller, internal};
+use crate::store::{SecretRecord, Store, StoreError};
+
+/// Errors opening the vault's key.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("secrets key file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secrets key file {0} must hold 64 hex digits (a 256-bit key)")]
+    Format(String),
+    #[error("secrets key file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    Mode { path: String, mode: u32 },
+    #[error("a sealed secret did not open (wrong key, or the row was altered)")]
+    Open,
+}
+
+/// The key secrets are sealed with.
+pub struct Vault {
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Reads the key at `path`, or makes one there (0600, never overwriting) if none exists.
+    pub fn open_or_create(path: &FsPath) -> Result<Vault, VaultError> {
+        let io = |source| VaultError::Io { path: path.display().to_string(), source };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => {
+                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(VaultError::Mode { path: path.display().to_string(), mode });
+                }
+                t
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                let text = hex::encode(key);
+                let made = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
+                match made {
+                    Ok(()) => text,
+                    // Another server on the same directory made it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        std::fs::read_to_string(path).map_err(io)?
+                    }
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| VaultError::Format(path.display().to_string()))?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
+            .map_err(|_| VaultError::Format(path.display().to_string()))?;
+        Ok(Vault { key: LessSafeKey::new(key) })
+    }
+
+    fn aad(s: &SecretRecord) -> Vec<u8> {
+        format!("ringfence-secret\n{}\n{}\n{}", s.id, s.version, s.key_id).into_bytes()
+    }
+
+    /// Seals `value` for `s` (its id, version and key): a fresh random nonce, then the
+    /// ciphertext and tag.
+    pub fn seal(&self, s: &SecretRecord, value: &[u8]) -> Result<Vec<u8>, VaultError> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut buf = value.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(s)),
+                &mut buf,
+            )
+            .map_err(|_| VaultError::Open)?;
+        Ok([nonce.as_slice(), &buf].concat())
+    }
+
+    pub fn open(&self, s: &SecretRecord) -> Result<Vec<u8>, VaultError> {
+        if s.sealed.len() < NONCE_LEN {
+            return Err(VaultError::Open);
+        }
+        let (nonce, ct) = s.sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Open)?;
+        let mut buf = ct.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(Self::aad(s)), &mut buf)
+            .map_err(|_| VaultError::Open)?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// The vault's default place: the data directory, beside (not inside) the database.
+pub fn default_key_path(data_dir: &FsPath) -> PathBuf {
+    data_dir.join("secrets.key")
+}
+
+/// The egress proxy's view of one API key's secrets: name → value.
+pub fn lookup(
+    store: Arc<Store>,
+    vault: Arc<Vault>,
+    key_id: String,
+) -> ringfence_net::intercept::SecretLookup {
+    Arc::new(move |name: &str| {
+        // One short indexed read under the store's mutex (see crate::store).
+        let rec = store.get_secret(&key_id, name).ok().flatten()?;
+        if rec.name != name {
+            // Looked up by name only: an id in a placeholder names nothing.
+            return None;
+        }
+        match vault.open(&rec) {
+            Ok(v) => String::from_utf8(v).ok(),
+            Err(e) => {
+                tracing::warn!(secret = %rec.id, error = %e, "a secret did not open");
+                None
+            }
+        }
+    })
+}
+
+const MAX_VALUE: usize = 16 * 1024;
+const MAX_META_ENTRIES: usize = 32;
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+/// E2B's rule (`e2b/secret/base.py`): a name goes into `${e2b.secrets.<name>}`, so no braces
+/// or control characters; names are lower-cased; `sec_` is the ids' prefix.
+fn check_name(name: &str) -> Result<String, ApiError> {
+    let n = name.to_lowercase();
+    if n.is_empty() || n.len() > 128 {
+        return Err(bad("secret name must be 1 to 128 characters"));
+    }
+    if n.chars().any(|c| c == '{' || c == '}' || c.is_control()) {
+        return Err(bad(format!(
+            "secret name {name:?} cannot contain '{{', '}}' or control characters: it goes into \
+             the ${{e2b.secrets.<name>}} placeholder"
+        )));
+    }
+    if n.starts_with("sec_") {
+        return Err(bad("the sec_ prefix is reserved for secret ids"));
+    }
+    Ok(n)
+}
+
+/// A value goes into HTTP header values: no line breaks or other control characters (which
+/// would let it add headers of its own), at most 16 KiB.
+fn check_value(v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > MAX_VALUE {
+        return Err(bad(format!("secret value must be 1 to {MAX_VALUE} bytes")));
+    }
+    if v.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(bad(
+            "secret value cannot contain control characters (it is sent in HTTP headers)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_meta(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if m.len() > MAX_META_ENTRIES
+        || m.iter().any(|(k, v)| k.len() > 128 || v.len() > 1024)
+        || total > 8192
+    {
+        return Err(bad(
+            "secret metadata: at most 32 entries, keys 128 bytes, values 1024, 8192 in all",
+        ));
+    }
+    Ok(())
+}
+
+fn iso(ms: i64) -> String {
+    crate::time::rfc3339_ms(ms)
+}
+
+/// E2B's `Secret` model: never the value.
+fn secret_json(s: &SecretRecord) -> Value {
+    json!({
+        "secretID": s.id,
+        "name": s.name,
+        "currentVersion": s.version,
+        "metadata": s.metadata,
+        "createdAt": iso(s.created_at),
+        "updatedAt": iso(s.updated_at),
+    })
+}
+
+fn not_found(which: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("secret {which:?} not found"))
+}
+
+fn vault(app: &App) -> Result<Arc<Vault>, ApiError> {
+    app.manager.vault().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets are not available on this server")
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(|e| match e {
+        StoreError::InvalidName(m) => ApiError::new(StatusCode::CONFLICT, m),
+        other => internal(other),
+    })
+}
+
+/// An audit record of a change to secret `s` by `key`: its id, name and version, never the
+/// value.
+async fn audit(app: &App, action: &str, key: &str, s: &SecretRecord) {
+    let mut rec = crate::store::AuditRecord::new(action, crate::manager::now_ms());
+    rec.user_id = Some(key.to_string());
+    rec.detail.insert("secret_id".into(), json!(s.id));
+    rec.detail.insert("name".into(), json!(s.name));
+    rec.detail.insert("version".into(), json!(s.version));
+    app.manager.observer().record(rec).await;
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct NewSecret {
+    name: Option<String>,
+    value: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /secrets`: 201 with the secret's metadata.
+pub async fn create(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let vault = vault(&app)?;
+    let b: NewSecret = crate::api::parse_body(&body)?;
+    let name = check_name(&b.name.ok_or_else(|| bad("name is required"))?)?;
+    let value = b.value.ok_or_else(|| bad("value is required"))?;
+    check_value(&value)?;
+    let metadata = b.metadata.unwrap_or_default();
+    check_meta(&metadata)?;
+    let now = crate::manager::now_ms();
+    let mut rec = SecretRecord {
+        id: format!("sec_{}", hex::encode(rand::random::<[u8; 10]>())),
+        key_id: key.id,
+        name,
+        version: 1,
+        metadata,
+        sealed: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    rec.sealed = vault.seal(&rec, value.as_bytes()).map_err(internal)?;
+    let (store, saved) = (app.manager.store().clone(), rec.clone());
+    blocking(move || store.insert_secret(&saved)).await?;
+    audit(&app, "secret.create", &rec.key_id, &rec).await;
+    Ok((StatusCode::CREATED, Json(secret_json(&rec))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// `GET /secrets?limit&nextToken`: a page, with `x-next-token` when more follow.
+pub async fn list(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let store = app.manager.store().clone();
+    let after = q.next_token.clone();
+    let mut page =
+        blocking(move || store.list_secrets(&key.id, after.as_deref(), limit + 1)).await?;
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut resp = Json(Value::Array(page.iter().map(secret_json).collect())).into_response();
+    if more
+        && let Some(last) = page.last()
+        && let Ok(v) = HeaderValue::from_str(&last.id)
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
+    Ok(resp)
+}
+
+/// `GET /secrets/{id or name}`.
+pub async fn get(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(which): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let (store, w) = (app.manager.store().clone(), which.clone());
+    let s =
+        blocking(move || store.get_secret(&key.id, &w)).await?.ok_or_else(|| not_found(&which))?;
+    Ok(Json(secret_json(&s)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SecretUpdate {
+    value: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /secrets/{id or name}`: a new version (and metadata, when given).
+pub async fn update(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(which): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let vault = vault(&app)?;
+    let b: SecretUpdate = crate::api::parse_body(&body)?;
+    let value = b.value.ok_or_else(|| bad("value is required"))?;
+    check_value(&value)?;
+    if let Some(m) = &b.metadata {
+        check_meta(m)?;
+    }
+    let (store, w, k) = (app.manager.store().clone(), which.clone(), key.id.clone());
+    let mut s =
+        blocking(move || store.get_secret(&k, &w)).await?.ok_or_else(|| not_found(&which))?;
+    s.version += 1;
+    s.updated_at = crate::manager::now_ms();
+    if let Some(m) = b.metadata {
+        s.metadata = m;
+    }
+    s.sealed = vault.seal(&s, value.as_bytes()).map_err(internal)?;
+    let (store, saved) = (app.manager.store().clone(), s.clone());
+    if !blocking(move || store.update_secret(&saved)).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("secret {which:?} changed or was deleted meanwhile; retry"),
+        ));
+    }
+    audit(&app, "secret.update", &s.key_id, &s).await;
+    Ok(Json(secret_json(&s)))
+}
+
+/// `DELETE /secrets/{id or name}`: 204, or 404. Sandboxes whose rules name it get no value
+/// from then on (their requests to that host are refused, not sent without it).
+pub async fn destroy(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(which): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let key = caller(&app, &headers).await?;
+    let (store, w, k) = (app.manager.store().clone(), which.clone(), key.id.clone());
+    let Some(found) = blocking(move || store.get_secret(&k, &w)).await? else {
+        return Err(not_found(&which));
+    };
+    let (store, id, k) = (app.manager.store().clone(), found.id.clone(), key.id.clone());
+    if blocking(move || store.delete_secret(&k, &id)).await? {
+        audit(&app, "secret.destroy", &key.id, &found).await;
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found(&which))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rec() -> SecretRecord {
+        SecretRecord {
+            id: "sec_1".into(),
+            key_id: "k1".into(),
+            name: "n".into(),
+            version: 1,
+            metadata: BTreeMap::new(),
+            sealed: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn sealed_values_open_only_for_their_row_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.key");
+        let v = Vault::open_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut r = rec();
+        r.sealed = v.seal(&r, b"hunter2-value").unwrap();
+        assert!(!r.sealed.windows(13).any(|w| w == b"hunter2-value"), "stored in the clear");
+        assert_eq!(v.open(&r).unwrap(), b"hunter2-value");
+        // The same key file opens it again after a restart.
+        assert_eq!(Vault::open_or_create(&path).unwrap().open(&r).unwrap(), b"hunter2-value");
+        // Moved to another API key, or another version: it does not open.
+        let mut other = r.clone();
+        other.key_id = "k2".into();
+        assert!(v.open(&other).is_err());
+        let mut older = r.clone();
+        older.version = 2;
+        assert!(v.open(&older).is_err());
+        // Another key file: it does not open.
+        let v2 = Vault::open_or_create(&dir.path().join("other.key")).unwrap();
+        assert!(v2.open(&r).is_err());
+        // A key file others can read is refused, with the reason.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Vault::open_or_create(&path).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn names_and_values_that_could_break_a_header_are_refused() {
+        assert!(check_name("OpenAI-Key").is_ok_and(|n| n == "openai-key"));
+        assert!(check_name("a}b").is_err());
+        assert!(check_name("sec_x").is_err());
+        assert!(check_value("line\r\nX-Injected: 1").is_err());
+        assert!(check_value("").is_err());
+        assert!(check_value("sk-abc\tdef").is_ok());
+    }
+}
