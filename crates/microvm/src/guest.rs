@@ -193,7 +193,7 @@ exec mkfs.ext4 -q -F -L ringfence -E root_owner=0:0 -d "$root" "$img" "$((size /
 /// A cheap fingerprint of a tree's top: its own and its entries' modification times.
 fn stamp(dir: &Path) -> String {
     let mut newest =
-        fs::metadata(dir).map(|m| m.mtime_nsec() as i64 + m.mtime() * 1_000_000_000).unwrap_or(0);
+        fs::metadata(dir).map(|m| m.mtime_nsec() + m.mtime() * 1_000_000_000).unwrap_or(0);
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
             if let Ok(m) = e.metadata() {

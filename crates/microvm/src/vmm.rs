@@ -19,6 +19,7 @@
 //! - **Cloud Hypervisor**: `--api-socket`, `vm.create`/`vm.boot` with `payload.kernel` and
 //!   `disks`, `console` or vsock for the agent; `vm.pause`, `vm.resume`, `vm.snapshot
 //!   destination_url=file://…`, `vmm.shutdown`.
+//!
 //! Both speak HTTP over a unix socket where QEMU speaks QMP; the [`Vmm`] trait hides which.
 
 use std::fs::File;
