@@ -78,6 +78,24 @@ const DIR: u32 = 0o040_755;
 const EXEC: u32 = 0o100_755;
 const FILE: u32 = 0o100_644;
 
+/// The initramfs for this agent binary and these modules, in `cache/initramfs/`, built if
+/// missing. Named by a digest of what goes in (the agent's size and modification time, the
+/// modules' list and sizes), so servers of one build share it and a rebuilt agent gets its own.
+pub fn initramfs(cache: &Path, agent: &Path, modules: &Path) -> Result<PathBuf, MicrovmError> {
+    use std::hash::{Hash, Hasher};
+    let dir = cache.join("initramfs");
+    fs::create_dir_all(&dir).map_err(io(format!("mkdir {}", dir.display())))?;
+    let meta = fs::metadata(agent).map_err(io(format!("stat {}", agent.display())))?;
+    let mut h = std::hash::DefaultHasher::new();
+    (meta.len(), meta.mtime(), meta.mtime_nsec()).hash(&mut h);
+    tree_digest(modules).hash(&mut h);
+    let dest = dir.join(format!("{:016x}.cpio", h.finish()));
+    if !dest.is_file() {
+        build_initramfs(agent, modules, &dest)?;
+    }
+    Ok(dest)
+}
+
 /// Writes the guest's initramfs at `dest`: `/init` (the static agent), `/lib/modules/` (the
 /// `order` file and each module it names, from `modules`), and the directories the agent
 /// mounts on. Built aside and renamed, so a concurrent reader never boots half of one.
@@ -92,7 +110,8 @@ pub fn build_initramfs(agent: &Path, modules: &Path, dest: &Path) -> Result<(), 
     let order_path = modules.join("order");
     let order = read(&order_path)?;
     let order_text = String::from_utf8_lossy(&order).into_owned();
-    let tmp = dest.with_extension("tmp");
+    // Per process: two servers may build the same one at once; the rename settles it.
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
     let file = File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     let mut c = Cpio::new(BufWriter::new(file));
     let w = |e| MicrovmError::Io { op: format!("write {}", tmp.display()), source: e };

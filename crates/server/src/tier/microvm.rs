@@ -154,13 +154,10 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
         }
     };
     let kernel_dir = ringfence_microvm::kernel_dir();
-    // One initramfs per server process: the agent binary is this server's.
-    let initramfs = dir.join(format!("initramfs-{}.cpio", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    ringfence_microvm::guest::build_initramfs(
+    let initramfs = ringfence_microvm::guest::initramfs(
+        &ringfence_microvm::cache_dir(),
         &settings.agent_path,
         &kernel_dir.join("modules"),
-        &initramfs,
     )
     .map_err(|e| format!("building the guest's initramfs: {e}"))?;
     tracing::info!(
