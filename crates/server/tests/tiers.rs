@@ -136,11 +136,12 @@ fn tiers_are_listed_chosen_reported_and_refused() {
     // Refusals, each naming the tier: unknown and unavailable are 400, not allowed is 403.
     let refused = [
         (&s.key, json!({"templateID": "base@wasm"}), 400, vec!["wasm", "not available"]),
+        // The key's tiers are checked before the host's (microvm may run here or not).
         (
-            &s.key,
+            &jail_only,
             json!({"templateID": "base", "metadata": {"ringfence.tier": "microvm"}}),
-            400,
-            vec!["microvm", "not available"],
+            403,
+            vec!["microvm", "allowed: jail"],
         ),
         (&s.key, json!({"templateID": "base@vm"}), 400, vec!["unknown tier \"vm\""]),
         (
