@@ -1,7 +1,8 @@
 //! The microvm tier: each sandbox a guest with its own kernel under QEMU's `microvm` machine,
 //! the agent as the guest's PID 1 on a virtio-serial port (`ringfence_microvm`). This module
-//! is the seam's side: capabilities (with the acceleration the probe found), the probe (run in
-//! the background when the server starts, since a TCG probe boots a guest for ~2 s), templates
+//! is the seam's side: capabilities (with the acceleration the probe found), the probe (on the
+//! first start: it boots a guest, seconds under TCG, which a server that never runs a
+//! microvm sandbox should not pay for), templates
 //! as cached read-only disk images, and the mapping of figures.
 //!
 //! Not built yet, and said so in the capabilities: network (the guest has no NIC), snapshots
@@ -11,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use ringfence_jail::template::{self, Template};
 use ringfence_microvm::{MicroVm, MicrovmConfig, Probe};
@@ -34,7 +35,8 @@ pub struct MicrovmSettings {
 #[derive(Debug)]
 pub struct MicrovmTier {
     settings: MicrovmSettings,
-    cfg: Arc<OnceLock<Result<MicrovmConfig, String>>>,
+    /// The probe's outcome, taken on the first start.
+    cfg: OnceLock<Result<MicrovmConfig, String>>,
     templates: Mutex<HashMap<String, PathBuf>>,
 }
 
@@ -59,23 +61,15 @@ pub fn missing() -> Option<String> {
 }
 
 impl MicrovmTier {
-    /// The tier, if QEMU and the guest kernel are installed; the probe that boots a guest
-    /// starts in the background now. `None`: the registry reports why ([`missing`]).
+    /// The tier, if QEMU and the guest kernel are installed (file checks; the probe that boots
+    /// a guest comes with the first start). `None`: the registry reports why ([`missing`]).
     pub fn new(settings: MicrovmSettings) -> Option<MicrovmTier> {
         if missing().is_some() {
             return None;
         }
-        let tier = MicrovmTier {
-            settings,
-            cfg: Arc::new(OnceLock::new()),
-            templates: Mutex::new(HashMap::new()),
-        };
-        let cfg = tier.cfg.clone();
-        let settings = tier.settings.clone();
-        std::thread::spawn(move || {
-            cfg.get_or_init(|| probe(&settings));
-        });
-        Some(tier)
+        // The probe boots a guest (seconds of CPU under TCG, plus the KVM try's deadline): a
+        // server that never starts a microvm sandbox, like most test servers, never pays it.
+        Some(MicrovmTier { settings, cfg: OnceLock::new(), templates: Mutex::new(HashMap::new()) })
     }
 
     fn config(&self) -> Result<&MicrovmConfig, TierError> {
@@ -203,7 +197,7 @@ impl Tier for MicrovmTier {
             network: "none",
             network_policy: false,
             agent_channel: "virtio-serial",
-            accel: Some(self.accel().unwrap_or("probing")),
+            accel: Some(self.accel().unwrap_or("unprobed")),
         }
     }
 

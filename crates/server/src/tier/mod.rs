@@ -128,8 +128,8 @@ pub struct Capabilities {
     pub network_policy: bool,
     /// How the agent is reached: "unix-socket", "virtio-serial", "vsock", "in-process".
     pub agent_channel: &'static str,
-    /// A VM tier's acceleration as probed on this host: "kvm", "tcg" ("probing" until the
-    /// start-up probe finishes). Absent for tiers that run no VM.
+    /// A VM tier's acceleration as probed on this host: "kvm", "tcg" ("unprobed" until the
+    /// first start has probed). Absent for tiers that run no VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accel: Option<&'static str>,
 }
