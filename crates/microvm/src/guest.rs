@@ -92,6 +92,18 @@ pub fn initramfs(cache: &Path, agent: &Path, modules: &Path) -> Result<PathBuf, 
     let dest = dir.join(format!("{:016x}.cpio", h.finish()));
     if !dest.is_file() {
         build_initramfs(agent, modules, &dest)?;
+        // Each rebuilt agent leaves one behind: those untouched for a day belong to builds
+        // no server is likely to run any more (QEMU reads the file only at launch).
+        let day = std::time::Duration::from_secs(24 * 3600);
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+            if old && e.path() != dest {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
     Ok(dest)
 }
