@@ -137,6 +137,7 @@ impl MicrovmTier {
 fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
     let dir = settings.run_dir.join("microvm");
     let tsc_khz = ringfence_microvm::host_tsc_khz();
+    sweep_probes(&dir);
     let scratch = dir.join(format!("probe-{}", std::process::id()));
     let found = ringfence_microvm::probe(&scratch, tsc_khz);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -169,6 +170,41 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
         cache_dir: ringfence_microvm::cache_dir(),
         tsc_khz,
     })
+}
+
+/// Ends what the probes of servers that died mid-probe left (a probe QEMU has no parent-death
+/// signal: one set at fork would fire when the launching thread, a pool thread, exits):
+/// `probe-<pid>` directories whose server is gone, and the QEMU processes whose QMP socket
+/// is in one.
+fn sweep_probes(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let dead: Vec<PathBuf> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: u32 = name.strip_prefix("probe-")?.parse().ok()?;
+            (!Path::new(&format!("/proc/{pid}")).exists()).then(|| e.path())
+        })
+        .collect();
+    if dead.is_empty() {
+        return;
+    }
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if dead.iter().any(|d| cmd.contains(&format!("unix:{}/", d.display()))) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for d in dead {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 fn vm_err(e: ringfence_microvm::MicrovmError) -> TierError {
