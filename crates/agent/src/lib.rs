@@ -14,6 +14,7 @@
 
 mod fs;
 mod gvisor_net;
+mod microvm;
 mod serve;
 mod spawn;
 
@@ -45,10 +46,12 @@ pub fn main() -> ExitCode {
         ["--init"] => Tier::Jail,
         ["--init", "--tier", "jail"] => Tier::Jail,
         ["--init", "--tier", "gvisor"] => Tier::Gvisor,
+        // PID 1 of a guest kernel: no fd 3, the channel is a virtio-serial port it finds.
+        ["--init", "--tier", "microvm"] => return microvm_main(),
         _ => {
             eprintln!(
                 "ringfence-agent is started by ringfence inside a new sandbox; it is not run by \
-                 hand (usage: ringfence-agent --init [--tier jail|gvisor])"
+                 hand (usage: ringfence-agent --init [--tier jail|gvisor|microvm])"
             );
             return ExitCode::from(2);
         }
@@ -294,6 +297,58 @@ fn gvisor_run(
     spawn::set_sandbox_env(spec.env.clone());
     control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
     start_and_serve(control, spec, phases, None, None)
+}
+
+/// The microvm tier's start: build the guest's root ([`microvm::boot`]), then read the setup
+/// and serve as in gVisor (no seccomp listener, no stage: the guest kernel is the boundary).
+/// Never returns: the guest powers off when the agent is done.
+fn microvm_main() -> ExitCode {
+    let mut phases = Vec::new();
+    ringfence_jail::phase(&mut phases, "agent_exec");
+    let mut control = match microvm::boot() {
+        Ok(c) => c,
+        Err(e) => {
+            // Only the console exists yet: the host reads it back to say why the boot failed.
+            eprintln!("ringfence-agent: guest boot failed: {}", e.0);
+            microvm::power_off()
+        }
+    };
+    ringfence_jail::phase(&mut phases, "guest_root");
+    let spec: SetupSpec = match read_frame(&mut control) {
+        Ok(Some(s)) => s,
+        _ => microvm::power_off(),
+    };
+    if let Err(e) = microvm_setup(&spec) {
+        let _ = control.write_all(&[MARK_ERROR]);
+        let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
+        microvm::power_off()
+    }
+    spawn::set_sandbox_env(spec.env.clone());
+    if control.write_all(&[MARK_NO_LISTENER]).is_ok() {
+        let _ = start_and_serve(control, &spec, phases, None, None);
+    }
+    microvm::power_off()
+}
+
+/// What the agent sets in a booted guest once it knows which sandbox it is.
+fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideError> {
+    let fail = |step: &str| {
+        let step = step.to_string();
+        move |e: nix::Error| ringfence_jail::inside::InsideError { step, message: e.to_string() }
+    };
+    nix::unistd::sethostname(&spec.sandbox_id).map_err(fail("sethostname"))?;
+    // The console is the host's log of the guest: nothing the sandbox starts inherits it.
+    let null =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| {
+            ringfence_jail::inside::InsideError {
+                step: "open /dev/null".into(),
+                message: e.to_string(),
+            }
+        })?;
+    nix::unistd::dup2_stdin(&null).map_err(fail("dup2 stdin"))?;
+    nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
+    nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))?;
+    Ok(())
 }
 
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the

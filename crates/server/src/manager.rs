@@ -329,6 +329,17 @@ impl Manager {
             })
             .map(crate::tier::AnyTier::Gvisor)
             .into_iter()
+            // The microvm tier, where QEMU and the guest kernel are installed (its probe boots
+            // a guest in the background from here).
+            .chain(
+                crate::tier::MicrovmTier::new(crate::tier::microvm::MicrovmSettings {
+                    agent_path: cfg.agent_path.clone(),
+                    data_dir: cfg.data_dir.clone(),
+                    run_dir: cfg.run_dir.clone(),
+                    interp_env: cfg.interp_env.clone(),
+                })
+                .map(crate::tier::AnyTier::Microvm),
+            )
             .collect();
         let interp = crate::interp::Runtime::new(
             &cfg.run_dir,

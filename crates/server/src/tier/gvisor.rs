@@ -129,6 +129,7 @@ impl Tier for GvisorTier {
             network: "relayed-tun",
             network_policy: true,
             agent_channel: "unix-socket",
+            accel: None,
         }
     }
 

@@ -251,6 +251,7 @@ impl Tier for JailTier {
             network: "netns-tun",
             network_policy: true,
             agent_channel: "unix-socket",
+            accel: None,
         }
     }
 

@@ -18,6 +18,7 @@
 
 pub mod gvisor;
 pub mod jail;
+pub mod microvm;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use serde::Serialize;
 
 pub use gvisor::{GvisorInstance, GvisorTier};
 pub use jail::{JailInstance, JailTier};
+pub use microvm::{MicrovmInstance, MicrovmTier};
 
 /// Resource use of an instance. The cgroup's figures are the one form every planned tier can
 /// give (a VM's and gVisor's sandbox processes sit in a cgroup too), so they are the
@@ -78,7 +80,10 @@ impl TierKind {
                 "gVisor's user-space kernel (runsc): the sandbox's syscalls reach a sentry, not \
                  the host kernel"
             }
-            TierKind::Microvm => "a hardware-virtualised guest kernel (KVM)",
+            TierKind::Microvm => {
+                "a guest kernel of its own under a VMM (QEMU's microvm machine; KVM where the host \
+                 runs guests, TCG otherwise): a kernel bug reached from inside is the guest's"
+            }
             TierKind::Wasm => "a WebAssembly runtime: no syscalls, only the imports it is given",
         }
     }
@@ -121,8 +126,12 @@ pub struct Capabilities {
     pub network: &'static str,
     /// Every connection passes our egress policy and audit.
     pub network_policy: bool,
-    /// How the agent is reached: "unix-socket", "vsock", "in-process".
+    /// How the agent is reached: "unix-socket", "virtio-serial", "vsock", "in-process".
     pub agent_channel: &'static str,
+    /// A VM tier's acceleration as probed on this host: "kvm", "tcg" ("unprobed" until the
+    /// first start has probed). Absent for tiers that run no VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<&'static str>,
 }
 
 /// Where an instance's network plugs in.
@@ -276,6 +285,7 @@ pub trait Instance: Send + std::fmt::Debug {
 pub enum AnyTier {
     Jail(JailTier),
     Gvisor(GvisorTier),
+    Microvm(MicrovmTier),
 }
 
 /// A live instance of any tier.
@@ -284,6 +294,7 @@ pub enum AnyTier {
 pub enum AnyInstance {
     Jail(JailInstance),
     Gvisor(GvisorInstance),
+    Microvm(MicrovmInstance),
 }
 
 /// Forwards a method of [`Instance`] to the variant's implementation.
@@ -292,6 +303,7 @@ macro_rules! each_instance {
         match $self {
             AnyInstance::Jail($i) => $e,
             AnyInstance::Gvisor($i) => $e,
+            AnyInstance::Microvm($i) => $e,
         }
     };
 }
@@ -301,6 +313,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.kind(),
             AnyTier::Gvisor(t) => t.kind(),
+            AnyTier::Microvm(t) => t.kind(),
         }
     }
 
@@ -308,6 +321,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.capabilities(),
             AnyTier::Gvisor(t) => t.capabilities(),
+            AnyTier::Microvm(t) => t.capabilities(),
         }
     }
 
@@ -315,6 +329,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.start(spec).map(AnyInstance::Jail),
             AnyTier::Gvisor(t) => t.start(spec).map(AnyInstance::Gvisor),
+            AnyTier::Microvm(t) => t.start(spec).map(AnyInstance::Microvm),
         }
     }
 
@@ -331,6 +346,9 @@ impl AnyTier {
             AnyTier::Gvisor(t) => t
                 .adopt(id, saved, paused)
                 .map(|a| Adopted { instance: AnyInstance::Gvisor(a.instance), thawed: a.thawed }),
+            AnyTier::Microvm(t) => t
+                .adopt(id, saved, paused)
+                .map(|a| Adopted { instance: AnyInstance::Microvm(a.instance), thawed: a.thawed }),
         }
     }
 
@@ -338,6 +356,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.end_leftover(id, saved),
             AnyTier::Gvisor(t) => t.end_leftover(id, saved),
+            AnyTier::Microvm(t) => t.end_leftover(id, saved),
         }
     }
 
@@ -345,6 +364,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.sweep(),
             AnyTier::Gvisor(t) => t.sweep(),
+            AnyTier::Microvm(t) => t.sweep(),
         }
     }
 }
@@ -354,6 +374,7 @@ impl AnyInstance {
         match self {
             AnyInstance::Jail(_) => TierKind::Jail,
             AnyInstance::Gvisor(_) => TierKind::Gvisor,
+            AnyInstance::Microvm(_) => TierKind::Microvm,
         }
     }
 
@@ -406,7 +427,7 @@ impl AnyInstance {
     pub fn injectable(&self) -> Option<&ringfence_jail::launch::Sandbox> {
         match self {
             AnyInstance::Jail(i) => Some(i.sandbox()),
-            AnyInstance::Gvisor(_) => None,
+            AnyInstance::Gvisor(_) | AnyInstance::Microvm(_) => None,
         }
     }
 }
@@ -524,7 +545,7 @@ impl Tiers {
         match &self.runs[0] {
             AnyTier::Jail(t) => t,
             // `new` never puts another tier first.
-            AnyTier::Gvisor(_) => unreachable_jail(),
+            AnyTier::Gvisor(_) | AnyTier::Microvm(_) => unreachable_jail(),
         }
     }
 
@@ -583,7 +604,7 @@ pub fn unavailable_reason(kind: TierKind) -> Option<String> {
     match kind {
         TierKind::Jail => None,
         TierKind::Gvisor => Some(not_built("gvisor", probe_runsc())),
-        TierKind::Microvm => Some(not_built("microvm", probe_kvm())),
+        TierKind::Microvm => Some(microvm::missing().unwrap_or_else(|| "not set up".into())),
         TierKind::Wasm => Some(not_built("wasm", None)),
     }
 }
@@ -616,11 +637,6 @@ fn probe_runsc() -> Option<String> {
         Some(p) => format!("runsc found at {}", p.display()),
         None => format!("no runsc (install it with scripts/install-runsc.sh, or set {RUNSC_ENV})"),
     })
-}
-
-/// Whether `/dev/kvm` exists (a microVM needs it).
-fn probe_kvm() -> Option<String> {
-    Some(if Path::new("/dev/kvm").exists() { "/dev/kvm present" } else { "no /dev/kvm" }.into())
 }
 
 /// The tier a create asks for, from the two forms an unmodified E2B SDK can carry: a template

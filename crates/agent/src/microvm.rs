@@ -1,0 +1,201 @@
+//! The agent as the init of a `microvm` guest: PID 1 of its own kernel, booted from an
+//! initramfs that holds only this binary and a few kernel modules (see `ringfence_microvm`).
+//!
+//! Before the host can speak to it, it builds the guest's root itself: the kernel modules the
+//! cloud kernel does not build in (virtio-mmio, console, block, overlayfs), the template's
+//! read-only disk (`/dev/vda`) under an overlay whose writable layer is the sandbox's own disk
+//! (`/dev/vdb`, already formatted by the host at the quota's size), then the usual `/proc`,
+//! `/sys`, `/dev`. The control channel is the virtio-serial port the host named
+//! [`PORT_NAME`]: a character device, not a socket, so a thread pair copies it to one end of
+//! a socket pair and the rest of the agent speaks on the other end, unchanged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
+
+/// The name the host gives the agent's virtio-serial port (`virtserialport,name=`).
+pub const PORT_NAME: &str = "ringfence.agent";
+
+/// How long the guest waits for a device the host attached to show up.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+
+/// A boot step that failed, and why. PID 1 has no one to report to before its channel exists:
+/// the message goes to the kernel console (the host keeps the console log).
+#[derive(Debug)]
+pub struct BootError(pub String);
+
+fn fail(step: &str) -> impl Fn(nix::Error) -> BootError + '_ {
+    move |e| BootError(format!("{step}: {e}"))
+}
+
+fn io_fail(step: &str) -> impl Fn(std::io::Error) -> BootError + '_ {
+    move |e| BootError(format!("{step}: {e}"))
+}
+
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    fs::create_dir_all(target).map_err(io_fail(target))?;
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| BootError(format!("mount {fstype} on {target}: {e}")))
+}
+
+/// Builds the guest's root and returns the agent's end of the control channel, with the root
+/// switched to the overlay.
+pub fn boot() -> Result<UnixStream, BootError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    mount_fs("proc", "/proc", "proc", nosuid, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    load_modules(Path::new("/lib/modules"))?;
+    let port = find_port(PORT_NAME)?;
+    let root_disk = wait_for(Path::new("/dev/vda"))?;
+    let rw_disk = wait_for(Path::new("/dev/vdb"))?;
+
+    // The template: read-only at the block layer too (the host attaches it read-only).
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+    mount_fs(&root_disk, "/lower", "ext4", ro, Some("noload"))?;
+    mount_fs(&rw_disk, "/rw", "ext4", MsFlags::MS_NODEV, None)?;
+    for d in ["/rw/upper", "/rw/work"] {
+        fs::create_dir_all(d).map_err(io_fail(d))?;
+    }
+    mount_fs(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
+    )?;
+    mount_fs("proc", "/newroot/proc", "proc", nosuid, None)?;
+    mount_fs("sysfs", "/newroot/sys", "sysfs", nosuid, None)?;
+    mount_fs("devtmpfs", "/newroot/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    mount_fs(
+        "devpts",
+        "/newroot/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mount_fs("tmpfs", "/newroot/dev/shm", "tmpfs", nosuid, Some("mode=1777"))?;
+    mount_fs("tmpfs", "/newroot/run", "tmpfs", nosuid, Some("mode=0755"))?;
+    // /dev/ptmx of the new devpts instance, as the jail sets it up.
+    let ptmx = Path::new("/newroot/dev/ptmx");
+    let _ = fs::remove_file(ptmx);
+    std::os::unix::fs::symlink("pts/ptmx", ptmx).map_err(io_fail("link /dev/ptmx"))?;
+
+    // The channel is opened before the switch: its device node is on the initramfs's /dev.
+    let port =
+        OpenOptions::new().read(true).write(true).open(&port).map_err(io_fail("open port"))?;
+
+    // The initramfs is the kernel's rootfs, which cannot be pivoted away: move the overlay
+    // over it and chroot, as switch_root does. What stays behind (this binary, the modules)
+    // is the guest's own; the VM is the boundary, not this root.
+    std::env::set_current_dir("/newroot").map_err(io_fail("chdir /newroot"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(fail("move the root"))?;
+    nix::unistd::chroot(".").map_err(fail("chroot"))?;
+    std::env::set_current_dir("/").map_err(io_fail("chdir /"))?;
+
+    bridge(port)
+}
+
+/// Loads the modules listed in `dir/order`, in that order (each after what it needs).
+fn load_modules(dir: &Path) -> Result<(), BootError> {
+    let order = fs::read_to_string(dir.join("order")).map_err(io_fail("read module order"))?;
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = dir.join(format!("{name}.ko"));
+        let file = File::open(&path).map_err(io_fail(name))?;
+        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(e) => return Err(BootError(format!("load module {name}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The device node of the virtio-serial port named `name`, once the driver has made it.
+fn find_port(name: &str) -> Result<PathBuf, BootError> {
+    let started = Instant::now();
+    loop {
+        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
+            for e in entries.flatten() {
+                let named = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if named.trim() == name {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if started.elapsed() > DEVICE_WAIT {
+            return Err(BootError(format!("no virtio-serial port named {name}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for(dev: &Path) -> Result<String, BootError> {
+    let started = Instant::now();
+    while !dev.exists() {
+        if started.elapsed() > DEVICE_WAIT {
+            return Err(BootError(format!("no {}", dev.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(dev.to_string_lossy().into_owned())
+}
+
+/// Copies between the port and a socket pair; returns the agent's end. When the host goes
+/// (the port reads end-of-file), the agent's end sees end-of-file too, and the agent ends.
+fn bridge(port: File) -> Result<UnixStream, BootError> {
+    let (agent, relay) = UnixStream::pair().map_err(io_fail("socketpair"))?;
+    let mut port_in = port.try_clone().map_err(io_fail("dup port"))?;
+    let mut port_out = port;
+    let mut relay_out = relay.try_clone().map_err(io_fail("dup relay"))?;
+    let mut relay_in = relay;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match port_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if relay_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = relay_out.shutdown(std::net::Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match relay_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if port_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(agent)
+}
+
+/// Ends the guest: the host sees QEMU exit. PID 1 returning would panic the kernel, which
+/// also ends it (`panic=-1`, `-no-reboot`), but with a frightening log.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    std::process::exit(1)
+}

@@ -1,0 +1,299 @@
+//! The VMM seam: what the tier needs from a virtual machine monitor, and QEMU's `microvm`
+//! machine driven over QMP as the one implementation.
+//!
+//! A backend turns a [`VmSpec`] (kernel, initramfs, command line, disks, the agent's channel,
+//! memory and vCPUs) into a running [`VmHandle`] that can pause, continue, save its memory and
+//! device state to a file, and quit. Nothing above this module knows it is QEMU.
+//!
+//! How another VMM would plug in:
+//! - **Firecracker**: `launch` starts `firecracker --api-sock <dir>/fc.sock` (under its
+//!   `jailer`), then `PUT /boot-source` (the same `vmlinux`, initramfs and command line: it boots
+//!   the PVH/ELF kernel directly), `PUT /drives/root` (read-only) and `/drives/rw`, `PUT
+//!   /machine-config` (vCPUs, memory), `PUT /actions {InstanceStart}`. The agent channel would
+//!   be Firecracker's vsock (a unix socket on the host: `CONNECT <port>`), since it has no
+//!   virtio-serial; the agent would then open an `AF_VSOCK` socket instead of the port (the
+//!   bridge in `ringfence_agent::microvm` already hands the rest of the agent a socket).
+//!   `pause`/`resume` are `PATCH /vm {state}`, `save` is `PUT /snapshot/create` (memory file plus
+//!   a state file), `quit` is `SendCtrlAltDel` then a kill. Firecracker needs real KVM: its
+//!   probe is the same boot-with-a-deadline, with no TCG fallback.
+//! - **Cloud Hypervisor**: `--api-socket`, `vm.create`/`vm.boot` with `payload.kernel` and
+//!   `disks`, `console` or vsock for the agent; `vm.pause`, `vm.resume`, `vm.snapshot
+//!   destination_url=file://…`, `vmm.shutdown`.
+//!
+//! Both speak HTTP over a unix socket where QEMU speaks QMP; the [`Vmm`] trait hides which.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::MicrovmError;
+use crate::qmp::Qmp;
+
+/// How the VMM runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's binary translator: no host support needed, ~10-50x slower per instruction.
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// A block device of the guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything a backend needs to start one guest.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// In order: the guest sees `/dev/vda`, `/dev/vdb`, ...
+    pub disks: Vec<Disk>,
+    /// A unix socket the host listens on; the VMM connects it to the guest's agent port.
+    pub agent_socket: Option<PathBuf>,
+    /// The VM's own directory: the VMM's control socket and the console log go here.
+    pub dir: PathBuf,
+    pub accel: Accel,
+}
+
+impl VmSpec {
+    /// The guest's serial console, kept for diagnostics.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// A VMM that can start guests.
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    type Vm: VmHandle;
+    /// Starts a guest; returns once its control channel (QMP, an API socket) answers.
+    fn launch(&self, spec: &VmSpec) -> Result<Self::Vm, MicrovmError>;
+}
+
+/// One running guest.
+pub trait VmHandle: Send + std::fmt::Debug {
+    /// The VMM process's host pid.
+    fn pid(&self) -> u32;
+    /// Stops every vCPU where it is.
+    fn pause(&mut self) -> Result<(), MicrovmError>;
+    /// Lets the vCPUs run again.
+    fn resume(&mut self) -> Result<(), MicrovmError>;
+    /// Writes the guest's memory and device state to `dest` (the guest is paused for it and
+    /// stays paused).
+    fn save(&mut self, dest: &Path) -> Result<(), MicrovmError>;
+    /// Whether the VMM process has exited.
+    fn exited(&mut self) -> bool;
+    /// Ends the guest and waits for the VMM process to exit (killed if it does not quit).
+    fn quit(&mut self) -> Result<(), MicrovmError>;
+}
+
+/// QEMU's `microvm` machine.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub binary: PathBuf,
+}
+
+/// Where QEMU is looked for: `$RINGFENCE_QEMU`, then the PATH.
+pub const QEMU_ENV: &str = "RINGFENCE_QEMU";
+
+impl Qemu {
+    /// QEMU's x86-64 system emulator, if installed.
+    pub fn find() -> Option<Qemu> {
+        if let Some(p) = std::env::var_os(QEMU_ENV) {
+            let p = PathBuf::from(p);
+            return p.is_file().then_some(Qemu { binary: p });
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+            .map(|binary| Qemu { binary })
+    }
+
+    /// The command line for `spec`.
+    pub fn args(spec: &VmSpec) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
+        // microvm: virtio-mmio devices only, no PCI, no firmware (the kernel's PVH entry).
+        push(&["-M", "microvm,x-option-roms=off,rtc=on"]);
+        match spec.accel {
+            // This host's KVM rejects the arch-capabilities MSR QEMU sets for `-cpu host`.
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+            // A 64 MiB translation cache instead of the default 1 GiB: far less host memory
+            // per guest, and a sandbox's code paths fit in it.
+            Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+        }
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        let mem = spec.memory_mib.to_string();
+        let smp = spec.vcpus.max(1).to_string();
+        push(&["-m", &mem, "-smp", &smp]);
+        let console = format!("file:{}", spec.console_log().display());
+        push(&["-serial", &console]);
+        let qmp = format!("unix:{},server=on,wait=off", spec.dir.join("qmp.sock").display());
+        push(&["-qmp", &qmp]);
+        let kernel = spec.kernel.to_string_lossy().into_owned();
+        push(&["-kernel", &kernel, "-append", &spec.cmdline]);
+        if let Some(initrd) = &spec.initrd {
+            let initrd = initrd.to_string_lossy().into_owned();
+            push(&["-initrd", &initrd]);
+        }
+        for (i, d) in spec.disks.iter().enumerate() {
+            // QEMU's option syntax doubles commas in values; our paths have none, but a
+            // directory name with one must not split the option.
+            let path = d.path.to_string_lossy().replace(',', ",,");
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            let drive = format!("id=disk{i},file={path},format=raw,if=none,cache=unsafe{ro}");
+            let dev = format!("virtio-blk-device,drive=disk{i}");
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        if let Some(sock) = &spec.agent_socket {
+            let path = sock.to_string_lossy().replace(',', ",,");
+            let chardev = format!("socket,id=agent,path={path}");
+            push(&["-chardev", &chardev, "-device", "virtio-serial-device"]);
+            push(&["-device", "virtserialport,chardev=agent,name=ringfence.agent"]);
+        }
+        a
+    }
+}
+
+/// A QEMU process and its QMP connection.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    qmp: Qmp,
+}
+
+impl Vmm for Qemu {
+    type Vm = QemuVm;
+
+    fn launch(&self, spec: &VmSpec) -> Result<QemuVm, MicrovmError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(Qemu::args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                File::create(spec.dir.join("qemu.log"))
+                    .map_err(|source| MicrovmError::Io { op: "create qemu.log".into(), source })?,
+            )
+            // Its own process group, so a signal to the server's group (a terminal's ^C)
+            // does not kill guests the server still has to clean up.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| MicrovmError::Io {
+            op: format!("run {}", self.binary.display()),
+            source,
+        })?;
+        let qmp = match Qmp::connect(&spec.dir.join("qmp.sock"), Duration::from_secs(10)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(spec.dir.join("qemu.log")).unwrap_or_default();
+                return Err(MicrovmError::Vmm(format!("{e}; qemu: {}", log.trim())));
+            }
+        };
+        Ok(QemuVm { child, qmp })
+    }
+}
+
+impl VmHandle for QemuVm {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn pause(&mut self) -> Result<(), MicrovmError> {
+        self.qmp.execute("stop", None).map(drop)
+    }
+
+    fn resume(&mut self) -> Result<(), MicrovmError> {
+        self.qmp.execute("cont", None).map(drop)
+    }
+
+    fn save(&mut self, dest: &Path) -> Result<(), MicrovmError> {
+        self.pause()?;
+        // QEMU 7.2 has no `file:` migration URI: it writes the stream to a descriptor we
+        // open and pass over QMP, so no shell command line is ever built from a path.
+        let file = File::create(dest).map_err(|source| MicrovmError::Io {
+            op: format!("create {}", dest.display()),
+            source,
+        })?;
+        self.qmp.send_fd("snapshot", &file)?;
+        self.qmp.execute("migrate", Some(serde_json::json!({ "uri": "fd:snapshot" })))?;
+        let started = Instant::now();
+        loop {
+            let status = self.qmp.execute("query-migrate", None)?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = status.get("error-desc").and_then(|s| s.as_str()).unwrap_or("");
+                    return Err(MicrovmError::Vmm(format!("saving the guest failed: {why}")));
+                }
+                _ if started.elapsed() > Duration::from_secs(120) => {
+                    let _ = self.qmp.execute("migrate_cancel", None);
+                    return Err(MicrovmError::Vmm("saving the guest took over 120 s".into()));
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn quit(&mut self) -> Result<(), MicrovmError> {
+        if self.exited() {
+            return Ok(());
+        }
+        // `quit` ends QEMU at once (the guest's disks are ours to throw away, nothing to
+        // flush); a QEMU that does not go within a second is killed.
+        let _ = self.qmp.execute("quit", None);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            if self.exited() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child
+            .wait()
+            .map(drop)
+            .map_err(|source| MicrovmError::Io { op: "wait for qemu".into(), source })
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        let _ = self.quit();
+    }
+}
+
+/// Reads what a guest printed on its console (the last `max` bytes), for error messages.
+pub fn console_tail(path: &Path, max: usize) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        let start = buf.len().saturating_sub(max);
+        s = String::from_utf8_lossy(&buf[start..]).into_owned();
+    }
+    s
+}
