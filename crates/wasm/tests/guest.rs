@@ -135,8 +135,8 @@ fn no_sockets_and_no_processes() {
     let sb = sandbox(16 << 20);
     let mut s = Session::new(&rt, &spec(&sb, None)).unwrap();
     let probe = r#"
-import socket
 try:
+    import socket
     c = socket.create_connection(("127.0.0.1", 22), timeout=1); print("CONNECTED")
 except Exception as e:
     print("NOSOCKET", type(e).__name__)
@@ -273,7 +273,13 @@ fn the_agent_runs_python_commands_and_refuses_the_rest() {
         .filter_map(|e| if let Event::Stdout { data, .. } = e { Some(data.clone()) } else { None })
         .flatten()
         .collect();
-    assert_eq!(String::from_utf8_lossy(&out), "args ['one', 'two words']\n");
+    let err: Vec<u8> = evs
+        .iter()
+        .filter_map(|e| if let Event::Stderr { data, .. } = e { Some(data.clone()) } else { None })
+        .flatten()
+        .collect();
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(String::from_utf8_lossy(&out), "args ['one', 'two words']\n", "{err}");
     assert!(
         matches!(
             evs.last(),
