@@ -104,7 +104,8 @@ def main():
                 c.execute(sid, tok, "1+1")
                 trip[tier].append((time.perf_counter() - t0) * 1e3)
             c.kill(sid)
-        print("create -> first run_code('1+1') result (no warm pool; cold create):")
+        pool = os.environ.get('RINGFENCE_WASM_POOL', '2')
+        print(f"create -> first run_code('1+1') result (jail: no pool; wasm: tier pool of {pool}):")
         for tier in ("jail", "wasm"):
             report(tier, first[tier])
         print("run_code('1+1') round trip:")

@@ -13,6 +13,7 @@ import ast
 import base64
 import datetime
 import json
+import linecache
 import os
 import sys
 import traceback
@@ -41,12 +42,20 @@ class _Writer:
 
     def __init__(self, name, exec_id):
         self.name, self.exec_id = name, exec_id
+        self.buf = ""
+
+    def _send(self, text):
+        _emit({"id": self.exec_id, "type": self.name, "text": text, "timestamp": _now()})
 
     def write(self, s):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        if s:
-            _emit({"id": self.exec_id, "type": self.name, "text": s, "timestamp": _now()})
+        # Line-buffered, as a terminal is: print()'s text and its newline are one message.
+        self.buf += s
+        cut = self.buf.rfind("\n")
+        if cut >= 0:
+            self._send(self.buf[: cut + 1])
+            self.buf = self.buf[cut + 1 :]
         return len(s)
 
     def writelines(self, lines):
@@ -54,7 +63,9 @@ class _Writer:
             self.write(line)
 
     def flush(self):
-        pass
+        if self.buf:
+            self._send(self.buf)
+            self.buf = ""
 
     def isatty(self):
         return False
@@ -98,6 +109,10 @@ def _formats(value):
                 out["json"] = r
         except Exception:
             pass
+    # As the jail's kernel does (E2B shows a string result without one level of quotes).
+    text = out["text"]
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        out["text"] = text[1:-1]
     return out
 
 
@@ -133,15 +148,18 @@ def _run(exec_id, code, env_vars):
     old = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Writer("stdout", exec_id), _Writer("stderr", exec_id)
     main = sys.modules["__main__"].__dict__
+    # The cell's source where tracebacks look for it, so they show its lines.
+    name = f"<cell-{_count}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     try:
-        tree = ast.parse(code, "<cell>", "exec")
+        tree = ast.parse(code, name, "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, "<cell>", "exec"), main)
+        exec(compile(tree, name, "exec"), main)
         value = None
         if last is not None:
-            value = eval(compile(last, "<cell>", "eval"), main)
+            value = eval(compile(last, name, "eval"), main)
         _figures(exec_id)
         if value is not None:
             main["_"] = value
@@ -149,9 +167,8 @@ def _run(exec_id, code, env_vars):
             msg.update(_formats(value))
             _emit(msg)
     except BaseException as e:  # the cell's own failure, SystemExit included, is its result
-        tb = traceback.format_exception(type(e), e, e.__traceback__)
-        # Drop this driver's frames: the traceback starts at the cell.
-        tb = [t for t in tb if "_ringfence" not in t and "ringfence_wasm_kernel" not in t]
+        # From the cell's own frame on: this driver's frame is not the user's.
+        tb = traceback.format_exception(type(e), e, e.__traceback__.tb_next)
         _emit({
             "id": exec_id,
             "type": "error",
@@ -160,6 +177,8 @@ def _run(exec_id, code, env_vars):
             "traceback": "".join(tb),
         })
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         sys.stdout, sys.stderr = old
         for k, v in saved.items():
             if v is None:

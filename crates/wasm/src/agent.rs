@@ -103,6 +103,8 @@ struct Proc {
 
 #[derive(Debug)]
 struct Upload {
+    /// The target's sandbox path.
+    path: String,
     dir: OwnedFd,
     tmp: String,
     name: String,
@@ -1209,7 +1211,10 @@ fn upload_begin(shared: &Shared, path: &str) -> Result<Reply, AgentError> {
         nix::sys::stat::Mode::from_bits_truncate(0o644),
     )
     .map_err(|e| errno(e, path))?;
-    st.uploads.insert(upload, Upload { dir, tmp, name, file: std::fs::File::from(fd), written: 0 });
+    st.uploads.insert(
+        upload,
+        Upload { path: normal(path), dir, tmp, name, file: std::fs::File::from(fd), written: 0 },
+    );
     let free = root.usage();
     Ok(Reply::Upload { upload, path: normal(path), free: free.1.saturating_sub(free.0) })
 }
@@ -1280,7 +1285,8 @@ fn upload_end(
                 unlink(&u);
                 return Err(errno(e, &u.name));
             }
-            Ok(Reply::Done)
+            // The committed file's entry, as the sandbox agent answers.
+            stat(&shared.cfg.root, &u.path).map(Reply::Entry)
         }
     }
 }

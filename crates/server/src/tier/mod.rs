@@ -347,6 +347,14 @@ impl AnyTier {
         }
     }
 
+    /// Why a tier this server runs cannot start instances yet (`None`: it can).
+    pub fn not_ready(&self) -> Option<String> {
+        match self {
+            AnyTier::Wasm(t) => t.not_ready(),
+            AnyTier::Jail(_) | AnyTier::Gvisor(_) => None,
+        }
+    }
+
     pub fn sweep(&self) -> usize {
         match self {
             AnyTier::Jail(t) => t.sweep(),
@@ -552,6 +560,8 @@ impl Tiers {
             .map(|kind| {
                 let (start_cost_ms, start_samples) = self.starts.median(kind);
                 let (available, reason, capabilities) = match self.get(kind) {
+                    // Set up but not ready yet (the wasm tier's module still loading).
+                    Ok(t) if t.not_ready().is_some() => (false, t.not_ready(), None),
                     Ok(t) => (true, None, Some(t.capabilities())),
                     Err(e) => (false, Some(refusal_reason(e)), None),
                 };

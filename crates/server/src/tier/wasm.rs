@@ -125,6 +125,14 @@ impl WasmTier {
         Some(WasmTier { inner })
     }
 
+    /// Why it cannot start instances yet (its module loading, or failed to load).
+    pub fn not_ready(&self) -> Option<String> {
+        self.inner.runtime().err().map(|e| match e {
+            TierError::Unavailable { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    }
+
     /// Waits up to `limit` for the module to load (tests, and a server that wants the tier
     /// before serving). True once loaded.
     pub fn wait_loaded(&self, limit: Duration) -> bool {
