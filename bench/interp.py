@@ -13,7 +13,12 @@ HTTP/1.1 keep-alive (stdlib only, so the client adds as little as possible):
   3. for contrast, the same cold: a fresh `python3` importing pandas in a sandbox via
      `commands.run`-style process start (what paying the import per sandbox would cost).
 
-    python3 bench/interp.py [--rounds 200] [--creates 30] [--bin target/.../release/ringfence]
+  4. per language (`--languages python,javascript,typescript,bash,java,r`): in a new sandbox,
+     the first trivial cell of that language (its default context's kernel start included),
+     then the round trip of the same trivial cell in the now-warm kernel.
+
+    python3 bench/interp.py [--rounds 200] [--creates 30] [--languages ...] [--lang-rounds 5]
+                            [--bin target/.../release/ringfence]
 """
 
 import argparse
@@ -51,10 +56,10 @@ class Client:
             raise RuntimeError(f"create: {r.status} {body}")
         return body["sandboxID"], body["envdAccessToken"]
 
-    def execute(self, sid, token, code):
+    def execute(self, sid, token, code, language=None):
         """Runs a cell; returns (seconds to the first result line, main result text)."""
         t0 = time.perf_counter()
-        body = json.dumps({"code": code, "context_id": None, "language": None, "env_vars": None})
+        body = json.dumps({"code": code, "context_id": None, "language": language, "env_vars": None})
         self.conn.request("POST", "/execute", body=body, headers={
             "Content-Type": "application/json", "E2b-Sandbox-Id": sid,
             "E2b-Sandbox-Port": "49999", "X-Access-Token": token})
@@ -103,6 +108,36 @@ class Client:
 
 PANDAS_CELL = "import pandas as pd; pd.DataFrame({'a': [1, 2]}).shape"
 
+# A trivial cell per language and the main result it must give.
+TRIVIAL = {
+    "python": ("1+1", "2"),
+    "javascript": ("1+1", "2"),
+    "typescript": ("const n: number = 1; n + 1", "2"),
+    "bash": ("echo 2", None),
+    "java": ("1+1", "2"),
+    "r": ("1+1", "[1] 2"),
+}
+
+
+def languages(c, names, rounds, warm_rounds=20):
+    """First cell of each language in a new sandbox, then its warm round trip."""
+    for lang in names:
+        code, want = TRIVIAL[lang]
+        first, warm = [], []
+        for _ in range(rounds):
+            sid, tok = c.create("code-interpreter-v1")
+            t0 = time.perf_counter()
+            _, text = c.execute(sid, tok, code, lang)
+            first.append((time.perf_counter() - t0) * 1e3)
+            assert text == want, (lang, text)
+            for _ in range(warm_rounds):
+                t0 = time.perf_counter()
+                c.execute(sid, tok, code, lang)
+                warm.append((time.perf_counter() - t0) * 1e3)
+            c.kill(sid)
+        report(f"{lang}: first cell in a new sandbox", first)
+        report(f"{lang}: trivial cell round trip, warm kernel", warm)
+
 
 def report(name, xs):
     print(f"  {name:<52} median {statistics.median(xs):8.2f} ms   p95 {pct(xs, 95):8.2f} ms   n={len(xs)}")
@@ -113,6 +148,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--creates", type=int, default=30)
     ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
+    ap.add_argument("--languages", default="",
+                    help="comma-separated: python,javascript,typescript,bash,java,r")
+    ap.add_argument("--lang-rounds", type=int, default=5)
+    ap.add_argument("--only-languages", action="store_true",
+                    help="skip the round-trip / create / cold measurements")
     a = ap.parse_args()
     data = tempfile.mkdtemp()
     os.chmod(data, 0o755)
@@ -139,6 +179,11 @@ def main():
         # The fork server imports everything once at server start; wait for it (not timed).
         sid, tok = c.create("code-interpreter-v1")
         c.execute(sid, tok, "1+1")
+        if a.only_languages:
+            c.kill(sid)
+            print("\nresults (ms):")
+            languages(c, [x for x in a.languages.split(",") if x], a.lang_rounds)
+            return
 
         for _ in range(20):
             c.execute(sid, tok, "1+1")
@@ -168,6 +213,7 @@ def main():
         report('run_code("1+1") round trip, live sandbox', rt)
         report("create -> first pandas result (fork server)", first)
         report("cold: new python3 importing the libraries, per sandbox", cold)
+        languages(c, [x for x in a.languages.split(",") if x], a.lang_rounds)
     finally:
         srv.terminate()
         srv.wait(timeout=30)

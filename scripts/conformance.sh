@@ -30,6 +30,8 @@ cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || tr
 trap cleanup EXIT
 start_server
 export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" E2B_API_KEY_2="$key2"
+# The SDK sends volume content calls to E2B_VOLUME_API_URL (else https://api.<domain>).
+export E2B_VOLUME_API_URL="http://127.0.0.1:$port"
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 if ! "$VENV/bin/python" tests/e2b/conformance.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
@@ -45,16 +47,59 @@ if ! "$VENV/bin/python" tests/e2b/wasm.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh),
+# on a server whose sandboxes get 1 GiB: gVisor's own memory (its sentry, and the file cache
+# of the kernels' libraries) is charged to the sandbox's cgroup, and a gVisor sandbox at its
+# limit ends whole (docs/ARCHITECTURE.md), so the interpreter's several kernels need room.
+if [ -x /usr/local/lib/ringfence/runsc ] || command -v runsc >/dev/null; then
+  kill "$server"; wait "$server" 2>/dev/null || true
+  SERVE_EXTRA="--memory 1G" start_server
+  for suite in conformance code_interpreter; do
+    if ! RINGFENCE_TIER=gvisor "$VENV/bin/python" "tests/e2b/$suite.py"; then
+      echo "--- server log ---"; tail -n 50 "$data/serve.log"
+      exit 1
+    fi
+  done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  start_server
+else
+  echo "SKIPPED the gvisor tier's SDK suites: runsc is not installed (scripts/install-runsc.sh)"
+fi
+# MCP (/mcp and `ringfence mcp` on stdio) with the PyPI `mcp` client (tests/mcp).
+# The dashboard (/ui) in Debian's headless Chromium with Playwright (tests/ui; SKIPPED
+# without chromium), screenshots into docs/.
+"$VENV/bin/pip" install -q "mcp>=2.3,<3" "playwright>=1.65,<1.66"
+if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.py \
+   || ! "$VENV/bin/python" tests/ui/dashboard.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
+# The rest of E2B 2.63's sandbox routes (idempotent create, refreshes, logs, pause/snapshot modes).
+if ! "$VENV/bin/python" tests/e2b/extras.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
 # Sandboxes, running or paused, survive a kill -9 of the server.
 read -r sid pid < <("$VENV/bin/python" tests/e2b/restart.py before)
 read -r paused_mem paused_fs < <("$VENV/bin/python" tests/e2b/lifecycle.py before)
+# Lifecycle events and webhooks: deliveries queued while the receiver is down survive the kill.
+hook_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+events_line=$("$VENV/bin/python" tests/e2b/events.py before "$hook_port" | tee /dev/stderr | tail -n 1)
+# Volumes: content written before the kill is read back after it.
+read -r volume_id volume_sandbox < <("$VENV/bin/python" tests/e2b/volumes.py before | tee /dev/stderr | tail -n 1)
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 start_server
+read -r hook_id event_ids <<< "$events_line"
+if ! "$VENV/bin/python" tests/e2b/events.py after "$hook_port" "$hook_id" "$event_ids" \
+   || ! "$VENV/bin/python" tests/e2b/volumes.py after "$volume_id" "$volume_sandbox"; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 if ! "$VENV/bin/python" tests/e2b/restart.py after "$sid" "$pid" \
    || ! "$VENV/bin/python" tests/e2b/lifecycle.py after "$paused_mem" "$paused_fs"; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
@@ -81,6 +126,11 @@ if command -v node >/dev/null 2>&1; then
     echo "--- server log ---"; tail -n 50 "$data/serve.log"
     exit 1
   fi
+  # E2B's CLI (@e2b/cli from npm) through its environment variables.
+  if ! VENV="$(cd "$VENV" && pwd)" tests/e2b/cli/cli.sh; then
+    echo "--- server log ---"; tail -n 50 "$data/serve.log"
+    exit 1
+  fi
 else
-  echo "node not found: skipping the JS SDK suite (tests/e2b/js)"
+  echo "node not found: skipping the JS SDK suite (tests/e2b/js) and the CLI suite (tests/e2b/cli): SKIPPED"
 fi

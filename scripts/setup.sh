@@ -12,8 +12,12 @@ need=()
 # registry on loopback and pull it back (crates/cli/tests/image.rs).
 # debootstrap: `ringfence template bootstrap` builds the Debian base from the archive
 # (crates/cli/tests/debian.rs).
+# chromium: the dashboard's browser test (tests/ui/dashboard.py) drives Debian's headless
+# Chromium with Playwright, so Playwright never downloads a browser.
+# r-base-core and default-jdk-headless: the code interpreter's `r` and `java` kernels (R itself,
+# JShell's jdk.jshell API).
 for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
-  busybox-static docker-registry skopeo debootstrap; do
+  busybox-static docker-registry skopeo debootstrap chromium r-base-core default-jdk-headless; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
@@ -33,5 +37,12 @@ if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>
 fi
 # The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
 "$(dirname "$0")/interp-env.sh"
+# The test venv's clients for MCP and the browser test (scripts/conformance.sh runs both).
+# Playwright held to the release checked against bookworm's Chromium (156) over CDP.
+venv="$(dirname "$0")/../.venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q "mcp>=2.3,<3" "playwright>=1.65,<1.66"
+# The TypeScript compiler that `typescript` interpreter contexts compile their cells with.
+"$(dirname "$0")/interp-ts.sh"
 command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required" >&2; exit 1; }
 echo "setup: ok"

@@ -142,6 +142,14 @@ function ringfenceKernel(role) {
     const crypto = require('crypto');
 
     const KILL_AFTER_MS = positiveInt(process.env.RINGFENCE_INTERRUPT_KILL_MS, 2000);
+    // `node ringfence_kernel.js --typescript [DIR]` (or `node -e <source> -- --typescript [DIR]`):
+    // cells are TypeScript, compiled to JavaScript by the worker (see transpileCell) with the
+    // compiler in DIR (the server passes where scripts/interp-ts.sh installed it), else in
+    // RINGFENCE_INTERP_TS, else in the default interpreter environment's.
+    const tsFlag = process.argv.indexOf('--typescript', 1);
+    const LANGUAGE = tsFlag > 0 ? 'typescript' : 'javascript';
+    const TS_DIR = (tsFlag > 0 && process.argv[tsFlag + 1]) || process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/python/share/ringfence/typescript';
+    const TS_PATH = TS_DIR + '/node_modules/typescript';
     // After the worker reported the end of a cell, how long to wait for its end markers
     // while nothing arrives on the output sockets (they never come if the cell closed them).
     const MARKER_WAIT_MS = 1000;
@@ -154,6 +162,7 @@ function ringfenceKernel(role) {
 
     const baseEnv = Object.assign({}, process.env);
     delete baseEnv.RINGFENCE_INTERRUPT_KILL_MS;
+    delete baseEnv.RINGFENCE_INTERP_TS;
     let envEpoch = 0; // bumped by set_env; a worker started earlier gets the new env when ready
 
     const sleeper = new Int32Array(new SharedArrayBuffer(4));
@@ -307,6 +316,7 @@ function ringfenceKernel(role) {
           env: req.env,
           marker: markerHead + seq + '\u0000',
           name: '<cell-' + executionCount + '>',
+          ts: LANGUAGE === 'typescript' ? TS_PATH : null,
         });
       }
     }
@@ -423,7 +433,7 @@ function ringfenceKernel(role) {
         }
         if (!announced) {
           announced = true;
-          send({ type: 'ready', language: 'javascript', pid: process.pid });
+          send({ type: 'ready', language: LANGUAGE, pid: process.pid });
         }
         pump();
       } else if (msg.t === 'done' && cell && cell.worker === w && msg.seq === cell.seq && !cell.outcome) {
@@ -749,8 +759,21 @@ function ringfenceKernel(role) {
       };
       Atomics.store(shared, 0, seq);
       heartbeat = setInterval(() => Atomics.add(shared, 1, 1), HEARTBEAT_MS);
+      let code = current.code;
+      if (typeof msg.ts === 'string') {
+        let compiled;
+        try {
+          compiled = transpileCell(msg.ts, code, current.name);
+        } catch (e) {
+          finishCell(seq, { error: e && e.tsError ? e.tsError : formatThrown(e, null, null) });
+          return;
+        }
+        code = compiled.js;
+        current.code = code; // what ran, for the pointer under a JavaScript syntax error
+        current.lineMap = compiled.lineMap;
+      }
       const params = {
-        expression: rewriteImports(current.code) + '\n//# sourceURL=' + current.name,
+        expression: rewriteImports(code) + '\n//# sourceURL=' + current.name,
         replMode: true,
         objectGroup: GROUP,
       };
@@ -782,6 +805,7 @@ function ringfenceKernel(role) {
       } catch (e) {
         outcome = { error: formatThrown(e, null, null) };
       }
+      if (outcome.error && c.lineMap) outcome.error = mapLines(outcome.error, c.name, c.lineMap);
       releaseObjects();
       finishCell(seq, outcome);
     }
@@ -944,6 +968,103 @@ function ringfenceKernel(role) {
       const lines = stack.split('\n');
       const cut = lines.findIndex((l, i) => i > 0 && /^\s+at .*(node:inspector|\[stdin\])/.test(l));
       return (cut > 0 ? lines.slice(0, cut) : lines).join('\n');
+    }
+
+    // TypeScript: the compiler is loaded on the first cell (about a third of a second), not
+    // at start, so JavaScript contexts and TypeScript contexts that are never used pay nothing.
+    // Cells are transpiled one at a time (`transpileModule`: syntax only, no type checking,
+    // as a REPL cannot see earlier cells' types) to ES2022 with imports kept for
+    // rewriteImports; a syntax error is reported against the TypeScript source. A source map
+    // gives, for each line of the JavaScript, the TypeScript line it came from, so that stack
+    // traces point into the code the user wrote.
+    let tsCompiler = null;
+    function transpileCell(tsPath, source, name) {
+      if (!tsCompiler) {
+        try {
+          tsCompiler = require(tsPath);
+        } catch (e) {
+          const value = 'the TypeScript compiler is not installed (' + tsPath + '): ' + e.message;
+          throw { tsError: { name: 'KernelError', value, traceback: 'KernelError: ' + value } };
+        }
+      }
+      const ts = tsCompiler;
+      const out = ts.transpileModule(source, {
+        fileName: name + '.ts',
+        reportDiagnostics: true,
+        compilerOptions: {
+          target: ts.ScriptTarget.ES2022,
+          module: ts.ModuleKind.ESNext,
+          sourceMap: true,
+          removeComments: false,
+          esModuleInterop: true,
+        },
+      });
+      const bad = (out.diagnostics || []).find((d) => d.category === ts.DiagnosticCategory.Error);
+      if (bad) {
+        const value = ts.flattenDiagnosticMessageText(bad.messageText, '\n');
+        let where = '';
+        if (bad.file && typeof bad.start === 'number') {
+          const pos = bad.file.getLineAndCharacterOfPosition(bad.start);
+          const line = source.split('\n')[pos.line] || '';
+          where = name + ':' + (pos.line + 1) + '\n' + line + '\n' + ' '.repeat(pos.character) + '^\n\n';
+        }
+        throw { tsError: { name: 'SyntaxError', value, traceback: where + 'SyntaxError: ' + value + ' (TS' + bad.code + ')' } };
+      }
+      const js = out.outputText.replace(/\n?\/\/# sourceMappingURL=\S*\s*$/, '\n');
+      return { js, lineMap: sourceLines(out.sourceMapText) };
+    }
+
+    // For each generated line, the source line of its first mapping (0-based), from a source
+    // map's base64 VLQ `mappings`.
+    function sourceLines(mapText) {
+      const map = [];
+      let mappings;
+      try {
+        mappings = jsonParse(mapText).mappings;
+      } catch (_) {
+        return map;
+      }
+      const B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/';
+      let srcLine = 0;
+      for (const line of String(mappings).split(';')) {
+        let first = null;
+        for (const seg of line.split(',')) {
+          if (!seg) continue;
+          const fields = [];
+          let value = 0;
+          let shift = 0;
+          for (const ch of seg) {
+            const digit = B64.indexOf(ch);
+            if (digit < 0) return map;
+            value += (digit & 31) << shift;
+            if (digit & 32) {
+              shift += 5;
+            } else {
+              fields.push(value & 1 ? -(value >>> 1) : value >>> 1);
+              value = 0;
+              shift = 0;
+            }
+          }
+          if (fields.length >= 4) {
+            srcLine += fields[2];
+            if (first === null) first = srcLine;
+          }
+        }
+        map.push(first);
+      }
+      return map;
+    }
+
+    // `<cell-N>:LINE[:COL]` in an error's traceback, from JavaScript lines to TypeScript ones
+    // (the column is dropped: it counts in the JavaScript).
+    function mapLines(error, name, lineMap) {
+      const escaped = name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+      const re = new RegExp(escaped + ':(\\d+)(?::\\d+)?', 'g');
+      const fix = (text) => String(text).replace(re, (whole, line) => {
+        const src = lineMap[Number(line) - 1];
+        return typeof src === 'number' ? name + ':' + (src + 1) : whole;
+      });
+      return Object.assign({}, error, { traceback: fix(error.traceback) });
     }
 
     function interruptedError() {

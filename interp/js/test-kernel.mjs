@@ -9,7 +9,7 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 const KERNEL = fileURLToPath(new URL('./ringfence_kernel.js', import.meta.url));
@@ -43,7 +43,7 @@ async function waitFor(condition, ms, what) {
 
 class Kernel {
   constructor(mode, env = process.env) {
-    const args = mode === 'eval' ? ['-e', SOURCE] : [KERNEL];
+    const args = mode === 'eval' ? ['-e', SOURCE] : mode === 'ts' ? ['-e', SOURCE, '--', '--typescript'] : [KERNEL];
     this.proc = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'], env });
     started.add(this);
     this.proc.on('exit', () => started.delete(this));
@@ -80,7 +80,7 @@ class Kernel {
   static async start(mode, env) {
     const k = new Kernel(mode, env);
     const { msg } = await k.take(10000);
-    assert.deepEqual(msg, { type: 'ready', language: 'javascript', pid: k.proc.pid });
+    assert.deepEqual(msg, { type: 'ready', language: mode === 'ts' ? 'typescript' : 'javascript', pid: k.proc.pid });
     return k;
   }
 
@@ -429,3 +429,37 @@ for (const mode of ['file', 'eval']) {
     });
   });
 }
+
+// TypeScript contexts: the same kernel started with --typescript compiles each cell with the
+// compiler scripts/interp-ts.sh installs.
+const TS_DIR = (process.env.RINGFENCE_INTERP_TS || '/opt/ringfence/python/share/ringfence/typescript') + '/node_modules/typescript';
+describe('kernel started with --typescript', { skip: !existsSync(TS_DIR) && 'SKIPPED: no TypeScript compiler at ' + TS_DIR + ' (scripts/interp-ts.sh)' }, () => {
+  test('typed cells run, keep state and stream output', async () => {
+    const k = await Kernel.start('ts');
+    assert.deepEqual(await k.run('interface P { x: number }\nconst p: P = { x: 2 }\nconsole.log(p.x)'), [count(1), out('2\n'), end]);
+    assert.deepEqual(await k.run('const q = <number>p.x * 21; q'), [count(2), result('42'), end]);
+    assert.deepEqual(await k.run('enum E { A = 3 }\nE.A as number'), [count(3), result('3'), end]);
+    await k.close();
+  });
+
+  test('errors carry the TypeScript line numbers', async () => {
+    const k = await Kernel.start('ts');
+    const msgs = await k.run('type T = string\n\n\nfunction f(x: T): never {\n  throw new RangeError(x)\n}\nf("b")');
+    checkError(msgs[1], 'RangeError', 'b');
+    assert.match(msgs[1].traceback, /at f \(<cell-1>:5\)/);
+    assert.match(msgs[1].traceback, /at <cell-1>:7/);
+    const bad = await k.run('let y: = 1');
+    checkError(bad[1], 'SyntaxError', 'Type expected.');
+    assert.match(bad[1].traceback, /^<cell-2>:1\nlet y: = 1\n {7}\^/);
+    assert.deepEqual(await k.run('1 + 1'), [count(3), result('2'), end]);
+    await k.close();
+  });
+
+  test('a missing compiler is a clear error, not a dead kernel', async () => {
+    const k = await Kernel.start('ts', { ...process.env, RINGFENCE_INTERP_TS: '/nonexistent' });
+    const msgs = await k.run('1');
+    checkError(msgs[1], 'KernelError');
+    assert.match(msgs[1].value, /TypeScript compiler is not installed/);
+    await k.close();
+  });
+});

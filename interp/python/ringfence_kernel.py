@@ -47,6 +47,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Type
 from traitlets.config import Config
 
+import ringfence_charts
+
 # Thread pools of the numerical libraries, limited while numpy loads them: the fork server forks
 # kernels after preload(), and threads do not survive a fork (a pool's state would be broken in
 # every kernel).
@@ -180,7 +182,7 @@ def serve_fd(fd, lang="python"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Ringfence code-interpreter kernel (stdio)")
-    parser.add_argument("--lang", choices=("python", "bash"), default="python")
+    parser.add_argument("--lang", choices=("python", "bash", "java", "r"), default="python")
     args = parser.parse_args(argv)
     if args.lang == "python":
         preload()
@@ -191,7 +193,12 @@ def main(argv=None):
 
 def _serve(in_fd, out_fd, lang):
     global _diag_fd
-    kernels = {"python": _PythonKernel, "bash": _BashKernel}
+    kernels = {
+        "python": _PythonKernel,
+        "bash": _BashKernel,
+        "java": lambda out, in_fd: _DriverKernel(out, in_fd, "java"),
+        "r": lambda out, in_fd: _DriverKernel(out, in_fd, "r"),
+    }
     if lang not in kernels:
         raise ValueError(f"unknown kernel language {lang!r}")
     _diag_fd = os.dup(2)
@@ -751,6 +758,7 @@ def _make_shell(out):
     config.InteractiveShell.colors = "nocolor"  # tracebacks are read as text, not on a tty
     shell = Shell.instance(config=config)
     shell.enable_matplotlib("inline")
+    ringfence_charts.install(shell)
     return shell
 
 
@@ -997,6 +1005,222 @@ class _BashKernel(_Kernel):
     def shutdown(self):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._bash.pid, signal.SIGKILL)
+        _real_exit(0)
+
+
+# Drivers of the `java` and `r` kernels: sources read when this module is imported (in the
+# fork server, on the host, before any kernel enters a sandbox whose filesystem does not have
+# them), written into the sandbox's /tmp when a kernel of that language starts.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _driver_source(name, repo_dir):
+    """Next to this file where the server writes it, or where it lives in the repository."""
+    for path in (os.path.join(_HERE, name), os.path.join(_HERE, "..", repo_dir, name)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            pass
+    return None
+
+
+_DRIVER_SOURCES = {
+    "java": ("RingfenceJShell.java", _driver_source("RingfenceJShell.java", "java")),
+    "r": ("ringfence_kernel.R", _driver_source("ringfence_kernel.R", "r")),
+}
+
+
+class _DriverKernel(_Kernel):
+    """A kernel whose cells run in another language's own process (the driver): `java`
+    (interp/java/RingfenceJShell.java, the jdk.jshell API) and `r` (interp/r/ringfence_kernel.R).
+
+    The driver's fds 1 and 2 are this kernel's capture pipes, so everything its cells print
+    streams like a Python cell's output. Requests go to its stdin and replies come back on a
+    pipe whose fd number is its last argument, both framed as `<tag> <byte count>\\n<bytes>`: to the driver `exec` (a cell) and `env`
+    (NUL-separated `NAME=value`, or a bare `NAME` to unset); from it `ready`, then per request
+    any of `result` (the text of the cell's value), `ename`/`evalue`/`etrace` (an error) and
+    finally `done`. Output is flushed before a reply, so it comes first. An interrupt is
+    SIGINT to the driver's process group (its subprocesses too); a driver that exits is
+    replaced by a fresh one (state lost), as bash is.
+    """
+
+    commands = {
+        "java": lambda path, fd: [
+            "java",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Xshare:auto",
+            "--add-opens",
+            "java.base/java.lang=ALL-UNNAMED",
+            "--add-opens",
+            "java.base/java.util=ALL-UNNAMED",
+            path,
+            str(fd),
+        ],
+        "r": lambda path, fd: [
+            "R", "--no-echo", "--no-restore", "--no-save", "--vanilla", "-f", path, "--args", str(fd)
+        ],
+    }
+
+    def __init__(self, out, in_fd, language):
+        self.language = language
+        super().__init__(out, in_fd)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        self._dir = None
+        self._proc = None
+        self._start_driver()
+
+    def _start_driver(self):
+        name, source = _DRIVER_SOURCES[self.language]
+        if source is None:
+            raise RuntimeError(f"no driver source {name} next to ringfence_kernel.py")
+        if self._dir is None:
+            import tempfile
+
+            self._dir = tempfile.mkdtemp(prefix=f".ringfence-{self.language}-")
+            with open(os.path.join(self._dir, name), "w", encoding="utf-8") as f:
+                f.write(source)
+        ctl_r, ctl_w = os.pipe()
+        argv = self.commands[self.language](os.path.join(self._dir, name), ctl_w)
+        # The driver dies with this kernel even when the kernel is SIGKILLed (a removed context
+        # or a kernel that did not stop in time): setpriv sets the parent-death signal, which
+        # survives its exec of the driver. (preexec_fn could do it too, but is unsafe in a
+        # process with threads.)
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            pass_fds=(ctl_w,),
+            start_new_session=True,  # its own process group, for interrupts
+        )
+        os.close(ctl_w)
+        self._ctl = ctl_r
+        self._ctl_buf = bytearray()
+        tag, body = self._reply(None)
+        if tag != "ready":
+            status = self._proc.wait()
+            raise RuntimeError(f"the {self.language} driver did not start (status {status}): {body}")
+
+    def _send(self, tag, text):
+        data = text.encode("utf-8", "replace")
+        try:
+            self._proc.stdin.write(f"{tag} {len(data)}\n".encode() + data)
+            self._proc.stdin.flush()
+            return True
+        except OSError:
+            return False
+
+    def _read_exact(self, n):
+        while len(self._ctl_buf) < n:
+            chunk = os.read(self._ctl, max(n - len(self._ctl_buf), _READ_BYTES))
+            if not chunk:
+                return None
+            self._ctl_buf += chunk
+        data = bytes(self._ctl_buf[:n])
+        del self._ctl_buf[:n]
+        return data
+
+    def _reply(self, _unused):
+        """The driver's next reply (tag, text); (None, "") once it exited."""
+        while b"\n" not in self._ctl_buf:
+            chunk = os.read(self._ctl, _READ_BYTES)
+            if not chunk:
+                return None, ""
+            self._ctl_buf += chunk
+        header, _, rest = bytes(self._ctl_buf).partition(b"\n")
+        self._ctl_buf = bytearray(rest)
+        try:
+            tag, size = header.decode("ascii").split(" ")
+            body = self._read_exact(int(size))
+        except (UnicodeDecodeError, ValueError):
+            return None, ""
+        if body is None:
+            return None, ""
+        return tag, body.decode("utf-8", "replace")
+
+    def _request(self, tag, text):
+        """Sends one request and relays its replies; False if the driver died on the way."""
+        if not self._send(tag, text):
+            return False
+        err = {}
+        while True:
+            kind, body = self._reply(None)
+            if kind is None:
+                return False
+            if kind == "done":
+                break
+            if kind == "result":
+                self.out.send(_result({"text/plain": body}, True))
+            elif kind in ("ename", "evalue", "etrace"):
+                err[kind] = body
+                if kind == "etrace":
+                    name = err.get("ename", "Error")
+                    if self.is_interrupted():
+                        name = "KeyboardInterrupt"
+                    self.out.send(_error(name, err.get("evalue", ""), body))
+                    err = {}
+        return True
+
+    def run(self, code, env_vars):
+        bad = [n for n in env_vars if not isinstance(n, str) or not n or "=" in n or "\0" in n]
+        if bad or not all(isinstance(v, str) and "\0" not in v for v in env_vars.values()):
+            self.out.send(_error("ValueError", f"invalid environment variables: {bad}", ""))
+            return
+        alive = True
+        if env_vars:
+            saved = self._env_snapshot(env_vars)
+            alive = self._request("env", "\0".join(f"{k}={v}" for k, v in env_vars.items()))
+        if alive:
+            alive = self._request("exec", code)
+        if alive and env_vars:
+            alive = self._request("env", "\0".join(saved))
+        if not alive:
+            status = self._proc.wait()
+            if not self.is_interrupted():
+                self.out.send(
+                    _error(
+                        "KernelDied",
+                        f"the {self.language} process exited with status {status}",
+                        f"a fresh {self.language} process was started: its state was reset",
+                    )
+                )
+            self._restart()
+
+    @staticmethod
+    def _env_snapshot(names):
+        return [f"{n}={os.environ[n]}" if n in os.environ else n for n in names]
+
+    def _restart(self):
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        os.close(self._ctl)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+        self._start_driver()
+
+    def interrupt(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGINT)
+
+    def set_env(self, env):
+        os.environ.clear()
+        for name, value in env.items():
+            with contextlib.suppress(TypeError, ValueError):
+                os.environ[name] = value
+        # The driver's own copy: replaced wholesale by restarting it with the new environment
+        # would lose its state, so only the variables are changed.
+        if not self._request("env", "\0".join(f"{k}={v}" for k, v in os.environ.items())):
+            self._restart()
+
+    def shutdown(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._dir)
         _real_exit(0)
 
 

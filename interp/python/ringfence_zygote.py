@@ -266,7 +266,11 @@ def _kernel(plan, chan):
 
     try:
         _harden(plan, chan)
-        os.chdir(plan["cwd"])
+        try:
+            os.chdir(plan["cwd"])
+        except OSError as e:
+            # The client's cwd: the server answers 400 with this, not an internal error.
+            raise EntryFailed("cwd", e.strerror or str(e)) from None
     except (OSError, EntryFailed) as e:
         step = getattr(e, "step", "enter")
         _send_line(chan, {"type": "entry_failed", "step": step, "message": str(e)})

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -212,6 +213,66 @@ class PythonKernelTest(unittest.TestCase):
         msgs = self.k.run("import matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [1, 2]);")
         (fig,) = of_type(msgs, "result")
         self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
+
+    def chart(self, code):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.figure()\n" + code + "\nplt.show()")
+        (fig,) = of_type(msgs, "result")
+        self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
+        return fig["chart"]
+
+    def test_line_chart(self):
+        c = self.chart("plt.plot([1, 2], [3, 5], label='l')\nplt.title('t')\nplt.ylabel('m [kg]')")
+        self.assertEqual((c["type"], c["title"], c["y_label"], c["y_unit"]), ("line", "t", "m [kg]", "kg"))
+        self.assertEqual(c["elements"], [{"label": "l", "points": [[1, 3], [2, 5]]}])
+        self.assertEqual((c["x_scale"], c["y_scale"]), ("linear", "linear"))
+        self.assertEqual(len(c["x_ticks"]), len(c["x_tick_labels"]))
+
+    def test_scales(self):
+        c = self.chart("plt.scatter(['a', 'b'], [1, 100])\nplt.yscale('log')")
+        self.assertEqual((c["type"], c["x_scale"], c["y_scale"]), ("scatter", "categorical", "log"))
+        self.assertEqual(c["elements"][0]["points"], [["a", 1], ["b", 100]])
+        c = self.chart("import datetime as d\nplt.plot([d.date(2024, 5, 1), d.date(2024, 5, 2)], [1, 2])")
+        self.assertEqual(c["x_scale"], "datetime")
+        self.assertTrue(c["elements"][0]["points"][0][0].startswith("2024-05-01T00:00:00"))
+
+    def test_bar_pie_box_super_unknown(self):
+        c = self.chart("plt.barh(['x', 'y'], [4, 6], label='g')")
+        self.assertEqual(c["elements"], [
+            {"label": "x", "group": "g", "value": 4}, {"label": "y", "group": "g", "value": 6}])
+        c = self.chart("plt.pie([1, 1, 2], labels=['a', 'b', 'c'])")
+        self.assertEqual([(e["label"], e["angle"]) for e in c["elements"]],
+                         [("a", 90.0), ("b", 90.0), ("c", 180.0)])
+        c = self.chart("plt.boxplot([1, 2, 3, 4, 5])")
+        self.assertEqual(c["type"], "box_and_whisker")
+        self.assertEqual({k: c["elements"][0][k] for k in ("min", "median", "max", "outliers")},
+                         {"min": 1, "median": 3, "max": 5, "outliers": []})
+        c = self.chart("plt.subplot(121).plot([1])\nplt.subplot(122).bar(['a'], [1])")
+        self.assertEqual([e["type"] for e in c["elements"]], ["line", "bar"])
+        self.assertEqual(c["type"], "superchart")
+        self.assertEqual(self.chart("plt.imshow([[1]])"), {"type": "unknown", "title": None, "elements": []})
+
+    def test_a_figure_the_extractor_cannot_read_still_gives_its_png(self):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.plot([1])\n"
+                          "plt.gca().get_lines()[0].get_xydata = None\nplt.show()")
+        (fig,) = of_type(msgs, "result")
+        self.assertTrue(base64.b64decode(fig["png"]).startswith(PNG_MAGIC))
+        self.assertNotIn("chart", fig)
+        self.assertEqual(of_type(msgs, "error"), [])
+
+    def test_dataframe_data_and_pil_images(self):
+        (r,) = of_type(self.k.run("import pandas as pd\npd.DataFrame({1: [1.5, float('nan')]})"), "result")
+        self.assertEqual(r["data"], {"1": [1.5, None]})
+        (r,) = of_type(self.k.run("from PIL import Image\nImage.new('L', (2, 2)).show()"), "result")
+        self.assertTrue(base64.b64decode(r["png"]).startswith(PNG_MAGIC))
+        self.assertIs(r["is_main_result"], False)
+        (r,) = of_type(self.k.run("from PIL import Image\nImage.new('L', (2, 2))"), "result")
+        self.assertTrue(base64.b64decode(r["png"]).startswith(PNG_MAGIC))
+        self.assertIs(r["is_main_result"], True)
+
+    def test_saved_figure_still_open_is_shown(self):
+        msgs = self.k.run("import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.savefig('/dev/null', format='png')")
+        (fig,) = of_type(msgs, "result")
+        self.assertEqual(fig["chart"]["type"], "line")
 
     def test_dataframe_gives_html_and_text(self):
         msgs = self.k.run("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})")
@@ -473,6 +534,116 @@ class BashKernelTest(unittest.TestCase):
         (err,) = of_type(msgs, "error")
         self.assertEqual((err["name"], err["value"]), ("BashExited", "bash exited with status 4"))
         self.assertEqual(stream(self.k.run("echo again")), "again\n")
+
+
+class _DriverKernelTests:
+    """What the `java` and `r` kernels share; each language supplies its cells."""
+
+    lang = ""
+    program = ""
+    cells = {}
+
+    def setUp(self):
+        if shutil.which(self.program) is None:
+            self.skipTest(f"SKIPPED: no {self.program} on this host (scripts/setup.sh installs it)")
+        self.k = Kernel(self, self.lang)
+
+    def test_state_result_and_streams(self):
+        c = self.cells
+        self.assertEqual(of_type(self.k.run(c["define"]), "result"), [])
+        msgs = self.k.run(c["print_and_value"])
+        self.assertEqual(stream(msgs), "out\n")
+        self.assertEqual(stream(msgs, "stderr"), "err\n")
+        (res,) = of_type(msgs, "result")
+        self.assertEqual((res["text"], res["is_main_result"]), (c["value"], True))
+        # Output comes before the result, in the order written.
+        self.assertEqual(msgs[-2]["type"], "result")
+
+    def test_errors_keep_the_session(self):
+        c = self.cells
+        self.k.run(c["define"])
+        (err,) = of_type(self.k.run(c["throw"]), "error")
+        self.assertEqual((err["name"], err["value"]), c["thrown"])
+        self.assertIn(c["trace_has"], err["traceback"])
+        (err,) = of_type(self.k.run(c["syntax"]), "error")
+        self.assertEqual(err["name"], c["syntax_name"])
+        (res,) = of_type(self.k.run(c["use"]), "result")
+        self.assertEqual(res["text"], c["use_value"])
+
+    def test_env_vars_apply_to_one_cell(self):
+        c = self.cells
+        (res,) = of_type(self.k.run(c["getenv"], {"RF_CELL": "v1"}), "result")
+        self.assertEqual(res["text"], c["getenv_set"])
+        (res,) = of_type(self.k.run(c["getenv"]), "result")
+        self.assertEqual(res["text"], c["getenv_unset"])
+
+    def test_interrupt_keeps_state(self):
+        c = self.cells
+        self.k.run(c["define"])
+        exec_id = self.k.start(c["loop"])
+        self.assertEqual(self.k.recv(30)["type"], "number_of_executions")
+        time.sleep(1)
+        self.k.send({"op": "interrupt", "id": exec_id})
+        msgs = []
+        while not msgs or msgs[-1]["type"] != "end_of_execution":
+            msgs.append(self.k.recv(10))
+        self.assertEqual(of_type(msgs, "error")[0]["name"], "KeyboardInterrupt")
+        (res,) = of_type(self.k.run(c["use"]), "result")
+        self.assertEqual(res["text"], c["use_value"])
+
+    def test_a_dead_driver_is_replaced(self):
+        (err,) = of_type(self.k.run(self.cells["exit"]), "error")
+        self.assertEqual(err["name"], "KernelDied")
+        (res,) = of_type(self.k.run(self.cells["fresh"]), "result")
+        self.assertEqual(res["text"], self.cells["fresh_value"])
+
+
+class JavaKernelTest(_DriverKernelTests, unittest.TestCase):
+    lang = "java"
+    program = "java"
+    cells = {
+        "define": "int x = 41;",
+        "print_and_value": 'System.out.println("out"); System.err.println("err");\nx + 1',
+        "value": "42",
+        "throw": 'void f() { throw new IllegalStateException("bad"); }\nf();',
+        "thrown": ("java.lang.IllegalStateException", "bad"),
+        "trace_has": "at .f(",
+        "syntax": "x.foo()",
+        "syntax_name": "CompilationError",
+        "use": "x",
+        "use_value": "41",
+        "getenv": 'String.valueOf(System.getenv("RF_CELL"))',
+        "getenv_set": "v1",
+        "getenv_unset": "null",
+        "loop": "while (true) { x = x; }",
+        "exit": "System.exit(3);",
+        "fresh": "1 + 1",
+        "fresh_value": "2",
+    }
+
+
+class RKernelTest(_DriverKernelTests, unittest.TestCase):
+    lang = "r"
+    program = "R"
+    cells = {
+        "define": "x <- 41",
+        "print_and_value": 'cat("out\\n"); message("err")\nx + 1',
+        "value": "[1] 42",
+        "throw": 'f <- function() stop("bad")\ng <- function() f()\ng()',
+        "thrown": ("simpleError", "bad"),
+        "trace_has": "1. g()\n2. f()",
+        "syntax": "x +",
+        "syntax_name": "SyntaxError",
+        "use": "x",
+        "use_value": "[1] 41",
+        "getenv": 'Sys.getenv("RF_CELL", "unset")',
+        "getenv_set": '[1] "v1"',
+        "getenv_unset": '[1] "unset"',
+        "loop": "repeat { x <- x }",
+        "exit": "quit(status = 3)",
+        "fresh": "1 + 1",
+        "fresh_value": "[1] 2",
+    }
 
 
 class TransportTest(unittest.TestCase):

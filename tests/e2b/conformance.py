@@ -23,7 +23,9 @@ if _TIER:
     _sdk_create = Sandbox.create
 
     def _create_on_tier(*args, **kwargs):
-        kwargs.setdefault("template", f"base@{_TIER}")
+        # A test that chooses a tier itself keeps its choice.
+        if "ringfence.tier" not in (kwargs.get("metadata") or {}):
+            kwargs.setdefault("template", f"base@{_TIER}")
         return _sdk_create(*args, **kwargs)
 
     Sandbox.create = _create_on_tier
@@ -217,11 +219,21 @@ def main():
         check("files binary 3 MB", a.files.read("/tmp/big.bin", format="bytes") == big)
 
         # File metadata (user.e2b.* xattrs).
-        info = a.files.write("/home/user/m.txt", "m", metadata={"author": "rf"})
-        check("files metadata on write", info.metadata == {"author": "rf"}, repr(info))
-        check("files metadata on stat", a.files.get_info("/home/user/m.txt").metadata == {"author": "rf"})
-        a.files.write("/home/user/m.txt", "m2")
-        check("files overwrite clears metadata", a.files.get_info("/home/user/m.txt").metadata is None)
+        if _TIER == "gvisor":
+            # gVisor's gofer root has no user xattrs: the write is refused whole, with a reason.
+            try:
+                a.files.write("/home/user/m.txt", "m", metadata={"author": "rf"})
+                check("files metadata refused on gvisor", False, "accepted")
+            except Exception as e:
+                check("files metadata refused on gvisor", "no extended attributes" in str(e)
+                      and not a.files.exists("/home/user/m.txt"), repr(e))
+            print("SKIPPED files metadata round trip: the gvisor tier cannot store it")
+        else:
+            info = a.files.write("/home/user/m.txt", "m", metadata={"author": "rf"})
+            check("files metadata on write", info.metadata == {"author": "rf"}, repr(info))
+            check("files metadata on stat", a.files.get_info("/home/user/m.txt").metadata == {"author": "rf"})
+            a.files.write("/home/user/m.txt", "m2")
+            check("files overwrite clears metadata", a.files.get_info("/home/user/m.txt").metadata is None)
 
         # Watch.
         w = a.files.watch_dir("/home/user/d")

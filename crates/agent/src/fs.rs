@@ -167,7 +167,10 @@ fn magic_refused(path: &Path) -> AgentError {
 }
 
 /// `ELOOP` from a magic-link-refusing lookup is either a symlink loop or the refusal; a plain
-/// lookup (`O_PATH`: a name lookup, nothing is opened) of the same path tells them apart.
+/// lookup (`O_PATH`: a name lookup, nothing is opened) of the same path tells them apart. A
+/// plain lookup that fails some other way counts as the refusal too: gVisor, for one, cannot
+/// reopen a descriptor backed by a host file (`/proc/1/fd/0`), yet only the magic-link rule
+/// turns that into `ELOOP`.
 fn loop_or_magic(path: &Path, flags: OFlag) -> AgentError {
     let mut p = path;
     loop {
@@ -176,7 +179,8 @@ fn loop_or_magic(path: &Path, flags: OFlag) -> AgentError {
             ..no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW))
         };
         let strict = open_how(AT_FDCWD, p, no_magic(OFlag::O_PATH | (flags & OFlag::O_NOFOLLOW)));
-        if open_how(AT_FDCWD, p, plain).is_ok() && matches!(strict, Err(Errno::ELOOP)) {
+        let plain = open_how(AT_FDCWD, p, plain);
+        if !matches!(plain, Err(Errno::ELOOP)) && matches!(strict, Err(Errno::ELOOP)) {
             return magic_refused(path);
         }
         match p.parent() {
@@ -285,6 +289,23 @@ fn entry(path: &Path, access: &Path, md: &Metadata) -> EntryInfo {
 /// The namespace E2B keeps file metadata in.
 const METADATA_PREFIX: &str = "user.e2b.";
 
+/// An error from storing metadata: a filesystem without user extended attributes (gVisor's
+/// gofer-backed root has none) is the client's to know about, named as such, not an internal
+/// failure.
+fn metadata_io(err: ringfence_sys::SysError, path: &Path) -> AgentError {
+    if err.source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return error(
+            ErrorKind::InvalidArgument,
+            format!(
+                "file metadata cannot be stored at {}: its filesystem has no extended \
+                 attributes (the gvisor tier's has none)",
+                path.display()
+            ),
+        );
+    }
+    map_io(err.source, path)
+}
+
 fn read_metadata(path: &Path) -> BTreeMap<String, String> {
     ringfence_sys::xattrs_with_prefix(path, METADATA_PREFIX)
         .map(|v| {
@@ -298,7 +319,7 @@ pub fn set_metadata(
     path: &Path,
     metadata: &BTreeMap<String, String>,
 ) -> Result<EntryInfo, AgentError> {
-    let io = |e: ringfence_sys::SysError| map_io(e.source, path);
+    let io = |e: ringfence_sys::SysError| metadata_io(e, path);
     let pinned = pin_entry(path)?;
     let at = pinned.access.as_path();
     for (key, _) in ringfence_sys::xattrs_with_prefix(at, METADATA_PREFIX).map_err(io)? {

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod fs;
+mod gvisor_net;
 mod serve;
 mod spawn;
 
@@ -152,7 +153,10 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     if tier == Tier::Gvisor {
         return gvisor_run(control, &spec, phases);
     }
-    let lowers = match receive_lowers(&control, spec.lowers + u32::from(spec.own_disk)) {
+    let lowers = match receive_lowers(
+        &control,
+        spec.lowers + u32::from(spec.own_disk) + spec.volumes.len() as u32,
+    ) {
         Ok(l) => l,
         Err(message) => {
             let _ = ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_ERROR], None);
@@ -229,13 +233,48 @@ fn start_and_serve(
 }
 
 /// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
-fn gvisor_setup() -> Result<(), ringfence_jail::inside::InsideError> {
+fn gvisor_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
-    nix::sys::prctl::set_dumpable(false).map_err(|e| ringfence_jail::inside::InsideError {
-        step: "prctl(PR_SET_DUMPABLE)".into(),
-        message: e.to_string(),
-    })
+    let fail = |step: &str| {
+        let step = step.to_string();
+        move |e: nix::Error| ringfence_jail::inside::InsideError { step, message: e.to_string() }
+    };
+    nix::sys::prctl::set_dumpable(false).map_err(fail("prctl(PR_SET_DUMPABLE)"))?;
+    // gVisor's /proc, unlike Linux's, lets any process in the sandbox open another's
+    // descriptors that are host files: runsc's stdio (the host's /dev/null and the runsc log)
+    // must not be ours to lend. The sentry's own /dev/null takes their place; what the agent
+    // would have said on them goes over the control channel.
+    let null =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| {
+            ringfence_jail::inside::InsideError {
+                step: "open /dev/null".into(),
+                message: e.to_string(),
+            }
+        })?;
+    nix::unistd::dup2_stdin(&null).map_err(fail("dup2 stdin"))?;
+    nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
+    nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))?;
+    if let Some(relay) = &spec.packet_relay {
+        let inside = |step: &str, message: String| ringfence_jail::inside::InsideError {
+            step: step.to_string(),
+            message,
+        };
+        let fd = match ringfence_sys::take_relay_fd() {
+            Some(fd) if relay.fd == ringfence_sys::RELAY_FD => fd,
+            _ => return Err(inside("network", format!("no packet relay on fd {}", relay.fd))),
+        };
+        gvisor_net::start(relay, fd)
+            .map_err(|e| inside(&format!("network: {}", e.step), e.message))?;
+        // CAP_NET_ADMIN was given for the device alone: gone from every set now, so nothing
+        // started later (a root command, a setuid binary) can reach it.
+        let caps = ringfence_jail::inside::AGENT_CAPS;
+        ringfence_sys::drop_bounding_caps(caps, ringfence_sys::last_cap())
+            .map_err(|e| inside("drop bounding capabilities", e.to_string()))?;
+        ringfence_sys::restrict_caps(caps)
+            .map_err(|e| inside("restrict capabilities", e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the
@@ -246,7 +285,7 @@ fn gvisor_run(
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
 ) -> Result<ExitCode, ()> {
-    if let Err(e) = gvisor_setup() {
+    if let Err(e) = gvisor_setup(spec) {
         let _ = control.write_all(&[MARK_ERROR]);
         let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
         return Err(());

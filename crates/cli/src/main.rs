@@ -4,6 +4,7 @@
 
 mod bootstrap;
 mod build;
+mod mcp;
 mod run;
 mod serve;
 mod template;
@@ -31,6 +32,8 @@ enum Command {
         command: serve::KeysCommand,
     },
     Audit(serve::AuditArgs),
+    /// Serve MCP (Model Context Protocol) on stdio, bridged to a `ringfence serve`.
+    Mcp(mcp::McpArgs),
     /// Image templates: build from a Dockerfile, import and pull OCI images, list, inspect, remove.
     Template {
         #[command(subcommand)]
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::main(*args),
         Command::Keys { command } => serve::keys(command),
         Command::Audit(args) => serve::audit(args),
+        Command::Mcp(args) => mcp::main(args),
         Command::Template { command } => template::main(command),
         Command::Gc { common } => gc(&common),
         Command::Keeper { socket } => match ringfence_jail::keeper::serve(&socket) {

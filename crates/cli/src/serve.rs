@@ -68,9 +68,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = ringfence_jail::template::DEFAULT_INTERP_ENV)]
     interp_env: std::path::PathBuf,
     /// Keep this many sandboxes of a template started ahead of demand, e.g.
-    /// `--pool base=4 --pool code-interpreter-v1=2` (repeatable). A create that finds one
-    /// only assigns it.
-    #[arg(long = "pool", value_name = "TEMPLATE=N", value_parser = parse_pool)]
+    /// `--pool base=4 --pool code-interpreter-v1=2` (repeatable); `base@gvisor=2` pools
+    /// another tier's. A create that finds one only assigns it.
+    #[arg(long = "pool", value_name = "TEMPLATE[@TIER]=N", value_parser = parse_pool)]
     pools: Vec<(String, usize)>,
     /// Memory the pooled sandboxes may hold in all; the pool stops filling beyond it.
     #[arg(long, default_value = "2G", value_parser = limits::parse_size)]
@@ -479,6 +479,15 @@ pub fn audit(args: AuditArgs) -> ExitCode {
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
     let (t, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected TEMPLATE=N"))?;
     let n: usize = n.parse().map_err(|_| format!("{s:?}: N must be a whole number"))?;
+    // `NAME@TIER` pools another tier's sandboxes; the default tier's pool is the plain name
+    // (the one a create without a tier draws from).
+    let (t, tier) = match t.rsplit_once('@') {
+        Some((name, tier)) => {
+            let kind = ringfence_server::tier::TierKind::parse(tier).map_err(|e| e.to_string())?;
+            (name, Some(kind).filter(|k| *k != ringfence_server::tier::TierKind::Jail))
+        }
+        None => (t, None),
+    };
     if !ringfence_server::manager::TEMPLATES.contains(&t) {
         return Err(format!(
             "{t:?} is not a built-in template ({})",
@@ -488,5 +497,5 @@ fn parse_pool(s: &str) -> Result<(String, usize), String> {
     if n > 256 {
         return Err(format!("{s:?}: at most 256 pooled sandboxes per template"));
     }
-    Ok((t.to_string(), n))
+    Ok((tier.map_or_else(|| t.to_string(), |k| format!("{t}@{k}")), n))
 }

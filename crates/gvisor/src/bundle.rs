@@ -5,7 +5,7 @@
 //! `no_new_privs`, rlimits and cgroup limits. The agent is the container's init.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ringfence_jail::limits::Limits;
 use serde_json::{Value, json};
@@ -30,22 +30,33 @@ const AGENT_CAP_NAMES: &[(u32, &str)] = &[
     (8, "CAP_SETPCAP"),
 ];
 
-/// How the sandbox's network namespace is made.
+/// How the sandbox is networked. Either way runsc runs with `--network=none`: gVisor's own
+/// network stack, with loopback, and no host interface.
+///
+/// Why not runsc's `--network=sandbox` in a pre-made namespace holding our TUN (the jail's
+/// way): runsc 0.0~20240729 takes any namespace in which `/proc/sys/net/core/rmem_default`
+/// exists for the root one and refuses to start, and kernels 6.x show that file in every
+/// namespace (measured on 6.18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
-    /// runsc `--network=none`: a loopback interface only.
+    /// Loopback only.
     None,
-    /// runsc `--network=sandbox` in this pre-made network namespace (e.g. `/proc/<pid>/ns/net`
-    /// of the jail's per-sandbox netns holder, with its TUN): gVisor's netstack sends through
-    /// the namespace's interfaces, so every connection still passes the host-side policy.
-    ///
-    /// Not usable with runsc 0.0~20240729 on kernels 6.x: that runsc takes any namespace in
-    /// which `/proc/sys/net/core/rmem_default` exists for the root namespace and refuses to
-    /// start ("cannot run with network enabled in root network namespace"), and newer kernels
-    /// show that file in every namespace (measured here on 6.18). Later gVisor releases test
-    /// another file. Until then the start fails with runsc's message, and nothing is left.
-    Netns(PathBuf),
+    /// The agent makes a TUN inside gVisor's stack (it gets `CAP_NET_ADMIN` for that and
+    /// drops it before serving) and relays its packets over an inherited `SOCK_SEQPACKET`
+    /// descriptor to the host's userspace stack, which applies the egress policy.
+    Relay(RelaySpec),
 }
+
+/// The device the agent makes for [`Network::Relay`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySpec {
+    pub iface: String,
+    pub address: std::net::Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// `CAP_NET_ADMIN`: only the agent holds it, only while it makes the relayed device.
+const CAP_NET_ADMIN: &str = "CAP_NET_ADMIN";
 
 /// Everything `config.json` is made from.
 #[derive(Debug, Clone)]
@@ -82,7 +93,10 @@ pub fn host_tasks(pids: u64) -> u64 {
 
 /// Builds `config.json`.
 pub fn config(spec: &BundleSpec<'_>) -> Value {
-    let caps = capability_names();
+    let mut caps = capability_names();
+    if matches!(spec.network, Network::Relay(_)) {
+        caps.push(CAP_NET_ADMIN);
+    }
     let read_only = json!(["rbind", "ro", "nosuid", "nodev"]);
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc",
@@ -106,10 +120,7 @@ pub fn config(spec: &BundleSpec<'_>) -> Value {
         json!({"type": "mount"}),
         json!({"type": "user"}),
     ];
-    namespaces.push(match spec.network {
-        Network::None => json!({"type": "network"}),
-        Network::Netns(path) => json!({"type": "network", "path": path}),
-    });
+    namespaces.push(json!({"type": "network"}));
     let ids = json!([{"containerID": 0, "hostID": spec.uid_base,
                       "size": ringfence_jail::ID_RANGE}]);
     let mut resources = serde_json::Map::new();
@@ -220,12 +231,19 @@ mod tests {
     }
 
     #[test]
-    fn a_netns_path_is_joined_not_created() {
+    fn only_a_relayed_network_gives_the_agent_net_admin() {
         let limits = Limits::default();
-        let net = Network::Netns(PathBuf::from("/proc/42/ns/net"));
-        let c = config(&spec(&limits, &net, &[]));
-        let ns = c["linux"]["namespaces"].as_array().unwrap();
-        assert!(ns.iter().any(|n| n["type"] == "network" && n["path"] == "/proc/42/ns/net"));
+        let caps = |net: &Network| {
+            let c = config(&spec(&limits, net, &[]));
+            c["process"]["capabilities"]["bounding"].as_array().unwrap().clone()
+        };
+        assert!(!caps(&Network::None).contains(&json!("CAP_NET_ADMIN")));
+        let relay = Network::Relay(RelaySpec {
+            iface: "eth0".into(),
+            address: std::net::Ipv4Addr::new(100, 96, 0, 2),
+            mtu: 65535,
+        });
+        assert!(caps(&relay).contains(&json!("CAP_NET_ADMIN")));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,6 +22,8 @@ use crate::{GvisorConfig, GvisorError, Runsc};
 /// The descriptor number of the agent's control channel inside the sandbox (and in the runsc
 /// process, which passes it on): where the agent looks for it, as in the jail.
 const CONTROL_FD: i32 = ringfence_sys::CONTROL_FD;
+/// The agent's end of the packet relay ([`Network::Relay`]), right after the control channel.
+const RELAY_FD: i32 = CONTROL_FD + 1;
 
 /// How long a start whose handshake failed waits for `runsc run` to exit by itself.
 const RUNSC_EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -93,6 +95,8 @@ pub struct Container {
     /// Host id of the sandbox's root: files it writes are stored shifted by this, and saved
     /// layers shifted back (see `ringfence_jail::layer::save`).
     uid_base: u32,
+    /// The host's end of the packet relay, for [`Network::Relay`].
+    relay: Option<OwnedFd>,
 }
 
 fn io_op(op: impl Into<String>) -> impl FnOnce(io::Error) -> GvisorError {
@@ -114,6 +118,34 @@ fn check_id(id: &str) -> Result<(), GvisorError> {
             "sandbox id {id:?}: expected 1-64 letters, digits, '-' or '_', not starting with '-'"
         )))
     }
+}
+
+/// The relay's two ends: the host's non-blocking (the host stack polls it), the sandbox's
+/// blocking (the agent's relay threads wait on it). Both numbered above the two descriptors
+/// runsc's child is given (`pass_fd` dup2s onto 3 and 4 in turn, so a source that is 3 or 4
+/// itself could be overwritten before it is moved).
+fn relay_pair() -> Result<(OwnedFd, OwnedFd), GvisorError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (host, sandbox) =
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| io_op("socketpair(SOCK_SEQPACKET)")(e.into()))?;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&host, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| io_op("make the relay non-blocking")(e.into()))?;
+    Ok((above_passed(host)?, above_passed(sandbox)?))
+}
+
+/// `fd`, renumbered above [`RELAY_FD`] if it is not already (the low copies held meanwhile
+/// make each duplicate take a higher number).
+fn above_passed(fd: OwnedFd) -> Result<OwnedFd, GvisorError> {
+    let mut held = Vec::new();
+    let mut fd = fd;
+    while fd.as_raw_fd() <= RELAY_FD {
+        let higher = fd.try_clone().map_err(io_op("duplicate a descriptor"))?;
+        held.push(fd);
+        fd = higher;
+    }
+    Ok(fd)
 }
 
 /// A runsc command with the global flags every call of this tier shares.
@@ -176,6 +208,7 @@ impl Container {
             phases,
             deleted: false,
             uid_base: spec.uid_base,
+            relay: None,
         };
         let rootfs = Rootfs::mount(
             &dir,
@@ -207,9 +240,18 @@ impl Container {
             .map_err(|e| GvisorError::Invalid(format!("config.json: {e}")))?;
         fs::write(&config_path, text).map_err(io_op(format!("write {}", config_path.display())))?;
         ringfence_jail::phase(&mut c.phases, "bundle");
-        let mut runsc = c.run(&spec, &agent_end)?;
-        // runsc holds the agent's end now; with ours closed, the channel ends when they do.
+        let relay_end = match spec.network {
+            Network::Relay(_) => {
+                let (host, sandbox) = relay_pair()?;
+                c.relay = Some(host);
+                Some(sandbox)
+            }
+            Network::None => None,
+        };
+        let mut runsc = c.run(&agent_end, relay_end.as_ref())?;
+        // runsc holds the agent's ends now; with ours closed, they end when runsc's do.
         drop(agent_end);
+        drop(relay_end);
         ringfence_jail::phase(&mut c.phases, "runsc_spawned");
         // The handshake does not wait for `runsc run --detach` to return: the agent is often
         // ready before runsc has finished its own bookkeeping. If runsc fails instead, it exits
@@ -257,29 +299,31 @@ impl Container {
     /// are not its children and are reaped by init.
     fn run(
         &mut self,
-        spec: &StartSpec,
         agent_end: &UnixStream,
+        relay_end: Option<&OwnedFd>,
     ) -> Result<std::process::Child, GvisorError> {
         let log_path = self.dir.join("runsc.log");
         let log =
             fs::File::create(&log_path).map_err(io_op(format!("create {}", log_path.display())))?;
         let mut cmd = runsc_cmd(&self.runsc, &self.runsc_root);
-        let network = match spec.network {
-            Network::None => "--network=none",
-            Network::Netns(_) => "--network=sandbox",
-        };
+        // gVisor's own stack either way (see `Network`): a relayed device is the agent's.
+        let network = "--network=none";
         // --overlay2=none: the root's writable layer is ours (see `rootfs`), not runsc's
         // default memory-file overlay, which the host could not read back as a directory.
         cmd.args([network, "--overlay2=none", "run", "--detach", "--bundle"])
             .arg(&self.dir)
             .arg("--pass-fd")
-            .arg(format!("{CONTROL_FD}:{CONTROL_FD}"))
-            .arg(&self.id)
+            .arg(format!("{CONTROL_FD}:{CONTROL_FD}"));
+        ringfence_sys::pass_fd(&mut cmd, agent_end.as_raw_fd(), CONTROL_FD);
+        if let Some(fd) = relay_end {
+            cmd.arg("--pass-fd").arg(format!("{RELAY_FD}:{RELAY_FD}"));
+            ringfence_sys::pass_fd(&mut cmd, fd.as_raw_fd(), RELAY_FD);
+        }
+        cmd.arg(&self.id)
             // The container's stdio is runsc's: the agent never writes there, and runsc's own
             // errors go to the log, read back if the start fails.
             .stdout(Stdio::null())
             .stderr(log);
-        ringfence_sys::pass_fd(&mut cmd, agent_end.as_raw_fd(), CONTROL_FD);
         cmd.spawn().map_err(io_op(format!("run {}", self.runsc.path.display())))
     }
 
@@ -291,6 +335,7 @@ impl Container {
             stage_dir: String::new(),
             lowers: 0,
             host_layers: Vec::new(),
+            volumes: Vec::new(),
             own_disk: false,
             disk_bytes: spec.limits.disk,
             disk_inodes: 0,
@@ -306,6 +351,15 @@ impl Container {
             exit_with_initial: spec.exit_with_initial,
             // Setuid templates are the jail's alone for now (see docs/SECURITY.md).
             allow_setuid: false,
+            packet_relay: match &spec.network {
+                Network::Relay(r) => Some(ringfence_proto::PacketRelay {
+                    fd: RELAY_FD,
+                    iface: r.iface.clone(),
+                    address: r.address.octets(),
+                    mtu: r.mtu,
+                }),
+                Network::None => None,
+            },
         };
         let started = Instant::now();
         let limit = spec.setup_timeout;
@@ -354,6 +408,12 @@ impl Container {
     }
 
     /// The control channel to the agent (the agent protocol of `ringfence-proto`).
+    /// A descriptor of the host's end of the packet relay ([`Network::Relay`]): one IPv4
+    /// packet per message, non-blocking. `None` without a relayed network.
+    pub fn relay(&self) -> Option<Result<OwnedFd, GvisorError>> {
+        self.relay.as_ref().map(|fd| fd.try_clone().map_err(io_op("duplicate the relay")))
+    }
+
     pub fn control(&self) -> &UnixStream {
         &self.control
     }
@@ -492,6 +552,7 @@ pub fn sweep(cfg: &GvisorConfig, keep: &[&str]) -> Result<Vec<String>, GvisorErr
             phases: Vec::new(),
             deleted: false,
             uid_base: 0,
+            relay: None,
         };
         c.delete()?;
         removed.push(id);

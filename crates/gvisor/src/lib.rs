@@ -23,7 +23,7 @@ pub mod rootfs;
 
 use std::path::PathBuf;
 
-pub use bundle::Network;
+pub use bundle::{Network, RelaySpec};
 pub use container::{Container, StartSpec, Usage, sweep};
 pub use probe::{Platform, Probe, Runsc, probe};
 

@@ -166,13 +166,15 @@ fn build_root(
     spec: &SetupSpec,
     mut lowers: Vec<OwnedFd>,
 ) -> Result<(PathBuf, Option<OwnedFd>), InsideError> {
-    let expected = spec.lowers as usize + usize::from(spec.own_disk);
+    let expected = spec.lowers as usize + usize::from(spec.own_disk) + spec.volumes.len();
     if spec.lowers == 0 || lowers.len() != expected {
         return Err(InsideError {
             step: "receive lower layers".into(),
             message: format!("expected {expected} mounts, got {}", lowers.len()),
         });
     }
+    // Volumes came last: taken off first, attached once the root is built.
+    let volumes = lowers.split_off(lowers.len() - spec.volumes.len());
     let disk = if spec.own_disk { lowers.pop() } else { None };
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(mount_err("private propagation", Path::new("/")))?;
@@ -265,6 +267,16 @@ fn build_root(
     for layer in &spec.host_layers {
         let target = merged.join(layer.path.trim_start_matches('/'));
         bind(Path::new(&layer.path), &target, Bind::ReadOnly)?;
+    }
+    // Each volume at its path (made in the writable layer if the template lacks it). The path
+    // was checked by the server: absolute, no `..`, not a system directory.
+    for (tree, path) in volumes.iter().zip(&spec.volumes) {
+        let target = merged.join(path.trim_start_matches('/'));
+        mkdir_p(&target, 0o755)?;
+        ringfence_sys::move_mount_fd(tree, &target).map_err(|e| InsideError {
+            step: format!("attach the volume at {path}"),
+            message: e.to_string(),
+        })?;
     }
     mount_proc(&merged)?;
     mount_dev(&merged, spec)?;

@@ -92,6 +92,9 @@ pub struct SandboxSpec {
     /// `sudo`, see [`SetupSpec::allow_setuid`]); also lets Landlock allow writes beneath
     /// [`SETUID_WRITABLE`], where a package manager run as that root installs.
     pub allow_setuid: bool,
+    /// Volumes: a host directory (files kept with canonical ids) and where it is attached
+    /// inside, writable through the sandbox's id mapping (see `ringfence_sys::idmapped_writable_tree`).
+    pub volumes: Vec<(std::path::PathBuf, String)>,
 }
 
 impl SandboxSpec {
@@ -119,6 +122,7 @@ impl SandboxSpec {
             reconnectable: false,
             setup_timeout: Duration::from_secs(30),
             allow_setuid: false,
+            volumes: Vec::new(),
         }
     }
 }
@@ -347,16 +351,20 @@ impl Sandbox {
                 .iter()
                 .map(|p| HostLayer { path: p.clone() })
                 .collect(),
+            volumes: spec.volumes.iter().map(|(_, inside)| inside.clone()).collect(),
             own_disk: self.disk.is_some(),
             disk_bytes: spec.limits.disk,
             disk_inodes: (spec.limits.disk / 8192).max(16384),
             shm_bytes: shm_bytes(&spec.limits),
             writable: match (spec.landlock, spec.allow_setuid) {
                 (false, _) => Vec::new(),
-                (true, false) => spec.writable,
-                (true, true) => {
+                (true, setuid) => {
                     let mut w = spec.writable;
-                    w.extend(SETUID_WRITABLE.iter().map(|s| (*s).to_string()));
+                    if setuid {
+                        w.extend(SETUID_WRITABLE.iter().map(|s| (*s).to_string()));
+                    }
+                    // A volume is written where it is attached.
+                    w.extend(spec.volumes.iter().map(|(_, inside)| inside.clone()));
                     w
                 }
             },
@@ -368,11 +376,12 @@ impl Sandbox {
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,
             allow_setuid: spec.allow_setuid,
+            packet_relay: None,
         };
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
-        self.send_trees(&spec.template.rootfs, &spec.layers, spec.allow_setuid)?;
+        self.send_trees(&spec.template.rootfs, &spec.layers, spec.allow_setuid, &spec.volumes)?;
         crate::phase(&mut self.phases, "lowers_sent");
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
         let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
@@ -542,6 +551,7 @@ impl Sandbox {
         template: &std::path::Path,
         layers: &[std::path::PathBuf],
         allow_setuid: bool,
+        volumes: &[(std::path::PathBuf, String)],
     ) -> Result<(), JailError> {
         let userns: OwnedFd = std::fs::File::open(format!("/proc/{}/ns/user", self.pid))
             .map_err(io_op("open the sandbox's user namespace"))?
@@ -571,6 +581,14 @@ impl Sandbox {
                 op: "clone the disk's mount".into(),
                 source: e.source,
             })?;
+            self.send_tree(&tree)?;
+        }
+        for (dir, inside) in volumes {
+            let tree =
+                ringfence_sys::idmapped_writable_tree(dir, &userns).map_err(|e| JailError::Io {
+                    op: format!("mount the volume for {inside} through the sandbox's id mapping"),
+                    source: e.source,
+                })?;
             self.send_tree(&tree)?;
         }
         Ok(())

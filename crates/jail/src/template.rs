@@ -36,7 +36,7 @@ pub enum TemplateError {
 }
 
 /// Bump when the skeleton's contents change, so old builds are replaced.
-const FORMAT: u32 = 5;
+const FORMAT: u32 = 6;
 
 /// Entries of the host's `/etc` that a sandbox gets, copied (symlinks kept as symlinks).
 /// Everything else, notably `shadow`, `gshadow`, `sudoers`, `ssh/` and `machine-id`, stays out.
@@ -47,6 +47,9 @@ const ETC_ALLOWLIST: &[&str] = &[
     "debian_version",
     "host.conf",
     "inputrc",
+    // Configuration of the JDK and of R (Debian keeps them in /etc and links them from /usr),
+    // for the interpreter's `java` and `r` kernels; no secrets.
+    "java-17-openjdk",
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
@@ -57,6 +60,7 @@ const ETC_ALLOWLIST: &[&str] = &[
     "protocols",
     "python3",
     "python3.11",
+    "R",
     "services",
     "shells",
     "ssl",

@@ -160,6 +160,20 @@ impl Egress {
         sink: EventSink,
     ) -> Result<SandboxNet, NetError> {
         let fd = tun::create(netns).map_err(NetError::Device)?;
+        self.attach_device(fd, policy, rate, sink)
+    }
+
+    /// As [`Egress::attach`], on a device the caller made: one IPv4 packet per read and
+    /// write, as a TUN gives them. A tier whose sandbox makes its own TUN (gVisor's agent)
+    /// relays it here over a `SOCK_SEQPACKET` socket, which keeps those boundaries; the
+    /// device closing (end of file) ends the stack. Non-blocking, as the stack polls it.
+    pub fn attach_device(
+        self: &Arc<Self>,
+        fd: std::os::fd::OwnedFd,
+        policy: SandboxPolicy,
+        rate: Option<u64>,
+        sink: EventSink,
+    ) -> Result<SandboxNet, NetError> {
         let stack = Stack::new(stack::Budget {
             bytes: self.cfg.buffer_budget.unwrap_or(stack::DEFAULT_BUFFER_BUDGET),
             // The stack's receive and send buffers, and the relay's two copy buffers.

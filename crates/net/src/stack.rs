@@ -300,6 +300,9 @@ impl Stack {
                     let mut guard = guard?;
                     while got.len() < BATCH {
                         match guard.try_io(|fd| read(fd, &mut buf)) {
+                            // A TUN never reads empty; a relayed device does when the
+                            // sandbox's end has closed: the device is gone.
+                            Ok(Ok(0)) => return Ok(()),
                             Ok(Ok(n)) => got.push(buf[..n].to_vec()),
                             Ok(Err(e)) => return Err(e),
                             Err(_would_block) => break,

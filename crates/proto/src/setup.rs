@@ -56,6 +56,10 @@ pub struct SetupSpec {
     pub lowers: u32,
     /// Host directories bound read-only at the same path (e.g. `/usr`).
     pub host_layers: Vec<HostLayer>,
+    /// Volumes: where each is attached inside the sandbox. Their mounts (writable, through the
+    /// sandbox's id mapping) follow the lower layers and the disk, in this order.
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Whether the sandbox has a disk of its own (`upper/` and `work/` on a filesystem of the
     /// quota's size, see `ringfence_jail::disk`), sent as one more detached mount after the
     /// lower layers. Without, the writable layer is a tmpfs of `disk_bytes` on the stage,
@@ -96,4 +100,20 @@ pub struct SetupSpec {
     /// stay on. Off unless the template asks (see docs/SECURITY.md).
     #[serde(default)]
     pub allow_setuid: bool,
+    /// gVisor only: the agent makes the sandbox's network device itself (a TUN inside gVisor's
+    /// own network stack) and relays its packets over this inherited descriptor to the host's
+    /// userspace stack, where the egress policy decides (see docs/ARCHITECTURE.md).
+    #[serde(default)]
+    pub packet_relay: Option<PacketRelay>,
+}
+
+/// The network device the agent makes inside gVisor and where its packets go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketRelay {
+    /// The inherited `SOCK_SEQPACKET` descriptor: one IPv4 packet per message.
+    pub fd: i32,
+    /// The device's name, address (on a `/0` prefix: every destination is on it) and MTU.
+    pub iface: String,
+    pub address: [u8; 4],
+    pub mtu: u32,
 }

@@ -30,11 +30,19 @@ pub struct App {
 
 /// An API error in E2B's shape: `{"code": <http status>, "message": "..."}`.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl ApiError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         ApiError(status, msg.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    pub fn message(&self) -> &str {
+        &self.1
     }
 }
 
@@ -79,13 +87,13 @@ fn tier_error(e: crate::tier::TierError) -> ApiError {
 }
 
 /// A 500 that names no host detail (see `crate::fault`).
-fn internal(detail: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(detail: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::fault::internal_message(&detail))
 }
 
 /// A store failure of a read the client shaped: its own mistakes (a bad page token or limit)
 /// are 400 with their text, anything else is internal.
-fn store_error(e: crate::store::StoreError) -> ApiError {
+pub(crate) fn store_error(e: crate::store::StoreError) -> ApiError {
     use crate::store::StoreError;
     match e {
         StoreError::InvalidToken | StoreError::InvalidLimit(_) | StoreError::InvalidName(_) => {
@@ -95,8 +103,26 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     }
 }
 
-/// Builds the router.
+/// Builds the router: E2B's API, and beside it `/mcp` (which sends its tool calls through
+/// E2B's) and the dashboard.
+///
+/// Sandbox traffic is told apart by its headers before any route matches (the layers wrap
+/// the whole router), so a sandbox's own `/mcp` or `/ui` paths still reach the sandbox.
 pub fn router(app: App) -> Router {
+    let e2b = e2b_router(app.clone());
+    let own = e2b
+        .clone()
+        .merge(crate::mcp::routes(app.clone(), layered(e2b, &app)))
+        .merge(crate::ui::routes(app.clone()));
+    layered(own, &app)
+}
+
+fn layered(r: Router, app: &App) -> Router {
+    r.layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
+        .layer(middleware::from_fn_with_state(app.clone(), track))
+}
+
+fn e2b_router(app: App) -> Router {
     Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/sandboxes", post(create).get(list))
@@ -118,9 +144,41 @@ pub fn router(app: App) -> Router {
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
+        // Lifecycle events and webhooks (crate::events).
+        .route("/events/sandboxes", get(crate::events::team_events))
+        .route("/events/sandboxes/{id}", get(crate::events::sandbox_events))
+        .route(
+            "/events/webhooks",
+            post(crate::events::create_webhook).get(crate::events::list_webhooks),
+        )
+        .route(
+            "/events/webhooks/{id}",
+            get(crate::events::get_webhook)
+                .patch(crate::events::update_webhook)
+                .delete(crate::events::delete_webhook),
+        )
+        .route("/events/webhooks/{id}/deliveries", get(crate::events::deliveries))
+        .route("/sandboxes/{id}/refreshes", post(crate::extras::refresh))
+        .route("/sandboxes/{id}/logs", get(crate::extras::logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(crate::extras::logs_v2))
+        // Volumes and their content API (crate::volumes).
+        .route("/volumes", post(crate::volumes::create).get(crate::volumes::list))
+        .route("/volumes/{id}", get(crate::volumes::get).delete(crate::volumes::destroy))
+        .route(
+            "/volumecontent/{id}/dir",
+            get(crate::volumes::list_dir).post(crate::volumes::make_dir),
+        )
+        .route(
+            "/volumecontent/{id}/path",
+            get(crate::volumes::stat)
+                .patch(crate::volumes::update_meta)
+                .delete(crate::volumes::remove),
+        )
+        .route(
+            "/volumecontent/{id}/file",
+            get(crate::volumes::read_file).put(crate::volumes::write_file),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
-        .layer(middleware::from_fn_with_state(app.clone(), sandbox_traffic))
-        .layer(middleware::from_fn_with_state(app.clone(), track))
         .with_state(app)
 }
 
@@ -366,7 +424,7 @@ fn not_running(id: &str) -> Response {
 
 /// Authenticates the control-plane caller by its API key, in `X-API-Key` (what the SDKs send)
 /// or `Authorization: Bearer` (what scrapers such as Prometheus send).
-async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -394,7 +452,9 @@ fn owned(app: &App, key: &KeyInfo, id: &str) -> Result<Arc<Live>, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found")))
 }
 
-fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de> + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -423,6 +483,7 @@ struct CreateBody {
     /// Our extension: pause or kill after this many seconds without activity.
     idle_timeout: Option<i64>,
     on_idle: Option<String>,
+    volume_mounts: Option<Value>,
 }
 
 /// E2B's lifecycle fields (`autoPause`, `lifecycle.onTimeout`, `autoResume`) and ours
@@ -494,7 +555,7 @@ fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
     }
 }
 
-fn sandbox_json(r: &SandboxRecord) -> Value {
+pub(crate) fn sandbox_json(r: &SandboxRecord) -> Value {
     json!({
         "templateID": r.template,
         "sandboxID": r.id,
@@ -535,10 +596,19 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
-    let lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    let mut lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
+    // Volumes, held against destroy until the sandbox is recorded (crate::volumes).
+    let (mounts, _volumes_held) =
+        crate::volumes::resolve_mounts(&app, &key.id, b.volume_mounts.as_ref()).await?;
+    lifecycle.volumes = mounts;
     if let Some(env) = &b.env_vars {
         crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
+    // A retried create (same Idempotency-Key) gets the first one's sandbox (crate::extras).
+    let (idem, earlier) = crate::extras::Idempotent::begin(&app, &key.id, &headers).await?;
+    if let Some(sid) = earlier {
+        return crate::extras::replay(&app, &key.id, &sid);
     }
     let metadata = b.metadata.unwrap_or_default();
     let requested = b.template_id.unwrap_or_else(|| "base".into());
@@ -559,6 +629,7 @@ async fn create(
     let r = live
         .snapshot()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
+    idem.record(&app, &r.id).await?;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -593,8 +664,14 @@ async fn detail(
     v["domain"] = json!(app.manager.network().domain());
     add_tier(&app, &mut v, &r);
     let net = app.manager.network().describe(&live);
-    v["allowInternetAccess"] = net["allowInternetAccess"].clone();
-    v["network"] = net;
+    if net.is_null() {
+        // No network attached (a tier without one yet): the SDK parses a present `network` as
+        // an object, so it is left out, and the sandbox truthfully has no internet access.
+        v["allowInternetAccess"] = json!(false);
+    } else {
+        v["allowInternetAccess"] = net["allowInternetAccess"].clone();
+        v["network"] = net;
+    }
     Ok(Json(v))
 }
 
@@ -646,9 +723,12 @@ async fn kill(
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PauseBody {
     /// Keep processes in memory (default) or only the files.
     memory: Option<bool>,
+    /// E2B's `pause(strict=True)`: refuse (503) while the agent does not answer.
+    require_healthy_guest: Option<bool>,
 }
 
 async fn pause(
@@ -659,6 +739,15 @@ async fn pause(
 ) -> Result<StatusCode, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: PauseBody = parse_body(&body)?;
+    if b.require_healthy_guest == Some(true)
+        && let Ok(live) = owned(&app, &key, &id)
+        && !crate::extras::guest_answers(&live).await
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("sandbox {id}'s agent does not answer: not paused (strict)"),
+        ));
+    }
     match app.manager.pause(&key.id, &id, b.memory.unwrap_or(true)).await? {
         true => Ok(StatusCode::NO_CONTENT),
         false => {
@@ -692,6 +781,8 @@ async fn resume(
 #[derive(Debug, Default, Deserialize)]
 struct SnapshotBody {
     name: Option<String>,
+    /// E2B's `mode="full"` (`true`): snapshots here keep the files only.
+    memory: Option<bool>,
 }
 
 fn snapshot_json(s: &crate::store::SnapshotRecord) -> Value {
@@ -706,6 +797,13 @@ async fn create_snapshot(
 ) -> Result<Response, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: SnapshotBody = parse_body(&body)?;
+    if b.memory == Some(true) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "snapshots keep the files only: mode=\"full\" (memory) is not supported; use \
+             mode=\"filesystem\" or pause() to keep memory",
+        ));
+    }
     let snap = app.manager.snapshot(&key.id, &id, b.name).await?;
     Ok((StatusCode::CREATED, Json(snapshot_json(&snap))).into_response())
 }
@@ -786,6 +884,8 @@ async fn fork(
 #[derive(Debug, Default, Deserialize)]
 struct TimeoutBody {
     timeout: Option<i64>,
+    /// Connect's `memory` (E2B `on_resume`): `false` restarts from the files.
+    memory: Option<bool>,
 }
 
 async fn set_timeout(
@@ -814,6 +914,17 @@ async fn connect(
 ) -> Result<Json<Value>, ApiError> {
     let key = caller(&app, &headers).await?;
     let b: TimeoutBody = parse_body(&body)?;
+    // `on_resume="reboot"` (`memory: false`): a sandbox paused in memory lets go of it first,
+    // so it starts again from its files.
+    if b.memory == Some(false)
+        && app
+            .manager
+            .get(&id)
+            .and_then(|l| l.snapshot())
+            .is_some_and(|r| r.key_id == key.id && r.lifecycle.paused_with_memory == Some(true))
+    {
+        app.manager.pause(&key.id, &id, false).await?;
+    }
     // Connecting to a paused sandbox resumes it (E2B's behaviour).
     let paused = app
         .manager

@@ -41,8 +41,16 @@ use crate::manager::Live;
 
 /// Kernel sources, written for the fork server at start-up and passed inline to Node.
 const KERNEL_PY: &str = include_str!("../../../interp/python/ringfence_kernel.py");
+const CHARTS_PY: &str = include_str!("../../../interp/python/ringfence_charts.py");
+const JSHELL_JAVA: &str = include_str!("../../../interp/java/RingfenceJShell.java");
+const KERNEL_R: &str = include_str!("../../../interp/r/ringfence_kernel.R");
 const ZYGOTE_PY: &str = include_str!("../../../interp/python/ringfence_zygote.py");
 const KERNEL_JS: &str = include_str!("../../../interp/js/ringfence_kernel.js");
+
+/// Where scripts/interp-ts.sh installs the TypeScript compiler, inside the interpreter
+/// environment: sandboxes see it at the same path through that environment's template layer
+/// (a layer of its own cost ≈ 40 ms per create, measured).
+const TS_SUBDIR: &str = "share/ringfence/typescript";
 
 /// Longest line a kernel may send (a large PNG is a few MiB of base64).
 const MAX_LINE: usize = 64 << 20;
@@ -71,6 +79,11 @@ fn normalize(lang: &str) -> Option<&'static str> {
     match lang.to_ascii_lowercase().as_str() {
         "python" | "python3" | "py" => Some("python"),
         "javascript" | "js" | "node" => Some("javascript"),
+        // Compiled per cell into a JavaScript kernel (interp/js/ringfence_kernel.js).
+        "typescript" | "ts" => Some("typescript"),
+        // Driven by the Python kernel (interp/python/ringfence_kernel.py, _DriverKernel).
+        "java" => Some("java"),
+        "r" => Some("r"),
         "bash" | "sh" => Some("bash"),
         _ => None,
     }
@@ -83,6 +96,8 @@ pub struct Runtime {
     zygote: Mutex<Option<Zygote>>,
     limits: Limits,
     seccomp: Compiled,
+    /// The TypeScript compiler's directory (see [`TS_SUBDIR`]).
+    ts_dir: String,
 }
 
 impl Runtime {
@@ -102,11 +117,15 @@ impl Runtime {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
             std::fs::write(dir.join("ringfence_kernel.py"), KERNEL_PY)?;
             std::fs::write(dir.join("ringfence_zygote.py"), ZYGOTE_PY)?;
+            std::fs::write(dir.join("ringfence_charts.py"), CHARTS_PY)?;
+            std::fs::write(dir.join("RingfenceJShell.java"), JSHELL_JAVA)?;
+            std::fs::write(dir.join("ringfence_kernel.R"), KERNEL_R)?;
             Some(ZygoteConfig { python, socket_path: dir.join("zygote.sock"), script_dir: dir })
         } else {
             None
         };
-        Ok(Runtime { cfg, zygote: Mutex::new(None), limits, seccomp })
+        let ts_dir = env_dir.join(TS_SUBDIR).to_string_lossy().into_owned();
+        Ok(Runtime { cfg, zygote: Mutex::new(None), limits, seccomp, ts_dir })
     }
 
     /// Starts the fork server now (blocking: it imports everything) so the first kernel does
@@ -184,6 +203,8 @@ struct Context {
     id: String,
     language: &'static str,
     cwd: String,
+    /// Who the kernel runs as: see [`user_for`].
+    user: SandboxUser,
     /// Held for the whole of an execution: one cell at a time per context.
     kernel: Arc<tokio::sync::Mutex<Option<Kernel>>>,
 }
@@ -203,6 +224,21 @@ pub struct Contexts {
 }
 
 const DEFAULT_CWD: &str = "/home/user";
+
+/// The languages whose default contexts a fresh sandbox lists, as E2B's server creates them
+/// at boot. Their kernels still start on first use (Python's is prestarted).
+const LISTED_DEFAULTS: &[&str] = &["python", "javascript"];
+
+/// Who a context's kernel runs as. The sandbox's `user` (uid 1000) unless the context lives
+/// under `/root`, which only the sandbox's root can enter: E2B's interpreter runs as root, and
+/// a client that asks for `cwd="/root"` expects a working context there. The sandbox's root is
+/// uid 0 of the sandbox's user namespace only (an unprivileged host uid), and its kernel is
+/// entered exactly like `user`'s: no capabilities (bounding set empty, so an exec as root
+/// gains none), no_new_privs, the same seccomp filter and Landlock domain. It is what
+/// `commands.run(user="root")` already gives the same caller (docs/SECURITY.md).
+fn user_for(cwd: &str) -> SandboxUser {
+    if cwd == "/root" || cwd.starts_with("/root/") { SandboxUser::Root } else { SandboxUser::User }
+}
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"code": status.as_u16(), "message": msg.into()}))).into_response()
@@ -237,17 +273,21 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
             Err(r) => r.into_response(),
         },
         (&Method::GET, ["contexts"]) => {
-            let list: Vec<Value> = live
+            for lang in LISTED_DEFAULTS {
+                default_context(&live, lang);
+            }
+            let mut list: Vec<Arc<Context>> = live
                 .interp
-                .by_id
+                .defaults
                 .lock()
-                .map(|m| {
-                    let mut v: Vec<_> = m.values().cloned().collect();
-                    v.sort_by(|a, b| a.id.cmp(&b.id));
-                    v.iter().map(|c| c.json()).collect()
-                })
+                .map(|m| m.values().cloned().collect())
                 .unwrap_or_default();
-            axum::Json(Value::Array(list)).into_response()
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            let mut created: Vec<Arc<Context>> =
+                live.interp.by_id.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            created.sort_by(|a, b| a.id.cmp(&b.id));
+            list.extend(created);
+            axum::Json(Value::Array(list.iter().map(|c| c.json()).collect())).into_response()
         }
         (&Method::DELETE, ["contexts", id]) => {
             let Some(ctx) = live.interp.by_id.lock().ok().and_then(|mut m| m.remove(*id)) else {
@@ -266,7 +306,7 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
                     *ctx.kernel.lock().await = Some(k);
                     StatusCode::NO_CONTENT.into_response()
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+                Err(e) => kernel_start_failed(&live, &e),
             }
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {method} {path}")),
@@ -312,7 +352,9 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     let Some(language) = normalize(lang) else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("language {lang:?} is not supported here (python, javascript, bash)"),
+            format!(
+                "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+            ),
         );
     };
     if !cwd.starts_with('/') {
@@ -322,11 +364,12 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
         id: new_context_id(),
         language,
         cwd: cwd.to_string(),
+        user: user_for(cwd),
         kernel: Arc::default(),
     });
     match start_kernel(&rt, &live, &ctx).await {
         Ok(k) => *ctx.kernel.lock().await = Some(k),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+        Err(e) => return kernel_start_failed(&live, &e),
     }
     if let Ok(mut m) = live.interp.by_id.lock() {
         m.insert(ctx.id.clone(), ctx.clone());
@@ -344,6 +387,7 @@ fn default_context(live: &Live, language: &'static str) -> Option<Arc<Context>> 
                     id: format!("default-{language}"),
                     language,
                     cwd: DEFAULT_CWD.into(),
+                    user: SandboxUser::User,
                     kernel: Arc::default(),
                 })
             })
@@ -378,10 +422,10 @@ async fn stop_kernel(ctx: &Context) {
 
 /// The environment a kernel starts from: the base every sandbox process gets plus the
 /// sandbox's own variables.
-fn kernel_env(live: &Live) -> BTreeMap<String, String> {
+fn kernel_env(live: &Live, user: SandboxUser) -> BTreeMap<String, String> {
     let mut env = BTreeMap::from([
         ("PATH".to_string(), ringfence_agent_path().to_string()),
-        ("HOME".to_string(), DEFAULT_CWD.to_string()),
+        ("HOME".to_string(), user.home().to_string()),
         ("LANG".to_string(), "C.UTF-8".to_string()),
     ]);
     if let Some(r) = live.snapshot() {
@@ -394,21 +438,70 @@ fn ringfence_agent_path() -> &'static str {
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 }
 
+/// The answer to a kernel that did not start: the sandbox having ended under it (its agent
+/// gone: killed, or, on the gvisor tier, ended whole by its memory limit) is the client's to
+/// know, not an internal error.
+fn kernel_start_failed(live: &Live, e: &str) -> Response {
+    if e.starts_with(BAD_CWD) || e.starts_with(NOT_ON_TIER) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    if live.client.is_closed() {
+        return error(StatusCode::BAD_GATEWAY, "the sandbox has ended: its agent is gone");
+    }
+    error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e))
+}
+
 async fn start_kernel(
     rt: &Arc<Runtime>,
     live: &Arc<Live>,
     ctx: &Context,
 ) -> Result<Kernel, String> {
+    let injectable = live.with_instance(|i| i.injectable().is_some()).unwrap_or(false);
     // The wasm tier has no processes to inject into: its agent runs a Python kernel of its
     // own (`ringfence_wasm::KERNEL_CMD`), driven like a Node kernel through the agent.
     let wasm = live.with_instance(|i| i.kind() == crate::tier::TierKind::Wasm).unwrap_or(false);
     let kernel = match ctx.language {
-        "python" if wasm => start_agent_kernel(live, ctx, wasm_kernel_spec(live, ctx)).await?,
-        lang if wasm => {
-            return Err(format!("the wasm tier runs Python cells only, not {lang} (yet)"));
+        "python" if wasm => {
+            let mut env = kernel_env(live, ctx.user);
+            // The guest has no PATH to search and no host locale to name.
+            env.remove("PATH");
+            env.remove("LANG");
+            start_agent_kernel(live, ctx, ringfence_wasm::KERNEL_CMD.into(), Vec::new(), env)
+                .await?
         }
-        "javascript" => start_agent_kernel(live, ctx, node_kernel_spec(live, ctx)).await?,
-        lang => start_injected_kernel(rt, live, ctx, lang).await?,
+        lang if wasm => {
+            return Err(format!(
+                "{NOT_ON_TIER}the wasm tier runs Python cells only, not {lang} (yet)"
+            ));
+        }
+        "javascript" | "typescript" => {
+            let mut args = vec!["-e".into(), KERNEL_JS.into()];
+            if ctx.language == "typescript" {
+                args.extend(["--".into(), "--typescript".into(), rt.ts_dir.clone()]);
+            }
+            let env = kernel_env(live, ctx.user);
+            start_agent_kernel(live, ctx, "/usr/bin/node".into(), args, env).await?
+        }
+        lang if injectable => start_injected_kernel(rt, live, ctx, lang).await?,
+        // A tier without namespaces the fork server can enter (gVisor): the kernel runs as an
+        // ordinary process the agent starts, paying the imports the fork server would have
+        // done once. The environment is bound at the same path inside, so its python is ours.
+        lang @ ("java" | "r") => {
+            return Err(format!(
+                "{NOT_ON_TIER}the {lang} kernel: its driver is started by the jail's fork \
+                 server, which this sandbox's tier cannot take (python, bash, javascript and \
+                 typescript run here)"
+            ));
+        }
+        lang => {
+            let python = rt
+                .cfg
+                .as_ref()
+                .map(|c| c.python.to_string_lossy().into_owned())
+                .ok_or("no interpreter environment on this host (run scripts/setup.sh)")?;
+            let args = vec!["-c".into(), stdio_kernel_source(), "--lang".into(), lang.into()];
+            start_agent_kernel(live, ctx, python, args, kernel_env(live, ctx.user)).await?
+        }
     };
     Ok(kernel)
 }
@@ -419,7 +512,10 @@ async fn start_injected_kernel(
     ctx: &Context,
     lang: &str,
 ) -> Result<Kernel, String> {
-    let plan = EntryPlan::new(lang, &ctx.cwd, kernel_env(live), &rt.limits, Some(&rt.seccomp));
+    let mut plan =
+        EntryPlan::new(lang, &ctx.cwd, kernel_env(live, ctx.user), &rt.limits, Some(&rt.seccomp));
+    plan.uid = ctx.user.uid();
+    plan.gid = ctx.user.uid();
     let (rt2, live2) = (rt.clone(), live.clone());
     let injected = tokio::task::spawn_blocking(move || {
         rt2.with_zygote(|z| {
@@ -472,49 +568,40 @@ async fn start_injected_kernel(
         killer: Killer::Pidfd(injected.pidfd),
         _supervisor: supervisor,
     };
-    wait_ready(&mut kernel).await?;
+    wait_ready(&mut kernel, &ctx.cwd).await?;
     Ok(kernel)
 }
 
-fn node_kernel_spec(live: &Live, ctx: &Context) -> SpawnSpec {
-    SpawnSpec {
-        cmd: "/usr/bin/node".into(),
-        args: vec!["-e".into(), KERNEL_JS.into()],
-        env: kernel_env(live),
-        cwd: Some(ctx.cwd.clone()),
-        user: SandboxUser::User,
-        stdio: StdioMode::Pipe { stdin: true },
-        tag: Some(format!("ringfence-kernel-{}", ctx.id)),
-    }
-}
-
-fn wasm_kernel_spec(live: &Live, ctx: &Context) -> SpawnSpec {
-    let mut env = kernel_env(live);
-    // The guest has no PATH to search and no host locale to name.
-    env.remove("PATH");
-    env.remove("LANG");
-    SpawnSpec {
-        cmd: ringfence_wasm::KERNEL_CMD.into(),
-        args: Vec::new(),
-        env,
-        ..node_kernel_spec(live, ctx)
-    }
-}
-
+/// Starts a kernel that speaks on its stdin and stdout as a process the agent spawns.
 async fn start_agent_kernel(
     live: &Arc<Live>,
-    _ctx: &Context,
-    spec: SpawnSpec,
+    ctx: &Context,
+    cmd: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
 ) -> Result<Kernel, String> {
-    let what = if spec.cmd == ringfence_wasm::KERNEL_CMD { "the wasm kernel" } else { "node" };
-    let (reply, mut events) = live
-        .client
-        .stream(AgentRequest::Spawn(spec))
-        .await
-        .map_err(|e| format!("start {what}: {e}"))?;
+    let what = format!("start {cmd}");
+    let spec = SpawnSpec {
+        cmd,
+        args,
+        env,
+        cwd: Some(ctx.cwd.clone()),
+        user: ctx.user,
+        stdio: StdioMode::Pipe { stdin: true },
+        tag: Some(format!("ringfence-kernel-{}", ctx.id)),
+    };
+    let (reply, mut events) = live.client.stream(AgentRequest::Spawn(spec)).await.map_err(|e| {
+        let e = e.to_string();
+        // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
+        if e.contains("working directory does not exist") {
+            format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
+        } else {
+            format!("{what}: {e}")
+        }
+    })?;
     let pid = match reply {
         Reply::Spawned { pid } => pid,
-        other => return Err(format!("start {what}: {other:?}")),
+        other => return Err(format!("{what}: {other:?}")),
     };
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
     let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
@@ -542,16 +629,50 @@ async fn start_agent_kernel(
         killer: Killer::Agent { client: live.client.clone(), pid },
         _supervisor: None,
     };
-    if let Err(e) = wait_ready(&mut kernel).await {
+    if let Err(e) = wait_ready(&mut kernel, &ctx.cwd).await {
         kernel.killer.kill().await;
         return Err(e);
     }
     Ok(kernel)
 }
 
-async fn wait_ready(k: &mut Kernel) -> Result<(), String> {
+/// Starts the error of a kernel that could not enter its context's `cwd`: the client's
+/// mistake (400), not the server's.
+const BAD_CWD: &str = "cannot start a kernel in cwd ";
+/// The start of a refusal of a language the sandbox's tier cannot run (400).
+const NOT_ON_TIER: &str = "not on this sandbox's tier: ";
+
+/// The Python kernel as one `python3 -c` program, for a kernel the agent starts (no fork
+/// server, so no script directory inside the sandbox): its chart module is registered from
+/// source before the kernel's own `import ringfence_charts`, and `__file__` names no file
+/// (the java and r drivers it would look for beside itself are not served on such a tier).
+fn stdio_kernel_source() -> String {
+    use base64::Engine as _;
+    let charts = base64::engine::general_purpose::STANDARD.encode(CHARTS_PY);
+    format!(
+        "import base64 as _b, sys as _s, types as _t\n\
+         _m = _t.ModuleType('ringfence_charts')\n\
+         exec(compile(_b.b64decode('{charts}').decode(), 'ringfence_charts.py', 'exec'), \
+         _m.__dict__)\n\
+         _s.modules['ringfence_charts'] = _m\n\
+         del _b, _s, _t, _m\n\
+         __file__ = '/nonexistent/ringfence_kernel.py'\n\
+         {KERNEL_PY}"
+    )
+}
+
+async fn wait_ready(k: &mut Kernel, cwd: &str) -> Result<(), String> {
     match tokio::time::timeout(START_TIMEOUT, k.output.recv()).await {
         Ok(Some(v)) if v.get("type").and_then(Value::as_str) == Some("ready") => Ok(()),
+        Ok(Some(v))
+            if v.get("type").and_then(Value::as_str) == Some("entry_failed")
+                && v.get("step").and_then(Value::as_str) == Some("cwd") =>
+        {
+            k.killer.kill().await;
+            let why: String =
+                v.get("message").and_then(Value::as_str).unwrap_or("").chars().take(200).collect();
+            Err(format!("{BAD_CWD}{cwd:?}: {why}"))
+        }
         Ok(Some(v)) => {
             k.killer.kill().await;
             Err(format!("kernel did not start: {v}"))
@@ -701,7 +822,9 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             let Some(language) = normalize(&lang) else {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("language {lang:?} is not supported here (python, javascript, bash)"),
+                    format!(
+                        "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r)"
+                    ),
                 );
             };
             match default_context(&live, language) {
@@ -714,7 +837,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     if guard.is_none() {
         match start_kernel(&rt, &live, &ctx).await {
             Ok(k) => *guard = Some(k),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e)),
+            Err(e) => return kernel_start_failed(&live, &e),
         }
     }
     let id = format!("e{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));
@@ -883,10 +1006,21 @@ mod tests {
     }
 
     #[test]
+    fn only_contexts_under_root_run_as_the_sandboxs_root() {
+        assert_eq!(user_for("/root"), SandboxUser::Root);
+        assert_eq!(user_for("/root/project"), SandboxUser::Root);
+        assert_eq!(user_for("/home/user"), SandboxUser::User);
+        assert_eq!(user_for("/rootfs"), SandboxUser::User);
+        assert_eq!(user_for("/tmp/root"), SandboxUser::User);
+    }
+
+    #[test]
     fn languages_normalise_like_e2b() {
         assert_eq!(normalize("JS"), Some("javascript"));
         assert_eq!(normalize("python3"), Some("python"));
         assert_eq!(normalize("bash"), Some("bash"));
-        assert_eq!(normalize("r"), None);
+        assert_eq!(normalize("ts"), Some("typescript"));
+        assert_eq!(normalize("R"), Some("r"));
+        assert_eq!(normalize("kotlin"), None);
     }
 }

@@ -14,10 +14,13 @@ pub mod api;
 pub mod bounded;
 pub mod codec;
 pub mod envd;
+pub mod events;
+pub mod extras;
 pub mod fault;
 pub mod files_query;
 pub mod interp;
 pub mod manager;
+pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod observe;
@@ -25,8 +28,10 @@ pub mod quota;
 pub mod store;
 pub mod tier;
 mod time;
+pub mod ui;
 pub mod upload;
 pub mod validate;
+pub mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +87,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(manager.clone().reap_loop());
     tokio::spawn(manager.clone().pool_loop());
     tokio::spawn(manager.clone().sample_loop());
+    tokio::spawn(events::delivery_loop(manager.store().clone()));
+    volumes::sweep(&cfg.manager.data_dir, manager.store());
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {
@@ -103,6 +110,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     manager.shutdown().await;
+    volumes::unmount_all(&cfg.manager.data_dir, manager.store());
     observer.flush().await;
     Ok(())
 }

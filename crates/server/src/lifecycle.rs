@@ -83,6 +83,18 @@ impl Manager {
     /// Pauses a running sandbox. `memory`: keep its processes frozen in memory; otherwise keep
     /// only its files. Returns false if it was already paused.
     pub async fn pause(&self, key_id: &str, id: &str, memory: bool) -> Result<bool, ManagerError> {
+        self.pause_for(key_id, id, memory, "api").await
+    }
+
+    /// [`Manager::pause`] for a `cause` (`api`, `timeout`, `idle`, `memory_pressure`), which
+    /// its lifecycle event records.
+    pub async fn pause_for(
+        &self,
+        key_id: &str,
+        id: &str,
+        memory: bool,
+        cause: &'static str,
+    ) -> Result<bool, ManagerError> {
         let _serial = self.lifecycle_lock.lock().await;
         let Some(live) = self.get(id).filter(|l| l.snapshot().is_some_and(|r| r.key_id == key_id))
         else {
@@ -106,14 +118,14 @@ impl Manager {
             lc.paused_with_memory = Some(true);
             // Frozen but not recorded if this fails or the server dies here: recovery thaws a
             // sandbox its record says is running.
-            self.set_paused(&live, lc, None)?;
+            self.set_paused(&live, lc, None, cause)?;
             return Ok(true);
         }
         let (layer, layers) = self.save_upper(&live).await?;
         let mut lc = rec.lifecycle.clone();
         lc.layers = layers;
         lc.paused_with_memory = Some(false);
-        if let Err(e) = self.set_paused(&live, lc, Some(&layer)) {
+        if let Err(e) = self.set_paused(&live, lc, Some(&layer), cause) {
             self.remove_layer_dir(&layer).await;
             return Err(e);
         }
@@ -146,7 +158,7 @@ impl Manager {
         });
         let Some(rec) = oldest else { return };
         tracing::warn!(sandbox_id = %rec.id, "memory pressure: keeping only the files of a paused sandbox");
-        if let Err(e) = self.pause(&rec.key_id, &rec.id, false).await {
+        if let Err(e) = self.pause_for(&rec.key_id, &rec.id, false, "memory_pressure").await {
             tracing::warn!(sandbox_id = %rec.id, error = %e, "releasing a paused sandbox's memory");
         }
     }
@@ -159,10 +171,11 @@ impl Manager {
         live: &Live,
         lc: crate::store::Lifecycle,
         layer: Option<&str>,
+        cause: &str,
     ) -> Result<(), ManagerError> {
         let id = live_id(live);
         let memory = layer.is_none();
-        self.store.pause_sandbox(&id, layer, &lc, memory)?;
+        self.store.pause_sandbox_because(&id, layer, &lc, memory, cause)?;
         if let Ok(mut r) = live.record.lock() {
             r.state = SandboxState::Paused;
             r.lifecycle = lc;
@@ -178,6 +191,18 @@ impl Manager {
         key_id: &str,
         id: &str,
         timeout: Duration,
+    ) -> Result<(Arc<Live>, bool), ManagerError> {
+        self.resume_for(key_id, id, timeout, "api").await
+    }
+
+    /// [`Manager::resume`] for a `cause` (`api`, or `traffic` for `autoResume`), which its
+    /// lifecycle event records.
+    pub async fn resume_for(
+        self: &Arc<Self>,
+        key_id: &str,
+        id: &str,
+        timeout: Duration,
+        cause: &'static str,
     ) -> Result<(Arc<Live>, bool), ManagerError> {
         let _serial = self.lifecycle_lock.lock().await;
         if let Some(live) = self.get(id) {
@@ -206,7 +231,11 @@ impl Manager {
             self.store.set_state(id, SandboxState::Running)?;
             self.store.set_end_at(id, end)?;
             self.store.set_lifecycle(id, &lc)?;
-            let _ = self.store.record_event(id, "resumed", &serde_json::json!({"memory": true}));
+            let _ = self.store.record_event(
+                id,
+                "resumed",
+                &serde_json::json!({"memory": true, "cause": cause}),
+            );
             return Ok((live, true));
         }
         let rec = self.store.get_sandbox(id)?;
@@ -221,6 +250,7 @@ impl Manager {
             id: rec.id.clone(),
             access_token: rec.access_token.clone(),
             created_at: rec.created_at,
+            cause,
         };
         let params = self.params_like(&rec, timeout, lc, Some(reuse));
         let live = self.start(key_id, params, std::time::Instant::now()).await?;
@@ -417,6 +447,8 @@ impl Manager {
         for _ in 0..count {
             let mut lc = crate::store::Lifecycle { layers: layers.clone(), ..Default::default() };
             lc.auto_resume = rec.lifecycle.auto_resume;
+            // A fork shares its parent's volumes.
+            lc.volumes = rec.lifecycle.volumes.clone();
             let params = self.params_like(&rec, timeout, lc, None);
             out.push(self.start(key_id, params, std::time::Instant::now()).await);
         }
@@ -465,7 +497,7 @@ impl Manager {
             return None;
         }
         let timeout = Duration::from_millis(self.cfg.default_timeout.as_millis() as u64);
-        let (live, _) = self.resume(&rec.key_id, id, timeout).await.ok()?;
+        let (live, _) = self.resume_for(&rec.key_id, id, timeout, "traffic").await.ok()?;
         Some(live)
     }
 
@@ -554,7 +586,8 @@ impl Manager {
             return false;
         }
         let memory = !(why == "timeout" && rec.lifecycle.timeout_pause_files_only);
-        match self.pause(&rec.key_id, id, memory).await {
+        let cause = if why == "timeout" { "timeout" } else { "idle" };
+        match self.pause_for(&rec.key_id, id, memory, cause).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(sandbox_id = %id, error = %e, "pause on {why} failed; killing");

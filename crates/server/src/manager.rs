@@ -237,6 +237,8 @@ pub struct Reuse {
     pub id: String,
     pub access_token: String,
     pub created_at: i64,
+    /// Why it starts again (`api`, `traffic`), for its `resumed` event.
+    pub cause: &'static str,
 }
 
 /// Owns every live sandbox.
@@ -321,6 +323,7 @@ impl Manager {
                 agent_path: cfg.agent_path.clone(),
                 data_dir: cfg.data_dir.clone(),
                 run_dir: cfg.run_dir.clone(),
+                interp_env: cfg.interp_env.clone(),
             })
             .map(crate::tier::AnyTier::Gvisor)
             .into_iter()
@@ -499,10 +502,10 @@ impl Manager {
         begun: std::time::Instant,
     ) -> Result<Arc<Live>, ManagerError> {
         let tier = p.tier.unwrap_or_else(|| self.tiers.default_kind());
-        // The pool holds sandboxes of the default tier only.
         let poolable =
-            p.reuse.is_none() && p.lifecycle.layers.is_empty() && tier == self.tiers.default_kind();
-        let pooled = if poolable { self.take_warm(&p.template) } else { None };
+            p.reuse.is_none() && p.lifecycle.layers.is_empty() && p.lifecycle.volumes.is_empty();
+        let pooled =
+            if poolable { self.take_warm(&self.pool_key(&p.template, tier)) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
         let (id, started) = match pooled {
             Some(w) => (w.id, w.started),
@@ -510,9 +513,10 @@ impl Manager {
                 let id =
                     p.reuse.as_ref().map_or_else(ringfence_jail::new_sandbox_id, |r| r.id.clone());
                 let layers = p.lifecycle.layers.clone();
+                let volumes = crate::volumes::host_mounts(&self.cfg.data_dir, &p.lifecycle.volumes);
                 let started = self
                     .clone()
-                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers)
+                    .spawn(tier, &p.template, id.clone(), p.env.clone(), layers, volumes)
                     .await?;
                 (id, started)
             }
@@ -529,6 +533,7 @@ impl Manager {
         id: String,
         env: BTreeMap<String, String>,
         layers: Vec<String>,
+        volumes: Vec<(PathBuf, String)>,
     ) -> Result<Started, ManagerError> {
         let spec = StartSpec {
             id,
@@ -536,6 +541,7 @@ impl Manager {
             limits: self.cfg.limits,
             env,
             layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
+            volumes,
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -609,8 +615,8 @@ impl Manager {
             "template": p.template,
             "network": crate::network::Network::persisted(&p.network),
         });
-        if p.reuse.is_some() {
-            self.store.restarted(&record)?;
+        if let Some(r) = &p.reuse {
+            self.store.restarted_because(&record, r.cause)?;
         } else {
             self.store.insert_sandbox_audited(&record, &detail, Some(&mut audit)).map_err(|e| {
                 match e {
@@ -837,7 +843,10 @@ impl Manager {
         if let Ok(mut r) = live.record.lock() {
             r.end_at = end;
         }
-        Ok(self.store.set_end_at(id, end)?)
+        self.store.set_end_at(id, end)?;
+        // Published as `sandbox.lifecycle.updated` (crate::events).
+        let _ = self.store.record_event(id, "timeout", &serde_json::json!({"end_at": end}));
+        Ok(())
     }
 
     /// Live sandboxes of one key.
@@ -904,7 +913,17 @@ impl Manager {
         }
     }
 
-    /// A pooled sandbox of `template`, if one is waiting.
+    /// The pool a sandbox of `template` on `tier` comes from: the template's name on the
+    /// default tier (`--pool base=4`), `NAME@TIER` on another (`--pool base@gvisor=2`).
+    fn pool_key(&self, template: &str, tier: TierKind) -> String {
+        if tier == self.tiers.default_kind() {
+            template.to_string()
+        } else {
+            format!("{template}@{tier}")
+        }
+    }
+
+    /// A pooled sandbox of pool `template`, if one is waiting.
     fn take_warm(&self, template: &str) -> Option<Warm> {
         if !self.cfg.pool_sizes.contains_key(template) {
             return None;
@@ -939,10 +958,16 @@ impl Manager {
                     continue;
                 }
                 let id = ringfence_jail::new_sandbox_id();
-                let tier = self.tiers.default_kind();
+                let (name, tier) = match crate::tier::requested(template, &BTreeMap::new()) {
+                    Ok((name, tier)) => (name, tier.unwrap_or_else(|| self.tiers.default_kind())),
+                    Err(e) => {
+                        tracing::warn!(template, error = %e, "a pool names no known tier");
+                        continue;
+                    }
+                };
                 match self
                     .clone()
-                    .spawn(tier, template, id.clone(), BTreeMap::new(), Vec::new())
+                    .spawn(tier, &name, id.clone(), BTreeMap::new(), Vec::new(), Vec::new())
                     .await
                 {
                     Ok(instance) => {

@@ -260,7 +260,9 @@ impl Network {
         // A tier without a network to attach (gvisor here: `--network=none`) gives its
         // sandboxes none at all, which no egress policy could loosen: nothing to set up, and
         // a later policy change answers that the sandbox has no network.
-        let crate::tier::NetAttach::Netns(ns) = at else { return Ok(()) };
+        if matches!(at, crate::tier::NetAttach::None) {
+            return Ok(());
+        }
         let audit = EgressAudit::new(self.audit.clone(), id.to_string(), key.to_string());
         let sink = Arc::new(move |e: EgressEvent| {
             let mut rec = AuditRecord::new("network.egress", e.ts_ms);
@@ -272,7 +274,18 @@ impl Network {
             }
             audit.offer(rec);
         });
-        let net = self.egress.attach(&ns, params.policy.clone(), rate, sink)?;
+        let net = match at {
+            crate::tier::NetAttach::Netns(ns) => {
+                self.egress.attach(&ns, params.policy.clone(), rate, sink)?
+            }
+            crate::tier::NetAttach::Relay(fd) => {
+                let fd = fd.try_clone().map_err(|e| {
+                    crate::manager::ManagerError::Internal(format!("the packet relay: {e}"))
+                })?;
+                self.egress.attach_device(fd, params.policy.clone(), rate, sink)?
+            }
+            crate::tier::NetAttach::None => return Ok(()),
+        };
         if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }
@@ -412,8 +425,12 @@ pub async fn inbound(
     port: u16,
     mut req: Request,
 ) -> Response {
-    let Some(crate::tier::NetAttach::Netns(ns)) = at else {
-        return port_closed(id, port, "no agent");
+    let ns = match at {
+        Some(crate::tier::NetAttach::Netns(ns)) => ns,
+        Some(crate::tier::NetAttach::Relay(_)) => {
+            return port_closed(id, port, "the gvisor tier takes no inbound connections yet");
+        }
+        _ => return port_closed(id, port, "no agent"),
     };
     let stream = match ringfence_net::netns::connect_inside(&ns, port, Duration::from_secs(5)).await
     {

@@ -304,3 +304,77 @@ fn inbound_ports() {
     assert_eq!(r.status, 401);
     let _ = r.headers;
 }
+
+#[test]
+fn gvisor_egress_through_the_same_policy() {
+    let name = "gvisor_egress_through_the_same_policy";
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start(name, &net_args(&net)) else { return };
+    let r = srv.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base@gvisor",
+               "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
+    );
+    if r.status == 400 && r.text().contains("not available") {
+        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+        return;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let sb = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: None,
+    };
+    // gVisor's own kernel, and the same policy as the jail's: the allowed host answers...
+    let (out, _) = srv.run(&sb, "uname -r");
+    assert_ne!(
+        out.trim(),
+        String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim()
+    );
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://www.allowed.test/");
+    assert_eq!(code, 0, "{out}\n{}", srv.log());
+    assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
+    // ...and everything else is refused by the host's stack, as for the jail.
+    let (out, code) = srv.run(&sb, "curl -sS -m 5 http://other.test/");
+    assert_eq!(code, 6, "lookup refused: {out}");
+    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
+    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    for ip in ["169.254.169.254", "10.66.0.5"] {
+        let (out, code) = srv.run(&sb, &format!("curl -sS -m 5 http://{ip}/"));
+        assert_eq!(code, 7, "{ip}: {out}");
+    }
+    // The device is the agent's: the sandbox's root cannot make another or change this one.
+    let (out, _) = srv.run(
+        &sb,
+        "python3 -c \"import fcntl,os,struct; fd=os.open('/dev/net/tun', os.O_RDWR); \
+         fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'x0', 0x1001))\" 2>&1 | tail -1; \
+         grep CapBnd /proc/self/status",
+    );
+    assert!(out.contains("PermissionError") && out.contains("0000000000000000"), "{out}");
+    // Every decision is audited, with the same reasons.
+    let recs = srv.egress(&sb, |r| r.len() >= 4);
+    assert!(
+        recs.iter().any(|r| r["detail"]["allowed"] == true && r["detail"]["port"] == 80),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["detail"]["address"] == "10.66.0.5"
+            && r["detail"]["reason"].as_str().unwrap().contains("private")),
+        "{recs:?}"
+    );
+    // A live policy change applies inside gVisor too.
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"allowOut": ["other.test"], "denyOut": ["0.0.0.0/0"]}),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (_, code) = srv.run(&sb, "curl -sS -m 5 http://www.allowed.test/");
+    assert_ne!(code, 0);
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://other.test/");
+    assert_eq!(code, 0, "{out}");
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204);
+}

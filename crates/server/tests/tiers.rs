@@ -89,7 +89,8 @@ fn tiers_are_listed_chosen_reported_and_refused() {
         assert_eq!(caps["kernel"], json!("gvisor"), "{}", list[1]);
         assert_eq!(caps["reattach"], json!(false));
         assert_eq!(caps["kernelInjection"], json!(false));
-        assert_eq!(caps["network"], json!("none"));
+        assert_eq!(caps["network"], json!("relayed-tun"));
+        assert_eq!(caps["networkPolicy"], json!(true));
     } else {
         eprintln!("no runsc on this host: the gvisor tier is checked unavailable only");
     }
@@ -321,4 +322,45 @@ fn wasm_sandboxes_run_python_say_what_they_cannot_do_and_refuse_the_rest() {
     assert_eq!(run(&s, &sb, "python3", &["-c", "print('still here')"]), "still here\n");
     let r = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(r.status, 204, "{}", r.text());
+}
+
+#[test]
+fn pools_hold_sandboxes_of_another_tier() {
+    let name = "pools_hold_sandboxes_of_another_tier";
+    let Some(mut s) = server(name) else { return };
+    s.spawn(&["--pool", "base@gvisor=1"]);
+    if tiers(&s, &s.key)[1]["available"] != json!(true) {
+        println!(
+            "SKIPPED {name}: the gvisor tier is not available here (scripts/install-runsc.sh)"
+        );
+        return;
+    }
+    // The pool fills in the background; its size is a metric.
+    let filled = |s: &support::serve::Server| {
+        let m = s.api("GET", "/metrics", Value::Null).text();
+        m.lines().any(|l| l.starts_with("ringfence_pool_size{template=\"base@gvisor\"} 1"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !filled(&s) {
+        assert!(std::time::Instant::now() < deadline, "pool never filled:\n{}", s.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A jail create does not take the gvisor sandbox; a gvisor create does.
+    let j = create(&s, &s.key, json!({"templateID": "base"}));
+    assert_eq!(j.status, 201, "{}", j.text());
+    let g = create(&s, &s.key, json!({"templateID": "base@gvisor", "envVars": {"W": "pooled"}}));
+    assert_eq!(g.status, 201, "{}", g.text());
+    let sb = Sandbox::from(&g.json());
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tier"], json!("gvisor"), "{}", d.text());
+    assert_eq!(run(&s, &sb, "/bin/sh", &["-c", "echo $W"]), "pooled\n");
+    let m = s.api("GET", "/metrics", Value::Null).text();
+    let hit = |tier: &str| {
+        m.lines().any(|l| {
+            l.starts_with("ringfence_sandbox_startup_seconds_count{")
+                && l.contains(&format!("tier=\"{tier}\""))
+                && l.contains("pool=\"hit\"")
+        })
+    };
+    assert!(hit("gvisor") && !hit("jail"), "one gvisor pool hit, no jail hit:\n{m}");
 }

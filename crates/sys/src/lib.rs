@@ -410,7 +410,11 @@ pub fn restrict_caps(keep: u64) -> Result<()> {
     check("capset", ret)?;
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
     let ret = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
-    check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()).map(drop)
+    match check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", ret.into()) {
+        // A kernel without ambient capabilities (gVisor's sentry) has none to clear.
+        Err(e) if e.source.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 /// Brings the loopback interface of the current network namespace up.
@@ -850,25 +854,39 @@ pub const CONTROL_FD: RawFd = 3;
 /// Takes ownership of the inherited control channel (fd 3). Returns `None` if fd 3 is not an
 /// open socket, or if it was already taken: ownership can be claimed once per process.
 pub fn take_control_fd() -> Option<OwnedFd> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static TAKEN: AtomicBool = AtomicBool::new(false);
-    if TAKEN.swap(true, Ordering::SeqCst) {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    take_inherited_socket(CONTROL_FD, &TAKEN)
+}
+
+/// The descriptor a gVisor sandbox's agent is handed its packet relay on (after the control
+/// channel).
+pub const RELAY_FD: RawFd = CONTROL_FD + 1;
+
+/// Takes ownership of the inherited packet relay (fd 4, a `SOCK_SEQPACKET` socket), marking
+/// it close-on-exec. `None` if fd 4 is not an open socket, or if it was already taken.
+pub fn take_relay_fd() -> Option<OwnedFd> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    take_inherited_socket(RELAY_FD, &TAKEN)
+}
+
+/// Takes ownership of inherited descriptor `fd` if it is an open socket not yet taken (`taken`
+/// is that descriptor's own flag), marking it close-on-exec.
+fn take_inherited_socket(fd: RawFd, taken: &std::sync::atomic::AtomicBool) -> Option<OwnedFd> {
+    if taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return None;
     }
     // SAFETY: stat is plain old data; zeroed is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat only writes into `st`.
-    if unsafe { libc::fstat(CONTROL_FD, &mut st) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
-    {
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return None;
     }
-    // SAFETY: fd 3 is open (checked above), was placed there by our parent for us, and the
-    // atomic flag guarantees no second OwnedFd is ever made from it in this process.
-    let fd = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // SAFETY: `fd` is open (checked above), was placed there by our parent for us, and its
+    // flag guarantees no second OwnedFd is ever made from it in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: F_SETFD on a descriptor we own; keeps it out of every process we start.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    Some(fd)
+    unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(owned)
 }
 
 /// Marks an inherited descriptor close-on-exec, so that it stays in this process only.
@@ -1244,6 +1262,27 @@ pub fn idmapped_tree(
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
+    set_tree_attr(&tree, &attr, "mount_setattr(MOUNT_ATTR_IDMAP)")?;
+    Ok(tree)
+}
+
+/// [`idmapped_tree`] for a directory the sandbox may write (a volume): the same mapping
+/// (canonical ids 0..N read and are written as the sandbox's own), never setuid or device
+/// files, and writable.
+pub fn idmapped_writable_tree(path: &std::path::Path, userns: &OwnedFd) -> Result<OwnedFd> {
+    let tree = detached_tree(path)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    set_tree_attr(&tree, &attr, "mount_setattr(MOUNT_ATTR_IDMAP, writable)")?;
+    Ok(tree)
+}
+
+/// Applies `attr` to every mount of the detached tree `tree`.
+fn set_tree_attr(tree: &OwnedFd, attr: &MountAttr, call: &'static str) -> Result<()> {
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of a valid, initialised
     // struct that outlives the call; the path is the empty C string.
     let ret = unsafe {
@@ -1252,12 +1291,11 @@ pub fn idmapped_tree(
             tree.as_raw_fd(),
             c"".as_ptr(),
             (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };
-    check("mount_setattr(MOUNT_ATTR_IDMAP)", ret)?;
-    Ok(tree)
+    check(call, ret).map(drop)
 }
 
 /// Makes a detached copy of the mount tree at `path`, attached nowhere until

@@ -8,7 +8,7 @@
 // stops reading one of them fails loudly here rather than silently talking to e2b.app.
 // Each check prints one line; the first failure prints `FAILED: ...` on stderr and exits 1.
 
-import { Sandbox, CommandExitError, NotEnoughSpaceError, NotFoundError } from 'e2b'
+import { Sandbox, Volume, CommandExitError, NotEnoughSpaceError, NotFoundError } from 'e2b'
 
 function env(name) {
   const v = process.env[name]
@@ -178,8 +178,23 @@ async function main() {
   console.log(`${checks} passed, 0 failed`)
 }
 
+// Volumes and their content API (the SDK sends content calls to E2B_VOLUME_API_URL, which
+// scripts/conformance.sh points at the server), with no sandbox running.
+async function volumes() {
+  const vol = await Volume.create(`js-vol-${Date.now()}`, conn)
+  check('Volume.create', vol.volumeId && vol.token, vol.volumeId)
+  await vol.writeFile('/js/hello.txt', 'from js', { force: true })
+  check('Volume writeFile/readFile', (await vol.readFile('/js/hello.txt')) === 'from js')
+  const names = (await vol.list('/', { depth: 2 })).map((e) => e.path).sort()
+  check('Volume list', JSON.stringify(names) === JSON.stringify(['/js', '/js/hello.txt']), names)
+  const listed = (await Volume.list(conn)).map((v) => v.volumeId)
+  check('Volume.list', listed.includes(vol.volumeId), listed)
+  check('Volume.destroy', (await Volume.destroy(vol.volumeId, conn)) === true)
+}
+
 try {
   await badInput()
+  await volumes()
   await main()
 } catch (e) {
   // One line with the reason, then (for anything but a failed check) the stack.

@@ -236,7 +236,7 @@ impl Upload {
                 &format!("{METADATA_PREFIX}{key}"),
                 Some(value.as_bytes()),
             )
-            .map_err(|e| map_io(e.source, &path))?;
+            .map_err(|e| metadata_io(e, &path))?;
         }
         nix::fcntl::renameat(
             self.dir.as_fd(),

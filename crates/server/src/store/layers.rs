@@ -17,6 +17,19 @@ impl Store {
         lifecycle: &Lifecycle,
         memory: bool,
     ) -> Result<(), StoreError> {
+        self.pause_sandbox_because(id, layer, lifecycle, memory, "api")
+    }
+
+    /// [`Store::pause_sandbox`], recording why (`api`, `timeout`, `idle`, `memory_pressure`)
+    /// in the event.
+    pub fn pause_sandbox_because(
+        &self,
+        id: &str,
+        layer: Option<&str>,
+        lifecycle: &Lifecycle,
+        memory: bool,
+        cause: &str,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         if let Some(layer) = layer {
@@ -27,7 +40,12 @@ impl Store {
             params![id, serde_json::to_string(lifecycle)?, SandboxState::Paused],
         )?;
         not_found_if_zero(n, id)?;
-        insert_event_on(&tx, id, "paused", &serde_json::json!({ "memory": memory }))?;
+        insert_event_on(
+            &tx,
+            id,
+            "paused",
+            &serde_json::json!({ "memory": memory, "cause": cause }),
+        )?;
         tx.commit()?;
         Ok(())
     }

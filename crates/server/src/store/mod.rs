@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The schema this build writes and understands.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 8;
 
 /// Prefix E2B SDKs expect on API keys; kept so existing client configs work unchanged.
 const KEY_PREFIX: &str = "e2b_";
@@ -37,14 +37,18 @@ pub const MAX_LIST_LIMIT: u32 = 1000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 mod audit;
+mod events;
 mod keys;
 mod layers;
 mod sandboxes;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod volumes;
 
+pub use events::{Attempt, Delivery, DueDelivery, LifecycleEvent, Webhook};
 use schema::migrate;
+pub use volumes::VolumeRecord;
 
 const KEY_COLUMNS: &str = "id, name, created_at, operator, limits, tiers";
 
@@ -203,6 +207,15 @@ pub struct Lifecycle {
     /// Pause or kill after this long without activity (our extension; 0 = never).
     pub idle_timeout_ms: u64,
     pub idle_action_pause: bool,
+    /// Volumes attached to it (`crate::volumes`): carried across pauses, restarts and forks.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume attached to a sandbox: the volume's id and where it shows inside.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub id: String,
+    pub path: String,
 }
 
 /// A named snapshot: a sandbox's filesystem as layers, usable as a template.
@@ -648,9 +661,10 @@ mod order_tests {
         let ids: Vec<String> =
             store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["sb0", "sb2", "sb4"]);
+        // Inclusive: a sandbox's own start time lists it.
         let q = ListQuery { started_after_ms: Some(1002), ..ListQuery::default() };
         let ids: Vec<String> =
             store.list_sandboxes("k", &q).unwrap().0.into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, ["sb3", "sb4"]);
+        assert_eq!(ids, ["sb2", "sb3", "sb4"]);
     }
 }

@@ -31,6 +31,11 @@ impl Store {
 
     /// Records a sandbox started again under its old id (resume after a filesystem-only pause).
     pub fn restarted(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        self.restarted_because(rec, "api")
+    }
+
+    /// [`Store::restarted`], recording why it resumed (`api` or `traffic`) in the event.
+    pub fn restarted_because(&self, rec: &SandboxRecord, cause: &str) -> Result<(), StoreError> {
         let n = self.conn().execute(
             "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3, state = ?4, end_at = ?5, \
              lifecycle = ?6 WHERE id = ?1",
@@ -44,7 +49,7 @@ impl Store {
             ],
         )?;
         not_found_if_zero(n, &rec.id)?;
-        self.record_event(&rec.id, "resumed", &serde_json::json!({"memory": false}))
+        self.record_event(&rec.id, "resumed", &serde_json::json!({"memory": false, "cause": cause}))
     }
 
     pub fn set_lifecycle(&self, id: &str, lifecycle: &Lifecycle) -> Result<(), StoreError> {
@@ -123,8 +128,10 @@ impl Store {
             sql.push_str(" AND template = ?");
             args.push(Value::Text(t.clone()));
         }
+        // Inclusive: a client that passes back a sandbox's own `startedAt` (millisecond
+        // precision, as we print it) expects that sandbox in the list.
         if let Some(after) = query.started_after_ms {
-            sql.push_str(" AND created_at > ?");
+            sql.push_str(" AND created_at >= ?");
             args.push(Value::Integer(after));
         }
         sql.push_str(if query.newest_first {

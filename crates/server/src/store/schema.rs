@@ -181,6 +181,119 @@ ALTER TABLE sandboxes ADD COLUMN tier TEXT NOT NULL DEFAULT 'jail';
 ALTER TABLE api_keys ADD COLUMN tiers TEXT;
 ";
 
+/// A random version-4 UUID in SQL, for rows the triggers below create.
+macro_rules! sql_uuid {
+    () => {
+        "lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || \
+         substr(lower(hex(randomblob(2))), 2) || '-' || \
+         substr('89ab', 1 + (abs(random()) % 4), 1) || substr(lower(hex(randomblob(2))), 2) || \
+         '-' || lower(hex(randomblob(6)))"
+    };
+}
+
+/// Lifecycle events as E2B publishes them (`GET /events/sandboxes`), and the webhook outbox.
+///
+/// `lifecycle_events` is filled by a trigger on `events`, so every state change that already
+/// commits its event (create, kill, pause, resume, snapshot, network or timeout update) yields
+/// the published event in the same transaction, with no code path able to skip it. It has no
+/// foreign key: it outlives the sandbox row, and copies the owner, template and metadata.
+///
+/// `webhook_deliveries` is the outbox: a trigger on `lifecycle_events` queues one row per
+/// enabled webhook of the same key that subscribed to the event type, again in the same
+/// transaction. The delivery loop (`crate::events`) sends due rows and records each attempt;
+/// a row is settled only after the receiver answered 2xx, so a crash between sending and
+/// recording sends it again (at least once).
+pub(super) const SCHEMA_V7: &str = concat!(
+    "
+CREATE TABLE lifecycle_events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    key_id     TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    template   TEXT NOT NULL,
+    metadata   TEXT NOT NULL,
+    ts         INTEGER NOT NULL,
+    type       TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+CREATE INDEX lifecycle_events_by_key ON lifecycle_events (key_id, seq);
+CREATE INDEX lifecycle_events_by_sandbox ON lifecycle_events (sandbox_id, seq);
+CREATE TABLE webhooks (
+    id         TEXT PRIMARY KEY NOT NULL,
+    key_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    enabled    INTEGER NOT NULL,
+    events     TEXT NOT NULL,
+    secret     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX webhooks_by_key ON webhooks (key_id);
+CREATE TABLE webhook_deliveries (
+    id          TEXT PRIMARY KEY NOT NULL,
+    webhook_id  TEXT NOT NULL,
+    event_seq   INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error  TEXT,
+    created_at  INTEGER NOT NULL,
+    settled_at  INTEGER
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
+CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (webhook_id, created_at);
+CREATE TRIGGER events_publish AFTER INSERT ON events
+    WHEN NEW.kind IN ('created', 'killed', 'lost', 'paused', 'resumed', 'snapshot', 'network',
+                      'timeout')
+BEGIN
+    INSERT INTO lifecycle_events (id, key_id, sandbox_id, template, metadata, ts, type, detail)
+        SELECT ",
+    sql_uuid!(),
+    ", s.key_id, s.id, s.template, s.metadata, NEW.ts,
+            'sandbox.lifecycle.' || CASE NEW.kind
+                WHEN 'lost' THEN 'killed'
+                WHEN 'snapshot' THEN 'checkpointed'
+                WHEN 'network' THEN 'updated'
+                WHEN 'timeout' THEN 'updated'
+                ELSE NEW.kind END,
+            NEW.detail
+        FROM sandboxes s WHERE s.id = NEW.sandbox_id;
+END;
+CREATE TRIGGER lifecycle_events_outbox AFTER INSERT ON lifecycle_events
+BEGIN
+    INSERT INTO webhook_deliveries (id, webhook_id, event_seq, state, next_at, created_at)
+        SELECT ",
+    sql_uuid!(),
+    ", w.id, NEW.seq, 'pending', NEW.ts, NEW.ts
+        FROM webhooks w
+        WHERE w.key_id = NEW.key_id AND w.enabled != 0
+            AND EXISTS (SELECT 1 FROM json_each(w.events) e WHERE e.value = NEW.type);
+END;
+"
+);
+
+/// Volumes (`crate::volumes`) and create's `Idempotency-Key`. A volume's name is unique per key, and the bearer token of the content API
+/// (kept like a sandbox's access token: `GET /volumes/{id}` returns it again).
+pub(super) const SCHEMA_V8: &str = "
+CREATE TABLE volumes (
+    id         TEXT PRIMARY KEY NOT NULL,
+    key_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    token      TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    UNIQUE (key_id, name)
+);
+-- Creates under an Idempotency-Key: the sandbox the first one made (crate::extras).
+CREATE TABLE idempotency (
+    key_id     TEXT NOT NULL,
+    idem_key   TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+";
+
 /// Brings the schema up to `SCHEMA_VERSION` in one immediate transaction, so two servers
 /// started on the same file cannot both run the same migration.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -209,6 +322,12 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if current < 6 {
         tx.execute_batch(SCHEMA_V6)?;
+    }
+    if current < 7 {
+        tx.execute_batch(SCHEMA_V7)?;
+    }
+    if current < 8 {
+        tx.execute_batch(SCHEMA_V8)?;
     }
     if current < SCHEMA_VERSION {
         tx.execute("DELETE FROM schema_version", [])?;

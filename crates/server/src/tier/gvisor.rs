@@ -9,6 +9,7 @@
 //! (the agent ends with its channel), seccomp denial reports (gVisor has no user notification),
 //! kernel injection for the code interpreter.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -26,6 +27,8 @@ pub struct GvisorSettings {
     pub data_dir: PathBuf,
     /// runsc's state and each sandbox's bundle go under `<run_dir>/gvisor`.
     pub run_dir: PathBuf,
+    /// Bound into code-interpreter templates (as in the jail).
+    pub interp_env: PathBuf,
 }
 
 /// The gvisor tier of one server.
@@ -34,7 +37,7 @@ pub struct GvisorTier {
     settings: GvisorSettings,
     /// The probe's outcome, taken on the first start.
     cfg: OnceLock<Result<GvisorConfig, String>>,
-    template: Mutex<Option<Template>>,
+    templates: Mutex<HashMap<String, Template>>,
 }
 
 impl GvisorTier {
@@ -42,7 +45,7 @@ impl GvisorTier {
     /// with the first start). `None`: the registry reports why it is unavailable.
     pub fn new(settings: GvisorSettings) -> Option<GvisorTier> {
         ringfence_gvisor::probe::find_runsc()?;
-        Some(GvisorTier { settings, cfg: OnceLock::new(), template: Mutex::new(None) })
+        Some(GvisorTier { settings, cfg: OnceLock::new(), templates: Mutex::new(HashMap::new()) })
     }
 
     fn config(&self) -> Result<&GvisorConfig, TierError> {
@@ -65,18 +68,37 @@ impl GvisorTier {
     }
 
     /// The host template (the only one this tier runs yet), built on first use.
+    /// The built template behind a built-in name: `base`/`host`, or the code interpreter's
+    /// (the host skeleton plus the interpreter environment bound read-only, as in the jail).
     fn template(&self, name: &str) -> Result<Template, TierError> {
-        if !matches!(name, "base" | "host") {
-            return Err(TierError::TemplateUnavailable(format!("{name} (on the gvisor tier)")));
-        }
+        let key = match name {
+            "base" | "host" => "host",
+            template::INTERP_TEMPLATE => template::INTERP_TEMPLATE,
+            _ => {
+                return Err(TierError::TemplateUnavailable(format!("{name} (on the gvisor tier)")));
+            }
+        };
         let mut cached =
-            self.template.lock().map_err(|_| TierError::Setup("template lock poisoned".into()))?;
-        if let Some(t) = cached.as_ref() {
+            self.templates.lock().map_err(|_| TierError::Setup("template lock poisoned".into()))?;
+        if let Some(t) = cached.get(key) {
             return Ok(t.clone());
         }
-        let t = template::ensure_host(&self.settings.data_dir)
-            .map_err(|e| TierError::Setup(format!("host template: {e}")))?;
-        *cached = Some(t.clone());
+        let t = if key == "host" {
+            template::ensure_host(&self.settings.data_dir)
+        } else {
+            template::ensure_layered(
+                &self.settings.data_dir,
+                key,
+                &[self.settings.interp_env.to_string_lossy().into_owned()],
+            )
+        }
+        .map_err(|e| {
+            // The detail names host paths: the operator reads it in the log, the client
+            // learns only what is missing.
+            tracing::warn!(template = key, error = %e, "template unavailable");
+            TierError::TemplateUnavailable(name.to_string())
+        })?;
+        cached.insert(key.to_string(), t.clone());
         Ok(t)
     }
 }
@@ -104,23 +126,34 @@ impl Tier for GvisorTier {
             fork: true,
             reattach: false,
             kernel_injection: false,
-            network: "none",
-            network_policy: false,
+            network: "relayed-tun",
+            network_policy: true,
             agent_channel: "unix-socket",
         }
     }
 
     fn start(&self, spec: StartSpec) -> Result<GvisorInstance, TierError> {
+        if !spec.volumes.is_empty() {
+            return Err(TierError::Unsupported { tier: TierKind::Gvisor, what: "volume mounts" });
+        }
         let cfg = self.config()?;
         let template = self.template(&spec.template)?;
         // Canonical ids: the container's ids are the files' own (see ringfence_gvisor's docs).
         let mut g = ringfence_gvisor::StartSpec::new(spec.id, template, 0);
+        // The device the agent makes inside gVisor, as the jail's TUN is made (same name,
+        // address and MTU, so the stack and the resolver config serve both alike).
+        g.network = ringfence_gvisor::Network::Relay(ringfence_gvisor::RelaySpec {
+            iface: ringfence_net::tun::IFACE.to_string(),
+            address: ringfence_net::tun::SANDBOX_IP,
+            mtu: ringfence_net::tun::MTU,
+        });
         g.layers = spec.layers;
         g.limits = spec.limits;
         g.env = spec.env;
         let memory_limit = spec.limits.memory;
         let container = Container::start(cfg, g).map_err(gvisor_err)?;
-        Ok(GvisorInstance { container, memory_limit })
+        let relay = container.relay().transpose().map_err(gvisor_err)?.map(std::sync::Arc::new);
+        Ok(GvisorInstance { container, memory_limit, relay })
     }
 
     fn adopt(
@@ -161,6 +194,8 @@ impl Tier for GvisorTier {
 pub struct GvisorInstance {
     container: Container,
     memory_limit: Option<u64>,
+    /// The host's end of the packet relay, for the network layer.
+    relay: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Instance for GvisorInstance {
@@ -177,7 +212,10 @@ impl Instance for GvisorInstance {
     }
 
     fn net(&self) -> NetAttach {
-        NetAttach::None
+        match &self.relay {
+            Some(fd) => NetAttach::Relay(fd.clone()),
+            None => NetAttach::None,
+        }
     }
 
     fn usage(&self) -> Option<Usage> {

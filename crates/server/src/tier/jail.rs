@@ -224,6 +224,7 @@ impl Tier for JailTier {
             limits: spec.limits,
             env: spec.env,
             layers: spec.layers,
+            volumes: spec.volumes,
             // The agent ends when the server's end of its channel closes, unless the server
             // died: then it waits for the next server to reconnect. A death signal tied to a
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.

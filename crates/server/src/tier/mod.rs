@@ -118,7 +118,8 @@ pub struct Capabilities {
     /// without it, kernels start through the agent.
     pub kernel_injection: bool,
     /// How the network reaches the sandbox: "netns-tun" (a TUN in its network namespace,
-    /// served by our userspace stack), "tap", "none".
+    /// served by our userspace stack), "relayed-tun" (a TUN the sandbox's agent made, its
+    /// packets relayed to the same stack), "tap", "none".
     pub network: &'static str,
     /// Every connection passes our egress policy and audit.
     pub network_policy: bool,
@@ -127,10 +128,13 @@ pub struct Capabilities {
 }
 
 /// Where an instance's network plugs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum NetAttach {
     /// A network namespace (its `/proc/<pid>/ns/net`): our stack makes a TUN inside it.
     Netns(PathBuf),
+    /// A device the sandbox made itself, relayed to us packet by packet (gVisor's agent: see
+    /// `ringfence_gvisor::Network::Relay`): our stack runs on this descriptor as on a TUN.
+    Relay(std::sync::Arc<std::os::fd::OwnedFd>),
     /// The instance has no network to attach (it is gone, or the tier has none).
     None,
 }
@@ -162,6 +166,8 @@ pub struct StartSpec {
     pub env: std::collections::BTreeMap<String, String>,
     /// Saved read-only layers, newest first, on top of the template.
     pub layers: Vec<PathBuf>,
+    /// Volumes: host directory and where it shows inside (the jail tier's alone for now).
+    pub volumes: Vec<(PathBuf, String)>,
 }
 
 /// A re-attached instance and whether it had to be thawed (a previous server died with it
