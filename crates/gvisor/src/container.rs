@@ -97,6 +97,21 @@ pub struct Container {
     uid_base: u32,
     /// The host's end of the packet relay, for [`Network::Relay`].
     relay: Option<OwnedFd>,
+    /// This process's claim on the sandbox's directory (see [`own`]).
+    _owner: Option<nix::fcntl::Flock<fs::File>>,
+}
+
+/// The lock file in each sandbox's directory.
+const OWNER_LOCK: &str = "owner.lock";
+
+/// Claims sandbox directory `dir` for this process: an exclusive lock held as long as the
+/// container value lives, so that another server sharing the run directory (tests run several
+/// at once) does not take a live sandbox of ours for a dead server's leftover in [`sweep`].
+fn own(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, GvisorError> {
+    let path = dir.join(OWNER_LOCK);
+    let f = fs::File::create(&path).map_err(io_op(format!("create {}", path.display())))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| io_op(format!("lock {}", path.display()))(e.into()))
 }
 
 fn io_op(op: impl Into<String>) -> impl FnOnce(io::Error) -> GvisorError {
@@ -209,7 +224,9 @@ impl Container {
             deleted: false,
             uid_base: spec.uid_base,
             relay: None,
+            _owner: None,
         };
+        c._owner = Some(own(&dir)?);
         let rootfs = Rootfs::mount(
             &dir,
             &RootfsSpec {
@@ -408,6 +425,14 @@ impl Container {
     }
 
     /// The control channel to the agent (the agent protocol of `ringfence-proto`).
+    /// Leaves the container running and its directory in place, as a host process that dies
+    /// would, releasing only the claim a live process holds on it: what [`sweep`] is for
+    /// (and what its tests make).
+    pub fn abandon(mut self) {
+        drop(self._owner.take());
+        std::mem::forget(self);
+    }
+
     /// A descriptor of the host's end of the packet relay ([`Network::Relay`]): one IPv4
     /// packet per message, non-blocking. `None` without a relayed network.
     pub fn relay(&self) -> Option<Result<OwnedFd, GvisorError>> {
@@ -539,6 +564,18 @@ pub fn sweep(cfg: &GvisorConfig, keep: &[&str]) -> Result<Vec<String>, GvisorErr
         if keep.contains(&id.as_str()) || check_id(&id).is_err() {
             continue;
         }
+        // A sandbox a live process holds (another server sharing this run directory) is not
+        // a leftover. No lock file: its server died before it made one.
+        let owner = match fs::File::open(entry.path().join(OWNER_LOCK)) {
+            Ok(f) => {
+                match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                    Ok(lock) => Some(lock),
+                    Err((_, nix::Error::EWOULDBLOCK)) => continue,
+                    Err((_, e)) => return Err(io_op(format!("lock in {id}"))(e.into())),
+                }
+            }
+            Err(_) => None,
+        };
         // A container value for it, whose delete does the work.
         let mut c = Container {
             id: id.clone(),
@@ -553,6 +590,7 @@ pub fn sweep(cfg: &GvisorConfig, keep: &[&str]) -> Result<Vec<String>, GvisorErr
             deleted: false,
             uid_base: 0,
             relay: None,
+            _owner: owner,
         };
         c.delete()?;
         removed.push(id);

@@ -489,8 +489,16 @@ fn sweep_removes_what_a_dead_host_process_left() {
     let c = start_here("orphan");
     let id = c.id.clone();
     let kept = start_here("kept");
-    // As if the host process died: nothing of the container's own cleanup runs.
-    std::mem::forget(c);
+    // As if the host process died: nothing of the container's own cleanup runs, and its
+    // claim on the directory went with the process.
+    c.abandon();
+    // A sandbox another live process holds is passed by.
+    let held = start_here("held");
+    assert_eq!(
+        ringfence_gvisor::sweep(&cfg, &[kept.id.as_str(), id.as_str()]).unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(cfg.sandbox_dir(&held.id).exists());
     let removed = ringfence_gvisor::sweep(&cfg, &[kept.id.as_str()]).unwrap();
     assert_eq!(removed, std::slice::from_ref(&id));
     assert!(!cfg.sandbox_dir(&id).exists());

@@ -343,16 +343,20 @@ fn gvisor_egress_through_the_same_policy() {
     assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
     for ip in ["169.254.169.254", "10.66.0.5"] {
         let (out, code) = srv.run(&sb, &format!("curl -sS -m 5 http://{ip}/"));
-        assert_eq!(code, 7, "{ip}: {out}");
+        assert_eq!(code, 7, "{ip}: {out}\n{}", srv.log());
     }
     // The device is the agent's: the sandbox's root cannot make another or change this one.
-    let (out, _) = srv.run(
+    let (out, code) = srv.run(
         &sb,
         "python3 -c \"import fcntl,os,struct; fd=os.open('/dev/net/tun', os.O_RDWR); \
          fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'x0', 0x1001))\" 2>&1 | tail -1; \
          grep CapBnd /proc/self/status",
     );
-    assert!(out.contains("PermissionError") && out.contains("0000000000000000"), "{out}");
+    assert!(
+        out.contains("PermissionError") && out.contains("0000000000000000"),
+        "{code} {out:?}\n{}",
+        srv.log()
+    );
     // Every decision is audited, with the same reasons.
     let recs = srv.egress(&sb, |r| r.len() >= 4);
     assert!(
