@@ -5,6 +5,8 @@ Interleaved per round (jail, then wasm, each a fresh sandbox of `code-interprete
   1. create -> first `run_code("1+1")` result (POST /v2/sandboxes, then POST /execute until
      the result line);
   2. `run_code("1+1")` round trip in a live sandbox (to `end_of_execution`);
+  2b. the same two for JavaScript (`language="js"`): a live sandbox's first JavaScript cell
+      (the context's start), and the round trip;
 then, for the wasm tier alone:
   3. host memory per idle instance: the server's RSS (PSS would count shared pages once; the
      compiled module is mapped shared, so RSS over N sandboxes minus RSS before, divided by N,
@@ -104,6 +106,26 @@ def main():
                 c.execute(sid, tok, "1+1")
                 trip[tier].append((time.perf_counter() - t0) * 1e3)
             c.kill(sid)
+        # JavaScript: a sandbox's first JavaScript cell (its context starts: a QuickJS instance
+        # with our kernel script in the wasm tier, a Node kernel in the jail), then round trips.
+        js_first = {"jail": [], "wasm": []}
+        js_trip = {"jail": [], "wasm": []}
+        for _ in range(a.rounds):
+            for tier, tpl in (("jail", "code-interpreter-v1"), ("wasm", "code-interpreter-v1@wasm")):
+                sid, tok = c.create(tpl)
+                t0 = time.perf_counter()
+                _, text = c.execute(sid, tok, "1+1", language="js")
+                js_first[tier].append((time.perf_counter() - t0) * 1e3)
+                assert text == "2", text
+                c.kill(sid)
+        for tier, tpl in (("jail", "code-interpreter-v1"), ("wasm", "code-interpreter-v1@wasm")):
+            sid, tok = c.create(tpl)
+            c.execute(sid, tok, "1+1", language="js")
+            for _ in range(a.trips):
+                t0 = time.perf_counter()
+                c.execute(sid, tok, "1+1", language="js")
+                js_trip[tier].append((time.perf_counter() - t0) * 1e3)
+            c.kill(sid)
         pool = os.environ.get('RINGFENCE_WASM_POOL', '2')
         print(f"create -> first run_code('1+1') result (jail: no pool; wasm: tier pool of {pool}):")
         for tier in ("jail", "wasm"):
@@ -111,6 +133,12 @@ def main():
         print("run_code('1+1') round trip:")
         for tier in ("jail", "wasm"):
             report(tier, trip[tier])
+        print("JavaScript: a live sandbox's first run_code('1+1', language='js') (context start):")
+        for tier in ("jail", "wasm"):
+            report(tier, js_first[tier])
+        print("JavaScript: run_code('1+1', language='js') round trip:")
+        for tier in ("jail", "wasm"):
+            report(tier, js_trip[tier])
 
         before = rss_kib(srv.pid)
         held = []

@@ -311,6 +311,13 @@ fn wasm_sandboxes_run_python_say_what_they_cannot_do_and_refuse_the_rest() {
     // Python runs, as a command (E2B's SDK wraps commands in bash -l -c).
     let out = run(&s, &sb, "/bin/bash", &["-l", "-c", "python3 -c 'print(6 * 7)'"]);
     assert_eq!(out, "42\n");
+    // JavaScript too (QuickJS for WASI), where scripts/build-wasm-js.sh built it.
+    if std::path::Path::new("/var/cache/ringfence/wasm-js/ringfence-qjs.wasm").is_file() {
+        let out = run(&s, &sb, "/bin/bash", &["-l", "-c", "node -e 'console.log(6 * 7)'"]);
+        assert_eq!(out, "42\n");
+    } else {
+        println!("SKIPPED {test} (node part): QuickJS for WASI is not built (scripts/setup.sh)");
+    }
     // Nothing else does, and the refusal names the tier.
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("user:"));
     let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "cat /etc/passwd"]}});

