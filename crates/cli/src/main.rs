@@ -116,7 +116,9 @@ fn wasm_prepare() -> ExitCode {
                 load.deserialize.as_secs_f64() * 1e3
             );
             match (&load.js, js) {
-                (Some((path, c)), _) => println!("javascript: {} ({})", path.display(), compiled(*c)),
+                (Some((path, c)), _) => {
+                    println!("javascript: {} ({})", path.display(), compiled(*c))
+                }
                 (None, Err(why)) => println!("javascript: not available: {why}"),
                 (None, Ok(())) => {}
             }

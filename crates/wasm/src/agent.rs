@@ -677,46 +677,40 @@ fn run_proc(shared: &Arc<Shared>, p: Pending) -> ExitStatus {
         Program::Node(args) => (Lang::JavaScript, Ok(node_turn(args))),
         Program::Kernel(_) => return run_kernel(shared, p),
     };
-    {
-        {
-            let code = match code {
-                Ok(c) => c,
-                Err(m) => {
-                    let mut sink = sink_for(shared, p.id, p.flow.clone());
-                    sink(Stream::Stderr, format!("{m}\n").as_bytes());
-                    return ExitStatus::Code(2);
-                }
-            };
-            let spec = session_spec(shared, &p.spec, lang);
-            let mut session = match Session::new(&shared.cfg.runtime, &spec) {
-                Ok(s) => s,
-                Err(e) => {
-                    let mut sink = sink_for(shared, p.id, p.flow.clone());
-                    sink(Stream::Stderr, format!("wasm tier: {e}\n").as_bytes());
-                    return ExitStatus::Code(127);
-                }
-            };
-            set_killer(&p.killer, &session);
-            let mem = session.memory_bytes();
-            shared.memory.fetch_add(mem, Ordering::Relaxed);
-            let sink = sink_for(shared, p.id, p.flow.clone());
-            let (ended, dropped) = session.turn(code.as_bytes(), shared.cfg.call_timeout, sink);
-            account(shared, &session, Duration::ZERO);
-            shared.memory.fetch_sub(mem, Ordering::Relaxed);
-            let mut sink = sink_for(shared, p.id, p.flow.clone());
-            note_dropped(&mut sink, dropped);
-            match ended {
-                Ended::Returned(c) | Ended::Exit(c) => ExitStatus::Code(c),
-                Ended::Timeout => {
-                    sink(Stream::Stderr, b"wasm tier: the command ran past its time limit\n");
-                    ExitStatus::Signal(9)
-                }
-                Ended::Killed => ExitStatus::Signal(9),
-                Ended::Trap(t) => {
-                    sink(Stream::Stderr, format!("wasm tier: the guest trapped: {t}\n").as_bytes());
-                    ExitStatus::Signal(6)
-                }
-            }
+    let sink = || sink_for(shared, p.id, p.flow.clone());
+    let code = match code {
+        Ok(c) => c,
+        Err(m) => {
+            sink()(Stream::Stderr, format!("{m}\n").as_bytes());
+            return ExitStatus::Code(2);
+        }
+    };
+    let spec = session_spec(shared, &p.spec, lang);
+    let mut session = match Session::new(&shared.cfg.runtime, &spec) {
+        Ok(s) => s,
+        Err(e) => {
+            sink()(Stream::Stderr, format!("wasm tier: {e}\n").as_bytes());
+            return ExitStatus::Code(127);
+        }
+    };
+    set_killer(&p.killer, &session);
+    let mem = session.memory_bytes();
+    shared.memory.fetch_add(mem, Ordering::Relaxed);
+    let (ended, dropped) = session.turn(code.as_bytes(), shared.cfg.call_timeout, sink());
+    account(shared, &session, Duration::ZERO);
+    shared.memory.fetch_sub(mem, Ordering::Relaxed);
+    let mut sink = sink();
+    note_dropped(&mut sink, dropped);
+    match ended {
+        Ended::Returned(c) | Ended::Exit(c) => ExitStatus::Code(c),
+        Ended::Timeout => {
+            sink(Stream::Stderr, b"wasm tier: the command ran past its time limit\n");
+            ExitStatus::Signal(9)
+        }
+        Ended::Killed => ExitStatus::Signal(9),
+        Ended::Trap(t) => {
+            sink(Stream::Stderr, format!("wasm tier: the guest trapped: {t}\n").as_bytes());
+            ExitStatus::Signal(6)
         }
     }
 }

@@ -513,6 +513,10 @@ fn the_javascript_kernel_speaks_the_protocol_with_state_and_errors() {
     assert!(e["traceback"].as_str().unwrap().contains("<cell-3>"), "{e}");
     let m = exec(&mut c, "await new Promise((r) => setTimeout(() => r(x * 2), 10))");
     assert_eq!(find(&m, "result").unwrap()["text"], "82", "{m:?}");
+    // A binding declared in an awaiting cell outlives it, as in Node's REPL.
+    exec(&mut c, "let y = await Promise.resolve(7)");
+    let m = exec(&mut c, "y + 1");
+    assert_eq!(find(&m, "result").unwrap()["text"], "8", "{m:?}");
     let m = exec(&mut c, "({a: 1, b: 'two'})");
     assert_eq!(find(&m, "result").unwrap()["text"], "{ a: 1, b: 'two' }");
     // State outlives the error and the awaited cell.
