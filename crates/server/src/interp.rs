@@ -603,6 +603,10 @@ async fn start_agent_kernel(
         // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
         if e.contains("working directory does not exist") {
             format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
+        } else if e.contains("wasm tier") && e.contains("JavaScript engine") {
+            // The wasm tier's agent refused: this host has no QuickJS build (the client's
+            // to know, as for any language the tier cannot run).
+            format!("{NOT_ON_TIER}{e}")
         } else {
             format!("{what}: {e}")
         }
