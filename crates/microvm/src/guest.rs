@@ -141,9 +141,29 @@ pub fn build_initramfs(agent: &Path, modules: &Path, dest: &Path) -> Result<(), 
         let ko = read(&modules.join(format!("{name}.ko")))?;
         c.entry(&format!("lib/modules/{name}.ko"), FILE, &ko).map_err(w)?;
     }
-    c.entry("init", EXEC, &read(agent)?).map_err(w)?;
+    c.entry("init", EXEC, &without_debug_info(agent, &tmp).map_or_else(|| read(agent), Ok)?)
+        .map_err(w)?;
     c.finish().map_err(w)?;
     fs::rename(&tmp, dest).map_err(io(format!("rename to {}", dest.display())))
+}
+
+/// The agent without its debug information (`objcopy --strip-debug`), or `None` where that
+/// cannot be made. The initramfs is unpacked into guest memory: a debug build's agent carries
+/// ~200 MB of DWARF (every crate the workspace links, wasmtime's included), which left a
+/// 256 MiB guest without room to run it; the guest has no use for it.
+fn without_debug_info(agent: &Path, beside: &Path) -> Option<Vec<u8>> {
+    let out = beside.with_extension("agent");
+    let ok = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(agent)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let bytes = if ok { fs::read(&out).ok() } else { None };
+    let _ = fs::remove_file(&out);
+    bytes
 }
 
 /// Bump when the image's layout changes, so old images are rebuilt.
