@@ -929,6 +929,18 @@ mod tests {
         Ok(mib)
     }
 
+    /// Waits for the loop devices of images under `image_dir` to clear themselves (they do so
+    /// asynchronously after the last unmount), failing after two seconds.
+    fn assert_loop_devices_go(image_dir: &Path) {
+        for _ in 0..100 {
+            if loop_devices_of(image_dir) == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(loop_devices_of(image_dir), 0);
+    }
+
     fn loop_devices_of(image_dir: &Path) -> usize {
         // /sys/block/loopN/loop/backing_file names each attached device's image.
         let Ok(rd) = fs::read_dir("/sys/block") else { return 0 };
@@ -975,14 +987,7 @@ mod tests {
         assert!(!p.image_path("gone").exists());
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(&*root.to_string_lossy()), "{mounts}");
-        // The loop device clears itself asynchronously after the last unmount.
-        for _ in 0..100 {
-            if loop_devices_of(t.path()) == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(loop_devices_of(t.path()), 0);
+        assert_loop_devices_go(t.path());
     }
 
     #[test]
@@ -1105,13 +1110,7 @@ mod tests {
         assert!(p.spares_of(16 << 20).is_empty());
         assert!(is_mountpoint(taken.root()), "a claimed spare is not discarded");
         drop(taken);
-        for _ in 0..100 {
-            if loop_devices_of(t.path()) == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(loop_devices_of(t.path()), 0);
+        assert_loop_devices_go(t.path());
     }
 
     #[test]
@@ -1155,13 +1154,7 @@ mod tests {
         let spare = p.claim("next", 16 << 20, 100_000_000).unwrap();
         assert!(spare.root().starts_with(p.spare_dir()));
         drop(spare);
-        for _ in 0..100 {
-            if loop_devices_of(t.path()) == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(loop_devices_of(t.path()), 0);
+        assert_loop_devices_go(t.path());
     }
 
     #[test]
@@ -1178,12 +1171,6 @@ mod tests {
         assert!(fill(&d.upper(), "big", 64).is_err());
         drop(d);
         assert!(!p.image_path("det").exists());
-        for _ in 0..100 {
-            if loop_devices_of(t.path()) == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(loop_devices_of(t.path()), 0);
+        assert_loop_devices_go(t.path());
     }
 }
