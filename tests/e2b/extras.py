@@ -1,7 +1,7 @@
 """The rest of E2B 2.63's sandbox surface through the unmodified SDK (and its generated REST
 client where the SDK has no wrapper): Idempotency-Key on create, refreshes, v1/v2 logs,
 `pause(strict=True)`, `create_snapshot(mode=...)`, `connect(on_resume="reboot")`, the v1
-list/create routes and `GET /sandboxes/metrics`."""
+list/create routes, `GET /sandboxes/metrics` and `network={"https_ports": [...]}`."""
 
 import json
 import os
@@ -103,7 +103,42 @@ def pause_modes():
         s.kill()
 
 
+def https_ports():
+    s = Sandbox.create(timeout=60, network={"https_ports": [8443]})
+    try:
+        s.commands.run(
+            "cd /tmp && openssl req -x509 -newkey rsa:2048 -nodes -keyout k.pem -out c.pem "
+            "-subj /CN=sandbox -days 1 >/dev/null 2>&1 && echo secure > index.html")
+        s.commands.run(
+            "python3 -c \"import http.server as h, ssl\n"
+            "c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('c.pem', 'k.pem')\n"
+            "s = h.HTTPServer(('127.0.0.1', 8443), h.SimpleHTTPRequestHandler)\n"
+            "s.socket = c.wrap_socket(s.socket, server_side=True); s.serve_forever()\"",
+            cwd="/tmp", background=True)
+        s.commands.run("for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8443) 2>/dev/null && break; sleep 0.1; done")
+        # get_host(8443) names the sandbox's port; the server is reached on loopback with it as Host.
+        url = os.environ["E2B_SANDBOX_URL"] + "/index.html"
+        req = urllib.request.Request(url, headers={"Host": s.get_host(8443),
+                                                   "E2B-Traffic-Access-Token": s.traffic_access_token or ""})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                got = (r.status, r.read().decode().strip())
+        except urllib.error.HTTPError as e:
+            got = (e.code, e.read().decode())
+        check("https_ports: a sandbox's own TLS service is reached through get_host", got == (200, "secure"), got)
+        net = api("GET", f"/sandboxes/{s.sandbox_id}")[1].get("network", {})
+        check("https_ports: shown back with the sandbox", net.get("httpsPorts") == [8443], net)
+    finally:
+        s.kill()
+    try:
+        Sandbox.create(timeout=30, network={"https_ports": [49983]})
+        check("https_ports: envd's port is refused", False, "created")
+    except SandboxException as e:
+        check("https_ports: envd's port is refused", "49983" in str(e), str(e))
+
+
 if __name__ == "__main__":
+    https_ports()
     idempotency()
     refresh_and_logs()
     pause_modes()

@@ -229,7 +229,7 @@ async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
 const JUPYTER_PORT: u16 = 49999;
 
 /// envd's port.
-const ENVD_PORT: u16 = 49983;
+pub const ENVD_PORT: u16 = 49983;
 
 /// Why a sandbox request may proceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +367,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
                 record.id.as_str(),
                 live.with_instance(|i| i.net()),
                 crate::network::host_mask(&live.net),
+                crate::network::port_speaks_tls(&live.net, other),
             );
             crate::network::inbound(target, other, req).instrument(span).await
         }

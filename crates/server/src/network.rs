@@ -50,6 +50,10 @@ pub struct NetParams {
     pub dns_servers: Option<Vec<String>>,
     /// E2B's `rules`: per-host header transforms, applied on the TLS-terminating path.
     pub rules: RequestRules,
+    /// E2B's `httpsPorts`: sandbox ports whose service speaks TLS itself; inbound requests
+    /// reach them over TLS (their certificate not checked: it is the sandbox's own service,
+    /// reached on the sandbox's loopback, and self-signed ones must work).
+    pub https_ports: Vec<u16>,
 }
 
 impl NetParams {
@@ -62,6 +66,7 @@ impl NetParams {
             mask_request_host: None,
             dns_servers: None,
             rules: RequestRules::default(),
+            https_ports: Vec::new(),
         }
     }
 }
@@ -167,10 +172,9 @@ pub fn parse(
         Some(_) => return Err(bad("network must be an object")),
     };
     let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
-    for (camel, snake, what) in [
-        ("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy"),
-        ("httpsPorts", "https_ports", "HTTPS to sandbox ports"),
-    ] {
+    for (camel, snake, what) in
+        [("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy")]
+    {
         let set = match get(camel, snake) {
             None | Some(Value::Null) => false,
             Some(Value::Object(m)) => !m.is_empty(),
@@ -214,7 +218,34 @@ pub fn parse(
         mask_request_host: mask,
         dns_servers,
         rules: request_rules(get("rules", "rules"))?,
+        https_ports: https_ports(get("httpsPorts", "https_ports"))?,
     })
+}
+
+/// E2B's `httpsPorts`: a list of sandbox ports (1-65535), not envd's.
+fn https_ports(v: Option<&Value>) -> Result<Vec<u16>, crate::manager::ManagerError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("network.httpsPorts must be a list of port numbers")),
+    };
+    let mut ports = Vec::with_capacity(list.len());
+    for p in list {
+        let port =
+            p.as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0).ok_or_else(|| {
+                bad(format!("network.httpsPorts: {p} is not a port number (1-65535)"))
+            })?;
+        if port == crate::api::ENVD_PORT {
+            return Err(bad(format!(
+                "network.httpsPorts: {port} is envd's port, which speaks plain HTTP"
+            )));
+        }
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports.sort_unstable();
+    Ok(ports)
 }
 
 /// One sandbox's network as the server holds it.
@@ -406,6 +437,7 @@ impl Network {
         // Inbound settings are not part of the update body: they stay.
         params.public = state.params.public;
         params.mask_request_host = state.params.mask_request_host.clone();
+        params.https_ports = state.params.https_ports.clone();
         state.params = params;
         Ok(cut)
     }
@@ -433,6 +465,7 @@ impl Network {
             "maskRequestHost": s.params.mask_request_host,
             "egressBytesPerSecond": s.net.rate(),
             "rules": rules_json(&s.params.rules),
+            "httpsPorts": s.params.https_ports,
             "connections": s.net.connections(),
         });
         // The SDK reads present fields as lists and strings: absent, never null.
@@ -453,6 +486,7 @@ impl Network {
             "maskRequestHost": params.mask_request_host,
             "dnsServers": params.dns_servers,
             "rules": rules_json(&params.rules),
+            "httpsPorts": params.https_ports,
         })
     }
 }
@@ -589,13 +623,91 @@ pub fn host_mask(slot: &NetSlot) -> Option<String> {
     slot.lock().ok().and_then(|s| s.as_ref().and_then(|s| s.params.mask_request_host.clone()))
 }
 
+/// Whether the sandbox said its service on `port` speaks TLS (`httpsPorts`).
+pub fn port_speaks_tls(slot: &NetSlot, port: u16) -> bool {
+    slot.lock()
+        .ok()
+        .is_some_and(|s| s.as_ref().is_some_and(|s| s.params.https_ports.contains(&port)))
+}
+
+/// A TLS client for a sandbox's own HTTPS service: any certificate is taken (E2B's
+/// documented behaviour for `httpsPorts`, so self-signed ones work). What this gives up is
+/// only the check of who answers, and the answer comes from the sandbox's own loopback, in its
+/// own network namespace, which nothing else can listen on; the handshake's signatures are
+/// still checked, so the session is at least bound to the certificate that was offered.
+fn sandbox_tls() -> Option<tokio_rustls::TlsConnector> {
+    static CONNECTOR: std::sync::OnceLock<Option<tokio_rustls::TlsConnector>> =
+        std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .ok()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
+}
+
+/// See [`sandbox_tls`].
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Relays one HTTP request (and, on `101 Switching Protocols`, the upgraded connection) to
 /// `127.0.0.1:port` inside sandbox `id`, whose network its tier attached at `at`, with the
 /// Host header `mask` if the sandbox set one.
 pub async fn inbound(
-    (id, at, mask): (&str, Option<crate::tier::NetAttach>, Option<String>),
+    (id, at, mask, tls): (&str, Option<crate::tier::NetAttach>, Option<String>, bool),
     port: u16,
-    mut req: Request,
+    req: Request,
 ) -> Response {
     let ns = match at {
         Some(crate::tier::NetAttach::Netns(ns)) => ns,
@@ -609,6 +721,30 @@ pub async fn inbound(
         Ok(s) => s,
         Err(e) => return port_closed(id, port, &e.to_string()),
     };
+    if !tls {
+        return relay_inbound((id, port, mask), stream, req).await;
+    }
+    let Some(connector) = sandbox_tls() else {
+        return port_closed(id, port, "no TLS client could be made");
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from("localhost") else {
+        return port_closed(id, port, "no TLS server name");
+    };
+    match connector.connect(name.to_owned(), stream).await {
+        Ok(s) => relay_inbound((id, port, mask), s, req).await,
+        Err(e) => port_closed(id, port, &format!("TLS handshake (httpsPorts): {e}")),
+    }
+}
+
+/// The HTTP half of [`inbound`], over a plain or a TLS stream to the sandbox's port.
+async fn relay_inbound<S>(
+    (id, port, mask): (&str, u16, Option<String>),
+    stream: S,
+    mut req: Request,
+) -> Response
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
             Ok(x) => x,

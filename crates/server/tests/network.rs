@@ -306,6 +306,62 @@ fn inbound_ports() {
 }
 
 #[test]
+fn inbound_https_ports() {
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start("inbound_https_ports", &net_args(&net)) else { return };
+    // Bad lists are refused, each naming the problem.
+    for (ports, needle) in [
+        (json!([49983]), "envd's port"),
+        (json!([0]), "not a port number"),
+        (json!([70000]), "not a port number"),
+        (json!("8443"), "must be a list"),
+    ] {
+        let r = srv.api(
+            "POST",
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"httpsPorts": ports}}),
+        );
+        assert_eq!(r.status, 400, "{ports}: {}", r.text());
+        assert!(r.text().contains(needle), "{ports}: {}", r.text());
+    }
+    // A service that speaks TLS itself, with a self-signed certificate made inside.
+    let serve_tls = "cd /tmp && openssl req -x509 -newkey rsa:2048 -nodes -keyout k.pem -out c.pem \
+        -subj /CN=sandbox -days 1 >/dev/null 2>&1 && echo secure > index.html && \
+        (python3 -c \"import http.server as h, ssl\nc = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\nc.load_cert_chain('c.pem', 'k.pem')\ns = h.HTTPServer(('127.0.0.1', 8443), h.SimpleHTTPRequestHandler)\ns.socket = c.wrap_socket(s.socket, server_side=True)\ns.serve_forever()\" >/dev/null 2>&1 &); \
+        for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8443) 2>/dev/null && break; sleep 0.1; done; echo up";
+    let sb = srv.create(json!({"templateID": "base", "network": {"httpsPorts": [8443, 8443]}}));
+    let info = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(info.json()["network"]["httpsPorts"], json!([8443]), "{}", info.text());
+    let (out, _) = srv.run(&sb, serve_tls);
+    assert!(out.contains("up"), "{out}");
+    let get = |id: &str, token: &str| {
+        http(
+            srv.port,
+            "GET",
+            "/index.html",
+            &[("Host", &format!("8443-{id}.localhost")), ("E2B-Traffic-Access-Token", token)],
+            b"",
+        )
+    };
+    let r = get(&sb.id, &sb.token);
+    assert_eq!((r.status, r.text().trim()), (200, "secure"), "{}", srv.log());
+    // The same service in a sandbox that did not say so is reached in plain HTTP: no answer.
+    let plain = srv.create(json!({"templateID": "base"}));
+    srv.run(&plain, serve_tls);
+    let r = get(&plain.id, &plain.token);
+    assert_eq!(r.status, 502, "{}", r.text());
+    // An update of the egress rules keeps the inbound setting.
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"allowOut": ["www.allowed.test"]}),
+    );
+    assert!(r.status < 300, "{}", r.text());
+    let r = get(&sb.id, &sb.token);
+    assert_eq!((r.status, r.text().trim()), (200, "secure"));
+}
+
+#[test]
 fn gvisor_egress_through_the_same_policy() {
     let name = "gvisor_egress_through_the_same_policy";
     let net = fakenet::Internet::start(None);
