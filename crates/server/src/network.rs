@@ -172,18 +172,17 @@ pub fn parse(
         Some(_) => return Err(bad("network must be an object")),
     };
     let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
-    for (camel, snake, what) in
-        [("egressProxy", "egress_proxy", "tunnelling egress through a SOCKS5 proxy")]
-    {
-        let set = match get(camel, snake) {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(m)) => !m.is_empty(),
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if set {
-            return Err(bad(format!("network.{camel} ({what}) is not supported by this server")));
-        }
+    let proxy = match get("egressProxy", "egress_proxy") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    if proxy {
+        return Err(bad(
+            "network.egressProxy (tunnelling egress through a SOCKS5 proxy) is not supported by \
+             this server",
+        ));
     }
     let internet = internet
         .or_else(|| get("allowInternetAccess", "allow_internet_access").and_then(Value::as_bool))
