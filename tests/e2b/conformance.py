@@ -134,10 +134,17 @@ def tiers():
                   and s.commands.run("echo t").stdout == "t\n", (st, body.get("tier")))
         finally:
             s.kill()
-    for label, kwargs, want in [
-            ("an unknown tier is refused", {"template": "base@nosuch"}, "unknown tier"),
-            ("a tier this host cannot run is refused", {"metadata": {"ringfence.tier": "wasm"}},
-             "not available")]:
+    cases = [("an unknown tier is refused", {"template": "base@nosuch"}, "unknown tier")]
+    # A tier this host cannot run (every tier may run on a fully set-up host: then skipped).
+    st, body = http("GET", "/tiers")
+    absent = [t["tier"] for t in body.get("tiers", [])
+              if not t.get("available") and "loading" not in t.get("reason", "")] if st == 200 else []
+    if absent:
+        cases.append(("a tier this host cannot run is refused",
+                      {"metadata": {"ringfence.tier": absent[0]}}, "not available"))
+    else:
+        print("SKIPPED a tier this host cannot run is refused: every tier runs here")
+    for label, kwargs, want in cases:
         try:
             s = Sandbox.create(timeout=60, **kwargs)
             s.kill()
