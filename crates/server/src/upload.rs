@@ -156,6 +156,28 @@ pub async fn write_file<S: UploadSink>(
     }
 }
 
+/// Most of a refused upload's remaining body read (and dropped) before the refusal is sent.
+const DRAIN_BYTES: u64 = 64 << 20;
+/// How long reading a refused upload's remaining body may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what the client is still sending of a refused upload, within
+/// [`DRAIN_BYTES`] and [`DRAIN_TIME`]: a client whose request is answered and closed while it
+/// is still writing gets a reset connection (EPIPE) instead of the answer, and cannot tell a
+/// full disk from a broken network.
+async fn drain(stream: &mut (impl Stream<Item = Result<Bytes, FileError>> + Unpin)) {
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while read < DRAIN_BYTES {
+            match stream.next().await {
+                Some(Ok(chunk)) => read += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
 /// Incoming chunks are cut into batches without copying what follows each cut: one pass over
 /// the bytes, whatever the chunk sizes.
 async fn write_pieces<S: UploadSink>(
@@ -169,6 +191,7 @@ async fn write_pieces<S: UploadSink>(
     while let Some(chunk) = stream.next().await {
         let mut chunk = chunk?;
         if offset + (batch.len() + chunk.len()) as u64 > free {
+            drain(&mut stream).await;
             return Err(FileError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!("not enough disk space: the upload exceeds the {free} bytes free"),
@@ -561,7 +584,7 @@ mod tests {
         path: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Vec<EntryInfo>, FileError> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         rt.block_on(receive_upload(sink, &headers(h), path.map(str::to_owned), Body::from(body)))
     }
 
@@ -657,7 +680,7 @@ mod tests {
 
     #[test]
     fn a_body_that_breaks_off_is_the_client_gone() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
             Ok(Bytes::from(vec![1u8; 3 << 20])),
             Err(std::io::Error::other("connection reset")),
