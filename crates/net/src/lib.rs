@@ -668,30 +668,13 @@ impl Shared {
                 return; // dropping the stream resets the sandbox's connection
             }
         };
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (cut_tx, mut cut_rx) = watch::channel(None::<String>);
-        let bytes_out = Arc::new(AtomicU64::new(0));
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        if let Ok(mut c) = self.conns.lock() {
-            c.insert(
-                id,
-                Conn {
-                    dest,
-                    cut: cut_tx,
-                    bytes_out: bytes_out.clone(),
-                    bytes_in: bytes_in.clone(),
-                    since_ms: ev.ts_ms,
-                },
-            );
-        }
+        let (guard, mut cut_rx, bytes_out, bytes_in) = self.open(dest, ev.ts_ms);
         let relay = relay(s, up, head, &self.limiter, &bytes_out, &bytes_in);
         let outcome = tokio::select! {
             r = relay => if r.is_ok() { "closed" } else { "aborted" },
             _ = cut_rx.wait_for(|c| c.is_some()) => "cut",
         };
-        if let Ok(mut c) = self.conns.lock() {
-            c.remove(&id);
-        }
+        drop(guard);
         if outcome == "cut" {
             let why = cut_rx.borrow().clone().unwrap_or_default();
             ev.allowed = false;
