@@ -642,8 +642,12 @@ impl DiskPool {
             let lock = new_image(&dir, &template, bytes)?;
             let ino = lock.metadata().map_err(io_at("stat new image in", &dir))?.ino();
             let root = self.spare_root(ino);
-            mount_image(lock.as_fd(), &root, 0)?;
             let name = dir.join(format!("{bytes}-{ino}.img"));
+            if let Err(e) = mount_image(lock.as_fd(), &root, 0) {
+                // Its mount point, if made; the unnamed image goes with its descriptor.
+                let _ = remove(&root, &name);
+                return Err(e);
+            }
             if let Err(e) = link_image(&lock, &name) {
                 let _ = remove(&root, &name);
                 return Err(e);
