@@ -381,7 +381,7 @@ fn a_disk_bigger_than_memory_fills_with_enospc_not_an_oom_kill() {
     assert!((480 << 10..=512 << 10).contains(&total_kib), "{o:?}");
 }
 
-/// A run's disk is gone when the run is: no image, mount point or mount left. One whose CLI was
+/// A run's disk is gone soon after the run is: no image, mount point or mount left. One whose CLI was
 /// SIGKILLed leaves no mount either (the filesystem lived only in its sandbox's namespace), only
 /// its image, which `ringfence gc` removes, and nothing that someone still holds.
 #[test]
@@ -400,7 +400,14 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
         return;
     }
     assert_eq!(o.stdout, "x\n");
-    assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
+    // Removed by a process the run forks as it exits (its caller does not wait for the
+    // filesystem's teardown), so within moments rather than by the time the run returns.
+    let id = o.report["sandbox_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(&id) {
+        assert!(Instant::now() < deadline, "the run's disk is still there 10 s later: {o:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A run killed with SIGKILL: its sandbox dies with it (its agent reads end-of-file on its
     // control channel), its disk stays behind. Its id is its hostname, read through the
     // sandbox's command.
@@ -444,8 +451,22 @@ fn a_disk_made_ahead_never_carries_another_runs_files() {
     // A disk size no other test uses, so the spares this test sees are the ones its own runs
     // made (each run makes the next run's disk while it runs).
     let opts = ["--disk", "301M"];
+    let spares = std::path::Path::new("/var/lib/ringfence/disks/.spare");
+    let ready = || {
+        std::fs::read_dir(spares).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("315621376-"))
+                .count()
+        })
+    };
     let mut took_spare = 0;
     for i in 0..4 {
+        // Spares are made after a run has exited (by a process it forks): give the last run's
+        // the moments it needs, so that each run after the first has one to take.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while i > 0 && ready() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let o = sh(
             &opts,
             &format!(
