@@ -388,6 +388,45 @@ fn risk_signals_join_the_record_and_hidden_code_is_still_contained() {
     );
 }
 
+/// Layer 4's operator deny rules (`--risk-deny`): a command whose analysis matches a rule is
+/// refused before it runs (permission_denied, naming the rule), and the refusal is audited
+/// with the analysis; one matching nothing runs; code written to hide from the analysis runs
+/// and is contained by the other layers, as without rules.
+#[test]
+fn risk_deny_rules_refuse_a_matching_command_and_audit_it() {
+    let srv = server_or_skip!(&["--risk-deny", "sh.pipe-to-shell,sh.decode-to-shell"]);
+    let sb = srv.create("base");
+    let marker = "/tmp/ran-it";
+    let script = format!("echo dG91Y2ggL3RtcC9yYW4taXQ= | base64 -d | sh; touch {marker}");
+    let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
+    let r = srv.process_start(&sb.id, &sb.token, &msg, &[]);
+    let text = r.text();
+    assert!(
+        text.contains("permission_denied") && text.contains("sh.decode-to-shell (line 1)"),
+        "refused, naming the rule: {} {text}",
+        r.status
+    );
+    let (out, _) = srv.run(&sb, &format!("test -e {marker} && echo ran || echo never-ran"));
+    assert_eq!(out, "never-ran\n", "nothing of the refused command ran");
+    let recs =
+        srv.audit_until(&format!("sandbox={}&action=exec.refused", sb.id), |r| !r.is_empty());
+    assert_eq!(recs[0]["detail"]["denied_by"], json!(["sh.decode-to-shell (line 1)"]), "{recs:?}");
+    assert_eq!(recs[0]["detail"]["risk"]["signals"][0]["rule"], "sh.decode-to-shell");
+    assert!(recs[0]["detail"]["command"].as_str().unwrap().contains("base64 -d"), "{recs:?}");
+    // Hidden from the analysis: allowed through, and the sandbox still stops the mount.
+    let (out, _) = srv.run(&sb, "a=mou; b=nt; $a$b -t tmpfs none /mnt 2>&1; echo rc=$?");
+    assert!(out.contains("rc=") && !out.contains("rc=0"), "{out}");
+    let m = srv.scrape();
+    assert_eq!(
+        value(
+            &m,
+            "ringfence_risk_signals_total",
+            &[("rule", "sh.decode-to-shell"), ("severity", "high")]
+        ),
+        Some(1.0)
+    );
+}
+
 fn escapes_after(m: &prometheus_parse::Scrape, sb: &str, syscall: &str) -> Option<f64> {
     value(m, "ringfence_escape_attempts_total", &[("sandbox", sb), ("syscall", syscall)])
 }
