@@ -749,6 +749,50 @@ fn json_logs_name_the_sandbox_on_every_line() {
     }
 }
 
+/// The deny rules hold for code cells too: a cell whose analysis matches is answered 403
+/// naming the rule, never reaches the kernel, and is audited; the next plain cell runs.
+#[test]
+fn risk_deny_rules_refuse_a_matching_cell() {
+    let env = Path::new(ringfence_jail::template::DEFAULT_INTERP_ENV);
+    if !env.join("bin/python3").exists() {
+        eprintln!("SKIPPED risk_deny_rules_refuse_a_matching_cell: no interpreter environment");
+        return;
+    }
+    let srv = server_or_skip!(&[
+        "--interp-env",
+        ringfence_jail::template::DEFAULT_INTERP_ENV,
+        "--risk-deny",
+        "py.native-code"
+    ]);
+    let sb = srv.create("code-interpreter-v1");
+    let cell = |code: &str| {
+        let body = json!({"code": code}).to_string();
+        srv.request(
+            "POST",
+            "/execute",
+            &[
+                ("E2b-Sandbox-Id", &sb.id),
+                ("E2b-Sandbox-Port", "49999"),
+                ("X-Access-Token", &sb.token),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let denied = "import ctypes\nopen('/tmp/cell-ran', 'w').write('x')";
+    let r = cell(denied);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("py.native-code (line 1)"), "{}", r.text());
+    let r = cell("import os\nprint(os.path.exists('/tmp/cell-ran'))");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("False"), "the refused cell never ran: {}", r.text());
+    let recs =
+        srv.audit_until(&format!("sandbox={}&action=exec.refused", sb.id), |r| !r.is_empty());
+    assert_eq!(recs[0]["detail"]["kind"], "cell", "{recs:?}");
+    assert_eq!(recs[0]["detail"]["code"], denied);
+    assert_eq!(recs[0]["code_hash"], sha256(denied));
+}
+
 #[test]
 fn interpreter_cells_are_audited() {
     let env = Path::new(ringfence_jail::template::DEFAULT_INTERP_ENV);
