@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// of what disks made ahead save only).
     #[arg(long, hide = true)]
     no_disk_ahead: bool,
+    /// Make the next disk beside the sandbox and remove this run's disk before exiting, as
+    /// runs did before `finish_disks` (benchmarking of what finishing after exit saves only).
+    #[arg(long, hide = true)]
+    finish_in_place: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -305,7 +309,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     // next is being made.
     cfg.disk = match disk {
         DiskBackend::Image(p) if !args.no_disk_ahead => {
-            DiskBackend::Image(p.with_spares(RUN_DISKS_AHEAD))
+            DiskBackend::Image(p.with_spares(if args.finish_in_place {
+                1
+            } else {
+                RUN_DISKS_AHEAD
+            }))
         }
         other => other,
     };
@@ -397,9 +405,16 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     // The next run's disk is made once this run is over, after this process has exited
     // (`finish_disks`): made here, beside the sandbox, it competed with it for the CPU and its
     // loop device and mount (each waiting on the kernel) held this process's exit back.
-    let spare = match &cfg.disk {
+    let mut spare = match &cfg.disk {
         DiskBackend::Image(p) if !args.no_disk_ahead => Some((p.clone(), args.disk)),
         _ => None,
+    };
+    let beside = match spare.take() {
+        Some(s) if args.finish_in_place => Some(std::thread::spawn(move || make_spare(Some(s)))),
+        other => {
+            spare = other;
+            None
+        }
     };
     // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
     // mount namespace, so nothing is left there if this process is SIGKILLed.
@@ -527,7 +542,15 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write report {}", path.display()))?;
     }
-    finish_disks(disk, spare);
+    match beside {
+        // The way before: the next disk was made beside the sandbox and waited for, the run's
+        // own removed in this process.
+        Some(t) => {
+            drop(disk);
+            let _ = t.join();
+        }
+        None => finish_disks(disk, spare),
+    }
     Ok(code)
 }
 
