@@ -919,3 +919,79 @@ fn sandboxes_are_born_in_their_slot_by_a_spawner_no_sandbox_process_can_pass_for
     // The spawner stays parked for the slot's next sandbox.
     assert!(std::path::Path::new(&format!("/proc/{spawner}")).exists(), "the spawner went");
 }
+
+/// A slot's spawner holds nothing of the host's a sandbox could use (its standard streams are
+/// `/dev/null`, its one other descriptor its own socket), and one that dies is noticed and
+/// replaced: the slot's next claimant finds its socket dead and parks a new spawner there.
+#[test]
+fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
+    root_only!();
+    // Commands that end when their stdin closes: the runs end in order, leaving no disk.
+    let waiting = |tag: &str| {
+        ringfence()
+            .args(["run", "--", "/bin/sh", "-c", &format!("read x; exit 0 # {tag}")])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let end = |mut c: std::process::Child| {
+        drop(c.stdin.take());
+        assert!(c.wait().unwrap().success());
+    };
+    let child = waiting("7431.75");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sleeper = loop {
+        if let Some(p) = host_pids_running("/bin/sh -c read x; exit 0 # 7431.75").first() {
+            break *p;
+        }
+        assert!(Instant::now() < deadline, "the run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let spawner = ppid(ppid(sleeper));
+    let cmdline = String::from_utf8(std::fs::read(format!("/proc/{spawner}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert!(cmdline.contains("--spawner --socket"), "the agent's parent: {cmdline}");
+    let socket = cmdline.split_whitespace().last().unwrap().to_string();
+    // Between requests: /dev/null three times and the listening socket, nothing else.
+    let mut sockets = 0;
+    for e in std::fs::read_dir(format!("/proc/{spawner}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned();
+        if target.starts_with("socket:") {
+            sockets += 1;
+        } else {
+            assert_eq!(target, "/dev/null", "the spawner holds fd {:?}", e.file_name());
+        }
+    }
+    assert_eq!(sockets, 1, "the spawner holds more than its own socket");
+    // Its death takes no sandbox with it (an agent ends with its host's control channel).
+    ringfence_sys::kill(spawner, libc::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        host_pids_running("/bin/sh -c read x; exit 0 # 7431.75"),
+        [sleeper],
+        "the sandbox went with its spawner"
+    );
+    end(child);
+    // The slot is free again, and runs claim the lowest free slot: runs kept up one beside
+    // the other fill the slots from the bottom until one claims this one (other tests hold
+    // slots too), finds its socket dead and parks a new spawner there.
+    let spawners =
+        || host_pids_running(&format!("{} --spawner --socket {socket}", agent_path().display()));
+    let mut held = Vec::new();
+    while spawners().is_empty() && held.len() < 24 {
+        held.push(waiting("7431.8"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host_pids_running("/bin/sh -c read x; exit 0 # 7431.8").len() < held.len() {
+            assert!(Instant::now() < deadline, "run {} did not start", held.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let new = spawners();
+    for c in held {
+        end(c);
+    }
+    assert!(!new.is_empty(), "no new spawner on {socket}");
+    assert!(!new.contains(&spawner), "{new:?}");
+    assert!(ringfence_jail::spawner::is_spawner(new[0]));
+}
