@@ -144,11 +144,16 @@ def main():
     srv = subprocess.Popen([a.bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
                             "--pids", "256"], stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn"))
     try:
-        for _ in range(100):
+        # A debug build on a loaded host takes well over 5 s to start serving (its disk probe).
+        deadline = time.monotonic() + 120
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
                 break
             except OSError:
+                if srv.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    sys.exit(f"the server did not come up; its log: {open(log.name).read()[-2000:]}")
                 time.sleep(0.05)
         print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; nproc {os.cpu_count()}; "
               f"loadavg {os.getloadavg()[0]:.2f}")

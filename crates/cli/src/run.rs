@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::disk::{DiskBackend, DiskChoice};
+use ringfence_jail::disk::{Disk, DiskBackend, DiskChoice, DiskPool};
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
 use ringfence_jail::{JailConfig, preflight, seccomp};
 use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
+use ringfence_sys::Forked;
 use serde::Serialize;
 
 use crate::Common;
@@ -125,6 +126,10 @@ pub struct RunArgs {
     /// of what disks made ahead save only).
     #[arg(long, hide = true)]
     no_disk_ahead: bool,
+    /// Make the next disk beside the sandbox and remove this run's disk before exiting, as
+    /// runs did before `finish_disks` (benchmarking of what finishing after exit saves only).
+    #[arg(long, hide = true)]
+    finish_in_place: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -298,10 +303,18 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     if let (Some(why), DiskChoice::Auto) = (&why_tmpfs, args.disk_backend) {
         tracing::warn!("{}: {why}", ringfence_jail::disk::TMPFS_WARNING);
     }
-    // One disk of this size is kept made ahead for the next run (made below while this one
-    // runs): the claim then skips the image copy, the loop device and the mount.
+    // Disks of this size are kept made ahead for the next runs (made after this one, by the
+    // process `finish_disks` forks): the claim then skips the image copy, the loop device and
+    // the mount. Two, so that a run that follows this one at once still finds one while the
+    // next is being made.
     cfg.disk = match disk {
-        DiskBackend::Image(p) if !args.no_disk_ahead => DiskBackend::Image(p.with_spares(1)),
+        DiskBackend::Image(p) if !args.no_disk_ahead => {
+            DiskBackend::Image(p.with_spares(if args.finish_in_place {
+                1
+            } else {
+                RUN_DISKS_AHEAD
+            }))
+        }
         other => other,
     };
     let resolved = crate::template::resolve(&args.template, &cfg.data_dir)?;
@@ -389,16 +402,19 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
-    let spare = match &cfg.disk {
-        DiskBackend::Image(p) if !args.no_disk_ahead => {
-            let (p, bytes) = (p.clone(), args.disk);
-            Some(std::thread::spawn(move || {
-                if let Err(e) = p.replenish(bytes) {
-                    tracing::debug!(error = %e, "making a disk ahead for the next run");
-                }
-            }))
-        }
+    // The next run's disk is made once this run is over, after this process has exited
+    // (`finish_disks`): made here, beside the sandbox, it competed with it for the CPU and its
+    // loop device and mount (each waiting on the kernel) held this process's exit back.
+    let mut spare = match &cfg.disk {
+        DiskBackend::Image(p) if !args.no_disk_ahead => Some((p.clone(), args.disk)),
         _ => None,
+    };
+    let beside = match spare.take() {
+        Some(s) if args.finish_in_place => Some(std::thread::spawn(move || make_spare(Some(s)))),
+        other => {
+            spare = other;
+            None
+        }
     };
     // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
     // mount namespace, so nothing is left there if this process is SIGKILLed.
@@ -457,10 +473,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let landlock_abi = sandbox.ready.landlock_abi;
     let disk_backend = sandbox.disk_backend();
     let disk_made_ahead = sandbox.disk_made_ahead();
+    // The slot is let go of now (the next run may want it); the disk goes after we exit.
+    let disk = sandbox.take_disk();
     drop(sandbox);
-    if let Some(t) = spare {
-        let _ = t.join();
-    }
 
     let over_out = stdout_over.load(Ordering::SeqCst);
     let over_err = stderr_over.load(Ordering::SeqCst);
@@ -527,5 +542,58 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write report {}", path.display()))?;
     }
+    match beside {
+        // The way before: the next disk was made beside the sandbox and waited for, the run's
+        // own removed in this process.
+        Some(t) => {
+            drop(disk);
+            let _ = t.join();
+        }
+        None => finish_disks(disk, spare),
+    }
     Ok(code)
+}
+
+/// Removes this run's disk and makes the next run's in a process of its own, so that whoever
+/// waits for this run does not wait for them: the filesystem's teardown, the image's deletion
+/// and the next disk's loop device and mount (each of which waits on the kernel, for an RCU
+/// grace period on a host as it comes) took longer than a short command's whole run. The
+/// process is forked from this one once it has a single thread left; where it has more (a
+/// terminal's stdin relay), or the fork fails, the work is done here, as before.
+fn finish_disks(disk: Option<Disk>, spare: Option<(DiskPool, u64)>) {
+    if disk.is_none() && spare.is_none() {
+        return;
+    }
+    // Whatever is buffered is ours to write, not the child's (its streams are /dev/null).
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    match ringfence_sys::fork_single_threaded() {
+        Ok(Forked::Parent(_)) => {
+            // Not dropped here: that would remove the disk (and unlock its image, a lock the
+            // child shares). Our descriptors close when we exit; the child's keep it.
+            std::mem::forget(disk);
+        }
+        Ok(Forked::Child) => {
+            // The next run's disk first: the next run may be starting now.
+            make_spare(spare);
+            drop(disk);
+            std::process::exit(0);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "removing the disk in this process");
+            drop(disk);
+            make_spare(spare);
+        }
+    }
+}
+
+/// How many disks one-shot runs keep made ahead (see `execute`).
+const RUN_DISKS_AHEAD: usize = 2;
+
+fn make_spare(spare: Option<(DiskPool, u64)>) {
+    if let Some((pool, bytes)) = spare
+        && let Err(e) = pool.replenish(bytes)
+    {
+        tracing::debug!(error = %e, "making a disk ahead for the next run");
+    }
 }

@@ -116,6 +116,12 @@ pub struct ServeArgs {
     /// Alert when blocked actions of one kind in one sandbox reach this count.
     #[arg(long, default_value_t = 1)]
     alert_escape_attempts: u64,
+    /// Refuse commands and code cells whose layer-4 risk analysis matches: a comma-separated
+    /// list of rule ids (e.g. `sh.pipe-to-shell,py.native-code`) and severities (`high`:
+    /// every signal at or above it). Refusals are audited as `exec.refused`. A policy check
+    /// on top of the sandbox, not a boundary: code that hides from it still runs contained.
+    #[arg(long, value_parser = ringfence_risk::DenyRules::parse)]
+    risk_deny: Option<ringfence_risk::DenyRules>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -331,6 +337,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
                 cpu_pct: args.alert_cpu_pct,
                 escape_attempts: args.alert_escape_attempts,
             },
+            risk_deny: args.risk_deny.unwrap_or_default(),
             ..ObserveConfig::default()
         },
     };

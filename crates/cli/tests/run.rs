@@ -381,7 +381,7 @@ fn a_disk_bigger_than_memory_fills_with_enospc_not_an_oom_kill() {
     assert!((480 << 10..=512 << 10).contains(&total_kib), "{o:?}");
 }
 
-/// A run's disk is gone when the run is: no image, mount point or mount left. One whose CLI was
+/// A run's disk is gone soon after the run is: no image, mount point or mount left. One whose CLI was
 /// SIGKILLed leaves no mount either (the filesystem lived only in its sandbox's namespace), only
 /// its image, which `ringfence gc` removes, and nothing that someone still holds.
 #[test]
@@ -400,7 +400,14 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
         return;
     }
     assert_eq!(o.stdout, "x\n");
-    assert!(gone(o.report["sandbox_id"].as_str().unwrap()), "{o:?}");
+    // Removed by a process the run forks as it exits (its caller does not wait for the
+    // filesystem's teardown), so within moments rather than by the time the run returns.
+    let id = o.report["sandbox_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(&id) {
+        assert!(Instant::now() < deadline, "the run's disk is still there 10 s later: {o:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A run killed with SIGKILL: its sandbox dies with it (its agent reads end-of-file on its
     // control channel), its disk stays behind. Its id is its hostname, read through the
     // sandbox's command.
@@ -444,8 +451,22 @@ fn a_disk_made_ahead_never_carries_another_runs_files() {
     // A disk size no other test uses, so the spares this test sees are the ones its own runs
     // made (each run makes the next run's disk while it runs).
     let opts = ["--disk", "301M"];
+    let spares = std::path::Path::new("/var/lib/ringfence/disks/.spare");
+    let ready = || {
+        std::fs::read_dir(spares).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("315621376-"))
+                .count()
+        })
+    };
     let mut took_spare = 0;
     for i in 0..4 {
+        // Spares are made after a run has exited (by a process it forks): give the last run's
+        // the moments it needs, so that each run after the first has one to take.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while i > 0 && ready() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let o = sh(
             &opts,
             &format!(
@@ -897,4 +918,80 @@ fn sandboxes_are_born_in_their_slot_by_a_spawner_no_sandbox_process_can_pass_for
     }
     // The spawner stays parked for the slot's next sandbox.
     assert!(std::path::Path::new(&format!("/proc/{spawner}")).exists(), "the spawner went");
+}
+
+/// A slot's spawner holds nothing of the host's a sandbox could use (its standard streams are
+/// `/dev/null`, its one other descriptor its own socket), and one that dies is noticed and
+/// replaced: the slot's next claimant finds its socket dead and parks a new spawner there.
+#[test]
+fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
+    root_only!();
+    // Commands that end when their stdin closes: the runs end in order, leaving no disk.
+    let waiting = |tag: &str| {
+        ringfence()
+            .args(["run", "--", "/bin/sh", "-c", &format!("read x; exit 0 # {tag}")])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let end = |mut c: std::process::Child| {
+        drop(c.stdin.take());
+        assert!(c.wait().unwrap().success());
+    };
+    let child = waiting("7431.75");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sleeper = loop {
+        if let Some(p) = host_pids_running("/bin/sh -c read x; exit 0 # 7431.75").first() {
+            break *p;
+        }
+        assert!(Instant::now() < deadline, "the run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let spawner = ppid(ppid(sleeper));
+    let cmdline = String::from_utf8(std::fs::read(format!("/proc/{spawner}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert!(cmdline.contains("--spawner --socket"), "the agent's parent: {cmdline}");
+    let socket = cmdline.split_whitespace().last().unwrap().to_string();
+    // Between requests: /dev/null three times and the listening socket, nothing else.
+    let mut sockets = 0;
+    for e in std::fs::read_dir(format!("/proc/{spawner}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned();
+        if target.starts_with("socket:") {
+            sockets += 1;
+        } else {
+            assert_eq!(target, "/dev/null", "the spawner holds fd {:?}", e.file_name());
+        }
+    }
+    assert_eq!(sockets, 1, "the spawner holds more than its own socket");
+    // Its death takes no sandbox with it (an agent ends with its host's control channel).
+    ringfence_sys::kill(spawner, libc::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        host_pids_running("/bin/sh -c read x; exit 0 # 7431.75"),
+        [sleeper],
+        "the sandbox went with its spawner"
+    );
+    end(child);
+    // The slot is free again, and runs claim the lowest free slot: runs kept up one beside
+    // the other fill the slots from the bottom until one claims this one (other tests hold
+    // slots too), finds its socket dead and parks a new spawner there.
+    let spawners =
+        || host_pids_running(&format!("{} --spawner --socket {socket}", agent_path().display()));
+    let mut held = Vec::new();
+    while spawners().is_empty() && held.len() < 24 {
+        held.push(waiting("7431.8"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host_pids_running("/bin/sh -c read x; exit 0 # 7431.8").len() < held.len() {
+            assert!(Instant::now() < deadline, "run {} did not start", held.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let new = spawners();
+    for c in held {
+        end(c);
+    }
+    assert!(!new.is_empty(), "no new spawner on {socket}");
+    assert!(!new.contains(&spawner), "{new:?}");
+    assert!(ringfence_jail::spawner::is_spawner(new[0]));
 }

@@ -308,6 +308,10 @@ fn remove_with(root: &Path, image: &Path, always_shut_down: bool) -> Result<(), 
     }
 }
 
+/// In the spares' directory: held by whoever is making spares (see [`DiskPool::replenish`]).
+/// Its name parses as neither a spare's image nor a mount point, so sweeps pass it by.
+const MAKER_LOCK: &str = ".maker.lock";
+
 /// Dirty data (4 KiB blocks) above which a disk is shut down rather than unmounted with it.
 const SHUTDOWN_ABOVE_BLOCKS: u64 = 1024;
 
@@ -624,8 +628,7 @@ impl DiskPool {
         }
         let bytes = bytes.max(MIN_IMAGE_BYTES).div_ceil(BLOCK) * BLOCK;
         self.discard_spares_not_of(bytes);
-        let ready = self.spares_of(bytes).len();
-        if ready >= self.spares {
+        if self.spares_of(bytes).len() >= self.spares {
             return Ok(0);
         }
         self.ensure_dirs()?;
@@ -635,6 +638,23 @@ impl DiskPool {
                 .map_err(io_at("chmod", &dir))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_at("mkdir", &dir)(e)),
+        }
+        // One maker at a time per data directory: spares being made are not seen until they
+        // are whole, so makers side by side (one-shot runs ending close together) would each
+        // make the full count. The next maker waits, then counts what the last one made.
+        let lock_path = dir.join(MAKER_LOCK);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_at("open", &lock_path))?;
+        let _maker = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| nix_at("flock", &lock_path)(e))?;
+        let ready = self.spares_of(bytes).len();
+        if ready >= self.spares {
+            return Ok(0);
         }
         let template = self.template(bytes)?;
         let mut made = 0;

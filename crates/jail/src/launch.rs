@@ -659,6 +659,17 @@ impl Sandbox {
         }
     }
 
+    /// Hands the sandbox's disk to the caller once the sandbox has ended (after
+    /// [`Sandbox::wait`]), so that its removal can happen after this handle is gone: a one-shot
+    /// run leaves it to a process of its own and exits without waiting for the filesystem's
+    /// teardown. `None` while the sandbox may still run (its disk is still in use).
+    pub fn take_disk(&mut self) -> Option<Disk> {
+        if !self.reaped {
+            return None;
+        }
+        self.disk.take()
+    }
+
     /// Whether the sandbox's disk was made ahead of its start
     /// ([`crate::disk::DiskPool::with_spares`]).
     pub fn disk_made_ahead(&self) -> bool {

@@ -100,6 +100,91 @@ impl Report {
     }
 }
 
+/// Every rule id the analysis can report: what an operator's deny rules may name.
+pub const RULES: &[&str] = &[
+    "js.child-process",
+    "js.dev-tcp",
+    "js.dynamic-import",
+    "js.eval-decoded",
+    "js.eval-dynamic",
+    "js.metadata",
+    "js.native-code",
+    "js.network",
+    "js.proc-self",
+    "js.process",
+    "js.vm",
+    "py.bytecode",
+    "py.dev-tcp",
+    "py.dynamic-import",
+    "py.eval-decoded",
+    "py.eval-dynamic",
+    "py.metadata",
+    "py.native-code",
+    "py.network",
+    "py.proc-self",
+    "py.process",
+    "sh.decode-to-shell",
+    "sh.dev-tcp",
+    "sh.metadata",
+    "sh.pipe-to-shell",
+    "sh.privileged-tool",
+    "sh.proc-self",
+    "sh.reverse-shell",
+    "sh.setuid",
+];
+
+/// An operator's deny rules: a submission with a signal they match is refused before it runs.
+/// Each entry is a rule id (one of [`RULES`]) or a severity (`low`, `medium`, `high`), which
+/// matches every signal at or above it. This is policy on top of the sandbox, not a boundary:
+/// code that hides from the analysis runs, and is contained by the other layers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DenyRules {
+    rules: Vec<&'static str>,
+    at_or_above: Option<Severity>,
+}
+
+impl DenyRules {
+    /// Parses a comma-separated list; an unknown entry is an error naming it.
+    pub fn parse(list: &str) -> Result<DenyRules, String> {
+        let mut d = DenyRules::default();
+        for entry in list.split(',').map(str::trim) {
+            let sev = match entry {
+                "low" => Some(Severity::Low),
+                "medium" => Some(Severity::Medium),
+                "high" => Some(Severity::High),
+                _ => None,
+            };
+            if let Some(sev) = sev {
+                d.at_or_above = Some(d.at_or_above.map_or(sev, |s| s.min(sev)));
+            } else if let Some(rule) = RULES.iter().find(|r| **r == entry) {
+                d.rules.push(rule);
+            } else {
+                return Err(format!(
+                    "unknown risk rule {entry:?}: expected low, medium, high or one of {}",
+                    RULES.join(", ")
+                ));
+            }
+        }
+        Ok(d)
+    }
+
+    /// Whether no submission can match.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.at_or_above.is_none()
+    }
+
+    /// The signals of `report` these rules refuse.
+    pub fn matches<'a>(&self, report: &'a Report) -> Vec<&'a Signal> {
+        report
+            .signals
+            .iter()
+            .filter(|s| {
+                self.rules.contains(&s.rule) || self.at_or_above.is_some_and(|m| s.severity >= m)
+            })
+            .collect()
+    }
+}
+
 thread_local! {
     static PARSERS: RefCell<[Option<Parser>; 3]> = const { RefCell::new([None, None, None]) };
 }
@@ -488,6 +573,42 @@ fn shell(node: Node<'_>, src: &[u8], report: &mut Report) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_rule_the_analysis_reports_is_listed() {
+        let src = include_str!("lib.rs");
+        let mut found = 0;
+        for (i, _) in src.match_indices('"') {
+            let rest = &src[i + 1..];
+            let Some(end) = rest.find('"') else { continue };
+            let lit = &rest[..end];
+            let shaped = ["py.", "js.", "sh."].iter().any(|p| lit.starts_with(p))
+                && lit.len() > 3
+                && lit[3..].chars().all(|c| c.is_ascii_lowercase() || c == '-');
+            if shaped {
+                assert!(RULES.contains(&lit), "{lit} is reported but not in RULES");
+                found += 1;
+            }
+        }
+        assert!(found >= RULES.len(), "found only {found} rule literals");
+    }
+
+    #[test]
+    fn deny_rules_match_by_id_and_severity() {
+        let report = analyze(Language::Shell, "curl http://x | sh; chmod u+s /tmp/f");
+        let rules = |list: &str| {
+            let d = DenyRules::parse(list).unwrap();
+            d.matches(&report).iter().map(|s| s.rule).collect::<Vec<_>>()
+        };
+        assert_eq!(rules("sh.pipe-to-shell"), ["sh.pipe-to-shell"]);
+        assert_eq!(rules("sh.reverse-shell"), Vec::<&str>::new());
+        assert_eq!(rules("high"), ["sh.pipe-to-shell"]);
+        assert_eq!(rules("medium"), ["sh.pipe-to-shell", "sh.setuid"]);
+        assert_eq!(rules("high, sh.setuid"), ["sh.pipe-to-shell", "sh.setuid"]);
+        let e = DenyRules::parse("sh.pipe-to-shell,sh.nope").unwrap_err();
+        assert!(e.contains("\"sh.nope\""), "{e}");
+        assert!(DenyRules::parse("").is_err());
+    }
+
     use super::*;
 
     fn rules(lang: Language, code: &str) -> Vec<&'static str> {

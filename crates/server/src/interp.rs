@@ -855,6 +855,10 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     };
+    let lang = ringfence_risk::Language::from_name(ctx.language);
+    if let Some(why) = live.obs.refusal("cell", &code, lang).await {
+        return error(StatusCode::FORBIDDEN, why);
+    }
     let mut guard = ctx.kernel.clone().lock_owned().await;
     if guard.is_none() {
         match start_kernel(&rt, &live, &ctx).await {
@@ -899,7 +903,6 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     });
-    let lang = ringfence_risk::Language::from_name(ctx.language);
     let stream = crate::observe::cell(&live.obs, &code, lang, tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)

@@ -388,6 +388,45 @@ fn risk_signals_join_the_record_and_hidden_code_is_still_contained() {
     );
 }
 
+/// Layer 4's operator deny rules (`--risk-deny`): a command whose analysis matches a rule is
+/// refused before it runs (permission_denied, naming the rule), and the refusal is audited
+/// with the analysis; one matching nothing runs; code written to hide from the analysis runs
+/// and is contained by the other layers, as without rules.
+#[test]
+fn risk_deny_rules_refuse_a_matching_command_and_audit_it() {
+    let srv = server_or_skip!(&["--risk-deny", "sh.pipe-to-shell,sh.decode-to-shell"]);
+    let sb = srv.create("base");
+    let marker = "/tmp/ran-it";
+    let script = format!("echo dG91Y2ggL3RtcC9yYW4taXQ= | base64 -d | sh; touch {marker}");
+    let msg = json!({"process": {"cmd": "/bin/bash", "args": ["-c", script]}, "stdin": false});
+    let r = srv.process_start(&sb.id, &sb.token, &msg, &[]);
+    let text = r.text();
+    assert!(
+        text.contains("permission_denied") && text.contains("sh.decode-to-shell (line 1)"),
+        "refused, naming the rule: {} {text}",
+        r.status
+    );
+    let (out, _) = srv.run(&sb, &format!("test -e {marker} && echo ran || echo never-ran"));
+    assert_eq!(out, "never-ran\n", "nothing of the refused command ran");
+    let recs =
+        srv.audit_until(&format!("sandbox={}&action=exec.refused", sb.id), |r| !r.is_empty());
+    assert_eq!(recs[0]["detail"]["denied_by"], json!(["sh.decode-to-shell (line 1)"]), "{recs:?}");
+    assert_eq!(recs[0]["detail"]["risk"]["signals"][0]["rule"], "sh.decode-to-shell");
+    assert!(recs[0]["detail"]["command"].as_str().unwrap().contains("base64 -d"), "{recs:?}");
+    // Hidden from the analysis: allowed through, and the sandbox still stops the mount.
+    let (out, _) = srv.run(&sb, "a=mou; b=nt; $a$b -t tmpfs none /mnt 2>&1; echo rc=$?");
+    assert!(out.contains("rc=") && !out.contains("rc=0"), "{out}");
+    let m = srv.scrape();
+    assert_eq!(
+        value(
+            &m,
+            "ringfence_risk_signals_total",
+            &[("rule", "sh.decode-to-shell"), ("severity", "high")]
+        ),
+        Some(1.0)
+    );
+}
+
 fn escapes_after(m: &prometheus_parse::Scrape, sb: &str, syscall: &str) -> Option<f64> {
     value(m, "ringfence_escape_attempts_total", &[("sandbox", sb), ("syscall", syscall)])
 }
@@ -708,6 +747,50 @@ fn json_logs_name_the_sandbox_on_every_line() {
             "a line about the sandbox without its sandbox_id field: {l}"
         );
     }
+}
+
+/// The deny rules hold for code cells too: a cell whose analysis matches is answered 403
+/// naming the rule, never reaches the kernel, and is audited; the next plain cell runs.
+#[test]
+fn risk_deny_rules_refuse_a_matching_cell() {
+    let env = Path::new(ringfence_jail::template::DEFAULT_INTERP_ENV);
+    if !env.join("bin/python3").exists() {
+        eprintln!("SKIPPED risk_deny_rules_refuse_a_matching_cell: no interpreter environment");
+        return;
+    }
+    let srv = server_or_skip!(&[
+        "--interp-env",
+        ringfence_jail::template::DEFAULT_INTERP_ENV,
+        "--risk-deny",
+        "py.native-code"
+    ]);
+    let sb = srv.create("code-interpreter-v1");
+    let cell = |code: &str| {
+        let body = json!({"code": code}).to_string();
+        srv.request(
+            "POST",
+            "/execute",
+            &[
+                ("E2b-Sandbox-Id", &sb.id),
+                ("E2b-Sandbox-Port", "49999"),
+                ("X-Access-Token", &sb.token),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let denied = "import ctypes\nopen('/tmp/cell-ran', 'w').write('x')";
+    let r = cell(denied);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("py.native-code (line 1)"), "{}", r.text());
+    let r = cell("import os\nprint(os.path.exists('/tmp/cell-ran'))");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("False"), "the refused cell never ran: {}", r.text());
+    let recs =
+        srv.audit_until(&format!("sandbox={}&action=exec.refused", sb.id), |r| !r.is_empty());
+    assert_eq!(recs[0]["detail"]["kind"], "cell", "{recs:?}");
+    assert_eq!(recs[0]["detail"]["code"], denied);
+    assert_eq!(recs[0]["code_hash"], sha256(denied));
 }
 
 #[test]

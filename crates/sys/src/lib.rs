@@ -1116,6 +1116,59 @@ pub fn route_default_via(name: &str) -> Result<()> {
     check("ioctl(SIOCADDRT)", ret.into()).map(drop)
 }
 
+/// Which side of [`fork_single_threaded`] the caller is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The original process; the child's pid.
+    Parent(i32),
+    /// The new process: a session of its own, stdin/stdout/stderr on `/dev/null`.
+    Child,
+}
+
+/// How many threads this process has (from `/proc/self/status`).
+pub fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
+}
+
+/// Forks a process that goes on running ordinary Rust code: work a short-lived command hands
+/// off so that it can exit before the work is done. Refused (`EBUSY`) unless this process has
+/// exactly one thread: the child of a multi-threaded process could find a lock (the
+/// allocator's, stdio's) held forever by a thread that does not exist in it. The child starts
+/// a session of its own and has `/dev/null` for its standard streams, so whoever waits for
+/// the caller's output or its terminal does not wait for the child too.
+pub fn fork_single_threaded() -> Result<Forked> {
+    if thread_count() != Some(1) {
+        return Err(SysError {
+            call: "fork (more than one thread)",
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        });
+    }
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|source| SysError { call: "open /dev/null", source })?;
+    // SAFETY: the process has one thread (checked above; nothing here starts another between
+    // the check and the fork), so the child inherits no lock held by a thread it lacks and may
+    // run any code. fork has no memory-safety preconditions of its own.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SysError::last("fork"));
+    }
+    if pid > 0 {
+        return Ok(Forked::Parent(pid));
+    }
+    // SAFETY: setsid and dup2 act on this process only, with a descriptor that is open.
+    unsafe {
+        libc::setsid();
+        for target in 0..3 {
+            libc::dup2(null.as_raw_fd(), target);
+        }
+    }
+    Ok(Forked::Child)
+}
+
 /// Host effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and takes no arguments.

@@ -201,6 +201,12 @@ pub(super) async fn start_process(
         Err(e) => return stream_error(e),
     };
     let line = command_line(&spec);
+    if let Some(obs) = &state.obs
+        && let Some(why) =
+            obs.refusal("command", &line, Some(ringfence_risk::Language::Shell)).await
+    {
+        return stream_error(RpcError::new(Code::PermissionDenied, why));
+    }
     let exec = state
         .obs
         .as_ref()
