@@ -706,9 +706,13 @@ impl Manager {
         );
         self.live.write().map_err(internal)?.insert(id, live.clone());
         // The default Python kernel comes from the fork server, which enters the sandbox's
-        // namespaces: only a tier that has them gets one ahead of its first request.
-        let injectable = self.tiers.get(tier).is_ok_and(|t| t.capabilities().kernel_injection);
-        if injectable && self.base_template(&p.template) == template::INTERP_TEMPLATE {
+        // namespaces: a tier that has them gets one ahead of its first request. So does the
+        // wasm tier, whose kernel is an instance its pool already made (the start is its
+        // environment turn and the `ready` line, ~2 ms that would otherwise be the first
+        // cell's); gVisor's kernels are whole processes, started only when asked for.
+        let early = tier == TierKind::Wasm
+            || self.tiers.get(tier).is_ok_and(|t| t.capabilities().kernel_injection);
+        if early && self.base_template(&p.template) == template::INTERP_TEMPLATE {
             crate::interp::prestart(self.interp.clone(), live.clone());
         }
         Ok(live)
