@@ -435,6 +435,8 @@ pub(crate) struct Report {
     pub secrets: Vec<String>,
     /// Occurrences of a substituted value masked in the response.
     pub masked: u64,
+    /// The upstream proxy the request went through (`scheme://host:port`).
+    pub proxy: Option<String>,
 }
 
 /// An HTTP/1.1 answer made here (a refusal), closing the connection.

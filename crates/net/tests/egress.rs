@@ -707,3 +707,135 @@ print(f"first_byte_us={{total / n * 1e6:.0f}}")
         }
     }
 }
+
+/// An upstream proxy (E2B's `egressProxy`): allowed connections leave through it, asked for
+/// the address the policy judged; a denied destination never reaches it; its credentials
+/// never appear in a record; it changes live; a failing proxy fails the connection (no
+/// direct fallback); a proxy at an address the ceiling refuses is refused when set and at
+/// each dial.
+#[test]
+fn egress_through_an_upstream_proxy() {
+    if !can_run("egress_through_an_upstream_proxy") {
+        return;
+    }
+    use ringfence_net::proxy::EgressProxy;
+    let env = Env::new(allowlist(&["www.allowed.test", "proxy.fake.test"]), None);
+    let socks = EgressProxy::new(
+        "proxy.fake.test:1081",
+        Some(fakenet::PROXY_USER.into()),
+        Some(fakenet::PROXY_PASS.into()),
+        None,
+    )
+    .unwrap();
+    // Resolved by the sandboxes' resolver and held to the ceiling.
+    let egress = Egress::new(NetConfig {
+        dns_upstreams: vec![(fakenet::DNS, 53).into()],
+        egress_netns: Some(env.net.edge.path()),
+        ..NetConfig::default()
+    })
+    .unwrap();
+    let addrs = env.rt.block_on(egress.resolve_proxy(&socks)).unwrap();
+    assert_eq!(addrs, vec![std::net::SocketAddr::from((fakenet::PROXY, 1081))]);
+    for bad in ["10.66.0.5:1080", "127.0.0.1:1080", "169.254.169.254:80", "private.test:1080"] {
+        let p = EgressProxy::new(bad, None, None, None).unwrap();
+        let e = env.rt.block_on(egress.resolve_proxy(&p)).unwrap_err().to_string();
+        let host = bad.split(':').next().unwrap();
+        assert!(e.contains(host) && e.contains("outside what this server lets"), "{bad}: {e}");
+    }
+
+    // SOCKS5 with credentials: HTTP and HTTPS (passed through) to an allowed host.
+    env.handle().set_proxy(Some(socks.clone()));
+    let hits = env.net.hits("203.0.113.10:80");
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(env.net.hits("203.0.113.10:80"), hits + 1);
+    let (rc, out) = env.curl("https://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    let log = env.net.proxied();
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:80 user=rf"), "{log}");
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:443 user=rf"), "{log}");
+    let e = env.event(|e| e.port == 80 && e.outcome == Some("closed"));
+    assert!(e.allowed, "{e:?}");
+    assert_eq!(e.proxy.as_deref(), Some("socks5://proxy.fake.test:1081"));
+    assert!(e.reason.contains("through proxy socks5://proxy.fake.test:1081"), "{e:?}");
+
+    // A denied destination is refused here and never reaches the proxy.
+    let (rc, _) = env.curl("http://other.test/");
+    assert_ne!(rc, 0);
+    let (_, out) = env.curl("http://203.0.113.20/");
+    assert!(out.contains("not in allowOut"), "{out}");
+    assert!(!env.net.proxied().contains("203.0.113.20"), "{}", env.net.proxied());
+
+    // Live change to HTTP CONNECT (same credentials).
+    let connect = EgressProxy::new(
+        "http://203.0.113.40:3128",
+        Some(fakenet::PROXY_USER.into()),
+        Some(fakenet::PROXY_PASS.into()),
+        None,
+    )
+    .unwrap();
+    env.handle().set_proxy(Some(connect));
+    let (rc, out) = env.curl("https://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(env.net.proxied().contains("203.0.113.40:3128 connect 203.0.113.10:443 user=rf"));
+
+    // Wrong password: the connection fails; nothing goes out directly.
+    let bad = EgressProxy::new(
+        "203.0.113.40:1081",
+        Some(fakenet::PROXY_USER.into()),
+        Some("wrong".into()),
+        None,
+    )
+    .unwrap();
+    env.handle().set_proxy(Some(bad));
+    let hits = env.net.hits("203.0.113.10:80");
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0);
+    assert_eq!(env.net.hits("203.0.113.10:80"), hits, "no direct fallback");
+    env.event(|e| e.outcome == Some("failed") && e.reason.contains("SOCKS5 proxy"));
+
+    // A proxy at a private address set anyway (as a restored sandbox might have): refused at
+    // dial time, and never contacted.
+    env.handle().set_proxy(Some(EgressProxy::new("10.66.0.5:1080", None, None, None).unwrap()));
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0);
+    assert!(!env.net.proxied().contains("10.66.0.5"), "{}", env.net.proxied());
+
+    // The TLS-terminating path (a request rule) goes through the proxy too.
+    env.handle().set_proxy(Some(socks));
+    env.handle().set_interception(Some(Interception {
+        rules: RequestRules::new(vec![HostRule {
+            host: "www.allowed.test".into(),
+            headers: vec![("X-Through".into(), "rule".into())],
+        }])
+        .unwrap(),
+        lookup: Arc::new(|_| None),
+    }));
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let before = env.net.proxied().matches("10:443").count();
+    let o = env.sh(&format!(
+        "curl -sS -m 5 --cacert {} https://www.allowed.test/headers",
+        bundle.display()
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("X-Through: rule"));
+    assert_eq!(env.net.proxied().matches("10:443").count(), before + 1, "{}", env.net.proxied());
+    let e = env.event(|e| e.rule.is_some() && e.outcome == Some("closed"));
+    assert_eq!(e.proxy.as_deref(), Some("socks5://proxy.fake.test:1081"), "{e:?}");
+    env.handle().set_interception(None);
+
+    // No proxy: direct again, and the proxy sees nothing new.
+    env.handle().set_proxy(None);
+    let before = env.net.proxied();
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(env.net.proxied(), before);
+
+    // No record ever holds a password.
+    for e in env.events() {
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains(fakenet::PROXY_PASS) && !text.contains("wrong"), "{text}");
+    }
+}
