@@ -708,6 +708,69 @@ print(f"first_byte_us={{total / n * 1e6:.0f}}")
     }
 }
 
+/// Egress through an upstream proxy against direct, in one run: download MB/s of a 256 MiB
+/// body over HTTPS (passed through) and connect → first response byte over 200 fresh HTTPS
+/// connections; the proxies are the fake internet's (a thread per tunnel, `std::io::copy`).
+/// `cargo test -p ringfence-net --test egress proxy_overhead -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn proxy_overhead() {
+    if !can_run("proxy_overhead") {
+        return;
+    }
+    use ringfence_net::proxy::EgressProxy;
+    let env = Env::new(SandboxPolicy::default(), None);
+    let latency = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{}")
+n = 200; total = 0.0
+for i in range(n):
+    a = time.perf_counter()
+    s = ctx.wrap_socket(socket.create_connection(("www.allowed.test", 443)), server_hostname="www.allowed.test")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: www.allowed.test\r\nConnection: close\r\n\r\n")
+    s.recv(1)
+    total += time.perf_counter() - a
+    s.close()
+print(f"first_byte_us={{total / n * 1e6:.0f}}")
+"#,
+        env.cert.display()
+    );
+    let script = format!(
+        "curl -sS -o /dev/null --cacert {} -w 'download_MBps=%{{speed_download}}\\n' https://www.allowed.test/blob/{}; python3 -c '{}'",
+        env.cert.display(),
+        256u64 << 20,
+        latency.replace('\'', "\"")
+    );
+    let (u, p) = (Some(fakenet::PROXY_USER.to_string()), Some(fakenet::PROXY_PASS.to_string()));
+    for round in 0..2 {
+        for (label, proxy) in [
+            ("direct", None),
+            ("SOCKS5", Some(EgressProxy::new("203.0.113.40:1081", u.clone(), p.clone(), None))),
+            (
+                "HTTP CONNECT",
+                Some(EgressProxy::new("http://203.0.113.40:3128", u.clone(), p.clone(), None)),
+            ),
+        ] {
+            env.handle().set_proxy(proxy.map(Result::unwrap));
+            let o = env.sh(&script);
+            let text = String::from_utf8_lossy(&o.stdout).replace('\n', " ");
+            let mb = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("download_MBps="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| format!("{:.0} MB/s", v / 1e6))
+                .unwrap_or_else(|| "?".into());
+            let fb =
+                text.split_whitespace().find(|w| w.starts_with("first_byte_us=")).unwrap_or("?");
+            println!("{label} #{round}: download {mb} {fb}");
+            if !o.status.success() {
+                println!("  stderr: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}
+
 /// An upstream proxy (E2B's `egressProxy`): allowed connections leave through it, asked for
 /// the address the policy judged; a denied destination never reaches it; its credentials
 /// never appear in a record; it changes live; a failing proxy fails the connection (no

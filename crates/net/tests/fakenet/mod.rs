@@ -242,20 +242,14 @@ impl Internet {
             {
                 let l = inet.run(move || TcpListener::bind((a, port)));
                 let (log, st, ns) = (proxied.clone(), stop.clone(), inet.path());
+                // Blocking accept, as serve_http: no polling delay in latency numbers.
                 std::thread::spawn(move || {
-                    l.set_nonblocking(true).unwrap();
                     while !st.load(Ordering::SeqCst) {
-                        match l.accept() {
-                            Ok((c, _)) => {
-                                let (log, ns) = (log.clone(), ns.clone());
-                                let me = format!("{a}:{port}");
-                                std::thread::spawn(move || {
-                                    let _ = c.set_nonblocking(false);
-                                    proxy_one(c, &me, http, auth, &log, &ns)
-                                });
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                        }
+                        let Ok((c, _)) = l.accept() else { continue };
+                        let _ = c.set_nodelay(true);
+                        let (log, ns) = (log.clone(), ns.clone());
+                        let me = format!("{a}:{port}");
+                        std::thread::spawn(move || proxy_one(c, &me, http, auth, &log, &ns));
                     }
                 });
             }
@@ -583,6 +577,7 @@ fn proxy_one(
             return Ok(());
         }
     };
+    let _ = up.set_nodelay(true);
     if http {
         c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
     } else {
