@@ -906,7 +906,10 @@ impl Shared {
             _ = cut_rx.wait_for(|c| c.is_some()) => "cut",
         };
         drop(guard);
-        let mut reason = format!("{allowed}; TLS terminated under the rule for {}", rule.host);
+        let mut reason = format!(
+            "{allowed}; TLS terminated under the rule for {}, {} request(s)",
+            rule.host, report.requests
+        );
         if !report.set.is_empty() {
             reason.push_str(&format!(", set {}", report.set.join(", ")));
         }
@@ -954,14 +957,16 @@ impl Shared {
         let ca = self.ca("a sandbox").map_err(io::Error::other)?;
         let cfg = ca.server_config(name).map_err(io::Error::other)?;
         let accept = intercept::TlsAcceptor::from(cfg).accept(intercept::Rewind::new(head, s));
-        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, accept)
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, accept)
             .await
             .map_err(|_| io::Error::other("the sandbox's TLS handshake timed out"))?
             .map_err(|e| io::Error::other(format!("the sandbox's TLS handshake: {e}")))?;
-        let req = match intercept::rewrite_request(&mut client, name, rule, lookup).await {
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let mut inp = intercept::Input::new(&mut cr);
+        let req = match intercept::rewrite_request(&mut inp, name, rule, lookup).await {
             Ok(r) => r,
             Err((status, why)) => {
-                intercept::answer(&mut client, status, &why).await;
+                intercept::answer(&mut cw, status, &why).await;
                 report.refused = Some(why);
                 return Ok(());
             }
@@ -979,31 +984,55 @@ impl Shared {
             .await
             .map_err(|_| io::Error::other("upstream TLS handshake timed out"))?
         };
-        let mut up = match upstream.await {
+        let up = match upstream.await {
             Ok(u) => u,
             Err(e) => {
                 let why = format!("upstream {name} ({ip}:{port}): {e}");
-                intercept::answer(&mut client, "502 Bad Gateway", &why).await;
+                intercept::answer(&mut cw, "502 Bad Gateway", &why).await;
                 report.refused = Some(why);
                 return Ok(());
             }
         };
-        report.secrets = req.secrets.clone();
-        let first = [req.head, req.rest].concat();
-        self.limiter.take(first.len()).await;
-        up.write_all(&first).await?;
-        out.fetch_add(first.len() as u64, Ordering::Relaxed);
-        let (mut cr, mut cw) = tokio::io::split(client);
+        // Every value a request on this connection may carry (the rule's secrets): masked in
+        // whatever comes back, whichever request it answers.
+        let values: Vec<Vec<u8>> =
+            rule.secrets().iter().filter_map(|n| lookup(n)).map(String::into_bytes).collect();
         let (mut ur, mut uw) = tokio::io::split(up);
         let masked = AtomicU64::new(0);
-        let outbound = pump(&mut cr, &mut uw, Some(&self.limiter), out, size);
+        let requests = AtomicU64::new(0);
+        let used: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        // Requests, one after another: each head checked and rewritten, its body passed as
+        // framed. Ends at the client's close, after a request that asked to close, or at a
+        // request refused (returned, answered once the earlier answers are through).
+        let outbound = async {
+            let mut req = req;
+            loop {
+                requests.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut u) = used.lock() {
+                    u.extend(req.secrets.iter().cloned());
+                }
+                intercept::put(&mut uw, &req.head, &self.limiter, out).await?;
+                inp.body(req.body, &mut uw, &self.limiter, out).await?;
+                uw.flush().await?;
+                if req.last || !inp.more().await? {
+                    uw.shutdown().await?;
+                    return Ok(None);
+                }
+                req = match intercept::rewrite_request(&mut inp, name, rule, lookup).await {
+                    Ok(r) => r,
+                    Err(refusal) => {
+                        uw.shutdown().await?;
+                        return Ok(Some(refusal));
+                    }
+                };
+            }
+        };
         let inbound = async {
-            let mut redactor = Redactor::new(req.values);
+            let mut redactor = Redactor::new(values);
             let mut buf = vec![0u8; size];
             loop {
                 // Bytes held back to catch a split value go out once the server pauses: a
-                // server that keeps the connection open despite `Connection: close` must not
-                // leave the end of its answer stuck here.
+                // kept-alive answer must not wait for the next one to be complete.
                 let read = ur.read(&mut buf);
                 let n = if redactor.holding() {
                     match tokio::time::timeout(REDACT_IDLE_FLUSH, read).await {
@@ -1030,23 +1059,40 @@ impl Shared {
                 let chunk = if n == 0 { redactor.finish() } else { redactor.feed(&buf[..n]) };
                 masked.store(redactor.masked, Ordering::Relaxed);
                 cw.write_all(&chunk).await?;
+                cw.flush().await?;
                 inb.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if n == 0 {
-                    return cw.shutdown().await;
+                    return Ok::<(), io::Error>(());
                 }
             }
         };
-        tokio::pin!(outbound);
-        tokio::pin!(inbound);
-        // The answer ends the exchange (one request per connection); the sandbox's side may
-        // stay open waiting for it.
-        let r = tokio::select! {
-            r = &mut inbound => r,
-            o = &mut outbound => match o {
-                Ok(()) => inbound.await,
-                Err(e) => Err(e),
-            },
+        let (refusal, r) = {
+            tokio::pin!(outbound);
+            tokio::pin!(inbound);
+            // The upstream closing ends the exchange; the client closing (or a refusal) lets
+            // the answers already asked for finish first.
+            tokio::select! {
+                r = &mut inbound => (None, r),
+                o = &mut outbound => match o {
+                    Ok(refusal) => (refusal, inbound.await),
+                    Err(e) => (None, Err(e)),
+                },
+            }
         };
+        match refusal {
+            Some((status, why)) => {
+                intercept::answer(&mut cw, status, &why).await;
+                report.refused = Some(why);
+            }
+            None => {
+                let _ = cw.shutdown().await;
+            }
+        }
+        let mut used = used.into_inner().unwrap_or_default();
+        used.sort();
+        used.dedup();
+        report.secrets = used;
+        report.requests = requests.load(Ordering::Relaxed);
         report.masked = masked.load(Ordering::Relaxed);
         r
     }

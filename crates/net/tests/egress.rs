@@ -902,3 +902,65 @@ fn egress_through_an_upstream_proxy() {
         assert!(!text.contains(fakenet::PROXY_PASS) && !text.contains("wrong"), "{text}");
     }
 }
+
+/// The TLS-terminating path keeps the connection alive: several requests on one connection,
+/// each checked (Host against SNI) and rewritten, bodies forwarded by their length; a request
+/// that fails the check on a kept-alive connection is refused and never goes upstream.
+#[test]
+fn terminated_connections_serve_several_requests() {
+    if !can_run("terminated_connections_serve_several_requests") {
+        return;
+    }
+    const VALUE: &str = "sk-keepalive-0a1b2c3d";
+    let env = Env::new(SandboxPolicy::default(), None);
+    env.handle().set_interception(Some(Interception {
+        rules: RequestRules::new(vec![HostRule {
+            host: "www.allowed.test".into(),
+            headers: vec![("Authorization".into(), "Bearer ${e2b.secrets.tok}".into())],
+        }])
+        .unwrap(),
+        lookup: Arc::new(|name| (name == "tok").then(|| VALUE.to_string())),
+    }));
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let script = format!(
+        r#"
+import http.client, ssl
+c = http.client.HTTPSConnection("www.allowed.test", context=ssl.create_default_context(cafile="{}"), timeout=10)
+for i in range(3):
+    c.request("GET", "/headers", headers={{"X-N": f"n={{i}}"}})
+    r = c.getresponse(); body = r.read().decode()
+    print("get", i, r.status, "masked" if "*" * {} in body else "clear")
+c.request("POST", "/headers", body=b"x" * 5000, headers={{"X-N": "n=post"}})
+r = c.getresponse(); body = r.read().decode(); print("post", r.status, "masked" if "*" * {} in body else "clear")
+c.request("GET", "/headers", headers={{"X-N": "n=after-post"}})
+r = c.getresponse(); r.read(); print("after-post", r.status)
+c.request("GET", "/headers", headers={{"Host": "other.test", "X-N": "n=smuggled"}})
+r = c.getresponse(); print("wrong-host", r.status, r.read().decode().strip())
+"#,
+        bundle.display(),
+        VALUE.len(),
+        VALUE.len()
+    );
+    let o = env.sh(&format!("python3 -c '{}'", script.replace('\'', "\"")));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.contains(VALUE), "{out}");
+    for i in 0..3 {
+        assert!(out.contains(&format!("get {i} 200 masked")), "{out}");
+    }
+    assert!(out.contains("post 200 masked") && out.contains("after-post 200"), "{out}");
+    assert!(out.contains("wrong-host 421") && out.contains("differs from the TLS server name"));
+    let seen = seen_at(&env, "203.0.113.10:443");
+    for n in ["n=0", "n=1", "n=2", "n=post", "n=after-post"] {
+        assert!(seen.contains(n), "{n} not upstream: {seen}");
+    }
+    assert!(!seen.contains("n=smuggled"), "the refused request went upstream: {seen}");
+    assert_eq!(seen.matches(&format!("Authorization: Bearer {VALUE}")).count(), 5, "{seen}");
+    // One connection, one record: five requests, then the refusal.
+    let e = env.event(|e| e.rule.is_some() && e.reason.contains("differs"));
+    assert!(!e.allowed && e.secrets == ["tok"], "{e:?}");
+    let all: Vec<_> = env.events().into_iter().filter(|e| e.rule.is_some()).collect();
+    assert_eq!(all.len(), 1, "one terminated connection: {all:#?}");
+}
