@@ -896,6 +896,28 @@ fn egress_through_an_upstream_proxy() {
     assert_eq!(rc, 0, "{out}");
     assert_eq!(env.net.proxied(), before);
 
+    // TLS to the proxy: verified against the proxy's own CA (`caCert`), its name from the
+    // address; a CA that did not issue its certificate fails the connection (closed).
+    let tls = |ca: &str| {
+        EgressProxy::new(
+            "proxy.fake.test:1443",
+            None,
+            None,
+            Some(ringfence_net::proxy::ProxyTls { server_name: None, ca_pem: Some(ca.into()) }),
+        )
+        .unwrap()
+    };
+    env.handle().set_proxy(Some(tls(&env.net.proxy_ca_pem)));
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(env.net.proxied().contains("203.0.113.40:1443 socks5+tls 203.0.113.10:80"));
+    env.handle().set_proxy(Some(tls(&env.net.cert_pem)));
+    let before = env.net.proxied().matches("socks5+tls").count();
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0, "a proxy certificate from another CA is refused");
+    assert_eq!(env.net.proxied().matches("socks5+tls").count(), before);
+    env.event(|e| e.outcome == Some("failed") && e.reason.contains("TLS to the proxy"));
+
     // No record ever holds a password.
     for e in env.events() {
         let text = serde_json::to_string(&e).unwrap();

@@ -111,6 +111,8 @@ pub struct Internet {
     pub rebinds: Arc<AtomicU64>,
     /// Every tunnel a fake proxy was asked for: "<proxy addr:port> <kind> <target> user=<u>".
     pub proxied: Arc<Mutex<Vec<String>>>,
+    /// PEM of the CA of the TLS proxy's certificate (proxy.fake.test:1443).
+    pub proxy_ca_pem: String,
     stop: Arc<AtomicBool>,
 }
 
@@ -255,7 +257,52 @@ impl Internet {
             }
         }
 
-        Internet { edge, inet, cert_pem, seen: SEEN.clone(), hits, rebinds, proxied, stop }
+        // SOCKS5 over TLS on 1443 (no credentials), its certificate for proxy.fake.test from
+        // its own CA (`proxy_ca_pem`).
+        let pca_key = rcgen::KeyPair::generate().unwrap();
+        let mut pca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        pca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        pca.distinguished_name.push(rcgen::DnType::CommonName, "fake proxy CA");
+        let pca_cert = pca.self_signed(&pca_key).unwrap();
+        let proxy_ca_pem = pca_cert.pem();
+        let pissuer = rcgen::Issuer::new(pca, pca_key);
+        let pkey = rcgen::KeyPair::generate().unwrap();
+        let pleaf = rcgen::CertificateParams::new(vec!["proxy.fake.test".to_string()])
+            .unwrap()
+            .signed_by(&pkey, &pissuer)
+            .unwrap();
+        let pk = rustls::pki_types::PrivateKeyDer::try_from(pkey.serialize_der()).unwrap();
+        let pcfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![pleaf.der().clone()], pk)
+            .unwrap(),
+        );
+        let l = inet.run(|| TcpListener::bind((PROXY, 1443)));
+        let (log, st, ns) = (proxied.clone(), stop.clone(), inet.path());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((c, _)) = l.accept() else { continue };
+                let (log, ns, cfg) = (log.clone(), ns.clone(), pcfg.clone());
+                std::thread::spawn(move || tls_socks_one(c, cfg, &log, &ns));
+            }
+        });
+
+        Internet {
+            edge,
+            inet,
+            cert_pem,
+            proxy_ca_pem,
+            seen: SEEN.clone(),
+            hits,
+            rebinds,
+            proxied,
+            stop,
+        }
     }
 
     /// The tunnels proxies were asked for, one a line.
@@ -593,5 +640,73 @@ fn proxy_one(
     let _ = std::io::copy(&mut up, &mut c);
     let _ = c.shutdown(std::net::Shutdown::Write);
     let _ = t.join();
+    Ok(())
+}
+
+/// One client of the TLS SOCKS5 proxy (no credentials): the handshake inside TLS, then bytes
+/// copied both ways by polling each side with a short timeout (one thread; a test's traffic).
+fn tls_socks_one(
+    c: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    log: &Mutex<Vec<String>>,
+    ns: &std::path::Path,
+) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+    let mut t = rustls::StreamOwned::new(conn, c);
+    let mut g = [0u8; 2];
+    t.read_exact(&mut g)?;
+    let mut m = vec![0u8; usize::from(g[1])];
+    t.read_exact(&mut m)?;
+    t.write_all(&[5, 0])?;
+    let mut r = [0u8; 10];
+    t.read_exact(&mut r)?;
+    if r[3] != 1 {
+        return Ok(());
+    }
+    let dst =
+        SocketAddr::from((Ipv4Addr::new(r[4], r[5], r[6], r[7]), u16::from_be_bytes([r[8], r[9]])));
+    log.lock().unwrap().push(format!("{PROXY}:1443 socks5+tls {dst} user=-"));
+    let mut up = ringfence_net::netns::in_netns(ns, move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+    })?;
+    t.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    t.flush()?;
+    let tick = Some(Duration::from_millis(5));
+    t.sock.set_read_timeout(tick)?;
+    up.set_read_timeout(tick)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut client_open, mut up_open) = (true, true);
+    let quiet = |e: &std::io::Error| {
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    };
+    while client_open || up_open {
+        if client_open {
+            match t.read(&mut buf) {
+                Ok(0) => {
+                    client_open = false;
+                    let _ = up.shutdown(std::net::Shutdown::Write);
+                }
+                Ok(n) => up.write_all(&buf[..n])?,
+                Err(e) if quiet(&e) => {}
+                Err(_) => client_open = false,
+            }
+        }
+        if up_open {
+            match up.read(&mut buf) {
+                Ok(0) => {
+                    t.conn.send_close_notify();
+                    let _ = t.flush();
+                    return Ok(());
+                }
+                Ok(n) => {
+                    t.write_all(&buf[..n])?;
+                    t.flush()?;
+                }
+                Err(e) if quiet(&e) => {}
+                Err(_) => up_open = false,
+            }
+        }
+    }
     Ok(())
 }
