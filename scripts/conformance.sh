@@ -18,7 +18,10 @@ key2=$("$BIN" keys create --name other-tenant --data-dir "$data" | tail -n 1)
 # A small disk quota so the suite can check that an upload beyond it is refused.
 start_server() {
   # shellcheck disable=SC2086 # SERVE_EXTRA is a list of flags
-  "$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M ${SERVE_EXTRA:-} >> "$data/serve.log" 2>&1 &
+  # 127.0.0.2 is exempted from the ceiling for tests/e2b/extras.py's SOCKS5 proxy and web
+  # servers (bound there only): a proxy and destinations the sandbox may reach on this host.
+  "$BIN" serve --listen "127.0.0.1:$port" --data-dir "$data" --disk 64M \
+    --egress-exempt 127.0.0.2/32 ${SERVE_EXTRA:-} >> "$data/serve.log" 2>&1 &
   server=$!
   for _ in $(seq 100); do
     curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0

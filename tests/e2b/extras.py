@@ -1,10 +1,18 @@
 """The rest of E2B 2.63's sandbox surface through the unmodified SDK (and its generated REST
 client where the SDK has no wrapper): Idempotency-Key on create, refreshes, v1/v2 logs,
 `pause(strict=True)`, `create_snapshot(mode=...)`, `connect(on_resume="reboot")`, the v1
-list/create routes, `GET /sandboxes/metrics` and `network={"https_ports": [...]}`."""
+list/create routes, `GET /sandboxes/metrics`, `network={"https_ports": [...]}` and
+`network={"egress_proxy": {...}}` (through a SOCKS5 proxy this test runs on 127.0.0.2, which
+scripts/conformance.sh exempts from the server's ceiling for it; SKIPPED when not exempted).
+The proxy stands in for the internet: it answers every tunnel from a local web server, so the
+sandbox's destinations are documentation addresses (203.0.113.0/24) that only it "reaches"."""
 
+import http.server
 import json
 import os
+import socket
+import socketserver
+import struct
 import threading
 import urllib.error
 import urllib.request
@@ -13,6 +21,8 @@ import checks
 from checks import check
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
+
+PROXY_HOST = "127.0.0.2"
 
 
 def api(method, path, body=None, headers=None):
@@ -137,7 +147,173 @@ def https_ports():
         check("https_ports: envd's port is refused", "49983" in str(e), str(e))
 
 
+def socks5_proxy(log, serve_from, user=None, password=None):
+    """A tiny SOCKS5 proxy (RFC 1928, password auth RFC 1929) on PROXY_HOST; every tunnel it
+    is asked for is appended to `log` as "host:port user=NAME" and served from `serve_from`
+    (host, port) whatever its destination."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            c = self.request
+            c.settimeout(10)
+
+            def read(n):
+                b = b""
+                while len(b) < n:
+                    chunk = c.recv(n - len(b))
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    b += chunk
+                return b
+
+            ver, n = read(2)
+            methods = read(n)
+            want = 2 if user else 0
+            if ver != 5 or want not in methods:
+                c.sendall(b"\x05\xff")
+                return
+            c.sendall(bytes([5, want]))
+            who = "-"
+            if user:
+                _, ul = read(2)
+                u = read(ul).decode()
+                (pl,) = read(1)
+                pw = read(pl).decode()
+                if (u, pw) != (user, password):
+                    log.append("refused: bad credentials")
+                    c.sendall(b"\x01\x01")
+                    return
+                c.sendall(b"\x01\x00")
+                who = u
+            _, cmd, _, atyp = read(4)
+            if atyp == 1:
+                host = socket.inet_ntoa(read(4))
+            elif atyp == 3:
+                (ln,) = read(1)
+                host = "name:" + read(ln).decode()
+            else:
+                return
+            (port,) = struct.unpack("!H", read(2))
+            log.append(f"{host}:{port} user={who}")
+            up = socket.create_connection(serve_from, timeout=10)
+            c.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("0.0.0.0") + b"\x00\x00")
+            c.settimeout(None)
+
+            def pump(a, b):
+                try:
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                except OSError:
+                    pass
+                try:
+                    b.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+            t = threading.Thread(target=pump, args=(c, up), daemon=True)
+            t.start()
+            pump(up, c)
+            t.join(10)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    srv = Server((PROXY_HOST, 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def web(text):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer((PROXY_HOST, 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def egress_proxy():
+    # A proxy at an address the ceiling refuses (the host's loopback) is refused up front.
+    try:
+        Sandbox.create(timeout=30, network={"egress_proxy": {"address": "127.0.0.1:1080"}})
+        check("egress_proxy: a proxy on the host's loopback is refused", False, "created")
+    except SandboxException as e:
+        check("egress_proxy: a proxy on the host's loopback is refused with 400 naming it",
+              "127.0.0.1" in str(e) and "egressProxy" in str(e), str(e))
+    try:
+        probe = socket.socket()
+        probe.bind((PROXY_HOST, 0))
+        probe.close()
+    except OSError as e:
+        print(f"SKIPPED egress_proxy through a proxy: cannot bind {PROXY_HOST}: {e}")
+        return
+    log, log2 = [], []
+    site = web("through the proxy")
+    proxy = socks5_proxy(log, site.server_address, "rf", "sdk-proxy-pw")
+    proxy2 = socks5_proxy(log2, site.server_address)
+    p1, p2 = proxy.server_address[1], proxy2.server_address[1]
+    # Documentation addresses (RFC 5737): reached only through the proxy.
+    ok_dest, denied_dest = "203.0.113.7:80", "203.0.113.8:80"
+    opts = {"address": f"{PROXY_HOST}:{p1}", "username": "rf", "password": "sdk-proxy-pw"}
+    try:
+        s = Sandbox.create(timeout=60, network={"deny_out": [denied_dest], "egress_proxy": opts})
+    except SandboxException as e:
+        if "outside what this server lets" in str(e):
+            print(f"SKIPPED egress_proxy through a proxy: the server does not exempt {PROXY_HOST} "
+                  f"(serve --egress-exempt {PROXY_HOST}/32, as scripts/conformance.sh does): {e}")
+            return
+        raise
+    try:
+        r = s.commands.run(f"curl -sS -m 10 http://{ok_dest}/")
+        check("egress_proxy: the sandbox's connection goes through the SOCKS5 proxy",
+              r.stdout == "through the proxy" and f"{ok_dest} user=rf" in log, (r.stdout, log))
+        try:
+            r = s.commands.run(f"curl -sS -m 10 http://{denied_dest}/", timeout=30)
+            out = r.stdout
+        except Exception as e:  # the SDK raises on a non-zero exit (a reset connection)
+            out = str(e)
+        check("egress_proxy: a denied destination is refused and never reaches the proxy",
+              "through the proxy" not in out and not any(denied_dest in x for x in log), (out, log))
+        net = api("GET", f"/sandboxes/{s.sandbox_id}")[1].get("network", {})
+        check("egress_proxy: shown back without its password",
+              net.get("egressProxy") == {"address": opts["address"], "username": "rf"}
+              and "sdk-proxy-pw" not in json.dumps(net), net)
+        # Live change (E2B's replace semantics: the proxy is repeated to keep tunnelling).
+        s.update_network({"deny_out": [denied_dest],
+                          "egress_proxy": {"address": f"{PROXY_HOST}:{p2}"}})
+        r = s.commands.run(f"curl -sS -m 10 http://{ok_dest}/")
+        check("egress_proxy: update_network moves egress to another proxy",
+              r.stdout == "through the proxy" and f"{ok_dest} user=-" in log2, (r.stdout, log2))
+        s.update_network({"deny_out": [denied_dest]})
+        before = len(log) + len(log2)
+        # Direct now: the documentation address is not routed, so the connection fails.
+        try:
+            r = s.commands.run(f"curl -sS -m 3 http://{ok_dest}/", timeout=30)
+            out = r.stdout
+        except Exception as e:  # the SDK raises on a non-zero exit
+            out = str(e)
+        check("egress_proxy: an update without it goes out directly (not through a proxy)",
+              "through the proxy" not in out and len(log) + len(log2) == before, (out, log, log2))
+        _, audit = api("GET", f"/audit?sandbox={s.sandbox_id}&limit=1000")
+        check("egress_proxy: no record holds the password", "sdk-proxy-pw" not in json.dumps(audit),
+              "password in audit")
+    finally:
+        s.kill()
+        for srv in (proxy, proxy2, site):
+            srv.shutdown()
+
+
 if __name__ == "__main__":
+    egress_proxy()
     https_ports()
     idempotency()
     refresh_and_logs()

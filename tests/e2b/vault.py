@@ -85,8 +85,8 @@ def main():
         bad = raises(lambda: sbx.update_network({"rules": {"*": [{"transform": {"headers": {"a": "b"}}}]}}))
         check("secrets: a bare '*' rule is refused with the reason", bad is not None and "rules" in str(bad), bad)
         proxy = raises(lambda: Sandbox.create(network={"egress_proxy": {"address": "127.0.0.1:1080"}}))
-        check("secrets: egressProxy is refused with a clear 400 (not implemented here)",
-              proxy is not None and "egressProxy" in str(proxy), proxy)
+        check("secrets: an egressProxy on the host's loopback is refused with 400 naming it",
+              proxy is not None and "egressProxy" in str(proxy) and "127.0.0.1" in str(proxy), proxy)
     finally:
         sbx.kill()
     check("secrets: destroy", Secret.destroy("conf-token") is True and not Secret.exists("conf-token"))

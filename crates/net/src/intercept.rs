@@ -8,14 +8,16 @@
 //! - the sandbox gets a certificate for the SNI name, issued by that sandbox's own CA
 //!   ([`SandboxCa`], made in this process; its key never leaves it, and only that sandbox's
 //!   trust store lists it);
-//! - one request is read; its `Host` (and an absolute-form target's authority) must be the
-//!   SNI name, else it is answered 421 and nothing goes upstream;
+//! - each request is read; its `Host` (and an absolute-form target's authority) must be the
+//!   SNI name, else it is answered 421 and it does not go upstream;
 //! - the rule's headers replace any of the same name, and every `${e2b.secrets.NAME}` in a
 //!   header value is replaced by the secret's value **only if the rule for this host names
 //!   that secret** (its scope); other placeholders go out as written;
 //! - the request goes to the pinned address over TLS verified against the system's CAs (plus
-//!   an operator-given extra bundle, for tests), with `Connection: close`: one request per
-//!   connection, so no later request on it can skip the rewrite;
+//!   an operator-given extra bundle, for tests); the connection is kept alive (HTTP/1.1), and
+//!   every later request on it is read, checked and rewritten the same way: bodies are
+//!   forwarded by their framing (`Content-Length` or chunked; anything ambiguous refused), so
+//!   the next head is always found where the upstream will find it;
 //! - the response comes back with every substituted value masked (same length, `*`), after
 //!   asking for an uncompressed response so the mask can see it (best effort: a server that
 //!   encodes the value, e.g. in base64, defeats it; scoping is the guarantee, see
@@ -24,6 +26,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -435,6 +438,10 @@ pub(crate) struct Report {
     pub secrets: Vec<String>,
     /// Occurrences of a substituted value masked in the response.
     pub masked: u64,
+    /// The upstream proxy the request went through (`scheme://host:port`).
+    pub proxy: Option<String>,
+    /// Requests forwarded on the connection (kept alive).
+    pub requests: u64,
 }
 
 /// An HTTP/1.1 answer made here (a refusal), closing the connection.
@@ -457,42 +464,164 @@ fn host_of(authority: &str) -> Option<String> {
     normalize_name(h)
 }
 
+/// How a request's body is delimited (RFC 9112 section 6): what the proxy must forward
+/// before the next request head begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The sandbox's side of a terminated connection, with the bytes read but not yet used.
+pub(crate) struct Input<'a, R> {
+    pub pending: Vec<u8>,
+    r: &'a mut R,
+}
+
+impl<'a, R: AsyncRead + Unpin> Input<'a, R> {
+    pub(crate) fn new(r: &'a mut R) -> Input<'a, R> {
+        Input { pending: Vec::new(), r }
+    }
+
+    /// Reads more; false at end of stream.
+    async fn fill(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 8192];
+        let n = self.r.read(&mut chunk).await?;
+        self.pending.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    /// Waits for the next request's first byte; false if the client closed instead.
+    pub(crate) async fn more(&mut self) -> io::Result<bool> {
+        if !self.pending.is_empty() {
+            return Ok(true);
+        }
+        self.fill().await
+    }
+
+    /// One line, CRLF included (at most `max` bytes).
+    async fn line(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(p) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                return Ok(self.pending.drain(..p + 2).collect());
+            }
+            if self.pending.len() > max {
+                return Err(io::Error::other("a chunked body's line is too long"));
+            }
+            if !self.fill().await? {
+                return Err(io::Error::other("the request body ended early"));
+            }
+        }
+    }
+
+    /// Up to `n` bytes (at least one).
+    async fn some(&mut self, n: u64) -> io::Result<Vec<u8>> {
+        if self.pending.is_empty() && !self.fill().await? {
+            return Err(io::Error::other("the request body ended early"));
+        }
+        let k = usize::try_from(n).unwrap_or(usize::MAX).min(self.pending.len());
+        Ok(self.pending.drain(..k).collect())
+    }
+
+    /// Passes one body, as framed, to `w` (each piece as it arrives, at the sandbox's rate).
+    pub(crate) async fn body<W: AsyncWrite + Unpin>(
+        &mut self,
+        body: Body,
+        w: &mut W,
+        limiter: &crate::Limiter,
+        count: &AtomicU64,
+    ) -> io::Result<()> {
+        match body {
+            Body::None => Ok(()),
+            Body::Length(mut left) => {
+                while left > 0 {
+                    let b = self.some(left).await?;
+                    left -= b.len() as u64;
+                    put(w, &b, limiter, count).await?;
+                }
+                Ok(())
+            }
+            Body::Chunked => loop {
+                let line = self.line(4096).await?;
+                let text = String::from_utf8_lossy(&line);
+                let hex = text.trim_end().split(';').next().unwrap_or_default().trim();
+                let size = u64::from_str_radix(hex, 16)
+                    .map_err(|_| io::Error::other("a chunk size is not hexadecimal"))?;
+                put(w, &line, limiter, count).await?;
+                if size == 0 {
+                    // Trailers, then the blank line that ends the body.
+                    loop {
+                        let t = self.line(MAX_HEAD).await?;
+                        put(w, &t, limiter, count).await?;
+                        if t == b"\r\n" {
+                            return Ok(());
+                        }
+                    }
+                }
+                let mut left = size;
+                while left > 0 {
+                    let b = self.some(left).await?;
+                    left -= b.len() as u64;
+                    put(w, &b, limiter, count).await?;
+                }
+                let crlf = self.line(2).await?;
+                if crlf != b"\r\n" {
+                    return Err(io::Error::other("a chunk does not end with CRLF"));
+                }
+                put(w, &crlf, limiter, count).await?;
+            },
+        }
+    }
+}
+
+/// Writes `b` upstream at the sandbox's rate, counting it.
+pub(crate) async fn put<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    b: &[u8],
+    limiter: &crate::Limiter,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    limiter.take(b.len()).await;
+    w.write_all(b).await?;
+    count.fetch_add(b.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 /// The rewritten request head, or why it is refused (status, reason).
 pub(crate) struct Rewritten {
     pub head: Vec<u8>,
-    /// Bytes after the head already read (the start of the body).
-    pub rest: Vec<u8>,
+    /// How its body is delimited.
+    pub body: Body,
+    /// The client asked to close after this request (or spoke HTTP/1.0).
+    pub last: bool,
     pub set: Vec<String>,
     pub secrets: Vec<String>,
-    /// Substituted values, for the response's mask.
-    pub values: Vec<Vec<u8>>,
 }
 
 /// Reads and rewrites one request head from `r` for a connection to `name` under `rule`.
 pub(crate) async fn rewrite_request<R: AsyncRead + Unpin>(
-    r: &mut R,
+    inp: &mut Input<'_, R>,
     name: &str,
     rule: &HostRule,
     lookup: &SecretLookup,
 ) -> Result<Rewritten, (&'static str, String)> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
     let end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        if let Some(p) = inp.pending.windows(4).position(|w| w == b"\r\n\r\n") {
             break p + 4;
         }
-        if buf.len() > MAX_HEAD {
+        if inp.pending.len() > MAX_HEAD {
             return Err(("431 Request Header Fields Too Large", "request head too large".into()));
         }
-        let n = r
-            .read(&mut chunk)
+        let more = inp
+            .fill()
             .await
             .map_err(|e| ("400 Bad Request", format!("reading the request: {e}")))?;
-        if n == 0 {
+        if !more {
             return Err(("400 Bad Request", "the connection closed before a request".into()));
         }
-        buf.extend_from_slice(&chunk[..n]);
     };
+    let buf: Vec<u8> = inp.pending.drain(..end).collect();
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(&buf[..end]) {
@@ -501,6 +630,43 @@ pub(crate) async fn rewrite_request<R: AsyncRead + Unpin>(
     }
     let method = req.method.unwrap_or("GET").to_string();
     let path = req.path.unwrap_or("/").to_string();
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return Err(("405 Method Not Allowed", "CONNECT inside a terminated connection".into()));
+    }
+    // The body's framing decides where the next request starts: anything ambiguous is refused
+    // (a request the upstream would split differently could smuggle one past the checks).
+    let values_of = |n: &str| -> Vec<String> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(n))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+            .collect()
+    };
+    let te = values_of("transfer-encoding");
+    let cl = values_of("content-length");
+    let body =
+        match (te.as_slice(), cl.as_slice()) {
+            ([], []) => Body::None,
+            ([], [one]) => Body::Length(one.parse().map_err(|_| {
+                ("400 Bad Request", format!("Content-Length {one:?} is not a number"))
+            })?),
+            ([], _) => return Err(("400 Bad Request", "several Content-Length headers".into())),
+            ([one], []) if one == "chunked" => Body::Chunked,
+            (_, []) => {
+                return Err((
+                    "501 Not Implemented",
+                    format!("Transfer-Encoding {:?}: only chunked is forwarded", te.join(", ")),
+                ));
+            }
+            _ => {
+                return Err((
+                    "400 Bad Request",
+                    "both Transfer-Encoding and Content-Length; not forwarded".into(),
+                ));
+            }
+        };
+    let last = req.version != Some(1)
+        || values_of("connection").iter().any(|v| v.split(',').any(|t| t.trim() == "close"));
     // An absolute-form target names its host too: it must be this connection's.
     if let Some(rest) = path.strip_prefix("https://").or_else(|| path.strip_prefix("http://")) {
         let authority = rest.split('/').next().unwrap_or_default();
@@ -580,20 +746,21 @@ pub(crate) async fn rewrite_request<R: AsyncRead + Unpin>(
     for (k, v) in &rule.headers {
         line(&mut out, k, v);
     }
-    // Uncompressed, so the response's mask can see a substituted value; one request per
-    // connection, so every request on it is rewritten.
+    // Uncompressed, so the response's mask can see a substituted value. Kept alive unless
+    // the client closes: every request on the connection is read, checked and rewritten here.
     line(&mut out, "accept-encoding", "identity");
-    line(&mut out, "connection", "close");
+    if last {
+        line(&mut out, "connection", "close");
+    }
     out.extend_from_slice(b"\r\n");
     used.sort();
     used.dedup();
-    let values = used.iter().filter_map(|n| values.get(n)).map(|v| v.as_bytes().to_vec()).collect();
     Ok(Rewritten {
         head: out,
-        rest: buf[end..].to_vec(),
+        body,
+        last,
         set: rule.headers.iter().map(|(k, _)| k.to_ascii_lowercase()).collect(),
         secrets: used,
-        values,
     })
 }
 
@@ -664,6 +831,28 @@ mod tests {
         let (s, used) = substitute("x ${e2b.secrets.A} ${e2b.secrets.b} ${e2b.secrets.a", &v);
         assert_eq!(s, "x AAA ${e2b.secrets.b} ${e2b.secrets.a");
         assert_eq!(used, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_framing_says() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let wire = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nTrailer: x\r\n\r\nGET /next";
+            let mut r: &[u8] = wire;
+            let mut inp = Input::new(&mut r);
+            let mut out = Vec::new();
+            let n = AtomicU64::new(0);
+            let limiter = crate::Limiter::new(None);
+            inp.body(Body::Chunked, &mut out, &limiter, &n).await.unwrap();
+            assert_eq!(out, wire[..wire.len() - 9].to_vec());
+            assert_eq!(inp.pending, b"GET /next");
+            for bad in [&b"zz\r\n"[..], b"3\r\nabcd\r\n", b"5\r\nab"] {
+                let mut r: &[u8] = bad;
+                let mut inp = Input::new(&mut r);
+                let mut sink = Vec::new();
+                assert!(inp.body(Body::Chunked, &mut sink, &limiter, &n).await.is_err());
+            }
+        });
     }
 
     #[test]

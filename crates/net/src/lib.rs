@@ -18,6 +18,7 @@ pub mod dns;
 pub mod intercept;
 pub mod netns;
 pub mod policy;
+pub mod proxy;
 pub mod sniff;
 pub mod stack;
 pub mod tun;
@@ -40,6 +41,7 @@ use crate::dns::{Pins, Upstream};
 use crate::intercept::{HostRule, Interception, Redactor, SandboxCa, SecretLookup};
 use crate::netns::Dialer;
 use crate::policy::{Ceiling, Dest, Naming, SandboxPolicy, Verdict};
+use crate::proxy::{EgressProxy, Upstream as UpStream};
 use crate::sniff::Sniffed;
 use crate::stack::{Handler, SmolStream, Stack};
 
@@ -78,6 +80,8 @@ pub enum NetError {
     RateAboveCeiling { asked: u64, max: u64 },
     #[error(transparent)]
     Intercept(#[from] intercept::InterceptError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
 }
 
 /// One egress decision, for the audit trail.
@@ -114,6 +118,10 @@ pub struct EgressEvent {
     /// Names (never values) of the secrets substituted into the request.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// The upstream proxy the connection went through (`scheme://host:port`, never its
+    /// credentials); absent for a direct connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -136,6 +144,8 @@ pub struct Egress {
     /// The upstream TLS client of terminated connections, made on first use (reading the
     /// system's CAs takes a while, and most servers never terminate anything).
     upstream_tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+    /// The CAs a proxy's TLS is verified against when it names none of its own.
+    proxy_roots: OnceLock<Result<Arc<rustls::RootCertStore>, String>>,
 }
 
 impl Egress {
@@ -149,7 +159,13 @@ impl Egress {
         };
         let dialer = Arc::new(dialer);
         let upstream = Upstream::new(cfg.dns_upstreams.clone(), dialer.clone());
-        Ok(Arc::new(Egress { cfg, dialer, upstream, upstream_tls: OnceLock::new() }))
+        Ok(Arc::new(Egress {
+            cfg,
+            dialer,
+            upstream,
+            upstream_tls: OnceLock::new(),
+            proxy_roots: OnceLock::new(),
+        }))
     }
 
     fn upstream_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -162,6 +178,84 @@ impl Egress {
                 intercept::upstream_config(extra.as_deref()).map_err(|e| e.to_string())
             })
             .clone()
+    }
+
+    fn proxy_roots(&self) -> Result<Arc<rustls::RootCertStore>, String> {
+        self.proxy_roots
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if let Some(p) = &self.cfg.upstream_extra_ca {
+                    let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    use rustls::pki_types::pem::PemObject;
+                    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem);
+                    roots.add_parsable_certificates(certs.filter_map(Result::ok));
+                }
+                Ok(Arc::new(roots))
+            })
+            .clone()
+    }
+
+    /// Where `proxy` may be dialed: its host resolved (by the sandboxes' upstream resolver,
+    /// from the egress namespace) and each address held to the ceiling. Fails naming the
+    /// proxy and why when no address is left: a proxy is never a way around the ceiling.
+    pub async fn resolve_proxy(&self, proxy: &EgressProxy) -> Result<Vec<SocketAddr>, NetError> {
+        let fail = |why: String| NetError::Proxy(proxy::ProxyError(format!("{proxy}: {why}")));
+        let (ips, naming): (Vec<IpAddr>, Option<String>) = match proxy.literal() {
+            Some(ip) => (vec![ip], None),
+            None => {
+                let mut q = Message::query();
+                q.metadata.id = rand::random();
+                q.metadata.recursion_desired = true;
+                let name = hickory_proto::rr::Name::from_ascii(format!("{}.", proxy.host))
+                    .map_err(|e| fail(format!("not a DNS name: {e}")))?;
+                q.queries.push(hickory_proto::op::Query::query(name, RecordType::A));
+                let a = self
+                    .upstream
+                    .ask(&q)
+                    .await
+                    .map_err(|e| fail(format!("the name did not resolve: {e}")))?;
+                let ips: Vec<IpAddr> = a
+                    .answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        hickory_proto::rr::RData::A(a) => Some(IpAddr::V4(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    return Err(fail("the name has no IPv4 address".into()));
+                }
+                (ips, Some(proxy.host.clone()))
+            }
+        };
+        let mut own = self.dialer.own_addrs().await;
+        own.push(IpAddr::V4(tun::GATEWAY_IP));
+        // The proxy is judged as a destination of the server's: the ceiling only (the
+        // sandbox's own allowOut/denyOut judge the destinations it reaches through it).
+        let open = SandboxPolicy::default();
+        let mut ok = Vec::new();
+        let mut refused = Vec::new();
+        for ip in ips {
+            let naming = match &naming {
+                Some(n) => Naming::Claimed { name: n.clone(), pinned: true },
+                None => Naming::Unnamed,
+            };
+            let dest = Dest { ip, port: proxy.port, naming };
+            let v = policy::decide(&self.cfg.ceiling, &own, &open, &dest);
+            if v.allowed {
+                ok.push(SocketAddr::new(ip, proxy.port));
+            } else {
+                refused.push(v.reason.trim_start_matches("denied: ").to_string());
+            }
+        }
+        if ok.is_empty() {
+            return Err(fail(format!(
+                "the proxy's address is outside what this server lets sandboxes reach ({})",
+                refused.join("; ")
+            )));
+        }
+        Ok(ok)
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -225,6 +319,7 @@ impl Egress {
             exhausted_at: Mutex::default(),
             interception: RwLock::new(None),
             ca: OnceLock::new(),
+            proxy: RwLock::new(None),
         });
         let handler: Arc<dyn Handler> = shared.clone();
         tokio::spawn(async move {
@@ -297,6 +392,19 @@ impl SandboxNet {
 
     pub fn interception(&self) -> Option<Interception> {
         self.shared.interception()
+    }
+
+    /// Sets (or, with `None`, clears) the upstream proxy. New connections take the new path;
+    /// open ones go on as they began (their destination was allowed, and the policy change
+    /// that would forbid one cuts it).
+    pub fn set_proxy(&self, p: Option<EgressProxy>) {
+        if let Ok(mut cur) = self.shared.proxy.write() {
+            *cur = p.map(Arc::new);
+        }
+    }
+
+    pub fn proxy(&self) -> Option<EgressProxy> {
+        self.shared.proxy().map(|p| (*p).clone())
     }
 
     /// This sandbox's CA certificate (PEM), made on first call: what its trust store must
@@ -382,6 +490,8 @@ struct Shared {
     interception: RwLock<Option<Interception>>,
     /// The sandbox's CA (only in this process's memory), made when first needed.
     ca: OnceLock<Arc<SandboxCa>>,
+    /// The upstream proxy new connections leave through; `None`: straight from this host.
+    proxy: RwLock<Option<Arc<EgressProxy>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -462,11 +572,52 @@ impl Shared {
             suppressed: 0,
             rule: None,
             secrets: Vec::new(),
+            proxy: None,
         }
     }
 
     fn interception(&self) -> Option<Interception> {
         self.interception.read().ok().and_then(|i| i.clone())
+    }
+
+    fn proxy(&self) -> Option<Arc<EgressProxy>> {
+        self.proxy.read().ok().and_then(|p| p.clone())
+    }
+
+    /// Opens the upstream connection to `ip:port` (already allowed): directly, or through the
+    /// sandbox's proxy, asked for the address (never the name: the proxy's resolver must not
+    /// pick another destination than the one the policy judged). The proxy's address is
+    /// resolved and held to the ceiling again at each dial; it failing fails the connection
+    /// (no fallback to a direct one). Returns the proxy's `scheme://host:port` too.
+    async fn dial(&self, ip: IpAddr, port: u16) -> io::Result<(UpStream, Option<String>)> {
+        let target = SocketAddr::new(ip, port);
+        let Some(p) = self.proxy() else {
+            let s = self.egress.dialer.connect(target, CONNECT_TIMEOUT).await?;
+            return Ok((Box::new(s), None));
+        };
+        let via = p.to_string();
+        let work = async {
+            let addrs = self.egress.resolve_proxy(&p).await.map_err(io::Error::other)?;
+            let mut last = io::Error::other("no address");
+            for a in addrs {
+                match self.egress.dialer.connect(a, CONNECT_TIMEOUT).await {
+                    Ok(conn) => {
+                        return proxy::handshake(&p, conn, target, || self.egress.proxy_roots())
+                            .await;
+                    }
+                    Err(e) => last = io::Error::new(e.kind(), format!("proxy {via} ({a}): {e}")),
+                }
+            }
+            Err(last)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, work).await {
+            Ok(Ok(s)) => Ok((s, Some(via))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("proxy {via} did not open a tunnel in time"),
+            )),
+        }
     }
 
     fn ca(&self, label: &str) -> Result<Arc<SandboxCa>, NetError> {
@@ -657,9 +808,14 @@ impl Shared {
         if let Some((name, rule, lookup)) = terminate {
             return self.terminated(s, head, dest, ev, began, (name, rule, lookup)).await;
         }
-        let up = match self.egress.dialer.connect(SocketAddr::new(ip, port), CONNECT_TIMEOUT).await
-        {
-            Ok(u) => u,
+        let up = match self.dial(ip, port).await {
+            Ok((u, via)) => {
+                if let Some(via) = via {
+                    ev.reason = format!("{} (through proxy {via})", v.reason);
+                    ev.proxy = Some(via);
+                }
+                u
+            }
             Err(e) => {
                 ev.outcome = Some("failed");
                 ev.reason = format!("{} (connecting failed: {e})", v.reason);
@@ -750,12 +906,18 @@ impl Shared {
             _ = cut_rx.wait_for(|c| c.is_some()) => "cut",
         };
         drop(guard);
-        let mut reason = format!("{allowed}; TLS terminated under the rule for {}", rule.host);
+        let mut reason = format!(
+            "{allowed}; TLS terminated under the rule for {}, {} request(s)",
+            rule.host, report.requests
+        );
         if !report.set.is_empty() {
             reason.push_str(&format!(", set {}", report.set.join(", ")));
         }
         if !report.secrets.is_empty() {
             reason.push_str(&format!("; secrets substituted: {}", report.secrets.join(", ")));
+        }
+        if let Some(via) = &report.proxy {
+            reason.push_str(&format!(" (through proxy {via})"));
         }
         if report.masked > 0 {
             reason.push_str(&format!(
@@ -774,6 +936,7 @@ impl Shared {
         }
         ev.reason = reason;
         ev.secrets = report.secrets;
+        ev.proxy = report.proxy;
         ev.outcome = Some(outcome);
         ev.bytes_out = bytes_out.load(Ordering::Relaxed);
         ev.bytes_in = bytes_in.load(Ordering::Relaxed);
@@ -794,14 +957,16 @@ impl Shared {
         let ca = self.ca("a sandbox").map_err(io::Error::other)?;
         let cfg = ca.server_config(name).map_err(io::Error::other)?;
         let accept = intercept::TlsAcceptor::from(cfg).accept(intercept::Rewind::new(head, s));
-        let mut client = tokio::time::timeout(CONNECT_TIMEOUT, accept)
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, accept)
             .await
             .map_err(|_| io::Error::other("the sandbox's TLS handshake timed out"))?
             .map_err(|e| io::Error::other(format!("the sandbox's TLS handshake: {e}")))?;
-        let req = match intercept::rewrite_request(&mut client, name, rule, lookup).await {
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let mut inp = intercept::Input::new(&mut cr);
+        let req = match intercept::rewrite_request(&mut inp, name, rule, lookup).await {
             Ok(r) => r,
             Err((status, why)) => {
-                intercept::answer(&mut client, status, &why).await;
+                intercept::answer(&mut cw, status, &why).await;
                 report.refused = Some(why);
                 return Ok(());
             }
@@ -809,8 +974,8 @@ impl Shared {
         report.set = req.set.clone();
         let upstream = async {
             let tls = self.egress.upstream_tls().map_err(io::Error::other)?;
-            let tcp =
-                self.egress.dialer.connect(SocketAddr::new(ip, port), CONNECT_TIMEOUT).await?;
+            let (tcp, via) = self.dial(ip, port).await?;
+            report.proxy = via;
             let sn = intercept::server_name(name).map_err(io::Error::other)?;
             tokio::time::timeout(
                 CONNECT_TIMEOUT,
@@ -819,31 +984,55 @@ impl Shared {
             .await
             .map_err(|_| io::Error::other("upstream TLS handshake timed out"))?
         };
-        let mut up = match upstream.await {
+        let up = match upstream.await {
             Ok(u) => u,
             Err(e) => {
                 let why = format!("upstream {name} ({ip}:{port}): {e}");
-                intercept::answer(&mut client, "502 Bad Gateway", &why).await;
+                intercept::answer(&mut cw, "502 Bad Gateway", &why).await;
                 report.refused = Some(why);
                 return Ok(());
             }
         };
-        report.secrets = req.secrets.clone();
-        let first = [req.head, req.rest].concat();
-        self.limiter.take(first.len()).await;
-        up.write_all(&first).await?;
-        out.fetch_add(first.len() as u64, Ordering::Relaxed);
-        let (mut cr, mut cw) = tokio::io::split(client);
+        // Every value a request on this connection may carry (the rule's secrets): masked in
+        // whatever comes back, whichever request it answers.
+        let values: Vec<Vec<u8>> =
+            rule.secrets().iter().filter_map(|n| lookup(n)).map(String::into_bytes).collect();
         let (mut ur, mut uw) = tokio::io::split(up);
         let masked = AtomicU64::new(0);
-        let outbound = pump(&mut cr, &mut uw, Some(&self.limiter), out, size);
+        let requests = AtomicU64::new(0);
+        let used: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        // Requests, one after another: each head checked and rewritten, its body passed as
+        // framed. Ends at the client's close, after a request that asked to close, or at a
+        // request refused (returned, answered once the earlier answers are through).
+        let outbound = async {
+            let mut req = req;
+            loop {
+                requests.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut u) = used.lock() {
+                    u.extend(req.secrets.iter().cloned());
+                }
+                intercept::put(&mut uw, &req.head, &self.limiter, out).await?;
+                inp.body(req.body, &mut uw, &self.limiter, out).await?;
+                uw.flush().await?;
+                if req.last || !inp.more().await? {
+                    uw.shutdown().await?;
+                    return Ok(None);
+                }
+                req = match intercept::rewrite_request(&mut inp, name, rule, lookup).await {
+                    Ok(r) => r,
+                    Err(refusal) => {
+                        uw.shutdown().await?;
+                        return Ok(Some(refusal));
+                    }
+                };
+            }
+        };
         let inbound = async {
-            let mut redactor = Redactor::new(req.values);
+            let mut redactor = Redactor::new(values);
             let mut buf = vec![0u8; size];
             loop {
                 // Bytes held back to catch a split value go out once the server pauses: a
-                // server that keeps the connection open despite `Connection: close` must not
-                // leave the end of its answer stuck here.
+                // kept-alive answer must not wait for the next one to be complete.
                 let read = ur.read(&mut buf);
                 let n = if redactor.holding() {
                     match tokio::time::timeout(REDACT_IDLE_FLUSH, read).await {
@@ -870,23 +1059,40 @@ impl Shared {
                 let chunk = if n == 0 { redactor.finish() } else { redactor.feed(&buf[..n]) };
                 masked.store(redactor.masked, Ordering::Relaxed);
                 cw.write_all(&chunk).await?;
+                cw.flush().await?;
                 inb.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if n == 0 {
-                    return cw.shutdown().await;
+                    return Ok::<(), io::Error>(());
                 }
             }
         };
-        tokio::pin!(outbound);
-        tokio::pin!(inbound);
-        // The answer ends the exchange (one request per connection); the sandbox's side may
-        // stay open waiting for it.
-        let r = tokio::select! {
-            r = &mut inbound => r,
-            o = &mut outbound => match o {
-                Ok(()) => inbound.await,
-                Err(e) => Err(e),
-            },
+        let (refusal, r) = {
+            tokio::pin!(outbound);
+            tokio::pin!(inbound);
+            // The upstream closing ends the exchange; the client closing (or a refusal) lets
+            // the answers already asked for finish first.
+            tokio::select! {
+                r = &mut inbound => (None, r),
+                o = &mut outbound => match o {
+                    Ok(refusal) => (refusal, inbound.await),
+                    Err(e) => (None, Err(e)),
+                },
+            }
         };
+        match refusal {
+            Some((status, why)) => {
+                intercept::answer(&mut cw, status, &why).await;
+                report.refused = Some(why);
+            }
+            None => {
+                let _ = cw.shutdown().await;
+            }
+        }
+        let mut used = used.into_inner().unwrap_or_default();
+        used.sort();
+        used.dedup();
+        report.secrets = used;
+        report.requests = requests.load(Ordering::Relaxed);
         report.masked = masked.load(Ordering::Relaxed);
         r
     }
@@ -908,7 +1114,7 @@ impl Drop for ConnGuard<'_> {
 /// Relays both directions until both have ended; the sandbox's side is limited in rate.
 async fn relay(
     s: SmolStream,
-    up: tokio::net::TcpStream,
+    up: UpStream,
     head: Vec<u8>,
     limiter: &Limiter,
     out: &AtomicU64,
@@ -917,7 +1123,7 @@ async fn relay(
     // Copy buffers no bigger than the connection's own: they count against the same budget.
     let size = s.buffer_size().min(COPY_BUF);
     let (mut sr, mut sw) = tokio::io::split(s);
-    let (mut ur, mut uw) = up.into_split();
+    let (mut ur, mut uw) = tokio::io::split(up);
     let outbound = async move {
         limiter.take(head.len()).await;
         uw.write_all(&head).await?;

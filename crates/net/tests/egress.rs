@@ -707,3 +707,282 @@ print(f"first_byte_us={{total / n * 1e6:.0f}}")
         }
     }
 }
+
+/// Egress through an upstream proxy against direct, in one run: download MB/s of a 256 MiB
+/// body over HTTPS (passed through) and connect → first response byte over 200 fresh HTTPS
+/// connections; the proxies are the fake internet's (a thread per tunnel, `std::io::copy`).
+/// `cargo test -p ringfence-net --test egress proxy_overhead -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn proxy_overhead() {
+    if !can_run("proxy_overhead") {
+        return;
+    }
+    use ringfence_net::proxy::EgressProxy;
+    let env = Env::new(SandboxPolicy::default(), None);
+    let latency = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{}")
+n = 200; total = 0.0
+for i in range(n):
+    a = time.perf_counter()
+    s = ctx.wrap_socket(socket.create_connection(("www.allowed.test", 443)), server_hostname="www.allowed.test")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: www.allowed.test\r\nConnection: close\r\n\r\n")
+    s.recv(1)
+    total += time.perf_counter() - a
+    s.close()
+print(f"first_byte_us={{total / n * 1e6:.0f}}")
+"#,
+        env.cert.display()
+    );
+    let script = format!(
+        "curl -sS -o /dev/null --cacert {} -w 'download_MBps=%{{speed_download}}\\n' https://www.allowed.test/blob/{}; python3 -c '{}'",
+        env.cert.display(),
+        256u64 << 20,
+        latency.replace('\'', "\"")
+    );
+    let (u, p) = (Some(fakenet::PROXY_USER.to_string()), Some(fakenet::PROXY_PASS.to_string()));
+    for round in 0..2 {
+        for (label, proxy) in [
+            ("direct", None),
+            ("SOCKS5", Some(EgressProxy::new("203.0.113.40:1081", u.clone(), p.clone(), None))),
+            (
+                "HTTP CONNECT",
+                Some(EgressProxy::new("http://203.0.113.40:3128", u.clone(), p.clone(), None)),
+            ),
+        ] {
+            env.handle().set_proxy(proxy.map(Result::unwrap));
+            let o = env.sh(&script);
+            let text = String::from_utf8_lossy(&o.stdout).replace('\n', " ");
+            let mb = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("download_MBps="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| format!("{:.0} MB/s", v / 1e6))
+                .unwrap_or_else(|| "?".into());
+            let fb =
+                text.split_whitespace().find(|w| w.starts_with("first_byte_us=")).unwrap_or("?");
+            println!("{label} #{round}: download {mb} {fb}");
+            if !o.status.success() {
+                println!("  stderr: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}
+
+/// An upstream proxy (E2B's `egressProxy`): allowed connections leave through it, asked for
+/// the address the policy judged; a denied destination never reaches it; its credentials
+/// never appear in a record; it changes live; a failing proxy fails the connection (no
+/// direct fallback); a proxy at an address the ceiling refuses is refused when set and at
+/// each dial.
+#[test]
+fn egress_through_an_upstream_proxy() {
+    if !can_run("egress_through_an_upstream_proxy") {
+        return;
+    }
+    use ringfence_net::proxy::EgressProxy;
+    let env = Env::new(allowlist(&["www.allowed.test", "proxy.fake.test"]), None);
+    let socks = EgressProxy::new(
+        "proxy.fake.test:1081",
+        Some(fakenet::PROXY_USER.into()),
+        Some(fakenet::PROXY_PASS.into()),
+        None,
+    )
+    .unwrap();
+    // Resolved by the sandboxes' resolver and held to the ceiling.
+    let egress = Egress::new(NetConfig {
+        dns_upstreams: vec![(fakenet::DNS, 53).into()],
+        egress_netns: Some(env.net.edge.path()),
+        ..NetConfig::default()
+    })
+    .unwrap();
+    let addrs = env.rt.block_on(egress.resolve_proxy(&socks)).unwrap();
+    assert_eq!(addrs, vec![std::net::SocketAddr::from((fakenet::PROXY, 1081))]);
+    for bad in ["10.66.0.5:1080", "127.0.0.1:1080", "169.254.169.254:80", "private.test:1080"] {
+        let p = EgressProxy::new(bad, None, None, None).unwrap();
+        let e = env.rt.block_on(egress.resolve_proxy(&p)).unwrap_err().to_string();
+        let host = bad.split(':').next().unwrap();
+        assert!(e.contains(host) && e.contains("outside what this server lets"), "{bad}: {e}");
+    }
+
+    // SOCKS5 with credentials: HTTP and HTTPS (passed through) to an allowed host.
+    env.handle().set_proxy(Some(socks.clone()));
+    let hits = env.net.hits("203.0.113.10:80");
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(env.net.hits("203.0.113.10:80"), hits + 1);
+    let (rc, out) = env.curl("https://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    let log = env.net.proxied();
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:80 user=rf"), "{log}");
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:443 user=rf"), "{log}");
+    let e = env.event(|e| e.port == 80 && e.outcome == Some("closed"));
+    assert!(e.allowed, "{e:?}");
+    assert_eq!(e.proxy.as_deref(), Some("socks5://proxy.fake.test:1081"));
+    assert!(e.reason.contains("through proxy socks5://proxy.fake.test:1081"), "{e:?}");
+
+    // A denied destination is refused here and never reaches the proxy.
+    let (rc, _) = env.curl("http://other.test/");
+    assert_ne!(rc, 0);
+    let (_, out) = env.curl("http://203.0.113.20/");
+    assert!(out.contains("not in allowOut"), "{out}");
+    assert!(!env.net.proxied().contains("203.0.113.20"), "{}", env.net.proxied());
+
+    // Live change to HTTP CONNECT (same credentials).
+    let connect = EgressProxy::new(
+        "http://203.0.113.40:3128",
+        Some(fakenet::PROXY_USER.into()),
+        Some(fakenet::PROXY_PASS.into()),
+        None,
+    )
+    .unwrap();
+    env.handle().set_proxy(Some(connect));
+    let (rc, out) = env.curl("https://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(env.net.proxied().contains("203.0.113.40:3128 connect 203.0.113.10:443 user=rf"));
+
+    // Wrong password: the connection fails; nothing goes out directly.
+    let bad = EgressProxy::new(
+        "203.0.113.40:1081",
+        Some(fakenet::PROXY_USER.into()),
+        Some("wrong".into()),
+        None,
+    )
+    .unwrap();
+    env.handle().set_proxy(Some(bad));
+    let hits = env.net.hits("203.0.113.10:80");
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0);
+    assert_eq!(env.net.hits("203.0.113.10:80"), hits, "no direct fallback");
+    env.event(|e| e.outcome == Some("failed") && e.reason.contains("SOCKS5 proxy"));
+
+    // A proxy at a private address set anyway (as a restored sandbox might have): refused at
+    // dial time, and never contacted.
+    env.handle().set_proxy(Some(EgressProxy::new("10.66.0.5:1080", None, None, None).unwrap()));
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0);
+    assert!(!env.net.proxied().contains("10.66.0.5"), "{}", env.net.proxied());
+
+    // The TLS-terminating path (a request rule) goes through the proxy too.
+    env.handle().set_proxy(Some(socks));
+    env.handle().set_interception(Some(Interception {
+        rules: RequestRules::new(vec![HostRule {
+            host: "www.allowed.test".into(),
+            headers: vec![("X-Through".into(), "rule".into())],
+        }])
+        .unwrap(),
+        lookup: Arc::new(|_| None),
+    }));
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let before = env.net.proxied().matches("10:443").count();
+    let o = env.sh(&format!(
+        "curl -sS -m 5 --cacert {} https://www.allowed.test/headers",
+        bundle.display()
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("X-Through: rule"));
+    assert_eq!(env.net.proxied().matches("10:443").count(), before + 1, "{}", env.net.proxied());
+    let e = env.event(|e| e.rule.is_some() && e.outcome == Some("closed"));
+    assert_eq!(e.proxy.as_deref(), Some("socks5://proxy.fake.test:1081"), "{e:?}");
+    env.handle().set_interception(None);
+
+    // No proxy: direct again, and the proxy sees nothing new.
+    env.handle().set_proxy(None);
+    let before = env.net.proxied();
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(env.net.proxied(), before);
+
+    // TLS to the proxy: verified against the proxy's own CA (`caCert`), its name from the
+    // address; a CA that did not issue its certificate fails the connection (closed).
+    let tls = |ca: &str| {
+        EgressProxy::new(
+            "proxy.fake.test:1443",
+            None,
+            None,
+            Some(ringfence_net::proxy::ProxyTls { server_name: None, ca_pem: Some(ca.into()) }),
+        )
+        .unwrap()
+    };
+    env.handle().set_proxy(Some(tls(&env.net.proxy_ca_pem)));
+    let (rc, out) = env.curl("http://www.allowed.test/");
+    assert_eq!(rc, 0, "{out}");
+    assert!(env.net.proxied().contains("203.0.113.40:1443 socks5+tls 203.0.113.10:80"));
+    env.handle().set_proxy(Some(tls(&env.net.cert_pem)));
+    let before = env.net.proxied().matches("socks5+tls").count();
+    let (rc, _) = env.curl("http://www.allowed.test/");
+    assert_ne!(rc, 0, "a proxy certificate from another CA is refused");
+    assert_eq!(env.net.proxied().matches("socks5+tls").count(), before);
+    env.event(|e| e.outcome == Some("failed") && e.reason.contains("TLS to the proxy"));
+
+    // No record ever holds a password.
+    for e in env.events() {
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains(fakenet::PROXY_PASS) && !text.contains("wrong"), "{text}");
+    }
+}
+
+/// The TLS-terminating path keeps the connection alive: several requests on one connection,
+/// each checked (Host against SNI) and rewritten, bodies forwarded by their length; a request
+/// that fails the check on a kept-alive connection is refused and never goes upstream.
+#[test]
+fn terminated_connections_serve_several_requests() {
+    if !can_run("terminated_connections_serve_several_requests") {
+        return;
+    }
+    const VALUE: &str = "sk-keepalive-0a1b2c3d";
+    let env = Env::new(SandboxPolicy::default(), None);
+    env.handle().set_interception(Some(Interception {
+        rules: RequestRules::new(vec![HostRule {
+            host: "www.allowed.test".into(),
+            headers: vec![("Authorization".into(), "Bearer ${e2b.secrets.tok}".into())],
+        }])
+        .unwrap(),
+        lookup: Arc::new(|name| (name == "tok").then(|| VALUE.to_string())),
+    }));
+    let ca = env.handle().ca_pem("test sandbox").unwrap();
+    let bundle = env._dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ca}{}", env.net.cert_pem)).unwrap();
+    let script = format!(
+        r#"
+import http.client, ssl
+c = http.client.HTTPSConnection("www.allowed.test", context=ssl.create_default_context(cafile="{}"), timeout=10)
+for i in range(3):
+    c.request("GET", "/headers", headers={{"X-N": f"n={{i}}"}})
+    r = c.getresponse(); body = r.read().decode()
+    print("get", i, r.status, "masked" if "*" * {} in body else "clear")
+c.request("POST", "/headers", body=b"x" * 5000, headers={{"X-N": "n=post"}})
+r = c.getresponse(); body = r.read().decode(); print("post", r.status, "masked" if "*" * {} in body else "clear")
+c.request("GET", "/headers", headers={{"X-N": "n=after-post"}})
+r = c.getresponse(); r.read(); print("after-post", r.status)
+c.request("GET", "/headers", headers={{"Host": "other.test", "X-N": "n=smuggled"}})
+r = c.getresponse(); print("wrong-host", r.status, r.read().decode().strip())
+"#,
+        bundle.display(),
+        VALUE.len(),
+        VALUE.len()
+    );
+    let o = env.sh(&format!("python3 -c '{}'", script.replace('\'', "\"")));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.contains(VALUE), "{out}");
+    for i in 0..3 {
+        assert!(out.contains(&format!("get {i} 200 masked")), "{out}");
+    }
+    assert!(out.contains("post 200 masked") && out.contains("after-post 200"), "{out}");
+    assert!(out.contains("wrong-host 421") && out.contains("differs from the TLS server name"));
+    let seen = seen_at(&env, "203.0.113.10:443");
+    for n in ["n=0", "n=1", "n=2", "n=post", "n=after-post"] {
+        assert!(seen.contains(n), "{n} not upstream: {seen}");
+    }
+    assert!(!seen.contains("n=smuggled"), "the refused request went upstream: {seen}");
+    assert_eq!(seen.matches(&format!("Authorization: Bearer {VALUE}")).count(), 5, "{seen}");
+    // One connection, one record: five requests, then the refusal.
+    let e = env.event(|e| e.rule.is_some() && e.reason.contains("differs"));
+    assert!(!e.allowed && e.secrets == ["tok"], "{e:?}");
+    let all: Vec<_> = env.events().into_iter().filter(|e| e.rule.is_some()).collect();
+    assert_eq!(all.len(), 1, "one terminated connection: {all:#?}");
+}

@@ -647,6 +647,7 @@ async fn create(
         reuse: None,
     };
     app.manager.network().validate(&params.network)?;
+    app.manager.network().check_proxy(&params.network).await?;
     // Another tenant's template is as absent as one that does not exist.
     let image = crate::templates::check_use(&app, &key, &params.template).await?;
     let live = app.manager.create(&key.id, params).await?;
@@ -999,7 +1000,11 @@ async fn update_network(
     let live = owned(&app, &key, &id)?;
     let b: Value = parse_body(&body)?;
     let params = crate::network::parse(None, Some(&b))?;
-    let detail = crate::network::Network::persisted(&params);
+    app.manager.network().check_proxy(&params).await?;
+    // The audit record shows the settings without credentials; the saved ones keep the
+    // proxy's password sealed.
+    let detail = crate::network::Network::persisted_public(&params);
+    let saved = app.manager.network().persisted(&params);
     let rules = !params.rules.is_empty();
     let cut = app.manager.network().update(&live, params)?;
     if rules {
@@ -1014,7 +1019,7 @@ async fn update_network(
     // The saved settings follow, so a restarted server restores these.
     let store = app.manager.store().clone();
     let _ = tokio::task::spawn_blocking(move || {
-        store.record_event(&id, "network", &json!({"network": detail}))
+        store.record_event(&id, "network", &json!({"network": saved}))
     })
     .await;
     Ok(StatusCode::NO_CONTENT)

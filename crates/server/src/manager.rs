@@ -676,7 +676,7 @@ impl Manager {
         // like the store's other short writes), before the client hears of the sandbox.
         let detail = serde_json::json!({
             "template": p.template,
-            "network": crate::network::Network::persisted(&p.network),
+            "network": self.net.persisted(&p.network),
         });
         if let Some(r) = &p.reuse {
             self.store.restarted_because(&record, r.cause)?;

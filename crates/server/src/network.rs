@@ -13,6 +13,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ringfence_net::intercept::{HostRule, Interception, RequestRules};
 use ringfence_net::policy::{Ceiling, Rule, SandboxPolicy, parse_rules};
+use ringfence_net::proxy::{EgressProxy, ProxyTls};
 use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -54,6 +55,18 @@ pub struct NetParams {
     /// reach them over TLS (their certificate not checked: it is the sandbox's own service,
     /// reached on the sandbox's loopback, and self-signed ones must work).
     pub https_ports: Vec<u16>,
+    /// E2B's `egressProxy`: the upstream proxy allowed connections leave through.
+    pub proxy: Option<ProxyParams>,
+}
+
+/// E2B's `egressProxy`, validated (its address not yet held to the ceiling: that needs a
+/// lookup, [`Network::check_proxy`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyParams {
+    pub proxy: EgressProxy,
+    /// The password as saved with the sandbox (sealed with the secrets key, hex), when these
+    /// settings were read back from the store: opened when the network is attached.
+    pub sealed_password: Option<String>,
 }
 
 impl NetParams {
@@ -67,6 +80,7 @@ impl NetParams {
             dns_servers: None,
             rules: RequestRules::default(),
             https_ports: Vec::new(),
+            proxy: None,
         }
     }
 }
@@ -172,18 +186,7 @@ pub fn parse(
         Some(_) => return Err(bad("network must be an object")),
     };
     let get = |camel: &str, snake: &str| n.get(camel).or_else(|| n.get(snake));
-    let proxy = match get("egressProxy", "egress_proxy") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(m)) => !m.is_empty(),
-        Some(Value::Array(a)) => !a.is_empty(),
-        Some(_) => true,
-    };
-    if proxy {
-        return Err(bad(
-            "network.egressProxy (tunnelling egress through a SOCKS5 proxy) is not supported by \
-             this server",
-        ));
-    }
+    let proxy = egress_proxy(get("egressProxy", "egress_proxy"))?;
     let internet = internet
         .or_else(|| get("allowInternetAccess", "allow_internet_access").and_then(Value::as_bool))
         .unwrap_or(true);
@@ -218,7 +221,78 @@ pub fn parse(
         dns_servers,
         rules: request_rules(get("rules", "rules"))?,
         https_ports: https_ports(get("httpsPorts", "https_ports"))?,
+        proxy,
     })
+}
+
+/// E2B's `egressProxy`: `{address, username?, password?, tls?: true | {enabled, serverName?,
+/// caCert?}}` (snake_case accepted too). `passwordSealed` is ours, only in saved settings.
+fn egress_proxy(v: Option<&Value>) -> Result<Option<ProxyParams>, crate::manager::ManagerError> {
+    let m = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("network.egressProxy must be an object with an address")),
+    };
+    let get = |camel: &str, snake: &str| m.get(camel).or_else(|| m.get(snake));
+    let text = |camel: &str, snake: &str| -> Result<Option<String>, crate::manager::ManagerError> {
+        match get(camel, snake) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(format!("network.egressProxy.{camel} must be a string"))),
+        }
+    };
+    let address = text("address", "address")?
+        .ok_or_else(|| bad("network.egressProxy needs an address (host:port)"))?;
+    let sealed_password = text("passwordSealed", "password_sealed")?;
+    let tls = match get("tls", "tls") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(ProxyTls { server_name: None, ca_pem: None }),
+        Some(Value::Object(t)) => {
+            let tget = |camel: &str, snake: &str| t.get(camel).or_else(|| t.get(snake));
+            let tstr = |camel: &str, snake: &str| match tget(camel, snake) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(format!("network.egressProxy.tls.{camel} must be a string"))),
+            };
+            let enabled = match tget("enabled", "enabled") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad("network.egressProxy.tls.enabled must be true or false"));
+                }
+            };
+            let (server_name, ca_pem) =
+                (tstr("serverName", "server_name")?, tstr("caCert", "ca_cert")?);
+            enabled.then_some(ProxyTls { server_name, ca_pem })
+        }
+        Some(_) => return Err(bad("network.egressProxy.tls must be true, false or an object")),
+    };
+    let proxy = EgressProxy::new(
+        &address,
+        text("username", "username")?,
+        text("password", "password")?,
+        tls,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if sealed_password.is_some() && proxy.username.is_none() {
+        return Err(bad("network.egressProxy: a password is only valid together with a username"));
+    }
+    Ok(Some(ProxyParams { proxy, sealed_password }))
+}
+
+/// What the API shows of a proxy: never its password or CA bundle.
+fn proxy_info(p: &EgressProxy) -> Value {
+    let mut v = json!({"address": p.address()});
+    if let Some(u) = &p.username {
+        v["username"] = json!(u);
+    }
+    if let Some(t) = &p.tls {
+        v["tls"] = json!({"enabled": true});
+        if let Some(n) = &t.server_name {
+            v["tls"]["serverName"] = json!(n);
+        }
+    }
+    v
 }
 
 /// E2B's `httpsPorts`: a list of sandbox ports (1-65535), not envd's.
@@ -372,6 +446,45 @@ impl Network {
         self.egress.rate_for(params.rate).map(drop).map_err(|e| bad(e.to_string()))
     }
 
+    /// Holds an asked-for proxy to the ceiling (its name resolved by the sandboxes'
+    /// resolver): 400 naming the proxy and why when it is outside, or does not resolve.
+    pub async fn check_proxy(
+        &self,
+        params: &NetParams,
+    ) -> Result<(), crate::manager::ManagerError> {
+        match &params.proxy {
+            None => Ok(()),
+            Some(p) => {
+                self.egress.resolve_proxy(&p.proxy).await.map(drop).map_err(|e| bad(e.to_string()))
+            }
+        }
+    }
+
+    fn proxy_context() -> Vec<u8> {
+        b"ringfence-egress-proxy-password".to_vec()
+    }
+
+    /// The proxy to dial through, its saved password opened. A password that does not open
+    /// (the key changed) leaves the proxy without one: its connections then fail at the
+    /// proxy's authentication (closed), never go out directly.
+    fn live_proxy(&self, p: &Option<ProxyParams>) -> Option<EgressProxy> {
+        let p = p.as_ref()?;
+        let mut proxy = p.proxy.clone();
+        if let Some(sealed) = &p.sealed_password {
+            let opened = hex::decode(sealed)
+                .ok()
+                .and_then(|b| self.vault.open_for(Self::proxy_context(), &b).ok())
+                .and_then(|b| String::from_utf8(b).ok());
+            if opened.is_none() {
+                tracing::warn!(
+                    "the egress proxy's saved password did not open; dialing without it"
+                );
+            }
+            proxy.password = opened;
+        }
+        Some(proxy)
+    }
+
     /// Gives started sandbox `id` of `key` its network where its tier attaches it (`at`),
     /// and keeps it in `slot`. Fails (and the caller kills the sandbox) if the device cannot
     /// be made or the rate is above the ceiling.
@@ -413,6 +526,7 @@ impl Network {
             crate::tier::NetAttach::None => return Ok(()),
         };
         net.set_interception(self.interception(key, &params.rules));
+        net.set_proxy(self.live_proxy(&params.proxy));
         if let Ok(mut slot) = slot.lock() {
             *slot = Some(NetState { net, params });
         }
@@ -433,6 +547,7 @@ impl Network {
         state.net.set_rate(rate);
         let cut = state.net.set_policy(params.policy.clone());
         state.net.set_interception(self.interception(&key, &params.rules));
+        state.net.set_proxy(self.live_proxy(&params.proxy));
         // Inbound settings are not part of the update body: they stay.
         params.public = state.params.public;
         params.mask_request_host = state.params.mask_request_host.clone();
@@ -465,6 +580,7 @@ impl Network {
             "egressBytesPerSecond": s.net.rate(),
             "rules": rules_json(&s.params.rules),
             "httpsPorts": s.params.https_ports,
+            "egressProxy": s.net.proxy().as_ref().map(proxy_info),
             "connections": s.net.connections(),
         });
         // The SDK reads present fields as lists and strings: absent, never null.
@@ -474,8 +590,29 @@ impl Network {
         v
     }
 
-    /// The settings to persist with the sandbox (restored after a server restart).
-    pub fn persisted(params: &NetParams) -> Value {
+    /// The settings to persist with the sandbox (restored after a server restart). A proxy
+    /// password is kept sealed with the secrets key, never in the clear.
+    pub fn persisted(&self, params: &NetParams) -> Value {
+        let mut v = Self::persisted_public(params);
+        if let Some(p) = &params.proxy {
+            let sealed = match (&p.proxy.password, &p.sealed_password) {
+                (Some(pw), _) => {
+                    self.vault.seal_for(Self::proxy_context(), pw.as_bytes()).ok().map(hex::encode)
+                }
+                (None, s) => s.clone(),
+            };
+            if let Some(s) = sealed {
+                v["egressProxy"]["passwordSealed"] = json!(s);
+            }
+            if let Some(ca) = p.proxy.tls.as_ref().and_then(|t| t.ca_pem.as_ref()) {
+                v["egressProxy"]["tls"]["caCert"] = json!(ca);
+            }
+        }
+        v
+    }
+
+    /// The settings without any credential: what audit records show.
+    pub fn persisted_public(params: &NetParams) -> Value {
         json!({
             "allowInternetAccess": params.policy.allow_internet_access,
             "allowOut": params.policy.allow_out,
@@ -486,6 +623,7 @@ impl Network {
             "dnsServers": params.dns_servers,
             "rules": rules_json(&params.rules),
             "httpsPorts": params.https_ports,
+            "egressProxy": params.proxy.as_ref().map(|p| proxy_info(&p.proxy)),
         })
     }
 }
@@ -838,7 +976,40 @@ mod tests {
         let p = parse(None, Some(&json!({"allow_internet_access": false}))).unwrap();
         assert!(!p.policy.allow_internet_access);
         assert!(parse(None, Some(&json!({"allowOut": ["*"]}))).is_err());
-        assert!(parse(None, Some(&json!({"egressProxy": {"address": "p:1080"}}))).is_err());
+        let p = parse(
+            None,
+            Some(&json!({"egressProxy": {"address": "p.test:1080", "username": "u", "password": "pw", "tls": {"enabled": true, "serverName": "tls.p.test"}}})),
+        )
+        .unwrap();
+        let proxy = &p.proxy.as_ref().unwrap().proxy;
+        assert_eq!(
+            (proxy.address(), proxy.password.as_deref()),
+            ("p.test:1080".into(), Some("pw"))
+        );
+        // What audit records and the API show never holds the password.
+        let public = Network::persisted_public(&p).to_string();
+        assert!(public.contains("p.test:1080") && !public.contains("pw"), "{public}");
+        assert_eq!(Network::persisted_public(&p)["egressProxy"]["tls"]["serverName"], "tls.p.test");
+        assert!(parse(None, Some(&json!({"egressProxy": null}))).unwrap().proxy.is_none());
+        assert!(
+            parse(None, Some(&json!({"egressProxy": {"address": "p:1", "tls": false}})))
+                .unwrap()
+                .proxy
+                .unwrap()
+                .proxy
+                .tls
+                .is_none()
+        );
+        for bad in [
+            json!({"egressProxy": {}}),
+            json!({"egressProxy": "p:1080"}),
+            json!({"egressProxy": {"address": "p"}}),
+            json!({"egressProxy": {"address": "p:1", "password": "x"}}),
+            json!({"egressProxy": {"address": "p:1", "tls": {"caCert": "junk"}}}),
+        ] {
+            let e = parse(None, Some(&bad)).unwrap_err().to_string();
+            assert!(e.contains("network.egressProxy"), "{bad}: {e}");
+        }
         assert!(parse(None, Some(&json!({"rules": {}}))).is_ok());
         let p = parse(
             None,
@@ -857,7 +1028,7 @@ mod tests {
                 ("x-b".to_string(), "1".to_string())
             ]
         );
-        assert_eq!(parse(None, Some(&Network::persisted(&p))).unwrap().rules, p.rules);
+        assert_eq!(parse(None, Some(&Network::persisted_public(&p))).unwrap().rules, p.rules);
         for bad in [
             json!({"rules": {"*": [{"transform": {"headers": {"a": "b"}}}]}}),
             json!({"rules": {"a.test": [{"transform": {"body": "x"}}]}}),

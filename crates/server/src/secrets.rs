@@ -101,28 +101,38 @@ impl Vault {
     /// Seals `value` for `s` (its id, version and key): a fresh random nonce, then the
     /// ciphertext and tag.
     pub fn seal(&self, s: &SecretRecord, value: &[u8]) -> Result<Vec<u8>, VaultError> {
+        self.seal_for(Self::aad(s), value)
+    }
+
+    pub fn open(&self, s: &SecretRecord) -> Result<Vec<u8>, VaultError> {
+        self.open_for(Self::aad(s), &s.sealed)
+    }
+
+    /// Seals `value` bound to `context` (what it is for: opening it under another context
+    /// fails). For credentials kept beside a sandbox's settings (its egress proxy password).
+    pub fn seal_for(&self, context: Vec<u8>, value: &[u8]) -> Result<Vec<u8>, VaultError> {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let mut buf = value.to_vec();
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(Self::aad(s)),
+                Aad::from(context),
                 &mut buf,
             )
             .map_err(|_| VaultError::Open)?;
         Ok([nonce.as_slice(), &buf].concat())
     }
 
-    pub fn open(&self, s: &SecretRecord) -> Result<Vec<u8>, VaultError> {
-        if s.sealed.len() < NONCE_LEN {
+    pub fn open_for(&self, context: Vec<u8>, sealed: &[u8]) -> Result<Vec<u8>, VaultError> {
+        if sealed.len() < NONCE_LEN {
             return Err(VaultError::Open);
         }
-        let (nonce, ct) = s.sealed.split_at(NONCE_LEN);
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Open)?;
         let mut buf = ct.to_vec();
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(Self::aad(s)), &mut buf)
+            .open_in_place(nonce, Aad::from(context), &mut buf)
             .map_err(|_| VaultError::Open)?;
         Ok(plain.to_vec())
     }

@@ -575,3 +575,110 @@ print("hits:", hits)
         assert!(text.contains(action), "no {action} record: {text}");
     }
 }
+
+/// E2B's `egressProxy` through the API: a proxy outside the ceiling is refused with 400
+/// naming it; an allowed sandbox's connections (plain, passed-through TLS and the
+/// TLS-terminating path of a request rule) leave through the proxy, a denied destination never
+/// reaches it, the API and every record show the proxy without its password, `update_network`
+/// changes it live. Then the server is killed with -9 and started again: the sandbox's proxy
+/// (its password read back sealed) and its egress CA (renewed into its trust store) still work.
+#[test]
+fn egress_proxy_and_ca_across_a_restart() {
+    let test = "egress_proxy_and_ca_across_a_restart";
+    let net = fakenet::Internet::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("fake-internet-ca.pem");
+    std::fs::write(&ca, &net.cert_pem).unwrap();
+    let mut args = net_args(&net);
+    args.extend(["--egress-extra-ca".into(), ca.display().to_string()]);
+    let Some(mut srv) = Server::start(test, &args) else { return };
+    let pw = fakenet::PROXY_PASS;
+
+    for (addr, named) in [("10.66.0.5:1081", "10.66.0.5"), ("private.test:1081", "private.test")] {
+        let r = srv.api(
+            "POST",
+            "/v2/sandboxes",
+            json!({"templateID": "base", "network": {"egressProxy": {"address": addr}}}),
+        );
+        assert_eq!(r.status, 400, "{addr}: {}", r.text());
+        assert!(r.text().contains(named) && r.text().contains("egressProxy"), "{}", r.text());
+    }
+    assert!(!net.proxied().contains("10.66.0.5"), "{}", net.proxied());
+
+    let socks =
+        json!({"address": "proxy.fake.test:1081", "username": fakenet::PROXY_USER, "password": pw});
+    let rules = json!({"www.allowed.test": [{"transform": {"headers": {"X-Via": "rule"}}}]});
+    let sb = srv.create(json!({
+        "templateID": "base",
+        "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"],
+                    "rules": rules, "egressProxy": socks}
+    }));
+    let (out, code) = srv.run(
+        &sb,
+        "curl -sS -m 10 http://www.allowed.test/ && curl -sS -m 10 https://www.allowed.test/headers",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("hello from 203.0.113.10:80") && out.contains("X-Via: rule"), "{out}");
+    let log = net.proxied();
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:80 user=rf"), "{log}");
+    assert!(log.contains("203.0.113.40:1081 socks5 203.0.113.10:443 user=rf"), "{log}");
+    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
+    assert!(out.contains("not in allowOut"), "{out}");
+    assert!(!net.proxied().contains("203.0.113.20"), "{}", net.proxied());
+
+    let v = srv.api("GET", &format!("/sandboxes/{}/network", sb.id), Value::Null).json();
+    assert_eq!(v["egressProxy"], json!({"address": "proxy.fake.test:1081", "username": "rf"}));
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["network"]["egressProxy"]["address"], "proxy.fake.test:1081");
+    assert!(!d.text().contains(pw));
+
+    // Live: HTTP CONNECT now.
+    let connect = json!({"address": "http://203.0.113.40:3128", "username": fakenet::PROXY_USER, "password": pw});
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"], "rules": rules,
+               "egressProxy": connect}),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 https://www.allowed.test/headers");
+    assert_eq!(code, 0, "{out}");
+    let count = |s: &str| net.proxied().matches(s).count();
+    let via_connect = count("203.0.113.40:3128 connect 203.0.113.10:443 user=rf");
+    assert_eq!(via_connect, 1, "{}", net.proxied());
+    // Out of the ceiling on update too.
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"egressProxy": {"address": "169.254.169.254:80"}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("169.254.169.254"), "{}", r.text());
+
+    // kill -9, start again: same proxy (password opened from its sealed copy), CA renewed.
+    srv.kill9();
+    srv.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (out, code) = loop {
+        let (out, code) = srv.run(&sb, "curl -sS -m 10 https://www.allowed.test/headers");
+        if code == 0 || Instant::now() > deadline {
+            break (out, code);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(code, 0, "after the restart: {out}\n{}", srv.log());
+    assert!(out.contains("X-Via: rule"), "{out}");
+    assert_eq!(count("203.0.113.40:3128 connect 203.0.113.10:443 user=rf"), via_connect + 1);
+
+    // The password is nowhere: not in records, the log, or the database in the clear.
+    let r = http(srv.port, "GET", "/audit?limit=1000", &[("X-API-Key", &srv.key)], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("through proxy http://203.0.113.40:3128"), "{}", r.text());
+    assert!(!r.text().contains(pw), "an audit record has the proxy password");
+    assert!(!srv.log().contains(pw));
+    let db = std::fs::read(srv.data.path().join("ringfence.db")).unwrap_or_default();
+    let wal = std::fs::read(srv.data.path().join("ringfence.db-wal")).unwrap_or_default();
+    assert!(![db, wal].concat().windows(pw.len()).any(|w| w == pw.as_bytes()));
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204);
+}

@@ -8,7 +8,9 @@
 // stops reading one of them fails loudly here rather than silently talking to e2b.app.
 // Each check prints one line; the first failure prints `FAILED: ...` on stderr and exits 1.
 
-import { Sandbox, Volume, CommandExitError, NotEnoughSpaceError, NotFoundError } from 'e2b'
+import { Sandbox, Volume, Secret, CommandExitError, NotEnoughSpaceError, NotFoundError } from 'e2b'
+import net from 'node:net'
+import http from 'node:http'
 
 function env(name) {
   const v = process.env[name]
@@ -192,9 +194,160 @@ async function volumes() {
   check('Volume.destroy', (await Volume.destroy(vol.volumeId, conn)) === true)
 }
 
+/** Listens on 127.0.0.2 (exempted from the conformance server's ceiling for this), port 0. */
+function listen(server) {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(0, '127.0.0.2', () => resolve(server.address().port))
+  })
+}
+
+/**
+ * A tiny SOCKS5 proxy (RFC 1928 + password auth, RFC 1929) that logs each tunnel asked for as
+ * "host:port user=NAME" and serves every tunnel from `servePort` on 127.0.0.2: it stands in
+ * for the internet, so the sandbox's destinations are documentation addresses.
+ */
+function socks5(log, servePort, user, pass) {
+  return net.createServer((c) => {
+    let buf = Buffer.alloc(0)
+    let stage = 'greet'
+    const take = (n) => {
+      const b = buf.subarray(0, n)
+      buf = buf.subarray(n)
+      return b
+    }
+    const onData = (d) => {
+      buf = Buffer.concat([buf, d])
+      if (stage === 'greet' && buf.length >= 2 && buf.length >= 2 + buf[1]) {
+        const methods = take(2 + buf[1]).subarray(2)
+        if (!methods.includes(2)) return c.end(Buffer.from([5, 0xff]))
+        c.write(Buffer.from([5, 2]))
+        stage = 'auth'
+      }
+      if (stage === 'auth' && buf.length >= 2 && buf.length >= 3 + buf[1] && buf.length >= 3 + buf[1] + buf[2 + buf[1]]) {
+        const ul = buf[1]
+        const u = buf.subarray(2, 2 + ul).toString()
+        const pl = buf[2 + ul]
+        const p = buf.subarray(3 + ul, 3 + ul + pl).toString()
+        take(3 + ul + pl)
+        if (u !== user || p !== pass) return c.end(Buffer.from([1, 1]))
+        c.write(Buffer.from([1, 0]))
+        stage = 'request'
+      }
+      if (stage === 'request' && buf.length >= 10 && buf[3] === 1) {
+        const r = take(10)
+        const target = `${r[4]}.${r[5]}.${r[6]}.${r[7]}:${r.readUInt16BE(8)}`
+        log.push(`${target} user=${user}`)
+        stage = 'tunnel'
+        c.off('data', onData)
+        const up = net.connect(servePort, '127.0.0.2', () => {
+          c.write(Buffer.from([5, 0, 0, 1, 0, 0, 0, 0, 0, 0]))
+          if (buf.length) up.write(buf)
+          c.pipe(up)
+          up.pipe(c)
+        })
+        up.on('error', () => c.destroy())
+        c.on('error', () => up.destroy())
+      }
+    }
+    c.on('data', onData)
+    c.on('error', () => {})
+  })
+}
+
+/** Secrets through the JS SDK, and `network.rules` + `egressProxy` as the JS SDK sends them. */
+async function vaultAndProxy() {
+  const name = `js-tok-${Date.now()}`
+  const VALUE = 'js-secret-value-4d3c2b1a'
+  const info = await Secret.create(name, VALUE, conn)
+  check('Secret.create', info.name === name && !JSON.stringify(info).includes(VALUE), info)
+  check('Secret.exists', (await Secret.exists(name, conn)) === true)
+  check('Secret.getInfo', (await Secret.getInfo(name, conn)).name === name)
+  const page = await Secret.list(conn).nextItems()
+  check('Secret.list', page.some((x) => x.name === name), page.map((x) => x.name))
+  const placeholder = Secret.fill(name)
+  check('Secret.fill is the placeholder', placeholder === `\${e2b.secrets.${name}}`, placeholder)
+
+  // An egressProxy outside the ceiling: refused naming it.
+  let refused = null
+  try {
+    await Sandbox.create({ ...conn, timeoutMs: 30_000, network: { egressProxy: { address: '127.0.0.1:1080' } } })
+  } catch (e) {
+    refused = e
+  }
+  check('egressProxy on the host loopback refused naming it', refused && /127\.0\.0\.1/.test(String(refused)), String(refused))
+
+  const log = []
+  const seen = []
+  const web = http.createServer((req, res) => {
+    seen.push(JSON.stringify(req.headers))
+    res.end(JSON.stringify(req.headers))
+  })
+  let webPort
+  try {
+    webPort = await listen(web)
+  } catch (e) {
+    console.log(`SKIPPED egressProxy through a proxy (JS): cannot listen on 127.0.0.2: ${e}`)
+    web.close()
+    return
+  }
+  const proxy2 = socks5(log, webPort, 'js', 'js-proxy-pw')
+  const proxyPort = await listen(proxy2)
+  const network = {
+    denyOut: ['203.0.113.8:80'],
+    rules: { 'api.scoped.test': [{ transform: { headers: { Authorization: `Bearer ${placeholder}` } } }] },
+    egressProxy: { address: `127.0.0.2:${proxyPort}`, username: 'js', password: 'js-proxy-pw' },
+  }
+  let s
+  try {
+    s = await Sandbox.create({ ...conn, timeoutMs: 60_000, envs: { TOKEN: placeholder }, network })
+  } catch (e) {
+    if (/outside what this server lets/.test(String(e))) {
+      console.log(`SKIPPED egressProxy through a proxy (JS): the server does not exempt 127.0.0.2: ${e}`)
+      web.close()
+      proxy2.close()
+      return
+    }
+    throw e
+  }
+  try {
+    check('the sandbox env holds the placeholder only', (await s.commands.run('echo -n "$TOKEN"')).stdout === placeholder)
+    // Through the proxy, to a host the rule does not scope: the placeholder goes as written.
+    const r = await s.commands.run('curl -sS -m 10 -H "X-Key: $TOKEN" http://203.0.113.7/')
+    check('egressProxy (JS form) carries the sandbox connection', log.includes('203.0.113.7:80 user=js'), log)
+    check('a placeholder is not substituted for a host outside its scope',
+      r.stdout.includes(placeholder) && !r.stdout.includes(VALUE) && !seen.join().includes(VALUE), r.stdout)
+    let denied
+    try {
+      denied = (await s.commands.run('curl -sS -m 10 http://203.0.113.8/')).stdout
+    } catch (e) {
+      denied = String(e)
+    }
+    check('a denied destination never reaches the proxy', !log.some((x) => x.startsWith('203.0.113.8')) && !denied.includes('x-key'), log)
+    const got = await s.getInfo()
+    const shown = JSON.stringify(got.network ?? {})
+    check('getInfo shows the proxy and rules, never the password',
+      shown.includes(`127.0.0.2:${proxyPort}`) && shown.includes('api.scoped.test') && !shown.includes('js-proxy-pw'), shown)
+    await s.updateNetwork({ denyOut: ['203.0.113.8:80'] })
+    const before = log.length
+    try {
+      await s.commands.run('curl -sS -m 3 http://203.0.113.7/')
+    } catch (e) {
+      // Direct now: the documentation address is not routed.
+    }
+    check('updateNetwork without egressProxy goes direct', log.length === before, log)
+  } finally {
+    await s.kill()
+    web.close()
+    proxy2.close()
+  }
+  check('Secret.destroy', (await Secret.destroy(name, conn)) === true && (await Secret.exists(name, conn)) === false)
+}
+
 try {
   await badInput()
   await volumes()
+  await vaultAndProxy()
   await main()
 } catch (e) {
   // One line with the reason, then (for anything but a failed check) the stack.

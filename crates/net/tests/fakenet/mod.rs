@@ -9,6 +9,11 @@
 //!                                                198.51.100.53 DNS (UDP 53)
 //!                                                169.254.169.254 "metadata" (HTTP 80)
 //!                                                10.66.0.5     a "private" host (HTTP 80)
+//!                                                203.0.113.40  proxy.fake.test: SOCKS5 (1080 open,
+//!                                                              1081 user "rf" / "proxy-pw"),
+//!                                                              HTTP CONNECT (3128, same user)
+//!                                                10.66.0.5     the same proxies, at a private
+//!                                                              address the ceiling refuses
 //! ```
 //!
 //! The edge namespace routes everything to inet, so every address above is reachable from
@@ -39,6 +44,10 @@ pub const DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 5);
 pub const EDGE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const PROXY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 40);
+/// The proxies' credentials (on 1081 and 3128).
+pub const PROXY_USER: &str = "rf";
+pub const PROXY_PASS: &str = "proxy-pw";
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
@@ -100,6 +109,10 @@ pub struct Internet {
     pub hits: Arc<Mutex<HashMap<String, u64>>>,
     /// A-queries the DNS server answered for rebind.test.
     pub rebinds: Arc<AtomicU64>,
+    /// Every tunnel a fake proxy was asked for: "<proxy addr:port> <kind> <target> user=<u>".
+    pub proxied: Arc<Mutex<Vec<String>>>,
+    /// PEM of the CA of the TLS proxy's certificate (proxy.fake.test:1443).
+    pub proxy_ca_pem: String,
     stop: Arc<AtomicBool>,
 }
 
@@ -116,6 +129,7 @@ fn lookup(name: &str, rebinds: &AtomicU64) -> Option<Ipv4Addr> {
         "www.allowed.test" | "allowed.test" => Some(WWW),
         "other.test" | "sub.other.test" => Some(OTHER),
         "pypi.fake.test" => Some(PYPI),
+        "proxy.fake.test" => Some(PROXY),
         "private.test" => Some(PRIVATE),
         "metadata.test" => Some(METADATA),
         "rebind.test" => {
@@ -145,7 +159,7 @@ impl Internet {
         ip(&["-n", &edge.name, "route", "add", "default", "via", "192.0.2.2"]);
         ip(&["-n", &inet.name, "addr", "add", "192.0.2.2/24", "dev", &i0]);
         ip(&["-n", &inet.name, "link", "set", &i0, "up"]);
-        for a in [WWW, OTHER, PYPI, DNS, METADATA, PRIVATE] {
+        for a in [WWW, OTHER, PYPI, DNS, METADATA, PRIVATE, PROXY] {
             ip(&["-n", &inet.name, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -222,7 +236,78 @@ impl Internet {
             std::thread::spawn(move || serve_http(l, h, st, None, Some(tls)));
         }
 
-        Internet { edge, inet, cert_pem, seen: SEEN.clone(), hits, rebinds, stop }
+        // Proxies, at a public and at a private address.
+        let proxied: Arc<Mutex<Vec<String>>> = Arc::default();
+        for a in [PROXY, PRIVATE] {
+            for (port, http, auth) in
+                [(1080, false, false), (1081, false, true), (3128, true, true)]
+            {
+                let l = inet.run(move || TcpListener::bind((a, port)));
+                let (log, st, ns) = (proxied.clone(), stop.clone(), inet.path());
+                // Blocking accept, as serve_http: no polling delay in latency numbers.
+                std::thread::spawn(move || {
+                    while !st.load(Ordering::SeqCst) {
+                        let Ok((c, _)) = l.accept() else { continue };
+                        let _ = c.set_nodelay(true);
+                        let (log, ns) = (log.clone(), ns.clone());
+                        let me = format!("{a}:{port}");
+                        std::thread::spawn(move || proxy_one(c, &me, http, auth, &log, &ns));
+                    }
+                });
+            }
+        }
+
+        // SOCKS5 over TLS on 1443 (no credentials), its certificate for proxy.fake.test from
+        // its own CA (`proxy_ca_pem`).
+        let pca_key = rcgen::KeyPair::generate().unwrap();
+        let mut pca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        pca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        pca.distinguished_name.push(rcgen::DnType::CommonName, "fake proxy CA");
+        let pca_cert = pca.self_signed(&pca_key).unwrap();
+        let proxy_ca_pem = pca_cert.pem();
+        let pissuer = rcgen::Issuer::new(pca, pca_key);
+        let pkey = rcgen::KeyPair::generate().unwrap();
+        let pleaf = rcgen::CertificateParams::new(vec!["proxy.fake.test".to_string()])
+            .unwrap()
+            .signed_by(&pkey, &pissuer)
+            .unwrap();
+        let pk = rustls::pki_types::PrivateKeyDer::try_from(pkey.serialize_der()).unwrap();
+        let pcfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![pleaf.der().clone()], pk)
+            .unwrap(),
+        );
+        let l = inet.run(|| TcpListener::bind((PROXY, 1443)));
+        let (log, st, ns) = (proxied.clone(), stop.clone(), inet.path());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((c, _)) = l.accept() else { continue };
+                let (log, ns, cfg) = (log.clone(), ns.clone(), pcfg.clone());
+                std::thread::spawn(move || tls_socks_one(c, cfg, &log, &ns));
+            }
+        });
+
+        Internet {
+            edge,
+            inet,
+            cert_pem,
+            proxy_ca_pem,
+            seen: SEEN.clone(),
+            hits,
+            rebinds,
+            proxied,
+            stop,
+        }
+    }
+
+    /// The tunnels proxies were asked for, one a line.
+    pub fn proxied(&self) -> String {
+        self.proxied.lock().unwrap().join("\n")
     }
 
     pub fn hits(&self, key: &str) -> u64 {
@@ -430,4 +515,198 @@ with zipfile.ZipFile(out, "w") as z:
     let st = Command::new("python3").arg("-c").arg(script).arg(&path).status().expect("python3");
     assert!(st.success(), "building the wheel");
     (file, std::fs::read(&path).unwrap())
+}
+
+/// One client of a fake proxy: the SOCKS5 or CONNECT handshake, the tunnel it asks for
+/// logged, then bytes copied both ways (from inside the fake internet).
+fn proxy_one(
+    mut c: TcpStream,
+    me: &str,
+    http: bool,
+    auth: bool,
+    log: &Mutex<Vec<String>>,
+    ns: &std::path::Path,
+) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (target, user) = if http {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut b)?;
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let target = text.split_whitespace().nth(1).unwrap_or_default().to_string();
+        use base64::Engine;
+        let want =
+            base64::engine::general_purpose::STANDARD.encode(format!("{PROXY_USER}:{PROXY_PASS}"));
+        let given = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Proxy-Authorization: Basic "))
+            .map(str::trim)
+            .map(str::to_string);
+        if auth && given.as_deref() != Some(want.as_str()) {
+            log.lock().unwrap().push(format!("{me} connect {target} refused: bad credentials"));
+            c.write_all(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n",
+            )?;
+            return Ok(());
+        }
+        (target, if given.is_some() { PROXY_USER } else { "-" })
+    } else {
+        let mut g = [0u8; 2];
+        c.read_exact(&mut g)?;
+        let mut methods = vec![0u8; usize::from(g[1])];
+        c.read_exact(&mut methods)?;
+        let method = if auth { 2 } else { 0 };
+        if g[0] != 5 || !methods.contains(&method) {
+            c.write_all(&[5, 0xff])?;
+            return Ok(());
+        }
+        c.write_all(&[5, method])?;
+        let mut user = "-";
+        if auth {
+            let mut v = [0u8; 2];
+            c.read_exact(&mut v)?;
+            let mut u = vec![0u8; usize::from(v[1])];
+            c.read_exact(&mut u)?;
+            let mut pl = [0u8; 1];
+            c.read_exact(&mut pl)?;
+            let mut pw = vec![0u8; usize::from(pl[0])];
+            c.read_exact(&mut pw)?;
+            if u != PROXY_USER.as_bytes() || pw != PROXY_PASS.as_bytes() {
+                log.lock().unwrap().push(format!("{me} socks5 refused: bad credentials"));
+                c.write_all(&[1, 1])?;
+                return Ok(());
+            }
+            c.write_all(&[1, 0])?;
+            user = PROXY_USER;
+        }
+        let mut r = [0u8; 4];
+        c.read_exact(&mut r)?;
+        let host = match r[3] {
+            1 => {
+                let mut a = [0u8; 4];
+                c.read_exact(&mut a)?;
+                Ipv4Addr::from(a).to_string()
+            }
+            3 => {
+                let mut l = [0u8; 1];
+                c.read_exact(&mut l)?;
+                let mut n = vec![0u8; usize::from(l[0])];
+                c.read_exact(&mut n)?;
+                format!("name:{}", String::from_utf8_lossy(&n))
+            }
+            _ => return Ok(()),
+        };
+        let mut port = [0u8; 2];
+        c.read_exact(&mut port)?;
+        (format!("{host}:{}", u16::from_be_bytes(port)), user)
+    };
+    log.lock()
+        .unwrap()
+        .push(format!("{me} {} {target} user={user}", if http { "connect" } else { "socks5" }));
+    let dst: SocketAddr = match target.parse() {
+        Ok(d) => d,
+        Err(_) => return Ok(()),
+    };
+    let up = ringfence_net::netns::in_netns(ns, move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+    });
+    let up = match up {
+        Ok(u) => u,
+        Err(_) => {
+            let _ = if http {
+                c.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            } else {
+                c.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0])
+            };
+            return Ok(());
+        }
+    };
+    let _ = up.set_nodelay(true);
+    if http {
+        c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+    } else {
+        c.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    }
+    c.set_read_timeout(None)?;
+    let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
+    let mut up = up;
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut up2);
+        let _ = up2.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut up, &mut c);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+    Ok(())
+}
+
+/// One client of the TLS SOCKS5 proxy (no credentials): the handshake inside TLS, then bytes
+/// copied both ways by polling each side with a short timeout (one thread; a test's traffic).
+fn tls_socks_one(
+    c: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    log: &Mutex<Vec<String>>,
+    ns: &std::path::Path,
+) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+    let mut t = rustls::StreamOwned::new(conn, c);
+    let mut g = [0u8; 2];
+    t.read_exact(&mut g)?;
+    let mut m = vec![0u8; usize::from(g[1])];
+    t.read_exact(&mut m)?;
+    t.write_all(&[5, 0])?;
+    let mut r = [0u8; 10];
+    t.read_exact(&mut r)?;
+    if r[3] != 1 {
+        return Ok(());
+    }
+    let dst =
+        SocketAddr::from((Ipv4Addr::new(r[4], r[5], r[6], r[7]), u16::from_be_bytes([r[8], r[9]])));
+    log.lock().unwrap().push(format!("{PROXY}:1443 socks5+tls {dst} user=-"));
+    let mut up = ringfence_net::netns::in_netns(ns, move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+    })?;
+    t.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    t.flush()?;
+    let tick = Some(Duration::from_millis(5));
+    t.sock.set_read_timeout(tick)?;
+    up.set_read_timeout(tick)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut client_open, mut up_open) = (true, true);
+    let quiet = |e: &std::io::Error| {
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    };
+    while client_open || up_open {
+        if client_open {
+            match t.read(&mut buf) {
+                Ok(0) => {
+                    client_open = false;
+                    let _ = up.shutdown(std::net::Shutdown::Write);
+                }
+                Ok(n) => up.write_all(&buf[..n])?,
+                Err(e) if quiet(&e) => {}
+                Err(_) => client_open = false,
+            }
+        }
+        if up_open {
+            match up.read(&mut buf) {
+                Ok(0) => {
+                    t.conn.send_close_notify();
+                    let _ = t.flush();
+                    return Ok(());
+                }
+                Ok(n) => {
+                    t.write_all(&buf[..n])?;
+                    t.flush()?;
+                }
+                Err(e) if quiet(&e) => {}
+                Err(_) => up_open = false,
+            }
+        }
+    }
+    Ok(())
 }
