@@ -106,6 +106,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         context,
         build_args: args.build_args.iter().cloned().collect(),
         no_cache: args.no_cache,
+        no_cache_from_line: None,
         pull: ringfence_image::registry::PullOptions { insecure: args.insecure.clone() },
         limits: args.caps.limits(),
         source: None,

@@ -237,6 +237,13 @@ struct NetArgs {
     /// test's stand-in for the internet.
     #[arg(long, env = "RINGFENCE_EGRESS_EXTRA_CA")]
     egress_extra_ca: Option<PathBuf>,
+    /// What template builds' RUN steps may reach (repeatable): `none`, `internet` (outside
+    /// the blocked ranges), or destinations in --egress-allow's forms (`default` adds the
+    /// default list). Default: the package archives (Debian, Ubuntu, Alpine, PyPI, npm).
+    /// Builds never reach loopback, private, link-local (metadata) ranges or this host,
+    /// whatever --egress-exempt says; every connection is an audit record.
+    #[arg(long = "build-egress")]
+    build_egress: Vec<String>,
 }
 
 impl NetArgs {
@@ -271,6 +278,7 @@ impl NetArgs {
             ),
             public_default: self.public_ports,
             secrets_key: self.secrets_key_file.clone(),
+            build_egress: ringfence_server::network::BuildEgress::parse(&self.build_egress)?,
         })
     }
 }

@@ -112,6 +112,9 @@ pub struct BuildOptions {
     pub context: PathBuf,
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
+    /// Run the step on this Dockerfile line and every later one uncached (E2B's per-step
+    /// `skip_cache()`); the steps before it use the cache as usual.
+    pub no_cache_from_line: Option<usize>,
     /// For a FROM that is a registry reference not in the store.
     pub pull: crate::registry::PullOptions,
     pub limits: Limits,
@@ -201,11 +204,9 @@ pub fn build(
     let mut global_args: BTreeMap<String, String> = BTreeMap::new();
     let mut st: Option<State> = None;
     let (mut cached, mut built) = (0, 0);
-    let nonce = if opts.no_cache {
-        format!("{:?}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
-    } else {
-        String::new()
-    };
+    // A nonce in a step's cache key makes it (and, through the parent key, every later
+    // step) miss the cache.
+    let fresh = format!("{:?}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
     for (i, step) in file.steps.iter().enumerate() {
         let n = i + 1;
         let label = format!("[{n}/{total}] {} (line {})", short(&step.text), step.line);
@@ -234,6 +235,9 @@ pub fn build(
                 return Err(fail("unexpected here (the parser should have refused it)".into()));
             }
             (_, Some(s)) => {
+                let uncached =
+                    opts.no_cache || opts.no_cache_from_line.is_some_and(|l| step.line >= l);
+                let nonce = if uncached { fresh.as_str() } else { "" };
                 let r = step_op(
                     store,
                     opts,
@@ -241,7 +245,7 @@ pub fn build(
                     &scratch.dir,
                     &skeleton,
                     &global_args,
-                    &nonce,
+                    nonce,
                     s,
                     step,
                     runner,

@@ -154,7 +154,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-const SKELETON: &str = "skeleton-1";
+const SKELETON: &str = "skeleton-2";
 
 impl Store {
     /// The store under `data_dir/images`, created (mode 0700) if missing.
@@ -659,7 +659,14 @@ impl Store {
             mk("tmp", 0o1777, 0)?;
             mk("var/tmp", 0o1777, 0)?;
             mk("root", 0o700, 0)?;
-            mk("home/user", 0o755, 1000)
+            mk("home/user", 0o755, 1000)?;
+            // The sandbox's resolver is its gateway (ringfence_net::tun::GATEWAY_IP), as in
+            // the `host` template: images rarely carry a resolv.conf (Docker mounts one), and
+            // one the image has wins, being above this layer.
+            let rc = tmp.join("etc/resolv.conf");
+            fs::write(&rc, "nameserver 100.96.0.1\noptions timeout:2 attempts:2\n")
+                .map_err(at("write", &rc))?;
+            fs::set_permissions(&rc, fs::Permissions::from_mode(0o644)).map_err(at("chmod", &rc))
         };
         if let Err(e) = build() {
             let _ = fs::remove_dir_all(&tmp);

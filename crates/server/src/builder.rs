@@ -18,17 +18,34 @@ use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::Limits;
 use ringfence_jail::seccomp::Compiled;
 use ringfence_jail::template::{Meta, Template};
-use ringfence_proto::{Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode};
+use ringfence_proto::{Envelope, Event, ExitStatus, Request, SandboxUser, SpawnSpec, StdioMode};
+
+/// Gives a RUN step's sandbox its network before the step's command starts: called with the
+/// sandbox's network namespace (`/proc/<agent>/ns/net`) and its id. The network lives as long
+/// as the returned value (held until the step ends); `Ok(None)`: no network.
+pub type NetHook =
+    Box<dyn Fn(&Path, &str) -> Result<Option<ringfence_net::SandboxNet>, String> + Send + Sync>;
 
 /// Runs RUN steps in one-shot jail sandboxes: the namespaces, seccomp (with its supervisor),
-/// cgroup limits and disk quota of any sandbox, with no network (loopback only).
-#[derive(Debug)]
+/// cgroup limits and disk quota of any sandbox; with no network (loopback only) unless a
+/// [`NetHook`] gives the operator's build egress ([`JailRunner::with_network`]).
 pub struct JailRunner {
     cfg: JailConfig,
     pool: Option<Pool>,
     seccomp: Compiled,
     limits: Limits,
     timeout: Duration,
+    net: Option<NetHook>,
+}
+
+impl std::fmt::Debug for JailRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JailRunner")
+            .field("limits", &self.limits)
+            .field("timeout", &self.timeout)
+            .field("network", &self.net.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl JailRunner {
@@ -40,7 +57,13 @@ impl JailRunner {
         limits: Limits,
         timeout: Duration,
     ) -> JailRunner {
-        JailRunner { cfg, pool, seccomp, limits, timeout }
+        JailRunner { cfg, pool, seccomp, limits, timeout, net: None }
+    }
+
+    /// RUN steps get the network `hook` attaches (the operator's build egress).
+    pub fn with_network(mut self, hook: NetHook) -> JailRunner {
+        self.net = Some(hook);
+        self
     }
 }
 
@@ -87,19 +110,10 @@ impl JailRunner {
             // the sandbox's root filesystem is writable, which changes only this sandbox's
             // upper layer. The namespaces, seccomp and cgroup limits are those of any sandbox.
             writable: vec!["/".into()],
-            initial: Some(SpawnSpec {
-                cmd: cmd.clone(),
-                args: rest.to_vec(),
-                env: req.env.clone(),
-                cwd: Some(req.workdir.clone()),
-                user: match req.user {
-                    RunAs::Root => SandboxUser::Root,
-                    RunAs::User => SandboxUser::User,
-                },
-                stdio: StdioMode::Inherit,
-                tag: None,
-            }),
-            exit_with_initial: true,
+            // The command is started over the control channel once the sandbox's network is
+            // attached (a step must not start before its network exists).
+            initial: None,
+            exit_with_initial: false,
             die_with_parent: true,
             layers: req.lowers.to_vec(),
             env: BTreeMap::new(),
@@ -150,6 +164,44 @@ impl JailRunner {
             ),
             None => None,
         };
+        let _net = match &self.net {
+            Some(hook) => {
+                let netns = std::path::PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid));
+                match hook(&netns, &sandbox.id) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        sandbox.kill();
+                        let _ = sandbox.wait();
+                        drop(tx);
+                        let _ = out_thread.join();
+                        return Err(format!("the build sandbox's network: {e}"));
+                    }
+                }
+            }
+            None => None,
+        };
+        let spawn = Envelope {
+            id: 1,
+            request: Request::Spawn(SpawnSpec {
+                cmd: cmd.clone(),
+                args: rest.to_vec(),
+                env: req.env.clone(),
+                cwd: Some(req.workdir.clone()),
+                user: match req.user {
+                    RunAs::Root => SandboxUser::Root,
+                    RunAs::User => SandboxUser::User,
+                },
+                stdio: StdioMode::Inherit,
+                tag: None,
+            }),
+        };
+        if let Err(e) = ringfence_proto::write_frame(&mut sandbox.control(), &spawn) {
+            sandbox.kill();
+            let _ = sandbox.wait();
+            drop(tx);
+            let _ = out_thread.join();
+            return Err(format!("start the step's command: {e}"));
+        }
         let mut control =
             sandbox.control_clone().map_err(|e| format!("the control channel: {e}"))?;
         let ctl_thread = std::thread::Builder::new()

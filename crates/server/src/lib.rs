@@ -93,6 +93,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(events::delivery_loop(manager.store().clone()));
     volumes::sweep(&cfg.manager.data_dir, manager.store());
     templates::sweep(&cfg.manager.data_dir);
+    let interrupted = manager.templates.recover(&cfg.manager.data_dir);
+    if interrupted > 0 {
+        tracing::warn!(
+            builds = interrupted,
+            "template builds the previous server was running ended in error"
+        );
+    }
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {

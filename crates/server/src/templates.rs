@@ -18,8 +18,11 @@
 //!   task, the blocking work on the blocking pool), one build of a template at a time, and
 //!   ends `ready` or `error` with the failing step and its output. A failed build registers
 //!   nothing (the builder writes the record last).
-//! - Builds' states live in memory: a server restart forgets builds in flight (their
-//!   sandboxes die with the server) and their logs; built templates stay.
+//! - Each build's state (status, logs, reason) is kept in the image store as
+//!   `images/builds/<build id>.json`, written (atomically) when it is requested, started and
+//!   finished, so status and logs of finished builds survive a server restart. A build that
+//!   was running when the server died (its sandbox died with it) reads `error` after the
+//!   restart, with that as its reason ([`Builds::recover`]); nothing of it was registered.
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -65,6 +68,9 @@ pub struct Builds {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Where builds' states are kept (`<data-dir>/images/builds`); `None` until
+    /// [`Builds::recover`] (tests of the handlers alone).
+    dir: Option<PathBuf>,
     builds: HashMap<String, Arc<Mutex<BuildState>>>,
     /// Template name → the lock that serialises its builds.
     locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -91,7 +97,100 @@ impl Inner {
         let excess = self.builds.len() + 1 - MAX_BUILDS;
         for (_, id) in finished.into_iter().take(excess) {
             self.builds.remove(&id);
+            if let Some(dir) = &self.dir {
+                let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+            }
         }
+    }
+}
+
+/// Why a build that was running when the server stopped reads `error` afterwards.
+const INTERRUPTED: &str = "the server stopped while this build ran (killed, crashed or \
+     restarted); its sandbox ended with it and nothing was registered: start the build again";
+
+impl Builds {
+    /// Loads the builds' states kept under `<data_dir>/images/builds` (from now on new ones
+    /// are kept there too). One that was building reads `error` with the reason
+    /// [`INTERRUPTED`]; one whose steps never came stays waiting for them. Unreadable files
+    /// are logged and removed. Returns how many builds were interrupted.
+    pub fn recover(&self, data_dir: &FsPath) -> usize {
+        let dir = data_dir.join("images").join("builds");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "template builds will not be kept");
+            return 0;
+        }
+        let mut loaded = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) else {
+                // A temporary file a crash left mid-write.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<BuildState>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(state) => loaded.push((id.to_string(), state)),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable build state removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let mut interrupted = 0;
+        let mut max_seq = 0;
+        let Ok(mut i) = self.inner.lock() else { return 0 };
+        for (id, mut state) in loaded {
+            max_seq = max_seq.max(state.seq + 1);
+            if state.status == Status::Building {
+                state.log("error", INTERRUPTED.to_string(), None);
+                state.reason =
+                    Some(Reason { message: INTERRUPTED.into(), step: None, entries: Vec::new() });
+                state.status = Status::Error;
+                persist(Some(&dir), &id, &state);
+                interrupted += 1;
+            }
+            i.builds.insert(id, Arc::new(Mutex::new(state)));
+        }
+        SEQ.fetch_max(max_seq, std::sync::atomic::Ordering::Relaxed);
+        i.dir = Some(dir);
+        interrupted
+    }
+
+    fn dir(&self) -> Option<PathBuf> {
+        self.inner.lock().ok().and_then(|i| i.dir.clone())
+    }
+}
+
+/// Order of build requests (for forgetting the oldest), continued after a restart.
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Writes build `id`'s state to `dir` (temporary file, fsync, rename); a failure is logged:
+/// the build goes on, only its record after a restart is lost.
+fn persist(dir: Option<&FsPath>, id: &str, state: &BuildState) {
+    let Some(dir) = dir else { return };
+    let path = dir.join(format!("{id}.json"));
+    let tmp = dir.join(format!(".{id}.json.tmp"));
+    let write = || -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(build = id, error = %e, "could not keep the build's state");
+    }
+}
+
+/// Keeps build `id`'s current state (see [`persist`]).
+fn save(app: &App, id: &str, state: &Arc<Mutex<BuildState>>) {
+    let dir = app.manager.templates.dir();
+    if let Ok(s) = state.lock() {
+        persist(dir.as_deref(), id, &s);
     }
 }
 
@@ -103,7 +202,8 @@ struct UploadLink {
     expires_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Status {
     Waiting,
     Building,
@@ -122,10 +222,10 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 struct LogEntry {
     ts_ms: i64,
-    level: &'static str,
+    level: String,
     message: String,
     step: Option<String>,
 }
@@ -144,7 +244,15 @@ impl LogEntry {
     }
 }
 
-#[derive(Debug)]
+/// Why a build ended in error: the message, the failing step, its last output lines.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+struct Reason {
+    message: String,
+    step: Option<String>,
+    entries: Vec<LogEntry>,
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
 struct BuildState {
     /// Order of requests, for forgetting the oldest.
     seq: u64,
@@ -157,7 +265,7 @@ struct BuildState {
     status: Status,
     logs: Vec<LogEntry>,
     dropped: usize,
-    reason: Option<(String, Option<String>, Vec<LogEntry>)>,
+    reason: Option<Reason>,
 }
 
 impl BuildState {
@@ -170,7 +278,7 @@ impl BuildState {
             self.dropped += 1;
             return;
         }
-        self.logs.push(LogEntry { ts_ms: now_ms(), level, message, step });
+        self.logs.push(LogEntry { ts_ms: now_ms(), level: level.to_string(), message, step });
     }
 }
 
@@ -327,7 +435,6 @@ pub async fn request(
         }
     }
     let build_id = uuid();
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let state = BuildState {
         seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         owner: key.id.clone(),
@@ -353,6 +460,7 @@ pub async fn request(
             ));
         }
         i.forget_old();
+        persist(i.dir.as_deref(), &build_id, &state);
         i.builds.insert(build_id.clone(), Arc::new(Mutex::new(state)));
     }
     audit(
@@ -612,6 +720,7 @@ pub async fn start(
         let tag = s.tag.clone();
         s.log("info", format!("Build {build_id} of {template}:{tag} queued"), None);
     }
+    save(&app, &build_id, &state);
     audit(
         &app,
         &key,
@@ -735,6 +844,9 @@ async fn run_build(
     let name = format!("{template}:{tag}");
     let bid = build_id.clone();
     let tpl = template.clone();
+    let rt = tokio::runtime::Handle::current();
+    let (net_app, net_owner, net_build, net_name) =
+        (app.clone(), key.id.clone(), build_id.clone(), name.clone());
     let result = tokio::task::spawn_blocking(move || {
         let store = Store::open(&data_dir).map_err(|e| (e.to_string(), None, Vec::new()))?;
         let parsed = ringfence_image::dockerfile::parse(translated.dockerfile.as_bytes())
@@ -755,14 +867,25 @@ async fn run_build(
             context,
             build_args: Default::default(),
             no_cache: translated.no_cache,
+            no_cache_from_line: translated.no_cache_from_line,
             pull: Default::default(),
             limits: Default::default(),
             source: Some(format!("sdk build {bid}")),
             start,
             owner: Some(owner),
         };
+        let hook: crate::builder::NetHook = Box::new(move |netns, sandbox| {
+            net_app.manager.network().attach_build(
+                &rt,
+                netns,
+                sandbox,
+                Some(&net_owner),
+                (&net_build, &net_name),
+            )
+        });
         let mut runner =
-            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT);
+            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT)
+                .with_network(hook);
         match ringfence_image::build::build(&store, &opts, &mut runner, &mut sink) {
             Ok(b) => {
                 // The extra tags: the same record under each name.
@@ -817,18 +940,19 @@ async fn run_build(
                     .iter()
                     .map(|t| LogEntry {
                         ts_ms: now_ms(),
-                        level: "error",
+                        level: "error".into(),
                         message: t.clone(),
                         step: step.clone(),
                     })
                     .collect();
-                s.reason = Some((message, step.clone(), entries));
+                s.reason = Some(Reason { message, step: step.clone(), entries });
                 s.status = Status::Error;
                 detail["status"] = json!("error");
                 detail["reason"] = json!(msg);
             }
         }
     }
+    save(&app, &build_id, &state);
     let mut rec = AuditRecord::new("template.build", now_ms());
     rec.user_id = Some(key.id.clone());
     rec.duration_ms = Some(took.as_millis() as u64);
@@ -865,7 +989,7 @@ pub async fn status(
         "logEntries": entries,
         "logs": [],
     });
-    if let Some((message, step, entries)) = &s.reason {
+    if let Some(Reason { message, step, entries }) = &s.reason {
         let mut r = json!({
             "message": message,
             "logEntries": entries.iter().map(LogEntry::json).collect::<Vec<_>>(),
