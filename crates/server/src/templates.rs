@@ -47,6 +47,28 @@ use crate::store::{AuditRecord, KeyInfo};
 
 /// Most bytes of one uploaded archive.
 const MAX_UPLOAD: u64 = 2 << 30;
+
+/// The operator's settings of template builds through the API (`ringfence serve` flags).
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Registries (HOST:PORT) a build's `from_image` pull talks plain HTTP to.
+    pub insecure_registries: Vec<String>,
+    /// Most bytes of uploaded archives one key keeps here (the unpacked copies a build makes
+    /// of them are not counted: they are at most the archives' declared sizes again).
+    pub upload_quota: u64,
+    /// Uploads (and their unpacked copies) no build used for this long are removed.
+    pub upload_ttl: Duration,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            insecure_registries: Vec::new(),
+            upload_quota: 4 << 30,
+            upload_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 /// Log entries a status call returns at most (as E2B's API does).
 const LOGS_PAGE: usize = 100;
 /// Log entries kept per build; older ones are dropped, with a note.
@@ -577,6 +599,9 @@ pub async fn upload(
     })?;
     let dir = uploads_dir(&app, &link.owner, &link.template);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    let quota = app.manager.config().builds.upload_quota;
+    let key_dir = app.manager.config().data_dir.join("template-uploads").join(&link.owner);
+    let used = blocking(move || Ok(uploads_bytes(&key_dir))).await?;
     let tmp = dir.join(format!(".{}.part", crate::manager::new_token()));
     let mut file = tokio::fs::File::create(&tmp).await.map_err(internal)?;
     let mut stream = body.into_data_stream();
@@ -585,6 +610,17 @@ pub async fn upload(
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| bad(format!("the upload broke off: {e}")))?;
             total += chunk.len() as u64;
+            if used + total > quota {
+                return Err(ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "upload quota exceeded: this key keeps {used} bytes of template uploads \
+                         and may keep {quota} (uploads no build used for {}s are removed; \
+                         deleting a template removes its uploads)",
+                        app.manager.config().builds.upload_ttl.as_secs()
+                    ),
+                ));
+            }
             if total > MAX_UPLOAD {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -692,6 +728,11 @@ pub async fn start(
                     "COPY {src} {dest}: its files (hash {hash}) were not uploaded"
                 )));
             }
+            // Used now: the upload's expiry counts from here.
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&up)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             let into = ctx.join(hash);
             if into.is_dir() {
                 continue;
@@ -845,6 +886,7 @@ async fn run_build(
     let bid = build_id.clone();
     let tpl = template.clone();
     let rt = tokio::runtime::Handle::current();
+    let insecure_registries = app.manager.config().builds.insecure_registries.clone();
     let (net_app, net_owner, net_build, net_name) =
         (app.clone(), key.id.clone(), build_id.clone(), name.clone());
     let result = tokio::task::spawn_blocking(move || {
@@ -868,7 +910,7 @@ async fn run_build(
             build_args: Default::default(),
             no_cache: translated.no_cache,
             no_cache_from_line: translated.no_cache_from_line,
-            pull: Default::default(),
+            pull: ringfence_image::registry::PullOptions { insecure: insecure_registries },
             limits: Default::default(),
             source: Some(format!("sdk build {bid}")),
             start,
@@ -1341,6 +1383,55 @@ async fn run_start(
         sc.start,
         String::from_utf8_lossy(&start_out).trim()
     ))
+}
+
+/// Bytes of the uploaded archives under one key's upload directory (`<key>/<template>/<hash>`;
+/// partial uploads count too, the unpacked `ctx` copies do not).
+fn uploads_bytes(key_dir: &FsPath) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(key_dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            if let Ok(m) = f.metadata()
+                && m.is_file()
+            {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Removes uploads (archives, and their unpacked copies under `ctx/`) not used for `ttl`:
+/// written or last read by a build's start longer ago than that. The SDK asks whether its
+/// files are here before each build and uploads them again if not. Returns how many went.
+pub fn expire_uploads(data_dir: &FsPath, ttl: Duration) -> usize {
+    let root = data_dir.join("template-uploads");
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(ttl) else { return 0 };
+    let old = |p: &FsPath| {
+        std::fs::symlink_metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t < cutoff)
+    };
+    let mut removed = 0;
+    for owner in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for t in std::fs::read_dir(owner.path()).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == "ctx" || name.starts_with('.') || !old(&p) {
+                    continue;
+                }
+                if std::fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                    // Its unpacked copy goes with it (the next build unpacks a new upload).
+                    let _ = std::fs::remove_dir_all(t.path().join("ctx").join(&name));
+                }
+            }
+            // A template directory left with nothing (or only an empty ctx) goes too.
+            let _ = std::fs::remove_dir(t.path().join("ctx"));
+            let _ = std::fs::remove_dir(t.path());
+        }
+        let _ = std::fs::remove_dir(owner.path());
+    }
+    removed
 }
 
 /// Removes what a crash left: partial uploads (`.*.part`) and half-unpacked contexts

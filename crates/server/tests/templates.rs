@@ -506,3 +506,205 @@ fn a_step_marked_skip_cache_reruns_with_those_after_it_and_the_earlier_ones_stay
     assert!(line(2, "CACHED"), "the step before the forced one: {logs:?}");
     assert!(line(3, "DONE") && line(4, "DONE"), "the forced step and the one after: {logs:?}");
 }
+
+/// A registry on loopback (Debian's `docker-registry`) for the test's lifetime.
+struct Registry {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> Result<Registry, String> {
+    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or("docker-registry missing (scripts/setup.sh installs it)")?;
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::serve::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start {bin}: {e}"))?;
+    let reg = Registry { child, _dir: dir, addr };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&reg.addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err("docker-registry did not listen within 10 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(reg)
+}
+
+/// An OCI image layout at `dir` (tag `latest`) of one layer: busybox with its `sh` link.
+fn busybox_layout(dir: &std::path::Path) {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).unwrap();
+    let layer = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-cf", "-", "-C"])
+        .arg(root.path())
+        .arg("bin")
+        .output()
+        .unwrap();
+    assert!(layer.status.success());
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (layer_digest, layer_size) = put(&layer.stdout);
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer_size}],
+    });
+    let (m_digest, m_size) = put(manifest.to_string().as_bytes());
+    std::fs::write(
+        dir.join("index.json"),
+        json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": m_digest, "size": m_size,
+            "annotations": {"org.opencontainers.image.ref.name": "latest"},
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion": "1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn from_image_with_a_registry_reference_pulls_the_base_through_the_api() {
+    let test = "from_image_with_a_registry_reference_pulls_the_base_through_the_api";
+    let Some(mut s) = server(test) else { return };
+    if !std::path::Path::new("/bin/busybox").exists()
+        || !std::path::Path::new("/usr/bin/skopeo").exists()
+    {
+        println!(
+            "SKIPPED {test}: busybox-static or skopeo missing (scripts/setup.sh installs them)"
+        );
+        return;
+    }
+    let reg = match start_registry() {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIPPED {test}: {why}");
+            return;
+        }
+    };
+    let layout = tempfile::tempdir().unwrap();
+    busybox_layout(layout.path());
+    let o = Command::new("/usr/bin/skopeo")
+        .args(["copy", "--dest-tls-verify=false", "--insecure-policy"])
+        .arg(format!("oci:{}:latest", layout.path().display()))
+        .arg(format!("docker://{}/test/bb:v1", reg.addr))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo push: {}", String::from_utf8_lossy(&o.stderr));
+    s.spawn(&["--insecure-registry", &reg.addr]);
+    let reference = format!("{}/test/bb:v1", reg.addr);
+    let build = request(&s, &s.key, "pulled");
+    let st = build_and_wait(
+        &s,
+        "pulled",
+        &build,
+        json!({"fromImage": reference,
+               "steps": [{"type": "RUN", "args": ["echo from-the-registry > /proof"]}]}),
+        120,
+    );
+    assert_eq!(st["status"], json!("ready"), "{st}");
+    let logs = all_logs(&s, "pulled", &build).join("\n");
+    assert!(logs.contains("pulling it"), "{logs}");
+    // A sandbox from it runs the registry's busybox with the step's file.
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": "pulled", "timeout": 60}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let sb = support::serve::Sandbox::from(&r.json());
+    let msg = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "cat /proof"]}, "stdin": false});
+    let r = s.process_start(&sb.id, &sb.token, &msg, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out: String = support::serve::frames(&r.body)
+        .iter()
+        .filter_map(|(_, v)| v["event"]["data"]["stdout"].as_str().map(support::serve::b64_text))
+        .collect();
+    assert_eq!(out, "from-the-registry\n");
+    let _ = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    // A registry this server does not talk plain HTTP to: the build fails naming it.
+    drop(reg);
+    let other = request(&s, &s.key, "unreachable");
+    let st = build_and_wait(
+        &s,
+        "unreachable",
+        &other,
+        json!({"fromImage": "127.0.0.1:1/nothing/here:v1", "steps": []}),
+        120,
+    );
+    assert_eq!(st["status"], json!("error"), "{st}");
+    assert!(st["reason"]["message"].as_str().unwrap().contains("127.0.0.1:1"), "{st}");
+}
+
+#[test]
+fn uploads_past_the_quota_are_refused_and_unused_ones_expire() {
+    let test = "uploads_past_the_quota_are_refused_and_unused_ones_expire";
+    let Some(mut s) = server(test) else { return };
+    s.spawn(&["--template-upload-quota", "30K"]);
+    let ctx = tempfile::tempdir().unwrap();
+    let _build = request(&s, &s.key, "quota");
+    let (tar, hash) = upload_of(ctx.path(), &[b'a'; 12 << 10], "/a");
+    put_upload(&s, "quota", &hash, &tar);
+    let (tar2, hash2) = upload_of(ctx.path(), &[b'b'; 12 << 10], "/b");
+    let r = s.api("GET", &format!("/templates/quota/files/{hash2}"), Value::Null);
+    let url = r.json()["url"].as_str().unwrap().to_string();
+    let r = s.request("PUT", &url[url.find("/template-uploads/").unwrap()..], &[], &tar2);
+    assert_eq!(r.status, 507, "over the quota: {}", r.text());
+    assert!(r.text().contains("upload quota exceeded"), "{}", r.text());
+    // Nothing of the refused one is kept; the first is.
+    let r = s.api("GET", &format!("/templates/quota/files/{hash2}"), Value::Null);
+    assert_eq!(r.json()["present"], json!(false));
+    let r = s.api("GET", &format!("/templates/quota/files/{hash}"), Value::Null);
+    assert_eq!(r.json()["present"], json!(true));
+    // Unused past the time to live: gone after the next sweep (at start).
+    s.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    s.spawn(&["--template-upload-ttl", "2s"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = s.api("GET", &format!("/templates/quota/files/{hash}"), Value::Null);
+        if r.json()["present"] == json!(false) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the old upload was not removed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
