@@ -157,6 +157,14 @@ fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
         }
         TemplateCommand::Rm { name, common } => {
             let store = Store::open(&common.data_dir)?;
+            // Sandboxes (paused ones too) and snapshots of a server on this data directory.
+            let db = ringfence_server::db_path(&common.data_dir);
+            if db.is_file() {
+                let server = ringfence_server::store::Store::open(&db)?;
+                if let Some(why) = ringfence_server::templates::users_of(&server, &name)? {
+                    anyhow::bail!(why);
+                }
+            }
             let removed = store.remove(&name)?;
             println!(
                 "removed {name}: {} layer(s) deleted, {} kept (used by other templates)",
@@ -315,7 +323,7 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
             ringfence_image::store::RESERVED.join(", ")
         );
     }
-    let in_use = store.in_use()?;
+    let in_use = store.in_use(name)?;
     let run = store.runnable(name)?;
     let config = &run.record.config;
     let env: BTreeMap<String, String> = run.env();

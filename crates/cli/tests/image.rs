@@ -235,6 +235,12 @@ fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
             .status
             .success()
     );
+    // A second template of the same image (the same layer): not in use.
+    assert!(
+        data.cmd(&["template", "import", archive.to_str().unwrap(), "--name", "bb2"])
+            .status
+            .success()
+    );
     let mut child = ringfence()
         .args(["run", "--disk-backend", "tmpfs", "--template", "bb", "--data-dir"])
         .arg(&data.dir)
@@ -251,7 +257,17 @@ fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
     assert_eq!(line, "up\n");
     let o = data.cmd(&["template", "rm", "bb"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("while a sandbox runs"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is in use"), "{}", text(&o));
+    // The claim is on bb alone: another template goes, its shared layer stays for bb.
+    let o = data.cmd(&["template", "rm", "bb2"]);
+    assert!(o.status.success(), "another template while bb is in use: {}", text(&o));
+    let o = ringfence()
+        .args(["run", "--disk-backend", "tmpfs", "--template", "bb", "--data-dir"])
+        .arg(&data.dir)
+        .args(["--", "sh", "-c", "echo still"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still\n", "{}", text(&o));
     let _ = child.kill();
     let _ = child.wait();
     let o = data.cmd(&["template", "rm", "bb"]);

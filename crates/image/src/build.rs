@@ -147,6 +147,9 @@ struct State {
     user: String,
     config: RunConfig,
     shell: Vec<String>,
+    /// The claim on the FROM template ([`Store::in_use`]): `template rm` of it is refused
+    /// while its layers are this build's lower layers.
+    base_claim: Option<crate::store::InUse>,
 }
 
 impl State {
@@ -197,7 +200,6 @@ pub fn build(
         progress.note(n);
     }
     let ctx = Context::open(&opts.context).map_err(ImageError::Format)?;
-    let in_use = store.in_use()?;
     let scratch = store.build_scratch()?;
     let skeleton = store.skeleton()?;
     let total = file.steps.len();
@@ -305,8 +307,9 @@ pub fn build(
         owner: opts.owner.clone(),
     };
     drop(scratch);
-    // Released before registering, so replacing an older build can collect its layers.
-    drop(in_use);
+    // Released before registering, so replacing the base itself (FROM x, built as x) can
+    // collect its old layers.
+    drop(s.base_claim.take());
     // Unchanged: nothing to write (a rebuild changes nothing, not even the record's time).
     let same = store.get(&name).is_ok_and(|old| {
         old.layers == record.layers
@@ -349,6 +352,7 @@ fn from(
         user: String::new(),
         config: RunConfig::default(),
         shell: vec!["/bin/sh".into(), "-c".into()],
+        base_claim: None,
     };
     if image == "scratch" {
         st.key = key(&["scratch"]).to_string();
@@ -381,7 +385,8 @@ fn from(
             Ok(rec) if rec.source.starts_with(&origin) => rec,
             Ok(rec) => {
                 return Err(ImageError::Format(format!(
-                    "FROM {image}: it would be pulled as template {:?}, which exists here from                      another source ({}); build FROM {:?} by name, or remove it first",
+                    "FROM {image}: it would be pulled as template {:?}, which exists here from \
+                     another source ({}); build FROM {:?} by name, or remove it first",
                     rec.name, rec.source, rec.name
                 )));
             }
@@ -405,6 +410,10 @@ fn from(
             }
         }
     };
+    // Claimed, then read again: a `template rm` between the two reads is seen here (not
+    // found) rather than as layers vanishing under a RUN step.
+    st.base_claim = Some(store.in_use(&record.name)?);
+    let record = store.get(&record.name)?;
     let run = store.runnable(&record.name)?;
     let ids: Vec<&str> = record.layers.iter().map(|l| l.diff_id.as_str()).collect();
     let mut parts = vec!["from"];

@@ -222,35 +222,57 @@ impl Store {
     }
 
     /// Removes template `name`, and the layers no other template uses. Refused while a
-    /// sandbox runs from an image template (see [`Store::in_use`]).
+    /// sandbox runs from it or a build uses it as its base (see [`Store::in_use`]); other
+    /// templates in use do not stop it.
     pub fn remove(&self, name: &str) -> Result<Removed, ImageError> {
         let _lock = self.lock()?;
         let record = self.get(name)?;
-        let Some(_idle) = self.idle()? else {
-            return Err(ImageError::Format(format!(
-                "template {:?} cannot be removed while a sandbox runs from an image template; \
-                 try again when it has exited",
-                record.name
-            )));
+        let Some(_idle) = self.idle(&record.name)? else {
+            return Err(ImageError::InUse(record.name));
         };
         let path = self.record_path(&record.name);
         fs::remove_file(&path).map_err(at("remove", &path))?;
         self.collect(&record)
     }
 
-    /// A shared claim on the store's layers, held by whoever runs a sandbox from them: while
-    /// any is held, no layer is deleted (their directories are the sandbox's lower layers).
-    pub fn in_use(&self) -> Result<InUse, ImageError> {
-        let path = self.root.join(".inuse");
-        let f = fs::File::create(&path).map_err(at("create", &path))?;
-        f.lock_shared().map_err(at("lock", &path))?;
+    /// A shared claim on template `name`, held by whoever runs a sandbox from it (or builds
+    /// on it): while any is held, the template is not removed, nor are the layers of the
+    /// version it replaced collected when it is rebuilt (their directories are the sandbox's
+    /// lower layers). One lock file per template (`inuse/<name>:<tag>`, kept: removing it
+    /// could split holders and a remover across two inodes), so claims on one template never
+    /// hold up removing another.
+    pub fn in_use(&self, name: &str) -> Result<InUse, ImageError> {
+        let f = self.claim_file(name)?;
+        f.lock_shared().map_err(at("lock", self.claim_path(name)?))?;
         Ok(InUse { _held: f })
     }
 
-    /// The exclusive side of [`Store::in_use`], if no sandbox holds it.
-    fn idle(&self) -> Result<Option<InUse>, ImageError> {
-        let path = self.root.join(".inuse");
-        let f = fs::File::create(&path).map_err(at("create", &path))?;
+    fn claim_path(&self, name: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("inuse").join(normalize_name(name)?))
+    }
+
+    fn claim_file(&self, name: &str) -> Result<fs::File, ImageError> {
+        let path = self.claim_path(name)?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(at("mkdir", dir))?;
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(at("create", &path))
+    }
+
+    /// Whether anything holds a claim on template `name` now ([`Store::in_use`]).
+    pub fn is_in_use(&self, name: &str) -> Result<bool, ImageError> {
+        Ok(self.idle(name)?.is_none())
+    }
+
+    /// The exclusive side of [`Store::in_use`] for template `name`, if nothing holds it.
+    fn idle(&self, name: &str) -> Result<Option<InUse>, ImageError> {
+        let path = self.claim_path(name)?;
+        let f = self.claim_file(name)?;
         match f.try_lock() {
             Ok(()) => Ok(Some(InUse { _held: f })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
@@ -409,10 +431,10 @@ impl Store {
         let text = serde_json::to_vec_pretty(&record)
             .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
         write_atomic(&self.record_path(&name), &text)?;
-        // The replaced template's own layers go, unless a sandbox runs from the store now (then
-        // they stay until a later `rm`).
+        // The replaced template's own layers go, unless a sandbox runs from it now (then they
+        // stay until a later `rm`).
         if let Some(old) = old
-            && let Some(_idle) = self.idle()?
+            && let Some(_idle) = self.idle(&name)?
         {
             self.collect(&old)?;
         }
@@ -623,7 +645,7 @@ impl Store {
             .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
         write_atomic(&self.record_path(&name), &text)?;
         if let Some(old) = old
-            && let Some(_idle) = self.idle()?
+            && let Some(_idle) = self.idle(&name)?
         {
             self.collect(&old)?;
         }

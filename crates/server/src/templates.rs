@@ -1212,7 +1212,7 @@ pub async fn remove_tags(
         return Err(bad("tags is empty"));
     }
     let store = store_of(&app)?;
-    let (k2, n2, t2) = (key.clone(), name.clone(), b.tags.clone());
+    let (k2, n2, t2, app2) = (key.clone(), name.clone(), b.tags.clone(), app.clone());
     blocking(move || {
         let tags = tags_of(&store, &n2)?;
         if !matches!(owner_of(&tags, &k2), Owner::Caller) {
@@ -1224,6 +1224,9 @@ pub async fn remove_tags(
             }
         }
         for t in &t2 {
+            check_unused(&app2, &format!("{n2}:{t}"))?;
+        }
+        for t in &t2 {
             store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
         }
         Ok(())
@@ -1233,15 +1236,50 @@ pub async fn remove_tags(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A store refusal to remove while a sandbox runs from an image template is the client's to
-/// retry (409); anything else is internal.
+/// A store refusal to remove a template in use is the client's to retry (409); anything
+/// else is internal.
 fn in_use(e: ImageError) -> ApiError {
     match e {
-        ImageError::Format(m) if m.contains("while a sandbox runs") => {
-            ApiError::new(StatusCode::CONFLICT, m)
-        }
+        e @ ImageError::InUse(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         other => internal(other),
     }
+}
+
+/// Refuses (409, naming them) removing template `name` (`name:tag`) while a sandbox that is
+/// not killed (a paused one included: it holds no claim on the store while stopped) or a
+/// snapshot was made from it: they need its layers to run or resume.
+pub fn check_unused(app: &App, name: &str) -> Result<(), ApiError> {
+    match users_of(app.manager.store(), name).map_err(internal)? {
+        None => Ok(()),
+        Some(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
+}
+
+/// Why template `name` cannot be removed now, if a sandbox not killed or a snapshot of the
+/// server's store `store` was made from it (`None`: nothing is). `ringfence template rm`
+/// asks this too.
+pub fn users_of(
+    store: &crate::store::Store,
+    name: &str,
+) -> Result<Option<String>, crate::store::StoreError> {
+    let Ok(want) = ringfence_image::normalize_name(name) else { return Ok(None) };
+    let mut by: Vec<String> = store
+        .template_users()?
+        .into_iter()
+        .filter(|(_, _, t)| ringfence_image::normalize_name(t).is_ok_and(|t| t == want))
+        .map(|(kind, id, _)| format!("{kind} {id}"))
+        .collect();
+    if by.is_empty() {
+        return Ok(None);
+    }
+    by.sort();
+    let more = by.len().saturating_sub(5);
+    by.truncate(5);
+    Ok(Some(format!(
+        "template {want:?} is in use by {}{}: kill the sandboxes and delete the snapshots first",
+        by.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    )))
 }
 
 /// `DELETE /templates/{id}` for an image template of this key's: every tag of it. Returns
@@ -1249,7 +1287,7 @@ fn in_use(e: ImageError) -> ApiError {
 pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError> {
     let Ok((name, _)) = split_name(id) else { return Ok(false) };
     let store = store_of(app)?;
-    let (k2, n2) = (key.clone(), name.clone());
+    let (k2, n2, app2) = (key.clone(), name.clone(), app.clone());
     let removed = blocking(move || {
         let tags = tags_of(&store, &n2)?;
         match owner_of(&tags, &k2) {
@@ -1261,6 +1299,9 @@ pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError
                 ));
             }
             Owner::Nobody | Owner::Other => return Ok(false),
+        }
+        for (t, _) in &tags {
+            check_unused(&app2, &format!("{n2}:{t}"))?;
         }
         for (t, _) in &tags {
             store.remove(&format!("{n2}:{t}")).map_err(in_use)?;

@@ -659,7 +659,14 @@ fn from_image_with_a_registry_reference_pulls_the_base_through_the_api() {
         .filter_map(|(_, v)| v["event"]["data"]["stdout"].as_str().map(support::serve::b64_text))
         .collect();
     assert_eq!(out, "from-the-registry\n");
-    let _ = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    // Not deleted while a sandbox runs from it (409 naming it); once it is gone, deleted.
+    let r = s.api("DELETE", "/templates/pulled", Value::Null);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(message(&r).contains(&sb.id), "{}", r.text());
+    let r = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = s.api("DELETE", "/templates/pulled", Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
     // A registry this server does not talk plain HTTP to: the build fails naming it.
     drop(reg);
     let other = request(&s, &s.key, "unreachable");
