@@ -139,16 +139,48 @@ fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
         TemplateCommand::Ls { common } => {
             let store = Store::open(&common.data_dir)?;
             let list = store.list()?;
-            println!("{:<40} {:>6} {:>10}  SOURCE", "NAME", "LAYERS", "SIZE");
-            for r in list {
+            // How many templates use each layer: a layer used by one only is what `rm` frees.
+            let mut users: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+            for r in &list {
+                let distinct: std::collections::BTreeSet<&str> =
+                    r.layers.iter().map(|l| l.diff_id.as_str()).collect();
+                for l in &r.layers {
+                    if distinct.contains(l.diff_id.as_str()) {
+                        users.entry(l.diff_id.as_str()).or_insert((0, l.bytes));
+                    }
+                }
+                for d in distinct {
+                    if let Some(u) = users.get_mut(d) {
+                        u.0 += 1;
+                    }
+                }
+            }
+            println!("{:<40} {:>6} {:>10} {:>10}  SOURCE", "NAME", "LAYERS", "SIZE", "OWN");
+            for r in &list {
+                let distinct: std::collections::BTreeSet<&str> =
+                    r.layers.iter().map(|l| l.diff_id.as_str()).collect();
+                let own: u64 = distinct
+                    .iter()
+                    .filter_map(|d| users.get(d))
+                    .filter(|(n, _)| *n == 1)
+                    .map(|(_, b)| b)
+                    .sum();
                 println!(
-                    "{:<40} {:>6} {:>10}  {}",
+                    "{:<40} {:>6} {:>10} {:>10}  {}",
                     r.name,
                     r.layers.len(),
                     human(r.size),
+                    human(own),
                     r.source
                 );
             }
+            let total: u64 = users.values().map(|(_, b)| b).sum();
+            println!(
+                "{} layers, {} of file content in all (SIZE: the template's layers; OWN: those \
+                 no other template uses, what `template rm` frees)",
+                users.len(),
+                human(total)
+            );
         }
         TemplateCommand::Inspect { name, common } => {
             let store = Store::open(&common.data_dir)?;

@@ -154,7 +154,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-const SKELETON: &str = "skeleton-2";
+const SKELETON: &str = "skeleton-4";
 
 impl Store {
     /// The store under `data_dir/images`, created (mode 0700) if missing.
@@ -688,7 +688,34 @@ impl Store {
             let rc = tmp.join("etc/resolv.conf");
             fs::write(&rc, "nameserver 100.96.0.1\noptions timeout:2 attempts:2\n")
                 .map_err(at("write", &rc))?;
-            fs::set_permissions(&rc, fs::Permissions::from_mode(0o644)).map_err(at("chmod", &rc))
+            fs::set_permissions(&rc, fs::Permissions::from_mode(0o644))
+                .map_err(at("chmod", &rc))?;
+            // apt (Debian, Ubuntu images) drops to its `_apt` user (uid 42) to download, into
+            // `partial/` directories that user owns (mode 0700). A sandbox maps only ids 0 and
+            // 1000: the drop fails, and its root cannot enter a directory of an unmapped
+            // owner, so every `apt-get update`/`install` would (a build's, the SDK's
+            // `apt_install`, `sudo apt-get` in a sandbox). The sandbox's root is already an
+            // unprivileged id on the host: apt downloads as it, into directories it owns.
+            for d in ["etc/apt", "etc/apt/apt.conf.d", "var/cache", "var/cache/apt", "var/lib"] {
+                mk(d, 0o755, 0)?;
+            }
+            for d in ["var/lib/apt", "var/lib/apt/lists-sandbox", "var/cache/apt/archives-sandbox"]
+            {
+                mk(d, 0o755, 0)?;
+            }
+            mk("var/lib/apt/lists-sandbox/partial", 0o700, 0)?;
+            mk("var/cache/apt/archives-sandbox/partial", 0o700, 0)?;
+            let apt = tmp.join("etc/apt/apt.conf.d/00ringfence-sandbox");
+            fs::write(
+                &apt,
+                "// Ringfence sandboxes map only uids 0 and 1000: apt cannot drop to _apt, nor\n\
+                 // enter the _apt-owned partial/ directories of the image.\n\
+                 APT::Sandbox::User \"root\";\n\
+                 Dir::State::Lists \"/var/lib/apt/lists-sandbox/\";\n\
+                 Dir::Cache::Archives \"/var/cache/apt/archives-sandbox/\";\n",
+            )
+            .map_err(at("write", &apt))?;
+            fs::set_permissions(&apt, fs::Permissions::from_mode(0o644)).map_err(at("chmod", &apt))
         };
         if let Err(e) = build() {
             let _ = fs::remove_dir_all(&tmp);

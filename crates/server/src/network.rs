@@ -108,7 +108,7 @@ impl BuildEgress {
     }
 
     /// The policy a build sandbox gets, `None` for no network at all.
-    fn policy(&self) -> Option<SandboxPolicy> {
+    pub(crate) fn policy(&self) -> Option<SandboxPolicy> {
         match self {
             BuildEgress::None => None,
             BuildEgress::Allow(rules) => Some(SandboxPolicy {

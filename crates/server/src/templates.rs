@@ -885,6 +885,19 @@ async fn run_build(
     let name = format!("{template}:{tag}");
     let bid = build_id.clone();
     let tpl = template.clone();
+    if let Some(sc) = &start
+        && let Ok(mut s) = state.lock()
+    {
+        s.log(
+            "info",
+            format!(
+                "Start command {:?} runs in each sandbox created from this template, and \
+                 create answers once {:?} exits 0 (not run at build: no memory snapshot here)",
+                sc.start, sc.ready
+            ),
+            None,
+        );
+    }
     let rt = tokio::runtime::Handle::current();
     let insecure_registries = app.manager.config().builds.insecure_registries.clone();
     let (net_app, net_owner, net_build, net_name) =
