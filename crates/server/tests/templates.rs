@@ -663,8 +663,18 @@ fn from_image_with_a_registry_reference_pulls_the_base_through_the_api() {
     let r = s.api("DELETE", "/templates/pulled", Value::Null);
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(message(&r).contains(&sb.id), "{}", r.text());
+    // A snapshot of that sandbox sits on the template's layers: the template stays while the
+    // snapshot does, after the sandbox is gone.
+    let r = s.api("POST", &format!("/sandboxes/{}/snapshots", sb.id), json!({}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let snap = r.json()["snapshotID"].as_str().unwrap().to_string();
     let r = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(r.status, 204, "{}", r.text());
+    let r = s.api("DELETE", "/templates/pulled", Value::Null);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(message(&r).contains(&format!("snapshot {snap}")), "{}", r.text());
+    let r = s.api("DELETE", &format!("/templates/{snap}"), Value::Null);
+    assert_eq!(r.status, 204, "the snapshot: {}", r.text());
     let r = s.api("DELETE", "/templates/pulled", Value::Null);
     assert_eq!(r.status, 204, "{}", r.text());
     // A registry this server does not talk plain HTTP to: the build fails naming it.
