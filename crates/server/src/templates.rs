@@ -11,7 +11,8 @@
 //!   line (no owner) every key may use, none may change.
 //! - The steps become a Dockerfile (`ringfence_image::sdk`) that the same builder as `ringfence
 //!   template build` runs, with the same per-step layer cache, RUN steps in one-shot jail
-//!   sandboxes ([`crate::builder::JailRunner`]), **with no network**.
+//!   sandboxes ([`crate::builder::JailRunner`]), with the operator's build egress
+//!   (`serve --build-egress`, [`crate::network::BuildEgress`]).
 //! - Bad input is refused when the build is started (400 naming the step): an unknown step,
 //!   a COPY whose files were not uploaded or do not hash to what the SDK computed, a path
 //!   leaving the upload. Everything else is the build's: it runs in the background (a tokio
