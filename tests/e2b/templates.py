@@ -1,5 +1,6 @@
 """Template builds through the unmodified SDK (`e2b` 2.63's `Template`): steps (from_template,
 run_cmd, copy of local files, set_envs, set_workdir, set_user), the second build fully cached,
+skip_cache() from one step on,
 build logs and status, a failing step, aliases/tags/exists, a sandbox from the template, a
 start command with wait_for_port / wait_for_file, another tenant's view, delete.
 
@@ -87,6 +88,22 @@ def main():
           any("CACHED" in m for m in m2) and not any("DONE" in m for m in m2), m2[-12:])
     check("templates: and fast", warm < 5, f"cold {cold:.2f}s, cached {warm:.2f}s")
     print(f"     build through the API: cold {cold:.2f}s, cached {warm:.2f}s")
+
+    # skip_cache() mid-template: that step and those after it rerun; the earlier one stays
+    # cached (E2B's semantics: the SDK marks the next step `force`).
+    def partly(skip):
+        t = Template(file_context_path=ctx).from_template(BASE).run_cmd("echo a > /a")
+        t = t.skip_cache() if skip else t
+        return t.run_cmd("echo b > /b").run_cmd("echo c > /c")
+
+    Template.build(partly(False), f"{NAME}-skip")
+    logs3 = []
+    Template.build(partly(True), f"{NAME}-skip", on_build_logs=logs3.append)
+    m3 = [str(getattr(l, "message", l)) for l in logs3]
+    check("templates: skip_cache() reruns from its step on, the steps before stay cached",
+          any(m.startswith("[2/4] CACHED") for m in m3)
+          and any(m.startswith("[3/4] DONE") for m in m3)
+          and any(m.startswith("[4/4] DONE") for m in m3), m3[-12:])
 
     # build_in_background + get_build_status with logs_offset
     bg = Template.build_in_background(template(), f"{NAME}:bg")
@@ -207,7 +224,7 @@ def main():
         return delete_templates_template_id.sync_detailed(template_id=name, client=get_api_client(cfg))
 
     check("templates: another key cannot delete it", delete(NAME, OTHER_KEY).status_code == 404)
-    for n in (f"{NAME}-srv", f"{NAME}-file", f"{NAME}-dead", f"{NAME}-twice", NAME):
+    for n in (f"{NAME}-srv", f"{NAME}-file", f"{NAME}-dead", f"{NAME}-twice", f"{NAME}-skip", NAME):
         r = delete(n)
         check(f"templates: delete {n}", r.status_code == 204, r.status_code)
     check("templates: deleted templates do not exist", not Template.exists(NAME))

@@ -24,7 +24,7 @@ use crate::template::Caps;
 /// Build an image template from a Dockerfile.
 ///
 /// RUN steps run in jail sandboxes as the sandbox's root (or `user`, uid 1000, after USER),
-/// with no network (loopback only) for now. Each step that changes files is a layer cached by
+/// with the build egress (`--build-egress`; default: the package archives). Each step that changes files is a layer cached by
 /// a content hash: an unchanged Dockerfile rebuilds from the cache.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
@@ -59,6 +59,17 @@ pub struct BuildArgs {
     /// CPU quota of a RUN step's sandbox, in cores.
     #[arg(long, default_value = "2", value_parser = limits::parse_cpus)]
     cpus: u64,
+    /// What RUN steps may reach (repeatable), as `ringfence serve --build-egress`: `none`,
+    /// `internet`, or destinations (`default` adds the default list). Default: the package
+    /// archives (Debian, Ubuntu, Alpine, PyPI, npm). Never loopback, private or link-local
+    /// (metadata) ranges, nor this host; every connection is an audit record
+    /// (`ringfence audit`).
+    #[arg(long = "build-egress")]
+    build_egress: Vec<String>,
+    /// The build network's DNS upstream (IP or IP:PORT; repeatable). Default: the nameservers
+    /// of the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_parser = ringfence_net::dns::parse_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
     /// Talk plain HTTP to this registry when FROM pulls (HOST:PORT; repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure: Vec<String>,
@@ -98,7 +109,20 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         anyhow::bail!("the build context {} is not a directory", context.display());
     }
     let store = Store::open(&args.common.data_dir)?;
+    let egress = ringfence_server::network::BuildEgress::parse(&args.build_egress)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    // Declared before the runner, so the runner (and its hook) is dropped first.
+    let net = ringfence_server::builder::CliNetwork::new(
+        &egress,
+        Default::default(),
+        args.dns_upstream.clone(),
+        &ringfence_server::db_path(&args.common.data_dir),
+    )
+    .map_err(|e| anyhow::anyhow!("the build network: {e}"))?;
     let mut runner = jail_runner(&args)?;
+    if let Some(hook) = net.as_ref().and_then(|n| n.hook(&args.name)) {
+        runner = runner.with_network(hook);
+    }
     let opts = BuildOptions {
         name: args.name.clone(),
         dockerfile,
@@ -106,6 +130,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         context,
         build_args: args.build_args.iter().cloned().collect(),
         no_cache: args.no_cache,
+        no_cache_from_line: None,
         pull: ringfence_image::registry::PullOptions { insecure: args.insecure.clone() },
         limits: args.caps.limits(),
         source: None,

@@ -37,6 +37,17 @@ pub struct ServeArgs {
     /// Address to listen on (control plane and sandbox traffic).
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
+    /// Talk plain HTTP to this registry when a template build's base (`from_image`) is
+    /// pulled (HOST:PORT; repeatable; for registries on loopback in tests).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registry: Vec<String>,
+    /// Most bytes of template build uploads (the Template SDK's COPY files) one API key keeps
+    /// on this server; an upload past it is refused (507).
+    #[arg(long, default_value = "4G", value_parser = limits::parse_size)]
+    template_upload_quota: u64,
+    /// Uploads no build has used for this long are removed (checked at start and hourly).
+    #[arg(long, default_value = "24h", value_parser = limits::parse_duration)]
+    template_upload_ttl: std::time::Duration,
     #[command(flatten)]
     common: crate::Common,
     /// Default memory limit per sandbox.
@@ -243,6 +254,13 @@ struct NetArgs {
     /// test's stand-in for the internet.
     #[arg(long, env = "RINGFENCE_EGRESS_EXTRA_CA")]
     egress_extra_ca: Option<PathBuf>,
+    /// What template builds' RUN steps may reach (repeatable): `none`, `internet` (outside
+    /// the blocked ranges), or destinations in --egress-allow's forms (`default` adds the
+    /// default list). Default: the package archives (Debian, Ubuntu, Alpine, PyPI, npm).
+    /// Builds never reach loopback, private, link-local (metadata) ranges or this host,
+    /// whatever --egress-exempt says; every connection is an audit record.
+    #[arg(long = "build-egress")]
+    build_egress: Vec<String>,
 }
 
 impl NetArgs {
@@ -277,6 +295,7 @@ impl NetArgs {
             ),
             public_default: self.public_ports,
             secrets_key: self.secrets_key_file.clone(),
+            build_egress: ringfence_server::network::BuildEgress::parse(&self.build_egress)?,
         })
     }
 }
@@ -317,6 +336,11 @@ pub fn main(args: ServeArgs) -> ExitCode {
             disk: args.disk_backend,
             keeper_exe: std::env::current_exe().ok(),
             network,
+            builds: ringfence_server::templates::BuildConfig {
+                insecure_registries: args.insecure_registry.clone(),
+                upload_quota: args.template_upload_quota,
+                upload_ttl: args.template_upload_ttl,
+            },
             quotas: QuotaConfig {
                 max_sandboxes: args.max_sandboxes_per_key,
                 max_snapshots: args.max_snapshots_per_key,

@@ -139,16 +139,48 @@ fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
         TemplateCommand::Ls { common } => {
             let store = Store::open(&common.data_dir)?;
             let list = store.list()?;
-            println!("{:<40} {:>6} {:>10}  SOURCE", "NAME", "LAYERS", "SIZE");
-            for r in list {
+            // How many templates use each layer: a layer used by one only is what `rm` frees.
+            let mut users: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+            for r in &list {
+                let distinct: std::collections::BTreeSet<&str> =
+                    r.layers.iter().map(|l| l.diff_id.as_str()).collect();
+                for l in &r.layers {
+                    if distinct.contains(l.diff_id.as_str()) {
+                        users.entry(l.diff_id.as_str()).or_insert((0, l.bytes));
+                    }
+                }
+                for d in distinct {
+                    if let Some(u) = users.get_mut(d) {
+                        u.0 += 1;
+                    }
+                }
+            }
+            println!("{:<40} {:>6} {:>10} {:>10}  SOURCE", "NAME", "LAYERS", "SIZE", "OWN");
+            for r in &list {
+                let distinct: std::collections::BTreeSet<&str> =
+                    r.layers.iter().map(|l| l.diff_id.as_str()).collect();
+                let own: u64 = distinct
+                    .iter()
+                    .filter_map(|d| users.get(d))
+                    .filter(|(n, _)| *n == 1)
+                    .map(|(_, b)| b)
+                    .sum();
                 println!(
-                    "{:<40} {:>6} {:>10}  {}",
+                    "{:<40} {:>6} {:>10} {:>10}  {}",
                     r.name,
                     r.layers.len(),
                     human(r.size),
+                    human(own),
                     r.source
                 );
             }
+            let total: u64 = users.values().map(|(_, b)| b).sum();
+            println!(
+                "{} layers, {} of file content in all (SIZE: the template's layers; OWN: those \
+                 no other template uses, what `template rm` frees)",
+                users.len(),
+                human(total)
+            );
         }
         TemplateCommand::Inspect { name, common } => {
             let store = Store::open(&common.data_dir)?;
@@ -157,6 +189,14 @@ fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
         }
         TemplateCommand::Rm { name, common } => {
             let store = Store::open(&common.data_dir)?;
+            // Sandboxes (paused ones too) and snapshots of a server on this data directory.
+            let db = ringfence_server::db_path(&common.data_dir);
+            if db.is_file() {
+                let server = ringfence_server::store::Store::open(&db)?;
+                if let Some(why) = ringfence_server::templates::users_of(&server, &name)? {
+                    anyhow::bail!(why);
+                }
+            }
             let removed = store.remove(&name)?;
             println!(
                 "removed {name}: {} layer(s) deleted, {} kept (used by other templates)",
@@ -315,7 +355,7 @@ pub fn resolve(name: &str, data_dir: &Path) -> anyhow::Result<Resolved> {
             ringfence_image::store::RESERVED.join(", ")
         );
     }
-    let in_use = store.in_use()?;
+    let in_use = store.in_use(name)?;
     let run = store.runnable(name)?;
     let config = &run.record.config;
     let env: BTreeMap<String, String> = run.env();

@@ -380,3 +380,90 @@ fn ctrl_c_during_bootstrap_leaves_nothing_registered_or_mounted() {
         .unwrap_or_default();
     assert!(left.is_empty(), "the interrupted scratch tree was swept: {left:?}");
 }
+
+/// Whether `host:port` takes a TCP connection within 5 s.
+fn reachable(host: &str, port: u16) -> bool {
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok())
+}
+
+#[test]
+fn run_steps_install_from_the_archives_through_the_build_egress_and_nothing_else() {
+    let test = "run_steps_install_from_the_archives_through_the_build_egress_and_nothing_else";
+    let Some(data) = base(test) else { return };
+    for (host, port) in [("deb.debian.org", 80), ("pypi.org", 443), ("registry.npmjs.org", 443)] {
+        if !reachable(host, port) {
+            println!("SKIPPED {test}: {host}:{port} is not reachable from this host");
+            return;
+        }
+    }
+    let ctx = tempfile::tempdir().unwrap();
+    // What the Template SDK's apt_install and pip_install run, and npm's registry (npm itself
+    // is not in the base; Node's fetch stands in). TLS verification is off for pip and node:
+    // some networks (this project's machines) intercept HTTPS with a CA the host trusts and
+    // the image does not; the point here is the path out, which the audit trail shows.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM debian\nUSER root\n\
+         RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip\n\
+         RUN pip install --break-system-packages --no-cache-dir --trusted-host pypi.org \
+             --trusted-host files.pythonhosted.org six==1.16.0 && python3 -c 'import six; print(\"six\", six.__version__)'\n\
+         RUN NODE_TLS_REJECT_UNAUTHORIZED=0 node -e \"fetch('https://registry.npmjs.org/left-pad').then(r => console.log('npm', r.status))\" 2>/dev/null\n\
+         RUN if curl -s -m 5 http://169.254.169.254/; then echo REACH''ED; else echo metadata-blocked; fi; \
+             if curl -s -m 5 -o /dev/null http://example.com/; then echo REACH''ED; else echo example-blocked; fi\n",
+    )
+    .unwrap();
+    let name = format!("egress-probe-{}", std::process::id());
+    let t = Instant::now();
+    let out = ringfence()
+        .args(["template", "build", "--disk-backend", "tmpfs", "--name", &name, "-f"])
+        .arg(ctx.path().join("Dockerfile"))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rm = ringfence().args(["template", "rm", &name, "--data-dir"]).arg(&data).output().unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(rm.status.success(), "{rm:?}");
+    eprintln!("built with apt, pip and the npm registry in {:.1}s", took.as_secs_f64());
+    for want in ["six 1.16.0", "npm 200", "metadata-blocked", "example-blocked"] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    assert!(!text.contains("REACHED"), "{text}");
+    // Every connection in the data directory's audit trail, with the template's name.
+    let audit = ringfence().args(["audit", "--data-dir"]).arg(&data).output().unwrap();
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["detail"]["template"] == name.as_str())
+        .collect();
+    let allowed = |host: &str| {
+        recs.iter().any(|r| {
+            r["detail"]["allowed"] == true
+                && r["detail"]["protocol"] == "tcp"
+                && r["detail"]["name"] == host
+        })
+    };
+    for host in ["deb.debian.org", "pypi.org", "files.pythonhosted.org", "registry.npmjs.org"] {
+        assert!(allowed(host), "{host} not audited as allowed: {recs:#?}");
+    }
+    assert!(
+        recs.iter().any(|r| r["detail"]["allowed"] == false
+            && r["detail"]["address"] == "169.254.169.254"),
+        "{recs:#?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["detail"]["allowed"] == false && r["detail"]["name"] == "example.com"),
+        "{recs:#?}"
+    );
+}

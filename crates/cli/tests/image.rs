@@ -158,6 +158,7 @@ fn imported_busybox_image_runs_with_its_own_files_env_and_whiteouts() {
     let o = data.cmd(&["template", "ls"]);
     let ls = String::from_utf8_lossy(&o.stdout);
     assert!(ls.contains("bb:1") && ls.contains(" 2 "), "{ls}");
+    assert!(ls.contains("OWN") && ls.contains(" layers, "), "{ls}");
     let o = data.cmd(&["template", "inspect", "bb:1"]);
     let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rec["config"]["WorkingDir"], "/app");
@@ -219,7 +220,9 @@ fn import_errors_are_clear_and_leave_nothing() {
     let o = data.cmd(&["template", "import", archive.to_str().unwrap(), "--name", "host"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("built-in"), "{}", text(&o));
     let o = data.cmd(&["template", "ls"]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1, "{}", text(&o));
+    let ls = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(ls.lines().count(), 2, "the header and the totals only: {}", text(&o));
+    assert!(ls.contains("0 layers"), "{ls}");
 }
 
 #[test]
@@ -232,6 +235,12 @@ fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
     docker_archive(&archive, &[busybox_layer(false)], &["PATH=/bin"], "/");
     assert!(
         data.cmd(&["template", "import", archive.to_str().unwrap(), "--name", "bb"])
+            .status
+            .success()
+    );
+    // A second template of the same image (the same layer): not in use.
+    assert!(
+        data.cmd(&["template", "import", archive.to_str().unwrap(), "--name", "bb2"])
             .status
             .success()
     );
@@ -251,7 +260,17 @@ fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
     assert_eq!(line, "up\n");
     let o = data.cmd(&["template", "rm", "bb"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("while a sandbox runs"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is in use"), "{}", text(&o));
+    // The claim is on bb alone: another template goes, its shared layer stays for bb.
+    let o = data.cmd(&["template", "rm", "bb2"]);
+    assert!(o.status.success(), "another template while bb is in use: {}", text(&o));
+    let o = ringfence()
+        .args(["run", "--disk-backend", "tmpfs", "--template", "bb", "--data-dir"])
+        .arg(&data.dir)
+        .args(["--", "sh", "-c", "echo still"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still\n", "{}", text(&o));
     let _ = child.kill();
     let _ = child.wait();
     let o = data.cmd(&["template", "rm", "bb"]);

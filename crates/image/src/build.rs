@@ -112,6 +112,9 @@ pub struct BuildOptions {
     pub context: PathBuf,
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
+    /// Run the step on this Dockerfile line and every later one uncached (E2B's per-step
+    /// `skip_cache()`); the steps before it use the cache as usual.
+    pub no_cache_from_line: Option<usize>,
     /// For a FROM that is a registry reference not in the store.
     pub pull: crate::registry::PullOptions,
     pub limits: Limits,
@@ -144,6 +147,9 @@ struct State {
     user: String,
     config: RunConfig,
     shell: Vec<String>,
+    /// The claim on the FROM template ([`Store::in_use`]): `template rm` of it is refused
+    /// while its layers are this build's lower layers.
+    base_claim: Option<crate::store::InUse>,
 }
 
 impl State {
@@ -194,18 +200,15 @@ pub fn build(
         progress.note(n);
     }
     let ctx = Context::open(&opts.context).map_err(ImageError::Format)?;
-    let in_use = store.in_use()?;
     let scratch = store.build_scratch()?;
     let skeleton = store.skeleton()?;
     let total = file.steps.len();
     let mut global_args: BTreeMap<String, String> = BTreeMap::new();
     let mut st: Option<State> = None;
     let (mut cached, mut built) = (0, 0);
-    let nonce = if opts.no_cache {
-        format!("{:?}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
-    } else {
-        String::new()
-    };
+    // A nonce in a step's cache key makes it (and, through the parent key, every later
+    // step) miss the cache.
+    let fresh = format!("{:?}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
     for (i, step) in file.steps.iter().enumerate() {
         let n = i + 1;
         let label = format!("[{n}/{total}] {} (line {})", short(&step.text), step.line);
@@ -234,6 +237,9 @@ pub fn build(
                 return Err(fail("unexpected here (the parser should have refused it)".into()));
             }
             (_, Some(s)) => {
+                let uncached =
+                    opts.no_cache || opts.no_cache_from_line.is_some_and(|l| step.line >= l);
+                let nonce = if uncached { fresh.as_str() } else { "" };
                 let r = step_op(
                     store,
                     opts,
@@ -241,7 +247,7 @@ pub fn build(
                     &scratch.dir,
                     &skeleton,
                     &global_args,
-                    &nonce,
+                    nonce,
                     s,
                     step,
                     runner,
@@ -301,8 +307,9 @@ pub fn build(
         owner: opts.owner.clone(),
     };
     drop(scratch);
-    // Released before registering, so replacing an older build can collect its layers.
-    drop(in_use);
+    // Released before registering, so replacing the base itself (FROM x, built as x) can
+    // collect its old layers.
+    drop(s.base_claim.take());
     // Unchanged: nothing to write (a rebuild changes nothing, not even the record's time).
     let same = store.get(&name).is_ok_and(|old| {
         old.layers == record.layers
@@ -345,6 +352,7 @@ fn from(
         user: String::new(),
         config: RunConfig::default(),
         shell: vec!["/bin/sh".into(), "-c".into()],
+        base_claim: None,
     };
     if image == "scratch" {
         st.key = key(&["scratch"]).to_string();
@@ -377,7 +385,8 @@ fn from(
             Ok(rec) if rec.source.starts_with(&origin) => rec,
             Ok(rec) => {
                 return Err(ImageError::Format(format!(
-                    "FROM {image}: it would be pulled as template {:?}, which exists here from                      another source ({}); build FROM {:?} by name, or remove it first",
+                    "FROM {image}: it would be pulled as template {:?}, which exists here from \
+                     another source ({}); build FROM {:?} by name, or remove it first",
                     rec.name, rec.source, rec.name
                 )));
             }
@@ -401,6 +410,10 @@ fn from(
             }
         }
     };
+    // Claimed, then read again: a `template rm` between the two reads is seen here (not
+    // found) rather than as layers vanishing under a RUN step.
+    st.base_claim = Some(store.in_use(&record.name)?);
+    let record = store.get(&record.name)?;
     let run = store.runnable(&record.name)?;
     let ids: Vec<&str> = record.layers.iter().map(|l| l.diff_id.as_str()).collect();
     let mut parts = vec!["from"];

@@ -148,7 +148,7 @@ impl Context {
     pub fn sources(&self, src: &str) -> Result<Vec<Source>, CopyError> {
         if src.contains("://") || src.starts_with("git@") {
             return Err(format!(
-                "{src:?}: remote sources (URLs, git) are not supported; download in a RUN step (builds have no network yet) or put the file in the context"
+                "{src:?}: remote sources (URLs, git) are not supported; download in a RUN step (through the build egress, --build-egress) or put the file in the context"
             ));
         }
         if src.starts_with('/') {

@@ -231,7 +231,10 @@ fn instruction(line: usize, text: &str, notes: &mut Vec<String>) -> Result<Step,
             if let Some((k, _)) = flags.first() {
                 let why = match k.as_str() {
                     "mount" => "cache, secret and bind mounts are not supported",
-                    "network" => "RUN has no network during builds for now (loopback only)",
+                    "network" => {
+                        "a step cannot choose its network: RUN gets the operator's build egress \
+                         (--build-egress)"
+                    }
                     "security" => "RUN runs unprivileged, always",
                     _ => "unknown flag",
                 };

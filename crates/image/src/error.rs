@@ -37,6 +37,12 @@ pub enum ImageError {
     /// `line` that line of the Dockerfile.
     #[error("{step}: {reason}")]
     Build { step: String, line: usize, reason: String },
+    /// `template rm` of a template a sandbox runs from or a build uses as its base.
+    #[error(
+        "template {0:?} is in use (a sandbox runs from it, or a build uses it as its base); \
+         try again when they have ended"
+    )]
+    InUse(String),
     #[error("registry {registry}: {reason}")]
     Registry { registry: String, reason: String },
 }

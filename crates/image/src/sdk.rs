@@ -56,9 +56,11 @@ pub struct Translated {
     /// `base` for FROM, the step's index counted from 1 otherwise (what the SDK's
     /// `get_build_step_index` maps back to the caller's line).
     pub step_of_line: Vec<String>,
-    /// `skip_cache()` anywhere: the whole build runs uncached (the builder's cache is all or
-    /// nothing per build).
+    /// The build's `skip_cache` (`force` on the build): every step runs uncached.
     pub no_cache: bool,
+    /// The Dockerfile line of the first step marked `force` (the SDK's `skip_cache()` before
+    /// it): that step and every later one run uncached, those before it come from the cache.
+    pub no_cache_from_line: Option<usize>,
     /// The files hashes the COPY steps read, each with the step's source and destination.
     pub copies: Vec<(String, String, String)>,
 }
@@ -118,7 +120,8 @@ fn inside(src: &str) -> bool {
 pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Translated, String> {
     let mut lines: Vec<(String, String)> = Vec::new();
     lines.push((format!("FROM {from}"), "base".into()));
-    let mut no_cache = spec.force == Some(true);
+    let no_cache = spec.force == Some(true);
+    let mut no_cache_from_line = None;
     let mut user = if base_user.is_empty() { "0".to_string() } else { user_id(base_user) };
     let mut copies = Vec::new();
     let single_line = |what: &str, v: &str, n: usize| {
@@ -131,8 +134,9 @@ pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Transl
     for (i, step) in spec.steps.iter().enumerate() {
         let n = i + 1;
         let name = n.to_string();
-        if step.force == Some(true) {
-            no_cache = true;
+        if step.force == Some(true) && no_cache_from_line.is_none() {
+            // Lines are counted from 1; this step's first one is the next pushed.
+            no_cache_from_line = Some(lines.len() + 1);
         }
         let a = &step.args;
         match step.kind.as_str() {
@@ -237,7 +241,7 @@ pub fn translate(spec: &BuildSpec, from: &str, base_user: &str) -> Result<Transl
         dockerfile.push('\n');
         step_of_line.push(s);
     }
-    Ok(Translated { dockerfile, step_of_line, no_cache, copies })
+    Ok(Translated { dockerfile, step_of_line, no_cache, no_cache_from_line, copies })
 }
 
 /// Most bytes one upload may unpack to.
@@ -402,6 +406,27 @@ mod tests {
 
     fn spec(json: serde_json::Value) -> BuildSpec {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_forced_step_skips_the_cache_from_its_first_line_on() {
+        let s = spec(serde_json::json!({
+            "fromTemplate": "bb",
+            "steps": [
+                {"type": "RUN", "args": ["echo one"]},
+                {"type": "RUN", "args": ["echo two", "root"], "force": true},
+                {"type": "RUN", "args": ["echo three"], "force": true},
+            ],
+        }));
+        let t = translate(&s, "bb", "").unwrap();
+        // FROM, RUN one, then step 2's USER line (its first), RUN two, USER back.
+        assert_eq!(t.no_cache_from_line, Some(3));
+        assert_eq!(t.step_of_line[2], "2");
+        assert!(!t.no_cache);
+        let whole = spec(serde_json::json!({"fromTemplate": "bb", "force": true, "steps": []}));
+        let t = translate(&whole, "bb", "").unwrap();
+        assert!(t.no_cache);
+        assert_eq!(t.no_cache_from_line, None);
     }
 
     #[test]

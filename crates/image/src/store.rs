@@ -154,7 +154,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-const SKELETON: &str = "skeleton-1";
+const SKELETON: &str = "skeleton-4";
 
 impl Store {
     /// The store under `data_dir/images`, created (mode 0700) if missing.
@@ -222,35 +222,57 @@ impl Store {
     }
 
     /// Removes template `name`, and the layers no other template uses. Refused while a
-    /// sandbox runs from an image template (see [`Store::in_use`]).
+    /// sandbox runs from it or a build uses it as its base (see [`Store::in_use`]); other
+    /// templates in use do not stop it.
     pub fn remove(&self, name: &str) -> Result<Removed, ImageError> {
         let _lock = self.lock()?;
         let record = self.get(name)?;
-        let Some(_idle) = self.idle()? else {
-            return Err(ImageError::Format(format!(
-                "template {:?} cannot be removed while a sandbox runs from an image template; \
-                 try again when it has exited",
-                record.name
-            )));
+        let Some(_idle) = self.idle(&record.name)? else {
+            return Err(ImageError::InUse(record.name));
         };
         let path = self.record_path(&record.name);
         fs::remove_file(&path).map_err(at("remove", &path))?;
         self.collect(&record)
     }
 
-    /// A shared claim on the store's layers, held by whoever runs a sandbox from them: while
-    /// any is held, no layer is deleted (their directories are the sandbox's lower layers).
-    pub fn in_use(&self) -> Result<InUse, ImageError> {
-        let path = self.root.join(".inuse");
-        let f = fs::File::create(&path).map_err(at("create", &path))?;
-        f.lock_shared().map_err(at("lock", &path))?;
+    /// A shared claim on template `name`, held by whoever runs a sandbox from it (or builds
+    /// on it): while any is held, the template is not removed, nor are the layers of the
+    /// version it replaced collected when it is rebuilt (their directories are the sandbox's
+    /// lower layers). One lock file per template (`inuse/<name>:<tag>`, kept: removing it
+    /// could split holders and a remover across two inodes), so claims on one template never
+    /// hold up removing another.
+    pub fn in_use(&self, name: &str) -> Result<InUse, ImageError> {
+        let f = self.claim_file(name)?;
+        f.lock_shared().map_err(at("lock", self.claim_path(name)?))?;
         Ok(InUse { _held: f })
     }
 
-    /// The exclusive side of [`Store::in_use`], if no sandbox holds it.
-    fn idle(&self) -> Result<Option<InUse>, ImageError> {
-        let path = self.root.join(".inuse");
-        let f = fs::File::create(&path).map_err(at("create", &path))?;
+    fn claim_path(&self, name: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("inuse").join(normalize_name(name)?))
+    }
+
+    fn claim_file(&self, name: &str) -> Result<fs::File, ImageError> {
+        let path = self.claim_path(name)?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(at("mkdir", dir))?;
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(at("create", &path))
+    }
+
+    /// Whether anything holds a claim on template `name` now ([`Store::in_use`]).
+    pub fn is_in_use(&self, name: &str) -> Result<bool, ImageError> {
+        Ok(self.idle(name)?.is_none())
+    }
+
+    /// The exclusive side of [`Store::in_use`] for template `name`, if nothing holds it.
+    fn idle(&self, name: &str) -> Result<Option<InUse>, ImageError> {
+        let path = self.claim_path(name)?;
+        let f = self.claim_file(name)?;
         match f.try_lock() {
             Ok(()) => Ok(Some(InUse { _held: f })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
@@ -409,10 +431,10 @@ impl Store {
         let text = serde_json::to_vec_pretty(&record)
             .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
         write_atomic(&self.record_path(&name), &text)?;
-        // The replaced template's own layers go, unless a sandbox runs from the store now (then
-        // they stay until a later `rm`).
+        // The replaced template's own layers go, unless a sandbox runs from it now (then they
+        // stay until a later `rm`).
         if let Some(old) = old
-            && let Some(_idle) = self.idle()?
+            && let Some(_idle) = self.idle(&name)?
         {
             self.collect(&old)?;
         }
@@ -623,7 +645,7 @@ impl Store {
             .map_err(|e| ImageError::Format(format!("encode the record: {e}")))?;
         write_atomic(&self.record_path(&name), &text)?;
         if let Some(old) = old
-            && let Some(_idle) = self.idle()?
+            && let Some(_idle) = self.idle(&name)?
         {
             self.collect(&old)?;
         }
@@ -659,7 +681,41 @@ impl Store {
             mk("tmp", 0o1777, 0)?;
             mk("var/tmp", 0o1777, 0)?;
             mk("root", 0o700, 0)?;
-            mk("home/user", 0o755, 1000)
+            mk("home/user", 0o755, 1000)?;
+            // The sandbox's resolver is its gateway (ringfence_net::tun::GATEWAY_IP), as in
+            // the `host` template: images rarely carry a resolv.conf (Docker mounts one), and
+            // one the image has wins, being above this layer.
+            let rc = tmp.join("etc/resolv.conf");
+            fs::write(&rc, "nameserver 100.96.0.1\noptions timeout:2 attempts:2\n")
+                .map_err(at("write", &rc))?;
+            fs::set_permissions(&rc, fs::Permissions::from_mode(0o644))
+                .map_err(at("chmod", &rc))?;
+            // apt (Debian, Ubuntu images) drops to its `_apt` user (uid 42) to download, into
+            // `partial/` directories that user owns (mode 0700). A sandbox maps only ids 0 and
+            // 1000: the drop fails, and its root cannot enter a directory of an unmapped
+            // owner, so every `apt-get update`/`install` would (a build's, the SDK's
+            // `apt_install`, `sudo apt-get` in a sandbox). The sandbox's root is already an
+            // unprivileged id on the host: apt downloads as it, into directories it owns.
+            for d in ["etc/apt", "etc/apt/apt.conf.d", "var/cache", "var/cache/apt", "var/lib"] {
+                mk(d, 0o755, 0)?;
+            }
+            for d in ["var/lib/apt", "var/lib/apt/lists-sandbox", "var/cache/apt/archives-sandbox"]
+            {
+                mk(d, 0o755, 0)?;
+            }
+            mk("var/lib/apt/lists-sandbox/partial", 0o700, 0)?;
+            mk("var/cache/apt/archives-sandbox/partial", 0o700, 0)?;
+            let apt = tmp.join("etc/apt/apt.conf.d/00ringfence-sandbox");
+            fs::write(
+                &apt,
+                "// Ringfence sandboxes map only uids 0 and 1000: apt cannot drop to _apt, nor\n\
+                 // enter the _apt-owned partial/ directories of the image.\n\
+                 APT::Sandbox::User \"root\";\n\
+                 Dir::State::Lists \"/var/lib/apt/lists-sandbox/\";\n\
+                 Dir::Cache::Archives \"/var/cache/apt/archives-sandbox/\";\n",
+            )
+            .map_err(at("write", &apt))?;
+            fs::set_permissions(&apt, fs::Permissions::from_mode(0o644)).map_err(at("chmod", &apt))
         };
         if let Err(e) = build() {
             let _ = fs::remove_dir_all(&tmp);

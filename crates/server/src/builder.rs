@@ -18,17 +18,34 @@ use ringfence_jail::launch::{Sandbox, SandboxSpec};
 use ringfence_jail::limits::Limits;
 use ringfence_jail::seccomp::Compiled;
 use ringfence_jail::template::{Meta, Template};
-use ringfence_proto::{Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode};
+use ringfence_proto::{Envelope, Event, ExitStatus, Request, SandboxUser, SpawnSpec, StdioMode};
+
+/// Gives a RUN step's sandbox its network before the step's command starts: called with the
+/// sandbox's network namespace (`/proc/<agent>/ns/net`) and its id. The network lives as long
+/// as the returned value (held until the step ends); `Ok(None)`: no network.
+pub type NetHook =
+    Box<dyn Fn(&Path, &str) -> Result<Option<ringfence_net::SandboxNet>, String> + Send + Sync>;
 
 /// Runs RUN steps in one-shot jail sandboxes: the namespaces, seccomp (with its supervisor),
-/// cgroup limits and disk quota of any sandbox, with no network (loopback only).
-#[derive(Debug)]
+/// cgroup limits and disk quota of any sandbox; with no network (loopback only) unless a
+/// [`NetHook`] gives the operator's build egress ([`JailRunner::with_network`]).
 pub struct JailRunner {
     cfg: JailConfig,
     pool: Option<Pool>,
     seccomp: Compiled,
     limits: Limits,
     timeout: Duration,
+    net: Option<NetHook>,
+}
+
+impl std::fmt::Debug for JailRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JailRunner")
+            .field("limits", &self.limits)
+            .field("timeout", &self.timeout)
+            .field("network", &self.net.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl JailRunner {
@@ -40,7 +57,13 @@ impl JailRunner {
         limits: Limits,
         timeout: Duration,
     ) -> JailRunner {
-        JailRunner { cfg, pool, seccomp, limits, timeout }
+        JailRunner { cfg, pool, seccomp, limits, timeout, net: None }
+    }
+
+    /// RUN steps get the network `hook` attaches (the operator's build egress).
+    pub fn with_network(mut self, hook: NetHook) -> JailRunner {
+        self.net = Some(hook);
+        self
     }
 }
 
@@ -87,19 +110,10 @@ impl JailRunner {
             // the sandbox's root filesystem is writable, which changes only this sandbox's
             // upper layer. The namespaces, seccomp and cgroup limits are those of any sandbox.
             writable: vec!["/".into()],
-            initial: Some(SpawnSpec {
-                cmd: cmd.clone(),
-                args: rest.to_vec(),
-                env: req.env.clone(),
-                cwd: Some(req.workdir.clone()),
-                user: match req.user {
-                    RunAs::Root => SandboxUser::Root,
-                    RunAs::User => SandboxUser::User,
-                },
-                stdio: StdioMode::Inherit,
-                tag: None,
-            }),
-            exit_with_initial: true,
+            // The command is started over the control channel once the sandbox's network is
+            // attached (a step must not start before its network exists).
+            initial: None,
+            exit_with_initial: false,
             die_with_parent: true,
             layers: req.lowers.to_vec(),
             env: BTreeMap::new(),
@@ -150,6 +164,44 @@ impl JailRunner {
             ),
             None => None,
         };
+        let _net = match &self.net {
+            Some(hook) => {
+                let netns = std::path::PathBuf::from(format!("/proc/{}/ns/net", sandbox.pid));
+                match hook(&netns, &sandbox.id) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        sandbox.kill();
+                        let _ = sandbox.wait();
+                        drop(tx);
+                        let _ = out_thread.join();
+                        return Err(format!("the build sandbox's network: {e}"));
+                    }
+                }
+            }
+            None => None,
+        };
+        let spawn = Envelope {
+            id: 1,
+            request: Request::Spawn(SpawnSpec {
+                cmd: cmd.clone(),
+                args: rest.to_vec(),
+                env: req.env.clone(),
+                cwd: Some(req.workdir.clone()),
+                user: match req.user {
+                    RunAs::Root => SandboxUser::Root,
+                    RunAs::User => SandboxUser::User,
+                },
+                stdio: StdioMode::Inherit,
+                tag: None,
+            }),
+        };
+        if let Err(e) = ringfence_proto::write_frame(&mut sandbox.control(), &spawn) {
+            sandbox.kill();
+            let _ = sandbox.wait();
+            drop(tx);
+            let _ = out_thread.join();
+            return Err(format!("start the step's command: {e}"));
+        }
         let mut control =
             sandbox.control_clone().map_err(|e| format!("the control channel: {e}"))?;
         let ctl_thread = std::thread::Builder::new()
@@ -268,4 +320,116 @@ fn scrub_identity(layer: &Path, sandbox_id: &str) -> u64 {
         dropped += 1;
     }
     dropped
+}
+
+/// The build egress of `ringfence template build` on the command line (no server): its own
+/// runtime for the network stacks, the operator's `--build-egress`, and every decision
+/// written to the audit trail of the data directory's database (`ringfence audit`), as a
+/// server's builds are. Drop it after the build.
+pub struct CliNetwork {
+    /// `Some` until dropped (shut down first, which ends the stacks' tasks and their sinks).
+    rt: Option<tokio::runtime::Runtime>,
+    egress: std::sync::Arc<ringfence_net::Egress>,
+    policy: ringfence_net::policy::SandboxPolicy,
+    audit: mpsc::SyncSender<crate::store::AuditRecord>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CliNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CliNetwork").field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+impl CliNetwork {
+    /// `Ok(None)` when `egress` gives builds no network. `dns`: the resolver's upstreams
+    /// (empty: the host's /etc/resolv.conf). `ceiling`: the server's `--egress-allow` /
+    /// `--egress-deny` (its `--egress-exempt` is ignored: builds never get the blocked
+    /// ranges). `db`: the state database the audit records go to.
+    pub fn new(
+        egress: &crate::network::BuildEgress,
+        ceiling: ringfence_net::policy::Ceiling,
+        dns: Vec<std::net::SocketAddr>,
+        db: &Path,
+    ) -> Result<Option<CliNetwork>, String> {
+        let Some(policy) = egress.policy() else { return Ok(None) };
+        let dns = if dns.is_empty() {
+            ringfence_net::dns::system_upstreams(Path::new("/etc/resolv.conf"))
+        } else {
+            dns
+        };
+        let cfg = ringfence_net::NetConfig {
+            ceiling: ringfence_net::policy::Ceiling { exempt: Vec::new(), ..ceiling },
+            dns_upstreams: dns,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("start the build network's runtime: {e}"))?;
+        let egress = {
+            let _in = rt.enter();
+            ringfence_net::Egress::new(cfg).map_err(|e| e.to_string())?
+        };
+        let store = crate::store::Store::open(db).map_err(|e| format!("{}: {e}", db.display()))?;
+        // Records are written by one thread, off the network stack's: the stack must not
+        // wait on a database commit.
+        let (tx, rx) = mpsc::sync_channel::<crate::store::AuditRecord>(4096);
+        let writer = std::thread::Builder::new()
+            .name("build-audit".into())
+            .spawn(move || {
+                while let Ok(mut rec) = rx.recv() {
+                    if let Err(e) = store.insert_audit(&mut rec) {
+                        tracing::error!(error = %e, "a build egress record was lost");
+                    }
+                }
+            })
+            .map_err(|e| format!("start a thread: {e}"))?;
+        Ok(Some(CliNetwork { rt: Some(rt), egress, policy, audit: tx, writer: Some(writer) }))
+    }
+
+    /// The hook a [`JailRunner`] calls for each RUN step of build `template`.
+    pub fn hook(&self, template: &str) -> Option<NetHook> {
+        let handle = self.rt.as_ref()?.handle().clone();
+        let (egress, policy, audit) =
+            (self.egress.clone(), self.policy.clone(), self.audit.clone());
+        let template = template.to_string();
+        Some(Box::new(move |netns, sandbox| {
+            let (audit, template, sandbox_id) =
+                (audit.clone(), template.clone(), sandbox.to_string());
+            let sink = std::sync::Arc::new(move |e: ringfence_net::EgressEvent| {
+                let mut rec = crate::store::AuditRecord::new("network.egress", e.ts_ms);
+                rec.duration_ms = e.duration_ms;
+                if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(&e) {
+                    rec.detail = m;
+                    rec.detail.remove("ts_ms");
+                    rec.detail.remove("duration_ms");
+                }
+                rec.sandbox_id = Some(sandbox_id.clone());
+                rec.user_id = Some("operator".into());
+                rec.detail.insert("template".into(), serde_json::json!(template));
+                rec.detail.insert("build".into(), serde_json::json!("cli"));
+                // A full queue drops the record rather than stall the network stack.
+                let _ = audit.try_send(rec);
+            });
+            let _in = handle.enter();
+            egress.attach(netns, policy.clone(), None, sink).map(Some).map_err(|e| e.to_string())
+        }))
+    }
+}
+
+impl Drop for CliNetwork {
+    fn drop(&mut self) {
+        // The writer ends once every sender is gone: the network stacks' sinks (their tasks end
+        // with the runtime), the hooks (dropped with the runner, before this) and ours.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+        let (dead, _) = mpsc::sync_channel(0);
+        self.audit = dead;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
 }

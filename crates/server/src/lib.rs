@@ -93,6 +93,29 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     tokio::spawn(events::delivery_loop(manager.store().clone()));
     volumes::sweep(&cfg.manager.data_dir, manager.store());
     templates::sweep(&cfg.manager.data_dir);
+    {
+        // Template uploads no build used within their time to live: at start, then hourly.
+        let (data, ttl) = (cfg.manager.data_dir.clone(), cfg.manager.builds.upload_ttl);
+        tokio::spawn(async move {
+            loop {
+                let (d, t) = (data.clone(), ttl);
+                let n = tokio::task::spawn_blocking(move || templates::expire_uploads(&d, t))
+                    .await
+                    .unwrap_or(0);
+                if n > 0 {
+                    tracing::info!(removed = n, "expired template uploads");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        });
+    }
+    let interrupted = manager.templates.recover(&cfg.manager.data_dir);
+    if interrupted > 0 {
+        tracing::warn!(
+            builds = interrupted,
+            "template builds the previous server was running ended in error"
+        );
+    }
     // The fork server imports the data libraries once (seconds): start it beside the listener.
     let rt = manager.interp().clone();
     tokio::task::spawn_blocking(move || {

@@ -42,6 +42,8 @@ pub struct ManagerConfig {
     pub interp_env: PathBuf,
     /// Egress policy ceiling, DNS upstream, inbound routing (`crate::network`).
     pub network: crate::network::NetworkConfig,
+    /// Template builds through the API: registries, upload quota and expiry.
+    pub builds: crate::templates::BuildConfig,
     /// Warm pool: pre-started sandboxes per template, and the memory they may hold in all.
     pub pool_sizes: BTreeMap<String, usize>,
     pub pool_memory: u64,

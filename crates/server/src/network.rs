@@ -35,6 +35,100 @@ pub struct NetworkConfig {
     /// The file with the key secrets are sealed with (`crate::secrets::Vault`); `None`:
     /// `<data-dir>/secrets.key`, made on first start.
     pub secrets_key: Option<std::path::PathBuf>,
+    /// What template builds' RUN steps may reach (`--build-egress`).
+    pub build_egress: BuildEgress,
+}
+
+/// The operator's egress policy for template builds' RUN steps (`ringfence serve
+/// --build-egress`). Whatever it says, a build never reaches loopback, link-local (cloud
+/// metadata), private or CGNAT ranges or this host's own addresses: builds get the built-in
+/// blocked ranges with no `--egress-exempt` (that flag is for sandboxes), under the server's
+/// `--egress-allow` / `--egress-deny` ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildEgress {
+    /// No network: RUN steps see loopback only.
+    None,
+    /// Only these destinations (domain rules are checked against the name the client
+    /// presented and our resolver's answer, as for sandboxes' `allowOut`).
+    Allow(Vec<Rule>),
+    /// Any destination outside the blocked ranges.
+    Internet,
+}
+
+/// The package archives RUN steps may reach by default: what `apt-get`, `pip`, `npm` (and
+/// the Template SDK's `apt_install`, `pip_install`, `npm_install`) fetch from, over HTTP and
+/// HTTPS. Ubuntu's and Alpine's archives too, for images built on them.
+pub const DEFAULT_BUILD_EGRESS: &[&str] = &[
+    "deb.debian.org",
+    "security.debian.org",
+    "*.debian.org",
+    "archive.ubuntu.com",
+    "security.ubuntu.com",
+    "*.archive.ubuntu.com",
+    "dl-cdn.alpinelinux.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "registry.npmjs.org",
+    "registry.yarnpkg.com",
+];
+
+impl Default for BuildEgress {
+    fn default() -> Self {
+        BuildEgress::parse(&[] as &[String]).unwrap_or(BuildEgress::None)
+    }
+}
+
+impl BuildEgress {
+    /// `--build-egress` values: none given → [`DEFAULT_BUILD_EGRESS`]; `none`; `internet`;
+    /// otherwise allow rules (a domain, `*.domain`, an IP or CIDR block, each optionally
+    /// `:PORT`), and `default` adds the default list to them.
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<BuildEgress, String> {
+        let items: Vec<&str> = items.iter().map(|s| s.as_ref().trim()).collect();
+        match items.as_slice() {
+            [] => {
+                return parse_rules(DEFAULT_BUILD_EGRESS)
+                    .map(BuildEgress::Allow)
+                    .map_err(|e| e.to_string());
+            }
+            ["none"] => return Ok(BuildEgress::None),
+            ["internet"] => return Ok(BuildEgress::Internet),
+            _ => {}
+        }
+        if let Some(m) = items.iter().find(|i| matches!(**i, "none" | "internet")) {
+            return Err(format!("--build-egress {m} cannot be combined with other values"));
+        }
+        let mut rules: Vec<String> = Vec::new();
+        for i in items {
+            if i == "default" {
+                rules.extend(DEFAULT_BUILD_EGRESS.iter().map(|d| d.to_string()));
+            } else {
+                rules.push(i.to_string());
+            }
+        }
+        parse_rules(&rules).map(BuildEgress::Allow).map_err(|e| format!("--build-egress: {e}"))
+    }
+
+    /// The policy a build sandbox gets, `None` for no network at all.
+    pub(crate) fn policy(&self) -> Option<SandboxPolicy> {
+        match self {
+            BuildEgress::None => None,
+            BuildEgress::Allow(rules) => Some(SandboxPolicy {
+                allow_internet_access: false,
+                allow_out: rules.clone(),
+                deny_out: Vec::new(),
+            }),
+            BuildEgress::Internet => Some(SandboxPolicy::default()),
+        }
+    }
+
+    /// One line for logs: what builds may reach.
+    pub fn describe(&self) -> String {
+        match self {
+            BuildEgress::None => "none".into(),
+            BuildEgress::Internet => "internet (outside the blocked ranges)".into(),
+            BuildEgress::Allow(r) => r.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+        }
+    }
 }
 
 /// What a create (or update) asks for, validated.
@@ -336,6 +430,9 @@ pub type NetSlot = Mutex<Option<NetState>>;
 pub struct Network {
     cfg: NetworkConfig,
     egress: Arc<Egress>,
+    /// The egress of template builds' RUN steps: the server's ceiling without its
+    /// exemptions from the blocked ranges; `None` when builds get no network.
+    build: Option<(Arc<Egress>, SandboxPolicy)>,
     audit: mpsc::Sender<AuditRecord>,
     store: Arc<Store>,
     vault: Arc<crate::secrets::Vault>,
@@ -404,9 +501,53 @@ impl Network {
         let key = cfg.secrets_key.clone().unwrap_or_else(|| default_key.to_path_buf());
         let vault =
             Arc::new(crate::secrets::Vault::open_or_create(&key).map_err(|e| e.to_string())?);
+        let build = match cfg.build_egress.policy() {
+            None => None,
+            Some(policy) => {
+                let mut c = cfg.egress.clone();
+                c.ceiling.exempt.clear();
+                Some((Egress::new(c).map_err(|e| e.to_string())?, policy))
+            }
+        };
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
         tokio::spawn(write_loop(rx, store.clone(), observer));
-        Ok(Network { cfg, egress, audit: tx, store, vault })
+        Ok(Network { cfg, egress, build, audit: tx, store, vault })
+    }
+
+    /// Gives a template build's RUN sandbox (network namespace `netns`, sandbox `sandbox`)
+    /// the operator's build egress; every decision is an audit record (`network.egress`, with
+    /// the build's id and template) under `key`, who asked for the build (`None`: the
+    /// operator, on the command line). `Ok(None)`: builds get no network. Runs on the
+    /// server's runtime (`rt`), from whatever thread the build runs on.
+    pub fn attach_build(
+        &self,
+        rt: &tokio::runtime::Handle,
+        netns: &std::path::Path,
+        sandbox: &str,
+        key: Option<&str>,
+        build: (&str, &str),
+    ) -> Result<Option<SandboxNet>, String> {
+        let Some((egress, policy)) = &self.build else { return Ok(None) };
+        let audit = EgressAudit::new(
+            self.audit.clone(),
+            sandbox.to_string(),
+            key.unwrap_or("operator").to_string(),
+        );
+        let (build_id, template) = (build.0.to_string(), build.1.to_string());
+        let sink = Arc::new(move |e: EgressEvent| {
+            let mut rec = AuditRecord::new("network.egress", e.ts_ms);
+            rec.duration_ms = e.duration_ms;
+            if let Ok(Value::Object(m)) = serde_json::to_value(&e) {
+                rec.detail = m;
+                rec.detail.remove("ts_ms");
+                rec.detail.remove("duration_ms");
+            }
+            rec.detail.insert("build_id".into(), json!(build_id));
+            rec.detail.insert("template".into(), json!(template));
+            audit.offer(rec);
+        });
+        let _entered = rt.enter();
+        egress.attach(netns, policy.clone(), None, sink).map(Some).map_err(|e| e.to_string())
     }
 
     pub fn vault(&self) -> &Arc<crate::secrets::Vault> {

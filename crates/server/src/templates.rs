@@ -11,15 +11,19 @@
 //!   line (no owner) every key may use, none may change.
 //! - The steps become a Dockerfile (`ringfence_image::sdk`) that the same builder as `ringfence
 //!   template build` runs, with the same per-step layer cache, RUN steps in one-shot jail
-//!   sandboxes ([`crate::builder::JailRunner`]), **with no network**.
+//!   sandboxes ([`crate::builder::JailRunner`]), with the operator's build egress
+//!   (`serve --build-egress`, [`crate::network::BuildEgress`]).
 //! - Bad input is refused when the build is started (400 naming the step): an unknown step,
 //!   a COPY whose files were not uploaded or do not hash to what the SDK computed, a path
 //!   leaving the upload. Everything else is the build's: it runs in the background (a tokio
 //!   task, the blocking work on the blocking pool), one build of a template at a time, and
 //!   ends `ready` or `error` with the failing step and its output. A failed build registers
 //!   nothing (the builder writes the record last).
-//! - Builds' states live in memory: a server restart forgets builds in flight (their
-//!   sandboxes die with the server) and their logs; built templates stay.
+//! - Each build's state (status, logs, reason) is kept in the image store as
+//!   `images/builds/<build id>.json`, written (atomically) when it is requested, started and
+//!   finished, so status and logs of finished builds survive a server restart. A build that
+//!   was running when the server died (its sandbox died with it) reads `error` after the
+//!   restart, with that as its reason ([`Builds::recover`]); nothing of it was registered.
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -44,6 +48,28 @@ use crate::store::{AuditRecord, KeyInfo};
 
 /// Most bytes of one uploaded archive.
 const MAX_UPLOAD: u64 = 2 << 30;
+
+/// The operator's settings of template builds through the API (`ringfence serve` flags).
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Registries (HOST:PORT) a build's `from_image` pull talks plain HTTP to.
+    pub insecure_registries: Vec<String>,
+    /// Most bytes of uploaded archives one key keeps here (the unpacked copies a build makes
+    /// of them are not counted: they are at most the archives' declared sizes again).
+    pub upload_quota: u64,
+    /// Uploads (and their unpacked copies) no build used for this long are removed.
+    pub upload_ttl: Duration,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            insecure_registries: Vec::new(),
+            upload_quota: 4 << 30,
+            upload_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 /// Log entries a status call returns at most (as E2B's API does).
 const LOGS_PAGE: usize = 100;
 /// Log entries kept per build; older ones are dropped, with a note.
@@ -65,6 +91,9 @@ pub struct Builds {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Where builds' states are kept (`<data-dir>/images/builds`); `None` until
+    /// [`Builds::recover`] (tests of the handlers alone).
+    dir: Option<PathBuf>,
     builds: HashMap<String, Arc<Mutex<BuildState>>>,
     /// Template name → the lock that serialises its builds.
     locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -91,7 +120,100 @@ impl Inner {
         let excess = self.builds.len() + 1 - MAX_BUILDS;
         for (_, id) in finished.into_iter().take(excess) {
             self.builds.remove(&id);
+            if let Some(dir) = &self.dir {
+                let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+            }
         }
+    }
+}
+
+/// Why a build that was running when the server stopped reads `error` afterwards.
+const INTERRUPTED: &str = "the server stopped while this build ran (killed, crashed or \
+     restarted); its sandbox ended with it and nothing was registered: start the build again";
+
+impl Builds {
+    /// Loads the builds' states kept under `<data_dir>/images/builds` (from now on new ones
+    /// are kept there too). One that was building reads `error` with the reason
+    /// [`INTERRUPTED`]; one whose steps never came stays waiting for them. Unreadable files
+    /// are logged and removed. Returns how many builds were interrupted.
+    pub fn recover(&self, data_dir: &FsPath) -> usize {
+        let dir = data_dir.join("images").join("builds");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "template builds will not be kept");
+            return 0;
+        }
+        let mut loaded = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) else {
+                // A temporary file a crash left mid-write.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<BuildState>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(state) => loaded.push((id.to_string(), state)),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable build state removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let mut interrupted = 0;
+        let mut max_seq = 0;
+        let Ok(mut i) = self.inner.lock() else { return 0 };
+        for (id, mut state) in loaded {
+            max_seq = max_seq.max(state.seq + 1);
+            if state.status == Status::Building {
+                state.log("error", INTERRUPTED.to_string(), None);
+                state.reason =
+                    Some(Reason { message: INTERRUPTED.into(), step: None, entries: Vec::new() });
+                state.status = Status::Error;
+                persist(Some(&dir), &id, &state);
+                interrupted += 1;
+            }
+            i.builds.insert(id, Arc::new(Mutex::new(state)));
+        }
+        SEQ.fetch_max(max_seq, std::sync::atomic::Ordering::Relaxed);
+        i.dir = Some(dir);
+        interrupted
+    }
+
+    fn dir(&self) -> Option<PathBuf> {
+        self.inner.lock().ok().and_then(|i| i.dir.clone())
+    }
+}
+
+/// Order of build requests (for forgetting the oldest), continued after a restart.
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Writes build `id`'s state to `dir` (temporary file, fsync, rename); a failure is logged:
+/// the build goes on, only its record after a restart is lost.
+fn persist(dir: Option<&FsPath>, id: &str, state: &BuildState) {
+    let Some(dir) = dir else { return };
+    let path = dir.join(format!("{id}.json"));
+    let tmp = dir.join(format!(".{id}.json.tmp"));
+    let write = || -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(build = id, error = %e, "could not keep the build's state");
+    }
+}
+
+/// Keeps build `id`'s current state (see [`persist`]).
+fn save(app: &App, id: &str, state: &Arc<Mutex<BuildState>>) {
+    let dir = app.manager.templates.dir();
+    if let Ok(s) = state.lock() {
+        persist(dir.as_deref(), id, &s);
     }
 }
 
@@ -103,7 +225,8 @@ struct UploadLink {
     expires_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Status {
     Waiting,
     Building,
@@ -122,10 +245,10 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 struct LogEntry {
     ts_ms: i64,
-    level: &'static str,
+    level: String,
     message: String,
     step: Option<String>,
 }
@@ -144,7 +267,15 @@ impl LogEntry {
     }
 }
 
-#[derive(Debug)]
+/// Why a build ended in error: the message, the failing step, its last output lines.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+struct Reason {
+    message: String,
+    step: Option<String>,
+    entries: Vec<LogEntry>,
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
 struct BuildState {
     /// Order of requests, for forgetting the oldest.
     seq: u64,
@@ -157,7 +288,7 @@ struct BuildState {
     status: Status,
     logs: Vec<LogEntry>,
     dropped: usize,
-    reason: Option<(String, Option<String>, Vec<LogEntry>)>,
+    reason: Option<Reason>,
 }
 
 impl BuildState {
@@ -170,7 +301,7 @@ impl BuildState {
             self.dropped += 1;
             return;
         }
-        self.logs.push(LogEntry { ts_ms: now_ms(), level, message, step });
+        self.logs.push(LogEntry { ts_ms: now_ms(), level: level.to_string(), message, step });
     }
 }
 
@@ -327,7 +458,6 @@ pub async fn request(
         }
     }
     let build_id = uuid();
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let state = BuildState {
         seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         owner: key.id.clone(),
@@ -353,6 +483,7 @@ pub async fn request(
             ));
         }
         i.forget_old();
+        persist(i.dir.as_deref(), &build_id, &state);
         i.builds.insert(build_id.clone(), Arc::new(Mutex::new(state)));
     }
     audit(
@@ -469,6 +600,9 @@ pub async fn upload(
     })?;
     let dir = uploads_dir(&app, &link.owner, &link.template);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    let quota = app.manager.config().builds.upload_quota;
+    let key_dir = app.manager.config().data_dir.join("template-uploads").join(&link.owner);
+    let used = blocking(move || Ok(uploads_bytes(&key_dir))).await?;
     let tmp = dir.join(format!(".{}.part", crate::manager::new_token()));
     let mut file = tokio::fs::File::create(&tmp).await.map_err(internal)?;
     let mut stream = body.into_data_stream();
@@ -477,6 +611,17 @@ pub async fn upload(
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| bad(format!("the upload broke off: {e}")))?;
             total += chunk.len() as u64;
+            if used + total > quota {
+                return Err(ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "upload quota exceeded: this key keeps {used} bytes of template uploads \
+                         and may keep {quota} (uploads no build used for {}s are removed; \
+                         deleting a template removes its uploads)",
+                        app.manager.config().builds.upload_ttl.as_secs()
+                    ),
+                ));
+            }
             if total > MAX_UPLOAD {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -584,6 +729,11 @@ pub async fn start(
                     "COPY {src} {dest}: its files (hash {hash}) were not uploaded"
                 )));
             }
+            // Used now: the upload's expiry counts from here.
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&up)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             let into = ctx.join(hash);
             if into.is_dir() {
                 continue;
@@ -612,6 +762,7 @@ pub async fn start(
         let tag = s.tag.clone();
         s.log("info", format!("Build {build_id} of {template}:{tag} queued"), None);
     }
+    save(&app, &build_id, &state);
     audit(
         &app,
         &key,
@@ -735,6 +886,23 @@ async fn run_build(
     let name = format!("{template}:{tag}");
     let bid = build_id.clone();
     let tpl = template.clone();
+    if let Some(sc) = &start
+        && let Ok(mut s) = state.lock()
+    {
+        s.log(
+            "info",
+            format!(
+                "Start command {:?} runs in each sandbox created from this template, and \
+                 create answers once {:?} exits 0 (not run at build: no memory snapshot here)",
+                sc.start, sc.ready
+            ),
+            None,
+        );
+    }
+    let rt = tokio::runtime::Handle::current();
+    let insecure_registries = app.manager.config().builds.insecure_registries.clone();
+    let (net_app, net_owner, net_build, net_name) =
+        (app.clone(), key.id.clone(), build_id.clone(), name.clone());
     let result = tokio::task::spawn_blocking(move || {
         let store = Store::open(&data_dir).map_err(|e| (e.to_string(), None, Vec::new()))?;
         let parsed = ringfence_image::dockerfile::parse(translated.dockerfile.as_bytes())
@@ -755,14 +923,25 @@ async fn run_build(
             context,
             build_args: Default::default(),
             no_cache: translated.no_cache,
-            pull: Default::default(),
+            no_cache_from_line: translated.no_cache_from_line,
+            pull: ringfence_image::registry::PullOptions { insecure: insecure_registries },
             limits: Default::default(),
             source: Some(format!("sdk build {bid}")),
             start,
             owner: Some(owner),
         };
+        let hook: crate::builder::NetHook = Box::new(move |netns, sandbox| {
+            net_app.manager.network().attach_build(
+                &rt,
+                netns,
+                sandbox,
+                Some(&net_owner),
+                (&net_build, &net_name),
+            )
+        });
         let mut runner =
-            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT);
+            crate::builder::JailRunner::new(cfg, Some(pool), seccomp, limits, STEP_TIMEOUT)
+                .with_network(hook);
         match ringfence_image::build::build(&store, &opts, &mut runner, &mut sink) {
             Ok(b) => {
                 // The extra tags: the same record under each name.
@@ -817,18 +996,19 @@ async fn run_build(
                     .iter()
                     .map(|t| LogEntry {
                         ts_ms: now_ms(),
-                        level: "error",
+                        level: "error".into(),
                         message: t.clone(),
                         step: step.clone(),
                     })
                     .collect();
-                s.reason = Some((message, step.clone(), entries));
+                s.reason = Some(Reason { message, step: step.clone(), entries });
                 s.status = Status::Error;
                 detail["status"] = json!("error");
                 detail["reason"] = json!(msg);
             }
         }
     }
+    save(&app, &build_id, &state);
     let mut rec = AuditRecord::new("template.build", now_ms());
     rec.user_id = Some(key.id.clone());
     rec.duration_ms = Some(took.as_millis() as u64);
@@ -865,7 +1045,7 @@ pub async fn status(
         "logEntries": entries,
         "logs": [],
     });
-    if let Some((message, step, entries)) = &s.reason {
+    if let Some(Reason { message, step, entries }) = &s.reason {
         let mut r = json!({
             "message": message,
             "logEntries": entries.iter().map(LogEntry::json).collect::<Vec<_>>(),
@@ -1046,7 +1226,7 @@ pub async fn remove_tags(
         return Err(bad("tags is empty"));
     }
     let store = store_of(&app)?;
-    let (k2, n2, t2) = (key.clone(), name.clone(), b.tags.clone());
+    let (k2, n2, t2, app2) = (key.clone(), name.clone(), b.tags.clone(), app.clone());
     blocking(move || {
         let tags = tags_of(&store, &n2)?;
         if !matches!(owner_of(&tags, &k2), Owner::Caller) {
@@ -1058,6 +1238,9 @@ pub async fn remove_tags(
             }
         }
         for t in &t2 {
+            check_unused(&app2, &format!("{n2}:{t}"))?;
+        }
+        for t in &t2 {
             store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
         }
         Ok(())
@@ -1067,15 +1250,50 @@ pub async fn remove_tags(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A store refusal to remove while a sandbox runs from an image template is the client's to
-/// retry (409); anything else is internal.
+/// A store refusal to remove a template in use is the client's to retry (409); anything
+/// else is internal.
 fn in_use(e: ImageError) -> ApiError {
     match e {
-        ImageError::Format(m) if m.contains("while a sandbox runs") => {
-            ApiError::new(StatusCode::CONFLICT, m)
-        }
+        e @ ImageError::InUse(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         other => internal(other),
     }
+}
+
+/// Refuses (409, naming them) removing template `name` (`name:tag`) while a sandbox that is
+/// not killed (a paused one included: it holds no claim on the store while stopped) or a
+/// snapshot was made from it: they need its layers to run or resume.
+pub fn check_unused(app: &App, name: &str) -> Result<(), ApiError> {
+    match users_of(app.manager.store(), name).map_err(internal)? {
+        None => Ok(()),
+        Some(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
+}
+
+/// Why template `name` cannot be removed now, if a sandbox not killed or a snapshot of the
+/// server's store `store` was made from it (`None`: nothing is). `ringfence template rm`
+/// asks this too.
+pub fn users_of(
+    store: &crate::store::Store,
+    name: &str,
+) -> Result<Option<String>, crate::store::StoreError> {
+    let Ok(want) = ringfence_image::normalize_name(name) else { return Ok(None) };
+    let mut by: Vec<String> = store
+        .template_users()?
+        .into_iter()
+        .filter(|(_, _, t)| ringfence_image::normalize_name(t).is_ok_and(|t| t == want))
+        .map(|(kind, id, _)| format!("{kind} {id}"))
+        .collect();
+    if by.is_empty() {
+        return Ok(None);
+    }
+    by.sort();
+    let more = by.len().saturating_sub(5);
+    by.truncate(5);
+    Ok(Some(format!(
+        "template {want:?} is in use by {}{}: kill the sandboxes and delete the snapshots first",
+        by.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    )))
 }
 
 /// `DELETE /templates/{id}` for an image template of this key's: every tag of it. Returns
@@ -1083,7 +1301,7 @@ fn in_use(e: ImageError) -> ApiError {
 pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError> {
     let Ok((name, _)) = split_name(id) else { return Ok(false) };
     let store = store_of(app)?;
-    let (k2, n2) = (key.clone(), name.clone());
+    let (k2, n2, app2) = (key.clone(), name.clone(), app.clone());
     let removed = blocking(move || {
         let tags = tags_of(&store, &n2)?;
         match owner_of(&tags, &k2) {
@@ -1095,6 +1313,9 @@ pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError
                 ));
             }
             Owner::Nobody | Owner::Other => return Ok(false),
+        }
+        for (t, _) in &tags {
+            check_unused(&app2, &format!("{n2}:{t}"))?;
         }
         for (t, _) in &tags {
             store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
@@ -1217,6 +1438,55 @@ async fn run_start(
         sc.start,
         String::from_utf8_lossy(&start_out).trim()
     ))
+}
+
+/// Bytes of the uploaded archives under one key's upload directory (`<key>/<template>/<hash>`;
+/// partial uploads count too, the unpacked `ctx` copies do not).
+fn uploads_bytes(key_dir: &FsPath) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(key_dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            if let Ok(m) = f.metadata()
+                && m.is_file()
+            {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Removes uploads (archives, and their unpacked copies under `ctx/`) not used for `ttl`:
+/// written or last read by a build's start longer ago than that. The SDK asks whether its
+/// files are here before each build and uploads them again if not. Returns how many went.
+pub fn expire_uploads(data_dir: &FsPath, ttl: Duration) -> usize {
+    let root = data_dir.join("template-uploads");
+    let Some(cutoff) = std::time::SystemTime::now().checked_sub(ttl) else { return 0 };
+    let old = |p: &FsPath| {
+        std::fs::symlink_metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t < cutoff)
+    };
+    let mut removed = 0;
+    for owner in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for t in std::fs::read_dir(owner.path()).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == "ctx" || name.starts_with('.') || !old(&p) {
+                    continue;
+                }
+                if std::fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                    // Its unpacked copy goes with it (the next build unpacks a new upload).
+                    let _ = std::fs::remove_dir_all(t.path().join("ctx").join(&name));
+                }
+            }
+            // A template directory left with nothing (or only an empty ctx) goes too.
+            let _ = std::fs::remove_dir(t.path().join("ctx"));
+            let _ = std::fs::remove_dir(t.path());
+        }
+        let _ = std::fs::remove_dir(owner.path());
+    }
+    removed
 }
 
 /// Removes what a crash left: partial uploads (`.*.part`) and half-unpacked contexts

@@ -3,6 +3,24 @@
 use super::*;
 
 impl Store {
+    /// What still needs a template's files: (kind, id, template as recorded) of every sandbox
+    /// not killed (running or paused: a paused one resumes on them) and every snapshot (its
+    /// layers sit on the template's). Template names are as their creators wrote them; the
+    /// caller compares them in canonical form.
+    pub fn template_users(&self) -> Result<Vec<(&'static str, String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut out = Vec::new();
+        let mut q = conn.prepare("SELECT id, template FROM sandboxes WHERE state != 'killed'")?;
+        for r in q.query_map([], |r| Ok(("sandbox", r.get(0)?, r.get(1)?)))? {
+            out.push(r?);
+        }
+        let mut q = conn.prepare("SELECT id, template FROM snapshots")?;
+        for r in q.query_map([], |r| Ok(("snapshot", r.get(0)?, r.get(1)?)))? {
+            out.push(r?);
+        }
+        Ok(out)
+    }
+
     // ---- Sandboxes ---------------------------------------------------------------------
 
     pub fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {

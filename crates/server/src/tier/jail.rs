@@ -189,7 +189,7 @@ impl JailTier {
         if !store.contains(name) {
             return Err(TierError::TemplateUnavailable(name.to_string()));
         }
-        let in_use = store.in_use().map_err(fail)?;
+        let in_use = store.in_use(name).map_err(fail)?;
         let run = store.runnable(name).map_err(fail)?;
         let env = run.env();
         let template = Template {
