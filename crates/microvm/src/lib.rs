@@ -13,11 +13,14 @@
 //! - [`MicroVm`]: one sandbox: starts the VM, hands the agent its setup, and cleans up (QEMU,
 //!   sockets, disks) on [`MicroVm::delete`] or drop.
 //!
+//! - [`jail`]: each QEMU in its own uid, namespaces and seccomp filter.
+//!
 //! No `unsafe` here: the one raw call (passing a descriptor to QEMU) is `ringfence-sys`'s.
 
 #![forbid(unsafe_code)]
 
 pub mod guest;
+pub mod jail;
 pub mod probe;
 pub mod qmp;
 mod sandbox;

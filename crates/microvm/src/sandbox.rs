@@ -68,6 +68,8 @@ pub struct MicroVm {
     /// This server's claim on the directory, held for the sandbox's life: [`sweep`] (run by
     /// any server sharing the state directory) passes by a directory whose claim is held.
     _owner: Option<nix::fcntl::Flock<fs::File>>,
+    /// The uid QEMU runs as; freed when the sandbox ends.
+    _uid: Option<crate::jail::UidLease>,
 }
 
 fn io_op(op: impl Into<String>) -> impl Fn(io::Error) -> MicrovmError {
@@ -117,6 +119,12 @@ impl MicroVm {
         crate::guest::writable_disk(&rw, spec.limits.disk)?;
         let agent_sock = dir.join("agent.sock");
         let listener = UnixListener::bind(&agent_sock).map_err(io_op("bind the agent socket"))?;
+        // A uid of its own for QEMU, held as long as the sandbox (see `crate::jail`).
+        let uid = if crate::jail::running_as_root() {
+            Some(crate::jail::UidLease::take(&cfg.state_dir)?)
+        } else {
+            None
+        };
         let memory_mib =
             spec.limits.memory.map_or(DEFAULT_MEMORY_MIB, |b| (b >> 20).max(MIN_MEMORY_MIB));
         let vcpus = spec.limits.cpu_millis.map_or(1, |m| m.div_ceil(1000).clamp(1, 64)) as u32;
@@ -133,6 +141,7 @@ impl MicroVm {
             agent_socket: Some(agent_sock.clone()),
             dir: dir.to_path_buf(),
             accel: cfg.accel,
+            jail: uid.as_ref().map(|l| l.jail),
         };
         let mut vm = cfg.qemu.launch(&vm_spec)?;
         let pid = vm.pid();
@@ -167,6 +176,7 @@ impl MicroVm {
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
             _owner: Some(owner),
+            _uid: uid,
         };
         if let Err(e) = m.handshake(&spec, started) {
             let console = crate::vmm::console_tail(&vm_spec.console_log(), 600);

@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::MicrovmError;
+use crate::jail::VmJail;
 use crate::qmp::Qmp;
 
 /// How the VMM runs guest code.
@@ -72,6 +73,9 @@ pub struct VmSpec {
     /// The VM's own directory: the VMM's control socket and the console log go here.
     pub dir: PathBuf,
     pub accel: Accel,
+    /// Who the VMM runs as and in which namespaces ([`crate::jail`]); `None` runs it as the
+    /// caller (a host without root, where there is no uid to drop to).
+    pub jail: Option<VmJail>,
 }
 
 impl VmSpec {
@@ -142,6 +146,12 @@ impl Qemu {
             Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
         }
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        // QEMU's own seccomp filter, every optional group denied: a guest that takes over
+        // QEMU cannot fork or exec, change its ids, or use obsolete system calls.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         let mem = spec.memory_mib.to_string();
         let smp = spec.vcpus.max(1).to_string();
         push(&["-m", &mem, "-smp", &smp]);
@@ -185,7 +195,31 @@ impl Vmm for Qemu {
     type Vm = QemuVm;
 
     fn launch(&self, spec: &VmSpec) -> Result<QemuVm, MicrovmError> {
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match spec.jail {
+            Some(jail) => {
+                // The VM's own files become its uid's; what it only reads (kernel, initramfs,
+                // the template image) is world-readable already.
+                crate::jail::give(&spec.dir, jail)?;
+                for d in spec.disks.iter().filter(|d| !d.read_only) {
+                    crate::jail::give(&d.path, jail)?;
+                }
+                if let Some(sock) = &spec.agent_socket {
+                    crate::jail::give(sock, jail)?;
+                }
+                let kvm_gid = match spec.accel {
+                    Accel::Kvm => std::fs::metadata("/dev/kvm")
+                        .ok()
+                        .map(|m| std::os::unix::fs::MetadataExt::gid(&m)),
+                    Accel::Tcg => None,
+                };
+                let mut wrapper = crate::jail::wrapper(jail, kvm_gid);
+                let first = wrapper.remove(0);
+                let mut c = Command::new(first);
+                c.args(wrapper).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.args(Qemu::args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
