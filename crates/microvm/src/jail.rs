@@ -1,16 +1,17 @@
 //! The jail each QEMU process runs in, so that a guest which escapes into its VMM lands in a
 //! process that can do little: Firecracker's `jailer` does the same for Firecracker.
 //!
-//! - **Its own uid and gid**, one per sandbox ([`UidLease`]), never root: two QEMUs cannot
-//!   signal or trace each other, nor read each other's disks (each sandbox's directory is its
-//!   uid's alone). Dropped with util-linux's `setpriv` before QEMU runs, with no-new-privs
-//!   and no supplementary groups (but `/dev/kvm`'s group under KVM).
+//! - **Its own uid and gid**, one per sandbox ([`UidLease`]), never root, and an empty
+//!   directory as its root: QEMU's `-runas uid:gid` and `-chroot`, which it applies once its
+//!   devices are set up and before the guest runs (it opens the disks and `/dev/kvm` as root
+//!   first: `/dev/kvm` is often root's alone, and nothing needs chowning). Two QEMUs cannot
+//!   signal or trace each other, and one cannot open another's disks or any host file.
 //! - **Its own namespaces** (`unshare`): network (QEMU reaches the host only through the unix
-//!   sockets it is handed), IPC, UTS and mount.
-//! - **A seccomp filter**: QEMU's own `-sandbox on` with every optional group denied
-//!   (obsolete system calls, set*uid, fork/exec, scheduler and resource control).
-//!
-//! Both helpers exec in place, so the pid the server holds is QEMU's.
+//!   sockets it was handed), IPC, UTS and mount.
+//! - **A seccomp filter**: QEMU's own `-sandbox on`, denying obsolete system calls, fork/exec
+//!   and scheduler/resource control. Its set*id group stays allowed when QEMU drops to the
+//!   uid itself (the drop is those calls); once dropped, with no capabilities and
+//!   no-new-privs (which the filter sets), they cannot raise it again.
 //! Not done: a cgroup of QEMU's own (guest RAM is bounded by `-m`; QEMU's own memory and
 //! CPU are not capped on the host side).
 
@@ -75,29 +76,23 @@ impl UidLease {
     }
 }
 
-/// Gives `path` to the jail's uid (the VM's directory, its writable disk, the agent's socket).
-pub fn give(path: &Path, jail: VmJail) -> Result<(), MicrovmError> {
-    std::os::unix::fs::chown(path, Some(jail.uid), Some(jail.gid)).map_err(|source| {
-        MicrovmError::Io { op: format!("chown {} to the VM's uid", path.display()), source }
-    })
+/// The command prefix that puts a program in namespaces of its own (util-linux's `unshare`,
+/// which execs it in place, so the pid the server holds is QEMU's).
+pub fn wrapper() -> Vec<String> {
+    ["unshare", "--net", "--ipc", "--uts", "--mount", "--"].iter().map(|s| s.to_string()).collect()
 }
 
-/// The command prefix that runs a program in `jail`: `unshare` for the namespaces, then
-/// `setpriv` for the uid; `kvm_gid` is `/dev/kvm`'s group, kept when the guest uses KVM.
-pub fn wrapper(jail: VmJail, kvm_gid: Option<u32>) -> Vec<String> {
-    let mut a: Vec<String> = ["unshare", "--net", "--ipc", "--uts", "--mount", "--", "setpriv"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.push(format!("--reuid={}", jail.uid));
-    a.push(format!("--regid={}", jail.gid));
-    match kvm_gid {
-        Some(g) => a.push(format!("--groups={g}")),
-        None => a.push("--clear-groups".into()),
-    }
-    a.push("--no-new-privs".into());
-    a.push("--".into());
-    a
+/// QEMU's own options for the rest of the jail: it sets itself up as root (opens the disks,
+/// `/dev/kvm`, its sockets), then, before the guest runs its first instruction, changes root
+/// to `chroot` (an empty directory) and drops to the jail's uid and gid (`-runas`, which also
+/// leaves it no supplementary groups and no capabilities).
+pub fn qemu_args(jail: VmJail, chroot: &Path) -> Vec<String> {
+    vec![
+        "-runas".into(),
+        format!("{}:{}", jail.uid, jail.gid),
+        "-chroot".into(),
+        chroot.to_string_lossy().into_owned(),
+    ]
 }
 
 /// Whether this process can drop to another uid (it is root).

@@ -146,12 +146,16 @@ impl Qemu {
             Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
         }
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        // QEMU's own seccomp filter, every optional group denied: a guest that takes over
-        // QEMU cannot fork or exec, change its ids, or use obsolete system calls.
-        push(&[
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        ]);
+        // QEMU's own seccomp filter. set*id stays allowed only for QEMU's own drop to the
+        // jail's uid (`crate::jail`).
+        let elevate = if spec.jail.is_some() { "allow" } else { "deny" };
+        let sandbox =
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny");
+        push(&["-sandbox", &sandbox]);
+        if let Some(jail) = spec.jail {
+            let args = crate::jail::qemu_args(jail, &spec.dir.join("root"));
+            push(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
         let mem = spec.memory_mib.to_string();
         let smp = spec.vcpus.max(1).to_string();
         push(&["-m", &mem, "-smp", &smp]);
@@ -196,25 +200,15 @@ impl Vmm for Qemu {
 
     fn launch(&self, spec: &VmSpec) -> Result<QemuVm, MicrovmError> {
         let mut cmd = match spec.jail {
-            Some(jail) => {
-                // The VM's own files become its uid's; what it only reads (kernel, initramfs,
-                // the template image) is world-readable already.
-                crate::jail::give(&spec.dir, jail)?;
-                for d in spec.disks.iter().filter(|d| !d.read_only) {
-                    crate::jail::give(&d.path, jail)?;
-                }
-                if let Some(sock) = &spec.agent_socket {
-                    crate::jail::give(sock, jail)?;
-                }
-                let kvm_gid = match spec.accel {
-                    Accel::Kvm => std::fs::metadata("/dev/kvm")
-                        .ok()
-                        .map(|m| std::os::unix::fs::MetadataExt::gid(&m)),
-                    Accel::Tcg => None,
-                };
-                let mut wrapper = crate::jail::wrapper(jail, kvm_gid);
-                let first = wrapper.remove(0);
-                let mut c = Command::new(first);
+            Some(_) => {
+                // The empty directory QEMU changes root to (see `crate::jail`).
+                let root = spec.dir.join("root");
+                std::fs::create_dir_all(&root).map_err(|source| MicrovmError::Io {
+                    op: format!("mkdir {}", root.display()),
+                    source,
+                })?;
+                let mut wrapper = crate::jail::wrapper();
+                let mut c = Command::new(wrapper.remove(0));
                 c.args(wrapper).arg(&self.binary);
                 c
             }

@@ -55,7 +55,7 @@ fn a_guest_pauses_continues_saves_and_quits() {
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some(jail) = spec.jail {
-        // QEMU runs jailed: its uid, no capabilities, a seccomp filter, its own network.
+        // QEMU runs jailed: its uid, no capabilities, a seccomp filter, its own network and root.
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |name: &str| {
             status.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].trim().to_string())
@@ -68,7 +68,9 @@ fn a_guest_pauses_continues_saves_and_quits() {
         assert_eq!(field("Seccomp:").as_deref(), Some("2"), "a seccomp filter: {status}");
         let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
         assert_ne!(ns(&pid.to_string()), ns("self"), "QEMU in a network namespace of its own");
-        // The server (root) can still reach it over QMP.
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        assert_eq!(root, dir.path().join("root"), "QEMU's root is an empty directory");
+        // The server (root) still reaches it over QMP (below).
     } else {
         eprintln!("SKIPPED the jail's checks: not root, QEMU runs as the caller");
     }

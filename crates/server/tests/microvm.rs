@@ -90,6 +90,20 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
     let pids = qemu_with(&format!("/microvm/sandboxes/{}/", sb.id));
     assert_eq!(pids.len(), 1, "one QEMU for the sandbox");
+    // QEMU is jailed: not root, no capabilities, a seccomp filter, an empty root, its own
+    // network namespace.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].trim().to_string())
+    };
+    let uid: u32 = field("Uid:").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid >= ringfence_microvm::jail::UID_BASE, "QEMU runs as uid {uid}");
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+    assert_eq!(field("Seccomp:").as_deref(), Some("2"), "{status}");
+    let root = std::fs::read_link(format!("/proc/{}/root", pids[0])).unwrap();
+    assert!(root.ends_with(format!("sandboxes/{}/root", sb.id)), "QEMU's root: {root:?}");
+    let netns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(netns(&pids[0].to_string()), netns("self"), "QEMU has its own network namespace");
 
     // Its own kernel: /proc/version and the boot id differ from the host's.
     assert_eq!(sh(&s, &sb, "echo hi"), "hi\n");
@@ -177,4 +191,27 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     // The server's run directory is the default one (`--run-dir` is not passed).
     let dir = format!("/run/ringfence/microvm/sandboxes/{}", sb.id);
     assert!(!std::path::Path::new(&dir).exists(), "the sandbox's directory is gone\n{log}");
+
+    // A server killed with -9 leaves its guests running (they are not re-attached): the next
+    // server's start-up sweep ends each QEMU and removes its directory.
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": "base@microvm"}));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let needle = format!("/microvm/sandboxes/{}/", sb.id);
+    assert_eq!(qemu_with(&needle).len(), 1, "one QEMU for the second sandbox");
+    s.kill9();
+    assert_eq!(qemu_with(&needle).len(), 1, "the guest outlives the server");
+    s.spawn(&["--memory", "256M"]);
+    let started = std::time::Instant::now();
+    // The sweep runs after the probe (a TCG boot): tens of seconds on a loaded host.
+    while !qemu_with(&needle).is_empty() || std::path::Path::new(&dir_of(&sb.id)).exists() {
+        assert!(started.elapsed() < Duration::from_secs(180), "left running\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert!(d.status == 404 || d.json()["state"] != json!("running"), "{}", d.text());
+}
+
+fn dir_of(id: &str) -> String {
+    format!("/run/ringfence/microvm/sandboxes/{id}")
 }

@@ -5,10 +5,15 @@
 //! microvm sandbox should not pay for), templates
 //! as cached read-only disk images, and the mapping of figures.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), snapshots
-//! and forks of the writable disk, re-attach after a server restart, memory snapshots exposed
-//! through the API (the runner can save one: `MicroVm::save_memory`), the QEMU process in a
-//! jail of its own.
+//! Each QEMU runs jailed (`ringfence_microvm::jail`: a uid of its own, an empty root, its own
+//! namespaces, QEMU's seccomp filter). A warm pool (`serve --pool base@microvm=N`) goes
+//! through the generic pool.
+//!
+//! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
+//! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
+//! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
+//! server's sweep ends the QEMUs the dead one left, and their directories), a cgroup for
+//! QEMU itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
