@@ -12,6 +12,7 @@
 //!   and scheduler/resource control. Its set*id group stays allowed when QEMU drops to the
 //!   uid itself (the drop is those calls); once dropped, with no capabilities and
 //!   no-new-privs (which the filter sets), they cannot raise it again.
+//!
 //! Not done: a cgroup of QEMU's own (guest RAM is bounded by `-m`; QEMU's own memory and
 //! CPU are not capped on the host side).
 
