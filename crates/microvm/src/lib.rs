@@ -85,6 +85,9 @@ pub struct MicrovmConfig {
     /// The host's TSC frequency in kHz, given to the guest: microvm has no HPET or PM timer
     /// to calibrate against, and a third of boots hang without it.
     pub tsc_khz: Option<u64>,
+    /// Cgroup slots for the QEMU processes (`None`: no usable hierarchy, or not root: QEMU
+    /// then runs in the server's cgroup).
+    pub cgroups: Option<ringfence_jail::cgroup::Pool>,
 }
 
 impl MicrovmConfig {

@@ -104,6 +104,25 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     assert!(root.ends_with(format!("sandboxes/{}/root", sb.id)), "QEMU's root: {root:?}");
     let netns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
     assert_ne!(netns(&pids[0].to_string()), netns("self"), "QEMU has its own network namespace");
+    // In a cgroup slot of its own whose memory limit is the guest's RAM plus QEMU's share.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
+    let (v1, path) = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            (ctl.split(',').any(|c| c == "memory") || ctl.is_empty())
+                .then(|| (!ctl.is_empty(), path.to_string()))
+        })
+        .unwrap();
+    assert!(path.starts_with("/ringfence/") && path.contains("vm-"), "QEMU's cgroup: {cgroups}");
+    let limit_file = if v1 {
+        format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+    } else {
+        format!("/sys/fs/cgroup{path}/memory.max")
+    };
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert_eq!(limit.trim(), ((256u64 + 384) << 20).to_string(), "{limit_file}");
 
     // Its own kernel: /proc/version and the boot id differ from the host's.
     assert_eq!(sh(&s, &sb, "echo hi"), "hi\n");

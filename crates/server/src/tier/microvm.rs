@@ -34,6 +34,8 @@ pub struct MicrovmSettings {
     /// Each sandbox's directory and the initramfs go under `<run_dir>/microvm`.
     pub run_dir: PathBuf,
     pub interp_env: PathBuf,
+    /// The server's cgroup slot prefix (`manager::pool_prefix`); QEMU's slots add `vm`.
+    pub pool_prefix: String,
 }
 
 /// The microvm tier of one server.
@@ -153,6 +155,23 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
             return Err(reason);
         }
     };
+    // QEMU's cgroups: slots of their own beside the jail's (`<prefix>vm-<n>`), locked in the
+    // same run directory.
+    let cgroups = match ringfence_jail::cgroup::Layout::detect() {
+        Ok(layout) if ringfence_microvm::jail::running_as_root() => {
+            Some(ringfence_jail::cgroup::Pool::new(
+                layout,
+                "ringfence",
+                &format!("{}vm", settings.pool_prefix),
+                settings.run_dir.join("cgroups"),
+            ))
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup for QEMU: it runs in the server's");
+            None
+        }
+    };
     let kernel_dir = ringfence_microvm::kernel_dir();
     let initramfs = ringfence_microvm::guest::initramfs(
         &ringfence_microvm::cache_dir(),
@@ -174,6 +193,7 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
         state_dir: dir,
         cache_dir: ringfence_microvm::cache_dir(),
         tsc_khz,
+        cgroups,
     })
 }
 
