@@ -13,8 +13,8 @@
 //!   uid itself (the drop is those calls); once dropped, with no capabilities and
 //!   no-new-privs (which the filter sets), they cannot raise it again.
 //!
-//! Not done: a cgroup of QEMU's own (guest RAM is bounded by `-m`; QEMU's own memory and
-//! CPU are not capped on the host side).
+//! - **A cgroup slot of its own** (made in `sandbox.rs` from the jail crate's slot pool): the
+//!   sandbox's CPU quota, the guest's RAM plus QEMU's share, a task limit.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

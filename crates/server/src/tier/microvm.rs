@@ -6,14 +6,13 @@
 //! as cached read-only disk images, and the mapping of figures.
 //!
 //! Each QEMU runs jailed (`ringfence_microvm::jail`: a uid of its own, an empty root, its own
-//! namespaces, QEMU's seccomp filter). A warm pool (`serve --pool base@microvm=N`) goes
+//! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
 //! through the generic pool.
 //!
 //! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
 //! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
 //! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
-//! server's sweep ends the QEMUs the dead one left, and their directories), a cgroup for
-//! QEMU itself.
+//! server's sweep ends the QEMUs the dead one left, and their directories).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
