@@ -1,9 +1,11 @@
 //! The `microvm` tier end to end: a real `ringfence serve`, a `base@microvm` sandbox created
 //! and driven through the same API and envd endpoints as the jail's, its own guest kernel, the
 //! hostile cases of the jail's tests tried from inside the guest, pause/resume as the VM's
-//! stop/cont, and kill leaving no QEMU process or directory behind.
+//! stop/cont, and kill leaving no QEMU process or directory behind; QEMU's jail read back from
+//! `/proc`; a server killed with -9 whose guests the next server's sweep ends; a warm pool.
 //!
-//! SLOW: one guest boot (~2-4 s under TCG on this host) and, on a host whose template image
+//! SLOW: a few guest boots (~2-7 s each under TCG on this host: two sandboxes, a pooled one
+//! and its refill, and a probe per server) and, on a host whose template image
 //! is not cached yet, one build of it (`mkfs.ext4 -d` of the host template, ~70 s here; then
 //! cached in /var/cache/ringfence/microvm for every later server).
 //!
@@ -233,4 +235,57 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
 
 fn dir_of(id: &str) -> String {
     format!("/run/ringfence/microvm/sandboxes/{id}")
+}
+
+/// `serve --pool base@microvm=1` keeps a booted guest through the generic pool: a create takes
+/// it (a pool hit in the metrics), and the guest is the new sandbox's (its id as hostname, the
+/// create's environment).
+#[test]
+fn a_microvm_pool_hands_out_a_booted_guest_as_the_new_sandbox() {
+    let test = "a_microvm_pool_hands_out_a_booted_guest_as_the_new_sandbox";
+    if !support::root_or_skip(test) {
+        return;
+    }
+    let Some(bin) = support::serve::binary_or_skip(test, "cargo build --workspace") else {
+        return;
+    };
+    let mut s = support::serve::Server::new(bin);
+    s.key = s.new_key("any-tier", &[]);
+    s.http.read_timeout = Duration::from_secs(600);
+    s.spawn(&["--memory", "256M", "--pool", "base@microvm=1"]);
+    let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
+    let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
+    if mvm["available"] != json!(true) {
+        eprintln!("SKIPPED {test}: the microvm tier is not available here: {}", mvm["reason"]);
+        return;
+    }
+    // The pool fills in the background (the probe, the template image, a TCG boot).
+    let filled = |s: &support::serve::Server| {
+        let m = s.api("GET", "/metrics", Value::Null).text();
+        m.lines().any(|l| l.starts_with("ringfence_pool_size{template=\"base@microvm\"} 1"))
+    };
+    let started = std::time::Instant::now();
+    while !filled(&s) {
+        assert!(started.elapsed() < Duration::from_secs(600), "pool never filled\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = s.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base@microvm", "envVars": {"W": "pooled"}}),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tier"], json!("microvm"), "{}", d.text());
+    assert_eq!(sh(&s, &sb, "echo $W; hostname"), format!("pooled\n{}\n", sb.id));
+    let m = s.api("GET", "/metrics", Value::Null).text();
+    assert!(
+        m.lines().any(|l| l.starts_with("ringfence_sandbox_startup_seconds_count{")
+            && l.contains("tier=\"microvm\"")
+            && l.contains("pool=\"hit\"")),
+        "a microvm pool hit:\n{m}"
+    );
+    let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(k.status, 204, "{}", k.text());
 }
