@@ -64,8 +64,9 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     s.key = s.new_key("any-tier", &[]);
     // The first create on a host builds the template's image (a minute or more).
     s.http.read_timeout = Duration::from_secs(600);
-    // 256 MiB guests, so the memory bomb below meets the guest's limit fast.
-    s.spawn(&["--memory", "256M"]);
+    // 256 MiB guests, so the memory bomb below meets the guest's limit fast; 64 MiB disks, so
+    // filling one is quick.
+    s.spawn(&["--memory", "256M", "--disk", "64M"]);
 
     let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
     let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
@@ -183,6 +184,31 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     // (the debug agent, 35 MB) for a reset, plus TCG's translation cache (64 MiB).
     assert!(rss_kib < (256 + 320) * 1024, "QEMU holds {rss_kib} KiB for a 256 MiB guest");
 
+    // The jail's other hostile cases, from inside the guest as the sandbox's user: PID 1 (the
+    // agent) cannot be killed, nothing can be mounted, the raw disks cannot be opened, the
+    // kernel's knobs cannot be turned; filling the disk stops at the quota; and the agent keeps
+    // serving after all of it. (Not here: a fork bomb. The guest bounds it, but its orphans
+    // outlive `timeout` and hold the guest's process table, so nothing more can start in it.)
+    let out = sh(
+        &s,
+        &sb,
+        "id -u; kill -9 1 2>/dev/null; echo kill=$?; mount -t tmpfs x /tmp 2>/dev/null; \
+         echo mount=$?; head -c1 /dev/vdb >/dev/null 2>&1; echo vdb=$?; head -c1 /dev/vda >/dev/null 2>&1; \
+         echo vda=$?; (echo 1 > /proc/sys/kernel/sysrq) 2>/dev/null; echo sysrq=$?; \
+         dd if=/dev/zero of=/home/user/fill bs=1M count=400 2>/dev/null; echo fill=$?; \
+         df -k /home/user | tail -1; rm -f /home/user/fill",
+    );
+    for want in ["1000\n", "kill=1", "mount=32", "vdb=1", "vda=1", "fill=1"] {
+        assert!(out.contains(want), "{want} in {out}");
+    }
+    assert!(out.contains("sysrq=") && !out.contains("sysrq=0"), "{out}");
+    // The disk filled up to the 64 MiB quota (ext4's own share aside), not beyond.
+    let df: Vec<&str> =
+        out.lines().find(|l| l.starts_with("overlay")).unwrap().split_whitespace().collect();
+    let size_kib: u64 = df[1].parse().unwrap();
+    assert!((40 << 10..=64 << 10).contains(&size_kib), "{out}");
+    assert_eq!(sh(&s, &sb, "echo alive"), "alive\n");
+
     // Pause in memory is the VM's stop; resume its cont; the guest carries on where it was.
     let before = sh(&s, &sb, "cat /proc/uptime");
     let p = s.api("POST", &format!("/sandboxes/{}/pause", sb.id), json!({}));
@@ -222,7 +248,7 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     assert_eq!(qemu_with(&needle).len(), 1, "one QEMU for the second sandbox");
     s.kill9();
     assert_eq!(qemu_with(&needle).len(), 1, "the guest outlives the server");
-    s.spawn(&["--memory", "256M"]);
+    s.spawn(&["--memory", "256M", "--disk", "64M"]);
     let started = std::time::Instant::now();
     // The sweep runs after the probe (a TCG boot): tens of seconds on a loaded host.
     while !qemu_with(&needle).is_empty() || std::path::Path::new(&dir_of(&sb.id)).exists() {
