@@ -100,3 +100,31 @@ pub fn qemu_args(jail: VmJail, chroot: &Path) -> Vec<String> {
 pub fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_sandboxes_never_share_a_uid_and_a_freed_one_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = UidLease::take(dir.path()).unwrap();
+        let b = UidLease::take(dir.path()).unwrap();
+        assert_eq!(a.jail.uid, UID_BASE);
+        assert_eq!(b.jail.uid, UID_BASE + 1);
+        assert_eq!(b.jail.gid, b.jail.uid);
+        drop(a);
+        let c = UidLease::take(dir.path()).unwrap();
+        assert_eq!(c.jail.uid, UID_BASE, "the freed uid, not a third one");
+        assert!(PROBE_UID >= UID_BASE + UID_SLOTS, "the probe's uid is outside the range");
+    }
+
+    #[test]
+    fn qemu_is_told_to_drop_to_the_uid_and_an_empty_root() {
+        let args = qemu_args(VmJail::with_uid(UID_BASE + 7), Path::new("/run/x/root"));
+        let uid = UID_BASE + 7;
+        assert_eq!(args, ["-runas", &format!("{uid}:{uid}"), "-chroot", "/run/x/root"]);
+        assert_eq!(wrapper()[0], "unshare");
+        assert!(wrapper().contains(&"--net".to_string()));
+    }
+}
