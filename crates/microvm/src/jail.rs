@@ -116,7 +116,8 @@ mod tests {
         drop(a);
         let c = UidLease::take(dir.path()).unwrap();
         assert_eq!(c.jail.uid, UID_BASE, "the freed uid, not a third one");
-        assert!(PROBE_UID >= UID_BASE + UID_SLOTS, "the probe's uid is outside the range");
+        // The probe's uid is outside the range.
+        const { assert!(PROBE_UID >= UID_BASE + UID_SLOTS) };
     }
 
     #[test]
