@@ -13,11 +13,14 @@
 //! - [`MicroVm`]: one sandbox: starts the VM, hands the agent its setup, and cleans up (QEMU,
 //!   sockets, disks) on [`MicroVm::delete`] or drop.
 //!
+//! - [`jail`]: each QEMU in its own uid, namespaces and seccomp filter.
+//!
 //! No `unsafe` here: the one raw call (passing a descriptor to QEMU) is `ringfence-sys`'s.
 
 #![forbid(unsafe_code)]
 
 pub mod guest;
+pub mod jail;
 pub mod probe;
 pub mod qmp;
 mod sandbox;
@@ -82,6 +85,9 @@ pub struct MicrovmConfig {
     /// The host's TSC frequency in kHz, given to the guest: microvm has no HPET or PM timer
     /// to calibrate against, and a third of boots hang without it.
     pub tsc_khz: Option<u64>,
+    /// Cgroup slots for the QEMU processes (`None`: no usable hierarchy, or not root: QEMU
+    /// then runs in the server's cgroup).
+    pub cgroups: Option<ringfence_jail::cgroup::Pool>,
 }
 
 impl MicrovmConfig {

@@ -96,6 +96,10 @@ fn boot_once(
         agent_socket: None,
         dir: dir.clone(),
         accel,
+        // The probe runs as a sandbox will (same uid drop, namespaces and filter): a host where
+        // the jail cannot start has no tier to offer.
+        jail: crate::jail::running_as_root()
+            .then(|| crate::jail::VmJail::with_uid(crate::jail::PROBE_UID)),
     };
     let started = Instant::now();
     let result = (|| {

@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::MicrovmError;
+use crate::jail::VmJail;
 use crate::qmp::Qmp;
 
 /// How the VMM runs guest code.
@@ -72,6 +73,9 @@ pub struct VmSpec {
     /// The VM's own directory: the VMM's control socket and the console log go here.
     pub dir: PathBuf,
     pub accel: Accel,
+    /// Who the VMM runs as and in which namespaces ([`crate::jail`]); `None` runs it as the
+    /// caller (a host without root, where there is no uid to drop to).
+    pub jail: Option<VmJail>,
 }
 
 impl VmSpec {
@@ -142,6 +146,16 @@ impl Qemu {
             Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
         }
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        // QEMU's own seccomp filter. set*id stays allowed only for QEMU's own drop to the
+        // jail's uid (`crate::jail`).
+        let elevate = if spec.jail.is_some() { "allow" } else { "deny" };
+        let sandbox =
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny");
+        push(&["-sandbox", &sandbox]);
+        if let Some(jail) = spec.jail {
+            let args = crate::jail::qemu_args(jail, &spec.dir.join("root"));
+            push(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
         let mem = spec.memory_mib.to_string();
         let smp = spec.vcpus.max(1).to_string();
         push(&["-m", &mem, "-smp", &smp]);
@@ -185,7 +199,21 @@ impl Vmm for Qemu {
     type Vm = QemuVm;
 
     fn launch(&self, spec: &VmSpec) -> Result<QemuVm, MicrovmError> {
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match spec.jail {
+            Some(_) => {
+                // The empty directory QEMU changes root to (see `crate::jail`).
+                let root = spec.dir.join("root");
+                std::fs::create_dir_all(&root).map_err(|source| MicrovmError::Io {
+                    op: format!("mkdir {}", root.display()),
+                    source,
+                })?;
+                let mut wrapper = crate::jail::wrapper();
+                let mut c = Command::new(wrapper.remove(0));
+                c.args(wrapper).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.args(Qemu::args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

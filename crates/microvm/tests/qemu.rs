@@ -37,6 +37,8 @@ fn a_guest_pauses_continues_saves_and_quits() {
         agent_socket: None,
         dir: dir.path().to_path_buf(),
         accel: Accel::Tcg,
+        jail: ringfence_microvm::jail::running_as_root()
+            .then(|| ringfence_microvm::jail::VmJail::with_uid(ringfence_microvm::jail::PROBE_UID)),
     };
     let mut vm = qemu.launch(&spec).unwrap();
     let pid = vm.pid();
@@ -51,6 +53,26 @@ fn a_guest_pauses_continues_saves_and_quits() {
             std::fs::read_to_string(dir.path().join("qemu.log"))
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(jail) = spec.jail {
+        // QEMU runs jailed: its uid, no capabilities, a seccomp filter, its own network and root.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].trim().to_string())
+        };
+        let uid = jail.uid.to_string();
+        let uids = field("Uid:").unwrap();
+        assert!(uids.split_whitespace().all(|u| u == uid), "QEMU's uids: {uids}");
+        assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+        assert_eq!(field("NoNewPrivs:").as_deref(), Some("1"), "{status}");
+        assert_eq!(field("Seccomp:").as_deref(), Some("2"), "a seccomp filter: {status}");
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+        assert_ne!(ns(&pid.to_string()), ns("self"), "QEMU in a network namespace of its own");
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        assert_eq!(root, dir.path().join("root"), "QEMU's root is an empty directory");
+        // The server (root) still reaches it over QMP (below).
+    } else {
+        eprintln!("SKIPPED the jail's checks: not root, QEMU runs as the caller");
     }
     vm.pause().unwrap();
     vm.resume().unwrap();

@@ -339,6 +339,7 @@ impl Manager {
                     data_dir: cfg.data_dir.clone(),
                     run_dir: cfg.run_dir.clone(),
                     interp_env: cfg.interp_env.clone(),
+                    pool_prefix: pool_prefix(&cfg.run_dir),
                 })
                 .map(crate::tier::AnyTier::Microvm),
             )

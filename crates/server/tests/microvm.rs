@@ -1,9 +1,11 @@
 //! The `microvm` tier end to end: a real `ringfence serve`, a `base@microvm` sandbox created
 //! and driven through the same API and envd endpoints as the jail's, its own guest kernel, the
 //! hostile cases of the jail's tests tried from inside the guest, pause/resume as the VM's
-//! stop/cont, and kill leaving no QEMU process or directory behind.
+//! stop/cont, and kill leaving no QEMU process or directory behind; QEMU's jail read back from
+//! `/proc`; a server killed with -9 whose guests the next server's sweep ends; a warm pool.
 //!
-//! SLOW: one guest boot (~2-4 s under TCG on this host) and, on a host whose template image
+//! SLOW: a few guest boots (~2-7 s each under TCG on this host: two sandboxes, a pooled one
+//! and its refill, and a probe per server) and, on a host whose template image
 //! is not cached yet, one build of it (`mkfs.ext4 -d` of the host template, ~70 s here; then
 //! cached in /var/cache/ringfence/microvm for every later server).
 //!
@@ -62,8 +64,9 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     s.key = s.new_key("any-tier", &[]);
     // The first create on a host builds the template's image (a minute or more).
     s.http.read_timeout = Duration::from_secs(600);
-    // 256 MiB guests, so the memory bomb below meets the guest's limit fast.
-    s.spawn(&["--memory", "256M"]);
+    // 256 MiB guests, so the memory bomb below meets the guest's limit fast; 64 MiB disks, so
+    // filling one is quick.
+    s.spawn(&["--memory", "256M", "--disk", "64M"]);
 
     let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
     let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
@@ -90,6 +93,39 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
     let pids = qemu_with(&format!("/microvm/sandboxes/{}/", sb.id));
     assert_eq!(pids.len(), 1, "one QEMU for the sandbox");
+    // QEMU is jailed: not root, no capabilities, a seccomp filter, an empty root, its own
+    // network namespace.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].trim().to_string())
+    };
+    let uid: u32 = field("Uid:").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid >= ringfence_microvm::jail::UID_BASE, "QEMU runs as uid {uid}");
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+    assert_eq!(field("Seccomp:").as_deref(), Some("2"), "{status}");
+    let root = std::fs::read_link(format!("/proc/{}/root", pids[0])).unwrap();
+    assert!(root.ends_with(format!("sandboxes/{}/root", sb.id)), "QEMU's root: {root:?}");
+    let netns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(netns(&pids[0].to_string()), netns("self"), "QEMU has its own network namespace");
+    // In a cgroup slot of its own whose memory limit is the guest's RAM plus QEMU's share.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
+    let (v1, path) = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            (ctl.split(',').any(|c| c == "memory") || ctl.is_empty())
+                .then(|| (!ctl.is_empty(), path.to_string()))
+        })
+        .unwrap();
+    assert!(path.starts_with("/ringfence/") && path.contains("vm-"), "QEMU's cgroup: {cgroups}");
+    let limit_file = if v1 {
+        format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+    } else {
+        format!("/sys/fs/cgroup{path}/memory.max")
+    };
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert_eq!(limit.trim(), ((256u64 + 384) << 20).to_string(), "{limit_file}");
 
     // Its own kernel: /proc/version and the boot id differ from the host's.
     assert_eq!(sh(&s, &sb, "echo hi"), "hi\n");
@@ -148,6 +184,31 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     // (the debug agent, 35 MB) for a reset, plus TCG's translation cache (64 MiB).
     assert!(rss_kib < (256 + 320) * 1024, "QEMU holds {rss_kib} KiB for a 256 MiB guest");
 
+    // The jail's other hostile cases, from inside the guest as the sandbox's user: PID 1 (the
+    // agent) cannot be killed, nothing can be mounted, the raw disks cannot be opened, the
+    // kernel's knobs cannot be turned; filling the disk stops at the quota; and the agent keeps
+    // serving after all of it. (Not here: a fork bomb. The guest bounds it, but its orphans
+    // outlive `timeout` and hold the guest's process table, so nothing more can start in it.)
+    let out = sh(
+        &s,
+        &sb,
+        "id -u; kill -9 1 2>/dev/null; echo kill=$?; mount -t tmpfs x /tmp 2>/dev/null; \
+         echo mount=$?; head -c1 /dev/vdb >/dev/null 2>&1; echo vdb=$?; head -c1 /dev/vda >/dev/null 2>&1; \
+         echo vda=$?; (echo 1 > /proc/sys/kernel/sysrq) 2>/dev/null; echo sysrq=$?; \
+         dd if=/dev/zero of=/home/user/fill bs=1M count=400 2>/dev/null; echo fill=$?; \
+         df -k /home/user | tail -1; rm -f /home/user/fill",
+    );
+    for want in ["1000\n", "kill=1", "mount=32", "vdb=1", "vda=1", "fill=1"] {
+        assert!(out.contains(want), "{want} in {out}");
+    }
+    assert!(out.contains("sysrq=") && !out.contains("sysrq=0"), "{out}");
+    // The disk filled up to the 64 MiB quota (ext4's own share aside), not beyond.
+    let df: Vec<&str> =
+        out.lines().find(|l| l.starts_with("overlay")).unwrap().split_whitespace().collect();
+    let size_kib: u64 = df[1].parse().unwrap();
+    assert!((40 << 10..=64 << 10).contains(&size_kib), "{out}");
+    assert_eq!(sh(&s, &sb, "echo alive"), "alive\n");
+
     // Pause in memory is the VM's stop; resume its cont; the guest carries on where it was.
     let before = sh(&s, &sb, "cat /proc/uptime");
     let p = s.api("POST", &format!("/sandboxes/{}/pause", sb.id), json!({}));
@@ -177,4 +238,80 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     // The server's run directory is the default one (`--run-dir` is not passed).
     let dir = format!("/run/ringfence/microvm/sandboxes/{}", sb.id);
     assert!(!std::path::Path::new(&dir).exists(), "the sandbox's directory is gone\n{log}");
+
+    // A server killed with -9 leaves its guests running (they are not re-attached): the next
+    // server's start-up sweep ends each QEMU and removes its directory.
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": "base@microvm"}));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let needle = format!("/microvm/sandboxes/{}/", sb.id);
+    assert_eq!(qemu_with(&needle).len(), 1, "one QEMU for the second sandbox");
+    s.kill9();
+    assert_eq!(qemu_with(&needle).len(), 1, "the guest outlives the server");
+    s.spawn(&["--memory", "256M", "--disk", "64M"]);
+    let started = std::time::Instant::now();
+    // The sweep runs after the probe (a TCG boot): tens of seconds on a loaded host.
+    while !qemu_with(&needle).is_empty() || std::path::Path::new(&dir_of(&sb.id)).exists() {
+        assert!(started.elapsed() < Duration::from_secs(180), "left running\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert!(d.status == 404 || d.json()["state"] != json!("running"), "{}", d.text());
+}
+
+fn dir_of(id: &str) -> String {
+    format!("/run/ringfence/microvm/sandboxes/{id}")
+}
+
+/// `serve --pool base@microvm=1` keeps a booted guest through the generic pool: a create takes
+/// it (a pool hit in the metrics), and the guest is the new sandbox's (its id as hostname, the
+/// create's environment).
+#[test]
+fn a_microvm_pool_hands_out_a_booted_guest_as_the_new_sandbox() {
+    let test = "a_microvm_pool_hands_out_a_booted_guest_as_the_new_sandbox";
+    if !support::root_or_skip(test) {
+        return;
+    }
+    let Some(bin) = support::serve::binary_or_skip(test, "cargo build --workspace") else {
+        return;
+    };
+    let mut s = support::serve::Server::new(bin);
+    s.key = s.new_key("any-tier", &[]);
+    s.http.read_timeout = Duration::from_secs(600);
+    s.spawn(&["--memory", "256M", "--pool", "base@microvm=1"]);
+    let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
+    let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
+    if mvm["available"] != json!(true) {
+        eprintln!("SKIPPED {test}: the microvm tier is not available here: {}", mvm["reason"]);
+        return;
+    }
+    // The pool fills in the background (the probe, the template image, a TCG boot).
+    let filled = |s: &support::serve::Server| {
+        let m = s.api("GET", "/metrics", Value::Null).text();
+        m.lines().any(|l| l.starts_with("ringfence_pool_size{template=\"base@microvm\"} 1"))
+    };
+    let started = std::time::Instant::now();
+    while !filled(&s) {
+        assert!(started.elapsed() < Duration::from_secs(600), "pool never filled\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = s.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base@microvm", "envVars": {"W": "pooled"}}),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tier"], json!("microvm"), "{}", d.text());
+    assert_eq!(sh(&s, &sb, "echo $W; hostname"), format!("pooled\n{}\n", sb.id));
+    let m = s.api("GET", "/metrics", Value::Null).text();
+    assert!(
+        m.lines().any(|l| l.starts_with("ringfence_sandbox_startup_seconds_count{")
+            && l.contains("tier=\"microvm\"")
+            && l.contains("pool=\"hit\"")),
+        "a microvm pool hit:\n{m}"
+    );
+    let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(k.status, 204, "{}", k.text());
 }

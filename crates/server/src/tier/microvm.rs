@@ -5,10 +5,14 @@
 //! microvm sandbox should not pay for), templates
 //! as cached read-only disk images, and the mapping of figures.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), snapshots
-//! and forks of the writable disk, re-attach after a server restart, memory snapshots exposed
-//! through the API (the runner can save one: `MicroVm::save_memory`), the QEMU process in a
-//! jail of its own.
+//! Each QEMU runs jailed (`ringfence_microvm::jail`: a uid of its own, an empty root, its own
+//! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
+//! through the generic pool.
+//!
+//! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
+//! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
+//! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
+//! server's sweep ends the QEMUs the dead one left, and their directories).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,8 @@ pub struct MicrovmSettings {
     /// Each sandbox's directory and the initramfs go under `<run_dir>/microvm`.
     pub run_dir: PathBuf,
     pub interp_env: PathBuf,
+    /// The server's cgroup slot prefix (`manager::pool_prefix`); QEMU's slots add `vm`.
+    pub pool_prefix: String,
 }
 
 /// The microvm tier of one server.
@@ -148,6 +154,23 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
             return Err(reason);
         }
     };
+    // QEMU's cgroups: slots of their own beside the jail's (`<prefix>vm-<n>`), locked in the
+    // same run directory.
+    let cgroups = match ringfence_jail::cgroup::Layout::detect() {
+        Ok(layout) if ringfence_microvm::jail::running_as_root() => {
+            Some(ringfence_jail::cgroup::Pool::new(
+                layout,
+                "ringfence",
+                &format!("{}vm", settings.pool_prefix),
+                settings.run_dir.join("cgroups"),
+            ))
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup for QEMU: it runs in the server's");
+            None
+        }
+    };
     let kernel_dir = ringfence_microvm::kernel_dir();
     let initramfs = ringfence_microvm::guest::initramfs(
         &ringfence_microvm::cache_dir(),
@@ -169,6 +192,7 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
         state_dir: dir,
         cache_dir: ringfence_microvm::cache_dir(),
         tsc_khz,
+        cgroups,
     })
 }
 
