@@ -461,7 +461,7 @@ def scenario(sbx, ca_pem):
         ("that name with Host of the scoped one",
          curl + '-H "Host: api.vault.test" -H "X-Key: $TOKEN" https://alias.vault.test/headers',
          (SCOPED_IP, "alias.vault.test")),
-        ("the scoped name pinned by the sandbox to another address",
+        ("the scoped name forced by the sandbox (curl --resolve) to another address",
          curl + f'--resolve api.vault.test:443:{OTHER_IP} -H "X-Key: $TOKEN" https://api.vault.test/headers',
          (OTHER_IP, "api.vault.test")),
     ):
@@ -531,6 +531,14 @@ def main():
             scenario(sbx, f.read())
         log = server_log(data)
         check("hostile: the server's log never has the value", VALUE not in log)
+        req = urllib.request.Request(f"{url}/audit?limit=1000", headers={"X-API-Key": api_key})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            audit = r.read().decode()
+        records = json.loads(audit)["records"]
+        check("hostile: no audit record has the value; the scoped requests' records name rule and secret",
+              VALUE not in audit and any(
+                  (x.get("detail") or {}).get("rule") == "api.vault.test"
+                  and (x.get("detail") or {}).get("secrets") == [SECRET] for x in records), audit[:2000])
     except BaseException:
         if sbx is not None:
             print("--- egress records (vault_hostile) ---", file=sys.stderr)
