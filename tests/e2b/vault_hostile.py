@@ -422,7 +422,9 @@ def scenario(sbx, ca_pem):
     # Host header naming another host on a connection to the scoped SNI: refused, never sent.
     for extra, why in (('-H "Host: plain.vault.test"', "differs from the TLS server name"),
                        ('-H "Host: api.vault.test.plain.vault.test"', "differs from the TLS server name"),
-                       ("--request-target https://plain.vault.test/headers", "the request names")):
+                       ("--request-target https://plain.vault.test/headers", "the request names"),
+                       ("--request-target https://api.vault.test@plain.vault.test/headers",
+                        "the request names")):
         before = len(SEEN)
         out = sandbox_run(sbx, curl + f'-w "status=%{{http_code}}" {extra} -H "X-Key: $TOKEN" '
                           "https://api.vault.test/headers")
