@@ -437,9 +437,18 @@ def scenario(sbx, ca_pem):
     sbx.files.write("/tmp/pipeline.py", PIPELINE)
     out = sandbox_run(sbx, f"PH='{PLACEHOLDER}' python3 /tmp/pipeline.py")
     got = seen()[before:]
-    check("hostile: a second request on a kept-alive connection naming another host is refused",
-          "421 Misdirected Request" in out and len(got) == 1 and got[0][1] == "api.vault.test"
-          and "Host: api.vault.test" in got[0][3] and VALUE not in out, (got, out))
+    one = len(got) == 1 and got[0][1] == "api.vault.test" and "Host: api.vault.test" in got[0][3]
+    if one and "connection: close" in got[0][3]:
+        # A server from before kept-alive terminated connections closes after each request
+        # (it says so upstream): the second request is never read, so never sent.
+        print("note: this server closes terminated connections after one request; "
+              "checking that the second was not sent")
+        check("hostile: a second request on a terminated connection naming another host is not sent",
+              out.count("HTTP/1.1 ") == 1 and VALUE not in out, (got, out))
+    else:
+        check("hostile: a second request on a kept-alive connection naming another host is refused",
+              one and "421 Misdirected Request" in out and "differs from the TLS server name" in out
+              and VALUE not in out, (got, out))
 
     # SNI of another host, Host of the scoped one.
     before = len(SEEN)
