@@ -9,7 +9,8 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q --upgrade e2b e2b-code-interpreter
+# cryptography: tests/e2b/vault_hostile.py makes its stand-in internet's CA with it.
+"$VENV/bin/pip" install -q --upgrade e2b e2b-code-interpreter "cryptography>=42"
 data=$(mktemp -d)
 chmod 755 "$data"   # sandboxes mount the template from here as an unprivileged user
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -124,12 +125,15 @@ if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   exit 1
 fi
 # The rest of E2B 2.63's sandbox routes (idempotent create, refreshes, logs, pause/snapshot modes).
-# Secrets and network.rules through the SDK (the wire-level hostile cases are Rust tests:
-# crates/net/tests/egress.rs, crates/server/tests/network.rs).
+# Secrets and network.rules through the SDK.
 if ! "$VENV/bin/python" tests/e2b/vault.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# The hostile cases for secrets (redirects, Host/SNI tricks, aliases of the scoped address,
+# the value nowhere inside) against a stand-in internet: it starts its own server (own data
+# directory, port and network namespace) and prints that server's log if a check fails.
+RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/e2b/vault_hostile.py
 if ! "$VENV/bin/python" tests/e2b/extras.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1

@@ -6,8 +6,9 @@ placeholder.
 
 What the proxy does with the value on the wire (substitution for the rule's host only, the
 hostile cases) needs a stand-in for the internet, which this suite's server has not: that is
+tests/e2b/vault_hostile.py (its own server and stand-in, through this SDK), and the Rust tests
 crates/net/tests/egress.rs (`secrets_reach_only_their_hosts`) and
-crates/server/tests/network.rs (`secrets_at_egress_in_a_sandbox`, real sandboxes).
+crates/server/tests/network.rs (`secrets_at_egress_in_a_sandbox`).
 """
 
 import os
