@@ -710,12 +710,30 @@ impl Cluster {
         Err(ClusterError::Contended(id.to_string()))
     }
 
+    /// The sandboxes this node's records name it the owner of (from the cache).
+    pub fn owned_ids(&self) -> std::collections::HashSet<String> {
+        self.sandboxes
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|v| v.record.owner == self.cfg.node_id)
+                    .map(|v| v.record.id.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Brings etcd in line with what this node runs: `local` is every sandbox it holds
-    /// (running or paused), with its current record. Records of ours for sandboxes it no
-    /// longer holds are deleted; sandboxes whose record names another node are returned in
-    /// [`Reconciled::foreign`] for the caller to kill. Every check is a transaction, never
-    /// the cache alone.
-    pub async fn reconcile(&self, local: &[SandboxRecord]) -> Result<Reconciled, ClusterError> {
+    /// (running or paused), with its current record. Records of ours among `before` (taken
+    /// with [`Cluster::owned_ids`] before `local` was read, so a sandbox created meanwhile is
+    /// never among them) for sandboxes it no longer holds are deleted; sandboxes whose record
+    /// names another node are returned in [`Reconciled::foreign`] for the caller to kill.
+    /// Every check is a transaction, never the cache alone.
+    pub async fn reconcile(
+        &self,
+        local: &[SandboxRecord],
+        before: &std::collections::HashSet<String>,
+    ) -> Result<Reconciled, ClusterError> {
         let mut out = Reconciled::default();
         for rec in local {
             let cached = self.sandboxes.read().ok().and_then(|m| m.get(&rec.id).cloned());
@@ -737,14 +755,9 @@ impl Cluster {
             }
         }
         let held: std::collections::HashSet<&str> = local.iter().map(|r| r.id.as_str()).collect();
-        let mine: Vec<String> = self
-            .records()
-            .into_iter()
-            .filter(|r| r.owner == self.cfg.node_id && !held.contains(r.id.as_str()))
-            .map(|r| r.id)
-            .collect();
+        let mine: Vec<&String> = before.iter().filter(|id| !held.contains(id.as_str())).collect();
         for id in mine {
-            self.release(&id).await?;
+            self.release(id).await?;
             out.released += 1;
         }
         Ok(out)

@@ -488,13 +488,14 @@ async fn sync_loop(app: App, cluster: Arc<Cluster>) {
 }
 
 async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
+    let before = cluster.owned_ids();
     let store = app.manager.store().clone();
     let held = tokio::task::spawn_blocking(move || store.live_sandboxes())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let local: Vec<SandboxRecord> = held.iter().map(|r| record_of(cluster.node_id(), r)).collect();
-    let done = cluster.reconcile(&local).await.map_err(|e| e.to_string())?;
+    let done = cluster.reconcile(&local, &before).await.map_err(|e| e.to_string())?;
     for id in &done.foreign {
         tracing::warn!(sandbox_id = %id, "another node owns this sandbox now: killing the local copy");
         app.manager.kill(id, "another cluster node owns it").await;

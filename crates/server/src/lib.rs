@@ -129,7 +129,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     manager.shutdown().await;
     if let Some(c) = &cluster {
         // Its sandboxes are gone: so are their records, and the node's registration.
-        if let Err(e) = c.reconcile(&[]).await {
+        if let Err(e) = c.reconcile(&[], &c.owned_ids()).await {
             tracing::warn!(error = %e, "removing this node's sandbox records from the cluster");
         }
         c.leave().await;
