@@ -144,7 +144,7 @@ pub struct Reconciled {
 }
 
 /// Per-operation deadline on etcd calls: a partitioned node must fail fast, not hang.
-const OP_TIMEOUT: Duration = Duration::from_millis(1500);
+const OP_TIMEOUT: Duration = Duration::from_millis(1000);
 
 async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -172,8 +172,9 @@ pub struct Cluster {
     nodes: RwLock<HashMap<String, NodeInfo>>,
     sandboxes: RwLock<HashMap<String, Versioned>>,
     keys: RwLock<HashMap<String, KeyRecord>>,
-    /// Creates this node sent to each peer since that peer last published its capacity, so
-    /// a burst of creates does not all pick the node that looked emptiest a second ago.
+    /// Creates this node placed on each node (itself included) since that node last
+    /// published its capacity, so a burst of creates does not all pick the node that looked
+    /// emptiest a second ago.
     placed: Mutex<HashMap<String, u64>>,
     capacity: Mutex<Capacity>,
 }
@@ -186,6 +187,35 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
+    /// One etcd call, tried up to three times: the client balances over the endpoints, and a
+    /// call that lands on a member that just went down fails once before the balancer stops
+    /// picking it; the next try goes to a live member. Each try has [`OP_TIMEOUT`].
+    async fn op<T, Fut>(&self, f: impl Fn(Client) -> Fut) -> Result<T, ClusterError>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = ClusterError::Timeout(OP_TIMEOUT);
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match tokio::time::timeout(OP_TIMEOUT, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => last = e.into(),
+                Err(_) => last = ClusterError::Timeout(OP_TIMEOUT),
+            }
+        }
+        Err(last)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, ClusterError> {
+        self.op(|mut c| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })
+        .await
+    }
+
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}/{kind}/{id}", self.cfg.prefix)
     }
@@ -270,9 +300,8 @@ impl Cluster {
     /// Takes a new lease and writes this node's record under it, only if no live node holds
     /// the id (the key is absent, or attached to a lease of ours).
     async fn register(&self) -> Result<(), ClusterError> {
-        let mut c = self.client.clone();
         let ttl = i64::try_from(self.cfg.ttl.as_secs()).unwrap_or(i64::MAX);
-        let lease = timed(c.lease_grant(ttl, None)).await?.id();
+        let lease = self.op(|mut c| async move { c.lease_grant(ttl, None).await }).await?.id();
         let key = self.key("nodes", &self.cfg.node_id);
         let info = serde_json::to_vec(&self.node_info())?;
         let put = TxnOp::put(key.clone(), info, Some(PutOptions::new().with_lease(lease)));
@@ -288,14 +317,14 @@ impl Cluster {
                     .and_then([put])
                     .or_else([TxnOp::get(key.clone(), None)]),
             )]);
-        let resp = timed(c.txn(txn)).await?;
+        let resp = self.txn(txn).await?;
         let won = resp.succeeded()
             || resp
                 .op_responses()
                 .iter()
                 .any(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()));
         if !won {
-            let _ = timed(c.lease_revoke(lease)).await;
+            let _ = self.op(|mut c| async move { c.lease_revoke(lease).await }).await;
             let addr = resp
                 .op_responses()
                 .iter()
@@ -350,22 +379,43 @@ impl Cluster {
         let every = self.cfg.ttl / 5;
         loop {
             tokio::time::sleep(every).await;
-            let mut c = self.client.clone();
             let lease = self.lease.load(Ordering::SeqCst);
-            let alive = async {
-                let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
-                timed(keeper.keep_alive()).await?;
-                let resp = timed(stream.message()).await?;
-                Ok::<_, ClusterError>(resp.is_some_and(|r| r.ttl() > 0))
-            }
-            .await;
+            let alive = self
+                .op(|mut c| async move {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                    keeper.keep_alive().await?;
+                    match stream.message().await {
+                        Ok(m) => Ok(m.is_some_and(|r| r.ttl() > 0)),
+                        // etcd answers an expired lease with TTL 0, which the client turns
+                        // into this error.
+                        Err(etcd_client::Error::LeaseKeepAliveError(m))
+                            if m.contains("lease not found") =>
+                        {
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                })
+                .await;
+            // The client reports etcd's answer for an expired lease (TTL 0) as this error.
+            let alive = match alive {
+                Err(ClusterError::Etcd(etcd_client::Error::LeaseKeepAliveError(m)))
+                    if m.contains("lease not found") =>
+                {
+                    Ok(false)
+                }
+                other => other,
+            };
             let result = match alive {
                 Ok(true) => {
                     let key = self.key("nodes", &self.cfg.node_id);
                     let info = serde_json::to_vec(&self.node_info()).unwrap_or_default();
-                    timed(c.put(key, info, Some(PutOptions::new().with_lease(lease))))
-                        .await
-                        .map(|_| ())
+                    self.op(|mut c| {
+                        let (k, v) = (key.clone(), info.clone());
+                        async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
+                    })
+                    .await
+                    .map(|_| ())
                 }
                 // The lease is gone (expired during a partition): others may have marked this
                 // node's sandboxes lost. Register anew; serving waits for a reconcile.
@@ -390,6 +440,12 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Whether the lease was renewed recently enough that it surely still holds.
+    pub fn lease_fresh(&self) -> bool {
+        let since = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or_default();
+        since + Duration::from_millis(1500).min(self.cfg.ttl / 2) < self.cfg.ttl
     }
 
     /// Why this node must not serve now, or None. A node serves while its lease is surely
@@ -424,7 +480,7 @@ impl Cluster {
     /// Gives up the node's registration (and leadership) now rather than at lease expiry.
     pub async fn leave(&self) {
         let lease = self.lease.swap(0, Ordering::SeqCst);
-        let _ = timed(self.client.clone().lease_revoke(lease)).await;
+        let _ = self.op(|mut c| async move { c.lease_revoke(lease).await }).await;
     }
 
     /// Asks for another reconcile before serving (the last one failed).
@@ -443,9 +499,12 @@ impl Cluster {
 
     /// Replaces the cache of `kind` with etcd's, returning the revision read.
     async fn load(&self, kind: &str) -> Result<i64, ClusterError> {
-        let mut c = self.client.clone();
-        let resp =
-            timed(c.get(self.prefix_of(kind), Some(GetOptions::new().with_prefix()))).await?;
+        let resp = self
+            .op(|mut c| {
+                let p = self.prefix_of(kind);
+                async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         let prefix = self.prefix_of(kind);
         match kind {
@@ -600,7 +659,7 @@ impl Cluster {
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, serde_json::to_vec(k)?, None)]);
-        timed(self.client.clone().txn(txn)).await?;
+        self.txn(txn).await?;
         Ok(())
     }
 
@@ -614,7 +673,12 @@ impl Cluster {
 
     async fn read(&self, id: &str) -> Result<Option<Versioned>, ClusterError> {
         let key = self.key("sandboxes", id);
-        let resp = timed(self.client.clone().get(key.clone(), None)).await?;
+        let resp = self
+            .op(|mut c| {
+                let k = key.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
         match resp.kvs().first() {
             None => Ok(None),
             Some(kv) => {
@@ -649,7 +713,7 @@ impl Cluster {
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value.clone(), None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = timed(self.client.clone().txn(txn)).await?;
+            let resp = self.txn(txn).await?;
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
                 self.cache(Versioned { record: rec.clone(), mod_revision: rev });
@@ -681,7 +745,7 @@ impl Cluster {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
             .and_then([TxnOp::put(key, serde_json::to_vec(rec)?, None)]);
-        let resp = timed(self.client.clone().txn(txn)).await?;
+        let resp = self.txn(txn).await?;
         if resp.succeeded() {
             let rev = resp.header().map_or(0, |h| h.revision());
             self.cache(Versioned { record: rec.clone(), mod_revision: rev });
@@ -700,7 +764,7 @@ impl Cluster {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, v.mod_revision)])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            if timed(self.client.clone().txn(txn)).await?.succeeded() {
+            if self.txn(txn).await?.succeeded() {
                 if let Ok(mut m) = self.sandboxes.write() {
                     m.remove(id);
                 }
@@ -797,9 +861,8 @@ impl Cluster {
                 }
             }
         };
-        if chosen.id != self.cfg.node_id
-            && let Ok(mut p) = self.placed.lock()
-        {
+        // Counted for this node too: its own published count is as stale as its peers'.
+        if let Ok(mut p) = self.placed.lock() {
             *p.entry(chosen.id.clone()).or_default() += 1;
         }
         Some(chosen.clone())
@@ -814,17 +877,17 @@ impl Cluster {
         node: &str,
     ) -> Result<String, ClusterError> {
         let k = format!("{}/idem/{tenant}/{key}", self.cfg.prefix);
-        let mut c = self.client.clone();
-        let lease = timed(c.lease_grant(24 * 3600, None)).await?.id();
+        let lease =
+            self.op(|mut c| async move { c.lease_grant(24 * 3600, None).await }).await?.id();
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(k.clone(), node, Some(PutOptions::new().with_lease(lease)))])
             .or_else([TxnOp::get(k.clone(), None)]);
-        let resp = timed(c.txn(txn)).await?;
+        let resp = self.txn(txn).await?;
         if resp.succeeded() {
             return Ok(node.to_string());
         }
-        let _ = timed(c.lease_revoke(lease)).await;
+        let _ = self.op(|mut c| async move { c.lease_revoke(lease).await }).await;
         let owner = resp
             .op_responses()
             .into_iter()

@@ -27,6 +27,10 @@ use crate::store::{SandboxState, StoredKey};
 /// Marks a request one node forwarded to another; its value is the sender's node id.
 pub const HOP: &str = "x-ringfence-hop";
 
+/// How long a proxied request waits for the owner's response head. A create answers once
+/// its sandbox runs (well under this); envd answers a command's head before it runs.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// Largest create body the placing node reads (it needs the template and tier).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
 
@@ -203,15 +207,21 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
         parts.headers.insert(HOP, v);
     }
     let req = Request::from_parts(parts, body);
-    match r.http.request(req).await {
-        Ok(resp) => {
+    // Bounds the wait for the answer's head only (streams then run as long as they run): a
+    // pooled connection to a node cut off mid-way would otherwise hang until TCP gives up.
+    match tokio::time::timeout(HEAD_TIMEOUT, r.http.request(req)).await {
+        Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             error(StatusCode::BAD_GATEWAY, format!("node {node} at {addr} did not answer: {e}"))
         }
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("node {node} at {addr} did not answer within {} s", HEAD_TIMEOUT.as_secs()),
+        ),
     }
 }
 
@@ -468,7 +478,13 @@ async fn sync_loop(app: App, cluster: Arc<Cluster>) {
         if let Err(e) = sync_keys(&app, &cluster).await {
             tracing::warn!(error = %e, "replicating API keys");
         }
-        match reconcile(&app, &cluster).await {
+        // Without a live registration the leader would mark what a pass restores lost again.
+        let pass = if cluster.lease_fresh() {
+            reconcile(&app, &cluster).await
+        } else {
+            Err("no live cluster lease".to_string())
+        };
+        match pass {
             // Only a pass that began after the (re)registration lets the node serve: one
             // already under way when the lease was replaced may have read stale records.
             Ok(()) if rejoined => cluster.settle(),
