@@ -11,3 +11,6 @@ cargo test --workspace --locked
 node --test interp/js/test-kernel.mjs
 # The unmodified e2b SDKs (from PyPI and npm) against a live `ringfence serve`.
 scripts/conformance.sh
+# Cluster mode: three etcd members and three nodes in network namespaces, 300 sandboxes
+# through the unmodified e2b SDK (SKIPPED without etcd).
+scripts/cluster.sh "${CLUSTER_SANDBOXES:-300}"
