@@ -169,6 +169,8 @@ pub struct Cluster {
     /// Set when a new lease was taken: the server must reconcile before serving again.
     rejoined: AtomicBool,
     leader: AtomicBool,
+    /// Set by [`Cluster::leave`]: the background tasks stop (no renewal, no re-registration).
+    stopped: AtomicBool,
     nodes: RwLock<HashMap<String, NodeInfo>>,
     sandboxes: RwLock<HashMap<String, Versioned>>,
     keys: RwLock<HashMap<String, KeyRecord>>,
@@ -270,6 +272,7 @@ impl Cluster {
             settled: AtomicBool::new(false),
             rejoined: AtomicBool::new(true),
             leader: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             nodes: Default::default(),
             sandboxes: Default::default(),
             keys: Default::default(),
@@ -379,6 +382,9 @@ impl Cluster {
         let every = self.cfg.ttl / 5;
         loop {
             tokio::time::sleep(every).await;
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
             let lease = self.lease.load(Ordering::SeqCst);
             let alive = self
                 .op(|mut c| async move {
@@ -479,6 +485,7 @@ impl Cluster {
 
     /// Gives up the node's registration (and leadership) now rather than at lease expiry.
     pub async fn leave(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
         let lease = self.lease.swap(0, Ordering::SeqCst);
         let _ = self.op(|mut c| async move { c.lease_revoke(lease).await }).await;
     }
@@ -552,7 +559,7 @@ impl Cluster {
     /// Keeps the cache of `kind` current: a full read, then a watch from the revision after
     /// it; on any break (partition, compaction) the same again.
     async fn watch_loop(self: Arc<Self>, kind: &'static str) {
-        loop {
+        while !self.stopped.load(Ordering::SeqCst) {
             if let Err(e) = self.watch_once(kind).await {
                 tracing::debug!(kind, error = %e, "cluster watch ended; reloading");
             }
@@ -905,7 +912,7 @@ impl Cluster {
     /// nodes without a live lease `lost` every half second. Leadership ends with the lease.
     async fn leader_loop(self: Arc<Self>) {
         let name = format!("{}/election", self.cfg.prefix);
-        loop {
+        while !self.stopped.load(Ordering::SeqCst) {
             let lease = self.lease.load(Ordering::SeqCst);
             let mut c = self.client.clone();
             // Campaign blocks until elected; it is abandoned if our lease changes meanwhile
@@ -925,7 +932,7 @@ impl Cluster {
             self.leader.store(true, Ordering::SeqCst);
             tracing::info!(node = %self.cfg.node_id, "cluster leader");
             while self.lease.load(Ordering::SeqCst) == lease {
-                if self.unavailable().is_none()
+                if self.lease_fresh()
                     && let Err(e) = self.mark_lost().await
                 {
                     tracing::warn!(error = %e, "marking lost sandboxes");
