@@ -204,8 +204,8 @@ class Cluster:
         except OSError:
             return ""
 
-    def http(self, i, method, path, hop=False, timeout=10, headers=None):
-        req = urllib.request.Request(self.url(i) + path, method=method)
+    def http(self, i, method, path, hop=False, timeout=10, headers=None, data=None):
+        req = urllib.request.Request(self.url(i) + path, method=method, data=data)
         req.add_header("X-API-Key", self.key)
         if hop:
             # A peer's hop marker: the node answers for itself only (no fan-out).
@@ -342,6 +342,20 @@ def run(c):
     status, body, _ = c.http(1, "GET", "/sandboxes?limit=1000")
     listed = {x["sandboxID"] for x in json.loads(body)}
     check("list through B fans out to every node", set(ids) <= listed, f"{len(listed)} listed")
+
+    # A create retried through another node under the same Idempotency-Key makes no second
+    # sandbox; a kill through a third node reaches the owner and drops the record.
+    hdr = {"Idempotency-Key": f"cluster-{os.getpid()}", "Content-Type": "application/json"}
+    body = b'{"templateID": "base", "timeout": 600}'
+    s1, b1, _ = c.http(0, "POST", "/sandboxes", headers=hdr, data=body)
+    s2, b2, _ = c.http(1, "POST", "/sandboxes", headers=hdr, data=body)
+    first, again = json.loads(b1).get("sandboxID"), json.loads(b2).get("sandboxID")
+    check("idempotency: a retry through B returns A's create", s1 == 201 and s2 == 201
+          and first == again, f"{s1} {s2} {first} {again}")
+    status, _, _ = c.http(2, "DELETE", f"/sandboxes/{first}")
+    time.sleep(0.5)
+    check("kill through C: 204 and the record is gone", status == 204 and first not in owners(c),
+          str(status))
 
     # ---- 2. kill -9 node C and one etcd member -------------------------------------------
     on = {name: [i for i in ids if recs[i]["owner"] == name] for name in c.names}
