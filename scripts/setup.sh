@@ -18,9 +18,12 @@ need=()
 # JShell's jdk.jshell API).
 # clang, lld, wasi-libc, libclang-rt-14-dev-wasm32: build QuickJS for WASI, the `wasm` tier's
 # JavaScript (scripts/build-wasm-js.sh).
+# protobuf-compiler: the etcd-client crate generates its gRPC types with protoc at build time.
+# etcd-server, etcd-client: cluster mode's coordination, and its test's three-member etcd
+# (tests/cluster/cluster.py; etcdctl reads the records back).
 for pkg in python3 python3-venv python3-pip iproute2 util-linux procps curl nodejs e2fsprogs \
   busybox-static docker-registry skopeo debootstrap chromium r-base-core default-jdk-headless \
-  clang lld wasi-libc libclang-rt-14-dev-wasm32; do
+  clang lld wasi-libc libclang-rt-14-dev-wasm32 protobuf-compiler etcd-server etcd-client; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # Some nodejs builds (NodeSource's) carry npm themselves and conflict with Debian's package.
@@ -41,6 +44,11 @@ fi
 # all interfaces, where systemd runs it) is not needed.
 if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then
   systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+# The cluster test starts its own etcd members on free ports; the package's service (on :2379,
+# where systemd runs it) is not needed.
+if command -v systemctl >/dev/null && systemctl is-enabled -q etcd 2>/dev/null; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 # The code interpreter's Python environment (pinned IPython, numpy, pandas, matplotlib).
 "$(dirname "$0")/interp-env.sh"

@@ -19,3 +19,8 @@ phase "kernel unit tests"
 RINGFENCE_BIN="${SDK_SERVER_BIN:-${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/debug/ringfence}}" \
   scripts/conformance.sh
 phase "SDK suites"
+# Cluster mode: three etcd members and three nodes in network namespaces, 300 sandboxes
+# through the unmodified e2b SDK (SKIPPED without etcd), on the same binary as the SDK suites.
+RINGFENCE_BIN="${SDK_SERVER_BIN:-${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/debug/ringfence}}" \
+  scripts/cluster.sh "${CLUSTER_SANDBOXES:-300}"
+phase "cluster"

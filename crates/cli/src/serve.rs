@@ -133,6 +133,71 @@ pub struct ServeArgs {
     /// on top of the sandbox, not a boundary: code that hides from it still runs contained.
     #[arg(long, value_parser = ringfence_risk::DenyRules::parse)]
     risk_deny: Option<ringfence_risk::DenyRules>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Cluster mode: several nodes behind one API, coordinated by etcd. Without `--cluster` the
+/// server runs on its own and needs no etcd.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// etcd client URLs, comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// This node's id in the cluster (letters, digits, '-', '_'); keep it across restarts so
+    /// the node adopts its surviving sandboxes.
+    #[arg(long, requires = "cluster")]
+    node_id: Option<String>,
+    /// HOST:PORT the other nodes reach this node's API at. Default: --listen, unless that is
+    /// an unspecified address (0.0.0.0), which peers cannot dial.
+    #[arg(long, requires = "cluster")]
+    advertise: Option<String>,
+    /// The node lease's time to live: a node silent this long is dead and its sandboxes read
+    /// `lost`.
+    #[arg(long, default_value = "5s", value_parser = limits::parse_duration)]
+    cluster_ttl: Duration,
+    /// Key prefix in etcd (clusters sharing an etcd use different ones).
+    #[arg(long, default_value = "/ringfence")]
+    cluster_prefix: String,
+    /// Sandboxes this node offers the cluster at most (placement's capacity).
+    #[arg(long, default_value_t = 500)]
+    cluster_slots: u64,
+}
+
+impl ClusterArgs {
+    fn config(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<Option<ringfence_cluster::ClusterConfig>, String> {
+        if self.cluster.is_empty() {
+            return Ok(None);
+        }
+        let node_id = self.node_id.clone().ok_or("--cluster needs --node-id")?;
+        let advertise = match &self.advertise {
+            Some(a) => a.clone(),
+            None if listen.ip().is_unspecified() => {
+                return Err(format!(
+                    "--listen {listen} is not an address peers can dial: give --advertise HOST:PORT"
+                ));
+            }
+            None => listen.to_string(),
+        };
+        let endpoints: Vec<String> =
+            self.cluster.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        if let Some(bad) =
+            endpoints.iter().find(|e| !e.starts_with("http://") && !e.starts_with("https://"))
+        {
+            return Err(format!("--cluster endpoint {bad:?} must be an http:// or https:// URL"));
+        }
+        Ok(Some(ringfence_cluster::ClusterConfig {
+            endpoints,
+            node_id,
+            advertise,
+            ttl: self.cluster_ttl,
+            prefix: self.cluster_prefix.trim_end_matches('/').to_string(),
+            slots: self.cluster_slots,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -314,7 +379,15 @@ pub fn main(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cluster = match args.cluster.config(args.listen) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = ringfence_server::ServeConfig {
+        cluster,
         listen: args.listen,
         manager: ManagerConfig {
             data_dir: args.common.data_dir.clone(),

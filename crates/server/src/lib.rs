@@ -13,6 +13,7 @@ pub mod agent_client;
 pub mod api;
 pub mod bounded;
 pub mod builder;
+pub mod cluster;
 pub mod codec;
 pub mod envd;
 pub mod events;
@@ -48,6 +49,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub manager: ManagerConfig,
     pub observe: observe::ObserveConfig,
+    /// Cluster mode (`--cluster`): None serves on its own, with no etcd.
+    pub cluster: Option<ringfence_cluster::ClusterConfig>,
 }
 
 /// Fatal server errors.
@@ -65,6 +68,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cluster: {0}")]
+    Cluster(#[from] ringfence_cluster::ClusterError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -127,7 +132,15 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .await
         .map_err(|source| ServeError::Listen { addr: cfg.listen, source })?;
     tracing::info!(listen = %cfg.listen, "ringfence serve: ready");
-    let app = api::router(api::App { manager: manager.clone() });
+    let app = api::App { manager: manager.clone() };
+    let cluster = match cfg.cluster.clone() {
+        Some(cc) => Some(cluster::join(cc, &app).await?),
+        None => None,
+    };
+    let app = match &cluster {
+        Some(c) => cluster::router(app.clone(), c.clone(), api::router(app)),
+        None => api::router(app),
+    };
     // Streams send many small frames (a start event, then output): without TCP_NODELAY,
     // Nagle's algorithm meets the client's delayed ACK and holds the second frame ~40 ms.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -137,6 +150,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     manager.shutdown().await;
+    if let Some(c) = &cluster {
+        // Its sandboxes are gone: so are their records, and the node's registration.
+        if let Err(e) = c.reconcile(&[], &c.owned_ids()).await {
+            tracing::warn!(error = %e, "removing this node's sandbox records from the cluster");
+        }
+        c.leave().await;
+    }
     volumes::unmount_all(&cfg.manager.data_dir, manager.store());
     observer.flush().await;
     Ok(())

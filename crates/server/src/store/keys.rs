@@ -110,4 +110,51 @@ impl Store {
         }
         Ok(())
     }
+
+    /// Every key as stored (its hash, never a plaintext), for cluster replication.
+    pub fn export_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, key_hash, created_at, operator, limits, tiers FROM api_keys \
+             ORDER BY created_at, id",
+        )?;
+        let keys = stmt
+            .query_map([], |r| {
+                Ok(StoredKey {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    key_hash: r.get(2)?,
+                    created_at: r.get(3)?,
+                    operator: r.get(4)?,
+                    limits: r.get(5)?,
+                    tiers: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    /// Adds a key another cluster node published, unless its id or hash is already here.
+    /// Returns whether it was added.
+    pub fn import_key(&self, k: &StoredKey) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO api_keys (id, name, key_hash, created_at, operator, limits, \
+             tiers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![k.id, k.name, k.key_hash, k.created_at, k.operator, k.limits, k.tiers],
+        )?;
+        Ok(n > 0)
+    }
+}
+
+/// An API key row as stored: what cluster nodes replicate to each other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKey {
+    pub id: String,
+    pub name: String,
+    /// SHA-256 of the plaintext, hex.
+    pub key_hash: String,
+    pub created_at: i64,
+    pub operator: bool,
+    pub limits: String,
+    pub tiers: Option<String>,
 }

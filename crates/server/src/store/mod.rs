@@ -48,6 +48,7 @@ mod tests;
 mod volumes;
 
 pub use events::{Attempt, Delivery, DueDelivery, LifecycleEvent, Webhook};
+pub use keys::StoredKey;
 use schema::migrate;
 pub use secrets::SecretRecord;
 pub use volumes::VolumeRecord;

@@ -1,0 +1,583 @@
+//! Cluster mode's routing layer: in front of the E2B router, every request for a sandbox
+//! another node owns is proxied to that node (bodies streamed both ways, never buffered); a
+//! create is placed on a node by free capacity and forwarded; lists and audit queries fan
+//! out. Who owns what lives in etcd (`ringfence_cluster`); this module also keeps etcd in line
+//! with what this node runs (a reconcile every second) and replicates API keys.
+//!
+//! A request forwarded by a peer carries [`HOP`] and is served here, never forwarded again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ringfence_cluster::{Capacity, Cluster, ClusterConfig, KeyRecord, SandboxRecord};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::api::{ApiError, App};
+use crate::store::{SandboxState, StoredKey};
+
+/// Marks a request one node forwarded to another; its value is the sender's node id.
+pub const HOP: &str = "x-ringfence-hop";
+
+/// How long a proxied request waits for the owner's response head. A create answers once
+/// its sandbox runs (well under this); envd answers a command's head before it runs.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Largest create body the placing node reads (it needs the template and tier).
+const CREATE_BODY_LIMIT: usize = 1 << 20;
+
+/// The routing layer's state.
+#[derive(Clone)]
+pub struct Routing {
+    app: App,
+    cluster: Arc<Cluster>,
+    inner: Router,
+    http: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing").field("cluster", &self.cluster).finish_non_exhaustive()
+    }
+}
+
+/// Joins the cluster and starts the loop that keeps etcd in line with this node.
+pub async fn join(
+    cfg: ClusterConfig,
+    app: &App,
+) -> Result<Arc<Cluster>, ringfence_cluster::ClusterError> {
+    let cluster = Cluster::join(cfg, capacity(app)).await?;
+    tokio::spawn(sync_loop(app.clone(), cluster.clone()));
+    Ok(cluster)
+}
+
+/// Wraps the E2B router in the routing layer.
+pub fn router(app: App, cluster: Arc<Cluster>, inner: Router) -> Router {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let http = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    Router::new().fallback(route).with_state(Routing { app, cluster, inner, http })
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    ApiError::new(status, msg).into_response()
+}
+
+/// The sandbox a request is about: E2B's sandbox-traffic headers, a `<port>-<id>.<domain>`
+/// Host, or a control-plane path naming it.
+fn sandbox_of(req: &Request) -> Option<String> {
+    let h = req.headers();
+    if let Some(id) = h.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
+        return Some(id.to_string());
+    }
+    if let Some((_, id)) =
+        h.get("host").and_then(|v| v.to_str().ok()).and_then(crate::network::parse_host)
+    {
+        return Some(id);
+    }
+    let path = req.uri().path();
+    let rest = path
+        .strip_prefix("/v2/sandboxes/")
+        .or_else(|| path.strip_prefix("/sandboxes/"))
+        .or_else(|| path.strip_prefix("/events/sandboxes/"))
+        .or_else(|| path.strip_prefix("/v2/events/sandboxes/"))?;
+    let id = rest.split('/').next().unwrap_or("");
+    // `/sandboxes/metrics` is the batch route, not a sandbox.
+    (!id.is_empty() && id != "metrics").then(|| id.to_string())
+}
+
+fn is_create(req: &Request) -> bool {
+    req.method() == Method::POST && matches!(req.uri().path(), "/sandboxes" | "/v2/sandboxes")
+}
+
+fn is_list(req: &Request) -> bool {
+    req.method() == Method::GET && matches!(req.uri().path(), "/sandboxes" | "/v2/sandboxes")
+}
+
+async fn route(State(r): State<Routing>, req: Request) -> Response {
+    let hop = req.headers().contains_key(HOP);
+    let id = sandbox_of(&req);
+    // The node's own health check answers while it is cut off: it says the process is up.
+    let plain_health = id.is_none() && req.uri().path() == "/health";
+    if !plain_health && let Some(why) = r.cluster.unavailable() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, why);
+    }
+    if let Some(id) = id {
+        return sandbox_request(r, id, hop, req).await;
+    }
+    if hop {
+        if is_create(&req) {
+            return local_create(&r, req).await;
+        }
+        return local(&r, req).await;
+    }
+    if is_create(&req) {
+        return place(r, req).await;
+    }
+    if is_list(&req) || (req.method() == Method::GET && req.uri().path() == "/audit") {
+        return fan_out(r, req).await;
+    }
+    local(&r, req).await
+}
+
+async fn local(r: &Routing, req: Request) -> Response {
+    match r.inner.clone().oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// A request naming a sandbox: served here when this node owns it (or no node does: the
+/// local answer is then the right 404), proxied to its owner otherwise.
+async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Response {
+    let record = match r.cluster.lookup(&id).await {
+        Ok(rec) => rec,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("node {}: cannot read sandbox {id}'s owner: {e}", r.cluster.node_id()),
+            );
+        }
+    };
+    let me = r.cluster.node_id().to_string();
+    let Some(rec) = record else { return local(&r, req).await };
+    if rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none()) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "sandbox {id} is lost: its node {} stopped renewing its cluster lease (down or \
+                 cut off); it comes back if that node returns",
+                rec.owner
+            ),
+        );
+    }
+    if rec.owner == me {
+        let kill = req.method() == Method::DELETE;
+        let resp = local(&r, req).await;
+        if kill && resp.status() == StatusCode::NO_CONTENT {
+            // The reconcile would also drop it within a second; now, so a list right after
+            // the kill no longer shows it.
+            if let Err(e) = r.cluster.release(&id).await {
+                tracing::warn!(sandbox_id = %id, error = %e, "releasing a killed sandbox's record");
+            }
+        }
+        return resp;
+    }
+    if hop {
+        // A peer sent this here, but the record names a third node: never serve a sandbox
+        // whose record names another owner, and never forward twice.
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("sandbox {id} is owned by node {}, not {me}", rec.owner),
+        );
+    }
+    let Some(node) = r.cluster.node(&rec.owner) else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("node {} is gone", rec.owner));
+    };
+    forward(&r, &node.id, &node.addr, req).await
+}
+
+/// Sends `req` to node `node` at `addr` and relays its answer; bodies stream both ways.
+async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = match format!("http://{addr}{pq}").parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("node {node}'s address {addr:?} is not usable: {e}"),
+            );
+        }
+    };
+    parts.uri = uri;
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(r.cluster.node_id()) {
+        parts.headers.insert(HOP, v);
+    }
+    let req = Request::from_parts(parts, body);
+    // Bounds the wait for the answer's head only (streams then run as long as they run): a
+    // pooled connection to a node cut off mid-way would otherwise hang until TCP gives up.
+    match tokio::time::timeout(HEAD_TIMEOUT, r.http.request(req)).await {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Ok(Err(e)) => {
+            error(StatusCode::BAD_GATEWAY, format!("node {node} at {addr} did not answer: {e}"))
+        }
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("node {node} at {addr} did not answer within {} s", HEAD_TIMEOUT.as_secs()),
+        ),
+    }
+}
+
+/// Headers about one connection, not the request (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+}
+
+/// A create that arrived here from a client: pick the node, forward, relay.
+async fn place(r: Routing, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, CREATE_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("create body unreadable or over 1 MiB: {e}"),
+            );
+        }
+    };
+    let parsed: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+        }
+    };
+    let requested = parsed.get("templateID").and_then(Value::as_str).unwrap_or("base");
+    let metadata: std::collections::BTreeMap<String, String> = parsed
+        .get("metadata")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let (template, tier) = match crate::tier::requested(requested, &metadata) {
+        Ok((t, k)) => (t, k.unwrap_or(r.app.manager.tiers().default_kind())),
+        // The local create gives the precise refusal.
+        Err(_) => (requested.to_string(), r.app.manager.tiers().default_kind()),
+    };
+    let me = r.cluster.node_id().to_string();
+    let mut target = r.cluster.place(&template, tier.as_str()).map_or_else(|| me.clone(), |n| n.id);
+    if let Some(k) = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        // The tenant is the presented key's hash: the node pinning the create need not know
+        // the key (the node that creates checks it).
+        let presented = parts
+            .headers
+            .get("x-api-key")
+            .or_else(|| parts.headers.get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let tenant = {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(presented.as_bytes())[..16])
+        };
+        let valid = (1..=255).contains(&k.len())
+            && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if valid {
+            match r.cluster.idempotent_target(&tenant, k, &target).await {
+                Ok(t) => target = t,
+                Err(e) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("node {me}: cannot record the Idempotency-Key: {e}"),
+                    );
+                }
+            }
+        }
+    }
+    let req = Request::from_parts(parts, Body::from(bytes));
+    if target == me {
+        return local_create(&r, req).await;
+    }
+    let Some(node) = r.cluster.node(&target) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {target}, which this create is pinned to, is not in the cluster now"),
+        );
+    };
+    forward(&r, &node.id, &node.addr, req).await
+}
+
+/// A create run on this node: the sandbox's ownership record is written before the answer
+/// goes out, so an acknowledged sandbox always has one. If etcd refuses it, the sandbox is
+/// killed and the create fails.
+async fn local_create(r: &Routing, req: Request) -> Response {
+    let resp = local(r, req).await;
+    if resp.status() != StatusCode::CREATED {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, CREATE_BODY_LIMIT).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "create answer unreadable");
+    };
+    let id = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("sandboxID").and_then(Value::as_str).map(str::to_string));
+    if let Some(id) = id
+        && let Some(rec) = r.app.manager.get(&id).and_then(|l| l.snapshot())
+        && let Err(e) = r.cluster.claim(&record_of(r.cluster.node_id(), &rec)).await
+    {
+        r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {}: recording sandbox {id} in the cluster failed: {e}",
+                r.cluster.node_id()
+            ),
+        );
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn record_of(node: &str, r: &crate::store::SandboxRecord) -> SandboxRecord {
+    SandboxRecord {
+        id: r.id.clone(),
+        owner: node.to_string(),
+        tenant: r.key_id.clone(),
+        state: match r.state {
+            SandboxState::Paused => "paused",
+            _ => "running",
+        }
+        .into(),
+        template: r.template.clone(),
+        tier: r.tier.clone(),
+        end_at: r.end_at,
+        lost_reason: None,
+    }
+}
+
+/// `GET /sandboxes` and `GET /audit` through any node: the same request to every live node
+/// (this one in-process), the answers joined. Lists also show the caller's `lost` sandboxes
+/// (from etcd). Nodes that did not answer are named in `X-Ringfence-Partial`.
+async fn fan_out(r: Routing, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    let me = r.cluster.node_id().to_string();
+    let audit = parts.uri.path() == "/audit";
+    let mut calls = Vec::new();
+    for node in r.cluster.nodes() {
+        let mut p = parts.clone();
+        if let Ok(v) = HeaderValue::from_str(&me) {
+            p.headers.insert(HOP, v);
+        }
+        let req = Request::from_parts(p, Body::empty());
+        let r2 = r.clone();
+        calls.push(async move {
+            let resp = if node.id == r2.cluster.node_id() {
+                local(&r2, req).await
+            } else {
+                forward(&r2, &node.id, &node.addr, req).await
+            };
+            (node.id, resp)
+        });
+    }
+    let answers = futures_util::future::join_all(calls).await;
+    let mut items = Vec::new();
+    let mut partial = Vec::new();
+    for (node, resp) in answers {
+        let status = resp.status();
+        let Ok(bytes) = axum::body::to_bytes(resp.into_body(), 64 << 20).await else {
+            partial.push(node);
+            continue;
+        };
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::BAD_REQUEST {
+            // The caller's mistake reads the same on every node: answer it as it is.
+            return Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(bytes))
+                .unwrap_or_else(|_| error(status, "bad request"));
+        }
+        let v: Value = match serde_json::from_slice(&bytes) {
+            Ok(v) if status.is_success() => v,
+            _ => {
+                partial.push(node);
+                continue;
+            }
+        };
+        let list = if audit { v.get("records").cloned().unwrap_or(Value::Null) } else { v };
+        if let Value::Array(a) = list {
+            items.extend(a);
+        }
+    }
+    if !audit && !parts.uri.query().unwrap_or("").contains("state=") {
+        let tenant = crate::api::caller(&r.app, &parts.headers).await.ok().map(|k| k.id);
+        let alive: std::collections::HashSet<String> =
+            r.cluster.nodes().into_iter().map(|n| n.id).collect();
+        for rec in r.cluster.records() {
+            let lost = rec.state == "lost" || !alive.contains(&rec.owner);
+            if lost && tenant.as_deref() == Some(rec.tenant.as_str()) {
+                items.push(json!({
+                    "sandboxID": rec.id,
+                    "templateID": rec.template,
+                    "state": "lost",
+                    "endAt": rec.end_at,
+                    "node": rec.owner,
+                    "message": rec.lost_reason.unwrap_or_else(|| format!(
+                        "its node {} stopped renewing its cluster lease", rec.owner)),
+                }));
+            }
+        }
+    }
+    let body =
+        if audit { json!({"records": items, "next_cursor": null}) } else { Value::Array(items) };
+    let mut resp = axum::Json(body).into_response();
+    if !partial.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&partial.join(","))
+    {
+        resp.headers_mut().insert("x-ringfence-partial", v);
+    }
+    resp
+}
+
+/// What this node offers now.
+fn capacity(app: &App) -> Capacity {
+    let (starting, running) = app.manager.counts();
+    let mem_available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    Capacity {
+        mem_available,
+        cpus,
+        running: u64::try_from(starting + running).unwrap_or(0),
+        // Templates every node has; a template built on one node only is advertised by none
+        // and its creates run where they arrive.
+        templates: vec!["base".into(), ringfence_jail::template::INTERP_TEMPLATE.into()],
+        tiers: app.manager.tiers().available().map(|t| t.kind().as_str().to_string()).collect(),
+    }
+}
+
+/// Every second: publishes capacity, replicates API keys, and reconciles etcd with the
+/// sandboxes this node holds (the node serves again after a lease loss only once this has
+/// run, and kills what another node owns now).
+async fn sync_loop(app: App, cluster: Arc<Cluster>) {
+    loop {
+        let rejoined = cluster.take_rejoined();
+        cluster.set_capacity(capacity(&app));
+        if let Err(e) = sync_keys(&app, &cluster).await {
+            tracing::warn!(error = %e, "replicating API keys");
+        }
+        // Without a live registration the leader would mark what a pass restores lost again.
+        let pass = if cluster.lease_fresh() {
+            reconcile(&app, &cluster).await
+        } else {
+            Err("no live cluster lease".to_string())
+        };
+        match pass {
+            // Only a pass that began after the (re)registration lets the node serve: one
+            // already under way when the lease was replaced may have read stale records.
+            Ok(()) if rejoined => cluster.settle(),
+            Ok(()) => {}
+            Err(e) => {
+                if rejoined {
+                    // Again next round; the node keeps refusing until one succeeds.
+                    cluster.mark_rejoined();
+                    tracing::warn!(error = %e, "reconcile after joining the cluster failed");
+                } else {
+                    tracing::debug!(error = %e, "cluster reconcile");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
+    let before = cluster.owned_ids();
+    let store = app.manager.store().clone();
+    let held = tokio::task::spawn_blocking(move || store.live_sandboxes())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let local: Vec<SandboxRecord> = held.iter().map(|r| record_of(cluster.node_id(), r)).collect();
+    let done = cluster.reconcile(&local, &before).await.map_err(|e| e.to_string())?;
+    for id in &done.foreign {
+        tracing::warn!(sandbox_id = %id, "another node owns this sandbox now: killing the local copy");
+        app.manager.kill(id, "another cluster node owns it").await;
+    }
+    if done.claimed + done.restored + done.released > 0 {
+        tracing::info!(
+            claimed = done.claimed,
+            restored = done.restored,
+            released = done.released,
+            "cluster records reconciled"
+        );
+    }
+    Ok(())
+}
+
+/// Publishes this node's keys and adds the cluster's to the local store.
+async fn sync_keys(app: &App, cluster: &Cluster) -> Result<(), String> {
+    let store = app.manager.store().clone();
+    let mine = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.export_keys())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let known: std::collections::HashSet<String> =
+        cluster.keys().into_iter().map(|k| k.id).collect();
+    for k in &mine {
+        if !known.contains(&k.id) {
+            let rec = KeyRecord {
+                id: k.id.clone(),
+                name: k.name.clone(),
+                key_hash: k.key_hash.clone(),
+                created_at: k.created_at,
+                operator: k.operator,
+                limits: k.limits.clone(),
+                tiers: k.tiers.clone(),
+            };
+            cluster.publish_key(&rec).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let have: std::collections::HashSet<String> = mine.into_iter().map(|k| k.id).collect();
+    let missing: Vec<StoredKey> = cluster
+        .keys()
+        .into_iter()
+        .filter(|k| !have.contains(&k.id))
+        .map(|k| StoredKey {
+            id: k.id,
+            name: k.name,
+            key_hash: k.key_hash,
+            created_at: k.created_at,
+            operator: k.operator,
+            limits: k.limits,
+            tiers: k.tiers,
+        })
+        .collect();
+    if !missing.is_empty() {
+        tokio::task::spawn_blocking(move || {
+            for k in &missing {
+                if let Err(e) = store.import_key(k) {
+                    tracing::warn!(key_id = %k.id, error = %e, "importing a cluster API key");
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
