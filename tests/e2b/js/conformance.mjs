@@ -194,6 +194,58 @@ async function volumes() {
   check('Volume.destroy', (await Volume.destroy(vol.volumeId, conn)) === true)
 }
 
+// A volume mounted by two sandboxes, pause and resume through connect, a snapshot used as a
+// template, and metrics, as the JS SDK sends them (the Python suites go deeper: volumes.py,
+// lifecycle.py, extras.py).
+async function lifecycleAndMounts() {
+  const vol = await Volume.create(`js-mnt-${Date.now()}`, conn)
+  const opts = { ...conn, timeoutMs: 120_000 }
+  const a = await Sandbox.create({ ...opts, volumeMounts: { '/mnt/shared': vol } })
+  const b = await Sandbox.create({ ...opts, volumeMounts: { '/data': vol } })
+  let c = null
+  try {
+    await a.files.write('/mnt/shared/from-a.txt', 'written by a')
+    check('volumeMounts: another sandbox reads the first one\'s write at its own path',
+      (await b.files.read('/data/from-a.txt')) === 'written by a')
+    check('volumeMounts: the volume\'s content API sees it',
+      (await vol.readFile('/from-a.txt')) === 'written by a')
+    let destroyed = null
+    let refused = null
+    try { destroyed = await Volume.destroy(vol.volumeId, conn) } catch (e) { refused = e }
+    check('Volume.destroy refused while mounted', refused !== null || destroyed === false,
+      String(refused ?? destroyed))
+    check('the mounted volume is still there', (await vol.readFile('/from-a.txt')) === 'written by a')
+
+    await a.commands.run('echo kept > /tmp/state')
+    check('betaPause', (await a.betaPause()) === true)
+    const paused = await Sandbox.getInfo(a.sandboxId, conn)
+    check('getInfo reads paused', paused.state === 'paused', paused.state)
+    const back = await Sandbox.connect(a.sandboxId, opts)
+    check('connect resumes it with its files',
+      (await back.commands.run('cat /tmp/state')).stdout.trim() === 'kept')
+    check('getInfo reads running again', (await back.getInfo()).state === 'running')
+
+    const snap = await back.createSnapshot()
+    check('createSnapshot returns an id', typeof snap?.snapshotId === 'string' && snap.snapshotId.length > 0, snap)
+    c = await Sandbox.create(snap.snapshotId, opts)
+    check('a sandbox from the snapshot has its files',
+      (await c.commands.run('cat /tmp/state')).stdout.trim() === 'kept')
+    check('the snapshot\'s source keeps running', (await back.commands.run('echo up')).stdout.trim() === 'up')
+
+    // Metrics are sampled every few seconds: wait for the first one.
+    let metrics = []
+    for (let i = 0; i < 40 && metrics.length === 0; i++) {
+      metrics = await back.getMetrics()
+      if (metrics.length === 0) await new Promise((r) => setTimeout(r, 250))
+    }
+    const m = metrics[metrics.length - 1]
+    check('getMetrics: a sample with CPU count and memory', m && m.cpuCount >= 1 && m.memTotal > 0, m)
+  } finally {
+    await Promise.allSettled([a.kill(), b.kill(), c?.kill()].filter(Boolean))
+  }
+  check('Volume.destroy once nothing mounts it', (await Volume.destroy(vol.volumeId, conn)) === true)
+}
+
 /** Listens on 127.0.0.2 (exempted from the conformance server's ceiling for this), port 0. */
 function listen(server) {
   return new Promise((resolve, reject) => {
@@ -347,6 +399,7 @@ async function vaultAndProxy() {
 try {
   await badInput()
   await volumes()
+  await lifecycleAndMounts()
   await vaultAndProxy()
   await main()
 } catch (e) {
