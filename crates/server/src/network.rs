@@ -535,13 +535,7 @@ impl Network {
         );
         let (build_id, template) = (build.0.to_string(), build.1.to_string());
         let sink = Arc::new(move |e: EgressEvent| {
-            let mut rec = AuditRecord::new("network.egress", e.ts_ms);
-            rec.duration_ms = e.duration_ms;
-            if let Ok(Value::Object(m)) = serde_json::to_value(&e) {
-                rec.detail = m;
-                rec.detail.remove("ts_ms");
-                rec.detail.remove("duration_ms");
-            }
+            let mut rec = egress_record(&e);
             rec.detail.insert("build_id".into(), json!(build_id));
             rec.detail.insert("template".into(), json!(template));
             audit.offer(rec);
@@ -645,14 +639,7 @@ impl Network {
         }
         let audit = EgressAudit::new(self.audit.clone(), id.to_string(), key.to_string());
         let sink = Arc::new(move |e: EgressEvent| {
-            let mut rec = AuditRecord::new("network.egress", e.ts_ms);
-            rec.duration_ms = e.duration_ms;
-            if let Ok(Value::Object(m)) = serde_json::to_value(&e) {
-                rec.detail = m;
-                rec.detail.remove("ts_ms");
-                rec.detail.remove("duration_ms");
-            }
-            audit.offer(rec);
+            audit.offer(egress_record(&e));
         });
         let net = match at {
             crate::tier::NetAttach::Netns(ns) => {
@@ -1070,6 +1057,19 @@ pub fn ceiling(allow: &[String], deny: &[String], exempt: &[String]) -> Result<C
         .map(|c| c.parse().map_err(|e| format!("--egress-exempt {c:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Ceiling { allow, deny, exempt })
+}
+
+/// The audit record of one egress decision: the event's fields as its detail, its time and
+/// duration as the record's own.
+fn egress_record(e: &EgressEvent) -> AuditRecord {
+    let mut rec = AuditRecord::new("network.egress", e.ts_ms);
+    rec.duration_ms = e.duration_ms;
+    if let Ok(Value::Object(m)) = serde_json::to_value(e) {
+        rec.detail = m;
+        rec.detail.remove("ts_ms");
+        rec.detail.remove("duration_ms");
+    }
+    rec
 }
 
 #[cfg(test)]
