@@ -457,6 +457,31 @@ def run(c):
         used = list(ex.map(use, ids))
     check(f"rolling restart: all {len(used)} serve through B", all(used))
 
+    # ---- 5. a key revoked on one node is refused by every node --------------------------
+    main_key = c.key
+    c.key = sh(BIN, "keys", "create", "--name", "doomed", "--data-dir", c.data(1)).stdout.split()[-1]
+    deadline = time.time() + 15
+    while time.time() < deadline and not all(c.http(i, "GET", "/sandboxes", hop=True)[0] == 200
+                                             for i in range(3)):
+        time.sleep(0.3)
+    check("keys: a key made on B is accepted by A, B and C",
+          all(c.http(i, "GET", "/sandboxes", hop=True)[0] == 200 for i in range(3)))
+    listed = sh(BIN, "keys", "list", "--data-dir", c.data(1)).stdout
+    doomed = next(l.split()[0] for l in listed.splitlines() if l.split()[1:2] == ["doomed"])
+    sh(BIN, "keys", "revoke", doomed, "--data-dir", c.data(1))
+    t0 = time.time()
+    while time.time() - t0 < 15 and any(c.http(i, "GET", "/sandboxes", hop=True)[0] != 401
+                                        for i in range(3)):
+        time.sleep(0.2)
+    codes = [c.http(i, "GET", "/sandboxes", hop=True)[0] for i in range(3)]
+    check(f"keys: revoked on B, refused by A, B and C ({time.time() - t0:.1f} s)",
+          codes == [401, 401, 401], str(codes))
+    time.sleep(3)
+    codes = [c.http(i, "GET", "/sandboxes", hop=True)[0] for i in range(3)]
+    check("keys: no node imports the revoked key again", codes == [401, 401, 401], str(codes))
+    c.key = main_key
+    check("keys: the other key still works", c.http(0, "GET", "/sandboxes")[0] == 200)
+
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("CLUSTER_SANDBOXES", "300"))

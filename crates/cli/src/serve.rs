@@ -267,6 +267,22 @@ pub enum KeysCommand {
         #[arg(long, value_parser = parse_tiers)]
         tiers: Option<TierList>,
     },
+    /// List the API keys (id, name, created, operator, tiers; never a key itself).
+    List {
+        /// Directory holding the server's state.
+        #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
+        data_dir: PathBuf,
+    },
+    /// Revoke an API key by its id (from `keys list`): from the next request on, a running
+    /// server refuses it (keys are checked against the database on every request). Its
+    /// sandboxes keep running until they end or are killed. Audited as `key.revoke`.
+    Revoke {
+        /// The key's id (`keys list`'s first column), not the key itself.
+        id: String,
+        /// Directory holding the server's state.
+        #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Sandbox networking: the ceiling no create request can widen, DNS, inbound routing.
@@ -487,6 +503,57 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("ringfence: cannot create key: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        KeysCommand::List { data_dir } => {
+            match Store::open(&ringfence_server::db_path(&data_dir)).and_then(|s| s.list_keys()) {
+                Ok(keys) => {
+                    println!(
+                        "{:<24} {:<24} {:<20} {:<8} TIERS",
+                        "ID", "NAME", "CREATED", "OPERATOR"
+                    );
+                    for k in keys {
+                        let created = ringfence_server::time::rfc3339_ms(k.created_at * 1000);
+                        let tiers = k.tiers.map_or_else(|| "all".to_string(), |t| t.join(","));
+                        println!(
+                            "{:<24} {:<24} {:<20} {:<8} {tiers}",
+                            k.id,
+                            k.name,
+                            created.get(..19).unwrap_or(&created),
+                            if k.operator { "yes" } else { "no" },
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringfence: cannot list keys: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        KeysCommand::Revoke { id, data_dir } => {
+            let result = Store::open(&ringfence_server::db_path(&data_dir)).and_then(|s| {
+                let name = s.get_key(&id)?.map(|k| k.name);
+                s.revoke_key(&id)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let mut rec = ringfence_server::store::AuditRecord::new("key.revoke", now);
+                rec.user_id = Some(id.clone());
+                rec.detail.insert("name".into(), serde_json::json!(name));
+                rec.detail.insert("by".into(), serde_json::json!("cli"));
+                s.insert_audit(&mut rec)?;
+                Ok(name)
+            });
+            match result {
+                Ok(name) => {
+                    println!("revoked {id} ({})", name.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringfence: cannot revoke key {id}: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -131,6 +131,10 @@ pub struct KeyRecord {
     pub operator: bool,
     pub limits: String,
     pub tiers: Option<String>,
+    /// A revocation: the key's record stays as a tombstone (hash emptied) so no node imports
+    /// it again, and every node that holds it revokes it.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// What a reconcile pass did (for logs and tests).
@@ -667,6 +671,24 @@ impl Cluster {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, serde_json::to_vec(k)?, None)]);
         self.txn(txn).await?;
+        Ok(())
+    }
+
+    /// Replaces key `id`'s record with a tombstone (whatever was there, or nothing): every
+    /// node revokes it and none imports it again.
+    pub async fn revoke_key(&self, id: &str) -> Result<(), ClusterError> {
+        let tomb = KeyRecord {
+            id: id.to_string(),
+            name: String::new(),
+            key_hash: String::new(),
+            created_at: 0,
+            operator: false,
+            limits: String::new(),
+            tiers: None,
+            revoked: true,
+        };
+        let mut c = self.client.clone();
+        timed(c.put(self.key("keys", id), serde_json::to_vec(&tomb)?, None)).await?;
         Ok(())
     }
 

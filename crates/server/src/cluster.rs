@@ -6,6 +6,7 @@
 //!
 //! A request forwarded by a peer carries [`HOP`] and is served here, never forwarded again.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -472,10 +473,11 @@ fn capacity(app: &App) -> Capacity {
 /// sandboxes this node holds (the node serves again after a lease loss only once this has
 /// run, and kills what another node owns now).
 async fn sync_loop(app: App, cluster: Arc<Cluster>) {
+    let mut keys = KeySync::default();
     loop {
         let rejoined = cluster.take_rejoined();
         cluster.set_capacity(capacity(&app));
-        if let Err(e) = sync_keys(&app, &cluster).await {
+        if let Err(e) = sync_keys(&app, &cluster, &mut keys).await {
             tracing::warn!(error = %e, "replicating API keys");
         }
         // Without a live registration the leader would mark what a pass restores lost again.
@@ -527,20 +529,86 @@ async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
-/// Publishes this node's keys and adds the cluster's to the local store.
-async fn sync_keys(app: &App, cluster: &Cluster) -> Result<(), String> {
+/// What key replication remembers between rounds: the keys this node held last round, and
+/// the ids revoked here (seeded from the audit trail's `key.revoke` records, which
+/// `ringfence keys revoke` writes, so a revocation made while the node was down counts too).
+#[derive(Default)]
+struct KeySync {
+    seeded: bool,
+    held: HashSet<String>,
+    revoked_here: HashSet<String>,
+}
+
+/// Publishes this node's keys, adds the cluster's to the local store, and replicates
+/// revocations both ways (a key revoked on any node is refused by every node and never
+/// imported again).
+async fn sync_keys(app: &App, cluster: &Cluster, st: &mut KeySync) -> Result<(), String> {
     let store = app.manager.store().clone();
-    let mine = {
+    if !st.seeded {
         let s = store.clone();
-        tokio::task::spawn_blocking(move || s.export_keys())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
-    };
-    let known: std::collections::HashSet<String> =
-        cluster.keys().into_iter().map(|k| k.id).collect();
+        let ids = tokio::task::spawn_blocking(move || {
+            let q = crate::store::AuditQuery {
+                key_id: None,
+                sandbox_id: None,
+                action: Some("key.revoke".into()),
+                since_ms: None,
+                until_ms: None,
+                after: None,
+                limit: 1000,
+            };
+            s.query_audit(&q).map(|(recs, _)| {
+                recs.into_iter().filter_map(|r| r.user_id).collect::<Vec<String>>()
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        st.revoked_here.extend(ids);
+        st.seeded = true;
+    }
+    let s = store.clone();
+    let mine = tokio::task::spawn_blocking(move || s.export_keys())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mine_ids: HashSet<String> = mine.iter().map(|k| k.id.clone()).collect();
+    // A key held last round and gone now was revoked here (`ringfence keys revoke`).
+    st.revoked_here.extend(st.held.difference(&mine_ids).cloned());
+    let cluster_keys = cluster.keys();
+    let tombstones: HashSet<String> =
+        cluster_keys.iter().filter(|k| k.revoked).map(|k| k.id.clone()).collect();
+    for id in &st.revoked_here {
+        if !tombstones.contains(id) && cluster_keys.iter().any(|k| &k.id == id) {
+            cluster.revoke_key(id).await.map_err(|e| e.to_string())?;
+        }
+    }
+    // Revoked elsewhere: revoke here too, audited.
+    let to_revoke: Vec<String> = mine_ids.intersection(&tombstones).cloned().collect();
+    if !to_revoke.is_empty() {
+        let s = store.clone();
+        let ids = to_revoke.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in &ids {
+                if let Err(e) = s.revoke_key(id) {
+                    tracing::warn!(key_id = %id, error = %e, "revoking a key the cluster revoked");
+                    continue;
+                }
+                let mut rec =
+                    crate::store::AuditRecord::new("key.revoke", crate::manager::now_ms());
+                rec.user_id = Some(id.clone());
+                rec.detail.insert("by".into(), json!("cluster"));
+                if let Err(e) = s.insert_audit(&mut rec) {
+                    tracing::warn!(key_id = %id, error = %e, "auditing a cluster revocation");
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        st.revoked_here.extend(to_revoke.iter().cloned());
+    }
+    let known: HashSet<String> = cluster_keys.iter().map(|k| k.id.clone()).collect();
     for k in &mine {
-        if !known.contains(&k.id) {
+        if !known.contains(&k.id) && !st.revoked_here.contains(&k.id) {
             let rec = KeyRecord {
                 id: k.id.clone(),
                 name: k.name.clone(),
@@ -549,15 +617,14 @@ async fn sync_keys(app: &App, cluster: &Cluster) -> Result<(), String> {
                 operator: k.operator,
                 limits: k.limits.clone(),
                 tiers: k.tiers.clone(),
+                revoked: false,
             };
             cluster.publish_key(&rec).await.map_err(|e| e.to_string())?;
         }
     }
-    let have: std::collections::HashSet<String> = mine.into_iter().map(|k| k.id).collect();
-    let missing: Vec<StoredKey> = cluster
-        .keys()
+    let missing: Vec<StoredKey> = cluster_keys
         .into_iter()
-        .filter(|k| !have.contains(&k.id))
+        .filter(|k| !k.revoked && !mine_ids.contains(&k.id) && !st.revoked_here.contains(&k.id))
         .map(|k| StoredKey {
             id: k.id,
             name: k.name,
@@ -568,16 +635,25 @@ async fn sync_keys(app: &App, cluster: &Cluster) -> Result<(), String> {
             tiers: k.tiers,
         })
         .collect();
+    let mut held: HashSet<String> =
+        mine_ids.into_iter().filter(|id| !to_revoke.contains(id)).collect();
     if !missing.is_empty() {
-        tokio::task::spawn_blocking(move || {
+        let imported = tokio::task::spawn_blocking(move || {
+            let mut ok = Vec::new();
             for k in &missing {
-                if let Err(e) = store.import_key(k) {
-                    tracing::warn!(key_id = %k.id, error = %e, "importing a cluster API key");
+                match store.import_key(k) {
+                    Ok(_) => ok.push(k.id.clone()),
+                    Err(e) => {
+                        tracing::warn!(key_id = %k.id, error = %e, "importing a cluster API key")
+                    }
                 }
             }
+            ok
         })
         .await
         .map_err(|e| e.to_string())?;
+        held.extend(imported);
     }
+    st.held = held;
     Ok(())
 }

@@ -31,7 +31,7 @@ pub mod secrets;
 pub mod store;
 pub mod templates;
 pub mod tier;
-mod time;
+pub mod time;
 pub mod ui;
 pub mod upload;
 pub mod validate;

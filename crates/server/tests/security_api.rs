@@ -634,3 +634,55 @@ fn internal_errors_name_no_host_path_and_the_server_keeps_serving() {
     let r = srv.api("POST", &format!("/sandboxes/{}/snapshots", sb.id), json!({}));
     assert_eq!(r.status, 201, "{}", r.text());
 }
+
+/// `ringfence keys revoke`: a running server refuses the key from its next request on (keys
+/// are checked against the database per request), its sandbox keeps running for the operator,
+/// another key is untouched, `keys list` shows ids and names but never a key, an unknown id
+/// is refused naming it, and the revocation is in the audit trail.
+#[test]
+fn a_revoked_key_is_refused_by_the_running_server() {
+    let srv = server_or_skip!(&[]);
+    let sb = srv.create();
+    assert_eq!(srv.api("GET", "/sandboxes", Value::Null).status, 200);
+    let keys = |args: &[&str]| {
+        std::process::Command::new(&srv.bin)
+            .arg("keys")
+            .args(args)
+            .arg("--data-dir")
+            .arg(srv.data.path())
+            .output()
+            .unwrap()
+    };
+    let list = keys(&["list"]);
+    assert!(list.status.success(), "{list:?}");
+    let listed = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(!listed.contains(&srv.key) && !listed.contains(&srv.other_key), "{listed}");
+    let id = listed
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("tenant-a"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("tenant-a not listed: {listed}"))
+        .to_string();
+
+    let revoked = keys(&["revoke", &id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert_eq!(srv.api("GET", "/sandboxes", Value::Null).status, 401);
+    let create = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base"}));
+    assert_eq!(create.status, 401, "{}", create.text());
+    assert_eq!(srv.api_as(&srv.other_key, "GET", "/sandboxes", Value::Null).status, 200);
+    // Its sandbox is still there (killing it is the operator's call): its agent answers.
+    assert_eq!(srv.run(&sb, "echo still"), "still\n");
+
+    let again = keys(&["revoke", &id]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains(&id), "{again:?}");
+    let after = String::from_utf8_lossy(&keys(&["list"]).stdout).to_string();
+    assert!(!after.contains("tenant-a") && after.contains("tenant-b"), "{after}");
+    let audit = std::process::Command::new(&srv.bin)
+        .args(["audit", "--action", "key.revoke", "--data-dir"])
+        .arg(srv.data.path())
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&audit.stdout).to_string();
+    assert!(audit.contains("key.revoke") && audit.contains(&id), "{audit}");
+}
