@@ -529,6 +529,34 @@ async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// A local key as published to the cluster (the two crates keep their own type: the cluster
+/// crate does not depend on the server's store).
+fn key_record(k: &StoredKey) -> KeyRecord {
+    KeyRecord {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        key_hash: k.key_hash.clone(),
+        created_at: k.created_at,
+        operator: k.operator,
+        limits: k.limits.clone(),
+        tiers: k.tiers.clone(),
+        revoked: false,
+    }
+}
+
+/// A published key as the local store keeps it.
+fn stored_key(k: KeyRecord) -> StoredKey {
+    StoredKey {
+        id: k.id,
+        name: k.name,
+        key_hash: k.key_hash,
+        created_at: k.created_at,
+        operator: k.operator,
+        limits: k.limits,
+        tiers: k.tiers,
+    }
+}
+
 /// What key replication remembers between rounds: the keys this node held last round, and
 /// the ids revoked here (seeded from the audit trail's `key.revoke` records, which
 /// `ringfence keys revoke` writes, so a revocation made while the node was down counts too).
@@ -609,31 +637,13 @@ async fn sync_keys(app: &App, cluster: &Cluster, st: &mut KeySync) -> Result<(),
     let known: HashSet<String> = cluster_keys.iter().map(|k| k.id.clone()).collect();
     for k in &mine {
         if !known.contains(&k.id) && !st.revoked_here.contains(&k.id) {
-            let rec = KeyRecord {
-                id: k.id.clone(),
-                name: k.name.clone(),
-                key_hash: k.key_hash.clone(),
-                created_at: k.created_at,
-                operator: k.operator,
-                limits: k.limits.clone(),
-                tiers: k.tiers.clone(),
-                revoked: false,
-            };
-            cluster.publish_key(&rec).await.map_err(|e| e.to_string())?;
+            cluster.publish_key(&key_record(k)).await.map_err(|e| e.to_string())?;
         }
     }
     let missing: Vec<StoredKey> = cluster_keys
         .into_iter()
         .filter(|k| !k.revoked && !mine_ids.contains(&k.id) && !st.revoked_here.contains(&k.id))
-        .map(|k| StoredKey {
-            id: k.id,
-            name: k.name,
-            key_hash: k.key_hash,
-            created_at: k.created_at,
-            operator: k.operator,
-            limits: k.limits,
-            tiers: k.tiers,
-        })
+        .map(stored_key)
         .collect();
     let mut held: HashSet<String> =
         mine_ids.into_iter().filter(|id| !to_revoke.contains(id)).collect();
