@@ -143,9 +143,9 @@ read -r sid pid < <("$VENV/bin/python" tests/e2b/restart.py before)
 read -r paused_mem paused_fs < <("$VENV/bin/python" tests/e2b/lifecycle.py before)
 # Lifecycle events and webhooks: deliveries queued while the receiver is down survive the kill.
 hook_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-events_line=$("$VENV/bin/python" tests/e2b/events.py before "$hook_port" | tee /dev/stderr | tail -n 1)
+events_line=$("$VENV/bin/python" tests/e2b/events.py before "$hook_port" | tee -a /dev/stderr | tail -n 1)
 # Volumes: content written before the kill is read back after it.
-read -r volume_id volume_sandbox < <("$VENV/bin/python" tests/e2b/volumes.py before | tee /dev/stderr | tail -n 1)
+read -r volume_id volume_sandbox < <("$VENV/bin/python" tests/e2b/volumes.py before | tee -a /dev/stderr | tail -n 1)
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 start_server
 read -r hook_id event_ids <<< "$events_line"
