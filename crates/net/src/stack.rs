@@ -359,7 +359,7 @@ impl Stack {
             for _ in 0..span {
                 let port = inner.next_port;
                 inner.next_port =
-                    if port + 1 >= EPHEMERAL.end { EPHEMERAL.start } else { port + 1 };
+                    if port >= EPHEMERAL.end - 1 { EPHEMERAL.start } else { port + 1 };
                 let ep = IpEndpoint::new(IpAddress::Ipv4(crate::tun::GATEWAY_IP), port);
                 if !inner.tuples.contains_key(&(remote, ep)) {
                     local = Some(ep);
