@@ -170,7 +170,7 @@ mod tests {
         assert_eq!(frame.len(), HEADER_LEN + packet.len());
         assert_eq!(&frame[0..6], &GUEST_MAC);
         // The guest's frames come addressed to the gateway: the same bytes, other way round.
-        let mut from_guest = frame.clone();
+        let mut from_guest = frame;
         from_guest[0..6].copy_from_slice(&GATEWAY_MAC);
         from_guest[6..12].copy_from_slice(&GUEST_MAC);
         assert_eq!(inbound(&from_guest, GUEST), Inbound::Packet(&packet[..]));
