@@ -2,12 +2,13 @@
 //! initramfs that holds only this binary and a few kernel modules (see `ringfence_microvm`).
 //!
 //! Before the host can speak to it, it builds the guest's root itself: the kernel modules the
-//! cloud kernel does not build in (virtio-mmio, console, block, overlayfs), the template's
+//! cloud kernel does not build in (virtio-mmio, console, block, network, overlayfs), the template's
 //! read-only disk (`/dev/vda`) under an overlay whose writable layer is the sandbox's own disk
 //! (`/dev/vdb`, already formatted by the host at the quota's size), then the usual `/proc`,
 //! `/sys`, `/dev`. The control channel is the virtio-serial port the host named
 //! [`PORT_NAME`]: a character device, not a socket, so a thread pair copies it to one end of
-//! a socket pair and the rest of the agent speaks on the other end, unchanged.
+//! a socket pair and the rest of the agent speaks on the other end, unchanged. Once it has its
+//! setup, it configures the NIC the host described ([`configure_nic`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

@@ -364,3 +364,19 @@ pub fn console_tail(path: &Path, max: usize) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nic_is_virtio_net_on_the_inherited_socket_with_our_mac_and_mtu() {
+        let nic = Nic { fd: 9, mac: [0x02, 0x52, 0x46, 0, 0, 2], mtu: 65521 };
+        let a = Qemu::nic_args(&nic);
+        assert_eq!(a[0], "-netdev");
+        // QEMU finds the socket at NIC_FD (where `launch` puts it), whatever the caller's number.
+        assert_eq!(a[1], format!("dgram,id=net0,local.type=fd,local.str={NIC_FD}"));
+        assert_eq!(a[2], "-device");
+        assert_eq!(a[3], "virtio-net-device,netdev=net0,mac=02:52:46:00:00:02,host_mtu=65521");
+    }
+}

@@ -9,7 +9,11 @@
 //! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
 //! through the generic pool.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
+//! The guest's NIC (virtio-net over a socket pair QEMU inherits) feeds the jail's userspace
+//! stack, policy, resolver and audit (`NetAttach::Nic`); inbound ports go through the same
+//! stack to the guest's loopback.
+//!
+//! Not built yet, and said so in the capabilities: start from
 //! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
 //! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
 //! server's sweep ends the QEMUs the dead one left, and their directories).
