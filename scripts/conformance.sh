@@ -93,6 +93,11 @@ fi
 if [ "${RINGFENCE_SKIP_SLOW:-0}" = 1 ]; then
   echo "SKIPPED the microvm tier's SDK suite: RINGFENCE_SKIP_SLOW=1"
 elif command -v qemu-system-x86_64 >/dev/null \
+   && [ -f "${RINGFENCE_MICROVM_DIR:-/usr/local/lib/ringfence/microvm}/vmlinux" ] \
+   && ! grep -qx virtio_net "${RINGFENCE_MICROVM_DIR:-/usr/local/lib/ringfence/microvm}/modules/order"; then
+  # Installed before guests had a NIC: the server reports the tier unavailable for it.
+  echo "SKIPPED the microvm tier's SDK suite: the guest kernel's modules lack virtio_net (rerun scripts/install-microvm.sh)"
+elif command -v qemu-system-x86_64 >/dev/null \
    && [ -f "${RINGFENCE_MICROVM_DIR:-/usr/local/lib/ringfence/microvm}/vmlinux" ]; then
   # A first sandbox outside the SDK, whose requests time out at 60 s: on a fresh host it builds
   # the template's disk image (minutes for the host template) and the initramfs.

@@ -4,13 +4,13 @@
 # installed) into ${RINGFENCE_MICROVM_DIR:-/usr/local/lib/ringfence/microvm}:
 #   vmlinux       the uncompressed kernel (an ELF with a PVH entry note, which QEMU boots directly;
 #                 cut out of the LZ4-compressed bzImage, as Debian's cloud kernel is built LZ4)
-#   modules/*.ko  the few modules the guest's agent loads itself (virtio-mmio, the console and
-#                 block drivers, overlayfs): the cloud kernel builds them as modules
+#   modules/*.ko  the few modules the guest's agent loads itself (virtio-mmio, the console,
+#                 block and network drivers, overlayfs): the cloud kernel builds them as modules
 #   version       which package they came from
 # The package is fetched with the ordinary apt client (`apt-get download`) and unpacked with
 # `dpkg-deb -x`: the host's own kernel and package database are untouched.
 #
-# Idempotent: an installed kernel of the wanted package is left alone.
+# Idempotent: an installed kernel of the wanted package with the wanted modules is left alone.
 set -euo pipefail
 umask 022
 export DEBIAN_FRONTEND=noninteractive
@@ -19,7 +19,8 @@ dest="${RINGFENCE_MICROVM_DIR:-/usr/local/lib/ringfence/microvm}"
 meta="${RINGFENCE_MICROVM_KERNEL_PACKAGE:-linux-image-cloud-amd64}"
 work="${RINGFENCE_MICROVM_APT_DIR:-/var/cache/ringfence/microvm-apt}"
 # In the order the guest loads them (each after what it depends on).
-modules=(virtio_ring virtio virtio_mmio virtio_console virtio_blk overlay)
+# virtio_net needs net_failover, which needs failover (modinfo's depends=).
+modules=(virtio_ring virtio virtio_mmio virtio_console virtio_blk failover net_failover virtio_net overlay)
 
 need=()
 for pkg in qemu-system-x86 lz4; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
@@ -31,7 +32,8 @@ fi
 # The versioned package the meta-package points at (linux-image-6.1.0-NN-cloud-amd64).
 pkg="$(apt-cache depends "$meta" | awk '/Depends: linux-image-/ {print $2; exit}')"
 [ -n "$pkg" ] || { echo "install-microvm: no kernel package behind $meta" >&2; exit 1; }
-if [ -f "$dest/version" ] && [ "$(cat "$dest/version")" = "$pkg" ] && [ -f "$dest/vmlinux" ]; then
+if [ -f "$dest/version" ] && [ "$(cat "$dest/version")" = "$pkg" ] && [ -f "$dest/vmlinux" ] &&
+  [ "$(cat "$dest/modules/order" 2>/dev/null)" = "$(printf '%s\n' "${modules[@]}")" ]; then
   echo "install-microvm: $pkg present at $dest"
   exit 0
 fi

@@ -337,6 +337,12 @@ fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideE
         move |e: nix::Error| ringfence_jail::inside::InsideError { step, message: e.to_string() }
     };
     nix::unistd::sethostname(&spec.sandbox_id).map_err(fail("sethostname"))?;
+    if let Some(nic) = &spec.guest_nic {
+        microvm::configure_nic(nic).map_err(|e| ringfence_jail::inside::InsideError {
+            step: "network".into(),
+            message: e.0,
+        })?;
+    }
     // The console is the host's log of the guest: nothing the sandbox starts inherits it.
     let null =
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| {

@@ -2,12 +2,13 @@
 //! initramfs that holds only this binary and a few kernel modules (see `ringfence_microvm`).
 //!
 //! Before the host can speak to it, it builds the guest's root itself: the kernel modules the
-//! cloud kernel does not build in (virtio-mmio, console, block, overlayfs), the template's
+//! cloud kernel does not build in (virtio-mmio, console, block, network, overlayfs), the template's
 //! read-only disk (`/dev/vda`) under an overlay whose writable layer is the sandbox's own disk
 //! (`/dev/vdb`, already formatted by the host at the quota's size), then the usual `/proc`,
 //! `/sys`, `/dev`. The control channel is the virtio-serial port the host named
 //! [`PORT_NAME`]: a character device, not a socket, so a thread pair copies it to one end of
-//! a socket pair and the rest of the agent speaks on the other end, unchanged.
+//! a socket pair and the rest of the agent speaks on the other end, unchanged. Once it has its
+//! setup, it configures the NIC the host described ([`configure_nic`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -190,6 +191,56 @@ fn bridge(port: File) -> Result<UnixStream, BootError> {
         }
     });
     Ok(agent)
+}
+
+/// Sets up the guest's NIC as the host described it: found by its MAC (the virtio-net driver
+/// names it), addressed, its MTU, a default route through the gateway (the host's stack
+/// answers ARP for it), our resolver in `/etc/resolv.conf`, and loopback up. The NIC may
+/// carry loopback addresses (`route_localnet`): the host reaches a service bound to
+/// `127.0.0.1` inside by connecting to it through the NIC, as the jail's inbound path
+/// connects from inside the namespace; only the host's stack is on the other end of the
+/// wire. IPv6 is off on it: the host's stack routes IPv4 only.
+pub fn configure_nic(nic: &ringfence_proto::GuestNic) -> Result<(), BootError> {
+    use std::net::Ipv4Addr;
+    let sys =
+        |step: &'static str| move |e: ringfence_sys::SysError| BootError(format!("{step}: {e}"));
+    ringfence_sys::loopback_up().map_err(sys("bring up loopback"))?;
+    let name = find_nic(nic.mac)?;
+    let prefix = u32::from(nic.prefix.min(32));
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let conf = |family: &str, key: &str| format!("/proc/sys/net/{family}/conf/{name}/{key}");
+    // Before the link is up, so it never sends a router solicitation.
+    let _ = fs::write(conf("ipv6", "disable_ipv6"), "1");
+    fs::write(conf("ipv4", "route_localnet"), "1").map_err(io_fail("route_localnet"))?;
+    ringfence_sys::iface_up_ipv4(&name, Ipv4Addr::from(nic.address), Ipv4Addr::from(mask), nic.mtu)
+        .map_err(sys("configure the NIC"))?;
+    ringfence_sys::route_default_gateway(&name, Ipv4Addr::from(nic.gateway))
+        .map_err(sys("default route"))?;
+    // Replaced, not written through: a template's resolv.conf may be a link elsewhere.
+    let resolv = format!("nameserver {}\noptions timeout:2 attempts:2\n", Ipv4Addr::from(nic.dns));
+    let _ = fs::remove_file("/etc/resolv.conf");
+    fs::write("/etc/resolv.conf", resolv).map_err(io_fail("write /etc/resolv.conf"))?;
+    Ok(())
+}
+
+/// The name of the interface whose MAC is `mac`, once its driver has made it.
+fn find_nic(mac: [u8; 6]) -> Result<String, BootError> {
+    let want = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let started = Instant::now();
+    loop {
+        if let Ok(entries) = fs::read_dir("/sys/class/net") {
+            for e in entries.flatten() {
+                let addr = fs::read_to_string(e.path().join("address")).unwrap_or_default();
+                if addr.trim() == want {
+                    return Ok(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        if started.elapsed() > DEVICE_WAIT {
+            return Err(BootError(format!("no network interface with MAC {want}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Ends the guest: the host sees QEMU exit. PID 1 returning would panic the kernel, which

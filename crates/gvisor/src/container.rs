@@ -377,6 +377,7 @@ impl Container {
                 }),
                 Network::None => None,
             },
+            guest_nic: None,
         };
         let started = Instant::now();
         let limit = spec.setup_timeout;

@@ -377,6 +377,7 @@ impl Sandbox {
             exit_with_initial: spec.exit_with_initial,
             allow_setuid: spec.allow_setuid,
             packet_relay: None,
+            guest_nic: None,
         };
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);

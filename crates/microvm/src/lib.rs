@@ -11,7 +11,8 @@
 //!   does not build in), the template's read-only ext4 image (built once per template, cached
 //!   host-wide), the sandbox's writable disk.
 //! - [`MicroVm`]: one sandbox: starts the VM, hands the agent its setup, and cleans up (QEMU,
-//!   sockets, disks) on [`MicroVm::delete`] or drop.
+//!   sockets, disks) on [`MicroVm::delete`] or drop. Its NIC's frames come out of
+//!   [`MicroVm::nic`], a socket the server's userspace stack serves ([`vmm::Nic`]).
 //!
 //! - [`jail`]: each QEMU in its own uid, namespaces and seccomp filter.
 //!

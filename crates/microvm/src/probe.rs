@@ -94,6 +94,7 @@ fn boot_once(
         vcpus: 1,
         disks: Vec::new(),
         agent_socket: None,
+        nic: None,
         dir: dir.clone(),
         accel,
         // The probe runs as a sandbox will (same uid drop, namespaces and filter): a host where

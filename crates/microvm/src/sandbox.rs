@@ -2,9 +2,10 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringfence_jail::launch::{MARK_ERROR, MARK_NO_LISTENER, rlimits_for, shm_bytes};
@@ -25,6 +26,9 @@ pub struct StartSpec {
     /// How long the guest may take from launch to its agent's `Ready` (a TCG boot on a
     /// contended host takes several seconds).
     pub setup_timeout: Duration,
+    /// The guest's NIC, configured by its agent; its frames come out of
+    /// [`MicroVm::nic`]. `None`: the guest has no network device at all.
+    pub nic: Option<ringfence_proto::GuestNic>,
 }
 
 impl StartSpec {
@@ -35,6 +39,7 @@ impl StartSpec {
             limits: Limits::default(),
             env: Default::default(),
             setup_timeout: Duration::from_secs(90),
+            nic: None,
         }
     }
 }
@@ -68,6 +73,8 @@ pub struct MicroVm {
     vm: Mutex<Option<QemuVm>>,
     pid: u32,
     control: UnixStream,
+    /// The host's end of the NIC's socket (one Ethernet frame per message).
+    nic: Option<Arc<OwnedFd>>,
     disk_bytes: u64,
     pub ready: Ready,
     /// Wall time from launch to the agent's `Ready`.
@@ -137,6 +144,7 @@ impl MicroVm {
         let memory_mib =
             spec.limits.memory.map_or(DEFAULT_MEMORY_MIB, |b| (b >> 20).max(MIN_MEMORY_MIB));
         let vcpus = spec.limits.cpu_millis.map_or(1, |m| m.div_ceil(1000).clamp(1, 64)) as u32;
+        let nic = spec.nic.as_ref().map(nic_socket).transpose()?;
         let vm_spec = VmSpec {
             kernel: cfg.kernel(),
             initrd: Some(cfg.initramfs.clone()),
@@ -148,6 +156,11 @@ impl MicroVm {
                 Disk { path: rw, read_only: false },
             ],
             agent_socket: Some(agent_sock.clone()),
+            nic: spec.nic.as_ref().zip(nic.as_ref()).map(|(n, (_, vm_end))| crate::vmm::Nic {
+                fd: vm_end.as_raw_fd(),
+                mac: n.mac,
+                mtu: n.mtu,
+            }),
             dir: dir.to_path_buf(),
             accel: cfg.accel,
             jail: uid.as_ref().map(|l| l.jail),
@@ -172,6 +185,8 @@ impl MicroVm {
         };
         let mut vm = cfg.qemu.launch(&vm_spec)?;
         let pid = vm.pid();
+        // QEMU has its end now; ours closing is what tells the stack the guest is gone.
+        let nic = nic.map(|(host_end, _vm_end)| Arc::new(host_end));
         // Moved in at once, before the guest has run much: what QEMU charged while setting
         // up (its own allocations, the kernel and initramfs copied into guest RAM) stays with
         // the server's cgroup (v1 moves no charges), everything the guest touches after is here.
@@ -211,6 +226,7 @@ impl MicroVm {
             vm: Mutex::new(Some(vm)),
             pid,
             control,
+            nic,
             disk_bytes: spec.limits.disk,
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
@@ -257,6 +273,7 @@ impl MicroVm {
             exit_with_initial: false,
             allow_setuid: false,
             packet_relay: None,
+            guest_nic: spec.nic.clone(),
         };
         let limit = spec.setup_timeout;
         let msg = ringfence_proto::encode(&setup)?;
@@ -313,6 +330,12 @@ impl MicroVm {
     /// The QEMU process's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The host's end of the guest NIC's socket (one Ethernet frame per message,
+    /// non-blocking), for the userspace stack; `None` if the guest has no NIC.
+    pub fn nic(&self) -> Option<Arc<OwnedFd>> {
+        self.nic.clone()
     }
 
     /// A second handle on the agent's channel.
@@ -393,6 +416,23 @@ impl Drop for MicroVm {
     fn drop(&mut self) {
         self.end();
     }
+}
+
+/// The socket pair of a guest's NIC: (the host's end, QEMU's end). `SOCK_SEQPACKET` keeps
+/// each frame one message and tells the host's end when QEMU's closes (a datagram socket
+/// would not); both ends close on exec, QEMU's is passed on purpose ([`crate::vmm::Nic`]).
+fn nic_socket(nic: &ringfence_proto::GuestNic) -> Result<(OwnedFd, OwnedFd), MicrovmError> {
+    if nic.mtu < 576 || nic.mtu > 65535 - 14 {
+        return Err(MicrovmError::Invalid(format!("NIC MTU {} (576 to 65521)", nic.mtu)));
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(|e| io_op("socketpair for the guest's NIC")(e.into()))
 }
 
 /// Removes what an earlier server left under `state_dir/sandboxes`: QEMU processes whose

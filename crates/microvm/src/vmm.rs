@@ -24,6 +24,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +71,8 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// A unix socket the host listens on; the VMM connects it to the guest's agent port.
     pub agent_socket: Option<PathBuf>,
+    /// The guest's network interface, if it has one.
+    pub nic: Option<Nic>,
     /// The VM's own directory: the VMM's control socket and the console log go here.
     pub dir: PathBuf,
     pub accel: Accel,
@@ -77,6 +80,21 @@ pub struct VmSpec {
     /// caller (a host without root, where there is no uid to drop to).
     pub jail: Option<VmJail>,
 }
+
+/// The guest's NIC: a virtio-net device whose Ethernet frames the VMM exchanges, one per
+/// message, over a `SOCK_SEQPACKET` socket it inherits (QEMU's `-netdev dgram` on a
+/// descriptor). The socket's other end is the host's userspace stack: the VMM's own network
+/// namespace has nothing but loopback, so this is the guest's only way out.
+#[derive(Debug, Clone, Copy)]
+pub struct Nic {
+    /// The caller's end for the VMM (close-on-exec; [`Qemu`] passes it as [`NIC_FD`]).
+    pub fd: RawFd,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// The descriptor number the VMM finds the NIC's socket at.
+pub const NIC_FD: RawFd = 3;
 
 impl VmSpec {
     /// The guest's serial console, kept for diagnostics.
@@ -184,7 +202,24 @@ impl Qemu {
             push(&["-chardev", &chardev, "-device", "virtio-serial-device"]);
             push(&["-device", "virtserialport,chardev=agent,name=ringfence.agent"]);
         }
+        if let Some(nic) = &spec.nic {
+            a.extend(Qemu::nic_args(nic));
+        }
         a
+    }
+
+    /// The NIC's options: the `dgram` backend on the inherited socket (no path to resolve,
+    /// so QEMU's chroot does not matter, and no host interface), and virtio-net on microvm's
+    /// virtio-mmio bus with our MAC and MTU (`host_mtu`: the guest's driver takes it as its
+    /// largest; big packets mean fewer of them to emulate).
+    pub fn nic_args(nic: &Nic) -> Vec<String> {
+        let mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        vec![
+            "-netdev".into(),
+            format!("dgram,id=net0,local.type=fd,local.str={NIC_FD}"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={mac},host_mtu={}", nic.mtu),
+        ]
     }
 }
 
@@ -224,6 +259,10 @@ impl Vmm for Qemu {
             // Its own process group, so a signal to the server's group (a terminal's ^C)
             // does not kill guests the server still has to clean up.
             .process_group(0);
+        if let Some(nic) = &spec.nic {
+            // Only this child gets it, at the number its options name.
+            ringfence_sys::pass_fd(&mut cmd, nic.fd, NIC_FD);
+        }
         let mut child = cmd.spawn().map_err(|source| MicrovmError::Io {
             op: format!("run {}", self.binary.display()),
             source,
@@ -324,4 +363,20 @@ pub fn console_tail(path: &Path, max: usize) -> String {
         s = String::from_utf8_lossy(&buf[start..]).into_owned();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nic_is_virtio_net_on_the_inherited_socket_with_our_mac_and_mtu() {
+        let nic = Nic { fd: 9, mac: [0x02, 0x52, 0x46, 0, 0, 2], mtu: 65521 };
+        let a = Qemu::nic_args(&nic);
+        assert_eq!(a[0], "-netdev");
+        // QEMU finds the socket at NIC_FD (where `launch` puts it), whatever the caller's number.
+        assert_eq!(a[1], format!("dgram,id=net0,local.type=fd,local.str={NIC_FD}"));
+        assert_eq!(a[2], "-device");
+        assert_eq!(a[3], "virtio-net-device,netdev=net0,mac=02:52:46:00:00:02,host_mtu=65521");
+    }
 }

@@ -35,6 +35,7 @@ fn a_guest_pauses_continues_saves_and_quits() {
         vcpus: 1,
         disks: Vec::new(),
         agent_socket: None,
+        nic: None,
         dir: dir.path().to_path_buf(),
         accel: Accel::Tcg,
         jail: ringfence_microvm::jail::running_as_root()

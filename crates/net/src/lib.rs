@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod ether;
 pub mod intercept;
 pub mod netns;
 pub mod policy;
@@ -298,13 +299,40 @@ impl Egress {
         rate: Option<u64>,
         sink: EventSink,
     ) -> Result<SandboxNet, NetError> {
-        let stack = Stack::new(stack::Budget {
-            bytes: self.cfg.buffer_budget.unwrap_or(stack::DEFAULT_BUFFER_BUDGET),
-            // The stack's receive and send buffers, and the relay's two copy buffers.
-            buffers: 4,
-            // The sniffed head of the stream, held until it is forwarded.
-            overhead: sniff::MAX_SNIFF,
-        });
+        self.attach_link(fd, stack::Link::Ip, (policy, rate, sink))
+    }
+
+    /// As [`Egress::attach_device`], on a VM's NIC: one Ethernet frame per message (QEMU's
+    /// `-netdev dgram` on a `SOCK_SEQPACKET` socket), the guest's NIC at [`ether::GUEST_MAC`]
+    /// and [`tun::SANDBOX_IP`]. [`ether`] answers its ARP and frames the stack's packets;
+    /// everything above is the jail's: the same policy, resolver, relay and audit.
+    pub fn attach_nic(
+        self: &Arc<Self>,
+        fd: std::os::fd::OwnedFd,
+        policy: SandboxPolicy,
+        rate: Option<u64>,
+        sink: EventSink,
+    ) -> Result<SandboxNet, NetError> {
+        let link = stack::Link::Ethernet { guest: tun::SANDBOX_IP };
+        self.attach_link(fd, link, (policy, rate, sink))
+    }
+
+    fn attach_link(
+        self: &Arc<Self>,
+        fd: std::os::fd::OwnedFd,
+        link: stack::Link,
+        (policy, rate, sink): (SandboxPolicy, Option<u64>, EventSink),
+    ) -> Result<SandboxNet, NetError> {
+        let stack = Stack::on(
+            stack::Budget {
+                bytes: self.cfg.buffer_budget.unwrap_or(stack::DEFAULT_BUFFER_BUDGET),
+                // The stack's receive and send buffers, and the relay's two copy buffers.
+                buffers: 4,
+                // The sniffed head of the stream, held until it is forwarded.
+                overhead: sniff::MAX_SNIFF,
+            },
+            link,
+        );
         let shared = Arc::new(Shared {
             egress: self.clone(),
             stack: stack.clone(),
@@ -349,7 +377,33 @@ pub struct OpenConn {
     pub since_ms: i64,
 }
 
+/// Opens connections into a VM sandbox through its stack (inbound requests to its ports):
+/// a VM has no network namespace on the host to connect from, as the jail's path does.
+#[derive(Debug, Clone)]
+pub struct GuestDialer(Arc<Stack>);
+
+impl GuestDialer {
+    /// A connection to `127.0.0.1:port` inside the guest, from the gateway's address: the
+    /// guest's agent lets its NIC carry loopback traffic (`route_localnet`), so a service
+    /// bound to loopback answers, as it does for the jail. Gives up after `within`.
+    pub async fn connect(&self, port: u16, within: Duration) -> io::Result<SmolStream> {
+        let dst = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        match tokio::time::timeout(within, self.0.connect(dst)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("port {port} did not answer within {within:?}"),
+            )),
+        }
+    }
+}
+
 impl SandboxNet {
+    /// Connections into the sandbox through its stack (used for a VM's NIC).
+    pub fn dialer(&self) -> GuestDialer {
+        GuestDialer(self.shared.stack.clone())
+    }
+
     pub fn policy(&self) -> SandboxPolicy {
         self.shared.policy()
     }

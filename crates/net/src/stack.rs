@@ -30,7 +30,9 @@ use smoltcp::wire::{
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
+
+use crate::ether::Inbound;
 
 /// Largest receive and send buffer of one TCP connection. The window the sandbox sees is the
 /// receive buffer; both bound the host memory a connection can pin.
@@ -88,6 +90,8 @@ impl Default for Budget {
 const BATCH: usize = 64;
 /// A connection we closed whose peer never finishes closing is reset after this.
 const LINGER: Duration = Duration::from_secs(30);
+/// Local ports of the connections the stack opens into the sandbox ([`Stack::connect`]).
+const EPHEMERAL: std::ops::Range<u16> = 49152..65535;
 
 /// What the stack asks of its owner.
 pub trait Handler: Send + Sync + 'static {
@@ -112,11 +116,32 @@ pub trait Handler: Send + Sync + 'static {
     fn buffers_exhausted(&self, dst: SocketAddrV4, open: usize);
 }
 
+/// What the device's messages carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// One IPv4 packet per message (a TUN, or a relayed one).
+    Ip,
+    /// One Ethernet frame per message (a VM's NIC): [`crate::ether`] answers ARP and adds
+    /// and strips the headers around the same IP stack. `guest` is the guest's address.
+    Ethernet { guest: Ipv4Addr },
+}
+
+impl Link {
+    /// The largest IP packet the device carries.
+    fn mtu(self) -> usize {
+        match self {
+            Link::Ip => crate::tun::MTU as usize,
+            Link::Ethernet { .. } => crate::ether::MTU as usize,
+        }
+    }
+}
+
 /// Packets between the TUN descriptor and smoltcp.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    mtu: usize,
 }
 
 struct RxTok(Vec<u8>);
@@ -153,7 +178,7 @@ impl Device for Queue {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = crate::tun::MTU as usize;
+        caps.max_transmission_unit = self.mtu;
         caps
     }
 }
@@ -166,6 +191,8 @@ enum Slot {
     Open,
     /// The stream is gone; the socket finishes closing (since then).
     Released(StdInstant),
+    /// A connection we opened into the sandbox ([`Stack::connect`]), its handshake under way.
+    Dialing,
 }
 
 type Tuple = (IpEndpoint, IpEndpoint);
@@ -182,6 +209,10 @@ struct Inner {
     /// Bytes the open connections cost, and each one's buffer size.
     used: usize,
     sizes: HashMap<SocketHandle, usize>,
+    /// Who waits for each [`Slot::Dialing`] connection's handshake.
+    dials: HashMap<SocketHandle, oneshot::Sender<io::Result<()>>>,
+    /// The next local port [`Stack::connect`] tries.
+    next_port: u16,
 }
 
 impl Inner {
@@ -190,6 +221,7 @@ impl Inner {
         self.slots.remove(&h);
         self.tuples.retain(|_, v| *v != h);
         self.sockets.remove(h);
+        self.dials.remove(&h);
         if let Some(size) = self.sizes.remove(&h) {
             self.used = self.used.saturating_sub(self.budget.cost(size));
         }
@@ -201,6 +233,7 @@ pub struct Stack {
     inner: Mutex<Inner>,
     wake: Notify,
     epoch: StdInstant,
+    link: Link,
 }
 
 impl std::fmt::Debug for Stack {
@@ -216,7 +249,12 @@ fn v4(ep: IpEndpoint) -> SocketAddrV4 {
 
 impl Stack {
     pub fn new(budget: Budget) -> Arc<Stack> {
-        let mut dev = Queue::default();
+        Stack::on(budget, Link::Ip)
+    }
+
+    /// A stack on a device whose messages are `link`'s.
+    pub fn on(budget: Budget, link: Link) -> Arc<Stack> {
+        let mut dev = Queue { rx: VecDeque::new(), tx: VecDeque::new(), mtu: link.mtu() };
         let cfg = Config::new(HardwareAddress::Ip);
         let epoch = StdInstant::now();
         let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(0));
@@ -247,9 +285,12 @@ impl Stack {
                 budget,
                 used: 0,
                 sizes: HashMap::new(),
+                dials: HashMap::new(),
+                next_port: EPHEMERAL.start,
             }),
             wake: Notify::new(),
             epoch,
+            link,
         })
     }
 
@@ -265,6 +306,8 @@ impl Stack {
     pub fn close(&self) {
         if let Ok(mut g) = self.inner.lock() {
             g.closed = true;
+            // Whoever waits for a connection into the sandbox hears that it will not come.
+            g.dials.clear();
             let handles: Vec<SocketHandle> = g.slots.keys().copied().collect();
             for h in handles {
                 g.sockets.get_mut::<tcp::Socket>(h).abort();
@@ -287,6 +330,67 @@ impl Stack {
         self.wake.notify_one();
     }
 
+    /// Opens a TCP connection from the gateway's address to `dst` inside the sandbox (an
+    /// inbound request to one of its ports) and returns it once the sandbox has accepted it.
+    /// It takes the same buffer budget as the sandbox's own connections. Dropping the future
+    /// before then resets the attempt.
+    pub async fn connect(self: &Arc<Self>, dst: SocketAddrV4) -> io::Result<SmolStream> {
+        let (tx, rx) = oneshot::channel();
+        let h = {
+            let mut g = self.lock()?;
+            if g.closed {
+                return Err(io::Error::new(io::ErrorKind::NotConnected, "sandbox network closed"));
+            }
+            let inner = &mut *g;
+            let full = || {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "the sandbox's connections hold all the memory they may",
+                )
+            };
+            if inner.slots.len() >= MAX_CONNS {
+                return Err(full());
+            }
+            let size = inner.budget.size_for(inner.used, inner.slots.len()).ok_or_else(full)?;
+            let remote = IpEndpoint::new(IpAddress::Ipv4(*dst.ip()), dst.port());
+            // A local port no connection to the same destination holds.
+            let span = EPHEMERAL.end - EPHEMERAL.start;
+            let mut local = None;
+            for _ in 0..span {
+                let port = inner.next_port;
+                inner.next_port =
+                    if port >= EPHEMERAL.end - 1 { EPHEMERAL.start } else { port + 1 };
+                let ep = IpEndpoint::new(IpAddress::Ipv4(crate::tun::GATEWAY_IP), port);
+                if !inner.tuples.contains_key(&(remote, ep)) {
+                    local = Some(ep);
+                    break;
+                }
+            }
+            let local = local
+                .ok_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free local port"))?;
+            let mut s = socket(size);
+            s.connect(inner.iface.context(), remote, local)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            let h = inner.sockets.add(s);
+            inner.slots.insert(h, Slot::Dialing);
+            inner.tuples.insert((remote, local), h);
+            inner.sizes.insert(h, size);
+            inner.used += inner.budget.cost(size);
+            inner.dials.insert(h, tx);
+            h
+        };
+        // Held from here: dropped (the caller gave up, or the handshake failed) it resets.
+        let stream = SmolStream::new(self.clone(), h);
+        self.wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, "sandbox network closed"))
+            }
+        }
+    }
+
     /// Runs the stack on the TUN descriptor until [`Stack::close`] or a device error.
     pub async fn run(self: Arc<Self>, tun: OwnedFd, handler: Arc<dyn Handler>) -> io::Result<()> {
         let tun = ringfence_sys::async_fd(tun)?;
@@ -303,7 +407,18 @@ impl Stack {
                             // A TUN never reads empty; a relayed device does when the
                             // sandbox's end has closed: the device is gone.
                             Ok(Ok(0)) => return Ok(()),
-                            Ok(Ok(n)) => got.push(buf[..n].to_vec()),
+                            Ok(Ok(n)) => match self.link {
+                                Link::Ip => got.push(buf[..n].to_vec()),
+                                Link::Ethernet { guest } => {
+                                    match crate::ether::inbound(&buf[..n], guest) {
+                                        Inbound::Packet(p) => got.push(p.to_vec()),
+                                        Inbound::Answer(a) => {
+                                            let _ = nix::unistd::write(tun.get_ref(), &a);
+                                        }
+                                        Inbound::Drop => {}
+                                    }
+                                }
+                            },
                             Ok(Err(e)) => return Err(e),
                             Err(_would_block) => break,
                         }
@@ -316,7 +431,12 @@ impl Stack {
             let Some(step) = step else { return Ok(()) };
             for p in &step.tx {
                 // A full device queue drops the packet; TCP sends it again.
-                let _ = nix::unistd::write(tun.get_ref(), p);
+                let _ = match self.link {
+                    Link::Ip => nix::unistd::write(tun.get_ref(), p),
+                    Link::Ethernet { .. } => {
+                        nix::unistd::write(tun.get_ref(), &crate::ether::outbound(p))
+                    }
+                };
             }
             for (stream, dst) in step.accepted {
                 handler.clone().connection(stream, dst);
@@ -358,9 +478,24 @@ impl Stack {
         inner.iface.poll(now, &mut inner.dev, &mut inner.sockets);
         let mut accepted = Vec::new();
         let mut gone = Vec::new();
+        let mut dialed = Vec::new();
         for (h, slot) in inner.slots.iter_mut() {
             let s = inner.sockets.get_mut::<tcp::Socket>(*h);
             match (*slot, s.state()) {
+                (Slot::Dialing, tcp::State::Established | tcp::State::CloseWait) => {
+                    *slot = Slot::Open;
+                    dialed.push((*h, Ok(())));
+                }
+                (Slot::Dialing, tcp::State::Closed) => {
+                    dialed.push((
+                        *h,
+                        Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            "the sandbox refused the connection (nothing listens on the port)",
+                        )),
+                    ));
+                    gone.push(*h);
+                }
                 (Slot::Pending, tcp::State::Established | tcp::State::CloseWait) => {
                     if let Some(local) = s.local_endpoint() {
                         *slot = Slot::Open;
@@ -373,6 +508,11 @@ impl Stack {
                     s.abort();
                 }
                 _ => {}
+            }
+        }
+        for (h, result) in dialed {
+            if let Some(tx) = inner.dials.remove(&h) {
+                let _ = tx.send(result);
             }
         }
         for h in gone {
@@ -430,15 +570,7 @@ impl Stack {
                     handler.buffers_exhausted(dst_v4, inner.slots.len());
                     return None;
                 };
-                let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0u8; size]),
-                    tcp::SocketBuffer::new(vec![0u8; size]),
-                );
-                s.set_nagle_enabled(false);
-                s.set_ack_delay(None);
-                // A sandbox that vanishes mid-connection must not pin the socket forever.
-                s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
-                s.set_timeout(Some(smoltcp::time::Duration::from_secs(180)));
+                let mut s = socket(size);
                 s.listen(IpListenEndpoint {
                     addr: Some(IpAddress::Ipv4(dst)),
                     port: tcp.dst_port(),
@@ -487,6 +619,20 @@ impl Stack {
     fn buffer_size(&self, h: SocketHandle) -> usize {
         self.inner.lock().ok().and_then(|g| g.sizes.get(&h).copied()).unwrap_or(MIN_BUF)
     }
+}
+
+/// A TCP socket with buffers of `size`, set up as every connection of the stack is.
+fn socket(size: usize) -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; size]),
+        tcp::SocketBuffer::new(vec![0u8; size]),
+    );
+    s.set_nagle_enabled(false);
+    s.set_ack_delay(None);
+    // A sandbox that vanishes mid-connection must not pin the socket forever.
+    s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
+    s.set_timeout(Some(smoltcp::time::Duration::from_secs(180)));
+    s
 }
 
 struct Step {

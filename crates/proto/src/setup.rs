@@ -105,6 +105,24 @@ pub struct SetupSpec {
     /// userspace stack, where the egress policy decides (see docs/ARCHITECTURE.md).
     #[serde(default)]
     pub packet_relay: Option<PacketRelay>,
+    /// microvm only: the guest's NIC, which the agent (the guest's PID 1) configures before
+    /// it serves. Its frames go to the host's userspace stack, as the jail's TUN packets do.
+    #[serde(default)]
+    pub guest_nic: Option<GuestNic>,
+}
+
+/// A microVM guest's network interface, as its agent sets it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNic {
+    /// The NIC's MAC (the VMM's `mac=`): how the agent finds the interface.
+    pub mac: [u8; 6],
+    /// The guest's address and prefix length, its default gateway, and the MTU.
+    pub address: [u8; 4],
+    pub prefix: u8,
+    pub gateway: [u8; 4],
+    pub mtu: u32,
+    /// The resolver `/etc/resolv.conf` names (the host's stack answers DNS there).
+    pub dns: [u8; 4],
 }
 
 /// The network device the agent makes inside gVisor and where its packets go.

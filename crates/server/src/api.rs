@@ -369,7 +369,8 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
                 crate::network::host_mask(&live.net),
                 crate::network::port_speaks_tls(&live.net, other),
             );
-            crate::network::inbound(target, other, req).instrument(span).await
+            let dialer = crate::network::guest_dialer(&live.net);
+            crate::network::inbound(target, dialer, other, req).instrument(span).await
         }
     }
 }

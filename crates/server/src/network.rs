@@ -651,6 +651,12 @@ impl Network {
                 })?;
                 self.egress.attach_device(fd, params.policy.clone(), rate, sink)?
             }
+            crate::tier::NetAttach::Nic(fd) => {
+                let fd = fd.try_clone().map_err(|e| {
+                    crate::manager::ManagerError::Internal(format!("the guest's NIC: {e}"))
+                })?;
+                self.egress.attach_nic(fd, params.policy.clone(), rate, sink)?
+            }
             crate::tier::NetAttach::None => return Ok(()),
         };
         net.set_interception(self.interception(key, &params.rules));
@@ -966,26 +972,54 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// A VM sandbox's way in: its stack, which connects through the guest's NIC (`None` for
+/// other tiers, and before the network is attached).
+pub fn guest_dialer(slot: &NetSlot) -> Option<ringfence_net::GuestDialer> {
+    slot.lock().ok()?.as_ref().map(|s| s.net.dialer())
+}
+
 /// Relays one HTTP request (and, on `101 Switching Protocols`, the upgraded connection) to
-/// `127.0.0.1:port` inside sandbox `id`, whose network its tier attached at `at`, with the
-/// Host header `mask` if the sandbox set one.
+/// `127.0.0.1:port` inside sandbox `id`, whose network its tier attached at `at` (a VM's
+/// through `dialer`), with the Host header `mask` if the sandbox set one.
 pub async fn inbound(
     (id, at, mask, tls): (&str, Option<crate::tier::NetAttach>, Option<String>, bool),
+    dialer: Option<ringfence_net::GuestDialer>,
     port: u16,
     req: Request,
 ) -> Response {
-    let ns = match at {
-        Some(crate::tier::NetAttach::Netns(ns)) => ns,
-        Some(crate::tier::NetAttach::Relay(_)) => {
-            return port_closed(id, port, "the gvisor tier takes no inbound connections yet");
+    let within = Duration::from_secs(5);
+    match at {
+        Some(crate::tier::NetAttach::Netns(ns)) => {
+            match ringfence_net::netns::connect_inside(&ns, port, within).await {
+                Ok(s) => inbound_on((id, mask, tls), port, s, req).await,
+                Err(e) => port_closed(id, port, &e.to_string()),
+            }
         }
-        _ => return port_closed(id, port, "no agent"),
-    };
-    let stream = match ringfence_net::netns::connect_inside(&ns, port, Duration::from_secs(5)).await
-    {
-        Ok(s) => s,
-        Err(e) => return port_closed(id, port, &e.to_string()),
-    };
+        Some(crate::tier::NetAttach::Nic(_)) => {
+            let Some(dialer) = dialer else { return port_closed(id, port, "no network") };
+            match dialer.connect(port, within).await {
+                Ok(s) => inbound_on((id, mask, tls), port, s, req).await,
+                Err(e) => port_closed(id, port, &e.to_string()),
+            }
+        }
+        Some(crate::tier::NetAttach::Relay(_)) => {
+            port_closed(id, port, "the gvisor tier takes no inbound connections yet")
+        }
+        _ => port_closed(id, port, "no agent"),
+    }
+}
+
+/// [`inbound`] on a connection to the sandbox's port: plain, or TLS when the sandbox said the
+/// port speaks it.
+async fn inbound_on<S>(
+    (id, mask, tls): (&str, Option<String>, bool),
+    port: u16,
+    stream: S,
+    req: Request,
+) -> Response
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     if !tls {
         return relay_inbound((id, port, mask), stream, req).await;
     }

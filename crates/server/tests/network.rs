@@ -439,6 +439,139 @@ fn gvisor_egress_through_the_same_policy() {
     assert_eq!(r.status, 204);
 }
 
+/// The microvm tier's NIC: the guest's own kernel sends Ethernet frames that QEMU hands to the
+/// same stack, policy, resolver and audit as the jail's TUN; inbound requests reach a service
+/// bound to the guest's loopback; and the guest cannot reach the host (QEMU's own network
+/// namespace has nothing but loopback, and the stack refuses the host's addresses).
+#[test]
+fn microvm_egress_through_the_same_policy() {
+    let name = "microvm_egress_through_the_same_policy";
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start(name, &net_args(&net)) else { return };
+    let r = srv.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base@microvm",
+               "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
+    );
+    if r.status == 400 && r.text().contains("not available") {
+        eprintln!("SKIPPED {name}: the microvm tier is not available here ({})", r.text());
+        return;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let sb = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: v["domain"].as_str().map(str::to_string),
+    };
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tierCapabilities"]["network"], json!("nic"), "{}", d.text());
+    assert_eq!(d.json()["tierCapabilities"]["networkPolicy"], json!(true), "{}", d.text());
+    // The guest's own kernel, and the jail's policy: the allowed host answers...
+    let (out, _) = srv.run(&sb, "uname -r");
+    assert_ne!(
+        out.trim(),
+        String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim()
+    );
+    let (out, code) = srv.run(&sb, "curl -sS -m 20 http://www.allowed.test/");
+    assert_eq!(code, 0, "{out}\n{}", srv.log());
+    assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
+    // ...through our resolver...
+    let (out, _) = srv.run(&sb, "cat /etc/resolv.conf; ip -4 route 2>/dev/null || true");
+    assert!(out.contains("nameserver 100.96.0.1"), "{out}");
+    // ...and everything else is refused by the host's stack, as for the jail.
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://other.test/");
+    assert_eq!(code, 6, "lookup refused: {out}");
+    let (out, _) = srv.run(&sb, "curl -sS -m 10 http://203.0.113.20/");
+    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    for ip in ["169.254.169.254", "10.66.0.5"] {
+        let (out, code) = srv.run(&sb, &format!("curl -sS -m 10 http://{ip}/"));
+        assert_eq!(code, 7, "{ip}: {out}\n{}", srv.log());
+    }
+    // The host is out of reach: the server's own port through the gateway, the host's
+    // loopback (the guest's 127.0.0.1 is its own) and the host's addresses.
+    let host_ips = String::from_utf8_lossy(
+        &Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap().stdout,
+    )
+    .lines()
+    .filter_map(|l| l.split_whitespace().nth(3)?.split('/').next().map(str::to_string))
+    .filter(|a| !a.starts_with("127."))
+    .collect::<Vec<_>>();
+    let mut targets = vec!["100.96.0.1".to_string(), "127.0.0.1".to_string()];
+    targets.extend(host_ips);
+    for ip in &targets {
+        let (out, code) = srv.run(&sb, &format!("curl -sS -m 10 http://{ip}:{}/health", srv.port));
+        assert!(code == 7 || code == 28, "{ip}:{} reached from the guest: {code} {out}", srv.port);
+    }
+    // QEMU's network namespace holds loopback alone: the socket to our stack is its only way.
+    let qemu = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|p| {
+            std::fs::read(p.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("qemu-system") && c.contains(&format!("/sandboxes/{}/", sb.id))
+            })
+        })
+        .map(|p| p.file_name().to_string_lossy().into_owned())
+        .expect("the sandbox's QEMU");
+    let dev = std::fs::read_to_string(format!("/proc/{qemu}/net/dev")).unwrap();
+    let ifaces: Vec<&str> =
+        dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(ifaces, ["lo"], "QEMU's namespace: {dev}");
+    // Every decision is audited, with the same reasons.
+    let recs = srv.egress(&sb, |r| r.len() >= 4);
+    assert!(
+        recs.iter().any(|r| r["detail"]["allowed"] == true && r["detail"]["port"] == 80),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["detail"]["address"] == "10.66.0.5"
+            && r["detail"]["reason"].as_str().unwrap().contains("private")),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["detail"]["address"] == "100.96.0.1" && r["detail"]["allowed"] == false),
+        "{recs:?}"
+    );
+    // Inbound: getHost(8000) reaches a service bound to the guest's loopback.
+    let (out, _) = srv.run(&sb, "cd /tmp && echo preview > index.html && (python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &) ; for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.2; done; echo up");
+    assert!(out.contains("up"), "{out}");
+    let host = format!("8000-{}.{}", sb.id, sb.domain.clone().unwrap());
+    let r = http(
+        srv.port,
+        "GET",
+        "/index.html",
+        &[("Host", &host), ("E2B-Traffic-Access-Token", &sb.token)],
+        b"",
+    );
+    assert_eq!((r.status, r.text().trim()), (200, "preview"), "{}", srv.log());
+    let r = http(
+        srv.port,
+        "GET",
+        "/",
+        &[("Host", &format!("8001-{}.x", sb.id)), ("X-Access-Token", &sb.token)],
+        b"",
+    );
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("port is not open"), "{}", r.text());
+    // A live policy change applies to the guest too.
+    let r = srv.api(
+        "PUT",
+        &format!("/sandboxes/{}/network", sb.id),
+        json!({"allowOut": ["other.test"], "denyOut": ["0.0.0.0/0"]}),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (_, code) = srv.run(&sb, "curl -sS -m 10 http://www.allowed.test/");
+    assert_ne!(code, 0);
+    let (out, code) = srv.run(&sb, "curl -sS -m 20 http://other.test/");
+    assert_eq!(code, 0, "{out}");
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204);
+}
+
 /// Secrets through the API in real sandboxes: a rule puts a secret into requests for its
 /// host, and the value is nowhere the sandbox can look (env, files, its processes' memory,
 /// the upstream's echo), nor sent to any other host, whatever the sandbox tries.

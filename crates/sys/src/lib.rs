@@ -980,6 +980,16 @@ struct RtEntry {
 /// Adds a default route through interface `name` (no gateway: the interface is
 /// point-to-point), in the calling thread's network namespace.
 pub fn route_default_via(name: &str) -> Result<()> {
+    add_default_route(name, None)
+}
+
+/// Adds a default route through `gateway` on interface `name` (an Ethernet link: only the
+/// gateway's address is resolved), in the calling thread's network namespace.
+pub fn route_default_gateway(name: &str, gateway: std::net::Ipv4Addr) -> Result<()> {
+    add_default_route(name, Some(gateway))
+}
+
+fn add_default_route(name: &str, gateway: Option<std::net::Ipv4Addr>) -> Result<()> {
     let dev = CString::new(name)
         .map_err(|e| SysError { call: "SIOCADDRT", source: io::Error::other(e) })?;
     // SAFETY: socket takes integers; the result is checked and owned immediately.
@@ -993,9 +1003,9 @@ pub fn route_default_via(name: &str) -> Result<()> {
     let mut rt = RtEntry {
         rt_pad1: 0,
         rt_dst: any,
-        rt_gateway: any,
+        rt_gateway: gateway.map_or(any, sockaddr_v4),
         rt_genmask: any,
-        rt_flags: libc::RTF_UP,
+        rt_flags: if gateway.is_some() { libc::RTF_UP | libc::RTF_GATEWAY } else { libc::RTF_UP },
         rt_pad2: 0,
         rt_pad3: 0,
         rt_pad4: std::ptr::null_mut(),

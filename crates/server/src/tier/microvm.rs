@@ -9,7 +9,11 @@
 //! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
 //! through the generic pool.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
+//! The guest's NIC (virtio-net over a socket pair QEMU inherits) feeds the jail's userspace
+//! stack, policy, resolver and audit (`NetAttach::Nic`); inbound ports go through the same
+//! stack to the guest's loopback.
+//!
+//! Not built yet, and said so in the capabilities: start from
 //! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
 //! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
 //! server's sweep ends the QEMUs the dead one left, and their directories).
@@ -172,6 +176,17 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
         }
     };
     let kernel_dir = ringfence_microvm::kernel_dir();
+    // Every guest gets a NIC: a kernel directory installed before the guest had one lacks its
+    // driver, and the guest would wait for an interface that never comes.
+    let order =
+        std::fs::read_to_string(kernel_dir.join("modules").join("order")).unwrap_or_default();
+    if !order.lines().any(|m| m.trim() == "virtio_net") {
+        return Err(format!(
+            "the guest kernel's modules at {} lack virtio_net (the guest's NIC): rerun \
+             scripts/install-microvm.sh",
+            kernel_dir.join("modules").display()
+        ));
+    }
     let initramfs = ringfence_microvm::guest::initramfs(
         &ringfence_microvm::cache_dir(),
         &settings.agent_path,
@@ -254,8 +269,8 @@ impl Tier for MicrovmTier {
             fork: false,
             reattach: false,
             kernel_injection: false,
-            network: "none",
-            network_policy: false,
+            network: "nic",
+            network_policy: true,
             agent_channel: "virtio-serial",
             accel: Some(self.accel().unwrap_or("unprobed")),
         }
@@ -276,10 +291,12 @@ impl Tier for MicrovmTier {
         let mut s = ringfence_microvm::StartSpec::new(spec.id, image);
         s.limits = spec.limits;
         s.env = spec.env;
+        s.nic = Some(guest_nic());
         let memory_limit = spec.limits.memory;
         let vm = MicroVm::start(cfg, s).map_err(vm_err)?;
         tracing::debug!(boot_ms = vm.boot.as_millis() as u64, "microvm booted");
-        Ok(MicrovmInstance { vm, memory_limit })
+        let nic = vm.nic();
+        Ok(MicrovmInstance { vm, memory_limit, nic })
     }
 
     fn adopt(
@@ -313,6 +330,23 @@ impl Tier for MicrovmTier {
 pub struct MicrovmInstance {
     vm: MicroVm,
     memory_limit: Option<u64>,
+    /// The host's end of the guest NIC's socket, for the network layer.
+    nic: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+}
+
+/// The guest's NIC: the jail's addresses (the sandbox is `100.96.0.2`, its gateway and
+/// resolver `100.96.0.1`, our stack), on a `/24` with a route through the gateway, at the
+/// MACs the Ethernet adapter in front of the stack expects.
+fn guest_nic() -> ringfence_proto::GuestNic {
+    use ringfence_net::{ether, tun};
+    ringfence_proto::GuestNic {
+        mac: ether::GUEST_MAC,
+        address: tun::SANDBOX_IP.octets(),
+        prefix: 24,
+        gateway: tun::GATEWAY_IP.octets(),
+        mtu: ether::MTU,
+        dns: tun::GATEWAY_IP.octets(),
+    }
 }
 
 impl Instance for MicrovmInstance {
@@ -329,7 +363,10 @@ impl Instance for MicrovmInstance {
     }
 
     fn net(&self) -> NetAttach {
-        NetAttach::None
+        match &self.nic {
+            Some(fd) => NetAttach::Nic(fd.clone()),
+            None => NetAttach::None,
+        }
     }
 
     fn usage(&self) -> Option<Usage> {

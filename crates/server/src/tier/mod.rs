@@ -124,7 +124,8 @@ pub struct Capabilities {
     pub kernel_injection: bool,
     /// How the network reaches the sandbox: "netns-tun" (a TUN in its network namespace,
     /// served by our userspace stack), "relayed-tun" (a TUN the sandbox's agent made, its
-    /// packets relayed to the same stack), "tap", "none".
+    /// packets relayed to the same stack), "nic" (a VM's virtio-net device, its Ethernet
+    /// frames to the same stack), "none".
     pub network: &'static str,
     /// Every connection passes our egress policy and audit.
     pub network_policy: bool,
@@ -144,6 +145,10 @@ pub enum NetAttach {
     /// A device the sandbox made itself, relayed to us packet by packet (gVisor's agent: see
     /// `ringfence_gvisor::Network::Relay`): our stack runs on this descriptor as on a TUN.
     Relay(std::sync::Arc<std::os::fd::OwnedFd>),
+    /// A VM's NIC: one Ethernet frame per message (`ringfence_microvm::MicroVm::nic`); our
+    /// stack runs behind an Ethernet adapter (`ringfence_net::ether`), and reaches the
+    /// guest's ports through it.
+    Nic(std::sync::Arc<std::os::fd::OwnedFd>),
     /// The instance has no network to attach (it is gone, or the tier has none).
     None,
 }
