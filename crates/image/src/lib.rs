@@ -6,6 +6,8 @@
 //!   canonical owners), refusing anything that would reach outside it.
 //! - [`export`]: the one interface through which a tier asks for a template in its form
 //!   (lower directories, a disk image), cached by content.
+//! - [`shared`]: sandboxes' saved layers (snapshots, pauses, forks) in the same store, by
+//!   content.
 //! - [`archive`]: reading images on disk; [`registry`]: pulling them.
 //! - [`store`]: content-addressed layers and the template records under
 //!   `<data-dir>/images`.
@@ -20,6 +22,7 @@ pub mod oci;
 mod passwd;
 pub mod registry;
 pub mod sdk;
+pub mod shared;
 pub mod store;
 pub mod unpack;
 

@@ -290,8 +290,10 @@ impl Store {
 
     /// Removes the layers of `old` that no template references any more.
     fn collect(&self, old: &Record) -> Result<Removed, ImageError> {
-        let used: BTreeSet<String> =
+        let mut used: BTreeSet<String> =
             self.list()?.iter().flat_map(|r| r.layers.iter().map(|l| l.diff_id.clone())).collect();
+        // A snapshot's saved layer with the same content links to the same directory.
+        used.extend(self.linked_layers());
         let mut out = Removed::default();
         let mut seen = BTreeSet::new();
         for l in &old.layers {
