@@ -299,6 +299,8 @@ fn image_templates_start_through_the_api() {
         let r = create(&s, &s.key, json!({"templateID": "bbx@gvisor"}));
         assert_eq!(r.status, 201, "{}", r.text());
         let g = Sandbox::from(&r.json());
+        let d = s.api("GET", &format!("/sandboxes/{}", g.id), Value::Null).json();
+        assert_eq!(d["tier"], json!("gvisor"), "{d}");
         let out = run(
             &s,
             &g,
