@@ -58,6 +58,51 @@ if ! "$VENV/bin/python" tests/e2b/templates.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+# pip_install / apt_install through the SDK on the Debian base (tests/e2b/templates_debian.py),
+# on a server of its own: a build's RUN steps get the server's disk quota, and `apt-get update`
+# alone writes more than the 64M above. The base is the one the cargo tests bootstrapped once
+# per machine (crates/cli/tests/debian.rs), linked into that server's data directory as
+# `rf-debian` (hard links: no copy of its ~370 MB). SLOW (an apt-get update and downloads from
+# Debian's archive and PyPI, ~30-60 s); left out with RINGFENCE_SKIP_SLOW=1, SKIPPED where
+# there is no cached base or it is on another filesystem.
+debian_cache=${RINGFENCE_TEST_DEBIAN_DIR:-/var/cache/ringfence-test/debian}/images
+if [ "${RINGFENCE_SKIP_SLOW:-0}" = 1 ]; then
+  echo "SKIPPED templates_debian.py: RINGFENCE_SKIP_SLOW=1"
+elif [ ! -f "$debian_cache/templates/debian:latest.json" ]; then
+  echo "SKIPPED templates_debian.py: no cached Debian base ($debian_cache; cargo test bootstraps it)"
+else
+  deb=$(mktemp -d)
+  chmod 755 "$deb"
+  mkdir -p "$deb/images/layers" "$deb/images/templates"
+  chmod 700 "$deb/images" "$deb/images/layers" "$deb/images/templates"
+  linked=1
+  for l in $(python3 -c 'import json,sys; print(" ".join(l["diff_id"].replace(":", "-") for l in json.load(open(sys.argv[1]))["layers"]))' "$debian_cache/templates/debian:latest.json"); do
+    cp -al "$debian_cache/layers/$l" "$debian_cache/layers/$l.json" "$deb/images/layers/" 2>/dev/null || linked=0
+  done
+  if [ "$linked" = 1 ]; then
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["name"]="rf-debian:latest"; json.dump(r, open(sys.argv[2], "w"))' \
+      "$debian_cache/templates/debian:latest.json" "$deb/images/templates/rf-debian:latest.json"
+    debkey=$("$BIN" keys create --name debian --data-dir "$deb" | tail -n 1)
+    debport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "$BIN" serve --listen "127.0.0.1:$debport" --data-dir "$deb" >> "$deb/serve.log" 2>&1 &
+    debserver=$!
+    for _ in $(seq 300); do
+      curl -fs "http://127.0.0.1:$debport/health" >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    ok=1
+    E2B_API_URL="http://127.0.0.1:$debport" E2B_SANDBOX_URL="http://127.0.0.1:$debport" \
+      E2B_API_KEY="$debkey" "$VENV/bin/python" tests/e2b/templates_debian.py || ok=0
+    [ "$ok" = 1 ] || { echo "--- server log ---"; tail -n 50 "$deb/serve.log"; }
+    kill "$debserver" 2>/dev/null || true
+    wait "$debserver" 2>/dev/null || true
+    rm -rf "$deb"
+    [ "$ok" = 1 ] || exit 1
+  else
+    rm -rf "$deb"
+    echo "SKIPPED templates_debian.py: the cached Debian base cannot be hard-linked here"
+  fi
+fi
 # The code interpreter with the unmodified `e2b-code-interpreter` SDK.
 if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"

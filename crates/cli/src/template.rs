@@ -181,6 +181,28 @@ fn run(cmd: TemplateCommand) -> anyhow::Result<()> {
                 users.len(),
                 human(total)
             );
+            // Sandboxes' saved layers (snapshots, pauses, forks) live in the same store by
+            // content: each counted once however many snapshots link to it, and not again
+            // where a template has the same layer.
+            let saved: Vec<_> = store
+                .all_layers()
+                .into_iter()
+                .filter(|l| l.created_by.as_deref() == Some(ringfence_image::shared::SAVED_LAYER))
+                .filter(|l| !users.contains_key(l.diff_id.as_str()))
+                .collect();
+            if !saved.is_empty() {
+                let bytes: u64 = saved.iter().map(|l| l.bytes).sum();
+                let links = std::fs::read_dir(common.data_dir.join("layers"))
+                    .map(|rd| rd.flatten().filter(|e| e.path().is_symlink()).count())
+                    .unwrap_or(0);
+                println!(
+                    "{} saved sandbox layers (snapshots, pauses, forks: {links} ids), {}, \
+                     each stored once; {} in the store in all",
+                    saved.len(),
+                    human(bytes),
+                    human(total + bytes)
+                );
+            }
         }
         TemplateCommand::Inspect { name, common } => {
             let store = Store::open(&common.data_dir)?;

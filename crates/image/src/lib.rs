@@ -4,6 +4,10 @@
 //!
 //! - [`unpack`]: one layer's tar stream → a lower directory (whiteouts, opaque directories,
 //!   canonical owners), refusing anything that would reach outside it.
+//! - [`export`]: the one interface through which a tier asks for a template in its form
+//!   (lower directories, a disk image), cached by content.
+//! - [`shared`]: sandboxes' saved layers (snapshots, pauses, forks) in the same store, by
+//!   content.
 //! - [`archive`]: reading images on disk; [`registry`]: pulling them.
 //! - [`store`]: content-addressed layers and the template records under
 //!   `<data-dir>/images`.
@@ -13,14 +17,17 @@ pub mod build;
 pub mod context;
 pub mod dockerfile;
 pub mod error;
+pub mod export;
 pub mod oci;
 mod passwd;
 pub mod registry;
 pub mod sdk;
+pub mod shared;
 pub mod store;
 pub mod unpack;
 
 pub use error::ImageError;
+pub use export::{Artifact, DiskFs, Exported, TemplateForm};
 pub use store::{
     LayerRecord, Progress, Quiet, Record, Removed, Runnable, StartCmd, Store, normalize_name,
 };

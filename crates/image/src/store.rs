@@ -137,15 +137,20 @@ impl Runnable {
     /// The image's `Env` as a map (`K=V` entries; malformed and nameless ones dropped): the
     /// defaults a sandbox from this image starts with.
     pub fn env(&self) -> std::collections::BTreeMap<String, String> {
-        self.record
-            .config
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .filter(|(k, _)| !k.is_empty())
-            .collect()
+        config_env(&self.record)
     }
+}
+
+/// A record's `Env` as a map (`K=V` entries; malformed and nameless ones dropped).
+pub(crate) fn config_env(record: &Record) -> std::collections::BTreeMap<String, String> {
+    record
+        .config
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 /// The image store of one data directory.
@@ -154,7 +159,7 @@ pub struct Store {
     root: PathBuf,
 }
 
-const SKELETON: &str = "skeleton-4";
+pub(crate) const SKELETON: &str = "skeleton-4";
 
 impl Store {
     /// The store under `data_dir/images`, created (mode 0700) if missing.
@@ -232,7 +237,10 @@ impl Store {
         };
         let path = self.record_path(&record.name);
         fs::remove_file(&path).map_err(at("remove", &path))?;
-        self.collect(&record)
+        let removed = self.collect(&record)?;
+        // Its cached disk images go with it, unless another template has the same layers.
+        self.sweep_exports()?;
+        Ok(removed)
     }
 
     /// A shared claim on template `name`, held by whoever runs a sandbox from it (or builds
@@ -282,8 +290,10 @@ impl Store {
 
     /// Removes the layers of `old` that no template references any more.
     fn collect(&self, old: &Record) -> Result<Removed, ImageError> {
-        let used: BTreeSet<String> =
+        let mut used: BTreeSet<String> =
             self.list()?.iter().flat_map(|r| r.layers.iter().map(|l| l.diff_id.clone())).collect();
+        // A snapshot's saved layer with the same content links to the same directory.
+        used.extend(self.linked_layers());
         let mut out = Removed::default();
         let mut seen = BTreeSet::new();
         for l in &old.layers {
@@ -648,6 +658,7 @@ impl Store {
             && let Some(_idle) = self.idle(&name)?
         {
             self.collect(&old)?;
+            self.sweep_exports()?;
         }
         Ok(())
     }
@@ -781,7 +792,7 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, bytes).map_err(at("write", &tmp))?;

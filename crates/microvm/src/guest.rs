@@ -1,13 +1,12 @@
 //! What a guest boots from: the initramfs (the agent as `/init` and the kernel modules it
-//! loads), the template's read-only root image and the sandbox's writable disk.
+//! loads) and the sandbox's writable disk. (The template's read-only root image is the image
+//! store's: `ringfence_image::export`.)
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use nix::fcntl::{Flock, FlockArg};
 
 use crate::MicrovmError;
 
@@ -166,96 +165,8 @@ fn without_debug_info(agent: &Path, beside: &Path) -> Option<Vec<u8>> {
     bytes
 }
 
-/// Bump when the image's layout changes, so old images are rebuilt.
-const IMAGE_FORMAT: u32 = 1;
-
-/// The template `name` (root `rootfs`, with `host_layers` bound at their own paths) as a
-/// read-only ext4 image in `cache`, built on first use (minutes for a root of gigabytes: once
-/// per template and host, shared by every server, whatever their data directories). The key
-/// covers the skeleton's contents (paths, sizes, modes, link targets: each server builds its
-/// own copy of the same skeleton) and the host layers' modification times, so a changed
-/// template gets a new image.
-pub fn template_image(
-    cache: &Path,
-    name: &str,
-    rootfs: &Path,
-    host_layers: &[String],
-) -> Result<PathBuf, MicrovmError> {
-    let images = cache.join("images");
-    fs::create_dir_all(&images).map_err(io(format!("mkdir {}", images.display())))?;
-    let mut key = format!("{IMAGE_FORMAT}:{:016x}", tree_digest(rootfs));
-    for l in host_layers {
-        key.push_str(&format!(":{l}={}", stamp(Path::new(l))));
-    }
-    let safe: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    let image = images.join(format!("{safe}.ext4"));
-    let key_file = images.join(format!("{safe}.key"));
-    let fresh = || image.is_file() && fs::read_to_string(&key_file).is_ok_and(|k| k == key);
-    if fresh() {
-        return Ok(image);
-    }
-    // One builder per template on the host: the others wait for its result.
-    let lock_path = images.join(format!("{safe}.lock"));
-    let lock = File::create(&lock_path).map_err(io(format!("create {}", lock_path.display())))?;
-    let _lock = Flock::lock(lock, FlockArg::LockExclusive)
-        .map_err(|(_, e)| MicrovmError::Io { op: "lock the image".into(), source: e.into() })?;
-    if fresh() {
-        return Ok(image);
-    }
-    let mut size = tree_bytes(rootfs);
-    for l in host_layers {
-        size += tree_bytes(Path::new(l));
-    }
-    // ext4's metadata and some slack; the file is sparse, so the slack costs nothing.
-    let size = size + size / 4 + (256 << 20);
-    let tmp = images.join(format!("{safe}.ext4.tmp"));
-    let _ = fs::remove_file(&tmp);
-    // The host layers are bound into the template's root in a private mount namespace of
-    // `unshare` (so nothing is left mounted whatever happens), and mkfs.ext4 copies the tree.
-    // Paths reach the script as arguments, never as code.
-    const SCRIPT: &str = r#"set -e
-root="$1"; img="$2"; size="$3"; shift 3
-for l in "$@"; do
-  [ -d "$root$l" ] || { echo "the template has no mount point $l" >&2; exit 3; }
-  mount --bind "$l" "$root$l"
-done
-exec mkfs.ext4 -q -F -L ringfence -E root_owner=0:0 -d "$root" "$img" "$((size / 1024))k""#;
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", SCRIPT, "sh"])
-        .arg(rootfs)
-        .arg(&tmp)
-        .arg(size.to_string())
-        .args(host_layers)
-        .output()
-        .map_err(io("run unshare/mkfs.ext4".into()))?;
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(MicrovmError::Build {
-            what: format!("the image of template {name}"),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    fs::rename(&tmp, &image).map_err(io(format!("rename to {}", image.display())))?;
-    fs::write(&key_file, &key).map_err(io(format!("write {}", key_file.display())))?;
-    Ok(image)
-}
-
-/// A cheap fingerprint of a tree's top: its own and its entries' modification times.
-fn stamp(dir: &Path) -> String {
-    let mut newest =
-        fs::metadata(dir).map(|m| m.mtime_nsec() + m.mtime() * 1_000_000_000).unwrap_or(0);
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if let Ok(m) = e.metadata() {
-                newest = newest.max(m.mtime() * 1_000_000_000 + m.mtime_nsec());
-            }
-        }
-    }
-    newest.to_string()
-}
-
-/// A digest of a small tree's shape and sizes (not its times: copies of one skeleton agree).
+/// A digest of a small tree's shape and sizes (not its times: copies of one tree agree), to
+/// name the initramfs after the modules that go in.
 fn tree_digest(dir: &Path) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut entries = Vec::new();
@@ -279,23 +190,6 @@ fn tree_digest(dir: &Path) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     entries.hash(&mut h);
     h.finish()
-}
-
-/// Bytes a tree occupies (allocated blocks, symlinks not followed, other mounts included).
-fn tree_bytes(dir: &Path) -> u64 {
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else { continue };
-            total += m.blocks() * 512 + 4096;
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    total
 }
 
 /// Creates the sandbox's writable disk at `path`: a sparse file of `bytes` formatted ext4 (the

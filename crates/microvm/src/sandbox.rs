@@ -19,7 +19,7 @@ use crate::{MicrovmConfig, MicrovmError};
 #[derive(Debug, Clone)]
 pub struct StartSpec {
     pub id: String,
-    /// The template's read-only root image ([`crate::guest::template_image`]).
+    /// The template's read-only root image (`ringfence_image::export`).
     pub root_image: PathBuf,
     pub limits: Limits,
     pub env: std::collections::BTreeMap<String, String>,

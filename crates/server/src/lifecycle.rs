@@ -54,9 +54,15 @@ impl Manager {
             .unwrap_or_else(|| "base".into())
     }
 
-    /// Where layer `id` lives on the host.
+    /// Where layer `id` lives on the host: `<data-dir>/layers/<id>`, or, once its content is in
+    /// the image store (a link there, see `ringfence_image::shared`), that directory, so the
+    /// tiers mount the real path.
     pub(super) fn layer_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("layers").join(id)
+        let own = self.cfg.data_dir.join("layers").join(id);
+        if std::fs::symlink_metadata(&own).is_ok_and(|m| m.file_type().is_symlink()) {
+            return std::fs::canonicalize(&own).unwrap_or(own);
+        }
+        own
     }
 
     /// Saves `live`'s upper layer as a new layer (freezing the sandbox for the copy). Returns
@@ -74,6 +80,18 @@ impl Manager {
         match saved {
             Some(r) => r?,
             None => return Err(ManagerError::no_sandbox(&live_id(live))),
+        }
+        // Stored by content in the image store, shared with any saved or image layer of the
+        // same content; `<id>` becomes a link to it. If that fails the directory stays where
+        // it is and works as before (only unshared).
+        let (data_dir, dest) =
+            (self.cfg.data_dir.clone(), self.cfg.data_dir.join("layers").join(&layer));
+        let adopted = tokio::task::spawn_blocking(move || {
+            ringfence_image::store::Store::open(&data_dir)?.adopt_saved_layer(&dest)
+        })
+        .await?;
+        if let Err(e) = adopted {
+            tracing::warn!(layer, error = %e, "storing a saved layer by content; kept unshared");
         }
         let mut layers = vec![layer.clone()];
         layers.extend(live.snapshot().map(|r| r.lifecycle.layers).unwrap_or_default());
@@ -372,6 +390,10 @@ impl Manager {
         let uid_base = self.tiers().jail().legacy_uid_base();
         tokio::task::spawn_blocking(move || {
             store.reset_pending_layers()?;
+            let images = root.parent().and_then(|d| ringfence_image::store::Store::open(d).ok());
+            if let Some(n) = images.as_ref().map(|i| i.finish_adoptions()).filter(|n| *n > 0) {
+                tracing::info!(layers = n, "completed moving saved layers into the image store");
+            }
             // Layers hold canonical ids and are reached only by the host (see
             // ringfence_jail::owner): no host user may walk in.
             if std::fs::create_dir_all(&root).is_ok() {
@@ -385,12 +407,24 @@ impl Manager {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let partial = ringfence_jail::layer::is_partial(&name);
                 if !partial && known.contains_key(&name) {
+                    if e.file_type().is_ok_and(|t| t.is_symlink()) {
+                        // Already in the image store by content (canonical when it moved).
+                        continue;
+                    }
                     // Saved by a version whose sandboxes all shared one id range: stored with
                     // those host ids, which no sandbox maps any more. Shifted once, in place.
                     match ringfence_jail::layer::canonicalize(&e.path(), uid_base) {
                         Ok(true) => tracing::info!(layer = %name, "layer moved to canonical ids"),
                         Ok(false) => {}
                         Err(err) => tracing::warn!(layer = %name, error = %err, "canonical ids"),
+                    }
+                    // Saved before layers were stored by content: moved into the image store
+                    // now, once (the migration of an older data directory).
+                    if let Some(i) = &images {
+                        match i.adopt_saved_layer(&e.path()) {
+                            Ok(d) => tracing::info!(layer = %name, digest = %d, "layer stored by content"),
+                            Err(err) => tracing::warn!(layer = %name, error = %err, "storing a layer by content"),
+                        }
                     }
                     continue;
                 }
@@ -407,6 +441,11 @@ impl Manager {
                     }
                     Err(err) => tracing::warn!(layer = %name, error = %err, "removing a layer"),
                 }
+            }
+            // Saved layers of the image store that no link points to any more (their links
+            // went above, or a crash came between storing one and recording it).
+            if let Some(i) = &images {
+                removed += i.collect_unlinked().unwrap_or(0);
             }
             Ok(removed)
         })
@@ -635,6 +674,17 @@ pub(super) fn remove_dropped_layers(store: &crate::store::Store, root: &std::pat
     let n = gone.len();
     if let Err(e) = store.forget_dropped(&gone) {
         tracing::warn!(error = %e, "forgetting dropped layers");
+    }
+    // What went above were links into the image store: the content no other link (and no
+    // template) uses goes with them.
+    if n > 0
+        && let Some(data_dir) = root.parent()
+    {
+        let collected =
+            ringfence_image::store::Store::open(data_dir).and_then(|i| i.collect_unlinked());
+        if let Err(e) = collected {
+            tracing::warn!(error = %e, "collecting unlinked saved layers");
+        }
     }
     n
 }

@@ -515,12 +515,6 @@ impl Manager {
         let image = !TEMPLATES.contains(&p.template.as_str())
             && self.store.get_snapshot(key_id, &p.template)?.is_none()
             && self.tiers.jail().has_image(&p.template);
-        if image && p.tier.is_some_and(|t| t != TierKind::Jail) {
-            return Err(ManagerError::BadRequest(format!(
-                "template {:?} is an image template, which only the jail tier runs yet",
-                p.template
-            )));
-        }
         if !image && !TEMPLATES.contains(&p.template.as_str()) {
             // A snapshot of this tenant's, used as a template.
             let snap = self.store.get_snapshot(key_id, &p.template)?;
@@ -541,6 +535,15 @@ impl Manager {
         }
         let tier = p.tier.unwrap_or(default_tier);
         p.tier = Some(tier);
+        // The jail, gVisor and microVMs each ask the image store for the template in their
+        // form (tier::export_image); a WebAssembly sandbox has no Linux userland to run one.
+        if image && tier == TierKind::Wasm {
+            return Err(ManagerError::BadRequest(format!(
+                "template {:?} is an image template (a Linux root filesystem), which the wasm \
+                 tier cannot run: use the jail, gvisor or microvm tier",
+                p.template
+            )));
+        }
         // Refused before anything is counted or started: a tier the key may not use (403),
         // then one this host cannot run (400).
         // One read of the key for both its tiers and its quotas.

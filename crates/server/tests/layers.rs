@@ -385,3 +385,66 @@ fn a_server_killed_during_a_snapshot_gives_the_sandbox_back_running() {
     assert!(s.run(&v, "true").1, "the sandbox is frozen after its snapshot");
     s.kill(&v);
 }
+
+/// Where layer `id`'s link in the layers directory points (None: not a link).
+fn link_of(s: &Server, id: &str) -> Option<PathBuf> {
+    std::fs::read_link(s.layers_dir().join(id)).ok()
+}
+
+/// Saved layers are stored by content in the image store's layer directory: two snapshots of
+/// the same files share one copy (each snapshot's id a link to it), the copy stays while one
+/// of them does and goes with the last; a layer saved before this (a plain directory, as an
+/// older server left it) is moved into the store when the server starts, and a restart keeps
+/// every snapshot readable.
+#[test]
+fn identical_snapshots_share_one_stored_layer_across_restarts() {
+    let _serial = one_at_a_time();
+    let test = "identical_snapshots_share_one_stored_layer_across_restarts";
+    let Some(mut s) = Server::start(test) else { return };
+    let a = s.create("base");
+    assert!(s.run(&a, "echo shared > /home/user/s.txt").1);
+    let none = s.consistent("nothing saved");
+    let one = s.snapshot(&a);
+    let after_one = s.consistent("first snapshot");
+    let first = new_layer(&none, &after_one);
+    let two = s.snapshot(&a);
+    let second = new_layer(&after_one, &s.consistent("second snapshot"));
+    let (l1, l2) = (link_of(&s, &first), link_of(&s, &second));
+    assert!(l1.is_some(), "{first} is a link into the image store");
+    assert_eq!(l1, l2, "two snapshots of the same files: one stored copy");
+    let stored = std::fs::canonicalize(s.layers_dir().join(&first)).unwrap();
+    assert!(stored.starts_with(s.data.path().join("images/layers")), "{stored:?}");
+    s.kill(&a);
+
+    // A restart keeps both; each starts a sandbox with the file.
+    s.kill9();
+    s.spawn(&[]);
+    for snap in [&one, &two] {
+        let b = s.create(snap);
+        assert_eq!(s.run(&b, "cat /home/user/s.txt").0, "shared\n", "{snap}");
+        s.kill(&b);
+    }
+    // One deleted: the copy stays for the other.
+    let r = s.api("DELETE", &format!("/templates/{one}"), Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(stored.is_dir(), "the copy went while snapshot {two} still uses it");
+
+    // An older server's layout: the layer as a plain directory. Moved back into the store
+    // (the same copy, by content) at the next start.
+    s.kill9();
+    let own = s.layers_dir().join(&second);
+    std::fs::remove_file(&own).unwrap();
+    let cp = std::process::Command::new("cp").args(["-a", "--"]).arg(&stored).arg(&own).status();
+    assert!(cp.unwrap().success());
+    s.spawn(&[]);
+    assert_eq!(link_of(&s, &second), l1, "migrated to the same stored copy");
+    let c = s.create(&two);
+    assert_eq!(s.run(&c, "cat /home/user/s.txt").0, "shared\n");
+    s.kill(&c);
+
+    // The last one deleted: the copy goes.
+    let r = s.api("DELETE", &format!("/templates/{two}"), Value::Null);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(!stored.exists(), "the stored copy outlived its last snapshot");
+    assert!(s.layer_dirs().is_empty(), "{:?}", s.layer_dirs());
+}

@@ -317,3 +317,117 @@ fn a_microvm_pool_hands_out_a_booted_guest_as_the_new_sandbox() {
     let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(k.status, 204, "{}", k.text());
 }
+
+/// Runs `cmd args` in the sandbox through envd as `user`; its stdout.
+fn run(s: &support::serve::Server, sb: &Sandbox, cmd: &str, args: &[&str]) -> String {
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("user:"));
+    let msg = json!({"process": {"cmd": cmd, "args": args}, "stdin": false});
+    let r = s.process_start(&sb.id, &sb.token, &msg, &[("Authorization", auth.as_str())]);
+    assert_eq!(r.status, 200, "process start: {}", r.text());
+    frames(&r.body)
+        .iter()
+        .filter_map(|(_, v)| v["event"]["data"]["stdout"].as_str().map(b64_text))
+        .collect()
+}
+
+/// An image template (built here from a Dockerfile: busybox and a file, no host `/usr`) runs
+/// on the microvm tier: the image store exports it as a disk image (built once, under
+/// `images/exports/`), the guest boots our agent from the initramfs as PID 1 over the image's
+/// files, a command runs and reads the file the image put there, with the image's Env;
+/// `template rm` is refused while the guest runs and removes the disk image once it is gone.
+#[test]
+fn an_image_template_boots_as_a_microvm_root_disk() {
+    let test = "an_image_template_boots_as_a_microvm_root_disk";
+    if !support::root_or_skip(test) {
+        return;
+    }
+    if !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!("SKIPPED {test}: no /bin/busybox (scripts/setup.sh installs busybox-static)");
+        return;
+    }
+    let Some(bin) = support::serve::binary_or_skip(test, "cargo build --workspace") else {
+        return;
+    };
+    let mut s = support::serve::Server::new(bin);
+    s.key = s.new_key("any-tier", &[]);
+    s.http.read_timeout = Duration::from_secs(600);
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+    std::fs::write(ctx.path().join("greeting"), "put there by the image\n").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY greeting /etc/greeting\n\
+         ENV GREETING=from-the-image\n",
+    )
+    .unwrap();
+    let (bin, data) = (s.bin.clone(), s.data.path().to_path_buf());
+    let template = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("template")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let dockerfile = ctx.path().join("Dockerfile");
+    let context = ctx.path().to_string_lossy().into_owned();
+    let out = template(&[
+        "build",
+        "--name",
+        "bbx",
+        "-f",
+        &dockerfile.to_string_lossy(),
+        "--context",
+        &context,
+    ]);
+    assert!(out.status.success(), "template build: {}", String::from_utf8_lossy(&out.stderr));
+    s.spawn(&["--memory", "256M", "--disk", "64M"]);
+    let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
+    let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
+    if mvm["available"] != json!(true) {
+        eprintln!("SKIPPED {test}: the microvm tier is not available here: {}", mvm["reason"]);
+        return;
+    }
+
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": "bbx@microvm"}));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tier"], json!("microvm"), "{}", d.text());
+    let out = run(
+        &s,
+        &sb,
+        "/bin/busybox",
+        &["sh", "-c", "cat /etc/greeting; echo $GREETING; ls /usr 2>/dev/null | wc -l"],
+    );
+    assert_eq!(out, "put there by the image\nfrom-the-image\n0\n", "the image's files only");
+    // Its own kernel, our agent as init (not a program of the image).
+    let init = run(&s, &sb, "/bin/busybox", &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
+    assert!(init.contains("--tier microvm"), "{init}");
+    // One disk image in the store's export cache, made for this template.
+    let exports = s.data.path().join("images/exports");
+    let images = || -> Vec<String> {
+        std::fs::read_dir(&exports)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".ext4"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(images().len(), 1, "{:?}", images());
+    // In use: removing the template is refused, and says why.
+    let out = template(&["rm", "bbx"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{out:?}");
+    let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(k.status, 204, "{}", k.text());
+    assert!(qemu_with(&format!("/microvm/sandboxes/{}/", sb.id)).is_empty());
+    // Gone with the guest: the template and its disk image go.
+    let out = template(&["rm", "bbx"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(images().is_empty(), "{:?}", images());
+    assert_eq!(s.api("GET", "/health", Value::Null).status, 200);
+}

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ringfence_gvisor::{Container, GvisorConfig, Probe};
+use ringfence_image::{Artifact, TemplateForm};
 use ringfence_jail::template::{self, Template};
 
 use super::{
@@ -67,7 +68,6 @@ impl GvisorTier {
         })
     }
 
-    /// The host template (the only one this tier runs yet), built on first use.
     /// The built template behind a built-in name: `base`/`host`, or the code interpreter's
     /// (the host skeleton plus the interpreter environment bound read-only, as in the jail).
     fn template(&self, name: &str) -> Result<Template, TierError> {
@@ -138,7 +138,31 @@ impl Tier for GvisorTier {
             return Err(TierError::Unsupported { tier: TierKind::Gvisor, what: "volume mounts" });
         }
         let cfg = self.config()?;
-        let template = self.template(&spec.template)?;
+        let mut spec = spec;
+        // An image template (imported, pulled, built or bootstrapped) is asked for as a tree:
+        // the store's skeleton is the root of the overlay ringfence_gvisor mounts for the
+        // bundle, the image's layers above it and under any snapshot's; its Env under the
+        // create's. The claim is held for the sandbox's life.
+        let mut image_in_use = None;
+        let template = if ringfence_image::store::RESERVED.contains(&spec.template.as_str()) {
+            self.template(&spec.template)?
+        } else {
+            let exported =
+                super::export_image(&self.settings.data_dir, &spec.template, TemplateForm::Tree)?;
+            for (k, v) in exported.env() {
+                spec.env.entry(k).or_insert(v);
+            }
+            let Artifact::Tree { skeleton, layers } = exported.artifact else {
+                return Err(TierError::Setup("the image store answered another form".into()));
+            };
+            spec.layers.extend(layers);
+            image_in_use = Some(exported.in_use);
+            Template {
+                name: exported.record.name.clone(),
+                rootfs: skeleton,
+                meta: template::Meta { format: 0, host_layers: Vec::new() },
+            }
+        };
         // Canonical ids: the container's ids are the files' own (see ringfence_gvisor's docs).
         let mut g = ringfence_gvisor::StartSpec::new(spec.id, template, 0);
         // The device the agent makes inside gVisor, as the jail's TUN is made (same name,
@@ -154,7 +178,7 @@ impl Tier for GvisorTier {
         let memory_limit = spec.limits.memory;
         let container = Container::start(cfg, g).map_err(gvisor_err)?;
         let relay = container.relay().transpose().map_err(gvisor_err)?.map(std::sync::Arc::new);
-        Ok(GvisorInstance { container, memory_limit, relay })
+        Ok(GvisorInstance { container, memory_limit, relay, _image: image_in_use })
     }
 
     fn adopt(
@@ -197,6 +221,8 @@ pub struct GvisorInstance {
     memory_limit: Option<u64>,
     /// The host's end of the packet relay, for the network layer.
     relay: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Held while it runs from an image template: `template rm` is refused meanwhile.
+    _image: Option<ringfence_image::store::InUse>,
 }
 
 impl Instance for GvisorInstance {

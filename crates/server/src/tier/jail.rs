@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use ringfence_image::{Artifact, TemplateForm};
 use ringfence_jail::cgroup::{Layout, Pool};
 use ringfence_jail::keeper::Keeper;
 use ringfence_jail::launch::{Sandbox, SandboxSpec};
@@ -181,28 +182,25 @@ impl JailTier {
         ringfence_image::store::Store::open(&self.cfg.data_dir).is_ok_and(|s| s.contains(name))
     }
 
-    /// An image template from the store, ready to start: the store's skeleton as the root,
-    /// the image's layers above it (no host `/usr`).
+    /// An image template from the store, ready to start: asked for in the jail's form (the
+    /// store's skeleton as the root, the image's layers above it; no host `/usr`).
     fn image(&self, name: &str) -> Result<ImageStart, TierError> {
-        let fail = |e: ringfence_image::ImageError| TierError::Setup(format!("image {name}: {e}"));
-        let store = ringfence_image::store::Store::open(&self.cfg.data_dir).map_err(fail)?;
-        if !store.contains(name) {
-            return Err(TierError::TemplateUnavailable(name.to_string()));
-        }
-        let in_use = store.in_use(name).map_err(fail)?;
-        let run = store.runnable(name).map_err(fail)?;
-        let env = run.env();
+        let exported = super::export_image(&self.cfg.data_dir, name, TemplateForm::Tree)?;
+        let env = exported.env();
+        let Artifact::Tree { skeleton, layers } = exported.artifact else {
+            return Err(TierError::Setup(format!("image {name}: the store answered another form")));
+        };
         let template = Template {
-            name: run.record.name.clone(),
-            rootfs: run.skeleton.clone(),
+            name: exported.record.name.clone(),
+            rootfs: skeleton,
             meta: ringfence_jail::template::Meta { format: 0, host_layers: Vec::new() },
         };
         Ok(ImageStart {
             template,
-            layers: run.layers,
+            layers,
             env,
-            allow_setuid: run.record.allow_setuid,
-            in_use,
+            allow_setuid: exported.record.allow_setuid,
+            in_use: exported.in_use,
         })
     }
 

@@ -2,8 +2,9 @@
 //! the agent as the guest's PID 1 on a virtio-serial port (`ringfence_microvm`). This module
 //! is the seam's side: capabilities (with the acceleration the probe found), the probe (on the
 //! first start: it boots a guest, seconds under TCG, which a server that never runs a
-//! microvm sandbox should not pay for), templates
-//! as cached read-only disk images, and the mapping of figures.
+//! microvm sandbox should not pay for), templates as cached read-only disk images (image
+//! templates through the image store's export interface, the built-ins through the same
+//! builder), and the mapping of figures.
 //!
 //! Each QEMU runs jailed (`ringfence_microvm::jail`: a uid of its own, an empty root, its own
 //! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
@@ -22,6 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use ringfence_image::{Artifact, DiskFs, TemplateForm};
 use ringfence_jail::template::{self, Template};
 use ringfence_microvm::{MicroVm, MicrovmConfig, Probe};
 
@@ -90,9 +92,10 @@ impl MicrovmTier {
         })
     }
 
-    /// The template's root image, built on first use (host-wide cache, see
-    /// `ringfence_microvm::guest::template_image`).
-    fn template_image(&self, name: &str) -> Result<PathBuf, TierError> {
+    /// The root disk image of a built-in template, made on first use through the same
+    /// builder as image templates' (host-wide cache, see
+    /// `ringfence_image::export::tree_disk_image`).
+    fn builtin_image(&self, name: &str) -> Result<PathBuf, TierError> {
         let key = match name {
             "base" | "host" => "host",
             template::INTERP_TEMPLATE => template::INTERP_TEMPLATE,
@@ -120,7 +123,7 @@ impl MicrovmTier {
             tracing::warn!(template = key, error = %e, "template unavailable");
             TierError::TemplateUnavailable(name.to_string())
         })?;
-        let image = ringfence_microvm::guest::template_image(
+        let image = ringfence_image::export::tree_disk_image(
             &ringfence_microvm::cache_dir(),
             key,
             &t.rootfs,
@@ -287,16 +290,39 @@ impl Tier for MicrovmTier {
             });
         }
         let cfg = self.config()?;
-        let image = self.template_image(&spec.template)?;
+        let mut env = spec.env;
+        // An image template (imported, pulled, built or bootstrapped) is asked for as a disk
+        // image of its merged layers, made once per content by the image store. Only its files
+        // reach the guest: the guest's init is our agent from the initramfs, never a program of
+        // the image, and the host only copies the image's (already checked) files into the
+        // disk. The claim is held for the sandbox's life.
+        let mut image_in_use = None;
+        let image = if ringfence_image::store::RESERVED.contains(&spec.template.as_str()) {
+            self.builtin_image(&spec.template)?
+        } else {
+            let exported = super::export_image(
+                &self.settings.data_dir,
+                &spec.template,
+                TemplateForm::DiskImage { fs: DiskFs::Ext4 },
+            )?;
+            for (k, v) in exported.env() {
+                env.entry(k).or_insert(v);
+            }
+            let Artifact::DiskImage(path) = exported.artifact else {
+                return Err(TierError::Setup("the image store answered another form".into()));
+            };
+            image_in_use = Some(exported.in_use);
+            path
+        };
         let mut s = ringfence_microvm::StartSpec::new(spec.id, image);
         s.limits = spec.limits;
-        s.env = spec.env;
+        s.env = env;
         s.nic = Some(guest_nic());
         let memory_limit = spec.limits.memory;
         let vm = MicroVm::start(cfg, s).map_err(vm_err)?;
         tracing::debug!(boot_ms = vm.boot.as_millis() as u64, "microvm booted");
         let nic = vm.nic();
-        Ok(MicrovmInstance { vm, memory_limit, nic })
+        Ok(MicrovmInstance { vm, memory_limit, nic, _image: image_in_use })
     }
 
     fn adopt(
@@ -332,6 +358,8 @@ pub struct MicrovmInstance {
     memory_limit: Option<u64>,
     /// The host's end of the guest NIC's socket, for the network layer.
     nic: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Held while it runs from an image template: `template rm` is refused meanwhile.
+    _image: Option<ringfence_image::store::InUse>,
 }
 
 /// The guest's NIC: the jail's addresses (the sandbox is `100.96.0.2`, its gateway and

@@ -230,6 +230,22 @@ pub enum TierError {
     Setup(String),
 }
 
+/// Image template `name` of the server's image store, in the form tier asks for: the one way
+/// every tier gets an image template ([`ringfence_image::Store::export`]: built once per
+/// content, cached, claimed for the sandbox's life so `template rm` is refused meanwhile).
+pub(crate) fn export_image(
+    data_dir: &Path,
+    name: &str,
+    form: ringfence_image::TemplateForm,
+) -> Result<ringfence_image::Exported, TierError> {
+    let fail = |e: ringfence_image::ImageError| TierError::Setup(format!("image {name}: {e}"));
+    let store = ringfence_image::store::Store::open(data_dir).map_err(fail)?;
+    if !store.contains(name) {
+        return Err(TierError::TemplateUnavailable(name.to_string()));
+    }
+    store.export(name, form).map_err(fail)
+}
+
 /// One isolation technology on this host.
 ///
 /// Methods block (they fork, mount, wait for the agent): the manager calls them on the
