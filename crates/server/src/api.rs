@@ -1092,9 +1092,7 @@ async fn sandbox_metrics(
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
     let bound = |field: &str, v: Option<i64>| {
-        v.map(|s| crate::validate::unix_secs_ms(field, s))
-            .transpose()
-            .map_err(E2bError::invalid)
+        v.map(|s| crate::validate::unix_secs_ms(field, s)).transpose().map_err(E2bError::invalid)
     };
     let (start, end) = (bound("start", q.start)?, bound("end", q.end)?.map(|e| e + 999));
     let samples = tokio::task::spawn_blocking(move || live.obs.samples(start, end))
