@@ -50,8 +50,8 @@ class Client:
             raise RuntimeError(f"create: {r.status} {body}")
         return body["sandboxID"], body["envdAccessToken"]
 
-    def first_output(self, sid, token):
-        msg = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo hi"]}, "stdin": False}).encode()
+    def first_output(self, sid, token, cmd="/bin/bash", args=("-l", "-c", "echo hi")):
+        msg = json.dumps({"process": {"cmd": cmd, "args": list(args)}, "stdin": False}).encode()
         env = b"\0" + struct.pack(">I", len(msg)) + msg
         self.conn.request("POST", "/process.Process/Start", body=env, headers={
             "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",

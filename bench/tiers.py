@@ -4,8 +4,12 @@
 Two release servers on loopback (same binary, fresh data dirs): A without pools (cold starts),
 B with `--pool base=2 --pool base@gvisor=2` (pool hits). Rounds interleave every measurement,
 so host drift hits all alike:
-  - create -> first output of `echo` (raw HTTP, as bench/api.py), cold (A) and pool hit (B),
-    for each tier;
+  - create -> first output of `bash -l -c 'echo hi'` (raw HTTP, as bench/api.py), cold (A)
+    and pool hit (B), for each tier;
+  - the create call alone (POST /v2/sandboxes -> 201), cold and pool hit: "pool-hit create"
+    in the issue's target is this call;
+  - create -> first output of `/bin/echo` run directly (no shell), cold, for each tier: like
+    for like with the bare floor below, which runs `/bin/echo` as init;
   - bare `runsc run` of a bundle of the same root (the host skeleton, `/usr` bound read-only,
     `/bin/echo` as init, no agent): gVisor's own floor, which our gvisor start sits on;
   - a Python import workload in each tier (`python3 -c "import json, decimal, email.parser,
@@ -91,10 +95,22 @@ class Server:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
-def first_output(c, template):
+def first_output(c, template, created=None):
+    """create -> first output of bash's echo; `created` gets the create call's own time."""
     t0 = time.perf_counter()
     sid, token = c.create_on(template)
+    if created is not None:
+        created.append((time.perf_counter() - t0) * 1e3)
     t_first = c.first_output(sid, token)
+    c.kill(sid)
+    return (t_first - t0) * 1e3
+
+
+def first_output_echo(c, template):
+    """create -> first output of `/bin/echo hi` started by envd directly (no shell)."""
+    t0 = time.perf_counter()
+    sid, token = c.create_on(template)
+    t_first = c.first_output(sid, token, cmd="/bin/echo", args=["hi"])
     c.kill(sid)
     return (t_first - t0) * 1e3
 
@@ -152,14 +168,18 @@ def main():
             first_output(ca, t)
         template_root = os.path.join(cold.data, "templates", "host", "rootfs")
         res = {k: [] for k in ("jail cold", "gvisor cold", "jail pool", "gvisor pool", "runsc bare",
-                               "jail imports", "gvisor imports")}
+                               "jail imports", "gvisor imports", "jail create cold",
+                               "gvisor create cold", "jail create pool", "gvisor create pool",
+                               "jail echo cold", "gvisor echo cold")}
         for _ in range(a.rounds):
             time.sleep(1.0)  # lets B's pools refill between rounds
-            res["jail cold"].append(first_output(ca, "base"))
-            res["gvisor cold"].append(first_output(ca, "base@gvisor"))
-            res["jail pool"].append(first_output(cb, "base"))
-            res["gvisor pool"].append(first_output(cb, "base@gvisor"))
+            res["jail cold"].append(first_output(ca, "base", res["jail create cold"]))
+            res["gvisor cold"].append(first_output(ca, "base@gvisor", res["gvisor create cold"]))
+            res["jail pool"].append(first_output(cb, "base", res["jail create pool"]))
+            res["gvisor pool"].append(first_output(cb, "base@gvisor", res["gvisor create pool"]))
             res["runsc bare"].append(bare_runsc(template_root, state))
+            res["jail echo cold"].append(first_output_echo(ca, "base"))
+            res["gvisor echo cold"].append(first_output_echo(ca, "base@gvisor"))
         # The import workload and idle memory: a few sandboxes of each tier, side by side.
         mem = {"jail": [], "gvisor": []}
         live = []
@@ -177,21 +197,29 @@ def main():
             ca.kill(sid)
         print(f"kernel {os.uname().release}; nproc {os.cpu_count()}; loadavg {os.getloadavg()[0]:.2f}; "
               f"rounds {a.rounds}, interleaved")
-        print(f"{'measurement':<46} {'median':>10}")
+        print(f"{'measurement':<52} {'median':>10}")
         rows = [
             ("jail: create -> first output, cold (ms)", med(res["jail cold"])),
             ("jail: create -> first output, pool hit (ms)", med(res["jail pool"])),
             ("gvisor: create -> first output, cold (ms)", med(res["gvisor cold"])),
             ("gvisor: create -> first output, pool hit (ms)", med(res["gvisor pool"])),
+            ("jail: create call alone, cold (ms)", med(res["jail create cold"])),
+            ("jail: create call alone, pool hit (ms)", med(res["jail create pool"])),
+            ("gvisor: create call alone, cold (ms)", med(res["gvisor create cold"])),
+            ("gvisor: create call alone, pool hit (ms)", med(res["gvisor create pool"])),
+            ("jail: create -> first output of /bin/echo (ms)", med(res["jail echo cold"])),
+            ("gvisor: create -> first output of /bin/echo (ms)", med(res["gvisor echo cold"])),
             ("gvisor floor: bare runsc run -> first byte (ms)", med(res["runsc bare"])),
-            ("gvisor cold over the bare floor (ms)", med(res["gvisor cold"]) - med(res["runsc bare"])),
+            ("gvisor /bin/echo over the bare floor (ms)",
+             med(res["gvisor echo cold"]) - med(res["runsc bare"])),
+            ("gvisor bash cold over the bare floor (ms)", med(res["gvisor cold"]) - med(res["runsc bare"])),
             ("jail: Python imports inside (ms)", med(res["jail imports"])),
             ("gvisor: Python imports inside (ms)", med(res["gvisor imports"])),
             ("jail: memory per idle sandbox (MiB)", med(mem["jail"])),
             ("gvisor: memory per idle sandbox (MiB)", med(mem["gvisor"])),
         ]
         for name, v in rows:
-            print(f"{name:<46} {v:>10.1f}")
+            print(f"{name:<52} {v:>10.1f}")
     finally:
         cold.stop()
         pooled.stop()

@@ -11,11 +11,12 @@ mod common;
 mod img;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Instant;
 
 use common::*;
 use img::{E, Tar, docker_archive, oci_layout};
+use ringfence_test_support::start_registry;
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -367,57 +368,6 @@ fn hostile_inputs_are_refused_with_clear_errors() {
 fn nix_mkfifo(p: &Path) {
     let o = Command::new("mkfifo").arg(p).output().unwrap();
     assert!(o.status.success());
-}
-
-/// A registry on loopback (Debian's `docker-registry`) for the test's lifetime.
-struct Registry {
-    child: Child,
-    _dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry() -> Result<Registry, String> {
-    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or(
-            "docker-registry missing (apt-get install docker-registry; scripts/setup.sh does)",
-        )?;
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("start {bin}: {e}"))?;
-    let reg = Registry { child, _dir: dir, addr };
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(&reg.addr).is_err() {
-        if Instant::now() > deadline {
-            return Err("docker-registry did not listen within 10 s".into());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Ok(reg)
 }
 
 #[test]

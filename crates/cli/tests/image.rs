@@ -10,11 +10,12 @@ mod common;
 mod img;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use common::*;
 use img::{E, Tar, docker_archive, oci_layout};
+use ringfence_test_support::start_registry;
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -275,60 +276,6 @@ fn rm_is_refused_while_a_sandbox_runs_from_an_image() {
     let _ = child.wait();
     let o = data.cmd(&["template", "rm", "bb"]);
     assert!(o.status.success(), "{}", text(&o));
-}
-
-/// A registry on loopback for the test's lifetime.
-struct Registry {
-    child: Child,
-    _dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry() -> Result<Registry, String> {
-    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or(
-            "docker-registry missing (apt-get install docker-registry; scripts/setup.sh does)",
-        )?;
-    let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("start {bin}: {e}"))?;
-    let reg = Registry { child, _dir: dir, addr };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&reg.addr).is_err() {
-        if Instant::now() > deadline {
-            return Err("docker-registry did not listen within 10 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(reg)
 }
 
 #[test]

@@ -2,26 +2,16 @@
 //! free loopback ports. SKIPPED (printed) where `etcd` is not installed.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ringfence_cluster::{Capacity, Cluster, ClusterConfig, ClusterError, SandboxRecord};
+use ringfence_test_support::{ChildGuard, free_port, wait_for_tcp};
 
 struct Etcd {
-    child: Child,
+    _child: ChildGuard,
     url: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn etcd() -> anyhow::Result<Option<Etcd>> {
@@ -30,7 +20,7 @@ fn etcd() -> anyhow::Result<Option<Etcd>> {
         return Ok(None);
     }
     let dir = tempfile::tempdir()?;
-    let (client, peer) = (free_port()?, free_port()?);
+    let (client, peer) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client}");
     let child = Command::new("etcd")
         .args(["--data-dir", &dir.path().join("data").to_string_lossy()])
@@ -41,13 +31,9 @@ fn etcd() -> anyhow::Result<Option<Etcd>> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let e = Etcd { child, url, _dir: dir };
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        if std::net::TcpStream::connect(e.url.trim_start_matches("http://")).is_ok() {
-            return Ok(Some(e));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let e = Etcd { _child: ChildGuard(child), url, _dir: dir };
+    if wait_for_tcp(e.url.trim_start_matches("http://"), Duration::from_secs(20)) {
+        return Ok(Some(e));
     }
     anyhow::bail!("etcd did not start")
 }

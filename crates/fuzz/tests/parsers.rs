@@ -7,17 +7,15 @@
 
 // Percent-encoding as the SDKs do it (the round trip below re-encodes with it), shared with
 // the server tests.
-#[path = "../../server/tests/support/percent.rs"]
-mod percent;
 
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use percent::encode as urlencode;
 use proptest::prelude::*;
 use ringfence_fuzz::{bytes, fuzz, text};
 use ringfence_proto::{Event, ExitStatus, FsEventKind, Reply, Usage};
+use ringfence_test_support::percent_encode as urlencode;
 use serde_json::{Value, json};
 
 /// Frames as the agent writes them: every kind of event, one after another.

@@ -20,6 +20,7 @@ use ringfence_proto::{
     Envelope, Event, ExitStatus, ProtoError, Reply, Request, SandboxUser, SpawnSpec, StdioMode,
     encode, read_frame,
 };
+use ringfence_test_support::unique_id;
 
 /// Templates and layers are stored with canonical ids (root 0, `user` 1000): the container's
 /// ids map onto the same host ids, as with runsc's default configuration (gVisor's sentry, not
@@ -36,20 +37,13 @@ struct Env {
     data: PathBuf,
 }
 
-fn agent_path() -> Option<PathBuf> {
-    // target/<triple>/debug/deps/<test> -> target/<triple>/debug/ringfence-agent
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("ringfence-agent");
-    p.is_file().then_some(p)
-}
-
 fn env() -> Result<&'static Env, String> {
     static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
     ENV.get_or_init(|| {
-        if !nix::unistd::Uid::effective().is_root() {
+        if !ringfence_test_support::is_root() {
             return Err("needs root (runsc, mounts, cgroups)".into());
         }
-        let agent = agent_path()
+        let agent = ringfence_test_support::sibling_binary("ringfence-agent", "RINGFENCE_AGENT")
             .ok_or("the debug ringfence-agent is not built: run cargo build --workspace")?;
         let state = PathBuf::from("/run/ringfence-test/gvisor");
         std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
@@ -84,12 +78,6 @@ macro_rules! setup {
             }
         }
     };
-}
-
-fn unique_id(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("t-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
 }
 
 fn start_with(env: &Env, tag: &str, f: impl FnOnce(&mut StartSpec)) -> Container {

@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::e2b_error::E2bError;
 use crate::files_query::{FileQuery, parse_file_query};
-use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager, ManagerError};
+use crate::manager::{CreateParams, ENVD_VERSION, Live, Manager};
 use crate::observe::MetricsAuth;
 use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
 
@@ -26,81 +27,6 @@ use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
 #[derive(Debug, Clone)]
 pub struct App {
     pub manager: Arc<Manager>,
-}
-
-/// An API error in E2B's shape: `{"code": <http status>, "message": "..."}`.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub String);
-
-impl ApiError {
-    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        ApiError(status, msg.into())
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.0
-    }
-
-    pub fn message(&self) -> &str {
-        &self.1
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({"code": self.0.as_u16(), "message": self.1}))).into_response()
-    }
-}
-
-impl From<ManagerError> for ApiError {
-    fn from(e: ManagerError) -> Self {
-        match e {
-            ManagerError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-            ManagerError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m.to_string()),
-            ManagerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
-            ManagerError::Quota(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
-            ManagerError::Tier(e) => tier_error(e),
-            ManagerError::Store(e) => internal(e),
-            ManagerError::Agent(e) => internal(e),
-            ManagerError::Network(e) => internal(e),
-            ManagerError::Task(e) => internal(e),
-            ManagerError::Internal(m) => internal(m),
-        }
-    }
-}
-
-/// A tier's refusal is the client's to fix (400; 403 for a tier its key may not use; 409 for
-/// an operation this sandbox's tier cannot do); its failures are internal.
-fn tier_error(e: crate::tier::TierError) -> ApiError {
-    use crate::tier::TierError;
-    match e {
-        TierError::Unknown(_)
-        | TierError::Unavailable { .. }
-        | TierError::Conflicting { .. }
-        | TierError::TemplateUnavailable(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        TierError::NotAllowed { .. } => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
-        TierError::Unsupported { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        other => internal(other),
-    }
-}
-
-/// A 500 that names no host detail (see `crate::fault`).
-pub(crate) fn internal(detail: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, crate::fault::internal_message(&detail))
-}
-
-/// A store failure of a read the client shaped: its own mistakes (a bad page token or limit)
-/// are 400 with their text, anything else is internal.
-pub(crate) fn store_error(e: crate::store::StoreError) -> ApiError {
-    use crate::store::StoreError;
-    match e {
-        StoreError::InvalidToken | StoreError::InvalidLimit(_) | StoreError::InvalidName(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        other => internal(other),
-    }
 }
 
 /// Builds the router: E2B's API, and beside it `/mcp` (which sends its tool calls through
@@ -199,7 +125,7 @@ fn e2b_router(app: App) -> Router {
             "/volumecontent/{id}/file",
             get(crate::volumes::read_file).put(crate::volumes::write_file),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .fallback(|| async { E2bError::not_found("no such route") })
         .with_state(app)
 }
 
@@ -279,7 +205,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
     let file_query = if files {
         match parse_file_query(req.uri().query().unwrap_or("")) {
             Ok(q) => Some(q),
-            Err(e) => return ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+            Err(e) => return E2bError::from(e).into_response(),
         }
     } else {
         None
@@ -301,8 +227,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
                         None => return not_running(""),
                     },
                     None => {
-                        return ApiError::new(StatusCode::UNAUTHORIZED, "invalid signature")
-                            .into_response();
+                        return E2bError::unauthenticated("invalid signature").into_response();
                     }
                 },
                 None => return next.run(req).await,
@@ -310,8 +235,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
         },
     };
     if bad_port {
-        return ApiError::new(StatusCode::BAD_REQUEST, "E2b-Sandbox-Port must be a port number")
-            .into_response();
+        return E2bError::invalid("E2b-Sandbox-Port must be a port number").into_response();
     }
     let record = app.manager.peek(&id);
     let access = match &record {
@@ -319,7 +243,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
             (_, Some(t)) if crate::manager::ct_eq(t, &r.access_token) => Some(Access::Token),
             (Some(sig), _) if sig.matches(&r.access_token) => {
                 if sig.expired() {
-                    return ApiError::new(StatusCode::UNAUTHORIZED, "signature is already expired")
+                    return E2bError::unauthenticated("signature is already expired")
                         .into_response();
                 }
                 Some(Access::Token)
@@ -336,8 +260,7 @@ async fn sandbox_traffic(State(app): State<App>, mut req: Request, next: Next) -
         None => None,
     };
     let Some(access) = access else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Access-Token")
-            .into_response();
+        return E2bError::unauthenticated("missing or wrong X-Access-Token").into_response();
     };
     let live = match access {
         Access::Health => match app.manager.get(&id) {
@@ -438,16 +361,12 @@ impl SignedUrl {
 }
 
 fn not_running(id: &str) -> Response {
-    (
-        StatusCode::BAD_GATEWAY,
-        Json(json!({"sandboxId": id, "message": "The sandbox was not found", "code": 502})),
-    )
-        .into_response()
+    E2bError::sandbox_not_found(id).into_response()
 }
 
 /// Authenticates the control-plane caller by its API key, in `X-API-Key` (what the SDKs send)
 /// or `Authorization: Bearer` (what scrapers such as Prometheus send).
-pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, E2bError> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -457,32 +376,31 @@ pub(crate) async fn caller(app: &App, headers: &HeaderMap) -> Result<KeyInfo, Ap
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .or(bearer)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-Key header"))?
+        .ok_or_else(|| E2bError::unauthenticated("missing X-API-Key header"))?
         .to_string();
     let store = app.manager.store().clone();
     tokio::task::spawn_blocking(move || store.verify_key(&key))
         .await
-        .map_err(internal)?
-        .map_err(internal)?
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"))
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?
+        .ok_or_else(|| E2bError::unauthenticated("invalid API key"))
 }
 
 /// The caller's own live sandbox, or 404 (never revealing another tenant's).
-fn owned(app: &App, key: &KeyInfo, id: &str) -> Result<Arc<Live>, ApiError> {
+fn owned(app: &App, key: &KeyInfo, id: &str) -> Result<Arc<Live>, E2bError> {
     app.manager
         .get(id)
         .filter(|l| l.record.lock().is_ok_and(|r| r.key_id == key.id))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found")))
+        .ok_or_else(|| E2bError::not_found(format!("sandbox {id:?} not found")))
 }
 
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de> + Default>(
     body: &[u8],
-) -> Result<T, ApiError> {
+) -> Result<T, E2bError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| E2bError::invalid(format!("invalid JSON body: {e}")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -514,7 +432,7 @@ struct CreateBody {
 fn lifecycle_from(
     b: &CreateBody,
     max_timeout: Duration,
-) -> Result<crate::store::Lifecycle, ApiError> {
+) -> Result<crate::store::Lifecycle, E2bError> {
     let lc = b.lifecycle.as_ref();
     let on_timeout = lc.and_then(|l| l.get("onTimeout").or_else(|| l.get("on_timeout")));
     let pause_on_timeout = b.auto_pause == Some(true)
@@ -531,19 +449,17 @@ fn lifecycle_from(
     let idle = b.idle_timeout.unwrap_or(0);
     let max_idle = max_timeout.as_secs();
     if u64::try_from(idle).map_or(true, |i| i > max_idle) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("idleTimeout must be between 0 and {max_idle} seconds, got {idle}"),
-        ));
+        return Err(E2bError::invalid(format!(
+            "idleTimeout must be between 0 and {max_idle} seconds, got {idle}"
+        )));
     }
     let idle_action_pause = match b.on_idle.as_deref() {
         None | Some("kill") => false,
         Some("pause") => true,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("onIdle must be \"pause\" or \"kill\", got {other:?}"),
-            ));
+            return Err(E2bError::invalid(format!(
+                "onIdle must be \"pause\" or \"kill\", got {other:?}"
+            )));
         }
     };
     Ok(crate::store::Lifecycle {
@@ -556,22 +472,21 @@ fn lifecycle_from(
     })
 }
 
-fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, ApiError> {
+fn timeout_from(app: &App, secs: Option<i64>) -> Result<Duration, E2bError> {
     let cfg = app.manager.config();
     match secs {
         None => Ok(cfg.default_timeout),
         // 0 is valid, as in E2B's API: the sandbox ends at once.
-        Some(s) if s < 0 => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("timeout must be zero or a positive number of seconds, got {s}"),
-        )),
+        Some(s) if s < 0 => Err(E2bError::invalid(format!(
+            "timeout must be zero or a positive number of seconds, got {s}"
+        ))),
         Some(s) => {
             let d = Duration::from_secs(s as u64);
             if d > cfg.max_timeout {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("timeout {s} s exceeds the maximum of {} s", cfg.max_timeout.as_secs()),
-                ));
+                return Err(E2bError::invalid(format!(
+                    "timeout {s} s exceeds the maximum of {} s",
+                    cfg.max_timeout.as_secs()
+                )));
             }
             Ok(d)
         }
@@ -616,7 +531,7 @@ async fn create(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: CreateBody = parse_body(&body)?;
     let mut lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
@@ -626,7 +541,7 @@ async fn create(
     lifecycle.volumes = mounts;
     if let Some(env) = &b.env_vars {
         crate::validate::check_env("envVars", env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+            .map_err(E2bError::invalid)?;
     }
     // A retried create (same Idempotency-Key) gets the first one's sandbox (crate::extras).
     let (idem, earlier) = crate::extras::Idempotent::begin(&app, &key.id, &headers).await?;
@@ -636,7 +551,7 @@ async fn create(
     let metadata = b.metadata.unwrap_or_default();
     let requested = b.template_id.unwrap_or_else(|| "base".into());
     let (template, tier) = crate::tier::requested(&requested, &metadata)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        .map_err(|e| E2bError::invalid(e.to_string()))?;
     let params = CreateParams {
         template,
         tier,
@@ -652,19 +567,14 @@ async fn create(
     // Another tenant's template is as absent as one that does not exist.
     let image = crate::templates::check_use(&app, &key, &params.template).await?;
     let live = app.manager.create(&key.id, params).await?;
-    let r = live
-        .snapshot()
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lost sandbox"))?;
+    let r = live.snapshot().ok_or_else(|| E2bError::internal_plain("lost sandbox"))?;
     // A template with a start command (E2B's `set_start_cmd`): create answers once its ready
     // check passes; a sandbox whose check never passes is ended, not handed out.
     if let Some(rec) = &image
         && let Err(why) = crate::templates::start_command(&live, rec).await
     {
         app.manager.kill(&r.id, "the template's ready check failed").await;
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("template {:?}: {why}", rec.name),
-        ));
+        return Err(E2bError::invalid(format!("template {:?}: {why}", rec.name)));
     }
     idem.record(&app, &r.id).await?;
     let mut v = sandbox_json(&r);
@@ -676,7 +586,7 @@ async fn detail(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let live =
         match owned(&app, &key, &id) {
@@ -695,7 +605,7 @@ async fn detail(
                 return Ok(Json(v));
             }
         };
-    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    let r = live.snapshot().ok_or_else(|| E2bError::not_found("gone"))?;
     let mut v = listed_json(&r);
     v["envdAccessToken"] = json!(r.access_token);
     v["domain"] = json!(app.manager.network().domain());
@@ -725,7 +635,7 @@ fn add_tier(app: &App, v: &mut Value, r: &SandboxRecord) {
 
 /// `GET /tiers` (our extension): every tier Ringfence knows, whether this host runs it (and
 /// why not), what it guarantees, its measured start cost, and which the caller's key may use.
-async fn tiers(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn tiers(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let list: Vec<Value> = app
         .manager
@@ -746,13 +656,13 @@ async fn kill(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     if owned(&app, &key, &id).is_err() {
         // Paused with only its files kept: nothing runs, but it still exists.
         return match app.manager.kill_paused(&key.id, &id).await? {
             true => Ok(StatusCode::NO_CONTENT),
-            false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found"))),
+            false => Err(E2bError::not_found(format!("sandbox {id:?} not found"))),
         };
     }
     app.manager.kill(&id, "killed by API").await;
@@ -773,23 +683,20 @@ async fn pause(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: PauseBody = parse_body(&body)?;
     if b.require_healthy_guest == Some(true)
         && let Ok(live) = owned(&app, &key, &id)
         && !crate::extras::guest_answers(&live).await
     {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("sandbox {id}'s agent does not answer: not paused (strict)"),
-        ));
+        return Err(E2bError::unavailable(format!(
+            "sandbox {id}'s agent does not answer: not paused (strict)"
+        )));
     }
     match app.manager.pause(&key.id, &id, b.memory.unwrap_or(true)).await? {
         true => Ok(StatusCode::NO_CONTENT),
-        false => {
-            Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {id} is already paused")))
-        }
+        false => Err(E2bError::conflict(format!("sandbox {id} is already paused"))),
     }
 }
 
@@ -798,18 +705,15 @@ async fn resume(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: TimeoutBody = parse_body(&body)?;
     let timeout = timeout_from(&app, b.timeout)?;
     let (live, was_paused) = app.manager.resume(&key.id, &id, timeout).await?;
     if !was_paused {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("sandbox {id} is already running"),
-        ));
+        return Err(E2bError::conflict(format!("sandbox {id} is already running")));
     }
-    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    let r = live.snapshot().ok_or_else(|| E2bError::not_found("gone"))?;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -831,12 +735,11 @@ async fn create_snapshot(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: SnapshotBody = parse_body(&body)?;
     if b.memory == Some(true) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        return Err(E2bError::invalid(
             "snapshots keep the files only: mode=\"full\" (memory) is not supported; use \
              mode=\"filesystem\" or pause() to keep memory",
         ));
@@ -856,7 +759,7 @@ async fn list_snapshots(
     State(app): State<App>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<SnapshotQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let list = app.manager.list_snapshots(&key.id, q.sandbox_id.as_deref())?;
     let out: Vec<Value> = list
@@ -871,13 +774,13 @@ async fn delete_snapshot(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     match app.manager.delete_snapshot(&key.id, &id).await? {
         true => Ok(StatusCode::NO_CONTENT),
         // Not a snapshot: a template this key built through the API (crate::templates).
         false if crate::templates::delete(&app, &key, &id).await? => Ok(StatusCode::NO_CONTENT),
-        false => Err(ApiError::new(StatusCode::NOT_FOUND, format!("template {id:?} not found"))),
+        false => Err(E2bError::not_found(format!("template {id:?} not found"))),
     }
 }
 
@@ -892,12 +795,12 @@ async fn fork(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: ForkBody = parse_body(&body)?;
     let count = b.count.unwrap_or(1);
     if !(1..=20).contains(&count) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "count must be between 1 and 20"));
+        return Err(E2bError::invalid("count must be between 1 and 20"));
     }
     let timeout = timeout_from(&app, b.timeout)?;
     let results = app.manager.fork(&key.id, &id, count as u32, timeout).await?;
@@ -910,10 +813,9 @@ async fn fork(
                 v["domain"] = json!(domain);
                 json!({"sandbox": v})
             }
-            Ok(None) => json!({"error": {"code": 500, "message": "fork vanished"}}),
+            Ok(None) => json!({"error": E2bError::internal_plain("fork vanished").to_json()}),
             Err(e) => {
-                let ApiError(status, message) = ApiError::from(e);
-                json!({"error": {"code": status.as_u16(), "message": message}})
+                json!({"error": E2bError::from(e).to_json()})
             }
         })
         .collect();
@@ -932,12 +834,11 @@ async fn set_timeout(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     owned(&app, &key, &id)?;
     let b: TimeoutBody = parse_body(&body)?;
-    let secs =
-        b.timeout.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?;
+    let secs = b.timeout.ok_or_else(|| E2bError::invalid("timeout is required"))?;
     app.manager.set_timeout(&id, timeout_from(&app, Some(secs))?)?;
     if let Some(live) = app.manager.get(&id) {
         live.obs.record_action("sandbox.timeout", json!({"timeout_s": secs})).await;
@@ -950,7 +851,7 @@ async fn connect(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: TimeoutBody = parse_body(&body)?;
     // `on_resume="reboot"` (`memory: false`): a sandbox paused in memory lets go of it first,
@@ -982,7 +883,7 @@ async fn connect(
             app.manager.set_timeout(&id, Duration::from_secs(secs as u64))?;
         }
     }
-    let r = live.snapshot().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "gone"))?;
+    let r = live.snapshot().ok_or_else(|| E2bError::not_found("gone"))?;
     live.obs.record_action("sandbox.connect", json!({"timeout_s": b.timeout})).await;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
@@ -996,7 +897,7 @@ async fn update_network(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
     let b: Value = parse_body(&body)?;
@@ -1031,7 +932,7 @@ async fn get_network(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
     Ok(Json(app.manager.network().describe(&live)))
@@ -1050,14 +951,11 @@ struct ListParams {
 }
 
 /// Parses E2B's metadata filter: `k1=v1&k2=v2`, URL-encoded as one query value.
-fn parse_metadata_filter(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
+fn parse_metadata_filter(s: &str) -> Result<BTreeMap<String, String>, E2bError> {
     let mut out = BTreeMap::new();
     for pair in s.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("invalid metadata filter {pair:?}: expected key=value"),
-            )
+            E2bError::invalid(format!("invalid metadata filter {pair:?}: expected key=value"))
         })?;
         out.insert(url_decode(k), url_decode(v));
     }
@@ -1088,7 +986,7 @@ async fn list(
     State(app): State<App>,
     headers: HeaderMap,
     Query(q): Query<ListParams>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let mut query = ListQuery::default();
     if let Some(m) = &q.metadata {
@@ -1101,10 +999,7 @@ async fn list(
                 "running" => SandboxState::Running,
                 "paused" => SandboxState::Paused,
                 other => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown state {other:?}"),
-                    ));
+                    return Err(E2bError::invalid(format!("unknown state {other:?}")));
                 }
             });
         }
@@ -1114,7 +1009,7 @@ async fn list(
     }
     if let Some(l) = q.limit {
         if l == 0 || l > 1000 {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000"));
+            return Err(E2bError::invalid("limit must be between 1 and 1000"));
         }
         query.limit = l;
     }
@@ -1123,27 +1018,23 @@ async fn list(
         None | Some("desc") => true,
         Some("asc") => false,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("unknown order {other:?}: expected asc or desc"),
-            ));
+            return Err(E2bError::invalid(format!(
+                "unknown order {other:?}: expected asc or desc"
+            )));
         }
     };
     query.template = q.template.filter(|t| !t.is_empty());
     if let Some(t) = q.started_after.filter(|t| !t.is_empty()) {
         query.started_after_ms = Some(crate::time::parse_rfc3339_ms(&t).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("startedAfter {t:?} is not an RFC 3339 time"),
-            )
+            E2bError::invalid(format!("startedAfter {t:?} is not an RFC 3339 time"))
         })?);
     }
     let store = app.manager.store().clone();
     let key_id = key.id.clone();
     let (rows, next) = tokio::task::spawn_blocking(move || store.list_sandboxes(&key_id, &query))
         .await
-        .map_err(internal)?
-        .map_err(store_error)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::from)?;
     let body: Vec<Value> = rows.iter().map(listed_json).collect();
     let mut resp = Json(body).into_response();
     if let Some(t) = next
@@ -1155,15 +1046,14 @@ async fn list(
 }
 
 /// `GET /metrics`: the Prometheus exposition.
-async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Response, E2bError> {
     let obs = app.manager.observer();
     let full = match obs.config().metrics_auth {
         MetricsAuth::None => true,
         MetricsAuth::Key => caller(&app, &headers).await?.operator,
         MetricsAuth::Operator => {
             if !caller(&app, &headers).await?.operator {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
+                return Err(E2bError::forbidden(
                     "GET /metrics needs an operator key (ringfence keys create --operator)",
                 ));
             }
@@ -1174,16 +1064,16 @@ async fn prometheus(State(app): State<App>, headers: HeaderMap) -> Result<Respon
     let store = app.manager.store().clone();
     let by_state = tokio::task::spawn_blocking(move || store.count_by_state())
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?;
     obs.metrics.sandboxes.with_label_values(&["starting"]).set(starting);
     for state in [SandboxState::Running, SandboxState::Paused] {
         let n = by_state.get(&state).copied().unwrap_or(0);
         obs.metrics.sandboxes.with_label_values(&[state.as_str()]).set(n);
     }
     // A tenant's key: no series that names a sandbox (every tenant's ids and usage).
-    let text =
-        if full { obs.metrics.render() } else { obs.metrics.render_shared() }.map_err(internal)?;
+    let text = if full { obs.metrics.render() } else { obs.metrics.render_shared() }
+        .map_err(E2bError::internal)?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
@@ -1199,18 +1089,16 @@ async fn sandbox_metrics(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<MetricsRange>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
     let bound = |field: &str, v: Option<i64>| {
-        v.map(|s| crate::validate::unix_secs_ms(field, s))
-            .transpose()
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
+        v.map(|s| crate::validate::unix_secs_ms(field, s)).transpose().map_err(E2bError::invalid)
     };
     let (start, end) = (bound("start", q.start)?, bound("end", q.end)?.map(|e| e + 999));
     let samples = tokio::task::spawn_blocking(move || live.obs.samples(start, end))
         .await
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?;
     Ok(Json(Value::Array(samples.iter().map(|s| s.json()).collect())))
 }
 
@@ -1225,7 +1113,7 @@ async fn batch_metrics(
     State(app): State<App>,
     headers: HeaderMap,
     Query(q): Query<BatchMetrics>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let ids: Vec<String> = q
         .sandbox_ids
@@ -1235,7 +1123,7 @@ async fn batch_metrics(
         .map(str::to_string)
         .collect();
     if ids.len() > 100 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "at most 100 sandbox_ids"));
+        return Err(E2bError::invalid("at most 100 sandbox_ids"));
     }
     let lives: Vec<Arc<Live>> = ids.iter().filter_map(|id| owned(&app, &key, id).ok()).collect();
     let out = tokio::task::spawn_blocking(move || {
@@ -1248,7 +1136,7 @@ async fn batch_metrics(
         m
     })
     .await
-    .map_err(internal)?;
+    .map_err(E2bError::internal)?;
     Ok(Json(json!({"sandboxes": out})))
 }
 
@@ -1280,18 +1168,15 @@ async fn audit(
     State(app): State<App>,
     headers: HeaderMap,
     Query(p): Query<AuditParams>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
-    let bound = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+    let bound = |name: &str, v: Option<String>| -> Result<Option<i64>, E2bError> {
         match v.filter(|v| !v.is_empty()) {
             None => Ok(None),
             Some(v) => parse_time_bound(&v).map(Some).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "{name} {v:?} is not a time from 1970 to 9999 in RFC 3339 or Unix seconds"
-                    ),
-                )
+                E2bError::invalid(format!(
+                    "{name} {v:?} is not a time from 1970 to 9999 in RFC 3339 or Unix seconds"
+                ))
             }),
         }
     };
@@ -1311,8 +1196,8 @@ async fn audit(
     let store = app.manager.store().clone();
     let (records, next) = tokio::task::spawn_blocking(move || store.query_audit(&q))
         .await
-        .map_err(internal)?
-        .map_err(store_error)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::from)?;
     let mut resp = Json(json!({"records": records, "next_cursor": next})).into_response();
     if let Some(c) = next
         && let Ok(v) = HeaderValue::from_str(&c)

@@ -22,7 +22,8 @@ use ringfence_cluster::{Capacity, Cluster, ClusterConfig, KeyRecord, SandboxReco
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::api::{ApiError, App};
+use crate::api::App;
+use crate::e2b_error::{E2bError, Kind};
 use crate::store::{SandboxState, StoredKey};
 
 /// Marks a request one node forwarded to another; its value is the sender's node id.
@@ -71,8 +72,8 @@ pub fn router(app: App, cluster: Arc<Cluster>, inner: Router) -> Router {
     Router::new().fallback(route).with_state(Routing { app, cluster, inner, http })
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    ApiError::new(status, msg).into_response()
+fn error(kind: Kind, msg: impl Into<String>) -> Response {
+    E2bError::new(kind, msg).into_response()
 }
 
 /// The sandbox a request is about: E2B's sandbox-traffic headers, a `<port>-<id>.<domain>`
@@ -112,7 +113,7 @@ async fn route(State(r): State<Routing>, req: Request) -> Response {
     // The node's own health check answers while it is cut off: it says the process is up.
     let plain_health = id.is_none() && req.uri().path() == "/health";
     if !plain_health && let Some(why) = r.cluster.unavailable() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, why);
+        return error(Kind::Unavailable, why);
     }
     if let Some(id) = id {
         return sandbox_request(r, id, hop, req).await;
@@ -146,7 +147,7 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
         Ok(rec) => rec,
         Err(e) => {
             return error(
-                StatusCode::SERVICE_UNAVAILABLE,
+                Kind::Unavailable,
                 format!("node {}: cannot read sandbox {id}'s owner: {e}", r.cluster.node_id()),
             );
         }
@@ -155,7 +156,7 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
     let Some(rec) = record else { return local(&r, req).await };
     if rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none()) {
         return error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Unavailable,
             format!(
                 "sandbox {id} is lost: its node {} stopped renewing its cluster lease (down or \
                  cut off); it comes back if that node returns",
@@ -179,12 +180,12 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
         // A peer sent this here, but the record names a third node: never serve a sandbox
         // whose record names another owner, and never forward twice.
         return error(
-            StatusCode::MISDIRECTED_REQUEST,
+            Kind::Misdirected,
             format!("sandbox {id} is owned by node {}, not {me}", rec.owner),
         );
     }
     let Some(node) = r.cluster.node(&rec.owner) else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("node {} is gone", rec.owner));
+        return error(Kind::Unavailable, format!("node {} is gone", rec.owner));
     };
     forward(&r, &node.id, &node.addr, req).await
 }
@@ -197,7 +198,7 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
         Ok(u) => u,
         Err(e) => {
             return error(
-                StatusCode::BAD_GATEWAY,
+                Kind::SandboxGone,
                 format!("node {node}'s address {addr:?} is not usable: {e}"),
             );
         }
@@ -217,10 +218,10 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
             Response::from_parts(parts, Body::new(body))
         }
         Ok(Err(e)) => {
-            error(StatusCode::BAD_GATEWAY, format!("node {node} at {addr} did not answer: {e}"))
+            error(Kind::SandboxGone, format!("node {node} at {addr} did not answer: {e}"))
         }
         Err(_) => error(
-            StatusCode::GATEWAY_TIMEOUT,
+            Kind::DeadlineExceeded,
             format!("node {node} at {addr} did not answer within {} s", HEAD_TIMEOUT.as_secs()),
         ),
     }
@@ -248,7 +249,7 @@ async fn place(r: Routing, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => {
             return error(
-                StatusCode::BAD_REQUEST,
+                Kind::InvalidArgument,
                 format!("create body unreadable or over 1 MiB: {e}"),
             );
         }
@@ -258,7 +259,7 @@ async fn place(r: Routing, req: Request) -> Response {
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(v) => v,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+            Err(e) => return error(Kind::InvalidArgument, format!("invalid JSON body: {e}")),
         }
     };
     let requested = parsed.get("templateID").and_then(Value::as_str).unwrap_or("base");
@@ -293,7 +294,7 @@ async fn place(r: Routing, req: Request) -> Response {
                 Ok(t) => target = t,
                 Err(e) => {
                     return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
+                        Kind::Unavailable,
                         format!("node {me}: cannot record the Idempotency-Key: {e}"),
                     );
                 }
@@ -306,7 +307,7 @@ async fn place(r: Routing, req: Request) -> Response {
     }
     let Some(node) = r.cluster.node(&target) else {
         return error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Unavailable,
             format!("node {target}, which this create is pinned to, is not in the cluster now"),
         );
     };
@@ -323,7 +324,7 @@ async fn local_create(r: &Routing, req: Request) -> Response {
     }
     let (parts, body) = resp.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, CREATE_BODY_LIMIT).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "create answer unreadable");
+        return error(Kind::Internal, "create answer unreadable");
     };
     let id = serde_json::from_slice::<Value>(&bytes)
         .ok()
@@ -334,7 +335,7 @@ async fn local_create(r: &Routing, req: Request) -> Response {
     {
         r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
         return error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Unavailable,
             format!(
                 "node {}: recording sandbox {id} in the cluster failed: {e}",
                 r.cluster.node_id()
@@ -400,7 +401,13 @@ async fn fan_out(r: Routing, req: Request) -> Response {
                 .status(status)
                 .header("content-type", "application/json")
                 .body(Body::from(bytes))
-                .unwrap_or_else(|_| error(status, "bad request"));
+                .unwrap_or_else(|_| {
+                    let kind = match status {
+                        StatusCode::UNAUTHORIZED => Kind::Unauthenticated,
+                        _ => Kind::InvalidArgument,
+                    };
+                    error(kind, "bad request")
+                });
         }
         let v: Value = match serde_json::from_slice(&bytes) {
             Ok(v) if status.is_success() => v,

@@ -30,8 +30,8 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use flate2::Compression;
 use futures_util::StreamExt;
 use ringfence_proto::{
-    CHUNK, EntryInfo, ErrorKind, Event, ExitStatus, FileType, FsEventKind, ProcessInfo, ProtoError,
-    Reply, Request as AgentRequest, SandboxUser, SpawnSpec, StdioMode,
+    CHUNK, EntryInfo, ErrorKind, Event, ExitStatus, FileType, FsEventKind, ProcessInfo, Reply,
+    Request as AgentRequest, SandboxUser, SpawnSpec, StdioMode,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -40,13 +40,16 @@ use tracing::Instrument;
 
 use crate::agent_client::{AgentClient, ClientError, EventStream};
 use crate::codec::{EnvelopeError, EnvelopeReader, InflateError, gunzip_bounded};
-use crate::fault::internal_message;
+use crate::e2b_error::{ConnectError, E2bError, Kind};
 use crate::files_query::{FileQuery, parse_file_query};
 use crate::observe::{Execution, Outcome, SandboxObs};
 use crate::upload::{AgentSink, receive_upload};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
 const CONNECT_JSON: &str = "application/connect+json";
+/// Connect errors in envd: the E2B error rendered on the Connect wire.
+type RpcError = ConnectError;
+
 const APPLICATION_JSON: &str = "application/json";
 /// Largest Connect message (a unary body or one envelope) accepted, after decompression.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -137,109 +140,9 @@ impl Drop for OpenStream {
 // ---------------------------------------------------------------------------------------------
 // Errors.
 
-/// Connect error codes (the subset envd's clients can meet here).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Code {
-    InvalidArgument,
-    DeadlineExceeded,
-    NotFound,
-    AlreadyExists,
-    PermissionDenied,
-    ResourceExhausted,
-    Unimplemented,
-    Internal,
-    Unavailable,
-    Unauthenticated,
-}
-
-impl Code {
-    fn as_str(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "invalid_argument",
-            Code::DeadlineExceeded => "deadline_exceeded",
-            Code::NotFound => "not_found",
-            Code::AlreadyExists => "already_exists",
-            Code::PermissionDenied => "permission_denied",
-            Code::ResourceExhausted => "resource_exhausted",
-            Code::Unimplemented => "unimplemented",
-            Code::Internal => "internal",
-            Code::Unavailable => "unavailable",
-            Code::Unauthenticated => "unauthenticated",
-        }
-    }
-
-    /// The Connect protocol's HTTP status for a unary error with this code.
-    fn http_status(self) -> StatusCode {
-        match self {
-            Code::InvalidArgument => StatusCode::BAD_REQUEST,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::AlreadyExists => StatusCode::CONFLICT,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        }
-    }
-}
-
-/// The Connect code for an agent error kind.
-fn code_for_kind(kind: ErrorKind) -> Code {
-    match kind {
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::PermissionDenied => Code::PermissionDenied,
-        ErrorKind::InvalidArgument | ErrorKind::NotADirectory | ErrorKind::IsADirectory => {
-            Code::InvalidArgument
-        }
-        ErrorKind::NoSpace | ErrorKind::LimitReached => Code::ResourceExhausted,
-        ErrorKind::Internal => Code::Internal,
-    }
-}
-
-/// A Connect error: `{"code": "...", "message": "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RpcError {
-    code: Code,
-    message: String,
-}
-
-impl RpcError {
-    fn new(code: Code, message: impl Into<String>) -> Self {
-        RpcError { code, message: message.into() }
-    }
-
-    fn invalid(message: impl Into<String>) -> Self {
-        Self::new(Code::InvalidArgument, message)
-    }
-
-    fn unexpected(reply: &Reply) -> Self {
-        Self::new(Code::Internal, internal_message(&format!("unexpected agent reply: {reply:?}")))
-    }
-
-    fn to_json(&self) -> Value {
-        json!({"code": self.code.as_str(), "message": self.message})
-    }
-}
-
-impl IntoResponse for RpcError {
-    fn into_response(self) -> Response {
-        json_response(self.code.http_status(), &self.to_json())
-    }
-}
-
-impl From<ClientError> for RpcError {
-    fn from(e: ClientError) -> Self {
-        match e {
-            ClientError::Agent(a) => RpcError::new(code_for_kind(a.kind), a.message),
-            ClientError::Proto(ProtoError::TooLarge(n)) => {
-                RpcError::invalid(format!("request of {n} bytes is too large"))
-            }
-            other => RpcError::new(Code::Unavailable, other.to_string()),
-        }
-    }
+/// A Connect error for an agent reply that does not fit the request (its detail is logged).
+fn unexpected(reply: &Reply) -> RpcError {
+    ConnectError(E2bError::internal(format!("unexpected agent reply: {reply:?}")))
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response {
@@ -250,73 +153,10 @@ fn json_response(status: StatusCode, v: &Value) -> Response {
     resp
 }
 
-/// envd's plain-HTTP error shape (`/files`): `{"code": <status>, "message": "..."}`.
-fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
-    json_response(status, &json!({"code": status.as_u16(), "message": message.into()}))
-}
-
-/// A `/files` failure: an HTTP status with envd's JSON body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileError {
-    status: StatusCode,
-    message: String,
-    /// The request body broke off: the client went away (or its connection did).
-    client_gone: bool,
-}
-
-impl FileError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        FileError { status, message: message.into(), client_gone: false }
-    }
-
-    /// A request body that broke off before its end.
-    pub fn client_gone(message: impl Into<String>) -> Self {
-        FileError { status: StatusCode::BAD_REQUEST, message: message.into(), client_gone: true }
-    }
-
-    pub fn is_client_gone(&self) -> bool {
-        self.client_gone
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl IntoResponse for FileError {
-    fn into_response(self) -> Response {
-        http_error(self.status, self.message)
-    }
-}
-
-/// The `/files` status for an agent failure.
-pub(crate) fn files_error(e: ClientError) -> FileError {
-    match e {
-        ClientError::Agent(a) => {
-            let status = match a.kind {
-                ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                ErrorKind::IsADirectory | ErrorKind::NotADirectory | ErrorKind::InvalidArgument => {
-                    StatusCode::BAD_REQUEST
-                }
-                ErrorKind::AlreadyExists => StatusCode::CONFLICT,
-                ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-                ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-                ErrorKind::LimitReached => StatusCode::TOO_MANY_REQUESTS,
-                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            FileError::new(status, a.message)
-        }
-        ClientError::Proto(ProtoError::TooLarge(n)) => FileError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request of {n} bytes is too large"),
-        ),
-        // The SDK reads 502 as "the sandbox is gone", which is what a closed channel means.
-        other => FileError::new(StatusCode::BAD_GATEWAY, other.to_string()),
-    }
+/// The `/files` answer for an agent failure (docs/e2b-compat.md §3: 404, 400, 507, and 502
+/// for a sandbox whose agent is gone).
+pub(crate) fn files_error(e: ClientError) -> E2bError {
+    E2bError::from(e)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,25 +257,20 @@ pub async fn handle(client: Arc<AgentClient>, state: Arc<EnvdState>, req: Reques
         Route::StreamInput => stream_input(client, req).await,
         Route::WatchDir => watch_dir(client, state, req).await,
         Route::Unary(rpc) => unary(client, state, rpc, req).await,
+        // As a Connect server's mux answers: an unknown procedure is 404 with `unimplemented`,
+        // a wrong method 405.
         Route::UnknownRpc => {
-            // As a Connect server's mux answers an unknown procedure: 404, code unimplemented.
-            let err = RpcError::new(
-                Code::Unimplemented,
-                format!("unknown procedure {}", req.uri().path()),
-            );
-            json_response(StatusCode::NOT_FOUND, &err.to_json())
+            RpcError::new(Kind::UnknownProcedure, format!("unknown procedure {}", req.uri().path()))
+                .into_response()
         }
-        Route::MethodNotAllowed => {
-            let err = RpcError::new(
-                Code::Unimplemented,
-                format!("method {} not allowed on {}", req.method(), req.uri().path()),
-            );
-            json_response(StatusCode::METHOD_NOT_ALLOWED, &err.to_json())
-        }
+        Route::MethodNotAllowed => RpcError::new(
+            Kind::MethodNotAllowed,
+            format!("method {} not allowed on {}", req.method(), req.uri().path()),
+        )
+        .into_response(),
         Route::NotFound => {
-            let err =
-                RpcError::new(Code::NotFound, format!("no such endpoint {}", req.uri().path()));
-            json_response(StatusCode::NOT_FOUND, &err.to_json())
+            RpcError::new(Kind::NotFound, format!("no such endpoint {}", req.uri().path()))
+                .into_response()
         }
     }
 }
@@ -453,10 +288,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// message. One entry point for the fuzz harness (`crates/fuzz`); `Err` carries the message a
 /// client would get.
 pub fn check_request(headers: &HeaderMap, start: &Value) -> Result<(), String> {
-    let user = rpc_user(headers).map_err(|e| e.message)?;
-    stream_opts(headers).map_err(|e| e.message)?;
+    let user = rpc_user(headers).map_err(|e| e.message().to_string())?;
+    stream_opts(headers).map_err(|e| e.message().to_string())?;
     accept_gzip(headers)?;
-    parse_start(start, user).map_err(|e| e.message)?;
+    parse_start(start, user).map_err(|e| e.message().to_string())?;
     Ok(())
 }
 
@@ -465,7 +300,7 @@ fn rpc_user(headers: &HeaderMap) -> Result<SandboxUser, RpcError> {
         return Ok(SandboxUser::default());
     };
     let value = value.trim();
-    let unauthenticated = |m: String| RpcError::new(Code::Unauthenticated, m);
+    let unauthenticated = |m: String| RpcError::new(Kind::Unauthenticated, m);
     let credentials = match value.get(..6) {
         Some(scheme) if scheme.eq_ignore_ascii_case("basic ") => value.get(6..).unwrap_or(""),
         _ => return Err(unauthenticated("unsupported authorization scheme".into())),
@@ -483,14 +318,11 @@ fn rpc_user(headers: &HeaderMap) -> Result<SandboxUser, RpcError> {
 }
 
 /// The user of a `/files` call: `?username=`, else the default user.
-fn files_user(query: &FileQuery) -> Result<SandboxUser, FileError> {
+fn files_user(query: &FileQuery) -> Result<SandboxUser, E2bError> {
     match query.username.as_deref() {
         None | Some("") => Ok(SandboxUser::default()),
         Some(name) => SandboxUser::parse(name).ok_or_else(|| {
-            FileError::new(
-                StatusCode::UNAUTHORIZED,
-                format!("error looking up user '{name}': unknown user"),
-            )
+            E2bError::unauthenticated(format!("error looking up user '{name}': unknown user"))
         }),
     }
 }
@@ -498,12 +330,11 @@ fn files_user(query: &FileQuery) -> Result<SandboxUser, FileError> {
 /// The `/files` query: the value the API layer parsed and checked any signature over (in the
 /// request's extensions), so what is served is exactly what was authorised. Only when envd
 /// is driven without the API layer (its tests) is the URI read, by the same parser.
-fn query(req: &Request) -> Result<FileQuery, FileError> {
+fn query(req: &Request) -> Result<FileQuery, E2bError> {
     if let Some(q) = req.extensions().get::<FileQuery>() {
         return Ok(q.clone());
     }
-    parse_file_query(req.uri().query().unwrap_or(""))
-        .map_err(|e| FileError::new(StatusCode::BAD_REQUEST, e.to_string()))
+    parse_file_query(req.uri().query().unwrap_or("")).map_err(E2bError::from)
 }
 
 /// proto3 JSON `bytes`: standard or URL-safe base64, padded or not.
@@ -577,7 +408,7 @@ fn parse_json(data: &[u8]) -> Result<Value, RpcError> {
 fn gunzip_all(data: Vec<u8>) -> Result<Vec<u8>, RpcError> {
     gunzip_bounded(Bytes::from(data), MAX_MESSAGE).map_err(|e| match e {
         InflateError::TooLarge { .. } => RpcError::new(
-            Code::ResourceExhausted,
+            Kind::TooLarge,
             format!("message too large: it inflates past the {MAX_MESSAGE}-byte limit"),
         ),
         other => RpcError::invalid(format!("malformed gzip message: {other}")),
@@ -590,7 +421,7 @@ fn decode_encoding(encoding: Option<&str>, data: Vec<u8>) -> Result<Vec<u8>, Rpc
         None | Some("" | "identity") => Ok(data),
         Some("gzip") => gunzip_all(data),
         Some(other) => {
-            Err(RpcError::new(Code::Unimplemented, format!("unsupported encoding {other:?}")))
+            Err(RpcError::new(Kind::Unimplemented, format!("unsupported encoding {other:?}")))
         }
     }
 }
@@ -631,7 +462,7 @@ async fn read_body_within(
             let more = u32::try_from(want - held_kib).unwrap_or(u32::MAX);
             let permit = budget.try_acquire_many(more).map_err(|_| {
                 RpcError::new(
-                    Code::ResourceExhausted,
+                    Kind::ResourceExhausted,
                     "the server is reading too many request bodies at once; retry",
                 )
             })?;
@@ -660,7 +491,7 @@ fn envelope_reader() -> EnvelopeReader {
 
 impl From<EnvelopeError> for RpcError {
     fn from(e: EnvelopeError) -> Self {
-        RpcError::new(Code::ResourceExhausted, e.to_string())
+        RpcError::new(Kind::TooLarge, e.to_string())
     }
 }
 
@@ -673,7 +504,7 @@ fn frame_message(flags: u8, data: Vec<u8>, headers: &HeaderMap) -> Result<Value,
             }
             _ => {
                 return Err(RpcError::new(
-                    Code::Internal,
+                    Kind::Internal,
                     "compressed message without a Connect-Content-Encoding",
                 ));
             }
@@ -843,16 +674,16 @@ async fn resolve_pid(client: &AgentClient, sel: Selector) -> Result<u32, RpcErro
                 .find(|p| p.spec.tag.as_deref() == Some(tag.as_str()))
                 .map(|p| p.pid)
                 .ok_or_else(|| {
-                    RpcError::new(Code::NotFound, format!("process with tag {tag} not found"))
+                    RpcError::new(Kind::NotFound, format!("process with tag {tag} not found"))
                 }),
-            other => Err(RpcError::unexpected(&other)),
+            other => Err(unexpected(&other)),
         },
     }
 }
 
 /// `SendSignalRequest.signal`: envd knows SIGKILL and SIGTERM only.
 fn parse_signal(msg: &Value) -> Result<i32, RpcError> {
-    let invalid = |s: &str| RpcError::new(Code::Unimplemented, format!("invalid signal: {s}"));
+    let invalid = |s: &str| RpcError::new(Kind::Unimplemented, format!("invalid signal: {s}"));
     match field(msg, "signal") {
         None => Err(invalid("SIGNAL_UNSPECIFIED")),
         Some(Value::String(s)) => match s.as_str() {
@@ -871,7 +702,7 @@ fn parse_signal(msg: &Value) -> Result<i32, RpcError> {
 
 /// `ProcessInput`: the bytes of its `stdin` or `pty` member.
 fn parse_input(msg: &Value) -> Result<Vec<u8>, RpcError> {
-    let no_input = || RpcError::new(Code::Unimplemented, "invalid input type <nil>");
+    let no_input = || RpcError::new(Kind::Unimplemented, "invalid input type <nil>");
     let input = field(msg, "input").ok_or_else(no_input)?;
     for key in ["stdin", "pty"] {
         if let Some(v) = field(input, key) {

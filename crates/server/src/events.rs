@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::api::{ApiError, App, caller, internal, store_error};
+use crate::api::{App, caller};
+use crate::e2b_error::E2bError;
 use crate::store::{Attempt, DueDelivery, LifecycleEvent, Store, Webhook};
 
 /// Every event type a webhook may subscribe to.
@@ -140,11 +141,11 @@ async fn events(
     headers: &HeaderMap,
     sandbox: Option<String>,
     q: EventsQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(app, headers).await?;
     let limit = q.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "limit must be between 1 and 100"));
+        return Err(E2bError::invalid("limit must be between 1 and 100"));
     }
     let store = app.manager.store().clone();
     let rows = tokio::task::spawn_blocking(move || {
@@ -157,8 +158,8 @@ async fn events(
         )
     })
     .await
-    .map_err(internal)?
-    .map_err(store_error)?;
+    .map_err(E2bError::internal)?
+    .map_err(E2bError::from)?;
     Ok(Json(Value::Array(rows.iter().map(event_json).collect())))
 }
 
@@ -167,7 +168,7 @@ pub async fn team_events(
     State(app): State<App>,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     events(&app, &headers, None, q).await
 }
 
@@ -178,7 +179,7 @@ pub async fn sandbox_events(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     events(&app, &headers, Some(id), q).await
 }
 
@@ -204,12 +205,12 @@ pub struct WebhookBody {
     signature_secret: Option<String>,
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, msg)
+fn bad(msg: impl Into<String>) -> E2bError {
+    E2bError::invalid(msg)
 }
 
 /// Applies `b` to `w`, checking each field given.
-fn apply(w: &mut Webhook, b: WebhookBody) -> Result<(), ApiError> {
+fn apply(w: &mut Webhook, b: WebhookBody) -> Result<(), E2bError> {
     if let Some(n) = b.name {
         if n.is_empty() || n.len() > 256 {
             return Err(bad("name must be 1 to 256 characters"));
@@ -246,7 +247,7 @@ pub async fn create_webhook(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: WebhookBody = crate::api::parse_body(&body)?;
     for (field, given) in
@@ -271,32 +272,32 @@ pub async fn create_webhook(
     let saved = w.clone();
     tokio::task::spawn_blocking(move || store.insert_webhook(&saved))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?;
     Ok((StatusCode::CREATED, Json(webhook_json(&w))).into_response())
 }
 
-async fn load(app: &App, key_id: &str, id: &str) -> Result<Webhook, ApiError> {
+async fn load(app: &App, key_id: &str, id: &str) -> Result<Webhook, E2bError> {
     let store = app.manager.store().clone();
     let (k, i) = (key_id.to_string(), id.to_string());
     tokio::task::spawn_blocking(move || store.get_webhook(&k, &i))
         .await
-        .map_err(internal)?
-        .map_err(internal)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("webhook {id:?} not found")))
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?
+        .ok_or_else(|| E2bError::not_found(format!("webhook {id:?} not found")))
 }
 
 /// `GET /events/webhooks`.
 pub async fn list_webhooks(
     State(app): State<App>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let store = app.manager.store().clone();
     let list = tokio::task::spawn_blocking(move || store.list_webhooks(&key.id))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?;
     Ok(Json(Value::Array(list.iter().map(webhook_json).collect())))
 }
 
@@ -305,7 +306,7 @@ pub async fn get_webhook(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     Ok(Json(webhook_json(&load(&app, &key.id, &id).await?)))
 }
@@ -316,7 +317,7 @@ pub async fn update_webhook(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: WebhookBody = crate::api::parse_body(&body)?;
     let mut w = load(&app, &key.id, &id).await?;
@@ -325,8 +326,8 @@ pub async fn update_webhook(
     let saved = w.clone();
     tokio::task::spawn_blocking(move || store.update_webhook(&saved))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?;
     Ok(Json(webhook_json(&w)))
 }
 
@@ -335,16 +336,16 @@ pub async fn delete_webhook(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let store = app.manager.store().clone();
     let i = id.clone();
     let gone = tokio::task::spawn_blocking(move || store.delete_webhook(&key.id, &i))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?;
     if !gone {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("webhook {id:?} not found")));
+        return Err(E2bError::not_found(format!("webhook {id:?} not found")));
     }
     Ok(StatusCode::OK)
 }
@@ -360,15 +361,15 @@ pub async fn deliveries(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<DeliveriesQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     load(&app, &key.id, &id).await?;
     let store = app.manager.store().clone();
     let limit = q.limit.unwrap_or(100);
     let list = tokio::task::spawn_blocking(move || store.deliveries(&key.id, &id, limit))
         .await
-        .map_err(internal)?
-        .map_err(store_error)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::from)?;
     Ok(Json(json!(list)))
 }
 

@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, App, caller, internal, store_error};
+use crate::api::{App, caller};
+use crate::e2b_error::E2bError;
 use crate::store::{AuditQuery, AuditRecord};
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,23 +29,20 @@ pub async fn refresh(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: RefreshBody = crate::api::parse_body(&body)?;
     let secs = b.duration.unwrap_or(app.manager.config().default_timeout.as_secs() as i64);
     if !(0..=3600).contains(&secs) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("duration must be between 0 and 3600 seconds, got {secs}"),
-        ));
+        return Err(E2bError::invalid(format!(
+            "duration must be between 0 and 3600 seconds, got {secs}"
+        )));
     }
     let live = app
         .manager
         .get(&id)
         .filter(|l| l.record.lock().is_ok_and(|r| r.key_id == key.id))
-        .ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found"))
-    })?;
+        .ok_or_else(|| E2bError::not_found(format!("sandbox {id:?} not found")))?;
     let want = crate::manager::deadline_after(Duration::from_secs(secs as u64));
     if live.record.lock().is_ok_and(|r| r.end_at < want) {
         app.manager.set_timeout(&id, Duration::from_secs(secs as u64))?;
@@ -92,17 +90,17 @@ async fn records(
     headers: &HeaderMap,
     id: &str,
     since_ms: Option<i64>,
-) -> Result<Vec<AuditRecord>, ApiError> {
+) -> Result<Vec<AuditRecord>, E2bError> {
     let key = caller(app, headers).await?;
     let store = app.manager.store().clone();
     let sid = id.to_string();
     let owned = tokio::task::spawn_blocking(move || store.get_sandbox(&sid))
         .await
-        .map_err(internal)?
-        .map_err(internal)?
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::internal)?
         .is_some_and(|r| r.key_id == key.id);
     if !owned {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found")));
+        return Err(E2bError::not_found(format!("sandbox {id:?} not found")));
     }
     let q = AuditQuery {
         key_id: Some(key.id),
@@ -114,8 +112,8 @@ async fn records(
     let store = app.manager.store().clone();
     let (recs, _) = tokio::task::spawn_blocking(move || store.query_audit(&q))
         .await
-        .map_err(internal)?
-        .map_err(store_error)?;
+        .map_err(E2bError::internal)?
+        .map_err(E2bError::from)?;
     Ok(recs)
 }
 
@@ -125,7 +123,7 @@ pub async fn logs_v1(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let recs = records(&app, &headers, &id, q.start).await?;
     let limit = q.limit.unwrap_or(1000).min(1000) as usize;
     let entries: Vec<Value> = recs.iter().take(limit).map(entry).collect();
@@ -150,15 +148,14 @@ pub async fn logs_v2(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let backward = match q.direction.as_deref() {
         None | Some("forward") => false,
         Some("backward") => true,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("direction must be forward or backward, got {other:?}"),
-            ));
+            return Err(E2bError::invalid(format!(
+                "direction must be forward or backward, got {other:?}"
+            )));
         }
     };
     let min_level = match q.level.as_deref() {
@@ -166,10 +163,9 @@ pub async fn logs_v2(
         Some("warn") => 1,
         Some("error") => 2,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("level must be debug, info, warn or error, got {other:?}"),
-            ));
+            return Err(E2bError::invalid(format!(
+                "level must be debug, info, warn or error, got {other:?}"
+            )));
         }
     };
     let since = if backward { None } else { q.cursor };
@@ -234,7 +230,7 @@ impl Idempotent {
         app: &App,
         key_id: &str,
         headers: &HeaderMap,
-    ) -> Result<(Idempotent, Option<String>), ApiError> {
+    ) -> Result<(Idempotent, Option<String>), E2bError> {
         let Some(raw) = headers.get("idempotency-key") else {
             return Ok((Idempotent { key: None, _held: None }, None));
         };
@@ -242,8 +238,7 @@ impl Idempotent {
         let valid = (1..=255).contains(&k.len())
             && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+            return Err(E2bError::invalid(
                 "Idempotency-Key must be 1 to 255 characters of a-z, 0-9 and '-'",
             ));
         }
@@ -254,8 +249,8 @@ impl Idempotent {
         let earlier =
             tokio::task::spawn_blocking(move || store.idempotent_sandbox(&kid, &kk, since))
                 .await
-                .map_err(internal)?
-                .map_err(internal)?;
+                .map_err(E2bError::internal)?
+                .map_err(E2bError::internal)?;
         Ok((
             Idempotent { key: Some((key_id.to_string(), k.to_string())), _held: Some(held) },
             earlier,
@@ -263,31 +258,32 @@ impl Idempotent {
     }
 
     /// Records the sandbox a create under this key made.
-    pub async fn record(self, app: &App, sandbox_id: &str) -> Result<(), ApiError> {
+    pub async fn record(self, app: &App, sandbox_id: &str) -> Result<(), E2bError> {
         let Some((kid, k)) = self.key else { return Ok(()) };
         let store = app.manager.store().clone();
         let sid = sandbox_id.to_string();
         let now = crate::manager::now_ms();
         tokio::task::spawn_blocking(move || store.record_idempotent(&kid, &k, &sid, now))
             .await
-            .map_err(internal)?
-            .map_err(internal)?;
+            .map_err(E2bError::internal)?
+            .map_err(E2bError::internal)?;
         Ok(())
     }
 }
 
 /// The reply a retried create gets: the first one's sandbox, as create described it.
-pub fn replay(app: &App, key_id: &str, sandbox_id: &str) -> Result<Response, ApiError> {
+pub fn replay(app: &App, key_id: &str, sandbox_id: &str) -> Result<Response, E2bError> {
     let rec = match app.manager.get(sandbox_id).and_then(|l| l.snapshot()) {
         Some(r) => r,
-        None => {
-            app.manager.store().get_sandbox(sandbox_id).map_err(internal)?.ok_or_else(|| {
-                ApiError::new(StatusCode::NOT_FOUND, "the sandbox of this Idempotency-Key is gone")
-            })?
-        }
+        None => app
+            .manager
+            .store()
+            .get_sandbox(sandbox_id)
+            .map_err(E2bError::internal)?
+            .ok_or_else(|| E2bError::not_found("the sandbox of this Idempotency-Key is gone"))?,
     };
     if rec.key_id != key_id {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown Idempotency-Key"));
+        return Err(E2bError::not_found("unknown Idempotency-Key"));
     }
     let mut v = crate::api::sandbox_json(&rec);
     v["domain"] = json!(app.manager.network().domain());

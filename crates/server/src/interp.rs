@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::agent_client::AgentClient;
 use crate::bounded;
+use crate::e2b_error::{E2bError, Kind};
 use crate::fault::internal_message;
 use crate::manager::Live;
 
@@ -242,21 +243,17 @@ fn user_for(cwd: &str) -> SandboxUser {
     if cwd == "/root" || cwd.starts_with("/root/") { SandboxUser::Root } else { SandboxUser::User }
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"code": status.as_u16(), "message": msg.into()}))).into_response()
+/// Port 49999's error answer: E2B's plain shape (the SDK reads 404 as `NotFoundException`,
+/// 502 as a timeout).
+fn error(kind: Kind, msg: impl Into<String>) -> Response {
+    E2bError::new(kind, msg).into_response()
 }
 
-/// A request refused before anything ran, in E2B's error shape.
-struct Refused(StatusCode, String);
-
-impl IntoResponse for Refused {
-    fn into_response(self) -> Response {
-        error(self.0, self.1)
-    }
-}
+/// A request refused before anything ran.
+type Refused = E2bError;
 
 fn bad(msg: impl Into<String>) -> Refused {
-    Refused(StatusCode::BAD_REQUEST, msg.into())
+    E2bError::invalid(msg)
 }
 
 /// Handles one request to port 49999 of `live`. Auth and routing happened before.
@@ -293,14 +290,14 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
         }
         (&Method::DELETE, ["contexts", id]) => {
             let Some(ctx) = live.interp.by_id.lock().ok().and_then(|mut m| m.remove(*id)) else {
-                return error(StatusCode::NOT_FOUND, format!("context {id} not found"));
+                return error(Kind::NotFound, format!("context {id} not found"));
             };
             stop_kernel(&ctx).await;
             StatusCode::NO_CONTENT.into_response()
         }
         (&Method::POST, ["contexts", id, "restart"]) => {
             let Some(ctx) = find(&live, id) else {
-                return error(StatusCode::NOT_FOUND, format!("context {id} not found"));
+                return error(Kind::NotFound, format!("context {id} not found"));
             };
             stop_kernel(&ctx).await;
             match start_kernel(&rt, &live, &ctx).await {
@@ -311,7 +308,7 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
                 Err(e) => kernel_start_failed(&live, &e),
             }
         }
-        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {method} {path}")),
+        _ => error(Kind::NotFound, format!("no such endpoint {method} {path}")),
     }
 }
 
@@ -353,14 +350,14 @@ async fn create_context(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Respo
     };
     let Some(language) = normalize(lang) else {
         return error(
-            StatusCode::BAD_REQUEST,
+            Kind::InvalidArgument,
             format!(
                 "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r, rust)"
             ),
         );
     };
     if !cwd.starts_with('/') {
-        return error(StatusCode::BAD_REQUEST, format!("cwd {cwd:?} must be an absolute path"));
+        return error(Kind::InvalidArgument, format!("cwd {cwd:?} must be an absolute path"));
     }
     let ctx = Arc::new(Context {
         id: new_context_id(),
@@ -445,12 +442,12 @@ fn ringfence_agent_path() -> &'static str {
 /// know, not an internal error.
 fn kernel_start_failed(live: &Live, e: &str) -> Response {
     if e.starts_with(BAD_CWD) || e.starts_with(NOT_ON_TIER) {
-        return error(StatusCode::BAD_REQUEST, e);
+        return error(Kind::InvalidArgument, e);
     }
     if live.client.is_closed() {
-        return error(StatusCode::BAD_GATEWAY, "the sandbox has ended: its agent is gone");
+        return error(Kind::SandboxGone, "the sandbox has ended: its agent is gone");
     }
-    error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e))
+    error(Kind::Internal, internal_message(&e))
 }
 
 async fn start_kernel(
@@ -811,7 +808,7 @@ pub fn sanitize(mut v: Map<String, Value>) -> Option<Value> {
 async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     let code = match body.get("code") {
         Some(Value::String(s)) => s.clone(),
-        _ => return error(StatusCode::BAD_REQUEST, "code must be a string"),
+        _ => return error(Kind::InvalidArgument, "code must be a string"),
     };
     let (context_id, language) = match (opt_str(&body, "context_id"), opt_str(&body, "language")) {
         (Ok(c), Ok(l)) => (c.map(str::to_string), l.map(str::to_string)),
@@ -822,28 +819,25 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         Some(Value::Object(m)) if m.values().all(Value::is_string) => {
             let pairs = m.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")));
             if let Err(e) = crate::validate::check_env("env_vars", pairs) {
-                return error(StatusCode::BAD_REQUEST, e);
+                return error(Kind::InvalidArgument, e);
             }
             Value::Object(m.clone())
         }
-        Some(_) => return error(StatusCode::BAD_REQUEST, "env_vars must map names to strings"),
+        Some(_) => return error(Kind::InvalidArgument, "env_vars must map names to strings"),
     };
     let ctx = match (context_id, language) {
         (Some(_), Some(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "provide either context_id or language, not both",
-            );
+            return error(Kind::InvalidArgument, "provide either context_id or language, not both");
         }
         (Some(id), None) => match find(&live, &id) {
             Some(c) => c,
-            None => return error(StatusCode::NOT_FOUND, format!("context {id} not found")),
+            None => return error(Kind::NotFound, format!("context {id} not found")),
         },
         (None, lang) => {
             let lang = lang.unwrap_or_else(|| "python".into());
             let Some(language) = normalize(&lang) else {
                 return error(
-                    StatusCode::BAD_REQUEST,
+                    Kind::InvalidArgument,
                     format!(
                         "language {lang:?} is not supported here (python, javascript, typescript, bash, java, r, rust)"
                     ),
@@ -851,13 +845,13 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             };
             match default_context(&live, language) {
                 Some(c) => c,
-                None => return error(StatusCode::INTERNAL_SERVER_ERROR, "state poisoned"),
+                None => return error(Kind::Internal, "state poisoned"),
             }
         }
     };
     let lang = ringfence_risk::Language::from_name(ctx.language);
     if let Some(why) = live.obs.refusal("cell", &code, lang).await {
-        return error(StatusCode::FORBIDDEN, why);
+        return error(Kind::PermissionDenied, why);
     }
     let mut guard = ctx.kernel.clone().lock_owned().await;
     if guard.is_none() {
@@ -872,7 +866,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
     });
     if !sent {
         *guard = None;
-        return error(StatusCode::BAD_GATEWAY, "the kernel is gone; retry to start a new one");
+        return error(Kind::SandboxGone, "the kernel is gone; retry to start a new one");
     }
     let (tx, rx) = bounded::channel::<Result<Bytes, Infallible>>(CELL_BACKLOG);
     tokio::spawn(async move {
@@ -908,7 +902,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+        .unwrap_or_else(|_| error(Kind::Internal, "response"))
 }
 
 enum Pumped {

@@ -15,6 +15,7 @@ pub mod bounded;
 pub mod builder;
 pub mod cluster;
 pub mod codec;
+pub mod e2b_error;
 pub mod envd;
 pub mod events;
 pub mod extras;

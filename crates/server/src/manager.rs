@@ -69,7 +69,7 @@ pub enum Missing {
     Template(String),
 }
 
-/// Errors the API turns into HTTP statuses (see `api::ApiError`'s `From`).
+/// Errors the API turns into HTTP statuses (see `e2b_error::E2bError`'s `From`).
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
     #[error("{0}")]

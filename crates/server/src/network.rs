@@ -878,15 +878,7 @@ const OURS: &[&str] =
     &["e2b-sandbox-id", "e2b-sandbox-port", "x-access-token", "e2b-traffic-access-token"];
 
 fn port_closed(id: &str, port: u16, why: &str) -> Response {
-    (
-        StatusCode::BAD_GATEWAY,
-        axum::Json(json!({
-            "sandboxId": id,
-            "message": format!("The sandbox is running but port is not open ({port}: {why})"),
-            "code": 502
-        })),
-    )
-        .into_response()
+    crate::e2b_error::E2bError::port_not_open(id, port, why).into_response()
 }
 
 /// The Host header a sandbox asked inbound requests to carry (`maskRequestHost`).

@@ -22,7 +22,8 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundK
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, App, caller, internal};
+use crate::api::{App, caller};
+use crate::e2b_error::E2bError;
 use crate::store::{SecretRecord, Store, StoreError};
 
 /// Errors opening the vault's key.
@@ -169,13 +170,13 @@ pub fn lookup(
 const MAX_VALUE: usize = 16 * 1024;
 const MAX_META_ENTRIES: usize = 32;
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, msg)
+fn bad(msg: impl Into<String>) -> E2bError {
+    E2bError::invalid(msg)
 }
 
 /// E2B's rule (`e2b/secret/base.py`): a name goes into `${e2b.secrets.<name>}`, so no braces
 /// or control characters; names are lower-cased; `sec_` is the ids' prefix.
-fn check_name(name: &str) -> Result<String, ApiError> {
+fn check_name(name: &str) -> Result<String, E2bError> {
     let n = name.to_lowercase();
     if n.is_empty() || n.len() > 128 {
         return Err(bad("secret name must be 1 to 128 characters"));
@@ -194,7 +195,7 @@ fn check_name(name: &str) -> Result<String, ApiError> {
 
 /// A value goes into HTTP header values: no line breaks or other control characters (which
 /// would let it add headers of its own), at most 16 KiB.
-fn check_value(v: &str) -> Result<(), ApiError> {
+fn check_value(v: &str) -> Result<(), E2bError> {
     if v.is_empty() || v.len() > MAX_VALUE {
         return Err(bad(format!("secret value must be 1 to {MAX_VALUE} bytes")));
     }
@@ -206,7 +207,7 @@ fn check_value(v: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_meta(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+fn check_meta(m: &BTreeMap<String, String>) -> Result<(), E2bError> {
     let total: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
     if m.len() > MAX_META_ENTRIES
         || m.iter().any(|(k, v)| k.len() > 128 || v.len() > 1024)
@@ -235,22 +236,22 @@ fn secret_json(s: &SecretRecord) -> Value {
     })
 }
 
-fn not_found(which: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("secret {which:?} not found"))
+fn not_found(which: &str) -> E2bError {
+    E2bError::not_found(format!("secret {which:?} not found"))
 }
 
-fn vault(app: &App) -> Result<Arc<Vault>, ApiError> {
-    app.manager.vault().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets are not available on this server")
-    })
+fn vault(app: &App) -> Result<Arc<Vault>, E2bError> {
+    app.manager
+        .vault()
+        .ok_or_else(|| E2bError::unavailable("secrets are not available on this server"))
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(|e| match e {
-        StoreError::InvalidName(m) => ApiError::new(StatusCode::CONFLICT, m),
-        other => internal(other),
+) -> Result<T, E2bError> {
+    tokio::task::spawn_blocking(f).await.map_err(E2bError::internal)?.map_err(|e| match e {
+        StoreError::InvalidName(m) => E2bError::conflict(m),
+        other => E2bError::internal(other),
     })
 }
 
@@ -277,7 +278,7 @@ pub async fn create(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let vault = vault(&app)?;
     let b: NewSecret = crate::api::parse_body(&body)?;
@@ -297,7 +298,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    rec.sealed = vault.seal(&rec, value.as_bytes()).map_err(internal)?;
+    rec.sealed = vault.seal(&rec, value.as_bytes()).map_err(E2bError::internal)?;
     let (store, saved) = (app.manager.store().clone(), rec.clone());
     blocking(move || store.insert_secret(&saved)).await?;
     audit(&app, "secret.create", &rec.key_id, &rec).await;
@@ -316,7 +317,7 @@ pub async fn list(
     State(app): State<App>,
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let store = app.manager.store().clone();
@@ -340,7 +341,7 @@ pub async fn get(
     State(app): State<App>,
     headers: HeaderMap,
     Path(which): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let (store, w) = (app.manager.store().clone(), which.clone());
     let s =
@@ -360,7 +361,7 @@ pub async fn update(
     headers: HeaderMap,
     Path(which): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let vault = vault(&app)?;
     let b: SecretUpdate = crate::api::parse_body(&body)?;
@@ -377,13 +378,12 @@ pub async fn update(
     if let Some(m) = b.metadata {
         s.metadata = m;
     }
-    s.sealed = vault.seal(&s, value.as_bytes()).map_err(internal)?;
+    s.sealed = vault.seal(&s, value.as_bytes()).map_err(E2bError::internal)?;
     let (store, saved) = (app.manager.store().clone(), s.clone());
     if !blocking(move || store.update_secret(&saved)).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("secret {which:?} changed or was deleted meanwhile; retry"),
-        ));
+        return Err(E2bError::conflict(format!(
+            "secret {which:?} changed or was deleted meanwhile; retry"
+        )));
     }
     audit(&app, "secret.update", &s.key_id, &s).await;
     Ok(Json(secret_json(&s)))
@@ -395,7 +395,7 @@ pub async fn destroy(
     State(app): State<App>,
     headers: HeaderMap,
     Path(which): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let (store, w, k) = (app.manager.store().clone(), which.clone(), key.id.clone());
     let Some(found) = blocking(move || store.get_secret(&k, &w)).await? else {

@@ -42,7 +42,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::api::{ApiError, App, caller, internal, parse_body};
+use crate::api::{App, caller, parse_body};
+use crate::e2b_error::E2bError;
 use crate::manager::now_ms;
 use crate::store::{AuditRecord, KeyInfo};
 
@@ -305,12 +306,12 @@ impl BuildState {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, msg)
+fn bad(msg: impl Into<String>) -> E2bError {
+    E2bError::invalid(msg)
 }
 
-fn not_found(what: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("template {what:?} not found"))
+fn not_found(what: &str) -> E2bError {
+    E2bError::not_found(format!("template {what:?} not found"))
 }
 
 fn uuid() -> String {
@@ -320,8 +321,8 @@ fn uuid() -> String {
     format!("{}-{}-4{}-a{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..])
 }
 
-fn store_of(app: &App) -> Result<Store, ApiError> {
-    Store::open(&app.manager.config().data_dir).map_err(internal)
+fn store_of(app: &App) -> Result<Store, E2bError> {
+    Store::open(&app.manager.config().data_dir).map_err(E2bError::internal)
 }
 
 fn uploads_dir(app: &App, owner: &str, template: &str) -> PathBuf {
@@ -330,7 +331,7 @@ fn uploads_dir(app: &App, owner: &str, template: &str) -> PathBuf {
 }
 
 /// `name` or `name:tag` → (name, tag), validated by the store's rules.
-fn split_name(name: &str) -> Result<(String, String), ApiError> {
+fn split_name(name: &str) -> Result<(String, String), E2bError> {
     let full = ringfence_image::normalize_name(name).map_err(|e| bad(e.to_string()))?;
     let (n, t) = full.split_once(':').unwrap_or((&full, "latest"));
     Ok((n.to_string(), t.to_string()))
@@ -348,8 +349,8 @@ fn build_id_of(r: &Record) -> String {
 }
 
 /// Every tag of template `name` in the store: (tag, record).
-fn tags_of(store: &Store, name: &str) -> Result<Vec<(String, Record)>, ApiError> {
-    let all = store.list().map_err(internal)?;
+fn tags_of(store: &Store, name: &str) -> Result<Vec<(String, Record)>, E2bError> {
+    let all = store.list().map_err(E2bError::internal)?;
     Ok(all
         .into_iter()
         .filter_map(|r| {
@@ -379,9 +380,9 @@ fn owner_of(tags: &[(String, Record)], key: &KeyInfo) -> Owner {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    f: impl FnOnce() -> Result<T, E2bError> + Send + 'static,
+) -> Result<T, E2bError> {
+    tokio::task::spawn_blocking(f).await.map_err(E2bError::internal)?
 }
 
 async fn audit(app: &App, key: &KeyInfo, action: &str, detail: Value) {
@@ -396,7 +397,7 @@ async fn audit(app: &App, key: &KeyInfo, action: &str, detail: Value) {
 /// Whether `key` may start sandboxes from template `name`: 404 for another tenant's image
 /// template (never revealing it), as for one that does not exist. Returns its record, if it
 /// is an image template.
-pub async fn check_use(app: &App, key: &KeyInfo, name: &str) -> Result<Option<Record>, ApiError> {
+pub async fn check_use(app: &App, key: &KeyInfo, name: &str) -> Result<Option<Record>, E2bError> {
     if ringfence_image::normalize_name(name).is_err() {
         return Ok(None);
     }
@@ -427,7 +428,7 @@ pub async fn request(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: RequestBody = parse_body(&body)?;
     let name = b.name.or(b.alias).ok_or_else(|| bad("name is required"))?;
@@ -445,16 +446,14 @@ pub async fn request(
     match owner_of(&existing, &key) {
         Owner::Nobody | Owner::Caller => {}
         Owner::Operator => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("template {template:?} is the operator's; choose another name"),
-            ));
+            return Err(E2bError::conflict(format!(
+                "template {template:?} is the operator's; choose another name"
+            )));
         }
         Owner::Other => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("template name {template:?} is taken; choose another name"),
-            ));
+            return Err(E2bError::conflict(format!(
+                "template name {template:?} is taken; choose another name"
+            )));
         }
     }
     let build_id = uuid();
@@ -470,17 +469,16 @@ pub async fn request(
         reason: None,
     };
     {
-        let mut i = app.manager.templates.inner.lock().map_err(internal)?;
+        let mut i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
         // A name another key is building now is taken too (the store knows it only once that
         // build registers): checked and claimed under one lock.
         let theirs = i.builds.values().any(|b| {
             b.lock().is_ok_and(|b| b.template == template && b.owner != key.id && !b.done())
         });
         if theirs {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("template name {template:?} is taken; choose another name"),
-            ));
+            return Err(E2bError::conflict(format!(
+                "template name {template:?} is taken; choose another name"
+            )));
         }
         i.forget_old();
         persist(i.dir.as_deref(), &build_id, &state);
@@ -514,17 +512,14 @@ fn build_of(
     key: &KeyInfo,
     template: &str,
     build_id: &str,
-) -> Result<Arc<Mutex<BuildState>>, ApiError> {
-    let i = app.manager.templates.inner.lock().map_err(internal)?;
+) -> Result<Arc<Mutex<BuildState>>, E2bError> {
+    let i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
     i.builds
         .get(build_id)
         .filter(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
         .cloned()
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("build {build_id:?} of template {template:?} not found"),
-            )
+            E2bError::not_found(format!("build {build_id:?} of template {template:?} not found"))
         })
 }
 
@@ -543,7 +538,7 @@ pub async fn upload_link(
     State(app): State<App>,
     headers: HeaderMap,
     Path((template, hash)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     if !may_upload(&app, &key, &template) {
         return Err(not_found(&template));
@@ -590,47 +585,42 @@ pub async fn upload(
     State(app): State<App>,
     Path(token): Path<String>,
     body: axum::body::Body,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let link = {
-        let i = app.manager.templates.inner.lock().map_err(internal)?;
+        let i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
         i.uploads.get(&token).filter(|u| u.expires_ms > now_ms()).cloned()
     };
-    let link = link.ok_or_else(|| {
-        ApiError::new(StatusCode::FORBIDDEN, "unknown or expired upload link; ask for a new one")
-    })?;
+    let link = link
+        .ok_or_else(|| E2bError::forbidden("unknown or expired upload link; ask for a new one"))?;
     let dir = uploads_dir(&app, &link.owner, &link.template);
-    tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    tokio::fs::create_dir_all(&dir).await.map_err(E2bError::internal)?;
     let quota = app.manager.config().builds.upload_quota;
     let key_dir = app.manager.config().data_dir.join("template-uploads").join(&link.owner);
     let used = blocking(move || Ok(uploads_bytes(&key_dir))).await?;
     let tmp = dir.join(format!(".{}.part", crate::manager::new_token()));
-    let mut file = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+    let mut file = tokio::fs::File::create(&tmp).await.map_err(E2bError::internal)?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
-    let result: Result<(), ApiError> = async {
+    let result: Result<(), E2bError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| bad(format!("the upload broke off: {e}")))?;
             total += chunk.len() as u64;
             if used + total > quota {
-                return Err(ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    format!(
-                        "upload quota exceeded: this key keeps {used} bytes of template uploads \
+                return Err(E2bError::no_space(format!(
+                    "upload quota exceeded: this key keeps {used} bytes of template uploads \
                          and may keep {quota} (uploads no build used for {}s are removed; \
                          deleting a template removes its uploads)",
-                        app.manager.config().builds.upload_ttl.as_secs()
-                    ),
-                ));
+                    app.manager.config().builds.upload_ttl.as_secs()
+                )));
             }
             if total > MAX_UPLOAD {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("an upload is at most {MAX_UPLOAD} bytes"),
-                ));
+                return Err(E2bError::too_large(format!(
+                    "an upload is at most {MAX_UPLOAD} bytes"
+                )));
             }
-            file.write_all(&chunk).await.map_err(internal)?;
+            file.write_all(&chunk).await.map_err(E2bError::internal)?;
         }
-        file.flush().await.map_err(internal)?;
+        file.flush().await.map_err(E2bError::internal)?;
         Ok(())
     }
     .await;
@@ -639,7 +629,7 @@ pub async fn upload(
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
-    tokio::fs::rename(&tmp, dir.join(&link.hash)).await.map_err(internal)?;
+    tokio::fs::rename(&tmp, dir.join(&link.hash)).await.map_err(E2bError::internal)?;
     let mut rec = AuditRecord::new("template.upload", now_ms());
     rec.user_id = Some(link.owner.clone());
     rec.detail.insert("template".into(), json!(link.template));
@@ -656,7 +646,7 @@ fn resolve_from(
     store: &Store,
     spec: &BuildSpec,
     key: &KeyInfo,
-) -> Result<(String, String), ApiError> {
+) -> Result<(String, String), E2bError> {
     if spec.from_image_registry.is_some() {
         return Err(bad(
             "fromImageRegistry (private registry credentials) is not supported: pull the image \
@@ -691,14 +681,11 @@ pub async fn start(
     headers: HeaderMap,
     Path((template, build_id)): Path<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let state = build_of(&app, &key, &template, &build_id)?;
-    if state.lock().map_err(internal)?.status != Status::Waiting {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("build {build_id:?} was started already"),
-        ));
+    if state.lock().map_err(E2bError::internal)?.status != Status::Waiting {
+        return Err(E2bError::conflict(format!("build {build_id:?} was started already")));
     }
     let spec: BuildSpec =
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid build request: {e}")))?;
@@ -718,10 +705,10 @@ pub async fn start(
     let spec2 = spec.clone();
     let ctx = context.clone();
     let translated = blocking(move || {
-        let store = Store::open(&data_dir).map_err(internal)?;
+        let store = Store::open(&data_dir).map_err(E2bError::internal)?;
         let (from, user) = resolve_from(&store, &spec2, &key2)?;
         let t = sdk::translate(&spec2, &from, &user).map_err(bad)?;
-        std::fs::create_dir_all(&ctx).map_err(internal)?;
+        std::fs::create_dir_all(&ctx).map_err(E2bError::internal)?;
         for (hash, src, dest) in &t.copies {
             let up = uploads.join(hash);
             if !up.is_file() {
@@ -751,12 +738,9 @@ pub async fn start(
     })
     .await?;
     {
-        let mut s = state.lock().map_err(internal)?;
+        let mut s = state.lock().map_err(E2bError::internal)?;
         if s.status != Status::Waiting {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("build {build_id:?} was started already"),
-            ));
+            return Err(E2bError::conflict(format!("build {build_id:?} was started already")));
         }
         s.status = Status::Building;
         let tag = s.tag.clone();
@@ -1031,10 +1015,10 @@ pub async fn status(
     headers: HeaderMap,
     Path((template, build_id)): Path<(String, String)>,
     Query(q): Query<StatusQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let state = build_of(&app, &key, &template, &build_id)?;
-    let s = state.lock().map_err(internal)?;
+    let s = state.lock().map_err(E2bError::internal)?;
     let from = q.logs_offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(LOGS_PAGE).clamp(1, LOGS_PAGE);
     let entries: Vec<Value> = s.logs.iter().skip(from).take(limit).map(LogEntry::json).collect();
@@ -1086,10 +1070,10 @@ fn template_json(name: &str, tags: &[(String, Record)], app: &App, public: bool)
 }
 
 /// `GET /templates`: this key's templates and the operator's (public).
-pub async fn list(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub async fn list(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let store = store_of(&app)?;
-    let all = blocking(move || store.list().map_err(internal)).await?;
+    let all = blocking(move || store.list().map_err(E2bError::internal)).await?;
     let mut by_name: std::collections::BTreeMap<String, Vec<(String, Record)>> = Default::default();
     for r in all {
         if r.owner.as_ref().is_some_and(|o| *o != key.id) {
@@ -1112,7 +1096,7 @@ pub async fn alias(
     State(app): State<App>,
     headers: HeaderMap,
     Path(alias): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let Ok((name, _)) = split_name(&alias) else { return Err(not_found(&alias)) };
     let store = store_of(&app)?;
@@ -1120,10 +1104,9 @@ pub async fn alias(
     let tags = blocking(move || tags_of(&store, &n2)).await?;
     match owner_of(&tags, &key) {
         Owner::Nobody => Err(not_found(&alias)),
-        Owner::Other => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("template {alias:?} belongs to another tenant"),
-        )),
+        Owner::Other => {
+            Err(E2bError::forbidden(format!("template {alias:?} belongs to another tenant")))
+        }
         Owner::Caller => Ok(Json(json!({"templateID": name, "public": false}))),
         Owner::Operator => Ok(Json(json!({"templateID": name, "public": true}))),
     }
@@ -1134,7 +1117,7 @@ pub async fn get_tags(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let (name, _) = split_name(&id).map_err(|_| not_found(&id))?;
     let store = store_of(&app)?;
@@ -1167,7 +1150,7 @@ pub async fn assign_tags(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: AssignBody = parse_body(&body)?;
     let target = b.target.ok_or_else(|| bad("target (name:tag) is required"))?;
@@ -1195,7 +1178,7 @@ pub async fn assign_tags(
         for t in &new2 {
             let mut r = rec.clone();
             r.name = format!("{n2}:{t}");
-            store.register(&r).map_err(internal)?;
+            store.register(&r).map_err(E2bError::internal)?;
         }
         Ok(rec)
     })
@@ -1217,7 +1200,7 @@ pub async fn remove_tags(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: RemoveTagsBody = parse_body(&body)?;
     let name = b.name.ok_or_else(|| bad("name is required"))?;
@@ -1252,20 +1235,20 @@ pub async fn remove_tags(
 
 /// A store refusal to remove a template in use is the client's to retry (409); anything
 /// else is internal.
-fn in_use(e: ImageError) -> ApiError {
+fn in_use(e: ImageError) -> E2bError {
     match e {
-        e @ ImageError::InUse(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        other => internal(other),
+        e @ ImageError::InUse(_) => E2bError::conflict(e.to_string()),
+        other => E2bError::internal(other),
     }
 }
 
 /// Refuses (409, naming them) removing template `name` (`name:tag`) while a sandbox that is
 /// not killed (a paused one included: it holds no claim on the store while stopped) or a
 /// snapshot was made from it: they need its layers to run or resume.
-pub fn check_unused(app: &App, name: &str) -> Result<(), ApiError> {
-    match users_of(app.manager.store(), name).map_err(internal)? {
+pub fn check_unused(app: &App, name: &str) -> Result<(), E2bError> {
+    match users_of(app.manager.store(), name).map_err(E2bError::internal)? {
         None => Ok(()),
-        Some(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+        Some(why) => Err(E2bError::conflict(why)),
     }
 }
 
@@ -1298,7 +1281,7 @@ pub fn users_of(
 
 /// `DELETE /templates/{id}` for an image template of this key's: every tag of it. Returns
 /// `Ok(false)` when `id` names none (the caller then tries snapshots).
-pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError> {
+pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, E2bError> {
     let Ok((name, _)) = split_name(id) else { return Ok(false) };
     let store = store_of(app)?;
     let (k2, n2, app2) = (key.clone(), name.clone(), app.clone());
@@ -1307,10 +1290,9 @@ pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, ApiError
         match owner_of(&tags, &k2) {
             Owner::Caller => {}
             Owner::Operator => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!("template {n2:?} is the operator's (`ringfence template rm`)"),
-                ));
+                return Err(E2bError::forbidden(format!(
+                    "template {n2:?} is the operator's (`ringfence template rm`)"
+                )));
             }
             Owner::Nobody | Owner::Other => return Ok(false),
         }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
-use axum::http::StatusCode;
 use axum::http::header::HeaderMap;
 use futures_util::{Stream, StreamExt};
 use ringfence_proto::{CHUNK, EntryInfo, Reply, Request as AgentRequest, SandboxUser};
@@ -23,7 +22,8 @@ use serde_json::{Value, json};
 
 use crate::agent_client::AgentClient;
 use crate::codec::{InflateError, InflateLimits, gunzip_stream};
-use crate::envd::{EnvdState, FileError, files_error};
+use crate::e2b_error::E2bError;
+use crate::envd::{EnvdState, files_error};
 
 /// Output a gzip upload may produce per byte of input, past [`GZIP_RATIO_GRACE`]. Text and code
 /// compress 3-20:1; only runs of nearly identical bytes approach deflate's ~1032:1 ceiling.
@@ -33,30 +33,30 @@ pub const GZIP_MAX_RATIO: u64 = 256;
 pub const GZIP_RATIO_GRACE: u64 = 64 << 20;
 
 /// A body stream as the pipeline consumes it: each failure already carries its answer.
-pub type UploadStream = Pin<Box<dyn Stream<Item = Result<Bytes, FileError>> + Send>>;
+pub type UploadStream = Pin<Box<dyn Stream<Item = Result<Bytes, E2bError>> + Send>>;
 
 /// Where an upload's files go, one at a time: `begin`, `write`s in order, then `commit` or
 /// `abort`.
 pub trait UploadSink: Send {
     /// Starts the file at `path`; returns the most bytes it may take (the space free).
-    fn begin(&mut self, path: &str) -> impl Future<Output = Result<u64, FileError>> + Send;
+    fn begin(&mut self, path: &str) -> impl Future<Output = Result<u64, E2bError>> + Send;
     /// Writes the next piece, which starts at `offset`.
     fn write(
         &mut self,
         offset: u64,
         data: Vec<u8>,
-    ) -> impl Future<Output = Result<(), FileError>> + Send;
+    ) -> impl Future<Output = Result<(), E2bError>> + Send;
     /// Puts the file in place with `metadata`.
     fn commit(
         &mut self,
         metadata: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<EntryInfo, FileError>> + Send;
+    ) -> impl Future<Output = Result<EntryInfo, E2bError>> + Send;
     /// Drops the file begun; its target stays as it was.
     fn abort(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-fn bad_request(message: impl Into<String>) -> FileError {
-    FileError::new(StatusCode::BAD_REQUEST, message)
+fn bad_request(message: impl Into<String>) -> E2bError {
+    E2bError::invalid(message)
 }
 
 /// `Content-Encoding` of an upload: gzip or nothing.
@@ -95,18 +95,15 @@ pub fn upload_inflate_limits(max_output: u64) -> InflateLimits {
 }
 
 /// The answer to a gzip body that could not be inflated.
-pub fn inflate_error(e: &InflateError) -> FileError {
+pub fn inflate_error(e: &InflateError) -> E2bError {
     match e {
         InflateError::Malformed(m) => bad_request(format!("error decompressing request body: {m}")),
-        InflateError::Ratio { .. } => FileError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        InflateError::TooLarge { limit } => FileError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!(
-                "the gzip body inflates past {limit} bytes, more than the sandbox has free; \
+        InflateError::Ratio { .. } => E2bError::too_large(e.to_string()),
+        InflateError::TooLarge { limit } => E2bError::no_space(format!(
+            "the gzip body inflates past {limit} bytes, more than the sandbox has free; \
                  refused without inflating the rest"
-            ),
-        ),
-        InflateError::Input(m) => FileError::client_gone(format!("error reading the upload: {m}")),
+        )),
+        InflateError::Input(m) => E2bError::client_gone(format!("error reading the upload: {m}")),
     }
 }
 
@@ -118,13 +115,13 @@ pub fn upload_body(body: Body, gzip: Option<InflateLimits>) -> UploadStream {
             Box::pin(gunzip_stream(stream, limits).map(|r| r.map_err(|e| inflate_error(&e))))
         }
         None => Box::pin(stream.map(|r| {
-            r.map_err(|e| FileError::client_gone(format!("error reading the upload: {e}")))
+            r.map_err(|e| E2bError::client_gone(format!("error reading the upload: {e}")))
         })),
     }
 }
 
 /// The answer to a multipart parsing failure: the inflation's own when that is the cause.
-fn form_error(context: &str, e: &multer::Error) -> FileError {
+fn form_error(context: &str, e: &multer::Error) -> E2bError {
     if let multer::Error::StreamReadFailed(inner) = e
         && let Some(inflate) = inner.downcast_ref::<InflateError>()
     {
@@ -137,10 +134,10 @@ fn form_error(context: &str, e: &multer::Error) -> FileError {
 /// then commits it; on any failure the file is aborted and its target left as it was.
 pub async fn write_file<S: UploadSink>(
     sink: &mut S,
-    stream: impl Stream<Item = Result<Bytes, FileError>>,
+    stream: impl Stream<Item = Result<Bytes, E2bError>>,
     free: u64,
     metadata: &BTreeMap<String, String>,
-) -> Result<EntryInfo, FileError> {
+) -> Result<EntryInfo, E2bError> {
     match write_pieces(sink, stream, free).await {
         Ok(()) => match sink.commit(metadata).await {
             Ok(entry) => Ok(entry),
@@ -165,7 +162,7 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// [`DRAIN_BYTES`] and [`DRAIN_TIME`]: a client whose request is answered and closed while it
 /// is still writing gets a reset connection (EPIPE) instead of the answer, and cannot tell a
 /// full disk from a broken network.
-async fn drain(stream: &mut (impl Stream<Item = Result<Bytes, FileError>> + Unpin)) {
+async fn drain(stream: &mut (impl Stream<Item = Result<Bytes, E2bError>> + Unpin)) {
     let mut read = 0u64;
     let _ = tokio::time::timeout(DRAIN_TIME, async {
         while read < DRAIN_BYTES {
@@ -182,9 +179,9 @@ async fn drain(stream: &mut (impl Stream<Item = Result<Bytes, FileError>> + Unpi
 /// the bytes, whatever the chunk sizes.
 async fn write_pieces<S: UploadSink>(
     sink: &mut S,
-    stream: impl Stream<Item = Result<Bytes, FileError>>,
+    stream: impl Stream<Item = Result<Bytes, E2bError>>,
     free: u64,
-) -> Result<(), FileError> {
+) -> Result<(), E2bError> {
     let mut stream = std::pin::pin!(stream);
     let mut batch: Vec<u8> = Vec::new();
     let mut offset = 0u64;
@@ -192,10 +189,9 @@ async fn write_pieces<S: UploadSink>(
         let mut chunk = chunk?;
         if offset + (batch.len() + chunk.len()) as u64 > free {
             drain(&mut stream).await;
-            return Err(FileError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                format!("not enough disk space: the upload exceeds the {free} bytes free"),
-            ));
+            return Err(E2bError::no_space(format!(
+                "not enough disk space: the upload exceeds the {free} bytes free"
+            )));
         }
         while !chunk.is_empty() {
             let take = (CHUNK - batch.len()).min(chunk.len());
@@ -221,7 +217,7 @@ pub async fn receive_upload<S: UploadSink>(
     headers: &HeaderMap,
     path: Option<String>,
     body: Body,
-) -> Result<Vec<EntryInfo>, FileError> {
+) -> Result<Vec<EntryInfo>, E2bError> {
     let gzip = upload_gzip(headers).map_err(bad_request)?;
     let media = media_type(headers);
     let metadata = upload_metadata(headers);
@@ -358,7 +354,7 @@ impl AgentSink {
 
     /// Records the upload's outcome (before the client hears it). An upload that touched no
     /// file (refused before any) changed nothing and is not recorded.
-    pub async fn finish(mut self, result: &Result<Vec<EntryInfo>, FileError>) {
+    pub async fn finish(mut self, result: &Result<Vec<EntryInfo>, E2bError>) {
         self.finished = true;
         if self.files.is_empty() {
             return;
@@ -373,23 +369,21 @@ impl AgentSink {
 }
 
 impl UploadSink for AgentSink {
-    async fn begin(&mut self, path: &str) -> Result<u64, FileError> {
+    async fn begin(&mut self, path: &str) -> Result<u64, E2bError> {
         let request = AgentRequest::UploadBegin { path: path.to_owned(), user: self.user };
         match self.client.call(request).await {
             Ok(Reply::Upload { upload, free, path }) => {
                 self.current = Some(Current { upload, path, bytes: 0 });
                 Ok(free)
             }
-            Ok(other) => {
-                Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}")))
-            }
+            Ok(other) => Err(E2bError::internal(format!("unexpected agent reply: {other:?}"))),
             Err(e) => Err(files_error(e)),
         }
     }
 
-    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), FileError> {
+    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), E2bError> {
         let Some(cur) = self.current.as_mut() else {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+            return Err(E2bError::internal_plain("no file begun"));
         };
         let len = data.len() as u64;
         let request = AgentRequest::UploadWrite { upload: cur.upload, offset, data };
@@ -398,33 +392,26 @@ impl UploadSink for AgentSink {
                 cur.bytes += len;
                 Ok(())
             }
-            Ok(other) => {
-                Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}")))
-            }
+            Ok(other) => Err(E2bError::internal(format!("unexpected agent reply: {other:?}"))),
             Err(e) => Err(files_error(e)),
         }
     }
 
-    async fn commit(
-        &mut self,
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<EntryInfo, FileError> {
+    async fn commit(&mut self, metadata: &BTreeMap<String, String>) -> Result<EntryInfo, E2bError> {
         let Some(cur) = self.current.as_ref() else {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+            return Err(E2bError::internal_plain("no file begun"));
         };
         let request = AgentRequest::UploadCommit { upload: cur.upload, metadata: metadata.clone() };
         let result = self.client.call(request).await;
         // Committed or not, the agent is done with this upload (a failed commit drops it).
         let Some(cur) = self.current.take() else {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+            return Err(E2bError::internal_plain("no file begun"));
         };
         let outcome = if matches!(result, Ok(Reply::Entry(_))) { "written" } else { "aborted" };
         self.files.push(json!({"path": cur.path, "bytes": cur.bytes, "outcome": outcome}));
         match result {
             Ok(Reply::Entry(e)) => Ok(e),
-            Ok(other) => {
-                Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{other:?}")))
-            }
+            Ok(other) => Err(E2bError::internal(format!("unexpected agent reply: {other:?}"))),
             Err(e) => Err(files_error(e)),
         }
     }
@@ -499,31 +486,28 @@ impl MemorySink {
 }
 
 impl UploadSink for MemorySink {
-    async fn begin(&mut self, path: &str) -> Result<u64, FileError> {
+    async fn begin(&mut self, path: &str) -> Result<u64, E2bError> {
         if self.current.is_some() {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "begun twice"));
+            return Err(E2bError::internal_plain("begun twice"));
         }
         self.current = Some((path.to_owned(), Vec::new()));
         Ok(self.free)
     }
 
-    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), FileError> {
+    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), E2bError> {
         let Some((_, buf)) = self.current.as_mut() else {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+            return Err(E2bError::internal_plain("no file begun"));
         };
         if offset != buf.len() as u64 {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "pieces out of order"));
+            return Err(E2bError::internal_plain("pieces out of order"));
         }
         buf.extend_from_slice(&data);
         Ok(())
     }
 
-    async fn commit(
-        &mut self,
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<EntryInfo, FileError> {
+    async fn commit(&mut self, metadata: &BTreeMap<String, String>) -> Result<EntryInfo, E2bError> {
         let Some((path, data)) = self.current.take() else {
-            return Err(FileError::new(StatusCode::INTERNAL_SERVER_ERROR, "no file begun"));
+            return Err(E2bError::internal_plain("no file begun"));
         };
         let entry = MemorySink::entry(&path, data.len());
         self.files.push((path, data, metadata.clone()));
@@ -543,7 +527,7 @@ mod tests {
 
     use std::io::Write;
 
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderValue, StatusCode};
 
     use super::*;
 
@@ -583,7 +567,7 @@ mod tests {
         h: &[(&'static str, &str)],
         path: Option<&str>,
         body: Vec<u8>,
-    ) -> Result<Vec<EntryInfo>, FileError> {
+    ) -> Result<Vec<EntryInfo>, E2bError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         rt.block_on(receive_upload(sink, &headers(h), path.map(str::to_owned), Body::from(body)))
     }

@@ -25,7 +25,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::api::{ApiError, App, caller, internal};
+use crate::api::{App, caller};
+use crate::e2b_error::E2bError;
 use crate::store::{StoreError, VolumeRecord};
 
 /// Where volumes live under the data directory.
@@ -148,10 +149,8 @@ pub fn host_mounts(
 
 /// Where a volume may be attached: an absolute path, no `.`/`..`, not the root and not under a
 /// directory the sandbox's own setup owns.
-fn check_mount_path(path: &str) -> Result<String, ApiError> {
-    let bad = |why: &str| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("volume mount path {path:?}: {why}"))
-    };
+fn check_mount_path(path: &str) -> Result<String, E2bError> {
+    let bad = |why: &str| E2bError::invalid(format!("volume mount path {path:?}: {why}"));
     if !path.starts_with('/') {
         return Err(bad("must be absolute"));
     }
@@ -178,11 +177,11 @@ pub async fn resolve_mounts(
     app: &App,
     key_id: &str,
     raw: Option<&Value>,
-) -> Result<(Vec<crate::store::VolumeMount>, Vec<tokio::sync::OwnedMutexGuard<()>>), ApiError> {
+) -> Result<(Vec<crate::store::VolumeMount>, Vec<tokio::sync::OwnedMutexGuard<()>>), E2bError> {
     let Some(raw) = raw.filter(|v| !v.is_null()) else { return Ok((Vec::new(), Vec::new())) };
-    let list = raw.as_array().ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "volumeMounts must be a list of {name, path}")
-    })?;
+    let list = raw
+        .as_array()
+        .ok_or_else(|| E2bError::invalid("volumeMounts must be a list of {name, path}"))?;
     let store = app.manager.store().clone();
     let k = key_id.to_string();
     let owned = blocking(move || store.list_volumes(&k)).await?;
@@ -191,20 +190,17 @@ pub async fn resolve_mounts(
         let (Some(name), Some(path)) =
             (m.get("name").and_then(Value::as_str), m.get("path").and_then(Value::as_str))
         else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "each volumeMounts entry needs a name and a path",
-            ));
+            return Err(E2bError::invalid("each volumeMounts entry needs a name and a path"));
         };
-        let v = owned.iter().find(|v| v.name == name).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("no volume named {name:?}"))
-        })?;
+        let v = owned
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| E2bError::invalid(format!("no volume named {name:?}")))?;
         let path = check_mount_path(path)?;
         if out.iter().any(|o| o.path == path || o.id == v.id) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("volume {name:?} or path {path:?} is named twice"),
-            ));
+            return Err(E2bError::invalid(format!(
+                "volume {name:?} or path {path:?} is named twice"
+            )));
         }
         out.push(crate::store::VolumeMount { id: v.id.clone(), path });
     }
@@ -232,16 +228,16 @@ fn volume_json(v: &VolumeRecord, with_token: bool) -> Value {
     out
 }
 
-fn not_found(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("volume {id:?} not found"))
+fn not_found(id: &str) -> E2bError {
+    E2bError::not_found(format!("volume {id:?} not found"))
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(|e| match e {
-        StoreError::InvalidName(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-        other => internal(other),
+) -> Result<T, E2bError> {
+    tokio::task::spawn_blocking(f).await.map_err(E2bError::internal)?.map_err(|e| match e {
+        StoreError::InvalidName(m) => E2bError::invalid(m),
+        other => E2bError::internal(other),
     })
 }
 
@@ -255,10 +251,10 @@ pub async fn create(
     State(app): State<App>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
     let b: NewVolume = crate::api::parse_body(&body)?;
-    let name = b.name.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "name is required"))?;
+    let name = b.name.ok_or_else(|| E2bError::invalid("name is required"))?;
     let v = VolumeRecord {
         id: format!("vol_{}", random_hex(10)),
         key_id: key.id,
@@ -272,8 +268,8 @@ pub async fn create(
         make_storage(&r, &id, quota).inspect_err(|_| remove_storage(&r, &id))
     })
     .await
-    .map_err(internal)?
-    .map_err(internal)?;
+    .map_err(E2bError::internal)?
+    .map_err(E2bError::internal)?;
     let (store, saved) = (app.manager.store().clone(), v.clone());
     if let Err(e) = blocking(move || store.insert_volume(&saved)).await {
         let (r, id) = (root(&app), v.id.clone());
@@ -284,7 +280,7 @@ pub async fn create(
 }
 
 /// `GET /volumes`: the caller's volumes (no tokens).
-pub async fn list(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub async fn list(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let store = app.manager.store().clone();
     let list = blocking(move || store.list_volumes(&key.id)).await?;
@@ -296,7 +292,7 @@ pub async fn get(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let (store, i) = (app.manager.store().clone(), id.clone());
     let v = blocking(move || store.get_volume(&key.id, &i)).await?.ok_or_else(|| not_found(&id))?;
@@ -309,7 +305,7 @@ pub async fn destroy(
     State(app): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let key = caller(&app, &headers).await?;
     let lock = volume_lock(&id);
     let _held = lock.lock().await;
@@ -320,10 +316,9 @@ pub async fn destroy(
     }
     let (store, i) = (app.manager.store().clone(), id.clone());
     if blocking(move || store.volume_in_use(&i)).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("volume {id:?} is mounted by a sandbox that is running or paused"),
-        ));
+        return Err(E2bError::conflict(format!(
+            "volume {id:?} is mounted by a sandbox that is running or paused"
+        )));
     }
     let (store, i) = (app.manager.store().clone(), id.clone());
     if !blocking(move || store.delete_volume(&key.id, &i)).await? {
@@ -351,46 +346,38 @@ fn volume_lock(id: &str) -> Arc<tokio::sync::Mutex<()>> {
 // ---- The content API ---------------------------------------------------------------------
 
 /// The volume a content request is for, if its bearer token is that volume's.
-async fn authorise(app: &App, headers: &HeaderMap, id: &str) -> Result<PathBuf, ApiError> {
+async fn authorise(app: &App, headers: &HeaderMap, id: &str) -> Result<PathBuf, E2bError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing Authorization: Bearer <volume token>")
-        })?
+        .ok_or_else(|| E2bError::unauthenticated("missing Authorization: Bearer <volume token>"))?
         .to_string();
     let (store, i) = (app.manager.store().clone(), id.to_string());
     let v = blocking(move || store.volume_by_id(&i)).await?;
     match v {
         Some(v) if crate::manager::ct_eq(&token, &v.token) => Ok(root(app).join(&v.id)),
         // An unknown volume and a wrong token answer alike: ids must not be probed.
-        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid volume token")),
+        _ => Err(E2bError::unauthenticated("invalid volume token")),
     }
 }
 
 /// The components of a client's path, checked: no `..`, no NUL, nothing empty once `.` and
 /// repeated slashes are dropped (the root is the empty list).
-fn components(path: &str) -> Result<Vec<&str>, ApiError> {
+fn components(path: &str) -> Result<Vec<&str>, E2bError> {
     let mut out = Vec::new();
     for c in path.split('/') {
         match c {
             "" | "." => {}
             ".." => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("path {path:?} must not contain '..'"),
-                ));
+                return Err(E2bError::invalid(format!("path {path:?} must not contain '..'")));
             }
             c if c.contains('\0') => {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "path must not contain NUL"));
+                return Err(E2bError::invalid("path must not contain NUL"));
             }
             UPLOADS => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("path {path:?}: {UPLOADS} is reserved"),
-                ));
+                return Err(E2bError::invalid(format!("path {path:?}: {UPLOADS} is reserved")));
             }
             c => out.push(c),
         }
@@ -400,17 +387,17 @@ fn components(path: &str) -> Result<Vec<&str>, ApiError> {
 
 /// The host path of `parts` inside `vol`, refusing a symlink anywhere before the last
 /// component (a link inside a volume must never lead a request outside it).
-fn resolve(vol: &FsPath, parts: &[&str]) -> Result<PathBuf, ApiError> {
+fn resolve(vol: &FsPath, parts: &[&str]) -> Result<PathBuf, E2bError> {
     let mut p = vol.to_path_buf();
     for (i, c) in parts.iter().enumerate() {
         p.push(c);
         if i + 1 < parts.len()
             && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink())
         {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("/{} is a symbolic link", parts[..=i].join("/")),
-            ));
+            return Err(E2bError::invalid(format!(
+                "/{} is a symbolic link",
+                parts[..=i].join("/")
+            )));
         }
     }
     Ok(p)
@@ -420,26 +407,25 @@ fn display(parts: &[&str]) -> String {
     format!("/{}", parts.join("/"))
 }
 
-fn path_missing(parts: &[&str]) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("path {} not found", display(parts)))
+fn path_missing(parts: &[&str]) -> E2bError {
+    E2bError::not_found(format!("path {} not found", display(parts)))
 }
 
-fn io_error(parts: &[&str], e: std::io::Error) -> ApiError {
+fn io_error(parts: &[&str], e: std::io::Error) -> E2bError {
     match e.kind() {
         std::io::ErrorKind::NotFound => path_missing(parts),
         std::io::ErrorKind::AlreadyExists => {
-            ApiError::new(StatusCode::CONFLICT, format!("path {} already exists", display(parts)))
+            E2bError::conflict(format!("path {} already exists", display(parts)))
         }
-        _ if e.raw_os_error() == Some(libc::ENOTDIR) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("a parent of {} is not a directory", display(parts)),
-        ),
+        _ if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            E2bError::invalid(format!("a parent of {} is not a directory", display(parts)))
+        }
         _ if e.raw_os_error() == Some(libc::ENOTEMPTY)
             || e.raw_os_error() == Some(libc::EISDIR) =>
         {
-            ApiError::new(StatusCode::CONFLICT, format!("{}: {e}", display(parts)))
+            E2bError::conflict(format!("{}: {e}", display(parts)))
         }
-        _ => internal(e),
+        _ => E2bError::internal(e),
     }
 }
 
@@ -486,10 +472,8 @@ pub struct ContentQuery {
 }
 
 impl ContentQuery {
-    fn path(&self) -> Result<&str, ApiError> {
-        self.path
-            .as_deref()
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "path is required"))
+    fn path(&self) -> Result<&str, E2bError> {
+        self.path.as_deref().ok_or_else(|| E2bError::invalid("path is required"))
     }
 }
 
@@ -517,7 +501,7 @@ pub async fn list_dir(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let depth = q.depth.unwrap_or(1).clamp(1, 32);
@@ -526,18 +510,15 @@ pub async fn list_dir(
         let host = resolve(&vol, &parts)?;
         let m = std::fs::symlink_metadata(&host).map_err(|e| io_error(&parts, e))?;
         if !m.is_dir() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("{} is not a directory", display(&parts)),
-            ));
+            return Err(E2bError::invalid(format!("{} is not a directory", display(&parts))));
         }
         let mut out = Vec::new();
         walk(&host, &parts.iter().map(|s| s.to_string()).collect::<Vec<_>>(), depth, &mut out)
             .map_err(|e| io_error(&parts, e))?;
-        Ok::<_, ApiError>(out)
+        Ok::<_, E2bError>(out)
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok(Json(Value::Array(out)))
 }
 
@@ -568,13 +549,13 @@ pub async fn make_dir(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let v = tokio::task::spawn_blocking(move || {
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         if parts.is_empty() {
-            return Err(ApiError::new(StatusCode::CONFLICT, "the volume's root already exists"));
+            return Err(E2bError::conflict("the volume's root already exists"));
         }
         let host = resolve(&vol, &parts)?;
         let made = if q.force == Some(true) {
@@ -587,7 +568,7 @@ pub async fn make_dir(
         stat_json(&host, &parts).map_err(|e| io_error(&parts, e))
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
@@ -597,7 +578,7 @@ pub async fn stat(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let v = tokio::task::spawn_blocking(move || {
@@ -606,7 +587,7 @@ pub async fn stat(
         stat_json(&host, &parts).map_err(|e| io_error(&parts, e))
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok(Json(v))
 }
 
@@ -624,7 +605,7 @@ pub async fn update_meta(
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let b: MetaBody = crate::api::parse_body(&body)?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
@@ -636,7 +617,7 @@ pub async fn update_meta(
         stat_json(&host, &parts).map_err(|e| io_error(&parts, e))
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok(Json(v))
 }
 
@@ -646,7 +627,7 @@ pub async fn remove(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let lock = volume_lock(&id);
@@ -654,10 +635,7 @@ pub async fn remove(
     tokio::task::spawn_blocking(move || {
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         if parts.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "the volume's root cannot be removed",
-            ));
+            return Err(E2bError::invalid("the volume's root cannot be removed"));
         }
         let host = resolve(&vol, &parts)?;
         let m = std::fs::symlink_metadata(&host).map_err(|e| io_error(&parts, e))?;
@@ -666,7 +644,7 @@ pub async fn remove(
         res.map_err(|e| io_error(&parts, e))
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -676,17 +654,14 @@ pub async fn read_file(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let host = resolve(&vol, &refs)?;
     let m = tokio::fs::symlink_metadata(&host).await.map_err(|e| io_error(&refs, e))?;
     if !m.is_file() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{} is not a file", display(&refs)),
-        ));
+        return Err(E2bError::invalid(format!("{} is not a file", display(&refs))));
     }
     let file = tokio::fs::File::open(&host).await.map_err(|e| io_error(&refs, e))?;
     let stream = futures_util::stream::unfold(file, |mut f| async move {
@@ -737,63 +712,57 @@ pub async fn write_file(
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, E2bError> {
     let vol = authorise(&app, &headers, &id).await?;
     let parts: Vec<String> = components(q.path()?)?.into_iter().map(String::from).collect();
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     if refs.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "path names the volume's root"));
+        return Err(E2bError::invalid("path names the volume's root"));
     }
     let host = resolve(&vol, &refs)?;
     let parent = host.parent().map(FsPath::to_path_buf).unwrap_or_else(|| vol.clone());
     if q.force == Some(true) {
         tokio::fs::create_dir_all(&parent).await.map_err(|e| io_error(&refs, e))?;
     } else if !tokio::fs::metadata(&parent).await.is_ok_and(|m| m.is_dir()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("the directory of {} does not exist", display(&refs)),
-        ));
+        return Err(E2bError::not_found(format!(
+            "the directory of {} does not exist",
+            display(&refs)
+        )));
     }
     if tokio::fs::symlink_metadata(&host).await.is_ok_and(|m| m.is_dir()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("{} is a directory", display(&refs)),
-        ));
+        return Err(E2bError::conflict(format!("{} is a directory", display(&refs))));
     }
     let quota = app.manager.config().limits.disk;
     let lock = volume_lock(&id);
     let _held = lock.lock().await;
     let (v2, h2) = (vol.clone(), host.clone());
-    let used = tokio::task::spawn_blocking(move || usage(&v2, &h2)).await.map_err(internal)?;
+    let used =
+        tokio::task::spawn_blocking(move || usage(&v2, &h2)).await.map_err(E2bError::internal)?;
     let room = quota.saturating_sub(used);
     // On the volume's own filesystem, so the rename is atomic (and the bytes count there).
     let tmp_root = vol.join(UPLOADS);
-    tokio::fs::create_dir_all(&tmp_root).await.map_err(internal)?;
+    tokio::fs::create_dir_all(&tmp_root).await.map_err(E2bError::internal)?;
     let tmp = tmp_root.join(random_hex(8));
     let written = async {
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(E2bError::internal)?;
         let mut n: u64 = 0;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, format!("reading the upload: {e}"))
-            })?;
+            let chunk = chunk.map_err(|e| E2bError::invalid(format!("reading the upload: {e}")))?;
             n += chunk.len() as u64;
             if n > room {
-                return Err(ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    format!("volume quota of {quota} bytes exceeded ({used} bytes used)"),
-                ));
+                return Err(E2bError::no_space(format!(
+                    "volume quota of {quota} bytes exceeded ({used} bytes used)"
+                )));
             }
             f.write_all(&chunk).await.map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    format!("volume quota of {quota} bytes exceeded"),
-                ),
-                _ => internal(e),
+                Some(libc::ENOSPC) => {
+                    E2bError::no_space(format!("volume quota of {quota} bytes exceeded"))
+                }
+                _ => E2bError::internal(e),
             })?;
         }
-        f.sync_all().await.map_err(internal)?;
+        f.sync_all().await.map_err(E2bError::internal)?;
         Ok(())
     }
     .await;
@@ -804,7 +773,7 @@ pub async fn write_file(
     let v = tokio::task::spawn_blocking(move || {
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         let mode = q.mode.or(Some(0o644));
-        set_meta(&tmp, q.uid, q.gid, mode).map_err(internal)?;
+        set_meta(&tmp, q.uid, q.gid, mode).map_err(E2bError::internal)?;
         std::fs::rename(&tmp, &host).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io_error(&refs, e)
@@ -816,7 +785,7 @@ pub async fn write_file(
         stat_json(&host, &refs).map_err(|e| io_error(&refs, e))
     })
     .await
-    .map_err(internal)??;
+    .map_err(E2bError::internal)??;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

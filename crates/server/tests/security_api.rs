@@ -20,8 +20,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use ringfence_test_support::percent_encode as enc;
 use serde_json::{Value, json};
-use support::percent::encode as enc;
 use support::serve::{Resp, Sandbox, b64_text, frames};
 
 /// A running `ringfence serve` with its own data directory and two tenants' keys.

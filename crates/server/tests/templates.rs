@@ -15,6 +15,7 @@ mod support;
 
 use std::process::Command;
 
+use ringfence_test_support::start_registry;
 use serde_json::{Value, json};
 use sha2::Digest as _;
 use support::serve::{Resp, Server};
@@ -505,55 +506,6 @@ fn a_step_marked_skip_cache_reruns_with_those_after_it_and_the_earlier_ones_stay
     // Dockerfile steps: 1 FROM, 2 RUN one, 3 RUN two (forced), 4 RUN three.
     assert!(line(2, "CACHED"), "the step before the forced one: {logs:?}");
     assert!(line(3, "DONE") && line(4, "DONE"), "the forced step and the one after: {logs:?}");
-}
-
-/// A registry on loopback (Debian's `docker-registry`) for the test's lifetime.
-struct Registry {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_registry() -> Result<Registry, String> {
-    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .ok_or("docker-registry missing (scripts/setup.sh installs it)")?;
-    let dir = tempfile::tempdir().unwrap();
-    let port = support::serve::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("start {bin}: {e}"))?;
-    let reg = Registry { child, _dir: dir, addr };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(&reg.addr).is_err() {
-        if std::time::Instant::now() > deadline {
-            return Err("docker-registry did not listen within 10 s".into());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Ok(reg)
 }
 
 /// An OCI image layout at `dir` (tag `latest`) of one layer: busybox with its `sh` link.

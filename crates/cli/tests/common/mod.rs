@@ -6,18 +6,10 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-pub fn is_root() -> bool {
-    ringfence_sys::euid() == 0
-}
-
-/// Returns false (after saying so) when the test cannot run here.
-pub fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
-    false
-}
+/// Root (or a printed SKIPPED line); shared with every test crate. Each test binary uses
+/// only its part of this module.
+#[allow(unused_imports)]
+pub use ringfence_test_support::{host_pids_running, is_root, root_or_skip as require_root};
 
 pub fn ringfence() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ringfence"));
@@ -93,20 +85,4 @@ pub fn denied(out: &Out) -> Vec<String> {
         .as_array()
         .map(|a| a.iter().map(|e| e["syscall"].as_str().unwrap_or("").to_string()).collect())
         .unwrap_or_default()
-}
-
-/// Host pids whose command line (arguments joined by spaces) is exactly `cmdline`.
-pub fn host_pids_running(cmdline: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).trim_end_matches('\0').replace('\0', " ") == cmdline
-            })
-        })
-        .collect()
 }

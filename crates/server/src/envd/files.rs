@@ -110,12 +110,12 @@ pub(super) async fn download(client: Arc<AgentClient>, req: Request) -> Response
         Err(e) => return e.into_response(),
     };
     let Some(path) = q.path.filter(|p| !p.is_empty()) else {
-        return http_error(StatusCode::BAD_REQUEST, "path query parameter is required");
+        return E2bError::invalid("path query parameter is required").into_response();
     };
     let headers = req.headers();
     let mut gzip = match accept_gzip(headers) {
         Ok(g) => g,
-        Err(m) => return http_error(StatusCode::BAD_REQUEST, m),
+        Err(m) => return E2bError::invalid(m).into_response(),
     };
     // As envd: range and conditional requests are served as identity.
     if ["range", "if-modified-since", "if-none-match", "if-range"]
@@ -128,10 +128,8 @@ pub(super) async fn download(client: Arc<AgentClient>, req: Request) -> Response
         match client.call(AgentRequest::ReadFile { path: path.clone(), user, offset: 0 }).await {
             Ok(Reply::Data { data, eof }) => (data, eof),
             Ok(other) => {
-                return http_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    internal_message(&format!("{other:?}")),
-                );
+                return E2bError::internal(format!("unexpected agent reply: {other:?}"))
+                    .into_response();
             }
             Err(e) => return files_error(e).into_response(),
         };
@@ -141,7 +139,7 @@ pub(super) async fn download(client: Arc<AgentClient>, req: Request) -> Response
             match gzip_all(&data) {
                 Ok(z) => Body::from(z),
                 Err(e) => {
-                    return http_error(StatusCode::INTERNAL_SERVER_ERROR, internal_message(&e));
+                    return E2bError::internal(e).into_response();
                 }
             }
         } else {

@@ -119,7 +119,7 @@ pub(super) async fn pump_process(s: ProcessStream) {
                         o.detail.insert("ended".into(), json!("the sandbox ended first"));
                         x.finish(o).await;
                     }
-                    let err = RpcError::new(Code::Unavailable, "the sandbox agent is gone");
+                    let err = RpcError::new(Kind::Unavailable, "the sandbox agent is gone");
                     let _ = out.send(end_stream(Some(&err))).await;
                     return;
                 }
@@ -143,7 +143,7 @@ pub(super) async fn pump_process(s: ProcessStream) {
                 } else {
                     "the stream ran past its timeout"
                 };
-                let _ = out.send(end_stream(Some(&RpcError::new(Code::DeadlineExceeded, message)))).await;
+                let _ = out.send(end_stream(Some(&RpcError::new(Kind::DeadlineExceeded, message)))).await;
                 return;
             }
             () = out.closed(), if open => {
@@ -205,7 +205,7 @@ pub(super) async fn start_process(
         && let Some(why) =
             obs.refusal("command", &line, Some(ringfence_risk::Language::Shell)).await
     {
-        return stream_error(RpcError::new(Code::PermissionDenied, why));
+        return stream_error(RpcError::new(Kind::PermissionDenied, why));
     }
     let exec = state
         .obs
@@ -215,7 +215,7 @@ pub(super) async fn start_process(
         Ok((Reply::Spawned { pid }, events)) => {
             spawn_process_stream(client, pid, events, opts, true, exec)
         }
-        Ok((other, _)) => stream_error(RpcError::unexpected(&other)),
+        Ok((other, _)) => stream_error(unexpected(&other)),
         Err(e) => stream_error(e.into()),
     }
 }
@@ -245,7 +245,7 @@ pub(super) async fn connect_process(client: Arc<AgentClient>, req: Request) -> R
         Ok((Reply::Spawned { pid }, events)) => {
             spawn_process_stream(client, pid, events, opts, false, None)
         }
-        Ok((other, _)) => stream_error(RpcError::unexpected(&other)),
+        Ok((other, _)) => stream_error(unexpected(&other)),
         Err(e) => stream_error(e.into()),
     }
 }
@@ -277,7 +277,7 @@ pub(super) async fn stream_input_message(
         let p = pid.ok_or_else(|| RpcError::invalid("input before the start message"))?;
         write_input(client, p, parse_input(data)?).await?;
     } else if field(msg, "keepalive").is_none() {
-        return Err(RpcError::new(Code::Unimplemented, "invalid event type"));
+        return Err(RpcError::new(Kind::Unimplemented, "invalid event type"));
     }
     Ok(())
 }
@@ -365,7 +365,7 @@ pub(super) async fn pump_watch(s: WatchStream) {
                 }
                 Some(_) => {}
                 None => {
-                    let err = RpcError::new(Code::Unavailable, "the sandbox agent is gone");
+                    let err = RpcError::new(Kind::Unavailable, "the sandbox agent is gone");
                     let _ = out.send(end_stream(Some(&err))).await;
                     return;
                 }
@@ -375,7 +375,7 @@ pub(super) async fn pump_watch(s: WatchStream) {
                 keepalive_at = Instant::now() + opts.keepalive;
             }
             () = tokio::time::sleep_until(opts.deadline.unwrap_or_else(never)), if opts.deadline.is_some() => {
-                let err = RpcError::new(Code::DeadlineExceeded, "the watch ran past its timeout");
+                let err = RpcError::new(Kind::DeadlineExceeded, "the watch ran past its timeout");
                 let _ = out.send(end_stream(Some(&err))).await;
                 break;
             }
@@ -413,7 +413,7 @@ pub(super) async fn start_watch(
     let request = AgentRequest::Watch { path: p.path.clone(), user, recursive: p.recursive };
     let (watch, events) = match client.stream(request).await? {
         (Reply::Watching { watch }, events) => (watch, events),
-        (other, _) => return Err(RpcError::unexpected(&other)),
+        (other, _) => return Err(unexpected(&other)),
     };
     let root = if p.include_entry {
         match client.call(AgentRequest::Stat { path: p.path, user }).await {

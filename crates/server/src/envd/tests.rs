@@ -12,14 +12,14 @@ async fn request_bodies_share_a_bounded_buffer() {
     let budget = tokio::sync::Semaphore::new(64);
     let hog = budget.try_acquire_many(60).unwrap();
     let e = read_body_within(&budget, Body::from(vec![1u8; 8 << 10]), MAX_MESSAGE).await;
-    assert_eq!(e.unwrap_err().code, Code::ResourceExhausted);
+    assert_eq!(e.unwrap_err().kind(), Kind::ResourceExhausted);
     assert_eq!(budget.available_permits(), 4, "a refused read keeps nothing");
     drop(hog);
     let ok = read_body_within(&budget, Body::from(vec![1u8; 8 << 10]), MAX_MESSAGE).await;
     assert_eq!(ok.unwrap().len(), 8 << 10);
     assert_eq!(budget.available_permits(), 64, "the budget returns with the bytes");
     let e = read_body_within(&budget, Body::from(vec![1u8; 2048]), 1024).await;
-    assert_eq!(e.unwrap_err().code, Code::InvalidArgument);
+    assert_eq!(e.unwrap_err().kind(), Kind::InvalidArgument);
 }
 
 fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -47,7 +47,7 @@ fn envelopes_round_trip_and_match_the_capture() {
     assert_eq!(&e[..5], &[0, 0, 0, 0, 0x20]);
     assert_eq!(&e[5..], br#"{"event":{"start":{"pid":3234}}}"#);
     assert_eq!(&end_stream(None)[..], &[2, 0, 0, 0, 2, b'{', b'}']);
-    let err = RpcError::new(Code::NotFound, "gone");
+    let err = RpcError::new(Kind::NotFound, "gone");
     let mut all = e.to_vec();
     all.extend_from_slice(&end_stream(Some(&err)));
     let f = frames(&all);
@@ -68,7 +68,7 @@ fn envelope_reader_is_incremental_and_bounded() {
     assert!(r.is_empty());
     let mut big = envelope_reader();
     big.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-    assert_eq!(RpcError::from(big.next_frame().unwrap_err()).code, Code::ResourceExhausted);
+    assert_eq!(RpcError::from(big.next_frame().unwrap_err()).kind(), Kind::TooLarge);
 }
 
 #[test]
@@ -79,8 +79,8 @@ fn single_message_accepts_envelopes_bare_json_and_gzip() {
     let bare = headers(&[("content-type", "application/json")]);
     assert_eq!(single_message(&bare, br#"{"x":true}"#).unwrap(), json!({"x": true}));
     assert_eq!(single_message(&h, br#"{"x":1}"#).unwrap(), json!({"x": 1}));
-    assert_eq!(single_message(&h, &e[..4]).unwrap_err().code, Code::InvalidArgument);
-    assert_eq!(single_message(&h, b"").unwrap_err().code, Code::InvalidArgument);
+    assert_eq!(single_message(&h, &e[..4]).unwrap_err().kind(), Kind::InvalidArgument);
+    assert_eq!(single_message(&h, b"").unwrap_err().kind(), Kind::InvalidArgument);
     // A compressed envelope.
     let z = gzip_all(br#"{"z":2}"#).unwrap();
     let mut frame = vec![FLAG_COMPRESSED];
@@ -88,7 +88,7 @@ fn single_message_accepts_envelopes_bare_json_and_gzip() {
     frame.extend_from_slice(&z);
     let hz = headers(&[("content-type", CONNECT_JSON), ("connect-content-encoding", "gzip")]);
     assert_eq!(single_message(&hz, &frame).unwrap(), json!({"z": 2}));
-    assert_eq!(single_message(&h, &frame).unwrap_err().code, Code::Internal);
+    assert_eq!(single_message(&h, &frame).unwrap_err().kind(), Kind::Internal);
 }
 
 #[test]
@@ -138,8 +138,8 @@ fn start_requests_map_to_spawns() {
         json!({"process": {"cmd": "x"}, "pty": {"size": {"cols": 70000, "rows": 1}}}),
     ] {
         assert_eq!(
-            parse_start(&bad, SandboxUser::User).unwrap_err().code,
-            Code::InvalidArgument,
+            parse_start(&bad, SandboxUser::User).unwrap_err().kind(),
+            Kind::InvalidArgument,
             "{bad}"
         );
     }
@@ -161,16 +161,16 @@ fn selectors_signals_and_input() {
     assert_eq!(parse_signal(&json!({"signal": 9})).unwrap(), 9);
     assert_eq!(parse_signal(&json!({"signal": 15})).unwrap(), 15);
     for bad in [json!({}), json!({"signal": "SIGNAL_UNSPECIFIED"}), json!({"signal": 2})] {
-        assert_eq!(parse_signal(&bad).unwrap_err().code, Code::Unimplemented);
+        assert_eq!(parse_signal(&bad).unwrap_err().kind(), Kind::Unimplemented);
     }
 
     assert_eq!(parse_input(&json!({"input": {"stdin": "aGkK"}})).unwrap(), b"hi\n");
     assert_eq!(parse_input(&json!({"input": {"pty": "AQ"}})).unwrap(), [1]);
     assert_eq!(parse_input(&json!({"input": {"stdin": ""}})).unwrap(), b"");
-    assert_eq!(parse_input(&json!({"input": {}})).unwrap_err().code, Code::Unimplemented);
+    assert_eq!(parse_input(&json!({"input": {}})).unwrap_err().kind(), Kind::Unimplemented);
     assert_eq!(
-        parse_input(&json!({"input": {"stdin": "!!"}})).unwrap_err().code,
-        Code::InvalidArgument
+        parse_input(&json!({"input": {"stdin": "!!"}})).unwrap_err().kind(),
+        Kind::InvalidArgument
     );
 }
 
@@ -305,29 +305,34 @@ fn link_targets_resolve_lexically() {
 fn errors_map_to_connect_codes() {
     use ringfence_proto::AgentError;
     let agent = |kind| RpcError::from(ClientError::Agent(AgentError { kind, message: "m".into() }));
-    assert_eq!(agent(ErrorKind::NotFound).code, Code::NotFound);
-    assert_eq!(agent(ErrorKind::AlreadyExists).code, Code::AlreadyExists);
-    assert_eq!(agent(ErrorKind::PermissionDenied).code, Code::PermissionDenied);
-    assert_eq!(agent(ErrorKind::InvalidArgument).code, Code::InvalidArgument);
-    assert_eq!(agent(ErrorKind::NotADirectory).code, Code::InvalidArgument);
-    assert_eq!(agent(ErrorKind::IsADirectory).code, Code::InvalidArgument);
-    assert_eq!(agent(ErrorKind::NoSpace).code, Code::ResourceExhausted);
-    assert_eq!(agent(ErrorKind::Internal).code, Code::Internal);
-    assert_eq!(agent(ErrorKind::LimitReached).code, Code::ResourceExhausted);
-    assert_eq!(RpcError::from(ClientError::Closed).code, Code::Unavailable);
-    assert_eq!(Code::NotFound.http_status(), StatusCode::NOT_FOUND);
-    assert_eq!(Code::AlreadyExists.http_status(), StatusCode::CONFLICT);
-    assert_eq!(Code::Unavailable.http_status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(Code::ResourceExhausted.http_status(), StatusCode::TOO_MANY_REQUESTS);
-    let r = RpcError::new(Code::NotFound, "x").into_response();
+    assert_eq!(agent(ErrorKind::NotFound).kind(), Kind::NotFound);
+    assert_eq!(agent(ErrorKind::AlreadyExists).kind(), Kind::Conflict);
+    assert_eq!(agent(ErrorKind::PermissionDenied).kind(), Kind::PermissionDenied);
+    assert_eq!(agent(ErrorKind::InvalidArgument).kind(), Kind::InvalidArgument);
+    assert_eq!(agent(ErrorKind::NotADirectory).kind(), Kind::InvalidArgument);
+    assert_eq!(agent(ErrorKind::IsADirectory).kind(), Kind::InvalidArgument);
+    assert_eq!(agent(ErrorKind::NoSpace).kind(), Kind::NoSpace);
+    assert_eq!(agent(ErrorKind::Internal).kind(), Kind::Internal);
+    assert_eq!(agent(ErrorKind::LimitReached).kind(), Kind::ResourceExhausted);
+    // A closed channel: the sandbox is gone, `unavailable` with Connect's 503.
+    let closed = RpcError::from(ClientError::Closed);
+    assert_eq!(closed.kind(), Kind::SandboxGone);
+    assert_eq!(closed.to_json()["code"], "unavailable");
+    assert_eq!(closed.kind().connect_status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(Kind::NotFound.connect_status(), StatusCode::NOT_FOUND);
+    assert_eq!(Kind::Conflict.connect_status(), StatusCode::CONFLICT);
+    assert_eq!(Kind::Unavailable.connect_status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(Kind::ResourceExhausted.connect_status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(agent(ErrorKind::NoSpace).to_json()["code"], "resource_exhausted");
+    let r = RpcError::new(Kind::NotFound, "x").into_response();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(r.headers()[header::CONTENT_TYPE], APPLICATION_JSON);
     let files =
-        |kind| files_error(ClientError::Agent(AgentError { kind, message: "m".into() })).status;
+        |kind| files_error(ClientError::Agent(AgentError { kind, message: "m".into() })).status();
     assert_eq!(files(ErrorKind::NotFound), StatusCode::NOT_FOUND);
     assert_eq!(files(ErrorKind::IsADirectory), StatusCode::BAD_REQUEST);
     assert_eq!(files(ErrorKind::NoSpace), StatusCode::INSUFFICIENT_STORAGE);
-    assert_eq!(files_error(ClientError::Closed).status, StatusCode::BAD_GATEWAY);
+    assert_eq!(files_error(ClientError::Closed).status(), StatusCode::BAD_GATEWAY);
 }
 
 #[test]
@@ -342,14 +347,14 @@ fn users_come_from_basic_auth_or_the_query() {
         SandboxUser::Root
     );
     assert_eq!(
-        rpc_user(&headers(&[("authorization", "Basic Ym9iOg==")])).unwrap_err().code,
-        Code::Unauthenticated
+        rpc_user(&headers(&[("authorization", "Basic Ym9iOg==")])).unwrap_err().kind(),
+        Kind::Unauthenticated
     );
     assert!(rpc_user(&headers(&[("authorization", "Bearer x")])).is_err());
     let q = |raw: &str| crate::files_query::parse_file_query(raw).unwrap();
     assert_eq!(files_user(&q("")).unwrap(), SandboxUser::User);
     assert_eq!(files_user(&q("username=root")).unwrap(), SandboxUser::Root);
-    assert_eq!(files_user(&q("username=bob")).unwrap_err().status, StatusCode::UNAUTHORIZED);
+    assert_eq!(files_user(&q("username=bob")).unwrap_err().status(), StatusCode::UNAUTHORIZED);
 }
 
 #[test]
@@ -384,8 +389,8 @@ fn absurd_stream_options_are_refused_naming_the_header() {
         ("keepalive-ping-interval", "x"),
     ] {
         let e = stream_opts(&headers(&[(name, value)])).unwrap_err();
-        assert_eq!(e.code, Code::InvalidArgument, "{name}: {value}");
-        assert!(e.message.to_ascii_lowercase().starts_with(name), "{e:?}");
+        assert_eq!(e.kind(), Kind::InvalidArgument, "{name}: {value}");
+        assert!(e.message().to_ascii_lowercase().starts_with(name), "{e:?}");
     }
 }
 
@@ -442,10 +447,10 @@ fn compressed_envelopes_stop_inflating_at_the_message_limit() {
     frame.extend_from_slice(&z);
     let hz = headers(&[("content-type", CONNECT_JSON), ("connect-content-encoding", "gzip")]);
     let err = single_message(&hz, &frame).unwrap_err();
-    assert_eq!(err.code, Code::ResourceExhausted);
-    assert!(err.message.contains("inflates past"), "{}", err.message);
+    assert_eq!(err.kind(), Kind::TooLarge);
+    assert!(err.message().contains("inflates past"), "{}", err.message());
     // A unary body with Content-Encoding: gzip takes the same path.
-    assert_eq!(decode_encoding(Some("gzip"), z).unwrap_err().code, Code::ResourceExhausted);
+    assert_eq!(decode_encoding(Some("gzip"), z).unwrap_err().kind(), Kind::TooLarge);
 }
 
 #[test]

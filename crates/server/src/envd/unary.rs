@@ -51,14 +51,14 @@ pub(super) async fn unary_call(
     let user = rpc_user(headers)?;
     let done = |reply: Reply| match reply {
         Reply::Done => Ok(json!({})),
-        other => Err(RpcError::unexpected(&other)),
+        other => Err(unexpected(&other)),
     };
     match rpc {
         UnaryRpc::List => match client.call(AgentRequest::ListProcesses).await? {
             Reply::Processes(list) => {
                 Ok(json!({"processes": list.iter().map(process_info_json).collect::<Vec<_>>()}))
             }
-            other => Err(RpcError::unexpected(&other)),
+            other => Err(unexpected(&other)),
         },
         UnaryRpc::SendInput => {
             let pid = resolve_pid(client, parse_selector(msg)?).await?;
@@ -96,7 +96,7 @@ pub(super) async fn unary_call(
             let path = fs_path(str_field(msg, "path")?);
             match client.call(AgentRequest::Stat { path, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
-                other => Err(RpcError::unexpected(&other)),
+                other => Err(unexpected(&other)),
             }
         }
         UnaryRpc::ListDir => {
@@ -106,14 +106,14 @@ pub(super) async fn unary_call(
                 Reply::Entries(list) => {
                     Ok(json!({"entries": describe_all(client, user, &list).await}))
                 }
-                other => Err(RpcError::unexpected(&other)),
+                other => Err(unexpected(&other)),
             }
         }
         UnaryRpc::MakeDir => {
             let path = fs_path(str_field(msg, "path")?);
             match client.call(AgentRequest::MakeDir { path, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
-                other => Err(RpcError::unexpected(&other)),
+                other => Err(unexpected(&other)),
             }
         }
         UnaryRpc::Move => {
@@ -121,7 +121,7 @@ pub(super) async fn unary_call(
             let to = required_path(msg, "destination")?;
             match client.call(AgentRequest::Rename { from, to, user }).await? {
                 Reply::Entry(e) => Ok(json!({"entry": describe(client, user, &e).await})),
-                other => Err(RpcError::unexpected(&other)),
+                other => Err(unexpected(&other)),
             }
         }
         UnaryRpc::Remove => {
@@ -140,7 +140,7 @@ pub(super) async fn unary_call(
                 let watchers = state
                     .watchers
                     .lock()
-                    .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
+                    .map_err(|_| RpcError::new(Kind::Internal, "watcher table poisoned"))?;
                 let w = watchers.get(&id).ok_or_else(|| watcher_not_found(&id))?;
                 (w.root.clone(), w.user, w.events.clone())
             };
@@ -162,7 +162,7 @@ pub(super) async fn unary_call(
             let removed = state
                 .watchers
                 .lock()
-                .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?
+                .map_err(|_| RpcError::new(Kind::Internal, "watcher table poisoned"))?
                 .remove(&id);
             let w = removed.ok_or_else(|| watcher_not_found(&id))?;
             if let Err(e) = client.call(AgentRequest::Unwatch { watch: w.watch }).await {
@@ -190,7 +190,7 @@ pub(super) async fn settle(client: &AgentClient, state: &EnvdState) {
 pub(super) async fn sync_agent(client: &AgentClient) -> Result<(), RpcError> {
     match client.call(AgentRequest::Ping).await? {
         Reply::Pong => Ok(()),
-        other => Err(RpcError::unexpected(&other)),
+        other => Err(unexpected(&other)),
     }
 }
 
@@ -209,7 +209,7 @@ pub(super) async fn await_reaped(client: &AgentClient, pid: u32) {
 }
 
 pub(super) fn watcher_not_found(id: &str) -> RpcError {
-    RpcError::new(Code::NotFound, format!("watcher {id} not found"))
+    RpcError::new(Kind::NotFound, format!("watcher {id} not found"))
 }
 
 pub(super) async fn create_watcher(
@@ -224,7 +224,7 @@ pub(super) async fn create_watcher(
     let mut watchers = state
         .watchers
         .lock()
-        .map_err(|_| RpcError::new(Code::Internal, "watcher table poisoned"))?;
+        .map_err(|_| RpcError::new(Kind::Internal, "watcher table poisoned"))?;
     watchers.insert(id.clone(), PollWatcher { watch, root, user, events });
     Ok(json!({"watcherId": id}))
 }

@@ -19,16 +19,7 @@ use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_server::agent_client::AgentClient;
 use serde_json::Value;
 
-/// `RINGFENCE_AGENT`, or `target/<profile>/ringfence-agent` beside the test binary
-/// (`target/<profile>/deps/<test>-<hash>` → `target/<profile>/ringfence-agent`).
-pub fn agent_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("ringfence-agent");
-    candidate.exists().then_some(candidate)
-}
+pub use ringfence_test_support::agent_binary;
 
 /// Root and the agent (preflighted), as a config on the host's data and run directories; or a
 /// SKIPPED line.

@@ -9,17 +9,9 @@
 #![allow(dead_code)]
 
 pub mod jail;
-pub mod percent;
 pub mod serve;
 
-/// Prints why `test` is skipped unless it runs as root; whether it does.
-pub fn root_or_skip(test: &str) -> bool {
-    let root = ringfence_sys::euid() == 0;
-    if !root {
-        eprintln!("SKIPPED {test}: needs root for namespaces, cgroups and mounts");
-    }
-    root
-}
+pub use ringfence_test_support::root_or_skip;
 
 /// One `multipart/form-data` file part (what the SDKs upload) named `name`, ending in CRLF;
 /// the caller adds the closing `--BOUNDARY--` line.

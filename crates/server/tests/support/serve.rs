@@ -12,15 +12,12 @@ use base64::Engine as _;
 use serde_json::Value;
 
 /// `RINGFENCE_BIN`, or `target/<profile>/ringfence` beside the test binary when the agent is
-/// there too (`target/<profile>/deps/<test>-<hash>` → `target/<profile>/ringfence`).
+/// there too.
 pub fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RINGFENCE_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let (bin, agent) = (dir.join("ringfence"), dir.join("ringfence-agent"));
-    (bin.exists() && agent.exists()).then_some(bin)
+    let bin = ringfence_test_support::sibling_binary("ringfence", "RINGFENCE_BIN")?;
+    (std::env::var_os("RINGFENCE_BIN").is_some()
+        || ringfence_test_support::agent_binary().is_some())
+    .then_some(bin)
 }
 
 /// [`binary`], or a SKIPPED line naming `build` (the command that makes it).
@@ -32,9 +29,7 @@ pub fn binary_or_skip(test: &str, build: &str) -> Option<PathBuf> {
     bin
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use ringfence_test_support::free_port;
 
 /// A `ringfence serve` with its own data directory and an API key; SIGTERMed on drop.
 pub struct Server {
