@@ -148,6 +148,19 @@ impl MicrovmTier {
 
 /// Probes QEMU and builds the initramfs (both once per server).
 fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
+    // Every guest gets a NIC: a kernel directory installed before the guest had one lacks its
+    // driver, and the guest would wait for an interface that never comes. Checked before
+    // the probe's boot, which it would make pointless.
+    let kernel_dir = ringfence_microvm::kernel_dir();
+    let order =
+        std::fs::read_to_string(kernel_dir.join("modules").join("order")).unwrap_or_default();
+    if !order.lines().any(|m| m.trim() == "virtio_net") {
+        return Err(format!(
+            "the guest kernel's modules at {} lack virtio_net (the guest's NIC): rerun \
+             scripts/install-microvm.sh",
+            kernel_dir.join("modules").display()
+        ));
+    }
     let dir = settings.run_dir.join("microvm");
     let tsc_khz = ringfence_microvm::host_tsc_khz();
     sweep_probes(&dir);
@@ -178,18 +191,6 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
             None
         }
     };
-    let kernel_dir = ringfence_microvm::kernel_dir();
-    // Every guest gets a NIC: a kernel directory installed before the guest had one lacks its
-    // driver, and the guest would wait for an interface that never comes.
-    let order =
-        std::fs::read_to_string(kernel_dir.join("modules").join("order")).unwrap_or_default();
-    if !order.lines().any(|m| m.trim() == "virtio_net") {
-        return Err(format!(
-            "the guest kernel's modules at {} lack virtio_net (the guest's NIC): rerun \
-             scripts/install-microvm.sh",
-            kernel_dir.join("modules").display()
-        ));
-    }
     let initramfs = ringfence_microvm::guest::initramfs(
         &ringfence_microvm::cache_dir(),
         &settings.agent_path,
