@@ -18,6 +18,7 @@ mod passwd;
 pub mod registry;
 pub mod sdk;
 pub mod store;
+pub mod transfer;
 pub mod unpack;
 
 pub use error::ImageError;
