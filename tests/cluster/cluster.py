@@ -281,6 +281,146 @@ def owners(c):
     return {r["id"]: r for r in c.records()}
 
 
+def template_meta(c, name):
+    out = c.etcdctl("get", f"{PREFIX}/templates/{name}:latest", "--print-value-only").stdout
+    return json.loads(out) if out.strip() else None
+
+
+def templates(c):
+    """Template contents fetched node to node: built on A only, used on B and through C; a
+    tampered copy on A is refused by B naming the digest, leaving nothing registered."""
+    from e2b import Sandbox
+
+    if not os.path.exists("/bin/busybox"):
+        print("SKIPPED: template fetch scenario: no /bin/busybox (busybox-static)")
+        return
+    ctx = os.path.join(c.tmp, "tpl")
+    os.makedirs(ctx, exist_ok=True)
+    shutil.copy("/bin/busybox", ctx)
+    with open(os.path.join(ctx, "bash"), "w") as f:
+        f.write('#!/bin/sh\nexec /bin/sh "$@"\n')
+    os.chmod(os.path.join(ctx, "bash"), 0o755)
+    tag = f"t{os.getpid()}"
+
+    def build(name, marker):
+        with open(os.path.join(ctx, "marker"), "w") as f:
+            f.write(marker + "\n")
+        with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+            f.write('FROM scratch\nCOPY busybox /bin/busybox\n'
+                    'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+                    # The SDK runs commands with `/bin/bash -l -c`: busybox's sh answers.
+                    'COPY bash /bin/bash\n'
+                    'COPY marker /etc/marker\n')
+        sh(BIN, "template", "build", "--name", name, "-f", os.path.join(ctx, "Dockerfile"),
+           "--data-dir", c.data(0))
+        end = time.time() + 20
+        while time.time() < end and template_meta(c, name) is None:
+            time.sleep(0.3)
+        meta = template_meta(c, name)
+        check(f"templates: {name} built on A is published with its layer digests",
+              meta is not None and meta["origin"] == "node-a"
+              and len(meta["content"]) == len(meta["record"]["layers"]), str(meta)[:300])
+        return meta
+
+    good = f"{tag}good"
+    build(good, f"marker-{tag}")
+    stored = lambda i, n: os.path.exists(os.path.join(c.data(i), f"images/templates/{n}:latest.json"))
+    check("templates: B does not hold it before a create", not stored(1, good))
+    t0 = time.time()
+    body = json.dumps({"templateID": good, "timeout": 600}).encode()
+    # The hop marker is what a placing node sends: this create runs on B itself.
+    status, out, _ = c.http(1, "POST", "/sandboxes", hop=True, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    check("templates: a create on B fetches the template from A", status == 201, f"{status} {out[:300]}")
+    print(f"     create with fetch on B: {(time.time() - t0) * 1000:.0f} ms")
+    sid = json.loads(out)["sandboxID"]
+    check("templates: B registered it locally", stored(1, good))
+    sdk_env(c, 2)
+    r = Sandbox.connect(sid).commands.run("cat /etc/marker")
+    check("templates: the sandbox on B (used through C) reads the template's file",
+          r.stdout.strip() == f"marker-{tag}", r.stdout)
+    made = [sid]
+    for _ in range(4):
+        s = Sandbox.create(template=good, timeout=600)
+        made.append(s.sandbox_id)
+        r = s.commands.run("cat /etc/marker")
+        assert r.stdout.strip() == f"marker-{tag}", r.stdout
+    where = sorted(owners(c)[x]["owner"] for x in made[1:])
+    check(f"templates: four SDK creates through C run it wherever placed ({where})", True)
+
+    # Off the public surface: the layer endpoint without a node's signature is a plain 404.
+    meta = template_meta(c, good)
+    top = meta["record"]["layers"][0]["diff_id"]
+    status, _, _ = c.http(0, "GET", f"/_cluster/layers/sha256-{top.split(':')[1]}")
+    check("templates: the internal layer endpoint refuses an unsigned request", status == 404,
+          str(status))
+
+    bad = f"{tag}bad"
+    meta = build(bad, f"other-{tag}")
+    top = meta["record"]["layers"][0]["diff_id"]
+    want = meta["content"][top]
+    layer_dir = os.path.join(c.data(0), "images/layers", top.replace(":", "-"))
+    with open(os.path.join(layer_dir, "etc/marker"), "w") as f:
+        f.write("tampered\n")
+    body = json.dumps({"templateID": bad, "timeout": 600}).encode()
+    status, out, _ = c.http(1, "POST", "/sandboxes", hop=True, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    msg = json.loads(out).get("message", "") if out else ""
+    print(f"     tampered: {status} {msg[:400]}")
+    check("templates: a tampered transfer is refused naming the digest",
+          status == 502 and want in msg and "digest mismatch" in msg, f"{status} {msg}")
+    left = [n for n in os.listdir(os.path.join(c.data(1), "images"))
+            if n.startswith(".fetch-")]
+    check("templates: nothing of it is registered or kept on B",
+          not stored(1, bad) and not os.path.exists(
+              os.path.join(c.data(1), "images/layers", top.replace(":", "-"))) and not left,
+          str(left))
+    for x in made:
+        c.http(0, "DELETE", f"/sandboxes/{x}")
+
+
+def quota(c):
+    """A key's sandbox quota holds across the cluster: creates through all three nodes at
+    once never take it past its limit."""
+    n, tries = 3, 12
+    main = c.key
+    c.key = sh(BIN, "keys", "create", "--name", "quota", "--max-sandboxes", str(n),
+               "--data-dir", c.data(2)).stdout.split()[-1]
+    end = time.time() + 15
+    while time.time() < end and not all(c.http(i, "GET", "/sandboxes", hop=True)[0] == 200
+                                        for i in range(3)):
+        time.sleep(0.3)
+    body = json.dumps({"templateID": "base", "timeout": 600}).encode()
+    hdr = {"Content-Type": "application/json"}
+
+    def create(i):
+        return c.http(i % 3, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+
+    with ThreadPoolExecutor(tries) as ex:
+        res = list(ex.map(create, range(tries)))
+    made = [json.loads(b)["sandboxID"] for s, b, _ in res if s == 201]
+    refused = [json.loads(b).get("message", "") for s, b, _ in res if s == 429]
+    codes = sorted(s for s, _, _ in res)
+    print(f"     quota {n}, {tries} creates at once through A, B, C: {codes}")
+    check(f"quota: exactly {n} of {tries} concurrent creates through three nodes succeed",
+          len(made) == n and len(refused) == tries - n, str(codes))
+    check("quota: the refusal names the cluster-wide limit",
+          all("across the cluster" in m and f"limit is {n}" in m for m in refused), refused[:1])
+    recs = [r for r in c.records() if r["id"] in made]
+    check("quota: each admitted sandbox has its record, counted", len(recs) == n
+          and all(r.get("counted") for r in recs))
+    status, _, _ = c.http(1, "DELETE", f"/sandboxes/{made[0]}")
+    status, out, _ = c.http(2, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+    check("quota: a kill gives the unit back (the next create succeeds)", status == 201,
+          f"{status} {out[:200]}")
+    made = made[1:] + [json.loads(out)["sandboxID"]]
+    status, _, _ = c.http(0, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+    check("quota: and the limit holds again after it", status == 429, str(status))
+    for x in made:
+        c.http(0, "DELETE", f"/sandboxes/{x}")
+    c.key = main
+
+
 def run(c):
     from e2b import Sandbox
 
@@ -356,6 +496,9 @@ def run(c):
     time.sleep(0.5)
     check("kill through C: 204 and the record is gone", status == 204 and first not in owners(c),
           str(status))
+
+    templates(c)
+    quota(c)
 
     # ---- 2. kill -9 node C and one etcd member -------------------------------------------
     on = {name: [i for i in ids if recs[i]["owner"] == name] for name in c.names}

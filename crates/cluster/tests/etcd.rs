@@ -60,6 +60,7 @@ fn cfg(e: &Etcd, id: &str, prefix: &str) -> ClusterConfig {
         ttl: Duration::from_secs(2),
         prefix: prefix.into(),
         slots: 10,
+        shared_snapshots: None,
     }
 }
 
@@ -83,6 +84,8 @@ fn rec(id: &str) -> SandboxRecord {
         tier: "jail".into(),
         end_at: 0,
         lost_reason: None,
+        counted: false,
+        snapshot: None,
     }
 }
 
@@ -175,11 +178,28 @@ async fn placement_by_free_capacity() -> anyhow::Result<()> {
     full.slots = 10;
     let _c = Cluster::join(full, cap(10)).await?;
     until("three nodes", 5, || a.nodes().len() == 3).await?;
-    assert!(a.place("other-template", "jail").is_none());
-    assert!(a.place("base", "microvm").is_none());
+    assert!(a.place("other-template", "jail", false).is_none());
+    assert!(a.place("base", "microvm", false).is_none());
+    // A template any node can fetch (its metadata replicated) places on nodes without it too,
+    // but still never on a full one.
+    let fetch = a.place("other-template", "jail", true).ok_or_else(|| anyhow::anyhow!("none"))?;
+    assert_ne!(fetch.id, "c");
+    a.publish_template(&ringfence_cluster::TemplateMeta {
+        name: "t:latest".into(),
+        origin: String::new(),
+        record: serde_json::json!({"name": "t:latest"}),
+        content: Default::default(),
+    })
+    .await?;
+    let got = _b.template("t:latest").await?.ok_or_else(|| anyhow::anyhow!("not replicated"))?;
+    assert_eq!(got.origin, "a");
+    // Another node cannot take the name over; every node shares one signing secret.
+    assert!(!_b.publish_template(&got).await?);
+    assert_eq!(a.secret(), _b.secret());
+    assert_eq!(a.secret().len(), 64);
     let mut counts = std::collections::HashMap::<String, usize>::new();
     for _ in 0..8 {
-        let n = a.place("base", "jail").ok_or_else(|| anyhow::anyhow!("no node"))?;
+        let n = a.place("base", "jail", false).ok_or_else(|| anyhow::anyhow!("no node"))?;
         *counts.entry(n.id).or_default() += 1;
     }
     // c is full; a has one slot, b ten: b takes most, and never c.

@@ -174,6 +174,49 @@ impl Write for HashingWrite {
     }
 }
 
+/// Unpacks a canonical tar from `reader` into `dest` (which must not exist yet) if the
+/// stream hashes to `content`; otherwise refuses with [`ImageError::Digest`] and leaves
+/// nothing behind. The tree is written under a `.NAME.partial` sibling and renamed when
+/// complete and verified.
+pub fn receive_dir(
+    dest: &Path,
+    content: &Digest,
+    reader: impl Read,
+    limits: &Limits,
+) -> Result<(), ImageError> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = dest.with_file_name(format!(".{name}.partial"));
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(at("remove", &partial))?;
+    }
+    fs::create_dir(&partial).map_err(at("mkdir", &partial))?;
+    let done = (|| {
+        let mut budget = limits.image_bytes;
+        let mut hashing = Hashing::new(reader);
+        let unpacked = unpack(&mut hashing, &partial, &name, limits, &mut budget);
+        let (actual, _, _) = hashing.finish().map_err(|e| ImageError::Layer {
+            layer: name.clone(),
+            reason: format!("reading the copy: {e}"),
+        })?;
+        if &actual != content {
+            return Err(ImageError::Digest {
+                what: "layer copy (canonical tar)",
+                name: name.clone(),
+                expected: content.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        unpacked?;
+        let root = fs::File::open(&partial).map_err(at("open", &partial))?;
+        rustix::fs::syncfs(&root).map_err(|e| at("syncfs", &partial)(e.into()))?;
+        fs::rename(&partial, dest).map_err(at("rename", &partial))
+    })();
+    if done.is_err() {
+        let _ = fs::remove_dir_all(&partial);
+    }
+    done
+}
+
 impl Store {
     /// Stores layer `rec` (its `diff_id` names it, as on the sending node) from `reader`, a
     /// peer's canonical tar of it, if the stream hashes to `content`; otherwise refuses with

@@ -25,6 +25,9 @@ use tower::ServiceExt;
 use crate::api::{ApiError, App};
 use crate::store::{SandboxState, StoredKey};
 
+mod fetch;
+mod handoff;
+
 /// Marks a request one node forwarded to another; its value is the sender's node id.
 pub const HOP: &str = "x-ringfence-hop";
 
@@ -42,6 +45,9 @@ pub struct Routing {
     cluster: Arc<Cluster>,
     inner: Router,
     http: Client<HttpConnector, Body>,
+    /// One template fetch at a time on this node: concurrent creates of a missing template
+    /// wait for the first one's fetch rather than each pulling the same layers.
+    fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -68,7 +74,8 @@ pub fn router(app: App, cluster: Arc<Cluster>, inner: Router) -> Router {
     let http = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
-    Router::new().fallback(route).with_state(Routing { app, cluster, inner, http })
+    let fetching = Arc::new(tokio::sync::Mutex::new(()));
+    Router::new().fallback(route).with_state(Routing { app, cluster, inner, http, fetching })
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -114,6 +121,9 @@ async fn route(State(r): State<Routing>, req: Request) -> Response {
     if !plain_health && let Some(why) = r.cluster.unavailable() {
         return error(StatusCode::SERVICE_UNAVAILABLE, why);
     }
+    if req.uri().path().starts_with(fetch::INTERNAL) {
+        return fetch::internal(&r, req).await;
+    }
     if let Some(id) = id {
         return sandbox_request(r, id, hop, req).await;
     }
@@ -153,7 +163,18 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
     };
     let me = r.cluster.node_id().to_string();
     let Some(rec) = record else { return local(&r, req).await };
-    if rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none()) {
+    let orphan = rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none());
+    // A paused sandbox of a lost node, its files on shared storage: a resume through any
+    // node takes it over.
+    if orphan
+        && rec.owner != me
+        && rec.snapshot.is_some()
+        && r.cluster.config().shared_snapshots.is_some()
+        && handoff::is_resume(&req, &id)
+    {
+        return handoff::resume_elsewhere(&r, &id, req).await;
+    }
+    if orphan {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -162,6 +183,15 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
                 rec.owner
             ),
         );
+    }
+    if rec.owner == me
+        && rec.state == "paused"
+        && rec.snapshot.is_some()
+        && let Err(resp) = handoff::ensure_adopted(&r, &id).await
+    {
+        // Possibly taken over and not yet copied in (a request forwarded by a node that lost
+        // the take-over race waits for the copy).
+        return resp;
     }
     if rec.owner == me {
         let kill = req.method() == Method::DELETE;
@@ -272,7 +302,12 @@ async fn place(r: Routing, req: Request) -> Response {
         Err(_) => (requested.to_string(), r.app.manager.tiers().default_kind()),
     };
     let me = r.cluster.node_id().to_string();
-    let mut target = r.cluster.place(&template, tier.as_str()).map_or_else(|| me.clone(), |n| n.id);
+    let template = fetch::store_name(&template).unwrap_or(template);
+    // A template some node published can be fetched by any node: all of them qualify.
+    let fetchable =
+        fetch::is_image(&template) && matches!(r.cluster.template(&template).await, Ok(Some(_)));
+    let mut target =
+        r.cluster.place(&template, tier.as_str(), fetchable).map_or_else(|| me.clone(), |n| n.id);
     if let Some(k) = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         // The tenant is the presented key's hash: the node pinning the create need not know
         // the key (the node that creates checks it).
@@ -317,8 +352,73 @@ async fn place(r: Routing, req: Request) -> Response {
 /// goes out, so an acknowledged sandbox always has one. If etcd refuses it, the sandbox is
 /// killed and the create fails.
 async fn local_create(r: &Routing, req: Request) -> Response {
+    // An image template this node lacks is fetched from a peer first (verified layer by
+    // layer); the create then runs as on a single server.
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, CREATE_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("create body unreadable or over 1 MiB: {e}"),
+            );
+        }
+    };
+    let requested = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("templateID").and_then(Value::as_str).map(str::to_string));
+    if let Some(requested) = requested {
+        let name = requested.rsplit_once('@').map_or(requested.as_str(), |(n, _)| n);
+        if let Some(name) = fetch::store_name(name)
+            && let Err((status, msg)) = fetch::ensure(r, &name).await
+        {
+            return error(status, msg);
+        }
+    }
+    // The key's sandbox quota, cluster-wide: a unit of its count in etcd is taken before the
+    // sandbox starts (a compare-and-swap, so nodes creating at once never overshoot together)
+    // and given back if the create fails; the record then carries it until deleted.
+    let mut reserved = None;
+    if let Ok(key) = crate::api::caller(&r.app, &parts.headers).await {
+        let max = match r.app.manager.max_sandboxes_of(&key.id) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        match r.cluster.reserve(&key.id, u64::from(max)).await {
+            Ok(Ok(())) if max > 0 => reserved = Some(key.id),
+            Ok(Ok(())) => {}
+            Ok(Err(n)) => {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "API key {} holds {n} sandboxes across the cluster; its limit is {max} \
+                         (kill one first)",
+                        key.id
+                    ),
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "node {}: cannot check the key's cluster-wide quota: {e}",
+                        r.cluster.node_id()
+                    ),
+                );
+            }
+        }
+    }
+    let unreserve = |tenant: Option<String>| async move {
+        if let Some(t) = tenant
+            && let Err(e) = r.cluster.unreserve(&t).await
+        {
+            tracing::warn!(key_id = %t, error = %e, "giving back a cluster quota unit");
+        }
+    };
+    let req = Request::from_parts(parts, Body::from(bytes));
     let resp = local(r, req).await;
     if resp.status() != StatusCode::CREATED {
+        unreserve(reserved).await;
         return resp;
     }
     let (parts, body) = resp.into_parts();
@@ -328,18 +428,32 @@ async fn local_create(r: &Routing, req: Request) -> Response {
     let id = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .and_then(|v| v.get("sandboxID").and_then(Value::as_str).map(str::to_string));
-    if let Some(id) = id
-        && let Some(rec) = r.app.manager.get(&id).and_then(|l| l.snapshot())
-        && let Err(e) = r.cluster.claim(&record_of(r.cluster.node_id(), &rec)).await
-    {
-        r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "node {}: recording sandbox {id} in the cluster failed: {e}",
-                r.cluster.node_id()
-            ),
-        );
+    let Some(id) = id else {
+        unreserve(reserved).await;
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    // An Idempotency-Key replay answers the first create's sandbox, whose record already
+    // holds its unit.
+    if reserved.is_some() && matches!(r.cluster.lookup(&id).await, Ok(Some(rec)) if rec.counted) {
+        unreserve(reserved.take()).await;
+    }
+    if let Some(rec) = r.app.manager.get(&id).and_then(|l| l.snapshot()) {
+        let mut record = record_of(r.cluster.node_id(), &rec);
+        record.counted = reserved.is_some();
+        if let Err(e) = r.cluster.claim(&record).await {
+            r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
+            unreserve(reserved).await;
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "node {}: recording sandbox {id} in the cluster failed: {e}",
+                    r.cluster.node_id()
+                ),
+            );
+        }
+    } else {
+        // Answered 201 but gone already (killed at once): no record, no unit.
+        unreserve(reserved).await;
     }
     Response::from_parts(parts, Body::from(bytes))
 }
@@ -358,6 +472,8 @@ fn record_of(node: &str, r: &crate::store::SandboxRecord) -> SandboxRecord {
         tier: r.tier.clone(),
         end_at: r.end_at,
         lost_reason: None,
+        counted: false,
+        snapshot: None,
     }
 }
 
@@ -462,9 +578,13 @@ fn capacity(app: &App) -> Capacity {
         mem_available,
         cpus,
         running: u64::try_from(starting + running).unwrap_or(0),
-        // Templates every node has; a template built on one node only is advertised by none
-        // and its creates run where they arrive.
-        templates: vec!["base".into(), ringfence_jail::template::INTERP_TEMPLATE.into()],
+        // The built-in templates every node has, and the image templates of this node's store
+        // (published with their layers' digests by the sync loop, fetchable by the others).
+        templates: {
+            let mut t = vec!["base".to_string(), ringfence_jail::template::INTERP_TEMPLATE.into()];
+            t.extend(fetch::local_templates(app));
+            t
+        },
         tiers: app.manager.tiers().available().map(|t| t.kind().as_str().to_string()).collect(),
     }
 }
@@ -474,11 +594,16 @@ fn capacity(app: &App) -> Capacity {
 /// run, and kills what another node owns now).
 async fn sync_loop(app: App, cluster: Arc<Cluster>) {
     let mut keys = KeySync::default();
+    let mut published = HashSet::new();
+    let mut exported = HashSet::new();
     loop {
         let rejoined = cluster.take_rejoined();
         cluster.set_capacity(capacity(&app));
         if let Err(e) = sync_keys(&app, &cluster, &mut keys).await {
             tracing::warn!(error = %e, "replicating API keys");
+        }
+        if let Err(e) = fetch::publish(&app, &cluster, &mut published).await {
+            tracing::warn!(error = %e, "publishing template metadata");
         }
         // Without a live registration the leader would mark what a pass restores lost again.
         let pass = if cluster.lease_fresh() {
@@ -486,6 +611,11 @@ async fn sync_loop(app: App, cluster: Arc<Cluster>) {
         } else {
             Err("no live cluster lease".to_string())
         };
+        if pass.is_ok()
+            && let Err(e) = handoff::export(&app, &cluster, &mut exported).await
+        {
+            tracing::warn!(error = %e, "copying paused sandboxes to shared storage");
+        }
         match pass {
             // Only a pass that began after the (re)registration lets the node serve: one
             // already under way when the lease was replaced may have read stale records.
