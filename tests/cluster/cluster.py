@@ -174,6 +174,9 @@ class Cluster:
             # count is the test's choice.
             "--max-sandboxes-per-key", "0",
             "--create-rate-per-key", "0",
+            # A host directory every node's namespace sees: paused sandboxes resumable
+            # elsewhere.
+            "--shared-snapshots", os.path.join(self.tmp, "shared"),
         ]
         self.nodes[i] = subprocess.Popen(cmd, stdout=log, stderr=log)
 
@@ -500,6 +503,22 @@ def run(c):
     templates(c)
     quota(c)
 
+    # A sandbox on C paused to its files, which go to the shared directory.
+    ct = {"Content-Type": "application/json"}
+    status, out, _ = c.http(2, "POST", "/sandboxes", hop=True, headers=ct, timeout=60,
+                            data=json.dumps({"templateID": "base", "timeout": 600}).encode())
+    psid = json.loads(out)["sandboxID"]
+    sdk_env(c, 0)
+    Sandbox.connect(psid).files.write("/home/user/kept.txt", f"kept-{psid}")
+    status, out, _ = c.http(0, "POST", f"/sandboxes/{psid}/pause", headers=ct,
+                            data=b'{"memory": false}', timeout=60)
+    check("pause on C (files only, through A)", status == 204, f"{status} {out[:200]}")
+    end = time.time() + 15
+    while time.time() < end and not owners(c).get(psid, {}).get("snapshot"):
+        time.sleep(0.3)
+    check("pause on C: its record names its copy on shared storage",
+          bool(owners(c).get(psid, {}).get("snapshot")), str(owners(c).get(psid)))
+
     # ---- 2. kill -9 node C and one etcd member -------------------------------------------
     on = {name: [i for i in ids if recs[i]["owner"] == name] for name in c.names}
     killed_at = time.time()
@@ -519,6 +538,27 @@ def run(c):
     status, body, _ = c.http(0, "GET", f"/sandboxes/{on['node-c'][0]}")
     msg = json.loads(body).get("message", "")
     check("kill -9 C: a call to its sandbox names node C", status == 503 and "node-c" in msg, msg)
+    # C's paused sandbox: two resumes at once through A and B; one node takes it over.
+    def resume(i):
+        return c.http(i, "POST", f"/sandboxes/{psid}/resume", headers=ct, timeout=60,
+                      data=b'{"timeout": 600}')
+
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as ex:
+        res = list(ex.map(resume, [0, 1]))
+    codes = [s for s, _, _ in res]
+    print(f"     two resumes of C's paused sandbox through A and B: {codes} in "
+          f"{(time.time() - t0) * 1000:.0f} ms; {[b[:160] for _, b, _ in res]}")
+    rec = owners(c).get(psid, {})
+    check("resume elsewhere: one node took it over", rec.get("owner") in ("node-a", "node-b")
+          and any(200 <= s < 300 for s in codes), f"{codes} {rec}")
+    holders = [c.names[i] for i in (0, 1) if any(
+        x["sandboxID"] == psid for x in json.loads(c.http(i, "GET", "/sandboxes?limit=1000", hop=True)[1]))]
+    check("resume elsewhere: exactly one node holds it, the record's owner",
+          holders == [rec.get("owner")], f"{holders} {rec.get('owner')}")
+    sdk_env(c, 1 if rec.get("owner") == "node-a" else 0)
+    got = Sandbox.connect(psid).files.read("/home/user/kept.txt")
+    check("resume elsewhere: the file written before the pause is there", got == f"kept-{psid}", got)
     # One etcd member down too (after the timing: etcd extends every lease when its own
     # leader changes, which would blur the TTL measurement).
     c.etcd[2].kill()

@@ -175,6 +175,10 @@ pub struct Reconciled {
     pub foreign: Vec<String>,
 }
 
+/// How long after its end a lost sandbox's record is kept (its node may be back within it and
+/// finish the sandbox itself).
+const SWEEP_GRACE_MS: i64 = 60_000;
+
 /// Per-operation deadline on etcd calls: a partitioned node must fail fast, not hang.
 const OP_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -1213,9 +1217,10 @@ impl Cluster {
         }
     }
 
-    /// Leader work: `lost` records whose sandbox's end has passed are deleted (with their
-    /// unit of the tenant's count). Nobody can resume them any more, and no owner is there to
-    /// release them; a live owner expires and releases its own.
+    /// Leader work: `lost` records whose sandbox's end passed over [`SWEEP_GRACE_MS`] ago are
+    /// deleted (with their unit of the tenant's count): nobody can use them any more, and no
+    /// owner is there to release them; a live owner expires and releases its own. Records of
+    /// paused sandboxes copied to shared storage stay (they remain resumable elsewhere).
     async fn sweep_expired(&self) -> Result<usize, ClusterError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1230,7 +1235,10 @@ impl Cluster {
                     .filter(|v| {
                         v.record.state == "lost"
                             && !alive.contains(&v.record.owner)
-                            && v.record.end_at < now
+                            && v.record.snapshot.is_none()
+                            // 0: a record without an end (none is swept for that).
+                            && v.record.end_at > 0
+                            && v.record.end_at.saturating_add(SWEEP_GRACE_MS) < now
                     })
                     .cloned()
                     .collect()

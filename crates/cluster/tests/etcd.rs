@@ -207,3 +207,39 @@ async fn placement_by_free_capacity() -> anyhow::Result<()> {
     assert!(counts.get("b").copied().unwrap_or(0) >= 6, "{counts:?}");
     Ok(())
 }
+
+/// Cluster-wide quota: reservations through two nodes at once never pass the limit; the
+/// leader sweeps an expired record of a lost node and its unit goes back with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_holds_across_nodes_and_the_leader_sweeps_expired_records() -> anyhow::Result<()> {
+    let Some(e) = etcd()? else { return Ok(()) };
+    let a = Cluster::join(cfg(&e, "a", "/t4"), cap(0)).await?;
+    let b = Cluster::join(cfg(&e, "b", "/t4"), cap(0)).await?;
+    let mut tries = Vec::new();
+    for i in 0..10 {
+        let n = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tries.push(tokio::spawn(async move { n.reserve("k", 4).await }));
+    }
+    let mut won = 0;
+    for t in tries {
+        if t.await??.is_ok() {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 4, "10 reservations through two nodes against a limit of 4");
+    assert_eq!(a.reserve("k", 4).await?, Err(4));
+    // One of the four becomes a record on b, expired two minutes ago.
+    let mut y = rec("y");
+    y.counted = true;
+    y.end_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
+        as i64
+        - 120_000;
+    b.claim(&y).await?;
+    until("a sees y", 5, || a.records().iter().any(|r| r.id == "y")).await?;
+    b.leave().await;
+    drop(b);
+    until("y swept", 10, || !a.records().iter().any(|r| r.id == "y")).await?;
+    assert_eq!(a.reserve("k", 4).await?, Ok(()), "the swept record's unit came back");
+    a.unreserve("k").await?;
+    Ok(())
+}

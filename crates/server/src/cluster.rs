@@ -646,7 +646,14 @@ async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
     let done = cluster.reconcile(&local, &before).await.map_err(|e| e.to_string())?;
     for id in &done.foreign {
         tracing::warn!(sandbox_id = %id, "another node owns this sandbox now: killing the local copy");
-        app.manager.kill(id, "another cluster node owns it").await;
+        // A sandbox paused to its files is not running: its stored copy ends instead (the
+        // node that took it over resumed it from the shared copy).
+        if !app.manager.kill(id, "another cluster node owns it").await
+            && let Some(rec) = held.iter().find(|r| &r.id == id)
+            && let Err(e) = app.manager.kill_paused(&rec.key_id, id).await
+        {
+            tracing::warn!(sandbox_id = %id, error = %e, "ending the local paused copy");
+        }
     }
     if done.claimed + done.restored + done.released > 0 {
         tracing::info!(
