@@ -280,6 +280,60 @@ def sdk_env(c, i):
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(c.addr + ["127.0.0.1"])
 
 
+# A minimal upgrade server (no WebSocket framing: the relay is what is tested): answers 101,
+# then echoes each chunk upper-cased.
+WS_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8765))
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        d = c.recv(4096)
+        if not d:
+            break
+        buf += d
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n")
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d.upper())
+    c.close()
+"""
+
+
+def upgrade_echo(c, i, sid, port, token):
+    """An upgrade request for sandbox `sid`'s port through node i; returns the echo."""
+    sock = socket.create_connection((c.addr[i], PORT), timeout=10)
+    try:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {port}-{sid}.localhost:3000\r\n"
+                      f"X-Access-Token: {token}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = sock.recv(4096)
+            if not d:
+                break
+            head += d
+        assert head.startswith(b"HTTP/1.1 101"), head[:300]
+        sock.sendall(b"hello through a\n")
+        out = head.split(b"\r\n\r\n", 1)[1]
+        while not out.endswith(b"\n"):
+            d = sock.recv(4096)
+            if not d:
+                break
+            out += d
+        return out
+    finally:
+        sock.close()
+
+
 def owners(c):
     return {r["id"]: r for r in c.records()}
 
@@ -486,6 +540,28 @@ def run(c):
     listed = {x["sandboxID"] for x in json.loads(body)}
     check("list through B fans out to every node", set(ids) <= listed, f"{len(listed)} listed")
 
+    # A WebSocket-style upgrade to a sandbox's inbound port, through a node that does not own it.
+    t_ws = time.time()
+    ws_sid = next(i for i in ids if recs[i]["owner"] == "node-c")
+    sdk_env(c, 2)
+    s = Sandbox.connect(ws_sid)
+    s.files.write("/tmp/ws.py", WS_SERVER)
+    s.commands.run("python3 /tmp/ws.py", background=True)
+    status, out, _ = c.http(2, "POST", f"/sandboxes/{ws_sid}/connect", data=b'{"timeout": 900}',
+                            headers={"Content-Type": "application/json"})
+    token = json.loads(out).get("envdAccessToken", "")
+    reply = b""
+    for _ in range(20):
+        try:
+            reply = upgrade_echo(c, 0, ws_sid, 8765, token)
+            break
+        except (OSError, AssertionError) as e:
+            reply = str(e).encode()
+            time.sleep(0.3)
+    check("upgrade: a WebSocket-style upgrade through A reaches C's sandbox port both ways",
+          reply == b"HELLO THROUGH A\n", repr(reply))
+    print(f"     (upgrade scenario: {time.time() - t_ws:.1f} s)")
+
     # A create retried through another node under the same Idempotency-Key makes no second
     # sandbox; a kill through a third node reaches the owner and drops the record.
     hdr = {"Idempotency-Key": f"cluster-{os.getpid()}", "Content-Type": "application/json"}
@@ -500,8 +576,13 @@ def run(c):
     check("kill through C: 204 and the record is gone", status == 204 and first not in owners(c),
           str(status))
 
+    t0 = time.time()
     templates(c)
+    print(f"     (template scenario: {time.time() - t0:.1f} s)")
+    t0 = time.time()
     quota(c)
+    print(f"     (quota scenario: {time.time() - t0:.1f} s)")
+    t_pause = time.time()
 
     # A sandbox on C paused to its files, which go to the shared directory.
     ct = {"Content-Type": "application/json"}
@@ -518,6 +599,7 @@ def run(c):
         time.sleep(0.3)
     check("pause on C: its record names its copy on shared storage",
           bool(owners(c).get(psid, {}).get("snapshot")), str(owners(c).get(psid)))
+    print(f"     (pause scenario: {time.time() - t_pause:.1f} s)")
 
     # ---- 2. kill -9 node C and one etcd member -------------------------------------------
     on = {name: [i for i in ids if recs[i]["owner"] == name] for name in c.names}
@@ -539,6 +621,8 @@ def run(c):
     msg = json.loads(body).get("message", "")
     check("kill -9 C: a call to its sandbox names node C", status == 503 and "node-c" in msg, msg)
     # C's paused sandbox: two resumes at once through A and B; one node takes it over.
+    t0 = time.time()
+
     def resume(i):
         return c.http(i, "POST", f"/sandboxes/{psid}/resume", headers=ct, timeout=60,
                       data=b'{"timeout": 600}')
@@ -559,6 +643,7 @@ def run(c):
     sdk_env(c, 1 if rec.get("owner") == "node-a" else 0)
     got = Sandbox.connect(psid).files.read("/home/user/kept.txt")
     check("resume elsewhere: the file written before the pause is there", got == f"kept-{psid}", got)
+    print(f"     (resume-elsewhere scenario: {time.time() - t0:.1f} s)")
     # One etcd member down too (after the timing: etcd extends every lease when its own
     # leader changes, which would blur the TTL measurement).
     c.etcd[2].kill()

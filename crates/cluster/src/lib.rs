@@ -221,6 +221,9 @@ pub struct Cluster {
     /// Sandboxes this node took over ([`Cluster::take_over`]) and is still copying in: the
     /// reconcile must not drop their records as "not held here".
     adopting: Mutex<std::collections::HashSet<String>>,
+    /// Woken by the watch when a node's registration goes (its lease expired or was revoked):
+    /// the leader marks its sandboxes `lost` at once rather than at its next poll.
+    node_gone: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -322,6 +325,7 @@ impl Cluster {
             capacity: Mutex::new(cap),
             secret: Mutex::new(String::new()),
             adopting: Default::default(),
+            node_gone: tokio::sync::Notify::new(),
         });
         cluster.load_secret().await?;
         let give_up = Instant::now() + cluster.cfg.ttl * 2 + Duration::from_secs(1);
@@ -725,6 +729,7 @@ impl Cluster {
                                 }
                                 _ => {
                                     m.remove(&id);
+                                    self.node_gone.notify_one();
                                 }
                             }
                         }
@@ -1211,7 +1216,12 @@ impl Cluster {
                 {
                     tracing::warn!(error = %e, "sweeping expired records");
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // A node's registration going (the watch's delete) wakes this at once; the
+                // poll stays for what a watch restart may have missed.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = self.node_gone.notified() => {}
+                }
             }
             self.leader.store(false, Ordering::SeqCst);
         }

@@ -219,8 +219,12 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
     forward(&r, &node.id, &node.addr, req).await
 }
 
-/// Sends `req` to node `node` at `addr` and relays its answer; bodies stream both ways.
-async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response {
+/// Sends `req` to node `node` at `addr` and relays its answer; bodies stream both ways. An
+/// upgrade (WebSocket to an inbound port, say) is passed on with its headers, and once the
+/// owner answers 101 the two upgraded connections are spliced together.
+async fn forward(r: &Routing, node: &str, addr: &str, mut req: Request) -> Response {
+    let upgrade = req.headers().get(axum::http::header::UPGRADE).cloned();
+    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri: Uri = match format!("http://{addr}{pq}").parse() {
@@ -234,6 +238,11 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
     };
     parts.uri = uri;
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        // Hop-by-hop, but the upgrade is what this request is for: asked of the next hop too.
+        parts.headers.insert(axum::http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(axum::http::header::UPGRADE, u.clone());
+    }
     if let Ok(v) = HeaderValue::from_str(r.cluster.node_id()) {
         parts.headers.insert(HOP, v);
     }
@@ -241,7 +250,29 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
     // Bounds the wait for the answer's head only (streams then run as long as they run): a
     // pooled connection to a node cut off mid-way would otherwise hang until TCP gives up.
     match tokio::time::timeout(HEAD_TIMEOUT, r.http.request(req)).await {
-        Ok(Ok(resp)) => {
+        Ok(Ok(mut resp)) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_side) = client_side
+            {
+                let owner_side = hyper::upgrade::on(&mut resp);
+                let (n, a) = (node.to_string(), addr.to_string());
+                tokio::spawn(async move {
+                    match (client_side.await, owner_side.await) {
+                        (Ok(c), Ok(o)) => {
+                            let mut c = hyper_util::rt::TokioIo::new(c);
+                            let mut o = hyper_util::rt::TokioIo::new(o);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut o).await;
+                        }
+                        (c, o) => tracing::debug!(
+                            node = %n, addr = %a, client = ?c.err(), owner = ?o.err(),
+                            "an upgraded connection through the cluster did not start"
+                        ),
+                    }
+                });
+                // The 101 keeps its Connection/Upgrade headers: they are the answer.
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, Body::empty());
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
