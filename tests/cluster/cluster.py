@@ -539,6 +539,22 @@ def run(c):
     status, body, _ = c.http(1, "GET", "/sandboxes?limit=1000")
     listed = {x["sandboxID"] for x in json.loads(body)}
     check("list through B fans out to every node", set(ids) <= listed, f"{len(listed)} listed")
+    # Pages across nodes: limit 5 through C, following nextToken, gives each sandbox once,
+    # newest first, the same set as the single big page.
+    paged, token = [], None
+    for _ in range(200):
+        q = "/sandboxes?limit=5" + (f"&nextToken={token}" if token else "")
+        status, body, hdrs = c.http(2, "GET", q)
+        assert status == 200, body
+        paged += [x for x in json.loads(body) if x.get("state") != "lost"]
+        token = next((v for k, v in hdrs.items() if k.lower() == "x-next-token"), None)
+        if not token:
+            break
+    got = [x["sandboxID"] for x in paged]
+    starts = [x["startedAt"] for x in paged]
+    check("list pagination across nodes: every sandbox once, newest first",
+          len(got) == len(set(got)) and set(got) == listed and starts == sorted(starts, reverse=True),
+          f"{len(got)} paged, {len(set(got))} distinct, {len(listed)} listed")
 
     # A WebSocket-style upgrade to a sandbox's inbound port, through a node that does not own it.
     t_ws = time.time()

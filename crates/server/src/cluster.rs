@@ -535,8 +535,11 @@ async fn fan_out(r: Routing, req: Request) -> Response {
     let answers = futures_util::future::join_all(calls).await;
     let mut items = Vec::new();
     let mut partial = Vec::new();
+    // Some node has more after its page (see `paginate`).
+    let mut node_more = false;
     for (node, resp) in answers {
         let status = resp.status();
+        node_more |= resp.headers().contains_key("x-next-token");
         let Ok(bytes) = axum::body::to_bytes(resp.into_body(), 64 << 20).await else {
             partial.push(node);
             continue;
@@ -561,7 +564,16 @@ async fn fan_out(r: Routing, req: Request) -> Response {
             items.extend(a);
         }
     }
-    if !audit && !parts.uri.query().unwrap_or("").contains("state=") {
+    let query = parts.uri.query().unwrap_or("");
+    let mut next_token = None;
+    if !audit {
+        match paginate(&mut items, query, node_more) {
+            Ok(t) => next_token = t,
+            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+        }
+    }
+    // `lost` records carry no position in the list's order: they go with its first page.
+    if !audit && !query.contains("state=") && !query.contains("nextToken=") {
         let tenant = crate::api::caller(&r.app, &parts.headers).await.ok().map(|k| k.id);
         let alive: std::collections::HashSet<String> =
             r.cluster.nodes().into_iter().map(|n| n.id).collect();
@@ -583,12 +595,61 @@ async fn fan_out(r: Routing, req: Request) -> Response {
     let body =
         if audit { json!({"records": items, "next_cursor": null}) } else { Value::Array(items) };
     let mut resp = axum::Json(body).into_response();
+    if let Some(t) = next_token
+        && let Ok(v) = HeaderValue::from_str(&t)
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
     if !partial.is_empty()
         && let Ok(v) = HeaderValue::from_str(&partial.join(","))
     {
         resp.headers_mut().insert("x-ringfence-partial", v);
     }
     resp
+}
+
+/// One page of a list across nodes. The list's token is a position in one total order
+/// (`(created_at, id)`, newest first unless `order=asc`), the same on every node, so each node
+/// was asked for `limit` items after the same position: the first `limit` of their union, in
+/// that order, are exactly the cluster's page. Keeps those in `items`; returns the next token
+/// (the last one's position) when anything is left after them.
+fn paginate(
+    items: &mut Vec<Value>,
+    query: &str,
+    node_more: bool,
+) -> Result<Option<String>, String> {
+    let mut limit = crate::store::DEFAULT_LIST_LIMIT as usize;
+    let mut asc = false;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match k {
+            // Each node already refused a bad limit or order; these parse as they did there.
+            "limit" => limit = v.parse().map_err(|_| format!("invalid limit {v:?}"))?,
+            "order" => asc = v == "asc",
+            _ => {}
+        }
+    }
+    let pos = |x: &Value| {
+        let at = x
+            .get("startedAt")
+            .and_then(Value::as_str)
+            .and_then(crate::time::parse_rfc3339_ms)
+            .unwrap_or(0);
+        let id = x.get("sandboxID").and_then(Value::as_str).unwrap_or("").to_string();
+        (at, id)
+    };
+    items.sort_by_cached_key(|x| pos(x));
+    if !asc {
+        items.reverse();
+    }
+    let more = node_more || items.len() > limit;
+    items.truncate(limit);
+    Ok(match items.last() {
+        Some(last) if more => {
+            let (at, id) = pos(last);
+            Some(crate::store::encode_token(at, &id))
+        }
+        _ => None,
+    })
 }
 
 /// What this node offers now.
