@@ -467,12 +467,24 @@ def quota(c):
     check("quota: each admitted sandbox has its record, counted", len(recs) == n
           and all(r.get("counted") for r in recs))
     status, _, _ = c.http(1, "DELETE", f"/sandboxes/{made[0]}")
-    status, out, _ = c.http(2, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+    idem = dict(hdr, **{"Idempotency-Key": f"quota-{os.getpid()}"})
+    status, out, _ = c.http(2, "POST", "/sandboxes", data=body, headers=idem, timeout=60)
     check("quota: a kill gives the unit back (the next create succeeds)", status == 201,
           f"{status} {out[:200]}")
-    made = made[1:] + [json.loads(out)["sandboxID"]]
+    last = json.loads(out)["sandboxID"]
+    made = made[1:] + [last]
     status, _, _ = c.http(0, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
     check("quota: and the limit holds again after it", status == 429, str(status))
+    # At the limit, a retry of a create already made replays it; a new one is still refused.
+    status, out, _ = c.http(1, "POST", "/sandboxes", data=body, headers=idem, timeout=60)
+    check("quota: at the limit, an Idempotency-Key retry replays its create",
+          status == 201 and json.loads(out)["sandboxID"] == last, f"{status} {out[:200]}")
+    fresh = dict(hdr, **{"Idempotency-Key": f"quota-new-{os.getpid()}"})
+    status, out, _ = c.http(0, "POST", "/sandboxes", data=body, headers=fresh, timeout=60)
+    time.sleep(1.5)
+    mine = [r for r in c.records() if r.get("tenant") == recs[0]["tenant"]]
+    check("quota: at the limit, a new Idempotency-Key create is refused and leaves nothing",
+          status == 429 and len(mine) == n, f"{status} {len(mine)} records")
     for x in made:
         c.http(0, "DELETE", f"/sandboxes/{x}")
     c.key = main

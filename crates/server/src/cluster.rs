@@ -410,6 +410,10 @@ async fn local_create(r: &Routing, req: Request) -> Response {
     // sandbox starts (a compare-and-swap, so nodes creating at once never overshoot together)
     // and given back if the create fails; the record then carries it until deleted.
     let mut reserved = None;
+    // At the limit, a create under an Idempotency-Key still runs locally: a retry of one
+    // already made replays its answer (its sandbox holds its unit); a new one is undone below.
+    let mut over: Option<String> = None;
+    let idempotent = parts.headers.contains_key("idempotency-key");
     if let Ok(key) = crate::api::caller(&r.app, &parts.headers).await {
         let max = match r.app.manager.max_sandboxes_of(&key.id) {
             Ok(m) => m,
@@ -419,14 +423,15 @@ async fn local_create(r: &Routing, req: Request) -> Response {
             Ok(Ok(())) if max > 0 => reserved = Some(key.id),
             Ok(Ok(())) => {}
             Ok(Err(n)) => {
-                return error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "API key {} holds {n} sandboxes across the cluster; its limit is {max} \
-                         (kill one first)",
-                        key.id
-                    ),
+                let msg = format!(
+                    "API key {} holds {n} sandboxes across the cluster; its limit is {max} (kill \
+                     one first)",
+                    key.id
                 );
+                if !idempotent {
+                    return error(StatusCode::TOO_MANY_REQUESTS, msg);
+                }
+                over = Some(msg);
             }
             Err(e) => {
                 return error(
@@ -463,6 +468,14 @@ async fn local_create(r: &Routing, req: Request) -> Response {
         unreserve(reserved).await;
         return Response::from_parts(parts, Body::from(bytes));
     };
+    if let Some(msg) = over {
+        if matches!(r.cluster.lookup(&id).await, Ok(Some(_))) {
+            // The replay of a create made before: its sandbox is recorded (and counted).
+            return Response::from_parts(parts, Body::from(bytes));
+        }
+        r.app.manager.kill(&id, "over the key's cluster-wide sandbox quota").await;
+        return error(StatusCode::TOO_MANY_REQUESTS, msg);
+    }
     // An Idempotency-Key replay answers the first create's sandbox, whose record already
     // holds its unit.
     if reserved.is_some() && matches!(r.cluster.lookup(&id).await, Ok(Some(rec)) if rec.counted) {
