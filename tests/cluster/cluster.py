@@ -174,6 +174,9 @@ class Cluster:
             # count is the test's choice.
             "--max-sandboxes-per-key", "0",
             "--create-rate-per-key", "0",
+            # A host directory every node's namespace sees: paused sandboxes resumable
+            # elsewhere.
+            "--shared-snapshots", os.path.join(self.tmp, "shared"),
         ]
         self.nodes[i] = subprocess.Popen(cmd, stdout=log, stderr=log)
 
@@ -277,8 +280,214 @@ def sdk_env(c, i):
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(c.addr + ["127.0.0.1"])
 
 
+# A minimal upgrade server (no WebSocket framing: the relay is what is tested): answers 101,
+# then echoes each chunk upper-cased.
+WS_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8765))
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        d = c.recv(4096)
+        if not d:
+            break
+        buf += d
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n")
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d.upper())
+    c.close()
+"""
+
+
+def upgrade_echo(c, i, sid, port, token):
+    """An upgrade request for sandbox `sid`'s port through node i; returns the echo."""
+    sock = socket.create_connection((c.addr[i], PORT), timeout=10)
+    try:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {port}-{sid}.localhost:3000\r\n"
+                      f"X-Access-Token: {token}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = sock.recv(4096)
+            if not d:
+                break
+            head += d
+        assert head.startswith(b"HTTP/1.1 101"), head[:300]
+        sock.sendall(b"hello through a\n")
+        out = head.split(b"\r\n\r\n", 1)[1]
+        while not out.endswith(b"\n"):
+            d = sock.recv(4096)
+            if not d:
+                break
+            out += d
+        return out
+    finally:
+        sock.close()
+
+
 def owners(c):
     return {r["id"]: r for r in c.records()}
+
+
+def template_meta(c, name):
+    out = c.etcdctl("get", f"{PREFIX}/templates/{name}:latest", "--print-value-only").stdout
+    return json.loads(out) if out.strip() else None
+
+
+def templates(c):
+    """Template contents fetched node to node: built on A only, used on B and through C; a
+    tampered copy on A is refused by B naming the digest, leaving nothing registered."""
+    from e2b import Sandbox
+
+    if not os.path.exists("/bin/busybox"):
+        print("SKIPPED: template fetch scenario: no /bin/busybox (busybox-static)")
+        return
+    ctx = os.path.join(c.tmp, "tpl")
+    os.makedirs(ctx, exist_ok=True)
+    shutil.copy("/bin/busybox", ctx)
+    with open(os.path.join(ctx, "bash"), "w") as f:
+        f.write('#!/bin/sh\nexec /bin/sh "$@"\n')
+    os.chmod(os.path.join(ctx, "bash"), 0o755)
+    tag = f"t{os.getpid()}"
+
+    def build(name, marker):
+        with open(os.path.join(ctx, "marker"), "w") as f:
+            f.write(marker + "\n")
+        with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+            f.write('FROM scratch\nCOPY busybox /bin/busybox\n'
+                    'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+                    # The SDK runs commands with `/bin/bash -l -c`: busybox's sh answers.
+                    'COPY bash /bin/bash\n'
+                    'COPY marker /etc/marker\n')
+        sh(BIN, "template", "build", "--name", name, "-f", os.path.join(ctx, "Dockerfile"),
+           "--data-dir", c.data(0))
+        end = time.time() + 20
+        while time.time() < end and template_meta(c, name) is None:
+            time.sleep(0.3)
+        meta = template_meta(c, name)
+        check(f"templates: {name} built on A is published with its layer digests",
+              meta is not None and meta["origin"] == "node-a"
+              and len(meta["content"]) == len(meta["record"]["layers"]), str(meta)[:300])
+        return meta
+
+    good = f"{tag}good"
+    build(good, f"marker-{tag}")
+    stored = lambda i, n: os.path.exists(os.path.join(c.data(i), f"images/templates/{n}:latest.json"))
+    check("templates: B does not hold it before a create", not stored(1, good))
+    t0 = time.time()
+    body = json.dumps({"templateID": good, "timeout": 600}).encode()
+    # The hop marker is what a placing node sends: this create runs on B itself.
+    status, out, _ = c.http(1, "POST", "/sandboxes", hop=True, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    check("templates: a create on B fetches the template from A", status == 201, f"{status} {out[:300]}")
+    print(f"     create with fetch on B: {(time.time() - t0) * 1000:.0f} ms")
+    sid = json.loads(out)["sandboxID"]
+    check("templates: B registered it locally", stored(1, good))
+    sdk_env(c, 2)
+    r = Sandbox.connect(sid).commands.run("cat /etc/marker")
+    check("templates: the sandbox on B (used through C) reads the template's file",
+          r.stdout.strip() == f"marker-{tag}", r.stdout)
+    made = [sid]
+    for _ in range(4):
+        s = Sandbox.create(template=good, timeout=600)
+        made.append(s.sandbox_id)
+        r = s.commands.run("cat /etc/marker")
+        assert r.stdout.strip() == f"marker-{tag}", r.stdout
+    where = sorted(owners(c)[x]["owner"] for x in made[1:])
+    check(f"templates: four SDK creates through C run it wherever placed ({where})", True)
+
+    # Off the public surface: the layer endpoint without a node's signature is a plain 404.
+    meta = template_meta(c, good)
+    top = meta["record"]["layers"][0]["diff_id"]
+    status, _, _ = c.http(0, "GET", f"/_cluster/layers/sha256-{top.split(':')[1]}")
+    check("templates: the internal layer endpoint refuses an unsigned request", status == 404,
+          str(status))
+
+    bad = f"{tag}bad"
+    meta = build(bad, f"other-{tag}")
+    top = meta["record"]["layers"][0]["diff_id"]
+    want = meta["content"][top]
+    layer_dir = os.path.join(c.data(0), "images/layers", top.replace(":", "-"))
+    with open(os.path.join(layer_dir, "etc/marker"), "w") as f:
+        f.write("tampered\n")
+    body = json.dumps({"templateID": bad, "timeout": 600}).encode()
+    status, out, _ = c.http(1, "POST", "/sandboxes", hop=True, data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    msg = json.loads(out).get("message", "") if out else ""
+    print(f"     tampered: {status} {msg[:400]}")
+    check("templates: a tampered transfer is refused naming the digest",
+          status == 502 and want in msg and "digest mismatch" in msg, f"{status} {msg}")
+    left = [n for n in os.listdir(os.path.join(c.data(1), "images"))
+            if n.startswith(".fetch-")]
+    check("templates: nothing of it is registered or kept on B",
+          not stored(1, bad) and not os.path.exists(
+              os.path.join(c.data(1), "images/layers", top.replace(":", "-"))) and not left,
+          str(left))
+    for x in made:
+        c.http(0, "DELETE", f"/sandboxes/{x}")
+
+
+def quota(c):
+    """A key's sandbox quota holds across the cluster: creates through all three nodes at
+    once never take it past its limit."""
+    n, tries = 3, 12
+    main = c.key
+    c.key = sh(BIN, "keys", "create", "--name", "quota", "--max-sandboxes", str(n),
+               "--data-dir", c.data(2)).stdout.split()[-1]
+    end = time.time() + 15
+    while time.time() < end and not all(c.http(i, "GET", "/sandboxes", hop=True)[0] == 200
+                                        for i in range(3)):
+        time.sleep(0.3)
+    body = json.dumps({"templateID": "base", "timeout": 600}).encode()
+    hdr = {"Content-Type": "application/json"}
+
+    def create(i):
+        return c.http(i % 3, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+
+    with ThreadPoolExecutor(tries) as ex:
+        res = list(ex.map(create, range(tries)))
+    made = [json.loads(b)["sandboxID"] for s, b, _ in res if s == 201]
+    refused = [json.loads(b).get("message", "") for s, b, _ in res if s == 429]
+    codes = sorted(s for s, _, _ in res)
+    print(f"     quota {n}, {tries} creates at once through A, B, C: {codes}")
+    check(f"quota: exactly {n} of {tries} concurrent creates through three nodes succeed",
+          len(made) == n and len(refused) == tries - n, str(codes))
+    check("quota: the refusal names the cluster-wide limit",
+          all("across the cluster" in m and f"limit is {n}" in m for m in refused), refused[:1])
+    recs = [r for r in c.records() if r["id"] in made]
+    check("quota: each admitted sandbox has its record, counted", len(recs) == n
+          and all(r.get("counted") for r in recs))
+    status, _, _ = c.http(1, "DELETE", f"/sandboxes/{made[0]}")
+    idem = dict(hdr, **{"Idempotency-Key": f"quota-{os.getpid()}"})
+    status, out, _ = c.http(2, "POST", "/sandboxes", data=body, headers=idem, timeout=60)
+    check("quota: a kill gives the unit back (the next create succeeds)", status == 201,
+          f"{status} {out[:200]}")
+    last = json.loads(out)["sandboxID"]
+    made = made[1:] + [last]
+    status, _, _ = c.http(0, "POST", "/sandboxes", data=body, headers=hdr, timeout=60)
+    check("quota: and the limit holds again after it", status == 429, str(status))
+    # At the limit, a retry of a create already made replays it; a new one is still refused.
+    status, out, _ = c.http(1, "POST", "/sandboxes", data=body, headers=idem, timeout=60)
+    check("quota: at the limit, an Idempotency-Key retry replays its create",
+          status == 201 and json.loads(out)["sandboxID"] == last, f"{status} {out[:200]}")
+    fresh = dict(hdr, **{"Idempotency-Key": f"quota-new-{os.getpid()}"})
+    status, out, _ = c.http(0, "POST", "/sandboxes", data=body, headers=fresh, timeout=60)
+    time.sleep(1.5)
+    mine = [r for r in c.records() if r.get("tenant") == recs[0]["tenant"]]
+    check("quota: at the limit, a new Idempotency-Key create is refused and leaves nothing",
+          status == 429 and len(mine) == n, f"{status} {len(mine)} records")
+    for x in made:
+        c.http(0, "DELETE", f"/sandboxes/{x}")
+    c.key = main
 
 
 def run(c):
@@ -342,6 +551,44 @@ def run(c):
     status, body, _ = c.http(1, "GET", "/sandboxes?limit=1000")
     listed = {x["sandboxID"] for x in json.loads(body)}
     check("list through B fans out to every node", set(ids) <= listed, f"{len(listed)} listed")
+    # Pages across nodes: limit 5 through C, following nextToken, gives each sandbox once,
+    # newest first, the same set as the single big page.
+    paged, token = [], None
+    for _ in range(200):
+        q = "/sandboxes?limit=5" + (f"&nextToken={token}" if token else "")
+        status, body, hdrs = c.http(2, "GET", q)
+        assert status == 200, body
+        paged += [x for x in json.loads(body) if x.get("state") != "lost"]
+        token = next((v for k, v in hdrs.items() if k.lower() == "x-next-token"), None)
+        if not token:
+            break
+    got = [x["sandboxID"] for x in paged]
+    starts = [x["startedAt"] for x in paged]
+    check("list pagination across nodes: every sandbox once, newest first",
+          len(got) == len(set(got)) and set(got) == listed and starts == sorted(starts, reverse=True),
+          f"{len(got)} paged, {len(set(got))} distinct, {len(listed)} listed")
+
+    # A WebSocket-style upgrade to a sandbox's inbound port, through a node that does not own it.
+    t_ws = time.time()
+    ws_sid = next(i for i in ids if recs[i]["owner"] == "node-c")
+    sdk_env(c, 2)
+    s = Sandbox.connect(ws_sid)
+    s.files.write("/tmp/ws.py", WS_SERVER)
+    s.commands.run("python3 /tmp/ws.py", background=True)
+    status, out, _ = c.http(2, "POST", f"/sandboxes/{ws_sid}/connect", data=b'{"timeout": 900}',
+                            headers={"Content-Type": "application/json"})
+    token = json.loads(out).get("envdAccessToken", "")
+    reply = b""
+    for _ in range(20):
+        try:
+            reply = upgrade_echo(c, 0, ws_sid, 8765, token)
+            break
+        except (OSError, AssertionError) as e:
+            reply = str(e).encode()
+            time.sleep(0.3)
+    check("upgrade: a WebSocket-style upgrade through A reaches C's sandbox port both ways",
+          reply == b"HELLO THROUGH A\n", repr(reply))
+    print(f"     (upgrade scenario: {time.time() - t_ws:.1f} s)")
 
     # A create retried through another node under the same Idempotency-Key makes no second
     # sandbox; a kill through a third node reaches the owner and drops the record.
@@ -356,6 +603,31 @@ def run(c):
     time.sleep(0.5)
     check("kill through C: 204 and the record is gone", status == 204 and first not in owners(c),
           str(status))
+
+    t0 = time.time()
+    templates(c)
+    print(f"     (template scenario: {time.time() - t0:.1f} s)")
+    t0 = time.time()
+    quota(c)
+    print(f"     (quota scenario: {time.time() - t0:.1f} s)")
+    t_pause = time.time()
+
+    # A sandbox on C paused to its files, which go to the shared directory.
+    ct = {"Content-Type": "application/json"}
+    status, out, _ = c.http(2, "POST", "/sandboxes", hop=True, headers=ct, timeout=60,
+                            data=json.dumps({"templateID": "base", "timeout": 600}).encode())
+    psid = json.loads(out)["sandboxID"]
+    sdk_env(c, 0)
+    Sandbox.connect(psid).files.write("/home/user/kept.txt", f"kept-{psid}")
+    status, out, _ = c.http(0, "POST", f"/sandboxes/{psid}/pause", headers=ct,
+                            data=b'{"memory": false}', timeout=60)
+    check("pause on C (files only, through A)", status == 204, f"{status} {out[:200]}")
+    end = time.time() + 15
+    while time.time() < end and not owners(c).get(psid, {}).get("snapshot"):
+        time.sleep(0.3)
+    check("pause on C: its record names its copy on shared storage",
+          bool(owners(c).get(psid, {}).get("snapshot")), str(owners(c).get(psid)))
+    print(f"     (pause scenario: {time.time() - t_pause:.1f} s)")
 
     # ---- 2. kill -9 node C and one etcd member -------------------------------------------
     on = {name: [i for i in ids if recs[i]["owner"] == name] for name in c.names}
@@ -376,6 +648,30 @@ def run(c):
     status, body, _ = c.http(0, "GET", f"/sandboxes/{on['node-c'][0]}")
     msg = json.loads(body).get("message", "")
     check("kill -9 C: a call to its sandbox names node C", status == 503 and "node-c" in msg, msg)
+    # C's paused sandbox: two resumes at once through A and B; one node takes it over.
+    t0 = time.time()
+
+    def resume(i):
+        return c.http(i, "POST", f"/sandboxes/{psid}/resume", headers=ct, timeout=60,
+                      data=b'{"timeout": 600}')
+
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as ex:
+        res = list(ex.map(resume, [0, 1]))
+    codes = [s for s, _, _ in res]
+    print(f"     two resumes of C's paused sandbox through A and B: {codes} in "
+          f"{(time.time() - t0) * 1000:.0f} ms; {[b[:160] for _, b, _ in res]}")
+    rec = owners(c).get(psid, {})
+    check("resume elsewhere: one node took it over", rec.get("owner") in ("node-a", "node-b")
+          and any(200 <= s < 300 for s in codes), f"{codes} {rec}")
+    holders = [c.names[i] for i in (0, 1) if any(
+        x["sandboxID"] == psid for x in json.loads(c.http(i, "GET", "/sandboxes?limit=1000", hop=True)[1]))]
+    check("resume elsewhere: exactly one node holds it, the record's owner",
+          holders == [rec.get("owner")], f"{holders} {rec.get('owner')}")
+    sdk_env(c, 1 if rec.get("owner") == "node-a" else 0)
+    got = Sandbox.connect(psid).files.read("/home/user/kept.txt")
+    check("resume elsewhere: the file written before the pause is there", got == f"kept-{psid}", got)
+    print(f"     (resume-elsewhere scenario: {time.time() - t0:.1f} s)")
     # One etcd member down too (after the timing: etcd extends every lease when its own
     # leader changes, which would blur the TTL measurement).
     c.etcd[2].kill()

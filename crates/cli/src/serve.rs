@@ -162,6 +162,10 @@ struct ClusterArgs {
     /// Sandboxes this node offers the cluster at most (placement's capacity).
     #[arg(long, default_value_t = 500)]
     cluster_slots: u64,
+    /// A directory every node reads and writes (a shared mount): sandboxes paused to their
+    /// files are copied there, and a node whose owner is lost resumes them through any node.
+    #[arg(long, value_name = "DIR", requires = "cluster")]
+    shared_snapshots: Option<std::path::PathBuf>,
 }
 
 impl ClusterArgs {
@@ -196,6 +200,7 @@ impl ClusterArgs {
             ttl: self.cluster_ttl,
             prefix: self.cluster_prefix.trim_end_matches('/').to_string(),
             slots: self.cluster_slots,
+            shared_snapshots: self.shared_snapshots.clone(),
         }))
     }
 }

@@ -41,6 +41,9 @@ pub struct ClusterConfig {
     pub prefix: String,
     /// How many sandboxes this node offers at most (its capacity in slots).
     pub slots: u64,
+    /// A directory every node can read and write (`--shared-snapshots`): sandboxes paused to
+    /// their files are copied there, so another node can resume them if their owner is lost.
+    pub shared_snapshots: Option<std::path::PathBuf>,
 }
 
 /// Errors of the coordination layer.
@@ -112,6 +115,31 @@ pub struct SandboxRecord {
     /// Why the record reads `lost` (the owner that stopped renewing its lease).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_reason: Option<String>,
+    /// Whether the sandbox holds one unit of its tenant's cluster-wide count (`count/<tenant>`,
+    /// see [`Cluster::reserve`]): deleting the record gives it back in the same transaction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub counted: bool,
+    /// For a sandbox paused to its files: where its copy on shared storage is (a path under
+    /// the nodes' `--shared-snapshots`), from which another node may resume it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A template's metadata as replicated: published by the node that built or imported it, read
+/// by a node that must fetch the template's files from a peer. `content` is the trust anchor
+/// of the fetch: each layer's canonical-tar digest, computed by the origin node from its own
+/// copy; a peer's transfer that hashes to anything else is refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateMeta {
+    /// `name:tag`.
+    pub name: String,
+    /// The node that published it.
+    pub origin: String,
+    /// The image store's record of the template, as that store writes it (this crate does not
+    /// read it: the server and the image store do).
+    pub record: serde_json::Value,
+    /// Layer `diff_id` → the sha256 of its canonical tar.
+    pub content: std::collections::BTreeMap<String, String>,
 }
 
 /// A record with the revision it was read at (the compare of the next write).
@@ -146,6 +174,10 @@ pub struct Reconciled {
     /// Local sandboxes whose record names another owner: the caller must kill them.
     pub foreign: Vec<String>,
 }
+
+/// How long after its end a lost sandbox's record is kept (its node may be back within it and
+/// finish the sandbox itself).
+const SWEEP_GRACE_MS: i64 = 60_000;
 
 /// Per-operation deadline on etcd calls: a partitioned node must fail fast, not hang.
 const OP_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -183,6 +215,15 @@ pub struct Cluster {
     /// emptiest a second ago.
     placed: Mutex<HashMap<String, u64>>,
     capacity: Mutex<Capacity>,
+    /// The secret the nodes sign their internal requests with (kept in etcd, made by the
+    /// first node that joins): whoever can read the cluster's etcd is a node.
+    secret: Mutex<String>,
+    /// Sandboxes this node took over ([`Cluster::take_over`]) and is still copying in: the
+    /// reconcile must not drop their records as "not held here".
+    adopting: Mutex<std::collections::HashSet<String>>,
+    /// Woken by the watch when a node's registration goes (its lease expired or was revoked):
+    /// the leader marks its sandboxes `lost` at once rather than at its next poll.
+    node_gone: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -282,7 +323,11 @@ impl Cluster {
             keys: Default::default(),
             placed: Default::default(),
             capacity: Mutex::new(cap),
+            secret: Mutex::new(String::new()),
+            adopting: Default::default(),
+            node_gone: tokio::sync::Notify::new(),
         });
+        cluster.load_secret().await?;
         let give_up = Instant::now() + cluster.cfg.ttl * 2 + Duration::from_secs(1);
         loop {
             match cluster.register().await {
@@ -302,6 +347,90 @@ impl Cluster {
         tokio::spawn(cluster.clone().renew_loop());
         tokio::spawn(cluster.clone().leader_loop());
         Ok(cluster)
+    }
+
+    /// Reads the cluster's node secret, making it first if no node has (create-if-absent, so
+    /// nodes joining at once agree on one).
+    async fn load_secret(&self) -> Result<(), ClusterError> {
+        let key = format!("{}/secret", self.cfg.prefix);
+        let fresh: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), fresh.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.txn(txn).await?;
+        let secret = if resp.succeeded() {
+            fresh
+        } else {
+            resp.op_responses()
+                .into_iter()
+                .find_map(|o| match o {
+                    TxnOpResponse::Get(g) => {
+                        g.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| ClusterError::Config("the cluster secret vanished".into()))?
+        };
+        if let Ok(mut s) = self.secret.lock() {
+            *s = secret;
+        }
+        Ok(())
+    }
+
+    /// The secret nodes sign their internal (node-to-node) requests with.
+    pub fn secret(&self) -> String {
+        self.secret.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Template `name`'s replicated metadata (one etcd read), if any node published it.
+    pub async fn template(&self, name: &str) -> Result<Option<TemplateMeta>, ClusterError> {
+        let key = self.key("templates", name);
+        let resp = self
+            .op(|mut c| {
+                let k = key.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(Some)
+                .map_err(|source| ClusterError::Decode { key, source }),
+        }
+    }
+
+    /// Publishes `meta` (origin: this node) unless another node published that name first.
+    /// Returns whether it was written; a rebuild on the origin replaces its own record.
+    pub async fn publish_template(&self, meta: &TemplateMeta) -> Result<bool, ClusterError> {
+        let mut meta = meta.clone();
+        meta.origin = self.cfg.node_id.clone();
+        let key = self.key("templates", &meta.name);
+        let value = serde_json::to_vec(&meta)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        let existing = resp.op_responses().into_iter().find_map(|o| match o {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                (serde_json::from_slice::<TemplateMeta>(kv.value()).ok(), kv.mod_revision())
+            }),
+            _ => None,
+        });
+        match existing {
+            Some((Some(old), _)) if old == meta => Ok(false),
+            Some((Some(old), rev)) if old.origin == meta.origin => {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                    .and_then([TxnOp::put(key, value, None)]);
+                Ok(self.txn(txn).await?.succeeded())
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Takes a new lease and writes this node's record under it, only if no live node holds
@@ -600,6 +729,7 @@ impl Cluster {
                                 }
                                 _ => {
                                     m.remove(&id);
+                                    self.node_gone.notify_one();
                                 }
                             }
                         }
@@ -758,6 +888,12 @@ impl Cluster {
             if old.owner != rec.owner {
                 return Err(ClusterError::OwnedElsewhere { id: rec.id, owner: old.owner });
             }
+            // The unit of the tenant's count stays with the record until it is deleted; a
+            // paused sandbox's shared copy stays named until it runs again.
+            rec.counted |= old.counted;
+            if rec.state == "paused" && rec.snapshot.is_none() {
+                rec.snapshot.clone_from(&old.snapshot);
+            }
             if old == rec {
                 self.cache(Versioned { record: old, mod_revision: rev });
                 return Ok(false);
@@ -782,25 +918,133 @@ impl Cluster {
         Ok(resp.succeeded())
     }
 
+    /// Takes over paused sandbox `id` whose owner is lost (its record `lost`, or its owner
+    /// without a live registration) and whose files are on shared storage: one transaction,
+    /// compared on the record's revision, so of several nodes trying at once exactly one
+    /// wins. Returns the new record (owner: this node, state `paused`), or None when the
+    /// sandbox is not such a one or another node took it first.
+    pub async fn take_over(&self, id: &str) -> Result<Option<SandboxRecord>, ClusterError> {
+        let Some(v) = self.read(id).await? else { return Ok(None) };
+        let alive = self.node(&v.record.owner).is_some();
+        let orphan = v.record.state == "lost" || !alive;
+        if v.record.snapshot.is_none() || !orphan || v.record.owner == self.cfg.node_id {
+            return Ok(None);
+        }
+        let mut rec = v.record.clone();
+        rec.owner = self.cfg.node_id.clone();
+        rec.state = "paused".into();
+        rec.lost_reason = None;
+        if let Ok(mut a) = self.adopting.lock() {
+            a.insert(id.to_string());
+        }
+        let won = self.swap(&self.key("sandboxes", id), v.mod_revision, &rec).await?;
+        if !won {
+            self.adopted(id);
+        }
+        Ok(won.then_some(rec))
+    }
+
+    /// Marks sandbox `id` as being copied in (see [`Cluster::take_over`]) or, with
+    /// [`Cluster::adopted`], done.
+    pub fn adopting(&self, id: &str) {
+        if let Ok(mut a) = self.adopting.lock() {
+            a.insert(id.to_string());
+        }
+    }
+
+    /// The copy-in of sandbox `id` ended (it is in the local store now, or it failed).
+    pub fn adopted(&self, id: &str) {
+        if let Ok(mut a) = self.adopting.lock() {
+            a.remove(id);
+        }
+    }
+
     /// Deletes sandbox `id`'s record if this node owns it (compared on its revision).
     pub async fn release(&self, id: &str) -> Result<(), ClusterError> {
-        let key = self.key("sandboxes", id);
         for _ in 0..5 {
             let Some(v) = self.read(id).await? else { return Ok(()) };
             if v.record.owner != self.cfg.node_id {
                 return Ok(());
             }
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, v.mod_revision)])
-                .and_then([TxnOp::delete(key.clone(), None)]);
-            if self.txn(txn).await?.succeeded() {
-                if let Ok(mut m) = self.sandboxes.write() {
-                    m.remove(id);
-                }
+            if self.delete_record(&v).await? {
                 return Ok(());
             }
         }
         Err(ClusterError::Contended(id.to_string()))
+    }
+
+    /// Deletes the record `v` was read as (compared on its revision), giving back its unit of
+    /// the tenant's count in the same transaction. False if either changed meanwhile.
+    async fn delete_record(&self, v: &Versioned) -> Result<bool, ClusterError> {
+        let key = self.key("sandboxes", &v.record.id);
+        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, v.mod_revision)];
+        let mut ops = vec![TxnOp::delete(key, None)];
+        if v.record.counted {
+            let (n, rev) = self.count(&v.record.tenant).await?;
+            let ck = self.key("count", &v.record.tenant);
+            when.push(Compare::mod_revision(ck.clone(), CompareOp::Equal, rev));
+            ops.push(TxnOp::put(ck, n.saturating_sub(1).to_string(), None));
+        }
+        let done = self.txn(Txn::new().when(when).and_then(ops)).await?.succeeded();
+        if done && let Ok(mut m) = self.sandboxes.write() {
+            m.remove(&v.record.id);
+        }
+        Ok(done)
+    }
+
+    /// Tenant `tenant`'s cluster-wide sandbox count and the counter's revision (0: absent).
+    async fn count(&self, tenant: &str) -> Result<(u64, i64), ClusterError> {
+        let key = self.key("count", tenant);
+        let resp = self
+            .op(|mut c| {
+                let k = key.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().map_or((0, 0), |kv| {
+            let n = std::str::from_utf8(kv.value()).ok().and_then(|s| s.parse().ok());
+            (n.unwrap_or(0), kv.mod_revision())
+        }))
+    }
+
+    /// Takes one unit of `tenant`'s cluster-wide sandbox count if it is below `max` (0: no
+    /// limit, nothing taken): a compare-and-swap on `count/<tenant>`, so creates on every
+    /// node at once never take more than `max` together. `Err(n)` inside: refused, the
+    /// tenant holds `n`. A unit taken goes back with [`Cluster::unreserve`] (the create
+    /// failed) or with its record's deletion (the record is written `counted`).
+    pub async fn reserve(&self, tenant: &str, max: u64) -> Result<Result<(), u64>, ClusterError> {
+        if max == 0 {
+            return Ok(Ok(()));
+        }
+        let key = self.key("count", tenant);
+        for _ in 0..50 {
+            let (n, rev) = self.count(tenant).await?;
+            if n >= max {
+                return Ok(Err(n));
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key.clone(), (n + 1).to_string(), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(Ok(()));
+            }
+        }
+        Err(ClusterError::Contended(format!("the sandbox count of key {tenant}")))
+    }
+
+    /// Gives back a unit [`Cluster::reserve`] took for a create that did not happen.
+    pub async fn unreserve(&self, tenant: &str) -> Result<(), ClusterError> {
+        let key = self.key("count", tenant);
+        for _ in 0..50 {
+            let (n, rev) = self.count(tenant).await?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key.clone(), n.saturating_sub(1).to_string(), None)]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Contended(format!("the sandbox count of key {tenant}")))
     }
 
     /// The sandboxes this node's records name it the owner of (from the cache).
@@ -848,7 +1092,11 @@ impl Cluster {
             }
         }
         let held: std::collections::HashSet<&str> = local.iter().map(|r| r.id.as_str()).collect();
-        let mine: Vec<&String> = before.iter().filter(|id| !held.contains(id.as_str())).collect();
+        let adopting = self.adopting.lock().map(|a| a.clone()).unwrap_or_default();
+        let mine: Vec<&String> = before
+            .iter()
+            .filter(|id| !held.contains(id.as_str()) && !adopting.contains(id.as_str()))
+            .collect();
         for id in mine {
             self.release(id).await?;
             out.released += 1;
@@ -860,14 +1108,18 @@ impl Cluster {
     /// those that have both and a free slot, the one with more free capacity (this node on a
     /// tie). None when no node qualifies (the caller creates locally and lets that fail with
     /// the local reason).
-    pub fn place(&self, template: &str, tier: &str) -> Option<NodeInfo> {
+    ///
+    /// With `fetchable` (the template's metadata is in etcd, so a node without its files can
+    /// fetch them from one that has them), every node with the tier qualifies.
+    pub fn place(&self, template: &str, tier: &str, fetchable: bool) -> Option<NodeInfo> {
         use rand::seq::IndexedRandom;
         let placed = self.placed.lock().map(|p| p.clone()).unwrap_or_default();
         let fits: Vec<(NodeInfo, u64)> = self
             .nodes()
             .into_iter()
             .filter(|n| {
-                n.templates.iter().any(|t| t == template) && n.tiers.iter().any(|t| t == tier)
+                (fetchable || n.templates.iter().any(|t| t == template))
+                    && n.tiers.iter().any(|t| t == tier)
             })
             .map(|n| {
                 let free = n.free_slots.saturating_sub(placed.get(&n.id).copied().unwrap_or(0));
@@ -959,10 +1211,59 @@ impl Cluster {
                 {
                     tracing::warn!(error = %e, "marking lost sandboxes");
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if self.lease_fresh()
+                    && let Err(e) = self.sweep_expired().await
+                {
+                    tracing::warn!(error = %e, "sweeping expired records");
+                }
+                // A node's registration going (the watch's delete) wakes this at once; the
+                // poll stays for what a watch restart may have missed.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = self.node_gone.notified() => {}
+                }
             }
             self.leader.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Leader work: `lost` records whose sandbox's end passed over [`SWEEP_GRACE_MS`] ago are
+    /// deleted (with their unit of the tenant's count): nobody can use them any more, and no
+    /// owner is there to release them; a live owner expires and releases its own. Records of
+    /// paused sandboxes copied to shared storage stay (they remain resumable elsewhere).
+    async fn sweep_expired(&self) -> Result<usize, ClusterError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let alive: std::collections::HashSet<String> =
+            self.nodes().into_iter().map(|n| n.id).collect();
+        let expired: Vec<Versioned> = self
+            .sandboxes
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|v| {
+                        v.record.state == "lost"
+                            && !alive.contains(&v.record.owner)
+                            && v.record.snapshot.is_none()
+                            // 0: a record without an end (none is swept for that).
+                            && v.record.end_at > 0
+                            && v.record.end_at.saturating_add(SWEEP_GRACE_MS) < now
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut n = 0;
+        for v in expired {
+            if self.delete_record(&v).await? {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(count = n, "swept expired records of lost sandboxes");
+        }
+        Ok(n)
     }
 
     /// Leader work: every record whose owner has no live registration reads `lost`.

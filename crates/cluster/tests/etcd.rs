@@ -46,6 +46,7 @@ fn cfg(e: &Etcd, id: &str, prefix: &str) -> ClusterConfig {
         ttl: Duration::from_secs(2),
         prefix: prefix.into(),
         slots: 10,
+        shared_snapshots: None,
     }
 }
 
@@ -69,6 +70,8 @@ fn rec(id: &str) -> SandboxRecord {
         tier: "jail".into(),
         end_at: 0,
         lost_reason: None,
+        counted: false,
+        snapshot: None,
     }
 }
 
@@ -161,15 +164,68 @@ async fn placement_by_free_capacity() -> anyhow::Result<()> {
     full.slots = 10;
     let _c = Cluster::join(full, cap(10)).await?;
     until("three nodes", 5, || a.nodes().len() == 3).await?;
-    assert!(a.place("other-template", "jail").is_none());
-    assert!(a.place("base", "microvm").is_none());
+    assert!(a.place("other-template", "jail", false).is_none());
+    assert!(a.place("base", "microvm", false).is_none());
+    // A template any node can fetch (its metadata replicated) places on nodes without it too,
+    // but still never on a full one.
+    let fetch = a.place("other-template", "jail", true).ok_or_else(|| anyhow::anyhow!("none"))?;
+    assert_ne!(fetch.id, "c");
+    a.publish_template(&ringfence_cluster::TemplateMeta {
+        name: "t:latest".into(),
+        origin: String::new(),
+        record: serde_json::json!({"name": "t:latest"}),
+        content: Default::default(),
+    })
+    .await?;
+    let got = _b.template("t:latest").await?.ok_or_else(|| anyhow::anyhow!("not replicated"))?;
+    assert_eq!(got.origin, "a");
+    // Another node cannot take the name over; every node shares one signing secret.
+    assert!(!_b.publish_template(&got).await?);
+    assert_eq!(a.secret(), _b.secret());
+    assert_eq!(a.secret().len(), 64);
     let mut counts = std::collections::HashMap::<String, usize>::new();
     for _ in 0..8 {
-        let n = a.place("base", "jail").ok_or_else(|| anyhow::anyhow!("no node"))?;
+        let n = a.place("base", "jail", false).ok_or_else(|| anyhow::anyhow!("no node"))?;
         *counts.entry(n.id).or_default() += 1;
     }
     // c is full; a has one slot, b ten: b takes most, and never c.
     assert_eq!(counts.get("c"), None, "{counts:?}");
     assert!(counts.get("b").copied().unwrap_or(0) >= 6, "{counts:?}");
+    Ok(())
+}
+
+/// Cluster-wide quota: reservations through two nodes at once never pass the limit; the
+/// leader sweeps an expired record of a lost node and its unit goes back with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_holds_across_nodes_and_the_leader_sweeps_expired_records() -> anyhow::Result<()> {
+    let Some(e) = etcd()? else { return Ok(()) };
+    let a = Cluster::join(cfg(&e, "a", "/t4"), cap(0)).await?;
+    let b = Cluster::join(cfg(&e, "b", "/t4"), cap(0)).await?;
+    let mut tries = Vec::new();
+    for i in 0..10 {
+        let n = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tries.push(tokio::spawn(async move { n.reserve("k", 4).await }));
+    }
+    let mut won = 0;
+    for t in tries {
+        if t.await??.is_ok() {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 4, "10 reservations through two nodes against a limit of 4");
+    assert_eq!(a.reserve("k", 4).await?, Err(4));
+    // One of the four becomes a record on b, expired two minutes ago.
+    let mut y = rec("y");
+    y.counted = true;
+    y.end_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
+        as i64
+        - 120_000;
+    b.claim(&y).await?;
+    until("a sees y", 5, || a.records().iter().any(|r| r.id == "y")).await?;
+    b.leave().await;
+    drop(b);
+    until("y swept", 10, || !a.records().iter().any(|r| r.id == "y")).await?;
+    assert_eq!(a.reserve("k", 4).await?, Ok(()), "the swept record's unit came back");
+    a.unreserve("k").await?;
     Ok(())
 }

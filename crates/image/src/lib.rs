@@ -24,6 +24,7 @@ pub mod registry;
 pub mod sdk;
 pub mod shared;
 pub mod store;
+pub mod transfer;
 pub mod unpack;
 
 pub use error::ImageError;

@@ -26,6 +26,9 @@ use crate::api::App;
 use crate::e2b_error::{E2bError, Kind};
 use crate::store::{SandboxState, StoredKey};
 
+mod fetch;
+mod handoff;
+
 /// Marks a request one node forwarded to another; its value is the sender's node id.
 pub const HOP: &str = "x-ringfence-hop";
 
@@ -43,6 +46,9 @@ pub struct Routing {
     cluster: Arc<Cluster>,
     inner: Router,
     http: Client<HttpConnector, Body>,
+    /// One template fetch at a time on this node: concurrent creates of a missing template
+    /// wait for the first one's fetch rather than each pulling the same layers.
+    fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -69,10 +75,15 @@ pub fn router(app: App, cluster: Arc<Cluster>, inner: Router) -> Router {
     let http = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
-    Router::new().fallback(route).with_state(Routing { app, cluster, inner, http })
+    let fetching = Arc::new(tokio::sync::Mutex::new(()));
+    Router::new().fallback(route).with_state(Routing { app, cluster, inner, http, fetching })
 }
 
 fn error(kind: Kind, msg: impl Into<String>) -> Response {
+    // A 500's detail may name host paths (a store, a layer directory): logged, not shown.
+    if kind == Kind::Internal {
+        return E2bError::internal(msg.into()).into_response();
+    }
     E2bError::new(kind, msg).into_response()
 }
 
@@ -115,6 +126,9 @@ async fn route(State(r): State<Routing>, req: Request) -> Response {
     if !plain_health && let Some(why) = r.cluster.unavailable() {
         return error(Kind::Unavailable, why);
     }
+    if req.uri().path().starts_with(fetch::INTERNAL) {
+        return fetch::internal(&r, req).await;
+    }
     if let Some(id) = id {
         return sandbox_request(r, id, hop, req).await;
     }
@@ -154,7 +168,18 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
     };
     let me = r.cluster.node_id().to_string();
     let Some(rec) = record else { return local(&r, req).await };
-    if rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none()) {
+    let orphan = rec.state == "lost" || (rec.owner != me && r.cluster.node(&rec.owner).is_none());
+    // A paused sandbox of a lost node, its files on shared storage: a resume through any
+    // node takes it over.
+    if orphan
+        && rec.owner != me
+        && rec.snapshot.is_some()
+        && r.cluster.config().shared_snapshots.is_some()
+        && handoff::is_resume(&req, &id)
+    {
+        return handoff::resume_elsewhere(&r, &id, req).await;
+    }
+    if orphan {
         return error(
             Kind::Unavailable,
             format!(
@@ -163,6 +188,15 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
                 rec.owner
             ),
         );
+    }
+    if rec.owner == me
+        && rec.state == "paused"
+        && rec.snapshot.is_some()
+        && let Err(resp) = handoff::ensure_adopted(&r, &id).await
+    {
+        // Possibly taken over and not yet copied in (a request forwarded by a node that lost
+        // the take-over race waits for the copy).
+        return resp;
     }
     if rec.owner == me {
         let kill = req.method() == Method::DELETE;
@@ -190,8 +224,12 @@ async fn sandbox_request(r: Routing, id: String, hop: bool, req: Request) -> Res
     forward(&r, &node.id, &node.addr, req).await
 }
 
-/// Sends `req` to node `node` at `addr` and relays its answer; bodies stream both ways.
-async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response {
+/// Sends `req` to node `node` at `addr` and relays its answer; bodies stream both ways. An
+/// upgrade (WebSocket to an inbound port, say) is passed on with its headers, and once the
+/// owner answers 101 the two upgraded connections are spliced together.
+async fn forward(r: &Routing, node: &str, addr: &str, mut req: Request) -> Response {
+    let upgrade = req.headers().get(axum::http::header::UPGRADE).cloned();
+    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri: Uri = match format!("http://{addr}{pq}").parse() {
@@ -205,6 +243,11 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
     };
     parts.uri = uri;
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        // Hop-by-hop, but the upgrade is what this request is for: asked of the next hop too.
+        parts.headers.insert(axum::http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(axum::http::header::UPGRADE, u.clone());
+    }
     if let Ok(v) = HeaderValue::from_str(r.cluster.node_id()) {
         parts.headers.insert(HOP, v);
     }
@@ -212,7 +255,29 @@ async fn forward(r: &Routing, node: &str, addr: &str, req: Request) -> Response 
     // Bounds the wait for the answer's head only (streams then run as long as they run): a
     // pooled connection to a node cut off mid-way would otherwise hang until TCP gives up.
     match tokio::time::timeout(HEAD_TIMEOUT, r.http.request(req)).await {
-        Ok(Ok(resp)) => {
+        Ok(Ok(mut resp)) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_side) = client_side
+            {
+                let owner_side = hyper::upgrade::on(&mut resp);
+                let (n, a) = (node.to_string(), addr.to_string());
+                tokio::spawn(async move {
+                    match (client_side.await, owner_side.await) {
+                        (Ok(c), Ok(o)) => {
+                            let mut c = hyper_util::rt::TokioIo::new(c);
+                            let mut o = hyper_util::rt::TokioIo::new(o);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut o).await;
+                        }
+                        (c, o) => tracing::debug!(
+                            node = %n, addr = %a, client = ?c.err(), owner = ?o.err(),
+                            "an upgraded connection through the cluster did not start"
+                        ),
+                    }
+                });
+                // The 101 keeps its Connection/Upgrade headers: they are the answer.
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, Body::empty());
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
@@ -273,7 +338,12 @@ async fn place(r: Routing, req: Request) -> Response {
         Err(_) => (requested.to_string(), r.app.manager.tiers().default_kind()),
     };
     let me = r.cluster.node_id().to_string();
-    let mut target = r.cluster.place(&template, tier.as_str()).map_or_else(|| me.clone(), |n| n.id);
+    let template = fetch::store_name(&template).unwrap_or(template);
+    // A template some node published can be fetched by any node: all of them qualify.
+    let fetchable =
+        fetch::is_image(&template) && matches!(r.cluster.template(&template).await, Ok(Some(_)));
+    let mut target =
+        r.cluster.place(&template, tier.as_str(), fetchable).map_or_else(|| me.clone(), |n| n.id);
     if let Some(k) = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         // The tenant is the presented key's hash: the node pinning the create need not know
         // the key (the node that creates checks it).
@@ -318,8 +388,78 @@ async fn place(r: Routing, req: Request) -> Response {
 /// goes out, so an acknowledged sandbox always has one. If etcd refuses it, the sandbox is
 /// killed and the create fails.
 async fn local_create(r: &Routing, req: Request) -> Response {
+    // An image template this node lacks is fetched from a peer first (verified layer by
+    // layer); the create then runs as on a single server.
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, CREATE_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                Kind::InvalidArgument,
+                format!("create body unreadable or over 1 MiB: {e}"),
+            );
+        }
+    };
+    let requested = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("templateID").and_then(Value::as_str).map(str::to_string));
+    if let Some(requested) = requested {
+        let name = requested.rsplit_once('@').map_or(requested.as_str(), |(n, _)| n);
+        if let Some(name) = fetch::store_name(name)
+            && let Err((status, msg)) = fetch::ensure(r, &name).await
+        {
+            return error(status, msg);
+        }
+    }
+    // The key's sandbox quota, cluster-wide: a unit of its count in etcd is taken before the
+    // sandbox starts (a compare-and-swap, so nodes creating at once never overshoot together)
+    // and given back if the create fails; the record then carries it until deleted.
+    let mut reserved = None;
+    // At the limit, a create under an Idempotency-Key still runs locally: a retry of one
+    // already made replays its answer (its sandbox holds its unit); a new one is undone below.
+    let mut over: Option<String> = None;
+    let idempotent = parts.headers.contains_key("idempotency-key");
+    if let Ok(key) = crate::api::caller(&r.app, &parts.headers).await {
+        let max = match r.app.manager.max_sandboxes_of(&key.id) {
+            Ok(m) => m,
+            Err(e) => return error(Kind::Internal, e.to_string()),
+        };
+        match r.cluster.reserve(&key.id, u64::from(max)).await {
+            Ok(Ok(())) if max > 0 => reserved = Some(key.id),
+            Ok(Ok(())) => {}
+            Ok(Err(n)) => {
+                let msg = format!(
+                    "API key {} holds {n} sandboxes across the cluster; its limit is {max} (kill \
+                     one first)",
+                    key.id
+                );
+                if !idempotent {
+                    return error(Kind::ResourceExhausted, msg);
+                }
+                over = Some(msg);
+            }
+            Err(e) => {
+                return error(
+                    Kind::Unavailable,
+                    format!(
+                        "node {}: cannot check the key's cluster-wide quota: {e}",
+                        r.cluster.node_id()
+                    ),
+                );
+            }
+        }
+    }
+    let unreserve = |tenant: Option<String>| async move {
+        if let Some(t) = tenant
+            && let Err(e) = r.cluster.unreserve(&t).await
+        {
+            tracing::warn!(key_id = %t, error = %e, "giving back a cluster quota unit");
+        }
+    };
+    let req = Request::from_parts(parts, Body::from(bytes));
     let resp = local(r, req).await;
     if resp.status() != StatusCode::CREATED {
+        unreserve(reserved).await;
         return resp;
     }
     let (parts, body) = resp.into_parts();
@@ -329,18 +469,40 @@ async fn local_create(r: &Routing, req: Request) -> Response {
     let id = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .and_then(|v| v.get("sandboxID").and_then(Value::as_str).map(str::to_string));
-    if let Some(id) = id
-        && let Some(rec) = r.app.manager.get(&id).and_then(|l| l.snapshot())
-        && let Err(e) = r.cluster.claim(&record_of(r.cluster.node_id(), &rec)).await
-    {
-        r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
-        return error(
-            Kind::Unavailable,
-            format!(
-                "node {}: recording sandbox {id} in the cluster failed: {e}",
-                r.cluster.node_id()
-            ),
-        );
+    let Some(id) = id else {
+        unreserve(reserved).await;
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    if let Some(msg) = over {
+        if matches!(r.cluster.lookup(&id).await, Ok(Some(_))) {
+            // The replay of a create made before: its sandbox is recorded (and counted).
+            return Response::from_parts(parts, Body::from(bytes));
+        }
+        r.app.manager.kill(&id, "over the key's cluster-wide sandbox quota").await;
+        return error(Kind::ResourceExhausted, msg);
+    }
+    // An Idempotency-Key replay answers the first create's sandbox, whose record already
+    // holds its unit.
+    if reserved.is_some() && matches!(r.cluster.lookup(&id).await, Ok(Some(rec)) if rec.counted) {
+        unreserve(reserved.take()).await;
+    }
+    if let Some(rec) = r.app.manager.get(&id).and_then(|l| l.snapshot()) {
+        let mut record = record_of(r.cluster.node_id(), &rec);
+        record.counted = reserved.is_some();
+        if let Err(e) = r.cluster.claim(&record).await {
+            r.app.manager.kill(&id, "its cluster ownership record could not be written").await;
+            unreserve(reserved).await;
+            return error(
+                Kind::Unavailable,
+                format!(
+                    "node {}: recording sandbox {id} in the cluster failed: {e}",
+                    r.cluster.node_id()
+                ),
+            );
+        }
+    } else {
+        // Answered 201 but gone already (killed at once): no record, no unit.
+        unreserve(reserved).await;
     }
     Response::from_parts(parts, Body::from(bytes))
 }
@@ -359,6 +521,8 @@ fn record_of(node: &str, r: &crate::store::SandboxRecord) -> SandboxRecord {
         tier: r.tier.clone(),
         end_at: r.end_at,
         lost_reason: None,
+        counted: false,
+        snapshot: None,
     }
 }
 
@@ -389,8 +553,11 @@ async fn fan_out(r: Routing, req: Request) -> Response {
     let answers = futures_util::future::join_all(calls).await;
     let mut items = Vec::new();
     let mut partial = Vec::new();
+    // Some node has more after its page (see `paginate`).
+    let mut node_more = false;
     for (node, resp) in answers {
         let status = resp.status();
+        node_more |= resp.headers().contains_key("x-next-token");
         let Ok(bytes) = axum::body::to_bytes(resp.into_body(), 64 << 20).await else {
             partial.push(node);
             continue;
@@ -421,7 +588,16 @@ async fn fan_out(r: Routing, req: Request) -> Response {
             items.extend(a);
         }
     }
-    if !audit && !parts.uri.query().unwrap_or("").contains("state=") {
+    let query = parts.uri.query().unwrap_or("");
+    let mut next_token = None;
+    if !audit {
+        match paginate(&mut items, query, node_more) {
+            Ok(t) => next_token = t,
+            Err(msg) => return error(Kind::InvalidArgument, msg),
+        }
+    }
+    // `lost` records carry no position in the list's order: they go with its first page.
+    if !audit && !query.contains("state=") && !query.contains("nextToken=") {
         let tenant = crate::api::caller(&r.app, &parts.headers).await.ok().map(|k| k.id);
         let alive: std::collections::HashSet<String> =
             r.cluster.nodes().into_iter().map(|n| n.id).collect();
@@ -443,12 +619,61 @@ async fn fan_out(r: Routing, req: Request) -> Response {
     let body =
         if audit { json!({"records": items, "next_cursor": null}) } else { Value::Array(items) };
     let mut resp = axum::Json(body).into_response();
+    if let Some(t) = next_token
+        && let Ok(v) = HeaderValue::from_str(&t)
+    {
+        resp.headers_mut().insert("x-next-token", v);
+    }
     if !partial.is_empty()
         && let Ok(v) = HeaderValue::from_str(&partial.join(","))
     {
         resp.headers_mut().insert("x-ringfence-partial", v);
     }
     resp
+}
+
+/// One page of a list across nodes. The list's token is a position in one total order
+/// (`(created_at, id)`, newest first unless `order=asc`), the same on every node, so each node
+/// was asked for `limit` items after the same position: the first `limit` of their union, in
+/// that order, are exactly the cluster's page. Keeps those in `items`; returns the next token
+/// (the last one's position) when anything is left after them.
+fn paginate(
+    items: &mut Vec<Value>,
+    query: &str,
+    node_more: bool,
+) -> Result<Option<String>, String> {
+    let mut limit = crate::store::DEFAULT_LIST_LIMIT as usize;
+    let mut asc = false;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match k {
+            // Each node already refused a bad limit or order; these parse as they did there.
+            "limit" => limit = v.parse().map_err(|_| format!("invalid limit {v:?}"))?,
+            "order" => asc = v == "asc",
+            _ => {}
+        }
+    }
+    let pos = |x: &Value| {
+        let at = x
+            .get("startedAt")
+            .and_then(Value::as_str)
+            .and_then(crate::time::parse_rfc3339_ms)
+            .unwrap_or(0);
+        let id = x.get("sandboxID").and_then(Value::as_str).unwrap_or("").to_string();
+        (at, id)
+    };
+    items.sort_by_cached_key(|x| pos(x));
+    if !asc {
+        items.reverse();
+    }
+    let more = node_more || items.len() > limit;
+    items.truncate(limit);
+    Ok(match items.last() {
+        Some(last) if more => {
+            let (at, id) = pos(last);
+            Some(crate::store::encode_token(at, &id))
+        }
+        _ => None,
+    })
 }
 
 /// What this node offers now.
@@ -469,9 +694,13 @@ fn capacity(app: &App) -> Capacity {
         mem_available,
         cpus,
         running: u64::try_from(starting + running).unwrap_or(0),
-        // Templates every node has; a template built on one node only is advertised by none
-        // and its creates run where they arrive.
-        templates: vec!["base".into(), ringfence_jail::template::INTERP_TEMPLATE.into()],
+        // The built-in templates every node has, and the image templates of this node's store
+        // (published with their layers' digests by the sync loop, fetchable by the others).
+        templates: {
+            let mut t = vec!["base".to_string(), ringfence_jail::template::INTERP_TEMPLATE.into()];
+            t.extend(fetch::local_templates(app));
+            t
+        },
         tiers: app.manager.tiers().available().map(|t| t.kind().as_str().to_string()).collect(),
     }
 }
@@ -481,11 +710,16 @@ fn capacity(app: &App) -> Capacity {
 /// run, and kills what another node owns now).
 async fn sync_loop(app: App, cluster: Arc<Cluster>) {
     let mut keys = KeySync::default();
+    let mut published = HashSet::new();
+    let mut exported = HashSet::new();
     loop {
         let rejoined = cluster.take_rejoined();
         cluster.set_capacity(capacity(&app));
         if let Err(e) = sync_keys(&app, &cluster, &mut keys).await {
             tracing::warn!(error = %e, "replicating API keys");
+        }
+        if let Err(e) = fetch::publish(&app, &cluster, &mut published).await {
+            tracing::warn!(error = %e, "publishing template metadata");
         }
         // Without a live registration the leader would mark what a pass restores lost again.
         let pass = if cluster.lease_fresh() {
@@ -493,6 +727,11 @@ async fn sync_loop(app: App, cluster: Arc<Cluster>) {
         } else {
             Err("no live cluster lease".to_string())
         };
+        if pass.is_ok()
+            && let Err(e) = handoff::export(&app, &cluster, &mut exported).await
+        {
+            tracing::warn!(error = %e, "copying paused sandboxes to shared storage");
+        }
         match pass {
             // Only a pass that began after the (re)registration lets the node serve: one
             // already under way when the lease was replaced may have read stale records.
@@ -523,7 +762,14 @@ async fn reconcile(app: &App, cluster: &Cluster) -> Result<(), String> {
     let done = cluster.reconcile(&local, &before).await.map_err(|e| e.to_string())?;
     for id in &done.foreign {
         tracing::warn!(sandbox_id = %id, "another node owns this sandbox now: killing the local copy");
-        app.manager.kill(id, "another cluster node owns it").await;
+        // A sandbox paused to its files is not running: its stored copy ends instead (the
+        // node that took it over resumed it from the shared copy).
+        if !app.manager.kill(id, "another cluster node owns it").await
+            && let Some(rec) = held.iter().find(|r| &r.id == id)
+            && let Err(e) = app.manager.kill_paused(&rec.key_id, id).await
+        {
+            tracing::warn!(sandbox_id = %id, error = %e, "ending the local paused copy");
+        }
     }
     if done.claimed + done.restored + done.released > 0 {
         tracing::info!(

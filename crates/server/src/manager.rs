@@ -421,6 +421,12 @@ impl Manager {
         Ok(self.quota_of(own))
     }
 
+    /// How many sandboxes `key_id` may hold (0: no limit): what cluster mode enforces across
+    /// the nodes.
+    pub fn max_sandboxes_of(&self, key_id: &str) -> Result<u32, ManagerError> {
+        Ok(self.quota_for(key_id)?.max_sandboxes)
+    }
+
     /// The quotas in force for a key with its own settings `own`.
     fn quota_of(&self, own: Option<crate::store::KeyLimits>) -> crate::quota::QuotaConfig {
         self.cfg.quotas.for_key(&own.unwrap_or_default())

@@ -50,6 +50,23 @@ impl Store {
         Ok(())
     }
 
+    /// Adds sandbox `rec`, paused on another node to its files (copied here already), with
+    /// the rows of its layers, in one transaction (cluster mode's resume elsewhere).
+    pub fn adopt_paused(&self, rec: &SandboxRecord, from: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for l in &rec.lifecycle.layers {
+            tx.execute(
+                "INSERT OR IGNORE INTO layers (id, created_at) VALUES (?1, ?2)",
+                params![l, unix_millis()],
+            )?;
+        }
+        insert_sandbox_on(&tx, rec)?;
+        insert_event_on(&tx, &rec.id, "adopted", &serde_json::json!({ "from_node": from }))?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Stores a snapshot together with the row of `layer`, the layer it just saved.
     pub fn insert_snapshot_with_layer(
         &self,
