@@ -16,7 +16,7 @@
 //! sandbox should go, and reports what it runs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,8 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// The `host:port` other nodes reach this node's API at.
     pub advertise: String,
-    /// The node lease's time to live: a node that stops renewing it for this long is dead.
+    /// Within this long of a node's last renewal it counts as dead and its sandboxes read
+    /// `lost` (the etcd lease itself is granted a second shorter: see [`lease_request`]).
     pub ttl: Duration,
     /// Key prefix in etcd (several clusters may share one etcd).
     pub prefix: String,
@@ -196,6 +197,8 @@ pub struct Cluster {
     cfg: ClusterConfig,
     client: Client,
     lease: AtomicI64,
+    /// The lease's TTL as etcd granted it, in ms: renewals and the partition guard count on it.
+    lease_ms: AtomicU64,
     /// When the lease was last confirmed alive at etcd.
     last_ok: Mutex<Instant>,
     /// Why the last renewal failed (for the 503 a partitioned node answers).
@@ -309,6 +312,7 @@ impl Cluster {
         .await
         .map_err(|_| ClusterError::Timeout(Duration::from_secs(10)))??;
         let cluster = Arc::new(Cluster {
+            lease_ms: AtomicU64::new(lease_request(cfg.ttl).as_millis() as u64),
             cfg,
             client,
             lease: AtomicI64::new(0),
@@ -436,8 +440,13 @@ impl Cluster {
     /// Takes a new lease and writes this node's record under it, only if no live node holds
     /// the id (the key is absent, or attached to a lease of ours).
     async fn register(&self) -> Result<(), ClusterError> {
-        let ttl = i64::try_from(self.cfg.ttl.as_secs()).unwrap_or(i64::MAX);
-        let lease = self.op(|mut c| async move { c.lease_grant(ttl, None).await }).await?.id();
+        let ttl = i64::try_from(lease_request(self.cfg.ttl).as_secs()).unwrap_or(i64::MAX);
+        let granted = self.op(|mut c| async move { c.lease_grant(ttl, None).await }).await?;
+        // etcd may raise a short TTL to its minimum: count on what it granted.
+        if granted.ttl() > 0 {
+            self.lease_ms.store(granted.ttl() as u64 * 1000, Ordering::SeqCst);
+        }
+        let lease = granted.id();
         let key = self.key("nodes", &self.cfg.node_id);
         let info = serde_json::to_vec(&self.node_info())?;
         let put = TxnOp::put(key.clone(), info, Some(PutOptions::new().with_lease(lease)));
@@ -512,9 +521,8 @@ impl Cluster {
     /// node counts as partitioned once its lease may have expired (see [`Cluster::serving`]);
     /// a lease etcd reports gone is replaced by a new one and the node re-registered.
     async fn renew_loop(self: Arc<Self>) {
-        let every = self.cfg.ttl / 5;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(self.lease_period() / 5).await;
             if self.stopped.load(Ordering::SeqCst) {
                 return;
             }
@@ -584,7 +592,13 @@ impl Cluster {
     /// Whether the lease was renewed recently enough that it surely still holds.
     pub fn lease_fresh(&self) -> bool {
         let since = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or_default();
-        since + Duration::from_millis(1500).min(self.cfg.ttl / 2) < self.cfg.ttl
+        let lease = self.lease_period();
+        since + Duration::from_millis(1500).min(lease / 2) < lease
+    }
+
+    /// The lease's TTL as granted.
+    fn lease_period(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::SeqCst))
     }
 
     /// Why this node must not serve now, or None. A node serves while its lease is surely
@@ -592,8 +606,9 @@ impl Cluster {
     /// after it has re-checked its sandboxes following any lease loss.
     pub fn unavailable(&self) -> Option<String> {
         let since = self.last_ok.lock().map(|t| t.elapsed()).unwrap_or_default();
-        let margin = Duration::from_millis(1500).min(self.cfg.ttl / 2);
-        if since + margin >= self.cfg.ttl {
+        let lease = self.lease_period();
+        let margin = Duration::from_millis(1500).min(lease / 2);
+        if since + margin >= lease {
             let why = self.last_error.lock().map(|m| m.clone()).unwrap_or_default();
             return Some(format!(
                 "node {} cannot reach the cluster's etcd (lease not renewed for {:.1} s: {why})",
@@ -1295,4 +1310,12 @@ impl Cluster {
         }
         Ok(n)
     }
+}
+
+/// The lease TTL asked of etcd for a configured `ttl`: a second shorter, so that a dead node's
+/// sandboxes read `lost` within `ttl` of its last renewal and not after it. etcd checks lease
+/// expiry about every 0.5 s and the leader learns of it through a watch; the second covers
+/// both. Whole seconds (etcd's unit), at least one.
+pub fn lease_request(ttl: Duration) -> Duration {
+    Duration::from_secs(ttl.as_secs().saturating_sub(1).max(1))
 }

@@ -31,8 +31,8 @@ use ringfence_image::{LayerRecord, Limits, Record, Store};
 use tokio::io::AsyncWriteExt;
 
 use super::{Routing, error};
-use crate::e2b_error::Kind;
 use crate::api::App;
+use crate::e2b_error::Kind;
 
 /// Path prefix of the node-to-node endpoints.
 pub const INTERNAL: &str = "/_cluster/";
@@ -307,9 +307,7 @@ pub async fn ensure(r: &Routing, name: &str) -> Result<(), (Kind, String)> {
         result = tokio::task::spawn_blocking(move || s.register(&rec))
             .await
             .map_err(|e| (Kind::Internal, e.to_string()))
-            .and_then(|r| {
-                r.map_err(|e| (Kind::Internal, format!("registering: {e}")))
-            });
+            .and_then(|r| r.map_err(|e| (Kind::Internal, format!("registering: {e}"))));
     }
     if result.is_err() {
         let s = st.clone();
