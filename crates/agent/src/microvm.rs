@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
+use ringfence_proto::{GUEST_PARKED, WAKE_LEN, Wake};
 
 /// The name the host gives the agent's virtio-serial port (`virtserialport,name=`).
 pub const PORT_NAME: &str = "ringfence.agent";
@@ -63,6 +64,14 @@ pub fn boot() -> Result<UnixStream, BootError> {
     // The template: read-only at the block layer too (the host attaches it read-only).
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
     mount_fs(&root_disk, "/lower", "ext4", ro, Some("noload"))?;
+
+    // The channel is opened here, on the initramfs's /dev (before the switch of root below).
+    let port =
+        OpenOptions::new().read(true).write(true).open(&port).map_err(io_fail("open port"))?;
+    // Parked: everything so far is the same in every sandbox of this template, so a memory
+    // snapshot of the guest is taken here. What follows is each sandbox's own.
+    park(&port, &rw_disk)?;
+
     mount_fs(&rw_disk, "/rw", "ext4", MsFlags::MS_NODEV, None)?;
     for d in ["/rw/upper", "/rw/work"] {
         fs::create_dir_all(d).map_err(io_fail(d))?;
@@ -91,9 +100,16 @@ pub fn boot() -> Result<UnixStream, BootError> {
     let _ = fs::remove_file(ptmx);
     std::os::unix::fs::symlink("pts/ptmx", ptmx).map_err(io_fail("link /dev/ptmx"))?;
 
-    // The channel is opened before the switch: its device node is on the initramfs's /dev.
-    let port =
-        OpenOptions::new().read(true).write(true).open(&port).map_err(io_fail("open port"))?;
+    // A machine id of this guest's own, not the template's (and not another restore's).
+    if Path::new("/newroot/etc").is_dir() {
+        let mut id = [0u8; 16];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut id))
+            .map_err(io_fail("read /dev/urandom"))?;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        fs::write("/newroot/etc/machine-id", format!("{hex}\n"))
+            .map_err(io_fail("write /etc/machine-id"))?;
+    }
 
     // The initramfs is the kernel's rootfs, which cannot be pivoted away: move the overlay
     // over it and chroot, as switch_root does. What stays behind (this binary, the modules)
@@ -105,6 +121,50 @@ pub fn boot() -> Result<UnixStream, BootError> {
     std::env::set_current_dir("/").map_err(io_fail("chdir /"))?;
 
     bridge(port)
+}
+
+/// Tells the host the guest is parked ([`GUEST_PARKED`]) and waits for its [`Wake`]; then takes
+/// this sandbox's identity from it: the host's wall clock, fresh entropy for the kernel's
+/// generator (reseeded at once), and none of what the kernel cached of the writable disk.
+///
+/// A guest restored from a snapshot wakes here with the snapshot's clock and generator state
+/// (shared with every other restore of it) and with the page cache of the disk that was
+/// attached when the snapshot was taken (a placeholder: only the partition scan read it).
+/// The boot id (`/proc/sys/kernel/random/boot_id`) is not set here: the kernel makes it on
+/// its first read, which no one has done before this point, so each restore makes its own
+/// from the reseeded generator.
+fn park(port: &File, rw_disk: &str) -> Result<(), BootError> {
+    let mut out = port;
+    out.write_all(&[GUEST_PARKED]).map_err(io_fail("write to the port"))?;
+    let mut msg = [0u8; WAKE_LEN];
+    let mut got = 0;
+    let mut input = port;
+    while got < WAKE_LEN {
+        match input.read(&mut msg[got..]) {
+            // No host on the port's other end (yet, or between a snapshot and its restore):
+            // the port reads end-of-file until one connects.
+            Ok(0) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(BootError(format!("read the host's wake: {e}"))),
+        }
+    }
+    let wake = Wake::from_bytes(&msg).map_err(|e| BootError(format!("the host's wake: {e}")))?;
+    let secs = i64::try_from(wake.unix_secs)
+        .map_err(|_| BootError("the host's clock is out of range".into()))?;
+    let now = nix::sys::time::TimeSpec::new(secs, i64::from(wake.nanos));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .map_err(fail("step the clock"))?;
+    let random = OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(io_fail("open /dev/urandom"))?;
+    ringfence_sys::add_entropy_and_reseed(&random, &wake.entropy)
+        .map_err(|e| BootError(format!("reseed the kernel's generator: {e}")))?;
+    let disk = File::open(rw_disk).map_err(io_fail("open the writable disk"))?;
+    ringfence_sys::flush_block_cache(&disk)
+        .map_err(|e| BootError(format!("drop the writable disk's cached blocks: {e}")))?;
+    Ok(())
 }
 
 /// Loads the modules listed in `dir/order`, in that order (each after what it needs).

@@ -13,6 +13,9 @@
 //! - [`MicroVm`]: one sandbox: starts the VM, hands the agent its setup, and cleans up (QEMU,
 //!   sockets, disks) on [`MicroVm::delete`] or drop.
 //!
+//! - [`snapshot`]: a memory snapshot per template and guest shape, booted once and saved with
+//!   the agent parked before it touches the writable disk; sandboxes start by restoring it.
+//!
 //! - [`jail`]: each QEMU in its own uid, namespaces and seccomp filter.
 //!
 //! No `unsafe` here: the one raw call (passing a descriptor to QEMU) is `ringfence-sys`'s.
@@ -24,12 +27,13 @@ pub mod jail;
 pub mod probe;
 pub mod qmp;
 mod sandbox;
+pub mod snapshot;
 pub mod vmm;
 
 use std::path::PathBuf;
 
 pub use probe::{Probe, probe};
-pub use sandbox::{MicroVm, StartSpec, Usage, sweep};
+pub use sandbox::{MicroVm, StartSpec, Usage, guest_shape, sweep};
 pub use vmm::{Accel, Qemu};
 
 /// Everything that can go wrong starting or running a microVM.
@@ -65,6 +69,8 @@ pub const DEFAULT_KERNEL_DIR: &str = "/usr/local/lib/ringfence/microvm";
 pub const KERNEL_DIR_ENV: &str = "RINGFENCE_MICROVM_DIR";
 /// Forces an acceleration (`kvm` or `tcg`) instead of probing both.
 pub const ACCEL_ENV: &str = "RINGFENCE_MICROVM_ACCEL";
+/// `off`: start every sandbox by booting its guest, never from a memory snapshot.
+pub const SNAPSHOT_ENV: &str = "RINGFENCE_MICROVM_SNAPSHOTS";
 /// Host-wide cache of template images (default `/var/cache/ringfence/microvm`).
 pub const CACHE_ENV: &str = "RINGFENCE_MICROVM_CACHE";
 

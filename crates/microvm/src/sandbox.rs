@@ -25,6 +25,9 @@ pub struct StartSpec {
     /// How long the guest may take from launch to its agent's `Ready` (a TCG boot on a
     /// contended host takes several seconds).
     pub setup_timeout: Duration,
+    /// Start by restoring this memory snapshot ([`crate::snapshot::template_snapshot`], made
+    /// for the same template and guest shape) instead of booting.
+    pub snapshot: Option<PathBuf>,
 }
 
 impl StartSpec {
@@ -35,6 +38,7 @@ impl StartSpec {
             limits: Limits::default(),
             env: Default::default(),
             setup_timeout: Duration::from_secs(90),
+            snapshot: None,
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct MicroVm {
     pub ready: Ready,
     /// Wall time from launch to the agent's `Ready`.
     pub boot: Duration,
+    /// Whether the guest was restored from a memory snapshot rather than booted.
+    pub restored: bool,
     /// This server's claim on the directory, held for the sandbox's life: [`sweep`] (run by
     /// any server sharing the state directory) passes by a directory whose claim is held.
     _owner: Option<nix::fcntl::Flock<fs::File>>,
@@ -84,6 +90,112 @@ pub struct MicroVm {
 fn io_op(op: impl Into<String>) -> impl Fn(io::Error) -> MicrovmError {
     let op = op.into();
     move |source| MicrovmError::Io { op: op.clone(), source }
+}
+
+/// The guest's RAM (MiB) and vCPUs for a sandbox's limits.
+pub fn guest_shape(limits: &Limits) -> (u64, u32) {
+    let memory_mib = limits.memory.map_or(DEFAULT_MEMORY_MIB, |b| (b >> 20).max(MIN_MEMORY_MIB));
+    let vcpus = limits.cpu_millis.map_or(1, |m| m.div_ceil(1000).clamp(1, 64)) as u32;
+    (memory_mib, vcpus)
+}
+
+/// The VM of a sandbox (or of the snapshot it may start from: the two must agree on every
+/// device, so both are made here). Disks: the template read-only, then the writable one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn guest_spec(
+    cfg: &MicrovmConfig,
+    dir: &Path,
+    root_image: &Path,
+    rw: &Path,
+    limits: &Limits,
+    agent_sock: &Path,
+    jail: Option<crate::jail::VmJail>,
+    incoming: bool,
+) -> VmSpec {
+    let (memory_mib, vcpus) = guest_shape(limits);
+    VmSpec {
+        kernel: cfg.kernel(),
+        initrd: Some(cfg.initramfs.clone()),
+        cmdline: cfg.cmdline(),
+        memory_mib,
+        vcpus,
+        disks: vec![
+            Disk { path: root_image.to_path_buf(), read_only: true },
+            Disk { path: rw.to_path_buf(), read_only: false },
+        ],
+        agent_socket: Some(agent_sock.to_path_buf()),
+        dir: dir.to_path_buf(),
+        accel: cfg.accel,
+        jail,
+        incoming,
+    }
+}
+
+/// Waits for QEMU to connect its end of the agent's port to `listener` (it does so while
+/// starting, before the guest runs).
+pub(crate) fn accept_port(
+    listener: &UnixListener,
+    vm: &mut QemuVm,
+    dir: &Path,
+) -> Result<UnixStream, MicrovmError> {
+    let started = Instant::now();
+    listener.set_nonblocking(true).map_err(io_op("agent socket"))?;
+    let control = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if vm.exited() || started.elapsed() > Duration::from_secs(10) {
+                    return Err(MicrovmError::Boot(format!(
+                        "QEMU never connected the agent's port: {}",
+                        crate::vmm::console_tail(&dir.join("qemu.log"), 400).trim()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io_op("accept the agent's port")(e)),
+        }
+    };
+    control.set_nonblocking(false).map_err(io_op("agent socket"))?;
+    Ok(control)
+}
+
+/// Reads one byte from the agent's channel, giving up when the VM ends or `limit` has passed
+/// since `started`.
+pub(crate) fn read_byte(
+    control: &mut UnixStream,
+    exited: &mut dyn FnMut() -> bool,
+    started: Instant,
+    limit: Duration,
+) -> Result<u8, MicrovmError> {
+    control.set_read_timeout(Some(Duration::from_millis(200))).map_err(io_op("set timeout"))?;
+    let mut b = [0u8; 1];
+    loop {
+        match control.read(&mut b) {
+            Ok(1) => return Ok(b[0]),
+            Ok(_) => return Err(MicrovmError::Boot("the guest closed its channel".into())),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if exited() {
+                    return Err(MicrovmError::Boot("the guest powered off during boot".into()));
+                }
+                if started.elapsed() > limit {
+                    return Err(MicrovmError::Boot(format!("no agent within {limit:?}")));
+                }
+            }
+            Err(e) => return Err(io_op("read the agent's channel")(e)),
+        }
+    }
+}
+
+/// The host's wake for a parked guest: its clock now, and fresh entropy.
+fn wake() -> Result<ringfence_proto::Wake, MicrovmError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| MicrovmError::Vmm(format!("the host's clock is before 1970: {e}")))?;
+    let mut entropy = [0u8; ringfence_proto::WAKE_ENTROPY];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut entropy))
+        .map_err(io_op("read /dev/urandom"))?;
+    Ok(ringfence_proto::Wake { unix_secs: now.as_secs(), nanos: now.subsec_nanos(), entropy })
 }
 
 /// A sandbox id becomes a directory name and the guest's hostname: nothing else gets in.
@@ -134,24 +246,18 @@ impl MicroVm {
         } else {
             None
         };
-        let memory_mib =
-            spec.limits.memory.map_or(DEFAULT_MEMORY_MIB, |b| (b >> 20).max(MIN_MEMORY_MIB));
-        let vcpus = spec.limits.cpu_millis.map_or(1, |m| m.div_ceil(1000).clamp(1, 64)) as u32;
-        let vm_spec = VmSpec {
-            kernel: cfg.kernel(),
-            initrd: Some(cfg.initramfs.clone()),
-            cmdline: cfg.cmdline(),
-            memory_mib,
-            vcpus,
-            disks: vec![
-                Disk { path: spec.root_image.clone(), read_only: true },
-                Disk { path: rw, read_only: false },
-            ],
-            agent_socket: Some(agent_sock.clone()),
-            dir: dir.to_path_buf(),
-            accel: cfg.accel,
-            jail: uid.as_ref().map(|l| l.jail),
-        };
+        let (memory_mib, _) = guest_shape(&spec.limits);
+        let restoring = spec.snapshot.is_some();
+        let vm_spec = guest_spec(
+            cfg,
+            dir,
+            &spec.root_image,
+            &rw,
+            &spec.limits,
+            &agent_sock,
+            uid.as_ref().map(|l| l.jail),
+            restoring,
+        );
         // QEMU's cgroup: the sandbox's CPU quota (a vCPU is a whole host core otherwise),
         // room for the guest's RAM plus the VMM's own, few tasks; claimed before the launch so
         // a full host fails before a guest boots. Its drop ends whatever is still inside.
@@ -185,26 +291,21 @@ impl MicroVm {
             });
         }
         // QEMU connects its chardev while starting, before the guest runs.
-        listener.set_nonblocking(true).map_err(io_op("agent socket"))?;
-        let control = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if vm.exited() || started.elapsed() > Duration::from_secs(10) {
-                        let _ = vm.quit();
-                        return Err(MicrovmError::Boot(format!(
-                            "QEMU never connected the agent's port: {}",
-                            crate::vmm::console_tail(&dir.join("qemu.log"), 400).trim()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(io_op("accept the agent's port")(e)),
+        let control = match accept_port(&listener, &mut vm, dir) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = vm.quit();
+                return Err(e);
             }
         };
         drop(listener);
         let _ = fs::remove_file(&agent_sock);
-        control.set_nonblocking(false).map_err(io_op("agent socket"))?;
+        if let Some(snapshot) = &spec.snapshot
+            && let Err(e) = vm.restore(snapshot)
+        {
+            let _ = vm.quit();
+            return Err(e);
+        }
         let mut m = MicroVm {
             id: spec.id.clone(),
             dir: dir.to_path_buf(),
@@ -214,11 +315,12 @@ impl MicroVm {
             disk_bytes: spec.limits.disk,
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
+            restored: restoring,
             _owner: Some(owner),
             _uid: uid,
             _cgroup: cgroup,
         };
-        if let Err(e) = m.handshake(&spec, started) {
+        if let Err(e) = m.handshake(&spec, started, restoring) {
             let console = crate::vmm::console_tail(&vm_spec.console_log(), 600);
             m.end();
             let last: Vec<&str> = console.lines().rev().take(3).collect();
@@ -234,7 +336,33 @@ impl MicroVm {
         Ok(m)
     }
 
-    fn handshake(&mut self, spec: &StartSpec, started: Instant) -> Result<(), MicrovmError> {
+    /// Wakes the parked guest ([`ringfence_proto::GUEST_PARKED`]: a booted one says so, a
+    /// restored one was saved parked), then hands its agent the sandbox's setup.
+    fn handshake(
+        &mut self,
+        spec: &StartSpec,
+        started: Instant,
+        restored: bool,
+    ) -> Result<(), MicrovmError> {
+        let limit = spec.setup_timeout;
+        if !restored {
+            let mut exited = || self.vm_exited_now();
+            let b = read_byte(
+                &mut self.control.try_clone().map_err(io_op("clone the channel"))?,
+                &mut exited,
+                started,
+                limit,
+            )?;
+            if b != ringfence_proto::GUEST_PARKED {
+                return Err(MicrovmError::Protocol(format!(
+                    "expected the parked mark, got {b:#x}"
+                )));
+            }
+        }
+        // Sent the moment the guest can take it, so its clock is stepped to within the
+        // channel's latency of the host's.
+        let wake = wake()?;
+        self.control.write_all(&wake.to_bytes()).map_err(io_op("send the wake to the agent"))?;
         let setup = SetupSpec {
             sandbox_id: spec.id.clone(),
             // The guest built its own root (see the agent's microvm mode).
@@ -258,31 +386,13 @@ impl MicroVm {
             allow_setuid: false,
             packet_relay: None,
         };
-        let limit = spec.setup_timeout;
         let msg = ringfence_proto::encode(&setup)?;
-        // The bytes wait in QEMU's chardev until the guest opens its port.
         self.control.write_all(&msg).map_err(io_op("send setup to the agent"))?;
-        self.control
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(io_op("set timeout"))?;
-        let mut mark = [0u8; 1];
-        loop {
-            match self.control.read(&mut mark) {
-                Ok(1) => break,
-                Ok(_) => return Err(MicrovmError::Boot("the guest closed its channel".into())),
-                Err(e)
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-                {
-                    if self.vm_exited() {
-                        return Err(MicrovmError::Boot("the guest powered off during boot".into()));
-                    }
-                    if started.elapsed() > limit {
-                        return Err(MicrovmError::Boot(format!("no agent within {limit:?}")));
-                    }
-                }
-                Err(e) => return Err(io_op("read the agent's marker")(e)),
-            }
-        }
+        let mark = {
+            let mut control = self.control.try_clone().map_err(io_op("clone the channel"))?;
+            let mut exited = || self.vm_exited_now();
+            [read_byte(&mut control, &mut exited, started, limit)?]
+        };
         self.control.set_read_timeout(Some(limit)).map_err(io_op("set timeout"))?;
         let event: Option<Event> = read_frame(&mut self.control).map_err(|e| match e {
             ProtoError::Io(io) => MicrovmError::Boot(format!("reading the agent's ready: {io}")),
@@ -302,7 +412,7 @@ impl MicroVm {
         }
     }
 
-    fn vm_exited(&self) -> bool {
+    fn vm_exited_now(&self) -> bool {
         self.vm.lock().ok().and_then(|mut g| g.as_mut().map(|v| v.exited())).unwrap_or(true)
     }
 

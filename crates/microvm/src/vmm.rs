@@ -76,6 +76,9 @@ pub struct VmSpec {
     /// Who the VMM runs as and in which namespaces ([`crate::jail`]); `None` runs it as the
     /// caller (a host without root, where there is no uid to drop to).
     pub jail: Option<VmJail>,
+    /// Start with no guest running, waiting for [`VmHandle::restore`] to load a saved one
+    /// (the devices above must be those the saved guest had, in the same order and sizes).
+    pub incoming: bool,
 }
 
 impl VmSpec {
@@ -103,6 +106,9 @@ pub trait VmHandle: Send + std::fmt::Debug {
     /// Writes the guest's memory and device state to `dest` (the guest is paused for it and
     /// stays paused).
     fn save(&mut self, dest: &Path) -> Result<(), MicrovmError>;
+    /// Loads the guest saved at `src` by [`VmHandle::save`] into a VM launched with
+    /// [`VmSpec::incoming`], and runs it.
+    fn restore(&mut self, src: &Path) -> Result<(), MicrovmError>;
     /// Whether the VMM process has exited.
     fn exited(&mut self) -> bool;
     /// Ends the guest and waits for the VMM process to exit (killed if it does not quit).
@@ -173,11 +179,17 @@ impl Qemu {
             // QEMU's option syntax doubles commas in values; our paths have none, but a
             // directory name with one must not split the option.
             let path = d.path.to_string_lossy().replace(',', ",,");
-            let ro = if d.read_only { ",readonly=on" } else { "" };
+            // A writable disk keeps its read-write descriptor for good (`auto-read-only=off`):
+            // otherwise saving the guest, which drops the disk's write permission at its end,
+            // makes QEMU reopen the image read-only, which its jail (another uid, an empty
+            // root) cannot, and the save fails ("bdrv_inactivate_all() failed").
+            let ro = if d.read_only { ",readonly=on" } else { ",auto-read-only=off" };
             let drive = format!("id=disk{i},file={path},format=raw,if=none,cache=unsafe{ro}");
             let dev = format!("virtio-blk-device,drive=disk{i}");
             push(&["-drive", &drive, "-device", &dev]);
         }
+        let incoming = incoming_args(spec);
+        push(&incoming.iter().map(String::as_str).collect::<Vec<_>>());
         if let Some(sock) = &spec.agent_socket {
             let path = sock.to_string_lossy().replace(',', ",,");
             let chardev = format!("socket,id=agent,path={path}");
@@ -186,6 +198,13 @@ impl Qemu {
         }
         a
     }
+}
+
+/// The options of a VM that starts by loading a saved guest: `-incoming defer` waits for the
+/// stream's URI over QMP (a descriptor we pass, see [`VmHandle::restore`]), so no path or
+/// shell command goes on the command line.
+fn incoming_args(spec: &VmSpec) -> Vec<String> {
+    if spec.incoming { vec!["-incoming".into(), "defer".into()] } else { Vec::new() }
 }
 
 /// A QEMU process and its QMP connection.
@@ -279,6 +298,41 @@ impl VmHandle for QemuVm {
                 }
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
+        }
+    }
+
+    fn restore(&mut self, src: &Path) -> Result<(), MicrovmError> {
+        let file = File::open(src)
+            .map_err(|source| MicrovmError::Io { op: format!("open {}", src.display()), source })?;
+        self.qmp.send_fd("incoming", &file)?;
+        self.qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": "fd:incoming" })))?;
+        // QEMU loads the stream in its main loop and starts the guest when it is complete
+        // (no `-S`); `inmigrate` until then.
+        let started = Instant::now();
+        loop {
+            let status = self.qmp.execute("query-status", None)?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("running") => return Ok(()),
+                Some("inmigrate") | Some("prelaunch") => {}
+                Some("paused") | Some("postmigrate") => {
+                    self.qmp.execute("cont", None)?;
+                }
+                other => {
+                    let m = self.qmp.execute("query-migrate", None).unwrap_or_default();
+                    let why = m.get("error-desc").and_then(|s| s.as_str()).unwrap_or("");
+                    return Err(MicrovmError::Vmm(format!(
+                        "restoring the guest failed (state {}): {why}",
+                        other.unwrap_or("unknown")
+                    )));
+                }
+            }
+            if self.exited() {
+                return Err(MicrovmError::Vmm("QEMU exited while restoring the guest".into()));
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(MicrovmError::Vmm("restoring the guest took over 120 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

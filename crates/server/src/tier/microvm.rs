@@ -231,6 +231,26 @@ fn sweep_probes(dir: &Path) {
     }
 }
 
+/// The memory snapshot to start a sandbox of `image` with `limits` from, built on first use;
+/// `None` (the guest boots) where snapshots are turned off (`RINGFENCE_MICROVM_SNAPSHOTS=off`)
+/// or the snapshot cannot be made (logged).
+fn snapshot_for(
+    cfg: &MicrovmConfig,
+    image: &Path,
+    limits: &ringfence_jail::limits::Limits,
+) -> Option<PathBuf> {
+    if std::env::var(ringfence_microvm::SNAPSHOT_ENV).is_ok_and(|v| v == "off") {
+        return None;
+    }
+    match ringfence_microvm::snapshot::template_snapshot(cfg, image, limits) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "no memory snapshot for the microvm tier; booting");
+            None
+        }
+    }
+}
+
 fn vm_err(e: ringfence_microvm::MicrovmError) -> TierError {
     TierError::Setup(format!("microvm: {e}"))
 }
@@ -273,12 +293,28 @@ impl Tier for MicrovmTier {
         }
         let cfg = self.config()?;
         let image = self.template_image(&spec.template)?;
-        let mut s = ringfence_microvm::StartSpec::new(spec.id, image);
+        let mut s = ringfence_microvm::StartSpec::new(spec.id, image.clone());
         s.limits = spec.limits;
         s.env = spec.env;
         let memory_limit = spec.limits.memory;
-        let vm = MicroVm::start(cfg, s).map_err(vm_err)?;
-        tracing::debug!(boot_ms = vm.boot.as_millis() as u64, "microvm booted");
+        s.snapshot = snapshot_for(cfg, &image, &spec.limits);
+        let vm = match MicroVm::start(cfg, s.clone()) {
+            Ok(vm) => vm,
+            // A snapshot that does not restore (damaged, or from a QEMU that changed in place)
+            // is removed, and this sandbox boots: the next start builds a new one.
+            Err(e) if !matches!(e, ringfence_microvm::MicrovmError::Invalid(_)) => {
+                let Some(bad) = s.snapshot.take() else { return Err(vm_err(e)) };
+                tracing::warn!(error = %e, snapshot = %bad.display(), "restore failed; booting");
+                let _ = std::fs::remove_file(&bad);
+                MicroVm::start(cfg, s).map_err(vm_err)?
+            }
+            Err(e) => return Err(vm_err(e)),
+        };
+        tracing::debug!(
+            start_ms = vm.boot.as_millis() as u64,
+            restored = vm.restored,
+            "microvm started"
+        );
         Ok(MicrovmInstance { vm, memory_limit })
     }
 
