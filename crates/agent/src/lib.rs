@@ -337,6 +337,18 @@ fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideE
         move |e: nix::Error| ringfence_jail::inside::InsideError { step, message: e.to_string() }
     };
     nix::unistd::sethostname(&spec.sandbox_id).map_err(fail("sethostname"))?;
+    // The sandbox's process, file and core limits on the agent, inherited by all it starts.
+    // The guest is the sandbox's alone, so RLIMIT_NPROC (counted per uid across the guest)
+    // bounds a fork bomb of the sandbox's user below the guest's process table, and the agent
+    // (root, which the limit does not hold back) can still start processes and answer.
+    let r = &spec.rlimits;
+    for (res, v) in [
+        (nix::sys::resource::Resource::RLIMIT_NOFILE, r.nofile),
+        (nix::sys::resource::Resource::RLIMIT_NPROC, r.nproc),
+        (nix::sys::resource::Resource::RLIMIT_CORE, r.core),
+    ] {
+        nix::sys::resource::setrlimit(res, v, v).map_err(fail("setrlimit"))?;
+    }
     // The console is the host's log of the guest: nothing the sandbox starts inherits it.
     let null =
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| {

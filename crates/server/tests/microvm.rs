@@ -187,8 +187,7 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     // The jail's other hostile cases, from inside the guest as the sandbox's user: PID 1 (the
     // agent) cannot be killed, nothing can be mounted, the raw disks cannot be opened, the
     // kernel's knobs cannot be turned; filling the disk stops at the quota; and the agent keeps
-    // serving after all of it. (Not here: a fork bomb. The guest bounds it, but its orphans
-    // outlive `timeout` and hold the guest's process table, so nothing more can start in it.)
+    // serving after all of it. (The fork bomb has a test of its own, below.)
     let out = sh(
         &s,
         &sb,
@@ -409,5 +408,107 @@ fn microvm_sandboxes_restored_from_one_snapshot_have_their_own_identity() {
     for sb in &sbs {
         let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
         assert_eq!(k.status, 204, "{}", k.text());
+    }
+}
+
+/// `sh -c script` in the sandbox as `user` (its stdout).
+fn sh_as(s: &support::serve::Server, sb: &Sandbox, user: &str, script: &str) -> String {
+    let auth =
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:")));
+    let msg = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}, "stdin": false});
+    let r = s.process_start(&sb.id, &sb.token, &msg, &[("Authorization", auth.as_str())]);
+    assert_eq!(r.status, 200, "process start: {}", r.text());
+    frames(&r.body)
+        .iter()
+        .filter_map(|(_, v)| v["event"]["data"]["stdout"].as_str().map(b64_text))
+        .collect()
+}
+
+/// The guest's task count (the 4th field of `/proc/loadavg`, "running/total"), read by the
+/// agent itself through envd's file API: no process has to start for it.
+fn guest_tasks(s: &support::serve::Server, sb: &Sandbox) -> u64 {
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("user:"));
+    let r = s.request(
+        "GET",
+        "/files?path=/proc/loadavg",
+        &[
+            ("E2b-Sandbox-Id", sb.id.as_str()),
+            ("E2b-Sandbox-Port", "49983"),
+            ("X-Access-Token", sb.token.as_str()),
+            ("Authorization", auth.as_str()),
+        ],
+        &[],
+    );
+    assert_eq!(r.status, 200, "read /proc/loadavg: {}", r.text());
+    let text = r.text();
+    let field = text.split_whitespace().nth(3).unwrap_or_default().to_string();
+    field.split_once('/').and_then(|(_, t)| t.parse().ok()).unwrap_or_else(|| panic!("{text}"))
+}
+
+/// A fork bomb of the sandbox's user inside the guest stops at the sandbox's process limit
+/// (RLIMIT_NPROC, set by the agent on itself and inherited: the guest is the sandbox's alone,
+/// so the per-uid count is the sandbox's), far below the guest's process table; the agent
+/// (root inside, which the limit does not hold back) keeps answering, starts processes as
+/// root, can clear the bomb, and the sandbox is killed with it running, leaving no QEMU.
+///
+/// SLOW (~1 min under TCG here); `RINGFENCE_SKIP_SLOW=1` leaves it out.
+#[test]
+fn a_fork_bomb_in_a_microvm_guest_is_contained_and_the_sandbox_still_answers_and_dies() {
+    let test = "a_fork_bomb_in_a_microvm_guest_is_contained_and_the_sandbox_still_answers_and_dies";
+    if std::env::var("RINGFENCE_SKIP_SLOW").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: RINGFENCE_SKIP_SLOW=1");
+        return;
+    }
+    if !support::root_or_skip(test) {
+        return;
+    }
+    let Some(bin) = support::serve::binary_or_skip(test, "cargo build --workspace") else {
+        return;
+    };
+    let mut s = support::serve::Server::new(bin);
+    s.key = s.new_key("any-tier", &[]);
+    s.http.read_timeout = Duration::from_secs(600);
+    const PIDS: u64 = 128;
+    s.spawn(&["--memory", "256M", "--pids", &PIDS.to_string()]);
+    let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
+    let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
+    if mvm["available"] != json!(true) {
+        eprintln!("SKIPPED {test}: the microvm tier is not available here: {}", mvm["reason"]);
+        return;
+    }
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": "base@microvm"}));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), s.log());
+    let sb = Sandbox::from(&r.json());
+    let idle = guest_tasks(&s, &sb);
+    let limits = sh(&s, &sb, "grep 'Max processes' /proc/self/limits");
+    let soft: Vec<&str> = limits.split_whitespace().collect();
+    assert_eq!(soft.get(2), Some(&PIDS.to_string().as_str()), "the sandbox's limit: {limits}");
+    // The bomb's first shell returns at once; its descendants go on forking in the background.
+    sh(&s, &sb, "f() { f | f & }; f; echo started");
+    // It grows to the limit (it keeps trying to fork there).
+    let started = std::time::Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        peak = peak.max(guest_tasks(&s, &sb));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("guest tasks: {idle} idle, {peak} at the bomb's peak (limit {PIDS} for the user)");
+    assert!(peak > idle + PIDS / 2, "the bomb ran: {idle} -> {peak}");
+    assert!(peak <= idle + PIDS + 8, "held at the limit: {idle} -> {peak}");
+    // The agent answers, and starts processes as root while the bomb holds the user's share.
+    assert_eq!(sh_as(&s, &sb, "root", "echo alive"), "alive\n");
+    // It can clear the bomb (kill -1 as root: everything but init and the caller).
+    sh_as(&s, &sb, "root", "for i in 1 2 3 4 5 6 7 8; do kill -9 -1; sleep 0.3; done 2>/dev/null");
+    assert_eq!(sh(&s, &sb, "echo alive"), "alive\n", "the user starts processes again");
+    // And the sandbox dies with a bomb running in it.
+    sh(&s, &sb, "f() { f | f & }; f");
+    std::thread::sleep(Duration::from_secs(2));
+    let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(k.status, 204, "{}", k.text());
+    let needle = format!("/microvm/sandboxes/{}/", sb.id);
+    let started = std::time::Instant::now();
+    while !qemu_with(&needle).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "QEMU left running");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
