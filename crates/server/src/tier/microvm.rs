@@ -9,8 +9,11 @@
 //! namespaces, QEMU's seccomp filter, a cgroup slot). A warm pool (`serve --pool base@microvm=N`) goes
 //! through the generic pool.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), start from
-//! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
+//! Sandboxes start from the template's memory snapshot (`ringfence_microvm::snapshot`, made by
+//! the first start of a template and guest shape); `RINGFENCE_MICROVM_SNAPSHOTS=off` boots each.
+//!
+//! Not built yet, and said so in the capabilities: network (the guest has no NIC), pause to a
+//! file (the runner can save and restore a guest; the manager's pause is the in-memory stop),
 //! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
 //! server's sweep ends the QEMUs the dead one left, and their directories).
 
