@@ -26,6 +26,7 @@ pub mod guest;
 pub mod jail;
 pub mod probe;
 pub mod qmp;
+mod relay;
 mod sandbox;
 pub mod snapshot;
 pub mod vmm;
@@ -71,6 +72,9 @@ pub const KERNEL_DIR_ENV: &str = "RINGFENCE_MICROVM_DIR";
 pub const ACCEL_ENV: &str = "RINGFENCE_MICROVM_ACCEL";
 /// `off`: start every sandbox by booting its guest, never from a memory snapshot.
 pub const SNAPSHOT_ENV: &str = "RINGFENCE_MICROVM_SNAPSHOTS";
+/// `file`: pausing a sandbox saves its guest to a file and ends its QEMU (resume starts one
+/// from the file); otherwise pause stops the vCPUs in memory.
+pub const PAUSE_ENV: &str = "RINGFENCE_MICROVM_PAUSE";
 /// Host-wide cache of template images (default `/var/cache/ringfence/microvm`).
 pub const CACHE_ENV: &str = "RINGFENCE_MICROVM_CACHE";
 
@@ -110,7 +114,12 @@ impl MicrovmConfig {
     pub fn cmdline(&self) -> String {
         let mut c = String::from("console=ttyS0 quiet reboot=t panic=-1 pci=off");
         if let Some(khz) = self.tsc_khz {
-            c.push_str(&format!(" tsc_early_khz={khz}"));
+            // `tsc=reliable`: no watchdog on the TSC. Its only reference here is jiffies, which
+            // lose ticks whenever a TCG vCPU thread waits for a host CPU; the watchdog then
+            // marks the TSC unstable, the guest keeps time by jiffies, and its clock falls
+            // behind the host's by seconds a minute on a loaded host (seen: 1.35 s behind
+            // within a minute of being stepped). TCG's TSC is the host's, at the rate given.
+            c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
         c.push_str(" -- --init --tier microvm");
         c

@@ -11,6 +11,9 @@ use ringfence_jail::launch::{MARK_ERROR, MARK_NO_LISTENER, rlimits_for, shm_byte
 use ringfence_jail::limits::Limits;
 use ringfence_proto::{Event, ProtoError, Ready, SetupSpec, read_frame};
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::relay::Relay;
 use crate::vmm::{Disk, QemuVm, VmHandle, VmSpec, Vmm};
 use crate::{MicrovmConfig, MicrovmError};
 
@@ -69,9 +72,18 @@ const VMM_TASKS: u64 = 128;
 pub struct MicroVm {
     id: String,
     dir: PathBuf,
+    /// `None` once ended, or while paused to a file.
     vm: Mutex<Option<QemuVm>>,
-    pid: u32,
+    /// QEMU's pid (0 while paused to a file: no process).
+    pid: AtomicU32,
+    /// The server's end of the agent's channel (the relay's, once started: see
+    /// [`crate::relay`]).
     control: UnixStream,
+    relay: Option<Relay>,
+    /// How QEMU was started, to start it again from a file.
+    qemu: crate::vmm::Qemu,
+    vm_spec: VmSpec,
+    suspended: AtomicBool,
     disk_bytes: u64,
     pub ready: Ready,
     /// Wall time from launch to the agent's `Ready`.
@@ -84,7 +96,7 @@ pub struct MicroVm {
     /// The uid QEMU runs as; freed when the sandbox ends.
     _uid: Option<crate::jail::UidLease>,
     /// QEMU's cgroup slot; dropped after QEMU has quit (its drop kills what is left).
-    _cgroup: Option<ringfence_jail::cgroup::Lease>,
+    cgroup: Option<ringfence_jail::cgroup::Lease>,
 }
 
 fn io_op(op: impl Into<String>) -> impl Fn(io::Error) -> MicrovmError {
@@ -310,15 +322,19 @@ impl MicroVm {
             id: spec.id.clone(),
             dir: dir.to_path_buf(),
             vm: Mutex::new(Some(vm)),
-            pid,
+            pid: AtomicU32::new(pid),
             control,
+            relay: None,
+            qemu: cfg.qemu.clone(),
+            vm_spec: VmSpec { incoming: false, ..vm_spec.clone() },
+            suspended: AtomicBool::new(false),
             disk_bytes: spec.limits.disk,
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
             restored: restoring,
             _owner: Some(owner),
             _uid: uid,
-            _cgroup: cgroup,
+            cgroup,
         };
         if let Err(e) = m.handshake(&spec, started, restoring) {
             let console = crate::vmm::console_tail(&vm_spec.console_log(), 600);
@@ -332,6 +348,11 @@ impl MicroVm {
                 other => other,
             });
         }
+        // From here the server talks through the relay, which outlives any one QEMU.
+        let qemu_end = m.control.try_clone().map_err(io_op("clone the agent channel"))?;
+        let (relay, server_end) = Relay::start(qemu_end).map_err(io_op("start the relay"))?;
+        m.control = server_end;
+        m.relay = Some(relay);
         m.boot = started.elapsed();
         Ok(m)
     }
@@ -422,7 +443,84 @@ impl MicroVm {
 
     /// The QEMU process's pid.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    /// Whether the guest is paused to a file ([`MicroVm::suspend_to_file`]).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::SeqCst)
+    }
+
+    fn paused_file(&self) -> PathBuf {
+        self.dir.join("paused.vmstate")
+    }
+
+    /// Pauses the guest to a file: its memory and device state saved in the sandbox's
+    /// directory, and QEMU ended (its memory back to the host). The writable disk stays.
+    /// [`MicroVm::resume_from_file`] starts a QEMU from it.
+    pub fn suspend_to_file(&self) -> Result<(), MicrovmError> {
+        let relay = self.relay.as_ref().ok_or_else(|| MicrovmError::Vmm("no relay".into()))?;
+        let mut g = self.vm.lock().map_err(|_| MicrovmError::Vmm("VM lock poisoned".into()))?;
+        let Some(vm) = g.as_mut() else {
+            return Err(MicrovmError::Vmm(format!("sandbox {} is not running", self.id)));
+        };
+        if vm.exited() {
+            return Err(MicrovmError::Vmm(format!("sandbox {} is not running", self.id)));
+        }
+        // The server's writes wait from here: the guest cannot take them until it runs again.
+        relay.detach();
+        let file = self.paused_file();
+        if let Err(e) = vm.save(&file) {
+            let _ = fs::remove_file(&file);
+            relay.undo_detach();
+            let _ = vm.resume();
+            return Err(e);
+        }
+        let _ = vm.quit();
+        *g = None;
+        self.pid.store(0, Ordering::SeqCst);
+        self.suspended.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Starts a QEMU from the file [`MicroVm::suspend_to_file`] wrote (the same devices, the
+    /// same writable disk), reconnects the agent's channel to it and runs the guest on.
+    pub fn resume_from_file(&self) -> Result<(), MicrovmError> {
+        let relay = self.relay.as_ref().ok_or_else(|| MicrovmError::Vmm("no relay".into()))?;
+        let mut g = self.vm.lock().map_err(|_| MicrovmError::Vmm("VM lock poisoned".into()))?;
+        if g.is_some() || !self.is_suspended() {
+            return Err(MicrovmError::Vmm(format!("sandbox {} is not paused to a file", self.id)));
+        }
+        let file = self.paused_file();
+        let agent_sock = self.dir.join("agent.sock");
+        let _ = fs::remove_file(&agent_sock);
+        let _ = fs::remove_file(self.dir.join("qmp.sock"));
+        let listener = UnixListener::bind(&agent_sock).map_err(io_op("bind the agent socket"))?;
+        let spec = VmSpec { incoming: true, ..self.vm_spec.clone() };
+        let mut vm = self.qemu.launch(&spec)?;
+        let result = (|| {
+            if let Some(cg) = &self.cgroup {
+                cg.add(vm.pid() as i32).map_err(|e| MicrovmError::Setup {
+                    step: "QEMU's cgroup".into(),
+                    message: e.to_string(),
+                })?;
+            }
+            let conn = accept_port(&listener, &mut vm, &self.dir)?;
+            vm.restore(&file)?;
+            relay.attach(conn).map_err(io_op("reconnect the agent's channel"))
+        })();
+        drop(listener);
+        let _ = fs::remove_file(&agent_sock);
+        if let Err(e) = result {
+            // The file stays: a later resume may try again.
+            let _ = vm.quit();
+            return Err(e);
+        }
+        self.pid.store(vm.pid(), Ordering::SeqCst);
+        *g = Some(vm);
+        self.suspended.store(false, Ordering::SeqCst);
+        let _ = fs::remove_file(&file);
+        Ok(())
     }
 
     /// A second handle on the agent's channel.
@@ -463,14 +561,22 @@ impl MicroVm {
 
     /// QEMU's memory and CPU (from `/proc/<pid>`), and the writable disk's allocation.
     pub fn usage(&self) -> Usage {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let pid = self.pid();
+        if pid == 0 {
+            // Paused to a file: no process, only the disk.
+            let disk = fs::metadata(self.dir.join("rw.ext4"))
+                .ok()
+                .map(|m| (std::os::unix::fs::MetadataExt::blocks(&m) * 512, self.disk_bytes));
+            return Usage { rss_bytes: Some(0), cpu_ns: None, disk };
+        }
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let rss_bytes = status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|kb| kb.parse::<u64>().ok())
             .map(|kb| kb * 1024);
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command's closing parenthesis: utime and stime are 12th and 13th.
         let cpu_ns = stat.rsplit_once(')').and_then(|(_, rest)| {
             let f: Vec<&str> = rest.split_whitespace().collect();
@@ -485,6 +591,9 @@ impl MicroVm {
     }
 
     fn end(&mut self) {
+        if let Some(r) = &self.relay {
+            r.close();
+        }
         if let Ok(mut g) = self.vm.lock()
             && let Some(mut vm) = g.take()
         {

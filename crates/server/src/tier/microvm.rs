@@ -398,11 +398,19 @@ impl Instance for MicrovmInstance {
     }
 
     fn freeze(&self) -> Result<(), TierError> {
-        self.vm.pause().map_err(vm_err)
+        if std::env::var(ringfence_microvm::PAUSE_ENV).is_ok_and(|v| v == "file") {
+            self.vm.suspend_to_file().map_err(vm_err)
+        } else {
+            self.vm.pause().map_err(vm_err)
+        }
     }
 
     fn thaw(&self) -> Result<(), TierError> {
-        self.vm.resume().map_err(vm_err)
+        if self.vm.is_suspended() {
+            self.vm.resume_from_file().map_err(vm_err)
+        } else {
+            self.vm.resume().map_err(vm_err)
+        }
     }
 
     fn save_fs(&self, _dest: &Path, _paused: bool) -> Result<(), TierError> {
