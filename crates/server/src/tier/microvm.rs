@@ -12,10 +12,12 @@
 //! Sandboxes start from the template's memory snapshot (`ringfence_microvm::snapshot`, made by
 //! the first start of a template and guest shape); `RINGFENCE_MICROVM_SNAPSHOTS=off` boots each.
 //!
-//! Not built yet, and said so in the capabilities: network (the guest has no NIC), pause to a
-//! file (the runner can save and restore a guest; the manager's pause is the in-memory stop),
-//! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
-//! server's sweep ends the QEMUs the dead one left, and their directories).
+//! Pause is the in-memory stop; `RINGFENCE_MICROVM_PAUSE=file` makes it a save to a file that
+//! ends QEMU (`MicroVm::suspend_to_file`), and resume a restore from it.
+//!
+//! Not built yet, and said so in the capabilities: network (the guest has no NIC), snapshots
+//! and forks of the writable disk, re-attach after a server restart (a restarted server's
+//! sweep ends the QEMUs the dead one left, and their directories).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
