@@ -305,7 +305,7 @@ fn gvisor_run(
 fn microvm_main() -> ExitCode {
     let mut phases = Vec::new();
     ringfence_jail::phase(&mut phases, "agent_exec");
-    let mut control = match microvm::boot() {
+    let (mut control, reconnect) = match microvm::boot() {
         Ok(c) => c,
         Err(e) => {
             // Only the console exists yet: the host reads it back to say why the boot failed.
@@ -325,7 +325,8 @@ fn microvm_main() -> ExitCode {
     }
     spawn::set_sandbox_env(spec.env.clone());
     if control.write_all(&[MARK_NO_LISTENER]).is_ok() {
-        let _ = start_and_serve(control, &spec, phases, None, None);
+        // With the bridge's listener: a host that goes is not the end (see `microvm::bridge`).
+        let _ = start_and_serve(control, &spec, phases, None, Some(reconnect));
     }
     microvm::power_off()
 }

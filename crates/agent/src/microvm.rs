@@ -49,9 +49,10 @@ fn mount_fs(
         .map_err(|e| BootError(format!("mount {fstype} on {target}: {e}")))
 }
 
-/// Builds the guest's root and returns the agent's end of the control channel, with the root
-/// switched to the overlay.
-pub fn boot() -> Result<UnixStream, BootError> {
+/// Builds the guest's root and returns the agent's end of the control channel (and the
+/// listener later connections come from, see [`bridge`]), with the root switched to the
+/// overlay.
+pub fn boot() -> Result<(UnixStream, std::os::unix::net::UnixListener), BootError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
@@ -214,42 +215,94 @@ fn wait_for(dev: &Path) -> Result<String, BootError> {
     Ok(dev.to_string_lossy().into_owned())
 }
 
-/// Copies between the port and a socket pair; returns the agent's end. When the host goes
-/// (the port reads end-of-file), the agent's end sees end-of-file too, and the agent ends.
-fn bridge(port: File) -> Result<UnixStream, BootError> {
+/// Where the bridge connects the agent anew when a host comes back (a directory only root may
+/// enter: the agent's channel is root's; root in the guest is the sandbox's anyway).
+const RECONNECT_DIR: &str = "/run/ringfence-agent";
+
+/// Copies between the port and the agent; returns the agent's first connection and the
+/// listener its serve loop takes later ones from.
+///
+/// A host that goes (the server ended, even killed with -9; QEMU keeps running) makes the
+/// port read end-of-file: the bridge ends that connection (the agent drops what belonged to
+/// it) and waits. When a host is back and writes, the bridge connects to the agent's
+/// listener and carries on with a fresh connection, so a re-attaching server starts on a frame
+/// boundary; anything of the old connection still on its way to the port is dropped.
+fn bridge(port: File) -> Result<(UnixStream, std::os::unix::net::UnixListener), BootError> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+    fs::create_dir_all(RECONNECT_DIR).map_err(io_fail(RECONNECT_DIR))?;
+    fs::set_permissions(RECONNECT_DIR, fs::Permissions::from_mode(0o700))
+        .map_err(io_fail(RECONNECT_DIR))?;
+    let path = Path::new(RECONNECT_DIR).join("agent.sock");
+    let _ = fs::remove_file(&path);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&path).map_err(io_fail("bind the agent socket"))?;
     let (agent, relay) = UnixStream::pair().map_err(io_fail("socketpair"))?;
-    let mut port_in = port.try_clone().map_err(io_fail("dup port"))?;
-    let mut port_out = port;
-    let mut relay_out = relay.try_clone().map_err(io_fail("dup relay"))?;
-    let mut relay_in = relay;
+    // The port's writer, with the connection allowed to write to it now.
+    let out: Arc<Mutex<(File, u64)>> =
+        Arc::new(Mutex::new((port.try_clone().map_err(io_fail("dup port"))?, 0)));
+    to_port(relay.try_clone().map_err(io_fail("dup relay"))?, out.clone(), 0);
+    let mut port_in = port;
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut session = Some(relay);
+        let mut generation = 0u64;
         loop {
             match port_in.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => {
+                    // No host on the port: end the agent's connection, wait for the next.
+                    if let Some(s) = session.take() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 Ok(n) => {
-                    if relay_out.write_all(&buf[..n]).is_err() {
-                        break;
+                    if session.is_none() {
+                        let Ok(s) = UnixStream::connect(&path) else { continue };
+                        generation += 1;
+                        if let Ok(mut o) = out.lock() {
+                            o.1 = generation;
+                        }
+                        if let Ok(w) = s.try_clone() {
+                            to_port(w, out.clone(), generation);
+                        }
+                        session = Some(s);
+                    }
+                    if let Some(s) = session.as_mut()
+                        && s.write_all(&buf[..n]).is_err()
+                    {
+                        session = None;
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        let _ = relay_out.shutdown(std::net::Shutdown::Both);
     });
+    Ok((agent, listener))
+}
+
+/// Copies what the agent writes on connection `generation` to the port, while that is the
+/// current connection.
+fn to_port(
+    mut from: UnixStream,
+    out: std::sync::Arc<std::sync::Mutex<(File, u64)>>,
+    generation: u64,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match relay_in.read(&mut buf) {
+            match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if port_out.write_all(&buf[..n]).is_err() {
+                    let Ok(mut o) = out.lock() else { break };
+                    if o.1 != generation || o.0.write_all(&buf[..n]).is_err() {
                         break;
                     }
                 }
             }
         }
     });
-    Ok(agent)
 }
 
 /// Ends the guest: the host sees QEMU exit. PID 1 returning would panic the kernel, which

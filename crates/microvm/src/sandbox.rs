@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -82,7 +82,8 @@ pub struct MicroVm {
     relay: Option<Relay>,
     /// How QEMU was started, to start it again from a file.
     qemu: crate::vmm::Qemu,
-    vm_spec: VmSpec,
+    /// `None` for a re-attached sandbox (not known; it cannot pause to a file).
+    vm_spec: Option<VmSpec>,
     suspended: AtomicBool,
     disk_bytes: u64,
     pub ready: Ready,
@@ -143,32 +144,9 @@ pub(crate) fn guest_spec(
     }
 }
 
-/// Waits for QEMU to connect its end of the agent's port to `listener` (it does so while
-/// starting, before the guest runs).
-pub(crate) fn accept_port(
-    listener: &UnixListener,
-    vm: &mut QemuVm,
-    dir: &Path,
-) -> Result<UnixStream, MicrovmError> {
-    let started = Instant::now();
-    listener.set_nonblocking(true).map_err(io_op("agent socket"))?;
-    let control = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if vm.exited() || started.elapsed() > Duration::from_secs(10) {
-                    return Err(MicrovmError::Boot(format!(
-                        "QEMU never connected the agent's port: {}",
-                        crate::vmm::console_tail(&dir.join("qemu.log"), 400).trim()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(io_op("accept the agent's port")(e)),
-        }
-    };
-    control.set_nonblocking(false).map_err(io_op("agent socket"))?;
-    Ok(control)
+/// The host's connection to the agent's port that [`Vmm::launch`] made.
+pub(crate) fn agent_of(vm: &mut QemuVm) -> Result<UnixStream, MicrovmError> {
+    vm.take_agent().ok_or_else(|| MicrovmError::Vmm("no connection to the agent's port".into()))
 }
 
 /// Reads one byte from the agent's channel, giving up when the VM ends or `limit` has passed
@@ -251,7 +229,6 @@ impl MicroVm {
         let rw = dir.join("rw.ext4");
         crate::guest::writable_disk(&rw, spec.limits.disk)?;
         let agent_sock = dir.join("agent.sock");
-        let listener = UnixListener::bind(&agent_sock).map_err(io_op("bind the agent socket"))?;
         // A uid of its own for QEMU, held as long as the sandbox (see `crate::jail`).
         let uid = if crate::jail::running_as_root() {
             Some(crate::jail::UidLease::take(&cfg.state_dir)?)
@@ -302,16 +279,15 @@ impl MicroVm {
                 message: e.to_string(),
             });
         }
-        // QEMU connects its chardev while starting, before the guest runs.
-        let control = match accept_port(&listener, &mut vm, dir) {
+        // Connected at launch, before the guest ran. The socket stays: a server that
+        // re-attaches after this one connects to it.
+        let control = match agent_of(&mut vm) {
             Ok(c) => c,
             Err(e) => {
                 let _ = vm.quit();
                 return Err(e);
             }
         };
-        drop(listener);
-        let _ = fs::remove_file(&agent_sock);
         if let Some(snapshot) = &spec.snapshot
             && let Err(e) = vm.restore(snapshot)
         {
@@ -326,7 +302,7 @@ impl MicroVm {
             control,
             relay: None,
             qemu: cfg.qemu.clone(),
-            vm_spec: VmSpec { incoming: false, ..vm_spec.clone() },
+            vm_spec: Some(VmSpec { incoming: false, ..vm_spec.clone() }),
             suspended: AtomicBool::new(false),
             disk_bytes: spec.limits.disk,
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
@@ -359,6 +335,73 @@ impl MicroVm {
 
     /// Wakes the parked guest ([`ringfence_proto::GUEST_PARKED`]: a booted one says so, a
     /// restored one was saved parked), then hands its agent the sandbox's setup.
+    /// Re-attaches to sandbox `id`, whose QEMU (`pid`) an earlier server started and left
+    /// running (killed with -9, say): claims its directory, its uid and cgroup slot (`slot`),
+    /// connects to QEMU's QMP and agent sockets, and serves it on. The guest's agent took the
+    /// old server's going as a disconnection (`ringfence_agent`'s bridge) and serves the new
+    /// connection from a frame boundary.
+    pub fn adopt(
+        cfg: &MicrovmConfig,
+        id: &str,
+        pid: u32,
+        slot: Option<u32>,
+    ) -> Result<MicroVm, MicrovmError> {
+        check_id(id)?;
+        let dir = cfg.sandbox_dir(id);
+        let owner = fs::File::open(dir.join("owner.lock"))
+            .map_err(io_op("open the owner lock"))
+            .and_then(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    .map_err(|(_, e)| io_op("claim the sandbox directory")(e.into()))
+            })?;
+        let vm = QemuVm::adopt(pid, &dir)?;
+        // Its uid: whatever it runs as, held again so no new sandbox is given it.
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        let uid = match uid {
+            Some(u) if u >= crate::jail::UID_BASE => {
+                Some(crate::jail::UidLease::take_slot(&cfg.state_dir, u - crate::jail::UID_BASE)?)
+            }
+            _ => None,
+        };
+        let cgroup = match (&cfg.cgroups, slot) {
+            (Some(pool), Some(slot)) => Some(pool.adopt(slot).map_err(|e| {
+                MicrovmError::Setup { step: "QEMU's cgroup".into(), message: e.to_string() }
+            })?),
+            _ => None,
+        };
+        let conn = UnixStream::connect(dir.join("agent.sock"))
+            .map_err(io_op("connect to the agent's port"))?;
+        let (relay, control) = Relay::start(conn).map_err(io_op("start the relay"))?;
+        Ok(MicroVm {
+            id: id.to_string(),
+            dir: dir.clone(),
+            vm: Mutex::new(Some(vm)),
+            pid: AtomicU32::new(pid),
+            control,
+            relay: Some(relay),
+            qemu: cfg.qemu.clone(),
+            vm_spec: None,
+            suspended: AtomicBool::new(false),
+            disk_bytes: fs::metadata(dir.join("rw.ext4")).map(|m| m.len()).unwrap_or(0),
+            ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
+            boot: Duration::ZERO,
+            restored: false,
+            _owner: Some(owner),
+            _uid: uid,
+            cgroup,
+        })
+    }
+
+    /// The cgroup slot QEMU runs in, if any (recorded to re-attach).
+    pub fn cgroup_slot(&self) -> Option<u32> {
+        self.cgroup.as_ref().map(|c| c.slot())
+    }
+
     fn handshake(
         &mut self,
         spec: &StartSpec,
@@ -460,6 +503,11 @@ impl MicroVm {
     /// [`MicroVm::resume_from_file`] starts a QEMU from it.
     pub fn suspend_to_file(&self) -> Result<(), MicrovmError> {
         let relay = self.relay.as_ref().ok_or_else(|| MicrovmError::Vmm("no relay".into()))?;
+        if self.vm_spec.is_none() {
+            return Err(MicrovmError::Vmm(
+                "a re-attached sandbox cannot pause to a file (pause it in memory)".into(),
+            ));
+        }
         let mut g = self.vm.lock().map_err(|_| MicrovmError::Vmm("VM lock poisoned".into()))?;
         let Some(vm) = g.as_mut() else {
             return Err(MicrovmError::Vmm(format!("sandbox {} is not running", self.id)));
@@ -492,11 +540,12 @@ impl MicroVm {
             return Err(MicrovmError::Vmm(format!("sandbox {} is not paused to a file", self.id)));
         }
         let file = self.paused_file();
-        let agent_sock = self.dir.join("agent.sock");
-        let _ = fs::remove_file(&agent_sock);
+        let _ = fs::remove_file(self.dir.join("agent.sock"));
         let _ = fs::remove_file(self.dir.join("qmp.sock"));
-        let listener = UnixListener::bind(&agent_sock).map_err(io_op("bind the agent socket"))?;
-        let spec = VmSpec { incoming: true, ..self.vm_spec.clone() };
+        let Some(spec) = &self.vm_spec else {
+            return Err(MicrovmError::Vmm("no launch spec to resume from".into()));
+        };
+        let spec = VmSpec { incoming: true, ..spec.clone() };
         let mut vm = self.qemu.launch(&spec)?;
         let result = (|| {
             if let Some(cg) = &self.cgroup {
@@ -505,12 +554,10 @@ impl MicroVm {
                     message: e.to_string(),
                 })?;
             }
-            let conn = accept_port(&listener, &mut vm, &self.dir)?;
+            let conn = agent_of(&mut vm)?;
             vm.restore(&file)?;
             relay.attach(conn).map_err(io_op("reconnect the agent's channel"))
         })();
-        drop(listener);
-        let _ = fs::remove_file(&agent_sock);
         if let Err(e) = result {
             // The file stays: a later resume may try again.
             let _ = vm.quit();

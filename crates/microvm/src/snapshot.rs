@@ -14,14 +14,13 @@
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use ringfence_jail::limits::Limits;
 
-use crate::sandbox::{accept_port, guest_shape, guest_spec, read_byte};
+use crate::sandbox::{agent_of, guest_shape, guest_spec, read_byte};
 use crate::vmm::{VmHandle, Vmm};
 use crate::{MicrovmConfig, MicrovmError};
 
@@ -110,7 +109,6 @@ fn build_in(
         .and_then(|f| f.set_len(crate::guest::disk_size(limits.disk)))
         .map_err(io(format!("create {}", rw.display())))?;
     let agent_sock = dir.join("agent.sock");
-    let listener = UnixListener::bind(&agent_sock).map_err(io("bind the agent socket".into()))?;
     let uid = if crate::jail::running_as_root() {
         Some(crate::jail::UidLease::take(&cfg.state_dir)?)
     } else {
@@ -129,7 +127,7 @@ fn build_in(
     let started = Instant::now();
     let mut vm = cfg.qemu.launch(&spec)?;
     let result = (|| {
-        let mut control = accept_port(&listener, &mut vm, dir)?;
+        let mut control = agent_of(&mut vm)?;
         let mut exited = || false;
         let b = read_byte(&mut control, &mut exited, started, BOOT_LIMIT).map_err(|e| {
             let console = crate::vmm::console_tail(&spec.console_log(), 400);

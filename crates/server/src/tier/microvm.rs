@@ -15,9 +15,12 @@
 //! Pause is the in-memory stop; `RINGFENCE_MICROVM_PAUSE=file` makes it a save to a file that
 //! ends QEMU (`MicroVm::suspend_to_file`), and resume a restore from it.
 //!
+//! A server killed with -9 leaves its QEMUs running; the next one re-attaches to each recorded
+//! sandbox (`MicroVm::adopt`: QMP and the agent's socket, which QEMU keeps listening on) and
+//! its sweep ends the rest.
+//!
 //! Not built yet, and said so in the capabilities: network (the guest has no NIC), snapshots
-//! and forks of the writable disk, re-attach after a server restart (a restarted server's
-//! sweep ends the QEMUs the dead one left, and their directories).
+//! and forks of the writable disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -277,7 +280,7 @@ impl Tier for MicrovmTier {
             memory_snapshot: false,
             fs_snapshot: false,
             fork: false,
-            reattach: false,
+            reattach: true,
             kernel_injection: false,
             network: "none",
             network_policy: false,
@@ -325,14 +328,19 @@ impl Tier for MicrovmTier {
 
     fn adopt(
         &self,
-        _id: &str,
-        _saved: &Saved,
-        _paused: bool,
+        id: &str,
+        saved: &Saved,
+        paused: bool,
     ) -> Result<Adopted<MicrovmInstance>, TierError> {
-        Err(TierError::Unsupported {
-            tier: TierKind::Microvm,
-            what: "re-attach after a server restart (the agent's channel ends with the server)",
-        })
+        let Some(pid) = saved.pid.and_then(|p| u32::try_from(p).ok()) else {
+            return Err(TierError::Setup("no QEMU pid was recorded".into()));
+        };
+        let cfg = self.config()?;
+        let vm = MicroVm::adopt(cfg, id, pid, saved.slot).map_err(vm_err)?;
+        // As the record says: stopped if it was paused (in memory), running otherwise.
+        if paused { vm.pause() } else { vm.resume() }.map_err(vm_err)?;
+        let memory_limit = None;
+        Ok(Adopted { instance: MicrovmInstance { vm, memory_limit }, thawed: false })
     }
 
     fn end_leftover(&self, _id: &str, _saved: &Saved) {
@@ -358,7 +366,10 @@ pub struct MicrovmInstance {
 
 impl Instance for MicrovmInstance {
     fn saved(&self) -> Saved {
-        Saved::default()
+        Saved {
+            pid: i32::try_from(self.vm.pid()).ok().filter(|p| *p > 0),
+            slot: self.vm.cgroup_slot(),
+        }
     }
 
     fn control(&self) -> Result<std::os::unix::net::UnixStream, TierError> {
