@@ -65,7 +65,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, binary, extra):
+    def __init__(self, binary, extra, env=None):
         self.data = tempfile.mkdtemp()
         os.chmod(self.data, 0o755)
         self.port = free_port()
@@ -77,7 +77,7 @@ class Server:
         self.proc = subprocess.Popen(
             [binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", self.data,
              "--run-dir", os.path.join(self.data, "run"), *extra],
-            stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn"))
+            stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn", **(env or {})))
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()

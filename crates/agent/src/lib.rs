@@ -305,7 +305,7 @@ fn gvisor_run(
 fn microvm_main() -> ExitCode {
     let mut phases = Vec::new();
     ringfence_jail::phase(&mut phases, "agent_exec");
-    let mut control = match microvm::boot() {
+    let (mut control, reconnect) = match microvm::boot() {
         Ok(c) => c,
         Err(e) => {
             // Only the console exists yet: the host reads it back to say why the boot failed.
@@ -325,7 +325,8 @@ fn microvm_main() -> ExitCode {
     }
     spawn::set_sandbox_env(spec.env.clone());
     if control.write_all(&[MARK_NO_LISTENER]).is_ok() {
-        let _ = start_and_serve(control, &spec, phases, None, None);
+        // With the bridge's listener: a host that goes is not the end (see `microvm::bridge`).
+        let _ = start_and_serve(control, &spec, phases, None, Some(reconnect));
     }
     microvm::power_off()
 }
@@ -342,6 +343,18 @@ fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideE
             step: "network".into(),
             message: e.0,
         })?;
+    }
+    // The sandbox's process, file and core limits on the agent, inherited by all it starts.
+    // The guest is the sandbox's alone, so RLIMIT_NPROC (counted per uid across the guest)
+    // bounds a fork bomb of the sandbox's user below the guest's process table, and the agent
+    // (root, which the limit does not hold back) can still start processes and answer.
+    let r = &spec.rlimits;
+    for (res, v) in [
+        (nix::sys::resource::Resource::RLIMIT_NOFILE, r.nofile),
+        (nix::sys::resource::Resource::RLIMIT_NPROC, r.nproc),
+        (nix::sys::resource::Resource::RLIMIT_CORE, r.core),
+    ] {
+        nix::sys::resource::setrlimit(res, v, v).map_err(fail("setrlimit"))?;
     }
     // The console is the host's log of the guest: nothing the sandbox starts inherits it.
     let null =

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
+use ringfence_proto::{GUEST_PARKED, WAKE_LEN, Wake};
 
 /// The name the host gives the agent's virtio-serial port (`virtserialport,name=`).
 pub const PORT_NAME: &str = "ringfence.agent";
@@ -49,9 +50,10 @@ fn mount_fs(
         .map_err(|e| BootError(format!("mount {fstype} on {target}: {e}")))
 }
 
-/// Builds the guest's root and returns the agent's end of the control channel, with the root
-/// switched to the overlay.
-pub fn boot() -> Result<UnixStream, BootError> {
+/// Builds the guest's root and returns the agent's end of the control channel (and the
+/// listener later connections come from, see [`bridge`]), with the root switched to the
+/// overlay.
+pub fn boot() -> Result<(UnixStream, std::os::unix::net::UnixListener), BootError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
@@ -64,6 +66,14 @@ pub fn boot() -> Result<UnixStream, BootError> {
     // The template: read-only at the block layer too (the host attaches it read-only).
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
     mount_fs(&root_disk, "/lower", "ext4", ro, Some("noload"))?;
+
+    // The channel is opened here, on the initramfs's /dev (before the switch of root below).
+    let port =
+        OpenOptions::new().read(true).write(true).open(&port).map_err(io_fail("open port"))?;
+    // Parked: everything so far is the same in every sandbox of this template, so a memory
+    // snapshot of the guest is taken here. What follows is each sandbox's own.
+    park(&port, &rw_disk)?;
+
     mount_fs(&rw_disk, "/rw", "ext4", MsFlags::MS_NODEV, None)?;
     for d in ["/rw/upper", "/rw/work"] {
         fs::create_dir_all(d).map_err(io_fail(d))?;
@@ -92,9 +102,16 @@ pub fn boot() -> Result<UnixStream, BootError> {
     let _ = fs::remove_file(ptmx);
     std::os::unix::fs::symlink("pts/ptmx", ptmx).map_err(io_fail("link /dev/ptmx"))?;
 
-    // The channel is opened before the switch: its device node is on the initramfs's /dev.
-    let port =
-        OpenOptions::new().read(true).write(true).open(&port).map_err(io_fail("open port"))?;
+    // A machine id of this guest's own, not the template's (and not another restore's).
+    if Path::new("/newroot/etc").is_dir() {
+        let mut id = [0u8; 16];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut id))
+            .map_err(io_fail("read /dev/urandom"))?;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        fs::write("/newroot/etc/machine-id", format!("{hex}\n"))
+            .map_err(io_fail("write /etc/machine-id"))?;
+    }
 
     // The initramfs is the kernel's rootfs, which cannot be pivoted away: move the overlay
     // over it and chroot, as switch_root does. What stays behind (this binary, the modules)
@@ -106,6 +123,50 @@ pub fn boot() -> Result<UnixStream, BootError> {
     std::env::set_current_dir("/").map_err(io_fail("chdir /"))?;
 
     bridge(port)
+}
+
+/// Tells the host the guest is parked ([`GUEST_PARKED`]) and waits for its [`Wake`]; then takes
+/// this sandbox's identity from it: the host's wall clock, fresh entropy for the kernel's
+/// generator (reseeded at once), and none of what the kernel cached of the writable disk.
+///
+/// A guest restored from a snapshot wakes here with the snapshot's clock and generator state
+/// (shared with every other restore of it) and with the page cache of the disk that was
+/// attached when the snapshot was taken (a placeholder: only the partition scan read it).
+/// The boot id (`/proc/sys/kernel/random/boot_id`) is not set here: the kernel makes it on
+/// its first read, which no one has done before this point, so each restore makes its own
+/// from the reseeded generator.
+fn park(port: &File, rw_disk: &str) -> Result<(), BootError> {
+    let mut out = port;
+    out.write_all(&[GUEST_PARKED]).map_err(io_fail("write to the port"))?;
+    let mut msg = [0u8; WAKE_LEN];
+    let mut got = 0;
+    let mut input = port;
+    while got < WAKE_LEN {
+        match input.read(&mut msg[got..]) {
+            // No host on the port's other end (yet, or between a snapshot and its restore):
+            // the port reads end-of-file until one connects.
+            Ok(0) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(BootError(format!("read the host's wake: {e}"))),
+        }
+    }
+    let wake = Wake::from_bytes(&msg).map_err(|e| BootError(format!("the host's wake: {e}")))?;
+    let secs = i64::try_from(wake.unix_secs)
+        .map_err(|_| BootError("the host's clock is out of range".into()))?;
+    let now = nix::sys::time::TimeSpec::new(secs, i64::from(wake.nanos));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .map_err(fail("step the clock"))?;
+    let random = OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(io_fail("open /dev/urandom"))?;
+    ringfence_sys::add_entropy_and_reseed(&random, &wake.entropy)
+        .map_err(|e| BootError(format!("reseed the kernel's generator: {e}")))?;
+    let disk = File::open(rw_disk).map_err(io_fail("open the writable disk"))?;
+    ringfence_sys::flush_block_cache(&disk)
+        .map_err(|e| BootError(format!("drop the writable disk's cached blocks: {e}")))?;
+    Ok(())
 }
 
 /// Loads the modules listed in `dir/order`, in that order (each after what it needs).
@@ -155,42 +216,94 @@ fn wait_for(dev: &Path) -> Result<String, BootError> {
     Ok(dev.to_string_lossy().into_owned())
 }
 
-/// Copies between the port and a socket pair; returns the agent's end. When the host goes
-/// (the port reads end-of-file), the agent's end sees end-of-file too, and the agent ends.
-fn bridge(port: File) -> Result<UnixStream, BootError> {
+/// Where the bridge connects the agent anew when a host comes back (a directory only root may
+/// enter: the agent's channel is root's; root in the guest is the sandbox's anyway).
+const RECONNECT_DIR: &str = "/run/ringfence-agent";
+
+/// Copies between the port and the agent; returns the agent's first connection and the
+/// listener its serve loop takes later ones from.
+///
+/// A host that goes (the server ended, even killed with -9; QEMU keeps running) makes the
+/// port read end-of-file: the bridge ends that connection (the agent drops what belonged to
+/// it) and waits. When a host is back and writes, the bridge connects to the agent's
+/// listener and carries on with a fresh connection, so a re-attaching server starts on a frame
+/// boundary; anything of the old connection still on its way to the port is dropped.
+fn bridge(port: File) -> Result<(UnixStream, std::os::unix::net::UnixListener), BootError> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+    fs::create_dir_all(RECONNECT_DIR).map_err(io_fail(RECONNECT_DIR))?;
+    fs::set_permissions(RECONNECT_DIR, fs::Permissions::from_mode(0o700))
+        .map_err(io_fail(RECONNECT_DIR))?;
+    let path = Path::new(RECONNECT_DIR).join("agent.sock");
+    let _ = fs::remove_file(&path);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&path).map_err(io_fail("bind the agent socket"))?;
     let (agent, relay) = UnixStream::pair().map_err(io_fail("socketpair"))?;
-    let mut port_in = port.try_clone().map_err(io_fail("dup port"))?;
-    let mut port_out = port;
-    let mut relay_out = relay.try_clone().map_err(io_fail("dup relay"))?;
-    let mut relay_in = relay;
+    // The port's writer, with the connection allowed to write to it now.
+    let out: Arc<Mutex<(File, u64)>> =
+        Arc::new(Mutex::new((port.try_clone().map_err(io_fail("dup port"))?, 0)));
+    to_port(relay.try_clone().map_err(io_fail("dup relay"))?, out.clone(), 0);
+    let mut port_in = port;
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut session = Some(relay);
+        let mut generation = 0u64;
         loop {
             match port_in.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => {
+                    // No host on the port: end the agent's connection, wait for the next.
+                    if let Some(s) = session.take() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 Ok(n) => {
-                    if relay_out.write_all(&buf[..n]).is_err() {
-                        break;
+                    if session.is_none() {
+                        let Ok(s) = UnixStream::connect(&path) else { continue };
+                        generation += 1;
+                        if let Ok(mut o) = out.lock() {
+                            o.1 = generation;
+                        }
+                        if let Ok(w) = s.try_clone() {
+                            to_port(w, out.clone(), generation);
+                        }
+                        session = Some(s);
+                    }
+                    if let Some(s) = session.as_mut()
+                        && s.write_all(&buf[..n]).is_err()
+                    {
+                        session = None;
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        let _ = relay_out.shutdown(std::net::Shutdown::Both);
     });
+    Ok((agent, listener))
+}
+
+/// Copies what the agent writes on connection `generation` to the port, while that is the
+/// current connection.
+fn to_port(
+    mut from: UnixStream,
+    out: std::sync::Arc<std::sync::Mutex<(File, u64)>>,
+    generation: u64,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match relay_in.read(&mut buf) {
+            match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if port_out.write_all(&buf[..n]).is_err() {
+                    let Ok(mut o) = out.lock() else { break };
+                    if o.1 != generation || o.0.write_all(&buf[..n]).is_err() {
                         break;
                     }
                 }
             }
         }
     });
-    Ok(agent)
 }
 
 /// Sets up the guest's NIC as the host described it: found by its MAC (the virtio-net driver

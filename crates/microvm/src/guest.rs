@@ -192,11 +192,16 @@ fn tree_digest(dir: &Path) -> u64 {
     h.finish()
 }
 
+/// The size of a writable disk for a quota of `bytes`: ext4 needs a few MiB of its own (a
+/// quota below that is refused by the caller's limits).
+pub fn disk_size(bytes: u64) -> u64 {
+    bytes.max(16 << 20)
+}
+
 /// Creates the sandbox's writable disk at `path`: a sparse file of `bytes` formatted ext4 (the
 /// guest mounts it as its overlay's upper layer), so the disk quota is the filesystem's size.
 pub fn writable_disk(path: &Path, bytes: u64) -> Result<(), MicrovmError> {
-    // ext4 needs a few MiB of its own; a quota below that is refused by the caller's limits.
-    let bytes = bytes.max(16 << 20);
+    let bytes = disk_size(bytes);
     let f = File::create(path).map_err(io(format!("create {}", path.display())))?;
     f.set_len(bytes).map_err(io(format!("size {}", path.display())))?;
     drop(f);

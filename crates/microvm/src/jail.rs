@@ -77,6 +77,23 @@ impl UidLease {
     }
 }
 
+impl UidLease {
+    /// The uid of `slot` under `state_dir` (a re-attached sandbox's), if no one holds it.
+    pub fn take_slot(state_dir: &Path, slot: u32) -> Result<UidLease, MicrovmError> {
+        if slot >= UID_SLOTS {
+            return Err(MicrovmError::Invalid(format!("uid slot {slot}")));
+        }
+        let path = state_dir.join("uids").join(slot.to_string());
+        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(
+            |source| MicrovmError::Io { op: format!("open {}", path.display()), source },
+        )?;
+        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            MicrovmError::Vmm(format!("uid slot {slot} is held by another sandbox"))
+        })?;
+        Ok(UidLease { jail: VmJail::with_uid(UID_BASE + slot), _lock: lock })
+    }
+}
+
 /// The command prefix that puts a program in namespaces of its own (util-linux's `unshare`,
 /// which execs it in place, so the pid the server holds is QEMU's).
 pub fn wrapper() -> Vec<String> {

@@ -14,6 +14,9 @@
 //!   sockets, disks) on [`MicroVm::delete`] or drop. Its NIC's frames come out of
 //!   [`MicroVm::nic`], a socket the server's userspace stack serves ([`vmm::Nic`]).
 //!
+//! - [`snapshot`]: a memory snapshot per template and guest shape, booted once and saved with
+//!   the agent parked before it touches the writable disk; sandboxes start by restoring it.
+//!
 //! - [`jail`]: each QEMU in its own uid, namespaces and seccomp filter.
 //!
 //! No `unsafe` here: the one raw call (passing a descriptor to QEMU) is `ringfence-sys`'s.
@@ -24,13 +27,15 @@ pub mod guest;
 pub mod jail;
 pub mod probe;
 pub mod qmp;
+mod relay;
 mod sandbox;
+pub mod snapshot;
 pub mod vmm;
 
 use std::path::PathBuf;
 
 pub use probe::{Probe, probe};
-pub use sandbox::{MicroVm, StartSpec, Usage, sweep};
+pub use sandbox::{MicroVm, StartSpec, Usage, guest_shape, sweep};
 pub use vmm::{Accel, Qemu};
 
 /// Everything that can go wrong starting or running a microVM.
@@ -66,6 +71,11 @@ pub const DEFAULT_KERNEL_DIR: &str = "/usr/local/lib/ringfence/microvm";
 pub const KERNEL_DIR_ENV: &str = "RINGFENCE_MICROVM_DIR";
 /// Forces an acceleration (`kvm` or `tcg`) instead of probing both.
 pub const ACCEL_ENV: &str = "RINGFENCE_MICROVM_ACCEL";
+/// `off`: start every sandbox by booting its guest, never from a memory snapshot.
+pub const SNAPSHOT_ENV: &str = "RINGFENCE_MICROVM_SNAPSHOTS";
+/// `file`: pausing a sandbox saves its guest to a file and ends its QEMU (resume starts one
+/// from the file); otherwise pause stops the vCPUs in memory.
+pub const PAUSE_ENV: &str = "RINGFENCE_MICROVM_PAUSE";
 /// Host-wide cache of template images (default `/var/cache/ringfence/microvm`).
 pub const CACHE_ENV: &str = "RINGFENCE_MICROVM_CACHE";
 
@@ -105,7 +115,12 @@ impl MicrovmConfig {
     pub fn cmdline(&self) -> String {
         let mut c = String::from("console=ttyS0 quiet reboot=t panic=-1 pci=off");
         if let Some(khz) = self.tsc_khz {
-            c.push_str(&format!(" tsc_early_khz={khz}"));
+            // `tsc=reliable`: no watchdog on the TSC. Its only reference here is jiffies, which
+            // lose ticks whenever a TCG vCPU thread waits for a host CPU; the watchdog then
+            // marks the TSC unstable, the guest keeps time by jiffies, and its clock falls
+            // behind the host's by seconds a minute on a loaded host (seen: 1.35 s behind
+            // within a minute of being stepped). TCG's TSC is the host's, at the rate given.
+            c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
         c.push_str(" -- --init --tier microvm");
         c

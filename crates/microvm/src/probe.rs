@@ -101,6 +101,7 @@ fn boot_once(
         // the jail cannot start has no tier to offer.
         jail: crate::jail::running_as_root()
             .then(|| crate::jail::VmJail::with_uid(crate::jail::PROBE_UID)),
+        incoming: false,
     };
     let started = Instant::now();
     let result = (|| {

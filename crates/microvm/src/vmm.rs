@@ -69,7 +69,9 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// In order: the guest sees `/dev/vda`, `/dev/vdb`, ...
     pub disks: Vec<Disk>,
-    /// A unix socket the host listens on; the VMM connects it to the guest's agent port.
+    /// A unix socket the VMM listens on for the host, connected to the guest's agent port. The
+    /// VMM waits for the host's connection before the guest runs (nothing the guest writes is
+    /// lost), and takes a new one when a host goes and another comes (a restarted server).
     pub agent_socket: Option<PathBuf>,
     /// The guest's network interface, if it has one.
     pub nic: Option<Nic>,
@@ -79,6 +81,9 @@ pub struct VmSpec {
     /// Who the VMM runs as and in which namespaces ([`crate::jail`]); `None` runs it as the
     /// caller (a host without root, where there is no uid to drop to).
     pub jail: Option<VmJail>,
+    /// Start with no guest running, waiting for [`VmHandle::restore`] to load a saved one
+    /// (the devices above must be those the saved guest had, in the same order and sizes).
+    pub incoming: bool,
 }
 
 /// The guest's NIC: a virtio-net device whose Ethernet frames the VMM exchanges, one per
@@ -121,6 +126,9 @@ pub trait VmHandle: Send + std::fmt::Debug {
     /// Writes the guest's memory and device state to `dest` (the guest is paused for it and
     /// stays paused).
     fn save(&mut self, dest: &Path) -> Result<(), MicrovmError>;
+    /// Loads the guest saved at `src` by [`VmHandle::save`] into a VM launched with
+    /// [`VmSpec::incoming`], and runs it.
+    fn restore(&mut self, src: &Path) -> Result<(), MicrovmError>;
     /// Whether the VMM process has exited.
     fn exited(&mut self) -> bool;
     /// Ends the guest and waits for the VMM process to exit (killed if it does not quit).
@@ -191,14 +199,22 @@ impl Qemu {
             // QEMU's option syntax doubles commas in values; our paths have none, but a
             // directory name with one must not split the option.
             let path = d.path.to_string_lossy().replace(',', ",,");
-            let ro = if d.read_only { ",readonly=on" } else { "" };
+            // A writable disk keeps its read-write descriptor for good (`auto-read-only=off`):
+            // otherwise saving the guest, which drops the disk's write permission at its end,
+            // makes QEMU reopen the image read-only, which its jail (another uid, an empty
+            // root) cannot, and the save fails ("bdrv_inactivate_all() failed").
+            let ro = if d.read_only { ",readonly=on" } else { ",auto-read-only=off" };
             let drive = format!("id=disk{i},file={path},format=raw,if=none,cache=unsafe{ro}");
             let dev = format!("virtio-blk-device,drive=disk{i}");
             push(&["-drive", &drive, "-device", &dev]);
         }
+        let incoming = incoming_args(spec);
+        push(&incoming.iter().map(String::as_str).collect::<Vec<_>>());
         if let Some(sock) = &spec.agent_socket {
             let path = sock.to_string_lossy().replace(',', ",,");
-            let chardev = format!("socket,id=agent,path={path}");
+            // QEMU listens (bound as root, before it drops to its uid and empty root, so a later
+            // server can still connect); `wait=on`: it waits for the first host at start-up.
+            let chardev = format!("socket,id=agent,path={path},server=on,wait=on");
             push(&["-chardev", &chardev, "-device", "virtio-serial-device"]);
             push(&["-device", "virtserialport,chardev=agent,name=ringfence.agent"]);
         }
@@ -223,11 +239,73 @@ impl Qemu {
     }
 }
 
+/// The options of a VM that starts by loading a saved guest: `-incoming defer` waits for the
+/// stream's URI over QMP (a descriptor we pass, see [`VmHandle::restore`]), so no path or
+/// shell command goes on the command line.
+fn incoming_args(spec: &VmSpec) -> Vec<String> {
+    if spec.incoming { vec!["-incoming".into(), "defer".into()] } else { Vec::new() }
+}
+
+/// The QEMU process: our child, or one an earlier server started (re-attached).
+#[derive(Debug)]
+enum Proc {
+    Child(Child),
+    Adopted { pid: u32, pidfd: std::os::fd::OwnedFd },
+}
+
 /// A QEMU process and its QMP connection.
 #[derive(Debug)]
 pub struct QemuVm {
-    child: Child,
+    proc: Proc,
     qmp: Qmp,
+    /// The host's first connection to the agent's port (taken by [`QemuVm::take_agent`]).
+    agent: Option<std::os::unix::net::UnixStream>,
+}
+
+impl QemuVm {
+    /// The connection to the guest's agent port made at launch.
+    pub fn take_agent(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.agent.take()
+    }
+
+    /// Re-attaches to a QEMU an earlier server launched for `dir` (its pid `pid`): a pidfd
+    /// on it (so a recycled pid is never signalled) and a new QMP connection.
+    pub fn adopt(pid: u32, dir: &Path) -> Result<QemuVm, MicrovmError> {
+        let pidfd = ringfence_sys::pidfd_open(pid as i32)
+            .map_err(|e| MicrovmError::Vmm(format!("QEMU {pid} is gone: {e}")))?;
+        // The pid must still be this sandbox's QEMU, not a recycled one.
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let needle = format!("unix:{},server=on", dir.join("qmp.sock").display());
+        if !String::from_utf8_lossy(&cmd).contains(&needle) {
+            return Err(MicrovmError::Vmm(format!("process {pid} is not this sandbox's QEMU")));
+        }
+        let qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10))?;
+        Ok(QemuVm { proc: Proc::Adopted { pid, pidfd }, qmp, agent: None })
+    }
+}
+
+/// Connects to the agent socket QEMU listens on, retrying while it starts.
+fn connect_agent(
+    path: &Path,
+    child: &mut Child,
+) -> Result<std::os::unix::net::UnixStream, MicrovmError> {
+    let started = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(10)
+                    || !matches!(child.try_wait(), Ok(None))
+                {
+                    return Err(MicrovmError::Io {
+                        op: "connect to the agent's port".into(),
+                        source: e,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 impl Vmm for Qemu {
@@ -267,6 +345,20 @@ impl Vmm for Qemu {
             op: format!("run {}", self.binary.display()),
             source,
         })?;
+        // QEMU waits for the agent's connection before it serves QMP (`wait=on`).
+        let agent = match &spec.agent_socket {
+            Some(path) => match connect_agent(path, &mut child) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log =
+                        std::fs::read_to_string(spec.dir.join("qemu.log")).unwrap_or_default();
+                    return Err(MicrovmError::Vmm(format!("{e}; qemu: {}", log.trim())));
+                }
+            },
+            None => None,
+        };
         let qmp = match Qmp::connect(&spec.dir.join("qmp.sock"), Duration::from_secs(10)) {
             Ok(q) => q,
             Err(e) => {
@@ -276,13 +368,16 @@ impl Vmm for Qemu {
                 return Err(MicrovmError::Vmm(format!("{e}; qemu: {}", log.trim())));
             }
         };
-        Ok(QemuVm { child, qmp })
+        Ok(QemuVm { proc: Proc::Child(child), qmp, agent })
     }
 }
 
 impl VmHandle for QemuVm {
     fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.proc {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
     }
 
     fn pause(&mut self) -> Result<(), MicrovmError> {
@@ -321,8 +416,47 @@ impl VmHandle for QemuVm {
         }
     }
 
+    fn restore(&mut self, src: &Path) -> Result<(), MicrovmError> {
+        let file = File::open(src)
+            .map_err(|source| MicrovmError::Io { op: format!("open {}", src.display()), source })?;
+        self.qmp.send_fd("incoming", &file)?;
+        self.qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": "fd:incoming" })))?;
+        // QEMU loads the stream in its main loop and starts the guest when it is complete
+        // (no `-S`); `inmigrate` until then.
+        let started = Instant::now();
+        loop {
+            let status = self.qmp.execute("query-status", None)?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("running") => return Ok(()),
+                Some("inmigrate") | Some("prelaunch") => {}
+                Some("paused") | Some("postmigrate") => {
+                    self.qmp.execute("cont", None)?;
+                }
+                other => {
+                    let m = self.qmp.execute("query-migrate", None).unwrap_or_default();
+                    let why = m.get("error-desc").and_then(|s| s.as_str()).unwrap_or("");
+                    return Err(MicrovmError::Vmm(format!(
+                        "restoring the guest failed (state {}): {why}",
+                        other.unwrap_or("unknown")
+                    )));
+                }
+            }
+            if self.exited() {
+                return Err(MicrovmError::Vmm("QEMU exited while restoring the guest".into()));
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(MicrovmError::Vmm("restoring the guest took over 120 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        match &mut self.proc {
+            Proc::Child(c) => !matches!(c.try_wait(), Ok(None)),
+            // Signal 0 checks the process exists; not our child, so no zombie to reap.
+            Proc::Adopted { pidfd, .. } => ringfence_sys::pidfd_send_signal(pidfd, 0).is_err(),
+        }
     }
 
     fn quit(&mut self) -> Result<(), MicrovmError> {
@@ -339,11 +473,22 @@ impl VmHandle for QemuVm {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        self.child
-            .wait()
-            .map(drop)
-            .map_err(|source| MicrovmError::Io { op: "wait for qemu".into(), source })
+        match &mut self.proc {
+            Proc::Child(c) => {
+                let _ = c.kill();
+                c.wait()
+                    .map(drop)
+                    .map_err(|source| MicrovmError::Io { op: "wait for qemu".into(), source })
+            }
+            Proc::Adopted { pidfd, .. } => {
+                let _ = ringfence_sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+                let started = Instant::now();
+                while !self.exited() && started.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -40,6 +40,7 @@ fn a_guest_pauses_continues_saves_and_quits() {
         accel: Accel::Tcg,
         jail: ringfence_microvm::jail::running_as_root()
             .then(|| ringfence_microvm::jail::VmJail::with_uid(ringfence_microvm::jail::PROBE_UID)),
+        incoming: false,
     };
     let mut vm = qemu.launch(&spec).unwrap();
     let pid = vm.pid();

@@ -524,6 +524,59 @@ pub struct Ready {
     pub initial_pid: Option<u32>,
 }
 
+/// What a `microvm` guest's agent sends, alone, once its devices are up and before it mounts
+/// the sandbox's writable disk: it is parked, waiting for a [`Wake`]. A guest saved to a memory
+/// snapshot is saved here, so each restore mounts the disk it is given after the restore.
+pub const GUEST_PARKED: u8 = b'W';
+
+/// The host's first message to a parked `microvm` guest (see [`GUEST_PARKED`]), in a fixed
+/// binary layout read straight off the virtio-serial port before the framed protocol starts:
+/// the host's wall clock, for the guest to step its own to (a restored guest's clock stands
+/// where the snapshot stopped it), and fresh random bytes for its kernel's generator (every
+/// restore of one snapshot starts from the same generator state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    pub unix_secs: u64,
+    pub nanos: u32,
+    pub entropy: [u8; WAKE_ENTROPY],
+}
+
+/// Random bytes in a [`Wake`]: 512 bits, the kernel generator's whole seed.
+pub const WAKE_ENTROPY: usize = 64;
+/// Bytes of a [`Wake`] on the wire: magic, seconds, nanoseconds, entropy.
+pub const WAKE_LEN: usize = 4 + 8 + 4 + WAKE_ENTROPY;
+const WAKE_MAGIC: &[u8; 4] = b"RFWK";
+
+impl Wake {
+    pub fn to_bytes(&self) -> [u8; WAKE_LEN] {
+        let mut b = [0u8; WAKE_LEN];
+        b[..4].copy_from_slice(WAKE_MAGIC);
+        b[4..12].copy_from_slice(&self.unix_secs.to_be_bytes());
+        b[12..16].copy_from_slice(&self.nanos.to_be_bytes());
+        b[16..].copy_from_slice(&self.entropy);
+        b
+    }
+
+    /// Parses a wake message; anything else (a host of another version) is refused.
+    pub fn from_bytes(b: &[u8; WAKE_LEN]) -> Result<Wake, ProtoError> {
+        let bad = |what: &str| ProtoError::Io(io::Error::new(io::ErrorKind::InvalidData, what));
+        if &b[..4] != WAKE_MAGIC {
+            return Err(bad("not a wake message"));
+        }
+        let mut secs = [0u8; 8];
+        secs.copy_from_slice(&b[4..12]);
+        let mut nanos = [0u8; 4];
+        nanos.copy_from_slice(&b[12..16]);
+        let nanos = u32::from_be_bytes(nanos);
+        if nanos >= 1_000_000_000 {
+            return Err(bad("wake message: nanoseconds out of range"));
+        }
+        let mut entropy = [0u8; WAKE_ENTROPY];
+        entropy.copy_from_slice(&b[16..]);
+        Ok(Wake { unix_secs: u64::from_be_bytes(secs), nanos, entropy })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,5 +645,17 @@ mod tests {
     fn shell_codes() {
         assert_eq!(ExitStatus::Code(3).shell_code(), 3);
         assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+
+    #[test]
+    fn wake_messages_round_trip_and_garbage_is_refused() {
+        let w = Wake { unix_secs: 1_800_000_000, nanos: 999_999_999, entropy: [7; WAKE_ENTROPY] };
+        assert_eq!(Wake::from_bytes(&w.to_bytes()).unwrap(), w);
+        let mut b = w.to_bytes();
+        b[0] = b'X';
+        assert!(Wake::from_bytes(&b).is_err());
+        let mut b = w.to_bytes();
+        b[12..16].copy_from_slice(&2_000_000_000u32.to_be_bytes());
+        assert!(Wake::from_bytes(&b).is_err());
     }
 }

@@ -1378,6 +1378,48 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     }
 }
 
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// `BLKFLSBUF`: `_IO(0x12, 97)`.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
+/// Mixes `bytes` into the kernel's input pool, credited as full entropy (`RNDADDENTROPY` on a
+/// random device; needs `CAP_SYS_ADMIN`), then makes the kernel reseed its generator from the
+/// pool at once (`RNDRESEEDCRNG`) instead of at its next scheduled reseed. A guest restored
+/// from a memory snapshot shares the generator's state with every other restore of it until
+/// then: this is what makes their random numbers their own.
+pub fn add_entropy_and_reseed(random: &std::fs::File, bytes: &[u8]) -> Result<()> {
+    const HEADER: usize = 2 * std::mem::size_of::<libc::c_int>();
+    let len = libc::c_int::try_from(bytes.len()).map_err(|_| SysError {
+        call: "ioctl(RNDADDENTROPY)",
+        source: io::Error::from_raw_os_error(libc::EINVAL),
+    })?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built as bytes
+    // (with room rounded up to whole u32s, as the kernel reads `buf_size` bytes).
+    let mut info = vec![0u8; HEADER + bytes.len().div_ceil(4) * 4];
+    info[..4].copy_from_slice(&(len.saturating_mul(8)).to_ne_bytes());
+    info[4..8].copy_from_slice(&len.to_ne_bytes());
+    info[HEADER..HEADER + bytes.len()].copy_from_slice(bytes);
+    // SAFETY: `info` is a rand_pool_info laid out as the kernel expects (two ints, then
+    // `buf_size` bytes), alive for the call; the kernel only reads it.
+    let ret = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    check("ioctl(RNDADDENTROPY)", ret.into())?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let ret = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) };
+    check("ioctl(RNDRESEEDCRNG)", ret.into()).map(drop)
+}
+
+/// Drops a block device's cached pages (`BLKFLSBUF`): what the kernel read from the disk
+/// before (a guest restored from a snapshot read the disk that was attached then) is read
+/// again from the disk that is attached now.
+pub fn flush_block_cache(dev: &std::fs::File) -> Result<()> {
+    // SAFETY: BLKFLSBUF takes no argument; `dev` is an open descriptor for the call.
+    let ret = unsafe { libc::ioctl(dev.as_raw_fd(), BLKFLSBUF as _, 0) };
+    check("ioctl(BLKFLSBUF)", ret.into()).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,10 +14,20 @@
 //! stack, policy, resolver and audit (`NetAttach::Nic`); inbound ports go through the same
 //! stack to the guest's loopback.
 //!
-//! Not built yet, and said so in the capabilities: start from
-//! a memory snapshot (the runner can save one: `MicroVm::save_memory`; nothing restores it),
-//! snapshots and forks of the writable disk, re-attach after a server restart (a restarted
-//! server's sweep ends the QEMUs the dead one left, and their directories).
+//! Sandboxes start from the template's memory snapshot (`ringfence_microvm::snapshot`, made by
+//! the first start of a template and guest shape, NIC included); `RINGFENCE_MICROVM_SNAPSHOTS=off`
+//! boots each.
+//!
+//! Pause is the in-memory stop; `RINGFENCE_MICROVM_PAUSE=file` makes it a save to a file that
+//! ends QEMU (`MicroVm::suspend_to_file`), and resume a restore from it (the NIC's socket kept
+//! across, so the network stack is unchanged).
+//!
+//! A server killed with -9 leaves its QEMUs running; the next one re-attaches to each recorded
+//! sandbox (`MicroVm::adopt`: QMP and the agent's socket, which QEMU keeps listening on) and
+//! its sweep ends the rest. A re-attached guest has no network: its NIC's socket ended with
+//! the old server's stack.
+//!
+//! Not built yet, and said so in the capabilities: snapshots and forks of the writable disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -250,6 +260,27 @@ fn sweep_probes(dir: &Path) {
     }
 }
 
+/// The memory snapshot to start a sandbox of `image` with `limits` from, built on first use;
+/// `None` (the guest boots) where snapshots are turned off (`RINGFENCE_MICROVM_SNAPSHOTS=off`)
+/// or the snapshot cannot be made (logged).
+fn snapshot_for(
+    cfg: &MicrovmConfig,
+    image: &Path,
+    limits: &ringfence_jail::limits::Limits,
+    nic: Option<&ringfence_proto::GuestNic>,
+) -> Option<PathBuf> {
+    if std::env::var(ringfence_microvm::SNAPSHOT_ENV).is_ok_and(|v| v == "off") {
+        return None;
+    }
+    match ringfence_microvm::snapshot::template_snapshot(cfg, image, limits, nic) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "no memory snapshot for the microvm tier; booting");
+            None
+        }
+    }
+}
+
 fn vm_err(e: ringfence_microvm::MicrovmError) -> TierError {
     TierError::Setup(format!("microvm: {e}"))
 }
@@ -271,7 +302,7 @@ impl Tier for MicrovmTier {
             memory_snapshot: false,
             fs_snapshot: false,
             fork: false,
-            reattach: false,
+            reattach: true,
             kernel_injection: false,
             network: "nic",
             network_policy: true,
@@ -315,26 +346,50 @@ impl Tier for MicrovmTier {
             image_in_use = Some(exported.in_use);
             path
         };
-        let mut s = ringfence_microvm::StartSpec::new(spec.id, image);
+        let mut s = ringfence_microvm::StartSpec::new(spec.id, image.clone());
         s.limits = spec.limits;
         s.env = env;
         s.nic = Some(guest_nic());
         let memory_limit = spec.limits.memory;
-        let vm = MicroVm::start(cfg, s).map_err(vm_err)?;
-        tracing::debug!(boot_ms = vm.boot.as_millis() as u64, "microvm booted");
+        s.snapshot = snapshot_for(cfg, &image, &spec.limits, s.nic.as_ref());
+        let vm = match MicroVm::start(cfg, s.clone()) {
+            Ok(vm) => vm,
+            // A snapshot that does not restore (damaged, or from a QEMU that changed in place)
+            // is removed, and this sandbox boots: the next start builds a new one.
+            Err(e) if !matches!(e, ringfence_microvm::MicrovmError::Invalid(_)) => {
+                let Some(bad) = s.snapshot.take() else { return Err(vm_err(e)) };
+                tracing::warn!(error = %e, snapshot = %bad.display(), "restore failed; booting");
+                let _ = std::fs::remove_file(&bad);
+                MicroVm::start(cfg, s).map_err(vm_err)?
+            }
+            Err(e) => return Err(vm_err(e)),
+        };
+        tracing::debug!(
+            start_ms = vm.boot.as_millis() as u64,
+            restored = vm.restored,
+            "microvm started"
+        );
         let nic = vm.nic();
         Ok(MicrovmInstance { vm, memory_limit, nic, _image: image_in_use })
     }
 
     fn adopt(
         &self,
-        _id: &str,
-        _saved: &Saved,
-        _paused: bool,
+        id: &str,
+        saved: &Saved,
+        paused: bool,
     ) -> Result<Adopted<MicrovmInstance>, TierError> {
-        Err(TierError::Unsupported {
-            tier: TierKind::Microvm,
-            what: "re-attach after a server restart (the agent's channel ends with the server)",
+        let Some(pid) = saved.pid.and_then(|p| u32::try_from(p).ok()) else {
+            return Err(TierError::Setup("no QEMU pid was recorded".into()));
+        };
+        let cfg = self.config()?;
+        let vm = MicroVm::adopt(cfg, id, pid, saved.slot).map_err(vm_err)?;
+        // As the record says: stopped if it was paused (in memory), running otherwise.
+        if paused { vm.pause() } else { vm.resume() }.map_err(vm_err)?;
+        let memory_limit = None;
+        Ok(Adopted {
+            instance: MicrovmInstance { vm, memory_limit, nic: None, _image: None },
+            thawed: false,
         })
     }
 
@@ -380,7 +435,10 @@ fn guest_nic() -> ringfence_proto::GuestNic {
 
 impl Instance for MicrovmInstance {
     fn saved(&self) -> Saved {
-        Saved::default()
+        Saved {
+            pid: i32::try_from(self.vm.pid()).ok().filter(|p| *p > 0),
+            slot: self.vm.cgroup_slot(),
+        }
     }
 
     fn control(&self) -> Result<std::os::unix::net::UnixStream, TierError> {
@@ -425,11 +483,19 @@ impl Instance for MicrovmInstance {
     }
 
     fn freeze(&self) -> Result<(), TierError> {
-        self.vm.pause().map_err(vm_err)
+        if std::env::var(ringfence_microvm::PAUSE_ENV).is_ok_and(|v| v == "file") {
+            self.vm.suspend_to_file().map_err(vm_err)
+        } else {
+            self.vm.pause().map_err(vm_err)
+        }
     }
 
     fn thaw(&self) -> Result<(), TierError> {
-        self.vm.resume().map_err(vm_err)
+        if self.vm.is_suspended() {
+            self.vm.resume_from_file().map_err(vm_err)
+        } else {
+            self.vm.resume().map_err(vm_err)
+        }
     }
 
     fn save_fs(&self, _dest: &Path, _paused: bool) -> Result<(), TierError> {

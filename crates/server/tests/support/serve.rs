@@ -44,6 +44,8 @@ pub struct Server {
     pub up_within: Duration,
     /// How [`Server::request`] talks to it.
     pub http: Http,
+    /// Extra environment for the server process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -62,6 +64,7 @@ impl Server {
             log_level: Some("info"),
             up_within: Duration::from_secs(20),
             http: Http::default(),
+            env: Vec::new(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Server {
         if let Some(level) = self.log_level {
             cmd.env("RINGFENCE_LOG", level);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + self.up_within;
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
