@@ -54,7 +54,13 @@ def check(name, cond, detail=""):
 
 
 def sh(*args, check=True, **kw):
-    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+    r = subprocess.run(args, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        # What the command said, not only its status: a CI log must name the cause.
+        sys.stderr.write(f"command failed ({r.returncode}): {' '.join(map(str, args))}\n"
+                         f"{r.stdout[-2000:]}{r.stderr[-4000:]}\n")
+        r.check_returncode()
+    return r
 
 
 def free_port():
@@ -368,8 +374,10 @@ def templates(c):
                     # The SDK runs commands with `/bin/bash -l -c`: busybox's sh answers.
                     'COPY bash /bin/bash\n'
                     'COPY marker /etc/marker\n')
+        # A run directory of its own: the host's default one is shared with any other
+        # server on the machine, whose start-up sweep is no business of this build.
         sh(BIN, "template", "build", "--name", name, "-f", os.path.join(ctx, "Dockerfile"),
-           "--data-dir", c.data(0))
+           "--data-dir", c.data(0), "--run-dir", os.path.join(c.tmp, "run-build"))
         end = time.time() + 20
         while time.time() < end and template_meta(c, name) is None:
             time.sleep(0.3)
