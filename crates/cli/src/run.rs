@@ -134,11 +134,6 @@ pub struct RunArgs {
     /// runs did before `finish_disks` (benchmarking of what finishing after exit saves only).
     #[arg(long, hide = true)]
     finish_in_place: bool,
-    /// Wait for the sandbox's teardown (its agent's death: the mount namespace's unmounts) and
-    /// let its cgroup slot go before exiting, as runs did before `finish` took that over
-    /// (benchmarking of what finishing after exit saves only).
-    #[arg(long, hide = true)]
-    wait_teardown: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -473,16 +468,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
     }
     sandbox.kill();
-    // The agent's death, once killed, is mostly its namespaces' teardown (the mount
-    // namespace's unmounts wait on the kernel), nothing the caller needs to wait for: its
-    // output ends when it and the command have closed their descriptors, which the kernel
-    // does before the teardown, and `finish` waits for the rest after this process exits.
-    // Only where a spawner started the agent: another process (`finish`'s) can then watch it
-    // end through its pidfd; this process alone can reap a child of its own.
-    let wait_teardown = args.wait_teardown || args.finish_in_place || !sandbox.waitable_anywhere();
-    if wait_teardown {
-        let _ = sandbox.wait();
-    }
+    let _ = sandbox.wait();
     for r in relays {
         let _ = r.join();
     }
@@ -495,15 +481,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let landlock_abi = sandbox.ready.landlock_abi;
     let disk_backend = sandbox.disk_backend();
     let disk_made_ahead = sandbox.disk_made_ahead();
-    // The disk goes after we exit, and with `wait_teardown` the slot is let go of now (the
-    // next run may want it); otherwise `finish` lets it go once the sandbox has ended.
+    // The slot is let go of now (the next run may want it); the disk goes after we exit.
     let disk = sandbox.take_disk();
-    let sandbox = if wait_teardown {
-        drop(sandbox);
-        None
-    } else {
-        Some(sandbox)
-    };
+    drop(sandbox);
 
     let over_out = stdout_over.load(Ordering::SeqCst);
     let over_err = stderr_over.load(Ordering::SeqCst);
@@ -574,26 +554,22 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         // The way before: the next disk was made beside the sandbox and waited for, the run's
         // own removed in this process.
         Some(t) => {
-            drop(sandbox);
             drop(disk);
             let _ = t.join();
         }
-        None => finish(sandbox, disk, spare),
+        None => finish_disks(disk, spare),
     }
     Ok(code)
 }
 
-/// Waits for the (killed) sandbox to end and lets its cgroup slot go, removes this run's disk
-/// and makes the next run's, in a process of its own, so that whoever waits for this run does
-/// not wait for them: the sandbox's namespace teardown, the filesystem's teardown, the image's
-/// deletion and the next disk's loop device and mount (each of which waits on the kernel, for
-/// an RCU grace period on a host as it comes) took longer than a short command's whole run.
-/// The process is forked from this one once it has a single thread left; where it has more (a
-/// terminal's stdin relay), or the fork fails, the work is done here, as before. The slot's
-/// lock is the child's too (a `flock` belongs to the open file, which the fork shares), so no
-/// other run takes the slot before the sandbox is gone.
-fn finish(sandbox: Option<Sandbox>, disk: Option<Disk>, spare: Option<(DiskPool, u64)>) {
-    if sandbox.is_none() && disk.is_none() && spare.is_none() {
+/// Removes this run's disk and makes the next run's in a process of its own, so that whoever
+/// waits for this run does not wait for them: the filesystem's teardown, the image's deletion
+/// and the next disk's loop device and mount (each of which waits on the kernel, for an RCU
+/// grace period on a host as it comes) took longer than a short command's whole run. The
+/// process is forked from this one once it has a single thread left; where it has more (a
+/// terminal's stdin relay), or the fork fails, the work is done here, as before.
+fn finish_disks(disk: Option<Disk>, spare: Option<(DiskPool, u64)>) {
+    if disk.is_none() && spare.is_none() {
         return;
     }
     // Whatever is buffered is ours to write, not the child's (its streams are /dev/null).
@@ -601,23 +577,18 @@ fn finish(sandbox: Option<Sandbox>, disk: Option<Disk>, spare: Option<(DiskPool,
     let _ = io::stderr().flush();
     match ringfence_sys::fork_single_threaded() {
         Ok(Forked::Parent(_)) => {
-            // Not dropped here: that would wait for the sandbox, free its slot and remove the
-            // disk (unlocking locks the child shares). Our descriptors close when we exit; the
-            // child's keep them.
-            std::mem::forget(sandbox);
+            // Not dropped here: that would remove the disk (and unlock its image, a lock the
+            // child shares). Our descriptors close when we exit; the child's keep it.
             std::mem::forget(disk);
         }
         Ok(Forked::Child) => {
-            // The slot first (its sandbox is dying already), then the next run's disk: the
-            // next run may be starting now.
-            drop(sandbox);
+            // The next run's disk first: the next run may be starting now.
             make_spare(spare);
             drop(disk);
             std::process::exit(0);
         }
         Err(e) => {
-            tracing::debug!(error = %e, "ending the sandbox and removing the disk in this process");
-            drop(sandbox);
+            tracing::debug!(error = %e, "removing the disk in this process");
             drop(disk);
             make_spare(spare);
         }

@@ -756,13 +756,6 @@ impl Sandbox {
         }
     }
 
-    /// Whether any process may wait for the agent's end ([`wait`](Sandbox::wait), or dropping
-    /// this): true where a spawner started it (a pidfd is watched), false where this process
-    /// is its parent, which alone can reap it.
-    pub fn waitable_anywhere(&self) -> bool {
-        self.pidfd.is_some() || self.reaped
-    }
-
     /// Waits for the agent to exit and reaps it.
     pub fn wait(&mut self) -> Result<Option<ringfence_sys::Reaped>, JailError> {
         if self.reaped || self.adopted {
