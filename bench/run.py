@@ -79,6 +79,7 @@ LAYER_SETS: list[tuple[str, list[str]]] = [
     ("no-spawner", ["--no-spawner"]),
     ("no-disk-ahead", ["--no-disk-ahead"]),
     ("finish-in-place", ["--finish-in-place"]),
+    ("exec-agent", ["--exec-agent"]),
     ("no-overlay", ["--no-overlay"]),
 ]
 
@@ -445,7 +446,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="OUT", help="write raw samples and the summary here")
     ap.add_argument("--only", metavar="NAME,...",
                     help="runners to use: bare,ringfence,bwrap,nsjail "
-                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-spawner,no-disk-ahead,finish-in-place,no-overlay)")
+                         "(with --layers: bare,full,no-seccomp,no-landlock,no-cgroup,no-spawner,no-disk-ahead,finish-in-place,exec-agent,no-overlay)")
     ap.add_argument("--layers", action="store_true",
                     help="instead: /bin/true under `ringfence run` with each layer switched off")
     args = ap.parse_args()

@@ -37,7 +37,7 @@ pub fn main() -> ExitCode {
         && flag == "--spawner"
         && socket_flag == "--socket"
     {
-        return match ringfence_jail::spawner::serve(std::path::Path::new(socket)) {
+        return match ringfence_jail::spawner::serve(std::path::Path::new(socket), jail_init) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::from(1),
         };
@@ -66,6 +66,20 @@ pub fn main() -> ExitCode {
     match run(control, tier) {
         Ok(code) => code,
         Err(()) => ExitCode::from(1),
+    }
+}
+
+/// The agent's start in a sandbox a spawner forked (see `ringfence_jail::spawner::serve`): what
+/// `ringfence-agent --init` does after reading its arguments.
+fn jail_init() -> i32 {
+    let Some(control) = control_channel() else {
+        return 2;
+    };
+    ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
+    match run(control, Tier::Jail) {
+        // Every way `run` ends well in the jail tier.
+        Ok(code) if code == ExitCode::SUCCESS => 0,
+        Ok(_) | Err(()) => 1,
     }
 }
 

@@ -122,6 +122,10 @@ pub struct RunArgs {
     /// there (benchmarking of what spawners save only).
     #[arg(long, hide = true)]
     no_spawner: bool,
+    /// Have the slot's spawner exec a fresh agent instead of forking itself into one
+    /// (benchmarking of what forking saves only).
+    #[arg(long, hide = true)]
+    exec_agent: bool,
     /// Make this run's disk on the start path instead of taking one made ahead (benchmarking
     /// of what disks made ahead save only).
     #[arg(long, hide = true)]
@@ -332,7 +336,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     } else {
         let layout = Layout::detect()?;
         let pool = Pool::new(layout, &cfg.cgroup_name, POOL_PREFIX, cfg.run_dir.join("cgroups"));
-        Some(if args.no_spawner { pool } else { pool.with_spawners(cfg.agent_path.clone()) })
+        Some(if args.no_spawner {
+            pool
+        } else {
+            pool.with_spawners(cfg.agent_path.clone()).exec_agents(args.exec_agent)
+        })
     };
     let limits = Limits {
         memory: Some(args.memory),

@@ -920,6 +920,37 @@ fn sandboxes_are_born_in_their_slot_by_a_spawner_no_sandbox_process_can_pass_for
     assert!(std::path::Path::new(&format!("/proc/{spawner}")).exists(), "the spawner went");
 }
 
+/// A slot's spawner forks each sandbox's agent rather than exec'ing it (`spawner::serve`).
+/// What a fork would carry over is out of the sandbox's reach: the agent's command line is the
+/// exec'd agent's (not the spawner's, with its host paths), and the sandbox's root, the uid the
+/// agent runs as, can read none of its memory, maps, environment or descriptors. The old way
+/// (`--exec-agent`) runs the same command for comparison: there the descriptor list is open to
+/// the sandbox's root, and the assertion on it shows the probe can see what a fork closes.
+#[test]
+fn a_forked_agent_shows_no_host_path_and_its_memory_is_out_of_reach() {
+    root_only!();
+    let probe = "tr '\\0' ' ' < /proc/1/cmdline; echo; \
+                 for f in mem maps environ auxv; do head -c1 /proc/1/$f >/dev/null 2>&1 && echo READ-$f; done; \
+                 ls /proc/1/fd >/dev/null 2>&1 && echo READ-fd; true";
+    for user in ["root", "user"] {
+        let out = ringfence()
+            .args(["run", "-q", "--user", user, "--", "/bin/sh", "-c", probe])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let cmdline = text.lines().next().unwrap_or_default();
+        assert_eq!(cmdline.trim_end(), "ringfence-agent --init", "{user}: {text}");
+        assert!(!text.contains("READ-"), "{user} reads the forked agent: {text}");
+    }
+    let out = ringfence()
+        .args(["run", "-q", "--exec-agent", "--user", "root", "--", "/bin/sh", "-c", probe])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("READ-fd"), "the probe sees no exec'd agent either: {text}");
+}
+
 /// A slot's spawner holds nothing of the host's a sandbox could use (its standard streams are
 /// `/dev/null`, its one other descriptor its own socket), and one that dies is noticed and
 /// replaced: the slot's next claimant finds its socket dead and parks a new spawner there.

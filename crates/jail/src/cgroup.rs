@@ -110,6 +110,9 @@ pub struct Pool {
     lock_dir: PathBuf,
     /// The agent's executable, to park a spawner in each slot (see [`crate::spawner`]).
     spawner_exe: Option<PathBuf>,
+    /// Spawners exec a fresh agent per sandbox instead of forking one (benchmarking of what
+    /// forking saves only).
+    exec_agents: bool,
     /// Where this process's next claim looks first (shared by clones and by its leases).
     hint: Arc<Mutex<SlotHint>>,
 }
@@ -139,6 +142,7 @@ impl Pool {
             prefix: prefix.into(),
             lock_dir,
             spawner_exe: None,
+            exec_agents: false,
             hint: Arc::default(),
         }
     }
@@ -147,6 +151,13 @@ impl Pool {
     /// in their cgroups instead of being moved there (see [`crate::spawner`]).
     pub fn with_spawners(mut self, exe: PathBuf) -> Self {
         self.spawner_exe = Some(exe);
+        self
+    }
+
+    /// Has this pool's spawners exec `ringfence-agent --init` for each sandbox, as before they
+    /// forked it (benchmarking of what forking saves only).
+    pub fn exec_agents(mut self, exec: bool) -> Self {
+        self.exec_agents = exec;
         self
     }
 
@@ -172,12 +183,12 @@ impl Pool {
             }
         }
         if let Some(s) = Spawner::existing(&socket) {
-            return Some(s);
+            return Some(s.exec_agents(self.exec_agents));
         }
         let park =
             |pid| lease.add(pid).map_err(|e| crate::spawner::SpawnerError::Refused(e.to_string()));
         match Spawner::start(&socket, exe, park) {
-            Ok(s) => Some(s),
+            Ok(s) => Some(s.exec_agents(self.exec_agents)),
             Err(e) => {
                 // Not a failure of the sandbox: it is moved into the slot instead (slower).
                 tracing::info!(slot = lease.slot, error = %e, "no spawner: this slot's sandboxes are moved into it");
@@ -304,7 +315,8 @@ impl Pool {
         let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
         lease.spawner = self
             .spawner_socket(slot)
-            .and_then(|(socket, _)| crate::spawner::Spawner::existing(&socket));
+            .and_then(|(socket, _)| crate::spawner::Spawner::existing(&socket))
+            .map(|s| s.exec_agents(self.exec_agents));
         lease.set_baselines();
         Ok(lease)
     }

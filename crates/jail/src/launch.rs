@@ -251,6 +251,7 @@ impl Sandbox {
                     flags: ringfence_sys::SANDBOX_NAMESPACES,
                     owner: Some(owner.uid()),
                     keep_target: Some(ringfence_proto::OWNER_LOCK_FD),
+                    exec: spawner.execs(),
                 };
                 let [i, o, e] = spec.stdio;
                 match spawner.spawn(&req, &[child_end.as_raw_fd(), i, o, e, owner.fd()]) {

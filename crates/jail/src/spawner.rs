@@ -60,6 +60,10 @@ pub struct SpawnRequest {
     pub owner: Option<u32>,
     /// Where the owner claim (the last descriptor sent) stays open in the child.
     pub keep_target: Option<i32>,
+    /// Exec a fresh agent in the child, as sandboxes started before spawners forked them
+    /// (benchmarking of what forking saves only; see [`serve`]).
+    #[serde(default)]
+    pub exec: bool,
 }
 
 /// The spawner answers with this (and, on success, a pidfd).
@@ -115,12 +119,30 @@ pub fn stop(socket: &Path) {
 #[derive(Debug, Clone)]
 pub struct Spawner {
     path: PathBuf,
+    exec: bool,
 }
+
+/// The agent's own start, run in a spawner's forked child in place of an exec of
+/// `ringfence-agent --init` (see [`serve`]).
+/// It returns the process's exit status.
+pub type Init = fn() -> i32;
 
 impl Spawner {
     /// The spawner listening at `socket`, if one answers.
     pub fn existing(socket: &Path) -> Option<Spawner> {
-        UnixStream::connect(socket).ok().map(|_| Spawner { path: socket.to_path_buf() })
+        UnixStream::connect(socket)
+            .ok()
+            .map(|_| Spawner { path: socket.to_path_buf(), exec: false })
+    }
+
+    /// Whether this spawner's sandboxes exec a fresh agent (see [`SpawnRequest::exec`]).
+    pub fn exec_agents(self, exec: bool) -> Spawner {
+        Spawner { exec, ..self }
+    }
+
+    /// What [`exec_agents`](Spawner::exec_agents) set.
+    pub fn execs(&self) -> bool {
+        self.exec
     }
 
     /// Starts `exe --spawner --socket SOCKET` and hands its pid to `park`, which moves it into
@@ -199,7 +221,19 @@ impl Spawner {
 
 /// Runs a spawner on `socket` (the `--spawner` mode of the agent's executable) until it has
 /// been idle for [`IDLE_EXIT`] or its socket is gone.
-pub fn serve(socket: &Path) -> Result<(), SpawnerError> {
+///
+/// Each sandbox is a fork of this process that runs `init`, the agent's start, without an
+/// exec: the spawner is the agent's executable already, single-threaded (one request at a
+/// time, no threads, checked at each fork by [`ringfence_sys::fork_into_namespaces`]), with
+/// an empty environment, and it holds nothing of any sandbox (each request's descriptors are
+/// closed in the child but for the sandbox's own; the child's command line is rewritten to
+/// the exec'd agent's). What a fork keeps that an exec would renew: the address-space layout
+/// (ASLR) and the stack canary are the spawner's, shared by the agents it starts; no process
+/// inside a sandbox can read its agent's memory or maps (the agent is the namespace's root,
+/// user code runs as another uid without capabilities, and `ptrace` is not in the seccomp
+/// allowlist), and every command the agent starts is exec'd afresh. A request with `exec`
+/// execs `ringfence-agent --init` instead.
+pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     let io = |op| {
         let path = socket.to_path_buf();
         move |source| SpawnerError::Io { op, path, source }
@@ -220,7 +254,7 @@ pub fn serve(socket: &Path) -> Result<(), SpawnerError> {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
-                let _ = answer(conn, &exe);
+                let _ = answer(conn, &exe, init);
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -243,7 +277,7 @@ pub fn serve(socket: &Path) -> Result<(), SpawnerError> {
     }
 }
 
-fn answer(conn: UnixStream, exe: &std::ffi::CStr) -> Result<(), SpawnerError> {
+fn answer(conn: UnixStream, exe: &std::ffi::CStr, init: Init) -> Result<(), SpawnerError> {
     let refuse = |m: &str| SpawnerError::Refused(m.to_string());
     conn.set_nonblocking(false).map_err(|_| refuse("blocking"))?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| refuse("timeout"))?;
@@ -255,7 +289,7 @@ fn answer(conn: UnixStream, exe: &std::ffi::CStr) -> Result<(), SpawnerError> {
     let mut buf = vec![0u8; 4096];
     let (n, fds) =
         ringfence_sys::recv_with_fds(conn.as_raw_fd(), &mut buf).map_err(|_| refuse("recv"))?;
-    let reply = match started(&buf[..n], &fds, exe) {
+    let reply = match started(&buf[..n], &fds, exe, init) {
         Ok((pid, pidfd)) => {
             let text =
                 serde_json::to_vec(&SpawnReply::Started { pid }).map_err(|_| refuse("encode"))?;
@@ -269,7 +303,12 @@ fn answer(conn: UnixStream, exe: &std::ffi::CStr) -> Result<(), SpawnerError> {
     conn.write_all(&text).map_err(|_| refuse("reply"))
 }
 
-fn started(line: &[u8], fds: &[OwnedFd], exe: &std::ffi::CStr) -> Result<(i32, OwnedFd), String> {
+fn started(
+    line: &[u8],
+    fds: &[OwnedFd],
+    exe: &std::ffi::CStr,
+    init: Init,
+) -> Result<(i32, OwnedFd), String> {
     let line = line.strip_suffix(b"\n").ok_or("unterminated request")?;
     let req: SpawnRequest = serde_json::from_slice(line).map_err(|e| e.to_string())?;
     let want = 4 + usize::from(req.keep_target.is_some());
@@ -278,7 +317,7 @@ fn started(line: &[u8], fds: &[OwnedFd], exe: &std::ffi::CStr) -> Result<(i32, O
     }
     let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
     let keep = req.keep_target.map(|t| (fds[4].as_raw_fd(), t));
-    let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
+    let spec = ringfence_sys::NsSpawn {
         flags: req.flags,
         exe,
         argv: &argv,
@@ -289,8 +328,29 @@ fn started(line: &[u8], fds: &[OwnedFd], exe: &std::ffi::CStr) -> Result<(i32, O
         die_with_parent: false,
         owner: req.owner,
         keep,
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let pid = if req.exec {
+        ringfence_sys::spawn_in_namespaces(&spec).map_err(|e| e.to_string())?
+    } else {
+        match ringfence_sys::fork_into_namespaces(&spec).map_err(|e| e.to_string())? {
+            ringfence_sys::Forked::Parent(pid) => pid,
+            ringfence_sys::Forked::Child => {
+                // The sandbox's PID 1 from here on, never back into the spawner's loop. Its
+                // command line is what an exec'd agent's is, not the spawner's (host paths).
+                let args: Vec<&std::ffi::CStr> = argv.iter().map(|a| a.as_c_str()).collect();
+                if ringfence_sys::set_cmdline(&args).is_err() {
+                    std::process::exit(1);
+                }
+                // A panic must not unwind into the spawner's frames (their descriptors are
+                // closed, their numbers the agent's now): it ends the agent as it would have
+                // ended an exec'd one.
+                match std::panic::catch_unwind(init) {
+                    Ok(code) => std::process::exit(code),
+                    Err(_) => std::process::exit(101),
+                }
+            }
+        }
+    };
     let pidfd = ringfence_sys::pidfd_open(pid).map_err(|e| e.to_string())?;
     Ok((pid, pidfd))
 }

@@ -164,6 +164,80 @@ fn restore_creds(saved: &ThreadCreds) {
 /// With `owner`, the calling thread (only it) runs the `clone` with that euid, so the new user
 /// namespace belongs to `owner`; the thread's credentials are put back before this returns.
 pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
+    clone_into_namespaces(spec, true)
+}
+
+/// Replaces what `/proc/self/cmdline` shows with `args` (each followed by a NUL, the rest of
+/// the original argument area zeroed), as `setproctitle` does: by writing over the argument
+/// strings at the top of the stack, whose bounds the kernel reports in `/proc/self/stat`.
+///
+/// A sandbox forked from a spawner ([`fork_into_namespaces`]) would otherwise show every
+/// process in it the spawner's command line, with host paths. Changing the bounds instead
+/// (`PR_SET_MM_ARG_START`) needs `CAP_SYS_RESOURCE`, which hosts may withhold.
+pub fn set_cmdline(args: &[&CStr]) -> Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")
+        .map_err(|source| SysError { call: "read /proc/self/stat", source })?;
+    let bad = || SysError {
+        call: "parse /proc/self/stat",
+        source: io::Error::new(io::ErrorKind::InvalidData, "no argument bounds"),
+    };
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // arg_start and arg_end are fields 48 and 49.
+    let rest = stat.rsplit_once(") ").ok_or_else(bad)?.1;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<usize>().ok()).ok_or_else(bad);
+    let (start, end) = (field(48)?, field(49)?);
+    let wanted: usize = args.iter().map(|a| a.to_bytes_with_nul().len()).sum();
+    if end <= start || wanted > end - start {
+        return Err(SysError {
+            call: "set_cmdline",
+            source: io::Error::new(io::ErrorKind::InvalidInput, "longer than the argument area"),
+        });
+    }
+    let area = std::ptr::with_exposed_provenance_mut::<u8>(start);
+    // SAFETY: [start, end) is this process's argument area as the kernel reports it: mapped
+    // and writable (the top of the initial stack), and owned by no Rust object. The argv
+    // pointers into it stay valid; what they point at stays NUL-terminated, since everything
+    // past the new arguments is zeroed.
+    unsafe {
+        std::ptr::write_bytes(area, 0, end - start);
+        let mut at = area;
+        for a in args {
+            let b = a.to_bytes_with_nul();
+            std::ptr::copy_nonoverlapping(b.as_ptr(), at, b.len());
+            at = at.add(b.len());
+        }
+    }
+    Ok(())
+}
+
+/// [`spawn_in_namespaces`] without the `execve`: the child returns [`Forked::Child`] and goes
+/// on running the caller's program (`exe` and `argv` are not used), set up as
+/// [`spawn_in_namespaces`]'s child is just before its exec (new namespaces, root of its user
+/// namespace, fds 0–3 and `keep`'s target open); the parent gets [`Forked::Parent`].
+///
+/// Saves the exec of a new image, about half a millisecond per sandbox start at rest and
+/// several under load. Only a single-threaded caller may do this: the child of a
+/// multi-threaded process may find locks (the allocator's, stdio's) held by threads that do
+/// not exist in it, so this refuses unless the caller is the process's only thread. Without
+/// an exec the child's memory stays the caller's, of the caller's user namespace: its `/proc`
+/// files belong to the host's root, and no one inside its new namespaces can read or trace it.
+pub fn fork_into_namespaces(spec: &NsSpawn<'_>) -> Result<Forked> {
+    if thread_count() != Some(1) {
+        return Err(SysError {
+            call: "clone without exec (more than one thread)",
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        });
+    }
+    match clone_into_namespaces(spec, false)? {
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// The clone behind [`spawn_in_namespaces`] (`exec`) and [`fork_into_namespaces`]; returns 0
+/// in the child when not `exec`.
+fn clone_into_namespaces(spec: &NsSpawn<'_>, exec: bool) -> Result<i32> {
     // Everything the child touches is prepared here, before the fork.
     let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -210,7 +284,9 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
     }
     // Child.
     // SAFETY: async-signal-safe syscalls only, on fds and pointers prepared before the fork;
-    // every failure ends in _exit, which never returns into Rust code of the parent's image.
+    // every failure ends in _exit. Only without `exec` does the child return into Rust code,
+    // and `fork_into_namespaces` allows that only to a single-threaded caller, whose locks
+    // no vanished thread can be holding.
     unsafe {
         libc::close(spec.parent_end);
         // Move the sources out of the 0..=3 range first so the dup2s below cannot clobber each
@@ -275,6 +351,9 @@ pub fn spawn_in_namespaces(spec: &NsSpawn<'_>) -> Result<i32> {
             libc::syscall(libc::SYS_close_range, (keep_target + 1) as u32, u32::MAX, 0u32);
         } else {
             libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        }
+        if !exec {
+            return Ok(0);
         }
         libc::execve(spec.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
         libc::_exit(124);
@@ -1021,12 +1100,13 @@ fn add_default_route(name: &str, gateway: Option<std::net::Ipv4Addr>) -> Result<
     check("ioctl(SIOCADDRT)", ret.into()).map(drop)
 }
 
-/// Which side of [`fork_single_threaded`] the caller is on.
+/// Which side of [`fork_single_threaded`] or [`fork_into_namespaces`] the caller is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {
     /// The original process; the child's pid.
     Parent(i32),
-    /// The new process: a session of its own, stdin/stdout/stderr on `/dev/null`.
+    /// The new process (of [`fork_single_threaded`]: a session of its own, stdin/stdout/stderr
+    /// on `/dev/null`).
     Child,
 }
 
