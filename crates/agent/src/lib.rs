@@ -63,6 +63,10 @@ pub fn main() -> ExitCode {
     // The claim on this sandbox's owner uid: held open until this process exits, and kept out
     // of every process it starts.
     ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
+    if matches!(tier, Tier::Jail) {
+        // As in `jail_init`: the spawner's OOM shield is not the sandbox's.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+    }
     match run(control, tier) {
         Ok(code) => code,
         Err(()) => ExitCode::from(1),
@@ -76,6 +80,10 @@ fn jail_init() -> i32 {
         return 2;
     };
     ringfence_sys::keep_inherited_fd(ringfence_proto::OWNER_LOCK_FD);
+    // The slot's spawner shields itself from the OOM killer (-1000) and its children inherit
+    // that, fork or exec: put the sandbox back among the candidates (raising it needs no
+    // privilege), so a sandbox at its memory limit loses one of its own processes.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
     match run(control, Tier::Jail) {
         // Every way `run` ends well in the jail tier.
         Ok(code) if code == ExitCode::SUCCESS => 0,

@@ -539,6 +539,19 @@ fn etc_has_no_host_secrets() {
 // ---------------------------------------------------------------------------------------------
 // 3. Cgroups.
 
+/// The slot's spawner shields itself from the OOM killer (`oom_score_adj` -1000, where the
+/// host lets it) and a forked or exec'd agent would inherit that: no process of the sandbox,
+/// its PID 1 included, may carry a negative score (a sandbox at its limit must lose one of its
+/// own). On a host that refuses the spawner's write everything reads 0 and this cannot fail.
+#[test]
+fn no_process_in_a_sandbox_is_shielded_from_the_oom_killer() {
+    root_only!();
+    let o = sh(&[], "cat /proc/1/oom_score_adj /proc/self/oom_score_adj");
+    let scores: Vec<i32> = o.stdout.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(scores.len(), 2, "{o:?}");
+    assert!(scores.iter().all(|s| *s >= 0), "negative oom_score_adj inside: {scores:?}");
+}
+
 #[test]
 fn memory_limit_oom_kills_and_is_reported() {
     root_only!();
