@@ -50,8 +50,13 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// process's memory map (docs/PERFORMANCE.md, "The `wasm` tier's pooled create, piece by
 /// piece").
 const REFILL_DELAY: Duration = Duration::from_millis(25);
-/// The nice value the pool's replacement instances are made at (the lowest priority).
-const REFILL_NICE: i32 = 19;
+/// The nice value the pool's replacement instances are made at: the usual priority. At 19
+/// (`RINGFENCE_WASM_REFILL=low`) anything else runnable in the server's scheduling group (a
+/// build beside a test server, the jail's processes) starved the refill and emptied the pool,
+/// so creates fell back to cold starts (docs/PERFORMANCE.md).
+const REFILL_NICE: i32 = 0;
+/// The lowest priority, for `RINGFENCE_WASM_REFILL=low`.
+const LOW_NICE: i32 = 19;
 
 /// Host settings the wasm tier is built from.
 #[derive(Debug, Clone)]
@@ -73,11 +78,12 @@ pub fn pool_size_from_env() -> usize {
 }
 
 /// How the pool refills: (delay after a take, nice value of the replacement's preparation).
-/// `RINGFENCE_WASM_REFILL=eager` restores the old way (at once, at normal priority), for
-/// comparing the two in one build (bench/wasm.py --refill-ab).
+/// `RINGFENCE_WASM_REFILL=eager` restores the old way (at once), `low` also lowers the
+/// preparation's priority, for comparing them in one build (docs/PERFORMANCE.md).
 fn refill_policy() -> (Duration, i32) {
     match std::env::var("RINGFENCE_WASM_REFILL").as_deref() {
         Ok("eager") => (Duration::ZERO, 0),
+        Ok("low") => (REFILL_DELAY, LOW_NICE),
         _ => (REFILL_DELAY, REFILL_NICE),
     }
 }
