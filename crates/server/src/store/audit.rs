@@ -15,7 +15,7 @@ impl Store {
     /// Committed with `synchronous=NORMAL`: when this returns, the records are in the WAL
     /// through the kernel, so a crash or `kill -9` of the server cannot lose them (that is the
     /// promise made for the audit trail); a power loss can, until the next fsync (the next
-    /// sandbox create or kill, or a checkpoint). An fsync per command would be most of the
+    /// sandbox kill or other write, or a checkpoint). An fsync per command would be most of the
     /// audit trail's cost on the create → exec → kill path. The records written with a sandbox
     /// row ([`Store::insert_sandbox_audited`], [`Store::kill_sandbox_audited`]) get that
     /// row's durability (a create's is this one too).
