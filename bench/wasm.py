@@ -39,6 +39,22 @@ def rss_kib(pid):
     return 0
 
 
+def wait_pool_refilled(pid, limit=30.0):
+    """Waits until the server has no wasm-pool thread (the tier's pool is full again)."""
+    end = time.time() + limit
+    while time.time() < end:
+        names = []
+        for t in glob.glob(f"/proc/{pid}/task/*/comm"):
+            try:
+                names.append(open(t).read().strip())
+            except OSError:
+                pass
+        if "wasm-pool" not in names:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def report(name, xs):
     print(f"  {name:<52} median {statistics.median(xs):8.2f} ms   p95 {pct(xs, 95):8.2f} ms   n={len(xs)}")
 
@@ -49,6 +65,8 @@ def main():
     ap.add_argument("--trips", type=int, default=100)
     ap.add_argument("--idle", type=int, default=20)
     ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
+    ap.add_argument("--log", help="copy the server's log here at the end (with RINGFENCE_PHASES=1 "
+                    "set, bench/phases.py summarises it)")
     a = ap.parse_args()
     data = tempfile.mkdtemp()
     os.chmod(data, 0o755)
@@ -140,6 +158,9 @@ def main():
         for tier in ("jail", "wasm"):
             report(tier, js_trip[tier])
 
+        # Both readings with the tier's pool full (it refills in the background, later and
+        # at a low priority since a create takes from it), so the delta is the held sandboxes.
+        wait_pool_refilled(srv.pid)
         before = rss_kib(srv.pid)
         held = []
         for _ in range(a.idle):
@@ -147,6 +168,7 @@ def main():
             c.execute(sid, tok, "1+1")
             held.append(sid)
         time.sleep(1)
+        wait_pool_refilled(srv.pid)
         after = rss_kib(srv.pid)
         per = (after - before) / a.idle / 1024
         print(f"wasm: server RSS +{(after - before) / 1024:.1f} MiB for {a.idle} idle sandboxes "
@@ -163,6 +185,9 @@ def main():
     finally:
         srv.terminate()
         srv.wait(timeout=30)
+        if a.log:
+            log.flush()
+            subprocess.run(["cp", os.path.join(data, "serve.log"), a.log], check=False)
 
 
 if __name__ == "__main__":

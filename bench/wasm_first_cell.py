@@ -9,6 +9,8 @@ moves, so it can run under `chrt -f` to keep other work on a shared host from th
 (the jail cannot: a SCHED_FIFO task cannot join a cgroup v1 cpu group without RT budget).
 
     python3 bench/wasm_first_cell.py target/x86_64-unknown-linux-gnu/release/ringfence 40
+
+RINGFENCE_PHASES=1 BENCH_LOG=FILE keeps the server's log with its phase timings in FILE.
 """
 import os, socket, subprocess, sys, tempfile, time, statistics, json
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,4 +52,7 @@ try:
     print(f"create {med(cr):.2f}  first execute {med(ex):.2f}  total {med(tot):.2f}  (warm trip {med(rt):.2f})  load {os.getloadavg()[0]:.1f}")
 finally:
     srv.terminate(); srv.wait()
+    # With RINGFENCE_PHASES=1 the log has the server's phase timings (bench/phases.py).
+    if os.environ.get("BENCH_LOG"):
+        subprocess.run(["cp", data + "/log", os.environ["BENCH_LOG"]])
     subprocess.run(["rm", "-rf", data])

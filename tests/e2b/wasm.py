@@ -124,6 +124,20 @@ def main():
         check("the context is usable after a stopped cell", r.text == "fresh", r)
     finally:
         s.kill()
+    # A sandbox from the tier's pool with its owner's variables: the kernel gets them (an
+    # environment turn), and keeps the base it was made with (HOME) either way.
+    s = Sandbox.create(template="code-interpreter-v1@wasm", envs={"RF_OWNER_VAR": "mine"})
+    try:
+        r = s.run_code("import os; (os.environ.get('RF_OWNER_VAR'), os.environ.get('HOME'))")
+        check("the owner's envs reach a pooled sandbox's kernel", r.text == "('mine', '/home/user')", r)
+    finally:
+        s.kill()
+    s = Sandbox.create(template="code-interpreter-v1@wasm")
+    try:
+        r = s.run_code("import os; (os.environ.get('RF_OWNER_VAR'), os.environ.get('HOME'))")
+        check("and not the next sandbox's", r.text == "(None, '/home/user')", r)
+    finally:
+        s.kill()
     print(f"wasm tier conformance: {checks.passed} checks passed")
 
 

@@ -532,7 +532,16 @@ async fn create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, E2bError> {
+    crate::phases::timed("create", create_timed(app, headers, body)).await
+}
+
+async fn create_timed(
+    app: App,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, E2bError> {
     let key = caller(&app, &headers).await?;
+    crate::phases::mark("api_key");
     let b: CreateBody = parse_body(&body)?;
     let mut lifecycle = lifecycle_from(&b, app.manager.config().max_timeout)?;
     // Volumes, held against destroy until the sandbox is recorded (crate::volumes).
@@ -566,6 +575,7 @@ async fn create(
     app.manager.network().check_proxy(&params.network).await?;
     // Another tenant's template is as absent as one that does not exist.
     let image = crate::templates::check_use(&app, &key, &params.template).await?;
+    crate::phases::mark("request_checks");
     let live = app.manager.create(&key.id, params).await?;
     let r = live.snapshot().ok_or_else(|| E2bError::internal_plain("lost sandbox"))?;
     // A template with a start command (E2B's `set_start_cmd`): create answers once its ready
@@ -579,7 +589,9 @@ async fn create(
     idem.record(&app, &r.id).await?;
     let mut v = sandbox_json(&r);
     v["domain"] = json!(app.manager.network().domain());
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    let response = (StatusCode::CREATED, Json(v)).into_response();
+    crate::phases::mark("response");
+    Ok(response)
 }
 
 async fn detail(

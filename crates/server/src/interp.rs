@@ -263,10 +263,15 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&method, parts.as_slice()) {
         (&Method::GET, ["health"]) => (StatusCode::OK, axum::Json("OK")).into_response(),
-        (&Method::POST, ["execute"]) => match body_json(req).await {
-            Ok(v) => execute(rt, live, v).await,
-            Err(r) => r.into_response(),
-        },
+        (&Method::POST, ["execute"]) => {
+            crate::phases::timed("cell", async {
+                match body_json(req).await {
+                    Ok(v) => execute(rt, live, v).await,
+                    Err(r) => r.into_response(),
+                }
+            })
+            .await
+        }
         (&Method::POST, ["contexts"]) => match body_json(req).await {
             Ok(v) => create_context(rt, live, v).await,
             Err(r) => r.into_response(),
@@ -397,16 +402,17 @@ fn default_context(live: &Live, language: &'static str) -> Option<Arc<Context>> 
 /// Starts the default Python kernel of a new sandbox in the background, so its first cell
 /// finds it ready.
 pub fn prestart(rt: Arc<Runtime>, live: Arc<Live>) {
-    tokio::spawn(async move {
+    tokio::spawn(crate::phases::timed("prestart", async move {
         let Some(ctx) = default_context(&live, "python") else { return };
         let mut guard = ctx.kernel.clone().lock_owned().await;
+        crate::phases::mark("context_lock");
         if guard.is_none() {
             match start_kernel(&rt, &live, &ctx).await {
                 Ok(k) => *guard = Some(k),
                 Err(e) => tracing::warn!(sandbox_id = %sandbox_id(&live), "prestart kernel: {e}"),
             }
         }
-    });
+    }));
 }
 
 fn sandbox_id(live: &Live) -> String {
@@ -622,6 +628,7 @@ async fn start_agent_kernel(
         Reply::Spawned { pid } => pid,
         other => return Err(format!("{what}: {other:?}")),
     };
+    crate::phases::mark("kernel_spawned");
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
     let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
     let client = live.client.clone();
@@ -652,6 +659,7 @@ async fn start_agent_kernel(
         kernel.killer.kill().await;
         return Err(e);
     }
+    crate::phases::mark("kernel_ready");
     Ok(kernel)
 }
 
@@ -849,11 +857,14 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     };
+    crate::phases::mark("parse");
     let lang = ringfence_risk::Language::from_name(ctx.language);
     if let Some(why) = live.obs.refusal("cell", &code, lang).await {
         return error(Kind::PermissionDenied, why);
     }
+    crate::phases::mark("risk_check");
     let mut guard = ctx.kernel.clone().lock_owned().await;
+    crate::phases::mark("context_wait");
     if guard.is_none() {
         match start_kernel(&rt, &live, &ctx).await {
             Ok(k) => *guard = Some(k),
@@ -868,9 +879,12 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         *guard = None;
         return error(Kind::SandboxGone, "the kernel is gone; retry to start a new one");
     }
+    crate::phases::mark("sent");
     let (tx, rx) = bounded::channel::<Result<Bytes, Infallible>>(CELL_BACKLOG);
+    let sent_at = std::time::Instant::now();
     tokio::spawn(async move {
         let outcome = pump(&mut guard, &id, &tx).await;
+        crate::phases::span("cell_sent_to_end", sent_at);
         match outcome {
             Pumped::Done => {}
             Pumped::KernelDied => {

@@ -27,6 +27,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod observe;
+pub mod phases;
 pub mod quota;
 pub mod secrets;
 pub mod store;

@@ -560,6 +560,7 @@ impl Manager {
         // counts against the key's quota here rather than in the store.
         let limits = self.quota_of(key.map(|k| k.limits));
         let _admitted = self.admit_under(key_id, &limits, 1, true)?;
+        crate::phases::mark("key_quota");
         let begun = std::time::Instant::now();
         self.starting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.start(key_id, p, begun).await;
@@ -579,6 +580,7 @@ impl Manager {
         let pooled =
             if poolable { self.take_warm(&self.pool_key(&p.template, tier)) } else { None };
         let pool_label = if pooled.is_some() { "hit" } else { "miss" };
+        crate::phases::mark("server_pool_take");
         let (id, started) = match pooled {
             Some(w) => (w.id, w.started),
             None => {
@@ -615,6 +617,10 @@ impl Manager {
             layers: layers.iter().map(|l| self.layer_dir(l)).collect(),
             volumes,
         };
+        if let Some(instance) = self.tiers.get(tier)?.take_ready(&spec) {
+            let control = instance.control()?;
+            return Ok((instance, control));
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let instance = me.tiers.get(tier)?.start(spec)?;
@@ -634,6 +640,7 @@ impl Manager {
         started: Started,
         pool_label: &'static str,
     ) -> Result<Arc<Live>, ManagerError> {
+        crate::phases::mark("tier_start");
         let (mut instance, control) = started;
         let tier = instance.kind();
         let limits = self.cfg.limits;
@@ -644,11 +651,13 @@ impl Manager {
             let _span = tracing::info_span!("sandbox", sandbox_id = %id).entered();
             AgentClient::new(control)?
         };
+        crate::phases::mark("observer_client");
         if pool_label == "hit" && !p.env.is_empty() {
             // A pooled sandbox started with no env: set it before the client hears of the
             // sandbox, so every process it starts sees it.
             client.call(ringfence_proto::Request::SetEnv { env: p.env.clone() }).await?;
         }
+        crate::phases::mark("set_env");
         let now = now_ms();
         let record = SandboxRecord {
             id: id.clone(),
@@ -684,6 +693,7 @@ impl Manager {
         audit.detail.insert("timeout_s".into(), serde_json::json!(p.timeout.as_secs()));
         audit.detail.insert("tier".into(), serde_json::json!(tier.as_str()));
         audit.detail.insert("pool".into(), serde_json::json!(pool_label));
+        crate::phases::mark("record_network");
         // The sandbox row, its event and the audit record commit together (one fsync, inline
         // like the store's other short writes), before the client hears of the sandbox.
         let detail = serde_json::json!({
@@ -705,6 +715,7 @@ impl Manager {
                 }
             })?;
         }
+        crate::phases::mark("store_commit");
         self.observer.committed(std::slice::from_ref(&audit));
         self.observer.started(&obs, tier.as_str(), &p.template, took, pool_label);
         if pool_label == "miss" {
@@ -717,6 +728,7 @@ impl Manager {
             "sandbox created"
         );
         self.live.write().map_err(internal)?.insert(id, live.clone());
+        crate::phases::mark("observer_live");
         // The default Python kernel comes from the fork server, which enters the sandbox's
         // namespaces: a tier that has them gets one ahead of its first request. So does the
         // wasm tier, whose kernel is an instance its pool already made (the start is its
@@ -727,6 +739,7 @@ impl Manager {
         if early && self.base_template(&p.template) == template::INTERP_TEMPLATE {
             crate::interp::prestart(self.interp.clone(), live.clone());
         }
+        crate::phases::mark("prestart_spawned");
         Ok(live)
     }
 

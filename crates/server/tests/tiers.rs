@@ -337,6 +337,40 @@ fn wasm_ready(s: &support::serve::Server, test: &str) -> bool {
     }
 }
 
+/// A create is committed without an fsync of its own (`synchronous=NORMAL`): what the client
+/// was answered must still be in the store after `kill -9` of the server, with its audit
+/// record. Pooled wasm creates, the path that commit was made cheaper for.
+#[test]
+fn an_acknowledged_create_survives_kill_9_of_the_server() {
+    let test = "an_acknowledged_create_survives_kill_9_of_the_server";
+    let Some(mut s) = server(test) else { return };
+    s.spawn(&[]);
+    if !wasm_ready(&s, test) {
+        return;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let r = create(&s, &s.key, json!({"templateID": "code-interpreter-v1@wasm"}));
+        assert_eq!(r.status, 201, "{}", r.text());
+        ids.push(Sandbox::from(&r.json()).id);
+    }
+    // At once after the last answer: nothing after it (a kill, a checkpoint) fsyncs for it.
+    s.kill9();
+    let store = ringfence_server::store::Store::open(&ringfence_server::db_path(s.data.path()))
+        .expect("the store opens after the crash");
+    for id in &ids {
+        let rec = store.get_sandbox(id).unwrap().unwrap_or_else(|| panic!("{id} lost"));
+        assert_eq!(rec.tier, "wasm", "{id}");
+        let q = ringfence_server::store::AuditQuery {
+            sandbox_id: Some(id.clone()),
+            action: Some("sandbox.create".into()),
+            ..Default::default()
+        };
+        let (audits, _) = store.query_audit(&q).unwrap();
+        assert_eq!(audits.len(), 1, "{id}: its sandbox.create audit record");
+    }
+}
+
 #[test]
 fn wasm_sandboxes_run_python_say_what_they_cannot_do_and_refuse_the_rest() {
     let test = "wasm_sandboxes_run_python_say_what_they_cannot_do_and_refuse_the_rest";

@@ -1100,6 +1100,18 @@ fn add_default_route(name: &str, gateway: Option<std::net::Ipv4Addr>) -> Result<
     check("ioctl(SIOCADDRT)", ret.into()).map(drop)
 }
 
+/// Lowers the calling thread's CPU priority to nice value `nice` (Linux keeps one per thread,
+/// and threads it starts afterwards inherit it). For background work that should run on
+/// what requests leave over, such as refilling a warm pool; lowering needs no privilege.
+pub fn lower_thread_priority(nice: i32) -> Result<()> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a thread id changes that one
+    // thread's nice value and touches no memory of ours.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    check("setpriority", ret.into()).map(drop)
+}
+
 /// Which side of [`fork_single_threaded`] or [`fork_into_namespaces`] the caller is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {

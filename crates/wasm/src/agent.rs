@@ -57,6 +57,10 @@ pub struct AgentConfig {
     /// Prepare a kernel instance (driver loaded) as soon as the agent starts, so the first
     /// cell does not wait for one (code-interpreter sandboxes, and the tier's warm pool).
     pub prewarm: bool,
+    /// Nobody waits for this agent yet (the tier's pool refilling): its prepared instance is
+    /// made at this nice value (19: the lowest CPU priority, so it runs on what live
+    /// sandboxes' requests leave over; 0: unchanged).
+    pub prewarm_nice: i32,
 }
 
 /// A running in-process agent. Dropping it kills what it runs and closes its channel.
@@ -75,8 +79,8 @@ struct Shared {
     memory: AtomicU64,
     /// CPU time of every instance so far, microseconds.
     cpu_us: AtomicU64,
-    /// A kernel instance made ahead of its first use.
-    warm: Mutex<Option<Session>>,
+    /// A kernel instance made ahead of its first use, and the environment it was made with.
+    warm: Mutex<Option<(Session, BTreeMap<String, String>)>>,
     /// Set while that instance is being made (a kernel starting meanwhile waits for it).
     prewarming: AtomicBool,
 }
@@ -190,6 +194,7 @@ impl Agent {
             .map_err(|e| WasmError::Io { step: "cloning the agent's socket", source: e })?;
         let env = cfg.env.clone();
         let cfg_prewarm = cfg.prewarm;
+        let nice = cfg.prewarm_nice;
         let shared = Arc::new(Shared {
             cfg,
             writer: Mutex::new(writer),
@@ -205,10 +210,17 @@ impl Agent {
                 .name("wasm-prewarm".into())
                 .stack_size(crate::runtime::GUEST_THREAD_STACK)
                 .spawn(move || {
+                    if nice > 0
+                        && let Err(e) = ringfence_sys::lower_thread_priority(nice)
+                    {
+                        // Still made, at the usual priority: a slower first cell elsewhere, not
+                        // a failure.
+                        tracing::debug!(error = %e, "lowering the prewarm thread's priority");
+                    }
                     match new_kernel_session(&s, &BTreeMap::new()) {
-                        Ok(session) => {
+                        Ok(made) => {
                             if let Ok(mut w) = s.warm.lock() {
-                                *w = Some(session);
+                                *w = Some(made);
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "preparing a wasm kernel"),
@@ -829,6 +841,20 @@ fn emit(shared: &Arc<Shared>, id: u64, flow: &Arc<Flow>, msg: &Value) {
     sink(Stream::Stdout, &line);
 }
 
+/// Whether `RINGFENCE_PHASES=1` asks for the server's phase timings (the server's
+/// `phases` module): the agent logs its side of a kernel's start and of each cell.
+fn phases_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RINGFENCE_PHASES").is_ok_and(|v| v == "1"))
+}
+
+/// Logs a phase of the agent's (`RINGFENCE_PHASES=1`): what, and how long since `begun`.
+fn phase(what: &str, begun: std::time::Instant) {
+    if phases_on() {
+        tracing::info!(target: "ringfence::phases", "agent {what} took={:.3}ms", begun.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
 /// The kernel instance for process `p`: the prepared one if there is one, else a fresh one.
 fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> {
     if p.program == Program::Kernel(Lang::JavaScript) {
@@ -838,7 +864,8 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
         set_killer(&p.killer, &session);
         return Ok(session);
     }
-    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let begun = std::time::Instant::now();
+    let end = begun + Duration::from_secs(60);
     let warm = loop {
         let w = shared.warm.lock().ok().and_then(|mut w| w.take());
         if w.is_some()
@@ -849,12 +876,17 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
         }
         std::thread::sleep(Duration::from_millis(1));
     };
+    phase("kernel_take_prepared", begun);
+    let begun = std::time::Instant::now();
     let session = match warm {
-        Some(mut s) => {
-            // Made before the sandbox had an owner: its environment comes as a set_env.
+        Some((mut s, made_with)) => {
+            // Made before the sandbox had an owner: its environment comes as a set_env, for
+            // what it was not made with (the base, HOME included, it has: a sandbox whose
+            // owner set no variables needs no turn before its first cell).
             let mut env = shared.state.lock().map(|st| st.env.clone()).unwrap_or_default();
             env.extend(p.spec.env.clone());
             env.remove("PATH");
+            env.retain(|k, v| made_with.get(k) != Some(v));
             if !env.is_empty() {
                 let req = json!({"op": "set_env", "env": env}).to_string();
                 let call = driver_call(Lang::Python, req.as_bytes());
@@ -869,8 +901,9 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
             }
             s
         }
-        None => new_kernel_session(shared, &p.spec.env)?,
+        None => new_kernel_session(shared, &p.spec.env)?.0,
     };
+    phase("kernel_env_turn", begun);
     set_killer(&p.killer, &session);
     Ok(session)
 }
@@ -886,11 +919,11 @@ fn driver_call(lang: Lang, line: &[u8]) -> String {
     }
 }
 
-/// A fresh kernel instance with the driver loaded.
+/// A fresh kernel instance with the driver loaded, and the environment it was given.
 fn new_kernel_session(
     shared: &Arc<Shared>,
     env: &BTreeMap<String, String>,
-) -> Result<Session, String> {
+) -> Result<(Session, BTreeMap<String, String>), String> {
     let spec = SpawnSpec {
         cmd: KERNEL_CMD.into(),
         args: Vec::new(),
@@ -902,6 +935,7 @@ fn new_kernel_session(
     };
     let spec = session_spec(shared, &spec, Lang::Python);
     let mut session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
+    let made_with: BTreeMap<String, String> = spec.env.iter().cloned().collect();
     let load = format!(
         "import sys as _s, types as _t\n_m = _t.ModuleType('_ringfence')\nexec(bytes.fromhex('{}').decode(), _m.__dict__)\n_s.modules['_ringfence'] = _m\ndel _s, _t, _m\n",
         hex::encode(DRIVER)
@@ -924,7 +958,7 @@ fn new_kernel_session(
             String::from_utf8_lossy(&errors)
         ));
     }
-    Ok(session)
+    Ok((session, made_with))
 }
 
 fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
@@ -963,7 +997,9 @@ fn run_kernel(shared: &Arc<Shared>, mut p: Pending) -> ExitStatus {
         let call = driver_call(lang, line.trim_ascii_end());
         let cpu0 = session.cpu();
         let sink = sink_for(shared, p.id, p.flow.clone());
+        let turn_begun = std::time::Instant::now();
         let (ended, dropped) = session.turn(call.as_bytes(), shared.cfg.call_timeout, sink);
+        phase("cell_turn", turn_begun);
         account(shared, &session, cpu0);
         let now = session.memory_bytes();
         if now >= mem {

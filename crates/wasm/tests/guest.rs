@@ -240,6 +240,7 @@ fn agent(rt: Arc<Runtime>, sb: &Sandbox) -> (Agent, UnixStream) {
         call_timeout: Some(Duration::from_secs(30)),
         env: BTreeMap::new(),
         prewarm: false,
+        prewarm_nice: 0,
     })
     .unwrap();
     let c = a.control().unwrap();

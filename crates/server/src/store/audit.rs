@@ -15,10 +15,10 @@ impl Store {
     /// Committed with `synchronous=NORMAL`: when this returns, the records are in the WAL
     /// through the kernel, so a crash or `kill -9` of the server cannot lose them (that is the
     /// promise made for the audit trail); a power loss can, until the next fsync (the next
-    /// sandbox create or kill, or a checkpoint). An fsync per command would be most of the
+    /// sandbox kill or other write, or a checkpoint). An fsync per command would be most of the
     /// audit trail's cost on the create → exec → kill path. The records written with a sandbox
     /// row ([`Store::insert_sandbox_audited`], [`Store::kill_sandbox_audited`]) get that
-    /// row's full durability.
+    /// row's durability (a create's is this one too).
     pub fn insert_audits(&self, recs: &mut [AuditRecord]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -36,7 +36,17 @@ impl Store {
     }
 
     /// Stores a new sandbox, its `created` event and, when given, the audit record of its
-    /// creation in one transaction: one fsync, and never one without the others.
+    /// creation in one transaction: never one without the others.
+    ///
+    /// Committed with `synchronous=NORMAL`, like the audit trail: when this returns the
+    /// transaction is in the WAL through the kernel, so a crash or `kill -9` of the server
+    /// cannot lose an acknowledged create (tests/tiers.rs
+    /// `an_acknowledged_create_survives_kill_9_of_the_server`); a power loss or kernel crash can
+    /// lose the last ones until the next fsync (the next kill, key or other write, or a
+    /// checkpoint), and it ends every sandbox of the host too, so what is lost is the record
+    /// of sandboxes that no longer exist. An fsync per create cost a median 6.7 ms while
+    /// other builds wrote to the same disk (docs/PERFORMANCE.md, "The `wasm` tier's pooled
+    /// create, piece by piece").
     pub fn insert_sandbox_audited(
         &self,
         sb: &SandboxRecord,
@@ -44,14 +54,20 @@ impl Store {
         audit: Option<&mut AuditRecord>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_sandbox_on(&tx, sb)?;
-        insert_event_on(&tx, &sb.id, "created", detail)?;
-        if let Some(rec) = audit {
-            insert_audit_on(&tx, rec)?;
-        }
-        tx.commit()?;
-        Ok(())
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let written = (|| {
+            let tx = conn.transaction()?;
+            insert_sandbox_on(&tx, sb)?;
+            insert_event_on(&tx, &sb.id, "created", detail)?;
+            if let Some(rec) = audit {
+                insert_audit_on(&tx, rec)?;
+            }
+            tx.commit()?;
+            Ok::<_, StoreError>(())
+        })();
+        // Back to FULL whatever happened: every other write relies on it.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        written
     }
 
     /// Marks a sandbox killed, records why, and stores the audit record of it, in one

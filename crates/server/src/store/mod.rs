@@ -3,8 +3,10 @@
 //!
 //! The server promises that a key or sandbox survives a `kill -9` once it has been
 //! acknowledged to the client, so the database runs in WAL mode with `synchronous=FULL`: every
-//! commit is fsynced before the call returns (standalone audit records are the one exception,
-//! see [`Store::insert_audits`]). Each method is one short statement or
+//! commit is fsynced before the call returns. Two exceptions commit with `synchronous=NORMAL`
+//! (in the WAL through the kernel: a server `kill -9` cannot lose them, a power loss can until
+//! the next fsync): standalone audit records ([`Store::insert_audits`]) and a sandbox's create
+//! ([`Store::insert_sandbox_audited`]: a power loss ends the sandbox with the host). Each method is one short statement or
 //! transaction under the connection mutex, so callers may run it from `spawn_blocking` or
 //! briefly inline without starving other requests.
 

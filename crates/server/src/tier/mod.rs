@@ -393,6 +393,15 @@ impl AnyTier {
         }
     }
 
+    /// An instance the tier holds ready for `spec`, taken without blocking (no fork, mount
+    /// or wait, so no trip to the blocking pool): the wasm tier's pool. `None`: start one.
+    pub fn take_ready(&self, spec: &StartSpec) -> Option<AnyInstance> {
+        match self {
+            AnyTier::Wasm(t) => t.take_ready(spec).map(AnyInstance::Wasm),
+            AnyTier::Jail(_) | AnyTier::Gvisor(_) | AnyTier::Microvm(_) => None,
+        }
+    }
+
     /// Why a tier this server runs cannot start instances yet (`None`: it can).
     pub fn not_ready(&self) -> Option<String> {
         match self {

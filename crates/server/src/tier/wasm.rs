@@ -43,6 +43,20 @@ pub const DEFAULT_CACHE: &str = "/var/cache/ringfence/wasm";
 const OUTPUT_CAP: u64 = 8 << 20;
 /// Longest a command or a cell may run (the interpreter interrupts sooner when its client asks).
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the pool waits after handing out a sandbox before making its replacement: the
+/// sandbox's create answer, its context start and usually its first cell happen in this
+/// window, and a replacement made meanwhile (a tmpfs mount, an instance's memory mapped, the
+/// driver imported: ~30 ms of CPU) would compete with them for the same cores and for this
+/// process's memory map (docs/PERFORMANCE.md, "The `wasm` tier's pooled create, piece by
+/// piece").
+const REFILL_DELAY: Duration = Duration::from_millis(25);
+/// The nice value the pool's replacement instances are made at: the usual priority. At 19
+/// (`RINGFENCE_WASM_REFILL=low`) anything else runnable in the server's scheduling group (a
+/// build beside a test server, the jail's processes) starved the refill and emptied the pool,
+/// so creates fell back to cold starts (docs/PERFORMANCE.md).
+const REFILL_NICE: i32 = 0;
+/// The lowest priority, for `RINGFENCE_WASM_REFILL=low`.
+const LOW_NICE: i32 = 19;
 
 /// Host settings the wasm tier is built from.
 #[derive(Debug, Clone)]
@@ -63,6 +77,17 @@ pub fn pool_size_from_env() -> usize {
     std::env::var("RINGFENCE_WASM_POOL").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
 }
 
+/// How the pool refills: (delay after a take, nice value of the replacement's preparation).
+/// `RINGFENCE_WASM_REFILL=eager` restores the old way (at once), `low` also lowers the
+/// preparation's priority, for comparing them in one build (docs/PERFORMANCE.md).
+fn refill_policy() -> (Duration, i32) {
+    match std::env::var("RINGFENCE_WASM_REFILL").as_deref() {
+        Ok("eager") => (Duration::ZERO, 0),
+        Ok("low") => (REFILL_DELAY, LOW_NICE),
+        _ => (REFILL_DELAY, REFILL_NICE),
+    }
+}
+
 /// The wasm tier of one server.
 #[derive(Debug)]
 pub struct WasmTier {
@@ -77,6 +102,9 @@ struct Inner {
     /// Ready code-interpreter sandboxes (oldest first).
     pool: Mutex<VecDeque<WasmInstance>>,
     refilling: AtomicBool,
+    /// See [`refill_policy`].
+    refill_delay: Duration,
+    refill_nice: i32,
 }
 
 /// The artifacts directory this server uses.
@@ -118,6 +146,8 @@ impl WasmTier {
             next: AtomicU64::new(0),
             pool: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            refill_delay: refill_policy().0,
+            refill_nice: refill_policy().1,
         });
         let me = inner.clone();
         let cfg = RuntimeConfig { artifacts, ..runtime_config() };
@@ -136,7 +166,7 @@ impl WasmTier {
             let ok = loaded.is_ok();
             let _ = me.runtime.set(loaded);
             if ok {
-                me.refill();
+                me.refill(Duration::ZERO);
             }
         });
         if loader.is_err() {
@@ -151,6 +181,24 @@ impl WasmTier {
             TierError::Unavailable { reason, .. } => reason,
             other => other.to_string(),
         })
+    }
+
+    /// A pooled sandbox for `spec`, if one fits and is waiting; its replacement is made later,
+    /// in the background. Never blocks (a lock held for a pop), so the manager calls it on the
+    /// request's task, before it would hand a start to the blocking pool.
+    pub fn take_ready(&self, spec: &StartSpec) -> Option<WasmInstance> {
+        let fits = spec.template == "code-interpreter-v1"
+            && spec.layers.is_empty()
+            && spec.limits.memory == self.inner.settings.memory
+            && self.inner.runtime().is_ok();
+        if !fits {
+            return None;
+        }
+        let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop_front());
+        self.inner.refill(self.inner.refill_delay);
+        let i = pooled?;
+        i.agent.set_env(spec.env.clone());
+        Some(i)
     }
 
     /// Waits up to `limit` for the module to load (tests, and a server that wants the tier
@@ -183,13 +231,15 @@ impl Inner {
         }
     }
 
-    /// A new instance: its directory (tmpfs of the disk quota) and its agent.
+    /// A new instance: its directory (tmpfs of the disk quota) and its agent (its kernel
+    /// instance prepared at nice value `prewarm_nice`: the pool's at a low priority).
     fn make(
         &self,
         name: &str,
         memory: Option<u64>,
         env: BTreeMap<String, String>,
         prewarm: bool,
+        prewarm_nice: i32,
     ) -> Result<WasmInstance, TierError> {
         let runtime = self.runtime()?;
         // Per server process: several servers may share a run directory (tests do).
@@ -207,24 +257,27 @@ impl Inner {
             call_timeout: Some(CALL_TIMEOUT),
             env,
             prewarm,
+            prewarm_nice,
         })
         .map_err(wasm_err)?;
         Ok(WasmInstance { agent, root, memory_limit: memory })
     }
 
-    /// Tops the pool up to its size, on a thread of its own (one at a time).
-    fn refill(self: &Arc<Self>) {
+    /// Tops the pool up to its size, on a thread of its own (one at a time), starting after
+    /// `delay`.
+    fn refill(self: &Arc<Self>, delay: Duration) {
         if self.settings.pool == 0 || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("wasm-pool".into()).spawn(move || {
+            std::thread::sleep(delay);
             loop {
                 let have = me.pool.lock().map(|p| p.len()).unwrap_or(usize::MAX);
                 if have >= me.settings.pool {
                     break;
                 }
-                match me.make("pool", me.settings.memory, BTreeMap::new(), true) {
+                match me.make("pool", me.settings.memory, BTreeMap::new(), true, me.refill_nice) {
                     Ok(i) => {
                         // Handed out only once its kernel instance is ready.
                         let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -276,6 +329,9 @@ impl Tier for WasmTier {
 
     fn start(&self, spec: StartSpec) -> Result<WasmInstance, TierError> {
         self.inner.runtime()?;
+        if let Some(i) = self.take_ready(&spec) {
+            return Ok(i);
+        }
         let interp = spec.template == "code-interpreter-v1";
         if !interp && spec.template != "base" {
             return Err(TierError::TemplateUnavailable(format!(
@@ -289,15 +345,7 @@ impl Tier for WasmTier {
                 what: "start from a snapshot's layers",
             });
         }
-        if interp && spec.limits.memory == self.inner.settings.memory {
-            let pooled = self.inner.pool.lock().ok().and_then(|mut p| p.pop_front());
-            self.inner.refill();
-            if let Some(i) = pooled {
-                i.agent.set_env(spec.env);
-                return Ok(i);
-            }
-        }
-        self.inner.make(&spec.id, spec.limits.memory, spec.env, interp)
+        self.inner.make(&spec.id, spec.limits.memory, spec.env, interp, 0)
     }
 
     fn adopt(
