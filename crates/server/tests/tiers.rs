@@ -369,6 +369,10 @@ fn an_acknowledged_create_survives_kill_9_of_the_server() {
         let (audits, _) = store.query_audit(&q).unwrap();
         assert_eq!(audits.len(), 1, "{id}: its sandbox.create audit record");
     }
+    drop(store);
+    // A server starting on the host removes the directories (tmpfs) the killed one left.
+    s.spawn(&[]);
+    assert!(wasm_ready(&s, test), "the restarted server's wasm tier");
 }
 
 #[test]
