@@ -196,22 +196,6 @@ pub(crate) fn read_byte(
     }
 }
 
-/// A new connection to the agent's port of a guest just restored from a running guest's
-/// memory, made once the guest has seen that no host was on the port (see
-/// [`MicroVm::start`]'s fork). QEMU tells the guest the port closed when the saved state loads;
-/// the guest's bridge polls an unconnected port every 20 ms, so a second under TCG is ample.
-/// Had it not seen it, the old session carries on: the re-identify still reaches the agent.
-fn reconnect(dir: &Path, vm: &mut QemuVm) -> Result<UnixStream, MicrovmError> {
-    let until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < until {
-        if vm.exited() {
-            return Err(MicrovmError::Boot("QEMU exited after the restore".into()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    UnixStream::connect(dir.join("agent.sock")).map_err(io_op("connect to the agent's port"))
-}
-
 /// The host's wake for a parked guest: its clock now, and fresh entropy.
 fn wake() -> Result<ringfence_proto::Wake, MicrovmError> {
     let now = std::time::SystemTime::now()
@@ -345,26 +329,15 @@ impl MicroVm {
                 return Err(e);
             }
         };
-        // A fork's guest was saved in the middle of its agent's session with the other
-        // sandbox's server. Restored with no host on its port, its bridge reads end-of-file
-        // and ends that session; the connection made after starts a session of this server's.
-        let control = if forked { None } else { Some(control) };
+        // A fork's guest carries on its agent's session from where the saved guest was (as a
+        // resume from a file does): a restore with no host on the port and a connection
+        // after it did not get the agent's answer here (measured: no reply within 90 s).
         if let Some(snapshot) = &spec.snapshot
             && let Err(e) = vm.restore(snapshot)
         {
             let _ = vm.quit();
             return Err(e);
         }
-        let control = match control {
-            Some(c) => c,
-            None => match reconnect(dir, &mut vm) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = vm.quit();
-                    return Err(e);
-                }
-            },
-        };
         let mut m = MicroVm {
             id: spec.id.clone(),
             dir: dir.to_path_buf(),
