@@ -253,7 +253,7 @@ impl MicroVm {
                 // The same devices as the saved guest's, or its state does not load.
                 spec.limits = saved.shape(&spec.limits);
                 spec.root_image = saved.root_image.clone();
-                spec.nic = saved.nic.clone();
+                spec.nic = saved.nic;
                 spec.snapshot = Some(from.join(crate::fork::MEMORY));
                 crate::fork::copy_sparse(&from.join(crate::fork::DISK), &rw)?;
                 true
