@@ -306,8 +306,9 @@ impl Tier for MicrovmTier {
             kernel: "guest",
             pause_in_memory: true,
             memory_snapshot: true,
-            // A snapshot holds the whole guest, files and memory (see `save_fs`).
-            fs_snapshot: true,
+            // A snapshot is the whole guest, memory included (see `save_fs`), not a layer of
+            // files; a pause that keeps only files goes the same way (not tested).
+            fs_snapshot: false,
             fork: true,
             reattach: true,
             kernel_injection: false,
