@@ -104,13 +104,7 @@ pub fn boot() -> Result<(UnixStream, std::os::unix::net::UnixListener), BootErro
 
     // A machine id of this guest's own, not the template's (and not another restore's).
     if Path::new("/newroot/etc").is_dir() {
-        let mut id = [0u8; 16];
-        File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut id))
-            .map_err(io_fail("read /dev/urandom"))?;
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        fs::write("/newroot/etc/machine-id", format!("{hex}\n"))
-            .map_err(io_fail("write /etc/machine-id"))?;
+        new_machine_id(Path::new("/newroot/etc/machine-id"))?;
     }
 
     // The initramfs is the kernel's rootfs, which cannot be pivoted away: move the overlay
@@ -152,6 +146,15 @@ fn park(port: &File, rw_disk: &str) -> Result<(), BootError> {
         }
     }
     let wake = Wake::from_bytes(&msg).map_err(|e| BootError(format!("the host's wake: {e}")))?;
+    apply_wake(&wake)?;
+    let disk = File::open(rw_disk).map_err(io_fail("open the writable disk"))?;
+    ringfence_sys::flush_block_cache(&disk)
+        .map_err(|e| BootError(format!("drop the writable disk's cached blocks: {e}")))?;
+    Ok(())
+}
+
+/// Steps the clock to the host's and reseeds the kernel's generator with the host's entropy.
+fn apply_wake(wake: &Wake) -> Result<(), BootError> {
     let secs = i64::try_from(wake.unix_secs)
         .map_err(|_| BootError("the host's clock is out of range".into()))?;
     let now = nix::sys::time::TimeSpec::new(secs, i64::from(wake.nanos));
@@ -162,10 +165,37 @@ fn park(port: &File, rw_disk: &str) -> Result<(), BootError> {
         .open("/dev/urandom")
         .map_err(io_fail("open /dev/urandom"))?;
     ringfence_sys::add_entropy_and_reseed(&random, &wake.entropy)
-        .map_err(|e| BootError(format!("reseed the kernel's generator: {e}")))?;
-    let disk = File::open(rw_disk).map_err(io_fail("open the writable disk"))?;
-    ringfence_sys::flush_block_cache(&disk)
-        .map_err(|e| BootError(format!("drop the writable disk's cached blocks: {e}")))?;
+        .map_err(|e| BootError(format!("reseed the kernel's generator: {e}")))
+}
+
+/// Writes a fresh random machine id to `path`.
+fn new_machine_id(path: &Path) -> Result<(), BootError> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(io_fail("read /dev/urandom"))?;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    fs::write(path, format!("{hex}\n")).map_err(io_fail("write /etc/machine-id"))
+}
+
+/// A guest restored from a running guest's memory (`Request::Reidentify`) becomes a machine
+/// of its own: the same as a parked guest's wake (clock, generator), plus what a running guest
+/// already had set up: its hostname and machine id. Everything else, processes included, is
+/// the saved guest's, which is what a memory fork is. Only PID 1 of a guest does this: an
+/// agent of another tier refuses (its host's clock is not its to step).
+pub(crate) fn reidentify(hostname: &str, wake: &[u8]) -> Result<(), String> {
+    if std::process::id() != 1 {
+        return Err("re-identify is for a microvm guest's agent (PID 1) only".into());
+    }
+    let bytes: &[u8; WAKE_LEN] =
+        wake.try_into().map_err(|_| format!("a wake is {WAKE_LEN} bytes, not {}", wake.len()))?;
+    let wake = Wake::from_bytes(bytes).map_err(|e| format!("the host's wake: {e}"))?;
+    apply_wake(&wake).map_err(|e| e.0)?;
+    nix::unistd::sethostname(hostname).map_err(|e| format!("sethostname: {e}"))?;
+    // After the boot's chroot, the guest's root is the overlay: /etc is its own.
+    if Path::new("/etc").is_dir() {
+        new_machine_id(Path::new("/etc/machine-id")).map_err(|e| e.0)?;
+    }
     Ok(())
 }
 

@@ -779,6 +779,9 @@ async fn handle(state: &State, id: u64, req: Request) -> Result<Reply, AgentErro
             }
             None => Err(agent_err(ErrorKind::NotFound, format!("watch {watch} not found"))),
         },
+        Request::Reidentify { hostname, wake } => crate::microvm::reidentify(&hostname, &wake)
+            .map(|()| Reply::Done)
+            .map_err(|e| agent_err(ErrorKind::InvalidArgument, e)),
         Request::Stats => {
             let n = u32::try_from(state.procs.borrow().len()).unwrap_or(u32::MAX);
             Ok(Reply::Stats { usage: Usage::default(), processes: n })

@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fork;
 pub mod guest;
 pub mod jail;
 pub mod probe;

@@ -35,6 +35,10 @@ pub struct StartSpec {
     /// Start by restoring this memory snapshot ([`crate::snapshot::template_snapshot`], made
     /// for the same template and guest shape) instead of booting.
     pub snapshot: Option<PathBuf>,
+    /// Start from this running guest's snapshot ([`MicroVm::snapshot_to`], a directory): its
+    /// memory, a copy of its disk, a NIC of its own, then an identity of its own. Overrides
+    /// `snapshot`, `root_image` and the guest's shape in `limits` with the saved guest's.
+    pub fork_from: Option<PathBuf>,
 }
 
 impl StartSpec {
@@ -47,6 +51,7 @@ impl StartSpec {
             setup_timeout: Duration::from_secs(90),
             nic: None,
             snapshot: None,
+            fork_from: None,
         }
     }
 }
@@ -96,6 +101,9 @@ pub struct MicroVm {
     vm_spec: Option<VmSpec>,
     suspended: AtomicBool,
     disk_bytes: u64,
+    /// The limits the guest's shape came from, and its NIC: a snapshot records them.
+    shape: Limits,
+    nic_spec: Option<ringfence_proto::GuestNic>,
     pub ready: Ready,
     /// Wall time from launch to the agent's `Ready`.
     pub boot: Duration,
@@ -234,12 +242,27 @@ impl MicroVm {
     fn start_in(
         cfg: &MicrovmConfig,
         dir: &Path,
-        spec: StartSpec,
+        mut spec: StartSpec,
         owner: nix::fcntl::Flock<fs::File>,
     ) -> Result<MicroVm, MicrovmError> {
         let started = Instant::now();
         let rw = dir.join("rw.ext4");
-        crate::guest::writable_disk(&rw, spec.limits.disk)?;
+        let forked = match spec.fork_from.clone() {
+            Some(from) => {
+                let saved = crate::fork::SavedGuest::read(&from)?;
+                // The same devices as the saved guest's, or its state does not load.
+                spec.limits = saved.shape(&spec.limits);
+                spec.root_image = saved.root_image.clone();
+                spec.nic = saved.nic;
+                spec.snapshot = Some(from.join(crate::fork::MEMORY));
+                crate::fork::copy_sparse(&from.join(crate::fork::DISK), &rw)?;
+                true
+            }
+            None => {
+                crate::guest::writable_disk(&rw, spec.limits.disk)?;
+                false
+            }
+        };
         let agent_sock = dir.join("agent.sock");
         // A uid of its own for QEMU, held as long as the sandbox (see `crate::jail`).
         let uid = if crate::jail::running_as_root() {
@@ -306,6 +329,9 @@ impl MicroVm {
                 return Err(e);
             }
         };
+        // A fork's guest carries on its agent's session from where the saved guest was (as a
+        // resume from a file does): a restore with no host on the port and a connection
+        // after it did not get the agent's answer here (measured: no reply within 90 s).
         if let Some(snapshot) = &spec.snapshot
             && let Err(e) = vm.restore(snapshot)
         {
@@ -325,6 +351,8 @@ impl MicroVm {
             vm_spec: Some(VmSpec { incoming: false, ..vm_spec.clone() }),
             suspended: AtomicBool::new(false),
             disk_bytes: spec.limits.disk,
+            shape: spec.limits,
+            nic_spec: spec.nic.clone(),
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
             restored: restoring,
@@ -332,7 +360,9 @@ impl MicroVm {
             _uid: uid,
             cgroup,
         };
-        if let Err(e) = m.handshake(&spec, started, restoring) {
+        let setup =
+            if forked { m.reidentify(&spec) } else { m.handshake(&spec, started, restoring) };
+        if let Err(e) = setup {
             let console = crate::vmm::console_tail(&vm_spec.console_log(), 600);
             m.end();
             let last: Vec<&str> = console.lines().rev().take(3).collect();
@@ -410,6 +440,8 @@ impl MicroVm {
             vm_spec: None,
             suspended: AtomicBool::new(false),
             disk_bytes: fs::metadata(dir.join("rw.ext4")).map(|m| m.len()).unwrap_or(0),
+            shape: Limits::default(),
+            nic_spec: None,
             ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
             boot: Duration::ZERO,
             restored: false,
@@ -417,6 +449,108 @@ impl MicroVm {
             _uid: uid,
             cgroup,
         })
+    }
+
+    /// Gives a guest restored from another running guest's memory an identity of its own
+    /// (`Request::Reidentify`, answered on the fresh session [`reconnect`] started).
+    fn reidentify(&mut self, spec: &StartSpec) -> Result<(), MicrovmError> {
+        // An id no server's agent client uses (they count up from 1).
+        const ID: u64 = u64::MAX;
+        let request = ringfence_proto::Request::Reidentify {
+            hostname: spec.id.clone(),
+            wake: wake()?.to_bytes().to_vec(),
+        };
+        let msg = ringfence_proto::encode(&ringfence_proto::Envelope { id: ID, request })?;
+        self.control.write_all(&msg).map_err(io_op("send the re-identify to the agent"))?;
+        self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
+        let result = loop {
+            let event: Option<Event> = read_frame(&mut self.control).map_err(|e| match e {
+                ProtoError::Io(io) => {
+                    MicrovmError::Boot(format!("reading the agent's re-identify answer: {io}"))
+                }
+                other => other.into(),
+            })?;
+            match event {
+                Some(Event::Response { id: ID, result }) => break result,
+                // Output of the saved session's processes, for a server that is not this one.
+                Some(_) => continue,
+                None => return Err(MicrovmError::Boot("the guest closed its channel".into())),
+            }
+        };
+        self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(MicrovmError::Setup {
+                step: "a new identity for the forked guest".into(),
+                message: e.message,
+            }),
+        }
+    }
+
+    /// Saves this running guest as a snapshot in the new directory `dest`
+    /// ([`crate::fork`]): its memory and devices, a sparse copy of its writable disk taken
+    /// while it is stopped (so the disk agrees with the guest's cache of it), and what a
+    /// restore needs. The guest runs on afterwards unless `stay_paused` (it was paused
+    /// before: QMP `stop`). A guest paused to a file is snapshotted from that file. On failure
+    /// `dest` is removed.
+    pub fn snapshot_to(&self, dest: &Path, stay_paused: bool) -> Result<(), MicrovmError> {
+        let relay = self.relay.as_ref().ok_or_else(|| MicrovmError::Vmm("no relay".into()))?;
+        let Some(vm_spec) = &self.vm_spec else {
+            return Err(MicrovmError::Vmm(
+                "a re-attached sandbox cannot be snapshotted (its devices are not known)".into(),
+            ));
+        };
+        let saved = crate::fork::SavedGuest {
+            root_image: vm_spec
+                .disks
+                .first()
+                .map(|d| d.path.clone())
+                .ok_or_else(|| MicrovmError::Vmm("no template disk".into()))?,
+            memory: self.shape.memory,
+            cpu_millis: self.shape.cpu_millis,
+            disk: self.disk_bytes,
+            nic: self.nic_spec.clone(),
+        };
+        let mut g = self.vm.lock().map_err(|_| MicrovmError::Vmm("VM lock poisoned".into()))?;
+        if g.is_none() && self.is_suspended() {
+            // No QEMU: the saved state is the pause's file, the disk untouched since.
+            fs::create_dir_all(dest).map_err(io_op(format!("mkdir {}", dest.display())))?;
+            let result = fs::copy(self.paused_file(), dest.join(crate::fork::MEMORY))
+                .map_err(io_op("copy the paused guest's state"))
+                .and_then(|_| {
+                    crate::fork::copy_sparse(
+                        &self.dir.join("rw.ext4"),
+                        &dest.join(crate::fork::DISK),
+                    )
+                })
+                .and_then(|()| saved.write(dest));
+            if result.is_err() {
+                let _ = fs::remove_dir_all(dest);
+            }
+            return result;
+        }
+        let Some(vm) = g.as_mut() else {
+            return Err(MicrovmError::Vmm(format!("sandbox {} is not running", self.id)));
+        };
+        if vm.exited() {
+            return Err(MicrovmError::Vmm(format!("sandbox {} is not running", self.id)));
+        }
+        fs::create_dir_all(dest).map_err(io_op(format!("mkdir {}", dest.display())))?;
+        // The server's writes wait while the guest is saved (as for a pause to a file), so
+        // none is half in the saved state.
+        relay.detach();
+        let result = (|| {
+            vm.save(&dest.join(crate::fork::MEMORY))?;
+            // Still stopped: the disk is what the saved guest last wrote.
+            crate::fork::copy_sparse(&self.dir.join("rw.ext4"), &dest.join(crate::fork::DISK))?;
+            saved.write(dest)
+        })();
+        relay.undo_detach();
+        let resumed = if stay_paused { Ok(()) } else { vm.resume() };
+        if result.is_err() {
+            let _ = fs::remove_dir_all(dest);
+        }
+        result.and(resumed)
     }
 
     /// The cgroup slot QEMU runs in, if any (recorded to re-attach).

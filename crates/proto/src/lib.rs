@@ -306,6 +306,15 @@ pub enum Request {
     UploadAbort {
         upload: u64,
     },
+    /// A `microvm` guest restored from another running guest's memory (a snapshot or fork of
+    /// it) takes an identity of its own: `hostname`, a fresh machine id, its clock stepped and
+    /// its kernel's generator reseeded from `wake` (a [`Wake`] in its wire layout). Processes
+    /// that were running when the memory was saved keep running: only these are renewed.
+    Reidentify {
+        hostname: String,
+        #[serde(with = "serde_bytes")]
+        wake: Vec<u8>,
+    },
 }
 
 impl Request {

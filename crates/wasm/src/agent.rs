@@ -403,6 +403,8 @@ fn handle(shared: &Arc<Shared>, id: u64, req: Request) -> Option<Result<Reply, A
         }
         Request::UploadCommit { upload, metadata } => upload_end(shared, upload, Some(metadata)),
         Request::UploadAbort { upload } => upload_end(shared, upload, None),
+        // Only a microvm guest restored from another guest's memory is asked this.
+        Request::Reidentify { .. } => Err(unsupported("take a new machine identity")),
     })
 }
 

@@ -27,7 +27,13 @@
 //! its sweep ends the rest. A re-attached guest has no network: its NIC's socket ended with
 //! the old server's stack.
 //!
-//! Not built yet, and said so in the capabilities: snapshots and forks of the writable disk.
+//! Snapshots and forks are of the whole running guest (`ringfence_microvm::fork`): the
+//! layer the manager saves (`save_fs`) is a directory with the guest's memory and devices, a
+//! sparse copy of its writable disk made while it was stopped, and a record of its devices; a
+//! sandbox started on such a layer is a restore of it with its own disk copy, its own NIC
+//! socket and stack, and then its own hostname, machine id, clock and entropy (the agent's
+//! re-identify). Processes running in the saved guest run on in every sandbox made from it.
+//! Only the newest layer counts: it holds the whole disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -299,9 +305,11 @@ impl Tier for MicrovmTier {
                              boundary (QEMU's virtual devices) is what separates it from the host",
             kernel: "guest",
             pause_in_memory: true,
-            memory_snapshot: false,
+            memory_snapshot: true,
+            // A snapshot is the whole guest, memory included (see `save_fs`), not a layer of
+            // files; a pause that keeps only files goes the same way (not tested).
             fs_snapshot: false,
-            fork: false,
+            fork: true,
             reattach: true,
             kernel_injection: false,
             network: "nic",
@@ -315,13 +323,29 @@ impl Tier for MicrovmTier {
         if !spec.volumes.is_empty() {
             return Err(TierError::Unsupported { tier: TierKind::Microvm, what: "volume mounts" });
         }
-        if !spec.layers.is_empty() {
-            return Err(TierError::Unsupported {
-                tier: TierKind::Microvm,
-                what: "start from a snapshot's layers",
-            });
-        }
+        // A snapshot of a microvm sandbox is its newest layer, and holds the whole guest.
+        let fork_from = match spec.layers.first() {
+            Some(l) if ringfence_microvm::fork::is_snapshot(l) => Some(l.clone()),
+            Some(_) => {
+                return Err(TierError::Unsupported {
+                    tier: TierKind::Microvm,
+                    what: "start from another tier's snapshot (its layers are files, not a guest)",
+                });
+            }
+            None => None,
+        };
         let cfg = self.config()?;
+        if let Some(from) = fork_from {
+            let mut s = ringfence_microvm::StartSpec::new(spec.id, PathBuf::new());
+            s.limits = spec.limits;
+            s.env = spec.env;
+            s.fork_from = Some(from);
+            let memory_limit = s.limits.memory;
+            let vm = MicroVm::start(cfg, s).map_err(vm_err)?;
+            tracing::debug!(start_ms = vm.boot.as_millis() as u64, "microvm forked");
+            let nic = vm.nic();
+            return Ok(MicrovmInstance { vm, memory_limit, nic, _image: None });
+        }
         let mut env = spec.env;
         // An image template (imported, pulled, built or bootstrapped) is asked for as a disk
         // image of its merged layers, made once per content by the image store. Only its files
@@ -498,10 +522,8 @@ impl Instance for MicrovmInstance {
         }
     }
 
-    fn save_fs(&self, _dest: &Path, _paused: bool) -> Result<(), TierError> {
-        Err(TierError::Unsupported {
-            tier: TierKind::Microvm,
-            what: "save its writable layer (it is a disk image inside the guest)",
-        })
+    /// The whole guest, memory and disk ([`MicroVm::snapshot_to`]); a paused one stays paused.
+    fn save_fs(&self, dest: &Path, paused: bool) -> Result<(), TierError> {
+        self.vm.snapshot_to(dest, paused).map_err(vm_err)
     }
 }
