@@ -753,8 +753,9 @@ fn an_image_template_boots_as_a_microvm_root_disk() {
 /// server process (a memory fork: what ran in A at the fork runs in both), reached through
 /// B's own NIC and stack (an inbound request to its port); writes in either do not show in the
 /// other; B has its own hostname, machine id and `/dev/urandom` output; killing A leaves B
-/// serving. The tier says it can (`memorySnapshot`, `fork`), and a named snapshot of A is made
-/// and removed too.
+/// serving. The tier says it can (`memorySnapshot`, `fork`); a named snapshot of A is made, a
+/// sandbox created from it (`<snapshot>@microvm`) has A's file and process and its own hostname,
+/// and the snapshot is removed.
 ///
 /// SLOW (~2 min under TCG here: a boot for the template's snapshot with a new agent, the
 /// fork's save and restore); `RINGFENCE_SKIP_SLOW=1` leaves it out.
@@ -822,6 +823,14 @@ fn a_forked_microvm_sandbox_runs_what_its_parent_ran_with_its_own_disk_identity_
     assert_eq!(r.status, 201, "snapshot: {}\n{}", r.text(), s.log());
     let snap = r.json()["snapshotID"].as_str().unwrap().to_string();
     assert_eq!(sh(&s, &a, "cat /home/user/f"), "from-a\n", "A runs on after its snapshot");
+    // A sandbox created from it (the snapshot keeps no tier: the name says it) is the guest.
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": format!("{snap}@microvm")}));
+    assert_eq!(r.status, 201, "create from the snapshot: {}\n{}", r.text(), s.log());
+    let c = Sandbox::from(&r.json());
+    let out = sh(&s, &c, &format!("cat /home/user/f; kill -0 {pid} && echo running; hostname"));
+    assert_eq!(out, format!("from-a\nrunning\n{}\n", c.id));
+    let k = s.api("DELETE", &format!("/sandboxes/{}", c.id), Value::Null);
+    assert_eq!(k.status, 204, "{}", k.text());
     let r = s.api("DELETE", &format!("/templates/{snap}"), Value::Null);
     assert!(r.status == 204 || r.status == 200, "snapshot removal: {}", r.text());
 
@@ -872,7 +881,7 @@ fn a_forked_microvm_sandbox_runs_what_its_parent_ran_with_its_own_disk_identity_
     let k = s.api("DELETE", &format!("/sandboxes/{}", b.id), Value::Null);
     assert_eq!(k.status, 204, "{}", k.text());
     let started = std::time::Instant::now();
-    for id in [&a.id, &b.id] {
+    for id in [&a.id, &b.id, &c.id] {
         let needle = format!("/microvm/sandboxes/{id}/");
         while !qemu_with(&needle).is_empty() || std::path::Path::new(&dir_of(id)).exists() {
             assert!(started.elapsed() < Duration::from_secs(10), "{id} left behind");
