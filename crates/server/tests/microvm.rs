@@ -823,6 +823,10 @@ fn a_forked_microvm_sandbox_runs_what_its_parent_ran_with_its_own_disk_identity_
     assert_eq!(r.status, 201, "snapshot: {}\n{}", r.text(), s.log());
     let snap = r.json()["snapshotID"].as_str().unwrap().to_string();
     assert_eq!(sh(&s, &a, "cat /home/user/f"), "from-a\n", "A runs on after its snapshot");
+    // Another tier is refused it by name, rather than shown the guest's files as a root.
+    let r = s.api("POST", "/v2/sandboxes", json!({"templateID": format!("{snap}@jail")}));
+    assert_eq!(r.status, 409, "jail from a microvm snapshot: {}", r.text());
+    assert!(r.text().contains("@microvm"), "{}", r.text());
     // A sandbox created from it (the snapshot keeps no tier: the name says it) is the guest.
     let r = s.api("POST", "/v2/sandboxes", json!({"templateID": format!("{snap}@microvm")}));
     assert_eq!(r.status, 201, "create from the snapshot: {}\n{}", r.text(), s.log());

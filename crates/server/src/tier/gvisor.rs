@@ -134,6 +134,7 @@ impl Tier for GvisorTier {
     }
 
     fn start(&self, spec: StartSpec) -> Result<GvisorInstance, TierError> {
+        super::refuse_guest_snapshots(TierKind::Gvisor, &spec.layers)?;
         if !spec.volumes.is_empty() {
             return Err(TierError::Unsupported { tier: TierKind::Gvisor, what: "volume mounts" });
         }

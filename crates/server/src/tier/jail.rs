@@ -256,6 +256,7 @@ impl Tier for JailTier {
     fn start(&self, spec: StartSpec) -> Result<JailInstance, TierError> {
         // An image template (imported, pulled, built or bootstrapped into the image store):
         // its layers under any snapshot's, its Env under the create's, setuid as it asks.
+        super::refuse_guest_snapshots(TierKind::Jail, &spec.layers)?;
         let mut spec = spec;
         let mut allow_setuid = false;
         let mut image_in_use = None;

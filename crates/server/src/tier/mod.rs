@@ -832,3 +832,19 @@ mod tests {
         assert_eq!(c.median(TierKind::Gvisor), (None, 0), "tiers are counted apart");
     }
 }
+
+/// Refuses a start of `tier` whose layers include a snapshot of a microvm sandbox: such a
+/// snapshot is a whole guest (memory and disk files), which only the microvm tier can start;
+/// another tier would show those files as the sandbox's root.
+pub(crate) fn refuse_guest_snapshots(
+    tier: TierKind,
+    layers: &[std::path::PathBuf],
+) -> Result<(), TierError> {
+    if layers.iter().any(|l| ringfence_microvm::fork::is_snapshot(l)) {
+        return Err(TierError::Unsupported {
+            tier,
+            what: "start from a microvm snapshot (a whole guest, not files): create it with                    `<snapshot>@microvm`",
+        });
+    }
+    Ok(())
+}
