@@ -745,6 +745,22 @@ pub fn parse_list(s: &str) -> Result<Vec<String>, TierError> {
     Ok(out)
 }
 
+/// Refuses a start of `tier` whose layers include a snapshot of a microvm sandbox: such a
+/// snapshot is a whole guest (memory and disk files), which only the microvm tier can start;
+/// another tier would show those files as the sandbox's root.
+pub(crate) fn refuse_guest_snapshots(
+    tier: TierKind,
+    layers: &[std::path::PathBuf],
+) -> Result<(), TierError> {
+    if layers.iter().any(|l| ringfence_microvm::fork::is_snapshot(l)) {
+        return Err(TierError::Unsupported {
+            tier,
+            what: "start from a microvm snapshot (a whole guest, not files): create it with                    `<snapshot>@microvm`",
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -831,20 +847,4 @@ mod tests {
         assert_eq!(c.median(TierKind::Jail), (Some(5.0), START_SAMPLES), "old starts age out");
         assert_eq!(c.median(TierKind::Gvisor), (None, 0), "tiers are counted apart");
     }
-}
-
-/// Refuses a start of `tier` whose layers include a snapshot of a microvm sandbox: such a
-/// snapshot is a whole guest (memory and disk files), which only the microvm tier can start;
-/// another tier would show those files as the sandbox's root.
-pub(crate) fn refuse_guest_snapshots(
-    tier: TierKind,
-    layers: &[std::path::PathBuf],
-) -> Result<(), TierError> {
-    if layers.iter().any(|l| ringfence_microvm::fork::is_snapshot(l)) {
-        return Err(TierError::Unsupported {
-            tier,
-            what: "start from a microvm snapshot (a whole guest, not files): create it with                    `<snapshot>@microvm`",
-        });
-    }
-    Ok(())
 }
