@@ -806,8 +806,10 @@ fn link_image(lock: &Flock<File>, image: &Path) -> Result<(), DiskError> {
     .map_err(nix_at("link", image))
 }
 
-/// Copies the data extents of `src` into `dst` (which becomes `len` long); holes stay holes.
-fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
+/// Copies the data extents of `src` into `dst` (which becomes `len` long); holes stay holes
+/// (a disk image is mostly holes: a plain copy would write gigabytes of zeroes). Also the
+/// microvm tier's copy of a guest's disk.
+pub fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
     use nix::unistd::{Whence, lseek};
     use std::io::{Read, Seek, SeekFrom};
     dst.set_len(len)?;
@@ -828,7 +830,7 @@ fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
         // std copies file to file with copy_file_range: no pass through user space.
         let copied = io::copy(&mut s.take(count), &mut d)?;
         if copied != count {
-            return Err(io::Error::other("template image changed while being copied"));
+            return Err(io::Error::other("the file changed while being copied"));
         }
         at = hole;
     }

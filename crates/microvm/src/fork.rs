@@ -13,8 +13,6 @@
 //! sandbox started from it: that is what a memory fork is.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use ringfence_jail::limits::Limits;
@@ -92,7 +90,7 @@ pub fn is_snapshot(dir: &Path) -> bool {
 
 /// Copies the data extents of `src` to a new file `dst` of the same length; holes stay holes
 /// (a sandbox's disk is mostly holes: a plain copy would write gigabytes of zeroes). The same
-/// walk as the jail's disk copy (`ringfence_jail::disk`), which keeps its own private.
+/// walk as the jail's disk copy, which it is (`ringfence_jail::disk::copy_sparse`).
 pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), MicrovmError> {
     let op = |what: &str| {
         let what = format!("{what} ({} to {})", src.display(), dst.display());
@@ -101,41 +99,14 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), MicrovmError> {
     let from = File::open(src).map_err(op("open the disk to copy"))?;
     let to = File::create_new(dst).map_err(op("create the disk's copy"))?;
     let len = from.metadata().map_err(op("stat the disk"))?.len();
-    copy_extents(&from, &to, len).map_err(op("copy the disk"))?;
+    ringfence_jail::disk::copy_sparse(&from, &to, len).map_err(op("copy the disk"))?;
     to.sync_all().map_err(op("sync the disk's copy"))
-}
-
-fn copy_extents(src: &File, dst: &File, len: u64) -> io::Result<()> {
-    use nix::unistd::{Whence, lseek};
-    dst.set_len(len)?;
-    let end = i64::try_from(len).map_err(io::Error::other)?;
-    let mut at = 0i64;
-    while at < end {
-        let data = match lseek(src.as_fd(), at, Whence::SeekData) {
-            Ok(d) => d,
-            Err(nix::Error::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(src.as_fd(), data, Whence::SeekHole)?.min(end);
-        let start = u64::try_from(data).map_err(io::Error::other)?;
-        let count = u64::try_from(hole - data).map_err(io::Error::other)?;
-        let (mut s, mut d) = (src, dst);
-        s.seek(SeekFrom::Start(start))?;
-        d.seek(SeekFrom::Start(start))?;
-        // std copies file to file with copy_file_range: no pass through user space.
-        let copied = io::copy(&mut s.take(count), &mut d)?;
-        if copied != count {
-            return Err(io::Error::other("the disk changed while being copied"));
-        }
-        at = hole;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn a_sparse_copy_keeps_data_and_holes() {
