@@ -8,7 +8,7 @@ t0=$SECONDS
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 phase "fmt + clippy"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 phase "cargo test"
 # The code interpreter's kernels on their own (scripts/setup.sh built the environment).
 /opt/ringfence/python/bin/python3 -m unittest interp/python/test_kernel.py

@@ -70,7 +70,11 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     s.up_within = Duration::from_secs(180);
     // 256 MiB guests, so the memory bomb below meets the guest's limit fast; 64 MiB disks, so
     // filling one is quick.
-    s.spawn(&["--memory", "256M", "--disk", "64M"]);
+    // A run directory of its own: the other tests' servers, started beside this one on the
+    // default directory, would sweep its guest while no server holds it (the kill -9 below).
+    let run_dir = tempfile::tempdir().unwrap();
+    let run = run_dir.path().to_string_lossy().into_owned();
+    s.spawn(&["--memory", "256M", "--disk", "64M", "--run-dir", &run]);
 
     let list = s.api("GET", "/tiers", Value::Null).json()["tiers"].as_array().unwrap().clone();
     let mvm = list.iter().find(|t| t["tier"] == json!("microvm")).unwrap().clone();
@@ -240,8 +244,7 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     let mut log = String::new();
     let _ = std::fs::File::open(s.data.path().join("serve.log"))
         .map(|mut f| f.read_to_string(&mut log));
-    // The server's run directory is the default one (`--run-dir` is not passed).
-    let dir = format!("/run/ringfence/microvm/sandboxes/{}", sb.id);
+    let dir = format!("{run}/microvm/sandboxes/{}", sb.id);
     assert!(!std::path::Path::new(&dir).exists(), "the sandbox's directory is gone\n{log}");
 
     // A server killed with -9 leaves its guests running; the next server re-attaches to each
@@ -256,7 +259,7 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     s.kill9();
     let qemu = qemu_with(&needle);
     assert_eq!(qemu.len(), 1, "the guest outlives the server");
-    s.spawn(&["--memory", "256M", "--disk", "64M"]);
+    s.spawn(&["--memory", "256M", "--disk", "64M", "--run-dir", &run]);
     let d = s.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(d.json()["state"], json!("running"), "{}\n{}", d.text(), s.log());
     assert_eq!(qemu_with(&needle), qemu, "the same QEMU, re-attached");
@@ -265,7 +268,9 @@ fn a_microvm_sandbox_runs_its_own_kernel_contains_hostile_code_and_cleans_up() {
     let k = s.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(k.status, 204, "{}", k.text());
     let started = std::time::Instant::now();
-    while !qemu_with(&needle).is_empty() || std::path::Path::new(&dir_of(&sb.id)).exists() {
+    while !qemu_with(&needle).is_empty()
+        || std::path::Path::new(&format!("{run}/microvm/sandboxes/{}", sb.id)).exists()
+    {
         assert!(started.elapsed() < Duration::from_secs(20), "left running\n{}", s.log());
         std::thread::sleep(Duration::from_millis(200));
     }
