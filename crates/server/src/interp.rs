@@ -872,6 +872,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
         }
     }
     let id = format!("e{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));
+    let started_ms = crate::manager::now_ms();
     let sent = guard.as_ref().is_some_and(|k| {
         k.send(&json!({"op": "execute", "id": id, "code": code, "env_vars": env_vars}))
     });
@@ -911,7 +912,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
             }
         }
     });
-    let stream = crate::observe::cell(&live.obs, &code, lang, tokio_stream_from(rx));
+    let stream = crate::observe::cell(&live.obs, &code, lang, started_ms, tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")

@@ -968,16 +968,21 @@ impl Drop for Execution {
 
 /// The interpreter's hook: watches a cell's NDJSON response stream and records the cell when
 /// its `end_of_execution` passes, before the client receives it.
+/// `started_ms` is when the cell went to the kernel: a denied call it made at once may come
+/// before this hook is set up, and still belongs to the cell's record.
 pub fn cell<S>(
     obs: &Arc<SandboxObs>,
     code: &str,
     lang: Option<ringfence_risk::Language>,
+    started_ms: i64,
     stream: S,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 {
-    let exec = Arc::new(Mutex::new(Some(obs.execution("cell", code, lang))));
+    let mut execution = obs.execution("cell", code, lang);
+    execution.started_ms = execution.started_ms.min(started_ms);
+    let exec = Arc::new(Mutex::new(Some(execution)));
     let error: Arc<Mutex<Option<String>>> = Arc::default();
     stream.then(move |item| {
         let (exec, error) = (exec.clone(), error.clone());
