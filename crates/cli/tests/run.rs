@@ -448,10 +448,14 @@ fn a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs() {
 #[test]
 fn a_disk_made_ahead_never_carries_another_runs_files() {
     root_only!();
-    // A disk size no other test uses, so the spares this test sees are the ones its own runs
-    // made (each run makes the next run's disk while it runs).
-    let opts = ["--disk", "301M"];
-    let spares = std::path::Path::new("/var/lib/ringfence/disks/.spare");
+    // A data directory of its own, so the spares this test sees are the ones its own runs
+    // made (each run makes the next run's disk): a run of another size in a shared one
+    // discards spares not of its size, and the tests run side by side.
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let opts = ["--disk", "301M", "--data-dir", data_dir.as_str()];
+    let spare_dir = data.path().join("disks/.spare");
+    let spares = spare_dir.as_path();
     let ready = || {
         std::fs::read_dir(spares).map_or(0, |d| {
             d.flatten()
@@ -487,6 +491,12 @@ fn a_disk_made_ahead_never_carries_another_runs_files() {
     }
     // The first may find none (nothing ran at this size before); the others take theirs.
     assert!(took_spare >= 3, "only {took_spare} of 4 runs took a disk made ahead");
+    // The spares left made ahead go with gc, mounts and all, before the directory does.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ringfence().args(["gc", "--data-dir", &data_dir]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&data_dir), "gc left a mount under {data_dir}");
 }
 
 #[test]
