@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use ringfence_jail::monitor::{Denial, DenialSink};
 use serde_json::{Map, Value, json};

@@ -27,6 +27,8 @@ use crate::store::{AuditQuery, KeyInfo, ListQuery, SandboxRecord, SandboxState};
 #[derive(Debug, Clone)]
 pub struct App {
     pub manager: Arc<Manager>,
+    /// Template builds through the API (`crate::templates`).
+    pub builds: Arc<crate::templates::Builds>,
 }
 
 /// Builds the router: E2B's API, and beside it `/mcp` (which sends its tool calls through
@@ -154,8 +156,7 @@ async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
 /// The code interpreter's port (E2B's Jupyter server).
 const JUPYTER_PORT: u16 = 49999;
 
-/// envd's port.
-pub const ENVD_PORT: u16 = 49983;
+pub use ringfence_core::manager::ENVD_PORT;
 
 /// Why a sandbox request may proceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

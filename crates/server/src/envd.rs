@@ -13,11 +13,10 @@
 //! - entries describe symlinks the way envd does: the type and mode of what the link finally
 //!   points to, the permissions string of the link itself, and the resolved target path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -42,8 +41,10 @@ use crate::agent_client::{AgentClient, ClientError, EventStream};
 use crate::codec::{EnvelopeError, EnvelopeReader, InflateError, gunzip_bounded};
 use crate::e2b_error::{ConnectError, E2bError, Kind};
 use crate::files_query::{FileQuery, parse_file_query};
-use crate::observe::{Execution, Outcome, SandboxObs};
+use crate::observe::{Execution, Outcome};
 use crate::upload::{AgentSink, receive_upload};
+
+pub use ringfence_core::envd::{EnvdState, OpenStream, PendingEvents, PollWatcher};
 
 /// The only content type a Connect streaming client accepts, byte for byte.
 const CONNECT_JSON: &str = "application/connect+json";
@@ -67,75 +68,6 @@ const REAP_WAIT: Duration = Duration::from_millis(500);
 const MAX_SYMLINK_HOPS: usize = 40;
 const FLAG_COMPRESSED: u8 = 0x01;
 const FLAG_END_STREAM: u8 = 0x02;
-
-// ---------------------------------------------------------------------------------------------
-// State.
-
-/// Agent events waiting for a `GetWatcherEvents`.
-type PendingEvents = Arc<tokio::sync::Mutex<EventStream>>;
-
-/// A `CreateWatcher` watch: its events wait in the agent client's stream until
-/// `GetWatcherEvents` drains them. The stream's flow-control window bounds that backlog: past
-/// it the watch stops reading the kernel's queue, which drops what overflows.
-#[derive(Debug)]
-struct PollWatcher {
-    watch: u64,
-    /// The watched directory, resolved; set when entries are to be included.
-    root: Option<String>,
-    user: SandboxUser,
-    events: PendingEvents,
-}
-
-/// Per-sandbox envd state: the polling watchers of `CreateWatcher`/`GetWatcherEvents`, and
-/// how many `WatchDir` streams are open.
-#[derive(Debug, Default)]
-pub struct EnvdState {
-    watchers: Mutex<HashMap<String, PollWatcher>>,
-    streams: AtomicUsize,
-    /// Where executions and file changes are reported (none in tests of envd alone).
-    obs: Option<Arc<SandboxObs>>,
-}
-
-impl EnvdState {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// State whose executions and file changes are audited.
-    pub fn observed(obs: Arc<SandboxObs>) -> Self {
-        EnvdState { watchers: Mutex::default(), streams: AtomicUsize::new(0), obs: Some(obs) }
-    }
-
-    /// Records a file change through the API before it is acknowledged.
-    pub(crate) async fn audit(&self, action: &str, detail: Value) {
-        if let Some(obs) = &self.obs {
-            obs.record_action(action, detail).await;
-        }
-    }
-
-    /// Whether any watch is open in this sandbox.
-    fn watching(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) > 0
-            || self.watchers.lock().map(|w| !w.is_empty()).unwrap_or(false)
-    }
-}
-
-/// Counts an open `WatchDir` stream for as long as it lives.
-#[derive(Debug)]
-struct OpenStream(Arc<EnvdState>);
-
-impl OpenStream {
-    fn new(state: Arc<EnvdState>) -> Self {
-        state.streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(state)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Errors.

@@ -1,18 +1,19 @@
-//! `ringfence serve`: E2B's REST control plane and envd sandbox API, one listener, over the
-//! jail tier.
+//! `ringfence serve`: E2B's REST control plane and envd sandbox API, one listener: the HTTP
+//! edge over the sandbox core (`ringfence-core`).
 //!
 //! Request flow: `api` authenticates (API key for the control plane, per-sandbox access token
-//! for sandbox traffic) and routes; `manager` owns sandbox lifecycles (jail handles, TTLs);
-//! `envd` translates E2B's Connect JSON and `/files` calls into the agent protocol, which
-//! `agent_client` multiplexes over each sandbox's control channel; `store` keeps keys,
-//! sandboxes and lifecycle events in SQLite.
+//! for sandbox traffic) and routes; the core's `manager` owns sandbox lifecycles through the
+//! isolation tiers; `envd` translates E2B's Connect JSON and `/files` calls into the agent
+//! protocol, which the core's `agent_client` multiplexes over each sandbox's control channel;
+//! `interp` serves port 49999 over the core's kernels; `e2b_error` is every error body.
 
 #![forbid(unsafe_code)]
 
-pub mod agent_client;
 pub mod api;
-pub mod bounded;
-pub mod builder;
+// The sandbox core, under the paths the edge (and its tests) have always used.
+pub use ringfence_core::{
+    agent_client, bounded, builder, manager, metrics, observe, phases, quota, store, tier, time,
+};
 pub mod cluster;
 pub mod codec;
 pub mod e2b_error;
@@ -22,18 +23,10 @@ pub mod extras;
 pub mod fault;
 pub mod files_query;
 pub mod interp;
-pub mod manager;
 pub mod mcp;
-pub mod metrics;
 pub mod network;
-pub mod observe;
-pub mod phases;
-pub mod quota;
 pub mod secrets;
-pub mod store;
 pub mod templates;
-pub mod tier;
-pub mod time;
 pub mod ui;
 pub mod upload;
 pub mod validate;
@@ -116,7 +109,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         });
     }
-    let interrupted = manager.templates.recover(&cfg.manager.data_dir);
+    let builds = Arc::new(templates::Builds::default());
+    let interrupted = builds.recover(&cfg.manager.data_dir);
     if interrupted > 0 {
         tracing::warn!(
             builds = interrupted,
@@ -134,7 +128,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .await
         .map_err(|source| ServeError::Listen { addr: cfg.listen, source })?;
     tracing::info!(listen = %cfg.listen, "ringfence serve: ready");
-    let app = api::App { manager: manager.clone() };
+    let app = api::App { manager: manager.clone(), builds };
     let cluster = match cfg.cluster.clone() {
         Some(cc) => Some(cluster::join(cc, &app).await?),
         None => None,

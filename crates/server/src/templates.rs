@@ -47,30 +47,11 @@ use crate::e2b_error::E2bError;
 use crate::manager::now_ms;
 use crate::store::{AuditRecord, KeyInfo};
 
+pub use ringfence_core::manager::BuildConfig;
+
 /// Most bytes of one uploaded archive.
 const MAX_UPLOAD: u64 = 2 << 30;
 
-/// The operator's settings of template builds through the API (`ringfence serve` flags).
-#[derive(Debug, Clone)]
-pub struct BuildConfig {
-    /// Registries (HOST:PORT) a build's `from_image` pull talks plain HTTP to.
-    pub insecure_registries: Vec<String>,
-    /// Most bytes of uploaded archives one key keeps here (the unpacked copies a build makes
-    /// of them are not counted: they are at most the archives' declared sizes again).
-    pub upload_quota: u64,
-    /// Uploads (and their unpacked copies) no build used for this long are removed.
-    pub upload_ttl: Duration,
-}
-
-impl Default for BuildConfig {
-    fn default() -> Self {
-        BuildConfig {
-            insecure_registries: Vec::new(),
-            upload_quota: 4 << 30,
-            upload_ttl: Duration::from_secs(24 * 3600),
-        }
-    }
-}
 /// Log entries a status call returns at most (as E2B's API does).
 const LOGS_PAGE: usize = 100;
 /// Log entries kept per build; older ones are dropped, with a note.
@@ -212,7 +193,7 @@ fn persist(dir: Option<&FsPath>, id: &str, state: &BuildState) {
 
 /// Keeps build `id`'s current state (see [`persist`]).
 fn save(app: &App, id: &str, state: &Arc<Mutex<BuildState>>) {
-    let dir = app.manager.templates.dir();
+    let dir = app.builds.dir();
     if let Ok(s) = state.lock() {
         persist(dir.as_deref(), id, &s);
     }
@@ -469,7 +450,7 @@ pub async fn request(
         reason: None,
     };
     {
-        let mut i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
+        let mut i = app.builds.inner.lock().map_err(E2bError::internal)?;
         // A name another key is building now is taken too (the store knows it only once that
         // build registers): checked and claimed under one lock.
         let theirs = i.builds.values().any(|b| {
@@ -513,7 +494,7 @@ fn build_of(
     template: &str,
     build_id: &str,
 ) -> Result<Arc<Mutex<BuildState>>, E2bError> {
-    let i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
+    let i = app.builds.inner.lock().map_err(E2bError::internal)?;
     i.builds
         .get(build_id)
         .filter(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
@@ -525,7 +506,7 @@ fn build_of(
 
 /// Whether `key` has a build of `template` requested or the template itself.
 fn may_upload(app: &App, key: &KeyInfo, template: &str) -> bool {
-    app.manager.templates.inner.lock().is_ok_and(|i| {
+    app.builds.inner.lock().is_ok_and(|i| {
         i.builds
             .values()
             .any(|b| b.lock().is_ok_and(|b| b.owner == key.id && b.template == template))
@@ -553,7 +534,7 @@ pub async fn upload_link(
         .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
         .ok_or_else(|| bad("no Host header: cannot say where to upload"))?;
     let token = crate::manager::new_token();
-    if let Ok(mut i) = app.manager.templates.inner.lock() {
+    if let Ok(mut i) = app.builds.inner.lock() {
         let now = now_ms();
         i.uploads.retain(|_, u| u.expires_ms > now);
         i.uploads.insert(
@@ -587,7 +568,7 @@ pub async fn upload(
     body: axum::body::Body,
 ) -> Result<StatusCode, E2bError> {
     let link = {
-        let i = app.manager.templates.inner.lock().map_err(E2bError::internal)?;
+        let i = app.builds.inner.lock().map_err(E2bError::internal)?;
         i.uploads.get(&token).filter(|u| u.expires_ms > now_ms()).cloned()
     };
     let link = link
@@ -849,7 +830,7 @@ async fn run_build(
         Ok(s) => (s.template.clone(), s.tag.clone(), s.tags.clone()),
         Err(_) => return,
     };
-    let lock = match app.manager.templates.inner.lock() {
+    let lock = match app.builds.inner.lock() {
         Ok(mut i) => i.locks.entry(template.clone()).or_default().clone(),
         Err(_) => return,
     };

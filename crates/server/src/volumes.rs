@@ -29,6 +29,8 @@ use crate::api::{App, caller};
 use crate::e2b_error::E2bError;
 use crate::store::{StoreError, VolumeRecord};
 
+pub use ringfence_core::volumes::host_mounts;
+
 /// Where volumes live under the data directory.
 pub fn root(app: &App) -> PathBuf {
     app.manager.config().data_dir.join("volumes")
@@ -137,14 +139,6 @@ fn run(cmd: &mut std::process::Command) -> Result<(), String> {
     } else {
         Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
-}
-
-/// The host directories of `mounts`, with where each shows inside the sandbox.
-pub fn host_mounts(
-    data_dir: &FsPath,
-    mounts: &[crate::store::VolumeMount],
-) -> Vec<(PathBuf, String)> {
-    mounts.iter().map(|m| (data_dir.join("volumes").join(&m.id), m.path.clone())).collect()
 }
 
 /// Where a volume may be attached: an absolute path, no `.`/`..`, not the root and not under a

@@ -24,6 +24,9 @@ pub const POOL_PREFIX: &str = "srv";
 /// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
 pub const ENVD_VERSION: &str = "0.6.4";
 
+/// envd's port in a sandbox (E2B's): the API's own, never a sandbox service's.
+pub const ENVD_PORT: u16 = 49983;
+
 /// Templates a client may ask for. `base` and `host` are the host template; the code
 /// interpreter's adds the interpreter environment and starts a Python kernel with each sandbox.
 pub const TEMPLATES: &[&str] = &["base", template::INTERP_TEMPLATE, "host"];
@@ -43,7 +46,7 @@ pub struct ManagerConfig {
     /// Egress policy ceiling, DNS upstream, inbound routing (`crate::network`).
     pub network: crate::network::NetworkConfig,
     /// Template builds through the API: registries, upload quota and expiry.
-    pub builds: crate::templates::BuildConfig,
+    pub builds: BuildConfig,
     /// Warm pool: pre-started sandboxes per template, and the memory they may hold in all.
     pub pool_sizes: BTreeMap<String, usize>,
     pub pool_memory: u64,
@@ -60,6 +63,27 @@ pub struct ManagerConfig {
     pub keeper_exe: Option<PathBuf>,
 }
 
+/// The operator's settings of template builds through the API (`ringfence serve` flags).
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Registries (HOST:PORT) a build's `from_image` pull talks plain HTTP to.
+    pub insecure_registries: Vec<String>,
+    /// Most bytes of uploaded archives one key keeps here (the unpacked copies a build makes
+    /// of them are not counted: they are at most the archives' declared sizes again).
+    pub upload_quota: u64,
+    /// Uploads (and their unpacked copies) no build used for this long are removed.
+    pub upload_ttl: Duration,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            insecure_registries: Vec::new(),
+            upload_quota: 4 << 30,
+            upload_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 /// What a request named that is not there (404), each with its own message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Missing {
@@ -266,8 +290,6 @@ pub struct Manager {
     pub pool_misses: std::sync::atomic::AtomicU64,
     /// Per-key sandbox counts in flight and create-rate buckets.
     quotas: crate::quota::Quotas,
-    /// Template builds through the API (`crate::templates`).
-    pub templates: crate::templates::Builds,
 }
 
 /// A pooled sandbox of the default tier: its instance is up and its agent ready; identity,
@@ -383,7 +405,6 @@ impl Manager {
             pool_hits: Default::default(),
             pool_misses: Default::default(),
             quotas: Default::default(),
-            templates: Default::default(),
         })
     }
 

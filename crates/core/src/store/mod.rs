@@ -548,7 +548,7 @@ fn hash_key(plaintext: &str) -> String {
     hex::encode(Sha256::digest(plaintext.as_bytes()))
 }
 
-pub(crate) fn encode_token(created_at: i64, id: &str) -> String {
+pub fn encode_token(created_at: i64, id: &str) -> String {
     hex::encode(format!("{created_at}:{id}"))
 }
 
