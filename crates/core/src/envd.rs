@@ -12,6 +12,12 @@ use serde_json::Value;
 use crate::agent_client::EventStream;
 use crate::observe::SandboxObs;
 
+/// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
+pub const ENVD_VERSION: &str = "0.6.4";
+
+/// envd's port in a sandbox (E2B's): the API's own, never a sandbox service's.
+pub const ENVD_PORT: u16 = 49983;
+
 /// Agent events waiting for a `GetWatcherEvents`.
 pub type PendingEvents = Arc<tokio::sync::Mutex<EventStream>>;
 

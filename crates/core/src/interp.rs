@@ -23,7 +23,7 @@ use std::time::Duration;
 use ringfence_jail::limits::Limits;
 use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::seccomp::Compiled;
-use ringfence_jail::zygote::{EntryPlan, Zygote, ZygoteConfig, ZygoteError};
+use ringfence_jail::zygote::{EntryPlan, Injected, Zygote, ZygoteConfig, ZygoteError};
 use ringfence_proto::{Event, Reply, Request as AgentRequest, SandboxUser, SpawnSpec, StdioMode};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,8 @@ use tokio::sync::mpsc;
 
 use crate::agent_client::AgentClient;
 use crate::bounded;
-use crate::manager::Live;
+use crate::observe::SandboxObs;
+use crate::tier::TierKind;
 
 /// Kernel sources, written for the fork server at start-up and passed inline to Node.
 pub const KERNEL_PY: &str = include_str!("../../../interp/python/ringfence_kernel.py");
@@ -83,6 +84,30 @@ pub fn normalize(lang: &str) -> Option<&'static str> {
         "bash" | "sh" => Some("bash"),
         _ => None,
     }
+}
+
+/// What the interpreter needs of a sandbox: its id and environment, its agent, its contexts,
+/// where its denials are reported, its tier and, where the tier allows, a kernel injected
+/// into its namespaces. A narrow view (`manager::Live` implements it), so this module needs
+/// nothing else of a sandbox.
+pub trait KernelHost: Send + Sync + 'static {
+    fn sandbox_id(&self) -> String;
+    /// The sandbox's own environment variables (a kernel's start from these).
+    fn env(&self) -> BTreeMap<String, String>;
+    fn client(&self) -> &Arc<AgentClient>;
+    fn contexts(&self) -> &Contexts;
+    fn obs(&self) -> &Arc<SandboxObs>;
+    /// The tier it runs in; `None` once it has ended.
+    fn tier(&self) -> Option<TierKind>;
+    /// Whether a kernel can be forked into its namespaces by the fork server (the jail).
+    fn can_inject(&self) -> bool;
+    /// Forks a kernel into its namespaces through `zygote` (see [`Zygote::inject`]).
+    fn inject(
+        &self,
+        zygote: &Zygote,
+        plan: &EntryPlan,
+        within: Duration,
+    ) -> Result<Injected, ZygoteError>;
 }
 
 /// The fork server and what every kernel entry needs, shared by all sandboxes.
@@ -237,8 +262,8 @@ pub fn user_for(cwd: &str) -> SandboxUser {
 }
 
 /// The default context of `language`, made on first use.
-pub fn default_context(live: &Live, language: &'static str) -> Option<Arc<Context>> {
-    let mut d = live.interp.defaults.lock().ok()?;
+pub fn default_context(live: &impl KernelHost, language: &'static str) -> Option<Arc<Context>> {
+    let mut d = live.contexts().defaults.lock().ok()?;
     Some(
         d.entry(language)
             .or_insert_with(|| {
@@ -256,22 +281,22 @@ pub fn default_context(live: &Live, language: &'static str) -> Option<Arc<Contex
 
 /// Starts the default Python kernel of a new sandbox in the background, so its first cell
 /// finds it ready.
-pub fn prestart(rt: Arc<Runtime>, live: Arc<Live>) {
+pub fn prestart<H: KernelHost>(rt: Arc<Runtime>, live: Arc<H>) {
     tokio::spawn(crate::phases::timed("prestart", async move {
-        let Some(ctx) = default_context(&live, "python") else { return };
+        let Some(ctx) = default_context(live.as_ref(), "python") else { return };
         let mut guard = ctx.kernel.clone().lock_owned().await;
         crate::phases::mark("context_lock");
         if guard.is_none() {
             match start_kernel(&rt, &live, &ctx).await {
                 Ok(k) => *guard = Some(k),
-                Err(e) => tracing::warn!(sandbox_id = %sandbox_id(&live), "prestart kernel: {e}"),
+                Err(e) => tracing::warn!(sandbox_id = %live.sandbox_id(), "prestart kernel: {e}"),
             }
         }
     }));
 }
 
-pub fn sandbox_id(live: &Live) -> String {
-    live.snapshot().map(|r| r.id).unwrap_or_default()
+pub fn sandbox_id(live: &impl KernelHost) -> String {
+    live.sandbox_id()
 }
 
 pub async fn stop_kernel(ctx: &Context) {
@@ -282,15 +307,13 @@ pub async fn stop_kernel(ctx: &Context) {
 
 /// The environment a kernel starts from: the base every sandbox process gets plus the
 /// sandbox's own variables.
-pub fn kernel_env(live: &Live, user: SandboxUser) -> BTreeMap<String, String> {
+pub fn kernel_env(live: &impl KernelHost, user: SandboxUser) -> BTreeMap<String, String> {
     let mut env = BTreeMap::from([
         ("PATH".to_string(), ringfence_agent_path().to_string()),
         ("HOME".to_string(), user.home().to_string()),
         ("LANG".to_string(), "C.UTF-8".to_string()),
     ]);
-    if let Some(r) = live.snapshot() {
-        env.extend(r.env);
-    }
+    env.extend(live.env());
     env
 }
 
@@ -298,19 +321,19 @@ pub fn ringfence_agent_path() -> &'static str {
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 }
 
-pub async fn start_kernel(
+pub async fn start_kernel<H: KernelHost>(
     rt: &Arc<Runtime>,
-    live: &Arc<Live>,
+    live: &Arc<H>,
     ctx: &Context,
 ) -> Result<Kernel, String> {
-    let injectable = live.with_instance(|i| i.injectable().is_some()).unwrap_or(false);
+    let injectable = live.can_inject();
     // The wasm tier has no processes to inject into: its agent runs kernels of its own
     // (`ringfence_wasm::KERNEL_CMD`: CPython, or QuickJS for JavaScript), driven like a Node
     // kernel through the agent.
-    let wasm = live.with_instance(|i| i.kind() == crate::tier::TierKind::Wasm).unwrap_or(false);
+    let wasm = live.tier() == Some(TierKind::Wasm);
     let kernel = match ctx.language {
         "python" if wasm => {
-            let mut env = kernel_env(live, ctx.user);
+            let mut env = kernel_env(live.as_ref(), ctx.user);
             // The guest has no PATH to search and no host locale to name.
             env.remove("PATH");
             env.remove("LANG");
@@ -318,7 +341,7 @@ pub async fn start_kernel(
                 .await?
         }
         "javascript" if wasm => {
-            let mut env = kernel_env(live, ctx.user);
+            let mut env = kernel_env(live.as_ref(), ctx.user);
             env.remove("PATH");
             env.remove("LANG");
             let args = vec![ringfence_wasm::JS_KERNEL_ARG.into()];
@@ -334,7 +357,7 @@ pub async fn start_kernel(
             if ctx.language == "typescript" {
                 args.extend(["--".into(), "--typescript".into(), rt.ts_dir.clone()]);
             }
-            let env = kernel_env(live, ctx.user);
+            let env = kernel_env(live.as_ref(), ctx.user);
             start_agent_kernel(live, ctx, "/usr/bin/node".into(), args, env).await?
         }
         lang if injectable => start_injected_kernel(rt, live, ctx, lang).await?,
@@ -363,41 +386,38 @@ pub async fn start_kernel(
                 .map(|c| c.python.to_string_lossy().into_owned())
                 .ok_or("no interpreter environment on this host (run scripts/setup.sh)")?;
             let args = vec!["-c".into(), stdio_kernel_source(), "--lang".into(), lang.into()];
-            start_agent_kernel(live, ctx, python, args, kernel_env(live, ctx.user)).await?
+            start_agent_kernel(live, ctx, python, args, kernel_env(live.as_ref(), ctx.user)).await?
         }
     };
     Ok(kernel)
 }
 
-pub async fn start_injected_kernel(
+pub async fn start_injected_kernel<H: KernelHost>(
     rt: &Arc<Runtime>,
-    live: &Arc<Live>,
+    live: &Arc<H>,
     ctx: &Context,
     lang: &str,
 ) -> Result<Kernel, String> {
-    let mut plan =
-        EntryPlan::new(lang, &ctx.cwd, kernel_env(live, ctx.user), &rt.limits, Some(&rt.seccomp));
+    let mut plan = EntryPlan::new(
+        lang,
+        &ctx.cwd,
+        kernel_env(live.as_ref(), ctx.user),
+        &rt.limits,
+        Some(&rt.seccomp),
+    );
     plan.uid = ctx.user.uid();
     plan.gid = ctx.user.uid();
     let (rt2, live2) = (rt.clone(), live.clone());
     let injected = tokio::task::spawn_blocking(move || {
-        rt2.with_zygote(|z| {
-            live2
-                .with_instance(|i| match i.injectable() {
-                    Some(sb) => z.inject(sb, &plan, START_TIMEOUT),
-                    None => Err(ZygoteError::Entry {
-                        step: "enter".into(),
-                        message: "this sandbox's tier has no namespaces to enter".into(),
-                    }),
-                })
-                .unwrap_or(Err(ZygoteError::SandboxGone))
-        })
+        rt2.with_zygote(|z| live2.inject(z, &plan, START_TIMEOUT))
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let supervisor = match injected.listener {
-        Some(l) => Supervisor::start_with(l, sandbox_id(live), Some(live.obs.denial_sink())).ok(),
+        Some(l) => {
+            Supervisor::start_with(l, live.sandbox_id(), Some(live.obs().denial_sink())).ok()
+        }
         None => None,
     };
     injected.channel.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -436,8 +456,8 @@ pub async fn start_injected_kernel(
 }
 
 /// Starts a kernel that speaks on its stdin and stdout as a process the agent spawns.
-pub async fn start_agent_kernel(
-    live: &Arc<Live>,
+pub async fn start_agent_kernel<H: KernelHost>(
+    live: &Arc<H>,
     ctx: &Context,
     cmd: String,
     args: Vec<String>,
@@ -453,19 +473,20 @@ pub async fn start_agent_kernel(
         stdio: StdioMode::Pipe { stdin: true },
         tag: Some(format!("ringfence-kernel-{}", ctx.id)),
     };
-    let (reply, mut events) = live.client.stream(AgentRequest::Spawn(spec)).await.map_err(|e| {
-        let e = e.to_string();
-        // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
-        if e.contains("working directory does not exist") {
-            format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
-        } else if e.contains("wasm tier") && e.contains("JavaScript engine") {
-            // The wasm tier's agent refused: this host has no QuickJS build (the client's
-            // to know, as for any language the tier cannot run).
-            format!("{NOT_ON_TIER}{e}")
-        } else {
-            format!("{what}: {e}")
-        }
-    })?;
+    let (reply, mut events) =
+        live.client().stream(AgentRequest::Spawn(spec)).await.map_err(|e| {
+            let e = e.to_string();
+            // The agent checked the cwd before starting anything (crates/agent/src/spawn.rs).
+            if e.contains("working directory does not exist") {
+                format!("{BAD_CWD}{:?}: no such directory", ctx.cwd)
+            } else if e.contains("wasm tier") && e.contains("JavaScript engine") {
+                // The wasm tier's agent refused: this host has no QuickJS build (the client's
+                // to know, as for any language the tier cannot run).
+                format!("{NOT_ON_TIER}{e}")
+            } else {
+                format!("{what}: {e}")
+            }
+        })?;
     let pid = match reply {
         Reply::Spawned { pid } => pid,
         other => return Err(format!("{what}: {other:?}")),
@@ -473,7 +494,7 @@ pub async fn start_agent_kernel(
     crate::phases::mark("kernel_spawned");
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(KERNEL_INPUT);
     let (out_tx, out_rx) = bounded::channel(KERNEL_BACKLOG);
-    let client = live.client.clone();
+    let client = live.client().clone();
     tokio::spawn(async move {
         while let Some(data) = in_rx.recv().await {
             if client.call(AgentRequest::WriteStdin { pid, data }).await.is_err() {
@@ -494,7 +515,7 @@ pub async fn start_agent_kernel(
     let mut kernel = Kernel {
         input: in_tx,
         output: out_rx,
-        killer: Killer::Agent { client: live.client.clone(), pid },
+        killer: Killer::Agent { client: live.client().clone(), pid },
         _supervisor: None,
     };
     if let Err(e) = wait_ready(&mut kernel, &ctx.cwd).await {

@@ -14,8 +14,11 @@
 pub mod agent_client;
 pub mod bounded;
 pub mod builder;
+pub mod catalog;
 pub mod envd;
+pub mod error;
 pub mod interp;
+pub mod live;
 pub mod manager;
 pub mod metrics;
 pub mod network;

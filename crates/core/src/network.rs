@@ -15,7 +15,6 @@ use ringfence_net::{Egress, EgressEvent, NetConfig, SandboxNet};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::manager::Live;
 use crate::observe::Observer;
 use crate::store::{AuditRecord, Store};
 
@@ -176,14 +175,14 @@ impl NetParams {
     }
 }
 
-fn bad(msg: impl Into<String>) -> crate::manager::ManagerError {
-    crate::manager::ManagerError::BadRequest(msg.into())
+fn bad(msg: impl Into<String>) -> crate::error::ManagerError {
+    crate::error::ManagerError::BadRequest(msg.into())
 }
 
 fn strings(
     v: Option<&Value>,
     field: &str,
-) -> Result<Option<Vec<String>>, crate::manager::ManagerError> {
+) -> Result<Option<Vec<String>>, crate::error::ManagerError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(a)) => a
@@ -199,14 +198,14 @@ fn strings(
     }
 }
 
-fn rules(v: Option<&Value>, field: &str) -> Result<Vec<Rule>, crate::manager::ManagerError> {
+fn rules(v: Option<&Value>, field: &str) -> Result<Vec<Rule>, crate::error::ManagerError> {
     let items = strings(v, field)?.unwrap_or_default();
     parse_rules(&items).map_err(|e| bad(format!("network.{field}: {e}")))
 }
 
 /// E2B's `rules`: `{host: [{"transform": {"headers": {name: value}}}, ...]}`. The rules of one
 /// host apply in order (a later one's header replaces an earlier one's of the same name).
-fn request_rules(v: Option<&Value>) -> Result<RequestRules, crate::manager::ManagerError> {
+fn request_rules(v: Option<&Value>) -> Result<RequestRules, crate::error::ManagerError> {
     let map = match v {
         None | Some(Value::Null) => return Ok(RequestRules::default()),
         Some(Value::Object(m)) => m,
@@ -269,7 +268,7 @@ fn rules_json(r: &RequestRules) -> Value {
 pub fn parse(
     internet: Option<bool>,
     network: Option<&Value>,
-) -> Result<NetParams, crate::manager::ManagerError> {
+) -> Result<NetParams, crate::error::ManagerError> {
     let empty = json!({});
     let n = match network {
         None | Some(Value::Null) => &empty,
@@ -318,14 +317,14 @@ pub fn parse(
 
 /// E2B's `egressProxy`: `{address, username?, password?, tls?: true | {enabled, serverName?,
 /// caCert?}}` (snake_case accepted too). `passwordSealed` is ours, only in saved settings.
-fn egress_proxy(v: Option<&Value>) -> Result<Option<ProxyParams>, crate::manager::ManagerError> {
+fn egress_proxy(v: Option<&Value>) -> Result<Option<ProxyParams>, crate::error::ManagerError> {
     let m = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(m)) => m,
         Some(_) => return Err(bad("network.egressProxy must be an object with an address")),
     };
     let get = |camel: &str, snake: &str| m.get(camel).or_else(|| m.get(snake));
-    let text = |camel: &str, snake: &str| -> Result<Option<String>, crate::manager::ManagerError> {
+    let text = |camel: &str, snake: &str| -> Result<Option<String>, crate::error::ManagerError> {
         match get(camel, snake) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -387,7 +386,7 @@ fn proxy_info(p: &EgressProxy) -> Value {
 }
 
 /// E2B's `httpsPorts`: a list of sandbox ports (1-65535), not envd's.
-fn https_ports(v: Option<&Value>) -> Result<Vec<u16>, crate::manager::ManagerError> {
+fn https_ports(v: Option<&Value>) -> Result<Vec<u16>, crate::error::ManagerError> {
     let list = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
@@ -399,7 +398,7 @@ fn https_ports(v: Option<&Value>) -> Result<Vec<u16>, crate::manager::ManagerErr
             p.as_u64().and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0).ok_or_else(|| {
                 bad(format!("network.httpsPorts: {p} is not a port number (1-65535)"))
             })?;
-        if port == crate::manager::ENVD_PORT {
+        if port == crate::envd::ENVD_PORT {
             return Err(bad(format!(
                 "network.httpsPorts: {port} is envd's port, which speaks plain HTTP"
             )));
@@ -419,7 +418,7 @@ pub struct NetState {
     pub params: NetParams,
 }
 
-/// The per-sandbox slot in [`Live`]; empty before attach and after teardown.
+/// The per-sandbox slot (`manager::Live::net`); empty before attach and after teardown.
 pub type NetSlot = Mutex<Option<NetState>>;
 
 /// Server-wide networking.
@@ -553,15 +552,18 @@ impl Network {
     }
 
     /// The sandbox's egress CA (PEM), for its trust store; `None` if it has no network.
-    pub fn ca_pem(&self, live: &Live) -> Result<Option<String>, crate::manager::ManagerError> {
-        let id = live.record.lock().map(|r| r.id.clone()).unwrap_or_default();
-        let slot = live.net.lock().map_err(|_| bad("network lock"))?;
+    pub fn ca_pem(
+        &self,
+        id: &str,
+        slot: &NetSlot,
+    ) -> Result<Option<String>, crate::error::ManagerError> {
+        let slot = slot.lock().map_err(|_| bad("network lock"))?;
         let Some(state) = slot.as_ref() else { return Ok(None) };
         state
             .net
             .ca_pem(&format!("sandbox {id}"))
             .map(Some)
-            .map_err(|e| crate::manager::ManagerError::Internal(e.to_string()))
+            .map_err(|e| crate::error::ManagerError::Internal(e.to_string()))
     }
 
     pub fn config(&self) -> &NetworkConfig {
@@ -574,16 +576,13 @@ impl Network {
     }
 
     /// Checks what a create asks for against the ceiling, before anything is started.
-    pub fn validate(&self, params: &NetParams) -> Result<(), crate::manager::ManagerError> {
+    pub fn validate(&self, params: &NetParams) -> Result<(), crate::error::ManagerError> {
         self.egress.rate_for(params.rate).map(drop).map_err(|e| bad(e.to_string()))
     }
 
     /// Holds an asked-for proxy to the ceiling (its name resolved by the sandboxes'
     /// resolver): 400 naming the proxy and why when it is outside, or does not resolve.
-    pub async fn check_proxy(
-        &self,
-        params: &NetParams,
-    ) -> Result<(), crate::manager::ManagerError> {
+    pub async fn check_proxy(&self, params: &NetParams) -> Result<(), crate::error::ManagerError> {
         match &params.proxy {
             None => Ok(()),
             Some(p) => {
@@ -626,7 +625,7 @@ impl Network {
         (id, key): (&str, &str),
         at: crate::tier::NetAttach,
         params: NetParams,
-    ) -> Result<(), crate::manager::ManagerError> {
+    ) -> Result<(), crate::error::ManagerError> {
         let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
         // A tier without a network to attach (gvisor here: `--network=none`) gives its
         // sandboxes none at all, which no egress policy could loosen: nothing to set up, and
@@ -644,13 +643,13 @@ impl Network {
             }
             crate::tier::NetAttach::Relay(fd) => {
                 let fd = fd.try_clone().map_err(|e| {
-                    crate::manager::ManagerError::Internal(format!("the packet relay: {e}"))
+                    crate::error::ManagerError::Internal(format!("the packet relay: {e}"))
                 })?;
                 self.egress.attach_device(fd, params.policy.clone(), rate, sink)?
             }
             crate::tier::NetAttach::Nic(fd) => {
                 let fd = fd.try_clone().map_err(|e| {
-                    crate::manager::ManagerError::Internal(format!("the guest's NIC: {e}"))
+                    crate::error::ManagerError::Internal(format!("the guest's NIC: {e}"))
                 })?;
                 self.egress.attach_nic(fd, params.policy.clone(), rate, sink)?
             }
@@ -664,20 +663,20 @@ impl Network {
         Ok(())
     }
 
-    /// Replaces a sandbox's egress settings (E2B's replace semantics: omitted fields reset).
-    /// Returns how many open connections the new policy cut.
+    /// Replaces the egress settings of a sandbox of API key `key` (E2B's replace semantics:
+    /// omitted fields reset). Returns how many open connections the new policy cut.
     pub fn update(
         &self,
-        live: &Live,
+        key: &str,
+        slot: &NetSlot,
         mut params: NetParams,
-    ) -> Result<usize, crate::manager::ManagerError> {
+    ) -> Result<usize, crate::error::ManagerError> {
         let rate = self.egress.rate_for(params.rate).map_err(|e| bad(e.to_string()))?;
-        let key = live.record.lock().map(|r| r.key_id.clone()).unwrap_or_default();
-        let mut slot = live.net.lock().map_err(|_| bad("network lock"))?;
+        let mut slot = slot.lock().map_err(|_| bad("network lock"))?;
         let state = slot.as_mut().ok_or_else(|| bad("this sandbox has no network"))?;
         state.net.set_rate(rate);
         let cut = state.net.set_policy(params.policy.clone());
-        state.net.set_interception(self.interception(&key, &params.rules));
+        state.net.set_interception(self.interception(key, &params.rules));
         state.net.set_proxy(self.live_proxy(&params.proxy));
         // Inbound settings are not part of the update body: they stay.
         params.public = state.params.public;
@@ -688,17 +687,16 @@ impl Network {
     }
 
     /// Whether a sandbox's ports answer without its token.
-    pub fn is_public(&self, live: &Live) -> bool {
-        live.net
-            .lock()
+    pub fn is_public(&self, slot: &NetSlot) -> bool {
+        slot.lock()
             .ok()
             .and_then(|s| s.as_ref().and_then(|s| s.params.public))
             .unwrap_or(self.cfg.public_default)
     }
 
     /// The sandbox's network settings and open connections, as JSON (E2B's names).
-    pub fn describe(&self, live: &Live) -> Value {
-        let Ok(slot) = live.net.lock() else { return Value::Null };
+    pub fn describe(&self, slot: &NetSlot) -> Value {
+        let Ok(slot) = slot.lock() else { return Value::Null };
         let Some(s) = slot.as_ref() else { return Value::Null };
         let p = &s.net.policy();
         let mut v = json!({
@@ -786,10 +784,10 @@ pub fn egress_ca_env() -> [(&'static str, &'static str); 4] {
 pub async fn install_egress_ca(
     client: &Arc<crate::agent_client::AgentClient>,
     pem: &str,
-) -> Result<(), crate::manager::ManagerError> {
+) -> Result<(), crate::error::ManagerError> {
     use ringfence_proto::{Event, ExitStatus, Reply, Request, SandboxUser, SpawnSpec, StdioMode};
     let fail = |e: &dyn std::fmt::Display| {
-        crate::manager::ManagerError::Internal(format!("installing the egress CA: {e}"))
+        crate::error::ManagerError::Internal(format!("installing the egress CA: {e}"))
     };
     let script = format!(
         "umask 022; mkdir -p /var/lib/ringfence && printf '%s' \"$RF_CA\" > {EGRESS_CA_FILE}.new \
@@ -855,8 +853,8 @@ async fn write_loop(
 }
 
 /// Tears a sandbox's network down (its connections are reset, its device removed).
-pub fn teardown(live: &Live) {
-    if let Ok(mut slot) = live.net.lock() {
+pub fn teardown(slot: &NetSlot) {
+    if let Ok(mut slot) = slot.lock() {
         slot.take();
     }
 }

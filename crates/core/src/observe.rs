@@ -30,9 +30,9 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::manager::now_ms;
 use crate::metrics::Metrics;
 use crate::store::{AuditRecord, ResourceUsage, SecurityEvent, Store};
+use crate::time::now_ms;
 
 /// Who may read `/metrics`. Per-sandbox series name every tenant's sandboxes and their usage,
 /// so only an operator's key (`ringfence keys create --operator`) reads them all.
@@ -161,7 +161,7 @@ impl Observer {
                 ObserveError::Jsonl { path: path.display().to_string(), source }
             })?;
         let metrics = Metrics::new()?;
-        for t in crate::manager::TEMPLATES {
+        for t in crate::catalog::TEMPLATES {
             // No pool yet: every start is a miss and every pool is empty.
             metrics.pool_size.with_label_values(&[t]).set(0);
         }

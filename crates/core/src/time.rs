@@ -1,4 +1,21 @@
-//! RFC 3339 timestamps without a calendar dependency.
+//! The clock as the core reads it (Unix milliseconds), and RFC 3339 timestamps without a
+//! calendar dependency.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// `d` in milliseconds, saturating (a configured maximum may be absurdly large).
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Unix ms `timeout` from now, saturating rather than wrapping into the past.
+pub fn deadline_after(timeout: Duration) -> i64 {
+    now_ms().saturating_add(millis(timeout))
+}
 
 /// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
 pub fn rfc3339_ms(ms: i64) -> String {

@@ -623,7 +623,7 @@ async fn detail(
     v["envdAccessToken"] = json!(r.access_token);
     v["domain"] = json!(app.manager.network().domain());
     add_tier(&app, &mut v, &r);
-    let net = app.manager.network().describe(&live);
+    let net = app.manager.network().describe(&live.net);
     if net.is_null() {
         // No network attached (a tier without one yet): the SDK parses a present `network` as
         // an object, so it is left out, and the sandbox truthfully has no internet access.
@@ -921,7 +921,7 @@ async fn update_network(
     let detail = crate::network::Network::persisted_public(&params);
     let saved = app.manager.network().persisted(&params);
     let rules = !params.rules.is_empty();
-    let cut = app.manager.network().update(&live, params)?;
+    let cut = app.manager.network().update(&live.key_id(), &live.net, params)?;
     if rules {
         app.manager.trust_egress_ca(&live).await?;
     }
@@ -948,7 +948,7 @@ async fn get_network(
 ) -> Result<Json<Value>, E2bError> {
     let key = caller(&app, &headers).await?;
     let live = owned(&app, &key, &id)?;
-    Ok(Json(app.manager.network().describe(&live)))
+    Ok(Json(app.manager.network().describe(&live.net)))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -77,7 +77,7 @@ pub async fn handle(rt: Arc<Runtime>, live: Arc<Live>, req: Request) -> Response
         },
         (&Method::GET, ["contexts"]) => {
             for lang in LISTED_DEFAULTS {
-                default_context(&live, lang);
+                default_context(live.as_ref(), lang);
             }
             let mut list: Vec<Arc<Context>> = live
                 .interp
@@ -233,7 +233,7 @@ async fn execute(rt: Arc<Runtime>, live: Arc<Live>, body: Value) -> Response {
                     ),
                 );
             };
-            match default_context(&live, language) {
+            match default_context(live.as_ref(), language) {
                 Some(c) => c,
                 None => return error(Kind::Internal, "state poisoned"),
             }

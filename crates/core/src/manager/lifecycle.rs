@@ -150,7 +150,7 @@ impl Manager {
         // Nothing of it keeps running: the instance's drop ends the sandbox and frees its slot.
         if let Some(l) = self.live.write().ok().and_then(|mut m| m.remove(id)) {
             let _ = tokio::task::spawn_blocking(move || {
-                crate::network::teardown(&l);
+                crate::network::teardown(&l.net);
                 drop(l.take_instance());
                 l.obs.ended();
             })
@@ -514,7 +514,7 @@ impl Manager {
     /// whether or not it is running now.
     pub fn is_public(&self, id: &str) -> bool {
         match self.get(id) {
-            Some(l) => self.net.is_public(&l),
+            Some(l) => self.net.is_public(&l.net),
             None => self.saved_network(id).public.unwrap_or(self.cfg.network.public_default),
         }
     }

@@ -4,32 +4,29 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ringfence_jail::limits::Limits;
 use ringfence_jail::template;
 
 use crate::agent_client::AgentClient;
-use crate::envd::EnvdState;
-use crate::observe::{Observer, SandboxObs};
+use crate::observe::Observer;
 use crate::store::{Lifecycle, SandboxRecord, SandboxState, Store};
-use crate::tier::{AnyInstance, Saved, StartSpec, TierError, TierKind, Tiers};
+use crate::tier::{AnyInstance, Saved, StartSpec, TierKind, Tiers};
 
 #[path = "lifecycle.rs"]
 mod lifecycle;
 
+// What the manager's users have always reached here; each lives in its own module now, so
+// the features (network, interpreter, observation) need nothing of the manager.
+pub use crate::catalog::TEMPLATES;
+pub use crate::envd::{ENVD_PORT, ENVD_VERSION};
+pub use crate::error::{ManagerError, Missing};
+pub use crate::live::{Activity, Live};
+pub use crate::time::{deadline_after, millis, now_ms};
+
 /// Cgroup slots used by server sandboxes (the CLI's one-shot runs use their own).
 pub const POOL_PREFIX: &str = "srv";
-
-/// The envd version we advertise: the SDK gates features on it (see docs/e2b-compat.md §4.5).
-pub const ENVD_VERSION: &str = "0.6.4";
-
-/// envd's port in a sandbox (E2B's): the API's own, never a sandbox service's.
-pub const ENVD_PORT: u16 = 49983;
-
-/// Templates a client may ask for. `base` and `host` are the host template; the code
-/// interpreter's adds the interpreter environment and starts a Python kernel with each sandbox.
-pub const TEMPLATES: &[&str] = &["base", template::INTERP_TEMPLATE, "host"];
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -82,159 +79,6 @@ impl Default for BuildConfig {
             upload_quota: 4 << 30,
             upload_ttl: Duration::from_secs(24 * 3600),
         }
-    }
-}
-/// What a request named that is not there (404), each with its own message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Missing {
-    #[error("sandbox {0:?} not found")]
-    Sandbox(String),
-    #[error("template {0:?} not found")]
-    Template(String),
-}
-
-/// Errors the API turns into HTTP statuses (see `e2b_error::E2bError`'s `From`).
-#[derive(Debug, thiserror::Error)]
-pub enum ManagerError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(#[from] Missing),
-    /// The request conflicts with the current state (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// A per-key quota or the create rate refused it (429).
-    #[error("{0}")]
-    Quota(String),
-    /// The tier refused (unknown or unavailable here: 400; not allowed for the key: 403;
-    /// unsupported for this sandbox: 409) or failed (500).
-    #[error("{0}")]
-    Tier(#[from] TierError),
-    /// The state database failed (500).
-    #[error("state database: {0}")]
-    Store(#[from] crate::store::StoreError),
-    /// The sandbox's agent did not answer as it should (500).
-    #[error("agent: {0}")]
-    Agent(#[from] crate::agent_client::ClientError),
-    /// The sandbox's network could not be attached (500).
-    #[error("network: {0}")]
-    Network(#[from] ringfence_net::NetError),
-    /// Work handed to the blocking pool panicked or was cancelled (500).
-    #[error("blocking task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-    /// Anything else inside the server (500): a poisoned lock, a host setup step.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl ManagerError {
-    /// Sandbox `id` is not (or no longer) there.
-    pub fn no_sandbox(id: &str) -> ManagerError {
-        ManagerError::NotFound(Missing::Sandbox(id.to_string()))
-    }
-}
-
-/// A sandbox the server is running.
-#[derive(Debug)]
-pub struct Live {
-    pub record: Mutex<SandboxRecord>,
-    pub client: Arc<AgentClient>,
-    pub envd: Arc<EnvdState>,
-    /// Code-interpreter contexts (port 49999).
-    pub interp: crate::interp::Contexts,
-    /// Metrics, security events and audit records of this sandbox.
-    pub obs: Arc<SandboxObs>,
-    /// The sandbox's network (egress policy, connections); empty once torn down.
-    pub net: crate::network::NetSlot,
-    /// When the sandbox was last used, for idle timeouts.
-    pub activity: Activity,
-    /// The isolation tier it runs in.
-    pub tier: TierKind,
-    /// The tier's live instance; taken (and with that ended) when the sandbox goes.
-    instance: Mutex<Option<AnyInstance>>,
-}
-
-impl crate::observe::UsageSource for Live {
-    fn usage(&self) -> Option<crate::tier::Usage> {
-        self.with_instance(|i| i.usage()).flatten()
-    }
-
-    fn limit_events(&self) -> Option<(u64, u64)> {
-        self.with_instance(|i| i.limit_events())
-    }
-
-    fn memory_cpu(&self) -> Option<(u64, Option<u64>)> {
-        self.with_instance(|i| i.memory_cpu()).flatten()
-    }
-
-    fn disk_usage(&self) -> Option<(u64, u64)> {
-        self.with_instance(|i| i.disk_usage()).flatten()
-    }
-
-    fn sizes(&self) -> Option<(u32, u32)> {
-        self.record.lock().ok().map(|r| (r.cpu_count, r.disk_mb))
-    }
-}
-
-/// Signs of use the idle timeout looks at.
-#[derive(Debug, Default)]
-pub struct Activity {
-    /// Unix ms of the last API request for the sandbox (or of its start).
-    pub last_ms: std::sync::atomic::AtomicI64,
-    /// cgroup CPU time at the last idle check, and when that was.
-    pub cpu_ns: std::sync::atomic::AtomicU64,
-    pub cpu_checked_ms: std::sync::atomic::AtomicI64,
-}
-
-impl Live {
-    /// Wraps a started (or re-attached) instance, counted as used now and linked to its
-    /// observer.
-    fn new(
-        record: SandboxRecord,
-        client: Arc<AgentClient>,
-        obs: Arc<SandboxObs>,
-        instance: AnyInstance,
-    ) -> Arc<Live> {
-        let live = Arc::new(Live {
-            tier: instance.kind(),
-            record: Mutex::new(record),
-            client,
-            envd: Arc::new(EnvdState::observed(obs.clone())),
-            interp: Default::default(),
-            obs: obs.clone(),
-            net: Mutex::default(),
-            activity: Activity::default(),
-            instance: Mutex::new(Some(instance)),
-        });
-        live.touch();
-        let source: Arc<dyn crate::observe::UsageSource> = live.clone();
-        obs.attach(Arc::downgrade(&source));
-        live
-    }
-
-    /// The sandbox's state, without copying its record.
-    pub fn state(&self) -> Option<SandboxState> {
-        self.record.lock().ok().map(|r| r.state)
-    }
-
-    /// Marks the sandbox as used now.
-    pub fn touch(&self) {
-        self.activity.last_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Takes the tier's instance out (dropping it ends the sandbox).
-    pub fn take_instance(&self) -> Option<AnyInstance> {
-        self.instance.lock().ok().and_then(|mut j| j.take())
-    }
-
-    /// Runs `f` on the tier's instance, if the sandbox still has one.
-    pub fn with_instance<R>(&self, f: impl FnOnce(&AnyInstance) -> R) -> Option<R> {
-        let guard = self.instance.lock().ok()?;
-        guard.as_ref().map(f)
-    }
-
-    pub fn snapshot(&self) -> Option<SandboxRecord> {
-        self.record.lock().ok().map(|r| r.clone())
     }
 }
 
@@ -303,28 +147,8 @@ struct Warm {
 /// A started instance and its agent's channel.
 type Started = (AnyInstance, std::os::unix::net::UnixStream);
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-/// `d` in milliseconds, saturating (a configured maximum may be absurdly large).
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// Unix ms `timeout` from now, saturating rather than wrapping into the past.
-pub fn deadline_after(timeout: Duration) -> i64 {
-    now_ms().saturating_add(millis(timeout))
-}
-
 fn internal(e: impl std::fmt::Display) -> ManagerError {
     ManagerError::Internal(e.to_string())
-}
-
-impl From<crate::quota::QuotaError> for ManagerError {
-    fn from(e: crate::quota::QuotaError) -> Self {
-        ManagerError::Quota(e.0)
-    }
 }
 
 impl Manager {
@@ -500,7 +324,7 @@ impl Manager {
     /// Makes sandbox `live` trust its egress CA: the CA in its trust store, and the variables
     /// that point TLS clients there in the environment of processes it starts from now on.
     pub async fn trust_egress_ca(&self, live: &Live) -> Result<(), ManagerError> {
-        let Some(pem) = self.net.ca_pem(live)? else { return Ok(()) };
+        let Some(pem) = self.net.ca_pem(&live.id(), &live.net)? else { return Ok(()) };
         crate::network::install_egress_ca(&live.client, &pem).await?;
         let env = {
             let Ok(mut r) = live.record.lock() else { return Ok(()) };
@@ -933,7 +757,7 @@ impl Manager {
         let (key, why) = (id.to_string(), reason.to_string());
         let stored = tokio::task::spawn_blocking(move || {
             let mut rec = l.obs.final_record("sandbox.kill");
-            crate::network::teardown(&l);
+            crate::network::teardown(&l.net);
             drop(l.take_instance());
             rec.duration_ms = Some(begun.elapsed().as_millis() as u64);
             rec.detail.insert("reason".into(), serde_json::json!(why));
