@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Medians of the phase timings a server logged with RINGFENCE_PHASES=1 (crates/server/src/phases.rs).
+"""Medians of the phase timings a server logged with RINGFENCE_PHASES=1 (crates/core/src/phases.rs).
 
 Reads a server log (RINGFENCE_LOG=info or more) and prints, per timed request kind (create,
 prestart, cell) and per agent phase, the median and p90 of each phase in milliseconds.
