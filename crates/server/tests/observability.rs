@@ -272,11 +272,17 @@ fn hostile_code_leaves_exact_metrics_events_and_records() {
         assert!(rec["duration_ms"].as_u64().is_some());
         assert!(rec["resource_usage"]["cpu_ms"].as_u64().is_some(), "{rec}");
         let evs = rec["security_events"].as_array().unwrap();
-        assert_eq!(evs.len(), 1, "exactly its own event: {rec}");
-        assert_eq!(evs[0]["syscall"], syscall);
-        assert_eq!(evs[0]["kind"], kind);
-        let count = if kind == "pids" { refused } else { 1 };
-        assert_eq!(evs[0]["count"], count);
+        // Refused forks are counted from the cgroup's counter each time it is sampled: a fork
+        // bomb that spans two samples (a loaded host) is two events of its own kind, whose
+        // counts add up to the refusals. Every other layer reports each denial once.
+        if kind == "pids" {
+            assert!(!evs.is_empty(), "its own events: {rec}");
+        } else {
+            assert_eq!(evs.len(), 1, "exactly its own event: {rec}");
+        }
+        assert!(evs.iter().all(|e| e["syscall"] == syscall && e["kind"] == kind), "{rec}");
+        let count: u64 = evs.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+        assert_eq!(count, if kind == "pids" { refused } else { 1 }, "{rec}");
         if kind == "seccomp" {
             assert_eq!(evs[0]["comm"], "python3", "attributed to the process: {rec}");
             assert!(evs[0]["pid"].as_u64().is_some_and(|p| p > 1));
