@@ -854,8 +854,8 @@ pub(crate) fn nic_device(
 
 /// Removes what an earlier server left under `state_dir/sandboxes`: QEMU processes whose
 /// command line names a sandbox directory there, and the directories. Returns their ids.
-pub fn sweep(cfg: &MicrovmConfig) -> Vec<String> {
-    let root = cfg.state_dir.join("sandboxes");
+pub fn sweep(state_dir: &Path) -> Vec<String> {
+    let root = state_dir.join("sandboxes");
     let Ok(rd) = fs::read_dir(&root) else { return Vec::new() };
     // A directory whose claim another live server holds is its sandbox, not a leftover.
     let dirs: Vec<PathBuf> = rd

@@ -422,12 +422,9 @@ impl Tier for MicrovmTier {
     }
 
     fn sweep(&self) -> usize {
-        let dir = self.settings.run_dir.join("microvm").join("sandboxes");
-        if std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()) {
-            return 0;
-        }
-        let Ok(cfg) = self.config() else { return 0 };
-        ringfence_microvm::sweep(cfg).len()
+        // Only the state directory is needed (the probe's `state_dir` is this one): a server
+        // starting beside another's guests must not boot a probe guest before it listens.
+        ringfence_microvm::sweep(&self.settings.run_dir.join("microvm")).len()
     }
 }
 
