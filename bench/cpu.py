@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Two builds compared by CPU time per operation, interleaved batch by batch.
+"""Two builds compared by CPU time per operation, side by side under the same load.
 
-    python3 bench/cpu.py --a OLD/ringfence --b NEW/ringfence [--batches 16] [--save FILE]
+    python3 bench/cpu.py --a OLD/ringfence --b NEW/ringfence [--batches 24] [--save FILE]
     python3 bench/cpu.py --a OLD/ringfence --b OLD/ringfence ...      # A/A: the noise
 
 Why: on a shared host a wall-clock latency mostly measures how long a runnable thread waits
 for a core, and it moved by up to ±18 % for one binary against itself between two runs here
-(docs/PERFORMANCE.md). CPU time counts only what the work itself ran; and running the two
-builds side by side, alternating small batches (A B, B A, ...), puts both under the same load
-within seconds of each other, where bench/ab.py alternates whole runs minutes apart.
+(docs/PERFORMANCE.md). CPU time counts only what the work itself ran, and pairing each batch
+of A with a batch of B run at the same moment cancels most of what the load still does to it
+(a busier host also makes the same work cost more CPU: colder caches, a shared core).
 
 How: one server per build (fresh data and run dirs, free loopback ports), each started in a
 cpuacct cgroup of its own, so every process it spawns is charged there, the sandboxes' agents
@@ -17,13 +17,14 @@ cpuacct; on cgroup v2 a leaf of our own). Around each batch of operations it rea
 
   total cpu   the cgroup's `cpuacct.usage` (v2: `cpu.stat` usage_usec): the server and all
               it spawned, exited processes included;
-  server cpu  the server process's CPU-time clock (all threads, exited ones included);
+  server cpu  the server process's CPU-time clock (all threads, exited ones included).
 
-and waits, before the second reading, until the cgroup is quiet again, so that asynchronous
-clean-up (unmounts, slot release, a pool's refill) is counted with the batch that caused it.
-Per metric it prints each build's median over batches, B's change, and the median of the
-per-batch paired changes (batch i of B against batch i of A, run back to back) with a
-bootstrap 95 % confidence interval. Wall-clock medians of the same operations come with them.
+Modes (`--mode`): `together` (default) drives both servers at once, one client thread each,
+batch i of A beside batch i of B; `alternate` runs one batch at a time (A B, B A, ...) and
+keeps each batch's window open until its server is quiet again. Per metric the table shows
+each build's median over batches, B's change, the median of the per-batch paired changes
+with a bootstrap 95 % confidence interval, and the change over all operations (the counters'
+totals from the first batch to quiet after the last). Wall-clock medians come with them.
 
 Operations (those of bench/api.py and bench/lifecycle.py):
 
@@ -377,7 +378,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", required=True, help="the baseline binary")
     ap.add_argument("--b", required=True, help="the binary compared with it (the same one: an A/A run)")
-    ap.add_argument("--only", default="api,concurrent,pause,fork,pool")
+    ap.add_argument("--only", default="api,concurrent,pause,fork,pool",
+                    help="any of api, concurrent, pause (pause-memory: the in-memory one only), fork, pool")
     ap.add_argument("--batches", type=int, default=16, help="batches per build and operation")
     ap.add_argument("--ops", type=int, default=10, help="cycles per api/pool batch")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -392,7 +394,7 @@ def main():
     print(f"kernel {os.uname().release}; nproc {os.cpu_count()}; A = {a.a}; B = {a.b}; "
           f"{a.batches} batches per build and operation, mode {a.mode}")
     results = {}
-    if set(only) & {"api", "concurrent", "pause", "fork"}:
+    if set(only) & {"api", "concurrent", "pause", "pause-memory", "fork"}:
         servers = {}
         try:
             servers = {w: Server(b, w, []) for w, b in (("A", a.a), ("B", a.b))}
@@ -408,15 +410,20 @@ def main():
                 paired(f"api, {a.concurrency} clients: cycle", servers, a.batches, n,
                        lambda s: batch_concurrent(s, n, a.concurrency), results, a.mode)
             loads.append(os.getloadavg()[0])
+            kinds = [(True, "memory"), (False, "files only")]
+            if "pause-memory" in only and "pause" not in only:
+                kinds = kinds[:1]
+                only.append("pause")
             if "pause" in only:
                 for srv in servers.values():
                     sid, tok = srv.c.create()
                     srv.c.run(sid, tok, "head -c 20M /dev/zero > /home/user/f; sleep 3600 >/dev/null 2>&1 &")
                     srv.pause_sid, srv.pause_tok = sid, tok
                     batch_pause(srv, 1, True)
-                    batch_pause(srv, 1, False)  # warm-up
+                    if len(kinds) > 1:
+                        batch_pause(srv, 1, False)  # warm-up
                     srv.quiet()
-                for memory, kind in ((True, "memory"), (False, "files only")):
+                for memory, kind in kinds:
                     paired(f"pause + resume, {kind}", servers, a.batches, 3,
                            lambda s, memory=memory: batch_pause(s, 3, memory), results, a.mode)
                 for srv in servers.values():
