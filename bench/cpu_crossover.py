@@ -4,6 +4,7 @@
     python3 bench/cpu.py --a OLD --b NEW --save ab.json
     python3 bench/cpu.py --a NEW --b OLD --save ba.json
     python3 bench/cpu_crossover.py ab.json ba.json [aa.json]
+    python3 bench/cpu_crossover.py --many ab1.json ba1.json ab2.json ba2.json ...
 
 Why: in bench/cpu.py's `together` mode the two servers do not sit in quite the same place
 (one is started first, its client thread starts first), and an A/A run shows that this alone
@@ -41,7 +42,33 @@ def pct(x):
     return (math.exp(x) - 1) * 100
 
 
+# Student's t, two-sided 95 %, by degrees of freedom (1-30); beyond, the normal's 1.96.
+T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
+        2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+
+
+def many(paths):
+    if len(paths) < 4 or len(paths) % 2:
+        sys.exit("--many takes pairs of files (A/B, then B/A), at least two pairs")
+    runs = [json.load(open(p)) for p in paths]
+    pairs = list(zip(runs[0::2], runs[1::2]))
+    labels = [lb for lb in pairs[0][0]["results"] if all(lb in ab["results"] and lb in ba["results"]
+                                                          for ab, ba in pairs)]
+    print(f"{len(pairs)} crossovers; new vs old per crossover (median of paired batches), then their "
+          "mean with a 95 % t interval")
+    for label in labels:
+        for m in METRICS:
+            ds = [(statistics.median(log_ratios(ab, label, m)) - statistics.median(log_ratios(ba, label, m))) / 2
+                  for ab, ba in pairs]
+            mean = statistics.mean(ds)
+            half = T975[min(len(ds) - 2, 29)] * statistics.stdev(ds) / math.sqrt(len(ds))
+            print(f"{label:<34} {m:<20} mean {pct(mean):+5.1f}% [{pct(mean - half):+.1f}, {pct(mean + half):+.1f}]"
+                  f"  sd {statistics.stdev(ds) * 100:.1f}%  each: {' '.join(f'{pct(d):+.1f}' for d in ds)}")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--many":
+        return many(sys.argv[2:])
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
     ab, ba = (json.load(open(p)) for p in sys.argv[1:3])
