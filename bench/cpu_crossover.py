@@ -57,7 +57,9 @@ def many(paths):
     print(f"{len(pairs)} crossovers; new vs old per crossover (median of paired batches), then their "
           "mean with a 95 % t interval")
     for label in labels:
-        for m in METRICS:
+        # The batches' wall-clock medians too: paired at the same moment, they are far steadier
+        # than whole runs minutes apart.
+        for m in METRICS + ("wall median (ms)",):
             ds = [(statistics.median(log_ratios(ab, label, m)) - statistics.median(log_ratios(ba, label, m))) / 2
                   for ab, ba in pairs]
             mean = statistics.mean(ds)
