@@ -395,6 +395,15 @@ fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideE
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the
 /// pid namespace and so every process left in it.
 fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
+    // Our fds 0-2 are the command's stdio, which we never use: let go of them, so that the
+    // host's readers see the command's output end when the command (and whatever it left
+    // running) has closed it, not when this process has died. Our death is mostly the
+    // kernel's teardown of the sandbox's namespaces, which the host need not wait for.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
     // The host that ran us is gone (killed, say): so is the reason to run. A sandbox started
     // by a spawner has no parent-death signal to take it down; end-of-file on the channel
     // stands in for it. Watched without reading, so the host's messages stay in place.

@@ -365,7 +365,8 @@ pub struct Lease {
     /// One directory per hierarchy; the first is the memory controller's.
     dirs: Vec<PathBuf>,
     layout: Layout,
-    /// The slot's lock; `None` only while the lease is being dropped.
+    /// The slot's lock; `None` once let go of (while the lease is being dropped, or after
+    /// [`Lease::release_unwaited`]).
     lock: Option<Flock<File>>,
     /// Told of the slot when this lease lets go of it (see [`SlotHint`]).
     hint: Option<Arc<Mutex<SlotHint>>>,
@@ -746,11 +747,26 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Err(e) = self.kill_all() {
-            tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
+impl Lease {
+    /// Lets the slot go now, its processes sent SIGKILL but not waited for: for a sandbox
+    /// whose agent has been killed and is watched elsewhere (through its pidfd), and whose
+    /// end is mostly the kernel's teardown of its namespaces. A process that has begun to
+    /// exit is no longer listed in the slot, and the slot's next claimant kills and waits for
+    /// anything still listed ([`Pool::claim`]), so nothing of this sandbox runs beside the
+    /// next one there.
+    pub fn release_unwaited(mut self) {
+        let frozen = self.is_frozen();
+        for pid in self.procs() {
+            let _ = ringfence_sys::kill(pid, libc::SIGKILL);
         }
+        if frozen {
+            let _ = self.thaw();
+        }
+        self.unlock();
+    }
+
+    /// Unlocks the slot and offers it to this process's next claim; `Drop` then does nothing.
+    fn unlock(&mut self) {
         // Unlocked before it is offered, so a claim that takes the hint finds the lock free.
         drop(self.lock.take());
         if let Some(h) = &self.hint
@@ -758,6 +774,19 @@ impl Drop for Lease {
         {
             h.released.insert(self.slot);
         }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.lock.is_none() {
+            // Released already (`release_unwaited`).
+            return;
+        }
+        if let Err(e) = self.kill_all() {
+            tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
+        }
+        self.unlock();
     }
 }
 
