@@ -406,42 +406,55 @@ fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
     }
     // The host that ran us is gone (killed, say): so is the reason to run. A sandbox started
     // by a spawner has no parent-death signal to take it down; end-of-file on the channel
-    // stands in for it. Watched without reading, so the host's messages stay in place.
-    let watched = control.try_clone().map_err(drop)?;
-    std::thread::spawn(move || {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
-        // reports whatever was asked for.
-        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+    // stands in for it. Watched without reading, so the host's messages stay in place, in the
+    // same poll that waits for children (SIGCHLD through a signalfd): a watcher thread of its
+    // own cost a thread's start beside the command's, on every run.
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    // Blocked only now, after the command started (it must not inherit the mask; std resets
+    // it anyway): a SIGCHLD before this is not lost, the reaping below runs first.
+    mask.thread_block().map_err(drop)?;
+    let children = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(drop)?;
+    // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
+    // reports whatever was asked for.
+    let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+    loop {
+        // Everything that has ended, orphans of the command included (we are PID 1).
         loop {
-            let mut fds = [PollFd::new(watched.as_fd(), PollFlags::empty())];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => {
-                    std::process::exit(1)
+            match ringfence_sys::wait4(-1, true) {
+                Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {
+                    let status = match r.outcome() {
+                        Ok(code) => ExitStatus::Code(code),
+                        Err(sig) => ExitStatus::Signal(sig),
+                    };
+                    let usage = Usage {
+                        user_cpu_us: r.user_us,
+                        sys_cpu_us: r.sys_us,
+                        max_rss_kib: r.max_rss_kib,
+                    };
+                    send(control, &Event::Exited { id: 0, pid, status, usage })?;
+                    return Ok(ExitCode::SUCCESS);
                 }
-                Ok(_) | Err(nix::Error::EINTR) => continue,
-                Err(_) => return,
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(_) => return Err(()),
             }
         }
-    });
-    loop {
-        match ringfence_sys::wait4(-1, false) {
-            Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {
-                let status = match r.outcome() {
-                    Ok(code) => ExitStatus::Code(code),
-                    Err(sig) => ExitStatus::Signal(sig),
-                };
-                let usage = Usage {
-                    user_cpu_us: r.user_us,
-                    sys_cpu_us: r.sys_us,
-                    max_rss_kib: r.max_rss_kib,
-                };
-                send(control, &Event::Exited { id: 0, pid, status, usage })?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            Ok(_) => continue,
+        let mut fds = [
+            PollFd::new(control.as_fd(), PollFlags::empty()),
+            PollFd::new(children.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => std::process::exit(1),
+            Ok(_) | Err(nix::Error::EINTR) => {}
             Err(_) => return Err(()),
         }
+        // Drained: one pending SIGCHLD stands for any number of children, all reaped above.
+        while let Ok(Some(_)) = children.read_signal() {}
     }
 }
