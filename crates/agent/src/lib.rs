@@ -116,20 +116,35 @@ fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
 /// Gives the host the seccomp listener and, with a tmpfs disk, the stage directory. The host
 /// takes them with `pidfd_getfd`, so that no descriptor is sent from this sandbox's uid (see
 /// [`MARK_PULL`]); only where that is refused do they come over the channel.
-fn hand_over(
+///
+/// In two halves, so that the initial process can start in between, while the host takes them
+/// (this, then [`complete_hand_over`]): a round trip to the host less before it starts. This
+/// half tells the host what there is to take, and returns whether an answer is due.
+fn offer(
     control: &mut UnixStream,
     listener: Option<&OwnedFd>,
     stage: Option<&OwnedFd>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     if listener.is_none() && stage.is_none() {
-        return ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
-            .map_err(drop);
+        ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
+            .map_err(drop)?;
+        return Ok(false);
     }
     let mut msg = vec![MARK_PULL];
     for fd in [listener, stage] {
         msg.extend_from_slice(&fd.map_or(-1, AsRawFd::as_raw_fd).to_le_bytes());
     }
     control.write_all(&msg).map_err(drop)?;
+    Ok(true)
+}
+
+/// The second half of [`offer`]: waits for the host to have taken the descriptors, or
+/// sends them where it could not take them.
+fn complete_hand_over(
+    control: &mut UnixStream,
+    listener: Option<&OwnedFd>,
+    stage: Option<&OwnedFd>,
+) -> Result<(), ()> {
     let mut ack = [0u8; 1];
     std::io::Read::read_exact(control, &mut ack).map_err(drop)?;
     match ack[0] {
@@ -202,7 +217,18 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
     let stage: Option<OwnedFd> = outcome.stage;
-    hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+    let answer_due = offer(&mut control, listener.as_ref(), stage.as_ref())?;
+    // The initial process starts while the host takes the descriptors (a round trip less
+    // before it runs). It gets neither: both are close-on-exec, and it is exec'd before any
+    // code of its own runs. Nothing else in the sandbox can reach them in the meantime: this
+    // process is not dumpable (its /proc/1/fd is closed to every process in here, the
+    // sandbox's capability-less root included) and `pidfd_getfd` is outside the seccomp
+    // allowlist. A call of the initial process that the filter refers to the host waits
+    // until the host supervises it.
+    let (initial_pid, initial_error) = start_initial(&spec, &mut phases);
+    if answer_due {
+        complete_hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+    }
     // The host supervises the filter; nothing in here may keep the listener. The stage (a
     // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
     // the sandbox's root through /proc/1/fd.
@@ -218,29 +244,56 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         );
     }
 
-    start_and_serve(control, &spec, phases, outcome.landlock_abi, outcome.reconnect)
+    report_and_serve(
+        control,
+        &spec,
+        phases,
+        outcome.landlock_abi,
+        outcome.reconnect,
+        (initial_pid, initial_error),
+    )
 }
 
 /// What every tier's agent does once its sandbox is built: start the initial process if there
 /// is one, report ready, then either see the one-shot process through or serve requests.
 fn start_and_serve(
-    mut control: UnixStream,
+    control: UnixStream,
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
     landlock_abi: Option<u32>,
     reconnect: Option<std::os::unix::net::UnixListener>,
 ) -> Result<ExitCode, ()> {
-    let mut initial_pid = None;
-    let mut initial_error = None;
-    if let Some(init) = &spec.initial {
-        match spawn::spawn_inherit(init) {
+    let initial = start_initial(spec, &mut phases);
+    report_and_serve(control, spec, phases, landlock_abi, reconnect, initial)
+}
+
+/// Starts the initial process, if the setup names one: its pid, or why it could not start.
+fn start_initial(
+    spec: &SetupSpec,
+    phases: &mut Vec<ringfence_proto::Phase>,
+) -> (Option<u32>, Option<ringfence_proto::AgentError>) {
+    match &spec.initial {
+        None => (None, None),
+        Some(init) => match spawn::spawn_inherit(init) {
             Ok(pid) => {
-                initial_pid = Some(pid);
-                ringfence_jail::phase(&mut phases, "spawned");
+                ringfence_jail::phase(phases, "spawned");
+                (Some(pid), None)
             }
-            Err(e) => initial_error = Some(e),
-        }
+            Err(e) => (None, Some(e)),
+        },
     }
+}
+
+/// Reports the sandbox ready (with its initial process's pid, or the error that kept it from
+/// starting), then sees the one-shot process through or serves requests.
+fn report_and_serve(
+    mut control: UnixStream,
+    spec: &SetupSpec,
+    phases: Vec<ringfence_proto::Phase>,
+    landlock_abi: Option<u32>,
+    reconnect: Option<std::os::unix::net::UnixListener>,
+    (initial_pid, initial_error): (Option<u32>, Option<ringfence_proto::AgentError>),
+) -> Result<ExitCode, ()> {
     send(&mut control, &Event::Ready(Ready { phases, landlock_abi, initial_pid }))?;
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
