@@ -343,7 +343,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         Some(if args.no_spawner {
             pool
         } else {
-            pool.with_spawners(cfg.agent_path.clone()).exec_agents(args.exec_agent)
+            pool.with_spawners(cfg.agent_path.clone())
+                .exec_agents(args.exec_agent)
+                .prefer_own_spawners(true)
         })
     };
     let limits = Limits {
