@@ -70,6 +70,9 @@ def main() -> None:
                     if step not in order[name]:
                         order[name].append(step)
                     prev = at
+                # Outside every phase: the exec up to `main`, and from the last phase to the
+                # process's end as the caller sees it (report, cleanup, exit).
+                steps[name].setdefault("(outside the phases)", []).append(wall - prev)
     names = [n for n, _, _ in variants]
     print(f"{args.rounds} rounds, rest {args.rest} ms; medians in ms")
     print(f"{'step (ends when)':<28}" + "".join(f"{n:>16}" for n in names))
@@ -78,6 +81,7 @@ def main() -> None:
         for s in order[n]:
             if s not in all_steps:
                 all_steps.append(s)
+    all_steps.append("(outside the phases)")
     for s in all_steps:
         row = ""
         for n in names:
