@@ -1049,6 +1049,15 @@ fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
         }
     }
     assert_eq!(sockets, 1, "the spawner holds more than its own socket");
+    // Its mount namespace, which every sandbox's starts as a copy of, is its own and holds
+    // only what sandbox setup reaches: no cgroup hierarchy, no other sandbox's disk.
+    let mounts = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(ns(&spawner.to_string()), ns("self"), "the spawner shares the host's mounts");
+    let theirs = mounts(&spawner.to_string());
+    assert!(!theirs.contains(" /sys"), "the spawner keeps /sys mounts: {theirs}");
+    assert!(!theirs.contains("/disks/"), "the spawner keeps disk mounts: {theirs}");
+    assert!(theirs.lines().count() < mounts("self").lines().count(), "{theirs}");
     // Its death takes no sandbox with it (an agent ends with its host's control channel).
     ringfence_sys::kill(spawner, libc::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(100));

@@ -859,8 +859,8 @@ mod tests {
             std::fs::write(locks.path().join(name), b"").unwrap();
         }
         let layout = Layout::V2 { root: locks.path().join("cgroup") };
-        let pool = Pool::new(layout, "ringfence", "run", locks.path().to_path_buf())
-            .with_spawners(exe);
+        let pool =
+            Pool::new(layout, "ringfence", "run", locks.path().to_path_buf()).with_spawners(exe);
         assert_eq!(pool.own_spawner_slots(), [3, 7], "this build's, of this prefix, in order");
         let without = Pool::new(Layout::V2 { root: locks.path().into() }, "r", "run", "/x".into());
         assert!(without.own_spawner_slots().is_empty(), "no spawners, no preference");

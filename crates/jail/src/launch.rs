@@ -252,6 +252,18 @@ impl Sandbox {
                     owner: Some(owner.uid()),
                     keep_target: Some(ringfence_proto::OWNER_LOCK_FD),
                     exec: spawner.execs(),
+                    // What the agent reaches by host path (see `inside::setup`).
+                    paths: spec
+                        .template
+                        .meta
+                        .host_layers
+                        .iter()
+                        .cloned()
+                        .chain([cfg.run_dir.join("stage").to_string_lossy().into_owned()])
+                        .chain(spec.reconnectable.then(|| {
+                            agent_socket_dir(cfg, &spec.id).to_string_lossy().into_owned()
+                        }))
+                        .collect(),
                 };
                 let [i, o, e] = spec.stdio;
                 match spawner.spawn(&req, &[child_end.as_raw_fd(), i, o, e, owner.fd()]) {
