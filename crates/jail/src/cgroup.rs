@@ -163,7 +163,8 @@ impl Pool {
     /// host's slots with other builds' runs (an upgrade, a test beside a benchmark) that would
     /// otherwise replace each other's spawners on every run, each replacement a cgroup move
     /// (~13 ms on a host as it comes). Not for a server: it holds most of its slots itself, and
-    /// trying their locks first is what its claim hints avoid.
+    /// trying their locks first is what its claim hints avoid. Such a pool also leaves the
+    /// spawners it starts to be reaped after its process has exited (no reaper thread).
     pub fn prefer_own_spawners(mut self, prefer: bool) -> Self {
         self.prefer_own = prefer;
         self
@@ -223,7 +224,8 @@ impl Pool {
         }
         let park =
             |pid| lease.add(pid).map_err(|e| crate::spawner::SpawnerError::Refused(e.to_string()));
-        match Spawner::start(&socket, exe, park) {
+        // A one-shot run's process stays single-threaded (see `Spawner::start`).
+        match Spawner::start(&socket, exe, park, !self.prefer_own) {
             Ok(s) => Some(s.exec_agents(self.exec_agents)),
             Err(e) => {
                 // Not a failure of the sandbox: it is moved into the slot instead (slower).

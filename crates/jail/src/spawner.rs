@@ -152,11 +152,15 @@ impl Spawner {
     }
 
     /// Starts `exe --spawner --socket SOCKET` and hands its pid to `park`, which moves it into
-    /// the slot, before waiting for it to listen. The caller holds the slot.
+    /// the slot, before waiting for it to listen. The caller holds the slot. With `reap`, a
+    /// thread of this process reaps the spawner when it exits; without (a one-shot run, which
+    /// exits long before its spawner and must stay single-threaded to fork as it exits), it is
+    /// left to be reaped by whoever inherits it once this process is gone.
     pub fn start(
         socket: &Path,
         exe: &Path,
         park: impl FnOnce(i32) -> Result<(), SpawnerError>,
+        reap: bool,
     ) -> Result<Spawner, SpawnerError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = std::process::Command::new(exe);
@@ -182,8 +186,11 @@ impl Spawner {
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
             if let Some(s) = Spawner::existing(socket) {
-                // Reaped when it exits, for as long as this process lives; after that by init.
-                std::thread::spawn(move || child.wait());
+                if reap {
+                    // Reaped when it exits, for as long as this process lives; after that by
+                    // init.
+                    std::thread::spawn(move || child.wait());
+                }
                 return Ok(s);
             }
             // Not a spawner at all (another program at the agent's path): no use waiting.
