@@ -90,6 +90,10 @@ def main() -> None:
         print(f"{s:<28}{row}")
     print(f"{'wall (outside)':<28}" + "".join(f"{statistics.median(walls[n]):>16.2f}"
                                              for n in names))
+    first = names[0]
+    for n in names[1:]:
+        ratios = [b / a for a, b in zip(walls[first], walls[n])]
+        print(f"{n} / {first}, median of per-round wall ratios: {statistics.median(ratios):.3f}")
     try:
         print("load average", open("/proc/loadavg").read().split()[:3])
     except OSError:
