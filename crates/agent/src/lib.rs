@@ -116,20 +116,35 @@ fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
 /// Gives the host the seccomp listener and, with a tmpfs disk, the stage directory. The host
 /// takes them with `pidfd_getfd`, so that no descriptor is sent from this sandbox's uid (see
 /// [`MARK_PULL`]); only where that is refused do they come over the channel.
-fn hand_over(
+///
+/// In two halves, so that the initial process can start in between, while the host takes them
+/// (this, then [`complete_hand_over`]): a round trip to the host less before it starts. This
+/// half tells the host what there is to take, and returns whether an answer is due.
+fn offer(
     control: &mut UnixStream,
     listener: Option<&OwnedFd>,
     stage: Option<&OwnedFd>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     if listener.is_none() && stage.is_none() {
-        return ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
-            .map_err(drop);
+        ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
+            .map_err(drop)?;
+        return Ok(false);
     }
     let mut msg = vec![MARK_PULL];
     for fd in [listener, stage] {
         msg.extend_from_slice(&fd.map_or(-1, AsRawFd::as_raw_fd).to_le_bytes());
     }
     control.write_all(&msg).map_err(drop)?;
+    Ok(true)
+}
+
+/// The second half of [`offer`]: waits for the host to have taken the descriptors, or
+/// sends them where it could not take them.
+fn complete_hand_over(
+    control: &mut UnixStream,
+    listener: Option<&OwnedFd>,
+    stage: Option<&OwnedFd>,
+) -> Result<(), ()> {
     let mut ack = [0u8; 1];
     std::io::Read::read_exact(control, &mut ack).map_err(drop)?;
     match ack[0] {
@@ -202,7 +217,18 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     spawn::set_sandbox_env(spec.env.clone());
     let listener: Option<OwnedFd> = outcome.listener;
     let stage: Option<OwnedFd> = outcome.stage;
-    hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+    let answer_due = offer(&mut control, listener.as_ref(), stage.as_ref())?;
+    // The initial process starts while the host takes the descriptors (a round trip less
+    // before it runs). It gets neither: both are close-on-exec, and it is exec'd before any
+    // code of its own runs. Nothing else in the sandbox can reach them in the meantime: this
+    // process is not dumpable (its /proc/1/fd is closed to every process in here, the
+    // sandbox's capability-less root included) and `pidfd_getfd` is outside the seccomp
+    // allowlist. A call of the initial process that the filter refers to the host waits
+    // until the host supervises it.
+    let (initial_pid, initial_error) = start_initial(&spec, &mut phases);
+    if answer_due {
+        complete_hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+    }
     // The host supervises the filter; nothing in here may keep the listener. The stage (a
     // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
     // the sandbox's root through /proc/1/fd.
@@ -218,29 +244,56 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         );
     }
 
-    start_and_serve(control, &spec, phases, outcome.landlock_abi, outcome.reconnect)
+    report_and_serve(
+        control,
+        &spec,
+        phases,
+        outcome.landlock_abi,
+        outcome.reconnect,
+        (initial_pid, initial_error),
+    )
 }
 
 /// What every tier's agent does once its sandbox is built: start the initial process if there
 /// is one, report ready, then either see the one-shot process through or serve requests.
 fn start_and_serve(
-    mut control: UnixStream,
+    control: UnixStream,
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
     landlock_abi: Option<u32>,
     reconnect: Option<std::os::unix::net::UnixListener>,
 ) -> Result<ExitCode, ()> {
-    let mut initial_pid = None;
-    let mut initial_error = None;
-    if let Some(init) = &spec.initial {
-        match spawn::spawn_inherit(init) {
+    let initial = start_initial(spec, &mut phases);
+    report_and_serve(control, spec, phases, landlock_abi, reconnect, initial)
+}
+
+/// Starts the initial process, if the setup names one: its pid, or why it could not start.
+fn start_initial(
+    spec: &SetupSpec,
+    phases: &mut Vec<ringfence_proto::Phase>,
+) -> (Option<u32>, Option<ringfence_proto::AgentError>) {
+    match &spec.initial {
+        None => (None, None),
+        Some(init) => match spawn::spawn_inherit(init) {
             Ok(pid) => {
-                initial_pid = Some(pid);
-                ringfence_jail::phase(&mut phases, "spawned");
+                ringfence_jail::phase(phases, "spawned");
+                (Some(pid), None)
             }
-            Err(e) => initial_error = Some(e),
-        }
+            Err(e) => (None, Some(e)),
+        },
     }
+}
+
+/// Reports the sandbox ready (with its initial process's pid, or the error that kept it from
+/// starting), then sees the one-shot process through or serves requests.
+fn report_and_serve(
+    mut control: UnixStream,
+    spec: &SetupSpec,
+    phases: Vec<ringfence_proto::Phase>,
+    landlock_abi: Option<u32>,
+    reconnect: Option<std::os::unix::net::UnixListener>,
+    (initial_pid, initial_error): (Option<u32>, Option<ringfence_proto::AgentError>),
+) -> Result<ExitCode, ()> {
     send(&mut control, &Event::Ready(Ready { phases, landlock_abi, initial_pid }))?;
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
@@ -395,44 +448,66 @@ fn microvm_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideE
 /// Reaps everything until the initial process exits, reports it, and exits, which ends the
 /// pid namespace and so every process left in it.
 fn one_shot(control: &mut UnixStream, pid: u32) -> Result<ExitCode, ()> {
+    // Our fds 0-2 are the command's stdio, which we never use: let go of them, so that the
+    // host's readers see the command's output end when the command (and whatever it left
+    // running) has closed it, not when this process has died. Our death is mostly the
+    // kernel's teardown of the sandbox's namespaces, which the host need not wait for.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
     // The host that ran us is gone (killed, say): so is the reason to run. A sandbox started
     // by a spawner has no parent-death signal to take it down; end-of-file on the channel
-    // stands in for it. Watched without reading, so the host's messages stay in place.
-    let watched = control.try_clone().map_err(drop)?;
-    std::thread::spawn(move || {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
-        // reports whatever was asked for.
-        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+    // stands in for it. Watched without reading, so the host's messages stay in place, in the
+    // same poll that waits for children (SIGCHLD through a signalfd): a watcher thread of its
+    // own cost a thread's start beside the command's, on every run.
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    // Blocked only now, after the command started (it must not inherit the mask; std resets
+    // it anyway): a SIGCHLD before this is not lost, the reaping below runs first.
+    mask.thread_block().map_err(drop)?;
+    let children = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(drop)?;
+    // The host's end closing shuts both directions of a unix stream: POLLHUP, which poll
+    // reports whatever was asked for.
+    let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+    loop {
+        // Everything that has ended, orphans of the command included (we are PID 1).
         loop {
-            let mut fds = [PollFd::new(watched.as_fd(), PollFlags::empty())];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => {
-                    std::process::exit(1)
+            match ringfence_sys::wait4(-1, true) {
+                Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {
+                    let status = match r.outcome() {
+                        Ok(code) => ExitStatus::Code(code),
+                        Err(sig) => ExitStatus::Signal(sig),
+                    };
+                    let usage = Usage {
+                        user_cpu_us: r.user_us,
+                        sys_cpu_us: r.sys_us,
+                        max_rss_kib: r.max_rss_kib,
+                    };
+                    send(control, &Event::Exited { id: 0, pid, status, usage })?;
+                    return Ok(ExitCode::SUCCESS);
                 }
-                Ok(_) | Err(nix::Error::EINTR) => continue,
-                Err(_) => return,
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(_) => return Err(()),
             }
         }
-    });
-    loop {
-        match ringfence_sys::wait4(-1, false) {
-            Ok(Some(r)) if u32::try_from(r.pid).ok() == Some(pid) => {
-                let status = match r.outcome() {
-                    Ok(code) => ExitStatus::Code(code),
-                    Err(sig) => ExitStatus::Signal(sig),
-                };
-                let usage = Usage {
-                    user_cpu_us: r.user_us,
-                    sys_cpu_us: r.sys_us,
-                    max_rss_kib: r.max_rss_kib,
-                };
-                send(control, &Event::Exited { id: 0, pid, status, usage })?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            Ok(_) => continue,
+        let mut fds = [
+            PollFd::new(control.as_fd(), PollFlags::empty()),
+            PollFd::new(children.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[0].revents().is_some_and(|r| r.intersects(gone)) => std::process::exit(1),
+            Ok(_) | Err(nix::Error::EINTR) => {}
             Err(_) => return Err(()),
         }
+        // Drained: one pending SIGCHLD stands for any number of children, all reaped above.
+        while let Ok(Some(_)) = children.read_signal() {}
     }
 }

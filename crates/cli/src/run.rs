@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
 use ringfence_jail::disk::{Disk, DiskBackend, DiskChoice, DiskPool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Ending, Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
 use ringfence_jail::{JailConfig, preflight, seccomp};
@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// runs did before `finish_disks` (benchmarking of what finishing after exit saves only).
     #[arg(long, hide = true)]
     finish_in_place: bool,
+    /// Wait for the sandbox's end (its namespaces' teardown) before answering, as runs did
+    /// before `Sandbox::let_go` (benchmarking of what answering first saves only).
+    #[arg(long, hide = true)]
+    wait_teardown: bool,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments.
@@ -339,7 +343,9 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         Some(if args.no_spawner {
             pool
         } else {
-            pool.with_spawners(cfg.agent_path.clone()).exec_agents(args.exec_agent)
+            pool.with_spawners(cfg.agent_path.clone())
+                .exec_agents(args.exec_agent)
+                .prefer_own_spawners(true)
         })
     };
     let limits = Limits {
@@ -468,7 +474,15 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
     }
     sandbox.kill();
-    let _ = sandbox.wait();
+    // The agent's end, once killed, is mostly the kernel's teardown of the sandbox's
+    // namespaces, which whoever waits for this run need not wait for: the output ends before
+    // it (the agent let go of the command's stdio once it had started it), and the slot is
+    // let go of without waiting (`Sandbox::let_go`); the disk is removed after it, by the
+    // process `finish_disks` forks.
+    let answer_first = !(args.wait_teardown || args.finish_in_place);
+    if !answer_first {
+        let _ = sandbox.wait();
+    }
     for r in relays {
         let _ = r.join();
     }
@@ -482,8 +496,20 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let disk_backend = sandbox.disk_backend();
     let disk_made_ahead = sandbox.disk_made_ahead();
     // The slot is let go of now (the next run may want it); the disk goes after we exit.
-    let disk = sandbox.take_disk();
-    drop(sandbox);
+    let ending = if answer_first {
+        match sandbox.let_go() {
+            Ok(ending) => Finish::Ending(ending),
+            // Our own child (no spawner): reaped here, as before.
+            Err(mut sandbox) => {
+                let _ = sandbox.wait();
+                Finish::Disk(sandbox.take_disk())
+            }
+        }
+    } else {
+        let disk = sandbox.take_disk();
+        drop(sandbox);
+        Finish::Disk(disk)
+    };
 
     let over_out = stdout_over.load(Ordering::SeqCst);
     let over_err = stderr_over.load(Ordering::SeqCst);
@@ -554,10 +580,10 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         // The way before: the next disk was made beside the sandbox and waited for, the run's
         // own removed in this process.
         Some(t) => {
-            drop(disk);
+            drop(ending);
             let _ = t.join();
         }
-        None => finish_disks(disk, spare),
+        None => finish_disks(ending, spare),
     }
     Ok(code)
 }
@@ -568,8 +594,13 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
 /// grace period on a host as it comes) took longer than a short command's whole run. The
 /// process is forked from this one once it has a single thread left; where it has more (a
 /// terminal's stdin relay), or the fork fails, the work is done here, as before.
-fn finish_disks(disk: Option<Disk>, spare: Option<(DiskPool, u64)>) {
-    if disk.is_none() && spare.is_none() {
+fn finish_disks(ending: Finish, spare: Option<(DiskPool, u64)>) {
+    // Without a disk there is nothing to wait for: the sandbox ends on its own.
+    let ending = match ending {
+        Finish::Ending(e) if !e.has_disk() => Finish::Disk(None),
+        other => other,
+    };
+    if matches!(ending, Finish::Disk(None)) && spare.is_none() {
         return;
     }
     // Whatever is buffered is ours to write, not the child's (its streams are /dev/null).
@@ -579,18 +610,38 @@ fn finish_disks(disk: Option<Disk>, spare: Option<(DiskPool, u64)>) {
         Ok(Forked::Parent(_)) => {
             // Not dropped here: that would remove the disk (and unlock its image, a lock the
             // child shares). Our descriptors close when we exit; the child's keep it.
-            std::mem::forget(disk);
+            std::mem::forget(ending);
         }
         Ok(Forked::Child) => {
-            // The next run's disk first: the next run may be starting now.
+            // The next run's disk first: the next run may be starting now. This run's once
+            // its sandbox has ended (it is mounted there until then).
             make_spare(spare);
-            drop(disk);
+            drop(ending.disk());
             std::process::exit(0);
         }
         Err(e) => {
             tracing::debug!(error = %e, "removing the disk in this process");
-            drop(disk);
+            drop(ending.disk());
             make_spare(spare);
+        }
+    }
+}
+
+/// What is left of a run's sandbox once its command's outcome is known.
+#[derive(Debug)]
+enum Finish {
+    /// Let go of before its end (`Sandbox::let_go`).
+    Ending(Ending),
+    /// Ended; its disk, if it had one.
+    Disk(Option<Disk>),
+}
+
+impl Finish {
+    /// The disk, once the sandbox has ended (waiting for that if need be).
+    fn disk(self) -> Option<Disk> {
+        match self {
+            Finish::Ending(e) => e.wait(),
+            Finish::Disk(d) => d,
         }
     }
 }

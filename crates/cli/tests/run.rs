@@ -943,6 +943,37 @@ fn sandboxes_are_born_in_their_slot_by_a_spawner_no_sandbox_process_can_pass_for
     assert!(std::path::Path::new(&format!("/proc/{spawner}")).exists(), "the spawner went");
 }
 
+/// A run answers once its command has exited and the output is in, without waiting for the
+/// sandbox's teardown (`Sandbox::let_go`; what that saves is measured in
+/// docs/PERFORMANCE.md, not here), yet leaves nothing running: a background process
+/// the command left dies with the sandbox within moments, whether or not it held the run's
+/// output (output it would write later is not the run's), a denied call made before the exit
+/// is still counted, and runs straight after it, on the slot let go of early, all start
+/// (a try of this before failed 2 of 40 back-to-back runs with "the agent exited during
+/// setup").
+#[test]
+fn a_run_answering_before_its_teardown_leaves_nothing_running() {
+    root_only!();
+    let t = Instant::now();
+    let o = sh(&[], "sleep 7433.25 </dev/null >/dev/null 2>&1 & sleep 7433.5 & echo started");
+    assert_eq!((o.code, o.stdout.as_str()), (0, "started\n"), "{o:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "the run waited for its background processes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_pids_running("sleep 7433.25").is_empty()
+        || !host_pids_running("sleep 7433.5").is_empty()
+    {
+        assert!(Instant::now() < deadline, "a background process outlived its sandbox");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run(&[], &["/usr/bin/python3", "-c", &format!("{PY_SYSCALL}\nprint(sc(272, 0))")]);
+    assert_eq!(o.stdout.trim(), "(-1, 1)", "{o:?}");
+    assert!(o.stderr.contains("blocked 1 system call(s): unshare (1)"), "{o:?}");
+    for i in 0..40 {
+        let o = sh(&[], "echo ok");
+        assert_eq!((o.code, o.stdout.as_str()), (0, "ok\n"), "run {i}: {o:?}");
+    }
+}
+
 /// A slot's spawner forks each sandbox's agent rather than exec'ing it (`spawner::serve`).
 /// What a fork would carry over is out of the sandbox's reach: the agent's command line is the
 /// exec'd agent's (not the spawner's, with its host paths), and the sandbox's root, the uid the
@@ -1018,6 +1049,15 @@ fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
         }
     }
     assert_eq!(sockets, 1, "the spawner holds more than its own socket");
+    // Its mount namespace, which every sandbox's starts as a copy of, is its own and holds
+    // only what sandbox setup reaches: no cgroup hierarchy, no other sandbox's disk.
+    let mounts = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(ns(&spawner.to_string()), ns("self"), "the spawner shares the host's mounts");
+    let theirs = mounts(&spawner.to_string());
+    assert!(!theirs.contains(" /sys"), "the spawner keeps /sys mounts: {theirs}");
+    assert!(!theirs.contains("/disks/"), "the spawner keeps disk mounts: {theirs}");
+    assert!(theirs.lines().count() < mounts("self").lines().count(), "{theirs}");
     // Its death takes no sandbox with it (an agent ends with its host's control channel).
     ringfence_sys::kill(spawner, libc::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(100));

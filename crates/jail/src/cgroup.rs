@@ -113,6 +113,9 @@ pub struct Pool {
     /// Spawners exec a fresh agent per sandbox instead of forking one (benchmarking of what
     /// forking saves only).
     exec_agents: bool,
+    /// Claims try the slots where a spawner of this build is parked before the others (see
+    /// [`Pool::prefer_own_spawners`]).
+    prefer_own: bool,
     /// Where this process's next claim looks first (shared by clones and by its leases).
     hint: Arc<Mutex<SlotHint>>,
 }
@@ -143,6 +146,7 @@ impl Pool {
             lock_dir,
             spawner_exe: None,
             exec_agents: false,
+            prefer_own: false,
             hint: Arc::default(),
         }
     }
@@ -151,6 +155,18 @@ impl Pool {
     /// in their cgroups instead of being moved there (see [`crate::spawner`]).
     pub fn with_spawners(mut self, exe: PathBuf) -> Self {
         self.spawner_exe = Some(exe);
+        self
+    }
+
+    /// Has claims try the slots where a spawner of this agent build is parked first, before
+    /// the lowest free one: for one-shot runs, each a process of its own, which share the
+    /// host's slots with other builds' runs (an upgrade, a test beside a benchmark) that would
+    /// otherwise replace each other's spawners on every run, each replacement a cgroup move
+    /// (~13 ms on a host as it comes). Not for a server: it holds most of its slots itself, and
+    /// trying their locks first is what its claim hints avoid. Such a pool also leaves the
+    /// spawners it starts to be reaped after its process has exited (no reaper thread).
+    pub fn prefer_own_spawners(mut self, prefer: bool) -> Self {
+        self.prefer_own = prefer;
         self
     }
 
@@ -166,6 +182,27 @@ impl Pool {
         let exe = self.spawner_exe.as_ref()?;
         let tag = crate::spawner::binary_tag(exe).ok()?;
         Some((self.lock_dir.join(format!("{}-{slot}.{tag}.spawner", self.prefix)), exe))
+    }
+
+    /// Slots with a spawner of this pool's agent build parked (its socket in the lock
+    /// directory), lowest first; none without spawners.
+    fn own_spawner_slots(&self) -> Vec<u32> {
+        let Some(tag) =
+            self.spawner_exe.as_ref().and_then(|exe| crate::spawner::binary_tag(exe).ok())
+        else {
+            return Vec::new();
+        };
+        let (head, tail) = (format!("{}-", self.prefix), format!(".{tag}.spawner"));
+        let Ok(entries) = fs::read_dir(&self.lock_dir) else { return Vec::new() };
+        let mut slots: Vec<u32> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(&head)?.strip_suffix(&tail)?.parse().ok()
+            })
+            .collect();
+        slots.sort_unstable();
+        slots
     }
 
     /// The spawner of `slot`: the one already parked there, or a new one. Spawners of other
@@ -187,7 +224,8 @@ impl Pool {
         }
         let park =
             |pid| lease.add(pid).map_err(|e| crate::spawner::SpawnerError::Refused(e.to_string()));
-        match Spawner::start(&socket, exe, park) {
+        // A one-shot run's process stays single-threaded (see `Spawner::start`).
+        match Spawner::start(&socket, exe, park, !self.prefer_own) {
             Ok(s) => Some(s.exec_agents(self.exec_agents)),
             Err(e) => {
                 // Not a failure of the sandbox: it is moved into the slot instead (slower).
@@ -263,7 +301,15 @@ impl Pool {
             Ok(mut h) => (std::mem::take(&mut h.released), h.next),
             Err(_) => (Default::default(), 0),
         };
-        let mut candidates = released.iter().copied().chain(next..MAX_SLOTS).chain(0..next);
+        // Then, where asked, the slots where a spawner of this build is parked (see
+        // `prefer_own_spawners`).
+        let own = if self.prefer_own { self.own_spawner_slots() } else { Vec::new() };
+        let mut candidates = released
+            .iter()
+            .copied()
+            .chain(own.iter().copied().filter(|s| !released.contains(s)))
+            .chain(next..MAX_SLOTS)
+            .chain(0..next);
         let mut tried_released = 0;
         let found = loop {
             let Some(slot) = candidates.next() else { break None };
@@ -365,7 +411,8 @@ pub struct Lease {
     /// One directory per hierarchy; the first is the memory controller's.
     dirs: Vec<PathBuf>,
     layout: Layout,
-    /// The slot's lock; `None` only while the lease is being dropped.
+    /// The slot's lock; `None` once let go of (while the lease is being dropped, or after
+    /// [`Lease::release_unwaited`]).
     lock: Option<Flock<File>>,
     /// Told of the slot when this lease lets go of it (see [`SlotHint`]).
     hint: Option<Arc<Mutex<SlotHint>>>,
@@ -746,11 +793,26 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Err(e) = self.kill_all() {
-            tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
+impl Lease {
+    /// Lets the slot go now, its processes sent SIGKILL but not waited for: for a sandbox
+    /// whose agent has been killed and is watched elsewhere (through its pidfd), and whose
+    /// end is mostly the kernel's teardown of its namespaces. A process that has begun to
+    /// exit is no longer listed in the slot, and the slot's next claimant kills and waits for
+    /// anything still listed ([`Pool::claim`]), so nothing of this sandbox runs beside the
+    /// next one there.
+    pub fn release_unwaited(mut self) {
+        let frozen = self.is_frozen();
+        for pid in self.procs() {
+            let _ = ringfence_sys::kill(pid, libc::SIGKILL);
         }
+        if frozen {
+            let _ = self.thaw();
+        }
+        self.unlock();
+    }
+
+    /// Unlocks the slot and offers it to this process's next claim; `Drop` then does nothing.
+    fn unlock(&mut self) {
         // Unlocked before it is offered, so a claim that takes the hint finds the lock free.
         drop(self.lock.take());
         if let Some(h) = &self.hint
@@ -761,9 +823,50 @@ impl Drop for Lease {
     }
 }
 
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.lock.is_none() {
+            // Released already (`release_unwaited`).
+            return;
+        }
+        if let Err(e) = self.kill_all() {
+            tracing::warn!(slot = self.slot, error = %e, "could not empty cgroup slot");
+        }
+        self.unlock();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_shot_claims_look_first_where_this_builds_spawner_is_parked() {
+        let locks = tempfile::tempdir().unwrap();
+        let exe = locks.path().join("agent");
+        std::fs::write(&exe, b"one build").unwrap();
+        let other = locks.path().join("other-agent");
+        std::fs::write(&other, b"another build").unwrap();
+        let tag = crate::spawner::binary_tag(&exe).unwrap();
+        let their = crate::spawner::binary_tag(&other).unwrap();
+        assert_ne!(tag, their);
+        for name in [
+            format!("run-7.{tag}.spawner"),
+            format!("run-3.{tag}.spawner"),
+            format!("run-1.{their}.spawner"),
+            format!("other-2.{tag}.spawner"),
+            "run-3.lock".to_string(),
+            format!("run-x.{tag}.spawner"),
+        ] {
+            std::fs::write(locks.path().join(name), b"").unwrap();
+        }
+        let layout = Layout::V2 { root: locks.path().join("cgroup") };
+        let pool =
+            Pool::new(layout, "ringfence", "run", locks.path().to_path_buf()).with_spawners(exe);
+        assert_eq!(pool.own_spawner_slots(), [3, 7], "this build's, of this prefix, in order");
+        let without = Pool::new(Layout::V2 { root: locks.path().into() }, "r", "run", "/x".into());
+        assert!(without.own_spawner_slots().is_empty(), "no spawners, no preference");
+    }
 
     #[test]
     fn a_claim_takes_a_released_slot_first_then_goes_on_from_the_highest() {

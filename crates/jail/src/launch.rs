@@ -252,6 +252,18 @@ impl Sandbox {
                     owner: Some(owner.uid()),
                     keep_target: Some(ringfence_proto::OWNER_LOCK_FD),
                     exec: spawner.execs(),
+                    // What the agent reaches by host path (see `inside::setup`).
+                    paths: spec
+                        .template
+                        .meta
+                        .host_layers
+                        .iter()
+                        .cloned()
+                        .chain([cfg.run_dir.join("stage").to_string_lossy().into_owned()])
+                        .chain(spec.reconnectable.then(|| {
+                            agent_socket_dir(cfg, &spec.id).to_string_lossy().into_owned()
+                        }))
+                        .collect(),
                 };
                 let [i, o, e] = spec.stdio;
                 match spawner.spawn(&req, &[child_end.as_raw_fd(), i, o, e, owner.fd()]) {
@@ -757,6 +769,33 @@ impl Sandbox {
         }
     }
 
+    /// Kills the sandbox and lets its cgroup slot go without waiting for the agent to end
+    /// (see [`Lease::release_unwaited`]): its end, once killed, is mostly the kernel's
+    /// teardown of its namespaces (the mount namespace's unmounts), which a caller that only
+    /// wants the command's outcome need not wait for. What is left to wait for, the agent's
+    /// pidfd and the disk it still has mounted, comes back in the [`Ending`].
+    ///
+    /// Only for an agent a slot's spawner started, which is watched through its pidfd from
+    /// any process; an agent that is this process's own child can be reaped only here, and
+    /// comes back as `Err` (as does an adopted one).
+    pub fn let_go(mut self) -> Result<Ending, Box<Sandbox>> {
+        if self.reaped || self.adopted || self.pidfd.is_none() {
+            return Err(Box::new(self));
+        }
+        self.kill();
+        let pidfd = self.pidfd.take();
+        let disk = self.disk.take();
+        if let Some(lease) = self.lease.take() {
+            lease.release_unwaited();
+        }
+        // Nothing left here to wait for: the `Ending` carries it.
+        self.reaped = true;
+        match pidfd {
+            Some(pidfd) => Ok(Ending { pidfd, disk }),
+            None => Err(Box::new(self)),
+        }
+    }
+
     /// Waits for the agent to exit and reaps it.
     pub fn wait(&mut self) -> Result<Option<ringfence_sys::Reaped>, JailError> {
         if self.reaped || self.adopted {
@@ -847,6 +886,36 @@ impl Drop for Sandbox {
         }
         // The lease drops after this, killing anything that escaped the pid namespace's
         // teardown (nothing should) and freeing the slot.
+    }
+}
+
+/// A killed sandbox whose slot is free already ([`Sandbox::let_go`]): its agent, until it
+/// has ended, and its disk, which stays mounted inside until then.
+#[derive(Debug)]
+pub struct Ending {
+    pidfd: OwnedFd,
+    disk: Option<Disk>,
+}
+
+impl Ending {
+    /// Whether the sandbox had a disk of its own (else nothing of it needs removing).
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Blocks until the agent has exited (its namespaces torn down, every process of the
+    /// sandbox gone), then hands over the disk, free to be removed.
+    pub fn wait(self) -> Option<Disk> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&self.pidfd), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(n) if n > 0 => break,
+                Err(nix::Error::EINTR) | Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        self.disk
     }
 }
 

@@ -5,11 +5,12 @@
 //! audit records), not only in the tally at the end.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use ringfence_sys::NotifWait;
 use serde::Serialize;
 
@@ -50,6 +51,11 @@ struct Tally {
 pub struct Supervisor {
     tally: Arc<Mutex<Tally>>,
     stop: Arc<AtomicBool>,
+    /// Written to stop the thread at once: its poll waits on this beside the listener. The
+    /// listener alone reports its end only once every process under the filter has been
+    /// reaped, which for a sandbox a spawner started is whenever the spawner next reaps (up to
+    /// its poll interval), so stopping waited for the thread's poll timeout instead (50 ms).
+    wake: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -68,10 +74,12 @@ impl Supervisor {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (t, s) = (tally.clone(), stop.clone());
+        let (woken, wake) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
         let thread = std::thread::Builder::new()
             .name("seccomp-supervisor".into())
-            .spawn(move || run(listener, &sandbox_id, &t, &s, sink.as_ref()))?;
-        Ok(Supervisor { tally, stop, thread: Some(thread) })
+            .spawn(move || run(listener, &woken, &sandbox_id, &t, &s, sink.as_ref()))?;
+        Ok(Supervisor { tally, stop, wake: Some(wake), thread: Some(thread) })
     }
 
     /// Denied calls so far, ordered by syscall number.
@@ -87,6 +95,8 @@ impl Supervisor {
 
     fn stop_thread(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Closing the write end makes the read end readable (end of file) in the thread's poll.
+        drop(self.wake.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -101,15 +111,28 @@ impl Drop for Supervisor {
 
 fn run(
     listener: OwnedFd,
+    woken: &OwnedFd,
     sandbox_id: &str,
     tally: &Mutex<Tally>,
     stop: &AtomicBool,
     sink: Option<&DenialSink>,
 ) {
     loop {
-        // A short poll so a stop request is noticed even while the sandbox stays quiet; while
-        // the sandbox lives, notifications are answered as soon as they arrive.
-        match ringfence_sys::seccomp_notif_recv(&listener, 50) {
+        // Notifications are answered as soon as they arrive; a stop request wakes the poll.
+        // Before stopping, whatever is already queued is still answered and counted.
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return,
+        }
+        let queued = fds[0].revents().is_some_and(|r| !r.is_empty());
+        if !queued && stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match ringfence_sys::seccomp_notif_recv(&listener, 0) {
             Ok(NotifWait::Notification(n)) => {
                 let name = crate::seccomp::syscall_name(n.nr);
                 tracing::debug!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");

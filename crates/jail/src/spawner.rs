@@ -64,6 +64,12 @@ pub struct SpawnRequest {
     /// (benchmarking of what forking saves only; see [`serve`]).
     #[serde(default)]
     pub exec: bool,
+    /// Host paths the new agent uses by name before it leaves the host's mount tree: its
+    /// stage directory, its reconnect socket's directory, its template's host layers. A
+    /// spawner whose own mount namespace lacks one refuses (see [`serve`]); the host then
+    /// starts the sandbox itself.
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 /// The spawner answers with this (and, on success, a pidfd).
@@ -146,11 +152,15 @@ impl Spawner {
     }
 
     /// Starts `exe --spawner --socket SOCKET` and hands its pid to `park`, which moves it into
-    /// the slot, before waiting for it to listen. The caller holds the slot.
+    /// the slot, before waiting for it to listen. The caller holds the slot. With `reap`, a
+    /// thread of this process reaps the spawner when it exits; without (a one-shot run, which
+    /// exits long before its spawner and must stay single-threaded to fork as it exits), it is
+    /// left to be reaped by whoever inherits it once this process is gone.
     pub fn start(
         socket: &Path,
         exe: &Path,
         park: impl FnOnce(i32) -> Result<(), SpawnerError>,
+        reap: bool,
     ) -> Result<Spawner, SpawnerError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = std::process::Command::new(exe);
@@ -176,8 +186,11 @@ impl Spawner {
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
             if let Some(s) = Spawner::existing(socket) {
-                // Reaped when it exits, for as long as this process lives; after that by init.
-                std::thread::spawn(move || child.wait());
+                if reap {
+                    // Reaped when it exits, for as long as this process lives; after that by
+                    // init.
+                    std::thread::spawn(move || child.wait());
+                }
                 return Ok(s);
             }
             // Not a spawner at all (another program at the agent's path): no use waiting.
@@ -238,6 +251,9 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
         let path = socket.to_path_buf();
         move |source| SpawnerError::Io { op, path, source }
     };
+    // Before anything else: each sandbox's mount namespace starts as a copy of this one.
+    let kept = keep_list(socket);
+    let kept = if prune_mounts(&kept) { Some(kept) } else { None };
     // The OOM killer of the slot's memory cgroup picks among the sandbox's processes only.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let exe = std::fs::read_link("/proc/self/exe").map_err(io("readlink /proc/self/exe"))?;
@@ -254,7 +270,7 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
-                let _ = answer(conn, &exe, init);
+                let _ = answer(conn, &exe, init, kept.as_deref());
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -277,7 +293,91 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     }
 }
 
-fn answer(conn: UnixStream, exe: &std::ffi::CStr, init: Init) -> Result<(), SpawnerError> {
+/// Host paths a sandbox's setup reaches by name, by prefix: `/proc` (a fresh proc mount in a
+/// user namespace needs a fully visible one beside it), `/dev` (its device nodes are bound
+/// in), the host's `/usr` and its merged directories (the host template's layers), the run
+/// directory (the socket's directory's parent: stages and reconnect sockets) and the agent's
+/// own directory (`--exec-agent` execs it).
+fn keep_list(socket: &Path) -> Vec<PathBuf> {
+    let mut keep: Vec<PathBuf> =
+        ["/proc", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+    keep.extend(socket.parent().and_then(Path::parent).map(Path::to_path_buf));
+    if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
+        keep.extend(exe.parent().map(Path::to_path_buf));
+    }
+    keep
+}
+
+/// Whether `path` is `prefix` or beneath it, by whole components.
+fn beneath(path: &Path, prefix: &Path) -> bool {
+    path.starts_with(prefix)
+}
+
+/// Gives this spawner a mount namespace of its own holding only the host's mounts that
+/// sandbox setup reaches (`keep`, what is beneath it, and the mounts it sits on), all
+/// private. A sandbox's `CLONE_NEWNS` copies its parent's whole mount table, and the agent
+/// detaches all of it again after `pivot_root`: with the host's table (58 mounts on the dev
+/// VM: other sandboxes' disks, cgroup hierarchies, test directories) both cost on every start.
+/// Returns false where the namespace could not be made; sandboxes then copy the host's table,
+/// as before.
+fn prune_mounts(keep: &[PathBuf]) -> bool {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_err() {
+        return false;
+    }
+    // Private first, so that nothing done here reaches the host.
+    if mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return true };
+    let mut points: Vec<PathBuf> =
+        info.lines().filter_map(|l| l.split(' ').nth(4)).map(unescape_mount_point).collect();
+    // Deepest first; a mount point listed twice (stacked mounts) is detached twice.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let needed = keep.iter().any(|k| beneath(&p, k) || beneath(k, &p));
+        if !needed {
+            // Fails for a mount already gone with its parent's detach: nothing to do.
+            let _ = umount2(&p, MntFlags::MNT_DETACH);
+        }
+    }
+    true
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it, with space, tab, newline and backslash
+/// escaped in octal.
+fn unescape_mount_point(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+fn answer(
+    conn: UnixStream,
+    exe: &std::ffi::CStr,
+    init: Init,
+    kept: Option<&[PathBuf]>,
+) -> Result<(), SpawnerError> {
     let refuse = |m: &str| SpawnerError::Refused(m.to_string());
     conn.set_nonblocking(false).map_err(|_| refuse("blocking"))?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| refuse("timeout"))?;
@@ -289,7 +389,7 @@ fn answer(conn: UnixStream, exe: &std::ffi::CStr, init: Init) -> Result<(), Spaw
     let mut buf = vec![0u8; 4096];
     let (n, fds) =
         ringfence_sys::recv_with_fds(conn.as_raw_fd(), &mut buf).map_err(|_| refuse("recv"))?;
-    let reply = match started(&buf[..n], &fds, exe, init) {
+    let reply = match started(&buf[..n], &fds, exe, init, kept) {
         Ok((pid, pidfd)) => {
             let text =
                 serde_json::to_vec(&SpawnReply::Started { pid }).map_err(|_| refuse("encode"))?;
@@ -308,9 +408,16 @@ fn started(
     fds: &[OwnedFd],
     exe: &std::ffi::CStr,
     init: Init,
+    kept: Option<&[PathBuf]>,
 ) -> Result<(i32, OwnedFd), String> {
     let line = line.strip_suffix(b"\n").ok_or("unterminated request")?;
     let req: SpawnRequest = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    if let Some(kept) = kept
+        && let Some(p) =
+            req.paths.iter().find(|p| !kept.iter().any(|k| beneath(Path::new(p.as_str()), k)))
+    {
+        return Err(format!("{p} is not in this spawner's mount namespace"));
+    }
     let want = 4 + usize::from(req.keep_target.is_some());
     if fds.len() != want {
         return Err(format!("expected {want} descriptors, got {}", fds.len()));
@@ -353,4 +460,53 @@ fn started(
     };
     let pidfd = ringfence_sys::pidfd_open(pid).map_err(|e| e.to_string())?;
     Ok((pid, pidfd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_unescaped_as_mountinfo_escapes_them() {
+        assert_eq!(unescape_mount_point("/a\\040b\\011c\\134d"), Path::new("/a b\tc\\d"));
+        assert_eq!(unescape_mount_point("/plain/path"), Path::new("/plain/path"));
+        // Not an escape: left as it is.
+        assert_eq!(unescape_mount_point("/x\\9y\\04"), Path::new("/x\\9y\\04"));
+    }
+
+    #[test]
+    fn the_kept_mounts_are_the_run_directory_the_hosts_usr_proc_and_dev() {
+        let keep = keep_list(Path::new("/run/rf/cgroups/run-0.abc.spawner"));
+        for p in ["/proc", "/dev", "/usr", "/run/rf"] {
+            assert!(keep.contains(&PathBuf::from(p)), "{p} in {keep:?}");
+        }
+        // Whole components: /usrx is not beneath /usr, nor /run/rfx beneath /run/rf.
+        assert!(beneath(Path::new("/usr/lib/python3"), Path::new("/usr")));
+        assert!(!beneath(Path::new("/usrx"), Path::new("/usr")));
+        assert!(!beneath(Path::new("/run/rfx/stage"), Path::new("/run/rf")));
+        assert!(!keep.iter().any(|k| beneath(Path::new("/sys/fs/cgroup/memory"), k)));
+    }
+
+    #[test]
+    fn a_request_naming_a_path_outside_the_spawners_mounts_is_refused() {
+        let kept = [PathBuf::from("/usr"), PathBuf::from("/run/rf")];
+        let req = |paths: &[&str]| {
+            let r = SpawnRequest {
+                flags: 0,
+                owner: None,
+                keep_target: None,
+                exec: false,
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            };
+            let mut line = serde_json::to_vec(&r).unwrap();
+            line.push(b'\n');
+            line
+        };
+        let never: Init = || unreachable!("no sandbox is started here");
+        let refused = started(&req(&["/usr", "/srv/layer"]), &[], c"x", never, Some(&kept));
+        assert_eq!(refused.unwrap_err(), "/srv/layer is not in this spawner's mount namespace");
+        // Paths it has pass that check (and fail the next: no descriptors were sent).
+        let next = started(&req(&["/usr", "/run/rf/stage"]), &[], c"x", never, Some(&kept));
+        assert!(next.unwrap_err().starts_with("expected 4 descriptors"));
+    }
 }
