@@ -439,6 +439,71 @@ fn gvisor_egress_through_the_same_policy() {
     assert_eq!(r.status, 204);
 }
 
+/// Inbound requests to a gvisor sandbox's port: the port proxy dials through the same stack
+/// and the relayed device to the sandbox's address, so a service listening on all addresses
+/// (python's http.server by default) answers at `<port>-<id>.<domain>` and by header, behind
+/// the same token; a closed port, and a service bound to gVisor's loopback only (its stack
+/// takes no loopback destination from a device), give the jail's "port is not open" answer.
+#[test]
+fn gvisor_inbound_ports() {
+    let name = "gvisor_inbound_ports";
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start(name, &net_args(&net)) else { return };
+    let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
+    if r.status == 400 && r.text().contains("not available") {
+        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+        return;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let sb = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: v["domain"].as_str().map(str::to_string),
+    };
+    let (out, _) = srv.run(
+        &sb,
+        "cd /tmp && echo preview-gvisor > index.html && \
+         (setsid python3 -m http.server 8000 >/dev/null 2>&1 < /dev/null &) ; \
+         (setsid python3 -m http.server 8001 --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null &) ; \
+         for p in 8000 8001; do for i in $(seq 100); do \
+           (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done; done; echo up",
+    );
+    assert!(out.contains("up"), "{out}");
+    let get = |headers: &[(&str, &str)]| http(srv.port, "GET", "/index.html", headers, b"");
+    let r = get(&[
+        ("E2b-Sandbox-Id", &sb.id),
+        ("E2b-Sandbox-Port", "8000"),
+        ("X-Access-Token", &sb.token),
+    ]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview-gvisor"), "{}", srv.log());
+    let host = format!("8000-{}.{}", sb.id, sb.domain.clone().unwrap());
+    let r = get(&[("Host", &host), ("E2B-Traffic-Access-Token", &sb.token)]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview-gvisor"));
+    let r = get(&[("Host", &host)]);
+    assert_eq!(r.status, 401, "the token is still asked for");
+    // Closed, and loopback-only: the jail's answer for a closed port.
+    let jail = srv.create(json!({"templateID": "base"}));
+    let closed = |sb: &Sandbox, port: &str| {
+        get(&[("Host", &format!("{port}-{}.x", sb.id)), ("X-Access-Token", &sb.token)])
+    };
+    let on_jail = closed(&jail, "8002");
+    assert_eq!(on_jail.status, 502);
+    for port in ["8002", "8001"] {
+        let r = closed(&sb, port);
+        assert_eq!(r.status, on_jail.status, "{port}: {}", r.text());
+        assert!(r.text().contains("port is not open"), "{port}: {}", r.text());
+        let (g, j) = (r.json(), on_jail.json());
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&g), keys(&j), "{g} / {j}");
+        assert_eq!(g["code"], j["code"], "{g} / {j}");
+    }
+    for id in [&sb.id, &jail.id] {
+        let r = srv.api("DELETE", &format!("/sandboxes/{id}"), Value::Null);
+        assert_eq!(r.status, 204);
+    }
+}
+
 /// The microvm tier's NIC: the guest's own kernel sends Ethernet frames that QEMU hands to the
 /// same stack, policy, resolver and audit as the jail's TUN; inbound requests reach a service
 /// bound to the guest's loopback; and the guest cannot reach the host (QEMU's own network

@@ -4,8 +4,12 @@
 //! the runsc probe (once, on the first start: it boots a throwaway sandbox, which a server that
 //! never runs a gvisor sandbox should not pay for), and the mapping of its figures.
 //!
-//! What it does not do yet, and says so in its capabilities: network (runsc here cannot join a
-//! namespace we make, so sandboxes get `--network=none`), re-attach after a server restart
+//! Network: runsc here cannot join a namespace we make (`--network=none`); the agent makes a TUN
+//! inside gVisor and relays its packets to our stack ([`NetAttach::Relay`]), which also dials
+//! inbound requests in through it, to the sandbox's address (gVisor's stack drops loopback
+//! destinations arriving on a device, so a service bound to `127.0.0.1` only is not reached).
+//!
+//! What it does not do yet, and says so in its capabilities: re-attach after a server restart
 //! (the agent ends with its channel), seccomp denial reports (gVisor has no user notification),
 //! kernel injection for the code interpreter.
 
