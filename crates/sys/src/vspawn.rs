@@ -5,9 +5,10 @@
 //! Why not `std::process::Command`: with a `pre_exec` hook (which the hardening needs) std
 //! forks, and a fork copies the whole address space. Under gVisor every new address space is
 //! a new host stub process of the sentry's, and the fork's copy is thrown away at the exec
-//! that follows: the agent's first fork + exec of `/bin/echo` in a fresh gVisor sandbox took
-//! 17–45 ms against 7–40 ms (median 12 against 32) for this clone + exec, measured in
-//! `docs/PERFORMANCE.md`. std uses `posix_spawn` (the same clone) only without hooks.
+//! that follows: the first start of `/bin/echo` in a fresh gVisor sandbox took a median
+//! 20.8 ms by fork + exec against 12.3 ms by this clone + exec (and 18.0 ms by glibc's
+//! `posix_spawn`), `bench/gvisor_spawn.py` in `docs/PERFORMANCE.md`. std uses `posix_spawn`
+//! only without hooks.
 //!
 //! The child shares the caller's memory until it execs or exits, and the caller is suspended
 //! meanwhile (`CLONE_VFORK`). So the child makes raw syscalls only, on values the caller
