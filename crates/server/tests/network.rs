@@ -546,15 +546,16 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
     let pid = out.trim().to_string();
     assert!(pid.parse::<u32>().is_ok(), "{out}");
     let runsc_root = run_dir.path().join("gvisor/runsc");
-    let sentry = || {
+    let runsc_state = |id: &str| {
         let out = Command::new("/usr/local/lib/ringfence/runsc")
             .arg(format!("--root={}", runsc_root.display()))
-            .args(["state", &sb.id])
+            .args(["state", id])
             .output()
             .unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (v["pid"].as_u64(), v["status"].as_str().map(str::to_string))
     };
+    let sentry = || runsc_state(&sb.id);
     let before = sentry();
     assert_eq!(before.1.as_deref(), Some("running"), "{before:?}");
     let page = |srv: &Server| {
@@ -571,6 +572,20 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
         )
     };
     assert_eq!(page(&srv).text().trim(), "page");
+    // A second one, paused in memory when the server dies: it comes back paused.
+    let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let paused = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: None,
+    };
+    assert_eq!(srv.run(&paused, "echo before > /tmp/p; echo ok").0, "ok\n");
+    let r = srv.api("POST", &format!("/sandboxes/{}/pause", paused.id), json!({}));
+    assert_eq!(r.status, 204, "pause: {}", r.text());
+    let paused_before = runsc_state(&paused.id);
+    assert_eq!(paused_before.1.as_deref(), Some("paused"), "paused in memory: {paused_before:?}");
 
     srv.kill9();
     assert_eq!(sentry(), before, "the sandbox outlives its server");
@@ -591,6 +606,14 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
     assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
     let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
     assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    let d = srv.api("GET", &format!("/sandboxes/{}", paused.id), Value::Null);
+    assert_eq!(d.json()["state"], json!("paused"), "{}\n{}", d.text(), srv.log());
+    assert_eq!(runsc_state(&paused.id), paused_before, "the same sandbox, still frozen");
+    let r = srv.api("POST", &format!("/sandboxes/{}/resume", paused.id), json!({}));
+    assert!(r.status == 200 || r.status == 201 || r.status == 204, "resume: {}", r.text());
+    assert_eq!(srv.run(&paused, "cat /tmp/p").0, "before\n", "{}", srv.log());
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", paused.id), Value::Null);
+    assert_eq!(r.status, 204);
     // And it ends as any sandbox does.
     let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(r.status, 204);
