@@ -15,6 +15,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, send, sendto,
@@ -56,12 +57,39 @@ pub fn start(spec: &PacketRelay, relay: OwnedFd) -> Result<(), NetError> {
         let step = step.to_string();
         move |e: std::io::Error| NetError { step, message: e.to_string() }
     };
+    let listener = match &spec.listen {
+        Some(path) => Some(listen(path)?),
+        None => None,
+    };
     let tun_out = tun.try_clone().map_err(dup("duplicate the TUN"))?;
-    let relay_in = relay.try_clone().map_err(dup("duplicate the relay"))?;
+    let current = Arc::new(Mutex::new(Arc::new(relay)));
+    let out_relay = current.clone();
     let mtu = usize::try_from(spec.mtu).unwrap_or(65535).max(1500);
-    spawn("ringfence-net-out", move || to_host(&tun_out, &relay, mtu))?;
-    spawn("ringfence-net-in", move || from_host(&relay_in, &tun, mtu))?;
+    let lasting = listener.is_some();
+    spawn("ringfence-net-out", move || to_host(&tun_out, &out_relay, mtu, lasting))?;
+    spawn("ringfence-net-in", move || from_host(&current, listener, &tun, mtu))?;
     Ok(())
+}
+
+/// The relay's current host end: replaced when a restarted server connects anew.
+type Current = Arc<Mutex<Arc<OwnedFd>>>;
+
+/// A `SOCK_SEQPACKET` listener at `path` (a host socket gVisor makes through its gofer:
+/// `runsc --host-uds=create`), only root's.
+fn listen(path: &str) -> Result<std::os::unix::net::UnixListener, NetError> {
+    use nix::sys::socket::{Backlog, UnixAddr, bind};
+    let _ = std::fs::remove_file(path);
+    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(err("open the relay's listener"))?;
+    let addr = UnixAddr::new(path).map_err(err("the relay listener's path"))?;
+    bind(sock.as_raw_fd(), &addr).map_err(err("bind the relay's listener"))?;
+    nix::sys::socket::listen(&sock, Backlog::new(1).map_err(err("backlog"))?)
+        .map_err(err("listen for the relay"))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(
+        |e| NetError { step: "chmod the relay's listener".into(), message: e.to_string() },
+    )?;
+    // std's listener accepts any socket type: accept4 with close-on-exec, as it should.
+    Ok(std::os::unix::net::UnixListener::from(sock))
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), NetError> {
@@ -72,8 +100,10 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), NetError> 
         .map_err(|e| NetError { step: format!("start {name}"), message: e.to_string() })
 }
 
-/// Packets the sandbox sends, one message each to the host.
-fn to_host(tun: &OwnedFd, relay: &OwnedFd, mtu: usize) {
+/// Packets the sandbox sends, one message each to the host. With a relay that lasts
+/// (`lasting`: a listener takes a replacement), a send that fails drops the packet, as a
+/// link that is down does, while [`from_host`] waits for the next host.
+fn to_host(tun: &OwnedFd, relay: &Current, mtu: usize, lasting: bool) {
     let mut buf = vec![0u8; mtu];
     loop {
         let n = match nix::unistd::read(tun.as_fd(), &mut buf) {
@@ -82,27 +112,50 @@ fn to_host(tun: &OwnedFd, relay: &OwnedFd, mtu: usize) {
             Err(nix::Error::EINTR) => continue,
             Err(_) => return,
         };
-        match send(relay.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL) {
+        let Ok(fd) = relay.lock().map(|r| r.clone()) else { return };
+        match send(fd.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL) {
             Ok(_) | Err(nix::Error::EINTR) => {}
             // A full host queue drops the packet, as a full device queue does; TCP resends.
             Err(nix::Error::ENOBUFS | nix::Error::EAGAIN) => {}
+            Err(_) if lasting => {}
             Err(_) => return,
         }
     }
 }
 
-/// Packets the host sends, into the sandbox's stack.
-fn from_host(relay: &OwnedFd, tun: &OwnedFd, mtu: usize) {
+/// Packets the host sends, into the sandbox's stack. When the host's end closes (its server
+/// ended), the next connection on `listener` becomes the relay; without one, relaying ends.
+fn from_host(
+    relay: &Current,
+    listener: Option<std::os::unix::net::UnixListener>,
+    tun: &OwnedFd,
+    mtu: usize,
+) {
     let mut buf = vec![0u8; mtu];
     loop {
-        let n = match recv(relay.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(nix::Error::EINTR) => continue,
-            Err(_) => return,
+        let Ok(fd) = relay.lock().map(|r| r.clone()) else { return };
+        loop {
+            let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => break,
+            };
+            // A packet the sandbox's stack refuses is dropped, as on a wire.
+            let _ = nix::unistd::write(tun.as_fd(), &buf[..n]);
+        }
+        let Some(l) = &listener else { return };
+        let next = loop {
+            match l.accept() {
+                Ok((s, _)) => break OwnedFd::from(s),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
         };
-        // A packet the sandbox's stack refuses is dropped, as on a wire.
-        let _ = nix::unistd::write(tun.as_fd(), &buf[..n]);
+        match relay.lock() {
+            Ok(mut r) => *r = Arc::new(next),
+            Err(_) => return,
+        }
     }
 }
 

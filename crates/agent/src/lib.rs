@@ -311,7 +311,9 @@ fn report_and_serve(
 }
 
 /// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
-fn gvisor_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideError> {
+fn gvisor_setup(
+    spec: &SetupSpec,
+) -> Result<Option<std::os::unix::net::UnixListener>, ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
     let fail = |step: &str| {
@@ -352,7 +354,27 @@ fn gvisor_setup(spec: &SetupSpec) -> Result<(), ringfence_jail::inside::InsideEr
         ringfence_sys::restrict_caps(caps)
             .map_err(|e| inside("restrict capabilities", e.to_string()))?;
     }
-    Ok(())
+    // Where a restarted server reconnects: a host socket gVisor makes through its gofer
+    // (`runsc --host-uds=create`) in a host directory bound into the sandbox's `/dev`, only
+    // root's (as the microvm's guest socket: root inside is the sandbox's anyway).
+    let reconnect = match &spec.listen {
+        Some(path) => {
+            let io = |step: String| {
+                move |e: std::io::Error| ringfence_jail::inside::InsideError {
+                    step,
+                    message: e.to_string(),
+                }
+            };
+            let _ = std::fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(io(format!("listen on {path}")))?;
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io(format!("chmod {path}")))?;
+            Some(l)
+        }
+        None => None,
+    };
+    Ok(reconnect)
 }
 
 /// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the
@@ -363,15 +385,18 @@ fn gvisor_run(
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
 ) -> Result<ExitCode, ()> {
-    if let Err(e) = gvisor_setup(spec) {
-        let _ = control.write_all(&[MARK_ERROR]);
-        let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
-        return Err(());
-    }
+    let reconnect = match gvisor_setup(spec) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = control.write_all(&[MARK_ERROR]);
+            let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
+            return Err(());
+        }
+    };
     ringfence_jail::phase(&mut phases, "gvisor_setup");
     spawn::set_sandbox_env(spec.env.clone());
     control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
-    start_and_serve(control, spec, phases, None, None)
+    start_and_serve(control, spec, phases, None, reconnect)
 }
 
 /// The microvm tier's start: build the guest's root ([`microvm::boot`]), then read the setup

@@ -16,9 +16,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
-use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -526,49 +525,68 @@ fn internal(e: impl std::fmt::Display) -> AgentError {
 }
 
 fn start(state: &State, id: u64, spec: SpawnSpec) -> Result<u32, AgentError> {
+    use ringfence_sys::SpawnStdio;
     let pty_mode = matches!(spec.stdio, StdioMode::Pty { .. });
-    let mut cmd = spawn::command(&spec, pty_mode)?;
+    let prepared = spawn::command(&spec, pty_mode)?;
     let mut master = None;
-    match spec.stdio {
+    // The child's ends (closed here once it has them) and ours.
+    let mut child_ends: Vec<OwnedFd> = Vec::new();
+    let (mut out_rx, mut err_rx, mut in_tx) = (None, None, None);
+    let null = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(internal)
+    };
+    let stdio = match spec.stdio {
         StdioMode::Inherit => {
-            cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            let n = null()?;
+            let fd = SpawnStdio::Fd(n.as_raw_fd());
+            child_ends.push(n);
+            [fd, SpawnStdio::Keep, SpawnStdio::Keep]
         }
         StdioMode::Pipe { stdin } => {
-            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+            let input = if stdin {
+                let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(internal)?;
+                in_tx = Some(w);
+                r
+            } else {
+                null()?
+            };
+            let (or, ow) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(internal)?;
+            let (er, ew) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(internal)?;
+            out_rx = Some(or);
+            err_rx = Some(er);
+            let fds = [input.as_raw_fd(), ow.as_raw_fd(), ew.as_raw_fd()];
+            child_ends.extend([input, ow, ew]);
+            fds.map(SpawnStdio::Fd)
         }
         StdioMode::Pty { cols, rows } => {
             let (m, s) = ringfence_sys::open_pty(cols, rows).map_err(internal)?;
-            let s2 = s.try_clone().map_err(internal)?;
-            let s3 = s.try_clone().map_err(internal)?;
-            cmd.stdin(Stdio::from(s)).stdout(Stdio::from(s2)).stderr(Stdio::from(s3));
+            let fd = SpawnStdio::Fd(s.as_raw_fd());
+            child_ends.push(s);
             set_nonblocking(&m)?;
             master = Some(Rc::new(ringfence_sys::async_fd(m).map_err(internal)?));
+            [fd, fd, fd]
         }
-    }
-    let mut child = cmd.spawn().map_err(|e| spawn::spawn_error(&spec, &e))?;
-    // The parent's copies of the PTY slave were moved into `cmd`; drop it so only the child
-    // holds the slave and the master sees EIO when the session ends.
-    drop(cmd);
-    let pid = child.id();
+    };
+    let pid = prepared.spawn(stdio).map_err(|e| spawn::spawn_error(&spec, &e))?;
+    // Only the child holds the PTY slave and the pipes' far ends now, so the master sees EIO
+    // and the readers end of file when it (and whatever inherited them) is done.
+    drop(child_ends);
     let mut proc = Proc::new(spec, id);
     proc.pty = master.clone();
     let mut pumps: Vec<(Stream, pipe::Receiver)> = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.push((
-            Stream::Stdout,
-            pipe::Receiver::from_owned_fd(OwnedFd::from(out)).map_err(internal)?,
-        ));
+    if let Some(out) = out_rx.take() {
+        pumps.push((Stream::Stdout, pipe::Receiver::from_owned_fd(out).map_err(internal)?));
     }
-    if let Some(err) = child.stderr.take() {
-        pumps.push((
-            Stream::Stderr,
-            pipe::Receiver::from_owned_fd(OwnedFd::from(err)).map_err(internal)?,
-        ));
+    if let Some(err) = err_rx.take() {
+        pumps.push((Stream::Stderr, pipe::Receiver::from_owned_fd(err).map_err(internal)?));
     }
-    if let Some(inp) = child.stdin.take() {
-        let tx = pipe::Sender::from_owned_fd(OwnedFd::from(inp)).map_err(internal)?;
+    if let Some(inp) = in_tx.take() {
+        let tx = pipe::Sender::from_owned_fd(inp).map_err(internal)?;
         proc.input = Some(stdin_writer(state, Input::Pipe(tx)));
     }
     if let Some(m) = &master {

@@ -15,6 +15,10 @@ use serde_json::{Value, json};
 /// in the writable layer (it would show up in every snapshot).
 pub const AGENT_IN_SANDBOX: &str = "/dev/.ringfence-agent";
 
+/// Where the sandbox's host directory for the agent's reconnect sockets appears inside (see
+/// [`BundleSpec::chan_dir`]): in `/dev` too, for the same reason.
+pub const CHAN_IN_SANDBOX: &str = "/dev/.ringfence-chan";
+
 /// Capability names for `ringfence_jail::inside::AGENT_CAPS`, bit by bit: what the agent keeps
 /// (inside the sandbox only) to run file operations for any sandbox user and start processes
 /// as them. Processes it starts keep none.
@@ -74,6 +78,10 @@ pub struct BundleSpec<'a> {
     pub cgroup_path: &'a str,
     pub network: &'a Network,
     pub shm_bytes: u64,
+    /// A host directory (root's, mode 0700) bound writable at [`CHAN_IN_SANDBOX`], where the
+    /// agent binds the sockets a restarted server reconnects to (runsc makes them host sockets:
+    /// `--host-uds=create`).
+    pub chan_dir: Option<&'a Path>,
 }
 
 fn capability_names() -> Vec<&'static str> {
@@ -109,6 +117,10 @@ pub fn config(spec: &BundleSpec<'_>) -> Value {
         json!({"destination": AGENT_IN_SANDBOX, "type": "bind",
                "source": spec.agent_path, "options": read_only}),
     ];
+    if let Some(chan) = spec.chan_dir {
+        mounts.push(json!({"destination": CHAN_IN_SANDBOX, "type": "bind", "source": chan,
+                           "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}));
+    }
     for layer in spec.host_layers {
         mounts.push(json!({"destination": layer, "type": "bind", "source": layer,
                            "options": read_only}));
@@ -188,6 +200,7 @@ mod tests {
             cgroup_path: "/ringfence-gvisor/sbx1",
             network: net,
             shm_bytes: 1 << 20,
+            chan_dir: None,
         }
     }
 

@@ -25,6 +25,13 @@ const CONTROL_FD: i32 = ringfence_sys::CONTROL_FD;
 /// The agent's end of the packet relay ([`Network::Relay`]), right after the control channel.
 const RELAY_FD: i32 = CONTROL_FD + 1;
 
+/// The sandbox directory's subdirectory bound into the sandbox for the reconnect sockets
+/// (see [`bundle::CHAN_IN_SANDBOX`]), and the sockets' names in it: the agent's control
+/// channel (stream) and the packet relay (`SOCK_SEQPACKET`).
+const CHAN_DIR: &str = "chan";
+const AGENT_SOCK: &str = "agent.sock";
+const NET_SOCK: &str = "net.sock";
+
 /// How long a start whose handshake failed waits for `runsc run` to exit by itself.
 const RUNSC_EXIT_GRACE: Duration = Duration::from_secs(2);
 
@@ -163,6 +170,26 @@ fn above_passed(fd: OwnedFd) -> Result<OwnedFd, GvisorError> {
     Ok(fd)
 }
 
+/// A new host end for the packet relay: a `SOCK_SEQPACKET` connection to the agent's relay
+/// listener at `path`, non-blocking (the host stack polls it).
+fn connect_relay(path: &Path) -> Result<OwnedFd, GvisorError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let op = || format!("connect to the packet relay at {}", path.display());
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| io_op(op())(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| io_op(op())(e.into()))?;
+    match connect(sock.as_raw_fd(), &addr) {
+        // Non-blocking: a connection the listener has not taken yet completes in its backlog.
+        Ok(()) | Err(nix::Error::EINPROGRESS) => Ok(sock),
+        Err(e) => Err(io_op(op())(e.into())),
+    }
+}
+
 /// A runsc command with the global flags every call of this tier shares.
 fn runsc_cmd(runsc: &Runsc, root: &Path) -> Command {
     let mut cmd = Command::new(&runsc.path);
@@ -241,6 +268,10 @@ impl Container {
         let merged = rootfs.merged().to_path_buf();
         c.rootfs = Some(rootfs);
         ringfence_jail::phase(&mut c.phases, "rootfs");
+        let chan = dir.join(CHAN_DIR);
+        fs::create_dir(&chan).map_err(io_op(format!("create {}", chan.display())))?;
+        fs::set_permissions(&chan, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io_op(format!("chmod {}", chan.display())))?;
         let config = bundle::config(&BundleSpec {
             hostname: &spec.id,
             rootfs: &merged,
@@ -251,6 +282,7 @@ impl Container {
             cgroup_path: &c.cgroup_path,
             network: &spec.network,
             shm_bytes: shm_bytes(&spec.limits),
+            chan_dir: Some(&chan),
         });
         let config_path = dir.join("config.json");
         let text = serde_json::to_vec(&config)
@@ -327,7 +359,10 @@ impl Container {
         let network = "--network=none";
         // --overlay2=none: the root's writable layer is ours (see `rootfs`), not runsc's
         // default memory-file overlay, which the host could not read back as a directory.
-        cmd.args([network, "--overlay2=none", "run", "--detach", "--bundle"])
+        // --host-uds=create: the agent's reconnect sockets, bound in the chan directory, are
+        // host sockets a restarted server can connect to. Only creating is allowed: nothing
+        // inside may connect to a host socket (that would be `open`).
+        cmd.args([network, "--overlay2=none", "--host-uds=create", "run", "--detach", "--bundle"])
             .arg(&self.dir)
             .arg("--pass-fd")
             .arg(format!("{CONTROL_FD}:{CONTROL_FD}"));
@@ -363,7 +398,7 @@ impl Container {
             seccomp_notify: Vec::new(),
             seccomp_errno: Vec::new(),
             env: spec.env,
-            listen: None,
+            listen: Some(format!("{}/{AGENT_SOCK}", bundle::CHAN_IN_SANDBOX)),
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,
             // Setuid templates are the jail's alone for now (see docs/SECURITY.md).
@@ -374,6 +409,7 @@ impl Container {
                     iface: r.iface.clone(),
                     address: r.address.octets(),
                     mtu: r.mtu,
+                    listen: Some(format!("{}/{NET_SOCK}", bundle::CHAN_IN_SANDBOX)),
                 }),
                 Network::None => None,
             },
@@ -412,6 +448,74 @@ impl Container {
             (_, None) => Err(self.died()),
             (m, Some(other)) => Err(GvisorError::Protocol(format!("marker {m:#x}, {other:?}"))),
         }
+    }
+
+    /// Re-attaches to sandbox `id` that an earlier host process started and left running (it
+    /// died without deleting it: `kill -9`, a crash): runsc must still show the container
+    /// running or paused; the agent's control channel is a new connection to the socket it
+    /// listens on for this ([`SetupSpec::listen`]), and a networked sandbox's packet relay a
+    /// new connection to the relay's ([`ringfence_proto::PacketRelay::listen`]), so nothing
+    /// of the old host process's ends is needed. The directory is claimed for this process as
+    /// a start claims it. On any failure nothing is held: the caller ends the sandbox (or
+    /// [`sweep`] does), never serving it half attached.
+    pub fn adopt(cfg: &GvisorConfig, id: &str) -> Result<Container, GvisorError> {
+        check_id(id)?;
+        let dir = cfg.sandbox_dir(id);
+        if !dir.join("config.json").is_file() {
+            return Err(GvisorError::Gone(id.to_string()));
+        }
+        let owner = match own(&dir) {
+            Ok(o) => o,
+            Err(_) => {
+                return Err(GvisorError::Invalid(format!(
+                    "sandbox {id} is held by another live process sharing this run directory"
+                )));
+            }
+        };
+        let runsc_root = cfg.runsc_root();
+        let state = runsc_ok(&cfg.runsc, &runsc_root, &["state", id])?;
+        let status = serde_json::from_str::<serde_json::Value>(&state)
+            .ok()
+            .and_then(|v| v["status"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        if status != "running" && status != "paused" {
+            return Err(GvisorError::Gone(format!("{id} (runsc reports it {status:?})")));
+        }
+        let chan = dir.join(CHAN_DIR);
+        let agent = chan.join(AGENT_SOCK);
+        let control = UnixStream::connect(&agent)
+            .map_err(io_op(format!("connect to the agent at {}", agent.display())))?;
+        // The relay's listener exists exactly when the sandbox was started with a network.
+        let net = chan.join(NET_SOCK);
+        let relay = if net.exists() { Some(connect_relay(&net)?) } else { None };
+        let config: serde_json::Value = fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let uid_base = config["linux"]["uidMappings"][0]["hostID"].as_u64().unwrap_or(0);
+        Ok(Container {
+            id: id.to_string(),
+            ready: Ready { phases: Vec::new(), landlock_abi: None, initial_pid: None },
+            control,
+            runsc: cfg.runsc.clone(),
+            runsc_root,
+            dir: dir.clone(),
+            rootfs: Some(Rootfs::adopt(&dir)),
+            cgroup_path: format!("{}/{}", cfg.cgroup_parent.trim_end_matches('/'), id),
+            phases: Vec::new(),
+            deleted: false,
+            uid_base: u32::try_from(uid_base).unwrap_or(0),
+            relay,
+            _owner: Some(owner),
+        })
+    }
+
+    /// The memory limit the sandbox was started with (its bundle's), if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        let config: serde_json::Value = fs::read(self.dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        config["linux"]["resources"]["memory"]["limit"].as_u64()
     }
 
     /// The error for an agent that closed its channel during setup: runsc's log says why.

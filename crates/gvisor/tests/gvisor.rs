@@ -604,6 +604,7 @@ fn measure_start_cost() {
             cgroup_path: &cgroup,
             network: &Network::None,
             shm_bytes: 64 << 20,
+            chan_dir: None,
         });
         config["process"]["args"] = serde_json::json!(["/bin/echo", "first"]);
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();

@@ -387,7 +387,20 @@ impl GuestDialer {
     /// guest's agent lets its NIC carry loopback traffic (`route_localnet`), so a service
     /// bound to loopback answers, as it does for the jail. Gives up after `within`.
     pub async fn connect(&self, port: u16, within: Duration) -> io::Result<SmolStream> {
-        let dst = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        self.connect_to(std::net::Ipv4Addr::LOCALHOST, port, within).await
+    }
+
+    /// As [`GuestDialer::connect`], to `ip:port` inside the sandbox. gVisor's stack drops
+    /// packets for a loopback address that arrive on a device (its IPv4 protocol is built
+    /// without external loopback traffic, and it has no `route_localnet`), so the gvisor
+    /// tier's inbound requests go to the sandbox's own address ([`tun::SANDBOX_IP`]).
+    pub async fn connect_to(
+        &self,
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        within: Duration,
+    ) -> io::Result<SmolStream> {
+        let dst = SocketAddrV4::new(ip, port);
         match tokio::time::timeout(within, self.0.connect(dst)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(

@@ -286,7 +286,11 @@ impl Stack {
                 used: 0,
                 sizes: HashMap::new(),
                 dials: HashMap::new(),
-                next_port: EPHEMERAL.start,
+                // A random start: a stack that replaces another on the same sandbox (a
+                // re-attach after a server restart) must not reuse the old one's first
+                // 4-tuples, which the sandbox may still hold in TIME_WAIT (gVisor then answers
+                // a new SYN with the old connection's ACK about half the time, by ISN).
+                next_port: EPHEMERAL.start + rand::random_range(0..EPHEMERAL.end - EPHEMERAL.start),
             }),
             wake: Notify::new(),
             epoch,

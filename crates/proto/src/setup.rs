@@ -134,4 +134,8 @@ pub struct PacketRelay {
     pub iface: String,
     pub address: [u8; 4],
     pub mtu: u32,
+    /// Where the agent accepts a replacement for the relay (a `SOCK_SEQPACKET` connection)
+    /// once the host's end has closed: a restarted server re-attaching the sandbox's network.
+    /// `None`: the device's relay ends with its first descriptor.
+    pub listen: Option<String>,
 }

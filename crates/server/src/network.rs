@@ -124,7 +124,14 @@ pub async fn inbound(
             }
         }
         Some(crate::tier::NetAttach::Relay(_)) => {
-            port_closed(id, port, "the gvisor tier takes no inbound connections yet")
+            // The same stack dials in through the relayed device, to the sandbox's address:
+            // gVisor's stack refuses loopback destinations arriving on a device (see
+            // `GuestDialer::connect_to`), so a service must listen on that address or on all.
+            let Some(dialer) = dialer else { return port_closed(id, port, "no network") };
+            match dialer.connect_to(ringfence_net::tun::SANDBOX_IP, port, within).await {
+                Ok(s) => inbound_on((id, mask, tls), port, s, req).await,
+                Err(e) => port_closed(id, port, &e.to_string()),
+            }
         }
         _ => port_closed(id, port, "no agent"),
     }

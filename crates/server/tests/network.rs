@@ -439,6 +439,188 @@ fn gvisor_egress_through_the_same_policy() {
     assert_eq!(r.status, 204);
 }
 
+/// Inbound requests to a gvisor sandbox's port: the port proxy dials through the same stack
+/// and the relayed device to the sandbox's address, so a service listening on all addresses
+/// (python's http.server by default) answers at `<port>-<id>.<domain>` and by header, behind
+/// the same token; a closed port, and a service bound to gVisor's loopback only (its stack
+/// takes no loopback destination from a device), give the jail's "port is not open" answer.
+#[test]
+fn gvisor_inbound_ports() {
+    let name = "gvisor_inbound_ports";
+    let net = fakenet::Internet::start(None);
+    let Some(srv) = Server::start(name, &net_args(&net)) else { return };
+    let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
+    if r.status == 400 && r.text().contains("not available") {
+        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+        return;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let sb = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: v["domain"].as_str().map(str::to_string),
+    };
+    let (out, _) = srv.run(
+        &sb,
+        "cd /tmp && echo preview-gvisor > index.html && \
+         (setsid python3 -m http.server 8000 >/dev/null 2>&1 < /dev/null &) ; \
+         (setsid python3 -m http.server 8001 --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null &) ; \
+         for p in 8000 8001; do for i in $(seq 100); do \
+           (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done; done; echo up",
+    );
+    assert!(out.contains("up"), "{out}");
+    let get = |headers: &[(&str, &str)]| http(srv.port, "GET", "/index.html", headers, b"");
+    let r = get(&[
+        ("E2b-Sandbox-Id", &sb.id),
+        ("E2b-Sandbox-Port", "8000"),
+        ("X-Access-Token", &sb.token),
+    ]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview-gvisor"), "{}", srv.log());
+    let host = format!("8000-{}.{}", sb.id, sb.domain.clone().unwrap());
+    let r = get(&[("Host", &host), ("E2B-Traffic-Access-Token", &sb.token)]);
+    assert_eq!((r.status, r.text().trim()), (200, "preview-gvisor"));
+    let r = get(&[("Host", &host)]);
+    assert_eq!(r.status, 401, "the token is still asked for");
+    // Closed, and loopback-only: the jail's answer for a closed port.
+    let jail = srv.create(json!({"templateID": "base"}));
+    let closed = |sb: &Sandbox, port: &str| {
+        get(&[("Host", &format!("{port}-{}.x", sb.id)), ("X-Access-Token", &sb.token)])
+    };
+    let on_jail = closed(&jail, "8002");
+    assert_eq!(on_jail.status, 502);
+    for port in ["8002", "8001"] {
+        let r = closed(&sb, port);
+        assert_eq!(r.status, on_jail.status, "{port}: {}", r.text());
+        assert!(r.text().contains("port is not open"), "{port}: {}", r.text());
+        let (g, j) = (r.json(), on_jail.json());
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&g), keys(&j), "{g} / {j}");
+        assert_eq!(g["code"], j["code"], "{g} / {j}");
+    }
+    for id in [&sb.id, &jail.id] {
+        let r = srv.api("DELETE", &format!("/sandboxes/{id}"), Value::Null);
+        assert_eq!(r.status, 204);
+    }
+}
+
+/// A gvisor sandbox outlives its server's `kill -9` and the next server re-attaches it: the
+/// same runsc sandbox, its files and processes, commands through envd, and its network (a new
+/// packet relay to the same device: egress under the same policy, inbound ports).
+#[test]
+fn gvisor_sandboxes_are_reattached_after_kill_9() {
+    let name = "gvisor_sandboxes_are_reattached_after_kill_9";
+    let net = fakenet::Internet::start(None);
+    // A run directory of its own: other tests' servers sharing the default one would sweep
+    // this sandbox while no server holds it (between the kill and the restart).
+    let run_dir = tempfile::tempdir().unwrap();
+    let mut args = net_args(&net);
+    args.extend(["--run-dir".to_string(), run_dir.path().display().to_string()]);
+    let Some(mut srv) = Server::start(name, &args) else { return };
+    let r = srv.api(
+        "POST",
+        "/v2/sandboxes",
+        json!({"templateID": "base@gvisor",
+               "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
+    );
+    if r.status == 400 && r.text().contains("not available") {
+        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+        return;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let sb = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: v["domain"].as_str().map(str::to_string),
+    };
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["tierCapabilities"]["reattach"], json!(true), "{}", d.text());
+    let (out, _) = srv.run(
+        &sb,
+        "echo kept > /home/user/f && cd /tmp && echo page > index.html && \
+         (setsid python3 -m http.server 8000 >/dev/null 2>&1 < /dev/null &) ; \
+         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; \
+         sleep 0.1; done; setsid sleep 1000 >/dev/null 2>&1 < /dev/null & echo $!",
+    );
+    let pid = out.trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "{out}");
+    let runsc_root = run_dir.path().join("gvisor/runsc");
+    let runsc_state = |id: &str| {
+        let out = Command::new("/usr/local/lib/ringfence/runsc")
+            .arg(format!("--root={}", runsc_root.display()))
+            .args(["state", id])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (v["pid"].as_u64(), v["status"].as_str().map(str::to_string))
+    };
+    let sentry = || runsc_state(&sb.id);
+    let before = sentry();
+    assert_eq!(before.1.as_deref(), Some("running"), "{before:?}");
+    let page = |srv: &Server| {
+        http(
+            srv.port,
+            "GET",
+            "/index.html",
+            &[
+                ("E2b-Sandbox-Id", &sb.id),
+                ("E2b-Sandbox-Port", "8000"),
+                ("X-Access-Token", &sb.token),
+            ],
+            b"",
+        )
+    };
+    assert_eq!(page(&srv).text().trim(), "page");
+    // A second one, paused in memory when the server dies: it comes back paused.
+    let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    let v = r.json();
+    let paused = Sandbox {
+        id: v["sandboxID"].as_str().unwrap().to_string(),
+        token: v["envdAccessToken"].as_str().unwrap().to_string(),
+        domain: None,
+    };
+    assert_eq!(srv.run(&paused, "echo before > /tmp/p; echo ok").0, "ok\n");
+    let r = srv.api("POST", &format!("/sandboxes/{}/pause", paused.id), json!({}));
+    assert_eq!(r.status, 204, "pause: {}", r.text());
+    let paused_before = runsc_state(&paused.id);
+    assert_eq!(paused_before.1.as_deref(), Some("paused"), "paused in memory: {paused_before:?}");
+
+    srv.kill9();
+    assert_eq!(sentry(), before, "the sandbox outlives its server");
+    srv.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(d.json()["state"], json!("running"), "{}\n{}", d.text(), srv.log());
+    assert_eq!(sentry(), before, "the same runsc sandbox, re-attached");
+    let (out, code) =
+        srv.run(&sb, &format!("cat /home/user/f; kill -0 {pid} && echo running; uname -r"));
+    assert_eq!(code, 0, "{out}\n{}", srv.log());
+    assert!(out.starts_with("kept\nrunning\n"), "{out}");
+    // The network came back: inbound to the server started before the restart, egress under
+    // the same policy.
+    let r = page(&srv);
+    assert_eq!((r.status, r.text().trim()), (200, "page"), "{}", srv.log());
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://www.allowed.test/");
+    assert_eq!(code, 0, "{out}\n{}", srv.log());
+    assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
+    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
+    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    let d = srv.api("GET", &format!("/sandboxes/{}", paused.id), Value::Null);
+    assert_eq!(d.json()["state"], json!("paused"), "{}\n{}", d.text(), srv.log());
+    assert_eq!(runsc_state(&paused.id), paused_before, "the same sandbox, still frozen");
+    let r = srv.api("POST", &format!("/sandboxes/{}/resume", paused.id), json!({}));
+    assert!(r.status == 200 || r.status == 201 || r.status == 204, "resume: {}", r.text());
+    assert_eq!(srv.run(&paused, "cat /tmp/p").0, "before\n", "{}", srv.log());
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", paused.id), Value::Null);
+    assert_eq!(r.status, 204);
+    // And it ends as any sandbox does.
+    let r = srv.api("DELETE", &format!("/sandboxes/{}", sb.id), Value::Null);
+    assert_eq!(r.status, 204);
+    assert_eq!(sentry().1, None, "runsc's container is gone");
+    assert!(!run_dir.path().join("gvisor/sandboxes").join(&sb.id).exists());
+}
+
 /// The microvm tier's NIC: the guest's own kernel sends Ethernet frames that QEMU hands to the
 /// same stack, policy, resolver and audit as the jail's TUN; inbound requests reach a service
 /// bound to the guest's loopback; and the guest cannot reach the host (QEMU's own network

@@ -87,7 +87,7 @@ fn tiers_are_listed_chosen_reported_and_refused() {
     if gvisor {
         let caps = &list[1]["capabilities"];
         assert_eq!(caps["kernel"], json!("gvisor"), "{}", list[1]);
-        assert_eq!(caps["reattach"], json!(false));
+        assert_eq!(caps["reattach"], json!(true));
         assert_eq!(caps["kernelInjection"], json!(false));
         assert_eq!(caps["network"], json!("relayed-tun"));
         assert_eq!(caps["networkPolicy"], json!(true));

@@ -11,6 +11,7 @@
 
 mod netdev;
 mod seccomp;
+mod vspawn;
 #[cfg(feature = "wasm")]
 pub mod wasm;
 
@@ -18,6 +19,7 @@ pub use netdev::{iface_up_ipv4, route_default_gateway, route_default_via, tun_cr
 pub use seccomp::{
     NotifWait, Notification, SockFilter, install_seccomp, seccomp_notif_deny, seccomp_notif_recv,
 };
+pub use vspawn::{Stdio as SpawnStdio, spawn_hardened};
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -550,68 +552,80 @@ pub struct Hardening {
 /// [`Hardening::allow_setuid`] the bounding set stays the caller's and `no_new_privs` unset.
 pub fn harden_command(cmd: &mut Command, h: Hardening) {
     let last = last_cap();
-    let hook = move || -> io::Result<()> {
-        let fail = |_: ()| io::Error::last_os_error();
-        // SAFETY: runs in the forked child before exec; only raw syscalls on values captured
-        // by move (plain integers and a CString built before the fork), no allocation.
-        unsafe {
-            if libc::setsid() < 0 {
-                return Err(fail(()));
-            }
-            if h.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(fail(()));
-            }
-            // With setuid allowed, the bounding set is what a setuid-root exec grants: the
-            // caller's (the agent's reduced set), never more, since it can only shrink.
-            if !h.allow_setuid {
-                for cap in 0..=last {
-                    // EINVAL for unknown caps is harmless; anything else is checked by capget
-                    // below.
-                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-                }
-            }
-            // Raw syscalls: glibc's wrappers would signal threads that only exist in the parent.
-            let gid = h.gid;
-            if libc::syscall(libc::SYS_setgroups, 1usize, &gid as *const libc::gid_t) < 0 {
-                return Err(fail(()));
-            }
-            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0
-                || libc::syscall(libc::SYS_setresuid, h.uid, h.uid, h.uid) < 0
-            {
-                return Err(fail(()));
-            }
-            let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
-            let data = [CapData::default(); 2];
-            if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
-                return Err(fail(()));
-            }
-            // EINVAL: a kernel without ambient capabilities (gVisor's), so none to clear.
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
-                && *libc::__errno_location() != libc::EINVAL
-            {
-                return Err(fail(()));
-            }
-            if !h.allow_setuid && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(fail(()));
-            }
-            if let Some(dir) = &h.cwd
-                && libc::chdir(dir.as_ptr()) < 0
-            {
-                return Err(fail(()));
-            }
-            // Mark, don't close: std's own error-report pipe must survive until exec, and it is
-            // already close-on-exec like everything this marks. gVisor refuses the flag
-            // (EINVAL); there, as everywhere, every descriptor the agent opens is already
-            // close-on-exec (std opens with O_CLOEXEC), so this is a second line only.
-            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
-        }
-        Ok(())
-    };
+    // SAFETY: `drop_to` is async-signal-safe (see its comment); the hook runs in the forked
+    // child before exec.
+    let hook = move || -> io::Result<()> { unsafe { drop_to(&h, last) } };
     // SAFETY: the hook above is async-signal-safe (see its comment).
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// The steps of [`harden_command`], run by the calling process on itself: what a child does
+/// between its fork (or vfork-style clone, see [`spawn_hardened`]) and its exec.
+///
+/// # Safety
+///
+/// Only for a child that will exec or exit: it changes the caller's identity, session and
+/// capabilities for good. Async-signal-safe: only raw syscalls on `h`'s plain integers and its
+/// CString built before the fork, no allocation (an error is `last_os_error`, which does not
+/// allocate).
+unsafe fn drop_to(h: &Hardening, last: u32) -> io::Result<()> {
+    let fail = |_: ()| io::Error::last_os_error();
+    // SAFETY: raw syscalls on integers and pointers to locals or to `h`, live for each call.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(fail(()));
+        }
+        if h.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            return Err(fail(()));
+        }
+        // With setuid allowed, the bounding set is what a setuid-root exec grants: the
+        // caller's (the agent's reduced set), never more, since it can only shrink.
+        if !h.allow_setuid {
+            for cap in 0..=last {
+                // EINVAL for unknown caps is harmless; anything else is checked by capget
+                // below.
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+        }
+        // Raw syscalls: glibc's wrappers would signal threads that only exist in the parent.
+        let gid = h.gid;
+        if libc::syscall(libc::SYS_setgroups, 1usize, &gid as *const libc::gid_t) < 0 {
+            return Err(fail(()));
+        }
+        if libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0
+            || libc::syscall(libc::SYS_setresuid, h.uid, h.uid, h.uid) < 0
+        {
+            return Err(fail(()));
+        }
+        let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
+        let data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
+            return Err(fail(()));
+        }
+        // EINVAL: a kernel without ambient capabilities (gVisor's), so none to clear.
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
+            && *libc::__errno_location() != libc::EINVAL
+        {
+            return Err(fail(()));
+        }
+        if !h.allow_setuid && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(fail(()));
+        }
+        if let Some(dir) = &h.cwd
+            && libc::chdir(dir.as_ptr()) < 0
+        {
+            return Err(fail(()));
+        }
+        // Mark, don't close: std's own error-report pipe must survive until exec, and it is
+        // already close-on-exec like everything this marks. gVisor refuses the flag
+        // (EINVAL); there, as everywhere, every descriptor the agent opens is already
+        // close-on-exec (std opens with O_CLOEXEC), so this is a second line only.
+        const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+    }
+    Ok(())
 }
 
 /// Arranges for `cmd`'s child to start a session of its own and inherit no descriptor beyond

@@ -4,10 +4,18 @@
 //! the runsc probe (once, on the first start: it boots a throwaway sandbox, which a server that
 //! never runs a gvisor sandbox should not pay for), and the mapping of its figures.
 //!
-//! What it does not do yet, and says so in its capabilities: network (runsc here cannot join a
-//! namespace we make, so sandboxes get `--network=none`), re-attach after a server restart
-//! (the agent ends with its channel), seccomp denial reports (gVisor has no user notification),
-//! kernel injection for the code interpreter.
+//! Network: runsc here cannot join a namespace we make (`--network=none`); the agent makes a TUN
+//! inside gVisor and relays its packets to our stack ([`NetAttach::Relay`]), which also dials
+//! inbound requests in through it, to the sandbox's address (gVisor's stack drops loopback
+//! destinations arriving on a device, so a service bound to `127.0.0.1` only is not reached).
+//!
+//! Re-attach after a server restart (`kill -9` included): the agent listens on host sockets
+//! runsc makes through its gofer (`--host-uds=create`) for a new control channel and a new
+//! packet relay, and the next server finds the container by runsc's state
+//! (`ringfence_gvisor::Container::adopt`).
+//!
+//! What it does not do, and says so in its capabilities: seccomp denial reports (gVisor has no
+//! user notification), kernel injection for the code interpreter.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -124,7 +132,7 @@ impl Tier for GvisorTier {
             memory_snapshot: false,
             fs_snapshot: true,
             fork: true,
-            reattach: false,
+            reattach: true,
             kernel_injection: false,
             network: "relayed-tun",
             network_policy: true,
@@ -184,18 +192,40 @@ impl Tier for GvisorTier {
 
     fn adopt(
         &self,
-        _id: &str,
+        id: &str,
         _saved: &Saved,
-        _paused: bool,
+        paused: bool,
     ) -> Result<Adopted<GvisorInstance>, TierError> {
-        Err(TierError::Unsupported {
-            tier: TierKind::Gvisor,
-            what: "re-attach after a server restart (its agent ends with its channel)",
+        // runsc's state and the sandbox's directory are all it takes (`Container::adopt`):
+        // nothing of the dead server's is needed, so the store keeps nothing for it.
+        let cfg = self.config()?;
+        let container = Container::adopt(cfg, id).map_err(gvisor_err)?;
+        // From here a failure drops `container`, which ends the sandbox: the manager records
+        // it lost rather than serving it half attached.
+        // As the record says: frozen if paused in memory, running otherwise (a server that
+        // died during a snapshot or fork left it paused).
+        let frozen = container.status().map_err(gvisor_err)? == "paused";
+        let thawed = match (paused, frozen) {
+            (true, false) => {
+                container.pause().map_err(gvisor_err)?;
+                false
+            }
+            (false, true) => {
+                container.resume().map_err(gvisor_err)?;
+                true
+            }
+            _ => false,
+        };
+        let relay = container.relay().transpose().map_err(gvisor_err)?.map(std::sync::Arc::new);
+        let memory_limit = container.memory_limit();
+        Ok(Adopted {
+            instance: GvisorInstance { container, memory_limit, relay, _image: None },
+            thawed,
         })
     }
 
     fn end_leftover(&self, _id: &str, _saved: &Saved) {
-        // Nothing survives to be re-attached: `sweep` removes every leftover at once.
+        // `sweep` removes every leftover no re-attached sandbox holds, at once.
     }
 
     fn sweep(&self) -> usize {
