@@ -209,7 +209,7 @@ def main():
         log.flush()
         with open(os.path.join(data, "serve.log")) as f:
             for line in f:
-                if "wasm tier ready" in line:
+                if "wasm tier ready" in line or "kernel image is made" in line:
                     print("server: " + line.strip()[:300])
     finally:
         srv.terminate()

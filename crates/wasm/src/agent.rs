@@ -955,6 +955,7 @@ fn new_kernel_session(shared: &Arc<Shared>) -> Result<(Session, BTreeMap<String,
         session.apply_image(image).map_err(|e| e.to_string())?;
         return Ok((session, made_with));
     }
+    let made = std::time::Instant::now();
     let base = session.memory_copy();
     let load = format!(
         "import sys as _s, types as _t\n_m = _t.ModuleType('_ringfence')\nexec(bytes.fromhex('{}').decode(), _m.__dict__)\n_s.modules['_ringfence'] = _m\ndel _s, _t, _m\n",
@@ -990,10 +991,11 @@ fn new_kernel_session(shared: &Arc<Shared>) -> Result<(Session, BTreeMap<String,
         return Err(format!("warming the kernel driver: {ended:?}"));
     }
     let image = session.image_since(&base);
-    tracing::debug!(
-        size = image.size(),
-        written = image.bytes(),
-        "the wasm tier's kernel image is made; later kernels start from it"
+    tracing::info!(
+        memory_bytes = image.size(),
+        written_bytes = image.bytes(),
+        took_ms = made.elapsed().as_secs_f64() * 1e3,
+        "the wasm tier's kernel image is made (once per server); later kernels start from it"
     );
     let _ = rt.kernel_image.set(Arc::new(image));
     Ok((session, made_with))
