@@ -950,9 +950,13 @@ fn new_kernel_session(shared: &Arc<Shared>) -> Result<(Session, BTreeMap<String,
         cwd: "/home/user".into(),
     };
     let rt = &shared.cfg.runtime;
+    let begun = std::time::Instant::now();
     let mut session = Session::new(rt, &spec).map_err(|e| e.to_string())?;
+    phase("kernel_instance", begun);
     if let Some(image) = rt.kernel_image.get() {
+        let begun = std::time::Instant::now();
         session.apply_image(image).map_err(|e| e.to_string())?;
+        phase("kernel_image_written", begun);
         return Ok((session, made_with));
     }
     let made = std::time::Instant::now();
