@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The wasm tier beside the jail, in one run, through `ringfence serve`'s HTTP API.
 
-Interleaved per round (jail, then wasm, each a fresh sandbox of `code-interpreter-v1[@wasm]`):
+Interleaved per round (jail, then wasm, then wasm cold, each a fresh sandbox of
+`code-interpreter-v1[@wasm]`):
   1. create -> first `run_code("1+1")` result (POST /v2/sandboxes, then POST /execute until
-     the result line);
+     the result line); "wasm cold" is the same on a second server started with
+     `RINGFENCE_WASM_POOL=0` (no tier pool: every create makes its tmpfs, agent and kernel
+     instance; `--no-cold` leaves it out);
   2. `run_code("1+1")` round trip in a live sandbox (to `end_of_execution`);
   2b. the same two for JavaScript (`language="js"`): a live sandbox's first JavaScript cell
       (the context's start), and the round trip;
@@ -59,63 +62,86 @@ def report(name, xs):
     print(f"  {name:<52} median {statistics.median(xs):8.2f} ms   p95 {pct(xs, 95):8.2f} ms   n={len(xs)}")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--trips", type=int, default=100)
-    ap.add_argument("--idle", type=int, default=20)
-    ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
-    ap.add_argument("--log", help="copy the server's log here at the end (with RINGFENCE_PHASES=1 "
-                    "set, bench/phases.py summarises it)")
-    a = ap.parse_args()
+def start_server(binary, env_extra):
+    """A `ringfence serve` on a fresh data directory: (process, port, key, data dir, log)."""
     data = tempfile.mkdtemp()
     os.chmod(data, 0o755)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    key = subprocess.run([a.bin, "keys", "create", "--name", "bench", "--data-dir", data,
+    key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", data,
                           "--max-sandboxes", "0", "--create-rate", "0"],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     log = open(os.path.join(data, "serve.log"), "w")
-    srv = subprocess.Popen([a.bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data],
-                           stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="info"))
+    srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data],
+                           stdout=log, stderr=log,
+                           env=dict(os.environ, RINGFENCE_LOG="info", **env_extra))
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return srv, port, key, data, log
+
+
+def wasm_client(port, key):
+    """A client once the server's wasm tier has loaded its module (one create and cell, untimed:
+    on a server without a pool this first kernel also makes the tier's kernel image)."""
+    c = Client(port, key)
+    for _ in range(1200):
+        try:
+            sid, tok = c.create("code-interpreter-v1@wasm")
+            break
+        except RuntimeError as e:
+            if "loading" not in str(e):
+                raise
+            c = Client(port, key)
+            time.sleep(0.5)
+    c.execute(sid, tok, "1+1")
+    c.kill(sid)
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--trips", type=int, default=100)
+    ap.add_argument("--idle", type=int, default=20)
+    ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ringfence")
+    ap.add_argument("--no-cold", action="store_true",
+                    help="no second server without the tier's pool (no cold-create figure)")
+    ap.add_argument("--log", help="copy the server's log here at the end (with RINGFENCE_PHASES=1 "
+                    "set, bench/phases.py summarises it)")
+    a = ap.parse_args()
+    srv, port, key, data, log = start_server(a.bin, {})
+    cold = None
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        if not a.no_cold:
+            cold = start_server(a.bin, {"RINGFENCE_WASM_POOL": "0"})
         print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; "
               f"nproc {os.cpu_count()}; loadavg {os.getloadavg()[0]:.2f}")
-        c = Client(port, key)
         # Wait for the wasm tier's module (and the jail's fork server): not timed.
-        for _ in range(1200):
-            try:
-                sid, tok = c.create("code-interpreter-v1@wasm")
-                break
-            except RuntimeError as e:
-                if "loading" not in str(e):
-                    raise
-                c = Client(port, key)
-                time.sleep(0.5)
-        c.execute(sid, tok, "1+1")
-        c.kill(sid)
+        c = wasm_client(port, key)
+        cc = wasm_client(cold[1], cold[2]) if cold else None
         sid, tok = c.create("code-interpreter-v1")
         c.execute(sid, tok, "1+1")
         c.kill(sid)
 
-        first = {"jail": [], "wasm": []}
+        first = {"jail": [], "wasm": [], "wasm cold": []}
         trip = {"jail": [], "wasm": []}
+        rounds = [("jail", c, "code-interpreter-v1"), ("wasm", c, "code-interpreter-v1@wasm")]
+        if cc:
+            rounds.append(("wasm cold", cc, "code-interpreter-v1@wasm"))
         for _ in range(a.rounds):
-            for tier, tpl in (("jail", "code-interpreter-v1"), ("wasm", "code-interpreter-v1@wasm")):
+            for tier, cl, tpl in rounds:
                 t0 = time.perf_counter()
-                sid, tok = c.create(tpl)
-                _, text = c.execute(sid, tok, "1+1")
+                sid, tok = cl.create(tpl)
+                _, text = cl.execute(sid, tok, "1+1")
                 first[tier].append((time.perf_counter() - t0) * 1e3)
                 assert text == "2", text
-                c.kill(sid)
+                cl.kill(sid)
         for tier, tpl in (("jail", "code-interpreter-v1"), ("wasm", "code-interpreter-v1@wasm")):
             sid, tok = c.create(tpl)
             c.execute(sid, tok, "1+1")
@@ -148,6 +174,8 @@ def main():
         print(f"create -> first run_code('1+1') result (jail: no pool; wasm: tier pool of {pool}):")
         for tier in ("jail", "wasm"):
             report(tier, first[tier])
+        if cc:
+            report("wasm cold (a second server, RINGFENCE_WASM_POOL=0)", first["wasm cold"])
         print("run_code('1+1') round trip:")
         for tier in ("jail", "wasm"):
             report(tier, trip[tier])
@@ -177,14 +205,18 @@ def main():
             c.kill(sid)
         for f in glob.glob("/var/cache/ringfence/wasm/*.cwasm"):
             print(f"compiled module: {f} {os.path.getsize(f) / 1e6:.0f} MB")
+        print(f"loadavg at the end {os.getloadavg()[0]:.2f}")
         log.flush()
         with open(os.path.join(data, "serve.log")) as f:
             for line in f:
-                if "wasm tier ready" in line:
+                if "wasm tier ready" in line or "kernel image is made" in line:
                     print("server: " + line.strip()[:300])
     finally:
         srv.terminate()
         srv.wait(timeout=30)
+        if cold:
+            cold[0].terminate()
+            cold[0].wait(timeout=30)
         if a.log:
             log.flush()
             subprocess.run(["cp", os.path.join(data, "serve.log"), a.log], check=False)

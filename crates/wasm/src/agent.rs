@@ -83,6 +83,9 @@ struct Shared {
     warm: Mutex<Option<(Session, BTreeMap<String, String>)>>,
     /// Set while that instance is being made (a kernel starting meanwhile waits for it).
     prewarming: AtomicBool,
+    /// Signalled when it is made (or failed): the waiting kernel wakes at once rather than
+    /// at its next poll.
+    warm_made: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -203,6 +206,7 @@ impl Agent {
             cpu_us: AtomicU64::new(0),
             warm: Mutex::new(None),
             prewarming: AtomicBool::new(cfg_prewarm),
+            warm_made: Condvar::new(),
         });
         if shared.cfg.prewarm {
             let s = shared.clone();
@@ -217,15 +221,18 @@ impl Agent {
                         // a failure.
                         tracing::debug!(error = %e, "lowering the prewarm thread's priority");
                     }
-                    match new_kernel_session(&s, &BTreeMap::new()) {
-                        Ok(made) => {
-                            if let Ok(mut w) = s.warm.lock() {
-                                *w = Some(made);
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "preparing a wasm kernel"),
+                    let made = new_kernel_session(&s);
+                    if let Err(e) = &made {
+                        tracing::warn!(error = %e, "preparing a wasm kernel");
                     }
-                    s.prewarming.store(false, Ordering::Release);
+                    // Under the lock, so a kernel waiting on it sees both changes together.
+                    if let Ok(mut w) = s.warm.lock() {
+                        *w = made.ok();
+                        s.prewarming.store(false, Ordering::Release);
+                    } else {
+                        s.prewarming.store(false, Ordering::Release);
+                    }
+                    s.warm_made.notify_all();
                 })
                 .map_err(|e| WasmError::Io { step: "starting the prewarm thread", source: e })?;
         }
@@ -658,13 +665,18 @@ fn sink_for(shared: &Arc<Shared>, id: u64, flow: Arc<Flow>) -> crate::session::S
     })
 }
 
-fn session_spec(shared: &Shared, spec: &SpawnSpec, lang: Lang) -> SessionSpec {
-    let mut env: BTreeMap<String, String> = BTreeMap::from([
+/// The environment every instance starts from, before its owner's variables.
+fn base_env() -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("HOME".into(), "/home/user".into()),
         ("PYTHONTZPATH".into(), String::new()),
         ("TMPDIR".into(), "/tmp".into()),
         ("MPLBACKEND".into(), "Agg".into()),
-    ]);
+    ])
+}
+
+fn session_spec(shared: &Shared, spec: &SpawnSpec, lang: Lang) -> SessionSpec {
+    let mut env = base_env();
     if let Ok(st) = shared.state.lock() {
         env.extend(st.env.clone());
     }
@@ -868,43 +880,44 @@ fn kernel_session(shared: &Arc<Shared>, p: &Pending) -> Result<Session, String> 
     }
     let begun = std::time::Instant::now();
     let end = begun + Duration::from_secs(60);
-    let warm = loop {
-        let w = shared.warm.lock().ok().and_then(|mut w| w.take());
-        if w.is_some()
-            || !shared.prewarming.load(Ordering::Acquire)
-            || std::time::Instant::now() > end
-        {
-            break w;
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let warm = match shared.warm.lock() {
+        Ok(mut w) => loop {
+            let now = std::time::Instant::now();
+            if w.is_some() || !shared.prewarming.load(Ordering::Acquire) || now >= end {
+                break w.take();
+            }
+            match shared.warm_made.wait_timeout(w, end - now) {
+                Ok((g, _)) => w = g,
+                Err(_) => break None,
+            }
+        },
+        Err(_) => None,
     };
     phase("kernel_take_prepared", begun);
     let begun = std::time::Instant::now();
-    let session = match warm {
-        Some((mut s, made_with)) => {
-            // Made before the sandbox had an owner: its environment comes as a set_env, for
-            // what it was not made with (the base, HOME included, it has: a sandbox whose
-            // owner set no variables needs no turn before its first cell).
-            let mut env = shared.state.lock().map(|st| st.env.clone()).unwrap_or_default();
-            env.extend(p.spec.env.clone());
-            env.remove("PATH");
-            env.retain(|k, v| made_with.get(k) != Some(v));
-            if !env.is_empty() {
-                let req = json!({"op": "set_env", "env": env}).to_string();
-                let call = driver_call(Lang::Python, req.as_bytes());
-                let (ended, _) = s.turn(
-                    call.as_bytes(),
-                    Some(Duration::from_secs(5)),
-                    Box::new(|_, _: &[u8]| {}),
-                );
-                if !ended.sound() {
-                    return Err(format!("setting the kernel's environment: {ended:?}"));
-                }
-            }
-            s
-        }
-        None => new_kernel_session(shared, &p.spec.env)?.0,
+    let (mut session, made_with) = match warm {
+        Some(made) => made,
+        None => new_kernel_session(shared)?,
     };
+    phase("kernel_new", begun);
+    let begun = std::time::Instant::now();
+    // Made with the base environment only (a prepared instance before the sandbox had an
+    // owner; any instance from the shared image): the owner's variables come as a set_env,
+    // for what it was not made with (a sandbox whose owner set none needs no turn before its
+    // first cell).
+    let mut env = shared.state.lock().map(|st| st.env.clone()).unwrap_or_default();
+    env.extend(p.spec.env.clone());
+    env.remove("PATH");
+    env.retain(|k, v| made_with.get(k) != Some(v));
+    if !env.is_empty() {
+        let req = json!({"op": "set_env", "env": env}).to_string();
+        let call = driver_call(Lang::Python, req.as_bytes());
+        let (ended, _) =
+            session.turn(call.as_bytes(), Some(Duration::from_secs(5)), Box::new(|_, _: &[u8]| {}));
+        if !ended.sound() {
+            return Err(format!("setting the kernel's environment: {ended:?}"));
+        }
+    }
     phase("kernel_env_turn", begun);
     set_killer(&p.killer, &session);
     Ok(session)
@@ -921,23 +934,33 @@ fn driver_call(lang: Lang, line: &[u8]) -> String {
     }
 }
 
-/// A fresh kernel instance with the driver loaded, and the environment it was given.
-fn new_kernel_session(
-    shared: &Arc<Shared>,
-    env: &BTreeMap<String, String>,
-) -> Result<(Session, BTreeMap<String, String>), String> {
-    let spec = SpawnSpec {
-        cmd: KERNEL_CMD.into(),
+/// A fresh kernel instance with the driver loaded and warmed, and the environment it was
+/// made with: always [`base_env`] alone, whoever's sandbox it is for, because the first one a
+/// runtime makes becomes the image every later one starts from (so nothing of an owner's
+/// environment may be in it; callers add the owner's with a `set_env` turn).
+fn new_kernel_session(shared: &Arc<Shared>) -> Result<(Session, BTreeMap<String, String>), String> {
+    let made_with = base_env();
+    let spec = SessionSpec {
+        lang: Lang::Python,
+        root: shared.cfg.root.path().to_path_buf(),
         args: Vec::new(),
-        env: env.clone(),
-        cwd: None,
-        user: ringfence_proto::SandboxUser::User,
-        stdio: ringfence_proto::StdioMode::Pipe { stdin: true },
-        tag: None,
+        env: made_with.clone().into_iter().collect(),
+        memory: shared.cfg.memory,
+        output_cap: shared.cfg.output_cap,
+        cwd: "/home/user".into(),
     };
-    let spec = session_spec(shared, &spec, Lang::Python);
-    let mut session = Session::new(&shared.cfg.runtime, &spec).map_err(|e| e.to_string())?;
-    let made_with: BTreeMap<String, String> = spec.env.iter().cloned().collect();
+    let rt = &shared.cfg.runtime;
+    let begun = std::time::Instant::now();
+    let mut session = Session::new(rt, &spec).map_err(|e| e.to_string())?;
+    phase("kernel_instance", begun);
+    if let Some(image) = rt.kernel_image.get() {
+        let begun = std::time::Instant::now();
+        session.apply_image(image).map_err(|e| e.to_string())?;
+        phase("kernel_image_written", begun);
+        return Ok((session, made_with));
+    }
+    let made = std::time::Instant::now();
+    let base = session.memory_copy();
     let load = format!(
         "import sys as _s, types as _t\n_m = _t.ModuleType('_ringfence')\nexec(bytes.fromhex('{}').decode(), _m.__dict__)\n_s.modules['_ringfence'] = _m\ndel _s, _t, _m\n",
         hex::encode(DRIVER)
@@ -960,6 +983,25 @@ fn new_kernel_session(
             String::from_utf8_lossy(&errors)
         ));
     }
+    // One cell through the whole path, forgotten again (`warm` in the driver): what a first
+    // cell would otherwise pay once per instance (first parse, compile, result bundle, JSON
+    // and timestamp paths) is in the image. Its protocol lines go nowhere.
+    let (ended, _) = session.turn(
+        b"__import__('_ringfence').warm()\n",
+        Some(Duration::from_secs(60)),
+        Box::new(|_, _: &[u8]| {}),
+    );
+    if ended != Ended::Returned(0) {
+        return Err(format!("warming the kernel driver: {ended:?}"));
+    }
+    let image = session.image_since(&base);
+    tracing::info!(
+        memory_bytes = image.size(),
+        written_bytes = image.bytes(),
+        took_ms = made.elapsed().as_secs_f64() * 1e3,
+        "the wasm tier's kernel image is made (once per server); later kernels start from it"
+    );
+    let _ = rt.kernel_image.set(Arc::new(image));
     Ok((session, made_with))
 }
 

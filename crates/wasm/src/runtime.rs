@@ -57,6 +57,10 @@ pub struct Runtime {
     /// QuickJS, or why there is none.
     pub(crate) js: Result<wasmtime::InstancePre<crate::session::State>, String>,
     pub(crate) stdlib_dir: PathBuf,
+    /// The Python kernel's pre-initialised memory (driver loaded and warmed), made by the
+    /// first kernel instance of this runtime and written into every later one
+    /// (`crate::agent`).
+    pub(crate) kernel_image: std::sync::OnceLock<Arc<crate::session::Image>>,
     /// What loading took, and whether it had to compile first.
     pub load: LoadReport,
     ticking: Arc<AtomicBool>,
@@ -141,6 +145,7 @@ impl Runtime {
             pre,
             js,
             stdlib_dir,
+            kernel_image: std::sync::OnceLock::new(),
             load: LoadReport { cwasm, compiled, cwasm_bytes, deserialize, js: js_report },
             ticking,
         })
@@ -169,6 +174,12 @@ fn load_module(
 }
 
 impl Runtime {
+    /// The Python kernel's pre-initialised image, once the first kernel made it: (linear
+    /// memory size, bytes each kernel writes over the module's image).
+    pub fn kernel_image(&self) -> Option<(usize, usize)> {
+        self.kernel_image.get().map(|i| (i.size(), i.bytes()))
+    }
+
     /// Whether JavaScript can run, and if not, why.
     pub fn js_status(&self) -> Result<(), String> {
         self.js.as_ref().map(drop).map_err(Clone::clone)

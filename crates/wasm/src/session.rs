@@ -426,6 +426,94 @@ impl Session {
     }
 }
 
+/// The unit a kernel image is kept and written in: the host's page, so a written run maps
+/// onto whole copy-on-write pages of the instance's memory.
+const IMAGE_PAGE: usize = 4096;
+
+/// A kernel instance's linear memory once its driver is loaded and warmed, kept as the pages
+/// that differ from the module's own initial image (Wizer-style pre-initialisation, done in
+/// memory: the compiled module stays as it is, so no second compile of CPython's 100 MB).
+///
+/// A new instance is mapped copy-on-write from the module's image as any other and then gets
+/// these pages written over it ([`Session::apply_image`]): a few megabytes of copying instead
+/// of CPython importing the driver's modules from the stdlib zip (tens of milliseconds of
+/// CPU). Besides memory, an instance's state is its globals (only `__stack_pointer` is
+/// mutable, and a turn that returns restores it), its table (fixed size, never written by
+/// CPython) and its WASI context (the same preopens in the same order; a turn leaves no
+/// descriptor open), so memory is all that differs.
+#[derive(Debug)]
+pub struct Image {
+    /// Linear memory size, bytes.
+    size: usize,
+    /// (offset, bytes) runs of pages that differ from the module's initial memory.
+    runs: Vec<(usize, Vec<u8>)>,
+}
+
+impl Image {
+    /// Bytes each instance made from it has written (its private pages to start with).
+    pub fn bytes(&self) -> usize {
+        self.runs.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// Linear memory size, bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Session {
+    /// A copy of the linear memory (the baseline [`Session::image_since`] compares with).
+    pub(crate) fn memory_copy(&self) -> Vec<u8> {
+        self.memory.data(&self.store).to_vec()
+    }
+
+    /// The pages of this instance's memory that differ from `base` (its memory when it was
+    /// instantiated): what turns the module's image into this instance's.
+    pub(crate) fn image_since(&self, base: &[u8]) -> Image {
+        let now = self.memory.data(&self.store);
+        let zero = [0u8; IMAGE_PAGE];
+        let mut runs: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, page) in now.chunks(IMAGE_PAGE).enumerate() {
+            let off = i * IMAGE_PAGE;
+            let old = base.get(off..(off + page.len()).min(base.len())).unwrap_or(&[]);
+            let same =
+                if old.len() == page.len() { old == page } else { page == &zero[..page.len()] };
+            if same {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, bytes)) if *start + bytes.len() == off => {
+                    bytes.extend_from_slice(page)
+                }
+                _ => runs.push((off, page.to_vec())),
+            }
+        }
+        Image { size: now.len(), runs }
+    }
+
+    /// Makes this fresh instance's memory the image's: grows it to the image's size and
+    /// writes the pages that differ.
+    pub(crate) fn apply_image(&mut self, image: &Image) -> Result<(), WasmError> {
+        let have = self.memory.data_size(&self.store);
+        if image.size > have {
+            let pages = ((image.size - have) as u64).div_ceil(self.memory.page_size(&self.store));
+            self.memory.grow(&mut self.store, pages).map_err(|e| {
+                WasmError::Setup(format!(
+                    "growing the kernel's memory to its pre-initialised {} MiB (the sandbox's \
+                     memory limit is below it?): {e}",
+                    image.size >> 20
+                ))
+            })?;
+        }
+        for (off, bytes) in &image.runs {
+            self.memory
+                .write(&mut self.store, *off, bytes)
+                .map_err(|e| WasmError::Setup(format!("writing the kernel's image: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// `host.call`, the module's door to its embedder: this host offers nothing through it.
 const NO_HOST: i32 = -1;
 

@@ -524,3 +524,136 @@ fn the_javascript_kernel_speaks_the_protocol_with_state_and_errors() {
     let m = exec(&mut c, "x");
     assert_eq!(find(&m, "result").unwrap()["text"], "41");
 }
+
+// ---- the Python kernel's pre-initialised image ----
+
+/// A kernel of `a`'s, spoken to over its channel `c`.
+struct Kernel {
+    c: UnixStream,
+    pid: u32,
+    buf: Vec<u8>,
+    n: u64,
+}
+
+impl Kernel {
+    fn start(c: UnixStream, env: BTreeMap<String, String>) -> Kernel {
+        let mut k = Kernel { c, pid: 0, buf: Vec::new(), n: 100 };
+        let spawn = Request::Spawn(SpawnSpec {
+            cmd: ringfence_wasm::KERNEL_CMD.into(),
+            args: vec![],
+            env,
+            cwd: None,
+            user: SandboxUser::User,
+            stdio: StdioMode::Pipe { stdin: true },
+            tag: None,
+        });
+        ringfence_proto::write_frame(&mut k.c, &Envelope { id: 1, request: spawn }).unwrap();
+        let ready = k.lines_until(&|v| v["type"] == "ready");
+        assert_eq!(ready.last().unwrap()["language"], "python");
+        k
+    }
+
+    /// Kernel lines (stdout of subscription 1) until one satisfies `stop`.
+    fn lines_until(&mut self, stop: &dyn Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let mut got = Vec::new();
+        loop {
+            while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                let end = stop(&v);
+                got.push(v);
+                if end {
+                    return got;
+                }
+            }
+            match ringfence_proto::read_frame::<_, Event>(&mut self.c).unwrap().unwrap() {
+                Event::Stdout { id: 1, data } => self.buf.extend_from_slice(&data),
+                Event::Stderr { id: 1, data } => {
+                    panic!("kernel stderr: {}", String::from_utf8_lossy(&data))
+                }
+                Event::Response { id: 1, result: Ok(Reply::Spawned { pid }) } => self.pid = pid,
+                Event::Exited { id: 1, .. } => panic!("the kernel exited"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a cell; (execution count, the result's text or the error's `name: value`).
+    fn exec(&mut self, code: &str) -> (i64, String) {
+        self.n += 1;
+        let line = serde_json::json!({"op": "execute", "id": format!("e{}", self.n), "code": code})
+            .to_string()
+            + "\n";
+        let req = Request::WriteStdin { pid: self.pid, data: line.into_bytes() };
+        ringfence_proto::write_frame(&mut self.c, &Envelope { id: self.n, request: req }).unwrap();
+        let msgs = self.lines_until(&|v| v["type"] == "end_of_execution");
+        let count = msgs
+            .iter()
+            .find(|m| m["type"] == "number_of_executions")
+            .and_then(|m| m["execution_count"].as_i64())
+            .unwrap();
+        let out = msgs
+            .iter()
+            .find_map(|m| match m["type"].as_str() {
+                Some("result") => Some(m["text"].as_str().unwrap().to_string()),
+                Some("error") => Some(format!("{}: {}", m["name"], m["value"])),
+                _ => None,
+            })
+            .unwrap_or_default();
+        (count, out)
+    }
+}
+
+fn agent_with_env(rt: Arc<Runtime>, sb: &Sandbox, env: &[(&str, &str)]) -> (Agent, UnixStream) {
+    let a = Agent::start(AgentConfig {
+        runtime: rt,
+        root: sb.root.clone(),
+        memory: Some(512 << 20),
+        output_cap: 1 << 20,
+        call_timeout: Some(Duration::from_secs(30)),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        prewarm: false,
+        prewarm_nice: 0,
+    })
+    .unwrap();
+    let c = a.control().unwrap();
+    (a, c)
+}
+
+/// Every Python kernel after a runtime's first starts from the image the first one left
+/// (driver loaded, one cell run and forgotten): each must still be a fresh interpreter of its
+/// own, with its owner's environment and nothing of another sandbox's, numbering its cells
+/// from 1, with a random state of its own.
+#[test]
+fn kernels_from_the_pre_initialised_image_are_fresh_and_their_owners() {
+    let Some(rt) = runtime() else { return };
+    let (sa, sb) = (sandbox(16 << 20), sandbox(16 << 20));
+    let (_a, ca) = agent_with_env(rt.clone(), &sa, &[("OWNER", "alice"), ("ONLY_A", "1")]);
+    let mut ka = Kernel::start(ca, BTreeMap::new());
+    assert!(rt.kernel_image().is_some(), "no image after the first kernel");
+    let (n, _) = ka.exec("secret = 'alice-data'\nopen('mine.txt', 'w').write('a')");
+    assert_eq!(n, 1, "a kernel's first cell is number 1");
+    let (_, r) = ka.exec("import random, os; (os.environ['OWNER'], random.random())");
+    let ra: String = r;
+    assert!(ra.starts_with("('alice'"), "{ra}");
+
+    let t = Instant::now();
+    let (_b, cb) = agent_with_env(rt, &sb, &[("OWNER", "bob")]);
+    let mut kb = Kernel::start(cb, BTreeMap::from([("CTX".to_string(), "ctx-b".to_string())]));
+    eprintln!("kernel from the image ready in {:?}", t.elapsed());
+    let (n, r) = kb.exec("'secret' in globals(), '_' in globals()");
+    assert_eq!((n, r.as_str()), (1, "(False, False)"), "the image carries no cell's state");
+    let (_, r) = kb.exec(
+        "import os; (os.environ.get('OWNER'), os.environ.get('ONLY_A'), os.environ.get('CTX'), \
+         os.environ.get('HOME'), os.getcwd())",
+    );
+    assert_eq!(r, "('bob', None, 'ctx-b', '/home/user', '/home/user')");
+    let (_, r) = kb.exec("import os; sorted(os.listdir('.')), open('new.txt', 'w').write('b')");
+    assert_eq!(r, "([], 1)", "its own directory: nothing of the other sandbox's");
+    let (_, r) = kb.exec("import random; random.random()");
+    assert!(!ra.contains(&r), "the same random sequence in two sandboxes: {ra} / {r}");
+    let (_, r) = kb.exec("1/0");
+    assert!(r.contains("ZeroDivisionError"), "{r}");
+    let (n, r) = kb.exec("x = 2\nx * 21");
+    assert_eq!((n, r.as_str()), (6, "42"));
+}
