@@ -46,8 +46,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the pool waits after handing out a sandbox before making its replacement: the
 /// sandbox's create answer, its context start and usually its first cell happen in this
 /// window, and a replacement made meanwhile (a tmpfs mount, an instance's memory mapped, the
-/// driver imported: ~30 ms of CPU) would compete with them for the same cores and for this
-/// process's memory map (docs/PERFORMANCE.md, "The `wasm` tier's pooled create, piece by
+/// kernel image written over it: ~4 ms of CPU since kernels start from the pre-initialised
+/// image, ~30 ms when each imported the driver) would compete with them for the same cores
+/// and for this process's memory map (docs/PERFORMANCE.md, "The `wasm` tier's pooled create, piece by
 /// piece").
 const REFILL_DELAY: Duration = Duration::from_millis(25);
 /// The nice value the pool's replacement instances are made at: the usual priority. At 19
