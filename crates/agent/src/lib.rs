@@ -113,28 +113,45 @@ fn send(control: &mut UnixStream, event: &Event) -> Result<(), ()> {
     control.write_all(&bytes).map_err(drop)
 }
 
-/// Gives the host the seccomp listener and, with a tmpfs disk, the stage directory. The host
+/// Descriptors offered to the host with [`MARK_PULL`], held until it answers.
+struct Offered {
+    listener: Option<OwnedFd>,
+    stage: Option<OwnedFd>,
+}
+
+/// Offers the host the seccomp listener and, with a tmpfs disk, the stage directory. The host
 /// takes them with `pidfd_getfd`, so that no descriptor is sent from this sandbox's uid (see
-/// [`MARK_PULL`]); only where that is refused do they come over the channel.
-fn hand_over(
+/// [`MARK_PULL`]); only where that is refused do they come over the channel ([`settle`]).
+/// Returns what is offered, to be settled once the host answers.
+fn offer(
     control: &mut UnixStream,
-    listener: Option<&OwnedFd>,
-    stage: Option<&OwnedFd>,
-) -> Result<(), ()> {
+    listener: Option<OwnedFd>,
+    stage: Option<OwnedFd>,
+) -> Result<Option<Offered>, ()> {
     if listener.is_none() && stage.is_none() {
-        return ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
-            .map_err(drop);
+        ringfence_sys::send_with_fd(control.as_raw_fd(), &[MARK_NO_LISTENER], None)
+            .map_err(drop)?;
+        return Ok(None);
     }
     let mut msg = vec![MARK_PULL];
-    for fd in [listener, stage] {
+    for fd in [listener.as_ref(), stage.as_ref()] {
         msg.extend_from_slice(&fd.map_or(-1, AsRawFd::as_raw_fd).to_le_bytes());
     }
     control.write_all(&msg).map_err(drop)?;
+    Ok(Some(Offered { listener, stage }))
+}
+
+/// Waits for the host's answer to an [`offer`], sends the descriptors if it asks for them,
+/// and closes this process's copies either way. The host supervises the filter: nothing in
+/// here may keep the listener. The stage (a tmpfs writable layer's parent) is the host's too:
+/// kept here, it would be a way out of the sandbox's root through /proc/1/fd.
+fn settle(control: &mut UnixStream, offered: Offered) -> Result<(), ()> {
     let mut ack = [0u8; 1];
     std::io::Read::read_exact(control, &mut ack).map_err(drop)?;
     match ack[0] {
         ACK_TAKEN => Ok(()),
         ACK_SEND => {
+            let Offered { listener, stage } = &offered;
             let mark = if listener.is_some() { MARK_LISTENER } else { MARK_NO_LISTENER };
             let fds: Vec<_> = listener.iter().chain(stage.iter()).map(|f| f.as_raw_fd()).collect();
             ringfence_sys::send_with_fds(control.as_raw_fd(), &[mark], &fds).map_err(drop)
@@ -200,14 +217,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     };
     spawn::set_allow_setuid(spec.allow_setuid);
     spawn::set_sandbox_env(spec.env.clone());
-    let listener: Option<OwnedFd> = outcome.listener;
-    let stage: Option<OwnedFd> = outcome.stage;
-    hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
-    // The host supervises the filter; nothing in here may keep the listener. The stage (a
-    // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
-    // the sandbox's root through /proc/1/fd.
-    drop(listener);
-    drop(stage);
+    let offered = offer(&mut control, outcome.listener, outcome.stage)?;
     if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {
         let _ = send(
             &mut control,
@@ -218,18 +228,30 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         );
     }
 
-    start_and_serve(control, &spec, phases, outcome.landlock_abi, outcome.reconnect)
+    start_and_serve(control, &spec, phases, offered, outcome.landlock_abi, outcome.reconnect)
 }
 
 /// What every tier's agent does once its sandbox is built: start the initial process if there
 /// is one, report ready, then either see the one-shot process through or serve requests.
+///
+/// `offered` (the jail's) is settled before the initial process starts, so that no process
+/// of the sandbox's ever runs beside the agent's copies of the descriptors; with no initial
+/// process (a server's sandbox), after `Ready` is sent: the host reads `Ready` as soon as it
+/// has answered the offer, instead of one more round trip later (`Sandbox::start` expects
+/// that order from `SetupSpec::initial`).
 fn start_and_serve(
     mut control: UnixStream,
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
+    mut offered: Option<Offered>,
     landlock_abi: Option<u32>,
     reconnect: Option<std::os::unix::net::UnixListener>,
 ) -> Result<ExitCode, ()> {
+    if spec.initial.is_some()
+        && let Some(o) = offered.take()
+    {
+        settle(&mut control, o)?;
+    }
     let mut initial_pid = None;
     let mut initial_error = None;
     if let Some(init) = &spec.initial {
@@ -242,6 +264,9 @@ fn start_and_serve(
         }
     }
     send(&mut control, &Event::Ready(Ready { phases, landlock_abi, initial_pid }))?;
+    if let Some(o) = offered.take() {
+        settle(&mut control, o)?;
+    }
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
         if spec.exit_with_initial {
@@ -318,7 +343,7 @@ fn gvisor_run(
     ringfence_jail::phase(&mut phases, "gvisor_setup");
     spawn::set_sandbox_env(spec.env.clone());
     control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
-    start_and_serve(control, spec, phases, None, None)
+    start_and_serve(control, spec, phases, None, None, None)
 }
 
 /// The microvm tier's start: build the guest's root ([`microvm::boot`]), then read the setup
@@ -348,7 +373,7 @@ fn microvm_main() -> ExitCode {
     spawn::set_sandbox_env(spec.env.clone());
     if control.write_all(&[MARK_NO_LISTENER]).is_ok() {
         // With the bridge's listener: a host that goes is not the end (see `microvm::bridge`).
-        let _ = start_and_serve(control, &spec, phases, None, Some(reconnect));
+        let _ = start_and_serve(control, &spec, phases, None, None, Some(reconnect));
     }
     microvm::power_off()
 }

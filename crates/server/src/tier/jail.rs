@@ -290,6 +290,12 @@ impl Tier for JailTier {
         };
         let disk_bytes = spec.limits.disk;
         let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
+        if crate::phases::enabled() {
+            let phases = sb.phases();
+            let steps: Vec<(&str, u64)> =
+                phases.iter().map(|p| (p.name.as_str(), p.at_ns)).collect();
+            crate::phases::steps("jail_start", &steps);
+        }
         self.replenish_disks(disk_bytes);
         let listener = sb.take_listener();
         Ok(JailInstance {
