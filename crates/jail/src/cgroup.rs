@@ -304,6 +304,19 @@ impl Pool {
         Err(CgroupError::Exhausted(MAX_SLOTS))
     }
 
+    /// Makes `n` slots ready for this process's next claims and lets them go again: each
+    /// slot's directories exist, `limits` are written and, with spawners, one is parked there
+    /// (the slot's first claim pays its start and its move into the slot, an RCU grace period
+    /// on cgroup v1). Released, they are the first ones the next claims try. Returns how many
+    /// were made ready (fewer where the pool ran out).
+    pub fn prepare(&self, n: usize, limits: &Limits) -> Result<usize, CgroupError> {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(self.claim(limits)?);
+        }
+        Ok(held.len())
+    }
+
     /// Takes the lock of a specific slot without touching its processes or limits, to
     /// reattach to a sandbox an earlier process started there. Fails if someone holds it.
     pub fn adopt(&self, slot: u32) -> Result<Lease, CgroupError> {
