@@ -216,6 +216,10 @@ pub const ACK_TAKEN: u8 = b'K';
 /// an LSM): send it instead.
 pub const ACK_SEND: u8 = b'S';
 
+/// What [`Sandbox::recv_marker`] received: the marker, the descriptors it carried and, where
+/// the agent's event came ahead of them, that event (see there).
+type Handover = (u8, Vec<OwnedFd>, Option<Option<Event>>);
+
 impl Sandbox {
     /// Starts a sandbox and waits until its agent is ready.
     pub fn start(
@@ -473,11 +477,7 @@ impl Sandbox {
     /// fewer per start. That event is read here where it precedes the descriptors (the
     /// refused case) and returned as the third value; `None` there means the caller reads it
     /// next from the channel.
-    fn recv_marker(
-        &mut self,
-        limit: Duration,
-        early_ready: bool,
-    ) -> Result<(u8, Vec<OwnedFd>, Option<Option<Event>>), JailError> {
+    fn recv_marker(&mut self, limit: Duration, early_ready: bool) -> Result<Handover, JailError> {
         let stage = usize::from(self.disk.is_none());
         let (byte, fds) = self.recv_marker_byte(limit)?;
         if byte != MARK_PULL || !fds.is_empty() {
