@@ -235,10 +235,13 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
 /// is one, report ready, then either see the one-shot process through or serve requests.
 ///
 /// `offered` (the jail's) is settled before the initial process starts, so that no process
-/// of the sandbox's ever runs beside the agent's copies of the descriptors; with no initial
-/// process (a server's sandbox), after `Ready` is sent: the host reads `Ready` as soon as it
-/// has answered the offer, instead of one more round trip later (`Sandbox::start` expects
-/// that order from `SetupSpec::initial`).
+/// of the sandbox's ever runs beside the agent's copies of the descriptors. With no initial
+/// process (a server's sandbox) and no stage among them (a disk of its own), after `Ready`
+/// is sent: the host reads `Ready` as soon as it has answered the offer, instead of one more
+/// round trip later, and nothing runs in the sandbox before this agent, which settles first,
+/// serves a request. `Sandbox::start` expects the same order from the same two facts. A
+/// stage (the tmpfs backend's writable layer's parent) is settled before `Ready`, so that
+/// when the host's start returns the agent holds no directory.
 fn start_and_serve(
     mut control: UnixStream,
     spec: &SetupSpec,
@@ -247,9 +250,7 @@ fn start_and_serve(
     landlock_abi: Option<u32>,
     reconnect: Option<std::os::unix::net::UnixListener>,
 ) -> Result<ExitCode, ()> {
-    if spec.initial.is_some()
-        && let Some(o) = offered.take()
-    {
+    if let Some(o) = offered.take_if(|o| spec.initial.is_some() || o.stage.is_some()) {
         settle(&mut control, o)?;
     }
     let mut initial_pid = None;
