@@ -142,7 +142,10 @@ def main():
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     log = open(os.path.join(data, "serve.log"), "w")
     srv = subprocess.Popen([a.bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-                            "--pids", "256"], stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn"))
+                            "--pids", "256"], stdout=log, stderr=log,
+                           # RINGFENCE_PHASES=1 needs info level for its target: keep a level the
+                           # caller set (then bench/phases.py reads DATA/serve.log).
+                           env=dict(os.environ, RINGFENCE_LOG=os.environ.get("RINGFENCE_LOG", "warn")))
     try:
         # A debug build on a loaded host takes well over 5 s to start serving (its disk probe).
         deadline = time.monotonic() + 120
@@ -156,7 +159,7 @@ def main():
                     sys.exit(f"the server did not come up; its log: {open(log.name).read()[-2000:]}")
                 time.sleep(0.05)
         print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; nproc {os.cpu_count()}; "
-              f"loadavg {os.getloadavg()[0]:.2f}")
+              f"loadavg {os.getloadavg()[0]:.2f}; log {log.name}")
         c = Client(port, key)
         for _ in range(3):
             cycle(c)  # warm-up

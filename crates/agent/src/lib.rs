@@ -226,13 +226,25 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     // allowlist. A call of the initial process that the filter refers to the host waits
     // until the host supervises it.
     let (initial_pid, initial_error) = start_initial(&spec, &mut phases);
-    if answer_due {
-        complete_hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
-    }
-    // The host supervises the filter; nothing in here may keep the listener. The stage (a
-    // tmpfs writable layer's parent) is the host's too: kept here, it would be a way out of
-    // the sandbox's root through /proc/1/fd.
-    drop(listener);
+    // A server's sandbox on a disk of its own (no initial process, no stage to hand over)
+    // sends `Ready` before waiting for the host's answer: the host reads it as soon as it has
+    // answered, one round trip fewer per start (`Sandbox::start` expects this order from the
+    // same two facts). Nothing runs in such a sandbox before this agent has completed the
+    // hand-over and serves a request. A stage is always settled before `Ready`, so that when
+    // the host's start returns the agent holds no directory.
+    let early_ready = answer_due && spec.initial.is_none() && stage.is_none();
+    let deferred = if early_ready {
+        Some(listener)
+    } else {
+        if answer_due {
+            complete_hand_over(&mut control, listener.as_ref(), stage.as_ref())?;
+        }
+        // The host supervises the filter; nothing in here may keep the listener. The stage
+        // (a tmpfs writable layer's parent) is the host's too: kept here, it would be a way
+        // out of the sandbox's root through /proc/1/fd.
+        drop(listener);
+        None
+    };
     drop(stage);
     if outcome.landlock_abi.is_none() && !spec.writable.is_empty() {
         let _ = send(
@@ -248,7 +260,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         control,
         &spec,
         phases,
-        outcome.landlock_abi,
+        (outcome.landlock_abi, deferred),
         outcome.reconnect,
         (initial_pid, initial_error),
     )
@@ -264,7 +276,7 @@ fn start_and_serve(
     reconnect: Option<std::os::unix::net::UnixListener>,
 ) -> Result<ExitCode, ()> {
     let initial = start_initial(spec, &mut phases);
-    report_and_serve(control, spec, phases, landlock_abi, reconnect, initial)
+    report_and_serve(control, spec, phases, (landlock_abi, None), reconnect, initial)
 }
 
 /// Starts the initial process, if the setup names one: its pid, or why it could not start.
@@ -290,11 +302,16 @@ fn report_and_serve(
     mut control: UnixStream,
     spec: &SetupSpec,
     phases: Vec<ringfence_proto::Phase>,
-    landlock_abi: Option<u32>,
+    (landlock_abi, deferred): (Option<u32>, Option<Option<OwnedFd>>),
     reconnect: Option<std::os::unix::net::UnixListener>,
     (initial_pid, initial_error): (Option<u32>, Option<ringfence_proto::AgentError>),
 ) -> Result<ExitCode, ()> {
     send(&mut control, &Event::Ready(Ready { phases, landlock_abi, initial_pid }))?;
+    // The hand-over `run` left until after `Ready` (see there): completed before any request
+    // is served, and this process's copy of the listener closed.
+    if let Some(listener) = deferred {
+        complete_hand_over(&mut control, listener.as_ref(), None)?;
+    }
     if let Some(err) = initial_error {
         send(&mut control, &Event::Response { id: 0, result: Err(err) })?;
         if spec.exit_with_initial {

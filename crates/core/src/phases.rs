@@ -85,6 +85,28 @@ pub fn span(what: &'static str, begun: Instant) {
     }
 }
 
+/// Logs the steps of one piece of work timed elsewhere (a jail's start-up phases, host's and
+/// agent's, on one CLOCK_MONOTONIC time line): `steps` are (name, time in nanoseconds) in
+/// order, the first one the start; each step's figure is the time since the one before.
+pub fn steps(what: &'static str, steps: &[(&str, u64)]) {
+    use std::fmt::Write as _;
+    if !enabled() || steps.len() < 2 {
+        return;
+    }
+    let mut parts = String::new();
+    for w in steps.windows(2) {
+        let _ = write!(parts, " {}={:.3}", w[1].0, w[1].1.saturating_sub(w[0].1) as f64 / 1e6);
+    }
+    let took = Duration::from_nanos(steps[steps.len() - 1].1.saturating_sub(steps[0].1));
+    let begun = Instant::now().checked_sub(took).unwrap_or_else(origin);
+    tracing::info!(
+        target: "ringfence::phases",
+        "{what} at={:.3}ms took={:.3}ms:{parts}",
+        ms(begun.saturating_duration_since(origin())),
+        ms(took)
+    );
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

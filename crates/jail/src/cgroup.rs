@@ -350,6 +350,19 @@ impl Pool {
         Err(CgroupError::Exhausted(MAX_SLOTS))
     }
 
+    /// Makes `n` slots ready for this process's next claims and lets them go again: each
+    /// slot's directories exist, `limits` are written and, with spawners, one is parked there
+    /// (the slot's first claim pays its start and its move into the slot, an RCU grace period
+    /// on cgroup v1). Released, they are the first ones the next claims try. Returns how many
+    /// were made ready (fewer where the pool ran out).
+    pub fn prepare(&self, n: usize, limits: &Limits) -> Result<usize, CgroupError> {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(self.claim(limits)?);
+        }
+        Ok(held.len())
+    }
+
     /// Takes the lock of a specific slot without touching its processes or limits, to
     /// reattach to a sandbox an earlier process started there. Fails if someone holds it.
     pub fn adopt(&self, slot: u32) -> Result<Lease, CgroupError> {
@@ -452,6 +465,19 @@ fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
     f.write_all(value.as_bytes()).map_err(io_err("write", path))
 }
 
+/// Writes a CPU bandwidth file (`cpu.max`, `cpu.cfs_period_us`, `cpu.cfs_quota_us`) unless it
+/// already holds `value`, as a reused slot's usually does. Every write of one of these
+/// takes the kernel's global bandwidth mutex and walks every CPU cgroup on the host to check
+/// the new quota against its parents' (`tg_set_cfs_bandwidth`): ~0.2 ms a write with the
+/// ~5,000 CPU cgroups of the development host, and concurrent creates queue on that mutex.
+/// Reading one back is a lookup; the kernel prints these files in the form written here.
+fn write_cpu_bandwidth(path: &Path, value: &str) -> Result<(), CgroupError> {
+    if fs::read_to_string(path).is_ok_and(|now| now.trim() == value) {
+        return Ok(());
+    }
+    write_file(path, value)
+}
+
 fn read_key(path: &Path, key: &str) -> Option<u64> {
     let text = fs::read_to_string(path).ok()?;
     text.lines().find_map(|l| {
@@ -539,7 +565,7 @@ impl Lease {
                 )?;
                 let cpu =
                     l.cpu_millis.map_or("max 100000".into(), |m| format!("{} 100000", m * 100));
-                write_file(&d.join("cpu.max"), &cpu)?;
+                write_cpu_bandwidth(&d.join("cpu.max"), &cpu)?;
             }
             Layout::V1 { .. } => {
                 let (mem, pids, cpu) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
@@ -561,9 +587,9 @@ impl Lease {
                     &pids.join("pids.max"),
                     &l.pids.map_or("max".into(), |p| (p + 1).to_string()),
                 )?;
-                write_file(&cpu.join("cpu.cfs_period_us"), "100000")?;
+                write_cpu_bandwidth(&cpu.join("cpu.cfs_period_us"), "100000")?;
                 let quota = l.cpu_millis.map_or("-1".to_string(), |m| (m * 100).to_string());
-                write_file(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+                write_cpu_bandwidth(&cpu.join("cpu.cfs_quota_us"), &quota)?;
             }
         }
         Ok(())
@@ -866,6 +892,53 @@ mod tests {
         assert_eq!(pool.own_spawner_slots(), [3, 7], "this build's, of this prefix, in order");
         let without = Pool::new(Layout::V2 { root: locks.path().into() }, "r", "run", "/x".into());
         assert!(without.own_spawner_slots().is_empty(), "no spawners, no preference");
+    }
+
+    #[test]
+    fn a_reused_slot_gets_a_changed_cpu_quota_and_keeps_an_unchanged_one_unwritten() {
+        if ringfence_sys::euid() != 0 {
+            eprintln!("SKIPPED: needs root (cgroups)");
+            return;
+        }
+        let Ok(layout) = Layout::detect() else {
+            eprintln!("SKIPPED: no usable cgroup hierarchy");
+            return;
+        };
+        let locks = tempfile::tempdir().unwrap();
+        let prefix = format!("cpuq{}", std::process::id());
+        let pool = Pool::new(layout.clone(), "ringfence", &prefix, locks.path().to_path_buf());
+        let file = match &layout {
+            Layout::V2 { .. } => "cpu.max",
+            Layout::V1 { .. } => "cpu.cfs_quota_us",
+        };
+        let quota = |lease: &Lease| {
+            let dir = match &layout {
+                Layout::V2 { .. } => &lease.dirs[0],
+                Layout::V1 { .. } => &lease.dirs[2],
+            };
+            (dir.join(file), fs::read_to_string(dir.join(file)).unwrap().trim().to_string())
+        };
+        let half = Limits { cpu_millis: Some(500), ..Limits::default() };
+        let lease = pool.claim(&half).unwrap();
+        let (path, q) = quota(&lease);
+        assert!(q == "50000" || q == "50000 100000", "half a CPU: {q}");
+        // A sysfs file's mtime moves with each write: the same limits leave it alone.
+        let written = fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(lease);
+        let lease = pool.claim(&half).unwrap();
+        assert_eq!(quota(&lease).0, path, "the released slot again");
+        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), written, "rewritten");
+        drop(lease);
+        // Other limits on the same slot are written.
+        let lease = pool.claim(&Limits { cpu_millis: None, ..Limits::default() }).unwrap();
+        let (_, q) = quota(&lease);
+        assert!(q == "-1" || q == "max 100000", "no CPU limit: {q}");
+        let slot = lease.slot();
+        drop(lease);
+        let dirs = pool.slot_dirs(slot);
+        pool.collect_garbage().unwrap();
+        assert!(dirs.iter().all(|d| !d.exists()), "slot directories left: {dirs:?}");
     }
 
     #[test]

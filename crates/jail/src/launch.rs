@@ -216,6 +216,10 @@ pub const ACK_TAKEN: u8 = b'K';
 /// an LSM): send it instead.
 pub const ACK_SEND: u8 = b'S';
 
+/// What [`Sandbox::recv_marker`] received: the marker, the descriptors it carried and, where
+/// the agent's event came ahead of them, that event (see there).
+type Handover = (u8, Vec<OwnedFd>, Option<Option<Event>>);
+
 impl Sandbox {
     /// Starts a sandbox and waits until its agent is ready.
     pub fn start(
@@ -392,13 +396,17 @@ impl Sandbox {
             packet_relay: None,
             guest_nic: None,
         };
+        // Without an initial process or a stage to hand over (a disk of its own), the agent
+        // sends `Ready` right after offering its descriptors, before the answer (see
+        // `recv_marker`).
+        let early_ready = setup.initial.is_none() && self.disk.is_some();
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;
         self.send_trees(&spec.template.rootfs, &spec.layers, spec.allow_setuid, &spec.volumes)?;
         crate::phase(&mut self.phases, "lowers_sent");
         self.control.set_read_timeout(Some(spec.setup_timeout)).map_err(io_op("set timeout"))?;
-        let (mark, mut fds) = self.recv_marker(spec.setup_timeout)?;
+        let (mark, mut fds, early) = self.recv_marker(spec.setup_timeout, early_ready)?;
         // Without a disk of its own, the agent hands over its stage (the tmpfs upper layer's
         // parent) after the listener, and keeps no copy.
         if self.disk.is_none() && mark != MARK_ERROR {
@@ -410,8 +418,12 @@ impl Sandbox {
         if !fds.is_empty() {
             return Err(JailError::Protocol(format!("marker {mark:#x} with extra descriptors")));
         }
-        let event: Option<Event> =
-            read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?;
+        let event: Option<Event> = match early {
+            Some(event) => event,
+            None => {
+                read_frame(&mut self.control).map_err(|e| self.timeout_or(e, spec.setup_timeout))?
+            }
+        };
         self.control.set_read_timeout(None).map_err(io_op("clear timeout"))?;
         match (mark, event) {
             (MARK_LISTENER | MARK_NO_LISTENER, Some(Event::Ready(r))) => {
@@ -472,11 +484,17 @@ impl Sandbox {
     /// Receives the agent's marker and, with it, the seccomp listener (marker `F`) and, for a
     /// tmpfs disk, the stage directory, in that order: taken with `pidfd_getfd` when the agent
     /// offers them ([`MARK_PULL`]), sent by it only where that is refused.
-    fn recv_marker(&mut self, limit: Duration) -> Result<(u8, Vec<OwnedFd>), JailError> {
+    ///
+    /// With `early_ready` (no initial process), an agent that offers descriptors sends its
+    /// next event right after the offer, without waiting for the answer: one round trip
+    /// fewer per start. That event is read here where it precedes the descriptors (the
+    /// refused case) and returned as the third value; `None` there means the caller reads it
+    /// next from the channel.
+    fn recv_marker(&mut self, limit: Duration, early_ready: bool) -> Result<Handover, JailError> {
         let stage = usize::from(self.disk.is_none());
         let (byte, fds) = self.recv_marker_byte(limit)?;
         if byte != MARK_PULL || !fds.is_empty() {
-            return Self::check_sent(byte, fds, stage);
+            return Self::check_sent(byte, fds, stage).map(|(b, f)| (b, f, None));
         }
         let mut nums = [0u8; 8];
         self.control.read_exact(&mut nums).map_err(io_op("read descriptor numbers"))?;
@@ -491,13 +509,20 @@ impl Sandbox {
         match taken {
             Ok(fds) => {
                 self.control.write_all(&[ACK_TAKEN]).map_err(io_op("ack descriptors"))?;
-                Ok((if listener >= 0 { MARK_LISTENER } else { MARK_NO_LISTENER }, fds))
+                Ok((if listener >= 0 { MARK_LISTENER } else { MARK_NO_LISTENER }, fds, None))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "taking the agent's descriptors failed; asking for them");
                 self.control.write_all(&[ACK_SEND]).map_err(io_op("ask for descriptors"))?;
+                // The agent's early event is ahead of the descriptors in the stream; read
+                // exactly its frame, so the marker byte that carries them is left whole.
+                let early = if early_ready {
+                    Some(read_frame(&mut self.control).map_err(|e| self.timeout_or(e, limit))?)
+                } else {
+                    None
+                };
                 let (byte, fds) = self.recv_marker_byte(limit)?;
-                Self::check_sent(byte, fds, stage)
+                Self::check_sent(byte, fds, stage).map(|(b, f)| (b, f, early))
             }
         }
     }

@@ -57,12 +57,25 @@ pub struct JailTier {
     keeper: Option<Keeper>,
     /// A thread is making disks ahead (at most one at a time).
     replenishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cgroup slots were made ready ahead (once, at the first start).
+    slots_ready: std::sync::atomic::AtomicBool,
 }
 
 /// Disks kept made ahead for the size in use: a create takes one instead of copying an image,
-/// attaching a loop device and mounting it (see `ringfence_jail::disk::DiskPool::with_spares`);
-/// two, so a burst of creates finds one while the next is being made.
-const DISKS_AHEAD: usize = 2;
+/// attaching a loop device and mounting it (see `ringfence_jail::disk::DiskPool::with_spares`).
+/// Eight, so that a burst of eight concurrent creates (`bench/api.py --concurrency 8`) finds
+/// one each: a disk made inside a create queues behind the others' loop-device setups (each
+/// waits for an RCU grace period on a host as it comes) and took 200–250 ms of such a create
+/// (debug build, loaded host) when only two were kept. An idle spare holds a loop device, a
+/// mounted ext4 and ~100 KiB of sparse image.
+const DISKS_AHEAD: usize = 8;
+
+/// Cgroup slots made ready (directories, limits, a parked spawner) at the first start, for
+/// the same burst: a slot's first claim otherwise pays `mkdir` in each v1 hierarchy, the
+/// spawner's start and its move into the slot (30–90 ms of each of the first eight concurrent
+/// creates, measured as for [`DISKS_AHEAD`]). An idle spawner exits after ten minutes
+/// (`ringfence_jail::spawner::IDLE_EXIT`); the slot's next claim starts another.
+const SLOTS_AHEAD: usize = 8;
 
 fn setup(step: &str) -> impl FnOnce(&dyn std::fmt::Display) -> TierError + '_ {
     move |e| TierError::Setup(format!("{step}: {e}"))
@@ -115,6 +128,7 @@ impl JailTier {
             templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
             keeper,
             replenishing: Default::default(),
+            slots_ready: Default::default(),
         })
     }
 
@@ -152,6 +166,25 @@ impl JailTier {
         });
         if spawned.is_err() {
             self.replenishing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Makes [`SLOTS_AHEAD`] cgroup slots ready on a thread of its own, once: at the first
+    /// start rather than at construction, so that a starting server's sweep of slots nobody
+    /// holds (`Tier::sweep`) has run by then.
+    fn prepare_slots(&self, limits: &ringfence_jail::limits::Limits) {
+        use std::sync::atomic::Ordering;
+        if self.slots_ready.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, limits) = (self.pool.clone(), *limits);
+        let spawned = std::thread::Builder::new().name("slots-ahead".into()).spawn(move || {
+            if let Err(e) = pool.prepare(SLOTS_AHEAD, &limits) {
+                tracing::warn!(error = %e, "making cgroup slots ready ahead");
+            }
+        });
+        if spawned.is_err() {
+            self.slots_ready.store(false, Ordering::Release);
         }
     }
 
@@ -289,8 +322,16 @@ impl Tier for JailTier {
             ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
         };
         let disk_bytes = spec.limits.disk;
+        let limits = spec.limits;
         let mut sb = Sandbox::start(&self.cfg, Some(&self.pool), spec)?;
+        if crate::phases::enabled() {
+            let phases = sb.phases();
+            let steps: Vec<(&str, u64)> =
+                phases.iter().map(|p| (p.name.as_str(), p.at_ns)).collect();
+            crate::phases::steps("jail_start", &steps);
+        }
         self.replenish_disks(disk_bytes);
+        self.prepare_slots(&limits);
         let listener = sb.take_listener();
         Ok(JailInstance {
             sb,
