@@ -458,3 +458,65 @@ fn pools_hold_sandboxes_of_another_tier() {
     };
     assert!(hit("gvisor") && !hit("jail"), "one gvisor pool hit, no jail hit:\n{m}");
 }
+
+/// Host cgroup directories named `slot` (`<prefix>-<n>`), under every hierarchy.
+fn slot_dirs_on_host(slot: &str) -> Vec<std::path::PathBuf> {
+    let mut roots = vec![std::path::PathBuf::from("/sys/fs/cgroup/ringfence")];
+    for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        roots.push(e.path().join("ringfence"));
+    }
+    roots.into_iter().map(|r| r.join(slot)).filter(|d| d.exists()).collect()
+}
+
+#[test]
+fn an_orderly_shutdown_with_a_run_directory_of_its_own_leaves_no_slot_or_spawner() {
+    let test = "an_orderly_shutdown_with_a_run_directory_of_its_own_leaves_no_slot_or_spawner";
+    let Some(mut s) = server(test) else { return };
+    let run = s.data.path().join("run");
+    s.spawn(&["--run-dir", run.to_str().unwrap()]);
+    let sb = Sandbox::from(&create(&s, &s.key, json!({"templateID": "base"})).json());
+    assert_eq!(echo(&s, &sb, "hello"), "hello\n");
+    // The slots this server used and made ready ahead, each with a lock file here.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let slots = loop {
+        let slots: Vec<String> = std::fs::read_dir(run.join("cgroups"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".lock").map(str::to_string))
+            .collect();
+        if slots.len() > 1 || std::time::Instant::now() > deadline {
+            break slots;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(slots.len() > 1, "the sandbox's slot and slots made ready ahead: {slots:?}");
+    assert!(slots.iter().any(|s| !slot_dirs_on_host(s).is_empty()), "slots exist: {slots:?}");
+    let log = s.data.path().join("serve.log");
+    drop(s); // SIGTERM: an orderly shutdown
+    for slot in &slots {
+        let left = slot_dirs_on_host(slot);
+        assert!(
+            left.is_empty(),
+            "slot {slot} left: {left:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    // No spawner of this run directory is left running, and its seccomp keeper, with nothing
+    // left to hold, exits by itself (after 10 idle seconds).
+    let run = run.to_string_lossy().into_owned();
+    let running = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&run))
+            .collect()
+    };
+    assert!(running().iter().all(|c| c.contains(" keeper ")), "{:?}", running());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !running().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(running().is_empty(), "left running: {:?}", running());
+}

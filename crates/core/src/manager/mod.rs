@@ -958,6 +958,12 @@ impl Manager {
         }
         // A few milliseconds of blocking work, once, as the server ends.
         self.tiers.jail().discard_spare_disks();
+        // Only a run directory of its own: in the shared default one, slots nobody holds
+        // for a moment may hold another server's sandboxes waiting to be re-attached (a
+        // `kill -9`ed server's), and its slots are reused by every server there anyway.
+        if pool_prefix(&self.cfg.run_dir) != POOL_PREFIX {
+            self.tiers.jail().release_slots();
+        }
     }
 }
 

@@ -59,6 +59,8 @@ pub struct JailTier {
     replenishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Cgroup slots were made ready ahead (once, at the first start).
     slots_ready: std::sync::atomic::AtomicBool,
+    /// The thread making those slots ready, joined before the slots are removed at shutdown.
+    preparing: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Disks kept made ahead for the size in use: a create takes one instead of copying an image,
@@ -129,6 +131,7 @@ impl JailTier {
             keeper,
             replenishing: Default::default(),
             slots_ready: Default::default(),
+            preparing: Mutex::default(),
         })
     }
 
@@ -147,6 +150,24 @@ impl JailTier {
         }
         let n = disks.discard_spares();
         tracing::debug!(disks = n, "removed the disks made ahead");
+    }
+
+    /// Removes this server's free cgroup slots and stops their spawners (an orderly shutdown,
+    /// once every sandbox has ended). Left behind, each is a directory per controller and an
+    /// idle process; servers with run directories of their own (benchmarks, several servers on
+    /// a host) would pile them up for good (their slot names are per run directory), and every
+    /// CPU-bandwidth write walks every CPU cgroup of the host. The next server makes its slots
+    /// ready again, off the create path.
+    pub fn release_slots(&self) {
+        // A slot being made ready is held: wait for those to be released first.
+        if let Some(handle) = self.preparing.lock().ok().and_then(|mut p| p.take()) {
+            let _ = handle.join();
+        }
+        match self.pool.collect_garbage() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(processes = n, "killed processes left in free cgroup slots"),
+            Err(e) => tracing::warn!(error = %e, "removing the cgroup slots at shutdown"),
+        }
     }
 
     /// Makes disks of `bytes` ahead for the next creates, on a thread of its own (off the
@@ -183,8 +204,13 @@ impl JailTier {
                 tracing::warn!(error = %e, "making cgroup slots ready ahead");
             }
         });
-        if spawned.is_err() {
-            self.slots_ready.store(false, Ordering::Release);
+        match spawned {
+            Ok(handle) => {
+                if let Ok(mut p) = self.preparing.lock() {
+                    *p = Some(handle);
+                }
+            }
+            Err(_) => self.slots_ready.store(false, Ordering::Release),
         }
     }
 
