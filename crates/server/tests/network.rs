@@ -47,12 +47,7 @@ impl Server {
     fn create(&self, body: Value) -> Sandbox {
         let r = self.api("POST", "/v2/sandboxes", body);
         assert_eq!(r.status, 201, "create: {} {}", r.text(), self.log());
-        let v = r.json();
-        Sandbox {
-            id: v["sandboxID"].as_str().unwrap().to_string(),
-            token: v["envdAccessToken"].as_str().unwrap().to_string(),
-            domain: v["domain"].as_str().map(str::to_string),
-        }
+        Sandbox::of(&r.json())
     }
 
     /// Runs `bash -c script` in the sandbox; (stdout + stderr, exit code).
@@ -94,6 +89,32 @@ struct Sandbox {
     id: String,
     token: String,
     domain: Option<String>,
+}
+
+impl Sandbox {
+    /// From a create answer.
+    fn of(v: &Value) -> Sandbox {
+        Sandbox {
+            id: v["sandboxID"].as_str().unwrap().to_string(),
+            token: v["envdAccessToken"].as_str().unwrap().to_string(),
+            domain: v["domain"].as_str().map(str::to_string),
+        }
+    }
+}
+
+/// Creates a sandbox from `body` on a tier this host may not run: `None`, after a SKIPPED
+/// line naming `test`, where it cannot.
+fn create_or_skip(srv: &Server, test: &str, body: Value) -> Option<Sandbox> {
+    let tier =
+        body["templateID"].as_str().and_then(|t| t.split_once('@')).map(|(_, t)| t.to_string());
+    let r = srv.api("POST", "/v2/sandboxes", body);
+    if r.status == 400 && r.text().contains("not available") {
+        let tier = tier.unwrap_or_default();
+        eprintln!("SKIPPED {test}: the {tier} tier is not available here ({})", r.text());
+        return None;
+    }
+    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
+    Some(Sandbox::of(&r.json()))
 }
 
 fn net_args(net: &fakenet::Internet) -> Vec<String> {
@@ -366,22 +387,13 @@ fn gvisor_egress_through_the_same_policy() {
     let name = "gvisor_egress_through_the_same_policy";
     let net = fakenet::Internet::start(None);
     let Some(srv) = Server::start(name, &net_args(&net)) else { return };
-    let r = srv.api(
-        "POST",
-        "/v2/sandboxes",
+    let Some(sb) = create_or_skip(
+        &srv,
+        name,
         json!({"templateID": "base@gvisor",
                "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
-    );
-    if r.status == 400 && r.text().contains("not available") {
-        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+    ) else {
         return;
-    }
-    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
-    let v = r.json();
-    let sb = Sandbox {
-        id: v["sandboxID"].as_str().unwrap().to_string(),
-        token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        domain: None,
     };
     // gVisor's own kernel, and the same policy as the jail's: the allowed host answers...
     let (out, _) = srv.run(&sb, "uname -r");
@@ -449,17 +461,8 @@ fn gvisor_inbound_ports() {
     let name = "gvisor_inbound_ports";
     let net = fakenet::Internet::start(None);
     let Some(srv) = Server::start(name, &net_args(&net)) else { return };
-    let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
-    if r.status == 400 && r.text().contains("not available") {
-        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+    let Some(sb) = create_or_skip(&srv, name, json!({"templateID": "base@gvisor"})) else {
         return;
-    }
-    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
-    let v = r.json();
-    let sb = Sandbox {
-        id: v["sandboxID"].as_str().unwrap().to_string(),
-        token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        domain: v["domain"].as_str().map(str::to_string),
     };
     let (out, _) = srv.run(
         &sb,
@@ -517,22 +520,13 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
     let mut args = net_args(&net);
     args.extend(["--run-dir".to_string(), run_dir.path().display().to_string()]);
     let Some(mut srv) = Server::start(name, &args) else { return };
-    let r = srv.api(
-        "POST",
-        "/v2/sandboxes",
+    let Some(sb) = create_or_skip(
+        &srv,
+        name,
         json!({"templateID": "base@gvisor",
                "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
-    );
-    if r.status == 400 && r.text().contains("not available") {
-        eprintln!("SKIPPED {name}: the gvisor tier is not available here ({})", r.text());
+    ) else {
         return;
-    }
-    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
-    let v = r.json();
-    let sb = Sandbox {
-        id: v["sandboxID"].as_str().unwrap().to_string(),
-        token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        domain: v["domain"].as_str().map(str::to_string),
     };
     let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(d.json()["tierCapabilities"]["reattach"], json!(true), "{}", d.text());
@@ -575,12 +569,7 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
     // A second one, paused in memory when the server dies: it comes back paused.
     let r = srv.api("POST", "/v2/sandboxes", json!({"templateID": "base@gvisor"}));
     assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
-    let v = r.json();
-    let paused = Sandbox {
-        id: v["sandboxID"].as_str().unwrap().to_string(),
-        token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        domain: None,
-    };
+    let paused = Sandbox::of(&r.json());
     assert_eq!(srv.run(&paused, "echo before > /tmp/p; echo ok").0, "ok\n");
     let r = srv.api("POST", &format!("/sandboxes/{}/pause", paused.id), json!({}));
     assert_eq!(r.status, 204, "pause: {}", r.text());
@@ -630,22 +619,13 @@ fn microvm_egress_through_the_same_policy() {
     let name = "microvm_egress_through_the_same_policy";
     let net = fakenet::Internet::start(None);
     let Some(srv) = Server::start(name, &net_args(&net)) else { return };
-    let r = srv.api(
-        "POST",
-        "/v2/sandboxes",
+    let Some(sb) = create_or_skip(
+        &srv,
+        name,
         json!({"templateID": "base@microvm",
                "network": {"allowOut": ["www.allowed.test"], "denyOut": ["0.0.0.0/0"]}}),
-    );
-    if r.status == 400 && r.text().contains("not available") {
-        eprintln!("SKIPPED {name}: the microvm tier is not available here ({})", r.text());
+    ) else {
         return;
-    }
-    assert_eq!(r.status, 201, "create: {} {}", r.text(), srv.log());
-    let v = r.json();
-    let sb = Sandbox {
-        id: v["sandboxID"].as_str().unwrap().to_string(),
-        token: v["envdAccessToken"].as_str().unwrap().to_string(),
-        domain: v["domain"].as_str().map(str::to_string),
     };
     let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(d.json()["tierCapabilities"]["network"], json!("nic"), "{}", d.text());
