@@ -69,7 +69,7 @@ fn c_string(what: &str, s: &str) -> Result<CString, AgentError> {
 
 /// Prepares the process for `spec`: environment cleared to `PATH`, `HOME`, `LANG` plus the
 /// sandbox's and the caller's (later ones win, as with `Command::envs`); identity, session
-/// and capabilities as `ringfence_sys::harden_command` sets them. `controlling_tty` makes fd 0
+/// and capabilities as `ringfence_sys::spawn_hardened`'s child sets them. `controlling_tty` makes fd 0
 /// the session's terminal (PTY sessions). A program without a `/` is looked up in the final
 /// environment's `PATH`, as `execvp` does.
 pub fn command(spec: &SpawnSpec, controlling_tty: bool) -> Result<Prepared, AgentError> {

@@ -5,7 +5,7 @@
 //! `nix` already offers a safe binding.
 //!
 //! Three functions here run code in a freshly forked child of a possibly multi-threaded parent
-//! ([`spawn_in_namespaces`] and the `pre_exec` hooks of [`harden_command`] and [`pass_fd`]).
+//! ([`spawn_in_namespaces`], the child of [`spawn_hardened`] and the `pre_exec` hook of [`pass_fd`]).
 //! Between fork and exec such a child may only make async-signal-safe calls: no allocation, no
 //! locks. All keep to raw syscalls on values prepared before the fork.
 
@@ -546,23 +546,11 @@ pub struct Hardening {
     pub allow_setuid: bool,
 }
 
-/// Arranges for `cmd`'s child to drop to `h` before exec: a new session, supplementary groups
-/// reset, gid and uid switched, every capability gone (bounding, permitted, effective,
-/// inheritable, ambient), `no_new_privs` set, and no descriptor beyond stdio left open. With
+/// Drops the calling process to `h`: a new session, supplementary groups reset, gid and uid
+/// switched, every capability gone (bounding, permitted, effective, inheritable, ambient),
+/// `no_new_privs` set, and no descriptor beyond stdio left open; with
 /// [`Hardening::allow_setuid`] the bounding set stays the caller's and `no_new_privs` unset.
-pub fn harden_command(cmd: &mut Command, h: Hardening) {
-    let last = last_cap();
-    // SAFETY: `drop_to` is async-signal-safe (see its comment); the hook runs in the forked
-    // child before exec.
-    let hook = move || -> io::Result<()> { unsafe { drop_to(&h, last) } };
-    // SAFETY: the hook above is async-signal-safe (see its comment).
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-}
-
-/// The steps of [`harden_command`], run by the calling process on itself: what a child does
-/// between its fork (or vfork-style clone, see [`spawn_hardened`]) and its exec.
+/// What a child does between its vfork-style clone ([`spawn_hardened`]) and its exec.
 ///
 /// # Safety
 ///

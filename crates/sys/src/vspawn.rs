@@ -1,6 +1,6 @@
 //! Starting a hardened process without copying the caller's address space: a vfork-style
 //! `clone(CLONE_VM | CLONE_VFORK)` whose child drops to the process's identity
-//! ([`crate::Hardening`], the same steps as [`crate::harden_command`]) and execs.
+//! ([`crate::Hardening`]: a new session, no capabilities, `no_new_privs`, the identity) and execs.
 //!
 //! Why not `std::process::Command`: with a `pre_exec` hook (which the hardening needs) std
 //! forks, and a fork copies the whole address space. Under gVisor every new address space is
