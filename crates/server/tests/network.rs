@@ -530,6 +530,15 @@ fn gvisor_sandboxes_are_reattached_after_kill_9() {
     };
     let d = srv.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
     assert_eq!(d.json()["tierCapabilities"]["reattach"], json!(true), "{}", d.text());
+    // The sockets a new server re-attaches through are root's: the sandbox's user cannot
+    // connect to its agent's control socket.
+    let (out, _) = srv.run(
+        &sb,
+        "id -u; python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); \
+         s.connect('/dev/.ringfence-chan/agent.sock'); print('connected')\" 2>&1 | tail -1",
+    );
+    assert_eq!(out.lines().next(), Some("1000"), "{out}");
+    assert!(!out.contains("connected") && out.contains("Permission"), "{out}");
     let (out, _) = srv.run(
         &sb,
         "echo kept > /home/user/f && cd /tmp && echo page > index.html && \
