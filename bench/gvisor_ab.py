@@ -64,12 +64,36 @@ def bare_same_bundle(cfg, state, n):
     return took
 
 
+def median_interval(xs, level=0.90):
+    """A distribution-free interval for the median of sorted `xs`: the order statistics
+    (k, n-1-k) with the largest k whose binomial coverage is at least `level`."""
+    from math import comb
+    n = len(xs)
+    if n < 6:
+        return xs[0], xs[-1]
+    best = 0
+    for k in range(n // 2):
+        # P(X < k+1 or X > n-k-1) for X ~ Binomial(n, 1/2): outside the interval's ranks.
+        tail = sum(comb(n, i) for i in range(k + 1)) / 2 ** n
+        if 1 - 2 * tail >= level:
+            best = k + 1
+        else:
+            break
+    return xs[best - 1] if best else xs[0], xs[n - best] if best else xs[-1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", required=True, help="build A's ringfence binary")
     ap.add_argument("--b", required=True, help="build B's ringfence binary")
     ap.add_argument("--rounds", type=int, default=12)
+    # Idle gVisor sandboxes are not idle on the host: each pooled one's sentry takes a few
+    # per cent of a core (5 % each measured on the 2-core dev VM), and four pools of two run
+    # beside every measurement. The cold rows, the floors and their difference need none.
+    ap.add_argument("--cold-only", action="store_true",
+                    help="no pool servers: only the cold rows and the floors")
     a = ap.parse_args()
+    rows = [r for r in ROWS if r[1] == "cold"] if a.cold_only else ROWS
     if not os.access(RUNSC, os.X_OK):
         print(f"SKIPPED bench/gvisor_ab.py: no {RUNSC} (scripts/install-runsc.sh)")
         return
@@ -78,7 +102,8 @@ def main():
     try:
         for build, binary in (("A", a.a), ("B", a.b)):
             servers[(build, "cold")] = Server(binary, [])
-            servers[(build, "pool")] = Server(binary, POOLS)
+            if not a.cold_only:
+                servers[(build, "pool")] = Server(binary, POOLS)
         clients = {k: s.client() for k, s in servers.items()}
         for build in ("A", "B"):  # warm-up: templates built, gVisor probed
             for t in TEMPLATE.values():
@@ -94,14 +119,14 @@ def main():
         cb.kill(sid)
         res = {"floor": [], "floor same bundle": []}
         for build in ("A", "B"):
-            for tier, kind in ROWS:
+            for tier, kind in rows:
                 res[(build, tier, kind)] = []
         for r in range(a.rounds):
-            time.sleep(2.0)  # lets the pools (two per tier, one take per round) refill
+            time.sleep(0.5 if a.cold_only else 2.0)  # lets the pools (two per tier) refill
             res["floor"].append(bare_runsc(template_root, state))
             res["floor same bundle"].append(bare_same_bundle(ours, state, r))
             order = ("A", "B") if r % 2 == 0 else ("B", "A")
-            for tier, kind in ROWS:
+            for tier, kind in rows:
                 for build in order:
                     ms = first_output_echo(clients[(build, kind)], TEMPLATE[tier])
                     res[(build, tier, kind)].append(ms)
@@ -110,7 +135,7 @@ def main():
         print(f"A = {a.a}\nB = {a.b}")
         floor = med(res["floor"])
         print(f"{'create -> first output of /bin/echo (median ms)':<50} {'A':>8} {'B':>8} {'B-A':>8}")
-        for tier, kind in ROWS:
+        for tier, kind in rows:
             va, vb = med(res[("A", tier, kind)]), med(res[("B", tier, kind)])
             print(f"{tier + ', ' + kind:<50} {va:>8.1f} {vb:>8.1f} {vb - va:>+8.1f}")
         same = med(res["floor same bundle"])
@@ -120,6 +145,14 @@ def main():
             cold = med(res[(build, "gvisor", "cold")])
             print(f"{build}: gvisor cold over the floor {cold - floor:.1f} ms, "
                   f"over the same-bundle floor {cold - same:.1f} ms")
+            # Paired: each round's cold start less the same round's same-bundle floor, so
+            # that the host's drift from round to round cancels; with a 90 % interval for
+            # the median from the order statistics (binomial, no distribution assumed).
+            diffs = sorted(x - f for x, f in zip(res[(build, "gvisor", "cold")],
+                                                 res["floor same bundle"]))
+            lo, hi = median_interval(diffs)
+            print(f"{build}: paired, cold less the same round's same-bundle floor: median "
+                  f"{med(diffs):.1f} ms (90 % interval {lo:.1f} .. {hi:.1f}), n={len(diffs)}")
         for k, xs in res.items():
             name = k if isinstance(k, str) else " ".join(k)
             print(f"{name} (ms, every round): " + " ".join(f"{x:.1f}" for x in xs))

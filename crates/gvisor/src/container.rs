@@ -350,33 +350,55 @@ impl Container {
         &mut self,
         agent_end: &UnixStream,
         relay_end: Option<&OwnedFd>,
-    ) -> Result<std::process::Child, GvisorError> {
+    ) -> Result<ringfence_sys::pspawn::Child, GvisorError> {
         let log_path = self.dir.join("runsc.log");
         let log =
             fs::File::create(&log_path).map_err(io_op(format!("create {}", log_path.display())))?;
-        let mut cmd = runsc_cmd(&self.runsc, &self.runsc_root);
+        let null = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(io_op("open /dev/null"))?;
+        let root = format!("--root={}", self.runsc_root.display());
+        let platform = format!("--platform={}", self.runsc.platform.as_str());
+        let control = format!("{CONTROL_FD}:{CONTROL_FD}");
+        let relay = format!("{RELAY_FD}:{RELAY_FD}");
         // gVisor's own stack either way (see `Network`): a relayed device is the agent's.
-        let network = "--network=none";
         // --overlay2=none: the root's writable layer is ours (see `rootfs`), not runsc's
         // default memory-file overlay, which the host could not read back as a directory.
         // --host-uds=create: the agent's reconnect sockets, bound in the chan directory, are
         // host sockets a restarted server can connect to. Only creating is allowed: nothing
         // inside may connect to a host socket (that would be `open`).
-        cmd.args([network, "--overlay2=none", "--host-uds=create", "run", "--detach", "--bundle"])
-            .arg(&self.dir)
-            .arg("--pass-fd")
-            .arg(format!("{CONTROL_FD}:{CONTROL_FD}"));
-        ringfence_sys::pass_fd(&mut cmd, agent_end.as_raw_fd(), CONTROL_FD);
+        let head = [
+            root.as_str(),
+            platform.as_str(),
+            "--network=none",
+            "--overlay2=none",
+            "--host-uds=create",
+            "run",
+            "--detach",
+            "--bundle",
+        ];
+        let mut args: Vec<&std::ffi::OsStr> = head.iter().map(std::ffi::OsStr::new).collect();
+        args.push(self.dir.as_os_str());
+        args.extend(["--pass-fd", control.as_str()].map(std::ffi::OsStr::new));
+        // The container's stdio is runsc's: the agent never writes there, and runsc's own
+        // errors go to the log, read back if the start fails.
+        let mut fds = vec![
+            (null.as_raw_fd(), 0),
+            (null.as_raw_fd(), 1),
+            (log.as_raw_fd(), 2),
+            (agent_end.as_raw_fd(), CONTROL_FD),
+        ];
         if let Some(fd) = relay_end {
-            cmd.arg("--pass-fd").arg(format!("{RELAY_FD}:{RELAY_FD}"));
-            ringfence_sys::pass_fd(&mut cmd, fd.as_raw_fd(), RELAY_FD);
+            args.extend(["--pass-fd", relay.as_str()].map(std::ffi::OsStr::new));
+            fds.push((fd.as_raw_fd(), RELAY_FD));
         }
-        cmd.arg(&self.id)
-            // The container's stdio is runsc's: the agent never writes there, and runsc's own
-            // errors go to the log, read back if the start fails.
-            .stdout(Stdio::null())
-            .stderr(log);
-        cmd.spawn().map_err(io_op(format!("run {}", self.runsc.path.display())))
+        args.push(std::ffi::OsStr::new(&self.id));
+        // Not `Command`: placing the descriptors takes a `pre_exec` hook, with which it forks,
+        // copying the server's page tables (see `ringfence_sys::pspawn`).
+        ringfence_sys::pspawn::spawn(&self.runsc.path, &args, &fds)
+            .map_err(io_op(format!("run {}", self.runsc.path.display())))
     }
 
     /// Sends the agent its setup and waits for it to report ready.

@@ -10,6 +10,7 @@
 //! locks. All keep to raw syscalls on values prepared before the fork.
 
 mod netdev;
+pub mod pspawn;
 mod seccomp;
 mod vspawn;
 #[cfg(feature = "wasm")]
