@@ -191,6 +191,7 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
         _ => return Err(()),
     };
     if tier == Tier::Gvisor {
+        ringfence_jail::phase(&mut phases, "setup_read");
         return gvisor_run(control, &spec, phases);
     }
     let lowers = match receive_lowers(
@@ -330,6 +331,7 @@ fn report_and_serve(
 /// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
 fn gvisor_setup(
     spec: &SetupSpec,
+    phases: &mut Vec<ringfence_proto::Phase>,
 ) -> Result<Option<std::os::unix::net::UnixListener>, ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
@@ -352,6 +354,7 @@ fn gvisor_setup(
     nix::unistd::dup2_stdin(&null).map_err(fail("dup2 stdin"))?;
     nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
     nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))?;
+    ringfence_jail::phase(phases, "gvisor_stdio");
     if let Some(relay) = &spec.packet_relay {
         let inside = |step: &str, message: String| ringfence_jail::inside::InsideError {
             step: step.to_string(),
@@ -370,6 +373,7 @@ fn gvisor_setup(
             .map_err(|e| inside("drop bounding capabilities", e.to_string()))?;
         ringfence_sys::restrict_caps(caps)
             .map_err(|e| inside("restrict capabilities", e.to_string()))?;
+        ringfence_jail::phase(phases, "gvisor_net");
     }
     // Where a restarted server reconnects: a host socket gVisor makes through its gofer
     // (`runsc --host-uds=create`) in a host directory bound into the sandbox's `/dev`, only
@@ -402,7 +406,7 @@ fn gvisor_run(
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
 ) -> Result<ExitCode, ()> {
-    let reconnect = match gvisor_setup(spec) {
+    let reconnect = match gvisor_setup(spec, &mut phases) {
         Ok(l) => l,
         Err(e) => {
             let _ = control.write_all(&[MARK_ERROR]);
