@@ -229,11 +229,11 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     let (initial_pid, initial_error) = start_initial(&spec, &mut phases);
     // A server's sandbox on a disk of its own (no initial process, no stage to hand over)
     // sends `Ready` before waiting for the host's answer: the host reads it as soon as it has
-    // answered, one round trip fewer per start (`Sandbox::start` expects this order from the
-    // same two facts). Nothing runs in such a sandbox before this agent has completed the
+    // answered, one round trip fewer per start (`SetupSpec::ready_before_answer`, which the
+    // host's `Sandbox::start` reads too). Nothing runs in such a sandbox before this agent has completed the
     // hand-over and serves a request. A stage is always settled before `Ready`, so that when
     // the host's start returns the agent holds no directory.
-    let early_ready = answer_due && spec.initial.is_none() && stage.is_none();
+    let early_ready = answer_due && spec.ready_before_answer();
     let deferred = if early_ready {
         Some(listener)
     } else {

@@ -193,10 +193,13 @@ fn connect_relay(path: &Path) -> Result<OwnedFd, GvisorError> {
 /// A runsc command with the global flags every call of this tier shares.
 fn runsc_cmd(runsc: &Runsc, root: &Path) -> Command {
     let mut cmd = Command::new(&runsc.path);
-    cmd.arg(format!("--root={}", root.display()))
-        .arg(format!("--platform={}", runsc.platform.as_str()))
-        .stdin(Stdio::null());
+    cmd.args(global_args(runsc, root)).stdin(Stdio::null());
     cmd
+}
+
+/// The flags every runsc command of ours starts with: its state directory and platform.
+fn global_args(runsc: &Runsc, root: &Path) -> [String; 2] {
+    [format!("--root={}", root.display()), format!("--platform={}", runsc.platform.as_str())]
 }
 
 /// Runs a short runsc subcommand, failing with its stderr.
@@ -359,8 +362,7 @@ impl Container {
             .write(true)
             .open("/dev/null")
             .map_err(io_op("open /dev/null"))?;
-        let root = format!("--root={}", self.runsc_root.display());
-        let platform = format!("--platform={}", self.runsc.platform.as_str());
+        let global = global_args(&self.runsc, &self.runsc_root);
         let control = format!("{CONTROL_FD}:{CONTROL_FD}");
         let relay = format!("{RELAY_FD}:{RELAY_FD}");
         // gVisor's own stack either way (see `Network`): a relayed device is the agent's.
@@ -370,8 +372,8 @@ impl Container {
         // host sockets a restarted server can connect to. Only creating is allowed: nothing
         // inside may connect to a host socket (that would be `open`).
         let head = [
-            root.as_str(),
-            platform.as_str(),
+            global[0].as_str(),
+            global[1].as_str(),
             "--network=none",
             "--overlay2=none",
             "--host-uds=create",

@@ -894,19 +894,27 @@ mod tests {
         assert!(without.own_spawner_slots().is_empty(), "no spawners, no preference");
     }
 
-    #[test]
-    fn a_reused_slot_gets_a_changed_cpu_quota_and_keeps_an_unchanged_one_unwritten() {
+    /// A pool on this host's real cgroups, its slots named `{tag}{pid}` and its locks in a
+    /// directory of its own (kept alive by the caller); `None`, said as SKIPPED, where this
+    /// process cannot make cgroups.
+    fn real_pool(tag: &str) -> Option<(Pool, Layout, tempfile::TempDir)> {
         if ringfence_sys::euid() != 0 {
             eprintln!("SKIPPED: needs root (cgroups)");
-            return;
+            return None;
         }
         let Ok(layout) = Layout::detect() else {
             eprintln!("SKIPPED: no usable cgroup hierarchy");
-            return;
+            return None;
         };
         let locks = tempfile::tempdir().unwrap();
-        let prefix = format!("cpuq{}", std::process::id());
+        let prefix = format!("{tag}{}", std::process::id());
         let pool = Pool::new(layout.clone(), "ringfence", &prefix, locks.path().to_path_buf());
+        Some((pool, layout, locks))
+    }
+
+    #[test]
+    fn a_reused_slot_gets_a_changed_cpu_quota_and_keeps_an_unchanged_one_unwritten() {
+        let Some((pool, layout, _locks)) = real_pool("cpuq") else { return };
         let file = match &layout {
             Layout::V2 { .. } => "cpu.max",
             Layout::V1 { .. } => "cpu.cfs_quota_us",
@@ -943,17 +951,7 @@ mod tests {
 
     #[test]
     fn a_claim_takes_a_released_slot_first_then_goes_on_from_the_highest() {
-        if ringfence_sys::euid() != 0 {
-            eprintln!("SKIPPED: needs root (cgroups)");
-            return;
-        }
-        let Ok(layout) = Layout::detect() else {
-            eprintln!("SKIPPED: no usable cgroup hierarchy");
-            return;
-        };
-        let locks = tempfile::tempdir().unwrap();
-        let prefix = format!("hint{}", std::process::id());
-        let pool = Pool::new(layout, "ringfence", &prefix, locks.path().to_path_buf());
+        let Some((pool, _, _locks)) = real_pool("hint") else { return };
         let limits = Limits::default();
         let a = pool.claim(&limits).unwrap();
         let b = pool.claim(&limits).unwrap();

@@ -396,10 +396,9 @@ impl Sandbox {
             packet_relay: None,
             guest_nic: None,
         };
-        // Without an initial process or a stage to hand over (a disk of its own), the agent
-        // sends `Ready` right after offering its descriptors, before the answer (see
+        // The agent may send `Ready` right after offering its descriptors (see
         // `recv_marker`).
-        let early_ready = setup.initial.is_none() && self.disk.is_some();
+        let early_ready = setup.ready_before_answer();
         let mut msg = vec![1u8];
         msg.extend_from_slice(&ringfence_proto::encode(&setup)?);
         self.control.write_all(&msg).map_err(io_op("send setup to agent"))?;

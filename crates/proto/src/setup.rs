@@ -111,6 +111,16 @@ pub struct SetupSpec {
     pub guest_nic: Option<GuestNic>,
 }
 
+impl SetupSpec {
+    /// Whether a jail agent that offers its descriptors sends `Ready` right after the offer,
+    /// before the host's answer (one round trip fewer per start): a server's sandbox with no
+    /// initial process and no stage to hand over (a disk of its own). Host and agent both
+    /// read it from this spec, so they agree on the order of the channel's bytes.
+    pub fn ready_before_answer(&self) -> bool {
+        self.initial.is_none() && self.own_disk
+    }
+}
+
 /// A microVM guest's network interface, as its agent sets it up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestNic {

@@ -226,12 +226,12 @@ impl Agent {
                         tracing::warn!(error = %e, "preparing a wasm kernel");
                     }
                     // Under the lock, so a kernel waiting on it sees both changes together.
-                    if let Ok(mut w) = s.warm.lock() {
-                        *w = made.ok();
-                        s.prewarming.store(false, Ordering::Release);
-                    } else {
-                        s.prewarming.store(false, Ordering::Release);
+                    let mut warm = s.warm.lock();
+                    if let Ok(w) = warm.as_mut() {
+                        **w = made.ok();
                     }
+                    s.prewarming.store(false, Ordering::Release);
+                    drop(warm);
                     s.warm_made.notify_all();
                 })
                 .map_err(|e| WasmError::Io { step: "starting the prewarm thread", source: e })?;

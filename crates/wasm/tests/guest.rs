@@ -232,19 +232,7 @@ fn call(c: &mut UnixStream, id: u64, request: Request) -> Vec<Event> {
 }
 
 fn agent(rt: Arc<Runtime>, sb: &Sandbox) -> (Agent, UnixStream) {
-    let a = Agent::start(AgentConfig {
-        runtime: rt,
-        root: sb.root.clone(),
-        memory: Some(512 << 20),
-        output_cap: 1 << 20,
-        call_timeout: Some(Duration::from_secs(30)),
-        env: BTreeMap::new(),
-        prewarm: false,
-        prewarm_nice: 0,
-    })
-    .unwrap();
-    let c = a.control().unwrap();
-    (a, c)
+    agent_with_env(rt, sb, &[])
 }
 
 fn shell(cmd: &str) -> Request {
