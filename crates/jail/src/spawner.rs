@@ -100,9 +100,14 @@ pub fn binary_tag(exe: &Path) -> Result<String, SpawnerError> {
 /// in the host's user namespace. Every process of a sandbox is in the sandbox's own user
 /// namespace from its first instruction (`CLONE_NEWUSER`), so none can pass.
 pub fn is_spawner(pid: i32) -> bool {
-    let Ok(ours) = std::fs::metadata("/proc/self/ns/user") else { return false };
+    // This process's user namespace never changes (it is the host's: only host root calls
+    // this), so it is looked up once; the server asks at every claim and kill.
+    static OURS: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let ours = OURS
+        .get_or_init(|| std::fs::metadata("/proc/self/ns/user").ok().map(|m| (m.dev(), m.ino())));
+    let Some(ours) = *ours else { return false };
     let Ok(theirs) = std::fs::metadata(format!("/proc/{pid}/ns/user")) else { return false };
-    if (ours.dev(), ours.ino()) != (theirs.dev(), theirs.ino()) {
+    if ours != (theirs.dev(), theirs.ino()) {
         return false;
     }
     std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == 0)

@@ -80,7 +80,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let n = tx.execute(
+        let n = tx.run(
             "UPDATE sandboxes SET state = ?2 WHERE id = ?1",
             params![id, SandboxState::Killed],
         )?;

@@ -157,7 +157,7 @@ impl Store {
     // ---- Webhooks ------------------------------------------------------------------------
 
     pub fn insert_webhook(&self, w: &Webhook) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn().run(
             &format!(
                 "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
             ),
@@ -177,7 +177,7 @@ impl Store {
 
     /// Replaces a webhook's settings (never its owner or id).
     pub fn update_webhook(&self, w: &Webhook) -> Result<(), StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "UPDATE webhooks SET name = ?3, url = ?4, enabled = ?5, events = ?6, secret = ?7 \
              WHERE id = ?1 AND key_id = ?2",
             params![
@@ -209,7 +209,7 @@ impl Store {
     pub fn get_webhook(&self, key_id: &str, id: &str) -> Result<Option<Webhook>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .one(
                 &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1 AND key_id = ?2"),
                 params![id, key_id],
                 |r| webhook_from_row(r, 0),
@@ -223,9 +223,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let n =
-            tx.execute("DELETE FROM webhooks WHERE id = ?1 AND key_id = ?2", params![id, key_id])?;
+            tx.run("DELETE FROM webhooks WHERE id = ?1 AND key_id = ?2", params![id, key_id])?;
         if n > 0 {
-            tx.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
+            tx.run("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -264,12 +264,12 @@ impl Store {
         let now = unix_millis();
         let conn = self.conn();
         match attempt {
-            Attempt::Delivered(status) => conn.execute(
+            Attempt::Delivered(status) => conn.run(
                 "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1, \
                  last_status = ?2, last_error = NULL, settled_at = ?3 WHERE id = ?1",
                 params![id, status, now],
             )?,
-            Attempt::Failed { status, error, next_at } => conn.execute(
+            Attempt::Failed { status, error, next_at } => conn.run(
                 "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = ?2, \
                  last_error = ?3, state = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'pending' END, \
                  next_at = COALESCE(?4, next_at), \
@@ -283,7 +283,7 @@ impl Store {
     /// Makes every pending delivery due now: a restarted server retries at once what the
     /// previous one was still backing off on.
     pub fn retry_pending_now(&self, now_ms: i64) -> Result<usize, StoreError> {
-        Ok(self.conn().execute(
+        Ok(self.conn().run(
             "UPDATE webhook_deliveries SET next_at = ?1 WHERE state = 'pending' AND next_at > ?1",
             [now_ms],
         )?)
@@ -294,12 +294,12 @@ impl Store {
     pub fn prune_events(&self, before_ms: i64) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
+        tx.run(
             "DELETE FROM webhook_deliveries WHERE event_seq IN \
              (SELECT seq FROM lifecycle_events WHERE ts < ?1)",
             [before_ms],
         )?;
-        let n = tx.execute("DELETE FROM lifecycle_events WHERE ts < ?1", [before_ms])?;
+        let n = tx.run("DELETE FROM lifecycle_events WHERE ts < ?1", [before_ms])?;
         tx.commit()?;
         Ok(n)
     }

@@ -38,7 +38,7 @@ impl Store {
         rng.fill(&mut id_bytes);
         let plaintext = format!("{KEY_PREFIX}{}", hex::encode(secret));
         let id = hex::encode(id_bytes);
-        self.conn().execute(
+        self.conn().run(
             "INSERT INTO api_keys (id, name, key_hash, created_at, operator, limits, tiers) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -56,7 +56,7 @@ impl Store {
 
     /// Replaces a key's own quotas (in force from its next request).
     pub fn set_key_limits(&self, id: &str, limits: &KeyLimits) -> Result<(), StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "UPDATE api_keys SET limits = ?2 WHERE id = ?1",
             params![id, serde_json::to_string(limits)?],
         )?;
@@ -70,11 +70,7 @@ impl Store {
     pub fn get_key(&self, id: &str) -> Result<Option<KeyInfo>, StoreError> {
         let info = self
             .conn()
-            .query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
-                [id],
-                key_from_row,
-            )
+            .one(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"), [id], key_from_row)
             .optional()?;
         Ok(info)
     }
@@ -84,7 +80,7 @@ impl Store {
     pub fn verify_key(&self, plaintext: &str) -> Result<Option<KeyInfo>, StoreError> {
         let info = self
             .conn()
-            .query_row(
+            .one(
                 &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?1"),
                 [hash_key(plaintext)],
                 key_from_row,
@@ -104,7 +100,7 @@ impl Store {
     /// Deletes the key so it no longer verifies. Sandboxes created with it are left alone:
     /// whether to kill them is the caller's policy, not the store's.
     pub fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+        let n = self.conn().run("DELETE FROM api_keys WHERE id = ?1", [id])?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("api key {id}")));
         }
@@ -137,7 +133,7 @@ impl Store {
     /// Adds a key another cluster node published, unless its id or hash is already here.
     /// Returns whether it was added.
     pub fn import_key(&self, k: &StoredKey) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "INSERT OR IGNORE INTO api_keys (id, name, key_hash, created_at, operator, limits, \
              tiers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![k.id, k.name, k.key_hash, k.created_at, k.operator, k.limits, k.tiers],

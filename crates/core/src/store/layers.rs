@@ -35,7 +35,7 @@ impl Store {
         if let Some(layer) = layer {
             insert_layer_on(&tx, layer)?;
         }
-        let n = tx.execute(
+        let n = tx.run(
             "UPDATE sandboxes SET lifecycle = ?2, state = ?3 WHERE id = ?1",
             params![id, serde_json::to_string(lifecycle)?, SandboxState::Paused],
         )?;
@@ -56,7 +56,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for l in &rec.lifecycle.layers {
-            tx.execute(
+            tx.run(
                 "INSERT OR IGNORE INTO layers (id, created_at) VALUES (?1, ?2)",
                 params![l, unix_millis()],
             )?;
@@ -87,7 +87,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         insert_layer_on(&tx, layer)?;
-        tx.execute(
+        tx.run(
             "INSERT INTO layer_refs (layer, kind, owner) VALUES (?1, 'pending', ?2)",
             params![layer, owner],
         )?;
@@ -97,8 +97,7 @@ impl Store {
 
     /// Drops the references of the operation `owner`; layers nothing else holds are dropped.
     pub fn release_pending(&self, owner: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM layer_refs WHERE kind = 'pending' AND owner = ?1", [owner])?;
+        self.conn().run("DELETE FROM layer_refs WHERE kind = 'pending' AND owner = ?1", [owner])?;
         Ok(())
     }
 
@@ -107,10 +106,10 @@ impl Store {
     pub fn reset_pending_layers(&self) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM layer_refs WHERE kind = 'pending'", [])?;
+        tx.run("DELETE FROM layer_refs WHERE kind = 'pending'", [])?;
         // None should exist (a row is only ever written with its first reference); a hand-edited
         // database is not worth keeping a layer for.
-        tx.execute("DELETE FROM layers WHERE id NOT IN (SELECT layer FROM layer_refs)", [])?;
+        tx.run("DELETE FROM layers WHERE id NOT IN (SELECT layer FROM layer_refs)", [])?;
         tx.commit()?;
         Ok(())
     }
@@ -128,7 +127,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for id in ids {
-            tx.execute("DELETE FROM layer_trash WHERE id = ?1", [id])?;
+            tx.run("DELETE FROM layer_trash WHERE id = ?1", [id])?;
         }
         tx.commit()?;
         Ok(())

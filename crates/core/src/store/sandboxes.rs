@@ -30,7 +30,7 @@ impl Store {
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
         let rec = self
             .conn()
-            .query_row(
+            .one(
                 &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
                 [id],
                 sandbox_from_row,
@@ -54,7 +54,7 @@ impl Store {
 
     /// [`Store::restarted`], recording why it resumed (`api` or `traffic`) in the event.
     pub fn restarted_because(&self, rec: &SandboxRecord, cause: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3, state = ?4, end_at = ?5, \
              lifecycle = ?6 WHERE id = ?1",
             params![
@@ -82,7 +82,7 @@ impl Store {
         pid: Option<i32>,
         slot: Option<u32>,
     ) -> Result<(), StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "UPDATE sandboxes SET agent_pid = ?2, cgroup_slot = ?3 WHERE id = ?1",
             params![id, pid, slot],
         )?;
@@ -91,7 +91,7 @@ impl Store {
 
     /// Removes the sandbox and, via ON DELETE CASCADE, its events.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        let n = self.conn().run("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         not_found_if_zero(n, id)
     }
 
@@ -185,7 +185,7 @@ impl Store {
     fn update_sandbox(&self, id: &str, set: &str, value: &dyn ToSql) -> Result<(), StoreError> {
         let n = self
             .conn()
-            .execute(&format!("UPDATE sandboxes SET {set} WHERE id = ?1"), params![id, value])?;
+            .run(&format!("UPDATE sandboxes SET {set} WHERE id = ?1"), params![id, value])?;
         not_found_if_zero(n, id)
     }
 
@@ -224,7 +224,7 @@ impl Store {
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("DELETE FROM snapshots WHERE id = ?1", [id])? > 0)
+        Ok(self.conn().run("DELETE FROM snapshots WHERE id = ?1", [id])? > 0)
     }
 
     fn snapshots_where(

@@ -43,7 +43,7 @@ fn meta_text(m: &BTreeMap<String, String>) -> String {
 impl Store {
     /// Stores a new secret. A name the key already uses is `InvalidName`.
     pub fn insert_secret(&self, s: &SecretRecord) -> Result<(), StoreError> {
-        let res = self.conn().execute(
+        let res = self.conn().run(
             &format!(
                 "INSERT INTO secrets ({SECRET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
             ),
@@ -94,7 +94,7 @@ impl Store {
     ) -> Result<Option<SecretRecord>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .one(
                 &format!(
                     "SELECT {SECRET_COLUMNS} FROM secrets WHERE key_id = ?1 AND (id = ?2 OR name = lower(?2))"
                 ),
@@ -107,7 +107,7 @@ impl Store {
     /// Replaces a secret's value (sealed for `version`) and, when given, its metadata, if its
     /// version is still `version - 1` (a concurrent update loses instead of being lost).
     pub fn update_secret(&self, s: &SecretRecord) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "UPDATE secrets SET version = ?3, metadata = ?4, sealed = ?5, updated_at = ?6 \
              WHERE id = ?1 AND key_id = ?2 AND version = ?3 - 1",
             params![s.id, s.key_id, s.version, meta_text(&s.metadata), s.sealed, s.updated_at],
@@ -117,7 +117,7 @@ impl Store {
 
     /// Deletes the key's secret by id or name; false if there was none.
     pub fn delete_secret(&self, key_id: &str, which: &str) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let n = self.conn().run(
             "DELETE FROM secrets WHERE key_id = ?1 AND (id = ?2 OR name = lower(?2))",
             params![key_id, which],
         )?;

@@ -32,7 +32,7 @@ impl Store {
     /// Stores a new volume. A name the key already uses is `InvalidName`.
     pub fn insert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
         validate_name(&v.name)?;
-        let res = self.conn().execute(
+        let res = self.conn().run(
             &format!("INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
             params![v.id, v.key_id, v.name, v.token, v.created_at],
         );
@@ -60,7 +60,7 @@ impl Store {
     pub fn get_volume(&self, key_id: &str, id: &str) -> Result<Option<VolumeRecord>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .one(
                 &format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1 AND key_id = ?2"),
                 params![id, key_id],
                 volume_from_row,
@@ -72,7 +72,7 @@ impl Store {
     pub fn volume_by_id(&self, id: &str) -> Result<Option<VolumeRecord>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .one(
                 &format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"),
                 [id],
                 volume_from_row,
@@ -90,7 +90,7 @@ impl Store {
 
     /// Whether a sandbox not yet killed (running or paused) has the volume mounted.
     pub fn volume_in_use(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().query_row(
+        Ok(self.conn().one(
             "SELECT EXISTS (SELECT 1 FROM sandboxes s, json_each(s.lifecycle, '$.volumes') j \
              WHERE s.state != 'killed' AND json_extract(j.value, '$.id') = ?1)",
             [id],
@@ -102,7 +102,7 @@ impl Store {
     pub fn delete_volume(&self, key_id: &str, id: &str) -> Result<bool, StoreError> {
         let n = self
             .conn()
-            .execute("DELETE FROM volumes WHERE id = ?1 AND key_id = ?2", params![id, key_id])?;
+            .run("DELETE FROM volumes WHERE id = ?1 AND key_id = ?2", params![id, key_id])?;
         Ok(n > 0)
     }
 
@@ -115,7 +115,7 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .one(
                 "SELECT sandbox_id FROM idempotency \
                  WHERE key_id = ?1 AND idem_key = ?2 AND created_at > ?3",
                 params![key_id, idem_key, since_ms],
@@ -132,7 +132,7 @@ impl Store {
         sandbox_id: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn().run(
             "INSERT OR REPLACE INTO idempotency (key_id, idem_key, sandbox_id, created_at) \
              VALUES (?1, ?2, ?3, ?4)",
             params![key_id, idem_key, sandbox_id, now_ms],
