@@ -36,13 +36,18 @@ fn err(step: &str) -> impl FnOnce(nix::Error) -> NetError + '_ {
 }
 
 /// Makes the device and starts relaying. The relay threads end when either side closes.
-pub fn start(spec: &PacketRelay, relay: OwnedFd) -> Result<(), NetError> {
+pub fn start(
+    spec: &PacketRelay,
+    relay: OwnedFd,
+    phases: &mut Vec<ringfence_proto::Phase>,
+) -> Result<(), NetError> {
     let tun = ringfence_sys::tun_create(&spec.iface)
         .map_err(|e| NetError { step: "create the TUN".into(), message: e.to_string() })?;
     // The relay threads block on it; made non-blocking for the host's poller elsewhere.
     nix::fcntl::fcntl(&tun, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
         .map_err(err("make the TUN blocking"))?;
     let index = nix::net::if_::if_nametoindex(spec.iface.as_str()).map_err(err("find the TUN"))?;
+    ringfence_jail::phase(phases, "net_tun");
     let nl = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -53,6 +58,7 @@ pub fn start(spec: &PacketRelay, relay: OwnedFd) -> Result<(), NetError> {
     request(&nl, &link_up(index, spec.mtu), "bring the TUN up")?;
     request(&nl, &add_address(index, Ipv4Addr::from(spec.address)), "address the TUN")?;
     drop(nl);
+    ringfence_jail::phase(phases, "net_netlink");
     let dup = |step: &str| {
         let step = step.to_string();
         move |e: std::io::Error| NetError { step, message: e.to_string() }
@@ -61,6 +67,7 @@ pub fn start(spec: &PacketRelay, relay: OwnedFd) -> Result<(), NetError> {
         Some(path) => Some(listen(path)?),
         None => None,
     };
+    ringfence_jail::phase(phases, "net_listen");
     let tun_out = tun.try_clone().map_err(dup("duplicate the TUN"))?;
     let current = Arc::new(Mutex::new(Arc::new(relay)));
     let out_relay = current.clone();
@@ -68,6 +75,7 @@ pub fn start(spec: &PacketRelay, relay: OwnedFd) -> Result<(), NetError> {
     let lasting = listener.is_some();
     spawn("ringfence-net-out", move || to_host(&tun_out, &out_relay, mtu, lasting))?;
     spawn("ringfence-net-in", move || from_host(&current, listener, &tun, mtu))?;
+    ringfence_jail::phase(phases, "net_threads");
     Ok(())
 }
 

@@ -99,7 +99,7 @@ enum Tier {
     /// The init of a gVisor container: runsc already built the root, mounts, hostname, limits,
     /// capabilities and `no_new_privs` from the OCI bundle, and its user-space kernel is the
     /// boundary. Seccomp user notification and Landlock do not exist there, so the agent only
-    /// hardens itself and serves (see [`gvisor_setup`]).
+    /// hardens itself and serves (see [`gvisor_run`]).
     Gvisor,
 }
 
@@ -328,11 +328,10 @@ fn report_and_serve(
     serve::serve(control, initial_pid, reconnect).map(|()| ExitCode::SUCCESS)
 }
 
-/// What is left for the agent to do in a gVisor container (see [`Tier::Gvisor`]).
-fn gvisor_setup(
-    spec: &SetupSpec,
+/// What the agent does in a gVisor container before it can say anything (see [`Tier::Gvisor`]).
+fn gvisor_harden(
     phases: &mut Vec<ringfence_proto::Phase>,
-) -> Result<Option<std::os::unix::net::UnixListener>, ringfence_jail::inside::InsideError> {
+) -> Result<(), ringfence_jail::inside::InsideError> {
     // As in the jail: nothing in the sandbox, not even its root, may ptrace PID 1 or read its
     // memory, fds or environment through /proc. gVisor implements PR_SET_DUMPABLE itself.
     let fail = |step: &str| {
@@ -355,6 +354,15 @@ fn gvisor_setup(
     nix::unistd::dup2_stdout(&null).map_err(fail("dup2 stdout"))?;
     nix::unistd::dup2_stderr(&null).map_err(fail("dup2 stderr"))?;
     ringfence_jail::phase(phases, "gvisor_stdio");
+    Ok(())
+}
+
+/// The gVisor sandbox's network device and relay, and the listener a restarted server
+/// re-attaches through. Returns that listener.
+fn gvisor_attach(
+    spec: &SetupSpec,
+    phases: &mut Vec<ringfence_proto::Phase>,
+) -> Result<Option<std::os::unix::net::UnixListener>, ringfence_jail::inside::InsideError> {
     if let Some(relay) = &spec.packet_relay {
         let inside = |step: &str, message: String| ringfence_jail::inside::InsideError {
             step: step.to_string(),
@@ -364,12 +372,12 @@ fn gvisor_setup(
             Some(fd) if relay.fd == ringfence_sys::RELAY_FD => fd,
             _ => return Err(inside("network", format!("no packet relay on fd {}", relay.fd))),
         };
-        gvisor_net::start(relay, fd)
+        gvisor_net::start(relay, fd, phases)
             .map_err(|e| inside(&format!("network: {}", e.step), e.message))?;
         // CAP_NET_ADMIN was given for the device alone: gone from every set now, so nothing
         // started later (a root command, a setuid binary) can reach it.
         let caps = ringfence_jail::inside::AGENT_CAPS;
-        ringfence_sys::drop_bounding_caps(caps, ringfence_sys::last_cap())
+        ringfence_sys::drop_bounding_caps(caps)
             .map_err(|e| inside("drop bounding capabilities", e.to_string()))?;
         ringfence_sys::restrict_caps(caps)
             .map_err(|e| inside("restrict capabilities", e.to_string()))?;
@@ -401,23 +409,59 @@ fn gvisor_setup(
 /// The gVisor tier's start: harden, report, serve. The marker byte is written plainly: the
 /// channel is a host socket that runsc imports into the sandbox (`--pass-fd`), over which
 /// gVisor does not carry descriptors, and there is no seccomp listener or stage to hand over.
+///
+/// A server's sandbox (no initial process) reports `Ready` before it makes its network device,
+/// relay and re-attach listener: about 8 ms inside gVisor on a nested host (a TUN in gVisor's
+/// netstack, two netlink requests, two binds through the gofer, two relay threads, each a new
+/// host thread under systrap) that now overlap the host's record of the sandbox, its answer to
+/// the client and the client's first request. No request is read before they are up, so the
+/// first command sees the network exactly as before. A one-shot run's command starts before
+/// `Ready`, so there the device comes first.
 fn gvisor_run(
     mut control: UnixStream,
     spec: &SetupSpec,
     mut phases: Vec<ringfence_proto::Phase>,
 ) -> Result<ExitCode, ()> {
-    let reconnect = match gvisor_setup(spec, &mut phases) {
+    let fail = |control: &mut UnixStream, e: ringfence_jail::inside::InsideError| {
+        let _ = control.write_all(&[MARK_ERROR]);
+        let _ = send(control, &Event::SetupFailed { step: e.step, message: e.message });
+    };
+    if let Err(e) = gvisor_harden(&mut phases) {
+        fail(&mut control, e);
+        return Err(());
+    }
+    if spec.initial.is_some() {
+        let reconnect = match gvisor_attach(spec, &mut phases) {
+            Ok(l) => l,
+            Err(e) => {
+                fail(&mut control, e);
+                return Err(());
+            }
+        };
+        ringfence_jail::phase(&mut phases, "gvisor_setup");
+        spawn::set_sandbox_env(spec.env.clone());
+        control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
+        return start_and_serve(control, spec, phases, None, reconnect);
+    }
+    spawn::set_sandbox_env(spec.env.clone());
+    control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
+    send(&mut control, &Event::Ready(Ready { phases, landlock_abi: None, initial_pid: None }))?;
+    let reconnect = match gvisor_attach(spec, &mut Vec::new()) {
         Ok(l) => l,
         Err(e) => {
-            let _ = control.write_all(&[MARK_ERROR]);
-            let _ = send(&mut control, &Event::SetupFailed { step: e.step, message: e.message });
+            // Past `Ready` the host no longer reads a setup failure: it is told in a log line,
+            // and the sandbox ends with this process (the host sees its channel close).
+            let _ = send(
+                &mut control,
+                &Event::Log {
+                    level: ringfence_proto::LogLevel::Error,
+                    message: format!("sandbox network setup failed: {}: {}", e.step, e.message),
+                },
+            );
             return Err(());
         }
     };
-    ringfence_jail::phase(&mut phases, "gvisor_setup");
-    spawn::set_sandbox_env(spec.env.clone());
-    control.write_all(&[MARK_NO_LISTENER]).map_err(drop)?;
-    start_and_serve(control, spec, phases, None, reconnect)
+    serve::serve(control, None, reconnect).map(|()| ExitCode::SUCCESS)
 }
 
 /// The microvm tier's start: build the guest's root ([`microvm::boot`]), then read the setup

@@ -481,8 +481,7 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     // The bounding set is what every later exec can reach, a setuid-root one included (for
     // setuid templates that is the whole of what `sudo` grants): the agent's own set, without
     // CAP_SYS_ADMIN even while the agent still holds it below.
-    ringfence_sys::drop_bounding_caps(AGENT_CAPS, ringfence_sys::last_cap())
-        .map_err(fail("drop bounding capabilities"))?;
+    ringfence_sys::drop_bounding_caps(AGENT_CAPS).map_err(fail("drop bounding capabilities"))?;
     if spec.allow_setuid {
         // no_new_privs is inherited and cannot be cleared, so setting it here would make every
         // setuid binary inert. Landlock and seccomp accept CAP_SYS_ADMIN in place of it; the

@@ -40,7 +40,8 @@ struct Job<'a> {
     envp: *const *const c_char,
     stdio: [RawFd; 3],
     hardening: &'a Hardening,
-    last_cap: u32,
+    /// The spawning thread's bounding set: what the child has to drop.
+    bounding: u64,
     /// 0, or the errno of the step that failed.
     error: c_int,
 }
@@ -77,7 +78,7 @@ pub fn spawn_hardened(
         envp: envp_p.as_ptr(),
         stdio: [fd(stdio[0]), fd(stdio[1]), fd(stdio[2])],
         hardening: h,
-        last_cap: crate::last_cap(),
+        bounding: crate::bounding_set(),
         error: 0,
     };
     let mut stack = vec![0u8; STACK];
@@ -168,7 +169,7 @@ fn run(job: &Job<'_>) -> c_int {
         }
     }
     // SAFETY: this child execs or exits next: changing its identity for good is the point.
-    if let Err(e) = unsafe { crate::drop_to(job.hardening, job.last_cap) } {
+    if let Err(e) = unsafe { crate::drop_to(job.hardening, job.bounding) } {
         return e.raw_os_error().unwrap_or(libc::EINVAL);
     }
     // SAFETY: sigaction/sigprocmask on this child's own handler table (no CLONE_SIGHAND) and
@@ -288,5 +289,69 @@ mod tests {
         let e = spawn_hardened(&[path], &[c("x")], &[], [Stdio::Keep; 3], &me()).unwrap_err();
         std::fs::remove_file(&plain).unwrap();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    }
+
+    const CAP_CHOWN: u32 = 0;
+    const CAP_KILL: u32 = 5;
+    const CAP_SETPCAP: u32 = 8;
+
+    /// The bounding set as the kernel reports it, one `PR_CAPBSET_READ` per capability.
+    fn kernel_bounding_set() -> u64 {
+        (0..64u32)
+            // SAFETY: PR_CAPBSET_READ takes an integer; it returns 1, 0 or -1 (unknown cap).
+            .filter(|&c| unsafe { libc::prctl(libc::PR_CAPBSET_READ, c as libc::c_ulong) } == 1)
+            .fold(0, |set, c| set | (1u64 << c))
+    }
+
+    fn child_bounding_set(h: &Hardening) -> String {
+        let (r, w) = pipe();
+        let pid = spawn_hardened(
+            &[c("/bin/grep")],
+            &[c("grep"), c("^CapBnd"), c("/proc/self/status")],
+            &[],
+            [Stdio::Keep, Stdio::Fd(w.as_raw_fd()), Stdio::Keep],
+            h,
+        )
+        .unwrap();
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        out
+    }
+
+    #[test]
+    fn a_child_holds_no_bounding_capability_whatever_its_spawning_thread_dropped_before() {
+        // Each case on a thread of its own: the bounding set is per thread.
+        std::thread::spawn(|| {
+            // What the kept value says is what the kernel says.
+            assert_eq!(crate::bounding_set(), kernel_bounding_set());
+            let before = kernel_bounding_set();
+            if before & (1 << CAP_SETPCAP) == 0 {
+                eprintln!(
+                    "SKIPPED: this thread cannot drop bounding capabilities (no CAP_SETPCAP)"
+                );
+                return;
+            }
+            let keep = (1u64 << CAP_CHOWN) | (1u64 << CAP_KILL);
+            crate::drop_bounding_caps(keep).unwrap();
+            assert_eq!(kernel_bounding_set(), before & keep);
+            assert_eq!(crate::bounding_set(), before & keep);
+            // The child drops the two left, and nothing that was already gone survives.
+            let no_setuid = Hardening { allow_setuid: false, ..me() };
+            assert_eq!(child_bounding_set(&no_setuid), "CapBnd:\t0000000000000000\n");
+            // This thread is untouched by its child's drop.
+            assert_eq!(kernel_bounding_set(), before & keep);
+        })
+        .join()
+        .unwrap();
+        // A thread that never dropped anything: its child still ends with none.
+        std::thread::spawn(|| {
+            let no_setuid = Hardening { allow_setuid: false, ..me() };
+            assert_eq!(child_bounding_set(&no_setuid), "CapBnd:\t0000000000000000\n");
+        })
+        .join()
+        .unwrap();
     }
 }
