@@ -147,6 +147,39 @@ def summarize(label, results, wall):
         print(f"  {name:<34} {statistics.median(xs):>10.2f} {pct(xs, 95):>10.2f}")
 
 
+def start_server(binary):
+    """A fresh `ringfence serve` on a free loopback port with a data directory of its own and
+    one API key: (process, port, key, data dir, log file). The server's log is DATA/serve.log
+    (RINGFENCE_LOG from the caller, else warn)."""
+    data = tempfile.mkdtemp()
+    os.chmod(data, 0o755)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    key = subprocess.run([binary, "keys", "create", "--name", "bench", "--data-dir", data,
+                          "--max-sandboxes", "0", "--create-rate", "0"],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    log = open(os.path.join(data, "serve.log"), "w")
+    srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+                            "--pids", "256"], stdout=log, stderr=log,
+                           # RINGFENCE_PHASES=1 needs info level for its target: keep a level the
+                           # caller set (then bench/phases.py reads DATA/serve.log).
+                           env=dict(os.environ, RINGFENCE_LOG=os.environ.get("RINGFENCE_LOG", "warn")))
+    # A debug build on a loaded host takes well over 5 s to start serving (its disk probe).
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return srv, port, key, data, log
+        except OSError:
+            if srv.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                srv.kill()
+                sys.exit(f"the server did not come up; its log: {open(log.name).read()[-2000:]}")
+            time.sleep(0.05)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
@@ -156,33 +189,8 @@ def main():
     # thread beside them; more warm-up cycles keep that work out of the measured ones.
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args()
-    data = tempfile.mkdtemp()
-    os.chmod(data, 0o755)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    key = subprocess.run([a.bin, "keys", "create", "--name", "bench", "--data-dir", data,
-                          "--max-sandboxes", "0", "--create-rate", "0"],
-                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    log = open(os.path.join(data, "serve.log"), "w")
-    srv = subprocess.Popen([a.bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-                            "--pids", "256"], stdout=log, stderr=log,
-                           # RINGFENCE_PHASES=1 needs info level for its target: keep a level the
-                           # caller set (then bench/phases.py reads DATA/serve.log).
-                           env=dict(os.environ, RINGFENCE_LOG=os.environ.get("RINGFENCE_LOG", "warn")))
+    srv, port, key, data, log = start_server(a.bin)
     try:
-        # A debug build on a loaded host takes well over 5 s to start serving (its disk probe).
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                if srv.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    sys.exit(f"the server did not come up; its log: {open(log.name).read()[-2000:]}")
-                time.sleep(0.05)
         print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; nproc {os.cpu_count()}; "
               f"loadavg {os.getloadavg()[0]:.2f}; log {log.name}")
         c = Client(port, key)
