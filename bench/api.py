@@ -189,7 +189,7 @@ def main():
     # thread beside them; more warm-up cycles keep that work out of the measured ones.
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args()
-    srv, port, key, data, log = start_server(a.bin)
+    srv, port, key, _, log = start_server(a.bin)
     try:
         print(f"ringfence serve at 127.0.0.1:{port}; kernel {os.uname().release}; nproc {os.cpu_count()}; "
               f"loadavg {os.getloadavg()[0]:.2f}; log {log.name}")

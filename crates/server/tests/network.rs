@@ -395,20 +395,25 @@ fn gvisor_egress_through_the_same_policy() {
     ) else {
         return;
     };
-    // gVisor's own kernel, and the same policy as the jail's: the allowed host answers...
+    // The sandbox's very first command reaches the host's stack, which refuses what the
+    // policy does not allow. The agent makes the device after it reports `Ready`: this is the
+    // request that would race it if one were served before the device is up (an address, not
+    // a name: the resolver's retries would wait for a late device).
+    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
+    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
+    // The same policy as the jail's: the allowed host answers...
+    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://www.allowed.test/");
+    assert_eq!(code, 0, "{out}\n{}", srv.log());
+    assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
+    // ...on gVisor's own kernel...
     let (out, _) = srv.run(&sb, "uname -r");
     assert_ne!(
         out.trim(),
         String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim()
     );
-    let (out, code) = srv.run(&sb, "curl -sS -m 10 http://www.allowed.test/");
-    assert_eq!(code, 0, "{out}\n{}", srv.log());
-    assert!(out.contains("hello from 203.0.113.10:80"), "{out}");
     // ...and everything else is refused by the host's stack, as for the jail.
     let (out, code) = srv.run(&sb, "curl -sS -m 5 http://other.test/");
     assert_eq!(code, 6, "lookup refused: {out}");
-    let (out, _) = srv.run(&sb, "curl -sS -m 5 http://203.0.113.20/");
-    assert!(out.contains("denied: 203.0.113.20:80 is not in allowOut"), "{out}");
     for ip in ["169.254.169.254", "10.66.0.5"] {
         let (out, code) = srv.run(&sb, &format!("curl -sS -m 5 http://{ip}/"));
         assert_eq!(code, 7, "{ip}: {out}\n{}", srv.log());
