@@ -4,7 +4,7 @@
 # (default 300). Needs root, etcd (scripts/setup.sh) and a built ringfence; SKIPPED without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RINGFENCE_BIN=${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/debug/ringfence}
+export RINGFENCE_BIN=${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/release/ringfence}
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

@@ -4,7 +4,7 @@
 # fresh `ringfence serve` on a free loopback port. Needs root and a release or debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/debug/ringfence}
+BIN=${RINGFENCE_BIN:-target/x86_64-unknown-linux-gnu/release/ringfence}
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

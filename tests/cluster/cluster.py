@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get(
-    "RINGFENCE_BIN", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/debug/ringfence")
+    "RINGFENCE_BIN", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/ringfence")
 )
 TTL = 5
 PREFIX = "/rftest"
