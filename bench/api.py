@@ -147,10 +147,10 @@ def summarize(label, results, wall):
         print(f"  {name:<34} {statistics.median(xs):>10.2f} {pct(xs, 95):>10.2f}")
 
 
-def start_server(binary):
+def start_server(binary, extra=()):
     """A fresh `ringfence serve` on a free loopback port with a data directory of its own and
     one API key: (process, port, key, data dir, log file). The server's log is DATA/serve.log
-    (RINGFENCE_LOG from the caller, else warn)."""
+    (RINGFENCE_LOG from the caller, else warn). `extra`: more `serve` flags."""
     data = tempfile.mkdtemp()
     os.chmod(data, 0o755)
     s = socket.socket()
@@ -162,7 +162,7 @@ def start_server(binary):
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     log = open(os.path.join(data, "serve.log"), "w")
     srv = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-                            "--pids", "256"], stdout=log, stderr=log,
+                            "--pids", "256", *extra], stdout=log, stderr=log,
                            # RINGFENCE_PHASES=1 needs info level for its target: keep a level the
                            # caller set (then bench/phases.py reads DATA/serve.log).
                            env=dict(os.environ, RINGFENCE_LOG=os.environ.get("RINGFENCE_LOG", "warn")))
