@@ -29,7 +29,10 @@ js_ok=0
 wait "$js" || js_ok=$?
 cat "$js_log"
 rm -f "$js_log"
-[ "$py_ok" = 0 ] && [ "$js_ok" = 0 ] || { echo "kernel unit tests failed (python $py_ok, js $js_ok)"; exit 1; }
+if [ "$py_ok" != 0 ] || [ "$js_ok" != 0 ]; then
+  echo "kernel unit tests failed (python $py_ok, js $js_ok)"
+  exit 1
+fi
 phase "kernel unit tests"
 # The unmodified e2b SDKs (from PyPI and npm) against a live `ringfence serve`: the release
 # binary `cargo test` built for its own integration tests (so the same features, and no

@@ -231,8 +231,8 @@ fn run(mut control: UnixStream, tier: Tier) -> Result<ExitCode, ()> {
     // sends `Ready` before waiting for the host's answer: the host reads it as soon as it has
     // answered, one round trip fewer per start (`SetupSpec::ready_before_answer`, which the
     // host's `Sandbox::start` reads too). Nothing runs in such a sandbox before this agent has
-    // completed the hand-over and serves a request. A stage is always settled before `Ready`, so that when
-    // the host's start returns the agent holds no directory.
+    // completed the hand-over and serves a request. A stage is always settled before `Ready`,
+    // so that when the host's start returns the agent holds no directory.
     let early_ready = answer_due && spec.ready_before_answer();
     let deferred = if early_ready {
         Some(listener)
