@@ -338,7 +338,13 @@ fn ctrl_c_during_bootstrap_leaves_nothing_registered_or_mounted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
     // A process group of its own, as a terminal's foreground job: ctrl-c reaches all of it.
-    let mut child = ringfence()
+    // A shell starts its foreground jobs with SIGINT's default action; a test run from a
+    // background job (scripts/test.sh's second lane) inherits it ignored, which `env` resets.
+    let mut child = std::process::Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(env!("CARGO_BIN_EXE_ringfence"))
+        .env("RINGFENCE_AGENT", env!("CARGO_BIN_EXE_ringfence-agent"))
+        .stdin(std::process::Stdio::null())
         .args(["template", "bootstrap", "--data-dir", &d])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -54,6 +54,34 @@ fn stdin_is_passed_through() {
 }
 
 #[test]
+fn commands_start_with_no_signal_ignored_whatever_the_host_ignores() {
+    root_only!();
+    // A host process started from a script's background job has SIGINT and SIGQUIT ignored,
+    // and an ignored (or blocked) signal stays so across exec: neither the agent (cloned by
+    // this CLI with `--no-spawner`, or by a slot's spawner) nor the command may pass that on.
+    for opts in [&["--no-spawner"][..], &[][..]] {
+        let out = std::process::Command::new("env")
+            .args(["--ignore-signal=INT", "--ignore-signal=QUIT", "--ignore-signal=HUP"])
+            .arg("--block-signal=USR1")
+            .arg(env!("CARGO_BIN_EXE_ringfence"))
+            .env("RINGFENCE_AGENT", agent_path())
+            .stdin(std::process::Stdio::null())
+            .arg("run")
+            .args(opts)
+            .args(["--", "grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{opts:?}: {out:?}");
+        assert_eq!(
+            stdout.trim_end(),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000",
+            "{opts:?}"
+        );
+    }
+}
+
+#[test]
 fn signals_become_128_plus_n() {
     root_only!();
     assert_eq!(sh(&[], "kill -9 $$").code, 137);

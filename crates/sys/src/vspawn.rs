@@ -172,28 +172,49 @@ fn run(job: &Job<'_>) -> c_int {
     if let Err(e) = unsafe { crate::drop_to(job.hardening, job.bounding) } {
         return e.raw_os_error().unwrap_or(libc::EINVAL);
     }
-    // SAFETY: sigaction/sigprocmask on this child's own handler table (no CLONE_SIGHAND) and
-    // mask; the structs are plain data.
+    // SAFETY: rt_sigaction and rt_sigprocmask on this child's own handler table (no
+    // CLONE_SIGHAND) and mask, with local buffers of the kernel's sizes.
     unsafe {
-        // A handler of the caller's would run on the shared memory: defaults first (exec
-        // resets handled signals anyway), SIGPIPE too, which Rust's runtime ignores and
-        // std's Command gives back to its children.
-        for sig in 1..=libc::SIGRTMAX() {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut act) != 0 {
+        // Every signal back to its default action. A handler of the caller's would run on the
+        // shared memory (exec resets handled signals anyway); an ignored one survives exec:
+        // SIGPIPE, which Rust's runtime ignores, and whatever the host itself was started
+        // ignoring (a server started from a script's background job ignores SIGINT and
+        // SIGQUIT), none of which is the sandbox's to inherit. The system call itself, not
+        // libc's wrapper, which refuses the two signals glibc keeps for itself (32 and 33):
+        // an ancestor may have left those ignored too. The kernel's `struct sigaction` all
+        // zero is SIG_DFL with no flags and an empty mask.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            if (act.sa_sigaction != libc::SIG_IGN && act.sa_sigaction != libc::SIG_DFL)
-                || sig == libc::SIGPIPE
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            let mut old = [0u64; 4];
+            let got = libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<u64>(),
+                old.as_mut_ptr(),
+                8usize,
+            );
+            if got == 0 && old[0] != 0 {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
             }
         }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Nothing blocked (the same system call: glibc's wrapper keeps 32 and 33 as they were).
+        let none = 0u64;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
     }
     // execvp's rules: a candidate that is missing is passed over; one that exists but may not
     // be run is remembered, and reported if nothing later runs.
