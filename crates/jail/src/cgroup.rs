@@ -5,6 +5,14 @@
 //! forever, each guarded by an exclusive `flock` on a lock file under the run directory. A lock
 //! dies with its holder, so a slot whose owner was SIGKILLed becomes claimable again; the next
 //! claimant first kills whatever the dead owner left inside (the orphan sweep).
+//!
+//! Except where the dead owner was a server: its sandboxes outlive it, waiting for the server
+//! to come back and re-attach them. A server's leases write its data directory into the
+//! slot's lock file while they hold the slot ([`Pool::kept_for`]), and the lock file is
+//! emptied when a lease lets go in an orderly way, so after a `kill -9` the slot says whose
+//! sandbox waits there. Claims pass over such a slot while that data directory exists; only
+//! the server of that directory re-attaches (`adopt`) or sweeps it ([`Pool::collect_garbage`],
+//! as does `ringfence gc` for its `--data-dir`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -118,6 +126,9 @@ pub struct Pool {
     prefer_own: bool,
     /// Where this process's next claim looks first (shared by clones and by its leases).
     hint: Arc<Mutex<SlotHint>>,
+    /// The data directory of the server whose sandboxes this pool's leases hold (see
+    /// [`Pool::kept_for`]).
+    owner: Option<Arc<str>>,
 }
 
 /// Which slots this process should try first: a hint only (every claim still takes the slot's
@@ -148,7 +159,20 @@ impl Pool {
             exec_agents: false,
             prefer_own: false,
             hint: Arc::default(),
+            owner: None,
         }
+    }
+
+    /// Marks this pool's slots, while a lease holds them, as kept for the server whose data
+    /// directory is `data_dir`: its sandboxes outlive a `kill -9` of the server and wait in
+    /// their slots to be re-attached, and no other claimant (a one-shot run, another server
+    /// sharing the run directory) may take such a slot and sweep them while that directory
+    /// exists. This pool's own sweep ([`Pool::collect_garbage`]) takes them: it runs once the
+    /// restarted server has re-attached what it recorded.
+    pub fn kept_for(mut self, data_dir: &Path) -> Self {
+        let dir = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        self.owner = Some(Arc::from(dir.to_string_lossy().as_ref()));
+        self
     }
 
     /// Parks a spawner (`exe --spawner`) in each slot this pool leases, so sandboxes are born
@@ -286,10 +310,32 @@ impl Pool {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(io_err("open", &path))?;
         Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+    }
+
+    /// Whether a slot whose lock this process has just taken holds a sandbox kept for a
+    /// server (see [`Pool::kept_for`]) that this claim or sweep must leave alone: its data
+    /// directory still exists (the server may come back for it) and something of the sandbox
+    /// still runs there. A sweep (`sweeping`) takes what was kept for this pool's own server.
+    /// A directory that is gone can re-attach nothing, and an empty slot holds nothing to lose.
+    fn kept_elsewhere(&self, lock: &Flock<File>, slot: u32, sweeping: bool) -> bool {
+        let Some(kept) = kept_by(lock) else { return false };
+        if sweeping && self.owner.as_deref() == Some(kept.as_str()) {
+            return false;
+        }
+        if !Path::new(&kept).is_dir() {
+            return false;
+        }
+        let procs = fs::read_to_string(self.slot_dirs(slot)[0].join("cgroup.procs"));
+        procs
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .any(|p| !crate::spawner::is_spawner(p))
     }
 
     /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
@@ -317,6 +363,11 @@ impl Pool {
                 tried_released += 1;
             }
             if let Some(lock) = self.try_lock(slot)? {
+                // Even this pool's own: a restarted server re-attaches before it claims, and
+                // what it did not re-attach its sweep ends, not a claim.
+                if self.kept_elsewhere(&lock, slot, false) {
+                    continue;
+                }
                 break Some((slot, lock));
             }
         };
@@ -340,6 +391,7 @@ impl Pool {
             }
             let mut lease = Lease::new(slot, dirs, self.layout.clone(), lock);
             lease.hint = Some(self.hint.clone());
+            lease.keep(self.owner.as_deref(), &self.lock_path(slot))?;
             // Whatever is still inside belongs to an owner that died without cleaning up.
             lease.kill_all()?;
             lease.apply(limits)?;
@@ -372,6 +424,7 @@ impl Pool {
             source: std::io::Error::other("slot is held by another process"),
         })?;
         let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
+        lease.keep(self.owner.as_deref(), &self.lock_path(slot))?;
         lease.spawner = self
             .spawner_socket(slot)
             .and_then(|(socket, _)| crate::spawner::Spawner::existing(&socket))
@@ -381,6 +434,7 @@ impl Pool {
     }
 
     /// Kills the contents of every slot nobody holds, and removes those slots' directories.
+    /// Slots kept for another server's re-attach ([`Pool::kept_for`]) are left alone.
     /// Returns how many processes were killed.
     pub fn collect_garbage(&self) -> Result<usize, CgroupError> {
         let mut killed = 0;
@@ -394,9 +448,17 @@ impl Pool {
             else {
                 continue;
             };
-            let Ok(file) = File::options().write(true).open(entry.path()) else { continue };
+            let Ok(file) = File::options().read(true).write(true).open(entry.path()) else {
+                continue;
+            };
             let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
-            let lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
+            if self.kept_elsewhere(&lock, slot, true) {
+                continue;
+            }
+            let was_kept = kept_by(&lock).is_some();
+            let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
+            // Swept, it is no longer anyone's: the lease's drop empties the lock file.
+            lease.kept = was_kept;
             killed += lease.procs().len();
             lease.kill_all()?;
             // And its spawner: nothing holds the slot, whose directories go now.
@@ -429,6 +491,9 @@ pub struct Lease {
     lock: Option<Flock<File>>,
     /// Told of the slot when this lease lets go of it (see [`SlotHint`]).
     hint: Option<Arc<Mutex<SlotHint>>>,
+    /// The lock file names a server's data directory (see [`Pool::kept_for`]), emptied when
+    /// this lease lets go.
+    kept: bool,
     /// The slot's spawner, if one is parked there (see [`crate::spawner`]).
     spawner: Option<crate::spawner::Spawner>,
     /// Counters as they stood when this lease began: slots are reused, and their counters
@@ -525,6 +590,7 @@ impl Lease {
             layout,
             lock: Some(lock),
             hint: None,
+            kept: false,
             spawner: None,
             oom_base: 0,
             pids_base: 0,
@@ -819,7 +885,41 @@ impl Lease {
     }
 }
 
+/// The data directory a server's lease wrote into a slot's lock file (see [`Pool::kept_for`]),
+/// if any: the slot's sandbox outlived that server and waits for it.
+fn kept_by(lock: &Flock<File>) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    // Empty, as nearly every lock file is: one `fstat`, no read.
+    let len = lock.metadata().ok()?.len();
+    if len == 0 {
+        return None;
+    }
+    // A path, written whole by `Lease::keep`; read from the start whatever the file offset.
+    let mut buf = vec![0u8; usize::try_from(len).ok()?.min(MAX_KEPT_PATH)];
+    let n = lock.read_at(&mut buf, 0).ok()?;
+    let dir = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    (!dir.is_empty()).then_some(dir)
+}
+
+/// The longest path a lock file is read for.
+const MAX_KEPT_PATH: usize = 4096;
+
 impl Lease {
+    /// Writes `owner`, a server's data directory, into the slot's lock file while this lease
+    /// holds it (see [`Pool::kept_for`]); `None` leaves the file as it is.
+    fn keep(&mut self, owner: Option<&str>, path: &Path) -> Result<(), CgroupError> {
+        use std::os::unix::fs::FileExt;
+        let (Some(owner), Some(lock)) = (owner, &self.lock) else { return Ok(()) };
+        let len = owner.len() as u64;
+        let now = lock.metadata().map(|m| m.len()).unwrap_or(0);
+        lock.write_all_at(owner.as_bytes(), 0).map_err(io_err("write", path))?;
+        if now != len {
+            lock.set_len(len).map_err(io_err("truncate", path))?;
+        }
+        self.kept = true;
+        Ok(())
+    }
+
     /// Lets the slot go now, its processes sent SIGKILL but not waited for: for a sandbox
     /// whose agent has been killed and is watched elsewhere (through its pidfd), and whose
     /// end is mostly the kernel's teardown of its namespaces. A process that has begun to
@@ -839,6 +939,14 @@ impl Lease {
 
     /// Unlocks the slot and offers it to this process's next claim; `Drop` then does nothing.
     fn unlock(&mut self) {
+        // No longer kept for anyone: emptied while still locked, so no claimant reads a
+        // half-way state.
+        if self.kept
+            && let Some(lock) = &self.lock
+            && let Err(e) = lock.set_len(0)
+        {
+            tracing::warn!(slot = self.slot, error = %e, "emptying a cgroup slot's lock file");
+        }
         // Unlocked before it is offered, so a claim that takes the hint finds the lock free.
         drop(self.lock.take());
         if let Some(h) = &self.hint
@@ -1026,5 +1134,48 @@ mod tests {
         fs::write(&p, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap();
         assert_eq!(read_key(&p, "oom_kill"), Some(3));
         assert_eq!(read_key(&p, "missing"), None);
+    }
+
+    #[test]
+    fn a_kept_slot_names_its_server_until_let_go_and_only_that_servers_sweep_takes_it() {
+        let locks = tempfile::tempdir().unwrap();
+        let owner = tempfile::tempdir().unwrap();
+        let layout = Layout::V2 { root: locks.path().join("cgroup") };
+        let pool = Pool::new(layout.clone(), "ringfence", "run", locks.path().to_path_buf())
+            .kept_for(owner.path());
+        let other = Pool::new(layout.clone(), "ringfence", "run", locks.path().to_path_buf())
+            .kept_for(locks.path());
+        let canonical = fs::canonicalize(owner.path()).unwrap();
+
+        // Held: the lock file names the server; let go in an orderly way, it is empty again.
+        let lock = pool.try_lock(5).unwrap().unwrap();
+        let mut lease = Lease::new(5, pool.slot_dirs(5), layout.clone(), lock);
+        lease.keep(pool.owner.as_deref(), &pool.lock_path(5)).unwrap();
+        let named = fs::read_to_string(pool.lock_path(5)).unwrap();
+        assert_eq!(Path::new(&named), canonical);
+        assert!(pool.try_lock(5).unwrap().is_none(), "held while the lease lives");
+        lease.release_unwaited();
+        let lock = pool.try_lock(5).unwrap().unwrap();
+        assert_eq!(kept_by(&lock), None, "emptied when let go");
+        drop(lock);
+
+        // A server killed with its lease held: the name stays. Something of the sandbox still
+        // in the slot (a pid that is no spawner: no process has it).
+        fs::write(pool.lock_path(6), canonical.to_string_lossy().as_bytes()).unwrap();
+        let procs = locks.path().join("cgroup/ringfence/run-6");
+        fs::create_dir_all(&procs).unwrap();
+        fs::write(procs.join("cgroup.procs"), "999999999\n").unwrap();
+        let lock = pool.try_lock(6).unwrap().unwrap();
+        assert_eq!(kept_by(&lock).as_deref().map(Path::new), Some(canonical.as_path()));
+        assert!(pool.kept_elsewhere(&lock, 6, false), "no claim takes it, not even its own");
+        assert!(!pool.kept_elsewhere(&lock, 6, true), "its own server's sweep takes it");
+        assert!(other.kept_elsewhere(&lock, 6, true), "another server's sweep leaves it");
+        // Nothing left in it: nothing to lose, anyone may take it.
+        fs::write(procs.join("cgroup.procs"), "").unwrap();
+        assert!(!other.kept_elsewhere(&lock, 6, false));
+        fs::write(procs.join("cgroup.procs"), "999999999\n").unwrap();
+        // Its data directory gone: no server can come back for it.
+        drop(owner);
+        assert!(!other.kept_elsewhere(&lock, 6, false), "a gone directory keeps nothing");
     }
 }

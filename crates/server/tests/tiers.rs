@@ -520,3 +520,48 @@ fn an_orderly_shutdown_with_a_run_directory_of_its_own_leaves_no_slot_or_spawner
     }
     assert!(running().is_empty(), "left running: {:?}", running());
 }
+
+#[test]
+fn a_killed_servers_sandboxes_outlast_one_shot_runs_and_other_servers_until_it_is_back() {
+    let test =
+        "a_killed_servers_sandboxes_outlast_one_shot_runs_and_other_servers_until_it_is_back";
+    // The host's default run directory, where `ringfence run` and every server without a
+    // `--run-dir` of its own share the cgroup slots (`run-<n>`).
+    let Some(mut a) = server(test) else { return };
+    a.spawn(&[]);
+    let sbs: Vec<Sandbox> = (0..3)
+        .map(|_| {
+            let r = create(&a, &a.key, json!({"templateID": "base"}));
+            assert_eq!(r.status, 201, "{}", r.text());
+            Sandbox::from(&r.json())
+        })
+        .collect();
+    for sb in &sbs {
+        assert_eq!(echo(&a, sb, "before"), "before\n");
+    }
+    a.kill9();
+    // While it is down: one-shot runs, which try the slots where a spawner of this build is
+    // parked before any other (the killed server's sandboxes' slots have one each) ...
+    for _ in 0..4 {
+        let out = std::process::Command::new(&a.bin)
+            .args(["run", "--disk-backend", "tmpfs", "--", "/bin/true"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // ... and another server with a data directory of its own, which sweeps the slots nobody
+    // holds as it starts and claims slots for its own sandbox.
+    let Some(mut b) = server(test) else { return };
+    b.spawn(&[]);
+    let r = create(&b, &b.key, json!({"templateID": "base"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(echo(&b, &Sandbox::from(&r.json()), "beside"), "beside\n");
+    drop(b);
+    // The killed server comes back to every one of its sandboxes.
+    a.spawn(&[]);
+    for sb in &sbs {
+        let d = a.api("GET", &format!("/sandboxes/{}", sb.id), Value::Null);
+        assert_eq!(d.status, 200, "after restart: {}\n{}", d.text(), a.log());
+        assert_eq!(echo(&a, sb, "back"), "back\n");
+    }
+}

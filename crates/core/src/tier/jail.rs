@@ -113,8 +113,11 @@ impl JailTier {
         let host = template::ensure_host(&cfg.data_dir).map_err(|e| setup("host template")(&e))?;
         let seccomp = seccomp::default_profile(true).map_err(|e| setup("seccomp profile")(&e))?;
         let layout = Layout::detect()?;
+        // Kept for this server's data directory: its sandboxes outlive a `kill -9` of it, and
+        // no one-shot run or other server may sweep them before it is back.
         let pool = Pool::new(layout, &cfg.cgroup_name, &s.pool_prefix, cfg.run_dir.join("cgroups"))
-            .with_spawners(cfg.agent_path.clone());
+            .with_spawners(cfg.agent_path.clone())
+            .kept_for(&cfg.data_dir);
         let keeper = s.keeper_exe.as_ref().and_then(|exe| {
             Keeper::connect_or_spawn(&cfg.run_dir, exe)
                 .map_err(|e| {

@@ -194,12 +194,16 @@ fn probe(settings: &MicrovmSettings) -> Result<MicrovmConfig, String> {
     // same run directory.
     let cgroups = match ringfence_jail::cgroup::Layout::detect() {
         Ok(layout) if ringfence_microvm::jail::running_as_root() => {
-            Some(ringfence_jail::cgroup::Pool::new(
-                layout,
-                "ringfence",
-                &format!("{}vm", settings.pool_prefix),
-                settings.run_dir.join("cgroups"),
-            ))
+            Some(
+                ringfence_jail::cgroup::Pool::new(
+                    layout,
+                    "ringfence",
+                    &format!("{}vm", settings.pool_prefix),
+                    settings.run_dir.join("cgroups"),
+                )
+                // QEMU outlives a `kill -9` of the server too, waiting to be re-attached.
+                .kept_for(&settings.data_dir),
+            )
         }
         Ok(_) => None,
         Err(e) => {
