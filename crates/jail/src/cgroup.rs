@@ -1149,7 +1149,7 @@ mod tests {
 
         // Held: the lock file names the server; let go in an orderly way, it is empty again.
         let lock = pool.try_lock(5).unwrap().unwrap();
-        let mut lease = Lease::new(5, pool.slot_dirs(5), layout.clone(), lock);
+        let mut lease = Lease::new(5, pool.slot_dirs(5), layout, lock);
         lease.keep(pool.owner.as_deref(), &pool.lock_path(5)).unwrap();
         let named = fs::read_to_string(pool.lock_path(5)).unwrap();
         assert_eq!(Path::new(&named), canonical);
