@@ -844,9 +844,22 @@ fn output_is_capped_and_truncation_reported() {
 /// Mounts in the host's namespace, less sandbox disks: those of runs in other tests come and
 /// go (each is in the host's namespace from its claim until the agent has bound it); what is
 /// left of a run's disk is checked in `a_runs_disk_is_removed_with_it_and_gc_sweeps_a_killed_runs`.
+/// Host mounts, less those other tests' sandboxes and servers make and remove at any moment
+/// (scripts/test.sh runs other test binaries beside this one): sandbox disks (`/disks/`) and
+/// the wasm tier's per-server pools (`<run-dir>/wasm/<pid>/pool-<n>`). A one-shot run makes
+/// neither of the second kind, and the first is checked by the disk tests.
 fn mount_count() -> usize {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    text.lines().filter(|l| !l.contains("/disks/")).count()
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| !m.contains("/disks/"))
+        .filter(|m| {
+            let mut parts = m.rsplitn(3, '/');
+            let (pool, pid) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let wasm = parts.next().is_some_and(|p| p.ends_with("/wasm"));
+            !(wasm && pool.starts_with("pool-") && pid.parse::<u32>().is_ok())
+        })
+        .count()
 }
 
 #[test]
