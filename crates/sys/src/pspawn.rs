@@ -31,12 +31,31 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
-/// Starts `program` with `args` and this process's environment; `fds` are (source, target)
+/// Starts `program` (a bare name is looked up in PATH) with `args` and this process's
+/// environment; `fds` are (source, target)
 /// pairs: the caller's descriptor `source` becomes the child's `target` (0, 1 and 2 included;
 /// every target below 100), inherited across the exec, while the caller's own copy keeps its
 /// flags. Nothing else is inherited but descriptors without close-on-exec, as with `Command`.
 /// The child's signal mask is empty and SIGPIPE is at its default, as `Command` leaves them.
 pub fn spawn(program: &Path, args: &[&OsStr], fds: &[(RawFd, RawFd)]) -> io::Result<Child> {
+    spawn_with(program, args, fds, Options::default())
+}
+
+/// What else [`spawn_with`] sets up in the child.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// A process group of its own (`Command::process_group(0)`): a signal to the caller's
+    /// group (a terminal's ^C) does not reach it.
+    pub own_process_group: bool,
+}
+
+/// [`spawn`], with [`Options`].
+pub fn spawn_with(
+    program: &Path,
+    args: &[&OsStr],
+    fds: &[(RawFd, RawFd)],
+    opts: Options,
+) -> io::Result<Child> {
     if let Some((_, t)) = fds.iter().find(|(_, t)| !(0..HIGH).contains(t)) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("target fd {t}")));
     }
@@ -106,20 +125,26 @@ pub fn spawn(program: &Path, args: &[&OsStr], fds: &[(RawFd, RawFd)]) -> io::Res
         if rc == 0 {
             rc = libc::posix_spawnattr_setsigdefault(&mut attr, &pipe);
         }
+        let mut flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        if opts.own_process_group {
+            flags |= libc::POSIX_SPAWN_SETPGROUP;
+            if rc == 0 {
+                // Group 0: the child's own pid.
+                rc = libc::posix_spawnattr_setpgroup(&mut attr, 0);
+            }
+        }
         if rc == 0 {
-            let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
             rc = libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short);
         }
         let mut pid: libc::pid_t = 0;
         if rc == 0 {
-            rc = libc::posix_spawn(
-                &mut pid,
-                path.as_ptr(),
-                &fa,
-                &attr,
-                argv_p.as_ptr(),
-                envp_p.as_ptr(),
-            );
+            // A bare name is looked up in PATH, as `Command` does.
+            let spawn = if path.as_bytes().contains(&b'/') {
+                libc::posix_spawn
+            } else {
+                libc::posix_spawnp
+            };
+            rc = spawn(&mut pid, path.as_ptr(), &fa, &attr, argv_p.as_ptr(), envp_p.as_ptr());
         }
         libc::posix_spawn_file_actions_destroy(&mut fa);
         libc::posix_spawnattr_destroy(&mut attr);
@@ -178,6 +203,36 @@ impl Child {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn a_child_asked_for_its_own_process_group_leads_one() {
+        let ids = |opts: Options| {
+            let (mut r, w) = std::io::pipe().unwrap();
+            let sh = "echo $$ $(ps -o pgid= -p $$) >&5";
+            let mut c = spawn_with(
+                Path::new("/bin/sh"),
+                &[OsStr::new("-c"), OsStr::new(sh)],
+                &[(std::os::fd::AsRawFd::as_raw_fd(&w), 5)],
+                opts,
+            )
+            .unwrap();
+            drop(w);
+            assert!(c.wait().unwrap().success());
+            let mut out = String::new();
+            r.read_to_string(&mut out).unwrap();
+            let v: Vec<i32> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+            (v[0], v[1])
+        };
+        let (pid, pgid) = ids(Options { own_process_group: true });
+        // A bare name is found in PATH.
+        let mut c = spawn(Path::new("true"), &[], &[]).unwrap();
+        assert!(c.wait().unwrap().success());
+        assert_eq!(pid, pgid, "its own group");
+        let (pid, pgid) = ids(Options::default());
+        assert_ne!(pid, pgid, "the caller's group");
+        // SAFETY: getpgrp takes no arguments and cannot fail.
+        assert_eq!(pgid, unsafe { libc::getpgrp() });
+    }
 
     #[test]
     fn descriptors_land_at_their_targets_and_nothing_else_is_inherited() {
