@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """How long the server takes to start QEMU (the `spawn_us` of `ringfence_microvm`'s debug
 line "qemu started"), two builds side by side: servers of A and B alternate, each makes the
-template's snapshot with one create (its first QEMU start is left out), then 4 creates of `base@microvm` (create -> first output
-of `echo`, killed). Prints the medians of both.
+template's snapshot with one create (its first QEMU start is left out), then 4 creates of
+`base@microvm` (create -> first output of `echo`, killed). Prints the medians of both.
 
     python3 bench/microvm_spawn.py A/ringfence B/ringfence [rounds]
 """
