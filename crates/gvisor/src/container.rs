@@ -144,8 +144,9 @@ fn check_id(id: &str) -> Result<(), GvisorError> {
 
 /// The relay's two ends: the host's non-blocking (the host stack polls it), the sandbox's
 /// blocking (the agent's relay threads wait on it). Both numbered above the two descriptors
-/// runsc's child is given (`pass_fd` dup2s onto 3 and 4 in turn, so a source that is 3 or 4
-/// itself could be overwritten before it is moved).
+/// runsc's child is given: a precaution from when they were placed by `dup2` in turn, where a
+/// source that is 3 or 4 itself could be overwritten before it is moved (`pspawn` now copies
+/// every source above 99 before it places any).
 fn relay_pair() -> Result<(OwnedFd, OwnedFd), GvisorError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (host, sandbox) =

@@ -5,7 +5,9 @@
 //! `nix` already offers a safe binding.
 //!
 //! Three functions here run code in a freshly forked child of a possibly multi-threaded parent
-//! ([`spawn_in_namespaces`], the child of [`spawn_hardened`] and the `pre_exec` hook of [`pass_fd`]).
+//! ([`spawn_in_namespaces`], the child of [`spawn_hardened`] and the `pre_exec` hook of
+//! [`detach_command`]); host programs that need a descriptor placed are started by [`pspawn`]
+//! (`posix_spawn`'s file actions), not a hook.
 //! Between fork and exec such a child may only make async-signal-safe calls: no allocation, no
 //! locks. All keep to raw syscalls on values prepared before the fork.
 
@@ -684,32 +686,6 @@ pub fn detach_command(cmd: &mut Command) {
             // Mark, don't close: std's own error-report pipe must survive until exec.
             const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
-        }
-        Ok(())
-    };
-    // SAFETY: the hook above is async-signal-safe (see its comment).
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-}
-
-/// Arranges for `fd` to be descriptor `target` in `cmd`'s child, inherited across its exec,
-/// while the caller's own copy stays close-on-exec: no other child the caller starts at the
-/// same time (the server spawns from many threads) can inherit it. The caller keeps `fd` open
-/// until `cmd` has been spawned.
-pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
-    let hook = move || -> io::Result<()> {
-        // SAFETY: runs in the forked child before exec; dup2/fcntl on plain integers captured
-        // by move, no allocation. dup2 to another number leaves the copy without
-        // close-on-exec; onto the same number it is a no-op, so the flag is cleared instead.
-        unsafe {
-            if fd == target {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, target) < 0 {
-                return Err(io::Error::last_os_error());
-            }
         }
         Ok(())
     };
