@@ -40,8 +40,7 @@ enum Command {
         command: template::TemplateCommand,
     },
     /// Kill processes left in cgroup slots nobody holds and remove those slots, and remove the
-    /// disks of sandboxes whose owner is gone and the disks `run` made ahead. Sandboxes a
-    /// killed server left waiting to be re-attached are swept only for its `--data-dir`.
+    /// disks of sandboxes whose owner is gone and the disks `run` made ahead.
     Gc {
         #[command(flatten)]
         common: Common,
@@ -141,10 +140,7 @@ fn gc(common: &Common) -> ExitCode {
             "ringfence",
             run::POOL_PREFIX,
             common.run_dir.join("cgroups"),
-        )
-        // The sandboxes a server of this data directory left waiting to be re-attached are
-        // swept too, as that server's own start would; other data directories' are left.
-        .kept_for(&common.data_dir);
+        );
         let killed = pool.collect_garbage()?;
         // Disks of sandboxes whose owner died (a SIGKILLed run, a server that did not come
         // back); disks someone holds are locked and left alone.

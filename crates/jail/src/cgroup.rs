@@ -11,8 +11,7 @@
 //! slot's lock file while they hold the slot ([`Pool::kept_for`]), and the lock file is
 //! emptied when a lease lets go in an orderly way, so after a `kill -9` the slot says whose
 //! sandbox waits there. Claims pass over such a slot while that data directory exists; only
-//! the server of that directory re-attaches (`adopt`) or sweeps it ([`Pool::collect_garbage`],
-//! as does `ringfence gc` for its `--data-dir`).
+//! the server of that directory re-attaches (`adopt`) or sweeps it ([`Pool::collect_garbage`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -165,8 +164,8 @@ impl Pool {
 
     /// Marks this pool's slots, while a lease holds them, as kept for the server whose data
     /// directory is `data_dir`: its sandboxes outlive a `kill -9` of the server and wait in
-    /// their slots to be re-attached, and no other claimant (a one-shot run, another server
-    /// sharing the run directory) may take such a slot and sweep them while that directory
+    /// their slots to be re-attached, and no other claimant (another server sharing the run
+    /// directory and so the slots) may take such a slot and sweep them while that directory
     /// exists. This pool's own sweep ([`Pool::collect_garbage`]) takes them: it runs once the
     /// restarted server has re-attached what it recorded.
     pub fn kept_for(mut self, data_dir: &Path) -> Self {
@@ -243,8 +242,16 @@ impl Pool {
                 }
             }
         }
-        if let Some(s) = Spawner::existing(&socket) {
-            return Some(s.exec_agents(self.exec_agents));
+        if let Some((s, pid)) = Spawner::existing_with_pid(&socket) {
+            // Only one parked in this slot: a child is born in its parent's cgroups, so the
+            // sandboxes of a spawner found outside the slot would run with none of its limits
+            // (seen once under the tests' load: a spawner in the root cgroups, its socket in
+            // place, the slot's later sandboxes born beside it). Replaced, not reused.
+            if lease.all_procs().contains(&pid) {
+                return Some(s.exec_agents(self.exec_agents));
+            }
+            tracing::warn!(slot = lease.slot, pid, "a spawner outside its slot is replaced");
+            crate::spawner::stop(&socket);
         }
         let park =
             |pid| lease.add(pid).map_err(|e| crate::spawner::SpawnerError::Refused(e.to_string()));
@@ -425,10 +432,12 @@ impl Pool {
         })?;
         let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
         lease.keep(self.owner.as_deref(), &self.lock_path(slot))?;
+        // As at a claim, only a spawner parked in the slot (see `Pool::spawner`).
         lease.spawner = self
             .spawner_socket(slot)
-            .and_then(|(socket, _)| crate::spawner::Spawner::existing(&socket))
-            .map(|s| s.exec_agents(self.exec_agents));
+            .and_then(|(socket, _)| crate::spawner::Spawner::existing_with_pid(&socket))
+            .filter(|(_, pid)| lease.all_procs().contains(pid))
+            .map(|(s, _)| s.exec_agents(self.exec_agents));
         lease.set_baselines();
         Ok(lease)
     }

@@ -146,6 +146,15 @@ impl Spawner {
             .map(|_| Spawner { path: socket.to_path_buf(), exec: false })
     }
 
+    /// [`Spawner::existing`], with the pid of the process that answers (its peer
+    /// credentials), to check where it is parked.
+    pub fn existing_with_pid(socket: &Path) -> Option<(Spawner, i32)> {
+        let s = UnixStream::connect(socket).ok()?;
+        let cred =
+            nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+        Some((Spawner { path: socket.to_path_buf(), exec: false }, cred.pid()))
+    }
+
     /// Whether this spawner's sandboxes exec a fresh agent (see [`SpawnRequest::exec`]).
     pub fn exec_agents(self, exec: bool) -> Spawner {
         Spawner { exec, ..self }

@@ -565,3 +565,63 @@ fn a_killed_servers_sandboxes_outlast_one_shot_runs_and_other_servers_until_it_i
         assert_eq!(echo(&a, sb, "back"), "back\n");
     }
 }
+
+#[test]
+fn a_spawner_found_outside_its_slot_is_replaced_not_used() {
+    use ringfence_jail::cgroup::{Layout, Pool};
+    let test = "a_spawner_found_outside_its_slot_is_replaced_not_used";
+    if !support::root_or_skip(test) {
+        return;
+    }
+    let Some(agent) = ringfence_test_support::agent_binary() else {
+        eprintln!("SKIPPED {test}: no ringfence-agent binary (cargo build --workspace)");
+        return;
+    };
+    let layout = Layout::detect().unwrap();
+    let roots: Vec<std::path::PathBuf> = match &layout {
+        Layout::V2 { root } => vec![root.clone()],
+        Layout::V1 { memory, pids, cpu, freezer } => {
+            let mut r = vec![memory.clone(), pids.clone(), cpu.clone()];
+            r.extend(freezer.iter().cloned());
+            r
+        }
+    };
+    let locks = tempfile::tempdir().unwrap();
+    let prefix = format!("spawnertest{}", std::process::id());
+    let pool =
+        Pool::new(layout, "ringfence", &prefix, locks.path().to_path_buf()).with_spawners(agent);
+    let limits = ringfence_jail::limits::Limits::default();
+    let lease = pool.claim(&limits).unwrap();
+    let procs_file = roots[0].join(format!("ringfence/{prefix}-{}/cgroup.procs", lease.slot()));
+    let in_slot = || -> Vec<i32> {
+        std::fs::read_to_string(&procs_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let parked = in_slot();
+    assert_eq!(parked.len(), 1, "the slot's spawner: {parked:?}");
+    // Moved out of the slot, into the root cgroups, its socket still answering.
+    for r in &roots {
+        std::fs::write(r.join("cgroup.procs"), parked[0].to_string()).unwrap();
+    }
+    assert!(in_slot().is_empty());
+    drop(lease);
+    // The next claim of the slot does not hand sandboxes to it: it is stopped and a new
+    // spawner is parked in the slot.
+    let lease = pool.claim(&limits).unwrap();
+    let now = in_slot();
+    assert_eq!(now.len(), 1, "a spawner parked anew: {now:?}");
+    assert_ne!(now[0], parked[0]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{}", parked[0])).exists()
+        && std::fs::read_to_string(format!("/proc/{}/stat", parked[0]))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(std::time::Instant::now() < deadline, "the stray spawner still runs");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(lease);
+    pool.collect_garbage().unwrap();
+}
