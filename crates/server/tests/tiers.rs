@@ -540,8 +540,8 @@ fn a_killed_servers_sandboxes_outlast_one_shot_runs_and_other_servers_until_it_i
         assert_eq!(echo(&a, sb, "before"), "before\n");
     }
     a.kill9();
-    // While it is down: one-shot runs, which try the slots where a spawner of this build is
-    // parked before any other (the killed server's sandboxes' slots have one each) ...
+    // While it is down: one-shot runs on the host (slots of their own, `run-<n>`, beside the
+    // servers' `srv-<n>`) ...
     for _ in 0..4 {
         let out = std::process::Command::new(&a.bin)
             .args(["run", "--disk-backend", "tmpfs", "--", "/bin/true"])
@@ -549,8 +549,9 @@ fn a_killed_servers_sandboxes_outlast_one_shot_runs_and_other_servers_until_it_i
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    // ... and another server with a data directory of its own, which sweeps the slots nobody
-    // holds as it starts and claims slots for its own sandbox.
+    // ... and another server with a data directory of its own and the same run directory,
+    // which sweeps the `srv-<n>` slots nobody holds as it starts (before, the killed server's
+    // waiting sandboxes among them) and claims slots for its own sandbox.
     let Some(mut b) = server(test) else { return };
     b.spawn(&[]);
     let r = create(&b, &b.key, json!({"templateID": "base"}));
