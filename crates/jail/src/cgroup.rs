@@ -337,12 +337,7 @@ impl Pool {
         if !Path::new(&kept).is_dir() {
             return false;
         }
-        let procs = fs::read_to_string(self.slot_dirs(slot)[0].join("cgroup.procs"));
-        procs
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse::<i32>().ok())
-            .any(|p| !crate::spawner::is_spawner(p))
+        pids_in(&self.slot_dirs(slot)[0]).into_iter().any(|p| !crate::spawner::is_spawner(p))
     }
 
     /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
@@ -685,11 +680,7 @@ impl Lease {
 
     /// Every host pid in the slot, its spawner's included.
     fn all_procs(&self) -> Vec<i32> {
-        fs::read_to_string(self.dirs[0].join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        pids_in(&self.dirs[0])
     }
 
     /// The file that freezes and thaws the slot, and the words it takes.
@@ -908,6 +899,15 @@ fn kept_by(lock: &Flock<File>) -> Option<String> {
     let n = lock.read_at(&mut buf, 0).ok()?;
     let dir = String::from_utf8_lossy(&buf[..n]).trim().to_string();
     (!dir.is_empty()).then_some(dir)
+}
+
+/// Every host pid in the cgroup directory `dir` (none if it cannot be read).
+fn pids_in(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// The longest path a lock file is read for.
