@@ -398,6 +398,23 @@ impl Stack {
     /// Runs the stack on the TUN descriptor until [`Stack::close`] or a device error.
     pub async fn run(self: Arc<Self>, tun: OwnedFd, handler: Arc<dyn Handler>) -> io::Result<()> {
         let tun = ringfence_sys::async_fd(tun)?;
+        let ended = self.pump(&tun, handler).await;
+        // The last close of a TUN unregisters its device: `synchronize_net` under the RTNL
+        // lock, then an `rcu_barrier` (waits for an RCU grace period, ~15-25 ms on a host as
+        // it comes). On this task's runtime worker that stalled every request the worker
+        // served (with 8 clients on 2 workers, two sandboxes ending blocked the whole API;
+        // docs/PERFORMANCE.md). On the blocking pool, closes that overlap also share one
+        // barrier (a waiter that finds a barrier completed since it asked returns at once).
+        let fd = tun.into_inner();
+        tokio::task::spawn_blocking(move || drop(fd));
+        ended
+    }
+
+    async fn pump(
+        self: &Arc<Self>,
+        tun: &tokio::io::unix::AsyncFd<OwnedFd>,
+        handler: Arc<dyn Handler>,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; 65536];
         let mut next: Option<Duration> = None;
         loop {
