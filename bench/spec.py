@@ -7,8 +7,15 @@ Runs bench/run.py with ringfence and bubblewrap side by side, interleaved, and c
 workload's ratio ringfence / bwrap against the bound the specification's `spec` block sets.
 The ratio is the median over rounds of the per-round ratio (each round runs both once, next to
 each other), so that load which comes and goes during the run moves both sides of a ratio
-together instead of skewing whichever runner it happened to hit. Exits 1 naming every bound
-that is exceeded, 2 if the measurement itself failed.
+together instead of skewing whichever runner it happened to hit.
+
+Then, where the block has `serve_concurrency`, runs bench/api.py once against a fresh
+`ringfence serve` and checks its concurrency gain: sandboxes per second (create -> first
+output -> kill cycles) with N clients over the same with one client, both phases of the same
+run. A server that serialises its requests (a runtime worker blocked in the kernel, a lock
+held across a wait) gains nothing from more clients however fast each request is.
+
+Exits 1 naming every bound that is exceeded, 2 if a measurement itself failed.
 
 Python 3.11 standard library only.
 """
@@ -45,6 +52,25 @@ def paired_ratios(samples: list[dict], workload: str, runner: str, ref: str) -> 
     return [r[runner] / r[ref] for r in by_round.values() if runner in r and ref in r and r[ref]]
 
 
+THROUGHPUT = re.compile(r"^(sequential, 1 client|\d+ concurrent clients): .*= ([\d.]+) sandboxes/s")
+
+
+def concurrency_gain(ringfence: str, clients: int, rounds: int) -> float | None:
+    """Throughput with `clients` clients over throughput with one, from one bench/api.py run."""
+    cmd = [sys.executable, str(BENCH_DIR / "api.py"), "--bin", ringfence, "--rounds", str(rounds),
+           "--warmup", "10", "--concurrency", str(clients)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    print(r.stdout, end="")
+    rates = {m.group(1): float(m.group(2))
+             for m in map(THROUGHPUT.match, r.stdout.splitlines()) if m}
+    one, many = rates.get("sequential, 1 client"), rates.get(f"{clients} concurrent clients")
+    if r.returncode != 0 or not one or many is None:
+        print(f"spec: the serve measurement failed ({' '.join(cmd)}): {r.stderr[-2000:]}",
+              file=sys.stderr)
+        return None
+    return many / one
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ringfence", metavar="PATH",
@@ -53,9 +79,35 @@ def main() -> int:
     ap.add_argument("--pause", metavar="MS", type=int, default=100,
                     help="rest between runs, as a host that runs a command now and then")
     ap.add_argument("--spec", type=Path, default=REPO_ROOT / "docs/SPECIFICATION.md")
+    ap.add_argument("--serve-only", action="store_true",
+                    help="only the serve concurrency check (no bubblewrap rounds)")
     args = ap.parse_args()
     spec = load_spec(args.spec)
-    bounds: dict[str, float] = spec["run_vs_bwrap"]
+    failed = []
+    if not args.serve_only:
+        code = check_run_vs_bwrap(args, spec["run_vs_bwrap"], failed)
+        if code:
+            return code
+    conc = spec.get("serve_concurrency")
+    if conc:
+        gain = concurrency_gain(args.ringfence, int(conc["clients"]), int(conc.get("rounds", 80)))
+        if gain is None:
+            return 2
+        bound = float(conc["min_throughput_gain"])
+        ok = gain >= bound
+        print(f"serve, {conc['clients']} clients / 1 client, sandboxes per second: {gain:.2f} "
+              f"(bound: at least {bound:.2f})  {'ok' if ok else 'EXCEEDED'}")
+        if not ok:
+            failed.append(f"serve concurrency gain {gain:.2f}, the bound is at least {bound}")
+    if failed:
+        print("spec: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    print("spec: every bound holds")
+    return 0
+
+
+def check_run_vs_bwrap(args, bounds: dict[str, float], failed: list[str]) -> int:
+    """`ringfence run` against bubblewrap: appends to `failed`; 2 if the measurement failed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, str(BENCH_DIR / "run.py"), "--runs", str(args.runs),
@@ -67,7 +119,6 @@ def main() -> int:
             print(f"spec: the measurement failed ({' '.join(cmd)})", file=sys.stderr)
             return 2
         data = json.loads(out.read_text())
-    failed = []
     print(f"\n{'workload':<10} {'ringfence/bwrap (paired median)':>32} {'bound':>7}")
     for workload, bound in bounds.items():
         ratios = paired_ratios(data["samples"], workload, "ringfence", "bwrap")
@@ -79,10 +130,6 @@ def main() -> int:
         print(f"{workload:<10} {ratio:>32.2f} {bound:>7.2f}  {'ok' if ok else 'EXCEEDED'}")
         if not ok:
             failed.append(f"{workload}: ringfence is {ratio:.2f}x bwrap, the bound is {bound}x")
-    if failed:
-        print("spec: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    print("spec: every bound holds")
     return 0
 
 
