@@ -528,7 +528,15 @@ impl Manager {
         // Before anything is recorded: a sandbox whose network cannot be set up is dropped
         // (and with it killed) here.
         let at = live.with_instance(|i| i.net()).unwrap_or(crate::tier::NetAttach::None);
-        self.net.attach(&live.net, (&id, key_id), at, p.network.clone())?;
+        // On the blocking pool: making the device joins a thread that entered the sandbox's
+        // namespace, and its ioctls wait for the RTNL lock behind every other sandbox's device
+        // coming or going (several ms with 8 clients), which a runtime worker must not.
+        let (me, l, owner, params) =
+            (self.clone(), live.clone(), (id.clone(), key_id.to_string()), p.network.clone());
+        tokio::task::spawn_blocking(move || {
+            me.net.attach(&l.net, (&owner.0, &owner.1), at, params)
+        })
+        .await??;
         if !p.network.rules.is_empty() {
             self.trust_egress_ca(&live).await?;
         }
