@@ -47,7 +47,7 @@ class Server:
         self.proc = subprocess.Popen(
             [binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", self.data,
              "--run-dir", os.path.join(self.data, "run")] + extra,
-            stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG="warn"))
+            stdout=log, stderr=log, env=dict(os.environ, RINGFENCE_LOG=os.environ.get("RINGFENCE_LOG", "warn")))
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
