@@ -342,11 +342,18 @@ impl Pool {
 
     /// Leases a free slot, sweeps anything a dead owner left in it, and applies `limits`.
     pub fn claim(&self, limits: &Limits) -> Result<Lease, CgroupError> {
+        self.claim_from(limits, true)
+    }
+
+    /// [`Pool::claim`]; without `reuse_released`, the slots this process let go of are left
+    /// for the others' claims (see [`Pool::prepare_more`]).
+    fn claim_from(&self, limits: &Limits, reuse_released: bool) -> Result<Lease, CgroupError> {
         fs::create_dir_all(&self.lock_dir).map_err(io_err("mkdir", &self.lock_dir))?;
         // Slots this process let go of first (lowest first), then upwards from the highest it
         // has held, then the rest: the first whose lock is free.
         let (released, next) = match self.hint.lock() {
-            Ok(mut h) => (std::mem::take(&mut h.released), h.next),
+            Ok(mut h) if reuse_released => (std::mem::take(&mut h.released), h.next),
+            Ok(h) => (Default::default(), h.next),
             Err(_) => (Default::default(), 0),
         };
         // Then, where asked, the slots where a spawner of this build is parked (see
@@ -415,6 +422,24 @@ impl Pool {
             held.push(self.claim(limits)?);
         }
         Ok(held.len())
+    }
+
+    /// Makes `n` more slots ready as [`Pool::prepare`] does, leaving the ready ones to the
+    /// claims that come meanwhile: only slots this process has never held are claimed.
+    /// Returns how many were made ready.
+    pub fn prepare_more(&self, n: usize, limits: &Limits) -> Result<usize, CgroupError> {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(self.claim_from(limits, false)?);
+        }
+        Ok(held.len())
+    }
+
+    /// How many slots this process has let go of and not claimed again: those [`Pool::prepare`]
+    /// made ready and those its sandboxes left, each with its directories, limits and, with
+    /// spawners, a parked spawner. The next claims take them first.
+    pub fn ready(&self) -> usize {
+        self.hint.lock().map(|h| h.released.len()).unwrap_or(0)
     }
 
     /// Takes the lock of a specific slot without touching its processes or limits, to
@@ -1085,6 +1110,27 @@ mod tests {
         assert_eq!(pool.claim(&limits).unwrap().slot(), 4);
         drop(other);
         drop((a, c, again));
+        pool.collect_garbage().unwrap();
+    }
+
+    #[test]
+    fn more_slots_are_made_ready_beside_the_ready_ones_not_from_them() {
+        let Some((pool, _, _locks)) = real_pool("ahead") else { return };
+        let limits = Limits::default();
+        assert_eq!(pool.prepare(2, &limits).unwrap(), 2);
+        assert_eq!(pool.ready(), 2);
+        let a = pool.claim(&limits).unwrap();
+        assert_eq!(a.slot(), 0, "a ready slot, the lowest, first");
+        assert_eq!(pool.ready(), 1);
+        // Slot 1 stays ready for the claims meanwhile: the new ones are 2 and 3.
+        assert_eq!(pool.prepare_more(2, &limits).unwrap(), 2);
+        assert_eq!(pool.ready(), 3);
+        let held: Vec<Lease> = (0..3).map(|_| pool.claim(&limits).unwrap()).collect();
+        let mut slots: Vec<u32> = held.iter().map(Lease::slot).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, [1, 2, 3]);
+        assert_eq!(pool.ready(), 0);
+        drop((a, held));
         pool.collect_garbage().unwrap();
     }
 

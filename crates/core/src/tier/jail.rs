@@ -57,8 +57,8 @@ pub struct JailTier {
     keeper: Option<Keeper>,
     /// A thread is making disks ahead (at most one at a time).
     replenishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Cgroup slots were made ready ahead (once, at the first start).
-    slots_ready: std::sync::atomic::AtomicBool,
+    /// A thread is making cgroup slots ready ahead (at most one at a time).
+    slots_busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The thread making those slots ready, joined before the slots are removed at shutdown.
     preparing: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -133,7 +133,7 @@ impl JailTier {
             templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
             keeper,
             replenishing: Default::default(),
-            slots_ready: Default::default(),
+            slots_busy: Default::default(),
             preparing: Mutex::default(),
         })
     }
@@ -193,27 +193,38 @@ impl JailTier {
         }
     }
 
-    /// Makes [`SLOTS_AHEAD`] cgroup slots ready on a thread of its own, once: at the first
+    /// Keeps about [`SLOTS_AHEAD`] cgroup slots ready, on a thread of its own: from the first
     /// start rather than at construction, so that a starting server's sweep of slots nobody
-    /// holds (`Tier::sweep`) has run by then.
+    /// holds (`Tier::sweep`) has run by then, and again whenever starts have taken more than
+    /// half of them. Made once only, they ran out in a server whose sandboxes stay alive: every
+    /// later create claimed a fresh slot and paid its spawner's start and move into the slot
+    /// (an RCU grace period on cgroup v1) itself, 8 ms of a create at 50 live sandboxes and
+    /// 24 ms at 250 (`bench/lifecycle.py --only density`, docs/PERFORMANCE.md).
     fn prepare_slots(&self, limits: &ringfence_jail::limits::Limits) {
         use std::sync::atomic::Ordering;
-        if self.slots_ready.swap(true, Ordering::AcqRel) {
+        let ready = self.pool.ready();
+        if ready > SLOTS_AHEAD / 2 || self.slots_busy.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (pool, limits) = (self.pool.clone(), *limits);
+        let Ok(mut preparing) = self.preparing.lock() else {
+            self.slots_busy.store(false, Ordering::Release);
+            return;
+        };
+        // The previous round has ended (it let `slots_busy` go): reaped here.
+        if let Some(done) = preparing.take() {
+            let _ = done.join();
+        }
+        let (pool, limits, busy) = (self.pool.clone(), *limits, self.slots_busy.clone());
         let spawned = std::thread::Builder::new().name("slots-ahead".into()).spawn(move || {
-            if let Err(e) = pool.prepare(SLOTS_AHEAD, &limits) {
+            // New slots only: the ready ones stay free for the creates that come meanwhile.
+            if let Err(e) = pool.prepare_more(SLOTS_AHEAD - ready, &limits) {
                 tracing::warn!(error = %e, "making cgroup slots ready ahead");
             }
+            busy.store(false, Ordering::Release);
         });
         match spawned {
-            Ok(handle) => {
-                if let Ok(mut p) = self.preparing.lock() {
-                    *p = Some(handle);
-                }
-            }
-            Err(_) => self.slots_ready.store(false, Ordering::Release),
+            Ok(handle) => *preparing = Some(handle),
+            Err(_) => self.slots_busy.store(false, Ordering::Release),
         }
     }
 
