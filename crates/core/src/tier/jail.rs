@@ -57,9 +57,8 @@ pub struct JailTier {
     keeper: Option<Keeper>,
     /// A thread is making disks ahead (at most one at a time).
     replenishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// A thread is making cgroup slots ready ahead (at most one at a time).
-    slots_busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The thread making those slots ready, joined before the slots are removed at shutdown.
+    /// The latest round of making cgroup slots ready (one at a time), joined before the slots
+    /// are removed at shutdown.
     preparing: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -133,7 +132,6 @@ impl JailTier {
             templates: Mutex::new(HashMap::from([("host".to_string(), host)])),
             keeper,
             replenishing: Default::default(),
-            slots_busy: Default::default(),
             preparing: Mutex::default(),
         })
     }
@@ -201,31 +199,26 @@ impl JailTier {
     /// (an RCU grace period on cgroup v1) itself, 8 ms of a create at 50 live sandboxes and
     /// 24 ms at 250 (`bench/lifecycle.py --only density`, docs/PERFORMANCE.md).
     fn prepare_slots(&self, limits: &ringfence_jail::limits::Limits) {
-        use std::sync::atomic::Ordering;
         let ready = self.pool.ready();
-        if ready > SLOTS_AHEAD / 2 || self.slots_busy.swap(true, Ordering::AcqRel) {
+        if ready > SLOTS_AHEAD / 2 {
             return;
         }
-        let Ok(mut preparing) = self.preparing.lock() else {
-            self.slots_busy.store(false, Ordering::Release);
+        let Ok(mut preparing) = self.preparing.lock() else { return };
+        // One round at a time; a finished one is reaped here.
+        if preparing.as_ref().is_some_and(|round| !round.is_finished()) {
             return;
-        };
-        // The previous round has ended (it let `slots_busy` go): reaped here.
+        }
         if let Some(done) = preparing.take() {
             let _ = done.join();
         }
-        let (pool, limits, busy) = (self.pool.clone(), *limits, self.slots_busy.clone());
+        let (pool, limits) = (self.pool.clone(), *limits);
         let spawned = std::thread::Builder::new().name("slots-ahead".into()).spawn(move || {
             // New slots only: the ready ones stay free for the creates that come meanwhile.
             if let Err(e) = pool.prepare_more(SLOTS_AHEAD - ready, &limits) {
                 tracing::warn!(error = %e, "making cgroup slots ready ahead");
             }
-            busy.store(false, Ordering::Release);
         });
-        match spawned {
-            Ok(handle) => *preparing = Some(handle),
-            Err(_) => self.slots_busy.store(false, Ordering::Release),
-        }
+        *preparing = spawned.ok();
     }
 
     /// The seccomp profile every jail process gets (the interpreter's kernels too).
