@@ -156,6 +156,13 @@ fn at_least(flag: &'static str, min: u64) -> impl Fn(&str) -> Result<u64, String
     }
 }
 
+impl RunArgs {
+    /// The tier asked for (`--tier`).
+    pub fn tier(&self) -> TierKind {
+        self.tier
+    }
+}
+
 fn parse_tier(s: &str) -> Result<TierKind, String> {
     TierKind::parse(s).map_err(|e| e.to_string())
 }
@@ -284,7 +291,18 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Runs `ringfence run`; `t0` is when the process entered `main` (CLOCK_MONOTONIC ns).
+/// Refuses a run in a tier other than the jail: one-shot runs start the jail directly, and
+/// any other tier is refused, naming `reason`, until this command runs through the tier seam
+/// (`ringfence_server::tier`) as the server does.
+pub fn refuse(tier: TierKind, reason: &str) -> ExitCode {
+    fail(
+        code::SETUP,
+        format_args!("sandbox setup failed: tier {tier} is not available on this host: {reason}"),
+    )
+}
+
+/// Runs `ringfence run` in the jail; `t0` is when the process entered `main` (CLOCK_MONOTONIC
+/// ns).
 pub fn main(args: RunArgs, t0: u64) -> ExitCode {
     match execute(args, t0) {
         Ok(code) => ExitCode::from(code),
@@ -296,11 +314,8 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let started = Instant::now();
     let mut cli_phases = Vec::new();
     ringfence_jail::phase(&mut cli_phases, "args_parsed");
-    // One-shot runs start the jail directly (below); any other tier is refused until this
-    // command runs through the tier seam (`ringfence_server::tier`) as the server does.
-    if let Some(reason) = ringfence_server::tier::unavailable_reason(args.tier) {
-        anyhow::bail!("tier {} is not available on this host: {reason}", args.tier);
-    }
+    // One-shot runs start the jail directly; the caller refused any other tier (`refuse`).
+    anyhow::ensure!(args.tier == TierKind::Jail, "tier {} is not the jail", args.tier);
     let agent = agent_path();
     let notify = !args.no_seccomp;
     preflight::check(&agent, notify)?;
@@ -325,7 +340,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
         other => other,
     };
-    let resolved = crate::template::resolve(&args.template, &cfg.data_dir)?;
+    let resolved = crate::resolve::resolve(&args.template, &cfg.data_dir)?;
     let user = match (args.user, &resolved.user_note) {
         (Some(u), _) => u,
         (None, Some(note)) => {
@@ -603,7 +618,8 @@ fn finish_disks(ending: Finish, spare: Option<(DiskPool, u64)>) {
     if matches!(ending, Finish::Disk(None)) && spare.is_none() {
         return;
     }
-    // Whatever is buffered is ours to write, not the child's (its streams are /dev/null).
+    // Whatever is buffered is written now: the fork leaves both processes' streams on
+    // /dev/null (`fork_single_threaded` says why).
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     match ringfence_sys::fork_single_threaded() {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1129,4 +1130,57 @@ fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
     assert!(!new.is_empty(), "no new spawner on {socket}");
     assert!(!new.contains(&spawner), "{new:?}");
     assert!(ringfence_jail::spawner::is_spawner(new[0]));
+}
+
+/// `ringfence` runs `run` itself and hands every other command, arguments unchanged, to
+/// `ringfence-full` beside it (`src/lib.rs` says why): a run needs nothing of the other
+/// executable, every other command reaches it, and where it is missing the error names it.
+#[test]
+fn the_front_runs_run_itself_and_hands_every_other_command_on() {
+    root_only!();
+    let missing = "/nonexistent/ringfence-full";
+    let out = ringfence()
+        .env("RINGFENCE_FULL", missing)
+        .args(["run", "--", "sh", "-c", "echo ran"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n");
+    let out = ringfence().env("RINGFENCE_FULL", missing).args(["keys", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(missing), "{err}");
+
+    // Handed on: the same answers as `ringfence-full`'s own, under the name `ringfence`
+    // (clap names the program after argv[0], which the hand-over keeps).
+    let full = env!("CARGO_BIN_EXE_ringfence-full");
+    let renamed = |b: &[u8]| String::from_utf8_lossy(b).replace("ringfence-full", "ringfence");
+    for args in [&["--version"][..], &["keys", "--help"], &["gc", "--help"], &[]] {
+        let front = ringfence().args(args).output().unwrap();
+        let direct = Command::new(full).args(args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(front.status.code(), direct.status.code(), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&front.stdout), renamed(&direct.stdout), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&front.stderr), renamed(&direct.stderr), "{args:?}");
+    }
+    let help = ringfence().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for command in ["run", "serve", "template", "keys", "gc"] {
+        assert!(help.contains(&format!("  {command} ")), "{command}: {help}");
+    }
+    // A run in another tier goes through `ringfence-full`, which knows the tiers.
+    let out = ringfence()
+        .env("RINGFENCE_FULL", missing)
+        .args(["run", "--tier", "gvisor", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    // Bad arguments to `run` are refused by the front as `ringfence-full` would.
+    let front = ringfence().args(["run", "--memory", "1", "--", "true"]).output().unwrap();
+    let direct = Command::new(full)
+        .args(["run", "--memory", "1", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(front.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&front.stderr), renamed(&direct.stderr));
 }

@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "24h", value_parser = limits::parse_duration)]
     template_upload_ttl: std::time::Duration,
     #[command(flatten)]
-    common: crate::Common,
+    common: ringfence::Common,
     /// Default memory limit per sandbox.
     #[arg(long, default_value = "512M", value_parser = limits::parse_size)]
     memory: u64,
@@ -413,7 +413,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
         manager: ManagerConfig {
             data_dir: args.common.data_dir.clone(),
             run_dir: args.common.run_dir.clone(),
-            agent_path: crate::run::agent_path(),
+            agent_path: ringfence::run::agent_path(),
             limits: Limits {
                 memory: Some(args.memory),
                 pids: Some(args.pids),

@@ -18,8 +18,8 @@ use ringfence_jail::disk::DiskChoice;
 use ringfence_jail::limits::{self, Limits};
 use ringfence_server::builder::JailRunner;
 
-use crate::Common;
 use crate::template::Caps;
+use ringfence::Common;
 
 /// Build an image template from a Dockerfile.
 ///
@@ -161,7 +161,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
 
 /// The shared builder's runner, with this command's limits.
 fn jail_runner(args: &BuildArgs) -> anyhow::Result<JailRunner> {
-    let agent = crate::run::agent_path();
+    let agent = ringfence::run::agent_path();
     ringfence_jail::preflight::check(&agent, false)?;
     let mut cfg = JailConfig::with_agent(agent);
     cfg.data_dir = args.common.data_dir.clone();
@@ -172,9 +172,13 @@ fn jail_runner(args: &BuildArgs) -> anyhow::Result<JailRunner> {
     }
     cfg.disk = disk;
     let layout = Layout::detect()?;
-    let pool =
-        Pool::new(layout, &cfg.cgroup_name, crate::run::POOL_PREFIX, cfg.run_dir.join("cgroups"))
-            .with_spawners(cfg.agent_path.clone());
+    let pool = Pool::new(
+        layout,
+        &cfg.cgroup_name,
+        ringfence::run::POOL_PREFIX,
+        cfg.run_dir.join("cgroups"),
+    )
+    .with_spawners(cfg.agent_path.clone());
     let seccomp = ringfence_jail::seccomp::default_profile(true)?;
     let limits = Limits {
         memory: Some(args.memory),

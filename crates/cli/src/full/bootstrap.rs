@@ -20,8 +20,8 @@ use ringfence_image::build::{BuildProgress, StepResult};
 use ringfence_image::oci::{Digest, RunConfig};
 use ringfence_image::{LayerRecord, Record, Store};
 
-use crate::Common;
 use crate::build::Display;
+use ringfence::Common;
 
 /// What the base holds beyond debootstrap's minimal base: what E2B's base template offers.
 pub const DEFAULT_PACKAGES: &[&str] =

@@ -1,0 +1,34 @@
+//! What the `ringfence` executable (the front: `src/main.rs`) and `ringfence-full` (every
+//! command: `src/full/main.rs`) share: `ringfence run` and the options every command takes.
+//!
+//! Two executables because of what a start costs: `ringfence-full` carries the server, the
+//! tiers, the template builders and Wasmtime, and as a static PIE it applies about a megabyte
+//! of relocations (one copy-on-write page fault per 4 KiB) before `main` on every start,
+//! about 0.8 ms on a host like the one docs/PERFORMANCE.md measures, for a one-shot run that
+//! uses none of it. The front holds only what `run` reaches.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+pub mod resolve;
+pub mod run;
+
+/// Options shared by the commands that touch host state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Directory for persistent state: templates and, for `serve`, the state database.
+    #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = "/var/lib/ringfence")]
+    pub data_dir: PathBuf,
+    /// Directory for volatile state (cgroup slot locks, mount staging).
+    #[arg(long, env = "RINGFENCE_RUN_DIR", default_value = "/run/ringfence")]
+    pub run_dir: PathBuf,
+}
+
+/// Plain-text logging to stderr, filtered by `RINGFENCE_LOG` (`default` without it).
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
