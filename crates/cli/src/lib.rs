@@ -25,10 +25,29 @@ pub struct Common {
     pub run_dir: PathBuf,
 }
 
-/// Plain-text logging to stderr, filtered by `RINGFENCE_LOG` (`default` without it).
+/// Plain-text logging to stderr, filtered by `RINGFENCE_LOG` (`default` without it), with
+/// every directive `EnvFilter` takes (span and field filters too).
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The front's logging (`ringfence run`): `RINGFENCE_LOG` as `target=level` directives (a
+/// level alone sets the default), `warn` without it or where it does not parse. Not
+/// `EnvFilter`: its span and field filters bring a regular-expression engine whose Unicode
+/// tables alone are 70 KB of pointers to relocate, paid at every start.
+pub fn init_run_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RINGFENCE_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
 }

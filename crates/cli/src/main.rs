@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     if rest.first().is_some_and(|a| a == "run") {
         let FrontCommand::Run(args) = Front::parse().command;
         if args.tier() == TierKind::Jail {
-            ringfence::init_logging("warn");
+            ringfence::init_run_logging();
             return run::main(args, t0);
         }
     }

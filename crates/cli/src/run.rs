@@ -20,7 +20,6 @@ use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Supervisor};
 use ringfence_jail::{JailConfig, preflight, seccomp};
 use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
-use ringfence_sys::Forked;
 use serde::Serialize;
 
 use crate::Common;
@@ -598,7 +597,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             drop(ending);
             let _ = t.join();
         }
-        None => finish_disks(ending, spare),
+        None => finish_disks(ending, spare, code),
     }
     Ok(code)
 }
@@ -606,10 +605,11 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
 /// Removes this run's disk and makes the next run's in a process of its own, so that whoever
 /// waits for this run does not wait for them: the filesystem's teardown, the image's deletion
 /// and the next disk's loop device and mount (each of which waits on the kernel, for an RCU
-/// grace period on a host as it comes) took longer than a short command's whole run. The
-/// process is forked from this one once it has a single thread left; where it has more (a
-/// terminal's stdin relay), or the fork fails, the work is done here, as before.
-fn finish_disks(ending: Finish, spare: Option<(DiskPool, u64)>) {
+/// grace period on a host as it comes) took longer than a short command's whole run. This
+/// process then exits with `code` (`ringfence_sys::exit_leaving`) and the function does not
+/// return; where it has more than one thread (a terminal's stdin relay), or the hand-over
+/// fails, the work is done here, as before, and it returns.
+fn finish_disks(ending: Finish, spare: Option<(DiskPool, u64)>, code: u8) {
     // Without a disk there is nothing to wait for: the sandbox ends on its own.
     let ending = match ending {
         Finish::Ending(e) if !e.has_disk() => Finish::Disk(None),
@@ -618,29 +618,19 @@ fn finish_disks(ending: Finish, spare: Option<(DiskPool, u64)>) {
     if matches!(ending, Finish::Disk(None)) && spare.is_none() {
         return;
     }
-    // Whatever is buffered is written now: the fork leaves both processes' streams on
-    // /dev/null (`fork_single_threaded` says why).
+    // Whatever is buffered is written now: the hand-over leaves our streams on /dev/null.
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
-    match ringfence_sys::fork_single_threaded() {
-        Ok(Forked::Parent(_)) => {
-            // Not dropped here: that would remove the disk (and unlock its image, a lock the
-            // child shares). Our descriptors close when we exit; the child's keep it.
-            std::mem::forget(ending);
-        }
-        Ok(Forked::Child) => {
-            // The next run's disk first: the next run may be starting now. This run's once
-            // its sandbox has ended (it is mounted there until then).
-            make_spare(spare);
-            drop(ending.disk());
-            std::process::exit(0);
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "removing the disk in this process");
-            drop(ending.disk());
-            make_spare(spare);
-        }
-    }
+    // The next run's disk first: the next run may be starting now. This run's once its
+    // sandbox has ended (it is mounted there until then).
+    let work = Box::new(move || {
+        make_spare(spare);
+        drop(ending.disk());
+    });
+    // Returns only where the work could not be handed on.
+    let Err((e, work)) = ringfence_sys::exit_leaving(code, work);
+    tracing::debug!(error = %e, "removing the disk in this process");
+    work();
 }
 
 /// What is left of a run's sandbox once its command's outcome is known.
