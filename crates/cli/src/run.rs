@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +19,7 @@ use ringfence_jail::cgroup::{Layout, Pool};
 use ringfence_jail::disk::{Disk, DiskBackend, DiskChoice, DiskPool};
 use ringfence_jail::launch::{Ending, Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
-use ringfence_jail::monitor::{SecurityEvent, Supervisor};
+use ringfence_jail::monitor::{SecurityEvent, Watcher};
 use ringfence_jail::{JailConfig, preflight, seccomp};
 use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
 use serde::Serialize;
@@ -214,41 +216,79 @@ pub fn agent_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence/ringfence-agent"))
 }
 
-/// Copies a sandbox's output stream to ours, cutting it at `cap` bytes.
-fn relay_output(
-    from: OwnedFd,
-    mut to: impl Write + Send + 'static,
-    cap: u64,
+/// One output stream of the sandbox relayed to ours: where it comes from, where it goes, and
+/// the flag set when it passed the cap.
+struct Relayed {
+    from: File,
+    to: Box<dyn Write + Send>,
     over: Arc<AtomicBool>,
+    total: u64,
+    sink_ok: bool,
+}
+
+/// Copies the sandbox's output streams to ours, each cut at `cap` bytes (the sandbox is killed
+/// when one passes it), until both end. One thread for both (it polls them): a thread each
+/// cost a one-shot run a second thread start and, at the end, a second wake-up.
+fn relay_outputs(
+    streams: Vec<(OwnedFd, Box<dyn Write + Send>, Arc<AtomicBool>)>,
+    cap: u64,
     agent: Arc<AtomicI32>,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("relay".into()).spawn(move || {
-        let mut src = File::from(from);
+        let mut open: Vec<Relayed> = streams
+            .into_iter()
+            .map(|(from, to, over)| Relayed {
+                from: File::from(from),
+                to,
+                over,
+                total: 0,
+                sink_ok: true,
+            })
+            .collect();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0u64;
-        let mut sink_ok = true;
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let allowed = cap.saturating_sub(total).min(n as u64) as usize;
-            total += n as u64;
-            if sink_ok && allowed > 0 {
-                sink_ok = to.write_all(&buf[..allowed]).and_then(|()| to.flush()).is_ok();
-            }
-            if total > cap {
-                over.store(true, Ordering::SeqCst);
-                let pid = agent.load(Ordering::SeqCst);
-                if pid > 0 {
-                    let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+        while !open.is_empty() {
+            let ready: Vec<bool> = {
+                let mut fds: Vec<PollFd> =
+                    open.iter().map(|r| PollFd::new(r.from.as_fd(), PollFlags::POLLIN)).collect();
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(_) => return,
                 }
-                break;
-            }
+                fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
+            };
+            let mut i = 0;
+            open.retain_mut(|r| {
+                let go_on = !ready[i] || relay_once(r, &mut buf, cap, &agent);
+                i += 1;
+                go_on
+            });
         }
     })
+}
+
+/// Reads what one stream has and passes it on, cut at `cap`. False once the stream is done
+/// with: ended, failed, or past the cap (the sandbox is then killed).
+fn relay_once(r: &mut Relayed, buf: &mut [u8], cap: u64, agent: &AtomicI32) -> bool {
+    let n = match r.from.read(buf) {
+        Ok(0) => return false,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+        Err(_) => return false,
+    };
+    let allowed = cap.saturating_sub(r.total).min(n as u64) as usize;
+    r.total += n as u64;
+    if r.sink_ok && allowed > 0 {
+        r.sink_ok = r.to.write_all(&buf[..allowed]).and_then(|()| r.to.flush()).is_ok();
+    }
+    if r.total > cap {
+        r.over.store(true, Ordering::SeqCst);
+        let pid = agent.load(Ordering::SeqCst);
+        if pid > 0 {
+            let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+        }
+        return false;
+    }
+    true
 }
 
 /// Decides how the command's stdin reaches it. Pipes, `/dev/null` and read-only regular files
@@ -401,22 +441,14 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let agent_pid = Arc::new(AtomicI32::new(0));
     let stdout_over = Arc::new(AtomicBool::new(false));
     let stderr_over = Arc::new(AtomicBool::new(false));
-    let relays = [
-        relay_output(
-            out_rx,
-            io::stdout(),
-            args.max_output,
-            stdout_over.clone(),
-            agent_pid.clone(),
-        )?,
-        relay_output(
-            err_rx,
-            io::stderr(),
-            args.max_output,
-            stderr_over.clone(),
-            agent_pid.clone(),
-        )?,
-    ];
+    let relays = [relay_outputs(
+        vec![
+            (out_rx, Box::new(io::stdout()), stdout_over.clone()),
+            (err_rx, Box::new(io::stderr()), stderr_over.clone()),
+        ],
+        args.max_output,
+        agent_pid.clone(),
+    )?];
     let deadline = started + args.timeout;
     let start_result = Sandbox::start(&cfg, pool.as_ref(), spec);
     // Only the sandbox may hold the write ends now, so the relays see EOF when it is gone.
@@ -449,10 +481,10 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     sandbox.detach_disk()?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     agent_pid.store(sandbox.pid, Ordering::SeqCst);
-    let supervisor = match sandbox.take_listener() {
-        Some(l) => Some(Supervisor::start(l, id.clone()).context("start seccomp supervisor")?),
-        None => None,
-    };
+    // Denied calls are answered from this thread's loop below, not a thread of their own.
+    let mut watcher = sandbox.take_listener().map(|l| Watcher::new(l, id.clone()));
+    // Until every process under the filter is gone (a closed listener polls ready forever).
+    let mut watching = watcher.is_some();
 
     let mut exit: Option<(ExitStatus, Usage)> = None;
     let mut spawn_error = None;
@@ -464,7 +496,29 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             timed_out = true;
             break;
         }
-        control.set_read_timeout(Some(deadline - now))?;
+        let left = deadline - now;
+        // The agent's next frame, or a denied call to answer, whichever comes first.
+        let (frame, denial) = {
+            let mut fds = vec![PollFd::new(control.as_fd(), PollFlags::POLLIN)];
+            if let Some(w) = watcher.as_ref().filter(|_| watching) {
+                fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
+            }
+            let ms = u16::try_from(left.as_millis().saturating_add(1)).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e)).context("poll the sandbox"),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if denial && let Some(w) = watcher.as_mut() {
+            // False once every process under the filter is gone; what it counted stays.
+            watching = w.answer_queued();
+        }
+        if !frame {
+            continue;
+        }
+        control.set_read_timeout(Some(left))?;
         match ringfence_proto::read_frame::<_, Event>(&mut control) {
             Ok(Some(Event::Exited { status, usage, .. })) => {
                 exit = Some((status, usage));
@@ -505,7 +559,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     ringfence_jail::phase(&mut phases, "exited");
     let oom = sandbox.oom_kills() > 0;
     let memory_peak = sandbox.memory_peak();
-    let events = supervisor.map(Supervisor::finish).unwrap_or_default();
+    let events = watcher.map(Watcher::finish).unwrap_or_default();
     let landlock_abi = sandbox.ready.landlock_abi;
     let disk_backend = sandbox.disk_backend();
     let disk_made_ahead = sandbox.disk_made_ahead();

@@ -837,6 +837,18 @@ fn output_is_capped_and_truncation_reported() {
     assert_eq!(o.stdout.len(), 1024);
     assert!(o.stderr.contains("output limit"), "{o:?}");
     assert_eq!(o.report["output_truncated"]["stdout"], true);
+    // Both streams go through one relay: stderr past the cap is cut and reported while
+    // stdout, under it, arrives whole.
+    let o = sh(
+        &["--max-output", "1K"],
+        "echo out; head -c 100000 /dev/zero | tr '\\0' e >&2; echo never",
+    );
+    assert_eq!(o.code, 122, "{o:?}");
+    assert_eq!(o.stdout, "out\n", "{o:?}");
+    assert!(o.stderr.starts_with(&"e".repeat(1024)), "{o:?}");
+    assert!(o.stderr.contains("stderr exceeded the output limit"), "{o:?}");
+    assert_eq!(o.report["output_truncated"]["stderr"], true);
+    assert_eq!(o.report["output_truncated"]["stdout"], false);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -109,6 +109,91 @@ impl Drop for Supervisor {
     }
 }
 
+/// A supervisor without a thread, for a caller that runs its own poll loop (a one-shot
+/// run, whose main thread waits on the sandbox anyway): the caller polls [`Watcher::fd`] and
+/// calls [`Watcher::answer_queued`] when it is readable. A thread of its own cost a one-shot
+/// run its start and, at the end, a wake-up and a join on the run's path.
+#[derive(Debug)]
+pub struct Watcher {
+    listener: OwnedFd,
+    sandbox_id: String,
+    tally: Mutex<Tally>,
+    closed: bool,
+}
+
+impl Watcher {
+    /// Supervises `listener` (a seccomp user-notification descriptor) from the caller's loop.
+    pub fn new(listener: OwnedFd, sandbox_id: String) -> Watcher {
+        Watcher { listener, sandbox_id, tally: Mutex::new(Tally::default()), closed: false }
+    }
+
+    /// The descriptor to poll for readability.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Answers (EPERM) and counts every notification queued now, without waiting. False once
+    /// every process under the filter is gone (nothing more can arrive).
+    pub fn answer_queued(&mut self) -> bool {
+        while !self.closed {
+            match answer_one(&self.listener, &self.sandbox_id, &self.tally, None, 0) {
+                Some(true) => {}
+                Some(false) => break,
+                None => self.closed = true,
+            }
+        }
+        !self.closed
+    }
+
+    /// Answers what is still queued and returns the final tally, ordered by syscall number.
+    pub fn finish(mut self) -> Vec<SecurityEvent> {
+        self.answer_queued();
+        self.tally.lock().map(|t| t.by_nr.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// Waits up to `timeout_ms` for one notification and answers it (EPERM), counting it and
+/// telling `sink`. `Some(true)`: one was answered; `Some(false)`: none arrived; `None`: the
+/// listener is closed or failed.
+fn answer_one(
+    listener: &OwnedFd,
+    sandbox_id: &str,
+    tally: &Mutex<Tally>,
+    sink: Option<&DenialSink>,
+    timeout_ms: i32,
+) -> Option<bool> {
+    match ringfence_sys::seccomp_notif_recv(listener, timeout_ms) {
+        Ok(NotifWait::Notification(n)) => {
+            let name = crate::seccomp::syscall_name(n.nr);
+            tracing::debug!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");
+            let count = match tally.lock() {
+                Ok(mut t) => {
+                    let e = t.by_nr.entry(n.nr).or_insert_with(|| SecurityEvent {
+                        kind: "denied_syscall",
+                        syscall: name.clone(),
+                        nr: n.nr,
+                        count: 0,
+                        first_pid: n.pid,
+                    });
+                    e.count += 1;
+                    e.count
+                }
+                Err(_) => 0,
+            };
+            // Recorded before the answer (the caller is blocked until then, for the few
+            // microseconds this takes): the event exists before the process can see its
+            // EPERM, exit, and have its exit reported without it.
+            if let Some(sink) = sink {
+                sink(&Denial { sandbox_id, pid: n.pid, syscall: &name, nr: n.nr, count });
+            }
+            let _ = ringfence_sys::seccomp_notif_deny(listener, n.id, libc::EPERM);
+            Some(true)
+        }
+        Ok(NotifWait::Timeout) => Some(false),
+        Ok(NotifWait::Closed) | Err(_) => None,
+    }
+}
+
 fn run(
     listener: OwnedFd,
     woken: &OwnedFd,
@@ -132,38 +217,14 @@ fn run(
         if !queued && stop.load(Ordering::SeqCst) {
             return;
         }
-        match ringfence_sys::seccomp_notif_recv(&listener, 0) {
-            Ok(NotifWait::Notification(n)) => {
-                let name = crate::seccomp::syscall_name(n.nr);
-                tracing::debug!(sandbox_id, pid = n.pid, syscall = %name, "denied syscall");
-                let count = match tally.lock() {
-                    Ok(mut t) => {
-                        let e = t.by_nr.entry(n.nr).or_insert_with(|| SecurityEvent {
-                            kind: "denied_syscall",
-                            syscall: name.clone(),
-                            nr: n.nr,
-                            count: 0,
-                            first_pid: n.pid,
-                        });
-                        e.count += 1;
-                        e.count
-                    }
-                    Err(_) => 0,
-                };
-                // Recorded before the answer (the caller is blocked until then, for the few
-                // microseconds this takes): the event exists before the process can see its
-                // EPERM, exit, and have its exit reported without it.
-                if let Some(sink) = sink {
-                    sink(&Denial { sandbox_id, pid: n.pid, syscall: &name, nr: n.nr, count });
-                }
-                let _ = ringfence_sys::seccomp_notif_deny(&listener, n.id, libc::EPERM);
-            }
-            Ok(NotifWait::Timeout) => {
+        match answer_one(&listener, sandbox_id, tally, sink, 0) {
+            Some(true) => {}
+            Some(false) => {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
             }
-            Ok(NotifWait::Closed) | Err(_) => return,
+            None => return,
         }
     }
 }
