@@ -838,13 +838,15 @@ fn output_is_capped_and_truncation_reported() {
     assert!(o.stderr.contains("output limit"), "{o:?}");
     assert_eq!(o.report["output_truncated"]["stdout"], true);
     // Both streams go through one relay: stderr past the cap is cut and reported while
-    // stdout, under it, arrives whole.
+    // stdout, under it, goes on being relayed (what the shell writes after the flood may
+    // arrive too: the relay lets go of stderr at the cap, which ends the flood with EPIPE,
+    // and the kill lands a moment later).
     let o = sh(
         &["--max-output", "1K"],
-        "echo out; head -c 100000 /dev/zero | tr '\\0' e >&2; echo never",
+        "echo out; head -c 100000 /dev/zero | tr '\\0' e >&2; echo after",
     );
     assert_eq!(o.code, 122, "{o:?}");
-    assert_eq!(o.stdout, "out\n", "{o:?}");
+    assert!(o.stdout == "out\n" || o.stdout == "out\nafter\n", "{o:?}");
     assert!(o.stderr.starts_with(&"e".repeat(1024)), "{o:?}");
     assert!(o.stderr.contains("stderr exceeded the output limit"), "{o:?}");
     assert_eq!(o.report["output_truncated"]["stderr"], true);

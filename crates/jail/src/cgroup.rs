@@ -72,7 +72,7 @@ impl Layout {
 
     fn detect_at(base: &Path) -> Result<Layout, CgroupError> {
         let controllers = base.join("cgroup.controllers");
-        if let Ok(list) = fs::read_to_string(&controllers) {
+        if let Ok(list) = ringfence_sys::read_text(&controllers) {
             for want in ["memory", "pids", "cpu"] {
                 if !list.split_whitespace().any(|c| c == want) {
                     return Err(CgroupError::MissingController(want.into()));
@@ -293,7 +293,7 @@ impl Pool {
                 // Children can only use controllers their parent delegates.
                 for dir in [root.as_path(), parent.as_path()] {
                     let ctl = dir.join("cgroup.subtree_control");
-                    let current = fs::read_to_string(&ctl).unwrap_or_default();
+                    let current = ringfence_sys::read_text(&ctl).unwrap_or_default();
                     if !["memory", "pids", "cpu"]
                         .iter()
                         .all(|c| current.split_whitespace().any(|x| x == *c))
@@ -566,14 +566,14 @@ fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
 /// ~5,000 CPU cgroups of the development host, and concurrent creates queue on that mutex.
 /// Reading one back is a lookup; the kernel prints these files in the form written here.
 fn write_cpu_bandwidth(path: &Path, value: &str) -> Result<(), CgroupError> {
-    if fs::read_to_string(path).is_ok_and(|now| now.trim() == value) {
+    if ringfence_sys::read_text(path).is_ok_and(|now| now.trim() == value) {
         return Ok(());
     }
     write_file(path, value)
 }
 
 fn read_key(path: &Path, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(path).ok()?;
+    let text = ringfence_sys::read_text(path).ok()?;
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         (it.next()? == key).then(|| it.next()?.parse().ok()).flatten()
@@ -582,7 +582,7 @@ fn read_key(path: &Path, key: &str) -> Option<u64> {
 
 /// utime + stime + cutime + cstime of a process, in nanoseconds.
 fn proc_cpu_ns(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = ringfence_sys::read_text(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields are counted after the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // After the name: state is field 3, so utime (14) .. cstime (17) are at 11..=14 here.
@@ -605,7 +605,7 @@ fn clock_ticks() -> u64 {
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+    ringfence_sys::read_text(path).ok()?.trim().parse().ok()
 }
 
 /// v1 reports "no limit" as the largest page-aligned i64; v2 as the word "max".
@@ -735,7 +735,9 @@ impl Lease {
                 Layout::V2 { .. } => {
                     read_key(&self.dirs[0].join("cgroup.events"), "frozen") == Some(1)
                 }
-                Layout::V1 { .. } => fs::read_to_string(&file).is_ok_and(|s| s.trim() == "FROZEN"),
+                Layout::V1 { .. } => {
+                    ringfence_sys::read_text(&file).is_ok_and(|s| s.trim() == "FROZEN")
+                }
             };
             if done {
                 return Ok(());
@@ -761,9 +763,8 @@ impl Lease {
     /// Whether the slot is frozen (or freezing).
     pub fn is_frozen(&self) -> bool {
         match self.freezer() {
-            Some((file, _, thawed)) => {
-                fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty() && s.trim() != thawed)
-            }
+            Some((file, _, thawed)) => ringfence_sys::read_text(file)
+                .is_ok_and(|s| !s.trim().is_empty() && s.trim() != thawed),
             None => false,
         }
     }
@@ -874,7 +875,7 @@ impl Lease {
         let mem = &self.dirs[0];
         let (memory_bytes, memory_limit, cache) = match &self.layout {
             Layout::V2 { .. } => {
-                let limit = fs::read_to_string(mem.join("memory.max")).ok();
+                let limit = ringfence_sys::read_text(mem.join("memory.max")).ok();
                 (
                     read_u64(&mem.join("memory.current")),
                     limit.and_then(|l| l.trim().parse().ok()),
@@ -906,7 +907,7 @@ impl Lease {
             Layout::V2 { .. } => "memory.peak",
             Layout::V1 { .. } => "memory.max_usage_in_bytes",
         };
-        fs::read_to_string(self.dirs[0].join(file)).ok()?.trim().parse().ok()
+        ringfence_sys::read_text(self.dirs[0].join(file)).ok()?.trim().parse().ok()
     }
 }
 
@@ -928,7 +929,7 @@ fn kept_by(lock: &Flock<File>) -> Option<String> {
 
 /// Every host pid in the cgroup directory `dir` (none if it cannot be read).
 fn pids_in(dir: &Path) -> Vec<i32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
+    ringfence_sys::read_text(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse().ok())

@@ -91,12 +91,32 @@ pub fn phase(phases: &mut Vec<ringfence_proto::Phase>, name: &str) {
     phases.push(ringfence_proto::Phase { name: name.into(), at_ns: monotonic_ns() });
 }
 
-/// Generates a sandbox id: 20 lowercase alphanumerics, the shape E2B uses.
+/// Generates a sandbox id: 20 lowercase alphanumerics, the shape E2B uses, from the kernel's
+/// random pool (`ringfence_sys::random_bytes` says why not `rand` here), each character
+/// uniform (bytes of 252 and above, past the last whole multiple of 36, are drawn again).
 pub fn new_sandbox_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..20).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    const LIMIT: u8 = (256 / ALPHABET.len() * ALPHABET.len()) as u8;
+    let mut id = String::with_capacity(20);
+    let mut buf = [0u8; 32];
+    while id.len() < 20 {
+        if ringfence_sys::random_bytes(&mut buf).is_err() {
+            // No getrandom(2) (a kernel before 3.17): the thread-local generator.
+            let mut rng = rand::rng();
+            while id.len() < 20 {
+                id.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
+            }
+            break;
+        }
+        for b in buf.iter().filter(|b| **b < LIMIT) {
+            if id.len() == 20 {
+                break;
+            }
+            id.push(ALPHABET[usize::from(*b) % ALPHABET.len()] as char);
+        }
+    }
+    id
 }
 
 #[cfg(test)]

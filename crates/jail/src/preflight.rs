@@ -1,7 +1,6 @@
 //! Checks that the host can run the jail tier, each failure naming the missing feature and
 //! what to do about it. Cheap enough (a few small reads) to run on every `ringfence run`.
 
-use std::fs;
 use std::path::Path;
 
 /// A host requirement the jail tier cannot do without.
@@ -38,18 +37,18 @@ pub fn check(agent: &Path, notify: bool) -> Result<(), Missing> {
     if ringfence_sys::euid() != 0 {
         return Err(Missing::Root);
     }
-    if let Ok(n) = fs::read_to_string("/proc/sys/user/max_user_namespaces")
+    if let Ok(n) = ringfence_sys::read_text("/proc/sys/user/max_user_namespaces")
         && n.trim() == "0"
     {
         return Err(Missing::UserNamespaces);
     }
-    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let filesystems = ringfence_sys::read_text("/proc/filesystems").unwrap_or_default();
     if !filesystems.lines().any(|l| l.split_whitespace().last() == Some("overlay")) {
         return Err(Missing::Overlay);
     }
     if notify {
         let actions =
-            fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+            ringfence_sys::read_text("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
         if !actions.split_whitespace().any(|a| a == "user_notif") {
             return Err(Missing::SeccompNotify);
         }
