@@ -228,29 +228,33 @@ impl Pool {
         slots
     }
 
-    /// The spawner of `slot`: the one already parked there, or a new one. Spawners of other
-    /// builds of the agent go: each would hold one of the slot's pids.
+    /// The spawner of `slot`: the one already parked there, or a new one. Any other spawner in
+    /// the slot (another build's) goes: each would hold one of the slot's pids. Found among the
+    /// slot's own processes (host root in the host's user namespace: `is_spawner`) and named
+    /// by their command lines, neither by listing the lock directory (which holds every
+    /// server's slot files too: 330 entries on a development host, listed at every claim) nor
+    /// by connecting to the socket to learn its listener (which woke the spawner for nothing).
     fn spawner(&self, lease: &Lease) -> Option<crate::spawner::Spawner> {
         use crate::spawner::Spawner;
         let (socket, exe) = self.spawner_socket(lease.slot)?;
-        let mine = format!("{}-{}.", self.prefix, lease.slot);
-        if let Ok(entries) = fs::read_dir(&self.lock_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&mine) && name.ends_with(".spawner") && e.path() != socket {
-                    crate::spawner::stop(&e.path());
-                }
+        let mut parked = false;
+        for pid in lease.all_procs().into_iter().filter(|p| crate::spawner::is_spawner(*p)) {
+            match crate::spawner::socket_of(pid) {
+                Some(s) if s == socket && !parked => parked = true,
+                other => crate::spawner::stop_pid(pid, other.as_deref()),
             }
         }
-        if let Some((s, pid)) = Spawner::existing_with_pid(&socket) {
-            // Only one parked in this slot: a child is born in its parent's cgroups, so the
-            // sandboxes of a spawner found outside the slot would run with none of its limits
-            // (seen once under the tests' load: a spawner in the root cgroups, its socket in
-            // place, the slot's later sandboxes born beside it). Replaced, not reused.
-            if lease.all_procs().contains(&pid) {
-                return Some(s.exec_agents(self.exec_agents));
+        if parked && socket.exists() {
+            return Some(Spawner::at(&socket).exec_agents(self.exec_agents));
+        }
+        // Our socket without our spawner in the slot: a dead one's, or one found outside its
+        // slot, whose sandboxes would run with none of the slot's limits (a child is born in
+        // its parent's cgroups; seen once under the tests' load: a spawner in the root
+        // cgroups, its socket in place). Replaced, not reused.
+        if socket.exists() {
+            if Spawner::existing_with_pid(&socket).is_some() {
+                tracing::warn!(slot = lease.slot, "a spawner outside its slot is replaced");
             }
-            tracing::warn!(slot = lease.slot, pid, "a spawner outside its slot is replaced");
             crate::spawner::stop(&socket);
         }
         let park =
@@ -357,8 +361,19 @@ impl Pool {
             Err(_) => (Default::default(), 0),
         };
         // Then, where asked, the slots where a spawner of this build is parked (see
-        // `prefer_own_spawners`).
-        let own = if self.prefer_own { self.own_spawner_slots() } else { Vec::new() };
+        // `prefer_own_spawners`). Where the first slot to try has one, it is tried alone first:
+        // the listing that finds the others reads every slot file of the lock directory.
+        let first_is_own = self.prefer_own
+            && released.is_empty()
+            && self.spawner_socket(next).is_some_and(|(s, _)| s.exists());
+        let quick = match first_is_own {
+            true => self.try_lock(next)?.filter(|lock| !self.kept_elsewhere(lock, next, false)),
+            false => None,
+        };
+        let own = match (&quick, self.prefer_own) {
+            (None, true) => self.own_spawner_slots(),
+            _ => Vec::new(),
+        };
         let mut candidates = released
             .iter()
             .copied()
@@ -366,18 +381,22 @@ impl Pool {
             .chain(next..MAX_SLOTS)
             .chain(0..next);
         let mut tried_released = 0;
-        let found = loop {
-            let Some(slot) = candidates.next() else { break None };
-            if tried_released < released.len() {
-                tried_released += 1;
-            }
-            if let Some(lock) = self.try_lock(slot)? {
-                // Even this pool's own: a restarted server re-attaches before it claims, and
-                // what it did not re-attach its sweep ends, not a claim.
-                if self.kept_elsewhere(&lock, slot, false) {
-                    continue;
+        let found = if let Some(lock) = quick {
+            Some((next, lock))
+        } else {
+            loop {
+                let Some(slot) = candidates.next() else { break None };
+                if tried_released < released.len() {
+                    tried_released += 1;
                 }
-                break Some((slot, lock));
+                if let Some(lock) = self.try_lock(slot)? {
+                    // Even this pool's own: a restarted server re-attaches before it claims, and
+                    // what it did not re-attach its sweep ends, not a claim.
+                    if self.kept_elsewhere(&lock, slot, false) {
+                        continue;
+                    }
+                    break Some((slot, lock));
+                }
             }
         };
         // Released slots not tried this time stay hints for the next claim.
@@ -1133,6 +1152,70 @@ mod tests {
         assert_eq!(pool.ready(), 0);
         drop((a, held));
         pool.collect_garbage().unwrap();
+    }
+
+    /// Another build's spawner parked in a slot goes at this build's claim of it, found among
+    /// the slot's processes (no lock-directory listing, no connection to it), and this build's
+    /// is parked there instead; at the next claim this build's is reused, not replaced.
+    #[test]
+    fn a_claim_replaces_another_builds_spawner_and_reuses_its_own() {
+        let Some((_pool, layout, locks)) = real_pool("spw") else { return };
+        // The agent executable beside the test binary's directory (target/<profile>/).
+        let agent = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.parent()?.join("ringfence-agent")))
+            .filter(|a| a.is_file());
+        let Some(agent) = agent else {
+            eprintln!("SKIPPED: no ringfence-agent built beside the tests");
+            return;
+        };
+        // Two builds: copies of one executable are two files, so two tags.
+        let builds = tempfile::tempdir().unwrap();
+        let (a, b) = (builds.path().join("a"), builds.path().join("b"));
+        fs::copy(&agent, &a).unwrap();
+        fs::copy(&agent, &b).unwrap();
+        let prefix = format!("spw{}", std::process::id());
+        let pool = |exe: &Path| {
+            Pool::new(layout.clone(), "ringfence", &prefix, locks.path().to_path_buf())
+                .with_spawners(exe.to_path_buf())
+        };
+        let parked = |lease: &Lease| -> Vec<(i32, Option<PathBuf>)> {
+            let pids = lease.all_procs().into_iter().filter(|p| crate::spawner::is_spawner(*p));
+            pids.map(|p| (p, crate::spawner::socket_of(p))).collect()
+        };
+        let limits = Limits::default();
+        let (pool_a, pool_b) = (pool(&a), pool(&b));
+        let lease = pool_a.claim(&limits).unwrap();
+        let slot = lease.slot();
+        let first = parked(&lease);
+        assert_eq!(first.len(), 1, "{first:?}");
+        let (a_pid, a_socket) = (first[0].0, first[0].1.clone().unwrap());
+        assert_eq!(Some(a_socket.clone()), pool_a.spawner_socket(slot).map(|(s, _)| s));
+        drop(lease);
+
+        let lease = pool_b.claim(&limits).unwrap();
+        assert_eq!(lease.slot(), slot);
+        let now = parked(&lease);
+        assert_eq!(now.len(), 1, "one spawner in the slot: {now:?}");
+        let b_socket = pool_b.spawner_socket(slot).map(|(s, _)| s);
+        assert_eq!(now[0].1, b_socket, "this build's is the one parked");
+        assert!(!a_socket.exists(), "the other build's socket is gone");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{a_pid}")).exists()
+            && crate::spawner::socket_of(a_pid).is_some()
+        {
+            assert!(std::time::Instant::now() < deadline, "the other build's spawner lives on");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let b_pid = now[0].0;
+        drop(lease);
+        let lease = pool_b.claim(&limits).unwrap();
+        assert_eq!(parked(&lease).first().map(|p| p.0), Some(b_pid), "reused, not replaced");
+        drop(lease);
+        if let Some(socket) = b_socket {
+            crate::spawner::stop(&socket);
+        }
+        pool_b.collect_garbage().unwrap();
     }
 
     #[test]

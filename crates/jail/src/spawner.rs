@@ -26,6 +26,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -126,6 +127,26 @@ pub fn stop(socket: &Path) {
     let _ = std::fs::remove_file(socket);
 }
 
+/// The socket the spawner with host pid `pid` listens on (its `--socket` argument), if `pid`
+/// runs a spawner. Read from its command line, not asked over the socket: a connection only
+/// to learn who listens woke the spawner for nothing, on the path of every claim.
+pub fn socket_of(pid: i32) -> Option<std::path::PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    args.find(|a| *a == b"--socket")?;
+    let path = args.next().filter(|p| !p.is_empty())?;
+    Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)))
+}
+
+/// Stops the spawner with host pid `pid` (`is_spawner` checked by the caller) and removes
+/// its socket, where it has one.
+pub fn stop_pid(pid: i32, socket: Option<&Path>) {
+    let _ = ringfence_sys::kill(pid, libc::SIGKILL);
+    if let Some(socket) = socket {
+        let _ = std::fs::remove_file(socket);
+    }
+}
+
 /// A client of one slot's spawner.
 #[derive(Debug, Clone)]
 pub struct Spawner {
@@ -148,6 +169,11 @@ impl Spawner {
 
     /// [`Spawner::existing`], with the pid of the process that answers (its peer
     /// credentials), to check where it is parked.
+    /// The spawner listening at `socket`, which the caller knows to be there.
+    pub fn at(socket: &Path) -> Spawner {
+        Spawner { path: socket.to_path_buf(), exec: false }
+    }
+
     pub fn existing_with_pid(socket: &Path) -> Option<(Spawner, i32)> {
         let s = UnixStream::connect(socket).ok()?;
         let cred =
