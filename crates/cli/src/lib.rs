@@ -25,6 +25,18 @@ pub struct Common {
     pub run_dir: PathBuf,
 }
 
+/// One of Ringfence's executables: the path `env` names, else `name` beside the running one
+/// (they are installed side by side), else under `/usr/local/lib/ringfence/`.
+pub fn executable(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence").join(name))
+}
+
 /// Plain-text logging to stderr, filtered by `RINGFENCE_LOG` (`default` without it), with
 /// every directive `EnvFilter` takes (span and field filters too).
 pub fn init_logging(default: &str) {

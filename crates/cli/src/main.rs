@@ -29,13 +29,7 @@ enum FrontCommand {
 /// The executable holding every command: `$RINGFENCE_FULL`, else `ringfence-full` beside this
 /// one.
 fn full_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("RINGFENCE_FULL") {
-        return PathBuf::from(p);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("ringfence-full")))
-        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence/ringfence-full"))
+    ringfence::executable("RINGFENCE_FULL", "ringfence-full")
 }
 
 fn main() -> ExitCode {

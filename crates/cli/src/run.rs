@@ -207,13 +207,7 @@ struct Report {
 
 /// The agent executable: `$RINGFENCE_AGENT`, else `ringfence-agent` beside this binary.
 pub fn agent_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("RINGFENCE_AGENT") {
-        return PathBuf::from(p);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("ringfence-agent")))
-        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence/ringfence-agent"))
+    crate::executable("RINGFENCE_AGENT", "ringfence-agent")
 }
 
 /// One output stream of the sandbox relayed to ours: where it comes from, where it goes, and
