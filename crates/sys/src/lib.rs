@@ -1026,7 +1026,10 @@ const LEAVE_STACK: usize = 2 << 20;
 /// caller's path) and its exit then tore them down. Sharing is sound because this process
 /// runs nothing after the clone but `_exit`: no Rust or C library code, no allocation, no
 /// thread-local, so the new process is in effect this process's one thread carried on (glibc's
-/// single-thread shortcuts stay true: at no moment do two tasks run code on shared state). It
+/// single-thread shortcuts stay true: at no moment do two tasks run code on shared state). The
+/// one write this process's end makes to that memory is the kernel's: it zeroes the thread-id
+/// word glibc registered (`set_tid_address`), which nothing the work uses reads (glibc's
+/// allocator and stdio locks do not record owners by thread id; Rust's locks are its own). It
 /// starts a session of its own, so whoever waits for the caller's terminal does not wait for
 /// it.
 ///
