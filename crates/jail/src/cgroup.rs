@@ -237,15 +237,21 @@ impl Pool {
     fn spawner(&self, lease: &Lease) -> Option<crate::spawner::Spawner> {
         use crate::spawner::Spawner;
         let (socket, exe) = self.spawner_socket(lease.slot)?;
-        let mut parked = false;
+        let mut parked = None;
         for pid in lease.all_procs().into_iter().filter(|p| crate::spawner::is_spawner(*p)) {
             match crate::spawner::socket_of(pid) {
-                Some(s) if s == socket && !parked => parked = true,
+                Some(s) if s == socket && parked.is_none() => parked = Some(pid),
                 other => crate::spawner::stop_pid(pid, other.as_deref()),
             }
         }
-        if parked && socket.exists() {
-            return Some(Spawner::at(&socket).exec_agents(self.exec_agents));
+        match parked {
+            Some(_) if socket.exists() => {
+                return Some(Spawner::at(&socket).exec_agents(self.exec_agents));
+            }
+            // Ours, its socket removed (stopped by someone, on its way out): not left beside
+            // the one started below, where it would hold one of the slot's pids meanwhile.
+            Some(pid) => crate::spawner::stop_pid(pid, None),
+            None => {}
         }
         // Our socket without our spawner in the slot: a dead one's, or one found outside its
         // slot, whose sandboxes would run with none of the slot's limits (a child is born in
@@ -1212,9 +1218,25 @@ mod tests {
         let lease = pool_b.claim(&limits).unwrap();
         assert_eq!(parked(&lease).first().map(|p| p.0), Some(b_pid), "reused, not replaced");
         drop(lease);
-        if let Some(socket) = b_socket {
-            crate::spawner::stop(&socket);
-        }
+        // Its socket removed (as `stop` or another claim does), the spawner on its way out is
+        // not left beside the new one.
+        let b_socket = b_socket.unwrap();
+        fs::remove_file(&b_socket).unwrap();
+        let lease = pool_b.claim(&limits).unwrap();
+        // SIGKILLed, the old one leaves the slot as it exits (a moment, at most).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let now = loop {
+            let now = parked(&lease);
+            if now.len() == 1 || std::time::Instant::now() > deadline {
+                break now;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(now.len(), 1, "one spawner in the slot: {now:?}");
+        assert_ne!(now[0].0, b_pid, "a new one");
+        assert_eq!(now[0].1.as_deref(), Some(b_socket.as_path()));
+        drop(lease);
+        crate::spawner::stop(&b_socket);
         pool_b.collect_garbage().unwrap();
     }
 
