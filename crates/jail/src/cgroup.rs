@@ -239,9 +239,16 @@ impl Pool {
         let (socket, exe) = self.spawner_socket(lease.slot)?;
         let mut parked = None;
         for pid in lease.all_procs().into_iter().filter(|p| crate::spawner::is_spawner(*p)) {
-            match crate::spawner::socket_of(pid) {
-                Some(s) if s == socket && parked.is_none() => parked = Some(pid),
-                other => crate::spawner::stop_pid(pid, other.as_deref()),
+            // Only what runs as a spawner (a `--socket` on its command line) is stopped, and
+            // only a socket of this lock directory removed: a path read from a process is not
+            // taken as one to delete anywhere else.
+            let Some(theirs) = crate::spawner::socket_of(pid) else { continue };
+            if theirs == socket && parked.is_none() {
+                parked = Some(pid);
+            } else {
+                let ours_to_remove = theirs.parent() == Some(self.lock_dir.as_path())
+                    && theirs.extension().is_some_and(|e| e == "spawner");
+                crate::spawner::stop_pid(pid, ours_to_remove.then_some(theirs.as_path()));
             }
         }
         match parked {

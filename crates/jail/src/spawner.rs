@@ -167,13 +167,13 @@ impl Spawner {
             .map(|_| Spawner { path: socket.to_path_buf(), exec: false })
     }
 
-    /// [`Spawner::existing`], with the pid of the process that answers (its peer
-    /// credentials), to check where it is parked.
     /// The spawner listening at `socket`, which the caller knows to be there.
     pub fn at(socket: &Path) -> Spawner {
         Spawner { path: socket.to_path_buf(), exec: false }
     }
 
+    /// [`Spawner::existing`], with the pid of the process that answers (its peer
+    /// credentials), to check where it is parked.
     pub fn existing_with_pid(socket: &Path) -> Option<(Spawner, i32)> {
         let s = UnixStream::connect(socket).ok()?;
         let cred =
