@@ -37,15 +37,6 @@ pub fn executable(env: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ringfence").join(name))
 }
 
-/// Plain-text logging to stderr, filtered by `RINGFENCE_LOG` (`default` without it), with
-/// every directive `EnvFilter` takes (span and field filters too).
-pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 /// The front's logging (`ringfence run`): `RINGFENCE_LOG` as `target=level` directives (a
 /// level alone sets the default), `warn` without it or where it does not parse. Not
 /// `EnvFilter`: its span and field filters bring a regular-expression engine whose Unicode

@@ -435,24 +435,22 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let agent_pid = Arc::new(AtomicI32::new(0));
     let stdout_over = Arc::new(AtomicBool::new(false));
     let stderr_over = Arc::new(AtomicBool::new(false));
-    let relays = [relay_outputs(
+    let relay = relay_outputs(
         vec![
             (out_rx, Box::new(io::stdout()), stdout_over.clone()),
             (err_rx, Box::new(io::stderr()), stderr_over.clone()),
         ],
         args.max_output,
         agent_pid.clone(),
-    )?];
+    )?;
     let deadline = started + args.timeout;
     let start_result = Sandbox::start(&cfg, pool.as_ref(), spec);
-    // Only the sandbox may hold the write ends now, so the relays see EOF when it is gone.
+    // Only the sandbox may hold the write ends now, so the relay sees EOF when it is gone.
     drop((out_tx, err_tx, stdin_fd));
     let mut sandbox = match start_result {
         Ok(s) => s,
         Err(e) => {
-            for r in relays {
-                let _ = r.join();
-            }
+            let _ = relay.join();
             return Err(e.into());
         }
     };
@@ -545,9 +543,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     if !answer_first {
         let _ = sandbox.wait();
     }
-    for r in relays {
-        let _ = r.join();
-    }
+    let _ = relay.join();
     let mut phases = cli_phases;
     phases.extend(sandbox.phases());
     ringfence_jail::phase(&mut phases, "exited");

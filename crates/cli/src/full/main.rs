@@ -58,18 +58,14 @@ enum Command {
     },
 }
 
-/// Logging to stderr, filtered by `RINGFENCE_LOG` (default: `info` for `serve`, else `warn`).
+/// Logging to stderr, filtered by `RINGFENCE_LOG` with every directive `EnvFilter` takes
+/// (default: `info` for `serve`, else `warn`), as JSON lines where `serve` is asked to.
 fn init_logging(serving: bool, json: bool) {
-    if !json {
-        return ringfence::init_logging(if serving { "info" } else { "warn" });
-    }
+    let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .json()
-        .try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 fn main() -> ExitCode {
