@@ -51,8 +51,31 @@ pub fn agent_binary() -> Option<PathBuf> {
     sibling_binary("ringfence-agent", "RINGFENCE_AGENT")
 }
 
-/// A loopback port free at the time of asking.
+/// A loopback port free at the time of asking, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`). A port from `bind(":0")` would be one the kernel hands
+/// out again, to any process's outgoing connection or `bind(":0")`: CI saw a server's port,
+/// free between a test's kill -9 and its restart, taken by another test's listener, and a free
+/// port taken by an outgoing connection before the bind. Below that range only a fixed bind
+/// like this one can take it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FLOOR: u16 = 10000;
+    if low > FLOOR + 1000 {
+        // Random, so that test processes asking at once start from different ports.
+        let seed = std::collections::hash_map::RandomState::new();
+        for i in 0u64..200 {
+            let mut h = seed.build_hasher();
+            h.write_u64(i);
+            let port = FLOOR + (h.finish() % u64::from(low - FLOOR)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -181,8 +204,8 @@ mod tests {
 
     #[test]
     fn free_ports_accept_a_listener() {
-        // A port is free only when asked: another process's outgoing connection may take it
-        // before the bind (seen once in CI). Of three fresh ones, one must bind.
+        // A port is free only when asked: another test may bind it first. Of three fresh
+        // ones, one must bind.
         let bound = (0..3).find_map(|_| {
             let port = free_port();
             TcpListener::bind(("127.0.0.1", port)).ok().map(|l| (port, l))
@@ -190,5 +213,18 @@ mod tests {
         let (port, l) = bound.expect("none of three free ports could be bound");
         assert!(wait_for_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(1)));
         drop(l);
+    }
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        if low <= 11000 {
+            skip("free_ports_lie_below_the_ephemeral_range", "the ephemeral range starts low");
+            return;
+        }
+        let ports: std::collections::BTreeSet<u16> = (0..20).map(|_| free_port()).collect();
+        assert!(ports.iter().all(|p| (10000..low).contains(p)), "{ports:?} vs {low}");
+        assert!(ports.len() > 15, "not spread: {ports:?}");
     }
 }

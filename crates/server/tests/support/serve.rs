@@ -102,9 +102,20 @@ impl Server {
             cmd.env("RINGFENCE_LOG", level);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        self.child = Some(cmd.spawn().unwrap());
+        // Kept before the wait, so that a panic below still ends it (on drop).
+        let child = self.child.insert(cmd.spawn().unwrap());
+        let pid = child.id();
         let deadline = Instant::now() + self.up_within;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Up means this child holds the listening socket, not that the port answers: between
+        // a kill9 and this spawn another test's `bind(":0")` may take the port (CI once saw
+        // the probe connect to such a listener, this server fail to bind, and the next
+        // request reset when that listener closed), and a connect to a port nobody holds can
+        // meet itself (a loopback self-connect when the kernel picks the same source port).
+        while !listens(pid, self.port) {
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("server exited ({status}) before it listened: {}", self.log());
+            }
             assert!(Instant::now() < deadline, "server did not come up: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -123,7 +134,15 @@ impl Server {
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        self.http.send(self.port, method, path, headers, body)
+        self.http.try_send(self.port, method, path, headers, body).unwrap_or_else(|e| {
+            let log = self.log();
+            let mut from = log.len().saturating_sub(4000);
+            while !log.is_char_boundary(from) {
+                from += 1;
+            }
+            let tail = &log[from..];
+            panic!("{method} {path} on port {}: {e}; the server's log ends: {tail}", self.port)
+        })
     }
 
     /// A JSON API call with `key` (`Value::Null`: no body).
@@ -255,8 +274,21 @@ impl Http {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Resp {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(self.read_timeout)).unwrap();
+        self.try_send(port, method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path} on port {port}: {e}"))
+    }
+
+    /// [`Http::send`], with a failure to connect, send or read (when not lenient) returned.
+    pub fn try_send(
+        self,
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(self.read_timeout))?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req.push_str("Host: 127.0.0.1\r\n");
@@ -268,12 +300,12 @@ impl Http {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
+        s.write_all(req.as_bytes())?;
+        s.write_all(body)?;
         let mut raw = Vec::new();
         let read = s.read_to_end(&mut raw);
         if !self.lenient {
-            read.unwrap();
+            read?;
         }
         let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
         let head = String::from_utf8_lossy(&raw[..split]).into_owned();
@@ -305,8 +337,33 @@ impl Http {
         } else {
             rest.to_vec()
         };
-        Resp { status, headers, body }
+        Ok(Resp { status, headers, body })
     }
+}
+
+/// Whether process `pid` holds a socket listening on TCP port `port` (what /proc/net/tcp and
+/// /proc/net/tcp6 list in state LISTEN, matched by inode against the process's descriptors).
+fn listens(pid: u32, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[1].ends_with(&port) && f[3] == "0A" {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 /// [`Http::send`] with the defaults: a minute to answer, every read must succeed.
