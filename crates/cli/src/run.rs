@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// (benchmarking of what forking saves only).
     #[arg(long, hide = true)]
     exec_agent: bool,
+    /// Have the sandbox's `clone` make its network namespace instead of taking the one the
+    /// slot's spawner made ahead (benchmarking of what that saves only).
+    #[arg(long, hide = true)]
+    no_net_ahead: bool,
     /// Make this run's disk on the start path instead of taking one made ahead (benchmarking
     /// of what disks made ahead save only).
     #[arg(long, hide = true)]
@@ -198,6 +202,9 @@ struct Report {
     disk_backend: &'static str,
     /// The disk was made ahead, by the run before this one (see `DiskPool::with_spares`).
     disk_made_ahead: bool,
+    /// The network namespace was made ahead, by the slot's spawner while it was idle (see
+    /// `SpawnRequest::net_ahead`).
+    net_made_ahead: bool,
     setup_ms: f64,
     total_ms: f64,
     /// Milliseconds from the CLI's `main` to the end of each step.
@@ -425,6 +432,8 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         layers: resolved.layers,
         env: resolved.env,
         allow_setuid: resolved.allow_setuid,
+        // Only `lo`, which nothing administers: the spawner's namespace made ahead will do.
+        net_ahead: !args.no_net_ahead,
         ..SandboxSpec::new(
             id.clone(),
             resolved.template,
@@ -553,6 +562,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let landlock_abi = sandbox.ready.landlock_abi;
     let disk_backend = sandbox.disk_backend();
     let disk_made_ahead = sandbox.disk_made_ahead();
+    let net_made_ahead = sandbox.net_made_ahead();
     // The slot is let go of now (the next run may want it); the disk goes after we exit.
     let ending = if answer_first {
         match sandbox.let_go() {
@@ -623,6 +633,7 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
             cgroup: pool.as_ref().map(|p| p.layout().version()),
             disk_backend,
             disk_made_ahead,
+            net_made_ahead,
             setup_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             phases_ms: phases

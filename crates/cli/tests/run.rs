@@ -301,6 +301,57 @@ fn network_is_loopback_only() {
     drop(listener);
 }
 
+/// A run's network namespace may be one its slot's spawner made ahead (owned by the host's
+/// user namespace, `lo` up): each is still a fresh one, used by one sandbox only, with only
+/// `lo`, working, and nothing inside may administer it.
+#[test]
+fn every_run_has_a_network_namespace_of_its_own_made_ahead_or_not() {
+    root_only!();
+    // Namespaces are told apart by their cookie (SO_NETNS_COOKIE), which the kernel never
+    // reuses; their inode numbers are reused once a namespace is gone.
+    const COOKIE: &str = "import socket; print(int.from_bytes(socket.socket().getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))";
+    let host = Command::new("python3").args(["-c", COOKIE]).output().unwrap();
+    let host = String::from_utf8(host.stdout).unwrap().trim().to_string();
+    assert!(host.parse::<u64>().is_ok_and(|c| c > 0), "the host's cookie: {host:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ahead = 0;
+    // Other tests' runs take the namespaces made ahead too: enough rounds, each after the
+    // spawner has been idle long enough to make one, that at least one run gets one.
+    for round in 0..24 {
+        std::thread::sleep(Duration::from_millis(60));
+        let o = py(
+            &[],
+            "import os, socket\n\
+             print(int.from_bytes(socket.socket().getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))\n\
+             print(open('/proc/net/dev').read().count(':'))\n\
+             s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n\
+             c = socket.create_connection(s.getsockname()); a, _ = s.accept()\n\
+             c.sendall(b'lo'); print(a.recv(2).decode())\n\
+             import fcntl, struct\n\
+             d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             try:\n    fcntl.ioctl(d, 0x8914, struct.pack('16sH14x', b'lo', 0)); print('lo down')\n\
+             except OSError as e: print('down', e.errno)\n",
+        );
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        assert_eq!(o.code, 0, "{o:?}");
+        assert_ne!(lines[0], host, "the host's namespace: {o:?}");
+        assert!(seen.insert(lines[0].to_string()), "a namespace seen in an earlier run: {o:?}");
+        // SIOCSIFFLAGS taking lo down: EPERM.
+        assert_eq!(
+            &lines[1..],
+            ["1", "lo", "down 1"],
+            "only lo, working, not administrable: {o:?}"
+        );
+        if o.report["net_made_ahead"] == true {
+            ahead += 1;
+            if ahead >= 2 && round >= 3 {
+                break;
+            }
+        }
+    }
+    assert!(ahead > 0, "no run got a namespace made ahead in {} runs", seen.len());
+}
+
 #[test]
 fn uts_ipc_and_cgroup_namespaces() {
     root_only!();

@@ -95,6 +95,11 @@ pub struct SandboxSpec {
     /// Volumes: a host directory (files kept with canonical ids) and where it is attached
     /// inside, writable through the sandbox's id mapping (see `ringfence_sys::idmapped_writable_tree`).
     pub volumes: Vec<(std::path::PathBuf, String)>,
+    /// Let a spawner give the sandbox the network namespace it made ahead, while idle,
+    /// instead of a new one made by the sandbox's own `clone` (see
+    /// [`crate::spawner::SpawnRequest::net_ahead`]). For sandboxes whose network nothing
+    /// inside or beside them administers: one-shot runs, which have only `lo`.
+    pub net_ahead: bool,
 }
 
 impl SandboxSpec {
@@ -123,6 +128,7 @@ impl SandboxSpec {
             setup_timeout: Duration::from_secs(30),
             allow_setuid: false,
             volumes: Vec::new(),
+            net_ahead: false,
         }
     }
 }
@@ -193,6 +199,8 @@ pub struct Sandbox {
     /// Set when the slot's spawner started the agent: it is not our child, so it is watched
     /// and signalled through this instead of `wait4` and its pid.
     pidfd: Option<OwnedFd>,
+    /// The spawner gave it the network namespace it made ahead.
+    net_made_ahead: bool,
 }
 
 /// Marker bytes the agent sends, with or without a descriptor, before any frame.
@@ -256,6 +264,7 @@ impl Sandbox {
                     owner: Some(owner.uid()),
                     keep_target: Some(ringfence_proto::OWNER_LOCK_FD),
                     exec: spawner.execs(),
+                    net_ahead: spec.net_ahead,
                     // What the agent reaches by host path (see `inside::setup`).
                     paths: spec
                         .template
@@ -280,8 +289,8 @@ impl Sandbox {
             }
             _ => None,
         };
-        let (pid, pidfd) = match spawned {
-            Some((pid, pidfd)) => (pid, Some(pidfd)),
+        let (pid, pidfd, net_made_ahead) = match spawned {
+            Some((pid, pidfd, net)) => (pid, Some(pidfd), net),
             None => {
                 let pid = ringfence_sys::spawn_in_namespaces(&ringfence_sys::NsSpawn {
                     flags: ringfence_sys::SANDBOX_NAMESPACES,
@@ -294,7 +303,7 @@ impl Sandbox {
                     owner: Some(owner.uid()),
                     keep: Some((owner.fd(), ringfence_proto::OWNER_LOCK_FD)),
                 })?;
-                (pid, None)
+                (pid, None, false)
             }
         };
         drop(child_end);
@@ -317,6 +326,7 @@ impl Sandbox {
             disk,
             id_base,
             pidfd,
+            net_made_ahead,
         };
         // On any error below, dropping `sandbox` kills the child and frees the slot.
         sandbox.configure(cfg, spec)?;
@@ -576,6 +586,8 @@ impl Sandbox {
             disk,
             id_base,
             pidfd: None,
+            // Adopted only by the server, whose sandboxes never ask for one.
+            net_made_ahead: false,
         })
     }
 
@@ -706,6 +718,12 @@ impl Sandbox {
             return None;
         }
         self.disk.take()
+    }
+
+    /// Whether the sandbox was given the network namespace its spawner made ahead
+    /// ([`SandboxSpec::net_ahead`]).
+    pub fn net_made_ahead(&self) -> bool {
+        self.net_made_ahead
     }
 
     /// Whether the sandbox's disk was made ahead of its start

@@ -71,13 +71,29 @@ pub struct SpawnRequest {
     /// starts the sandbox itself.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// The sandbox may take the network namespace this spawner made ahead (with only `lo`,
+    /// up) instead of making one in its `clone`. That namespace belongs to the host's user
+    /// namespace, not the sandbox's: nothing inside may administer it (no interface, route,
+    /// firewall or `net.*` sysctl changes, no `sysfs` mount), and host code that joins the
+    /// sandbox's user namespace first cannot join it afterwards. So only a sandbox whose
+    /// network nothing administers asks (one-shot runs); the namespace is made while the
+    /// spawner is idle, off the path of a start, and each is given to one sandbox only.
+    #[serde(default)]
+    pub net_ahead: bool,
 }
 
 /// The spawner answers with this (and, on success, a pidfd).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum SpawnReply {
-    Started { pid: i32 },
-    Failed { error: String },
+    Started {
+        pid: i32,
+        /// It was given the network namespace made ahead ([`SpawnRequest::net_ahead`]).
+        #[serde(default)]
+        net_ahead: bool,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A short name for the agent executable's identity (device, inode, modification time), so
@@ -245,8 +261,13 @@ impl Spawner {
     }
 
     /// Asks for a new sandbox: `fds` are the control channel's child end, stdin, stdout,
-    /// stderr and, with `req.keep_target`, the owner claim. Returns its pid and a pidfd.
-    pub fn spawn(&self, req: &SpawnRequest, fds: &[RawFd]) -> Result<(i32, OwnedFd), SpawnerError> {
+    /// stderr and, with `req.keep_target`, the owner claim. Returns its pid, a pidfd, and
+    /// whether it was given the network namespace made ahead.
+    pub fn spawn(
+        &self,
+        req: &SpawnRequest,
+        fds: &[RawFd],
+    ) -> Result<(i32, OwnedFd, bool), SpawnerError> {
         let io = |op| {
             let path = self.path.clone();
             move |source| SpawnerError::Io { op, path, source }
@@ -263,7 +284,7 @@ impl Spawner {
         let reply: SpawnReply = serde_json::from_slice(&buf[..n])
             .map_err(|e| SpawnerError::Refused(format!("unreadable answer: {e}")))?;
         match (reply, got.pop()) {
-            (SpawnReply::Started { pid }, Some(pidfd)) => Ok((pid, pidfd)),
+            (SpawnReply::Started { pid, net_ahead }, Some(pidfd)) => Ok((pid, pidfd, net_ahead)),
             (SpawnReply::Failed { error }, _) => Err(SpawnerError::Refused(error)),
             (SpawnReply::Started { .. }, None) => {
                 Err(SpawnerError::Refused("no pidfd with the answer".into()))
@@ -306,15 +327,24 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     let bound = std::fs::metadata(socket).map_err(io("stat"))?.ino();
     listener.set_nonblocking(true).map_err(io("nonblocking"))?;
     let mut last = Instant::now();
+    let mut net = NetAhead::default();
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
-                let _ = answer(conn, &exe, init, kept.as_deref());
+                let _ = answer(conn, &exe, init, kept.as_deref(), &mut net);
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io("accept")(e)),
+        }
+        // Idle a while (no request waiting): the next sandbox's network namespace, if one is
+        // wanted.
+        if net.wanted && !net.ready && last.elapsed() >= NET_AHEAD_AFTER {
+            net.ready = make_net_ahead();
+            // One try per request that wanted it: a host out of namespaces is not asked again
+            // and again while idle.
+            net.wanted = false;
         }
         // Our children are sandbox agents, watched by their hosts through pidfds.
         while let Ok(Some(_)) = ringfence_sys::wait4(-1, true) {}
@@ -329,8 +359,39 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
             std::os::fd::AsFd::as_fd(&listener),
             nix::poll::PollFlags::POLLIN,
         )];
-        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+        // Soon after a request that wants a namespace made ahead, so it is made before the
+        // next one comes, but not at once: the sandbox just started is still setting up.
+        let wait = match NET_AHEAD_AFTER.checked_sub(last.elapsed()) {
+            Some(left) if net.wanted => (left.as_millis() as u16).max(1),
+            _ => 200u16,
+        };
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait));
     }
+}
+
+/// How long after a request that wants a network namespace made ahead the spawner waits for
+/// another before making it: a start keeps both cores of a small host busy for a few
+/// milliseconds, and making the namespace (about half a millisecond of kernel work) beside it
+/// would slow that start down.
+const NET_AHEAD_AFTER: Duration = Duration::from_millis(10);
+
+/// The spawner's network namespace made ahead (see [`SpawnRequest::net_ahead`]).
+#[derive(Debug, Default)]
+struct NetAhead {
+    /// This process's own network namespace is fresh, made for the next sandbox that asks,
+    /// with `lo` up. False from the moment a sandbox has been given it: the spawner then sits
+    /// in that sandbox's namespace until it makes another, and every sandbox started
+    /// meanwhile makes its own in its `clone`.
+    ready: bool,
+    /// A request asked for one since the last was made.
+    wanted: bool,
+}
+
+/// Moves this process into a new network namespace, owned by the host's user namespace, and
+/// brings its `lo` up. False where either step failed (the namespace is then not used).
+fn make_net_ahead() -> bool {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_ok()
+        && ringfence_sys::loopback_up().is_ok()
 }
 
 /// Host paths a sandbox's setup reaches by name, by prefix: `/proc` (a fresh proc mount in a
@@ -417,6 +478,7 @@ fn answer(
     exe: &std::ffi::CStr,
     init: Init,
     kept: Option<&[PathBuf]>,
+    net: &mut NetAhead,
 ) -> Result<(), SpawnerError> {
     let refuse = |m: &str| SpawnerError::Refused(m.to_string());
     conn.set_nonblocking(false).map_err(|_| refuse("blocking"))?;
@@ -429,10 +491,10 @@ fn answer(
     let mut buf = vec![0u8; 4096];
     let (n, fds) =
         ringfence_sys::recv_with_fds(conn.as_raw_fd(), &mut buf).map_err(|_| refuse("recv"))?;
-    let reply = match started(&buf[..n], &fds, exe, init, kept) {
-        Ok((pid, pidfd)) => {
-            let text =
-                serde_json::to_vec(&SpawnReply::Started { pid }).map_err(|_| refuse("encode"))?;
+    let reply = match started(&buf[..n], &fds, exe, init, kept, net) {
+        Ok((pid, pidfd, net_ahead)) => {
+            let text = serde_json::to_vec(&SpawnReply::Started { pid, net_ahead })
+                .map_err(|_| refuse("encode"))?;
             return ringfence_sys::send_with_fd(conn.as_raw_fd(), &text, Some(pidfd.as_raw_fd()))
                 .map_err(|_| refuse("reply"));
         }
@@ -449,9 +511,11 @@ fn started(
     exe: &std::ffi::CStr,
     init: Init,
     kept: Option<&[PathBuf]>,
-) -> Result<(i32, OwnedFd), String> {
+    net: &mut NetAhead,
+) -> Result<(i32, OwnedFd, bool), String> {
     let line = line.strip_suffix(b"\n").ok_or("unterminated request")?;
     let req: SpawnRequest = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    net.wanted |= req.net_ahead;
     if let Some(kept) = kept
         && let Some(p) =
             req.paths.iter().find(|p| !kept.iter().any(|k| beneath(Path::new(p.as_str()), k)))
@@ -464,8 +528,17 @@ fn started(
     }
     let argv = [c"ringfence-agent".to_owned(), c"--init".to_owned()];
     let keep = req.keep_target.map(|t| (fds[4].as_raw_fd(), t));
+    // The namespace made ahead is this process's own: a child cloned without CLONE_NEWNET
+    // shares it. Given once: `ready` is cleared before the clone, so a failed clone does not
+    // leave it to be shared by the next.
+    let mut flags = req.flags;
+    let net_ahead = req.net_ahead && net.ready && flags & libc::CLONE_NEWNET != 0;
+    if net_ahead {
+        net.ready = false;
+        flags &= !libc::CLONE_NEWNET;
+    }
     let spec = ringfence_sys::NsSpawn {
-        flags: req.flags,
+        flags,
         exe,
         argv: &argv,
         control: fds[0].as_raw_fd(),
@@ -499,7 +572,7 @@ fn started(
         }
     };
     let pidfd = ringfence_sys::pidfd_open(pid).map_err(|e| e.to_string())?;
-    Ok((pid, pidfd))
+    Ok((pid, pidfd, net_ahead))
 }
 
 #[cfg(test)]
@@ -537,16 +610,18 @@ mod tests {
                 keep_target: None,
                 exec: false,
                 paths: paths.iter().map(|p| p.to_string()).collect(),
+                net_ahead: false,
             };
             let mut line = serde_json::to_vec(&r).unwrap();
             line.push(b'\n');
             line
         };
         let never: Init = || unreachable!("no sandbox is started here");
-        let refused = started(&req(&["/usr", "/srv/layer"]), &[], c"x", never, Some(&kept));
+        let net = &mut NetAhead::default();
+        let refused = started(&req(&["/usr", "/srv/layer"]), &[], c"x", never, Some(&kept), net);
         assert_eq!(refused.unwrap_err(), "/srv/layer is not in this spawner's mount namespace");
         // Paths it has pass that check (and fail the next: no descriptors were sent).
-        let next = started(&req(&["/usr", "/run/rf/stage"]), &[], c"x", never, Some(&kept));
+        let next = started(&req(&["/usr", "/run/rf/stage"]), &[], c"x", never, Some(&kept), net);
         assert!(next.unwrap_err().starts_with("expected 4 descriptors"));
     }
 }

@@ -563,7 +563,7 @@ pub fn restrict_caps(keep: u64) -> Result<()> {
     }
 }
 
-/// Brings the loopback interface of the current network namespace up.
+/// Brings the loopback interface of the current network namespace up, unless it is up.
 pub fn loopback_up() -> Result<()> {
     // SAFETY: socket takes integers; the result is checked and owned immediately.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -581,9 +581,13 @@ pub fn loopback_up() -> Result<()> {
     let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
     check("ioctl(SIOCGIFFLAGS)", ret.into())?;
     // SAFETY: the flags member was just written by the kernel.
-    unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    // Up already (a namespace made ahead by its owner, which this process may not
+    // administer): nothing to change.
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
     }
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: as above; SIOCSIFFLAGS reads ifru_flags.
     let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
     check("ioctl(SIOCSIFFLAGS)", ret.into()).map(drop)
