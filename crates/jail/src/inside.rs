@@ -12,11 +12,11 @@
 
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    ABI, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -322,6 +322,22 @@ enum Bind {
 fn bind(src: &Path, dst: &Path, how: Bind) -> Result<(), InsideError> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .map_err(mount_err(&format!("bind {}", src.display()), dst))?;
+    restrict_bind(dst, how)
+}
+
+/// [`bind`] where `src` and `dst` may be absent (a feature this kernel lacks) or not a
+/// directory where `src` is one: false, nothing mounted. Tried rather than looked up first:
+/// each lookup in a fresh `/proc` is a slow path walk, on every sandbox start.
+fn bind_if_there(src: &Path, dst: &Path, how: Bind) -> Result<bool, InsideError> {
+    match mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>) {
+        Ok(()) => restrict_bind(dst, how).map(|()| true),
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => Ok(false),
+        Err(e) => Err(mount_err(&format!("bind {}", src.display()), dst)(e)),
+    }
+}
+
+/// The second half of a bind: read-only (and no exec) as `how` says.
+fn restrict_bind(dst: &Path, how: Bind) -> Result<(), InsideError> {
     let base = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY
@@ -352,9 +368,15 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
     for (name, value) in USER_NS_LIMITS {
         let p = user_sys.join(name);
         // Absent on kernels without the feature (time namespaces, fanotify): nothing to bound.
-        if p.exists() {
-            fs::write(&p, value.to_string())
-                .map_err(fail(format!("write /proc/sys/user/{name}")))?;
+        // Opened without a lookup first (see `bind_if_there`).
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.to_string().as_bytes()));
+        match written {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(format!("write /proc/sys/user/{name}"))(e)),
         }
     }
     for f in MASKED_FILES {
@@ -374,16 +396,16 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
     }
     // One empty read-only tmpfs, bound over every masked directory: a superblock each cost a
     // start four more. Sharing one is safe: read-only on the superblock, it stays empty.
+    // Each mounted over where it is a directory; absent ones (or files) are left alone.
     let mut mask: Option<std::path::PathBuf> = None;
     for d in MASKED_DIRS {
         let p = proc_dir.join(d);
-        if !p.is_dir() {
-            continue;
-        }
         match &mask {
-            Some(first) => bind(first, &p, Bind::AsIs)?,
+            Some(first) => {
+                bind_if_there(first, &p, Bind::AsIs)?;
+            }
             None => {
-                mount(
+                match mount(
                     Some("tmpfs"),
                     &p,
                     Some("tmpfs"),
@@ -392,17 +414,17 @@ fn mount_proc(root: &Path) -> Result<(), InsideError> {
                         | MsFlags::MS_NODEV
                         | MsFlags::MS_NOEXEC,
                     Some("size=0"),
-                )
-                .map_err(mount_err("mask tmpfs", &p))?;
-                mask = Some(p);
+                ) {
+                    Ok(()) => mask = Some(p),
+                    Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
+                    Err(e) => return Err(mount_err("mask tmpfs", &p)(e)),
+                }
             }
         }
     }
     for d in READONLY_DIRS {
         let p = proc_dir.join(d);
-        if p.is_dir() {
-            bind(&p, &p, Bind::ReadOnlyNoExec)?;
-        }
+        bind_if_there(&p, &p, Bind::ReadOnlyNoExec)?;
     }
     Ok(())
 }
@@ -566,9 +588,17 @@ pub fn apply_landlock(spec: &SetupSpec) -> Result<Option<u32>, InsideError> {
     }
     let mut created = ruleset.create().map_err(fail(step))?;
     for path in &spec.writable {
-        let Ok(meta) = fs::metadata(path) else { continue };
+        // One path walk per rule: opened (O_PATH), then asked what it is through the
+        // descriptor. A path that is not there has no rule.
+        let Ok(fd) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(path)
+        else {
+            continue;
+        };
+        let meta = fd.metadata().map_err(fail(format!("landlock: stat {path}")))?;
         let access = if meta.is_dir() { write } else { write & AccessFs::from_file(abi) };
-        let fd = PathFd::new(path).map_err(fail(format!("landlock: open {path}")))?;
         created = created
             .add_rule(PathBeneath::new(fd, access))
             .map_err(fail(format!("landlock: rule for {path}")))?;
