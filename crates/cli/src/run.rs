@@ -478,8 +478,13 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
     };
     // The agent has bound its disk by now: nothing of this sandbox needs to stay in the host's
-    // mount namespace, so nothing is left there if this process is SIGKILLed.
-    sandbox.detach_disk()?;
+    // mount namespace, so that nothing is left there if this process is SIGKILLed. Not at
+    // once: the unmount waits for an RCU grace period (0.3-0.8 ms here, its expedited IPIs
+    // interrupting the command), which held back a short command's answer; a command that
+    // ends before `DETACH_AFTER` leaves its disk to `finish_disks`, which unmounts it anyway.
+    // A run SIGKILLed before then leaves the mount to `ringfence gc`.
+    let detach_at = Instant::now() + DETACH_AFTER;
+    let mut detached = false;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     agent_pid.store(sandbox.pid, Ordering::SeqCst);
     // Denied calls are answered from this thread's loop below, not a thread of their own.
@@ -492,19 +497,26 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
     let mut timed_out = false;
     let mut control = sandbox.control_clone()?;
     loop {
-        let now = Instant::now();
+        let mut now = Instant::now();
+        if !detached && now >= detach_at {
+            sandbox.detach_disk()?;
+            detached = true;
+            now = Instant::now();
+        }
         if now >= deadline {
             timed_out = true;
             break;
         }
         let left = deadline - now;
+        // Woken for the detach too, while it is due.
+        let wait = if detached { left } else { left.min(detach_at.saturating_duration_since(now)) };
         // The agent's next frame, or a denied call to answer, whichever comes first.
         let (frame, denial) = {
             let mut fds = vec![PollFd::new(control.as_fd(), PollFlags::POLLIN)];
             if let Some(w) = watcher.as_ref().filter(|_| watching) {
                 fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
             }
-            let ms = u16::try_from(left.as_millis().saturating_add(1)).unwrap_or(u16::MAX);
+            let ms = u16::try_from(wait.as_millis().saturating_add(1)).unwrap_or(u16::MAX);
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(io::Error::from(e)).context("poll the sandbox"),
@@ -706,6 +718,10 @@ impl Finish {
         }
     }
 }
+
+/// How long a run's command runs before its disk leaves the host's mount namespace (see
+/// `execute`).
+const DETACH_AFTER: Duration = Duration::from_millis(20);
 
 /// How many disks one-shot runs keep made ahead (see `execute`).
 const RUN_DISKS_AHEAD: usize = 2;
