@@ -20,7 +20,7 @@ use ringfence_jail::disk::{Disk, DiskBackend, DiskChoice, DiskPool};
 use ringfence_jail::launch::{Ending, Sandbox, SandboxSpec};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Watcher};
-use ringfence_jail::{JailConfig, preflight, seccomp};
+use ringfence_jail::{JailConfig, preflight};
 use ringfence_proto::{ErrorKind, Event, ExitStatus, SandboxUser, SpawnSpec, StdioMode, Usage};
 use serde::Serialize;
 
@@ -389,7 +389,6 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         }
         (None, None) => resolved.user,
     };
-    let compiled = if notify { Some(seccomp::default_profile(true)?) } else { None };
     let pool = if args.no_cgroup {
         None
     } else {
@@ -434,10 +433,13 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         allow_setuid: resolved.allow_setuid,
         // Only `lo`, which nothing administers: the spawner's namespace made ahead will do.
         net_ahead: !args.no_net_ahead,
+        seccomp_builtin: notify,
         ..SandboxSpec::new(
             id.clone(),
             resolved.template,
-            compiled,
+            // Not compiled here: the agent installs its own copy of the built-in profile,
+            // compiled already where its spawner forked it (`SetupSpec::seccomp_builtin`).
+            None,
             [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         )
     };

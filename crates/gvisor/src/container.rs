@@ -422,6 +422,7 @@ impl Container {
             rlimits: rlimits_for(&spec.limits),
             seccomp_notify: Vec::new(),
             seccomp_errno: Vec::new(),
+            seccomp_builtin: false,
             env: spec.env,
             listen: Some(format!("{}/{AGENT_SOCK}", bundle::CHAN_IN_SANDBOX)),
             initial: spec.initial,

@@ -544,12 +544,24 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     let landlock_abi = apply_landlock(spec)?;
     phase(phases, "landlock");
     let mut listener = None;
-    if !spec.seccomp_errno.is_empty() {
-        ringfence_sys::install_seccomp(&to_sock_filter(&spec.seccomp_errno), false)
+    let builtin = if spec.seccomp_builtin {
+        Some(crate::seccomp::builtin().map_err(|e| InsideError {
+            step: "seccomp".into(),
+            message: e.to_string(),
+        })?)
+    } else {
+        None
+    };
+    let (errno, notify) = match builtin {
+        Some(c) => (&c.clone3, &c.sandbox),
+        None => (&spec.seccomp_errno, &spec.seccomp_notify),
+    };
+    if !errno.is_empty() {
+        ringfence_sys::install_seccomp(&to_sock_filter(errno), false)
             .map_err(fail("install seccomp (clone3)"))?;
     }
-    if !spec.seccomp_notify.is_empty() {
-        listener = ringfence_sys::install_seccomp(&to_sock_filter(&spec.seccomp_notify), true)
+    if !notify.is_empty() {
+        listener = ringfence_sys::install_seccomp(&to_sock_filter(notify), true)
             .map_err(fail("install seccomp"))?;
     }
     if spec.allow_setuid {

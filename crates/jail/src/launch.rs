@@ -100,6 +100,9 @@ pub struct SandboxSpec {
     /// [`crate::spawner::SpawnRequest::net_ahead`]). For sandboxes whose network nothing
     /// inside or beside them administers: one-shot runs, which have only `lo`.
     pub net_ahead: bool,
+    /// Without `seccomp`: have the agent install its own copy of the built-in default profile
+    /// ([`crate::seccomp::builtin`]), which this process then need not compile.
+    pub seccomp_builtin: bool,
 }
 
 impl SandboxSpec {
@@ -129,6 +132,7 @@ impl SandboxSpec {
             allow_setuid: false,
             volumes: Vec::new(),
             net_ahead: false,
+            seccomp_builtin: false,
         }
     }
 }
@@ -399,6 +403,7 @@ impl Sandbox {
             rlimits: rlimits_for(&spec.limits),
             seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
             seccomp_errno: spec.seccomp.as_ref().map(|c| c.clone3.clone()).unwrap_or_default(),
+            seccomp_builtin: spec.seccomp_builtin && spec.seccomp.is_none(),
             env: spec.env,
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,

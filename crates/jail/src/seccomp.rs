@@ -55,6 +55,17 @@ pub fn default_profile(notify: bool) -> Result<Compiled, SeccompError> {
     compile(DEFAULT_PROFILE, notify)
 }
 
+/// The built-in default profile with denials notified, compiled once per process. A spawner
+/// compiles it before its first fork, so every agent it forks has it already.
+pub fn builtin() -> Result<&'static Compiled, SeccompError> {
+    static BUILTIN: std::sync::OnceLock<Compiled> = std::sync::OnceLock::new();
+    if let Some(c) = BUILTIN.get() {
+        return Ok(c);
+    }
+    let compiled = default_profile(true)?;
+    Ok(BUILTIN.get_or_init(|| compiled))
+}
+
 /// The name of an x86_64 syscall number, for security events.
 pub fn syscall_name(nr: i32) -> String {
     crate::syscall_names::X86_64

@@ -317,6 +317,8 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     let kept = if prune_mounts(&kept) { Some(kept) } else { None };
     // The OOM killer of the slot's memory cgroup picks among the sandbox's processes only.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    // Compiled once here, so that every agent forked below has it (`SetupSpec::seccomp_builtin`).
+    let _ = crate::seccomp::builtin();
     let exe = std::fs::read_link("/proc/self/exe").map_err(io("readlink /proc/self/exe"))?;
     let exe = std::ffi::CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|e| io("exe path")(io::Error::other(e)))?;

@@ -599,6 +599,7 @@ impl MicroVm {
             rlimits: rlimits_for(&spec.limits),
             seccomp_notify: Vec::new(),
             seccomp_errno: Vec::new(),
+            seccomp_builtin: false,
             env: spec.env.clone(),
             listen: None,
             initial: None,

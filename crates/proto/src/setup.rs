@@ -81,6 +81,11 @@ pub struct SetupSpec {
     /// A second filter answering `clone3` with ENOSYS so libc falls back to `clone`, whose
     /// flags the first filter can inspect.
     pub seccomp_errno: Vec<BpfInsn>,
+    /// Install the agent's own copy of the built-in default profile (both filters, denials
+    /// notified) in place of `seccomp_notify` and `seccomp_errno`, which are then empty: an
+    /// agent forked by its spawner has it compiled already, so neither the host's compile nor
+    /// the program's transfer is on a start's path.
+    pub seccomp_builtin: bool,
     /// Environment every process in the sandbox starts with, on top of `PATH`, `HOME` and
     /// `LANG`; a process's own variables override it (E2B's sandbox-level `envVars`).
     pub env: BTreeMap<String, String>,
