@@ -16,8 +16,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope,
+    ABI, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope,
 };
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
@@ -545,10 +545,10 @@ fn lock_down(spec: &SetupSpec, phases: &mut Vec<Phase>) -> Result<Outcome, Insid
     phase(phases, "landlock");
     let mut listener = None;
     let builtin = if spec.seccomp_builtin {
-        Some(crate::seccomp::builtin().map_err(|e| InsideError {
-            step: "seccomp".into(),
-            message: e.to_string(),
-        })?)
+        Some(
+            crate::seccomp::builtin()
+                .map_err(|e| InsideError { step: "seccomp".into(), message: e.to_string() })?,
+        )
     } else {
         None
     };
