@@ -1,5 +1,7 @@
 //! The seccomp-bpf profile: compiled from `profiles/seccomp/default.json` (by [`crate::bpf`]) once
-//! per host process, shipped to the agent as BPF, and installed as the last step of sandbox setup.
+//! per process, and installed by the agent as the last step of sandbox setup: shipped to it as
+//! BPF by the server, or its own copy ([`builtin`], compiled by its spawner before the fork) for
+//! one-shot runs.
 
 use ringfence_proto::BpfInsn;
 
