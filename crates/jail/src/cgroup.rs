@@ -128,6 +128,9 @@ pub struct Pool {
     /// The data directory of the server whose sandboxes this pool's leases hold (see
     /// [`Pool::kept_for`]).
     owner: Option<Arc<str>>,
+    /// `spawner_exe`'s [`crate::spawner::binary_tag`], looked up once (a claim asked for it
+    /// up to three times, a `statx` each).
+    tag: Arc<std::sync::OnceLock<Option<String>>>,
 }
 
 /// Which slots this process should try first: a hint only (every claim still takes the slot's
@@ -159,6 +162,7 @@ impl Pool {
             prefer_own: false,
             hint: Arc::default(),
             owner: None,
+            tag: Arc::default(),
         }
     }
 
@@ -178,7 +182,14 @@ impl Pool {
     /// in their cgroups instead of being moved there (see [`crate::spawner`]).
     pub fn with_spawners(mut self, exe: PathBuf) -> Self {
         self.spawner_exe = Some(exe);
+        self.tag = Arc::default();
         self
+    }
+
+    /// The agent build's tag ([`crate::spawner::binary_tag`]), once per pool.
+    fn tag(&self) -> Option<&str> {
+        let exe = self.spawner_exe.as_ref()?;
+        self.tag.get_or_init(|| crate::spawner::binary_tag(exe).ok()).as_deref()
     }
 
     /// Has claims try the slots where a spawner of this agent build is parked first, before
@@ -203,16 +214,14 @@ impl Pool {
     /// Where the spawner of `slot` for the current agent executable listens.
     fn spawner_socket(&self, slot: u32) -> Option<(PathBuf, &PathBuf)> {
         let exe = self.spawner_exe.as_ref()?;
-        let tag = crate::spawner::binary_tag(exe).ok()?;
+        let tag = self.tag()?;
         Some((self.lock_dir.join(format!("{}-{slot}.{tag}.spawner", self.prefix)), exe))
     }
 
     /// Slots with a spawner of this pool's agent build parked (its socket in the lock
     /// directory), lowest first; none without spawners.
     fn own_spawner_slots(&self) -> Vec<u32> {
-        let Some(tag) =
-            self.spawner_exe.as_ref().and_then(|exe| crate::spawner::binary_tag(exe).ok())
-        else {
+        let Some(tag) = self.tag() else {
             return Vec::new();
         };
         let (head, tail) = (format!("{}-", self.prefix), format!(".{tag}.spawner"));
@@ -234,11 +243,11 @@ impl Pool {
     /// by their command lines, neither by listing the lock directory (which holds every
     /// server's slot files too: 330 entries on a development host, listed at every claim) nor
     /// by connecting to the socket to learn its listener (which woke the spawner for nothing).
-    fn spawner(&self, lease: &Lease) -> Option<crate::spawner::Spawner> {
+    fn spawner(&self, lease: &Lease, spawners: Vec<i32>) -> Option<crate::spawner::Spawner> {
         use crate::spawner::Spawner;
         let (socket, exe) = self.spawner_socket(lease.slot)?;
         let mut parked = None;
-        for pid in lease.all_procs().into_iter().filter(|p| crate::spawner::is_spawner(*p)) {
+        for pid in spawners {
             // Only what runs as a spawner (a `--socket` on its command line) is stopped, and
             // only a socket of this lock directory removed: a path read from a process is not
             // taken as one to delete anywhere else.
@@ -434,9 +443,10 @@ impl Pool {
             lease.hint = Some(self.hint.clone());
             lease.keep(self.owner.as_deref(), &self.lock_path(slot))?;
             // Whatever is still inside belongs to an owner that died without cleaning up.
-            lease.kill_all()?;
+            // What is left is the slot's spawners: nothing can join the slot while we hold it.
+            let spawners = lease.kill_all_but_spawners()?;
             lease.apply(limits)?;
-            lease.spawner = self.spawner(&lease);
+            lease.spawner = self.spawner(&lease, spawners);
             lease.set_baselines();
             return Ok(lease);
         }
@@ -484,6 +494,8 @@ impl Pool {
         })?;
         let mut lease = Lease::new(slot, self.slot_dirs(slot), self.layout.clone(), lock);
         lease.keep(self.owner.as_deref(), &self.lock_path(slot))?;
+        // Perhaps paused by the process that held it before.
+        lease.may_be_frozen.store(true, std::sync::atomic::Ordering::Relaxed);
         // As at a claim, only a spawner parked in the slot (see `Pool::spawner`).
         lease.spawner = self
             .spawner_socket(slot)
@@ -565,6 +577,10 @@ pub struct Lease {
     /// v1 without co-mounted cpuacct: the CPU total summed from procfs, kept monotonic (an
     /// exited process's time is invisible until its parent reaps it).
     cpu_procfs: std::sync::atomic::AtomicU64,
+    /// The slot may be frozen: this lease froze it ([`Lease::freeze`]), or it was adopted as
+    /// another process left it. A claim thaws what it finds frozen, so a lease that never froze
+    /// its slot skips the freezer at its end ([`Lease::thaw_if_frozen`]).
+    may_be_frozen: std::sync::atomic::AtomicBool,
 }
 
 /// What a sandbox's cgroup says about its resource use, since its slot was claimed.
@@ -657,6 +673,7 @@ impl Lease {
             pids_base: 0,
             cpu_base: 0,
             cpu_procfs: Default::default(),
+            may_be_frozen: Default::default(),
         }
     }
 
@@ -760,6 +777,8 @@ impl Lease {
                 source: io::Error::other("no freezer controller on this host"),
             });
         };
+        // Set before the write: a write that fails half way may still have frozen some.
+        self.may_be_frozen.store(true, std::sync::atomic::Ordering::Relaxed);
         write_file(&file, frozen)?;
         // v1 reports FREEZING until every task has stopped; v2 sets `frozen 1` in cgroup.events.
         for _ in 0..2000 {
@@ -792,6 +811,15 @@ impl Lease {
         }
     }
 
+    /// [`Lease::thaw`], where the slot may be frozen (see `may_be_frozen`): a sandbox killed
+    /// takes its SIGKILL only once thawed.
+    pub fn thaw_if_frozen(&self) -> Result<(), CgroupError> {
+        if self.may_be_frozen.load(std::sync::atomic::Ordering::Relaxed) {
+            self.thaw()?;
+        }
+        Ok(())
+    }
+
     /// Whether the slot is frozen (or freezing).
     pub fn is_frozen(&self) -> bool {
         match self.freezer() {
@@ -803,6 +831,11 @@ impl Lease {
 
     /// SIGKILLs every process in the slot until it is empty.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
+        self.kill_all_but_spawners().map(drop)
+    }
+
+    /// [`Lease::kill_all`], returning the spawners (which it spares) as it last saw them.
+    fn kill_all_but_spawners(&self) -> Result<Vec<i32>, CgroupError> {
         if let Layout::V2 { .. } = self.layout {
             let kill = self.dirs[0].join("cgroup.kill");
             if kill.exists() && !self.procs().is_empty() {
@@ -813,13 +846,14 @@ impl Lease {
         let thaw_after = self.is_frozen();
         // New processes may appear while we kill (a fork in flight); repeat until stable.
         for round in 0..200 {
-            let procs = self.procs();
+            let (spawners, procs): (Vec<i32>, Vec<i32>) =
+                self.all_procs().into_iter().partition(|p| crate::spawner::is_spawner(*p));
             if procs.is_empty() {
                 // A slot left frozen would freeze its next sandbox at birth.
                 if thaw_after {
                     self.thaw()?;
                 }
-                return Ok(());
+                return Ok(spawners);
             }
             for pid in procs {
                 let _ = ringfence_sys::kill(pid, libc::SIGKILL);
@@ -994,7 +1028,8 @@ impl Lease {
     /// anything still listed ([`Pool::claim`]), so nothing of this sandbox runs beside the
     /// next one there.
     pub fn release_unwaited(mut self) {
-        let frozen = self.is_frozen();
+        let frozen =
+            self.may_be_frozen.load(std::sync::atomic::Ordering::Relaxed) && self.is_frozen();
         for pid in self.procs() {
             let _ = ringfence_sys::kill(pid, libc::SIGKILL);
         }

@@ -812,7 +812,7 @@ impl Sandbox {
         }
         // A paused (frozen) sandbox takes its SIGKILL only once thawed.
         if let Some(lease) = &self.lease {
-            let _ = lease.thaw();
+            let _ = lease.thaw_if_frozen();
         }
     }
 
