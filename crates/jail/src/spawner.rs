@@ -330,19 +330,11 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     listener.set_nonblocking(true).map_err(io("nonblocking"))?;
     let mut last = Instant::now();
     let mut net = NetAhead::default();
-    // The host's network namespace, to go back to once a sandbox has been given ours.
-    let host_net = std::fs::File::open("/proc/self/ns/net").ok();
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
                 let _ = answer(conn, &exe, init, kept.as_deref(), &mut net);
-                // Not a moment longer in a sandbox's network namespace than its clone took.
-                if std::mem::take(&mut net.given)
-                    && let Some(host) = &host_net
-                {
-                    let _ = nix::sched::setns(host, nix::sched::CloneFlags::CLONE_NEWNET);
-                }
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -389,11 +381,10 @@ const NET_AHEAD_AFTER: Duration = Duration::from_millis(10);
 #[derive(Debug, Default)]
 struct NetAhead {
     /// This process's own network namespace is fresh, made for the next sandbox that asks,
-    /// with `lo` up. False from the moment a sandbox has been given it: every sandbox started
-    /// until the next is made makes its own in its `clone`.
+    /// with `lo` up. False from the moment a sandbox has been given it: the spawner then sits
+    /// in that sandbox's namespace until it makes another, and every sandbox started
+    /// meanwhile makes its own in its `clone`.
     ready: bool,
-    /// A sandbox has just been given it: the spawner goes back to the host's namespace.
-    given: bool,
     /// A request asked for one since the last was made.
     wanted: bool,
 }
@@ -546,7 +537,6 @@ fn started(
     let net_ahead = req.net_ahead && net.ready && flags & libc::CLONE_NEWNET != 0;
     if net_ahead {
         net.ready = false;
-        net.given = true;
         flags &= !libc::CLONE_NEWNET;
     }
     let spec = ringfence_sys::NsSpawn {
