@@ -1,9 +1,11 @@
-/* A process start inside a fresh gVisor sandbox, three ways: fork + exec (std's Command with a
+/* A process start inside a fresh gVisor sandbox, four ways: fork + exec (std's Command with a
  * pre_exec hook), a vfork-style clone(CLONE_VM | CLONE_VFORK) + exec (the agent's
- * ringfence_sys::spawn_hardened), and glibc's posix_spawn. Run as a sandbox's init by
- * bench/gvisor_spawn.py; prints, per start, when the call returned and when /bin/echo exited.
+ * ringfence_sys::spawn_hardened), glibc's posix_spawn, and `stem`: a child forked before the
+ * clock starts, waiting on a pipe, that only execs when told (what a process forked ahead
+ * would leave of a start). Run as a sandbox's init by bench/gvisor_spawn.py; prints, per
+ * start, when the call returned and when /bin/echo exited.
  *
- *     gvisor_spawn fork|vfork|posix
+ *     gvisor_spawn fork|vfork|posix|stem
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -38,9 +40,27 @@ int main(int argc, char **argv) {
     static char stack[64 * 1024];
     null_fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
     for (int i = 0; i < 3; i++) {
+        int go[2] = {-1, -1};
+        pid_t stem = -1;
+        if (!strcmp(mode, "stem")) {
+            char b;
+            if (pipe(go) != 0) return 1;
+            stem = fork();
+            if (stem == 0) {
+                close(go[1]);
+                if (read(go[0], &b, 1) != 1) _exit(126);
+                child(NULL);
+            }
+            close(go[0]);
+            usleep(20000); /* the fork's work done before the clock starts */
+        }
         double t0 = now_ms();
         pid_t pid = -1;
-        if (!strcmp(mode, "fork")) {
+        if (stem > 0) {
+            pid = stem;
+            if (write(go[1], "x", 1) != 1) return 1;
+            close(go[1]);
+        } else if (!strcmp(mode, "fork")) {
             pid = fork();
             if (pid == 0) child(NULL);
         } else if (!strcmp(mode, "vfork")) {

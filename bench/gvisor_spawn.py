@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The first process start inside a fresh gVisor sandbox: fork + exec against a vfork-style
-clone + exec and posix_spawn (bench/gvisor_spawn.c as the sandbox's init, runsc with our flags:
+clone + exec, posix_spawn and an exec alone (a child forked before the clock starts) (bench/gvisor_spawn.c as the sandbox's init, runsc with our flags:
 systrap, --network=none, --overlay2=none), one fresh sandbox per sample, modes interleaved.
 Prints the median of the first start (call to /bin/echo's exit) and of the later two.
 
@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 
 RUNSC = "/usr/local/lib/ringfence/runsc"
-MODES = ("fork", "vfork", "posix")
+MODES = ("fork", "vfork", "posix", "stem")
 
 
 def main():
