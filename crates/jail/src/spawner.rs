@@ -76,8 +76,10 @@ pub struct SpawnRequest {
     /// namespace, not the sandbox's: nothing inside may administer it (no interface, route,
     /// firewall or `net.*` sysctl changes, no `sysfs` mount), and host code that joins the
     /// sandbox's user namespace first cannot join it afterwards. So only a sandbox whose
-    /// network nothing administers asks (one-shot runs); the namespace is made while the
-    /// spawner is idle, off the path of a start, and each is given to one sandbox only.
+    /// network only the host administers asks (one-shot runs, which have only `lo`; a
+    /// server's, whose TUN a host thread makes and whose interpreter kernels join the network
+    /// namespace first); the namespace is made while the spawner is idle, off the path of a
+    /// start, and each is given to one sandbox only.
     #[serde(default)]
     pub net_ahead: bool,
 }

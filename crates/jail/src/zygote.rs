@@ -38,8 +38,11 @@ use crate::launch::{DEFAULT_WRITABLE, Sandbox, rlimits_for};
 use crate::limits::Limits;
 use crate::seccomp::Compiled;
 
-/// Namespaces a kernel joins, in the order the zygote expects their descriptors.
-const NAMESPACES: [&str; 7] = ["user", "mnt", "pid", "net", "uts", "ipc", "cgroup"];
+/// Namespaces a kernel joins, in the order the zygote expects their descriptors. The network
+/// namespace first, while the zygote's child is still host root: one its spawner made ahead
+/// belongs to the host's user namespace (see `crate::spawner::SpawnRequest::net_ahead`), which
+/// a process in the sandbox's user namespace may not join.
+const NAMESPACES: [&str; 7] = ["net", "user", "mnt", "pid", "uts", "ipc", "cgroup"];
 
 /// The uid and gid kernels run as inside (the template's `user`).
 pub const KERNEL_UID: u32 = 1000;

@@ -352,6 +352,10 @@ impl Tier for JailTier {
             // (pooled, short-lived) blocking thread would kill it at random, so none is set.
             reconnectable: true,
             allow_setuid,
+            // Its network is administered from the host only (the TUN, made by a host thread
+            // in the namespace; the interpreter's fork server joins it before the sandbox's
+            // user namespace): the spawner's namespace made ahead will do.
+            net_ahead: true,
             ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
         };
         let disk_bytes = spec.limits.disk;
