@@ -97,8 +97,8 @@ pub struct SandboxSpec {
     pub volumes: Vec<(std::path::PathBuf, String)>,
     /// Let a spawner give the sandbox the network namespace it made ahead, while idle,
     /// instead of a new one made by the sandbox's own `clone` (see
-    /// [`crate::spawner::SpawnRequest::net_ahead`]). For sandboxes whose network nothing
-    /// inside or beside them administers: one-shot runs, which have only `lo`.
+    /// [`crate::spawner::SpawnRequest::net_ahead`]). For sandboxes whose network only the host
+    /// administers: one-shot runs (only `lo`) and a server's (a TUN made by a host thread).
     pub net_ahead: bool,
     /// Without `seccomp`: have the agent install its own copy of the built-in default profile
     /// ([`crate::seccomp::builtin`]), which this process then need not compile.
