@@ -128,9 +128,6 @@ pub struct Pool {
     /// The data directory of the server whose sandboxes this pool's leases hold (see
     /// [`Pool::kept_for`]).
     owner: Option<Arc<str>>,
-    /// `spawner_exe`'s [`crate::spawner::binary_tag`], looked up once (a claim asked for it
-    /// up to three times, a `statx` each).
-    tag: Arc<std::sync::OnceLock<Option<String>>>,
 }
 
 /// Which slots this process should try first: a hint only (every claim still takes the slot's
@@ -162,7 +159,6 @@ impl Pool {
             prefer_own: false,
             hint: Arc::default(),
             owner: None,
-            tag: Arc::default(),
         }
     }
 
@@ -182,14 +178,13 @@ impl Pool {
     /// in their cgroups instead of being moved there (see [`crate::spawner`]).
     pub fn with_spawners(mut self, exe: PathBuf) -> Self {
         self.spawner_exe = Some(exe);
-        self.tag = Arc::default();
         self
     }
 
-    /// The agent build's tag ([`crate::spawner::binary_tag`]), once per pool.
-    fn tag(&self) -> Option<&str> {
-        let exe = self.spawner_exe.as_ref()?;
-        self.tag.get_or_init(|| crate::spawner::binary_tag(exe).ok()).as_deref()
+    /// The agent build's tag ([`crate::spawner::binary_tag`]), looked up at each use: a
+    /// long-running server must see an agent binary replaced under it as another build.
+    fn tag(&self) -> Option<String> {
+        crate::spawner::binary_tag(self.spawner_exe.as_ref()?).ok()
     }
 
     /// Has claims try the slots where a spawner of this agent build is parked first, before

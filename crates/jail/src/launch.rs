@@ -591,7 +591,7 @@ impl Sandbox {
             disk,
             id_base,
             pidfd: None,
-            // Adopted only by the server, whose sandboxes never ask for one.
+            // Not known after a restart; only a one-shot run's report says it.
             net_made_ahead: false,
         })
     }
