@@ -315,8 +315,9 @@ fn every_run_has_a_network_namespace_of_its_own_made_ahead_or_not() {
     assert!(host.parse::<u64>().is_ok_and(|c| c > 0), "the host's cookie: {host:?}");
     let mut seen = std::collections::BTreeSet::new();
     let mut ahead = 0;
-    // Other tests' runs take the namespaces made ahead too: enough rounds, each after the
-    // spawner has been idle long enough to make one, that at least one run gets one.
+    // Other tests' runs take the namespaces made ahead too: enough rounds, each well after
+    // the previous run ended (the spawner makes the next namespace then), that at least one
+    // run gets one.
     for round in 0..24 {
         std::thread::sleep(Duration::from_millis(60));
         let o = py(
@@ -1112,8 +1113,60 @@ fn a_forked_agent_shows_no_host_path_and_its_memory_is_out_of_reach() {
     assert!(text.contains("READ-fd"), "the probe sees no exec'd agent either: {text}");
 }
 
+/// A spawner makes the next sandbox's network namespace only once the sandbox it started has
+/// ended: while that lives, a spawner that gave it the namespace made ahead is still in it.
+/// (One in `unshare` waits on the kernel's network locks unfrozen, holding up a pause of the
+/// slot's sandbox; it used to make the next namespace 10 ms after a request.)
+#[test]
+fn a_spawner_makes_the_next_network_namespace_only_after_its_sandbox_ended() {
+    root_only!();
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let mut given = 0;
+    for round in 0..12 {
+        // Time for the previous run's spawner to make the next namespace.
+        std::thread::sleep(Duration::from_millis(100));
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report.json");
+        let tag = format!("read x; exit 0 # 5210.{round}");
+        let mut child = ringfence()
+            .args(["run", "--report"])
+            .arg(&report)
+            .args(["--", "/bin/sh", "-c", &tag])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sleeper = loop {
+            if let Some(p) = host_pids_running(&format!("/bin/sh -c {tag}")).first() {
+                break *p;
+            }
+            assert!(Instant::now() < deadline, "the run did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let agent = ppid(sleeper);
+        let spawner = ppid(agent);
+        // Well past the 10 ms after which a spawner used to make the next one.
+        std::thread::sleep(Duration::from_millis(60));
+        let shared = ns(spawner) == ns(agent);
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let ahead = r["net_made_ahead"] == true;
+        // Made in the sandbox's `clone`: the spawner is in its own, older namespace.
+        assert_eq!(shared, ahead, "spawner in the sandbox's namespace: {shared}; report: {r}");
+        if ahead {
+            given += 1;
+            if given >= 2 {
+                return;
+            }
+        }
+    }
+    panic!("{given} of 12 runs took a namespace made ahead");
+}
+
 /// A slot's spawner holds nothing of the host's a sandbox could use (its standard streams are
-/// `/dev/null`, its one other descriptor its own socket), and one that dies is noticed and
+/// `/dev/null`, its other descriptors its own socket and its live sandbox's pidfd), and one that dies is noticed and
 /// replaced: the slot's next claimant finds its socket dead and parks a new spawner there.
 #[test]
 fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
@@ -1145,12 +1198,25 @@ fn a_spawner_holds_no_host_descriptor_and_a_dead_one_is_replaced() {
         .replace('\0', " ");
     assert!(cmdline.contains("--spawner --socket"), "the agent's parent: {cmdline}");
     let socket = cmdline.split_whitespace().last().unwrap().to_string();
-    // Between requests: /dev/null three times and the listening socket, nothing else.
+    // Between requests: /dev/null three times, the listening socket and a pidfd of the
+    // sandbox it started (it makes the next network namespace once that has ended), nothing
+    // else. No sandbox it starts inherits either: each closes all but its own descriptors.
     let mut sockets = 0;
+    let agent = ppid(sleeper);
     for e in std::fs::read_dir(format!("/proc/{spawner}/fd")).unwrap().flatten() {
         let target = std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned();
         if target.starts_with("socket:") {
             sockets += 1;
+        } else if target == "anon_inode:[pidfd]" {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{spawner}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            assert!(
+                info.lines().any(|l| l.split_whitespace().eq(["Pid:", &agent.to_string()])),
+                "a pidfd of another process than its sandbox's agent ({agent}): {info}"
+            );
         } else {
             assert_eq!(target, "/dev/null", "the spawner holds fd {:?}", e.file_name());
         }

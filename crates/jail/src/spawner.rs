@@ -78,8 +78,9 @@ pub struct SpawnRequest {
     /// sandbox's user namespace first cannot join it afterwards. So only a sandbox whose
     /// network only the host administers asks (one-shot runs, which have only `lo`; a
     /// server's, whose TUN a host thread makes and whose interpreter kernels join the network
-    /// namespace first); the namespace is made while the spawner is idle, off the path of a
-    /// start, and each is given to one sandbox only.
+    /// namespace first); the namespace is made once the sandboxes the spawner started have all
+    /// ended (so it is ready for the slot's next), off the path of a start, and each is given
+    /// to one sandbox only.
     #[serde(default)]
     pub net_ahead: bool,
 }
@@ -332,26 +333,35 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
     listener.set_nonblocking(true).map_err(io("nonblocking"))?;
     let mut last = Instant::now();
     let mut net = NetAhead::default();
+    // The sandboxes this spawner started that have not ended, each with a pidfd of its own
+    // (the host holds another) so that the poll below wakes when one ends.
+    let mut live: Vec<(i32, OwnedFd)> = Vec::new();
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
-                let _ = answer(conn, &exe, init, kept.as_deref(), &mut net);
+                if let Ok(Some(child)) = answer(conn, &exe, init, kept.as_deref(), &mut net) {
+                    live.push(child);
+                }
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io("accept")(e)),
         }
-        // Idle a while (no request waiting): the next sandbox's network namespace, if one is
-        // wanted.
-        if net.wanted && !net.ready && last.elapsed() >= NET_AHEAD_AFTER {
+        // Our children are sandbox agents, watched by their hosts through pidfds.
+        while let Ok(Some(r)) = ringfence_sys::wait4(-1, true) {
+            live.retain(|(pid, _)| *pid != r.pid);
+        }
+        // The next sandbox's network namespace, if one is wanted, once every sandbox this
+        // spawner started has ended: a slot holds one sandbox at a time, so the next request
+        // comes after that, and a spawner in `unshare` (waiting on the kernel's network
+        // locks, unfreezable) is never in the way of its live sandbox's freeze.
+        if net.wanted && !net.ready && live.is_empty() {
             net.ready = make_net_ahead();
             // One try per request that wanted it: a host out of namespaces is not asked again
             // and again while idle.
             net.wanted = false;
         }
-        // Our children are sandbox agents, watched by their hosts through pidfds.
-        while let Ok(Some(_)) = ringfence_sys::wait4(-1, true) {}
         let ours = std::fs::metadata(socket).is_ok_and(|m| m.ino() == bound);
         if !ours || last.elapsed() > IDLE_EXIT {
             if ours {
@@ -359,25 +369,17 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
             }
             return Ok(());
         }
-        let mut fds = [nix::poll::PollFd::new(
+        let mut fds = vec![nix::poll::PollFd::new(
             std::os::fd::AsFd::as_fd(&listener),
             nix::poll::PollFlags::POLLIN,
         )];
-        // Soon after a request that wants a namespace made ahead, so it is made before the
-        // next one comes, but not at once: the sandbox just started is still setting up.
-        let wait = match NET_AHEAD_AFTER.checked_sub(last.elapsed()) {
-            Some(left) if net.wanted => (left.as_millis() as u16).max(1),
-            _ => 200u16,
-        };
-        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait));
+        // A pidfd reads as ready once its process has ended.
+        fds.extend(live.iter().map(|(_, fd)| {
+            nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(fd), nix::poll::PollFlags::POLLIN)
+        }));
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
     }
 }
-
-/// How long after a request that wants a network namespace made ahead the spawner waits for
-/// another before making it: a start keeps both cores of a small host busy for a few
-/// milliseconds, and making the namespace (about half a millisecond of kernel work) beside it
-/// would slow that start down.
-const NET_AHEAD_AFTER: Duration = Duration::from_millis(10);
 
 /// The spawner's network namespace made ahead (see [`SpawnRequest::net_ahead`]).
 #[derive(Debug, Default)]
@@ -483,7 +485,7 @@ fn answer(
     init: Init,
     kept: Option<&[PathBuf]>,
     net: &mut NetAhead,
-) -> Result<(), SpawnerError> {
+) -> Result<Option<(i32, OwnedFd)>, SpawnerError> {
     let refuse = |m: &str| SpawnerError::Refused(m.to_string());
     conn.set_nonblocking(false).map_err(|_| refuse("blocking"))?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| refuse("timeout"))?;
@@ -499,14 +501,16 @@ fn answer(
         Ok((pid, pidfd, net_ahead)) => {
             let text = serde_json::to_vec(&SpawnReply::Started { pid, net_ahead })
                 .map_err(|_| refuse("encode"))?;
-            return ringfence_sys::send_with_fd(conn.as_raw_fd(), &text, Some(pidfd.as_raw_fd()))
-                .map_err(|_| refuse("reply"));
+            ringfence_sys::send_with_fd(conn.as_raw_fd(), &text, Some(pidfd.as_raw_fd()))
+                .map_err(|_| refuse("reply"))?;
+            return Ok(Some((pid, pidfd)));
         }
         Err(error) => SpawnReply::Failed { error },
     };
     let text = serde_json::to_vec(&reply).map_err(|_| refuse("encode"))?;
     let mut conn = conn;
-    conn.write_all(&text).map_err(|_| refuse("reply"))
+    conn.write_all(&text).map_err(|_| refuse("reply"))?;
+    Ok(None)
 }
 
 fn started(
