@@ -1115,7 +1115,7 @@ fn a_forked_agent_shows_no_host_path_and_its_memory_is_out_of_reach() {
 
 /// A spawner makes the next sandbox's network namespace only once the sandbox it started has
 /// ended: while that lives, a spawner that gave it the namespace made ahead is still in it.
-/// (One in `unshare` waits on the kernel's network locks unfrozen, holding up a pause of the
+/// (One in `unshare` can wait on the kernel's network mutexes unfrozen, holding up a pause of the
 /// slot's sandbox; it used to make the next namespace 10 ms after a request.)
 #[test]
 fn a_spawner_makes_the_next_network_namespace_only_after_its_sandbox_ended() {

@@ -354,8 +354,9 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
         }
         // The next sandbox's network namespace, if one is wanted, once every sandbox this
         // spawner started has ended: a slot holds one sandbox at a time, so the next request
-        // comes after that, and a spawner in `unshare` (waiting on the kernel's network
-        // locks, unfreezable) is never in the way of its live sandbox's freeze.
+        // comes after that, and a spawner in `unshare` (which can sleep on the kernel's
+        // network mutexes, where the freezer does not stop it) is never in the way of its
+        // live sandbox's freeze.
         if net.wanted && !net.ready && live.is_empty() {
             net.ready = make_net_ahead();
             // One try per request that wanted it: a host out of namespaces is not asked again
