@@ -4,7 +4,11 @@ clone + exec, posix_spawn and an exec alone (a child forked before the clock sta
 systrap, --network=none, --overlay2=none), one fresh sandbox per sample, modes interleaved.
 Prints the median of the first start (call to /bin/echo's exit) and of the later two.
 
-    python3 bench/gvisor_spawn.py [--rounds 15]      (needs root, gcc, runsc)
+    python3 bench/gvisor_spawn.py [--rounds 15] [--runsc-flags="--overlay2=none"]
+                                                      (needs root, gcc, runsc)
+
+`--runsc-flags` replaces `--overlay2=none` (whitespace-separated runsc flags), to compare
+runsc's file options.
 """
 
 import argparse
@@ -22,6 +26,7 @@ MODES = ("fork", "vfork", "posix", "stem")
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--runsc-flags", default="--overlay2=none")
     a = ap.parse_args()
     if not os.access(RUNSC, os.X_OK) or not shutil.which("gcc"):
         print(f"SKIPPED bench/gvisor_spawn.py: needs {RUNSC} and gcc")
@@ -52,14 +57,15 @@ def main():
                 cid = f"bench-spawn-{os.getpid()}-{r}-{mode}"
                 state = os.path.join(work, "state")
                 out = subprocess.run([RUNSC, f"--root={state}", "--platform=systrap",
-                                      "--network=none", "--overlay2=none", "run", "--bundle",
+                                      "--network=none", *a.runsc_flags.split(), "run", "--bundle",
                                       bundle, cid], capture_output=True, text=True).stdout
                 subprocess.run([RUNSC, f"--root={state}", "delete", "--force", cid],
                                capture_output=True)
                 for line in out.splitlines():
                     m, i_, _, done = line.split()
                     (first if i_ == "0" else later)[m].append(float(done))
-        print(f"loadavg {os.getloadavg()[0]:.2f}; rounds {a.rounds}, modes interleaved")
+        print(f"loadavg {os.getloadavg()[0]:.2f}; rounds {a.rounds}, modes interleaved; "
+              f"runsc flags {a.runsc_flags}")
         for m in MODES:
             print(f"{m:<6} first start {statistics.median(first[m]):6.1f} ms   "
                   f"later {statistics.median(later[m]):6.1f} ms   "
