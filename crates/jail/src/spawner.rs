@@ -340,9 +340,7 @@ pub fn serve(socket: &Path, init: Init) -> Result<(), SpawnerError> {
         match listener.accept() {
             Ok((conn, _)) => {
                 last = Instant::now();
-                if let Ok(Some(child)) = answer(conn, &exe, init, kept.as_deref(), &mut net) {
-                    live.push(child);
-                }
+                let _ = answer(conn, &exe, init, kept.as_deref(), &mut net, &mut live);
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -486,7 +484,8 @@ fn answer(
     init: Init,
     kept: Option<&[PathBuf]>,
     net: &mut NetAhead,
-) -> Result<Option<(i32, OwnedFd)>, SpawnerError> {
+    live: &mut Vec<(i32, OwnedFd)>,
+) -> Result<(), SpawnerError> {
     let refuse = |m: &str| SpawnerError::Refused(m.to_string());
     conn.set_nonblocking(false).map_err(|_| refuse("blocking"))?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| refuse("timeout"))?;
@@ -500,18 +499,20 @@ fn answer(
         ringfence_sys::recv_with_fds(conn.as_raw_fd(), &mut buf).map_err(|_| refuse("recv"))?;
     let reply = match started(&buf[..n], &fds, exe, init, kept, net) {
         Ok((pid, pidfd, net_ahead)) => {
+            // Tracked before the reply: a sandbox whose host is gone still lives until its
+            // control channel closes.
+            let fd = pidfd.as_raw_fd();
+            live.push((pid, pidfd));
             let text = serde_json::to_vec(&SpawnReply::Started { pid, net_ahead })
                 .map_err(|_| refuse("encode"))?;
-            ringfence_sys::send_with_fd(conn.as_raw_fd(), &text, Some(pidfd.as_raw_fd()))
-                .map_err(|_| refuse("reply"))?;
-            return Ok(Some((pid, pidfd)));
+            return ringfence_sys::send_with_fd(conn.as_raw_fd(), &text, Some(fd))
+                .map_err(|_| refuse("reply"));
         }
         Err(error) => SpawnReply::Failed { error },
     };
     let text = serde_json::to_vec(&reply).map_err(|_| refuse("encode"))?;
     let mut conn = conn;
-    conn.write_all(&text).map_err(|_| refuse("reply"))?;
-    Ok(None)
+    conn.write_all(&text).map_err(|_| refuse("reply"))
 }
 
 fn started(
