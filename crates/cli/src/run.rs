@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ringfence_jail::cgroup::{Layout, Pool};
 use ringfence_jail::disk::{Disk, DiskBackend, DiskChoice, DiskPool};
-use ringfence_jail::launch::{Ending, Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Ending, Sandbox, SandboxSpec, Seccomp};
 use ringfence_jail::limits::{self, Limits};
 use ringfence_jail::monitor::{SecurityEvent, Watcher};
 use ringfence_jail::{JailConfig, preflight};
@@ -433,13 +433,12 @@ fn execute(args: RunArgs, t0: u64) -> anyhow::Result<u8> {
         allow_setuid: resolved.allow_setuid,
         // Only `lo`, which nothing administers: the spawner's namespace made ahead will do.
         net_ahead: !args.no_net_ahead,
-        seccomp_builtin: notify,
         ..SandboxSpec::new(
             id.clone(),
             resolved.template,
             // Not compiled here: the agent installs its own copy of the built-in profile,
             // compiled already where its spawner forked it (`SetupSpec::seccomp_builtin`).
-            None,
+            if notify { Seccomp::Builtin } else { Seccomp::Off },
             [stdin_fd.as_raw_fd(), out_tx.as_raw_fd(), err_tx.as_raw_fd()],
         )
     };

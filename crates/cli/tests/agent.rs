@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec, Seccomp};
 use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
 use ringfence_proto::{
@@ -338,7 +338,7 @@ fn start_with_layers(layers: Vec<PathBuf>) -> Harness {
         ..SandboxSpec::new(
             id.clone(),
             tmpl,
-            Some(seccomp::default_profile(true).expect("seccomp profile")),
+            Seccomp::Compiled(seccomp::default_profile(true).expect("seccomp profile")),
             [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
         )
     };

@@ -544,7 +544,7 @@ mod owners {
     use std::time::{Duration, Instant};
 
     use ringfence_jail::cgroup::{Layout, Pool};
-    use ringfence_jail::launch::{Sandbox, SandboxSpec};
+    use ringfence_jail::launch::{Sandbox, SandboxSpec, Seccomp};
     use ringfence_jail::{ID_RANGE, JailConfig, owner, template};
 
     fn config() -> JailConfig {
@@ -565,7 +565,7 @@ mod owners {
             ..SandboxSpec::new(
                 ringfence_jail::new_sandbox_id(),
                 tmpl,
-                None,
+                Seccomp::Off,
                 [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
             )
         };

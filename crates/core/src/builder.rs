@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ringfence_image::build::{BuildProgress, RunAs, RunOutcome, RunRequest, Runner};
 use ringfence_jail::JailConfig;
 use ringfence_jail::cgroup::Pool;
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec, Seccomp};
 use ringfence_jail::limits::Limits;
 use ringfence_jail::seccomp::Compiled;
 use ringfence_jail::template::{Meta, Template};
@@ -120,7 +120,7 @@ impl JailRunner {
             ..SandboxSpec::new(
                 id,
                 template,
-                Some(self.seccomp.clone()),
+                Seccomp::Compiled(self.seccomp.clone()),
                 [devnull.as_raw_fd(), out_tx.as_raw_fd(), out_tx.as_raw_fd()],
             )
         };

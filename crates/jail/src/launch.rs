@@ -68,8 +68,8 @@ pub struct SandboxSpec {
     pub id: String,
     pub template: Template,
     pub limits: Limits,
-    /// `None` turns seccomp off (for layer-cost measurement only).
-    pub seccomp: Option<Compiled>,
+    /// Which seccomp filter the sandbox's processes get.
+    pub seccomp: Seccomp,
     pub landlock: bool,
     /// Paths inside the sandbox where Landlock allows writes.
     pub writable: Vec<String>,
@@ -100,20 +100,34 @@ pub struct SandboxSpec {
     /// [`crate::spawner::SpawnRequest::net_ahead`]). For sandboxes whose network only the host
     /// administers: one-shot runs (only `lo`) and a server's (a TUN made by a host thread).
     pub net_ahead: bool,
-    /// Without `seccomp`: have the agent install its own copy of the built-in default profile
-    /// ([`crate::seccomp::builtin`]), which this process then need not compile.
-    pub seccomp_builtin: bool,
+}
+
+/// The seccomp filter of a sandbox ([`SandboxSpec::seccomp`]).
+#[derive(Debug, Clone)]
+pub enum Seccomp {
+    /// None (for layer-cost measurement only).
+    Off,
+    /// The built-in default profile, with user notification, installed from the agent's own
+    /// copy ([`crate::seccomp::builtin`], compiled once by the spawner that forks it): this
+    /// process need not compile it, nor send it.
+    Builtin,
+    /// This compiled filter, sent in the setup message.
+    Compiled(Compiled),
+}
+
+impl Seccomp {
+    fn compiled(&self) -> Option<&Compiled> {
+        match self {
+            Seccomp::Compiled(c) => Some(c),
+            Seccomp::Off | Seccomp::Builtin => None,
+        }
+    }
 }
 
 impl SandboxSpec {
     /// A sandbox with every layer on: default limits and writable paths, no initial process,
     /// serving requests until its channel closes. Callers adjust fields from there.
-    pub fn new(
-        id: String,
-        template: Template,
-        seccomp: Option<Compiled>,
-        stdio: [RawFd; 3],
-    ) -> Self {
+    pub fn new(id: String, template: Template, seccomp: Seccomp, stdio: [RawFd; 3]) -> Self {
         SandboxSpec {
             id,
             template,
@@ -132,7 +146,6 @@ impl SandboxSpec {
             allow_setuid: false,
             volumes: Vec::new(),
             net_ahead: false,
-            seccomp_builtin: false,
         }
     }
 }
@@ -401,9 +414,9 @@ impl Sandbox {
             },
             require_landlock: false,
             rlimits: rlimits_for(&spec.limits),
-            seccomp_notify: spec.seccomp.as_ref().map(|c| c.sandbox.clone()).unwrap_or_default(),
-            seccomp_errno: spec.seccomp.as_ref().map(|c| c.clone3.clone()).unwrap_or_default(),
-            seccomp_builtin: spec.seccomp_builtin && spec.seccomp.is_none(),
+            seccomp_notify: spec.seccomp.compiled().map(|c| c.sandbox.clone()).unwrap_or_default(),
+            seccomp_errno: spec.seccomp.compiled().map(|c| c.clone3.clone()).unwrap_or_default(),
+            seccomp_builtin: matches!(spec.seccomp, Seccomp::Builtin),
             env: spec.env,
             initial: spec.initial,
             exit_with_initial: spec.exit_with_initial,

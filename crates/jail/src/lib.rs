@@ -31,7 +31,7 @@ pub mod zygote;
 
 use std::path::PathBuf;
 
-pub use launch::{JailError, Sandbox, SandboxSpec};
+pub use launch::{JailError, Sandbox, SandboxSpec, Seccomp};
 
 /// Where sandboxes' sockets, stages and slot locks live unless configured otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/ringfence";

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use ringfence_image::{Artifact, TemplateForm};
 use ringfence_jail::cgroup::{Layout, Pool};
 use ringfence_jail::keeper::Keeper;
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec, Seccomp};
 use ringfence_jail::monitor::{DenialSink, Supervisor};
 use ringfence_jail::seccomp::Compiled;
 use ringfence_jail::template::Template;
@@ -356,7 +356,12 @@ impl Tier for JailTier {
             // in the namespace; the interpreter's fork server joins it before the sandbox's
             // user namespace): the spawner's namespace made ahead will do.
             net_ahead: true,
-            ..SandboxSpec::new(spec.id, template, Some(self.seccomp.clone()), [fd, fd, fd])
+            ..SandboxSpec::new(
+                spec.id,
+                template,
+                Seccomp::Compiled(self.seccomp.clone()),
+                [fd, fd, fd],
+            )
         };
         let disk_bytes = spec.limits.disk;
         let limits = spec.limits;

@@ -12,7 +12,7 @@ use axum::extract::Request;
 use axum::response::Response;
 use futures_util::StreamExt;
 use ringfence_jail::cgroup::{Layout, Pool};
-use ringfence_jail::launch::{Sandbox, SandboxSpec};
+use ringfence_jail::launch::{Sandbox, SandboxSpec, Seccomp};
 use ringfence_jail::limits::Limits;
 use ringfence_jail::monitor::Supervisor;
 use ringfence_jail::{JailConfig, preflight, seccomp, template};
@@ -62,7 +62,7 @@ pub fn launch(
         ..SandboxSpec::new(
             id.clone(),
             tmpl,
-            Some(seccomp::default_profile(true).expect("seccomp profile")),
+            Seccomp::Compiled(seccomp::default_profile(true).expect("seccomp profile")),
             [null_in.as_raw_fd(), null_out.as_raw_fd(), null_out.as_raw_fd()],
         )
     };
