@@ -255,6 +255,40 @@ impl Store {
         Ok(InUse { _held: f })
     }
 
+    /// The processes that hold a lock on template `name`'s claim file now (from the kernel's
+    /// `/proc/locks`), each as its pid and command name: what an operator needs when a
+    /// removal is refused as [`ImageError::InUse`] although no sandbox or build names it.
+    pub fn claim_holders(&self, name: &str) -> Vec<(i32, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = self.claim_path(name).and_then(|p| fs::metadata(&p).map_err(at("stat", &p)))
+        else {
+            return Vec::new();
+        };
+        let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+        let mut pids: Vec<i32> = locks
+            .lines()
+            .filter_map(|l| {
+                // "1: FLOCK  ADVISORY  READ 1234 08:01:5678 0 EOF" (a "->" marks a waiter).
+                let f: Vec<&str> = l.split_whitespace().filter(|w| *w != "->").collect();
+                // The device as MAJ:MIN in hex, then the inode in decimal.
+                let mut id = f.get(5)?.split(':');
+                let major = u32::from_str_radix(id.next()?, 16).ok()?;
+                let minor = u32::from_str_radix(id.next()?, 16).ok()?;
+                let inode = id.next()?.parse::<u64>().ok()?;
+                let dev = rustix::fs::makedev(major, minor);
+                (inode == meta.ino() && dev == meta.dev()).then(|| f.get(4)?.parse().ok()).flatten()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.into_iter()
+            .map(|p| {
+                let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                (p, comm.trim().to_string())
+            })
+            .collect()
+    }
+
     fn claim_path(&self, name: &str) -> Result<PathBuf, ImageError> {
         Ok(self.root.join("inuse").join(normalize_name(name)?))
     }

@@ -112,3 +112,21 @@ fn saved_layers_are_stored_once_by_content_and_go_with_their_last_link() {
     assert_eq!(store.finish_adoptions(), 0);
     assert!(!layers.join(".le.cas").exists() && layers.join("le").is_dir());
 }
+
+/// The processes holding a template's claim are found by the claim file's inode in the
+/// kernel's lock table: this process while it holds one, none once it is dropped, and none
+/// for another template.
+#[test]
+fn a_templates_claim_holders_are_the_processes_that_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let me = std::process::id() as i32;
+    let claim = store.in_use("held:v1").unwrap();
+    let _other = store.in_use("other:v1").unwrap();
+    let holders = store.claim_holders("held:v1");
+    assert_eq!(holders.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [me], "{holders:?}");
+    assert!(!holders[0].1.is_empty(), "the holder's command name: {holders:?}");
+    drop(claim);
+    assert!(store.claim_holders("held:v1").is_empty());
+    assert!(store.claim_holders("never-claimed:v1").is_empty());
+}

@@ -1205,7 +1205,7 @@ pub async fn remove_tags(
             check_unused(&app2, &format!("{n2}:{t}"))?;
         }
         for t in &t2 {
-            store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
+            store.remove(&format!("{n2}:{t}")).map_err(|e| in_use(&store, e))?;
         }
         Ok(())
     })
@@ -1215,10 +1215,15 @@ pub async fn remove_tags(
 }
 
 /// A store refusal to remove a template in use is the client's to retry (409); anything
-/// else is internal.
-fn in_use(e: ImageError) -> E2bError {
+/// else is internal. The processes holding the template's claim are logged (not told to
+/// the client: host pids), for the case where no sandbox or build of this server names it.
+fn in_use(store: &ringfence_image::store::Store, e: ImageError) -> E2bError {
     match e {
-        e @ ImageError::InUse(_) => E2bError::conflict(e.to_string()),
+        ImageError::InUse(name) => {
+            let holders = store.claim_holders(&name);
+            tracing::warn!(template = %name, ?holders, "template removal refused: its claim is held");
+            E2bError::conflict(ImageError::InUse(name).to_string())
+        }
         other => E2bError::internal(other),
     }
 }
@@ -1281,7 +1286,7 @@ pub async fn delete(app: &App, key: &KeyInfo, id: &str) -> Result<bool, E2bError
             check_unused(&app2, &format!("{n2}:{t}"))?;
         }
         for (t, _) in &tags {
-            store.remove(&format!("{n2}:{t}")).map_err(in_use)?;
+            store.remove(&format!("{n2}:{t}")).map_err(|e| in_use(&store, e))?;
         }
         Ok(true)
     })
