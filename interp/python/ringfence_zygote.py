@@ -39,10 +39,10 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-# The order the descriptors arrive in, after the kernel channel. The user namespace comes
-# first: joining it is what gives the right to join the others.
-# The network namespace first, while still host root: one made ahead by the sandbox's spawner
-# belongs to the host's user namespace, which no process in the sandbox's may join.
+# The order the descriptors arrive in, after the kernel channel. The network namespace first,
+# while still host root: one made ahead by the sandbox's spawner belongs to the host's user
+# namespace, which no process in the sandbox's may join. Then the user namespace: joining it
+# is what gives the right to join the others.
 NAMESPACES = (
     CLONE_NEWNET,
     CLONE_NEWUSER,
